@@ -1,0 +1,9 @@
+// Compiles the control-plane protos with a vendored protoc, so no system
+// protobuf-compiler is needed.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    std::env::set_var("PROTOC", protoc);
+    tonic_prost_build::configure().compile_protos(&["proto/control.proto"], &["proto"])?;
+    println!("cargo:rerun-if-changed=proto/control.proto");
+    Ok(())
+}

@@ -1,0 +1,252 @@
+//! The data-plane frame stream.
+//!
+//! One long-lived connection per (router, replica) carries many requests at
+//! once. Every frame is `[u32 len][u64 request id][bincode body]`, where `len`
+//! counts the id and the body. Requests flow router -> replica, responses
+//! flow back with the same id. A writer task per direction drains every
+//! queued frame into one `write_all`, so a busy connection makes few syscalls.
+//! Why not gRPC here: DESIGN.md measured ~7 µs of proxy CPU per request for
+//! these frames against 16-24 µs for a pooled tonic channel.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// Frames above this are refused: a corrupt length must not allocate gigabytes.
+pub const MAX_FRAME_LEN: usize = 512 * 1024 * 1024;
+const HEADER_LEN: usize = 4 + 8;
+
+/// Identifies one request on one connection.
+pub type RequestId = u64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME_LEN} byte limit")]
+    TooLarge(usize),
+    #[error("frame shorter than its header")]
+    Truncated,
+    #[error("frame encode: {0}")]
+    Encode(#[from] bincode::error::EncodeError),
+    #[error("frame decode: {0}")]
+    Decode(#[from] bincode::error::DecodeError),
+}
+
+/// A typed path parameter, converted by the proxy from Starlette converters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PathValue {
+    Str(String),
+    Int(i64),
+    Float(f64),
+}
+
+/// An HTTP request as the proxy received it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HttpRequest {
+    pub method: String,
+    pub path: String,
+    /// Raw query string without the `?`.
+    pub query: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub path_params: Vec<(String, PathValue)>,
+    /// The address of the client, "host:port", when known.
+    pub client: String,
+}
+
+/// A call from a ServeHandle: Python arguments pickled by the caller.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CallRequest {
+    /// cloudpickle of `(args, kwargs)`.
+    pub args: Vec<u8>,
+    /// `handle.options(http_method=...)`; "GET" by default.
+    pub http_method: String,
+    /// `handle.options(http_headers=...)`.
+    pub http_headers: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Payload {
+    Http(HttpRequest),
+    Call(CallRequest),
+    /// Liveness probe; answered by the replica runtime without user code.
+    Ping,
+}
+
+/// Router -> replica.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Request {
+    /// The method to call instead of `__call__` (`X-SERVE-CALL-METHOD`).
+    pub method_name: Option<String>,
+    pub payload: Payload,
+}
+
+/// Content type of a handle call's pickled result.
+pub const PICKLE_CONTENT_TYPE: &str = "application/x-python-pickle";
+/// Header a replica sets when user code raised: the exception's type name.
+pub const ERROR_TYPE_HEADER: &str = "x-serval-error";
+
+/// Replica -> router.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn bincode_config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+/// Appends one frame carrying `msg` under `id` to `out`.
+pub fn encode_into<T: Serialize>(id: RequestId, msg: &T, out: &mut BytesMut) -> Result<(), FrameError> {
+    let body = bincode::serde::encode_to_vec(msg, bincode_config())?;
+    let len = 8 + body.len();
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge(len));
+    }
+    out.reserve(HEADER_LEN + body.len());
+    out.put_u32(len as u32);
+    out.put_u64(id);
+    out.put_slice(&body);
+    Ok(())
+}
+
+/// One frame as its own buffer, ready for a [`FrameWriter`].
+pub fn encode<T: Serialize>(id: RequestId, msg: &T) -> Result<Bytes, FrameError> {
+    let mut out = BytesMut::new();
+    encode_into(id, msg, &mut out)?;
+    Ok(out.freeze())
+}
+
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    let (value, _) = bincode::serde::decode_from_slice(body, bincode_config())?;
+    Ok(value)
+}
+
+/// Reads whole frames from one half of a connection.
+pub struct FrameReader<R> {
+    inner: R,
+    buf: BytesMut,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(inner: R) -> Self {
+        Self { inner, buf: BytesMut::with_capacity(64 * 1024) }
+    }
+
+    /// The next frame's id and body, or `None` on a clean end of stream.
+    pub async fn next(&mut self) -> Result<Option<(RequestId, Bytes)>, FrameError> {
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+                if len > MAX_FRAME_LEN {
+                    return Err(FrameError::TooLarge(len));
+                }
+                if len < 8 {
+                    return Err(FrameError::Truncated);
+                }
+                if self.buf.len() >= 4 + len {
+                    self.buf.advance(4);
+                    let id = self.buf.get_u64();
+                    let body = self.buf.split_to(len - 8).freeze();
+                    return Ok(Some((id, body)));
+                }
+                self.buf.reserve(4 + len - self.buf.len());
+            }
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() { Ok(None) } else { Err(FrameError::Truncated) };
+            }
+        }
+    }
+}
+
+/// Handle to a connection's writer task: cheap to clone, one per sender.
+pub type FrameSender = mpsc::UnboundedSender<Bytes>;
+
+/// Spawns the writer task of one connection half. It waits for a frame, then
+/// takes every other frame already queued and sends them in one write.
+/// The task ends when every sender is dropped or the socket fails.
+pub fn spawn_writer<W>(mut inner: W) -> (FrameSender, tokio::task::JoinHandle<std::io::Result<()>>)
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+    let task = tokio::spawn(async move {
+        let mut batch = BytesMut::with_capacity(64 * 1024);
+        while let Some(first) = rx.recv().await {
+            batch.extend_from_slice(&first);
+            while let Ok(more) = rx.try_recv() {
+                batch.extend_from_slice(&more);
+                if batch.len() > 4 * 1024 * 1024 {
+                    break;
+                }
+            }
+            inner.write_all(&batch).await?;
+            batch.clear();
+        }
+        inner.shutdown().await.ok();
+        Ok(())
+    });
+    (tx, task)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_through_a_socket_pair() {
+        let (a, b) = tokio::io::duplex(64);
+        let (tx, writer) = spawn_writer(a);
+        let req = Request {
+            method_name: Some("other_method".into()),
+            payload: Payload::Http(HttpRequest {
+                method: "GET".into(),
+                path: "/api/7".into(),
+                path_params: vec![("id".into(), PathValue::Int(7))],
+                body: vec![1; 1000],
+                ..Default::default()
+            }),
+        };
+        for id in 0..20u64 {
+            tx.send(encode(id, &req).unwrap()).unwrap();
+        }
+        drop(tx);
+        let mut reader = FrameReader::new(b);
+        for id in 0..20u64 {
+            let (got, body) = reader.next().await.unwrap().unwrap();
+            assert_eq!(got, id);
+            let back: Request = decode(&body).unwrap();
+            assert_eq!(back.method_name.as_deref(), Some("other_method"));
+            match back.payload {
+                Payload::Http(h) => {
+                    assert_eq!(h.path_params, vec![("id".into(), PathValue::Int(7))]);
+                    assert_eq!(h.body.len(), 1000);
+                }
+                other => panic!("unexpected payload {other:?}"),
+            }
+        }
+        assert!(reader.next().await.unwrap().is_none());
+        writer.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn oversized_length_is_refused_not_allocated() {
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        let mut reader = FrameReader::new(b);
+        assert!(matches!(reader.next().await, Err(FrameError::TooLarge(_))));
+    }
+}

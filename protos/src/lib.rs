@@ -1,0 +1,20 @@
+//! Wire formats of Serval.
+//!
+//! Layout:
+//! - [`control`]: the control-plane gRPC service and messages (tonic/prost),
+//!   generated from `proto/control.proto`.
+//! - [`frame`]: the data-plane frame stream between a router (proxy or
+//!   handle) and a replica: `[u32 len][u64 request id][bincode body]`.
+#![forbid(unsafe_code)]
+
+pub mod control {
+    tonic::include_proto!("serval.control");
+}
+pub mod frame;
+
+/// Default port of the controller's gRPC service (`serve start --head`).
+pub const DEFAULT_CONTROL_PORT: u16 = 6390;
+/// Default port of the HTTP proxy.
+pub const DEFAULT_HTTP_PORT: u16 = 8000;
+/// Metadata key carrying the cluster token on every control RPC.
+pub const TOKEN_METADATA_KEY: &str = "x-serval-token";

@@ -1,0 +1,1 @@
+"""Serval Python SDK."""

@@ -1,0 +1,23 @@
+//! `serval._native`: the Rust half of the Python SDK.
+//!
+//! Layout:
+//! - `replica`: hosts a user's Python object behind the data-plane frame
+//!   server (`python -m serval.replica`), with one Python thread that drains
+//!   queued requests per GIL acquisition.
+//! - `client`: the control-plane client and the ServeHandle router used by
+//!   `serval.serve`.
+//!
+//! pyo3 appears nowhere else in the workspace.
+
+use pyo3::prelude::*;
+
+mod client;
+mod replica;
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    replica::register(m)?;
+    client::register(m)?;
+    Ok(())
+}
