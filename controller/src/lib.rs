@@ -1,1 +1,22 @@
+//! The Serval controller: the cluster's hard state and the control-plane
+//! gRPC service.
+//!
+//! Layout:
+//! - [`state`]: the state machine (nodes, backends, endpoints, replicas) and
+//!   its [`state::Command`]s; [`scheduler`] places replicas on nodes.
+//! - [`store`]: raft (openraft) with the log, vote, applied state and
+//!   snapshots in redb under the data dir.
+//! - [`service`]: the `Control` gRPC service (token-checked) and the Watch
+//!   stream proxies, node agents and handles follow.
+//! - [`reconciler`]: the leader's loop that notices dead nodes.
+#![forbid(unsafe_code)]
 
+pub mod error;
+pub mod reconciler;
+pub mod scheduler;
+pub mod service;
+pub mod state;
+pub mod store;
+
+pub use error::{ControllerError, StateError};
+pub use service::ControlService;

@@ -10,6 +10,7 @@
 pub mod control {
     tonic::include_proto!("serval.control");
 }
+pub mod client;
 pub mod frame;
 
 /// Default port of the controller's gRPC service (`serve start --head`).

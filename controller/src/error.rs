@@ -1,0 +1,65 @@
+//! Errors of the controller. [`StateError`] is a refused command: it is
+//! decided inside the replicated state machine, so every head refuses the
+//! same commands and a refused command changes nothing.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
+pub enum StateError {
+    #[error("backend '{0}' already exists")]
+    BackendExists(String),
+    #[error("backend '{0}' does not exist")]
+    UnknownBackend(String),
+    #[error("backend '{backend}' is still used by endpoint(s) {endpoints:?}; delete or retarget them first")]
+    BackendInUse { backend: String, endpoints: Vec<String> },
+    #[error("endpoint '{0}' already exists")]
+    EndpointExists(String),
+    #[error("endpoint '{0}' does not exist")]
+    UnknownEndpoint(String),
+    #[error("route '{route}' is invalid: {reason}")]
+    InvalidRoute { route: String, reason: String },
+    #[error("route '{route}' of endpoint '{endpoint}' collides with route '{existing_route}' of endpoint '{existing}'")]
+    RouteTaken { route: String, endpoint: String, existing_route: String, existing: String },
+    #[error("invalid {field}: {reason}")]
+    InvalidConfig { field: String, reason: String },
+    #[error("replica '{0}' does not exist")]
+    UnknownReplica(String),
+    #[error("node '{0}' does not exist")]
+    UnknownNode(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("raft storage: {0}")]
+    Storage(String),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("not the leader; leader is {leader:?}")]
+    NotLeader { leader: Option<String> },
+    #[error(transparent)]
+    Refused(#[from] StateError),
+    #[error("i/o on {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+impl From<ControllerError> for tonic::Status {
+    fn from(e: ControllerError) -> Self {
+        use tonic::Code;
+        let code = match &e {
+            ControllerError::Refused(s) => match s {
+                StateError::BackendExists(_) | StateError::EndpointExists(_) | StateError::RouteTaken { .. } => {
+                    Code::AlreadyExists
+                }
+                StateError::UnknownBackend(_)
+                | StateError::UnknownEndpoint(_)
+                | StateError::UnknownReplica(_)
+                | StateError::UnknownNode(_) => Code::NotFound,
+                StateError::BackendInUse { .. } => Code::FailedPrecondition,
+                StateError::InvalidRoute { .. } | StateError::InvalidConfig { .. } => Code::InvalidArgument,
+            },
+            ControllerError::NotLeader { .. } => Code::Unavailable,
+            _ => Code::Internal,
+        };
+        tonic::Status::new(code, e.to_string())
+    }
+}

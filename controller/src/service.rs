@@ -1,0 +1,197 @@
+//! The `Control` gRPC service: every write becomes a raft command, every
+//! read comes from the applied state, and Watch streams a full snapshot on
+//! connect and after each change. Calls must carry the cluster token.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use futures::Stream;
+use serval_protos::control::control_server::{Control, ControlServer};
+use serval_protos::control::*;
+use tokio_stream::StreamExt;
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Response, Status};
+
+use crate::state::{ClusterState, Command};
+use crate::store::{self, state_machine::StateMachineStore, Raft};
+
+/// When each node agent last sent a heartbeat to this controller. Kept in
+/// memory, not in raft: heartbeats would flood the log, and only the
+/// leader's view matters (the reconciler runs on the leader).
+pub type Heartbeats = Arc<Mutex<HashMap<String, Instant>>>;
+
+#[derive(Clone)]
+pub struct ControlService {
+    raft: Raft,
+    sm: StateMachineStore,
+    raft_id: u64,
+    address: String,
+    heartbeats: Heartbeats,
+}
+
+impl ControlService {
+    pub fn new(raft: Raft, sm: StateMachineStore, raft_id: u64, address: String) -> Self {
+        Self { raft, sm, raft_id, address, heartbeats: Arc::default() }
+    }
+
+    pub fn heartbeats(&self) -> Heartbeats {
+        self.heartbeats.clone()
+    }
+
+    /// The tonic server for this service, refusing calls without `token`.
+    pub fn into_server(self, token: String) -> InterceptedService<ControlServer<Self>, TokenCheck> {
+        let server = ControlServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        InterceptedService::new(server, TokenCheck { token })
+    }
+
+    async fn propose(&self, cmd: Command) -> Result<Response<Empty>, Status> {
+        store::propose(&self.raft, cmd).await?;
+        Ok(Response::new(Empty {}))
+    }
+
+    fn heads(&self) -> Vec<Head> {
+        let metrics = self.raft.metrics().borrow().clone();
+        metrics
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, node)| Head {
+                raft_id: *id,
+                address: if *id == self.raft_id { self.address.clone() } else { node.addr.clone() },
+                leader: metrics.current_leader == Some(*id),
+            })
+            .collect()
+    }
+}
+
+/// The applied state as the wire snapshot; pickled code only when asked.
+pub fn to_snapshot(state: &ClusterState, include_code: bool, heads: Vec<Head>) -> ClusterSnapshot {
+    ClusterSnapshot {
+        version: state.version,
+        heads,
+        nodes: state.nodes.values().cloned().collect(),
+        backends: state
+            .backends
+            .values()
+            .map(|b| if include_code { b.clone() } else { Backend { code: Vec::new(), ..b.clone() } })
+            .collect(),
+        endpoints: state.endpoints.clone(),
+        replicas: state.replicas.values().cloned().collect(),
+        http_options: state.http_options.clone(),
+        shutting_down: state.shutting_down,
+    }
+}
+
+/// Pickled backends travel in control messages: allow large ones.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<ClusterSnapshot, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn register_node(&self, req: Request<RegisterNodeRequest>) -> Result<Response<RegisterNodeReply>, Status> {
+        let r = req.into_inner();
+        let node_id = if r.node_id.is_empty() {
+            format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+        } else {
+            r.node_id
+        };
+        let node = Node {
+            id: node_id.clone(),
+            hostname: r.hostname,
+            num_cpus: r.num_cpus,
+            num_gpus: r.num_gpus,
+            alive: true,
+            http_address: r.http_address,
+            is_head: r.is_head,
+            pid: r.pid,
+        };
+        store::propose(&self.raft, Command::RegisterNode(node)).await?;
+        self.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).insert(node_id.clone(), Instant::now());
+        Ok(Response::new(RegisterNodeReply { node_id }))
+    }
+
+    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<Empty>, Status> {
+        let node_id = req.into_inner().node_id;
+        match self.sm.current().nodes.get(&node_id) {
+            Some(n) if n.alive => {}
+            Some(_) => return Err(Status::failed_precondition(format!("node '{node_id}' was declared dead; register again"))),
+            None => return Err(Status::not_found(format!("node '{node_id}' is not registered"))),
+        }
+        self.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).insert(node_id, Instant::now());
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn report_replica(&self, req: Request<ReplicaReport>) -> Result<Response<Empty>, Status> {
+        self.propose(Command::ReportReplica(req.into_inner())).await
+    }
+
+    async fn create_backend(&self, req: Request<Backend>) -> Result<Response<Empty>, Status> {
+        self.propose(Command::CreateBackend(req.into_inner())).await
+    }
+
+    async fn update_backend_config(&self, req: Request<UpdateBackendConfigRequest>) -> Result<Response<Empty>, Status> {
+        let r = req.into_inner();
+        let config = r.config.ok_or_else(|| Status::invalid_argument("config is required"))?;
+        self.propose(Command::UpdateBackendConfig { name: r.name, config }).await
+    }
+
+    async fn delete_backend(&self, req: Request<NameRequest>) -> Result<Response<Empty>, Status> {
+        self.propose(Command::DeleteBackend { name: req.into_inner().name }).await
+    }
+
+    async fn create_endpoint(&self, req: Request<Endpoint>) -> Result<Response<Empty>, Status> {
+        self.propose(Command::CreateEndpoint(req.into_inner())).await
+    }
+
+    async fn delete_endpoint(&self, req: Request<NameRequest>) -> Result<Response<Empty>, Status> {
+        self.propose(Command::DeleteEndpoint { name: req.into_inner().name }).await
+    }
+
+    async fn set_traffic(&self, req: Request<SetTrafficRequest>) -> Result<Response<Empty>, Status> {
+        let r = req.into_inner();
+        self.propose(Command::SetTraffic { endpoint: r.endpoint, traffic: r.traffic.into_iter().collect() }).await
+    }
+
+    async fn get_snapshot(&self, req: Request<WatchRequest>) -> Result<Response<ClusterSnapshot>, Status> {
+        let include_code = req.into_inner().include_code;
+        Ok(Response::new(to_snapshot(&self.sm.current(), include_code, self.heads())))
+    }
+
+    type WatchStream = SnapshotStream;
+
+    async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let include_code = req.into_inner().include_code;
+        let this = self.clone();
+        // WatchStream yields the current state first, then every new one.
+        let stream = tokio_stream::wrappers::WatchStream::new(self.sm.subscribe())
+            .map(move |state| Ok(to_snapshot(&state, include_code, this.heads())));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn shutdown(&self, _req: Request<Empty>) -> Result<Response<Empty>, Status> {
+        self.propose(Command::SetShuttingDown(true)).await
+    }
+}
+
+/// Refuses control calls that do not carry the cluster token.
+#[derive(Clone)]
+pub struct TokenCheck {
+    token: String,
+}
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        if self.token.is_empty() {
+            return Ok(req);
+        }
+        match req.metadata().get(serval_protos::TOKEN_METADATA_KEY).and_then(|v| v.to_str().ok()) {
+            Some(t) if t == self.token => Ok(req),
+            _ => Err(Status::unauthenticated("missing or wrong cluster token")),
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! The cluster state machine: what the controller decided, replicated by
+//! raft. Every change is a [`Command`]; [`ClusterState::apply`] validates it
+//! and either changes the state or refuses it with a [`StateError`] and
+//! changes nothing. `apply` is deterministic (ids come from counters in the
+//! state, never from clocks or randomness) so every head computes the same
+//! state from the same log.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serval_protos::control::{Backend, BackendConfig, Endpoint, HttpOptions, Node, Replica, ReplicaReport};
+
+use crate::error::StateError;
+use crate::scheduler;
+
+/// Replica states, as strings so they travel unchanged to `serve status`.
+pub mod replica_state {
+    /// No node has room for it yet.
+    pub const PENDING: &str = "pending";
+    /// Placed on a node; its process is starting.
+    pub const STARTING: &str = "starting";
+    pub const RUNNING: &str = "running";
+    pub const FAILED: &str = "failed";
+}
+
+/// Backend states, derived from its replicas.
+pub mod backend_state {
+    pub const DEPLOYING: &str = "deploying";
+    pub const RUNNING: &str = "running";
+    pub const FAILED: &str = "failed";
+}
+
+/// Ray Serve 1.x defaults for fields left at zero by a caller.
+pub const DEFAULT_MAX_CONCURRENT_QUERIES: u32 = 100;
+pub const DEFAULT_METHODS: &[&str] = &["GET"];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Command {
+    /// A node agent (re)joins: creates or revives the node.
+    RegisterNode(Node),
+    /// The reconciler saw no heartbeat for too long.
+    MarkNodeDead { node_id: String },
+    /// A node agent reports a replica's state.
+    ReportReplica(ReplicaReport),
+    CreateBackend(Backend),
+    UpdateBackendConfig { name: String, config: BackendConfig },
+    DeleteBackend { name: String },
+    CreateEndpoint(Endpoint),
+    DeleteEndpoint { name: String },
+    SetTraffic { endpoint: String, traffic: BTreeMap<String, f64> },
+    SetHttpOptions(HttpOptions),
+    SetShuttingDown(bool),
+}
+
+/// What the controller holds. Endpoints keep registration order because
+/// routes sharing a shape are tried in that order, as Starlette does.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Bumped on every applied change; watchers compare versions.
+    pub version: u64,
+    pub nodes: BTreeMap<String, Node>,
+    pub backends: BTreeMap<String, Backend>,
+    pub endpoints: Vec<Endpoint>,
+    pub replicas: BTreeMap<String, Replica>,
+    pub http_options: Option<HttpOptions>,
+    pub shutting_down: bool,
+    /// Source of replica ids (`backend#N`): never reused.
+    pub next_replica_seq: u64,
+}
+
+impl ClusterState {
+    pub fn endpoint(&self, name: &str) -> Option<&Endpoint> {
+        self.endpoints.iter().find(|e| e.name == name)
+    }
+
+    /// Applies `cmd`, or refuses it leaving `self` unchanged.
+    pub fn apply(&mut self, cmd: Command) -> Result<(), StateError> {
+        // Work on a copy so a refusal half-way through leaves nothing behind.
+        let mut next = self.clone();
+        next.apply_in_place(cmd)?;
+        next.version = self.version + 1;
+        *self = next;
+        Ok(())
+    }
+
+    fn apply_in_place(&mut self, cmd: Command) -> Result<(), StateError> {
+        match cmd {
+            Command::RegisterNode(node) => {
+                let node = Node { alive: true, ..node };
+                // A new agent process has none of the replicas the old one ran:
+                // they are starting again, not running at their old addresses.
+                let restarted = self.nodes.get(&node.id).is_some_and(|old| old.pid != node.pid);
+                if restarted {
+                    for r in self.replicas.values_mut().filter(|r| r.node_id == node.id) {
+                        r.state = replica_state::STARTING.into();
+                        r.unix_path.clear();
+                        r.tcp_addr.clear();
+                        r.pid = 0;
+                    }
+                }
+                self.nodes.insert(node.id.clone(), node);
+                self.place_pending();
+                let backends: Vec<String> = self.backends.keys().cloned().collect();
+                for b in backends {
+                    self.refresh_backend_state(&b);
+                }
+            }
+            Command::MarkNodeDead { node_id } => {
+                let node = self.nodes.get_mut(&node_id).ok_or_else(|| StateError::UnknownNode(node_id.clone()))?;
+                node.alive = false;
+                node.http_address.clear();
+                // Its replicas are gone with it: place them again elsewhere.
+                for replica in self.replicas.values_mut().filter(|r| r.node_id == node_id) {
+                    replica.node_id.clear();
+                    replica.state = replica_state::PENDING.into();
+                    replica.unix_path.clear();
+                    replica.tcp_addr.clear();
+                    replica.pid = 0;
+                }
+                self.place_pending();
+            }
+            Command::ReportReplica(report) => {
+                let replica = self
+                    .replicas
+                    .get_mut(&report.replica_id)
+                    .ok_or_else(|| StateError::UnknownReplica(report.replica_id.clone()))?;
+                replica.state = report.state;
+                replica.error = report.error;
+                replica.unix_path = report.unix_path;
+                replica.tcp_addr = report.tcp_addr;
+                replica.pid = report.pid;
+                replica.restarts = report.restarts;
+                let backend = replica.backend.clone();
+                self.refresh_backend_state(&backend);
+            }
+            Command::CreateBackend(backend) => {
+                if backend.name.is_empty() {
+                    return Err(invalid("backend name", "must not be empty"));
+                }
+                if self.backends.contains_key(&backend.name) {
+                    return Err(StateError::BackendExists(backend.name));
+                }
+                if backend.code.is_empty() {
+                    return Err(invalid("func_or_class", "no code was sent"));
+                }
+                let config = validate_config(backend.config.unwrap_or_default())?;
+                let name = backend.name.clone();
+                self.backends.insert(
+                    name.clone(),
+                    Backend {
+                        config: Some(config),
+                        version: 1,
+                        state: backend_state::DEPLOYING.into(),
+                        error: String::new(),
+                        ..backend
+                    },
+                );
+                self.scale(&name);
+            }
+            Command::UpdateBackendConfig { name, config } => {
+                let config = validate_config(config)?;
+                let backend = self.backends.get_mut(&name).ok_or_else(|| StateError::UnknownBackend(name.clone()))?;
+                backend.config = Some(config);
+                self.scale(&name);
+            }
+            Command::DeleteBackend { name } => {
+                if !self.backends.contains_key(&name) {
+                    return Err(StateError::UnknownBackend(name));
+                }
+                let users: Vec<String> = self
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.traffic.contains_key(&name) || e.shadow.contains_key(&name))
+                    .map(|e| e.name.clone())
+                    .collect();
+                if !users.is_empty() {
+                    return Err(StateError::BackendInUse { backend: name, endpoints: users });
+                }
+                self.backends.remove(&name);
+                self.replicas.retain(|_, r| r.backend != name);
+            }
+            Command::CreateEndpoint(endpoint) => {
+                let endpoint = self.validate_endpoint(endpoint)?;
+                self.endpoints.push(endpoint);
+            }
+            Command::DeleteEndpoint { name } => {
+                let before = self.endpoints.len();
+                self.endpoints.retain(|e| e.name != name);
+                if self.endpoints.len() == before {
+                    return Err(StateError::UnknownEndpoint(name));
+                }
+            }
+            Command::SetTraffic { endpoint, traffic } => {
+                self.validate_traffic(&endpoint, &traffic)?;
+                let ep = self
+                    .endpoints
+                    .iter_mut()
+                    .find(|e| e.name == endpoint)
+                    .ok_or_else(|| StateError::UnknownEndpoint(endpoint.clone()))?;
+                ep.traffic = traffic.into_iter().collect();
+            }
+            Command::SetHttpOptions(options) => self.http_options = Some(options),
+            Command::SetShuttingDown(flag) => self.shutting_down = flag,
+        }
+        Ok(())
+    }
+
+    fn validate_endpoint(&self, endpoint: Endpoint) -> Result<Endpoint, StateError> {
+        if endpoint.name.is_empty() {
+            return Err(invalid("endpoint name", "must not be empty"));
+        }
+        if self.endpoint(&endpoint.name).is_some() {
+            return Err(StateError::EndpointExists(endpoint.name));
+        }
+        let traffic: BTreeMap<String, f64> = endpoint.traffic.clone().into_iter().collect();
+        self.validate_traffic(&endpoint.name, &traffic)?;
+        if !endpoint.route.is_empty() {
+            serval_proxy::parse_route(&endpoint.route)
+                .map_err(|e| StateError::InvalidRoute { route: endpoint.route.clone(), reason: e.to_string() })?;
+            if let Some(existing) = self
+                .endpoints
+                .iter()
+                .find(|e| !e.route.is_empty() && serval_proxy::route::collides(&e.route, &endpoint.route))
+            {
+                return Err(StateError::RouteTaken {
+                    route: endpoint.route.clone(),
+                    endpoint: endpoint.name.clone(),
+                    existing_route: existing.route.clone(),
+                    existing: existing.name.clone(),
+                });
+            }
+        }
+        let mut methods = Vec::new();
+        for m in &endpoint.methods {
+            let m = m.trim().to_ascii_uppercase();
+            if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
+                return Err(invalid("methods", &format!("'{m}' is not an HTTP method")));
+            }
+            if !methods.contains(&m) {
+                methods.push(m);
+            }
+        }
+        if methods.is_empty() {
+            methods = DEFAULT_METHODS.iter().map(|m| m.to_string()).collect();
+        }
+        Ok(Endpoint { methods, ..endpoint })
+    }
+
+    fn validate_traffic(&self, endpoint: &str, traffic: &BTreeMap<String, f64>) -> Result<(), StateError> {
+        if traffic.is_empty() {
+            return Err(invalid("traffic", &format!("endpoint '{endpoint}' needs at least one backend")));
+        }
+        for (backend, weight) in traffic {
+            if !self.backends.contains_key(backend) {
+                return Err(StateError::UnknownBackend(backend.clone()));
+            }
+            if !(0.0..=1.0).contains(weight) {
+                return Err(invalid("traffic", &format!("weight {weight} of backend '{backend}' is not in [0, 1]")));
+            }
+        }
+        let sum: f64 = traffic.values().sum();
+        if (sum - 1.0).abs() > 1e-6 {
+            return Err(invalid("traffic", &format!("weights of endpoint '{endpoint}' sum to {sum}, not 1")));
+        }
+        Ok(())
+    }
+
+    /// Adds or removes replica records until the backend has `num_replicas`.
+    fn scale(&mut self, backend: &str) {
+        let Some(b) = self.backends.get(backend) else { return };
+        let want = b.config.as_ref().map(|c| c.num_replicas).unwrap_or(1) as usize;
+        let version = b.version;
+        let mut have: Vec<String> =
+            self.replicas.values().filter(|r| r.backend == backend).map(|r| r.id.clone()).collect();
+        while have.len() > want {
+            // Drop pending replicas first, then the newest.
+            have.sort_by_key(|id| {
+                let r = &self.replicas[id];
+                (r.state != replica_state::PENDING, std::cmp::Reverse(id_seq(id)))
+            });
+            let id = have.remove(0);
+            self.replicas.remove(&id);
+        }
+        while have.len() < want {
+            let id = format!("{backend}#{}", self.next_replica_seq);
+            self.next_replica_seq += 1;
+            self.replicas.insert(
+                id.clone(),
+                Replica {
+                    id: id.clone(),
+                    backend: backend.to_string(),
+                    backend_version: version,
+                    state: replica_state::PENDING.into(),
+                    ..Default::default()
+                },
+            );
+            have.push(id);
+        }
+        self.place_pending();
+        self.refresh_backend_state(backend);
+    }
+
+    /// Gives every pending replica a node with room for it, if one exists.
+    fn place_pending(&mut self) {
+        let pending: Vec<String> = self
+            .replicas
+            .values()
+            .filter(|r| r.state == replica_state::PENDING)
+            .map(|r| r.id.clone())
+            .collect();
+        for id in pending {
+            let backend = self.replicas[&id].backend.clone();
+            let config = self.backends.get(&backend).and_then(|b| b.config.clone()).unwrap_or_default();
+            match scheduler::choose_node(self, config.num_cpus, config.num_gpus) {
+                Some(node_id) => {
+                    if let Some(r) = self.replicas.get_mut(&id) {
+                        r.node_id = node_id;
+                        r.state = replica_state::STARTING.into();
+                        r.error.clear();
+                    }
+                }
+                None => {
+                    if let Some(r) = self.replicas.get_mut(&id) {
+                        r.error = format!(
+                            "no live node has {} CPU and {} GPU free",
+                            config.num_cpus, config.num_gpus
+                        );
+                    }
+                }
+            }
+            self.refresh_backend_state(&backend);
+        }
+    }
+
+    /// A backend runs when any replica runs; it failed when none runs and
+    /// one failed (with that replica's reason).
+    fn refresh_backend_state(&mut self, backend: &str) {
+        let replicas: Vec<&Replica> = self.replicas.values().filter(|r| r.backend == backend).collect();
+        let (state, error) = if replicas.iter().any(|r| r.state == replica_state::RUNNING) {
+            (backend_state::RUNNING, String::new())
+        } else if let Some(failed) = replicas.iter().find(|r| r.state == replica_state::FAILED) {
+            (backend_state::FAILED, failed.error.clone())
+        } else {
+            (backend_state::DEPLOYING, replicas.iter().map(|r| r.error.clone()).find(|e| !e.is_empty()).unwrap_or_default())
+        };
+        if let Some(b) = self.backends.get_mut(backend) {
+            b.state = state.into();
+            b.error = error;
+        }
+    }
+}
+
+fn id_seq(replica_id: &str) -> u64 {
+    replica_id.rsplit('#').next().and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+fn invalid(field: &str, reason: &str) -> StateError {
+    StateError::InvalidConfig { field: field.into(), reason: reason.into() }
+}
+
+/// Fills Ray's defaults and checks every field, naming the bad one.
+fn validate_config(mut c: BackendConfig) -> Result<BackendConfig, StateError> {
+    if c.num_replicas == 0 {
+        return Err(invalid("num_replicas", "must be at least 1"));
+    }
+    if c.max_concurrent_queries == 0 {
+        c.max_concurrent_queries = DEFAULT_MAX_CONCURRENT_QUERIES;
+    }
+    if !(c.num_cpus >= 0.0 && c.num_cpus.is_finite()) {
+        return Err(invalid("num_cpus", "must be a non-negative number"));
+    }
+    if !(c.num_gpus >= 0.0 && c.num_gpus.is_finite()) {
+        return Err(invalid("num_gpus", "must be a non-negative number"));
+    }
+    if !(c.batch_wait_timeout >= 0.0 && c.batch_wait_timeout.is_finite()) {
+        return Err(invalid("batch_wait_timeout", "must be a non-negative number of seconds"));
+    }
+    if !c.user_config_json.is_empty() {
+        serde_json::from_str::<serde_json::Value>(&c.user_config_json)
+            .map_err(|e| invalid("user_config", &format!("not JSON: {e}")))?;
+    }
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,129 @@
+use super::*;
+
+fn node(id: &str, cpus: f64) -> Node {
+    Node { id: id.into(), hostname: "h".into(), num_cpus: cpus, pid: 1, ..Default::default() }
+}
+
+fn backend(name: &str, replicas: u32) -> Backend {
+    Backend {
+        name: name.into(),
+        code: vec![1, 2, 3],
+        config: Some(BackendConfig { num_replicas: replicas, num_cpus: 1.0, ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+fn endpoint(name: &str, backend: &str, route: &str) -> Endpoint {
+    Endpoint {
+        name: name.into(),
+        route: route.into(),
+        traffic: [(backend.to_string(), 1.0)].into_iter().collect(),
+        ..Default::default()
+    }
+}
+
+fn cluster() -> ClusterState {
+    let mut s = ClusterState::default();
+    s.apply(Command::RegisterNode(node("n1", 2.0))).unwrap();
+    s.apply(Command::CreateBackend(backend("b", 1))).unwrap();
+    s
+}
+
+#[test]
+fn backend_replicas_are_placed_on_a_node_with_room() {
+    let mut s = cluster();
+    s.apply(Command::UpdateBackendConfig {
+        name: "b".into(),
+        config: BackendConfig { num_replicas: 3, num_cpus: 1.0, ..Default::default() },
+    })
+    .unwrap();
+    let placed: Vec<_> = s.replicas.values().filter(|r| r.node_id == "n1").collect();
+    assert_eq!(placed.len(), 2, "a 2-CPU node holds two 1-CPU replicas");
+    let pending: Vec<_> = s.replicas.values().filter(|r| r.state == replica_state::PENDING).collect();
+    assert_eq!(pending.len(), 1);
+    assert!(pending[0].error.contains("CPU"), "{}", pending[0].error);
+    // A second node takes the pending one.
+    s.apply(Command::RegisterNode(node("n2", 2.0))).unwrap();
+    assert!(s.replicas.values().all(|r| !r.node_id.is_empty()));
+}
+
+#[test]
+fn refused_commands_leave_the_state_unchanged() {
+    let mut s = cluster();
+    s.apply(Command::CreateEndpoint(endpoint("e", "b", "/e"))).unwrap();
+    let before = format!("{s:?}");
+    let cases = [
+        (Command::CreateEndpoint(endpoint("x", "missing", "/x")), "does not exist"),
+        (Command::CreateEndpoint(endpoint("e", "b", "/other")), "already exists"),
+        (Command::CreateEndpoint(endpoint("y", "b", "no-slash")), "invalid"),
+        (Command::CreateEndpoint(endpoint("z", "b", "/e")), "collides"),
+        (Command::CreateBackend(backend("b", 1)), "already exists"),
+        (Command::CreateBackend(backend("c", 0)), "num_replicas"),
+        (Command::DeleteBackend { name: "b".into() }, "still used"),
+        (Command::DeleteEndpoint { name: "nope".into() }, "does not exist"),
+        (
+            Command::SetTraffic { endpoint: "e".into(), traffic: [("b".to_string(), 0.5)].into_iter().collect() },
+            "sum to",
+        ),
+    ];
+    for (cmd, expect) in cases {
+        let err = s.apply(cmd.clone()).expect_err(&format!("{cmd:?} must be refused"));
+        assert!(err.to_string().contains(expect), "{cmd:?}: {err}");
+        assert_eq!(format!("{s:?}"), before, "{cmd:?} changed the state");
+    }
+}
+
+#[test]
+fn endpoint_methods_default_to_get_and_are_normalised() {
+    let mut s = cluster();
+    s.apply(Command::CreateEndpoint(endpoint("e", "b", "/e"))).unwrap();
+    assert_eq!(s.endpoint("e").unwrap().methods, vec!["GET"]);
+    let mut e2 = endpoint("e2", "b", "/e2");
+    e2.methods = vec!["post".into(), "GET".into(), "POST".into()];
+    s.apply(Command::CreateEndpoint(e2)).unwrap();
+    assert_eq!(s.endpoint("e2").unwrap().methods, vec!["POST", "GET"]);
+}
+
+#[test]
+fn replica_reports_drive_the_backend_state() {
+    let mut s = cluster();
+    let id = s.replicas.keys().next().unwrap().clone();
+    assert_eq!(s.backends["b"].state, backend_state::DEPLOYING);
+    s.apply(Command::ReportReplica(ReplicaReport {
+        replica_id: id.clone(),
+        state: replica_state::FAILED.into(),
+        error: "Traceback: boom".into(),
+        ..Default::default()
+    }))
+    .unwrap();
+    assert_eq!(s.backends["b"].state, backend_state::FAILED);
+    assert_eq!(s.backends["b"].error, "Traceback: boom");
+    s.apply(Command::ReportReplica(ReplicaReport {
+        replica_id: id,
+        state: replica_state::RUNNING.into(),
+        ..Default::default()
+    }))
+    .unwrap();
+    assert_eq!(s.backends["b"].state, backend_state::RUNNING);
+}
+
+#[test]
+fn a_dead_node_gives_its_replicas_back_and_a_restarted_agent_restarts_them() {
+    let mut s = cluster();
+    let id = s.replicas.keys().next().unwrap().clone();
+    s.apply(Command::ReportReplica(ReplicaReport {
+        replica_id: id.clone(),
+        state: replica_state::RUNNING.into(),
+        tcp_addr: "127.0.0.1:1".into(),
+        ..Default::default()
+    }))
+    .unwrap();
+    let mut again = node("n1", 2.0);
+    again.pid = 2;
+    s.apply(Command::RegisterNode(again)).unwrap();
+    assert_eq!(s.replicas[&id].state, replica_state::STARTING);
+    assert!(s.replicas[&id].tcp_addr.is_empty());
+    s.apply(Command::MarkNodeDead { node_id: "n1".into() }).unwrap();
+    assert_eq!(s.replicas[&id].state, replica_state::PENDING);
+    assert!(s.replicas[&id].node_id.is_empty());
+}

@@ -1,0 +1,91 @@
+//! The raft-replicated, on-disk store of the controller.
+//!
+//! Layout (as openraft's examples draw it):
+//! - `types`: the raft type configuration, declared once.
+//! - [`log_store`]: the raft log, vote and committed index in redb.
+//! - [`state_machine`]: applies committed [`Command`]s to the
+//!   [`ClusterState`], persists the applied state and snapshots in redb, and
+//!   publishes every new state to watchers.
+//! - [`network`]: the transport between heads.
+//!
+//! **Architecture Invariant:** the raft log and the applied state are kept
+//! apart (separate tables): the log is truncated by snapshots, the state is
+//! rebuilt from the newest snapshot plus the log after it.
+
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ControllerError, StateError};
+use crate::state::{ClusterState, Command};
+
+/// The outcome of one applied command, returned to the proposer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Applied {
+    /// The state version after the command, or why it was refused.
+    pub result: Result<u64, StateError>,
+}
+
+openraft::declare_raft_types!(
+    /// Raft types of the Serval controller.
+    pub TypeConfig:
+        D = Command,
+        R = Applied,
+);
+
+pub type NodeId = u64;
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Open (or create) the store under `dir` and start this head's raft member.
+/// A fresh single-head store initialises a one-member cluster.
+pub async fn open(
+    dir: &Path,
+    raft_id: NodeId,
+    address: &str,
+) -> Result<(Raft, state_machine::StateMachineStore), ControllerError> {
+    std::fs::create_dir_all(dir).map_err(|source| ControllerError::Io { path: dir.display().to_string(), source })?;
+    let db = redb::Database::create(dir.join("raft.redb")).map_err(|e| ControllerError::Storage(e.to_string()))?;
+    let db = Arc::new(db);
+    let log = log_store::LogStore::open(db.clone())?;
+    let sm = state_machine::StateMachineStore::open(db)?;
+    let config = openraft::Config {
+        cluster_name: "serval".into(),
+        heartbeat_interval: 250,
+        election_timeout_min: 1000,
+        election_timeout_max: 2000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(500),
+        max_in_snapshot_log_to_keep: 100,
+        ..Default::default()
+    };
+    let config = Arc::new(config.validate().map_err(|e| ControllerError::Raft(e.to_string()))?);
+    let raft = Raft::new(raft_id, config, network::Network, log, sm.clone())
+        .await
+        .map_err(|e| ControllerError::Raft(e.to_string()))?;
+    if !raft.is_initialized().await.map_err(|e| ControllerError::Raft(e.to_string()))? {
+        let members =
+            [(raft_id, openraft::BasicNode { addr: address.to_string() })].into_iter().collect::<std::collections::BTreeMap<_, _>>();
+        raft.initialize(members).await.map_err(|e| ControllerError::Raft(e.to_string()))?;
+    }
+    Ok((raft, sm))
+}
+
+/// Proposes `cmd` and waits until it is applied; a refused command comes
+/// back as [`ControllerError::Refused`].
+pub async fn propose(raft: &Raft, cmd: Command) -> Result<u64, ControllerError> {
+    match raft.client_write(cmd).await {
+        Ok(resp) => Ok(resp.data.result?),
+        Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(f))) => {
+            Err(ControllerError::NotLeader { leader: f.leader_node.map(|n| n.addr) })
+        }
+        Err(e) => Err(ControllerError::Raft(e.to_string())),
+    }
+}
+
+/// The current state, shared with watchers.
+pub type SharedState = Arc<ClusterState>;

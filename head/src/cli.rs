@@ -1,0 +1,74 @@
+//! Argument parsing of `serve`: the same code runs as the `serve` binary
+//! and as the `serve` console script of the Python package.
+
+use std::path::PathBuf;
+
+use crate::{shutdown, start, status};
+
+use clap::{Args, Parser, Subcommand};
+
+/// How every command finds its cluster.
+#[derive(Args, Clone, Debug)]
+pub struct ClusterArgs {
+    /// Data directory of the head (raft store, token, logs, replica sockets).
+    #[arg(long, env = "SERVAL_DATA_DIR", default_value = ".serval", global = true)]
+    pub data_dir: PathBuf,
+    /// Controller address HOST:PORT. Default: the one recorded in the data dir.
+    #[arg(long, env = "SERVAL_ADDRESS", global = true)]
+    pub address: Option<String>,
+    /// Cluster token. Default: the one in the data dir.
+    #[arg(long, env = "SERVAL_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a head (`--head`) or join a node to a head (`--address`).
+    Start(start::StartArgs),
+    /// Print heads, nodes, endpoints, backends and replicas.
+    Status {
+        /// Print the raw snapshot as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop every process of the cluster, replicas included.
+    Shutdown {
+        /// How long to wait for the head to exit, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+}
+
+#[derive(Parser)]
+#[command(name = "serve", version, about = "Serval: serve Python and Rust models on a cluster")]
+struct Root {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+/// Runs `serve` with `argv` (program name first). `relaunch` is the command
+/// that starts this program again (for `--detach`): the binary itself, or
+/// the Python interpreter with `-m serval.cli`.
+pub fn main_with(argv: Vec<String>, relaunch: Vec<String>) -> anyhow::Result<()> {
+    let root = match Root::try_parse_from(&argv) {
+        Ok(root) => root,
+        Err(e) => {
+            let _ = e.print();
+            std::process::exit(e.exit_code());
+        }
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SERVAL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    match root.command {
+        Cmd::Start(args) => start::run(root.cluster, args, &argv, &relaunch),
+        Cmd::Status { json } => status::run(root.cluster, json),
+        Cmd::Shutdown { timeout } => shutdown::run(root.cluster, timeout),
+    }
+}

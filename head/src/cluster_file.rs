@@ -1,0 +1,84 @@
+//! How CLI commands find a running cluster: the head writes
+//! `<data-dir>/cluster.json` (addresses and pid) and `<data-dir>/token`.
+//! `--address` and `--token` (or SERVAL_ADDRESS / SERVAL_TOKEN) override them.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde_json::json;
+
+pub const CLUSTER_FILE: &str = "cluster.json";
+pub const TOKEN_FILE: &str = "token";
+
+#[derive(Debug, Clone)]
+pub struct ClusterInfo {
+    pub control_address: String,
+    pub http_address: String,
+    pub pid: u32,
+}
+
+pub fn write(data_dir: &Path, info: &ClusterInfo) -> anyhow::Result<()> {
+    let body = json!({
+        "control_address": info.control_address,
+        "http_address": info.http_address,
+        "pid": info.pid,
+    });
+    let path = data_dir.join(CLUSTER_FILE);
+    let tmp = data_dir.join(format!("{CLUSTER_FILE}.tmp"));
+    std::fs::write(&tmp, body.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+pub fn read(data_dir: &Path) -> Option<ClusterInfo> {
+    let text = std::fs::read_to_string(data_dir.join(CLUSTER_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some(ClusterInfo {
+        control_address: v.get("control_address")?.as_str()?.to_string(),
+        http_address: v.get("http_address").and_then(|a| a.as_str()).unwrap_or_default().to_string(),
+        pid: v.get("pid").and_then(|p| p.as_u64()).unwrap_or(0) as u32,
+    })
+}
+
+pub fn remove(data_dir: &Path) {
+    let _ = std::fs::remove_file(data_dir.join(CLUSTER_FILE));
+}
+
+/// The cluster token of a head's data dir, created on first start.
+pub fn load_or_create_token(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join(TOKEN_FILE);
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim().to_string();
+        if !t.is_empty() {
+            return Ok(t);
+        }
+    }
+    let token = uuid_like();
+    std::fs::write(&path, &token).with_context(|| format!("writing {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    Ok(token)
+}
+
+pub fn read_token(data_dir: &Path) -> Option<String> {
+    std::fs::read_to_string(data_dir.join(TOKEN_FILE)).ok().map(|t| t.trim().to_string())
+}
+
+fn uuid_like() -> String {
+    // 128 random bits from the kernel, hex encoded.
+    let mut bytes = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut bytes);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
+    }
+}

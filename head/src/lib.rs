@@ -1,0 +1,18 @@
+//! The `serve` command: wires the controller, the proxy and the node agent
+//! into a head or a node process, and the CLI verbs that talk to a cluster.
+//!
+//! Layout:
+//! - [`cli`]: argument parsing and dispatch ([`cli::main_with`]).
+//! - `start`: `serve start --head` / `--address`, `--detach`.
+//! - `status`: `serve status` tables.
+//! - `shutdown`: `serve shutdown`.
+//! - `cluster_file`: how commands find a running head through its data dir.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+mod cluster_file;
+mod shutdown;
+mod start;
+mod status;
+
+pub use cli::main_with;

@@ -1,0 +1,338 @@
+//! `serve start`: a head (controller + proxy + node agent in one process) or
+//! a node joining a head (node agent, plus a proxy when the cluster's HTTP
+//! location is EveryNode). `--detach` runs the same command in the
+//! background and returns once it is ready.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serval_controller::{reconciler, service::ControlService, state::Command, store};
+use serval_node::{AgentConfig, NodeAgent};
+use serval_protos::control::HttpOptions;
+
+use crate::cluster_file::{self, ClusterInfo};
+use crate::ClusterArgs;
+
+#[derive(Args, Debug, Clone)]
+pub struct StartArgs {
+    /// Start a head: the controller, an HTTP proxy and a node agent.
+    #[arg(long)]
+    head: bool,
+    /// Run in the background; print the addresses once ready.
+    #[arg(long)]
+    detach: bool,
+    /// Host the controller's gRPC service binds.
+    #[arg(long, env = "SERVAL_CONTROL_HOST", default_value = "127.0.0.1")]
+    control_host: String,
+    /// Port of the controller's gRPC service.
+    #[arg(long, env = "SERVAL_CONTROL_PORT", default_value_t = serval_protos::DEFAULT_CONTROL_PORT)]
+    control_port: u16,
+    /// Host the HTTP proxy binds.
+    #[arg(long, env = "SERVAL_HTTP_HOST", default_value = "127.0.0.1")]
+    http_host: String,
+    /// Port of the HTTP proxy.
+    #[arg(long, env = "SERVAL_HTTP_PORT", default_value_t = serval_protos::DEFAULT_HTTP_PORT)]
+    http_port: u16,
+    /// Where proxies run: HeadOnly, EveryNode or NoServer.
+    #[arg(long, env = "SERVAL_HTTP_LOCATION", default_value = "HeadOnly")]
+    http_location: String,
+    /// CPUs this node offers to replicas (default: the machine's count).
+    #[arg(long)]
+    num_cpus: Option<f64>,
+    /// GPUs this node offers to replicas (default: none found).
+    #[arg(long, default_value_t = 0.0)]
+    num_gpus: f64,
+    /// Python interpreter for replicas, with the `serval` package installed.
+    #[arg(long, env = "SERVAL_PYTHON", default_value = "python3")]
+    python: PathBuf,
+    /// Tokio worker threads of this process (small: replicas need the cores).
+    #[arg(long, env = "SERVAL_WORKERS", default_value_t = 2)]
+    workers: usize,
+}
+
+pub fn run(cluster: ClusterArgs, args: StartArgs, argv: &[String], relaunch: &[String]) -> anyhow::Result<()> {
+    let location = normalise_location(&args.http_location)?;
+    if !args.head && cluster.address.is_none() {
+        bail!("`serve start` needs --head to start a head, or --address HOST:PORT to join one");
+    }
+    let data_dir = cluster_file::absolute(&cluster.data_dir);
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    if args.detach {
+        return detach(&data_dir, argv, relaunch);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.workers.max(1))
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async move {
+        if args.head {
+            run_head(cluster, args, data_dir, location).await
+        } else {
+            run_node(cluster, args, data_dir).await
+        }
+    })
+}
+
+fn normalise_location(s: &str) -> anyhow::Result<String> {
+    match s.to_ascii_lowercase().as_str() {
+        "headonly" => Ok("HeadOnly".into()),
+        "everynode" => Ok("EveryNode".into()),
+        "noserver" | "none" | "" => Ok("NoServer".into()),
+        _ => bail!("invalid --http-location '{s}': use HeadOnly, EveryNode or NoServer"),
+    }
+}
+
+/// Re-runs this command without `--detach`, logging to the data dir, and
+/// waits until the new head has written its cluster file.
+fn detach(data_dir: &std::path::Path, argv: &[String], relaunch: &[String]) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let logs = data_dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let log_path = logs.join("serve.log");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let Some((program, prefix)) = relaunch.split_first() else { bail!("no command to relaunch serve with") };
+    let args: Vec<String> = argv.iter().skip(1).filter(|a| *a != "--detach").cloned().collect();
+    cluster_file::remove(data_dir);
+    let mut child = std::process::Command::new(program)
+        .args(prefix)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        // Its own process group: the terminal's Ctrl-C does not reach it.
+        .process_group(0)
+        .spawn()
+        .context("starting the background process")?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(info) = cluster_file::read(data_dir) {
+            if info.pid == child.id() {
+                print_ready(&info, data_dir);
+                println!("logs: {}", log_path.display());
+                return Ok(());
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!("serve exited during start-up ({status}):\n{}", tail.join("\n"));
+        }
+        if Instant::now() > deadline {
+            bail!("serve did not become ready within 120 s; see {}", log_path.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn print_ready(info: &ClusterInfo, data_dir: &std::path::Path) {
+    println!("controller listening on {}", info.control_address);
+    if info.http_address.is_empty() {
+        println!("http proxy: none (NoServer)");
+    } else {
+        println!("http proxy listening on {}", info.http_address);
+    }
+    println!("data dir: {}", data_dir.display());
+    println!("pid: {}", info.pid);
+}
+
+fn default_cpus() -> f64 {
+    std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0)
+}
+
+/// Resolves when the process gets SIGINT or SIGTERM.
+async fn signalled() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn bind_http(host: &str, port: u16) -> anyhow::Result<(tokio::net::TcpListener, String)> {
+    let listener = tokio::net::TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("binding the HTTP proxy on {host}:{port}"))?;
+    let addr = listener.local_addr()?.to_string();
+    Ok((listener, addr))
+}
+
+fn start_proxy(
+    listener: tokio::net::TcpListener,
+    control_addr: String,
+    token: String,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let config = serval_proxy::ProxyConfig {
+        control_addr,
+        token,
+        metrics,
+        ..serval_proxy::ProxyConfig::default()
+    };
+    tokio::spawn(async move {
+        let mut stop = stop;
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = serval_proxy::run(config, listener, shutdown).await {
+            tracing::error!(error = %e, "http proxy stopped");
+        }
+    })
+}
+
+fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().ok()
+}
+
+async fn run_head(cluster: ClusterArgs, args: StartArgs, data_dir: PathBuf, location: String) -> anyhow::Result<()> {
+    let metrics = install_metrics();
+    let token = match &cluster.token {
+        Some(t) => t.clone(),
+        None => cluster_file::load_or_create_token(&data_dir)?,
+    };
+    let control_listener = tokio::net::TcpListener::bind((args.control_host.as_str(), args.control_port))
+        .await
+        .with_context(|| format!("binding the controller on {}:{}", args.control_host, args.control_port))?;
+    let control_addr = control_listener.local_addr()?.to_string();
+
+    let (raft, sm) = store::open(&data_dir.join("raft"), 1, &control_addr).await?;
+    let service = ControlService::new(raft.clone(), sm.clone(), 1, control_addr.clone());
+    let heartbeats = service.heartbeats();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let grpc = {
+        let mut stop = stop_rx.clone();
+        let server = service.into_server(token.clone());
+        let incoming = tokio_stream_incoming(control_listener);
+        tokio::spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .add_service(server)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "control service stopped");
+            }
+        })
+    };
+    wait_for_leader(&raft).await?;
+    store::propose(&raft, Command::SetShuttingDown(false)).await?;
+    store::propose(
+        &raft,
+        Command::SetHttpOptions(HttpOptions {
+            location: location.clone(),
+            host: args.http_host.clone(),
+            port: args.http_port as u32,
+        }),
+    )
+    .await?;
+    let reconciler = tokio::spawn(reconciler::run(raft.clone(), sm.clone(), heartbeats));
+
+    let (proxy, http_addr) = if location == "NoServer" {
+        (None, String::new())
+    } else {
+        let (listener, addr) = bind_http(&args.http_host, args.http_port).await?;
+        (Some(start_proxy(listener, control_addr.clone(), token.clone(), metrics, stop_rx.clone())), addr)
+    };
+
+    let agent = NodeAgent::register(
+        AgentConfig {
+            control_addr: control_addr.clone(),
+            token: token.clone(),
+            data_dir: data_dir.clone(),
+            python: args.python.clone(),
+            num_cpus: args.num_cpus.unwrap_or_else(default_cpus),
+            num_gpus: args.num_gpus,
+            is_head: true,
+            http_address: http_addr.clone(),
+            tcp_host: args.control_host.clone(),
+        },
+        Duration::from_secs(30),
+    )
+    .await?;
+    let info = ClusterInfo { control_address: control_addr, http_address: http_addr, pid: std::process::id() };
+    cluster_file::write(&data_dir, &info)?;
+    print_ready(&info, &data_dir);
+    println!("node id: {}", agent.node_id());
+
+    agent.run(signalled()).await;
+    tracing::info!("stopping");
+    cluster_file::remove(&data_dir);
+    let _ = stop_tx.send(true);
+    reconciler.abort();
+    if let Some(p) = proxy {
+        let _ = tokio::time::timeout(Duration::from_secs(5), p).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), grpc).await;
+    let _ = raft.shutdown().await;
+    Ok(())
+}
+
+fn tokio_stream_incoming(
+    listener: tokio::net::TcpListener,
+) -> tokio_stream::wrappers::TcpListenerStream {
+    tokio_stream::wrappers::TcpListenerStream::new(listener)
+}
+
+async fn wait_for_leader(raft: &store::Raft) -> anyhow::Result<()> {
+    let mut metrics = raft.metrics();
+    tokio::time::timeout(Duration::from_secs(30), metrics.wait_for(|m| m.current_leader.is_some()))
+        .await
+        .context("no raft leader was elected within 30 s")?
+        .context("raft stopped")?;
+    Ok(())
+}
+
+async fn run_node(cluster: ClusterArgs, args: StartArgs, data_dir: PathBuf) -> anyhow::Result<()> {
+    let metrics = install_metrics();
+    let control_addr = cluster.address.clone().unwrap_or_default();
+    let token = cluster.token.clone().or_else(|| cluster_file::read_token(&data_dir)).unwrap_or_default();
+    let mut client = serval_protos::client::connect(&control_addr, &token).await?;
+    let snapshot = client
+        .get_snapshot(serval_protos::control::WatchRequest { include_code: false })
+        .await
+        .map_err(|s| anyhow::anyhow!("asking the head at {control_addr}: {}", s.message()))?
+        .into_inner();
+    let every_node = snapshot.http_options.as_ref().is_some_and(|o| o.location == "EveryNode");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (proxy, http_addr) = if every_node {
+        let (listener, addr) = bind_http(&args.http_host, args.http_port).await?;
+        (Some(start_proxy(listener, control_addr.clone(), token.clone(), metrics, stop_rx)), addr)
+    } else {
+        (None, String::new())
+    };
+    let agent = NodeAgent::register(
+        AgentConfig {
+            control_addr: control_addr.clone(),
+            token,
+            data_dir: data_dir.clone(),
+            python: args.python.clone(),
+            num_cpus: args.num_cpus.unwrap_or_else(default_cpus),
+            num_gpus: args.num_gpus,
+            is_head: false,
+            http_address: http_addr.clone(),
+            tcp_host: args.control_host.clone(),
+        },
+        Duration::from_secs(30),
+    )
+    .await?;
+    println!("node {} joined the head at {control_addr}", agent.node_id());
+    if !http_addr.is_empty() {
+        println!("http proxy listening on {http_addr}");
+    }
+    agent.run(signalled()).await;
+    let _ = stop_tx.send(true);
+    if let Some(p) = proxy {
+        let _ = tokio::time::timeout(Duration::from_secs(5), p).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! The node agent: registers this node with the controller, heartbeats, and
+//! keeps one supervisor per replica the controller placed here, following
+//! the Watch stream. When the cluster shuts down it stops every replica and
+//! returns.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serval_protos::client::{self, Client};
+use serval_protos::control::{ClusterSnapshot, HeartbeatRequest, RegisterNodeRequest};
+
+use crate::supervisor::{self, ReplicaSpec, SupervisorHandle};
+
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Connect(#[from] client::ConnectError),
+    #[error("registering with the controller at {addr}: {message}")]
+    Register { addr: String, message: String },
+    #[error("i/o on {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub control_addr: String,
+    pub token: String,
+    /// Holds the node id (so a restarted agent keeps it), replica sockets,
+    /// code files and logs.
+    pub data_dir: PathBuf,
+    /// The interpreter replicas run on (with the `serval` package installed).
+    pub python: PathBuf,
+    pub num_cpus: f64,
+    pub num_gpus: f64,
+    pub is_head: bool,
+    /// This node's proxy address, empty if it runs none.
+    pub http_address: String,
+    /// Address replicas bind for routers on other nodes.
+    pub tcp_host: String,
+}
+
+pub struct NodeAgent {
+    config: AgentConfig,
+    client: Client,
+    node_id: String,
+    supervisors: HashMap<String, SupervisorHandle>,
+}
+
+impl NodeAgent {
+    /// Connects and registers, retrying until `deadline` (the controller may
+    /// still be starting).
+    pub async fn register(config: AgentConfig, deadline: Duration) -> Result<Self, AgentError> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|source| AgentError::Io { path: config.data_dir.display().to_string(), source })?;
+        let client = client::connect_lazy(&config.control_addr, &config.token)?;
+        let id_file = config.data_dir.join("node_id");
+        let known_id = std::fs::read_to_string(&id_file).map(|s| s.trim().to_string()).unwrap_or_default();
+        let mut agent = Self { config, client, node_id: known_id, supervisors: HashMap::new() };
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            match agent.register_once().await {
+                Ok(()) => break,
+                Err(e) if tokio::time::Instant::now() < until => {
+                    tracing::debug!(error = %e, "controller not ready; retrying registration");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        std::fs::write(&id_file, &agent.node_id)
+            .map_err(|source| AgentError::Io { path: id_file.display().to_string(), source })?;
+        tracing::info!(node_id = %agent.node_id, "node registered");
+        Ok(agent)
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    async fn register_once(&mut self) -> Result<(), AgentError> {
+        let reply = self
+            .client
+            .register_node(RegisterNodeRequest {
+                node_id: self.node_id.clone(),
+                hostname: hostname(),
+                num_cpus: self.config.num_cpus,
+                num_gpus: self.config.num_gpus,
+                http_address: self.config.http_address.clone(),
+                is_head: self.config.is_head,
+                pid: std::process::id(),
+            })
+            .await
+            .map_err(|s| AgentError::Register { addr: self.config.control_addr.clone(), message: s.message().into() })?;
+        self.node_id = reply.into_inner().node_id;
+        Ok(())
+    }
+
+    /// Runs until the cluster shuts down or `stop` resolves; every replica is
+    /// stopped before it returns.
+    pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
+        let mut snapshots = client::spawn_watch(self.config.control_addr.clone(), self.config.token.clone(), true);
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = heartbeat.tick() => self.heartbeat().await,
+                changed = snapshots.changed() => {
+                    if changed.is_err() { break; }
+                    let snapshot = snapshots.borrow_and_update().clone();
+                    if let Some(snapshot) = snapshot {
+                        if snapshot.shutting_down {
+                            tracing::info!("cluster is shutting down");
+                            break;
+                        }
+                        self.reconcile(&snapshot).await;
+                    }
+                }
+            }
+        }
+        self.stop_all().await;
+    }
+
+    async fn heartbeat(&mut self) {
+        let req = HeartbeatRequest { node_id: self.node_id.clone() };
+        if let Err(status) = self.client.heartbeat(req).await {
+            match status.code() {
+                // The controller forgot or buried this node: join again.
+                tonic::Code::NotFound | tonic::Code::FailedPrecondition => {
+                    if let Err(e) = self.register_once().await {
+                        tracing::warn!(error = %e, "re-registration failed");
+                    }
+                }
+                _ => tracing::debug!(error = %status.message(), "heartbeat failed"),
+            }
+        }
+    }
+
+    /// Starts supervisors for replicas placed here and stops the others.
+    async fn reconcile(&mut self, snapshot: &ClusterSnapshot) {
+        let backends: HashMap<&str, _> = snapshot.backends.iter().map(|b| (b.name.as_str(), b)).collect();
+        let wanted: HashMap<&str, _> = snapshot
+            .replicas
+            .iter()
+            .filter(|r| r.node_id == self.node_id && r.state != "pending")
+            .filter(|r| backends.contains_key(r.backend.as_str()))
+            .map(|r| (r.id.as_str(), r))
+            .collect();
+        let stale: Vec<String> = self
+            .supervisors
+            .iter()
+            .filter(|(id, h)| wanted.get(id.as_str()).is_none_or(|r| r.backend_version != h.backend_version))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stale {
+            if let Some(handle) = self.supervisors.remove(&id) {
+                tracing::info!(replica = %id, "stopping replica");
+                handle.stop().await;
+            }
+        }
+        for (id, replica) in wanted {
+            if self.supervisors.contains_key(id) {
+                continue;
+            }
+            let Some(backend) = backends.get(replica.backend.as_str()) else { continue };
+            let seq = id.rsplit('#').next().unwrap_or("0");
+            let spec = ReplicaSpec {
+                replica: replica.clone(),
+                backend: (*backend).clone(),
+                python: self.config.python.clone(),
+                work_dir: self.config.data_dir.join("replicas").join(sanitize(id)),
+                socket_path: self.config.data_dir.join("sockets").join(format!("r{seq}.sock")),
+                tcp_host: self.config.tcp_host.clone(),
+            };
+            tracing::info!(replica = %id, backend = %backend.name, "starting replica");
+            self.supervisors.insert(id.to_string(), supervisor::spawn(spec, self.client.clone()));
+        }
+    }
+
+    async fn stop_all(&mut self) {
+        let all: Vec<_> = self.supervisors.drain().map(|(_, h)| h.stop()).collect();
+        futures::future::join_all(all).await;
+    }
+}
+
+fn sanitize(id: &str) -> String {
+    id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+}

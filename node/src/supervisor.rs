@@ -1,0 +1,212 @@
+//! One supervisor per replica, owning the replica's process: start it, read
+//! its one status line, report to the controller, restart it with backoff
+//! when it exits, and stop it when told. It is an actor in the plain sense:
+//! a task that owns its state and changes only on the messages it gets
+//! (stop) and the events of its child process.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serval_protos::client::Client;
+use serval_protos::control::{Backend, Replica, ReplicaReport};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+
+/// How long a replica may take to import and construct user code.
+const START_TIMEOUT: Duration = Duration::from_secs(300);
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A replica that closes its stdin pipe gets this long to exit on its own.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// What a supervisor needs to start its replica.
+#[derive(Clone)]
+pub struct ReplicaSpec {
+    pub replica: Replica,
+    pub backend: Backend,
+    pub python: PathBuf,
+    pub work_dir: PathBuf,
+    pub socket_path: PathBuf,
+    pub tcp_host: String,
+}
+
+/// The running supervisor; dropping it does not stop the replica, `stop` does.
+pub struct SupervisorHandle {
+    pub backend_version: u64,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SupervisorHandle {
+    /// Stops the replica and waits until its process is gone.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = self.task.await;
+    }
+}
+
+pub fn spawn(spec: ReplicaSpec, client: Client) -> SupervisorHandle {
+    let (tx, rx) = oneshot::channel();
+    let backend_version = spec.replica.backend_version;
+    let task = tokio::spawn(supervise(spec, client, rx));
+    SupervisorHandle { backend_version, stop: Some(tx), task }
+}
+
+/// The status line a replica writes when it is serving or has failed.
+#[derive(serde::Deserialize)]
+struct StatusLine {
+    state: String,
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    unix_path: String,
+    #[serde(default)]
+    tcp_addr: String,
+    #[serde(default)]
+    pid: u32,
+}
+
+async fn report(client: &Client, report: ReplicaReport) {
+    let id = report.replica_id.clone();
+    if let Err(status) = client.clone().report_replica(report).await {
+        // The controller may be down or electing; the next report (or the
+        // next restart) carries the state again.
+        tracing::warn!(replica = %id, error = %status.message(), "could not report replica state");
+    }
+}
+
+async fn supervise(spec: ReplicaSpec, client: Client, mut stop: oneshot::Receiver<()>) {
+    let id = spec.replica.id.clone();
+    let mut restarts = spec.replica.restarts;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let base = ReplicaReport { replica_id: id.clone(), restarts, ..Default::default() };
+        report(&client, ReplicaReport { state: "starting".into(), ..base.clone() }).await;
+        let started = tokio::time::Instant::now();
+        let outcome = match start(&spec).await {
+            Ok(mut child) => {
+                let result = tokio::select! {
+                    r = read_status(&mut child) => r,
+                    _ = &mut stop => { terminate(&mut child).await; return; }
+                };
+                match result {
+                    Ok(status) if status.state == "running" => {
+                        report(&client, ReplicaReport {
+                            state: "running".into(),
+                            unix_path: status.unix_path,
+                            tcp_addr: status.tcp_addr,
+                            pid: status.pid,
+                            ..base.clone()
+                        })
+                        .await;
+                        tokio::select! {
+                            exit = child.wait() => format!("replica process exited ({})", exit.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())),
+                            _ = &mut stop => { terminate(&mut child).await; return; }
+                        }
+                    }
+                    Ok(status) => {
+                        let _ = child.wait().await;
+                        if status.error.is_empty() { format!("replica reported state '{}'", status.state) } else { status.error }
+                    }
+                    Err(e) => {
+                        terminate(&mut child).await;
+                        e
+                    }
+                }
+            }
+            Err(e) => e,
+        };
+        tracing::warn!(replica = %id, reason = %outcome, "replica stopped; restarting after backoff");
+        report(&client, ReplicaReport { state: "failed".into(), error: outcome, ..base }).await;
+        // A replica that served for a while starts again quickly.
+        if started.elapsed() > BACKOFF_MAX {
+            backoff = BACKOFF_MIN;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = &mut stop => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+        restarts += 1;
+    }
+}
+
+fn config_json(backend: &Backend) -> String {
+    let c = backend.config.clone().unwrap_or_default();
+    let user_config = if c.user_config_json.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&c.user_config_json).unwrap_or(serde_json::Value::Null)
+    };
+    serde_json::json!({
+        "num_replicas": c.num_replicas,
+        "max_concurrent_queries": c.max_concurrent_queries,
+        "user_config": user_config,
+        "max_batch_size": c.max_batch_size,
+        "batch_wait_timeout": c.batch_wait_timeout,
+    })
+    .to_string()
+}
+
+async fn start(spec: &ReplicaSpec) -> Result<Child, String> {
+    let dir = &spec.work_dir;
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let code_file = dir.join("code.pkl");
+    std::fs::write(&code_file, &spec.backend.code).map_err(|e| format!("cannot write {}: {e}", code_file.display()))?;
+    let log_path = dir.join("replica.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
+    let mut cmd = Command::new(&spec.python);
+    cmd.arg("-m")
+        .arg("serval.replica")
+        .arg("--replica-id")
+        .arg(&spec.replica.id)
+        .arg("--backend")
+        .arg(&spec.backend.name)
+        .arg("--code-file")
+        .arg(&code_file)
+        .arg("--config-json")
+        .arg(config_json(&spec.backend))
+        .arg("--unix-path")
+        .arg(&spec.socket_path)
+        .arg("--tcp-host")
+        .arg(&spec.tcp_host)
+        // stdin is the lifeline: when this agent dies the pipe closes and
+        // the replica exits, so no replica outlives its node agent.
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true);
+    cmd.spawn().map_err(|e| format!("cannot start {}: {e}", spec.python.display()))
+}
+
+async fn read_status(child: &mut Child) -> Result<StatusLine, String> {
+    let Some(stdout) = child.stdout.take() else { return Err("replica stdout not captured".into()) };
+    let mut lines = BufReader::new(stdout).lines();
+    match tokio::time::timeout(START_TIMEOUT, lines.next_line()).await {
+        Err(_) => Err(format!("replica did not start within {START_TIMEOUT:?}")),
+        Ok(Err(e)) => Err(format!("reading replica status: {e}")),
+        Ok(Ok(None)) => {
+            let status = child.wait().await.map(|s| s.to_string()).unwrap_or_default();
+            Err(format!("replica exited before reporting its state ({status}); see its log"))
+        }
+        Ok(Ok(Some(line))) => {
+            serde_json::from_str(&line).map_err(|e| format!("replica status line '{line}' is not valid: {e}"))
+        }
+    }
+}
+
+/// Closes the lifeline, waits for a clean exit, then kills.
+async fn terminate(child: &mut Child) {
+    drop(child.stdin.take());
+    if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+        let _ = child.kill().await;
+    }
+}
