@@ -15,4 +15,4 @@ mod shutdown;
 mod start;
 mod status;
 
-pub use cli::main_with;
+pub use cli::{main_with, ClusterArgs};

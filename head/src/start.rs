@@ -272,7 +272,8 @@ async fn run_head(cluster: ClusterArgs, args: StartArgs, data_dir: PathBuf, loca
     if let Some(p) = proxy {
         let _ = tokio::time::timeout(Duration::from_secs(5), p).await;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(5), grpc).await;
+    // Watch streams of other processes keep the gRPC server open; do not wait long.
+    let _ = tokio::time::timeout(Duration::from_secs(1), grpc).await;
     let _ = raft.shutdown().await;
     Ok(())
 }

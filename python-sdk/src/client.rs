@@ -1,5 +1,346 @@
-use pyo3::prelude::*;
+//! The control-plane client and the ServeHandle behind `serval.serve`.
+//!
+//! Every blocking call releases the GIL while it waits. All async work runs
+//! on pyo3-async-runtimes' tokio runtime, which also bridges futures to
+//! asyncio for `get_handle(sync=False)`.
 
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use serval_protos::client::{self as control, Client as ControlClient};
+use serval_protos::control::{
+    Backend, BackendConfig, ClusterSnapshot, Empty, Endpoint, NameRequest, SetTrafficRequest,
+    UpdateBackendConfigRequest, WatchRequest,
+};
+use serval_protos::frame::{CallRequest, Payload, Request, Response};
+use serval_proxy::{Router, RouterConfig, RouterError};
+use tokio::sync::{oneshot, watch};
+
+create_exception!(_native, ServeError, PyException, "A Serval control-plane call was refused or failed.");
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    pyo3_async_runtimes::tokio::get_runtime()
+}
+
+/// Runs `fut` to completion on the SDK runtime with the GIL released.
+fn block_on<F, T>(py: Python<'_>, fut: F) -> T
+where
+    F: std::future::Future<Output = T> + Send,
+    T: Send,
+{
+    py.detach(|| runtime().block_on(fut))
+}
+
+fn status_err(status: tonic::Status) -> PyErr {
+    ServeError::new_err(status.message().to_string())
+}
+
+type Snapshots = watch::Receiver<Option<Arc<ClusterSnapshot>>>;
+
+/// Connection to a cluster's controller (one per `serve.start()`/`connect()`).
+#[pyclass(module = "serval._native")]
+pub struct Client {
+    address: String,
+    client: ControlClient,
+    /// The shared router of every handle from this client, fed by one Watch.
+    router: Arc<Router>,
+    snapshots: Snapshots,
+}
+
+/// The backend config as the Python layer sends it (JSON, Ray's field names).
+#[derive(serde::Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct PyBackendConfig {
+    num_replicas: Option<u32>,
+    max_concurrent_queries: Option<u32>,
+    user_config: Option<serde_json::Value>,
+    max_batch_size: Option<u32>,
+    batch_wait_timeout: Option<f64>,
+    num_cpus: Option<f64>,
+    num_gpus: Option<f64>,
+}
+
+fn parse_config(json: &str) -> PyResult<BackendConfig> {
+    let c: PyBackendConfig = serde_json::from_str(json).map_err(|e| ServeError::new_err(format!("invalid config: {e}")))?;
+    Ok(BackendConfig {
+        num_replicas: c.num_replicas.unwrap_or(1),
+        max_concurrent_queries: c.max_concurrent_queries.unwrap_or(0),
+        user_config_json: c.user_config.filter(|v| !v.is_null()).map(|v| v.to_string()).unwrap_or_default(),
+        max_batch_size: c.max_batch_size.unwrap_or(0),
+        batch_wait_timeout: c.batch_wait_timeout.unwrap_or(0.0),
+        num_cpus: c.num_cpus.unwrap_or(1.0),
+        num_gpus: c.num_gpus.unwrap_or(0.0),
+    })
+}
+
+impl Client {
+    /// Waits until the watched snapshot satisfies `done`, up to `timeout`.
+    fn wait_snapshot<T: Send>(
+        &self,
+        py: Python<'_>,
+        timeout: f64,
+        done: impl Fn(&ClusterSnapshot) -> Option<T> + Send + Sync,
+    ) -> PyResult<Option<T>> {
+        let mut rx = self.snapshots.clone();
+        block_on(py, async move {
+            let wait = rx.wait_for(|s| s.as_ref().is_some_and(|s| done(s).is_some()));
+            match tokio::time::timeout(Duration::from_secs_f64(timeout.max(0.0)), wait).await {
+                Ok(Ok(s)) => Ok(s.as_ref().and_then(|s| done(s))),
+                Ok(Err(_)) => Err(ServeError::new_err("the snapshot watch stopped")),
+                Err(_) => Ok(None),
+            }
+        })
+    }
+}
+
+#[pymethods]
+impl Client {
+    #[new]
+    fn new(py: Python<'_>, address: String, token: String) -> PyResult<Self> {
+        let addr = address.clone();
+        let tok = token.clone();
+        let client = block_on(py, async move { control::connect(&addr, &tok).await })
+            .map_err(|e| ServeError::new_err(e.to_string()))?;
+        let router = Arc::new(Router::new(RouterConfig::default()));
+        let snapshots = {
+            let _guard = runtime().enter();
+            control::spawn_watch(address.clone(), token, false)
+        };
+        let mut follow = snapshots.clone();
+        let r = router.clone();
+        runtime().spawn(async move {
+            loop {
+                if let Some(s) = follow.borrow_and_update().clone() {
+                    r.update(&s);
+                }
+                if follow.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self { address, client, router, snapshots })
+    }
+
+    #[getter]
+    fn address(&self) -> String {
+        self.address.clone()
+    }
+
+    fn create_backend(&self, py: Python<'_>, name: String, code: Vec<u8>, config_json: &str) -> PyResult<()> {
+        let config = parse_config(config_json)?;
+        let mut c = self.client.clone();
+        let backend = Backend { name, code, config: Some(config), ..Default::default() };
+        block_on(py, async move { c.create_backend(backend).await }).map_err(status_err)?;
+        Ok(())
+    }
+
+    fn update_backend_config(&self, py: Python<'_>, name: String, config_json: &str) -> PyResult<()> {
+        let config = parse_config(config_json)?;
+        let mut c = self.client.clone();
+        block_on(py, async move { c.update_backend_config(UpdateBackendConfigRequest { name, config: Some(config) }).await })
+            .map_err(status_err)?;
+        Ok(())
+    }
+
+    fn delete_backend(&self, py: Python<'_>, name: String) -> PyResult<()> {
+        let mut c = self.client.clone();
+        block_on(py, async move { c.delete_backend(NameRequest { name }).await }).map_err(status_err)?;
+        Ok(())
+    }
+
+    #[pyo3(signature = (name, backend, route, methods))]
+    fn create_endpoint(
+        &self,
+        py: Python<'_>,
+        name: String,
+        backend: String,
+        route: Option<String>,
+        methods: Vec<String>,
+    ) -> PyResult<()> {
+        let mut c = self.client.clone();
+        let endpoint = Endpoint {
+            name,
+            route: route.unwrap_or_default(),
+            methods,
+            traffic: [(backend, 1.0)].into_iter().collect(),
+            ..Default::default()
+        };
+        block_on(py, async move { c.create_endpoint(endpoint).await }).map_err(status_err)?;
+        Ok(())
+    }
+
+    fn delete_endpoint(&self, py: Python<'_>, name: String) -> PyResult<()> {
+        let mut c = self.client.clone();
+        block_on(py, async move { c.delete_endpoint(NameRequest { name }).await }).map_err(status_err)?;
+        Ok(())
+    }
+
+    fn set_traffic(&self, py: Python<'_>, endpoint: String, traffic: std::collections::HashMap<String, f64>) -> PyResult<()> {
+        let mut c = self.client.clone();
+        block_on(py, async move { c.set_traffic(SetTrafficRequest { endpoint, traffic }).await }).map_err(status_err)?;
+        Ok(())
+    }
+
+    /// The controller's current state as JSON text.
+    fn snapshot_json(&self, py: Python<'_>) -> PyResult<String> {
+        let mut c = self.client.clone();
+        let snapshot = block_on(py, async move { c.get_snapshot(WatchRequest { include_code: false }).await })
+            .map_err(status_err)?
+            .into_inner();
+        serde_json::to_string(&snapshot).map_err(|e| ServeError::new_err(e.to_string()))
+    }
+
+    fn shutdown(&self, py: Python<'_>) -> PyResult<()> {
+        let mut c = self.client.clone();
+        block_on(py, async move { c.shutdown(Empty {}).await }).map_err(status_err)?;
+        Ok(())
+    }
+
+    /// Waits until the backend runs (returns "running") or failed (returns
+    /// "failed: <reason>"); `None` on timeout.
+    fn wait_backend(&self, py: Python<'_>, name: String, timeout: f64) -> PyResult<Option<(String, String)>> {
+        self.wait_snapshot(py, timeout, move |s| {
+            let b = s.backends.iter().find(|b| b.name == name)?;
+            (b.state == "running" || b.state == "failed").then(|| (b.state.clone(), b.error.clone()))
+        })
+    }
+
+    /// Waits until this client's router knows `endpoint`; false on timeout.
+    fn wait_endpoint(&self, py: Python<'_>, endpoint: String, timeout: f64) -> PyResult<bool> {
+        let router = self.router.clone();
+        Ok(self
+            .wait_snapshot(py, timeout, move |s| {
+                (s.endpoints.iter().any(|e| e.name == endpoint) && router.has_endpoint(&endpoint)).then_some(())
+            })?
+            .is_some())
+    }
+
+    fn handle(&self, endpoint: String) -> Handle {
+        Handle { endpoint, router: self.router.clone() }
+    }
+}
+
+/// A ServeHandle's transport: calls go straight to replicas through the
+/// same router the HTTP proxy uses.
+#[pyclass(module = "serval._native")]
+pub struct Handle {
+    endpoint: String,
+    router: Arc<Router>,
+}
+
+type Outcome = Result<Response, RouterError>;
+
+fn request(method_name: Option<String>, args: Vec<u8>, http_method: String, headers: Vec<(String, String)>) -> Request {
+    Request { method_name, payload: Payload::Call(CallRequest { args, http_method, http_headers: headers }) }
+}
+
+/// (status, headers, body) of a finished call, or ServeError for a call that
+/// never reached user code (no replica, backpressure, replica died...).
+fn outcome_to_py(py: Python<'_>, outcome: Outcome) -> PyResult<(u16, Vec<(String, String)>, Py<PyBytes>)> {
+    match outcome {
+        Ok(r) => Ok((r.status, r.headers, PyBytes::new(py, &r.body).unbind())),
+        Err(e) => Err(ServeError::new_err(e.to_string())),
+    }
+}
+
+#[pymethods]
+impl Handle {
+    #[getter]
+    fn endpoint(&self) -> String {
+        self.endpoint.clone()
+    }
+
+    /// Starts a call; the returned future's `result()` blocks for it.
+    #[pyo3(signature = (method_name, args, http_method, headers))]
+    fn call(&self, method_name: Option<String>, args: Vec<u8>, http_method: String, headers: Vec<(String, String)>) -> CallFuture {
+        let (tx, rx) = oneshot::channel();
+        let router = self.router.clone();
+        let endpoint = self.endpoint.clone();
+        let req = request(method_name, args, http_method, headers);
+        runtime().spawn(async move {
+            let _ = tx.send(router.call(&endpoint, req).await);
+        });
+        CallFuture { rx: Mutex::new(Some(rx)), done: Mutex::new(None) }
+    }
+
+    /// The same call as an awaitable for asyncio code.
+    #[pyo3(signature = (method_name, args, http_method, headers))]
+    fn call_async<'py>(
+        &self,
+        py: Python<'py>,
+        method_name: Option<String>,
+        args: Vec<u8>,
+        http_method: String,
+        headers: Vec<(String, String)>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let router = self.router.clone();
+        let endpoint = self.endpoint.clone();
+        let req = request(method_name, args, http_method, headers);
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let outcome = router.call(&endpoint, req).await;
+            Python::attach(|py| outcome_to_py(py, outcome))
+        })
+    }
+}
+
+/// The `ObjectRef` role: a call in flight.
+#[pyclass(module = "serval._native")]
+pub struct CallFuture {
+    rx: Mutex<Option<oneshot::Receiver<Outcome>>>,
+    done: Mutex<Option<Outcome>>,
+}
+
+#[pymethods]
+impl CallFuture {
+    /// Waits (GIL released) up to `timeout` seconds, or forever when None.
+    #[pyo3(signature = (timeout=None))]
+    fn result(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<(u16, Vec<(String, String)>, Py<PyBytes>)> {
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        if done.is_none() {
+            let rx = self.rx.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let Some(rx) = rx else { return Err(ServeError::new_err("call result lost")) };
+            let got = py.detach(|| {
+                runtime().block_on(async move {
+                    match timeout {
+                        Some(t) => tokio::time::timeout(Duration::from_secs_f64(t.max(0.0)), rx).await.ok(),
+                        None => Some(rx.await),
+                    }
+                })
+            });
+            match got {
+                None => return Err(pyo3::exceptions::PyTimeoutError::new_err("the call did not finish in time")),
+                Some(Err(_)) => return Err(ServeError::new_err("the call was dropped")),
+                Some(Ok(outcome)) => *done = Some(outcome),
+            }
+        }
+        match done.as_ref() {
+            Some(outcome) => outcome_to_py(py, outcome.clone()),
+            None => Err(ServeError::new_err("call result lost")),
+        }
+    }
+}
+
+/// Runs the `serve` command line in this process (the console script).
+#[pyfunction]
+fn cli_main(py: Python<'_>, argv: Vec<String>, relaunch: Vec<String>) -> PyResult<i32> {
+    match py.detach(|| serval_head::main_with(argv, relaunch)) {
+        Ok(()) => Ok(0),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            Ok(1)
+        }
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Client>()?;
+    m.add_class::<Handle>()?;
+    m.add_class::<CallFuture>()?;
+    m.add_function(wrap_pyfunction!(cli_main, m)?)?;
+    m.add("ServeError", m.py().get_type::<ServeError>())?;
     Ok(())
 }

@@ -1,1 +1,26 @@
-"""Serval Python SDK."""
+"""Serval: serve Python models on a cluster, with the Ray Serve 1.x API.
+
+    from serval import serve
+    serve.start()
+    serve.create_backend("hello", lambda request: "hi")
+    serve.create_endpoint("hello", backend="hello", route="/hello")
+"""
+
+from serval._native import ServeError, __version__
+from serval.handle import AsyncServeHandle, BackendError, ServeFuture, ServeHandle
+from serval.request import ServeRequest
+
+
+def get(refs, timeout=None):
+    """``ray.get`` for handle results: a ServeFuture or a list of them."""
+    if isinstance(refs, (list, tuple)):
+        return [get(r, timeout) for r in refs]
+    if isinstance(refs, ServeFuture):
+        return refs.result(timeout)
+    raise TypeError(f"serval.get expects a ServeFuture or a list of them, not {type(refs).__name__}")
+
+
+__all__ = [
+    "ServeError", "BackendError", "ServeRequest", "ServeHandle", "AsyncServeHandle", "ServeFuture",
+    "get", "__version__",
+]

@@ -1,0 +1,45 @@
+# Serval: the two entry points are `make demo` and `make test`.
+# Everything they need is set up here: no global installs by hand.
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+CARGO ?= cargo
+# Build the SDK extension against the venv's interpreter, not a shim.
+export PYO3_PYTHON := $(abspath $(VPY))
+
+.PHONY: all build venv sdk demo test test-rust test-python clean
+
+all: build sdk
+
+# Debian's python3 needs python3-venv for `-m venv`; install it if missing.
+$(VPY):
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 && $(PYTHON) -c 'import ensurepip' 2>/dev/null || \
+		(command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq python3-venv) )
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q "maturin>=1.16,<2" "starlette>=0.40" "cloudpickle>=3" pytest requests
+
+venv: $(VPY)
+
+# The `serval` package (SDK, replica host and the `serve` console script).
+sdk: $(VPY)
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH \
+		$(VENV)/bin/maturin develop -q -m python-sdk/Cargo.toml
+
+build:
+	$(CARGO) build -p serval-head
+
+demo: sdk
+	SERVAL_PYTHON=$(abspath $(VPY)) $(VPY) examples/quickstart.py
+
+test-rust: sdk build
+	$(CARGO) test --workspace --exclude serval-python
+
+test-python: sdk
+	$(VPY) -m pytest -q python-sdk/tests
+
+test: test-rust test-python
+
+clean:
+	rm -rf target $(VENV) .serval

@@ -1,0 +1,113 @@
+"""ServeHandle: calls an endpoint's replicas directly from Python.
+
+A handle goes through the same Rust router as the HTTP proxy (traffic
+policy, load balancing, backpressure), but sends pickled Python arguments
+instead of an HTTP request. ``sync=True`` handles return a
+:class:`ServeFuture` (the ``ObjectRef`` role: ``.result()`` or
+``serval.get``); ``sync=False`` handles are awaited in asyncio code.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Optional
+
+import cloudpickle
+
+from serval._native import ServeError
+
+PICKLE_CONTENT_TYPE = "application/x-python-pickle"
+ERROR_TYPE_HEADER = "x-serval-error"
+
+
+class BackendError(ServeError):
+    """User code raised in a replica; the message carries its traceback."""
+
+    def __init__(self, exc_type: str, traceback_text: str):
+        super().__init__(f"{exc_type} raised in the replica:\n{traceback_text}")
+        self.exc_type = exc_type
+        self.traceback = traceback_text
+
+
+def _header(headers, name: str) -> Optional[str]:
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def decode_result(status: int, headers, body: bytes) -> Any:
+    """Turns a replica's answer to a handle call into a value or an error."""
+    if status == 200 and _header(headers, "content-type") == PICKLE_CONTENT_TYPE:
+        return cloudpickle.loads(body)
+    error_type = _header(headers, ERROR_TYPE_HEADER)
+    text = bytes(body).decode("utf-8", "replace")
+    if error_type == "MethodNotFound":
+        try:
+            text = json.loads(text)["error"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise ServeError(text)
+    if error_type:
+        raise BackendError(error_type, text)
+    raise ServeError(f"replica answered {status}: {text}")
+
+
+class ServeFuture:
+    """A call in flight; ``result()`` waits for it (like ``ray.get``)."""
+
+    __slots__ = ("_native",)
+
+    def __init__(self, native_future):
+        self._native = native_future
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        return decode_result(*self._native.result(timeout))
+
+
+class _HandleBase:
+    def __init__(self, native, endpoint_name: str, method_name: Optional[str] = None,
+                 http_method: str = "GET", http_headers: Optional[Dict[str, str]] = None):
+        self._native = native
+        self.endpoint_name = endpoint_name
+        self.method_name = method_name
+        self.http_method = http_method
+        self.http_headers = dict(http_headers or {})
+
+    def options(self, method_name: Optional[str] = None, http_method: Optional[str] = None,
+                http_headers: Optional[Dict[str, str]] = None):
+        """A copy of this handle that calls ``method_name`` and/or carries
+        the given HTTP method and headers to the replica."""
+        return type(self)(
+            self._native,
+            self.endpoint_name,
+            method_name if method_name is not None else self.method_name,
+            http_method if http_method is not None else self.http_method,
+            {**self.http_headers, **(http_headers or {})},
+        )
+
+    def _call_args(self, args, kwargs):
+        return (
+            self.method_name,
+            cloudpickle.dumps((args, kwargs)),
+            self.http_method,
+            [(str(k), str(v)) for k, v in self.http_headers.items()],
+        )
+
+    def __repr__(self):
+        return f"{type(self).__name__}(endpoint={self.endpoint_name!r})"
+
+
+class ServeHandle(_HandleBase):
+    """Synchronous handle: ``handle.remote(...)`` returns a :class:`ServeFuture`."""
+
+    def remote(self, *args, **kwargs) -> ServeFuture:
+        return ServeFuture(self._native.call(*self._call_args(args, kwargs)))
+
+
+class AsyncServeHandle(_HandleBase):
+    """asyncio handle: ``await handle.remote(...)`` returns the result."""
+
+    async def remote(self, *args, **kwargs) -> Any:
+        status, headers, body = await self._native.call_async(*self._call_args(args, kwargs))
+        return decode_result(status, headers, body)

@@ -1,0 +1,322 @@
+"""The Ray Serve 1.x API over a Serval cluster: ``from serval import serve``.
+
+Control calls (backends, endpoints, traffic) go to the controller over
+gRPC; handles call replicas directly through the Rust router. The cluster
+is found through ``address``/``SERVAL_ADDRESS`` or the head's data dir
+(``data_dir``/``SERVAL_DATA_DIR``, default ``.serval``), which also holds
+the cluster token.
+"""
+
+from __future__ import annotations
+
+import atexit
+import inspect
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import cloudpickle
+
+from serval import _native
+from serval._native import ServeError
+from serval.handle import AsyncServeHandle, ServeHandle
+
+__all__ = [
+    "start", "connect", "shutdown", "create_backend", "update_backend_config",
+    "get_backend_config", "delete_backend", "list_backends", "create_endpoint",
+    "delete_endpoint", "list_endpoints", "set_traffic", "get_handle", "status",
+]
+
+#: Seconds create_backend waits for a replica to start.
+BACKEND_START_TIMEOUT_S = float(os.environ.get("SERVAL_BACKEND_START_TIMEOUT", "300"))
+#: Seconds create_endpoint waits for the proxies and the local router to know a route.
+ROUTE_PROPAGATION_TIMEOUT_S = 30.0
+
+_BACKEND_CONFIG_FIELDS = {
+    "num_replicas", "max_concurrent_queries", "user_config", "max_batch_size", "batch_wait_timeout",
+}
+_ACTOR_OPTION_FIELDS = {"num_cpus", "num_gpus"}
+_HTTP_OPTION_FIELDS = {"location", "host", "port", "middlewares"}
+_LOCATIONS = {"HeadOnly": "HeadOnly", "EveryNode": "EveryNode", "NoServer": "NoServer", None: "NoServer"}
+
+_client: Optional[_native.Client] = None
+
+
+def _data_dir(data_dir: Optional[str]) -> str:
+    return os.path.abspath(data_dir or os.environ.get("SERVAL_DATA_DIR", ".serval"))
+
+
+def _discover(address: Optional[str], data_dir: Optional[str], token: Optional[str]):
+    dd = _data_dir(data_dir)
+    address = address or os.environ.get("SERVAL_ADDRESS")
+    if address is None:
+        try:
+            with open(os.path.join(dd, "cluster.json")) as f:
+                address = json.load(f)["control_address"]
+        except (OSError, ValueError, KeyError):
+            address = None
+    if token is None:
+        token = os.environ.get("SERVAL_TOKEN")
+    if token is None:
+        try:
+            with open(os.path.join(dd, "token")) as f:
+                token = f.read().strip()
+        except OSError:
+            token = ""
+    return address, token
+
+
+def _get_client() -> _native.Client:
+    if _client is None:
+        raise ServeError("not connected to a Serval cluster: call serve.start() or serve.connect() first")
+    return _client
+
+
+def connect(address: Optional[str] = None, *, data_dir: Optional[str] = None,
+            token: Optional[str] = None) -> _native.Client:
+    """Connects to a running cluster."""
+    global _client
+    addr, tok = _discover(address, data_dir, token)
+    if addr is None:
+        raise ServeError(
+            f"no running Serval cluster found (no address given and no cluster file in {_data_dir(data_dir)})")
+    _client = _native.Client(addr, tok)
+    return _client
+
+
+def _head_flags(http_options: Dict[str, Any]) -> List[str]:
+    unknown = set(http_options) - _HTTP_OPTION_FIELDS
+    if unknown:
+        raise ValueError(f"unknown http_options field(s) {sorted(unknown)}; known: {sorted(_HTTP_OPTION_FIELDS)}")
+    if http_options.get("middlewares"):
+        names = [getattr(getattr(m, "cls", m), "__name__", repr(m)) for m in http_options["middlewares"]]
+        raise ValueError(f"http_options.middlewares: unsupported middleware(s) {names}")
+    flags = []
+    if "location" in http_options:
+        loc = http_options["location"]
+        if loc not in _LOCATIONS:
+            raise ValueError(f"http_options.location must be HeadOnly, EveryNode, NoServer or None, not {loc!r}")
+        flags += ["--http-location", _LOCATIONS[loc]]
+    if "host" in http_options:
+        flags += ["--http-host", str(http_options["host"])]
+    if "port" in http_options:
+        flags += ["--http-port", str(int(http_options["port"]))]
+    return flags
+
+
+def start(detached: bool = False, http_options: Optional[Dict[str, Any]] = None, *,
+          address: Optional[str] = None, data_dir: Optional[str] = None,
+          token: Optional[str] = None) -> _native.Client:
+    """Connects to the cluster if one runs, else starts a head in the
+    background. A head started here with ``detached=False`` is shut down
+    when this Python process exits."""
+    flags = _head_flags(dict(http_options or {}))
+    try:
+        return connect(address, data_dir=data_dir, token=token)
+    except ServeError:
+        if address is not None:
+            raise
+    dd = _data_dir(data_dir)
+    env = dict(os.environ)
+    env.setdefault("SERVAL_PYTHON", sys.executable)
+    if token:
+        env["SERVAL_TOKEN"] = token
+    cmd = [sys.executable, "-m", "serval.cli", "--data-dir", dd, "start", "--head", "--detach", *flags]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ServeError(f"could not start a Serval head:\n{proc.stderr or proc.stdout}")
+    client = connect(data_dir=dd, token=token)
+    if not detached:
+        atexit.register(_shutdown_quietly)
+    return client
+
+
+def _shutdown_quietly() -> None:
+    try:
+        shutdown()
+    except ServeError:
+        pass
+
+
+def shutdown(timeout: float = 60.0) -> None:
+    """Stops every process of the cluster, replicas included."""
+    global _client
+    client = _get_client()
+    nodes = [n for n in json.loads(client.snapshot_json()).get("nodes", []) if n.get("alive")]
+    client.shutdown()
+    _client = None
+    deadline = time.monotonic() + timeout
+    for pid in [n.get("pid") for n in nodes if n.get("pid")]:
+        while _pid_alive(pid):
+            if time.monotonic() > deadline:
+                raise ServeError(f"process {pid} of the cluster did not exit within {timeout} s")
+            time.sleep(0.05)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _config_payload(config: Optional[Dict[str, Any]], actor_options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    config = dict(config or {})
+    if hasattr(config, "__dict__") and not isinstance(config, dict):
+        config = dict(vars(config))
+    unknown = set(config) - _BACKEND_CONFIG_FIELDS
+    if unknown:
+        raise ValueError(f"unknown backend config field(s) {sorted(unknown)}; known: {sorted(_BACKEND_CONFIG_FIELDS)}")
+    actor_options = dict(actor_options or {})
+    unknown = set(actor_options) - _ACTOR_OPTION_FIELDS
+    if unknown:
+        raise ValueError(f"unsupported ray_actor_options field(s) {sorted(unknown)}; known: {sorted(_ACTOR_OPTION_FIELDS)}")
+    payload = {k: v for k, v in config.items()}
+    for key in ("num_replicas", "max_concurrent_queries", "max_batch_size"):
+        if key in payload and (not isinstance(payload[key], int) or isinstance(payload[key], bool) or payload[key] < 0):
+            raise ValueError(f"backend config field {key} must be a non-negative int, not {payload[key]!r}")
+    if "user_config" in payload:
+        try:
+            json.dumps(payload["user_config"])
+        except TypeError as e:
+            raise ValueError(f"backend config field user_config must be JSON-serialisable: {e}") from None
+    payload.update(actor_options)
+    return payload
+
+
+def create_backend(backend_tag: str, func_or_class: Union[Callable, type], *actor_init_args: Any,
+                   ray_actor_options: Optional[Dict[str, Any]] = None,
+                   config: Optional[Dict[str, Any]] = None) -> None:
+    """Deploys ``func_or_class`` as a backend and waits until a replica runs.
+    Raises ServeError with the replica's traceback if it cannot start."""
+    if not callable(func_or_class):
+        raise TypeError("create_backend needs a function or a class")
+    if not inspect.isclass(func_or_class) and actor_init_args:
+        raise ValueError("init args only make sense for a class backend")
+    payload = _config_payload(config, ray_actor_options)
+    code = cloudpickle.dumps((func_or_class, actor_init_args, {}))
+    client = _get_client()
+    client.create_backend(backend_tag, code, json.dumps(payload))
+    outcome = client.wait_backend(backend_tag, BACKEND_START_TIMEOUT_S)
+    if outcome is None:
+        raise ServeError(f"backend '{backend_tag}' has no running replica after {BACKEND_START_TIMEOUT_S} s "
+                         f"(see `serve status`)")
+    state, error = outcome
+    if state == "failed":
+        raise ServeError(f"backend '{backend_tag}' failed to start:\n{error}")
+
+
+def update_backend_config(backend_tag: str, config_options: Dict[str, Any]) -> None:
+    current = get_backend_config(backend_tag)
+    current.update(_config_payload(config_options, None))
+    _get_client().update_backend_config(backend_tag, json.dumps(current))
+
+
+def _snapshot() -> Dict[str, Any]:
+    return json.loads(_get_client().snapshot_json())
+
+
+def _backend_config_dict(backend: Dict[str, Any]) -> Dict[str, Any]:
+    c = backend.get("config") or {}
+    user_config = c.get("user_config_json") or ""
+    return {
+        "num_replicas": c.get("num_replicas", 1),
+        "max_concurrent_queries": c.get("max_concurrent_queries", 100),
+        "user_config": json.loads(user_config) if user_config else None,
+        "max_batch_size": c.get("max_batch_size") or None,
+        "batch_wait_timeout": c.get("batch_wait_timeout", 0.0),
+        "num_cpus": c.get("num_cpus", 1.0),
+        "num_gpus": c.get("num_gpus", 0.0),
+    }
+
+
+def get_backend_config(backend_tag: str) -> Dict[str, Any]:
+    for b in _snapshot().get("backends", []):
+        if b["name"] == backend_tag:
+            return _backend_config_dict(b)
+    raise ServeError(f"backend '{backend_tag}' does not exist")
+
+
+def list_backends() -> Dict[str, Dict[str, Any]]:
+    """Backend name -> its config."""
+    return {b["name"]: _backend_config_dict(b) for b in _snapshot().get("backends", [])}
+
+
+def delete_backend(backend_tag: str, force: bool = False) -> None:
+    _get_client().delete_backend(backend_tag)
+
+
+def _wait_for_proxies(route: str, deadline: float) -> None:
+    """Returns once every live proxy lists ``route`` in ``/-/routes``."""
+    proxies = [n["http_address"] for n in _snapshot().get("nodes", []) if n.get("alive") and n.get("http_address")]
+    for address in proxies:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://{address}/-/routes", timeout=2) as r:
+                    if route in json.loads(r.read()):
+                        break
+            except (OSError, ValueError, urllib.error.URLError):
+                pass
+            if time.monotonic() > deadline:
+                raise ServeError(f"proxy {address} did not pick up route {route} in time")
+            time.sleep(0.02)
+
+
+def create_endpoint(endpoint_name: str, *, backend: Optional[str] = None, route: Optional[str] = None,
+                    methods: List[str] = ["GET"]) -> None:
+    """Creates an endpoint serving ``backend`` at ``route`` (None: handle
+    only). Returns once every proxy serves the route."""
+    if backend is None:
+        raise ValueError("create_endpoint needs backend=...")
+    if isinstance(methods, str):
+        methods = [methods]
+    client = _get_client()
+    client.create_endpoint(endpoint_name, backend, route, [str(m) for m in methods])
+    deadline = time.monotonic() + ROUTE_PROPAGATION_TIMEOUT_S
+    if not client.wait_endpoint(endpoint_name, ROUTE_PROPAGATION_TIMEOUT_S):
+        raise ServeError(f"endpoint '{endpoint_name}' did not reach the router in time")
+    if route:
+        _wait_for_proxies(route, deadline)
+
+
+def delete_endpoint(endpoint: str) -> None:
+    _get_client().delete_endpoint(endpoint)
+
+
+def list_endpoints() -> Dict[str, Dict[str, Any]]:
+    """Endpoint name -> route, methods and traffic, as Ray Serve 1.x lists them."""
+    return {
+        e["name"]: {
+            "route": e.get("route") or None,
+            "methods": list(e.get("methods", [])),
+            "traffic": dict(e.get("traffic", {})),
+            "shadows": dict(e.get("shadow", {})),
+        }
+        for e in _snapshot().get("endpoints", [])
+    }
+
+
+def set_traffic(endpoint_name: str, traffic_policy_dictionary: Dict[str, float]) -> None:
+    _get_client().set_traffic(endpoint_name, {str(k): float(v) for k, v in traffic_policy_dictionary.items()})
+
+
+def get_handle(endpoint_name: str, missing_ok: bool = False, sync: bool = True):
+    """A handle calling ``endpoint_name``'s replicas directly."""
+    client = _get_client()
+    if not missing_ok and endpoint_name not in list_endpoints():
+        raise KeyError(f"endpoint '{endpoint_name}' does not exist")
+    if not missing_ok:
+        client.wait_endpoint(endpoint_name, ROUTE_PROPAGATION_TIMEOUT_S)
+    native = client.handle(endpoint_name)
+    return ServeHandle(native, endpoint_name) if sync else AsyncServeHandle(native, endpoint_name)
+
+
+def status() -> Dict[str, Any]:
+    """The controller's snapshot: heads, nodes, backends, endpoints, replicas."""
+    return _snapshot()
