@@ -2,11 +2,14 @@
 //! carrying the cluster token, used by the CLI, node agents, proxies and
 //! the Python SDK.
 
+use std::time::Duration;
+
 use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::control::control_client::ControlClient;
+use crate::control::{ClusterSnapshot, WatchRequest};
 use crate::TOKEN_METADATA_KEY;
 
 /// Adds the cluster token to every call.
@@ -39,7 +42,7 @@ pub enum ConnectError {
 fn endpoint(addr: &str) -> Result<Endpoint, ConnectError> {
     let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
     Endpoint::from_shared(url)
-        .map(|e| e.connect_timeout(std::time::Duration::from_secs(3)).tcp_nodelay(true))
+        .map(|e| e.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true))
         .map_err(|e| ConnectError::BadAddress { addr: addr.to_string(), reason: e.to_string() })
 }
 
@@ -68,52 +71,75 @@ pub fn connect_lazy(addr: &str, token: &str) -> Result<Client, ConnectError> {
     wrap(endpoint(addr)?.connect_lazy(), token)
 }
 
-/// Follows the controller's Watch stream forever: the receiver holds the
-/// newest snapshot, `None` until the first arrives. On any error it
-/// reconnects with capped backoff and KEEPS the last snapshot, so whoever
-/// routes from it keeps serving while the controller is down or electing.
-pub fn spawn_watch(
-    addr: String,
-    token: String,
-    include_code: bool,
-) -> tokio::sync::watch::Receiver<Option<std::sync::Arc<crate::control::ClusterSnapshot>>> {
+/// The latest snapshot, `None` until the first one arrives.
+pub type SnapshotReceiver = tokio::sync::watch::Receiver<Option<std::sync::Arc<ClusterSnapshot>>>;
+
+const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// HTTP/2 pings on the quiet watch stream: a controller host that vanished
+/// without closing the connection is noticed in seconds, not never.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Follows the controller's Watch stream on the current tokio runtime. On
+/// any error it reconnects forever with capped exponential backoff and KEEPS
+/// the last snapshot, so whoever routes from it keeps serving while the
+/// controller is down or electing. The task ends when every receiver is gone.
+pub fn spawn_watch(addr: String, token: String, include_code: bool) -> SnapshotReceiver {
     let (tx, rx) = tokio::sync::watch::channel(None);
     tokio::spawn(async move {
-        const MIN: std::time::Duration = std::time::Duration::from_millis(100);
-        const MAX: std::time::Duration = std::time::Duration::from_secs(2);
-        let mut backoff = MIN;
+        let mut backoff = WATCH_BACKOFF_MIN;
         loop {
-            let result = async {
-                let mut client = connect(&addr, &token).await.map_err(|e| e.to_string())?;
-                let mut stream = client
-                    .watch(crate::control::WatchRequest { include_code })
-                    .await
-                    .map_err(|s| s.message().to_string())?
-                    .into_inner();
-                loop {
-                    match stream.message().await {
-                        Ok(Some(snapshot)) => {
-                            backoff = MIN;
-                            if tx.send(Some(std::sync::Arc::new(snapshot))).is_err() {
-                                return Ok(()); // nobody listens any more
-                            }
-                        }
-                        Ok(None) => return Err("watch stream ended".to_string()),
-                        Err(s) => return Err(s.message().to_string()),
-                    }
-                }
+            let mut received = false;
+            let error = tokio::select! {
+                e = stream_once(&addr, &token, include_code, &tx, &mut received) => e,
+                _ = tx.closed() => return,
+            };
+            if received {
+                // The controller was healthy until now: retry quickly.
+                backoff = WATCH_BACKOFF_MIN;
             }
-            .await;
-            match result {
-                Ok(()) => return,
-                Err(e) => tracing::debug!(error = %e, %addr, "watch interrupted; reconnecting"),
+            tracing::warn!(control = %addr, error = %error, retry_in = ?backoff, "snapshot watch interrupted; serving from cache");
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = tx.closed() => return,
             }
-            if tx.is_closed() {
-                return;
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX);
+            backoff = (backoff * 2).min(WATCH_BACKOFF_MAX);
         }
     });
     rx
+}
+
+/// One watch stream, until it fails; every snapshot replaces the cached one.
+async fn stream_once(
+    addr: &str,
+    token: &str,
+    include_code: bool,
+    tx: &tokio::sync::watch::Sender<Option<std::sync::Arc<ClusterSnapshot>>>,
+    received: &mut bool,
+) -> String {
+    let result: Result<(), String> = async {
+        let channel = endpoint(addr)
+            .map_err(|e| e.to_string())?
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .connect()
+            .await
+            .map_err(|e| format!("connect to {addr}: {e}"))?;
+        let mut client = wrap(channel, token).map_err(|e| e.to_string())?;
+        let mut stream =
+            client.watch(WatchRequest { include_code }).await.map_err(|s| s.message().to_string())?.into_inner();
+        while let Some(snapshot) = stream.message().await.map_err(|s| s.message().to_string())? {
+            *received = true;
+            tracing::debug!(version = snapshot.version, "snapshot received");
+            tx.send_replace(Some(std::sync::Arc::new(snapshot)));
+        }
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => "the controller ended the stream".to_string(),
+        Err(e) => e,
+    }
 }

@@ -1,1 +1,63 @@
+//! The data plane of Serval: the HTTP proxy and the router it shares with
+//! the Python ServeHandle.
+//!
+//! Layout, in request order:
+//! - [`http`]: the hyper server and the request path (built-ins, route,
+//!   body limit, forward, metrics), with `errors` mapping every failure to
+//!   an HTTP answer and `builtin` serving `/-/routes`, `/-/healthz`,
+//!   `/-/metrics`.
+//! - [`route`]: Starlette routes compiled to matchit; [`parse_route`] is
+//!   also the validator the controller calls.
+//! - `router`: endpoint -> backend (traffic weights, shadows) -> replica
+//!   (a [`ReplicaChoice`] policy from `policy/`, power of two choices by
+//!   default), concurrency limits, the bounded queue and backpressure.
+//! - `replica_conn`: one multiplexed frame connection per replica, failing
+//!   every pending request at once when it breaks.
+//! - `watch`: follows the controller's snapshots, serving from the last one
+//!   while the controller is unreachable.
+//! - `proxy`: [`Proxy`], the state the server reads; `config`: [`ProxyConfig`].
+//!
+//! **Architecture Invariant:** the request path never calls the controller;
+//! it reads the last snapshot only.
+#![forbid(unsafe_code)]
 
+mod builtin;
+mod config;
+mod errors;
+pub mod http;
+mod policy;
+mod proxy;
+mod replica_conn;
+pub mod route;
+mod router;
+mod watch;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+pub use config::{ProxyConfig, ProxyError, DEFAULT_MAX_BODY_BYTES};
+pub use http::serve;
+pub use policy::{PowerOfTwoChoices, ReplicaChoice};
+pub use proxy::Proxy;
+pub use route::{collides, parse_route, ParsedRoute, RouteError, RouteTable};
+pub use router::{Router, RouterConfig, RouterError, DEFAULT_MAX_CONCURRENT_QUERIES};
+pub use watch::{spawn_watch, SnapshotReceiver};
+
+/// Runs a proxy: validates `config`, follows the controller's snapshots and
+/// serves HTTP on `listener` until `shutdown` resolves.
+pub async fn run(
+    config: ProxyConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ProxyError> {
+    config.validate()?;
+    let proxy = Arc::new(Proxy::new(&config));
+    let snapshots = spawn_watch(config.control_addr.clone(), config.token.clone(), false);
+    let follower = proxy.follow(snapshots);
+    serve(listener, proxy, shutdown).await;
+    // Dropping the receiver with the follower also ends the watch task.
+    follower.abort();
+    Ok(())
+}

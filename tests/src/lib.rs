@@ -76,3 +76,94 @@ impl Drop for ProcessGuard {
         let _ = self.child.wait();
     }
 }
+
+/// A `serve start` process (head or node) on free ports in `data_dir`.
+pub struct ServeProcess {
+    pub guard: ProcessGuard,
+    pub data_dir: PathBuf,
+    pub control_port: u16,
+    pub http_port: u16,
+}
+
+impl ServeProcess {
+    /// Starts `serve start` with `args` and waits until it prints `ready_line`.
+    pub fn start(data_dir: &Path, control_port: u16, http_port: u16, args: &[&str]) -> Self {
+        std::fs::create_dir_all(data_dir).expect("data dir");
+        let log = std::fs::File::create(data_dir.join("test-serve.log")).expect("log file");
+        let mut cmd = Command::new(serve_bin());
+        cmd.arg("--data-dir")
+            .arg(data_dir)
+            .arg("start")
+            .args(["--control-port", &control_port.to_string(), "--http-port", &http_port.to_string()])
+            .args(args)
+            .env("SERVAL_PYTHON", venv_python())
+            .env_remove("SERVAL_ADDRESS")
+            .env_remove("SERVAL_TOKEN")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        let guard = ProcessGuard::spawn(cmd);
+        Self { guard, data_dir: data_dir.to_path_buf(), control_port, http_port }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("test-serve.log")).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle` (the process prints its
+    /// addresses once it serves).
+    pub fn wait_log(&mut self, needle: &str) {
+        let timeout = Duration::from_secs(120);
+        wait_for(&format!("'{needle}' in the serve log"), timeout, || {
+            if let Ok(Some(status)) = self.guard.child.try_wait() {
+                panic!("serve exited ({status}) before '{needle}':\n{}", self.log());
+            }
+            self.log().contains(needle).then_some(())
+        });
+    }
+
+    pub fn control_address(&self) -> String {
+        format!("127.0.0.1:{}", self.control_port)
+    }
+
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("token")).map(|t| t.trim().to_string()).unwrap_or_default()
+    }
+}
+
+/// Runs a Python script with the venv interpreter and returns its stdout;
+/// panics with its stderr when it fails.
+pub fn run_python(script: &str, envs: &[(&str, String)]) -> String {
+    let out = Command::new(venv_python())
+        .arg("-c")
+        .arg(script)
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "python failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A blocking HTTP/1.1 GET on loopback: (status, body). No client library:
+/// the tests should see exactly what the proxy sends.
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad response: {text}")))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}

@@ -1,0 +1,45 @@
+//! The proxy's own paths, answered before any user route:
+//! `/-/routes` (route -> endpoint, as Ray's proxy answers),
+//! `/-/healthz` (200 once a snapshot is applied) and `/-/metrics`.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::StatusCode;
+
+use crate::errors::{json_error, HttpResponse};
+use crate::proxy::Proxy;
+
+pub(crate) const ROUTES_PATH: &str = "/-/routes";
+pub(crate) const HEALTHZ_PATH: &str = "/-/healthz";
+pub(crate) const METRICS_PATH: &str = "/-/metrics";
+
+/// The built-in answer for `path`, or `None` for user routes.
+pub(crate) fn respond(proxy: &Proxy, path: &str) -> Option<HttpResponse> {
+    Some(match path {
+        ROUTES_PATH => {
+            let mut routes = serde_json::Map::new();
+            for (route, endpoint) in proxy.routes().routes() {
+                // First registration wins, as in lookup.
+                routes.entry(route.to_owned()).or_insert_with(|| endpoint.into());
+            }
+            text(StatusCode::OK, "application/json", serde_json::Value::Object(routes).to_string())
+        }
+        HEALTHZ_PATH => match proxy.ready_for_traffic() {
+            (true, _) => text(StatusCode::OK, "text/plain", "ok".into()),
+            (false, reason) => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {reason}")),
+        },
+        METRICS_PATH => match &proxy.metrics {
+            Some(handle) => text(StatusCode::OK, "text/plain; version=0.0.4", handle.render()),
+            None => json_error(StatusCode::NOT_FOUND, "metrics are not enabled on this proxy"),
+        },
+        _ => return None,
+    })
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> HttpResponse {
+    let mut response = hyper::Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}

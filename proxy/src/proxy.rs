@@ -1,0 +1,103 @@
+//! [`Proxy`]: the state the HTTP server reads on every request: the router,
+//! the current route table and the HTTP settings. Snapshots replace the
+//! route table whole (readers clone an `Arc` and never see a half-built
+//! table); the router keeps replica connections across snapshots.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use serval_protos::control::ClusterSnapshot;
+use tokio::task::JoinHandle;
+
+use crate::config::ProxyConfig;
+use crate::route::RouteTable;
+use crate::router::Router;
+use crate::watch::SnapshotReceiver;
+
+pub struct Proxy {
+    router: Router,
+    /// std RwLock: held only to clone or swap the Arc, never across `.await`.
+    routes: RwLock<Arc<RouteTable>>,
+    /// Set once the first snapshot is applied (`/-/healthz`).
+    ready: AtomicBool,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) shutdown_grace: Duration,
+    pub(crate) metrics: Option<PrometheusHandle>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy").field("ready", &self.ready).finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    pub fn new(config: &ProxyConfig) -> Self {
+        Self::with_router(Router::new(config.router_config()), config)
+    }
+
+    /// A proxy over an existing router (e.g. one shared with handles).
+    pub fn with_router(router: Router, config: &ProxyConfig) -> Self {
+        Self {
+            router,
+            routes: RwLock::new(Arc::new(RouteTable::new())),
+            ready: AtomicBool::new(false),
+            max_body_bytes: config.max_body_bytes,
+            shutdown_grace: config.shutdown_grace,
+            metrics: config.metrics.clone(),
+        }
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    pub fn routes(&self) -> Arc<RouteTable> {
+        self.routes.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether the proxy can route, and why not (Ray's `ready_for_traffic`).
+    pub fn ready_for_traffic(&self) -> (bool, &'static str) {
+        if self.ready.load(Ordering::Acquire) {
+            (true, "")
+        } else {
+            (false, "no cluster snapshot received yet")
+        }
+    }
+
+    /// Applies a snapshot: the router first, so a new route never names an
+    /// endpoint the router does not know yet.
+    pub fn apply_snapshot(&self, snapshot: &ClusterSnapshot) {
+        self.router.update(snapshot);
+        let mut table = RouteTable::new();
+        for e in snapshot.endpoints.iter().filter(|e| !e.route.is_empty()) {
+            if let Err(error) = table.insert(&e.name, &e.route, &e.methods) {
+                // The controller validates routes; one bad route must not
+                // take the others down.
+                tracing::warn!(endpoint = %e.name, %error, "route skipped");
+            }
+        }
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+        self.ready.store(true, Ordering::Release);
+        tracing::debug!(version = snapshot.version, "snapshot applied");
+    }
+
+    /// Applies every snapshot from `rx` (see [`crate::spawn_watch`]) until
+    /// the sender goes away; aborting the task stops following.
+    pub fn follow(self: &Arc<Self>, mut rx: SnapshotReceiver) -> JoinHandle<()> {
+        let proxy = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let current = rx.borrow_and_update().clone();
+                if let Some(snapshot) = current {
+                    proxy.apply_snapshot(&snapshot);
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,356 @@
+//! One multiplexed frame connection from a router to one replica.
+//!
+//! The connection is opened lazily by the first request routed to the
+//! replica: over its Unix socket when the socket file exists on this machine
+//! (same node), else over TCP. Many requests share it: each gets an id from
+//! an atomic counter and a oneshot in the pending map; a writer task
+//! coalesces outgoing frames; a reader task completes pending requests by id.
+//!
+//! When the connection breaks (EOF, I/O error, writer failure) the reader
+//! fails every pending request at once with [`ConnError::Died`] and puts the
+//! replica in a short backoff, during which [`ReplicaConn::available`] is
+//! false so the router sends new requests elsewhere. After the backoff the
+//! next request routed here reconnects; a failed reconnect doubles the
+//! backoff (capped), so a dead replica is probed, not hammered.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serval_protos::frame::{self, FrameError, FrameReader, FrameSender, Request, RequestId, Response};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// First backoff after a connection breaks or a connect fails.
+const RECONNECT_BACKOFF_MIN_MS: u64 = 100;
+/// Backoff cap for a replica that keeps refusing connections.
+const RECONNECT_BACKOFF_MAX_MS: u64 = 2_000;
+/// A connect that takes longer than this is treated as a failed connect.
+const CONNECT_TIMEOUT_MS: u64 = 3_000;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum ConnError {
+    /// No connection could be opened: the request was never sent, so the
+    /// router may safely try another replica.
+    #[error("connect failed: {0}")]
+    Connect(String),
+    /// The connection broke while the request was pending (or before it
+    /// could be written): the replica may or may not have run it.
+    #[error("connection lost: {0}")]
+    Died(String),
+    #[error("no response before the deadline")]
+    Timeout,
+    #[error("cannot encode the request: {0}")]
+    Encode(String),
+    #[error("undecodable response: {0}")]
+    Protocol(String),
+}
+
+type Pending = Arc<Mutex<PendingMap>>;
+
+#[derive(Default)]
+struct PendingMap {
+    waiters: HashMap<RequestId, oneshot::Sender<Result<Response, ConnError>>>,
+    /// Set once the connection is broken, so a request registered after the
+    /// reader drained the map fails at once instead of waiting for its deadline.
+    closed: Option<String>,
+}
+
+/// What the router may do with the replica right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Availability {
+    Available,
+    /// Broken or refusing connections; try again after this instant.
+    BackoffUntil(Instant),
+}
+
+enum ConnState {
+    /// Never connected (or dropped cleanly): connect on first use.
+    Idle,
+    Live(Arc<Live>),
+    Backoff { until: Instant, failures: u32 },
+}
+
+/// An open connection; dropping the last reference closes it.
+struct Live {
+    tx: FrameSender,
+    pending: Pending,
+    next_id: AtomicU64,
+    reader: JoinHandle<()>,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        // A replica that stopped answering must not keep our read half alive.
+        self.reader.abort();
+    }
+}
+
+impl Live {
+    fn is_closed(&self) -> bool {
+        lock(&self.pending).closed.is_some()
+    }
+
+    async fn send(&self, request: &Request, deadline: Instant) -> Result<Response, ConnError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let bytes = frame::encode(id, request).map_err(|e| ConnError::Encode(e.to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = lock(&self.pending);
+            if let Some(reason) = &pending.closed {
+                return Err(ConnError::Died(reason.clone()));
+            }
+            pending.waiters.insert(id, tx);
+        }
+        // Removes the entry on every exit: timeout, error, or the caller's
+        // future being dropped (client disconnected).
+        let _entry = PendingEntry { pending: &self.pending, id };
+        if self.tx.send(bytes).is_err() {
+            return Err(ConnError::Died("writer closed".into()));
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ConnError::Died("connection dropped".into())),
+            Err(_) => Err(ConnError::Timeout),
+        }
+    }
+}
+
+struct PendingEntry<'a> {
+    pending: &'a Pending,
+    id: RequestId,
+}
+
+impl Drop for PendingEntry<'_> {
+    fn drop(&mut self) {
+        lock(self.pending).waiters.remove(&self.id);
+    }
+}
+
+/// The router's handle on one replica's connection.
+pub(crate) struct ReplicaConn {
+    replica_id: String,
+    unix_path: String,
+    tcp_addr: String,
+    /// std Mutex: held only to read or swap the state, never across `.await`.
+    state: Arc<Mutex<ConnState>>,
+    /// Serialises connects so a burst of requests opens one connection.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl ReplicaConn {
+    pub(crate) fn new(replica_id: &str, unix_path: &str, tcp_addr: &str) -> Self {
+        Self {
+            replica_id: replica_id.to_owned(),
+            unix_path: unix_path.to_owned(),
+            tcp_addr: tcp_addr.to_owned(),
+            state: Arc::new(Mutex::new(ConnState::Idle)),
+            connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Whether the connection targets these addresses (else a snapshot that
+    /// moved the replica needs a new `ReplicaConn`).
+    pub(crate) fn same_target(&self, unix_path: &str, tcp_addr: &str) -> bool {
+        self.unix_path == unix_path && self.tcp_addr == tcp_addr
+    }
+
+    pub(crate) fn available(&self, now: Instant) -> Availability {
+        match &*lock(&self.state) {
+            ConnState::Idle => Availability::Available,
+            ConnState::Live(live) if !live.is_closed() => Availability::Available,
+            // Closed but the reader has not yet swapped in the backoff.
+            ConnState::Live(_) => {
+                Availability::BackoffUntil(now + Duration::from_millis(RECONNECT_BACKOFF_MIN_MS))
+            }
+            ConnState::Backoff { until, .. } if *until <= now => Availability::Available,
+            ConnState::Backoff { until, .. } => Availability::BackoffUntil(*until),
+        }
+    }
+
+    /// Sends `request` and waits for its response until `deadline`.
+    pub(crate) async fn request(&self, request: &Request, deadline: Instant) -> Result<Response, ConnError> {
+        let live = self.live(deadline).await?;
+        live.send(request, deadline).await
+    }
+
+    fn current(&self) -> Option<Arc<Live>> {
+        match &*lock(&self.state) {
+            ConnState::Live(live) if !live.is_closed() => Some(live.clone()),
+            _ => None,
+        }
+    }
+
+    async fn live(&self, deadline: Instant) -> Result<Arc<Live>, ConnError> {
+        if let Some(live) = self.current() {
+            return Ok(live);
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some(live) = self.current() {
+            return Ok(live);
+        }
+        let failures = match &*lock(&self.state) {
+            ConnState::Backoff { until, .. } if *until > Instant::now() => {
+                // Another request just failed to connect: do not pile on.
+                return Err(ConnError::Connect(format!("replica {} is backing off", self.replica_id)));
+            }
+            ConnState::Backoff { failures, .. } => *failures,
+            _ => 0,
+        };
+        let connect_deadline = deadline.min(Instant::now() + Duration::from_millis(CONNECT_TIMEOUT_MS));
+        let result = match tokio::time::timeout_at(connect_deadline, self.connect()).await {
+            Ok(Ok(live)) => Ok(Arc::new(live)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err("connect timed out".to_owned()),
+        };
+        let mut state = lock(&self.state);
+        match result {
+            Ok(live) => {
+                tracing::debug!(replica = %self.replica_id, "connected");
+                *state = ConnState::Live(live.clone());
+                Ok(live)
+            }
+            Err(e) => {
+                let failures = failures.saturating_add(1);
+                *state = ConnState::Backoff { until: Instant::now() + backoff(failures), failures };
+                tracing::warn!(replica = %self.replica_id, error = %e, "cannot connect to replica");
+                Err(ConnError::Connect(format!("replica {}: {e}", self.replica_id)))
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Live, String> {
+        // The Unix socket only exists on the replica's own node.
+        if !self.unix_path.is_empty() && Path::new(&self.unix_path).exists() {
+            match tokio::net::UnixStream::connect(&self.unix_path).await {
+                Ok(stream) => {
+                    let (r, w) = stream.into_split();
+                    return Ok(self.start(r, w));
+                }
+                Err(e) if self.tcp_addr.is_empty() => return Err(format!("unix {}: {e}", self.unix_path)),
+                Err(e) => tracing::debug!(replica = %self.replica_id, error = %e, "unix connect failed; trying tcp"),
+            }
+        }
+        if self.tcp_addr.is_empty() {
+            return Err("replica has no reachable address".into());
+        }
+        let stream = tokio::net::TcpStream::connect(&self.tcp_addr)
+            .await
+            .map_err(|e| format!("tcp {}: {e}", self.tcp_addr))?;
+        // Small request frames must not wait for Nagle's algorithm.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let (r, w) = stream.into_split();
+        Ok(self.start(r, w))
+    }
+
+    fn start<R, W>(&self, read: R, write: W) -> Live
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let (tx, writer) = frame::spawn_writer(write);
+        let pending: Pending = Arc::default();
+        let reader = tokio::spawn(read_loop(
+            FrameReader::new(read),
+            writer,
+            pending.clone(),
+            self.state.clone(),
+            self.replica_id.clone(),
+        ));
+        Live { tx, pending, next_id: AtomicU64::new(1), reader }
+    }
+}
+
+/// Completes pending requests until the connection breaks, then fails the
+/// rest at once and takes the replica out of rotation for a backoff.
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut reader: FrameReader<R>,
+    mut writer: JoinHandle<std::io::Result<()>>,
+    pending: Pending,
+    state: Arc<Mutex<ConnState>>,
+    replica_id: String,
+) {
+    let reason = loop {
+        tokio::select! {
+            next = reader.next() => match next {
+                Ok(Some((id, body))) => {
+                    let result = frame::decode::<Response>(&body).map_err(|e: FrameError| ConnError::Protocol(e.to_string()));
+                    // No entry: the request timed out or its caller went away.
+                    if let Some(tx) = lock(&pending).waiters.remove(&id) {
+                        let _ = tx.send(result);
+                    }
+                }
+                Ok(None) => break "connection closed by the replica".to_owned(),
+                Err(e) => break format!("read failed: {e}"),
+            },
+            done = &mut writer => break match done {
+                Ok(Ok(())) => "connection closed by the router".to_owned(),
+                Ok(Err(e)) => format!("write failed: {e}"),
+                Err(e) => format!("writer task ended: {e}"),
+            },
+        }
+    };
+    let failed: Vec<_> = {
+        let mut p = lock(&pending);
+        p.closed = Some(reason.clone());
+        p.waiters.drain().map(|(_, tx)| tx).collect()
+    };
+    if !failed.is_empty() {
+        tracing::warn!(replica = %replica_id, %reason, pending = failed.len(), "replica connection broke");
+    } else {
+        tracing::debug!(replica = %replica_id, %reason, "replica connection closed");
+    }
+    for tx in failed {
+        let _ = tx.send(Err(ConnError::Died(reason.clone())));
+    }
+    let mut state = lock(&state);
+    if let ConnState::Live(live) = &*state {
+        if Arc::ptr_eq(&live.pending, &pending) {
+            let until = Instant::now() + backoff(1);
+            // Dropping the Live here aborts this very task, which is ending anyway.
+            *state = ConnState::Backoff { until, failures: 1 };
+        }
+    }
+}
+
+fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    Duration::from_millis((RECONNECT_BACKOFF_MIN_MS << exp).min(RECONNECT_BACKOFF_MAX_MS))
+}
+
+/// Locks a std mutex, recovering from poisoning: every critical section here
+/// leaves the data consistent, so a panic elsewhere must not wedge routing.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(2), Duration::from_millis(200));
+        assert_eq!(backoff(5), Duration::from_millis(1600));
+        assert_eq!(backoff(6), Duration::from_millis(2000));
+        assert_eq!(backoff(u32::MAX), Duration::from_millis(2000));
+    }
+
+    #[tokio::test]
+    async fn unreachable_replica_backs_off() {
+        let conn = ReplicaConn::new("r1", "/nonexistent/serval.sock", "");
+        let req = Request { method_name: None, payload: frame::Payload::Ping };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        assert!(matches!(conn.request(&req, deadline).await, Err(ConnError::Connect(_))));
+        assert!(matches!(conn.available(Instant::now()), Availability::BackoffUntil(_)));
+        // While backing off, a second request fails at once without connecting.
+        assert!(matches!(conn.request(&req, deadline).await, Err(ConnError::Connect(_))));
+    }
+}

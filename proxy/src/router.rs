@@ -1,0 +1,482 @@
+//! The Router: endpoint -> backend -> replica, shared by the HTTP proxy and
+//! the Python ServeHandle.
+//!
+//! `call` walks the request path:
+//! 1. endpoint -> backend by a weighted random draw over its traffic, plus a
+//!    fire-and-forget copy to each shadow backend (drawn by its proportion);
+//! 2. backend -> replica by the [`ReplicaChoice`] policy (power of two
+//!    choices), never above `max_concurrent_queries` in flight per replica;
+//! 3. when every replica is full, a wait in a bounded per-backend queue,
+//!    woken when a slot frees; a full queue is [`RouterError::Backpressure`];
+//! 4. the request goes out on the replica's multiplexed connection.
+//!
+//! In-flight counts are kept exact by [`InFlight`], a guard whose `Drop`
+//! releases the slot on every path, including the caller's future being
+//! dropped when an HTTP client disconnects.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use rand::Rng;
+use serval_protos::control::ClusterSnapshot;
+use serval_protos::frame::{Request, Response};
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use crate::policy::{PowerOfTwoChoices, ReplicaChoice};
+use crate::replica_conn::{Availability, ConnError, ReplicaConn};
+
+#[cfg(test)]
+mod tests;
+
+/// Replica state that routes traffic (the other states are transitions).
+const RUNNING: &str = "running";
+/// Ray Serve's default `max_concurrent_queries`, used when a backend says 0.
+pub const DEFAULT_MAX_CONCURRENT_QUERIES: usize = 100;
+
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// Deadline of one call, queueing included.
+    pub request_timeout: Duration,
+    /// Requests that may wait per backend when every replica is full.
+    pub queue_capacity: usize,
+    /// How long a call waits for an endpoint with no running replica.
+    pub no_replica_timeout: Duration,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(60),
+            queue_capacity: 1000,
+            no_replica_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouterError {
+    #[error("unknown endpoint {0:?}")]
+    UnknownEndpoint(String),
+    #[error("endpoint {endpoint:?} has no running replica")]
+    NoReplica { endpoint: String },
+    #[error("backend {backend:?} is overloaded: every replica is at its limit and {queued} requests are queued")]
+    Backpressure { backend: String, queued: usize },
+    #[error("replica {replica} died during the request: {reason}")]
+    ReplicaDied { replica: String, reason: String },
+    #[error("request timed out after {after:?}")]
+    Timeout { after: Duration },
+    /// The request could not be encoded or the response decoded.
+    #[error("replica {replica}: {reason}")]
+    Protocol { replica: String, reason: String },
+}
+
+/// One routable replica; kept across snapshots by id, with its connection
+/// and in-flight count.
+struct Replica {
+    id: String,
+    in_flight: AtomicUsize,
+    conn: ReplicaConn,
+}
+
+/// One backend's replicas and queue. Kept across snapshots by name so
+/// queued waiters stay attached to the live state.
+struct Backend {
+    name: String,
+    /// Swapped whole on update; readers clone the Arc and never hold the lock.
+    replicas: RwLock<Arc<Vec<Arc<Replica>>>>,
+    max_concurrent: AtomicUsize,
+    /// Requests waiting for a slot (bounded by `queue_capacity`).
+    queued: AtomicUsize,
+    /// Woken (one waiter) when a slot frees and (all) when replicas change.
+    slot_freed: Notify,
+}
+
+impl Backend {
+    fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            replicas: RwLock::new(Arc::default()),
+            max_concurrent: AtomicUsize::new(DEFAULT_MAX_CONCURRENT_QUERIES),
+            queued: AtomicUsize::new(0),
+            slot_freed: Notify::new(),
+        }
+    }
+
+    fn replicas(&self) -> Arc<Vec<Arc<Replica>>> {
+        read(&self.replicas).clone()
+    }
+}
+
+struct EndpointRoute {
+    /// Sorted by backend name so a draw is deterministic in its weights.
+    traffic: Vec<(String, f64)>,
+    shadow: Vec<(String, f64)>,
+}
+
+#[derive(Default)]
+struct Table {
+    endpoints: HashMap<String, EndpointRoute>,
+    backends: HashMap<String, Arc<Backend>>,
+}
+
+struct Inner {
+    config: RouterConfig,
+    policy: Box<dyn ReplicaChoice>,
+    table: RwLock<Arc<Table>>,
+    /// Serialises `update` so two snapshots never interleave.
+    updating: Mutex<()>,
+    /// Bumped on every update: calls waiting for a replica watch it.
+    updates: watch::Sender<u64>,
+}
+
+/// Routes calls to replicas; cheap to clone (one shared state).
+#[derive(Clone)]
+pub struct Router {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router").field("config", &self.inner.config).finish_non_exhaustive()
+    }
+}
+
+/// Why one attempt on a backend did not produce a response.
+enum Attempt {
+    /// No replica can take requests now; retry after this instant (a
+    /// backoff ending) or a snapshot update.
+    NoRoutable(Option<Instant>),
+    Failed(RouterError),
+}
+
+/// Whether an attempt may wait in the backend's queue.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Queueing {
+    Wait,
+    /// Shadow copies take a free slot or are dropped: they must never take
+    /// queue room from real requests.
+    NoWait,
+}
+
+impl Router {
+    pub fn new(config: RouterConfig) -> Self {
+        Self::with_policy(config, Box::new(PowerOfTwoChoices))
+    }
+
+    pub fn with_policy(config: RouterConfig, policy: Box<dyn ReplicaChoice>) -> Self {
+        let (updates, _) = watch::channel(0);
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                policy,
+                table: RwLock::new(Arc::default()),
+                updating: Mutex::new(()),
+                updates,
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &RouterConfig {
+        &self.inner.config
+    }
+
+    pub fn has_endpoint(&self, name: &str) -> bool {
+        self.table().endpoints.contains_key(name)
+    }
+
+    /// Requests in flight on the replicas of `backend` (0 if unknown).
+    pub fn in_flight(&self, backend: &str) -> usize {
+        self.table().backends.get(backend).map_or(0, |b| {
+            b.replicas().iter().map(|r| r.in_flight.load(Ordering::Relaxed)).sum()
+        })
+    }
+
+    /// Requests waiting in `backend`'s queue (0 if unknown).
+    pub fn queued(&self, backend: &str) -> usize {
+        self.table().backends.get(backend).map_or(0, |b| b.queued.load(Ordering::Relaxed))
+    }
+
+    fn table(&self) -> Arc<Table> {
+        read(&self.inner.table).clone()
+    }
+
+    /// Rebuilds endpoints and replica sets from a snapshot, keeping the
+    /// connections and counters of replicas that stay.
+    pub fn update(&self, snapshot: &ClusterSnapshot) {
+        let _serial = self.inner.updating.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.table();
+        let mut backends: HashMap<String, Arc<Backend>> = HashMap::new();
+        let mut backend = |name: &str| -> Arc<Backend> {
+            backends
+                .entry(name.to_owned())
+                .or_insert_with(|| old.backends.get(name).cloned().unwrap_or_else(|| Arc::new(Backend::new(name))))
+                .clone()
+        };
+
+        for b in &snapshot.backends {
+            let limit = b.config.as_ref().map_or(0, |c| c.max_concurrent_queries as usize);
+            let limit = if limit == 0 { DEFAULT_MAX_CONCURRENT_QUERIES } else { limit };
+            backend(&b.name).max_concurrent.store(limit, Ordering::Relaxed);
+        }
+        let mut running: HashMap<String, Vec<Arc<Replica>>> = HashMap::new();
+        for r in snapshot.replicas.iter().filter(|r| r.state == RUNNING) {
+            let b = backend(&r.backend);
+            let existing = b.replicas().iter().find(|x| x.id == r.id).cloned();
+            let replica = match existing {
+                Some(x) if x.conn.same_target(&r.unix_path, &r.tcp_addr) => x,
+                _ => Arc::new(Replica {
+                    id: r.id.clone(),
+                    in_flight: AtomicUsize::new(0),
+                    conn: ReplicaConn::new(&r.id, &r.unix_path, &r.tcp_addr),
+                }),
+            };
+            running.entry(r.backend.clone()).or_default().push(replica);
+        }
+        let mut endpoints = HashMap::new();
+        for e in &snapshot.endpoints {
+            let sorted = |m: &HashMap<String, f64>| {
+                let mut v: Vec<(String, f64)> = m.iter().map(|(k, w)| (k.clone(), *w)).collect();
+                v.sort_by(|a, b| a.0.cmp(&b.0));
+                v
+            };
+            for name in e.traffic.keys().chain(e.shadow.keys()) {
+                backend(name);
+            }
+            endpoints.insert(e.name.clone(), EndpointRoute { traffic: sorted(&e.traffic), shadow: sorted(&e.shadow) });
+        }
+
+        for (name, b) in &backends {
+            let mut list = running.remove(name).unwrap_or_default();
+            list.sort_by(|a, b| a.id.cmp(&b.id));
+            *write(&b.replicas) = Arc::new(list);
+            // Waiters re-check: replicas or limits may have changed.
+            b.slot_freed.notify_waiters();
+        }
+        for (name, b) in &old.backends {
+            if !backends.contains_key(name) {
+                *write(&b.replicas) = Arc::default();
+                b.slot_freed.notify_waiters();
+            }
+        }
+        *write(&self.inner.table) = Arc::new(Table { endpoints, backends });
+        self.inner.updates.send_modify(|v| *v += 1);
+    }
+
+    /// Sends `request` to a replica of `endpoint` and waits for its response.
+    pub async fn call(&self, endpoint: &str, request: Request) -> Result<Response, RouterError> {
+        let start = Instant::now();
+        let deadline = start + self.inner.config.request_timeout;
+        let no_replica_deadline = (start + self.inner.config.no_replica_timeout).min(deadline);
+        let mut updates = self.inner.updates.subscribe();
+        let mut shadows_sent = false;
+        loop {
+            let table = self.table();
+            let route = table.endpoints.get(endpoint).ok_or_else(|| RouterError::UnknownEndpoint(endpoint.to_owned()))?;
+            if !shadows_sent {
+                shadows_sent = true;
+                self.send_shadows(&table, route, &request, deadline);
+            }
+            let chosen = draw(&route.traffic).and_then(|name| table.backends.get(name)).cloned();
+            drop(table);
+            let mut retry_at = None;
+            if let Some(backend) = chosen {
+                match self.call_backend(&backend, &request, deadline, Queueing::Wait).await {
+                    Ok(response) => return Ok(response),
+                    Err(Attempt::Failed(e)) => return Err(e),
+                    Err(Attempt::NoRoutable(at)) => retry_at = at,
+                }
+            }
+            // Nothing routable: wait for the controller to report a replica
+            // (or for a backoff to end), never a polling sleep.
+            if Instant::now() >= no_replica_deadline {
+                return Err(RouterError::NoReplica { endpoint: endpoint.to_owned() });
+            }
+            let wake = retry_at.map_or(no_replica_deadline, |t| t.min(no_replica_deadline));
+            tokio::select! {
+                changed = updates.changed() => {
+                    if changed.is_err() {
+                        tokio::time::sleep_until(wake).await;
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    fn send_shadows(&self, table: &Table, route: &EndpointRoute, request: &Request, deadline: Instant) {
+        for (name, proportion) in &route.shadow {
+            if *proportion <= 0.0 || (*proportion < 1.0 && !rand::rng().random_bool(*proportion)) {
+                continue;
+            }
+            let Some(backend) = table.backends.get(name).cloned() else { continue };
+            let router = self.clone();
+            let copy = request.clone();
+            tokio::spawn(async move {
+                match router.call_backend(&backend, &copy, deadline, Queueing::NoWait).await {
+                    Ok(_) => {}
+                    Err(Attempt::NoRoutable(_)) => tracing::debug!(backend = %backend.name, "shadow dropped: no replica"),
+                    Err(Attempt::Failed(e)) => tracing::debug!(backend = %backend.name, error = %e, "shadow failed"),
+                }
+            });
+        }
+    }
+
+    async fn call_backend(
+        &self,
+        backend: &Arc<Backend>,
+        request: &Request,
+        deadline: Instant,
+        queueing: Queueing,
+    ) -> Result<Response, Attempt> {
+        loop {
+            let slot = self.acquire(backend, deadline, queueing).await?;
+            let replica = &slot.replica.id;
+            return match slot.replica.conn.request(request, deadline).await {
+                Ok(response) => Ok(response),
+                // Never sent, and that replica is now backing off: try another.
+                Err(ConnError::Connect(reason)) => {
+                    tracing::debug!(%replica, %reason, "replica unreachable; choosing another");
+                    continue;
+                }
+                Err(ConnError::Died(reason)) => {
+                    Err(Attempt::Failed(RouterError::ReplicaDied { replica: replica.clone(), reason }))
+                }
+                Err(ConnError::Timeout) => {
+                    Err(Attempt::Failed(RouterError::Timeout { after: self.inner.config.request_timeout }))
+                }
+                Err(e @ (ConnError::Encode(_) | ConnError::Protocol(_))) => {
+                    Err(Attempt::Failed(RouterError::Protocol { replica: replica.clone(), reason: e.to_string() }))
+                }
+            };
+        }
+    }
+
+    /// Reserves a slot on one replica of `backend`, waiting in the bounded
+    /// queue while every routable replica is at its limit.
+    async fn acquire(&self, backend: &Arc<Backend>, deadline: Instant, queueing: Queueing) -> Result<InFlight, Attempt> {
+        let mut ticket: Option<QueueTicket> = None;
+        loop {
+            // Registered before looking, so a slot freed between the look
+            // and the wait still wakes us.
+            let notified = backend.slot_freed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+
+            let replicas = backend.replicas();
+            let limit = backend.max_concurrent.load(Ordering::Relaxed);
+            let now = Instant::now();
+            let mut routable = false;
+            let mut retry_at: Option<Instant> = None;
+            let loads: Vec<Option<usize>> = replicas
+                .iter()
+                .map(|r| match r.conn.available(now) {
+                    Availability::Available => {
+                        routable = true;
+                        let n = r.in_flight.load(Ordering::Acquire);
+                        (n < limit).then_some(n)
+                    }
+                    Availability::BackoffUntil(t) => {
+                        retry_at = Some(retry_at.map_or(t, |r: Instant| r.min(t)));
+                        None
+                    }
+                })
+                .collect();
+            if !routable {
+                return Err(Attempt::NoRoutable(retry_at));
+            }
+            if let Some(i) = self.inner.policy.choose(&loads) {
+                if let Some(slot) = InFlight::try_acquire(&replicas[i], backend, limit) {
+                    return Ok(slot);
+                }
+                // Another request took the last slot first: look again.
+                continue;
+            }
+            if queueing == Queueing::NoWait {
+                return Err(Attempt::Failed(RouterError::Backpressure {
+                    backend: backend.name.clone(),
+                    queued: backend.queued.load(Ordering::Relaxed),
+                }));
+            }
+            if ticket.is_none() {
+                ticket = Some(QueueTicket::join(backend, self.inner.config.queue_capacity).map_err(Attempt::Failed)?);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(Attempt::Failed(RouterError::Timeout { after: self.inner.config.request_timeout }));
+            }
+        }
+    }
+}
+
+/// A reserved slot on one replica; releasing it wakes one queued waiter.
+struct InFlight {
+    replica: Arc<Replica>,
+    backend: Arc<Backend>,
+}
+
+impl InFlight {
+    fn try_acquire(replica: &Arc<Replica>, backend: &Arc<Backend>, limit: usize) -> Option<Self> {
+        replica
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|_| Self { replica: replica.clone(), backend: backend.clone() })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.replica.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.backend.slot_freed.notify_one();
+    }
+}
+
+/// A place in a backend's bounded queue, given back on drop.
+struct QueueTicket {
+    backend: Arc<Backend>,
+}
+
+impl QueueTicket {
+    fn join(backend: &Arc<Backend>, capacity: usize) -> Result<Self, RouterError> {
+        backend
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < capacity).then_some(n + 1))
+            .map(|_| Self { backend: backend.clone() })
+            .map_err(|queued| RouterError::Backpressure { backend: backend.name.clone(), queued })
+    }
+}
+
+impl Drop for QueueTicket {
+    fn drop(&mut self) {
+        self.backend.queued.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Weighted random draw; zero weights are never drawn.
+fn draw(traffic: &[(String, f64)]) -> Option<&str> {
+    let total: f64 = traffic.iter().map(|(_, w)| w.max(0.0)).sum();
+    if total <= 0.0 || !total.is_finite() {
+        return None;
+    }
+    let mut x = rand::rng().random_range(0.0..total);
+    let mut last = None;
+    for (name, w) in traffic.iter().filter(|(_, w)| *w > 0.0) {
+        if x < *w {
+            return Some(name);
+        }
+        x -= w;
+        last = Some(name.as_str());
+    }
+    // Rounding left x just above the sum: the last positive weight takes it.
+    last
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,322 @@
+//! The HTTP proxy over real sockets: a hand-built snapshot (no controller),
+//! real replica frame servers, and hyper's client speaking HTTP/1.1 and h2c.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serval_node::replica_server::{bind_unix, serve as serve_replica, EchoHandler, Handler, Reply};
+use serval_protos::control::{Backend, BackendConfig, ClusterSnapshot, Endpoint, Replica};
+use serval_protos::frame::{Request, Response};
+use serval_proxy::{Proxy, ProxyConfig};
+
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+/// A replica frame server on its own runtime thread; dropping it stops it.
+struct TestReplica {
+    unix_path: String,
+    tcp_addr: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestReplica {
+    fn start(dir: &std::path::Path, id: &str, handler: Arc<dyn Handler>) -> Self {
+        let path = dir.join(format!("{id}.sock"));
+        let unix_path = path.to_string_lossy().into_owned();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let unix = bind_unix(&path).unwrap();
+                let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                ready_tx.send(tcp.local_addr().unwrap().to_string()).unwrap();
+                serve_replica(Some(unix), Some(tcp), handler, async move {
+                    let _ = stop_rx.await;
+                })
+                .await;
+            });
+        });
+        let tcp_addr = ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        Self { unix_path, tcp_addr, stop: Some(stop), thread: Some(thread) }
+    }
+
+    fn pb(&self, id: &str, backend: &str) -> Replica {
+        Replica {
+            id: id.into(),
+            backend: backend.into(),
+            state: "running".into(),
+            unix_path: self.unix_path.clone(),
+            tcp_addr: self.tcp_addr.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+impl Drop for TestReplica {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[derive(Default)]
+struct HoldHandler {
+    held: Mutex<Vec<Reply>>,
+}
+
+impl Handler for HoldHandler {
+    fn handle(&self, _request: Request, reply: Reply) {
+        self.held.lock().unwrap().push(reply);
+    }
+}
+
+impl HoldHandler {
+    fn held(&self) -> usize {
+        self.held.lock().unwrap().len()
+    }
+    fn release_all(&self) {
+        for r in std::mem::take(&mut *self.held.lock().unwrap()) {
+            r.send(&Response { status: 201, headers: vec![("x-held".into(), "yes".into())], body: b"done".to_vec() });
+        }
+    }
+}
+
+fn backend(name: &str, max_concurrent_queries: u32) -> Backend {
+    Backend {
+        name: name.into(),
+        config: Some(BackendConfig { max_concurrent_queries, ..Default::default() }),
+        state: "running".into(),
+        ..Default::default()
+    }
+}
+
+fn endpoint(name: &str, route: &str, methods: &[&str], backend: &str) -> Endpoint {
+    Endpoint {
+        name: name.into(),
+        route: route.into(),
+        methods: methods.iter().map(|m| m.to_string()).collect(),
+        traffic: HashMap::from([(backend.to_string(), 1.0)]),
+        shadow: HashMap::new(),
+    }
+}
+
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+struct Reply_ {
+    status: u16,
+    headers: hyper::HeaderMap,
+    body: String,
+}
+
+impl Reply_ {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+#[derive(Clone)]
+struct Http {
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, BoxBody>,
+    base: String,
+}
+
+impl Http {
+    fn new(addr: std::net::SocketAddr, http2: bool) -> Self {
+        let client = Client::builder(TokioExecutor::new()).http2_only(http2).build_http();
+        Self { client, base: format!("http://{addr}") }
+    }
+
+    async fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: BoxBody) -> Reply_ {
+        let mut req = hyper::Request::builder().method(method).uri(format!("{}{path}", self.base));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = self.client.request(req.body(body).unwrap()).await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        Reply_ { status, headers, body: String::from_utf8_lossy(&bytes).into_owned() }
+    }
+
+    async fn get(&self, path: &str) -> Reply_ {
+        self.send("GET", path, &[], Empty::new().boxed()).await
+    }
+}
+
+fn full(body: Vec<u8>) -> BoxBody {
+    Full::new(Bytes::from(body)).boxed()
+}
+
+/// A body without Content-Length (sent chunked), in 100-byte frames.
+fn chunked(len: usize) -> BoxBody {
+    let frames = (0..len.div_ceil(100))
+        .map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![b'x'; 100]))));
+    StreamBody::new(futures::stream::iter(frames.collect::<Vec<_>>())).boxed()
+}
+
+fn assert_json_error(r: &Reply_, status: u16, contains: &str) {
+    assert_eq!(r.status, status, "{}", r.body);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let msg = r.json()["error"].as_str().unwrap_or_default().to_owned();
+    assert!(msg.contains(contains), "error {msg:?} lacks {contains:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_proxy_end_to_end() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let echo = TestReplica::start(dir.path(), "echo", Arc::new(EchoHandler));
+    let hold = Arc::new(HoldHandler::default());
+    let held = TestReplica::start(dir.path(), "held", hold.clone());
+
+    let config = ProxyConfig { max_body_bytes: 1024, queue_capacity: 0, metrics: Some(recorder), ..Default::default() };
+    let proxy = Arc::new(Proxy::new(&config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serval_proxy::serve(listener, proxy.clone(), async move {
+        let _ = stop_rx.await;
+    }));
+    let http = Http::new(addr, false);
+
+    // Not ready until a snapshot is applied.
+    assert_eq!(http.get("/-/healthz").await.status, 503);
+
+    proxy.apply_snapshot(&ClusterSnapshot {
+        version: 1,
+        backends: vec![backend("echo", 0), backend("held", 1)],
+        endpoints: vec![
+            endpoint("calc", "/api/{a:int}/{b:float}", &["GET"], "echo"),
+            endpoint("echo", "/echo", &["GET", "POST"], "echo"),
+            endpoint("held", "/held", &[], "held"),
+        ],
+        replicas: vec![echo.pb("e1", "echo"), held.pb("h1", "held")],
+        ..Default::default()
+    });
+    let health = http.get("/-/healthz").await;
+    assert_eq!((health.status, health.body.as_str()), (200, "ok"));
+
+    // 200 JSON echo with typed path params and the raw query.
+    let r = http.get("/api/123/3.14?x=1").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let j = r.json();
+    assert_eq!(j["path"], "/api/123/3.14");
+    assert_eq!(j["query"], "x=1");
+    assert_eq!(j["path_params"], serde_json::json!(["a=Int(123)", "b=Float(3.14)"]));
+    assert_eq!(j["call_method"], serde_json::Value::Null);
+
+    // X-SERVE-CALL-METHOD reaches the replica; the body arrives whole.
+    let r = http.send("POST", "/echo", &[("X-SERVE-CALL-METHOD", "other_method")], full(vec![7; 1000])).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["call_method"], "other_method");
+    assert_eq!(r.json()["body_len"], 1000);
+    assert_eq!(r.json()["method"], "POST");
+
+    // No route, a bad typed value, wrong method.
+    assert_json_error(&http.get("/nope").await, 404, "no route for /nope");
+    assert_json_error(&http.get("/api/abc/1.0").await, 404, "no route");
+    let r = http.send("DELETE", "/echo", &[], Empty::new().boxed()).await;
+    assert_json_error(&r, 405, "DELETE");
+    assert_eq!(r.header("allow"), Some("GET, POST"));
+
+    // Too large: declared by Content-Length, and streamed without one.
+    assert_json_error(&http.send("POST", "/echo", &[], full(vec![0; 2000])).await, 413, "1024");
+    assert_json_error(&http.send("POST", "/echo", &[], chunked(2000)).await, 413, "1024");
+    // A chunked body under the limit still passes.
+    assert_eq!(http.send("POST", "/echo", &[], chunked(500)).await.json()["body_len"], 500);
+
+    // Backpressure: the one slot is taken and the queue holds nothing.
+    let first = {
+        let http = http.clone();
+        tokio::spawn(async move { http.get("/held").await })
+    };
+    eventually("request held", || hold.held() == 1).await;
+    let r = http.get("/held").await;
+    assert_json_error(&r, 503, "overloaded");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    hold.release_all();
+    let r = first.await.unwrap();
+    assert_eq!((r.status, r.body.as_str(), r.header("x-held")), (201, "done", Some("yes")));
+    assert_eq!(proxy.router().in_flight("held"), 0);
+
+    // Built-ins.
+    let routes = http.get("/-/routes").await;
+    assert_eq!(routes.status, 200);
+    assert_eq!(
+        routes.json(),
+        serde_json::json!({"/api/{a:int}/{b:float}": "calc", "/echo": "echo", "/held": "held"})
+    );
+    let metrics = http.get("/-/metrics").await;
+    assert_eq!(metrics.status, 200);
+    assert!(metrics.body.contains("serval_proxy_requests_total"), "{}", metrics.body);
+    assert!(metrics.body.contains(r#"endpoint="calc""#), "{}", metrics.body);
+    assert!(!metrics.body.contains("/api/123"), "metrics must not be labelled by path");
+
+    // HTTP/2 (h2c prior knowledge) through the same listener.
+    let h2 = Http::new(addr, true);
+    let r = h2.get("/echo").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["path"], "/echo");
+
+    // Shutdown: the server stops accepting.
+    drop((http, h2));
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(15), server).await.unwrap().unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test]
+async fn metrics_path_is_404_without_a_handle() {
+    let proxy = Arc::new(Proxy::new(&ProxyConfig::default()));
+    // A route whose endpoint has no traffic yet: the router answers.
+    proxy.apply_snapshot(&ClusterSnapshot {
+        endpoints: vec![Endpoint {
+            name: "e".into(),
+            route: "/e".into(),
+            methods: vec![],
+            traffic: HashMap::new(),
+            shadow: HashMap::new(),
+        }],
+        ..Default::default()
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serval_proxy::serve(listener, proxy.clone(), async move {
+        let _ = stop_rx.await;
+    }));
+    let http = Http::new(addr, false);
+    assert_json_error(&http.get("/-/metrics").await, 404, "metrics");
+    drop(http);
+    stop.send(()).unwrap();
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn run_refuses_an_invalid_config_naming_the_field() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = ProxyConfig { max_body_bytes: 0, ..Default::default() };
+    let err = serval_proxy::run(config, listener, std::future::pending()).await.unwrap_err();
+    assert!(err.to_string().contains("max_body_bytes"), "{err}");
+}

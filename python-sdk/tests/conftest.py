@@ -1,0 +1,65 @@
+"""A real Serval cluster per test: a head started by `serve.start()` on free
+ports in a temp data dir, shut down afterwards, with every process it
+started killed even when the test fails."""
+
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    def __init__(self, data_dir: str, http_port: int, control_port: int):
+        self.data_dir = data_dir
+        self.http_port = http_port
+        self.control_port = control_port
+        self.url = f"http://127.0.0.1:{http_port}"
+
+    def head_pid(self):
+        try:
+            with open(os.path.join(self.data_dir, "cluster.json")) as f:
+                return json.load(f)["pid"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    from serval import serve
+
+    # Short paths: replica Unix sockets live under the data dir.
+    data_dir = tempfile.mkdtemp(prefix="sv-", dir="/tmp")
+    http_port, control_port = free_port(), free_port()
+    monkeypatch.setenv("SERVAL_CONTROL_PORT", str(control_port))
+    monkeypatch.setenv("SERVAL_DATA_DIR", data_dir)
+    monkeypatch.setenv("SERVAL_PYTHON", sys.executable)
+    monkeypatch.delenv("SERVAL_ADDRESS", raising=False)
+    monkeypatch.delenv("SERVAL_TOKEN", raising=False)
+    serve.start(detached=True, data_dir=data_dir, http_options={"port": http_port})
+    c = Cluster(data_dir, http_port, control_port)
+    pid = c.head_pid()
+    try:
+        yield c
+    finally:
+        try:
+            if serve._client is not None:
+                serve.shutdown(timeout=30)
+        except Exception:
+            pass
+        # The detached head leads its own process group, replicas included.
+        if pid:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        serve._client = None

@@ -1,0 +1,161 @@
+"""The foundation slice through the public Python API: deploy, call over
+HTTP and through a handle, bad input, failures, shutdown."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import requests
+import starlette.requests
+
+import serval
+from serval import serve
+
+
+class Counter:
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, request):
+        self.count += 1
+        return {"count": self.count}
+
+    def other_method(self, inc):
+        self.count += inc
+        return True
+
+
+def test_counter_over_http_and_handle(cluster):
+    serve.create_backend("counter", Counter)
+    serve.create_endpoint("counter", backend="counter", route="/counter")
+
+    r = requests.get(f"{cluster.url}/counter", timeout=30)
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/json"
+    assert r.json() == {"count": 1}
+
+    handle = serve.get_handle("counter")
+    assert handle.remote().result() == {"count": 2}
+    assert serval.get(handle.options(method_name="other_method").remote(5)) is True
+    assert serval.get([handle.remote(), handle.remote()]) == [{"count": 8}, {"count": 9}]
+
+    assert "counter" in serve.list_backends()
+    assert serve.list_backends()["counter"]["num_replicas"] == 1
+    endpoints = serve.list_endpoints()
+    assert endpoints["counter"]["route"] == "/counter"
+    assert endpoints["counter"]["methods"] == ["GET"]
+    assert endpoints["counter"]["traffic"] == {"counter": 1.0}
+
+    serve.delete_endpoint("counter")
+    assert "counter" not in serve.list_endpoints()
+    serve.delete_backend("counter")
+    assert "counter" not in serve.list_backends()
+
+
+def test_function_backend_gets_a_starlette_request(cluster):
+    def echo(request):
+        assert isinstance(request, starlette.requests.Request)
+        return {"path": request.url.path, "name": request.query_params.get("name"), "pid": os.getpid()}
+
+    serve.create_backend("echo", echo)
+    serve.create_endpoint("echo", backend="echo", route="/echo")
+    body = requests.get(f"{cluster.url}/echo?name=serval", timeout=30).json()
+    assert body["path"] == "/echo"
+    assert body["name"] == "serval"
+    # The replica is its own process, not the head and not this one.
+    assert body["pid"] not in (os.getpid(), cluster.head_pid())
+    with open(f"/proc/{body['pid']}/cmdline", "rb") as f:
+        assert b"serval.replica" in f.read()
+
+
+def test_strings_and_bytes_map_to_content_types(cluster):
+    serve.create_backend("text", lambda request: "plain text")
+    serve.create_endpoint("text", backend="text", route="/text")
+    r = requests.get(f"{cluster.url}/text", timeout=30)
+    assert r.text == "plain text"
+    assert r.headers["content-type"].startswith("text/plain")
+
+
+def test_unknown_path_is_a_json_404(cluster):
+    r = requests.get(f"{cluster.url}/no/such/route", timeout=30)
+    assert r.status_code == 404
+    assert "error" in r.json()
+
+
+def test_bad_input_raises_and_changes_nothing(cluster):
+    serve.create_backend("counter", Counter)
+    serve.create_endpoint("counter", backend="counter", route="/counter")
+    before = (serve.list_backends(), serve.list_endpoints())
+
+    with pytest.raises(serval.ServeError, match="backend 'missing' does not exist"):
+        serve.create_endpoint("x", backend="missing", route="/x")
+    with pytest.raises(serval.ServeError, match="endpoint 'counter' already exists"):
+        serve.create_endpoint("counter", backend="counter", route="/other")
+    with pytest.raises(serval.ServeError, match="route 'no-slash' is invalid"):
+        serve.create_endpoint("y", backend="counter", route="no-slash")
+    with pytest.raises(serval.ServeError, match="route 'no-slash' is invalid"):
+        serve.create_endpoint("y", backend="counter", route="no-slash")
+    with pytest.raises(serval.ServeError, match="backend 'counter' already exists"):
+        serve.create_backend("counter", Counter)
+    with pytest.raises(ValueError, match="num_replicas"):
+        serve.create_backend("bad", Counter, config={"num_replicas": -1})
+    with pytest.raises(ValueError, match="no_such_field"):
+        serve.create_backend("bad", Counter, config={"no_such_field": 1})
+    with pytest.raises(serval.ServeError, match="still used by endpoint"):
+        serve.delete_backend("counter")
+
+    assert (serve.list_backends(), serve.list_endpoints()) == before
+    assert requests.get(f"{cluster.url}/counter", timeout=30).json() == {"count": 1}
+
+
+class Broken:
+    def __init__(self):
+        raise RuntimeError("model weights are missing")
+
+    def __call__(self, request):
+        return "never"
+
+
+def test_failing_init_raises_with_traceback_and_shows_in_status(cluster):
+    with pytest.raises(serval.ServeError) as info:
+        serve.create_backend("broken", Broken)
+    message = str(info.value)
+    assert "model weights are missing" in message
+    assert "Traceback" in message
+
+    out = subprocess.run(
+        [sys.executable, "-m", "serval.cli", "--data-dir", cluster.data_dir, "status"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    line = next(l for l in out.stdout.splitlines() if l.strip().startswith("broken"))
+    assert "failed" in line and "model weights are missing" in line
+
+
+def test_user_exception_reaches_the_handle_caller(cluster):
+    def boom(request):
+        raise ValueError("bad input value")
+
+    serve.create_backend("boom", boom)
+    serve.create_endpoint("boom", backend="boom", route="/boom")
+    with pytest.raises(serval.BackendError, match="bad input value"):
+        serve.get_handle("boom").remote().result()
+    r = requests.get(f"{cluster.url}/boom", timeout=30)
+    assert r.status_code == 500
+    assert "ValueError" in r.json()["error"]
+
+
+def test_shutdown_leaves_no_process(cluster):
+    def pid(request):
+        return os.getpid()
+
+    serve.create_backend("pid", pid, config={"num_replicas": 2}, ray_actor_options={"num_cpus": 0})
+    serve.create_endpoint("pid", backend="pid", route="/pid")
+    handle = serve.get_handle("pid")
+    replica_pids = {handle.remote().result() for _ in range(20)}
+    head = cluster.head_pid()
+    serve.shutdown()
+    for p in [head, *replica_pids]:
+        assert not os.path.exists(f"/proc/{p}") or open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
