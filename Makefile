@@ -18,7 +18,7 @@ $(VPY):
 		(command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq python3-venv) )
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q "maturin>=1.16,<2" "starlette>=0.40" "cloudpickle>=3" pytest requests
+	$(VPY) -m pip install -q "maturin>=1.16,<2" "starlette>=0.40" "cloudpickle>=3" python-multipart pytest requests
 
 venv: $(VPY)
 

@@ -1,5 +1,442 @@
-use pyo3::prelude::*;
+//! The Rust half of a Python replica (`python -m serval.replica`).
+//!
+//! [`ReplicaServer`] owns a tokio runtime with ONE worker thread that runs the
+//! data-plane frame server (`serval_node::replica_server::serve`) on a Unix
+//! socket and a TCP port. Its [`Handler`] does no Python work: it pushes each
+//! `(request, reply)` into a crossbeam channel. ONE dedicated Python thread
+//! calls [`ReplicaServer::run_worker`], which waits for work with the GIL
+//! released, then, holding the GIL once, drains up to `max_drain` queued
+//! requests, calls the Python dispatch callables and sends each reply. The
+//! main thread only calls [`ReplicaServer::wait`], which sleeps with the GIL
+//! released and wakes every 100 ms to run Python signal handlers.
+//!
+//! Python-facing API (module `serval._native`):
+//!
+//! ```text
+//! ReplicaServer(unix_path: str | None, tcp_host: str | None = "127.0.0.1",
+//!               watch_stdin: bool = False, max_drain: int = 64)
+//!   .unix_path -> str | None          bound Unix socket path
+//!   .tcp_addr -> str | None           "host:port" of the TCP listener
+//!   .stop_reason -> str | None        why the server stopped, None while running
+//!   .run_worker(on_http, on_call) -> None
+//!        on_http(method_name: str | None, scope: dict, body: bytes)
+//!        on_call(method_name: str | None, args: bytes, http_method: str,
+//!                headers: list[tuple[str, str]])
+//!        each returns (status: int, headers: list[tuple[str, str]], body: bytes);
+//!        returns when the server stops; re-raises KeyboardInterrupt/SystemExit.
+//!   .wait(timeout: float | None = None) -> str | None
+//!        the stop reason ("stdin closed", "shutdown", ...) or None on timeout
+//!   .shutdown(reason: str = "shutdown") -> None
+//!        idempotent: stops the worker loop, answers queued requests 503,
+//!        shuts the runtime down (GIL released), removes the socket file.
+//! ```
+//!
+//! The ASGI scope handed to `on_http` is built here (type, asgi, http_version,
+//! method, scheme, path, raw_path, root_path, query_string, headers with
+//! lowercase names, client, server, path_params with int/float/str values), so
+//! the Python side only wraps it in `starlette.requests.Request`.
 
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyOSError, PySystemExit, PyValueError};
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use serval_node::replica_server::{self, Handler, Reply};
+use serval_protos::frame::{CallRequest, HttpRequest, PathValue, Payload, Request, Response, ERROR_TYPE_HEADER};
+
+/// How long a blocked wait sleeps before looking at signals / shutdown again.
+const POLL: Duration = Duration::from_millis(100);
+/// How long `shutdown` lets the io runtime write out queued replies.
+const FLUSH_GRACE: Duration = Duration::from_millis(50);
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<ReplicaServer>()?;
     Ok(())
+}
+
+struct Job {
+    request: Request,
+    reply: Reply,
+}
+
+/// Queues every request for the Python thread.
+struct QueueHandler {
+    tx: Sender<Job>,
+}
+
+impl Handler for QueueHandler {
+    fn handle(&self, request: Request, reply: Reply) {
+        if let Err(e) = self.tx.send(Job { request, reply }) {
+            e.into_inner().reply.send(&unavailable("replica is shutting down"));
+        }
+    }
+}
+
+/// Set once, when the server starts stopping; wakes `wait`.
+#[derive(Default)]
+struct StopSignal {
+    reason: Mutex<Option<String>>,
+    cond: Condvar,
+}
+
+impl StopSignal {
+    fn stop(&self, reason: &str) {
+        let mut r = self.reason.lock().unwrap();
+        if r.is_none() {
+            *r = Some(reason.to_string());
+        }
+        self.cond.notify_all();
+    }
+
+    fn reason(&self) -> Option<String> {
+        self.reason.lock().unwrap().clone()
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.reason.lock().unwrap().is_some()
+    }
+
+    /// Waits up to `timeout` for a stop; returns the reason if stopped.
+    fn wait(&self, timeout: Duration) -> Option<String> {
+        let r = self.reason.lock().unwrap();
+        let (r, _) = self.cond.wait_timeout_while(r, timeout, |r| r.is_none()).unwrap();
+        r.clone()
+    }
+}
+
+/// The frame server of one Python replica. See the module docs for the API.
+#[pyclass(frozen, module = "serval._native")]
+pub struct ReplicaServer {
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    serve_stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    rx: Receiver<Job>,
+    stop: Arc<StopSignal>,
+    unix_path: Option<PathBuf>,
+    tcp_addr: Option<String>,
+    max_drain: usize,
+}
+
+#[pymethods]
+impl ReplicaServer {
+    #[new]
+    #[pyo3(signature = (unix_path, tcp_host = Some("127.0.0.1".to_string()), watch_stdin = false, max_drain = 64))]
+    fn new(
+        py: Python<'_>,
+        unix_path: Option<PathBuf>,
+        tcp_host: Option<String>,
+        watch_stdin: bool,
+        max_drain: usize,
+    ) -> PyResult<Self> {
+        if unix_path.is_none() && tcp_host.is_none() {
+            return Err(PyValueError::new_err("ReplicaServer needs a unix_path or a tcp_host"));
+        }
+        init_tracing();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("serval-replica-io")
+            .enable_all()
+            .build()
+            .map_err(|e| PyOSError::new_err(format!("cannot start the replica runtime: {e}")))?;
+        let (unix, tcp, tcp_addr) = {
+            let _enter = runtime.enter();
+            let unix = match &unix_path {
+                Some(p) => Some(replica_server::bind_unix(p).map_err(|e| {
+                    PyOSError::new_err(format!("cannot bind unix socket {}: {e}", p.display()))
+                })?),
+                None => None,
+            };
+            let (tcp, tcp_addr) = match &tcp_host {
+                Some(host) => {
+                    let std_listener = std::net::TcpListener::bind((host.as_str(), 0))
+                        .and_then(|l| l.set_nonblocking(true).map(|_| l))
+                        .map_err(|e| PyOSError::new_err(format!("cannot bind tcp {host}:0: {e}")))?;
+                    let addr = std_listener.local_addr().map_err(|e| PyOSError::new_err(e.to_string()))?;
+                    let listener = tokio::net::TcpListener::from_std(std_listener)
+                        .map_err(|e| PyOSError::new_err(e.to_string()))?;
+                    (Some(listener), Some(addr.to_string()))
+                }
+                None => (None, None),
+            };
+            (unix, tcp, tcp_addr)
+        };
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let (serve_tx, serve_rx) = tokio::sync::oneshot::channel::<()>();
+        let handler: Arc<dyn Handler> = Arc::new(QueueHandler { tx });
+        runtime.spawn(replica_server::serve(unix, tcp, handler, async move {
+            let _ = serve_rx.await;
+        }));
+        let stop = Arc::new(StopSignal::default());
+        if watch_stdin {
+            let stop = stop.clone();
+            // Detached: blocked in read(0) until EOF, which means the agent died.
+            std::thread::Builder::new()
+                .name("serval-stdin-watch".into())
+                .spawn(move || {
+                    let mut stdin = std::io::stdin();
+                    let mut buf = [0u8; 512];
+                    loop {
+                        match stdin.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(_) => continue,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                            Err(_) => break,
+                        }
+                    }
+                    stop.stop("stdin closed");
+                })
+                .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        }
+        let _ = py;
+        Ok(Self {
+            runtime: Mutex::new(Some(runtime)),
+            serve_stop: Mutex::new(Some(serve_tx)),
+            rx,
+            stop,
+            unix_path,
+            tcp_addr,
+            max_drain: max_drain.max(1),
+        })
+    }
+
+    #[getter]
+    fn unix_path(&self) -> Option<String> {
+        self.unix_path.as_ref().map(|p| p.display().to_string())
+    }
+
+    #[getter]
+    fn tcp_addr(&self) -> Option<String> {
+        self.tcp_addr.clone()
+    }
+
+    #[getter]
+    fn stop_reason(&self) -> Option<String> {
+        self.stop.reason()
+    }
+
+    /// Runs requests on the calling thread until the server stops.
+    fn run_worker(&self, py: Python<'_>, on_http: Bound<'_, PyAny>, on_call: Bound<'_, PyAny>) -> PyResult<()> {
+        let mut batch: Vec<Job> = Vec::with_capacity(self.max_drain);
+        loop {
+            if self.stop.is_stopped() {
+                return Ok(());
+            }
+            let rx = &self.rx;
+            let first = py.detach(|| rx.recv_timeout(POLL));
+            match first {
+                Ok(job) => batch.push(job),
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+            while batch.len() < self.max_drain {
+                match self.rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            let mut jobs = batch.drain(..);
+            while let Some(job) = jobs.next() {
+                if let Err(fatal) = run_job(py, job, &on_http, &on_call) {
+                    for rest in jobs {
+                        rest.reply.send(&unavailable("replica worker stopped"));
+                    }
+                    return Err(fatal);
+                }
+            }
+        }
+    }
+
+    /// Blocks (GIL released) until the server stops or `timeout` passes;
+    /// runs signal handlers every 100 ms, so SIGINT/SIGTERM handlers raise here.
+    #[pyo3(signature = (timeout = None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<String>> {
+        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        loop {
+            let step = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(self.stop.reason());
+                    }
+                    left.min(POLL)
+                }
+                None => POLL,
+            };
+            let stop = &self.stop;
+            if let Some(reason) = py.detach(|| stop.wait(step)) {
+                return Ok(Some(reason));
+            }
+            py.check_signals()?;
+        }
+    }
+
+    /// Stops serving. Safe to call more than once and from any thread.
+    #[pyo3(signature = (reason = "shutdown"))]
+    fn shutdown(&self, py: Python<'_>, reason: &str) {
+        self.stop.stop(reason);
+        if let Some(tx) = self.serve_stop.lock().unwrap().take() {
+            let _ = tx.send(());
+        }
+        while let Ok(job) = self.rx.try_recv() {
+            job.reply.send(&unavailable("replica is shutting down"));
+        }
+        let runtime = self.runtime.lock().unwrap().take();
+        if let Some(rt) = runtime {
+            py.detach(move || {
+                // Let the connection writers flush replies already queued
+                // (e.g. the 500 for a request whose user code called sys.exit).
+                rt.block_on(async { tokio::time::sleep(FLUSH_GRACE).await });
+                rt.shutdown_timeout(Duration::from_secs(2))
+            });
+        }
+        if let Some(p) = &self.unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Drop for ReplicaServer {
+    fn drop(&mut self) {
+        // Normally `shutdown()` already took the runtime; never block here,
+        // the GIL may be held (interpreter finalization).
+        if let Some(rt) = self.runtime.get_mut().ok().and_then(|r| r.take()) {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SERVAL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn plain(status: u16, error_type: Option<&str>, message: &str) -> Response {
+    let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
+    if let Some(t) = error_type {
+        headers.push((ERROR_TYPE_HEADER.to_string(), t.to_string()));
+    }
+    Response { status, headers, body: serde_json::json!({ "error": message }).to_string().into_bytes() }
+}
+
+fn unavailable(message: &str) -> Response {
+    plain(503, Some("ReplicaUnavailable"), message)
+}
+
+/// Runs one request and always replies. `Err` only for KeyboardInterrupt /
+/// SystemExit raised by the dispatch: those end the worker.
+fn run_job(py: Python<'_>, job: Job, on_http: &Bound<'_, PyAny>, on_call: &Bound<'_, PyAny>) -> PyResult<()> {
+    let Job { request, reply } = job;
+    let method_name = request.method_name;
+    let result = match request.payload {
+        Payload::Http(http) => http_args(py, http).and_then(|(scope, body)| on_http.call1((method_name, scope, body))),
+        Payload::Call(call) => call_args(py, call).and_then(|(args, method, headers)| {
+            on_call.call1((method_name, args, method, headers))
+        }),
+        Payload::Ping => {
+            reply.send(&Response { status: 200, headers: Vec::new(), body: b"pong".to_vec() });
+            return Ok(());
+        }
+    };
+    match result.and_then(|r| to_response(&r)) {
+        Ok(response) => {
+            reply.send(&response);
+            Ok(())
+        }
+        Err(err) => {
+            let fatal = err.is_instance_of::<PyKeyboardInterrupt>(py) || err.is_instance_of::<PySystemExit>(py);
+            let kind = err.get_type(py).name().map(|n| n.to_string()).unwrap_or_else(|_| "Exception".into());
+            let message = format!("replica dispatch failed: {kind}: {}", err.value(py));
+            reply.send(&plain(500, Some(&kind), &message));
+            if fatal {
+                return Err(err);
+            }
+            tracing::error!("{message}");
+            err.display(py);
+            Ok(())
+        }
+    }
+}
+
+fn to_response(result: &Bound<'_, PyAny>) -> PyResult<Response> {
+    let (status, headers, body): (u16, Vec<(String, String)>, Bound<'_, PyBytes>) = result.extract()?;
+    Ok(Response { status, headers, body: body.as_bytes().to_vec() })
+}
+
+/// `(scope, body)` for `on_http`.
+fn http_args(py: Python<'_>, http: HttpRequest) -> PyResult<(Bound<'_, PyDict>, Bound<'_, PyBytes>)> {
+    let scope = PyDict::new(py);
+    scope.set_item(intern!(py, "type"), intern!(py, "http"))?;
+    scope.set_item(intern!(py, "asgi"), asgi_version(py)?)?;
+    scope.set_item(intern!(py, "http_version"), intern!(py, "1.1"))?;
+    scope.set_item(intern!(py, "method"), method_str(py, &http.method))?;
+    scope.set_item(intern!(py, "scheme"), intern!(py, "http"))?;
+    scope.set_item(intern!(py, "path"), PyString::new(py, &http.path))?;
+    scope.set_item(intern!(py, "raw_path"), PyBytes::new(py, http.path.as_bytes()))?;
+    scope.set_item(intern!(py, "root_path"), intern!(py, ""))?;
+    scope.set_item(intern!(py, "query_string"), PyBytes::new(py, http.query.as_bytes()))?;
+    let headers = PyList::empty(py);
+    for (name, value) in &http.headers {
+        let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            PyBytes::new(py, name.to_ascii_lowercase().as_bytes())
+        } else {
+            PyBytes::new(py, name.as_bytes())
+        };
+        headers.append(PyTuple::new(py, [name, PyBytes::new(py, value.as_bytes())])?)?;
+    }
+    scope.set_item(intern!(py, "headers"), headers)?;
+    match split_host_port(&http.client) {
+        Some((host, port)) => scope.set_item(intern!(py, "client"), (host, port))?,
+        None => scope.set_item(intern!(py, "client"), py.None())?,
+    }
+    scope.set_item(intern!(py, "server"), py.None())?;
+    let params = PyDict::new(py);
+    for (name, value) in &http.path_params {
+        match value {
+            PathValue::Str(s) => params.set_item(name, s)?,
+            PathValue::Int(i) => params.set_item(name, *i)?,
+            PathValue::Float(f) => params.set_item(name, *f)?,
+        }
+    }
+    scope.set_item(intern!(py, "path_params"), params)?;
+    Ok((scope, PyBytes::new(py, &http.body)))
+}
+
+/// `(args, http_method, headers)` for `on_call`.
+fn call_args(py: Python<'_>, call: CallRequest) -> PyResult<(Bound<'_, PyBytes>, Bound<'_, PyString>, Bound<'_, PyList>)> {
+    let method = if call.http_method.is_empty() { "GET" } else { call.http_method.as_str() };
+    let headers = PyList::empty(py);
+    for (k, v) in &call.http_headers {
+        headers.append((k.as_str(), v.as_str()))?;
+    }
+    Ok((PyBytes::new(py, &call.args), method_str(py, method), headers))
+}
+
+fn method_str<'py>(py: Python<'py>, method: &str) -> Bound<'py, PyString> {
+    match method {
+        "GET" => intern!(py, "GET").clone(),
+        "POST" => intern!(py, "POST").clone(),
+        "PUT" => intern!(py, "PUT").clone(),
+        "DELETE" => intern!(py, "DELETE").clone(),
+        other => PyString::new(py, other),
+    }
+}
+
+fn asgi_version(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item(intern!(py, "version"), intern!(py, "3.0"))?;
+    d.set_item(intern!(py, "spec_version"), intern!(py, "2.3"))?;
+    Ok(d)
+}
+
+/// "host:port" or "[v6]:port" -> (host, port).
+fn split_host_port(addr: &str) -> Option<(&str, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    Some((host, port))
 }

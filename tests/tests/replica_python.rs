@@ -53,6 +53,11 @@ class Model:
             return Response("Hello, world!", status_code=123, media_type="text/plain")
         if path == "/text":
             return "plain text"
+        if path == "/stream":
+            from starlette.responses import StreamingResponse
+            return StreamingResponse(iter([b"a", b"b", b"c"]), status_code=201, media_type="text/csv")
+        if path == "/object":
+            return object()
         return {
             "greeting": self.greeting,
             "config": self.config,
@@ -73,9 +78,15 @@ class Model:
     def fail(self, *args):
         raise KeyError("nope")
 
+    def exit_now(self):
+        sys.exit(3)
+
 class PostModel:
     async def __call__(self, request):
         await asyncio.sleep(0)
+        if request.url.path == "/form":
+            form = await request.form()
+            return {"form": dict(form), "body": (await request.body()).decode()}
         if request.method == "POST":
             return {"echo": await request.json(), "len": len(await request.body())}
         return {"i": int(request.query_params["i"])}
@@ -279,6 +290,16 @@ async fn http_requests_reach_a_starlette_request() {
     assert_eq!((r.status, r.body.as_slice()), (200, &b"plain text"[..]));
     assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
 
+    // A StreamingResponse is run as an ASGI app and collected.
+    let r = c.send(req(None, Payload::Http(http("GET", "/stream", "", b"")))).await;
+    assert_eq!((r.status, r.body.as_slice()), (201, &b"abc"[..]));
+    assert_eq!(r.header("content-type"), Some("text/csv; charset=utf-8"));
+
+    // A result that is not JSON serializable -> 500 with a clear error.
+    let r = c.send(req(None, Payload::Http(http("GET", "/object", "", b"")))).await;
+    assert_eq!(r.status, 500);
+    assert!(json_body(&r)["error"].as_str().unwrap().contains("not JSON serializable"), "{:?}", json_body(&r));
+
     // A user exception -> 500 JSON naming the type, no traceback in the body.
     let r = c.send(req(None, Payload::Http(http("GET", "/boom", "", b"")))).await;
     assert_eq!(r.status, 500);
@@ -360,6 +381,19 @@ async fn async_call_post_json_and_pipelining_over_tcp() {
     let r = c.send(req(None, Payload::Http(http("POST", "/", "", body)))).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(json_body(&r), serde_json::json!({"echo": {"name": "serval", "n": [1, 2, 3]}, "len": body.len()}));
+
+    // await request.form() (Starlette needs python-multipart for any form).
+    let has_multipart =
+        Command::new(venv_python()).args(["-c", "import multipart"]).status().map(|s| s.success()).unwrap_or(false);
+    if has_multipart {
+        let mut h = http("POST", "/form", "", b"a=1&b=two");
+        h.headers = vec![("content-type".into(), "application/x-www-form-urlencoded".into())];
+        let r = c.send(req(None, Payload::Http(h))).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(json_body(&r), serde_json::json!({"form": {"a": "1", "b": "two"}, "body": "a=1&b=two"}));
+    } else {
+        eprintln!("python-multipart not installed in .venv: form check skipped");
+    }
 
     // 500 requests pipelined on one TCP connection, each answered with its own value.
     let stream = tokio::net::TcpStream::connect(replica.tcp_addr()).await.unwrap();
@@ -443,4 +477,23 @@ fn sigterm_stops_the_replica() {
         assert!(Instant::now() < deadline, "replica ignored SIGTERM:\n{}", replica.log());
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[tokio::test]
+async fn sys_exit_in_user_code_ends_the_replica_after_answering() {
+    let mut replica = start("model", "{}");
+    assert_eq!(replica.status["state"], "running", "{}", replica.log());
+    let mut c = unix_client(&replica).await;
+    let r = c.send(req(Some("exit_now"), Payload::Call(call(pickle_of("((), {})"))))).await;
+    assert_eq!(r.status, 500);
+    assert_eq!(r.header(ERROR_TYPE_HEADER), Some("SystemExit"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let code = loop {
+        if let Some(s) = replica.guard.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "replica survived sys.exit:\n{}", replica.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(code.code(), Some(3), "{}", replica.log());
 }
