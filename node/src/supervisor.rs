@@ -89,11 +89,14 @@ async fn supervise(spec: ReplicaSpec, client: Client, mut stop: oneshot::Receive
         let started = tokio::time::Instant::now();
         let outcome = match start(&spec).await {
             Ok(mut child) => {
+                // Held here, not in `child`: tokio's `Child::wait` closes a
+                // stdin it still owns, which would cut the lifeline.
+                let lifeline = child.stdin.take();
                 let result = tokio::select! {
                     r = read_status(&mut child) => r,
-                    _ = &mut stop => { terminate(&mut child).await; return; }
+                    _ = &mut stop => { drop(lifeline); terminate(&mut child).await; return; }
                 };
-                match result {
+                let outcome = match result {
                     Ok(status) if status.state == "running" => {
                         report(&client, ReplicaReport {
                             state: "running".into(),
@@ -105,7 +108,7 @@ async fn supervise(spec: ReplicaSpec, client: Client, mut stop: oneshot::Receive
                         .await;
                         tokio::select! {
                             exit = child.wait() => format!("replica process exited ({})", exit.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())),
-                            _ = &mut stop => { terminate(&mut child).await; return; }
+                            _ = &mut stop => { drop(lifeline); terminate(&mut child).await; return; }
                         }
                     }
                     Ok(status) => {
@@ -113,10 +116,12 @@ async fn supervise(spec: ReplicaSpec, client: Client, mut stop: oneshot::Receive
                         if status.error.is_empty() { format!("replica reported state '{}'", status.state) } else { status.error }
                     }
                     Err(e) => {
-                        terminate(&mut child).await;
+                        let _ = child.kill().await;
                         e
                     }
-                }
+                };
+                drop(lifeline);
+                outcome
             }
             Err(e) => e,
         };
@@ -203,9 +208,8 @@ async fn read_status(child: &mut Child) -> Result<StatusLine, String> {
     }
 }
 
-/// Closes the lifeline, waits for a clean exit, then kills.
+/// Waits for a clean exit (the caller closed the lifeline), then kills.
 async fn terminate(child: &mut Child) {
-    drop(child.stdin.take());
     if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
         let _ = child.kill().await;
     }

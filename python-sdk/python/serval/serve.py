@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.error
 import urllib.request
@@ -190,6 +191,29 @@ def _config_payload(config: Optional[Dict[str, Any]], actor_options: Optional[Di
     return payload
 
 
+def _installed_paths() -> List[str]:
+    paths = sysconfig.get_paths()
+    return [os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths]
+
+
+def _pickle_code(func_or_class, init_args) -> bytes:
+    """cloudpickles the backend. Code from the user's own modules (not an
+    installed package) travels by value, since replicas cannot import it."""
+    module = sys.modules.get(getattr(func_or_class, "__module__", "") or "")
+    file = getattr(module, "__file__", None)
+    by_value = (
+        module is not None and module.__name__ != "__main__" and file is not None
+        and not any(os.path.realpath(file).startswith(p + os.sep) for p in _installed_paths())
+    )
+    if by_value:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        return cloudpickle.dumps((func_or_class, init_args, {}))
+    finally:
+        if by_value:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
 def create_backend(backend_tag: str, func_or_class: Union[Callable, type], *actor_init_args: Any,
                    ray_actor_options: Optional[Dict[str, Any]] = None,
                    config: Optional[Dict[str, Any]] = None) -> None:
@@ -200,7 +224,7 @@ def create_backend(backend_tag: str, func_or_class: Union[Callable, type], *acto
     if not inspect.isclass(func_or_class) and actor_init_args:
         raise ValueError("init args only make sense for a class backend")
     payload = _config_payload(config, ray_actor_options)
-    code = cloudpickle.dumps((func_or_class, actor_init_args, {}))
+    code = _pickle_code(func_or_class, actor_init_args)
     client = _get_client()
     client.create_backend(backend_tag, code, json.dumps(payload))
     outcome = client.wait_backend(backend_tag, BACKEND_START_TIMEOUT_S)
