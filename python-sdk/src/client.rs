@@ -48,7 +48,9 @@ pub struct Client {
     client: ControlClient,
     /// The shared router of every handle from this client, fed by one Watch.
     router: Arc<Router>,
-    snapshots: Snapshots,
+    /// Snapshots the router has already applied: waiting on these (not on
+    /// the raw watch) means a handle can use whatever the wait saw.
+    applied: Snapshots,
 }
 
 /// The backend config as the Python layer sends it (JSON, Ray's field names).
@@ -85,7 +87,7 @@ impl Client {
         timeout: f64,
         done: impl Fn(&ClusterSnapshot) -> Option<T> + Send + Sync,
     ) -> PyResult<Option<T>> {
-        let mut rx = self.snapshots.clone();
+        let mut rx = self.applied.clone();
         block_on(py, async move {
             let wait = rx.wait_for(|s| s.as_ref().is_some_and(|s| done(s).is_some()));
             match tokio::time::timeout(Duration::from_secs_f64(timeout.max(0.0)), wait).await {
@@ -110,19 +112,22 @@ impl Client {
             let _guard = runtime().enter();
             control::spawn_watch(address.clone(), token, false)
         };
-        let mut follow = snapshots.clone();
+        let mut follow = snapshots;
+        let (applied_tx, applied) = watch::channel(None);
         let r = router.clone();
         runtime().spawn(async move {
             loop {
-                if let Some(s) = follow.borrow_and_update().clone() {
-                    r.update(&s);
+                let snapshot = follow.borrow_and_update().clone();
+                if let Some(s) = &snapshot {
+                    r.update(s);
+                    applied_tx.send_replace(snapshot);
                 }
                 if follow.changed().await.is_err() {
                     break;
                 }
             }
         });
-        Ok(Self { address, client, router, snapshots })
+        Ok(Self { address, client, router, applied })
     }
 
     #[getter]
@@ -211,12 +216,7 @@ impl Client {
 
     /// Waits until this client's router knows `endpoint`; false on timeout.
     fn wait_endpoint(&self, py: Python<'_>, endpoint: String, timeout: f64) -> PyResult<bool> {
-        let router = self.router.clone();
-        Ok(self
-            .wait_snapshot(py, timeout, move |s| {
-                (s.endpoints.iter().any(|e| e.name == endpoint) && router.has_endpoint(&endpoint)).then_some(())
-            })?
-            .is_some())
+        Ok(self.wait_snapshot(py, timeout, move |s| s.endpoints.iter().any(|e| e.name == endpoint).then_some(()))?.is_some())
     }
 
     fn handle(&self, endpoint: String) -> Handle {
