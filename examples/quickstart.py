@@ -8,6 +8,8 @@ shuts the cluster down again.
 
 import json
 import os
+import subprocess
+import sys
 import urllib.request
 
 import serval
@@ -52,8 +54,8 @@ def main():
         print("other_method(5) ->", serval.get(handle.options(method_name="other_method").remote(5)))
         print("handle.remote() ->", handle.remote().result())
 
-        print("backends:", json.dumps(serve.list_backends()))
         print("endpoints:", json.dumps(serve.list_endpoints()))
+        print(subprocess.run([sys.executable, "-m", "serval.cli", "status"], capture_output=True, text=True).stdout)
     finally:
         serve.shutdown()
         print("cluster shut down")

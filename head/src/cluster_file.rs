@@ -82,3 +82,23 @@ pub fn absolute(p: &Path) -> PathBuf {
         std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_file_and_token_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(read(dir.path()).is_none());
+        let info = ClusterInfo { control_address: "127.0.0.1:1".into(), http_address: String::new(), pid: 42 };
+        write(dir.path(), &info).unwrap();
+        let back = read(dir.path()).unwrap();
+        assert_eq!((back.control_address.as_str(), back.pid), ("127.0.0.1:1", 42));
+        let token = load_or_create_token(dir.path()).unwrap();
+        assert_eq!(token.len(), 32);
+        assert_eq!(load_or_create_token(dir.path()).unwrap(), token, "the token is kept across starts");
+        remove(dir.path());
+        assert!(read(dir.path()).is_none());
+    }
+}

@@ -145,3 +145,34 @@ pub fn render(s: &ClusterSnapshot) -> String {
     );
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serval_protos::control::{Backend, Endpoint, Replica};
+
+    #[test]
+    fn failed_backends_show_the_last_line_of_their_traceback() {
+        let snapshot = ClusterSnapshot {
+            backends: vec![Backend {
+                name: "broken".into(),
+                state: "failed".into(),
+                error: "Traceback (most recent call last):\n  File \"x.py\"\nRuntimeError: no weights".into(),
+                ..Default::default()
+            }],
+            endpoints: vec![Endpoint { name: "h".into(), methods: vec!["GET".into()], ..Default::default() }],
+            replicas: vec![Replica {
+                id: "broken#0".into(),
+                backend: "broken".into(),
+                state: "failed".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = render(&snapshot);
+        let line = text.lines().find(|l| l.trim_start().starts_with("broken ")).unwrap();
+        assert!(line.contains("failed") && line.contains("0/1") && line.contains("RuntimeError: no weights"), "{text}");
+        assert!(text.contains("(handle only)"), "{text}");
+        assert!(text.contains("HEADS\n  RAFT_ID  ADDRESS  ROLE\n  (none)"), "{text}");
+    }
+}

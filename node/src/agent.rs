@@ -193,3 +193,12 @@ fn sanitize(id: &str) -> String {
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn replica_ids_become_safe_directory_names() {
+        assert_eq!(super::sanitize("counter#3"), "counter_3");
+        assert_eq!(super::sanitize("../etc/passwd#1"), "___etc_passwd_1");
+    }
+}

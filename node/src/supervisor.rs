@@ -214,3 +214,40 @@ async fn terminate(child: &mut Child) {
         let _ = child.kill().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serval_protos::control::BackendConfig;
+
+    #[test]
+    fn replica_config_carries_user_config_as_json() {
+        let backend = Backend {
+            name: "b".into(),
+            config: Some(BackendConfig {
+                num_replicas: 2,
+                max_concurrent_queries: 7,
+                user_config_json: r#"{"threshold": 0.5}"#.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let v: serde_json::Value = serde_json::from_str(&config_json(&backend)).unwrap();
+        assert_eq!(v["num_replicas"], 2);
+        assert_eq!(v["max_concurrent_queries"], 7);
+        assert_eq!(v["user_config"]["threshold"], 0.5);
+        let none = Backend { config: Some(BackendConfig::default()), ..backend };
+        let v: serde_json::Value = serde_json::from_str(&config_json(&none)).unwrap();
+        assert!(v["user_config"].is_null());
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_dies_before_its_status_line_is_an_error_naming_it() {
+        let mut child = Command::new("sh").args(["-c", "exit 3"]).stdout(Stdio::piped()).spawn().unwrap();
+        let err = read_status(&mut child).await.err().expect("no status line must be an error");
+        assert!(err.contains("exited before reporting"), "{err}");
+        let mut child = Command::new("sh").args(["-c", "echo not-json"]).stdout(Stdio::piped()).spawn().unwrap();
+        let err = read_status(&mut child).await.err().expect("garbage must be an error");
+        assert!(err.contains("not-json"), "{err}");
+    }
+}

@@ -25,6 +25,15 @@ class Cluster:
         self.control_port = control_port
         self.url = f"http://127.0.0.1:{http_port}"
 
+    def kill(self):
+        """Kills the head's process group (replicas included), if it runs."""
+        pid = self.head_pid()
+        if pid:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def head_pid(self):
         try:
             with open(os.path.join(self.data_dir, "cluster.json")) as f:
