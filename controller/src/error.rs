@@ -11,7 +11,10 @@ pub enum StateError {
     #[error("backend '{0}' does not exist")]
     UnknownBackend(String),
     #[error("backend '{backend}' is still used by endpoint(s) {endpoints:?}; delete or retarget them first")]
-    BackendInUse { backend: String, endpoints: Vec<String> },
+    BackendInUse {
+        backend: String,
+        endpoints: Vec<String>,
+    },
     #[error("endpoint '{0}' already exists")]
     EndpointExists(String),
     #[error("endpoint '{0}' does not exist")]
@@ -19,7 +22,12 @@ pub enum StateError {
     #[error("route '{route}' is invalid: {reason}")]
     InvalidRoute { route: String, reason: String },
     #[error("route '{route}' of endpoint '{endpoint}' collides with route '{existing_route}' of endpoint '{existing}'")]
-    RouteTaken { route: String, endpoint: String, existing_route: String, existing: String },
+    RouteTaken {
+        route: String,
+        endpoint: String,
+        existing_route: String,
+        existing: String,
+    },
     #[error("invalid {field}: {reason}")]
     InvalidConfig { field: String, reason: String },
     #[error("replica '{0}' does not exist")]
@@ -39,7 +47,10 @@ pub enum ControllerError {
     #[error(transparent)]
     Refused(#[from] StateError),
     #[error("i/o on {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 impl From<ControllerError> for tonic::Status {
@@ -47,15 +58,17 @@ impl From<ControllerError> for tonic::Status {
         use tonic::Code;
         let code = match &e {
             ControllerError::Refused(s) => match s {
-                StateError::BackendExists(_) | StateError::EndpointExists(_) | StateError::RouteTaken { .. } => {
-                    Code::AlreadyExists
-                }
+                StateError::BackendExists(_)
+                | StateError::EndpointExists(_)
+                | StateError::RouteTaken { .. } => Code::AlreadyExists,
                 StateError::UnknownBackend(_)
                 | StateError::UnknownEndpoint(_)
                 | StateError::UnknownReplica(_)
                 | StateError::UnknownNode(_) => Code::NotFound,
                 StateError::BackendInUse { .. } => Code::FailedPrecondition,
-                StateError::InvalidRoute { .. } | StateError::InvalidConfig { .. } => Code::InvalidArgument,
+                StateError::InvalidRoute { .. } | StateError::InvalidConfig { .. } => {
+                    Code::InvalidArgument
+                }
             },
             ControllerError::NotLeader { .. } => Code::Unavailable,
             _ => Code::Internal,

@@ -40,7 +40,14 @@ pub async fn run(raft: Raft, sm: StateMachineStore, heartbeats: Heartbeats) {
         for node_id in dead {
             tracing::warn!(%node_id, "node missed its heartbeats; declaring it dead");
             let step = Instant::now();
-            if let Err(e) = store::propose(&raft, Command::MarkNodeDead { node_id: node_id.clone() }).await {
+            if let Err(e) = store::propose(
+                &raft,
+                Command::MarkNodeDead {
+                    node_id: node_id.clone(),
+                },
+            )
+            .await
+            {
                 tracing::warn!(%node_id, error = %e, "could not declare node dead");
             }
             metrics::histogram!("serval_controller_reconcile_step_seconds", "step" => "nodes")

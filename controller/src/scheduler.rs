@@ -9,8 +9,16 @@ fn used(state: &ClusterState, node_id: &str) -> (f64, f64, usize) {
     let mut cpus = 0.0;
     let mut gpus = 0.0;
     let mut count = 0;
-    for r in state.replicas.values().filter(|r| r.node_id == node_id && r.state != replica_state::PENDING) {
-        if let Some(c) = state.backends.get(&r.backend).and_then(|b| b.config.as_ref()) {
+    for r in state
+        .replicas
+        .values()
+        .filter(|r| r.node_id == node_id && r.state != replica_state::PENDING)
+    {
+        if let Some(c) = state
+            .backends
+            .get(&r.backend)
+            .and_then(|b| b.config.as_ref())
+        {
             cpus += c.num_cpus;
             gpus += c.num_gpus;
         }

@@ -33,7 +33,13 @@ pub struct ControlService {
 
 impl ControlService {
     pub fn new(raft: Raft, sm: StateMachineStore, raft_id: u64, address: String) -> Self {
-        Self { raft, sm, raft_id, address, heartbeats: Arc::default() }
+        Self {
+            raft,
+            sm,
+            raft_id,
+            address,
+            heartbeats: Arc::default(),
+        }
     }
 
     pub fn heartbeats(&self) -> Heartbeats {
@@ -61,7 +67,11 @@ impl ControlService {
             .nodes()
             .map(|(id, node)| Head {
                 raft_id: *id,
-                address: if *id == self.raft_id { self.address.clone() } else { node.addr.clone() },
+                address: if *id == self.raft_id {
+                    self.address.clone()
+                } else {
+                    node.addr.clone()
+                },
                 leader: metrics.current_leader == Some(*id),
             })
             .collect()
@@ -77,7 +87,16 @@ pub fn to_snapshot(state: &ClusterState, include_code: bool, heads: Vec<Head>) -
         backends: state
             .backends
             .values()
-            .map(|b| if include_code { b.clone() } else { Backend { code: Vec::new(), ..b.clone() } })
+            .map(|b| {
+                if include_code {
+                    b.clone()
+                } else {
+                    Backend {
+                        code: Vec::new(),
+                        ..b.clone()
+                    }
+                }
+            })
             .collect(),
         endpoints: state.endpoints.clone(),
         replicas: state.replicas.values().cloned().collect(),
@@ -93,7 +112,10 @@ type SnapshotStream = Pin<Box<dyn Stream<Item = Result<ClusterSnapshot, Status>>
 
 #[tonic::async_trait]
 impl Control for ControlService {
-    async fn register_node(&self, req: Request<RegisterNodeRequest>) -> Result<Response<RegisterNodeReply>, Status> {
+    async fn register_node(
+        &self,
+        req: Request<RegisterNodeRequest>,
+    ) -> Result<Response<RegisterNodeReply>, Status> {
         let r = req.into_inner();
         let node_id = if r.node_id.is_empty() {
             format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
@@ -111,7 +133,10 @@ impl Control for ControlService {
             pid: r.pid,
         };
         store::propose(&self.raft, Command::RegisterNode(node)).await?;
-        self.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).insert(node_id.clone(), Instant::now());
+        self.heartbeats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node_id.clone(), Instant::now());
         Ok(Response::new(RegisterNodeReply { node_id }))
     }
 
@@ -119,10 +144,21 @@ impl Control for ControlService {
         let node_id = req.into_inner().node_id;
         match self.sm.current().nodes.get(&node_id) {
             Some(n) if n.alive => {}
-            Some(_) => return Err(Status::failed_precondition(format!("node '{node_id}' was declared dead; register again"))),
-            None => return Err(Status::not_found(format!("node '{node_id}' is not registered"))),
+            Some(_) => {
+                return Err(Status::failed_precondition(format!(
+                    "node '{node_id}' was declared dead; register again"
+                )))
+            }
+            None => {
+                return Err(Status::not_found(format!(
+                    "node '{node_id}' is not registered"
+                )))
+            }
         }
-        self.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).insert(node_id, Instant::now());
+        self.heartbeats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node_id, Instant::now());
         Ok(Response::new(Empty {}))
     }
 
@@ -134,37 +170,70 @@ impl Control for ControlService {
         self.propose(Command::CreateBackend(req.into_inner())).await
     }
 
-    async fn update_backend_config(&self, req: Request<UpdateBackendConfigRequest>) -> Result<Response<Empty>, Status> {
+    async fn update_backend_config(
+        &self,
+        req: Request<UpdateBackendConfigRequest>,
+    ) -> Result<Response<Empty>, Status> {
         let r = req.into_inner();
-        let config = r.config.ok_or_else(|| Status::invalid_argument("config is required"))?;
-        self.propose(Command::UpdateBackendConfig { name: r.name, config }).await
+        let config = r
+            .config
+            .ok_or_else(|| Status::invalid_argument("config is required"))?;
+        self.propose(Command::UpdateBackendConfig {
+            name: r.name,
+            config,
+        })
+        .await
     }
 
     async fn delete_backend(&self, req: Request<NameRequest>) -> Result<Response<Empty>, Status> {
-        self.propose(Command::DeleteBackend { name: req.into_inner().name }).await
+        self.propose(Command::DeleteBackend {
+            name: req.into_inner().name,
+        })
+        .await
     }
 
     async fn create_endpoint(&self, req: Request<Endpoint>) -> Result<Response<Empty>, Status> {
-        self.propose(Command::CreateEndpoint(req.into_inner())).await
+        self.propose(Command::CreateEndpoint(req.into_inner()))
+            .await
     }
 
     async fn delete_endpoint(&self, req: Request<NameRequest>) -> Result<Response<Empty>, Status> {
-        self.propose(Command::DeleteEndpoint { name: req.into_inner().name }).await
+        self.propose(Command::DeleteEndpoint {
+            name: req.into_inner().name,
+        })
+        .await
     }
 
-    async fn set_traffic(&self, req: Request<SetTrafficRequest>) -> Result<Response<Empty>, Status> {
+    async fn set_traffic(
+        &self,
+        req: Request<SetTrafficRequest>,
+    ) -> Result<Response<Empty>, Status> {
         let r = req.into_inner();
-        self.propose(Command::SetTraffic { endpoint: r.endpoint, traffic: r.traffic.into_iter().collect() }).await
+        self.propose(Command::SetTraffic {
+            endpoint: r.endpoint,
+            traffic: r.traffic.into_iter().collect(),
+        })
+        .await
     }
 
-    async fn get_snapshot(&self, req: Request<WatchRequest>) -> Result<Response<ClusterSnapshot>, Status> {
+    async fn get_snapshot(
+        &self,
+        req: Request<WatchRequest>,
+    ) -> Result<Response<ClusterSnapshot>, Status> {
         let include_code = req.into_inner().include_code;
-        Ok(Response::new(to_snapshot(&self.sm.current(), include_code, self.heads())))
+        Ok(Response::new(to_snapshot(
+            &self.sm.current(),
+            include_code,
+            self.heads(),
+        )))
     }
 
     type WatchStream = SnapshotStream;
 
-    async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let include_code = req.into_inner().include_code;
         let this = self.clone();
         // WatchStream yields the current state first, then every new one.
@@ -189,7 +258,11 @@ impl tonic::service::Interceptor for TokenCheck {
         if self.token.is_empty() {
             return Ok(req);
         }
-        match req.metadata().get(serval_protos::TOKEN_METADATA_KEY).and_then(|v| v.to_str().ok()) {
+        match req
+            .metadata()
+            .get(serval_protos::TOKEN_METADATA_KEY)
+            .and_then(|v| v.to_str().ok())
+        {
             Some(t) if t == self.token => Ok(req),
             _ => Err(Status::unauthenticated("missing or wrong cluster token")),
         }

@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use serval_protos::control::{Backend, BackendConfig, Endpoint, HttpOptions, Node, Replica, ReplicaReport};
+use serval_protos::control::{
+    Backend, BackendConfig, Endpoint, HttpOptions, Node, Replica, ReplicaReport,
+};
 
 use crate::error::StateError;
 use crate::scheduler;
@@ -39,15 +41,27 @@ pub enum Command {
     /// A node agent (re)joins: creates or revives the node.
     RegisterNode(Node),
     /// The reconciler saw no heartbeat for too long.
-    MarkNodeDead { node_id: String },
+    MarkNodeDead {
+        node_id: String,
+    },
     /// A node agent reports a replica's state.
     ReportReplica(ReplicaReport),
     CreateBackend(Backend),
-    UpdateBackendConfig { name: String, config: BackendConfig },
-    DeleteBackend { name: String },
+    UpdateBackendConfig {
+        name: String,
+        config: BackendConfig,
+    },
+    DeleteBackend {
+        name: String,
+    },
     CreateEndpoint(Endpoint),
-    DeleteEndpoint { name: String },
-    SetTraffic { endpoint: String, traffic: BTreeMap<String, f64> },
+    DeleteEndpoint {
+        name: String,
+    },
+    SetTraffic {
+        endpoint: String,
+        traffic: BTreeMap<String, f64>,
+    },
     SetHttpOptions(HttpOptions),
     SetShuttingDown(bool),
 }
@@ -86,10 +100,16 @@ impl ClusterState {
     fn apply_in_place(&mut self, cmd: Command) -> Result<(), StateError> {
         match cmd {
             Command::RegisterNode(node) => {
-                let node = Node { alive: true, ..node };
+                let node = Node {
+                    alive: true,
+                    ..node
+                };
                 // A new agent process has none of the replicas the old one ran:
                 // they are starting again, not running at their old addresses.
-                let restarted = self.nodes.get(&node.id).is_some_and(|old| old.pid != node.pid);
+                let restarted = self
+                    .nodes
+                    .get(&node.id)
+                    .is_some_and(|old| old.pid != node.pid);
                 if restarted {
                     for r in self.replicas.values_mut().filter(|r| r.node_id == node.id) {
                         r.state = replica_state::STARTING.into();
@@ -106,7 +126,10 @@ impl ClusterState {
                 }
             }
             Command::MarkNodeDead { node_id } => {
-                let node = self.nodes.get_mut(&node_id).ok_or_else(|| StateError::UnknownNode(node_id.clone()))?;
+                let node = self
+                    .nodes
+                    .get_mut(&node_id)
+                    .ok_or_else(|| StateError::UnknownNode(node_id.clone()))?;
                 node.alive = false;
                 node.http_address.clear();
                 // Its replicas are gone with it: place them again elsewhere.
@@ -159,7 +182,10 @@ impl ClusterState {
             }
             Command::UpdateBackendConfig { name, config } => {
                 let config = validate_config(config)?;
-                let backend = self.backends.get_mut(&name).ok_or_else(|| StateError::UnknownBackend(name.clone()))?;
+                let backend = self
+                    .backends
+                    .get_mut(&name)
+                    .ok_or_else(|| StateError::UnknownBackend(name.clone()))?;
                 backend.config = Some(config);
                 self.scale(&name);
             }
@@ -174,7 +200,10 @@ impl ClusterState {
                     .map(|e| e.name.clone())
                     .collect();
                 if !users.is_empty() {
-                    return Err(StateError::BackendInUse { backend: name, endpoints: users });
+                    return Err(StateError::BackendInUse {
+                        backend: name,
+                        endpoints: users,
+                    });
                 }
                 self.backends.remove(&name);
                 self.replicas.retain(|_, r| r.backend != name);
@@ -215,13 +244,13 @@ impl ClusterState {
         let traffic: BTreeMap<String, f64> = endpoint.traffic.clone().into_iter().collect();
         self.validate_traffic(&endpoint.name, &traffic)?;
         if !endpoint.route.is_empty() {
-            serval_proxy::parse_route(&endpoint.route)
-                .map_err(|e| StateError::InvalidRoute { route: endpoint.route.clone(), reason: e.to_string() })?;
-            if let Some(existing) = self
-                .endpoints
-                .iter()
-                .find(|e| !e.route.is_empty() && serval_proxy::route::collides(&e.route, &endpoint.route))
-            {
+            serval_proxy::parse_route(&endpoint.route).map_err(|e| StateError::InvalidRoute {
+                route: endpoint.route.clone(),
+                reason: e.to_string(),
+            })?;
+            if let Some(existing) = self.endpoints.iter().find(|e| {
+                !e.route.is_empty() && serval_proxy::route::collides(&e.route, &endpoint.route)
+            }) {
                 return Err(StateError::RouteTaken {
                     route: endpoint.route.clone(),
                     endpoint: endpoint.name.clone(),
@@ -243,40 +272,65 @@ impl ClusterState {
         if methods.is_empty() {
             methods = DEFAULT_METHODS.iter().map(|m| m.to_string()).collect();
         }
-        Ok(Endpoint { methods, ..endpoint })
+        Ok(Endpoint {
+            methods,
+            ..endpoint
+        })
     }
 
-    fn validate_traffic(&self, endpoint: &str, traffic: &BTreeMap<String, f64>) -> Result<(), StateError> {
+    fn validate_traffic(
+        &self,
+        endpoint: &str,
+        traffic: &BTreeMap<String, f64>,
+    ) -> Result<(), StateError> {
         if traffic.is_empty() {
-            return Err(invalid("traffic", &format!("endpoint '{endpoint}' needs at least one backend")));
+            return Err(invalid(
+                "traffic",
+                &format!("endpoint '{endpoint}' needs at least one backend"),
+            ));
         }
         for (backend, weight) in traffic {
             if !self.backends.contains_key(backend) {
                 return Err(StateError::UnknownBackend(backend.clone()));
             }
             if !(0.0..=1.0).contains(weight) {
-                return Err(invalid("traffic", &format!("weight {weight} of backend '{backend}' is not in [0, 1]")));
+                return Err(invalid(
+                    "traffic",
+                    &format!("weight {weight} of backend '{backend}' is not in [0, 1]"),
+                ));
             }
         }
         let sum: f64 = traffic.values().sum();
         if (sum - 1.0).abs() > 1e-6 {
-            return Err(invalid("traffic", &format!("weights of endpoint '{endpoint}' sum to {sum}, not 1")));
+            return Err(invalid(
+                "traffic",
+                &format!("weights of endpoint '{endpoint}' sum to {sum}, not 1"),
+            ));
         }
         Ok(())
     }
 
     /// Adds or removes replica records until the backend has `num_replicas`.
     fn scale(&mut self, backend: &str) {
-        let Some(b) = self.backends.get(backend) else { return };
+        let Some(b) = self.backends.get(backend) else {
+            return;
+        };
         let want = b.config.as_ref().map(|c| c.num_replicas).unwrap_or(1) as usize;
         let version = b.version;
-        let mut have: Vec<String> =
-            self.replicas.values().filter(|r| r.backend == backend).map(|r| r.id.clone()).collect();
+        let mut have: Vec<String> = self
+            .replicas
+            .values()
+            .filter(|r| r.backend == backend)
+            .map(|r| r.id.clone())
+            .collect();
         while have.len() > want {
             // Drop pending replicas first, then the newest.
             have.sort_by_key(|id| {
                 let r = &self.replicas[id];
-                (r.state != replica_state::PENDING, std::cmp::Reverse(id_seq(id)))
+                (
+                    r.state != replica_state::PENDING,
+                    std::cmp::Reverse(id_seq(id)),
+                )
             });
             let id = have.remove(0);
             self.replicas.remove(&id);
@@ -310,7 +364,11 @@ impl ClusterState {
             .collect();
         for id in pending {
             let backend = self.replicas[&id].backend.clone();
-            let config = self.backends.get(&backend).and_then(|b| b.config.clone()).unwrap_or_default();
+            let config = self
+                .backends
+                .get(&backend)
+                .and_then(|b| b.config.clone())
+                .unwrap_or_default();
             match scheduler::choose_node(self, config.num_cpus, config.num_gpus) {
                 Some(node_id) => {
                     if let Some(r) = self.replicas.get_mut(&id) {
@@ -335,13 +393,24 @@ impl ClusterState {
     /// A backend runs when any replica runs; it failed when none runs and
     /// one failed (with that replica's reason).
     fn refresh_backend_state(&mut self, backend: &str) {
-        let replicas: Vec<&Replica> = self.replicas.values().filter(|r| r.backend == backend).collect();
+        let replicas: Vec<&Replica> = self
+            .replicas
+            .values()
+            .filter(|r| r.backend == backend)
+            .collect();
         let (state, error) = if replicas.iter().any(|r| r.state == replica_state::RUNNING) {
             (backend_state::RUNNING, String::new())
         } else if let Some(failed) = replicas.iter().find(|r| r.state == replica_state::FAILED) {
             (backend_state::FAILED, failed.error.clone())
         } else {
-            (backend_state::DEPLOYING, replicas.iter().map(|r| r.error.clone()).find(|e| !e.is_empty()).unwrap_or_default())
+            (
+                backend_state::DEPLOYING,
+                replicas
+                    .iter()
+                    .map(|r| r.error.clone())
+                    .find(|e| !e.is_empty())
+                    .unwrap_or_default(),
+            )
         };
         if let Some(b) = self.backends.get_mut(backend) {
             b.state = state.into();
@@ -351,11 +420,18 @@ impl ClusterState {
 }
 
 fn id_seq(replica_id: &str) -> u64 {
-    replica_id.rsplit('#').next().and_then(|s| s.parse().ok()).unwrap_or(0)
+    replica_id
+        .rsplit('#')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 fn invalid(field: &str, reason: &str) -> StateError {
-    StateError::InvalidConfig { field: field.into(), reason: reason.into() }
+    StateError::InvalidConfig {
+        field: field.into(),
+        reason: reason.into(),
+    }
 }
 
 /// Fills Ray's defaults and checks every field, naming the bad one.
@@ -373,7 +449,10 @@ fn validate_config(mut c: BackendConfig) -> Result<BackendConfig, StateError> {
         return Err(invalid("num_gpus", "must be a non-negative number"));
     }
     if !(c.batch_wait_timeout >= 0.0 && c.batch_wait_timeout.is_finite()) {
-        return Err(invalid("batch_wait_timeout", "must be a non-negative number of seconds"));
+        return Err(invalid(
+            "batch_wait_timeout",
+            "must be a non-negative number of seconds",
+        ));
     }
     if !c.user_config_json.is_empty() {
         serde_json::from_str::<serde_json::Value>(&c.user_config_json)

@@ -10,17 +10,23 @@ fn backend(name: &str) -> Backend {
     Backend {
         name: name.into(),
         code: b"pickled".to_vec(),
-        config: Some(BackendConfig { num_replicas: 1, ..Default::default() }),
+        config: Some(BackendConfig {
+            num_replicas: 1,
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
 
 async fn wait_leader(raft: &store::Raft) {
     let mut m = raft.metrics();
-    tokio::time::timeout(std::time::Duration::from_secs(30), m.wait_for(|m| m.current_leader.is_some()))
-        .await
-        .expect("leader elected in time")
-        .expect("raft running");
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        m.wait_for(|m| m.current_leader.is_some()),
+    )
+    .await
+    .expect("leader elected in time")
+    .expect("raft running");
 }
 
 #[tokio::test]
@@ -29,11 +35,22 @@ async fn committed_state_survives_a_restart() {
     {
         let (raft, sm) = store::open(dir.path(), 1, "127.0.0.1:1").await.unwrap();
         wait_leader(&raft).await;
-        store::propose(&raft, Command::RegisterNode(Node { id: "n".into(), num_cpus: 4.0, ..Default::default() }))
+        store::propose(
+            &raft,
+            Command::RegisterNode(Node {
+                id: "n".into(),
+                num_cpus: 4.0,
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap();
+        store::propose(&raft, Command::CreateBackend(backend("b")))
             .await
             .unwrap();
-        store::propose(&raft, Command::CreateBackend(backend("b"))).await.unwrap();
-        let err = store::propose(&raft, Command::CreateBackend(backend("b"))).await.unwrap_err();
+        let err = store::propose(&raft, Command::CreateBackend(backend("b")))
+            .await
+            .unwrap_err();
         assert!(matches!(err, ControllerError::Refused(_)), "{err}");
         assert_eq!(sm.current().backends.len(), 1);
         raft.shutdown().await.unwrap();
@@ -41,7 +58,10 @@ async fn committed_state_survives_a_restart() {
     let (raft, sm) = store::open(dir.path(), 1, "127.0.0.1:1").await.unwrap();
     wait_leader(&raft).await;
     let state = sm.current();
-    assert!(state.backends.contains_key("b"), "backend lost across restart: {state:?}");
+    assert!(
+        state.backends.contains_key("b"),
+        "backend lost across restart: {state:?}"
+    );
     assert_eq!(state.replicas.len(), 1);
     assert_eq!(state.backends["b"].code, b"pickled");
     raft.shutdown().await.unwrap();
@@ -55,13 +75,18 @@ async fn a_long_log_is_snapshotted_and_still_restores() {
         wait_leader(&raft).await;
         // Past the snapshot policy (500 logs since the last snapshot).
         for i in 0..600 {
-            store::propose(&raft, Command::CreateBackend(backend(&format!("b{i}")))).await.unwrap();
+            store::propose(&raft, Command::CreateBackend(backend(&format!("b{i}"))))
+                .await
+                .unwrap();
         }
         let mut m = raft.metrics();
-        tokio::time::timeout(std::time::Duration::from_secs(30), m.wait_for(|m| m.snapshot.is_some()))
-            .await
-            .expect("snapshot built in time")
-            .unwrap();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            m.wait_for(|m| m.snapshot.is_some()),
+        )
+        .await
+        .expect("snapshot built in time")
+        .unwrap();
         raft.shutdown().await.unwrap();
     }
     let (raft, sm) = store::open(dir.path(), 1, "127.0.0.1:1").await.unwrap();

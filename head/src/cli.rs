@@ -11,7 +11,12 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Args, Clone, Debug)]
 pub struct ClusterArgs {
     /// Data directory of the head (raft store, token, logs, replica sockets).
-    #[arg(long, env = "SERVAL_DATA_DIR", default_value = ".serval", global = true)]
+    #[arg(
+        long,
+        env = "SERVAL_DATA_DIR",
+        default_value = ".serval",
+        global = true
+    )]
     pub data_dir: PathBuf,
     /// Controller address HOST:PORT. Default: the one recorded in the data dir.
     #[arg(long, env = "SERVAL_ADDRESS", global = true)]
@@ -40,7 +45,11 @@ enum Cmd {
 }
 
 #[derive(Parser)]
-#[command(name = "serve", version, about = "Serval: serve Python and Rust models on a cluster")]
+#[command(
+    name = "serve",
+    version,
+    about = "Serval: serve Python and Rust models on a cluster"
+)]
 struct Root {
     #[command(flatten)]
     cluster: ClusterArgs,

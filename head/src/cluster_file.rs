@@ -35,7 +35,11 @@ pub fn read(data_dir: &Path) -> Option<ClusterInfo> {
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     Some(ClusterInfo {
         control_address: v.get("control_address")?.as_str()?.to_string(),
-        http_address: v.get("http_address").and_then(|a| a.as_str()).unwrap_or_default().to_string(),
+        http_address: v
+            .get("http_address")
+            .and_then(|a| a.as_str())
+            .unwrap_or_default()
+            .to_string(),
         pid: v.get("pid").and_then(|p| p.as_u64()).unwrap_or(0) as u32,
     })
 }
@@ -62,7 +66,9 @@ pub fn load_or_create_token(data_dir: &Path) -> anyhow::Result<String> {
 }
 
 pub fn read_token(data_dir: &Path) -> Option<String> {
-    std::fs::read_to_string(data_dir.join(TOKEN_FILE)).ok().map(|t| t.trim().to_string())
+    std::fs::read_to_string(data_dir.join(TOKEN_FILE))
+        .ok()
+        .map(|t| t.trim().to_string())
 }
 
 fn uuid_like() -> String {
@@ -79,7 +85,9 @@ pub fn absolute(p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
     } else {
-        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
     }
 }
 
@@ -91,13 +99,24 @@ mod tests {
     fn cluster_file_and_token_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         assert!(read(dir.path()).is_none());
-        let info = ClusterInfo { control_address: "127.0.0.1:1".into(), http_address: String::new(), pid: 42 };
+        let info = ClusterInfo {
+            control_address: "127.0.0.1:1".into(),
+            http_address: String::new(),
+            pid: 42,
+        };
         write(dir.path(), &info).unwrap();
         let back = read(dir.path()).unwrap();
-        assert_eq!((back.control_address.as_str(), back.pid), ("127.0.0.1:1", 42));
+        assert_eq!(
+            (back.control_address.as_str(), back.pid),
+            ("127.0.0.1:1", 42)
+        );
         let token = load_or_create_token(dir.path()).unwrap();
         assert_eq!(token.len(), 32);
-        assert_eq!(load_or_create_token(dir.path()).unwrap(), token, "the token is kept across starts");
+        assert_eq!(
+            load_or_create_token(dir.path()).unwrap(),
+            token,
+            "the token is kept across starts"
+        );
         remove(dir.path());
         assert!(read(dir.path()).is_none());
     }

@@ -53,13 +53,19 @@ pub struct StartArgs {
     workers: usize,
 }
 
-pub fn run(cluster: ClusterArgs, args: StartArgs, argv: &[String], relaunch: &[String]) -> anyhow::Result<()> {
+pub fn run(
+    cluster: ClusterArgs,
+    args: StartArgs,
+    argv: &[String],
+    relaunch: &[String],
+) -> anyhow::Result<()> {
     let location = normalise_location(&args.http_location)?;
     if !args.head && cluster.address.is_none() {
         bail!("`serve start` needs --head to start a head, or --address HOST:PORT to join one");
     }
     let data_dir = cluster_file::absolute(&cluster.data_dir);
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
     if args.detach {
         return detach(&data_dir, argv, relaunch);
     }
@@ -93,9 +99,19 @@ fn detach(data_dir: &std::path::Path, argv: &[String], relaunch: &[String]) -> a
     let logs = data_dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     let log_path = logs.join("serve.log");
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
-    let Some((program, prefix)) = relaunch.split_first() else { bail!("no command to relaunch serve with") };
-    let args: Vec<String> = argv.iter().skip(1).filter(|a| *a != "--detach").cloned().collect();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
+    let Some((program, prefix)) = relaunch.split_first() else {
+        bail!("no command to relaunch serve with")
+    };
+    let args: Vec<String> = argv
+        .iter()
+        .skip(1)
+        .filter(|a| *a != "--detach")
+        .cloned()
+        .collect();
     cluster_file::remove(data_dir);
     let mut child = std::process::Command::new(program)
         .args(prefix)
@@ -120,10 +136,16 @@ fn detach(data_dir: &std::path::Path, argv: &[String], relaunch: &[String]) -> a
             let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
             let tail: Vec<&str> = tail.lines().rev().take(20).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            bail!("serve exited during start-up ({status}):\n{}", tail.join("\n"));
+            bail!(
+                "serve exited during start-up ({status}):\n{}",
+                tail.join("\n")
+            );
         }
         if Instant::now() > deadline {
-            bail!("serve did not become ready within 120 s; see {}", log_path.display());
+            bail!(
+                "serve did not become ready within 120 s; see {}",
+                log_path.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -140,8 +162,34 @@ fn print_ready(info: &ClusterInfo, data_dir: &std::path::Path) {
     println!("pid: {}", info.pid);
 }
 
+/// How long a starting agent retries registering with its controller.
+const REGISTER_DEADLINE: Duration = Duration::from_secs(30);
+
+fn agent_config(
+    args: &StartArgs,
+    control_addr: &str,
+    token: &str,
+    data_dir: &std::path::Path,
+    is_head: bool,
+    http_address: &str,
+) -> AgentConfig {
+    AgentConfig {
+        control_addr: control_addr.to_string(),
+        token: token.to_string(),
+        data_dir: data_dir.to_path_buf(),
+        python: args.python.clone(),
+        num_cpus: args.num_cpus.unwrap_or_else(default_cpus),
+        num_gpus: args.num_gpus,
+        is_head,
+        http_address: http_address.to_string(),
+        tcp_host: args.control_host.clone(),
+    }
+}
+
 fn default_cpus() -> f64 {
-    std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0)
+    std::thread::available_parallelism()
+        .map(|n| n.get() as f64)
+        .unwrap_or(1.0)
 }
 
 /// Resolves when the process gets SIGINT or SIGTERM.
@@ -190,18 +238,31 @@ fn start_proxy(
 }
 
 fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
-    metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().ok()
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .ok()
 }
 
-async fn run_head(cluster: ClusterArgs, args: StartArgs, data_dir: PathBuf, location: String) -> anyhow::Result<()> {
+async fn run_head(
+    cluster: ClusterArgs,
+    args: StartArgs,
+    data_dir: PathBuf,
+    location: String,
+) -> anyhow::Result<()> {
     let metrics = install_metrics();
     let token = match &cluster.token {
         Some(t) => t.clone(),
         None => cluster_file::load_or_create_token(&data_dir)?,
     };
-    let control_listener = tokio::net::TcpListener::bind((args.control_host.as_str(), args.control_port))
-        .await
-        .with_context(|| format!("binding the controller on {}:{}", args.control_host, args.control_port))?;
+    let control_listener =
+        tokio::net::TcpListener::bind((args.control_host.as_str(), args.control_port))
+            .await
+            .with_context(|| {
+                format!(
+                    "binding the controller on {}:{}",
+                    args.control_host, args.control_port
+                )
+            })?;
     let control_addr = control_listener.local_addr()?.to_string();
 
     let (raft, sm) = store::open(&data_dir.join("raft"), 1, &control_addr).await?;
@@ -241,25 +302,28 @@ async fn run_head(cluster: ClusterArgs, args: StartArgs, data_dir: PathBuf, loca
         (None, String::new())
     } else {
         let (listener, addr) = bind_http(&args.http_host, args.http_port).await?;
-        (Some(start_proxy(listener, control_addr.clone(), token.clone(), metrics, stop_rx.clone())), addr)
+        (
+            Some(start_proxy(
+                listener,
+                control_addr.clone(),
+                token.clone(),
+                metrics,
+                stop_rx.clone(),
+            )),
+            addr,
+        )
     };
 
     let agent = NodeAgent::register(
-        AgentConfig {
-            control_addr: control_addr.clone(),
-            token: token.clone(),
-            data_dir: data_dir.clone(),
-            python: args.python.clone(),
-            num_cpus: args.num_cpus.unwrap_or_else(default_cpus),
-            num_gpus: args.num_gpus,
-            is_head: true,
-            http_address: http_addr.clone(),
-            tcp_host: args.control_host.clone(),
-        },
-        Duration::from_secs(30),
+        agent_config(&args, &control_addr, &token, &data_dir, true, &http_addr),
+        REGISTER_DEADLINE,
     )
     .await?;
-    let info = ClusterInfo { control_address: control_addr, http_address: http_addr, pid: std::process::id() };
+    let info = ClusterInfo {
+        control_address: control_addr,
+        http_address: http_addr,
+        pid: std::process::id(),
+    };
     cluster_file::write(&data_dir, &info)?;
     print_ready(&info, &data_dir);
     println!("node id: {}", agent.node_id());
@@ -286,44 +350,55 @@ fn tokio_stream_incoming(
 
 async fn wait_for_leader(raft: &store::Raft) -> anyhow::Result<()> {
     let mut metrics = raft.metrics();
-    tokio::time::timeout(Duration::from_secs(30), metrics.wait_for(|m| m.current_leader.is_some()))
-        .await
-        .context("no raft leader was elected within 30 s")?
-        .context("raft stopped")?;
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        metrics.wait_for(|m| m.current_leader.is_some()),
+    )
+    .await
+    .context("no raft leader was elected within 30 s")?
+    .context("raft stopped")?;
     Ok(())
 }
 
 async fn run_node(cluster: ClusterArgs, args: StartArgs, data_dir: PathBuf) -> anyhow::Result<()> {
     let metrics = install_metrics();
     let control_addr = cluster.address.clone().unwrap_or_default();
-    let token = cluster.token.clone().or_else(|| cluster_file::read_token(&data_dir)).unwrap_or_default();
+    let token = cluster
+        .token
+        .clone()
+        .or_else(|| cluster_file::read_token(&data_dir))
+        .unwrap_or_default();
     let mut client = serval_protos::client::connect(&control_addr, &token).await?;
     let snapshot = client
-        .get_snapshot(serval_protos::control::WatchRequest { include_code: false })
+        .get_snapshot(serval_protos::control::WatchRequest {
+            include_code: false,
+        })
         .await
         .map_err(|s| anyhow::anyhow!("asking the head at {control_addr}: {}", s.message()))?
         .into_inner();
-    let every_node = snapshot.http_options.as_ref().is_some_and(|o| o.location == "EveryNode");
+    let every_node = snapshot
+        .http_options
+        .as_ref()
+        .is_some_and(|o| o.location == "EveryNode");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (proxy, http_addr) = if every_node {
         let (listener, addr) = bind_http(&args.http_host, args.http_port).await?;
-        (Some(start_proxy(listener, control_addr.clone(), token.clone(), metrics, stop_rx)), addr)
+        (
+            Some(start_proxy(
+                listener,
+                control_addr.clone(),
+                token.clone(),
+                metrics,
+                stop_rx,
+            )),
+            addr,
+        )
     } else {
         (None, String::new())
     };
     let agent = NodeAgent::register(
-        AgentConfig {
-            control_addr: control_addr.clone(),
-            token,
-            data_dir: data_dir.clone(),
-            python: args.python.clone(),
-            num_cpus: args.num_cpus.unwrap_or_else(default_cpus),
-            num_gpus: args.num_gpus,
-            is_head: false,
-            http_address: http_addr.clone(),
-            tcp_host: args.control_host.clone(),
-        },
-        Duration::from_secs(30),
+        agent_config(&args, &control_addr, &token, &data_dir, false, &http_addr),
+        REGISTER_DEADLINE,
     )
     .await?;
     println!("node {} joined the head at {control_addr}", agent.node_id());

@@ -14,7 +14,11 @@ pub fn resolve(cluster: &ClusterArgs) -> (String, String) {
         .clone()
         .or_else(|| crate::cluster_file::read(&data_dir).map(|i| i.control_address))
         .unwrap_or_else(|| format!("127.0.0.1:{}", serval_protos::DEFAULT_CONTROL_PORT));
-    let token = cluster.token.clone().or_else(|| crate::cluster_file::read_token(&data_dir)).unwrap_or_default();
+    let token = cluster
+        .token
+        .clone()
+        .or_else(|| crate::cluster_file::read_token(&data_dir))
+        .unwrap_or_default();
     (address, token)
 }
 
@@ -22,16 +26,25 @@ pub async fn fetch(cluster: &ClusterArgs) -> anyhow::Result<ClusterSnapshot> {
     let (address, token) = resolve(cluster);
     let mut client = serval_protos::client::connect(&address, &token)
         .await
-        .with_context(|| format!("is a head running? (`serve start --head`, data dir {})", cluster.data_dir.display()))?;
+        .with_context(|| {
+            format!(
+                "is a head running? (`serve start --head`, data dir {})",
+                cluster.data_dir.display()
+            )
+        })?;
     let snapshot = client
-        .get_snapshot(WatchRequest { include_code: false })
+        .get_snapshot(WatchRequest {
+            include_code: false,
+        })
         .await
         .map_err(|s| anyhow::anyhow!("controller at {address}: {}", s.message()))?;
     Ok(snapshot.into_inner())
 }
 
 pub fn run(cluster: ClusterArgs, json: bool) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let snapshot = runtime.block_on(fetch(&cluster))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&snapshot)?);
@@ -49,7 +62,11 @@ fn table(title: &str, header: &[&str], rows: Vec<Vec<String>>) -> String {
         }
     }
     let line = |cells: Vec<String>| -> String {
-        let padded: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        let padded: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
         format!("  {}\n", padded.join("  ").trim_end())
     };
     let mut out = format!("{title}\n");
@@ -66,7 +83,11 @@ fn table(title: &str, header: &[&str], rows: Vec<Vec<String>>) -> String {
 /// First line of an error, so tracebacks do not break the table.
 fn short(error: &str) -> String {
     let last = error.trim().lines().last().unwrap_or("").trim();
-    if last.chars().count() > 100 { format!("{}...", last.chars().take(100).collect::<String>()) } else { last.to_string() }
+    if last.chars().count() > 100 {
+        format!("{}...", last.chars().take(100).collect::<String>())
+    } else {
+        last.to_string()
+    }
 }
 
 pub fn render(s: &ClusterSnapshot) -> String {
@@ -76,7 +97,17 @@ pub fn render(s: &ClusterSnapshot) -> String {
         &["RAFT_ID", "ADDRESS", "ROLE"],
         s.heads
             .iter()
-            .map(|h| vec![h.raft_id.to_string(), h.address.clone(), if h.leader { "leader".into() } else { "follower".into() }])
+            .map(|h| {
+                vec![
+                    h.raft_id.to_string(),
+                    h.address.clone(),
+                    if h.leader {
+                        "leader".into()
+                    } else {
+                        "follower".into()
+                    },
+                ]
+            })
             .collect(),
     );
     out += &table(
@@ -90,8 +121,16 @@ pub fn render(s: &ClusterSnapshot) -> String {
                     n.hostname.clone(),
                     n.num_cpus.to_string(),
                     n.num_gpus.to_string(),
-                    if n.alive { "alive".into() } else { "dead".into() },
-                    if n.http_address.is_empty() { "-".into() } else { n.http_address.clone() },
+                    if n.alive {
+                        "alive".into()
+                    } else {
+                        "dead".into()
+                    },
+                    if n.http_address.is_empty() {
+                        "-".into()
+                    } else {
+                        n.http_address.clone()
+                    },
                 ]
             })
             .collect(),
@@ -102,11 +141,16 @@ pub fn render(s: &ClusterSnapshot) -> String {
         s.endpoints
             .iter()
             .map(|e| {
-                let mut traffic: Vec<String> = e.traffic.iter().map(|(b, w)| format!("{b}={w}")).collect();
+                let mut traffic: Vec<String> =
+                    e.traffic.iter().map(|(b, w)| format!("{b}={w}")).collect();
                 traffic.sort();
                 vec![
                     e.name.clone(),
-                    if e.route.is_empty() { "(handle only)".into() } else { e.route.clone() },
+                    if e.route.is_empty() {
+                        "(handle only)".into()
+                    } else {
+                        e.route.clone()
+                    },
                     e.methods.join(","),
                     traffic.join(","),
                 ]
@@ -120,8 +164,17 @@ pub fn render(s: &ClusterSnapshot) -> String {
             .iter()
             .map(|b| {
                 let total = s.replicas.iter().filter(|r| r.backend == b.name).count();
-                let running = s.replicas.iter().filter(|r| r.backend == b.name && r.state == "running").count();
-                vec![b.name.clone(), b.state.clone(), format!("{running}/{total}"), short(&b.error)]
+                let running = s
+                    .replicas
+                    .iter()
+                    .filter(|r| r.backend == b.name && r.state == "running")
+                    .count();
+                vec![
+                    b.name.clone(),
+                    b.state.clone(),
+                    format!("{running}/{total}"),
+                    short(&b.error),
+                ]
             })
             .collect(),
     );
@@ -134,9 +187,17 @@ pub fn render(s: &ClusterSnapshot) -> String {
                 vec![
                     r.id.clone(),
                     r.backend.clone(),
-                    if r.node_id.is_empty() { "-".into() } else { r.node_id.clone() },
+                    if r.node_id.is_empty() {
+                        "-".into()
+                    } else {
+                        r.node_id.clone()
+                    },
                     r.state.clone(),
-                    if r.pid == 0 { "-".into() } else { r.pid.to_string() },
+                    if r.pid == 0 {
+                        "-".into()
+                    } else {
+                        r.pid.to_string()
+                    },
                     r.restarts.to_string(),
                     short(&r.error),
                 ]
@@ -157,10 +218,16 @@ mod tests {
             backends: vec![Backend {
                 name: "broken".into(),
                 state: "failed".into(),
-                error: "Traceback (most recent call last):\n  File \"x.py\"\nRuntimeError: no weights".into(),
+                error:
+                    "Traceback (most recent call last):\n  File \"x.py\"\nRuntimeError: no weights"
+                        .into(),
                 ..Default::default()
             }],
-            endpoints: vec![Endpoint { name: "h".into(), methods: vec!["GET".into()], ..Default::default() }],
+            endpoints: vec![Endpoint {
+                name: "h".into(),
+                methods: vec!["GET".into()],
+                ..Default::default()
+            }],
             replicas: vec![Replica {
                 id: "broken#0".into(),
                 backend: "broken".into(),
@@ -170,9 +237,20 @@ mod tests {
             ..Default::default()
         };
         let text = render(&snapshot);
-        let line = text.lines().find(|l| l.trim_start().starts_with("broken ")).unwrap();
-        assert!(line.contains("failed") && line.contains("0/1") && line.contains("RuntimeError: no weights"), "{text}");
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("broken "))
+            .unwrap();
+        assert!(
+            line.contains("failed")
+                && line.contains("0/1")
+                && line.contains("RuntimeError: no weights"),
+            "{text}"
+        );
         assert!(text.contains("(handle only)"), "{text}");
-        assert!(text.contains("HEADS\n  RAFT_ID  ADDRESS  ROLE\n  (none)"), "{text}");
+        assert!(
+            text.contains("HEADS\n  RAFT_ID  ADDRESS  ROLE\n  (none)"),
+            "{text}"
+        );
     }
 }

@@ -21,7 +21,10 @@ pub enum AgentError {
     #[error("registering with the controller at {addr}: {message}")]
     Register { addr: String, message: String },
     #[error("i/o on {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -53,12 +56,21 @@ impl NodeAgent {
     /// Connects and registers, retrying until `deadline` (the controller may
     /// still be starting).
     pub async fn register(config: AgentConfig, deadline: Duration) -> Result<Self, AgentError> {
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|source| AgentError::Io { path: config.data_dir.display().to_string(), source })?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| AgentError::Io {
+            path: config.data_dir.display().to_string(),
+            source,
+        })?;
         let client = client::connect_lazy(&config.control_addr, &config.token)?;
         let id_file = config.data_dir.join("node_id");
-        let known_id = std::fs::read_to_string(&id_file).map(|s| s.trim().to_string()).unwrap_or_default();
-        let mut agent = Self { config, client, node_id: known_id, supervisors: HashMap::new() };
+        let known_id = std::fs::read_to_string(&id_file)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let mut agent = Self {
+            config,
+            client,
+            node_id: known_id,
+            supervisors: HashMap::new(),
+        };
         let until = tokio::time::Instant::now() + deadline;
         loop {
             match agent.register_once().await {
@@ -70,8 +82,10 @@ impl NodeAgent {
                 Err(e) => return Err(e),
             }
         }
-        std::fs::write(&id_file, &agent.node_id)
-            .map_err(|source| AgentError::Io { path: id_file.display().to_string(), source })?;
+        std::fs::write(&id_file, &agent.node_id).map_err(|source| AgentError::Io {
+            path: id_file.display().to_string(),
+            source,
+        })?;
         tracing::info!(node_id = %agent.node_id, "node registered");
         Ok(agent)
     }
@@ -93,7 +107,10 @@ impl NodeAgent {
                 pid: std::process::id(),
             })
             .await
-            .map_err(|s| AgentError::Register { addr: self.config.control_addr.clone(), message: s.message().into() })?;
+            .map_err(|s| AgentError::Register {
+                addr: self.config.control_addr.clone(),
+                message: s.message().into(),
+            })?;
         self.node_id = reply.into_inner().node_id;
         Ok(())
     }
@@ -101,7 +118,11 @@ impl NodeAgent {
     /// Runs until the cluster shuts down or `stop` resolves; every replica is
     /// stopped before it returns.
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
-        let mut snapshots = client::spawn_watch(self.config.control_addr.clone(), self.config.token.clone(), true);
+        let mut snapshots = client::spawn_watch(
+            self.config.control_addr.clone(),
+            self.config.token.clone(),
+            true,
+        );
         let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
         tokio::pin!(stop);
         loop {
@@ -125,7 +146,9 @@ impl NodeAgent {
     }
 
     async fn heartbeat(&mut self) {
-        let req = HeartbeatRequest { node_id: self.node_id.clone() };
+        let req = HeartbeatRequest {
+            node_id: self.node_id.clone(),
+        };
         if let Err(status) = self.client.heartbeat(req).await {
             match status.code() {
                 // The controller forgot or buried this node: join again.
@@ -141,7 +164,11 @@ impl NodeAgent {
 
     /// Starts supervisors for replicas placed here and stops the others.
     async fn reconcile(&mut self, snapshot: &ClusterSnapshot) {
-        let backends: HashMap<&str, _> = snapshot.backends.iter().map(|b| (b.name.as_str(), b)).collect();
+        let backends: HashMap<&str, _> = snapshot
+            .backends
+            .iter()
+            .map(|b| (b.name.as_str(), b))
+            .collect();
         let wanted: HashMap<&str, _> = snapshot
             .replicas
             .iter()
@@ -152,7 +179,11 @@ impl NodeAgent {
         let stale: Vec<String> = self
             .supervisors
             .iter()
-            .filter(|(id, h)| wanted.get(id.as_str()).is_none_or(|r| r.backend_version != h.backend_version))
+            .filter(|(id, h)| {
+                wanted
+                    .get(id.as_str())
+                    .is_none_or(|r| r.backend_version != h.backend_version)
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for id in stale {
@@ -165,18 +196,25 @@ impl NodeAgent {
             if self.supervisors.contains_key(id) {
                 continue;
             }
-            let Some(backend) = backends.get(replica.backend.as_str()) else { continue };
+            let Some(backend) = backends.get(replica.backend.as_str()) else {
+                continue;
+            };
             let seq = id.rsplit('#').next().unwrap_or("0");
             let spec = ReplicaSpec {
                 replica: replica.clone(),
                 backend: (*backend).clone(),
                 python: self.config.python.clone(),
                 work_dir: self.config.data_dir.join("replicas").join(sanitize(id)),
-                socket_path: self.config.data_dir.join("sockets").join(format!("r{seq}.sock")),
+                socket_path: self
+                    .config
+                    .data_dir
+                    .join("sockets")
+                    .join(format!("r{seq}.sock")),
                 tcp_host: self.config.tcp_host.clone(),
             };
             tracing::info!(replica = %id, backend = %backend.name, "starting replica");
-            self.supervisors.insert(id.to_string(), supervisor::spawn(spec, self.client.clone()));
+            self.supervisors
+                .insert(id.to_string(), supervisor::spawn(spec, self.client.clone()));
         }
     }
 
@@ -187,11 +225,21 @@ impl NodeAgent {
 }
 
 fn sanitize(id: &str) -> String {
-    id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+    id.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 #[cfg(test)]

@@ -56,7 +56,11 @@ impl Handler for EchoHandler {
     fn handle(&self, request: Request, reply: Reply) {
         let response = match request.payload {
             Payload::Http(http) => {
-                let params: Vec<String> = http.path_params.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+                let params: Vec<String> = http
+                    .path_params
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v:?}"))
+                    .collect();
                 let body = serde_json::json!({
                     "method": http.method,
                     "path": http.path,
@@ -83,7 +87,11 @@ impl Handler for EchoHandler {
 }
 
 fn ok_pong() -> Response {
-    Response { status: 200, headers: Vec::new(), body: b"pong".to_vec() }
+    Response {
+        status: 200,
+        headers: Vec::new(),
+        body: b"pong".to_vec(),
+    }
 }
 
 /// Serves connections from `unix` and `tcp` until `shutdown` resolves.
@@ -96,7 +104,9 @@ pub async fn serve(
     let unix_loop = {
         let handler = handler.clone();
         async move {
-            let Some(listener) = unix else { return std::future::pending().await };
+            let Some(listener) = unix else {
+                return std::future::pending().await;
+            };
             loop {
                 match listener.accept().await {
                     Ok((stream, _)) => {
@@ -108,7 +118,9 @@ pub async fn serve(
         }
     };
     let tcp_loop = async move {
-        let Some(listener) = tcp else { return std::future::pending().await };
+        let Some(listener) = tcp else {
+            return std::future::pending().await;
+        };
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
@@ -149,7 +161,10 @@ where
             Ok(Some((id, body))) => {
                 let reply = Reply { id, tx: tx.clone() };
                 match frame::decode::<Request>(&body) {
-                    Ok(Request { payload: Payload::Ping, .. }) => reply.send(&ok_pong()),
+                    Ok(Request {
+                        payload: Payload::Ping,
+                        ..
+                    }) => reply.send(&ok_pong()),
                     Ok(request) => handler.handle(request, reply),
                     Err(e) => reply.send(&Response {
                         status: 400,

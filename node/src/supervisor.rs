@@ -53,7 +53,11 @@ pub fn spawn(spec: ReplicaSpec, client: Client) -> SupervisorHandle {
     let (tx, rx) = oneshot::channel();
     let backend_version = spec.replica.backend_version;
     let task = tokio::spawn(supervise(spec, client, rx));
-    SupervisorHandle { backend_version, stop: Some(tx), task }
+    SupervisorHandle {
+        backend_version,
+        stop: Some(tx),
+        task,
+    }
 }
 
 /// The status line a replica writes when it is serving or has failed.
@@ -84,8 +88,19 @@ async fn supervise(spec: ReplicaSpec, client: Client, mut stop: oneshot::Receive
     let mut restarts = spec.replica.restarts;
     let mut backoff = BACKOFF_MIN;
     loop {
-        let base = ReplicaReport { replica_id: id.clone(), restarts, ..Default::default() };
-        report(&client, ReplicaReport { state: "starting".into(), ..base.clone() }).await;
+        let base = ReplicaReport {
+            replica_id: id.clone(),
+            restarts,
+            ..Default::default()
+        };
+        report(
+            &client,
+            ReplicaReport {
+                state: "starting".into(),
+                ..base.clone()
+            },
+        )
+        .await;
         let started = tokio::time::Instant::now();
         let outcome = match start(&spec).await {
             Ok(mut child) => {
@@ -98,13 +113,16 @@ async fn supervise(spec: ReplicaSpec, client: Client, mut stop: oneshot::Receive
                 };
                 let outcome = match result {
                     Ok(status) if status.state == "running" => {
-                        report(&client, ReplicaReport {
-                            state: "running".into(),
-                            unix_path: status.unix_path,
-                            tcp_addr: status.tcp_addr,
-                            pid: status.pid,
-                            ..base.clone()
-                        })
+                        report(
+                            &client,
+                            ReplicaReport {
+                                state: "running".into(),
+                                unix_path: status.unix_path,
+                                tcp_addr: status.tcp_addr,
+                                pid: status.pid,
+                                ..base.clone()
+                            },
+                        )
                         .await;
                         tokio::select! {
                             exit = child.wait() => format!("replica process exited ({})", exit.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())),
@@ -113,7 +131,11 @@ async fn supervise(spec: ReplicaSpec, client: Client, mut stop: oneshot::Receive
                     }
                     Ok(status) => {
                         let _ = child.wait().await;
-                        if status.error.is_empty() { format!("replica reported state '{}'", status.state) } else { status.error }
+                        if status.error.is_empty() {
+                            format!("replica reported state '{}'", status.state)
+                        } else {
+                            status.error
+                        }
                     }
                     Err(e) => {
                         let _ = child.kill().await;
@@ -126,7 +148,15 @@ async fn supervise(spec: ReplicaSpec, client: Client, mut stop: oneshot::Receive
             Err(e) => e,
         };
         tracing::warn!(replica = %id, reason = %outcome, "replica stopped; restarting after backoff");
-        report(&client, ReplicaReport { state: "failed".into(), error: outcome, ..base }).await;
+        report(
+            &client,
+            ReplicaReport {
+                state: "failed".into(),
+                error: outcome,
+                ..base
+            },
+        )
+        .await;
         // A replica that served for a while starts again quickly.
         if started.elapsed() > BACKOFF_MAX {
             backoff = BACKOFF_MIN;
@@ -161,7 +191,8 @@ async fn start(spec: &ReplicaSpec) -> Result<Child, String> {
     let dir = &spec.work_dir;
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let code_file = dir.join("code.pkl");
-    std::fs::write(&code_file, &spec.backend.code).map_err(|e| format!("cannot write {}: {e}", code_file.display()))?;
+    std::fs::write(&code_file, &spec.backend.code)
+        .map_err(|e| format!("cannot write {}: {e}", code_file.display()))?;
     let log_path = dir.join("replica.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -189,28 +220,39 @@ async fn start(spec: &ReplicaSpec) -> Result<Child, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .kill_on_drop(true);
-    cmd.spawn().map_err(|e| format!("cannot start {}: {e}", spec.python.display()))
+    cmd.spawn()
+        .map_err(|e| format!("cannot start {}: {e}", spec.python.display()))
 }
 
 async fn read_status(child: &mut Child) -> Result<StatusLine, String> {
-    let Some(stdout) = child.stdout.take() else { return Err("replica stdout not captured".into()) };
+    let Some(stdout) = child.stdout.take() else {
+        return Err("replica stdout not captured".into());
+    };
     let mut lines = BufReader::new(stdout).lines();
     match tokio::time::timeout(START_TIMEOUT, lines.next_line()).await {
         Err(_) => Err(format!("replica did not start within {START_TIMEOUT:?}")),
         Ok(Err(e)) => Err(format!("reading replica status: {e}")),
         Ok(Ok(None)) => {
-            let status = child.wait().await.map(|s| s.to_string()).unwrap_or_default();
-            Err(format!("replica exited before reporting its state ({status}); see its log"))
+            let status = child
+                .wait()
+                .await
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            Err(format!(
+                "replica exited before reporting its state ({status}); see its log"
+            ))
         }
-        Ok(Ok(Some(line))) => {
-            serde_json::from_str(&line).map_err(|e| format!("replica status line '{line}' is not valid: {e}"))
-        }
+        Ok(Ok(Some(line))) => serde_json::from_str(&line)
+            .map_err(|e| format!("replica status line '{line}' is not valid: {e}")),
     }
 }
 
 /// Waits for a clean exit (the caller closed the lifeline), then kills.
 async fn terminate(child: &mut Child) {
-    if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+    if tokio::time::timeout(STOP_GRACE, child.wait())
+        .await
+        .is_err()
+    {
         let _ = child.kill().await;
     }
 }
@@ -236,18 +278,35 @@ mod tests {
         assert_eq!(v["num_replicas"], 2);
         assert_eq!(v["max_concurrent_queries"], 7);
         assert_eq!(v["user_config"]["threshold"], 0.5);
-        let none = Backend { config: Some(BackendConfig::default()), ..backend };
+        let none = Backend {
+            config: Some(BackendConfig::default()),
+            ..backend
+        };
         let v: serde_json::Value = serde_json::from_str(&config_json(&none)).unwrap();
         assert!(v["user_config"].is_null());
     }
 
     #[tokio::test]
     async fn a_replica_that_dies_before_its_status_line_is_an_error_naming_it() {
-        let mut child = Command::new("sh").args(["-c", "exit 3"]).stdout(Stdio::piped()).spawn().unwrap();
-        let err = read_status(&mut child).await.err().expect("no status line must be an error");
+        let mut child = Command::new("sh")
+            .args(["-c", "exit 3"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = read_status(&mut child)
+            .await
+            .err()
+            .expect("no status line must be an error");
         assert!(err.contains("exited before reporting"), "{err}");
-        let mut child = Command::new("sh").args(["-c", "echo not-json"]).stdout(Stdio::piped()).spawn().unwrap();
-        let err = read_status(&mut child).await.err().expect("garbage must be an error");
+        let mut child = Command::new("sh")
+            .args(["-c", "echo not-json"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = read_status(&mut child)
+            .await
+            .err()
+            .expect("garbage must be an error");
         assert!(err.contains("not-json"), "{err}");
     }
 }

@@ -36,25 +36,41 @@ pub enum ConnectError {
     #[error("the cluster token contains characters that cannot travel in gRPC metadata")]
     BadToken,
     #[error("cannot reach the controller at {addr}: {source}")]
-    Unreachable { addr: String, source: tonic::transport::Error },
+    Unreachable {
+        addr: String,
+        source: tonic::transport::Error,
+    },
 }
 
 fn endpoint(addr: &str) -> Result<Endpoint, ConnectError> {
-    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
     Endpoint::from_shared(url)
         .map(|e| e.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true))
-        .map_err(|e| ConnectError::BadAddress { addr: addr.to_string(), reason: e.to_string() })
+        .map_err(|e| ConnectError::BadAddress {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })
 }
 
 fn wrap(channel: Channel, token: &str) -> Result<Client, ConnectError> {
     let token = if token.is_empty() {
         None
     } else {
-        Some(token.parse::<AsciiMetadataValue>().map_err(|_| ConnectError::BadToken)?)
+        Some(
+            token
+                .parse::<AsciiMetadataValue>()
+                .map_err(|_| ConnectError::BadToken)?,
+        )
     };
-    Ok(ControlClient::with_interceptor(channel, WithToken { token })
-        .max_decoding_message_size(256 * 1024 * 1024)
-        .max_encoding_message_size(256 * 1024 * 1024))
+    Ok(
+        ControlClient::with_interceptor(channel, WithToken { token })
+            .max_decoding_message_size(256 * 1024 * 1024)
+            .max_encoding_message_size(256 * 1024 * 1024),
+    )
 }
 
 /// Connects now; fails if the controller does not answer.
@@ -62,7 +78,10 @@ pub async fn connect(addr: &str, token: &str) -> Result<Client, ConnectError> {
     let channel = endpoint(addr)?
         .connect()
         .await
-        .map_err(|source| ConnectError::Unreachable { addr: addr.to_string(), source })?;
+        .map_err(|source| ConnectError::Unreachable {
+            addr: addr.to_string(),
+            source,
+        })?;
     wrap(channel, token)
 }
 
@@ -128,9 +147,16 @@ async fn stream_once(
             .await
             .map_err(|e| format!("connect to {addr}: {e}"))?;
         let mut client = wrap(channel, token).map_err(|e| e.to_string())?;
-        let mut stream =
-            client.watch(WatchRequest { include_code }).await.map_err(|s| s.message().to_string())?.into_inner();
-        while let Some(snapshot) = stream.message().await.map_err(|s| s.message().to_string())? {
+        let mut stream = client
+            .watch(WatchRequest { include_code })
+            .await
+            .map_err(|s| s.message().to_string())?
+            .into_inner();
+        while let Some(snapshot) = stream
+            .message()
+            .await
+            .map_err(|s| s.message().to_string())?
+        {
             *received = true;
             tracing::debug!(version = snapshot.version, "snapshot received");
             tx.send_replace(Some(std::sync::Arc::new(snapshot)));

@@ -110,7 +110,11 @@ fn bincode_config() -> bincode::config::Configuration {
 }
 
 /// Appends one frame carrying `msg` under `id` to `out`.
-pub fn encode_into<T: Serialize>(id: RequestId, msg: &T, out: &mut BytesMut) -> Result<(), FrameError> {
+pub fn encode_into<T: Serialize>(
+    id: RequestId,
+    msg: &T,
+    out: &mut BytesMut,
+) -> Result<(), FrameError> {
     let body = bincode::serde::encode_to_vec(msg, bincode_config())?;
     let len = 8 + body.len();
     if len > MAX_FRAME_LEN {
@@ -143,14 +147,18 @@ pub struct FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R) -> Self {
-        Self { inner, buf: BytesMut::with_capacity(64 * 1024) }
+        Self {
+            inner,
+            buf: BytesMut::with_capacity(64 * 1024),
+        }
     }
 
     /// The next frame's id and body, or `None` on a clean end of stream.
     pub async fn next(&mut self) -> Result<Option<(RequestId, Bytes)>, FrameError> {
         loop {
             if self.buf.len() >= 4 {
-                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+                    as usize;
                 if len > MAX_FRAME_LEN {
                     return Err(FrameError::TooLarge(len));
                 }
@@ -166,7 +174,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 self.buf.reserve(4 + len - self.buf.len());
             }
             if self.inner.read_buf(&mut self.buf).await? == 0 {
-                return if self.buf.is_empty() { Ok(None) } else { Err(FrameError::Truncated) };
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(FrameError::Truncated)
+                };
             }
         }
     }

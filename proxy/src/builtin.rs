@@ -21,17 +21,30 @@ pub(crate) fn respond(proxy: &Proxy, path: &str) -> Option<HttpResponse> {
             let mut routes = serde_json::Map::new();
             for (route, endpoint) in proxy.routes().routes() {
                 // First registration wins, as in lookup.
-                routes.entry(route.to_owned()).or_insert_with(|| endpoint.into());
+                routes
+                    .entry(route.to_owned())
+                    .or_insert_with(|| endpoint.into());
             }
-            text(StatusCode::OK, "application/json", serde_json::Value::Object(routes).to_string())
+            text(
+                StatusCode::OK,
+                "application/json",
+                serde_json::Value::Object(routes).to_string(),
+            )
         }
         HEALTHZ_PATH => match proxy.ready_for_traffic() {
             (true, _) => text(StatusCode::OK, "text/plain", "ok".into()),
-            (false, reason) => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {reason}")),
+            (false, reason) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {reason}"),
+            ),
         },
         METRICS_PATH => match &proxy.metrics {
             Some(handle) => text(StatusCode::OK, "text/plain; version=0.0.4", handle.render()),
-            None => json_error(StatusCode::NOT_FOUND, "metrics are not enabled on this proxy"),
+            None => json_error(
+                StatusCode::NOT_FOUND,
+                "metrics are not enabled on this proxy",
+            ),
         },
         _ => return None,
     })
@@ -40,6 +53,8 @@ pub(crate) fn respond(proxy: &Proxy, path: &str) -> Option<HttpResponse> {
 fn text(status: StatusCode, content_type: &'static str, body: String) -> HttpResponse {
     let mut response = hyper::Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }

@@ -62,7 +62,14 @@ impl std::fmt::Debug for ProxyConfig {
         f.debug_struct("ProxyConfig")
             .field("listen_addr", &self.listen_addr)
             .field("control_addr", &self.control_addr)
-            .field("token", &if self.token.is_empty() { "" } else { "<redacted>" })
+            .field(
+                "token",
+                &if self.token.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
             .field("max_body_bytes", &self.max_body_bytes)
             .field("request_timeout", &self.request_timeout)
             .field("queue_capacity", &self.queue_capacity)
@@ -78,7 +85,12 @@ impl ProxyConfig {
     pub fn validate(&self) -> Result<(), ProxyError> {
         check_host_port("listen_addr", &self.listen_addr)?;
         check_host_port("control_addr", &self.control_addr)?;
-        let invalid = |field, reason: &str| Err(ProxyError::InvalidConfig { field, reason: reason.to_owned() });
+        let invalid = |field, reason: &str| {
+            Err(ProxyError::InvalidConfig {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
         if self.max_body_bytes == 0 {
             return invalid("max_body_bytes", "must be greater than 0");
         }
@@ -122,10 +134,34 @@ mod tests {
     fn validate_names_the_field() {
         assert!(ProxyConfig::default().validate().is_ok());
         let cases: Vec<(ProxyConfig, &str)> = vec![
-            (ProxyConfig { listen_addr: "nohost".into(), ..Default::default() }, "listen_addr"),
-            (ProxyConfig { control_addr: "h:notaport".into(), ..Default::default() }, "control_addr"),
-            (ProxyConfig { max_body_bytes: 0, ..Default::default() }, "max_body_bytes"),
-            (ProxyConfig { request_timeout: Duration::ZERO, ..Default::default() }, "request_timeout"),
+            (
+                ProxyConfig {
+                    listen_addr: "nohost".into(),
+                    ..Default::default()
+                },
+                "listen_addr",
+            ),
+            (
+                ProxyConfig {
+                    control_addr: "h:notaport".into(),
+                    ..Default::default()
+                },
+                "control_addr",
+            ),
+            (
+                ProxyConfig {
+                    max_body_bytes: 0,
+                    ..Default::default()
+                },
+                "max_body_bytes",
+            ),
+            (
+                ProxyConfig {
+                    request_timeout: Duration::ZERO,
+                    ..Default::default()
+                },
+                "request_timeout",
+            ),
         ];
         for (config, field) in cases {
             let err = config.validate().unwrap_err().to_string();
@@ -135,7 +171,10 @@ mod tests {
 
     #[test]
     fn debug_hides_the_token() {
-        let c = ProxyConfig { token: "s3cret".into(), ..Default::default() };
+        let c = ProxyConfig {
+            token: "s3cret".into(),
+            ..Default::default()
+        };
         assert!(!format!("{c:?}").contains("s3cret"));
     }
 }

@@ -20,7 +20,9 @@ pub(crate) fn json_error(status: StatusCode, message: &str) -> HttpResponse {
     let body = serde_json::json!({ "error": message }).to_string();
     let mut response = hyper::Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 
@@ -29,8 +31,13 @@ pub(crate) fn not_found(path: &str) -> HttpResponse {
 }
 
 pub(crate) fn method_not_allowed(method: &str, path: &str, allow: &[String]) -> HttpResponse {
-    let mut response =
-        json_error(StatusCode::METHOD_NOT_ALLOWED, &format!("method {method} not allowed for {path}; allowed: {}", allow.join(", ")));
+    let mut response = json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!(
+            "method {method} not allowed for {path}; allowed: {}",
+            allow.join(", ")
+        ),
+    );
     if let Ok(value) = HeaderValue::from_str(&allow.join(", ")) {
         response.headers_mut().insert(ALLOW, value);
     }
@@ -38,20 +45,33 @@ pub(crate) fn method_not_allowed(method: &str, path: &str, allow: &[String]) -> 
 }
 
 pub(crate) fn body_too_large(limit: usize) -> HttpResponse {
-    json_error(StatusCode::PAYLOAD_TOO_LARGE, &format!("request body exceeds the {limit} byte limit"))
+    json_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("request body exceeds the {limit} byte limit"),
+    )
 }
 
 pub(crate) fn from_router_error(error: &RouterError) -> HttpResponse {
     let (status, retry_after) = match error {
         RouterError::UnknownEndpoint(_) => (StatusCode::NOT_FOUND, None),
-        RouterError::Backpressure { .. } => (StatusCode::SERVICE_UNAVAILABLE, Some(BACKPRESSURE_RETRY_AFTER_S)),
-        RouterError::NoReplica { .. } => (StatusCode::SERVICE_UNAVAILABLE, Some(NO_REPLICA_RETRY_AFTER_S)),
-        RouterError::ReplicaDied { .. } | RouterError::Protocol { .. } => (StatusCode::BAD_GATEWAY, None),
+        RouterError::Backpressure { .. } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(BACKPRESSURE_RETRY_AFTER_S),
+        ),
+        RouterError::NoReplica { .. } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(NO_REPLICA_RETRY_AFTER_S),
+        ),
+        RouterError::ReplicaDied { .. } | RouterError::Protocol { .. } => {
+            (StatusCode::BAD_GATEWAY, None)
+        }
         RouterError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, None),
     };
     let mut response = json_error(status, &error.to_string());
     if let Some(seconds) = retry_after {
-        response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static(seconds));
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static(seconds));
     }
     response
 }
@@ -65,15 +85,45 @@ mod tests {
     fn router_errors_map_to_statuses() {
         let cases = [
             (RouterError::UnknownEndpoint("e".into()), 404, None),
-            (RouterError::Backpressure { backend: "b".into(), queued: 3 }, 503, Some("1")),
-            (RouterError::NoReplica { endpoint: "e".into() }, 503, Some("5")),
-            (RouterError::ReplicaDied { replica: "r".into(), reason: "eof".into() }, 502, None),
-            (RouterError::Timeout { after: Duration::from_secs(1) }, 504, None),
+            (
+                RouterError::Backpressure {
+                    backend: "b".into(),
+                    queued: 3,
+                },
+                503,
+                Some("1"),
+            ),
+            (
+                RouterError::NoReplica {
+                    endpoint: "e".into(),
+                },
+                503,
+                Some("5"),
+            ),
+            (
+                RouterError::ReplicaDied {
+                    replica: "r".into(),
+                    reason: "eof".into(),
+                },
+                502,
+                None,
+            ),
+            (
+                RouterError::Timeout {
+                    after: Duration::from_secs(1),
+                },
+                504,
+                None,
+            ),
         ];
         for (error, status, retry) in cases {
             let r = from_router_error(&error);
             assert_eq!(r.status().as_u16(), status, "{error}");
-            assert_eq!(r.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()), retry, "{error}");
+            assert_eq!(
+                r.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()),
+                retry,
+                "{error}"
+            );
             assert_eq!(r.headers()[CONTENT_TYPE], "application/json");
         }
     }

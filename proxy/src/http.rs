@@ -84,8 +84,14 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         }
     }
     drop(listener);
-    tracing::info!(open = graceful.count(), "proxy stopped accepting; draining connections");
-    if tokio::time::timeout(proxy.shutdown_grace, graceful.shutdown()).await.is_err() {
+    tracing::info!(
+        open = graceful.count(),
+        "proxy stopped accepting; draining connections"
+    );
+    if tokio::time::timeout(proxy.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!(grace = ?proxy.shutdown_grace, "connections still open after the grace period");
     }
 }
@@ -95,7 +101,10 @@ async fn handle(proxy: &Proxy, req: hyper::Request<Incoming>, client: SocketAddr
     if let Some(response) = builtin::respond(proxy, req.uri().path()) {
         return response;
     }
-    let matched = match proxy.routes().lookup(req.uri().path(), req.method().as_str()) {
+    let matched = match proxy
+        .routes()
+        .lookup(req.uri().path(), req.method().as_str())
+    {
         Ok(m) => m,
         Err(e) => {
             let response = lookup_error(&req, e);
@@ -115,7 +124,9 @@ fn lookup_error(req: &hyper::Request<Incoming>, error: LookupError) -> HttpRespo
     let path = req.uri().path();
     match error {
         LookupError::NotFound => errors::not_found(path),
-        LookupError::MethodNotAllowed { allow } => errors::method_not_allowed(req.method().as_str(), path, &allow),
+        LookupError::MethodNotAllowed { allow } => {
+            errors::method_not_allowed(req.method().as_str(), path, &allow)
+        }
     }
 }
 
@@ -123,15 +134,24 @@ async fn read_body(
     req: hyper::Request<Incoming>,
     limit: usize,
 ) -> Result<(hyper::http::request::Parts, Bytes), HttpResponse> {
-    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(errors::body_too_large(limit));
     }
     let (parts, body) = req.into_parts();
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok((parts, collected.to_bytes())),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(errors::body_too_large(limit)),
-        Err(e) => Err(errors::json_error(StatusCode::BAD_REQUEST, &format!("cannot read the request body: {e}"))),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(errors::body_too_large(limit))
+        }
+        Err(e) => Err(errors::json_error(
+            StatusCode::BAD_REQUEST,
+            &format!("cannot read the request body: {e}"),
+        )),
     }
 }
 
@@ -152,7 +172,12 @@ async fn forward(
     let headers = parts
         .headers
         .iter()
-        .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
     let request = Request {
         method_name,
@@ -180,7 +205,14 @@ async fn forward(
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
-        "connection" | "keep-alive" | "transfer-encoding" | "content-length" | "upgrade" | "proxy-connection" | "te" | "trailer"
+        "connection"
+            | "keep-alive"
+            | "transfer-encoding"
+            | "content-length"
+            | "upgrade"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
     )
 }
 
@@ -194,7 +226,10 @@ fn to_http(response: serval_protos::frame::Response) -> HttpResponse {
     let mut out = hyper::Response::new(Full::new(Bytes::from(response.body)));
     *out.status_mut() = status;
     for (name, value) in response.headers {
-        match (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(&value)) {
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
             (Ok(name), Ok(value)) if !is_hop_by_hop(&name) => {
                 out.headers_mut().append(name, value);
             }
@@ -213,7 +248,8 @@ fn record(endpoint: &str, status: StatusCode, started: Instant) {
         4 => "4xx",
         _ => "5xx",
     };
-    metrics::counter!(REQUESTS_TOTAL, "endpoint" => endpoint.to_owned(), "status" => class).increment(1);
+    metrics::counter!(REQUESTS_TOTAL, "endpoint" => endpoint.to_owned(), "status" => class)
+        .increment(1);
     metrics::histogram!(REQUEST_DURATION_SECONDS, "endpoint" => endpoint.to_owned())
         .record(started.elapsed().as_secs_f64());
 }

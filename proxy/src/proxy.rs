@@ -29,7 +29,9 @@ pub struct Proxy {
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Proxy").field("ready", &self.ready).finish_non_exhaustive()
+        f.debug_struct("Proxy")
+            .field("ready", &self.ready)
+            .finish_non_exhaustive()
     }
 }
 
@@ -55,7 +57,10 @@ impl Proxy {
     }
 
     pub fn routes(&self) -> Arc<RouteTable> {
-        self.routes.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Whether the proxy can route, and why not (Ray's `ready_for_traffic`).

@@ -19,7 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use serval_protos::frame::{self, FrameError, FrameReader, FrameSender, Request, RequestId, Response};
+use serval_protos::frame::{
+    self, FrameError, FrameReader, FrameSender, Request, RequestId, Response,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -72,7 +74,10 @@ enum ConnState {
     /// Never connected (or dropped cleanly): connect on first use.
     Idle,
     Live(Arc<Live>),
-    Backoff { until: Instant, failures: u32 },
+    Backoff {
+        until: Instant,
+        failures: u32,
+    },
 }
 
 /// An open connection; dropping the last reference closes it.
@@ -108,7 +113,10 @@ impl Live {
         }
         // Removes the entry on every exit: timeout, error, or the caller's
         // future being dropped (client disconnected).
-        let _entry = PendingEntry { pending: &self.pending, id };
+        let _entry = PendingEntry {
+            pending: &self.pending,
+            id,
+        };
         if self.tx.send(bytes).is_err() {
             return Err(ConnError::Died("writer closed".into()));
         }
@@ -173,7 +181,11 @@ impl ReplicaConn {
     }
 
     /// Sends `request` and waits for its response until `deadline`.
-    pub(crate) async fn request(&self, request: &Request, deadline: Instant) -> Result<Response, ConnError> {
+    pub(crate) async fn request(
+        &self,
+        request: &Request,
+        deadline: Instant,
+    ) -> Result<Response, ConnError> {
         let live = self.live(deadline).await?;
         live.send(request, deadline).await
     }
@@ -196,12 +208,16 @@ impl ReplicaConn {
         let failures = match &*lock(&self.state) {
             ConnState::Backoff { until, .. } if *until > Instant::now() => {
                 // Another request just failed to connect: do not pile on.
-                return Err(ConnError::Connect(format!("replica {} is backing off", self.replica_id)));
+                return Err(ConnError::Connect(format!(
+                    "replica {} is backing off",
+                    self.replica_id
+                )));
             }
             ConnState::Backoff { failures, .. } => *failures,
             _ => 0,
         };
-        let connect_deadline = deadline.min(Instant::now() + Duration::from_millis(CONNECT_TIMEOUT_MS));
+        let connect_deadline =
+            deadline.min(Instant::now() + Duration::from_millis(CONNECT_TIMEOUT_MS));
         let result = match tokio::time::timeout_at(connect_deadline, self.connect()).await {
             Ok(Ok(live)) => Ok(Arc::new(live)),
             Ok(Err(e)) => Err(e),
@@ -216,9 +232,15 @@ impl ReplicaConn {
             }
             Err(e) => {
                 let failures = failures.saturating_add(1);
-                *state = ConnState::Backoff { until: Instant::now() + backoff(failures), failures };
+                *state = ConnState::Backoff {
+                    until: Instant::now() + backoff(failures),
+                    failures,
+                };
                 tracing::warn!(replica = %self.replica_id, error = %e, "cannot connect to replica");
-                Err(ConnError::Connect(format!("replica {}: {e}", self.replica_id)))
+                Err(ConnError::Connect(format!(
+                    "replica {}: {e}",
+                    self.replica_id
+                )))
             }
         }
     }
@@ -231,8 +253,12 @@ impl ReplicaConn {
                     let (r, w) = stream.into_split();
                     return Ok(self.start(r, w));
                 }
-                Err(e) if self.tcp_addr.is_empty() => return Err(format!("unix {}: {e}", self.unix_path)),
-                Err(e) => tracing::debug!(replica = %self.replica_id, error = %e, "unix connect failed; trying tcp"),
+                Err(e) if self.tcp_addr.is_empty() => {
+                    return Err(format!("unix {}: {e}", self.unix_path))
+                }
+                Err(e) => {
+                    tracing::debug!(replica = %self.replica_id, error = %e, "unix connect failed; trying tcp")
+                }
             }
         }
         if self.tcp_addr.is_empty() {
@@ -263,7 +289,12 @@ impl ReplicaConn {
             self.state.clone(),
             self.replica_id.clone(),
         ));
-        Live { tx, pending, next_id: AtomicU64::new(1), reader }
+        Live {
+            tx,
+            pending,
+            next_id: AtomicU64::new(1),
+            reader,
+        }
     }
 }
 
@@ -346,11 +377,23 @@ mod tests {
     #[tokio::test]
     async fn unreachable_replica_backs_off() {
         let conn = ReplicaConn::new("r1", "/nonexistent/serval.sock", "");
-        let req = Request { method_name: None, payload: frame::Payload::Ping };
+        let req = Request {
+            method_name: None,
+            payload: frame::Payload::Ping,
+        };
         let deadline = Instant::now() + Duration::from_secs(5);
-        assert!(matches!(conn.request(&req, deadline).await, Err(ConnError::Connect(_))));
-        assert!(matches!(conn.available(Instant::now()), Availability::BackoffUntil(_)));
+        assert!(matches!(
+            conn.request(&req, deadline).await,
+            Err(ConnError::Connect(_))
+        ));
+        assert!(matches!(
+            conn.available(Instant::now()),
+            Availability::BackoffUntil(_)
+        ));
         // While backing off, a second request fails at once without connecting.
-        assert!(matches!(conn.request(&req, deadline).await, Err(ConnError::Connect(_))));
+        assert!(matches!(
+            conn.request(&req, deadline).await,
+            Err(ConnError::Connect(_))
+        ));
     }
 }

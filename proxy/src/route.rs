@@ -69,7 +69,9 @@ impl Converter {
     /// value does not fit this converter.
     pub fn convert(self, raw: &str) -> Option<PathValue> {
         match self {
-            Self::Str => (!raw.is_empty() && !raw.contains('/')).then(|| PathValue::Str(raw.to_owned())),
+            Self::Str => {
+                (!raw.is_empty() && !raw.contains('/')).then(|| PathValue::Str(raw.to_owned()))
+            }
             // The path converter is Starlette's `.*`: it may be empty.
             Self::Path => Some(PathValue::Str(raw.to_owned())),
             Self::Int => {
@@ -115,8 +117,14 @@ pub enum RouteError {
     #[error("route {route:?} has an invalid parameter name {name:?} (letters, digits and '_', not starting with a digit)")]
     InvalidName { route: String, name: String },
     #[error("route {route:?}: parameter {name:?} uses unknown converter {converter:?} (known: str, int, float, path, uuid)")]
-    UnknownConverter { route: String, name: String, converter: String },
-    #[error("route {route:?}: path parameter {name:?} must be a whole segment at the end of the route")]
+    UnknownConverter {
+        route: String,
+        name: String,
+        converter: String,
+    },
+    #[error(
+        "route {route:?}: path parameter {name:?} must be a whole segment at the end of the route"
+    )]
     PathNotLast { route: String, name: String },
     #[error("route {route:?} names parameter {name:?} twice")]
     DuplicateName { route: String, name: String },
@@ -127,9 +135,15 @@ pub enum RouteError {
 pub(crate) enum Segment {
     Static(String),
     /// One parameter with optional static text on either side (`img-{id}.png`).
-    Param { prefix: String, index: usize, suffix: String },
+    Param {
+        prefix: String,
+        index: usize,
+        suffix: String,
+    },
     /// `{name:path}`: everything from here to the end of the path.
-    Rest { index: usize },
+    Rest {
+        index: usize,
+    },
 }
 
 /// A validated route.
@@ -165,7 +179,11 @@ impl ParsedRoute {
             out.push('/');
             match seg {
                 Segment::Static(s) => out.push_str(s),
-                Segment::Param { prefix, index, suffix } => {
+                Segment::Param {
+                    prefix,
+                    index,
+                    suffix,
+                } => {
                     out.push_str(prefix);
                     out.push_str(&format!("{{:{}}}", self.params[*index].1.name()));
                     out.push_str(suffix);
@@ -177,7 +195,10 @@ impl ParsedRoute {
     }
 
     /// Converts matchit's positional captures into typed, named values.
-    fn convert_captures(&self, captures: &matchit::Params<'_, '_>) -> Option<Vec<(String, PathValue)>> {
+    fn convert_captures(
+        &self,
+        captures: &matchit::Params<'_, '_>,
+    ) -> Option<Vec<(String, PathValue)>> {
         let mut out = Vec::with_capacity(self.params.len());
         for (i, (name, conv)) in self.params.iter().enumerate() {
             let raw = captures.get(position_name(i))?;
@@ -205,8 +226,14 @@ impl ParsedRoute {
             };
             match seg {
                 Segment::Static(s) if s == piece => {}
-                Segment::Param { prefix, index, suffix } => {
-                    let inner = piece.strip_prefix(prefix.as_str())?.strip_suffix(suffix.as_str())?;
+                Segment::Param {
+                    prefix,
+                    index,
+                    suffix,
+                } => {
+                    let inner = piece
+                        .strip_prefix(prefix.as_str())?
+                        .strip_suffix(suffix.as_str())?;
                     values[*index] = Some(self.params[*index].1.convert(inner)?);
                 }
                 _ => return None,
@@ -217,7 +244,11 @@ impl ParsedRoute {
         if remaining.is_some() {
             return None;
         }
-        self.params.iter().zip(values).map(|((name, _), v)| v.map(|v| (name.clone(), v))).collect()
+        self.params
+            .iter()
+            .zip(values)
+            .map(|((name, _), v)| v.map(|v| (name.clone(), v)))
+            .collect()
     }
 }
 
@@ -286,7 +317,9 @@ pub struct RouteTable {
 
 impl fmt::Debug for RouteTable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RouteTable").field("entries", &self.entries).finish_non_exhaustive()
+        f.debug_struct("RouteTable")
+            .field("entries", &self.entries)
+            .finish_non_exhaustive()
     }
 }
 
@@ -296,7 +329,12 @@ impl RouteTable {
     }
 
     /// Adds a route of `endpoint` after every route added before it.
-    pub fn insert(&mut self, endpoint: &str, route: &str, methods: &[String]) -> Result<(), RouteError> {
+    pub fn insert(
+        &mut self,
+        endpoint: &str,
+        route: &str,
+        methods: &[String],
+    ) -> Result<(), RouteError> {
         let parsed = parse_route(route)?;
         let index = self.entries.len();
         match self.shape_of_pattern.get(&parsed.pattern) {
@@ -326,7 +364,9 @@ impl RouteTable {
 
     /// `(route, endpoint)` pairs in registration order.
     pub fn routes(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.entries.iter().map(|e| (e.route.route.as_str(), e.endpoint.as_str()))
+        self.entries
+            .iter()
+            .map(|e| (e.route.route.as_str(), e.endpoint.as_str()))
     }
 
     /// Finds the endpoint for a request. `path` is the raw URI path; it is
@@ -343,7 +383,10 @@ impl RouteTable {
                 let entry = &self.entries[i];
                 if let Some(params) = entry.route.convert_captures(&hit.params) {
                     if entry.allows(method) {
-                        return Ok(RouteMatch { endpoint: entry.endpoint.clone(), path_params: params });
+                        return Ok(RouteMatch {
+                            endpoint: entry.endpoint.clone(),
+                            path_params: params,
+                        });
                     }
                     add_allowed(&mut allow, entry);
                 }
@@ -358,7 +401,10 @@ impl RouteTable {
             }
             if let Some(params) = entry.route.match_path(&decoded) {
                 if entry.allows(method) {
-                    return Ok(RouteMatch { endpoint: entry.endpoint.clone(), path_params: params });
+                    return Ok(RouteMatch {
+                        endpoint: entry.endpoint.clone(),
+                        path_params: params,
+                    });
                 }
                 add_allowed(&mut allow, entry);
             }

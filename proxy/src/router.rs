@@ -140,7 +140,9 @@ pub struct Router {
 
 impl std::fmt::Debug for Router {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Router").field("config", &self.inner.config).finish_non_exhaustive()
+        f.debug_struct("Router")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -190,13 +192,19 @@ impl Router {
     /// Requests in flight on the replicas of `backend` (0 if unknown).
     pub fn in_flight(&self, backend: &str) -> usize {
         self.table().backends.get(backend).map_or(0, |b| {
-            b.replicas().iter().map(|r| r.in_flight.load(Ordering::Relaxed)).sum()
+            b.replicas()
+                .iter()
+                .map(|r| r.in_flight.load(Ordering::Relaxed))
+                .sum()
         })
     }
 
     /// Requests waiting in `backend`'s queue (0 if unknown).
     pub fn queued(&self, backend: &str) -> usize {
-        self.table().backends.get(backend).map_or(0, |b| b.queued.load(Ordering::Relaxed))
+        self.table()
+            .backends
+            .get(backend)
+            .map_or(0, |b| b.queued.load(Ordering::Relaxed))
     }
 
     fn table(&self) -> Arc<Table> {
@@ -206,20 +214,38 @@ impl Router {
     /// Rebuilds endpoints and replica sets from a snapshot, keeping the
     /// connections and counters of replicas that stay.
     pub fn update(&self, snapshot: &ClusterSnapshot) {
-        let _serial = self.inner.updating.lock().unwrap_or_else(|p| p.into_inner());
+        let _serial = self
+            .inner
+            .updating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let old = self.table();
         let mut backends: HashMap<String, Arc<Backend>> = HashMap::new();
         let mut backend = |name: &str| -> Arc<Backend> {
             backends
                 .entry(name.to_owned())
-                .or_insert_with(|| old.backends.get(name).cloned().unwrap_or_else(|| Arc::new(Backend::new(name))))
+                .or_insert_with(|| {
+                    old.backends
+                        .get(name)
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(Backend::new(name)))
+                })
                 .clone()
         };
 
         for b in &snapshot.backends {
-            let limit = b.config.as_ref().map_or(0, |c| c.max_concurrent_queries as usize);
-            let limit = if limit == 0 { DEFAULT_MAX_CONCURRENT_QUERIES } else { limit };
-            backend(&b.name).max_concurrent.store(limit, Ordering::Relaxed);
+            let limit = b
+                .config
+                .as_ref()
+                .map_or(0, |c| c.max_concurrent_queries as usize);
+            let limit = if limit == 0 {
+                DEFAULT_MAX_CONCURRENT_QUERIES
+            } else {
+                limit
+            };
+            backend(&b.name)
+                .max_concurrent
+                .store(limit, Ordering::Relaxed);
         }
         let mut running: HashMap<String, Vec<Arc<Replica>>> = HashMap::new();
         for r in snapshot.replicas.iter().filter(|r| r.state == RUNNING) {
@@ -245,7 +271,13 @@ impl Router {
             for name in e.traffic.keys().chain(e.shadow.keys()) {
                 backend(name);
             }
-            endpoints.insert(e.name.clone(), EndpointRoute { traffic: sorted(&e.traffic), shadow: sorted(&e.shadow) });
+            endpoints.insert(
+                e.name.clone(),
+                EndpointRoute {
+                    traffic: sorted(&e.traffic),
+                    shadow: sorted(&e.shadow),
+                },
+            );
         }
 
         for (name, b) in &backends {
@@ -261,7 +293,10 @@ impl Router {
                 b.slot_freed.notify_waiters();
             }
         }
-        *write(&self.inner.table) = Arc::new(Table { endpoints, backends });
+        *write(&self.inner.table) = Arc::new(Table {
+            endpoints,
+            backends,
+        });
         self.inner.updates.send_modify(|v| *v += 1);
     }
 
@@ -274,16 +309,24 @@ impl Router {
         let mut shadows_sent = false;
         loop {
             let table = self.table();
-            let route = table.endpoints.get(endpoint).ok_or_else(|| RouterError::UnknownEndpoint(endpoint.to_owned()))?;
+            let route = table
+                .endpoints
+                .get(endpoint)
+                .ok_or_else(|| RouterError::UnknownEndpoint(endpoint.to_owned()))?;
             if !shadows_sent {
                 shadows_sent = true;
                 self.send_shadows(&table, route, &request, deadline);
             }
-            let chosen = draw(&route.traffic).and_then(|name| table.backends.get(name)).cloned();
+            let chosen = draw(&route.traffic)
+                .and_then(|name| table.backends.get(name))
+                .cloned();
             drop(table);
             let mut retry_at = None;
             if let Some(backend) = chosen {
-                match self.call_backend(&backend, &request, deadline, Queueing::Wait).await {
+                match self
+                    .call_backend(&backend, &request, deadline, Queueing::Wait)
+                    .await
+                {
                     Ok(response) => return Ok(response),
                     Err(Attempt::Failed(e)) => return Err(e),
                     Err(Attempt::NoRoutable(at)) => retry_at = at,
@@ -292,7 +335,9 @@ impl Router {
             // Nothing routable: wait for the controller to report a replica
             // (or for a backoff to end), never a polling sleep.
             if Instant::now() >= no_replica_deadline {
-                return Err(RouterError::NoReplica { endpoint: endpoint.to_owned() });
+                return Err(RouterError::NoReplica {
+                    endpoint: endpoint.to_owned(),
+                });
             }
             let wake = retry_at.map_or(no_replica_deadline, |t| t.min(no_replica_deadline));
             tokio::select! {
@@ -306,19 +351,34 @@ impl Router {
         }
     }
 
-    fn send_shadows(&self, table: &Table, route: &EndpointRoute, request: &Request, deadline: Instant) {
+    fn send_shadows(
+        &self,
+        table: &Table,
+        route: &EndpointRoute,
+        request: &Request,
+        deadline: Instant,
+    ) {
         for (name, proportion) in &route.shadow {
             if *proportion <= 0.0 || (*proportion < 1.0 && !rand::rng().random_bool(*proportion)) {
                 continue;
             }
-            let Some(backend) = table.backends.get(name).cloned() else { continue };
+            let Some(backend) = table.backends.get(name).cloned() else {
+                continue;
+            };
             let router = self.clone();
             let copy = request.clone();
             tokio::spawn(async move {
-                match router.call_backend(&backend, &copy, deadline, Queueing::NoWait).await {
+                match router
+                    .call_backend(&backend, &copy, deadline, Queueing::NoWait)
+                    .await
+                {
                     Ok(_) => {}
-                    Err(Attempt::NoRoutable(_)) => tracing::debug!(backend = %backend.name, "shadow dropped: no replica"),
-                    Err(Attempt::Failed(e)) => tracing::debug!(backend = %backend.name, error = %e, "shadow failed"),
+                    Err(Attempt::NoRoutable(_)) => {
+                        tracing::debug!(backend = %backend.name, "shadow dropped: no replica")
+                    }
+                    Err(Attempt::Failed(e)) => {
+                        tracing::debug!(backend = %backend.name, error = %e, "shadow failed")
+                    }
                 }
             });
         }
@@ -341,14 +401,18 @@ impl Router {
                     tracing::debug!(%replica, %reason, "replica unreachable; choosing another");
                     continue;
                 }
-                Err(ConnError::Died(reason)) => {
-                    Err(Attempt::Failed(RouterError::ReplicaDied { replica: replica.clone(), reason }))
-                }
-                Err(ConnError::Timeout) => {
-                    Err(Attempt::Failed(RouterError::Timeout { after: self.inner.config.request_timeout }))
-                }
+                Err(ConnError::Died(reason)) => Err(Attempt::Failed(RouterError::ReplicaDied {
+                    replica: replica.clone(),
+                    reason,
+                })),
+                Err(ConnError::Timeout) => Err(Attempt::Failed(RouterError::Timeout {
+                    after: self.inner.config.request_timeout,
+                })),
                 Err(e @ (ConnError::Encode(_) | ConnError::Protocol(_))) => {
-                    Err(Attempt::Failed(RouterError::Protocol { replica: replica.clone(), reason: e.to_string() }))
+                    Err(Attempt::Failed(RouterError::Protocol {
+                        replica: replica.clone(),
+                        reason: e.to_string(),
+                    }))
                 }
             };
         }
@@ -356,7 +420,12 @@ impl Router {
 
     /// Reserves a slot on one replica of `backend`, waiting in the bounded
     /// queue while every routable replica is at its limit.
-    async fn acquire(&self, backend: &Arc<Backend>, deadline: Instant, queueing: Queueing) -> Result<InFlight, Attempt> {
+    async fn acquire(
+        &self,
+        backend: &Arc<Backend>,
+        deadline: Instant,
+        queueing: Queueing,
+    ) -> Result<InFlight, Attempt> {
         let mut ticket: Option<QueueTicket> = None;
         loop {
             // Registered before looking, so a slot freed between the look
@@ -401,10 +470,15 @@ impl Router {
                 }));
             }
             if ticket.is_none() {
-                ticket = Some(QueueTicket::join(backend, self.inner.config.queue_capacity).map_err(Attempt::Failed)?);
+                ticket = Some(
+                    QueueTicket::join(backend, self.inner.config.queue_capacity)
+                        .map_err(Attempt::Failed)?,
+                );
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(Attempt::Failed(RouterError::Timeout { after: self.inner.config.request_timeout }));
+                return Err(Attempt::Failed(RouterError::Timeout {
+                    after: self.inner.config.request_timeout,
+                }));
             }
         }
     }
@@ -420,9 +494,14 @@ impl InFlight {
     fn try_acquire(replica: &Arc<Replica>, backend: &Arc<Backend>, limit: usize) -> Option<Self> {
         replica
             .in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
             .ok()
-            .map(|_| Self { replica: replica.clone(), backend: backend.clone() })
+            .map(|_| Self {
+                replica: replica.clone(),
+                backend: backend.clone(),
+            })
     }
 }
 
@@ -442,9 +521,16 @@ impl QueueTicket {
     fn join(backend: &Arc<Backend>, capacity: usize) -> Result<Self, RouterError> {
         backend
             .queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < capacity).then_some(n + 1))
-            .map(|_| Self { backend: backend.clone() })
-            .map_err(|queued| RouterError::Backpressure { backend: backend.name.clone(), queued })
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < capacity).then_some(n + 1)
+            })
+            .map(|_| Self {
+                backend: backend.clone(),
+            })
+            .map_err(|queued| RouterError::Backpressure {
+                backend: backend.name.clone(),
+                queued,
+            })
     }
 }
 

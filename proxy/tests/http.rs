@@ -32,11 +32,16 @@ impl TestReplica {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
                 let unix = bind_unix(&path).unwrap();
                 let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                ready_tx.send(tcp.local_addr().unwrap().to_string()).unwrap();
+                ready_tx
+                    .send(tcp.local_addr().unwrap().to_string())
+                    .unwrap();
                 serve_replica(Some(unix), Some(tcp), handler, async move {
                     let _ = stop_rx.await;
                 })
@@ -44,7 +49,12 @@ impl TestReplica {
             });
         });
         let tcp_addr = ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        Self { unix_path, tcp_addr, stop: Some(stop), thread: Some(thread) }
+        Self {
+            unix_path,
+            tcp_addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
     }
 
     fn pb(&self, id: &str, backend: &str) -> Replica {
@@ -87,7 +97,11 @@ impl HoldHandler {
     }
     fn release_all(&self) {
         for r in std::mem::take(&mut *self.held.lock().unwrap()) {
-            r.send(&Response { status: 201, headers: vec![("x-held".into(), "yes".into())], body: b"done".to_vec() });
+            r.send(&Response {
+                status: 201,
+                headers: vec![("x-held".into(), "yes".into())],
+                body: b"done".to_vec(),
+            });
         }
     }
 }
@@ -95,7 +109,10 @@ impl HoldHandler {
 fn backend(name: &str, max_concurrent_queries: u32) -> Backend {
     Backend {
         name: name.into(),
-        config: Some(BackendConfig { max_concurrent_queries, ..Default::default() }),
+        config: Some(BackendConfig {
+            max_concurrent_queries,
+            ..Default::default()
+        }),
         state: "running".into(),
         ..Default::default()
     }
@@ -142,12 +159,25 @@ struct Http {
 
 impl Http {
     fn new(addr: std::net::SocketAddr, http2: bool) -> Self {
-        let client = Client::builder(TokioExecutor::new()).http2_only(http2).build_http();
-        Self { client, base: format!("http://{addr}") }
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(http2)
+            .build_http();
+        Self {
+            client,
+            base: format!("http://{addr}"),
+        }
     }
 
-    async fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: BoxBody) -> Reply_ {
-        let mut req = hyper::Request::builder().method(method).uri(format!("{}{path}", self.base));
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: BoxBody,
+    ) -> Reply_ {
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
@@ -155,7 +185,11 @@ impl Http {
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        Reply_ { status, headers, body: String::from_utf8_lossy(&bytes).into_owned() }
+        Reply_ {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+        }
     }
 
     async fn get(&self, path: &str) -> Reply_ {
@@ -183,13 +217,20 @@ fn assert_json_error(r: &Reply_, status: u16, contains: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_proxy_end_to_end() {
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().unwrap();
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let echo = TestReplica::start(dir.path(), "echo", Arc::new(EchoHandler));
     let hold = Arc::new(HoldHandler::default());
     let held = TestReplica::start(dir.path(), "held", hold.clone());
 
-    let config = ProxyConfig { max_body_bytes: 1024, queue_capacity: 0, metrics: Some(recorder), ..Default::default() };
+    let config = ProxyConfig {
+        max_body_bytes: 1024,
+        queue_capacity: 0,
+        metrics: Some(recorder),
+        ..Default::default()
+    };
     let proxy = Arc::new(Proxy::new(&config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -223,11 +264,21 @@ async fn http_proxy_end_to_end() {
     let j = r.json();
     assert_eq!(j["path"], "/api/123/3.14");
     assert_eq!(j["query"], "x=1");
-    assert_eq!(j["path_params"], serde_json::json!(["a=Int(123)", "b=Float(3.14)"]));
+    assert_eq!(
+        j["path_params"],
+        serde_json::json!(["a=Int(123)", "b=Float(3.14)"])
+    );
     assert_eq!(j["call_method"], serde_json::Value::Null);
 
     // X-SERVE-CALL-METHOD reaches the replica; the body arrives whole.
-    let r = http.send("POST", "/echo", &[("X-SERVE-CALL-METHOD", "other_method")], full(vec![7; 1000])).await;
+    let r = http
+        .send(
+            "POST",
+            "/echo",
+            &[("X-SERVE-CALL-METHOD", "other_method")],
+            full(vec![7; 1000]),
+        )
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["call_method"], "other_method");
     assert_eq!(r.json()["body_len"], 1000);
@@ -236,15 +287,28 @@ async fn http_proxy_end_to_end() {
     // No route, a bad typed value, wrong method.
     assert_json_error(&http.get("/nope").await, 404, "no route for /nope");
     assert_json_error(&http.get("/api/abc/1.0").await, 404, "no route");
-    let r = http.send("DELETE", "/echo", &[], Empty::new().boxed()).await;
+    let r = http
+        .send("DELETE", "/echo", &[], Empty::new().boxed())
+        .await;
     assert_json_error(&r, 405, "DELETE");
     assert_eq!(r.header("allow"), Some("GET, POST"));
 
     // Too large: declared by Content-Length, and streamed without one.
-    assert_json_error(&http.send("POST", "/echo", &[], full(vec![0; 2000])).await, 413, "1024");
-    assert_json_error(&http.send("POST", "/echo", &[], chunked(2000)).await, 413, "1024");
+    assert_json_error(
+        &http.send("POST", "/echo", &[], full(vec![0; 2000])).await,
+        413,
+        "1024",
+    );
+    assert_json_error(
+        &http.send("POST", "/echo", &[], chunked(2000)).await,
+        413,
+        "1024",
+    );
     // A chunked body under the limit still passes.
-    assert_eq!(http.send("POST", "/echo", &[], chunked(500)).await.json()["body_len"], 500);
+    assert_eq!(
+        http.send("POST", "/echo", &[], chunked(500)).await.json()["body_len"],
+        500
+    );
 
     // Backpressure: the one slot is taken and the queue holds nothing.
     let first = {
@@ -257,7 +321,10 @@ async fn http_proxy_end_to_end() {
     assert_eq!(r.header("retry-after"), Some("1"));
     hold.release_all();
     let r = first.await.unwrap();
-    assert_eq!((r.status, r.body.as_str(), r.header("x-held")), (201, "done", Some("yes")));
+    assert_eq!(
+        (r.status, r.body.as_str(), r.header("x-held")),
+        (201, "done", Some("yes"))
+    );
     assert_eq!(proxy.router().in_flight("held"), 0);
 
     // Built-ins.
@@ -269,9 +336,20 @@ async fn http_proxy_end_to_end() {
     );
     let metrics = http.get("/-/metrics").await;
     assert_eq!(metrics.status, 200);
-    assert!(metrics.body.contains("serval_proxy_requests_total"), "{}", metrics.body);
-    assert!(metrics.body.contains(r#"endpoint="calc""#), "{}", metrics.body);
-    assert!(!metrics.body.contains("/api/123"), "metrics must not be labelled by path");
+    assert!(
+        metrics.body.contains("serval_proxy_requests_total"),
+        "{}",
+        metrics.body
+    );
+    assert!(
+        metrics.body.contains(r#"endpoint="calc""#),
+        "{}",
+        metrics.body
+    );
+    assert!(
+        !metrics.body.contains("/api/123"),
+        "metrics must not be labelled by path"
+    );
 
     // HTTP/2 (h2c prior knowledge) through the same listener.
     let h2 = Http::new(addr, true);
@@ -282,7 +360,10 @@ async fn http_proxy_end_to_end() {
     // Shutdown: the server stops accepting.
     drop((http, h2));
     stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(15), server).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(15), server)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
 
@@ -316,7 +397,12 @@ async fn metrics_path_is_404_without_a_handle() {
 #[tokio::test]
 async fn run_refuses_an_invalid_config_naming_the_field() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let config = ProxyConfig { max_body_bytes: 0, ..Default::default() };
-    let err = serval_proxy::run(config, listener, std::future::pending()).await.unwrap_err();
+    let config = ProxyConfig {
+        max_body_bytes: 0,
+        ..Default::default()
+    };
+    let err = serval_proxy::run(config, listener, std::future::pending())
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("max_body_bytes"), "{err}");
 }

@@ -53,11 +53,17 @@ impl Control for FakeController {
     type WatchStream = Pin<Box<dyn Stream<Item = Result<ClusterSnapshot, Status>> + Send>>;
 
     async fn watch(&self, request: Request<WatchRequest>) -> Reply<Self::WatchStream> {
-        let token = request.metadata().get(serval_protos::TOKEN_METADATA_KEY).and_then(|v| v.to_str().ok());
+        let token = request
+            .metadata()
+            .get(serval_protos::TOKEN_METADATA_KEY)
+            .and_then(|v| v.to_str().ok());
         if token != Some("s3cret") {
             return Err(Status::unauthenticated("bad token"));
         }
-        let snapshot = ClusterSnapshot { version: self.version, ..Default::default() };
+        let snapshot = ClusterSnapshot {
+            version: self.version,
+            ..Default::default()
+        };
         // One snapshot, then the stream stays open like a quiet controller.
         let stream = tokio_stream::iter(vec![Ok(snapshot)]).chain(tokio_stream::pending());
         Ok(Response::new(Box::pin(stream)))
@@ -71,10 +77,16 @@ impl Control for FakeController {
 /// fires; the runtime is then dropped, closing every connection as a dying
 /// controller process would (a graceful tonic shutdown would wait forever
 /// for the open watch stream).
-fn start_controller(listener: std::net::TcpListener, version: u64) -> tokio::sync::oneshot::Sender<()> {
+fn start_controller(
+    listener: std::net::TcpListener,
+    version: u64,
+) -> tokio::sync::oneshot::Sender<()> {
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             let server = tonic::transport::Server::builder()
@@ -104,7 +116,10 @@ async fn wait_for_version(rx: &mut serval_proxy::SnapshotReceiver, version: u64)
         rx.wait_for(|s| s.as_ref().is_some_and(|s| s.version == version)),
     )
     .await;
-    assert!(matches!(got, Ok(Ok(_))), "snapshot version {version} never arrived");
+    assert!(
+        matches!(got, Ok(Ok(_))),
+        "snapshot version {version} never arrived"
+    );
 }
 
 #[tokio::test]
@@ -118,7 +133,9 @@ async fn watch_keeps_the_last_snapshot_and_reconnects() {
 
     // The controller goes away: the cached snapshot stays.
     stop.send(()).unwrap();
-    let proxy = Arc::new(serval_proxy::Proxy::new(&serval_proxy::ProxyConfig::default()));
+    let proxy = Arc::new(serval_proxy::Proxy::new(
+        &serval_proxy::ProxyConfig::default(),
+    ));
     let follower = proxy.follow(rx.clone());
     tokio::time::timeout(Duration::from_secs(10), async {
         while !proxy.ready_for_traffic().0 {

@@ -20,7 +20,12 @@ use serval_protos::frame::{CallRequest, Payload, Request, Response};
 use serval_proxy::{Router, RouterConfig, RouterError};
 use tokio::sync::{oneshot, watch};
 
-create_exception!(_native, ServeError, PyException, "A Serval control-plane call was refused or failed.");
+create_exception!(
+    _native,
+    ServeError,
+    PyException,
+    "A Serval control-plane call was refused or failed."
+);
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     pyo3_async_runtimes::tokio::get_runtime()
@@ -67,11 +72,16 @@ struct PyBackendConfig {
 }
 
 fn parse_config(json: &str) -> PyResult<BackendConfig> {
-    let c: PyBackendConfig = serde_json::from_str(json).map_err(|e| ServeError::new_err(format!("invalid config: {e}")))?;
+    let c: PyBackendConfig = serde_json::from_str(json)
+        .map_err(|e| ServeError::new_err(format!("invalid config: {e}")))?;
     Ok(BackendConfig {
         num_replicas: c.num_replicas.unwrap_or(1),
         max_concurrent_queries: c.max_concurrent_queries.unwrap_or(0),
-        user_config_json: c.user_config.filter(|v| !v.is_null()).map(|v| v.to_string()).unwrap_or_default(),
+        user_config_json: c
+            .user_config
+            .filter(|v| !v.is_null())
+            .map(|v| v.to_string())
+            .unwrap_or_default(),
         max_batch_size: c.max_batch_size.unwrap_or(0),
         batch_wait_timeout: c.batch_wait_timeout.unwrap_or(0.0),
         num_cpus: c.num_cpus.unwrap_or(1.0),
@@ -127,7 +137,12 @@ impl Client {
                 }
             }
         });
-        Ok(Self { address, client, router, applied })
+        Ok(Self {
+            address,
+            client,
+            router,
+            applied,
+        })
     }
 
     #[getter]
@@ -135,25 +150,51 @@ impl Client {
         self.address.clone()
     }
 
-    fn create_backend(&self, py: Python<'_>, name: String, code: Vec<u8>, config_json: &str) -> PyResult<()> {
+    fn create_backend(
+        &self,
+        py: Python<'_>,
+        name: String,
+        code: Vec<u8>,
+        config_json: &str,
+    ) -> PyResult<()> {
         let config = parse_config(config_json)?;
         let mut c = self.client.clone();
-        let backend = Backend { name, code, config: Some(config), ..Default::default() };
+        let backend = Backend {
+            name,
+            code,
+            config: Some(config),
+            ..Default::default()
+        };
         block_on(py, async move { c.create_backend(backend).await }).map_err(status_err)?;
         Ok(())
     }
 
-    fn update_backend_config(&self, py: Python<'_>, name: String, config_json: &str) -> PyResult<()> {
+    fn update_backend_config(
+        &self,
+        py: Python<'_>,
+        name: String,
+        config_json: &str,
+    ) -> PyResult<()> {
         let config = parse_config(config_json)?;
         let mut c = self.client.clone();
-        block_on(py, async move { c.update_backend_config(UpdateBackendConfigRequest { name, config: Some(config) }).await })
-            .map_err(status_err)?;
+        block_on(py, async move {
+            c.update_backend_config(UpdateBackendConfigRequest {
+                name,
+                config: Some(config),
+            })
+            .await
+        })
+        .map_err(status_err)?;
         Ok(())
     }
 
     fn delete_backend(&self, py: Python<'_>, name: String) -> PyResult<()> {
         let mut c = self.client.clone();
-        block_on(py, async move { c.delete_backend(NameRequest { name }).await }).map_err(status_err)?;
+        block_on(
+            py,
+            async move { c.delete_backend(NameRequest { name }).await },
+        )
+        .map_err(status_err)?;
         Ok(())
     }
 
@@ -180,22 +221,39 @@ impl Client {
 
     fn delete_endpoint(&self, py: Python<'_>, name: String) -> PyResult<()> {
         let mut c = self.client.clone();
-        block_on(py, async move { c.delete_endpoint(NameRequest { name }).await }).map_err(status_err)?;
+        block_on(
+            py,
+            async move { c.delete_endpoint(NameRequest { name }).await },
+        )
+        .map_err(status_err)?;
         Ok(())
     }
 
-    fn set_traffic(&self, py: Python<'_>, endpoint: String, traffic: std::collections::HashMap<String, f64>) -> PyResult<()> {
+    fn set_traffic(
+        &self,
+        py: Python<'_>,
+        endpoint: String,
+        traffic: std::collections::HashMap<String, f64>,
+    ) -> PyResult<()> {
         let mut c = self.client.clone();
-        block_on(py, async move { c.set_traffic(SetTrafficRequest { endpoint, traffic }).await }).map_err(status_err)?;
+        block_on(py, async move {
+            c.set_traffic(SetTrafficRequest { endpoint, traffic }).await
+        })
+        .map_err(status_err)?;
         Ok(())
     }
 
     /// The controller's current state as JSON text.
     fn snapshot_json(&self, py: Python<'_>) -> PyResult<String> {
         let mut c = self.client.clone();
-        let snapshot = block_on(py, async move { c.get_snapshot(WatchRequest { include_code: false }).await })
-            .map_err(status_err)?
-            .into_inner();
+        let snapshot = block_on(py, async move {
+            c.get_snapshot(WatchRequest {
+                include_code: false,
+            })
+            .await
+        })
+        .map_err(status_err)?
+        .into_inner();
         serde_json::to_string(&snapshot).map_err(|e| ServeError::new_err(e.to_string()))
     }
 
@@ -207,20 +265,33 @@ impl Client {
 
     /// Waits until the backend runs (returns "running") or failed (returns
     /// "failed: <reason>"); `None` on timeout.
-    fn wait_backend(&self, py: Python<'_>, name: String, timeout: f64) -> PyResult<Option<(String, String)>> {
+    fn wait_backend(
+        &self,
+        py: Python<'_>,
+        name: String,
+        timeout: f64,
+    ) -> PyResult<Option<(String, String)>> {
         self.wait_snapshot(py, timeout, move |s| {
             let b = s.backends.iter().find(|b| b.name == name)?;
-            (b.state == "running" || b.state == "failed").then(|| (b.state.clone(), b.error.clone()))
+            (b.state == "running" || b.state == "failed")
+                .then(|| (b.state.clone(), b.error.clone()))
         })
     }
 
     /// Waits until this client's router knows `endpoint`; false on timeout.
     fn wait_endpoint(&self, py: Python<'_>, endpoint: String, timeout: f64) -> PyResult<bool> {
-        Ok(self.wait_snapshot(py, timeout, move |s| s.endpoints.iter().any(|e| e.name == endpoint).then_some(()))?.is_some())
+        Ok(self
+            .wait_snapshot(py, timeout, move |s| {
+                s.endpoints.iter().any(|e| e.name == endpoint).then_some(())
+            })?
+            .is_some())
     }
 
     fn handle(&self, endpoint: String) -> Handle {
-        Handle { endpoint, router: self.router.clone() }
+        Handle {
+            endpoint,
+            router: self.router.clone(),
+        }
     }
 }
 
@@ -233,14 +304,28 @@ pub struct Handle {
 }
 
 type Outcome = Result<Response, RouterError>;
+/// (status, headers, body) as Python sees a finished call.
+type PyResponse = (u16, Vec<(String, String)>, Py<PyBytes>);
 
-fn request(method_name: Option<String>, args: Vec<u8>, http_method: String, headers: Vec<(String, String)>) -> Request {
-    Request { method_name, payload: Payload::Call(CallRequest { args, http_method, http_headers: headers }) }
+fn request(
+    method_name: Option<String>,
+    args: Vec<u8>,
+    http_method: String,
+    headers: Vec<(String, String)>,
+) -> Request {
+    Request {
+        method_name,
+        payload: Payload::Call(CallRequest {
+            args,
+            http_method,
+            http_headers: headers,
+        }),
+    }
 }
 
 /// (status, headers, body) of a finished call, or ServeError for a call that
 /// never reached user code (no replica, backpressure, replica died...).
-fn outcome_to_py(py: Python<'_>, outcome: Outcome) -> PyResult<(u16, Vec<(String, String)>, Py<PyBytes>)> {
+fn outcome_to_py(py: Python<'_>, outcome: Outcome) -> PyResult<PyResponse> {
     match outcome {
         Ok(r) => Ok((r.status, r.headers, PyBytes::new(py, &r.body).unbind())),
         Err(e) => Err(ServeError::new_err(e.to_string())),
@@ -256,7 +341,13 @@ impl Handle {
 
     /// Starts a call; the returned future's `result()` blocks for it.
     #[pyo3(signature = (method_name, args, http_method, headers))]
-    fn call(&self, method_name: Option<String>, args: Vec<u8>, http_method: String, headers: Vec<(String, String)>) -> CallFuture {
+    fn call(
+        &self,
+        method_name: Option<String>,
+        args: Vec<u8>,
+        http_method: String,
+        headers: Vec<(String, String)>,
+    ) -> CallFuture {
         let (tx, rx) = oneshot::channel();
         let router = self.router.clone();
         let endpoint = self.endpoint.clone();
@@ -264,7 +355,10 @@ impl Handle {
         runtime().spawn(async move {
             let _ = tx.send(router.call(&endpoint, req).await);
         });
-        CallFuture { rx: Mutex::new(Some(rx)), done: Mutex::new(None) }
+        CallFuture {
+            rx: Mutex::new(Some(rx)),
+            done: Mutex::new(None),
+        }
     }
 
     /// The same call as an awaitable for asyncio code.
@@ -298,21 +392,29 @@ pub struct CallFuture {
 impl CallFuture {
     /// Waits (GIL released) up to `timeout` seconds, or forever when None.
     #[pyo3(signature = (timeout=None))]
-    fn result(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<(u16, Vec<(String, String)>, Py<PyBytes>)> {
+    fn result(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<PyResponse> {
         let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
         if done.is_none() {
             let rx = self.rx.lock().unwrap_or_else(|p| p.into_inner()).take();
-            let Some(rx) = rx else { return Err(ServeError::new_err("call result lost")) };
+            let Some(rx) = rx else {
+                return Err(ServeError::new_err("call result lost"));
+            };
             let got = py.detach(|| {
                 runtime().block_on(async move {
                     match timeout {
-                        Some(t) => tokio::time::timeout(Duration::from_secs_f64(t.max(0.0)), rx).await.ok(),
+                        Some(t) => tokio::time::timeout(Duration::from_secs_f64(t.max(0.0)), rx)
+                            .await
+                            .ok(),
                         None => Some(rx.await),
                     }
                 })
             });
             match got {
-                None => return Err(pyo3::exceptions::PyTimeoutError::new_err("the call did not finish in time")),
+                None => {
+                    return Err(pyo3::exceptions::PyTimeoutError::new_err(
+                        "the call did not finish in time",
+                    ))
+                }
                 Some(Err(_)) => return Err(ServeError::new_err("the call was dropped")),
                 Some(Ok(outcome)) => *done = Some(outcome),
             }

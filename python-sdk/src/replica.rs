@@ -47,7 +47,9 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use serval_node::replica_server::{self, Handler, Reply};
-use serval_protos::frame::{CallRequest, HttpRequest, PathValue, Payload, Request, Response, ERROR_TYPE_HEADER};
+use serval_protos::frame::{
+    CallRequest, HttpRequest, PathValue, Payload, Request, Response, ERROR_TYPE_HEADER,
+};
 
 /// How long a blocked wait sleeps before looking at signals / shutdown again.
 const POLL: Duration = Duration::from_millis(100);
@@ -72,7 +74,9 @@ struct QueueHandler {
 impl Handler for QueueHandler {
     fn handle(&self, request: Request, reply: Reply) {
         if let Err(e) = self.tx.send(Job { request, reply }) {
-            e.into_inner().reply.send(&unavailable("replica is shutting down"));
+            e.into_inner()
+                .reply
+                .send(&unavailable("replica is shutting down"));
         }
     }
 }
@@ -104,7 +108,10 @@ impl StopSignal {
     /// Waits up to `timeout` for a stop; returns the reason if stopped.
     fn wait(&self, timeout: Duration) -> Option<String> {
         let r = self.reason.lock().unwrap();
-        let (r, _) = self.cond.wait_timeout_while(r, timeout, |r| r.is_none()).unwrap();
+        let (r, _) = self
+            .cond
+            .wait_timeout_while(r, timeout, |r| r.is_none())
+            .unwrap();
         r.clone()
     }
 }
@@ -133,7 +140,9 @@ impl ReplicaServer {
         max_drain: usize,
     ) -> PyResult<Self> {
         if unix_path.is_none() && tcp_host.is_none() {
-            return Err(PyValueError::new_err("ReplicaServer needs a unix_path or a tcp_host"));
+            return Err(PyValueError::new_err(
+                "ReplicaServer needs a unix_path or a tcp_host",
+            ));
         }
         init_tracing();
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -154,8 +163,12 @@ impl ReplicaServer {
                 Some(host) => {
                     let std_listener = std::net::TcpListener::bind((host.as_str(), 0))
                         .and_then(|l| l.set_nonblocking(true).map(|_| l))
-                        .map_err(|e| PyOSError::new_err(format!("cannot bind tcp {host}:0: {e}")))?;
-                    let addr = std_listener.local_addr().map_err(|e| PyOSError::new_err(e.to_string()))?;
+                        .map_err(|e| {
+                            PyOSError::new_err(format!("cannot bind tcp {host}:0: {e}"))
+                        })?;
+                    let addr = std_listener
+                        .local_addr()
+                        .map_err(|e| PyOSError::new_err(e.to_string()))?;
                     let listener = tokio::net::TcpListener::from_std(std_listener)
                         .map_err(|e| PyOSError::new_err(e.to_string()))?;
                     (Some(listener), Some(addr.to_string()))
@@ -219,7 +232,12 @@ impl ReplicaServer {
     }
 
     /// Runs requests on the calling thread until the server stops.
-    fn run_worker(&self, py: Python<'_>, on_http: Bound<'_, PyAny>, on_call: Bound<'_, PyAny>) -> PyResult<()> {
+    fn run_worker(
+        &self,
+        py: Python<'_>,
+        on_http: Bound<'_, PyAny>,
+        on_call: Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let mut batch: Vec<Job> = Vec::with_capacity(self.max_drain);
         loop {
             if self.stop.is_stopped() {
@@ -312,7 +330,10 @@ impl Drop for ReplicaServer {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SERVAL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn plain(status: u16, error_type: Option<&str>, message: &str) -> Response {
@@ -320,7 +341,13 @@ fn plain(status: u16, error_type: Option<&str>, message: &str) -> Response {
     if let Some(t) = error_type {
         headers.push((ERROR_TYPE_HEADER.to_string(), t.to_string()));
     }
-    Response { status, headers, body: serde_json::json!({ "error": message }).to_string().into_bytes() }
+    Response {
+        status,
+        headers,
+        body: serde_json::json!({ "error": message })
+            .to_string()
+            .into_bytes(),
+    }
 }
 
 fn unavailable(message: &str) -> Response {
@@ -329,16 +356,27 @@ fn unavailable(message: &str) -> Response {
 
 /// Runs one request and always replies. `Err` only for KeyboardInterrupt /
 /// SystemExit raised by the dispatch: those end the worker.
-fn run_job(py: Python<'_>, job: Job, on_http: &Bound<'_, PyAny>, on_call: &Bound<'_, PyAny>) -> PyResult<()> {
+fn run_job(
+    py: Python<'_>,
+    job: Job,
+    on_http: &Bound<'_, PyAny>,
+    on_call: &Bound<'_, PyAny>,
+) -> PyResult<()> {
     let Job { request, reply } = job;
     let method_name = request.method_name;
     let result = match request.payload {
-        Payload::Http(http) => http_args(py, http).and_then(|(scope, body)| on_http.call1((method_name, scope, body))),
+        Payload::Http(http) => {
+            http_args(py, http).and_then(|(scope, body)| on_http.call1((method_name, scope, body)))
+        }
         Payload::Call(call) => call_args(py, call).and_then(|(args, method, headers)| {
             on_call.call1((method_name, args, method, headers))
         }),
         Payload::Ping => {
-            reply.send(&Response { status: 200, headers: Vec::new(), body: b"pong".to_vec() });
+            reply.send(&Response {
+                status: 200,
+                headers: Vec::new(),
+                body: b"pong".to_vec(),
+            });
             return Ok(());
         }
     };
@@ -348,8 +386,13 @@ fn run_job(py: Python<'_>, job: Job, on_http: &Bound<'_, PyAny>, on_call: &Bound
             Ok(())
         }
         Err(err) => {
-            let fatal = err.is_instance_of::<PyKeyboardInterrupt>(py) || err.is_instance_of::<PySystemExit>(py);
-            let kind = err.get_type(py).name().map(|n| n.to_string()).unwrap_or_else(|_| "Exception".into());
+            let fatal = err.is_instance_of::<PyKeyboardInterrupt>(py)
+                || err.is_instance_of::<PySystemExit>(py);
+            let kind = err
+                .get_type(py)
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_else(|_| "Exception".into());
             let message = format!("replica dispatch failed: {kind}: {}", err.value(py));
             reply.send(&plain(500, Some(&kind), &message));
             if fatal {
@@ -363,12 +406,20 @@ fn run_job(py: Python<'_>, job: Job, on_http: &Bound<'_, PyAny>, on_call: &Bound
 }
 
 fn to_response(result: &Bound<'_, PyAny>) -> PyResult<Response> {
-    let (status, headers, body): (u16, Vec<(String, String)>, Bound<'_, PyBytes>) = result.extract()?;
-    Ok(Response { status, headers, body: body.as_bytes().to_vec() })
+    let (status, headers, body): (u16, Vec<(String, String)>, Bound<'_, PyBytes>) =
+        result.extract()?;
+    Ok(Response {
+        status,
+        headers,
+        body: body.as_bytes().to_vec(),
+    })
 }
 
 /// `(scope, body)` for `on_http`.
-fn http_args(py: Python<'_>, http: HttpRequest) -> PyResult<(Bound<'_, PyDict>, Bound<'_, PyBytes>)> {
+fn http_args(
+    py: Python<'_>,
+    http: HttpRequest,
+) -> PyResult<(Bound<'_, PyDict>, Bound<'_, PyBytes>)> {
     let scope = PyDict::new(py);
     scope.set_item(intern!(py, "type"), intern!(py, "http"))?;
     scope.set_item(intern!(py, "asgi"), asgi_version(py)?)?;
@@ -376,9 +427,15 @@ fn http_args(py: Python<'_>, http: HttpRequest) -> PyResult<(Bound<'_, PyDict>, 
     scope.set_item(intern!(py, "method"), method_str(py, &http.method))?;
     scope.set_item(intern!(py, "scheme"), intern!(py, "http"))?;
     scope.set_item(intern!(py, "path"), PyString::new(py, &http.path))?;
-    scope.set_item(intern!(py, "raw_path"), PyBytes::new(py, http.path.as_bytes()))?;
+    scope.set_item(
+        intern!(py, "raw_path"),
+        PyBytes::new(py, http.path.as_bytes()),
+    )?;
     scope.set_item(intern!(py, "root_path"), intern!(py, ""))?;
-    scope.set_item(intern!(py, "query_string"), PyBytes::new(py, http.query.as_bytes()))?;
+    scope.set_item(
+        intern!(py, "query_string"),
+        PyBytes::new(py, http.query.as_bytes()),
+    )?;
     let headers = PyList::empty(py);
     for (name, value) in &http.headers {
         let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -386,7 +443,10 @@ fn http_args(py: Python<'_>, http: HttpRequest) -> PyResult<(Bound<'_, PyDict>, 
         } else {
             PyBytes::new(py, name.as_bytes())
         };
-        headers.append(PyTuple::new(py, [name, PyBytes::new(py, value.as_bytes())])?)?;
+        headers.append(PyTuple::new(
+            py,
+            [name, PyBytes::new(py, value.as_bytes())],
+        )?)?;
     }
     scope.set_item(intern!(py, "headers"), headers)?;
     match split_host_port(&http.client) {
@@ -407,13 +467,24 @@ fn http_args(py: Python<'_>, http: HttpRequest) -> PyResult<(Bound<'_, PyDict>, 
 }
 
 /// `(args, http_method, headers)` for `on_call`.
-fn call_args(py: Python<'_>, call: CallRequest) -> PyResult<(Bound<'_, PyBytes>, Bound<'_, PyString>, Bound<'_, PyList>)> {
-    let method = if call.http_method.is_empty() { "GET" } else { call.http_method.as_str() };
+fn call_args(
+    py: Python<'_>,
+    call: CallRequest,
+) -> PyResult<(Bound<'_, PyBytes>, Bound<'_, PyString>, Bound<'_, PyList>)> {
+    let method = if call.http_method.is_empty() {
+        "GET"
+    } else {
+        call.http_method.as_str()
+    };
     let headers = PyList::empty(py);
     for (k, v) in &call.http_headers {
         headers.append((k.as_str(), v.as_str()))?;
     }
-    Ok((PyBytes::new(py, &call.args), method_str(py, method), headers))
+    Ok((
+        PyBytes::new(py, &call.args),
+        method_str(py, method),
+        headers,
+    ))
 }
 
 fn method_str<'py>(py: Python<'py>, method: &str) -> Bound<'py, PyString> {
@@ -437,6 +508,9 @@ fn asgi_version(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 fn split_host_port(addr: &str) -> Option<(&str, u16)> {
     let (host, port) = addr.rsplit_once(':')?;
     let port = port.parse().ok()?;
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     Some((host, port))
 }

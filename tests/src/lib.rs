@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 /// The workspace root (this crate lives in `tests/`).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// The `.venv` interpreter with the `serval` SDK installed (`make venv`).
@@ -26,13 +29,20 @@ pub fn serve_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
     let bin = dir.join("serve");
-    assert!(bin.exists(), "{} missing: build with `cargo build -p serval-head` first", bin.display());
+    assert!(
+        bin.exists(),
+        "{} missing: build with `cargo build -p serval-head` first",
+        bin.display()
+    );
     bin
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
@@ -94,7 +104,12 @@ impl ServeProcess {
         cmd.arg("--data-dir")
             .arg(data_dir)
             .arg("start")
-            .args(["--control-port", &control_port.to_string(), "--http-port", &http_port.to_string()])
+            .args([
+                "--control-port",
+                &control_port.to_string(),
+                "--http-port",
+                &http_port.to_string(),
+            ])
             .args(args)
             .env("SERVAL_PYTHON", venv_python())
             .env_remove("SERVAL_ADDRESS")
@@ -102,7 +117,12 @@ impl ServeProcess {
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
         let guard = ProcessGuard::spawn(cmd);
-        Self { guard, data_dir: data_dir.to_path_buf(), control_port, http_port }
+        Self {
+            guard,
+            data_dir: data_dir.to_path_buf(),
+            control_port,
+            http_port,
+        }
     }
 
     pub fn log(&self) -> String {
@@ -126,7 +146,9 @@ impl ServeProcess {
     }
 
     pub fn token(&self) -> String {
-        std::fs::read_to_string(self.data_dir.join("token")).map(|t| t.trim().to_string()).unwrap_or_default()
+        std::fs::read_to_string(self.data_dir.join("token"))
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default()
     }
 }
 
@@ -155,7 +177,10 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).into_owned();
@@ -164,6 +189,9 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("bad response: {text}")))?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }

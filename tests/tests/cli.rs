@@ -21,7 +21,13 @@ fn serve(data_dir: &std::path::Path, args: &[&str]) -> std::process::Output {
 
 fn pid_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
         .unwrap_or(false)
 }
 
@@ -29,22 +35,45 @@ fn pid_alive(pid: u32) -> bool {
 struct GroupGuard(u32);
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.0)]).status();
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0)])
+            .status();
     }
 }
 
 #[test]
 fn detached_head_status_and_shutdown() {
-    let tmp = tempfile::Builder::new().prefix("sv-").tempdir_in("/tmp").unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("sv-")
+        .tempdir_in("/tmp")
+        .unwrap();
     let (control, http) = (free_port(), free_port());
     let out = serve(
         tmp.path(),
-        &["start", "--head", "--detach", "--control-port", &control.to_string(), "--http-port", &http.to_string()],
+        &[
+            "start",
+            "--head",
+            "--detach",
+            "--control-port",
+            &control.to_string(),
+            "--http-port",
+            &http.to_string(),
+        ],
     );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains(&format!("controller listening on 127.0.0.1:{control}")), "{text}");
-    assert!(text.contains(&format!("http proxy listening on 127.0.0.1:{http}")), "{text}");
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("controller listening on 127.0.0.1:{control}")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("http proxy listening on 127.0.0.1:{http}")),
+        "{text}"
+    );
     let pid: u32 = text
         .lines()
         .find_map(|l| l.strip_prefix("pid: "))
@@ -58,34 +87,70 @@ fn detached_head_status_and_shutdown() {
     for section in ["HEADS", "NODES", "ENDPOINTS", "BACKENDS", "REPLICAS"] {
         assert!(table.contains(section), "{table}");
     }
-    assert!(table.contains("leader") && table.contains("(head)") && table.contains("alive"), "{table}");
+    assert!(
+        table.contains("leader") && table.contains("(head)") && table.contains("alive"),
+        "{table}"
+    );
 
     let (code, body) = http_get(http, "/nowhere").unwrap();
     assert_eq!(code, 404);
     let v: serde_json::Value = serde_json::from_str(&body).expect("JSON 404 body");
-    assert!(v["error"].as_str().unwrap_or("").contains("/nowhere"), "{body}");
+    assert!(
+        v["error"].as_str().unwrap_or("").contains("/nowhere"),
+        "{body}"
+    );
 
     // A wrong token is refused and changes nothing.
     let refused = Command::new(serve_bin())
-        .args(["--data-dir", tmp.path().to_str().unwrap(), "--token", "wrong", "status"])
+        .args([
+            "--data-dir",
+            tmp.path().to_str().unwrap(),
+            "--token",
+            "wrong",
+            "status",
+        ])
         .output()
         .unwrap();
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("token"), "{:?}", refused);
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("token"),
+        "{:?}",
+        refused
+    );
 
     let down = serve(tmp.path(), &["shutdown"]);
-    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
-    wait_for("the head to exit", Duration::from_secs(30), || (!pid_alive(pid)).then_some(()));
-    assert!(std::net::TcpStream::connect(("127.0.0.1", http)).is_err(), "proxy still listening");
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    wait_for("the head to exit", Duration::from_secs(30), || {
+        (!pid_alive(pid)).then_some(())
+    });
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", http)).is_err(),
+        "proxy still listening"
+    );
 }
 
 #[test]
 fn bad_flags_are_named() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = serve(tmp.path(), &["start", "--head", "--http-location", "Somewhere"]);
+    let out = serve(
+        tmp.path(),
+        &["start", "--head", "--http-location", "Somewhere"],
+    );
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--http-location"), "{:?}", out);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--http-location"),
+        "{:?}",
+        out
+    );
     let out = serve(tmp.path(), &["start"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--head"), "{:?}", out);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--head"),
+        "{:?}",
+        out
+    );
 }

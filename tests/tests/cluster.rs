@@ -24,13 +24,19 @@ print("deployed")
 "#;
 
 fn body_count(body: &str) -> i64 {
-    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
-    v["count"].as_i64().unwrap_or_else(|| panic!("no count in {body}"))
+    let v: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+    v["count"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no count in {body}"))
 }
 
 #[test]
 fn a_restarted_head_brings_back_endpoints_backends_and_replicas() {
-    let tmp = tempfile::Builder::new().prefix("sv-").tempdir_in("/tmp").unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("sv-")
+        .tempdir_in("/tmp")
+        .unwrap();
     let (control, http) = (free_port(), free_port());
     let mut head = ServeProcess::start(tmp.path(), control, http, &["--head", "--num-cpus", "4"]);
     head.wait_log("http proxy listening");
@@ -43,29 +49,52 @@ fn a_restarted_head_brings_back_endpoints_backends_and_replicas() {
     // Stop the head (SIGTERM: a clean stop, as `serve shutdown` would not
     // keep the cluster), then start it again on the same data dir.
     let pid = head.guard.pid().to_string();
-    std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    wait_for("head exit", Duration::from_secs(60), || head.guard.child.try_wait().ok().flatten());
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    wait_for("head exit", Duration::from_secs(60), || {
+        head.guard.child.try_wait().ok().flatten()
+    });
     drop(head);
 
     let mut head = ServeProcess::start(tmp.path(), control, http, &["--head", "--num-cpus", "4"]);
     head.wait_log("http proxy listening");
     // No redeploy: the backend's replica starts again from the raft store.
-    let body = wait_for("the route to answer after restart", Duration::from_secs(120), || {
-        http_get(http, "/counter").ok().filter(|(s, _)| *s == 200).map(|(_, b)| b)
-    });
-    assert_eq!(body_count(&body), 1, "a fresh replica counts from 1: {body}");
+    let body = wait_for(
+        "the route to answer after restart",
+        Duration::from_secs(120),
+        || {
+            http_get(http, "/counter")
+                .ok()
+                .filter(|(s, _)| *s == 200)
+                .map(|(_, b)| b)
+        },
+    );
+    assert_eq!(
+        body_count(&body),
+        1,
+        "a fresh replica counts from 1: {body}"
+    );
     let status_out = std::process::Command::new(serve_bin())
         .args(["--data-dir", tmp.path().to_str().unwrap(), "status"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&status_out.stdout);
     assert!(text.contains("/counter"), "{text}");
-    assert!(text.lines().any(|l| l.trim_start().starts_with("counter") && l.contains("running")), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.trim_start().starts_with("counter") && l.contains("running")),
+        "{text}"
+    );
 }
 
 #[test]
 fn the_route_and_handles_answer_while_the_controller_is_down() {
-    let tmp = tempfile::Builder::new().prefix("sv-").tempdir_in("/tmp").unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("sv-")
+        .tempdir_in("/tmp")
+        .unwrap();
     let head_dir = tmp.path().join("head");
     let node_dir = tmp.path().join("node");
     let (control, head_http) = (free_port(), free_port());
@@ -83,14 +112,27 @@ fn the_route_and_handles_answer_while_the_controller_is_down() {
         &node_dir,
         free_port(),
         node_http,
-        &["--address", &head.control_address(), "--token", &head.token(), "--num-cpus", "4"],
+        &[
+            "--address",
+            &head.control_address(),
+            "--token",
+            &head.token(),
+            "--num-cpus",
+            "4",
+        ],
     );
     node.wait_log("joined the head");
     let envs = [("ADDR", head.control_address()), ("TOKEN", head.token())];
     run_python(DEPLOY_COUNTER, &envs);
-    let (status, body) = wait_for("node proxy to serve /counter", Duration::from_secs(60), || {
-        http_get(node_http, "/counter").ok().filter(|(s, _)| *s == 200)
-    });
+    let (status, body) = wait_for(
+        "node proxy to serve /counter",
+        Duration::from_secs(60),
+        || {
+            http_get(node_http, "/counter")
+                .ok()
+                .filter(|(s, _)| *s == 200)
+        },
+    );
     assert_eq!(status, 200, "{body}");
 
     // A Python handle that will keep calling after the controller is gone.
@@ -120,15 +162,24 @@ print("second", h.remote().result()["count"], flush=True)
 
     // Kill the head: controller, its proxy and its (empty) node agent.
     drop(head);
-    assert!(std::net::TcpStream::connect(("127.0.0.1", control)).is_err(), "controller still listening");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", control)).is_err(),
+        "controller still listening"
+    );
 
     for _ in 0..5 {
         let (status, body) = http_get(node_http, "/counter").unwrap();
-        assert_eq!(status, 200, "node proxy stopped serving without the controller: {body}");
+        assert_eq!(
+            status, 200,
+            "node proxy stopped serving without the controller: {body}"
+        );
     }
     use std::io::Write;
     writeln!(handle.child.stdin.as_mut().unwrap()).unwrap();
     line.clear();
     out.read_line(&mut line).unwrap();
-    assert!(line.starts_with("second"), "the handle failed without the controller: {line:?}");
+    assert!(
+        line.starts_with("second"),
+        "the handle failed without the controller: {line:?}"
+    );
 }

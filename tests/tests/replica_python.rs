@@ -11,8 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serval_protos::frame::{
-    decode, encode, CallRequest, FrameReader, HttpRequest, PathValue, Payload, Request, Response, ERROR_TYPE_HEADER,
-    PICKLE_CONTENT_TYPE,
+    decode, encode, CallRequest, FrameReader, HttpRequest, PathValue, Payload, Request, Response,
+    ERROR_TYPE_HEADER, PICKLE_CONTENT_TYPE,
 };
 use serval_tests::{venv_python, ProcessGuard};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -118,10 +118,16 @@ struct Replica {
 
 impl Replica {
     fn unix_path(&self) -> String {
-        self.status["unix_path"].as_str().expect("unix_path").to_string()
+        self.status["unix_path"]
+            .as_str()
+            .expect("unix_path")
+            .to_string()
     }
     fn tcp_addr(&self) -> String {
-        self.status["tcp_addr"].as_str().expect("tcp_addr").to_string()
+        self.status["tcp_addr"]
+            .as_str()
+            .expect("tcp_addr")
+            .to_string()
     }
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -132,16 +138,33 @@ fn write_code(dir: &Path, which: &str) -> std::path::PathBuf {
     let script = dir.join("backends.py");
     std::fs::write(&script, BACKENDS).unwrap();
     let code = dir.join(format!("{which}.pkl"));
-    let out = Command::new(venv_python()).arg(&script).arg(which).arg(&code).output().unwrap();
-    assert!(out.status.success(), "pickling {which} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(venv_python())
+        .arg(&script)
+        .arg(which)
+        .arg(&code)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pickling {which} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     code
 }
 
 /// cloudpickle of a Python expression, made by the venv Python.
 fn pickle_of(expr: &str) -> Vec<u8> {
-    let script = format!("import sys, cloudpickle; sys.stdout.buffer.write(cloudpickle.dumps({expr}))");
-    let out = Command::new(venv_python()).args(["-c", &script]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let script =
+        format!("import sys, cloudpickle; sys.stdout.buffer.write(cloudpickle.dumps({expr}))");
+    let out = Command::new(venv_python())
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }
 
@@ -151,14 +174,22 @@ fn start(which: &str, config: &str) -> Replica {
     let code = write_code(dir.path(), which);
     let log = dir.path().join("replica.log");
     let mut cmd = Command::new(venv_python());
-    cmd.args(["-m", "serval.replica", "--replica-id", "r-1", "--backend", which, "--code-file"])
-        .arg(&code)
-        .args(["--config-json", config, "--unix-path"])
-        .arg(dir.path().join("replica.sock"))
-        .args(["--tcp-host", "127.0.0.1"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap());
+    cmd.args([
+        "-m",
+        "serval.replica",
+        "--replica-id",
+        "r-1",
+        "--backend",
+        which,
+        "--code-file",
+    ])
+    .arg(&code)
+    .args(["--config-json", config, "--unix-path"])
+    .arg(dir.path().join("replica.sock"))
+    .args(["--tcp-host", "127.0.0.1"])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(std::fs::File::create(&log).unwrap());
     let mut guard = ProcessGuard::spawn(cmd);
     let stdout = guard.child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -170,13 +201,24 @@ fn start(which: &str, config: &str) -> Replica {
         let _ = std::io::Read::read_to_string(&mut reader, &mut rest);
         let _ = tx.send((line, rest));
     });
-    let (line, rest) = rx
-        .recv_timeout(TIMEOUT)
-        .unwrap_or_else(|_| panic!("no status line; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
-    assert!(rest.is_empty(), "more than one line on the status fd: {rest:?}");
-    let status: serde_json::Value =
-        serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("bad status line {line:?}: {e}"));
-    Replica { guard, status, _dir: dir, log }
+    let (line, rest) = rx.recv_timeout(TIMEOUT).unwrap_or_else(|_| {
+        panic!(
+            "no status line; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
+    assert!(
+        rest.is_empty(),
+        "more than one line on the status fd: {rest:?}"
+    );
+    let status: serde_json::Value = serde_json::from_str(line.trim())
+        .unwrap_or_else(|e| panic!("bad status line {line:?}: {e}"));
+    Replica {
+        guard,
+        status,
+        _dir: dir,
+        log,
+    }
 }
 
 /// A minimal frame client: many requests in flight on one connection.
@@ -189,7 +231,11 @@ struct Client<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     fn new(stream: S) -> Self {
         let (read, write) = tokio::io::split(stream);
-        Self { write, reader: FrameReader::new(read), next_id: 1 }
+        Self {
+            write,
+            reader: FrameReader::new(read),
+            next_id: 1,
+        }
     }
 
     async fn send_all(&mut self, requests: &[Request]) -> HashMap<u64, Response> {
@@ -208,7 +254,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 .unwrap()
                 .expect("connection closed early");
             assert!(id >= first && id < self.next_id, "unexpected id {id}");
-            assert!(out.insert(id - first, decode::<Response>(&body).unwrap()).is_none(), "duplicate id {id}");
+            assert!(
+                out.insert(id - first, decode::<Response>(&body).unwrap())
+                    .is_none(),
+                "duplicate id {id}"
+            );
         }
         out
     }
@@ -219,7 +269,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 }
 
 async fn unix_client(replica: &Replica) -> Client<tokio::net::UnixStream> {
-    Client::new(tokio::net::UnixStream::connect(replica.unix_path()).await.unwrap())
+    Client::new(
+        tokio::net::UnixStream::connect(replica.unix_path())
+            .await
+            .unwrap(),
+    )
 }
 
 fn http(method: &str, path: &str, query: &str, body: &[u8]) -> HttpRequest {
@@ -227,7 +281,10 @@ fn http(method: &str, path: &str, query: &str, body: &[u8]) -> HttpRequest {
         method: method.into(),
         path: path.into(),
         query: query.into(),
-        headers: vec![("Content-Type".into(), "application/json".into()), ("X-Custom".into(), "abc".into())],
+        headers: vec![
+            ("Content-Type".into(), "application/json".into()),
+            ("X-Custom".into(), "abc".into()),
+        ],
         body: body.to_vec(),
         path_params: Vec::new(),
         client: "127.0.0.1:5555".into(),
@@ -235,29 +292,43 @@ fn http(method: &str, path: &str, query: &str, body: &[u8]) -> HttpRequest {
 }
 
 fn req(method_name: Option<&str>, payload: Payload) -> Request {
-    Request { method_name: method_name.map(String::from), payload }
+    Request {
+        method_name: method_name.map(String::from),
+        payload,
+    }
 }
 
 fn json_body(r: &Response) -> serde_json::Value {
-    serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&r.body)))
+    serde_json::from_slice(&r.body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&r.body)))
 }
 
 fn call(args: Vec<u8>) -> CallRequest {
-    CallRequest { args, http_method: "GET".into(), http_headers: Vec::new() }
+    CallRequest {
+        args,
+        http_method: "GET".into(),
+        http_headers: Vec::new(),
+    }
 }
 
 #[tokio::test]
 async fn http_requests_reach_a_starlette_request() {
-    let replica = start("model", r#"{"num_replicas":1,"max_concurrent_queries":100,"user_config":{"threshold":0.5},"max_batch_size":0,"batch_wait_timeout":0.0}"#);
+    let replica = start(
+        "model",
+        r#"{"num_replicas":1,"max_concurrent_queries":100,"user_config":{"threshold":0.5},"max_batch_size":0,"batch_wait_timeout":0.0}"#,
+    );
     assert_eq!(replica.status["state"], "running", "{}", replica.log());
-    assert_eq!(replica.status["pid"].as_u64(), Some(replica.guard.pid() as u64));
+    assert_eq!(
+        replica.status["pid"].as_u64(),
+        Some(replica.guard.pid() as u64)
+    );
     let mut c = unix_client(&replica).await;
 
     // JSON result, typed path params, query params, headers, init args, user_config.
-    let mut h = http("GET", "/api/123/3.14/bob", "a=b&c=1", b"");
+    let mut h = http("GET", "/api/123/2.5/bob", "a=b&c=1", b"");
     h.path_params = vec![
         ("user_id".into(), PathValue::Int(123)),
-        ("number".into(), PathValue::Float(3.14)),
+        ("number".into(), PathValue::Float(2.5)),
         ("name".into(), PathValue::Str("bob".into())),
     ];
     let r = c.send(req(None, Payload::Http(h))).await;
@@ -269,7 +340,7 @@ async fn http_requests_reach_a_starlette_request() {
             "greeting": "hi?",
             "config": {"threshold": 0.5},
             "method": "GET",
-            "path_params": {"user_id": 123, "number": 3.14, "name": "bob"},
+            "path_params": {"user_id": 123, "number": 2.5, "name": "bob"},
             "types": {"user_id": "int", "number": "float", "name": "str"},
             "query": {"a": "b", "c": "1"},
             "header": "abc",
@@ -279,42 +350,79 @@ async fn http_requests_reach_a_starlette_request() {
     assert!(!String::from_utf8_lossy(&r.body).contains(": "));
 
     // A starlette Response is kept exactly.
-    let r = c.send(req(None, Payload::Http(http("GET", "/resp", "", b"")))).await;
+    let r = c
+        .send(req(None, Payload::Http(http("GET", "/resp", "", b""))))
+        .await;
     assert_eq!(r.status, 123);
     assert_eq!(r.body, b"Hello, world!");
     assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
     // Starlette adds no content-length for a 1xx status; the proxy frames the body.
 
     // str -> text/plain.
-    let r = c.send(req(None, Payload::Http(http("GET", "/text", "", b"")))).await;
+    let r = c
+        .send(req(None, Payload::Http(http("GET", "/text", "", b""))))
+        .await;
     assert_eq!((r.status, r.body.as_slice()), (200, &b"plain text"[..]));
     assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
 
     // A StreamingResponse is run as an ASGI app and collected.
-    let r = c.send(req(None, Payload::Http(http("GET", "/stream", "", b"")))).await;
+    let r = c
+        .send(req(None, Payload::Http(http("GET", "/stream", "", b""))))
+        .await;
     assert_eq!((r.status, r.body.as_slice()), (201, &b"abc"[..]));
     assert_eq!(r.header("content-type"), Some("text/csv; charset=utf-8"));
 
     // A result that is not JSON serializable -> 500 with a clear error.
-    let r = c.send(req(None, Payload::Http(http("GET", "/object", "", b"")))).await;
+    let r = c
+        .send(req(None, Payload::Http(http("GET", "/object", "", b""))))
+        .await;
     assert_eq!(r.status, 500);
-    assert!(json_body(&r)["error"].as_str().unwrap().contains("not JSON serializable"), "{:?}", json_body(&r));
+    assert!(
+        json_body(&r)["error"]
+            .as_str()
+            .unwrap()
+            .contains("not JSON serializable"),
+        "{:?}",
+        json_body(&r)
+    );
 
     // A user exception -> 500 JSON naming the type, no traceback in the body.
-    let r = c.send(req(None, Payload::Http(http("GET", "/boom", "", b"")))).await;
+    let r = c
+        .send(req(None, Payload::Http(http("GET", "/boom", "", b""))))
+        .await;
     assert_eq!(r.status, 500);
     assert_eq!(r.header("content-type"), Some("application/json"));
-    assert_eq!(json_body(&r), serde_json::json!({"error": "ValueError: kaboom"}));
-    assert!(replica.log().contains("Traceback"), "traceback not logged:\n{}", replica.log());
+    assert_eq!(
+        json_body(&r),
+        serde_json::json!({"error": "ValueError: kaboom"})
+    );
+    assert!(
+        replica.log().contains("Traceback"),
+        "traceback not logged:\n{}",
+        replica.log()
+    );
 
     // X-SERVE-CALL-METHOD: another method, and an unknown one.
-    let r = c.send(req(Some("current"), Payload::Http(http("GET", "/x", "", b"")))).await;
-    assert_eq!((r.status, json_body(&r)), (200, serde_json::json!({"current": 1})));
+    let r = c
+        .send(req(
+            Some("current"),
+            Payload::Http(http("GET", "/x", "", b"")),
+        ))
+        .await;
+    assert_eq!(
+        (r.status, json_body(&r)),
+        (200, serde_json::json!({"current": 1}))
+    );
     for name in ["nope", "__init__"] {
-        let r = c.send(req(Some(name), Payload::Http(http("GET", "/x", "", b"")))).await;
+        let r = c
+            .send(req(Some(name), Payload::Http(http("GET", "/x", "", b""))))
+            .await;
         assert_eq!(r.status, 404);
         assert_eq!(r.header(ERROR_TYPE_HEADER), Some("MethodNotFound"));
-        assert_eq!(json_body(&r), serde_json::json!({"error": format!("backend 'model' has no method '{name}'")}));
+        assert_eq!(
+            json_body(&r),
+            serde_json::json!({"error": format!("backend 'model' has no method '{name}'")})
+        );
     }
 
     // Ping never reaches user code.
@@ -329,12 +437,22 @@ async fn handle_calls_are_pickled_both_ways() {
     let mut c = unix_client(&replica).await;
 
     // handle.options(method_name="other_method").remote(5) -> other_method(5) -> True.
-    let r = c.send(req(Some("other_method"), Payload::Call(call(pickle_of("((5,), {})"))))).await;
+    let r = c
+        .send(req(
+            Some("other_method"),
+            Payload::Call(call(pickle_of("((5,), {})"))),
+        ))
+        .await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.header("content-type"), Some(PICKLE_CONTENT_TYPE));
     assert_eq!(r.body, pickle_of("True"));
     // The state changed: current() sees 1 + 5.
-    let r = c.send(req(Some("current"), Payload::Call(call(pickle_of("((), {})"))))).await;
+    let r = c
+        .send(req(
+            Some("current"),
+            Payload::Call(call(pickle_of("((), {})"))),
+        ))
+        .await;
     assert_eq!(r.body, pickle_of("{'current': 6}"));
 
     // __call__ gets a ServeRequest with method, headers, query params, data, json().
@@ -351,22 +469,45 @@ async fn handle_calls_are_pickled_both_ways() {
     assert_eq!(r.body, expected);
 
     // A user exception: 500, the type in x-serval-error, the traceback as body.
-    let r = c.send(req(Some("fail"), Payload::Call(call(pickle_of("((), {})"))))).await;
+    let r = c
+        .send(req(
+            Some("fail"),
+            Payload::Call(call(pickle_of("((), {})"))),
+        ))
+        .await;
     assert_eq!(r.status, 500);
     assert_eq!(r.header(ERROR_TYPE_HEADER), Some("KeyError"));
     let text = String::from_utf8(r.body.clone()).unwrap();
-    assert!(text.contains("Traceback") && text.contains("KeyError: 'nope'"), "{text}");
+    assert!(
+        text.contains("Traceback") && text.contains("KeyError: 'nope'"),
+        "{text}"
+    );
 
     // Unknown method.
-    let r = c.send(req(Some("missing"), Payload::Call(call(pickle_of("((), {})"))))).await;
+    let r = c
+        .send(req(
+            Some("missing"),
+            Payload::Call(call(pickle_of("((), {})"))),
+        ))
+        .await;
     assert_eq!(r.status, 404);
     assert_eq!(r.header(ERROR_TYPE_HEADER), Some("MethodNotFound"));
-    assert_eq!(json_body(&r), serde_json::json!({"error": "backend 'model' has no method 'missing'"}));
+    assert_eq!(
+        json_body(&r),
+        serde_json::json!({"error": "backend 'model' has no method 'missing'"})
+    );
 
     // Garbage instead of a pickle is a 500, not a dead worker.
-    let r = c.send(req(None, Payload::Call(call(b"not a pickle".to_vec())))).await;
+    let r = c
+        .send(req(None, Payload::Call(call(b"not a pickle".to_vec()))))
+        .await;
     assert_eq!(r.status, 500);
-    let r = c.send(req(Some("current"), Payload::Call(call(pickle_of("((), {})"))))).await;
+    let r = c
+        .send(req(
+            Some("current"),
+            Payload::Call(call(pickle_of("((), {})"))),
+        ))
+        .await;
     assert_eq!(r.status, 200);
 }
 
@@ -378,28 +519,50 @@ async fn async_call_post_json_and_pipelining_over_tcp() {
     // await request.json() / body() on a POST, over the Unix socket.
     let mut c = unix_client(&replica).await;
     let body = br#"{"name":"serval","n":[1,2,3]}"#;
-    let r = c.send(req(None, Payload::Http(http("POST", "/", "", body)))).await;
+    let r = c
+        .send(req(None, Payload::Http(http("POST", "/", "", body))))
+        .await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    assert_eq!(json_body(&r), serde_json::json!({"echo": {"name": "serval", "n": [1, 2, 3]}, "len": body.len()}));
+    assert_eq!(
+        json_body(&r),
+        serde_json::json!({"echo": {"name": "serval", "n": [1, 2, 3]}, "len": body.len()})
+    );
 
     // await request.form() (Starlette needs python-multipart for any form).
-    let has_multipart =
-        Command::new(venv_python()).args(["-c", "import multipart"]).status().map(|s| s.success()).unwrap_or(false);
+    let has_multipart = Command::new(venv_python())
+        .args(["-c", "import multipart"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     if has_multipart {
         let mut h = http("POST", "/form", "", b"a=1&b=two");
-        h.headers = vec![("content-type".into(), "application/x-www-form-urlencoded".into())];
+        h.headers = vec![(
+            "content-type".into(),
+            "application/x-www-form-urlencoded".into(),
+        )];
         let r = c.send(req(None, Payload::Http(h))).await;
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        assert_eq!(json_body(&r), serde_json::json!({"form": {"a": "1", "b": "two"}, "body": "a=1&b=two"}));
+        assert_eq!(
+            json_body(&r),
+            serde_json::json!({"form": {"a": "1", "b": "two"}, "body": "a=1&b=two"})
+        );
     } else {
         eprintln!("python-multipart not installed in .venv: form check skipped");
     }
 
     // 500 requests pipelined on one TCP connection, each answered with its own value.
-    let stream = tokio::net::TcpStream::connect(replica.tcp_addr()).await.unwrap();
+    let stream = tokio::net::TcpStream::connect(replica.tcp_addr())
+        .await
+        .unwrap();
     let mut tcp = Client::new(stream);
-    let requests: Vec<Request> =
-        (0..500).map(|i| req(None, Payload::Http(http("GET", "/", &format!("i={i}"), b"")))).collect();
+    let requests: Vec<Request> = (0..500)
+        .map(|i| {
+            req(
+                None,
+                Payload::Http(http("GET", "/", &format!("i={i}"), b"")),
+            )
+        })
+        .collect();
     let started = Instant::now();
     let responses = tcp.send_all(&requests).await;
     assert_eq!(responses.len(), 500);
@@ -415,15 +578,35 @@ async fn function_backend() {
     let replica = start("function", "{}");
     assert_eq!(replica.status["state"], "running", "{}", replica.log());
     let mut c = unix_client(&replica).await;
-    let r = c.send(req(None, Payload::Http(http("GET", "/hello", "name=ann", b"")))).await;
+    let r = c
+        .send(req(
+            None,
+            Payload::Http(http("GET", "/hello", "name=ann", b"")),
+        ))
+        .await;
     assert_eq!((r.status, r.body.as_slice()), (200, &b"hello ann"[..]));
-    let r = c.send(req(Some("__call__"), Payload::Http(http("GET", "/hello", "", b"")))).await;
+    let r = c
+        .send(req(
+            Some("__call__"),
+            Payload::Http(http("GET", "/hello", "", b"")),
+        ))
+        .await;
     assert_eq!((r.status, r.body.as_slice()), (200, &b"hello nobody"[..]));
-    let r = c.send(req(Some("other"), Payload::Http(http("GET", "/hello", "", b"")))).await;
+    let r = c
+        .send(req(
+            Some("other"),
+            Payload::Http(http("GET", "/hello", "", b"")),
+        ))
+        .await;
     assert_eq!(r.status, 404);
     assert_eq!(r.header(ERROR_TYPE_HEADER), Some("MethodNotFound"));
     // A handle call with kwargs reaches the function as a ServeRequest.
-    let r = c.send(req(None, Payload::Call(call(pickle_of("((), {'name': 'bo'})"))))).await;
+    let r = c
+        .send(req(
+            None,
+            Payload::Call(call(pickle_of("((), {'name': 'bo'})"))),
+        ))
+        .await;
     assert_eq!(r.body, pickle_of("'hello bo'"));
 }
 
@@ -432,13 +615,19 @@ fn failing_init_reports_failed_with_traceback() {
     let mut replica = start("badinit", "{}");
     assert_eq!(replica.status["state"], "failed");
     let error = replica.status["error"].as_str().unwrap();
-    assert!(error.contains("Traceback") && error.contains("RuntimeError: init exploded"), "{error}");
+    assert!(
+        error.contains("Traceback") && error.contains("RuntimeError: init exploded"),
+        "{error}"
+    );
     let deadline = Instant::now() + TIMEOUT;
     let code = loop {
         if let Some(s) = replica.guard.child.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "replica did not exit after failing");
+        assert!(
+            Instant::now() < deadline,
+            "replica did not exit after failing"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(code.code(), Some(1));
@@ -456,7 +645,11 @@ fn closing_stdin_stops_the_replica() {
         if let Some(s) = replica.guard.child.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "replica still alive 5s after stdin closed:\n{}", replica.log());
+        assert!(
+            Instant::now() < deadline,
+            "replica still alive 5s after stdin closed:\n{}",
+            replica.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(code.code(), Some(0), "{}", replica.log());
@@ -468,13 +661,21 @@ fn sigterm_stops_the_replica() {
     let mut replica = start("model", "{}");
     assert_eq!(replica.status["state"], "running", "{}", replica.log());
     let pid = replica.guard.pid().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         if replica.guard.child.try_wait().unwrap().is_some() {
             break;
         }
-        assert!(Instant::now() < deadline, "replica ignored SIGTERM:\n{}", replica.log());
+        assert!(
+            Instant::now() < deadline,
+            "replica ignored SIGTERM:\n{}",
+            replica.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -484,7 +685,12 @@ async fn sys_exit_in_user_code_ends_the_replica_after_answering() {
     let mut replica = start("model", "{}");
     assert_eq!(replica.status["state"], "running", "{}", replica.log());
     let mut c = unix_client(&replica).await;
-    let r = c.send(req(Some("exit_now"), Payload::Call(call(pickle_of("((), {})"))))).await;
+    let r = c
+        .send(req(
+            Some("exit_now"),
+            Payload::Call(call(pickle_of("((), {})"))),
+        ))
+        .await;
     assert_eq!(r.status, 500);
     assert_eq!(r.header(ERROR_TYPE_HEADER), Some("SystemExit"));
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -492,7 +698,11 @@ async fn sys_exit_in_user_code_ends_the_replica_after_answering() {
         if let Some(s) = replica.guard.child.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "replica survived sys.exit:\n{}", replica.log());
+        assert!(
+            Instant::now() < deadline,
+            "replica survived sys.exit:\n{}",
+            replica.log()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(code.code(), Some(3), "{}", replica.log());

@@ -1,14 +1,24 @@
 use super::*;
 
 fn node(id: &str, cpus: f64) -> Node {
-    Node { id: id.into(), hostname: "h".into(), num_cpus: cpus, pid: 1, ..Default::default() }
+    Node {
+        id: id.into(),
+        hostname: "h".into(),
+        num_cpus: cpus,
+        pid: 1,
+        ..Default::default()
+    }
 }
 
 fn backend(name: &str, replicas: u32) -> Backend {
     Backend {
         name: name.into(),
         code: vec![1, 2, 3],
-        config: Some(BackendConfig { num_replicas: replicas, num_cpus: 1.0, ..Default::default() }),
+        config: Some(BackendConfig {
+            num_replicas: replicas,
+            num_cpus: 1.0,
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -34,12 +44,20 @@ fn backend_replicas_are_placed_on_a_node_with_room() {
     let mut s = cluster();
     s.apply(Command::UpdateBackendConfig {
         name: "b".into(),
-        config: BackendConfig { num_replicas: 3, num_cpus: 1.0, ..Default::default() },
+        config: BackendConfig {
+            num_replicas: 3,
+            num_cpus: 1.0,
+            ..Default::default()
+        },
     })
     .unwrap();
     let placed: Vec<_> = s.replicas.values().filter(|r| r.node_id == "n1").collect();
     assert_eq!(placed.len(), 2, "a 2-CPU node holds two 1-CPU replicas");
-    let pending: Vec<_> = s.replicas.values().filter(|r| r.state == replica_state::PENDING).collect();
+    let pending: Vec<_> = s
+        .replicas
+        .values()
+        .filter(|r| r.state == replica_state::PENDING)
+        .collect();
     assert_eq!(pending.len(), 1);
     assert!(pending[0].error.contains("CPU"), "{}", pending[0].error);
     // A second node takes the pending one.
@@ -50,24 +68,47 @@ fn backend_replicas_are_placed_on_a_node_with_room() {
 #[test]
 fn refused_commands_leave_the_state_unchanged() {
     let mut s = cluster();
-    s.apply(Command::CreateEndpoint(endpoint("e", "b", "/e"))).unwrap();
+    s.apply(Command::CreateEndpoint(endpoint("e", "b", "/e")))
+        .unwrap();
     let before = format!("{s:?}");
     let cases = [
-        (Command::CreateEndpoint(endpoint("x", "missing", "/x")), "does not exist"),
-        (Command::CreateEndpoint(endpoint("e", "b", "/other")), "already exists"),
-        (Command::CreateEndpoint(endpoint("y", "b", "no-slash")), "invalid"),
-        (Command::CreateEndpoint(endpoint("z", "b", "/e")), "collides"),
+        (
+            Command::CreateEndpoint(endpoint("x", "missing", "/x")),
+            "does not exist",
+        ),
+        (
+            Command::CreateEndpoint(endpoint("e", "b", "/other")),
+            "already exists",
+        ),
+        (
+            Command::CreateEndpoint(endpoint("y", "b", "no-slash")),
+            "invalid",
+        ),
+        (
+            Command::CreateEndpoint(endpoint("z", "b", "/e")),
+            "collides",
+        ),
         (Command::CreateBackend(backend("b", 1)), "already exists"),
         (Command::CreateBackend(backend("c", 0)), "num_replicas"),
         (Command::DeleteBackend { name: "b".into() }, "still used"),
-        (Command::DeleteEndpoint { name: "nope".into() }, "does not exist"),
         (
-            Command::SetTraffic { endpoint: "e".into(), traffic: [("b".to_string(), 0.5)].into_iter().collect() },
+            Command::DeleteEndpoint {
+                name: "nope".into(),
+            },
+            "does not exist",
+        ),
+        (
+            Command::SetTraffic {
+                endpoint: "e".into(),
+                traffic: [("b".to_string(), 0.5)].into_iter().collect(),
+            },
             "sum to",
         ),
     ];
     for (cmd, expect) in cases {
-        let err = s.apply(cmd.clone()).expect_err(&format!("{cmd:?} must be refused"));
+        let err = s
+            .apply(cmd.clone())
+            .expect_err(&format!("{cmd:?} must be refused"));
         assert!(err.to_string().contains(expect), "{cmd:?}: {err}");
         assert_eq!(format!("{s:?}"), before, "{cmd:?} changed the state");
     }
@@ -76,7 +117,8 @@ fn refused_commands_leave_the_state_unchanged() {
 #[test]
 fn endpoint_methods_default_to_get_and_are_normalised() {
     let mut s = cluster();
-    s.apply(Command::CreateEndpoint(endpoint("e", "b", "/e"))).unwrap();
+    s.apply(Command::CreateEndpoint(endpoint("e", "b", "/e")))
+        .unwrap();
     assert_eq!(s.endpoint("e").unwrap().methods, vec!["GET"]);
     let mut e2 = endpoint("e2", "b", "/e2");
     e2.methods = vec!["post".into(), "GET".into(), "POST".into()];
@@ -123,7 +165,10 @@ fn a_dead_node_gives_its_replicas_back_and_a_restarted_agent_restarts_them() {
     s.apply(Command::RegisterNode(again)).unwrap();
     assert_eq!(s.replicas[&id].state, replica_state::STARTING);
     assert!(s.replicas[&id].tcp_addr.is_empty());
-    s.apply(Command::MarkNodeDead { node_id: "n1".into() }).unwrap();
+    s.apply(Command::MarkNodeDead {
+        node_id: "n1".into(),
+    })
+    .unwrap();
     assert_eq!(s.replicas[&id].state, replica_state::PENDING);
     assert!(s.replicas[&id].node_id.is_empty());
 }

@@ -40,10 +40,15 @@ pub struct LogStore {
 impl LogStore {
     pub fn open(db: Arc<Database>) -> Result<Self, ControllerError> {
         // Create the tables up front so readers never meet a missing table.
-        let txn = db.begin_write().map_err(|e| ControllerError::Storage(e.to_string()))?;
-        txn.open_table(LOGS).map_err(|e| ControllerError::Storage(e.to_string()))?;
-        txn.open_table(META).map_err(|e| ControllerError::Storage(e.to_string()))?;
-        txn.commit().map_err(|e| ControllerError::Storage(e.to_string()))?;
+        let txn = db
+            .begin_write()
+            .map_err(|e| ControllerError::Storage(e.to_string()))?;
+        txn.open_table(LOGS)
+            .map_err(|e| ControllerError::Storage(e.to_string()))?;
+        txn.open_table(META)
+            .map_err(|e| ControllerError::Storage(e.to_string()))?;
+        txn.commit()
+            .map_err(|e| ControllerError::Storage(e.to_string()))?;
         Ok(Self { db })
     }
 
@@ -66,7 +71,11 @@ impl LogStore {
         txn.commit().map_err(io)
     }
 
-    fn read_range(&self, start: u64, end_inclusive: Option<u64>) -> Result<Vec<Entry<TypeConfig>>, std::io::Error> {
+    fn read_range(
+        &self,
+        start: u64,
+        end_inclusive: Option<u64>,
+    ) -> Result<Vec<Entry<TypeConfig>>, std::io::Error> {
         let txn = self.db.begin_read().map_err(io)?;
         let table = txn.open_table(LOGS).map_err(io)?;
         let iter = match end_inclusive {
@@ -111,7 +120,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
         if end.is_some_and(|e| e < start) {
             return Ok(Vec::new());
         }
-        self.read_range(start, end).map_err(|e| StorageIOError::read_logs(&e).into())
+        self.read_range(start, end)
+            .map_err(|e| StorageIOError::read_logs(&e).into())
     }
 }
 
@@ -119,21 +129,33 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
-        let last_purged: Option<LogId<NodeId>> =
-            self.get_meta(KEY_LAST_PURGED).map_err(|e| StorageIOError::read_logs(&e))?;
+        let last_purged: Option<LogId<NodeId>> = self
+            .get_meta(KEY_LAST_PURGED)
+            .map_err(|e| StorageIOError::read_logs(&e))?;
         let last = {
-            let txn = self.db.begin_read().map_err(|e| StorageIOError::read_logs(&io(e)))?;
-            let table = txn.open_table(LOGS).map_err(|e| StorageIOError::read_logs(&io(e)))?;
-            let last = table.last().map_err(|e| StorageIOError::read_logs(&io(e)))?;
+            let txn = self
+                .db
+                .begin_read()
+                .map_err(|e| StorageIOError::read_logs(&io(e)))?;
+            let table = txn
+                .open_table(LOGS)
+                .map_err(|e| StorageIOError::read_logs(&io(e)))?;
+            let last = table
+                .last()
+                .map_err(|e| StorageIOError::read_logs(&io(e)))?;
             match last {
                 Some((_, v)) => {
-                    let entry: Entry<TypeConfig> = decode(v.value()).map_err(|e| StorageIOError::read_logs(&e))?;
+                    let entry: Entry<TypeConfig> =
+                        decode(v.value()).map_err(|e| StorageIOError::read_logs(&e))?;
                     Some(entry.log_id)
                 }
                 None => None,
             }
         };
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last.or(last_purged) })
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last.or(last_purged),
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -141,23 +163,35 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.put_meta(KEY_VOTE, vote).map_err(|e| StorageIOError::write_vote(&e).into())
+        self.put_meta(KEY_VOTE, vote)
+            .map_err(|e| StorageIOError::write_vote(&e).into())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
-        self.get_meta(KEY_VOTE).map_err(|e| StorageIOError::read_vote(&e).into())
+        self.get_meta(KEY_VOTE)
+            .map_err(|e| StorageIOError::read_vote(&e).into())
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError<NodeId>> {
-        self.put_meta(KEY_COMMITTED, &committed).map_err(|e| StorageIOError::write(&e).into())
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        self.put_meta(KEY_COMMITTED, &committed)
+            .map_err(|e| StorageIOError::write(&e).into())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
-        let v: Option<Option<LogId<NodeId>>> = self.get_meta(KEY_COMMITTED).map_err(|e| StorageIOError::read(&e))?;
+        let v: Option<Option<LogId<NodeId>>> = self
+            .get_meta(KEY_COMMITTED)
+            .map_err(|e| StorageIOError::read(&e))?;
         Ok(v.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError<NodeId>>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError<NodeId>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
@@ -168,7 +202,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 let mut table = txn.open_table(LOGS).map_err(io)?;
                 for entry in entries {
                     let bytes = encode(&entry)?;
-                    table.insert(entry.log_id.index, bytes.as_slice()).map_err(io)?;
+                    table
+                        .insert(entry.log_id.index, bytes.as_slice())
+                        .map_err(io)?;
                 }
             }
             // redb commits durably (fsync) by default: the entries are on disk
@@ -189,11 +225,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.delete_range(log_id.index..).map_err(|e| StorageIOError::write_logs(&e).into())
+        self.delete_range(log_id.index..)
+            .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.put_meta(KEY_LAST_PURGED, &log_id).map_err(|e| StorageIOError::write_logs(&e))?;
-        self.delete_range(..=log_id.index).map_err(|e| StorageIOError::write_logs(&e).into())
+        self.put_meta(KEY_LAST_PURGED, &log_id)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        self.delete_range(..=log_id.index)
+            .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 }

@@ -49,8 +49,12 @@ pub async fn open(
     raft_id: NodeId,
     address: &str,
 ) -> Result<(Raft, state_machine::StateMachineStore), ControllerError> {
-    std::fs::create_dir_all(dir).map_err(|source| ControllerError::Io { path: dir.display().to_string(), source })?;
-    let db = redb::Database::create(dir.join("raft.redb")).map_err(|e| ControllerError::Storage(e.to_string()))?;
+    std::fs::create_dir_all(dir).map_err(|source| ControllerError::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let db = redb::Database::create(dir.join("raft.redb"))
+        .map_err(|e| ControllerError::Storage(e.to_string()))?;
     let db = Arc::new(db);
     let log = log_store::LogStore::open(db.clone())?;
     let sm = state_machine::StateMachineStore::open(db)?;
@@ -63,14 +67,30 @@ pub async fn open(
         max_in_snapshot_log_to_keep: 100,
         ..Default::default()
     };
-    let config = Arc::new(config.validate().map_err(|e| ControllerError::Raft(e.to_string()))?);
+    let config = Arc::new(
+        config
+            .validate()
+            .map_err(|e| ControllerError::Raft(e.to_string()))?,
+    );
     let raft = Raft::new(raft_id, config, network::Network, log, sm.clone())
         .await
         .map_err(|e| ControllerError::Raft(e.to_string()))?;
-    if !raft.is_initialized().await.map_err(|e| ControllerError::Raft(e.to_string()))? {
-        let members =
-            [(raft_id, openraft::BasicNode { addr: address.to_string() })].into_iter().collect::<std::collections::BTreeMap<_, _>>();
-        raft.initialize(members).await.map_err(|e| ControllerError::Raft(e.to_string()))?;
+    if !raft
+        .is_initialized()
+        .await
+        .map_err(|e| ControllerError::Raft(e.to_string()))?
+    {
+        let members = [(
+            raft_id,
+            openraft::BasicNode {
+                addr: address.to_string(),
+            },
+        )]
+        .into_iter()
+        .collect::<std::collections::BTreeMap<_, _>>();
+        raft.initialize(members)
+            .await
+            .map_err(|e| ControllerError::Raft(e.to_string()))?;
     }
     Ok((raft, sm))
 }
@@ -80,9 +100,11 @@ pub async fn open(
 pub async fn propose(raft: &Raft, cmd: Command) -> Result<u64, ControllerError> {
     match raft.client_write(cmd).await {
         Ok(resp) => Ok(resp.data.result?),
-        Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(f))) => {
-            Err(ControllerError::NotLeader { leader: f.leader_node.map(|n| n.addr) })
-        }
+        Err(openraft::error::RaftError::APIError(
+            openraft::error::ClientWriteError::ForwardToLeader(f),
+        )) => Err(ControllerError::NotLeader {
+            leader: f.leader_node.map(|n| n.addr),
+        }),
         Err(e) => Err(ControllerError::Raft(e.to_string())),
     }
 }

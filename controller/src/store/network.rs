@@ -5,8 +5,8 @@
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
 
@@ -28,7 +28,10 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 }
 
 fn unreachable<E: std::error::Error>(target: NodeId) -> RPCError<NodeId, BasicNode, E> {
-    let err = std::io::Error::new(std::io::ErrorKind::NotConnected, format!("no transport to raft peer {target}"));
+    let err = std::io::Error::new(
+        std::io::ErrorKind::NotConnected,
+        format!("no transport to raft peer {target}"),
+    );
     RPCError::Unreachable(Unreachable::new(&err))
 }
 
@@ -45,8 +48,10 @@ impl RaftNetwork<TypeConfig> for Peer {
         &mut self,
         _rpc: InstallSnapshotRequest<TypeConfig>,
         _option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
-    {
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
         Err(unreachable(self.target))
     }
 

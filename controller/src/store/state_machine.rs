@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError,
-    StoredMembership,
+    BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -65,7 +65,11 @@ impl StateMachineStore {
             loaded
         };
         let (publish, _) = watch::channel(Arc::new(applied.state.clone()));
-        Ok(Self { db, inner: Arc::new(Mutex::new(applied)), publish })
+        Ok(Self {
+            db,
+            inner: Arc::new(Mutex::new(applied)),
+            publish,
+        })
     }
 
     /// The newest applied state and a receiver for the ones after it.
@@ -83,14 +87,19 @@ impl StateMachineStore {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn persist(&self, applied: &AppliedState) -> Result<(), std::io::Error> {
-        let bytes = encode(applied)?;
+    /// Writes one value of the state-machine table durably.
+    fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), std::io::Error> {
+        let bytes = encode(value)?;
         let txn = self.db.begin_write().map_err(io)?;
         {
             let mut table = txn.open_table(SM).map_err(io)?;
-            table.insert(KEY_APPLIED, bytes.as_slice()).map_err(io)?;
+            table.insert(key, bytes.as_slice()).map_err(io)?;
         }
         txn.commit().map_err(io)
+    }
+
+    fn persist(&self, applied: &AppliedState) -> Result<(), std::io::Error> {
+        self.put(KEY_APPLIED, applied)
     }
 
     fn read_snapshot(&self) -> Result<Option<StoredSnapshot>, std::io::Error> {
@@ -107,13 +116,7 @@ impl StateMachineStore {
     }
 
     fn write_snapshot(&self, snap: &StoredSnapshot) -> Result<(), std::io::Error> {
-        let bytes = encode(snap)?;
-        let txn = self.db.begin_write().map_err(io)?;
-        {
-            let mut table = txn.open_table(SM).map_err(io)?;
-            table.insert(KEY_SNAPSHOT, bytes.as_slice()).map_err(io)?;
-        }
-        txn.commit().map_err(io)
+        self.put(KEY_SNAPSHOT, snap)
     }
 }
 
@@ -130,9 +133,16 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             last_membership: applied.membership.clone(),
             snapshot_id,
         };
-        let stored = StoredSnapshot { meta: meta.clone(), data: data.clone() };
-        self.write_snapshot(&stored).map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        };
+        self.write_snapshot(&stored)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
     }
 }
 
@@ -141,7 +151,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn applied_state(
         &mut self,
-    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError<NodeId>> {
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError<NodeId>>
+    {
         let applied = self.lock();
         Ok((applied.last_applied, applied.membership.clone()))
     }
@@ -156,7 +167,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         for entry in entries {
             next.last_applied = Some(entry.log_id);
             match entry.payload {
-                EntryPayload::Blank => replies.push(Applied { result: Ok(next.state.version) }),
+                EntryPayload::Blank => replies.push(Applied {
+                    result: Ok(next.state.version),
+                }),
                 EntryPayload::Normal(cmd) => {
                     let result = next.state.apply(cmd).map(|()| next.state.version);
                     if let Err(e) = &result {
@@ -166,11 +179,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 }
                 EntryPayload::Membership(m) => {
                     next.membership = StoredMembership::new(Some(entry.log_id), m);
-                    replies.push(Applied { result: Ok(next.state.version) });
+                    replies.push(Applied {
+                        result: Ok(next.state.version),
+                    });
                 }
             }
         }
-        self.persist(&next).map_err(|e| StorageIOError::write_state_machine(&e))?;
+        self.persist(&next)
+            .map_err(|e| StorageIOError::write_state_machine(&e))?;
         let publish = Arc::new(next.state.clone());
         *self.lock() = next;
         self.publish.send_replace(publish);
@@ -181,7 +197,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
@@ -193,18 +211,33 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let data = snapshot.into_inner();
         let state: ClusterState =
             decode(&data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-        let next = AppliedState { last_applied: meta.last_log_id, membership: meta.last_membership.clone(), state };
-        self.write_snapshot(&StoredSnapshot { meta: meta.clone(), data })
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        self.persist(&next).map_err(|e| StorageIOError::write_state_machine(&e))?;
+        let next = AppliedState {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+            state,
+        };
+        self.write_snapshot(&StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        })
+        .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        self.persist(&next)
+            .map_err(|e| StorageIOError::write_state_machine(&e))?;
         let publish = Arc::new(next.state.clone());
         *self.lock() = next;
         self.publish.send_replace(publish);
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        let stored = self.read_snapshot().map_err(|e| StorageIOError::read_snapshot(None, &e))?;
-        Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        let stored = self
+            .read_snapshot()
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        Ok(stored.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
     }
 }

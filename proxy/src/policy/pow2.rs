@@ -14,8 +14,11 @@ pub struct PowerOfTwoChoices;
 impl ReplicaChoice for PowerOfTwoChoices {
     fn choose(&self, loads: &[Option<usize>]) -> Option<usize> {
         // Few replicas per backend: collecting the candidates is cheap.
-        let open: Vec<(usize, usize)> =
-            loads.iter().enumerate().filter_map(|(i, load)| load.map(|l| (i, l))).collect();
+        let open: Vec<(usize, usize)> = loads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, load)| load.map(|l| (i, l)))
+            .collect();
         match open.len() {
             0 => None,
             1 => Some(open[0].0),

@@ -7,7 +7,9 @@ use super::{position_name, Converter, ParsedRoute, RouteError, Segment};
 /// Parses and validates a Starlette-style route such as `/api/{id:int}`.
 pub fn parse_route(route: &str) -> Result<ParsedRoute, RouteError> {
     let Some(body) = route.strip_prefix('/') else {
-        return Err(RouteError::MissingLeadingSlash { route: route.to_owned() });
+        return Err(RouteError::MissingLeadingSlash {
+            route: route.to_owned(),
+        });
     };
     let pieces: Vec<&str> = body.split('/').collect();
     let last = pieces.len() - 1;
@@ -17,7 +19,10 @@ pub fn parse_route(route: &str) -> Result<ParsedRoute, RouteError> {
 
     for (n, piece) in pieces.iter().enumerate() {
         pattern.push('/');
-        let unbalanced = || RouteError::UnbalancedBraces { route: route.to_owned(), segment: (*piece).to_owned() };
+        let unbalanced = || RouteError::UnbalancedBraces {
+            route: route.to_owned(),
+            segment: (*piece).to_owned(),
+        };
         let Some(open) = piece.find('{') else {
             if piece.contains('}') {
                 return Err(unbalanced());
@@ -28,14 +33,19 @@ pub fn parse_route(route: &str) -> Result<ParsedRoute, RouteError> {
         };
         let prefix = &piece[..open];
         let after = &piece[open + 1..];
-        let Some(close) = after.find('}') else { return Err(unbalanced()) };
+        let Some(close) = after.find('}') else {
+            return Err(unbalanced());
+        };
         let inner = &after[..close];
         let suffix = &after[close + 1..];
         if prefix.contains('}') || inner.contains('{') {
             return Err(unbalanced());
         }
         if suffix.contains('{') {
-            return Err(RouteError::TwoParamsInSegment { route: route.to_owned(), segment: (*piece).to_owned() });
+            return Err(RouteError::TwoParamsInSegment {
+                route: route.to_owned(),
+                segment: (*piece).to_owned(),
+            });
         }
         if suffix.contains('}') {
             return Err(unbalanced());
@@ -55,10 +65,16 @@ pub fn parse_route(route: &str) -> Result<ParsedRoute, RouteError> {
             None => (inner, Converter::Str),
         };
         if !valid_name(name) {
-            return Err(RouteError::InvalidName { route: route.to_owned(), name: name.to_owned() });
+            return Err(RouteError::InvalidName {
+                route: route.to_owned(),
+                name: name.to_owned(),
+            });
         }
         if params.iter().any(|(n, _)| n == name) {
-            return Err(RouteError::DuplicateName { route: route.to_owned(), name: name.to_owned() });
+            return Err(RouteError::DuplicateName {
+                route: route.to_owned(),
+                name: name.to_owned(),
+            });
         }
         let index = params.len();
         params.push((name.to_owned(), converter));
@@ -66,14 +82,21 @@ pub fn parse_route(route: &str) -> Result<ParsedRoute, RouteError> {
         if converter == Converter::Path {
             // matchit's catch-all is a whole final segment; so is ours.
             if n != last || !prefix.is_empty() || !suffix.is_empty() {
-                return Err(RouteError::PathNotLast { route: route.to_owned(), name: name.to_owned() });
+                return Err(RouteError::PathNotLast {
+                    route: route.to_owned(),
+                    name: name.to_owned(),
+                });
             }
             segments.push(Segment::Rest { index });
             pattern.push_str("{*");
             pattern.push_str(&position_name(index));
             pattern.push('}');
         } else {
-            segments.push(Segment::Param { prefix: prefix.to_owned(), index, suffix: suffix.to_owned() });
+            segments.push(Segment::Param {
+                prefix: prefix.to_owned(),
+                index,
+                suffix: suffix.to_owned(),
+            });
             pattern.push_str(prefix);
             pattern.push('{');
             pattern.push_str(&position_name(index));
@@ -81,7 +104,12 @@ pub fn parse_route(route: &str) -> Result<ParsedRoute, RouteError> {
             pattern.push_str(suffix);
         }
     }
-    Ok(ParsedRoute { route: route.to_owned(), segments, params, pattern })
+    Ok(ParsedRoute {
+        route: route.to_owned(),
+        segments,
+        params,
+        pattern,
+    })
 }
 
 /// Starlette's parameter names: `[a-zA-Z_][a-zA-Z0-9_]*`.

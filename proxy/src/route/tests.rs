@@ -14,7 +14,9 @@ fn table(routes: &[(&str, &str, &[&str])]) -> RouteTable {
 }
 
 fn hit(t: &RouteTable, path: &str, method: &str) -> (String, Vec<(String, PathValue)>) {
-    let m = t.lookup(path, method).unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let m = t
+        .lookup(path, method)
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
     (m.endpoint, m.path_params)
 }
 
@@ -27,24 +29,45 @@ fn p(name: &str, v: PathValue) -> (String, PathValue) {
 #[allow(clippy::approx_constant)]
 fn typed_params_are_converted() {
     let t = table(&[("calc", "/api/{a:int}/{b:float}", &[])]);
-    assert_eq!(hit(&t, "/api/123/3.14", "GET"), ("calc".into(), vec![p("a", Int(123)), p("b", Float(3.14))]));
+    assert_eq!(
+        hit(&t, "/api/123/3.14", "GET"),
+        ("calc".into(), vec![p("a", Int(123)), p("b", Float(3.14))])
+    );
     // A float without fraction is still a float.
-    assert_eq!(hit(&t, "/api/1/2", "GET").1, vec![p("a", Int(1)), p("b", Float(2.0))]);
+    assert_eq!(
+        hit(&t, "/api/1/2", "GET").1,
+        vec![p("a", Int(1)), p("b", Float(2.0))]
+    );
     assert_eq!(t.lookup("/api/x/3.14", "GET"), Err(LookupError::NotFound));
     assert_eq!(t.lookup("/api/1/3.", "GET"), Err(LookupError::NotFound));
     assert_eq!(t.lookup("/api/-1/3", "GET"), Err(LookupError::NotFound));
     // Too many digits for an i64 fits no converter.
-    assert_eq!(t.lookup("/api/99999999999999999999/1", "GET"), Err(LookupError::NotFound));
+    assert_eq!(
+        t.lookup("/api/99999999999999999999/1", "GET"),
+        Err(LookupError::NotFound)
+    );
 }
 
 #[test]
 fn shared_shapes_are_tried_in_registration_order() {
-    let t = table(&[("by_id", "/api/{id:int}", &[]), ("by_name", "/api/{name}", &[])]);
-    assert_eq!(hit(&t, "/api/42", "GET"), ("by_id".into(), vec![p("id", Int(42))]));
-    assert_eq!(hit(&t, "/api/bob", "GET"), ("by_name".into(), vec![p("name", Str("bob".into()))]));
+    let t = table(&[
+        ("by_id", "/api/{id:int}", &[]),
+        ("by_name", "/api/{name}", &[]),
+    ]);
+    assert_eq!(
+        hit(&t, "/api/42", "GET"),
+        ("by_id".into(), vec![p("id", Int(42))])
+    );
+    assert_eq!(
+        hit(&t, "/api/bob", "GET"),
+        ("by_name".into(), vec![p("name", Str("bob".into()))])
+    );
 
     // Reversed order: the str route takes everything, as in Starlette.
-    let t = table(&[("by_name", "/api/{name}", &[]), ("by_id", "/api/{id:int}", &[])]);
+    let t = table(&[
+        ("by_name", "/api/{name}", &[]),
+        ("by_id", "/api/{id:int}", &[]),
+    ]);
     assert_eq!(hit(&t, "/api/42", "GET").0, "by_name");
 }
 
@@ -58,14 +81,25 @@ fn bad_value_is_not_found() {
 
 #[test]
 fn wrong_method_gives_allow_list() {
-    let t = table(&[("a", "/x", &["get", "post"]), ("b", "/x", &["PUT"]), ("c", "/y/{id}", &["DELETE"])]);
+    let t = table(&[
+        ("a", "/x", &["get", "post"]),
+        ("b", "/x", &["PUT"]),
+        ("c", "/y/{id}", &["DELETE"]),
+    ]);
     assert_eq!(hit(&t, "/x", "POST").0, "a");
     assert_eq!(hit(&t, "/x", "put").0, "b");
     assert_eq!(
         t.lookup("/x", "PATCH"),
-        Err(LookupError::MethodNotAllowed { allow: methods(&["GET", "POST", "PUT"]) })
+        Err(LookupError::MethodNotAllowed {
+            allow: methods(&["GET", "POST", "PUT"])
+        })
     );
-    assert_eq!(t.lookup("/y/1", "GET"), Err(LookupError::MethodNotAllowed { allow: methods(&["DELETE"]) }));
+    assert_eq!(
+        t.lookup("/y/1", "GET"),
+        Err(LookupError::MethodNotAllowed {
+            allow: methods(&["DELETE"])
+        })
+    );
 }
 
 #[test]
@@ -78,7 +112,10 @@ fn empty_methods_allow_everything() {
 
 #[test]
 fn later_full_match_beats_earlier_path_only_match() {
-    let t = table(&[("getter", "/f/{name}", &["GET"]), ("all", "/{rest:path}", &["POST"])]);
+    let t = table(&[
+        ("getter", "/f/{name}", &["GET"]),
+        ("all", "/{rest:path}", &["POST"]),
+    ]);
     assert_eq!(hit(&t, "/f/x", "POST").0, "all");
     assert_eq!(hit(&t, "/f/x", "GET").0, "getter");
 }
@@ -87,18 +124,39 @@ fn later_full_match_beats_earlier_path_only_match() {
 fn uuid_accepts_both_cases_and_lowercases() {
     let t = table(&[("u", "/u/{id:uuid}", &[])]);
     let upper = "123E4567-E89B-12D3-A456-426614174000";
-    assert_eq!(hit(&t, &format!("/u/{upper}"), "GET").1, vec![p("id", Str(upper.to_ascii_lowercase()))]);
-    assert_eq!(t.lookup("/u/123e4567e89b12d3a456426614174000", "GET"), Err(LookupError::NotFound));
-    assert_eq!(t.lookup("/u/123e4567-e89b-12d3-a456-42661417400g", "GET"), Err(LookupError::NotFound));
+    assert_eq!(
+        hit(&t, &format!("/u/{upper}"), "GET").1,
+        vec![p("id", Str(upper.to_ascii_lowercase()))]
+    );
+    assert_eq!(
+        t.lookup("/u/123e4567e89b12d3a456426614174000", "GET"),
+        Err(LookupError::NotFound)
+    );
+    assert_eq!(
+        t.lookup("/u/123e4567-e89b-12d3-a456-42661417400g", "GET"),
+        Err(LookupError::NotFound)
+    );
 }
 
 #[test]
 fn path_converter_takes_the_rest() {
-    let t = table(&[("files", "/static/{file:path}", &[]), ("one", "/doc/{name}", &[])]);
-    assert_eq!(hit(&t, "/static/css/site.css", "GET").1, vec![p("file", Str("css/site.css".into()))]);
-    assert_eq!(hit(&t, "/static/a", "GET").1, vec![p("file", Str("a".into()))]);
+    let t = table(&[
+        ("files", "/static/{file:path}", &[]),
+        ("one", "/doc/{name}", &[]),
+    ]);
+    assert_eq!(
+        hit(&t, "/static/css/site.css", "GET").1,
+        vec![p("file", Str("css/site.css".into()))]
+    );
+    assert_eq!(
+        hit(&t, "/static/a", "GET").1,
+        vec![p("file", Str("a".into()))]
+    );
     // Starlette's path converter is `.*`: it may be empty.
-    assert_eq!(hit(&t, "/static/", "GET").1, vec![p("file", Str(String::new()))]);
+    assert_eq!(
+        hit(&t, "/static/", "GET").1,
+        vec![p("file", Str(String::new()))]
+    );
     // A str parameter never spans segments.
     assert_eq!(t.lookup("/doc/a/b", "GET"), Err(LookupError::NotFound));
 }
@@ -108,34 +166,79 @@ fn str_next_to_path_on_one_prefix_both_work() {
     // matchit refuses this pair; the scan serves the second one.
     let t = table(&[("one", "/f/{name}", &[]), ("rest", "/f/{tail:path}", &[])]);
     assert_eq!(hit(&t, "/f/a", "GET").0, "one");
-    assert_eq!(hit(&t, "/f/a/b", "GET"), ("rest".into(), vec![p("tail", Str("a/b".into()))]));
+    assert_eq!(
+        hit(&t, "/f/a/b", "GET"),
+        ("rest".into(), vec![p("tail", Str("a/b".into()))])
+    );
 }
 
 #[test]
 fn several_params_prefixes_and_percent_decoding() {
-    let t = table(&[("img", "/u/{user}/img-{n:int}.png", &[]), ("root", "/", &[])]);
-    assert_eq!(hit(&t, "/u/ann%20lee/img-7.png", "GET").1, vec![p("user", Str("ann lee".into())), p("n", Int(7))]);
+    let t = table(&[
+        ("img", "/u/{user}/img-{n:int}.png", &[]),
+        ("root", "/", &[]),
+    ]);
+    assert_eq!(
+        hit(&t, "/u/ann%20lee/img-7.png", "GET").1,
+        vec![p("user", Str("ann lee".into())), p("n", Int(7))]
+    );
     assert_eq!(hit(&t, "/", "GET").0, "root");
-    assert_eq!(t.lookup("/u/ann/img-7.jpg", "GET"), Err(LookupError::NotFound));
-    assert_eq!(t.lookup("/u/ann/img-7.png/", "GET"), Err(LookupError::NotFound));
+    assert_eq!(
+        t.lookup("/u/ann/img-7.jpg", "GET"),
+        Err(LookupError::NotFound)
+    );
+    assert_eq!(
+        t.lookup("/u/ann/img-7.png/", "GET"),
+        Err(LookupError::NotFound)
+    );
 }
 
 #[test]
 fn parse_errors_name_the_problem() {
     use RouteError::*;
-    assert!(matches!(parse_route("api"), Err(MissingLeadingSlash { .. })));
-    assert!(matches!(parse_route("/a/{id"), Err(UnbalancedBraces { .. })));
-    assert!(matches!(parse_route("/a/id}"), Err(UnbalancedBraces { .. })));
-    assert!(matches!(parse_route("/a/{{id}}"), Err(UnbalancedBraces { .. })));
-    assert!(matches!(parse_route("/a/{x}-{y}"), Err(TwoParamsInSegment { .. })));
+    assert!(matches!(
+        parse_route("api"),
+        Err(MissingLeadingSlash { .. })
+    ));
+    assert!(matches!(
+        parse_route("/a/{id"),
+        Err(UnbalancedBraces { .. })
+    ));
+    assert!(matches!(
+        parse_route("/a/id}"),
+        Err(UnbalancedBraces { .. })
+    ));
+    assert!(matches!(
+        parse_route("/a/{{id}}"),
+        Err(UnbalancedBraces { .. })
+    ));
+    assert!(matches!(
+        parse_route("/a/{x}-{y}"),
+        Err(TwoParamsInSegment { .. })
+    ));
     assert!(matches!(parse_route("/a/{1x}"), Err(InvalidName { .. })));
     assert!(matches!(parse_route("/a/{}"), Err(InvalidName { .. })));
-    assert!(matches!(parse_route("/a/{id:bool}"), Err(UnknownConverter { .. })));
-    assert!(matches!(parse_route("/a/{p:path}/more"), Err(PathNotLast { .. })));
-    assert!(matches!(parse_route("/a/x{p:path}"), Err(PathNotLast { .. })));
-    assert!(matches!(parse_route("/{id}/{id:int}"), Err(DuplicateName { .. })));
+    assert!(matches!(
+        parse_route("/a/{id:bool}"),
+        Err(UnknownConverter { .. })
+    ));
+    assert!(matches!(
+        parse_route("/a/{p:path}/more"),
+        Err(PathNotLast { .. })
+    ));
+    assert!(matches!(
+        parse_route("/a/x{p:path}"),
+        Err(PathNotLast { .. })
+    ));
+    assert!(matches!(
+        parse_route("/{id}/{id:int}"),
+        Err(DuplicateName { .. })
+    ));
     let msg = parse_route("/a/{id:bool}").unwrap_err().to_string();
-    assert!(msg.contains("/a/{id:bool}") && msg.contains("bool"), "{msg}");
+    assert!(
+        msg.contains("/a/{id:bool}") && msg.contains("bool"),
+        "{msg}"
+    );
     // Inserting a bad route fails without touching the table.
     let mut t = RouteTable::new();
     assert!(t.insert("e", "/{x:nope}", &[]).is_err());
@@ -146,7 +249,13 @@ fn parse_errors_name_the_problem() {
 fn parsed_route_exposes_shape() {
     let r = parse_route("/api/{id:int}/{rest:path}").unwrap();
     assert_eq!(r.matchit_pattern(), "/api/{p0}/{*p1}");
-    assert_eq!(r.params(), &[("id".to_string(), Converter::Int), ("rest".to_string(), Converter::Path)]);
+    assert_eq!(
+        r.params(),
+        &[
+            ("id".to_string(), Converter::Int),
+            ("rest".to_string(), Converter::Path)
+        ]
+    );
 }
 
 #[test]
@@ -164,5 +273,8 @@ fn collides_compares_shape_and_converters() {
 #[test]
 fn routes_listed_in_order() {
     let t = table(&[("a", "/a", &[]), ("b", "/b/{x}", &[])]);
-    assert_eq!(t.routes().collect::<Vec<_>>(), vec![("/a", "a"), ("/b/{x}", "b")]);
+    assert_eq!(
+        t.routes().collect::<Vec<_>>(),
+        vec![("/a", "a"), ("/b/{x}", "b")]
+    );
 }

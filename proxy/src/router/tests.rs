@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serval_node::replica_server::{bind_unix, serve, EchoHandler, Handler, Reply};
-use serval_protos::control::{Backend as PbBackend, BackendConfig, ClusterSnapshot, Endpoint, Replica as PbReplica};
+use serval_protos::control::{
+    Backend as PbBackend, BackendConfig, ClusterSnapshot, Endpoint, Replica as PbReplica,
+};
 use serval_protos::frame::{HttpRequest, Payload, Request, Response};
 
 use super::*;
@@ -28,11 +30,16 @@ impl TestReplica {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let path = unix_path.clone();
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
                 let unix = bind_unix(&path).unwrap();
                 let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                ready_tx.send(tcp.local_addr().unwrap().to_string()).unwrap();
+                ready_tx
+                    .send(tcp.local_addr().unwrap().to_string())
+                    .unwrap();
                 serve(Some(unix), Some(tcp), handler, async move {
                     let _ = stop_rx.await;
                 })
@@ -100,7 +107,11 @@ impl HoldHandler {
         let replies: Vec<Reply> = std::mem::take(&mut *self.held.lock().unwrap());
         let n = replies.len();
         for r in replies {
-            r.send(&Response { status: 200, headers: vec![], body: b"released".to_vec() });
+            r.send(&Response {
+                status: 200,
+                headers: vec![],
+                body: b"released".to_vec(),
+            });
         }
         n
     }
@@ -114,28 +125,42 @@ struct TagHandler {
 
 impl TagHandler {
     fn new(tag: &'static str) -> Arc<Self> {
-        Arc::new(Self { tag, seen: AtomicUsize::new(0) })
+        Arc::new(Self {
+            tag,
+            seen: AtomicUsize::new(0),
+        })
     }
 }
 
 impl Handler for TagHandler {
     fn handle(&self, _request: Request, reply: Reply) {
         self.seen.fetch_add(1, Ordering::SeqCst);
-        reply.send(&Response { status: 200, headers: vec![], body: self.tag.as_bytes().to_vec() });
+        reply.send(&Response {
+            status: 200,
+            headers: vec![],
+            body: self.tag.as_bytes().to_vec(),
+        });
     }
 }
 
 fn backend(name: &str, max_concurrent_queries: u32) -> PbBackend {
     PbBackend {
         name: name.into(),
-        config: Some(BackendConfig { max_concurrent_queries, ..Default::default() }),
+        config: Some(BackendConfig {
+            max_concurrent_queries,
+            ..Default::default()
+        }),
         state: "running".into(),
         ..Default::default()
     }
 }
 
 fn endpoint(name: &str, traffic: &[(&str, f64)], shadow: &[(&str, f64)]) -> Endpoint {
-    let map = |v: &[(&str, f64)]| v.iter().map(|(k, w)| (k.to_string(), *w)).collect::<HashMap<_, _>>();
+    let map = |v: &[(&str, f64)]| {
+        v.iter()
+            .map(|(k, w)| (k.to_string(), *w))
+            .collect::<HashMap<_, _>>()
+    };
     Endpoint {
         name: name.into(),
         route: format!("/{name}"),
@@ -145,14 +170,28 @@ fn endpoint(name: &str, traffic: &[(&str, f64)], shadow: &[(&str, f64)]) -> Endp
     }
 }
 
-fn snapshot(backends: Vec<PbBackend>, endpoints: Vec<Endpoint>, replicas: Vec<PbReplica>) -> ClusterSnapshot {
-    ClusterSnapshot { version: 1, backends, endpoints, replicas, ..Default::default() }
+fn snapshot(
+    backends: Vec<PbBackend>,
+    endpoints: Vec<Endpoint>,
+    replicas: Vec<PbReplica>,
+) -> ClusterSnapshot {
+    ClusterSnapshot {
+        version: 1,
+        backends,
+        endpoints,
+        replicas,
+        ..Default::default()
+    }
 }
 
 fn http_request(path: &str) -> Request {
     Request {
         method_name: None,
-        payload: Payload::Http(HttpRequest { method: "GET".into(), path: path.into(), ..Default::default() }),
+        payload: Payload::Http(HttpRequest {
+            method: "GET".into(),
+            path: path.into(),
+            ..Default::default()
+        }),
     }
 }
 
@@ -175,12 +214,19 @@ async fn echo_round_trip_and_unknown_endpoint() {
     let dir = tempfile::tempdir().unwrap();
     let rep = TestReplica::start(dir.path(), "r1", Arc::new(EchoHandler));
     let router = Router::new(RouterConfig::default());
-    router.update(&snapshot(vec![backend("b", 0)], vec![endpoint("ep", &[("b", 1.0)], &[])], vec![rep.pb("b")]));
+    router.update(&snapshot(
+        vec![backend("b", 0)],
+        vec![endpoint("ep", &[("b", 1.0)], &[])],
+        vec![rep.pb("b")],
+    ));
     assert!(router.has_endpoint("ep"));
     assert!(!router.has_endpoint("nope"));
 
     for i in 0..20 {
-        let r = router.call("ep", http_request(&format!("/ep/{i}"))).await.unwrap();
+        let r = router
+            .call("ep", http_request(&format!("/ep/{i}")))
+            .await
+            .unwrap();
         assert_eq!(r.status, 200);
         assert!(body(&r).contains(&format!("/ep/{i}")), "{}", body(&r));
     }
@@ -196,10 +242,21 @@ async fn tcp_is_used_when_the_socket_is_not_on_this_machine() {
     let dir = tempfile::tempdir().unwrap();
     let rep = TestReplica::start(dir.path(), "r1", Arc::new(EchoHandler));
     let mut pb = rep.pb("b");
-    pb.unix_path = dir.path().join("elsewhere.sock").to_string_lossy().into_owned();
+    pb.unix_path = dir
+        .path()
+        .join("elsewhere.sock")
+        .to_string_lossy()
+        .into_owned();
     let router = Router::new(RouterConfig::default());
-    router.update(&snapshot(vec![backend("b", 0)], vec![endpoint("ep", &[("b", 1.0)], &[])], vec![pb]));
-    assert_eq!(router.call("ep", http_request("/x")).await.unwrap().status, 200);
+    router.update(&snapshot(
+        vec![backend("b", 0)],
+        vec![endpoint("ep", &[("b", 1.0)], &[])],
+        vec![pb],
+    ));
+    assert_eq!(
+        router.call("ep", http_request("/x")).await.unwrap().status,
+        200
+    );
 }
 
 #[tokio::test]
@@ -207,25 +264,39 @@ async fn full_replicas_queue_then_backpressure_and_counts_return_to_zero() {
     let dir = tempfile::tempdir().unwrap();
     let hold = Arc::new(HoldHandler::default());
     let rep = TestReplica::start(dir.path(), "r1", hold.clone());
-    let config = RouterConfig { queue_capacity: 1, ..Default::default() };
+    let config = RouterConfig {
+        queue_capacity: 1,
+        ..Default::default()
+    };
     let router = Router::new(config);
-    router.update(&snapshot(vec![backend("b", 2)], vec![endpoint("ep", &[("b", 1.0)], &[])], vec![rep.pb("b")]));
+    router.update(&snapshot(
+        vec![backend("b", 2)],
+        vec![endpoint("ep", &[("b", 1.0)], &[])],
+        vec![rep.pb("b")],
+    ));
 
     let mut calls = Vec::new();
     for _ in 0..2 {
         let r = router.clone();
-        calls.push(tokio::spawn(async move { r.call("ep", http_request("/ep")).await }));
+        calls.push(tokio::spawn(async move {
+            r.call("ep", http_request("/ep")).await
+        }));
     }
     eventually("two requests held", || hold.held() == 2).await;
     assert_eq!(router.in_flight("b"), 2);
 
     let r = router.clone();
-    calls.push(tokio::spawn(async move { r.call("ep", http_request("/ep")).await }));
+    calls.push(tokio::spawn(async move {
+        r.call("ep", http_request("/ep")).await
+    }));
     eventually("one request queued", || router.queued("b") == 1).await;
 
     // Replicas full and queue full: rejected at once, with a typed error.
     let err = router.call("ep", http_request("/ep")).await.unwrap_err();
-    assert!(matches!(err, RouterError::Backpressure { ref backend, queued: 1 } if backend == "b"), "{err:?}");
+    assert!(
+        matches!(err, RouterError::Backpressure { ref backend, queued: 1 } if backend == "b"),
+        "{err:?}"
+    );
     // Never above the limit.
     assert_eq!(hold.held(), 2);
 
@@ -246,7 +317,11 @@ async fn dropped_callers_release_their_slot_and_queue_place() {
     let hold = Arc::new(HoldHandler::default());
     let rep = TestReplica::start(dir.path(), "r1", hold.clone());
     let router = Router::new(RouterConfig::default());
-    router.update(&snapshot(vec![backend("b", 1)], vec![endpoint("ep", &[("b", 1.0)], &[])], vec![rep.pb("b")]));
+    router.update(&snapshot(
+        vec![backend("b", 1)],
+        vec![endpoint("ep", &[("b", 1.0)], &[])],
+        vec![rep.pb("b")],
+    ));
 
     let r = router.clone();
     let running = tokio::spawn(async move { r.call("ep", http_request("/ep")).await });
@@ -276,9 +351,16 @@ async fn a_slow_replica_times_out_and_frees_its_slot() {
     let dir = tempfile::tempdir().unwrap();
     let hold = Arc::new(HoldHandler::default());
     let rep = TestReplica::start(dir.path(), "r1", hold.clone());
-    let config = RouterConfig { request_timeout: Duration::from_millis(200), ..Default::default() };
+    let config = RouterConfig {
+        request_timeout: Duration::from_millis(200),
+        ..Default::default()
+    };
     let router = Router::new(config);
-    router.update(&snapshot(vec![backend("b", 0)], vec![endpoint("ep", &[("b", 1.0)], &[])], vec![rep.pb("b")]));
+    router.update(&snapshot(
+        vec![backend("b", 0)],
+        vec![endpoint("ep", &[("b", 1.0)], &[])],
+        vec![rep.pb("b")],
+    ));
     let err = router.call("ep", http_request("/ep")).await.unwrap_err();
     assert!(matches!(err, RouterError::Timeout { .. }), "{err:?}");
     assert_eq!(router.in_flight("b"), 0);
@@ -293,18 +375,40 @@ async fn a_replica_dying_mid_request_fails_it_and_traffic_moves_on() {
     let router = Router::new(RouterConfig::default());
     let eps = || vec![endpoint("ep", &[("be", 1.0)], &[])];
     // Only the doomed replica first, so the held request surely lands there.
-    router.update(&snapshot(vec![backend("be", 0)], eps(), vec![doomed.pb("be")]));
+    router.update(&snapshot(
+        vec![backend("be", 0)],
+        eps(),
+        vec![doomed.pb("be")],
+    ));
     let r = router.clone();
     let stuck = tokio::spawn(async move { r.call("ep", http_request("/ep")).await });
     eventually("request held on the doomed replica", || hold.held() == 1).await;
-    router.update(&snapshot(vec![backend("be", 0)], eps(), vec![doomed.pb("be"), survivor.pb("be")]));
-    assert_eq!(router.in_flight("be"), 1, "the connection and its count survive the update");
+    router.update(&snapshot(
+        vec![backend("be", 0)],
+        eps(),
+        vec![doomed.pb("be"), survivor.pb("be")],
+    ));
+    assert_eq!(
+        router.in_flight("be"),
+        1,
+        "the connection and its count survive the update"
+    );
 
     let killed_at = Instant::now();
     doomed.kill();
-    let err = tokio::time::timeout(Duration::from_secs(5), stuck).await.unwrap().unwrap().unwrap_err();
-    assert!(matches!(err, RouterError::ReplicaDied { ref replica, .. } if replica == "a"), "{err:?}");
-    assert!(killed_at.elapsed() < Duration::from_secs(2), "failure was not prompt");
+    let err = tokio::time::timeout(Duration::from_secs(5), stuck)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(err, RouterError::ReplicaDied { ref replica, .. } if replica == "a"),
+        "{err:?}"
+    );
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(2),
+        "failure was not prompt"
+    );
     assert_eq!(router.in_flight("be"), 0);
 
     // The snapshot still lists the dead replica; every request must still
@@ -321,7 +425,11 @@ async fn a_replica_dying_mid_request_fails_it_and_traffic_moves_on() {
 #[tokio::test]
 async fn weights_one_and_zero_send_everything_to_one_backend_and_shadow_gets_copies() {
     let dir = tempfile::tempdir().unwrap();
-    let (one, zero, shadow) = (TagHandler::new("one"), TagHandler::new("zero"), TagHandler::new("shadow"));
+    let (one, zero, shadow) = (
+        TagHandler::new("one"),
+        TagHandler::new("zero"),
+        TagHandler::new("shadow"),
+    );
     let r1 = TestReplica::start(dir.path(), "r1", one.clone());
     let r2 = TestReplica::start(dir.path(), "r2", zero.clone());
     let r3 = TestReplica::start(dir.path(), "r3", shadow.clone());
@@ -332,7 +440,10 @@ async fn weights_one_and_zero_send_everything_to_one_backend_and_shadow_gets_cop
         vec![r1.pb("b1"), r2.pb("b2"), r3.pb("b3")],
     ));
     for _ in 0..50 {
-        assert_eq!(body(&router.call("ep", http_request("/ep")).await.unwrap()), "one");
+        assert_eq!(
+            body(&router.call("ep", http_request("/ep")).await.unwrap()),
+            "one"
+        );
     }
     assert_eq!(one.seen.load(Ordering::SeqCst), 50);
     assert_eq!(zero.seen.load(Ordering::SeqCst), 0);
@@ -342,30 +453,48 @@ async fn weights_one_and_zero_send_everything_to_one_backend_and_shadow_gets_cop
 #[tokio::test]
 async fn waits_for_a_replica_then_gives_up_with_no_replica() {
     let dir = tempfile::tempdir().unwrap();
-    let config = RouterConfig { no_replica_timeout: Duration::from_millis(300), ..Default::default() };
+    let config = RouterConfig {
+        no_replica_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
     let router = Router::new(config);
     let eps = || vec![endpoint("ep", &[("b", 1.0)], &[])];
     router.update(&snapshot(vec![backend("b", 0)], eps(), vec![]));
 
     let started = Instant::now();
     let err = router.call("ep", http_request("/ep")).await.unwrap_err();
-    assert_eq!(err, RouterError::NoReplica { endpoint: "ep".into() });
+    assert_eq!(
+        err,
+        RouterError::NoReplica {
+            endpoint: "ep".into()
+        }
+    );
     assert!(started.elapsed() >= Duration::from_millis(300));
 
     // A replica reported while the call waits serves it.
     let rep = TestReplica::start(dir.path(), "r1", TagHandler::new("late"));
-    let config = RouterConfig { no_replica_timeout: Duration::from_secs(10), ..Default::default() };
+    let config = RouterConfig {
+        no_replica_timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
     let router = Router::new(config);
     router.update(&snapshot(vec![backend("b", 0)], eps(), vec![]));
     let r = router.clone();
     let waiting = tokio::spawn(async move { r.call("ep", http_request("/ep")).await });
     // The call subscribes to updates first thing; updates after that wake it.
-    eventually("call waiting", || router.inner.updates.receiver_count() == 1).await;
+    eventually("call waiting", || {
+        router.inner.updates.receiver_count() == 1
+    })
+    .await;
     let mut starting = rep.pb("b");
     starting.state = "starting".into();
     router.update(&snapshot(vec![backend("b", 0)], eps(), vec![starting]));
     router.update(&snapshot(vec![backend("b", 0)], eps(), vec![rep.pb("b")]));
-    let resp = tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap().unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(body(&resp), "late");
 }
 
