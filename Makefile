@@ -12,18 +12,24 @@ export PYO3_PYTHON := $(abspath $(VPY))
 
 all: build sdk
 
+PY_DEPS := "maturin>=1.16,<2" "starlette>=0.40" "cloudpickle>=3" python-multipart pytest requests uvicorn
+
 # Debian's python3 needs python3-venv for `-m venv`; install it if missing.
 $(VPY):
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 && $(PYTHON) -c 'import ensurepip' 2>/dev/null || \
 		(command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq python3-venv) )
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q "maturin>=1.16,<2" "starlette>=0.40" "cloudpickle>=3" python-multipart pytest requests
 
-venv: $(VPY)
+# Re-run when the dependency list in this Makefile changes.
+$(VENV)/.deps: Makefile | $(VPY)
+	$(VPY) -m pip install -q $(PY_DEPS)
+	touch $@
+
+venv: $(VENV)/.deps
 
 # The `serval` package (SDK, replica host and the `serve` console script).
-sdk: $(VPY)
+sdk: $(VENV)/.deps
 	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH \
 		$(VENV)/bin/maturin develop -q -m python-sdk/Cargo.toml
 
