@@ -205,11 +205,7 @@ impl NodeAgent {
                 backend: (*backend).clone(),
                 python: self.config.python.clone(),
                 work_dir: self.config.data_dir.join("replicas").join(sanitize(id)),
-                socket_path: self
-                    .config
-                    .data_dir
-                    .join("sockets")
-                    .join(format!("r{seq}.sock")),
+                socket_path: socket_dir(&self.config.data_dir).join(format!("r{seq}.sock")),
                 tcp_host: self.config.tcp_host.clone(),
             };
             tracing::info!(replica = %id, backend = %backend.name, "starting replica");
@@ -222,6 +218,21 @@ impl NodeAgent {
         let all: Vec<_> = self.supervisors.drain().map(|(_, h)| h.stop()).collect();
         futures::future::join_all(all).await;
     }
+}
+
+/// Where replica sockets live: under the data dir, unless that path is too
+/// long for a Unix socket address (108 bytes on Linux), then in a short
+/// directory under the temp dir named after the data dir.
+fn socket_dir(data_dir: &std::path::Path) -> PathBuf {
+    const MAX_DIR_LEN: usize = 80;
+    let dir = data_dir.join("sockets");
+    if dir.as_os_str().len() <= MAX_DIR_LEN {
+        return dir;
+    }
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    data_dir.hash(&mut h);
+    std::env::temp_dir().join(format!("serval-{:016x}", h.finish()))
 }
 
 fn sanitize(id: &str) -> String {
@@ -244,6 +255,16 @@ fn hostname() -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn socket_paths_stay_short_enough_for_unix_sockets() {
+        let short = std::path::Path::new("/tmp/sv-abc");
+        assert_eq!(super::socket_dir(short), short.join("sockets"));
+        let long = std::path::PathBuf::from(format!("/home/{}/.serval", "x".repeat(120)));
+        let dir = super::socket_dir(&long);
+        assert!(dir.join("r123456.sock").as_os_str().len() < 100, "{}", dir.display());
+        assert_eq!(dir, super::socket_dir(&long), "the same data dir maps to the same directory");
+    }
+
     #[test]
     fn replica_ids_become_safe_directory_names() {
         assert_eq!(super::sanitize("counter#3"), "counter_3");
