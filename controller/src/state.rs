@@ -135,6 +135,7 @@ impl ClusterState {
                 // Its replicas are gone with it: place them again elsewhere.
                 for replica in self.replicas.values_mut().filter(|r| r.node_id == node_id) {
                     replica.node_id.clear();
+                    replica.gpu_ids.clear();
                     replica.state = replica_state::PENDING.into();
                     replica.unix_path.clear();
                     replica.tcp_addr.clear();
@@ -207,6 +208,8 @@ impl ClusterState {
                 }
                 self.backends.remove(&name);
                 self.replicas.retain(|_, r| r.backend != name);
+                // What it held may fit a pending replica now.
+                self.place_pending();
             }
             Command::CreateEndpoint(endpoint) => {
                 let endpoint = self.validate_endpoint(endpoint)?;
@@ -370,9 +373,10 @@ impl ClusterState {
                 .and_then(|b| b.config.clone())
                 .unwrap_or_default();
             match scheduler::choose_node(self, config.num_cpus, config.num_gpus) {
-                Some(node_id) => {
+                Some(placement) => {
                     if let Some(r) = self.replicas.get_mut(&id) {
-                        r.node_id = node_id;
+                        r.node_id = placement.node_id;
+                        r.gpu_ids = placement.gpu_ids;
                         r.state = replica_state::STARTING.into();
                         r.error.clear();
                     }
@@ -447,6 +451,9 @@ fn validate_config(mut c: BackendConfig) -> Result<BackendConfig, StateError> {
     }
     if !(c.num_gpus >= 0.0 && c.num_gpus.is_finite()) {
         return Err(invalid("num_gpus", "must be a non-negative number"));
+    }
+    if c.num_gpus > 1.0 && c.num_gpus.fract() != 0.0 {
+        return Err(invalid("num_gpus", "above 1 it must be a whole number of GPUs"));
     }
     if !(c.batch_wait_timeout >= 0.0 && c.batch_wait_timeout.is_finite()) {
         return Err(invalid(

@@ -39,12 +39,22 @@ pub struct StartArgs {
     /// Where proxies run: HeadOnly, EveryNode or NoServer.
     #[arg(long, env = "SERVAL_HTTP_LOCATION", default_value = "HeadOnly")]
     http_location: String,
+    /// Starlette middlewares every proxy runs, outermost first, as JSON:
+    /// `[{"name": "CORSMiddleware", "options": {"allow_origins": ["*"]}}]`
+    /// (CORSMiddleware, GZipMiddleware, TrustedHostMiddleware).
+    #[arg(long, env = "SERVAL_HTTP_MIDDLEWARES", default_value = "")]
+    http_middlewares: String,
+    /// Request bodies larger than this get 413 from this node's proxy.
+    #[arg(long, env = "SERVAL_HTTP_MAX_BODY_BYTES",
+          default_value_t = serval_proxy::DEFAULT_MAX_BODY_BYTES as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    http_max_body_bytes: u64,
     /// CPUs this node offers to replicas (default: the machine's count).
     #[arg(long)]
     num_cpus: Option<f64>,
-    /// GPUs this node offers to replicas (default: none found).
-    #[arg(long, default_value_t = 0.0)]
-    num_gpus: f64,
+    /// GPUs this node offers to replicas (default: those nvidia-smi lists).
+    #[arg(long)]
+    num_gpus: Option<f64>,
     /// Python interpreter for replicas, with the `serval` package installed.
     #[arg(long, env = "SERVAL_PYTHON", default_value = "python3")]
     python: PathBuf,
@@ -60,6 +70,8 @@ pub fn run(
     relaunch: &[String],
 ) -> anyhow::Result<()> {
     let location = normalise_location(&args.http_location)?;
+    serval_proxy::validate_middlewares(&args.http_middlewares)
+        .map_err(|e| anyhow::anyhow!("invalid --http-middlewares: {e}"))?;
     if !args.head && cluster.address.is_none() {
         bail!("`serve start` needs --head to start a head, or --address HOST:PORT to join one");
     }
@@ -179,7 +191,7 @@ fn agent_config(
         data_dir: data_dir.to_path_buf(),
         python: args.python.clone(),
         num_cpus: args.num_cpus.unwrap_or_else(default_cpus),
-        num_gpus: args.num_gpus,
+        num_gpus: args.num_gpus.unwrap_or_else(serval_node::agent::detect_gpus),
         is_head,
         http_address: http_address.to_string(),
         tcp_host: args.control_host.clone(),
@@ -218,12 +230,14 @@ fn start_proxy(
     control_addr: String,
     token: String,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    max_body_bytes: u64,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let config = serval_proxy::ProxyConfig {
         control_addr,
         token,
         metrics,
+        max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
         ..serval_proxy::ProxyConfig::default()
     };
     tokio::spawn(async move {
@@ -293,6 +307,7 @@ async fn run_head(
             location: location.clone(),
             host: args.http_host.clone(),
             port: args.http_port as u32,
+            middlewares_json: args.http_middlewares.clone(),
         }),
     )
     .await?;
@@ -308,6 +323,7 @@ async fn run_head(
                 control_addr.clone(),
                 token.clone(),
                 metrics,
+                args.http_max_body_bytes,
                 stop_rx.clone(),
             )),
             addr,
@@ -389,6 +405,7 @@ async fn run_node(cluster: ClusterArgs, args: StartArgs, data_dir: PathBuf) -> a
                 control_addr.clone(),
                 token.clone(),
                 metrics,
+                args.http_max_body_bytes,
                 stop_rx,
             )),
             addr,

@@ -207,6 +207,8 @@ impl NodeAgent {
                 work_dir: self.config.data_dir.join("replicas").join(sanitize(id)),
                 socket_path: socket_dir(&self.config.data_dir).join(format!("r{seq}.sock")),
                 tcp_host: self.config.tcp_host.clone(),
+                control_addr: self.config.control_addr.clone(),
+                token: self.config.token.clone(),
             };
             tracing::info!(replica = %id, backend = %backend.name, "starting replica");
             self.supervisors
@@ -245,6 +247,17 @@ fn sanitize(id: &str) -> String {
             }
         })
         .collect()
+}
+
+/// GPUs `nvidia-smi` lists on this machine; 0 when it is missing or fails.
+pub fn detect_gpus() -> f64 {
+    let out = std::process::Command::new("nvidia-smi").args(["--query-gpu=index", "--format=csv,noheader"]).output();
+    match out {
+        Ok(o) if o.status.success() => {
+            String::from_utf8_lossy(&o.stdout).lines().filter(|l| !l.trim().is_empty()).count() as f64
+        }
+        _ => 0.0,
+    }
 }
 
 fn hostname() -> String {

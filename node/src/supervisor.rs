@@ -30,6 +30,10 @@ pub struct ReplicaSpec {
     pub work_dir: PathBuf,
     pub socket_path: PathBuf,
     pub tcp_host: String,
+    /// The controller and token, so user code can `serve.connect()`/
+    /// `serve.get_handle(...)` (model composition): SERVAL_ADDRESS/SERVAL_TOKEN.
+    pub control_addr: String,
+    pub token: String,
 }
 
 /// The running supervisor; dropping it does not stop the replica, `stop` does.
@@ -219,7 +223,15 @@ async fn start(spec: &ReplicaSpec) -> Result<Child, String> {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
+        .env("SERVAL_ADDRESS", &spec.control_addr)
+        .env("SERVAL_TOKEN", &spec.token)
         .kill_on_drop(true);
+    // A GPU replica sees only the GPUs the scheduler gave it; a CPU replica
+    // keeps the node's environment.
+    if !spec.replica.gpu_ids.is_empty() {
+        let ids: Vec<String> = spec.replica.gpu_ids.iter().map(|i| i.to_string()).collect();
+        cmd.env("CUDA_VISIBLE_DEVICES", ids.join(","));
+    }
     cmd.spawn()
         .map_err(|e| format!("cannot start {}: {e}", spec.python.display()))
 }

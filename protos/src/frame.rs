@@ -40,6 +40,8 @@ pub enum PathValue {
     Str(String),
     Int(i64),
     Float(f64),
+    /// `{name:uuid}`, lowercased; Python gets a `uuid.UUID` as in Starlette.
+    Uuid(String),
 }
 
 /// An HTTP request as the proxy received it.

@@ -2,14 +2,18 @@
 //! builder) and the request path, as named steps in this order:
 //!
 //! 1. `builtin`: `/-/routes`, `/-/healthz`, `/-/metrics`, first so user
-//!    routes can never shadow health checks.
-//! 2. route lookup: matchit (404 / 405 + `Allow`) before reading the body,
+//!    routes can never shadow health checks, and outside the middlewares
+//!    (a TrustedHost or CORS setting never breaks health checks).
+//! 2. `middleware`: the configured Starlette middlewares wrap every step
+//!    below, outermost first; they may answer themselves (a CORS
+//!    preflight, a bad Host) and see every response, errors included.
+//! 3. route lookup: matchit (404 / 405 + `Allow`) before reading the body,
 //!    so a request for no route costs no body buffering.
-//! 3. `read_body`: Content-Length checked early, then a hard limit while
+//! 4. `read_body`: Content-Length checked early, then a hard limit while
 //!    reading (413), because chunked bodies declare no length.
-//! 4. `forward`: build the frame request and call the router, which owns
+//! 5. `forward`: build the frame request and call the router, which owns
 //!    concurrency limits, queueing, backpressure and the deadline.
-//! 5. `record`: metrics labelled by endpoint and status class, never by the
+//! 6. `record`: metrics labelled by endpoint and status class, never by the
 //!    full path (unbounded cardinality).
 //!
 //! A client that disconnects drops the request future; the router's guards
@@ -101,6 +105,30 @@ async fn handle(proxy: &Proxy, req: hyper::Request<Incoming>, client: SocketAddr
     if let Some(response) = builtin::respond(proxy, req.uri().path()) {
         return response;
     }
+    let middlewares = proxy.middlewares();
+    if middlewares.is_empty() {
+        return route_and_forward(proxy, req, client, started).await;
+    }
+    let mut routed = false;
+    let response = middlewares
+        .run(req, |req| {
+            routed = true;
+            route_and_forward(proxy, req, client, started)
+        })
+        .await;
+    if !routed {
+        // A middleware answered (a preflight, a refused host).
+        record(NO_ENDPOINT_LABEL, response.status(), started);
+    }
+    response
+}
+
+async fn route_and_forward(
+    proxy: &Proxy,
+    req: hyper::Request<Incoming>,
+    client: SocketAddr,
+    started: Instant,
+) -> HttpResponse {
     let matched = match proxy
         .routes()
         .lookup(req.uri().path(), req.method().as_str())
@@ -223,6 +251,17 @@ fn to_http(response: serval_protos::frame::Response) -> HttpResponse {
             &format!("replica answered with invalid status {}", response.status),
         );
     };
+    // hyper (and HTTP itself) cannot end a response with a 1xx: say so
+    // instead of hyper's bare 500.
+    if status.is_informational() {
+        return errors::json_error(
+            StatusCode::BAD_GATEWAY,
+            &format!(
+                "the backend answered status {}, an interim (1xx) status that cannot end an HTTP response; use 2xx-5xx",
+                response.status
+            ),
+        );
+    }
     let mut out = hyper::Response::new(Full::new(Bytes::from(response.body)));
     *out.status_mut() = status;
     for (name, value) in response.headers {

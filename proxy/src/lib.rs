@@ -6,6 +6,9 @@
 //!   body limit, forward, metrics), with `errors` mapping every failure to
 //!   an HTTP answer and `builtin` serving `/-/routes`, `/-/healthz`,
 //!   `/-/metrics`.
+//! - [`middleware`]: Starlette's CORS, GZip and TrustedHost middlewares
+//!   (`http_options.middlewares`), run natively around routing;
+//!   [`validate_middlewares`] is also the check `serve start` runs.
 //! - [`route`]: Starlette routes compiled to matchit; [`parse_route`] is
 //!   also the validator the controller calls.
 //! - `router`: endpoint -> backend (traffic weights, shadows) -> replica
@@ -25,6 +28,7 @@ mod builtin;
 mod config;
 mod errors;
 pub mod http;
+pub mod middleware;
 mod policy;
 mod proxy;
 mod replica_conn;
@@ -39,6 +43,7 @@ use tokio::net::TcpListener;
 
 pub use config::{ProxyConfig, ProxyError, DEFAULT_MAX_BODY_BYTES};
 pub use http::serve;
+pub use middleware::{validate as validate_middlewares, MiddlewareError, Middlewares};
 pub use policy::{PowerOfTwoChoices, ReplicaChoice};
 pub use proxy::Proxy;
 pub use route::{collides, parse_route, ParsedRoute, RouteError, RouteTable};

@@ -1,5 +1,5 @@
 //! [`Proxy`]: the state the HTTP server reads on every request: the router,
-//! the current route table and the HTTP settings. Snapshots replace the
+//! the current route table, the middlewares and the HTTP settings. Snapshots replace the
 //! route table whole (readers clone an `Arc` and never see a half-built
 //! table); the router keeps replica connections across snapshots.
 
@@ -12,6 +12,7 @@ use serval_protos::control::ClusterSnapshot;
 use tokio::task::JoinHandle;
 
 use crate::config::ProxyConfig;
+use crate::middleware::Middlewares;
 use crate::route::RouteTable;
 use crate::router::Router;
 use crate::watch::SnapshotReceiver;
@@ -20,6 +21,8 @@ pub struct Proxy {
     router: Router,
     /// std RwLock: held only to clone or swap the Arc, never across `.await`.
     routes: RwLock<Arc<RouteTable>>,
+    /// From the snapshot's `HttpOptions.middlewares_json`; swapped whole.
+    middlewares: RwLock<Arc<Middlewares>>,
     /// Set once the first snapshot is applied (`/-/healthz`).
     ready: AtomicBool,
     pub(crate) max_body_bytes: usize,
@@ -45,6 +48,7 @@ impl Proxy {
         Self {
             router,
             routes: RwLock::new(Arc::new(RouteTable::new())),
+            middlewares: RwLock::new(Arc::new(Middlewares::default())),
             ready: AtomicBool::new(false),
             max_body_bytes: config.max_body_bytes,
             shutdown_grace: config.shutdown_grace,
@@ -58,6 +62,13 @@ impl Proxy {
 
     pub fn routes(&self) -> Arc<RouteTable> {
         self.routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn middlewares(&self) -> Arc<Middlewares> {
+        self.middlewares
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
@@ -85,8 +96,33 @@ impl Proxy {
             }
         }
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+        self.apply_middlewares(snapshot);
         self.ready.store(true, Ordering::Release);
         tracing::debug!(version = snapshot.version, "snapshot applied");
+    }
+
+    /// Rebuilds the middlewares when the snapshot's configuration changed
+    /// (a head restarted with other `http_options`).
+    fn apply_middlewares(&self, snapshot: &ClusterSnapshot) {
+        let json = snapshot
+            .http_options
+            .as_ref()
+            .map_or("", |o| o.middlewares_json.as_str());
+        if self.middlewares().source() == json {
+            return;
+        }
+        match Middlewares::parse(json) {
+            Ok(middlewares) => {
+                tracing::info!(count = middlewares.len(), "http middlewares applied");
+                *self.middlewares.write().unwrap_or_else(|p| p.into_inner()) =
+                    Arc::new(middlewares);
+            }
+            // `serve start` validates them, so only a version skew gets here:
+            // keep serving with the previous ones rather than none.
+            Err(error) => {
+                tracing::error!(%error, "http middlewares refused; keeping the previous ones")
+            }
+        }
     }
 
     /// Applies every snapshot from `rx` (see [`crate::spawn_watch`]) until

@@ -92,7 +92,7 @@ impl Converter {
                 }
                 raw.parse().ok().map(PathValue::Float)
             }
-            Self::Uuid => is_uuid(raw).then(|| PathValue::Str(raw.to_ascii_lowercase())),
+            Self::Uuid => is_uuid(raw).then(|| PathValue::Uuid(raw.to_ascii_lowercase())),
         }
     }
 }

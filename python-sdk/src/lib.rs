@@ -14,9 +14,18 @@ use pyo3::prelude::*;
 mod client;
 mod replica;
 
+/// Checks `http_options["middlewares"]` in its JSON form exactly as the
+/// proxies will build it; raises ValueError naming the middleware/option.
+#[pyfunction]
+fn validate_middlewares(json: &str) -> PyResult<()> {
+    serval_proxy::validate_middlewares(json)
+        .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(validate_middlewares, m)?)?;
     replica::register(m)?;
     client::register(m)?;
     Ok(())

@@ -460,6 +460,12 @@ fn http_args(
             PathValue::Str(s) => params.set_item(name, s)?,
             PathValue::Int(i) => params.set_item(name, *i)?,
             PathValue::Float(f) => params.set_item(name, *f)?,
+            PathValue::Uuid(s) => params.set_item(
+                name,
+                py.import(intern!(py, "uuid"))?
+                    .getattr(intern!(py, "UUID"))?
+                    .call1((s,))?,
+            )?,
         }
     }
     scope.set_item(intern!(py, "path_params"), params)?;

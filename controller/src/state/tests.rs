@@ -172,3 +172,45 @@ fn a_dead_node_gives_its_replicas_back_and_a_restarted_agent_restarts_them() {
     assert_eq!(s.replicas[&id].state, replica_state::PENDING);
     assert!(s.replicas[&id].node_id.is_empty());
 }
+
+#[test]
+fn gpu_replicas_get_their_own_gpus_and_fractions_share() {
+    let mut s = ClusterState::default();
+    let mut n = node("gpu", 8.0);
+    n.num_gpus = 2.0;
+    s.apply(Command::RegisterNode(n)).unwrap();
+    let mut whole = backend("whole", 2);
+    whole.config.as_mut().unwrap().num_gpus = 1.0;
+    s.apply(Command::CreateBackend(whole)).unwrap();
+    let mut ids: Vec<Vec<u32>> = s.replicas.values().map(|r| r.gpu_ids.clone()).collect();
+    ids.sort();
+    assert_eq!(ids, vec![vec![0], vec![1]]);
+    // No GPU is left for a third whole-GPU replica, nor for a fraction.
+    let mut half = backend("half", 1);
+    half.config.as_mut().unwrap().num_gpus = 0.5;
+    s.apply(Command::CreateBackend(half)).unwrap();
+    let pending = s.replicas.values().find(|r| r.backend == "half").unwrap();
+    assert_eq!(pending.state, replica_state::PENDING);
+    assert!(pending.error.contains("GPU"), "{}", pending.error);
+    // Scale the whole-GPU backend down: the halves share the freed GPU.
+    s.apply(Command::UpdateBackendConfig {
+        name: "whole".into(),
+        config: BackendConfig { num_replicas: 1, num_cpus: 1.0, num_gpus: 1.0, ..Default::default() },
+    })
+    .unwrap();
+    s.apply(Command::UpdateBackendConfig {
+        name: "half".into(),
+        config: BackendConfig { num_replicas: 2, num_cpus: 1.0, num_gpus: 0.5, ..Default::default() },
+    })
+    .unwrap();
+    let halves: Vec<&Replica> = s.replicas.values().filter(|r| r.backend == "half").collect();
+    assert!(halves.iter().all(|r| r.state == replica_state::STARTING), "{halves:?}");
+    assert_eq!(halves[0].gpu_ids, halves[1].gpu_ids, "two halves share one GPU");
+    let err = s
+        .apply(Command::UpdateBackendConfig {
+            name: "half".into(),
+            config: BackendConfig { num_replicas: 1, num_gpus: 1.5, ..Default::default() },
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("num_gpus"), "{err}");
+}

@@ -23,6 +23,7 @@ import asyncio
 import inspect
 import json
 import logging
+import os
 import traceback
 from typing import Any
 
@@ -30,7 +31,7 @@ import cloudpickle
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .request import ServeRequest
+from .request import ServeRequest, WebRequestState
 
 logger = logging.getLogger("serval.replica")
 
@@ -41,6 +42,11 @@ _JSON = [("content-type", "application/json")]
 _TEXT = [("content-type", "text/plain; charset=utf-8")]
 _OCTET = [("content-type", "application/octet-stream")]
 _PICKLE = [("content-type", PICKLE_CONTENT_TYPE)]
+
+#: SERVAL_DEBUG=1 (in the environment of `serve start`, inherited by its
+#: replicas) adds the traceback to the 500 body of a failed HTTP request; it
+#: is always in the replica's log.
+DEBUG = os.environ.get("SERVAL_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -148,7 +154,10 @@ class Host:
             raise
         except Exception as e:
             logger.exception("backend %r: %s %s failed", self.backend, scope.get("method"), scope.get("path"))
-            return 500, _JSON, _dumps({"error": f"{type(e).__name__}: {e}"}).encode()
+            error = {"error": f"{type(e).__name__}: {e}"}
+            if DEBUG:
+                error["traceback"] = traceback.format_exc()
+            return 500, _JSON, _dumps(error).encode()
 
     def _to_http(self, result: Any, scope: dict):
         if isinstance(result, Response):
@@ -203,6 +212,10 @@ class Host:
             return self._not_found(str(e))
         try:
             call_args, call_kwargs = cloudpickle.loads(args)
+            # A Starlette request passed to the handle arrives as itself.
+            call_args = tuple(a.to_request() if isinstance(a, WebRequestState) else a for a in call_args)
+            call_kwargs = {k: v.to_request() if isinstance(v, WebRequestState) else v
+                           for k, v in call_kwargs.items()}
             if method_name is None or method_name == "__call__":
                 if len(call_args) == 1 and not call_kwargs and isinstance(call_args[0], Request):
                     request = call_args[0]

@@ -9,12 +9,19 @@ instead of an HTTP request. ``sync=True`` handles return a
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import sys
+import sysconfig
+import threading
 from typing import Any, Dict, Optional
 
 import cloudpickle
+from starlette.requests import Request
 
 from serval._native import ServeError
+from serval.request import WebRequestState
 
 PICKLE_CONTENT_TYPE = "application/x-python-pickle"
 ERROR_TYPE_HEADER = "x-serval-error"
@@ -53,6 +60,79 @@ def decode_result(status: int, headers, body: bytes) -> Any:
     raise ServeError(f"replica answered {status}: {text}")
 
 
+@functools.lru_cache(maxsize=1)
+def _installed_paths():
+    paths = sysconfig.get_paths()
+    return tuple(os.path.realpath(paths[k]) + os.sep
+                 for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths)
+
+
+def _is_user_module(name: str) -> bool:
+    """A module of the caller's own code, which replicas cannot import."""
+    if not name or name == "__main__" or name.split(".")[0] in ("serval", "builtins") \
+            or name.split(".")[0] in sys.stdlib_module_names:
+        return False
+    module = sys.modules.get(name)
+    file = getattr(module, "__file__", None)
+    return file is not None and not os.path.realpath(file).startswith(_installed_paths())
+
+
+def _user_modules(values, depth: int = 0, found=None) -> set:
+    """Modules of the arguments' classes (and one container level deeper)."""
+    found = set() if found is None else found
+    for v in values:
+        name = getattr(type(v), "__module__", "") or ""
+        if _is_user_module(name):
+            found.add(name)
+        if depth < 2 and isinstance(v, (list, tuple, set, frozenset)):
+            _user_modules(v, depth + 1, found)
+        elif depth < 2 and isinstance(v, dict):
+            _user_modules(list(v.keys()) + list(v.values()), depth + 1, found)
+    return found
+
+
+_PICKLE_LOCK = threading.Lock()
+
+
+def _portable(value: Any) -> Any:
+    if isinstance(value, Request):
+        body = getattr(value, "_body", None)
+        if body is None:
+            raise TypeError("this starlette Request's body has not been read: `await request.body()` "
+                            "before passing it to a sync handle, or use serve.get_handle(..., sync=False)")
+        return WebRequestState.from_request(value, body)
+    return value
+
+
+def dumps_call(args: tuple, kwargs: dict) -> bytes:
+    """cloudpickle of ``(args, kwargs)``: Starlette requests travel as their
+    scope and body, objects of the caller's own modules by value."""
+    args = tuple(_portable(a) for a in args)
+    kwargs = {k: _portable(v) for k, v in kwargs.items()}
+    modules = _user_modules(list(args) + list(kwargs.values()))
+    if not modules:
+        return cloudpickle.dumps((args, kwargs))
+    registered = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", set())
+    with _PICKLE_LOCK:
+        added = []
+        for name in sorted(modules):
+            if name not in registered:
+                cloudpickle.register_pickle_by_value(sys.modules[name])
+                added.append(name)
+        try:
+            return cloudpickle.dumps((args, kwargs))
+        finally:
+            for name in added:
+                cloudpickle.unregister_pickle_by_value(sys.modules[name])
+
+
+async def _read_bodies(args: tuple, kwargs: dict) -> None:
+    """An async caller may pass a request whose body is not read yet."""
+    for v in list(args) + list(kwargs.values()):
+        if isinstance(v, Request) and getattr(v, "_body", None) is None:
+            await v.body()
+
+
 class ServeFuture:
     """A call in flight; ``result()`` waits for it (like ``ray.get``)."""
 
@@ -89,7 +169,7 @@ class _HandleBase:
     def _call_args(self, args, kwargs):
         return (
             self.method_name,
-            cloudpickle.dumps((args, kwargs)),
+            dumps_call(args, kwargs),
             self.http_method,
             [(str(k), str(v)) for k, v in self.http_headers.items()],
         )
@@ -109,5 +189,6 @@ class AsyncServeHandle(_HandleBase):
     """asyncio handle: ``await handle.remote(...)`` returns the result."""
 
     async def remote(self, *args, **kwargs) -> Any:
+        await _read_bodies(args, kwargs)
         status, headers, body = await self._native.call_async(*self._call_args(args, kwargs))
         return decode_result(status, headers, body)

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping
 
 from starlette.datastructures import FormData, Headers, QueryParams
 
-__all__ = ["ServeRequest"]
+__all__ = ["ServeRequest", "WebRequestState"]
 
 
 class ServeRequest:
@@ -115,3 +115,59 @@ class ServeRequest:
 
     def __repr__(self) -> str:
         return f"ServeRequest(method={self._method!r}, args={self.args!r}, kwargs={self.kwargs!r})"
+
+
+#: The parts of an ASGI scope a request keeps on its way through a handle;
+#: the rest (app, router, state, extensions) belongs to the sending server.
+_SCOPE_KEYS = (
+    "type", "asgi", "http_version", "method", "scheme", "path", "raw_path", "root_path",
+    "query_string", "headers", "client", "server", "path_params",
+)
+
+
+class WebRequestState:
+    """A ``starlette.requests.Request`` in transit through a ServeHandle: its
+    scope's plain parts and its whole body. The replica turns it back into a
+    Starlette Request, so ``handle.remote(starlette_request)`` is not wrapped
+    in a ServeRequest (a Starlette Request itself does not pickle: its
+    receive channel belongs to the server that got it)."""
+
+    __slots__ = ("scope", "body")
+
+    def __init__(self, scope: dict, body: bytes) -> None:
+        self.scope = scope
+        self.body = body
+
+    def __reduce__(self):
+        return (WebRequestState, (self.scope, self.body))
+
+    @classmethod
+    def from_request(cls, request: Any, body: bytes) -> "WebRequestState":
+        src = request.scope
+        scope = {k: src[k] for k in _SCOPE_KEYS if k in src}
+        scope["headers"] = [(bytes(k), bytes(v)) for k, v in src.get("headers", ())]
+        for key in ("client", "server"):
+            if scope.get(key) is not None:
+                scope[key] = tuple(scope[key])
+        for key in ("asgi", "path_params"):
+            if key in scope:
+                scope[key] = dict(scope[key])
+        return cls(scope, bytes(body))
+
+    def to_request(self):
+        from starlette.requests import Request
+
+        body = self.body
+        sent = False
+
+        async def receive():
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        request = Request(dict(self.scope), receive)
+        # The body is whole: body()/json()/form() share it in any order.
+        request._body = body
+        return request

@@ -42,7 +42,7 @@ _BACKEND_CONFIG_FIELDS = {
     "num_replicas", "max_concurrent_queries", "user_config", "max_batch_size", "batch_wait_timeout",
 }
 _ACTOR_OPTION_FIELDS = {"num_cpus", "num_gpus"}
-_HTTP_OPTION_FIELDS = {"location", "host", "port", "middlewares"}
+_HTTP_OPTION_FIELDS = {"location", "host", "port", "middlewares", "max_body_bytes"}
 _LOCATIONS = {"HeadOnly": "HeadOnly", "EveryNode": "EveryNode", "NoServer": "NoServer", None: "NoServer"}
 
 _client: Optional[_native.Client] = None
@@ -90,14 +90,93 @@ def connect(address: Optional[str] = None, *, data_dir: Optional[str] = None,
     return _client
 
 
+#: The Starlette middlewares the Rust proxy runs natively, by class, with
+#: the options it supports (all of Starlette's; ``thread_minimum_size`` only
+#: picks a thread there and changes nothing visible).
+_MIDDLEWARES = {
+    "starlette.middleware.cors.CORSMiddleware": (
+        "CORSMiddleware",
+        ("allow_origins", "allow_methods", "allow_headers", "allow_credentials", "allow_origin_regex",
+         "allow_private_network", "expose_headers", "max_age"),
+    ),
+    "starlette.middleware.gzip.GZipMiddleware": (
+        "GZipMiddleware", ("minimum_size", "compresslevel", "thread_minimum_size", "exclude_content_types"),
+    ),
+    "starlette.middleware.trustedhost.TrustedHostMiddleware": (
+        "TrustedHostMiddleware", ("allowed_hosts", "www_redirect"),
+    ),
+}
+
+
+def _unpack_middleware(m: Any):
+    """(cls, args, kwargs) of a ``starlette.middleware.Middleware`` (newer
+    Starlette stores ``args``/``kwargs``, older ``options``)."""
+    cls = getattr(m, "cls", None)
+    if cls is None:
+        raise ValueError(f"http_options.middlewares: {m!r} is not a starlette.middleware.Middleware")
+    args = tuple(getattr(m, "args", ()) or ())
+    kwargs = getattr(m, "kwargs", None)
+    if kwargs is None:
+        kwargs = getattr(m, "options", None) or {}
+    return cls, args, dict(kwargs)
+
+
+def _json_option(value: Any) -> Any:
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_json_option(v) for v in value]
+    return value
+
+
+def _middlewares_json(middlewares: Any) -> str:
+    """``[Middleware(cls, **options), ...]`` as the JSON the proxies run:
+    ``[{"name": ..., "options": {...}}]``; anything Serval cannot run raises
+    ValueError naming the middleware or option."""
+    specs = []
+    for m in middlewares:
+        cls, args, kwargs = _unpack_middleware(m)
+        name = getattr(cls, "__name__", repr(cls))
+        known = _MIDDLEWARES.get(f"{getattr(cls, '__module__', '')}.{getattr(cls, '__qualname__', name)}")
+        if known is None:
+            supported = ", ".join(n for n, _ in _MIDDLEWARES.values())
+            raise ValueError(f"http_options.middlewares: unsupported middleware {name} "
+                             f"({getattr(cls, '__module__', '?')}); the Serval proxy runs {supported}")
+        name, option_names = known
+        if args:
+            try:
+                bound = inspect.signature(cls).bind_partial(None, *args)
+            except TypeError as e:
+                raise ValueError(f"http_options.middlewares: {name}: {e}") from None
+            positional = {k: v for k, v in list(bound.arguments.items())[1:]}
+            both = set(positional) & set(kwargs)
+            if both:
+                raise ValueError(f"http_options.middlewares: {name}: option(s) {sorted(both)} given twice")
+            kwargs = {**positional, **kwargs}
+        unknown = sorted(set(kwargs) - set(option_names))
+        if unknown:
+            raise ValueError(f"http_options.middlewares: {name}: unsupported option(s) {unknown}; "
+                             f"supported: {list(option_names)}")
+        options = {k: _json_option(v) for k, v in kwargs.items()}
+        try:
+            json.dumps(options)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"http_options.middlewares: {name}: options must be JSON values: {e}") from None
+        specs.append({"name": name, "options": options})
+    encoded = json.dumps(specs)
+    # The proxies' own parser: bad values (a regex, a host pattern) fail here.
+    try:
+        _native.validate_middlewares(encoded)
+    except ValueError as e:
+        raise ValueError(f"http_options.middlewares: {e}") from None
+    return encoded
+
+
 def _head_flags(http_options: Dict[str, Any]) -> List[str]:
     unknown = set(http_options) - _HTTP_OPTION_FIELDS
     if unknown:
         raise ValueError(f"unknown http_options field(s) {sorted(unknown)}; known: {sorted(_HTTP_OPTION_FIELDS)}")
-    if http_options.get("middlewares"):
-        names = [getattr(getattr(m, "cls", m), "__name__", repr(m)) for m in http_options["middlewares"]]
-        raise ValueError(f"http_options.middlewares: unsupported middleware(s) {names}")
     flags = []
+    if http_options.get("middlewares"):
+        flags += ["--http-middlewares", _middlewares_json(http_options["middlewares"])]
     if "location" in http_options:
         loc = http_options["location"]
         if loc not in _LOCATIONS:
@@ -107,6 +186,11 @@ def _head_flags(http_options: Dict[str, Any]) -> List[str]:
         flags += ["--http-host", str(http_options["host"])]
     if "port" in http_options:
         flags += ["--http-port", str(int(http_options["port"]))]
+    if "max_body_bytes" in http_options:
+        limit = http_options["max_body_bytes"]
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ValueError(f"http_options.max_body_bytes must be a positive int, not {limit!r}")
+        flags += ["--http-max-body-bytes", str(limit)]
     return flags
 
 
@@ -331,7 +415,14 @@ def set_traffic(endpoint_name: str, traffic_policy_dictionary: Dict[str, float])
 
 
 def get_handle(endpoint_name: str, missing_ok: bool = False, sync: bool = True):
-    """A handle calling ``endpoint_name``'s replicas directly."""
+    """A handle calling ``endpoint_name``'s replicas directly. Connects
+    first when needed (inside a replica the node agent sets SERVAL_ADDRESS
+    and SERVAL_TOKEN, so backends can call other endpoints)."""
+    if _client is None:
+        try:
+            connect()
+        except ServeError as e:
+            raise ServeError(f"not connected to a Serval cluster and none found: {e}") from None
     client = _get_client()
     if not missing_ok and endpoint_name not in list_endpoints():
         raise KeyError(f"endpoint '{endpoint_name}' does not exist")

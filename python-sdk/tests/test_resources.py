@@ -1,0 +1,105 @@
+"""Resources (issue 4.6): replicas declare CPUs and GPUs; GPU replicas land on
+nodes with room and see only their GPUs through CUDA_VISIBLE_DEVICES. The
+head fakes a GPU node with `--num-gpus`, as users do on machines without one."""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from conftest import Cluster, free_port
+from serval import serve
+
+
+@pytest.fixture
+def gpu_cluster(monkeypatch):
+    data_dir = tempfile.mkdtemp(prefix="sv-", dir="/tmp")
+    http_port, control_port = free_port(), free_port()
+    monkeypatch.delenv("SERVAL_ADDRESS", raising=False)
+    monkeypatch.delenv("SERVAL_TOKEN", raising=False)
+    env = dict(os.environ, SERVAL_PYTHON=sys.executable)
+    out = subprocess.run(
+        [sys.executable, "-m", "serval.cli", "--data-dir", data_dir, "start", "--head", "--detach",
+         "--control-port", str(control_port), "--http-port", str(http_port),
+         "--num-cpus", "8", "--num-gpus", "2"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    c = Cluster(data_dir, http_port, control_port)
+    try:
+        assert out.returncode == 0, out.stderr
+        serve.connect(data_dir=data_dir)
+        yield c
+    finally:
+        try:
+            if serve._client is not None:
+                serve.shutdown(timeout=30)
+        except Exception:
+            pass
+        c.kill()
+        serve._client = None
+
+
+def visible_devices(request):
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def replicas_of(backend):
+    return [r for r in serve.status()["replicas"] if r["backend"] == backend]
+
+
+def test_gpu_replicas_get_their_own_devices(gpu_cluster):
+    serve.create_backend("cpu", visible_devices)
+    serve.create_backend("whole", visible_devices, ray_actor_options={"num_gpus": 1},
+                         config={"num_replicas": 2})
+    seen = set()
+    handle_backends = {"cpu": None, "whole": None}
+    serve.create_endpoint("cpu", backend="cpu", route=None)
+    serve.create_endpoint("whole", backend="whole", route=None)
+    assert serve.get_handle("cpu").remote().result() is None
+    h = serve.get_handle("whole")
+    for _ in range(50):
+        seen.add(h.remote().result())
+        if len(seen) == 2:
+            break
+    assert seen == {"0", "1"}
+    assert sorted(tuple(r["gpu_ids"]) for r in replicas_of("whole")) == [(0,), (1,)]
+    del handle_backends
+
+
+def test_a_backend_that_fits_nowhere_stays_pending_with_the_reason(gpu_cluster):
+    serve.create_backend("two", visible_devices, ray_actor_options={"num_gpus": 2})
+    # Both GPUs are taken: the next GPU backend cannot start and says why.
+    from serval import ServeError
+    import serval.serve as s
+
+    old = s.BACKEND_START_TIMEOUT_S
+    s.BACKEND_START_TIMEOUT_S = 2
+    try:
+        with pytest.raises(ServeError, match="no running replica"):
+            serve.create_backend("more", visible_devices, ray_actor_options={"num_gpus": 0.5})
+    finally:
+        s.BACKEND_START_TIMEOUT_S = old
+    (pending,) = replicas_of("more")
+    assert pending["state"] == "pending"
+    assert "GPU" in pending["error"]
+    status = subprocess.run([sys.executable, "-m", "serval.cli", "--data-dir", gpu_cluster.data_dir, "status"],
+                            capture_output=True, text=True, timeout=60).stdout
+    assert any(l.strip().startswith("more") and "GPU" in l for l in status.splitlines()), status
+
+    # Freeing the GPUs lets it start.
+    serve.delete_backend("two")
+    assert serve.get_handle("more", missing_ok=True)  # handle creation does not need the endpoint
+    serve.create_endpoint("more", backend="more", route=None)
+    assert serve.get_handle("more").remote().result() in ("0", "1")
+
+
+def test_bad_resource_requests_name_the_field(gpu_cluster):
+    from serval import ServeError
+
+    with pytest.raises(ServeError, match="num_gpus"):
+        serve.create_backend("odd", visible_devices, ray_actor_options={"num_gpus": 1.5})
+    with pytest.raises(ValueError, match="memory_gb"):
+        serve.create_backend("odd", visible_devices, ray_actor_options={"memory_gb": 1})
+    assert "odd" not in serve.list_backends()
