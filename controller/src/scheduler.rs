@@ -27,9 +27,23 @@ struct NodeLoad {
 }
 
 fn load(state: &ClusterState, node_id: &str, num_gpus: usize) -> NodeLoad {
-    let mut load = NodeLoad { cpus: 0.0, gpus: vec![0.0; num_gpus], replicas: 0 };
-    for r in state.replicas.values().filter(|r| r.node_id == node_id && r.state != replica_state::PENDING) {
-        let Some(c) = state.backends.get(&r.backend).and_then(|b| b.config.as_ref()) else { continue };
+    let mut load = NodeLoad {
+        cpus: 0.0,
+        gpus: vec![0.0; num_gpus],
+        replicas: 0,
+    };
+    for r in state
+        .replicas
+        .values()
+        .filter(|r| r.node_id == node_id && r.state != replica_state::PENDING)
+    {
+        let Some(c) = state
+            .backends
+            .get(&r.backend)
+            .and_then(|b| b.config.as_ref())
+        else {
+            continue;
+        };
         load.cpus += c.num_cpus;
         let share = if c.num_gpus < 1.0 { c.num_gpus } else { 1.0 };
         for id in &r.gpu_ids {
@@ -56,7 +70,12 @@ fn pick_gpus(used: &[f64], want: f64) -> Option<Vec<u32>> {
             .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
             .map(|(i, _)| vec![i as u32]);
     }
-    let free: Vec<u32> = used.iter().enumerate().filter(|(_, u)| **u <= EPS).map(|(i, _)| i as u32).collect();
+    let free: Vec<u32> = used
+        .iter()
+        .enumerate()
+        .filter(|(_, u)| **u <= EPS)
+        .map(|(i, _)| i as u32)
+        .collect();
     let n = want.round() as usize;
     (free.len() >= n).then(|| free[..n].to_vec())
 }
@@ -85,10 +104,18 @@ mod tests {
     #[test]
     fn fractions_share_a_gpu_and_whole_gpus_are_exclusive() {
         assert_eq!(pick_gpus(&[0.0, 0.0], 0.0), Some(vec![]));
-        assert_eq!(pick_gpus(&[0.5, 0.0], 0.5), Some(vec![0]), "fills the half-used GPU first");
+        assert_eq!(
+            pick_gpus(&[0.5, 0.0], 0.5),
+            Some(vec![0]),
+            "fills the half-used GPU first"
+        );
         assert_eq!(pick_gpus(&[1.0, 0.25], 0.5), Some(vec![1]));
         assert_eq!(pick_gpus(&[1.0, 0.75], 0.5), None);
         assert_eq!(pick_gpus(&[0.5, 0.0, 0.0], 2.0), Some(vec![1, 2]));
-        assert_eq!(pick_gpus(&[0.5, 0.0], 2.0), None, "a shared GPU is not free");
+        assert_eq!(
+            pick_gpus(&[0.5, 0.0], 2.0),
+            None,
+            "a shared GPU is not free"
+        );
     }
 }

@@ -185,9 +185,14 @@ impl Control for ControlService {
         .await
     }
 
-    async fn delete_backend(&self, req: Request<NameRequest>) -> Result<Response<Empty>, Status> {
+    async fn delete_backend(
+        &self,
+        req: Request<DeleteBackendRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let r = req.into_inner();
         self.propose(Command::DeleteBackend {
-            name: req.into_inner().name,
+            name: r.name,
+            force: r.force,
         })
         .await
     }
@@ -200,6 +205,16 @@ impl Control for ControlService {
     async fn delete_endpoint(&self, req: Request<NameRequest>) -> Result<Response<Empty>, Status> {
         self.propose(Command::DeleteEndpoint {
             name: req.into_inner().name,
+        })
+        .await
+    }
+
+    async fn set_shadow(&self, req: Request<SetShadowRequest>) -> Result<Response<Empty>, Status> {
+        let r = req.into_inner();
+        self.propose(Command::SetShadow {
+            endpoint: r.endpoint,
+            backend: r.backend,
+            proportion: r.proportion,
         })
         .await
     }

@@ -51,8 +51,10 @@ pub enum Command {
         name: String,
         config: BackendConfig,
     },
+    /// `force` also takes it out of the endpoints that use it.
     DeleteBackend {
         name: String,
+        force: bool,
     },
     CreateEndpoint(Endpoint),
     DeleteEndpoint {
@@ -61,6 +63,12 @@ pub enum Command {
     SetTraffic {
         endpoint: String,
         traffic: BTreeMap<String, f64>,
+    },
+    /// Copies `proportion` of the endpoint's requests to `backend`; 0 removes it.
+    SetShadow {
+        endpoint: String,
+        backend: String,
+        proportion: f64,
     },
     SetHttpOptions(HttpOptions),
     SetShuttingDown(bool),
@@ -190,7 +198,7 @@ impl ClusterState {
                 backend.config = Some(config);
                 self.scale(&name);
             }
-            Command::DeleteBackend { name } => {
+            Command::DeleteBackend { name, force } => {
                 if !self.backends.contains_key(&name) {
                     return Err(StateError::UnknownBackend(name));
                 }
@@ -200,11 +208,21 @@ impl ClusterState {
                     .filter(|e| e.traffic.contains_key(&name) || e.shadow.contains_key(&name))
                     .map(|e| e.name.clone())
                     .collect();
-                if !users.is_empty() {
+                if !users.is_empty() && !force {
                     return Err(StateError::BackendInUse {
                         backend: name,
                         endpoints: users,
                     });
+                }
+                for e in self.endpoints.iter_mut() {
+                    e.shadow.remove(&name);
+                    if e.traffic.remove(&name).is_some() {
+                        // Keep the weights a distribution over what is left.
+                        let sum: f64 = e.traffic.values().sum();
+                        if sum > 0.0 {
+                            e.traffic.values_mut().for_each(|w| *w /= sum);
+                        }
+                    }
                 }
                 self.backends.remove(&name);
                 self.replicas.retain(|_, r| r.backend != name);
@@ -230,6 +248,31 @@ impl ClusterState {
                     .find(|e| e.name == endpoint)
                     .ok_or_else(|| StateError::UnknownEndpoint(endpoint.clone()))?;
                 ep.traffic = traffic.into_iter().collect();
+            }
+            Command::SetShadow {
+                endpoint,
+                backend,
+                proportion,
+            } => {
+                if !self.backends.contains_key(&backend) {
+                    return Err(StateError::UnknownBackend(backend));
+                }
+                if !(0.0..=1.0).contains(&proportion) {
+                    return Err(invalid(
+                        "proportion",
+                        &format!("{proportion} is not in [0, 1]"),
+                    ));
+                }
+                let ep = self
+                    .endpoints
+                    .iter_mut()
+                    .find(|e| e.name == endpoint)
+                    .ok_or_else(|| StateError::UnknownEndpoint(endpoint.clone()))?;
+                if proportion == 0.0 {
+                    ep.shadow.remove(&backend);
+                } else {
+                    ep.shadow.insert(backend, proportion);
+                }
             }
             Command::SetHttpOptions(options) => self.http_options = Some(options),
             Command::SetShuttingDown(flag) => self.shutting_down = flag,
@@ -453,7 +496,10 @@ fn validate_config(mut c: BackendConfig) -> Result<BackendConfig, StateError> {
         return Err(invalid("num_gpus", "must be a non-negative number"));
     }
     if c.num_gpus > 1.0 && c.num_gpus.fract() != 0.0 {
-        return Err(invalid("num_gpus", "above 1 it must be a whole number of GPUs"));
+        return Err(invalid(
+            "num_gpus",
+            "above 1 it must be a whole number of GPUs",
+        ));
     }
     if !(c.batch_wait_timeout >= 0.0 && c.batch_wait_timeout.is_finite()) {
         return Err(invalid(

@@ -50,10 +50,10 @@ pub struct StartArgs {
           value_parser = clap::value_parser!(u64).range(1..))]
     http_max_body_bytes: u64,
     /// CPUs this node offers to replicas (default: the machine's count).
-    #[arg(long)]
+    #[arg(long, env = "SERVAL_NUM_CPUS")]
     num_cpus: Option<f64>,
     /// GPUs this node offers to replicas (default: those nvidia-smi lists).
-    #[arg(long)]
+    #[arg(long, env = "SERVAL_NUM_GPUS")]
     num_gpus: Option<f64>,
     /// Python interpreter for replicas, with the `serval` package installed.
     #[arg(long, env = "SERVAL_PYTHON", default_value = "python3")]

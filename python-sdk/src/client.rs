@@ -13,8 +13,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use serval_protos::client::{self as control, Client as ControlClient};
 use serval_protos::control::{
-    Backend, BackendConfig, ClusterSnapshot, Empty, Endpoint, NameRequest, SetTrafficRequest,
-    UpdateBackendConfigRequest, WatchRequest,
+    Backend, BackendConfig, ClusterSnapshot, DeleteBackendRequest, Empty, Endpoint, NameRequest,
+    SetShadowRequest, SetTrafficRequest, UpdateBackendConfigRequest, WatchRequest,
 };
 use serval_protos::frame::{CallRequest, Payload, Request, Response};
 use serval_proxy::{Router, RouterConfig, RouterError};
@@ -188,12 +188,32 @@ impl Client {
         Ok(())
     }
 
-    fn delete_backend(&self, py: Python<'_>, name: String) -> PyResult<()> {
+    #[pyo3(signature = (name, force=false))]
+    fn delete_backend(&self, py: Python<'_>, name: String, force: bool) -> PyResult<()> {
         let mut c = self.client.clone();
-        block_on(
-            py,
-            async move { c.delete_backend(NameRequest { name }).await },
-        )
+        block_on(py, async move {
+            c.delete_backend(DeleteBackendRequest { name, force }).await
+        })
+        .map_err(status_err)?;
+        Ok(())
+    }
+
+    fn set_shadow(
+        &self,
+        py: Python<'_>,
+        endpoint: String,
+        backend: String,
+        proportion: f64,
+    ) -> PyResult<()> {
+        let mut c = self.client.clone();
+        block_on(py, async move {
+            c.set_shadow(SetShadowRequest {
+                endpoint,
+                backend,
+                proportion,
+            })
+            .await
+        })
         .map_err(status_err)?;
         Ok(())
     }

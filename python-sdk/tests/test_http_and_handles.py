@@ -8,6 +8,7 @@ import contextlib
 import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -66,6 +67,7 @@ def own_cluster(monkeypatch, http_options=None, env=None):
             pass
         c.kill()
         serve._client = None
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def replica_logs(data_dir, backend):
@@ -399,6 +401,8 @@ async def inner(request):
 def outer_sync(request):
     # Model composition inside a replica: no serve.connect() here, the
     # replica knows its cluster.
+    if request.query_params.get("env"):
+        return {"address": os.environ.get("SERVAL_ADDRESS"), "token": os.environ.get("SERVAL_TOKEN")}
     return serve.get_handle("inner").remote(request).result()
 
 
@@ -424,6 +428,14 @@ def test_web_request_passed_to_a_handle_is_not_wrapped(cluster):
     r = requests.post(f"{cluster.url}/outer_sync?x=1", data="payload", headers={"X-Forwarded-By": "me"}, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json() == expected
+
+    # The node agent told the replica where its cluster is.
+    with open(os.path.join(cluster.data_dir, "cluster.json")) as f:
+        control_address = json.load(f)["control_address"]
+    with open(os.path.join(cluster.data_dir, "token")) as f:
+        token = f.read().strip()
+    r = requests.post(f"{cluster.url}/outer_sync?env=1", timeout=60)
+    assert r.json() == {"address": control_address, "token": token}
 
     r = requests.put(f"{cluster.url}/outer_async?y=2", data="more", timeout=60)
     assert r.status_code == 200, r.text
@@ -602,6 +614,13 @@ def test_client_disconnect_does_not_leak_a_replica_slot(cluster):
     serve.create_backend("gated", gated, config={"max_concurrent_queries": 1})
     serve.create_endpoint("gated", backend="gated", route="/gated")
     gate = tempfile.mkdtemp(prefix="gate-", dir="/tmp")
+    try:
+        check_disconnects_free_slots(cluster, gate)
+    finally:
+        shutil.rmtree(gate, ignore_errors=True)
+
+
+def check_disconnects_free_slots(cluster, gate):
     for n in range(3):
         s = socket.create_connection(("127.0.0.1", cluster.http_port), timeout=30)
         s.sendall(f"GET /gated?gate={gate}&n={n} HTTP/1.1\r\nHost: x\r\n\r\n".encode())

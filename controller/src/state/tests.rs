@@ -90,7 +90,29 @@ fn refused_commands_leave_the_state_unchanged() {
         ),
         (Command::CreateBackend(backend("b", 1)), "already exists"),
         (Command::CreateBackend(backend("c", 0)), "num_replicas"),
-        (Command::DeleteBackend { name: "b".into() }, "still used"),
+        (
+            Command::DeleteBackend {
+                name: "b".into(),
+                force: false,
+            },
+            "still used",
+        ),
+        (
+            Command::SetShadow {
+                endpoint: "e".into(),
+                backend: "nope".into(),
+                proportion: 0.5,
+            },
+            "does not exist",
+        ),
+        (
+            Command::SetShadow {
+                endpoint: "e".into(),
+                backend: "b".into(),
+                proportion: 1.5,
+            },
+            "proportion",
+        ),
         (
             Command::DeleteEndpoint {
                 name: "nope".into(),
@@ -195,22 +217,100 @@ fn gpu_replicas_get_their_own_gpus_and_fractions_share() {
     // Scale the whole-GPU backend down: the halves share the freed GPU.
     s.apply(Command::UpdateBackendConfig {
         name: "whole".into(),
-        config: BackendConfig { num_replicas: 1, num_cpus: 1.0, num_gpus: 1.0, ..Default::default() },
+        config: BackendConfig {
+            num_replicas: 1,
+            num_cpus: 1.0,
+            num_gpus: 1.0,
+            ..Default::default()
+        },
     })
     .unwrap();
     s.apply(Command::UpdateBackendConfig {
         name: "half".into(),
-        config: BackendConfig { num_replicas: 2, num_cpus: 1.0, num_gpus: 0.5, ..Default::default() },
+        config: BackendConfig {
+            num_replicas: 2,
+            num_cpus: 1.0,
+            num_gpus: 0.5,
+            ..Default::default()
+        },
     })
     .unwrap();
-    let halves: Vec<&Replica> = s.replicas.values().filter(|r| r.backend == "half").collect();
-    assert!(halves.iter().all(|r| r.state == replica_state::STARTING), "{halves:?}");
-    assert_eq!(halves[0].gpu_ids, halves[1].gpu_ids, "two halves share one GPU");
+    let halves: Vec<&Replica> = s
+        .replicas
+        .values()
+        .filter(|r| r.backend == "half")
+        .collect();
+    assert!(
+        halves.iter().all(|r| r.state == replica_state::STARTING),
+        "{halves:?}"
+    );
+    assert_eq!(
+        halves[0].gpu_ids, halves[1].gpu_ids,
+        "two halves share one GPU"
+    );
     let err = s
         .apply(Command::UpdateBackendConfig {
             name: "half".into(),
-            config: BackendConfig { num_replicas: 1, num_gpus: 1.5, ..Default::default() },
+            config: BackendConfig {
+                num_replicas: 1,
+                num_gpus: 1.5,
+                ..Default::default()
+            },
         })
         .unwrap_err();
     assert!(err.to_string().contains("num_gpus"), "{err}");
+}
+
+#[test]
+fn shadows_are_set_and_removed_and_force_delete_leaves_endpoints_consistent() {
+    let mut s = cluster();
+    s.apply(Command::CreateBackend(backend("c", 1))).unwrap();
+    s.apply(Command::CreateBackend(backend("d", 1))).unwrap();
+    s.apply(Command::CreateEndpoint(endpoint("e", "b", "/e")))
+        .unwrap();
+    s.apply(Command::SetTraffic {
+        endpoint: "e".into(),
+        traffic: [("b".to_string(), 0.5), ("c".to_string(), 0.5)]
+            .into_iter()
+            .collect(),
+    })
+    .unwrap();
+    s.apply(Command::SetShadow {
+        endpoint: "e".into(),
+        backend: "d".into(),
+        proportion: 0.25,
+    })
+    .unwrap();
+    assert_eq!(s.endpoint("e").unwrap().shadow.get("d"), Some(&0.25));
+    let err = s
+        .apply(Command::DeleteBackend {
+            name: "d".into(),
+            force: false,
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("still used"), "{err}");
+    s.apply(Command::SetShadow {
+        endpoint: "e".into(),
+        backend: "d".into(),
+        proportion: 0.0,
+    })
+    .unwrap();
+    assert!(s.endpoint("e").unwrap().shadow.is_empty());
+    s.apply(Command::DeleteBackend {
+        name: "d".into(),
+        force: false,
+    })
+    .unwrap();
+    s.apply(Command::DeleteBackend {
+        name: "c".into(),
+        force: true,
+    })
+    .unwrap();
+    let traffic = &s.endpoint("e").unwrap().traffic;
+    assert_eq!(traffic.len(), 1);
+    assert_eq!(
+        traffic.get("b"),
+        Some(&1.0),
+        "the remaining weight is rescaled to 1"
+    );
 }

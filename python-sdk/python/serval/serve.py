@@ -30,7 +30,7 @@ from serval.handle import AsyncServeHandle, ServeHandle
 __all__ = [
     "start", "connect", "shutdown", "create_backend", "update_backend_config",
     "get_backend_config", "delete_backend", "list_backends", "create_endpoint",
-    "delete_endpoint", "list_endpoints", "set_traffic", "get_handle", "status",
+    "delete_endpoint", "list_endpoints", "set_traffic", "shadow_traffic", "get_handle", "status",
 ]
 
 #: Seconds create_backend waits for a replica to start.
@@ -357,7 +357,10 @@ def list_backends() -> Dict[str, Dict[str, Any]]:
 
 
 def delete_backend(backend_tag: str, force: bool = False) -> None:
-    _get_client().delete_backend(backend_tag)
+    """Deletes a backend and its replicas. Refused while an endpoint's traffic
+    or shadow policy uses it, unless ``force`` (then it leaves those policies
+    and the remaining traffic weights are rescaled)."""
+    _get_client().delete_backend(backend_tag, force)
 
 
 def _wait_for_proxies(route: str, deadline: float) -> None:
@@ -412,6 +415,12 @@ def list_endpoints() -> Dict[str, Dict[str, Any]]:
 
 def set_traffic(endpoint_name: str, traffic_policy_dictionary: Dict[str, float]) -> None:
     _get_client().set_traffic(endpoint_name, {str(k): float(v) for k, v in traffic_policy_dictionary.items()})
+
+
+def shadow_traffic(endpoint_name: str, backend_tag: str, proportion: float) -> None:
+    """Copies ``proportion`` of the endpoint's requests to ``backend_tag``;
+    the copies' answers are dropped. Proportion 0 removes the shadow."""
+    _get_client().set_shadow(endpoint_name, backend_tag, float(proportion))
 
 
 def get_handle(endpoint_name: str, missing_ok: bool = False, sync: bool = True):
