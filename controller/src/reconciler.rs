@@ -8,11 +8,11 @@ use crate::service::Heartbeats;
 use crate::state::Command;
 use crate::store::{self, state_machine::StateMachineStore, Raft};
 
-/// A node that sent no heartbeat for this long is dead.
-pub const NODE_TIMEOUT: Duration = Duration::from_secs(10);
+/// By default a node that sent no heartbeat for this long is dead.
+pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_secs(10);
 const TICK: Duration = Duration::from_secs(1);
 
-pub async fn run(raft: Raft, sm: StateMachineStore, heartbeats: Heartbeats) {
+pub async fn run(raft: Raft, sm: StateMachineStore, heartbeats: Heartbeats, node_timeout: Duration) {
     // Agents get a full timeout after this controller starts to reconnect.
     let started = Instant::now();
     let mut tick = tokio::time::interval(TICK);
@@ -32,7 +32,7 @@ pub async fn run(raft: Raft, sm: StateMachineStore, heartbeats: Heartbeats) {
                 .filter(|n| n.alive)
                 .filter(|n| {
                     let last = beats.get(&n.id).copied().unwrap_or(started);
-                    now.duration_since(last) > NODE_TIMEOUT
+                    now.duration_since(last) > node_timeout
                 })
                 .map(|n| n.id.clone())
                 .collect()

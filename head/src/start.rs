@@ -55,6 +55,11 @@ pub struct StartArgs {
     /// GPUs this node offers to replicas (default: those nvidia-smi lists).
     #[arg(long, env = "SERVAL_NUM_GPUS")]
     num_gpus: Option<f64>,
+    /// Seconds without a heartbeat after which the head declares a node dead
+    /// and places its replicas elsewhere.
+    #[arg(long, env = "SERVAL_NODE_TIMEOUT_S", default_value_t = reconciler::DEFAULT_NODE_TIMEOUT.as_secs_f64(),
+          value_parser = parse_positive_secs)]
+    node_timeout_s: f64,
     /// Python interpreter for replicas, with the `serval` package installed.
     #[arg(long, env = "SERVAL_PYTHON", default_value = "python3")]
     python: PathBuf,
@@ -93,6 +98,13 @@ pub fn run(
             run_node(cluster, args, data_dir).await
         }
     })
+}
+
+fn parse_positive_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("'{s}' is not a positive number of seconds")),
+    }
 }
 
 fn normalise_location(s: &str) -> anyhow::Result<String> {
@@ -311,7 +323,12 @@ async fn run_head(
         }),
     )
     .await?;
-    let reconciler = tokio::spawn(reconciler::run(raft.clone(), sm.clone(), heartbeats));
+    let reconciler = tokio::spawn(reconciler::run(
+        raft.clone(),
+        sm.clone(),
+        heartbeats,
+        Duration::from_secs_f64(args.node_timeout_s),
+    ));
 
     let (proxy, http_addr) = if location == "NoServer" {
         (None, String::new())

@@ -91,6 +91,9 @@ async fn supervise(spec: ReplicaSpec, client: Client, mut stop: oneshot::Receive
     let id = spec.replica.id.clone();
     let mut restarts = spec.replica.restarts;
     let mut backoff = BACKOFF_MIN;
+    // Why the last run ended: shown while the replica starts again, so a
+    // crash loop keeps its reason in `serve status`.
+    let mut last_error = String::new();
     loop {
         let base = ReplicaReport {
             replica_id: id.clone(),
@@ -101,6 +104,7 @@ async fn supervise(spec: ReplicaSpec, client: Client, mut stop: oneshot::Receive
             &client,
             ReplicaReport {
                 state: "starting".into(),
+                error: last_error.clone(),
                 ..base.clone()
             },
         )
@@ -156,11 +160,12 @@ async fn supervise(spec: ReplicaSpec, client: Client, mut stop: oneshot::Receive
             &client,
             ReplicaReport {
                 state: "failed".into(),
-                error: outcome,
+                error: outcome.clone(),
                 ..base
             },
         )
         .await;
+        last_error = outcome;
         // A replica that served for a while starts again quickly.
         if started.elapsed() > BACKOFF_MAX {
             backoff = BACKOFF_MIN;

@@ -53,7 +53,8 @@ def cluster(monkeypatch):
     monkeypatch.setenv("SERVAL_DATA_DIR", data_dir)
     monkeypatch.setenv("SERVAL_PYTHON", sys.executable)
     # Room for several 1-CPU replicas on a 2-core machine.
-    monkeypatch.setenv("SERVAL_NUM_CPUS", "16")
+    if "SERVAL_NUM_CPUS" not in os.environ:
+        monkeypatch.setenv("SERVAL_NUM_CPUS", "16")
     monkeypatch.delenv("SERVAL_ADDRESS", raising=False)
     monkeypatch.delenv("SERVAL_TOKEN", raising=False)
     serve.start(detached=True, data_dir=data_dir, http_options={"port": http_port})
