@@ -209,6 +209,14 @@ impl Control for ControlService {
         .await
     }
 
+    async fn update_backend_code(
+        &self,
+        req: Request<UpdateBackendCodeRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let r = req.into_inner();
+        self.propose(Command::UpdateBackendCode { name: r.name, code: r.code }).await
+    }
+
     async fn set_shadow(&self, req: Request<SetShadowRequest>) -> Result<Response<Empty>, Status> {
         let r = req.into_inner();
         self.propose(Command::SetShadow {

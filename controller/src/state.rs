@@ -51,6 +51,11 @@ pub enum Command {
         name: String,
         config: BackendConfig,
     },
+    /// New code or init args: the replicas are replaced by a rolling update.
+    UpdateBackendCode {
+        name: String,
+        code: Vec<u8>,
+    },
     /// `force` also takes it out of the endpoints that use it.
     DeleteBackend {
         name: String,
@@ -163,7 +168,8 @@ impl ClusterState {
                 replica.pid = report.pid;
                 replica.restarts = report.restarts;
                 let backend = replica.backend.clone();
-                self.refresh_backend_state(&backend);
+                // A replica that now runs may let a rolling update advance.
+                self.scale(&backend);
             }
             Command::CreateBackend(backend) => {
                 if backend.name.is_empty() {
@@ -196,6 +202,18 @@ impl ClusterState {
                     .get_mut(&name)
                     .ok_or_else(|| StateError::UnknownBackend(name.clone()))?;
                 backend.config = Some(config);
+                self.scale(&name);
+            }
+            Command::UpdateBackendCode { name, code } => {
+                if code.is_empty() {
+                    return Err(invalid("func_or_class", "no code was sent"));
+                }
+                let backend = self
+                    .backends
+                    .get_mut(&name)
+                    .ok_or_else(|| StateError::UnknownBackend(name.clone()))?;
+                backend.code = code;
+                backend.version += 1;
                 self.scale(&name);
             }
             Command::DeleteBackend { name, force } => {
@@ -356,45 +374,70 @@ impl ClusterState {
         Ok(())
     }
 
-    /// Adds or removes replica records until the backend has `num_replicas`.
+    /// Moves the backend's replicas towards `num_replicas` of its current
+    /// version. Scaling adds or removes at once; a new version rolls: one
+    /// new replica at a time (a surge of one), and an old replica leaves only
+    /// when a new one runs, so capacity never drops during an update. Runs
+    /// after every change that can advance it (config, code, reports).
     fn scale(&mut self, backend: &str) {
         let Some(b) = self.backends.get(backend) else {
             return;
         };
         let want = b.config.as_ref().map(|c| c.num_replicas).unwrap_or(1) as usize;
         let version = b.version;
-        let mut have: Vec<String> = self
-            .replicas
-            .values()
-            .filter(|r| r.backend == backend)
-            .map(|r| r.id.clone())
-            .collect();
-        while have.len() > want {
-            // Drop pending replicas first, then the newest.
-            have.sort_by_key(|id| {
-                let r = &self.replicas[id];
-                (
-                    r.state != replica_state::PENDING,
-                    std::cmp::Reverse(id_seq(id)),
-                )
-            });
-            let id = have.remove(0);
+        let ids = |s: &Self, current: bool| -> Vec<String> {
+            s.replicas
+                .values()
+                .filter(|r| r.backend == backend && (r.backend_version == version) == current)
+                .map(|r| r.id.clone())
+                .collect()
+        };
+        // Removal order: pending first, then not running, then the newest.
+        let removal_key = |s: &Self, id: &String| {
+            let r = &s.replicas[id];
+            (
+                r.state != replica_state::PENDING,
+                r.state == replica_state::RUNNING,
+                std::cmp::Reverse(id_seq(id)),
+            )
+        };
+        let mut new = ids(self, true);
+        new.sort_by_key(|id| removal_key(self, id));
+        while new.len() > want {
+            let id = new.remove(0);
             self.replicas.remove(&id);
         }
-        while have.len() < want {
+        let running_new = new
+            .iter()
+            .filter(|id| self.replicas[*id].state == replica_state::RUNNING)
+            .count();
+        let mut old = ids(self, false);
+        old.sort_by_key(|id| removal_key(self, id));
+        let allowed_old = want.saturating_sub(running_new);
+        while old.len() > allowed_old {
+            let id = old.remove(0);
+            self.replicas.remove(&id);
+        }
+        let add = if old.is_empty() {
+            want - new.len()
+        } else if new.len() < want && running_new == new.len() {
+            1
+        } else {
+            0
+        };
+        for _ in 0..add {
             let id = format!("{backend}#{}", self.next_replica_seq);
             self.next_replica_seq += 1;
             self.replicas.insert(
                 id.clone(),
                 Replica {
-                    id: id.clone(),
+                    id,
                     backend: backend.to_string(),
                     backend_version: version,
                     state: replica_state::PENDING.into(),
                     ..Default::default()
                 },
             );
-            have.push(id);
         }
         self.place_pending();
         self.refresh_backend_state(backend);

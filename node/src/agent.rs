@@ -13,6 +13,9 @@ use serval_protos::control::{ClusterSnapshot, HeartbeatRequest, RegisterNodeRequ
 use crate::supervisor::{self, ReplicaSpec, SupervisorHandle};
 
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// How long a replica that left the routing table keeps serving what
+/// routers already sent it.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -50,6 +53,8 @@ pub struct NodeAgent {
     client: Client,
     node_id: String,
     supervisors: HashMap<String, SupervisorHandle>,
+    /// Replicas removed from this node, stopping after their drain grace.
+    draining: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl NodeAgent {
@@ -70,6 +75,7 @@ impl NodeAgent {
             client,
             node_id: known_id,
             supervisors: HashMap::new(),
+            draining: Vec::new(),
         };
         let until = tokio::time::Instant::now() + deadline;
         loop {
@@ -188,10 +194,16 @@ impl NodeAgent {
             .collect();
         for id in stale {
             if let Some(handle) = self.supervisors.remove(&id) {
-                tracing::info!(replica = %id, "stopping replica");
-                handle.stop().await;
+                tracing::info!(replica = %id, "draining replica");
+                // Routers drop the replica from the same snapshot; give them
+                // a moment to stop sending before its process goes away.
+                self.draining.push(tokio::spawn(async move {
+                    tokio::time::sleep(DRAIN_GRACE).await;
+                    handle.stop().await;
+                }));
             }
         }
+        self.draining.retain(|t| !t.is_finished());
         for (id, replica) in wanted {
             if self.supervisors.contains_key(id) {
                 continue;
@@ -219,6 +231,8 @@ impl NodeAgent {
     async fn stop_all(&mut self) {
         let all: Vec<_> = self.supervisors.drain().map(|(_, h)| h.stop()).collect();
         futures::future::join_all(all).await;
+        // Replicas still draining are stopped too before the agent exits.
+        futures::future::join_all(self.draining.drain(..)).await;
     }
 }
 

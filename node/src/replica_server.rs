@@ -81,6 +81,11 @@ impl Handler for EchoHandler {
                 body: call.args,
             },
             Payload::Ping => ok_pong(),
+            Payload::Reconfigure(_) => Response {
+                status: 200,
+                headers: Vec::new(),
+                body: b"reconfigured".to_vec(),
+            },
         };
         reply.send(&response);
     }

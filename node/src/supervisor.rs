@@ -1,18 +1,27 @@
 //! One supervisor per replica, owning the replica's process: start it, read
 //! its one status line, report to the controller, restart it with backoff
-//! when it exits, and stop it when told. It is an actor in the plain sense:
-//! a task that owns its state and changes only on the messages it gets
-//! (stop) and the events of its child process.
+//! when it exits, apply config changes in place, and stop it when told. It is
+//! an actor in the plain sense: a task that owns its state and changes only
+//! on the messages it gets (stop, a new backend config) and the events of its
+//! child process.
+//!
+//! A config change that keeps the backend version (`user_config`,
+//! `max_concurrent_queries`, batching) does not restart the replica: the
+//! supervisor sends a `Reconfigure` frame over the replica's Unix socket, the
+//! replica calls `reconfigure(user_config)` in the same process, and a
+//! failure is reported with the replica's traceback (the replica keeps
+//! serving). A replica restarted later starts with the latest config.
 
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use serval_protos::client::Client;
-use serval_protos::control::{Backend, Replica, ReplicaReport};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use serval_protos::control::{Backend, BackendConfig, Replica, ReplicaReport};
+use serval_protos::frame::{self, FrameReader, Payload, ReconfigureRequest, Request, Response};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 /// How long a replica may take to import and construct user code.
 const START_TIMEOUT: Duration = Duration::from_secs(300);
@@ -20,6 +29,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A replica that closes its stdin pipe gets this long to exit on its own.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long user code's `reconfigure` (queued behind running requests) may take.
+const RECONFIGURE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What a supervisor needs to start its replica.
 #[derive(Clone)]
@@ -40,10 +51,26 @@ pub struct ReplicaSpec {
 pub struct SupervisorHandle {
     pub backend_version: u64,
     stop: Option<oneshot::Sender<()>>,
+    /// The backend config the replica should run with; the supervisor
+    /// applies changes in place (see the module docs).
+    config: watch::Sender<BackendConfig>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl SupervisorHandle {
+    /// Hands the supervisor the backend config of the latest snapshot; only
+    /// a change of what the replica applies at run time reaches it.
+    pub fn update_config(&self, config: Option<&BackendConfig>) {
+        let config = config.cloned().unwrap_or_default();
+        self.config.send_if_modified(|current| {
+            if *current == config {
+                return false;
+            }
+            *current = config;
+            true
+        });
+    }
+
     /// Stops the replica and waits until its process is gone.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
@@ -55,11 +82,13 @@ impl SupervisorHandle {
 
 pub fn spawn(spec: ReplicaSpec, client: Client) -> SupervisorHandle {
     let (tx, rx) = oneshot::channel();
+    let (config_tx, config_rx) = watch::channel(spec.backend.config.clone().unwrap_or_default());
     let backend_version = spec.replica.backend_version;
-    let task = tokio::spawn(supervise(spec, client, rx));
+    let task = tokio::spawn(supervise(spec, client, rx, config_rx));
     SupervisorHandle {
         backend_version,
         stop: Some(tx),
+        config: config_tx,
         task,
     }
 }
@@ -87,7 +116,12 @@ async fn report(client: &Client, report: ReplicaReport) {
     }
 }
 
-async fn supervise(spec: ReplicaSpec, client: Client, mut stop: oneshot::Receiver<()>) {
+async fn supervise(
+    spec: ReplicaSpec,
+    client: Client,
+    mut stop: oneshot::Receiver<()>,
+    mut config: watch::Receiver<BackendConfig>,
+) {
     let id = spec.replica.id.clone();
     let mut restarts = spec.replica.restarts;
     let mut backoff = BACKOFF_MIN;
@@ -110,7 +144,9 @@ async fn supervise(spec: ReplicaSpec, client: Client, mut stop: oneshot::Receive
         )
         .await;
         let started = tokio::time::Instant::now();
-        let outcome = match start(&spec).await {
+        // A restarted replica starts with the latest config.
+        let start_config = config.borrow_and_update().clone();
+        let outcome = match start(&spec, &start_config).await {
             Ok(mut child) => {
                 // Held here, not in `child`: tokio's `Child::wait` closes a
                 // stdin it still owns, which would cut the lifeline.
@@ -121,20 +157,46 @@ async fn supervise(spec: ReplicaSpec, client: Client, mut stop: oneshot::Receive
                 };
                 let outcome = match result {
                     Ok(status) if status.state == "running" => {
-                        report(
-                            &client,
-                            ReplicaReport {
-                                state: "running".into(),
-                                unix_path: status.unix_path,
-                                tcp_addr: status.tcp_addr,
-                                pid: status.pid,
-                                ..base.clone()
-                            },
-                        )
-                        .await;
-                        tokio::select! {
-                            exit = child.wait() => format!("replica process exited ({})", exit.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())),
-                            _ = &mut stop => { drop(lifeline); terminate(&mut child).await; return; }
+                        let running = ReplicaReport {
+                            state: "running".into(),
+                            unix_path: status.unix_path,
+                            tcp_addr: status.tcp_addr,
+                            pid: status.pid,
+                            ..base.clone()
+                        };
+                        report(&client, running.clone()).await;
+                        // What the replica runs with; changes go in place.
+                        let mut applied = runtime_config(&start_config);
+                        let mut config_open = true;
+                        loop {
+                            tokio::select! {
+                                exit = child.wait() => break format!("replica process exited ({})", exit.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())),
+                                _ = &mut stop => { drop(lifeline); terminate(&mut child).await; return; }
+                                changed = config.changed(), if config_open => {
+                                    if changed.is_err() {
+                                        config_open = false;
+                                        continue;
+                                    }
+                                    let wanted = runtime_config(&config.borrow_and_update());
+                                    if wanted == applied {
+                                        continue;
+                                    }
+                                    tracing::info!(replica = %id, config = %wanted, "reconfiguring replica in place");
+                                    let result = tokio::select! {
+                                        r = reconfigure(&running.unix_path, wanted.clone()) => r,
+                                        _ = &mut stop => { drop(lifeline); terminate(&mut child).await; return; }
+                                    };
+                                    applied = wanted;
+                                    let error = match result {
+                                        Ok(()) => String::new(),
+                                        Err(e) => {
+                                            tracing::warn!(replica = %id, error = %e, "reconfigure failed; the replica keeps serving");
+                                            e
+                                        }
+                                    };
+                                    report(&client, ReplicaReport { error, ..running.clone() }).await;
+                                }
+                            }
                         }
                     }
                     Ok(status) => {
@@ -179,24 +241,74 @@ async fn supervise(spec: ReplicaSpec, client: Client, mut stop: oneshot::Receive
     }
 }
 
-fn config_json(backend: &Backend) -> String {
-    let c = backend.config.clone().unwrap_or_default();
+/// The replica's `--config-json`.
+fn start_config_json(c: &BackendConfig) -> String {
+    let mut v = runtime_config_value(c);
+    v["num_replicas"] = c.num_replicas.into();
+    v.to_string()
+}
+
+/// What a running replica applies (sent in a `Reconfigure` frame when it
+/// changes); scaling and resources are not part of it.
+fn runtime_config(c: &BackendConfig) -> String {
+    runtime_config_value(c).to_string()
+}
+
+fn runtime_config_value(c: &BackendConfig) -> serde_json::Value {
     let user_config = if c.user_config_json.is_empty() {
         serde_json::Value::Null
     } else {
         serde_json::from_str(&c.user_config_json).unwrap_or(serde_json::Value::Null)
     };
     serde_json::json!({
-        "num_replicas": c.num_replicas,
         "max_concurrent_queries": c.max_concurrent_queries,
         "user_config": user_config,
         "max_batch_size": c.max_batch_size,
         "batch_wait_timeout": c.batch_wait_timeout,
     })
-    .to_string()
 }
 
-async fn start(spec: &ReplicaSpec) -> Result<Child, String> {
+/// Sends one `Reconfigure` frame over the replica's Unix socket and waits
+/// for its answer: Ok on 200, else the replica's error (its traceback).
+async fn reconfigure(unix_path: &str, config_json: String) -> Result<(), String> {
+    let exchange = async {
+        let stream = tokio::net::UnixStream::connect(unix_path)
+            .await
+            .map_err(|e| format!("cannot connect to the replica at {unix_path}: {e}"))?;
+        let (read, mut write) = stream.into_split();
+        let request = Request {
+            method_name: None,
+            payload: Payload::Reconfigure(ReconfigureRequest { config_json }),
+        };
+        let bytes = frame::encode(1, &request).map_err(|e| e.to_string())?;
+        write
+            .write_all(&bytes)
+            .await
+            .map_err(|e| format!("sending the new config to the replica: {e}"))?;
+        let mut reader = FrameReader::new(read);
+        let body = match reader.next().await {
+            Ok(Some((_, body))) => body,
+            Ok(None) => return Err("the replica closed the connection before answering".to_string()),
+            Err(e) => return Err(format!("reading the replica's answer: {e}")),
+        };
+        let response: Response = frame::decode(&body).map_err(|e| e.to_string())?;
+        if response.status == 200 {
+            Ok(())
+        } else {
+            Err(format!(
+                "reconfigure failed ({}): {}",
+                response.status,
+                String::from_utf8_lossy(&response.body)
+            ))
+        }
+    };
+    match tokio::time::timeout(RECONFIGURE_TIMEOUT, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("reconfigure did not finish within {RECONFIGURE_TIMEOUT:?}")),
+    }
+}
+
+async fn start(spec: &ReplicaSpec, config: &BackendConfig) -> Result<Child, String> {
     let dir = &spec.work_dir;
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let code_file = dir.join("code.pkl");
@@ -218,7 +330,7 @@ async fn start(spec: &ReplicaSpec) -> Result<Child, String> {
         .arg("--code-file")
         .arg(&code_file)
         .arg("--config-json")
-        .arg(config_json(&spec.backend))
+        .arg(start_config_json(config))
         .arg("--unix-path")
         .arg(&spec.socket_path)
         .arg("--tcp-host")
@@ -291,6 +403,7 @@ mod tests {
             }),
             ..Default::default()
         };
+        let config_json = |b: &Backend| start_config_json(&b.config.clone().unwrap_or_default());
         let v: serde_json::Value = serde_json::from_str(&config_json(&backend)).unwrap();
         assert_eq!(v["num_replicas"], 2);
         assert_eq!(v["max_concurrent_queries"], 7);
@@ -301,6 +414,29 @@ mod tests {
         };
         let v: serde_json::Value = serde_json::from_str(&config_json(&none)).unwrap();
         assert!(v["user_config"].is_null());
+    }
+
+    #[test]
+    fn scaling_is_not_a_reconfigure_but_user_config_is() {
+        let base = BackendConfig {
+            num_replicas: 1,
+            max_concurrent_queries: 8,
+            user_config_json: r#"{"v": 1}"#.into(),
+            ..Default::default()
+        };
+        let scaled = BackendConfig {
+            num_replicas: 3,
+            ..base.clone()
+        };
+        assert_eq!(runtime_config(&base), runtime_config(&scaled));
+        let changed = BackendConfig {
+            user_config_json: r#"{"v": 2}"#.into(),
+            ..base.clone()
+        };
+        assert_ne!(runtime_config(&base), runtime_config(&changed));
+        let v: serde_json::Value = serde_json::from_str(&runtime_config(&changed)).unwrap();
+        assert_eq!(v["user_config"]["v"], 2);
+        assert!(v.get("num_replicas").is_none());
     }
 
     #[tokio::test]

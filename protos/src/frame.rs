@@ -75,6 +75,20 @@ pub enum Payload {
     Call(CallRequest),
     /// Liveness probe; answered by the replica runtime without user code.
     Ping,
+    /// A config change applied in place (same process): the node agent sends
+    /// it over the replica's Unix socket when a snapshot carries a new
+    /// `user_config`, `max_concurrent_queries` or batching setting. The
+    /// replica calls `reconfigure(user_config)` when that changed and
+    /// answers 200, or 500 with the traceback as the body.
+    Reconfigure(ReconfigureRequest),
+}
+
+/// The backend config a running replica should apply, as JSON:
+/// `{"user_config": ..., "max_concurrent_queries": N, "max_batch_size": N,
+/// "batch_wait_timeout": S}` (the same keys as the replica's `--config-json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReconfigureRequest {
+    pub config_json: String,
 }
 
 /// Router -> replica.

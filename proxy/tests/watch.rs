@@ -34,7 +34,7 @@ impl Control for FakeController {
     async fn update_backend_config(&self, _: Request<UpdateBackendConfigRequest>) -> Reply<Empty> {
         Err(Status::unimplemented("fake"))
     }
-    async fn delete_backend(&self, _: Request<NameRequest>) -> Reply<Empty> {
+    async fn delete_backend(&self, _: Request<DeleteBackendRequest>) -> Reply<Empty> {
         Err(Status::unimplemented("fake"))
     }
     async fn create_endpoint(&self, _: Request<Endpoint>) -> Reply<Empty> {
@@ -44,6 +44,12 @@ impl Control for FakeController {
         Err(Status::unimplemented("fake"))
     }
     async fn set_traffic(&self, _: Request<SetTrafficRequest>) -> Reply<Empty> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn set_shadow(&self, _: Request<SetShadowRequest>) -> Reply<Empty> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn update_backend_code(&self, _: Request<UpdateBackendCodeRequest>) -> Reply<Empty> {
         Err(Status::unimplemented("fake"))
     }
     async fn get_snapshot(&self, _: Request<WatchRequest>) -> Reply<ClusterSnapshot> {

@@ -14,7 +14,7 @@ use pyo3::types::PyBytes;
 use serval_protos::client::{self as control, Client as ControlClient};
 use serval_protos::control::{
     Backend, BackendConfig, ClusterSnapshot, DeleteBackendRequest, Empty, Endpoint, NameRequest,
-    SetShadowRequest, SetTrafficRequest, UpdateBackendConfigRequest, WatchRequest,
+    SetShadowRequest, SetTrafficRequest, UpdateBackendCodeRequest, UpdateBackendConfigRequest, WatchRequest,
 };
 use serval_protos::frame::{CallRequest, Payload, Request, Response};
 use serval_proxy::{Router, RouterConfig, RouterError};
@@ -196,6 +196,41 @@ impl Client {
         })
         .map_err(status_err)?;
         Ok(())
+    }
+
+    fn update_backend_code(&self, py: Python<'_>, name: String, code: Vec<u8>) -> PyResult<()> {
+        let mut c = self.client.clone();
+        block_on(py, async move {
+            c.update_backend_code(UpdateBackendCodeRequest { name, code }).await
+        })
+        .map_err(status_err)?;
+        Ok(())
+    }
+
+    /// Waits until every replica of `name` runs its current version
+    /// ("done"), or a replica of that version failed ("failed", reason).
+    fn wait_rollout(
+        &self,
+        py: Python<'_>,
+        name: String,
+        timeout: f64,
+    ) -> PyResult<Option<(String, String)>> {
+        self.wait_snapshot(py, timeout, move |s| {
+            let b = s.backends.iter().find(|b| b.name == name)?;
+            let replicas: Vec<_> = s.replicas.iter().filter(|r| r.backend == name).collect();
+            let want = b.config.as_ref().map(|c| c.num_replicas as usize).unwrap_or(1);
+            if let Some(f) = replicas
+                .iter()
+                .find(|r| r.backend_version == b.version && r.state == "failed")
+            {
+                return Some(("failed".to_string(), f.error.clone()));
+            }
+            let done = replicas.len() == want
+                && replicas
+                    .iter()
+                    .all(|r| r.backend_version == b.version && r.state == "running");
+            done.then(|| ("done".to_string(), String::new()))
+        })
     }
 
     fn set_shadow(

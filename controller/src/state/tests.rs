@@ -314,3 +314,59 @@ fn shadows_are_set_and_removed_and_force_delete_leaves_endpoints_consistent() {
         "the remaining weight is rescaled to 1"
     );
 }
+
+fn report(s: &mut ClusterState, id: &str, state: &str) {
+    s.apply(Command::ReportReplica(ReplicaReport {
+        replica_id: id.into(),
+        state: state.into(),
+        ..Default::default()
+    }))
+    .unwrap();
+}
+
+fn by_version(s: &ClusterState, backend: &str) -> (Vec<String>, Vec<String>) {
+    let version = s.backends[backend].version;
+    let (new, old): (Vec<&Replica>, Vec<&Replica>) = s
+        .replicas
+        .values()
+        .filter(|r| r.backend == backend)
+        .partition(|r| r.backend_version == version);
+    (new.iter().map(|r| r.id.clone()).collect(), old.iter().map(|r| r.id.clone()).collect())
+}
+
+#[test]
+fn new_code_rolls_one_replica_at_a_time_without_losing_capacity() {
+    let mut s = ClusterState::default();
+    s.apply(Command::RegisterNode(node("n1", 16.0))).unwrap();
+    s.apply(Command::CreateBackend(backend("b", 3))).unwrap();
+    let first: Vec<String> = s.replicas.keys().cloned().collect();
+    for id in &first {
+        report(&mut s, id, replica_state::RUNNING);
+    }
+    s.apply(Command::UpdateBackendCode { name: "b".into(), code: vec![9] }).unwrap();
+    assert_eq!(s.backends["b"].version, 2);
+    for step in 0..3 {
+        let (new, old) = by_version(&s, "b");
+        assert_eq!(new.len(), step + 1, "one new replica at a time");
+        assert_eq!(old.len(), 3 - step, "no old replica leaves before its successor runs");
+        let running = s.replicas.values().filter(|r| r.state == replica_state::RUNNING).count();
+        assert!(running >= 3, "capacity dropped to {running} at step {step}");
+        let starting = new.iter().find(|id| s.replicas[*id].state != replica_state::RUNNING).unwrap().clone();
+        report(&mut s, &starting, replica_state::RUNNING);
+    }
+    let (new, old) = by_version(&s, "b");
+    assert_eq!((new.len(), old.len()), (3, 0));
+    assert!(first.iter().all(|id| !s.replicas.contains_key(id)));
+}
+
+#[test]
+fn a_new_version_that_cannot_start_leaves_the_old_replicas_serving() {
+    let mut s = cluster();
+    let old_id = s.replicas.keys().next().unwrap().clone();
+    report(&mut s, &old_id, replica_state::RUNNING);
+    s.apply(Command::UpdateBackendCode { name: "b".into(), code: vec![7] }).unwrap();
+    let (new, _) = by_version(&s, "b");
+    report(&mut s, &new[0], replica_state::FAILED);
+    assert_eq!(s.replicas[&old_id].state, replica_state::RUNNING);
+    assert_eq!(s.backends["b"].state, backend_state::RUNNING);
+}

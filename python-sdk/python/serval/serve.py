@@ -28,7 +28,7 @@ from serval._native import ServeError
 from serval.handle import AsyncServeHandle, ServeHandle
 
 __all__ = [
-    "start", "connect", "shutdown", "create_backend", "update_backend_config",
+    "start", "connect", "shutdown", "create_backend", "update_backend", "update_backend_config",
     "get_backend_config", "delete_backend", "list_backends", "create_endpoint",
     "delete_endpoint", "list_endpoints", "set_traffic", "shadow_traffic", "get_handle", "status",
 ]
@@ -318,6 +318,24 @@ def create_backend(backend_tag: str, func_or_class: Union[Callable, type], *acto
     state, error = outcome
     if state == "failed":
         raise ServeError(f"backend '{backend_tag}' failed to start:\n{error}")
+
+
+def update_backend(backend_tag: str, func_or_class: Union[Callable, type], *actor_init_args: Any) -> None:
+    """Replaces a backend's code or init args by a rolling update: one new
+    replica at a time, an old one leaving only when its successor runs, so
+    the backend keeps serving throughout. Returns when every replica runs the
+    new code; raises with the traceback if a new replica fails to start (the
+    old replicas keep serving). A Serval addition to the Ray Serve 1.x API."""
+    if not callable(func_or_class):
+        raise TypeError("update_backend needs a function or a class")
+    client = _get_client()
+    client.update_backend_code(backend_tag, _pickle_code(func_or_class, actor_init_args))
+    outcome = client.wait_rollout(backend_tag, BACKEND_START_TIMEOUT_S)
+    if outcome is None:
+        raise ServeError(f"the update of backend '{backend_tag}' did not finish in {BACKEND_START_TIMEOUT_S} s")
+    state, error = outcome
+    if state == "failed":
+        raise ServeError(f"the new version of backend '{backend_tag}' failed to start:\n{error}")
 
 
 def update_backend_config(backend_tag: str, config_options: Dict[str, Any]) -> None:
