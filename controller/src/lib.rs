@@ -11,6 +11,7 @@
 //! - [`reconciler`]: the leader's loop that notices dead nodes.
 #![forbid(unsafe_code)]
 
+pub mod autoscaler;
 pub mod error;
 pub mod reconciler;
 pub mod scheduler;

@@ -22,6 +22,9 @@ use crate::store::{self, state_machine::StateMachineStore, Raft};
 /// leader's view matters (the reconciler runs on the leader).
 pub type Heartbeats = Arc<Mutex<HashMap<String, Instant>>>;
 
+/// Routers' load reports, read by the reconciler's autoscaling step.
+pub type SharedAutoscaler = Arc<Mutex<crate::autoscaler::Autoscaler>>;
+
 #[derive(Clone)]
 pub struct ControlService {
     raft: Raft,
@@ -29,6 +32,7 @@ pub struct ControlService {
     raft_id: u64,
     address: String,
     heartbeats: Heartbeats,
+    autoscaler: SharedAutoscaler,
 }
 
 impl ControlService {
@@ -39,11 +43,16 @@ impl ControlService {
             raft_id,
             address,
             heartbeats: Arc::default(),
+            autoscaler: Arc::default(),
         }
     }
 
     pub fn heartbeats(&self) -> Heartbeats {
         self.heartbeats.clone()
+    }
+
+    pub fn autoscaler(&self) -> SharedAutoscaler {
+        self.autoscaler.clone()
     }
 
     /// The tonic server for this service, refusing calls without `token`.
@@ -214,7 +223,11 @@ impl Control for ControlService {
         req: Request<UpdateBackendCodeRequest>,
     ) -> Result<Response<Empty>, Status> {
         let r = req.into_inner();
-        self.propose(Command::UpdateBackendCode { name: r.name, code: r.code }).await
+        self.propose(Command::UpdateBackendCode {
+            name: r.name,
+            code: r.code,
+        })
+        .await
     }
 
     async fn set_shadow(&self, req: Request<SetShadowRequest>) -> Result<Response<Empty>, Status> {
@@ -263,6 +276,15 @@ impl Control for ControlService {
         let stream = tokio_stream::wrappers::WatchStream::new(self.sm.subscribe())
             .map(move |state| Ok(to_snapshot(&state, include_code, this.heads())));
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn report_load(&self, req: Request<LoadReport>) -> Result<Response<Empty>, Status> {
+        let r = req.into_inner();
+        self.autoscaler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .report(&r.source, Instant::now(), r.load);
+        Ok(Response::new(Empty {}))
     }
 
     async fn shutdown(&self, _req: Request<Empty>) -> Result<Response<Empty>, Status> {

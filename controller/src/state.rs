@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use serval_protos::control::{
-    Backend, BackendConfig, Endpoint, HttpOptions, Node, Replica, ReplicaReport,
+    AutoscalingConfig, Backend, BackendConfig, Endpoint, HttpOptions, Node, Replica, ReplicaReport,
 };
 
 use crate::error::StateError;
@@ -50,6 +50,11 @@ pub enum Command {
     UpdateBackendConfig {
         name: String,
         config: BackendConfig,
+    },
+    /// The autoscaler's decision for a backend with autoscaling on.
+    Autoscale {
+        name: String,
+        num_replicas: u32,
     },
     /// New code or init args: the replicas are replaced by a rolling update.
     UpdateBackendCode {
@@ -202,6 +207,21 @@ impl ClusterState {
                     .get_mut(&name)
                     .ok_or_else(|| StateError::UnknownBackend(name.clone()))?;
                 backend.config = Some(config);
+                self.scale(&name);
+            }
+            Command::Autoscale { name, num_replicas } => {
+                let backend = self
+                    .backends
+                    .get_mut(&name)
+                    .ok_or_else(|| StateError::UnknownBackend(name.clone()))?;
+                let config = backend.config.get_or_insert_with(Default::default);
+                let Some(a) = &config.autoscaling else {
+                    return Err(invalid(
+                        "autoscaling",
+                        &format!("backend '{name}' does not autoscale"),
+                    ));
+                };
+                config.num_replicas = num_replicas.clamp(a.min_replicas, a.max_replicas);
                 self.scale(&name);
             }
             Command::UpdateBackendCode { name, code } => {
@@ -488,7 +508,15 @@ impl ClusterState {
             .values()
             .filter(|r| r.backend == backend)
             .collect();
-        let (state, error) = if replicas.iter().any(|r| r.state == replica_state::RUNNING) {
+        let scaled_to_zero = replicas.is_empty()
+            && self
+                .backends
+                .get(backend)
+                .and_then(|b| b.config.as_ref())
+                .is_some_and(|c| c.num_replicas == 0);
+        let (state, error) = if scaled_to_zero
+            || replicas.iter().any(|r| r.state == replica_state::RUNNING)
+        {
             (backend_state::RUNNING, String::new())
         } else if let Some(failed) = replicas.iter().find(|r| r.state == replica_state::FAILED) {
             (backend_state::FAILED, failed.error.clone())
@@ -526,7 +554,11 @@ fn invalid(field: &str, reason: &str) -> StateError {
 
 /// Fills Ray's defaults and checks every field, naming the bad one.
 fn validate_config(mut c: BackendConfig) -> Result<BackendConfig, StateError> {
-    if c.num_replicas == 0 {
+    if let Some(a) = &c.autoscaling {
+        validate_autoscaling(a)?;
+        // The autoscaler owns num_replicas from here; start inside its range.
+        c.num_replicas = c.num_replicas.clamp(a.min_replicas, a.max_replicas);
+    } else if c.num_replicas == 0 {
         return Err(invalid("num_replicas", "must be at least 1"));
     }
     if c.max_concurrent_queries == 0 {
@@ -555,6 +587,55 @@ fn validate_config(mut c: BackendConfig) -> Result<BackendConfig, StateError> {
             .map_err(|e| invalid("user_config", &format!("not JSON: {e}")))?;
     }
     Ok(c)
+}
+
+fn validate_autoscaling(a: &AutoscalingConfig) -> Result<(), StateError> {
+    let field = |name: &str| format!("autoscaling.{name}");
+    if a.max_replicas == 0 {
+        return Err(invalid(&field("max_replicas"), "must be at least 1"));
+    }
+    if a.min_replicas > a.max_replicas {
+        return Err(invalid(
+            &field("min_replicas"),
+            "must not exceed max_replicas",
+        ));
+    }
+    let positive = [
+        ("target_replica_concurrency", a.target_replica_concurrency),
+        ("window", a.window),
+    ];
+    for (name, v) in positive {
+        if !(v > 0.0 && v.is_finite()) {
+            return Err(invalid(&field(name), "must be a positive number"));
+        }
+    }
+    let non_negative = [
+        (
+            "upscale_stabilization_period",
+            a.upscale_stabilization_period,
+        ),
+        (
+            "downscale_stabilization_period",
+            a.downscale_stabilization_period,
+        ),
+        ("upscale_tolerance", a.upscale_tolerance),
+        ("downscale_tolerance", a.downscale_tolerance),
+    ];
+    for (name, v) in non_negative {
+        if !(v >= 0.0 && v.is_finite()) {
+            return Err(invalid(&field(name), "must be a non-negative number"));
+        }
+    }
+    if !(a.max_upscale_factor > 1.0 && a.max_upscale_factor.is_finite()) {
+        return Err(invalid(&field("max_upscale_factor"), "must be above 1"));
+    }
+    if !(a.max_downscale_factor > 0.0 && a.max_downscale_factor < 1.0) {
+        return Err(invalid(
+            &field("max_downscale_factor"),
+            "must be between 0 and 1",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -49,6 +49,11 @@ pub struct StartArgs {
           default_value_t = serval_proxy::DEFAULT_MAX_BODY_BYTES as u64,
           value_parser = clap::value_parser!(u64).range(1..))]
     http_max_body_bytes: u64,
+    /// Requests this node's proxy lets wait per backend when every replica
+    /// is at `max_concurrent_queries`; beyond that, 503 with `Retry-After`.
+    #[arg(long, env = "SERVAL_HTTP_QUEUE_CAPACITY",
+          default_value_t = serval_proxy::ProxyConfig::default().queue_capacity)]
+    http_queue_capacity: usize,
     /// CPUs this node offers to replicas (default: the machine's count).
     #[arg(long, env = "SERVAL_NUM_CPUS")]
     num_cpus: Option<f64>,
@@ -243,6 +248,7 @@ fn start_proxy(
     token: String,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     max_body_bytes: u64,
+    queue_capacity: usize,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let config = serval_proxy::ProxyConfig {
@@ -250,6 +256,7 @@ fn start_proxy(
         token,
         metrics,
         max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
+        queue_capacity,
         ..serval_proxy::ProxyConfig::default()
     };
     tokio::spawn(async move {
@@ -294,6 +301,7 @@ async fn run_head(
     let (raft, sm) = store::open(&data_dir.join("raft"), 1, &control_addr).await?;
     let service = ControlService::new(raft.clone(), sm.clone(), 1, control_addr.clone());
     let heartbeats = service.heartbeats();
+    let autoscaler = service.autoscaler();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let grpc = {
         let mut stop = stop_rx.clone();
@@ -323,12 +331,16 @@ async fn run_head(
         }),
     )
     .await?;
-    let reconciler = tokio::spawn(reconciler::run(
-        raft.clone(),
-        sm.clone(),
-        heartbeats,
-        Duration::from_secs_f64(args.node_timeout_s),
-    ));
+    let reconciler = tokio::spawn(
+        reconciler::Reconciler {
+            raft: raft.clone(),
+            sm: sm.clone(),
+            heartbeats,
+            autoscaler,
+            node_timeout: Duration::from_secs_f64(args.node_timeout_s),
+        }
+        .run(),
+    );
 
     let (proxy, http_addr) = if location == "NoServer" {
         (None, String::new())
@@ -341,6 +353,7 @@ async fn run_head(
                 token.clone(),
                 metrics,
                 args.http_max_body_bytes,
+                args.http_queue_capacity,
                 stop_rx.clone(),
             )),
             addr,
@@ -423,6 +436,7 @@ async fn run_node(cluster: ClusterArgs, args: StartArgs, data_dir: PathBuf) -> a
                 token.clone(),
                 metrics,
                 args.http_max_body_bytes,
+                args.http_queue_capacity,
                 stop_rx,
             )),
             addr,

@@ -205,12 +205,14 @@ impl NodeAgent {
         }
         self.draining.retain(|t| !t.is_finished());
         for (id, replica) in wanted {
-            if self.supervisors.contains_key(id) {
-                continue;
-            }
             let Some(backend) = backends.get(replica.backend.as_str()) else {
                 continue;
             };
+            if let Some(running) = self.supervisors.get(id) {
+                // Same version: a config change is applied in place.
+                running.update_config(backend.config.as_ref());
+                continue;
+            }
             let seq = id.rsplit('#').next().unwrap_or("0");
             let spec = ReplicaSpec {
                 replica: replica.clone(),

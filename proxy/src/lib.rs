@@ -19,6 +19,8 @@
 //! - `watch`: follows the controller's snapshots, serving from the last one
 //!   while the controller is unreachable.
 //! - `proxy`: [`Proxy`], the state the server reads; `config`: [`ProxyConfig`].
+//! - `load_report`: sends the router's per-backend load to the controller
+//!   once a second (the autoscaler's input), off the request path.
 //!
 //! **Architecture Invariant:** the request path never calls the controller;
 //! it reads the last snapshot only.
@@ -27,6 +29,7 @@
 mod builtin;
 mod config;
 mod errors;
+mod load_report;
 pub mod http;
 pub mod middleware;
 mod policy;
@@ -43,6 +46,7 @@ use tokio::net::TcpListener;
 
 pub use config::{ProxyConfig, ProxyError, DEFAULT_MAX_BODY_BYTES};
 pub use http::serve;
+pub use load_report::spawn_load_reporter;
 pub use middleware::{validate as validate_middlewares, MiddlewareError, Middlewares};
 pub use policy::{PowerOfTwoChoices, ReplicaChoice};
 pub use proxy::Proxy;
@@ -61,8 +65,11 @@ pub async fn run(
     let proxy = Arc::new(Proxy::new(&config));
     let snapshots = spawn_watch(config.control_addr.clone(), config.token.clone(), false);
     let follower = proxy.follow(snapshots);
+    let source = format!("proxy-{}-{}", std::process::id(), listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
+    let reporter = spawn_load_reporter(proxy.router().clone(), config.control_addr.clone(), config.token.clone(), source);
     serve(listener, proxy, shutdown).await;
     // Dropping the receiver with the follower also ends the watch task.
     follower.abort();
+    reporter.abort();
     Ok(())
 }

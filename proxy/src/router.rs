@@ -90,6 +90,9 @@ struct Backend {
     max_concurrent: AtomicUsize,
     /// Requests waiting for a slot (bounded by `queue_capacity`).
     queued: AtomicUsize,
+    /// Requests waiting for the backend to have any routable replica (a
+    /// backend scaled to zero, or starting): load the autoscaler must see.
+    awaiting_replica: AtomicUsize,
     /// Woken (one waiter) when a slot frees and (all) when replicas change.
     slot_freed: Notify,
 }
@@ -101,6 +104,7 @@ impl Backend {
             replicas: RwLock::new(Arc::default()),
             max_concurrent: AtomicUsize::new(DEFAULT_MAX_CONCURRENT_QUERIES),
             queued: AtomicUsize::new(0),
+            awaiting_replica: AtomicUsize::new(0),
             slot_freed: Notify::new(),
         }
     }
@@ -205,6 +209,20 @@ impl Router {
             .backends
             .get(backend)
             .map_or(0, |b| b.queued.load(Ordering::Relaxed))
+    }
+
+    /// Every backend's load as the autoscaler counts it: requests in flight
+    /// on its replicas, queued for a slot, or waiting for a replica at all.
+    pub fn load(&self) -> Vec<(String, f64)> {
+        self.table()
+            .backends
+            .values()
+            .map(|b| {
+                let in_flight: usize = b.replicas().iter().map(|r| r.in_flight.load(Ordering::Relaxed)).sum();
+                let waiting = b.queued.load(Ordering::Relaxed) + b.awaiting_replica.load(Ordering::Relaxed);
+                (b.name.clone(), (in_flight + waiting) as f64)
+            })
+            .collect()
     }
 
     fn table(&self) -> Arc<Table> {
@@ -322,6 +340,7 @@ impl Router {
                 .cloned();
             drop(table);
             let mut retry_at = None;
+            let mut _awaiting = None;
             if let Some(backend) = chosen {
                 match self
                     .call_backend(&backend, &request, deadline, Queueing::Wait)
@@ -329,7 +348,10 @@ impl Router {
                 {
                     Ok(response) => return Ok(response),
                     Err(Attempt::Failed(e)) => return Err(e),
-                    Err(Attempt::NoRoutable(at)) => retry_at = at,
+                    Err(Attempt::NoRoutable(at)) => {
+                        retry_at = at;
+                        _awaiting = Some(AwaitingReplica::new(backend));
+                    }
                 }
             }
             // Nothing routable: wait for the controller to report a replica
@@ -565,4 +587,21 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Counts one request waiting for `backend` to get a routable replica, for
+/// as long as it lives (every exit path, the caller's drop included).
+struct AwaitingReplica(Arc<Backend>);
+
+impl AwaitingReplica {
+    fn new(backend: Arc<Backend>) -> Self {
+        backend.awaiting_replica.fetch_add(1, Ordering::Relaxed);
+        Self(backend)
+    }
+}
+
+impl Drop for AwaitingReplica {
+    fn drop(&mut self) {
+        self.0.awaiting_replica.fetch_sub(1, Ordering::Relaxed);
+    }
 }

@@ -13,6 +13,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use serval_protos::client::{self as control, Client as ControlClient};
 use serval_protos::control::{
+    AutoscalingConfig,
     Backend, BackendConfig, ClusterSnapshot, DeleteBackendRequest, Empty, Endpoint, NameRequest,
     SetShadowRequest, SetTrafficRequest, UpdateBackendCodeRequest, UpdateBackendConfigRequest, WatchRequest,
 };
@@ -56,6 +57,14 @@ pub struct Client {
     /// Snapshots the router has already applied: waiting on these (not on
     /// the raw watch) means a handle can use whatever the wait saw.
     applied: Snapshots,
+    /// Sends this client's routing load to the autoscaler; ends with it.
+    reporter: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.reporter.abort();
+    }
 }
 
 /// The backend config as the Python layer sends it (JSON, Ray's field names).
@@ -69,6 +78,58 @@ struct PyBackendConfig {
     batch_wait_timeout: Option<f64>,
     num_cpus: Option<f64>,
     num_gpus: Option<f64>,
+    autoscaling: Option<PyAutoscaling>,
+}
+
+/// Cortex's autoscaling knobs (durations in seconds; serve.py converts
+/// "60s"/"5m" strings), with Cortex's defaults for those left out.
+#[derive(serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct PyAutoscaling {
+    min_replicas: u32,
+    max_replicas: u32,
+    target_replica_concurrency: f64,
+    window: f64,
+    upscale_stabilization_period: f64,
+    downscale_stabilization_period: f64,
+    max_upscale_factor: f64,
+    max_downscale_factor: f64,
+    upscale_tolerance: f64,
+    downscale_tolerance: f64,
+}
+
+impl Default for PyAutoscaling {
+    fn default() -> Self {
+        Self {
+            min_replicas: 1,
+            max_replicas: 100,
+            target_replica_concurrency: 1.0,
+            window: 60.0,
+            upscale_stabilization_period: 60.0,
+            downscale_stabilization_period: 300.0,
+            max_upscale_factor: 1.5,
+            max_downscale_factor: 0.75,
+            upscale_tolerance: 0.05,
+            downscale_tolerance: 0.05,
+        }
+    }
+}
+
+impl From<PyAutoscaling> for AutoscalingConfig {
+    fn from(a: PyAutoscaling) -> Self {
+        AutoscalingConfig {
+            min_replicas: a.min_replicas,
+            max_replicas: a.max_replicas,
+            target_replica_concurrency: a.target_replica_concurrency,
+            window: a.window,
+            upscale_stabilization_period: a.upscale_stabilization_period,
+            downscale_stabilization_period: a.downscale_stabilization_period,
+            max_upscale_factor: a.max_upscale_factor,
+            max_downscale_factor: a.max_downscale_factor,
+            upscale_tolerance: a.upscale_tolerance,
+            downscale_tolerance: a.downscale_tolerance,
+        }
+    }
 }
 
 fn parse_config(json: &str) -> PyResult<BackendConfig> {
@@ -86,6 +147,7 @@ fn parse_config(json: &str) -> PyResult<BackendConfig> {
         batch_wait_timeout: c.batch_wait_timeout.unwrap_or(0.0),
         num_cpus: c.num_cpus.unwrap_or(1.0),
         num_gpus: c.num_gpus.unwrap_or(0.0),
+        autoscaling: c.autoscaling.map(Into::into),
     })
 }
 
@@ -118,6 +180,7 @@ impl Client {
         let client = block_on(py, async move { control::connect(&addr, &tok).await })
             .map_err(|e| ServeError::new_err(e.to_string()))?;
         let router = Arc::new(Router::new(RouterConfig::default()));
+        let token_for_reports = token.clone();
         let snapshots = {
             let _guard = runtime().enter();
             control::spawn_watch(address.clone(), token, false)
@@ -137,12 +200,17 @@ impl Client {
                 }
             }
         });
+        // Handles count towards autoscaling like proxies do.
+        let reporter = {
+            let _guard = runtime().enter();
+            let source = format!("handle-{}-{}", std::process::id(), Arc::as_ptr(&router) as usize);
+            serval_proxy::spawn_load_reporter((*router).clone(), address.clone(), token_for_reports, source)
+        };
         Ok(Self {
             address,
             client,
             router,
-            applied,
-        })
+            applied, reporter })
     }
 
     #[getter]

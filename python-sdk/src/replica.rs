@@ -3,12 +3,23 @@
 //! [`ReplicaServer`] owns a tokio runtime with ONE worker thread that runs the
 //! data-plane frame server (`serval_node::replica_server::serve`) on a Unix
 //! socket and a TCP port. Its [`Handler`] does no Python work: it pushes each
-//! `(request, reply)` into a crossbeam channel. ONE dedicated Python thread
-//! calls [`ReplicaServer::run_worker`], which waits for work with the GIL
-//! released, then, holding the GIL once, drains up to `max_drain` queued
-//! requests, calls the Python dispatch callables and sends each reply. The
-//! main thread only calls [`ReplicaServer::wait`], which sleeps with the GIL
-//! released and wakes every 100 ms to run Python signal handlers.
+//! `(request, reply)` into a crossbeam channel and, when the worker is not
+//! already due to look, writes one byte to a wake socket.
+//!
+//! ONE dedicated Python thread runs an asyncio event loop (`serval._host`)
+//! with `loop.add_reader(server.wake_fd, ...)`: the loop sleeps in `epoll`
+//! with the GIL released until Rust queues work, then calls
+//! [`ReplicaServer::drain`], which, holding the GIL once, hands every queued
+//! request (up to `max_drain`, then it wakes the loop again) to the Python
+//! dispatch callables. Sync user code runs inline, one call at a time;
+//! `async def` code runs as tasks on that loop, and answers later through the
+//! [`PyReply`] it was given (from any thread). The main thread only calls
+//! [`ReplicaServer::wait`], which sleeps with the GIL released and wakes
+//! every 100 ms to run Python signal handlers.
+//!
+//! Why a wake socket and not a timed poll: the loop wakes exactly when there
+//! is work (no latency floor, no idle CPU), and the `pending` flag keeps it to
+//! one `write` per burst of requests rather than one per request.
 //!
 //! Python-facing API (module `serval._native`):
 //!
@@ -17,18 +28,29 @@
 //!               watch_stdin: bool = False, max_drain: int = 64)
 //!   .unix_path -> str | None          bound Unix socket path
 //!   .tcp_addr -> str | None           "host:port" of the TCP listener
+//!   .wake_fd -> int                   readable when work is queued or the
+//!                                     server stops (for loop.add_reader)
 //!   .stop_reason -> str | None        why the server stopped, None while running
-//!   .run_worker(on_http, on_call) -> None
-//!        on_http(method_name: str | None, scope: dict, body: bytes)
+//!   .drain(on_http, on_call, on_reconfigure) -> int
+//!        runs up to max_drain queued requests (the number run):
+//!        on_http(method_name: str | None, scope: dict, body: bytes, reply)
 //!        on_call(method_name: str | None, args: bytes, http_method: str,
-//!                headers: list[tuple[str, str]])
-//!        each returns (status: int, headers: list[tuple[str, str]], body: bytes);
-//!        returns when the server stops; re-raises KeyboardInterrupt/SystemExit.
+//!                headers: list[tuple[str, str]], reply)
+//!        on_reconfigure(config_json: str, reply)
+//!        each returns (status: int, headers: list[tuple[str, str]], body: bytes)
+//!        to answer at once, or None when it answers later with
+//!        reply.send(status, headers, body). Re-raises KeyboardInterrupt /
+//!        SystemExit (after answering that request 500).
 //!   .wait(timeout: float | None = None) -> str | None
 //!        the stop reason ("stdin closed", "shutdown", ...) or None on timeout
 //!   .shutdown(reason: str = "shutdown") -> None
-//!        idempotent: stops the worker loop, answers queued requests 503,
+//!        idempotent: wakes the worker loop, answers queued requests 503,
 //!        shuts the runtime down (GIL released), removes the socket file.
+//!
+//! Reply (one per request)
+//!   .send(status, headers, body) -> bool   False if already answered
+//!   .answered -> bool
+//!   a Reply dropped unanswered answers 503, so no request is ever lost.
 //! ```
 //!
 //! The ASGI scope handed to `on_http` is built here (type, asgi, http_version,
@@ -36,12 +58,15 @@
 //! lowercase names, client, server, path_params with int/float/str values), so
 //! the Python side only wraps it in `starlette.requests.Request`.
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, Sender};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyOSError, PySystemExit, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -58,6 +83,7 @@ const FLUSH_GRACE: Duration = Duration::from_millis(50);
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ReplicaServer>()?;
+    m.add_class::<PyReply>()?;
     Ok(())
 }
 
@@ -66,35 +92,95 @@ struct Job {
     reply: Reply,
 }
 
-/// Queues every request for the Python thread.
-struct QueueHandler {
-    tx: Sender<Job>,
+/// Wakes the worker's event loop: a socket pair whose read end the loop
+/// watches. `pending` is set by whoever writes and cleared by `drain` before
+/// it looks at the queue, so a request queued after that is never missed,
+/// and a burst of requests costs one write.
+struct Wake {
+    pending: AtomicBool,
+    writer: UnixStream,
+    reader: UnixStream,
 }
 
-impl Handler for QueueHandler {
-    fn handle(&self, request: Request, reply: Reply) {
-        if let Err(e) = self.tx.send(Job { request, reply }) {
-            e.into_inner()
-                .reply
-                .send(&unavailable("replica is shutting down"));
+impl Wake {
+    fn new() -> std::io::Result<Self> {
+        let (writer, reader) = UnixStream::pair()?;
+        writer.set_nonblocking(true)?;
+        reader.set_nonblocking(true)?;
+        Ok(Self {
+            pending: AtomicBool::new(false),
+            writer,
+            reader,
+        })
+    }
+
+    /// Wakes the loop unless a wake is already pending.
+    fn wake(&self) {
+        if !self.pending.swap(true, Ordering::AcqRel) {
+            self.force();
+        }
+    }
+
+    /// Wakes the loop. A full socket buffer (WouldBlock) already means awake.
+    fn force(&self) {
+        self.pending.store(true, Ordering::Release);
+        let _ = (&self.writer).write(&[1]);
+    }
+
+    /// Called by the worker before it drains the queue.
+    fn clear(&self) {
+        self.pending.store(false, Ordering::SeqCst);
+        let mut buf = [0u8; 256];
+        while let Ok(n) = (&self.reader).read(&mut buf) {
+            if n < buf.len() {
+                break;
+            }
         }
     }
 }
 
-/// Set once, when the server starts stopping; wakes `wait`.
-#[derive(Default)]
+/// Queues every request for the Python thread.
+struct QueueHandler {
+    tx: Sender<Job>,
+    wake: Arc<Wake>,
+}
+
+impl Handler for QueueHandler {
+    fn handle(&self, request: Request, reply: Reply) {
+        match self.tx.send(Job { request, reply }) {
+            Ok(()) => self.wake.wake(),
+            Err(e) => e
+                .into_inner()
+                .reply
+                .send(&unavailable("replica is shutting down")),
+        }
+    }
+}
+
+/// Set once, when the server starts stopping; wakes `wait` and the worker loop.
 struct StopSignal {
     reason: Mutex<Option<String>>,
     cond: Condvar,
+    wake: Arc<Wake>,
 }
 
 impl StopSignal {
+    fn new(wake: Arc<Wake>) -> Self {
+        Self {
+            reason: Mutex::new(None),
+            cond: Condvar::new(),
+            wake,
+        }
+    }
+
     fn stop(&self, reason: &str) {
         let mut r = self.reason.lock().unwrap();
         if r.is_none() {
             *r = Some(reason.to_string());
         }
         self.cond.notify_all();
+        drop(r);
+        self.wake.force();
     }
 
     fn reason(&self) -> Option<String> {
@@ -116,12 +202,69 @@ impl StopSignal {
     }
 }
 
+/// Answers one request, once, from any thread. Dropped unanswered (a task
+/// that never finished, a bug) it answers 503, so the router never waits for
+/// a response that will not come.
+#[pyclass(frozen, name = "Reply", module = "serval._native")]
+pub struct PyReply {
+    inner: Mutex<Option<Reply>>,
+}
+
+impl PyReply {
+    fn new(reply: Reply) -> Self {
+        Self {
+            inner: Mutex::new(Some(reply)),
+        }
+    }
+
+    /// Sends `response` unless already answered; true if this call answered.
+    fn respond(&self, response: &Response) -> bool {
+        let reply = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match reply {
+            Some(reply) => {
+                reply.send(response);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[pymethods]
+impl PyReply {
+    /// Answers the request; False (and nothing sent) if it was answered before.
+    fn send(&self, status: u16, headers: Vec<(String, String)>, body: &[u8]) -> bool {
+        self.respond(&Response {
+            status,
+            headers,
+            body: body.to_vec(),
+        })
+    }
+
+    #[getter]
+    fn answered(&self) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+    }
+}
+
+impl Drop for PyReply {
+    fn drop(&mut self) {
+        if let Some(reply) = self.inner.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            reply.send(&unavailable("the replica dropped the request without answering"));
+        }
+    }
+}
+
 /// The frame server of one Python replica. See the module docs for the API.
 #[pyclass(frozen, module = "serval._native")]
 pub struct ReplicaServer {
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
     serve_stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     rx: Receiver<Job>,
+    wake: Arc<Wake>,
     stop: Arc<StopSignal>,
     unix_path: Option<PathBuf>,
     tcp_addr: Option<String>,
@@ -177,13 +320,20 @@ impl ReplicaServer {
             };
             (unix, tcp, tcp_addr)
         };
+        let wake = Arc::new(
+            Wake::new()
+                .map_err(|e| PyOSError::new_err(format!("cannot create the wake socket: {e}")))?,
+        );
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let (serve_tx, serve_rx) = tokio::sync::oneshot::channel::<()>();
-        let handler: Arc<dyn Handler> = Arc::new(QueueHandler { tx });
+        let handler: Arc<dyn Handler> = Arc::new(QueueHandler {
+            tx,
+            wake: wake.clone(),
+        });
         runtime.spawn(replica_server::serve(unix, tcp, handler, async move {
             let _ = serve_rx.await;
         }));
-        let stop = Arc::new(StopSignal::default());
+        let stop = Arc::new(StopSignal::new(wake.clone()));
         if watch_stdin {
             let stop = stop.clone();
             // Detached: blocked in read(0) until EOF, which means the agent died.
@@ -209,6 +359,7 @@ impl ReplicaServer {
             runtime: Mutex::new(Some(runtime)),
             serve_stop: Mutex::new(Some(serve_tx)),
             rx,
+            wake,
             stop,
             unix_path,
             tcp_addr,
@@ -227,45 +378,44 @@ impl ReplicaServer {
     }
 
     #[getter]
+    fn wake_fd(&self) -> i32 {
+        self.wake.reader.as_raw_fd()
+    }
+
+    #[getter]
     fn stop_reason(&self) -> Option<String> {
         self.stop.reason()
     }
 
-    /// Runs requests on the calling thread until the server stops.
-    fn run_worker(
+    /// Hands up to `max_drain` queued requests to the dispatch callables
+    /// (see the module docs); returns how many. Call it when `wake_fd` is
+    /// readable: it consumes the wake, and wakes the loop again itself when
+    /// it leaves requests queued.
+    fn drain(
         &self,
         py: Python<'_>,
         on_http: Bound<'_, PyAny>,
         on_call: Bound<'_, PyAny>,
-    ) -> PyResult<()> {
-        let mut batch: Vec<Job> = Vec::with_capacity(self.max_drain);
-        loop {
-            if self.stop.is_stopped() {
-                return Ok(());
-            }
-            let rx = &self.rx;
-            let first = py.detach(|| rx.recv_timeout(POLL));
-            match first {
-                Ok(job) => batch.push(job),
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => return Ok(()),
-            }
-            while batch.len() < self.max_drain {
-                match self.rx.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                }
-            }
-            let mut jobs = batch.drain(..);
-            while let Some(job) = jobs.next() {
-                if let Err(fatal) = run_job(py, job, &on_http, &on_call) {
-                    for rest in jobs {
-                        rest.reply.send(&unavailable("replica worker stopped"));
-                    }
-                    return Err(fatal);
-                }
-            }
+        on_reconfigure: Bound<'_, PyAny>,
+    ) -> PyResult<usize> {
+        self.wake.clear();
+        if self.stop.is_stopped() {
+            // `shutdown` answers whatever is still queued.
+            return Ok(0);
         }
+        let mut ran = 0;
+        while ran < self.max_drain {
+            let Ok(job) = self.rx.try_recv() else {
+                return Ok(ran);
+            };
+            ran += 1;
+            run_job(py, job, &on_http, &on_call, &on_reconfigure)?;
+        }
+        if !self.rx.is_empty() {
+            // Let the loop run ready tasks before the next round.
+            self.wake.force();
+        }
+        Ok(ran)
     }
 
     /// Blocks (GIL released) until the server stops or `timeout` passes;
@@ -354,37 +504,50 @@ fn unavailable(message: &str) -> Response {
     plain(503, Some("ReplicaUnavailable"), message)
 }
 
-/// Runs one request and always replies. `Err` only for KeyboardInterrupt /
-/// SystemExit raised by the dispatch: those end the worker.
+/// Hands one request to Python. The request is always answered: by the
+/// returned tuple, later through its `Reply`, or here with a 500 when the
+/// dispatch itself raised. `Err` only for KeyboardInterrupt / SystemExit:
+/// those end the worker.
 fn run_job(
     py: Python<'_>,
     job: Job,
     on_http: &Bound<'_, PyAny>,
     on_call: &Bound<'_, PyAny>,
+    on_reconfigure: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let Job { request, reply } = job;
     let method_name = request.method_name;
+    if let Payload::Ping = request.payload {
+        reply.send(&Response {
+            status: 200,
+            headers: Vec::new(),
+            body: b"pong".to_vec(),
+        });
+        return Ok(());
+    }
+    let reply = Bound::new(py, PyReply::new(reply))?;
     let result = match request.payload {
-        Payload::Http(http) => {
-            http_args(py, http).and_then(|(scope, body)| on_http.call1((method_name, scope, body)))
-        }
+        Payload::Http(http) => http_args(py, http)
+            .and_then(|(scope, body)| on_http.call1((method_name, scope, body, &reply))),
         Payload::Call(call) => call_args(py, call).and_then(|(args, method, headers)| {
-            on_call.call1((method_name, args, method, headers))
+            on_call.call1((method_name, args, method, headers, &reply))
         }),
-        Payload::Ping => {
-            reply.send(&Response {
-                status: 200,
-                headers: Vec::new(),
-                body: b"pong".to_vec(),
-            });
-            return Ok(());
-        }
+        Payload::Reconfigure(r) => on_reconfigure.call1((r.config_json, &reply)),
+        Payload::Ping => unreachable!("answered above"),
     };
-    match result.and_then(|r| to_response(&r)) {
-        Ok(response) => {
-            reply.send(&response);
+    let result = result.and_then(|r| {
+        if r.is_none() {
+            Ok(None)
+        } else {
+            to_response(&r).map(Some)
+        }
+    });
+    match result {
+        Ok(Some(response)) => {
+            reply.get().respond(&response);
             Ok(())
         }
+        Ok(None) => Ok(()),
         Err(err) => {
             let fatal = err.is_instance_of::<PyKeyboardInterrupt>(py)
                 || err.is_instance_of::<PySystemExit>(py);
@@ -394,7 +557,7 @@ fn run_job(
                 .map(|n| n.to_string())
                 .unwrap_or_else(|_| "Exception".into());
             let message = format!("replica dispatch failed: {kind}: {}", err.value(py));
-            reply.send(&plain(500, Some(&kind), &message));
+            reply.get().respond(&plain(500, Some(&kind), &message));
             if fatal {
                 return Err(err);
             }

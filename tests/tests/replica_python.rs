@@ -11,8 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serval_protos::frame::{
-    decode, encode, CallRequest, FrameReader, HttpRequest, PathValue, Payload, Request, Response,
-    ERROR_TYPE_HEADER, PICKLE_CONTENT_TYPE,
+    decode, encode, CallRequest, FrameReader, HttpRequest, PathValue, Payload, ReconfigureRequest,
+    Request, Response, ERROR_TYPE_HEADER, PICKLE_CONTENT_TYPE,
 };
 use serval_tests::{venv_python, ProcessGuard};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -34,6 +34,8 @@ class Model:
         self.config = None
 
     def reconfigure(self, config):
+        if config == "bad":
+            raise ValueError("bad config")
         self.config = config
 
     def __call__(self, request):
@@ -91,6 +93,20 @@ class PostModel:
             return {"echo": await request.json(), "len": len(await request.body())}
         return {"i": int(request.query_params["i"])}
 
+class Rendezvous:
+    """Each request waits (up to 2 s) until 3 requests have arrived: all 3
+    succeed only when 3 run at once."""
+    def __init__(self):
+        self.arrived = 0
+        self.all_in = asyncio.Event()
+
+    async def __call__(self, request):
+        self.arrived += 1
+        if self.arrived >= 3:
+            self.all_in.set()
+        await asyncio.wait_for(self.all_in.wait(), 2.0)
+        return {"arrived": self.arrived}
+
 class BadInit:
     def __init__(self):
         raise RuntimeError("init exploded")
@@ -102,6 +118,7 @@ which = sys.argv[1]
 code = {
     "model": (Model, ("hi",), {"suffix": "?"}),
     "post": (PostModel, (), {}),
+    "rendezvous": (Rendezvous, (), {}),
     "badinit": (BadInit, (), {}),
     "function": (hello, (), {}),
 }[which]
@@ -706,4 +723,71 @@ async fn sys_exit_in_user_code_ends_the_replica_after_answering() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(code.code(), Some(3), "{}", replica.log());
+}
+
+#[tokio::test]
+async fn async_requests_run_concurrently_up_to_max_concurrent_queries() {
+    // Three at once: every request meets the other two.
+    let replica = start("rendezvous", r#"{"max_concurrent_queries":3}"#);
+    assert_eq!(replica.status["state"], "running", "{}", replica.log());
+    let mut c = unix_client(&replica).await;
+    let three: Vec<Request> = (0..3)
+        .map(|_| req(None, Payload::Http(http("GET", "/", "", b""))))
+        .collect();
+    let responses = c.send_all(&three).await;
+    for r in responses.values() {
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+
+    // At most two at once (the replica enforces it even when a router sends
+    // more): the first two give up waiting, then the third runs alone.
+    let replica = start("rendezvous", r#"{"max_concurrent_queries":2}"#);
+    let mut c = unix_client(&replica).await;
+    let responses = c.send_all(&three).await;
+    let mut statuses: Vec<u16> = responses.values().map(|r| r.status).collect();
+    statuses.sort();
+    assert_eq!(statuses, vec![200, 500, 500], "{}", replica.log());
+    assert_eq!(responses[&2].status, 200);
+}
+
+#[tokio::test]
+async fn reconfigure_frame_applies_user_config_in_place() {
+    let mut replica = start(
+        "model",
+        r#"{"max_concurrent_queries":8,"user_config":{"threshold":0.5}}"#,
+    );
+    assert_eq!(replica.status["state"], "running", "{}", replica.log());
+    let mut c = unix_client(&replica).await;
+    let get = || req(None, Payload::Http(http("GET", "/", "", b"")));
+    assert_eq!(json_body(&c.send(get()).await)["config"]["threshold"], 0.5);
+
+    let reconfigure = |config: &str| {
+        req(
+            None,
+            Payload::Reconfigure(ReconfigureRequest {
+                config_json: config.to_string(),
+            }),
+        )
+    };
+    let r = c
+        .send(reconfigure(
+            r#"{"max_concurrent_queries":8,"user_config":{"threshold":0.9}}"#,
+        ))
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(json_body(&c.send(get()).await)["config"]["threshold"], 0.9);
+
+    // A reconfigure that raises: 500 with the traceback; the replica keeps
+    // serving with the config it had.
+    let r = c
+        .send(reconfigure(r#"{"max_concurrent_queries":8,"user_config":"bad"}"#))
+        .await;
+    assert_eq!(r.status, 500);
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(body.contains("ValueError: bad config"), "{body}");
+    assert_eq!(json_body(&c.send(get()).await)["config"]["threshold"], 0.9);
+    assert!(
+        replica.guard.child.try_wait().unwrap().is_none(),
+        "the replica process kept running"
+    );
 }

@@ -331,7 +331,10 @@ fn by_version(s: &ClusterState, backend: &str) -> (Vec<String>, Vec<String>) {
         .values()
         .filter(|r| r.backend == backend)
         .partition(|r| r.backend_version == version);
-    (new.iter().map(|r| r.id.clone()).collect(), old.iter().map(|r| r.id.clone()).collect())
+    (
+        new.iter().map(|r| r.id.clone()).collect(),
+        old.iter().map(|r| r.id.clone()).collect(),
+    )
 }
 
 #[test]
@@ -343,15 +346,31 @@ fn new_code_rolls_one_replica_at_a_time_without_losing_capacity() {
     for id in &first {
         report(&mut s, id, replica_state::RUNNING);
     }
-    s.apply(Command::UpdateBackendCode { name: "b".into(), code: vec![9] }).unwrap();
+    s.apply(Command::UpdateBackendCode {
+        name: "b".into(),
+        code: vec![9],
+    })
+    .unwrap();
     assert_eq!(s.backends["b"].version, 2);
     for step in 0..3 {
         let (new, old) = by_version(&s, "b");
         assert_eq!(new.len(), step + 1, "one new replica at a time");
-        assert_eq!(old.len(), 3 - step, "no old replica leaves before its successor runs");
-        let running = s.replicas.values().filter(|r| r.state == replica_state::RUNNING).count();
+        assert_eq!(
+            old.len(),
+            3 - step,
+            "no old replica leaves before its successor runs"
+        );
+        let running = s
+            .replicas
+            .values()
+            .filter(|r| r.state == replica_state::RUNNING)
+            .count();
         assert!(running >= 3, "capacity dropped to {running} at step {step}");
-        let starting = new.iter().find(|id| s.replicas[*id].state != replica_state::RUNNING).unwrap().clone();
+        let starting = new
+            .iter()
+            .find(|id| s.replicas[*id].state != replica_state::RUNNING)
+            .unwrap()
+            .clone();
         report(&mut s, &starting, replica_state::RUNNING);
     }
     let (new, old) = by_version(&s, "b");
@@ -364,7 +383,11 @@ fn a_new_version_that_cannot_start_leaves_the_old_replicas_serving() {
     let mut s = cluster();
     let old_id = s.replicas.keys().next().unwrap().clone();
     report(&mut s, &old_id, replica_state::RUNNING);
-    s.apply(Command::UpdateBackendCode { name: "b".into(), code: vec![7] }).unwrap();
+    s.apply(Command::UpdateBackendCode {
+        name: "b".into(),
+        code: vec![7],
+    })
+    .unwrap();
     let (new, _) = by_version(&s, "b");
     report(&mut s, &new[0], replica_state::FAILED);
     assert_eq!(s.replicas[&old_id].state, replica_state::RUNNING);

@@ -1,31 +1,48 @@
 """Request/response glue of a Python replica: hosts one user object.
 
 ``Host`` loads a backend (a class instantiated with its init args, or a plain
-function), and answers the two kinds of request the Rust frame server hands
-to its worker thread (see ``serval._native.ReplicaServer.run_worker``):
+function) and runs the worker thread's asyncio event loop (``Host.serve``).
+The Rust frame server wakes that loop through ``ReplicaServer.wake_fd`` and
+``ReplicaServer.drain`` hands it every queued request:
 
-- ``on_http(method_name, scope, body)``: an HTTP request as an ASGI scope
-  (built in Rust) and its body. User code gets a ``starlette.requests.Request``.
-- ``on_call(method_name, args, http_method, headers)``: a ServeHandle call,
-  ``args`` being cloudpickle of ``(args, kwargs)``. ``__call__`` gets a
-  ``ServeRequest`` (or a Starlette request passed through the handle as-is);
-  any other method gets ``method(*args, **kwargs)``.
+- ``on_http(method_name, scope, body, reply)``: an HTTP request as an ASGI
+  scope (built in Rust) and its body. User code gets a
+  ``starlette.requests.Request``.
+- ``on_call(method_name, args, http_method, headers, reply)``: a ServeHandle
+  call, ``args`` being cloudpickle of ``(args, kwargs)``. ``__call__`` (and
+  any ``@serve.accept_batch`` method) gets a ``ServeRequest`` (or a Starlette
+  request passed through the handle as-is); any other method gets
+  ``method(*args, **kwargs)``.
+- ``on_reconfigure(config_json, reply)``: a config change applied in place:
+  new limits, and ``reconfigure(user_config)`` when that changed.
 
-Both return ``(status, [(name, value)], body_bytes)`` and never raise for a
-user error: HTTP errors become 500 JSON ``{"error": "Type: message"}``, handle
-errors 500 with ``x-serval-error: Type`` and the traceback as the body, an
-unknown method 404 with ``x-serval-error: MethodNotFound``.
+Each returns ``(status, [(name, value)], body_bytes)`` when the answer is
+ready, or None when it answers later through ``reply.send(...)``; they never
+raise for a user error: HTTP errors become 500 JSON ``{"error": "Type:
+message"}``, handle errors 500 with ``x-serval-error: Type`` and the traceback
+as the body, an unknown method 404 with ``x-serval-error: MethodNotFound``.
+
+Concurrency (Ray Serve 1.x): sync methods run on the loop's thread one at a
+time; ``async def`` methods run as tasks, so many interleave. At most
+``max_concurrent_queries`` requests run (or wait in a batch) at once; the rest
+wait here in arrival order (routers already keep to that limit each, but a
+replica may be called by several routers). ``@serve.accept_batch`` methods get
+a list of up to ``max_batch_size`` requests, collected for at most
+``batch_wait_timeout`` seconds after the first, and return one result per
+request. Sync user code runs with no running loop set, so it may itself use
+``asyncio.run`` as it would on a plain thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import json
 import logging
 import os
 import traceback
-from typing import Any
+from typing import Any, Optional
 
 import cloudpickle
 from starlette.requests import Request
@@ -55,6 +72,96 @@ class MethodNotFound(Exception):
     """The request named a method the backend does not have."""
 
 
+class BatchResultError(ValueError):
+    """An ``@serve.accept_batch`` method did not return one result per request."""
+
+
+#: Ray Serve 1.x defaults for ``max_concurrent_queries`` when the user sets none.
+DEFAULT_MAX_CONCURRENT_QUERIES_BLOCKING = 8
+DEFAULT_MAX_CONCURRENT_QUERIES_ASYNC = 100
+
+_HTTP = 0
+_CALL = 1
+
+_get_running_loop = asyncio.events._get_running_loop
+_set_running_loop = asyncio.events._set_running_loop
+
+
+def accept_batch(f):
+    """Marks a method (or function) that takes a LIST of requests and returns
+    a list of results of the same length (Ray Serve 1.x ``serve.accept_batch``).
+    The backend must set ``max_batch_size``."""
+    f._serve_accept_batch = True
+    return f
+
+
+def _accepts_batch(fn: Any) -> bool:
+    return getattr(fn, "_serve_accept_batch", False) is True
+
+
+def batch_methods(func_or_class: Any) -> list:
+    """Names of the ``@serve.accept_batch`` methods of a class (``__call__``
+    and public methods), or ``["__call__"]`` for a batching function."""
+    if not inspect.isclass(func_or_class):
+        return ["__call__"] if _accepts_batch(func_or_class) or \
+            _accepts_batch(getattr(type(func_or_class), "__call__", None)) else []
+    names = []
+    for name in dir(func_or_class):
+        if name.startswith("_") and name != "__call__":
+            continue
+        try:
+            attr = getattr(func_or_class, name)
+        except Exception:
+            continue
+        if _accepts_batch(attr):
+            names.append(name)
+    return names
+
+
+def is_async_backend(func_or_class: Any) -> bool:
+    """Whether the called ``__call__`` (or function) is a coroutine function."""
+    if inspect.isclass(func_or_class):
+        return inspect.iscoroutinefunction(getattr(func_or_class, "__call__", None))
+    return inspect.iscoroutinefunction(func_or_class) or \
+        inspect.iscoroutinefunction(getattr(type(func_or_class), "__call__", None))
+
+
+def check_batch_config(func_or_class: Any, max_batch_size: Optional[int], backend: str = "") -> None:
+    """Raises ValueError when batching is configured but nothing accepts
+    batches, or a method accepts batches but no ``max_batch_size`` is set."""
+    what = f"backend '{backend}'" if backend else "the backend"
+    names = batch_methods(func_or_class)
+    if max_batch_size and not names:
+        raise ValueError(
+            f"max_batch_size is set in the config of {what}, but its function or method does not accept "
+            "batches: mark the function or method that takes a list of requests with @serve.accept_batch")
+    if names and not max_batch_size:
+        raise ValueError(
+            f"{what} accepts batches (@serve.accept_batch on {', '.join(names)}) but its config sets no "
+            "max_batch_size: pass config={'max_batch_size': N}")
+
+
+def default_max_concurrent_queries(func_or_class: Any, max_batch_size: Optional[int]) -> int:
+    """Ray Serve 1.x: 2 x max_batch_size with batching, 100 for an async
+    backend, 8 for a blocking one."""
+    if max_batch_size:
+        return 2 * int(max_batch_size)
+    if is_async_backend(func_or_class):
+        return DEFAULT_MAX_CONCURRENT_QUERIES_ASYNC
+    return DEFAULT_MAX_CONCURRENT_QUERIES_BLOCKING
+
+
+def _call_blocking(fn, args, kwargs):
+    """Calls sync user code with no running loop set: it runs as on a plain
+    thread (``asyncio.run`` inside it works), while the host's loop waits."""
+    running = _get_running_loop()
+    _set_running_loop(None)
+    try:
+        return fn(*args, **kwargs) if kwargs else fn(*args)
+    finally:
+        _set_running_loop(running)
+
+
 def load_code(path: str) -> tuple[Any, tuple, dict]:
     """Reads cloudpickle of ``(func_or_class, init_args, init_kwargs)``."""
     with open(path, "rb") as f:
@@ -67,8 +174,83 @@ def load_code(path: str) -> tuple[Any, tuple, dict]:
     return func_or_class, init_args, init_kwargs
 
 
+class _Target:
+    """A resolved method: how to call it."""
+
+    __slots__ = ("name", "fn", "is_async", "batched")
+
+    def __init__(self, name: str, fn: Any, batched: bool):
+        self.name = name
+        self.fn = fn
+        self.is_async = inspect.iscoroutinefunction(fn) or \
+            inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))
+        self.batched = batched
+
+
+class _Item:
+    """One admitted request waiting in a batch."""
+
+    __slots__ = ("kind", "request", "scope", "reply")
+
+    def __init__(self, kind: int, request: Any, scope: Optional[dict], reply: Any):
+        self.kind = kind
+        self.request = request
+        self.scope = scope
+        self.reply = reply
+
+
+class _Batcher:
+    """Collects requests for one ``@serve.accept_batch`` method: a batch goes
+    out when it holds ``max_batch_size`` requests, or ``batch_wait_timeout``
+    seconds after its first request arrived."""
+
+    __slots__ = ("host", "target", "items", "timer")
+
+    def __init__(self, host: "Host", target: _Target):
+        self.host = host
+        self.target = target
+        self.items: list = []
+        self.timer = None
+
+    def add(self, item: _Item) -> None:
+        self.items.append(item)
+        if len(self.items) >= self.host.max_batch_size:
+            self.flush()
+        elif self.timer is None:
+            # With a timeout of 0 this still runs after the current drain, so
+            # requests that arrived together go out together.
+            self.timer = self.host.loop.call_later(self.host.batch_wait_timeout, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        self.flush()
+
+    def flush(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        size = max(1, self.host.max_batch_size)
+        batch = self.items[:size]
+        del self.items[:size]
+        if self.items:
+            self.timer = self.host.loop.call_later(self.host.batch_wait_timeout, self._on_timer)
+        if batch:
+            self.host._run_batch(self.target, batch)
+
+    def cancel(self) -> list:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        items, self.items = self.items, []
+        return items
+
+
+_UNAVAILABLE = (503, _JSON + [(ERROR_TYPE_HEADER, "ReplicaUnavailable")],
+                _dumps({"error": "replica is shutting down"}).encode())
+
+
 class Host:
-    """One user object and the dispatch functions for the worker thread."""
+    """One user object, its event loop and the dispatch functions."""
 
     def __init__(self, backend: str, func_or_class: Any, init_args=(), init_kwargs=None, config=None):
         self.backend = backend
@@ -84,6 +266,17 @@ class Host:
             self.obj = func_or_class
         else:
             raise TypeError(f"backend {backend!r}: expected a function or a class, got {type(func_or_class).__name__}")
+        self._code = type(self.obj) if not self.is_function else self.obj
+        self._targets: dict = {}
+        self._batchers: dict = {}
+        #: Requests admitted and not answered yet (running, or in a batch).
+        self._in_flight = 0
+        #: Requests beyond max_concurrent_queries, in arrival order.
+        self._waiting: collections.deque = collections.deque()
+        self._admit_scheduled = False
+        self._tasks: set = set()
+        self._user_config = None
+        self._apply_limits(self.config)
         user_config = self.config.get("user_config")
         if user_config is not None:
             self.reconfigure(user_config)
@@ -93,14 +286,34 @@ class Host:
         func_or_class, init_args, init_kwargs = load_code(path)
         return cls(backend, func_or_class, init_args, init_kwargs, config)
 
-    def reconfigure(self, user_config: Any) -> None:
-        """Calls ``obj.reconfigure(user_config)`` when the class defines it."""
+    def _apply_limits(self, config: dict) -> None:
+        max_batch_size = int(config.get("max_batch_size") or 0)
+        check_batch_config(self._code, max_batch_size, self.backend)
+        timeout = float(config.get("batch_wait_timeout") or 0.0)
+        if timeout < 0:
+            raise ValueError(f"batch_wait_timeout must be non-negative, not {timeout}")
+        self.max_batch_size = max_batch_size
+        self.batch_wait_timeout = timeout
+        self.max_concurrent_queries = int(config.get("max_concurrent_queries") or 0) or \
+            default_max_concurrent_queries(self._code, max_batch_size)
+        if self._waiting:
+            self._schedule_admit()
+
+    def _reconfigure_method(self):
         method = None if self.is_function else getattr(self.obj, "reconfigure", None)
-        if method is None:
-            if not self.is_function:
-                logger.warning("backend %r has user_config but no reconfigure() method", self.backend)
-            return
-        self._await(method(user_config))
+        if method is None and not self.is_function:
+            logger.warning("backend %r has user_config but no reconfigure() method", self.backend)
+        return method
+
+    def reconfigure(self, user_config: Any) -> None:
+        """At start (before the loop runs): calls ``obj.reconfigure(user_config)``
+        when the class defines it."""
+        method = self._reconfigure_method()
+        if method is not None:
+            result = method(user_config)
+            if inspect.isawaitable(result):
+                self.loop.run_until_complete(_as_coro(result))
+        self._user_config = user_config
 
     def close(self) -> None:
         try:
@@ -109,57 +322,329 @@ class Host:
         except Exception:  # pragma: no cover - best effort at exit
             pass
 
+    # -- the worker loop -------------------------------------------------
+
+    def serve(self, server) -> None:
+        """Runs the event loop on the calling thread until ``server`` stops.
+        KeyboardInterrupt/SystemExit from user code propagate (after that
+        request was answered)."""
+        loop = self.loop
+        fd = server.wake_fd
+        stopped = loop.create_future()
+        drain = server.drain
+        on_http, on_call, on_reconfigure = self.on_http, self.on_call, self.on_reconfigure
+
+        def on_wake():
+            drain(on_http, on_call, on_reconfigure)
+            if server.stop_reason is not None and not stopped.done():
+                stopped.set_result(None)
+
+        loop.add_reader(fd, on_wake)
+        try:
+            loop.run_until_complete(stopped)
+        finally:
+            try:
+                loop.remove_reader(fd)
+            except Exception:  # pragma: no cover - the loop is closing
+                pass
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """On stop: answers 503 to what waits here and cancels running tasks."""
+        pending = list(self._waiting)
+        self._waiting.clear()
+        for item in pending:
+            item[-1].send(*_UNAVAILABLE)
+        for batcher in self._batchers.values():
+            for item in batcher.cancel():
+                item.reply.send(*_UNAVAILABLE)
+        tasks = [t for t in self._tasks if not t.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks and not self.loop.is_running() and not self.loop.is_closed():
+            try:
+                self.loop.run_until_complete(asyncio.wait(tasks, timeout=1.0))
+            except BaseException:  # pragma: no cover - best effort at exit
+                pass
+
     # -- helpers ---------------------------------------------------------
 
-    def _await(self, result: Any) -> Any:
-        if inspect.isawaitable(result):
-            return self.loop.run_until_complete(_as_coro(result))
-        return result
+    def _target(self, method_name: Optional[str]) -> _Target:
+        key = method_name or "__call__"
+        target = self._targets.get(key)
+        if target is None:
+            target = self._targets[key] = self._resolve(key)
+        return target
 
-    def _method(self, method_name: str | None):
-        if method_name is None or method_name == "__call__":
+    def _resolve(self, name: str) -> _Target:
+        if name == "__call__":
             if self.is_function:
-                return self.obj
-            if not callable(self.obj):
+                fn = self.obj
+            elif callable(self.obj):
+                fn = self.obj.__call__
+            else:
                 raise MethodNotFound("__call__")
-            return self.obj.__call__
+            return _Target(name, fn, _accepts_batch(fn) or _accepts_batch(getattr(type(fn), "__call__", None)))
         # Private names (and anything on a plain function) are never callable
         # from the outside: X-SERVE-CALL-METHOD must not reach __init__ & co.
-        if self.is_function or method_name.startswith("_"):
-            raise MethodNotFound(method_name)
-        method = getattr(self.obj, method_name, None)
-        if method is None or not callable(method):
-            raise MethodNotFound(method_name)
-        return method
+        if self.is_function or name.startswith("_"):
+            raise MethodNotFound(name)
+        fn = getattr(self.obj, name, None)
+        if fn is None or not callable(fn):
+            raise MethodNotFound(name)
+        return _Target(name, fn, _accepts_batch(fn))
 
     def _not_found(self, name: str):
         body = _dumps({"error": f"backend '{self.backend}' has no method '{name}'"}).encode()
         return 404, [("content-type", "application/json"), (ERROR_TYPE_HEADER, "MethodNotFound")], body
 
-    # -- HTTP ------------------------------------------------------------
+    def _spawn(self, coro) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def on_http(self, method_name: str | None, scope: dict, body: bytes):
+    def _done(self) -> None:
+        self._in_flight -= 1
+        if self._waiting:
+            self._schedule_admit()
+
+    def _schedule_admit(self) -> None:
+        if not self._admit_scheduled:
+            self._admit_scheduled = True
+            self.loop.call_soon(self._admit)
+
+    def _admit(self) -> None:
+        """Starts waiting requests while there is room (FIFO)."""
+        self._admit_scheduled = False
+        while self._waiting and self._in_flight < self.max_concurrent_queries:
+            item = self._waiting.popleft()
+            response = self._start(*item)
+            if response is not None:
+                item[-1].send(*response)
+
+    def _submit(self, target: _Target, kind: int, args: tuple, kwargs, scope, reply):
+        if self._in_flight >= self.max_concurrent_queries or self._waiting:
+            self._waiting.append((target, kind, args, kwargs, scope, reply))
+            return None
+        return self._start(target, kind, args, kwargs, scope, reply)
+
+    def _start(self, target: _Target, kind: int, args: tuple, kwargs, scope, reply):
+        """Runs one admitted request: the response now, or None when a task
+        or a batch answers it later."""
+        self._in_flight += 1
+        if target.batched:
+            batcher = self._batchers.get(target.name)
+            if batcher is None:
+                batcher = self._batchers[target.name] = _Batcher(self, target)
+            batcher.add(_Item(kind, args[0], scope, reply))
+            return None
         try:
-            method = self._method(method_name)
-        except MethodNotFound as e:
-            return self._not_found(str(e))
-        try:
-            request = Request(scope, _Receive(body))
-            # The body is already whole: let body()/json()/form() share it in
-            # any order (Starlette reads `_body` before touching receive).
-            request._body = body
-            result = self._await(method(request))
-            return self._to_http(result, scope)
-        except (KeyboardInterrupt, SystemExit):
+            if target.is_async:
+                result = target.fn(*args, **kwargs) if kwargs else target.fn(*args)
+            else:
+                result = _call_blocking(target.fn, args, kwargs)
+            if inspect.isawaitable(result):
+                self._spawn(self._finish_async(result, kind, scope, reply))
+                return None
+            response = self._respond(kind, result, scope)
+        except (KeyboardInterrupt, SystemExit) as e:
+            self._done()
+            reply.send(*_fatal_response(e))
             raise
         except Exception as e:
-            logger.exception("backend %r: %s %s failed", self.backend, scope.get("method"), scope.get("path"))
+            self._done()
+            return self._error(kind, e, scope, target.name)
+        if type(response) is not tuple:
+            self._spawn(self._send_later(response, reply))
+            return None
+        self._done()
+        return response
+
+    async def _finish_async(self, awaitable, kind: int, scope, reply) -> None:
+        try:
+            result = await awaitable
+            response = self._respond(kind, result, scope)
+            if type(response) is not tuple:
+                response = await response
+        except asyncio.CancelledError:
+            self._done()
+            reply.send(*_UNAVAILABLE)
+            raise
+        except (KeyboardInterrupt, SystemExit) as e:
+            self._done()
+            reply.send(*_fatal_response(e))
+            raise
+        except Exception as e:
+            response = self._error(kind, e, scope, None)
+        reply.send(*response)
+        self._done()
+
+    async def _send_later(self, awaitable, reply) -> None:
+        """A response whose body is produced asynchronously (streaming)."""
+        try:
+            response = await awaitable
+        except asyncio.CancelledError:
+            self._done()
+            reply.send(*_UNAVAILABLE)
+            raise
+        except Exception as e:
+            response = self._error(_HTTP, e, None, None)
+        reply.send(*response)
+        self._done()
+
+    def _respond(self, kind: int, result: Any, scope):
+        if kind == _HTTP:
+            return self._to_http(result, scope)
+        return 200, _PICKLE, cloudpickle.dumps(result)
+
+    def _error(self, kind: int, e: BaseException, scope, method_name: Optional[str]):
+        if kind == _HTTP:
+            logger.error("backend %r: %s %s failed", self.backend, (scope or {}).get("method"),
+                         (scope or {}).get("path"), exc_info=e)
             error = {"error": f"{type(e).__name__}: {e}"}
             if DEBUG:
-                error["traceback"] = traceback.format_exc()
+                error["traceback"] = "".join(traceback.format_exception(e))
             return 500, _JSON, _dumps(error).encode()
+        logger.error("backend %r: handle call to %s failed", self.backend, method_name or "a method", exc_info=e)
+        return 500, [("content-type", "text/plain; charset=utf-8"), (ERROR_TYPE_HEADER, type(e).__name__)], \
+            "".join(traceback.format_exception(e)).encode("utf-8", "replace")
+
+    # -- batches ---------------------------------------------------------
+
+    def _run_batch(self, target: _Target, batch: list) -> None:
+        requests = [item.request for item in batch]
+        try:
+            if target.is_async:
+                result = target.fn(requests)
+            else:
+                result = _call_blocking(target.fn, (requests,), None)
+            if inspect.isawaitable(result):
+                self._spawn(self._finish_batch_async(result, target, batch))
+                return
+        except (KeyboardInterrupt, SystemExit) as e:
+            for item in batch:
+                item.reply.send(*_fatal_response(e))
+                self._done()
+            raise
+        except Exception as e:
+            self._fail_batch(target, batch, e)
+            return
+        self._split(target, batch, result)
+
+    async def _finish_batch_async(self, awaitable, target: _Target, batch: list) -> None:
+        try:
+            result = await awaitable
+        except asyncio.CancelledError:
+            for item in batch:
+                item.reply.send(*_UNAVAILABLE)
+                self._done()
+            raise
+        except (KeyboardInterrupt, SystemExit) as e:
+            for item in batch:
+                item.reply.send(*_fatal_response(e))
+                self._done()
+            raise
+        except Exception as e:
+            self._fail_batch(target, batch, e)
+            return
+        self._split(target, batch, result)
+
+    def _fail_batch(self, target: _Target, batch: list, e: Exception) -> None:
+        for item in batch:
+            item.reply.send(*self._error(item.kind, e, item.scope, target.name))
+            self._done()
+
+    def _split(self, target: _Target, batch: list, results: Any) -> None:
+        """One result per request, in order; anything else fails every caller."""
+        if not isinstance(results, (list, tuple)) or len(results) != len(batch):
+            got = (f"{len(results)} results" if isinstance(results, (list, tuple))
+                   else f"a {type(results).__name__}")
+            error = BatchResultError(
+                f"@serve.accept_batch method '{target.name}' of backend '{self.backend}' returned {got} for a "
+                f"batch of {len(batch)} requests; it must return a list with one result per request")
+            self._fail_batch(target, batch, error)
+            return
+        for item, result in zip(batch, results):
+            try:
+                response = self._respond(item.kind, result, item.scope)
+            except Exception as e:
+                response = self._error(item.kind, e, item.scope, target.name)
+            if type(response) is not tuple:
+                self._spawn(self._send_later(response, item.reply))
+                continue
+            item.reply.send(*response)
+            self._done()
+
+    # -- reconfigure -----------------------------------------------------
+
+    def on_reconfigure(self, config_json: str, reply):
+        """A config change from the node agent: new limits now, and
+        ``reconfigure(user_config)`` when the user config changed."""
+        try:
+            config = json.loads(config_json)
+            if not isinstance(config, dict):
+                raise TypeError(f"the new config must be a JSON object, got {type(config).__name__}")
+            self._apply_limits(config)
+            self.config.update(config)
+            user_config = config.get("user_config")
+            if user_config is None or user_config == self._user_config:
+                return 200, _JSON, b'{"reconfigured":false}'
+            method = self._reconfigure_method()
+            if method is None:
+                self._user_config = user_config
+                return 200, _JSON, b'{"reconfigured":false}'
+            logger.info("backend %r: reconfigure(%r)", self.backend, user_config)
+            if inspect.iscoroutinefunction(method):
+                result = method(user_config)
+            else:
+                result = _call_blocking(method, (user_config,), None)
+            if inspect.isawaitable(result):
+                self._spawn(self._finish_reconfigure(result, user_config, reply))
+                return None
+            self._user_config = user_config
+            return 200, _JSON, b'{"reconfigured":true}'
+        except (KeyboardInterrupt, SystemExit) as e:
+            reply.send(*_fatal_response(e))
+            raise
+        except Exception as e:
+            return self._reconfigure_failed(e)
+
+    async def _finish_reconfigure(self, awaitable, user_config, reply) -> None:
+        try:
+            await awaitable
+        except asyncio.CancelledError:
+            reply.send(*_UNAVAILABLE)
+            raise
+        except (KeyboardInterrupt, SystemExit) as e:
+            reply.send(*_fatal_response(e))
+            raise
+        except Exception as e:
+            reply.send(*self._reconfigure_failed(e))
+            return
+        self._user_config = user_config
+        reply.send(200, _JSON, b'{"reconfigured":true}')
+
+    def _reconfigure_failed(self, e: BaseException):
+        logger.error("backend %r: reconfigure failed", self.backend, exc_info=e)
+        return 500, [("content-type", "text/plain; charset=utf-8"), (ERROR_TYPE_HEADER, type(e).__name__)], \
+            "".join(traceback.format_exception(e)).encode("utf-8", "replace")
+
+    # -- HTTP ------------------------------------------------------------
+
+    def on_http(self, method_name: Optional[str], scope: dict, body: bytes, reply):
+        try:
+            target = self._target(method_name)
+        except MethodNotFound as e:
+            return self._not_found(str(e))
+        request = Request(scope, _Receive(body))
+        # The body is already whole: let body()/json()/form() share it in
+        # any order (Starlette reads `_body` before touching receive).
+        request._body = body
+        return self._submit(target, _HTTP, (request,), None, scope, reply)
 
     def _to_http(self, result: Any, scope: dict):
+        """(status, headers, body), or an awaitable of it for a Response
+        whose body is produced by running it (streaming, files)."""
         if isinstance(result, Response):
             body = getattr(result, "body", None)
             if isinstance(body, (bytes, bytearray, memoryview)):
@@ -183,7 +668,7 @@ class Host:
             return 500, _JSON, _dumps({"error": message}).encode()
         return 200, _JSON, encoded
 
-    def _run_asgi_response(self, response: Response, scope: dict):
+    async def _run_asgi_response(self, response: Response, scope: dict):
         """Streaming/file responses: run them as an ASGI app and collect the body."""
         status = 200
         headers: list[tuple[str, str]] = []
@@ -200,14 +685,14 @@ class Host:
         async def receive():  # the client never disconnects mid-response here
             await asyncio.Event().wait()
 
-        self.loop.run_until_complete(response(scope, receive, send))
+        await response(scope, receive, send)
         return status, headers, b"".join(chunks)
 
     # -- ServeHandle -----------------------------------------------------
 
-    def on_call(self, method_name: str | None, args: bytes, http_method: str, headers: list):
+    def on_call(self, method_name: Optional[str], args: bytes, http_method: str, headers: list, reply):
         try:
-            method = self._method(method_name)
+            target = self._target(method_name)
         except MethodNotFound as e:
             return self._not_found(str(e))
         try:
@@ -216,22 +701,24 @@ class Host:
             call_args = tuple(a.to_request() if isinstance(a, WebRequestState) else a for a in call_args)
             call_kwargs = {k: v.to_request() if isinstance(v, WebRequestState) else v
                            for k, v in call_kwargs.items()}
-            if method_name is None or method_name == "__call__":
+            if target.name == "__call__" or target.batched:
                 if len(call_args) == 1 and not call_kwargs and isinstance(call_args[0], Request):
                     request = call_args[0]
                 else:
                     request = ServeRequest(call_args, call_kwargs, http_method, headers)
-                result = self._await(method(request))
-            else:
-                result = self._await(method(*call_args, **call_kwargs))
-            return 200, _PICKLE, cloudpickle.dumps(result)
+                call_args, call_kwargs = (request,), None
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:
-            logger.exception("backend %r: handle call to %s failed", self.backend, method_name or "__call__")
-            error_type = type(e).__name__
-            return 500, [("content-type", "text/plain; charset=utf-8"), (ERROR_TYPE_HEADER, error_type)], \
-                traceback.format_exc().encode("utf-8", "replace")
+            return self._error(_CALL, e, None, target.name)
+        return self._submit(target, _CALL, call_args, call_kwargs, None, reply)
+
+
+def _fatal_response(e: BaseException):
+    """KeyboardInterrupt/SystemExit in user code: answered, then the replica stops."""
+    kind = type(e).__name__
+    body = _dumps({"error": f"replica stopped: {kind}: {e}"}).encode()
+    return 500, _JSON + [(ERROR_TYPE_HEADER, kind)], body
 
 
 class _Receive:

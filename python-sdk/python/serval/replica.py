@@ -10,8 +10,9 @@ fd before closing it::
     {"state": "failed", "error": "<traceback>"}        (then exit status 1)
 
 Threads: the Rust frame server runs on its own one-worker tokio runtime; ONE
-Python thread ("serval-worker") runs user code through
-``ReplicaServer.run_worker``; the main thread only waits (signals, stdin EOF).
+Python thread ("serval-worker") runs user code on an asyncio event loop
+(``Host.serve``), woken by the Rust side through ``ReplicaServer.wake_fd``;
+the main thread only waits (signals, stdin EOF).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='backend config as JSON, e.g. {"num_replicas":1,"user_config":null}')
     p.add_argument("--unix-path", default=None, help="Unix socket to serve data-plane frames on")
     p.add_argument("--tcp-host", default="127.0.0.1", help="host to bind the TCP frame listener on (port 0)")
-    p.add_argument("--max-drain", type=int, default=64, help="requests run per GIL acquisition, at most")
+    p.add_argument("--max-drain", type=int, default=64, help="requests handed to Python per wake-up, at most")
     p.add_argument("--no-stdin-watch", action="store_true",
                    help="do not exit when stdin reaches EOF (for running by hand)")
     return p.parse_args(argv)
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
     def worker() -> None:
         asyncio.set_event_loop(host.loop)
         try:
-            server.run_worker(host.on_http, host.on_call)
+            host.serve(server)
         except BaseException as e:  # SystemExit/KeyboardInterrupt from user code, or a bug
             code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
             exit_code["code"] = code

@@ -26,11 +26,13 @@ import cloudpickle
 from serval import _native
 from serval._native import ServeError
 from serval.handle import AsyncServeHandle, ServeHandle
+from serval._host import accept_batch, check_batch_config, default_max_concurrent_queries
 
 __all__ = [
     "start", "connect", "shutdown", "create_backend", "update_backend", "update_backend_config",
     "get_backend_config", "delete_backend", "list_backends", "create_endpoint",
     "delete_endpoint", "list_endpoints", "set_traffic", "shadow_traffic", "get_handle", "status",
+    "accept_batch",
 ]
 
 #: Seconds create_backend waits for a replica to start.
@@ -40,7 +42,51 @@ ROUTE_PROPAGATION_TIMEOUT_S = 30.0
 
 _BACKEND_CONFIG_FIELDS = {
     "num_replicas", "max_concurrent_queries", "user_config", "max_batch_size", "batch_wait_timeout",
+    "autoscaling",
 }
+#: Cortex's autoscaling knobs; the ones that are durations take seconds or "30s"/"5m"/"1h".
+_AUTOSCALING_COUNTS = {"min_replicas", "max_replicas"}
+_AUTOSCALING_NUMBERS = {
+    "target_replica_concurrency", "max_upscale_factor", "max_downscale_factor", "upscale_tolerance",
+    "downscale_tolerance",
+}
+_AUTOSCALING_DURATIONS = {"window", "upscale_stabilization_period", "downscale_stabilization_period"}
+
+
+def _seconds(field: str, value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+        for unit in ("ms", "s", "m", "h"):
+            if value.endswith(unit):
+                try:
+                    return float(value[: -len(unit)]) * units[unit]
+                except ValueError:
+                    break
+    raise ValueError(f"autoscaling.{field} must be seconds or a duration like '30s', '5m', not {value!r}")
+
+
+def _autoscaling_payload(autoscaling: Any) -> Dict[str, Any]:
+    if not isinstance(autoscaling, dict):
+        raise ValueError(f"backend config field autoscaling must be a dict, not {type(autoscaling).__name__}")
+    known = _AUTOSCALING_COUNTS | _AUTOSCALING_NUMBERS | _AUTOSCALING_DURATIONS
+    unknown = set(autoscaling) - known
+    if unknown:
+        raise ValueError(f"unknown autoscaling field(s) {sorted(unknown)}; known: {sorted(known)}")
+    out = {}
+    for key, value in autoscaling.items():
+        if key in _AUTOSCALING_COUNTS:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"autoscaling.{key} must be a non-negative int, not {value!r}")
+            out[key] = value
+        elif key in _AUTOSCALING_DURATIONS:
+            out[key] = _seconds(key, value)
+        else:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"autoscaling.{key} must be a number, not {value!r}")
+            out[key] = float(value)
+    return out
 _ACTOR_OPTION_FIELDS = {"num_cpus", "num_gpus"}
 _HTTP_OPTION_FIELDS = {"location", "host", "port", "middlewares", "max_body_bytes"}
 _LOCATIONS = {"HeadOnly": "HeadOnly", "EveryNode": "EveryNode", "NoServer": "NoServer", None: "NoServer"}
@@ -271,6 +317,8 @@ def _config_payload(config: Optional[Dict[str, Any]], actor_options: Optional[Di
             json.dumps(payload["user_config"])
         except TypeError as e:
             raise ValueError(f"backend config field user_config must be JSON-serialisable: {e}") from None
+    if "autoscaling" in payload:
+        payload["autoscaling"] = _autoscaling_payload(payload["autoscaling"])
     payload.update(actor_options)
     return payload
 
@@ -308,6 +356,13 @@ def create_backend(backend_tag: str, func_or_class: Union[Callable, type], *acto
     if not inspect.isclass(func_or_class) and actor_init_args:
         raise ValueError("init args only make sense for a class backend")
     payload = _config_payload(config, ray_actor_options)
+    # Ray Serve 1.x: batching needs both @serve.accept_batch and max_batch_size;
+    # max_concurrent_queries defaults to 2 x max_batch_size with batching, 100
+    # for an async backend and 8 for a blocking one, sent explicitly.
+    check_batch_config(func_or_class, payload.get("max_batch_size"), backend_tag)
+    if not payload.get("max_concurrent_queries"):
+        payload["max_concurrent_queries"] = default_max_concurrent_queries(
+            func_or_class, payload.get("max_batch_size"))
     code = _pickle_code(func_or_class, actor_init_args)
     client = _get_client()
     client.create_backend(backend_tag, code, json.dumps(payload))
@@ -359,6 +414,7 @@ def _backend_config_dict(backend: Dict[str, Any]) -> Dict[str, Any]:
         "batch_wait_timeout": c.get("batch_wait_timeout", 0.0),
         "num_cpus": c.get("num_cpus", 1.0),
         "num_gpus": c.get("num_gpus", 0.0),
+        "autoscaling": c.get("autoscaling"),
     }
 
 
