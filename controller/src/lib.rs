@@ -13,6 +13,7 @@
 
 pub mod autoscaler;
 pub mod error;
+pub mod peer_service;
 pub mod reconciler;
 pub mod scheduler;
 pub mod service;

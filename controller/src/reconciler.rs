@@ -5,8 +5,11 @@
 //!   the [`crate::autoscaler`] recommends.
 //!
 //! A failed step is logged and retried on the next tick; each step's
-//! duration is a metric.
+//! duration is a metric, and so are each backend's desired and running
+//! replica counts (`serval_backend_desired_replicas`,
+//! `serval_backend_running_replicas`).
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use crate::service::{Heartbeats, SharedAutoscaler};
@@ -16,6 +19,8 @@ use crate::store::{self, state_machine::StateMachineStore, Raft};
 /// By default a node that sent no heartbeat for this long is dead.
 pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_secs(10);
 const TICK: Duration = Duration::from_secs(1);
+pub const BACKEND_DESIRED_REPLICAS: &str = "serval_backend_desired_replicas";
+pub const BACKEND_RUNNING_REPLICAS: &str = "serval_backend_running_replicas";
 
 pub struct Reconciler {
     pub raft: Raft,
@@ -27,9 +32,12 @@ pub struct Reconciler {
 
 impl Reconciler {
     pub async fn run(self) {
-        // Agents get a full timeout after this controller starts to reconnect.
-        let started = Instant::now();
+        // Agents get a full timeout after this head becomes the leader to
+        // reach it (a new leader has seen no heartbeats yet).
+        let mut leader_since = None;
         let mut tick = tokio::time::interval(TICK);
+        // Backends with replica-count gauges, zeroed when they go away.
+        let mut counted = BTreeSet::new();
         loop {
             tick.tick().await;
             let is_leader = {
@@ -37,9 +45,12 @@ impl Reconciler {
                 m.current_leader == Some(m.id)
             };
             if !is_leader {
+                leader_since = None;
                 continue;
             }
+            let started = *leader_since.get_or_insert_with(Instant::now);
             let state = self.sm.current();
+            record_replica_counts(&state, &mut counted);
             self.step("nodes", self.dead_nodes(&state, started)).await;
             self.step("autoscaling", self.autoscale(&state)).await;
         }
@@ -103,6 +114,45 @@ impl Reconciler {
         });
         out
     }
+}
+
+/// Sets each backend's desired (`num_replicas`) and running replica gauges;
+/// backends deleted since the last call drop to zero.
+fn record_replica_counts(state: &ClusterState, counted: &mut BTreeSet<String>) {
+    let mut running: std::collections::HashMap<&str, usize> = Default::default();
+    for r in state.replicas.values().filter(|r| r.state == "running") {
+        *running.entry(r.backend.as_str()).or_default() += 1;
+    }
+    for b in state.backends.values() {
+        let desired = b.config.as_ref().map_or(0, |c| c.num_replicas);
+        metrics::gauge!(BACKEND_DESIRED_REPLICAS, "backend" => b.name.clone()).set(desired as f64);
+        let up = running.get(b.name.as_str()).copied().unwrap_or(0);
+        metrics::gauge!(BACKEND_RUNNING_REPLICAS, "backend" => b.name.clone()).set(up as f64);
+    }
+    counted.retain(|name| {
+        if state.backends.contains_key(name) {
+            return true;
+        }
+        metrics::gauge!(BACKEND_DESIRED_REPLICAS, "backend" => name.clone()).set(0.0);
+        metrics::gauge!(BACKEND_RUNNING_REPLICAS, "backend" => name.clone()).set(0.0);
+        false
+    });
+    counted.extend(state.backends.keys().cloned());
+}
+
+/// Help texts of the controller's metrics (call once a recorder is installed).
+pub fn describe_metrics() {
+    metrics::describe_histogram!(
+        "serval_controller_reconcile_step_seconds",
+        metrics::Unit::Seconds,
+        "Duration of one reconcile step on the leader, by step"
+    );
+    metrics::describe_gauge!(
+        "serval_backend_replicas",
+        "Replica count the autoscaler works from, for autoscaled backends"
+    );
+    metrics::describe_gauge!(BACKEND_DESIRED_REPLICAS, "Replicas a backend is configured to run (num_replicas)");
+    metrics::describe_gauge!(BACKEND_RUNNING_REPLICAS, "Replicas of a backend reported running");
 }
 
 /// A command without its payload bytes, for logs.

@@ -33,10 +33,13 @@ pub struct ControlService {
     address: String,
     heartbeats: Heartbeats,
     autoscaler: SharedAutoscaler,
+    /// The cluster token: checked on every call, and presented when this
+    /// head forwards to the leader.
+    token: String,
 }
 
 impl ControlService {
-    pub fn new(raft: Raft, sm: StateMachineStore, raft_id: u64, address: String) -> Self {
+    pub fn new(raft: Raft, sm: StateMachineStore, raft_id: u64, address: String, token: String) -> Self {
         Self {
             raft,
             sm,
@@ -44,7 +47,26 @@ impl ControlService {
             address,
             heartbeats: Arc::default(),
             autoscaler: Arc::default(),
+            token,
         }
+    }
+
+    /// The leader's control address when it is another head; `None` when
+    /// this head leads or no leader is known.
+    fn other_leader(&self) -> Option<String> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        if leader == m.id {
+            return None;
+        }
+        m.membership_config.membership().get_node(&leader).map(|n| n.addr.clone())
+    }
+
+    /// A control client to the leader, for the soft state (heartbeats, load)
+    /// that only the leader's reconciler reads.
+    fn leader_client(&self) -> Option<serval_protos::client::Client> {
+        let addr = self.other_leader()?;
+        serval_protos::client::connect_lazy(&addr, &self.token).ok()
     }
 
     pub fn heartbeats(&self) -> Heartbeats {
@@ -55,33 +77,50 @@ impl ControlService {
         self.autoscaler.clone()
     }
 
-    /// The tonic server for this service, refusing calls without `token`.
-    pub fn into_server(self, token: String) -> InterceptedService<ControlServer<Self>, TokenCheck> {
+    /// The tonic server for this service, refusing calls without the token.
+    pub fn into_server(self) -> InterceptedService<ControlServer<Self>, TokenCheck> {
+        let token = self.token.clone();
         let server = ControlServer::new(self)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        InterceptedService::new(server, TokenCheck { token })
+        InterceptedService::new(server, TokenCheck::new(token))
     }
 
     async fn propose(&self, cmd: Command) -> Result<Response<Empty>, Status> {
-        store::propose(&self.raft, cmd).await?;
+        store::forward::propose_via_leader(&self.raft, &self.token, cmd).await?;
         Ok(Response::new(Empty {}))
     }
 
+    /// Every head of the raft group as this head sees it: its role, the
+    /// term, and how far its log is known to reach (the leader tracks its
+    /// followers' progress; a follower knows only its own).
     fn heads(&self) -> Vec<Head> {
         let metrics = self.raft.metrics().borrow().clone();
-        metrics
-            .membership_config
-            .membership()
+        let membership = metrics.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        membership
             .nodes()
-            .map(|(id, node)| Head {
-                raft_id: *id,
-                address: if *id == self.raft_id {
-                    self.address.clone()
+            .map(|(id, node)| {
+                let leader = metrics.current_leader == Some(*id);
+                let last_applied = if *id == metrics.id {
+                    metrics.last_applied.map(|l| l.index)
                 } else {
-                    node.addr.clone()
-                },
-                leader: metrics.current_leader == Some(*id),
+                    metrics.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| l.index)
+                };
+                Head {
+                    raft_id: *id,
+                    address: if *id == self.raft_id { self.address.clone() } else { node.addr.clone() },
+                    leader,
+                    role: if leader {
+                        "leader".into()
+                    } else if voters.contains(id) {
+                        "follower".into()
+                    } else {
+                        "learner".into()
+                    },
+                    term: metrics.current_term,
+                    last_applied: last_applied.unwrap_or(0),
+                }
             })
             .collect()
     }
@@ -141,7 +180,7 @@ impl Control for ControlService {
             is_head: r.is_head,
             pid: r.pid,
         };
-        store::propose(&self.raft, Command::RegisterNode(node)).await?;
+        store::forward::propose_via_leader(&self.raft, &self.token, Command::RegisterNode(node)).await?;
         self.heartbeats
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -150,6 +189,10 @@ impl Control for ControlService {
     }
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<Empty>, Status> {
+        // Heartbeats matter to the leader's reconciler only.
+        if let Some(mut leader) = self.leader_client() {
+            return leader.heartbeat(req.into_inner()).await;
+        }
         let node_id = req.into_inner().node_id;
         match self.sm.current().nodes.get(&node_id) {
             Some(n) if n.alive => {}
@@ -279,6 +322,10 @@ impl Control for ControlService {
     }
 
     async fn report_load(&self, req: Request<LoadReport>) -> Result<Response<Empty>, Status> {
+        // Load matters to the leader's autoscaler only.
+        if let Some(mut leader) = self.leader_client() {
+            return leader.report_load(req.into_inner()).await;
+        }
         let r = req.into_inner();
         self.autoscaler
             .lock()
@@ -296,6 +343,12 @@ impl Control for ControlService {
 #[derive(Clone)]
 pub struct TokenCheck {
     token: String,
+}
+
+impl TokenCheck {
+    pub fn new(token: String) -> Self {
+        Self { token }
+    }
 }
 
 impl tonic::service::Interceptor for TokenCheck {

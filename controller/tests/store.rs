@@ -33,7 +33,7 @@ async fn wait_leader(raft: &store::Raft) {
 async fn committed_state_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (raft, sm) = store::open(dir.path(), 1, "127.0.0.1:1").await.unwrap();
+        let (raft, sm) = store::open(dir.path(), &store::Membership::single(1, "127.0.0.1:1")).await.unwrap();
         wait_leader(&raft).await;
         store::propose(
             &raft,
@@ -55,7 +55,7 @@ async fn committed_state_survives_a_restart() {
         assert_eq!(sm.current().backends.len(), 1);
         raft.shutdown().await.unwrap();
     }
-    let (raft, sm) = store::open(dir.path(), 1, "127.0.0.1:1").await.unwrap();
+    let (raft, sm) = store::open(dir.path(), &store::Membership::single(1, "127.0.0.1:1")).await.unwrap();
     wait_leader(&raft).await;
     let state = sm.current();
     assert!(
@@ -71,7 +71,7 @@ async fn committed_state_survives_a_restart() {
 async fn a_long_log_is_snapshotted_and_still_restores() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (raft, _sm) = store::open(dir.path(), 1, "127.0.0.1:1").await.unwrap();
+        let (raft, _sm) = store::open(dir.path(), &store::Membership::single(1, "127.0.0.1:1")).await.unwrap();
         wait_leader(&raft).await;
         // Past the snapshot policy (500 logs since the last snapshot).
         for i in 0..600 {
@@ -89,7 +89,7 @@ async fn a_long_log_is_snapshotted_and_still_restores() {
         .unwrap();
         raft.shutdown().await.unwrap();
     }
-    let (raft, sm) = store::open(dir.path(), 1, "127.0.0.1:1").await.unwrap();
+    let (raft, sm) = store::open(dir.path(), &store::Membership::single(1, "127.0.0.1:1")).await.unwrap();
     wait_leader(&raft).await;
     assert_eq!(sm.current().backends.len(), 600);
     raft.shutdown().await.unwrap();

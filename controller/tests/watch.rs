@@ -32,7 +32,7 @@ fn start_controller(
             .unwrap();
         rt.block_on(async move {
             let addr = listener.local_addr().unwrap().to_string();
-            let (raft, sm) = store::open(&dir, 1, &addr).await.unwrap();
+            let (raft, sm) = store::open(&dir, &store::Membership::single(1, &addr)).await.unwrap();
             let mut m = raft.metrics();
             m.wait_for(|m| m.current_leader.is_some()).await.unwrap();
             for i in 0..commands {
@@ -45,7 +45,7 @@ fn start_controller(
                     .await
                     .unwrap();
             }
-            let service = ControlService::new(raft, sm, 1, addr).into_server(TOKEN.into());
+            let service = ControlService::new(raft, sm, 1, addr, TOKEN.into()).into_server();
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             let server = tonic::transport::Server::builder()
                 .add_service(service)

@@ -29,7 +29,7 @@ pub struct ClusterArgs {
 #[derive(Subcommand)]
 enum Cmd {
     /// Start a head (`--head`) or join a node to a head (`--address`).
-    Start(start::StartArgs),
+    Start(Box<start::StartArgs>),
     /// Print heads, nodes, endpoints, backends and replicas.
     Status {
         /// Print the raw snapshot as JSON.
@@ -76,7 +76,7 @@ pub fn main_with(argv: Vec<String>, relaunch: Vec<String>) -> anyhow::Result<()>
         .with_writer(std::io::stderr)
         .try_init();
     match root.command {
-        Cmd::Start(args) => start::run(root.cluster, args, &argv, &relaunch),
+        Cmd::Start(args) => start::run(root.cluster, *args, &argv, &relaunch),
         Cmd::Status { json } => status::run(root.cluster, json),
         Cmd::Shutdown { timeout } => shutdown::run(root.cluster, timeout),
     }

@@ -57,12 +57,36 @@ pub fn load_or_create_token(data_dir: &Path) -> anyhow::Result<String> {
             return Ok(t);
         }
     }
-    let token = uuid_like();
-    std::fs::write(&path, &token).with_context(|| format!("writing {}", path.display()))?;
+    store_token(data_dir, &uuid_like())
+}
+
+/// Writes `token` to the data dir, readable by its owner only.
+pub fn store_token(data_dir: &Path, token: &str) -> anyhow::Result<String> {
+    let path = data_dir.join(TOKEN_FILE);
+    std::fs::write(&path, token).with_context(|| format!("writing {}", path.display()))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", path.display()))?;
-    Ok(token)
+    Ok(token.to_string())
+}
+
+pub const RAFT_ID_FILE: &str = "raft_id";
+
+/// This head's raft member id, kept in the data dir across restarts. A data
+/// dir from before ids were stored holds a single head with id 1.
+pub fn load_or_create_raft_id(data_dir: &Path) -> anyhow::Result<u64> {
+    let path = data_dir.join(RAFT_ID_FILE);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return text.trim().parse().with_context(|| format!("{} is not a raft id", path.display()));
+    }
+    let id = if data_dir.join("raft").exists() {
+        1
+    } else {
+        let hex = uuid_like();
+        u64::from_str_radix(&hex[..15], 16).unwrap_or(1).max(2)
+    };
+    std::fs::write(&path, id.to_string()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
 }
 
 pub fn read_token(data_dir: &Path) -> Option<String> {

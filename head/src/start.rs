@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
+use serval_controller::peer_service::PeerService;
+use serval_controller::store::forward::propose_via_leader;
 use serval_controller::{reconciler, service::ControlService, state::Command, store};
 use serval_node::{AgentConfig, NodeAgent};
 use serval_protos::control::HttpOptions;
@@ -21,6 +23,10 @@ pub struct StartArgs {
     /// Start a head: the controller, an HTTP proxy and a node agent.
     #[arg(long)]
     head: bool,
+    /// With --head: join the heads at this control address (HOST:PORT)
+    /// as another raft member instead of starting a new cluster.
+    #[arg(long, env = "SERVAL_JOIN", requires = "head")]
+    join: Option<String>,
     /// Run in the background; print the addresses once ready.
     #[arg(long)]
     detach: bool,
@@ -68,6 +74,15 @@ pub struct StartArgs {
     /// Python interpreter for replicas, with the `serval` package installed.
     #[arg(long, env = "SERVAL_PYTHON", default_value = "python3")]
     python: PathBuf,
+    /// Also serve this process's Prometheus metrics on this port (any path,
+    /// `/-/metrics` included). Proxies always serve them at `/-/metrics`;
+    /// this is how a node running no proxy exposes its own. Default: off.
+    #[arg(long, env = "SERVAL_METRICS_PORT",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    metrics_port: Option<u16>,
+    /// Host the `--metrics-port` listener binds.
+    #[arg(long, env = "SERVAL_METRICS_HOST", default_value = "127.0.0.1")]
+    metrics_host: String,
     /// Tokio worker threads of this process (small: replicas need the cores).
     #[arg(long, env = "SERVAL_WORKERS", default_value_t = 2)]
     workers: usize,
@@ -270,10 +285,41 @@ fn start_proxy(
     })
 }
 
-fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .ok()
+/// Installs this process's metrics recorder (the handle serves the proxy's
+/// `/-/metrics`) and, with `--metrics-port`, an HTTP listener serving the
+/// same text. Runs inside the tokio runtime.
+fn install_metrics(
+    args: &StartArgs,
+) -> anyhow::Result<Option<metrics_exporter_prometheus::PrometheusHandle>> {
+    let builder = serval_proxy::metrics::prometheus_builder();
+    let handle = match args.metrics_port {
+        None => builder.install_recorder().ok(),
+        Some(port) => {
+            let host = args.metrics_host.as_str();
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+                .with_context(|| format!("resolving --metrics-host {host}"))?
+                .next()
+                .with_context(|| format!("--metrics-host {host} resolves to no address"))?;
+            let (recorder, exporter) = builder
+                .with_http_listener(addr)
+                .build()
+                .with_context(|| format!("serving metrics on {addr}"))?;
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder)
+                .map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
+            tokio::spawn(async move {
+                if let Err(e) = exporter.await {
+                    tracing::error!(error = ?e, "metrics listener stopped");
+                }
+            });
+            println!("metrics listening on http://{addr}/-/metrics");
+            Some(handle)
+        }
+    };
+    serval_proxy::metrics::describe();
+    serval_node::metrics::describe();
+    serval_controller::reconciler::describe_metrics();
+    Ok(handle)
 }
 
 async fn run_head(
@@ -282,9 +328,11 @@ async fn run_head(
     data_dir: PathBuf,
     location: String,
 ) -> anyhow::Result<()> {
-    let metrics = install_metrics();
+    let metrics = install_metrics(&args)?;
+    // A given token (a joining head) is kept in the data dir too, so
+    // commands on this machine find it as they do on the first head.
     let token = match &cluster.token {
-        Some(t) => t.clone(),
+        Some(t) => cluster_file::store_token(&data_dir, t)?,
         None => cluster_file::load_or_create_token(&data_dir)?,
     };
     let control_listener =
@@ -298,18 +346,30 @@ async fn run_head(
             })?;
     let control_addr = control_listener.local_addr()?.to_string();
 
-    let (raft, sm) = store::open(&data_dir.join("raft"), 1, &control_addr).await?;
-    let service = ControlService::new(raft.clone(), sm.clone(), 1, control_addr.clone());
+    if args.join.is_some() && cluster.token.is_none() {
+        bail!("--join needs the cluster's token (--token or SERVAL_TOKEN)");
+    }
+    let raft_id = cluster_file::load_or_create_raft_id(&data_dir)?;
+    let membership = store::Membership {
+        raft_id,
+        address: control_addr.clone(),
+        token: token.clone(),
+        bootstrap: args.join.is_none(),
+    };
+    let (raft, sm) = store::open(&data_dir.join("raft"), &membership).await?;
+    let service = ControlService::new(raft.clone(), sm.clone(), raft_id, control_addr.clone(), token.clone());
     let heartbeats = service.heartbeats();
     let autoscaler = service.autoscaler();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let grpc = {
         let mut stop = stop_rx.clone();
-        let server = service.into_server(token.clone());
+        let control = service.into_server();
+        let peers = PeerService::new(raft.clone(), token.clone()).into_server();
         let incoming = tokio_stream_incoming(control_listener);
         tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
-                .add_service(server)
+                .add_service(control)
+                .add_service(peers)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 })
@@ -319,18 +379,26 @@ async fn run_head(
             }
         })
     };
+    if let Some(join) = &args.join {
+        join_cluster(&raft, join, &token, raft_id, &control_addr).await?;
+    }
     wait_for_leader(&raft).await?;
-    store::propose(&raft, Command::SetShuttingDown(false)).await?;
-    store::propose(
-        &raft,
-        Command::SetHttpOptions(HttpOptions {
-            location: location.clone(),
-            host: args.http_host.clone(),
-            port: args.http_port as u32,
-            middlewares_json: args.http_middlewares.clone(),
-        }),
-    )
-    .await?;
+    // The first head sets the cluster-wide options; a joining head takes
+    // the cluster's as they are.
+    if args.join.is_none() {
+        propose_via_leader(&raft, &token, Command::SetShuttingDown(false)).await?;
+        propose_via_leader(
+            &raft,
+            &token,
+            Command::SetHttpOptions(HttpOptions {
+                location: location.clone(),
+                host: args.http_host.clone(),
+                port: args.http_port as u32,
+                middlewares_json: args.http_middlewares.clone(),
+            }),
+        )
+        .await?;
+    }
     let reconciler = tokio::spawn(
         reconciler::Reconciler {
             raft: raft.clone(),
@@ -394,6 +462,37 @@ fn tokio_stream_incoming(
     tokio_stream::wrappers::TcpListenerStream::new(listener)
 }
 
+/// Asks the cluster at `join` to add this head to the raft group, unless it
+/// is a member already (a restarted head), and waits until it is a voter.
+async fn join_cluster(raft: &store::Raft, join: &str, token: &str, raft_id: u64, address: &str) -> anyhow::Result<()> {
+    let is_member = |m: &openraft::RaftMetrics<u64, openraft::BasicNode>| {
+        m.membership_config.membership().voter_ids().any(|id| id == raft_id)
+    };
+    if is_member(&raft.metrics().borrow()) {
+        return Ok(());
+    }
+    let mut peer = serval_protos::client::connect_peer_lazy(join, token)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let request = serval_protos::control::JoinHeadRequest { raft_id, address: address.to_string() };
+        match peer.join_head(request).await {
+            Ok(_) => break,
+            Err(s) if s.code() == tonic::Code::Unauthenticated => bail!("the head at {join} refused the token"),
+            Err(s) if tokio::time::Instant::now() < deadline => {
+                tracing::info!(error = %s.message(), "joining {join}; retrying");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(s) => bail!("joining the head at {join}: {}", s.message()),
+        }
+    }
+    let mut metrics = raft.metrics();
+    tokio::time::timeout(Duration::from_secs(60), metrics.wait_for(is_member))
+        .await
+        .context("this head did not become a raft voter within 60 s")?
+        .context("raft stopped")?;
+    Ok(())
+}
+
 async fn wait_for_leader(raft: &store::Raft) -> anyhow::Result<()> {
     let mut metrics = raft.metrics();
     tokio::time::timeout(
@@ -407,7 +506,7 @@ async fn wait_for_leader(raft: &store::Raft) -> anyhow::Result<()> {
 }
 
 async fn run_node(cluster: ClusterArgs, args: StartArgs, data_dir: PathBuf) -> anyhow::Result<()> {
-    let metrics = install_metrics();
+    let metrics = install_metrics(&args)?;
     let control_addr = cluster.address.clone().unwrap_or_default();
     let token = cluster
         .token

@@ -94,18 +94,16 @@ pub fn render(s: &ClusterSnapshot) -> String {
     let mut out = String::new();
     out += &table(
         "HEADS",
-        &["RAFT_ID", "ADDRESS", "ROLE"],
+        &["RAFT_ID", "ADDRESS", "ROLE", "TERM", "LAST_LOG"],
         s.heads
             .iter()
             .map(|h| {
                 vec![
                     h.raft_id.to_string(),
                     h.address.clone(),
-                    if h.leader {
-                        "leader".into()
-                    } else {
-                        "follower".into()
-                    },
+                    h.role.clone(),
+                    h.term.to_string(),
+                    h.last_applied.to_string(),
                 ]
             })
             .collect(),
@@ -249,7 +247,7 @@ mod tests {
         );
         assert!(text.contains("(handle only)"), "{text}");
         assert!(
-            text.contains("HEADS\n  RAFT_ID  ADDRESS  ROLE\n  (none)"),
+            text.contains("HEADS\n  RAFT_ID  ADDRESS  ROLE  TERM  LAST_LOG\n  (none)"),
             "{text}"
         );
     }

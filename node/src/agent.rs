@@ -1,7 +1,8 @@
 //! The node agent: registers this node with the controller, heartbeats, and
 //! keeps one supervisor per replica the controller placed here, following
-//! the Watch stream. When the cluster shuts down it stops every replica and
-//! returns.
+//! the Watch stream; a supervisor whose backend config changed without a new
+//! version applies it to its running replica in place. When the cluster
+//! shuts down it stops every replica and returns.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -23,6 +23,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch};
 
+use crate::metrics as node_metrics;
+
 /// How long a replica may take to import and construct user code.
 const START_TIMEOUT: Duration = Duration::from_secs(300);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -128,7 +130,11 @@ async fn supervise(
     // Why the last run ended: shown while the replica starts again, so a
     // crash loop keeps its reason in `serve status`.
     let mut last_error = String::new();
+    // This replica's state in `serval_node_replicas`; gone with this task.
+    let mut state_gauge = node_metrics::ReplicaStateGauge::new(&spec.backend.name);
+    let restarted = metrics::counter!(node_metrics::REPLICA_RESTARTS_TOTAL, "backend" => spec.backend.name.clone());
     loop {
+        state_gauge.set(node_metrics::STARTING);
         let base = ReplicaReport {
             replica_id: id.clone(),
             restarts,
@@ -165,6 +171,7 @@ async fn supervise(
                             ..base.clone()
                         };
                         report(&client, running.clone()).await;
+                        state_gauge.set(node_metrics::RUNNING);
                         // What the replica runs with; changes go in place.
                         let mut applied = runtime_config(&start_config);
                         let mut config_open = true;
@@ -218,6 +225,7 @@ async fn supervise(
             Err(e) => e,
         };
         tracing::warn!(replica = %id, reason = %outcome, "replica stopped; restarting after backoff");
+        state_gauge.set(node_metrics::FAILED);
         report(
             &client,
             ReplicaReport {
@@ -238,6 +246,7 @@ async fn supervise(
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
         restarts += 1;
+        restarted.increment(1);
     }
 }
 

@@ -9,6 +9,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::control::control_client::ControlClient;
+use crate::control::raft_peer_client::RaftPeerClient;
 use crate::control::{ClusterSnapshot, WatchRequest};
 use crate::TOKEN_METADATA_KEY;
 
@@ -28,6 +29,8 @@ impl tonic::service::Interceptor for WithToken {
 }
 
 pub type Client = ControlClient<InterceptedService<Channel, WithToken>>;
+/// Head-to-head client (raft messages, forwarded writes, joins).
+pub type PeerClient = RaftPeerClient<InterceptedService<Channel, WithToken>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -71,6 +74,23 @@ fn wrap(channel: Channel, token: &str) -> Result<Client, ConnectError> {
             .max_decoding_message_size(256 * 1024 * 1024)
             .max_encoding_message_size(256 * 1024 * 1024),
     )
+}
+
+fn token_value(token: &str) -> Result<Option<AsciiMetadataValue>, ConnectError> {
+    if token.is_empty() {
+        Ok(None)
+    } else {
+        token.parse::<AsciiMetadataValue>().map(Some).map_err(|_| ConnectError::BadToken)
+    }
+}
+
+/// A head-to-head client that connects on first use and reconnects after
+/// failures.
+pub fn connect_peer_lazy(addr: &str, token: &str) -> Result<PeerClient, ConnectError> {
+    let channel = endpoint(addr)?.connect_lazy();
+    Ok(RaftPeerClient::with_interceptor(channel, WithToken { token: token_value(token)? })
+        .max_decoding_message_size(256 * 1024 * 1024)
+        .max_encoding_message_size(256 * 1024 * 1024))
 }
 
 /// Connects now; fails if the controller does not answer.

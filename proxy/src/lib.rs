@@ -21,6 +21,8 @@
 //! - `proxy`: [`Proxy`], the state the server reads; `config`: [`ProxyConfig`].
 //! - `load_report`: sends the router's per-backend load to the controller
 //!   once a second (the autoscaler's input), off the request path.
+//! - [`metrics`]: metric names, the Prometheus exporter settings every
+//!   process installs, and the router's cached metric handles.
 //!
 //! **Architecture Invariant:** the request path never calls the controller;
 //! it reads the last snapshot only.
@@ -31,6 +33,7 @@ mod config;
 mod errors;
 mod load_report;
 pub mod http;
+pub mod metrics;
 pub mod middleware;
 mod policy;
 mod proxy;

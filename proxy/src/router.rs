@@ -13,6 +13,11 @@
 //! In-flight counts are kept exact by [`InFlight`], a guard whose `Drop`
 //! releases the slot on every path, including the caller's future being
 //! dropped when an HTTP client disconnects.
+//!
+//! Metrics (`crate::metrics`): each backend and replica keeps its metric
+//! handles; `call` records the outcome and latency per backend, the guards
+//! keep the queue-length and in-flight gauges, and a replica's batch-size
+//! header is recorded and removed from the response.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,6 +30,7 @@ use serval_protos::frame::{Request, Response};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
+use crate::metrics::{self, BackendMetrics, Outcome};
 use crate::policy::{PowerOfTwoChoices, ReplicaChoice};
 use crate::replica_conn::{Availability, ConnError, ReplicaConn};
 
@@ -78,6 +84,8 @@ pub enum RouterError {
 struct Replica {
     id: String,
     in_flight: AtomicUsize,
+    /// `serval_replica_in_flight{backend,replica}`, kept with `in_flight`.
+    in_flight_gauge: ::metrics::Gauge,
     conn: ReplicaConn,
 }
 
@@ -95,6 +103,7 @@ struct Backend {
     awaiting_replica: AtomicUsize,
     /// Woken (one waiter) when a slot frees and (all) when replicas change.
     slot_freed: Notify,
+    metrics: BackendMetrics,
 }
 
 impl Backend {
@@ -106,6 +115,7 @@ impl Backend {
             queued: AtomicUsize::new(0),
             awaiting_replica: AtomicUsize::new(0),
             slot_freed: Notify::new(),
+            metrics: BackendMetrics::new(name),
         }
     }
 
@@ -274,6 +284,7 @@ impl Router {
                 _ => Arc::new(Replica {
                     id: r.id.clone(),
                     in_flight: AtomicUsize::new(0),
+                    in_flight_gauge: metrics::replica_in_flight(&r.backend, &r.id),
                     conn: ReplicaConn::new(&r.id, &r.unix_path, &r.tcp_addr),
                 }),
             };
@@ -321,6 +332,26 @@ impl Router {
     /// Sends `request` to a replica of `endpoint` and waits for its response.
     pub async fn call(&self, endpoint: &str, request: Request) -> Result<Response, RouterError> {
         let start = Instant::now();
+        let mut chosen = None;
+        let result = self.route(endpoint, request, start, &mut chosen).await;
+        // Counted under the backend last drawn; a call that found no
+        // backend at all (unknown endpoint, all weights zero) is not.
+        if let Some(backend) = chosen {
+            backend
+                .metrics
+                .record(endpoint, Outcome::of(&result), start.elapsed());
+        }
+        result
+    }
+
+    /// `call`'s walk; `chosen` is left holding the backend last drawn.
+    async fn route(
+        &self,
+        endpoint: &str,
+        request: Request,
+        start: Instant,
+        chosen: &mut Option<Arc<Backend>>,
+    ) -> Result<Response, RouterError> {
         let deadline = start + self.inner.config.request_timeout;
         let no_replica_deadline = (start + self.inner.config.no_replica_timeout).min(deadline);
         let mut updates = self.inner.updates.subscribe();
@@ -335,13 +366,16 @@ impl Router {
                 shadows_sent = true;
                 self.send_shadows(&table, route, &request, deadline);
             }
-            let chosen = draw(&route.traffic)
+            let drawn = draw(&route.traffic)
                 .and_then(|name| table.backends.get(name))
                 .cloned();
             drop(table);
+            if drawn.is_some() {
+                chosen.clone_from(&drawn);
+            }
             let mut retry_at = None;
             let mut _awaiting = None;
-            if let Some(backend) = chosen {
+            if let Some(backend) = drawn {
                 match self
                     .call_backend(&backend, &request, deadline, Queueing::Wait)
                     .await
@@ -417,7 +451,10 @@ impl Router {
             let slot = self.acquire(backend, deadline, queueing).await?;
             let replica = &slot.replica.id;
             return match slot.replica.conn.request(request, deadline).await {
-                Ok(response) => Ok(response),
+                Ok(mut response) => {
+                    backend.metrics.take_batch_size(&mut response);
+                    Ok(response)
+                }
                 // Never sent, and that replica is now backing off: try another.
                 Err(ConnError::Connect(reason)) => {
                     tracing::debug!(%replica, %reason, "replica unreachable; choosing another");
@@ -520,9 +557,12 @@ impl InFlight {
                 (n < limit).then_some(n + 1)
             })
             .ok()
-            .map(|_| Self {
-                replica: replica.clone(),
-                backend: backend.clone(),
+            .map(|_| {
+                replica.in_flight_gauge.increment(1.0);
+                Self {
+                    replica: replica.clone(),
+                    backend: backend.clone(),
+                }
             })
     }
 }
@@ -530,6 +570,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.replica.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.replica.in_flight_gauge.decrement(1.0);
         self.backend.slot_freed.notify_one();
     }
 }
@@ -546,8 +587,11 @@ impl QueueTicket {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < capacity).then_some(n + 1)
             })
-            .map(|_| Self {
-                backend: backend.clone(),
+            .map(|_| {
+                backend.metrics.queue_joined();
+                Self {
+                    backend: backend.clone(),
+                }
             })
             .map_err(|queued| RouterError::Backpressure {
                 backend: backend.name.clone(),
@@ -559,6 +603,7 @@ impl QueueTicket {
 impl Drop for QueueTicket {
     fn drop(&mut self) {
         self.backend.queued.fetch_sub(1, Ordering::AcqRel);
+        self.backend.metrics.queue_left();
     }
 }
 

@@ -17,15 +17,16 @@ from conftest import Cluster, free_port
 from serval import serve
 
 
-def start_node(head: Cluster, http_port: int):
-    """`serve start --address HEAD` in its own process group; returns the Popen."""
+def start_node(head: Cluster, http_port: int, extra_args=()):
+    """`serve start --address HEAD` in its own process group; returns the Popen.
+    ``extra_args`` go after the others (e.g. ``["--metrics-port", "9100"]``)."""
     data_dir = tempfile.mkdtemp(prefix="svn-", dir="/tmp")
     with open(os.path.join(head.data_dir, "token")) as f:
         token = f.read().strip()
     cmd = [
         sys.executable, "-m", "serval.cli", "--data-dir", data_dir, "start",
         "--address", f"127.0.0.1:{head.control_port}", "--token", token,
-        "--http-port", str(http_port), "--num-cpus", "2",
+        "--http-port", str(http_port), "--num-cpus", "2", *extra_args,
     ]
     log = open(os.path.join(data_dir, "node.log"), "w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

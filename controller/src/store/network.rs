@@ -1,65 +1,133 @@
-//! Transport between heads. A single-head cluster (the default) has no
-//! peers, so raft never calls it; a call means a multi-head membership that
-//! this build cannot reach, which raft treats as an unreachable peer.
+//! Transport between heads: openraft's messages, bincode-encoded, over the
+//! `RaftPeer` gRPC service every head serves next to `Control` (same port,
+//! same cluster token). Peer clients connect lazily and reconnect on their
+//! own; an unreachable peer is reported to raft as `Unreachable`, which
+//! makes it back off instead of retrying hot.
 
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
 };
 use openraft::BasicNode;
+use serde::{de::DeserializeOwned, Serialize};
+use serval_protos::client::{connect_peer_lazy, PeerClient};
+use serval_protos::control::RaftMessage;
 
+use super::log_store::{decode, encode};
 use super::{NodeId, TypeConfig};
 
 #[derive(Clone, Default)]
-pub struct Network;
+pub struct Network {
+    /// The cluster token, presented to peers like any other client.
+    pub token: String,
+}
 
 pub struct Peer {
     target: NodeId,
+    addr: String,
+    client: Option<PeerClient>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
-    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Self::Network {
-        Peer { target }
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        let client = connect_peer_lazy(&node.addr, &self.token)
+            .map_err(|e| tracing::warn!(target, addr = %node.addr, error = %e, "bad raft peer address"))
+            .ok();
+        Peer { target, addr: node.addr.clone(), client }
     }
 }
 
-fn unreachable<E: std::error::Error>(target: NodeId) -> RPCError<NodeId, BasicNode, E> {
-    let err = std::io::Error::new(
-        std::io::ErrorKind::NotConnected,
-        format!("no transport to raft peer {target}"),
-    );
-    RPCError::Unreachable(Unreachable::new(&err))
+#[derive(Clone, Copy)]
+enum Method {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
+}
+
+/// Why an exchange with a peer failed before raft got an answer.
+enum Transport {
+    Unreachable(std::io::Error),
+    Network(std::io::Error),
+}
+
+impl Transport {
+    fn into_rpc<E: std::error::Error>(self) -> RPCError<NodeId, BasicNode, E> {
+        match self {
+            Transport::Unreachable(e) => RPCError::Unreachable(Unreachable::new(&e)),
+            Transport::Network(e) => RPCError::Network(NetworkError::new(&e)),
+        }
+    }
+}
+
+impl Peer {
+    async fn exchange<Req: Serialize, Resp: DeserializeOwned>(
+        &mut self,
+        method: Method,
+        request: &Req,
+        ttl: Duration,
+    ) -> Result<Resp, Transport> {
+        let Some(client) = self.client.as_mut() else {
+            return Err(Transport::Unreachable(std::io::Error::other(format!("bad address {}", self.addr))));
+        };
+        let payload = encode(request).map_err(Transport::Network)?;
+        let message = RaftMessage { payload };
+        let call = async {
+            match method {
+                Method::AppendEntries => client.append_entries(message).await,
+                Method::Vote => client.vote(message).await,
+                Method::InstallSnapshot => client.install_snapshot(message).await,
+            }
+        };
+        let reply = match tokio::time::timeout(ttl, call).await {
+            Err(_) => return Err(Transport::Network(std::io::Error::new(std::io::ErrorKind::TimedOut, "raft rpc timed out"))),
+            Ok(Err(status)) => {
+                let e = std::io::Error::other(format!("{}: {}", self.addr, status.message()));
+                return Err(match status.code() {
+                    tonic::Code::Unavailable | tonic::Code::Unauthenticated => Transport::Unreachable(e),
+                    _ => Transport::Network(e),
+                });
+            }
+            Ok(Ok(reply)) => reply.into_inner(),
+        };
+        decode(&reply.payload).map_err(Transport::Network)
+    }
 }
 
 impl RaftNetwork<TypeConfig> for Peer {
     async fn append_entries(
         &mut self,
-        _rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        Err(unreachable(self.target))
+        let reply: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
+            self.exchange(Method::AppendEntries, &rpc, option.hard_ttl()).await.map_err(Transport::into_rpc)?;
+        reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
     async fn install_snapshot(
         &mut self,
-        _rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
-    > {
-        Err(unreachable(self.target))
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
+    {
+        let reply: Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> =
+            self.exchange(Method::InstallSnapshot, &rpc, option.hard_ttl()).await.map_err(Transport::into_rpc)?;
+        reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
     async fn vote(
         &mut self,
-        _rpc: VoteRequest<NodeId>,
-        _option: RPCOption,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        Err(unreachable(self.target))
+        let reply: Result<VoteResponse<NodeId>, RaftError<NodeId>> =
+            self.exchange(Method::Vote, &rpc, option.hard_ttl()).await.map_err(Transport::into_rpc)?;
+        reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }

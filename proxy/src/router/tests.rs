@@ -507,3 +507,108 @@ fn draw_respects_zero_weights() {
     assert_eq!(draw(&[("a".to_string(), 0.0)]), None);
     assert_eq!(draw(&[]), None);
 }
+
+/// Answers by path: `/hold` waits in `held`, `/missing` 404, `/boom` 500,
+/// anything else 200; every answer but the held ones carries the replica's
+/// batch-size header (a batch of 3).
+#[derive(Default)]
+struct ByPathHandler {
+    held: HoldHandler,
+}
+
+impl Handler for ByPathHandler {
+    fn handle(&self, request: Request, reply: Reply) {
+        let Payload::Http(http) = &request.payload else {
+            panic!("an HTTP request was expected");
+        };
+        let status = match http.path.as_str() {
+            "/hold" => return self.held.handle(request, reply),
+            "/missing" => 404,
+            "/boom" => 500,
+            _ => 200,
+        };
+        reply.send(&Response {
+            status,
+            headers: vec![
+                (crate::metrics::BATCH_SIZE_HEADER.into(), "3".into()),
+                ("content-type".into(), "text/plain".into()),
+            ],
+            body: vec![],
+        });
+    }
+}
+
+#[test]
+fn requests_latency_batches_queue_and_in_flight_are_recorded_per_backend() {
+    let recorder = crate::metrics::prometheus_builder().build_recorder();
+    let handle = recorder.handle();
+    let value = |series: &str| -> Option<f64> {
+        handle
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    ::metrics::with_local_recorder(&recorder, || {
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let replica = Arc::new(ByPathHandler::default());
+            let rep = TestReplica::start(dir.path(), "r1", replica.clone());
+            let router = Router::new(RouterConfig::default());
+            router.update(&snapshot(
+                vec![backend("b", 1)],
+                vec![endpoint("ep", &[("b", 1.0)], &[])],
+                vec![rep.pb("b")],
+            ));
+            for path in ["/ok", "/ok", "/missing", "/boom"] {
+                let r = router.call("ep", http_request(path)).await.unwrap();
+                assert_eq!(r.header(crate::metrics::BATCH_SIZE_HEADER), None, "the header is stripped");
+                assert_eq!(r.header("content-type"), Some("text/plain"));
+            }
+            let requests = |outcome: &str| {
+                value(&format!(
+                    r#"serval_router_requests_total{{endpoint="ep",backend="b",outcome="{outcome}"}}"#
+                ))
+            };
+            assert_eq!(requests("2xx"), Some(2.0));
+            assert_eq!(requests("4xx"), Some(1.0));
+            assert_eq!(requests("5xx"), Some(1.0));
+            assert_eq!(
+                value(r#"serval_router_request_duration_seconds_count{backend="b"}"#),
+                Some(4.0)
+            );
+            assert_eq!(value(r#"serval_batch_size_count{backend="b"}"#), Some(4.0));
+            assert_eq!(value(r#"serval_batch_size_sum{backend="b"}"#), Some(12.0));
+
+            // One request in flight on the replica (its limit), one queued.
+            let in_flight = || value(r#"serval_replica_in_flight{backend="b",replica="r1"}"#);
+            let queued = || value(r#"serval_router_queue_length{backend="b"}"#);
+            let spawn_hold = || {
+                let r = router.clone();
+                tokio::spawn(async move { r.call("ep", http_request("/hold")).await })
+            };
+            let first = spawn_hold();
+            eventually("one request held", || replica.held.held() == 1).await;
+            assert_eq!(in_flight(), Some(1.0));
+            let second = spawn_hold();
+            eventually("one request queued", || queued() == Some(1.0)).await;
+            replica.held.release_all();
+            eventually("the queued request admitted", || replica.held.held() == 1).await;
+            assert_eq!(queued(), Some(0.0));
+            replica.held.release_all();
+            for call in [first, second] {
+                assert_eq!(call.await.unwrap().unwrap().status, 200);
+            }
+            assert_eq!(in_flight(), Some(0.0));
+            assert_eq!(requests("2xx"), Some(4.0));
+            assert_eq!(value(r#"serval_batch_size_count{backend="b"}"#), Some(4.0), "no header, no observation");
+
+            // No backend: not counted (the proxy counts its 404).
+            router.call("nope", http_request("/")).await.unwrap_err();
+            assert!(!handle.render().contains(r#"endpoint="nope""#));
+        })
+    });
+}

@@ -54,6 +54,9 @@ logger = logging.getLogger("serval.replica")
 
 PICKLE_CONTENT_TYPE = "application/x-python-pickle"
 ERROR_TYPE_HEADER = "x-serval-error"
+#: Set on every response to a request served in a batch: the batch's size.
+#: The router records it (``serval_batch_size``) and removes it.
+BATCH_SIZE_HEADER = "x-serval-batch-size"
 
 _JSON = [("content-type", "application/json")]
 _TEXT = [("content-type", "text/plain; charset=utf-8")]
@@ -551,7 +554,7 @@ class Host:
 
     def _fail_batch(self, target: _Target, batch: list, e: Exception) -> None:
         for item in batch:
-            item.reply.send(*self._error(item.kind, e, item.scope, target.name))
+            item.reply.send(*_with_batch_size(self._error(item.kind, e, item.scope, target.name), len(batch)))
             self._done()
 
     def _split(self, target: _Target, batch: list, results: Any) -> None:
@@ -572,7 +575,7 @@ class Host:
             if type(response) is not tuple:
                 self._spawn(self._send_later(response, item.reply))
                 continue
-            item.reply.send(*response)
+            item.reply.send(*_with_batch_size(response, len(batch)))
             self._done()
 
     # -- reconfigure -----------------------------------------------------
@@ -712,6 +715,13 @@ class Host:
         except Exception as e:
             return self._error(_CALL, e, None, target.name)
         return self._submit(target, _CALL, call_args, call_kwargs, None, reply)
+
+
+def _with_batch_size(response, size: int):
+    """The response with the batch-size header added (headers copied: they
+    may be shared constants)."""
+    status, headers, body = response
+    return status, list(headers) + [(BATCH_SIZE_HEADER, str(size))], body
 
 
 def _fatal_response(e: BaseException):

@@ -1,0 +1,70 @@
+//! Writes reach the leader: a head that is not the leader forwards the
+//! command to the one it knows over `RaftPeer/Propose` and returns the
+//! leader's answer, so clients may talk to any head.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serval_protos::client::connect_peer_lazy;
+use serval_protos::control::RaftMessage;
+
+use super::log_store::{decode, encode};
+use super::{propose, Raft};
+use crate::error::{ControllerError, StateError};
+use crate::state::Command;
+
+/// How long a write may wait for a leader to be elected or reached.
+const FORWARD_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The leader's answer to a forwarded command, as it travels back.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Forwarded {
+    Applied(u64),
+    Refused(StateError),
+    Failed(String),
+}
+
+impl From<Result<u64, ControllerError>> for Forwarded {
+    fn from(r: Result<u64, ControllerError>) -> Self {
+        match r {
+            Ok(v) => Forwarded::Applied(v),
+            Err(ControllerError::Refused(e)) => Forwarded::Refused(e),
+            Err(e) => Forwarded::Failed(e.to_string()),
+        }
+    }
+}
+
+/// Proposes `cmd` on the leader, wherever it is; retries while an election
+/// is under way.
+pub async fn propose_via_leader(raft: &Raft, token: &str, cmd: Command) -> Result<u64, ControllerError> {
+    let deadline = tokio::time::Instant::now() + FORWARD_DEADLINE;
+    loop {
+        let outcome = match propose(raft, cmd.clone()).await {
+            Err(ControllerError::NotLeader { leader: Some(addr) }) => forward(&addr, token, &cmd).await,
+            other => other,
+        };
+        match outcome {
+            // No leader yet, or it just changed: try again shortly.
+            Err(ControllerError::NotLeader { .. }) | Err(ControllerError::Raft(_))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn forward(leader: &str, token: &str, cmd: &Command) -> Result<u64, ControllerError> {
+    let mut client = connect_peer_lazy(leader, token).map_err(|e| ControllerError::Raft(e.to_string()))?;
+    let payload = encode(cmd).map_err(|e| ControllerError::Raft(e.to_string()))?;
+    let reply = client
+        .propose(RaftMessage { payload })
+        .await
+        .map_err(|s| ControllerError::NotLeader { leader: Some(format!("{leader} ({})", s.message())) })?;
+    match decode::<Forwarded>(&reply.into_inner().payload).map_err(|e| ControllerError::Raft(e.to_string()))? {
+        Forwarded::Applied(v) => Ok(v),
+        Forwarded::Refused(e) => Err(ControllerError::Refused(e)),
+        Forwarded::Failed(e) => Err(ControllerError::Raft(e)),
+    }
+}

@@ -1,0 +1,93 @@
+//! The node agent's metrics (listed in the README's "Metrics" section):
+//! replicas by backend and state, and restarts.
+
+pub const NODE_REPLICAS: &str = "serval_node_replicas";
+pub const REPLICA_RESTARTS_TOTAL: &str = "serval_replica_restarts_total";
+
+/// Replica states counted in [`NODE_REPLICAS`]: a supervisor's replica is
+/// starting (process up, user code loading), running, or failed (waiting
+/// out its backoff before the next start).
+pub const STARTING: &str = "starting";
+pub const RUNNING: &str = "running";
+pub const FAILED: &str = "failed";
+
+/// Help texts (call once a recorder is installed).
+pub fn describe() {
+    metrics::describe_gauge!(
+        NODE_REPLICAS,
+        "Replicas supervised by this node agent, by backend and state (starting, running, failed)"
+    );
+    metrics::describe_counter!(
+        REPLICA_RESTARTS_TOTAL,
+        "Replica processes this node agent restarted after they exited or failed to start"
+    );
+}
+
+/// One replica's place in [`NODE_REPLICAS`]: counted in exactly one state
+/// at a time, and in none once dropped (the supervisor stopped).
+pub(crate) struct ReplicaStateGauge {
+    backend: String,
+    current: Option<(&'static str, metrics::Gauge)>,
+}
+
+impl ReplicaStateGauge {
+    pub(crate) fn new(backend: &str) -> Self {
+        Self {
+            backend: backend.to_owned(),
+            current: None,
+        }
+    }
+
+    pub(crate) fn set(&mut self, state: &'static str) {
+        if self.current.as_ref().is_some_and(|(s, _)| *s == state) {
+            return;
+        }
+        if let Some((_, old)) = self.current.take() {
+            old.decrement(1.0);
+        }
+        let gauge = metrics::gauge!(NODE_REPLICAS, "backend" => self.backend.clone(), "state" => state);
+        gauge.increment(1.0);
+        self.current = Some((state, gauge));
+    }
+}
+
+impl Drop for ReplicaStateGauge {
+    fn drop(&mut self) {
+        if let Some((_, gauge)) = self.current.take() {
+            gauge.decrement(1.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_counts_in_one_state_at_a_time_and_in_none_once_stopped() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let line = |state: &str| {
+            let text = handle.render();
+            let prefix = format!(r#"serval_node_replicas{{backend="b",state="{state}"}} "#);
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()).map(str::to_owned))
+                .unwrap_or_else(|| panic!("no {state} series in {text}"))
+        };
+        metrics::with_local_recorder(&recorder, || {
+            let mut one = ReplicaStateGauge::new("b");
+            let mut two = ReplicaStateGauge::new("b");
+            one.set(STARTING);
+            two.set(STARTING);
+            assert_eq!(line(STARTING), "2");
+            one.set(RUNNING);
+            one.set(RUNNING);
+            assert_eq!((line(STARTING).as_str(), line(RUNNING).as_str()), ("1", "1"));
+            two.set(FAILED);
+            assert_eq!((line(STARTING).as_str(), line(FAILED).as_str()), ("0", "1"));
+            drop(one);
+            drop(two);
+            assert_eq!((line(RUNNING).as_str(), line(FAILED).as_str()), ("0", "0"));
+        });
+    }
+}

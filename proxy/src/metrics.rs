@@ -1,0 +1,314 @@
+//! Metric names and the Prometheus exporter settings shared by every
+//! process that serves `/-/metrics` (heads, nodes), plus the router's cached
+//! metric handles.
+//!
+//! The README's "Metrics" section lists every name, type and label; keep it
+//! in step with the constants here (and `serval_node::metrics`,
+//! `serval_controller::reconciler`).
+//!
+//! Hot path: the router registers its handles once per backend, replica and
+//! (endpoint, backend, outcome) and keeps them, so a request costs a few
+//! atomic updates and no label building. Labels never hold a request path.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use serval_protos::frame::Response;
+
+use crate::router::RouterError;
+
+pub const ROUTER_REQUESTS_TOTAL: &str = "serval_router_requests_total";
+pub const ROUTER_REQUEST_DURATION_SECONDS: &str = "serval_router_request_duration_seconds";
+pub const ROUTER_QUEUE_LENGTH: &str = "serval_router_queue_length";
+pub const REPLICA_IN_FLIGHT: &str = "serval_replica_in_flight";
+pub const BATCH_SIZE: &str = "serval_batch_size";
+
+/// Response header a replica sets on a request served in a batch: the size
+/// of that batch. The router records it and removes it from the response.
+pub const BATCH_SIZE_HEADER: &str = "x-serval-batch-size";
+
+/// Latency buckets (seconds) of every `*_seconds` histogram.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// Buckets of `serval_batch_size`.
+pub const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+/// The exporter every Serval process installs: real Prometheus histograms
+/// (buckets, so they aggregate across proxies) instead of the exporter's
+/// default summaries.
+pub fn prometheus_builder() -> PrometheusBuilder {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_SIZE_BUCKETS))
+        .expect("bucket lists are not empty")
+}
+
+/// Help texts of the proxy's and router's metrics (call once a recorder is
+/// installed).
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        crate::http::REQUESTS_TOTAL,
+        "HTTP requests answered by this proxy, by endpoint and status class"
+    );
+    describe_histogram!(
+        crate::http::REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "HTTP request latency at the proxy, by endpoint"
+    );
+    describe_counter!(
+        ROUTER_REQUESTS_TOTAL,
+        "Requests routed to a backend, by endpoint, backend and outcome (status class or router error)"
+    );
+    describe_histogram!(
+        ROUTER_REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "Router latency per backend, queueing included"
+    );
+    describe_gauge!(
+        ROUTER_QUEUE_LENGTH,
+        "Requests waiting in the router's queue for a replica slot"
+    );
+    describe_gauge!(REPLICA_IN_FLIGHT, "Requests this router has in flight on a replica");
+    describe_histogram!(
+        BATCH_SIZE,
+        "Size of the batch each request was served in (one observation per request)"
+    );
+}
+
+/// What became of one routed request: the replica's status class, or the
+/// router error that ended it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Informational,
+    Success,
+    Redirect,
+    ClientError,
+    ServerError,
+    Backpressure,
+    Timeout,
+    ReplicaDied,
+    NoReplica,
+    ProtocolError,
+}
+
+const OUTCOMES: usize = 10;
+
+impl Outcome {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Outcome::Informational => "1xx",
+            Outcome::Success => "2xx",
+            Outcome::Redirect => "3xx",
+            Outcome::ClientError => "4xx",
+            Outcome::ServerError => "5xx",
+            Outcome::Backpressure => "backpressure",
+            Outcome::Timeout => "timeout",
+            Outcome::ReplicaDied => "replica_died",
+            Outcome::NoReplica => "no_replica",
+            Outcome::ProtocolError => "protocol_error",
+        }
+    }
+
+    pub(crate) fn of(result: &Result<Response, RouterError>) -> Self {
+        match result {
+            Ok(r) => match r.status / 100 {
+                1 => Outcome::Informational,
+                2 => Outcome::Success,
+                3 => Outcome::Redirect,
+                4 => Outcome::ClientError,
+                _ => Outcome::ServerError,
+            },
+            Err(RouterError::Backpressure { .. }) => Outcome::Backpressure,
+            Err(RouterError::Timeout { .. }) => Outcome::Timeout,
+            Err(RouterError::ReplicaDied { .. }) => Outcome::ReplicaDied,
+            // An unknown endpoint has no backend and is never recorded here.
+            Err(RouterError::NoReplica { .. } | RouterError::UnknownEndpoint(_)) => {
+                Outcome::NoReplica
+            }
+            Err(RouterError::Protocol { .. }) => Outcome::ProtocolError,
+        }
+    }
+}
+
+/// One (endpoint, backend) pair's request counters by [`Outcome`], each
+/// registered on first use (no zero series for outcomes that never happened).
+type RequestCounters = [OnceLock<Counter>; OUTCOMES];
+
+/// A backend's metric handles, kept in the router's per-backend state.
+pub(crate) struct BackendMetrics {
+    backend: String,
+    queue_length: Gauge,
+    latency: Histogram,
+    batch_size: Histogram,
+    /// By endpoint; endpoints come from snapshots, so this stays small.
+    requests: RwLock<HashMap<String, Arc<RequestCounters>>>,
+}
+
+impl BackendMetrics {
+    pub(crate) fn new(backend: &str) -> Self {
+        Self {
+            backend: backend.to_owned(),
+            queue_length: metrics::gauge!(ROUTER_QUEUE_LENGTH, "backend" => backend.to_owned()),
+            latency: metrics::histogram!(ROUTER_REQUEST_DURATION_SECONDS, "backend" => backend.to_owned()),
+            batch_size: metrics::histogram!(BATCH_SIZE, "backend" => backend.to_owned()),
+            requests: RwLock::default(),
+        }
+    }
+
+    pub(crate) fn queue_joined(&self) {
+        self.queue_length.increment(1.0);
+    }
+
+    pub(crate) fn queue_left(&self) {
+        self.queue_length.decrement(1.0);
+    }
+
+    /// Records one finished call of `endpoint` on this backend.
+    pub(crate) fn record(&self, endpoint: &str, outcome: Outcome, elapsed: Duration) {
+        self.latency.record(elapsed.as_secs_f64());
+        self.counters(endpoint)[outcome as usize]
+            .get_or_init(|| {
+                metrics::counter!(
+                    ROUTER_REQUESTS_TOTAL,
+                    "endpoint" => endpoint.to_owned(),
+                    "backend" => self.backend.clone(),
+                    "outcome" => outcome.label(),
+                )
+            })
+            .increment(1);
+    }
+
+    fn counters(&self, endpoint: &str) -> Arc<RequestCounters> {
+        if let Some(c) = self
+            .requests
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(endpoint)
+        {
+            return c.clone();
+        }
+        self.requests
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(endpoint.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Records the batch size a replica reported and removes its header, so
+    /// neither HTTP clients nor handles see it.
+    pub(crate) fn take_batch_size(&self, response: &mut Response) {
+        if let Some(size) = take_batch_size_header(response) {
+            self.batch_size.record(size as f64);
+        }
+    }
+}
+
+/// Removes every `x-serval-batch-size` header; the size is the first valid
+/// one (a positive integer).
+fn take_batch_size_header(response: &mut Response) -> Option<u32> {
+    let mut size = None;
+    // Most responses carry none: look before touching the vector.
+    while let Some(i) = response
+        .headers
+        .iter()
+        .position(|(k, _)| k.eq_ignore_ascii_case(BATCH_SIZE_HEADER))
+    {
+        // `remove`, not `swap_remove`: the order of repeated headers stays.
+        let (_, value) = response.headers.remove(i);
+        if size.is_none() {
+            size = value.trim().parse::<u32>().ok().filter(|n| *n > 0);
+        }
+    }
+    size
+}
+
+/// The in-flight gauge of one replica, kept in the router's replica state.
+pub(crate) fn replica_in_flight(backend: &str, replica: &str) -> Gauge {
+    metrics::gauge!(REPLICA_IN_FLIGHT, "backend" => backend.to_owned(), "replica" => replica.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(headers: &[(&str, &str)]) -> Response {
+        Response {
+            status: 200,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: vec![],
+        }
+    }
+
+    #[test]
+    fn the_batch_size_header_is_read_and_removed_keeping_the_others_in_order() {
+        let mut r = response(&[
+            ("set-cookie", "a=1"),
+            ("X-Serval-Batch-Size", "4"),
+            ("set-cookie", "b=2"),
+            ("content-type", "text/plain"),
+        ]);
+        assert_eq!(take_batch_size_header(&mut r), Some(4));
+        let names: Vec<(&str, &str)> = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(
+            names,
+            [("set-cookie", "a=1"), ("set-cookie", "b=2"), ("content-type", "text/plain")]
+        );
+        let mut none = response(&[("content-type", "text/plain")]);
+        assert_eq!(take_batch_size_header(&mut none), None);
+        assert_eq!(none.headers.len(), 1);
+        let mut bad = response(&[("x-serval-batch-size", "zero"), ("x-serval-batch-size", "0")]);
+        assert_eq!(take_batch_size_header(&mut bad), None);
+        assert!(bad.headers.is_empty(), "invalid values are removed too");
+    }
+
+    #[test]
+    fn outcomes_are_status_classes_or_router_errors() {
+        let ok = |status| Ok(Response { status, headers: vec![], body: vec![] });
+        assert_eq!(Outcome::of(&ok(200)).label(), "2xx");
+        assert_eq!(Outcome::of(&ok(404)).label(), "4xx");
+        assert_eq!(Outcome::of(&ok(500)).label(), "5xx");
+        let err = Err(RouterError::Backpressure { backend: "b".into(), queued: 3 });
+        assert_eq!(Outcome::of(&err).label(), "backpressure");
+        let err = Err(RouterError::Timeout { after: Duration::from_secs(1) });
+        assert_eq!(Outcome::of(&err).label(), "timeout");
+    }
+
+    #[test]
+    fn histograms_are_rendered_with_buckets() {
+        let recorder = prometheus_builder().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let m = BackendMetrics::new("b");
+            m.record("ep", Outcome::Success, Duration::from_millis(3));
+            m.record("ep", Outcome::Success, Duration::from_millis(3));
+            m.record("ep", Outcome::ServerError, Duration::from_millis(3));
+            let mut r = response(&[("x-serval-batch-size", "3")]);
+            m.take_batch_size(&mut r);
+        });
+        let text = handle.render();
+        assert!(
+            text.contains(r#"serval_router_requests_total{endpoint="ep",backend="b",outcome="2xx"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"serval_router_requests_total{endpoint="ep",backend="b",outcome="5xx"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#"outcome="4xx""#), "no series for outcomes that never happened: {text}");
+        assert!(
+            text.contains(r#"serval_router_request_duration_seconds_bucket{backend="b",le="0.005"} 3"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"serval_batch_size_bucket{backend="b",le="4"} 1"#), "{text}");
+        assert!(text.contains(r#"serval_batch_size_bucket{backend="b",le="2"} 0"#), "{text}");
+    }
+}

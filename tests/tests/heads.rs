@@ -1,0 +1,168 @@
+//! Three heads on raft (issue 6): heads join a running one, writes sent to
+//! any head reach the leader, and when the leader is SIGKILLed under a
+//! stream of writes a new leader takes over, every acknowledged write
+//! survives, and routes to healthy replicas keep answering.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serval_tests::*;
+
+struct Head {
+    proc: ServeProcess,
+}
+
+fn start_head(root: &std::path::Path, name: &str, join: Option<(&str, &str)>) -> Head {
+    let (control, http) = (free_port(), free_port());
+    let mut args = vec!["--head", "--num-cpus", "2"];
+    let join_args;
+    if let Some((addr, token)) = join {
+        join_args = [addr.to_string(), token.to_string()];
+        args.extend(["--join", &join_args[0], "--token", &join_args[1]]);
+    }
+    let mut proc = ServeProcess::start(&root.join(name), control, http, &args);
+    proc.wait_log("http proxy listening");
+    Head { proc }
+}
+
+fn status_json(head: &Head) -> serde_json::Value {
+    let out = Command::new(serve_bin())
+        .args(["--address", &head.proc.control_address(), "--token", &head.proc.token(), "status", "--json"])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        eprintln!("status failed ({e}): {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::Value::Null
+    })
+}
+
+fn leader_id(head: &Head) -> Option<u64> {
+    let s = status_json(head);
+    s["heads"].as_array()?.iter().find(|h| h["role"] == "leader").and_then(|h| h["raft_id"].as_u64())
+}
+
+#[test]
+fn three_heads_survive_the_loss_of_the_leader() {
+    let tmp = tempfile::Builder::new().prefix("sv-").tempdir_in("/tmp").unwrap();
+    let first = start_head(tmp.path(), "h1", None);
+    let token = first.proc.token();
+    let addr = first.proc.control_address();
+    let mut heads = vec![first];
+    for name in ["h2", "h3"] {
+        heads.push(start_head(tmp.path(), name, Some((&addr, &token))));
+    }
+    let three_heads = wait_for("three voting heads", Duration::from_secs(60), || {
+        let s = status_json(&heads[2]);
+        let n = s["heads"].as_array().map(|h| h.len()).unwrap_or(0);
+        (n == 3 && leader_id(&heads[2]).is_some()).then_some(s)
+    });
+    let roles: Vec<&str> = three_heads["heads"].as_array().unwrap().iter().map(|h| h["role"].as_str().unwrap()).collect();
+    assert_eq!(roles.iter().filter(|r| **r == "leader").count(), 1, "{roles:?}");
+
+    // Deploy through a follower: the write is forwarded to the leader.
+    let leader = leader_id(&heads[0]).unwrap();
+    let ids: Vec<u64> = heads.iter().map(|h| std::fs::read_to_string(h.proc.data_dir.join("raft_id")).unwrap().trim().parse().unwrap()).collect();
+    let leader_ix = ids.iter().position(|id| *id == leader).unwrap();
+    let follower_ix = (leader_ix + 1) % 3;
+    let survivor_ix = (leader_ix + 2) % 3;
+    let follower_addr = heads[follower_ix].proc.control_address();
+    let envs = [("ADDR", follower_addr.clone()), ("TOKEN", token.clone())];
+    run_python(
+        r#"
+import os
+from serval import serve
+serve.connect(os.environ["ADDR"], token=os.environ["TOKEN"])
+def hello(request):
+    return "hello"
+serve.create_backend("hello", hello, config={"num_replicas": 3})
+serve.create_endpoint("hello", backend="hello", route="/hello")
+"#,
+        &envs,
+    );
+    let survivor_http = heads[survivor_ix].proc.http_port;
+    wait_for("the route on a surviving head", Duration::from_secs(60), || {
+        http_get(survivor_http, "/hello").ok().filter(|(s, _)| *s == 200)
+    });
+
+    // A writer through the follower: creates and deletes backends in a loop
+    // and prints each acknowledged write.
+    let mut writer_cmd = Command::new(venv_python());
+    writer_cmd
+        .arg("-c")
+        .arg(
+            r#"
+import os, sys
+from serval import serve
+serve.connect(os.environ["ADDR"], token=os.environ["TOKEN"])
+def f(request):
+    return "x"
+i = 0
+while sys.stdin.readline():
+    serve._get_client().create_backend(f"w{i}", b"not-started", '{"num_replicas": 1, "num_cpus": 0}')
+    print(f"created w{i}", flush=True)
+    i += 1
+"#,
+        )
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut writer = ProcessGuard::spawn(writer_cmd);
+    let mut writer_in = writer.child.stdin.take().unwrap();
+    let mut writer_out = BufReader::new(writer.child.stdout.take().unwrap());
+    let mut acked = Vec::new();
+    let mut write_one = |acked: &mut Vec<String>| {
+        writeln!(writer_in, "go").unwrap();
+        let mut line = String::new();
+        writer_out.read_line(&mut line).unwrap();
+        assert!(line.starts_with("created "), "write failed: {line:?}");
+        acked.push(line.trim().trim_start_matches("created ").to_string());
+    };
+    for _ in 0..5 {
+        write_one(&mut acked);
+    }
+
+    // SIGKILL the leader, keep writing and keep reading the route.
+    let killed_at = Instant::now();
+    let leader_head = heads.remove(leader_ix);
+    drop(leader_head);
+    let mut failed_requests = 0;
+    let mut new_leader = None;
+    let mut elected_after = None;
+    let survivor = heads.iter().find(|h| h.proc.http_port == survivor_http).unwrap();
+    while killed_at.elapsed() < Duration::from_secs(60) {
+        match http_get(survivor_http, "/hello") {
+            Ok((200, _)) => {}
+            _ => failed_requests += 1,
+        }
+        if new_leader.is_none() {
+            if let Some(id) = leader_id(survivor).filter(|id| *id != leader) {
+                new_leader = Some(id);
+                elected_after = Some(killed_at.elapsed());
+            }
+        } else {
+            break;
+        }
+    }
+    let elected_after = elected_after.expect("no new leader within 60 s");
+    for _ in 0..5 {
+        write_one(&mut acked);
+    }
+    for _ in 0..20 {
+        match http_get(survivor_http, "/hello") {
+            Ok((200, _)) => {}
+            _ => failed_requests += 1,
+        }
+    }
+    eprintln!("FIGURES: new leader elected {elected_after:?} after SIGKILL; {failed_requests} failed requests");
+
+    // Every acknowledged write is there, on both surviving heads.
+    for head in &heads {
+        let s = status_json(head);
+        let names: Vec<&str> = s["backends"].as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap()).collect();
+        for name in &acked {
+            assert!(names.contains(&name.as_str()), "acknowledged backend {name} lost on {}: {names:?}", head.proc.control_address());
+        }
+    }
+    drop(writer);
+}
