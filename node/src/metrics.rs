@@ -45,7 +45,8 @@ impl ReplicaStateGauge {
         if let Some((_, old)) = self.current.take() {
             old.decrement(1.0);
         }
-        let gauge = metrics::gauge!(NODE_REPLICAS, "backend" => self.backend.clone(), "state" => state);
+        let gauge =
+            metrics::gauge!(NODE_REPLICAS, "backend" => self.backend.clone(), "state" => state);
         gauge.increment(1.0);
         self.current = Some((state, gauge));
     }
@@ -82,7 +83,10 @@ mod tests {
             assert_eq!(line(STARTING), "2");
             one.set(RUNNING);
             one.set(RUNNING);
-            assert_eq!((line(STARTING).as_str(), line(RUNNING).as_str()), ("1", "1"));
+            assert_eq!(
+                (line(STARTING).as_str(), line(RUNNING).as_str()),
+                ("1", "1")
+            );
             two.set(FAILED);
             assert_eq!((line(STARTING).as_str(), line(FAILED).as_str()), ("0", "1"));
             drop(one);

@@ -297,7 +297,9 @@ async fn reconfigure(unix_path: &str, config_json: String) -> Result<(), String>
         let mut reader = FrameReader::new(read);
         let body = match reader.next().await {
             Ok(Some((_, body))) => body,
-            Ok(None) => return Err("the replica closed the connection before answering".to_string()),
+            Ok(None) => {
+                return Err("the replica closed the connection before answering".to_string())
+            }
             Err(e) => return Err(format!("reading the replica's answer: {e}")),
         };
         let response: Response = frame::decode(&body).map_err(|e| e.to_string())?;
@@ -313,7 +315,9 @@ async fn reconfigure(unix_path: &str, config_json: String) -> Result<(), String>
     };
     match tokio::time::timeout(RECONFIGURE_TIMEOUT, exchange).await {
         Ok(result) => result,
-        Err(_) => Err(format!("reconfigure did not finish within {RECONFIGURE_TIMEOUT:?}")),
+        Err(_) => Err(format!(
+            "reconfigure did not finish within {RECONFIGURE_TIMEOUT:?}"
+        )),
     }
 }
 

@@ -93,21 +93,37 @@ pub fn connect_peer_lazy(addr: &str, token: &str) -> Result<PeerClient, ConnectE
         .max_encoding_message_size(256 * 1024 * 1024))
 }
 
-/// Connects now; fails if the controller does not answer.
-pub async fn connect(addr: &str, token: &str) -> Result<Client, ConnectError> {
-    let channel = endpoint(addr)?
-        .connect()
-        .await
-        .map_err(|source| ConnectError::Unreachable {
-            addr: addr.to_string(),
-            source,
-        })?;
-    wrap(channel, token)
+/// The heads of a comma-separated address list ("h1:6390,h2:6390").
+/// Every head serves every control call (writes are forwarded to the
+/// leader), so clients may use any of them.
+pub fn heads(addrs: &str) -> Vec<&str> {
+    addrs.split(',').map(str::trim).filter(|a| !a.is_empty()).collect()
 }
 
-/// A client that connects on first use and reconnects after failures.
-pub fn connect_lazy(addr: &str, token: &str) -> Result<Client, ConnectError> {
-    wrap(endpoint(addr)?.connect_lazy(), token)
+/// Connects now to the first head of `addrs` that answers.
+pub async fn connect(addrs: &str, token: &str) -> Result<Client, ConnectError> {
+    let mut last = None;
+    for addr in heads(addrs) {
+        match endpoint(addr)?.connect().await {
+            Ok(channel) => return wrap(channel, token),
+            Err(source) => last = Some(ConnectError::Unreachable { addr: addr.to_string(), source }),
+        }
+    }
+    Err(last.unwrap_or_else(|| ConnectError::BadAddress { addr: addrs.to_string(), reason: "no address".into() }))
+}
+
+/// A client that connects on first use and reconnects after failures;
+/// with several heads, calls go to those that answer (failover).
+pub fn connect_lazy(addrs: &str, token: &str) -> Result<Client, ConnectError> {
+    let list = heads(addrs);
+    match list.as_slice() {
+        [] => Err(ConnectError::BadAddress { addr: addrs.to_string(), reason: "no address".into() }),
+        [one] => wrap(endpoint(one)?.connect_lazy(), token),
+        many => {
+            let endpoints = many.iter().map(|a| endpoint(a)).collect::<Result<Vec<_>, _>>()?;
+            wrap(Channel::balance_list(endpoints.into_iter()), token)
+        }
+    }
 }
 
 /// The latest snapshot, `None` until the first one arrives.
@@ -124,18 +140,26 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// any error it reconnects forever with capped exponential backoff and KEEPS
 /// the last snapshot, so whoever routes from it keeps serving while the
 /// controller is down or electing. The task ends when every receiver is gone.
-pub fn spawn_watch(addr: String, token: String, include_code: bool) -> SnapshotReceiver {
+///
+/// With several heads (`addrs` comma-separated) it moves to the next head
+/// whenever the stream breaks.
+pub fn spawn_watch(addrs: String, token: String, include_code: bool) -> SnapshotReceiver {
     let (tx, rx) = tokio::sync::watch::channel(None);
     tokio::spawn(async move {
         let mut backoff = WATCH_BACKOFF_MIN;
+        let list: Vec<String> = heads(&addrs).into_iter().map(String::from).collect();
+        let mut next = 0usize;
         loop {
+            let Some(addr) = list.get(next % list.len().max(1)).cloned() else { return };
+            next += 1;
             let mut received = false;
             let error = tokio::select! {
                 e = stream_once(&addr, &token, include_code, &tx, &mut received) => e,
                 _ = tx.closed() => return,
             };
-            if received {
-                // The controller was healthy until now: retry quickly.
+            if received || next % list.len() != 0 {
+                // The head was healthy until now, or others remain to try
+                // in this round: retry quickly.
                 backoff = WATCH_BACKOFF_MIN;
             }
             tracing::warn!(control = %addr, error = %error, retry_in = ?backoff, "snapshot watch interrupted; serving from cache");

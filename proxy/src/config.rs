@@ -84,7 +84,10 @@ impl ProxyConfig {
     /// Checks every field once, naming the first bad one.
     pub fn validate(&self) -> Result<(), ProxyError> {
         check_host_port("listen_addr", &self.listen_addr)?;
-        check_host_port("control_addr", &self.control_addr)?;
+        // Several heads may be given, comma-separated.
+        for addr in self.control_addr.split(',') {
+            check_host_port("control_addr", addr.trim())?;
+        }
         let invalid = |field, reason: &str| {
             Err(ProxyError::InvalidConfig {
                 field,

@@ -43,7 +43,9 @@ pub const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 1
 pub fn prometheus_builder() -> PrometheusBuilder {
     PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
-        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_SIZE_BUCKETS))
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_SIZE_BUCKETS)
+        })
         .expect("bucket lists are not empty")
 }
 
@@ -73,7 +75,10 @@ pub fn describe() {
         ROUTER_QUEUE_LENGTH,
         "Requests waiting in the router's queue for a replica slot"
     );
-    describe_gauge!(REPLICA_IN_FLIGHT, "Requests this router has in flight on a replica");
+    describe_gauge!(
+        REPLICA_IN_FLIGHT,
+        "Requests this router has in flight on a replica"
+    );
     describe_histogram!(
         BATCH_SIZE,
         "Size of the batch each request was served in (one observation per request)"
@@ -257,28 +262,50 @@ mod tests {
             ("content-type", "text/plain"),
         ]);
         assert_eq!(take_batch_size_header(&mut r), Some(4));
-        let names: Vec<(&str, &str)> = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let names: Vec<(&str, &str)> = r
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         assert_eq!(
             names,
-            [("set-cookie", "a=1"), ("set-cookie", "b=2"), ("content-type", "text/plain")]
+            [
+                ("set-cookie", "a=1"),
+                ("set-cookie", "b=2"),
+                ("content-type", "text/plain")
+            ]
         );
         let mut none = response(&[("content-type", "text/plain")]);
         assert_eq!(take_batch_size_header(&mut none), None);
         assert_eq!(none.headers.len(), 1);
-        let mut bad = response(&[("x-serval-batch-size", "zero"), ("x-serval-batch-size", "0")]);
+        let mut bad = response(&[
+            ("x-serval-batch-size", "zero"),
+            ("x-serval-batch-size", "0"),
+        ]);
         assert_eq!(take_batch_size_header(&mut bad), None);
         assert!(bad.headers.is_empty(), "invalid values are removed too");
     }
 
     #[test]
     fn outcomes_are_status_classes_or_router_errors() {
-        let ok = |status| Ok(Response { status, headers: vec![], body: vec![] });
+        let ok = |status| {
+            Ok(Response {
+                status,
+                headers: vec![],
+                body: vec![],
+            })
+        };
         assert_eq!(Outcome::of(&ok(200)).label(), "2xx");
         assert_eq!(Outcome::of(&ok(404)).label(), "4xx");
         assert_eq!(Outcome::of(&ok(500)).label(), "5xx");
-        let err = Err(RouterError::Backpressure { backend: "b".into(), queued: 3 });
+        let err = Err(RouterError::Backpressure {
+            backend: "b".into(),
+            queued: 3,
+        });
         assert_eq!(Outcome::of(&err).label(), "backpressure");
-        let err = Err(RouterError::Timeout { after: Duration::from_secs(1) });
+        let err = Err(RouterError::Timeout {
+            after: Duration::from_secs(1),
+        });
         assert_eq!(Outcome::of(&err).label(), "timeout");
     }
 
@@ -296,19 +323,34 @@ mod tests {
         });
         let text = handle.render();
         assert!(
-            text.contains(r#"serval_router_requests_total{endpoint="ep",backend="b",outcome="2xx"} 2"#),
+            text.contains(
+                r#"serval_router_requests_total{endpoint="ep",backend="b",outcome="2xx"} 2"#
+            ),
             "{text}"
         );
         assert!(
-            text.contains(r#"serval_router_requests_total{endpoint="ep",backend="b",outcome="5xx"} 1"#),
+            text.contains(
+                r#"serval_router_requests_total{endpoint="ep",backend="b",outcome="5xx"} 1"#
+            ),
             "{text}"
         );
-        assert!(!text.contains(r#"outcome="4xx""#), "no series for outcomes that never happened: {text}");
         assert!(
-            text.contains(r#"serval_router_request_duration_seconds_bucket{backend="b",le="0.005"} 3"#),
+            !text.contains(r#"outcome="4xx""#),
+            "no series for outcomes that never happened: {text}"
+        );
+        assert!(
+            text.contains(
+                r#"serval_router_request_duration_seconds_bucket{backend="b",le="0.005"} 3"#
+            ),
             "{text}"
         );
-        assert!(text.contains(r#"serval_batch_size_bucket{backend="b",le="4"} 1"#), "{text}");
-        assert!(text.contains(r#"serval_batch_size_bucket{backend="b",le="2"} 0"#), "{text}");
+        assert!(
+            text.contains(r#"serval_batch_size_bucket{backend="b",le="4"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"serval_batch_size_bucket{backend="b",le="2"} 0"#),
+            "{text}"
+        );
     }
 }

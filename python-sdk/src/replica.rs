@@ -252,8 +252,15 @@ impl PyReply {
 
 impl Drop for PyReply {
     fn drop(&mut self) {
-        if let Some(reply) = self.inner.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
-            reply.send(&unavailable("the replica dropped the request without answering"));
+        if let Some(reply) = self
+            .inner
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            reply.send(&unavailable(
+                "the replica dropped the request without answering",
+            ));
         }
     }
 }

@@ -132,13 +132,21 @@ impl ServeProcess {
     /// Waits until the log contains `needle` (the process prints its
     /// addresses once it serves).
     pub fn wait_log(&mut self, needle: &str) {
-        let timeout = Duration::from_secs(120);
-        wait_for(&format!("'{needle}' in the serve log"), timeout, || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
             if let Ok(Some(status)) = self.guard.child.try_wait() {
                 panic!("serve exited ({status}) before '{needle}':\n{}", self.log());
             }
-            self.log().contains(needle).then_some(())
-        });
+            if self.log().contains(needle) {
+                return;
+            }
+            if std::time::Instant::now() > deadline {
+                let log = self.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                panic!("no '{needle}' in the serve log after 120 s; its end:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn control_address(&self) -> String {

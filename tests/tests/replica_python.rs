@@ -780,7 +780,9 @@ async fn reconfigure_frame_applies_user_config_in_place() {
     // A reconfigure that raises: 500 with the traceback; the replica keeps
     // serving with the config it had.
     let r = c
-        .send(reconfigure(r#"{"max_concurrent_queries":8,"user_config":"bad"}"#))
+        .send(reconfigure(
+            r#"{"max_concurrent_queries":8,"user_config":"bad"}"#,
+        ))
         .await;
     assert_eq!(r.status, 500);
     let body = String::from_utf8_lossy(&r.body);

@@ -1,0 +1,98 @@
+//! Every control and peer RPC refuses a call without the cluster token or
+//! with a wrong one (UNAUTHENTICATED), and such a call changes nothing.
+
+use std::time::Duration;
+
+use serval_controller::peer_service::PeerService;
+use serval_controller::service::ControlService;
+use serval_controller::store;
+use serval_protos::client::{connect, connect_peer_lazy};
+use serval_protos::control::*;
+use tokio_stream::StreamExt;
+
+const TOKEN: &str = "the-right-token";
+
+async fn start() -> (String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let membership = store::Membership { raft_id: 1, address: addr.clone(), token: TOKEN.into(), bootstrap: true };
+    let (raft, sm) = store::open(dir.path(), &membership).await.unwrap();
+    let mut m = raft.metrics();
+    tokio::time::timeout(Duration::from_secs(30), m.wait_for(|m| m.current_leader.is_some())).await.unwrap().unwrap();
+    let control = ControlService::new(raft.clone(), sm, 1, addr.clone(), TOKEN.into()).into_server();
+    let peers = PeerService::new(raft, TOKEN.into()).into_server();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(control)
+            .add_service(peers)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+    });
+    (addr, dir)
+}
+
+fn refused<T: std::fmt::Debug>(what: &str, r: Result<T, tonic::Status>) {
+    match r {
+        Err(s) if s.code() == tonic::Code::Unauthenticated => {}
+        other => panic!("{what} was not refused: {other:?}"),
+    }
+}
+
+async fn version(addr: &str) -> u64 {
+    let mut c = connect(addr, TOKEN).await.unwrap();
+    c.get_snapshot(WatchRequest { include_code: false }).await.unwrap().into_inner().version
+}
+
+#[tokio::test]
+async fn every_rpc_needs_the_token_and_a_refused_call_changes_nothing() {
+    let (addr, _dir) = start().await;
+    let before = version(&addr).await;
+    for token in ["", "wrong"] {
+        let mut c = connect(&addr, token).await.unwrap();
+        let backend = Backend { name: "b".into(), code: vec![1], ..Default::default() };
+        refused("RegisterNode", c.register_node(RegisterNodeRequest::default()).await);
+        refused("Heartbeat", c.heartbeat(HeartbeatRequest::default()).await);
+        refused("ReportReplica", c.report_replica(ReplicaReport::default()).await);
+        refused("CreateBackend", c.create_backend(backend).await);
+        refused("UpdateBackendConfig", c.update_backend_config(UpdateBackendConfigRequest::default()).await);
+        refused("UpdateBackendCode", c.update_backend_code(UpdateBackendCodeRequest::default()).await);
+        refused("DeleteBackend", c.delete_backend(DeleteBackendRequest::default()).await);
+        refused("CreateEndpoint", c.create_endpoint(Endpoint::default()).await);
+        refused("DeleteEndpoint", c.delete_endpoint(NameRequest::default()).await);
+        refused("SetTraffic", c.set_traffic(SetTrafficRequest::default()).await);
+        refused("SetShadow", c.set_shadow(SetShadowRequest::default()).await);
+        refused("GetSnapshot", c.get_snapshot(WatchRequest::default()).await);
+        match c.watch(WatchRequest::default()).await {
+            Err(s) if s.code() == tonic::Code::Unauthenticated => {}
+            Ok(stream) => {
+                let first = stream.into_inner().next().await;
+                assert!(matches!(first, Some(Err(ref s)) if s.code() == tonic::Code::Unauthenticated), "Watch: {first:?}");
+            }
+            Err(s) => panic!("Watch refused with {s:?}"),
+        }
+        refused("ReportLoad", c.report_load(LoadReport::default()).await);
+        refused("Shutdown", c.shutdown(Empty {}).await);
+
+        let mut p = connect_peer_lazy(&addr, token).unwrap();
+        let msg = || RaftMessage { payload: vec![0] };
+        refused("AppendEntries", p.append_entries(msg()).await);
+        refused("Vote", p.vote(msg()).await);
+        refused("InstallSnapshot", p.install_snapshot(msg()).await);
+        refused("Propose", p.propose(msg()).await);
+        refused("JoinHead", p.join_head(JoinHeadRequest { raft_id: 9, address: "127.0.0.1:1".into() }).await);
+    }
+    assert_eq!(version(&addr).await, before, "a refused call changed the state");
+
+    // The right token works.
+    let mut c = connect(&addr, TOKEN).await.unwrap();
+    c.create_backend(Backend {
+        name: "b".into(),
+        code: vec![1],
+        config: Some(BackendConfig { num_replicas: 1, ..Default::default() }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(version(&addr).await > before);
+}
