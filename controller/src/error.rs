@@ -44,6 +44,11 @@ pub enum ControllerError {
     Raft(String),
     #[error("not the leader; leader is {leader:?}")]
     NotLeader { leader: Option<String> },
+    /// The leader could not get a majority of heads to commit the write in
+    /// time (it is cut off from them, or they are down). Not retried: the
+    /// entry may still be committed later, so the outcome is unknown.
+    #[error("the write was not committed within {after:?}: the leader cannot reach a majority of heads; it may or may not take effect")]
+    Uncommitted { after: std::time::Duration },
     #[error(transparent)]
     Refused(#[from] StateError),
     #[error("i/o on {path}: {source}")]
@@ -71,6 +76,7 @@ impl From<ControllerError> for tonic::Status {
                 }
             },
             ControllerError::NotLeader { .. } => Code::Unavailable,
+            ControllerError::Uncommitted { .. } => Code::DeadlineExceeded,
             _ => Code::Internal,
         };
         tonic::Status::new(code, e.to_string())

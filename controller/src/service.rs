@@ -36,6 +36,8 @@ pub struct ControlService {
     /// The cluster token: checked on every call, and presented when this
     /// head forwards to the leader.
     token: String,
+    /// The connection to the current leader, when it is another head.
+    leader_conn: Arc<Mutex<Option<(String, serval_protos::client::Client)>>>,
 }
 
 impl ControlService {
@@ -48,6 +50,7 @@ impl ControlService {
             heartbeats: Arc::default(),
             autoscaler: Arc::default(),
             token,
+            leader_conn: Arc::default(),
         }
     }
 
@@ -63,10 +66,19 @@ impl ControlService {
     }
 
     /// A control client to the leader, for the soft state (heartbeats, load)
-    /// that only the leader's reconciler reads.
+    /// that only the leader's reconciler reads. Kept while the leader stays
+    /// the same, so forwarding costs no new connection per call.
     fn leader_client(&self) -> Option<serval_protos::client::Client> {
         let addr = self.other_leader()?;
-        serval_protos::client::connect_lazy(&addr, &self.token).ok()
+        let mut cached = self.leader_conn.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((a, c)) = cached.as_ref() {
+            if *a == addr {
+                return Some(c.clone());
+            }
+        }
+        let client = serval_protos::client::connect_lazy(&addr, &self.token).ok()?;
+        *cached = Some((addr, client.clone()));
+        Some(client)
     }
 
     pub fn heartbeats(&self) -> Heartbeats {

@@ -94,3 +94,42 @@ async fn a_long_log_is_snapshotted_and_still_restores() {
     assert_eq!(sm.current().backends.len(), 600);
     raft.shutdown().await.unwrap();
 }
+
+/// A leader that cannot reach a majority keeps its role but cannot commit:
+/// a write fails after the commit timeout instead of hanging, and changes
+/// nothing.
+#[tokio::test]
+async fn a_write_no_majority_commits_fails_in_bounded_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (raft, sm) = store::open(dir.path(), &store::Membership::single(1, "127.0.0.1:1")).await.unwrap();
+    wait_leader(&raft).await;
+    // A second voter that never answers (nothing listens on port 1): the
+    // joint configuration needs it, so nothing commits from here on.
+    raft.add_learner(2, openraft::BasicNode { addr: "127.0.0.1:1".into() }, false)
+        .await
+        .unwrap();
+    let change = {
+        let raft = raft.clone();
+        tokio::spawn(async move { raft.change_membership([1, 2], false).await })
+    };
+    let mut m = raft.metrics();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        m.wait_for(|m| m.membership_config.membership().voter_ids().any(|id| id == 2)),
+    )
+    .await
+    .expect("joint membership appended")
+    .unwrap();
+    let timeout = std::time::Duration::from_millis(500);
+    let started = std::time::Instant::now();
+    let err = store::propose_within(&raft, Command::CreateBackend(backend("lost")), timeout)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ControllerError::Uncommitted { .. }), "{err}");
+    assert!(started.elapsed() < timeout * 4, "took {:?}", started.elapsed());
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::DeadlineExceeded);
+    assert!(!sm.current().backends.contains_key("lost"));
+    assert!(raft.metrics().borrow().current_leader == Some(1), "the leader stays leader");
+    change.abort();
+    raft.shutdown().await.unwrap();
+}

@@ -24,6 +24,15 @@ pub struct ClusterArgs {
     /// Cluster token. Default: the one in the data dir.
     #[arg(long, env = "SERVAL_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificate (PEM) to verify the heads' TLS certificates with:
+    /// every control connection of this process (CLI, node agent, proxy,
+    /// a head's connections to other heads) then uses TLS. Default: plaintext.
+    #[arg(long, env = "SERVAL_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// Name the heads' certificates are issued to, when not the host part
+    /// of the address they are reached at.
+    #[arg(long, env = "SERVAL_TLS_DOMAIN", global = true, requires = "tls_ca")]
+    pub tls_domain: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -75,6 +84,13 @@ pub fn main_with(argv: Vec<String>, relaunch: Vec<String>) -> anyhow::Result<()>
         )
         .with_writer(std::io::stderr)
         .try_init();
+    // Every control client of this process is built by
+    // `serval_protos::client`, which reads this one setting.
+    let tls = match &root.cluster.tls_ca {
+        Some(ca) => Some(serval_protos::tls::TlsSettings::load(ca, root.cluster.tls_domain.clone())?),
+        None => None,
+    };
+    serval_protos::tls::set_tls(tls);
     match root.command {
         Cmd::Start(args) => start::run(root.cluster, *args, &argv, &relaunch),
         Cmd::Status { json } => status::run(root.cluster, json),

@@ -36,6 +36,12 @@ pub struct StartArgs {
     /// Port of the controller's gRPC service.
     #[arg(long, env = "SERVAL_CONTROL_PORT", default_value_t = serval_protos::DEFAULT_CONTROL_PORT)]
     control_port: u16,
+    /// With --head: the control address (HOST:PORT) other heads use to reach
+    /// this one, when it is not the address bound (a proxy, NAT, or a bind
+    /// on 0.0.0.0). Recorded in the raft membership when the head first
+    /// starts or joins. Default: the bound control address.
+    #[arg(long, env = "SERVAL_ADVERTISE_ADDRESS", requires = "head", value_parser = parse_host_port)]
+    advertise_address: Option<String>,
     /// Host the HTTP proxy binds.
     #[arg(long, env = "SERVAL_HTTP_HOST", default_value = "127.0.0.1")]
     http_host: String,
@@ -86,6 +92,15 @@ pub struct StartArgs {
     /// Tokio worker threads of this process (small: replicas need the cores).
     #[arg(long, env = "SERVAL_WORKERS", default_value_t = 2)]
     workers: usize,
+    /// With --head: serve the control listener (clients and other heads)
+    /// over TLS with this certificate chain (PEM). Needs --tls-key and
+    /// --tls-ca (this head's own agent, proxy and peer connections verify
+    /// the heads with it).
+    #[arg(long, env = "SERVAL_TLS_CERT", requires_all = ["head", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// With --head: the private key (PEM) of --tls-cert.
+    #[arg(long, env = "SERVAL_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 pub fn run(
@@ -124,6 +139,13 @@ fn parse_positive_secs(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
         _ => Err(format!("'{s}' is not a positive number of seconds")),
+    }
+}
+
+fn parse_host_port(s: &str) -> Result<String, String> {
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => Ok(s.to_string()),
+        _ => Err(format!("'{s}' is not HOST:PORT")),
     }
 }
 
@@ -328,6 +350,15 @@ async fn run_head(
     data_dir: PathBuf,
     location: String,
 ) -> anyhow::Result<()> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            if serval_protos::tls::tls().is_none() {
+                bail!("--tls-cert needs --tls-ca (SERVAL_TLS_CA) too: this head's own node agent, proxy and connections to other heads verify the heads' certificates with it");
+            }
+            Some(serval_protos::tls::server_config(cert, key)?)
+        }
+        _ => None,
+    };
     let metrics = install_metrics(&args)?;
     // A given token (a joining head) is kept in the data dir too, so
     // commands on this machine find it as they do on the first head.
@@ -345,6 +376,8 @@ async fn run_head(
                 )
             })?;
     let control_addr = control_listener.local_addr()?.to_string();
+    // What peers dial (raft, forwarded writes); local clients use control_addr.
+    let advertised = args.advertise_address.clone().unwrap_or_else(|| control_addr.clone());
 
     if args.join.is_some() && cluster.token.is_none() {
         bail!("--join needs the cluster's token (--token or SERVAL_TOKEN)");
@@ -352,12 +385,12 @@ async fn run_head(
     let raft_id = cluster_file::load_or_create_raft_id(&data_dir)?;
     let membership = store::Membership {
         raft_id,
-        address: control_addr.clone(),
+        address: advertised.clone(),
         token: token.clone(),
         bootstrap: args.join.is_none(),
     };
     let (raft, sm) = store::open(&data_dir.join("raft"), &membership).await?;
-    let service = ControlService::new(raft.clone(), sm.clone(), raft_id, control_addr.clone(), token.clone());
+    let service = ControlService::new(raft.clone(), sm.clone(), raft_id, advertised.clone(), token.clone());
     let heartbeats = service.heartbeats();
     let autoscaler = service.autoscaler();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -366,8 +399,17 @@ async fn run_head(
         let control = service.into_server();
         let peers = PeerService::new(raft.clone(), token.clone()).into_server();
         let incoming = tokio_stream_incoming(control_listener);
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls).map_err(|e| {
+                anyhow::anyhow!(
+                    "--tls-cert/--tls-key: {}",
+                    serval_protos::tls::error_chain(&e)
+                )
+            })?;
+        }
         tokio::spawn(async move {
-            let result = tonic::transport::Server::builder()
+            let result = builder
                 .add_service(control)
                 .add_service(peers)
                 .serve_with_incoming_shutdown(incoming, async move {
@@ -380,7 +422,7 @@ async fn run_head(
         })
     };
     if let Some(join) = &args.join {
-        join_cluster(&raft, join, &token, raft_id, &control_addr).await?;
+        join_cluster(&raft, join, &token, raft_id, &advertised).await?;
     }
     wait_for_leader(&raft).await?;
     // The first head sets the cluster-wide options; a joining head takes

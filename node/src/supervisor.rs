@@ -362,6 +362,11 @@ async fn start(spec: &ReplicaSpec, config: &BackendConfig) -> Result<Child, Stri
         let ids: Vec<String> = spec.replica.gpu_ids.iter().map(|i| i.to_string()).collect();
         cmd.env("CUDA_VISIBLE_DEVICES", ids.join(","));
     }
+    // Handles inside the replica (model composition) connect the way this
+    // agent does: with TLS when it has a CA.
+    if let Some(tls) = serval_protos::tls::tls() {
+        cmd.envs(tls.env());
+    }
     cmd.spawn()
         .map_err(|e| format!("cannot start {}: {e}", spec.python.display()))
 }

@@ -28,9 +28,48 @@ impl tonic::service::Interceptor for WithToken {
     }
 }
 
-pub type Client = ControlClient<InterceptedService<Channel, WithToken>>;
+pub type Client = ControlClient<InterceptedService<Explained, WithToken>>;
 /// Head-to-head client (raft messages, forwarded writes, joins).
-pub type PeerClient = RaftPeerClient<InterceptedService<Channel, WithToken>>;
+pub type PeerClient = RaftPeerClient<InterceptedService<Explained, WithToken>>;
+
+/// A channel whose transport errors say what went wrong: tonic reports a
+/// plaintext client talking to a TLS head (or the reverse, or a refused
+/// certificate) as a bare "transport error". The status code stays the one
+/// tonic would give; only the message gains the error's sources and, for a
+/// TLS mismatch, a sentence saying so.
+#[derive(Clone, Debug)]
+pub struct Explained {
+    inner: Channel,
+    addr: std::sync::Arc<str>,
+}
+
+impl Explained {
+    fn new(inner: Channel, addr: &str) -> Self {
+        Explained { inner, addr: addr.into() }
+    }
+
+    fn status(addr: &str, e: tonic::transport::Error) -> tonic::codegen::StdError {
+        let message = explain(addr, &e);
+        let code = tonic::Status::from_error(Box::new(e)).code();
+        Box::new(tonic::Status::new(code, message))
+    }
+}
+
+impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for Explained {
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = tonic::codegen::StdError;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(|e| Self::status(&self.addr, e))
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        let response = self.inner.call(request);
+        let addr = self.addr.clone();
+        Box::pin(async move { response.await.map_err(|e| Self::status(&addr, e)) })
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -38,28 +77,44 @@ pub enum ConnectError {
     BadAddress { addr: String, reason: String },
     #[error("the cluster token contains characters that cannot travel in gRPC metadata")]
     BadToken,
-    #[error("cannot reach the controller at {addr}: {source}")]
-    Unreachable {
-        addr: String,
-        source: tonic::transport::Error,
-    },
+    #[error("cannot reach the controller at {addr}: {reason}")]
+    Unreachable { addr: String, reason: String },
 }
 
+/// The endpoint for one head: `https://` verified against the process's
+/// CA when [`crate::tls::set_tls`] was given one, `http://` otherwise. An
+/// explicit `http://` prefix is ignored (TLS is a process-wide choice).
 fn endpoint(addr: &str) -> Result<Endpoint, ConnectError> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
+    let bad = |reason: String| ConnectError::BadAddress {
+        addr: addr.to_string(),
+        reason,
     };
-    Endpoint::from_shared(url)
-        .map(|e| e.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true))
-        .map_err(|e| ConnectError::BadAddress {
-            addr: addr.to_string(),
-            reason: e.to_string(),
-        })
+    let tls = crate::tls::tls();
+    let bare = match addr.split_once("://") {
+        Some(("https", _)) if tls.is_none() => {
+            return Err(bad(format!(
+                "an https:// address needs the cluster's CA (--tls-ca or {})",
+                crate::tls::ENV_TLS_CA
+            )))
+        }
+        Some(("http" | "https", rest)) => rest,
+        Some((scheme, _)) => return Err(bad(format!("unknown scheme {scheme}://"))),
+        None => addr,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{bare}"))
+        .map_err(|e| bad(e.to_string()))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.client_config())
+            .map_err(|e| bad(format!("TLS: {}", crate::tls::error_chain(&e))))?;
+    }
+    Ok(endpoint)
 }
 
-fn wrap(channel: Channel, token: &str) -> Result<Client, ConnectError> {
+fn wrap(channel: Explained, token: &str) -> Result<Client, ConnectError> {
     let token = if token.is_empty() {
         None
     } else {
@@ -87,10 +142,21 @@ fn token_value(token: &str) -> Result<Option<AsciiMetadataValue>, ConnectError> 
 /// A head-to-head client that connects on first use and reconnects after
 /// failures.
 pub fn connect_peer_lazy(addr: &str, token: &str) -> Result<PeerClient, ConnectError> {
-    let channel = endpoint(addr)?.connect_lazy();
+    let channel = Explained::new(endpoint(addr)?.connect_lazy(), addr);
     Ok(RaftPeerClient::with_interceptor(channel, WithToken { token: token_value(token)? })
         .max_decoding_message_size(256 * 1024 * 1024)
         .max_encoding_message_size(256 * 1024 * 1024))
+}
+
+/// A transport error with its sources and, when it looks like one side
+/// speaks TLS and the other does not (or the certificate is refused), a
+/// sentence saying so.
+pub fn explain(addr: &str, e: &(dyn std::error::Error + 'static)) -> String {
+    let chain = crate::tls::error_chain(e);
+    match crate::tls::tls_hint(addr, &chain) {
+        Some(hint) => format!("{chain} ({hint})"),
+        None => chain,
+    }
 }
 
 /// The heads of a comma-separated address list ("h1:6390,h2:6390").
@@ -105,8 +171,8 @@ pub async fn connect(addrs: &str, token: &str) -> Result<Client, ConnectError> {
     let mut last = None;
     for addr in heads(addrs) {
         match endpoint(addr)?.connect().await {
-            Ok(channel) => return wrap(channel, token),
-            Err(source) => last = Some(ConnectError::Unreachable { addr: addr.to_string(), source }),
+            Ok(channel) => return wrap(Explained::new(channel, addr), token),
+            Err(e) => last = Some(ConnectError::Unreachable { addr: addr.to_string(), reason: explain(addr, &e) }),
         }
     }
     Err(last.unwrap_or_else(|| ConnectError::BadAddress { addr: addrs.to_string(), reason: "no address".into() }))
@@ -118,10 +184,10 @@ pub fn connect_lazy(addrs: &str, token: &str) -> Result<Client, ConnectError> {
     let list = heads(addrs);
     match list.as_slice() {
         [] => Err(ConnectError::BadAddress { addr: addrs.to_string(), reason: "no address".into() }),
-        [one] => wrap(endpoint(one)?.connect_lazy(), token),
+        [one] => wrap(Explained::new(endpoint(one)?.connect_lazy(), one), token),
         many => {
             let endpoints = many.iter().map(|a| endpoint(a)).collect::<Result<Vec<_>, _>>()?;
-            wrap(Channel::balance_list(endpoints.into_iter()), token)
+            wrap(Explained::new(Channel::balance_list(endpoints.into_iter()), addrs), token)
         }
     }
 }
@@ -189,8 +255,8 @@ async fn stream_once(
             .keep_alive_while_idle(true)
             .connect()
             .await
-            .map_err(|e| format!("connect to {addr}: {e}"))?;
-        let mut client = wrap(channel, token).map_err(|e| e.to_string())?;
+            .map_err(|e| format!("connect to {addr}: {}", explain(addr, &e)))?;
+        let mut client = wrap(Explained::new(channel, addr), token).map_err(|e| e.to_string())?;
         let mut stream = client
             .watch(WatchRequest { include_code })
             .await

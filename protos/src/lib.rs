@@ -12,6 +12,7 @@ pub mod control {
 }
 pub mod client;
 pub mod frame;
+pub mod tls;
 
 /// Default port of the controller's gRPC service (`serve start --head`).
 pub const DEFAULT_CONTROL_PORT: u16 = 6390;

@@ -175,6 +175,12 @@ impl Client {
 impl Client {
     #[new]
     fn new(py: Python<'_>, address: String, token: String) -> PyResult<Self> {
+        // SERVAL_TLS_CA / SERVAL_TLS_DOMAIN, read at each connect: every
+        // control client of this process (this one, its watch, the
+        // handles' load reports) then uses TLS.
+        let tls = serval_protos::tls::TlsSettings::from_env()
+            .map_err(|e| ServeError::new_err(e.to_string()))?;
+        serval_protos::tls::set_tls(tls);
         let addr = address.clone();
         let tok = token.clone();
         let client = block_on(py, async move { control::connect(&addr, &tok).await })

@@ -115,8 +115,10 @@ def test_every_node_runs_a_proxy_that_serves_every_route(location_cluster):
                 "/first": "first", "/later": "later"}
 
         # Replicas were spread over the nodes (one CPU each, three nodes).
-        placed = {r["node_id"] for r in serve.status()["replicas"] if r["state"] == "running"}
-        assert len(placed) >= 2
+        running = wait_until("three running replicas", lambda: [
+            r for r in serve.status()["replicas"] if r["state"] == "running"] if sum(
+            r["state"] == "running" for r in serve.status()["replicas"]) == 3 else None)
+        assert len({r["node_id"] for r in running}) >= 2
 
         # Shutdown stops the joined nodes too.
         serve.shutdown(timeout=60)

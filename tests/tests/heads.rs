@@ -15,7 +15,7 @@ struct Head {
 
 fn start_head(root: &std::path::Path, name: &str, join: Option<(&str, &str)>) -> Head {
     let (control, http) = (free_port(), free_port());
-    let mut args = vec!["--head", "--num-cpus", "2"];
+    let mut args = vec!["--head", "--num-cpus", "2", "--node-timeout-s", "5"];
     let join_args;
     if let Some((addr, token)) = join {
         join_args = [addr.to_string(), token.to_string()];
@@ -60,6 +60,17 @@ fn three_heads_survive_the_loss_of_the_leader() {
     let roles: Vec<&str> = three_heads["heads"].as_array().unwrap().iter().map(|h| h["role"].as_str().unwrap()).collect();
     assert_eq!(roles.iter().filter(|r| **r == "leader").count(), 1, "{roles:?}");
 
+    // A node that knows every head: it must survive the leader's loss.
+    let all_heads: Vec<String> = heads.iter().map(|h| h.proc.control_address()).collect();
+    let mut node = ServeProcess::start(
+        &tmp.path().join("node"),
+        free_port(),
+        free_port(),
+        &["--address", &all_heads.join(","), "--token", &token, "--num-cpus", "2"],
+    );
+    node.wait_log("joined the head");
+    let node_id = std::fs::read_to_string(node.data_dir.join("node_id")).unwrap();
+
     // Deploy through a follower: the write is forwarded to the leader.
     let leader = leader_id(&heads[0]).unwrap();
     let ids: Vec<u64> = heads.iter().map(|h| std::fs::read_to_string(h.proc.data_dir.join("raft_id")).unwrap().trim().parse().unwrap()).collect();
@@ -99,7 +110,8 @@ def f(request):
     return "x"
 i = 0
 while sys.stdin.readline():
-    serve._get_client().create_backend(f"w{i}", b"not-started", '{"num_replicas": 1, "num_cpus": 0}')
+    # No node has 1000 CPUs: the backend stays pending and starts nothing.
+    serve._get_client().create_backend(f"w{i}", b"not-started", '{"num_replicas": 1, "num_cpus": 1000}')
     print(f"created w{i}", flush=True)
     i += 1
 "#,
@@ -156,6 +168,23 @@ while sys.stdin.readline():
     }
     eprintln!("FIGURES: new leader elected {elected_after:?} after SIGKILL; {failed_requests} failed requests");
 
+    // The killed head's node is declared dead (5 s timeout) and its replica
+    // moves; the extra node, heartbeating through the other heads, stays.
+    let alive = |s: &serde_json::Value, id: &str| {
+        s["nodes"].as_array().unwrap().iter().any(|n| n["id"] == id && n["alive"] == true)
+    };
+    let s = wait_for("the dead head's node to be declared dead", Duration::from_secs(60), || {
+        let s = status_json(survivor);
+        let dead = s["nodes"].as_array()?.iter().filter(|n| n["alive"] == false).count();
+        (dead == 1).then_some(s)
+    });
+    assert!(alive(&s, node_id.trim()), "the node that knows every head was declared dead: {s}");
+    wait_for("three running replicas again", Duration::from_secs(60), || {
+        let s = status_json(survivor);
+        let running = s["replicas"].as_array()?.iter().filter(|r| r["backend"] == "hello" && r["state"] == "running").count();
+        (running == 3).then_some(())
+    });
+
     // Every acknowledged write is there, on both surviving heads.
     for head in &heads {
         let s = status_json(head);
@@ -165,6 +194,7 @@ while sys.stdin.readline():
         }
     }
     drop(writer);
+    drop(node);
 }
 
 fn raft_id(head: &Head) -> u64 {

@@ -22,6 +22,8 @@ pub enum Forwarded {
     Applied(u64),
     Refused(StateError),
     Failed(String),
+    /// Not committed in time on the leader; the sender must not retry.
+    Uncommitted(Duration),
 }
 
 impl From<Result<u64, ControllerError>> for Forwarded {
@@ -29,13 +31,14 @@ impl From<Result<u64, ControllerError>> for Forwarded {
         match r {
             Ok(v) => Forwarded::Applied(v),
             Err(ControllerError::Refused(e)) => Forwarded::Refused(e),
+            Err(ControllerError::Uncommitted { after }) => Forwarded::Uncommitted(after),
             Err(e) => Forwarded::Failed(e.to_string()),
         }
     }
 }
 
 /// Proposes `cmd` on the leader, wherever it is; retries while an election
-/// is under way.
+/// is under way, but not a write the leader failed to commit in time.
 pub async fn propose_via_leader(raft: &Raft, token: &str, cmd: Command) -> Result<u64, ControllerError> {
     let deadline = tokio::time::Instant::now() + FORWARD_DEADLINE;
     loop {
@@ -66,5 +69,6 @@ async fn forward(leader: &str, token: &str, cmd: &Command) -> Result<u64, Contro
         Forwarded::Applied(v) => Ok(v),
         Forwarded::Refused(e) => Err(ControllerError::Refused(e)),
         Forwarded::Failed(e) => Err(ControllerError::Raft(e)),
+        Forwarded::Uncommitted(after) => Err(ControllerError::Uncommitted { after }),
     }
 }
