@@ -49,3 +49,9 @@ test: test-rust test-python
 
 clean:
 	rm -rf target $(VENV) .serval
+
+# Serval vs Ray Serve on this machine (release build, throw-away venvs under
+# bench/, wrk); writes BENCHMARKS.md. See bench/run.
+.PHONY: bench
+bench:
+	bench/run

@@ -48,8 +48,19 @@ impl Explained {
         Explained { inner, addr: addr.into() }
     }
 
-    fn status(addr: &str, e: tonic::transport::Error) -> tonic::codegen::StdError {
-        let message = explain(addr, &e);
+    async fn status(addr: &str, e: tonic::transport::Error) -> tonic::codegen::StdError {
+        let chain = crate::tls::error_chain(&e);
+        // A plaintext call that failed on an established connection: ask
+        // whether the head speaks TLS (the symptom alone can be a mere
+        // broken pipe).
+        let serves_tls = crate::tls::tls().is_none()
+            && !chain.contains("tcp connect error")
+            && ["broken pipe", "reset", "closed", "connection error"].iter().any(|s| chain.contains(s))
+            && crate::tls::probe_serves_tls(addr).await;
+        let message = match crate::tls::tls_hint(addr, &chain, serves_tls) {
+            Some(hint) => format!("{chain} ({hint})"),
+            None => chain,
+        };
         let code = tonic::Status::from_error(Box::new(e)).code();
         Box::new(tonic::Status::new(code, message))
     }
@@ -61,13 +72,22 @@ impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> f
     type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
 
     fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(|e| Self::status(&self.addr, e))
+        self.inner.poll_ready(cx).map_err(|e| {
+            let message = explain(&self.addr, &e);
+            let code = tonic::Status::from_error(Box::new(e)).code();
+            Box::new(tonic::Status::new(code, message)) as tonic::codegen::StdError
+        })
     }
 
     fn call(&mut self, request: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
         let response = self.inner.call(request);
         let addr = self.addr.clone();
-        Box::pin(async move { response.await.map_err(|e| Self::status(&addr, e)) })
+        Box::pin(async move {
+            match response.await {
+                Ok(r) => Ok(r),
+                Err(e) => Err(Self::status(&addr, e).await),
+            }
+        })
     }
 }
 
@@ -153,7 +173,7 @@ pub fn connect_peer_lazy(addr: &str, token: &str) -> Result<PeerClient, ConnectE
 /// sentence saying so.
 pub fn explain(addr: &str, e: &(dyn std::error::Error + 'static)) -> String {
     let chain = crate::tls::error_chain(e);
-    match crate::tls::tls_hint(addr, &chain) {
+    match crate::tls::tls_hint(addr, &chain, false) {
         Some(hint) => format!("{chain} ({hint})"),
         None => chain,
     }
@@ -223,7 +243,7 @@ pub fn spawn_watch(addrs: String, token: String, include_code: bool) -> Snapshot
                 e = stream_once(&addr, &token, include_code, &tx, &mut received) => e,
                 _ = tx.closed() => return,
             };
-            if received || next % list.len() != 0 {
+            if received || !next.is_multiple_of(list.len()) {
                 // The head was healthy until now, or others remain to try
                 // in this round: retry quickly.
                 backoff = WATCH_BACKOFF_MIN;

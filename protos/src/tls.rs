@@ -158,16 +158,19 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// A sentence about TLS for a transport error talking to `addr`, when the
-/// error looks like a TLS mismatch; `None` otherwise.
+/// error looks like a TLS mismatch; `None` otherwise. `serves_tls` is what
+/// [`probe_serves_tls`] found, when it was asked.
 ///
 /// The symptoms, as rustls and h2 report them: a plaintext client reads the
 /// TLS head's alert record as an HTTP/2 frame of absurd length ("frame with
-/// invalid size"); a TLS client reads the plaintext head's HTTP/2 frames as
-/// a record of an unknown type ("InvalidContentType"); a refused certificate
-/// is an "invalid peer certificate".
-pub fn tls_hint(addr: &str, chain: &str) -> Option<String> {
+/// invalid size"), or finds the connection closed under it (a broken pipe:
+/// hence the probe); a TLS client reads the plaintext head's HTTP/2 frames
+/// as a record of an unknown type ("InvalidContentType"); a refused
+/// certificate is an "invalid peer certificate".
+pub fn tls_hint(addr: &str, chain: &str, serves_tls: bool) -> Option<String> {
     match tls() {
-        None if chain.contains("frame with invalid size")
+        None if serves_tls
+            || chain.contains("frame with invalid size")
             || chain.contains("connection error detected") =>
         {
             Some(format!(
@@ -193,6 +196,31 @@ pub fn tls_hint(addr: &str, chain: &str) -> Option<String> {
         }
         Some(_) => None,
     }
+}
+
+/// Whether the server at `addr` (the first of a list) answers a plaintext
+/// HTTP/2 preface with a TLS record: asked after a plaintext call failed
+/// on a connection that was established, so costs nothing on success.
+pub async fn probe_serves_tls(addr: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let bare = addr.split_once("://").map_or(addr, |(_, rest)| rest);
+    let Some(first) = bare.split(',').map(str::trim).find(|a| !a.is_empty()) else {
+        return false;
+    };
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(first).await.ok()?;
+        stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.ok()?;
+        let mut head = [0u8; 2];
+        stream.read_exact(&mut head).await.ok()?;
+        // A TLS record: content type alert (21) or handshake (22), then
+        // the major version 3.
+        Some(matches!(head, [21 | 22, 3]))
+    };
+    tokio::time::timeout(std::time::Duration::from_millis(500), probe)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }
 
 /// The host part of "host:port", "[v6]:port" or "scheme://host:port".

@@ -2,8 +2,10 @@
 ports in a temp data dir, shut down afterwards, with every process it
 started killed even when the test fails."""
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -42,8 +44,12 @@ class Cluster:
             return None
 
 
-@pytest.fixture
-def cluster(monkeypatch):
+@contextlib.contextmanager
+def running_cluster(monkeypatch, http_options=None, env=None):
+    """A head started by ``serve.start()`` on free ports in a temp data dir,
+    with extra ``http_options`` and environment (read by ``serve start``),
+    shut down afterwards with every process it started killed, even when
+    the test fails."""
     from serval import serve
 
     # Short paths: replica Unix sockets live under the data dir.
@@ -55,12 +61,13 @@ def cluster(monkeypatch):
     # Room for several 1-CPU replicas on a 2-core machine.
     if "SERVAL_NUM_CPUS" not in os.environ:
         monkeypatch.setenv("SERVAL_NUM_CPUS", "16")
-    monkeypatch.delenv("SERVAL_ADDRESS", raising=False)
-    monkeypatch.delenv("SERVAL_TOKEN", raising=False)
-    serve.start(detached=True, data_dir=data_dir, http_options={"port": http_port})
+    for var in ("SERVAL_ADDRESS", "SERVAL_TOKEN", "SERVAL_HTTP_MIDDLEWARES"):
+        monkeypatch.delenv(var, raising=False)
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
     c = Cluster(data_dir, http_port, control_port)
-    pid = c.head_pid()
     try:
+        serve.start(detached=True, data_dir=data_dir, http_options={"port": http_port, **(http_options or {})})
         yield c
     finally:
         try:
@@ -69,9 +76,12 @@ def cluster(monkeypatch):
         except Exception:
             pass
         # The detached head leads its own process group, replicas included.
-        if pid:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        c.kill()
         serve._client = None
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    with running_cluster(monkeypatch) as c:
+        yield c

@@ -8,7 +8,7 @@ import signal
 import pytest
 import requests
 
-from conftest import Cluster
+
 from serval import serve
 from test_locations import alive_nodes, kill_group, start_node, wait_until
 

@@ -1,7 +1,6 @@
 """The foundation slice through the public Python API: deploy, call over
 HTTP and through a handle, bad input, failures, shutdown."""
 
-import json
 import os
 import subprocess
 import sys

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 import serval
 from serval import ServeRequest, serve
 
-from conftest import Cluster, free_port
+from conftest import free_port, running_cluster
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples")
 
@@ -43,31 +43,9 @@ def wait_for(predicate, timeout=30.0, what="condition"):
         time.sleep(0.02)
 
 
-@contextlib.contextmanager
 def own_cluster(monkeypatch, http_options=None, env=None):
-    """Like conftest's ``cluster`` fixture, with extra head flags/env."""
-    data_dir = tempfile.mkdtemp(prefix="sv-", dir="/tmp")
-    http_port, control_port = free_port(), free_port()
-    monkeypatch.setenv("SERVAL_CONTROL_PORT", str(control_port))
-    monkeypatch.setenv("SERVAL_DATA_DIR", data_dir)
-    monkeypatch.setenv("SERVAL_PYTHON", sys.executable)
-    monkeypatch.delenv("SERVAL_ADDRESS", raising=False)
-    monkeypatch.delenv("SERVAL_TOKEN", raising=False)
-    for k, v in (env or {}).items():
-        monkeypatch.setenv(k, v)
-    c = Cluster(data_dir, http_port, control_port)
-    try:
-        serve.start(detached=True, data_dir=data_dir, http_options={"port": http_port, **(http_options or {})})
-        yield c
-    finally:
-        try:
-            if serve._client is not None:
-                serve.shutdown(timeout=30)
-        except Exception:
-            pass
-        c.kill()
-        serve._client = None
-        shutil.rmtree(data_dir, ignore_errors=True)
+    """Like conftest's ``cluster`` fixture, with extra http_options/env."""
+    return running_cluster(monkeypatch, http_options=http_options, env=env)
 
 
 def replica_logs(data_dir, backend):

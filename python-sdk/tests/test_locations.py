@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from conftest import Cluster, free_port
+from conftest import Cluster, free_port, running_cluster
 from serval import serve
 
 
@@ -65,25 +65,8 @@ def answers(port, path):
 @pytest.fixture
 def location_cluster(monkeypatch, request):
     """A head with the http location given by the test's parameter."""
-    data_dir = tempfile.mkdtemp(prefix="sv-", dir="/tmp")
-    http_port, control_port = free_port(), free_port()
-    monkeypatch.setenv("SERVAL_CONTROL_PORT", str(control_port))
-    monkeypatch.setenv("SERVAL_DATA_DIR", data_dir)
-    monkeypatch.setenv("SERVAL_PYTHON", sys.executable)
-    monkeypatch.delenv("SERVAL_ADDRESS", raising=False)
-    monkeypatch.delenv("SERVAL_TOKEN", raising=False)
-    serve.start(detached=True, data_dir=data_dir, http_options={"location": request.param, "port": http_port})
-    c = Cluster(data_dir, http_port, control_port)
-    try:
+    with running_cluster(monkeypatch, http_options={"location": request.param}) as c:
         yield c
-    finally:
-        try:
-            if serve._client is not None:
-                serve.shutdown(timeout=30)
-        except Exception:
-            pass
-        c.kill()
-        serve._client = None
 
 
 def hello(request):

@@ -9,7 +9,6 @@ import signal
 import threading
 import time
 
-import pytest
 import requests
 
 from conftest import free_port

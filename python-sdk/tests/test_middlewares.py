@@ -3,10 +3,8 @@ middlewares given to ``serve.start(http_options={"middlewares": [...]})``
 run natively in the Rust proxy; one Serval cannot run is refused at
 ``serve.start``, naming it, before anything starts."""
 
-import contextlib
 import gzip
 import os
-import sys
 import tempfile
 
 import pytest
@@ -17,36 +15,16 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.middleware.httpsredirect import HTTPSRedirectMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from conftest import Cluster, free_port
+from conftest import free_port, running_cluster
 from test_locations import kill_group, start_node, wait_until
 from serval import serve
 
 BIG = "x" * 5000
 
 
-@contextlib.contextmanager
 def middleware_cluster(monkeypatch, middlewares, **http_options):
     """Like conftest's ``cluster`` fixture, with ``middlewares`` in http_options."""
-    data_dir = tempfile.mkdtemp(prefix="sv-", dir="/tmp")
-    http_port, control_port = free_port(), free_port()
-    monkeypatch.setenv("SERVAL_CONTROL_PORT", str(control_port))
-    monkeypatch.setenv("SERVAL_DATA_DIR", data_dir)
-    monkeypatch.setenv("SERVAL_PYTHON", sys.executable)
-    for var in ("SERVAL_ADDRESS", "SERVAL_TOKEN", "SERVAL_HTTP_MIDDLEWARES"):
-        monkeypatch.delenv(var, raising=False)
-    c = Cluster(data_dir, http_port, control_port)
-    try:
-        serve.start(detached=True, data_dir=data_dir,
-                    http_options={"middlewares": middlewares, "port": http_port, **http_options})
-        yield c
-    finally:
-        try:
-            if serve._client is not None:
-                serve.shutdown(timeout=30)
-        except Exception:
-            pass
-        c.kill()
-        serve._client = None
+    return running_cluster(monkeypatch, http_options={"middlewares": middlewares, **http_options})
 
 
 def hello(request):

@@ -5,40 +5,17 @@ head fakes a GPU node with `--num-gpus`, as users do on machines without one."""
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
-from conftest import Cluster, free_port
+from conftest import running_cluster
 from serval import serve
 
 
 @pytest.fixture
 def gpu_cluster(monkeypatch):
-    data_dir = tempfile.mkdtemp(prefix="sv-", dir="/tmp")
-    http_port, control_port = free_port(), free_port()
-    monkeypatch.delenv("SERVAL_ADDRESS", raising=False)
-    monkeypatch.delenv("SERVAL_TOKEN", raising=False)
-    env = dict(os.environ, SERVAL_PYTHON=sys.executable)
-    out = subprocess.run(
-        [sys.executable, "-m", "serval.cli", "--data-dir", data_dir, "start", "--head", "--detach",
-         "--control-port", str(control_port), "--http-port", str(http_port),
-         "--num-cpus", "8", "--num-gpus", "2"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )
-    c = Cluster(data_dir, http_port, control_port)
-    try:
-        assert out.returncode == 0, out.stderr
-        serve.connect(data_dir=data_dir)
+    with running_cluster(monkeypatch, env={"SERVAL_NUM_CPUS": "8", "SERVAL_NUM_GPUS": "2"}) as c:
         yield c
-    finally:
-        try:
-            if serve._client is not None:
-                serve.shutdown(timeout=30)
-        except Exception:
-            pass
-        c.kill()
-        serve._client = None
 
 
 def visible_devices(request):

@@ -1,0 +1,128 @@
+"""What bench/serval_driver.py and bench/ray_driver.py share: the command
+loop the harness talks to (one JSON object a line on stdin; answers on
+stdout as lines starting with ``@@BENCH ``, so library chatter on stdout is
+ignored), first-200 polling and the ServeHandle timings.
+"""
+
+import json
+import sys
+import time
+import traceback
+import urllib.error
+import urllib.request
+
+PREFIX = "@@BENCH "
+
+
+def reply(obj):
+    sys.stdout.write(PREFIX + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def serve_commands(handlers):
+    """Runs ``handlers[cmd](**args)`` for each command line until stdin
+    closes or the command is ``exit``."""
+    reply({"ok": True, "ready": True, "t": time.monotonic()})
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        msg = json.loads(line)
+        cmd = msg.pop("cmd")
+        if cmd == "exit":
+            reply({"ok": True})
+            return
+        try:
+            out = handlers[cmd](**msg) or {}
+            out["ok"] = True
+        except BaseException as e:  # report everything, the harness decides
+            out = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        reply(out)
+
+
+def wait_for_200(url, timeout=300.0, interval=0.01):
+    """Polls ``url`` until it answers 200; returns the monotonic time of
+    that answer."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    r.read()
+                    return time.monotonic()
+                last = r.status
+        except urllib.error.HTTPError as e:
+            last = e.code
+        except (OSError, urllib.error.URLError) as e:
+            last = repr(e)
+        time.sleep(interval)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout} s (last: {last})")
+
+
+def percentile(sorted_values, p):
+    if not sorted_values:
+        return None
+    k = min(len(sorted_values) - 1, max(0, int(round(p / 100.0 * (len(sorted_values) - 1)))))
+    return sorted_values[k]
+
+
+def latency_stats(samples_s):
+    s = sorted(samples_s)
+    n = len(s)
+    return {
+        "n": n,
+        "mean_ms": 1000.0 * sum(s) / n,
+        "p50_ms": 1000.0 * percentile(s, 50),
+        "p99_ms": 1000.0 * percentile(s, 99),
+    }
+
+
+def time_sequential(call, n, expect):
+    """``n`` calls one after the other: latency per call."""
+    for _ in range(min(50, n)):  # warm-up
+        call()
+    samples = []
+    errors = 0
+    for _ in range(n):
+        t = time.perf_counter()
+        try:
+            ok = call() == expect
+        except Exception:
+            ok = False
+        samples.append(time.perf_counter() - t)
+        errors += 0 if ok else 1
+    out = latency_stats(samples)
+    out["errors"] = errors
+    out["calls_per_s"] = n / sum(samples)
+    return out
+
+
+def time_concurrent(submit, wait, n, expect, budget_s=120.0):
+    """``n`` calls submitted at once, then all waited for: throughput.
+    ``wait(pending, timeout_s)`` returns the result. Bounded in time: calls
+    not done ``budget_s`` after the start count as not completed."""
+    t = time.perf_counter()
+    pending = [submit() for _ in range(n)]
+    submitted = time.perf_counter() - t
+    errors = 0
+    done = 0
+    timed_out = False
+    for p in pending:
+        left = budget_s - (time.perf_counter() - t)
+        if left <= 0:
+            timed_out = True
+            break
+        try:
+            ok = wait(p, left) == expect
+            done += 1
+            errors += 0 if ok else 1
+        except Exception:
+            if budget_s - (time.perf_counter() - t) <= 0:
+                timed_out = True
+                break
+            done += 1
+            errors += 1
+    total = time.perf_counter() - t
+    return {"n": n, "completed": done, "seconds": total, "calls_per_s": done / total, "submit_s": submitted,
+            "errors": errors + (n - done), "timed_out": timed_out, "budget_s": budget_s}

@@ -1,0 +1,679 @@
+"""bench/run's orchestrator (standard library only): runs the same scenarios
+against Serval and Ray Serve, one after the other, on 127.0.0.1, with wrk as
+the load generator, then writes BENCHMARKS.md and prints it.
+
+Each system is driven by a driver process in its own venv
+(bench/serval_driver.py in bench/.venv, bench/ray_driver.py in
+bench/.peer-venv) through a line-based command protocol; this process runs
+wrk, reads /proc for memory and makes sure no process is left behind.
+
+Environment knobs: BENCH_DURATION (s per wrk run, default 8), BENCH_WARMUP
+(s, default 2), BENCH_SEQ_CALLS (2000), BENCH_CONC_CALLS (10000),
+BENCH_ONLY (serval|ray|native: run only that part), BENCH_OUT (BENCHMARKS.md),
+PEER_UNAVAILABLE (why Ray Serve could not be installed: its column is n/a).
+"""
+
+import datetime
+import json
+import os
+import platform
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+SERVAL_PY = os.path.join(BENCH, ".venv", "bin", "python")
+PEER_PY = os.path.join(BENCH, ".peer-venv", "bin", "python")
+NATIVE_BIN = os.environ.get("BENCH_NATIVE_BIN", os.path.join(ROOT, "target", "release", "serval-bench"))
+
+DURATION = int(os.environ.get("BENCH_DURATION", "8"))
+WARMUP = int(os.environ.get("BENCH_WARMUP", "2"))
+SEQ_CALLS = int(os.environ.get("BENCH_SEQ_CALLS", "2000"))
+CONC_CALLS = int(os.environ.get("BENCH_CONC_CALLS", "10000"))
+CONCURRENCIES = [1, 16, 64]
+POST_CONCURRENCY = 16
+POST_BYTES = 10 * 1024
+COMMAND_TIMEOUT = 600
+ONLY = os.environ.get("BENCH_ONLY", "")
+OUT = os.environ.get("BENCH_OUT", os.path.join(ROOT, "BENCHMARKS.md"))
+
+LOG_DIR = tempfile.mkdtemp(prefix="serval-bench-")
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- processes
+
+def _read(path, mode="r"):
+    try:
+        with open(path, mode) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def all_pids():
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def ppid_of(pid):
+    stat = _read(f"/proc/{pid}/stat")
+    if not stat:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return int(fields[1]) if fields[0] != "Z" else None
+
+
+def descendants(root):
+    children = {}
+    for pid in all_pids():
+        pp = ppid_of(pid)
+        if pp is not None:
+            children.setdefault(pp, []).append(pid)
+    out, stack = [], [root]
+    while stack:
+        for c in children.get(stack.pop(), []):
+            out.append(c)
+            stack.append(c)
+    return out
+
+
+def marked(marker):
+    """Live processes whose environment carries BENCH_MARK=marker (the
+    driver's own and everything that inherited it)."""
+    needle = f"BENCH_MARK={marker}".encode()
+    out = []
+    for pid in all_pids():
+        env = _read(f"/proc/{pid}/environ", "rb")
+        if env and needle in env.split(b"\0") and ppid_of(pid) is not None:
+            out.append(pid)
+    return out
+
+
+def describe(pid):
+    cmd = (_read(f"/proc/{pid}/cmdline", "rb") or b"").replace(b"\0", b" ").decode(errors="replace").strip()
+    comm = (_read(f"/proc/{pid}/comm") or "?").strip()
+    return comm, cmd
+
+
+def short_name(pid):
+    comm, cmd = describe(pid)
+    if "serval.replica" in cmd:
+        return "serval replica (python)"
+    if "serval.cli" in cmd or comm == "serve":
+        return "serval head (controller+proxy+agent)"
+    if comm.startswith("ray::"):
+        return comm
+    for key in ("gcs_server", "raylet", "dashboard.py", "agent.py", "log_monitor.py", "monitor.py",
+                "runtime_env", "default_worker.py", "setup_worker", "haproxy"):
+        if key in cmd:
+            return {"dashboard.py": "ray dashboard", "agent.py": "ray dashboard agent",
+                    "log_monitor.py": "ray log monitor", "monitor.py": "ray monitor",
+                    "default_worker.py": "ray worker (idle)", "runtime_env": "ray runtime env agent"
+                    }.get(key, key)
+    return comm
+
+
+def memory_of(pids):
+    procs = []
+    for pid in sorted(set(pids)):
+        status = _read(f"/proc/{pid}/status")
+        if not status:
+            continue
+        rss = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+        rollup = _read(f"/proc/{pid}/smaps_rollup") or ""
+        pss = next((int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")), 0)
+        procs.append({"pid": pid, "name": short_name(pid), "rss_kb": rss, "pss_kb": pss})
+    return {
+        "count": len(procs),
+        "rss_mb": sum(p["rss_kb"] for p in procs) / 1024.0,
+        "pss_mb": sum(p["pss_kb"] for p in procs) / 1024.0,
+        "procs": procs,
+    }
+
+
+def kill_pids(pids, why):
+    pids = [p for p in set(pids) if p != os.getpid() and ppid_of(p) is not None]
+    if not pids:
+        return []
+    log(f"{why}: terminating {len(pids)} leftover process(es): "
+        + ", ".join(f"{p} ({short_name(p)})" for p in pids))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(ppid_of(p) is not None for p in pids):
+            time.sleep(0.1)
+        pids = [p for p in pids if ppid_of(p) is not None]
+        if not pids:
+            break
+    return pids
+
+
+# -------------------------------------------------------------------- drivers
+
+class DriverError(RuntimeError):
+    pass
+
+
+class Driver:
+    """A driver process and its command loop (see driver_common.py)."""
+
+    def __init__(self, name, python, script, env):
+        self.name = name
+        self.marker = uuid.uuid4().hex
+        self.log_path = os.path.join(LOG_DIR, f"{name}-driver.log")
+        full_env = dict(os.environ)
+        for k in list(full_env):
+            if k.startswith(("SERVAL_", "RAY_", "VIRTUAL_ENV", "PYTHONHOME")):
+                full_env.pop(k)
+        full_env.update(env)
+        full_env["BENCH_MARK"] = self.marker
+        full_env["PYTHONPATH"] = BENCH
+        full_env["PYTHONUNBUFFERED"] = "1"
+        self.logf = open(self.log_path, "w")
+        self.t_spawn = time.monotonic()
+        self.proc = subprocess.Popen([python, "-u", os.path.join(BENCH, script)], cwd=BENCH, env=full_env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.logf,
+                                     text=True, start_new_session=True)
+        self.lines = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        self._wait("ready", 120)
+
+    def _pump(self):
+        for line in self.proc.stdout:
+            if line.startswith("@@BENCH "):
+                self.lines.put(json.loads(line[len("@@BENCH "):]))
+            else:
+                self.logf.write(line)
+                self.logf.flush()
+        self.lines.put(None)
+
+    def _wait(self, what, timeout):
+        try:
+            msg = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise DriverError(f"{self.name} driver: no answer to {what} within {timeout} s (log: {self.log_path})")
+        if msg is None:
+            raise DriverError(f"{self.name} driver exited during {what} (log: {self.log_path}):\n{self.tail()}")
+        if not msg.get("ok"):
+            raise DriverError(f"{self.name} driver: {what} failed: {msg.get('error')}\n{msg.get('traceback', '')}")
+        return msg
+
+    def tail(self, n=30):
+        text = _read(self.log_path) or ""
+        return "\n".join(text.splitlines()[-n:])
+
+    def call(self, cmd, timeout=COMMAND_TIMEOUT, **args):
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **args}) + "\n")
+        self.proc.stdin.flush()
+        return self._wait(cmd, timeout)
+
+    def cluster_pids(self, reported=None):
+        pids = set(marked(self.marker)) | set(descendants(self.proc.pid))
+        if reported:
+            pids |= {p for p in reported.get("pids", []) if ppid_of(p) is not None}
+        pids.discard(self.proc.pid)
+        return sorted(pids)
+
+    def close(self):
+        """Ends the driver and anything of its cluster still running."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.stdin.write(json.dumps({"cmd": "exit"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired, ValueError):
+            pass
+        if self.proc.poll() is None:
+            kill_pids([self.proc.pid], f"{self.name} driver")
+        left = kill_pids(marked(self.marker), f"{self.name} cluster")
+        self.logf.close()
+        return left
+
+
+# ------------------------------------------------------------------------ wrk
+
+POST_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"data":"' .. string.rep("x", %d) .. '"}'
+"""
+
+
+def _seconds(text):
+    m = re.match(r"([\d.]+)(us|ms|s|m)$", text.strip())
+    if not m:
+        return None
+    v, unit = float(m.group(1)), m.group(2)
+    return v * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
+
+
+def parse_wrk(out):
+    res = {"rps": None, "p50_ms": None, "p99_ms": None, "errors": 0, "requests": None}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if m:
+        res["rps"] = float(m.group(1))
+    m = re.search(r"(\d+) requests in", out)
+    if m:
+        res["requests"] = int(m.group(1))
+    for pct, key in (("50", "p50_ms"), ("99", "p99_ms")):
+        m = re.search(rf"^\s+{pct}(?:\.000)?%\s+(\S+)", out, re.M)
+        if m and _seconds(m.group(1)) is not None:
+            res[key] = 1000.0 * _seconds(m.group(1))
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if m:
+        res["errors"] += int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        res["errors"] += sum(int(x) for x in m.groups())
+    return res
+
+
+def wrk(url, conc, script=None, label=""):
+    threads = 1 if conc == 1 else 2
+    base = ["wrk", f"-t{threads}", f"-c{conc}", "--timeout", "10s", "--latency"]
+    if script:
+        base += ["-s", script]
+    if WARMUP > 0:
+        subprocess.run(base + [f"-d{WARMUP}s", url], capture_output=True, text=True, timeout=WARMUP + 60)
+    p = subprocess.run(base + [f"-d{DURATION}s", url], capture_output=True, text=True, timeout=DURATION + 60)
+    res = parse_wrk(p.stdout)
+    with open(os.path.join(LOG_DIR, "wrk.log"), "a") as f:
+        f.write(f"### {label} {' '.join(base)} {url}\n{p.stdout}{p.stderr}\n")
+    if res["rps"] is None:
+        res["error"] = (p.stderr or p.stdout).strip()[-300:]
+    log(f"  {label} c={conc}: {fmt(res['rps'], 0)} req/s, p50 {fmt(res['p50_ms'], 2)} ms, "
+        f"p99 {fmt(res['p99_ms'], 2)} ms, errors {res['errors']}")
+    return res
+
+
+def fmt(v, digits=2):
+    if v is None:
+        return "n/a"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return f"{v:,.{digits}f}"
+
+
+# ------------------------------------------------------------------ scenarios
+
+def run_system(name, python, script, env):
+    """The scenarios against one system; returns its results (partial
+    results and the error if something broke)."""
+    res = {"errors": []}
+    log(f"{name}: starting the driver and the cluster")
+    drv = None
+    try:
+        drv = Driver(name, python, script, env)
+        started = drv.call("start")
+        res["version"] = started.get("version")
+        res["startup"] = {
+            "cluster_start_s": started["cluster_start_s"],
+            "deploy_to_200_s": started["deploy_to_200_s"],
+            "process_to_200_s": started["t_first_200"] - drv.t_spawn,
+        }
+        log(f"{name}: first 200 {res['startup']['process_to_200_s']:.2f} s after process start, "
+            f"{res['startup']['deploy_to_200_s']:.2f} s after the deploy call")
+        url = started["url"]
+        time.sleep(3)
+        res["mem_idle"] = memory_of(drv.cluster_pids(drv.call("pids")))
+        log(f"{name}: idle, 1 replica: {res['mem_idle']['count']} processes, "
+            f"RSS {res['mem_idle']['rss_mb']:.0f} MB, PSS {res['mem_idle']['pss_mb']:.0f} MB")
+
+        res["get1"] = {c: wrk(url, c, label=f"{name} GET 1 replica") for c in CONCURRENCIES}
+        log(f"{name}: ServeHandle calls")
+        res["handle"] = drv.call("handle", seq=SEQ_CALLS, conc=CONC_CALLS)
+        for k in ("sequential", "method"):
+            h = res["handle"][k]
+            log(f"  handle {k}: p50 {h['p50_ms']:.3f} ms, p99 {h['p99_ms']:.3f} ms, errors {h['errors']}")
+        h = res["handle"]["concurrent"]
+        log(f"  handle concurrent: {h['calls_per_s']:.0f} calls/s, {h['completed']} of {h['n']} completed "
+            f"in {h['seconds']:.1f} s, errors {h['errors']}")
+        res["mem_loaded"] = memory_of(drv.cluster_pids(drv.call("pids")))
+        log(f"{name}: after the load: {res['mem_loaded']['count']} processes, "
+            f"RSS {res['mem_loaded']['rss_mb']:.0f} MB, PSS {res['mem_loaded']['pss_mb']:.0f} MB")
+
+        echo = drv.call("deploy_echo")
+        lua = os.path.join(LOG_DIR, "post.lua")
+        with open(lua, "w") as f:
+            f.write(POST_LUA % (POST_BYTES - len('{"data":""}')))
+        res["post"] = wrk(echo["url"], POST_CONCURRENCY, script=lua, label=f"{name} POST 10 KiB echo")
+        drv.call("delete_echo")
+
+        drv.call("scale", n=2)
+        res["get2"] = {c: wrk(url, c, label=f"{name} GET 2 replicas") for c in CONCURRENCIES}
+        drv.call("shutdown", timeout=120)
+    except Exception as e:  # record and go on with the other system
+        log(f"{name}: FAILED: {e}")
+        res["errors"].append(str(e).splitlines()[0][:500])
+        if drv is not None:
+            log(f"{name}: driver log tail ({drv.log_path}):\n{drv.tail()}")
+    finally:
+        if drv is not None:
+            left = drv.close()
+            if left:
+                res["errors"].append(f"processes still alive after cleanup: {left}")
+    return res
+
+
+class Server:
+    """A serval-bench server process (bare hyper or proxy + native replicas)."""
+
+    def __init__(self, *args):
+        self.proc = subprocess.Popen([NATIVE_BIN, *map(str, args)], stdout=subprocess.PIPE,
+                                     stderr=open(os.path.join(LOG_DIR, "native.log"), "a"),
+                                     text=True, start_new_session=True)
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            self.close()
+            raise RuntimeError(f"serval-bench {args} did not start: {line!r}")
+
+    def close(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_native():
+    res = {"errors": []}
+    try:
+        port = free_port()
+        s = Server("hyper", port)
+        try:
+            res["hyper"] = {c: wrk(f"http://127.0.0.1:{port}/", c, label="bare hyper") for c in CONCURRENCIES}
+            res["mem_hyper"] = memory_of([s.proc.pid])
+        finally:
+            s.close()
+        for n in (1, 2):
+            port = free_port()
+            s = Server("native", port, n)
+            try:
+                res[f"native{n}"] = {c: wrk(f"http://127.0.0.1:{port}/noop", c, label=f"proxy -> native x{n}")
+                                     for c in CONCURRENCIES}
+                res[f"mem_native{n}"] = memory_of([s.proc.pid])
+            finally:
+                s.close()
+    except Exception as e:
+        log(f"native: FAILED: {e}")
+        res["errors"].append(str(e)[:500])
+    return res
+
+
+# --------------------------------------------------------------------- report
+
+def cmd_out(args):
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def machine_facts(serval_res, ray_res):
+    meminfo = _read("/proc/meminfo") or ""
+    total = next((int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemTotal:")), 0)
+    cpu = next((line.split(":", 1)[1].strip() for line in (_read("/proc/cpuinfo") or "").splitlines()
+                if line.startswith("model name")), "?")
+    wrk_v = cmd_out(["sh", "-c", "wrk -v 2>&1 | head -1"])
+    return [
+        ("Date", datetime.datetime.now().strftime("%Y-%m-%d %H:%M %Z").strip()),
+        ("CPU", f"{os.cpu_count()} cores ({cpu})"),
+        ("Memory", f"{total / 1024 / 1024:.1f} GiB"),
+        ("Kernel", f"{platform.system()} {platform.release()}"),
+        ("Rust", cmd_out(["rustc", "--version"])),
+        ("Python", cmd_out([SERVAL_PY, "--version"])),
+        ("Serval", f"{serval_res.get('version') or '?'} (git {cmd_out(['git', '-C', ROOT, 'rev-parse', '--short', 'HEAD'])}), "
+                   f"release build"),
+        ("Ray", ray_res.get("version") or f"n/a ({PEER_UNAVAILABLE or 'not run'})"),
+        ("Load generator", f"{wrk_v.split(' [')[0]}, keep-alive, {DURATION} s per run after a {WARMUP} s warm-up; "
+                           f"1 thread at c=1, 2 otherwise"),
+    ]
+
+
+PEER_UNAVAILABLE = os.environ.get("PEER_UNAVAILABLE", "")
+
+
+def ratio(s, r, digits=2):
+    if s is None or r is None or r == 0:
+        return "n/a"
+    return f"{s / r:.{digits}f}×"
+
+
+def get(d, *path):
+    for p in path:
+        if d is None:
+            return None
+        if isinstance(d, dict):
+            d = d.get(p, d.get(str(p)) if not isinstance(p, str) else None)
+        else:
+            return None
+    return d
+
+
+def table(rows, header=("", "Serval", "Ray Serve", "Serval / Ray")):
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def wrk_rows(s, r):
+    rows = []
+    for key, label, digits in (("rps", "requests/s", 0), ("p50_ms", "p50 latency (ms)", 3),
+                               ("p99_ms", "p99 latency (ms)", 3)):
+        sv, rv = get(s, key), get(r, key)
+        rows.append((label, fmt(sv, digits), fmt(rv, digits), ratio(sv, rv)))
+    rows.append(("errors (non-2xx + socket)", fmt(get(s, "errors")), fmt(get(r, "errors")), ""))
+    return rows
+
+
+def _completed(c):
+    if not c:
+        return "n/a"
+    text = f"{c.get('completed', c.get('n')):,} of {c.get('n'):,}"
+    if c.get("timed_out"):
+        text += f" (stopped after {c.get('budget_s'):.0f} s)"
+    return text
+
+
+def report(S, R, N, t_total, load_before, load_after):
+    md = []
+    md.append("# Benchmarks: Serval vs Ray Serve\n")
+    md.append(f"Generated by `make bench` (`bench/run`) on {datetime.date.today().isoformat()} in "
+              f"{t_total / 60:.1f} min. Both systems run on this one machine, one after the other, on "
+              f"127.0.0.1, with the load generator on the same cores; the same Python classes "
+              f"(`bench/apps.py`) serve both. **Serval / Ray** is Serval's figure divided by Ray Serve's: "
+              f"above 1 is better for requests/s and calls/s, below 1 is better for latency, time and memory.\n")
+    md.append(f"Load average (1, 5, 15 min) before the run: {load_before}; after: {load_after}. "
+              f"The machine is shared with other builds and tests: figures taken while it was busy are noisy "
+              f"and a quiet run will refresh them.\n")
+    if PEER_UNAVAILABLE:
+        md.append(f"**Ray Serve could not be installed** ({PEER_UNAVAILABLE}): its column is n/a.\n")
+    for who, res in (("Serval", S), ("Ray Serve", R), ("Native", N)):
+        for e in res.get("errors", []):
+            md.append(f"**{who} error:** `{e}`\n")
+
+    md.append("## Machine\n")
+    md.append(table(machine_facts(S, R), header=("", "")) + "\n")
+    md.append("Configuration: Serval head with `SERVAL_NUM_CPUS=4` and its defaults (2 tokio workers; "
+              "sync backends get `max_concurrent_queries` 8); Ray with `ray.init(num_cpus=2)` and Serve's "
+              "defaults (`max_ongoing_requests` 5 in current Ray). Memory counts every process of the "
+              "cluster, not the driver: Serval's head (controller, proxy and node agent in one process) "
+              "and its replica processes; Ray's GCS, raylet, dashboard and agents, Serve controller, "
+              "proxy and replicas, and idle workers.\n")
+
+    md.append("## Summary\n")
+    rows = []
+    for c in CONCURRENCIES:
+        rows.append((f"GET no-op, 1 replica, c={c}: requests/s", fmt(get(S, "get1", c, "rps"), 0),
+                     fmt(get(R, "get1", c, "rps"), 0), ratio(get(S, "get1", c, "rps"), get(R, "get1", c, "rps"))))
+    for c in CONCURRENCIES:
+        rows.append((f"GET no-op, 2 replicas, c={c}: requests/s", fmt(get(S, "get2", c, "rps"), 0),
+                     fmt(get(R, "get2", c, "rps"), 0), ratio(get(S, "get2", c, "rps"), get(R, "get2", c, "rps"))))
+    rows.append(("POST 10 KiB echo, c=16: requests/s", fmt(get(S, "post", "rps"), 0), fmt(get(R, "post", "rps"), 0),
+                 ratio(get(S, "post", "rps"), get(R, "post", "rps"))))
+    rows.append(("ServeHandle sequential call: p50 ms", fmt(get(S, "handle", "sequential", "p50_ms"), 3),
+                 fmt(get(R, "handle", "sequential", "p50_ms"), 3),
+                 ratio(get(S, "handle", "sequential", "p50_ms"), get(R, "handle", "sequential", "p50_ms"))))
+    rows.append(("ServeHandle concurrent calls/s", fmt(get(S, "handle", "concurrent", "calls_per_s"), 0),
+                 fmt(get(R, "handle", "concurrent", "calls_per_s"), 0),
+                 ratio(get(S, "handle", "concurrent", "calls_per_s"), get(R, "handle", "concurrent", "calls_per_s"))))
+    rows.append(("Deploy call → first 200 (s)", fmt(get(S, "startup", "deploy_to_200_s")),
+                 fmt(get(R, "startup", "deploy_to_200_s")),
+                 ratio(get(S, "startup", "deploy_to_200_s"), get(R, "startup", "deploy_to_200_s"))))
+    rows.append(("Process start → first 200 (s)", fmt(get(S, "startup", "process_to_200_s")),
+                 fmt(get(R, "startup", "process_to_200_s")),
+                 ratio(get(S, "startup", "process_to_200_s"), get(R, "startup", "process_to_200_s"))))
+    rows.append(("Idle cluster, 1 replica: PSS (MB)", fmt(get(S, "mem_idle", "pss_mb"), 0),
+                 fmt(get(R, "mem_idle", "pss_mb"), 0),
+                 ratio(get(S, "mem_idle", "pss_mb"), get(R, "mem_idle", "pss_mb"))))
+    md.append(table(rows) + "\n")
+
+    for n, key in ((1, "get1"), (2, "get2")):
+        for c in CONCURRENCIES:
+            md.append(f"## HTTP GET no-op (Python class answering \"ok\"), {n} replica{'s' if n > 1 else ''}, "
+                      f"concurrency {c}\n")
+            md.append(table(wrk_rows(get(S, key, c), get(R, key, c))) + "\n")
+
+    md.append(f"## HTTP POST of a 10 KiB JSON body, echoed back, concurrency {POST_CONCURRENCY}\n")
+    md.append(table(wrk_rows(get(S, "post"), get(R, "post"))) + "\n")
+
+    md.append(f"## ServeHandle from a Python driver ({SEQ_CALLS:,} sequential calls; {CONC_CALLS:,} concurrent)\n")
+    rows = []
+    for k, label in (("sequential", "`handle.remote().result()`"),
+                     ("method", "`handle.options(method_name=\"other\").remote(1)`")):
+        for m, ml, d in (("p50_ms", "p50 (ms)", 3), ("p99_ms", "p99 (ms)", 3), ("mean_ms", "mean (ms)", 3)):
+            sv, rv = get(S, "handle", k, m), get(R, "handle", k, m)
+            rows.append((f"{label}, sequential: {ml}", fmt(sv, d), fmt(rv, d), ratio(sv, rv)))
+        rows.append((f"{label}, sequential: errors", fmt(get(S, "handle", k, "errors")),
+                     fmt(get(R, "handle", k, "errors")), ""))
+    sv, rv = get(S, "handle", "concurrent", "calls_per_s"), get(R, "handle", "concurrent", "calls_per_s")
+    rows.append((f"{CONC_CALLS:,} calls submitted at once, then awaited: calls/s", fmt(sv, 0), fmt(rv, 0), ratio(sv, rv)))
+    sv, rv = get(S, "handle", "concurrent", "seconds"), get(R, "handle", "concurrent", "seconds")
+    rows.append(("… total time (s)", fmt(sv), fmt(rv), ratio(sv, rv)))
+    rows.append(("… completed (within the time budget)", _completed(get(S, "handle", "concurrent")),
+                 _completed(get(R, "handle", "concurrent")), ""))
+    rows.append(("… errors (not completed included)", fmt(get(S, "handle", "concurrent", "errors")),
+                 fmt(get(R, "handle", "concurrent", "errors")), ""))
+    md.append(table(rows) + "\n")
+
+    md.append("## Startup\n")
+    rows = []
+    for k, label in (("cluster_start_s", "Cluster start (`serve.start` / `ray.init` + `serve.start`)"),
+                     ("deploy_to_200_s", "Deploy call → first 200 over HTTP"),
+                     ("process_to_200_s", "Driver process start → first 200 (imports, cluster, deploy)")):
+        sv, rv = get(S, "startup", k), get(R, "startup", k)
+        rows.append((label + " (s)", fmt(sv), fmt(rv), ratio(sv, rv)))
+    md.append(table(rows) + "\n")
+
+    md.append("## Memory of the cluster's processes\n")
+    rows = []
+    for k, label in (("mem_idle", "idle, 1 replica"), ("mem_loaded", "after the load above, 1 replica")):
+        for m, ml, d in (("count", "processes", 0), ("rss_mb", "RSS sum (MB)", 0), ("pss_mb", "PSS sum (MB)", 0)):
+            sv, rv = get(S, k, m), get(R, k, m)
+            rows.append((f"{label}: {ml}", fmt(sv, d), fmt(rv, d), ratio(sv, rv)))
+    md.append(table(rows) + "\n")
+    for who, res in (("Serval", S), ("Ray Serve", R)):
+        procs = get(res, "mem_loaded", "procs") or get(res, "mem_idle", "procs")
+        if procs:
+            md.append(f"{who}, after the load, per process:\n")
+            md.append(table([(p["name"], p["pid"], f"{p['rss_kb'] / 1024:.0f}", f"{p['pss_kb'] / 1024:.0f}")
+                             for p in sorted(procs, key=lambda p: -p["pss_kb"])],
+                            header=("process", "pid", "RSS (MB)", "PSS (MB)")) + "\n")
+
+    md.append("## Serval only: the HTTP front door without Python\n")
+    md.append("The same no-op through the Serval proxy in front of native Rust replicas "
+              "(`bench/native`: `serval_proxy::Proxy` with a hand-built snapshot, replicas on the frame "
+              "protocol over Unix sockets, one tokio thread each), and a bare hyper hello-world server "
+              "(2 tokio workers) as this machine's ceiling for an HTTP front door.\n")
+    rows = []
+    for c in CONCURRENCIES:
+        cols = []
+        for key in ("hyper", "native1", "native2"):
+            v = get(N, key, c)
+            cols.append(f"{fmt(get(v, 'rps'), 0)} / {fmt(get(v, 'p50_ms'), 3)} / {fmt(get(v, 'p99_ms'), 3)}")
+        v = get(S, "get1", c)
+        cols.append(f"{fmt(get(v, 'rps'), 0)} / {fmt(get(v, 'p50_ms'), 3)} / {fmt(get(v, 'p99_ms'), 3)}")
+        rows.append((f"c={c}", *cols))
+    md.append(table(rows, header=("requests/s / p50 ms / p99 ms", "bare hyper", "Serval proxy → native ×1",
+                                  "Serval proxy → native ×2", "Serval proxy → Python ×1")) + "\n")
+    errs = [(k, c, get(N, k, c, "errors")) for k in ("hyper", "native1", "native2") for c in CONCURRENCIES
+            if get(N, k, c, "errors")]
+    if errs:
+        md.append(f"Errors: {errs}\n")
+    rows = [(k, fmt(get(N, f"mem_{k}", "rss_mb"), 1), fmt(get(N, f"mem_{k}", "pss_mb"), 1))
+            for k in ("hyper", "native1", "native2")]
+    md.append(table(rows, header=("process after the load", "RSS (MB)", "PSS (MB)")) + "\n")
+    return "\n".join(md)
+
+
+def main():
+    t0 = time.monotonic()
+    load_before = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    log(f"logs in {LOG_DIR}")
+    S, R, N = {"errors": []}, {"errors": []}, {"errors": []}
+    try:
+        if ONLY in ("", "serval"):
+            S = run_system("serval", SERVAL_PY, "serval_driver.py", {
+                "BENCH_HTTP_PORT": str(free_port()),
+                "SERVAL_CONTROL_PORT": str(free_port()),
+                "BENCH_DATA_DIR": tempfile.mkdtemp(prefix="serval-bench-data-"),
+                "SERVAL_NUM_CPUS": "4",
+            })
+        if ONLY in ("", "ray"):
+            if PEER_UNAVAILABLE:
+                log(f"ray: skipped: {PEER_UNAVAILABLE}")
+            else:
+                R = run_system("ray", PEER_PY, "ray_driver.py", {
+                    "BENCH_HTTP_PORT": str(free_port()),
+                    "BENCH_NUM_CPUS": "2",
+                })
+        if ONLY in ("", "native"):
+            log("native: bare hyper and the proxy in front of native replicas")
+            N = run_native()
+    except KeyboardInterrupt:
+        log("interrupted")
+    load_after = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    md = report(S, R, N, time.monotonic() - t0, load_before, load_after)
+    raw = {"serval": S, "ray": R, "native": N}
+    with open(os.path.join(LOG_DIR, "results.json"), "w") as f:
+        json.dump(raw, f, indent=1, default=str)
+    if ONLY == "":
+        with open(OUT, "w") as f:
+            f.write(md)
+        log(f"wrote {OUT}")
+    else:
+        log(f"BENCH_ONLY={ONLY}: not writing {OUT}")
+    print(md)
+    log(f"raw results and logs: {LOG_DIR}")
+    failed = any(res.get("errors") for res in (S, R, N))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    def _term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, _term)
+    sys.exit(main())

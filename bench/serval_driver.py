@@ -1,0 +1,117 @@
+"""Serval side of bench/run, run with bench/.venv's python (the release
+build of the SDK). Driven by bench/harness.py through driver_common's
+command loop; deploys with Serval's Ray Serve 1.x API.
+
+Environment (set by the harness): BENCH_HTTP_PORT, BENCH_CONTROL_PORT,
+BENCH_DATA_DIR, SERVAL_NUM_CPUS.
+"""
+
+import json
+import os
+import time
+
+import driver_common as common
+from apps import Echo, Noop
+
+import serval
+from serval import serve
+
+HTTP_PORT = int(os.environ["BENCH_HTTP_PORT"])
+DATA_DIR = os.environ["BENCH_DATA_DIR"]
+BASE = f"http://127.0.0.1:{HTTP_PORT}"
+
+state = {}
+
+
+def _pids():
+    snap = serve.status()
+    nodes = [n.get("pid") for n in snap.get("nodes", []) if n.get("alive") and n.get("pid")]
+    replicas = [r.get("pid") for r in snap.get("replicas", []) if r.get("pid") and r.get("state") == "running"]
+    return {"pids": nodes + replicas}
+
+
+def start():
+    """Starts a head (controller, proxy, node agent) and deploys the no-op
+    with one replica; times the deploy and the first 200."""
+    t0 = time.monotonic()
+    serve.start(http_options={"port": HTTP_PORT}, data_dir=DATA_DIR)
+    t_started = time.monotonic()
+    serve.create_backend("noop", Noop)
+    serve.create_endpoint("noop", backend="noop", route="/noop")
+    t_first = common.wait_for_200(f"{BASE}/noop")
+    out = {
+        "cluster_start_s": t_started - t0,
+        "deploy_to_200_s": t_first - t_started,
+        "t_first_200": t_first,
+        "url": f"{BASE}/noop",
+        "version": getattr(serval, "__version__", None) or _version(),
+    }
+    out.update(_pids())
+    return out
+
+
+def _version():
+    try:
+        from importlib.metadata import version
+        return version("serval")
+    except Exception:
+        return "?"
+
+
+def pids():
+    return _pids()
+
+
+def handle(seq, conc):
+    h = serve.get_handle("noop")
+    out = {}
+    out["sequential"] = common.time_sequential(lambda: h.remote().result(), seq, "ok")
+    out["concurrent"] = common.time_concurrent(h.remote, lambda f, t: f.result(timeout=t), conc, "ok")
+    other = h.options(method_name="other")
+    out["method"] = common.time_sequential(lambda: serval.get(other.remote(1)), seq, 1)
+    return out
+
+
+def deploy_echo():
+    serve.create_backend("echo", Echo)
+    serve.create_endpoint("echo", backend="echo", route="/echo", methods=["POST"])
+    return {"url": f"{BASE}/echo"}
+
+
+def delete_echo():
+    serve.delete_endpoint("echo")
+    serve.delete_backend("echo")
+    deadline = time.monotonic() + 60
+    while any(r.get("backend") == "echo" for r in serve.status().get("replicas", [])):
+        if time.monotonic() > deadline:
+            raise TimeoutError("echo replicas still listed after 60 s")
+        time.sleep(0.1)
+    return {}
+
+
+def scale(n):
+    serve.update_backend_config("noop", {"num_replicas": n})
+    deadline = time.monotonic() + 120
+    while True:
+        running = [r for r in serve.status().get("replicas", [])
+                   if r.get("backend") == "noop" and r.get("state") == "running"]
+        if len(running) == n:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"noop has {len(running)} running replicas, not {n}, after 120 s")
+        time.sleep(0.1)
+    time.sleep(1.0)  # proxies follow the snapshot stream
+    common.wait_for_200(f"{BASE}/noop")
+    return _pids()
+
+
+def shutdown():
+    serve.shutdown()
+    return {}
+
+
+if __name__ == "__main__":
+    common.serve_commands({
+        "start": start, "pids": pids, "handle": handle, "deploy_echo": deploy_echo,
+        "delete_echo": delete_echo, "scale": scale, "shutdown": shutdown,
+    })
