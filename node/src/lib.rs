@@ -14,5 +14,7 @@ pub mod agent;
 pub mod metrics;
 pub mod replica_server;
 pub mod supervisor;
+#[cfg(feature = "test-util")]
+pub mod test_util;
 
 pub use agent::{AgentConfig, NodeAgent};

@@ -2,7 +2,7 @@
 //! real replica frame servers, and hyper's client speaking HTTP/1.1 and h2c.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -10,100 +10,22 @@ use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::Frame;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serval_node::replica_server::{bind_unix, serve as serve_replica, EchoHandler, Handler, Reply};
-use serval_protos::control::{Backend, BackendConfig, ClusterSnapshot, Endpoint, Replica};
-use serval_protos::frame::{Request, Response};
+use serval_node::replica_server::EchoHandler;
+use serval_node::test_util::{HoldHandler, ThreadedReplica};
+use serval_protos::control::{Backend, BackendConfig, ClusterSnapshot, Endpoint};
+use serval_protos::frame::Response;
 use serval_proxy::{Proxy, ProxyConfig};
 
 type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
 
 /// A replica frame server on its own runtime thread; dropping it stops it.
-struct TestReplica {
-    unix_path: String,
-    tcp_addr: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl TestReplica {
-    fn start(dir: &std::path::Path, id: &str, handler: Arc<dyn Handler>) -> Self {
-        let path = dir.join(format!("{id}.sock"));
-        let unix_path = path.to_string_lossy().into_owned();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let unix = bind_unix(&path).unwrap();
-                let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                ready_tx
-                    .send(tcp.local_addr().unwrap().to_string())
-                    .unwrap();
-                serve_replica(Some(unix), Some(tcp), handler, async move {
-                    let _ = stop_rx.await;
-                })
-                .await;
-            });
-        });
-        let tcp_addr = ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        Self {
-            unix_path,
-            tcp_addr,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-
-    fn pb(&self, id: &str, backend: &str) -> Replica {
-        Replica {
-            id: id.into(),
-            backend: backend.into(),
-            state: "running".into(),
-            unix_path: self.unix_path.clone(),
-            tcp_addr: self.tcp_addr.clone(),
-            ..Default::default()
-        }
-    }
-}
-
-impl Drop for TestReplica {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-#[derive(Default)]
-struct HoldHandler {
-    held: Mutex<Vec<Reply>>,
-}
-
-impl Handler for HoldHandler {
-    fn handle(&self, _request: Request, reply: Reply) {
-        self.held.lock().unwrap().push(reply);
-    }
-}
-
-impl HoldHandler {
-    fn held(&self) -> usize {
-        self.held.lock().unwrap().len()
-    }
-    fn release_all(&self) {
-        for r in std::mem::take(&mut *self.held.lock().unwrap()) {
-            r.send(&Response {
-                status: 201,
-                headers: vec![("x-held".into(), "yes".into())],
-                body: b"done".to_vec(),
-            });
-        }
-    }
+/// Answers every held request with 201 "done" and an `x-held` header.
+fn release(hold: &HoldHandler) {
+    hold.release_all_with(&Response {
+        status: 201,
+        headers: vec![("x-held".into(), "yes".into())],
+        body: b"done".to_vec(),
+    });
 }
 
 fn backend(name: &str, max_concurrent_queries: u32) -> Backend {
@@ -221,9 +143,9 @@ async fn http_proxy_end_to_end() {
         .install_recorder()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let echo = TestReplica::start(dir.path(), "echo", Arc::new(EchoHandler));
+    let echo = ThreadedReplica::start(dir.path(), "echo", Arc::new(EchoHandler));
     let hold = Arc::new(HoldHandler::default());
-    let held = TestReplica::start(dir.path(), "held", hold.clone());
+    let held = ThreadedReplica::start(dir.path(), "held", hold.clone());
 
     let config = ProxyConfig {
         max_body_bytes: 1024,
@@ -251,7 +173,7 @@ async fn http_proxy_end_to_end() {
             endpoint("echo", "/echo", &["GET", "POST"], "echo"),
             endpoint("held", "/held", &[], "held"),
         ],
-        replicas: vec![echo.pb("e1", "echo"), held.pb("h1", "held")],
+        replicas: vec![echo.record("echo"), held.record("held")],
         ..Default::default()
     });
     let health = http.get("/-/healthz").await;
@@ -319,7 +241,7 @@ async fn http_proxy_end_to_end() {
     let r = http.get("/held").await;
     assert_json_error(&r, 503, "overloaded");
     assert_eq!(r.header("retry-after"), Some("1"));
-    hold.release_all();
+    release(&hold);
     let r = first.await.unwrap();
     assert_eq!(
         (r.status, r.body.as_str(), r.header("x-held")),

@@ -11,7 +11,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serval_node::replica_server::{bind_unix, serve as serve_replica, Handler, Reply};
+use serval_node::replica_server::{Handler, Reply};
+use serval_node::test_util::ThreadedReplica;
 use serval_protos::control::{
     Backend, BackendConfig, ClusterSnapshot, Endpoint, HttpOptions, Replica,
 };
@@ -40,55 +41,8 @@ impl Handler for SizedHandler {
     }
 }
 
-/// A replica frame server on its own runtime thread; dropping it stops it.
-struct TestReplica {
-    unix_path: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl TestReplica {
-    fn start(dir: &std::path::Path) -> Self {
-        let path = dir.join("r.sock");
-        let unix_path = path.to_string_lossy().into_owned();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let unix = bind_unix(&path).unwrap();
-                ready_tx.send(()).unwrap();
-                serve_replica(Some(unix), None, Arc::new(SizedHandler), async move {
-                    let _ = stop_rx.await;
-                })
-                .await;
-            });
-        });
-        ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        Self {
-            unix_path,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for TestReplica {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// The cluster as the controller would send it, with `middlewares_json`.
-fn snapshot(version: u64, replica: &TestReplica, middlewares_json: &str) -> ClusterSnapshot {
+fn snapshot(version: u64, replica: &ThreadedReplica, middlewares_json: &str) -> ClusterSnapshot {
     ClusterSnapshot {
         version,
         backends: vec![Backend {
@@ -203,7 +157,7 @@ const CORS: &str = r#"[{"name": "CORSMiddleware", "options": {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_simple_and_preflight() {
     let dir = tempfile::tempdir().unwrap();
-    let replica = TestReplica::start(dir.path());
+    let replica = ThreadedReplica::start(dir.path(), "r", Arc::new(SizedHandler));
     let server = Server::start().await;
     server.proxy.apply_snapshot(&snapshot(1, &replica, CORS));
 
@@ -310,7 +264,7 @@ async fn cors_simple_and_preflight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gzip_above_minimum_size_when_accepted() {
     let dir = tempfile::tempdir().unwrap();
-    let replica = TestReplica::start(dir.path());
+    let replica = ThreadedReplica::start(dir.path(), "r", Arc::new(SizedHandler));
     let server = Server::start().await;
     server.proxy.apply_snapshot(&snapshot(
         1,
@@ -357,7 +311,7 @@ async fn gzip_above_minimum_size_when_accepted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trusted_host() {
     let dir = tempfile::tempdir().unwrap();
-    let replica = TestReplica::start(dir.path());
+    let replica = ThreadedReplica::start(dir.path(), "r", Arc::new(SizedHandler));
     let server = Server::start().await;
     server.proxy.apply_snapshot(&snapshot(
         1,

@@ -4,10 +4,11 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use serval_node::replica_server::{bind_unix, serve, EchoHandler, Handler, Reply};
+use serval_node::replica_server::{EchoHandler, Handler, Reply};
+use serval_node::test_util::{HoldHandler, ThreadedReplica};
 use serval_protos::control::{
     Backend as PbBackend, BackendConfig, ClusterSnapshot, Endpoint, Replica as PbReplica,
 };
@@ -15,106 +16,12 @@ use serval_protos::frame::{HttpRequest, Payload, Request, Response};
 
 use super::*;
 
-struct TestReplica {
-    id: String,
-    unix_path: String,
-    tcp_addr: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+/// A native replica on its own runtime thread (`kill` = a crashed process).
+type TestReplica = ThreadedReplica;
 
-impl TestReplica {
-    fn start(dir: &std::path::Path, id: &str, handler: Arc<dyn Handler>) -> Self {
-        let unix_path = dir.join(format!("{id}.sock"));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let path = unix_path.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let unix = bind_unix(&path).unwrap();
-                let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                ready_tx
-                    .send(tcp.local_addr().unwrap().to_string())
-                    .unwrap();
-                serve(Some(unix), Some(tcp), handler, async move {
-                    let _ = stop_rx.await;
-                })
-                .await;
-            });
-            // Dropping the runtime cancels every connection task: the
-            // sockets close as they would when the process dies.
-            drop(rt);
-        });
-        let tcp_addr = ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        Self {
-            id: id.into(),
-            unix_path: unix_path.to_string_lossy().into_owned(),
-            tcp_addr,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-    }
-
-    fn pb(&self, backend: &str) -> PbReplica {
-        PbReplica {
-            id: self.id.clone(),
-            backend: backend.into(),
-            state: "running".into(),
-            unix_path: self.unix_path.clone(),
-            tcp_addr: self.tcp_addr.clone(),
-            ..Default::default()
-        }
-    }
-}
-
-impl Drop for TestReplica {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Holds every reply until the test releases it.
-#[derive(Default)]
-struct HoldHandler {
-    held: Mutex<Vec<Reply>>,
-}
-
-impl Handler for HoldHandler {
-    fn handle(&self, _request: Request, reply: Reply) {
-        self.held.lock().unwrap().push(reply);
-    }
-}
-
-impl HoldHandler {
-    fn held(&self) -> usize {
-        self.held.lock().unwrap().len()
-    }
-
-    fn release_all(&self) -> usize {
-        let replies: Vec<Reply> = std::mem::take(&mut *self.held.lock().unwrap());
-        let n = replies.len();
-        for r in replies {
-            r.send(&Response {
-                status: 200,
-                headers: vec![],
-                body: b"released".to_vec(),
-            });
-        }
-        n
-    }
+/// Answers every request `hold` kept with "released"; returns how many.
+fn release(hold: &HoldHandler) -> usize {
+    hold.release_all_with(&Response { status: 200, headers: vec![], body: b"released".to_vec() })
 }
 
 /// Answers with its tag and counts requests.
@@ -217,7 +124,7 @@ async fn echo_round_trip_and_unknown_endpoint() {
     router.update(&snapshot(
         vec![backend("b", 0)],
         vec![endpoint("ep", &[("b", 1.0)], &[])],
-        vec![rep.pb("b")],
+        vec![rep.record("b")],
     ));
     assert!(router.has_endpoint("ep"));
     assert!(!router.has_endpoint("nope"));
@@ -241,7 +148,7 @@ async fn echo_round_trip_and_unknown_endpoint() {
 async fn tcp_is_used_when_the_socket_is_not_on_this_machine() {
     let dir = tempfile::tempdir().unwrap();
     let rep = TestReplica::start(dir.path(), "r1", Arc::new(EchoHandler));
-    let mut pb = rep.pb("b");
+    let mut pb = rep.record("b");
     pb.unix_path = dir
         .path()
         .join("elsewhere.sock")
@@ -272,7 +179,7 @@ async fn full_replicas_queue_then_backpressure_and_counts_return_to_zero() {
     router.update(&snapshot(
         vec![backend("b", 2)],
         vec![endpoint("ep", &[("b", 1.0)], &[])],
-        vec![rep.pb("b")],
+        vec![rep.record("b")],
     ));
 
     let mut calls = Vec::new();
@@ -300,10 +207,10 @@ async fn full_replicas_queue_then_backpressure_and_counts_return_to_zero() {
     // Never above the limit.
     assert_eq!(hold.held(), 2);
 
-    assert_eq!(hold.release_all(), 2);
+    assert_eq!(release(&hold), 2);
     eventually("queued request admitted", || hold.held() == 1).await;
     assert_eq!(router.queued("b"), 0);
-    hold.release_all();
+    release(&hold);
     for c in calls {
         assert_eq!(body(&c.await.unwrap().unwrap()), "released");
     }
@@ -320,7 +227,7 @@ async fn dropped_callers_release_their_slot_and_queue_place() {
     router.update(&snapshot(
         vec![backend("b", 1)],
         vec![endpoint("ep", &[("b", 1.0)], &[])],
-        vec![rep.pb("b")],
+        vec![rep.record("b")],
     ));
 
     let r = router.clone();
@@ -337,11 +244,11 @@ async fn dropped_callers_release_their_slot_and_queue_place() {
     eventually("slot released", || router.in_flight("b") == 0).await;
 
     // The late reply to the cancelled request is ignored; the slot is usable.
-    hold.release_all();
+    release(&hold);
     let r = router.clone();
     let next = tokio::spawn(async move { r.call("ep", http_request("/ep")).await });
     eventually("next request held", || hold.held() == 1).await;
-    hold.release_all();
+    release(&hold);
     assert_eq!(body(&next.await.unwrap().unwrap()), "released");
     assert_eq!(router.in_flight("b"), 0);
 }
@@ -359,7 +266,7 @@ async fn a_slow_replica_times_out_and_frees_its_slot() {
     router.update(&snapshot(
         vec![backend("b", 0)],
         vec![endpoint("ep", &[("b", 1.0)], &[])],
-        vec![rep.pb("b")],
+        vec![rep.record("b")],
     ));
     let err = router.call("ep", http_request("/ep")).await.unwrap_err();
     assert!(matches!(err, RouterError::Timeout { .. }), "{err:?}");
@@ -378,7 +285,7 @@ async fn a_replica_dying_mid_request_fails_it_and_traffic_moves_on() {
     router.update(&snapshot(
         vec![backend("be", 0)],
         eps(),
-        vec![doomed.pb("be")],
+        vec![doomed.record("be")],
     ));
     let r = router.clone();
     let stuck = tokio::spawn(async move { r.call("ep", http_request("/ep")).await });
@@ -386,7 +293,7 @@ async fn a_replica_dying_mid_request_fails_it_and_traffic_moves_on() {
     router.update(&snapshot(
         vec![backend("be", 0)],
         eps(),
-        vec![doomed.pb("be"), survivor.pb("be")],
+        vec![doomed.record("be"), survivor.record("be")],
     ));
     assert_eq!(
         router.in_flight("be"),
@@ -437,7 +344,7 @@ async fn weights_one_and_zero_send_everything_to_one_backend_and_shadow_gets_cop
     router.update(&snapshot(
         vec![backend("b1", 0), backend("b2", 0), backend("b3", 0)],
         vec![endpoint("ep", &[("b1", 1.0), ("b2", 0.0)], &[("b3", 1.0)])],
-        vec![r1.pb("b1"), r2.pb("b2"), r3.pb("b3")],
+        vec![r1.record("b1"), r2.record("b2"), r3.record("b3")],
     ));
     for _ in 0..50 {
         assert_eq!(
@@ -486,10 +393,10 @@ async fn waits_for_a_replica_then_gives_up_with_no_replica() {
         router.inner.updates.receiver_count() == 1
     })
     .await;
-    let mut starting = rep.pb("b");
+    let mut starting = rep.record("b");
     starting.state = "starting".into();
     router.update(&snapshot(vec![backend("b", 0)], eps(), vec![starting]));
-    router.update(&snapshot(vec![backend("b", 0)], eps(), vec![rep.pb("b")]));
+    router.update(&snapshot(vec![backend("b", 0)], eps(), vec![rep.record("b")]));
     let resp = tokio::time::timeout(Duration::from_secs(5), waiting)
         .await
         .unwrap()
@@ -561,7 +468,7 @@ fn requests_latency_batches_queue_and_in_flight_are_recorded_per_backend() {
             router.update(&snapshot(
                 vec![backend("b", 1)],
                 vec![endpoint("ep", &[("b", 1.0)], &[])],
-                vec![rep.pb("b")],
+                vec![rep.record("b")],
             ));
             for path in ["/ok", "/ok", "/missing", "/boom"] {
                 let r = router.call("ep", http_request(path)).await.unwrap();
@@ -595,10 +502,10 @@ fn requests_latency_batches_queue_and_in_flight_are_recorded_per_backend() {
             assert_eq!(in_flight(), Some(1.0));
             let second = spawn_hold();
             eventually("one request queued", || queued() == Some(1.0)).await;
-            replica.held.release_all();
+            release(&replica.held);
             eventually("the queued request admitted", || replica.held.held() == 1).await;
             assert_eq!(queued(), Some(0.0));
-            replica.held.release_all();
+            release(&replica.held);
             for call in [first, second] {
                 assert_eq!(call.await.unwrap().unwrap().status, 200);
             }
