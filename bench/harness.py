@@ -31,7 +31,7 @@ import uuid
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
-SERVAL_PY = os.path.join(BENCH, ".venv", "bin", "python")
+SERVAL_PY = os.environ.get("BENCH_SERVAL_PY", os.path.join(BENCH, ".venv", "bin", "python"))
 PEER_PY = os.path.join(BENCH, ".peer-venv", "bin", "python")
 NATIVE_BIN = os.environ.get("BENCH_NATIVE_BIN", os.path.join(ROOT, "target", "release", "serval-bench"))
 
@@ -303,6 +303,10 @@ def wrk(url, conc, script=None, label=""):
         f.write(f"### {label} {' '.join(base)} {url}\n{p.stdout}{p.stderr}\n")
     if res["rps"] is None:
         res["error"] = (p.stderr or p.stdout).strip()[-300:]
+    elif not res["requests"]:
+        res["error"] = f"no response at all in {DURATION} s (server wedged?)"
+        res["rps"] = 0.0
+        res["p50_ms"] = res["p99_ms"] = None
     log(f"  {label} c={conc}: {fmt(res['rps'], 0)} req/s, p50 {fmt(res['p50_ms'], 2)} ms, "
         f"p99 {fmt(res['p99_ms'], 2)} ms, errors {res['errors']}")
     return res
@@ -319,14 +323,38 @@ def fmt(v, digits=2):
 # ------------------------------------------------------------------ scenarios
 
 def run_system(name, python, script, env):
-    """The scenarios against one system; returns its results (partial
-    results and the error if something broke)."""
+    """The scenarios against one system; returns its results. A step that
+    fails is recorded (with the driver log's tail) and the next one runs: a
+    wedged replica shows up as errors, not as a missing report."""
     res = {"errors": []}
     log(f"{name}: starting the driver and the cluster")
     drv = None
+
+    def step(what, fn):
+        try:
+            return fn()
+        except Exception as e:
+            first = str(e).splitlines()[0][:400] if str(e) else type(e).__name__
+            log(f"{name}: {what} FAILED: {e}")
+            res["errors"].append(f"{what}: {first}")
+            if drv is not None:
+                log(f"{name}: driver log tail ({drv.log_path}):\n{drv.tail(15)}")
+            return None
+
+    def http(key, url, script=None, label=""):
+        out = {c: wrk(url, c, script=script, label=label) for c in ([POST_CONCURRENCY] if script else CONCURRENCIES)}
+        for c, r in out.items():
+            if r.get("error"):
+                res["errors"].append(f"{label} c={c}: {r['error']}")
+        res[key] = out[POST_CONCURRENCY] if script else out
+
     try:
-        drv = Driver(name, python, script, env)
-        started = drv.call("start")
+        drv = step("driver start", lambda: Driver(name, python, script, env))
+        if drv is None:
+            return res
+        started = step("cluster start and deploy", lambda: drv.call("start"))
+        if started is None:
+            return res
         res["version"] = started.get("version")
         res["startup"] = {
             "cluster_start_s": started["cluster_start_s"],
@@ -337,38 +365,40 @@ def run_system(name, python, script, env):
             f"{res['startup']['deploy_to_200_s']:.2f} s after the deploy call")
         url = started["url"]
         time.sleep(3)
-        res["mem_idle"] = memory_of(drv.cluster_pids(drv.call("pids")))
+        res["mem_idle"] = memory_of(drv.cluster_pids(step("pids", lambda: drv.call("pids"))))
         log(f"{name}: idle, 1 replica: {res['mem_idle']['count']} processes, "
             f"RSS {res['mem_idle']['rss_mb']:.0f} MB, PSS {res['mem_idle']['pss_mb']:.0f} MB")
 
-        res["get1"] = {c: wrk(url, c, label=f"{name} GET 1 replica") for c in CONCURRENCIES}
+        step("GET, 1 replica", lambda: http("get1", url, label=f"{name} GET 1 replica"))
         log(f"{name}: ServeHandle calls")
-        res["handle"] = drv.call("handle", seq=SEQ_CALLS, conc=CONC_CALLS)
+        res["handle"] = step("ServeHandle calls",
+                             lambda: drv.call("handle", seq=SEQ_CALLS, conc=CONC_CALLS)) or {}
         for k in ("sequential", "method"):
-            h = res["handle"][k]
-            log(f"  handle {k}: p50 {h['p50_ms']:.3f} ms, p99 {h['p99_ms']:.3f} ms, errors {h['errors']}")
-        h = res["handle"]["concurrent"]
-        log(f"  handle concurrent: {h['calls_per_s']:.0f} calls/s, {h['completed']} of {h['n']} completed "
-            f"in {h['seconds']:.1f} s, errors {h['errors']}")
-        res["mem_loaded"] = memory_of(drv.cluster_pids(drv.call("pids")))
+            h = res["handle"].get(k)
+            if h:
+                log(f"  handle {k}: p50 {h['p50_ms']:.3f} ms, p99 {h['p99_ms']:.3f} ms, errors {h['errors']}")
+        h = res["handle"].get("concurrent")
+        if h:
+            log(f"  handle concurrent: {h['calls_per_s']:.0f} calls/s, {h['completed']} of {h['n']} completed "
+                f"in {h['seconds']:.1f} s, errors {h['errors']}")
+            if h["timed_out"]:
+                res["errors"].append(f"ServeHandle concurrent calls: only {h['completed']} of {h['n']} "
+                                     f"completed within {h['budget_s']:.0f} s")
+        res["mem_loaded"] = memory_of(drv.cluster_pids(step("pids", lambda: drv.call("pids"))))
         log(f"{name}: after the load: {res['mem_loaded']['count']} processes, "
             f"RSS {res['mem_loaded']['rss_mb']:.0f} MB, PSS {res['mem_loaded']['pss_mb']:.0f} MB")
 
-        echo = drv.call("deploy_echo")
-        lua = os.path.join(LOG_DIR, "post.lua")
-        with open(lua, "w") as f:
-            f.write(POST_LUA % (POST_BYTES - len('{"data":""}')))
-        res["post"] = wrk(echo["url"], POST_CONCURRENCY, script=lua, label=f"{name} POST 10 KiB echo")
-        drv.call("delete_echo")
+        echo = step("deploy echo", lambda: drv.call("deploy_echo"))
+        if echo:
+            lua = os.path.join(LOG_DIR, "post.lua")
+            with open(lua, "w") as f:
+                f.write(POST_LUA % (POST_BYTES - len('{"data":""}')))
+            step("POST echo", lambda: http("post", echo["url"], script=lua, label=f"{name} POST 10 KiB echo"))
+            step("delete echo", lambda: drv.call("delete_echo"))
 
-        drv.call("scale", n=2)
-        res["get2"] = {c: wrk(url, c, label=f"{name} GET 2 replicas") for c in CONCURRENCIES}
-        drv.call("shutdown", timeout=120)
-    except Exception as e:  # record and go on with the other system
-        log(f"{name}: FAILED: {e}")
-        res["errors"].append(str(e).splitlines()[0][:500])
-        if drv is not None:
-            log(f"{name}: driver log tail ({drv.log_path}):\n{drv.tail()}")
+        if step("scale to 2 replicas", lambda: drv.call("scale", n=2)) is not None:
+            step("GET, 2 replicas", lambda: http("get2", url, label=f"{name} GET 2 replicas"))
+        step("shutdown", lambda: drv.call("shutdown", timeout=120))
     finally:
         if drv is not None:
             left = drv.close()
@@ -485,7 +515,11 @@ def wrk_rows(s, r):
                                ("p99_ms", "p99 latency (ms)", 3)):
         sv, rv = get(s, key), get(r, key)
         rows.append((label, fmt(sv, digits), fmt(rv, digits), ratio(sv, rv)))
-    rows.append(("errors (non-2xx + socket)", fmt(get(s, "errors")), fmt(get(r, "errors")), ""))
+    def errs(x):
+        if x and x.get("error"):
+            return f"{fmt(x.get('errors'))}; {x['error']}"
+        return fmt(get(x, "errors"))
+    rows.append(("errors (non-2xx + socket)", errs(s), errs(r), ""))
     return rows
 
 

@@ -52,6 +52,8 @@ pub struct AgentConfig {
 pub struct NodeAgent {
     config: AgentConfig,
     client: Client,
+    /// The head addresses `client` balances over.
+    known_heads: String,
     node_id: String,
     supervisors: HashMap<String, SupervisorHandle>,
     /// Replicas removed from this node, stopping after their drain grace.
@@ -71,9 +73,11 @@ impl NodeAgent {
         let known_id = std::fs::read_to_string(&id_file)
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
+        let known_heads = config.control_addr.clone();
         let mut agent = Self {
             config,
             client,
+            known_heads,
             node_id: known_id,
             supervisors: HashMap::new(),
             draining: Vec::new(),
@@ -170,7 +174,32 @@ impl NodeAgent {
     }
 
     /// Starts supervisors for replicas placed here and stops the others.
+    /// Adds the heads a snapshot names to this agent's control client, so
+    /// an agent given one head fails over to the others (supervisors started
+    /// from now on get the new client too).
+    fn learn_heads(&mut self, snapshot: &ClusterSnapshot) {
+        let mut heads: Vec<String> = client::heads(&self.config.control_addr).into_iter().map(String::from).collect();
+        for h in &snapshot.heads {
+            if !h.address.is_empty() && !heads.contains(&h.address) {
+                heads.push(h.address.clone());
+            }
+        }
+        let joined = heads.join(",");
+        if joined == self.known_heads {
+            return;
+        }
+        match client::connect_lazy(&joined, &self.config.token) {
+            Ok(c) => {
+                tracing::info!(heads = %joined, "control client follows the cluster's heads");
+                self.client = c;
+                self.known_heads = joined;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot use the heads the cluster names"),
+        }
+    }
+
     async fn reconcile(&mut self, snapshot: &ClusterSnapshot) {
+        self.learn_heads(snapshot);
         let backends: HashMap<&str, _> = snapshot
             .backends
             .iter()

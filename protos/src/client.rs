@@ -230,12 +230,21 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// With several heads (`addrs` comma-separated) it moves to the next head
 /// whenever the stream breaks.
 pub fn spawn_watch(addrs: String, token: String, include_code: bool) -> SnapshotReceiver {
-    let (tx, rx) = tokio::sync::watch::channel(None);
+    let (tx, rx) = tokio::sync::watch::channel::<Option<std::sync::Arc<ClusterSnapshot>>>(None);
     tokio::spawn(async move {
         let mut backoff = WATCH_BACKOFF_MIN;
-        let list: Vec<String> = heads(&addrs).into_iter().map(String::from).collect();
+        let mut list: Vec<String> = heads(&addrs).into_iter().map(String::from).collect();
         let mut next = 0usize;
         loop {
+            // Heads learned from the last snapshot join the list, so a
+            // client given one head fails over to the others it joined.
+            if let Some(snapshot) = tx.borrow().as_ref() {
+                for head in &snapshot.heads {
+                    if !head.address.is_empty() && !list.contains(&head.address) {
+                        list.push(head.address.clone());
+                    }
+                }
+            }
             let Some(addr) = list.get(next % list.len().max(1)).cloned() else { return };
             next += 1;
             let mut received = false;
