@@ -70,6 +70,8 @@ def percentile(sorted_values, p):
 def latency_stats(samples_s):
     s = sorted(samples_s)
     n = len(s)
+    if n == 0:
+        return {"n": 0, "mean_ms": None, "p50_ms": None, "p99_ms": None}
     return {
         "n": n,
         "mean_ms": 1000.0 * sum(s) / n,
@@ -78,30 +80,38 @@ def latency_stats(samples_s):
     }
 
 
-def time_sequential(call, n, expect):
-    """``n`` calls one after the other: latency per call."""
+def time_sequential(call, n, expect, budget_s=120.0):
+    """``n`` calls one after the other: latency per call. ``call(timeout_s)``
+    returns the result. Bounded in time: stops after ``budget_s``."""
+    t0 = time.perf_counter()
     for _ in range(min(50, n)):  # warm-up
-        call()
+        call(budget_s)
     samples = []
     errors = 0
+    timed_out = False
     for _ in range(n):
+        left = budget_s - (time.perf_counter() - t0)
+        if left <= 0:
+            timed_out = True
+            break
         t = time.perf_counter()
         try:
-            ok = call() == expect
+            ok = call(left) == expect
         except Exception:
             ok = False
         samples.append(time.perf_counter() - t)
         errors += 0 if ok else 1
     out = latency_stats(samples)
-    out["errors"] = errors
-    out["calls_per_s"] = n / sum(samples)
+    out.update({"errors": errors + (n - len(samples)), "calls_per_s": len(samples) / sum(samples) if samples else 0.0,
+                "completed": len(samples), "timed_out": timed_out, "budget_s": budget_s})
     return out
 
 
-def time_concurrent(submit, wait, n, expect, budget_s=120.0):
+def time_concurrent(submit, wait, cancel, n, expect, budget_s=120.0):
     """``n`` calls submitted at once, then all waited for: throughput.
     ``wait(pending, timeout_s)`` returns the result. Bounded in time: calls
-    not done ``budget_s`` after the start count as not completed."""
+    not done ``budget_s`` after the start count as not completed and are
+    cancelled (``cancel(pending)``), so they do not load the next scenario."""
     t = time.perf_counter()
     pending = [submit() for _ in range(n)]
     submitted = time.perf_counter() - t
@@ -124,5 +134,11 @@ def time_concurrent(submit, wait, n, expect, budget_s=120.0):
             done += 1
             errors += 1
     total = time.perf_counter() - t
+    if timed_out:
+        for p in pending[done:]:
+            try:
+                cancel(p)
+            except Exception:
+                pass
     return {"n": n, "completed": done, "seconds": total, "calls_per_s": done / total, "submit_s": submitted,
             "errors": errors + (n - done), "timed_out": timed_out, "budget_s": budget_s}

@@ -55,11 +55,12 @@ def pids():
 
 def handle(seq, conc):
     h = serve.get_app_handle("noop")
-    out = {}
-    out["sequential"] = common.time_sequential(lambda: h.remote().result(), seq, "ok")
-    out["concurrent"] = common.time_concurrent(h.remote, lambda r, t: r.result(timeout_s=t), conc, "ok")
     other = h.options(method_name="other")
-    out["method"] = common.time_sequential(lambda: other.remote(1).result(), seq, 1)
+    out = {}
+    out["sequential"] = common.time_sequential(lambda t: h.remote().result(timeout_s=t), seq, "ok")
+    out["method"] = common.time_sequential(lambda t: other.remote(1).result(timeout_s=t), seq, 1)
+    out["concurrent"] = common.time_concurrent(h.remote, lambda r, t: r.result(timeout_s=t), lambda r: r.cancel(),
+                                               conc, "ok")
     return out
 
 

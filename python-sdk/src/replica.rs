@@ -127,15 +127,20 @@ impl Wake {
         let _ = (&self.writer).write(&[1]);
     }
 
-    /// Called by the worker before it drains the queue.
+    /// Called by the worker before it drains the queue. The socket is
+    /// emptied BEFORE `pending` is cleared: the other order could swallow
+    /// the byte of a `wake` that came in between, leaving `pending` set with
+    /// nothing to read, and the loop would never wake again. In this order a
+    /// wake that sees `pending` still set has its request in the queue the
+    /// caller is about to drain.
     fn clear(&self) {
-        self.pending.store(false, Ordering::SeqCst);
         let mut buf = [0u8; 256];
         while let Ok(n) = (&self.reader).read(&mut buf) {
             if n < buf.len() {
                 break;
             }
         }
+        self.pending.store(false, Ordering::SeqCst);
     }
 }
 

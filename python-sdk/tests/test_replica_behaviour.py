@@ -398,3 +398,26 @@ def test_handle_calls_beyond_capacity_and_queue_raise_a_clear_error(cluster):
 
     results = asyncio.run(load())
     assert sum(r == "done" for r in results) == capacity
+
+
+class Noop:
+    def __call__(self, request):
+        return "ok"
+
+
+def test_a_sync_replica_keeps_answering_under_concurrent_load(cluster):
+    """Many requests at once, repeatedly: a lost wake-up would leave the
+    replica's loop asleep and every later request hanging."""
+    import concurrent.futures
+
+    import requests as http
+
+    serve.create_backend("noop", Noop)
+    serve.create_endpoint("noop", backend="noop", route="/noop")
+    handle = serve.get_handle("noop")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        for _ in range(30):
+            futures = [pool.submit(http.get, f"{cluster.url}/noop", timeout=30) for _ in range(16)]
+            assert [f.result().text for f in futures] == ["ok"] * 16
+            refs = [handle.remote() for _ in range(16)]
+            assert [r.result(timeout=30) for r in refs] == ["ok"] * 16
