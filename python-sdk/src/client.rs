@@ -281,16 +281,19 @@ impl Client {
         Ok(())
     }
 
-    /// Waits until every replica of `name` runs its current version
-    /// ("done"), or a replica of that version failed ("failed", reason).
+    /// Waits until every replica of `name` runs a version at least
+    /// `min_version` ("done"), or a replica of that version failed
+    /// ("failed", reason). `min_version` keeps a snapshot from before the
+    /// update (all replicas on the old version) from counting as done.
     fn wait_rollout(
         &self,
         py: Python<'_>,
         name: String,
+        min_version: u64,
         timeout: f64,
     ) -> PyResult<Option<(String, String)>> {
         self.wait_snapshot(py, timeout, move |s| {
-            let b = s.backends.iter().find(|b| b.name == name)?;
+            let b = s.backends.iter().find(|b| b.name == name && b.version >= min_version)?;
             let replicas: Vec<_> = s.replicas.iter().filter(|r| r.backend == name).collect();
             let want = b.config.as_ref().map(|c| c.num_replicas as usize).unwrap_or(1);
             if let Some(f) = replicas

@@ -384,8 +384,11 @@ def update_backend(backend_tag: str, func_or_class: Union[Callable, type], *acto
     if not callable(func_or_class):
         raise TypeError("update_backend needs a function or a class")
     client = _get_client()
+    current = next((b for b in _snapshot().get("backends", []) if b["name"] == backend_tag), None)
+    if current is None:
+        raise ServeError(f"backend '{backend_tag}' does not exist")
     client.update_backend_code(backend_tag, _pickle_code(func_or_class, actor_init_args))
-    outcome = client.wait_rollout(backend_tag, BACKEND_START_TIMEOUT_S)
+    outcome = client.wait_rollout(backend_tag, current.get("version", 0) + 1, BACKEND_START_TIMEOUT_S)
     if outcome is None:
         raise ServeError(f"the update of backend '{backend_tag}' did not finish in {BACKEND_START_TIMEOUT_S} s")
     state, error = outcome
