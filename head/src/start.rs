@@ -310,6 +310,32 @@ fn start_proxy(
 /// Installs this process's metrics recorder (the handle serves the proxy's
 /// `/-/metrics`) and, with `--metrics-port`, an HTTP listener serving the
 /// same text. Runs inside the tokio runtime.
+/// Binds and starts this process's HTTP proxy when `run`; returns its task
+/// and address (empty when none runs).
+async fn proxy_if(
+    run: bool,
+    args: &StartArgs,
+    control_addr: &str,
+    token: &str,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    stop_rx: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<(Option<tokio::task::JoinHandle<()>>, String)> {
+    if !run {
+        return Ok((None, String::new()));
+    }
+    let (listener, addr) = bind_http(&args.http_host, args.http_port).await?;
+    let task = start_proxy(
+        listener,
+        control_addr.to_string(),
+        token.to_string(),
+        metrics,
+        args.http_max_body_bytes,
+        args.http_queue_capacity,
+        stop_rx,
+    );
+    Ok((Some(task), addr))
+}
+
 fn install_metrics(
     args: &StartArgs,
 ) -> anyhow::Result<Option<metrics_exporter_prometheus::PrometheusHandle>> {
@@ -452,23 +478,8 @@ async fn run_head(
         .run(),
     );
 
-    let (proxy, http_addr) = if location == "NoServer" {
-        (None, String::new())
-    } else {
-        let (listener, addr) = bind_http(&args.http_host, args.http_port).await?;
-        (
-            Some(start_proxy(
-                listener,
-                control_addr.clone(),
-                token.clone(),
-                metrics,
-                args.http_max_body_bytes,
-                args.http_queue_capacity,
-                stop_rx.clone(),
-            )),
-            addr,
-        )
-    };
+    let (proxy, http_addr) =
+        proxy_if(location != "NoServer", &args, &control_addr, &token, metrics, stop_rx.clone()).await?;
 
     let agent = NodeAgent::register(
         agent_config(&args, &control_addr, &token, &data_dir, true, &http_addr),
@@ -568,23 +579,7 @@ async fn run_node(cluster: ClusterArgs, args: StartArgs, data_dir: PathBuf) -> a
         .as_ref()
         .is_some_and(|o| o.location == "EveryNode");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let (proxy, http_addr) = if every_node {
-        let (listener, addr) = bind_http(&args.http_host, args.http_port).await?;
-        (
-            Some(start_proxy(
-                listener,
-                control_addr.clone(),
-                token.clone(),
-                metrics,
-                args.http_max_body_bytes,
-                args.http_queue_capacity,
-                stop_rx,
-            )),
-            addr,
-        )
-    } else {
-        (None, String::new())
-    };
+    let (proxy, http_addr) = proxy_if(every_node, &args, &control_addr, &token, metrics, stop_rx).await?;
     let agent = NodeAgent::register(
         agent_config(&args, &control_addr, &token, &data_dir, false, &http_addr),
         REGISTER_DEADLINE,
