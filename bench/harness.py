@@ -9,7 +9,8 @@ wrk, reads /proc for memory and makes sure no process is left behind.
 
 Environment knobs: BENCH_DURATION (s per wrk run, default 8), BENCH_WARMUP
 (s, default 2), BENCH_SEQ_CALLS (2000), BENCH_CONC_CALLS (10000),
-BENCH_ONLY (serval|ray|native: run only that part), BENCH_OUT (BENCHMARKS.md),
+BENCH_ONLY (serval|ray|native|scale: run only that part), BENCH_SCALE
+(endpoint counts of the scale scenario, default 1,10,100), BENCH_OUT (BENCHMARKS.md),
 PEER_UNAVAILABLE (why Ray Serve could not be installed: its column is n/a).
 """
 
@@ -44,6 +45,8 @@ POST_CONCURRENCY = 16
 POST_BYTES = 10 * 1024
 COMMAND_TIMEOUT = 600
 ONLY = os.environ.get("BENCH_ONLY", "")
+SCALE_STEPS = [int(x) for x in os.environ.get("BENCH_SCALE", "1,10,100").split(",") if x.strip()]
+SCALE_CONCURRENCY = 16
 OUT = os.environ.get("BENCH_OUT", os.path.join(ROOT, "BENCHMARKS.md"))
 
 LOG_DIR = tempfile.mkdtemp(prefix="serval-bench-")
@@ -417,6 +420,66 @@ def run_system(name, python, script, env):
     return res
 
 
+SPREAD_LUA = """
+local n = %d
+local i = 0
+request = function()
+  i = (i + 1) %% n
+  return wrk.format("GET", "/tiny/" .. i)
+end
+"""
+
+
+def run_scale():
+    """Serval only: 1, 10 and 100 endpoints, each with its own one-replica
+    backend, on one machine. At each size: the latency of one endpoint at
+    c=1 (does routing slow down as the table grows?), requests/s spread over
+    every endpoint, and the memory of the head process (controller, proxy
+    and agent) and of the whole cluster."""
+    res = {"errors": [], "steps": {}}
+    drv = None
+    try:
+        drv = Driver("serval-scale", SERVAL_PY, "serval_driver.py", {
+            "BENCH_HTTP_PORT": str(free_port()),
+            "SERVAL_CONTROL_PORT": str(free_port()),
+            "BENCH_DATA_DIR": tempfile.mkdtemp(prefix="serval-bench-scale-"),
+            # 100 one-CPU replicas on a 2-core machine: the issue's
+            # `--num-cpus` escape hatch.
+            "SERVAL_NUM_CPUS": str(max(SCALE_STEPS) + 8),
+        })
+        drv.call("scale_start")
+        for n in SCALE_STEPS:
+            log(f"scale: growing to {n} endpoints")
+            g = drv.call("scale_grow", total=n, timeout=1200)
+            time.sleep(2)
+            step = {"deploy_s": g["deploy_s"], "added": g["added"],
+                    "mem_head": memory_of(g["head_pids"]),
+                    "mem_all": memory_of(drv.cluster_pids(g))}
+            step["one_c1"] = wrk(f"{g['base']}/tiny/0", 1, label=f"scale {n} endpoints, /tiny/0")
+            lua = os.path.join(LOG_DIR, f"spread{n}.lua")
+            with open(lua, "w") as f:
+                f.write(SPREAD_LUA % n)
+            step["spread"] = wrk(f"{g['base']}/tiny/0", SCALE_CONCURRENCY, script=lua,
+                                 label=f"scale {n} endpoints, spread")
+            step["mem_head_after"] = memory_of(g["head_pids"])
+            log(f"scale: {n} endpoints: head PSS {step['mem_head']['pss_mb']:.1f} MB, "
+                f"cluster {step['mem_all']['count']} processes / PSS {step['mem_all']['pss_mb']:.0f} MB")
+            for k in ("one_c1", "spread"):
+                if step[k].get("error") or step[k].get("errors"):
+                    res["errors"].append(f"scale {n} endpoints, {k}: {step[k].get('error') or step[k]['errors']}")
+            res["steps"][n] = step
+        drv.call("shutdown", timeout=300)
+    except Exception as e:
+        log(f"scale: FAILED: {e}")
+        res["errors"].append(str(e).splitlines()[0][:500] if str(e) else type(e).__name__)
+    finally:
+        if drv is not None:
+            left = drv.close()
+            if left:
+                res["errors"].append(f"processes still alive after cleanup: {left}")
+    return res
+
+
 class Server:
     """A serval-bench server process (bare hyper or proxy + native replicas)."""
 
@@ -677,7 +740,39 @@ def report(S, R, N, t_total, load_before, load_after):
     rows = [(k, fmt(get(N, f"mem_{k}", "rss_mb"), 1), fmt(get(N, f"mem_{k}", "pss_mb"), 1))
             for k in ("hyper", "native1", "native2")]
     md.append(table(rows, header=("process after the load", "RSS (MB)", "PSS (MB)")) + "\n")
+    md.extend(scale_report(get(N, "scale") or {}))
     return "\n".join(md)
+
+
+def scale_report(sc):
+    steps = sc.get("steps") or {}
+    if not steps and not sc.get("errors"):
+        return []
+    sizes = sorted(steps, key=int)
+    md = [f"## Serval only: {', '.join(map(str, sizes)) or 'several'} endpoints on one machine\n",
+          "Each endpoint has its own backend with one Python replica (the same no-op), so 100 endpoints "
+          "are 100 replica processes (`SERVAL_NUM_CPUS` raised to allow it). At each size: one endpoint "
+          "at concurrency 1 (the proxy's routing latency as the route table grows), requests spread "
+          f"round-robin over every endpoint at concurrency {SCALE_CONCURRENCY}, and the memory of the head "
+          "process, which holds the controller, the proxy and the node agent.\n"]
+    for e in sc.get("errors", []):
+        md.append(f"**Scale error:** `{e}`\n")
+    rows = []
+    for n in sizes:
+        st = steps[n]
+        one, spread = st.get("one_c1") or {}, st.get("spread") or {}
+        rows.append((str(n), fmt(st.get("deploy_s"), 1),
+                     f"{fmt(one.get('p50_ms'), 3)} / {fmt(one.get('p99_ms'), 3)}",
+                     fmt(spread.get("rps"), 0),
+                     f"{fmt(spread.get('p50_ms'), 2)} / {fmt(spread.get('p99_ms'), 2)}",
+                     f"{fmt(get(st, 'mem_head', 'rss_mb'), 1)} / {fmt(get(st, 'mem_head', 'pss_mb'), 1)}",
+                     fmt(get(st, 'mem_head_after', 'pss_mb'), 1),
+                     f"{fmt(get(st, 'mem_all', 'count'))} / {fmt(get(st, 'mem_all', 'pss_mb'), 0)}"))
+    md.append(table(rows, header=("endpoints", "deploy of the new ones (s)", "one endpoint, c=1: p50 / p99 ms",
+                                  f"spread over all, c={SCALE_CONCURRENCY}: req/s", "… p50 / p99 ms",
+                                  "head RSS / PSS (MB)", "head PSS after the load (MB)",
+                                  "cluster processes / PSS (MB)")) + "\n")
+    return md
 
 
 def main():
@@ -709,6 +804,9 @@ def main():
         if ONLY in ("", "native"):
             log("native: bare hyper and the proxy in front of native replicas")
             N = run_native()
+        if ONLY in ("", "scale"):
+            log(f"scale: Serval with {', '.join(map(str, SCALE_STEPS))} endpoints")
+            N["scale"] = run_scale()
     except KeyboardInterrupt:
         log(f"interrupted: not writing {OUT}")
         return 130
@@ -727,7 +825,7 @@ def main():
     print(md)
     log(f"raw results and logs: {LOG_DIR}")
     # Serval's own failures fail the run; the peer's are reported only.
-    failed = any(res.get("errors") for res in (S, N))
+    failed = any(res.get("errors") for res in (S, N, N.get("scale", {})))
     return 1 if failed else 0
 
 

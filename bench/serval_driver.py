@@ -107,6 +107,37 @@ def scale(n):
     return _pids()
 
 
+def scale_start():
+    """A cluster for the scale scenario: no backend yet."""
+    serve.start(http_options={"port": HTTP_PORT}, data_dir=DATA_DIR)
+    return {}
+
+
+def scale_grow(total, parallel=4):
+    """Grows the scale cluster to ``total`` endpoints, each with its own
+    one-replica backend (/tiny/<i>), and waits until every one answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    have = state.get("tiny", 0)
+    t0 = time.monotonic()
+
+    def deploy(i):
+        serve.create_backend(f"tiny{i}", Noop)
+        serve.create_endpoint(f"tiny{i}", backend=f"tiny{i}", route=f"/tiny/{i}")
+
+    with ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(deploy, range(have, total)))
+    for i in range(total):
+        common.wait_for_200(f"{BASE}/tiny/{i}")
+    state["tiny"] = total
+    snap = serve.status()
+    head = [n.get("pid") for n in snap.get("nodes", []) if n.get("alive") and n.get("pid")]
+    out = {"deploy_s": time.monotonic() - t0, "added": total - have, "head_pids": head,
+           "base": BASE}
+    out.update(_pids())
+    return out
+
+
 def shutdown():
     serve.shutdown()
     return {}
@@ -116,4 +147,5 @@ if __name__ == "__main__":
     common.serve_commands({
         "start": start, "pids": pids, "handle": handle, "deploy_echo": deploy_echo,
         "delete_echo": delete_echo, "scale": scale, "shutdown": shutdown,
+        "scale_start": scale_start, "scale_grow": scale_grow,
     })

@@ -47,7 +47,10 @@ fn reply<T: serde::Serialize>(value: &T) -> Result<Response<RaftMessage>, Status
 
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
-    async fn append_entries(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+    async fn append_entries(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
         let rpc = decode(&req.into_inner().payload).map_err(bad)?;
         reply(&self.raft.append_entries(rpc).await)
     }
@@ -57,7 +60,10 @@ impl RaftPeer for PeerService {
         reply(&self.raft.vote(rpc).await)
     }
 
-    async fn install_snapshot(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+    async fn install_snapshot(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
         let rpc = decode(&req.into_inner().payload).map_err(bad)?;
         reply(&self.raft.install_snapshot(rpc).await)
     }
@@ -76,25 +82,38 @@ impl RaftPeer for PeerService {
             // Ask the leader to do it.
             let leader = metrics
                 .current_leader
-                .and_then(|id| metrics.membership_config.membership().get_node(&id).cloned())
+                .and_then(|id| {
+                    metrics
+                        .membership_config
+                        .membership()
+                        .get_node(&id)
+                        .cloned()
+                })
                 .ok_or_else(|| Status::unavailable("no raft leader yet"))?;
             let mut client = serval_protos::client::connect_peer_lazy(&leader.addr, &self.token)
                 .map_err(|e| Status::unavailable(e.to_string()))?;
             return client.join_head(r).await;
         }
-        let node = BasicNode { addr: r.address.clone() };
+        let node = BasicNode {
+            addr: r.address.clone(),
+        };
         // First a learner that catches up, then a voter: a slow new head
         // never stalls commits.
         self.raft
             .add_learner(r.raft_id, node, true)
             .await
-            .map_err(|e| Status::failed_precondition(format!("adding head {} as a learner: {e}", r.raft_id)))?;
-        let mut voters: BTreeSet<u64> = metrics.membership_config.membership().voter_ids().collect();
+            .map_err(|e| {
+                Status::failed_precondition(format!("adding head {} as a learner: {e}", r.raft_id))
+            })?;
+        let mut voters: BTreeSet<u64> =
+            metrics.membership_config.membership().voter_ids().collect();
         voters.insert(r.raft_id);
         self.raft
             .change_membership(voters, false)
             .await
-            .map_err(|e| Status::failed_precondition(format!("making head {} a voter: {e}", r.raft_id)))?;
+            .map_err(|e| {
+                Status::failed_precondition(format!("making head {} a voter: {e}", r.raft_id))
+            })?;
         tracing::info!(raft_id = r.raft_id, address = %r.address, "head joined the raft group");
         Ok(Response::new(Empty {}))
     }

@@ -151,8 +151,14 @@ pub fn describe_metrics() {
         "serval_backend_replicas",
         "Replica count the autoscaler works from, for autoscaled backends"
     );
-    metrics::describe_gauge!(BACKEND_DESIRED_REPLICAS, "Replicas a backend is configured to run (num_replicas)");
-    metrics::describe_gauge!(BACKEND_RUNNING_REPLICAS, "Replicas of a backend reported running");
+    metrics::describe_gauge!(
+        BACKEND_DESIRED_REPLICAS,
+        "Replicas a backend is configured to run (num_replicas)"
+    );
+    metrics::describe_gauge!(
+        BACKEND_RUNNING_REPLICAS,
+        "Replicas of a backend reported running"
+    );
 }
 
 /// A command without its payload bytes, for logs.

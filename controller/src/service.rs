@@ -41,7 +41,13 @@ pub struct ControlService {
 }
 
 impl ControlService {
-    pub fn new(raft: Raft, sm: StateMachineStore, raft_id: u64, address: String, token: String) -> Self {
+    pub fn new(
+        raft: Raft,
+        sm: StateMachineStore,
+        raft_id: u64,
+        address: String,
+        token: String,
+    ) -> Self {
         Self {
             raft,
             sm,
@@ -62,7 +68,10 @@ impl ControlService {
         if leader == m.id {
             return None;
         }
-        m.membership_config.membership().get_node(&leader).map(|n| n.addr.clone())
+        m.membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())
     }
 
     /// A control client to the leader, for the soft state (heartbeats, load)
@@ -117,11 +126,19 @@ impl ControlService {
                 let last_applied = if *id == metrics.id {
                     metrics.last_applied.map(|l| l.index)
                 } else {
-                    metrics.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| l.index)
+                    metrics
+                        .replication
+                        .as_ref()
+                        .and_then(|r| r.get(id).cloned().flatten())
+                        .map(|l| l.index)
                 };
                 Head {
                     raft_id: *id,
-                    address: if *id == self.raft_id { self.address.clone() } else { node.addr.clone() },
+                    address: if *id == self.raft_id {
+                        self.address.clone()
+                    } else {
+                        node.addr.clone()
+                    },
                     leader,
                     role: if leader {
                         "leader".into()
@@ -192,7 +209,8 @@ impl Control for ControlService {
             is_head: r.is_head,
             pid: r.pid,
         };
-        store::forward::propose_via_leader(&self.raft, &self.token, Command::RegisterNode(node)).await?;
+        store::forward::propose_via_leader(&self.raft, &self.token, Command::RegisterNode(node))
+            .await?;
         self.heartbeats
             .lock()
             .unwrap_or_else(|p| p.into_inner())

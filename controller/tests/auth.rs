@@ -16,11 +16,23 @@ async fn start() -> (String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let membership = store::Membership { raft_id: 1, address: addr.clone(), token: TOKEN.into(), bootstrap: true };
+    let membership = store::Membership {
+        raft_id: 1,
+        address: addr.clone(),
+        token: TOKEN.into(),
+        bootstrap: true,
+    };
     let (raft, sm) = store::open(dir.path(), &membership).await.unwrap();
     let mut m = raft.metrics();
-    tokio::time::timeout(Duration::from_secs(30), m.wait_for(|m| m.current_leader.is_some())).await.unwrap().unwrap();
-    let control = ControlService::new(raft.clone(), sm, 1, addr.clone(), TOKEN.into()).into_server();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        m.wait_for(|m| m.current_leader.is_some()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let control =
+        ControlService::new(raft.clone(), sm, 1, addr.clone(), TOKEN.into()).into_server();
     let peers = PeerService::new(raft, TOKEN.into()).into_server();
     tokio::spawn(async move {
         tonic::transport::Server::builder()
@@ -41,7 +53,13 @@ fn refused<T: std::fmt::Debug>(what: &str, r: Result<T, tonic::Status>) {
 
 async fn version(addr: &str) -> u64 {
     let mut c = connect(addr, TOKEN).await.unwrap();
-    c.get_snapshot(WatchRequest { include_code: false }).await.unwrap().into_inner().version
+    c.get_snapshot(WatchRequest {
+        include_code: false,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .version
 }
 
 #[tokio::test]
@@ -50,24 +68,57 @@ async fn every_rpc_needs_the_token_and_a_refused_call_changes_nothing() {
     let before = version(&addr).await;
     for token in ["", "wrong"] {
         let mut c = connect(&addr, token).await.unwrap();
-        let backend = Backend { name: "b".into(), code: vec![1], ..Default::default() };
-        refused("RegisterNode", c.register_node(RegisterNodeRequest::default()).await);
+        let backend = Backend {
+            name: "b".into(),
+            code: vec![1],
+            ..Default::default()
+        };
+        refused(
+            "RegisterNode",
+            c.register_node(RegisterNodeRequest::default()).await,
+        );
         refused("Heartbeat", c.heartbeat(HeartbeatRequest::default()).await);
-        refused("ReportReplica", c.report_replica(ReplicaReport::default()).await);
+        refused(
+            "ReportReplica",
+            c.report_replica(ReplicaReport::default()).await,
+        );
         refused("CreateBackend", c.create_backend(backend).await);
-        refused("UpdateBackendConfig", c.update_backend_config(UpdateBackendConfigRequest::default()).await);
-        refused("UpdateBackendCode", c.update_backend_code(UpdateBackendCodeRequest::default()).await);
-        refused("DeleteBackend", c.delete_backend(DeleteBackendRequest::default()).await);
-        refused("CreateEndpoint", c.create_endpoint(Endpoint::default()).await);
-        refused("DeleteEndpoint", c.delete_endpoint(NameRequest::default()).await);
-        refused("SetTraffic", c.set_traffic(SetTrafficRequest::default()).await);
+        refused(
+            "UpdateBackendConfig",
+            c.update_backend_config(UpdateBackendConfigRequest::default())
+                .await,
+        );
+        refused(
+            "UpdateBackendCode",
+            c.update_backend_code(UpdateBackendCodeRequest::default())
+                .await,
+        );
+        refused(
+            "DeleteBackend",
+            c.delete_backend(DeleteBackendRequest::default()).await,
+        );
+        refused(
+            "CreateEndpoint",
+            c.create_endpoint(Endpoint::default()).await,
+        );
+        refused(
+            "DeleteEndpoint",
+            c.delete_endpoint(NameRequest::default()).await,
+        );
+        refused(
+            "SetTraffic",
+            c.set_traffic(SetTrafficRequest::default()).await,
+        );
         refused("SetShadow", c.set_shadow(SetShadowRequest::default()).await);
         refused("GetSnapshot", c.get_snapshot(WatchRequest::default()).await);
         match c.watch(WatchRequest::default()).await {
             Err(s) if s.code() == tonic::Code::Unauthenticated => {}
             Ok(stream) => {
                 let first = stream.into_inner().next().await;
-                assert!(matches!(first, Some(Err(ref s)) if s.code() == tonic::Code::Unauthenticated), "Watch: {first:?}");
+                assert!(
+                    matches!(first, Some(Err(ref s)) if s.code() == tonic::Code::Unauthenticated),
+                    "Watch: {first:?}"
+                );
             }
             Err(s) => panic!("Watch refused with {s:?}"),
         }
@@ -80,16 +131,30 @@ async fn every_rpc_needs_the_token_and_a_refused_call_changes_nothing() {
         refused("Vote", p.vote(msg()).await);
         refused("InstallSnapshot", p.install_snapshot(msg()).await);
         refused("Propose", p.propose(msg()).await);
-        refused("JoinHead", p.join_head(JoinHeadRequest { raft_id: 9, address: "127.0.0.1:1".into() }).await);
+        refused(
+            "JoinHead",
+            p.join_head(JoinHeadRequest {
+                raft_id: 9,
+                address: "127.0.0.1:1".into(),
+            })
+            .await,
+        );
     }
-    assert_eq!(version(&addr).await, before, "a refused call changed the state");
+    assert_eq!(
+        version(&addr).await,
+        before,
+        "a refused call changed the state"
+    );
 
     // The right token works.
     let mut c = connect(&addr, TOKEN).await.unwrap();
     c.create_backend(Backend {
         name: "b".into(),
         code: vec![1],
-        config: Some(BackendConfig { num_replicas: 1, ..Default::default() }),
+        config: Some(BackendConfig {
+            num_replicas: 1,
+            ..Default::default()
+        }),
         ..Default::default()
     })
     .await

@@ -33,7 +33,9 @@ async fn wait_leader(raft: &store::Raft) {
 async fn committed_state_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (raft, sm) = store::open(dir.path(), &store::Membership::single(1, "127.0.0.1:1")).await.unwrap();
+        let (raft, sm) = store::open(dir.path(), &store::Membership::single(1, "127.0.0.1:1"))
+            .await
+            .unwrap();
         wait_leader(&raft).await;
         store::propose(
             &raft,
@@ -55,7 +57,9 @@ async fn committed_state_survives_a_restart() {
         assert_eq!(sm.current().backends.len(), 1);
         raft.shutdown().await.unwrap();
     }
-    let (raft, sm) = store::open(dir.path(), &store::Membership::single(1, "127.0.0.1:1")).await.unwrap();
+    let (raft, sm) = store::open(dir.path(), &store::Membership::single(1, "127.0.0.1:1"))
+        .await
+        .unwrap();
     wait_leader(&raft).await;
     let state = sm.current();
     assert!(
@@ -71,7 +75,9 @@ async fn committed_state_survives_a_restart() {
 async fn a_long_log_is_snapshotted_and_still_restores() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (raft, _sm) = store::open(dir.path(), &store::Membership::single(1, "127.0.0.1:1")).await.unwrap();
+        let (raft, _sm) = store::open(dir.path(), &store::Membership::single(1, "127.0.0.1:1"))
+            .await
+            .unwrap();
         wait_leader(&raft).await;
         // Past the snapshot policy (500 logs since the last snapshot).
         for i in 0..600 {
@@ -89,7 +95,9 @@ async fn a_long_log_is_snapshotted_and_still_restores() {
         .unwrap();
         raft.shutdown().await.unwrap();
     }
-    let (raft, sm) = store::open(dir.path(), &store::Membership::single(1, "127.0.0.1:1")).await.unwrap();
+    let (raft, sm) = store::open(dir.path(), &store::Membership::single(1, "127.0.0.1:1"))
+        .await
+        .unwrap();
     wait_leader(&raft).await;
     assert_eq!(sm.current().backends.len(), 600);
     raft.shutdown().await.unwrap();
@@ -101,13 +109,21 @@ async fn a_long_log_is_snapshotted_and_still_restores() {
 #[tokio::test]
 async fn a_write_no_majority_commits_fails_in_bounded_time() {
     let dir = tempfile::tempdir().unwrap();
-    let (raft, sm) = store::open(dir.path(), &store::Membership::single(1, "127.0.0.1:1")).await.unwrap();
+    let (raft, sm) = store::open(dir.path(), &store::Membership::single(1, "127.0.0.1:1"))
+        .await
+        .unwrap();
     wait_leader(&raft).await;
     // A second voter that never answers (nothing listens on port 1): the
     // joint configuration needs it, so nothing commits from here on.
-    raft.add_learner(2, openraft::BasicNode { addr: "127.0.0.1:1".into() }, false)
-        .await
-        .unwrap();
+    raft.add_learner(
+        2,
+        openraft::BasicNode {
+            addr: "127.0.0.1:1".into(),
+        },
+        false,
+    )
+    .await
+    .unwrap();
     let change = {
         let raft = raft.clone();
         tokio::spawn(async move { raft.change_membership([1, 2], false).await })
@@ -115,7 +131,12 @@ async fn a_write_no_majority_commits_fails_in_bounded_time() {
     let mut m = raft.metrics();
     tokio::time::timeout(
         std::time::Duration::from_secs(10),
-        m.wait_for(|m| m.membership_config.membership().voter_ids().any(|id| id == 2)),
+        m.wait_for(|m| {
+            m.membership_config
+                .membership()
+                .voter_ids()
+                .any(|id| id == 2)
+        }),
     )
     .await
     .expect("joint membership appended")
@@ -126,10 +147,20 @@ async fn a_write_no_majority_commits_fails_in_bounded_time() {
         .await
         .unwrap_err();
     assert!(matches!(err, ControllerError::Uncommitted { .. }), "{err}");
-    assert!(started.elapsed() < timeout * 4, "took {:?}", started.elapsed());
-    assert_eq!(tonic::Status::from(err).code(), tonic::Code::DeadlineExceeded);
+    assert!(
+        started.elapsed() < timeout * 4,
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        tonic::Status::from(err).code(),
+        tonic::Code::DeadlineExceeded
+    );
     assert!(!sm.current().backends.contains_key("lost"));
-    assert!(raft.metrics().borrow().current_leader == Some(1), "the leader stays leader");
+    assert!(
+        raft.metrics().borrow().current_leader == Some(1),
+        "the leader stays leader"
+    );
     change.abort();
     raft.shutdown().await.unwrap();
 }

@@ -32,7 +32,9 @@ fn start_controller(
             .unwrap();
         rt.block_on(async move {
             let addr = listener.local_addr().unwrap().to_string();
-            let (raft, sm) = store::open(&dir, &store::Membership::single(1, &addr)).await.unwrap();
+            let (raft, sm) = store::open(&dir, &store::Membership::single(1, &addr))
+                .await
+                .unwrap();
             let mut m = raft.metrics();
             m.wait_for(|m| m.current_leader.is_some()).await.unwrap();
             for i in 0..commands {

@@ -87,7 +87,10 @@ pub fn main_with(argv: Vec<String>, relaunch: Vec<String>) -> anyhow::Result<()>
     // Every control client of this process is built by
     // `serval_protos::client`, which reads this one setting.
     let tls = match &root.cluster.tls_ca {
-        Some(ca) => Some(serval_protos::tls::TlsSettings::load(ca, root.cluster.tls_domain.clone())?),
+        Some(ca) => Some(serval_protos::tls::TlsSettings::load(
+            ca,
+            root.cluster.tls_domain.clone(),
+        )?),
         None => None,
     };
     serval_protos::tls::set_tls(tls);

@@ -77,7 +77,10 @@ pub const RAFT_ID_FILE: &str = "raft_id";
 pub fn load_or_create_raft_id(data_dir: &Path) -> anyhow::Result<u64> {
     let path = data_dir.join(RAFT_ID_FILE);
     if let Ok(text) = std::fs::read_to_string(&path) {
-        return text.trim().parse().with_context(|| format!("{} is not a raft id", path.display()));
+        return text
+            .trim()
+            .parse()
+            .with_context(|| format!("{} is not a raft id", path.display()));
     }
     let id = if data_dir.join("raft").exists() {
         1

@@ -144,7 +144,9 @@ fn parse_positive_secs(s: &str) -> Result<f64, String> {
 
 fn parse_host_port(s: &str) -> Result<String, String> {
     match s.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => Ok(s.to_string()),
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Ok(s.to_string())
+        }
         _ => Err(format!("'{s}' is not HOST:PORT")),
     }
 }
@@ -245,7 +247,9 @@ fn agent_config(
         data_dir: data_dir.to_path_buf(),
         python: args.python.clone(),
         num_cpus: args.num_cpus.unwrap_or_else(default_cpus),
-        num_gpus: args.num_gpus.unwrap_or_else(serval_node::agent::detect_gpus),
+        num_gpus: args
+            .num_gpus
+            .unwrap_or_else(serval_node::agent::detect_gpus),
         is_head,
         http_address: http_address.to_string(),
         tcp_host: args.control_host.clone(),
@@ -403,7 +407,10 @@ async fn run_head(
             })?;
     let control_addr = control_listener.local_addr()?.to_string();
     // What peers dial (raft, forwarded writes); local clients use control_addr.
-    let advertised = args.advertise_address.clone().unwrap_or_else(|| control_addr.clone());
+    let advertised = args
+        .advertise_address
+        .clone()
+        .unwrap_or_else(|| control_addr.clone());
 
     if args.join.is_some() && cluster.token.is_none() {
         bail!("--join needs the cluster's token (--token or SERVAL_TOKEN)");
@@ -416,7 +423,13 @@ async fn run_head(
         bootstrap: args.join.is_none(),
     };
     let (raft, sm) = store::open(&data_dir.join("raft"), &membership).await?;
-    let service = ControlService::new(raft.clone(), sm.clone(), raft_id, advertised.clone(), token.clone());
+    let service = ControlService::new(
+        raft.clone(),
+        sm.clone(),
+        raft_id,
+        advertised.clone(),
+        token.clone(),
+    );
     let heartbeats = service.heartbeats();
     let autoscaler = service.autoscaler();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -478,8 +491,15 @@ async fn run_head(
         .run(),
     );
 
-    let (proxy, http_addr) =
-        proxy_if(location != "NoServer", &args, &control_addr, &token, metrics, stop_rx.clone()).await?;
+    let (proxy, http_addr) = proxy_if(
+        location != "NoServer",
+        &args,
+        &control_addr,
+        &token,
+        metrics,
+        stop_rx.clone(),
+    )
+    .await?;
 
     let agent = NodeAgent::register(
         agent_config(&args, &control_addr, &token, &data_dir, true, &http_addr),
@@ -517,9 +537,18 @@ fn tokio_stream_incoming(
 
 /// Asks the cluster at `join` to add this head to the raft group, unless it
 /// is a member already (a restarted head), and waits until it is a voter.
-async fn join_cluster(raft: &store::Raft, join: &str, token: &str, raft_id: u64, address: &str) -> anyhow::Result<()> {
+async fn join_cluster(
+    raft: &store::Raft,
+    join: &str,
+    token: &str,
+    raft_id: u64,
+    address: &str,
+) -> anyhow::Result<()> {
     let is_member = |m: &openraft::RaftMetrics<u64, openraft::BasicNode>| {
-        m.membership_config.membership().voter_ids().any(|id| id == raft_id)
+        m.membership_config
+            .membership()
+            .voter_ids()
+            .any(|id| id == raft_id)
     };
     if is_member(&raft.metrics().borrow()) {
         return Ok(());
@@ -527,10 +556,15 @@ async fn join_cluster(raft: &store::Raft, join: &str, token: &str, raft_id: u64,
     let mut peer = serval_protos::client::connect_peer_lazy(join, token)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let request = serval_protos::control::JoinHeadRequest { raft_id, address: address.to_string() };
+        let request = serval_protos::control::JoinHeadRequest {
+            raft_id,
+            address: address.to_string(),
+        };
         match peer.join_head(request).await {
             Ok(_) => break,
-            Err(s) if s.code() == tonic::Code::Unauthenticated => bail!("the head at {join} refused the token"),
+            Err(s) if s.code() == tonic::Code::Unauthenticated => {
+                bail!("the head at {join} refused the token")
+            }
             Err(s) if tokio::time::Instant::now() < deadline => {
                 tracing::info!(error = %s.message(), "joining {join}; retrying");
                 tokio::time::sleep(Duration::from_millis(300)).await;
@@ -579,7 +613,8 @@ async fn run_node(cluster: ClusterArgs, args: StartArgs, data_dir: PathBuf) -> a
         .as_ref()
         .is_some_and(|o| o.location == "EveryNode");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let (proxy, http_addr) = proxy_if(every_node, &args, &control_addr, &token, metrics, stop_rx).await?;
+    let (proxy, http_addr) =
+        proxy_if(every_node, &args, &control_addr, &token, metrics, stop_rx).await?;
     let agent = NodeAgent::register(
         agent_config(&args, &control_addr, &token, &data_dir, false, &http_addr),
         REGISTER_DEADLINE,

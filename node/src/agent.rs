@@ -178,7 +178,10 @@ impl NodeAgent {
     /// an agent given one head fails over to the others (supervisors started
     /// from now on get the new client too).
     fn learn_heads(&mut self, snapshot: &ClusterSnapshot) {
-        let mut heads: Vec<String> = client::heads(&self.config.control_addr).into_iter().map(String::from).collect();
+        let mut heads: Vec<String> = client::heads(&self.config.control_addr)
+            .into_iter()
+            .map(String::from)
+            .collect();
         for h in &snapshot.heads {
             if !h.address.is_empty() && !heads.contains(&h.address) {
                 heads.push(h.address.clone());
@@ -297,11 +300,14 @@ fn sanitize(id: &str) -> String {
 
 /// GPUs `nvidia-smi` lists on this machine; 0 when it is missing or fails.
 pub fn detect_gpus() -> f64 {
-    let out = std::process::Command::new("nvidia-smi").args(["--query-gpu=index", "--format=csv,noheader"]).output();
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=index", "--format=csv,noheader"])
+        .output();
     match out {
-        Ok(o) if o.status.success() => {
-            String::from_utf8_lossy(&o.stdout).lines().filter(|l| !l.trim().is_empty()).count() as f64
-        }
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count() as f64,
         _ => 0.0,
     }
 }
@@ -320,8 +326,16 @@ mod tests {
         assert_eq!(super::socket_dir(short), short.join("sockets"));
         let long = std::path::PathBuf::from(format!("/home/{}/.serval", "x".repeat(120)));
         let dir = super::socket_dir(&long);
-        assert!(dir.join("r123456.sock").as_os_str().len() < 100, "{}", dir.display());
-        assert_eq!(dir, super::socket_dir(&long), "the same data dir maps to the same directory");
+        assert!(
+            dir.join("r123456.sock").as_os_str().len() < 100,
+            "{}",
+            dir.display()
+        );
+        assert_eq!(
+            dir,
+            super::socket_dir(&long),
+            "the same data dir maps to the same directory"
+        );
     }
 
     #[test]

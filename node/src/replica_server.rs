@@ -8,6 +8,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use serval_protos::frame::{self, FrameReader, FrameSender, Payload, Request, RequestId, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
@@ -23,22 +24,26 @@ impl Reply {
     /// Queues the response on the connection's writer; a closed connection
     /// (the router went away) is not an error for the replica.
     pub fn send(self, response: &Response) {
-        match frame::encode(self.id, response) {
-            Ok(bytes) => {
-                let _ = self.tx.send(bytes);
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode response");
-                let fallback = Response {
-                    status: 500,
-                    headers: vec![("content-type".into(), "text/plain".into())],
-                    body: format!("response could not be encoded: {e}").into_bytes(),
-                };
-                if let Ok(bytes) = frame::encode(self.id, &fallback) {
-                    let _ = self.tx.send(bytes);
-                }
-            }
-        }
+        let (tx, bytes) = self.into_frame(response);
+        let _ = tx.send(bytes);
+    }
+
+    /// The encoded response frame and the connection writer it belongs to,
+    /// for a caller that gathers several replies into one write (frames are
+    /// self-delimiting, so concatenated frames may be sent as one message).
+    pub fn into_frame(self, response: &Response) -> (FrameSender, Bytes) {
+        let bytes = frame::encode(self.id, response).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot encode response");
+            let fallback = Response {
+                status: 500,
+                headers: vec![("content-type".into(), "text/plain".into())],
+                body: format!("response could not be encoded: {e}").into_bytes(),
+            };
+            // A plain-text 500 always encodes; an empty frame body would
+            // only make the router report a protocol error.
+            frame::encode(self.id, &fallback).unwrap_or_default()
+        });
+        (self.tx, bytes)
     }
 }
 

@@ -35,7 +35,9 @@ impl ThreadedReplica {
                 .expect("replica runtime");
             rt.block_on(async move {
                 let unix = bind_unix(&path).expect("bind replica socket");
-                let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind replica port");
+                let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind replica port");
                 let addr = tcp.local_addr().expect("replica port").to_string();
                 let _ = ready_tx.send(addr);
                 serve(Some(unix), Some(tcp), handler, async move {
@@ -47,8 +49,16 @@ impl ThreadedReplica {
             // sockets close as they would when the process dies.
             drop(rt);
         });
-        let tcp_addr = ready_rx.recv_timeout(Duration::from_secs(10)).expect("replica started");
-        Self { id: id.into(), unix_path, tcp_addr, stop: Some(stop), thread: Some(thread) }
+        let tcp_addr = ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("replica started");
+        Self {
+            id: id.into(),
+            unix_path,
+            tcp_addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
     }
 
     /// Stops it as a crash would: open connections close at once.

@@ -45,7 +45,10 @@ pub struct Explained {
 
 impl Explained {
     fn new(inner: Channel, addr: &str) -> Self {
-        Explained { inner, addr: addr.into() }
+        Explained {
+            inner,
+            addr: addr.into(),
+        }
     }
 
     async fn status(addr: &str, e: tonic::transport::Error) -> tonic::codegen::StdError {
@@ -55,7 +58,9 @@ impl Explained {
         // broken pipe).
         let serves_tls = crate::tls::tls().is_none()
             && !chain.contains("tcp connect error")
-            && ["broken pipe", "reset", "closed", "connection error"].iter().any(|s| chain.contains(s))
+            && ["broken pipe", "reset", "closed", "connection error"]
+                .iter()
+                .any(|s| chain.contains(s))
             && crate::tls::probe_serves_tls(addr).await;
         let message = match crate::tls::tls_hint(addr, &chain, serves_tls) {
             Some(hint) => format!("{chain} ({hint})"),
@@ -71,7 +76,10 @@ impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> f
     type Error = tonic::codegen::StdError;
     type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
 
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(|e| {
             let message = explain(&self.addr, &e);
             let code = tonic::Status::from_error(Box::new(e)).code();
@@ -155,7 +163,10 @@ fn token_value(token: &str) -> Result<Option<AsciiMetadataValue>, ConnectError> 
     if token.is_empty() {
         Ok(None)
     } else {
-        token.parse::<AsciiMetadataValue>().map(Some).map_err(|_| ConnectError::BadToken)
+        token
+            .parse::<AsciiMetadataValue>()
+            .map(Some)
+            .map_err(|_| ConnectError::BadToken)
     }
 }
 
@@ -163,9 +174,14 @@ fn token_value(token: &str) -> Result<Option<AsciiMetadataValue>, ConnectError> 
 /// failures.
 pub fn connect_peer_lazy(addr: &str, token: &str) -> Result<PeerClient, ConnectError> {
     let channel = Explained::new(endpoint(addr)?.connect_lazy(), addr);
-    Ok(RaftPeerClient::with_interceptor(channel, WithToken { token: token_value(token)? })
-        .max_decoding_message_size(256 * 1024 * 1024)
-        .max_encoding_message_size(256 * 1024 * 1024))
+    Ok(RaftPeerClient::with_interceptor(
+        channel,
+        WithToken {
+            token: token_value(token)?,
+        },
+    )
+    .max_decoding_message_size(256 * 1024 * 1024)
+    .max_encoding_message_size(256 * 1024 * 1024))
 }
 
 /// A transport error with its sources and, when it looks like one side
@@ -183,7 +199,11 @@ pub fn explain(addr: &str, e: &(dyn std::error::Error + 'static)) -> String {
 /// Every head serves every control call (writes are forwarded to the
 /// leader), so clients may use any of them.
 pub fn heads(addrs: &str) -> Vec<&str> {
-    addrs.split(',').map(str::trim).filter(|a| !a.is_empty()).collect()
+    addrs
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect()
 }
 
 /// Connects now to the first head of `addrs` that answers.
@@ -192,10 +212,18 @@ pub async fn connect(addrs: &str, token: &str) -> Result<Client, ConnectError> {
     for addr in heads(addrs) {
         match endpoint(addr)?.connect().await {
             Ok(channel) => return wrap(Explained::new(channel, addr), token),
-            Err(e) => last = Some(ConnectError::Unreachable { addr: addr.to_string(), reason: explain(addr, &e) }),
+            Err(e) => {
+                last = Some(ConnectError::Unreachable {
+                    addr: addr.to_string(),
+                    reason: explain(addr, &e),
+                })
+            }
         }
     }
-    Err(last.unwrap_or_else(|| ConnectError::BadAddress { addr: addrs.to_string(), reason: "no address".into() }))
+    Err(last.unwrap_or_else(|| ConnectError::BadAddress {
+        addr: addrs.to_string(),
+        reason: "no address".into(),
+    }))
 }
 
 /// A client that connects on first use and reconnects after failures;
@@ -203,11 +231,20 @@ pub async fn connect(addrs: &str, token: &str) -> Result<Client, ConnectError> {
 pub fn connect_lazy(addrs: &str, token: &str) -> Result<Client, ConnectError> {
     let list = heads(addrs);
     match list.as_slice() {
-        [] => Err(ConnectError::BadAddress { addr: addrs.to_string(), reason: "no address".into() }),
+        [] => Err(ConnectError::BadAddress {
+            addr: addrs.to_string(),
+            reason: "no address".into(),
+        }),
         [one] => wrap(Explained::new(endpoint(one)?.connect_lazy(), one), token),
         many => {
-            let endpoints = many.iter().map(|a| endpoint(a)).collect::<Result<Vec<_>, _>>()?;
-            wrap(Explained::new(Channel::balance_list(endpoints.into_iter()), addrs), token)
+            let endpoints = many
+                .iter()
+                .map(|a| endpoint(a))
+                .collect::<Result<Vec<_>, _>>()?;
+            wrap(
+                Explained::new(Channel::balance_list(endpoints.into_iter()), addrs),
+                token,
+            )
         }
     }
 }
@@ -245,7 +282,9 @@ pub fn spawn_watch(addrs: String, token: String, include_code: bool) -> Snapshot
                     }
                 }
             }
-            let Some(addr) = list.get(next % list.len().max(1)).cloned() else { return };
+            let Some(addr) = list.get(next % list.len().max(1)).cloned() else {
+                return;
+            };
             next += 1;
             let mut received = false;
             let error = tokio::select! {

@@ -215,6 +215,11 @@ where
         let mut batch = BytesMut::with_capacity(64 * 1024);
         while let Some(first) = rx.recv().await {
             batch.extend_from_slice(&first);
+            // Let the other tasks already runnable on this worker (requests
+            // of other HTTP connections, replies being produced) queue their
+            // frames first: under load one write then carries many frames
+            // instead of one. With nothing else runnable this returns at once.
+            tokio::task::yield_now().await;
             while let Ok(more) = rx.try_recv() {
                 batch.extend_from_slice(&more);
                 if batch.len() > 4 * 1024 * 1024 {

@@ -185,7 +185,9 @@ pub fn tls_hint(addr: &str, chain: &str, serves_tls: bool) -> Option<String> {
                  seem to serve TLS: start it with --tls-cert/--tls-key, or drop --tls-ca"
             ))
         }
-        Some(tls) if chain.contains("certificate") || chain.contains("TLS") || chain.contains("tls") => {
+        Some(tls)
+            if chain.contains("certificate") || chain.contains("TLS") || chain.contains("tls") =>
+        {
             let host = host_of(addr);
             Some(format!(
                 "TLS: the head's certificate was checked against --tls-ca {} for the name '{}' \
@@ -209,7 +211,10 @@ pub async fn probe_serves_tls(addr: &str) -> bool {
     };
     let probe = async {
         let mut stream = tokio::net::TcpStream::connect(first).await.ok()?;
-        stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.ok()?;
+        stream
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .ok()?;
         let mut head = [0u8; 2];
         stream.read_exact(&mut head).await.ok()?;
         // A TLS record: content type alert (21) or handshake (22), then
@@ -249,9 +254,15 @@ mod tests {
     fn missing_files_name_the_flag_and_path() {
         let e = TlsSettings::load(Path::new("/nonexistent/ca.pem"), None).unwrap_err();
         let text = e.to_string();
-        assert!(text.contains("--tls-ca") && text.contains("/nonexistent/ca.pem"), "{text}");
+        assert!(
+            text.contains("--tls-ca") && text.contains("/nonexistent/ca.pem"),
+            "{text}"
+        );
         let e = server_config(Path::new("/nonexistent/cert.pem"), Path::new("/x")).unwrap_err();
-        assert!(e.to_string().contains("--tls-cert /nonexistent/cert.pem"), "{e}");
+        assert!(
+            e.to_string().contains("--tls-cert /nonexistent/cert.pem"),
+            "{e}"
+        );
     }
 
     #[test]

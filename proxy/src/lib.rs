@@ -31,8 +31,8 @@
 mod builtin;
 mod config;
 mod errors;
-mod load_report;
 pub mod http;
+mod load_report;
 pub mod metrics;
 pub mod middleware;
 mod policy;
@@ -68,8 +68,20 @@ pub async fn run(
     let proxy = Arc::new(Proxy::new(&config));
     let snapshots = spawn_watch(config.control_addr.clone(), config.token.clone(), false);
     let follower = proxy.follow(snapshots);
-    let source = format!("proxy-{}-{}", std::process::id(), listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
-    let reporter = spawn_load_reporter(proxy.router().clone(), config.control_addr.clone(), config.token.clone(), source);
+    let source = format!(
+        "proxy-{}-{}",
+        std::process::id(),
+        listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    );
+    let reporter = spawn_load_reporter(
+        proxy.router().clone(),
+        config.control_addr.clone(),
+        config.token.clone(),
+        source,
+    );
     serve(listener, proxy, shutdown).await;
     // Dropping the receiver with the follower also ends the watch task.
     follower.abort();

@@ -36,7 +36,10 @@ pub fn spawn_load_reporter(
             if idle && last_was_idle {
                 continue;
             }
-            let report = LoadReport { source: source.clone(), load: load.into_iter().collect() };
+            let report = LoadReport {
+                source: source.clone(),
+                load: load.into_iter().collect(),
+            };
             match client.clone().report_load(report).await {
                 Ok(_) => last_was_idle = idle,
                 // The controller may be down: the data plane does not care.

@@ -228,8 +228,13 @@ impl Router {
             .backends
             .values()
             .map(|b| {
-                let in_flight: usize = b.replicas().iter().map(|r| r.in_flight.load(Ordering::Relaxed)).sum();
-                let waiting = b.queued.load(Ordering::Relaxed) + b.awaiting_replica.load(Ordering::Relaxed);
+                let in_flight: usize = b
+                    .replicas()
+                    .iter()
+                    .map(|r| r.in_flight.load(Ordering::Relaxed))
+                    .sum();
+                let waiting =
+                    b.queued.load(Ordering::Relaxed) + b.awaiting_replica.load(Ordering::Relaxed);
                 (b.name.clone(), (in_flight + waiting) as f64)
             })
             .collect()

@@ -8,14 +8,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pyo3::create_exception;
-use pyo3::exceptions::PyException;
+use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use serval_protos::client::{self as control, Client as ControlClient};
 use serval_protos::control::{
-    AutoscalingConfig,
-    Backend, BackendConfig, ClusterSnapshot, DeleteBackendRequest, Empty, Endpoint, NameRequest,
-    SetShadowRequest, SetTrafficRequest, UpdateBackendCodeRequest, UpdateBackendConfigRequest, WatchRequest,
+    AutoscalingConfig, Backend, BackendConfig, ClusterSnapshot, DeleteBackendRequest, Empty,
+    Endpoint, NameRequest, SetShadowRequest, SetTrafficRequest, UpdateBackendCodeRequest,
+    UpdateBackendConfigRequest, WatchRequest,
 };
 use serval_protos::frame::{CallRequest, Payload, Request, Response};
 use serval_proxy::{Router, RouterConfig, RouterError};
@@ -171,6 +171,29 @@ impl Client {
     }
 }
 
+/// Calls a handle may queue per backend while every replica is at its
+/// `max_concurrent_queries`. Handles wait, as Ray Serve's do (a burst of
+/// 10,000 calls all complete); the bound only stops a runaway caller from
+/// growing the queue without end. The HTTP
+/// proxy's queue is far shorter: a client there gets 503 + Retry-After.
+const HANDLE_QUEUE_CAPACITY: usize = 1_000_000;
+const HANDLE_QUEUE_CAPACITY_ENV: &str = "SERVAL_HANDLE_QUEUE_CAPACITY";
+
+fn handle_router_config() -> PyResult<RouterConfig> {
+    let queue_capacity = match std::env::var(HANDLE_QUEUE_CAPACITY_ENV) {
+        Err(_) => HANDLE_QUEUE_CAPACITY,
+        Ok(v) => v.trim().parse::<usize>().map_err(|_| {
+            PyValueError::new_err(format!(
+                "{HANDLE_QUEUE_CAPACITY_ENV} must be a non-negative integer, got {v:?}"
+            ))
+        })?,
+    };
+    Ok(RouterConfig {
+        queue_capacity,
+        ..RouterConfig::default()
+    })
+}
+
 #[pymethods]
 impl Client {
     #[new]
@@ -185,7 +208,7 @@ impl Client {
         let tok = token.clone();
         let client = block_on(py, async move { control::connect(&addr, &tok).await })
             .map_err(|e| ServeError::new_err(e.to_string()))?;
-        let router = Arc::new(Router::new(RouterConfig::default()));
+        let router = Arc::new(Router::new(handle_router_config()?));
         let token_for_reports = token.clone();
         let snapshots = {
             let _guard = runtime().enter();
@@ -209,14 +232,25 @@ impl Client {
         // Handles count towards autoscaling like proxies do.
         let reporter = {
             let _guard = runtime().enter();
-            let source = format!("handle-{}-{}", std::process::id(), Arc::as_ptr(&router) as usize);
-            serval_proxy::spawn_load_reporter((*router).clone(), address.clone(), token_for_reports, source)
+            let source = format!(
+                "handle-{}-{}",
+                std::process::id(),
+                Arc::as_ptr(&router) as usize
+            );
+            serval_proxy::spawn_load_reporter(
+                (*router).clone(),
+                address.clone(),
+                token_for_reports,
+                source,
+            )
         };
         Ok(Self {
             address,
             client,
             router,
-            applied, reporter })
+            applied,
+            reporter,
+        })
     }
 
     #[getter]
@@ -275,7 +309,8 @@ impl Client {
     fn update_backend_code(&self, py: Python<'_>, name: String, code: Vec<u8>) -> PyResult<()> {
         let mut c = self.client.clone();
         block_on(py, async move {
-            c.update_backend_code(UpdateBackendCodeRequest { name, code }).await
+            c.update_backend_code(UpdateBackendCodeRequest { name, code })
+                .await
         })
         .map_err(status_err)?;
         Ok(())
@@ -293,9 +328,16 @@ impl Client {
         timeout: f64,
     ) -> PyResult<Option<(String, String)>> {
         self.wait_snapshot(py, timeout, move |s| {
-            let b = s.backends.iter().find(|b| b.name == name && b.version >= min_version)?;
+            let b = s
+                .backends
+                .iter()
+                .find(|b| b.name == name && b.version >= min_version)?;
             let replicas: Vec<_> = s.replicas.iter().filter(|r| r.backend == name).collect();
-            let want = b.config.as_ref().map(|c| c.num_replicas as usize).unwrap_or(1);
+            let want = b
+                .config
+                .as_ref()
+                .map(|c| c.num_replicas as usize)
+                .unwrap_or(1);
             if let Some(f) = replicas
                 .iter()
                 .find(|r| r.backend_version == b.version && r.state == "failed")

@@ -58,6 +58,7 @@
 //! lowercase names, client, server, path_params with int/float/str values), so
 //! the Python side only wraps it in `starlette.requests.Request`.
 
+use std::cell::RefCell;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -66,12 +67,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use crossbeam_channel::{Receiver, Sender};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyOSError, PySystemExit, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use serval_node::replica_server::{self, Handler, Reply};
+use serval_protos::frame::FrameSender;
 use serval_protos::frame::{
     CallRequest, HttpRequest, PathValue, Payload, Request, Response, ERROR_TYPE_HEADER,
 };
@@ -141,6 +144,51 @@ impl Wake {
             }
         }
         self.pending.store(false, Ordering::SeqCst);
+    }
+}
+
+thread_local! {
+    /// While a `drain` runs on the Python thread: the replies it produced,
+    /// gathered per router connection, so a drain of N requests wakes each
+    /// connection's writer once and costs one write instead of N.
+    static OUTBOX: RefCell<Option<Vec<(FrameSender, BytesMut)>>> = const { RefCell::new(None) };
+}
+
+/// Sends a reply now, or into the drain's outbox when one is open on this thread.
+fn deliver(reply: Reply, response: &Response) {
+    let (tx, bytes) = reply.into_frame(response);
+    let direct = OUTBOX.with(|outbox| match outbox.borrow_mut().as_mut() {
+        None => Some((tx, bytes)),
+        Some(batch) => {
+            match batch.iter_mut().find(|(t, _)| t.same_channel(&tx)) {
+                Some((_, buf)) => buf.extend_from_slice(&bytes),
+                None => batch.push((tx, BytesMut::from(&bytes[..]))),
+            }
+            None
+        }
+    });
+    if let Some((tx, bytes)) = direct {
+        let _ = tx.send(bytes);
+    }
+}
+
+/// Opens the thread's outbox; dropping it (also on an error path) sends
+/// what was gathered.
+struct Outbox;
+
+impl Outbox {
+    fn open() -> Self {
+        OUTBOX.with(|outbox| *outbox.borrow_mut() = Some(Vec::new()));
+        Outbox
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        let batch = OUTBOX.with(|outbox| outbox.borrow_mut().take());
+        for (tx, buf) in batch.into_iter().flatten() {
+            let _ = tx.send(buf.freeze());
+        }
     }
 }
 
@@ -227,7 +275,7 @@ impl PyReply {
         let reply = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
         match reply {
             Some(reply) => {
-                reply.send(response);
+                deliver(reply, response);
                 true
             }
             None => false,
@@ -415,6 +463,7 @@ impl ReplicaServer {
             // `shutdown` answers whatever is still queued.
             return Ok(0);
         }
+        let _outbox = Outbox::open();
         let mut ran = 0;
         while ran < self.max_drain {
             let Ok(job) = self.rx.try_recv() else {
@@ -530,11 +579,14 @@ fn run_job(
     let Job { request, reply } = job;
     let method_name = request.method_name;
     if let Payload::Ping = request.payload {
-        reply.send(&Response {
-            status: 200,
-            headers: Vec::new(),
-            body: b"pong".to_vec(),
-        });
+        deliver(
+            reply,
+            &Response {
+                status: 200,
+                headers: Vec::new(),
+                body: b"pong".to_vec(),
+            },
+        );
         return Ok(());
     }
     let reply = Bound::new(py, PyReply::new(reply))?;

@@ -370,13 +370,18 @@ def test_http_requests_beyond_capacity_and_queue_get_503_with_retry_after(small_
     assert sorted(r.status_code for r in responses) == [200] * 3 + [503] * 3
 
 
-def test_handle_calls_beyond_capacity_and_queue_raise_a_clear_error(cluster):
+@pytest.fixture
+def small_handle_queue(monkeypatch):
+    # Read when the driver's client is created: its handles queue 5 calls per backend.
+    monkeypatch.setenv("SERVAL_HANDLE_QUEUE_CAPACITY", "5")
+
+
+def test_handle_calls_beyond_capacity_and_queue_raise_a_clear_error(small_handle_queue, cluster):
     gate = os.path.join(tempfile.mkdtemp(prefix="sv-gate-"), "open")
     serve.create_backend("gate", Gate, gate, config={"max_concurrent_queries": 1})
     serve.create_endpoint("gate", backend="gate")
     handle = serve.get_handle("gate", sync=False)
-    # A handle's router queues 1000 requests per backend.
-    capacity = 1 + 1000
+    capacity = 1 + 5
     extra = 3
 
     async def load():
@@ -403,6 +408,16 @@ def test_handle_calls_beyond_capacity_and_queue_raise_a_clear_error(cluster):
 class Noop:
     def __call__(self, request):
         return "ok"
+
+
+def test_a_burst_of_handle_calls_far_beyond_capacity_waits_and_completes(cluster):
+    # One call runs at a time on the replica; the other 2,999 wait in the
+    # handle's queue (as in Ray Serve) instead of failing as overloaded.
+    serve.create_backend("one_at_a_time", Noop, config={"max_concurrent_queries": 1})
+    serve.create_endpoint("one_at_a_time", backend="one_at_a_time")
+    handle = serve.get_handle("one_at_a_time")
+    futures = [handle.remote() for _ in range(3000)]
+    assert [f.result(timeout=120) for f in futures] == ["ok"] * 3000
 
 
 def test_a_sync_replica_keeps_answering_under_concurrent_load(cluster):

@@ -143,7 +143,10 @@ impl ServeProcess {
             if std::time::Instant::now() > deadline {
                 let log = self.log();
                 let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                panic!("no '{needle}' in the serve log after 120 s; its end:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+                panic!(
+                    "no '{needle}' in the serve log after 120 s; its end:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

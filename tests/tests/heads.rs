@@ -28,23 +28,40 @@ fn start_head(root: &std::path::Path, name: &str, join: Option<(&str, &str)>) ->
 
 fn status_json(head: &Head) -> serde_json::Value {
     let out = Command::new(serve_bin())
-        .args(["--address", &head.proc.control_address(), "--token", &head.proc.token(), "status", "--json"])
+        .args([
+            "--address",
+            &head.proc.control_address(),
+            "--token",
+            &head.proc.token(),
+            "status",
+            "--json",
+        ])
         .output()
         .unwrap();
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        eprintln!("status failed ({e}): {}", String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "status failed ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::Value::Null
     })
 }
 
 fn leader_id(head: &Head) -> Option<u64> {
     let s = status_json(head);
-    s["heads"].as_array()?.iter().find(|h| h["role"] == "leader").and_then(|h| h["raft_id"].as_u64())
+    s["heads"]
+        .as_array()?
+        .iter()
+        .find(|h| h["role"] == "leader")
+        .and_then(|h| h["raft_id"].as_u64())
 }
 
 #[test]
 fn three_heads_survive_the_loss_of_the_leader() {
-    let tmp = tempfile::Builder::new().prefix("sv-").tempdir_in("/tmp").unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("sv-")
+        .tempdir_in("/tmp")
+        .unwrap();
     let first = start_head(tmp.path(), "h1", None);
     let token = first.proc.token();
     let addr = first.proc.control_address();
@@ -57,12 +74,30 @@ fn three_heads_survive_the_loss_of_the_leader() {
         let n = s["heads"].as_array().map(|h| h.len()).unwrap_or(0);
         (n == 3 && leader_id(&heads[2]).is_some()).then_some(s)
     });
-    let roles: Vec<&str> = three_heads["heads"].as_array().unwrap().iter().map(|h| h["role"].as_str().unwrap()).collect();
-    assert_eq!(roles.iter().filter(|r| **r == "leader").count(), 1, "{roles:?}");
+    let roles: Vec<&str> = three_heads["heads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        roles.iter().filter(|r| **r == "leader").count(),
+        1,
+        "{roles:?}"
+    );
 
     // Deploy through a follower: the write is forwarded to the leader.
     let leader = leader_id(&heads[0]).unwrap();
-    let ids: Vec<u64> = heads.iter().map(|h| std::fs::read_to_string(h.proc.data_dir.join("raft_id")).unwrap().trim().parse().unwrap()).collect();
+    let ids: Vec<u64> = heads
+        .iter()
+        .map(|h| {
+            std::fs::read_to_string(h.proc.data_dir.join("raft_id"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect();
     let leader_ix = ids.iter().position(|id| *id == leader).unwrap();
     let follower_ix = (leader_ix + 1) % 3;
     let survivor_ix = (leader_ix + 2) % 3;
@@ -72,7 +107,14 @@ fn three_heads_survive_the_loss_of_the_leader() {
         &tmp.path().join("node"),
         free_port(),
         free_port(),
-        &["--address", &heads[leader_ix].proc.control_address(), "--token", &token, "--num-cpus", "2"],
+        &[
+            "--address",
+            &heads[leader_ix].proc.control_address(),
+            "--token",
+            &token,
+            "--num-cpus",
+            "2",
+        ],
     );
     node.wait_log("joined the head");
     let node_id = std::fs::read_to_string(node.data_dir.join("node_id")).unwrap();
@@ -91,9 +133,15 @@ serve.create_endpoint("hello", backend="hello", route="/hello")
         &envs,
     );
     let survivor_http = heads[survivor_ix].proc.http_port;
-    wait_for("the route on a surviving head", Duration::from_secs(60), || {
-        http_get(survivor_http, "/hello").ok().filter(|(s, _)| *s == 200)
-    });
+    wait_for(
+        "the route on a surviving head",
+        Duration::from_secs(60),
+        || {
+            http_get(survivor_http, "/hello")
+                .ok()
+                .filter(|(s, _)| *s == 200)
+        },
+    );
 
     // A writer through the follower: creates and deletes backends in a loop
     // and prints each acknowledged write.
@@ -140,7 +188,10 @@ while sys.stdin.readline():
     let mut failed_requests = 0;
     let mut new_leader = None;
     let mut elected_after = None;
-    let survivor = heads.iter().find(|h| h.proc.http_port == survivor_http).unwrap();
+    let survivor = heads
+        .iter()
+        .find(|h| h.proc.http_port == survivor_http)
+        .unwrap();
     while killed_at.elapsed() < Duration::from_secs(60) {
         match http_get(survivor_http, "/hello") {
             Ok((200, _)) => {}
@@ -170,26 +221,58 @@ while sys.stdin.readline():
     // The killed head's node is declared dead (5 s timeout) and its replica
     // moves; the extra node, heartbeating through the other heads, stays.
     let alive = |s: &serde_json::Value, id: &str| {
-        s["nodes"].as_array().unwrap().iter().any(|n| n["id"] == id && n["alive"] == true)
+        s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["id"] == id && n["alive"] == true)
     };
-    let s = wait_for("the dead head's node to be declared dead", Duration::from_secs(60), || {
-        let s = status_json(survivor);
-        let dead = s["nodes"].as_array()?.iter().filter(|n| n["alive"] == false).count();
-        (dead == 1).then_some(s)
-    });
-    assert!(alive(&s, node_id.trim()), "the node that was told only the dead leader was declared dead: {s}");
-    wait_for("three running replicas again", Duration::from_secs(60), || {
-        let s = status_json(survivor);
-        let running = s["replicas"].as_array()?.iter().filter(|r| r["backend"] == "hello" && r["state"] == "running").count();
-        (running == 3).then_some(())
-    });
+    let s = wait_for(
+        "the dead head's node to be declared dead",
+        Duration::from_secs(60),
+        || {
+            let s = status_json(survivor);
+            let dead = s["nodes"]
+                .as_array()?
+                .iter()
+                .filter(|n| n["alive"] == false)
+                .count();
+            (dead == 1).then_some(s)
+        },
+    );
+    assert!(
+        alive(&s, node_id.trim()),
+        "the node that was told only the dead leader was declared dead: {s}"
+    );
+    wait_for(
+        "three running replicas again",
+        Duration::from_secs(60),
+        || {
+            let s = status_json(survivor);
+            let running = s["replicas"]
+                .as_array()?
+                .iter()
+                .filter(|r| r["backend"] == "hello" && r["state"] == "running")
+                .count();
+            (running == 3).then_some(())
+        },
+    );
 
     // Every acknowledged write is there, on both surviving heads.
     for head in &heads {
         let s = status_json(head);
-        let names: Vec<&str> = s["backends"].as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap()).collect();
+        let names: Vec<&str> = s["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["name"].as_str().unwrap())
+            .collect();
         for name in &acked {
-            assert!(names.contains(&name.as_str()), "acknowledged backend {name} lost on {}: {names:?}", head.proc.control_address());
+            assert!(
+                names.contains(&name.as_str()),
+                "acknowledged backend {name} lost on {}: {names:?}",
+                head.proc.control_address()
+            );
         }
     }
     drop(writer);
@@ -197,13 +280,20 @@ while sys.stdin.readline():
 }
 
 fn raft_id(head: &Head) -> u64 {
-    std::fs::read_to_string(head.proc.data_dir.join("raft_id")).unwrap().trim().parse().unwrap()
+    std::fs::read_to_string(head.proc.data_dir.join("raft_id"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 /// Writes `n` pending backends (no node has CPU for them, so no process
 /// starts) through `addr`.
 fn write_backends(addr: &str, token: &str, prefix: &str, n: usize) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let mut c = serval_protos::client::connect(addr, token).await.unwrap();
         for i in 0..n {
@@ -224,12 +314,18 @@ fn write_backends(addr: &str, token: &str, prefix: &str, n: usize) {
 }
 
 fn backend_count(head: &Head) -> usize {
-    status_json(head)["backends"].as_array().map(|b| b.len()).unwrap_or(0)
+    status_json(head)["backends"]
+        .as_array()
+        .map(|b| b.len())
+        .unwrap_or(0)
 }
 
 #[test]
 fn a_follower_catches_up_and_all_heads_recover_from_disk() {
-    let tmp = tempfile::Builder::new().prefix("sv-").tempdir_in("/tmp").unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("sv-")
+        .tempdir_in("/tmp")
+        .unwrap();
     // Spawns a head without waiting for it: after a full stop no head can
     // be ready before a majority runs.
     let spawn = |name: &str, join: Option<(&str, &str)>, ports: Option<(u16, u16)>| {
@@ -240,7 +336,9 @@ fn a_follower_catches_up_and_all_heads_recover_from_disk() {
             join_args = [addr.to_string(), token.to_string()];
             args.extend(["--join", &join_args[0], "--token", &join_args[1]]);
         }
-        Head { proc: ServeProcess::start(&tmp.path().join(name), control, http, &args) }
+        Head {
+            proc: ServeProcess::start(&tmp.path().join(name), control, http, &args),
+        }
     };
     let start = |name: &str, join: Option<(&str, &str)>, ports: Option<(u16, u16)>| {
         let mut head = spawn(name, join, ports);
@@ -252,47 +350,85 @@ fn a_follower_catches_up_and_all_heads_recover_from_disk() {
     let mut heads = vec![first];
     heads.push(start("h2", Some((&addr, &token)), None));
     heads.push(start("h3", Some((&addr, &token)), None));
-    wait_for("a leader among three heads", Duration::from_secs(60), || {
-        let s = status_json(&heads[0]);
-        (s["heads"].as_array().map(|h| h.len()) == Some(3) && leader_id(&heads[0]).is_some()).then_some(())
-    });
+    wait_for(
+        "a leader among three heads",
+        Duration::from_secs(60),
+        || {
+            let s = status_json(&heads[0]);
+            (s["heads"].as_array().map(|h| h.len()) == Some(3) && leader_id(&heads[0]).is_some())
+                .then_some(())
+        },
+    );
 
     // Kill a follower, write past the snapshot policy, bring it back.
     let leader = leader_id(&heads[0]).unwrap();
     let ix = heads.iter().position(|h| raft_id(h) != leader).unwrap();
     let follower = heads.remove(ix);
     let ports = (follower.proc.control_port, follower.proc.http_port);
-    let name = follower.proc.data_dir.file_name().unwrap().to_str().unwrap().to_string();
+    let name = follower
+        .proc
+        .data_dir
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
     drop(follower);
     let writer = heads[0].proc.control_address();
     write_backends(&writer, &token, "b", 600);
     let back = start(&name, Some((&addr, &token)), Some(ports));
-    wait_for("the follower to catch up (log or snapshot)", Duration::from_secs(120), || {
-        (backend_count(&back) == 600).then_some(())
-    });
+    wait_for(
+        "the follower to catch up (log or snapshot)",
+        Duration::from_secs(120),
+        || (backend_count(&back) == 600).then_some(()),
+    );
     heads.push(back);
 
     // Stop every head, start them again on the same data dirs and ports.
     let saved: Vec<(String, (u16, u16))> = heads
         .iter()
         .map(|h| {
-            (h.proc.data_dir.file_name().unwrap().to_str().unwrap().to_string(), (h.proc.control_port, h.proc.http_port))
+            (
+                h.proc
+                    .data_dir
+                    .file_name()
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_string(),
+                (h.proc.control_port, h.proc.http_port),
+            )
         })
         .collect();
     for h in &heads {
-        let _ = Command::new("kill").args(["-TERM", &h.proc.guard.pid().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &h.proc.guard.pid().to_string()])
+            .status();
     }
     for h in &mut heads {
-        wait_for("a head to stop", Duration::from_secs(60), || h.proc.guard.child.try_wait().ok().flatten());
+        wait_for("a head to stop", Duration::from_secs(60), || {
+            h.proc.guard.child.try_wait().ok().flatten()
+        });
     }
     drop(heads);
     // Restarted heads are members already: no --join needed, but harmless.
-    let mut restarted: Vec<Head> = saved.iter().map(|(name, ports)| spawn(name, None, Some(*ports))).collect();
+    let mut restarted: Vec<Head> = saved
+        .iter()
+        .map(|(name, ports)| spawn(name, None, Some(*ports)))
+        .collect();
     for h in &mut restarted {
         h.proc.wait_log("http proxy listening");
     }
-    wait_for("a leader after a full restart", Duration::from_secs(60), || leader_id(&restarted[0]));
+    wait_for(
+        "a leader after a full restart",
+        Duration::from_secs(60),
+        || leader_id(&restarted[0]),
+    );
     for h in &restarted {
-        wait_for("the state recovered from disk", Duration::from_secs(60), || (backend_count(h) == 600).then_some(()));
+        wait_for(
+            "the state recovered from disk",
+            Duration::from_secs(60),
+            || (backend_count(h) == 600).then_some(()),
+        );
     }
 }

@@ -57,19 +57,29 @@ struct Net {
 impl Net {
     /// Proxies in front of the control ports `targets`.
     fn new(targets: &[u16]) -> Self {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
         let state = Arc::new(Mutex::new(NetState::default()));
         let proxy_ports = targets
             .iter()
             .enumerate()
             .map(|(to, target)| {
-                let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+                let listener = runtime
+                    .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+                    .unwrap();
                 let port = listener.local_addr().unwrap().port();
                 runtime.spawn(proxy(listener, to, *target, state.clone()));
                 port
             })
             .collect();
-        Self { state, proxy_ports, _runtime: runtime }
+        Self {
+            state,
+            proxy_ports,
+            _runtime: runtime,
+        }
     }
 
     fn advertised(&self, head: usize) -> String {
@@ -98,10 +108,17 @@ impl Net {
     }
 }
 
-async fn proxy(listener: tokio::net::TcpListener, to: usize, target: u16, state: Arc<Mutex<NetState>>) {
+async fn proxy(
+    listener: tokio::net::TcpListener,
+    to: usize,
+    target: u16,
+    state: Arc<Mutex<NetState>>,
+) {
     let port = listener.local_addr().unwrap().port();
     loop {
-        let Ok((mut inbound, peer)) = listener.accept().await else { continue };
+        let Ok((mut inbound, peer)) = listener.accept().await else {
+            continue;
+        };
         let pids = state.lock().unwrap().pids.clone();
         let from = calling_head(peer.port(), port, &pids);
         let mut s = state.lock().unwrap();
@@ -111,7 +128,10 @@ async fn proxy(listener: tokio::net::TcpListener, to: usize, target: u16, state:
             continue;
         }
         let conn = tokio::spawn(async move {
-            let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
+            let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+            else {
+                return;
+            };
             let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
         });
         s.conns.retain(|c| !c.is_finished());
@@ -122,12 +142,16 @@ async fn proxy(listener: tokio::net::TcpListener, to: usize, target: u16, state:
 /// The head (index into `pids`) whose process owns the client end of a
 /// loopback connection from `peer_port` to `proxy_port`.
 fn calling_head(peer_port: u16, proxy_port: u16, pids: &[u32]) -> Option<usize> {
-    let port = |addr: &str| addr.rsplit_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+    let port = |addr: &str| {
+        addr.rsplit_once(':')
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+    };
     let tcp = std::fs::read_to_string("/proc/net/tcp").ok()?;
     // Fields: sl local_address rem_address st queues timer retransmits uid timeout inode
     let inode = tcp.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
-        (f.len() > 9 && port(f[1]) == Some(peer_port) && port(f[2]) == Some(proxy_port)).then(|| f[9].to_string())
+        (f.len() > 9 && port(f[1]) == Some(peer_port) && port(f[2]) == Some(proxy_port))
+            .then(|| f[9].to_string())
     })?;
     let socket = format!("socket:[{inode}]");
     pids.iter().position(|pid| {
@@ -146,7 +170,14 @@ struct Head {
 
 fn status_json(head: &Head) -> serde_json::Value {
     let out = Command::new(serve_bin())
-        .args(["--address", &head.proc.control_address(), "--token", &head.proc.token(), "status", "--json"])
+        .args([
+            "--address",
+            &head.proc.control_address(),
+            "--token",
+            &head.proc.token(),
+            "status",
+            "--json",
+        ])
         .output()
         .unwrap();
     serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
@@ -154,16 +185,28 @@ fn status_json(head: &Head) -> serde_json::Value {
 
 /// The leader as `head` sees it.
 fn leader_id(s: &serde_json::Value) -> Option<u64> {
-    s["heads"].as_array()?.iter().find(|h| h["role"] == "leader").and_then(|h| h["raft_id"].as_u64())
+    s["heads"]
+        .as_array()?
+        .iter()
+        .find(|h| h["role"] == "leader")
+        .and_then(|h| h["raft_id"].as_u64())
 }
 
 fn backends(s: &serde_json::Value) -> Vec<String> {
-    s["backends"].as_array().into_iter().flatten().filter_map(|b| b["name"].as_str().map(String::from)).collect()
+    s["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| b["name"].as_str().map(String::from))
+        .collect()
 }
 
 /// Creates one pending backend (no head offers CPUs) through `addr`.
 fn create_backend(addr: &str, token: &str, name: &str) -> Result<(), tonic::Status> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let mut c = serval_protos::client::connect(addr, token)
             .await
@@ -171,7 +214,11 @@ fn create_backend(addr: &str, token: &str, name: &str) -> Result<(), tonic::Stat
         c.create_backend(serval_protos::control::Backend {
             name: name.to_string(),
             code: vec![1],
-            config: Some(serval_protos::control::BackendConfig { num_replicas: 1, num_cpus: 1.0, ..Default::default() }),
+            config: Some(serval_protos::control::BackendConfig {
+                num_replicas: 1,
+                num_cpus: 1.0,
+                ..Default::default()
+            }),
             ..Default::default()
         })
         .await
@@ -181,25 +228,45 @@ fn create_backend(addr: &str, token: &str, name: &str) -> Result<(), tonic::Stat
 
 #[test]
 fn an_isolated_leader_cannot_commit_and_steps_down_when_healed() {
-    let tmp = tempfile::Builder::new().prefix("sv-").tempdir_in("/tmp").unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("sv-")
+        .tempdir_in("/tmp")
+        .unwrap();
     let control_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let net = Net::new(&control_ports);
     let mut heads: Vec<Head> = Vec::new();
     let mut token = String::new();
     for (i, control) in control_ports.iter().enumerate() {
         let advertised = net.advertised(i);
-        let mut args = vec!["--head", "--num-cpus", "0", "--node-timeout-s", "3", "--advertise-address", &advertised];
+        let mut args = vec![
+            "--head",
+            "--num-cpus",
+            "0",
+            "--node-timeout-s",
+            "3",
+            "--advertise-address",
+            &advertised,
+        ];
         let join = net.advertised(0);
         if i > 0 {
             args.extend(["--join", &join, "--token", &token]);
         }
-        let mut proc = ServeProcess::start(&tmp.path().join(format!("h{i}")), *control, free_port(), &args);
+        let mut proc = ServeProcess::start(
+            &tmp.path().join(format!("h{i}")),
+            *control,
+            free_port(),
+            &args,
+        );
         net.set_pid(i, proc.guard.pid());
         proc.wait_log("http proxy listening");
         if i == 0 {
             token = proc.token();
         }
-        let raft_id = std::fs::read_to_string(proc.data_dir.join("raft_id")).unwrap().trim().parse().unwrap();
+        let raft_id = std::fs::read_to_string(proc.data_dir.join("raft_id"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         heads.push(Head { proc, raft_id });
     }
     let s = wait_for("three heads and a leader", Duration::from_secs(60), || {
@@ -207,19 +274,34 @@ fn an_isolated_leader_cannot_commit_and_steps_down_when_healed() {
         (s["heads"].as_array().map(|h| h.len()) == Some(3) && leader_id(&s).is_some()).then_some(s)
     });
     // Peers know each other by the advertised (proxy) addresses.
-    let mut addresses: Vec<&str> = s["heads"].as_array().unwrap().iter().map(|h| h["address"].as_str().unwrap()).collect();
+    let mut addresses: Vec<&str> = s["heads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["address"].as_str().unwrap())
+        .collect();
     addresses.sort();
     let mut expected: Vec<String> = (0..3).map(|i| net.advertised(i)).collect();
     expected.sort();
     assert_eq!(addresses, expected, "heads should advertise their proxies");
 
-    create_backend(&heads[1].proc.control_address(), &token, "before").expect("a write before the partition");
+    create_backend(&heads[1].proc.control_address(), &token, "before")
+        .expect("a write before the partition");
     for h in &heads {
-        wait_for("the first write on every head", Duration::from_secs(30), || {
-            backends(&status_json(h)).contains(&"before".to_string()).then_some(())
-        });
+        wait_for(
+            "the first write on every head",
+            Duration::from_secs(30),
+            || {
+                backends(&status_json(h))
+                    .contains(&"before".to_string())
+                    .then_some(())
+            },
+        );
     }
-    assert!(net.state.lock().unwrap().identified > 0, "the proxies recognised no head (is /proc/net/tcp readable?)");
+    assert!(
+        net.state.lock().unwrap().identified > 0,
+        "the proxies recognised no head (is /proc/net/tcp readable?)"
+    );
 
     // Cut the leader off from the two others.
     let old_leader = leader_id(&status_json(&heads[0])).unwrap();
@@ -239,21 +321,34 @@ fn an_isolated_leader_cannot_commit_and_steps_down_when_healed() {
             (result, started.elapsed())
         })
     };
-    let new_leader = wait_for("a new leader among the majority", Duration::from_secs(30), || {
-        let seen: Vec<Option<u64>> = majority.iter().map(|i| leader_id(&status_json(&heads[*i]))).collect();
-        match seen[..] {
-            [Some(a), Some(b)] if a == b && a != old_leader => Some(a),
-            _ => None,
-        }
-    });
+    let new_leader = wait_for(
+        "a new leader among the majority",
+        Duration::from_secs(30),
+        || {
+            let seen: Vec<Option<u64>> = majority
+                .iter()
+                .map(|i| leader_id(&status_json(&heads[*i])))
+                .collect();
+            match seen[..] {
+                [Some(a), Some(b)] if a == b && a != old_leader => Some(a),
+                _ => None,
+            }
+        },
+    );
     let elected_after = isolated_at.elapsed();
     let (result, failed_after) = minority_write.join().unwrap();
     let status = result.expect_err("a write on the isolated leader was acknowledged");
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
-    assert!(failed_after < Duration::from_secs(15), "the isolated leader's write took {failed_after:?} to fail");
+    assert!(
+        failed_after < Duration::from_secs(15),
+        "the isolated leader's write took {failed_after:?} to fail"
+    );
     let isolated_status = status_json(&heads[old_ix]);
     let still_claims_leadership = leader_id(&isolated_status) == Some(old_leader);
-    assert!(!backends(&isolated_status).contains(&"minority".to_string()), "the minority committed a write");
+    assert!(
+        !backends(&isolated_status).contains(&"minority".to_string()),
+        "the minority committed a write"
+    );
 
     // The majority keeps accepting writes, through its follower (forwarded)
     // and its leader.
@@ -267,37 +362,63 @@ fn an_isolated_leader_cannot_commit_and_steps_down_when_healed() {
     }
     for i in &majority {
         // A follower applies what the leader committed on its next message.
-        let names = wait_for("the majority's writes on both its heads", Duration::from_secs(30), || {
-            let names = backends(&status_json(&heads[*i]));
-            during.iter().all(|n| names.contains(n)).then_some(names)
-        });
+        let names = wait_for(
+            "the majority's writes on both its heads",
+            Duration::from_secs(30),
+            || {
+                let names = backends(&status_json(&heads[*i]));
+                during.iter().all(|n| names.contains(n)).then_some(names)
+            },
+        );
         assert!(!names.contains(&"minority".to_string()));
     }
     let names = backends(&status_json(&heads[old_ix]));
-    assert!(during.iter().all(|n| !names.contains(n)), "the isolated head saw majority writes: {names:?}");
+    assert!(
+        during.iter().all(|n| !names.contains(n)),
+        "the isolated head saw majority writes: {names:?}"
+    );
 
     // Heal: the old leader hears of the newer term, steps down and catches
     // up; its uncommitted write is gone.
     let healed_at = Instant::now();
     net.heal();
-    let s = wait_for("the old leader to step down and catch up", Duration::from_secs(30), || {
-        let s = status_json(&heads[old_ix]);
-        let names = backends(&s);
-        (leader_id(&s) == Some(new_leader) && during.iter().all(|n| names.contains(n))).then_some(s)
-    });
+    let s = wait_for(
+        "the old leader to step down and catch up",
+        Duration::from_secs(30),
+        || {
+            let s = status_json(&heads[old_ix]);
+            let names = backends(&s);
+            (leader_id(&s) == Some(new_leader) && during.iter().all(|n| names.contains(n)))
+                .then_some(s)
+        },
+    );
     let stepped_down_after = healed_at.elapsed();
-    let me = s["heads"].as_array().unwrap().iter().find(|h| h["raft_id"] == old_leader).unwrap();
+    let me = s["heads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["raft_id"] == old_leader)
+        .unwrap();
     assert_eq!(me["role"], "follower", "{s}");
     assert!(me["term"].as_u64().unwrap() > old_term, "{s}");
-    assert!(!backends(&s).contains(&"minority".to_string()), "the uncommitted write survived: {s}");
+    assert!(
+        !backends(&s).contains(&"minority".to_string()),
+        "the uncommitted write survived: {s}"
+    );
 
     // The old leader now forwards writes to the new one.
-    create_backend(&heads[old_ix].proc.control_address(), &token, "after").expect("a write after healing");
+    create_backend(&heads[old_ix].proc.control_address(), &token, "after")
+        .expect("a write after healing");
     for h in &heads {
-        wait_for("the write after healing on every head", Duration::from_secs(30), || {
-            let names = backends(&status_json(h));
-            (names.contains(&"after".to_string()) && !names.contains(&"minority".to_string())).then_some(())
-        });
+        wait_for(
+            "the write after healing on every head",
+            Duration::from_secs(30),
+            || {
+                let names = backends(&status_json(h));
+                (names.contains(&"after".to_string()) && !names.contains(&"minority".to_string()))
+                    .then_some(())
+            },
+        );
     }
     eprintln!(
         "FIGURES: new leader elected {elected_after:?} after isolating the leader; the isolated leader's write \

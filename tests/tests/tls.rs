@@ -23,16 +23,25 @@ fn make_pki(dir: &Path) -> Pki {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "serval test CA");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "serval test CA");
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
 
     let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
-    params.distinguished_name.push(DnType::CommonName, "serval head");
+    let mut params =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "serval head");
     let cert = params.signed_by(&key, &issuer).unwrap();
 
-    let pki = Pki { ca: dir.join("ca.pem"), cert: dir.join("head.pem"), key: dir.join("head.key") };
+    let pki = Pki {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("head.pem"),
+        key: dir.join("head.key"),
+    };
     std::fs::write(&pki.ca, ca_cert.pem()).unwrap();
     std::fs::write(&pki.cert, cert.pem()).unwrap();
     std::fs::write(&pki.key, key.serialize_pem()).unwrap();
@@ -55,7 +64,16 @@ fn stderr(out: &Output) -> String {
 }
 
 fn status_json(addr: &str, token: &str, ca: &Path) -> Option<serde_json::Value> {
-    let out = serve(&["--address", addr, "--token", token, "--tls-ca", ca.to_str().unwrap(), "status", "--json"]);
+    let out = serve(&[
+        "--address",
+        addr,
+        "--token",
+        token,
+        "--tls-ca",
+        ca.to_str().unwrap(),
+        "status",
+        "--json",
+    ]);
     if !out.status.success() {
         eprintln!("status failed: {}", stderr(&out));
         return None;
@@ -65,31 +83,82 @@ fn status_json(addr: &str, token: &str, ca: &Path) -> Option<serde_json::Value> 
 
 #[test]
 fn control_plane_over_tls() {
-    let tmp = tempfile::Builder::new().prefix("sv-tls-").tempdir_in("/tmp").unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("sv-tls-")
+        .tempdir_in("/tmp")
+        .unwrap();
     let pki = make_pki(tmp.path());
-    let (ca, cert, key) = (pki.ca.to_str().unwrap(), pki.cert.to_str().unwrap(), pki.key.to_str().unwrap());
-    let tls_head = ["--head", "--num-cpus", "1", "--tls-cert", cert, "--tls-key", key, "--tls-ca", ca];
+    let (ca, cert, key) = (
+        pki.ca.to_str().unwrap(),
+        pki.cert.to_str().unwrap(),
+        pki.key.to_str().unwrap(),
+    );
+    let tls_head = [
+        "--head",
+        "--num-cpus",
+        "1",
+        "--tls-cert",
+        cert,
+        "--tls-key",
+        key,
+        "--tls-ca",
+        ca,
+    ];
 
     // A missing file is an error at start naming the flag and the path.
-    let out = serve(&["--data-dir", tmp.path().join("bad").to_str().unwrap(), "start", "--head",
-        "--tls-cert", "/nonexistent/head.pem", "--tls-key", key, "--tls-ca", ca]);
+    let out = serve(&[
+        "--data-dir",
+        tmp.path().join("bad").to_str().unwrap(),
+        "start",
+        "--head",
+        "--tls-cert",
+        "/nonexistent/head.pem",
+        "--tls-key",
+        key,
+        "--tls-ca",
+        ca,
+    ]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("--tls-cert /nonexistent/head.pem"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--tls-cert /nonexistent/head.pem"),
+        "{}",
+        stderr(&out)
+    );
 
     // The first head: its own node agent (registered before it prints its
     // addresses) and proxy connect over TLS.
     let mut h1 = ServeProcess::start(&tmp.path().join("h1"), free_port(), free_port(), &tls_head);
     h1.wait_log("http proxy listening");
     let (addr, token) = (h1.control_address(), h1.token());
-    wait_for("the head's proxy to follow the snapshot over TLS", Duration::from_secs(30), || {
-        matches!(http_get(h1.http_port, "/-/healthz"), Ok((200, _))).then_some(())
-    });
+    wait_for(
+        "the head's proxy to follow the snapshot over TLS",
+        Duration::from_secs(30),
+        || matches!(http_get(h1.http_port, "/-/healthz"), Ok((200, _))).then_some(()),
+    );
 
     // The CLI with the CA, for the address's IP and for a name (--tls-domain).
-    let out = serve(&["--address", &addr, "--token", &token, "--tls-ca", ca, "status"]);
+    let out = serve(&[
+        "--address",
+        &addr,
+        "--token",
+        &token,
+        "--tls-ca",
+        ca,
+        "status",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("HEADS"));
-    let out = serve(&["--address", &addr, "--token", &token, "--tls-ca", ca, "--tls-domain", "localhost", "status"]);
+    let out = serve(&[
+        "--address",
+        &addr,
+        "--token",
+        &token,
+        "--tls-ca",
+        ca,
+        "--tls-domain",
+        "localhost",
+        "status",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
 
     // Without the CA: a plaintext client of a TLS head is told so.
@@ -100,10 +169,23 @@ fn control_plane_over_tls() {
 
     // A certificate issued to another name is refused, and the error says
     // what was checked.
-    let out = serve(&["--address", &addr, "--token", &token, "--tls-ca", ca, "--tls-domain", "other.example", "status"]);
+    let out = serve(&[
+        "--address",
+        &addr,
+        "--token",
+        &token,
+        "--tls-ca",
+        ca,
+        "--tls-domain",
+        "other.example",
+        "status",
+    ]);
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("certificate") && err.contains("other.example") && err.contains("TLS"), "{err}");
+    assert!(
+        err.contains("certificate") && err.contains("other.example") && err.contains("TLS"),
+        "{err}"
+    );
 
     // A second head joins over TLS (joins, raft messages, forwarded writes).
     let mut h2 = ServeProcess::start(
@@ -120,17 +202,33 @@ fn control_plane_over_tls() {
         &tmp.path().join("node"),
         free_port(),
         free_port(),
-        &["--address", &h2_addr, "--token", &token, "--tls-ca", ca, "--num-cpus", "1"],
+        &[
+            "--address",
+            &h2_addr,
+            "--token",
+            &token,
+            "--tls-ca",
+            ca,
+            "--num-cpus",
+            "1",
+        ],
     );
     node.wait_log("joined the head");
-    wait_for("two heads and three nodes, seen from either head", Duration::from_secs(60), || {
-        [&addr, &h2_addr].iter().all(|a| {
-            status_json(a, &token, &pki.ca).is_some_and(|s| {
-                s["heads"].as_array().map_or(0, |h| h.len()) == 2
-                    && s["nodes"].as_array().map_or(0, |n| n.len()) == 3
-            })
-        }).then_some(())
-    });
+    wait_for(
+        "two heads and three nodes, seen from either head",
+        Duration::from_secs(60),
+        || {
+            [&addr, &h2_addr]
+                .iter()
+                .all(|a| {
+                    status_json(a, &token, &pki.ca).is_some_and(|s| {
+                        s["heads"].as_array().map_or(0, |h| h.len()) == 2
+                            && s["nodes"].as_array().map_or(0, |n| n.len()) == 3
+                    })
+                })
+                .then_some(())
+        },
+    );
 
     // The Python SDK honours SERVAL_TLS_CA, and without it says TLS.
     let script = format!(
@@ -147,13 +245,29 @@ fn control_plane_over_tls() {
          except Exception as e:\n    print(e)\n"
     );
     let out = run_python(&script, &[]);
-    assert!(out.contains("TLS") && out.contains("SERVAL_TLS_CA"), "{out}");
+    assert!(
+        out.contains("TLS") && out.contains("SERVAL_TLS_CA"),
+        "{out}"
+    );
 
     // A TLS client of a plaintext head is told that the head does not
     // serve TLS.
-    let mut plain = ServeProcess::start(&tmp.path().join("plain"), free_port(), free_port(), &["--head", "--num-cpus", "1"]);
+    let mut plain = ServeProcess::start(
+        &tmp.path().join("plain"),
+        free_port(),
+        free_port(),
+        &["--head", "--num-cpus", "1"],
+    );
     plain.wait_log("http proxy listening");
-    let out = serve(&["--address", &plain.control_address(), "--token", &plain.token(), "--tls-ca", ca, "status"]);
+    let out = serve(&[
+        "--address",
+        &plain.control_address(),
+        "--token",
+        &plain.token(),
+        "--tls-ca",
+        ca,
+        "status",
+    ]);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("does not seem to serve TLS"), "{err}");

@@ -19,14 +19,16 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use serval_node::replica_server::{bind_unix, serve as serve_replica, Handler, Reply};
 use serval_protos::control::{Backend, BackendConfig, ClusterSnapshot, Endpoint, Replica};
 use serval_protos::frame::{Request, Response};
 use serval_proxy::{Proxy, ProxyConfig};
 
 fn usage() -> ! {
-    eprintln!("usage: serval-bench hyper PORT [WORKERS] | serval-bench native PORT REPLICAS [WORKERS]");
+    eprintln!(
+        "usage: serval-bench hyper PORT [WORKERS] | serval-bench native PORT REPLICAS [WORKERS]"
+    );
     std::process::exit(2)
 }
 
@@ -120,7 +122,13 @@ fn native(port: u16, replicas: usize, workers: usize) {
             rt.block_on(async move {
                 let unix = bind_unix(&path).expect("bind replica socket");
                 ready_tx.send(()).unwrap();
-                serve_replica(Some(unix), None, Arc::new(OkHandler), std::future::pending()).await;
+                serve_replica(
+                    Some(unix),
+                    None,
+                    Arc::new(OkHandler),
+                    std::future::pending(),
+                )
+                .await;
             });
         });
         ready_rx

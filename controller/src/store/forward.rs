@@ -39,11 +39,17 @@ impl From<Result<u64, ControllerError>> for Forwarded {
 
 /// Proposes `cmd` on the leader, wherever it is; retries while an election
 /// is under way, but not a write the leader failed to commit in time.
-pub async fn propose_via_leader(raft: &Raft, token: &str, cmd: Command) -> Result<u64, ControllerError> {
+pub async fn propose_via_leader(
+    raft: &Raft,
+    token: &str,
+    cmd: Command,
+) -> Result<u64, ControllerError> {
     let deadline = tokio::time::Instant::now() + FORWARD_DEADLINE;
     loop {
         let outcome = match propose(raft, cmd.clone()).await {
-            Err(ControllerError::NotLeader { leader: Some(addr) }) => forward(&addr, token, &cmd).await,
+            Err(ControllerError::NotLeader { leader: Some(addr) }) => {
+                forward(&addr, token, &cmd).await
+            }
             other => other,
         };
         match outcome {
@@ -59,13 +65,19 @@ pub async fn propose_via_leader(raft: &Raft, token: &str, cmd: Command) -> Resul
 }
 
 async fn forward(leader: &str, token: &str, cmd: &Command) -> Result<u64, ControllerError> {
-    let mut client = connect_peer_lazy(leader, token).map_err(|e| ControllerError::Raft(e.to_string()))?;
+    let mut client =
+        connect_peer_lazy(leader, token).map_err(|e| ControllerError::Raft(e.to_string()))?;
     let payload = encode(cmd).map_err(|e| ControllerError::Raft(e.to_string()))?;
-    let reply = client
-        .propose(RaftMessage { payload })
-        .await
-        .map_err(|s| ControllerError::NotLeader { leader: Some(format!("{leader} ({})", s.message())) })?;
-    match decode::<Forwarded>(&reply.into_inner().payload).map_err(|e| ControllerError::Raft(e.to_string()))? {
+    let reply =
+        client
+            .propose(RaftMessage { payload })
+            .await
+            .map_err(|s| ControllerError::NotLeader {
+                leader: Some(format!("{leader} ({})", s.message())),
+            })?;
+    match decode::<Forwarded>(&reply.into_inner().payload)
+        .map_err(|e| ControllerError::Raft(e.to_string()))?
+    {
         Forwarded::Applied(v) => Ok(v),
         Forwarded::Refused(e) => Err(ControllerError::Refused(e)),
         Forwarded::Failed(e) => Err(ControllerError::Raft(e)),

@@ -62,7 +62,12 @@ pub struct Membership {
 impl Membership {
     /// A single head with no token: tests of the store alone.
     pub fn single(raft_id: NodeId, address: &str) -> Self {
-        Self { raft_id, address: address.to_string(), token: String::new(), bootstrap: true }
+        Self {
+            raft_id,
+            address: address.to_string(),
+            token: String::new(),
+            bootstrap: true,
+        }
     }
 }
 
@@ -96,15 +101,17 @@ pub async fn open(
             .validate()
             .map_err(|e| ControllerError::Raft(e.to_string()))?,
     );
-    let network = network::Network { token: membership.token.clone() };
+    let network = network::Network {
+        token: membership.token.clone(),
+    };
     let raft = Raft::new(raft_id, config, network, log, sm.clone())
         .await
         .map_err(|e| ControllerError::Raft(e.to_string()))?;
     if membership.bootstrap
         && !raft
-        .is_initialized()
-        .await
-        .map_err(|e| ControllerError::Raft(e.to_string()))?
+            .is_initialized()
+            .await
+            .map_err(|e| ControllerError::Raft(e.to_string()))?
     {
         let members = [(
             raft_id,
@@ -137,7 +144,11 @@ pub async fn propose(raft: &Raft, cmd: Command) -> Result<u64, ControllerError> 
 }
 
 /// [`propose`] with another commit timeout.
-pub async fn propose_within(raft: &Raft, cmd: Command, timeout: Duration) -> Result<u64, ControllerError> {
+pub async fn propose_within(
+    raft: &Raft,
+    cmd: Command,
+    timeout: Duration,
+) -> Result<u64, ControllerError> {
     let Ok(written) = tokio::time::timeout(timeout, raft.client_write(cmd)).await else {
         // The entry may still sit uncommitted in this head's log: a later
         // leader either commits it or, far more likely, overwrites it.

@@ -6,11 +6,13 @@
 
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
 use serde::{de::DeserializeOwned, Serialize};
@@ -37,9 +39,15 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
         let client = connect_peer_lazy(&node.addr, &self.token)
-            .map_err(|e| tracing::warn!(target, addr = %node.addr, error = %e, "bad raft peer address"))
+            .map_err(
+                |e| tracing::warn!(target, addr = %node.addr, error = %e, "bad raft peer address"),
+            )
             .ok();
-        Peer { target, addr: node.addr.clone(), client }
+        Peer {
+            target,
+            addr: node.addr.clone(),
+            client,
+        }
     }
 }
 
@@ -73,7 +81,10 @@ impl Peer {
         ttl: Duration,
     ) -> Result<Resp, Transport> {
         let Some(client) = self.client.as_mut() else {
-            return Err(Transport::Unreachable(std::io::Error::other(format!("bad address {}", self.addr))));
+            return Err(Transport::Unreachable(std::io::Error::other(format!(
+                "bad address {}",
+                self.addr
+            ))));
         };
         let payload = encode(request).map_err(Transport::Network)?;
         let message = RaftMessage { payload };
@@ -85,11 +96,18 @@ impl Peer {
             }
         };
         let reply = match tokio::time::timeout(ttl, call).await {
-            Err(_) => return Err(Transport::Network(std::io::Error::new(std::io::ErrorKind::TimedOut, "raft rpc timed out"))),
+            Err(_) => {
+                return Err(Transport::Network(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "raft rpc timed out",
+                )))
+            }
             Ok(Err(status)) => {
                 let e = std::io::Error::other(format!("{}: {}", self.addr, status.message()));
                 return Err(match status.code() {
-                    tonic::Code::Unavailable | tonic::Code::Unauthenticated => Transport::Unreachable(e),
+                    tonic::Code::Unavailable | tonic::Code::Unauthenticated => {
+                        Transport::Unreachable(e)
+                    }
                     _ => Transport::Network(e),
                 });
             }
@@ -105,8 +123,10 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        let reply: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
-            self.exchange(Method::AppendEntries, &rpc, option.hard_ttl()).await.map_err(Transport::into_rpc)?;
+        let reply: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> = self
+            .exchange(Method::AppendEntries, &rpc, option.hard_ttl())
+            .await
+            .map_err(Transport::into_rpc)?;
         reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
@@ -114,10 +134,17 @@ impl RaftNetwork<TypeConfig> for Peer {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
-    {
-        let reply: Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> =
-            self.exchange(Method::InstallSnapshot, &rpc, option.hard_ttl()).await.map_err(Transport::into_rpc)?;
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        let reply: Result<
+            InstallSnapshotResponse<NodeId>,
+            RaftError<NodeId, InstallSnapshotError>,
+        > = self
+            .exchange(Method::InstallSnapshot, &rpc, option.hard_ttl())
+            .await
+            .map_err(Transport::into_rpc)?;
         reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
@@ -126,8 +153,10 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        let reply: Result<VoteResponse<NodeId>, RaftError<NodeId>> =
-            self.exchange(Method::Vote, &rpc, option.hard_ttl()).await.map_err(Transport::into_rpc)?;
+        let reply: Result<VoteResponse<NodeId>, RaftError<NodeId>> = self
+            .exchange(Method::Vote, &rpc, option.hard_ttl())
+            .await
+            .map_err(Transport::into_rpc)?;
         reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }

@@ -21,7 +21,11 @@ type TestReplica = ThreadedReplica;
 
 /// Answers every request `hold` kept with "released"; returns how many.
 fn release(hold: &HoldHandler) -> usize {
-    hold.release_all_with(&Response { status: 200, headers: vec![], body: b"released".to_vec() })
+    hold.release_all_with(&Response {
+        status: 200,
+        headers: vec![],
+        body: b"released".to_vec(),
+    })
 }
 
 /// Answers with its tag and counts requests.
@@ -396,7 +400,11 @@ async fn waits_for_a_replica_then_gives_up_with_no_replica() {
     let mut starting = rep.record("b");
     starting.state = "starting".into();
     router.update(&snapshot(vec![backend("b", 0)], eps(), vec![starting]));
-    router.update(&snapshot(vec![backend("b", 0)], eps(), vec![rep.record("b")]));
+    router.update(&snapshot(
+        vec![backend("b", 0)],
+        eps(),
+        vec![rep.record("b")],
+    ));
     let resp = tokio::time::timeout(Duration::from_secs(5), waiting)
         .await
         .unwrap()
