@@ -21,7 +21,8 @@ import uuid
 import pytest
 import requests
 import starlette.requests
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.background import BackgroundTask, BackgroundTasks
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 import serval
 from serval import ServeRequest, serve
@@ -263,6 +264,73 @@ def test_responses(cluster):
     assert r.text == "some text" and r.headers["content-type"].startswith("text/plain")
     r = requests.get(f"{cluster.url}/r/bytes", timeout=30)
     assert (r.content, r.headers["content-type"]) == (b"\x00\x01raw", "application/octet-stream")
+
+
+def wait_for_file(path, timeout=60.0):
+    """Replica side: polls for ``path`` (a gate the test opens)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os.path.exists(path)
+
+
+def write_file(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+async def wait_then_write(gate, marker):
+    deadline = time.monotonic() + 60
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    write_file(marker, "after gate" if os.path.exists(gate) else "timed out")
+
+
+def wait_sync_then_write(gate, marker):
+    write_file(marker, "after gate" if wait_for_file(gate) else "timed out")
+
+
+def fail_in_background():
+    raise RuntimeError("background exploded")
+
+
+def with_background(request):
+    """Responses whose background waits for a gate the test opens only once it
+    holds the response, then writes a marker."""
+    q = request.query_params
+    kind = request.path_params["kind"]
+    if kind == "stream":
+        return StreamingResponse(iter([b"a", b"b"]), media_type="text/plain",
+                                 background=BackgroundTask(wait_then_write, q["gate"], q["marker"]))
+    if kind == "tasks":
+        tasks = BackgroundTasks()
+        tasks.add_task(wait_sync_then_write, q["gate"], q["marker"] + ".1")
+        tasks.add_task(write_file, q["marker"] + ".2", "second")
+        return PlainTextResponse("plain", background=tasks)
+    return PlainTextResponse("still ok", background=BackgroundTask(fail_in_background))
+
+
+def test_response_background_runs_after_the_reply_was_sent(cluster, tmp_path):
+    serve.create_backend("bg", with_background)
+    serve.create_endpoint("bg", backend="bg", route="/bg/{kind}")
+
+    # A streaming response with an async task; a plain one with sync tasks in order.
+    for kind, body, markers in [("stream", "ab", ["m-stream"]), ("tasks", "plain", ["m-tasks.1", "m-tasks.2"])]:
+        gate, marker = tmp_path / f"gate-{kind}", tmp_path / f"m-{kind}"
+        r = requests.get(f"{cluster.url}/bg/{kind}", params={"gate": str(gate), "marker": str(marker)}, timeout=30)
+        assert (r.status_code, r.text) == (200, body)
+        assert not any((tmp_path / m).exists() for m in markers)
+        gate.touch()
+        wait_for(lambda: (tmp_path / markers[-1]).exists(), timeout=60, what=f"the {kind} background")
+        assert (tmp_path / markers[0]).read_text() == "after gate"
+
+    # A failing background task is logged; the client got its answer.
+    for _ in range(2):
+        r = requests.get(f"{cluster.url}/bg/fail", timeout=30)
+        assert (r.status_code, r.text) == (200, "still ok")
+    log = wait_for(lambda: (lambda t: t.count("RuntimeError: background exploded") == 2 and t)(
+        replica_logs(cluster.data_dir, "bg")), what="the background errors in the replica log")
+    assert "background task of a response failed" in log
 
 
 # -- 3. ServeHandle ----------------------------------------------------------

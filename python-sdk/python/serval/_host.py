@@ -21,6 +21,9 @@ ready, or None when it answers later through ``reply.send(...)``; they never
 raise for a user error: HTTP errors become 500 JSON ``{"error": "Type:
 message"}``, handle errors 500 with ``x-serval-error: Type`` and the traceback
 as the body, an unknown method 404 with ``x-serval-error: MethodNotFound``.
+A ``starlette.responses.Response`` returned over HTTP has its ``background``
+run after its reply was sent (sync callables inline on the loop's thread,
+async ones awaited in a task); its errors are logged, never sent.
 
 Concurrency (Ray Serve 1.x): sync methods run on the loop's thread one at a
 time; ``async def`` methods run as tasks, so many interleave. At most
@@ -45,6 +48,7 @@ import traceback
 from typing import Any, Optional
 
 import cloudpickle
+from starlette.background import BackgroundTask, BackgroundTasks
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -658,32 +662,45 @@ class Host:
 
     def _to_http(self, result: Any, scope: dict):
         """(status, headers, body), or an awaitable of it for a Response
-        whose body is produced by running it (streaming, files)."""
+        whose body is produced by running it (streaming, files). A Response's
+        ``background`` runs after the reply was sent (``_after_send``)."""
         if isinstance(result, Response):
             body = getattr(result, "body", None)
             if isinstance(body, (bytes, bytearray, memoryview)):
+                if result.background is not None:
+                    self._after_send(result.background)
                 headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in result.raw_headers]
                 return result.status_code, headers, bytes(body)
             return self._run_asgi_response(result, scope)
-        if result is None or isinstance(result, (dict, list, bool, int, float)):
-            return 200, _JSON, _dumps(result).encode()
-        if isinstance(result, str):
-            return 200, _TEXT, result.encode("utf-8")
-        if isinstance(result, (bytes, bytearray, memoryview)):
-            return 200, _OCTET, bytes(result)
+        return result_to_http(result, self.backend)
+
+    def _after_send(self, background: BackgroundTask) -> None:
+        """Runs a Response's background once its reply is on its way: the
+        task's first step runs on a later loop iteration, i.e. after the
+        current drain wrote its buffered replies, or after the task that
+        produced the response sent it (it sends without yielding)."""
+        self._spawn(self._run_background(background))
+
+    async def _run_background(self, background: BackgroundTask) -> None:
+        # BackgroundTasks runs its tasks in order and stops at the first
+        # error, as Starlette does. Sync callables run inline on this thread
+        # like sync user code (Starlette would use its thread pool); anything
+        # else (a nested BackgroundTasks) is awaited as Starlette would.
+        tasks = background.tasks if isinstance(background, BackgroundTasks) else (background,)
         try:
-            encoded = _dumps(result).encode()
-        except (TypeError, ValueError) as e:
-            logger.error("backend %r returned an unserializable %s: %s", self.backend, type(result).__name__, e)
-            message = (
-                f"backend '{self.backend}' returned a {type(result).__name__}, which is not JSON serializable; "
-                "return a dict, list, str, bytes or a starlette Response"
-            )
-            return 500, _JSON, _dumps({"error": message}).encode()
-        return 200, _JSON, encoded
+            for task in tasks:
+                if getattr(task, "is_async", True):
+                    await task()
+                else:
+                    _call_blocking(task.func, task.args, task.kwargs)
+        except Exception as e:
+            logger.error("backend %r: background task of a response failed", self.backend, exc_info=e)
 
     async def _run_asgi_response(self, response: Response, scope: dict):
         """Streaming/file responses: run them as an ASGI app and collect the body."""
+        # Starlette would run the background inside the call, before our
+        # caller sends the reply: take it and run it after the send instead.
+        background, response.background = response.background, None
         status = 200
         headers: list[tuple[str, str]] = []
         chunks: list[bytes] = []
@@ -700,6 +717,8 @@ class Host:
             await asyncio.Event().wait()
 
         await response(scope, receive, send)
+        if background is not None:
+            self._after_send(background)
         return status, headers, b"".join(chunks)
 
     # -- ServeHandle -----------------------------------------------------
@@ -726,6 +745,29 @@ class Host:
         except Exception as e:
             return self._error(_CALL, e, None, target.name)
         return self._submit(target, _CALL, call_args, call_kwargs, None, reply)
+
+
+def result_to_http(result: Any, backend: str):
+    """(status, headers, body) for a result that is not a Response: None,
+    dict, list, bool and numbers as JSON, str as text, bytes as
+    application/octet-stream, anything else as JSON when it serializes, else
+    a 500 that says why."""
+    if result is None or isinstance(result, (dict, list, bool, int, float)):
+        return 200, _JSON, _dumps(result).encode()
+    if isinstance(result, str):
+        return 200, _TEXT, result.encode("utf-8")
+    if isinstance(result, (bytes, bytearray, memoryview)):
+        return 200, _OCTET, bytes(result)
+    try:
+        encoded = _dumps(result).encode()
+    except (TypeError, ValueError) as e:
+        logger.error("backend %r returned an unserializable %s: %s", backend, type(result).__name__, e)
+        message = (
+            f"backend '{backend}' returned a {type(result).__name__}, which is not JSON serializable; "
+            "return a dict, list, str, bytes or a starlette Response"
+        )
+        return 500, _JSON, _dumps({"error": message}).encode()
+    return 200, _JSON, encoded
 
 
 def _with_batch_size(response, size: int):

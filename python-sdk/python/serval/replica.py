@@ -91,6 +91,8 @@ def main(argv=None) -> int:
     except Exception:
         pass
     setup_logging(args.replica_id)
+    # The labels of serval.log's JSON lines.
+    os.environ["SERVAL_REPLICA_ID"] = args.replica_id
     signal.signal(signal.SIGTERM, _on_sigterm)
 
     try:

@@ -26,6 +26,7 @@ import cloudpickle
 from serval import _native
 from serval._native import ServeError
 from serval.handle import AsyncServeHandle, ServeHandle
+from serval._durations import parse_duration
 from serval._host import accept_batch, check_batch_config, default_max_concurrent_queries
 
 __all__ = [
@@ -54,17 +55,10 @@ _AUTOSCALING_DURATIONS = {"window", "upscale_stabilization_period", "downscale_s
 
 
 def _seconds(field: str, value: Any) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-        for unit in ("ms", "s", "m", "h"):
-            if value.endswith(unit):
-                try:
-                    return float(value[: -len(unit)]) * units[unit]
-                except ValueError:
-                    break
-    raise ValueError(f"autoscaling.{field} must be seconds or a duration like '30s', '5m', not {value!r}")
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise ValueError(f"autoscaling.{field} must be seconds or a duration like '30s', '5m', not {value!r}") from None
 
 
 def _autoscaling_payload(autoscaling: Any) -> Dict[str, Any]:

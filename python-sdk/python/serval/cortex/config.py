@@ -1,0 +1,437 @@
+"""Reads and validates a project's ``serve.yaml`` (or ``cortex.yaml``).
+
+``load_config(folder)`` returns the config file's path and the list of APIs,
+each a plain dict with every default filled in, or raises ``ConfigError``
+naming the API and the field (``api "iris": handler.path: ...``). Every API
+is checked before any is returned, so a deploy of a folder with one bad API
+deploys nothing. The accepted keys and defaults are Cortex 0.35's (see
+CORTEX.md); keys that only meant something on AWS (container images,
+``dependencies.conda``, ``networking.api_gateway``, ...) are accepted with one
+warning and ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from .._durations import parse_duration as _duration
+
+CONFIG_NAMES = ("serve.yaml", "cortex.yaml")
+
+#: Cortex API names: lowercase letters, digits and dashes, starting with a letter.
+NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+KINDS = ("RealtimeAPI", "BatchAPI", "TrafficSplitter")
+#: Kinds this version deploys; the others are refused naming the field.
+DEPLOYABLE_KINDS = ("RealtimeAPI", "TrafficSplitter")
+HANDLER_TYPES = ("python", "onnx", "tensorflow")
+DEPLOYABLE_HANDLER_TYPES = ("python",)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+#: Keys accepted for compatibility and ignored (they configured AWS images).
+IGNORED_HANDLER_KEYS = ("image", "tensorflow_serving_image", "shm_size")
+IGNORED_NETWORKING_KEYS = ("api_gateway",)
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be deployed; the message names the field."""
+
+
+def _cpu(value: Any) -> float:
+    """CPUs from ``200m``, ``1``, ``0.5`` (Kubernetes quantities)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a CPU quantity such as 200m, 1 or 0.5")
+    if isinstance(value, (int, float)):
+        cpus = float(value)
+    elif isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?m?", value.strip()):
+        v = value.strip()
+        cpus = float(v[:-1]) / 1000.0 if v.endswith("m") else float(v)
+    else:
+        raise ValueError(f"must be a CPU quantity such as 200m, 1 or 0.5, got {value!r}")
+    if cpus < 0:
+        raise ValueError("must not be negative")
+    return cpus
+
+
+_MEM_UNITS = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+              "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def _mem(value: Any) -> int:
+    """Bytes from ``1G``, ``512Mi``, ``2Gi`` or a number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("must be a memory quantity such as 1G or 512Mi")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)([kKMGT]i?)?", str(value).strip())
+        if not m or (m.group(2) or "") not in _MEM_UNITS:
+            raise ValueError(f"must be a memory quantity such as 1G or 512Mi, got {value!r}")
+        n = int(float(m.group(1)) * _MEM_UNITS[m.group(2) or ""])
+    if n <= 0:
+        raise ValueError("must be positive")
+    return n
+
+
+def _int(minimum: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be an integer, got {value!r}")
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}, got {value}")
+        return value
+    return check
+
+
+def _float(minimum: float, maximum: Optional[float] = None) -> Callable[[Any], float]:
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"must be a number, got {value!r}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+            raise ValueError(f"must be {bound}, got {value}")
+        return float(value)
+    return check
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {value!r}")
+    return value
+
+
+def _one_of(choices) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+    return check
+
+
+def _surge(value: Any) -> Any:
+    """An integer or a percentage string such as ``25%``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\d+%", value.strip()):
+        return value.strip()
+    raise ValueError(f"must be an integer or a percentage such as 25%, got {value!r}")
+
+
+class _Checker:
+    """Walks one API's dict, collecting the normalised result."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, field: str, message: str):
+        raise ConfigError(f"{self.where}: {field}: {message}")
+
+    def section(self, api: dict, key: str, allowed, ignored=()) -> dict:
+        value = api.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(key, f"must be a mapping, got {type(value).__name__}")
+        for k in value:
+            if k in ignored:
+                warnings.warn(f"{self.where}: {key}.{k} has no meaning in Serval and is ignored", stacklevel=4)
+            elif k not in allowed:
+                self.fail(f"{key}.{k}", f"unknown key (expected one of: {', '.join(allowed)})")
+        return value
+
+    def field(self, section: dict, prefix: str, key: str, check, default=None, required=False):
+        if key not in section or section[key] is None:
+            if required:
+                self.fail(f"{prefix}{key}", "required field is missing")
+            return default
+        try:
+            return check(section[key])
+        except ValueError as e:
+            self.fail(f"{prefix}{key}", str(e))
+
+
+def _file_in_project(folder: str, checker: _Checker, field: str, rel: str, want_dir: bool = False) -> str:
+    norm = os.path.normpath(rel)
+    if os.path.isabs(norm) or norm.startswith(".."):
+        checker.fail(field, f"must be a path inside the project folder, got {rel!r}")
+    full = os.path.join(folder, norm)
+    if want_dir and not os.path.isdir(full):
+        checker.fail(field, f"no such directory in the project folder: {rel}")
+    if not want_dir and not os.path.isfile(full):
+        checker.fail(field, f"no such file in the project folder: {rel}")
+    return norm
+
+
+HANDLER_KEYS = ("type", "path", "protobuf_path", "config", "python_path", "env", "log_level",
+                "dependencies", "server_side_batching", "processes_per_replica", "threads_per_process")
+REALTIME_KEYS = ("name", "kind", "handler", "compute", "autoscaling", "update_strategy", "networking")
+SPLITTER_KEYS = ("name", "kind", "networking", "apis")
+AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "init_replicas", "max_replica_concurrency",
+                    "target_replica_concurrency", "window", "downscale_stabilization_period",
+                    "upscale_stabilization_period", "max_downscale_factor", "max_upscale_factor",
+                    "downscale_tolerance", "upscale_tolerance")
+
+
+def _handler(c: _Checker, api: dict, folder: str) -> dict:
+    h = c.section(api, "handler", HANDLER_KEYS, IGNORED_HANDLER_KEYS)
+    if not h:
+        c.fail("handler", "required field is missing")
+    out: Dict[str, Any] = {}
+    out["type"] = c.field(h, "handler.", "type", _one_of(HANDLER_TYPES), default="python")
+    if out["type"] not in DEPLOYABLE_HANDLER_TYPES:
+        c.fail("handler.type", f"{out['type']} handlers are not supported yet (only: python)")
+    out["path"] = _file_in_project(folder, c, "handler.path", c.field(h, "handler.", "path", _str, required=True))
+    if h.get("protobuf_path") is not None:
+        c.fail("handler.protobuf_path", "gRPC APIs are not supported yet")
+    config = h.get("config") or {}
+    if not isinstance(config, dict):
+        c.fail("handler.config", f"must be a mapping, got {type(config).__name__}")
+    out["config"] = config
+    python_path = c.field(h, "handler.", "python_path", _str)
+    out["python_path"] = _file_in_project(folder, c, "handler.python_path", python_path, want_dir=True) \
+        if python_path else "."
+    env = h.get("env") or {}
+    if not isinstance(env, dict):
+        c.fail("handler.env", f"must be a mapping, got {type(env).__name__}")
+    for k, v in env.items():
+        if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+            c.fail("handler.env", f"invalid variable name {k!r}")
+        if isinstance(v, (dict, list)) or v is None:
+            c.fail(f"handler.env.{k}", "must be a string, number or boolean")
+    out["env"] = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in env.items()}
+    out["log_level"] = c.field(h, "handler.", "log_level", _one_of(LOG_LEVELS), default="info")
+    deps = h.get("dependencies") or {}
+    if not isinstance(deps, dict):
+        c.fail("handler.dependencies", f"must be a mapping, got {type(deps).__name__}")
+    for k in deps:
+        if k not in ("pip", "conda", "shell"):
+            c.fail(f"handler.dependencies.{k}", "unknown key (expected one of: pip, conda, shell)")
+    for k in ("conda", "shell"):
+        if k in deps:
+            warnings.warn(f"{c.where}: handler.dependencies.{k} has no meaning in Serval and is ignored",
+                          stacklevel=3)
+    pip = c.field(deps, "handler.dependencies.", "pip", _str, default="requirements.txt")
+    out["dependencies"] = {"pip": os.path.normpath(pip)}
+    ssb = h.get("server_side_batching")
+    if ssb is not None:
+        if not isinstance(ssb, dict):
+            c.fail("handler.server_side_batching", f"must be a mapping, got {type(ssb).__name__}")
+        for k in ssb:
+            if k not in ("max_batch_size", "batch_interval"):
+                c.fail(f"handler.server_side_batching.{k}",
+                       "unknown key (expected one of: max_batch_size, batch_interval)")
+        out["server_side_batching"] = {
+            "max_batch_size": c.field(ssb, "handler.server_side_batching.", "max_batch_size", _int(1),
+                                      required=True),
+            "batch_interval": c.field(ssb, "handler.server_side_batching.", "batch_interval", _duration,
+                                      required=True),
+        }
+    else:
+        out["server_side_batching"] = None
+    out["processes_per_replica"] = c.field(h, "handler.", "processes_per_replica", _int(1), default=1)
+    out["threads_per_process"] = c.field(h, "handler.", "threads_per_process", _int(1), default=1)
+    return out
+
+
+def _compute(c: _Checker, api: dict) -> dict:
+    comp = c.section(api, "compute", ("cpu", "gpu", "mem", "inf"))
+    out = {
+        "cpu": c.field(comp, "compute.", "cpu", _cpu, default=0.2),
+        "gpu": c.field(comp, "compute.", "gpu", _int(0), default=0),
+        "mem": c.field(comp, "compute.", "mem", _mem, default=None),
+    }
+    if c.field(comp, "compute.", "inf", _int(0), default=0):
+        c.fail("compute.inf", "Inferentia chips are not available in Serval (use 0)")
+    return out
+
+
+def _autoscaling(c: _Checker, api: dict, handler: dict) -> dict:
+    a = c.section(api, "autoscaling", AUTOSCALING_KEYS)
+    p = "autoscaling."
+    out = {
+        "min_replicas": c.field(a, p, "min_replicas", _int(0), default=1),
+        "max_replicas": c.field(a, p, "max_replicas", _int(1), default=100),
+        "max_replica_concurrency": c.field(a, p, "max_replica_concurrency", _int(1), default=1024),
+        "target_replica_concurrency": c.field(
+            a, p, "target_replica_concurrency", _float(0.001),
+            default=float(handler["processes_per_replica"] * handler["threads_per_process"])),
+        "window": c.field(a, p, "window", _duration, default=60.0),
+        "downscale_stabilization_period": c.field(a, p, "downscale_stabilization_period", _duration,
+                                                  default=300.0),
+        "upscale_stabilization_period": c.field(a, p, "upscale_stabilization_period", _duration, default=60.0),
+        "max_downscale_factor": c.field(a, p, "max_downscale_factor", _float(0.0, 1.0), default=0.75),
+        "max_upscale_factor": c.field(a, p, "max_upscale_factor", _float(1.0), default=1.5),
+        "downscale_tolerance": c.field(a, p, "downscale_tolerance", _float(0.0), default=0.05),
+        "upscale_tolerance": c.field(a, p, "upscale_tolerance", _float(0.0), default=0.05),
+    }
+    out["init_replicas"] = c.field(a, p, "init_replicas", _int(0), default=out["min_replicas"])
+    if out["min_replicas"] > out["max_replicas"]:
+        c.fail("autoscaling.min_replicas", f"must not exceed max_replicas ({out['max_replicas']})")
+    if not out["min_replicas"] <= out["init_replicas"] <= out["max_replicas"]:
+        c.fail("autoscaling.init_replicas", "must be between min_replicas and max_replicas")
+    return out
+
+
+def _update_strategy(c: _Checker, api: dict) -> dict:
+    u = c.section(api, "update_strategy", ("max_surge", "max_unavailable"))
+    out = {
+        "max_surge": c.field(u, "update_strategy.", "max_surge", _surge, default="25%"),
+        "max_unavailable": c.field(u, "update_strategy.", "max_unavailable", _surge, default="25%"),
+    }
+    if out["max_surge"] in (0, "0%") and out["max_unavailable"] in (0, "0%"):
+        c.fail("update_strategy", "max_surge and max_unavailable cannot both be 0")
+    return out
+
+
+def _endpoint(c: _Checker, api: dict, name: str) -> str:
+    n = c.section(api, "networking", ("endpoint",), IGNORED_NETWORKING_KEYS)
+    endpoint = c.field(n, "networking.", "endpoint", _str, default=name)
+    endpoint = "/" + endpoint.strip("/")
+    if not re.fullmatch(r"/[A-Za-z0-9._~\-/]*", endpoint):
+        c.fail("networking.endpoint", f"must be a URL path, got {endpoint!r}")
+    return endpoint
+
+
+def _splitter(c: _Checker, api: dict) -> List[dict]:
+    apis = api.get("apis")
+    if not isinstance(apis, list) or not apis:
+        c.fail("apis", "must be a non-empty list of {name, weight[, shadow]}")
+    out, total, shadows = [], 0, 0
+    for i, entry in enumerate(apis):
+        f = f"apis[{i}]"
+        if not isinstance(entry, dict):
+            c.fail(f, "must be a mapping with name and weight")
+        for k in entry:
+            if k not in ("name", "weight", "shadow"):
+                c.fail(f"{f}.{k}", "unknown key (expected one of: name, weight, shadow)")
+        name = c.field(entry, f + ".", "name", _str, required=True)
+        weight = c.field(entry, f + ".", "weight", _int(0), required=True)
+        if weight > 100:
+            c.fail(f"{f}.weight", f"must be at most 100, got {weight}")
+        shadow = c.field(entry, f + ".", "shadow", _bool, default=False)
+        if shadow:
+            shadows += 1
+        else:
+            total += weight
+        out.append({"name": name, "weight": weight, "shadow": shadow})
+    if shadows > 1:
+        c.fail("apis", "at most one API may be a shadow")
+    if total != 100:
+        c.fail("apis", f"the weights of the non-shadow APIs must sum to 100, got {total}")
+    names = [e["name"] for e in out]
+    if len(set(names)) != len(names):
+        c.fail("apis", "an API may appear only once")
+    return out
+
+
+def validate_api(raw: Any, index: int, folder: str) -> dict:
+    """One API's normalised dict, or ConfigError naming it and the field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"api #{index + 1}: must be a mapping, got {type(raw).__name__}")
+    name = raw.get("name")
+    where = f'api "{name}"' if isinstance(name, str) and name else f"api #{index + 1}"
+    c = _Checker(where)
+    name = c.field(raw, "", "name", _str, required=True)
+    if not NAME_RE.match(name):
+        c.fail("name", "must be lowercase letters, digits and dashes, starting with a letter")
+    kind = c.field(raw, "", "kind", _one_of(KINDS), required=True)
+    if kind not in DEPLOYABLE_KINDS:
+        c.fail("kind", f"{kind} is not supported yet (deployable kinds: {', '.join(DEPLOYABLE_KINDS)})")
+    if kind == "TrafficSplitter":
+        for k in raw:
+            if k not in SPLITTER_KEYS:
+                c.fail(k, f"unknown key for a TrafficSplitter (expected one of: {', '.join(SPLITTER_KEYS)})")
+        return {"name": name, "kind": kind, "endpoint": _endpoint(c, raw, name), "apis": _splitter(c, raw)}
+    for k in raw:
+        if k not in REALTIME_KEYS:
+            c.fail(k, f"unknown key (expected one of: {', '.join(REALTIME_KEYS)})")
+    handler = _handler(c, raw, folder)
+    return {
+        "name": name,
+        "kind": kind,
+        "handler": handler,
+        "compute": _compute(c, raw),
+        "autoscaling": _autoscaling(c, raw, handler),
+        "update_strategy": _update_strategy(c, raw),
+        "endpoint": _endpoint(c, raw, name),
+    }
+
+
+def find_config(folder: str) -> str:
+    """``serve.yaml``, else ``cortex.yaml``, in ``folder``."""
+    for name in CONFIG_NAMES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    raise ConfigError(f"{folder}: no {' or '.join(CONFIG_NAMES)} in the project folder")
+
+
+def load_config(folder: str, config_path: Optional[str] = None) -> Tuple[str, List[dict]]:
+    """The config file used and its validated APIs (see the module docs)."""
+    import yaml
+
+    folder = os.path.abspath(folder)
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{folder}: not a directory")
+    path = os.path.abspath(config_path) if config_path else find_config(folder)
+    fname = os.path.basename(path)
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{fname}: not valid YAML: {e}") from None
+    if raw is None:
+        raise ConfigError(f"{fname}: the file is empty (expected a list of APIs)")
+    if isinstance(raw, dict):
+        raw = [raw]
+    if not isinstance(raw, list):
+        raise ConfigError(f"{fname}: expected a list of APIs, got {type(raw).__name__}")
+    apis = []
+    for i, item in enumerate(raw):
+        try:
+            apis.append(validate_api(item, i, folder))
+        except ConfigError as e:
+            raise ConfigError(f"{fname}: {e}") from None
+    names = [a["name"] for a in apis]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"{fname}: api \"{dup[0]}\": name: defined more than once")
+    endpoints = [a["endpoint"] for a in apis]
+    dup = sorted({e for e in endpoints if endpoints.count(e) > 1})
+    if dup:
+        raise ConfigError(f"{fname}: networking.endpoint: {dup[0]} is used by more than one API")
+    return path, apis
+
+
+def read_dotenv(folder: str) -> Dict[str, str]:
+    """``VARIABLE=value`` lines of the project's ``.env`` (comments and blank
+    lines skipped, optional surrounding quotes removed)."""
+    path = os.path.join(folder, ".env")
+    out: Dict[str, str] = {}
+    if not os.path.isfile(path):
+        return out
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("export "):
+                line = line[len("export "):].lstrip()
+            key, sep, value = line.partition("=")
+            key = key.strip()
+            if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise ConfigError(f".env line {n}: expected VARIABLE=value, got {line!r}")
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                value = value[1:-1]
+            out[key] = value
+    return out

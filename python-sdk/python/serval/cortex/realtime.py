@@ -1,0 +1,329 @@
+"""The replica side of a Cortex RealtimeAPI: a Serval backend hosting a
+user's ``Handler`` class (seed 000, "Handler", HTTP part).
+
+``serve.create_backend(name, RealtimeAPI, spec, project_dir)`` runs, in each
+replica, ``RealtimeAPI(spec, project_dir)``, which sets the process up as
+Cortex did (working directory = the project, ``.env`` then ``handler.env`` in
+``os.environ``, ``handler.python_path`` on ``sys.path``, the log level),
+imports ``handler.path`` and builds ``Handler(config)``. Each HTTP request
+then goes to ``handle_<verb>``, which takes any subset of ``payload``,
+``query_params`` and ``headers`` by name; the payload is read according to
+the request's Content-Type (``read_payload``). What the method returns is
+mapped by Serval's host (``serval._host``): JSON, text, bytes or a Starlette
+``Response`` as is; a ``(result, callable)`` pair sends ``result`` and runs
+the callable after the response was sent (a Starlette background task).
+
+Sync handler methods run inline on the replica's one worker thread, so a
+replica serves one request at a time (Cortex's ``threads_per_process: 1``);
+``async def`` methods interleave on its event loop.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import sys
+from types import ModuleType
+from typing import Any, Optional
+
+from python_multipart.multipart import parse_options_header
+from starlette.background import BackgroundTask, BackgroundTasks
+from starlette.datastructures import FormData
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .._host import _call_blocking, result_to_http
+
+logger = logging.getLogger("serval.cortex")
+
+#: HTTP verb -> Handler method, in the order ``Allow`` lists them.
+HTTP_METHODS = {
+    "POST": "handle_post",
+    "GET": "handle_get",
+    "PUT": "handle_put",
+    "PATCH": "handle_patch",
+    "DELETE": "handle_delete",
+}
+#: What a ``handle_<verb>`` method may take, by name: any subset, any order.
+REQUEST_ARGS = ("payload", "query_params", "headers")
+#: What ``Handler.__init__`` may take, by name. gRPC APIs will add
+#: ``module_proto_pb2`` (the compiled ``handler.protobuf_path``).
+INIT_ARGS = ("config",)
+
+_FORM_TYPES = (b"multipart/form-data", b"application/x-www-form-urlencoded")
+
+
+class HandlerError(RuntimeError):
+    """The project's Handler cannot be loaded or built; the message says
+    which API and why (the replica reports it as its failure)."""
+
+
+class PayloadError(ValueError):
+    """A body that cannot be read as its Content-Type says (answered 400)."""
+
+
+class _Method:
+    """A ``handle_<verb>`` method and what it takes, inspected once at start."""
+
+    __slots__ = ("fn", "args", "is_async")
+
+    def __init__(self, fn, what: str):
+        self.fn = fn
+        self.args = frozenset(accepted_args(fn, REQUEST_ARGS, what))
+        self.is_async = inspect.iscoroutinefunction(fn)
+
+
+class RealtimeAPI:
+    """Hosts one Cortex Handler (see the module docs). ``spec`` is a
+    validated API (``serval.cortex.config``); keys it does not use are
+    ignored. ``project_dir`` defaults to the unpacked ``spec["package"]``."""
+
+    def __init__(self, spec: dict, project_dir: Optional[str] = None):
+        self.name = spec.get("name") or "api"
+        handler = spec.get("handler") or {}
+        project = resolve_project_dir(spec, project_dir)
+        # Handler code opens project files by relative path.
+        os.chdir(project)
+        set_environment(spec.get("dotenv"), handler.get("env"))
+        # The labels of serval.log's lines.
+        os.environ["SERVAL_API_NAME"] = self.name
+        os.environ["SERVAL_API_KIND"] = spec.get("kind") or "RealtimeAPI"
+        set_python_path(project, handler.get("python_path"))
+        install_requirements(self.name, project, (handler.get("dependencies") or {}).get("pip"))
+        set_log_level(handler.get("log_level"))
+        if handler.get("server_side_batching"):
+            logger.warning("api %r: server_side_batching is not supported yet; requests are served one at a time",
+                           self.name)
+        handler_class = self._load_handler_class(project, handler.get("path") or "handler.py")
+        self.handler = self._build(handler_class, {"config": handler.get("config") or {}})
+        self._methods = self._http_methods()
+        self._allow = ", ".join(self._methods)
+
+    # -- start -----------------------------------------------------------
+
+    def _load_handler_class(self, project: str, path: str) -> type:
+        file = os.path.join(project, path)
+        if not os.path.isfile(file):
+            raise HandlerError(f"api {self.name!r}: handler.path {path!r} is not a file of the project {project}")
+        try:
+            module = import_file(file)
+        except Exception as e:
+            raise HandlerError(f"api {self.name!r}: importing {path} failed: {type(e).__name__}: {e}") from e
+        handler_class = getattr(module, "Handler", None)
+        if not inspect.isclass(handler_class):
+            raise HandlerError(f"api {self.name!r}: {path} defines no class named Handler")
+        return handler_class
+
+    def _build(self, handler_class: type, available: dict) -> Any:
+        """``Handler(**args)`` with the constructor arguments it names."""
+        names = accepted_args(handler_class, tuple(available), f"api {self.name!r}: Handler.__init__")
+        try:
+            return handler_class(**{n: available[n] for n in names})
+        except Exception as e:
+            raise HandlerError(f"api {self.name!r}: Handler.__init__ failed: {type(e).__name__}: {e}") from e
+
+    def _http_methods(self) -> dict:
+        """Verb -> _Method for each ``handle_<verb>`` the Handler defines.
+        (Server-side batching will wrap ``handle_post`` here.)"""
+        methods = {}
+        for verb, attr in HTTP_METHODS.items():
+            fn = getattr(self.handler, attr, None)
+            if callable(fn):
+                methods[verb] = _Method(fn, f"api {self.name!r}: Handler.{attr}")
+        if not methods:
+            raise HandlerError(f"api {self.name!r}: Handler defines none of {', '.join(HTTP_METHODS.values())}")
+        return methods
+
+    # -- requests --------------------------------------------------------
+
+    async def __call__(self, request: Request):
+        method = self._methods.get(request.method)
+        if method is None:
+            return error_response(405, f"api '{self.name}' does not handle {request.method} requests "
+                                       f"(it handles {self._allow})", {"Allow": self._allow})
+        kwargs = {}
+        if "query_params" in method.args:
+            kwargs["query_params"] = dict(request.query_params)
+        if "headers" in method.args:
+            kwargs["headers"] = dict(request.headers)
+        if "payload" in method.args:
+            try:
+                kwargs["payload"] = await read_payload(request)
+            except PayloadError as e:
+                return error_response(400, str(e))
+        try:
+            if method.is_async:
+                result = await method.fn(**kwargs)
+            else:
+                result = _call_blocking(method.fn, (), kwargs)
+        finally:
+            # Uploaded files stay open while the handler runs, no longer.
+            payload = kwargs.get("payload")
+            if isinstance(payload, FormData):
+                await payload.close()
+        if isinstance(result, tuple) and len(result) == 2 and callable(result[1]):
+            return self._with_callback(*result)
+        return result
+
+    def _with_callback(self, result: Any, callback) -> Response:
+        """``result`` as a Response that runs ``callback`` once it was sent.
+        A result that cannot be sent (not JSON serializable) answers its 500
+        without the callback, as Cortex failed before reaching it."""
+        if isinstance(result, Response):
+            response = result
+        else:
+            status, headers, body = result_to_http(result, self.name)
+            response = Response(body, status, headers=dict(headers))
+            if status != 200:
+                return response
+        task = BackgroundTask(run_callback, callback)
+        response.background = task if response.background is None else BackgroundTasks([response.background, task])
+        return response
+
+
+# -- the process -------------------------------------------------------------
+
+
+def resolve_project_dir(spec: dict, project_dir: Optional[str]) -> str:
+    """``project_dir``, else the package ``spec["package"]`` unpacked on this
+    node (fetched from the cluster's blob store once per node)."""
+    if project_dir:
+        return os.path.abspath(project_dir)
+    digest = spec.get("package")
+    if not digest:
+        raise HandlerError(f"api {spec.get('name')!r}: no project folder: give project_dir or spec['package']")
+    from .package import ensure_unpacked
+
+    return ensure_unpacked(digest, lambda d: cluster_client().get_blob(d))
+
+
+def cluster_client():
+    """The control client of the cluster this replica runs in (the node
+    agent gives replicas SERVAL_ADDRESS and SERVAL_TOKEN)."""
+    from serval import serve
+
+    if serve._client is None:
+        serve.connect()
+    return serve._get_client()
+
+
+def set_environment(dotenv: Optional[dict], env: Optional[dict]) -> None:
+    # .env first, then handler.env: the API's own config wins.
+    for source in (dotenv or {}, env or {}):
+        for key, value in source.items():
+            os.environ[str(key)] = str(value)
+
+
+def set_python_path(project: str, python_path: Optional[str]) -> None:
+    """``handler.python_path`` (relative to the project) then the project
+    itself, ahead of everything else on ``sys.path``."""
+    paths = [os.path.normpath(os.path.join(project, python_path or ".")), project]
+    sys.path[:0] = list(dict.fromkeys(paths))
+
+
+def install_requirements(name: str, project: str, pip_file: Optional[str]) -> None:
+    """Puts the API's ``dependencies.pip`` packages (installed once per node
+    and content) first on sys.path."""
+    from .package import ensure_requirements
+
+    try:
+        site = ensure_requirements(project, pip_file or "requirements.txt")
+    except RuntimeError as e:
+        raise HandlerError(f"api {name!r}: {e}") from None
+    if site:
+        sys.path.insert(0, site)
+
+
+def set_log_level(level: Optional[str]) -> None:
+    logging.getLogger().setLevel((level or "info").upper())
+
+
+def import_file(path: str) -> ModuleType:
+    """Imports a source file as the module named after its stem, registered
+    in ``sys.modules`` first so that pickle and imports of it by name work."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} is not a Python source file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def accepted_args(fn, allowed: tuple, what: str) -> tuple:
+    """The names among ``allowed`` that ``fn`` (a function or a class) takes
+    by keyword; a HandlerError when it requires anything else."""
+    names = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.name in allowed and p.kind != p.POSITIONAL_ONLY:
+            names.append(p.name)
+        elif p.default is p.empty:
+            raise HandlerError(f"{what} requires an argument '{p.name}'; it may take {', '.join(allowed)} "
+                               "(by name)")
+    return tuple(names)
+
+
+# -- requests ----------------------------------------------------------------
+
+
+async def read_payload(request: Request) -> Any:
+    """The body as Cortex gave it to ``payload``, by Content-Type (media type
+    case-insensitive; of the parameters only ``charset`` counts):
+    application/json: parsed JSON; multipart/form-data and
+    application/x-www-form-urlencoded: a FormData (the caller closes it);
+    text/plain: str in its charset (utf-8 by default); else raw bytes."""
+    media_type, params = parse_options_header(request.headers.get("content-type"))
+    if media_type == b"application/json":
+        return parse_json(await request.body())
+    if media_type in _FORM_TYPES:
+        try:
+            return await request.form()
+        except MultiPartException as e:
+            raise PayloadError(f"the body is not valid {media_type.decode()}: {e.message}") from e
+    if media_type == b"text/plain":
+        charset = params.get(b"charset")
+        return decode_text(await request.body(), charset.decode("latin-1") if charset else "utf-8")
+    return await request.body()
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError as e:
+        raise PayloadError(f"the body is not valid JSON (Content-Type: application/json): {e}") from e
+
+
+def decode_text(body: bytes, charset: str) -> str:
+    try:
+        return body.decode(charset)
+    except LookupError as e:
+        raise PayloadError(f"unknown charset {charset!r} in Content-Type") from e
+    except UnicodeDecodeError as e:
+        raise PayloadError(f"the body is not valid {charset} text: {e}") from e
+
+
+def error_response(status: int, message: str, headers: Optional[dict] = None) -> Response:
+    """A JSON error in the shape Serval's host answers errors with."""
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def run_callback(callback) -> None:
+    """Runs a handler's callback after its response was sent (sync ones as
+    sync user code runs, async ones awaited); its errors are logged only."""
+    try:
+        result = _call_blocking(callback, (), None)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        logger.exception("a callback returned by a handler method failed")
