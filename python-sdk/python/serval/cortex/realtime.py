@@ -13,19 +13,30 @@ mapped by Serval's host (``serval._host``): JSON, text, bytes or a Starlette
 ``Response`` as is; a ``(result, callable)`` pair sends ``result`` and runs
 the callable after the response was sent (a Starlette background task).
 
-Sync handler methods run inline on the replica's one worker thread, so a
-replica serves one request at a time (Cortex's ``threads_per_process: 1``);
-``async def`` methods interleave on its event loop.
+With ``handler.threads_per_process: 1`` (the default) sync handler methods
+run inline on the replica's one worker thread, one at a time; with N > 1 they
+run on a pool of N threads, so up to N requests run at once (the Handler's
+thread safety is the user's business, as in Cortex). ``async def`` methods
+interleave on the replica's event loop either way.
+
+``handler.server_side_batching`` (``max_batch_size``, ``batch_interval`` in
+seconds) gathers concurrent POST requests into one ``handle_post`` call
+(``_Batcher``): ``payload``, ``query_params`` and ``headers`` are then lists,
+one element per request in arrival order, and ``handle_post`` returns a list
+of as many results, element i answering request i.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import importlib.util
 import inspect
 import json
 import logging
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any, Optional
 
@@ -66,15 +77,23 @@ class PayloadError(ValueError):
     """A body that cannot be read as its Content-Type says (answered 400)."""
 
 
-class _Method:
-    """A ``handle_<verb>`` method and what it takes, inspected once at start."""
+class BatchResultError(ValueError):
+    """A batched ``handle_post`` did not return one result per request."""
 
-    __slots__ = ("fn", "args", "is_async")
+
+class _Method:
+    """A ``handle_<verb>`` method and what it takes, inspected once at start;
+    ``inline``: a sync method run on the loop's thread (no pool, no batching),
+    ``batcher``: the _Batcher that gathers its requests."""
+
+    __slots__ = ("fn", "args", "is_async", "inline", "batcher")
 
     def __init__(self, fn, what: str):
         self.fn = fn
         self.args = frozenset(accepted_args(fn, REQUEST_ARGS, what))
         self.is_async = inspect.iscoroutinefunction(fn)
+        self.inline = not self.is_async
+        self.batcher: Optional[_Batcher] = None
 
 
 class RealtimeAPI:
@@ -95,13 +114,24 @@ class RealtimeAPI:
         set_python_path(project, handler.get("python_path"))
         install_requirements(self.name, project, (handler.get("dependencies") or {}).get("pip"))
         set_log_level(handler.get("log_level"))
-        if handler.get("server_side_batching"):
-            logger.warning("api %r: server_side_batching is not supported yet; requests are served one at a time",
-                           self.name)
         handler_class = self._load_handler_class(project, handler.get("path") or "handler.py")
         self.handler = self._build(handler_class, {"config": handler.get("config") or {}})
         self._methods = self._http_methods()
         self._allow = ", ".join(self._methods)
+        threads = int(handler.get("threads_per_process") or 1)
+        #: Runs the sync handler methods when threads_per_process > 1.
+        self._executor = ThreadPoolExecutor(threads, f"{self.name}-handler") if threads > 1 else None
+        batching = handler.get("server_side_batching")
+        if batching:
+            post = self._methods.get("POST")
+            if post is None:
+                logger.warning("api %r: server_side_batching applies to handle_post, which the Handler lacks",
+                               self.name)
+            else:
+                post.batcher = _Batcher(self, post, int(batching["max_batch_size"]),
+                                        float(batching["batch_interval"]))
+        for method in self._methods.values():
+            method.inline = not method.is_async and method.batcher is None and self._executor is None
 
     # -- start -----------------------------------------------------------
 
@@ -127,8 +157,7 @@ class RealtimeAPI:
             raise HandlerError(f"api {self.name!r}: Handler.__init__ failed: {type(e).__name__}: {e}") from e
 
     def _http_methods(self) -> dict:
-        """Verb -> _Method for each ``handle_<verb>`` the Handler defines.
-        (Server-side batching will wrap ``handle_post`` here.)"""
+        """Verb -> _Method for each ``handle_<verb>`` the Handler defines."""
         methods = {}
         for verb, attr in HTTP_METHODS.items():
             fn = getattr(self.handler, attr, None)
@@ -156,10 +185,12 @@ class RealtimeAPI:
             except PayloadError as e:
                 return error_response(400, str(e))
         try:
-            if method.is_async:
-                result = await method.fn(**kwargs)
-            else:
+            if method.inline:  # the fast path
                 result = _call_blocking(method.fn, (), kwargs)
+            elif method.batcher is not None:
+                result = await method.batcher.submit(kwargs)
+            else:
+                result = await self._run(method, kwargs)
         finally:
             # Uploaded files stay open while the handler runs, no longer.
             payload = kwargs.get("payload")
@@ -168,6 +199,16 @@ class RealtimeAPI:
         if isinstance(result, tuple) and len(result) == 2 and callable(result[1]):
             return self._with_callback(*result)
         return result
+
+    async def _run(self, method: _Method, kwargs: dict) -> Any:
+        """Calls a handler method: awaited when async, on the thread pool
+        when there is one, else inline."""
+        if method.is_async:
+            return await method.fn(**kwargs)
+        if self._executor is None:
+            return _call_blocking(method.fn, (), kwargs)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(method.fn, **kwargs))
 
     def _with_callback(self, result: Any, callback) -> Response:
         """``result`` as a Response that runs ``callback`` once it was sent.
@@ -180,9 +221,74 @@ class RealtimeAPI:
             response = Response(body, status, headers=dict(headers))
             if status != 200:
                 return response
-        task = BackgroundTask(run_callback, callback)
+        task = BackgroundTask(run_callback, callback, self._executor)
         response.background = task if response.background is None else BackgroundTasks([response.background, task])
         return response
+
+
+class _Batcher:
+    """Gathers concurrent requests to one method (``handle_post``) into
+    batches: a batch is sent when it holds ``max_size`` requests, or
+    ``interval`` seconds after its first request arrived. Each request waits
+    on its own future for its element of the batch's result (or for the
+    error response of a failed batch)."""
+
+    def __init__(self, api: RealtimeAPI, method: _Method, max_size: int, interval: float):
+        self.api = api
+        self.method = method
+        self.max_size = max(1, max_size)
+        self.interval = max(0.0, interval)
+        self.pending: list = []  # (kwargs, future), in arrival order
+        self.timer: Optional[asyncio.TimerHandle] = None
+        self.tasks: set = set()  # the batches running (strong references)
+
+    def submit(self, kwargs: dict) -> asyncio.Future:
+        """Adds one request to the open batch; its future gets its result."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.pending.append((kwargs, future))
+        if len(self.pending) >= self.max_size:
+            self.flush()
+        elif self.timer is None:
+            self.timer = loop.call_later(self.interval, self.flush)
+        return future
+
+    def flush(self) -> None:
+        """Sends the open batch."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        batch, self.pending = self.pending, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self.run(batch))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def run(self, batch: list) -> None:
+        # Requests already given up (their replica is stopping) are left out.
+        batch = [(kwargs, future) for kwargs, future in batch if not future.done()]
+        if not batch:
+            return
+        n = len(batch)
+        lists = {name: [kwargs[name] for kwargs, _ in batch] for name in self.method.args}
+        try:
+            results = await self.api._run(self.method, lists)
+            if not isinstance(results, (list, tuple)) or len(results) != n:
+                got = f"{len(results)} results" if isinstance(results, (list, tuple)) \
+                    else f"a {type(results).__name__}"
+                raise BatchResultError(f"handle_post returned {got} for a batch of {n} requests; with "
+                                       f"server_side_batching it must return a list of {n} results, one per request")
+        except Exception as e:
+            logger.error("api %r: handle_post failed for a batch of %d requests", self.api.name, n, exc_info=e)
+            results = [error_response(500, f"{type(e).__name__}: {e}") for _ in range(n)]
+        except BaseException as e:  # cancelled, or the replica stops (SystemExit & co.)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(e)
+            raise
+        for (_, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)
 
 
 # -- the process -------------------------------------------------------------
@@ -318,11 +424,15 @@ def error_response(status: int, message: str, headers: Optional[dict] = None) ->
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def run_callback(callback) -> None:
+async def run_callback(callback, executor: Optional[ThreadPoolExecutor] = None) -> None:
     """Runs a handler's callback after its response was sent (sync ones as
-    sync user code runs, async ones awaited); its errors are logged only."""
+    sync handler methods run: inline, or on ``executor``; async ones
+    awaited); its errors are logged only."""
     try:
-        result = _call_blocking(callback, (), None)
+        if executor is None or inspect.iscoroutinefunction(callback):
+            result = _call_blocking(callback, (), None)
+        else:
+            result = await asyncio.get_running_loop().run_in_executor(executor, callback)
         if inspect.isawaitable(result):
             await result
     except Exception:
