@@ -34,6 +34,12 @@ pub enum StateError {
     UnknownReplica(String),
     #[error("node '{0}' does not exist")]
     UnknownNode(String),
+    #[error("blob digest mismatch: the request names {claimed} but the data's sha256 is {actual}")]
+    BlobDigestMismatch { claimed: String, actual: String },
+    #[error("blob {blob} needs part {part}, which is not stored")]
+    MissingBlobPart { blob: String, part: String },
+    #[error("api '{0}' does not exist")]
+    UnknownApi(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,11 +75,14 @@ impl From<ControllerError> for tonic::Status {
                 StateError::UnknownBackend(_)
                 | StateError::UnknownEndpoint(_)
                 | StateError::UnknownReplica(_)
-                | StateError::UnknownNode(_) => Code::NotFound,
-                StateError::BackendInUse { .. } => Code::FailedPrecondition,
-                StateError::InvalidRoute { .. } | StateError::InvalidConfig { .. } => {
-                    Code::InvalidArgument
+                | StateError::UnknownNode(_)
+                | StateError::UnknownApi(_) => Code::NotFound,
+                StateError::BackendInUse { .. } | StateError::MissingBlobPart { .. } => {
+                    Code::FailedPrecondition
                 }
+                StateError::InvalidRoute { .. }
+                | StateError::InvalidConfig { .. }
+                | StateError::BlobDigestMismatch { .. } => Code::InvalidArgument,
             },
             ControllerError::NotLeader { .. } => Code::Unavailable,
             ControllerError::Uncommitted { .. } => Code::DeadlineExceeded,

@@ -8,12 +8,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures::Stream;
+use serval_protos::blob::{BLOB_CHUNK_BYTES, MAX_BLOB_BYTES};
 use serval_protos::control::control_server::{Control, ControlServer};
 use serval_protos::control::*;
 use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
+use crate::error::{ControllerError, StateError};
 use crate::state::{ClusterState, Command};
 use crate::store::{self, state_machine::StateMachineStore, Raft};
 
@@ -112,6 +114,37 @@ impl ControlService {
         Ok(Response::new(Empty {}))
     }
 
+    /// Waits until this head has applied blob `digest` (a follower applies
+    /// a commit a moment after the leader), so a client reading back from
+    /// the head it wrote through finds it. Bounded: the write is committed
+    /// either way.
+    async fn await_local_blob(&self, digest: &str) -> Result<(), ControllerError> {
+        const WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+        let mut metrics = self.raft.metrics();
+        let applied = async {
+            // Every apply updates the metrics' last_applied.
+            while !self.sm.has_blob(digest)? {
+                if metrics.changed().await.is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(WAIT, applied).await.unwrap_or(Ok(()))
+    }
+
+    /// Proposes independent commands a few at a time: raft batches them,
+    /// so a blob's parts do not each wait for a full commit round.
+    async fn propose_all(&self, cmds: Vec<Command>) -> Result<(), ControllerError> {
+        const IN_FLIGHT: usize = 4;
+        let writes = cmds
+            .into_iter()
+            .map(|cmd| store::forward::propose_via_leader(&self.raft, &self.token, cmd));
+        let results =
+            futures::StreamExt::buffer_unordered(futures::stream::iter(writes), IN_FLIGHT);
+        futures::TryStreamExt::try_for_each(results, |_| async { Ok(()) }).await
+    }
+
     /// Every head of the raft group as this head sees it: its role, the
     /// term, and how far its log is known to reach (the leader tracks its
     /// followers' progress; a follower knows only its own).
@@ -179,6 +212,21 @@ pub fn to_snapshot(state: &ClusterState, include_code: bool, heads: Vec<Head>) -
         replicas: state.replicas.values().cloned().collect(),
         http_options: state.http_options.clone(),
         shutting_down: state.shutting_down,
+        apis: state.apis.values().cloned().collect(),
+    }
+}
+
+/// The chunks of one blob stored whole, read when the stream reaches it.
+fn whole_blob_chunks(sm: &StateMachineStore, digest: &str) -> Vec<Result<BlobChunk, Status>> {
+    match sm.whole_blob(digest) {
+        Ok(Some(data)) => data
+            .chunks(BLOB_CHUNK_BYTES)
+            .map(|c| Ok(BlobChunk { data: c.to_vec() }))
+            .collect(),
+        Ok(None) => vec![Err(Status::internal(format!(
+            "blob part {digest} is missing on this head"
+        )))],
+        Err(e) => vec![Err(e.into())],
     }
 }
 
@@ -186,6 +234,7 @@ pub fn to_snapshot(state: &ClusterState, include_code: bool, heads: Vec<Head>) -
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<ClusterSnapshot, Status>> + Send>>;
+type BlobStream = Pin<Box<dyn Stream<Item = Result<BlobChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Control for ControlService {
@@ -366,6 +415,79 @@ impl Control for ControlService {
 
     async fn shutdown(&self, _req: Request<Empty>) -> Result<Response<Empty>, Status> {
         self.propose(Command::SetShuttingDown(true)).await
+    }
+
+    async fn put_blob(&self, req: Request<PutBlobRequest>) -> Result<Response<Empty>, Status> {
+        let r = req.into_inner();
+        if r.data.len() > MAX_BLOB_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "blob of {} bytes is over the limit of {} bytes ({} MiB)",
+                r.data.len(),
+                MAX_BLOB_BYTES,
+                MAX_BLOB_BYTES >> 20
+            )));
+        }
+        // The state machine checks again; checking here first keeps a wrong
+        // digest from sending its parts through raft.
+        let actual = serval_protos::blob::digest(&r.data);
+        if actual != r.digest {
+            let e = StateError::BlobDigestMismatch {
+                claimed: r.digest,
+                actual,
+            };
+            return Err(ControllerError::Refused(e).into());
+        }
+        if self.sm.has_blob(&r.digest)? {
+            return Ok(Response::new(Empty {}));
+        }
+        let digest = r.digest.clone();
+        let upload = store::blobs::upload(r.digest, r.data);
+        self.propose_all(upload.parts).await?;
+        if let Some(finish) = upload.finish {
+            self.propose(finish).await?;
+        }
+        self.await_local_blob(&digest).await?;
+        Ok(Response::new(Empty {}))
+    }
+
+    type GetBlobStream = BlobStream;
+
+    async fn get_blob(
+        &self,
+        req: Request<GetBlobRequest>,
+    ) -> Result<Response<Self::GetBlobStream>, Status> {
+        let digest = req.into_inner().digest;
+        let Some(layout) = self.sm.blob_layout(&digest)? else {
+            return Err(Status::not_found(format!(
+                "blob {digest} is not stored on this head"
+            )));
+        };
+        let sm = self.sm.clone();
+        // One stored piece at a time as the client reads, so a large blob
+        // is never all in memory here.
+        let stream = futures::StreamExt::flat_map(futures::stream::iter(layout), move |piece| {
+            futures::stream::iter(whole_blob_chunks(&sm, &piece))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn has_blob(
+        &self,
+        req: Request<GetBlobRequest>,
+    ) -> Result<Response<HasBlobReply>, Status> {
+        let present = self.sm.has_blob(&req.into_inner().digest)?;
+        Ok(Response::new(HasBlobReply { present }))
+    }
+
+    async fn put_api(&self, req: Request<Api>) -> Result<Response<Empty>, Status> {
+        self.propose(Command::PutApi(req.into_inner())).await
+    }
+
+    async fn delete_api(&self, req: Request<NameRequest>) -> Result<Response<Empty>, Status> {
+        self.propose(Command::DeleteApi {
+            name: req.into_inner().name,
+        })
+        .await
     }
 }
 

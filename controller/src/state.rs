@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use serval_protos::control::{
-    AutoscalingConfig, Backend, BackendConfig, Endpoint, HttpOptions, Node, Replica, ReplicaReport,
+    Api, AutoscalingConfig, Backend, BackendConfig, Endpoint, HttpOptions, Node, Replica,
+    ReplicaReport,
 };
 
 use crate::error::StateError;
@@ -82,6 +83,26 @@ pub enum Command {
     },
     SetHttpOptions(HttpOptions),
     SetShuttingDown(bool),
+    /// A content-addressed blob: `digest` is the lowercase hex sha256 of
+    /// `data`. Blobs live in the store's own table, not in this state (it is
+    /// cloned per command and sent to every watcher): the state machine
+    /// applies this itself (`store::blobs`). A blob larger than one raft
+    /// entry should carry arrives as parts and then [`Command::PutBlobParts`].
+    PutBlob {
+        digest: String,
+        #[serde(with = "raw_bytes")]
+        data: Vec<u8>,
+    },
+    /// The blob `digest` is the concatenation of the stored blobs `parts`.
+    PutBlobParts {
+        digest: String,
+        parts: Vec<String>,
+    },
+    /// Creates or replaces the record of a deployed API.
+    PutApi(Api),
+    DeleteApi {
+        name: String,
+    },
 }
 
 /// What the controller holds. Endpoints keep registration order because
@@ -98,6 +119,8 @@ pub struct ClusterState {
     pub shutting_down: bool,
     /// Source of replica ids (`backend#N`): never reused.
     pub next_replica_seq: u64,
+    /// Deployed APIs (`serve deploy FOLDER`) by name.
+    pub apis: BTreeMap<String, Api>,
 }
 
 impl ClusterState {
@@ -314,6 +337,24 @@ impl ClusterState {
             }
             Command::SetHttpOptions(options) => self.http_options = Some(options),
             Command::SetShuttingDown(flag) => self.shutting_down = flag,
+            Command::PutBlob { .. } | Command::PutBlobParts { .. } => {
+                // Refused the same way on every head should one ever get here.
+                return Err(invalid(
+                    "command",
+                    "blobs are stored by the raft store, not in the cluster state",
+                ));
+            }
+            Command::PutApi(api) => {
+                if api.name.is_empty() {
+                    return Err(invalid("api name", "must not be empty"));
+                }
+                self.apis.insert(api.name.clone(), api);
+            }
+            Command::DeleteApi { name } => {
+                if self.apis.remove(&name).is_none() {
+                    return Err(StateError::UnknownApi(name));
+                }
+            }
         }
         Ok(())
     }
@@ -636,6 +677,50 @@ fn validate_autoscaling(a: &AutoscalingConfig) -> Result<(), StateError> {
         ));
     }
     Ok(())
+}
+
+/// Serde for a byte field as one block (bincode writes a length and the
+/// bytes) instead of serde's default sequence of `u8`: a call per byte is
+/// too slow for a 1 MiB blob part, which must cross the raft transport
+/// within one heartbeat interval.
+pub(crate) mod raw_bytes {
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_byte_buf(BytesVisitor)
+    }
+
+    struct BytesVisitor;
+
+    impl<'de> Visitor<'de> for BytesVisitor {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("bytes")
+        }
+
+        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+
+        // Formats without a bytes type (JSON) write a sequence.
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(b) = seq.next_element()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
 }
 
 #[cfg(test)]

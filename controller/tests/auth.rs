@@ -110,6 +110,19 @@ async fn every_rpc_needs_the_token_and_a_refused_call_changes_nothing() {
             c.set_traffic(SetTrafficRequest::default()).await,
         );
         refused("SetShadow", c.set_shadow(SetShadowRequest::default()).await);
+        let blob = PutBlobRequest {
+            digest: serval_protos::blob::digest(b"x"),
+            data: b"x".to_vec(),
+        };
+        refused("PutBlob", c.put_blob(blob).await);
+        refused("GetBlob", c.get_blob(GetBlobRequest::default()).await);
+        refused("HasBlob", c.has_blob(GetBlobRequest::default()).await);
+        let api = Api {
+            name: "a".into(),
+            ..Default::default()
+        };
+        refused("PutApi", c.put_api(api).await);
+        refused("DeleteApi", c.delete_api(NameRequest::default()).await);
         refused("GetSnapshot", c.get_snapshot(WatchRequest::default()).await);
         match c.watch(WatchRequest::default()).await {
             Err(s) if s.code() == tonic::Code::Unauthenticated => {}

@@ -36,7 +36,7 @@ pub struct AgentConfig {
     pub control_addr: String,
     pub token: String,
     /// Holds the node id (so a restarted agent keeps it), replica sockets,
-    /// code files and logs.
+    /// code files, logs and the package cache (`cache/`).
     pub data_dir: PathBuf,
     /// The interpreter replicas run on (with the `serval` package installed).
     pub python: PathBuf,
@@ -256,6 +256,7 @@ impl NodeAgent {
                 tcp_host: self.config.tcp_host.clone(),
                 control_addr: self.config.control_addr.clone(),
                 token: self.config.token.clone(),
+                cache_dir: self.config.data_dir.join("cache"),
             };
             tracing::info!(replica = %id, backend = %backend.name, "starting replica");
             self.supervisors

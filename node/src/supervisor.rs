@@ -47,6 +47,9 @@ pub struct ReplicaSpec {
     /// `serve.get_handle(...)` (model composition): SERVAL_ADDRESS/SERVAL_TOKEN.
     pub control_addr: String,
     pub token: String,
+    /// Where the node's replicas unpack project packages, shared by all of
+    /// them so each package is unpacked once per node: SERVAL_CACHE_DIR.
+    pub cache_dir: PathBuf,
 }
 
 /// The running supervisor; dropping it does not stop the replica, `stop` does.
@@ -322,8 +325,11 @@ async fn reconfigure(unix_path: &str, config_json: String) -> Result<(), String>
 }
 
 async fn start(spec: &ReplicaSpec, config: &BackendConfig) -> Result<Child, String> {
+    for dir in [&spec.work_dir, &spec.cache_dir] {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
     let dir = &spec.work_dir;
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let code_file = dir.join("code.pkl");
     std::fs::write(&code_file, &spec.backend.code)
         .map_err(|e| format!("cannot write {}: {e}", code_file.display()))?;
@@ -355,6 +361,7 @@ async fn start(spec: &ReplicaSpec, config: &BackendConfig) -> Result<Child, Stri
         .stderr(Stdio::from(log))
         .env("SERVAL_ADDRESS", &spec.control_addr)
         .env("SERVAL_TOKEN", &spec.token)
+        .env("SERVAL_CACHE_DIR", &spec.cache_dir)
         .kill_on_drop(true);
     // A GPU replica sees only the GPUs the scheduler gave it; a CPU replica
     // keeps the node's environment.

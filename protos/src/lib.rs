@@ -5,11 +5,13 @@
 //!   generated from `proto/control.proto`.
 //! - [`frame`]: the data-plane frame stream between a router (proxy or
 //!   handle) and a replica: `[u32 len][u64 request id][bincode body]`.
+//! - [`blob`]: the digest and size limits of content-addressed blobs.
 #![forbid(unsafe_code)]
 
 pub mod control {
     tonic::include_proto!("serval.control");
 }
+pub mod blob;
 pub mod client;
 pub mod frame;
 pub mod tls;

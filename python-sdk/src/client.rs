@@ -13,9 +13,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use serval_protos::client::{self as control, Client as ControlClient};
 use serval_protos::control::{
-    AutoscalingConfig, Backend, BackendConfig, ClusterSnapshot, DeleteBackendRequest, Empty,
-    Endpoint, NameRequest, SetShadowRequest, SetTrafficRequest, UpdateBackendCodeRequest,
-    UpdateBackendConfigRequest, WatchRequest,
+    Api, AutoscalingConfig, Backend, BackendConfig, ClusterSnapshot, DeleteBackendRequest, Empty,
+    Endpoint, GetBlobRequest, NameRequest, PutBlobRequest, SetShadowRequest, SetTrafficRequest,
+    UpdateBackendCodeRequest, UpdateBackendConfigRequest, WatchRequest,
 };
 use serval_protos::frame::{CallRequest, Payload, Request, Response};
 use serval_proxy::{Router, RouterConfig, RouterError};
@@ -429,6 +429,75 @@ impl Client {
         .map_err(status_err)?
         .into_inner();
         serde_json::to_string(&snapshot).map_err(|e| ServeError::new_err(e.to_string()))
+    }
+
+    /// Stores `data` in the cluster (content-addressed, raft-replicated)
+    /// and returns its digest (lowercase hex sha256). Data the cluster
+    /// already holds is not sent again.
+    fn put_blob(&self, py: Python<'_>, data: Vec<u8>) -> PyResult<String> {
+        let mut c = self.client.clone();
+        block_on(py, async move {
+            let digest = serval_protos::blob::digest(&data);
+            let request = GetBlobRequest {
+                digest: digest.clone(),
+            };
+            if !c.has_blob(request).await?.into_inner().present {
+                let request = PutBlobRequest {
+                    digest: digest.clone(),
+                    data,
+                };
+                c.put_blob(request).await?;
+            }
+            Ok::<_, tonic::Status>(digest)
+        })
+        .map_err(status_err)
+    }
+
+    /// The bytes of blob `digest`, from the head this client talks to.
+    fn get_blob(&self, py: Python<'_>, digest: String) -> PyResult<Py<PyBytes>> {
+        let mut c = self.client.clone();
+        let data = block_on(py, async move {
+            let mut stream = c.get_blob(GetBlobRequest { digest }).await?.into_inner();
+            let mut data = Vec::new();
+            while let Some(chunk) = stream.message().await? {
+                data.extend_from_slice(&chunk.data);
+            }
+            Ok::<_, tonic::Status>(data)
+        })
+        .map_err(status_err)?;
+        Ok(PyBytes::new(py, &data).unbind())
+    }
+
+    /// Creates or replaces the record of deployed API `name`.
+    #[allow(clippy::too_many_arguments)]
+    fn put_api(
+        &self,
+        py: Python<'_>,
+        name: String,
+        kind: String,
+        spec_json: String,
+        package_digest: String,
+        fingerprint: String,
+        deployed_at: f64,
+    ) -> PyResult<()> {
+        let mut c = self.client.clone();
+        let api = Api {
+            name,
+            kind,
+            spec_json,
+            package_digest,
+            fingerprint,
+            deployed_at,
+        };
+        block_on(py, async move { c.put_api(api).await }).map_err(status_err)?;
+        Ok(())
+    }
+
+    fn delete_api(&self, py: Python<'_>, name: String) -> PyResult<()> {
+        let mut c = self.client.clone();
+        block_on(py, async move { c.delete_api(NameRequest { name }).await })
+            .map_err(status_err)?;
+        Ok(())
     }
 
     fn shutdown(&self, py: Python<'_>) -> PyResult<()> {

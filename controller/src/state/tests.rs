@@ -393,3 +393,45 @@ fn a_new_version_that_cannot_start_leaves_the_old_replicas_serving() {
     assert_eq!(s.replicas[&old_id].state, replica_state::RUNNING);
     assert_eq!(s.backends["b"].state, backend_state::RUNNING);
 }
+
+fn api(name: &str, fingerprint: &str) -> Api {
+    Api {
+        name: name.into(),
+        kind: "RealtimeAPI".into(),
+        spec_json: r#"{"predictor": {"type": "python"}}"#.into(),
+        package_digest: "ab".repeat(32),
+        fingerprint: fingerprint.into(),
+        deployed_at: 1_700_000_000.5,
+    }
+}
+
+#[test]
+fn apis_are_created_replaced_and_deleted_by_name() {
+    let mut s = cluster();
+    s.apply(Command::PutApi(api("a", "v1"))).unwrap();
+    s.apply(Command::PutApi(api("b", "v1"))).unwrap();
+    s.apply(Command::PutApi(api("a", "v2"))).unwrap();
+    assert_eq!(s.apis.len(), 2);
+    assert_eq!(s.apis["a"], api("a", "v2"), "a put replaces the record");
+    s.apply(Command::DeleteApi { name: "a".into() }).unwrap();
+    assert_eq!(s.apis.keys().collect::<Vec<_>>(), ["b"]);
+
+    let before = format!("{s:?}");
+    let refused = [
+        (Command::PutApi(api("", "v1")), "api name"),
+        (Command::DeleteApi { name: "a".into() }, "does not exist"),
+        // Blobs belong to the raft store, never to this state.
+        (
+            Command::PutBlob {
+                digest: serval_protos::blob::digest(b"x"),
+                data: b"x".to_vec(),
+            },
+            "raft store",
+        ),
+    ];
+    for (cmd, expect) in refused {
+        let err = s.apply(cmd.clone()).expect_err("must be refused");
+        assert!(err.to_string().contains(expect), "{cmd:?}: {err}");
+        assert_eq!(format!("{s:?}"), before, "{cmd:?} changed the state");
+    }
+}

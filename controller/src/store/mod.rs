@@ -6,12 +6,15 @@
 //! - [`state_machine`]: applies committed [`Command`]s to the
 //!   [`ClusterState`], persists the applied state and snapshots in redb, and
 //!   publishes every new state to watchers.
+//! - [`blobs`]: content-addressed blobs (project packages) in their own
+//!   tables beside the applied state.
 //! - [`network`]: the transport between heads.
 //!
 //! **Architecture Invariant:** the raft log and the applied state are kept
 //! apart (separate tables): the log is truncated by snapshots, the state is
 //! rebuilt from the newest snapshot plus the log after it.
 
+pub mod blobs;
 pub mod forward;
 pub mod log_store;
 pub mod network;
@@ -94,6 +97,11 @@ pub async fn open(
         election_timeout_max: 1000,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(500),
         max_in_snapshot_log_to_keep: 100,
+        // A snapshot carries every blob: small chunks cross in well under
+        // the timeout, and the last one, answered once the receiver has
+        // installed the whole snapshot, gets time for that.
+        snapshot_max_chunk_size: serval_protos::blob::BLOB_CHUNK_BYTES as u64,
+        install_snapshot_timeout: 10_000,
         ..Default::default()
     };
     let config = Arc::new(
@@ -136,11 +144,21 @@ pub async fn open(
 /// machine).
 pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The commit timeout of blob commands: a 1 MiB part is written to disk by
+/// every head, and the last command of a large blob hashes all of it on the
+/// leader before it answers; a busy machine needs more than 5 s for that.
+pub const BLOB_COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Proposes `cmd` and waits until it is applied; a refused command comes
 /// back as [`ControllerError::Refused`], one no majority committed within
-/// [`COMMIT_TIMEOUT`] as [`ControllerError::Uncommitted`].
+/// [`COMMIT_TIMEOUT`] ([`BLOB_COMMIT_TIMEOUT`] for blobs) as
+/// [`ControllerError::Uncommitted`].
 pub async fn propose(raft: &Raft, cmd: Command) -> Result<u64, ControllerError> {
-    propose_within(raft, cmd, COMMIT_TIMEOUT).await
+    let timeout = match cmd {
+        Command::PutBlob { .. } | Command::PutBlobParts { .. } => BLOB_COMMIT_TIMEOUT,
+        _ => COMMIT_TIMEOUT,
+    };
+    propose_within(raft, cmd, timeout).await
 }
 
 /// [`propose`] with another commit timeout.

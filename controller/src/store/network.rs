@@ -7,7 +7,8 @@
 use std::time::Duration;
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -21,6 +22,12 @@ use serval_protos::control::RaftMessage;
 
 use super::log_store::{decode, encode};
 use super::{NodeId, TypeConfig};
+
+/// The most bytes of log entries one AppendEntries carries (one entry is
+/// always sent, whatever its size). openraft gives the call one heartbeat
+/// interval (100 ms); a follower catching up would otherwise be sent up to
+/// 300 entries at once, which with 1 MiB blob parts never arrives in time.
+const MAX_APPEND_BYTES: usize = 2 * 1024 * 1024;
 
 #[derive(Clone, Default)]
 pub struct Network {
@@ -80,13 +87,22 @@ impl Peer {
         request: &Req,
         ttl: Duration,
     ) -> Result<Resp, Transport> {
+        let payload = encode(request).map_err(Transport::Network)?;
+        self.send(method, payload, ttl).await
+    }
+
+    async fn send<Resp: DeserializeOwned>(
+        &mut self,
+        method: Method,
+        payload: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<Resp, Transport> {
         let Some(client) = self.client.as_mut() else {
             return Err(Transport::Unreachable(std::io::Error::other(format!(
                 "bad address {}",
                 self.addr
             ))));
         };
-        let payload = encode(request).map_err(Transport::Network)?;
         let message = RaftMessage { payload };
         let call = async {
             match method {
@@ -123,8 +139,17 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        let payload = encode(&rpc).map_err(|e| Transport::Network(e).into_rpc())?;
+        let entries = rpc.entries.len();
+        if entries > 1 && payload.len() > MAX_APPEND_BYTES {
+            // openraft then sends at most this many entries per call for a while.
+            let fit = (entries * MAX_APPEND_BYTES / payload.len()).max(1);
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(fit as u64),
+            ));
+        }
         let reply: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> = self
-            .exchange(Method::AppendEntries, &rpc, option.hard_ttl())
+            .send(Method::AppendEntries, payload, option.hard_ttl())
             .await
             .map_err(Transport::into_rpc)?;
         reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))

@@ -1,7 +1,9 @@
 //! Applies committed commands to the [`ClusterState`]. The applied state
 //! (with the last applied log id and membership) is written to redb in the
 //! same step, and so are snapshots; every new state is published on a
-//! `tokio::sync::watch` channel that the Watch RPC streams from.
+//! `tokio::sync::watch` channel that the Watch RPC streams from. Blobs are
+//! written to their own tables ([`super::blobs`]) in the same transaction
+//! as the applied state, and snapshots carry them.
 
 use std::io::Cursor;
 use std::sync::{Arc, Mutex};
@@ -11,14 +13,15 @@ use openraft::{
     BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError,
     StorageIOError, StoredMembership,
 };
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::blobs;
 use super::log_store::{decode, encode};
 use super::{Applied, NodeId, SharedState, TypeConfig};
-use crate::error::ControllerError;
-use crate::state::ClusterState;
+use crate::error::{ControllerError, StateError};
+use crate::state::{raw_bytes, ClusterState, Command};
 
 const SM: TableDefinition<&str, &[u8]> = TableDefinition::new("state_machine");
 const KEY_APPLIED: &str = "applied";
@@ -31,10 +34,22 @@ struct AppliedState {
     state: ClusterState,
 }
 
+/// The newest snapshot as stored: `data` is the encoded state only; its
+/// blobs are the ones in the blob tables.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, BasicNode>,
     data: Vec<u8>,
+}
+
+/// What a snapshot carries to another head: the encoded state and every
+/// blob (content-addressed and never removed, so blobs applied after the
+/// snapshot's log index do no harm: putting them again is a no-op).
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotData {
+    #[serde(with = "raw_bytes")]
+    state: Vec<u8>,
+    blobs: blobs::BlobSet,
 }
 
 #[derive(Clone)]
@@ -46,6 +61,33 @@ pub struct StateMachineStore {
 
 fn io<E: std::fmt::Display>(e: E) -> std::io::Error {
     std::io::Error::other(e.to_string())
+}
+
+/// Writes one value of the state-machine table inside `txn`.
+fn put_in<T: Serialize>(txn: &WriteTransaction, key: &str, value: &T) -> std::io::Result<()> {
+    let bytes = encode(value)?;
+    let mut table = txn.open_table(SM).map_err(io)?;
+    table.insert(key, bytes.as_slice()).map_err(io)?;
+    Ok(())
+}
+
+fn is_blob(cmd: &Command) -> bool {
+    matches!(cmd, Command::PutBlob { .. } | Command::PutBlobParts { .. })
+}
+
+/// Applies one command: a blob to its tables inside `txn`, anything else
+/// to `state`.
+fn apply_command(
+    txn: &WriteTransaction,
+    state: &mut ClusterState,
+    cmd: Command,
+) -> std::io::Result<Result<u64, StateError>> {
+    let applied = match cmd {
+        Command::PutBlob { digest, data } => blobs::put(txn, &digest, &data)?,
+        Command::PutBlobParts { digest, parts } => blobs::put_parts(txn, &digest, &parts)?,
+        cmd => state.apply(cmd),
+    };
+    Ok(applied.map(|()| state.version))
 }
 
 impl StateMachineStore {
@@ -61,6 +103,7 @@ impl StateMachineStore {
                     None => AppliedState::default(),
                 }
             };
+            blobs::create_tables(&txn).map_err(storage)?;
             txn.commit().map_err(|e| storage(io(e)))?;
             loaded
         };
@@ -87,19 +130,33 @@ impl StateMachineStore {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether blob `digest` is stored on this head.
+    pub fn has_blob(&self, digest: &str) -> Result<bool, ControllerError> {
+        Ok(self.blob_layout(digest)?.is_some())
+    }
+
+    /// The blobs stored whole that make up blob `digest`, in order (itself,
+    /// or the parts of a large one); `None` when this head does not have it.
+    pub fn blob_layout(&self, digest: &str) -> Result<Option<Vec<String>>, ControllerError> {
+        blobs::layout(&self.db, digest).map_err(|e| ControllerError::Storage(e.to_string()))
+    }
+
+    /// The bytes of a blob stored whole (one of a [`Self::blob_layout`]).
+    pub fn whole_blob(&self, digest: &str) -> Result<Option<Vec<u8>>, ControllerError> {
+        blobs::read_whole(&self.db, digest).map_err(|e| ControllerError::Storage(e.to_string()))
+    }
+
     /// Writes one value of the state-machine table durably.
     fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), std::io::Error> {
-        let bytes = encode(value)?;
         let txn = self.db.begin_write().map_err(io)?;
-        {
-            let mut table = txn.open_table(SM).map_err(io)?;
-            table.insert(key, bytes.as_slice()).map_err(io)?;
-        }
+        put_in(&txn, key, value)?;
         txn.commit().map_err(io)
     }
 
-    fn persist(&self, applied: &AppliedState) -> Result<(), std::io::Error> {
-        self.put(KEY_APPLIED, applied)
+    /// The bytes of a snapshot of `state` (encoded) with every blob.
+    fn snapshot_data(&self, state: Vec<u8>) -> Result<Vec<u8>, std::io::Error> {
+        let blobs = blobs::export(&self.db)?;
+        encode(&SnapshotData { state, blobs })
     }
 
     fn read_snapshot(&self) -> Result<Option<StoredSnapshot>, std::io::Error> {
@@ -123,7 +180,7 @@ impl StateMachineStore {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
         let applied = self.lock().clone();
-        let data = encode(&applied.state).map_err(|e| StorageIOError::read_state_machine(&e))?;
+        let state = encode(&applied.state).map_err(|e| StorageIOError::read_state_machine(&e))?;
         let snapshot_id = match &applied.last_applied {
             Some(id) => format!("{}-{}-{}", id.leader_id, id.index, applied.state.version),
             None => format!("empty-{}", applied.state.version),
@@ -135,10 +192,13 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         };
         let stored = StoredSnapshot {
             meta: meta.clone(),
-            data: data.clone(),
+            data: state.clone(),
         };
         self.write_snapshot(&stored)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        let data = self
+            .snapshot_data(state)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -164,32 +224,40 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let mut next = self.lock().clone();
         let mut replies = Vec::new();
+        // Blob-only batches leave the state as it was: watchers need no new
+        // snapshot for them.
+        let mut changed = false;
+        let write = |e: std::io::Error| StorageIOError::write_state_machine(&e);
+        let txn = self.db.begin_write().map_err(|e| write(io(e)))?;
         for entry in entries {
             next.last_applied = Some(entry.log_id);
-            match entry.payload {
-                EntryPayload::Blank => replies.push(Applied {
-                    result: Ok(next.state.version),
-                }),
+            let result = match entry.payload {
+                EntryPayload::Blank => {
+                    changed = true;
+                    Ok(next.state.version)
+                }
                 EntryPayload::Normal(cmd) => {
-                    let result = next.state.apply(cmd).map(|()| next.state.version);
-                    if let Err(e) = &result {
-                        tracing::info!(error = %e, "command refused");
-                    }
-                    replies.push(Applied { result });
+                    changed |= !is_blob(&cmd);
+                    apply_command(&txn, &mut next.state, cmd).map_err(write)?
                 }
                 EntryPayload::Membership(m) => {
+                    changed = true;
                     next.membership = StoredMembership::new(Some(entry.log_id), m);
-                    replies.push(Applied {
-                        result: Ok(next.state.version),
-                    });
+                    Ok(next.state.version)
                 }
+            };
+            if let Err(e) = &result {
+                tracing::info!(error = %e, "command refused");
             }
+            replies.push(Applied { result });
         }
-        self.persist(&next)
-            .map_err(|e| StorageIOError::write_state_machine(&e))?;
-        let publish = Arc::new(next.state.clone());
+        put_in(&txn, KEY_APPLIED, &next).map_err(write)?;
+        txn.commit().map_err(|e| write(io(e)))?;
+        let publish = changed.then(|| Arc::new(next.state.clone()));
         *self.lock() = next;
-        self.publish.send_replace(publish);
+        if let Some(state) = publish {
+            self.publish.send_replace(state);
+        }
         Ok(replies)
     }
 
@@ -208,21 +276,26 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         meta: &SnapshotMeta<NodeId, BasicNode>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
-        let data = snapshot.into_inner();
-        let state: ClusterState =
-            decode(&data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let read = |e: std::io::Error| StorageIOError::read_snapshot(Some(meta.signature()), &e);
+        let write = |e: std::io::Error| StorageIOError::write_snapshot(Some(meta.signature()), &e);
+        let data: SnapshotData = decode(&snapshot.into_inner()).map_err(read)?;
+        let state: ClusterState = decode(&data.state).map_err(read)?;
         let next = AppliedState {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
             state,
         };
-        self.write_snapshot(&StoredSnapshot {
+        // Blobs, snapshot and applied state in one transaction: a crash
+        // leaves either the old state or all of the new one.
+        let txn = self.db.begin_write().map_err(|e| write(io(e)))?;
+        blobs::import(&txn, data.blobs).map_err(write)?;
+        let stored = StoredSnapshot {
             meta: meta.clone(),
-            data,
-        })
-        .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        self.persist(&next)
-            .map_err(|e| StorageIOError::write_state_machine(&e))?;
+            data: data.state,
+        };
+        put_in(&txn, KEY_SNAPSHOT, &stored).map_err(write)?;
+        put_in(&txn, KEY_APPLIED, &next).map_err(write)?;
+        txn.commit().map_err(|e| write(io(e)))?;
         let publish = Arc::new(next.state.clone());
         *self.lock() = next;
         self.publish.send_replace(publish);
@@ -232,12 +305,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        let stored = self
+        let Some(stored) = self
             .read_snapshot()
-            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
-        Ok(stored.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?
+        else {
+            return Ok(None);
+        };
+        let data = self
+            .snapshot_data(stored.data)
+            .map_err(|e| StorageIOError::read_snapshot(Some(stored.meta.signature()), &e))?;
+        Ok(Some(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(data)),
         }))
     }
 }
+
+#[cfg(test)]
+mod tests;

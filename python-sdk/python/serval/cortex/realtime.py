@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any, Optional
@@ -304,7 +305,22 @@ def resolve_project_dir(spec: dict, project_dir: Optional[str]) -> str:
         raise HandlerError(f"api {spec.get('name')!r}: no project folder: give project_dir or spec['package']")
     from .package import ensure_unpacked
 
-    return ensure_unpacked(digest, lambda d: cluster_client().get_blob(d))
+    return ensure_unpacked(digest, fetch_blob)
+
+
+def fetch_blob(digest: str, timeout: float = 30.0) -> bytes:
+    """The package's bytes from the cluster's store. A head that has not yet
+    applied a just-committed upload answers NOT_FOUND for a moment: retry."""
+    from serval import ServeError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return cluster_client().get_blob(digest)
+        except ServeError as e:
+            if time.monotonic() > deadline or "not stored" not in str(e):
+                raise
+        time.sleep(0.1)
 
 
 def cluster_client():

@@ -1,0 +1,216 @@
+//! Blobs in the state machine on a real redb file: refused and idempotent
+//! puts, large blobs in parts, a reopen, and a snapshot installed elsewhere.
+
+use std::path::Path;
+
+use openraft::CommittedLeaderId;
+use serval_protos::blob::{self, BLOB_CHUNK_BYTES};
+use serval_protos::control::Api;
+
+use super::*;
+use crate::store::blobs;
+
+fn open(path: &Path) -> StateMachineStore {
+    let db = Database::create(path).expect("redb file");
+    StateMachineStore::open(Arc::new(db)).expect("state machine")
+}
+
+async fn apply(sm: &mut StateMachineStore, index: u64, cmd: Command) -> Result<u64, StateError> {
+    let entry = Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(cmd),
+    };
+    let mut replies = sm.apply([entry]).await.expect("storage");
+    replies.remove(0).result
+}
+
+fn put(data: &[u8]) -> Command {
+    Command::PutBlob {
+        digest: blob::digest(data),
+        data: data.to_vec(),
+    }
+}
+
+/// The blob as GetBlob would stream it.
+fn read(sm: &StateMachineStore, digest: &str) -> Option<Vec<u8>> {
+    let layout = sm.blob_layout(digest).unwrap()?;
+    let mut out = Vec::new();
+    for piece in layout {
+        out.extend(sm.whole_blob(&piece).unwrap().expect("stored piece"));
+    }
+    Some(out)
+}
+
+/// Pseudo-random bytes, so parts do not repeat.
+fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Applies the commands `PutBlob` over the Control service would.
+async fn upload(sm: &mut StateMachineStore, index: &mut u64, data: &[u8]) -> String {
+    let digest = blob::digest(data);
+    let up = blobs::upload(digest.clone(), data.to_vec());
+    for cmd in up.parts.into_iter().chain(up.finish) {
+        *index += 1;
+        apply(sm, *index, cmd).await.expect("blob stored");
+    }
+    digest
+}
+
+#[tokio::test]
+async fn a_wrong_digest_is_refused_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = open(&dir.path().join("sm.redb"));
+    let watch = sm.subscribe();
+    let claimed = blob::digest(b"other bytes");
+    let err = apply(
+        &mut sm,
+        1,
+        Command::PutBlob {
+            digest: claimed.clone(),
+            data: b"package".to_vec(),
+        },
+    )
+    .await
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&claimed) && msg.contains(&blob::digest(b"package")),
+        "names both digests: {msg}"
+    );
+    assert!(!sm.has_blob(&claimed).unwrap());
+    assert!(!sm.has_blob(&blob::digest(b"package")).unwrap());
+
+    // Parts that do not hash to the claimed digest, and a missing part.
+    apply(&mut sm, 2, put(b"part")).await.unwrap();
+    let parts = vec![blob::digest(b"part")];
+    let err = apply(
+        &mut sm,
+        3,
+        Command::PutBlobParts {
+            digest: claimed.clone(),
+            parts,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, StateError::BlobDigestMismatch { .. }),
+        "{err}"
+    );
+    let err = apply(
+        &mut sm,
+        4,
+        Command::PutBlobParts {
+            digest: blob::digest(b"partmissing"),
+            parts: vec![blob::digest(b"part"), blob::digest(b"missing")],
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, StateError::MissingBlobPart { .. }), "{err}");
+    assert!(!sm.has_blob(&claimed).unwrap());
+
+    assert_eq!(sm.current().version, 0, "blobs never touch the state");
+    assert!(
+        !watch.has_changed().unwrap(),
+        "no snapshot for blob commands"
+    );
+}
+
+#[tokio::test]
+async fn putting_a_stored_blob_again_is_a_no_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = open(&dir.path().join("sm.redb"));
+    let digest = blob::digest(b"package");
+    assert_eq!(apply(&mut sm, 1, put(b"package")).await, Ok(0));
+    assert_eq!(apply(&mut sm, 2, put(b"package")).await, Ok(0));
+    assert_eq!(read(&sm, &digest).unwrap(), b"package");
+    assert!(read(&sm, &blob::digest(b"nope")).is_none());
+}
+
+#[tokio::test]
+async fn a_large_blob_is_stored_as_parts_and_read_back_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = open(&dir.path().join("sm.redb"));
+    let data = noise(2 * BLOB_CHUNK_BYTES + 12_345);
+    let mut index = 0;
+    let digest = upload(&mut sm, &mut index, &data).await;
+    assert_eq!(sm.blob_layout(&digest).unwrap().unwrap().len(), 3);
+    assert_eq!(read(&sm, &digest).unwrap(), data);
+    // Uploading it again changes nothing.
+    assert_eq!(upload(&mut sm, &mut index, &data).await, digest);
+    assert_eq!(read(&sm, &digest).unwrap(), data);
+}
+
+#[tokio::test]
+async fn blobs_and_apis_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sm.redb");
+    let data = noise(BLOB_CHUNK_BYTES + 1);
+    let digest = {
+        let mut sm = open(&path);
+        let mut index = 0;
+        let digest = upload(&mut sm, &mut index, &data).await;
+        let api = Api {
+            name: "api".into(),
+            package_digest: digest.clone(),
+            ..Default::default()
+        };
+        apply(&mut sm, index + 1, Command::PutApi(api))
+            .await
+            .unwrap();
+        digest
+    };
+    let mut sm = open(&path);
+    assert_eq!(read(&sm, &digest).unwrap(), data);
+    assert_eq!(sm.current().apis["api"].package_digest, digest);
+    let (applied, _) = sm.applied_state().await.unwrap();
+    assert_eq!(applied.map(|l| l.index), Some(4), "3 blob commands + 1 api");
+}
+
+#[tokio::test]
+async fn a_snapshot_carries_the_blobs_to_a_fresh_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut leader = open(&dir.path().join("leader.redb"));
+    let large = noise(BLOB_CHUNK_BYTES + 7);
+    let mut index = 0;
+    let large_digest = upload(&mut leader, &mut index, &large).await;
+    let small_digest = upload(&mut leader, &mut index, b"small").await;
+    let api = Api {
+        name: "api".into(),
+        ..Default::default()
+    };
+    apply(&mut leader, index + 1, Command::PutApi(api))
+        .await
+        .unwrap();
+    let snapshot = leader.build_snapshot().await.unwrap();
+
+    let mut fresh = open(&dir.path().join("fresh.redb"));
+    fresh
+        .install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    assert_eq!(read(&fresh, &large_digest).unwrap(), large);
+    assert_eq!(read(&fresh, &small_digest).unwrap(), b"small");
+    assert!(fresh.current().apis.contains_key("api"));
+    let (applied, _) = fresh.applied_state().await.unwrap();
+    assert_eq!(applied, snapshot.meta.last_log_id);
+
+    // The installed head can pass the blobs on in turn.
+    let passed_on = fresh.get_current_snapshot().await.unwrap().unwrap();
+    let mut third = open(&dir.path().join("third.redb"));
+    third
+        .install_snapshot(&passed_on.meta, passed_on.snapshot)
+        .await
+        .unwrap();
+    assert_eq!(read(&third, &large_digest).unwrap(), large);
+}

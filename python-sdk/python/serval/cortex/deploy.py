@@ -1,0 +1,280 @@
+"""``serve deploy`` / ``get`` / ``delete`` for Cortex-style project folders.
+
+A RealtimeAPI becomes a Serval backend and an endpoint, both named after the
+API: the backend hosts ``RealtimeAPI(spec)`` (serval.cortex.realtime), whose
+spec carries the package digest, so replicas fetch the project from the
+cluster's blob store on whatever node they land. A TrafficSplitter becomes an
+endpoint whose traffic policy (and shadow) spans the backends of its APIs.
+Each deployed API also has a record in the cluster (kind, spec, package,
+fingerprint): a redeploy compares fingerprints, so an unchanged API is left
+alone, changed code rolls the replicas and a changed config is applied in
+place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+from .config import ConfigError, load_config, read_dotenv
+from .package import build_package
+
+#: Every verb a Handler may implement; the Handler answers 405 for the rest.
+API_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+#: Keys of an API spec that change what replicas run (a rolling update);
+#: the others (autoscaling, compute) change the backend's config in place.
+_CODE_KEYS = ("handler", "dotenv", "package", "name", "kind")
+
+
+def _serve():
+    from serval import serve
+    return serve
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _backend_config(api: dict) -> Dict[str, Any]:
+    """The Serval backend config of a RealtimeAPI. A Cortex replica of
+    ``processes_per_replica`` processes is that many Serval replicas (one
+    process each), sharing its compute and its concurrency target."""
+    a = api["autoscaling"]
+    procs = api["handler"]["processes_per_replica"]
+    autoscaling = {k: a[k] for k in (
+        "window", "upscale_stabilization_period", "downscale_stabilization_period", "max_upscale_factor",
+        "max_downscale_factor", "upscale_tolerance", "downscale_tolerance")}
+    autoscaling.update(min_replicas=a["min_replicas"] * procs, max_replicas=a["max_replicas"] * procs,
+                       target_replica_concurrency=a["target_replica_concurrency"] / procs)
+    batching = api["handler"].get("server_side_batching") or {}
+    return {
+        "num_replicas": a["init_replicas"] * procs,
+        # Cortex's in-flight limit per replica (beyond it, requests wait in
+        # the proxy's bounded queue, then get 503); room for a full batch.
+        "max_concurrent_queries": max(1, -(-a["max_replica_concurrency"] // procs),
+                                      batching.get("max_batch_size", 0)),
+        "autoscaling": autoscaling,
+        "num_cpus": api["compute"]["cpu"] / procs,
+        "num_gpus": float(api["compute"]["gpu"]) / procs,
+    }
+
+
+def _snapshot() -> Dict[str, Any]:
+    return _serve().status()
+
+
+def _check_pip_file(folder: str, api: dict) -> None:
+    pip = api["handler"]["dependencies"]["pip"]
+    if pip != "requirements.txt" and not os.path.isfile(os.path.join(folder, pip)):
+        raise ConfigError(f'api "{api["name"]}": handler.dependencies.pip: no such file in the project folder: {pip}')
+
+
+def _check_splitters(apis: List[dict], snap: Dict[str, Any]) -> None:
+    realtime = {a["name"] for a in apis if a["kind"] == "RealtimeAPI"}
+    realtime |= {a["name"] for a in snap.get("apis", []) if a.get("kind") == "RealtimeAPI"}
+    for a in apis:
+        if a["kind"] != "TrafficSplitter":
+            continue
+        for e in a["apis"]:
+            if e["name"] not in realtime:
+                raise ConfigError(f'api "{a["name"]}": apis: "{e["name"]}" is not a RealtimeAPI of this config '
+                                  f"or of the cluster")
+
+
+def deploy(folder: str = ".", config_path: Optional[str] = None, *, wait: bool = True,
+           timeout: float = 300.0) -> List[Dict[str, Any]]:
+    """Validates every API of the folder's config, stores the package in the
+    cluster and creates or updates the APIs. Returns one ``{"name", "kind",
+    "endpoint", "action"}`` per API (action: created, updated, unchanged).
+    With ``wait``, returns once every RealtimeAPI is live (raises on error)."""
+    serve = _serve()
+    folder = os.path.abspath(folder)
+    path, apis = load_config(folder, config_path)
+    for api in apis:
+        if api["kind"] == "RealtimeAPI":
+            _check_pip_file(folder, api)
+    dotenv = read_dotenv(folder)
+    package = build_package(folder, path)
+    client = serve._get_client()
+    snap = _snapshot()
+    _check_splitters(apis, snap)
+    existing = {a["name"]: a for a in snap.get("apis", [])}
+    digest = client.put_blob(package.data) if any(a["kind"] == "RealtimeAPI" for a in apis) else ""
+    results = []
+    # Splitters after the APIs they route to.
+    for api in sorted(apis, key=lambda a: a["kind"] == "TrafficSplitter"):
+        if api["kind"] == "RealtimeAPI":
+            spec = dict(api, dotenv=dotenv, package=digest)
+            action = _deploy_realtime(serve, client, spec, existing.get(api["name"]))
+        else:
+            spec = dict(api)
+            action = _deploy_splitter(serve, client, spec, existing.get(api["name"]))
+        results.append({"name": api["name"], "kind": api["kind"], "endpoint": api["endpoint"], "action": action})
+    if wait:
+        wait_live([r["name"] for r in results if r["kind"] == "RealtimeAPI"], timeout)
+    return results
+
+
+def _record(client, spec: dict, fingerprint: str) -> None:
+    client.put_api(spec["name"], spec["kind"], json.dumps(spec, sort_keys=True), spec.get("package") or "",
+                   fingerprint, time.time())
+
+
+def _deploy_realtime(serve, client, spec: dict, old: Optional[dict]) -> str:
+    from .realtime import RealtimeAPI
+
+    name = spec["name"]
+    fingerprint = _fingerprint(spec)
+    if old is not None and old.get("fingerprint") == fingerprint:
+        return "unchanged"
+    if old is not None and old.get("kind") != "RealtimeAPI":
+        raise ConfigError(f'api "{name}": kind: the cluster has a {old.get("kind")} with this name; delete it first')
+    code = serve._pickle_code(RealtimeAPI, (spec,))
+    config = json.dumps(_backend_config(spec))
+    backends = {b["name"] for b in _snapshot().get("backends", [])}
+    if old is None or name not in backends:
+        if old is None and name in backends:
+            raise ConfigError(f'api "{name}": name: a backend with this name exists (not deployed from a '
+                              f"project folder)")
+        client.create_backend(name, code, config)
+        serve.create_endpoint(name, backend=name, route=spec["endpoint"], methods=API_METHODS)
+        _record(client, spec, fingerprint)
+        return "created"
+    old_spec = json.loads(old.get("spec_json") or "{}")
+    if {k: old_spec.get(k) for k in _CODE_KEYS} != {k: spec.get(k) for k in _CODE_KEYS}:
+        client.update_backend_code(name, code)
+    if not old_spec.get("autoscaling") or _backend_config(old_spec) != _backend_config(spec):
+        client.update_backend_config(name, config)
+    if old_spec.get("endpoint") != spec["endpoint"]:
+        serve.delete_endpoint(name)
+        serve.create_endpoint(name, backend=name, route=spec["endpoint"], methods=API_METHODS)
+    _record(client, spec, fingerprint)
+    return "updated"
+
+
+def _deploy_splitter(serve, client, spec: dict, old: Optional[dict]) -> str:
+    name = spec["name"]
+    fingerprint = _fingerprint(spec)
+    if old is not None and old.get("fingerprint") == fingerprint:
+        return "unchanged"
+    live = [e for e in spec["apis"] if not e["shadow"]]
+    shadow = next((e for e in spec["apis"] if e["shadow"]), None)
+    endpoints = {e["name"]: e for e in _snapshot().get("endpoints", [])}
+    first = next(e["name"] for e in live if e["weight"] > 0)
+    if name not in endpoints:
+        serve.create_endpoint(name, backend=first, route=spec["endpoint"], methods=API_METHODS)
+    elif (endpoints[name].get("route") or "") != spec["endpoint"]:
+        serve.delete_endpoint(name)
+        serve.create_endpoint(name, backend=first, route=spec["endpoint"], methods=API_METHODS)
+    serve.set_traffic(name, {e["name"]: e["weight"] / 100.0 for e in live if e["weight"] > 0})
+    current = dict(endpoints.get(name, {}).get("shadow", {}))
+    for backend in current:
+        if shadow is None or backend != shadow["name"]:
+            serve.shadow_traffic(name, backend, 0.0)
+    if shadow is not None:
+        serve.shadow_traffic(name, shadow["name"], shadow["weight"] / 100.0)
+    _record(client, spec, fingerprint)
+    return "created" if old is None else "updated"
+
+
+# ------------------------------------------------------------------ status
+
+def _api_status(api: dict, snap: Dict[str, Any]) -> Dict[str, Any]:
+    spec = json.loads(api.get("spec_json") or "{}")
+    out = {"name": api["name"], "kind": api.get("kind"), "endpoint": spec.get("endpoint"),
+           "deployed_at": api.get("deployed_at"), "package": api.get("package_digest") or None}
+    if api.get("kind") == "TrafficSplitter":
+        out.update(status="live", apis=spec.get("apis", []))
+        return out
+    backend = next((b for b in snap.get("backends", []) if b["name"] == api["name"]), None)
+    replicas = [r for r in snap.get("replicas", []) if r.get("backend") == api["name"]]
+    version = (backend or {}).get("version", 0)
+    counts: Dict[str, int] = {}
+    for r in replicas:
+        counts[r.get("state", "?")] = counts.get(r.get("state", "?"), 0) + 1
+    running_now = [r for r in replicas if r.get("state") == "running" and r.get("backend_version") == version]
+    errors = [r.get("error") for r in replicas if r.get("state") == "failed" and r.get("error")]
+    unplaced = [r for r in replicas if r.get("state") == "pending" and not r.get("node_id")]
+    stale = [r for r in replicas if r.get("backend_version") != version]
+    if backend is None:
+        status = "error"
+        errors.append("its backend is missing")
+    elif backend.get("state") == "failed" and not running_now:
+        status = "error"
+    elif unplaced and not running_now:
+        status = "compute unavailable"
+    elif stale or (len(running_now) < len([r for r in replicas if r.get("backend_version") == version])):
+        status = "updating"
+    elif running_now:
+        status = "live"
+    else:
+        status = "updating"
+    last_error = (backend or {}).get("error") or (errors[-1] if errors else None)
+    procs = (spec.get("handler") or {}).get("processes_per_replica") or 1
+    requested = (backend or {}).get("config", {}).get("num_replicas")
+    # Counted in Cortex replicas; a replica is `processes_per_replica` processes.
+    out.update(status=status, replicas={k: -(-n // procs) for k, n in counts.items()},
+               requested=None if requested is None else requested // procs,
+               processes_per_replica=procs, last_error=last_error or None)
+    return out
+
+
+def list_apis() -> List[Dict[str, Any]]:
+    snap = _snapshot()
+    return [_api_status(a, snap) for a in sorted(snap.get("apis", []), key=lambda a: a["name"])]
+
+
+def get_api(name: str) -> Dict[str, Any]:
+    snap = _snapshot()
+    for a in snap.get("apis", []):
+        if a["name"] == name:
+            return _api_status(a, snap)
+    raise KeyError(f'no API named "{name}" is deployed')
+
+
+def wait_live(names: List[str], timeout: float = 300.0) -> None:
+    """Returns once every API in ``names`` is live; raises with the last
+    error when one fails, or after ``timeout``."""
+    serve = _serve()
+    deadline = time.monotonic() + timeout
+    pending = list(names)
+    while pending:
+        snap = _snapshot()
+        records = {a["name"]: a for a in snap.get("apis", [])}
+        still = []
+        for name in pending:
+            st = _api_status(records[name], snap) if name in records else {"status": "updating"}
+            if st["status"] == "error":
+                raise serve.ServeError(f'api "{name}" failed to start:\n{st.get("last_error") or "(no error text)"}')
+            if st["status"] != "live":
+                still.append(name)
+        pending = still
+        if pending and time.monotonic() > deadline:
+            raise serve.ServeError(f"api(s) {', '.join(pending)} not live after {timeout:.0f} s "
+                                   f"(see `serve get`)")
+        if pending:
+            time.sleep(0.05)
+
+
+def delete(name: str) -> None:
+    """Removes an API: its endpoint, its backend and its record. A
+    RealtimeAPI that a TrafficSplitter routes to is refused."""
+    serve = _serve()
+    snap = _snapshot()
+    record = next((a for a in snap.get("apis", []) if a["name"] == name), None)
+    if record is None:
+        raise KeyError(f'no API named "{name}" is deployed')
+    users = [a["name"] for a in snap.get("apis", []) if a.get("kind") == "TrafficSplitter"
+             and any(e.get("name") == name for e in json.loads(a.get("spec_json") or "{}").get("apis", []))]
+    if users:
+        raise ConfigError(f'api "{name}" is used by the TrafficSplitter(s) {", ".join(users)}: delete those first')
+    endpoints = {e["name"] for e in snap.get("endpoints", [])}
+    if name in endpoints:
+        serve.delete_endpoint(name)
+    if record.get("kind") == "RealtimeAPI" and name in {b["name"] for b in snap.get("backends", [])}:
+        serve.delete_backend(name, force=True)
+    serve._get_client().delete_api(name)

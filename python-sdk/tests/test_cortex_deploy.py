@@ -1,0 +1,207 @@
+"""`serve deploy|get|delete` and serval.client() on Cortex project folders,
+against a real cluster: the package goes through the cluster's blob store,
+replicas run the Handler in the unpacked project."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import requests
+
+import serval
+from serval import serve
+
+from test_cortex_config import make_wheel
+
+HANDLER = '''
+import json
+import os
+
+VERSION = {version}
+
+
+class Handler:
+    def __init__(self, config):
+        with open("values.json") as f:
+            self.values = json.load(f)
+        self.config = config
+
+    def handle_post(self, payload):
+        return {{"echo": payload, "values": self.values, "config": self.config,
+                 "greeting": os.environ.get("GREETING"), "version": VERSION}}
+
+    def handle_get(self, query_params):
+        return {{"query": query_params, "version": VERSION, "pid": os.getpid()}}
+'''
+
+CONFIG = """
+- name: iris
+  kind: RealtimeAPI
+  handler:
+    type: python
+    path: handler.py
+    config: {model: small}
+"""
+
+
+def write_project(folder, version=1, config=CONFIG, files=None):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "handler.py"), "w") as f:
+        f.write(HANDLER.format(version=version))
+    with open(os.path.join(folder, "values.json"), "w") as f:
+        json.dump({"labels": ["setosa", "versicolor"]}, f)
+    with open(os.path.join(folder, ".env"), "w") as f:
+        f.write("GREETING=hello\n")
+    with open(os.path.join(folder, "serve.yaml"), "w") as f:
+        f.write(config)
+    for rel, text in (files or {}).items():
+        with open(os.path.join(folder, rel), "w") as f:
+            f.write(text)
+    return str(folder)
+
+
+def cli(cluster, *args):
+    """`serve ARGS` against the test's cluster, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "serval.cli", "--data-dir", cluster.data_dir, *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def replica_pids(backend):
+    return sorted(r["pid"] for r in serve.status()["replicas"]
+                  if r["backend"] == backend and r["state"] == "running")
+
+
+def test_deploy_get_redeploy_and_delete(cluster, tmp_path):
+    folder = write_project(tmp_path / "iris")
+    out = cli(cluster, "deploy", folder)
+    assert out.returncode == 0, out.stderr
+    assert "iris: created" in out.stdout
+
+    r = requests.post(f"{cluster.url}/iris", json={"x": [1, 2]}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"echo": {"x": [1, 2]}, "values": {"labels": ["setosa", "versicolor"]},
+                        "config": {"model": "small"}, "greeting": "hello", "version": 1}
+    r = requests.get(f"{cluster.url}/iris?a=1", timeout=30)
+    assert r.json()["query"] == {"a": "1"}
+
+    got = cli(cluster, "get")
+    assert got.returncode == 0 and "iris" in got.stdout and "live" in got.stdout, got.stdout
+    one = json.loads(cli(cluster, "get", "iris", "--json").stdout)
+    assert one["status"] == "live" and one["endpoint"] == "/iris" and one["replicas"] == {"running": 1}
+
+    # Unchanged: nothing happens, the same replica keeps serving.
+    serve.connect(data_dir=cluster.data_dir)
+    before = replica_pids("iris")
+    out = cli(cluster, "deploy", folder)
+    assert out.returncode == 0 and "iris: unchanged" in out.stdout, out.stdout + out.stderr
+    assert replica_pids("iris") == before
+
+    # Changed code: rolled out.
+    write_project(tmp_path / "iris", version=2)
+    out = cli(cluster, "deploy", folder)
+    assert out.returncode == 0 and "iris: updated" in out.stdout, out.stdout + out.stderr
+    assert requests.get(f"{cluster.url}/iris", timeout=30).json()["version"] == 2
+
+    out = cli(cluster, "delete", "iris")
+    assert out.returncode == 0, out.stderr
+    assert requests.get(f"{cluster.url}/iris", timeout=30).status_code == 404
+    assert "no APIs are deployed" in cli(cluster, "get").stdout
+    assert cli(cluster, "get", "iris").returncode == 1
+
+
+def test_an_invalid_api_deploys_nothing(cluster, tmp_path):
+    config = CONFIG + """
+- name: second
+  kind: RealtimeAPI
+  handler: {path: handler.py}
+  autoscaling: {min_replicas: many}
+"""
+    folder = write_project(tmp_path / "bad", config=config)
+    out = cli(cluster, "deploy", folder)
+    assert out.returncode == 1
+    assert 'api "second": autoscaling.min_replicas: must be an integer' in out.stderr, out.stderr
+    assert "no APIs are deployed" in cli(cluster, "get").stdout
+    assert requests.get(f"{cluster.url}/iris", timeout=30).status_code == 404
+
+
+def test_a_handler_that_cannot_start_is_reported(cluster, tmp_path):
+    folder = write_project(tmp_path / "broken", config=CONFIG.replace("iris", "broken"))
+    with open(os.path.join(folder, "handler.py"), "a") as f:
+        f.write("\n\nclass Handler:\n    def __init__(self, config):\n        raise RuntimeError('no model file')\n")
+    out = cli(cluster, "deploy", folder)
+    assert out.returncode == 1 and "no model file" in out.stderr, out.stderr
+    st = json.loads(cli(cluster, "get", "broken", "--json").stdout)
+    assert st["status"] == "error" and "no model file" in st["last_error"]
+
+
+def test_requirements_are_installed_for_the_api(cluster, tmp_path):
+    folder = tmp_path / "deps"
+    folder.mkdir()
+    wheel = make_wheel(folder, name="greetlib", source="def hello():\n    return 'hi from greetlib'\n")
+    write_project(folder, files={
+        "requirements.txt": f"./{wheel}\n",
+        "handler.py": "import greetlib\n\nclass Handler:\n    def __init__(self, config):\n        pass\n\n"
+                      "    def handle_get(self):\n        return greetlib.hello()\n",
+    })
+    out = cli(cluster, "deploy", str(folder))
+    assert out.returncode == 0, out.stderr
+    assert requests.get(f"{cluster.url}/iris", timeout=30).text == "hi from greetlib"
+
+
+def test_replicas_fetch_the_package_from_the_cluster(cluster, tmp_path):
+    folder = write_project(tmp_path / "gone")
+    assert cli(cluster, "deploy", folder).returncode == 0
+    shutil.rmtree(folder)
+    # A replica started now cannot read the deploy folder nor the node's
+    # unpacked copy: it must fetch the package from the cluster's store.
+    shutil.rmtree(os.path.join(cluster.data_dir, "cache"), ignore_errors=True)
+    serve.connect(data_dir=cluster.data_dir)
+    (pid,) = replica_pids("iris")
+    os.kill(pid, 9)
+    deadline = time.monotonic() + 120
+    while True:
+        pids = replica_pids("iris")
+        if pids and pids != [pid]:
+            break
+        assert time.monotonic() < deadline, "the replica was not restarted"
+        time.sleep(0.05)
+    r = requests.post(f"{cluster.url}/iris", json=1, timeout=30)
+    assert r.status_code == 200 and r.json()["values"] == {"labels": ["setosa", "versicolor"]}
+
+
+def test_traffic_splitter(cluster, tmp_path):
+    config = CONFIG + CONFIG.replace("name: iris", "name: iris-v2") + """
+- name: split
+  kind: TrafficSplitter
+  apis:
+    - {name: iris, weight: 100}
+    - {name: iris-v2, weight: 0}
+"""
+    folder = write_project(tmp_path / "split", config=config)
+    out = cli(cluster, "deploy", folder)
+    assert out.returncode == 0, out.stderr
+    serve.connect(data_dir=cluster.data_dir)
+    (v1,) = replica_pids("iris")
+    (v2,) = replica_pids("iris-v2")
+    assert {requests.get(f"{cluster.url}/split", timeout=30).json()["pid"] for _ in range(10)} == {v1}
+    with open(os.path.join(folder, "serve.yaml"), "w") as f:
+        f.write(config.replace("weight: 100", "weight: X").replace("weight: 0", "weight: 100")
+                .replace("weight: X", "weight: 0"))
+    out = cli(cluster, "deploy", folder)
+    assert "split: updated" in out.stdout and "iris: unchanged" in out.stdout, out.stdout + out.stderr
+    assert {requests.get(f"{cluster.url}/split", timeout=30).json()["pid"] for _ in range(10)} == {v2}
+    # An API a splitter uses cannot be deleted before the splitter.
+    assert "used by the TrafficSplitter" in cli(cluster, "delete", "iris-v2").stderr
+
+
+def test_the_python_client(cluster, tmp_path):
+    folder = write_project(tmp_path / "client")
+    c = serval.client(data_dir=cluster.data_dir)
+    assert [r["action"] for r in c.deploy(folder)] == ["created"]
+    assert [a["name"] for a in c.list_apis()] == ["iris"]
+    assert c.get_api("iris")["status"] == "live"
+    c.delete("iris")
+    assert c.list_apis() == []

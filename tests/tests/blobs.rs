@@ -1,0 +1,183 @@
+//! Blobs in the raft-replicated store on three heads: a ~20 MiB package
+//! uploaded through a follower survives the SIGKILL of the leader and reads
+//! back byte for byte from both surviving heads; an unknown digest is
+//! NOT_FOUND, a wrong one is refused, and API records replicate too.
+
+use std::time::{Duration, Instant};
+
+use serval_protos::blob;
+use serval_protos::client::{connect, Client};
+use serval_protos::control::{Api, ClusterSnapshot, GetBlobRequest, PutBlobRequest, WatchRequest};
+use serval_tests::*;
+
+fn start_head(root: &std::path::Path, name: &str, join: Option<(&str, &str)>) -> ServeProcess {
+    // No CPUs: the heads' node agents start no replicas.
+    let mut args = vec!["--head", "--num-cpus", "0"];
+    let join_args;
+    if let Some((addr, token)) = join {
+        join_args = [addr.to_string(), token.to_string()];
+        args.extend(["--join", &join_args[0], "--token", &join_args[1]]);
+    }
+    let mut head = ServeProcess::start(&root.join(name), free_port(), free_port(), &args);
+    head.wait_log("http proxy listening");
+    head
+}
+
+fn raft_id(head: &ServeProcess) -> u64 {
+    std::fs::read_to_string(head.data_dir.join("raft_id"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Pseudo-random bytes: a package that neither compresses nor repeats.
+fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+async fn client(head: &ServeProcess) -> Client {
+    connect(&head.control_address(), &head.token())
+        .await
+        .expect("connect to head")
+}
+
+async fn snapshot(head: &ServeProcess) -> Option<ClusterSnapshot> {
+    let mut c = connect(&head.control_address(), &head.token()).await.ok()?;
+    let reply = c.get_snapshot(WatchRequest::default()).await.ok()?;
+    Some(reply.into_inner())
+}
+
+async fn get_blob(c: &mut Client, digest: &str) -> Result<Vec<u8>, tonic::Status> {
+    let request = GetBlobRequest {
+        digest: digest.to_string(),
+    };
+    let mut stream = c.get_blob(request).await?.into_inner();
+    let mut data = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        assert!(chunk.data.len() <= blob::BLOB_CHUNK_BYTES);
+        data.extend_from_slice(&chunk.data);
+    }
+    Ok(data)
+}
+
+async fn has_blob(c: &mut Client, digest: &str) -> bool {
+    let request = GetBlobRequest {
+        digest: digest.to_string(),
+    };
+    c.has_blob(request)
+        .await
+        .expect("HasBlob")
+        .into_inner()
+        .present
+}
+
+#[test]
+fn a_blob_survives_the_loss_of_the_leader() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("sv-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let first = start_head(tmp.path(), "h1", None);
+    let (addr, token) = (first.control_address(), first.token());
+    let mut heads = vec![first];
+    for name in ["h2", "h3"] {
+        heads.push(start_head(tmp.path(), name, Some((&addr, &token))));
+    }
+    let leader = wait_for("three voters and a leader", Duration::from_secs(60), || {
+        let s = rt.block_on(snapshot(&heads[0]))?;
+        let voters = s.heads.iter().filter(|h| h.role != "learner").count();
+        let leader = s.heads.iter().find(|h| h.leader)?;
+        (voters == 3).then_some(leader.raft_id)
+    });
+    let leader_ix = heads.iter().position(|h| raft_id(h) == leader).unwrap();
+    let follower_ix = (leader_ix + 1) % 3;
+
+    // Upload through a follower: its parts are forwarded to the leader.
+    let data = noise(20 * 1024 * 1024 + 12_345);
+    let digest = blob::digest(&data);
+    rt.block_on(async {
+        let mut c = client(&heads[follower_ix]).await;
+        assert!(!has_blob(&mut c, &digest).await);
+
+        let wrong = PutBlobRequest {
+            digest: blob::digest(b"something else"),
+            data: b"package".to_vec(),
+        };
+        let err = c.put_blob(wrong).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("mismatch"), "{}", err.message());
+
+        let started = Instant::now();
+        let put = PutBlobRequest {
+            digest: digest.clone(),
+            data: data.clone(),
+        };
+        c.put_blob(put).await.expect("20 MiB blob stored");
+        eprintln!(
+            "FIGURES: 20 MiB blob stored through a follower in {:?}",
+            started.elapsed()
+        );
+        assert!(has_blob(&mut c, &digest).await);
+
+        let api = Api {
+            name: "iris".into(),
+            kind: "RealtimeAPI".into(),
+            spec_json: "{}".into(),
+            package_digest: digest.clone(),
+            fingerprint: "f1".into(),
+            deployed_at: 1.5,
+        };
+        c.put_api(api).await.expect("api record stored");
+    });
+
+    // SIGKILL the leader (the guard kills its process group).
+    drop(heads.remove(leader_ix));
+    for head in &heads {
+        let got = wait_for(
+            "the blob on a surviving head",
+            Duration::from_secs(60),
+            || {
+                rt.block_on(async {
+                    let mut c = connect(&head.control_address(), &token).await.ok()?;
+                    get_blob(&mut c, &digest).await.ok()
+                })
+            },
+        );
+        assert!(
+            got == data,
+            "{} returned {} bytes that differ from the {} uploaded",
+            head.control_address(),
+            got.len(),
+            data.len()
+        );
+        let apis = wait_for("the api record", Duration::from_secs(30), || {
+            let s = rt.block_on(snapshot(head))?;
+            (!s.apis.is_empty()).then_some(s.apis)
+        });
+        assert_eq!(apis[0].package_digest, digest);
+    }
+
+    let unknown = blob::digest(b"never stored");
+    let err = rt
+        .block_on(async {
+            let mut c = client(&heads[0]).await;
+            get_blob(&mut c, &unknown).await
+        })
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    assert!(err.message().contains(&unknown), "{}", err.message());
+}
