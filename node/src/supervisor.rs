@@ -360,6 +360,8 @@ async fn start(spec: &ReplicaSpec, config: &BackendConfig) -> Result<Child, Stri
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .env("SERVAL_ADDRESS", &spec.control_addr)
+        // Chaining: user code finds the proxy of its own node by this id.
+        .env("SERVAL_NODE_ID", &spec.replica.node_id)
         .env("SERVAL_TOKEN", &spec.token)
         .env("SERVAL_CACHE_DIR", &spec.cache_dir)
         .kill_on_drop(true);

@@ -205,3 +205,60 @@ def test_the_python_client(cluster, tmp_path):
     assert c.get_api("iris")["status"] == "live"
     c.delete("iris")
     assert c.list_apis() == []
+
+
+CHAIN_CONFIG = """
+- name: text-generator
+  kind: RealtimeAPI
+  handler: {path: generator.py}
+- name: caller
+  kind: RealtimeAPI
+  handler: {path: caller.py}
+"""
+
+GENERATOR = """
+class Handler:
+    def __init__(self, config):
+        pass
+
+    def handle_post(self, payload):
+        return {"generated": payload["text"] + " is fun"}
+"""
+
+CALLER = """
+import requests
+
+import serval
+from serval import serve
+
+
+class Handler:
+    def __init__(self, config):
+        pass
+
+    def handle_post(self, payload):
+        over_http = requests.post(serval.api_url("text-generator"), json=payload, timeout=30).json()
+        handle = serve.get_handle("text-generator").options(http_method="POST")
+        through_handle = handle.remote(payload).result()
+        return {"http": over_http, "handle": through_handle,
+                "apis": sorted(a["name"] for a in serval.client().list_apis())}
+"""
+
+
+def test_a_handler_chains_to_another_api_by_name(cluster, tmp_path):
+    folder = write_project(tmp_path / "chain", config=CHAIN_CONFIG,
+                           files={"generator.py": GENERATOR, "caller.py": CALLER})
+    out = cli(cluster, "deploy", folder)
+    assert out.returncode == 0, out.stderr
+    r = requests.post(f"{cluster.url}/caller", json={"text": "machine learning"}, timeout=60)
+    assert r.status_code == 200, r.text
+    expected = {"generated": "machine learning is fun"}
+    assert r.json() == {"http": expected, "handle": expected, "apis": ["caller", "text-generator"]}
+
+
+def test_compute_unavailable_is_reported(cluster, tmp_path):
+    folder = write_project(tmp_path / "huge", config=CONFIG + "  compute: {cpu: 1000}\n")
+    out = cli(cluster, "deploy", "--no-wait", folder)
+    assert out.returncode == 0, out.stderr
+    st = json.loads(cli(cluster, "get", "iris", "--json").stdout)
+    assert st["status"] == "compute unavailable", st

@@ -9,7 +9,7 @@
 from serval._native import ServeError, __version__
 from serval.handle import AsyncServeHandle, BackendError, ServeFuture, ServeHandle
 from serval.request import ServeRequest
-from serval.cortex.client import client
+from serval.cortex.client import api_url, client
 
 
 def get(refs, timeout=None):
@@ -23,5 +23,5 @@ def get(refs, timeout=None):
 
 __all__ = [
     "ServeError", "BackendError", "ServeRequest", "ServeHandle", "AsyncServeHandle", "ServeFuture",
-    "get", "client", "__version__",
+    "get", "client", "api_url", "__version__",
 ]

@@ -36,6 +36,41 @@ class Client:
         from .deploy import delete
         delete(name)
 
+    def api_url(self, name: str) -> str:
+        """The URL of API ``name`` through the nearest proxy (see
+        :func:`api_url`)."""
+        return api_url(name)
+
+
+def proxy_url() -> str:
+    """The nearest HTTP proxy: ``SERVAL_PROXY_URL`` when set, else the proxy
+    of the node this process runs on (replicas know it by SERVAL_NODE_ID),
+    else a head's. Cortex handlers reached other APIs at
+    ``http://api-<name>:8888/``; Serval handlers use this."""
+    import os
+
+    from serval import serve
+
+    url = os.environ.get("SERVAL_PROXY_URL")
+    if url:
+        return url.rstrip("/")
+    if serve._client is None:
+        serve.connect()
+    nodes = [n for n in serve.status().get("nodes", []) if n.get("alive") and n.get("http_address")]
+    if not nodes:
+        raise serve.ServeError("no node of the cluster runs an HTTP proxy (http_options.location is NoServer)")
+    own = os.environ.get("SERVAL_NODE_ID")
+    nodes.sort(key=lambda n: (n.get("id") != own, not n.get("is_head"), n.get("id", "")))
+    return f"http://{nodes[0]['http_address']}"
+
+
+def api_url(name: str) -> str:
+    """``<nearest proxy><endpoint of API name>``, e.g. for
+    ``requests.post(serval.api_url("text-generator"), json=...)``."""
+    from .deploy import get_api
+
+    return proxy_url() + get_api(name)["endpoint"]
+
 
 def client(address: Optional[str] = None, *, data_dir: Optional[str] = None,
            token: Optional[str] = None) -> Client:

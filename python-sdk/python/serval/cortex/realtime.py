@@ -49,6 +49,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .._host import _call_blocking, result_to_http
+from ..request import ServeRequest
 
 logger = logging.getLogger("serval.cortex")
 
@@ -404,7 +405,11 @@ async def read_payload(request: Request) -> Any:
     case-insensitive; of the parameters only ``charset`` counts):
     application/json: parsed JSON; multipart/form-data and
     application/x-www-form-urlencoded: a FormData (the caller closes it);
-    text/plain: str in its charset (utf-8 by default); else raw bytes."""
+    text/plain: str in its charset (utf-8 by default); else raw bytes.
+    A handle call (``handle.options(http_method="POST").remote(obj)``) with
+    no Content-Type gets its Python argument itself."""
+    if isinstance(request, ServeRequest) and "content-type" not in request.headers:
+        return request.data
     media_type, params = parse_options_header(request.headers.get("content-type"))
     if media_type == b"application/json":
         return parse_json(await request.body())
