@@ -436,15 +436,19 @@ impl ClusterState {
     }
 
     /// Moves the backend's replicas towards `num_replicas` of its current
-    /// version. Scaling adds or removes at once; a new version rolls: one
-    /// new replica at a time (a surge of one), and an old replica leaves only
-    /// when a new one runs, so capacity never drops during an update. Runs
-    /// after every change that can advance it (config, code, reports).
+    /// version. Scaling adds or removes at once; a new version rolls within
+    /// the backend's bounds (`rollout_bounds`, Kubernetes' rules): at most
+    /// `surge` replicas above `num_replicas` exist, and a running old
+    /// replica leaves only while at least `num_replicas - unavailable`
+    /// others run. With the defaults (surge 1, unavailable 0) capacity never
+    /// drops during an update. Runs after every change that can advance it
+    /// (config, code, reports).
     fn scale(&mut self, backend: &str) {
         let Some(b) = self.backends.get(backend) else {
             return;
         };
         let want = b.config.as_ref().map(|c| c.num_replicas).unwrap_or(1) as usize;
+        let (surge, unavailable) = rollout_bounds(b.config.as_ref(), want);
         let version = b.version;
         let ids = |s: &Self, current: bool| -> Vec<String> {
             s.replicas
@@ -453,6 +457,7 @@ impl ClusterState {
                 .map(|r| r.id.clone())
                 .collect()
         };
+        let running = |s: &Self, id: &String| s.replicas[id].state == replica_state::RUNNING;
         // Removal order: pending first, then not running, then the newest.
         let removal_key = |s: &Self, id: &String| {
             let r = &s.replicas[id];
@@ -468,23 +473,29 @@ impl ClusterState {
             let id = new.remove(0);
             self.replicas.remove(&id);
         }
-        let running_new = new
-            .iter()
-            .filter(|id| self.replicas[*id].state == replica_state::RUNNING)
-            .count();
+        let running_new = new.iter().filter(|id| running(self, id)).count();
         let mut old = ids(self, false);
         old.sort_by_key(|id| removal_key(self, id));
-        let allowed_old = want.saturating_sub(running_new);
-        while old.len() > allowed_old {
-            let id = old.remove(0);
+        let mut running_old = old.iter().filter(|id| running(self, id)).count();
+        let min_available = want.saturating_sub(unavailable);
+        // An old replica that does not serve goes at once; a serving one
+        // only while the others that serve stay at or above min_available.
+        while let Some(id) = old.first().cloned() {
+            let serving = running(self, &id);
+            if serving && running_new + running_old <= min_available {
+                break;
+            }
+            old.remove(0);
             self.replicas.remove(&id);
+            if serving {
+                running_old -= 1;
+            }
         }
+        let total = old.len() + new.len();
         let add = if old.is_empty() {
             want - new.len()
-        } else if new.len() < want && running_new == new.len() {
-            1
         } else {
-            0
+            (want - new.len()).min((want + surge).saturating_sub(total))
         };
         for _ in 0..add {
             let id = format!("{backend}#{}", self.next_replica_seq);
@@ -593,6 +604,33 @@ fn invalid(field: &str, reason: &str) -> StateError {
     }
 }
 
+/// `(max surge, max unavailable)` of a rolling update to `want` replicas:
+/// counts, or percentages of `want` (surge rounded up, unavailable down, as
+/// Kubernetes does). Both 0 would stall an update: surge 1 then.
+fn rollout_bounds(config: Option<&BackendConfig>, want: usize) -> (usize, usize) {
+    let (surge, unavailable) = config
+        .map(|c| (c.max_surge.as_str(), c.max_unavailable.as_str()))
+        .unwrap_or(("", ""));
+    let surge = rollout_count(surge, want, true).unwrap_or(1);
+    let unavailable = rollout_count(unavailable, want, false).unwrap_or(0);
+    if surge == 0 && unavailable == 0 {
+        (1, 0)
+    } else {
+        (surge, unavailable)
+    }
+}
+
+/// "3" or "25%" of `want`; None when empty or malformed (validated on write).
+fn rollout_count(text: &str, want: usize, round_up: bool) -> Option<usize> {
+    let text = text.trim();
+    if let Some(pct) = text.strip_suffix('%') {
+        let x = want as f64 * pct.trim().parse::<f64>().ok()? / 100.0;
+        Some(if round_up { x.ceil() } else { x.floor() } as usize)
+    } else {
+        text.parse().ok()
+    }
+}
+
 /// Fills Ray's defaults and checks every field, naming the bad one.
 fn validate_config(mut c: BackendConfig) -> Result<BackendConfig, StateError> {
     if let Some(a) = &c.autoscaling {
@@ -622,6 +660,24 @@ fn validate_config(mut c: BackendConfig) -> Result<BackendConfig, StateError> {
             "batch_wait_timeout",
             "must be a non-negative number of seconds",
         ));
+    }
+    for (field, text) in [
+        ("max_surge", &c.max_surge),
+        ("max_unavailable", &c.max_unavailable),
+    ] {
+        let ok = text.is_empty()
+            || text.trim().parse::<u32>().is_ok()
+            || text
+                .trim()
+                .strip_suffix('%')
+                .and_then(|p| p.trim().parse::<u32>().ok())
+                .is_some_and(|p| p <= 100);
+        if !ok {
+            return Err(invalid(
+                field,
+                &format!("must be a count or a percentage such as 25%, got {text:?}"),
+            ));
+        }
     }
     if !c.user_config_json.is_empty() {
         serde_json::from_str::<serde_json::Value>(&c.user_config_json)

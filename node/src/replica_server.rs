@@ -5,12 +5,17 @@
 //! their one Python thread; [`EchoHandler`] is the native Rust kind used by
 //! tests and benchmarks.
 
-use std::path::Path;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use serval_protos::frame::{self, FrameReader, FrameSender, Payload, Request, RequestId, Response};
-use tokio::io::{AsyncRead, AsyncWrite};
+use serval_protos::frame::{
+    self, FrameError, FrameReader, FrameSender, LogsRequest, Payload, Request, RequestId, Response,
+    LOG_SIZE_HEADER, MAX_LOGS_CHUNK,
+};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 
 /// Answers one request. Dropping a `Reply` without sending leaves the router
@@ -91,8 +96,18 @@ impl Handler for EchoHandler {
                 headers: Vec::new(),
                 body: b"reconfigured".to_vec(),
             },
+            // Answered by `serve_connection` before any handler sees it.
+            Payload::Logs(_) => text_response(400, "logs are answered by the frame server".into()),
         };
         reply.send(&response);
+    }
+}
+
+fn text_response(status: u16, text: String) -> Response {
+    Response {
+        status,
+        headers: vec![("content-type".into(), "text/plain".into())],
+        body: text.into_bytes(),
     }
 }
 
@@ -175,12 +190,18 @@ where
                         payload: Payload::Ping,
                         ..
                     }) => reply.send(&ok_pong()),
+                    // On its own task: the file read must not hold up the
+                    // frames behind it, and never waits for user code.
+                    Ok(Request {
+                        payload: Payload::Logs(logs),
+                        ..
+                    }) => {
+                        tokio::spawn(async move { reply.send(&answer_logs(logs).await) });
+                    }
                     Ok(request) => handler.handle(request, reply),
-                    Err(e) => reply.send(&Response {
-                        status: 400,
-                        headers: vec![("content-type".into(), "text/plain".into())],
-                        body: format!("malformed request frame: {e}").into_bytes(),
-                    }),
+                    Err(e) => {
+                        reply.send(&text_response(400, format!("malformed request frame: {e}")))
+                    }
                 }
             }
             Ok(None) => break,
@@ -189,5 +210,285 @@ where
                 break;
             }
         }
+    }
+}
+
+/// Where a process finds its own stderr: the link names the file behind fd 2.
+const OWN_STDERR: &str = "/proc/self/fd/2";
+
+/// Why a replica could not answer a `Logs` request.
+#[derive(Debug, thiserror::Error)]
+pub enum LogReadError {
+    /// stderr is a pipe, a terminal or gone: there is no file to read.
+    #[error("this replica's stderr is not a file")]
+    NotAFile,
+    #[error("cannot read the replica log {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl LogReadError {
+    fn into_response(self) -> Response {
+        let status = match self {
+            LogReadError::NotAFile => 404,
+            LogReadError::Io { .. } => 500,
+        };
+        text_response(status, self.to_string())
+    }
+}
+
+/// Answers a `Logs` request from this process's own stderr file.
+async fn answer_logs(request: LogsRequest) -> Response {
+    let read = tokio::task::spawn_blocking(move || read_log_chunk(Path::new(OWN_STDERR), request));
+    match read.await {
+        Ok(Ok((bytes, size))) => Response {
+            status: 200,
+            headers: vec![
+                ("content-type".into(), "application/octet-stream".into()),
+                (LOG_SIZE_HEADER.into(), size.to_string()),
+            ],
+            body: bytes,
+        },
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => text_response(500, format!("the log read failed: {e}")),
+    }
+}
+
+/// Reads the chunk `request` asks for from the regular file that `link`
+/// (a `/proc/<pid>/fd/<n>` link) points at; returns it and the file's size.
+/// Blocking: run it off the runtime's worker.
+pub fn read_log_chunk(link: &Path, request: LogsRequest) -> Result<(Vec<u8>, u64), LogReadError> {
+    // A pipe's link reads "pipe:[N]", a deleted file's "<path> (deleted)":
+    // neither resolves to a path, and a FIFO must not be opened (that
+    // blocks until a writer comes), so only a regular file is opened.
+    let path = std::fs::read_link(link).map_err(|_| LogReadError::NotAFile)?;
+    match std::fs::metadata(&path) {
+        Ok(meta) if meta.is_file() => {}
+        _ => return Err(LogReadError::NotAFile),
+    }
+    let io = |source| LogReadError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::File::open(&path).map_err(io)?;
+    let size = file.metadata().map_err(io)?.len();
+    // Never past the size just read, so the size header and the bytes agree.
+    let want =
+        u64::from(request.max_bytes.min(MAX_LOGS_CHUNK)).min(size.saturating_sub(request.offset));
+    let mut bytes = Vec::with_capacity(want as usize);
+    if want > 0 {
+        file.seek(SeekFrom::Start(request.offset)).map_err(io)?;
+        file.take(want).read_to_end(&mut bytes).map_err(io)?;
+    }
+    Ok((bytes, size))
+}
+
+/// A chunk of a replica's log as [`fetch_logs`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogChunk {
+    pub bytes: Vec<u8>,
+    /// The log file's size when the replica read it.
+    pub size: u64,
+}
+
+/// Why [`fetch_logs`] got no chunk.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchLogsError {
+    #[error("cannot connect to the replica: {0}")]
+    Connect(String),
+    #[error("no answer from the replica within {0:?}")]
+    Timeout(Duration),
+    #[error("replica connection: {0}")]
+    Frame(#[from] FrameError),
+    #[error("the replica closed the connection without answering")]
+    Closed,
+    #[error("the replica answered a request it was not asked (id {0})")]
+    WrongId(RequestId),
+    #[error("the replica answered {status}: {message}")]
+    Refused { status: u16, message: String },
+    #[error("the replica's answer has no valid {LOG_SIZE_HEADER} header")]
+    NoSize,
+}
+
+/// Reads one chunk of a replica's log over a one-shot frame connection:
+/// its Unix socket when that exists on this machine (same node), else TCP,
+/// as a router connects. Logs are read rarely, so no connection is kept.
+pub async fn fetch_logs(
+    unix_path: &str,
+    tcp_addr: &str,
+    request: LogsRequest,
+    timeout: Duration,
+) -> Result<LogChunk, FetchLogsError> {
+    let exchange = async {
+        if !unix_path.is_empty() && Path::new(unix_path).exists() {
+            match tokio::net::UnixStream::connect(unix_path).await {
+                Ok(stream) => return exchange_logs(stream, request).await,
+                Err(e) if tcp_addr.is_empty() => {
+                    return Err(FetchLogsError::Connect(format!("unix {unix_path}: {e}")))
+                }
+                Err(e) => tracing::debug!(error = %e, "unix connect failed; trying tcp"),
+            }
+        }
+        if tcp_addr.is_empty() {
+            return Err(FetchLogsError::Connect(
+                "the replica has no reachable address".into(),
+            ));
+        }
+        let stream = tokio::net::TcpStream::connect(tcp_addr)
+            .await
+            .map_err(|e| FetchLogsError::Connect(format!("tcp {tcp_addr}: {e}")))?;
+        exchange_logs(stream, request).await
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| FetchLogsError::Timeout(timeout))?
+}
+
+/// One request frame out, one answer frame back.
+async fn exchange_logs<S>(stream: S, request: LogsRequest) -> Result<LogChunk, FetchLogsError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    const ID: RequestId = 1;
+    let (read, mut write) = tokio::io::split(stream);
+    let frame = frame::encode(
+        ID,
+        &Request {
+            method_name: None,
+            payload: Payload::Logs(request),
+        },
+    )?;
+    write.write_all(&frame).await.map_err(FrameError::from)?;
+    let (id, body) = FrameReader::new(read)
+        .next()
+        .await?
+        .ok_or(FetchLogsError::Closed)?;
+    if id != ID {
+        return Err(FetchLogsError::WrongId(id));
+    }
+    let response: Response = frame::decode(&body)?;
+    if response.status != 200 {
+        return Err(FetchLogsError::Refused {
+            status: response.status,
+            message: String::from_utf8_lossy(&response.body).into_owned(),
+        });
+    }
+    let size = response
+        .header(LOG_SIZE_HEADER)
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .ok_or(FetchLogsError::NoSize)?;
+    Ok(LogChunk {
+        bytes: response.body,
+        size,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logs(offset: u64, max_bytes: u32) -> LogsRequest {
+        LogsRequest { offset, max_bytes }
+    }
+
+    /// A log file and a symlink to it, standing in for `/proc/self/fd/2`.
+    fn log_with_link(dir: &Path, text: &[u8]) -> PathBuf {
+        let file = dir.join("replica.log");
+        std::fs::write(&file, text).unwrap();
+        let link = dir.join("fd2");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        link
+    }
+
+    #[test]
+    fn a_chunk_is_read_from_the_offset_up_to_max_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = log_with_link(dir.path(), b"line one\nline two\n");
+        assert_eq!(
+            read_log_chunk(&link, logs(5, 3)).unwrap(),
+            (b"one".to_vec(), 18)
+        );
+        assert_eq!(
+            read_log_chunk(&link, logs(9, 1000)).unwrap(),
+            (b"line two\n".to_vec(), 18)
+        );
+        // At or past the end (a truncated file): nothing, and the size.
+        assert_eq!(read_log_chunk(&link, logs(18, 10)).unwrap(), (vec![], 18));
+        assert_eq!(
+            read_log_chunk(&link, logs(u64::MAX, 10)).unwrap(),
+            (vec![], 18)
+        );
+    }
+
+    #[test]
+    fn a_chunk_is_capped_at_one_mebibyte() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = log_with_link(dir.path(), &vec![b'x'; 3 * 1024 * 1024]);
+        let (bytes, size) = read_log_chunk(&link, logs(0, u32::MAX)).unwrap();
+        assert_eq!(bytes.len(), MAX_LOGS_CHUNK as usize);
+        assert_eq!(size, 3 * 1024 * 1024);
+    }
+
+    #[test]
+    fn a_stderr_that_is_not_a_regular_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory, and a link to nothing (a pipe's "pipe:[N]").
+        let to_dir = dir.path().join("to-dir");
+        std::os::unix::fs::symlink(dir.path(), &to_dir).unwrap();
+        let to_pipe = dir.path().join("to-pipe");
+        std::os::unix::fs::symlink("pipe:[1234]", &to_pipe).unwrap();
+        for link in [to_dir, to_pipe, dir.path().join("no-link")] {
+            let err = read_log_chunk(&link, logs(0, 10)).unwrap_err();
+            assert!(matches!(err, LogReadError::NotAFile), "{err}");
+            let response = err.into_response();
+            assert_eq!(response.status, 404);
+            assert_eq!(response.body, b"this replica's stderr is not a file");
+        }
+    }
+
+    /// A handler that fails the test if a request reaches it.
+    struct NoHandler;
+
+    impl Handler for NoHandler {
+        fn handle(&self, request: Request, _reply: Reply) {
+            panic!("the handler got {:?}", request.payload);
+        }
+    }
+
+    #[tokio::test]
+    async fn logs_are_answered_over_the_frames_without_the_handler() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("r.sock");
+        let unix = bind_unix(&socket).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(Some(unix), None, Arc::new(NoHandler), async {
+            let _ = stopped.await;
+        }));
+        let socket = socket.to_str().unwrap();
+        let timeout = Duration::from_secs(10);
+        // The test binary's stderr may be a file, a pipe or a terminal:
+        // compare with what this process reads from its own fd 2.
+        let answer = fetch_logs(socket, "", logs(0, 16), timeout).await;
+        match read_log_chunk(Path::new(OWN_STDERR), logs(0, 16)) {
+            Ok((bytes, _)) => assert_eq!(answer.unwrap().bytes, bytes),
+            Err(LogReadError::NotAFile) => match answer {
+                Err(FetchLogsError::Refused { status, message }) => {
+                    assert_eq!(status, 404);
+                    assert_eq!(message, "this replica's stderr is not a file");
+                }
+                other => panic!("expected a 404, got {other:?}"),
+            },
+            Err(e) => panic!("{e}"),
+        }
+        // No socket file here and no TCP address: a clear connect error.
+        let missing = dir.path().join("gone.sock");
+        let err = fetch_logs(missing.to_str().unwrap(), "", logs(0, 1), timeout)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FetchLogsError::Connect(_)), "{err}");
+        let _ = stop.send(());
+        server.await.unwrap();
     }
 }

@@ -81,7 +81,28 @@ pub enum Payload {
     /// replica calls `reconfigure(user_config)` when that changed and
     /// answers 200, or 500 with the traceback as the body.
     Reconfigure(ReconfigureRequest),
+    /// A chunk of the replica's own log (its stderr file), answered by the
+    /// replica runtime without user code: 200 with the bytes as the body and
+    /// [`LOG_SIZE_HEADER`], or 404 when the replica's stderr is not a file.
+    /// Last variant: bincode numbers variants, so older peers keep theirs.
+    Logs(LogsRequest),
 }
+
+/// Reads `[offset, offset + max_bytes)` of a replica's log. The replica
+/// answers at most [`MAX_LOGS_CHUNK`] bytes, and none when `offset` is at or
+/// beyond the end (the size header then tells the reader where it stands).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsRequest {
+    pub offset: u64,
+    pub max_bytes: u32,
+}
+
+/// The most bytes one `Logs` answer carries, whatever the request asks.
+pub const MAX_LOGS_CHUNK: u32 = 1024 * 1024;
+/// Header of a `Logs` answer: the log file's size when it was read, so a
+/// reader whose offset is beyond it (the file was truncated or replaced)
+/// knows to start over.
+pub const LOG_SIZE_HEADER: &str = "x-serval-log-size";
 
 /// The backend config a running replica should apply, as JSON:
 /// `{"user_config": ..., "max_concurrent_queries": N, "max_batch_size": N,
@@ -273,6 +294,35 @@ mod tests {
         }
         assert!(reader.next().await.unwrap().is_none());
         writer.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_logs_request_round_trips_and_keeps_the_older_variants_numbers() {
+        let req = Request {
+            method_name: None,
+            payload: Payload::Logs(LogsRequest {
+                offset: u64::MAX - 1,
+                max_bytes: MAX_LOGS_CHUNK,
+            }),
+        };
+        let bytes = encode(42, &req).unwrap();
+        let body = &bytes[HEADER_LEN..];
+        match decode::<Request>(body).unwrap().payload {
+            Payload::Logs(l) => assert_eq!(l.offset, u64::MAX - 1),
+            other => panic!("unexpected payload {other:?}"),
+        }
+        // A Ping encoded now decodes as a Ping: appending Logs did not
+        // renumber the variants routers and replicas already exchange.
+        let ping = encode(
+            1,
+            &Request {
+                method_name: None,
+                payload: Payload::Ping,
+            },
+        )
+        .unwrap();
+        // Option None (0), then the variant index of Ping (2).
+        assert_eq!(&ping[HEADER_LEN..], &[0, 2]);
     }
 
     #[tokio::test]

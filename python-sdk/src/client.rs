@@ -11,13 +11,14 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
+use serval_node::replica_server;
 use serval_protos::client::{self as control, Client as ControlClient};
 use serval_protos::control::{
     Api, AutoscalingConfig, Backend, BackendConfig, ClusterSnapshot, DeleteBackendRequest, Empty,
     Endpoint, GetBlobRequest, NameRequest, PutBlobRequest, SetShadowRequest, SetTrafficRequest,
     UpdateBackendCodeRequest, UpdateBackendConfigRequest, WatchRequest,
 };
-use serval_protos::frame::{CallRequest, Payload, Request, Response};
+use serval_protos::frame::{CallRequest, LogsRequest, Payload, Request, Response};
 use serval_proxy::{Router, RouterConfig, RouterError};
 use tokio::sync::{oneshot, watch};
 
@@ -79,6 +80,8 @@ struct PyBackendConfig {
     num_cpus: Option<f64>,
     num_gpus: Option<f64>,
     autoscaling: Option<PyAutoscaling>,
+    max_surge: Option<String>,
+    max_unavailable: Option<String>,
 }
 
 /// Cortex's autoscaling knobs (durations in seconds; serve.py converts
@@ -148,6 +151,8 @@ fn parse_config(json: &str) -> PyResult<BackendConfig> {
         num_cpus: c.num_cpus.unwrap_or(1.0),
         num_gpus: c.num_gpus.unwrap_or(0.0),
         autoscaling: c.autoscaling.map(Into::into),
+        max_surge: c.max_surge.unwrap_or_default(),
+        max_unavailable: c.max_unavailable.unwrap_or_default(),
     })
 }
 
@@ -170,6 +175,9 @@ impl Client {
         })
     }
 }
+
+/// How long `replica_logs` waits for a replica to connect and answer.
+const REPLICA_LOGS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Calls a handle may queue per backend while every replica is at its
 /// `max_concurrent_queries`. Handles wait, as Ray Serve's do (a burst of
@@ -528,6 +536,26 @@ impl Client {
                 s.endpoints.iter().any(|e| e.name == endpoint).then_some(())
             })?
             .is_some())
+    }
+
+    /// A chunk of a replica's log, read through the replica itself (its
+    /// node may be another machine): `(bytes from offset, the log's size)`.
+    /// A size below `offset` means the log was truncated or replaced.
+    #[pyo3(signature = (unix_path, tcp_addr, offset, max_bytes=262144))]
+    fn replica_logs(
+        &self,
+        py: Python<'_>,
+        unix_path: String,
+        tcp_addr: String,
+        offset: u64,
+        max_bytes: u32,
+    ) -> PyResult<(Py<PyBytes>, u64)> {
+        let request = LogsRequest { offset, max_bytes };
+        let chunk = block_on(py, async move {
+            replica_server::fetch_logs(&unix_path, &tcp_addr, request, REPLICA_LOGS_TIMEOUT).await
+        })
+        .map_err(|e| ServeError::new_err(format!("cannot read the replica's log: {e}")))?;
+        Ok((PyBytes::new(py, &chunk.bytes).unbind(), chunk.size))
     }
 
     fn handle(&self, endpoint: String) -> Handle {

@@ -597,7 +597,8 @@ fn run_job(
             on_call.call1((method_name, args, method, headers, &reply))
         }),
         Payload::Reconfigure(r) => on_reconfigure.call1((r.config_json, &reply)),
-        Payload::Ping => unreachable!("answered above"),
+        // The frame server answers these itself; they never reach Python.
+        Payload::Ping | Payload::Logs(_) => unreachable!("answered by the frame server"),
     };
     let result = result.and_then(|r| {
         if r.is_none() {

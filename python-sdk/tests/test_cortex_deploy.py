@@ -203,6 +203,12 @@ def test_the_python_client(cluster, tmp_path):
     assert [r["action"] for r in c.deploy(folder)] == ["created"]
     assert [a["name"] for a in c.list_apis()] == ["iris"]
     assert c.get_api("iris")["status"] == "live"
+    # Cortex's defaults reach the backend: update_strategy bounds the
+    # rolling update, autoscaling targets processes x threads.
+    config = serve.get_backend_config("iris")
+    assert (config["max_surge"], config["max_unavailable"]) == ("25%", "25%")
+    assert config["autoscaling"]["target_replica_concurrency"] == 1.0
+    assert config["num_cpus"] == 0.2
     c.delete("iris")
     assert c.list_apis() == []
 
@@ -262,3 +268,46 @@ def test_compute_unavailable_is_reported(cluster, tmp_path):
     assert out.returncode == 0, out.stderr
     st = json.loads(cli(cluster, "get", "iris", "--json").stdout)
     assert st["status"] == "compute unavailable", st
+
+
+RECORDER = """
+import os
+
+
+class Handler:
+    def __init__(self, config):
+        self.path = config["record"]
+
+    def handle_post(self, payload):
+        with open(self.path, "a") as f:
+            f.write(str(payload) + "\\n")
+        return os.path.basename(self.path)
+"""
+
+
+def test_a_traffic_splitter_shadow_gets_copies(cluster, tmp_path):
+    live_log, shadow_log = str(tmp_path / "live.log"), str(tmp_path / "shadow.log")
+    config = f"""
+- name: live
+  kind: RealtimeAPI
+  handler: {{path: recorder.py, config: {{record: {live_log}}}}}
+- name: candidate
+  kind: RealtimeAPI
+  handler: {{path: recorder.py, config: {{record: {shadow_log}}}}}
+- name: split
+  kind: TrafficSplitter
+  apis:
+    - {{name: live, weight: 100}}
+    - {{name: candidate, weight: 100, shadow: true}}
+"""
+    folder = write_project(tmp_path / "shadow", config=config, files={"recorder.py": RECORDER})
+    out = cli(cluster, "deploy", folder)
+    assert out.returncode == 0, out.stderr
+    for i in range(5):
+        r = requests.post(f"{cluster.url}/split", json=i, timeout=30)
+        assert r.text == "live.log", r.text  # clients only ever see the live API
+    deadline = time.monotonic() + 60
+    while not (os.path.exists(shadow_log) and len(open(shadow_log).read().split()) == 5):
+        assert time.monotonic() < deadline, "the shadow did not get a copy of every request"
+        time.sleep(0.05)
+    assert sorted(open(shadow_log).read().split()) == sorted(open(live_log).read().split())

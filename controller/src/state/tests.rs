@@ -378,6 +378,79 @@ fn new_code_rolls_one_replica_at_a_time_without_losing_capacity() {
     assert!(first.iter().all(|id| !s.replicas.contains_key(id)));
 }
 
+/// Runs a rolling update of 4 replicas to the end, checking Kubernetes'
+/// bounds at every step; returns the most replicas seen at once.
+fn roll(max_surge: &str, max_unavailable: &str) -> (usize, usize) {
+    let mut s = ClusterState::default();
+    s.apply(Command::RegisterNode(node("n1", 64.0))).unwrap();
+    let mut b = backend("b", 4);
+    if let Some(c) = b.config.as_mut() {
+        c.max_surge = max_surge.into();
+        c.max_unavailable = max_unavailable.into();
+    }
+    s.apply(Command::CreateBackend(b)).unwrap();
+    let ids: Vec<String> = s.replicas.keys().cloned().collect();
+    for id in &ids {
+        report(&mut s, id, replica_state::RUNNING);
+    }
+    s.apply(Command::UpdateBackendCode {
+        name: "b".into(),
+        code: vec![9],
+    })
+    .unwrap();
+    let (mut most, mut fewest_running) = (0, usize::MAX);
+    for _ in 0..20 {
+        let (new, old) = by_version(&s, "b");
+        most = most.max(new.len() + old.len());
+        let running = s
+            .replicas
+            .values()
+            .filter(|r| r.state == replica_state::RUNNING)
+            .count();
+        fewest_running = fewest_running.min(running);
+        if old.is_empty()
+            && new
+                .iter()
+                .all(|id| s.replicas[id].state == replica_state::RUNNING)
+        {
+            assert_eq!(new.len(), 4);
+            return (most, fewest_running);
+        }
+        // Every starting replica comes up, then the state moves on.
+        for id in new {
+            if s.replicas[&id].state != replica_state::RUNNING {
+                report(&mut s, &id, replica_state::RUNNING);
+            }
+        }
+    }
+    panic!("the update with surge {max_surge:?}, unavailable {max_unavailable:?} did not finish");
+}
+
+#[test]
+fn rolling_updates_keep_to_max_surge_and_max_unavailable() {
+    // Default: one extra replica, never below 4 running.
+    assert_eq!(roll("", ""), (5, 4));
+    // Cortex's default 25%/25% of 4: one extra, one may be down.
+    let (most, fewest) = roll("25%", "25%");
+    assert!(most <= 5 && fewest >= 3, "{most} {fewest}");
+    // Surge 2, none down: up to 6 at once, 4 always running.
+    assert_eq!(roll("2", "0"), (6, 4));
+    // No surge, 50% down: never more than 4, at least 2 running.
+    let (most, fewest) = roll("0", "50%");
+    assert!(most <= 4 && fewest >= 2, "{most} {fewest}");
+}
+
+#[test]
+fn malformed_rollout_bounds_are_refused_naming_the_field() {
+    let mut s = cluster();
+    let mut b = backend("c", 1);
+    if let Some(c) = b.config.as_mut() {
+        c.max_surge = "lots".into();
+    }
+    let err = s.apply(Command::CreateBackend(b)).unwrap_err().to_string();
+    assert!(err.contains("max_surge"), "{err}");
+}
+
 #[test]
 fn a_new_version_that_cannot_start_leaves_the_old_replicas_serving() {
     let mut s = cluster();

@@ -43,7 +43,7 @@ ROUTE_PROPAGATION_TIMEOUT_S = 30.0
 
 _BACKEND_CONFIG_FIELDS = {
     "num_replicas", "max_concurrent_queries", "user_config", "max_batch_size", "batch_wait_timeout",
-    "autoscaling",
+    "autoscaling", "max_surge", "max_unavailable",
 }
 #: Cortex's autoscaling knobs; the ones that are durations take seconds or "30s"/"5m"/"1h".
 _AUTOSCALING_COUNTS = {"min_replicas", "max_replicas"}
@@ -313,6 +313,10 @@ def _config_payload(config: Optional[Dict[str, Any]], actor_options: Optional[Di
             raise ValueError(f"backend config field user_config must be JSON-serialisable: {e}") from None
     if "autoscaling" in payload:
         payload["autoscaling"] = _autoscaling_payload(payload["autoscaling"])
+    for key in ("max_surge", "max_unavailable"):
+        # Rolling-update bounds: a count or a percentage ("25%").
+        if payload.get(key) is not None:
+            payload[key] = str(payload[key])
     payload.update(actor_options)
     return payload
 
@@ -412,6 +416,8 @@ def _backend_config_dict(backend: Dict[str, Any]) -> Dict[str, Any]:
         "num_cpus": c.get("num_cpus", 1.0),
         "num_gpus": c.get("num_gpus", 0.0),
         "autoscaling": c.get("autoscaling"),
+        "max_surge": c.get("max_surge") or None,
+        "max_unavailable": c.get("max_unavailable") or None,
     }
 
 

@@ -1,4 +1,4 @@
-"""``serve deploy|get|delete``: the Cortex-style commands of the ``serve``
+"""``serve deploy|get|delete|logs``: the Cortex-style commands of the ``serve``
 console script (the others are the Rust CLI's). They take the same global
 options (``--data-dir``, ``--address``, ``--token``, ``--tls-ca``,
 ``--tls-domain``) before the command, and exit 1 with a one-line error."""
@@ -12,7 +12,7 @@ import sys
 import time
 from typing import List, Optional
 
-COMMANDS = ("deploy", "get", "delete")
+COMMANDS = ("deploy", "get", "delete", "logs")
 
 
 def handles(argv: List[str]) -> bool:
@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print JSON")
     x = sub.add_parser("delete", help="remove an API")
     x.add_argument("name")
+    lg = sub.add_parser("logs", help="print the log lines of an API's replicas as they come")
+    lg.add_argument("name")
+    lg.add_argument("--no-follow", action="store_true", help="print what is logged so far and exit")
     return p
 
 
@@ -110,6 +113,24 @@ def _print_get(apis: List[dict], one: bool) -> None:
             print(f"\nlast error of {st['name']}:\n{st['last_error'].rstrip()}")
 
 
+def _print_logs(name: str, follow: bool) -> int:
+    """``<replica id> | <line>`` per line, each flushed so a pipe sees it at
+    once. Ctrl-C (the usual way out of following) and a closed pipe end
+    it quietly."""
+    from .logs import stream_api_logs
+
+    try:
+        for rid, line in stream_api_logs(name, follow=follow):
+            print(f"{rid} | {line}", flush=True)
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:
+        # The reader left (`serve logs x | head`); don't let the interpreter
+        # complain about flushing a closed stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 def main(argv: List[str]) -> int:
     from serval import serve
 
@@ -132,6 +153,8 @@ def main(argv: List[str]) -> int:
         elif args.command == "delete":
             api.delete(args.name)
             print(f"deleted {args.name}")
+        elif args.command == "logs":
+            return _print_logs(args.name, follow=not args.no_follow)
         return 0
     except (ConfigError, serve.ServeError, KeyError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)

@@ -5,7 +5,7 @@ the handler runs in."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 
 class Client:
@@ -35,6 +35,12 @@ class Client:
     def delete(self, name: str) -> None:
         from .deploy import delete
         delete(name)
+
+    def stream_api_logs(self, name: str, follow: bool = True) -> Iterator[Tuple[str, str]]:
+        """``(replica id, line)`` for the log lines of every running replica
+        of API ``name`` (see ``serve logs``); without ``follow``, one pass."""
+        from .logs import stream_api_logs
+        return stream_api_logs(name, follow=follow)
 
     def api_url(self, name: str) -> str:
         """The URL of API ``name`` through the nearest proxy (see

@@ -60,6 +60,8 @@ def _backend_config(api: dict) -> Dict[str, Any]:
         "autoscaling": autoscaling,
         "num_cpus": api["compute"]["cpu"] / procs,
         "num_gpus": float(api["compute"]["gpu"]) / procs,
+        "max_surge": str(api["update_strategy"]["max_surge"]),
+        "max_unavailable": str(api["update_strategy"]["max_unavailable"]),
     }
 
 
@@ -203,7 +205,9 @@ def _api_status(api: dict, snap: Dict[str, Any]) -> Dict[str, Any]:
     if backend is None:
         status = "error"
         errors.append("its backend is missing")
-    elif backend.get("state") == "failed" and not running_now:
+    elif not running_now and (backend.get("state") == "failed" or backend.get("error") or any(
+            r.get("restarts") and r.get("backend_version") == version for r in replicas)):
+        # Failed, or crash-looping (its supervisor restarts it between reports).
         status = "error"
     elif unplaced and not running_now:
         status = "compute unavailable"
