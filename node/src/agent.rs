@@ -257,6 +257,7 @@ impl NodeAgent {
                 control_addr: self.config.control_addr.clone(),
                 token: self.config.token.clone(),
                 cache_dir: self.config.data_dir.join("cache"),
+                proxy_address: nearest_proxy(&self.config.http_address, snapshot),
             };
             tracing::info!(replica = %id, backend = %backend.name, "starting replica");
             self.supervisors
@@ -275,6 +276,21 @@ impl NodeAgent {
 /// Where replica sockets live: under the data dir, unless that path is too
 /// long for a Unix socket address (108 bytes on Linux), then in a short
 /// directory under the temp dir named after the data dir.
+/// This node's proxy, else a head's, else any live node's; empty when the
+/// cluster runs no proxy (`NoServer`). Replicas reach other APIs through it.
+fn nearest_proxy(own: &str, snapshot: &ClusterSnapshot) -> String {
+    if !own.is_empty() {
+        return own.to_string();
+    }
+    snapshot
+        .nodes
+        .iter()
+        .filter(|n| n.alive && !n.http_address.is_empty())
+        .min_by_key(|n| (!n.is_head, n.id.clone()))
+        .map(|n| n.http_address.clone())
+        .unwrap_or_default()
+}
+
 fn socket_dir(data_dir: &std::path::Path) -> PathBuf {
     const MAX_DIR_LEN: usize = 80;
     let dir = data_dir.join("sockets");

@@ -50,6 +50,9 @@ pub struct ReplicaSpec {
     /// Where the node's replicas unpack project packages, shared by all of
     /// them so each package is unpacked once per node: SERVAL_CACHE_DIR.
     pub cache_dir: PathBuf,
+    /// HOST:PORT of the nearest HTTP proxy (empty: none), for user code
+    /// that calls other endpoints over HTTP: SERVAL_PROXY_URL.
+    pub proxy_address: String,
 }
 
 /// The running supervisor; dropping it does not stop the replica, `stop` does.
@@ -365,6 +368,9 @@ async fn start(spec: &ReplicaSpec, config: &BackendConfig) -> Result<Child, Stri
         .env("SERVAL_TOKEN", &spec.token)
         .env("SERVAL_CACHE_DIR", &spec.cache_dir)
         .kill_on_drop(true);
+    if !spec.proxy_address.is_empty() {
+        cmd.env("SERVAL_PROXY_URL", format!("http://{}", spec.proxy_address));
+    }
     // A GPU replica sees only the GPUs the scheduler gave it; a CPU replica
     // keeps the node's environment.
     if !spec.replica.gpu_ids.is_empty() {

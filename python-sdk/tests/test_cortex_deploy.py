@@ -231,8 +231,13 @@ class Handler:
         return {"generated": payload["text"] + " is fun"}
 """
 
+# Written for Cortex: `import cortex` and its logger work unchanged.
 CALLER = """
+import os
+
+import cortex
 import requests
+from cortex_internal.lib.log import logger as cortex_logger
 
 import serval
 from serval import serve
@@ -240,14 +245,17 @@ from serval import serve
 
 class Handler:
     def __init__(self, config):
-        pass
+        # get client pointing to the default environment
+        client = cortex.client()
+        self.existing_apis = sorted(a["name"] for a in client.list_apis())
 
     def handle_post(self, payload):
+        cortex_logger.info("received payload", extra={"payload": payload})
         over_http = requests.post(serval.api_url("text-generator"), json=payload, timeout=30).json()
         handle = serve.get_handle("text-generator").options(http_method="POST")
         through_handle = handle.remote(payload).result()
-        return {"http": over_http, "handle": through_handle,
-                "apis": sorted(a["name"] for a in serval.client().list_apis())}
+        return {"http": over_http, "handle": through_handle, "apis": self.existing_apis,
+                "proxy": os.environ.get("SERVAL_PROXY_URL")}
 """
 
 
@@ -259,7 +267,11 @@ def test_a_handler_chains_to_another_api_by_name(cluster, tmp_path):
     r = requests.post(f"{cluster.url}/caller", json={"text": "machine learning"}, timeout=60)
     assert r.status_code == 200, r.text
     expected = {"generated": "machine learning is fun"}
-    assert r.json() == {"http": expected, "handle": expected, "apis": ["caller", "text-generator"]}
+    body = r.json()
+    assert (body["http"], body["handle"]) == (expected, expected)
+    # Deployed in order: the caller saw the generator (and itself) at start.
+    assert "text-generator" in body["apis"]
+    assert body["proxy"] == cluster.url
 
 
 def test_compute_unavailable_is_reported(cluster, tmp_path):

@@ -49,9 +49,9 @@ class Client:
 
 
 def proxy_url() -> str:
-    """The nearest HTTP proxy: ``SERVAL_PROXY_URL`` when set, else the proxy
-    of the node this process runs on (replicas know it by SERVAL_NODE_ID),
-    else a head's. Cortex handlers reached other APIs at
+    """The nearest HTTP proxy: ``SERVAL_PROXY_URL`` (the node agent sets it
+    for every replica: its own node's proxy, else a head's), else, outside a
+    replica, a head's proxy. Cortex handlers reached other APIs at
     ``http://api-<name>:8888/``; Serval handlers use this."""
     import os
 

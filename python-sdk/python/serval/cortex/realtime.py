@@ -114,6 +114,8 @@ class RealtimeAPI:
         os.environ["SERVAL_API_NAME"] = self.name
         os.environ["SERVAL_API_KIND"] = spec.get("kind") or "RealtimeAPI"
         set_python_path(project, handler.get("python_path"))
+        # Cortex handlers `import cortex` and `cortex_internal.lib.log`.
+        sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "compat"))
         install_requirements(self.name, project, (handler.get("dependencies") or {}).get("pip"))
         set_log_level(handler.get("log_level"))
         handler_class = self._load_handler_class(project, handler.get("path") or "handler.py")

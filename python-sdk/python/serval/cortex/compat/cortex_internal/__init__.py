@@ -1,0 +1,1 @@
+"""Shim of Cortex's internal package, for ``cortex_internal.lib.log``."""
