@@ -1,7 +1,8 @@
 """``serve deploy`` / ``get`` / ``delete`` for Cortex-style project folders.
 
 A RealtimeAPI becomes a Serval backend and an endpoint, both named after the
-API: the backend hosts ``RealtimeAPI(spec)`` (serval.cortex.realtime), whose
+API: the backend hosts ``RealtimeAPI(spec)`` (serval.cortex.realtime; for an
+ONNX model ``OnnxAPI(spec)``, serval.cortex.onnx), whose
 spec carries the package digest, so replicas fetch the project from the
 cluster's blob store on whatever node they land. A TrafficSplitter becomes an
 endpoint whose traffic policy (and shadow) spans the backends of its APIs.
@@ -126,16 +127,24 @@ def _record(client, spec: dict, fingerprint: str) -> None:
                    fingerprint, time.time())
 
 
-def _deploy_realtime(serve, client, spec: dict, old: Optional[dict]) -> str:
+def _backend_class(spec: dict) -> type:
+    """What a RealtimeAPI's replicas host: a model API for an exported model
+    (seed 002), else the Handler class host."""
+    if spec["handler"]["type"] == "onnx":
+        from .onnx import OnnxAPI
+        return OnnxAPI
     from .realtime import RealtimeAPI
+    return RealtimeAPI
 
+
+def _deploy_realtime(serve, client, spec: dict, old: Optional[dict]) -> str:
     name = spec["name"]
     fingerprint = _fingerprint(spec)
     if old is not None and old.get("fingerprint") == fingerprint:
         return "unchanged"
     if old is not None and old.get("kind") != "RealtimeAPI":
         raise ConfigError(f'api "{name}": kind: the cluster has a {old.get("kind")} with this name; delete it first')
-    code = serve._pickle_code(RealtimeAPI, (spec,))
+    code = serve._pickle_code(_backend_class(spec), (spec,))
     config = json.dumps(_backend_config(spec))
     backends = {b["name"] for b in _snapshot().get("backends", [])}
     if old is None or name not in backends:
@@ -205,12 +214,13 @@ def _api_status(api: dict, snap: Dict[str, Any]) -> Dict[str, Any]:
     if backend is None:
         status = "error"
         errors.append("its backend is missing")
-    elif not running_now and (backend.get("state") == "failed" or backend.get("error") or any(
+    elif unplaced and not running_now:
+        # The scheduler found no node with room (the replica's error says why).
+        status = "compute unavailable"
+    elif not running_now and (backend.get("state") == "failed" or any(
             r.get("restarts") and r.get("backend_version") == version for r in replicas)):
         # Failed, or crash-looping (its supervisor restarts it between reports).
         status = "error"
-    elif unplaced and not running_now:
-        status = "compute unavailable"
     elif stale or (len(running_now) < len([r for r in replicas if r.get("backend_version") == version])):
         status = "updating"
     elif running_now:
