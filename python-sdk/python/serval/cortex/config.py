@@ -16,6 +16,7 @@ import os
 import re
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
+from urllib.parse import urlparse
 
 from .._durations import parse_duration as _duration
 
@@ -28,7 +29,7 @@ KINDS = ("RealtimeAPI", "BatchAPI", "TrafficSplitter")
 #: Kinds this version deploys; the others are refused naming the field.
 DEPLOYABLE_KINDS = ("RealtimeAPI", "TrafficSplitter")
 HANDLER_TYPES = ("python", "onnx", "tensorflow")
-DEPLOYABLE_HANDLER_TYPES = ("python",)
+DEPLOYABLE_HANDLER_TYPES = ("python", "onnx")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 #: Keys accepted for compatibility and ignored (they configured AWS images).
@@ -148,6 +149,13 @@ class _Checker:
                 self.fail(f"{key}.{k}", f"unknown key (expected one of: {', '.join(allowed)})")
         return value
 
+    def mapping(self, section: dict, prefix: str, key: str) -> dict:
+        """An optional mapping field, ``{}`` when absent."""
+        value = section.get(key) or {}
+        if not isinstance(value, dict):
+            self.fail(f"{prefix}{key}", f"must be a mapping, got {type(value).__name__}")
+        return value
+
     def field(self, section: dict, prefix: str, key: str, check, default=None, required=False):
         if key not in section or section[key] is None:
             if required:
@@ -171,8 +179,15 @@ def _file_in_project(folder: str, checker: _Checker, field: str, rel: str, want_
     return norm
 
 
+#: Keys every deployable handler type takes.
+_COMMON_HANDLER_KEYS = ("type", "path", "python_path", "env", "log_level", "dependencies", "server_side_batching",
+                        "processes_per_replica", "threads_per_process")
 HANDLER_KEYS = ("type", "path", "protobuf_path", "config", "python_path", "env", "log_level",
                 "dependencies", "server_side_batching", "processes_per_replica", "threads_per_process")
+#: An exported model (seed 002): the runtime runs it, an optional request
+#: handler (``path``) defines pre_inference/post_inference, given ``metadata``.
+ONNX_HANDLER_KEYS = _COMMON_HANDLER_KEYS + ("model_path", "metadata")
+HANDLER_KEYS_BY_TYPE = {"python": HANDLER_KEYS, "onnx": ONNX_HANDLER_KEYS}
 REALTIME_KEYS = ("name", "kind", "handler", "compute", "autoscaling", "update_strategy", "networking")
 SPLITTER_KEYS = ("name", "kind", "networking", "apis")
 AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "init_replicas", "max_replica_concurrency",
@@ -181,27 +196,66 @@ AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "init_replicas", "max_replic
                     "downscale_tolerance", "upscale_tolerance")
 
 
-def _handler(c: _Checker, api: dict, folder: str) -> dict:
-    h = c.section(api, "handler", HANDLER_KEYS, IGNORED_HANDLER_KEYS)
-    if not h:
-        c.fail("handler", "required field is missing")
+def _handler_type(c: _Checker, api: dict) -> str:
+    """``handler.type``, read first: it decides which keys the handler takes."""
+    raw = api.get("handler")
+    htype = c.field(raw, "handler.", "type", _one_of(HANDLER_TYPES), default="python") \
+        if isinstance(raw, dict) else "python"
+    if htype not in DEPLOYABLE_HANDLER_TYPES:
+        c.fail("handler.type", f"{htype} handlers are not supported yet "
+                               f"(deployable: {', '.join(DEPLOYABLE_HANDLER_TYPES)})")
+    return htype
+
+
+def _python_handler(c: _Checker, h: dict, folder: str) -> Dict[str, Any]:
+    """A Handler class (seed 000): ``path`` required, ``config`` for it."""
     out: Dict[str, Any] = {}
-    out["type"] = c.field(h, "handler.", "type", _one_of(HANDLER_TYPES), default="python")
-    if out["type"] not in DEPLOYABLE_HANDLER_TYPES:
-        c.fail("handler.type", f"{out['type']} handlers are not supported yet (only: python)")
     out["path"] = _file_in_project(folder, c, "handler.path", c.field(h, "handler.", "path", _str, required=True))
     if h.get("protobuf_path") is not None:
         c.fail("handler.protobuf_path", "gRPC APIs are not supported yet")
-    config = h.get("config") or {}
-    if not isinstance(config, dict):
-        c.fail("handler.config", f"must be a mapping, got {type(config).__name__}")
+    config = c.mapping(h, "handler.", "config")
     out["config"] = config
+    return out
+
+
+def _model_path(c: _Checker, folder: str, value: str) -> str:
+    """A file of the project, an absolute path on the nodes (checked by the
+    replicas, which may see a filesystem this machine does not), or an
+    http(s) URL (fetched once per node)."""
+    if re.match(r"https?://", value, re.IGNORECASE):
+        if not urlparse(value).netloc:
+            c.fail("handler.model_path", f"not a valid URL: {value!r}")
+        return value
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value):
+        c.fail("handler.model_path", f"must be a project file, an absolute path or an http(s) URL, got {value!r}")
+    if os.path.isabs(value):
+        return os.path.normpath(value)
+    return _file_in_project(folder, c, "handler.model_path", value)
+
+
+def _onnx_handler(c: _Checker, h: dict, folder: str) -> Dict[str, Any]:
+    """An ONNX model (seed 002): ``model_path`` required, the request
+    handler ``path`` optional, ``metadata`` passed to its functions."""
+    out: Dict[str, Any] = {}
+    out["model_path"] = _model_path(c, folder, c.field(h, "handler.", "model_path", _str, required=True))
+    path = c.field(h, "handler.", "path", _str)
+    out["path"] = _file_in_project(folder, c, "handler.path", path) if path else None
+    metadata = c.mapping(h, "handler.", "metadata")
+    out["metadata"] = metadata
+    return out
+
+
+def _handler(c: _Checker, api: dict, folder: str) -> dict:
+    htype = _handler_type(c, api)
+    h = c.section(api, "handler", HANDLER_KEYS_BY_TYPE[htype], IGNORED_HANDLER_KEYS)
+    if not h:
+        c.fail("handler", "required field is missing")
+    out: Dict[str, Any] = {"type": htype}
+    out.update(_onnx_handler(c, h, folder) if htype == "onnx" else _python_handler(c, h, folder))
     python_path = c.field(h, "handler.", "python_path", _str)
     out["python_path"] = _file_in_project(folder, c, "handler.python_path", python_path, want_dir=True) \
         if python_path else "."
-    env = h.get("env") or {}
-    if not isinstance(env, dict):
-        c.fail("handler.env", f"must be a mapping, got {type(env).__name__}")
+    env = c.mapping(h, "handler.", "env")
     for k, v in env.items():
         if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
             c.fail("handler.env", f"invalid variable name {k!r}")
@@ -209,9 +263,7 @@ def _handler(c: _Checker, api: dict, folder: str) -> dict:
             c.fail(f"handler.env.{k}", "must be a string, number or boolean")
     out["env"] = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in env.items()}
     out["log_level"] = c.field(h, "handler.", "log_level", _one_of(LOG_LEVELS), default="info")
-    deps = h.get("dependencies") or {}
-    if not isinstance(deps, dict):
-        c.fail("handler.dependencies", f"must be a mapping, got {type(deps).__name__}")
+    deps = c.mapping(h, "handler.", "dependencies")
     for k in deps:
         if k not in ("pip", "conda", "shell"):
             c.fail(f"handler.dependencies.{k}", "unknown key (expected one of: pip, conda, shell)")

@@ -106,21 +106,15 @@ class RealtimeAPI:
     def __init__(self, spec: dict, project_dir: Optional[str] = None):
         self.name = spec.get("name") or "api"
         handler = spec.get("handler") or {}
-        project = resolve_project_dir(spec, project_dir)
-        # Handler code opens project files by relative path.
-        os.chdir(project)
-        set_environment(spec.get("dotenv"), handler.get("env"))
-        # The labels of serval.log's lines.
-        os.environ["SERVAL_API_NAME"] = self.name
-        os.environ["SERVAL_API_KIND"] = spec.get("kind") or "RealtimeAPI"
-        set_python_path(project, handler.get("python_path"))
-        # Cortex handlers `import cortex` and `cortex_internal.lib.log`.
-        sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "compat"))
-        install_requirements(self.name, project, (handler.get("dependencies") or {}).get("pip"))
-        set_log_level(handler.get("log_level"))
+        project = setup_process(self.name, spec, project_dir)
         handler_class = self._load_handler_class(project, handler.get("path") or "handler.py")
         self.handler = self._build(handler_class, {"config": handler.get("config") or {}})
         self._methods = self._http_methods()
+        self._configure_methods(handler)
+
+    def _configure_methods(self, handler: dict) -> None:
+        """Threads and server-side batching for the methods of
+        ``self._methods`` (shared with the model APIs, serval.cortex.onnx)."""
         self._allow = ", ".join(self._methods)
         threads = int(handler.get("threads_per_process") or 1)
         #: Runs the sync handler methods when threads_per_process > 1.
@@ -296,6 +290,27 @@ class _Batcher:
 
 
 # -- the process -------------------------------------------------------------
+
+
+def setup_process(name: str, spec: dict, project_dir: Optional[str]) -> str:
+    """Sets this replica process up as Cortex set up its API containers and
+    returns the project directory: working directory, ``.env`` and
+    ``handler.env``, ``handler.python_path``, the API's pip requirements,
+    the log level."""
+    handler = spec.get("handler") or {}
+    project = resolve_project_dir(spec, project_dir)
+    # Handler code opens project files by relative path.
+    os.chdir(project)
+    set_environment(spec.get("dotenv"), handler.get("env"))
+    # The labels of serval.log's lines.
+    os.environ["SERVAL_API_NAME"] = name
+    os.environ["SERVAL_API_KIND"] = spec.get("kind") or "RealtimeAPI"
+    set_python_path(project, handler.get("python_path"))
+    # Cortex handlers `import cortex` and `cortex_internal.lib.log`.
+    sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "compat"))
+    install_requirements(name, project, (handler.get("dependencies") or {}).get("pip"))
+    set_log_level(handler.get("log_level"))
+    return project
 
 
 def resolve_project_dir(spec: dict, project_dir: Optional[str]) -> str:
