@@ -8,8 +8,10 @@ shuts the cluster down again.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.request
 
 import serval
@@ -36,7 +38,10 @@ def hello(request):
 
 def main():
     http_port = int(os.environ.get("SERVAL_HTTP_PORT", "8000"))
-    serve.start(http_options={"port": http_port})
+    # A fresh data dir each run: the demo starts an empty cluster, whatever
+    # an earlier run (or an older Serval) left in .serval.
+    data_dir = tempfile.mkdtemp(prefix="serval-demo-")
+    serve.start(http_options={"port": http_port}, data_dir=data_dir)
     try:
         serve.create_backend("counter", Counter)
         serve.create_endpoint("counter", backend="counter", route="/counter")
@@ -55,9 +60,11 @@ def main():
         print("handle.remote() ->", handle.remote().result())
 
         print("endpoints:", json.dumps(serve.list_endpoints()))
-        print(subprocess.run([sys.executable, "-m", "serval.cli", "status"], capture_output=True, text=True).stdout)
+        print(subprocess.run([sys.executable, "-m", "serval.cli", "--data-dir", data_dir, "status"],
+                             capture_output=True, text=True).stdout)
     finally:
         serve.shutdown()
+        shutil.rmtree(data_dir, ignore_errors=True)
         print("cluster shut down")
 
 

@@ -99,7 +99,15 @@ impl StateMachineStore {
                 let table = txn.open_table(SM).map_err(|e| storage(io(e)))?;
                 let got = table.get(KEY_APPLIED).map_err(|e| storage(io(e)))?;
                 match got {
-                    Some(v) => decode(v.value()).map_err(storage)?,
+                    // The applied state is bincode of this build's structs:
+                    // a store from another Serval version does not decode.
+                    Some(v) => decode(v.value()).map_err(|e| {
+                        ControllerError::Storage(format!(
+                            "the cluster state in this data dir was written by an incompatible \
+                             Serval version ({e}); use a new --data-dir, or move the old one's \
+                             raft/ folder away to start an empty cluster"
+                        ))
+                    })?,
                     None => AppliedState::default(),
                 }
             };
