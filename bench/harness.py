@@ -20,7 +20,6 @@ import os
 import platform
 import queue
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -260,6 +259,14 @@ class Driver:
         return left
 
 
+def close_driver(drv, res):
+    """Ends a driver (if it started) and records any process left behind."""
+    if drv is not None:
+        left = drv.close()
+        if left:
+            res["errors"].append(f"processes still alive after cleanup: {left}")
+
+
 # ------------------------------------------------------------------------ wrk
 
 POST_LUA = """
@@ -413,10 +420,7 @@ def run_system(name, python, script, env):
             step("GET, 2 replicas", lambda: http("get2", url, label=f"{name} GET 2 replicas"))
         step("shutdown", lambda: drv.call("shutdown", timeout=120))
     finally:
-        if drv is not None:
-            left = drv.close()
-            if left:
-                res["errors"].append(f"processes still alive after cleanup: {left}")
+        close_driver(drv, res)
     return res
 
 
@@ -473,10 +477,7 @@ def run_scale():
         log(f"scale: FAILED: {e}")
         res["errors"].append(str(e).splitlines()[0][:500] if str(e) else type(e).__name__)
     finally:
-        if drv is not None:
-            left = drv.close()
-            if left:
-                res["errors"].append(f"processes still alive after cleanup: {left}")
+        close_driver(drv, res)
     return res
 
 

@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -18,6 +19,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout=30.0, what="condition"):
+    """Polls ``predicate`` until it returns a truthy value (returned) or the
+    deadline passes (AssertionError naming ``what``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
 
 
 class Cluster:

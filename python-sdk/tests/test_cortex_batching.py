@@ -10,7 +10,8 @@ import requests
 
 from serval import serve
 from serval.cortex.realtime import RealtimeAPI
-from test_cortex_handler import api_spec, replica_log, wait_for, write_project
+from conftest import wait_for
+from test_cortex_handler import api_spec, replica_log, write_project
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 #: Long enough that a batch only closes by size while a test runs.

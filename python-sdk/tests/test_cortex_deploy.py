@@ -7,9 +7,9 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import requests
+from conftest import wait_for
 
 import serval
 from serval import serve
@@ -161,13 +161,7 @@ def test_replicas_fetch_the_package_from_the_cluster(cluster, tmp_path):
     serve.connect(data_dir=cluster.data_dir)
     (pid,) = replica_pids("iris")
     os.kill(pid, 9)
-    deadline = time.monotonic() + 120
-    while True:
-        pids = replica_pids("iris")
-        if pids and pids != [pid]:
-            break
-        assert time.monotonic() < deadline, "the replica was not restarted"
-        time.sleep(0.05)
+    wait_for(lambda: replica_pids("iris") not in ([], [pid]), timeout=120, what="the replica's restart")
     r = requests.post(f"{cluster.url}/iris", json=1, timeout=30)
     assert r.status_code == 200 and r.json()["values"] == {"labels": ["setosa", "versicolor"]}
 
@@ -318,8 +312,6 @@ def test_a_traffic_splitter_shadow_gets_copies(cluster, tmp_path):
     for i in range(5):
         r = requests.post(f"{cluster.url}/split", json=i, timeout=30)
         assert r.text == "live.log", r.text  # clients only ever see the live API
-    deadline = time.monotonic() + 60
-    while not (os.path.exists(shadow_log) and len(open(shadow_log).read().split()) == 5):
-        assert time.monotonic() < deadline, "the shadow did not get a copy of every request"
-        time.sleep(0.05)
+    wait_for(lambda: os.path.exists(shadow_log) and len(open(shadow_log).read().split()) == 5,
+             timeout=60, what="a copy of every request at the shadow")
     assert sorted(open(shadow_log).read().split()) == sorted(open(live_log).read().split())

@@ -10,12 +10,12 @@ import json
 import os
 import pickle
 import textwrap
-import time
 
 import pytest
 import requests
 from PIL import Image
 
+from conftest import wait_for
 from serval import ServeError, serve
 from serval.cortex.realtime import RealtimeAPI
 
@@ -23,18 +23,6 @@ METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
 # -- helpers -----------------------------------------------------------------
-
-
-def wait_for(predicate, timeout=30.0, what="condition"):
-    """Polls ``predicate`` until it returns a truthy value (returned) or the
-    deadline passes (AssertionError naming ``what``)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def api_spec(dotenv=None, **handler):

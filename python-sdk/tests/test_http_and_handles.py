@@ -27,21 +27,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 import serval
 from serval import ServeRequest, serve
 
-from conftest import free_port, running_cluster
+from conftest import free_port, running_cluster, wait_for
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples")
-
-
-def wait_for(predicate, timeout=30.0, what="condition"):
-    """Polls ``predicate`` until it returns a truthy value (returned) or the
-    deadline passes (AssertionError naming ``what``)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def own_cluster(monkeypatch, http_options=None, env=None):
