@@ -8,12 +8,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 import requests
 
-from conftest import Cluster, free_port, running_cluster
+from conftest import Cluster, free_port, running_cluster, wait_for
 from serval import serve
 
 
@@ -41,13 +40,8 @@ def kill_group(proc):
 
 
 def wait_until(what, predicate, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+    """`wait_for` with the description first, as these cluster tests read."""
+    return wait_for(predicate, timeout=timeout, what=what)
 
 
 def alive_nodes():

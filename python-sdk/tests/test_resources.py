@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import running_cluster
+from conftest import running_cluster, wait_for
 from serval import serve
 
 
@@ -35,11 +35,17 @@ def test_gpu_replicas_get_their_own_devices(gpu_cluster):
     serve.create_endpoint("cpu", backend="cpu", route=None)
     serve.create_endpoint("whole", backend="whole", route=None)
     assert serve.get_handle("cpu").remote().result() is None
+    # create_backend returns once one replica runs; the second may still be
+    # starting, so wait for both before asking each for its devices.
+    wait_for(lambda: sum(r["state"] == "running" for r in replicas_of("whole")) == 2,
+             what="both GPU replicas running")
     h = serve.get_handle("whole")
-    for _ in range(50):
+
+    def both_seen():
         seen.add(h.remote().result())
-        if len(seen) == 2:
-            break
+        return len(seen) >= 2
+
+    wait_for(both_seen, what="calls reaching both GPU replicas")
     assert seen == {"0", "1"}
     assert sorted(tuple(r["gpu_ids"]) for r in replicas_of("whole")) == [(0,), (1,)]
     del handle_backends
