@@ -8,7 +8,7 @@ CARGO ?= cargo
 # Build the SDK extension against the venv's interpreter, not a shim.
 export PYO3_PYTHON := $(abspath $(VPY))
 
-.PHONY: all build venv sdk demo test test-rust test-python clean
+.PHONY: all build venv sdk demo test test-rust test-python test-tensorflow clean
 
 all: build sdk
 
@@ -47,8 +47,26 @@ test-python: sdk
 
 test: test-rust test-python
 
+# handler.type: tensorflow (python-sdk/tests_tensorflow) in its own venv, so
+# that `make test` never installs TensorFlow (hundreds of MB).
+TF_VENV := .venv-tf
+TF_VPY := $(TF_VENV)/bin/python
+
+$(TF_VPY):
+	$(PYTHON) -m venv $(TF_VENV)
+	$(TF_VPY) -m pip install -q --upgrade pip
+
+$(TF_VENV)/.deps: Makefile | $(TF_VPY)
+	$(TF_VPY) -m pip install -q $(PY_DEPS) tensorflow-cpu
+	touch $@
+
+test-tensorflow: $(TF_VENV)/.deps
+	VIRTUAL_ENV=$(abspath $(TF_VENV)) PATH=$(abspath $(TF_VENV))/bin:$$PATH PYO3_PYTHON=$(abspath $(TF_VPY)) \
+		$(TF_VENV)/bin/maturin develop -q -m python-sdk/Cargo.toml
+	$(TF_VPY) -m pytest -q python-sdk/tests_tensorflow
+
 clean:
-	rm -rf target $(VENV) .serval
+	rm -rf target $(VENV) $(TF_VENV) .serval
 
 # Serval vs Ray Serve on this machine (release build, throw-away venvs under
 # bench/, wrk); writes BENCHMARKS.md. See bench/run.

@@ -83,6 +83,8 @@ pub fn main_with(argv: Vec<String>, relaunch: Vec<String>) -> anyhow::Result<()>
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal, not in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     // Every control client of this process is built by
     // `serval_protos::client`, which reads this one setting.

@@ -6,12 +6,15 @@
 //!   queued requests per GIL acquisition.
 //! - `client`: the control-plane client and the ServeHandle router used by
 //!   `serval.serve`.
+//! - `onnx`: ONNX models run by tract, which a replica can answer HTTP
+//!   requests with in Rust (`handler.runtime: native`).
 //!
 //! pyo3 appears nowhere else in the workspace.
 
 use pyo3::prelude::*;
 
 mod client;
+mod onnx;
 mod replica;
 
 /// Checks `http_options["middlewares"]` in its JSON form exactly as the
@@ -28,5 +31,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(validate_middlewares, m)?)?;
     replica::register(m)?;
     client::register(m)?;
+    onnx::register(m)?;
     Ok(())
 }

@@ -25,7 +25,10 @@
 //!
 //! ```text
 //! ReplicaServer(unix_path: str | None, tcp_host: str | None = "127.0.0.1",
-//!               watch_stdin: bool = False, max_drain: int = 64)
+//!               watch_stdin: bool = False, max_drain: int = 64,
+//!               native: OnnxModel | None = None)
+//!   (with `native`, HTTP POSTs are answered by that model in Rust and
+//!   never reach the queue below; see `crate::onnx`)
 //!   .unix_path -> str | None          bound Unix socket path
 //!   .tcp_addr -> str | None           "host:port" of the TCP listener
 //!   .wake_fd -> int                   readable when work is queued or the
@@ -73,7 +76,10 @@ use pyo3::exceptions::{PyKeyboardInterrupt, PyOSError, PySystemExit, PyValueErro
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+
+use crate::onnx::OnnxModel;
 use serval_node::replica_server::{self, Handler, Reply};
+use serval_onnx::NativeHandler;
 use serval_protos::frame::FrameSender;
 use serval_protos::frame::{
     CallRequest, HttpRequest, PathValue, Payload, Request, Response, ERROR_TYPE_HEADER,
@@ -334,13 +340,14 @@ pub struct ReplicaServer {
 #[pymethods]
 impl ReplicaServer {
     #[new]
-    #[pyo3(signature = (unix_path, tcp_host = Some("127.0.0.1".to_string()), watch_stdin = false, max_drain = 64))]
+    #[pyo3(signature = (unix_path, tcp_host = Some("127.0.0.1".to_string()), watch_stdin = false, max_drain = 64, native = None))]
     fn new(
         py: Python<'_>,
         unix_path: Option<PathBuf>,
         tcp_host: Option<String>,
         watch_stdin: bool,
         max_drain: usize,
+        native: Option<PyRef<'_, OnnxModel>>,
     ) -> PyResult<Self> {
         if unix_path.is_none() && tcp_host.is_none() {
             return Err(PyValueError::new_err(
@@ -386,10 +393,18 @@ impl ReplicaServer {
         );
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let (serve_tx, serve_rx) = tokio::sync::oneshot::channel::<()>();
-        let handler: Arc<dyn Handler> = Arc::new(QueueHandler {
+        let mut handler: Arc<dyn Handler> = Arc::new(QueueHandler {
             tx,
             wake: wake.clone(),
         });
+        if let Some(model) = native {
+            // POSTs are answered by the model in Rust; the rest goes on to Python.
+            handler = Arc::new(
+                NativeHandler::start(model.model.clone(), model.config.clone(), handler).map_err(
+                    |e| PyOSError::new_err(format!("cannot start the model threads: {e}")),
+                )?,
+            );
+        }
         runtime.spawn(replica_server::serve(unix, tcp, handler, async move {
             let _ = serve_rx.await;
         }));
@@ -544,6 +559,8 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal, not in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 

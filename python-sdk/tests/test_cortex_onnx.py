@@ -275,7 +275,7 @@ def test_an_onnx_api_config_is_normalised(tmp_path):
     (api_config(extra="    metadata: [1, 2]\n"), "handler.metadata", "mapping"),
     (api_config(extra="    config: {a: 1}\n"), "handler.config", "unknown key"),
     (api_config(extra="    model_pth: x.onnx\n"), "handler.model_pth", "unknown key"),
-    (api_config().replace("type: onnx", "type: tensorflow"), "handler.type", "not supported yet"),
+    (api_config().replace("type: onnx", "type: tensorflow"), "handler.model_path", "no such directory"),
 ])
 def test_bad_onnx_fields_are_named(tmp_path, config, field, words):
     with pytest.raises(ConfigError) as e:

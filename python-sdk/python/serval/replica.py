@@ -103,8 +103,10 @@ def main(argv=None) -> int:
         from ._native import ReplicaServer
 
         host = Host.from_code_file(args.backend, args.code_file, config)
+        # A model API run natively answers its POSTs in Rust (serval.cortex.onnx).
+        native = getattr(host.obj, "serval_native_model", None)
         server = ReplicaServer(args.unix_path, args.tcp_host,
-                               watch_stdin=not args.no_stdin_watch, max_drain=args.max_drain)
+                               watch_stdin=not args.no_stdin_watch, max_drain=args.max_drain, native=native)
     except BaseException:
         error = traceback.format_exc()
         logger.error("replica %s of backend %r failed to start:\n%s", args.replica_id, args.backend, error)

@@ -29,7 +29,7 @@ KINDS = ("RealtimeAPI", "BatchAPI", "TrafficSplitter")
 #: Kinds this version deploys; the others are refused naming the field.
 DEPLOYABLE_KINDS = ("RealtimeAPI", "TrafficSplitter")
 HANDLER_TYPES = ("python", "onnx", "tensorflow")
-DEPLOYABLE_HANDLER_TYPES = ("python", "onnx")
+DEPLOYABLE_HANDLER_TYPES = ("python", "onnx", "tensorflow")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 #: Keys accepted for compatibility and ignored (they configured AWS images).
@@ -186,8 +186,14 @@ HANDLER_KEYS = ("type", "path", "protobuf_path", "config", "python_path", "env",
                 "dependencies", "server_side_batching", "processes_per_replica", "threads_per_process")
 #: An exported model (seed 002): the runtime runs it, an optional request
 #: handler (``path``) defines pre_inference/post_inference, given ``metadata``.
-ONNX_HANDLER_KEYS = _COMMON_HANDLER_KEYS + ("model_path", "metadata")
-HANDLER_KEYS_BY_TYPE = {"python": HANDLER_KEYS, "onnx": ONNX_HANDLER_KEYS}
+ONNX_HANDLER_KEYS = _COMMON_HANDLER_KEYS + ("model_path", "metadata", "runtime")
+#: Where an ONNX model runs: onnxruntime in the replica's Python, or
+#: ``native``: tract inside the Rust replica, without Python on the path.
+ONNX_RUNTIMES = ("onnxruntime", "native")
+#: A TensorFlow SavedModel (seed 002) as an ONNX model, with the served
+#: signature chosen by ``signature_key`` (``runtime`` is ONNX's alone).
+TENSORFLOW_HANDLER_KEYS = tuple(k for k in ONNX_HANDLER_KEYS if k != "runtime") + ("signature_key",)
+HANDLER_KEYS_BY_TYPE = {"python": HANDLER_KEYS, "onnx": ONNX_HANDLER_KEYS, "tensorflow": TENSORFLOW_HANDLER_KEYS}
 REALTIME_KEYS = ("name", "kind", "handler", "compute", "autoscaling", "update_strategy", "networking")
 SPLITTER_KEYS = ("name", "kind", "networking", "apis")
 AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "init_replicas", "max_replica_concurrency",
@@ -218,10 +224,10 @@ def _python_handler(c: _Checker, h: dict, folder: str) -> Dict[str, Any]:
     return out
 
 
-def _model_path(c: _Checker, folder: str, value: str) -> str:
-    """A file of the project, an absolute path on the nodes (checked by the
-    replicas, which may see a filesystem this machine does not), or an
-    http(s) URL (fetched once per node)."""
+def _model_path(c: _Checker, folder: str, value: str, want_dir: bool = False) -> str:
+    """A file (``want_dir``: a directory) of the project, an absolute path on
+    the nodes (checked by the replicas, which may see a filesystem this
+    machine does not), or an http(s) URL (fetched once per node)."""
     if re.match(r"https?://", value, re.IGNORECASE):
         if not urlparse(value).netloc:
             c.fail("handler.model_path", f"not a valid URL: {value!r}")
@@ -230,7 +236,7 @@ def _model_path(c: _Checker, folder: str, value: str) -> str:
         c.fail("handler.model_path", f"must be a project file, an absolute path or an http(s) URL, got {value!r}")
     if os.path.isabs(value):
         return os.path.normpath(value)
-    return _file_in_project(folder, c, "handler.model_path", value)
+    return _file_in_project(folder, c, "handler.model_path", value, want_dir=want_dir)
 
 
 def _onnx_handler(c: _Checker, h: dict, folder: str) -> Dict[str, Any]:
@@ -242,7 +248,34 @@ def _onnx_handler(c: _Checker, h: dict, folder: str) -> Dict[str, Any]:
     out["path"] = _file_in_project(folder, c, "handler.path", path) if path else None
     metadata = c.mapping(h, "handler.", "metadata")
     out["metadata"] = metadata
+    out["runtime"] = c.field(h, "handler.", "runtime", _one_of(ONNX_RUNTIMES), default="onnxruntime")
+    if out["runtime"] == "native" and out["path"]:
+        c.fail("handler.runtime", "native runs the model without Python, so it takes no request handler "
+                                  "(remove handler.path, or use runtime: onnxruntime)")
     return out
+
+
+def _tensorflow_handler(c: _Checker, h: dict, folder: str) -> Dict[str, Any]:
+    """A TensorFlow SavedModel (seed 002): as an ONNX model, but
+    ``model_path`` is the SavedModel's directory (or a .zip/.tar.gz of it at
+    a URL), and ``signature_key`` picks the signature served (checked by the
+    replicas, which read the model)."""
+    out: Dict[str, Any] = {}
+    out["model_path"] = _model_path(c, folder, c.field(h, "handler.", "model_path", _str, required=True),
+                                    want_dir=True)
+    in_project = not os.path.isabs(out["model_path"]) and not re.match(r"https?://", out["model_path"], re.I)
+    if in_project and not any(os.path.isfile(os.path.join(folder, out["model_path"], f))
+                              for f in ("saved_model.pb", "saved_model.pbtxt")):
+        c.fail("handler.model_path", f"not a SavedModel directory (no saved_model.pb in it): {out['model_path']}")
+    path = c.field(h, "handler.", "path", _str)
+    out["path"] = _file_in_project(folder, c, "handler.path", path) if path else None
+    out["metadata"] = c.mapping(h, "handler.", "metadata")
+    out["signature_key"] = c.field(h, "handler.", "signature_key", _str)
+    return out
+
+
+#: How each model handler type reads its own keys (python: _python_handler).
+_MODEL_HANDLERS = {"onnx": _onnx_handler, "tensorflow": _tensorflow_handler}
 
 
 def _handler(c: _Checker, api: dict, folder: str) -> dict:
@@ -251,7 +284,7 @@ def _handler(c: _Checker, api: dict, folder: str) -> dict:
     if not h:
         c.fail("handler", "required field is missing")
     out: Dict[str, Any] = {"type": htype}
-    out.update(_onnx_handler(c, h, folder) if htype == "onnx" else _python_handler(c, h, folder))
+    out.update(_MODEL_HANDLERS.get(htype, _python_handler)(c, h, folder))
     python_path = c.field(h, "handler.", "python_path", _str)
     out["python_path"] = _file_in_project(folder, c, "handler.python_path", python_path, want_dir=True) \
         if python_path else "."
@@ -407,11 +440,14 @@ def validate_api(raw: Any, index: int, folder: str) -> dict:
         if k not in REALTIME_KEYS:
             c.fail(k, f"unknown key (expected one of: {', '.join(REALTIME_KEYS)})")
     handler = _handler(c, raw, folder)
+    compute = _compute(c, raw)
+    if handler.get("runtime") == "native" and compute["gpu"]:
+        c.fail("handler.runtime", "native runs models on CPUs only; use runtime: onnxruntime for GPUs")
     return {
         "name": name,
         "kind": kind,
         "handler": handler,
-        "compute": _compute(c, raw),
+        "compute": compute,
         "autoscaling": _autoscaling(c, raw, handler),
         "update_strategy": _update_strategy(c, raw),
         "endpoint": _endpoint(c, raw, name),

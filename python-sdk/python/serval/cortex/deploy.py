@@ -2,7 +2,8 @@
 
 A RealtimeAPI becomes a Serval backend and an endpoint, both named after the
 API: the backend hosts ``RealtimeAPI(spec)`` (serval.cortex.realtime; for an
-ONNX model ``OnnxAPI(spec)``, serval.cortex.onnx), whose
+ONNX model ``OnnxAPI(spec)``, serval.cortex.onnx; for a TensorFlow SavedModel
+``TensorFlowAPI(spec)``, serval.cortex.tensorflow), whose
 spec carries the package digest, so replicas fetch the project from the
 cluster's blob store on whatever node they land. A TrafficSplitter becomes an
 endpoint whose traffic policy (and shadow) spans the backends of its APIs.
@@ -133,6 +134,9 @@ def _backend_class(spec: dict) -> type:
     if spec["handler"]["type"] == "onnx":
         from .onnx import OnnxAPI
         return OnnxAPI
+    if spec["handler"]["type"] == "tensorflow":
+        from .tensorflow import TensorFlowAPI
+        return TensorFlowAPI
     from .realtime import RealtimeAPI
     return RealtimeAPI
 

@@ -29,6 +29,13 @@ the rows each request contributed before post_inference runs per request.
 Where stacking cannot work (no batch dimension, shapes that differ, an
 output that is not per row) each request of the batch runs on its own.
 
+With ``handler.runtime: native`` (no request handler allowed) the model is
+loaded by tract in Rust (crate serval-onnx, ``serval._native.OnnxModel``)
+and the replica answers HTTP POSTs with it on Rust threads, never entering
+Python; the request and response JSON and the 400 messages are the same.
+Handle calls still come through ``predict_native`` here. onnxruntime is not
+needed for it.
+
 onnxruntime and numpy are optional for the SDK: they are imported when a
 replica starts, and their absence fails the replica with an error naming
 the package.
@@ -38,7 +45,9 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib
 import inspect
+import json
 import logging
 import math
 import os
@@ -75,17 +84,23 @@ class InputError(ValueError):
 def _import_runtime(name: str):
     """onnxruntime (and numpy into this module), or a HandlerError naming
     the missing package."""
+    return import_model_runtime(name, "onnx", "onnxruntime", "pip install onnxruntime, or onnxruntime-gpu for GPUs")
+
+
+def import_model_runtime(name: str, handler_type: str, module: str, install: str):
+    """``module`` (and numpy into this module), or a HandlerError naming the
+    missing package: the runtimes are optional for the SDK, so their absence
+    is found when a replica starts (shared with serval.cortex.tensorflow)."""
     global np
     try:
         import numpy
-        import onnxruntime
+        runtime = importlib.import_module(module)
     except ImportError as e:
         raise HandlerError(
-            f"api {name!r}: handler.type onnx needs the {e.name or 'onnxruntime'} package in the replicas' Python "
-            f"(pip install onnxruntime, or onnxruntime-gpu for GPUs; or list it in the API's requirements.txt): "
-            f"{e}") from None
+            f"api {name!r}: handler.type {handler_type} needs the {e.name or module} package in the replicas' "
+            f"Python ({install}; or list it in the API's requirements.txt): {e}") from None
     np = numpy
-    return onnxruntime
+    return runtime
 
 
 # -- the model file ----------------------------------------------------------
@@ -94,15 +109,25 @@ def _import_runtime(name: str):
 def model_file(name: str, project: str, model_path: str) -> str:
     """The local file of ``handler.model_path``: a project file, an absolute
     path, or an http(s) URL fetched into the node's cache."""
-    if model_path.lower().startswith(("http://", "https://")):
-        try:
-            return fetch_model(model_path)
-        except OSError as e:
-            raise HandlerError(f"api {name!r}: handler.model_path: fetching {model_path} failed: {e}") from None
+    if is_url(model_path):
+        return fetch_or_fail(name, model_path)
     path = os.path.join(project, model_path)  # an absolute model_path stays as it is
     if not os.path.isfile(path):
         raise HandlerError(f"api {name!r}: handler.model_path: no such file: {path}")
     return path
+
+
+def is_url(model_path: str) -> bool:
+    return model_path.lower().startswith(("http://", "https://"))
+
+
+def fetch_or_fail(name: str, url: str) -> str:
+    """``fetch_model(url)``, or a HandlerError naming handler.model_path: the
+    replica's failure then says which URL could not be had."""
+    try:
+        return fetch_model(url)
+    except OSError as e:
+        raise HandlerError(f"api {name!r}: handler.model_path: fetching {url} failed: {e}") from None
 
 
 def fetch_model(url: str, base: Optional[str] = None, timeout: float = 60.0) -> str:
@@ -155,9 +180,18 @@ def load_session(ort, path: str, spec: dict):
     compute = spec.get("compute") or {}
     procs = int((spec.get("handler") or {}).get("processes_per_replica") or 1)
     options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, math.ceil(float(compute.get("cpu") or 1) / procs))
+    options.intra_op_num_threads = cpu_threads(spec)
     gpus = float(compute.get("gpu") or 0) / procs
     return ort.InferenceSession(path, sess_options=options, providers=providers(ort, gpus))
+
+
+def cpu_threads(spec: dict) -> int:
+    """The CPUs one replica process declared (``compute.cpu`` shared by its
+    ``processes_per_replica``), at least 1: the threads a model runtime may
+    use without oversubscribing a node shared by several replicas."""
+    compute = spec.get("compute") or {}
+    procs = int((spec.get("handler") or {}).get("processes_per_replica") or 1)
+    return max(1, math.ceil(float(compute.get("cpu") or 1) / procs))
 
 
 # -- inputs and outputs ------------------------------------------------------
@@ -220,8 +254,22 @@ def _rows(value: Any) -> Optional[int]:
 
 
 def _is_input_error(e: Exception) -> bool:
-    """onnxruntime's own refusal of the inputs (a wrong shape it checked)."""
-    return isinstance(e, InputError) or type(e).__name__ == "InvalidArgument"
+    """The runtime's own refusal of the inputs (a wrong shape it checked):
+    onnxruntime's InvalidArgument, TensorFlow's InvalidArgumentError."""
+    return isinstance(e, InputError) or type(e).__name__ in ("InvalidArgument", "InvalidArgumentError")
+
+
+def _output_values(prediction: Any) -> list:
+    """The outputs of a prediction: onnxruntime's list, or the values of
+    TensorFlow's dict by output name."""
+    return list(prediction.values()) if isinstance(prediction, dict) else list(prediction)
+
+
+def _slice_rows(prediction: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of every output, in the prediction's own form."""
+    if isinstance(prediction, dict):
+        return {name: out[start:stop] for name, out in prediction.items()}
+    return [out[start:stop] for out in prediction]
 
 
 # -- the API -----------------------------------------------------------------
@@ -232,12 +280,20 @@ class OnnxAPI(RealtimeAPI):
     batching go through RealtimeAPI's machinery, with ``POST`` as the one
     method (the others answer 405)."""
 
+    #: With ``handler.runtime: native``: the model run by tract in Rust
+    #: (``serval._native.OnnxModel``). The replica host hands it to its
+    #: ReplicaServer, which then answers POSTs without Python.
+    serval_native_model: Any = None
+
     def __init__(self, spec: dict, project_dir: Optional[str] = None):
         self.name = spec.get("name") or "api"
         handler = spec.get("handler") or {}
         project = setup_process(self.name, spec, project_dir)
-        ort = _import_runtime(self.name)
         path = model_file(self.name, project, handler.get("model_path") or "")
+        if handler.get("runtime") == "native":
+            self._load_native(path, handler)
+            return
+        ort = _import_runtime(self.name)
         try:
             self.session = load_session(ort, path, spec)
         except Exception as e:
@@ -246,8 +302,16 @@ class OnnxAPI(RealtimeAPI):
         self.input_signature = self.session.get_inputs()
         self.output_signature = self.session.get_outputs()
         self.inputs = [_Input(arg) for arg in self.input_signature]
-        self.input_names = frozenset(i.name for i in self.inputs)
         self.output_names = [arg.name for arg in self.output_signature]
+        self._serve(project, handler)
+        logger.info("api %r: serving %s on %s", self.name, handler.get("model_path"),
+                    ", ".join(self.session.get_providers()))
+
+    def _serve(self, project: str, handler: dict) -> None:
+        """What every model API does once ``self.inputs`` are known: the
+        request handler, batching and the one POST method (shared with
+        serval.cortex.tensorflow)."""
+        self.input_names = frozenset(i.name for i in self.inputs)
         self.metadata = handler.get("metadata") or {}
         self.pre_inference, self.post_inference = self._load_request_handler(project, handler.get("path"))
         # Stacking needs every input to have a batch axis to stack along.
@@ -255,8 +319,40 @@ class OnnxAPI(RealtimeAPI):
         predict = self.predict_batch if handler.get("server_side_batching") else self.predict
         self._methods = {"POST": _Method(predict, f"api {self.name!r}: predict")}
         self._configure_methods(handler)
-        logger.info("api %r: serving %s on %s", self.name, handler.get("model_path"),
-                    ", ".join(self.session.get_providers()))
+
+    def _load_native(self, path: str, handler: dict) -> None:
+        """The model in Rust (serval-onnx): no onnxruntime, no request
+        handler (the config refuses one). HTTP POSTs never reach Python;
+        handle calls come here and run the same model."""
+        # The Rust side logs through tracing, set up when the replica's
+        # server starts (after this): give it the API's log level.
+        level = {"warning": "warn"}.get(handler.get("log_level") or "info", handler.get("log_level") or "info")
+        os.environ.setdefault("SERVAL_LOG", f"warn,serval_onnx={level}")
+        from serval._native import OnnxModel
+
+        batching = handler.get("server_side_batching") or {}
+        try:
+            self.serval_native_model = OnnxModel(
+                path, threads=int(handler.get("threads_per_process") or 1),
+                max_batch_size=int(batching.get("max_batch_size") or 1),
+                batch_interval=float(batching.get("batch_interval") or 0.0))
+        except ValueError as e:
+            raise HandlerError(f"api {self.name!r}: handler.runtime native: loading the ONNX model "
+                               f"{handler.get('model_path')} failed: {e}") from None
+        self._methods = {"POST": _Method(self.predict_native, f"api {self.name!r}: predict")}
+        # Batching happens in Rust, for HTTP; a handle call runs on its own.
+        self._configure_methods({**handler, "server_side_batching": None})
+        logger.info("api %r: serving %s with the native runtime (inputs: %s)", self.name,
+                    handler.get("model_path"), ", ".join(f"{n} {t} {s}" for n, t, s in
+                                                         self.serval_native_model.inputs))
+
+    def predict_native(self, payload: Any) -> Any:
+        """A handle call to a native model: the JSON of ``payload`` through
+        the same Rust code as an HTTP request."""
+        body = payload if isinstance(payload, (bytes, bytearray)) else json.dumps(payload).encode()
+        status, response = self.serval_native_model.predict(bytes(body))
+        result = json.loads(response)
+        return result if status == 200 else error_response(status, result.get("error", ""))
 
     def _load_request_handler(self, project: str, path: Optional[str]) -> Tuple[Any, Any]:
         """``(pre_inference, post_inference)`` of the request handler file,
@@ -391,18 +487,18 @@ class OnnxAPI(RealtimeAPI):
                 return None
             counts.append(rows.pop())
         try:
-            outputs = self.session.run(None, {n: np.concatenate([inputs[n] for inputs in batch]) for n in names})
+            outputs = self.run_model({n: np.concatenate([inputs[n] for inputs in batch]) for n in names})
         except Exception as e:
             logger.debug("api %r: a stacked batch failed, running its requests one by one: %s", self.name, e)
             return None
         total = sum(counts)
-        if any(_rows(out) != total for out in outputs):
+        if any(_rows(out) != total for out in _output_values(outputs)):
             return None
         logger.debug("api %r: %d requests in one model call (%d rows)", self.name, len(batch), total)
         offsets = [0]
         for n in counts:
             offsets.append(offsets[-1] + n)
-        return [[out[a:b] for out in outputs] for a, b in zip(offsets, offsets[1:])]
+        return [_slice_rows(outputs, a, b) for a, b in zip(offsets, offsets[1:])]
 
     def _run_one(self, inputs: Dict[str, Any]) -> Any:
         try:
