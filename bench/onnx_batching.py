@@ -1,17 +1,27 @@
-"""Throughput of an ONNX model API with and without server-side batching
-(issue 10, part 4). Not run by the tests.
+"""Throughput of an ONNX model API: with and without server-side batching
+(issue 10, part 4), and with onnxruntime against the native tract runtime
+(part 6). Not run by the tests.
 
-Starts a Serval head on free ports in a temp data dir, deploys the seed 002
-iris example (a scikit-learn LogisticRegression converted with skl2onnx, or with
-``--model mlp`` a 3x1024 MLP with the same inputs and outputs, with the
-seed's pre_inference/post_inference) twice with `serve deploy`: "iris"
-and "iris-batched" (``server_side_batching``), then loads each over HTTP
-at the given concurrency, one after the other, and prints a table. The load
-generator is wrk when installed (POST with a JSON body, from a Lua script),
-else a threaded Python client. Everything it started is stopped at the end.
+Starts a Serval head on free ports in a temp data dir, deploys an iris
+model (a scikit-learn LogisticRegression converted with skl2onnx, or with
+``--model mlp`` a 3x1024 MLP of about 8 MB with the same inputs and outputs)
+with `serve deploy`, loads each API over HTTP at the given concurrency, one
+after the other, and prints a table. The load generator is wrk when
+installed (POST with a JSON body, from a Lua script), else a threaded Python
+client. Everything it started is stopped at the end.
 
-    .venv/bin/python bench/onnx_batching.py [--concurrency 32] [--duration 8]
+``--runtime onnxruntime`` (the default): the seed's pre_inference /
+post_inference handler, APIs "iris" and "iris-batched". ``--runtime both``:
+no request handler (the native runtime takes none; requests name the input),
+four APIs: onnxruntime and native, each without and with batching, on the
+model converted without ZipMap (which tract lacks).
+
+Run it with a release build of Serval: `bench/run onnx [options]` builds one
+into bench/.venv and runs this script there.
+
+    python bench/onnx_batching.py [--concurrency 32] [--duration 8]
         [--max-batch-size 32] [--batch-interval 0.01] [--model iris|mlp]
+        [--runtime onnxruntime|both]
 """
 
 import argparse
@@ -41,7 +51,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def mlp_model(width: int = 1024, layers: int = 3) -> bytes:
+#: A request to a model API without a request handler: the input by name.
+RAW_SAMPLE = {"input": [[SETOSA["sepal_length"], SETOSA["sepal_width"], SETOSA["petal_length"],
+                         SETOSA["petal_width"]]]}
+
+
+def mlp_model(width: int = 1024, layers: int = 3, zipmap: bool = True) -> bytes:
     """An MLP classifier on the iris data, large enough (about 8 MB with
     the defaults) that running the model, not serving the request,
     dominates; same inputs and outputs as the iris model."""
@@ -56,42 +71,63 @@ def mlp_model(width: int = 1024, layers: int = 3) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # not trained to convergence: only its size matters here
         model = MLPClassifier(hidden_layer_sizes=(width,) * layers, max_iter=20, random_state=0).fit(x, y)
-    return convert_sklearn(model, initial_types=[("input", FloatTensorType([None, 4]))]).SerializeToString()
+    options = {id(model): {"zipmap": False}} if not zipmap else None
+    return convert_sklearn(model, initial_types=[("input", FloatTensorType([None, 4]))],
+                           options=options).SerializeToString()
 
 
-def write_project(folder: str, model: str, max_batch_size: int, batch_interval: float) -> None:
-    # The test suite's model and the seed's handler, so the bench measures
+def apis(runtime: str) -> list:
+    """``(name, runtime, batched)`` of the APIs to deploy and load."""
+    if runtime == "onnxruntime":
+        return [("iris", "onnxruntime", False), ("iris-batched", "onnxruntime", True)]
+    return [(f"{rt}{'-batched' if batched else ''}", rt, batched)
+            for rt in ("onnxruntime", "native") for batched in (False, True)]
+
+
+def write_project(folder: str, model: str, runtime: str, max_batch_size: int, batch_interval: float) -> None:
+    # The test suite's models and the seed's handler, so the bench measures
     # exactly what the tests check.
     from test_cortex_onnx import SEED_HANDLER, iris_model
+    from test_cortex_onnx_native import plain_iris_model
 
+    seed = runtime == "onnxruntime"
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "model.onnx"), "wb") as f:
-        f.write(iris_model() if model == "iris" else mlp_model())
+        if model == "iris":
+            f.write(iris_model() if seed else plain_iris_model())
+        else:
+            f.write(mlp_model(zipmap=seed))
     with open(os.path.join(folder, "handler.py"), "w") as f:
         f.write(SEED_HANDLER)
-    api = "- name: {name}\n  kind: RealtimeAPI\n  handler:\n    type: onnx\n    model_path: model.onnx\n" \
-          "    path: handler.py\n"
-    batching = f"    server_side_batching: {{max_batch_size: {max_batch_size}, batch_interval: {batch_interval}}}\n"
+    config = ""
+    for name, rt, batched in apis(runtime):
+        config += (f"- name: {name}\n  kind: RealtimeAPI\n  handler:\n    type: onnx\n    model_path: model.onnx\n"
+                   f"    runtime: {rt}\n")
+        if seed:
+            config += "    path: handler.py\n"
+        if batched:
+            config += (f"    server_side_batching: {{max_batch_size: {max_batch_size}, "
+                       f"batch_interval: {batch_interval}}}\n")
     with open(os.path.join(folder, "serve.yaml"), "w") as f:
-        f.write(api.format(name="iris") + api.format(name="iris-batched") + batching)
+        f.write(config)
 
 
 # -- load generators -----------------------------------------------------------
 
 
-def run_wrk(url: str, concurrency: int, duration: int, workdir: str) -> dict:
+def run_wrk(url: str, sample: dict, concurrency: int, duration: int, workdir: str) -> dict:
     script = os.path.join(workdir, "post.lua")
     with open(script, "w") as f:
-        f.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(SETOSA))}\n'
+        f.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(sample))}\n'
                 f'wrk.headers["Content-Type"] = "application/json"\n')
-    base = ["wrk", "-t2", f"-c{concurrency}", "--timeout", "10s", "--latency", "-s", script]
+    base = ["wrk", f"-t{min(2, concurrency)}", f"-c{concurrency}", "--timeout", "10s", "--latency", "-s", script]
     subprocess.run(base + ["-d2s", url], capture_output=True, timeout=120)  # warm-up
     out = subprocess.run(base + [f"-d{duration}s", url], capture_output=True, text=True,
                          timeout=duration + 120).stdout
     return parse_wrk(out)
 
 
-def run_threads(url: str, concurrency: int, duration: int, workdir: str) -> dict:
+def run_threads(url: str, sample: dict, concurrency: int, duration: int, workdir: str) -> dict:
     """The same load from ``concurrency`` Python threads (keep-alive)."""
     import requests
 
@@ -102,7 +138,7 @@ def run_threads(url: str, concurrency: int, duration: int, workdir: str) -> dict
         session, mine, bad = requests.Session(), [], 0
         while time.monotonic() < deadline:
             t0 = time.perf_counter()
-            r = session.post(url, json=SETOSA, timeout=10)
+            r = session.post(url, json=sample, timeout=10)
             mine.append(time.perf_counter() - t0)
             bad += r.status_code != 200
         with lock:
@@ -157,6 +193,8 @@ def main() -> int:
     p.add_argument("--client", choices=("auto", "wrk", "threads"), default="auto")
     p.add_argument("--model", choices=("iris", "mlp"), default="iris",
                    help="iris: the seed's LogisticRegression; mlp: a 3x1024 MLP (about 8 MB)")
+    p.add_argument("--runtime", choices=("onnxruntime", "both"), default="onnxruntime",
+                   help="onnxruntime: the seed's handler; both: onnxruntime and native, no handler")
     args = p.parse_args()
 
     import requests
@@ -167,19 +205,20 @@ def main() -> int:
     workdir = tempfile.mkdtemp(prefix="onnx-bench-")
     data_dir = tempfile.mkdtemp(prefix="sv-", dir="/tmp")  # short: replica sockets live there
     http_port = free_port()
+    sample = SETOSA if args.runtime == "onnxruntime" else RAW_SAMPLE
+    batching_text = f"max {args.max_batch_size}, {args.batch_interval * 1000:g} ms"
     rows = []
     try:
         start_cluster(data_dir, http_port)
         folder = os.path.join(workdir, "iris")
-        write_project(folder, args.model, args.max_batch_size, args.batch_interval)
+        write_project(folder, args.model, args.runtime, args.max_batch_size, args.batch_interval)
         deploy(folder)
-        for name, batching in (("iris", "off"), ("iris-batched", f"max {args.max_batch_size}, "
-                                                                 f"{args.batch_interval * 1000:g} ms")):
+        for name, runtime, batched in apis(args.runtime):
             url = f"http://127.0.0.1:{http_port}/{name}"
-            r = requests.post(url, json=SETOSA, timeout=30)
-            assert r.status_code == 200 and r.text.startswith("iris-"), r.text
-            res = load(url, args.concurrency, args.duration, workdir)
-            rows.append((name, batching, res))
+            r = requests.post(url, json=sample, timeout=30)
+            assert r.status_code == 200, r.text
+            res = load(url, sample, args.concurrency, args.duration, workdir)
+            rows.append((name, runtime, batching_text if batched else "off", res))
             print(f"{name}: {res}", file=sys.stderr, flush=True)
     finally:
         stop_cluster(data_dir)
@@ -188,15 +227,21 @@ def main() -> int:
 
     fmt = lambda v, d=1: "n/a" if v is None else f"{v:,.{d}f}"
     model = "iris LogisticRegression" if args.model == "iris" else "3x1024 MLP"
-    print(f"\nONNX {model} model (seed 002 handler), 1 replica, concurrency {args.concurrency}, "
+    handler = "seed 002 handler" if args.runtime == "onnxruntime" else "no request handler"
+    print(f"\nONNX {model} model ({handler}), 1 replica, concurrency {args.concurrency}, "
           f"{args.duration} s, client: {load.__name__.replace('run_', '')}, {os.cpu_count()} cores\n")
-    print("| API | server-side batching | requests/s | p50 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|")
-    for name, batching, r in rows:
-        print(f"| {name} | {batching} | {fmt(r['rps'], 0)} | {fmt(r['p50_ms'], 2)} | {fmt(r['p99_ms'], 2)} "
-              f"| {r['errors']} |")
-    if len(rows) == 2 and rows[0][2]["rps"]:
-        print(f"\nbatched / unbatched: {rows[1][2]['rps'] / rows[0][2]['rps']:.2f}x")
+    print("| API | runtime | server-side batching | requests/s | p50 ms | p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|")
+    for name, runtime, batching, r in rows:
+        print(f"| {name} | {runtime} | {batching} | {fmt(r['rps'], 0)} | {fmt(r['p50_ms'], 2)} "
+              f"| {fmt(r['p99_ms'], 2)} | {r['errors']} |")
+    by_name = {name: r["rps"] for name, _, _, r in rows}
+    print()
+    for a, b, what in (("iris-batched", "iris", "batched / unbatched"),
+                       ("native", "onnxruntime", "native / onnxruntime, unbatched"),
+                       ("native-batched", "onnxruntime-batched", "native / onnxruntime, batched")):
+        if by_name.get(a) and by_name.get(b):
+            print(f"{what}: {by_name[a] / by_name[b]:.2f}x")
     return 0
 
 
