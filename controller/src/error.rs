@@ -28,6 +28,12 @@ pub enum StateError {
         existing_route: String,
         existing: String,
     },
+    #[error("gRPC service '{service}' of endpoint '{endpoint}' is already served by endpoint '{existing}'")]
+    GrpcServiceTaken {
+        service: String,
+        endpoint: String,
+        existing: String,
+    },
     #[error("invalid {field}: {reason}")]
     InvalidConfig { field: String, reason: String },
     #[error("replica '{0}' does not exist")]
@@ -71,7 +77,8 @@ impl From<ControllerError> for tonic::Status {
             ControllerError::Refused(s) => match s {
                 StateError::BackendExists(_)
                 | StateError::EndpointExists(_)
-                | StateError::RouteTaken { .. } => Code::AlreadyExists,
+                | StateError::RouteTaken { .. }
+                | StateError::GrpcServiceTaken { .. } => Code::AlreadyExists,
                 StateError::UnknownBackend(_)
                 | StateError::UnknownEndpoint(_)
                 | StateError::UnknownReplica(_)

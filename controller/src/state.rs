@@ -156,6 +156,7 @@ impl ClusterState {
                         r.state = replica_state::STARTING.into();
                         r.unix_path.clear();
                         r.tcp_addr.clear();
+                        r.grpc_addr.clear();
                         r.pid = 0;
                     }
                 }
@@ -180,6 +181,7 @@ impl ClusterState {
                     replica.state = replica_state::PENDING.into();
                     replica.unix_path.clear();
                     replica.tcp_addr.clear();
+                    replica.grpc_addr.clear();
                     replica.pid = 0;
                 }
                 self.place_pending();
@@ -193,6 +195,7 @@ impl ClusterState {
                 replica.error = report.error;
                 replica.unix_path = report.unix_path;
                 replica.tcp_addr = report.tcp_addr;
+                replica.grpc_addr = report.grpc_addr;
                 replica.pid = report.pid;
                 replica.restarts = report.restarts;
                 let backend = replica.backend.clone();
@@ -380,6 +383,19 @@ impl ClusterState {
                     route: endpoint.route.clone(),
                     endpoint: endpoint.name.clone(),
                     existing_route: existing.route.clone(),
+                    existing: existing.name.clone(),
+                });
+            }
+        }
+        if !endpoint.grpc_service.is_empty() {
+            if let Some(existing) = self
+                .endpoints
+                .iter()
+                .find(|e| e.grpc_service == endpoint.grpc_service)
+            {
+                return Err(StateError::GrpcServiceTaken {
+                    service: endpoint.grpc_service.clone(),
+                    endpoint: endpoint.name.clone(),
                     existing: existing.name.clone(),
                 });
             }

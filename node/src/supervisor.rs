@@ -112,6 +112,8 @@ struct StatusLine {
     #[serde(default)]
     tcp_addr: String,
     #[serde(default)]
+    grpc_addr: String,
+    #[serde(default)]
     pid: u32,
 }
 
@@ -173,6 +175,7 @@ async fn supervise(
                             state: "running".into(),
                             unix_path: status.unix_path,
                             tcp_addr: status.tcp_addr,
+                            grpc_addr: status.grpc_addr,
                             pid: status.pid,
                             ..base.clone()
                         };

@@ -1,6 +1,7 @@
 //! The proxy's own paths, answered before any user route:
 //! `/-/routes` (route -> endpoint, as Ray's proxy answers),
-//! `/-/healthz` (200 once a snapshot is applied) and `/-/metrics`.
+//! `/-/healthz` (200 once a snapshot is applied), `/-/metrics` and
+//! `/-/grpc-services` (gRPC service -> endpoint).
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -13,6 +14,7 @@ use crate::proxy::Proxy;
 pub(crate) const ROUTES_PATH: &str = "/-/routes";
 pub(crate) const HEALTHZ_PATH: &str = "/-/healthz";
 pub(crate) const METRICS_PATH: &str = "/-/metrics";
+pub(crate) const GRPC_SERVICES_PATH: &str = "/-/grpc-services";
 
 /// The built-in answer for `path`, or `None` for user routes.
 pub(crate) fn respond(proxy: &Proxy, path: &str) -> Option<HttpResponse> {
@@ -29,6 +31,18 @@ pub(crate) fn respond(proxy: &Proxy, path: &str) -> Option<HttpResponse> {
                 StatusCode::OK,
                 "application/json",
                 serde_json::Value::Object(routes).to_string(),
+            )
+        }
+        GRPC_SERVICES_PATH => {
+            let services: serde_json::Map<String, serde_json::Value> = proxy
+                .grpc_services()
+                .services()
+                .map(|(service, endpoint)| (service.to_owned(), endpoint.into()))
+                .collect();
+            text(
+                StatusCode::OK,
+                "application/json",
+                serde_json::Value::Object(services).to_string(),
             )
         }
         HEALTHZ_PATH => match proxy.ready_for_traffic() {

@@ -18,6 +18,9 @@
 //!
 //! A client that disconnects drops the request future; the router's guards
 //! release its slot.
+//!
+//! gRPC requests (`content-type: application/grpc`) skip all of this and
+//! go to [`crate::grpc`].
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -40,6 +43,7 @@ use tokio::time::Instant;
 
 use crate::builtin;
 use crate::errors::{self, HttpResponse};
+use crate::grpc;
 use crate::proxy::Proxy;
 use crate::route::{LookupError, RouteMatch};
 
@@ -67,9 +71,17 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
                         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
                     }
                     let proxy = proxy.clone();
-                    let service = service_fn(move |req| {
+                    let service = service_fn(move |req: hyper::Request<Incoming>| {
                         let proxy = proxy.clone();
-                        async move { Ok::<_, Infallible>(handle(&proxy, req, client).await) }
+                        async move {
+                            // gRPC streams through; HTTP answers are whole.
+                            let response = if grpc::is_grpc(&req) {
+                                grpc::handle(&proxy, req).await.map(ResponseBody::Grpc)
+                            } else {
+                                handle(&proxy, req, client).await.map(ResponseBody::Http)
+                            };
+                            Ok::<_, Infallible>(response)
+                        }
                     });
                     let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                     let conn = graceful.watch(conn);
@@ -97,6 +109,43 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         .is_err()
     {
         tracing::warn!(grace = ?proxy.shutdown_grace, "connections still open after the grace period");
+    }
+}
+
+/// What the server sends: a whole HTTP answer, or a gRPC stream.
+enum ResponseBody {
+    Http(Full<Bytes>),
+    Grpc(grpc::GrpcBody),
+}
+
+impl hyper::body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = grpc::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            ResponseBody::Http(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+            ResponseBody::Grpc(b) => std::pin::Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Http(b) => b.is_end_stream(),
+            ResponseBody::Grpc(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            ResponseBody::Http(b) => b.size_hint(),
+            ResponseBody::Grpc(b) => b.size_hint(),
+        }
     }
 }
 

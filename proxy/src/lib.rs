@@ -31,6 +31,7 @@
 mod builtin;
 mod config;
 mod errors;
+pub mod grpc;
 pub mod http;
 mod load_report;
 pub mod metrics;

@@ -12,6 +12,7 @@ use serval_protos::control::ClusterSnapshot;
 use tokio::task::JoinHandle;
 
 use crate::config::ProxyConfig;
+use crate::grpc::{GrpcServices, Reflection};
 use crate::middleware::Middlewares;
 use crate::route::RouteTable;
 use crate::router::Router;
@@ -23,6 +24,8 @@ pub struct Proxy {
     routes: RwLock<Arc<RouteTable>>,
     /// From the snapshot's `HttpOptions.middlewares_json`; swapped whole.
     middlewares: RwLock<Arc<Middlewares>>,
+    /// gRPC services -> endpoints, and the reflection built over them.
+    grpc: RwLock<(Arc<GrpcServices>, Arc<Reflection>)>,
     /// Set once the first snapshot is applied (`/-/healthz`).
     ready: AtomicBool,
     pub(crate) max_body_bytes: usize,
@@ -49,6 +52,10 @@ impl Proxy {
             router,
             routes: RwLock::new(Arc::new(RouteTable::new())),
             middlewares: RwLock::new(Arc::new(Middlewares::default())),
+            grpc: RwLock::new((
+                Arc::new(GrpcServices::default()),
+                Arc::new(Reflection::build(&[])),
+            )),
             ready: AtomicBool::new(false),
             max_body_bytes: config.max_body_bytes,
             shutdown_grace: config.shutdown_grace,
@@ -74,6 +81,38 @@ impl Proxy {
             .clone()
     }
 
+    pub(crate) fn grpc_services(&self) -> Arc<GrpcServices> {
+        self.grpc
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+    }
+
+    pub(crate) fn reflection(&self) -> Arc<Reflection> {
+        self.grpc
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone()
+    }
+
+    /// Swaps in the snapshot's gRPC services; reflection is rebuilt only
+    /// when their descriptors changed (parsing them is not free).
+    fn apply_grpc(&self, snapshot: &ClusterSnapshot) {
+        let services = GrpcServices::from_snapshot(snapshot);
+        let mut grpc = self.grpc.write().unwrap_or_else(|p| p.into_inner());
+        if *grpc.0 == services {
+            return;
+        }
+        let reflection = if grpc.1.built_from(services.descriptors()) {
+            grpc.1.clone()
+        } else {
+            Arc::new(Reflection::build(services.descriptors()))
+        };
+        *grpc = (Arc::new(services), reflection);
+    }
+
     /// Whether the proxy can route, and why not (Ray's `ready_for_traffic`).
     pub fn ready_for_traffic(&self) -> (bool, &'static str) {
         if self.ready.load(Ordering::Acquire) {
@@ -96,6 +135,7 @@ impl Proxy {
             }
         }
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+        self.apply_grpc(snapshot);
         self.apply_middlewares(snapshot);
         self.ready.store(true, Ordering::Release);
         tracing::debug!(version = snapshot.version, "snapshot applied");

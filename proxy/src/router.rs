@@ -87,6 +87,8 @@ struct Replica {
     /// `serval_replica_in_flight{backend,replica}`, kept with `in_flight`.
     in_flight_gauge: ::metrics::Gauge,
     conn: ReplicaConn,
+    /// "host:port" of its gRPC server; empty unless it serves a gRPC API.
+    grpc_addr: String,
 }
 
 /// One backend's replicas and queue. Kept across snapshots by name so
@@ -204,6 +206,20 @@ impl Router {
     }
 
     /// Requests in flight on the replicas of `backend` (0 if unknown).
+    /// Whether a backend `endpoint` sends traffic to has a running replica.
+    pub fn has_running_replica(&self, endpoint: &str) -> bool {
+        let table = self.table();
+        table.endpoints.get(endpoint).is_some_and(|route| {
+            route.traffic.iter().any(|(name, weight)| {
+                *weight > 0.0
+                    && table
+                        .backends
+                        .get(name)
+                        .is_some_and(|b| !b.replicas().is_empty())
+            })
+        })
+    }
+
     pub fn in_flight(&self, backend: &str) -> usize {
         self.table().backends.get(backend).map_or(0, |b| {
             b.replicas()
@@ -285,12 +301,18 @@ impl Router {
             let b = backend(&r.backend);
             let existing = b.replicas().iter().find(|x| x.id == r.id).cloned();
             let replica = match existing {
-                Some(x) if x.conn.same_target(&r.unix_path, &r.tcp_addr) => x,
+                Some(x)
+                    if x.conn.same_target(&r.unix_path, &r.tcp_addr)
+                        && x.grpc_addr == r.grpc_addr =>
+                {
+                    x
+                }
                 _ => Arc::new(Replica {
                     id: r.id.clone(),
                     in_flight: AtomicUsize::new(0),
                     in_flight_gauge: metrics::replica_in_flight(&r.backend, &r.id),
                     conn: ReplicaConn::new(&r.id, &r.unix_path, &r.tcp_addr),
+                    grpc_addr: r.grpc_addr.clone(),
                 }),
             };
             running.entry(r.backend.clone()).or_default().push(replica);
@@ -357,20 +379,76 @@ impl Router {
         start: Instant,
         chosen: &mut Option<Arc<Backend>>,
     ) -> Result<Response, RouterError> {
+        let mut shadows_sent = false;
+        self.walk(
+            endpoint,
+            start,
+            chosen,
+            |table, route, deadline| {
+                if !shadows_sent {
+                    shadows_sent = true;
+                    self.send_shadows(table, route, &request, deadline);
+                }
+            },
+            |backend, deadline| {
+                let request = &request;
+                async move {
+                    self.call_backend(&backend, request, deadline, Queueing::Wait)
+                        .await
+                }
+            },
+        )
+        .await
+    }
+
+    /// A slot on one replica of `endpoint` for a call its caller carries
+    /// itself (a gRPC call, forwarded as an HTTP/2 stream): the same
+    /// traffic draw, per-replica limit and bounded queue as `call`, and
+    /// the slot counts as in flight until the [`Reservation`] is dropped
+    /// (an open stream is load). No shadow copies: a stream cannot be
+    /// duplicated after the fact.
+    pub async fn reserve(&self, endpoint: &str) -> Result<Reservation, RouterError> {
+        let start = Instant::now();
+        let mut chosen = None;
+        let slot = self
+            .walk(
+                endpoint,
+                start,
+                &mut chosen,
+                |_, _, _| {},
+                |backend, deadline| async move {
+                    self.acquire(&backend, deadline, Queueing::Wait).await
+                },
+            )
+            .await?;
+        Ok(Reservation { slot })
+    }
+
+    /// Draws a backend of `endpoint` and runs `attempt` on it until it
+    /// succeeds or fails for good, waiting (never polling) for a routable
+    /// replica while there is none. `on_route` sees the route on every
+    /// round (shadows); `chosen` is left holding the backend last drawn.
+    async fn walk<T, F>(
+        &self,
+        endpoint: &str,
+        start: Instant,
+        chosen: &mut Option<Arc<Backend>>,
+        mut on_route: impl FnMut(&Table, &EndpointRoute, Instant),
+        mut attempt: impl FnMut(Arc<Backend>, Instant) -> F,
+    ) -> Result<T, RouterError>
+    where
+        F: std::future::Future<Output = Result<T, Attempt>>,
+    {
         let deadline = start + self.inner.config.request_timeout;
         let no_replica_deadline = (start + self.inner.config.no_replica_timeout).min(deadline);
         let mut updates = self.inner.updates.subscribe();
-        let mut shadows_sent = false;
         loop {
             let table = self.table();
             let route = table
                 .endpoints
                 .get(endpoint)
                 .ok_or_else(|| RouterError::UnknownEndpoint(endpoint.to_owned()))?;
-            if !shadows_sent {
-                shadows_sent = true;
-                self.send_shadows(&table, route, &request, deadline);
-            }
+            on_route(&table, route, deadline);
             let drawn = draw(&route.traffic)
                 .and_then(|name| table.backends.get(name))
                 .cloned();
@@ -381,10 +459,7 @@ impl Router {
             let mut retry_at = None;
             let mut _awaiting = None;
             if let Some(backend) = drawn {
-                match self
-                    .call_backend(&backend, &request, deadline, Queueing::Wait)
-                    .await
-                {
+                match attempt(backend.clone(), deadline).await {
                     Ok(response) => return Ok(response),
                     Err(Attempt::Failed(e)) => return Err(e),
                     Err(Attempt::NoRoutable(at)) => {
@@ -545,6 +620,27 @@ impl Router {
                 }));
             }
         }
+    }
+}
+
+/// A slot reserved by [`Router::reserve`]: which replica, and where its
+/// gRPC server listens. Dropping it frees the slot.
+pub struct Reservation {
+    slot: InFlight,
+}
+
+impl Reservation {
+    pub fn replica_id(&self) -> &str {
+        &self.slot.replica.id
+    }
+
+    /// Empty when the replica serves no gRPC API.
+    pub fn grpc_addr(&self) -> &str {
+        &self.slot.replica.grpc_addr
+    }
+
+    pub fn backend(&self) -> &str {
+        &self.slot.backend.name
     }
 }
 

@@ -47,6 +47,7 @@ fn endpoint(name: &str, route: &str, methods: &[&str], backend: &str) -> Endpoin
         methods: methods.iter().map(|m| m.to_string()).collect(),
         traffic: HashMap::from([(backend.to_string(), 1.0)]),
         shadow: HashMap::new(),
+        ..Default::default()
     }
 }
 
@@ -300,6 +301,7 @@ async fn metrics_path_is_404_without_a_handle() {
             methods: vec![],
             traffic: HashMap::new(),
             shadow: HashMap::new(),
+            ..Default::default()
         }],
         ..Default::default()
     });

@@ -60,6 +60,7 @@ fn snapshot(version: u64, replica: &ThreadedReplica, middlewares_json: &str) -> 
             methods: vec!["GET".into()],
             traffic: HashMap::from([("b".to_string(), 1.0)]),
             shadow: HashMap::new(),
+            ..Default::default()
         }],
         replicas: vec![Replica {
             id: "r1".into(),

@@ -380,7 +380,8 @@ impl Client {
         Ok(())
     }
 
-    #[pyo3(signature = (name, backend, route, methods))]
+    #[pyo3(signature = (name, backend, route, methods, grpc_service = None, grpc_descriptor = None))]
+    #[allow(clippy::too_many_arguments)]
     fn create_endpoint(
         &self,
         py: Python<'_>,
@@ -388,6 +389,8 @@ impl Client {
         backend: String,
         route: Option<String>,
         methods: Vec<String>,
+        grpc_service: Option<String>,
+        grpc_descriptor: Option<Vec<u8>>,
     ) -> PyResult<()> {
         let mut c = self.client.clone();
         let endpoint = Endpoint {
@@ -395,6 +398,8 @@ impl Client {
             route: route.unwrap_or_default(),
             methods,
             traffic: [(backend, 1.0)].into_iter().collect(),
+            grpc_service: grpc_service.unwrap_or_default(),
+            grpc_descriptor: grpc_descriptor.unwrap_or_default(),
             ..Default::default()
         };
         block_on(py, async move { c.create_endpoint(endpoint).await }).map_err(status_err)?;

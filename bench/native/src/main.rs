@@ -9,7 +9,12 @@
 //!   runtime, over a Unix socket like a same-node replica) whose handler
 //!   answers "ok". The snapshot is built by hand: no controller.
 //!
-//! Both print `ready` on stdout once listening and run until killed.
+//! * `serval-bench grpc-load ADDR /pkg.Service/Method CONCURRENCY SECONDS`:
+//!   a gRPC load generator for a unary no-op method (see `grpc_load`).
+//!
+//! The servers print `ready` on stdout once listening and run until killed.
+
+mod grpc_load;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -27,7 +32,7 @@ use serval_proxy::{Proxy, ProxyConfig};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: serval-bench hyper PORT [WORKERS] | serval-bench native PORT REPLICAS [WORKERS]"
+        "usage: serval-bench hyper PORT [WORKERS] | serval-bench native PORT REPLICAS [WORKERS] | serval-bench grpc-load ADDR METHOD CONCURRENCY SECONDS"
     );
     std::process::exit(2)
 }
@@ -60,6 +65,13 @@ fn main() {
             let replicas: usize = arg(&args, 3, Some(1));
             let workers: usize = arg(&args, 4, Some(2));
             native(port, replicas, workers);
+        }
+        Some("grpc-load") => {
+            let addr: String = arg(&args, 2, None);
+            let method: String = arg(&args, 3, None);
+            let concurrency: usize = arg(&args, 4, Some(16));
+            let seconds: u64 = arg(&args, 5, Some(5));
+            runtime(2).block_on(grpc_load::run(&addr, &method, concurrency, seconds));
         }
         _ => usage(),
     }
@@ -171,6 +183,7 @@ fn native(port: u16, replicas: usize, workers: usize) {
                 methods: vec!["GET".into(), "POST".into()],
                 traffic: HashMap::from([("noop".to_string(), 1.0)]),
                 shadow: HashMap::new(),
+                ..Default::default()
             }],
             replicas: pbs,
             ..Default::default()

@@ -78,6 +78,7 @@ fn endpoint(name: &str, traffic: &[(&str, f64)], shadow: &[(&str, f64)]) -> Endp
         methods: vec!["GET".into()],
         traffic: map(traffic),
         shadow: map(shadow),
+        ..Default::default()
     }
 }
 

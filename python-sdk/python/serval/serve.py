@@ -440,13 +440,14 @@ def delete_backend(backend_tag: str, force: bool = False) -> None:
     _get_client().delete_backend(backend_tag, force)
 
 
-def _wait_for_proxies(route: str, deadline: float) -> None:
-    """Returns once every live proxy lists ``route`` in ``/-/routes``."""
+def _wait_for_proxies(route: str, deadline: float, listing: str = "/-/routes") -> None:
+    """Returns once every live proxy lists ``route`` in ``listing``
+    (``/-/routes``, or ``/-/grpc-services`` for a gRPC service)."""
     proxies = [n["http_address"] for n in _snapshot().get("nodes", []) if n.get("alive") and n.get("http_address")]
     for address in proxies:
         while True:
             try:
-                with urllib.request.urlopen(f"http://{address}/-/routes", timeout=2) as r:
+                with urllib.request.urlopen(f"http://{address}{listing}", timeout=2) as r:
                     if route in json.loads(r.read()):
                         break
             except (OSError, ValueError, urllib.error.URLError):
@@ -457,20 +458,29 @@ def _wait_for_proxies(route: str, deadline: float) -> None:
 
 
 def create_endpoint(endpoint_name: str, *, backend: Optional[str] = None, route: Optional[str] = None,
-                    methods: List[str] = ["GET"]) -> None:
+                    methods: List[str] = ["GET"], grpc_service: Optional[str] = None,
+                    grpc_descriptor: Optional[bytes] = None) -> None:
     """Creates an endpoint serving ``backend`` at ``route`` (None: handle
-    only). Returns once every proxy serves the route."""
+    only). Returns once every proxy serves the route.
+
+    ``grpc_service`` ("package.Service") makes it a gRPC endpoint: the
+    proxies route "/package.Service/Method" calls to its replicas' gRPC
+    servers; ``grpc_descriptor`` (a serialized FileDescriptorSet) feeds
+    their server reflection."""
     if backend is None:
         raise ValueError("create_endpoint needs backend=...")
     if isinstance(methods, str):
         methods = [methods]
     client = _get_client()
-    client.create_endpoint(endpoint_name, backend, route, [str(m) for m in methods])
+    client.create_endpoint(endpoint_name, backend, route, [str(m) for m in methods], grpc_service,
+                           grpc_descriptor)
     deadline = time.monotonic() + ROUTE_PROPAGATION_TIMEOUT_S
     if not client.wait_endpoint(endpoint_name, ROUTE_PROPAGATION_TIMEOUT_S):
         raise ServeError(f"endpoint '{endpoint_name}' did not reach the router in time")
     if route:
         _wait_for_proxies(route, deadline)
+    if grpc_service:
+        _wait_for_proxies(grpc_service, deadline, listing="/-/grpc-services")
 
 
 def delete_endpoint(endpoint: str) -> None:

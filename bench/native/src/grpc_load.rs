@@ -1,0 +1,100 @@
+//! `serval-bench grpc-load ADDR /package.Service/Method CONCURRENCY SECONDS`:
+//! a small gRPC load generator (no ghz on the machine): CONCURRENCY tasks
+//! call one unary method over a single HTTP/2 connection, each sending an
+//! empty message (a proto3 message with no fields set) and waiting for the
+//! answer, for SECONDS. Prints one JSON line: requests/s, p50/p99 latency
+//! in ms, errors (a non-OK grpc-status counts as one).
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+/// An empty gRPC message: uncompressed, length 0.
+const EMPTY_MESSAGE: [u8; 5] = [0, 0, 0, 0, 0];
+
+pub async fn run(addr: &str, method: &str, concurrency: usize, seconds: u64) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let uri: hyper::Uri = match format!("http://{addr}{method}").parse() {
+        Ok(uri) => uri,
+        Err(e) => {
+            eprintln!("bad address or method: {e}");
+            std::process::exit(2)
+        }
+    };
+    let call = |client: Client<_, Full<Bytes>>, uri: hyper::Uri| async move {
+        let request = hyper::Request::post(uri)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(&EMPTY_MESSAGE)))
+            .map_err(|e| e.to_string())?;
+        let response = client.request(request).await.map_err(|e| e.to_string())?;
+        let early = response.headers().get("grpc-status").cloned();
+        let collected = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = early.or_else(|| {
+            collected
+                .trailers()
+                .and_then(|t| t.get("grpc-status").cloned())
+        });
+        match status.as_ref().and_then(|s| s.to_str().ok()) {
+            Some("0") => Ok(()),
+            other => Err(format!("grpc-status {other:?}")),
+        }
+    };
+    // Warm-up: the connection, and the replica's first call.
+    for _ in 0..20 {
+        if let Err(e) = call(client.clone(), uri.clone()).await {
+            eprintln!("warm-up call failed: {e}");
+        }
+    }
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency.max(1))
+        .map(|_| {
+            let (client, uri) = (client.clone(), uri.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut errors = 0u64;
+                while Instant::now() < end {
+                    let t0 = Instant::now();
+                    match call(client.clone(), uri.clone()).await {
+                        Ok(()) => latencies.push(t0.elapsed()),
+                        Err(_) => errors += 1,
+                    }
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for task in tasks {
+        if let Ok((l, e)) = task.await {
+            latencies.extend(l);
+            errors += e;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort();
+    let pick = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+    };
+    println!(
+        "{{\"rps\": {:.1}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}, \"errors\": {}, \"requests\": {}}}",
+        latencies.len() as f64 / elapsed,
+        pick(0.5),
+        pick(0.99),
+        errors,
+        latencies.len()
+    );
+}

@@ -1,0 +1,162 @@
+//! Response bodies of forwarded calls: they hold the replica slot until
+//! the stream ends, and count the call by its final gRPC status.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+use hyper::HeaderMap;
+use tokio::time::Instant;
+
+use super::{BoxError, GrpcBody, GrpcResponse};
+use crate::router::Reservation;
+
+/// Calls by `service`, `method` and final `code` (OK, UNAVAILABLE, ...,
+/// or CANCELLED when the client went away first).
+pub const GRPC_REQUESTS_TOTAL: &str = "serval_grpc_requests_total";
+pub const GRPC_REQUEST_DURATION_SECONDS: &str = "serval_grpc_request_duration_seconds";
+
+const CODE_NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+fn code_name(headers: &HeaderMap) -> Option<&'static str> {
+    let code: usize = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
+    Some(CODE_NAMES.get(code).copied().unwrap_or("UNKNOWN"))
+}
+
+/// Records one call once: at its status, or as CANCELLED when dropped
+/// before one was seen.
+struct Recorder {
+    service: String,
+    method: String,
+    started: Instant,
+    done: bool,
+}
+
+impl Recorder {
+    fn finish(&mut self, code: &'static str) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        metrics::counter!(GRPC_REQUESTS_TOTAL, "service" => self.service.clone(),
+            "method" => self.method.clone(), "code" => code)
+        .increment(1);
+        metrics::histogram!(GRPC_REQUEST_DURATION_SECONDS, "service" => self.service.clone(),
+            "method" => self.method.clone())
+        .record(self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.finish("CANCELLED");
+    }
+}
+
+struct Tracked {
+    inner: GrpcBody,
+    recorder: Option<Recorder>,
+    /// The replica slot: freed when the stream ends or the body is dropped.
+    reservation: Option<Reservation>,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(trailers), Some(r)) = (frame.trailers_ref(), this.recorder.as_mut()) {
+                    r.finish(code_name(trailers).unwrap_or("UNKNOWN"));
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(r) = this.recorder.as_mut() {
+                    r.finish("UNAVAILABLE");
+                }
+                this.reservation = None;
+            }
+            Poll::Ready(None) => {
+                if let Some(r) = this.recorder.as_mut() {
+                    r.finish("UNKNOWN");
+                }
+                this.reservation = None;
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The replica's response, keeping `reservation` until its body ends.
+pub(super) fn hold_until_end(response: GrpcResponse, reservation: Reservation) -> GrpcResponse {
+    response.map(|inner| {
+        Tracked {
+            inner,
+            recorder: None,
+            reservation: Some(reservation),
+        }
+        .boxed_unsync()
+    })
+}
+
+/// Counts the call: now for a trailers-only response (its status is in the
+/// headers), else when the body's trailers arrive.
+pub(super) fn counted(
+    response: GrpcResponse,
+    service: &str,
+    method: &str,
+    started: Instant,
+) -> GrpcResponse {
+    let mut recorder = Recorder {
+        service: service.to_owned(),
+        method: method.to_owned(),
+        started,
+        done: false,
+    };
+    if let Some(code) = code_name(response.headers()) {
+        recorder.finish(code);
+        return response;
+    }
+    response.map(|inner| {
+        Tracked {
+            inner,
+            recorder: Some(recorder),
+            reservation: None,
+        }
+        .boxed_unsync()
+    })
+}

@@ -1,0 +1,237 @@
+//! gRPC on the proxy's HTTP port (issue 8): a request with
+//! `content-type: application/grpc...` (HTTP/2) comes here instead of the
+//! HTTP routes and middlewares.
+//!
+//! * `/<package>.<Service>/<Method>` of a deployed gRPC API: a slot on one
+//!   of its replicas is reserved with the same router as HTTP (traffic
+//!   draw, `max_concurrent_queries`, bounded queue), and the HTTP/2 stream
+//!   is forwarded unchanged to that replica's gRPC server: message bytes,
+//!   metadata, `grpc-timeout`, streaming in both directions and trailers.
+//!   The slot is held until the response ends, so an open stream counts
+//!   as in flight for backpressure and autoscaling. A client that goes
+//!   away resets the upstream stream, which cancels the call on the replica.
+//! * `grpc.health.v1.Health/Check` ([`health`]) and server reflection
+//!   ([`reflection`], v1 and v1alpha) answered by the proxy itself.
+//! * Anything else: `UNIMPLEMENTED` naming the service.
+//!
+//! Failures the proxy answers are trailers-only responses with a gRPC
+//! status; `serval_grpc_requests_total{service,method,code}` counts every
+//! call ([`body`]).
+
+mod body;
+mod health;
+mod reflection;
+mod table;
+
+use std::sync::OnceLock;
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::time::Instant;
+
+use crate::proxy::Proxy;
+use crate::router::RouterError;
+
+pub use body::GRPC_REQUESTS_TOTAL;
+pub(crate) use reflection::Reflection;
+pub(crate) use table::GrpcServices;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type GrpcBody = UnsyncBoxBody<Bytes, BoxError>;
+pub(crate) type GrpcResponse = hyper::Response<GrpcBody>;
+
+/// gRPC status codes the proxy answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Code {
+    DeadlineExceeded = 4,
+    NotFound = 5,
+    ResourceExhausted = 8,
+    Unimplemented = 12,
+    Internal = 13,
+    Unavailable = 14,
+}
+
+/// Whether a request is gRPC (any `application/grpc` subtype).
+pub(crate) fn is_grpc(req: &hyper::Request<Incoming>) -> bool {
+    req.headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// `/package.Service/Method` -> (`package.Service`, `Method`).
+fn split_path(path: &str) -> Option<(&str, &str)> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    (!service.is_empty() && !method.is_empty() && !method.contains('/'))
+        .then_some((service, method))
+}
+
+pub(crate) async fn handle(proxy: &Proxy, req: hyper::Request<Incoming>) -> GrpcResponse {
+    let started = Instant::now();
+    let path = req.uri().path().to_owned();
+    let Some((service, method)) = split_path(&path) else {
+        return status_response(
+            Code::Unimplemented,
+            &format!("{path} is not a gRPC method path (/package.Service/Method)"),
+        );
+    };
+    let response = if service == health::SERVICE {
+        health::handle(proxy, method, req).await
+    } else if reflection::SERVICES.contains(&service) {
+        proxy.reflection().handle(req).await
+    } else {
+        match proxy.grpc_services().endpoint(service) {
+            Some(endpoint) => forward(proxy, endpoint, req).await,
+            None => status_response(
+                Code::Unimplemented,
+                &format!("unknown service {service}: no deployed API serves it"),
+            ),
+        }
+    };
+    body::counted(response, service, method, started)
+}
+
+/// Reserves a replica of `endpoint` and forwards the call to its gRPC server.
+async fn forward(proxy: &Proxy, endpoint: &str, req: hyper::Request<Incoming>) -> GrpcResponse {
+    let reservation = match proxy.router().reserve(endpoint).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(%endpoint, error = %e, "gRPC call not routed");
+            return status_response(code_of(&e), &e.to_string());
+        }
+    };
+    if reservation.grpc_addr().is_empty() {
+        return status_response(
+            Code::Unavailable,
+            &format!(
+                "replica {} of endpoint {endpoint} has no gRPC server (not a gRPC API, or an older replica)",
+                reservation.replica_id()
+            ),
+        );
+    }
+    let (mut parts, body) = req.into_parts();
+    let target = format!(
+        "http://{}{}",
+        reservation.grpc_addr(),
+        parts.uri.path_and_query().map_or("/", |p| p.as_str())
+    );
+    parts.uri = match target.parse() {
+        Ok(uri) => uri,
+        Err(e) => {
+            return status_response(
+                Code::Internal,
+                &format!("bad replica address {target}: {e}"),
+            )
+        }
+    };
+    match client()
+        .request(hyper::Request::from_parts(parts, body))
+        .await
+    {
+        Ok(response) => body::hold_until_end(
+            response.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()),
+            reservation,
+        ),
+        Err(e) => {
+            tracing::debug!(%endpoint, replica = %reservation.replica_id(), error = %e, "gRPC forward failed");
+            status_response(
+                Code::Unavailable,
+                &format!(
+                    "replica {} of endpoint {endpoint} could not be reached: {e}",
+                    reservation.replica_id()
+                ),
+            )
+        }
+    }
+}
+
+/// One HTTP/2 (h2c) client for every replica: it keeps a connection per
+/// replica and multiplexes calls on it.
+fn client() -> &'static Client<HttpConnector, Incoming> {
+    static CLIENT: OnceLock<Client<HttpConnector, Incoming>> = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(connector)
+    })
+}
+
+fn code_of(e: &RouterError) -> Code {
+    match e {
+        RouterError::UnknownEndpoint(_) => Code::Unimplemented,
+        RouterError::Backpressure { .. } => Code::ResourceExhausted,
+        RouterError::Timeout { .. } => Code::DeadlineExceeded,
+        RouterError::NoReplica { .. } | RouterError::ReplicaDied { .. } => Code::Unavailable,
+        RouterError::Protocol { .. } => Code::Internal,
+    }
+}
+
+/// A trailers-only response: HTTP 200 with the status in the headers, as
+/// gRPC servers answer a call that fails before any message.
+pub(crate) fn status_response(code: Code, message: &str) -> GrpcResponse {
+    let mut response = hyper::Response::new(empty());
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert("grpc-status", HeaderValue::from(code as u16));
+    if let Ok(value) = HeaderValue::from_str(&percent_encode(message)) {
+        headers.insert("grpc-message", value);
+    }
+    response
+}
+
+pub(crate) fn empty() -> GrpcBody {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// grpc-message is percent-encoded (the gRPC HTTP/2 spec): bytes outside
+/// printable ASCII, and '%' itself.
+fn percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for b in message.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A gRPC message frame: uncompressed flag, big-endian length, bytes.
+pub(crate) fn frame(message: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(5 + message.len());
+    out.push(0);
+    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    out.extend_from_slice(message);
+    out.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_paths_split_into_service_and_method() {
+        assert_eq!(split_path("/pkg.Svc/Predict"), Some(("pkg.Svc", "Predict")));
+        assert_eq!(split_path("/Svc/M"), Some(("Svc", "M")));
+        assert_eq!(split_path("/pkg.Svc/"), None);
+        assert_eq!(split_path("/pkg.Svc/a/b"), None);
+        assert_eq!(split_path("/"), None);
+    }
+
+    #[test]
+    fn grpc_messages_are_percent_encoded() {
+        assert_eq!(percent_encode("a b"), "a b");
+        assert_eq!(percent_encode("100%\né"), "100%25%0A%C3%A9");
+    }
+}

@@ -1,0 +1,49 @@
+//! Which endpoint serves which gRPC service, from the snapshot.
+
+use std::collections::BTreeMap;
+
+use serval_protos::control::ClusterSnapshot;
+
+/// `package.Service` -> endpoint, and the services' descriptor sets.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(crate) struct GrpcServices {
+    endpoints: BTreeMap<String, String>,
+    /// Serialized FileDescriptorSets, in service order (for reflection).
+    descriptors: Vec<Vec<u8>>,
+}
+
+impl GrpcServices {
+    pub(crate) fn from_snapshot(snapshot: &ClusterSnapshot) -> Self {
+        let mut out = Self::default();
+        let mut sorted: Vec<_> = snapshot
+            .endpoints
+            .iter()
+            .filter(|e| !e.grpc_service.is_empty())
+            .collect();
+        sorted.sort_by(|a, b| a.grpc_service.cmp(&b.grpc_service));
+        for e in sorted {
+            // The controller refuses a second endpoint for a service.
+            if out.endpoints.contains_key(&e.grpc_service) {
+                continue;
+            }
+            out.endpoints.insert(e.grpc_service.clone(), e.name.clone());
+            if !e.grpc_descriptor.is_empty() {
+                out.descriptors.push(e.grpc_descriptor.clone());
+            }
+        }
+        out
+    }
+
+    pub(crate) fn endpoint(&self, service: &str) -> Option<&str> {
+        self.endpoints.get(service).map(String::as_str)
+    }
+
+    /// Service -> endpoint, for `/-/grpc-services`.
+    pub(crate) fn services(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.endpoints.iter().map(|(s, e)| (s.as_str(), e.as_str()))
+    }
+
+    pub(crate) fn descriptors(&self) -> &[Vec<u8>] {
+        &self.descriptors
+    }
+}

@@ -1,0 +1,236 @@
+//! gRPC through the proxy over real sockets: a hand-built snapshot (no
+//! controller) whose one replica's gRPC server is a raw hyper HTTP/2
+//! server echoing each request message back as it arrives. Checks that
+//! messages stream both ways through the proxy (an echo comes back before
+//! the client sends the next message), that trailers arrive, that an open
+//! stream holds its replica slot, and the proxy's own answers: unknown
+//! services, health checks and `/-/grpc-services`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serval_protos::control::{Backend, BackendConfig, ClusterSnapshot, Endpoint, Replica};
+use serval_proxy::{Proxy, ProxyConfig};
+use tokio::sync::mpsc;
+
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn grpc_frame(message: &[u8]) -> Bytes {
+    let mut out = vec![0];
+    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    out.extend_from_slice(message);
+    out.into()
+}
+
+/// The replica's gRPC server: echoes every data frame; `/echo.Echo/Fail`
+/// answers trailers-only INTERNAL.
+async fn echo_server() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let service = service_fn(|req: hyper::Request<Incoming>| async move {
+                if req.uri().path() == "/echo.Echo/Fail" {
+                    let response = hyper::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .header("grpc-status", "13")
+                        .header("grpc-message", "it failed")
+                        .body(BoxBody::new(Full::new(Bytes::new())))
+                        .unwrap();
+                    return Ok::<_, Infallible>(response);
+                }
+                let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(8);
+                tokio::spawn(async move {
+                    let mut body = req.into_body();
+                    while let Some(Ok(frame)) = body.frame().await {
+                        if let Ok(data) = frame.into_data() {
+                            if tx.send(Ok(Frame::data(data))).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    let mut trailers = hyper::HeaderMap::new();
+                    trailers.insert("grpc-status", "0".parse().unwrap());
+                    let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+                });
+                let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+                Ok(hyper::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(BoxBody::new(body))
+                    .unwrap())
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn snapshot(grpc_addr: &str) -> ClusterSnapshot {
+    ClusterSnapshot {
+        version: 1,
+        backends: vec![Backend {
+            name: "b".into(),
+            config: Some(BackendConfig {
+                max_concurrent_queries: 4,
+                ..Default::default()
+            }),
+            state: "running".into(),
+            ..Default::default()
+        }],
+        endpoints: vec![Endpoint {
+            name: "echo-api".into(),
+            traffic: HashMap::from([("b".to_string(), 1.0)]),
+            grpc_service: "echo.Echo".into(),
+            ..Default::default()
+        }],
+        replicas: vec![Replica {
+            id: "b#1".into(),
+            backend: "b".into(),
+            state: "running".into(),
+            grpc_addr: grpc_addr.into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn grpc_status(headers: &hyper::HeaderMap) -> Option<&str> {
+    headers.get("grpc-status").and_then(|v| v.to_str().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_stream_through_the_proxy() {
+    let upstream = echo_server().await;
+    let proxy = Arc::new(Proxy::new(&ProxyConfig::default()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serval_proxy::serve(listener, proxy.clone(), async move {
+        let _ = stop_rx.await;
+    }));
+    proxy.apply_snapshot(&snapshot(&upstream.to_string()));
+    let client: Client<_, BoxBody> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let request = |path: &str, body: BoxBody| {
+        hyper::Request::post(format!("http://{addr}{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body)
+            .unwrap()
+    };
+
+    // A bidirectional stream: each echo arrives before the next message
+    // is sent, so neither direction is buffered whole by the proxy.
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(8);
+    let body = BoxBody::new(StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    ));
+    let response = client
+        .request(request("/echo.Echo/Chat", body))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    for message in [&b"one"[..], b"two", b"three"] {
+        tx.send(Ok(Frame::data(grpc_frame(message)))).await.unwrap();
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), grpc_frame(message));
+    }
+    // The open stream holds its replica slot.
+    assert_eq!(proxy.router().in_flight("b"), 1);
+    drop(tx);
+    let trailers = loop {
+        let frame = body.frame().await.unwrap().unwrap();
+        if let Ok(trailers) = frame.into_trailers() {
+            break trailers;
+        }
+    };
+    assert_eq!(grpc_status(&trailers), Some("0"));
+    eventually("the slot to be released", || {
+        proxy.router().in_flight("b") == 0
+    })
+    .await;
+
+    // A replica's error status passes through unchanged.
+    let response = client
+        .request(request(
+            "/echo.Echo/Fail",
+            BoxBody::new(Full::new(grpc_frame(b"x"))),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(grpc_status(response.headers()), Some("13"));
+    assert_eq!(response.headers()["grpc-message"], "it failed");
+
+    // A service no API serves: UNIMPLEMENTED, naming it.
+    let response = client
+        .request(request(
+            "/other.Svc/Call",
+            BoxBody::new(Full::new(grpc_frame(b""))),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(grpc_status(response.headers()), Some("12"));
+    let message = response.headers()["grpc-message"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("unknown service other.Svc"), "{message}");
+
+    // Health checks: a deployed service with a running replica is SERVING
+    // (1); an unknown one is NOT_FOUND (5).
+    let check = |service: &str| {
+        let mut message = vec![0x0a, service.len() as u8];
+        message.extend_from_slice(service.as_bytes());
+        request(
+            "/grpc.health.v1.Health/Check",
+            BoxBody::new(Full::new(grpc_frame(&message))),
+        )
+    };
+    let response = client.request(check("echo.Echo")).await.unwrap();
+    let collected = response.into_body().collect().await.unwrap();
+    assert_eq!(grpc_status(collected.trailers().unwrap()), Some("0"));
+    assert_eq!(collected.to_bytes(), grpc_frame(&[0x08, 0x01]));
+    let response = client.request(check("nope.Nope")).await.unwrap();
+    assert_eq!(grpc_status(response.headers()), Some("5"));
+
+    // The listing `serve.create_endpoint` waits on.
+    let http: Client<_, BoxBody> = Client::builder(TokioExecutor::new()).build_http();
+    let response = http
+        .request(
+            hyper::Request::get(format!("http://{addr}/-/grpc-services"))
+                .body(BoxBody::new(Full::new(Bytes::new())))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let listing = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&listing[..], br#"{"echo.Echo":"echo-api"}"#);
+
+    let _ = stop.send(());
+    let _ = server.await;
+}
