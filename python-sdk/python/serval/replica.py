@@ -7,6 +7,7 @@ user prints land in the log, and writes exactly one JSON line on the status
 fd before closing it::
 
     {"state": "running", "unix_path": "...", "tcp_addr": "127.0.0.1:PORT", "pid": N}
+    (plus "grpc_addr": "HOST:PORT" when the backend serves gRPC: a Cortex gRPC API)
     {"state": "failed", "error": "<traceback>"}        (then exit status 1)
 
 Threads: the Rust frame server runs on its own one-worker tokio runtime; ONE
@@ -102,6 +103,8 @@ def main(argv=None) -> int:
         from ._host import Host
         from ._native import ReplicaServer
 
+        # Where servers of the user's object listen (a gRPC API's grpcio server).
+        os.environ["SERVAL_REPLICA_HOST"] = args.tcp_host or "127.0.0.1"
         host = Host.from_code_file(args.backend, args.code_file, config)
         # A model API run natively answers its POSTs in Rust (serval.cortex.onnx).
         native = getattr(host.obj, "serval_native_model", None)
@@ -127,10 +130,14 @@ def main(argv=None) -> int:
 
     thread = threading.Thread(target=worker, name="serval-worker", daemon=True)
     thread.start()
-    status.write({"state": "running", "unix_path": server.unix_path, "tcp_addr": server.tcp_addr,
-                  "pid": os.getpid()})
-    logger.info("replica %s of backend %r serving on %s and %s", args.replica_id, args.backend,
-                server.unix_path, server.tcp_addr)
+    running = {"state": "running", "unix_path": server.unix_path, "tcp_addr": server.tcp_addr, "pid": os.getpid()}
+    # A gRPC API (serval.cortex.grpc_api) also serves gRPC, on an address of its own.
+    grpc_addr = getattr(host.obj, "serval_grpc_address", None)
+    if grpc_addr:
+        running["grpc_addr"] = grpc_addr
+    status.write(running)
+    logger.info("replica %s of backend %r serving on %s and %s%s", args.replica_id, args.backend,
+                server.unix_path, server.tcp_addr, f" (gRPC on {grpc_addr})" if grpc_addr else "")
 
     reason = "interrupted"
     try:
@@ -142,6 +149,12 @@ def main(argv=None) -> int:
     finally:
         logger.info("replica %s stopping: %s", args.replica_id, reason)
         server.shutdown(reason or "shutdown")
+        stop = getattr(host.obj, "serval_stop", None)
+        if callable(stop):  # a gRPC API's server: calls in flight may finish
+            try:
+                stop()
+            except Exception:
+                logger.exception("stopping the replica's gRPC server failed")
         thread.join(timeout=5.0)
         if thread.is_alive():
             # User code is stuck: do not let it keep the process alive.

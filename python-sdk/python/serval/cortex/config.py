@@ -12,9 +12,15 @@ warning and ignored.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
 import re
+import subprocess
+import sys
+import tempfile
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import urlparse
 
@@ -217,11 +223,130 @@ def _python_handler(c: _Checker, h: dict, folder: str) -> Dict[str, Any]:
     """A Handler class (seed 000): ``path`` required, ``config`` for it."""
     out: Dict[str, Any] = {}
     out["path"] = _file_in_project(folder, c, "handler.path", c.field(h, "handler.", "path", _str, required=True))
-    if h.get("protobuf_path") is not None:
-        c.fail("handler.protobuf_path", "gRPC APIs are not supported yet")
     config = c.mapping(h, "handler.", "config")
     out["config"] = config
+    protobuf_path = c.field(h, "handler.", "protobuf_path", _str)
+    if protobuf_path is not None:
+        # A gRPC API: these two keys exist only then, so the specs (and
+        # fingerprints) of HTTP APIs are what they were.
+        out["protobuf_path"] = _file_in_project(folder, c, "handler.protobuf_path", protobuf_path)
+        if not out["protobuf_path"].endswith(".proto"):
+            c.fail("handler.protobuf_path", f"must be a .proto file, got {protobuf_path!r}")
+        out["grpc"] = compile_proto(folder, out["protobuf_path"], c).spec
     return out
+
+
+# -- gRPC (handler.protobuf_path) ----------------------------------------------
+
+#: Where a gRPC API's generated modules go in the package (a dot-folder, so
+#: no file of the project can collide with it): ``.serval/grpc/<api name>/``.
+GRPC_PACKAGE_DIR = ".serval/grpc"
+#: The serialized FileDescriptorSet (imports included) in that folder.
+DESCRIPTOR_SET_NAME = "descriptor_set.pb"
+
+
+@dataclass
+class CompiledProto:
+    """``handler.protobuf_path`` compiled by grpcio-tools' protoc.
+
+    ``spec``: what the API's spec records (``handler.grpc``): ``service``
+    (full name, ``package.Service``), ``methods`` (``name``,
+    ``client_streaming``, ``server_streaming``, ``input_type``,
+    ``output_type``), ``module`` (the generated module of the proto,
+    ``<stem>_pb2``), ``proto_file`` (its name in the descriptor set) and
+    ``descriptor_sha256``; validate_api adds ``package_dir``, where
+    ``files`` go in the package. ``descriptor_set``: the serialized
+    FileDescriptorSet (``--include_imports``). ``files``: the generated
+    ``*_pb2.py`` of the proto and of the project protos it imports, by path
+    relative to the generated folder (the descriptor set included)."""
+
+    spec: Dict[str, Any]
+    descriptor_set: bytes
+    files: Dict[str, bytes] = field(default_factory=dict)
+
+
+def _protoc(args: List[str], cwd: str) -> subprocess.CompletedProcess:
+    """grpcio-tools' protoc in a subprocess (its messages on stderr; the
+    bundled well-known protos are on its include path)."""
+    return subprocess.run([sys.executable, "-m", "grpc_tools.protoc", *args], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+def _protoc_message(proc: subprocess.CompletedProcess, *dirs: str) -> str:
+    """protoc's error output, with file names relative to the project."""
+    message = (proc.stderr or proc.stdout).strip() or f"protoc exited with status {proc.returncode}"
+    for d in dirs:
+        message = message.replace(d.rstrip(os.sep) + os.sep, "")
+    return message
+
+
+def compile_proto(folder: str, rel: str, checker: Optional[_Checker] = None) -> CompiledProto:
+    """Compiles the project's ``rel`` (a .proto file) and checks it defines
+    exactly one service; a ConfigError naming ``handler.protobuf_path``
+    (through ``checker``) when it cannot be served."""
+    c = checker or _Checker("handler")
+    fieldname = "handler.protobuf_path"
+    if importlib.util.find_spec("grpc_tools") is None:
+        c.fail(fieldname, "compiling a .proto file needs grpcio-tools on the machine that deploys "
+                          "(pip install grpcio-tools)")
+    from google.protobuf import descriptor_pb2
+
+    folder = os.path.abspath(folder)
+    proto = os.path.join(folder, rel)
+    proto_dir = os.path.dirname(proto)
+    # The proto's own folder first (its module is then ``<stem>_pb2``, as in
+    # Cortex), then the project folder, for imports of other project protos.
+    includes = [f"-I{proto_dir}"] + ([f"-I{folder}"] if proto_dir != folder else [])
+    with tempfile.TemporaryDirectory(prefix="serval-protoc-") as tmp:
+        set_path = os.path.join(tmp, DESCRIPTOR_SET_NAME)
+        proc = _protoc(includes + [f"--descriptor_set_out={set_path}", "--include_imports",
+                              os.path.basename(proto)], proto_dir)
+        if proc.returncode != 0:
+            c.fail(fieldname, f"{rel} does not compile:\n{_protoc_message(proc, proto_dir, folder)}")
+        with open(set_path, "rb") as f:
+            descriptor_set = f.read()
+        fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set)
+        main_name = os.path.basename(rel)
+        main = next((f for f in fds.file if f.name == main_name), fds.file[-1])
+        services = list(main.service)
+        if len(services) != 1:
+            found = (f"defines {len(services)} services ({', '.join(s.name for s in services)})"
+                     if services else "defines no service")
+            c.fail(fieldname, f"{rel} {found}; a gRPC API serves exactly one service")
+        service = services[0]
+        prefix = f"{main.package}." if main.package else ""
+        # The protos of the project (the main one and those it imports); the
+        # well-known ones (google/protobuf/*) come with the protobuf runtime.
+        own = [f.name for f in fds.file if any(os.path.isfile(os.path.join(d, f.name)) for d in
+                                               dict.fromkeys((proto_dir, folder)))]
+        if main.name not in own:
+            own.append(main.name)
+        out_dir = os.path.join(tmp, "py")
+        os.makedirs(out_dir)
+        proc = _protoc(includes + [f"--python_out={out_dir}", *own], proto_dir)
+        if proc.returncode != 0:
+            c.fail(fieldname, f"{rel}: generating its Python module failed:\n"
+                              f"{_protoc_message(proc, proto_dir, folder)}")
+        files: Dict[str, bytes] = {DESCRIPTOR_SET_NAME: descriptor_set}
+        for root, _, names in os.walk(out_dir):
+            for name in names:
+                full = os.path.join(root, name)
+                with open(full, "rb") as f:
+                    files[os.path.relpath(full, out_dir).replace(os.sep, "/")] = f.read()
+
+    def type_name(t: str) -> str:
+        return t[1:] if t.startswith(".") else t
+
+    spec = {
+        "service": prefix + service.name,
+        "methods": [{"name": m.name, "client_streaming": bool(m.client_streaming),
+                     "server_streaming": bool(m.server_streaming), "input_type": type_name(m.input_type),
+                     "output_type": type_name(m.output_type)} for m in service.method],
+        "module": os.path.splitext(main.name)[0].replace("/", ".").replace("-", "_") + "_pb2",
+        "proto_file": main.name,
+        "descriptor_sha256": hashlib.sha256(descriptor_set).hexdigest(),
+    }
+    return CompiledProto(spec=spec, descriptor_set=descriptor_set, files=files)
 
 
 def _model_path(c: _Checker, folder: str, value: str, want_dir: bool = False) -> str:
@@ -322,6 +447,9 @@ def _handler(c: _Checker, api: dict, folder: str) -> dict:
         }
     else:
         out["server_side_batching"] = None
+    if out["server_side_batching"] and "grpc" in out:
+        c.fail("handler.server_side_batching", "gathers HTTP POST requests; a gRPC API "
+                                               "(handler.protobuf_path) cannot use it")
     out["processes_per_replica"] = c.field(h, "handler.", "processes_per_replica", _int(1), default=1)
     out["threads_per_process"] = c.field(h, "handler.", "threads_per_process", _int(1), default=1)
     return out
@@ -440,6 +568,8 @@ def validate_api(raw: Any, index: int, folder: str) -> dict:
         if k not in REALTIME_KEYS:
             c.fail(k, f"unknown key (expected one of: {', '.join(REALTIME_KEYS)})")
     handler = _handler(c, raw, folder)
+    if "grpc" in handler:
+        handler["grpc"]["package_dir"] = f"{GRPC_PACKAGE_DIR}/{name}"
     compute = _compute(c, raw)
     if handler.get("runtime") == "native" and compute["gpu"]:
         c.fail("handler.runtime", "native runs models on CPUs only; use runtime: onnxruntime for GPUs")
@@ -493,6 +623,14 @@ def load_config(folder: str, config_path: Optional[str] = None) -> Tuple[str, Li
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"{fname}: api \"{dup[0]}\": name: defined more than once")
+    services = {}
+    for a in apis:
+        service = ((a.get("handler") or {}).get("grpc") or {}).get("service")
+        if service in services:
+            raise ConfigError(f'{fname}: api "{a["name"]}": handler.protobuf_path: the gRPC service {service} '
+                              f'is also served by api "{services[service]}"')
+        if service:
+            services[service] = a["name"]
     endpoints = [a["endpoint"] for a in apis]
     dup = sorted({e for e in endpoints if endpoints.count(e) > 1})
     if dup:

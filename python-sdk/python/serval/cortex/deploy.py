@@ -21,7 +21,7 @@ import os
 import time
 from typing import Any, Dict, List, Optional
 
-from .config import ConfigError, load_config, read_dotenv
+from .config import ConfigError, _Checker, compile_proto, load_config, read_dotenv
 from .package import build_package
 
 #: Every verb a Handler may implement; the Handler answers 405 for the rest.
@@ -77,9 +77,22 @@ def _check_pip_file(folder: str, api: dict) -> None:
         raise ConfigError(f'api "{api["name"]}": handler.dependencies.pip: no such file in the project folder: {pip}')
 
 
+def _grpc(spec: dict) -> Optional[dict]:
+    """``handler.grpc`` of a gRPC API's spec (None for an HTTP API)."""
+    return (spec.get("handler") or {}).get("grpc") if spec.get("kind") == "RealtimeAPI" else None
+
+
+def _shown_endpoint(spec: dict) -> Optional[str]:
+    """Where an API is called: its route, or a gRPC API's service."""
+    grpc = _grpc(spec)
+    return grpc["service"] if grpc else spec.get("endpoint")
+
+
 def _check_splitters(apis: List[dict], snap: Dict[str, Any]) -> None:
-    realtime = {a["name"] for a in apis if a["kind"] == "RealtimeAPI"}
-    realtime |= {a["name"] for a in snap.get("apis", []) if a.get("kind") == "RealtimeAPI"}
+    realtime = {a["name"]: a for a in apis if a["kind"] == "RealtimeAPI"}
+    for a in snap.get("apis", []):
+        if a.get("kind") == "RealtimeAPI" and a["name"] not in realtime:
+            realtime[a["name"]] = json.loads(a.get("spec_json") or "{}")
     for a in apis:
         if a["kind"] != "TrafficSplitter":
             continue
@@ -87,6 +100,9 @@ def _check_splitters(apis: List[dict], snap: Dict[str, Any]) -> None:
             if e["name"] not in realtime:
                 raise ConfigError(f'api "{a["name"]}": apis: "{e["name"]}" is not a RealtimeAPI of this config '
                                   f"or of the cluster")
+            if _grpc(realtime[e["name"]]):
+                raise ConfigError(f'api "{a["name"]}": apis: "{e["name"]}" is a gRPC API; a TrafficSplitter '
+                                  f"splits HTTP traffic only")
 
 
 def deploy(folder: str = ".", config_path: Optional[str] = None, *, wait: bool = True,
@@ -102,7 +118,22 @@ def deploy(folder: str = ".", config_path: Optional[str] = None, *, wait: bool =
         if api["kind"] == "RealtimeAPI":
             _check_pip_file(folder, api)
     dotenv = read_dotenv(folder)
-    package = build_package(folder, path)
+    # gRPC APIs: the generated modules of their .proto go in the package (the
+    # replicas need only grpcio and protobuf), the descriptor set to the
+    # endpoint (the proxies' reflection).
+    descriptors: Dict[str, bytes] = {}
+    generated: Dict[str, bytes] = {}
+    for api in apis:
+        grpc = api["kind"] == "RealtimeAPI" and api["handler"].get("grpc")
+        if grpc:
+            compiled = compile_proto(folder, api["handler"]["protobuf_path"],
+                                     _Checker(f'api "{api["name"]}"'))
+            if compiled.spec["descriptor_sha256"] != grpc["descriptor_sha256"]:
+                raise ConfigError(f'api "{api["name"]}": handler.protobuf_path: changed while deploying')
+            descriptors[api["name"]] = compiled.descriptor_set
+            for rel, data in compiled.files.items():
+                generated[f'{grpc["package_dir"]}/{rel}'] = data
+    package = build_package(folder, path, generated)
     client = serve._get_client()
     snap = _snapshot()
     _check_splitters(apis, snap)
@@ -113,11 +144,12 @@ def deploy(folder: str = ".", config_path: Optional[str] = None, *, wait: bool =
     for api in sorted(apis, key=lambda a: a["kind"] == "TrafficSplitter"):
         if api["kind"] == "RealtimeAPI":
             spec = dict(api, dotenv=dotenv, package=digest)
-            action = _deploy_realtime(serve, client, spec, existing.get(api["name"]))
+            action = _deploy_realtime(serve, client, spec, existing.get(api["name"]), descriptors.get(api["name"]))
         else:
             spec = dict(api)
             action = _deploy_splitter(serve, client, spec, existing.get(api["name"]))
-        results.append({"name": api["name"], "kind": api["kind"], "endpoint": api["endpoint"], "action": action})
+        results.append({"name": api["name"], "kind": api["kind"], "endpoint": _shown_endpoint(api),
+                        "action": action})
     if wait:
         wait_live([r["name"] for r in results if r["kind"] == "RealtimeAPI"], timeout)
     return results
@@ -137,11 +169,35 @@ def _backend_class(spec: dict) -> type:
     if spec["handler"]["type"] == "tensorflow":
         from .tensorflow import TensorFlowAPI
         return TensorFlowAPI
+    if spec["handler"].get("grpc"):
+        from .grpc_api import GrpcAPI
+        return GrpcAPI
     from .realtime import RealtimeAPI
     return RealtimeAPI
 
 
-def _deploy_realtime(serve, client, spec: dict, old: Optional[dict]) -> str:
+def _create_endpoint(serve, spec: dict, descriptor: Optional[bytes]) -> None:
+    """The endpoint of a RealtimeAPI: its HTTP route, or for a gRPC API its
+    service (no route) and descriptor set."""
+    grpc = _grpc(spec)
+    if grpc:
+        if descriptor is None:
+            raise ConfigError(f'api "{spec["name"]}": handler.protobuf_path: no compiled descriptor set')
+        serve.create_endpoint(spec["name"], backend=spec["name"], route=None, methods=["POST"],
+                              grpc_service=grpc["service"], grpc_descriptor=descriptor)
+    else:
+        serve.create_endpoint(spec["name"], backend=spec["name"], route=spec["endpoint"], methods=API_METHODS)
+
+
+def _endpoint_key(spec: dict) -> tuple:
+    """What the endpoint of a RealtimeAPI depends on (a change re-creates it)."""
+    grpc = _grpc(spec)
+    if grpc:
+        return ("grpc", grpc.get("service"), grpc.get("descriptor_sha256"))
+    return ("http", spec.get("endpoint"))
+
+
+def _deploy_realtime(serve, client, spec: dict, old: Optional[dict], descriptor: Optional[bytes] = None) -> str:
     name = spec["name"]
     fingerprint = _fingerprint(spec)
     if old is not None and old.get("fingerprint") == fingerprint:
@@ -156,7 +212,7 @@ def _deploy_realtime(serve, client, spec: dict, old: Optional[dict]) -> str:
             raise ConfigError(f'api "{name}": name: a backend with this name exists (not deployed from a '
                               f"project folder)")
         client.create_backend(name, code, config)
-        serve.create_endpoint(name, backend=name, route=spec["endpoint"], methods=API_METHODS)
+        _create_endpoint(serve, spec, descriptor)
         _record(client, spec, fingerprint)
         return "created"
     old_spec = json.loads(old.get("spec_json") or "{}")
@@ -164,9 +220,9 @@ def _deploy_realtime(serve, client, spec: dict, old: Optional[dict]) -> str:
         client.update_backend_code(name, code)
     if not old_spec.get("autoscaling") or _backend_config(old_spec) != _backend_config(spec):
         client.update_backend_config(name, config)
-    if old_spec.get("endpoint") != spec["endpoint"]:
+    if _endpoint_key(old_spec) != _endpoint_key(spec):
         serve.delete_endpoint(name)
-        serve.create_endpoint(name, backend=name, route=spec["endpoint"], methods=API_METHODS)
+        _create_endpoint(serve, spec, descriptor)
     _record(client, spec, fingerprint)
     return "updated"
 
@@ -200,7 +256,7 @@ def _deploy_splitter(serve, client, spec: dict, old: Optional[dict]) -> str:
 
 def _api_status(api: dict, snap: Dict[str, Any]) -> Dict[str, Any]:
     spec = json.loads(api.get("spec_json") or "{}")
-    out = {"name": api["name"], "kind": api.get("kind"), "endpoint": spec.get("endpoint"),
+    out = {"name": api["name"], "kind": api.get("kind"), "endpoint": _shown_endpoint(spec),
            "deployed_at": api.get("deployed_at"), "package": api.get("package_digest") or None}
     if api.get("kind") == "TrafficSplitter":
         out.update(status="live", apis=spec.get("apis", []))

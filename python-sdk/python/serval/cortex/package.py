@@ -22,7 +22,7 @@ import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .config import ConfigError
 
@@ -83,11 +83,16 @@ def list_files(folder: str, config_path: Optional[str]) -> List[Tuple[str, int]]
     return out
 
 
-def build_package(folder: str, config_path: Optional[str]) -> Package:
+def build_package(folder: str, config_path: Optional[str], extra_files: Optional[Dict[str, bytes]] = None) -> Package:
     """The folder's package, or ConfigError when it is over 32 MB (naming
-    the largest files)."""
+    the largest files). ``extra_files`` (``{path in the package: bytes}``)
+    are added to it: what deploy generated for the replicas (the Python
+    modules of a gRPC API's .proto, under a dot-folder no project file can
+    occupy); they replace a project file of the same path."""
     folder = os.path.abspath(folder)
-    files = list_files(folder, config_path)
+    extra = {os.path.normpath(rel): data for rel, data in (extra_files or {}).items()}
+    files = [(rel, size) for rel, size in list_files(folder, config_path) if rel not in extra]
+    files = sorted(files + [(rel, len(data)) for rel, data in extra.items()])
     total = sum(size for _, size in files)
     if total > MAX_PACKAGE_BYTES:
         largest = sorted(files, key=lambda f: -f[1])[:5]
@@ -100,10 +105,14 @@ def build_package(folder: str, config_path: Optional[str]) -> Package:
         for rel, _ in files:
             full = os.path.join(folder, rel)
             info = tarfile.TarInfo(rel)
-            with open(full, "rb") as f:
-                data = f.read()
+            if rel in extra:
+                data, executable = extra[rel], False
+            else:
+                with open(full, "rb") as f:
+                    data = f.read()
+                executable = os.access(full, os.X_OK)
             info.size = len(data)
-            info.mode = 0o755 if os.access(full, os.X_OK) else 0o644
+            info.mode = 0o755 if executable else 0o644
             info.mtime = 0
             info.uid = info.gid = 0
             info.uname = info.gname = ""

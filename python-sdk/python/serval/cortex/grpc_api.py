@@ -1,0 +1,315 @@
+"""The replica side of a Cortex gRPC API (seed 000, "gRPC"): a RealtimeAPI
+whose ``handler.protobuf_path`` names a .proto file, served by a grpcio
+server in the replica.
+
+At deploy, ``serval.cortex.config.compile_proto`` compiled the proto; its
+generated ``<stem>_pb2`` module (and those of the project protos it imports)
+and the FileDescriptorSet travel in the package under
+``handler.grpc.package_dir``, so replicas need grpcio and protobuf only, not
+grpcio-tools. ``GrpcAPI(spec)`` sets the process up as ``RealtimeAPI`` does,
+imports that module, builds ``Handler(config, module_proto_pb2)`` (each by
+name, as the Handler's ``__init__`` takes them) and starts a grpcio server
+on ``$SERVAL_REPLICA_HOST:0`` (the replica's TCP host, set by
+``serval.replica``; 127.0.0.1 by default) with a generic handler for the
+proto's one service. ``serval_grpc_address`` ("host:port") is what the
+replica reports as ``grpc_addr``; the proxies forward the HTTP/2 streams of
+``/<package>.<Service>/<Method>`` calls to it unchanged.
+
+Each RPC calls the Handler's method of the same name with any subset of
+``payload`` and ``context`` (by name):
+
+* ``payload``: the request message; for client streaming (``stream`` input)
+  an iterator of request messages.
+* ``context``: grpcio's ``ServicerContext`` (``set_code``, ``set_details``,
+  ``abort``, ``invocation_metadata``, ``time_remaining``, ``is_active``...).
+  grpcio cancels the call at the client's deadline (``grpc-timeout``), after
+  which ``context.is_active()`` is False.
+* Unary output: the method returns the response message. Server streaming
+  (``stream`` output): the method yields responses (or returns an iterable
+  of them); each reaches the client as it is yielded.
+
+The method's errors: an exception becomes status INTERNAL with details
+``"<ExceptionType>: <message>"`` (the traceback goes to the replica's log);
+a method that set a status itself (``context.abort``, ``context.set_code``)
+keeps it. A result that is not the RPC's output message is INTERNAL too,
+naming both types. An RPC of the service that the Handler lacks answers
+UNIMPLEMENTED naming the method; it does not stop the API from starting.
+
+Sync methods run on a pool of ``handler.threads_per_process`` threads (at
+least 1), so that many calls run at once; ``async def`` methods (and async
+generators) run to completion on an event loop of the calling thread.
+HTTP requests to the replica are answered 404: a gRPC API has no route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import logging
+import os
+import sys
+import traceback
+import types
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Optional
+
+from .config import DESCRIPTOR_SET_NAME
+from .realtime import HandlerError, RealtimeAPI, accepted_args, error_response, setup_process
+
+logger = logging.getLogger("serval.cortex")
+
+#: What a gRPC method of the Handler may take, by name.
+RPC_ARGS = ("payload", "context")
+#: The replica's host, set by serval.replica from ``--tcp-host``.
+HOST_ENV = "SERVAL_REPLICA_HOST"
+#: Seconds in-flight calls get to finish when the replica stops (its node
+#: agent kills it 5 s after asking it to stop).
+STOP_GRACE_S = 3.0
+
+
+def load_proto_module(project: str, grpc_spec: dict) -> types.ModuleType:
+    """The generated module of the API's proto (``grpc_spec["module"]``),
+    from the package's generated folder (put first on ``sys.path``, so that
+    the Handler can also ``import <stem>_pb2`` itself). A protobuf runtime
+    older than the grpcio-tools that generated it refuses the generated code
+    (VersionError): the module is then built from the descriptor set."""
+    gen_dir = os.path.join(project, grpc_spec["package_dir"])
+    if not os.path.isdir(gen_dir):
+        raise HandlerError(f"the package has no generated gRPC modules ({grpc_spec['package_dir']}); "
+                           "deploy the project again")
+    if gen_dir not in sys.path:
+        sys.path.insert(0, gen_dir)
+    from google.protobuf.runtime_version import VersionError
+
+    try:
+        return importlib.import_module(grpc_spec["module"])
+    except VersionError as e:
+        logger.warning("the generated %s does not load with this protobuf runtime (%s); building it from the "
+                       "descriptor set", grpc_spec["module"], e)
+        with open(os.path.join(gen_dir, DESCRIPTOR_SET_NAME), "rb") as f:
+            return module_from_descriptor_set(f.read(), grpc_spec["proto_file"], grpc_spec["module"])
+
+
+def module_from_descriptor_set(data: bytes, proto_file: str, module_name: str) -> types.ModuleType:
+    """A module with what a generated ``_pb2`` module offers (``DESCRIPTOR``,
+    the message classes, enums and enum values of ``proto_file``), built
+    from a serialized FileDescriptorSet by this protobuf runtime; registered
+    as ``module_name`` in ``sys.modules``."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    from google.protobuf.internal import enum_type_wrapper
+
+    pool = descriptor_pool.Default()
+    for file in descriptor_pb2.FileDescriptorSet.FromString(data).file:  # dependencies first
+        try:
+            pool.FindFileByName(file.name)
+        except KeyError:
+            pool.AddSerializedFile(file.SerializeToString())
+    fd = pool.FindFileByName(proto_file)
+    module = types.ModuleType(module_name)
+    module.DESCRIPTOR = fd
+    for name, md in fd.message_types_by_name.items():
+        setattr(module, name, message_factory.GetMessageClass(md))
+    for name, ed in fd.enum_types_by_name.items():
+        setattr(module, name, enum_type_wrapper.EnumTypeWrapper(ed))
+        for value in ed.values:
+            setattr(module, value.name, value.number)
+    sys.modules[module_name] = module
+    return module
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class _Rpc:
+    """One method of the service: the Handler's method and how to call it."""
+
+    def __init__(self, api: "GrpcAPI", method, fn: Optional[Callable]):
+        from google.protobuf import message_factory
+
+        self.api = api
+        self.name = method.name
+        self.path = f"/{method.containing_service.full_name}/{method.name}"
+        self.client_streaming = bool(method.client_streaming)
+        self.server_streaming = bool(method.server_streaming)
+        self.input_class = message_factory.GetMessageClass(method.input_type)
+        self.output_class = message_factory.GetMessageClass(method.output_type)
+        self.fn = fn
+        self.args = frozenset(accepted_args(fn, RPC_ARGS, f"api {api.name!r}: Handler.{method.name}")) \
+            if fn is not None else frozenset()
+
+    def handler(self):
+        """The grpcio RpcMethodHandler of this method."""
+        import grpc
+
+        shape = {(False, False): grpc.unary_unary_rpc_method_handler,
+                 (False, True): grpc.unary_stream_rpc_method_handler,
+                 (True, False): grpc.stream_unary_rpc_method_handler,
+                 (True, True): grpc.stream_stream_rpc_method_handler}[(self.client_streaming, self.server_streaming)]
+        if self.fn is None:
+            behaviour = self.unimplemented
+        elif self.server_streaming:
+            behaviour = self.call_streaming
+        else:
+            behaviour = self.call_unary
+        return shape(behaviour, request_deserializer=self.input_class.FromString,
+                     response_serializer=self.output_class.SerializeToString)
+
+    # -- behaviours (on grpcio's worker threads) -------------------------
+
+    def unimplemented(self, request, context):
+        import grpc
+
+        context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                      f"api '{self.api.name}': the Handler has no method {self.name} (rpc {self.path})")
+
+    def _invoke(self, request, context) -> Any:
+        kwargs = {}
+        if "payload" in self.args:
+            kwargs["payload"] = request
+        if "context" in self.args:
+            kwargs["context"] = context
+        result = self.fn(**kwargs)
+        if inspect.isawaitable(result):
+            result = asyncio.run(_as_coroutine(result))
+        return result
+
+    def call_unary(self, request, context):
+        try:
+            result = self._invoke(request, context)
+        except Exception as e:
+            self._fail(e, context)
+        return self._check(result, context)
+
+    def call_streaming(self, request, context):
+        try:
+            result = self._invoke(request, context)
+            iterator = _sync_iterator(result) if hasattr(result, "__anext__") else iter(result)
+        except Exception as e:
+            self._fail(e, context)
+        return self._responses(iterator, context)
+
+    def _responses(self, iterator: Iterator, context) -> Iterator:
+        """The handler's responses, checked, each passed on as it comes."""
+        try:
+            while True:
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    return
+                except Exception as e:
+                    self._fail(e, context)
+                yield self._check(item, context)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    logger.exception("api %r: closing the responses of %s failed", self.api.name, self.path)
+
+    def _fail(self, e: Exception, context):
+        """Ends the call for an exception of the handler: its own status when
+        it set one (abort, set_code), else INTERNAL naming the exception."""
+        import grpc
+
+        if context.code() is not None:
+            raise e
+        logger.error("api %r: %s failed:\n%s", self.api.name, self.path,
+                     "".join(traceback.format_exception(e)).rstrip())
+        context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+    def _check(self, result: Any, context) -> Any:
+        import grpc
+
+        if isinstance(result, self.output_class):
+            return result
+        what = "yielded" if self.server_streaming else "returned"
+        context.abort(grpc.StatusCode.INTERNAL,
+                      f"api '{self.api.name}': Handler.{self.name} {what} {type(result).__name__}, expected "
+                      f"{self.output_class.DESCRIPTOR.full_name}")
+
+
+async def _as_coroutine(awaitable):
+    return await awaitable
+
+
+def _sync_iterator(agen) -> Iterator:
+    """An async generator's items, on an event loop of the calling thread."""
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(agen.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        try:
+            loop.run_until_complete(agen.aclose())
+        finally:
+            loop.close()
+
+
+class GrpcAPI(RealtimeAPI):
+    """Hosts one Cortex gRPC Handler (see the module docs). ``spec`` is a
+    validated API with ``handler.grpc`` (``serval.cortex.config``)."""
+
+    def __init__(self, spec: dict, project_dir: Optional[str] = None):
+        import grpc
+
+        self.name = spec.get("name") or "api"
+        handler = spec.get("handler") or {}
+        grpc_spec = handler.get("grpc") or {}
+        if not grpc_spec.get("service"):
+            raise HandlerError(f"api {self.name!r}: the spec has no handler.grpc (deploy the project again)")
+        project = setup_process(self.name, spec, project_dir)
+        try:
+            module = load_proto_module(project, grpc_spec)
+        except HandlerError as e:
+            raise HandlerError(f"api {self.name!r}: {e}") from None
+        except Exception as e:
+            raise HandlerError(f"api {self.name!r}: importing {grpc_spec['module']} (the module of "
+                               f"{handler.get('protobuf_path')}) failed: {type(e).__name__}: {e}") from e
+        self.module_proto_pb2 = module
+        handler_class = self._load_handler_class(project, handler.get("path") or "handler.py")
+        self.handler = self._build(handler_class, {"config": handler.get("config") or {},
+                                                   "module_proto_pb2": module})
+        self._methods = {}
+        self._allow = ""
+        self.service = grpc_spec["service"]
+        service = next((s for s in module.DESCRIPTOR.services_by_name.values() if s.full_name == self.service),
+                       None)
+        if service is None:
+            raise HandlerError(f"api {self.name!r}: {grpc_spec['module']} defines no service {self.service}")
+        self._rpcs = {}
+        for method in service.methods:
+            fn = getattr(self.handler, method.name, None)
+            if not callable(fn):
+                fn = None
+                logger.warning("api %r: the Handler has no method %s: calls of /%s/%s answer UNIMPLEMENTED",
+                               self.name, method.name, self.service, method.name)
+            self._rpcs[method.name] = _Rpc(self, method, fn)
+        threads = max(1, int(handler.get("threads_per_process") or 1))
+        self._server = grpc.server(ThreadPoolExecutor(threads, thread_name_prefix=f"{self.name}-grpc"))
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            self.service, {name: rpc.handler() for name, rpc in self._rpcs.items()}),))
+        host = os.environ.get(HOST_ENV) or "127.0.0.1"
+        port = self._server.add_insecure_port(_address(host, 0))
+        if not port:
+            raise HandlerError(f"api {self.name!r}: cannot listen for gRPC on {host}")
+        self._server.start()
+        #: Where this replica serves the service (reported as grpc_addr).
+        self.serval_grpc_address = _address(host, port)
+        logger.info("api %r: serving gRPC service %s on %s", self.name, self.service, self.serval_grpc_address)
+
+    async def __call__(self, request):
+        return error_response(404, f"api '{self.name}' is a gRPC API (service {self.service}): call it over "
+                                   "gRPC")
+
+    def serval_stop(self, grace: float = STOP_GRACE_S) -> None:
+        """Stops the gRPC server: new calls are refused, calls in flight get
+        ``grace`` seconds to finish, then are cancelled."""
+        server = getattr(self, "_server", None)
+        if server is not None:
+            server.stop(grace).wait(grace + 1.0)
