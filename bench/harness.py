@@ -416,6 +416,12 @@ def run_system(name, python, script, env):
             step("POST echo", lambda: http("post", echo["url"], script=lua, label=f"{name} POST 10 KiB echo"))
             step("delete echo", lambda: drv.call("delete_echo"))
 
+        if name == "serval":
+            grpc = step("deploy gRPC no-op", lambda: drv.call("deploy_grpc"))
+            if grpc:
+                step("gRPC unary no-op", lambda: res.update(grpc={
+                    c: grpc_load(grpc["address"], grpc["method"], c) for c in CONCURRENCIES}))
+
         if step("scale to 2 replicas", lambda: drv.call("scale", n=2)) is not None:
             step("GET, 2 replicas", lambda: http("get2", url, label=f"{name} GET 2 replicas"))
         step("shutdown", lambda: drv.call("shutdown", timeout=120))
@@ -500,6 +506,21 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def grpc_load(address, method, conc):
+    """``serval-bench grpc-load``: unary calls at ``conc`` over one HTTP/2
+    connection for DURATION seconds (no ghz here)."""
+    out = subprocess.run([NATIVE_BIN, "grpc-load", address, method, str(conc), str(DURATION)],
+                         capture_output=True, text=True, timeout=DURATION + 120)
+    if out.returncode != 0:
+        raise RuntimeError(f"grpc-load failed: {out.stderr.strip()[-300:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    log(f"  gRPC c={conc}: {result['rps']:.0f} req/s, p50 {fmt(result['p50_ms'], 3)} ms, "
+        f"p99 {fmt(result['p99_ms'], 3)} ms, errors {result['errors']}")
+    if result["errors"]:
+        raise RuntimeError(f"grpc-load c={conc}: {result['errors']} calls failed")
+    return result
 
 
 def run_native():
@@ -741,8 +762,29 @@ def report(S, R, N, t_total, load_before, load_after):
     rows = [(k, fmt(get(N, f"mem_{k}", "rss_mb"), 1), fmt(get(N, f"mem_{k}", "pss_mb"), 1))
             for k in ("hyper", "native1", "native2")]
     md.append(table(rows, header=("process after the load", "RSS (MB)", "PSS (MB)")) + "\n")
+    md.extend(grpc_report(S))
     md.extend(scale_report(get(N, "scale") or {}))
     return "\n".join(md)
+
+
+def grpc_report(S):
+    if not S.get("grpc"):
+        return []
+    md = ["## Serval only: gRPC unary no-op beside the HTTP GET no-op\n",
+          "A Cortex gRPC API (`handler.protobuf_path`; one replica, one thread) whose method returns an "
+          "empty message, called through the proxy's HTTP port over one HTTP/2 connection by "
+          "`serval-bench grpc-load` (a small Rust driver: no ghz here), beside the HTTP GET no-op above "
+          "(wrk, HTTP/1.1 keep-alive). The proxy forwards each gRPC call as an HTTP/2 stream to the "
+          "replica's grpcio server, where HTTP requests take Serval's own frame protocol.\n"]
+    rows = []
+    for c in CONCURRENCIES:
+        g, h = get(S, "grpc", c) or {}, get(S, "get1", c) or {}
+        rows.append((f"c={c}", f"{fmt(g.get('rps'), 0)} / {fmt(g.get('p50_ms'), 3)} / {fmt(g.get('p99_ms'), 3)}",
+                     f"{fmt(h.get('rps'), 0)} / {fmt(h.get('p50_ms'), 3)} / {fmt(h.get('p99_ms'), 3)}",
+                     ratio(g.get("rps"), h.get("rps"))))
+    md.append(table(rows, header=("requests/s / p50 ms / p99 ms", "gRPC unary", "HTTP GET", "gRPC / HTTP"))
+              + "\n")
+    return md
 
 
 def scale_report(sc):

@@ -6,7 +6,6 @@ Environment (set by the harness): BENCH_HTTP_PORT, BENCH_CONTROL_PORT,
 BENCH_DATA_DIR, SERVAL_NUM_CPUS.
 """
 
-import json
 import os
 import time
 
@@ -80,6 +79,39 @@ def deploy_echo():
     return {"url": f"{BASE}/echo"}
 
 
+NOOP_PROTO = """syntax = "proto3";
+package bench;
+service Noop { rpc Call (Empty) returns (Empty); }
+message Empty {}
+"""
+
+NOOP_GRPC_HANDLER = """class Handler:
+    def __init__(self, config, module_proto_pb2):
+        self.empty = module_proto_pb2.Empty()
+
+    def Call(self, payload):
+        return self.empty
+"""
+
+
+def deploy_grpc():
+    """A Cortex gRPC API whose one unary method returns an empty message:
+    the gRPC counterpart of the HTTP no-op (one replica, one thread)."""
+    import tempfile
+
+    from serval.cortex.deploy import deploy
+
+    folder = tempfile.mkdtemp(prefix="grpc-noop-")
+    for name, text in (("noop.proto", NOOP_PROTO), ("handler.py", NOOP_GRPC_HANDLER),
+                       ("serve.yaml", "- name: grpc-noop\n  kind: RealtimeAPI\n  handler:\n"
+                                      "    path: handler.py\n    protobuf_path: noop.proto\n"
+                                      "  autoscaling: {min_replicas: 1, max_replicas: 1}\n")):
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(text)
+    deploy(folder)
+    return {"address": f"127.0.0.1:{HTTP_PORT}", "method": "/bench.Noop/Call"}
+
+
 def delete_echo():
     serve.delete_endpoint("echo")
     serve.delete_backend("echo")
@@ -145,7 +177,7 @@ def shutdown():
 
 if __name__ == "__main__":
     common.serve_commands({
-        "start": start, "pids": pids, "handle": handle, "deploy_echo": deploy_echo,
+        "start": start, "pids": pids, "handle": handle, "deploy_echo": deploy_echo, "deploy_grpc": deploy_grpc,
         "delete_echo": delete_echo, "scale": scale, "shutdown": shutdown,
         "scale_start": scale_start, "scale_grow": scale_grow,
     })
