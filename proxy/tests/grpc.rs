@@ -234,3 +234,68 @@ async fn grpc_calls_stream_through_the_proxy() {
     let _ = stop.send(());
     let _ = server.await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_replica_refuses_more_grpc_calls_as_resource_exhausted() {
+    let upstream = echo_server().await;
+    let config = ProxyConfig {
+        queue_capacity: 0,
+        ..Default::default()
+    };
+    let proxy = Arc::new(Proxy::new(&config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serval_proxy::serve(listener, proxy.clone(), async move {
+        let _ = stop_rx.await;
+    }));
+    let mut snap = snapshot(&upstream.to_string());
+    if let Some(c) = snap.backends[0].config.as_mut() {
+        c.max_concurrent_queries = 1;
+    }
+    proxy.apply_snapshot(&snap);
+    let client: Client<_, BoxBody> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let call = |body: BoxBody| {
+        hyper::Request::post(format!("http://{addr}/echo.Echo/Chat"))
+            .header("content-type", "application/grpc")
+            .body(body)
+            .unwrap()
+    };
+
+    // An open stream takes the replica's one slot...
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(8);
+    let open = client
+        .request(call(BoxBody::new(StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))))
+        .await
+        .unwrap();
+    tx.send(Ok(Frame::data(grpc_frame(b"hold")))).await.unwrap();
+    let mut open_body = open.into_body();
+    assert!(open_body.frame().await.unwrap().unwrap().is_data());
+    // ...so, with no queue, the next call is refused at once.
+    let refused = client
+        .request(call(BoxBody::new(Full::new(grpc_frame(b"x")))))
+        .await
+        .unwrap();
+    assert_eq!(grpc_status(refused.headers()), Some("8"));
+
+    // Once the stream ends, calls go through again.
+    drop(tx);
+    while open_body.frame().await.is_some() {}
+    eventually("the slot to be released", || {
+        proxy.router().in_flight("b") == 0
+    })
+    .await;
+    let response = client
+        .request(call(BoxBody::new(Full::new(grpc_frame(b"again")))))
+        .await
+        .unwrap();
+    let collected = response.into_body().collect().await.unwrap();
+    assert_eq!(grpc_status(collected.trailers().unwrap()), Some("0"));
+
+    let _ = stop.send(());
+    let _ = server.await;
+}
