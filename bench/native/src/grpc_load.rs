@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
@@ -16,9 +17,13 @@ use hyper_util::rt::TokioExecutor;
 const EMPTY_MESSAGE: [u8; 5] = [0, 0, 0, 0, 0];
 
 pub async fn run(addr: &str, method: &str, concurrency: usize, seconds: u64) {
+    // TCP_NODELAY as gRPC clients set it: without it Nagle holds a call's
+    // DATA frame behind its HEADERS until the peer's delayed ACK (~40 ms).
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .http2_only(true)
-        .build_http();
+        .build(connector);
     let uri: hyper::Uri = match format!("http://{addr}{method}").parse() {
         Ok(uri) => uri,
         Err(e) => {
