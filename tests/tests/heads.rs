@@ -244,9 +244,11 @@ while sys.stdin.readline():
         alive(&s, node_id.trim()),
         "the node that was told only the dead leader was declared dead: {s}"
     );
+    // Generous: the re-placed replicas are Python processes starting on a
+    // machine that may be busy with other tests.
     wait_for(
         "three running replicas again",
-        Duration::from_secs(60),
+        Duration::from_secs(180),
         || {
             let s = status_json(survivor);
             let running = s["replicas"]
