@@ -46,6 +46,8 @@ pub enum StateError {
     MissingBlobPart { blob: String, part: String },
     #[error("api '{0}' does not exist")]
     UnknownApi(String),
+    #[error("job '{0}' does not exist")]
+    UnknownJob(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +85,8 @@ impl From<ControllerError> for tonic::Status {
                 | StateError::UnknownEndpoint(_)
                 | StateError::UnknownReplica(_)
                 | StateError::UnknownNode(_)
-                | StateError::UnknownApi(_) => Code::NotFound,
+                | StateError::UnknownApi(_)
+                | StateError::UnknownJob(_) => Code::NotFound,
                 StateError::BackendInUse { .. } | StateError::MissingBlobPart { .. } => {
                     Code::FailedPrecondition
                 }

@@ -9,10 +9,13 @@
 //! - [`service`]: the `Control` gRPC service (token-checked) and the Watch
 //!   stream proxies, node agents and handles follow.
 //! - [`reconciler`]: the leader's loop that notices dead nodes.
+//! - `job_service`: the batch-job RPCs over `store::jobs`, the durable
+//!   queue of BatchAPI jobs.
 #![forbid(unsafe_code)]
 
 pub mod autoscaler;
 pub mod error;
+mod job_service;
 pub mod peer_service;
 pub mod reconciler;
 pub mod scheduler;

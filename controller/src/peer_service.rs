@@ -14,7 +14,7 @@ use crate::service::TokenCheck;
 use crate::state::Command;
 use crate::store::forward::Forwarded;
 use crate::store::log_store::{decode, encode};
-use crate::store::{propose, Raft};
+use crate::store::{propose_with_output, Raft};
 
 #[derive(Clone)]
 pub struct PeerService {
@@ -72,7 +72,7 @@ impl RaftPeer for PeerService {
         let cmd: Command = decode(&req.into_inner().payload).map_err(bad)?;
         // Only the leader applies; a stale forward is answered with the
         // usual not-leader error so the sender retries with the new leader.
-        reply(&Forwarded::from(propose(&self.raft, cmd).await))
+        reply(&Forwarded::from(propose_with_output(&self.raft, cmd).await))
     }
 
     async fn join_head(&self, req: Request<JoinHeadRequest>) -> Result<Response<Empty>, Status> {

@@ -109,6 +109,14 @@ impl ControlService {
         InterceptedService::new(server, TokenCheck::new(token))
     }
 
+    fn jobs(&self) -> crate::job_service::Jobs<'_> {
+        crate::job_service::Jobs {
+            raft: &self.raft,
+            sm: &self.sm,
+            token: &self.token,
+        }
+    }
+
     async fn propose(&self, cmd: Command) -> Result<Response<Empty>, Status> {
         store::forward::propose_via_leader(&self.raft, &self.token, cmd).await?;
         Ok(Response::new(Empty {}))
@@ -488,6 +496,68 @@ impl Control for ControlService {
             name: req.into_inner().name,
         })
         .await
+    }
+
+    async fn create_job(&self, req: Request<JobSpec>) -> Result<Response<Job>, Status> {
+        self.jobs().create(req.into_inner()).await
+    }
+
+    async fn enqueue_batches(
+        &self,
+        req: Request<EnqueueRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        self.jobs().enqueue(req.into_inner()).await
+    }
+
+    async fn finish_enqueue(
+        &self,
+        req: Request<FinishEnqueueRequest>,
+    ) -> Result<Response<Job>, Status> {
+        self.jobs().finish(req.into_inner()).await
+    }
+
+    async fn lease_batches(
+        &self,
+        req: Request<LeaseRequest>,
+    ) -> Result<Response<LeaseReply>, Status> {
+        self.jobs().lease(req.into_inner()).await
+    }
+
+    async fn ack_batches(&self, req: Request<AckRequest>) -> Result<Response<Empty>, Status> {
+        self.jobs().ack(req.into_inner()).await
+    }
+
+    async fn complete_job(
+        &self,
+        req: Request<CompleteJobRequest>,
+    ) -> Result<Response<Job>, Status> {
+        self.jobs().complete(req.into_inner()).await
+    }
+
+    async fn release_worker(
+        &self,
+        req: Request<ReleaseWorkerRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        self.jobs().release(req.into_inner()).await
+    }
+
+    async fn get_job(&self, req: Request<JobRequest>) -> Result<Response<Job>, Status> {
+        self.jobs().get(req.into_inner())
+    }
+
+    async fn list_jobs(&self, req: Request<ListJobsRequest>) -> Result<Response<JobList>, Status> {
+        self.jobs().list(req.into_inner())
+    }
+
+    async fn stop_job(&self, req: Request<StopJobRequest>) -> Result<Response<Job>, Status> {
+        self.jobs().stop(req.into_inner()).await
+    }
+
+    async fn get_dead_letters(
+        &self,
+        req: Request<JobRequest>,
+    ) -> Result<Response<DeadLetters>, Status> {
+        self.jobs().dead_letters(req.into_inner())
     }
 }
 

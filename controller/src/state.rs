@@ -98,6 +98,9 @@ pub enum Command {
         digest: String,
         parts: Vec<String>,
     },
+    /// A batch job's write: applied to the store's job tables by the state
+    /// machine (`store::jobs`), like blobs, never to this state.
+    Job(crate::store::jobs::JobCommand),
     /// Creates or replaces the record of a deployed API.
     PutApi(Api),
     DeleteApi {
@@ -340,11 +343,11 @@ impl ClusterState {
             }
             Command::SetHttpOptions(options) => self.http_options = Some(options),
             Command::SetShuttingDown(flag) => self.shutting_down = flag,
-            Command::PutBlob { .. } | Command::PutBlobParts { .. } => {
+            Command::PutBlob { .. } | Command::PutBlobParts { .. } | Command::Job(_) => {
                 // Refused the same way on every head should one ever get here.
                 return Err(invalid(
                     "command",
-                    "blobs are stored by the raft store, not in the cluster state",
+                    "blobs and jobs are stored by the raft store, not in the cluster state",
                 ));
             }
             Command::PutApi(api) => {

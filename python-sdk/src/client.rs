@@ -29,12 +29,12 @@ create_exception!(
     "A Serval control-plane call was refused or failed."
 );
 
-fn runtime() -> &'static tokio::runtime::Runtime {
+pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
     pyo3_async_runtimes::tokio::get_runtime()
 }
 
 /// Runs `fut` to completion on the SDK runtime with the GIL released.
-fn block_on<F, T>(py: Python<'_>, fut: F) -> T
+pub(crate) fn block_on<F, T>(py: Python<'_>, fut: F) -> T
 where
     F: std::future::Future<Output = T> + Send,
     T: Send,
@@ -42,7 +42,7 @@ where
     py.detach(|| runtime().block_on(fut))
 }
 
-fn status_err(status: tonic::Status) -> PyErr {
+pub(crate) fn status_err(status: tonic::Status) -> PyErr {
     ServeError::new_err(status.message().to_string())
 }
 
@@ -504,6 +504,13 @@ impl Client {
         };
         block_on(py, async move { c.put_api(api).await }).map_err(status_err)?;
         Ok(())
+    }
+
+    /// The batch-job RPCs (`crate::jobs`).
+    fn jobs(&self) -> crate::jobs::Jobs {
+        crate::jobs::Jobs {
+            client: self.client.clone(),
+        }
     }
 
     fn delete_api(&self, py: Python<'_>, name: String) -> PyResult<()> {

@@ -14,6 +14,7 @@
 use pyo3::prelude::*;
 
 mod client;
+mod jobs;
 mod onnx;
 mod replica;
 
@@ -32,5 +33,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     replica::register(m)?;
     client::register(m)?;
     onnx::register(m)?;
+    m.add_class::<jobs::Jobs>()?;
     Ok(())
 }

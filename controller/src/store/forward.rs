@@ -9,7 +9,7 @@ use serval_protos::client::connect_peer_lazy;
 use serval_protos::control::RaftMessage;
 
 use super::log_store::{decode, encode};
-use super::{propose, Raft};
+use super::{propose_with_output, Raft};
 use crate::error::{ControllerError, StateError};
 use crate::state::Command;
 
@@ -19,17 +19,17 @@ const FORWARD_DEADLINE: Duration = Duration::from_secs(10);
 /// The leader's answer to a forwarded command, as it travels back.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Forwarded {
-    Applied(u64),
+    Applied(u64, Vec<u8>),
     Refused(StateError),
     Failed(String),
     /// Not committed in time on the leader; the sender must not retry.
     Uncommitted(Duration),
 }
 
-impl From<Result<u64, ControllerError>> for Forwarded {
-    fn from(r: Result<u64, ControllerError>) -> Self {
+impl From<Result<(u64, Vec<u8>), ControllerError>> for Forwarded {
+    fn from(r: Result<(u64, Vec<u8>), ControllerError>) -> Self {
         match r {
-            Ok(v) => Forwarded::Applied(v),
+            Ok((v, output)) => Forwarded::Applied(v, output),
             Err(ControllerError::Refused(e)) => Forwarded::Refused(e),
             Err(ControllerError::Uncommitted { after }) => Forwarded::Uncommitted(after),
             Err(e) => Forwarded::Failed(e.to_string()),
@@ -44,9 +44,20 @@ pub async fn propose_via_leader(
     token: &str,
     cmd: Command,
 ) -> Result<u64, ControllerError> {
+    propose_via_leader_with_output(raft, token, cmd)
+        .await
+        .map(|(version, _)| version)
+}
+
+/// [`propose_via_leader`], with the command's output.
+pub async fn propose_via_leader_with_output(
+    raft: &Raft,
+    token: &str,
+    cmd: Command,
+) -> Result<(u64, Vec<u8>), ControllerError> {
     let deadline = tokio::time::Instant::now() + FORWARD_DEADLINE;
     loop {
-        let outcome = match propose(raft, cmd.clone()).await {
+        let outcome = match propose_with_output(raft, cmd.clone()).await {
             Err(ControllerError::NotLeader { leader: Some(addr) }) => {
                 forward(&addr, token, &cmd).await
             }
@@ -64,7 +75,11 @@ pub async fn propose_via_leader(
     }
 }
 
-async fn forward(leader: &str, token: &str, cmd: &Command) -> Result<u64, ControllerError> {
+async fn forward(
+    leader: &str,
+    token: &str,
+    cmd: &Command,
+) -> Result<(u64, Vec<u8>), ControllerError> {
     let mut client =
         connect_peer_lazy(leader, token).map_err(|e| ControllerError::Raft(e.to_string()))?;
     let payload = encode(cmd).map_err(|e| ControllerError::Raft(e.to_string()))?;
@@ -78,7 +93,7 @@ async fn forward(leader: &str, token: &str, cmd: &Command) -> Result<u64, Contro
     match decode::<Forwarded>(&reply.into_inner().payload)
         .map_err(|e| ControllerError::Raft(e.to_string()))?
     {
-        Forwarded::Applied(v) => Ok(v),
+        Forwarded::Applied(v, output) => Ok((v, output)),
         Forwarded::Refused(e) => Err(ControllerError::Refused(e)),
         Forwarded::Failed(e) => Err(ControllerError::Raft(e)),
         Forwarded::Uncommitted(after) => Err(ControllerError::Uncommitted { after }),

@@ -16,6 +16,7 @@
 
 pub mod blobs;
 pub mod forward;
+pub mod jobs;
 pub mod log_store;
 pub mod network;
 pub mod state_machine;
@@ -35,6 +36,10 @@ use crate::state::{ClusterState, Command};
 pub struct Applied {
     /// The state version after the command, or why it was refused.
     pub result: Result<u64, StateError>,
+    /// What the command answers besides the version (a batch job's leased
+    /// batches, its record after a change: protobuf bytes); empty for most.
+    #[serde(default)]
+    pub output: Vec<u8>,
 }
 
 openraft::declare_raft_types!(
@@ -154,6 +159,16 @@ pub const BLOB_COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// [`COMMIT_TIMEOUT`] ([`BLOB_COMMIT_TIMEOUT`] for blobs) as
 /// [`ControllerError::Uncommitted`].
 pub async fn propose(raft: &Raft, cmd: Command) -> Result<u64, ControllerError> {
+    propose_with_output(raft, cmd)
+        .await
+        .map(|(version, _)| version)
+}
+
+/// [`propose`], with the command's output (see [`Applied::output`]).
+pub async fn propose_with_output(
+    raft: &Raft,
+    cmd: Command,
+) -> Result<(u64, Vec<u8>), ControllerError> {
     let timeout = match cmd {
         Command::PutBlob { .. } | Command::PutBlobParts { .. } => BLOB_COMMIT_TIMEOUT,
         _ => COMMIT_TIMEOUT,
@@ -161,19 +176,19 @@ pub async fn propose(raft: &Raft, cmd: Command) -> Result<u64, ControllerError> 
     propose_within(raft, cmd, timeout).await
 }
 
-/// [`propose`] with another commit timeout.
+/// [`propose_with_output`] with another commit timeout.
 pub async fn propose_within(
     raft: &Raft,
     cmd: Command,
     timeout: Duration,
-) -> Result<u64, ControllerError> {
+) -> Result<(u64, Vec<u8>), ControllerError> {
     let Ok(written) = tokio::time::timeout(timeout, raft.client_write(cmd)).await else {
         // The entry may still sit uncommitted in this head's log: a later
         // leader either commits it or, far more likely, overwrites it.
         return Err(ControllerError::Uncommitted { after: timeout });
     };
     match written {
-        Ok(resp) => Ok(resp.data.result?),
+        Ok(resp) => Ok((resp.data.result?, resp.data.output)),
         Err(openraft::error::RaftError::APIError(
             openraft::error::ClientWriteError::ForwardToLeader(f),
         )) => Err(ControllerError::NotLeader {

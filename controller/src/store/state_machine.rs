@@ -17,8 +17,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTran
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::blobs;
 use super::log_store::{decode, encode};
+use super::{blobs, jobs};
 use super::{Applied, NodeId, SharedState, TypeConfig};
 use crate::error::{ControllerError, StateError};
 use crate::state::{raw_bytes, ClusterState, Command};
@@ -71,8 +71,13 @@ fn put_in<T: Serialize>(txn: &WriteTransaction, key: &str, value: &T) -> std::io
     Ok(())
 }
 
+/// Commands that write the store's own tables (blobs, jobs) and leave the
+/// cluster state as it was: watchers need no new snapshot for them.
 fn is_blob(cmd: &Command) -> bool {
-    matches!(cmd, Command::PutBlob { .. } | Command::PutBlobParts { .. })
+    matches!(
+        cmd,
+        Command::PutBlob { .. } | Command::PutBlobParts { .. } | Command::Job(_)
+    )
 }
 
 /// Applies one command: a blob to its tables inside `txn`, anything else
@@ -81,13 +86,19 @@ fn apply_command(
     txn: &WriteTransaction,
     state: &mut ClusterState,
     cmd: Command,
-) -> std::io::Result<Result<u64, StateError>> {
+) -> std::io::Result<(Result<u64, StateError>, Vec<u8>)> {
     let applied = match cmd {
         Command::PutBlob { digest, data } => blobs::put(txn, &digest, &data)?,
         Command::PutBlobParts { digest, parts } => blobs::put_parts(txn, &digest, &parts)?,
+        Command::Job(cmd) => {
+            return Ok(match jobs::apply(txn, cmd)? {
+                Ok(output) => (Ok(state.version), output),
+                Err(e) => (Err(e), Vec::new()),
+            })
+        }
         cmd => state.apply(cmd),
     };
-    Ok(applied.map(|()| state.version))
+    Ok((applied.map(|()| state.version), Vec::new()))
 }
 
 impl StateMachineStore {
@@ -112,6 +123,7 @@ impl StateMachineStore {
                 }
             };
             blobs::create_tables(&txn).map_err(storage)?;
+            jobs::create_tables(&txn).map_err(storage)?;
             txn.commit().map_err(|e| storage(io(e)))?;
             loaded
         };
@@ -136,6 +148,11 @@ impl StateMachineStore {
         // A panic while holding the lock leaves a consistent value (every
         // change is computed on a copy first), so poisoning is ignored.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The database, for reads of the job tables (`store::jobs`).
+    pub fn database(&self) -> &Database {
+        &self.db
     }
 
     /// Whether blob `digest` is stored on this head.
@@ -239,10 +256,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let txn = self.db.begin_write().map_err(|e| write(io(e)))?;
         for entry in entries {
             next.last_applied = Some(entry.log_id);
-            let result = match entry.payload {
+            let (result, output) = match entry.payload {
                 EntryPayload::Blank => {
                     changed = true;
-                    Ok(next.state.version)
+                    (Ok(next.state.version), Vec::new())
                 }
                 EntryPayload::Normal(cmd) => {
                     changed |= !is_blob(&cmd);
@@ -251,13 +268,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 EntryPayload::Membership(m) => {
                     changed = true;
                     next.membership = StoredMembership::new(Some(entry.log_id), m);
-                    Ok(next.state.version)
+                    (Ok(next.state.version), Vec::new())
                 }
             };
             if let Err(e) = &result {
                 tracing::info!(error = %e, "command refused");
             }
-            replies.push(Applied { result });
+            replies.push(Applied { result, output });
         }
         put_in(&txn, KEY_APPLIED, &next).map_err(write)?;
         txn.commit().map_err(|e| write(io(e)))?;

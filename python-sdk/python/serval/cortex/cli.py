@@ -1,4 +1,4 @@
-"""``serve deploy|get|delete|logs``: the Cortex-style commands of the ``serve``
+"""``serve deploy|get|delete|logs|jobs``: the Cortex-style commands of the ``serve``
 console script (the others are the Rust CLI's). They take the same global
 options (``--data-dir``, ``--address``, ``--token``, ``--tls-ca``,
 ``--tls-domain``) before the command, and exit 1 with a one-line error."""
@@ -12,7 +12,7 @@ import sys
 import time
 from typing import List, Optional
 
-COMMANDS = ("deploy", "get", "delete", "logs")
+COMMANDS = ("deploy", "get", "delete", "logs", "jobs")
 
 
 def handles(argv: List[str]) -> bool:
@@ -58,6 +58,19 @@ def _parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("logs", help="print the log lines of an API's replicas as they come")
     lg.add_argument("name")
     lg.add_argument("--no-follow", action="store_true", help="print what is logged so far and exit")
+    j = sub.add_parser("jobs", help="batch jobs of a BatchAPI").add_subparsers(dest="jobs_command", required=True)
+    js = j.add_parser("submit", help="submit a job: its JSON request from a file ('-': stdin)")
+    js.add_argument("api")
+    js.add_argument("file")
+    js.add_argument("--dry-run", action="store_true", help="list the job's targets without running it")
+    for verb, what in (("get", "a job's status"), ("stop", "stop a job"), ("logs", "follow a job's worker logs")):
+        jp = j.add_parser(verb, help=what)
+        jp.add_argument("api")
+        jp.add_argument("job_id")
+        if verb == "logs":
+            jp.add_argument("--no-follow", action="store_true")
+    jl = j.add_parser("list", help="the jobs of a BatchAPI")
+    jl.add_argument("api")
     return p
 
 
@@ -131,6 +144,33 @@ def _print_logs(name: str, follow: bool) -> int:
     return 0
 
 
+def _jobs(args) -> int:
+    """``serve jobs ...``: through the BatchAPI's HTTP endpoint, as a user's
+    client would; answers are printed as JSON."""
+    from .client import Client
+
+    client = Client.__new__(Client)  # already connected by _connect
+    if args.jobs_command == "submit":
+        with (sys.stdin if args.file == "-" else open(args.file)) as f:
+            body = json.load(f)
+        out = client.submit_job(args.api, body, dry_run=args.dry_run)
+    elif args.jobs_command == "get":
+        out = client.get_job(args.api, args.job_id)
+    elif args.jobs_command == "list":
+        out = client.list_jobs(args.api)
+    elif args.jobs_command == "stop":
+        out = client.stop_job(args.api, args.job_id)
+    else:
+        try:
+            for wid, line in client.stream_job_logs(args.api, args.job_id, follow=not args.no_follow):
+                print(f"{wid} | {line}", flush=True)
+        except KeyboardInterrupt:
+            pass
+        return 0
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def main(argv: List[str]) -> int:
     from serval import serve
 
@@ -155,8 +195,10 @@ def main(argv: List[str]) -> int:
             print(f"deleted {args.name}")
         elif args.command == "logs":
             return _print_logs(args.name, follow=not args.no_follow)
+        elif args.command == "jobs":
+            return _jobs(args)
         return 0
-    except (ConfigError, serve.ServeError, KeyError, OSError) as e:
+    except (ConfigError, serve.ServeError, KeyError, OSError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"error: {msg}", file=sys.stderr)
         return 1

@@ -47,6 +47,56 @@ class Client:
         :func:`api_url`)."""
         return api_url(name)
 
+    # -- batch jobs (BatchAPI, seed 001), through the API's HTTP endpoint --
+
+    def submit_job(self, api: str, body: Dict[str, Any], dry_run: bool = False) -> Dict[str, Any]:
+        """Submits a job (``workers``, ``item_list`` / ``file_path_lister`` /
+        ``delimited_files``, ...); returns ``job_id`` and the job's settings."""
+        return _job_request("POST", api, {"dryRun": "true"} if dry_run else {}, body)
+
+    def get_job(self, api: str, job_id: str) -> Dict[str, Any]:
+        return _job_request("GET", api, {"jobID": job_id})
+
+    def list_jobs(self, api: str) -> List[Dict[str, Any]]:
+        return _job_request("GET", api, {})
+
+    def stop_job(self, api: str, job_id: str) -> Dict[str, Any]:
+        return _job_request("DELETE", api, {"jobID": job_id})
+
+    def get_dead_letters(self, api: str, job_id: str) -> List[Dict[str, Any]]:
+        return _job_request("GET", api, {"jobID": job_id, "deadLetters": "true"})
+
+    def stream_job_logs(self, api: str, job_id: str, follow: bool = True) -> Iterator[Tuple[str, str]]:
+        """``(worker id, line)`` for the log lines of the job's workers."""
+        from .batch import worker_backend
+        from .logs import stream_api_logs
+        return stream_api_logs(api, follow=follow, backend=worker_backend(api, job_id))
+
+
+def _job_request(method: str, api: str, query: Dict[str, str], body: Any = None) -> Any:
+    """A request to a BatchAPI's endpoint; ServeError with its message
+    when it is not answered 200."""
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from serval import ServeError
+
+    url = api_url(api) + ("?" + urllib.parse.urlencode(query) if query else "")
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        text = e.read().decode(errors="replace")
+        try:
+            text = json.loads(text).get("error", text)
+        except (ValueError, AttributeError):
+            pass
+        raise ServeError(f"{method} {url}: {e.code}: {text}") from None
+
 
 def proxy_url() -> str:
     """The nearest HTTP proxy: ``SERVAL_PROXY_URL`` (the node agent sets it

@@ -33,7 +33,7 @@ NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 KINDS = ("RealtimeAPI", "BatchAPI", "TrafficSplitter")
 #: Kinds this version deploys; the others are refused naming the field.
-DEPLOYABLE_KINDS = ("RealtimeAPI", "TrafficSplitter")
+DEPLOYABLE_KINDS = ("RealtimeAPI", "BatchAPI", "TrafficSplitter")
 HANDLER_TYPES = ("python", "onnx", "tensorflow")
 DEPLOYABLE_HANDLER_TYPES = ("python", "onnx", "tensorflow")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -201,6 +201,9 @@ ONNX_RUNTIMES = ("onnxruntime", "native")
 TENSORFLOW_HANDLER_KEYS = tuple(k for k in ONNX_HANDLER_KEYS if k != "runtime") + ("signature_key",)
 HANDLER_KEYS_BY_TYPE = {"python": HANDLER_KEYS, "onnx": ONNX_HANDLER_KEYS, "tensorflow": TENSORFLOW_HANDLER_KEYS}
 REALTIME_KEYS = ("name", "kind", "handler", "compute", "autoscaling", "update_strategy", "networking")
+#: A BatchAPI (seed 001) runs jobs on workers started per job: no
+#: autoscaling or update strategy.
+BATCH_KEYS = ("name", "kind", "handler", "compute", "networking")
 SPLITTER_KEYS = ("name", "kind", "networking", "apis")
 AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "init_replicas", "max_replica_concurrency",
                     "target_replica_concurrency", "window", "downscale_stabilization_period",
@@ -564,6 +567,8 @@ def validate_api(raw: Any, index: int, folder: str) -> dict:
             if k not in SPLITTER_KEYS:
                 c.fail(k, f"unknown key for a TrafficSplitter (expected one of: {', '.join(SPLITTER_KEYS)})")
         return {"name": name, "kind": kind, "endpoint": _endpoint(c, raw, name), "apis": _splitter(c, raw)}
+    if kind == "BatchAPI":
+        return _batch_api(c, raw, name, folder)
     for k in raw:
         if k not in REALTIME_KEYS:
             c.fail(k, f"unknown key (expected one of: {', '.join(REALTIME_KEYS)})")
@@ -582,6 +587,23 @@ def validate_api(raw: Any, index: int, folder: str) -> dict:
         "update_strategy": _update_strategy(c, raw),
         "endpoint": _endpoint(c, raw, name),
     }
+
+
+def _batch_api(c: _Checker, raw: dict, name: str, folder: str) -> dict:
+    """A BatchAPI: a python Handler with ``handle_batch`` run by a job's
+    workers; the other handler keys are a RealtimeAPI's."""
+    for k in raw:
+        if k not in BATCH_KEYS:
+            c.fail(k, f"unknown key for a BatchAPI (expected one of: {', '.join(BATCH_KEYS)})")
+    handler = _handler(c, raw, folder)
+    if handler["type"] != "python":
+        c.fail("handler.type", "a BatchAPI runs a python Handler (handle_batch)")
+    for key, why in (("grpc", "a BatchAPI is not a gRPC API"),
+                     ("server_side_batching", "a BatchAPI's batches are its jobs' batches")):
+        if handler.get(key):
+            c.fail("handler.protobuf_path" if key == "grpc" else f"handler.{key}", why)
+    return {"name": name, "kind": "BatchAPI", "handler": handler, "compute": _compute(c, raw),
+            "endpoint": _endpoint(c, raw, name)}
 
 
 def find_config(folder: str) -> str:

@@ -138,20 +138,23 @@ def deploy(folder: str = ".", config_path: Optional[str] = None, *, wait: bool =
     snap = _snapshot()
     _check_splitters(apis, snap)
     existing = {a["name"]: a for a in snap.get("apis", [])}
-    digest = client.put_blob(package.data) if any(a["kind"] == "RealtimeAPI" for a in apis) else ""
+    digest = client.put_blob(package.data) if any(a["kind"] in ("RealtimeAPI", "BatchAPI") for a in apis) else ""
     results = []
     # Splitters after the APIs they route to.
     for api in sorted(apis, key=lambda a: a["kind"] == "TrafficSplitter"):
         if api["kind"] == "RealtimeAPI":
             spec = dict(api, dotenv=dotenv, package=digest)
             action = _deploy_realtime(serve, client, spec, existing.get(api["name"]), descriptors.get(api["name"]))
+        elif api["kind"] == "BatchAPI":
+            spec = dict(api, dotenv=dotenv, package=digest)
+            action = _deploy_batch(serve, client, spec, existing.get(api["name"]))
         else:
             spec = dict(api)
             action = _deploy_splitter(serve, client, spec, existing.get(api["name"]))
         results.append({"name": api["name"], "kind": api["kind"], "endpoint": _shown_endpoint(api),
                         "action": action})
     if wait:
-        wait_live([r["name"] for r in results if r["kind"] == "RealtimeAPI"], timeout)
+        wait_live([r["name"] for r in results if r["kind"] in ("RealtimeAPI", "BatchAPI")], timeout)
     return results
 
 
@@ -225,6 +228,37 @@ def _deploy_realtime(serve, client, spec: dict, old: Optional[dict], descriptor:
         _create_endpoint(serve, spec, descriptor)
     _record(client, spec, fingerprint)
     return "updated"
+
+
+#: The job gateway of a BatchAPI answers these (serval.cortex.batch).
+BATCH_METHODS = ["GET", "POST", "DELETE"]
+
+
+def _deploy_batch(serve, client, spec: dict, old: Optional[dict]) -> str:
+    """A BatchAPI: its job gateway backend at the endpoint. Jobs started
+    before a redeploy keep the workers (and code) they started with."""
+    from .batch import BatchGateway
+
+    name = spec["name"]
+    fingerprint = _fingerprint(spec)
+    if old is not None and old.get("fingerprint") == fingerprint:
+        return "unchanged"
+    if old is not None and old.get("kind") != "BatchAPI":
+        raise ConfigError(f'api "{name}": kind: the cluster has a {old.get("kind")} with this name; delete it first')
+    code = serve._pickle_code(BatchGateway, (spec,))
+    backends = {b["name"] for b in _snapshot().get("backends", [])}
+    if name not in backends:
+        client.create_backend(name, code, json.dumps({"num_replicas": 1}))
+    else:
+        client.update_backend_code(name, code)
+    endpoints = {e["name"]: e for e in _snapshot().get("endpoints", [])}
+    if name in endpoints and (endpoints[name].get("route") or "") != spec["endpoint"]:
+        serve.delete_endpoint(name)
+        endpoints.pop(name)
+    if name not in endpoints:
+        serve.create_endpoint(name, backend=name, route=spec["endpoint"], methods=BATCH_METHODS)
+    _record(client, spec, fingerprint)
+    return "created" if old is None else "updated"
 
 
 def _deploy_splitter(serve, client, spec: dict, old: Optional[dict]) -> str:
@@ -349,6 +383,12 @@ def delete(name: str) -> None:
     endpoints = {e["name"] for e in snap.get("endpoints", [])}
     if name in endpoints:
         serve.delete_endpoint(name)
-    if record.get("kind") == "RealtimeAPI" and name in {b["name"] for b in snap.get("backends", [])}:
+    backends = {b["name"] for b in snap.get("backends", [])}
+    if record.get("kind") in ("RealtimeAPI", "BatchAPI") and name in backends:
         serve.delete_backend(name, force=True)
+    if record.get("kind") == "BatchAPI":
+        # The workers of its jobs still running.
+        for backend in backends:
+            if backend.startswith(f"{name}--job-"):
+                serve.delete_backend(backend, force=True)
     serve._get_client().delete_api(name)

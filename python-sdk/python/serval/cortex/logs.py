@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, Iterator, List, Set, Tuple
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 #: Bytes asked per request; a replica answers at most 1 MiB anyway.
 CHUNK_BYTES = 256 * 1024
@@ -71,14 +71,15 @@ def _read(client, replica: dict, tail: _Tail) -> Iterator[str]:
 
 
 def stream_api_logs(name: str, follow: bool = True, poll: float = 0.5,
-                    from_start: bool = True) -> Iterator[Tuple[str, str]]:
+                    from_start: bool = True, backend: Optional[str] = None) -> Iterator[Tuple[str, str]]:
     """``(replica id, line)`` for each log line of every running replica of
     API ``name``. With ``follow``, keeps polling every ``poll`` seconds,
     picking up replicas that start later; without it, stops after one pass
     (and yields unfinished last lines as they are). ``from_start=False``
     skips what the replicas running now have already written; replicas that
     start later are read from their beginning either way. Raises KeyError
-    for an API that is not deployed."""
+    for an API that is not deployed. ``backend``: read the replicas of that
+    backend instead of the API's own (a batch job's workers)."""
     from serval import serve
 
     from .deploy import get_api
@@ -89,7 +90,7 @@ def stream_api_logs(name: str, follow: bool = True, poll: float = 0.5,
     warned: Set[Tuple[str, str]] = set()
     first = True
     while True:
-        for replica in _running_replicas(name):
+        for replica in _running_replicas(backend or name):
             rid = replica.get("id", "?")
             tail = tails.get(rid)
             try:

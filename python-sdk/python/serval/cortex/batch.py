@@ -1,0 +1,448 @@
+"""Batch APIs (seed 001): jobs of batches run by workers started per job.
+
+A BatchAPI deploys one small backend, the job gateway ``BatchGateway``, at
+the API's endpoint:
+
+* ``POST /<endpoint>`` submits a job (``workers``, ``timeout``, ``config``,
+  ``max_receive_count`` and one of ``item_list``, ``file_path_lister``,
+  ``delimited_files``; ``?dryRun=true`` lists the targets only). The job is
+  created in the controller's replicated store and answered at once; its
+  batches are then written to the store in chunks (status ``enqueuing``),
+  after which a backend of ``workers`` replicas (``BatchWorker``) starts.
+* ``GET /<endpoint>?jobID=ID`` is the job's status (``&deadLetters=true``:
+  the batches that failed ``max_receive_count`` times); without ``jobID``,
+  the API's jobs. ``DELETE /<endpoint>?jobID=ID`` stops it.
+
+Workers lease batches from the store with a visibility timeout, call
+``handle_batch(payload, batch_id)`` and acknowledge; a failed batch goes
+back to the queue, or to the dead letters after ``max_receive_count``
+receipts. The store tells exactly one worker, once every batch is
+finished, to run ``on_job_complete``. The gateway watches each job: it
+gives a dead worker's leases back at once, ends a job past its ``timeout``,
+and removes the workers when the job ends.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import threading
+import time
+import urllib.request
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from starlette.requests import Request
+
+from .realtime import HandlerError, RealtimeAPI, accepted_args, cluster_client, error_response, setup_process
+
+logger = logging.getLogger("serval.cortex")
+
+#: Cortex's limits: a batch under 256 KiB, an item_list request under 10 MiB.
+MAX_BATCH_BYTES = 256 * 1024
+MAX_ITEM_LIST_REQUEST_BYTES = 10 * 1024 * 1024
+#: Batches written to the store per call.
+ENQUEUE_CHUNK_BYTES = 2 * 1024 * 1024
+#: How long a leased batch stays hidden from other workers. A dead worker's
+#: leases come back sooner: the gateway releases them when it sees it die.
+VISIBILITY_S = 600.0
+#: Batches a worker leases per call (fewer store writes; at-least-once).
+LEASE_MAX = 10
+#: How often the gateway looks at a running job.
+WATCH_INTERVAL_S = 0.2
+#: Restarts of one worker after which the job ends as "worker error".
+MAX_WORKER_RESTARTS = 3
+ENDED = ("succeeded", "failed while enqueuing", "completed with failures", "worker error", "out of memory",
+         "timed out", "stopped")
+
+
+class JobError(ValueError):
+    """A job request that cannot run (answered 400 with the message)."""
+
+
+def _jobs():
+    return cluster_client().jobs()
+
+
+def worker_backend(api: str, job_id: str) -> str:
+    return f"{api}--job-{job_id}"
+
+
+def _iso(ms: int) -> Optional[str]:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat() if ms else None
+
+
+# -- a job request ------------------------------------------------------------
+
+
+def parse_job(body: bytes) -> dict:
+    """The job request, validated; JobError names the field."""
+    if len(body) > MAX_ITEM_LIST_REQUEST_BYTES:
+        raise JobError(f"the request is {len(body)} bytes; the limit is {MAX_ITEM_LIST_REQUEST_BYTES} (10 MiB)")
+    try:
+        job = json.loads(body)
+    except ValueError as e:
+        raise JobError(f"the body is not valid JSON: {e}") from None
+    if not isinstance(job, dict):
+        raise JobError("the body must be a JSON object")
+    workers = job.get("workers")
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise JobError(f"workers: required, an integer of at least 1 (got {workers!r})")
+    timeout = job.get("timeout")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0):
+        raise JobError(f"timeout: a number of seconds above 0 (got {timeout!r})")
+    config = job.get("config") or {}
+    if not isinstance(config, dict):
+        raise JobError(f"config: must be an object (got {type(config).__name__})")
+    mrc = job.get("max_receive_count", (job.get("sqs_dead_letter_queue") or {}).get("max_receive_count", 1))
+    if not isinstance(mrc, int) or isinstance(mrc, bool) or mrc < 1:
+        raise JobError(f"max_receive_count: an integer of at least 1 (got {mrc!r})")
+    sources = [k for k in ("item_list", "file_path_lister", "delimited_files") if k in job]
+    if len(sources) != 1:
+        raise JobError("exactly one of item_list, file_path_lister, delimited_files is required"
+                       + (f" (got {', '.join(sources)})" if sources else ""))
+    source = job[sources[0]]
+    if not isinstance(source, dict):
+        raise JobError(f"{sources[0]}: must be an object")
+    size = source.get("batch_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise JobError(f"{sources[0]}.batch_size: required, an integer of at least 1 (got {size!r})")
+    if sources[0] == "item_list":
+        if not isinstance(source.get("items"), list):
+            raise JobError("item_list.items: required, a list")
+    elif not isinstance(source.get("paths"), list) or not all(isinstance(p, str) for p in source["paths"]):
+        raise JobError(f"{sources[0]}.paths: required, a list of paths or URLs")
+    for key in ("includes", "excludes"):
+        if key in source and (not isinstance(source[key], list) or not all(isinstance(g, str) for g in source[key])):
+            raise JobError(f"{sources[0]}.{key}: a list of glob patterns")
+    return {"workers": workers, "timeout": timeout, "config": config, "max_receive_count": mrc,
+            "source": sources[0], "spec": source}
+
+
+def _is_url(path: str) -> bool:
+    return path.lower().startswith(("http://", "https://"))
+
+
+def list_targets(spec: dict) -> List[str]:
+    """The files (or URLs) of a file_path_lister/delimited_files: each path,
+    or the files under a directory, filtered by includes/excludes globs."""
+    targets: List[str] = []
+    for path in spec["paths"]:
+        if _is_url(path):
+            targets.append(path)
+        elif os.path.isdir(path):
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                targets.extend(os.path.join(root, f) for f in sorted(files))
+        elif os.path.exists(path):
+            targets.append(path)
+        else:
+            raise JobError(f"paths: no such file or directory: {path}")
+    includes, excludes = spec.get("includes") or [], spec.get("excludes") or []
+    return [t for t in targets
+            if (not includes or any(fnmatch.fnmatch(t, g) for g in includes))
+            and not any(fnmatch.fnmatch(t, g) for g in excludes)]
+
+
+def _read(target: str) -> Iterator[bytes]:
+    if _is_url(target):
+        with urllib.request.urlopen(target, timeout=60) as r:
+            yield from r
+    else:
+        with open(target, "rb") as f:
+            yield from f
+
+
+def batches(job: dict) -> Iterator[List[Any]]:
+    """The job's batches, in order, as lists of items."""
+    spec, size = job["spec"], job["spec"]["batch_size"]
+    if job["source"] == "item_list":
+        items = spec["items"]
+        for i in range(0, len(items), size):
+            yield items[i:i + size]
+        return
+    targets = list_targets(spec)
+    if job["source"] == "file_path_lister":
+        for i in range(0, len(targets), size):
+            yield targets[i:i + size]
+        return
+    batch: List[Any] = []
+    for target in targets:
+        for n, line in enumerate(_read(target), 1):
+            if not line.strip():
+                continue
+            try:
+                batch.append(json.loads(line))
+            except ValueError as e:
+                raise JobError(f"delimited_files: {target} line {n} is not JSON: {e}") from None
+            if len(batch) == size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def encoded_batches(job: dict) -> Iterator[bytes]:
+    for i, batch in enumerate(batches(job)):
+        data = json.dumps(batch).encode()
+        if len(data) > MAX_BATCH_BYTES:
+            raise JobError(f"batch {i} is {len(data)} bytes; a batch must be under {MAX_BATCH_BYTES} bytes "
+                           f"(256 KiB): lower batch_size")
+        yield data
+
+
+# -- the gateway ----------------------------------------------------------------
+
+
+class BatchGateway:
+    """The HTTP face of a BatchAPI (see the module docs). ``spec`` is the
+    validated API; the workers get it too."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.name = spec["name"]
+
+    async def __call__(self, request: Request):
+        try:
+            if request.method == "POST":
+                return self.submit(await request.body(), request.query_params)
+            if request.method == "GET":
+                job_id = request.query_params.get("jobID")
+                if not job_id:
+                    return [self.status(j) for j in json.loads(_jobs().list(self.name))]
+                if request.query_params.get("deadLetters", "").lower() == "true":
+                    return self.dead_letters(job_id)
+                return self.status(self._job(job_id))
+            if request.method == "DELETE":
+                job_id = request.query_params.get("jobID")
+                if not job_id:
+                    return error_response(400, "jobID: required (DELETE /<api>?jobID=<id>)")
+                self._job(job_id)
+                _jobs().stop(job_id)
+                self._remove_workers(job_id)
+                return {"message": f"stopped job {job_id}"}
+        except JobError as e:
+            return error_response(400, str(e))
+        except LookupError as e:
+            return error_response(404, str(e))
+        return error_response(405, f"api '{self.name}' takes POST (submit), GET (status) and DELETE (stop)",
+                              {"Allow": "POST, GET, DELETE"})
+
+    def _job(self, job_id: str) -> dict:
+        from serval import ServeError
+
+        try:
+            job = json.loads(_jobs().get(job_id))
+        except ServeError as e:
+            raise LookupError(f"job {job_id}: {e}") from None
+        if job["spec"]["api"] != self.name:
+            raise LookupError(f"job {job_id} is not a job of api {self.name}")
+        return job
+
+    def submit(self, body: bytes, query) -> Any:
+        job = parse_job(body)
+        if query.get("dryRun", "").lower() == "true":
+            if job["source"] == "item_list":
+                return {"dry_run": True, "batches": sum(1 for _ in encoded_batches(job))}
+            return {"dry_run": True, "targets": list_targets(job["spec"])}
+        if job["source"] != "item_list":
+            list_targets(job["spec"])  # a missing path is the client's 400, now
+        created = json.loads(_jobs().create(self.name, job["workers"], float(job["timeout"] or 0),
+                                            json.dumps(job["config"]), job["max_receive_count"]))
+        threading.Thread(target=self._run, args=(created["id"], job), name=f"job-{created['id']}",
+                         daemon=True).start()
+        return {"job_id": created["id"], "api_name": self.name, "kind": "BatchAPI", "workers": job["workers"],
+                "config": job["config"], "timeout": job["timeout"], "created_time": _iso(created["created_ms"])}
+
+    # -- a job's life -----------------------------------------------------
+
+    def _run(self, job_id: str, job: dict) -> None:
+        jobs = _jobs()
+        try:
+            total = self._enqueue(jobs, job_id, job)
+        except Exception as e:  # the job's own failure: recorded, not raised
+            logger.error("api %r: job %s: enqueuing failed: %s", self.name, job_id, e)
+            jobs.finish_enqueue(job_id, 0, f"{type(e).__name__}: {e}" if not isinstance(e, JobError) else str(e))
+            return
+        jobs.finish_enqueue(job_id, total)
+        try:
+            self._start_workers(job_id, job)
+            self._watch(jobs, job_id)
+        except Exception as e:
+            logger.error("api %r: job %s: %s", self.name, job_id, e)
+            try:
+                jobs.stop(job_id, "worker error", f"{type(e).__name__}: {e}")
+            except Exception:
+                pass
+        finally:
+            self._remove_workers(job_id)
+
+    def _enqueue(self, jobs, job_id: str, job: dict) -> int:
+        chunk: List[bytes] = []
+        size = first = total = 0
+        for data in encoded_batches(job):
+            chunk.append(data)
+            size += len(data)
+            total += 1
+            if size >= ENQUEUE_CHUNK_BYTES or len(chunk) >= 5000:
+                jobs.enqueue(job_id, first, chunk)
+                first, chunk, size = total, [], 0
+        if chunk:
+            jobs.enqueue(job_id, first, chunk)
+        return total
+
+    def _start_workers(self, job_id: str, job: dict) -> None:
+        from serval import serve
+
+        compute = self.spec.get("compute") or {}
+        options = {"num_cpus": float(compute.get("cpu") or 0.2), "num_gpus": float(compute.get("gpu") or 0)}
+        serve.create_backend(worker_backend(self.name, job_id), BatchWorker, self.spec, job_id,
+                             config={"num_replicas": job["workers"]}, ray_actor_options=options)
+
+    def _watch(self, jobs, job_id: str) -> None:
+        """Until the job ends: gives a dead worker's leases back, ends the job
+        when its workers keep dying or its timeout passes."""
+        from serval import serve
+
+        backend = worker_backend(self.name, job_id)
+        restarts: Dict[str, int] = {}
+        while True:
+            job = json.loads(jobs.get(job_id))
+            if job["status"] in ENDED:
+                return
+            timeout = job["spec"].get("timeout_s") or 0
+            if timeout and job.get("start_ms") and time.time() * 1000 > job["start_ms"] + timeout * 1000:
+                jobs.stop(job_id, "timed out", f"the job ran past its timeout of {timeout:g} s")
+                return
+            for r in serve.status().get("replicas", []):
+                if r["backend"] != backend:
+                    continue
+                seen = restarts.get(r["id"], 0)
+                if r.get("restarts", 0) > seen or r["state"] == "failed":
+                    restarts[r["id"]] = r.get("restarts", 0)
+                    jobs.release_worker(job_id, r["id"])
+                    if r.get("restarts", 0) >= MAX_WORKER_RESTARTS:
+                        error = (r.get("error") or "").strip().splitlines()
+                        jobs.stop(job_id, "out of memory" if any("MemoryError" in l for l in error)
+                                  else "worker error", f"worker {r['id']}: {error[-1] if error else 'died'}")
+                        return
+            time.sleep(WATCH_INTERVAL_S)
+
+    def _remove_workers(self, job_id: str) -> None:
+        from serval import ServeError, serve
+
+        try:
+            serve.delete_backend(worker_backend(self.name, job_id), force=True)
+        except ServeError:
+            pass  # never started, or already gone
+
+    # -- answers ------------------------------------------------------------
+
+    def status(self, job: dict) -> dict:
+        from serval import serve
+
+        spec = job["spec"]
+        counts = {k: 0 for k in ("pending", "initializing", "running", "succeeded", "failed", "stalled")}
+        if job["status"] not in ENDED:
+            backend = worker_backend(self.name, job["id"])
+            for r in serve.status().get("replicas", []):
+                if r["backend"] == backend:
+                    key = {"pending": "pending", "starting": "initializing", "running": "running",
+                           "failed": "failed"}.get(r["state"], "stalled")
+                    counts[key] += 1
+        return {"job_id": job["id"], "api_name": self.name, "kind": "BatchAPI", "status": job["status"],
+                "workers": spec["workers"], "config": json.loads(spec.get("config_json") or "{}"),
+                "timeout": spec.get("timeout_s") or None, "total_batch_count": job.get("total_batches", 0),
+                "batches_in_queue": job.get("batches_in_queue", 0),
+                "batch_metrics": {"succeeded": job.get("succeeded", 0), "failed": job.get("failed", 0),
+                                  "avg_time_per_batch": job.get("avg_time_per_batch_s") or None},
+                "worker_counts": counts, "created_time": _iso(job.get("created_ms", 0)),
+                "start_time": _iso(job.get("start_ms", 0)), "end_time": _iso(job.get("end_ms", 0)),
+                "error": job.get("error") or None}
+
+    def dead_letters(self, job_id: str) -> list:
+        self._job(job_id)
+        return [{"batch_id": batch_id, "payload": json.loads(payload), "receive_count": count, "error": error}
+                for _, batch_id, payload, count, error in _jobs().dead_letters(job_id)]
+
+
+# -- the workers ------------------------------------------------------------------
+
+
+class BatchWorker(RealtimeAPI):
+    """One worker of one job: builds ``Handler(config, job_spec)`` and, on a
+    thread, leases batches until the job is done."""
+
+    def __init__(self, spec: dict, job_id: str, project_dir: Optional[str] = None):
+        self.name = spec.get("name") or "api"
+        handler = spec.get("handler") or {}
+        project = setup_process(self.name, spec, project_dir)
+        os.environ["SERVAL_API_KIND"] = "BatchAPI"
+        os.environ["SERVAL_JOB_ID"] = job_id
+        self.job_id = job_id
+        self.worker_id = os.environ.get("SERVAL_REPLICA_ID") or f"worker-{uuid.uuid4()}"
+        self.jobs = _jobs()
+        job = json.loads(self.jobs.get(job_id))
+        job_config = json.loads(job["spec"].get("config_json") or "{}")
+        config = {**(handler.get("config") or {}), **job_config}
+        job_spec = {"job_id": job_id, "api_name": self.name, "config": job_config,
+                    "workers": job["spec"]["workers"], "total_batch_count": job.get("total_batches", 0),
+                    "start_time": _iso(job.get("start_ms", 0))}
+        handler_class = self._load_handler_class(project, handler.get("path") or "handler.py")
+        self.handler = self._build(handler_class, {"config": config, "job_spec": job_spec})
+        handle_batch = getattr(self.handler, "handle_batch", None)
+        if not callable(handle_batch):
+            raise HandlerError(f"api {self.name!r}: Handler defines no handle_batch(payload, batch_id)")
+        self._handle_args = accepted_args(handle_batch, ("payload", "batch_id"),
+                                          f"api {self.name!r}: Handler.handle_batch")
+        self._methods = {}
+        self._allow = ""
+        self._thread = threading.Thread(target=self._work, name=f"worker-{job_id}", daemon=True)
+        self._thread.start()
+
+    async def __call__(self, request: Request):
+        return error_response(404, f"worker of job {self.job_id}: no HTTP requests")
+
+    def _work(self) -> None:
+        try:
+            while True:
+                status, done, run_on_complete, leased = self.jobs.lease(self.job_id, self.worker_id, LEASE_MAX,
+                                                                        VISIBILITY_S)
+                if run_on_complete:
+                    self._complete()
+                    return
+                if done or status in ENDED:
+                    logger.info("job %s: no batches left (%s)", self.job_id, status)
+                    return
+                if not leased:
+                    time.sleep(0.05)  # others hold the last batches: wait for them to finish or come back
+                    continue
+                self.jobs.ack(self.job_id, self.worker_id, [self._run(*b) for b in leased])
+        except Exception:
+            logger.exception("job %s: worker %s stopped", self.job_id, self.worker_id)
+
+    def _run(self, index: int, batch_id: str, payload: bytes, receive_count: int) -> Tuple[int, bool, float, str]:
+        started = time.monotonic()
+        available = {"payload": json.loads(payload), "batch_id": batch_id}
+        try:
+            self.handler.handle_batch(**{n: available[n] for n in self._handle_args})
+        except Exception as e:
+            logger.error("job %s: batch %s failed (receipt %d): %s: %s", self.job_id, batch_id, receive_count,
+                         type(e).__name__, e, exc_info=e)
+            return index, False, time.monotonic() - started, f"{type(e).__name__}: {e}"
+        return index, True, time.monotonic() - started, ""
+
+    def _complete(self) -> None:
+        on_complete = getattr(self.handler, "on_job_complete", None)
+        error = ""
+        if callable(on_complete):
+            try:
+                on_complete()
+            except Exception as e:
+                logger.exception("job %s: on_job_complete failed", self.job_id)
+                error = f"on_job_complete: {type(e).__name__}: {e}"
+        self.jobs.complete(self.job_id, self.worker_id, error)
+        logger.info("job %s: complete", self.job_id)

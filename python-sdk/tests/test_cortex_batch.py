@@ -1,0 +1,227 @@
+"""Seed 001, Batch APIs: ``kind: BatchAPI`` deployed with `serve deploy`;
+jobs submitted over HTTP (and the CLI), their batches kept in the cluster's
+replicated store, run by worker replicas started per job."""
+
+import json
+import os
+import signal
+
+import pytest
+import requests
+
+from serval import serve
+from test_cortex_deploy import cli
+from test_cortex_handler import wait_for, write_project
+
+TIMEOUT = 60
+
+# Each batch writes its sum to <out>/<batch_id>.json; on_job_complete adds
+# them up (once: it appends a line to complete.log).
+HANDLER = '''
+import json, os, time
+
+class Handler:
+    def __init__(self, config, job_spec):
+        self.out = config["out"]
+        self.config = config
+        os.makedirs(self.out, exist_ok=True)
+        with open(os.path.join(self.out, f"spec-{os.getpid()}.json"), "w") as f:
+            json.dump({"config": config, "job_spec": job_spec}, f)
+
+    def handle_batch(self, payload, batch_id):
+        if self.config.get("fail_on") in payload:
+            raise ValueError(f"cannot take {self.config['fail_on']}")
+        if self.config.get("block_on") in payload:
+            first = os.path.join(self.out, "first-attempt")
+            if not os.path.exists(first):
+                with open(first, "w") as f:
+                    f.write(str(os.getpid()))
+                while True:  # until the test kills this worker
+                    time.sleep(0.05)
+        total = sum(x if isinstance(x, int) else x["n"] for x in payload)
+        with open(os.path.join(self.out, f"{batch_id}.json"), "w") as f:
+            json.dump({"sum": total, "n": len(payload)}, f)
+
+    def on_job_complete(self):
+        sums = []
+        for name in os.listdir(self.out):
+            if name.endswith(".json") and not name.startswith(("spec-", "total")):
+                with open(os.path.join(self.out, name)) as f:
+                    sums.append(json.load(f)["sum"])
+        with open(os.path.join(self.out, "total.json"), "w") as f:
+            json.dump({"sum": sum(sums), "batches": len(sums)}, f)
+        with open(os.path.join(self.out, "complete.log"), "a") as f:
+            f.write("done\\n")
+'''
+
+CONFIG = """- name: summer
+  kind: BatchAPI
+  handler:
+    path: handler.py
+    config: {a: 1, b: 1}
+"""
+
+
+@pytest.fixture
+def batch_api(cluster, tmp_path):
+    write_project(tmp_path / "project", {"handler.py": HANDLER, "serve.yaml": CONFIG})
+    out = cli(cluster, "deploy", str(tmp_path / "project"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    return f"{cluster.url}/summer"
+
+
+def submit(url, body, **params):
+    return requests.post(url, json=body, params=params, timeout=TIMEOUT)
+
+
+def job_status(url, job_id):
+    r = requests.get(url, params={"jobID": job_id}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wait_ended(url, job_id, timeout=120):
+    return wait_for(lambda: (lambda s: s if s["status"] not in ("enqueuing", "running") else None)(
+        job_status(url, job_id)), timeout=timeout, what=f"job {job_id} to end")
+
+
+def workers_of(job_id):
+    return [r for r in serve.status()["replicas"] if r["backend"] == f"summer--job-{job_id}"]
+
+
+def test_a_job_runs_every_batch_once_then_on_job_complete(batch_api, cluster, tmp_path):
+    out_dir = str(tmp_path / "out")
+    r = submit(batch_api, {"workers": 2, "config": {"out": out_dir, "b": 2},
+                           "item_list": {"items": list(range(100)), "batch_size": 10}})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["api_name"] == "summer" and answer["kind"] == "BatchAPI" and answer["workers"] == 2
+    assert answer["created_time"] and answer["job_id"]
+    job_id = answer["job_id"]
+
+    st = wait_ended(batch_api, job_id)
+    assert st["status"] == "succeeded", (st, st.get("error"))
+    assert st["batch_metrics"]["succeeded"] == 10 and st["batch_metrics"]["failed"] == 0, st
+    assert st["batches_in_queue"] == 0 and st["total_batch_count"] == 10
+    assert st["start_time"] and st["end_time"]
+    total = json.load(open(os.path.join(out_dir, "total.json")))
+    assert total == {"sum": sum(range(100)), "batches": 10}
+    assert open(os.path.join(out_dir, "complete.log")).read() == "done\n"
+    # Handler(config, job_spec): the job's config over the API's.
+    specs = [json.load(open(os.path.join(out_dir, f))) for f in os.listdir(out_dir) if f.startswith("spec-")]
+    assert specs and all(s["config"] == {"a": 1, "b": 2, "out": out_dir} for s in specs)
+    spec = specs[0]["job_spec"]
+    assert (spec["job_id"], spec["api_name"], spec["workers"], spec["total_batch_count"]) == \
+        (job_id, "summer", 2, 10)
+    assert spec["config"] == {"out": out_dir, "b": 2} and spec["start_time"]
+    # The workers are gone once the job ended.
+    wait_for(lambda: not workers_of(job_id), what="the workers to be removed")
+    # The job is listed.
+    listed = requests.get(batch_api, timeout=TIMEOUT).json()
+    assert [j["job_id"] for j in listed] == [job_id]
+
+
+def test_a_failing_batch_ends_in_the_dead_letters(batch_api, cluster, tmp_path):
+    out_dir = str(tmp_path / "out")
+    r = submit(batch_api, {"workers": 1, "max_receive_count": 2, "config": {"out": out_dir, "fail_on": 13},
+                           "item_list": {"items": list(range(30)), "batch_size": 10}})
+    job_id = r.json()["job_id"]
+    st = wait_ended(batch_api, job_id)
+    assert st["status"] == "completed with failures", st
+    assert (st["batch_metrics"]["succeeded"], st["batch_metrics"]["failed"]) == (2, 1)
+    r = requests.get(batch_api, params={"jobID": job_id, "deadLetters": "true"}, timeout=TIMEOUT)
+    (letter,) = r.json()
+    assert letter["payload"] == list(range(10, 20)) and letter["receive_count"] == 2
+    assert "cannot take 13" in letter["error"]
+    # on_job_complete still ran once, over the batches that succeeded.
+    assert json.load(open(os.path.join(out_dir, "total.json")))["batches"] == 2
+
+
+def test_a_killed_worker_s_batch_runs_again_and_counts_once(batch_api, cluster, tmp_path):
+    out_dir = str(tmp_path / "out")
+    r = submit(batch_api, {"workers": 2, "config": {"out": out_dir, "block_on": 42},
+                           "item_list": {"items": list(range(100)), "batch_size": 10}})
+    job_id = r.json()["job_id"]
+    first = os.path.join(out_dir, "first-attempt")
+    wait_for(lambda: os.path.exists(first) and open(first).read(), what="a worker to take the blocking batch")
+    os.kill(int(open(first).read()), signal.SIGKILL)
+    st = wait_ended(batch_api, job_id)
+    assert st["status"] == "succeeded", st
+    assert st["batch_metrics"]["succeeded"] == 10 and st["batch_metrics"]["failed"] == 0
+    assert json.load(open(os.path.join(out_dir, "total.json"))) == {"sum": sum(range(100)), "batches": 10}
+
+
+def test_stopping_a_job_and_the_cli(batch_api, cluster, tmp_path):
+    out_dir = str(tmp_path / "out")
+    lines = tmp_path / "data" / "part-1.jsonl"
+    lines.parent.mkdir()
+    lines.write_text("".join(json.dumps({"n": i}) + "\n" for i in range(25)))
+    body = tmp_path / "job.json"
+    body.write_text(json.dumps({"workers": 1, "config": {"out": out_dir},
+                                "delimited_files": {"paths": [str(lines.parent)], "includes": ["*.jsonl"],
+                                                    "batch_size": 10}}))
+    out = cli(cluster, "jobs", "submit", "summer", str(body))
+    assert out.returncode == 0, out.stderr
+    job_id = json.loads(out.stdout)["job_id"]
+    out = cli(cluster, "jobs", "get", "summer", job_id)
+    assert out.returncode == 0 and json.loads(out.stdout)["job_id"] == job_id
+    st = wait_ended(batch_api, job_id)
+    assert st["status"] == "succeeded" and st["batch_metrics"]["succeeded"] == 3
+    assert json.load(open(os.path.join(out_dir, "total.json")))["sum"] == sum(range(25))
+    # A dry run lists the files.
+    out = cli(cluster, "jobs", "submit", "summer", str(body), "--dry-run")
+    assert json.loads(out.stdout)["targets"] == [str(lines)]
+
+    # A job that blocks forever, stopped.
+    r = submit(batch_api, {"workers": 1, "config": {"out": str(tmp_path / "out2"), "block_on": 1},
+                           "item_list": {"items": [1], "batch_size": 1}})
+    job_id = r.json()["job_id"]
+    wait_for(lambda: os.path.exists(tmp_path / "out2" / "first-attempt"), what="the blocking batch")
+    out = cli(cluster, "jobs", "stop", "summer", job_id)
+    assert out.returncode == 0 and json.loads(out.stdout) == {"message": f"stopped job {job_id}"}
+    assert job_status(batch_api, job_id)["status"] == "stopped"
+    wait_for(lambda: not workers_of(job_id), what="the stopped job's workers to go")
+    out = cli(cluster, "jobs", "list", "summer")
+    assert {j["status"] for j in json.loads(out.stdout)} == {"succeeded", "stopped"}
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"item_list": {"items": [1], "batch_size": 1}}, "workers: required"),
+    ({"workers": 1}, "exactly one of item_list"),
+    ({"workers": 1, "item_list": {"items": [1]}, "file_path_lister": {"paths": ["/"], "batch_size": 1}},
+     "exactly one of item_list"),
+    ({"workers": 1, "item_list": {"items": [1]}}, "item_list.batch_size"),
+    ({"workers": 1, "item_list": {"items": ["x" * 300_000], "batch_size": 1}}, "256 KiB"),
+    ({"workers": 1, "max_receive_count": 0, "item_list": {"items": [1], "batch_size": 1}}, "max_receive_count"),
+    ({"workers": 1, "file_path_lister": {"paths": ["/no/such/dir"], "batch_size": 1}}, "no such file"),
+])
+def test_bad_job_requests_are_400s_that_name_the_field(batch_api, body, words):
+    r = submit(batch_api, body)
+    if r.status_code == 200:  # the batch-size check runs while enqueuing
+        st = wait_ended(batch_api, r.json()["job_id"])
+        assert st["status"] == "failed while enqueuing" and words in st["error"], st
+        return
+    assert r.status_code == 400 and words in r.json()["error"], r.text
+
+
+def test_malformed_and_unknown(batch_api):
+    r = requests.post(batch_api, data=b"{nope", timeout=TIMEOUT)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+    r = requests.get(batch_api, params={"jobID": "no-such-job"}, timeout=TIMEOUT)
+    assert r.status_code == 404 and "no-such-job" in r.json()["error"]
+    r = requests.put(batch_api, timeout=TIMEOUT)
+    assert r.status_code == 405
+
+
+def test_a_batch_api_config_is_checked(tmp_path):
+    from serval.cortex.config import ConfigError, load_config
+
+    write_project(tmp_path, {"handler.py": HANDLER,
+                             "serve.yaml": CONFIG + "  autoscaling: {min_replicas: 2}\n"})
+    with pytest.raises(ConfigError, match=r'api "summer": autoscaling: unknown key for a BatchAPI'):
+        load_config(str(tmp_path))
+    write_project(tmp_path, {"handler.py": HANDLER, "serve.yaml": CONFIG.replace("path: handler.py",
+                                                                                  "path: nope.py")})
+    with pytest.raises(ConfigError, match=r'api "summer": handler.path'):
+        load_config(str(tmp_path))
+
