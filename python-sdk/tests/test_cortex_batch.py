@@ -225,3 +225,28 @@ def test_a_batch_api_config_is_checked(tmp_path):
     with pytest.raises(ConfigError, match=r'api "summer": handler.path'):
         load_config(str(tmp_path))
 
+
+
+def test_a_job_past_its_timeout_ends_timed_out(batch_api, tmp_path):
+    r = submit(batch_api, {"workers": 1, "timeout": 1, "config": {"out": str(tmp_path / "out"), "block_on": 1},
+                           "item_list": {"items": [1, 2], "batch_size": 1}})
+    job_id = r.json()["job_id"]
+    st = wait_ended(batch_api, job_id)
+    assert st["status"] == "timed out" and "timeout of 1 s" in st["error"], st
+    wait_for(lambda: not workers_of(job_id), what="the timed-out job's workers to go")
+
+
+def test_the_example_counts_words(cluster, tmp_path):
+    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "batch")
+    out = cli(cluster, "deploy", example)
+    assert out.returncode == 0, out.stdout + out.stderr
+    url = f"{cluster.url}/word-count"
+    body = {"workers": 2, "config": {"out": str(tmp_path / "wc")},
+            "delimited_files": {"paths": [os.path.abspath(os.path.join(example, "data"))],
+                                "includes": ["*.jsonl"], "batch_size": 50}}
+    job_id = submit(url, body).json()["job_id"]
+    st = wait_ended(url, job_id)
+    assert st["status"] == "succeeded" and st["batch_metrics"]["succeeded"] == 4, st
+    totals = json.load(open(tmp_path / "wc" / "totals.json"))
+    assert totals["job_id"] == job_id
+    assert dict(totals["top"])["the"] == 150  # 3 of every 4 records, 200 records: 50 x 2 + 50 x 1
