@@ -49,8 +49,9 @@ ENQUEUE_CHUNK_BYTES = 2 * 1024 * 1024
 #: How long a leased batch stays hidden from other workers. A dead worker's
 #: leases come back sooner: the gateway releases them when it sees it die.
 VISIBILITY_S = 600.0
-#: Batches a worker leases per call (fewer store writes; at-least-once).
-LEASE_MAX = 10
+#: Batches a worker leases per call, at most: more means fewer store writes
+#: per batch; fewer keeps small jobs spread over every worker.
+LEASE_MAX = 50
 #: How often the gateway looks at a running job.
 WATCH_INTERVAL_S = 0.2
 #: Restarts of one worker after which the job ends as "worker error".
@@ -393,6 +394,10 @@ class BatchWorker(RealtimeAPI):
                     "start_time": _iso(job.get("start_ms", 0))}
         handler_class = self._load_handler_class(project, handler.get("path") or "handler.py")
         self.handler = self._build(handler_class, {"config": config, "job_spec": job_spec})
+        # About a quarter of a worker's share per lease: a big job's queue
+        # sees few writes per batch, a small one still spreads out.
+        share = job.get("total_batches", 0) // max(1, job["spec"]["workers"])
+        self.lease_max = max(1, min(LEASE_MAX, share // 4))
         handle_batch = getattr(self.handler, "handle_batch", None)
         if not callable(handle_batch):
             raise HandlerError(f"api {self.name!r}: Handler defines no handle_batch(payload, batch_id)")
@@ -409,8 +414,8 @@ class BatchWorker(RealtimeAPI):
     def _work(self) -> None:
         try:
             while True:
-                status, done, run_on_complete, leased = self.jobs.lease(self.job_id, self.worker_id, LEASE_MAX,
-                                                                        VISIBILITY_S)
+                status, done, run_on_complete, leased = self.jobs.lease(self.job_id, self.worker_id,
+                                                                        self.lease_max, VISIBILITY_S)
                 if run_on_complete:
                     self._complete()
                     return
