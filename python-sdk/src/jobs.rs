@@ -217,11 +217,7 @@ impl Jobs {
         to_json(&job.into_inner())
     }
 
-    fn dead_letters<'py>(
-        &self,
-        py: Python<'py>,
-        job_id: String,
-    ) -> PyResult<DeadLettered<'py>> {
+    fn dead_letters<'py>(&self, py: Python<'py>, job_id: String) -> PyResult<DeadLettered<'py>> {
         let mut c = self.client.clone();
         let letters = block_on(py, async move {
             c.get_dead_letters(JobRequest { job_id }).await

@@ -13,12 +13,18 @@ use serval_protos::control::*;
 use serval_tests::*;
 
 fn start_head(root: &std::path::Path) -> ServeProcess {
-    let mut head = ServeProcess::start(
-        &root.join("head"),
-        free_port(),
-        free_port(),
-        &["--head", "--num-cpus", "0"],
-    );
+    start_named(root, "head", None)
+}
+
+fn start_named(root: &std::path::Path, name: &str, join: Option<(&str, &str)>) -> ServeProcess {
+    // No CPUs: the heads' node agents start no replicas.
+    let mut args = vec!["--head", "--num-cpus", "0"];
+    let join_args;
+    if let Some((addr, token)) = join {
+        join_args = [addr.to_string(), token.to_string()];
+        args.extend(["--join", &join_args[0], "--token", &join_args[1]]);
+    }
+    let mut head = ServeProcess::start(&root.join(name), free_port(), free_port(), &args);
     head.wait_log("http proxy listening");
     head
 }
@@ -317,4 +323,106 @@ async fn dead_workers_failed_batches_and_stopped_jobs() {
         .await
         .unwrap_err();
     assert!(e.message().contains("workers"), "{}", e.message());
+}
+
+#[test]
+fn a_job_goes_on_after_the_leader_head_is_killed() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("sv-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let first = start_named(tmp.path(), "h1", None);
+    let (addr, token) = (first.control_address(), first.token());
+    let mut heads = vec![first];
+    for name in ["h2", "h3"] {
+        heads.push(start_named(tmp.path(), name, Some((&addr, &token))));
+    }
+    let leader = wait_for(
+        "three voters and a leader",
+        std::time::Duration::from_secs(60),
+        || {
+            let s = rt.block_on(async {
+                let mut c = connect(&heads[0].control_address(), &heads[0].token())
+                    .await
+                    .ok()?;
+                c.get_snapshot(WatchRequest::default())
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner())
+            })?;
+            let voters = s.heads.iter().filter(|h| h.role != "learner").count();
+            let leader = s.heads.iter().find(|h| h.leader)?;
+            (voters == 3).then_some(leader.address.clone())
+        },
+    );
+    let leader_ix = heads
+        .iter()
+        .position(|h| h.control_address() == leader)
+        .unwrap();
+    let job = rt.block_on(async {
+        let mut c = client(&heads[(leader_ix + 1) % 3]).await;
+        let job = new_job(&mut c, 100, 1).await;
+        // Half the batches done and a few held, then the leader dies.
+        let reply = lease(&mut c, &job, "w", 50).await;
+        let (done, held) = reply.batches.split_at(45);
+        ack(
+            &mut c,
+            &job,
+            "w",
+            done.iter().map(|b| (b.index, true)).collect(),
+        )
+        .await;
+        let held: Vec<u64> = held.iter().map(|b| b.index).collect();
+        (job, held)
+    });
+    drop(heads.remove(leader_ix));
+    let (job, held) = job;
+    rt.block_on(async {
+        // A surviving head answers once a new leader is elected (writes
+        // wait for it); the held batches are still leased to "w".
+        let mut c = client(&heads[0]).await;
+        ack(&mut c, &job, "w", held.iter().map(|i| (*i, true)).collect()).await;
+        let (ran, complete) = worker(c.clone(), job.clone(), "v".into()).await;
+        assert!(complete);
+        assert_eq!(ran.len(), 50, "the other 50 batches, each once");
+        let done = c
+            .complete_job(CompleteJobRequest {
+                job_id: job.clone(),
+                worker_id: "v".into(),
+                error: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (done.status.as_str(), done.succeeded, done.failed),
+            ("succeeded", 100, 0)
+        );
+        // The other survivor has the same job.
+        let mut other = client(&heads[1]).await;
+        let seen = wait_for_job(&mut other, &job, "succeeded").await;
+        assert_eq!(seen.succeeded, 100);
+    });
+}
+
+/// The job as `c`'s head has it, once it reached `status` there (a
+/// follower applies a commit a moment after the leader).
+async fn wait_for_job(c: &mut Client, job: &str, status: &str) -> Job {
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Ok(j) = c.get_job(JobRequest { job_id: job.into() }).await {
+            if j.get_ref().status == status {
+                return j.into_inner();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {job} never reached {status}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

@@ -40,6 +40,9 @@ struct AppliedState {
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, BasicNode>,
     data: Vec<u8>,
+    /// The job tables as they were at `meta`'s log index (they change, so
+    /// unlike blobs they cannot be read again later).
+    jobs: jobs::JobSet,
 }
 
 /// What a snapshot carries to another head: the encoded state and every
@@ -50,12 +53,16 @@ struct SnapshotData {
     #[serde(with = "raw_bytes")]
     state: Vec<u8>,
     blobs: blobs::BlobSet,
+    jobs: jobs::JobSet,
 }
 
 #[derive(Clone)]
 pub struct StateMachineStore {
     db: Arc<Database>,
     inner: Arc<Mutex<AppliedState>>,
+    /// Held while entries are applied and while a snapshot reads the state
+    /// and the job tables, so a snapshot's tables match its log index.
+    gate: Arc<Mutex<()>>,
     publish: watch::Sender<SharedState>,
 }
 
@@ -131,6 +138,7 @@ impl StateMachineStore {
         Ok(Self {
             db,
             inner: Arc::new(Mutex::new(applied)),
+            gate: Arc::new(Mutex::new(())),
             publish,
         })
     }
@@ -179,9 +187,9 @@ impl StateMachineStore {
     }
 
     /// The bytes of a snapshot of `state` (encoded) with every blob.
-    fn snapshot_data(&self, state: Vec<u8>) -> Result<Vec<u8>, std::io::Error> {
+    fn snapshot_data(&self, state: Vec<u8>, jobs: jobs::JobSet) -> Result<Vec<u8>, std::io::Error> {
         let blobs = blobs::export(&self.db)?;
-        encode(&SnapshotData { state, blobs })
+        encode(&SnapshotData { state, blobs, jobs })
     }
 
     fn read_snapshot(&self) -> Result<Option<StoredSnapshot>, std::io::Error> {
@@ -204,7 +212,15 @@ impl StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let applied = self.lock().clone();
+        let (applied, jobs) = {
+            let _gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+            let txn = self
+                .db
+                .begin_read()
+                .map_err(|e| StorageIOError::read_state_machine(&io(e)))?;
+            let jobs = jobs::export(&txn).map_err(|e| StorageIOError::read_state_machine(&e))?;
+            (self.lock().clone(), jobs)
+        };
         let state = encode(&applied.state).map_err(|e| StorageIOError::read_state_machine(&e))?;
         let snapshot_id = match &applied.last_applied {
             Some(id) => format!("{}-{}-{}", id.leader_id, id.index, applied.state.version),
@@ -218,11 +234,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let stored = StoredSnapshot {
             meta: meta.clone(),
             data: state.clone(),
+            jobs: jobs.clone(),
         };
         self.write_snapshot(&stored)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         let data = self
-            .snapshot_data(state)
+            .snapshot_data(state, jobs)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         Ok(Snapshot {
             meta,
@@ -247,6 +264,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
+        let _gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
         let mut next = self.lock().clone();
         let mut replies = Vec::new();
         // Blob-only batches leave the state as it was: watchers need no new
@@ -314,9 +332,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // leaves either the old state or all of the new one.
         let txn = self.db.begin_write().map_err(|e| write(io(e)))?;
         blobs::import(&txn, data.blobs).map_err(write)?;
+        jobs::import(&txn, data.jobs.clone()).map_err(write)?;
         let stored = StoredSnapshot {
             meta: meta.clone(),
             data: data.state,
+            jobs: data.jobs,
         };
         put_in(&txn, KEY_SNAPSHOT, &stored).map_err(write)?;
         put_in(&txn, KEY_APPLIED, &next).map_err(write)?;
@@ -337,7 +357,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             return Ok(None);
         };
         let data = self
-            .snapshot_data(stored.data)
+            .snapshot_data(stored.data, stored.jobs)
             .map_err(|e| StorageIOError::read_snapshot(Some(stored.meta.signature()), &e))?;
         Ok(Some(Snapshot {
             meta: stored.meta,

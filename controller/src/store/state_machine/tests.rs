@@ -214,3 +214,92 @@ async fn a_snapshot_carries_the_blobs_to_a_fresh_store() {
         .unwrap();
     assert_eq!(read(&third, &large_digest).unwrap(), large);
 }
+
+#[tokio::test]
+async fn a_snapshot_carries_the_job_queue_as_it_was() {
+    use crate::store::jobs::{self, JobCommand};
+    use prost::Message;
+    use serval_protos::control::{JobSpec, LeaseReply};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut leader = open(&dir.path().join("leader.redb"));
+    let job = |cmd| Command::Job(cmd);
+    let spec = JobSpec {
+        api: "api".into(),
+        workers: 1,
+        max_receive_count: 1,
+        ..Default::default()
+    };
+    let mut index = 0;
+    for cmd in [
+        JobCommand::Create {
+            id: "j".into(),
+            spec,
+            now_ms: 1,
+        },
+        JobCommand::Enqueue {
+            id: "j".into(),
+            first_index: 0,
+            batches: vec![b"[0]".to_vec(), b"[1]".to_vec(), b"[2]".to_vec()],
+        },
+        JobCommand::FinishEnqueue {
+            id: "j".into(),
+            total: 3,
+            error: String::new(),
+            now_ms: 2,
+        },
+        JobCommand::Lease {
+            id: "j".into(),
+            worker: "w".into(),
+            max: 1,
+            visibility_ms: 60_000,
+            now_ms: 3,
+        },
+    ] {
+        index += 1;
+        apply(&mut leader, index, job(cmd)).await.unwrap();
+    }
+    let snapshot = leader.build_snapshot().await.unwrap();
+    // A write after the snapshot is not in it.
+    index += 1;
+    apply(
+        &mut leader,
+        index,
+        job(JobCommand::Stop {
+            id: "j".into(),
+            status: String::new(),
+            error: String::new(),
+            now_ms: 4,
+        }),
+    )
+    .await
+    .unwrap();
+
+    let mut fresh = open(&dir.path().join("fresh.redb"));
+    fresh
+        .install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    let got = jobs::get(fresh.database(), "j").unwrap().unwrap();
+    assert_eq!((got.status.as_str(), got.total_batches), ("running", 3));
+    // The queue goes on from where the snapshot left it: batch 0 is leased,
+    // 1 and 2 come next, with their payloads.
+    let entry = Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index + 1),
+        payload: EntryPayload::Normal(job(JobCommand::Lease {
+            id: "j".into(),
+            worker: "v".into(),
+            max: 5,
+            visibility_ms: 60_000,
+            now_ms: 5,
+        })),
+    };
+    let mut replies = fresh.apply([entry]).await.unwrap();
+    let reply = LeaseReply::decode(replies.remove(0).output.as_slice()).unwrap();
+    let leased: Vec<(u64, Vec<u8>)> = reply
+        .batches
+        .into_iter()
+        .map(|b| (b.index, b.payload))
+        .collect();
+    assert_eq!(leased, vec![(1, b"[1]".to_vec()), (2, b"[2]".to_vec())]);
+}
