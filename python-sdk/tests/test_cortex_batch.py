@@ -250,3 +250,30 @@ def test_the_example_counts_words(cluster, tmp_path):
     totals = json.load(open(tmp_path / "wc" / "totals.json"))
     assert totals["job_id"] == job_id
     assert dict(totals["top"])["the"] == 150  # 3 of every 4 records, 200 records: 50 x 2 + 50 x 1
+
+
+HUNGRY = '''
+import time
+
+class Handler:
+    def __init__(self, config, job_spec):
+        pass
+
+    def handle_batch(self, payload):
+        hog = b"x" * (400 * 1024 * 1024)  # written, so resident
+        while True:
+            time.sleep(0.05)
+'''
+
+
+def test_a_worker_over_compute_mem_ends_the_job_out_of_memory(cluster, tmp_path):
+    config = "- name: hungry\n  kind: BatchAPI\n  handler: {path: handler.py}\n  compute: {mem: 300Mi}\n"
+    write_project(tmp_path / "hungry", {"handler.py": HUNGRY, "serve.yaml": config})
+    out = cli(cluster, "deploy", str(tmp_path / "hungry"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    url = f"{cluster.url}/hungry"
+    job_id = submit(url, {"workers": 1, "item_list": {"items": [1], "batch_size": 1}}).json()["job_id"]
+    st = wait_ended(url, job_id)
+    assert st["status"] == "out of memory" and "compute.mem of 300 MiB" in st["error"], st
+    wait_for(lambda: not [r for r in serve.status()["replicas"] if r["backend"] == f"hungry--job-{job_id}"],
+             what="the workers to go")

@@ -56,6 +56,8 @@ LEASE_MAX = 50
 WATCH_INTERVAL_S = 0.2
 #: Restarts of one worker after which the job ends as "worker error".
 MAX_WORKER_RESTARTS = 3
+#: How often a worker with ``compute.mem`` looks at its resident memory.
+MEMORY_CHECK_INTERVAL_S = 0.05
 ENDED = ("succeeded", "failed while enqueuing", "completed with failures", "worker error", "out of memory",
          "timed out", "stopped")
 
@@ -405,8 +407,33 @@ class BatchWorker(RealtimeAPI):
                                           f"api {self.name!r}: Handler.handle_batch")
         self._methods = {}
         self._allow = ""
+        mem = (spec.get("compute") or {}).get("mem")
+        if mem:
+            threading.Thread(target=self._enforce_memory, args=(int(mem),), name=f"memory-{job_id}",
+                             daemon=True).start()
         self._thread = threading.Thread(target=self._work, name=f"worker-{job_id}", daemon=True)
         self._thread.start()
+
+    def _enforce_memory(self, limit: int) -> None:
+        """``compute.mem`` for a worker: past it, the job ends "out of
+        memory" (as Cortex's OOM-killed workers did) and this process is
+        killed, so its batch is not half-done by a process about to die."""
+        page = os.sysconf("SC_PAGE_SIZE")
+        while True:
+            try:
+                with open("/proc/self/statm") as f:
+                    rss = int(f.read().split()[1]) * page
+            except (OSError, ValueError, IndexError):
+                return  # no /proc: not enforced
+            if rss > limit:
+                message = (f"worker {self.worker_id} used {rss / 2**20:.0f} MiB of memory, over its "
+                           f"compute.mem of {limit / 2**20:.0f} MiB")
+                logger.error("job %s: %s", self.job_id, message)
+                try:
+                    self.jobs.stop(self.job_id, "out of memory", message)
+                finally:
+                    os.kill(os.getpid(), 9)
+            time.sleep(MEMORY_CHECK_INTERVAL_S)
 
     async def __call__(self, request: Request):
         return error_response(404, f"worker of job {self.job_id}: no HTTP requests")
