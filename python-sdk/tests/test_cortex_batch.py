@@ -34,6 +34,7 @@ class Handler:
         if self.config.get("block_on") in payload:
             first = os.path.join(self.out, "first-attempt")
             if not os.path.exists(first):
+                print(f"blocking on {batch_id}", flush=True)
                 with open(first, "w") as f:
                     f.write(str(os.getpid()))
                 while True:  # until the test kills this worker
@@ -177,6 +178,9 @@ def test_stopping_a_job_and_the_cli(batch_api, cluster, tmp_path):
                            "item_list": {"items": [1], "batch_size": 1}})
     job_id = r.json()["job_id"]
     wait_for(lambda: os.path.exists(tmp_path / "out2" / "first-attempt"), what="the blocking batch")
+    # The job's worker logs, through the CLI.
+    wait_for(lambda: f"blocking on {job_id}-0" in cli(cluster, "jobs", "logs", "summer", job_id,
+                                                      "--no-follow").stdout, what="the worker's log line")
     out = cli(cluster, "jobs", "stop", "summer", job_id)
     assert out.returncode == 0 and json.loads(out.stdout) == {"message": f"stopped job {job_id}"}
     assert job_status(batch_api, job_id)["status"] == "stopped"
