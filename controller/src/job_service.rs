@@ -2,6 +2,9 @@
 //! queue's semantics). Writes go through raft to the leader, stamped with
 //! this head's clock; reads (GetJob, ListJobs, GetDeadLetters) come from
 //! this head's store, which may trail the leader by the commits in flight.
+//! A client reads its own control writes back through the head it wrote
+//! them through: CreateJob, FinishEnqueue, CompleteJob and StopJob return
+//! once this head has applied them (see `write_visible`).
 
 use prost::Message;
 use serval_protos::control::*;
@@ -22,15 +25,39 @@ fn storage(e: std::io::Error) -> Status {
     Status::from(ControllerError::Storage(e.to_string()))
 }
 
+/// How long a write through a follower waits for that follower to apply
+/// it (see [`write_visible`]); the write is committed either way.
+const VISIBLE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Writes `cmd` and decodes its output as `T`.
 async fn write<T: Message + Default>(
     raft: &Raft,
     token: &str,
     cmd: JobCommand,
 ) -> Result<T, Status> {
-    let (_, output) =
+    let written =
         store::forward::propose_via_leader_with_output(raft, token, Command::Job(cmd)).await?;
-    T::decode(output.as_slice())
+    T::decode(written.output.as_slice())
+        .map_err(|e| Status::internal(format!("undecodable job reply: {e}")))
+}
+
+/// [`write`], then waits until this head has applied the write, so a
+/// client that reads back through the same head (GetJob after CreateJob,
+/// StopJob or CompleteJob) finds it even when this head is a follower. On
+/// the leader the write is applied when it returns. Not used for the
+/// frequent writes (leases, acks, enqueues): nobody reads those back at once.
+async fn write_visible<T: Message + Default>(
+    raft: &Raft,
+    token: &str,
+    cmd: JobCommand,
+) -> Result<T, Status> {
+    let written =
+        store::forward::propose_via_leader_with_output(raft, token, Command::Job(cmd)).await?;
+    let _ = raft
+        .wait(Some(VISIBLE_WAIT))
+        .applied_index_at_least(Some(written.log_index), "job write visible")
+        .await;
+    T::decode(written.output.as_slice())
         .map_err(|e| Status::internal(format!("undecodable job reply: {e}")))
 }
 
@@ -48,7 +75,9 @@ impl Jobs<'_> {
             spec,
             now_ms: now_ms(),
         };
-        Ok(Response::new(write(self.raft, self.token, cmd).await?))
+        Ok(Response::new(
+            write_visible(self.raft, self.token, cmd).await?,
+        ))
     }
 
     pub async fn enqueue(&self, r: EnqueueRequest) -> Result<Response<Empty>, Status> {
@@ -68,7 +97,9 @@ impl Jobs<'_> {
             error: r.error,
             now_ms: now_ms(),
         };
-        Ok(Response::new(write(self.raft, self.token, cmd).await?))
+        Ok(Response::new(
+            write_visible(self.raft, self.token, cmd).await?,
+        ))
     }
 
     pub async fn lease(&self, r: LeaseRequest) -> Result<Response<LeaseReply>, Status> {
@@ -103,7 +134,9 @@ impl Jobs<'_> {
             error: r.error,
             now_ms: now_ms(),
         };
-        Ok(Response::new(write(self.raft, self.token, cmd).await?))
+        Ok(Response::new(
+            write_visible(self.raft, self.token, cmd).await?,
+        ))
     }
 
     pub async fn release(&self, r: ReleaseWorkerRequest) -> Result<Response<Empty>, Status> {
@@ -122,7 +155,9 @@ impl Jobs<'_> {
             error: r.error,
             now_ms: now_ms(),
         };
-        Ok(Response::new(write(self.raft, self.token, cmd).await?))
+        Ok(Response::new(
+            write_visible(self.raft, self.token, cmd).await?,
+        ))
     }
 
     pub fn get(&self, r: JobRequest) -> Result<Response<Job>, Status> {

@@ -529,10 +529,19 @@ async fn run_head(
     Ok(())
 }
 
+/// The control listener's connections, with TCP_NODELAY as tonic's own
+/// listener sets it (a custom incoming skips that): without it, each small
+/// reply (a lease, an ack) waited on the client's delayed ACK.
 fn tokio_stream_incoming(
     listener: tokio::net::TcpListener,
-) -> tokio_stream::wrappers::TcpListenerStream {
-    tokio_stream::wrappers::TcpListenerStream::new(listener)
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(stream) = &conn {
+            let _ = stream.set_nodelay(true);
+        }
+        conn
+    })
 }
 
 /// Asks the cluster at `join` to add this head to the raft group, unless it

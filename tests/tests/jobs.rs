@@ -366,6 +366,16 @@ fn a_job_goes_on_after_the_leader_head_is_killed() {
     let job = rt.block_on(async {
         let mut c = client(&heads[(leader_ix + 1) % 3]).await;
         let job = new_job(&mut c, 100, 1).await;
+        // Written through a follower, read back through it at once: the
+        // control writes return once this head has applied them.
+        let read = c
+            .get_job(JobRequest {
+                job_id: job.clone(),
+            })
+            .await
+            .expect("the job, on the follower it was created through")
+            .into_inner();
+        assert_eq!((read.status.as_str(), read.total_batches), ("running", 100));
         // Half the batches done and a few held, then the leader dies.
         let reply = lease(&mut c, &job, "w", 50).await;
         let (done, held) = reply.batches.split_at(45);
@@ -402,6 +412,14 @@ fn a_job_goes_on_after_the_leader_head_is_killed() {
             (done.status.as_str(), done.succeeded, done.failed),
             ("succeeded", 100, 0)
         );
+        let read = c
+            .get_job(JobRequest {
+                job_id: job.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((read.status.as_str(), read.succeeded), ("succeeded", 100));
         // The other survivor has the same job.
         let mut other = client(&heads[1]).await;
         let seen = wait_for_job(&mut other, &job, "succeeded").await;

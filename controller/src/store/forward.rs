@@ -9,7 +9,7 @@ use serval_protos::client::connect_peer_lazy;
 use serval_protos::control::RaftMessage;
 
 use super::log_store::{decode, encode};
-use super::{propose_with_output, Raft};
+use super::{propose_with_output, Raft, Written};
 use crate::error::{ControllerError, StateError};
 use crate::state::Command;
 
@@ -19,17 +19,17 @@ const FORWARD_DEADLINE: Duration = Duration::from_secs(10);
 /// The leader's answer to a forwarded command, as it travels back.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Forwarded {
-    Applied(u64, Vec<u8>),
+    Applied(Written),
     Refused(StateError),
     Failed(String),
     /// Not committed in time on the leader; the sender must not retry.
     Uncommitted(Duration),
 }
 
-impl From<Result<(u64, Vec<u8>), ControllerError>> for Forwarded {
-    fn from(r: Result<(u64, Vec<u8>), ControllerError>) -> Self {
+impl From<Result<Written, ControllerError>> for Forwarded {
+    fn from(r: Result<Written, ControllerError>) -> Self {
         match r {
-            Ok((v, output)) => Forwarded::Applied(v, output),
+            Ok(written) => Forwarded::Applied(written),
             Err(ControllerError::Refused(e)) => Forwarded::Refused(e),
             Err(ControllerError::Uncommitted { after }) => Forwarded::Uncommitted(after),
             Err(e) => Forwarded::Failed(e.to_string()),
@@ -46,15 +46,15 @@ pub async fn propose_via_leader(
 ) -> Result<u64, ControllerError> {
     propose_via_leader_with_output(raft, token, cmd)
         .await
-        .map(|(version, _)| version)
+        .map(|w| w.version)
 }
 
-/// [`propose_via_leader`], with the command's output.
+/// [`propose_via_leader`], with the command's output and log index.
 pub async fn propose_via_leader_with_output(
     raft: &Raft,
     token: &str,
     cmd: Command,
-) -> Result<(u64, Vec<u8>), ControllerError> {
+) -> Result<Written, ControllerError> {
     let deadline = tokio::time::Instant::now() + FORWARD_DEADLINE;
     loop {
         let outcome = match propose_with_output(raft, cmd.clone()).await {
@@ -75,11 +75,7 @@ pub async fn propose_via_leader_with_output(
     }
 }
 
-async fn forward(
-    leader: &str,
-    token: &str,
-    cmd: &Command,
-) -> Result<(u64, Vec<u8>), ControllerError> {
+async fn forward(leader: &str, token: &str, cmd: &Command) -> Result<Written, ControllerError> {
     let mut client =
         connect_peer_lazy(leader, token).map_err(|e| ControllerError::Raft(e.to_string()))?;
     let payload = encode(cmd).map_err(|e| ControllerError::Raft(e.to_string()))?;
@@ -93,7 +89,7 @@ async fn forward(
     match decode::<Forwarded>(&reply.into_inner().payload)
         .map_err(|e| ControllerError::Raft(e.to_string()))?
     {
-        Forwarded::Applied(v, output) => Ok((v, output)),
+        Forwarded::Applied(written) => Ok(written),
         Forwarded::Refused(e) => Err(ControllerError::Refused(e)),
         Forwarded::Failed(e) => Err(ControllerError::Raft(e)),
         Forwarded::Uncommitted(after) => Err(ControllerError::Uncommitted { after }),

@@ -4,7 +4,9 @@
 //!
 //! * `jobs`: job id -> [`JobRecord`] (small: counters, the queue cursor,
 //!   the leases, the re-queued and dead-lettered batch indexes).
-//! * `job_batches`: (job id, index) -> the batch's bytes.
+//! * `job_batches`: (job id, index) -> the batch's bytes, while the batch
+//!   may still run or is a dead letter: an ok ack drops it, and a job that
+//!   ends drops every payload but its dead letters'.
 //!
 //! Every write is a [`JobCommand`] carrying the proposing head's clock
 //! (`now_ms`): apply never reads a clock, so every head applies alike.
@@ -222,6 +224,28 @@ fn save(txn: &WriteTransaction, job: &JobRecord) -> std::io::Result<()> {
     Ok(())
 }
 
+/// [`save`]; a job that has just ended also drops the payloads nobody will
+/// read again: it keeps only its dead letters' (GetDeadLetters).
+fn save_ending(txn: &WriteTransaction, job: &JobRecord, was_ended: bool) -> std::io::Result<()> {
+    save(txn, job)?;
+    if was_ended || !job.ended() {
+        return Ok(());
+    }
+    let mut table = txn.open_table(BATCHES).map_err(io)?;
+    let id = job.id.as_str();
+    let mut stale = Vec::new();
+    for entry in table.range((id, 0)..=(id, u64::MAX)).map_err(io)? {
+        let index = entry.map_err(io)?.0.value().1;
+        if !job.dead.contains_key(&index) {
+            stale.push(index);
+        }
+    }
+    for index in stale {
+        table.remove((id, index)).map_err(io)?;
+    }
+    Ok(())
+}
+
 fn invalid(field: &str, reason: &str) -> StateError {
     StateError::InvalidConfig {
         field: field.to_string(),
@@ -333,7 +357,7 @@ pub fn apply(
                 job.status = "running".into();
                 job.start_ms = now_ms;
             }
-            save(txn, &job)?;
+            save_ending(txn, &job, false)?;
             job.to_job().encode_to_vec()
         }
         JobCommand::Lease {
@@ -344,6 +368,7 @@ pub fn apply(
             now_ms,
         } => {
             let mut job = job!(&id);
+            let was_ended = job.ended();
             job.check_timeout(now_ms);
             let mut reply = LeaseReply::default();
             if job.status == "running" {
@@ -391,7 +416,7 @@ pub fn apply(
                 reply.done = job.ended();
             }
             reply.status = job.status.clone();
-            save(txn, &job)?;
+            save_ending(txn, &job, was_ended)?;
             reply.encode_to_vec()
         }
         JobCommand::Ack {
@@ -401,8 +426,10 @@ pub fn apply(
             now_ms,
         } => {
             let mut job = job!(&id);
+            let was_ended = job.ended();
             job.check_timeout(now_ms);
             if job.status == "running" {
+                let mut table = txn.open_table(BATCHES).map_err(io)?;
                 for r in results {
                     // Only the lease holder's answer counts: a batch whose
                     // lease expired belongs to whoever holds it now.
@@ -415,6 +442,8 @@ pub fn apply(
                     if r.ok {
                         job.succeeded += 1;
                         job.ok_seconds += r.seconds.max(0.0);
+                        // Done: never leased again, never read again.
+                        table.remove((id.as_str(), r.index)).map_err(io)?;
                     } else if lease.receive_count >= job.spec.max_receive_count {
                         job.dead.insert(r.index, (lease.receive_count, r.error));
                     } else {
@@ -422,7 +451,7 @@ pub fn apply(
                     }
                 }
             }
-            save(txn, &job)?;
+            save_ending(txn, &job, was_ended)?;
             Vec::new()
         }
         JobCommand::Complete {
@@ -439,7 +468,8 @@ pub fn apply(
                 )));
             }
             job.completed = true;
-            if !job.ended() {
+            let was_ended = job.ended();
+            if !was_ended {
                 if !error.is_empty() {
                     job.end("worker error", &error, now_ms);
                 } else if job.dead.is_empty() {
@@ -448,7 +478,7 @@ pub fn apply(
                     job.end("completed with failures", "", now_ms);
                 }
             }
-            save(txn, &job)?;
+            save_ending(txn, &job, was_ended)?;
             job.to_job().encode_to_vec()
         }
         JobCommand::ReleaseWorker { id, worker } => {
@@ -495,7 +525,7 @@ pub fn apply(
                 )));
             }
             job.end(&status, &error, now_ms);
-            save(txn, &job)?;
+            save_ending(txn, &job, false)?;
             job.to_job().encode_to_vec()
         }
     };
@@ -605,4 +635,399 @@ pub(crate) fn import(txn: &WriteTransaction, set: JobSet) -> std::io::Result<()>
             .map_err(io)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The queue's semantics, applied straight to a redb file: counted once,
+    //! expiry, re-queue, dead letters, the completer, stop, timeout.
+
+    use super::*;
+
+    struct Queue {
+        db: Database,
+        _dir: tempfile::TempDir,
+    }
+
+    const ID: &str = "job";
+
+    impl Queue {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let db = Database::create(dir.path().join("jobs.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            create_tables(&txn).unwrap();
+            txn.commit().unwrap();
+            Self { db, _dir: dir }
+        }
+
+        /// A running job of `n` batches ("b0", "b1", ...) started at 1000.
+        fn running(n: u64, max_receive_count: u32, timeout_s: f64) -> Self {
+            let q = Self::new();
+            let spec = JobSpec {
+                api: "api".into(),
+                workers: 2,
+                timeout_s,
+                config_json: "{}".into(),
+                max_receive_count,
+            };
+            q.run(JobCommand::Create {
+                id: ID.into(),
+                spec,
+                now_ms: 500,
+            })
+            .unwrap();
+            let batches: Vec<Vec<u8>> = (0..n).map(|i| format!("b{i}").into_bytes()).collect();
+            // Two chunks, as the gateway sends them.
+            let half = batches.len() / 2;
+            q.run(JobCommand::Enqueue {
+                id: ID.into(),
+                first_index: 0,
+                batches: batches[..half].to_vec(),
+            })
+            .unwrap();
+            q.run(JobCommand::Enqueue {
+                id: ID.into(),
+                first_index: half as u64,
+                batches: batches[half..].to_vec(),
+            })
+            .unwrap();
+            let job = Job::decode(
+                q.run(JobCommand::FinishEnqueue {
+                    id: ID.into(),
+                    total: n,
+                    error: String::new(),
+                    now_ms: 1000,
+                })
+                .unwrap()
+                .as_slice(),
+            )
+            .unwrap();
+            assert_eq!((job.status.as_str(), job.start_ms), ("running", 1000));
+            q
+        }
+
+        fn run(&self, cmd: JobCommand) -> Result<Vec<u8>, StateError> {
+            let txn = self.db.begin_write().unwrap();
+            let out = apply(&txn, cmd).unwrap();
+            if out.is_ok() {
+                txn.commit().unwrap();
+            }
+            out
+        }
+
+        fn lease(&self, worker: &str, max: u32, visibility_ms: i64, now_ms: i64) -> LeaseReply {
+            let out = self
+                .run(JobCommand::Lease {
+                    id: ID.into(),
+                    worker: worker.into(),
+                    max,
+                    visibility_ms,
+                    now_ms,
+                })
+                .unwrap();
+            LeaseReply::decode(out.as_slice()).unwrap()
+        }
+
+        fn ack(&self, worker: &str, results: &[(u64, bool)], now_ms: i64) {
+            let results = results
+                .iter()
+                .map(|&(index, ok)| BatchResult {
+                    index,
+                    ok,
+                    seconds: 0.5,
+                    error: if ok {
+                        String::new()
+                    } else {
+                        format!("boom {index}")
+                    },
+                })
+                .collect();
+            self.run(JobCommand::Ack {
+                id: ID.into(),
+                worker: worker.into(),
+                results,
+                now_ms,
+            })
+            .unwrap();
+        }
+
+        fn complete(&self, worker: &str, error: &str) -> Result<Job, StateError> {
+            self.run(JobCommand::Complete {
+                id: ID.into(),
+                worker: worker.into(),
+                error: error.into(),
+                now_ms: 9000,
+            })
+            .map(|out| Job::decode(out.as_slice()).unwrap())
+        }
+
+        fn job(&self) -> Job {
+            get(&self.db, ID).unwrap().unwrap()
+        }
+
+        /// The indexes whose payloads are stored.
+        fn payloads(&self) -> Vec<u64> {
+            let txn = self.db.begin_read().unwrap();
+            let table = txn.open_table(BATCHES).unwrap();
+            table
+                .range((ID, 0)..=(ID, u64::MAX))
+                .unwrap()
+                .map(|e| e.unwrap().0.value().1)
+                .collect()
+        }
+    }
+
+    fn leased(reply: &LeaseReply) -> Vec<(u64, u32)> {
+        reply
+            .batches
+            .iter()
+            .map(|b| (b.index, b.receive_count))
+            .collect()
+    }
+
+    #[test]
+    fn an_ack_counts_once_and_only_from_the_lease_holder() {
+        let q = Queue::running(3, 3, 0.0);
+        let first = q.lease("w1", 2, 100, 1000);
+        assert_eq!(leased(&first), [(0, 1), (1, 1)]);
+        assert_eq!(first.batches[0].payload, b"b0");
+        assert_eq!(first.batches[1].batch_id, "job-1");
+        // w1's leases expire; w2 gets those batches again, then the fresh one.
+        let second = q.lease("w2", 5, 10_000, 1200);
+        assert_eq!(leased(&second), [(0, 2), (1, 2), (2, 1)]);
+        // w1 answers late: not its batches any more.
+        q.ack("w1", &[(0, true), (1, true)], 1300);
+        assert_eq!(q.job().succeeded, 0);
+        q.ack("w2", &[(0, true), (1, true), (2, true)], 1300);
+        // Acked twice: still counted once.
+        q.ack("w2", &[(0, true), (1, true), (2, true)], 1400);
+        let job = q.job();
+        assert_eq!((job.succeeded, job.failed, job.batches_in_queue), (3, 0, 0));
+        assert_eq!(job.avg_time_per_batch_s, 0.5);
+    }
+
+    #[test]
+    fn expired_leases_then_requeued_then_fresh_batches() {
+        let q = Queue::running(4, 5, 0.0);
+        assert_eq!(leased(&q.lease("w1", 1, 100, 1000)), [(0, 1)]);
+        assert_eq!(leased(&q.lease("w2", 1, 10_000, 1000)), [(1, 1)]);
+        // A failed batch goes back to the queue.
+        q.ack("w2", &[(1, false)], 1050);
+        assert_eq!(q.job().batches_in_queue, 4);
+        // At 1200, w1's lease (until 1100) has expired: both come back
+        // before the fresh batches, each received once more.
+        assert_eq!(
+            leased(&q.lease("w3", 3, 10_000, 1200)),
+            [(1, 2), (0, 2), (2, 1)]
+        );
+        assert_eq!(leased(&q.lease("w3", 3, 10_000, 1200)), [(3, 1)]);
+        // Nothing left to lease, but leases are out: not done.
+        let reply = q.lease("w4", 3, 10_000, 1200);
+        assert!(reply.batches.is_empty() && !reply.done && !reply.run_on_complete);
+    }
+
+    #[test]
+    fn a_batch_failing_max_receive_count_times_is_dead_lettered() {
+        let q = Queue::running(2, 2, 0.0);
+        assert_eq!(leased(&q.lease("w1", 2, 10_000, 1000)), [(0, 1), (1, 1)]);
+        q.ack("w1", &[(0, true), (1, false)], 1100);
+        assert_eq!(leased(&q.lease("w1", 2, 10_000, 1100)), [(1, 2)]);
+        q.ack("w1", &[(1, false)], 1200);
+        let job = q.job();
+        assert_eq!((job.succeeded, job.failed, job.batches_in_queue), (1, 1, 0));
+        // The acked batch's payload is gone; the dead letter's stays.
+        assert_eq!(q.payloads(), [1]);
+        let dead = dead_letters(&q.db, ID).unwrap().unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(
+            (
+                dead[0].index,
+                dead[0].receive_count,
+                dead[0].payload.as_slice()
+            ),
+            (1, 2, b"b1".as_slice())
+        );
+        assert_eq!(dead[0].error, "boom 1");
+        let reply = q.lease("w1", 2, 10_000, 1300);
+        assert!(reply.done && reply.run_on_complete);
+        let job = q.complete("w1", "").unwrap();
+        assert_eq!(job.status, "completed with failures");
+        assert_eq!(q.payloads(), [1]);
+        assert_eq!(dead_letters(&q.db, ID).unwrap().unwrap()[0].payload, b"b1");
+    }
+
+    #[test]
+    fn on_job_complete_goes_to_exactly_one_worker() {
+        let q = Queue::running(1, 1, 0.0);
+        q.lease("w1", 1, 10_000, 1000);
+        q.ack("w1", &[(0, true)], 1100);
+        let first = q.lease("w1", 1, 10_000, 1200);
+        assert!(first.done && first.run_on_complete && first.batches.is_empty());
+        let second = q.lease("w2", 1, 10_000, 1200);
+        assert!(second.done && !second.run_on_complete);
+        assert_eq!(q.job().completer, "w1");
+        // Only the completer completes, once.
+        assert!(matches!(
+            q.complete("w2", ""),
+            Err(StateError::InvalidConfig { field, .. }) if field == "worker_id"
+        ));
+        let job = q.complete("w1", "").unwrap();
+        assert_eq!((job.status.as_str(), job.end_ms), ("succeeded", 9000));
+        assert!(q.complete("w1", "").is_err());
+        // An ended job: done, nothing leased.
+        let after = q.lease("w3", 1, 10_000, 9100);
+        assert!(after.done && !after.run_on_complete && after.batches.is_empty());
+        assert_eq!(after.status, "succeeded");
+    }
+
+    #[test]
+    fn an_error_in_on_job_complete_is_a_worker_error() {
+        let q = Queue::running(1, 1, 0.0);
+        q.lease("w1", 1, 10_000, 1000);
+        q.ack("w1", &[(0, true)], 1100);
+        assert!(q.lease("w1", 1, 10_000, 1200).run_on_complete);
+        let job = q.complete("w1", "ValueError: nope").unwrap();
+        assert_eq!(
+            (job.status.as_str(), job.error.as_str()),
+            ("worker error", "ValueError: nope")
+        );
+    }
+
+    #[test]
+    fn a_released_worker_gives_back_its_leases_and_its_completer_claim() {
+        let q = Queue::running(3, 3, 0.0);
+        assert_eq!(leased(&q.lease("w1", 2, 60_000, 1000)), [(0, 1), (1, 1)]);
+        q.run(JobCommand::ReleaseWorker {
+            id: ID.into(),
+            worker: "w1".into(),
+        })
+        .unwrap();
+        // At once, long before the visibility timeout.
+        assert_eq!(
+            leased(&q.lease("w2", 5, 60_000, 1001)),
+            [(0, 2), (1, 2), (2, 1)]
+        );
+        q.ack("w1", &[(0, true)], 1002);
+        q.ack("w2", &[(0, true), (1, true), (2, true)], 1002);
+        assert_eq!(q.job().succeeded, 3);
+        assert!(q.lease("w2", 1, 60_000, 1003).run_on_complete);
+        q.run(JobCommand::ReleaseWorker {
+            id: ID.into(),
+            worker: "w2".into(),
+        })
+        .unwrap();
+        assert_eq!(q.job().completer, "");
+        assert!(q.lease("w3", 1, 60_000, 1004).run_on_complete);
+        assert_eq!(q.complete("w3", "").unwrap().status, "succeeded");
+    }
+
+    #[test]
+    fn stop_ends_a_running_job_once() {
+        let q = Queue::running(3, 3, 0.0);
+        q.lease("w1", 2, 60_000, 1000);
+        let stop = |status: &str| {
+            q.run(JobCommand::Stop {
+                id: ID.into(),
+                status: status.into(),
+                error: String::new(),
+                now_ms: 2000,
+            })
+        };
+        assert!(matches!(
+            stop("paused"),
+            Err(StateError::InvalidConfig { field, .. }) if field == "status"
+        ));
+        assert_eq!(q.payloads(), [0, 1, 2]);
+        let job = Job::decode(stop("").unwrap().as_slice()).unwrap();
+        assert_eq!((job.status.as_str(), job.end_ms), ("stopped", 2000));
+        // A job that ended drops the payloads nobody will lease again.
+        assert!(q.payloads().is_empty());
+        assert_eq!(job.batches_in_queue, 0);
+        let err = stop("").unwrap_err().to_string();
+        assert!(err.contains("already ended (stopped)"), "{err}");
+        // Acks after the end change nothing; leases get nothing.
+        q.ack("w1", &[(0, true)], 2100);
+        assert_eq!(q.job().succeeded, 0);
+        let reply = q.lease("w1", 5, 60_000, 2100);
+        assert!(reply.done && reply.batches.is_empty() && !reply.run_on_complete);
+    }
+
+    #[test]
+    fn a_job_past_its_timeout_ends_timed_out() {
+        let q = Queue::running(3, 3, 1.0);
+        assert_eq!(leased(&q.lease("w1", 1, 60_000, 1500)), [(0, 1)]);
+        // Still within 1 s of the start (1000): counted.
+        q.ack("w1", &[(0, true)], 2000);
+        assert_eq!(q.job().succeeded, 1);
+        let reply = q.lease("w1", 1, 60_000, 2001);
+        assert!(reply.done && reply.batches.is_empty());
+        let job = q.job();
+        assert_eq!((job.status.as_str(), job.end_ms), ("timed out", 2001));
+        assert!(job.error.contains("timeout"), "{}", job.error);
+        assert!(q.payloads().is_empty());
+    }
+
+    #[test]
+    fn enqueue_checks_and_validation_name_the_field() {
+        let q = Queue::new();
+        let spec = |workers, max_receive_count| JobSpec {
+            api: "api".into(),
+            workers,
+            max_receive_count,
+            ..Default::default()
+        };
+        let create = |spec| {
+            q.run(JobCommand::Create {
+                id: ID.into(),
+                spec,
+                now_ms: 1,
+            })
+        };
+        for (spec, field) in [(spec(0, 1), "workers"), (spec(1, 0), "max_receive_count")] {
+            match create(spec) {
+                Err(StateError::InvalidConfig { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{other:?}"),
+            }
+        }
+        let unknown = q.run(JobCommand::Lease {
+            id: "nope".into(),
+            worker: "w".into(),
+            max: 1,
+            visibility_ms: 1000,
+            now_ms: 1,
+        });
+        assert!(matches!(unknown, Err(StateError::UnknownJob(id)) if id == "nope"));
+        let job = Job::decode(create(spec(1, 1)).unwrap().as_slice()).unwrap();
+        assert_eq!((job.status.as_str(), job.created_ms), ("enqueuing", 1));
+        // Leasing while enqueuing gets nothing and is not done.
+        let reply = q.lease("w", 1, 1000, 2);
+        assert!(reply.batches.is_empty() && !reply.done);
+        let enqueue = |first_index| {
+            q.run(JobCommand::Enqueue {
+                id: ID.into(),
+                first_index,
+                batches: vec![b"x".to_vec()],
+            })
+        };
+        enqueue(0).unwrap();
+        assert!(matches!(
+            enqueue(5),
+            Err(StateError::InvalidConfig { field, .. }) if field == "first_index"
+        ));
+        // A total that does not match what was stored fails the job.
+        let out = q
+            .run(JobCommand::FinishEnqueue {
+                id: ID.into(),
+                total: 2,
+                error: String::new(),
+                now_ms: 3,
+            })
+            .unwrap();
+        let job = Job::decode(out.as_slice()).unwrap();
+        assert_eq!(job.status, "failed while enqueuing");
+        assert!(enqueue(1).is_err());
+        assert_eq!(list(&q.db, "api").unwrap().len(), 1);
+        assert!(list(&q.db, "other").unwrap().is_empty());
+    }
 }

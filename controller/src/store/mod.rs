@@ -159,16 +159,24 @@ pub const BLOB_COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// [`COMMIT_TIMEOUT`] ([`BLOB_COMMIT_TIMEOUT`] for blobs) as
 /// [`ControllerError::Uncommitted`].
 pub async fn propose(raft: &Raft, cmd: Command) -> Result<u64, ControllerError> {
-    propose_with_output(raft, cmd)
-        .await
-        .map(|(version, _)| version)
+    propose_with_output(raft, cmd).await.map(|w| w.version)
 }
 
-/// [`propose`], with the command's output (see [`Applied::output`]).
-pub async fn propose_with_output(
-    raft: &Raft,
-    cmd: Command,
-) -> Result<(u64, Vec<u8>), ControllerError> {
+/// A committed and applied write, as its proposer sees it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Written {
+    /// The state version after the command.
+    pub version: u64,
+    /// See [`Applied::output`].
+    pub output: Vec<u8>,
+    /// The command's raft log index: a head that has applied it has the
+    /// write (see `job_service`, read-your-writes on followers).
+    pub log_index: u64,
+}
+
+/// [`propose`], with the command's output (see [`Applied::output`]) and
+/// log index.
+pub async fn propose_with_output(raft: &Raft, cmd: Command) -> Result<Written, ControllerError> {
     let timeout = match cmd {
         Command::PutBlob { .. } | Command::PutBlobParts { .. } => BLOB_COMMIT_TIMEOUT,
         _ => COMMIT_TIMEOUT,
@@ -181,14 +189,18 @@ pub async fn propose_within(
     raft: &Raft,
     cmd: Command,
     timeout: Duration,
-) -> Result<(u64, Vec<u8>), ControllerError> {
+) -> Result<Written, ControllerError> {
     let Ok(written) = tokio::time::timeout(timeout, raft.client_write(cmd)).await else {
         // The entry may still sit uncommitted in this head's log: a later
         // leader either commits it or, far more likely, overwrites it.
         return Err(ControllerError::Uncommitted { after: timeout });
     };
     match written {
-        Ok(resp) => Ok((resp.data.result?, resp.data.output)),
+        Ok(resp) => Ok(Written {
+            version: resp.data.result?,
+            output: resp.data.output,
+            log_index: resp.log_id.index,
+        }),
         Err(openraft::error::RaftError::APIError(
             openraft::error::ClientWriteError::ForwardToLeader(f),
         )) => Err(ControllerError::NotLeader {
