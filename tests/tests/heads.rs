@@ -245,20 +245,31 @@ while sys.stdin.readline():
         "the node that was told only the dead leader was declared dead: {s}"
     );
     // Generous: the re-placed replicas are Python processes starting on a
-    // machine that may be busy with other tests.
-    wait_for(
-        "three running replicas again",
-        Duration::from_secs(180),
-        || {
-            let s = status_json(survivor);
-            let running = s["replicas"]
-                .as_array()?
-                .iter()
-                .filter(|r| r["backend"] == "hello" && r["state"] == "running")
-                .count();
-            (running == 3).then_some(())
-        },
-    );
+    // machine that may be busy with other tests. On a timeout the panic
+    // shows the replicas as the survivor last saw them (this wait has been
+    // seen to fail on CI; the state says why).
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let s = status_json(survivor);
+        let replicas: Vec<serde_json::Value> = s["replicas"]
+            .as_array()
+            .map(|r| {
+                r.iter()
+                    .filter(|r| r["backend"] == "hello")
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        if replicas.iter().filter(|r| r["state"] == "running").count() == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for three running replicas again; replicas: {replicas:#?}; nodes: {:#}",
+            s["nodes"]
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // Every acknowledged write is there, on both surviving heads.
     for head in &heads {
