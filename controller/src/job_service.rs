@@ -37,6 +37,10 @@ async fn write<T: Message + Default>(
 ) -> Result<T, Status> {
     let written =
         store::forward::propose_via_leader_with_output(raft, token, Command::Job(cmd)).await?;
+    decode(&written)
+}
+
+fn decode<T: Message + Default>(written: &store::Written) -> Result<T, Status> {
     T::decode(written.output.as_slice())
         .map_err(|e| Status::internal(format!("undecodable job reply: {e}")))
 }
@@ -57,8 +61,7 @@ async fn write_visible<T: Message + Default>(
         .wait(Some(VISIBLE_WAIT))
         .applied_index_at_least(Some(written.log_index), "job write visible")
         .await;
-    T::decode(written.output.as_slice())
-        .map_err(|e| Status::internal(format!("undecodable job reply: {e}")))
+    decode(&written)
 }
 
 pub(crate) struct Jobs<'a> {

@@ -33,6 +33,45 @@ def wait_for(predicate, timeout=30.0, what="condition"):
         time.sleep(0.02)
 
 
+class FileServer:
+    """Serves ``data`` at ``/models/<name>`` over HTTP from a thread, counting
+    downloads (any other path is 404). A context manager."""
+
+    def __init__(self, data: bytes, name: str):
+        import http.server
+        import threading
+
+        downloads = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                downloads.append(self.path)
+                if self.path != f"/models/{name}":
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.downloads = downloads
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/models/{name}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
 class Cluster:
     def __init__(self, data_dir: str, http_port: int, control_port: int):
         self.data_dir = data_dir

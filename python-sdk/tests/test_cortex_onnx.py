@@ -6,9 +6,7 @@ converted with skl2onnx (input "input" float [None, 4]; outputs
 
 import functools
 import hashlib
-import http.server
 import os
-import threading
 
 import pytest
 import requests
@@ -17,6 +15,7 @@ from serval import serve
 from serval.cortex.config import ConfigError, load_config
 from test_cortex_batching import concurrently
 from test_cortex_deploy import cli
+from conftest import FileServer
 from test_cortex_handler import replica_log, wait_for, write_project
 
 pytest.importorskip("onnxruntime")
@@ -139,39 +138,9 @@ def test_without_a_request_handler_inputs_and_outputs_are_named(cluster, tmp_pat
 # -- model_path over HTTP ----------------------------------------------------
 
 
-class _ModelServer:
-    """Serves the iris model over HTTP from a thread, counting downloads."""
-
-    def __init__(self):
-        model, downloads = iris_model(), []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                downloads.append(self.path)
-                if self.path != "/models/iris.onnx":
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(model)))
-                self.end_headers()
-                self.wfile.write(model)
-
-            def log_message(self, *args):
-                pass
-
-        self.downloads = downloads
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/models/iris.onnx"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
+def _ModelServer() -> FileServer:
+    """Serves the iris model over HTTP, counting downloads."""
+    return FileServer(iris_model(), "iris.onnx")
 
 
 def test_a_model_over_http_is_fetched_once_per_node(cluster, tmp_path):

@@ -9,12 +9,10 @@ ships. Its ``serving_default`` signature takes "measurements" float
 [None, 3]; its ``labels`` signature gives "label", a string [None]."""
 
 import hashlib
-import http.server
 import io
 import os
 import shutil
 import tarfile
-import threading
 import zipfile
 
 import pytest
@@ -24,6 +22,7 @@ from serval import serve
 from serval.cortex.config import ConfigError, load_config
 from test_cortex_batching import concurrently
 from test_cortex_deploy import cli
+from conftest import FileServer
 from test_cortex_handler import replica_log, wait_for, write_project
 
 tf = pytest.importorskip("tensorflow")
@@ -213,39 +212,9 @@ def archive(folder, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-class _ArchiveServer:
-    """Serves one archive over HTTP from a thread, counting downloads."""
-
-    def __init__(self, data: bytes, name: str):
-        downloads = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                downloads.append(self.path)
-                if self.path != f"/models/{name}":
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.downloads = downloads
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/models/{name}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
+def _ArchiveServer(data: bytes, name: str) -> FileServer:
+    """Serves one archive over HTTP, counting downloads."""
+    return FileServer(data, name)
 
 
 @pytest.mark.parametrize("fmt", ["tar.gz", "zip"])

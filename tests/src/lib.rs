@@ -206,3 +206,23 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// A head (directory `root/name`) whose node agent has no CPUs, so it
+/// starts no replicas: for tests of the control plane alone. `join`:
+/// (address, token) of a head of the cluster to join.
+pub fn start_head_without_replicas(
+    root: &Path,
+    name: &str,
+    join: Option<(&str, &str)>,
+) -> ServeProcess {
+    // No CPUs: the heads' node agents start no replicas.
+    let mut args = vec!["--head", "--num-cpus", "0"];
+    let join_args;
+    if let Some((addr, token)) = join {
+        join_args = [addr.to_string(), token.to_string()];
+        args.extend(["--join", &join_args[0], "--token", &join_args[1]]);
+    }
+    let mut head = ServeProcess::start(&root.join(name), free_port(), free_port(), &args);
+    head.wait_log("http proxy listening");
+    head
+}

@@ -10,19 +10,6 @@ use serval_protos::client::{connect, Client};
 use serval_protos::control::{Api, ClusterSnapshot, GetBlobRequest, PutBlobRequest, WatchRequest};
 use serval_tests::*;
 
-fn start_head(root: &std::path::Path, name: &str, join: Option<(&str, &str)>) -> ServeProcess {
-    // No CPUs: the heads' node agents start no replicas.
-    let mut args = vec!["--head", "--num-cpus", "0"];
-    let join_args;
-    if let Some((addr, token)) = join {
-        join_args = [addr.to_string(), token.to_string()];
-        args.extend(["--join", &join_args[0], "--token", &join_args[1]]);
-    }
-    let mut head = ServeProcess::start(&root.join(name), free_port(), free_port(), &args);
-    head.wait_log("http proxy listening");
-    head
-}
-
 fn raft_id(head: &ServeProcess) -> u64 {
     std::fs::read_to_string(head.data_dir.join("raft_id"))
         .unwrap()
@@ -91,11 +78,15 @@ fn a_blob_survives_the_loss_of_the_leader() {
         .prefix("sv-")
         .tempdir_in("/tmp")
         .unwrap();
-    let first = start_head(tmp.path(), "h1", None);
+    let first = start_head_without_replicas(tmp.path(), "h1", None);
     let (addr, token) = (first.control_address(), first.token());
     let mut heads = vec![first];
     for name in ["h2", "h3"] {
-        heads.push(start_head(tmp.path(), name, Some((&addr, &token))));
+        heads.push(start_head_without_replicas(
+            tmp.path(),
+            name,
+            Some((&addr, &token)),
+        ));
     }
     let leader = wait_for("three voters and a leader", Duration::from_secs(60), || {
         let s = rt.block_on(snapshot(&heads[0]))?;

@@ -13,20 +13,7 @@ use serval_protos::control::*;
 use serval_tests::*;
 
 fn start_head(root: &std::path::Path) -> ServeProcess {
-    start_named(root, "head", None)
-}
-
-fn start_named(root: &std::path::Path, name: &str, join: Option<(&str, &str)>) -> ServeProcess {
-    // No CPUs: the heads' node agents start no replicas.
-    let mut args = vec!["--head", "--num-cpus", "0"];
-    let join_args;
-    if let Some((addr, token)) = join {
-        join_args = [addr.to_string(), token.to_string()];
-        args.extend(["--join", &join_args[0], "--token", &join_args[1]]);
-    }
-    let mut head = ServeProcess::start(&root.join(name), free_port(), free_port(), &args);
-    head.wait_log("http proxy listening");
-    head
+    start_head_without_replicas(root, "head", None)
 }
 
 async fn client(head: &ServeProcess) -> Client {
@@ -335,11 +322,15 @@ fn a_job_goes_on_after_the_leader_head_is_killed() {
         .prefix("sv-")
         .tempdir_in("/tmp")
         .unwrap();
-    let first = start_named(tmp.path(), "h1", None);
+    let first = start_head_without_replicas(tmp.path(), "h1", None);
     let (addr, token) = (first.control_address(), first.token());
     let mut heads = vec![first];
     for name in ["h2", "h3"] {
-        heads.push(start_named(tmp.path(), name, Some((&addr, &token))));
+        heads.push(start_head_without_replicas(
+            tmp.path(),
+            name,
+            Some((&addr, &token)),
+        ));
     }
     let leader = wait_for(
         "three voters and a leader",

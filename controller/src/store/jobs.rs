@@ -246,6 +246,16 @@ fn save_ending(txn: &WriteTransaction, job: &JobRecord, was_ended: bool) -> std:
     Ok(())
 }
 
+/// Why batches cannot be added to `job` now, if they cannot.
+fn not_enqueuing(job: &JobRecord) -> Option<StateError> {
+    (job.status != "enqueuing").then(|| {
+        invalid(
+            "job",
+            &format!("job {} is {}, not enqueuing", job.id, job.status),
+        )
+    })
+}
+
 fn invalid(field: &str, reason: &str) -> StateError {
     StateError::InvalidConfig {
         field: field.to_string(),
@@ -307,11 +317,8 @@ pub fn apply(
             batches,
         } => {
             let mut job = job!(&id);
-            if job.status != "enqueuing" {
-                return Ok(Err(invalid(
-                    "job",
-                    &format!("job {id} is {}, not enqueuing", job.status),
-                )));
+            if let Some(e) = not_enqueuing(&job) {
+                return Ok(Err(e));
             }
             if first_index != job.enqueued {
                 return Ok(Err(invalid(
@@ -340,11 +347,8 @@ pub fn apply(
             now_ms,
         } => {
             let mut job = job!(&id);
-            if job.status != "enqueuing" {
-                return Ok(Err(invalid(
-                    "job",
-                    &format!("job {id} is {}, not enqueuing", job.status),
-                )));
+            if let Some(e) = not_enqueuing(&job) {
+                return Ok(Err(e));
             }
             job.enqueue_done = true;
             if !error.is_empty() {
