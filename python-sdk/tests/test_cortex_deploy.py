@@ -315,3 +315,81 @@ def test_a_traffic_splitter_shadow_gets_copies(cluster, tmp_path):
     wait_for(lambda: os.path.exists(shadow_log) and len(open(shadow_log).read().split()) == 5,
              timeout=60, what="a copy of every request at the shadow")
     assert sorted(open(shadow_log).read().split()) == sorted(open(live_log).read().split())
+
+
+def test_the_iris_example_is_trained_deployed_and_queried(cluster, tmp_path):
+    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "iris")
+    folder = tmp_path / "iris"
+    shutil.copytree(example, folder, ignore=shutil.ignore_patterns("model.pkl"))
+    # The build step, as the example's README runs it.
+    trained = subprocess.run([sys.executable, str(folder / "train.py")], capture_output=True, text=True,
+                             timeout=300)
+    assert trained.returncode == 0 and (folder / "model.pkl").is_file(), trained.stdout + trained.stderr
+    out = cli(cluster, "deploy", str(folder))
+    assert out.returncode == 0 and "iris-classifier: created" in out.stdout, out.stdout + out.stderr
+
+    url = f"{cluster.url}/iris-classifier"
+    with open(folder / "sample.json") as f:
+        r = requests.post(url, data=f.read(), headers={"Content-Type": "application/json"}, timeout=30)
+    # A str is sent as text, as Cortex did; a list as JSON.
+    assert r.status_code == 200 and r.text == "setosa", r.text
+    flowers = [[5.1, 3.5, 1.4, 0.2], [5.9, 2.8, 4.4, 1.3], [6.9, 3.1, 5.4, 2.1]]
+    names = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+    r = requests.post(url, json=[dict(zip(names, f)) for f in flowers], timeout=30)
+    assert r.json() == ["setosa", "versicolor", "virginica"], r.text
+    assert requests.get(url, timeout=30).json() == {"labels": ["setosa", "versicolor", "virginica"]}
+    # A sample without a field is the handler's error: 500, and it keeps serving.
+    assert requests.post(url, json={"sepal_length": 1}, timeout=30).status_code == 500
+    assert requests.post(url, json=[dict(zip(names, flowers[2]))], timeout=30).json() == ["virginica"]
+
+    client = serval.client(data_dir=cluster.data_dir)
+    assert client.get_api("iris-classifier")["status"] == "live"
+    lines = wait_for(lambda: [line for _, line in client.stream_api_logs("iris-classifier", follow=False)
+                              if '"model loaded"' in line], what="the handler's log line")
+    assert json.loads(lines[0])["model"] == "model.pkl", lines
+    client.delete("iris-classifier")
+
+
+SLOW_START = '''
+import os
+import time
+
+class Handler:
+    def __init__(self, config):
+        # Version 2 starts only once the test lets it.
+        while config["version"] == 2 and not os.path.exists(config["gate"]):
+            time.sleep(0.05)
+        self.version = config["version"]
+
+    def handle_get(self):
+        return {"version": self.version}
+'''
+
+
+def test_get_shows_updating_while_a_rollout_runs(cluster, tmp_path):
+    gate = tmp_path / "go"
+
+    def deploy(version, *flags):
+        config = (f"- name: slow\n  kind: RealtimeAPI\n  handler:\n    path: handler.py\n"
+                  f"    config: {{version: {version}, gate: '{gate}'}}\n")
+        folder = write_project(tmp_path / "slow", config=config, files={"handler.py": SLOW_START})
+        return cli(cluster, "deploy", folder, *flags)
+
+    out = deploy(1)
+    assert out.returncode == 0 and "slow: created" in out.stdout, out.stdout + out.stderr
+    out = deploy(2, "--no-wait")
+    assert out.returncode == 0 and "slow: updated" in out.stdout, out.stdout + out.stderr
+
+    def status():
+        got = cli(cluster, "get", "slow", "--json")
+        assert got.returncode == 0, got.stderr
+        return json.loads(got.stdout)
+
+    assert status()["status"] == "updating"
+    assert "updating" in cli(cluster, "get").stdout
+    # The old replica keeps answering during the rollout.
+    assert requests.get(f"{cluster.url}/slow", timeout=30).json() == {"version": 1}
+    gate.touch()
+    wait_for(lambda: status()["status"] == "live", timeout=120, what="the rollout to finish")
+    wait_for(lambda: requests.get(f"{cluster.url}/slow", timeout=30).json() == {"version": 2},
+             what="version 2 to answer")
