@@ -129,11 +129,8 @@ impl NodeAgent {
     /// Runs until the cluster shuts down or `stop` resolves; every replica is
     /// stopped before it returns.
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
-        let mut snapshots = client::spawn_watch(
-            self.config.control_addr.clone(),
-            self.config.token.clone(),
-            true,
-        );
+        let mut watching = self.known_heads.clone();
+        let mut snapshots = client::spawn_watch(watching.clone(), self.config.token.clone(), true);
         let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
         tokio::pin!(stop);
         loop {
@@ -149,6 +146,16 @@ impl NodeAgent {
                             break;
                         }
                         self.reconcile(&snapshot).await;
+                        if self.known_heads != watching {
+                            // Watch through every head the cluster names, so
+                            // the watch outlives the head this agent was given.
+                            watching = self.known_heads.clone();
+                            snapshots = client::spawn_watch(
+                                watching.clone(),
+                                self.config.token.clone(),
+                                true,
+                            );
+                        }
                     }
                 }
             }
@@ -254,7 +261,9 @@ impl NodeAgent {
                 work_dir: self.config.data_dir.join("replicas").join(sanitize(id)),
                 socket_path: socket_dir(&self.config.data_dir).join(format!("r{seq}.sock")),
                 tcp_host: self.config.tcp_host.clone(),
-                control_addr: self.config.control_addr.clone(),
+                // Every head known so far, so a replica's own control
+                // client (handles, batch workers) outlives its first head.
+                control_addr: self.known_heads.clone(),
                 token: self.config.token.clone(),
                 cache_dir: self.config.data_dir.join("cache"),
                 proxy_address: nearest_proxy(&self.config.http_address, snapshot),

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::channel::Change;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::control::control_client::ControlClient;
@@ -236,17 +237,69 @@ pub fn connect_lazy(addrs: &str, token: &str) -> Result<Client, ConnectError> {
             reason: "no address".into(),
         }),
         [one] => wrap(Explained::new(endpoint(one)?.connect_lazy(), one), token),
-        many => {
-            let endpoints = many
-                .iter()
-                .map(|a| endpoint(a))
-                .collect::<Result<Vec<_>, _>>()?;
-            wrap(
-                Explained::new(Channel::balance_list(endpoints.into_iter()), addrs),
-                token,
-            )
-        }
+        many => wrap(Explained::new(balanced(many)?, addrs), token),
     }
+}
+
+/// How often a client of several heads checks which of them accept
+/// connections.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A channel balancing calls over the heads that accept connections. A
+/// head that refuses them (killed, restarting) leaves the pool at the next
+/// probe and comes back once it accepts again; until the probe sees it, a
+/// call sent there fails with the connect error, and a caller that retries
+/// goes on to a live head. When no head answers, all stay in the pool, so
+/// calls fail at once with the reason instead of waiting.
+fn balanced(addrs: &[&str]) -> Result<Channel, ConnectError> {
+    let heads = addrs
+        .iter()
+        .map(|a| Ok((a.to_string(), endpoint(a)?)))
+        .collect::<Result<Vec<(String, Endpoint)>, ConnectError>>()?;
+    let (channel, changes) = Channel::balance_channel::<String>(heads.len());
+    for (key, endpoint) in &heads {
+        // The capacity is one per head: these cannot be refused.
+        let _ = changes.try_send(Change::Insert(key.clone(), endpoint.clone()));
+    }
+    tokio::spawn(async move {
+        let mut in_pool: Vec<bool> = vec![true; heads.len()];
+        // Ends once the channel (every clone of the client) is gone.
+        while !changes.is_closed() {
+            tokio::time::sleep(PROBE_EVERY).await;
+            let mut up = Vec::with_capacity(heads.len());
+            for (_, endpoint) in &heads {
+                let authority = endpoint.uri().authority().map(|a| a.to_string());
+                up.push(match authority {
+                    Some(a) => matches!(
+                        tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(a))
+                            .await,
+                        Ok(Ok(_))
+                    ),
+                    None => true,
+                });
+            }
+            let none_up = !up.contains(&true);
+            for (i, (key, endpoint)) in heads.iter().enumerate() {
+                let want = up[i] || none_up;
+                if want == in_pool[i] {
+                    continue;
+                }
+                let change = if want {
+                    tracing::info!(head = %key, "head accepts connections again");
+                    Change::Insert(key.clone(), endpoint.clone())
+                } else {
+                    tracing::info!(head = %key, "head refuses connections; calls go to the others");
+                    Change::Remove(key.clone())
+                };
+                if changes.send(change).await.is_err() {
+                    return;
+                }
+                in_pool[i] = want;
+            }
+        }
+    });
+    Ok(channel)
 }
 
 /// The latest snapshot, `None` until the first one arrives.

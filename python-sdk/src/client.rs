@@ -42,8 +42,24 @@ where
     py.detach(|| runtime().block_on(fut))
 }
 
+create_exception!(
+    _native,
+    ControlUnavailable,
+    ServeError,
+    "No head answered a control-plane call (a head down, an election, a \
+     timeout): the call may or may not have taken effect; retrying is safe \
+     for calls made to be retried."
+);
+
 pub(crate) fn status_err(status: tonic::Status) -> PyErr {
-    ServeError::new_err(status.message().to_string())
+    use tonic::Code;
+    let message = status.message().to_string();
+    match status.code() {
+        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled => {
+            ControlUnavailable::new_err(message)
+        }
+        _ => ServeError::new_err(message),
+    }
 }
 
 type Snapshots = watch::Receiver<Option<Arc<ClusterSnapshot>>>;
@@ -214,8 +230,17 @@ impl Client {
         serval_protos::tls::set_tls(tls);
         let addr = address.clone();
         let tok = token.clone();
-        let client = block_on(py, async move { control::connect(&addr, &tok).await })
-            .map_err(|e| ServeError::new_err(e.to_string()))?;
+        let client = block_on(py, async move {
+            // Fails now, with the reason, when no head answers.
+            let first = control::connect(&addr, &tok).await?;
+            if control::heads(&addr).len() > 1 {
+                // Several heads: calls go to those that accept connections.
+                control::connect_lazy(&addr, &tok)
+            } else {
+                Ok(first)
+            }
+        })
+        .map_err(|e| ServeError::new_err(e.to_string()))?;
         let router = Arc::new(Router::new(handle_router_config()?));
         let token_for_reports = token.clone();
         let snapshots = {
@@ -727,5 +752,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<CallFuture>()?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add("ServeError", m.py().get_type::<ServeError>())?;
+    m.add(
+        "ControlUnavailable",
+        m.py().get_type::<ControlUnavailable>(),
+    )?;
     Ok(())
 }

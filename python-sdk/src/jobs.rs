@@ -41,6 +41,7 @@ fn to_json(job: &Job) -> PyResult<String> {
 
 #[pymethods]
 impl Jobs {
+    #[pyo3(signature = (api, workers, timeout_s, config_json, max_receive_count, enqueuer = String::new()))]
     fn create(
         &self,
         py: Python<'_>,
@@ -49,6 +50,7 @@ impl Jobs {
         timeout_s: f64,
         config_json: String,
         max_receive_count: u32,
+        enqueuer: String,
     ) -> PyResult<String> {
         let mut c = self.client.clone();
         let spec = JobSpec {
@@ -57,6 +59,7 @@ impl Jobs {
             timeout_s,
             config_json,
             max_receive_count,
+            enqueuer,
         };
         let job = block_on(py, async move { c.create_job(spec).await }).map_err(status_err)?;
         to_json(&job.into_inner())

@@ -2,9 +2,11 @@
 jobs submitted over HTTP (and the CLI), their batches kept in the cluster's
 replicated store, run by worker replicas started per job."""
 
+import http.server
 import json
 import os
 import signal
+import threading
 
 import pytest
 import requests
@@ -29,6 +31,8 @@ class Handler:
             json.dump({"config": config, "job_spec": job_spec}, f)
 
     def handle_batch(self, payload, batch_id):
+        while self.config.get("gate") and not os.path.exists(self.config["gate"]):
+            time.sleep(0.05)  # until the test opens the gate
         if self.config.get("fail_on") in payload:
             raise ValueError(f"cannot take {self.config['fail_on']}")
         if self.config.get("block_on") in payload:
@@ -281,3 +285,62 @@ def test_a_worker_over_compute_mem_ends_the_job_out_of_memory(cluster, tmp_path)
     assert st["status"] == "out of memory" and "compute.mem of 300 MiB" in st["error"], st
     wait_for(lambda: not [r for r in serve.status()["replicas"] if r["backend"] == f"hungry--job-{job_id}"],
              what="the workers to go")
+
+
+def gateway():
+    """The BatchAPI's gateway replica (backend "summer"), once it runs."""
+    return wait_for(lambda: next((r for r in serve.status()["replicas"]
+                                  if r["backend"] == "summer" and r["state"] == "running"), None),
+                    timeout=TIMEOUT, what="the gateway to run")
+
+
+def kill_gateway():
+    """SIGKILLs the gateway and returns once its restarted process runs."""
+    old = gateway()
+    os.kill(old["pid"], signal.SIGKILL)
+    wait_for(lambda: gateway()["pid"] != old["pid"], timeout=TIMEOUT, what="the gateway to restart")
+
+
+def test_a_restarted_gateway_looks_after_a_running_job(batch_api, cluster, tmp_path):
+    out_dir, gate = str(tmp_path / "out"), tmp_path / "gate"
+    job_id = submit(batch_api, {"workers": 2, "config": {"out": out_dir, "gate": str(gate)},
+                                "item_list": {"items": list(range(40)), "batch_size": 4}}).json()["job_id"]
+    wait_for(lambda: job_status(batch_api, job_id)["status"] == "running", what="the job to run")
+    kill_gateway()
+    gate.touch()
+    st = wait_ended(batch_api, job_id)
+    assert st["status"] == "succeeded" and st["batch_metrics"]["succeeded"] == 10, st
+    assert json.load(open(os.path.join(out_dir, "total.json"))) == {"sum": sum(range(40)), "batches": 10}
+    # The old gateway's watch died with it: the new one removes the workers.
+    wait_for(lambda: not workers_of(job_id), what="the job's workers to go")
+
+
+def test_a_job_whose_gateway_dies_while_enqueuing_fails_while_enqueuing(batch_api, cluster, tmp_path):
+    release = threading.Event()
+
+    class Stalling(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # two records, then nothing until the test ends
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"n": 1}\n{"n": 2}\n')
+            self.wfile.flush()
+            release.wait(TIMEOUT)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/records.jsonl"
+        job_id = submit(batch_api, {"workers": 1, "config": {"out": str(tmp_path / "out")},
+                                    "delimited_files": {"paths": [url], "batch_size": 1}}).json()["job_id"]
+        assert job_status(batch_api, job_id)["status"] == "enqueuing"
+        kill_gateway()
+        st = wait_ended(batch_api, job_id)
+        assert st["status"] == "failed while enqueuing", st
+        assert "submit the job again" in st["error"], st
+        assert not workers_of(job_id)
+    finally:
+        release.set()
+        server.shutdown()

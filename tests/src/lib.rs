@@ -185,12 +185,30 @@ pub fn run_python(script: &str, envs: &[(&str, String)]) -> String {
 /// A blocking HTTP/1.1 GET on loopback: (status, body). No client library:
 /// the tests should see exactly what the proxy sends.
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(port, "GET", path, "")
+}
+
+/// [`http_get`] with any method and a JSON body (none when empty).
+pub fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    json: &str,
+) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let body_headers = if json.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            json.len()
+        )
+    };
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{body_headers}Connection: close\r\n\r\n{json}"
     )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
@@ -225,4 +243,41 @@ pub fn start_head_without_replicas(
     let mut head = ServeProcess::start(&root.join(name), free_port(), free_port(), &args);
     head.wait_log("http proxy listening");
     head
+}
+
+/// Three heads without replicas (h1, then h2 and h3 joining it) under
+/// `root`, once all three vote and one leads; returns them and the index
+/// of the leader.
+pub fn three_heads_without_replicas(root: &Path) -> (Vec<ServeProcess>, usize) {
+    let first = start_head_without_replicas(root, "h1", None);
+    let (addr, token) = (first.control_address(), first.token());
+    let mut heads = vec![first];
+    for name in ["h2", "h3"] {
+        heads.push(start_head_without_replicas(
+            root,
+            name,
+            Some((&addr, &token)),
+        ));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let leader = wait_for("three voters and a leader", Duration::from_secs(60), || {
+        let s = rt.block_on(async {
+            let mut c = serval_protos::client::connect(&addr, &token).await.ok()?;
+            c.get_snapshot(serval_protos::control::WatchRequest::default())
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        })?;
+        let voters = s.heads.iter().filter(|h| h.role != "learner").count();
+        let leader = s.heads.iter().find(|h| h.leader)?;
+        (voters == 3).then_some(leader.address.clone())
+    });
+    let leader_ix = heads
+        .iter()
+        .position(|h| h.control_address() == leader)
+        .expect("the leader is one of the three");
+    (heads, leader_ix)
 }

@@ -322,38 +322,7 @@ fn a_job_goes_on_after_the_leader_head_is_killed() {
         .prefix("sv-")
         .tempdir_in("/tmp")
         .unwrap();
-    let first = start_head_without_replicas(tmp.path(), "h1", None);
-    let (addr, token) = (first.control_address(), first.token());
-    let mut heads = vec![first];
-    for name in ["h2", "h3"] {
-        heads.push(start_head_without_replicas(
-            tmp.path(),
-            name,
-            Some((&addr, &token)),
-        ));
-    }
-    let leader = wait_for(
-        "three voters and a leader",
-        std::time::Duration::from_secs(60),
-        || {
-            let s = rt.block_on(async {
-                let mut c = connect(&heads[0].control_address(), &heads[0].token())
-                    .await
-                    .ok()?;
-                c.get_snapshot(WatchRequest::default())
-                    .await
-                    .ok()
-                    .map(|r| r.into_inner())
-            })?;
-            let voters = s.heads.iter().filter(|h| h.role != "learner").count();
-            let leader = s.heads.iter().find(|h| h.leader)?;
-            (voters == 3).then_some(leader.address.clone())
-        },
-    );
-    let leader_ix = heads
-        .iter()
-        .position(|h| h.control_address() == leader)
-        .unwrap();
+    let (mut heads, leader_ix) = three_heads_without_replicas(tmp.path());
     let job = rt.block_on(async {
         let mut c = client(&heads[(leader_ix + 1) % 3]).await;
         let job = new_job(&mut c, 100, 1).await;

@@ -378,15 +378,26 @@ pub fn apply(
             if job.status == "running" {
                 job.expire(now_ms);
                 let table = txn.open_table(BATCHES).map_err(io)?;
+                // A worker leases only once it has acked all it held, so
+                // what it still holds was leased by a call whose reply it
+                // never got (its head died, a retry): handed out again, as
+                // the same receipt, before anything new.
+                let mut held: VecDeque<(u64, u32)> = job
+                    .leases
+                    .iter()
+                    .filter(|(_, l)| l.worker == worker)
+                    .map(|(i, l)| (*i, l.receive_count - 1))
+                    .collect();
                 while reply.batches.len() < max as usize {
-                    let (index, receipts) = match job.requeued.pop_front() {
-                        Some(r) => r,
-                        None if job.next < job.total => {
-                            job.next += 1;
-                            (job.next - 1, 0)
-                        }
-                        None => break,
-                    };
+                    let (index, receipts) =
+                        match held.pop_front().or_else(|| job.requeued.pop_front()) {
+                            Some(r) => r,
+                            None if job.next < job.total => {
+                                job.next += 1;
+                                (job.next - 1, 0)
+                            }
+                            None => break,
+                        };
                     let payload = table
                         .get((id.as_str(), index))
                         .map_err(io)?
@@ -674,6 +685,7 @@ mod tests {
                 timeout_s,
                 config_json: "{}".into(),
                 max_receive_count,
+                ..Default::default()
             };
             q.run(JobCommand::Create {
                 id: ID.into(),
@@ -825,10 +837,29 @@ mod tests {
             leased(&q.lease("w3", 3, 10_000, 1200)),
             [(1, 2), (0, 2), (2, 1)]
         );
-        assert_eq!(leased(&q.lease("w3", 3, 10_000, 1200)), [(3, 1)]);
+        assert_eq!(leased(&q.lease("w5", 3, 10_000, 1200)), [(3, 1)]);
         // Nothing left to lease, but leases are out: not done.
         let reply = q.lease("w4", 3, 10_000, 1200);
         assert!(reply.batches.is_empty() && !reply.done && !reply.run_on_complete);
+    }
+
+    #[test]
+    fn a_lease_whose_reply_was_lost_is_handed_out_again_first() {
+        let q = Queue::running(5, 3, 0.0);
+        assert_eq!(leased(&q.lease("w1", 2, 10_000, 1000)), [(0, 1), (1, 1)]);
+        // w1 never saw that reply and asks again: the same batches, as the
+        // same receipt, then fresh ones; nobody else gets them meanwhile.
+        assert_eq!(leased(&q.lease("w2", 1, 10_000, 1010)), [(2, 1)]);
+        assert_eq!(
+            leased(&q.lease("w1", 3, 10_000, 1020)),
+            [(0, 1), (1, 1), (3, 1)]
+        );
+        q.ack("w1", &[(0, true), (1, true), (3, true)], 1030);
+        q.ack("w2", &[(2, true)], 1030);
+        assert_eq!(leased(&q.lease("w1", 3, 10_000, 1040)), [(4, 1)]);
+        q.ack("w1", &[(4, true)], 1050);
+        let job = q.job();
+        assert_eq!((job.succeeded, job.batches_in_queue), (5, 0));
     }
 
     #[test]

@@ -17,9 +17,16 @@ Workers lease batches from the store with a visibility timeout, call
 ``handle_batch(payload, batch_id)`` and acknowledge; a failed batch goes
 back to the queue, or to the dead letters after ``max_receive_count``
 receipts. The store tells exactly one worker, once every batch is
-finished, to run ``on_job_complete``. The gateway watches each job: it
-gives a dead worker's leases back at once, ends a job past its ``timeout``,
-and removes the workers when the job ends.
+finished, to run ``on_job_complete``.
+
+Every gateway process looks after all the API's jobs (not only those it
+took): it starts a job's workers once its batches are stored, gives a dead
+worker's leases back at once, ends a job past its ``timeout``, a job whose
+enqueuing gateway died ("failed while enqueuing"), and removes the workers
+of ended jobs. So a gateway restarted on another node, after its node or a
+head died, picks up where the old one was. Workers retry control calls
+while no head answers; the queue hands a worker the batches of a lease
+whose reply it lost again, so nothing waits out a visibility timeout.
 """
 
 from __future__ import annotations
@@ -52,8 +59,12 @@ VISIBILITY_S = 600.0
 #: Batches a worker leases per call, at most: more means fewer store writes
 #: per batch; fewer keeps small jobs spread over every worker.
 LEASE_MAX = 50
-#: How often the gateway looks at a running job.
-WATCH_INTERVAL_S = 0.2
+#: How often a gateway looks at its API's jobs.
+WATCH_INTERVAL_S = 0.25
+#: How long a worker retries a control call while no head answers (an
+#: election takes seconds); past it the worker process exits, so its
+#: supervisor restarts it.
+CONTROL_RETRY_S = 120.0
 #: Restarts of one worker after which the job ends as "worker error".
 MAX_WORKER_RESTARTS = 3
 #: How often a worker with ``compute.mem`` looks at its resident memory.
@@ -72,6 +83,30 @@ def _jobs():
 
 def worker_backend(api: str, job_id: str) -> str:
     return f"{api}--job-{job_id}"
+
+
+def _process_id() -> str:
+    """This process as the queue knows it: "<replica id>/<pid>" (a restarted
+    replica keeps its id, not its pid)."""
+    return f"{os.environ.get('SERVAL_REPLICA_ID') or uuid.uuid4()}/{os.getpid()}"
+
+
+def _retrying(call, *args):
+    """``call(*args)``, retried with backoff while no head answers (see
+    ``ControlUnavailable``), for up to ``CONTROL_RETRY_S``."""
+    from serval._native import ControlUnavailable
+
+    deadline = time.monotonic() + CONTROL_RETRY_S
+    delay = 0.05
+    while True:
+        try:
+            return call(*args)
+        except ControlUnavailable as e:
+            if time.monotonic() > deadline:
+                raise
+            logger.warning("control call %s failed (%s); retrying", getattr(call, "__name__", call), e)
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
 
 def _iso(ms: int) -> Optional[str]:
@@ -207,6 +242,10 @@ class BatchGateway:
     def __init__(self, spec: dict):
         self.spec = spec
         self.name = spec["name"]
+        self.me = _process_id()
+        # job id -> worker replica id -> (node, restarts, failed) last seen.
+        self._workers_seen: Dict[str, Dict[str, Tuple[str, int, bool]]] = {}
+        threading.Thread(target=self._look_after_jobs, name=f"jobs-{self.name}", daemon=True).start()
 
     async def __call__(self, request: Request):
         try:
@@ -254,34 +293,26 @@ class BatchGateway:
         if job["source"] != "item_list":
             list_targets(job["spec"])  # a missing path is the client's 400, now
         created = json.loads(_jobs().create(self.name, job["workers"], float(job["timeout"] or 0),
-                                            json.dumps(job["config"]), job["max_receive_count"]))
-        threading.Thread(target=self._run, args=(created["id"], job), name=f"job-{created['id']}",
+                                            json.dumps(job["config"]), job["max_receive_count"], self.me))
+        threading.Thread(target=self._enqueue_job, args=(created["id"], job), name=f"job-{created['id']}",
                          daemon=True).start()
         return {"job_id": created["id"], "api_name": self.name, "kind": "BatchAPI", "workers": job["workers"],
                 "config": job["config"], "timeout": job["timeout"], "created_time": _iso(created["created_ms"])}
 
     # -- a job's life -----------------------------------------------------
 
-    def _run(self, job_id: str, job: dict) -> None:
+    def _enqueue_job(self, job_id: str, job: dict) -> None:
+        """Stores the job's batches; the gateways' look-after loop starts
+        its workers once it is running."""
         jobs = _jobs()
         try:
             total = self._enqueue(jobs, job_id, job)
         except Exception as e:  # the job's own failure: recorded, not raised
             logger.error("api %r: job %s: enqueuing failed: %s", self.name, job_id, e)
-            jobs.finish_enqueue(job_id, 0, f"{type(e).__name__}: {e}" if not isinstance(e, JobError) else str(e))
+            _retrying(jobs.finish_enqueue, job_id, 0,
+                      f"{type(e).__name__}: {e}" if not isinstance(e, JobError) else str(e))
             return
-        jobs.finish_enqueue(job_id, total)
-        try:
-            self._start_workers(job_id, job)
-            self._watch(jobs, job_id)
-        except Exception as e:
-            logger.error("api %r: job %s: %s", self.name, job_id, e)
-            try:
-                jobs.stop(job_id, "worker error", f"{type(e).__name__}: {e}")
-            except Exception:
-                pass
-        finally:
-            self._remove_workers(job_id)
+        _retrying(jobs.finish_enqueue, job_id, total)
 
     def _enqueue(self, jobs, job_id: str, job: dict) -> int:
         chunk: List[bytes] = []
@@ -297,42 +328,78 @@ class BatchGateway:
             jobs.enqueue(job_id, first, chunk)
         return total
 
-    def _start_workers(self, job_id: str, job: dict) -> None:
+    def _look_after_jobs(self) -> None:
+        while True:
+            try:
+                self._look_after_jobs_once()
+            except Exception as e:  # a head failing over, say: look again next round
+                logger.warning("api %r: looking after jobs: %s: %s", self.name, type(e).__name__, e)
+            time.sleep(WATCH_INTERVAL_S)
+
+    def _look_after_jobs_once(self) -> None:
         from serval import serve
+
+        jobs = _jobs()
+        snap = serve.status()
+        backends = {b["name"] for b in snap.get("backends", [])}
+        replicas = snap.get("replicas", [])
+        for job in json.loads(jobs.list(self.name)):
+            job_id = job["id"]
+            backend = worker_backend(self.name, job_id)
+            if job["status"] in ENDED:
+                self._workers_seen.pop(job_id, None)
+                if backend in backends:
+                    self._remove_workers(job_id)
+            elif job["status"] == "enqueuing":
+                enqueuer = job["spec"].get("enqueuer") or ""
+                if enqueuer != self.me and not _process_alive(enqueuer, replicas):
+                    logger.error("api %r: job %s: its enqueuer %s is gone", self.name, job_id, enqueuer)
+                    try:
+                        jobs.finish_enqueue(job_id, 0, "the gateway enqueuing the job stopped before it "
+                                                       "stored every batch; submit the job again")
+                    except Exception:
+                        pass  # another gateway ended it first
+            elif backend not in backends:
+                self._start_workers(job_id, job["spec"]["workers"])
+            else:
+                self._watch(jobs, job, [r for r in replicas if r["backend"] == backend])
+
+    def _start_workers(self, job_id: str, workers: int) -> None:
+        from serval import ServeError, serve
 
         compute = self.spec.get("compute") or {}
         options = {"num_cpus": float(compute.get("cpu") or 0.2), "num_gpus": float(compute.get("gpu") or 0)}
-        serve.create_backend(worker_backend(self.name, job_id), BatchWorker, self.spec, job_id,
-                             config={"num_replicas": job["workers"]}, ray_actor_options=options)
+        try:
+            serve.create_backend(worker_backend(self.name, job_id), BatchWorker, self.spec, job_id,
+                                 config={"num_replicas": workers}, ray_actor_options=options)
+        except ServeError as e:
+            if "exists" not in str(e):  # else another gateway started them first
+                raise
 
-    def _watch(self, jobs, job_id: str) -> None:
-        """Until the job ends: gives a dead worker's leases back, ends the job
-        when its workers keep dying or its timeout passes."""
-        from serval import serve
-
-        backend = worker_backend(self.name, job_id)
-        restarts: Dict[str, int] = {}
-        while True:
-            job = json.loads(jobs.get(job_id))
-            if job["status"] in ENDED:
+    def _watch(self, jobs, job: dict, workers: List[dict]) -> None:
+        """One look at a running job: gives a dead or moved worker's leases
+        back, ends the job when a worker keeps dying or its timeout passed."""
+        job_id = job["id"]
+        timeout = job["spec"].get("timeout_s") or 0
+        if timeout and job.get("start_ms") and time.time() * 1000 > job["start_ms"] + timeout * 1000:
+            jobs.stop(job_id, "timed out", f"the job ran past its timeout of {timeout:g} s")
+            return
+        seen = self._workers_seen.setdefault(job_id, {})
+        for r in workers:
+            restarts = r.get("restarts", 0)
+            now, before = (r.get("node_id") or "", restarts, r["state"] == "failed"), seen.get(r["id"])
+            seen[r["id"]] = now
+            if now == before or (before is None and not restarts and r["state"] != "failed"):
+                continue
+            # Its process died, or its node did and it moved: the batches it
+            # held go to the other workers now (it re-leases them itself if
+            # it asks first).
+            jobs.release_worker(job_id, r["id"])
+            if restarts >= MAX_WORKER_RESTARTS:
+                error = (r.get("error") or "").strip().splitlines()
+                jobs.stop(job_id, "out of memory" if any("MemoryError" in l for l in error)
+                          else "worker error", f"worker {r['id']}: {error[-1] if error else 'died'}")
                 return
-            timeout = job["spec"].get("timeout_s") or 0
-            if timeout and job.get("start_ms") and time.time() * 1000 > job["start_ms"] + timeout * 1000:
-                jobs.stop(job_id, "timed out", f"the job ran past its timeout of {timeout:g} s")
-                return
-            for r in serve.status().get("replicas", []):
-                if r["backend"] != backend:
-                    continue
-                seen = restarts.get(r["id"], 0)
-                if r.get("restarts", 0) > seen or r["state"] == "failed":
-                    restarts[r["id"]] = r.get("restarts", 0)
-                    jobs.release_worker(job_id, r["id"])
-                    if r.get("restarts", 0) >= MAX_WORKER_RESTARTS:
-                        error = (r.get("error") or "").strip().splitlines()
-                        jobs.stop(job_id, "out of memory" if any("MemoryError" in l for l in error)
-                                  else "worker error", f"worker {r['id']}: {error[-1] if error else 'died'}")
-                        return
-            time.sleep(WATCH_INTERVAL_S)
 
     def _remove_workers(self, job_id: str) -> None:
         from serval import ServeError, serve
@@ -372,6 +439,13 @@ class BatchGateway:
                 for _, batch_id, payload, count, error in _jobs().dead_letters(job_id)]
 
 
+def _process_alive(process: str, replicas: List[dict]) -> bool:
+    """Whether the process "<replica id>/<pid>" still runs, by the snapshot."""
+    replica_id, _, pid = process.rpartition("/")
+    return any(r["id"] == replica_id and str(r.get("pid")) == pid and r["state"] in ("running", "starting")
+               for r in replicas)
+
+
 # -- the workers ------------------------------------------------------------------
 
 
@@ -388,7 +462,7 @@ class BatchWorker(RealtimeAPI):
         self.job_id = job_id
         self.worker_id = os.environ.get("SERVAL_REPLICA_ID") or f"worker-{uuid.uuid4()}"
         self.jobs = _jobs()
-        job = json.loads(self.jobs.get(job_id))
+        job = json.loads(_retrying(self.jobs.get, job_id))
         job_config = json.loads(job["spec"].get("config_json") or "{}")
         config = {**(handler.get("config") or {}), **job_config}
         job_spec = {"job_id": job_id, "api_name": self.name, "config": job_config,
@@ -441,8 +515,8 @@ class BatchWorker(RealtimeAPI):
     def _work(self) -> None:
         try:
             while True:
-                status, done, run_on_complete, leased = self.jobs.lease(self.job_id, self.worker_id,
-                                                                        self.lease_max, VISIBILITY_S)
+                status, done, run_on_complete, leased = _retrying(
+                    self.jobs.lease, self.job_id, self.worker_id, self.lease_max, VISIBILITY_S)
                 if run_on_complete:
                     self._complete()
                     return
@@ -452,9 +526,13 @@ class BatchWorker(RealtimeAPI):
                 if not leased:
                     time.sleep(0.05)  # others hold the last batches: wait for them to finish or come back
                     continue
-                self.jobs.ack(self.job_id, self.worker_id, [self._run(*b) for b in leased])
+                # An ack counts once, from the lease holder: a retried one is harmless.
+                _retrying(self.jobs.ack, self.job_id, self.worker_id, [self._run(*b) for b in leased])
         except Exception:
+            # Never a worker that looks alive and does nothing: exit, so the
+            # supervisor restarts it and the gateway returns its leases.
             logger.exception("job %s: worker %s stopped", self.job_id, self.worker_id)
+            os._exit(1)
 
     def _run(self, index: int, batch_id: str, payload: bytes, receive_count: int) -> Tuple[int, bool, float, str]:
         started = time.monotonic()
@@ -476,5 +554,11 @@ class BatchWorker(RealtimeAPI):
             except Exception as e:
                 logger.exception("job %s: on_job_complete failed", self.job_id)
                 error = f"on_job_complete: {type(e).__name__}: {e}"
-        self.jobs.complete(self.job_id, self.worker_id, error)
+        try:
+            _retrying(self.jobs.complete, self.job_id, self.worker_id, error)
+        except Exception as e:
+            # A retried completion that had gone through is refused: fine if the job ended.
+            if json.loads(_retrying(self.jobs.get, self.job_id))["status"] not in ENDED:
+                raise
+            logger.info("job %s: completion answered %s; the job has ended", self.job_id, e)
         logger.info("job %s: complete", self.job_id)
