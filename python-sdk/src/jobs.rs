@@ -41,6 +41,8 @@ fn to_json(job: &Job) -> PyResult<String> {
 
 #[pymethods]
 impl Jobs {
+    // The Python signature is the JobSpec's fields, one argument each.
+    #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (api, workers, timeout_s, config_json, max_receive_count, enqueuer = String::new()))]
     fn create(
         &self,
