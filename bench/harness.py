@@ -651,7 +651,7 @@ def report(S, R, N, t_total, load_before, load_after):
 
     md.append("## Machine\n")
     md.append(table(machine_facts(S, R), header=("", "")) + "\n")
-    md.append("Configuration: Serval head with `SERVAL_NUM_CPUS=4` and its defaults (2 tokio workers; "
+    md.append("Configuration: Serval head with `SERVAL_NUM_CPUS=4` and its defaults (tokio workers: half the cores, at least 1; "
               "sync backends get `max_concurrent_queries` 8); Ray with `ray.init(num_cpus=2)` and Serve's "
               "defaults (`max_ongoing_requests` 5 in current Ray) except `RAY_worker_niceness=0` (Ray starts its "
               "workers, Serve's replicas among them, at nice 15: on a machine shared with other work that "
@@ -742,7 +742,8 @@ def report(S, R, N, t_total, load_before, load_after):
     md.append("## Serval only: the HTTP front door without Python\n")
     md.append("The same no-op through the Serval proxy in front of native Rust replicas "
               "(`bench/native`: `serval_proxy::Proxy` with a hand-built snapshot, replicas on the frame "
-              "protocol over Unix sockets, one tokio thread each), and a bare hyper hello-world server "
+              "protocol over Unix sockets, one tokio thread each; the proxy with the head's default of half "
+              "the cores in tokio workers), and a bare hyper hello-world server "
               "(2 tokio workers) as this machine's ceiling for an HTTP front door.\n")
     rows = []
     for c in CONCURRENCIES:

@@ -89,9 +89,12 @@ pub struct StartArgs {
     /// Host the `--metrics-port` listener binds.
     #[arg(long, env = "SERVAL_METRICS_HOST", default_value = "127.0.0.1")]
     metrics_host: String,
-    /// Tokio worker threads of this process (small: replicas need the cores).
-    #[arg(long, env = "SERVAL_WORKERS", default_value_t = 2)]
-    workers: usize,
+    /// Tokio worker threads of this process. Default: half the machine's
+    /// cores, at least 1 (replicas and the clients need the others; on 2
+    /// cores one worker serves the proxy faster than two, which spend their
+    /// time handing tasks to each other).
+    #[arg(long, env = "SERVAL_WORKERS")]
+    workers: Option<usize>,
     /// With --head: serve the control listener (clients and other heads)
     /// over TLS with this certificate chain (PEM). Needs --tls-key and
     /// --tls-ca (this head's own agent, proxy and peer connections verify
@@ -101,6 +104,11 @@ pub struct StartArgs {
     /// With --head: the private key (PEM) of --tls-cert.
     #[arg(long, env = "SERVAL_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+}
+
+/// Half the cores this process may use, at least 1.
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
 pub fn run(
@@ -122,7 +130,7 @@ pub fn run(
         return detach(&data_dir, argv, relaunch);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.workers.max(1))
+        .worker_threads(args.workers.unwrap_or_else(default_workers).max(1))
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
