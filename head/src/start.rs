@@ -90,9 +90,7 @@ pub struct StartArgs {
     #[arg(long, env = "SERVAL_METRICS_HOST", default_value = "127.0.0.1")]
     metrics_host: String,
     /// Tokio worker threads of this process. Default: half the machine's
-    /// cores, at least 1 (replicas and the clients need the others; on 2
-    /// cores one worker serves the proxy faster than two, which spend their
-    /// time handing tasks to each other).
+    /// cores, at least 1 (`serval_protos::default_worker_threads`).
     #[arg(long, env = "SERVAL_WORKERS")]
     workers: Option<usize>,
     /// With --head: serve the control listener (clients and other heads)
@@ -104,11 +102,6 @@ pub struct StartArgs {
     /// With --head: the private key (PEM) of --tls-cert.
     #[arg(long, env = "SERVAL_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-}
-
-/// Half the cores this process may use, at least 1.
-fn default_workers() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
 pub fn run(
@@ -130,7 +123,11 @@ pub fn run(
         return detach(&data_dir, argv, relaunch);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.workers.unwrap_or_else(default_workers).max(1))
+        .worker_threads(
+            args.workers
+                .unwrap_or_else(serval_protos::default_worker_threads)
+                .max(1),
+        )
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;

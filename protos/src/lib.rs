@@ -20,5 +20,13 @@ pub mod tls;
 pub const DEFAULT_CONTROL_PORT: u16 = 6390;
 /// Default port of the HTTP proxy.
 pub const DEFAULT_HTTP_PORT: u16 = 8000;
+/// Tokio worker threads of a Serval process unless told otherwise: half the
+/// cores it may use, at least 1. Replicas and clients need the other cores,
+/// and on small machines fewer workers wake each other less (on 2 cores one
+/// worker served the proxy faster than two).
+pub fn default_worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
 /// Metadata key carrying the cluster token on every control RPC.
 pub const TOKEN_METADATA_KEY: &str = "x-serval-token";

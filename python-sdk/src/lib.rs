@@ -28,12 +28,13 @@ fn validate_middlewares(json: &str) -> PyResult<()> {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    // The runtime of handles and control clients: half the cores, at least
-    // one (the replicas and the caller's own threads need the others; with a
-    // worker per core, a handle call woke a second worker on every hop).
-    let workers = std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1));
+    // The runtime of handles and control clients, sized as every Serval
+    // process (with a worker per core, a handle call woke a second worker on
+    // every hop).
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.worker_threads(workers).enable_all();
+    builder
+        .worker_threads(serval_protos::default_worker_threads())
+        .enable_all();
     pyo3_async_runtimes::tokio::init(builder);
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(validate_middlewares, m)?)?;

@@ -125,6 +125,29 @@ impl ServeProcess {
         }
     }
 
+    /// `serve status --json` through this head; Null when it fails (the
+    /// reason on stderr), so a caller polling it keeps polling.
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = Command::new(serve_bin())
+            .args([
+                "--address",
+                &self.control_address(),
+                "--token",
+                &self.token(),
+                "status",
+                "--json",
+            ])
+            .output()
+            .expect("run serve status");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            eprintln!(
+                "status failed ({e}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::Value::Null
+        })
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.data_dir.join("test-serve.log")).unwrap_or_default()
     }

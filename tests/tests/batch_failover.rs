@@ -38,18 +38,7 @@ fn job_status(port: u16, job_id: &str) -> Option<serde_json::Value> {
 }
 
 fn worker_backends(head: &ServeProcess) -> Option<Vec<String>> {
-    let out = Command::new(serve_bin())
-        .args([
-            "--address",
-            &head.control_address(),
-            "--token",
-            &head.token(),
-            "status",
-            "--json",
-        ])
-        .output()
-        .ok()?;
-    let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let s = head.status_json();
     Some(
         s["backends"]
             .as_array()?

@@ -27,24 +27,7 @@ fn start_head(root: &std::path::Path, name: &str, join: Option<(&str, &str)>) ->
 }
 
 fn status_json(head: &Head) -> serde_json::Value {
-    let out = Command::new(serve_bin())
-        .args([
-            "--address",
-            &head.proc.control_address(),
-            "--token",
-            &head.proc.token(),
-            "status",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        eprintln!(
-            "status failed ({e}): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::Value::Null
-    })
+    head.proc.status_json()
 }
 
 fn leader_id(head: &Head) -> Option<u64> {

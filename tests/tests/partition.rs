@@ -15,7 +15,6 @@
 //! cut: into X's proxy from the others, and into theirs from X. The test
 //! itself talks to each head on its real port, so it reaches all of them.
 
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -169,18 +168,7 @@ struct Head {
 }
 
 fn status_json(head: &Head) -> serde_json::Value {
-    let out = Command::new(serve_bin())
-        .args([
-            "--address",
-            &head.proc.control_address(),
-            "--token",
-            &head.proc.token(),
-            "status",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    head.proc.status_json()
 }
 
 /// The leader as `head` sees it.

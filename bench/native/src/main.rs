@@ -63,9 +63,8 @@ fn main() {
         Some("native") => {
             let port: u16 = arg(&args, 2, None);
             let replicas: usize = arg(&args, 3, Some(1));
-            // As `serve start` does: half the cores, at least 1.
-            let half = std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1));
-            let workers: usize = arg(&args, 4, Some(half));
+            // As `serve start` does.
+            let workers: usize = arg(&args, 4, Some(serval_protos::default_worker_threads()));
             native(port, replicas, workers);
         }
         Some("grpc-load") => {
