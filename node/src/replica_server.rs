@@ -6,15 +6,17 @@
 //! tests and benchmarks.
 
 use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use serval_protos::frame::{
-    self, FrameError, FrameReader, FrameSender, LogsRequest, Payload, Request, RequestId, Response,
+    self, FrameError, FrameReader, LogsRequest, Payload, Request, RequestId, Response,
     LOG_SIZE_HEADER, MAX_LOGS_CHUNK,
 };
+use serval_protos::frame_socket::{self, FrameSender};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 
@@ -30,7 +32,7 @@ impl Reply {
     /// (the router went away) is not an error for the replica.
     pub fn send(self, response: &Response) {
         let (tx, bytes) = self.into_frame(response);
-        let _ = tx.send(bytes);
+        let _ = tx.send(&bytes);
     }
 
     /// The encoded response frame and the connection writer it belongs to,
@@ -134,9 +136,12 @@ pub async fn serve(
             };
             loop {
                 match listener.accept().await {
-                    Ok((stream, _)) => {
-                        tokio::spawn(serve_connection(stream, handler.clone()));
-                    }
+                    Ok((stream, _)) => match stream.into_std() {
+                        Ok(stream) => {
+                            tokio::spawn(serve_connection(stream.into(), handler.clone()));
+                        }
+                        Err(e) => tracing::warn!(error = %e, "unix accept failed"),
+                    },
                     Err(e) => tracing::warn!(error = %e, "unix accept failed"),
                 }
             }
@@ -150,7 +155,12 @@ pub async fn serve(
             match listener.accept().await {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(serve_connection(stream, handler.clone()));
+                    match stream.into_std() {
+                        Ok(stream) => {
+                            tokio::spawn(serve_connection(stream.into(), handler.clone()));
+                        }
+                        Err(e) => tracing::warn!(error = %e, "tcp accept failed"),
+                    }
                 }
                 Err(e) => tracing::warn!(error = %e, "tcp accept failed"),
             }
@@ -174,13 +184,14 @@ pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
     UnixListener::bind(path)
 }
 
-async fn serve_connection<S>(stream: S, handler: Arc<dyn Handler>)
-where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let (read, write) = tokio::io::split(stream);
-    let (tx, _writer) = frame::spawn_writer(write);
-    let mut reader = FrameReader::new(read);
+async fn serve_connection(socket: OwnedFd, handler: Arc<dyn Handler>) {
+    let (mut reader, tx, _writer) = match frame_socket::open(socket) {
+        Ok(parts) => parts,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot serve a router connection");
+            return;
+        }
+    };
     loop {
         match reader.next().await {
             Ok(Some((id, body))) => {

@@ -3,15 +3,15 @@
 //! One long-lived connection per (router, replica) carries many requests at
 //! once. Every frame is `[u32 len][u64 request id][bincode body]`, where `len`
 //! counts the id and the body. Requests flow router -> replica, responses
-//! flow back with the same id. A writer task per direction drains every
-//! queued frame into one `write_all`, so a busy connection makes few syscalls.
+//! flow back with the same id. [`crate::frame_socket`] carries them: a writer
+//! task per direction drains every queued frame into one write, so a busy
+//! connection makes few syscalls.
 //! Why not gRPC here: DESIGN.md measured ~7 µs of proxy CPU per request for
 //! these frames against 16-24 µs for a pooled tonic channel.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Frames above this are refused: a corrupt length must not allocate gigabytes.
 pub const MAX_FRAME_LEN: usize = 512 * 1024 * 1024;
@@ -164,7 +164,7 @@ pub fn encode_into<T: Serialize>(
     Ok(())
 }
 
-/// One frame as its own buffer, ready for a [`FrameWriter`].
+/// One frame as its own buffer, ready for a [`crate::frame_socket::FrameSender`].
 pub fn encode<T: Serialize>(id: RequestId, msg: &T) -> Result<Bytes, FrameError> {
     let mut out = BytesMut::new();
     encode_into(id, msg, &mut out)?;
@@ -221,80 +221,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-/// Handle to a connection's writer task: cheap to clone, one per sender.
-pub type FrameSender = mpsc::UnboundedSender<Bytes>;
-
-/// Spawns the writer task of one connection half. It waits for a frame, then
-/// takes every other frame already queued and sends them in one write.
-/// The task ends when every sender is dropped or the socket fails.
-pub fn spawn_writer<W>(mut inner: W) -> (FrameSender, tokio::task::JoinHandle<std::io::Result<()>>)
-where
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
-    let task = tokio::spawn(async move {
-        let mut batch = BytesMut::with_capacity(64 * 1024);
-        while let Some(first) = rx.recv().await {
-            batch.extend_from_slice(&first);
-            // Let the other tasks already runnable on this worker (requests
-            // of other HTTP connections, replies being produced) queue their
-            // frames first: under load one write then carries many frames
-            // instead of one. With nothing else runnable this returns at once.
-            tokio::task::yield_now().await;
-            while let Ok(more) = rx.try_recv() {
-                batch.extend_from_slice(&more);
-                if batch.len() > 4 * 1024 * 1024 {
-                    break;
-                }
-            }
-            inner.write_all(&batch).await?;
-            batch.clear();
-        }
-        inner.shutdown().await.ok();
-        Ok(())
-    });
-    (tx, task)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn frames_round_trip_through_a_socket_pair() {
-        let (a, b) = tokio::io::duplex(64);
-        let (tx, writer) = spawn_writer(a);
-        let req = Request {
-            method_name: Some("other_method".into()),
-            payload: Payload::Http(HttpRequest {
-                method: "GET".into(),
-                path: "/api/7".into(),
-                path_params: vec![("id".into(), PathValue::Int(7))],
-                body: vec![1; 1000],
-                ..Default::default()
-            }),
-        };
-        for id in 0..20u64 {
-            tx.send(encode(id, &req).unwrap()).unwrap();
-        }
-        drop(tx);
-        let mut reader = FrameReader::new(b);
-        for id in 0..20u64 {
-            let (got, body) = reader.next().await.unwrap().unwrap();
-            assert_eq!(got, id);
-            let back: Request = decode(&body).unwrap();
-            assert_eq!(back.method_name.as_deref(), Some("other_method"));
-            match back.payload {
-                Payload::Http(h) => {
-                    assert_eq!(h.path_params, vec![("id".into(), PathValue::Int(7))]);
-                    assert_eq!(h.body.len(), 1000);
-                }
-                other => panic!("unexpected payload {other:?}"),
-            }
-        }
-        assert!(reader.next().await.unwrap().is_none());
-        writer.await.unwrap().unwrap();
-    }
+    use tokio::io::AsyncWriteExt;
 
     #[test]
     fn a_logs_request_round_trips_and_keeps_the_older_variants_numbers() {

@@ -4,7 +4,8 @@
 //! - [`control`]: the control-plane gRPC service and messages (tonic/prost),
 //!   generated from `proto/control.proto`.
 //! - [`frame`]: the data-plane frame stream between a router (proxy or
-//!   handle) and a replica: `[u32 len][u64 request id][bincode body]`.
+//!   handle) and a replica: `[u32 len][u64 request id][bincode body]`;
+//!   [`frame_socket`] carries it over a Unix or TCP socket.
 //! - [`blob`]: the digest and size limits of content-addressed blobs.
 #![forbid(unsafe_code)]
 
@@ -14,6 +15,7 @@ pub mod control {
 pub mod blob;
 pub mod client;
 pub mod frame;
+pub mod frame_socket;
 pub mod tls;
 
 /// Default port of the controller's gRPC service (`serve start --head`).

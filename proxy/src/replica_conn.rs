@@ -14,15 +14,15 @@
 //! backoff (capped), so a dead replica is probed, not hammered.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use serval_protos::frame::{
-    self, FrameError, FrameReader, FrameSender, Request, RequestId, Response,
-};
-use tokio::io::{AsyncRead, AsyncWrite};
+use serval_protos::frame::{self, FrameError, FrameReader, Request, RequestId, Response};
+use serval_protos::frame_socket::{self, FrameSender};
+use tokio::io::AsyncRead;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -117,7 +117,7 @@ impl Live {
             pending: &self.pending,
             id,
         };
-        if self.tx.send(bytes).is_err() {
+        if self.tx.send(&bytes).is_err() {
             return Err(ConnError::Died("writer closed".into()));
         }
         match tokio::time::timeout_at(deadline, rx).await {
@@ -250,8 +250,10 @@ impl ReplicaConn {
         if !self.unix_path.is_empty() && Path::new(&self.unix_path).exists() {
             match tokio::net::UnixStream::connect(&self.unix_path).await {
                 Ok(stream) => {
-                    let (r, w) = stream.into_split();
-                    return Ok(self.start(r, w));
+                    let socket = stream
+                        .into_std()
+                        .map_err(|e| format!("unix {}: {e}", self.unix_path))?;
+                    return self.start(socket.into());
                 }
                 Err(e) if self.tcp_addr.is_empty() => {
                     return Err(format!("unix {}: {e}", self.unix_path))
@@ -264,37 +266,34 @@ impl ReplicaConn {
         if self.tcp_addr.is_empty() {
             return Err("replica has no reachable address".into());
         }
+        let tcp_err = |e| format!("tcp {}: {e}", self.tcp_addr);
         let stream = tokio::net::TcpStream::connect(&self.tcp_addr)
             .await
-            .map_err(|e| format!("tcp {}: {e}", self.tcp_addr))?;
+            .map_err(tcp_err)?;
         // Small request frames must not wait for Nagle's algorithm.
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let (r, w) = stream.into_split();
-        Ok(self.start(r, w))
+        self.start(stream.into_std().map_err(tcp_err)?.into())
     }
 
-    fn start<R, W>(&self, read: R, write: W) -> Live
-    where
-        R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
-    {
-        let (tx, writer) = frame::spawn_writer(write);
+    fn start(&self, socket: OwnedFd) -> Result<Live, String> {
+        let (reader, tx, writer) =
+            frame_socket::open(socket).map_err(|e| format!("cannot use the connection: {e}"))?;
         let pending: Pending = Arc::default();
         let reader = tokio::spawn(read_loop(
-            FrameReader::new(read),
+            reader,
             writer,
             pending.clone(),
             self.state.clone(),
             self.replica_id.clone(),
         ));
-        Live {
+        Ok(Live {
             tx,
             pending,
             next_id: AtomicU64::new(1),
             reader,
-        }
+        })
     }
 }
 

@@ -80,10 +80,10 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use crate::onnx::OnnxModel;
 use serval_node::replica_server::{self, Handler, Reply};
 use serval_onnx::NativeHandler;
-use serval_protos::frame::FrameSender;
 use serval_protos::frame::{
     CallRequest, HttpRequest, PathValue, Payload, Request, Response, ERROR_TYPE_HEADER,
 };
+use serval_protos::frame_socket::FrameSender;
 
 /// How long a blocked wait sleeps before looking at signals / shutdown again.
 const POLL: Duration = Duration::from_millis(100);
@@ -166,7 +166,7 @@ fn deliver(reply: Reply, response: &Response) {
     let direct = OUTBOX.with(|outbox| match outbox.borrow_mut().as_mut() {
         None => Some((tx, bytes)),
         Some(batch) => {
-            match batch.iter_mut().find(|(t, _)| t.same_channel(&tx)) {
+            match batch.iter_mut().find(|(t, _)| t.same_connection(&tx)) {
                 Some((_, buf)) => buf.extend_from_slice(&bytes),
                 None => batch.push((tx, BytesMut::from(&bytes[..]))),
             }
@@ -174,7 +174,7 @@ fn deliver(reply: Reply, response: &Response) {
         }
     });
     if let Some((tx, bytes)) = direct {
-        let _ = tx.send(bytes);
+        let _ = tx.send(&bytes);
     }
 }
 
@@ -193,7 +193,7 @@ impl Drop for Outbox {
     fn drop(&mut self) {
         let batch = OUTBOX.with(|outbox| outbox.borrow_mut().take());
         for (tx, buf) in batch.into_iter().flatten() {
-            let _ = tx.send(buf.freeze());
+            let _ = tx.send(&buf);
         }
     }
 }
