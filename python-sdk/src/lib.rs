@@ -13,6 +13,13 @@
 
 use pyo3::prelude::*;
 
+/// Rust's allocations in every Serval process that loads this module (the
+/// head, replicas, drivers): the proxy's request path allocates and frees
+/// small buffers per request, where glibc's malloc cost about 7 % of the
+/// head's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod client;
 mod jobs;
 mod onnx;

