@@ -40,6 +40,9 @@ WARMUP = int(os.environ.get("BENCH_WARMUP", "2"))
 SEQ_CALLS = int(os.environ.get("BENCH_SEQ_CALLS", "2000"))
 CONC_CALLS = int(os.environ.get("BENCH_CONC_CALLS", "10000"))
 CONCURRENCIES = [1, 16, 64]
+#: max_concurrent_queries (Ray: max_ongoing_requests) of the last GET
+#: scenario: the default of an async backend, against 8 for a blocking one.
+WIDE_LIMIT = 100
 POST_CONCURRENCY = 16
 POST_BYTES = 10 * 1024
 COMMAND_TIMEOUT = 600
@@ -424,6 +427,9 @@ def run_system(name, python, script, env):
 
         if step("scale to 2 replicas", lambda: drv.call("scale", n=2)) is not None:
             step("GET, 2 replicas", lambda: http("get2", url, label=f"{name} GET 2 replicas"))
+        if step(f"1 replica, limit {WIDE_LIMIT}", lambda: drv.call("scale", n=1, limit=WIDE_LIMIT)) is not None:
+            step(f"GET, 1 replica, limit {WIDE_LIMIT}",
+                 lambda: http("get1_wide", url, label=f"{name} GET 1 replica, limit {WIDE_LIMIT}"))
         step("shutdown", lambda: drv.call("shutdown", timeout=120))
     finally:
         close_driver(drv, res)
@@ -652,7 +658,8 @@ def report(S, R, N, t_total, load_before, load_after):
     md.append("## Machine\n")
     md.append(table(machine_facts(S, R), header=("", "")) + "\n")
     md.append("Configuration: Serval head with `SERVAL_NUM_CPUS=4` and its defaults (tokio workers: half the cores, at least 1; "
-              "sync backends get `max_concurrent_queries` 8); Ray with `ray.init(num_cpus=2)` and Serve's "
+              "sync backends get `max_concurrent_queries` 8, as in Ray Serve 1.x; the \"limit 100\" scenario sets it "
+              "to 100, the async default, and Ray's `max_ongoing_requests` likewise); Ray with `ray.init(num_cpus=2)` and Serve's "
               "defaults (`max_ongoing_requests` 5 in current Ray) except `RAY_worker_niceness=0` (Ray starts its "
               "workers, Serve's replicas among them, at nice 15: on a machine shared with other work that "
               "starves them; Serval's replicas run at nice 0). Memory counts every process of the "
@@ -668,6 +675,10 @@ def report(S, R, N, t_total, load_before, load_after):
     for c in CONCURRENCIES:
         rows.append((f"GET no-op, 2 replicas, c={c}: requests/s", fmt(get(S, "get2", c, "rps"), 0),
                      fmt(get(R, "get2", c, "rps"), 0), ratio(get(S, "get2", c, "rps"), get(R, "get2", c, "rps"))))
+    for c in CONCURRENCIES:
+        rows.append((f"GET no-op, 1 replica, limit {WIDE_LIMIT}, c={c}: requests/s",
+                     fmt(get(S, "get1_wide", c, "rps"), 0), fmt(get(R, "get1_wide", c, "rps"), 0),
+                     ratio(get(S, "get1_wide", c, "rps"), get(R, "get1_wide", c, "rps"))))
     rows.append(("POST 10 KiB echo, c=16: requests/s", fmt(get(S, "post", "rps"), 0), fmt(get(R, "post", "rps"), 0),
                  ratio(get(S, "post", "rps"), get(R, "post", "rps"))))
     rows.append(("ServeHandle sequential call: p50 ms", fmt(get(S, "handle", "sequential", "p50_ms"), 3),
@@ -692,6 +703,10 @@ def report(S, R, N, t_total, load_before, load_after):
             md.append(f"## HTTP GET no-op (Python class answering \"ok\"), {n} replica{'s' if n > 1 else ''}, "
                       f"concurrency {c}\n")
             md.append(table(wrk_rows(get(S, key, c), get(R, key, c))) + "\n")
+    for c in CONCURRENCIES:
+        md.append(f"## HTTP GET no-op, 1 replica, max_concurrent_queries {WIDE_LIMIT} "
+                  f"(Ray: max_ongoing_requests {WIDE_LIMIT}), concurrency {c}\n")
+        md.append(table(wrk_rows(get(S, "get1_wide", c), get(R, "get1_wide", c))) + "\n")
 
     md.append(f"## HTTP POST of a 10 KiB JSON body, echoed back, concurrency {POST_CONCURRENCY}\n")
     md.append(table(wrk_rows(get(S, "post"), get(R, "post"))) + "\n")

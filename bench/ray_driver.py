@@ -74,8 +74,13 @@ def delete_echo():
     return {}
 
 
-def scale(n):
-    serve.run(serve.deployment(Noop).options(num_replicas=n).bind(), name="noop", route_prefix="/noop")
+def scale(n, limit=None):
+    """n replicas of the no-op; `limit` sets max_ongoing_requests (Serve's
+    max_concurrent_queries)."""
+    options = {"num_replicas": n}
+    if limit:
+        options["max_ongoing_requests"] = limit
+    serve.run(serve.deployment(Noop).options(**options).bind(), name="noop", route_prefix="/noop")
     time.sleep(1.0)
     common.wait_for_200(f"{BASE}/noop")
     return _pids()

@@ -123,8 +123,12 @@ def delete_echo():
     return {}
 
 
-def scale(n):
-    serve.update_backend_config("noop", {"num_replicas": n})
+def scale(n, limit=None):
+    """n replicas of the no-op; `limit` sets max_concurrent_queries."""
+    config = {"num_replicas": n}
+    if limit:
+        config["max_concurrent_queries"] = limit
+    serve.update_backend_config("noop", config)
     deadline = time.monotonic() + 120
     while True:
         running = [r for r in serve.status().get("replicas", [])
