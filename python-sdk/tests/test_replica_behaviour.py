@@ -436,3 +436,37 @@ def test_a_sync_replica_keeps_answering_under_concurrent_load(cluster):
             assert [f.result().text for f in futures] == ["ok"] * 16
             refs = [handle.remote() for _ in range(16)]
             assert [r.result(timeout=30) for r in refs] == ["ok"] * 16
+
+
+class Echo:
+    def __call__(self, request):
+        return {"i": int(request.query_params["i"])}
+
+    def other(self, i):
+        return i
+
+
+def test_every_caller_gets_its_own_reply_whatever_the_reply_batch(cluster):
+    """A drain sends replies in groups of max_concurrent_queries // 8: at 64
+    in eights, so a group can hold replies of different callers and a last
+    group stays partly filled until the drain ends. Each caller must still
+    get its own answer, over HTTP and through a handle, at 64 and, after a
+    reconfigure, at 8 (each reply on its own)."""
+    import concurrent.futures
+
+    import requests as http
+
+    serve.create_backend("echo", Echo, config={"max_concurrent_queries": 64})
+    serve.create_endpoint("echo", backend="echo", route="/echo")
+    handle = serve.get_handle("echo").options(method_name="other")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=24) as pool:
+        for limit in (64, 8):
+            serve.update_backend_config("echo", {"max_concurrent_queries": limit})
+            for round_ in range(5):
+                ids = range(round_ * 100, round_ * 100 + 48)
+                futures = [pool.submit(http.get, f"{cluster.url}/echo", params={"i": i}, timeout=30) for i in ids]
+                refs = [handle.remote(i) for i in ids]
+                assert [f.result().json()["i"] for f in futures] == list(ids)
+                assert [r.result(timeout=30) for r in refs] == list(ids)
+            # A lone request: its group is never full, the drain's end sends it.
+            assert http.get(f"{cluster.url}/echo", params={"i": 7}, timeout=30).json() == {"i": 7}
