@@ -207,6 +207,20 @@ fn lookup_error(req: &hyper::Request<Incoming>, error: LookupError) -> HttpRespo
     }
 }
 
+/// A body declared too large but no larger than this is read and dropped
+/// before the 413 goes out: a client still sending it would otherwise find
+/// the connection reset and never see the answer.
+const OVERSIZE_DRAIN_BYTES: u64 = 1 << 20;
+/// How long that reading may take at most.
+const OVERSIZE_DRAIN_TIME: Duration = Duration::from_secs(1);
+
+async fn discard(mut body: Incoming) {
+    let _ = tokio::time::timeout(OVERSIZE_DRAIN_TIME, async {
+        while let Some(Ok(_)) = body.frame().await {}
+    })
+    .await;
+}
+
 async fn read_body(
     req: hyper::Request<Incoming>,
     limit: usize,
@@ -216,7 +230,10 @@ async fn read_body(
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    if let Some(n) = declared.filter(|&n| n > limit as u64) {
+        if n <= OVERSIZE_DRAIN_BYTES {
+            discard(req.into_body()).await;
+        }
         return Err(errors::body_too_large(limit));
     }
     let (parts, body) = req.into_parts();
