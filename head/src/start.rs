@@ -131,13 +131,17 @@ pub fn run(
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         if args.head {
             run_head(cluster, args, data_dir, location).await
         } else {
             run_node(cluster, args, data_dir).await
         }
-    })
+    });
+    // Dropping a runtime waits for its blocking tasks without end; a
+    // stopping process gives them a moment, no more.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    result
 }
 
 fn parse_positive_secs(s: &str) -> Result<f64, String> {
@@ -530,7 +534,14 @@ async fn run_head(
     }
     // Watch streams of other processes keep the gRPC server open; do not wait long.
     let _ = tokio::time::timeout(Duration::from_secs(1), grpc).await;
-    let _ = raft.shutdown().await;
+    // Bounded: a stop must end even if raft's core is stuck on peers that
+    // are going away at the same moment.
+    if tokio::time::timeout(Duration::from_secs(5), raft.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("raft did not stop within 5 s");
+    }
     Ok(())
 }
 

@@ -14,6 +14,8 @@ use serval_protos::control::{ClusterSnapshot, HeartbeatRequest, RegisterNodeRequ
 use crate::supervisor::{self, ReplicaSpec, SupervisorHandle};
 
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// How long one heartbeat (and the re-registration it may lead to) may take.
+const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(5);
 /// How long a replica that left the routing table keeps serving what
 /// routers already sent it.
 const DRAIN_GRACE: Duration = Duration::from_secs(1);
@@ -127,25 +129,40 @@ impl NodeAgent {
     }
 
     /// Runs until the cluster shuts down or `stop` resolves; every replica is
-    /// stopped before it returns.
+    /// stopped before it returns. `stop` wins at any point, a heartbeat in
+    /// flight included (one to heads that lost their quorum may not answer).
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
+        tokio::select! {
+            _ = stop => {}
+            _ = self.follow() => {}
+        }
+        self.stop_all().await;
+    }
+
+    /// Heartbeats and follows the Watch stream until the cluster shuts down
+    /// or the stream ends.
+    async fn follow(&mut self) {
         let mut watching = self.known_heads.clone();
         let mut snapshots = client::spawn_watch(watching.clone(), self.config.token.clone(), true);
         let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
-        tokio::pin!(stop);
         loop {
             tokio::select! {
-                _ = &mut stop => break,
-                _ = heartbeat.tick() => self.heartbeat().await,
+                _ = heartbeat.tick() => {
+                    // Bounded, so a head that does not answer cannot hold
+                    // back the snapshots below.
+                    if tokio::time::timeout(HEARTBEAT_DEADLINE, self.heartbeat()).await.is_err() {
+                        tracing::debug!("heartbeat timed out");
+                    }
+                }
                 changed = snapshots.changed() => {
-                    if changed.is_err() { break; }
+                    if changed.is_err() { return; }
                     let snapshot = snapshots.borrow_and_update().clone();
                     if let Some(snapshot) = snapshot {
                         if snapshot.shutting_down {
                             tracing::info!("cluster is shutting down");
-                            break;
+                            return;
                         }
-                        self.reconcile(&snapshot).await;
+                        self.reconcile(&snapshot);
                         if self.known_heads != watching {
                             // Watch through every head the cluster names, so
                             // the watch outlives the head this agent was given.
@@ -160,7 +177,6 @@ impl NodeAgent {
                 }
             }
         }
-        self.stop_all().await;
     }
 
     async fn heartbeat(&mut self) {
@@ -208,7 +224,7 @@ impl NodeAgent {
         }
     }
 
-    async fn reconcile(&mut self, snapshot: &ClusterSnapshot) {
+    fn reconcile(&mut self, snapshot: &ClusterSnapshot) {
         self.learn_heads(snapshot);
         let backends: HashMap<&str, _> = snapshot
             .backends

@@ -164,11 +164,34 @@ impl ServeProcess {
                 return;
             }
             if std::time::Instant::now() > deadline {
-                let log = self.log();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
                 panic!(
                     "no '{needle}' in the serve log after 120 s; its end:\n{}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    self.log_tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last `n` lines of the serve log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = self.log();
+        let tail: Vec<&str> = log.lines().rev().take(n).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    /// Waits until the process exits (after a signal), or panics with the
+    /// end of its log after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.guard.child.try_wait() {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!(
+                    "serve did not exit within {timeout:?}; its log ends:\n{}",
+                    self.log_tail(60)
                 );
             }
             std::thread::sleep(Duration::from_millis(50));

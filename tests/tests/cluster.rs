@@ -53,9 +53,7 @@ fn a_restarted_head_brings_back_endpoints_backends_and_replicas() {
         .args(["-TERM", &pid])
         .status()
         .unwrap();
-    wait_for("head exit", Duration::from_secs(60), || {
-        head.guard.child.try_wait().ok().flatten()
-    });
+    head.wait_exit(Duration::from_secs(60));
     drop(head);
 
     let mut head = ServeProcess::start(tmp.path(), control, http, &["--head", "--num-cpus", "4"]);

@@ -402,9 +402,7 @@ fn a_follower_catches_up_and_all_heads_recover_from_disk() {
             .status();
     }
     for h in &mut heads {
-        wait_for("a head to stop", Duration::from_secs(60), || {
-            h.proc.guard.child.try_wait().ok().flatten()
-        });
+        h.proc.wait_exit(Duration::from_secs(60));
     }
     drop(heads);
     // Restarted heads are members already: no --join needed, but harmless.
