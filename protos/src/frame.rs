@@ -146,21 +146,33 @@ fn bincode_config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
-/// Appends one frame carrying `msg` under `id` to `out`.
+/// Room reserved up front for a frame: a small request or reply fits, so
+/// encoding it neither reallocates nor copies.
+const TYPICAL_FRAME: usize = 512;
+
+/// Appends one frame carrying `msg` under `id` to `out`, serialised in
+/// place behind a length prefix filled in afterwards.
 pub fn encode_into<T: Serialize>(
     id: RequestId,
     msg: &T,
     out: &mut BytesMut,
 ) -> Result<(), FrameError> {
-    let body = bincode::serde::encode_to_vec(msg, bincode_config())?;
-    let len = 8 + body.len();
+    let start = out.len();
+    out.reserve(HEADER_LEN + TYPICAL_FRAME);
+    out.put_u32(0);
+    out.put_u64(id);
+    let written =
+        bincode::serde::encode_into_std_write(msg, &mut (&mut *out).writer(), bincode_config());
+    let len = out.len() - start - 4;
+    if let Err(e) = written {
+        out.truncate(start);
+        return Err(e.into());
+    }
     if len > MAX_FRAME_LEN {
+        out.truncate(start);
         return Err(FrameError::TooLarge(len));
     }
-    out.reserve(HEADER_LEN + body.len());
-    out.put_u32(len as u32);
-    out.put_u64(id);
-    out.put_slice(&body);
+    out[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(())
 }
 

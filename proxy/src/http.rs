@@ -24,7 +24,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,14 +70,17 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
                         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
                     }
                     let proxy = proxy.clone();
+                    // Formatted once per connection, copied into each request.
+                    let peer: Arc<str> = client.to_string().into();
                     let service = service_fn(move |req: hyper::Request<Incoming>| {
                         let proxy = proxy.clone();
+                        let peer = peer.clone();
                         async move {
                             // gRPC streams through; HTTP answers are whole.
                             let response = if grpc::is_grpc(&req) {
                                 grpc::handle(&proxy, req).await.map(ResponseBody::Grpc)
                             } else {
-                                handle(&proxy, req, client).await.map(ResponseBody::Http)
+                                handle(&proxy, req, &peer).await.map(ResponseBody::Http)
                             };
                             Ok::<_, Infallible>(response)
                         }
@@ -149,7 +151,7 @@ impl hyper::body::Body for ResponseBody {
     }
 }
 
-async fn handle(proxy: &Proxy, req: hyper::Request<Incoming>, client: SocketAddr) -> HttpResponse {
+async fn handle(proxy: &Proxy, req: hyper::Request<Incoming>, client: &str) -> HttpResponse {
     let started = Instant::now();
     if let Some(response) = builtin::respond(proxy, req.uri().path()) {
         return response;
@@ -167,7 +169,7 @@ async fn handle(proxy: &Proxy, req: hyper::Request<Incoming>, client: SocketAddr
         .await;
     if !routed {
         // A middleware answered (a preflight, a refused host).
-        record(NO_ENDPOINT_LABEL, response.status(), started);
+        record(proxy, NO_ENDPOINT_LABEL, response.status(), started);
     }
     response
 }
@@ -175,7 +177,7 @@ async fn handle(proxy: &Proxy, req: hyper::Request<Incoming>, client: SocketAddr
 async fn route_and_forward(
     proxy: &Proxy,
     req: hyper::Request<Incoming>,
-    client: SocketAddr,
+    client: &str,
     started: Instant,
 ) -> HttpResponse {
     let matched = match proxy
@@ -185,7 +187,7 @@ async fn route_and_forward(
         Ok(m) => m,
         Err(e) => {
             let response = lookup_error(&req, e);
-            record(NO_ENDPOINT_LABEL, response.status(), started);
+            record(proxy, NO_ENDPOINT_LABEL, response.status(), started);
             return response;
         }
     };
@@ -193,7 +195,7 @@ async fn route_and_forward(
         Ok((parts, body)) => forward(proxy, &matched, parts, body, client).await,
         Err(response) => response,
     };
-    record(&matched.endpoint, response.status(), started);
+    record(proxy, &matched.endpoint, response.status(), started);
     response
 }
 
@@ -254,7 +256,7 @@ async fn forward(
     matched: &RouteMatch,
     parts: hyper::http::request::Parts,
     body: Bytes,
-    client: SocketAddr,
+    client: &str,
 ) -> HttpResponse {
     let method_name = parts
         .headers
@@ -282,7 +284,7 @@ async fn forward(
             headers,
             body: body.into(),
             path_params: matched.path_params.clone(),
-            client: client.to_string(),
+            client: client.to_owned(),
         }),
     };
     match proxy.router().call(&matched.endpoint, request).await {
@@ -345,16 +347,8 @@ fn to_http(response: serval_protos::frame::Response) -> HttpResponse {
     out
 }
 
-fn record(endpoint: &str, status: StatusCode, started: Instant) {
-    let class = match status.as_u16() / 100 {
-        1 => "1xx",
-        2 => "2xx",
-        3 => "3xx",
-        4 => "4xx",
-        _ => "5xx",
-    };
-    metrics::counter!(REQUESTS_TOTAL, "endpoint" => endpoint.to_owned(), "status" => class)
-        .increment(1);
-    metrics::histogram!(REQUEST_DURATION_SECONDS, "endpoint" => endpoint.to_owned())
-        .record(started.elapsed().as_secs_f64());
+fn record(proxy: &Proxy, endpoint: &str, status: StatusCode, started: Instant) {
+    proxy
+        .http_metrics
+        .record(endpoint, status.as_u16(), started.elapsed());
 }

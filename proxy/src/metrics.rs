@@ -189,20 +189,7 @@ impl BackendMetrics {
     }
 
     fn counters(&self, endpoint: &str) -> Arc<RequestCounters> {
-        if let Some(c) = self
-            .requests
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(endpoint)
-        {
-            return c.clone();
-        }
-        self.requests
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(endpoint.to_owned())
-            .or_default()
-            .clone()
+        by_endpoint(&self.requests, endpoint, Default::default)
     }
 
     /// Records the batch size a replica reported and removes its header, so
@@ -211,6 +198,63 @@ impl BackendMetrics {
         if let Some(size) = take_batch_size_header(response) {
             self.batch_size.record(size as f64);
         }
+    }
+}
+
+/// The handles kept for one key of a per-endpoint map, made on first use.
+/// Endpoints come from snapshots (and one label for "no endpoint"), so
+/// these maps stay small.
+fn by_endpoint<V>(
+    map: &RwLock<HashMap<String, Arc<V>>>,
+    endpoint: &str,
+    make: impl FnOnce() -> V,
+) -> Arc<V> {
+    if let Some(v) = map.read().unwrap_or_else(|p| p.into_inner()).get(endpoint) {
+        return v.clone();
+    }
+    map.write()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(endpoint.to_owned())
+        .or_insert_with(|| Arc::new(make()))
+        .clone()
+}
+
+/// One endpoint's HTTP request counters by status class (1xx to 5xx, each
+/// registered on first use) and its duration histogram.
+struct EndpointHttpMetrics {
+    by_class: [OnceLock<Counter>; 5],
+    duration: Histogram,
+}
+
+/// The HTTP server's metric handles by endpoint label, kept by the proxy so
+/// a request costs atomic updates instead of a registry lookup with labels.
+#[derive(Default)]
+pub(crate) struct HttpMetrics {
+    endpoints: RwLock<HashMap<String, Arc<EndpointHttpMetrics>>>,
+}
+
+impl HttpMetrics {
+    /// Records one answered HTTP request of `endpoint`.
+    pub(crate) fn record(&self, endpoint: &str, status: u16, elapsed: Duration) {
+        let m = by_endpoint(&self.endpoints, endpoint, || EndpointHttpMetrics {
+            by_class: Default::default(),
+            duration: metrics::histogram!(
+                crate::http::REQUEST_DURATION_SECONDS,
+                "endpoint" => endpoint.to_owned()
+            ),
+        });
+        let class = usize::from(status / 100).clamp(1, 5);
+        m.by_class[class - 1]
+            .get_or_init(|| {
+                const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+                metrics::counter!(
+                    crate::http::REQUESTS_TOTAL,
+                    "endpoint" => endpoint.to_owned(),
+                    "status" => CLASSES[class - 1],
+                )
+            })
+            .increment(1);
+        m.duration.record(elapsed.as_secs_f64());
     }
 }
 

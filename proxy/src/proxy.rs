@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::ProxyConfig;
 use crate::grpc::{GrpcServices, Reflection};
+use crate::metrics::HttpMetrics;
 use crate::middleware::Middlewares;
 use crate::route::RouteTable;
 use crate::router::Router;
@@ -31,6 +32,7 @@ pub struct Proxy {
     pub(crate) max_body_bytes: usize,
     pub(crate) shutdown_grace: Duration,
     pub(crate) metrics: Option<PrometheusHandle>,
+    pub(crate) http_metrics: HttpMetrics,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -60,6 +62,7 @@ impl Proxy {
             max_body_bytes: config.max_body_bytes,
             shutdown_grace: config.shutdown_grace,
             metrics: config.metrics.clone(),
+            http_metrics: HttpMetrics::default(),
         }
     }
 
