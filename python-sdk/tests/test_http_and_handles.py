@@ -400,6 +400,28 @@ def test_sync_handle_rows_of_the_seed_table(cluster):
     assert http("body", data="long string") == {"kind": "web", "value": "long string"}
 
 
+def answer_once_gate_opens(request):
+    """Answers whether the gate file named by the call's argument opened."""
+    return wait_for_file(request.data)
+
+
+def test_result_timeout_leaves_the_call_running_for_a_later_result(cluster, tmp_path):
+    serve.create_backend("gate", answer_once_gate_opens)
+    serve.create_endpoint("gate", backend="gate")
+    handle = serve.get_handle("gate", sync=True)
+    gate = str(tmp_path / "open")
+    future = handle.remote(gate)
+    # The replica waits for the file, so the call cannot finish before it exists.
+    with pytest.raises(TimeoutError):
+        future.result(timeout=0.05)
+    with pytest.raises(TimeoutError):
+        future.result(timeout=0)
+    open(gate, "w").close()
+    # The same future still yields the answer; an infinite timeout waits.
+    assert future.result(timeout=float("inf")) is True
+    assert future.result() is True
+
+
 def test_async_handle_in_asyncio(cluster):
     serve.create_backend("table", table_backend)
     serve.create_endpoint("table", backend="table", route=None)
