@@ -105,6 +105,13 @@ impl AsyncRead for SocketReader {
             let unfilled = buf.initialize_unfilled();
             match guard.try_io(|fd| fd.get_ref().read(unfilled)) {
                 Ok(Ok(n)) => {
+                    // A short read emptied the socket buffer (as tokio's own
+                    // streams assume): wait for the next edge instead of
+                    // paying a read that would only say WouldBlock. Data
+                    // that arrived since is a newer event the clear keeps.
+                    if n > 0 && n < unfilled.len() {
+                        guard.clear_ready();
+                    }
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
