@@ -36,8 +36,10 @@
 //!   .stop_reason -> str | None        why the server stopped, None while running
 //!   .reply_batch -> int (settable)    replies a drain gathers per connection
 //!                                     before writing them (default 1)
-//!   .drain(on_http, on_call, on_reconfigure) -> int
-//!        runs up to max_drain queued requests (the number run):
+//!   .drain(on_http, on_call, on_reconfigure, poll_us=0, ready=None) -> int
+//!        runs up to max_drain queued requests (the number run); with
+//!        poll_us and the loop's ready deque, polls that long for more once
+//!        the queue and `ready` are empty:
 //!        on_http(method_name: str | None, scope: dict, body: bytes, reply)
 //!        on_call(method_name: str | None, args: bytes, http_method: str,
 //!                headers: list[tuple[str, str]], reply)
@@ -225,14 +227,54 @@ impl Outbox {
     }
 }
 
+impl Outbox {
+    /// Sends every partial group now (before the thread waits for more work).
+    fn flush(&self) {
+        OUTBOX.with(|outbox| {
+            for pending in outbox.borrow_mut().iter_mut().flat_map(|s| &mut s.pending) {
+                if !pending.frames.is_empty() {
+                    let _ = pending.tx.send(&pending.frames);
+                    pending.frames.clear();
+                    pending.count = 0;
+                }
+            }
+        });
+    }
+}
+
 impl Drop for Outbox {
     fn drop(&mut self) {
-        let state = OUTBOX.with(|outbox| outbox.borrow_mut().take());
-        for pending in state.into_iter().flat_map(|s| s.pending) {
-            if !pending.frames.is_empty() {
-                let _ = pending.tx.send(&pending.frames);
+        self.flush();
+        OUTBOX.with(|outbox| outbox.borrow_mut().take());
+    }
+}
+
+impl ReplicaServer {
+    /// Polls the queue for up to `budget` (GIL released, yielding the core
+    /// between looks); whether a job is queued. Sleeping in the loop's
+    /// epoll and being woken costs a context switch each way, which on a
+    /// virtual machine is more than a no-op request; under load the next
+    /// request is usually a few microseconds away. While it polls, `pending`
+    /// is held so the I/O thread skips writing the wake socket.
+    fn poll_for_job(&self, py: Python<'_>, budget: Duration) -> bool {
+        self.wake.pending.store(true, Ordering::SeqCst);
+        let (rx, stop) = (&self.rx, &self.stop);
+        let found = py.detach(|| {
+            let until = Instant::now() + budget;
+            loop {
+                if !rx.is_empty() {
+                    return true;
+                }
+                if stop.is_stopped() || Instant::now() >= until {
+                    return false;
+                }
+                std::thread::yield_now();
             }
-        }
+        });
+        // Released before the last look: a job queued after it writes the
+        // wake socket, so the loop cannot sleep through it.
+        self.wake.pending.store(false, Ordering::SeqCst);
+        found || !self.rx.is_empty()
     }
 }
 
@@ -520,24 +562,45 @@ impl ReplicaServer {
     /// Hands up to `max_drain` queued requests to the dispatch callables
     /// (see the module docs); returns how many. Call it when `wake_fd` is
     /// readable: it consumes the wake, and wakes the loop again itself when
-    /// it leaves requests queued.
+    /// it leaves requests queued. With `poll_us` and `ready` (the loop's
+    /// queue of ready callbacks), once the queue is empty and nothing is
+    /// ready on the loop, it polls for more requests that long (GIL
+    /// released) and runs what arrived: see [`ReplicaServer::poll_for_job`].
+    #[pyo3(signature = (on_http, on_call, on_reconfigure, poll_us = 0, ready = None))]
     fn drain(
         &self,
         py: Python<'_>,
         on_http: Bound<'_, PyAny>,
         on_call: Bound<'_, PyAny>,
         on_reconfigure: Bound<'_, PyAny>,
+        poll_us: u64,
+        ready: Option<Bound<'_, PyAny>>,
     ) -> PyResult<usize> {
         self.wake.clear();
         if self.stop.is_stopped() {
             // `shutdown` answers whatever is still queued.
             return Ok(0);
         }
-        let _outbox = Outbox::open(self.reply_batch.load(Ordering::Relaxed));
+        let outbox = Outbox::open(self.reply_batch.load(Ordering::Relaxed));
         let mut ran = 0;
+        // Once per drain, so the loop gets its turn after each batch.
+        let mut poll = Duration::from_micros(poll_us);
         while ran < self.max_drain {
             let Ok(job) = self.rx.try_recv() else {
-                return Ok(ran);
+                // Tasks the requests started (async methods, background
+                // tasks) run on the loop: never keep them waiting.
+                let loop_idle = match &ready {
+                    Some(ready) => ready.len()? == 0,
+                    None => false,
+                };
+                if poll.is_zero() || !loop_idle {
+                    return Ok(ran);
+                }
+                outbox.flush();
+                if !self.poll_for_job(py, std::mem::take(&mut poll)) {
+                    return Ok(ran);
+                }
+                continue;
             };
             ran += 1;
             run_job(py, job, &on_http, &on_call, &on_reconfigure)?;

@@ -470,3 +470,31 @@ def test_every_caller_gets_its_own_reply_whatever_the_reply_batch(cluster):
                 assert [r.result(timeout=30) for r in refs] == list(ids)
             # A lone request: its group is never full, the drain's end sends it.
             assert http.get(f"{cluster.url}/echo", params={"i": 7}, timeout=30).json() == {"i": 7}
+
+
+@pytest.fixture
+def long_poll(monkeypatch):
+    # Replicas poll for the next request up to a minute after each drain,
+    # so whatever waited for a poll to end would miss its 30 s timeout.
+    monkeypatch.setenv("SERVAL_REPLICA_POLL_US", "60000000")
+
+
+async def answer_from_a_task(request):
+    """Answers with what another task on the replica's loop returns."""
+    return await asyncio.get_running_loop().create_task(asyncio.sleep(0, result="from a task"))
+
+
+def test_a_polling_worker_holds_back_no_reply_and_no_task(long_poll, cluster):
+    """After a drain the worker polls for the next request before it sleeps;
+    replies of a part-filled group go out first, and it does not poll while
+    tasks are ready on its loop."""
+    serve.create_backend("echo", Echo, config={"max_concurrent_queries": 64})
+    serve.create_endpoint("echo", backend="echo", route="/echo")
+    serve.create_backend("tasks", answer_from_a_task)
+    serve.create_endpoint("tasks", backend="tasks", route="/tasks")
+    handle = serve.get_handle("tasks")
+    for i in range(3):
+        assert requests.get(f"{cluster.url}/echo", params={"i": i}, timeout=30).json() == {"i": i}
+        r = requests.get(f"{cluster.url}/tasks", timeout=30)
+        assert (r.status_code, r.text) == (200, "from a task")
+        assert handle.remote().result(timeout=30) == "from a task"

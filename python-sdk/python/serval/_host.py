@@ -148,6 +148,20 @@ def check_batch_config(func_or_class: Any, max_batch_size: Optional[int], backen
             "max_batch_size: pass config={'max_batch_size': N}")
 
 
+#: How long a replica's worker polls for the next request before it sleeps
+#: (``SERVAL_REPLICA_POLL_US``; 0 turns polling off).
+DEFAULT_REPLICA_POLL_US = 100
+
+
+def replica_poll_us() -> int:
+    """``SERVAL_REPLICA_POLL_US`` from the environment, else the default."""
+    value = os.environ.get("SERVAL_REPLICA_POLL_US", "")
+    try:
+        return max(0, int(value)) if value.strip() else DEFAULT_REPLICA_POLL_US
+    except ValueError:
+        raise ValueError(f"SERVAL_REPLICA_POLL_US must be a whole number of microseconds, not {value!r}")
+
+
 def default_max_concurrent_queries(func_or_class: Any, max_batch_size: Optional[int]) -> int:
     """Ray Serve 1.x: 2 x max_batch_size with batching, 100 for an async
     backend, 8 for a blocking one."""
@@ -355,6 +369,12 @@ class Host:
         fd = server.wake_fd
         stopped = loop.create_future()
         drain = server.drain
+        # After a drain, with nothing ready on the loop, the worker polls
+        # for the next request this long before it sleeps in epoll (see
+        # ReplicaServer.drain): under load it comes within microseconds,
+        # and a sleep and wake-up cost more than a no-op request.
+        poll_us = replica_poll_us()
+        ready = getattr(loop, "_ready", None)
         on_http, on_call, on_reconfigure = self.on_http, self.on_call, self.on_reconfigure
 
         def on_wake():
@@ -364,7 +384,7 @@ class Host:
             _set_running_loop(None)
             self._loop_cleared = True
             try:
-                drain(on_http, on_call, on_reconfigure)
+                drain(on_http, on_call, on_reconfigure, poll_us, ready)
             finally:
                 self._loop_cleared = False
                 _set_running_loop(loop)
