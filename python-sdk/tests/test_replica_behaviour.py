@@ -498,3 +498,13 @@ def test_a_polling_worker_holds_back_no_reply_and_no_task(long_poll, cluster):
         r = requests.get(f"{cluster.url}/tasks", timeout=30)
         assert (r.status_code, r.text) == (200, "from a task")
         assert handle.remote().result(timeout=30) == "from a task"
+
+
+@pytest.fixture
+def bad_poll(monkeypatch):
+    monkeypatch.setenv("SERVAL_REPLICA_POLL_US", "a while")
+
+
+def test_a_bad_poll_setting_fails_the_deploy_naming_the_variable(bad_poll, cluster):
+    with pytest.raises(ServeError, match="SERVAL_REPLICA_POLL_US must be a whole number of microseconds"):
+        serve.create_backend("echo", Echo)

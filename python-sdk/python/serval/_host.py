@@ -297,6 +297,8 @@ class Host:
         self._admit_scheduled = False
         #: True while a drain runs with the running loop already cleared.
         self._loop_cleared = False
+        #: Read here, so a bad value fails the replica's start, not its worker.
+        self._poll_us = replica_poll_us()
         self._tasks: set = set()
         self._user_config = None
         #: The ReplicaServer while ``serve`` runs.
@@ -373,7 +375,7 @@ class Host:
         # for the next request this long before it sleeps in epoll (see
         # ReplicaServer.drain): under load it comes within microseconds,
         # and a sleep and wake-up cost more than a no-op request.
-        poll_us = replica_poll_us()
+        poll_us = self._poll_us
         ready = getattr(loop, "_ready", None)
         on_http, on_call, on_reconfigure = self.on_http, self.on_call, self.on_reconfigure
 
