@@ -119,15 +119,20 @@ impl Outcome {
         }
     }
 
+    /// The class of an HTTP status, 1xx to 5xx (anything else counts as 5xx).
+    pub(crate) fn of_status(status: u16) -> Self {
+        match status / 100 {
+            1 => Outcome::Informational,
+            2 => Outcome::Success,
+            3 => Outcome::Redirect,
+            4 => Outcome::ClientError,
+            _ => Outcome::ServerError,
+        }
+    }
+
     pub(crate) fn of(result: &Result<Response, RouterError>) -> Self {
         match result {
-            Ok(r) => match r.status / 100 {
-                1 => Outcome::Informational,
-                2 => Outcome::Success,
-                3 => Outcome::Redirect,
-                4 => Outcome::ClientError,
-                _ => Outcome::ServerError,
-            },
+            Ok(r) => Outcome::of_status(r.status),
             Err(RouterError::Backpressure { .. }) => Outcome::Backpressure,
             Err(RouterError::Timeout { .. }) => Outcome::Timeout,
             Err(RouterError::ReplicaDied { .. }) => Outcome::ReplicaDied,
@@ -219,10 +224,10 @@ fn by_endpoint<V>(
         .clone()
 }
 
-/// One endpoint's HTTP request counters by status class (1xx to 5xx, each
-/// registered on first use) and its duration histogram.
+/// One endpoint's HTTP request counters by status class (the 1xx to 5xx
+/// outcomes, each registered on first use) and its duration histogram.
 struct EndpointHttpMetrics {
-    by_class: [OnceLock<Counter>; 5],
+    by_class: RequestCounters,
     duration: Histogram,
 }
 
@@ -243,14 +248,13 @@ impl HttpMetrics {
                 "endpoint" => endpoint.to_owned()
             ),
         });
-        let class = usize::from(status / 100).clamp(1, 5);
-        m.by_class[class - 1]
+        let class = Outcome::of_status(status);
+        m.by_class[class as usize]
             .get_or_init(|| {
-                const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
                 metrics::counter!(
                     crate::http::REQUESTS_TOTAL,
                     "endpoint" => endpoint.to_owned(),
-                    "status" => CLASSES[class - 1],
+                    "status" => class.label(),
                 )
             })
             .increment(1);

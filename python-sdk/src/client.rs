@@ -4,6 +4,7 @@
 //! on pyo3-async-runtimes' tokio runtime, which also bridges futures to
 //! asyncio for `get_handle(sync=False)`.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +22,8 @@ use serval_protos::control::{
 use serval_protos::frame::{CallRequest, LogsRequest, Payload, Request, Response};
 use serval_proxy::{Router, RouterConfig, RouterError};
 use tokio::sync::{oneshot, watch};
+
+use crate::poll::poll_until;
 
 create_exception!(
     _native,
@@ -700,14 +703,13 @@ const RESULT_SPIN: Duration = Duration::from_micros(250);
 /// Threads of this process polling at once; the others park at once, so
 /// a pool of callers never turns into a pool of spinners taking the cores
 /// the runtime needs.
-static SPINNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static SPINNING: AtomicUsize = AtomicUsize::new(0);
 const MAX_SPINNING: usize = 1;
 
 struct SpinSlot;
 
 impl SpinSlot {
     fn take() -> Option<Self> {
-        use std::sync::atomic::Ordering;
         if SPINNING.fetch_add(1, Ordering::AcqRel) < MAX_SPINNING {
             Some(SpinSlot)
         } else {
@@ -719,7 +721,7 @@ impl SpinSlot {
 
 impl Drop for SpinSlot {
     fn drop(&mut self) {
-        SPINNING.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        SPINNING.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -731,16 +733,16 @@ fn spin_for_result(
     limit: Option<Duration>,
 ) -> Option<Outcome> {
     let _slot = SpinSlot::take()?;
-    let until = std::time::Instant::now() + limit.map_or(RESULT_SPIN, |l| l.min(RESULT_SPIN));
-    loop {
+    let mut outcome = None;
+    poll_until(limit.map_or(RESULT_SPIN, |l| l.min(RESULT_SPIN)), || {
         match rx.try_recv() {
-            Ok(outcome) => return Some(outcome),
-            Err(oneshot::error::TryRecvError::Empty) if std::time::Instant::now() < until => {
-                std::thread::yield_now()
-            }
-            Err(_) => return None,
+            Ok(o) => outcome = Some(o),
+            Err(oneshot::error::TryRecvError::Empty) => return false,
+            Err(oneshot::error::TryRecvError::Closed) => {}
         }
-    }
+        true
+    });
+    outcome
 }
 
 /// The `ObjectRef` role: a call in flight.

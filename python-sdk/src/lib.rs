@@ -23,6 +23,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod client;
 mod jobs;
 mod onnx;
+mod poll;
 mod replica;
 
 /// Checks `http_options["middlewares"]` in its JSON form exactly as the

@@ -82,6 +82,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use crate::onnx::OnnxModel;
+use crate::poll::poll_until;
 use serval_node::replica_server::{self, Handler, Reply};
 use serval_onnx::NativeHandler;
 use serval_protos::frame::{
@@ -164,6 +165,17 @@ struct Pending {
     count: usize,
 }
 
+impl Pending {
+    /// Writes the gathered replies, if any, and starts a new group.
+    fn send(&mut self) {
+        if !self.frames.is_empty() {
+            let _ = self.tx.send(&self.frames);
+            self.frames.clear();
+            self.count = 0;
+        }
+    }
+}
+
 /// While a `drain` runs on the Python thread: the replies it produced,
 /// gathered per router connection and sent `reply_batch` at a time (and the
 /// rest when the drain ends), so a drain of N requests costs N / reply_batch
@@ -200,9 +212,7 @@ fn deliver(reply: Reply, response: &Response) {
         pending.frames.extend_from_slice(&bytes);
         pending.count += 1;
         if pending.count >= state.reply_batch {
-            let _ = pending.tx.send(&pending.frames);
-            pending.frames.clear();
-            pending.count = 0;
+            pending.send();
         }
         None
     });
@@ -225,18 +235,12 @@ impl Outbox {
         });
         Outbox
     }
-}
 
-impl Outbox {
     /// Sends every partial group now (before the thread waits for more work).
     fn flush(&self) {
         OUTBOX.with(|outbox| {
             for pending in outbox.borrow_mut().iter_mut().flat_map(|s| &mut s.pending) {
-                if !pending.frames.is_empty() {
-                    let _ = pending.tx.send(&pending.frames);
-                    pending.frames.clear();
-                    pending.count = 0;
-                }
+                pending.send();
             }
         });
     }
@@ -250,31 +254,18 @@ impl Drop for Outbox {
 }
 
 impl ReplicaServer {
-    /// Polls the queue for up to `budget` (GIL released, yielding the core
-    /// between looks); whether a job is queued. Sleeping in the loop's
-    /// epoll and being woken costs a context switch each way, which on a
-    /// virtual machine is more than a no-op request; under load the next
-    /// request is usually a few microseconds away. While it polls, `pending`
-    /// is held so the I/O thread skips writing the wake socket.
+    /// Polls the queue for up to `budget` with the GIL released (under load
+    /// the next request is usually microseconds away: see `poll`); whether
+    /// a job is queued. While it polls, `pending` is held so the I/O thread
+    /// skips writing the wake socket.
     fn poll_for_job(&self, py: Python<'_>, budget: Duration) -> bool {
         self.wake.pending.store(true, Ordering::SeqCst);
         let (rx, stop) = (&self.rx, &self.stop);
-        let found = py.detach(|| {
-            let until = Instant::now() + budget;
-            loop {
-                if !rx.is_empty() {
-                    return true;
-                }
-                if stop.is_stopped() || Instant::now() >= until {
-                    return false;
-                }
-                std::thread::yield_now();
-            }
-        });
+        py.detach(|| poll_until(budget, || !rx.is_empty() || stop.is_stopped()));
         // Released before the last look: a job queued after it writes the
         // wake socket, so the loop cannot sleep through it.
         self.wake.pending.store(false, Ordering::SeqCst);
-        found || !self.rx.is_empty()
+        !self.rx.is_empty()
     }
 }
 
