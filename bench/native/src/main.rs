@@ -2,12 +2,13 @@
 //!
 //! * `serval-bench hyper PORT [WORKERS]`: a bare hyper HTTP/1.1 server
 //!   answering "ok" to everything: the machine's ceiling for an HTTP front door.
-//! * `serval-bench native PORT REPLICAS [WORKERS]`: the Serval proxy
+//! * `serval-bench native PORT REPLICAS [LIMIT] [WORKERS]`: the Serval proxy
 //!   (`serval_proxy::Proxy` + `serval_proxy::serve`, metrics recorder
 //!   installed as in a head) routing `/noop` to REPLICAS native Rust replicas
 //!   (`serval_node::replica_server::serve`, each on its own one-thread
 //!   runtime, over a Unix socket like a same-node replica) whose handler
-//!   answers "ok". The snapshot is built by hand: no controller.
+//!   answers "ok", with `max_concurrent_queries` LIMIT (default 100). The
+//!   snapshot is built by hand: no controller.
 //!
 //! * `serval-bench grpc-load ADDR /pkg.Service/Method CONCURRENCY SECONDS`:
 //!   a gRPC load generator for a unary no-op method (see `grpc_load`).
@@ -32,7 +33,7 @@ use serval_proxy::{Proxy, ProxyConfig};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: serval-bench hyper PORT [WORKERS] | serval-bench native PORT REPLICAS [WORKERS] | serval-bench grpc-load ADDR METHOD CONCURRENCY SECONDS"
+        "usage: serval-bench hyper PORT [WORKERS] | serval-bench native PORT REPLICAS [LIMIT] [WORKERS] | serval-bench grpc-load ADDR METHOD CONCURRENCY SECONDS"
     );
     std::process::exit(2)
 }
@@ -68,9 +69,11 @@ fn main() {
         Some("native") => {
             let port: u16 = arg(&args, 2, None);
             let replicas: usize = arg(&args, 3, Some(1));
+            // max_concurrent_queries per replica: 100, the async default.
+            let limit: u32 = arg(&args, 4, Some(100));
             // As `serve start` does.
-            let workers: usize = arg(&args, 4, Some(serval_protos::default_worker_threads()));
-            native(port, replicas, workers);
+            let workers: usize = arg(&args, 5, Some(serval_protos::default_worker_threads()));
+            native(port, replicas, workers, limit);
         }
         Some("grpc-load") => {
             let addr: String = arg(&args, 2, None);
@@ -124,7 +127,7 @@ impl Handler for OkHandler {
     }
 }
 
-fn native(port: u16, replicas: usize, workers: usize) {
+fn native(port: u16, replicas: usize, workers: usize, limit: u32) {
     let dir = std::env::temp_dir().join(format!("serval-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let mut pbs = Vec::new();
@@ -177,7 +180,7 @@ fn native(port: u16, replicas: usize, workers: usize) {
                 name: "noop".into(),
                 config: Some(BackendConfig {
                     num_replicas: pbs.len() as u32,
-                    max_concurrent_queries: 100,
+                    max_concurrent_queries: limit,
                     ..Default::default()
                 }),
                 state: "running".into(),
