@@ -269,6 +269,14 @@ impl ReplicaServer {
     }
 }
 
+/// Whether the loop's ready queue is known and empty.
+fn loop_is_idle(ready: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
+    match ready {
+        Some(ready) => Ok(ready.len()? == 0),
+        None => Ok(false),
+    }
+}
+
 /// Queues every request for the Python thread.
 struct QueueHandler {
     tx: Sender<Job>,
@@ -579,12 +587,9 @@ impl ReplicaServer {
         while ran < self.max_drain {
             let Ok(job) = self.rx.try_recv() else {
                 // Tasks the requests started (async methods, background
-                // tasks) run on the loop: never keep them waiting.
-                let loop_idle = match &ready {
-                    Some(ready) => ready.len()? == 0,
-                    None => false,
-                };
-                if poll.is_zero() || !loop_idle {
+                // tasks) run on the loop: never keep them waiting. Asked
+                // only while the poll is still to come.
+                if poll.is_zero() || !loop_is_idle(ready.as_ref())? {
                     return Ok(ran);
                 }
                 outbox.flush();

@@ -46,14 +46,20 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    poll_for(timeout, f).unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
+}
+
+/// Calls `f` every 50 ms until it returns a value; `None` once `timeout`
+/// has passed without one.
+pub fn poll_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
-            return v;
+            return Some(v);
         }
         if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            return None;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -155,21 +161,17 @@ impl ServeProcess {
     /// Waits until the log contains `needle` (the process prints its
     /// addresses once it serves).
     pub fn wait_log(&mut self, needle: &str) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        loop {
+        let found = poll_for(Duration::from_secs(120), || {
             if let Ok(Some(status)) = self.guard.child.try_wait() {
                 panic!("serve exited ({status}) before '{needle}':\n{}", self.log());
             }
-            if self.log().contains(needle) {
-                return;
-            }
-            if std::time::Instant::now() > deadline {
-                panic!(
-                    "no '{needle}' in the serve log after 120 s; its end:\n{}",
-                    self.log_tail(40)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
+            self.log().contains(needle).then_some(())
+        });
+        if found.is_none() {
+            panic!(
+                "no '{needle}' in the serve log after 120 s; its end:\n{}",
+                self.log_tail(40)
+            );
         }
     }
 
@@ -183,19 +185,13 @@ impl ServeProcess {
     /// Waits until the process exits (after a signal), or panics with the
     /// end of its log after `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = self.guard.child.try_wait() {
-                return status;
-            }
-            if std::time::Instant::now() > deadline {
-                panic!(
-                    "serve did not exit within {timeout:?}; its log ends:\n{}",
-                    self.log_tail(60)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let child = &mut self.guard.child;
+        poll_for(timeout, || child.try_wait().ok().flatten()).unwrap_or_else(|| {
+            panic!(
+                "serve did not exit within {timeout:?}; its log ends:\n{}",
+                self.log_tail(60)
+            )
+        })
     }
 
     pub fn control_address(&self) -> String {
