@@ -660,7 +660,7 @@ def report(S, R, N, t_total, load_before, load_after):
     md.append("## Machine\n")
     md.append(table(machine_facts(S, R), header=("", "")) + "\n")
     md.append("Configuration: Serval head with `SERVAL_NUM_CPUS=4` and its defaults (tokio workers: half the cores, at least 1; "
-              "sync backends get `max_concurrent_queries` 8, as in Ray Serve 1.0 and 1.1, whose API Serval follows (from 1.2 on Ray gave every backend 100); the \"limit 100\" scenario sets it "
+              "sync backends get `max_concurrent_queries` 8, as in Ray Serve 1.0 to 1.2, whose API Serval follows (Ray gave every backend 100 once it dropped batching from the backend config, April 2021); the \"limit 100\" scenario sets it "
               "to 100, the async default, and Ray's `max_ongoing_requests` likewise); Ray with `ray.init(num_cpus=2)` and Serve's "
               "defaults (`max_ongoing_requests` 5 in current Ray) except `RAY_worker_niceness=0` (Ray starts its "
               "workers, Serve's replicas among them, at nice 15: on a machine shared with other work that "

@@ -83,7 +83,7 @@ class BatchResultError(ValueError):
     """An ``@serve.accept_batch`` method did not return one result per request."""
 
 
-#: Ray Serve 1.x defaults for ``max_concurrent_queries`` when the user sets none.
+#: Ray Serve 1.0-1.2 defaults for ``max_concurrent_queries`` when the user sets none.
 DEFAULT_MAX_CONCURRENT_QUERIES_BLOCKING = 8
 DEFAULT_MAX_CONCURRENT_QUERIES_ASYNC = 100
 
@@ -163,7 +163,7 @@ def replica_poll_us() -> int:
 
 
 def default_max_concurrent_queries(func_or_class: Any, max_batch_size: Optional[int]) -> int:
-    """Ray Serve 1.x: 2 x max_batch_size with batching, 100 for an async
+    """Ray Serve 1.0-1.2: 2 x max_batch_size with batching, 100 for an async
     backend, 8 for a blocking one."""
     if max_batch_size:
         return 2 * int(max_batch_size)
