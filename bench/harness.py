@@ -714,6 +714,8 @@ def report(S, R, N, t_total, load_before, load_after):
     md.append(table(wrk_rows(get(S, "post"), get(R, "post"))) + "\n")
 
     md.append(f"## ServeHandle from a Python driver ({SEQ_CALLS:,} sequential calls; {CONC_CALLS:,} concurrent)\n")
+    md.append("Each sequential series follows a warm-up of at least 50 calls and half a second, so it does not "
+              "start while the machine still settles from the HTTP load before it.\n")
     rows = []
     for k, label in (("sequential", "`handle.remote().result()`"),
                      ("method", "`handle.options(method_name=\"other\").remote(1)`")):
