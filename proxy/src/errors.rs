@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::StatusCode;
 
 use crate::router::RouterError;
@@ -44,11 +44,21 @@ pub(crate) fn method_not_allowed(method: &str, path: &str, allow: &[String]) -> 
     response
 }
 
-pub(crate) fn body_too_large(limit: usize) -> HttpResponse {
-    json_error(
+/// `body_read`: whether the whole body was read (and dropped). When it was
+/// not, the connection cannot carry another request, so the answer says
+/// `Connection: close`: a client that reused it would find it closed while
+/// it writes its next request.
+pub(crate) fn body_too_large(limit: usize, body_read: bool) -> HttpResponse {
+    let mut response = json_error(
         StatusCode::PAYLOAD_TOO_LARGE,
         &format!("request body exceeds the {limit} byte limit"),
-    )
+    );
+    if !body_read {
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 pub(crate) fn from_router_error(error: &RouterError) -> HttpResponse {

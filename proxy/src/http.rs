@@ -216,11 +216,19 @@ const OVERSIZE_DRAIN_BYTES: u64 = 1 << 20;
 /// How long that reading may take at most.
 const OVERSIZE_DRAIN_TIME: Duration = Duration::from_secs(1);
 
-async fn discard(mut body: Incoming) {
-    let _ = tokio::time::timeout(OVERSIZE_DRAIN_TIME, async {
-        while let Some(Ok(_)) = body.frame().await {}
+/// Reads and drops `body`; whether it reached its end in time.
+async fn discard(mut body: Incoming) -> bool {
+    tokio::time::timeout(OVERSIZE_DRAIN_TIME, async {
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => {}
+                Some(Err(_)) => return false,
+                None => return true,
+            }
+        }
     })
-    .await;
+    .await
+    .unwrap_or(false)
 }
 
 async fn read_body(
@@ -233,16 +241,15 @@ async fn read_body(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if let Some(n) = declared.filter(|&n| n > limit as u64) {
-        if n <= OVERSIZE_DRAIN_BYTES {
-            discard(req.into_body()).await;
-        }
-        return Err(errors::body_too_large(limit));
+        let body_read = n <= OVERSIZE_DRAIN_BYTES && discard(req.into_body()).await;
+        return Err(errors::body_too_large(limit, body_read));
     }
     let (parts, body) = req.into_parts();
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok((parts, collected.to_bytes())),
+        // The limit stopped the reading: the rest of the stream is unread.
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(errors::body_too_large(limit))
+            Err(errors::body_too_large(limit, false))
         }
         Err(e) => Err(errors::json_error(
             StatusCode::BAD_REQUEST,
