@@ -354,14 +354,18 @@ fn install_metrics(
 ) -> anyhow::Result<Option<metrics_exporter_prometheus::PrometheusHandle>> {
     let builder = serval_proxy::metrics::prometheus_builder();
     let handle = match args.metrics_port {
-        None => builder.install_recorder().ok(),
+        None => Some(
+            serval_proxy::metrics::install(builder).context("installing the metrics recorder")?,
+        ),
         Some(port) => {
             let host = args.metrics_host.as_str();
             let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
                 .with_context(|| format!("resolving --metrics-host {host}"))?
                 .next()
                 .with_context(|| format!("--metrics-host {host} resolves to no address"))?;
+            // The exporter's own upkeep task drains histograms here.
             let (recorder, exporter) = builder
+                .upkeep_timeout(serval_proxy::metrics::UPKEEP_INTERVAL)
                 .with_http_listener(addr)
                 .build()
                 .with_context(|| format!("serving metrics on {addr}"))?;

@@ -165,9 +165,7 @@ fn native(port: u16, replicas: usize, workers: usize, limit: u32) {
     }
 
     runtime(workers).block_on(async move {
-        let recorder = serval_proxy::metrics::prometheus_builder()
-            .install_recorder()
-            .ok();
+        let recorder = serval_proxy::metrics::install(serval_proxy::metrics::prometheus_builder()).ok();
         serval_proxy::metrics::describe();
         let config = ProxyConfig {
             metrics: recorder,
