@@ -7,11 +7,13 @@
 //!   handle) and a replica: `[u32 len][u64 request id][bincode body]`;
 //!   [`frame_socket`] carries it over a Unix or TCP socket.
 //! - [`blob`]: the digest and size limits of content-addressed blobs.
+//! - [`auth`]: the cluster token and the credentials derived from it.
 #![forbid(unsafe_code)]
 
 pub mod control {
     tonic::include_proto!("serval.control");
 }
+pub mod auth;
 pub mod blob;
 pub mod client;
 pub mod frame;

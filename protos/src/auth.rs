@@ -1,0 +1,146 @@
+//! Cluster credentials: the cluster token and the keys derived from it.
+//!
+//! The cluster token is the admin credential: whoever holds it may do
+//! anything. Every narrower credential is derived from it with
+//! HMAC-SHA256 under a fixed purpose label ([`derive`]), so a holder of the
+//! token can compute them all, and a holder of a derived key can compute
+//! neither the token nor a key of another purpose. The purposes are the
+//! constants below; a new one is a new label, never a reused one.
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+/// The shortest cluster token accepted: 16 characters. The tokens Serval
+/// creates are 32 hex characters (128 random bits).
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// The data plane: routers (proxies, handles) prove with this key that they
+/// belong to the cluster before a replica decodes a frame.
+pub const PURPOSE_DATA_PLANE: &str = "serval data plane v1";
+/// The node agent's credential towards its replicas (`Reconfigure`, `Logs`).
+/// A replica is given only its own key, `derive(agent key, replica id)`,
+/// so no replica can speak as the agent to another.
+pub const PURPOSE_AGENT: &str = "serval node agent v1";
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The 32-byte key for `purpose`, derived from `secret`.
+pub fn derive(secret: &[u8], purpose: &str) -> [u8; 32] {
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes a key of any length");
+    mac.update(purpose.as_bytes());
+    mac.finalize().into_bytes().into()
+}
+
+/// [`derive`] as lowercase hex, for credentials that travel as text
+/// (environment variables, gRPC metadata).
+pub fn derive_hex(secret: &[u8], purpose: &str) -> String {
+    hex(&derive(secret, purpose))
+}
+
+/// HMAC-SHA256 of `message` under `key`.
+pub fn mac(key: &[u8], message: &[u8]) -> [u8; 32] {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes a key of any length");
+    mac.update(message);
+    mac.finalize().into_bytes().into()
+}
+
+/// Whether `a` and `b` are equal, in time that depends only on their
+/// lengths (never on where they first differ).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    out
+}
+
+/// Parses lowercase or uppercase hex; `None` for anything else.
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    text.as_bytes()
+        .chunks(2)
+        .map(|pair| {
+            let digit = |c: u8| (c as char).to_digit(16);
+            Some((digit(pair[0])? * 16 + digit(pair[1])?) as u8)
+        })
+        .collect()
+}
+
+/// Why a token is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the cluster token is empty")]
+    Empty,
+    #[error("the cluster token is {0} characters; at least {MIN_TOKEN_LEN} are needed")]
+    TooShort(usize),
+    #[error("the cluster token contains whitespace or control characters")]
+    BadCharacters,
+}
+
+/// Checks that `token` may be a cluster token: long enough, and printable
+/// without spaces (it travels in gRPC metadata and files).
+pub fn validate_token(token: &str) -> Result<(), TokenError> {
+    if token.is_empty() {
+        return Err(TokenError::Empty);
+    }
+    if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(TokenError::BadCharacters);
+    }
+    let len = token.chars().count();
+    if len < MIN_TOKEN_LEN {
+        return Err(TokenError::TooShort(len));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_keys_differ_by_purpose_and_secret() {
+        let a = derive(b"0123456789abcdef", PURPOSE_DATA_PLANE);
+        assert_eq!(a, derive(b"0123456789abcdef", PURPOSE_DATA_PLANE));
+        assert_ne!(a, derive(b"0123456789abcdef", PURPOSE_AGENT));
+        assert_ne!(a, derive(b"0123456789abcdeg", PURPOSE_DATA_PLANE));
+        // RFC 4231 test case 2: the HMAC is the standard one.
+        assert_eq!(
+            hex(&mac(b"Jefe", b"what do ya want for nothing?")),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn hex_round_trips_and_rejects_junk() {
+        assert_eq!(
+            unhex(&hex(&[0, 1, 0xab, 0xff])),
+            Some(vec![0, 1, 0xab, 0xff])
+        );
+        assert_eq!(unhex("ABff"), Some(vec![0xab, 0xff]));
+        assert_eq!(unhex("abc"), None);
+        assert_eq!(unhex("zz"), None);
+    }
+
+    #[test]
+    fn tokens_are_checked() {
+        assert_eq!(validate_token(""), Err(TokenError::Empty));
+        assert_eq!(validate_token("short"), Err(TokenError::TooShort(5)));
+        assert_eq!(
+            validate_token("0123456789 abcdef"),
+            Err(TokenError::BadCharacters)
+        );
+        assert!(validate_token("0123456789abcdef").is_ok());
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}
