@@ -261,7 +261,28 @@ fn agent_config(
             .unwrap_or_else(serval_node::agent::detect_gpus),
         is_head,
         http_address: http_address.to_string(),
-        tcp_host: args.control_host.clone(),
+        tcp_host: replica_bind_host(args),
+    }
+}
+
+/// The host this node's replicas bind: the control host, except that a head
+/// bound to the unspecified address with an `--advertise-address` uses the
+/// advertised host (the agent finds a routed address otherwise).
+fn replica_bind_host(args: &StartArgs) -> String {
+    let unspecified = args
+        .control_host
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_unspecified());
+    match &args.advertise_address {
+        Some(addr) if unspecified => addr
+            .rsplit_once(':')
+            .map(|(host, _)| {
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string()
+            })
+            .unwrap_or_else(|| args.control_host.clone()),
+        _ => args.control_host.clone(),
     }
 }
 

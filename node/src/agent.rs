@@ -65,11 +65,19 @@ pub struct NodeAgent {
 impl NodeAgent {
     /// Connects and registers, retrying until `deadline` (the controller may
     /// still be starting).
-    pub async fn register(config: AgentConfig, deadline: Duration) -> Result<Self, AgentError> {
+    pub async fn register(mut config: AgentConfig, deadline: Duration) -> Result<Self, AgentError> {
         std::fs::create_dir_all(&config.data_dir).map_err(|source| AgentError::Io {
             path: config.data_dir.display().to_string(),
             source,
         })?;
+        // Replica sockets: in a directory only this user may enter, checked
+        // now so a squatted one fails the start instead of each replica.
+        let sockets = socket_dir(&config.data_dir);
+        serval_protos::private_dir::ensure(&sockets).map_err(|source| AgentError::Io {
+            path: sockets.display().to_string(),
+            source,
+        })?;
+        config.tcp_host = replica_host(&config.tcp_host, &config.control_addr);
         let client = client::connect_lazy(&config.control_addr, &config.token)?;
         let id_file = config.data_dir.join("node_id");
         let known_id = std::fs::read_to_string(&id_file)
@@ -298,9 +306,6 @@ impl NodeAgent {
     }
 }
 
-/// Where replica sockets live: under the data dir, unless that path is too
-/// long for a Unix socket address (108 bytes on Linux), then in a short
-/// directory under the temp dir named after the data dir.
 /// This node's proxy, else a head's, else any live node's; empty when the
 /// cluster runs no proxy (`NoServer`). Replicas reach other APIs through it.
 fn nearest_proxy(own: &str, snapshot: &ClusterSnapshot) -> String {
@@ -316,6 +321,46 @@ fn nearest_proxy(own: &str, snapshot: &ClusterSnapshot) -> String {
         .unwrap_or_default()
 }
 
+/// The host replicas bind (and so advertise) for routers on other nodes:
+/// the configured one, unless it is the unspecified address (0.0.0.0, ::),
+/// which no other machine can dial; then this machine's address on its
+/// route to the controller.
+fn replica_host(configured: &str, control_addr: &str) -> String {
+    match configured.parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.is_unspecified() => {}
+        _ => return configured.to_string(),
+    }
+    let head = control_addr.split(',').next().unwrap_or_default().trim();
+    let routed = (|| {
+        use std::net::ToSocketAddrs;
+        let target = head.to_socket_addrs().ok()?.next()?;
+        let any = if target.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        // Connecting a UDP socket sends nothing; it only picks the route.
+        let probe = std::net::UdpSocket::bind(any).ok()?;
+        probe.connect(target).ok()?;
+        let local = probe.local_addr().ok()?.ip();
+        (!local.is_unspecified()).then_some(local)
+    })();
+    match routed {
+        Some(ip) => {
+            tracing::info!(%ip, "replicas bind this node's address on its route to the controller");
+            ip.to_string()
+        }
+        None => {
+            tracing::warn!(controller = %head, "no route to the controller found; replicas bind 127.0.0.1 (this machine only)");
+            "127.0.0.1".to_string()
+        }
+    }
+}
+
+/// Where replica sockets live: under the data dir, unless that path is too
+/// long for a Unix socket address (108 bytes on Linux), then in a short
+/// directory under the temp dir named after the data dir (predictable, so
+/// checked by [`serval_protos::private_dir::ensure`] before use).
 fn socket_dir(data_dir: &std::path::Path) -> PathBuf {
     const MAX_DIR_LEN: usize = 80;
     let dir = data_dir.join("sockets");
@@ -362,6 +407,23 @@ fn hostname() -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn replicas_never_bind_the_unspecified_address() {
+        assert_eq!(super::replica_host("10.1.2.3", "10.0.0.1:6390"), "10.1.2.3");
+        assert_eq!(super::replica_host("node-a", "10.0.0.1:6390"), "node-a");
+        // A head on this machine: the route to it is the loopback.
+        assert_eq!(
+            super::replica_host("0.0.0.0", "127.0.0.1:6390"),
+            "127.0.0.1"
+        );
+        assert_eq!(super::replica_host("::", "[::1]:6390,h2:1"), "::1");
+        // No route: this machine only, never the unspecified address.
+        assert_eq!(
+            super::replica_host("0.0.0.0", "not an address"),
+            "127.0.0.1"
+        );
+    }
+
     #[test]
     fn socket_paths_stay_short_enough_for_unix_sockets() {
         let short = std::path::Path::new("/tmp/sv-abc");

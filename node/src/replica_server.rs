@@ -1,7 +1,9 @@
 //! The replica side of the data plane: accepts router connections on a Unix
-//! socket (same node) and a TCP port (other nodes), reads request frames and
-//! hands each to a [`Handler`], which answers through a [`Reply`] from any
-//! thread. Python replicas implement [`Handler`] in python-sdk by queueing to
+//! socket (same node) and a TCP port (other nodes), has each peer prove it
+//! belongs to the cluster ([`serval_protos::handshake`]) before it reads a
+//! frame, then reads request frames and hands each to a [`Handler`], which
+//! answers through a [`Reply`] from any thread. `Reconfigure` and `Logs`
+//! are answered only on a connection that proved the agent's key. Python replicas implement [`Handler`] in python-sdk by queueing to
 //! their one Python thread; [`EchoHandler`] is the native Rust kind used by
 //! tests and benchmarks.
 
@@ -17,8 +19,16 @@ use serval_protos::frame::{
     LOG_SIZE_HEADER, MAX_LOGS_CHUNK,
 };
 use serval_protos::frame_socket::{self, FrameSender};
+use serval_protos::handshake::{self, Credential, ReplicaKeys, Role};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+
+/// Connections one replica serves at once, handshakes included; beyond it
+/// a new connection is closed at once. A router keeps one connection per
+/// replica, so this is the number of proxies and handle processes a
+/// replica can serve.
+pub const MAX_CONNECTIONS: usize = 1024;
 
 /// Answers one request. Dropping a `Reply` without sending leaves the router
 /// to time out, so every path must send.
@@ -121,27 +131,26 @@ fn ok_pong() -> Response {
     }
 }
 
-/// Serves connections from `unix` and `tcp` until `shutdown` resolves.
+/// Serves connections from `unix` and `tcp` until `shutdown` resolves. Each
+/// connection first passes the handshake with `keys`.
 pub async fn serve(
     unix: Option<UnixListener>,
     tcp: Option<TcpListener>,
+    keys: ReplicaKeys,
     handler: Arc<dyn Handler>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let unix_loop = {
         let handler = handler.clone();
+        let slots = slots.clone();
         async move {
             let Some(listener) = unix else {
                 return std::future::pending().await;
             };
             loop {
                 match listener.accept().await {
-                    Ok((stream, _)) => match stream.into_std() {
-                        Ok(stream) => {
-                            tokio::spawn(serve_connection(stream.into(), handler.clone()));
-                        }
-                        Err(e) => tracing::warn!(error = %e, "unix accept failed"),
-                    },
+                    Ok((stream, _)) => admit(stream, keys, handler.clone(), &slots),
                     Err(e) => tracing::warn!(error = %e, "unix accept failed"),
                 }
             }
@@ -155,12 +164,7 @@ pub async fn serve(
             match listener.accept().await {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    match stream.into_std() {
-                        Ok(stream) => {
-                            tokio::spawn(serve_connection(stream.into(), handler.clone()));
-                        }
-                        Err(e) => tracing::warn!(error = %e, "tcp accept failed"),
-                    }
+                    admit(stream, keys, handler.clone(), &slots);
                 }
                 Err(e) => tracing::warn!(error = %e, "tcp accept failed"),
             }
@@ -173,18 +177,70 @@ pub async fn serve(
     }
 }
 
-/// Binds the Unix socket at `path`, replacing a stale file from a dead replica.
-pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
-    if path.exists() {
-        std::fs::remove_file(path)?;
+/// A socket the replica may serve: Unix or TCP, turned into a plain
+/// descriptor for the frame socket once the handshake passed.
+trait Accepted: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    fn into_fd(self) -> std::io::Result<OwnedFd>;
+}
+
+impl Accepted for tokio::net::UnixStream {
+    fn into_fd(self) -> std::io::Result<OwnedFd> {
+        Ok(self.into_std()?.into())
     }
+}
+
+impl Accepted for tokio::net::TcpStream {
+    fn into_fd(self) -> std::io::Result<OwnedFd> {
+        Ok(self.into_std()?.into())
+    }
+}
+
+/// Takes a connection slot (or closes the connection when none is free),
+/// then runs the handshake and serves the connection on its own task.
+fn admit<S: Accepted>(
+    mut stream: S,
+    keys: ReplicaKeys,
+    handler: Arc<dyn Handler>,
+    slots: &Arc<Semaphore>,
+) {
+    let Ok(slot) = slots.clone().try_acquire_owned() else {
+        tracing::warn!(
+            limit = MAX_CONNECTIONS,
+            "connection limit reached; closing a new connection"
+        );
+        return;
+    };
+    tokio::spawn(async move {
+        let _slot = slot;
+        let role = match handshake::accept(&mut stream, &keys).await {
+            Ok(role) => role,
+            Err(e) => {
+                tracing::warn!(error = %e, "refused a data-plane connection");
+                return;
+            }
+        };
+        match stream.into_fd() {
+            Ok(fd) => serve_connection(fd, handler, role).await,
+            Err(e) => tracing::warn!(error = %e, "cannot serve a router connection"),
+        }
+    });
+}
+
+/// Binds the Unix socket at `path`, in a directory only this user may enter
+/// (created 0700, or checked: see [`serval_protos::private_dir`]),
+/// replacing a stale file from a dead replica.
+pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        serval_protos::private_dir::ensure(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
     }
     UnixListener::bind(path)
 }
 
-async fn serve_connection(socket: OwnedFd, handler: Arc<dyn Handler>) {
+async fn serve_connection(socket: OwnedFd, handler: Arc<dyn Handler>, role: Role) {
     let (mut reader, tx, _writer) = match frame_socket::open(socket) {
         Ok(parts) => parts,
         Err(e) => {
@@ -201,6 +257,13 @@ async fn serve_connection(socket: OwnedFd, handler: Arc<dyn Handler>) {
                         payload: Payload::Ping,
                         ..
                     }) => reply.send(&ok_pong()),
+                    Ok(Request {
+                        payload: Payload::Logs(_) | Payload::Reconfigure(_),
+                        ..
+                    }) if role != Role::Agent => reply.send(&text_response(
+                        403,
+                        "reconfiguring a replica and reading its log need its node agent's credential".into(),
+                    )),
                     // On its own task: the file read must not hold up the
                     // frames behind it, and never waits for user code.
                     Ok(Request {
@@ -321,6 +384,8 @@ pub enum FetchLogsError {
     Refused { status: u16, message: String },
     #[error("the replica's answer has no valid {LOG_SIZE_HEADER} header")]
     NoSize,
+    #[error("replica handshake: {0}")]
+    Handshake(#[from] handshake::HandshakeError),
 }
 
 /// Reads one chunk of a replica's log over a one-shot frame connection:
@@ -329,13 +394,14 @@ pub enum FetchLogsError {
 pub async fn fetch_logs(
     unix_path: &str,
     tcp_addr: &str,
+    credential: &Credential,
     request: LogsRequest,
     timeout: Duration,
 ) -> Result<LogChunk, FetchLogsError> {
     let exchange = async {
         if !unix_path.is_empty() && Path::new(unix_path).exists() {
             match tokio::net::UnixStream::connect(unix_path).await {
-                Ok(stream) => return exchange_logs(stream, request).await,
+                Ok(stream) => return exchange_logs(stream, credential, request).await,
                 Err(e) if tcp_addr.is_empty() => {
                     return Err(FetchLogsError::Connect(format!("unix {unix_path}: {e}")))
                 }
@@ -350,19 +416,24 @@ pub async fn fetch_logs(
         let stream = tokio::net::TcpStream::connect(tcp_addr)
             .await
             .map_err(|e| FetchLogsError::Connect(format!("tcp {tcp_addr}: {e}")))?;
-        exchange_logs(stream, request).await
+        exchange_logs(stream, credential, request).await
     };
     tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| FetchLogsError::Timeout(timeout))?
 }
 
-/// One request frame out, one answer frame back.
-async fn exchange_logs<S>(stream: S, request: LogsRequest) -> Result<LogChunk, FetchLogsError>
+/// The handshake, one request frame out, one answer frame back.
+async fn exchange_logs<S>(
+    mut stream: S,
+    credential: &Credential,
+    request: LogsRequest,
+) -> Result<LogChunk, FetchLogsError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     const ID: RequestId = 1;
+    handshake::connect(&mut stream, credential).await?;
     let (read, mut write) = tokio::io::split(stream);
     let frame = frame::encode(
         ID,
@@ -399,6 +470,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serval_protos::handshake::Key;
 
     fn logs(offset: u64, max_bytes: u32) -> LogsRequest {
         LogsRequest { offset, max_bytes }
@@ -468,20 +540,42 @@ mod tests {
         }
     }
 
+    const TOKEN: &str = "replica-server-test-token";
+
+    fn keys() -> ReplicaKeys {
+        ReplicaKeys {
+            data: Key::data_plane(TOKEN),
+            agent: Key::replica_agent(&Key::agents(TOKEN), "r1"),
+        }
+    }
+
+    fn agent() -> Credential {
+        Credential {
+            role: Role::Agent,
+            key: keys().agent,
+        }
+    }
+
     #[tokio::test]
     async fn logs_are_answered_over_the_frames_without_the_handler() {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("r.sock");
         let unix = bind_unix(&socket).unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(Some(unix), None, Arc::new(NoHandler), async {
-            let _ = stopped.await;
-        }));
+        let server = tokio::spawn(serve(
+            Some(unix),
+            None,
+            keys(),
+            Arc::new(NoHandler),
+            async {
+                let _ = stopped.await;
+            },
+        ));
         let socket = socket.to_str().unwrap();
         let timeout = Duration::from_secs(10);
         // The test binary's stderr may be a file, a pipe or a terminal:
         // compare with what this process reads from its own fd 2.
-        let answer = fetch_logs(socket, "", logs(0, 16), timeout).await;
+        let answer = fetch_logs(socket, "", &agent(), logs(0, 16), timeout).await;
         match read_log_chunk(Path::new(OWN_STDERR), logs(0, 16)) {
             Ok((bytes, _)) => assert_eq!(answer.unwrap().bytes, bytes),
             Err(LogReadError::NotAFile) => match answer {
@@ -495,11 +589,97 @@ mod tests {
         }
         // No socket file here and no TCP address: a clear connect error.
         let missing = dir.path().join("gone.sock");
-        let err = fetch_logs(missing.to_str().unwrap(), "", logs(0, 1), timeout)
+        let err = fetch_logs(missing.to_str().unwrap(), "", &agent(), logs(0, 1), timeout)
             .await
             .unwrap_err();
         assert!(matches!(err, FetchLogsError::Connect(_)), "{err}");
+        // A router's credential is a data-plane member, not the agent.
+        let router = Credential {
+            role: Role::Router,
+            key: keys().data,
+        };
+        match fetch_logs(socket, "", &router, logs(0, 16), timeout).await {
+            Err(FetchLogsError::Refused { status: 403, .. }) => {}
+            other => panic!("expected a 403, got {other:?}"),
+        }
         let _ = stop.send(());
         server.await.unwrap();
     }
+
+    #[tokio::test]
+    async fn a_peer_without_the_key_gets_nothing_decoded() {
+        use tokio::io::AsyncReadExt;
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("r.sock");
+        let unix = bind_unix(&socket).unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp_addr = tcp.local_addr().unwrap().to_string();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // The handler panics if any request reaches it.
+        let server = tokio::spawn(serve(
+            Some(unix),
+            Some(tcp),
+            keys(),
+            Arc::new(NoHandler),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let frame = frame::encode(
+            1,
+            &Request {
+                method_name: None,
+                payload: Payload::Call(frame::CallRequest {
+                    args: b"not a pickle the replica should ever see".to_vec(),
+                    ..Default::default()
+                }),
+            },
+        )
+        .unwrap();
+        // Frames sent straight away, on both listeners: closed unanswered.
+        let unix_stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        let tcp_stream = tokio::net::TcpStream::connect(&tcp_addr).await.unwrap();
+        for mut stream in [
+            Box::new(unix_stream) as Box<dyn Stream>,
+            Box::new(tcp_stream) as Box<dyn Stream>,
+        ] {
+            // Exactly a proof's length, so no unread bytes make TCP reset
+            // the connection before the challenge is read.
+            let mut bytes = frame.to_vec();
+            bytes.resize(70, 0);
+            stream.write_all(&bytes).await.unwrap();
+            let mut got = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut got));
+            // Only the replica's 37-byte challenge came back, then the end.
+            read.await.expect("the replica closes the connection").ok();
+            assert_eq!(got.len(), 37, "{got:?}");
+            assert_eq!(&got[..4], b"SRVL");
+        }
+        // Another cluster's key: refused, nothing decoded.
+        let stranger = Credential {
+            role: Role::Router,
+            key: Key::data_plane("another-cluster-token"),
+        };
+        let err = fetch_logs(
+            socket.to_str().unwrap(),
+            "",
+            &stranger,
+            logs(0, 1),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FetchLogsError::Handshake(handshake::HandshakeError::Refused)
+            ),
+            "{err}"
+        );
+        let _ = stop.send(());
+        server.await.unwrap();
+    }
+
+    trait Stream: AsyncRead + AsyncWrite + Unpin {}
+    impl<T: AsyncRead + AsyncWrite + Unpin> Stream for T {}
 }

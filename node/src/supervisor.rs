@@ -19,6 +19,7 @@ use std::time::Duration;
 use serval_protos::client::Client;
 use serval_protos::control::{Backend, BackendConfig, Replica, ReplicaReport};
 use serval_protos::frame::{self, FrameReader, Payload, ReconfigureRequest, Request, Response};
+use serval_protos::handshake::{self, Credential, Key, Role};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch};
@@ -133,6 +134,10 @@ async fn supervise(
     mut config: watch::Receiver<BackendConfig>,
 ) {
     let id = spec.replica.id.clone();
+    let agent = Credential {
+        role: Role::Agent,
+        key: agent_key(&spec.token, &id),
+    };
     let mut restarts = spec.replica.restarts;
     let mut backoff = BACKOFF_MIN;
     // Why the last run ended: shown while the replica starts again, so a
@@ -199,7 +204,7 @@ async fn supervise(
                                     }
                                     tracing::info!(replica = %id, config = %wanted, "reconfiguring replica in place");
                                     let result = tokio::select! {
-                                        r = reconfigure(&running.unix_path, wanted.clone()) => r,
+                                        r = reconfigure(&running.unix_path, agent, wanted.clone()) => r,
                                         _ = &mut stop => { drop(lifeline); terminate(&mut child).await; return; }
                                     };
                                     applied = wanted;
@@ -286,13 +291,26 @@ fn runtime_config_value(c: &BackendConfig) -> serde_json::Value {
     })
 }
 
-/// Sends one `Reconfigure` frame over the replica's Unix socket and waits
-/// for its answer: Ok on 200, else the replica's error (its traceback).
-async fn reconfigure(unix_path: &str, config_json: String) -> Result<(), String> {
+/// The key with which this node's agent speaks to replica `replica_id`.
+fn agent_key(token: &str, replica_id: &str) -> Key {
+    Key::replica_agent(&Key::agents(token), replica_id)
+}
+
+/// Sends one `Reconfigure` frame over the replica's Unix socket, as its
+/// agent, and waits for its answer: Ok on 200, else the replica's error
+/// (its traceback).
+async fn reconfigure(
+    unix_path: &str,
+    credential: Credential,
+    config_json: String,
+) -> Result<(), String> {
     let exchange = async {
-        let stream = tokio::net::UnixStream::connect(unix_path)
+        let mut stream = tokio::net::UnixStream::connect(unix_path)
             .await
             .map_err(|e| format!("cannot connect to the replica at {unix_path}: {e}"))?;
+        handshake::connect(&mut stream, &credential)
+            .await
+            .map_err(|e| format!("replica at {unix_path}: {e}"))?;
         let (read, mut write) = stream.into_split();
         let request = Request {
             method_name: None,
@@ -369,6 +387,14 @@ async fn start(spec: &ReplicaSpec, config: &BackendConfig) -> Result<Child, Stri
         // Chaining: user code finds the proxy of its own node by this id.
         .env("SERVAL_NODE_ID", &spec.replica.node_id)
         .env("SERVAL_TOKEN", &spec.token)
+        .env(
+            handshake::DATA_KEY_ENV,
+            Key::data_plane(&spec.token).to_hex(),
+        )
+        .env(
+            handshake::AGENT_KEY_ENV,
+            agent_key(&spec.token, &spec.replica.id).to_hex(),
+        )
         .env("SERVAL_CACHE_DIR", &spec.cache_dir)
         .kill_on_drop(true);
     if !spec.proxy_address.is_empty() {

@@ -11,6 +11,27 @@ use serval_protos::control::Replica;
 use serval_protos::frame::{Request, Response};
 
 use crate::replica_server::{bind_unix, serve, Handler, Reply};
+use serval_protos::handshake::{Credential, Key, ReplicaKeys, Role};
+
+/// The cluster token behind tests' native replicas: a proxy or router in a
+/// test reaches them with credentials derived from it.
+pub const TEST_TOKEN: &str = "serval-test-cluster-token";
+
+/// The keys a native replica `replica_id` of [`TEST_TOKEN`]'s cluster accepts.
+pub fn test_keys(replica_id: &str) -> ReplicaKeys {
+    ReplicaKeys {
+        data: Key::data_plane(TEST_TOKEN),
+        agent: Key::replica_agent(&Key::agents(TEST_TOKEN), replica_id),
+    }
+}
+
+/// A router's credential in [`TEST_TOKEN`]'s cluster.
+pub fn router_credential() -> Credential {
+    Credential {
+        role: Role::Router,
+        key: Key::data_plane(TEST_TOKEN),
+    }
+}
 
 /// A native replica listening on `<dir>/<id>.sock` and a free TCP port.
 pub struct ThreadedReplica {
@@ -22,12 +43,14 @@ pub struct ThreadedReplica {
 }
 
 impl ThreadedReplica {
-    /// Starts serving `handler`; returns once both listeners are bound.
+    /// Starts serving `handler` with [`test_keys`]; returns once both
+    /// listeners are bound.
     pub fn start(dir: &Path, id: &str, handler: Arc<dyn Handler>) -> Self {
         let path = dir.join(format!("{id}.sock"));
         let unix_path = path.to_string_lossy().into_owned();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let keys = test_keys(id);
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -40,7 +63,7 @@ impl ThreadedReplica {
                     .expect("bind replica port");
                 let addr = tcp.local_addr().expect("replica port").to_string();
                 let _ = ready_tx.send(addr);
-                serve(Some(unix), Some(tcp), handler, async move {
+                serve(Some(unix), Some(tcp), keys, handler, async move {
                     let _ = stop_rx.await;
                 })
                 .await;

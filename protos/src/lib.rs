@@ -7,7 +7,10 @@
 //!   handle) and a replica: `[u32 len][u64 request id][bincode body]`;
 //!   [`frame_socket`] carries it over a Unix or TCP socket.
 //! - [`blob`]: the digest and size limits of content-addressed blobs.
-//! - [`auth`]: the cluster token and the credentials derived from it.
+//! - [`auth`]: the cluster token and the credentials derived from it;
+//!   [`handshake`]: how a data-plane peer proves it belongs to the cluster
+//!   before a replica decodes a frame.
+//! - [`private_dir`]: directories only this user may enter (sockets).
 #![forbid(unsafe_code)]
 
 pub mod control {
@@ -18,6 +21,8 @@ pub mod blob;
 pub mod client;
 pub mod frame;
 pub mod frame_socket;
+pub mod handshake;
+pub mod private_dir;
 pub mod tls;
 
 /// Default port of the controller's gRPC service (`serve start --head`).

@@ -23,7 +23,9 @@ pub struct ProxyConfig {
     pub listen_addr: String,
     /// The controller's gRPC address, "host:port".
     pub control_addr: String,
-    /// Cluster token sent on control RPCs; empty means none.
+    /// Cluster token sent on control RPCs, and from which the data-plane
+    /// key proved to replicas is derived; empty means none (no replica can
+    /// then be reached).
     pub token: String,
     /// Larger request bodies get 413.
     pub max_body_bytes: usize,
@@ -111,6 +113,8 @@ impl ProxyConfig {
             request_timeout: self.request_timeout,
             queue_capacity: self.queue_capacity,
             no_replica_timeout: self.no_replica_timeout,
+            data_key: (!self.token.is_empty())
+                .then(|| serval_protos::handshake::Key::data_plane(&self.token)),
         }
     }
 }

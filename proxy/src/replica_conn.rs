@@ -2,7 +2,9 @@
 //!
 //! The connection is opened lazily by the first request routed to the
 //! replica: over its Unix socket when the socket file exists on this machine
-//! (same node), else over TCP. Many requests share it: each gets an id from
+//! (same node), else over TCP; the router then proves the cluster's
+//! data-plane key and checks the replica's proof
+//! ([`serval_protos::handshake`]) before any frame is sent. Many requests share it: each gets an id from
 //! an atomic counter and a oneshot in the pending map; a writer task
 //! coalesces outgoing frames; a reader task completes pending requests by id.
 //!
@@ -22,6 +24,7 @@ use std::time::Duration;
 
 use serval_protos::frame::{self, FrameError, FrameReader, Request, RequestId, Response};
 use serval_protos::frame_socket::{self, FrameSender};
+use serval_protos::handshake::{self, Credential, Key, Role};
 use tokio::io::AsyncRead;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -144,6 +147,7 @@ pub(crate) struct ReplicaConn {
     replica_id: String,
     unix_path: String,
     tcp_addr: String,
+    data_key: Option<Key>,
     /// std Mutex: held only to read or swap the state, never across `.await`.
     state: Arc<Mutex<ConnState>>,
     /// Serialises connects so a burst of requests opens one connection.
@@ -151,11 +155,17 @@ pub(crate) struct ReplicaConn {
 }
 
 impl ReplicaConn {
-    pub(crate) fn new(replica_id: &str, unix_path: &str, tcp_addr: &str) -> Self {
+    pub(crate) fn new(
+        replica_id: &str,
+        unix_path: &str,
+        tcp_addr: &str,
+        data_key: Option<Key>,
+    ) -> Self {
         Self {
             replica_id: replica_id.to_owned(),
             unix_path: unix_path.to_owned(),
             tcp_addr: tcp_addr.to_owned(),
+            data_key,
             state: Arc::new(Mutex::new(ConnState::Idle)),
             connecting: tokio::sync::Mutex::new(()),
         }
@@ -246,13 +256,23 @@ impl ReplicaConn {
     }
 
     async fn connect(&self) -> Result<Live, String> {
+        let Some(key) = self.data_key else {
+            return Err("this router has no data-plane key (no cluster token)".into());
+        };
+        let credential = Credential {
+            role: Role::Router,
+            key,
+        };
         // The Unix socket only exists on the replica's own node.
         if !self.unix_path.is_empty() && Path::new(&self.unix_path).exists() {
             match tokio::net::UnixStream::connect(&self.unix_path).await {
-                Ok(stream) => {
-                    let socket = stream
-                        .into_std()
-                        .map_err(|e| format!("unix {}: {e}", self.unix_path))?;
+                Ok(mut stream) => {
+                    let unix_err =
+                        |e: &dyn std::fmt::Display| format!("unix {}: {e}", self.unix_path);
+                    handshake::connect(&mut stream, &credential)
+                        .await
+                        .map_err(|e| unix_err(&e))?;
+                    let socket = stream.into_std().map_err(|e| unix_err(&e))?;
                     return self.start(socket.into());
                 }
                 Err(e) if self.tcp_addr.is_empty() => {
@@ -266,15 +286,18 @@ impl ReplicaConn {
         if self.tcp_addr.is_empty() {
             return Err("replica has no reachable address".into());
         }
-        let tcp_err = |e| format!("tcp {}: {e}", self.tcp_addr);
-        let stream = tokio::net::TcpStream::connect(&self.tcp_addr)
+        let tcp_err = |e: &dyn std::fmt::Display| format!("tcp {}: {e}", self.tcp_addr);
+        let mut stream = tokio::net::TcpStream::connect(&self.tcp_addr)
             .await
-            .map_err(tcp_err)?;
+            .map_err(|e| tcp_err(&e))?;
         // Small request frames must not wait for Nagle's algorithm.
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        self.start(stream.into_std().map_err(tcp_err)?.into())
+        handshake::connect(&mut stream, &credential)
+            .await
+            .map_err(|e| tcp_err(&e))?;
+        self.start(stream.into_std().map_err(|e| tcp_err(&e))?.into())
     }
 
     fn start(&self, socket: OwnedFd) -> Result<Live, String> {
@@ -375,7 +398,7 @@ mod tests {
 
     #[tokio::test]
     async fn unreachable_replica_backs_off() {
-        let conn = ReplicaConn::new("r1", "/nonexistent/serval.sock", "");
+        let conn = ReplicaConn::new("r1", "/nonexistent/serval.sock", "", None);
         let req = Request {
             method_name: None,
             payload: frame::Payload::Ping,

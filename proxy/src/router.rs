@@ -27,6 +27,7 @@ use std::time::Duration;
 use rand::Rng;
 use serval_protos::control::ClusterSnapshot;
 use serval_protos::frame::{Request, Response};
+use serval_protos::handshake::Key;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
@@ -50,6 +51,10 @@ pub struct RouterConfig {
     pub queue_capacity: usize,
     /// How long a call waits for an endpoint with no running replica.
     pub no_replica_timeout: Duration,
+    /// The cluster's data-plane key, proved to every replica before a
+    /// request is sent (`Key::data_plane(token)`). `None`: no replica can
+    /// be reached.
+    pub data_key: Option<Key>,
 }
 
 impl Default for RouterConfig {
@@ -58,6 +63,7 @@ impl Default for RouterConfig {
             request_timeout: Duration::from_secs(60),
             queue_capacity: 1000,
             no_replica_timeout: Duration::from_secs(10),
+            data_key: None,
         }
     }
 }
@@ -311,7 +317,12 @@ impl Router {
                     id: r.id.clone(),
                     in_flight: AtomicUsize::new(0),
                     in_flight_gauge: metrics::replica_in_flight(&r.backend, &r.id),
-                    conn: ReplicaConn::new(&r.id, &r.unix_path, &r.tcp_addr),
+                    conn: ReplicaConn::new(
+                        &r.id,
+                        &r.unix_path,
+                        &r.tcp_addr,
+                        self.inner.config.data_key,
+                    ),
                     grpc_addr: r.grpc_addr.clone(),
                 }),
             };

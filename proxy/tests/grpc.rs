@@ -124,7 +124,10 @@ fn grpc_status(headers: &hyper::HeaderMap) -> Option<&str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_calls_stream_through_the_proxy() {
     let upstream = echo_server().await;
-    let proxy = Arc::new(Proxy::new(&ProxyConfig::default()));
+    let proxy = Arc::new(Proxy::new(&ProxyConfig {
+        token: serval_node::test_util::TEST_TOKEN.into(),
+        ..Default::default()
+    }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -239,6 +242,7 @@ async fn grpc_calls_stream_through_the_proxy() {
 async fn a_full_replica_refuses_more_grpc_calls_as_resource_exhausted() {
     let upstream = echo_server().await;
     let config = ProxyConfig {
+        token: serval_node::test_util::TEST_TOKEN.into(),
         queue_capacity: 0,
         ..Default::default()
     };

@@ -149,6 +149,7 @@ async fn http_proxy_end_to_end() {
     let held = ThreadedReplica::start(dir.path(), "held", hold.clone());
 
     let config = ProxyConfig {
+        token: serval_node::test_util::TEST_TOKEN.into(),
         max_body_bytes: 1024,
         queue_capacity: 0,
         metrics: Some(recorder),
@@ -292,7 +293,10 @@ async fn http_proxy_end_to_end() {
 
 #[tokio::test]
 async fn metrics_path_is_404_without_a_handle() {
-    let proxy = Arc::new(Proxy::new(&ProxyConfig::default()));
+    let proxy = Arc::new(Proxy::new(&ProxyConfig {
+        token: serval_node::test_util::TEST_TOKEN.into(),
+        ..Default::default()
+    }));
     // A route whose endpoint has no traffic yet: the router answers.
     proxy.apply_snapshot(&ClusterSnapshot {
         endpoints: vec![Endpoint {
@@ -322,6 +326,7 @@ async fn metrics_path_is_404_without_a_handle() {
 async fn run_refuses_an_invalid_config_naming_the_field() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let config = ProxyConfig {
+        token: serval_node::test_util::TEST_TOKEN.into(),
         max_body_bytes: 0,
         ..Default::default()
     };

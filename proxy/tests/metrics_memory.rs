@@ -100,6 +100,7 @@ async fn recorded_samples_are_drained_without_a_scrape() {
     let dir = tempfile::tempdir().unwrap();
     let echo = ThreadedReplica::start(dir.path(), "echo", Arc::new(EchoHandler));
     let proxy = Arc::new(Proxy::new(&ProxyConfig {
+        token: serval_node::test_util::TEST_TOKEN.into(),
         metrics: Some(handle.clone()),
         ..Default::default()
     }));

@@ -103,7 +103,10 @@ struct Server {
 
 impl Server {
     async fn start() -> Self {
-        let proxy = Arc::new(Proxy::new(&ProxyConfig::default()));
+        let proxy = Arc::new(Proxy::new(&ProxyConfig {
+            token: serval_node::test_util::TEST_TOKEN.into(),
+            ..Default::default()
+        }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -20,6 +20,7 @@ use serval_protos::control::{
     UpdateBackendCodeRequest, UpdateBackendConfigRequest, WatchRequest,
 };
 use serval_protos::frame::{CallRequest, LogsRequest, Payload, Request, Response};
+use serval_protos::handshake::{self, Credential, Key, Role};
 use serval_proxy::{Router, RouterConfig, RouterError};
 use tokio::sync::{oneshot, watch};
 
@@ -79,6 +80,9 @@ pub struct Client {
     applied: Snapshots,
     /// Sends this client's routing load to the autoscaler; ends with it.
     reporter: tokio::task::JoinHandle<()>,
+    /// The node agents' key (from the cluster token), from which a
+    /// replica's own agent key is derived to read its log.
+    agents: Key,
 }
 
 impl Drop for Client {
@@ -206,7 +210,22 @@ const REPLICA_LOGS_TIMEOUT: Duration = Duration::from_secs(10);
 const HANDLE_QUEUE_CAPACITY: usize = 1_000_000;
 const HANDLE_QUEUE_CAPACITY_ENV: &str = "SERVAL_HANDLE_QUEUE_CAPACITY";
 
-fn handle_router_config() -> PyResult<RouterConfig> {
+/// The data-plane key this process's handles prove to replicas: the one a
+/// node agent gave this replica process, else the one derived from the
+/// cluster token (a driver script, the CLI).
+fn data_key(token: &str) -> PyResult<Key> {
+    match std::env::var(handshake::DATA_KEY_ENV) {
+        Ok(hex) => Key::from_hex(&hex).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "{} must be 64 hex digits (set by the node agent)",
+                handshake::DATA_KEY_ENV
+            ))
+        }),
+        Err(_) => Ok(Key::data_plane(token)),
+    }
+}
+
+fn handle_router_config(token: &str) -> PyResult<RouterConfig> {
     let queue_capacity = match std::env::var(HANDLE_QUEUE_CAPACITY_ENV) {
         Err(_) => HANDLE_QUEUE_CAPACITY,
         Ok(v) => v.trim().parse::<usize>().map_err(|_| {
@@ -217,6 +236,7 @@ fn handle_router_config() -> PyResult<RouterConfig> {
     };
     Ok(RouterConfig {
         queue_capacity,
+        data_key: Some(data_key(token)?),
         ..RouterConfig::default()
     })
 }
@@ -244,7 +264,8 @@ impl Client {
             }
         })
         .map_err(|e| ServeError::new_err(e.to_string()))?;
-        let router = Arc::new(Router::new(handle_router_config()?));
+        let router = Arc::new(Router::new(handle_router_config(&token)?));
+        let agents = Key::agents(&token);
         let token_for_reports = token.clone();
         let snapshots = {
             let _guard = runtime().enter();
@@ -286,6 +307,7 @@ impl Client {
             router,
             applied,
             reporter,
+            agents,
         })
     }
 
@@ -581,18 +603,32 @@ impl Client {
     /// A chunk of a replica's log, read through the replica itself (its
     /// node may be another machine): `(bytes from offset, the log's size)`.
     /// A size below `offset` means the log was truncated or replaced.
-    #[pyo3(signature = (unix_path, tcp_addr, offset, max_bytes=262144))]
+    /// Reading a log needs the replica's agent credential, so the cluster
+    /// token (a replica's scoped credential cannot read other replicas').
+    #[pyo3(signature = (replica_id, unix_path, tcp_addr, offset, max_bytes=262144))]
     fn replica_logs(
         &self,
         py: Python<'_>,
+        replica_id: String,
         unix_path: String,
         tcp_addr: String,
         offset: u64,
         max_bytes: u32,
     ) -> PyResult<(Py<PyBytes>, u64)> {
         let request = LogsRequest { offset, max_bytes };
+        let credential = Credential {
+            role: Role::Agent,
+            key: Key::replica_agent(&self.agents, &replica_id),
+        };
         let chunk = block_on(py, async move {
-            replica_server::fetch_logs(&unix_path, &tcp_addr, request, REPLICA_LOGS_TIMEOUT).await
+            replica_server::fetch_logs(
+                &unix_path,
+                &tcp_addr,
+                &credential,
+                request,
+                REPLICA_LOGS_TIMEOUT,
+            )
+            .await
         })
         .map_err(|e| ServeError::new_err(format!("cannot read the replica's log: {e}")))?;
         Ok((PyBytes::new(py, &chunk.bytes).unbind(), chunk.size))

@@ -89,6 +89,7 @@ use serval_protos::frame::{
     CallRequest, HttpRequest, PathValue, Payload, Request, Response, ERROR_TYPE_HEADER,
 };
 use serval_protos::frame_socket::FrameSender;
+use serval_protos::handshake::{self, Key, ReplicaKeys};
 
 /// How long a blocked wait sleeps before looking at signals / shutdown again.
 const POLL: Duration = Duration::from_millis(100);
@@ -403,6 +404,30 @@ impl Drop for PyReply {
     }
 }
 
+/// The keys this replica's frame server checks peers with, from the
+/// environment its node agent set. There is no way to serve without them:
+/// a replica port that takes frames from anyone runs anyone's pickles.
+/// `agent_key`: the agent key as hex when the caller already took it out of
+/// the environment (so that user code loaded before cannot read it).
+fn replica_keys(agent_key: Option<String>) -> PyResult<ReplicaKeys> {
+    let key = |name: &str, given: Option<String>| {
+        let text = match given {
+            Some(text) => text,
+            None => std::env::var(name).map_err(|_| {
+                PyValueError::new_err(format!(
+                    "{name} is not set: a replica needs the data-plane keys its node agent gives it"
+                ))
+            })?,
+        };
+        Key::from_hex(&text)
+            .ok_or_else(|| PyValueError::new_err(format!("{name} must be 64 hex digits")))
+    };
+    Ok(ReplicaKeys {
+        data: key(handshake::DATA_KEY_ENV, None)?,
+        agent: key(handshake::AGENT_KEY_ENV, agent_key)?,
+    })
+}
+
 /// The frame server of one Python replica. See the module docs for the API.
 #[pyclass(frozen, module = "serval._native")]
 pub struct ReplicaServer {
@@ -421,7 +446,7 @@ pub struct ReplicaServer {
 #[pymethods]
 impl ReplicaServer {
     #[new]
-    #[pyo3(signature = (unix_path, tcp_host = Some("127.0.0.1".to_string()), watch_stdin = false, max_drain = 64, native = None))]
+    #[pyo3(signature = (unix_path, tcp_host = Some("127.0.0.1".to_string()), watch_stdin = false, max_drain = 64, native = None, agent_key = None))]
     fn new(
         py: Python<'_>,
         unix_path: Option<PathBuf>,
@@ -429,6 +454,7 @@ impl ReplicaServer {
         watch_stdin: bool,
         max_drain: usize,
         native: Option<PyRef<'_, OnnxModel>>,
+        agent_key: Option<String>,
     ) -> PyResult<Self> {
         if unix_path.is_none() && tcp_host.is_none() {
             return Err(PyValueError::new_err(
@@ -436,6 +462,7 @@ impl ReplicaServer {
             ));
         }
         init_tracing();
+        let keys = replica_keys(agent_key)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("serval-replica-io")
@@ -486,9 +513,15 @@ impl ReplicaServer {
                 )?,
             );
         }
-        runtime.spawn(replica_server::serve(unix, tcp, handler, async move {
-            let _ = serve_rx.await;
-        }));
+        runtime.spawn(replica_server::serve(
+            unix,
+            tcp,
+            keys,
+            handler,
+            async move {
+                let _ = serve_rx.await;
+            },
+        ));
         let stop = Arc::new(StopSignal::new(wake.clone()));
         if watch_stdin {
             let stop = stop.clone();

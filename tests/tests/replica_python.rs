@@ -14,6 +14,7 @@ use serval_protos::frame::{
     decode, encode, CallRequest, FrameReader, HttpRequest, PathValue, Payload, ReconfigureRequest,
     Request, Response, ERROR_TYPE_HEADER, PICKLE_CONTENT_TYPE,
 };
+use serval_protos::handshake::{self, Credential, Key, Role};
 use serval_tests::{venv_python, ProcessGuard};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
@@ -204,6 +205,8 @@ fn start(which: &str, config: &str) -> Replica {
     .args(["--config-json", config, "--unix-path"])
     .arg(dir.path().join("replica.sock"))
     .args(["--tcp-host", "127.0.0.1"])
+    .env(handshake::DATA_KEY_ENV, Key::data_plane(TOKEN).to_hex())
+    .env(handshake::AGENT_KEY_ENV, agent_key().to_hex())
     .stdin(Stdio::piped())
     .stdout(Stdio::piped())
     .stderr(std::fs::File::create(&log).unwrap());
@@ -238,6 +241,29 @@ fn start(which: &str, config: &str) -> Replica {
     }
 }
 
+/// The cluster token of these replicas: the tests' clients prove keys
+/// derived from it, as the proxy and the node agent do.
+const TOKEN: &str = "replica-python-test-token";
+const REPLICA_ID: &str = "r-1";
+
+fn agent_key() -> Key {
+    Key::replica_agent(&Key::agents(TOKEN), REPLICA_ID)
+}
+
+fn router() -> Credential {
+    Credential {
+        role: Role::Router,
+        key: Key::data_plane(TOKEN),
+    }
+}
+
+fn agent() -> Credential {
+    Credential {
+        role: Role::Agent,
+        key: agent_key(),
+    }
+}
+
 /// A minimal frame client: many requests in flight on one connection.
 struct Client<S> {
     write: tokio::io::WriteHalf<S>,
@@ -246,7 +272,11 @@ struct Client<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
-    fn new(stream: S) -> Self {
+    /// Passes the handshake with `credential`, as a router or an agent.
+    async fn new(mut stream: S, credential: Credential) -> Self {
+        handshake::connect(&mut stream, &credential)
+            .await
+            .expect("handshake");
         let (read, write) = tokio::io::split(stream);
         Self {
             write,
@@ -286,11 +316,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 }
 
 async fn unix_client(replica: &Replica) -> Client<tokio::net::UnixStream> {
+    unix_client_as(replica, router()).await
+}
+
+async fn unix_client_as(
+    replica: &Replica,
+    credential: Credential,
+) -> Client<tokio::net::UnixStream> {
     Client::new(
         tokio::net::UnixStream::connect(replica.unix_path())
             .await
             .unwrap(),
+        credential,
     )
+    .await
 }
 
 fn http(method: &str, path: &str, query: &str, body: &[u8]) -> HttpRequest {
@@ -571,7 +610,7 @@ async fn async_call_post_json_and_pipelining_over_tcp() {
     let stream = tokio::net::TcpStream::connect(replica.tcp_addr())
         .await
         .unwrap();
-    let mut tcp = Client::new(stream);
+    let mut tcp = Client::new(stream, router()).await;
     let requests: Vec<Request> = (0..500)
         .map(|i| {
             req(
@@ -757,7 +796,7 @@ async fn reconfigure_frame_applies_user_config_in_place() {
         r#"{"max_concurrent_queries":8,"user_config":{"threshold":0.5}}"#,
     );
     assert_eq!(replica.status["state"], "running", "{}", replica.log());
-    let mut c = unix_client(&replica).await;
+    let mut c = unix_client_as(&replica, agent()).await;
     let get = || req(None, Payload::Http(http("GET", "/", "", b"")));
     assert_eq!(json_body(&c.send(get()).await)["config"]["threshold"], 0.5);
 
@@ -792,4 +831,101 @@ async fn reconfigure_frame_applies_user_config_in_place() {
         replica.guard.child.try_wait().unwrap().is_none(),
         "the replica process kept running"
     );
+    // A router (a proxy, a handle, another replica) may not reconfigure it.
+    let mut router = unix_client(&replica).await;
+    let r = router
+        .send(reconfigure(
+            r#"{"max_concurrent_queries":8,"user_config":{"threshold":0.1}}"#,
+        ))
+        .await;
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(json_body(&c.send(get()).await)["config"]["threshold"], 0.9);
 }
+
+/// The hole found on main: one `Call` frame whose arguments were a pickle of
+/// `os.system(...)`, sent to a replica's TCP port by any peer, ran the
+/// command. Now nothing is decoded before the peer proves the cluster's key.
+#[tokio::test]
+async fn a_pickled_frame_from_a_peer_without_the_key_runs_nothing() {
+    let replica = start("model", "{}");
+    assert_eq!(replica.status["state"], "running", "{}", replica.log());
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("pwned");
+    let exploit = pickle_of(&format!(
+        "type('X', (), {{'__reduce__': lambda self: (__import__('os').system, ('touch {}',))}})()",
+        marker.display()
+    ));
+    let attack = encode(
+        1,
+        &req(
+            None,
+            Payload::Call(CallRequest {
+                args: exploit,
+                ..Default::default()
+            }),
+        ),
+    )
+    .unwrap();
+    use tokio::io::AsyncReadExt;
+    // Straight to the TCP port and the Unix socket, no handshake: the
+    // replica sends its challenge, reads a proof's length, and closes.
+    let tcp = tokio::net::TcpStream::connect(replica.tcp_addr())
+        .await
+        .unwrap();
+    let unix = tokio::net::UnixStream::connect(replica.unix_path())
+        .await
+        .unwrap();
+    let streams: Vec<Box<dyn Stream>> = vec![Box::new(tcp), Box::new(unix)];
+    for mut stream in streams {
+        let _ = stream.write_all(&attack).await;
+        let mut got = Vec::new();
+        tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut got))
+            .await
+            .expect("the replica closes the connection")
+            .ok();
+        assert!(got.len() <= 37, "the replica answered: {got:?}");
+    }
+    // With another cluster's key: refused at the handshake.
+    let mut stream = tokio::net::TcpStream::connect(replica.tcp_addr())
+        .await
+        .unwrap();
+    let stranger = Credential {
+        role: Role::Router,
+        key: Key::data_plane("another-cluster-token"),
+    };
+    let refused = handshake::connect(&mut stream, &stranger).await;
+    assert!(
+        matches!(refused, Err(handshake::HandshakeError::Refused)),
+        "{refused:?}"
+    );
+    // The replica still serves its cluster, and never ran the pickle: a
+    // call through the handshake completes after the attacks, on the same
+    // worker thread that would have unpickled them first.
+    let mut c = unix_client(&replica).await;
+    let r = c
+        .send(req(None, Payload::Http(http("GET", "/", "", b""))))
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(!marker.exists(), "the pickled command ran");
+    // The control: the same frame from a member of the cluster is decoded
+    // (members are trusted with code: they deploy it), so the pickle above
+    // was a live one.
+    let mut member = Client::new(
+        tokio::net::TcpStream::connect(replica.tcp_addr())
+            .await
+            .unwrap(),
+        router(),
+    )
+    .await;
+    member.write.write_all(&attack).await.unwrap();
+    let (_, body) = tokio::time::timeout(TIMEOUT, member.reader.next())
+        .await
+        .expect("an answer")
+        .unwrap()
+        .expect("a frame");
+    decode::<Response>(&body).unwrap();
+    assert!(marker.exists(), "the control pickle did not run");
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}

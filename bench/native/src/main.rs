@@ -29,6 +29,7 @@ use hyper_util::rt::TokioIo;
 use serval_node::replica_server::{bind_unix, serve as serve_replica, Handler, Reply};
 use serval_protos::control::{Backend, BackendConfig, ClusterSnapshot, Endpoint, Replica};
 use serval_protos::frame::{Request, Response};
+use serval_protos::handshake::{Key, ReplicaKeys};
 use serval_proxy::{Proxy, ProxyConfig};
 
 fn usage() -> ! {
@@ -127,6 +128,10 @@ impl Handler for OkHandler {
     }
 }
 
+/// The cluster token of the benchmark's proxy and replicas: the data
+/// plane's handshake runs as in a real cluster.
+const TOKEN: &str = "serval-bench-cluster-token";
+
 fn native(port: u16, replicas: usize, workers: usize, limit: u32) {
     let dir = std::env::temp_dir().join(format!("serval-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -143,9 +148,14 @@ fn native(port: u16, replicas: usize, workers: usize, limit: u32) {
             rt.block_on(async move {
                 let unix = bind_unix(&path).expect("bind replica socket");
                 ready_tx.send(()).unwrap();
+                let keys = ReplicaKeys {
+                    data: Key::data_plane(TOKEN),
+                    agent: Key::replica_agent(&Key::agents(TOKEN), &format!("r{i}")),
+                };
                 serve_replica(
                     Some(unix),
                     None,
+                    keys,
                     Arc::new(OkHandler),
                     std::future::pending(),
                 )
@@ -165,9 +175,11 @@ fn native(port: u16, replicas: usize, workers: usize, limit: u32) {
     }
 
     runtime(workers).block_on(async move {
-        let recorder = serval_proxy::metrics::install(serval_proxy::metrics::prometheus_builder()).ok();
+        let recorder =
+            serval_proxy::metrics::install(serval_proxy::metrics::prometheus_builder()).ok();
         serval_proxy::metrics::describe();
         let config = ProxyConfig {
+            token: TOKEN.into(),
             metrics: recorder,
             ..Default::default()
         };

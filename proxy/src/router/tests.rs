@@ -16,6 +16,16 @@ use serval_protos::frame::{HttpRequest, Payload, Request, Response};
 
 use super::*;
 
+/// The defaults, with the key of the test replicas' cluster.
+fn test_config() -> RouterConfig {
+    RouterConfig {
+        data_key: Some(serval_protos::handshake::Key::data_plane(
+            serval_node::test_util::TEST_TOKEN,
+        )),
+        ..RouterConfig::default()
+    }
+}
+
 /// A native replica on its own runtime thread (`kill` = a crashed process).
 type TestReplica = ThreadedReplica;
 
@@ -125,7 +135,7 @@ fn body(r: &Response) -> String {
 async fn echo_round_trip_and_unknown_endpoint() {
     let dir = tempfile::tempdir().unwrap();
     let rep = TestReplica::start(dir.path(), "r1", Arc::new(EchoHandler));
-    let router = Router::new(RouterConfig::default());
+    let router = Router::new(test_config());
     router.update(&snapshot(
         vec![backend("b", 0)],
         vec![endpoint("ep", &[("b", 1.0)], &[])],
@@ -159,7 +169,7 @@ async fn tcp_is_used_when_the_socket_is_not_on_this_machine() {
         .join("elsewhere.sock")
         .to_string_lossy()
         .into_owned();
-    let router = Router::new(RouterConfig::default());
+    let router = Router::new(test_config());
     router.update(&snapshot(
         vec![backend("b", 0)],
         vec![endpoint("ep", &[("b", 1.0)], &[])],
@@ -178,7 +188,7 @@ async fn full_replicas_queue_then_backpressure_and_counts_return_to_zero() {
     let rep = TestReplica::start(dir.path(), "r1", hold.clone());
     let config = RouterConfig {
         queue_capacity: 1,
-        ..Default::default()
+        ..test_config()
     };
     let router = Router::new(config);
     router.update(&snapshot(
@@ -228,7 +238,7 @@ async fn dropped_callers_release_their_slot_and_queue_place() {
     let dir = tempfile::tempdir().unwrap();
     let hold = Arc::new(HoldHandler::default());
     let rep = TestReplica::start(dir.path(), "r1", hold.clone());
-    let router = Router::new(RouterConfig::default());
+    let router = Router::new(test_config());
     router.update(&snapshot(
         vec![backend("b", 1)],
         vec![endpoint("ep", &[("b", 1.0)], &[])],
@@ -265,7 +275,7 @@ async fn a_slow_replica_times_out_and_frees_its_slot() {
     let rep = TestReplica::start(dir.path(), "r1", hold.clone());
     let config = RouterConfig {
         request_timeout: Duration::from_millis(200),
-        ..Default::default()
+        ..test_config()
     };
     let router = Router::new(config);
     router.update(&snapshot(
@@ -284,7 +294,7 @@ async fn a_replica_dying_mid_request_fails_it_and_traffic_moves_on() {
     let hold = Arc::new(HoldHandler::default());
     let mut doomed = TestReplica::start(dir.path(), "a", hold.clone());
     let survivor = TestReplica::start(dir.path(), "b", TagHandler::new("survivor"));
-    let router = Router::new(RouterConfig::default());
+    let router = Router::new(test_config());
     let eps = || vec![endpoint("ep", &[("be", 1.0)], &[])];
     // Only the doomed replica first, so the held request surely lands there.
     router.update(&snapshot(
@@ -345,7 +355,7 @@ async fn weights_one_and_zero_send_everything_to_one_backend_and_shadow_gets_cop
     let r1 = TestReplica::start(dir.path(), "r1", one.clone());
     let r2 = TestReplica::start(dir.path(), "r2", zero.clone());
     let r3 = TestReplica::start(dir.path(), "r3", shadow.clone());
-    let router = Router::new(RouterConfig::default());
+    let router = Router::new(test_config());
     router.update(&snapshot(
         vec![backend("b1", 0), backend("b2", 0), backend("b3", 0)],
         vec![endpoint("ep", &[("b1", 1.0), ("b2", 0.0)], &[("b3", 1.0)])],
@@ -367,7 +377,7 @@ async fn waits_for_a_replica_then_gives_up_with_no_replica() {
     let dir = tempfile::tempdir().unwrap();
     let config = RouterConfig {
         no_replica_timeout: Duration::from_millis(300),
-        ..Default::default()
+        ..test_config()
     };
     let router = Router::new(config);
     let eps = || vec![endpoint("ep", &[("b", 1.0)], &[])];
@@ -387,7 +397,7 @@ async fn waits_for_a_replica_then_gives_up_with_no_replica() {
     let rep = TestReplica::start(dir.path(), "r1", TagHandler::new("late"));
     let config = RouterConfig {
         no_replica_timeout: Duration::from_secs(10),
-        ..Default::default()
+        ..test_config()
     };
     let router = Router::new(config);
     router.update(&snapshot(vec![backend("b", 0)], eps(), vec![]));
@@ -473,7 +483,7 @@ fn requests_latency_batches_queue_and_in_flight_are_recorded_per_backend() {
             let dir = tempfile::tempdir().unwrap();
             let replica = Arc::new(ByPathHandler::default());
             let rep = TestReplica::start(dir.path(), "r1", replica.clone());
-            let router = Router::new(RouterConfig::default());
+            let router = Router::new(test_config());
             router.update(&snapshot(
                 vec![backend("b", 1)],
                 vec![endpoint("ep", &[("b", 1.0)], &[])],

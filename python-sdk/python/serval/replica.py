@@ -94,6 +94,10 @@ def main(argv=None) -> int:
     setup_logging(args.replica_id)
     # The labels of serval.log's JSON lines.
     os.environ["SERVAL_REPLICA_ID"] = args.replica_id
+    # This replica's agent key proves its node agent to it: taken out of the
+    # environment before user code is loaded, so user code cannot read it
+    # (nor pass it to its subprocesses).
+    agent_key = os.environ.pop("SERVAL_AGENT_KEY", None)
     signal.signal(signal.SIGTERM, _on_sigterm)
 
     try:
@@ -109,7 +113,8 @@ def main(argv=None) -> int:
         # A model API run natively answers its POSTs in Rust (serval.cortex.onnx).
         native = getattr(host.obj, "serval_native_model", None)
         server = ReplicaServer(args.unix_path, args.tcp_host,
-                               watch_stdin=not args.no_stdin_watch, max_drain=args.max_drain, native=native)
+                               watch_stdin=not args.no_stdin_watch, max_drain=args.max_drain, native=native,
+                               agent_key=agent_key)
     except BaseException:
         error = traceback.format_exc()
         logger.error("replica %s of backend %r failed to start:\n%s", args.replica_id, args.backend, error)

@@ -57,9 +57,10 @@ def _running_replicas(backend: str) -> List[dict]:
 
 def _read(client, replica: dict, tail: _Tail) -> Iterator[str]:
     """The new complete lines of one replica, from ``tail.offset`` on."""
+    rid = replica.get("id") or ""
     unix_path, tcp_addr = replica.get("unix_path") or "", replica.get("tcp_addr") or ""
     for _ in range(MAX_CHUNKS_PER_PASS):
-        data, size = client.replica_logs(unix_path, tcp_addr, tail.offset, CHUNK_BYTES)
+        data, size = client.replica_logs(rid, unix_path, tcp_addr, tail.offset, CHUNK_BYTES)
         if size < tail.offset:
             # Truncated or replaced (a restarted replica): its log starts over.
             tail.restart()
@@ -97,7 +98,7 @@ def stream_api_logs(name: str, follow: bool = True, poll: float = 0.5,
                 if tail is None:
                     tail = tails[rid] = _Tail()
                     if first and not from_start:
-                        _, tail.offset = client.replica_logs(replica.get("unix_path") or "",
+                        _, tail.offset = client.replica_logs(rid, replica.get("unix_path") or "",
                                                              replica.get("tcp_addr") or "", 0, 0)
                 for line in _read(client, replica, tail):
                     yield rid, line
