@@ -26,6 +26,10 @@ use serval_protos::control::AutoscalingConfig;
 
 /// Reports older than this no longer count (the router went away).
 const REPORT_TTL: Duration = Duration::from_secs(5);
+/// The most (router, backend) reports kept at once. Every handle process is
+/// a new router, so without a bound a cluster that autoscales nothing (and
+/// so never prunes while deciding) kept one entry per router ever seen.
+pub const MAX_REPORTS: usize = 10_000;
 
 #[derive(Default)]
 pub struct Autoscaler {
@@ -45,14 +49,30 @@ impl Autoscaler {
         load: impl IntoIterator<Item = (String, f64)>,
     ) {
         for (backend, value) in load {
-            self.reports
-                .insert((source.to_string(), backend), (now, value.max(0.0)));
+            let key = (source.to_string(), backend);
+            if self.reports.len() >= MAX_REPORTS && !self.reports.contains_key(&key) {
+                self.prune(now);
+                if self.reports.len() >= MAX_REPORTS {
+                    tracing::warn!(
+                        limit = MAX_REPORTS,
+                        "load reports at their limit; one dropped"
+                    );
+                    continue;
+                }
+            }
+            self.reports.insert(key, (now, value.max(0.0)));
         }
     }
 
-    fn current_load(&mut self, backend: &str, now: Instant) -> f64 {
+    /// Drops reports that no longer count: with a bounded map, this runs
+    /// on its own only when the map is full or a backend is decided.
+    fn prune(&mut self, now: Instant) {
         self.reports
             .retain(|_, (at, _)| now.duration_since(*at) <= REPORT_TTL);
+    }
+
+    fn current_load(&mut self, backend: &str, now: Instant) -> f64 {
+        self.prune(now);
         self.reports
             .iter()
             .filter(|((_, b), _)| b == backend)
@@ -215,6 +235,23 @@ mod tests {
             went_down_at.unwrap() >= 5,
             "scaled down before the stabilization period: {went_down_at:?}"
         );
+    }
+
+    #[test]
+    fn reports_of_routers_long_gone_are_not_kept_without_bound() {
+        let mut a = Autoscaler::default();
+        let t0 = Instant::now();
+        // More short-lived handle processes than the bound, and no backend
+        // that autoscales (nothing decides, so nothing else prunes).
+        for i in 0..(MAX_REPORTS + 5_000) {
+            a.report(&format!("handle-{i}"), t0, [("b".to_string(), 1.0)]);
+        }
+        assert_eq!(a.reports.len(), MAX_REPORTS);
+        // Later, the old ones are stale: room again, and the new one counts.
+        let later = t0 + REPORT_TTL + Duration::from_secs(1);
+        a.report("handle-new", later, [("b".to_string(), 2.0)]);
+        assert_eq!(a.reports.len(), 1);
+        assert_eq!(a.current_load("b", later), 2.0);
     }
 
     #[test]
