@@ -16,6 +16,7 @@ use serval_node::{AgentConfig, NodeAgent};
 use serval_protos::control::HttpOptions;
 
 use crate::cluster_file::{self, ClusterInfo};
+use crate::control_listener;
 use crate::ClusterArgs;
 
 #[derive(Args, Debug, Clone)]
@@ -549,8 +550,17 @@ async fn run_head(
         let mut stop = stop_rx.clone();
         let control = service.into_server();
         let peers = PeerService::new(raft.clone(), token.clone()).into_server();
-        let incoming = tokio_stream_incoming(control_listener);
-        let mut builder = tonic::transport::Server::builder();
+        let incoming = control_listener::incoming(control_listener);
+        // Bounds per connection (see control_listener for the rest); no
+        // request timeout: Watch streams live as long as their clients.
+        let mut builder = tonic::transport::Server::builder()
+            .max_concurrent_streams(control_listener::MAX_CONCURRENT_STREAMS)
+            .http2_keepalive_interval(Some(control_listener::KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(control_listener::KEEPALIVE_TIMEOUT))
+            .http2_max_header_list_size(control_listener::MAX_HEADER_LIST_SIZE)
+            .http2_max_pending_accept_reset_streams(Some(
+                control_listener::MAX_PENDING_RESET_STREAMS,
+            ));
         if let Some(tls) = tls {
             builder = builder.tls_config(tls).map_err(|e| {
                 anyhow::anyhow!(
@@ -646,21 +656,6 @@ async fn run_head(
         tracing::warn!("raft did not stop within 5 s");
     }
     Ok(())
-}
-
-/// The control listener's connections, with TCP_NODELAY as tonic's own
-/// listener sets it (a custom incoming skips that): without it, each small
-/// reply (a lease, an ack) waited on the client's delayed ACK.
-fn tokio_stream_incoming(
-    listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(stream) = &conn {
-            let _ = stream.set_nodelay(true);
-        }
-        conn
-    })
 }
 
 /// Asks the cluster at `join` to add this head to the raft group, unless it

@@ -78,17 +78,24 @@ const ACCEPT_ERROR_PAUSE_MS: u64 = 50;
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
     let limits = proxy.limits.clone();
     let grace = proxy.shutdown_grace;
-    serve_connections(listener, &limits, grace, shutdown, move |req, peer| {
-        let proxy = proxy.clone();
-        async move {
-            // gRPC streams through; HTTP answers are whole.
-            if grpc::is_grpc(&req) {
-                grpc::handle(&proxy, req).await.map(ResponseBody::Grpc)
-            } else {
-                handle(&proxy, req, &peer).await.map(ResponseBody::Http)
+    serve_connections(
+        listener,
+        "http",
+        &limits,
+        grace,
+        shutdown,
+        move |req, peer| {
+            let proxy = proxy.clone();
+            async move {
+                // gRPC streams through; HTTP answers are whole.
+                if grpc::is_grpc(&req) {
+                    grpc::handle(&proxy, req).await.map(ResponseBody::Grpc)
+                } else {
+                    handle(&proxy, req, &peer).await.map(ResponseBody::Http)
+                }
             }
-        }
-    })
+        },
+    )
     .await
 }
 
@@ -103,10 +110,17 @@ pub async fn serve_metrics(
 ) {
     let handle = Arc::new(handle);
     let grace = Duration::from_secs(1);
-    serve_connections(listener, &limits, grace, shutdown, move |_req, _peer| {
-        let handle = handle.clone();
-        async move { builtin::metrics_text(&handle).map(ResponseBody::Http) }
-    })
+    serve_connections(
+        listener,
+        "metrics",
+        &limits,
+        grace,
+        shutdown,
+        move |_req, _peer| {
+            let handle = handle.clone();
+            async move { builtin::metrics_text(&handle).map(ResponseBody::Http) }
+        },
+    )
     .await
 }
 
@@ -122,8 +136,10 @@ const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: appli
 /// The accept loop every listener of this crate runs: connection cap,
 /// idle/handshake bounds ([`ConnIo`]), hyper's header and HTTP/2 limits,
 /// then `handler` per request, with graceful shutdown.
+/// `name` labels its connection metrics (`listener="http"` or `"metrics"`).
 async fn serve_connections<H, Fut>(
     listener: TcpListener,
+    name: &'static str,
     limits: &Limits,
     grace: Duration,
     shutdown: impl Future<Output = ()>,
@@ -136,14 +152,14 @@ async fn serve_connections<H, Fut>(
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS_AT_ONCE));
-    let open = metrics::gauge!(OPEN_CONNECTIONS);
+    let open = metrics::gauge!(OPEN_CONNECTIONS, "listener" => name);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, client)) => {
                     let Ok(permit) = connections.clone().try_acquire_owned() else {
-                        refuse(stream, &refusals, limits.max_connections);
+                        refuse(stream, name, &refusals, limits.max_connections);
                         continue;
                     };
                     if let Err(e) = stream.set_nodelay(true) {
@@ -222,9 +238,15 @@ fn server_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 
 /// Answers a connection over `max_connections` with a 503 (HTTP/1.1; an
 /// HTTP/2 client sees the connection close) and closes it, counted in
-/// `serval_proxy_refused_total{reason="max_connections"}`.
-fn refuse(stream: TcpStream, refusals: &Arc<Semaphore>, max_connections: usize) {
-    metrics::counter!(REFUSED_TOTAL, "reason" => "max_connections").increment(1);
+/// `serval_proxy_refused_total{reason="max_connections",listener}`.
+fn refuse(
+    stream: TcpStream,
+    listener: &'static str,
+    refusals: &Arc<Semaphore>,
+    max_connections: usize,
+) {
+    metrics::counter!(REFUSED_TOTAL, "reason" => "max_connections", "listener" => listener)
+        .increment(1);
     log_refusal(max_connections);
     let Ok(permit) = refusals.clone().try_acquire_owned() else {
         return; // dropped: closed at once

@@ -53,7 +53,7 @@ use tokio::net::TcpListener;
 
 pub use config::{ProxyConfig, ProxyError, DEFAULT_MAX_BODY_BYTES};
 pub use http::serve;
-pub use limits::Limits;
+pub use limits::{ConnIo, Limits};
 pub use load_report::spawn_load_reporter;
 pub use middleware::{validate as validate_middlewares, MiddlewareError, Middlewares};
 pub use policy::{PowerOfTwoChoices, ReplicaChoice};

@@ -143,7 +143,7 @@ const PREFACE_LEN: usize = 24;
 /// hyper then ends the connection as if the client had closed it. Checked
 /// lazily: a timer fires at most once per `keep_alive` and is re-armed from
 /// the last activity, so a busy connection only stores an `Instant` per I/O.
-pub(crate) struct ConnIo<T> {
+pub struct ConnIo<T> {
     inner: T,
     activity: Arc<ConnActivity>,
     keep_alive: Duration,
@@ -155,6 +155,17 @@ pub(crate) struct ConnIo<T> {
 }
 
 impl<T> ConnIo<T> {
+    /// For a server that does not report its requests (the control
+    /// listener): idle means no byte either way, so the server's own
+    /// keep-alive pings must come more often than `keep_alive`.
+    pub fn without_requests(inner: T, keep_alive: Duration, handshake: Duration) -> Self {
+        Self::new(inner, Arc::default(), keep_alive, handshake)
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
     pub(crate) fn new(
         inner: T,
         activity: Arc<ConnActivity>,

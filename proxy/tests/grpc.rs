@@ -410,16 +410,21 @@ async fn made_up_grpc_paths_do_not_grow_the_metrics() {
     }
     assert!(!after.contains("made1"), "{after}");
     assert!(!after.contains("Made1"), "{after}");
-    assert!(
-        after.contains(r#"serval_grpc_requests_total{service="unknown",method="unknown",code="UNIMPLEMENTED"} 100"#),
-        "{after}"
+    // All counted, under `unknown` (other tests may add a few calls).
+    let count = |series: &str| -> u64 {
+        after
+            .lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let unknown_service = count(
+        r#"serval_grpc_requests_total{service="unknown",method="unknown",code="UNIMPLEMENTED"}"#,
     );
-    assert!(
-        after.contains(
-            r#"serval_grpc_requests_total{service="echo.Echo",method="unknown",code="OK"} 100"#
-        ),
-        "{after}"
-    );
+    assert!(unknown_service >= 100, "{after}");
+    let unknown_method =
+        count(r#"serval_grpc_requests_total{service="echo.Echo",method="unknown",code="OK"}"#);
+    assert!(unknown_method >= 100, "{after}");
     let _ = stop.send(());
     let _ = server.await;
 }

@@ -337,7 +337,7 @@ async fn over_the_connection_cap_a_client_gets_503_until_one_closes() {
     let refused = |text: &str| {
         metric(
             text,
-            r#"serval_proxy_refused_total{reason="max_connections"} "#,
+            r#"serval_proxy_refused_total{reason="max_connections",listener="http"} "#,
         )
     };
     // Three open (and proven accepted: each answered a request).
