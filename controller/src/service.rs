@@ -104,7 +104,7 @@ impl ControlService {
     pub fn into_server(self) -> InterceptedService<ControlServer<Self>, TokenCheck> {
         let token = self.token.clone();
         let server = ControlServer::new(self)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         InterceptedService::new(server, TokenCheck::new(token))
     }
@@ -240,6 +240,12 @@ fn whole_blob_chunks(sm: &StateMachineStore, digest: &str) -> Vec<Result<BlobChu
 
 /// Pickled backends travel in control messages: allow large ones.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+/// The largest request a client may send the `Control` service: a whole
+/// blob part (48 MiB) and headroom. Decoded only after the token check
+/// (the interceptor sees the headers first), but bounded all the same: a
+/// call over it is refused with OUT_OF_RANGE before it is buffered whole.
+/// Answers (snapshots with code) may still be up to `MAX_MESSAGE_BYTES`.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<ClusterSnapshot, Status>> + Send>>;
 type BlobStream = Pin<Box<dyn Stream<Item = Result<BlobChunk, Status>> + Send>>;

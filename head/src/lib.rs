@@ -7,10 +7,12 @@
 //! - `status`: `serve status` tables.
 //! - `shutdown`: `serve shutdown`.
 //! - `cluster_file`: how commands find a running head through its data dir.
+//! - `control_listener`: the control listener's connection bounds.
 #![forbid(unsafe_code)]
 
 pub mod cli;
 mod cluster_file;
+mod control_listener;
 mod shutdown;
 mod start;
 mod status;

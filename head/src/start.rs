@@ -16,6 +16,7 @@ use serval_node::{AgentConfig, NodeAgent};
 use serval_protos::control::HttpOptions;
 
 use crate::cluster_file::{self, ClusterInfo};
+use crate::control_listener;
 use crate::ClusterArgs;
 
 #[derive(Args, Debug, Clone)]
@@ -66,6 +67,60 @@ pub struct StartArgs {
     #[arg(long, env = "SERVAL_HTTP_QUEUE_CAPACITY",
           default_value_t = serval_proxy::ProxyConfig::default().queue_capacity)]
     http_queue_capacity: usize,
+    /// Seconds a client has to send a whole request head (HTTP/1.1),
+    /// counted from when the connection starts waiting for one (so it also
+    /// bounds an idle keep-alive connection); the connection is closed.
+    #[arg(long, env = "SERVAL_HTTP_HEADER_READ_TIMEOUT_S", value_parser = parse_positive_secs,
+          default_value_t = serval_proxy::Limits::default().header_read_timeout.as_secs_f64())]
+    http_header_read_timeout_s: f64,
+    /// Seconds a connection with no request in flight may move no byte
+    /// before it is closed (HTTP/1.1 and HTTP/2).
+    #[arg(long, env = "SERVAL_HTTP_KEEP_ALIVE_TIMEOUT_S", value_parser = parse_positive_secs,
+          default_value_t = serval_proxy::Limits::default().keep_alive_timeout.as_secs_f64())]
+    http_keep_alive_timeout_s: f64,
+    /// Seconds a client has to send a whole request body; else 408 and
+    /// `Connection: close`.
+    #[arg(long, env = "SERVAL_HTTP_BODY_READ_TIMEOUT_S", value_parser = parse_positive_secs,
+          default_value_t = serval_proxy::Limits::default().body_read_timeout.as_secs_f64())]
+    http_body_read_timeout_s: f64,
+    /// Open client connections this node's proxy accepts; a new one beyond
+    /// it gets 503 with `Retry-After` and is closed.
+    #[arg(long, env = "SERVAL_HTTP_MAX_CONNECTIONS",
+          default_value_t = serval_proxy::Limits::default().max_connections,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    http_max_connections: usize,
+    /// Bytes of request bodies this node's proxy buffers at once, across
+    /// all requests; beyond it 503 with `Retry-After`. At least
+    /// --http-max-body-bytes.
+    #[arg(long, env = "SERVAL_HTTP_MAX_BUFFERED_BODY_BYTES",
+          default_value_t = serval_proxy::Limits::default().max_buffered_body_bytes as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    http_max_buffered_body_bytes: u64,
+    /// HTTP/2: streams one client connection may have open at once.
+    #[arg(long, env = "SERVAL_HTTP2_MAX_CONCURRENT_STREAMS",
+          default_value_t = serval_proxy::Limits::default().http2_max_concurrent_streams,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    http2_max_concurrent_streams: u32,
+    /// HTTP/2: bytes of one request's (decoded) header list.
+    #[arg(long, env = "SERVAL_HTTP2_MAX_HEADER_LIST_SIZE",
+          default_value_t = serval_proxy::Limits::default().http2_max_header_list_size,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    http2_max_header_list_size: u32,
+    /// HTTP/2: seconds between keep-alive pings to each client connection.
+    #[arg(long, env = "SERVAL_HTTP2_KEEP_ALIVE_INTERVAL_S", value_parser = parse_positive_secs,
+          default_value_t = serval_proxy::Limits::default().http2_keep_alive_interval.as_secs_f64())]
+    http2_keep_alive_interval_s: f64,
+    /// HTTP/2: seconds a ping may go unanswered before the connection is
+    /// closed.
+    #[arg(long, env = "SERVAL_HTTP2_KEEP_ALIVE_TIMEOUT_S", value_parser = parse_positive_secs,
+          default_value_t = serval_proxy::Limits::default().http2_keep_alive_timeout.as_secs_f64())]
+    http2_keep_alive_timeout_s: f64,
+    /// HTTP/2: streams a client may reset before the proxy handled them,
+    /// pending at once ("rapid reset"); beyond it the connection is closed.
+    #[arg(long, env = "SERVAL_HTTP2_MAX_PENDING_RESET_STREAMS",
+          default_value_t = serval_proxy::Limits::default().http2_max_pending_reset_streams,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    http2_max_pending_reset_streams: usize,
     /// CPUs this node offers to replicas (default: the machine's count).
     #[arg(long, env = "SERVAL_NUM_CPUS")]
     num_cpus: Option<f64>,
@@ -111,6 +166,13 @@ pub fn run(
     relaunch: &[String],
 ) -> anyhow::Result<()> {
     let location = normalise_location(&args.http_location)?;
+    if args.http_max_buffered_body_bytes < args.http_max_body_bytes {
+        bail!(
+            "--http-max-buffered-body-bytes ({}) must be at least --http-max-body-bytes ({})",
+            args.http_max_buffered_body_bytes,
+            args.http_max_body_bytes
+        );
+    }
     serval_proxy::validate_middlewares(&args.http_middlewares)
         .map_err(|e| anyhow::anyhow!("invalid --http-middlewares: {e}"))?;
     if !args.head && cluster.address.is_none() {
@@ -131,6 +193,7 @@ pub fn run(
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
+    raise_open_file_limit();
     let result = runtime.block_on(async move {
         if args.head {
             run_head(cluster, args, data_dir, location).await
@@ -142,6 +205,53 @@ pub fn run(
     // stopping process gives them a moment, no more.
     runtime.shutdown_timeout(Duration::from_secs(2));
     result
+}
+
+/// Raises this process's open-file soft limit to its hard limit: every
+/// client connection, replica connection and socket is a file, and the
+/// usual soft limit (1024) is far below `--http-max-connections`.
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let before = limit.current;
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(error = %e, ?before, "cannot raise the open-file limit");
+            return;
+        }
+    }
+    let fmt = |v: Option<u64>| v.map_or("unlimited".to_owned(), |n| n.to_string());
+    tracing::info!(open_files = %fmt(limit.current), "open-file limit");
+}
+
+/// The proxy's bounds on clients from the `--http-*` flags (also those of
+/// the `--metrics-port` listener).
+fn proxy_limits(args: &StartArgs) -> serval_proxy::Limits {
+    serval_proxy::Limits {
+        header_read_timeout: Duration::from_secs_f64(args.http_header_read_timeout_s),
+        keep_alive_timeout: Duration::from_secs_f64(args.http_keep_alive_timeout_s),
+        body_read_timeout: Duration::from_secs_f64(args.http_body_read_timeout_s),
+        max_connections: args.http_max_connections,
+        max_buffered_body_bytes: usize::try_from(args.http_max_buffered_body_bytes)
+            .unwrap_or(usize::MAX),
+        http2_max_concurrent_streams: args.http2_max_concurrent_streams,
+        http2_max_header_list_size: args.http2_max_header_list_size,
+        http2_keep_alive_interval: Duration::from_secs_f64(args.http2_keep_alive_interval_s),
+        http2_keep_alive_timeout: Duration::from_secs_f64(args.http2_keep_alive_timeout_s),
+        http2_max_pending_reset_streams: args.http2_max_pending_reset_streams,
+    }
+}
+
+/// `SERVAL_DEBUG` (1, true, yes, on), as the Python replicas read it:
+/// error bodies then carry internal detail.
+fn debug_errors() -> bool {
+    std::env::var("SERVAL_DEBUG").is_ok_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        )
+    })
 }
 
 fn parse_positive_secs(s: &str) -> Result<f64, String> {
@@ -318,16 +428,17 @@ fn start_proxy(
     control_addr: String,
     token: String,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
-    max_body_bytes: u64,
-    queue_capacity: usize,
+    args: &StartArgs,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let config = serval_proxy::ProxyConfig {
         control_addr,
         token,
         metrics,
-        max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
-        queue_capacity,
+        max_body_bytes: usize::try_from(args.http_max_body_bytes).unwrap_or(usize::MAX),
+        queue_capacity: args.http_queue_capacity,
+        limits: proxy_limits(args),
+        debug_errors: debug_errors(),
         ..serval_proxy::ProxyConfig::default()
     };
     tokio::spawn(async move {
@@ -341,9 +452,6 @@ fn start_proxy(
     })
 }
 
-/// Installs this process's metrics recorder (the handle serves the proxy's
-/// `/-/metrics`) and, with `--metrics-port`, an HTTP listener serving the
-/// same text. Runs inside the tokio runtime.
 /// Binds and starts this process's HTTP proxy when `run`; returns its task
 /// and address (empty when none runs).
 async fn proxy_if(
@@ -363,49 +471,41 @@ async fn proxy_if(
         control_addr.to_string(),
         token.to_string(),
         metrics,
-        args.http_max_body_bytes,
-        args.http_queue_capacity,
+        args,
         stop_rx,
     );
     Ok((Some(task), addr))
 }
 
+/// Installs this process's metrics recorder (the handle serves the proxy's
+/// `/-/metrics`) and, with `--metrics-port`, an HTTP listener serving the
+/// same text on every path. Runs inside the tokio runtime.
 fn install_metrics(
     args: &StartArgs,
 ) -> anyhow::Result<Option<metrics_exporter_prometheus::PrometheusHandle>> {
-    let builder = serval_proxy::metrics::prometheus_builder();
-    let handle = match args.metrics_port {
-        None => Some(
-            serval_proxy::metrics::install(builder).context("installing the metrics recorder")?,
-        ),
-        Some(port) => {
-            let host = args.metrics_host.as_str();
-            let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
-                .with_context(|| format!("resolving --metrics-host {host}"))?
-                .next()
-                .with_context(|| format!("--metrics-host {host} resolves to no address"))?;
-            // The exporter's own upkeep task drains histograms here.
-            let (recorder, exporter) = builder
-                .upkeep_timeout(serval_proxy::metrics::UPKEEP_INTERVAL)
-                .with_http_listener(addr)
-                .build()
-                .with_context(|| format!("serving metrics on {addr}"))?;
-            let handle = recorder.handle();
-            metrics::set_global_recorder(recorder)
-                .map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
-            tokio::spawn(async move {
-                if let Err(e) = exporter.await {
-                    tracing::error!(error = ?e, "metrics listener stopped");
-                }
-            });
-            println!("metrics listening on http://{addr}/-/metrics");
-            Some(handle)
-        }
-    };
+    let handle = serval_proxy::metrics::install(serval_proxy::metrics::prometheus_builder())
+        .context("installing the metrics recorder")?;
+    if let Some(port) = args.metrics_port {
+        let host = args.metrics_host.as_str();
+        let listener = std::net::TcpListener::bind((host, port))
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::TcpListener::from_std)
+            .with_context(|| format!("binding --metrics-port on {host}:{port}"))?;
+        let addr = listener.local_addr()?;
+        // Our own server, under the proxy's connection limits; it serves
+        // until the process ends.
+        tokio::spawn(serval_proxy::http::serve_metrics(
+            listener,
+            handle.clone(),
+            proxy_limits(args),
+            std::future::pending(),
+        ));
+        println!("metrics listening on http://{addr}/-/metrics");
+    }
     serval_proxy::metrics::describe();
     serval_node::metrics::describe();
     serval_controller::reconciler::describe_metrics();
-    Ok(handle)
+    Ok(Some(handle))
 }
 
 async fn run_head(
@@ -471,8 +571,17 @@ async fn run_head(
         let mut stop = stop_rx.clone();
         let control = service.into_server();
         let peers = PeerService::new(raft.clone(), token.clone()).into_server();
-        let incoming = tokio_stream_incoming(control_listener);
-        let mut builder = tonic::transport::Server::builder();
+        let incoming = control_listener::incoming(control_listener);
+        // Bounds per connection (see control_listener for the rest); no
+        // request timeout: Watch streams live as long as their clients.
+        let mut builder = tonic::transport::Server::builder()
+            .max_concurrent_streams(control_listener::MAX_CONCURRENT_STREAMS)
+            .http2_keepalive_interval(Some(control_listener::KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(control_listener::KEEPALIVE_TIMEOUT))
+            .http2_max_header_list_size(control_listener::MAX_HEADER_LIST_SIZE)
+            .http2_max_pending_accept_reset_streams(Some(
+                control_listener::MAX_PENDING_RESET_STREAMS,
+            ));
         if let Some(tls) = tls {
             builder = builder.tls_config(tls).map_err(|e| {
                 anyhow::anyhow!(
@@ -568,21 +677,6 @@ async fn run_head(
         tracing::warn!("raft did not stop within 5 s");
     }
     Ok(())
-}
-
-/// The control listener's connections, with TCP_NODELAY as tonic's own
-/// listener sets it (a custom incoming skips that): without it, each small
-/// reply (a lease, an ack) waited on the client's delayed ACK.
-fn tokio_stream_incoming(
-    listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(stream) = &conn {
-            let _ = stream.set_nodelay(true);
-        }
-        conn
-    })
 }
 
 /// Asks the cluster at `join` to add this head to the raft group, unless it

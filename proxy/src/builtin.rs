@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::StatusCode;
+use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::errors::{json_error, HttpResponse};
 use crate::proxy::Proxy;
@@ -54,7 +55,7 @@ pub(crate) fn respond(proxy: &Proxy, path: &str) -> Option<HttpResponse> {
             ),
         },
         METRICS_PATH => match &proxy.metrics {
-            Some(handle) => text(StatusCode::OK, "text/plain; version=0.0.4", handle.render()),
+            Some(handle) => metrics_text(handle),
             None => json_error(
                 StatusCode::NOT_FOUND,
                 "metrics are not enabled on this proxy",
@@ -62,6 +63,11 @@ pub(crate) fn respond(proxy: &Proxy, path: &str) -> Option<HttpResponse> {
         },
         _ => return None,
     })
+}
+
+/// The Prometheus text exposition of `handle`.
+pub(crate) fn metrics_text(handle: &PrometheusHandle) -> HttpResponse {
+    text(StatusCode::OK, "text/plain; version=0.0.4", handle.render())
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> HttpResponse {

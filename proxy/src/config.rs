@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::limits::Limits;
 use crate::router::RouterConfig;
 
 /// Ray Serve's request body limit is generous; ours is too, but bounded so
@@ -39,6 +40,11 @@ pub struct ProxyConfig {
     pub shutdown_grace: Duration,
     /// Renders `/-/metrics`; `None` makes that path 404.
     pub metrics: Option<PrometheusHandle>,
+    /// Bounds on what clients may hold: connections, time, buffered bytes.
+    pub limits: Limits,
+    /// Error bodies carry internal detail (replica ids, addresses): the
+    /// binary sets it from `SERVAL_DEBUG`. Off, the detail goes to the log.
+    pub debug_errors: bool,
 }
 
 impl Default for ProxyConfig {
@@ -54,6 +60,8 @@ impl Default for ProxyConfig {
             no_replica_timeout: router.no_replica_timeout,
             shutdown_grace: Duration::from_secs(10),
             metrics: None,
+            limits: Limits::default(),
+            debug_errors: false,
         }
     }
 }
@@ -78,6 +86,8 @@ impl std::fmt::Debug for ProxyConfig {
             .field("no_replica_timeout", &self.no_replica_timeout)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("metrics", &self.metrics.is_some())
+            .field("limits", &self.limits)
+            .field("debug_errors", &self.debug_errors)
             .finish()
     }
 }
@@ -104,6 +114,15 @@ impl ProxyConfig {
         }
         if self.no_replica_timeout.is_zero() {
             return invalid("no_replica_timeout", "must be greater than 0");
+        }
+        if let Some(field) = self.limits.zero_field() {
+            return invalid(field, "must be greater than 0");
+        }
+        if self.limits.max_buffered_body_bytes < self.max_body_bytes {
+            return invalid(
+                "max_buffered_body_bytes",
+                "must be at least max_body_bytes, or the largest allowed bodies could never be read",
+            );
         }
         Ok(())
     }
@@ -168,6 +187,27 @@ mod tests {
                     ..Default::default()
                 },
                 "request_timeout",
+            ),
+            (
+                ProxyConfig {
+                    limits: Limits {
+                        header_read_timeout: Duration::ZERO,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+                "header_read_timeout",
+            ),
+            (
+                ProxyConfig {
+                    max_body_bytes: 10,
+                    limits: Limits {
+                        max_buffered_body_bytes: 5,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+                "max_buffered_body_bytes",
             ),
         ];
         for (config, field) in cases {

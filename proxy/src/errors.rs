@@ -1,6 +1,10 @@
 //! Every error the proxy answers itself, as HTTP: JSON `{"error": "..."}`
 //! bodies with `content-type: application/json`, one mapping for
 //! [`RouterError`] so the HTTP meaning of each failure is decided here only.
+//!
+//! Clients are anonymous: an error body never names a replica, a socket
+//! path, a node or an address unless the proxy runs with `SERVAL_DEBUG`
+//! ([`message`]); the detail goes to the log instead.
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -61,7 +65,65 @@ pub(crate) fn body_too_large(limit: usize, body_read: bool) -> HttpResponse {
     response
 }
 
-pub(crate) fn from_router_error(error: &RouterError) -> HttpResponse {
+/// The proxy's body budget is taken by other requests' bodies.
+pub(crate) fn body_budget_exhausted() -> HttpResponse {
+    let mut response = json_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the proxy is buffering too many request bodies; retry",
+    );
+    let headers = response.headers_mut();
+    headers.insert(
+        RETRY_AFTER,
+        HeaderValue::from_static(BACKPRESSURE_RETRY_AFTER_S),
+    );
+    // The body was not read: the connection cannot carry another request.
+    headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// The body did not arrive within `--http-body-read-timeout-s`.
+pub(crate) fn body_timeout(after: std::time::Duration) -> HttpResponse {
+    let mut response = json_error(
+        StatusCode::REQUEST_TIMEOUT,
+        &format!(
+            "the request body did not arrive within {} s",
+            after.as_secs_f64()
+        ),
+    );
+    response
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// What a client is told about `error`: the whole detail with `debug`
+/// (`SERVAL_DEBUG`), else a message naming nothing internal. The detail is
+/// logged either way (at debug for the overload answers, which come in
+/// floods and are counted in metrics; at warn for a failed replica).
+pub(crate) fn message(error: &RouterError, debug: bool) -> String {
+    match error {
+        RouterError::ReplicaDied { .. } | RouterError::Protocol { .. } => {
+            tracing::warn!(%error, "request failed")
+        }
+        _ => tracing::debug!(%error, "request failed"),
+    }
+    if debug {
+        return error.to_string();
+    }
+    match error {
+        RouterError::UnknownEndpoint(_) => "the endpoint of this route is not deployed".into(),
+        RouterError::NoReplica { .. } => "no replica of this endpoint is running yet; retry".into(),
+        RouterError::Backpressure { .. } => {
+            "the service is overloaded: every replica is at its limit and the queue is full; retry"
+                .into()
+        }
+        RouterError::ReplicaDied { .. } => "the replica serving the request failed".into(),
+        RouterError::Timeout { .. } => error.to_string(),
+        RouterError::Protocol { .. } => "the replica's answer could not be read".into(),
+    }
+}
+
+pub(crate) fn from_router_error(error: &RouterError, debug: bool) -> HttpResponse {
     let (status, retry_after) = match error {
         RouterError::UnknownEndpoint(_) => (StatusCode::NOT_FOUND, None),
         RouterError::Backpressure { .. } => (
@@ -77,7 +139,7 @@ pub(crate) fn from_router_error(error: &RouterError) -> HttpResponse {
         }
         RouterError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, None),
     };
-    let mut response = json_error(status, &error.to_string());
+    let mut response = json_error(status, &message(error, debug));
     if let Some(seconds) = retry_after {
         response
             .headers_mut()
@@ -127,7 +189,7 @@ mod tests {
             ),
         ];
         for (error, status, retry) in cases {
-            let r = from_router_error(&error);
+            let r = from_router_error(&error, false);
             assert_eq!(r.status().as_u16(), status, "{error}");
             assert_eq!(
                 r.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()),
@@ -136,5 +198,15 @@ mod tests {
             );
             assert_eq!(r.headers()[CONTENT_TYPE], "application/json");
         }
+    }
+
+    #[test]
+    fn internal_detail_only_with_debug() {
+        let error = RouterError::ReplicaDied {
+            replica: "replica-7f3a".into(),
+            reason: "connection to /tmp/x/replica-7f3a.sock closed".into(),
+        };
+        assert!(!message(&error, false).contains("7f3a"));
+        assert!(message(&error, true).contains("replica-7f3a.sock"));
     }
 }

@@ -10,7 +10,9 @@
 //! 3. route lookup: matchit (404 / 405 + `Allow`) before reading the body,
 //!    so a request for no route costs no body buffering.
 //! 4. `read_body`: Content-Length checked early, then a hard limit while
-//!    reading (413), because chunked bodies declare no length.
+//!    reading (413), because chunked bodies declare no length; the bytes
+//!    held count against the proxy's body budget (503) and the whole body
+//!    must arrive within `body_read_timeout` (408).
 //! 5. `forward`: build the frame request and call the router, which owns
 //!    concurrency limits, queueing, backpressure and the deadline.
 //! 6. `record`: metrics labelled by endpoint and status class, never by the
@@ -21,28 +23,37 @@
 //!
 //! gRPC requests (`content-type: application/grpc`) skip all of this and
 //! go to [`crate::grpc`].
+//!
+//! Every connection is bounded before any of this (`serve_connections`,
+//! [`crate::limits`]): a connection cap, idle and handshake deadlines,
+//! hyper's header-read timeout and HTTP/2 limits.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
 use hyper::service::service_fn;
 use hyper::StatusCode;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use serval_protos::frame::{HttpRequest, Payload, Request};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::builtin;
 use crate::errors::{self, HttpResponse};
 use crate::grpc;
+use crate::limits::{ConnActivity, ConnIo, InFlight, Limits, Reservation};
 use crate::proxy::Proxy;
 use crate::route::{LookupError, RouteMatch};
 
@@ -50,6 +61,12 @@ use crate::route::{LookupError, RouteMatch};
 pub const CALL_METHOD_HEADER: &str = "x-serve-call-method";
 pub const REQUESTS_TOTAL: &str = "serval_proxy_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "serval_proxy_request_duration_seconds";
+/// Open client connections of a listener.
+pub const OPEN_CONNECTIONS: &str = "serval_proxy_open_connections";
+/// Requests and connections refused by a limit, by `reason`.
+pub const REFUSED_TOTAL: &str = "serval_proxy_refused_total";
+/// At most one refusal warning in the log per this many seconds.
+const REFUSAL_LOG_EVERY_S: u64 = 10;
 /// Endpoint label of requests that matched no endpoint.
 const NO_ENDPOINT_LABEL: &str = "-";
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop
@@ -59,38 +76,125 @@ const ACCEPT_ERROR_PAUSE_MS: u64 = 50;
 /// Serves HTTP on `listener` until `shutdown` resolves, then stops accepting
 /// and waits up to the configured grace period for open connections.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let limits = proxy.limits.clone();
+    let grace = proxy.shutdown_grace;
+    serve_connections(
+        listener,
+        "http",
+        &limits,
+        grace,
+        shutdown,
+        move |req, peer| {
+            let proxy = proxy.clone();
+            async move {
+                // gRPC streams through; HTTP answers are whole.
+                if grpc::is_grpc(&req) {
+                    grpc::handle(&proxy, req).await.map(ResponseBody::Grpc)
+                } else {
+                    handle(&proxy, req, &peer).await.map(ResponseBody::Http)
+                }
+            }
+        },
+    )
+    .await
+}
+
+/// Serves this process's Prometheus text on every path of `listener`
+/// (`serve start --metrics-port`), under the same connection limits as
+/// the proxy, until `shutdown` resolves.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let handle = Arc::new(handle);
+    let grace = Duration::from_secs(1);
+    serve_connections(
+        listener,
+        "metrics",
+        &limits,
+        grace,
+        shutdown,
+        move |_req, _peer| {
+            let handle = handle.clone();
+            async move { builtin::metrics_text(&handle).map(ResponseBody::Http) }
+        },
+    )
+    .await
+}
+
+/// How many refused connections may be getting their 503 at once; beyond
+/// it they are closed without one (a flood must not cost a task each).
+const MAX_REFUSALS_AT_ONCE: usize = 64;
+/// How long a refused connection is kept to read the client's request
+/// before closing (closing with unread bytes resets the connection, and
+/// the client could lose the 503).
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 59\r\n\r\n{\"error\":\"too many open connections to this proxy; retry\"}\n";
+
+/// The accept loop every listener of this crate runs: connection cap,
+/// idle/handshake bounds ([`ConnIo`]), hyper's header and HTTP/2 limits,
+/// then `handler` per request, with graceful shutdown.
+/// `name` labels its connection metrics (`listener="http"` or `"metrics"`).
+async fn serve_connections<H, Fut>(
+    listener: TcpListener,
+    name: &'static str,
+    limits: &Limits,
+    grace: Duration,
+    shutdown: impl Future<Output = ()>,
+    handler: H,
+) where
+    H: Fn(hyper::Request<Incoming>, Arc<str>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = hyper::Response<ResponseBody>> + Send + 'static,
+{
+    let builder = server_builder(limits);
     let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS_AT_ONCE));
+    let open = metrics::gauge!(OPEN_CONNECTIONS, "listener" => name);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, client)) => {
+                    let Ok(permit) = connections.clone().try_acquire_owned() else {
+                        refuse(stream, name, &refusals, limits.max_connections);
+                        continue;
+                    };
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
                     }
-                    let proxy = proxy.clone();
+                    let activity = Arc::new(ConnActivity::default());
+                    let io = ConnIo::new(
+                        stream,
+                        activity.clone(),
+                        limits.keep_alive_timeout,
+                        limits.header_read_timeout,
+                    );
                     // Formatted once per connection, copied into each request.
                     let peer: Arc<str> = client.to_string().into();
+                    let handler = handler.clone();
                     let service = service_fn(move |req: hyper::Request<Incoming>| {
-                        let proxy = proxy.clone();
-                        let peer = peer.clone();
+                        // Held by the response body until it ends (a gRPC
+                        // stream), so a busy connection is never idle.
+                        let in_flight = activity.start();
+                        let response = handler(req, peer.clone());
                         async move {
-                            // gRPC streams through; HTTP answers are whole.
-                            let response = if grpc::is_grpc(&req) {
-                                grpc::handle(&proxy, req).await.map(ResponseBody::Grpc)
-                            } else {
-                                handle(&proxy, req, &peer).await.map(ResponseBody::Http)
-                            };
-                            Ok::<_, Infallible>(response)
+                            let response = response.await;
+                            Ok::<_, Infallible>(response.map(|body| ConnBody { body, _in_flight: in_flight }))
                         }
                     });
-                    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
                     let conn = graceful.watch(conn);
+                    let open = open.clone();
+                    open.increment(1.0);
                     tokio::spawn(async move {
                         if let Err(e) = conn.await {
                             tracing::debug!(%client, error = %e, "connection ended with an error");
                         }
+                        open.decrement(1.0);
+                        drop(permit);
                     });
                 }
                 Err(e) => {
@@ -104,13 +208,106 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
     drop(listener);
     tracing::info!(
         open = graceful.count(),
-        "proxy stopped accepting; draining connections"
+        "stopped accepting; draining connections"
     );
-    if tokio::time::timeout(proxy.shutdown_grace, graceful.shutdown())
+    if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
     {
-        tracing::warn!(grace = ?proxy.shutdown_grace, "connections still open after the grace period");
+        tracing::warn!(?grace, "connections still open after the grace period");
+    }
+}
+
+/// hyper's server settings from `limits`.
+fn server_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .max_header_list_size(limits.http2_max_header_list_size)
+        .keep_alive_interval(limits.http2_keep_alive_interval)
+        .keep_alive_timeout(limits.http2_keep_alive_timeout)
+        .max_pending_accept_reset_streams(limits.http2_max_pending_reset_streams);
+    builder
+}
+
+/// Answers a connection over `max_connections` with a 503 (HTTP/1.1; an
+/// HTTP/2 client sees the connection close) and closes it, counted in
+/// `serval_proxy_refused_total{reason="max_connections",listener}`.
+fn refuse(
+    stream: TcpStream,
+    listener: &'static str,
+    refusals: &Arc<Semaphore>,
+    max_connections: usize,
+) {
+    metrics::counter!(REFUSED_TOTAL, "reason" => "max_connections", "listener" => listener)
+        .increment(1);
+    log_refusal(max_connections);
+    let Ok(permit) = refusals.clone().try_acquire_owned() else {
+        return; // dropped: closed at once
+    };
+    tokio::spawn(async move {
+        let _permit = permit;
+        let mut stream = stream;
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+            stream.write_all(REFUSAL).await?;
+            stream.shutdown().await?;
+            // Read (and drop) the request until the client closes.
+            let mut buf = [0u8; 4096];
+            while stream.read(&mut buf).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+    });
+}
+
+/// A warning at most every few seconds: a flood must not flood the log.
+fn log_refusal(max_connections: usize) {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST.load(Ordering::Relaxed);
+    if now >= last + REFUSAL_LOG_EVERY_S
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            max_connections,
+            "refusing connections: this proxy has --http-max-connections open (see serval_proxy_refused_total)"
+        );
+    }
+}
+
+/// A response body and the in-flight mark of its request.
+struct ConnBody {
+    body: ResponseBody,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for ConnBody {
+    type Data = Bytes;
+    type Error = grpc::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -191,8 +388,8 @@ async fn route_and_forward(
             return response;
         }
     };
-    let response = match read_body(req, proxy.max_body_bytes).await {
-        Ok((parts, body)) => forward(proxy, &matched, parts, body, client).await,
+    let response = match read_body(proxy, req).await {
+        Ok((parts, body, _reservation)) => forward(proxy, &matched, parts, body, client).await,
         Err(response) => response,
     };
     record(proxy, &matched.endpoint, response.status(), started);
@@ -231,10 +428,14 @@ async fn discard(mut body: Incoming) -> bool {
     .unwrap_or(false)
 }
 
+/// Reads the whole body under the proxy's bounds: `max_body_bytes` (413),
+/// the shared body budget (503), `body_read_timeout` (408). The
+/// reservation holds the body's bytes in the budget until dropped.
 async fn read_body(
+    proxy: &Proxy,
     req: hyper::Request<Incoming>,
-    limit: usize,
-) -> Result<(hyper::http::request::Parts, Bytes), HttpResponse> {
+) -> Result<(hyper::http::request::Parts, Bytes, Reservation), HttpResponse> {
+    let limit = proxy.max_body_bytes;
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -244,18 +445,74 @@ async fn read_body(
         let body_read = n <= OVERSIZE_DRAIN_BYTES && discard(req.into_body()).await;
         return Err(errors::body_too_large(limit, body_read));
     }
-    let (parts, body) = req.into_parts();
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok((parts, collected.to_bytes())),
-        // The limit stopped the reading: the rest of the stream is unread.
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(errors::body_too_large(limit, false))
+    let mut reservation = proxy.body_budget.reservation();
+    // Declared: taken whole before reading, so a body never fails half-way.
+    if let Some(n) = declared {
+        if !reservation.cover(n as usize) {
+            return Err(body_budget_refused(proxy));
         }
-        Err(e) => Err(errors::json_error(
-            StatusCode::BAD_REQUEST,
-            &format!("cannot read the request body: {e}"),
-        )),
     }
+    let (parts, body) = req.into_parts();
+    let timeout = proxy.limits.body_read_timeout;
+    match tokio::time::timeout(timeout, collect(proxy, body, &mut reservation)).await {
+        Ok(Ok(body)) => Ok((parts, body, reservation)),
+        Ok(Err(response)) => Err(response),
+        Err(_) => {
+            metrics::counter!(REFUSED_TOTAL, "reason" => "body_read_timeout").increment(1);
+            Err(errors::body_timeout(timeout))
+        }
+    }
+}
+
+fn body_budget_refused(proxy: &Proxy) -> HttpResponse {
+    metrics::counter!(REFUSED_TOTAL, "reason" => "body_budget").increment(1);
+    tracing::debug!(
+        budget = proxy.limits.max_buffered_body_bytes,
+        "request body refused: the proxy's body budget is in use"
+    );
+    errors::body_budget_exhausted()
+}
+
+/// The body's chunks up to `max_body_bytes`, each covered by `reservation`.
+async fn collect(
+    proxy: &Proxy,
+    mut body: Incoming,
+    reservation: &mut Reservation,
+) -> Result<Bytes, HttpResponse> {
+    let limit = proxy.max_body_bytes;
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            errors::json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot read the request body: {e}"),
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        total += data.len();
+        // The limit stopped the reading: the rest of the stream is unread.
+        if total > limit {
+            return Err(errors::body_too_large(limit, false));
+        }
+        if !reservation.cover(total) {
+            return Err(body_budget_refused(proxy));
+        }
+        chunks.push(data);
+    }
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut out = BytesMut::with_capacity(total);
+            for c in chunks {
+                out.extend_from_slice(&c);
+            }
+            out.freeze()
+        }
+    })
 }
 
 async fn forward(
@@ -296,10 +553,7 @@ async fn forward(
     };
     match proxy.router().call(&matched.endpoint, request).await {
         Ok(response) => to_http(response),
-        Err(e) => {
-            tracing::debug!(endpoint = %matched.endpoint, error = %e, "request failed");
-            errors::from_router_error(&e)
-        }
+        Err(e) => errors::from_router_error(&e, proxy.debug_errors),
     }
 }
 

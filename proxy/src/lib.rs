@@ -18,7 +18,9 @@
 //!   every pending request at once when it breaks.
 //! - `watch`: follows the controller's snapshots, serving from the last one
 //!   while the controller is unreachable.
-//! - `proxy`: [`Proxy`], the state the server reads; `config`: [`ProxyConfig`].
+//! - `proxy`: [`Proxy`], the state the server reads; `config`: [`ProxyConfig`];
+//!   `limits`: [`Limits`], what one client may hold (connections, time,
+//!   buffered bytes) and the pieces that enforce them.
 //! - `load_report`: sends the router's per-backend load to the controller
 //!   once a second (the autoscaler's input), off the request path.
 //! - [`metrics`]: metric names, the Prometheus exporter settings every
@@ -33,6 +35,7 @@ mod config;
 mod errors;
 pub mod grpc;
 pub mod http;
+mod limits;
 mod load_report;
 pub mod metrics;
 pub mod middleware;
@@ -50,6 +53,7 @@ use tokio::net::TcpListener;
 
 pub use config::{ProxyConfig, ProxyError, DEFAULT_MAX_BODY_BYTES};
 pub use http::serve;
+pub use limits::{ConnIo, Limits};
 pub use load_report::spawn_load_reporter;
 pub use middleware::{validate as validate_middlewares, MiddlewareError, Middlewares};
 pub use policy::{PowerOfTwoChoices, ReplicaChoice};

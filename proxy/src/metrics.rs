@@ -98,6 +98,14 @@ pub fn describe() {
         Unit::Seconds,
         "HTTP request latency at the proxy, by endpoint"
     );
+    describe_gauge!(
+        crate::http::OPEN_CONNECTIONS,
+        "Client connections open, by listener (http, metrics)"
+    );
+    describe_counter!(
+        crate::http::REFUSED_TOTAL,
+        "Connections and requests refused by a limit, by reason"
+    );
     describe_counter!(
         ROUTER_REQUESTS_TOTAL,
         "Requests routed to a backend, by endpoint, backend and outcome (status class or router error)"

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::ProxyConfig;
 use crate::grpc::{GrpcServices, Reflection};
+use crate::limits::{BodyBudget, Limits};
 use crate::metrics::HttpMetrics;
 use crate::middleware::Middlewares;
 use crate::route::RouteTable;
@@ -33,6 +34,11 @@ pub struct Proxy {
     pub(crate) shutdown_grace: Duration,
     pub(crate) metrics: Option<PrometheusHandle>,
     pub(crate) http_metrics: HttpMetrics,
+    pub(crate) limits: Limits,
+    /// Shared by every request of this proxy (`limits.max_buffered_body_bytes`).
+    pub(crate) body_budget: Arc<BodyBudget>,
+    /// Whether error bodies carry internal detail (`SERVAL_DEBUG`).
+    pub(crate) debug_errors: bool,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -63,6 +69,9 @@ impl Proxy {
             shutdown_grace: config.shutdown_grace,
             metrics: config.metrics.clone(),
             http_metrics: HttpMetrics::default(),
+            limits: config.limits.clone(),
+            body_budget: BodyBudget::new(config.limits.max_buffered_body_bytes),
+            debug_errors: config.debug_errors,
         }
     }
 

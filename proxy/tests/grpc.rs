@@ -303,3 +303,132 @@ async fn a_full_replica_refuses_more_grpc_calls_as_resource_exhausted() {
     let _ = stop.send(());
     let _ = server.await;
 }
+
+/// Metric labels never come from what a client wrote: calls to made-up
+/// services, and to made-up methods of a deployed one, are counted under
+/// `unknown`, so a flood of them leaves `/-/metrics` the same size; a
+/// method the API's descriptors declare keeps its name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_grpc_paths_do_not_grow_the_metrics() {
+    use prost::Message;
+    let handle =
+        serval_proxy::metrics::install(serval_proxy::metrics::prometheus_builder()).unwrap();
+    let upstream = echo_server().await;
+    let proxy = Arc::new(Proxy::new(&ProxyConfig {
+        metrics: Some(handle),
+        ..Default::default()
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serval_proxy::serve(listener, proxy.clone(), async move {
+        let _ = stop_rx.await;
+    }));
+    let mut snap = snapshot(&upstream.to_string());
+    snap.endpoints[0].grpc_descriptor = prost_types::FileDescriptorSet {
+        file: vec![prost_types::FileDescriptorProto {
+            name: Some("echo.proto".into()),
+            package: Some("echo".into()),
+            service: vec![prost_types::ServiceDescriptorProto {
+                name: Some("Echo".into()),
+                method: vec![prost_types::MethodDescriptorProto {
+                    name: Some("Chat".into()),
+                    input_type: Some(".google.protobuf.Empty".into()),
+                    output_type: Some(".google.protobuf.Empty".into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+    .encode_to_vec();
+    proxy.apply_snapshot(&snap);
+    let client: Client<_, BoxBody> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let call = |path: String| {
+        let client = client.clone();
+        async move {
+            let request = hyper::Request::post(format!("http://{addr}{path}"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(BoxBody::new(Full::new(grpc_frame(b"x"))))
+                .unwrap();
+            let response = client.request(request).await.unwrap();
+            let _ = response.into_body().collect().await;
+        }
+    };
+    let metrics = || async {
+        let http: Client<_, BoxBody> = Client::builder(TokioExecutor::new()).build_http();
+        let response = http
+            .request(
+                hyper::Request::get(format!("http://{addr}/-/metrics"))
+                    .body(BoxBody::new(Full::new(Bytes::new())))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    };
+    // One of each kind first, so every series that can exist does.
+    call("/echo.Echo/Chat".into()).await;
+    call("/echo.Echo/Made0".into()).await;
+    call("/made0.Up/Call".into()).await;
+    let before = metrics().await;
+    assert!(
+        before
+            .contains(r#"serval_grpc_requests_total{service="echo.Echo",method="Chat",code="OK"}"#),
+        "{before}"
+    );
+    for i in 1..100 {
+        call(format!("/made{i}.Up/Call{i}")).await;
+        call(format!("/echo.Echo/Made{i}")).await;
+    }
+    let after = metrics().await;
+    // The other tests of this binary share the recorder and may add a few
+    // series meanwhile; 200 made-up paths would add thousands of lines.
+    assert!(
+        after.lines().count() < before.lines().count() + 100,
+        "the metrics grew from {} to {} lines:\n{after}",
+        before.lines().count(),
+        after.lines().count()
+    );
+    for line in after.lines().filter(|l| l.starts_with("serval_grpc_")) {
+        let label = |name: &str| {
+            line.split(&format!("{name}=\""))
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .unwrap_or("")
+                .to_owned()
+        };
+        assert!(
+            ["echo.Echo", "unknown", "grpc.health.v1.Health"].contains(&label("service").as_str()),
+            "{line}"
+        );
+        assert!(
+            ["Chat", "unknown", "Check"].contains(&label("method").as_str()),
+            "{line}"
+        );
+    }
+    assert!(!after.contains("made1"), "{after}");
+    assert!(!after.contains("Made1"), "{after}");
+    // All counted, under `unknown` (other tests may add a few calls).
+    let count = |series: &str| -> u64 {
+        after
+            .lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let unknown_service = count(
+        r#"serval_grpc_requests_total{service="unknown",method="unknown",code="UNIMPLEMENTED"}"#,
+    );
+    assert!(unknown_service >= 100, "{after}");
+    let unknown_method =
+        count(r#"serval_grpc_requests_total{service="echo.Echo",method="unknown",code="OK"}"#);
+    assert!(unknown_method >= 100, "{after}");
+    let _ = stop.send(());
+    let _ = server.await;
+}

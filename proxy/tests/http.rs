@@ -335,3 +335,52 @@ async fn run_refuses_an_invalid_config_naming_the_field() {
         .unwrap_err();
     assert!(err.to_string().contains("max_body_bytes"), "{err}");
 }
+
+/// Clients are anonymous: a failed replica's id and socket path are in
+/// the error body only when the proxy runs with `SERVAL_DEBUG`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_bodies_name_internals_only_with_debug() {
+    for debug in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let hold = Arc::new(HoldHandler::default());
+        let mut replica = ThreadedReplica::start(dir.path(), "replica-7f3a", hold.clone());
+        let proxy = Arc::new(Proxy::new(&ProxyConfig {
+            debug_errors: debug,
+            ..Default::default()
+        }));
+        proxy.apply_snapshot(&ClusterSnapshot {
+            version: 1,
+            backends: vec![backend("b", 1)],
+            endpoints: vec![endpoint("held", "/held", &[], "b")],
+            replicas: vec![replica.record("b")],
+            ..Default::default()
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serval_proxy::serve(listener, proxy.clone(), async move {
+            let _ = stop_rx.await;
+        }));
+        let http = Http::new(addr, false);
+        let pending = {
+            let http = http.clone();
+            tokio::spawn(async move { http.get("/held").await })
+        };
+        eventually("request held", || hold.held() == 1).await;
+        // The replica dies with the request on it.
+        replica.kill();
+        let r = pending.await.unwrap();
+        assert_eq!(r.status, 502, "{}", r.body);
+        let dir_text = dir.path().to_string_lossy().into_owned();
+        if debug {
+            assert!(r.body.contains("replica-7f3a"), "{}", r.body);
+        } else {
+            assert!(!r.body.contains("7f3a"), "{}", r.body);
+            assert!(!r.body.contains(&dir_text), "{}", r.body);
+            assert_json_error(&r, 502, "the replica serving the request failed");
+        }
+        drop(http);
+        stop.send(()).unwrap();
+        server.await.unwrap();
+    }
+}

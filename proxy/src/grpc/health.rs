@@ -14,6 +14,8 @@ use super::{frame, status_response, BoxError, Code, GrpcResponse};
 use crate::proxy::Proxy;
 
 pub(super) const SERVICE: &str = "grpc.health.v1.Health";
+/// The Health service's methods (metric labels).
+pub(super) const METHODS: [&str; 2] = ["Check", "Watch"];
 /// A health request is a service name: anything larger is not one.
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
 

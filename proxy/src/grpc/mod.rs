@@ -35,6 +35,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
+use crate::errors;
 use crate::proxy::Proxy;
 use crate::router::RouterError;
 
@@ -81,38 +82,56 @@ pub(crate) async fn handle(proxy: &Proxy, req: hyper::Request<Incoming>) -> Grpc
             &format!("{path} is not a gRPC method path (/package.Service/Method)"),
         );
     };
-    let response = if service == health::SERVICE {
-        health::handle(proxy, method, req).await
+    let services = proxy.grpc_services();
+    let (response, labels) = if service == health::SERVICE {
+        let label = health::METHODS.contains(&method).then_some(method);
+        (health::handle(proxy, method, req).await, (service, label))
     } else if reflection::SERVICES.contains(&service) {
-        proxy.reflection().handle(req).await
+        let label = (method == reflection::METHOD).then_some(method);
+        (proxy.reflection().handle(req).await, (service, label))
     } else {
-        match proxy.grpc_services().endpoint(service) {
-            Some(endpoint) => forward(proxy, endpoint, req).await,
-            None => status_response(
-                Code::Unimplemented,
-                &format!("unknown service {service}: no deployed API serves it"),
+        match services.endpoint(service) {
+            Some(endpoint) => {
+                let label = services.declares(service, method).then_some(method);
+                (forward(proxy, endpoint, req).await, (service, label))
+            }
+            None => (
+                status_response(
+                    Code::Unimplemented,
+                    &format!("unknown service {service}: no deployed API serves it"),
+                ),
+                (UNKNOWN_LABEL, None),
             ),
         }
     };
+    // Labels come from the snapshot and the proxy's own services, never
+    // from what a client wrote: made-up paths would grow the metrics
+    // without bound (3,000 of them made 57,000 lines).
+    let (service, method) = (labels.0, labels.1.unwrap_or(UNKNOWN_LABEL));
     body::counted(response, service, method, started)
 }
+
+/// The service or method label of a call to something not deployed.
+const UNKNOWN_LABEL: &str = "unknown";
 
 /// Reserves a replica of `endpoint` and forwards the call to its gRPC server.
 async fn forward(proxy: &Proxy, endpoint: &str, req: hyper::Request<Incoming>) -> GrpcResponse {
     let reservation = match proxy.router().reserve(endpoint).await {
         Ok(r) => r,
         Err(e) => {
-            tracing::debug!(%endpoint, error = %e, "gRPC call not routed");
-            return status_response(code_of(&e), &e.to_string());
+            return status_response(code_of(&e), &errors::message(&e, proxy.debug_errors));
         }
     };
     if reservation.grpc_addr().is_empty() {
-        return status_response(
+        let detail = format!(
+            "replica {} of endpoint {endpoint} has no gRPC server (not a gRPC API, or an older replica)",
+            reservation.replica_id()
+        );
+        return internal_failure(
+            proxy,
             Code::Unavailable,
-            &format!(
-                "replica {} of endpoint {endpoint} has no gRPC server (not a gRPC API, or an older replica)",
-                reservation.replica_id()
-            ),
+            "the replica has no gRPC server",
+            detail,
         );
     }
     let (mut parts, body) = req.into_parts();
@@ -124,10 +143,13 @@ async fn forward(proxy: &Proxy, endpoint: &str, req: hyper::Request<Incoming>) -
     parts.uri = match target.parse() {
         Ok(uri) => uri,
         Err(e) => {
-            return status_response(
+            let detail = format!("bad replica address {target}: {e}");
+            return internal_failure(
+                proxy,
                 Code::Internal,
-                &format!("bad replica address {target}: {e}"),
-            )
+                "the replica's address is invalid",
+                detail,
+            );
         }
     };
     match client()
@@ -139,16 +161,25 @@ async fn forward(proxy: &Proxy, endpoint: &str, req: hyper::Request<Incoming>) -
             reservation,
         ),
         Err(e) => {
-            tracing::debug!(%endpoint, replica = %reservation.replica_id(), error = %e, "gRPC forward failed");
-            status_response(
+            let detail = format!(
+                "replica {} of endpoint {endpoint} could not be reached: {e}",
+                reservation.replica_id()
+            );
+            internal_failure(
+                proxy,
                 Code::Unavailable,
-                &format!(
-                    "replica {} of endpoint {endpoint} could not be reached: {e}",
-                    reservation.replica_id()
-                ),
+                "the replica could not be reached",
+                detail,
             )
         }
     }
+}
+
+/// A failure whose `detail` names internals (replica ids, addresses): it is
+/// logged, and sent to the client only with `SERVAL_DEBUG`.
+fn internal_failure(proxy: &Proxy, code: Code, public: &str, detail: String) -> GrpcResponse {
+    tracing::warn!(%detail, "gRPC call failed");
+    status_response(code, if proxy.debug_errors { &detail } else { public })
 }
 
 /// One HTTP/2 (h2c) client for every replica: it keeps a connection per

@@ -18,6 +18,9 @@ pub(super) const SERVICES: [&str; 2] = [
     "grpc.reflection.v1alpha.ServerReflection",
 ];
 
+/// The reflection services' one method (a metric label).
+pub(super) const METHOD: &str = "ServerReflectionInfo";
+
 type Service =
     BoxCloneSyncService<hyper::Request<TonicBody>, hyper::Response<TonicBody>, Infallible>;
 

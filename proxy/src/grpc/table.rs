@@ -1,6 +1,8 @@
 //! Which endpoint serves which gRPC service, from the snapshot.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+
+use prost::Message;
 
 use serval_protos::control::ClusterSnapshot;
 
@@ -10,6 +12,9 @@ pub(crate) struct GrpcServices {
     endpoints: BTreeMap<String, String>,
     /// Serialized FileDescriptorSets, in service order (for reflection).
     descriptors: Vec<Vec<u8>>,
+    /// `package.Service/Method` of every method the descriptors declare:
+    /// the only method names used as metric labels.
+    methods: BTreeSet<String>,
 }
 
 impl GrpcServices {
@@ -28,6 +33,7 @@ impl GrpcServices {
             }
             out.endpoints.insert(e.grpc_service.clone(), e.name.clone());
             if !e.grpc_descriptor.is_empty() {
+                out.methods.extend(declared_methods(&e.grpc_descriptor));
                 out.descriptors.push(e.grpc_descriptor.clone());
             }
         }
@@ -46,4 +52,32 @@ impl GrpcServices {
     pub(crate) fn descriptors(&self) -> &[Vec<u8>] {
         &self.descriptors
     }
+
+    /// Whether a deployed service's descriptors declare `method`.
+    pub(crate) fn declares(&self, service: &str, method: &str) -> bool {
+        self.methods.contains(&format!("{service}/{method}"))
+    }
+}
+
+/// `package.Service/Method` of each method in a serialized
+/// FileDescriptorSet; none when it does not decode (reflection logs that).
+fn declared_methods(set: &[u8]) -> Vec<String> {
+    let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for file in &set.file {
+        let package = file.package();
+        for service in &file.service {
+            let service_name = if package.is_empty() {
+                service.name().to_owned()
+            } else {
+                format!("{package}.{}", service.name())
+            };
+            for method in &service.method {
+                out.push(format!("{service_name}/{}", method.name()));
+            }
+        }
+    }
+    out
 }
