@@ -79,6 +79,8 @@ pub struct Client {
     applied: Snapshots,
     /// Sends this client's routing load to the autoscaler; ends with it.
     reporter: tokio::task::JoinHandle<()>,
+    /// `derive_hex(token, PURPOSE_DOTENV)` (see `dotenv_salt`).
+    dotenv_salt: String,
 }
 
 impl Drop for Client {
@@ -246,6 +248,8 @@ impl Client {
         .map_err(|e| ServeError::new_err(e.to_string()))?;
         let router = Arc::new(Router::new(handle_router_config()?));
         let token_for_reports = token.clone();
+        let dotenv_salt =
+            serval_protos::auth::derive_hex(token.as_bytes(), serval_protos::auth::PURPOSE_DOTENV);
         let snapshots = {
             let _guard = runtime().enter();
             control::spawn_watch(address.clone(), token, false)
@@ -286,12 +290,20 @@ impl Client {
             router,
             applied,
             reporter,
+            dotenv_salt,
         })
     }
 
     #[getter]
     fn address(&self) -> String {
         self.address.clone()
+    }
+
+    /// The salt `serve deploy` puts in a project's `.env` blob: the same
+    /// for every deploy to this cluster (an unchanged `.env` is the same
+    /// blob), unknown to anyone without the cluster token.
+    fn dotenv_salt(&self) -> String {
+        self.dotenv_salt.clone()
     }
 
     fn create_backend(
