@@ -152,7 +152,7 @@ def _check(kind: str, archive_size: int, names_sizes, limits: Limits) -> None:
                              f"{archive_size} bytes")
 
 
-def extract(archive: Union[str, bytes], target: str, limits: Limits) -> None:
+def extract(archive: Union[str, bytes], target: str, limits: Limits, zip_allowed: bool = True) -> None:
     """Unpacks the tar (compressed or not) or zip ``archive`` (a path, or
     the archive's bytes) into the new folder ``target`` (see the module
     docs); anything else is refused."""
@@ -168,19 +168,8 @@ def extract(archive: Union[str, bytes], target: str, limits: Limits) -> None:
 
         def source():
             return path
-    if zipfile.is_zipfile(source()):
-        with zipfile.ZipFile(source()) as z:
-            members = z.infolist()
-            for m in members:
-                # Unix file type bits, when the zip has them (writers that
-                # do not leave them 0): a symlink is refused.
-                kind = stat.S_IFMT(m.external_attr >> 16)
-                if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
-                    raise FetchError(f"the zip member {m.filename!r} is not a plain file or folder")
-            _check("zip", archive_size, ((m.filename, m.file_size) for m in members), limits)
-            os.makedirs(target)
-            z.extractall(target)
-        return
+    # A tar first: a tar holding a zip (a wheel in a package) near its end
+    # passes zipfile.is_zipfile.
     if _is_tar(source()):
         with _open_tar(source()) as t:
             members = []
@@ -198,11 +187,36 @@ def extract(archive: Union[str, bytes], target: str, limits: Limits) -> None:
             os.makedirs(target)
             t.extractall(target, members=members, filter="data")
         return
-    raise FetchError("neither a zip nor a tar archive")
+    if zip_allowed and _is_zip(source()):
+        with zipfile.ZipFile(source()) as z:
+            members = z.infolist()
+            for m in members:
+                # Unix file type bits, when the zip has them (writers that
+                # do not leave them 0): a symlink is refused.
+                kind = stat.S_IFMT(m.external_attr >> 16)
+                if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
+                    raise FetchError(f"the zip member {m.filename!r} is not a plain file or folder")
+            _check("zip", archive_size, ((m.filename, m.file_size) for m in members), limits)
+            os.makedirs(target)
+            z.extractall(target)
+        return
+    raise FetchError("neither a zip nor a tar archive" if zip_allowed else "not a tar archive")
 
 
 def _open_tar(source) -> tarfile.TarFile:
     return tarfile.open(fileobj=source) if isinstance(source, io.BytesIO) else tarfile.open(source)
+
+
+def _is_zip(source) -> bool:
+    """A zip from its first bytes (a local file header, or an empty zip's
+    end record), and readable as one."""
+    if isinstance(source, io.BytesIO):
+        head = source.read(4)
+        source.seek(0)
+    else:
+        with open(source, "rb") as f:
+            head = f.read(4)
+    return head in (b"PK\x03\x04", b"PK\x05\x06") and zipfile.is_zipfile(source)
 
 
 def _is_tar(source) -> bool:

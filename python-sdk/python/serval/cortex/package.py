@@ -146,7 +146,7 @@ def ensure_unpacked(digest: str, fetch: Callable[[str], bytes], base: Optional[s
         if got != digest:
             raise RuntimeError(f"package {digest}: fetched bytes have digest {got}")
         try:
-            extract(data, partial, UNPACK_LIMITS)
+            extract(data, partial, UNPACK_LIMITS, zip_allowed=False)
         except FetchError as e:
             raise RuntimeError(f"package {digest}: {e}") from None
 
