@@ -21,6 +21,9 @@ pub const PURPOSE_DATA_PLANE: &str = "serval data plane v1";
 /// A replica is given only its own key, `derive(agent key, replica id)`,
 /// so no replica can speak as the agent to another.
 pub const PURPOSE_AGENT: &str = "serval node agent v1";
+/// The salt of a project's `.env` blob (`serve deploy`): its digest then
+/// changes with the values but lets no one without the token test a guess.
+pub const PURPOSE_DOTENV: &str = "serval dotenv salt v1";
 
 type HmacSha256 = Hmac<Sha256>;
 

@@ -83,6 +83,8 @@ pub struct Client {
     /// The node agents' key (from the cluster token), from which a
     /// replica's own agent key is derived to read its log.
     agents: Key,
+    /// `derive_hex(token, PURPOSE_DOTENV)` (see `dotenv_salt`).
+    dotenv_salt: String,
 }
 
 impl Drop for Client {
@@ -267,6 +269,8 @@ impl Client {
         let router = Arc::new(Router::new(handle_router_config(&token)?));
         let agents = Key::agents(&token);
         let token_for_reports = token.clone();
+        let dotenv_salt =
+            serval_protos::auth::derive_hex(token.as_bytes(), serval_protos::auth::PURPOSE_DOTENV);
         let snapshots = {
             let _guard = runtime().enter();
             control::spawn_watch(address.clone(), token, false)
@@ -308,12 +312,20 @@ impl Client {
             applied,
             reporter,
             agents,
+            dotenv_salt,
         })
     }
 
     #[getter]
     fn address(&self) -> String {
         self.address.clone()
+    }
+
+    /// The salt `serve deploy` puts in a project's `.env` blob: the same
+    /// for every deploy to this cluster (an unchanged `.env` is the same
+    /// blob), unknown to anyone without the cluster token.
+    fn dotenv_salt(&self) -> String {
+        self.dotenv_salt.clone()
     }
 
     fn create_backend(

@@ -69,7 +69,9 @@ CONFIG = """- name: summer
 
 @pytest.fixture
 def batch_api(cluster, tmp_path):
-    write_project(tmp_path / "project", {"handler.py": HANDLER, "serve.yaml": CONFIG})
+    # The test's own folder and loopback servers: what its jobs read.
+    allowed = f'  jobs: {{allowed_sources: ["{tmp_path.resolve()}/", "http://127.0.0.1:"]}}\n'
+    write_project(tmp_path / "project", {"handler.py": HANDLER, "serve.yaml": CONFIG + allowed})
     out = cli(cluster, "deploy", str(tmp_path / "project"))
     assert out.returncode == 0, out.stdout + out.stderr
     return f"{cluster.url}/summer"
@@ -201,7 +203,8 @@ def test_stopping_a_job_and_the_cli(batch_api, cluster, tmp_path):
     ({"workers": 1, "item_list": {"items": [1]}}, "item_list.batch_size"),
     ({"workers": 1, "item_list": {"items": ["x" * 300_000], "batch_size": 1}}, "256 KiB"),
     ({"workers": 1, "max_receive_count": 0, "item_list": {"items": [1], "batch_size": 1}}, "max_receive_count"),
-    ({"workers": 1, "file_path_lister": {"paths": ["/no/such/dir"], "batch_size": 1}}, "no such file"),
+    ({"workers": 1, "file_path_lister": {"paths": ["/no/such/dir"], "batch_size": 1}},
+     "file_path_lister.paths: '/no/such/dir' is not under the API's jobs.allowed_sources"),
 ])
 def test_bad_job_requests_are_400s_that_name_the_field(batch_api, body, words):
     r = submit(batch_api, body)
@@ -250,8 +253,7 @@ def test_the_example_counts_words(cluster, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     url = f"{cluster.url}/word-count"
     body = {"workers": 2, "config": {"out": str(tmp_path / "wc")},
-            "delimited_files": {"paths": [os.path.abspath(os.path.join(example, "data"))],
-                                "includes": ["*.jsonl"], "batch_size": 50}}
+            "delimited_files": {"paths": ["data"], "includes": ["*.jsonl"], "batch_size": 50}}
     job_id = submit(url, body).json()["job_id"]
     st = wait_ended(url, job_id)
     assert st["status"] == "succeeded" and st["batch_metrics"]["succeeded"] == 4, st
@@ -344,3 +346,112 @@ def test_a_job_whose_gateway_dies_while_enqueuing_fails_while_enqueuing(batch_ap
     finally:
         release.set()
         server.shutdown()
+
+
+# -- what a job may read ---------------------------------------------------------
+
+TWO_APIS = """- name: closed
+  kind: BatchAPI
+  handler: {path: handler.py}
+- name: open
+  kind: BatchAPI
+  handler: {path: handler.py}
+  jobs:
+    allowed_sources: ["ALLOWED/", "URL/ok/"]
+    max_batches: 3
+"""
+
+
+class Recording(http.server.BaseHTTPRequestHandler):
+    """Serves a JSON line at /ok/..., redirects /ok/redirect to /other/x,
+    and records every path asked for."""
+    paths = []
+
+    def do_GET(self):
+        Recording.paths.append(self.path)
+        if self.path == "/ok/redirect":
+            self.send_response(302)
+            self.send_header("Location", "/other/x")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b'{"n": 1}\n')
+
+    def log_message(self, *args):
+        pass
+
+
+def test_jobs_read_only_the_sources_the_api_allows(cluster, tmp_path):
+    secret, allowed = tmp_path / "secret", tmp_path / "allowed"
+    secret.mkdir()
+    allowed.mkdir()
+    (secret / "key.jsonl").write_text('{"n": 41}\n')
+    (allowed / "a.jsonl").write_text('{"n": 1}\n')
+    Recording.paths = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recording)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        write_project(tmp_path / "project", {"handler.py": HANDLER, "serve.yaml": TWO_APIS.replace(
+            "ALLOWED", str(allowed.resolve())).replace("URL", base)})
+        out = cli(cluster, "deploy", str(tmp_path / "project"))
+        assert out.returncode == 0, out.stdout + out.stderr
+        closed, opened = f"{cluster.url}/closed", f"{cluster.url}/open"
+
+        # No jobs.allowed_sources: no file, folder or URL, dry run or not.
+        for params in ({}, {"dryRun": "true"}):
+            r = submit(closed, {"workers": 1, "file_path_lister": {"paths": [str(secret)], "batch_size": 1}},
+                       **params)
+            assert r.status_code == 400, r.text
+            assert ("file_path_lister.paths" in r.json()["error"] and str(secret) in r.json()["error"]
+                    and "jobs.allowed_sources" in r.json()["error"]), r.text
+            r = submit(closed, {"workers": 1, "delimited_files": {"paths": [f"{base}/ok/a"], "batch_size": 1}},
+                       **params)
+            assert r.status_code == 400 and "delimited_files.paths" in r.json()["error"], r.text
+        assert Recording.paths == []
+
+        # Allowed: the folder listed; outside it, by .. or by a link, refused.
+        r = submit(opened, {"workers": 1, "file_path_lister": {"paths": [str(allowed)], "batch_size": 1}},
+                   dryRun="true")
+        assert r.status_code == 200 and r.json()["targets"] == [str(allowed / "a.jsonl")], r.text
+        r = submit(opened, {"workers": 1, "file_path_lister": {"paths": [str(allowed / ".." / "secret")],
+                                                               "batch_size": 1}}, dryRun="true")
+        assert r.status_code == 400 and "not under the API's jobs.allowed_sources" in r.json()["error"], r.text
+        os.symlink(secret / "key.jsonl", allowed / "link.jsonl")
+        r = submit(opened, {"workers": 1, "delimited_files": {"paths": [str(allowed)], "batch_size": 1}},
+                   dryRun="true")
+        assert r.status_code == 400 and str(allowed / "link.jsonl") in r.json()["error"], r.text
+        os.unlink(allowed / "link.jsonl")
+        r = submit(opened, {"workers": 1, "delimited_files": {"paths": [f"{base}/other/x"], "batch_size": 1}})
+        assert r.status_code == 400 and f"{base}/other/x" in r.json()["error"], r.text
+        # A redirect out of the allowed URLs is not followed.
+        r = submit(opened, {"workers": 1, "delimited_files": {"paths": [f"{base}/ok/redirect"], "batch_size": 1}})
+        assert r.status_code == 200, r.text
+        st = wait_ended(opened, r.json()["job_id"])
+        assert st["status"] == "failed while enqueuing" and f"{base}/other/x" in st["error"], st
+        assert Recording.paths == ["/ok/redirect"]
+        # jobs.max_batches bounds a job.
+        r = submit(opened, {"workers": 1, "item_list": {"items": [1, 2, 3, 4], "batch_size": 1}})
+        assert r.status_code == 400 and "jobs.max_batches is 3" in r.json()["error"], r.text
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("jobs, field", [
+    ("{allowed_sources: [https://host]}", "jobs.allowed_sources[0]: a URL prefix must name its whole host"),
+    ("{allowed_sources: [/data/, s3://bucket/]}", "jobs.allowed_sources[1]: must be an http(s) URL prefix"),
+    ("{allowed_sources: [../outside]}", "jobs.allowed_sources[0]: a relative path must stay inside"),
+    ("{allowed_sources: /data/}", "jobs.allowed_sources: must be a list"),
+    ("{max_batches: 0}", "jobs.max_batches: must be at least 1"),
+    ("{max_bytes: lots}", "jobs.max_bytes: must be a memory quantity"),
+    ("{sources: []}", "jobs.sources: unknown key"),
+])
+def test_bad_jobs_config_is_named(tmp_path, jobs, field):
+    from serval.cortex.config import ConfigError, load_config
+
+    write_project(tmp_path, {"handler.py": HANDLER, "serve.yaml": CONFIG + f"  jobs: {jobs}\n"})
+    with pytest.raises(ConfigError) as e:
+        load_config(str(tmp_path))
+    assert f'api "summer": {field}' in str(e.value)

@@ -393,3 +393,51 @@ def test_get_shows_updating_while_a_rollout_runs(cluster, tmp_path):
     wait_for(lambda: status()["status"] == "live", timeout=120, what="the rollout to finish")
     wait_for(lambda: requests.get(f"{cluster.url}/slow", timeout=30).json() == {"version": 2},
              what="version 2 to answer")
+
+
+SECRET_HANDLER = '''
+import os
+
+
+class Handler:
+    def __init__(self, config):
+        pass
+
+    def handle_get(self):
+        return {"secret": os.environ.get("API_KEY"),
+                "seen": sorted(k for k, v in os.environ.items() if "s3cr3t" in v)}
+'''
+
+
+def test_dotenv_values_reach_only_their_own_api_s_replicas(cluster, tmp_path):
+    import secrets
+
+    secret = f"s3cr3t-{secrets.token_hex(8)}"
+    files = {"handler.py": SECRET_HANDLER}
+    with_env = write_project(tmp_path / "with-env", config=CONFIG.replace("name: iris", "name: keyed"), files=files)
+    with open(os.path.join(with_env, ".env"), "w") as f:
+        f.write(f"API_KEY={secret}\n")
+    other = write_project(tmp_path / "other", config=CONFIG.replace("name: iris", "name: other"), files=files)
+    for folder in (with_env, other):
+        out = cli(cluster, "deploy", folder)
+        assert out.returncode == 0, out.stderr
+    # The API's handler has it; another API's replica does not.
+    assert requests.get(f"{cluster.url}/keyed", timeout=30).json() == {"secret": secret, "seen": ["API_KEY"]}
+    assert requests.get(f"{cluster.url}/other", timeout=30).json() == {"secret": None, "seen": []}
+    # Neither what every Watch client receives, nor the CLI's views.
+    assert secret not in json.dumps(serve.status())
+    for args in (("status",), ("get",), ("get", "keyed")):
+        out = cli(cluster, *args)
+        assert out.returncode == 0 and secret not in out.stdout + out.stderr, (args, out.stdout)
+    # Nor the backend's code that node agents receive and write for replicas.
+    codes = [os.path.join(root, "code.pkl") for root, _, names in os.walk(cluster.data_dir) if "code.pkl" in names]
+    assert codes and not [c for c in codes if secret.encode() in open(c, "rb").read()]
+    # An unchanged .env is the same blob: the redeploy changes nothing.
+    out = cli(cluster, "deploy", with_env)
+    assert out.returncode == 0 and "unchanged" in out.stdout, out.stdout
+    # A changed one rolls the replicas with the new value.
+    with open(os.path.join(with_env, ".env"), "w") as f:
+        f.write(f"API_KEY={secret}-2\n")
+    out = cli(cluster, "deploy", with_env)
+    assert out.returncode == 0 and "updated" in out.stdout, out.stdout
+    assert requests.get(f"{cluster.url}/keyed", timeout=30).json()["secret"] == f"{secret}-2"

@@ -8,6 +8,11 @@
 //!   may still run or is a dead letter: an ok ack drops it, and a job that
 //!   ends drops every payload but its dead letters'.
 //!
+//! Ended jobs are kept for [`ENDED_JOB_RETENTION_MS`], at most
+//! [`MAX_ENDED_JOBS`] of them, then removed with their dead letters when
+//! a job is created (so the tables stay bounded however many jobs a
+//! cluster runs).
+//!
 //! Every write is a [`JobCommand`] carrying the proposing head's clock
 //! (`now_ms`): apply never reads a clock, so every head applies alike.
 //! Delivery is at least once (an expired lease hands the batch to another
@@ -36,6 +41,11 @@ pub const ENDED: [&str; 7] = [
     "timed out",
     "stopped",
 ];
+
+/// How long an ended job (its record and dead letters) is kept.
+pub const ENDED_JOB_RETENTION_MS: i64 = 24 * 3600 * 1000;
+/// How many ended jobs are kept at most; the longest ended go first.
+pub const MAX_ENDED_JOBS: usize = 1000;
 
 /// A write to the job tables (one `Command::Job`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -246,6 +256,40 @@ fn save_ending(txn: &WriteTransaction, job: &JobRecord, was_ended: bool) -> std:
     Ok(())
 }
 
+/// Removes the ended jobs past [`ENDED_JOB_RETENTION_MS`] at `now_ms`, and
+/// the longest ended beyond [`MAX_ENDED_JOBS`], with their dead letters.
+fn prune(txn: &WriteTransaction, now_ms: i64) -> std::io::Result<()> {
+    let mut ended: Vec<(i64, String)> = Vec::new();
+    for entry in txn.open_table(JOBS).map_err(io)?.iter().map_err(io)? {
+        let (_, value) = entry.map_err(io)?;
+        let job: JobRecord = decode(value.value())?;
+        if job.ended() {
+            ended.push((job.end_ms, job.id));
+        }
+    }
+    ended.sort();
+    let over = ended.len().saturating_sub(MAX_ENDED_JOBS);
+    let mut jobs = txn.open_table(JOBS).map_err(io)?;
+    let mut batches = txn.open_table(BATCHES).map_err(io)?;
+    for (i, (end_ms, id)) in ended.iter().enumerate() {
+        if i >= over && *end_ms >= now_ms - ENDED_JOB_RETENTION_MS {
+            continue;
+        }
+        jobs.remove(id.as_str()).map_err(io)?;
+        let mut indexes = Vec::new();
+        for entry in batches
+            .range((id.as_str(), 0)..=(id.as_str(), u64::MAX))
+            .map_err(io)?
+        {
+            indexes.push(entry.map_err(io)?.0.value().1);
+        }
+        for index in indexes {
+            batches.remove((id.as_str(), index)).map_err(io)?;
+        }
+    }
+    Ok(())
+}
+
 /// Why batches cannot be added to `job` now, if they cannot.
 fn not_enqueuing(job: &JobRecord) -> Option<StateError> {
     (job.status != "enqueuing").then(|| {
@@ -288,6 +332,7 @@ pub fn apply(
             if load(txn, &id)?.is_ok() {
                 return Ok(Err(invalid("job id", &format!("{id} exists"))));
             }
+            prune(txn, now_ms)?;
             let job = JobRecord {
                 id,
                 spec,
@@ -1001,6 +1046,82 @@ mod tests {
         assert_eq!((job.status.as_str(), job.end_ms), ("timed out", 2001));
         assert!(job.error.contains("timeout"), "{}", job.error);
         assert!(q.payloads().is_empty());
+    }
+
+    #[test]
+    fn ended_jobs_are_removed_with_their_dead_letters_after_the_retention() {
+        let q = Queue::running(2, 1, 0.0);
+        let reply = q.lease("w1", 2, 60_000, 1100);
+        assert_eq!(reply.batches.len(), 2);
+        q.ack("w1", &[(0, true), (1, false)], 1200);
+        assert_eq!(q.payloads(), vec![1], "the dead letter's payload is kept");
+        q.run(JobCommand::Stop {
+            id: ID.into(),
+            status: String::new(),
+            error: String::new(),
+            now_ms: 2000,
+        })
+        .unwrap();
+        let create = |id: &str, now_ms: i64| {
+            let spec = JobSpec {
+                api: "api".into(),
+                workers: 1,
+                max_receive_count: 1,
+                ..Default::default()
+            };
+            q.run(JobCommand::Create {
+                id: id.into(),
+                spec,
+                now_ms,
+            })
+            .unwrap();
+        };
+        // Within the retention: kept, dead letters and all.
+        create("second", 2000 + ENDED_JOB_RETENTION_MS);
+        assert!(get(&q.db, ID).unwrap().is_some());
+        assert_eq!(dead_letters(&q.db, ID).unwrap().unwrap().len(), 1);
+        // Past it: gone, with its payloads; a job still running stays.
+        create("third", 2001 + ENDED_JOB_RETENTION_MS);
+        assert!(get(&q.db, ID).unwrap().is_none());
+        assert!(q.payloads().is_empty());
+        assert!(get(&q.db, "second").unwrap().is_some());
+    }
+
+    #[test]
+    fn at_most_max_ended_jobs_are_kept_the_longest_ended_go_first() {
+        let q = Queue::new();
+        let spec = JobSpec {
+            api: "api".into(),
+            workers: 1,
+            max_receive_count: 1,
+            ..Default::default()
+        };
+        for i in 0..=MAX_ENDED_JOBS as i64 {
+            let id = format!("job-{i}");
+            q.run(JobCommand::Create {
+                id: id.clone(),
+                spec: spec.clone(),
+                now_ms: 10 + i,
+            })
+            .unwrap();
+            q.run(JobCommand::Stop {
+                id,
+                status: String::new(),
+                error: String::new(),
+                now_ms: 10 + i,
+            })
+            .unwrap();
+        }
+        // MAX_ENDED_JOBS + 1 ended: the next creation removes the first.
+        q.run(JobCommand::Create {
+            id: "next".into(),
+            spec,
+            now_ms: 5000,
+        })
+        .unwrap();
+        assert!(get(&q.db, "job-0").unwrap().is_none());
+        assert!(get(&q.db, "job-1").unwrap().is_some());
+        assert_eq!(list(&q.db, "api").unwrap().len(), MAX_ENDED_JOBS + 1);
     }
 
     #[test]

@@ -31,6 +31,7 @@ whose reply it lost again, so nothing waits out a visibility timeout.
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import json
 import logging
@@ -44,7 +45,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from starlette.requests import Request
 
-from .realtime import HandlerError, RealtimeAPI, accepted_args, cluster_client, error_response, setup_process
+from .realtime import (HandlerError, RealtimeAPI, accepted_args, cluster_client, error_response, resolve_project_dir,
+                       setup_process)
 
 logger = logging.getLogger("serval.cortex")
 
@@ -69,6 +71,12 @@ CONTROL_RETRY_S = 120.0
 MAX_WORKER_RESTARTS = 3
 #: How often a worker with ``compute.mem`` looks at its resident memory.
 MEMORY_CHECK_INTERVAL_S = 0.05
+#: A dry run or a submission stops listing folders past this many files or
+#: seconds (a 400 asks for narrower paths).
+MAX_LISTED = 100_000
+LIST_TIMEOUT_S = 30.0
+#: The longest a gateway reads one URL of a delimited_files job.
+URL_READ_TIMEOUT_S = 600.0
 ENDED = ("succeeded", "failed while enqueuing", "completed with failures", "worker error", "out of memory",
          "timed out", "stopped")
 
@@ -164,37 +172,123 @@ def _is_url(path: str) -> bool:
     return path.lower().startswith(("http://", "https://"))
 
 
-def list_targets(spec: dict) -> List[str]:
-    """The files (or URLs) of a file_path_lister/delimited_files: each path,
-    or the files under a directory, filtered by includes/excludes globs."""
-    targets: List[str] = []
+class Sources:
+    """What a job may read: the API's ``jobs`` config (serval.cortex.config:
+    ``allowed_sources``, ``max_batches``, ``max_bytes``). Clients are
+    anonymous, so a path or URL is read only when it starts with an allowed
+    prefix: a local path (relative ones are in the project folder, the
+    gateway's working directory) with every link resolved, at a folder
+    boundary; a URL as written, and again at each redirect."""
+
+    def __init__(self, jobs: Optional[dict]):
+        jobs = jobs or {}
+        prefixes = jobs.get("allowed_sources") or []
+        self.shown = ", ".join(prefixes)
+        self.urls = [p for p in prefixes if _is_url(p)]
+        self.paths = [os.path.realpath(p) for p in prefixes if not _is_url(p)]
+        self.max_batches = int(jobs.get("max_batches") or 100_000)
+        self.max_bytes = int(jobs.get("max_bytes") or 1 << 30)
+
+    def allows(self, source: str) -> bool:
+        if _is_url(source):
+            return ".." not in source.split("?")[0].split("/") and any(source.startswith(p) for p in self.urls)
+        real = os.path.realpath(source)
+        return any(real == p or real.startswith(p.rstrip("/") + "/") for p in self.paths)
+
+    def check(self, field: str, source: str) -> None:
+        if self.allows(source):
+            return
+        if not self.urls and not self.paths:
+            raise JobError(f"{field}: {source!r}: this API reads no files or URLs for jobs (only item_list); "
+                           f"its config lists those it may read in jobs.allowed_sources")
+        raise JobError(f"{field}: {source!r} is not under the API's jobs.allowed_sources ({self.shown})")
+
+    def open_url(self, url: str, timeout: float):
+        """``urlopen``, following only redirects to allowed URLs."""
+        sources = self
+
+        class Redirects(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, req, fp, code, msg, headers, newurl):
+                sources.check("delimited_files.paths", newurl)
+                return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+        return urllib.request.build_opener(Redirects).open(url, timeout=timeout)
+
+
+def check_job(job: dict, sources: Sources) -> None:
+    """A job's paths against the allowed sources, and an item_list's batch
+    count against ``jobs.max_batches``; a JobError names the field."""
+    spec = job["spec"]
+    if job["source"] == "item_list":
+        count = -(-len(spec["items"]) // spec["batch_size"])
+        if count > sources.max_batches:
+            raise JobError(f"item_list: {count} batches; the API's jobs.max_batches is {sources.max_batches}")
+        return
     for path in spec["paths"]:
+        sources.check(f"{job['source']}.paths", path)
+
+
+def list_targets(spec: dict, sources: Sources, field: str = "paths") -> List[str]:
+    """The files (or URLs) of a file_path_lister/delimited_files: each path,
+    or the files under a directory, filtered by includes/excludes globs.
+    Bounded: MAX_LISTED files, LIST_TIMEOUT_S seconds, and every file (links
+    resolved) under an allowed source."""
+    deadline = time.monotonic() + LIST_TIMEOUT_S
+    targets: List[str] = []
+
+    def add(target: str) -> None:
+        if len(targets) >= MAX_LISTED or time.monotonic() > deadline:
+            raise JobError(f"{field}: listing stopped at {len(targets)} files (the limit is {MAX_LISTED} files "
+                           f"and {LIST_TIMEOUT_S:g} s): name narrower paths")
+        sources.check(field, target)
+        targets.append(target)
+
+    for path in spec["paths"]:
+        sources.check(field, path)
         if _is_url(path):
-            targets.append(path)
+            add(path)
         elif os.path.isdir(path):
             for root, dirs, files in os.walk(path):
                 dirs.sort()
-                targets.extend(os.path.join(root, f) for f in sorted(files))
+                for f in sorted(files):
+                    add(os.path.join(root, f))
         elif os.path.exists(path):
-            targets.append(path)
+            add(path)
         else:
-            raise JobError(f"paths: no such file or directory: {path}")
+            raise JobError(f"{field}: no such file or directory: {path}")
     includes, excludes = spec.get("includes") or [], spec.get("excludes") or []
     return [t for t in targets
             if (not includes or any(fnmatch.fnmatch(t, g) for g in includes))
             and not any(fnmatch.fnmatch(t, g) for g in excludes)]
 
 
-def _read(target: str) -> Iterator[bytes]:
+def _lines(target: str, sources: Sources, budget: List[int]) -> Iterator[bytes]:
+    """The lines of a file or URL, each under a batch's size, all of them
+    within ``budget[0]`` bytes (what is left of the job's max_bytes) and a
+    URL within URL_READ_TIMEOUT_S."""
+    deadline = time.monotonic() + URL_READ_TIMEOUT_S
     if _is_url(target):
-        with urllib.request.urlopen(target, timeout=60) as r:
-            yield from r
+        stream = sources.open_url(target, timeout=60)
     else:
-        with open(target, "rb") as f:
-            yield from f
+        sources.check("delimited_files.paths", target)  # a link swapped in since listing
+        stream = open(target, "rb")
+    with stream:
+        while True:
+            line = stream.readline(MAX_BATCH_BYTES + 1)
+            if not line:
+                return
+            budget[0] -= len(line)
+            if budget[0] < 0:
+                raise JobError(f"delimited_files: the files are over the API's jobs.max_bytes "
+                               f"({sources.max_bytes} bytes)")
+            if len(line) > MAX_BATCH_BYTES:
+                raise JobError(f"delimited_files: {target} has a line over {MAX_BATCH_BYTES} bytes (256 KiB)")
+            if _is_url(target) and time.monotonic() > deadline:
+                raise JobError(f"delimited_files: reading {target} took over {URL_READ_TIMEOUT_S:g} s")
+            yield line
 
 
-def batches(job: dict) -> Iterator[List[Any]]:
+def batches(job: dict, sources: Sources) -> Iterator[List[Any]]:
     """The job's batches, in order, as lists of items."""
     spec, size = job["spec"], job["spec"]["batch_size"]
     if job["source"] == "item_list":
@@ -202,14 +296,15 @@ def batches(job: dict) -> Iterator[List[Any]]:
         for i in range(0, len(items), size):
             yield items[i:i + size]
         return
-    targets = list_targets(spec)
+    targets = list_targets(spec, sources, f"{job['source']}.paths")
     if job["source"] == "file_path_lister":
         for i in range(0, len(targets), size):
             yield targets[i:i + size]
         return
     batch: List[Any] = []
+    budget = [sources.max_bytes]
     for target in targets:
-        for n, line in enumerate(_read(target), 1):
+        for n, line in enumerate(_lines(target, sources, budget), 1):
             if not line.strip():
                 continue
             try:
@@ -223,12 +318,20 @@ def batches(job: dict) -> Iterator[List[Any]]:
         yield batch
 
 
-def encoded_batches(job: dict) -> Iterator[bytes]:
-    for i, batch in enumerate(batches(job)):
+def encoded_batches(job: dict, sources: Sources) -> Iterator[bytes]:
+    """The job's batches as stored: each under MAX_BATCH_BYTES, at most
+    ``jobs.max_batches`` of them and ``jobs.max_bytes`` in all."""
+    total = 0
+    for i, batch in enumerate(batches(job, sources)):
+        if i >= sources.max_batches:
+            raise JobError(f"the job has over {sources.max_batches} batches, the API's jobs.max_batches")
         data = json.dumps(batch).encode()
         if len(data) > MAX_BATCH_BYTES:
             raise JobError(f"batch {i} is {len(data)} bytes; a batch must be under {MAX_BATCH_BYTES} bytes "
                            f"(256 KiB): lower batch_size")
+        total += len(data)
+        if total > sources.max_bytes:
+            raise JobError(f"the job's batches are over {sources.max_bytes} bytes, the API's jobs.max_bytes")
         yield data
 
 
@@ -242,24 +345,35 @@ class BatchGateway:
     def __init__(self, spec: dict):
         self.spec = spec
         self.name = spec["name"]
+        if any(not _is_url(p) and not os.path.isabs(p) for p in (spec.get("jobs") or {}).get("allowed_sources", [])):
+            # Relative sources are files of the project: resolved in its folder.
+            os.chdir(resolve_project_dir(spec, None))
+        self.sources = Sources(spec.get("jobs"))
         self.me = _process_id()
         # job id -> worker replica id -> (node, restarts, failed) last seen.
         self._workers_seen: Dict[str, Dict[str, Tuple[str, int, bool]]] = {}
         threading.Thread(target=self._look_after_jobs, name=f"jobs-{self.name}", daemon=True).start()
 
     async def __call__(self, request: Request):
+        # Off the replica's event loop: listing folders and control calls
+        # block, and must not stall the other requests.
+        body = await request.body() if request.method == "POST" else b""
+        return await asyncio.get_running_loop().run_in_executor(
+            None, self.answer, request.method, body, request.query_params)
+
+    def answer(self, method: str, body: bytes, query) -> Any:
         try:
-            if request.method == "POST":
-                return self.submit(await request.body(), request.query_params)
-            if request.method == "GET":
-                job_id = request.query_params.get("jobID")
+            if method == "POST":
+                return self.submit(body, query)
+            if method == "GET":
+                job_id = query.get("jobID")
                 if not job_id:
                     return [self.status(j) for j in json.loads(_jobs().list(self.name))]
-                if request.query_params.get("deadLetters", "").lower() == "true":
+                if query.get("deadLetters", "").lower() == "true":
                     return self.dead_letters(job_id)
                 return self.status(self._job(job_id))
-            if request.method == "DELETE":
-                job_id = request.query_params.get("jobID")
+            if method == "DELETE":
+                job_id = query.get("jobID")
                 if not job_id:
                     return error_response(400, "jobID: required (DELETE /<api>?jobID=<id>)")
                 self._job(job_id)
@@ -286,12 +400,14 @@ class BatchGateway:
 
     def submit(self, body: bytes, query) -> Any:
         job = parse_job(body)
+        check_job(job, self.sources)
         if query.get("dryRun", "").lower() == "true":
             if job["source"] == "item_list":
-                return {"dry_run": True, "batches": sum(1 for _ in encoded_batches(job))}
-            return {"dry_run": True, "targets": list_targets(job["spec"])}
+                return {"dry_run": True, "batches": sum(1 for _ in encoded_batches(job, self.sources))}
+            return {"dry_run": True, "targets": list_targets(job["spec"], self.sources, f"{job['source']}.paths")}
         if job["source"] != "item_list":
-            list_targets(job["spec"])  # a missing path is the client's 400, now
+            # A missing or refused path is the client's 400, now.
+            list_targets(job["spec"], self.sources, f"{job['source']}.paths")
         created = json.loads(_jobs().create(self.name, job["workers"], float(job["timeout"] or 0),
                                             json.dumps(job["config"]), job["max_receive_count"], self.me))
         threading.Thread(target=self._enqueue_job, args=(created["id"], job), name=f"job-{created['id']}",
@@ -317,7 +433,7 @@ class BatchGateway:
     def _enqueue(self, jobs, job_id: str, job: dict) -> int:
         chunk: List[bytes] = []
         size = first = total = 0
-        for data in encoded_batches(job):
+        for data in encoded_batches(job, self.sources):
             chunk.append(data)
             size += len(data)
             total += 1

@@ -192,7 +192,12 @@ HANDLER_KEYS = ("type", "path", "protobuf_path", "config", "python_path", "env",
                 "dependencies", "server_side_batching", "processes_per_replica", "threads_per_process")
 #: An exported model (seed 002): the runtime runs it, an optional request
 #: handler (``path``) defines pre_inference/post_inference, given ``metadata``.
-ONNX_HANDLER_KEYS = _COMMON_HANDLER_KEYS + ("model_path", "metadata", "runtime")
+ONNX_HANDLER_KEYS = _COMMON_HANDLER_KEYS + ("model_path", "metadata", "runtime", "model_sha256", "model_max_size",
+                                            "model_download_timeout")
+#: The caps on a model fetched from a URL (and on the archive of a
+#: SavedModel unpacked): bytes, and seconds for the whole download.
+DEFAULT_MODEL_MAX_SIZE = 4 << 30
+DEFAULT_MODEL_DOWNLOAD_TIMEOUT = 1800.0
 #: Where an ONNX model runs: onnxruntime in the replica's Python, or
 #: ``native``: tract inside the Rust replica, without Python on the path.
 ONNX_RUNTIMES = ("onnxruntime", "native")
@@ -203,7 +208,12 @@ HANDLER_KEYS_BY_TYPE = {"python": HANDLER_KEYS, "onnx": ONNX_HANDLER_KEYS, "tens
 REALTIME_KEYS = ("name", "kind", "handler", "compute", "autoscaling", "update_strategy", "networking")
 #: A BatchAPI (seed 001) runs jobs on workers started per job: no
 #: autoscaling or update strategy.
-BATCH_KEYS = ("name", "kind", "handler", "compute", "networking")
+BATCH_KEYS = ("name", "kind", "handler", "compute", "networking", "jobs")
+#: What a BatchAPI's job gateway accepts from clients: the sources jobs may
+#: read (none by default: only item_list), and the size of one job.
+JOBS_KEYS = ("allowed_sources", "max_batches", "max_bytes")
+DEFAULT_JOB_MAX_BATCHES = 100_000
+DEFAULT_JOB_MAX_BYTES = 1 << 30
 SPLITTER_KEYS = ("name", "kind", "networking", "apis")
 AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "init_replicas", "max_replica_concurrency",
                     "target_replica_concurrency", "window", "downscale_stabilization_period",
@@ -367,11 +377,31 @@ def _model_path(c: _Checker, folder: str, value: str, want_dir: bool = False) ->
     return _file_in_project(folder, c, "handler.model_path", value, want_dir=want_dir)
 
 
+def _sha256(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise ValueError(f"must be a sha256 digest (64 hex digits), got {value!r}")
+    return value.lower()
+
+
+def _model_download(c: _Checker, h: dict, out: Dict[str, Any]) -> None:
+    """The caps and the expected digest of a model at a URL."""
+    out["model_sha256"] = c.field(h, "handler.", "model_sha256", _sha256)
+    if out["model_sha256"] and not re.match(r"https?://", out["model_path"], re.I):
+        c.fail("handler.model_sha256", "checks a model fetched from an http(s) model_path; this model_path "
+                                       "is a file")
+    out["model_max_size"] = c.field(h, "handler.", "model_max_size", _mem, default=DEFAULT_MODEL_MAX_SIZE)
+    out["model_download_timeout"] = c.field(h, "handler.", "model_download_timeout", _duration,
+                                            default=DEFAULT_MODEL_DOWNLOAD_TIMEOUT)
+    if out["model_download_timeout"] <= 0:
+        c.fail("handler.model_download_timeout", "must be above 0")
+
+
 def _onnx_handler(c: _Checker, h: dict, folder: str) -> Dict[str, Any]:
     """An ONNX model (seed 002): ``model_path`` required, the request
     handler ``path`` optional, ``metadata`` passed to its functions."""
     out: Dict[str, Any] = {}
     out["model_path"] = _model_path(c, folder, c.field(h, "handler.", "model_path", _str, required=True))
+    _model_download(c, h, out)
     path = c.field(h, "handler.", "path", _str)
     out["path"] = _file_in_project(folder, c, "handler.path", path) if path else None
     metadata = c.mapping(h, "handler.", "metadata")
@@ -395,6 +425,7 @@ def _tensorflow_handler(c: _Checker, h: dict, folder: str) -> Dict[str, Any]:
     if in_project and not any(os.path.isfile(os.path.join(folder, out["model_path"], f))
                               for f in ("saved_model.pb", "saved_model.pbtxt")):
         c.fail("handler.model_path", f"not a SavedModel directory (no saved_model.pb in it): {out['model_path']}")
+    _model_download(c, h, out)
     path = c.field(h, "handler.", "path", _str)
     out["path"] = _file_in_project(folder, c, "handler.path", path) if path else None
     out["metadata"] = c.mapping(h, "handler.", "metadata")
@@ -603,7 +634,47 @@ def _batch_api(c: _Checker, raw: dict, name: str, folder: str) -> dict:
         if handler.get(key):
             c.fail("handler.protobuf_path" if key == "grpc" else f"handler.{key}", why)
     return {"name": name, "kind": "BatchAPI", "handler": handler, "compute": _compute(c, raw),
-            "endpoint": _endpoint(c, raw, name)}
+            "endpoint": _endpoint(c, raw, name), "jobs": _jobs(c, raw)}
+
+
+def _source_prefix(value: Any) -> str:
+    """One ``jobs.allowed_sources`` entry: an http(s) URL prefix whose host
+    is complete (followed by ``/`` or ``:``), an absolute path, or a path in
+    the project folder."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be a non-empty string, got {value!r}")
+    if re.match(r"https?://", value, re.I):
+        if not re.match(r"https?://[^/:?#@\\]+[:/]", value, re.I):
+            raise ValueError(f"a URL prefix must name its whole host, ending with / or :port "
+                             f"(https://host/ or https://host:8443/), got {value!r}")
+        if ".." in value.split("/"):
+            raise ValueError(f"must not contain '..', got {value!r}")
+        return value
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", value):
+        raise ValueError(f"must be an http(s) URL prefix, an absolute path or a path in the project folder, "
+                         f"got {value!r}")
+    norm = os.path.normpath(value)
+    if not os.path.isabs(norm) and (norm == ".." or norm.startswith("../")):
+        raise ValueError(f"a relative path must stay inside the project folder, got {value!r}")
+    return norm
+
+
+def _jobs(c: _Checker, raw: dict) -> dict:
+    j = c.section(raw, "jobs", JOBS_KEYS)
+    sources = j.get("allowed_sources")
+    if sources is None:
+        sources = []
+    if not isinstance(sources, list):
+        c.fail("jobs.allowed_sources", f"must be a list of path or URL prefixes, got {type(sources).__name__}")
+    prefixes = []
+    for i, source in enumerate(sources):
+        try:
+            prefixes.append(_source_prefix(source))
+        except ValueError as e:
+            c.fail(f"jobs.allowed_sources[{i}]", str(e))
+    return {"allowed_sources": prefixes,
+            "max_batches": c.field(j, "jobs.", "max_batches", _int(1), default=DEFAULT_JOB_MAX_BATCHES),
+            "max_bytes": c.field(j, "jobs.", "max_bytes", _mem, default=DEFAULT_JOB_MAX_BYTES)}
 
 
 def find_config(folder: str) -> str:

@@ -11,6 +11,16 @@ Each deployed API also has a record in the cluster (kind, spec, package,
 fingerprint): a redeploy compares fingerprints, so an unchanged API is left
 alone, changed code rolls the replicas and a changed config is applied in
 place.
+
+The project's ``.env`` values are secrets: they are neither in the API
+record nor in anything else every Watch client receives. Deploy stores them
+as a blob of their own (salted with a key derived from the cluster token, so
+an unchanged ``.env`` is the same blob and its digest lets no one test a
+guess); only the pickled code of the API's backend (which only node agents
+receive) names that blob, and the API's replicas fetch it when they start
+and keep the values in their environment only. The record carries
+``dotenv_version``, a hash of the blob's digest, so a changed ``.env`` rolls
+the replicas.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ API_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 #: Keys of an API spec that change what replicas run (a rolling update);
 #: the others (autoscaling, compute) change the backend's config in place.
-_CODE_KEYS = ("handler", "dotenv", "package", "name", "kind")
+_CODE_KEYS = ("handler", "dotenv_version", "package", "name", "kind")
 
 
 def _serve():
@@ -138,16 +148,19 @@ def deploy(folder: str = ".", config_path: Optional[str] = None, *, wait: bool =
     snap = _snapshot()
     _check_splitters(apis, snap)
     existing = {a["name"]: a for a in snap.get("apis", [])}
-    digest = client.put_blob(package.data) if any(a["kind"] in ("RealtimeAPI", "BatchAPI") for a in apis) else ""
+    hosted = any(a["kind"] in ("RealtimeAPI", "BatchAPI") for a in apis)
+    digest = client.put_blob(package.data) if hosted else ""
+    secrets = _store_dotenv(client, dotenv) if hosted else {}
     results = []
     # Splitters after the APIs they route to.
     for api in sorted(apis, key=lambda a: a["kind"] == "TrafficSplitter"):
         if api["kind"] == "RealtimeAPI":
-            spec = dict(api, dotenv=dotenv, package=digest)
-            action = _deploy_realtime(serve, client, spec, existing.get(api["name"]), descriptors.get(api["name"]))
+            spec = dict(api, dotenv_version=secrets.get("dotenv_version", ""), package=digest)
+            action = _deploy_realtime(serve, client, spec, secrets, existing.get(api["name"]),
+                                      descriptors.get(api["name"]))
         elif api["kind"] == "BatchAPI":
-            spec = dict(api, dotenv=dotenv, package=digest)
-            action = _deploy_batch(serve, client, spec, existing.get(api["name"]))
+            spec = dict(api, dotenv_version=secrets.get("dotenv_version", ""), package=digest)
+            action = _deploy_batch(serve, client, spec, secrets, existing.get(api["name"]))
         else:
             spec = dict(api)
             action = _deploy_splitter(serve, client, spec, existing.get(api["name"]))
@@ -156,6 +169,22 @@ def deploy(folder: str = ".", config_path: Optional[str] = None, *, wait: bool =
     if wait:
         wait_live([r["name"] for r in results if r["kind"] in ("RealtimeAPI", "BatchAPI")], timeout)
     return results
+
+
+def _store_dotenv(client, dotenv: Dict[str, str]) -> Dict[str, str]:
+    """The ``.env`` values stored as their own blob (see the module docs):
+    ``{"dotenv_blob": digest, "dotenv_version": hash of it}``, or ``{}``."""
+    if not dotenv:
+        return {}
+    data = json.dumps({"salt": client.dotenv_salt(), "values": dotenv}, sort_keys=True).encode()
+    digest = client.put_blob(data)
+    return {"dotenv_blob": digest, "dotenv_version": hashlib.sha256(digest.encode()).hexdigest()}
+
+
+def _code_spec(spec: dict, secrets: Dict[str, str]) -> dict:
+    """What the API's replicas are built with: the record's spec and the
+    digest of its ``.env`` blob."""
+    return dict(spec, dotenv_blob=secrets["dotenv_blob"]) if secrets else spec
 
 
 def _record(client, spec: dict, fingerprint: str) -> None:
@@ -200,14 +229,15 @@ def _endpoint_key(spec: dict) -> tuple:
     return ("http", spec.get("endpoint"))
 
 
-def _deploy_realtime(serve, client, spec: dict, old: Optional[dict], descriptor: Optional[bytes] = None) -> str:
+def _deploy_realtime(serve, client, spec: dict, secrets: Dict[str, str], old: Optional[dict],
+                     descriptor: Optional[bytes] = None) -> str:
     name = spec["name"]
     fingerprint = _fingerprint(spec)
     if old is not None and old.get("fingerprint") == fingerprint:
         return "unchanged"
     if old is not None and old.get("kind") != "RealtimeAPI":
         raise ConfigError(f'api "{name}": kind: the cluster has a {old.get("kind")} with this name; delete it first')
-    code = serve._pickle_code(_backend_class(spec), (spec,))
+    code = serve._pickle_code(_backend_class(spec), (_code_spec(spec, secrets),))
     config = json.dumps(_backend_config(spec))
     backends = {b["name"] for b in _snapshot().get("backends", [])}
     if old is None or name not in backends:
@@ -234,7 +264,7 @@ def _deploy_realtime(serve, client, spec: dict, old: Optional[dict], descriptor:
 BATCH_METHODS = ["GET", "POST", "DELETE"]
 
 
-def _deploy_batch(serve, client, spec: dict, old: Optional[dict]) -> str:
+def _deploy_batch(serve, client, spec: dict, secrets: Dict[str, str], old: Optional[dict]) -> str:
     """A BatchAPI: its job gateway backend at the endpoint. Jobs started
     before a redeploy keep the workers (and code) they started with."""
     from .batch import BatchGateway
@@ -245,7 +275,7 @@ def _deploy_batch(serve, client, spec: dict, old: Optional[dict]) -> str:
         return "unchanged"
     if old is not None and old.get("kind") != "BatchAPI":
         raise ConfigError(f'api "{name}": kind: the cluster has a {old.get("kind")} with this name; delete it first')
-    code = serve._pickle_code(BatchGateway, (spec,))
+    code = serve._pickle_code(BatchGateway, (_code_spec(spec, secrets),))
     backends = {b["name"] for b in _snapshot().get("backends", [])}
     if name not in backends:
         client.create_backend(name, code, json.dumps({"num_replicas": 1}))

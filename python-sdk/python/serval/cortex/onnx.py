@@ -43,7 +43,6 @@ the package.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib
 import inspect
@@ -51,13 +50,11 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
-import urllib.request
 from typing import Any, Dict, List, Optional, Tuple
 
 from starlette.datastructures import FormData
 
+from .downloads import Limits, build_once, download, sweep
 from .package import cache_dir
 from .realtime import (HandlerError, PayloadError, RealtimeAPI, _Method, error_response, import_file, parse_json,
                        setup_process)
@@ -106,11 +103,12 @@ def import_model_runtime(name: str, handler_type: str, module: str, install: str
 # -- the model file ----------------------------------------------------------
 
 
-def model_file(name: str, project: str, model_path: str) -> str:
+def model_file(name: str, project: str, handler: dict) -> str:
     """The local file of ``handler.model_path``: a project file, an absolute
     path, or an http(s) URL fetched into the node's cache."""
+    model_path = handler.get("model_path") or ""
     if is_url(model_path):
-        return fetch_or_fail(name, model_path)
+        return fetch_or_fail(name, handler)
     path = os.path.join(project, model_path)  # an absolute model_path stays as it is
     if not os.path.isfile(path):
         raise HandlerError(f"api {name!r}: handler.model_path: no such file: {path}")
@@ -121,46 +119,38 @@ def is_url(model_path: str) -> bool:
     return model_path.lower().startswith(("http://", "https://"))
 
 
-def fetch_or_fail(name: str, url: str) -> str:
-    """``fetch_model(url)``, or a HandlerError naming handler.model_path: the
-    replica's failure then says which URL could not be had."""
+def download_limits(handler: dict) -> Limits:
+    """``handler.model_max_size`` and ``model_download_timeout`` (defaults
+    in the config) as the caps of a model's download and unpacking."""
+    defaults = Limits()
+    return Limits(max_bytes=int(handler.get("model_max_size") or defaults.max_bytes),
+                  timeout_s=float(handler.get("model_download_timeout") or defaults.timeout_s))
+
+
+def fetch_or_fail(name: str, handler: dict) -> str:
+    """``fetch_model`` of ``handler.model_path``, or a HandlerError naming
+    the field: the replica's failure then says which URL could not be had
+    and why."""
+    url = handler["model_path"]
     try:
-        return fetch_model(url)
+        return fetch_model(url, download_limits(handler), handler.get("model_sha256"))
     except OSError as e:
-        raise HandlerError(f"api {name!r}: handler.model_path: fetching {url} failed: {e}") from None
+        field = "handler.model_sha256" if "sha256" in str(e) else "handler.model_path"
+        raise HandlerError(f"api {name!r}: {field}: fetching {url} failed: {e}") from None
 
 
-def fetch_model(url: str, base: Optional[str] = None, timeout: float = 60.0) -> str:
-    """The model at ``url``, downloaded once per node: kept under the node's
-    cache by the URL's sha256, written beside and renamed, so replicas
-    starting together never read a partial file. (A new model needs a new
-    URL: the cache is keyed by the URL, not by its content.)"""
+def fetch_model(url: str, limits: Limits, sha256: Optional[str] = None, base: Optional[str] = None) -> str:
+    """The model at ``url``, downloaded once per node into the node's cache
+    (serval.cortex.downloads), named by the URL's sha256 (and the expected
+    content's, when the config gives one). Replicas starting together wait
+    for the first one's download rather than each fetching a model that may
+    be gigabytes. (A new model needs a new URL or sha256: the cache is keyed
+    by them, not by what the URL serves now.)"""
     base = os.path.join(base or cache_dir(), "models")
-    target = os.path.join(base, hashlib.sha256(url.encode()).hexdigest())
-    if os.path.isfile(target):
-        return target
-    os.makedirs(base, exist_ok=True)
-    # Replicas starting together on a node wait for the first one's download
-    # rather than each fetching a model that may be gigabytes.
-    with open(target + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.isfile(target):
-            _download(url, target, timeout)
-    return target
-
-
-def _download(url: str, target: str, timeout: float) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".download-", dir=os.path.dirname(target))
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
-            shutil.copyfileobj(response, f, 1 << 20)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    key = url if not sha256 else f"{url}#sha256={sha256.lower()}"
+    sweep(base)
+    return build_once(os.path.join(base, hashlib.sha256(key.encode()).hexdigest()),
+                      lambda partial: download(url, partial, limits, sha256))
 
 
 def providers(ort, gpus: float) -> List[str]:
@@ -289,7 +279,7 @@ class OnnxAPI(RealtimeAPI):
         self.name = spec.get("name") or "api"
         handler = spec.get("handler") or {}
         project = setup_process(self.name, spec, project_dir)
-        path = model_file(self.name, project, handler.get("model_path") or "")
+        path = model_file(self.name, project, handler)
         if handler.get("runtime") == "native":
             self._load_native(path, handler)
             return

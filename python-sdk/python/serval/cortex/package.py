@@ -18,18 +18,21 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .config import ConfigError
+from .downloads import FetchError, Limits, build_once, extract, sweep
 
 #: Cortex's limit on a project folder.
 MAX_PACKAGE_BYTES = 32 * 1024 * 1024
 EXCLUDED_SUFFIXES = (".pyc", ".pyo", ".pyd")
 IGNORE_FILE = ".cortexignore"
+#: What a replica unpacks a package to at most: a package built by deploy
+#: holds at most MAX_PACKAGE_BYTES of files (and is an uncompressed tar).
+UNPACK_LIMITS = Limits(max_bytes=MAX_PACKAGE_BYTES, max_entries=100_000, max_ratio=2.0)
 
 
 @dataclass
@@ -129,30 +132,25 @@ def cache_dir() -> str:
 
 def ensure_unpacked(digest: str, fetch: Callable[[str], bytes], base: Optional[str] = None) -> str:
     """The directory holding package ``digest`` unpacked; fetches and
-    unpacks it (checking the digest) when this node has none yet."""
+    unpacks it (checking the digest, and within ``UNPACK_LIMITS``: plain
+    files and folders only) when this node has none yet."""
     base = os.path.join(base or cache_dir(), "packages")
     target = os.path.join(base, digest)
     if os.path.isdir(target):
         return target
-    os.makedirs(base, exist_ok=True)
-    data = fetch(digest)
-    got = hashlib.sha256(data).hexdigest()
-    if got != digest:
-        raise RuntimeError(f"package {digest}: fetched bytes have digest {got}")
-    tmp = tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=base)
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
-            tar.extractall(tmp, filter="data")
+    sweep(base)
+
+    def make(partial: str) -> None:
+        data = fetch(digest)
+        got = hashlib.sha256(data).hexdigest()
+        if got != digest:
+            raise RuntimeError(f"package {digest}: fetched bytes have digest {got}")
         try:
-            os.rename(tmp, target)
-        except OSError:
-            if not os.path.isdir(target):  # not a lost race with another replica
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+            extract(data, partial, UNPACK_LIMITS, zip_allowed=False)
+        except FetchError as e:
+            raise RuntimeError(f"package {digest}: {e}") from None
+
+    return build_once(target, make)
 
 
 def ensure_requirements(project_dir: str, pip_file: str, base: Optional[str] = None) -> Optional[str]:
@@ -176,22 +174,14 @@ def ensure_requirements(project_dir: str, pip_file: str, base: Optional[str] = N
     target = os.path.join(base, key)
     if os.path.isdir(target):
         return target
-    os.makedirs(base, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=base)
-    try:
+    sweep(base)
+
+    def make(partial: str) -> None:
         proc = subprocess.run(
             [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-input",
-             "--target", tmp, "-r", path],
+             "--target", partial, "-r", path],
             cwd=project_dir, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"pip install -r {pip_file} failed:\n{(proc.stderr or proc.stdout).strip()}")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not os.path.isdir(target):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    return build_once(target, make)

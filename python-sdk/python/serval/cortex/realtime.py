@@ -302,7 +302,7 @@ def setup_process(name: str, spec: dict, project_dir: Optional[str]) -> str:
     project = resolve_project_dir(spec, project_dir)
     # Handler code opens project files by relative path.
     os.chdir(project)
-    set_environment(spec.get("dotenv"), handler.get("env"))
+    set_environment(dotenv_values(spec), handler.get("env"))
     # The labels of serval.log's lines.
     os.environ["SERVAL_API_NAME"] = name
     os.environ["SERVAL_API_KIND"] = spec.get("kind") or "RealtimeAPI"
@@ -350,6 +350,19 @@ def cluster_client():
     if serve._client is None:
         serve.connect()
     return serve._get_client()
+
+
+def dotenv_values(spec: dict) -> Optional[dict]:
+    """The project's ``.env`` values: from their blob (``serve deploy`` keeps
+    them out of the spec every watcher sees; serval.cortex.deploy), or a
+    spec's own ``dotenv`` (a spec built in code). Never written to disk."""
+    digest = spec.get("dotenv_blob")
+    if not digest:
+        return spec.get("dotenv")
+    try:
+        return json.loads(fetch_blob(digest))["values"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise HandlerError(f"api {spec.get('name')!r}: the .env blob {digest} cannot be read: {e}") from None
 
 
 def set_environment(dotenv: Optional[dict], env: Optional[dict]) -> None:

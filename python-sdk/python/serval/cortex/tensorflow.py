@@ -27,16 +27,14 @@ and its absence fails the replica with an error naming the package.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
-import shutil
 import tarfile
-import tempfile
 import zipfile
 from typing import Any, Dict, List, Optional
 
-from .onnx import OnnxAPI, _Input, cpu_threads, fetch_or_fail, import_model_runtime, is_url, to_jsonable
+from .downloads import build_once, extract
+from .onnx import OnnxAPI, _Input, cpu_threads, download_limits, fetch_or_fail, import_model_runtime, is_url, to_jsonable
 from .realtime import HandlerError, setup_process
 
 logger = logging.getLogger("serval.cortex")
@@ -62,12 +60,13 @@ def _import_tensorflow(name: str):
 # -- the SavedModel directory ------------------------------------------------
 
 
-def saved_model_dir(name: str, project: str, model_path: str) -> str:
+def saved_model_dir(name: str, project: str, handler: dict) -> str:
     """The local directory of ``handler.model_path``: a project directory,
     an absolute path, or an http(s) URL of an archive unpacked in the
     node's cache."""
+    model_path = handler.get("model_path") or ""
     if is_url(model_path):
-        return find_saved_model(name, unpack_once(name, fetch_or_fail(name, model_path), model_path), model_path)
+        return find_saved_model(name, unpack_once(name, fetch_or_fail(name, handler), handler), model_path)
     path = os.path.join(project, model_path)  # an absolute model_path stays as it is
     if not os.path.isdir(path):
         raise HandlerError(f"api {name!r}: handler.model_path: no such directory: {path}")
@@ -91,41 +90,17 @@ def _has_saved_model(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, f)) for f in SAVED_MODEL_FILES)
 
 
-def unpack_once(name: str, archive: str, url: str) -> str:
+def unpack_once(name: str, archive: str, handler: dict) -> str:
     """The directory ``archive`` (a fetched .zip or .tar.gz) unpacks to,
-    unpacked once per node beside it: into a temporary directory renamed
-    when complete, under a lock, so replicas starting together never read a
-    partial model."""
-    target = archive + ".d"
-    if os.path.isdir(target):
-        return target
-    with open(archive + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.isdir(target):
-            _unpack(name, archive, target, url)
-    return target
-
-
-def _unpack(name: str, archive: str, target: str, url: str) -> None:
-    """Unpacks by content, not by the URL's suffix (a URL may have none)."""
-    tmp = tempfile.mkdtemp(prefix=".unpack-", dir=os.path.dirname(target))
+    once per node, beside it (serval.cortex.downloads: under a lock, renamed
+    when complete, within the caps of ``download_limits``, only plain files
+    and folders inside it). By content, not by the URL's suffix (a URL may
+    have none)."""
     try:
-        if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as z:
-                z.extractall(tmp)  # zipfile drops absolute paths and '..' from member names
-        elif tarfile.is_tarfile(archive):
-            with tarfile.open(archive) as t:
-                t.extractall(tmp, filter="data")  # refuses members outside tmp, links out, devices
-        else:
-            raise HandlerError(f"api {name!r}: handler.model_path: {url} is neither a .zip nor a .tar.gz "
-                               f"(a SavedModel at a URL must be an archive of its directory)")
-        os.rename(tmp, target)
+        return build_once(archive + ".d", lambda partial: extract(archive, partial, download_limits(handler)))
     except (OSError, zipfile.BadZipFile, tarfile.TarError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise HandlerError(f"api {name!r}: handler.model_path: unpacking {url} failed: {e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise HandlerError(f"api {name!r}: handler.model_path: unpacking {handler.get('model_path')} failed: {e} "
+                           f"(a SavedModel at a URL must be a .zip or .tar.gz of its directory)") from None
 
 
 # -- signatures ----------------------------------------------------------------
@@ -210,9 +185,11 @@ class TensorFlowAPI(OnnxAPI):
         self.name = spec.get("name") or "api"
         handler = spec.get("handler") or {}
         project = setup_process(self.name, spec, project_dir)
+        # The model first: a model that cannot be had fails the same with or
+        # without TensorFlow installed.
+        path = saved_model_dir(self.name, project, handler)
         self.tf = _import_tensorflow(self.name)
         self._limit_threads(spec)
-        path = saved_model_dir(self.name, project, handler.get("model_path") or "")
         graph = read_meta_graph(self.name, path)
         self.model = self._load(path, list(graph.meta_info_def.tags), handler.get("model_path"))
         served = list(self.model.signatures.keys())
