@@ -345,6 +345,7 @@ async fn error_bodies_name_internals_only_with_debug() {
         let hold = Arc::new(HoldHandler::default());
         let mut replica = ThreadedReplica::start(dir.path(), "replica-7f3a", hold.clone());
         let proxy = Arc::new(Proxy::new(&ProxyConfig {
+            token: serval_node::test_util::TEST_TOKEN.into(),
             debug_errors: debug,
             ..Default::default()
         }));

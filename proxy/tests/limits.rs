@@ -46,6 +46,7 @@ async fn serve(max_body_bytes: usize, limits: Limits) -> Served {
     let hold = Arc::new(HoldHandler::default());
     let held = ThreadedReplica::start(dir.path(), "held", hold.clone());
     let config = ProxyConfig {
+        token: serval_node::test_util::TEST_TOKEN.into(),
         max_body_bytes,
         limits,
         metrics: Some(recorder()),
