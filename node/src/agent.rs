@@ -66,9 +66,11 @@ impl NodeAgent {
     /// Connects and registers, retrying until `deadline` (the controller may
     /// still be starting).
     pub async fn register(config: AgentConfig, deadline: Duration) -> Result<Self, AgentError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| AgentError::Io {
-            path: config.data_dir.display().to_string(),
-            source,
+        serval_protos::private_files::private_dir(&config.data_dir).map_err(|source| {
+            AgentError::Io {
+                path: config.data_dir.display().to_string(),
+                source,
+            }
         })?;
         let client = client::connect_lazy(&config.control_addr, &config.token)?;
         let id_file = config.data_dir.join("node_id");
@@ -95,10 +97,14 @@ impl NodeAgent {
                 Err(e) => return Err(e),
             }
         }
-        std::fs::write(&id_file, &agent.node_id).map_err(|source| AgentError::Io {
-            path: id_file.display().to_string(),
-            source,
-        })?;
+        // Atomic: a crash while writing never leaves a torn id, which
+        // would register this node as a new one.
+        serval_protos::private_files::write_private(&id_file, agent.node_id.as_bytes()).map_err(
+            |source| AgentError::Io {
+                path: id_file.display().to_string(),
+                source,
+            },
+        )?;
         tracing::info!(node_id = %agent.node_id, "node registered");
         Ok(agent)
     }

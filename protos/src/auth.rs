@@ -21,6 +21,15 @@ pub const PURPOSE_DATA_PLANE: &str = "serval data plane v1";
 /// A replica is given only its own key, `derive(agent key, replica id)`,
 /// so no replica can speak as the agent to another.
 pub const PURPOSE_AGENT: &str = "serval node agent v1";
+/// The scoped control credential every replica is given (its
+/// `SERVAL_TOKEN`): the controller accepts it only for the calls replicas
+/// make (reading the routing table, batch jobs, packages), never for
+/// deploying, deleting or shutting down.
+pub const PURPOSE_REPLICA: &str = "serval replica v1";
+/// The credential heads present to each other's `RaftPeer` service (raft
+/// messages, forwarded writes, joins). The `Control` service refuses it,
+/// and `RaftPeer` refuses every other credential, the cluster token too.
+pub const PURPOSE_PEER: &str = "serval raft peer v1";
 
 type HmacSha256 = Hmac<Sha256>;
 

@@ -8,6 +8,8 @@
 //!   [`frame_socket`] carries it over a Unix or TCP socket.
 //! - [`blob`]: the digest and size limits of content-addressed blobs.
 //! - [`auth`]: the cluster token and the credentials derived from it.
+//! - [`private_files`]: the data dir (0700) and its files (0600, replaced
+//!   atomically).
 #![forbid(unsafe_code)]
 
 pub mod control {
@@ -18,6 +20,7 @@ pub mod blob;
 pub mod client;
 pub mod frame;
 pub mod frame_socket;
+pub mod private_files;
 pub mod tls;
 
 /// Default port of the controller's gRPC service (`serve start --head`).
