@@ -26,14 +26,14 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// The permission bits of `path`.
-fn mode(path: &std::path::Path) -> u32 {
+/// The permission bits of `path`, in octal ("600").
+fn mode(path: &std::path::Path) -> String {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path)
+    let mode = std::fs::metadata(path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .permissions()
-        .mode()
-        & 0o777
+        .mode();
+    format!("{:o}", mode & 0o777)
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -123,7 +123,7 @@ fn detached_head_status_and_shutdown() {
     );
 
     // The data dir and every file the head wrote are its owner's only.
-    assert_eq!(mode(tmp.path()), 0o700, "data dir");
+    assert_eq!(mode(tmp.path()), "700", "data dir");
     for file in [
         "token",
         "cluster.json",
@@ -132,9 +132,9 @@ fn detached_head_status_and_shutdown() {
         "raft/raft.redb",
         "logs/serve.log",
     ] {
-        assert_eq!(mode(&tmp.path().join(file)), 0o600, "{file}");
+        assert_eq!(mode(&tmp.path().join(file)), "600", "{file}");
     }
-    assert_eq!(mode(&tmp.path().join("raft")), 0o700, "raft dir");
+    assert_eq!(mode(&tmp.path().join("raft")), "700", "raft dir");
     let token = std::fs::read_to_string(tmp.path().join("token")).unwrap();
 
     // A wrong token, or none, is refused by the head.
