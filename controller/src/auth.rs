@@ -44,6 +44,10 @@ use tonic::Status;
 ///   `<api>--job-<id>` of an existing job of that api
 ///   ([`Credential::may_manage_backend`]).
 ///
+/// A replica token reads the routing table without the backends' pickled
+/// code (`include_code`, which only node agents need): another backend's
+/// code may hold its secrets ([`Credential::may_read_code`]).
+///
 /// Everything else (deploying, routing, blobs uploads, node registration,
 /// shutdown) needs the cluster token. Calls to the replica's own data plane
 /// do not go through this service.
@@ -97,6 +101,17 @@ impl Credential {
     /// The credential of an accepted request (the check put it there).
     pub fn of<T>(req: &tonic::Request<T>) -> Option<Credential> {
         req.extensions().get::<Credential>().copied()
+    }
+
+    /// Refuses a replica token the backends' code in a snapshot.
+    pub fn may_read_code(credential: Option<Credential>, include_code: bool) -> Result<(), Status> {
+        if include_code && credential != Some(Credential::Admin) {
+            return Err(Status::permission_denied(
+                "the replica credential (a replica's SERVAL_TOKEN) may not read the backends' code \
+                 (include_code)",
+            ));
+        }
+        Ok(())
     }
 
     /// Refuses a replica token a backend that is not the worker backend of

@@ -414,7 +414,9 @@ impl Control for ControlService {
         &self,
         req: Request<WatchRequest>,
     ) -> Result<Response<ClusterSnapshot>, Status> {
+        let credential = Credential::of(&req);
         let include_code = req.into_inner().include_code;
+        Credential::may_read_code(credential, include_code)?;
         Ok(Response::new(to_snapshot(
             &self.sm.current(),
             include_code,
@@ -428,7 +430,9 @@ impl Control for ControlService {
         &self,
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let credential = Credential::of(&req);
         let include_code = req.into_inner().include_code;
+        Credential::may_read_code(credential, include_code)?;
         let this = self.clone();
         // WatchStream yields the current state first, then every new one.
         let stream = tokio_stream::wrappers::WatchStream::new(self.sm.subscribe())

@@ -269,8 +269,11 @@ async fn a_replica_token_reads_and_runs_jobs_but_does_not_deploy() {
         "a denied call changed the state"
     );
 
-    // Reads work.
+    // Reads work, without the backends' code.
     c.get_snapshot(WatchRequest::default()).await.unwrap();
+    let code = WatchRequest { include_code: true };
+    denied("GetSnapshot with code", c.get_snapshot(code).await);
+    denied("Watch with code", c.watch(code).await.map(|_| ()));
     let mut watch = c.watch(WatchRequest::default()).await.unwrap().into_inner();
     assert!(matches!(watch.next().await, Some(Ok(_))));
     // A batch gateway creates a job and its workers' backend, no other.
