@@ -32,11 +32,11 @@ const VISIBLE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Writes `cmd` and decodes its output as `T`.
 async fn write<T: Message + Default>(
     raft: &Raft,
-    token: &str,
+    peer_key: &str,
     cmd: JobCommand,
 ) -> Result<T, Status> {
     let written =
-        store::forward::propose_via_leader_with_output(raft, token, Command::Job(cmd)).await?;
+        store::forward::propose_via_leader_with_output(raft, peer_key, Command::Job(cmd)).await?;
     decode(&written)
 }
 
@@ -52,11 +52,11 @@ fn decode<T: Message + Default>(written: &store::Written) -> Result<T, Status> {
 /// frequent writes (leases, acks, enqueues): nobody reads those back at once.
 async fn write_visible<T: Message + Default>(
     raft: &Raft,
-    token: &str,
+    peer_key: &str,
     cmd: JobCommand,
 ) -> Result<T, Status> {
     let written =
-        store::forward::propose_via_leader_with_output(raft, token, Command::Job(cmd)).await?;
+        store::forward::propose_via_leader_with_output(raft, peer_key, Command::Job(cmd)).await?;
     let _ = raft
         .wait(Some(VISIBLE_WAIT))
         .applied_index_at_least(Some(written.log_index), "job write visible")
@@ -67,7 +67,8 @@ async fn write_visible<T: Message + Default>(
 pub(crate) struct Jobs<'a> {
     pub raft: &'a Raft,
     pub sm: &'a StateMachineStore,
-    pub token: &'a str,
+    /// Presented to the leader's `RaftPeer` service when forwarding.
+    pub peer_key: &'a str,
 }
 
 impl Jobs<'_> {
@@ -79,7 +80,7 @@ impl Jobs<'_> {
             now_ms: now_ms(),
         };
         Ok(Response::new(
-            write_visible(self.raft, self.token, cmd).await?,
+            write_visible(self.raft, self.peer_key, cmd).await?,
         ))
     }
 
@@ -89,7 +90,7 @@ impl Jobs<'_> {
             first_index: r.first_index,
             batches: r.batches,
         };
-        store::forward::propose_via_leader(self.raft, self.token, Command::Job(cmd)).await?;
+        store::forward::propose_via_leader(self.raft, self.peer_key, Command::Job(cmd)).await?;
         Ok(Response::new(Empty {}))
     }
 
@@ -101,7 +102,7 @@ impl Jobs<'_> {
             now_ms: now_ms(),
         };
         Ok(Response::new(
-            write_visible(self.raft, self.token, cmd).await?,
+            write_visible(self.raft, self.peer_key, cmd).await?,
         ))
     }
 
@@ -116,7 +117,7 @@ impl Jobs<'_> {
             visibility_ms: (r.visibility_s * 1000.0) as i64,
             now_ms: now_ms(),
         };
-        Ok(Response::new(write(self.raft, self.token, cmd).await?))
+        Ok(Response::new(write(self.raft, self.peer_key, cmd).await?))
     }
 
     pub async fn ack(&self, r: AckRequest) -> Result<Response<Empty>, Status> {
@@ -126,7 +127,7 @@ impl Jobs<'_> {
             results: r.results,
             now_ms: now_ms(),
         };
-        store::forward::propose_via_leader(self.raft, self.token, Command::Job(cmd)).await?;
+        store::forward::propose_via_leader(self.raft, self.peer_key, Command::Job(cmd)).await?;
         Ok(Response::new(Empty {}))
     }
 
@@ -138,7 +139,7 @@ impl Jobs<'_> {
             now_ms: now_ms(),
         };
         Ok(Response::new(
-            write_visible(self.raft, self.token, cmd).await?,
+            write_visible(self.raft, self.peer_key, cmd).await?,
         ))
     }
 
@@ -147,7 +148,7 @@ impl Jobs<'_> {
             id: r.job_id,
             worker: r.worker_id,
         };
-        store::forward::propose_via_leader(self.raft, self.token, Command::Job(cmd)).await?;
+        store::forward::propose_via_leader(self.raft, self.peer_key, Command::Job(cmd)).await?;
         Ok(Response::new(Empty {}))
     }
 
@@ -159,7 +160,7 @@ impl Jobs<'_> {
             now_ms: now_ms(),
         };
         Ok(Response::new(
-            write_visible(self.raft, self.token, cmd).await?,
+            write_visible(self.raft, self.peer_key, cmd).await?,
         ))
     }
 

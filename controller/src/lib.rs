@@ -6,13 +6,16 @@
 //!   its [`state::Command`]s; [`scheduler`] places replicas on nodes.
 //! - [`store`]: raft (openraft) with the log, vote, applied state and
 //!   snapshots in redb under the data dir.
-//! - [`service`]: the `Control` gRPC service (token-checked) and the Watch
+//! - [`auth`]: which credential may call what (cluster token, replica
+//!   token, peer key), checked before a call is decoded.
+//! - [`service`]: the `Control` gRPC service and the Watch
 //!   stream proxies, node agents and handles follow.
 //! - [`reconciler`]: the leader's loop that notices dead nodes.
 //! - `job_service`: the batch-job RPCs over `store::jobs`, the durable
 //!   queue of BatchAPI jobs.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod autoscaler;
 pub mod error;
 mod job_service;

@@ -1,16 +1,16 @@
 //! The `RaftPeer` gRPC service: raft messages between heads, writes
 //! forwarded by followers, and joins of new heads. It shares the control
-//! port and the cluster token with `Control`.
+//! port with `Control` but takes only the peer key (`crate::auth`): the
+//! cluster token, which clients hold, is refused here.
 
 use std::collections::BTreeSet;
 
 use openraft::BasicNode;
 use serval_protos::control::raft_peer_server::{RaftPeer, RaftPeerServer};
 use serval_protos::control::{Empty, JoinHeadRequest, RaftMessage};
-use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
-use crate::service::TokenCheck;
+use crate::auth::{Authenticated, TokenCheck};
 use crate::state::Command;
 use crate::store::forward::Forwarded;
 use crate::store::log_store::{decode, encode};
@@ -19,20 +19,28 @@ use crate::store::{propose_with_output, Raft};
 #[derive(Clone)]
 pub struct PeerService {
     raft: Raft,
-    token: String,
+    /// Presented to the leader when a join is forwarded there.
+    peer_key: String,
+    check: TokenCheck,
 }
 
 impl PeerService {
-    pub fn new(raft: Raft, token: String) -> Self {
-        Self { raft, token }
+    /// The service of a cluster whose token is `cluster_token`; it accepts
+    /// only the peer key derived from it.
+    pub fn new(raft: Raft, cluster_token: &str) -> Result<Self, serval_protos::auth::TokenError> {
+        Ok(Self {
+            raft,
+            peer_key: crate::auth::peer_key(cluster_token),
+            check: TokenCheck::peer(cluster_token)?,
+        })
     }
 
-    pub fn into_server(self) -> InterceptedService<RaftPeerServer<Self>, TokenCheck> {
-        let token = self.token.clone();
+    pub fn into_server(self) -> Authenticated<RaftPeerServer<Self>> {
+        let check = self.check.clone();
         let server = RaftPeerServer::new(self)
             .max_decoding_message_size(crate::service::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(crate::service::MAX_MESSAGE_BYTES);
-        InterceptedService::new(server, TokenCheck::new(token))
+        Authenticated::new(server, check)
     }
 }
 
@@ -90,7 +98,7 @@ impl RaftPeer for PeerService {
                         .cloned()
                 })
                 .ok_or_else(|| Status::unavailable("no raft leader yet"))?;
-            let mut client = serval_protos::client::connect_peer_lazy(&leader.addr, &self.token)
+            let mut client = serval_protos::client::connect_peer_lazy(&leader.addr, &self.peer_key)
                 .map_err(|e| Status::unavailable(e.to_string()))?;
             return client.join_head(r).await;
         }

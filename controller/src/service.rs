@@ -1,6 +1,7 @@
 //! The `Control` gRPC service: every write becomes a raft command, every
 //! read comes from the applied state, and Watch streams a full snapshot on
-//! connect and after each change. Calls must carry the cluster token.
+//! connect and after each change. Calls must carry the cluster token, or
+//! for a few calls a replica's scoped token (see `crate::auth`).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -12,9 +13,9 @@ use serval_protos::blob::{BLOB_CHUNK_BYTES, MAX_BLOB_BYTES};
 use serval_protos::control::control_server::{Control, ControlServer};
 use serval_protos::control::*;
 use tokio_stream::StreamExt;
-use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Authenticated, Credential, TokenCheck};
 use crate::error::{ControllerError, StateError};
 use crate::state::{ClusterState, Command};
 use crate::store::{self, state_machine::StateMachineStore, Raft};
@@ -35,9 +36,14 @@ pub struct ControlService {
     address: String,
     heartbeats: Heartbeats,
     autoscaler: SharedAutoscaler,
-    /// The cluster token: checked on every call, and presented when this
-    /// head forwards to the leader.
+    /// The cluster token, presented when this head forwards a node's
+    /// heartbeat or a router's load to the leader's `Control` service.
     token: String,
+    /// The key this head presents to the leader's `RaftPeer` service when
+    /// it forwards a write.
+    peer_key: String,
+    /// What callers must present.
+    check: TokenCheck,
     /// The connection to the current leader, when it is another head.
     leader_conn: Arc<Mutex<Option<(String, serval_protos::client::Client)>>>,
 }
@@ -49,17 +55,19 @@ impl ControlService {
         raft_id: u64,
         address: String,
         token: String,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, serval_protos::auth::TokenError> {
+        Ok(Self {
             raft,
             sm,
             raft_id,
             address,
             heartbeats: Arc::default(),
             autoscaler: Arc::default(),
+            check: TokenCheck::control(&token)?,
+            peer_key: crate::auth::peer_key(&token),
             token,
             leader_conn: Arc::default(),
-        }
+        })
     }
 
     /// The leader's control address when it is another head; `None` when
@@ -100,25 +108,40 @@ impl ControlService {
         self.autoscaler.clone()
     }
 
-    /// The tonic server for this service, refusing calls without the token.
-    pub fn into_server(self) -> InterceptedService<ControlServer<Self>, TokenCheck> {
-        let token = self.token.clone();
+    /// The tonic server for this service, refusing calls without a
+    /// credential that allows them.
+    pub fn into_server(self) -> Authenticated<ControlServer<Self>> {
+        let check = self.check.clone();
         let server = ControlServer::new(self)
             .max_decoding_message_size(MAX_REQUEST_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        InterceptedService::new(server, TokenCheck::new(token))
+        Authenticated::new(server, check)
+    }
+
+    /// Refuses a replica token a backend that is not one of its batch
+    /// job's workers (see `crate::auth::REPLICA_CALLS`).
+    fn may_manage_backend(&self, credential: Option<Credential>, name: &str) -> Result<(), Status> {
+        Credential::may_manage_backend(credential, name, |job_id| {
+            let job = self
+                .jobs()
+                .get(JobRequest {
+                    job_id: job_id.to_string(),
+                })
+                .ok()?;
+            Some(job.into_inner().spec?.api)
+        })
     }
 
     fn jobs(&self) -> crate::job_service::Jobs<'_> {
         crate::job_service::Jobs {
             raft: &self.raft,
             sm: &self.sm,
-            token: &self.token,
+            peer_key: &self.peer_key,
         }
     }
 
     async fn propose(&self, cmd: Command) -> Result<Response<Empty>, Status> {
-        store::forward::propose_via_leader(&self.raft, &self.token, cmd).await?;
+        store::forward::propose_via_leader(&self.raft, &self.peer_key, cmd).await?;
         Ok(Response::new(Empty {}))
     }
 
@@ -147,7 +170,7 @@ impl ControlService {
         const IN_FLIGHT: usize = 4;
         let writes = cmds
             .into_iter()
-            .map(|cmd| store::forward::propose_via_leader(&self.raft, &self.token, cmd));
+            .map(|cmd| store::forward::propose_via_leader(&self.raft, &self.peer_key, cmd));
         let results =
             futures::StreamExt::buffer_unordered(futures::stream::iter(writes), IN_FLIGHT);
         futures::TryStreamExt::try_for_each(results, |_| async { Ok(()) }).await
@@ -272,7 +295,7 @@ impl Control for ControlService {
             is_head: r.is_head,
             pid: r.pid,
         };
-        store::forward::propose_via_leader(&self.raft, &self.token, Command::RegisterNode(node))
+        store::forward::propose_via_leader(&self.raft, &self.peer_key, Command::RegisterNode(node))
             .await?;
         self.heartbeats
             .lock()
@@ -312,7 +335,10 @@ impl Control for ControlService {
     }
 
     async fn create_backend(&self, req: Request<Backend>) -> Result<Response<Empty>, Status> {
-        self.propose(Command::CreateBackend(req.into_inner())).await
+        let credential = Credential::of(&req);
+        let backend = req.into_inner();
+        self.may_manage_backend(credential, &backend.name)?;
+        self.propose(Command::CreateBackend(backend)).await
     }
 
     async fn update_backend_config(
@@ -334,7 +360,9 @@ impl Control for ControlService {
         &self,
         req: Request<DeleteBackendRequest>,
     ) -> Result<Response<Empty>, Status> {
+        let credential = Credential::of(&req);
         let r = req.into_inner();
+        self.may_manage_backend(credential, &r.name)?;
         self.propose(Command::DeleteBackend {
             name: r.name,
             force: r.force,
@@ -392,7 +420,9 @@ impl Control for ControlService {
         &self,
         req: Request<WatchRequest>,
     ) -> Result<Response<ClusterSnapshot>, Status> {
+        let credential = Credential::of(&req);
         let include_code = req.into_inner().include_code;
+        Credential::may_read_code(credential, include_code)?;
         Ok(Response::new(to_snapshot(
             &self.sm.current(),
             include_code,
@@ -406,7 +436,9 @@ impl Control for ControlService {
         &self,
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let credential = Credential::of(&req);
         let include_code = req.into_inner().include_code;
+        Credential::may_read_code(credential, include_code)?;
         let this = self.clone();
         // WatchStream yields the current state first, then every new one.
         let stream = tokio_stream::wrappers::WatchStream::new(self.sm.subscribe())
@@ -564,33 +596,5 @@ impl Control for ControlService {
         req: Request<JobRequest>,
     ) -> Result<Response<DeadLetters>, Status> {
         self.jobs().dead_letters(req.into_inner())
-    }
-}
-
-/// Refuses control calls that do not carry the cluster token.
-#[derive(Clone)]
-pub struct TokenCheck {
-    token: String,
-}
-
-impl TokenCheck {
-    pub fn new(token: String) -> Self {
-        Self { token }
-    }
-}
-
-impl tonic::service::Interceptor for TokenCheck {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        if self.token.is_empty() {
-            return Ok(req);
-        }
-        match req
-            .metadata()
-            .get(serval_protos::TOKEN_METADATA_KEY)
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(t) if t == self.token => Ok(req),
-            _ => Err(Status::unauthenticated("missing or wrong cluster token")),
-        }
     }
 }

@@ -1,8 +1,11 @@
 //! Every control and peer RPC refuses a call without the cluster token or
-//! with a wrong one (UNAUTHENTICATED), and such a call changes nothing.
+//! with a wrong one (UNAUTHENTICATED), and such a call changes nothing. A
+//! replica's scoped token reads but does not write; the peer key opens only
+//! the peer service, and the cluster token does not open it.
 
 use std::time::Duration;
 
+use serval_controller::auth::{peer_key, replica_token};
 use serval_controller::peer_service::PeerService;
 use serval_controller::service::ControlService;
 use serval_controller::store;
@@ -10,7 +13,7 @@ use serval_protos::client::{connect, connect_peer_lazy};
 use serval_protos::control::*;
 use tokio_stream::StreamExt;
 
-const TOKEN: &str = "the-right-token";
+const TOKEN: &str = "the-right-token-0123";
 
 async fn start() -> (String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
@@ -19,7 +22,7 @@ async fn start() -> (String, tempfile::TempDir) {
     let membership = store::Membership {
         raft_id: 1,
         address: addr.clone(),
-        token: TOKEN.into(),
+        peer_key: peer_key(TOKEN),
         bootstrap: true,
     };
     let (raft, sm) = store::open(dir.path(), &membership).await.unwrap();
@@ -31,9 +34,10 @@ async fn start() -> (String, tempfile::TempDir) {
     .await
     .unwrap()
     .unwrap();
-    let control =
-        ControlService::new(raft.clone(), sm, 1, addr.clone(), TOKEN.into()).into_server();
-    let peers = PeerService::new(raft, TOKEN.into()).into_server();
+    let control = ControlService::new(raft.clone(), sm, 1, addr.clone(), TOKEN.into())
+        .unwrap()
+        .into_server();
+    let peers = PeerService::new(raft, TOKEN).unwrap().into_server();
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(control)
@@ -66,7 +70,9 @@ async fn version(addr: &str) -> u64 {
 async fn every_rpc_needs_the_token_and_a_refused_call_changes_nothing() {
     let (addr, _dir) = start().await;
     let before = version(&addr).await;
-    for token in ["", "wrong"] {
+    let peer = peer_key(TOKEN);
+    // The peer key is no control credential.
+    for token in ["", "wrong-but-long-enough", &peer] {
         let mut c = connect(&addr, token).await.unwrap();
         let backend = Backend {
             name: "b".into(),
@@ -137,7 +143,11 @@ async fn every_rpc_needs_the_token_and_a_refused_call_changes_nothing() {
         }
         refused("ReportLoad", c.report_load(LoadReport::default()).await);
         refused("Shutdown", c.shutdown(Empty {}).await);
-
+    }
+    // The cluster token (what clients hold) and the replica token are no
+    // peer credential.
+    let replica = replica_token(TOKEN);
+    for token in ["", "wrong-but-long-enough", TOKEN, &replica] {
         let mut p = connect_peer_lazy(&addr, token).unwrap();
         let msg = || RaftMessage { payload: vec![0] };
         refused("AppendEntries", p.append_entries(msg()).await);
@@ -173,4 +183,127 @@ async fn every_rpc_needs_the_token_and_a_refused_call_changes_nothing() {
     .await
     .unwrap();
     assert!(version(&addr).await > before);
+}
+
+#[test]
+fn a_service_without_a_valid_token_cannot_be_built() {
+    // Authentication is never off: no empty or short token is accepted.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (raft, sm) = store::open(dir.path(), &store::Membership::single(1, "127.0.0.1:1"))
+            .await
+            .unwrap();
+        for token in ["", "short"] {
+            assert!(
+                ControlService::new(raft.clone(), sm.clone(), 1, "a:1".into(), token.into())
+                    .is_err()
+            );
+            assert!(PeerService::new(raft.clone(), token).is_err());
+        }
+        raft.shutdown().await.unwrap();
+    });
+}
+
+fn denied<T: std::fmt::Debug>(what: &str, r: Result<T, tonic::Status>) {
+    match r {
+        Err(s) if s.code() == tonic::Code::PermissionDenied => assert!(
+            s.message().contains("replica credential"),
+            "{what}: {}",
+            s.message()
+        ),
+        other => panic!("{what} was not denied: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_replica_token_reads_and_runs_jobs_but_does_not_deploy() {
+    let (addr, _dir) = start().await;
+    let mut c = connect(&addr, &replica_token(TOKEN)).await.unwrap();
+    let before = version(&addr).await;
+    let backend = |name: &str| Backend {
+        name: name.into(),
+        code: vec![1],
+        config: Some(BackendConfig {
+            num_replicas: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    denied("CreateBackend", c.create_backend(backend("b")).await);
+    denied(
+        "DeleteBackend",
+        c.delete_backend(DeleteBackendRequest {
+            name: "b".into(),
+            force: true,
+        })
+        .await,
+    );
+    denied(
+        "CreateEndpoint",
+        c.create_endpoint(Endpoint::default()).await,
+    );
+    denied(
+        "SetTraffic",
+        c.set_traffic(SetTrafficRequest::default()).await,
+    );
+    denied(
+        "UpdateBackendCode",
+        c.update_backend_code(UpdateBackendCodeRequest::default())
+            .await,
+    );
+    denied("PutApi", c.put_api(Api::default()).await);
+    let blob = PutBlobRequest {
+        digest: serval_protos::blob::digest(b"x"),
+        data: b"x".to_vec(),
+    };
+    denied("PutBlob", c.put_blob(blob).await);
+    denied(
+        "RegisterNode",
+        c.register_node(RegisterNodeRequest::default()).await,
+    );
+    denied("Shutdown", c.shutdown(Empty {}).await);
+    assert_eq!(
+        version(&addr).await,
+        before,
+        "a denied call changed the state"
+    );
+
+    // Reads work, without the backends' code.
+    c.get_snapshot(WatchRequest::default()).await.unwrap();
+    let code = WatchRequest { include_code: true };
+    denied("GetSnapshot with code", c.get_snapshot(code).await);
+    denied("Watch with code", c.watch(code).await.map(|_| ()));
+    let mut watch = c.watch(WatchRequest::default()).await.unwrap().into_inner();
+    assert!(matches!(watch.next().await, Some(Ok(_))));
+    // A batch gateway creates a job and its workers' backend, no other.
+    let job = c
+        .create_job(JobSpec {
+            api: "batch".into(),
+            workers: 1,
+            max_receive_count: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    c.get_job(JobRequest {
+        job_id: job.id.clone(),
+    })
+    .await
+    .unwrap();
+    c.create_backend(backend(&format!("batch--job-{}", job.id)))
+        .await
+        .unwrap();
+    denied(
+        "CreateBackend of another api's job",
+        c.create_backend(backend(&format!("other--job-{}", job.id)))
+            .await,
+    );
+    c.delete_backend(DeleteBackendRequest {
+        name: format!("batch--job-{}", job.id),
+        force: true,
+    })
+    .await
+    .unwrap();
 }

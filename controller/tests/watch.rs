@@ -12,7 +12,7 @@ use serval_controller::store;
 use serval_protos::client::{spawn_watch, SnapshotReceiver};
 use serval_protos::control::HttpOptions;
 
-const TOKEN: &str = "s3cret";
+const TOKEN: &str = "s3cret-long-enough";
 
 /// Runs a controller on its own runtime thread with its store in `dir`,
 /// proposes `commands` options so its state reaches a known version, and
@@ -47,7 +47,9 @@ fn start_controller(
                     .await
                     .unwrap();
             }
-            let service = ControlService::new(raft, sm, 1, addr, TOKEN.into()).into_server();
+            let service = ControlService::new(raft, sm, 1, addr, TOKEN.into())
+                .unwrap()
+                .into_server();
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             let server = tonic::transport::Server::builder()
                 .add_service(service)

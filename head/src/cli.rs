@@ -1,7 +1,9 @@
 //! Argument parsing of `serve`: the same code runs as the `serve` binary
 //! and as the `serve` console script of the Python package.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
 
 use crate::{shutdown, start, status};
 
@@ -21,7 +23,19 @@ pub struct ClusterArgs {
     /// Controller address HOST:PORT. Default: the one recorded in the data dir.
     #[arg(long, env = "SERVAL_ADDRESS", global = true)]
     pub address: Option<String>,
-    /// Cluster token. Default: the one in the data dir.
+    /// File holding the cluster token (at least 16 characters), e.g. a
+    /// copy of the first head's `<data-dir>/token`; keep it `chmod 600`
+    /// (a file other users may read is used with a warning). Default: the
+    /// token in the data dir.
+    #[arg(
+        long,
+        env = "SERVAL_TOKEN_FILE",
+        global = true,
+        conflicts_with = "token"
+    )]
+    pub token_file: Option<PathBuf>,
+    /// The cluster token itself (at least 16 characters). Prefer
+    /// --token-file: a command line is visible to every user of the machine.
     #[arg(long, env = "SERVAL_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
     /// CA certificate (PEM) to verify the heads' TLS certificates with:
@@ -33,6 +47,41 @@ pub struct ClusterArgs {
     /// of the address they are reached at.
     #[arg(long, env = "SERVAL_TLS_DOMAIN", global = true, requires = "tls_ca")]
     pub tls_domain: Option<String>,
+}
+
+impl ClusterArgs {
+    /// The token given with --token or --token-file (or their environment
+    /// variables), checked; `None` when neither is given.
+    pub fn given_token(&self) -> anyhow::Result<Option<String>> {
+        if let Some(path) = &self.token_file {
+            return crate::cluster_file::read_token_file(path)
+                .map(Some)
+                .context("--token-file (SERVAL_TOKEN_FILE)");
+        }
+        match &self.token {
+            Some(token) => {
+                serval_protos::auth::validate_token(token).context("--token (SERVAL_TOKEN)")?;
+                Ok(Some(token.clone()))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The given token, else the one in `data_dir`.
+    pub fn token(&self, data_dir: &Path) -> anyhow::Result<String> {
+        if let Some(token) = self.given_token()? {
+            return Ok(token);
+        }
+        let path = data_dir.join(crate::cluster_file::TOKEN_FILE);
+        if !path.exists() {
+            anyhow::bail!(
+                "no cluster token: pass --token-file PATH (or SERVAL_TOKEN_FILE) with a copy \
+                 of the head's <data-dir>/token, or run where the head's data dir ({}) is",
+                data_dir.display()
+            );
+        }
+        crate::cluster_file::read_token_file(&path)
+    }
 }
 
 #[derive(Subcommand)]

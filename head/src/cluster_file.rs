@@ -1,6 +1,8 @@
 //! How CLI commands find a running cluster: the head writes
 //! `<data-dir>/cluster.json` (addresses and pid) and `<data-dir>/token`.
-//! `--address` and `--token` (or SERVAL_ADDRESS / SERVAL_TOKEN) override them.
+//! `--address` and `--token-file` / `--token` (or SERVAL_ADDRESS,
+//! SERVAL_TOKEN_FILE / SERVAL_TOKEN) override them. The data dir is its
+//! owner's only (0700), each file in it 0600, written atomically.
 
 use std::path::{Path, PathBuf};
 
@@ -24,10 +26,7 @@ pub fn write(data_dir: &Path, info: &ClusterInfo) -> anyhow::Result<()> {
         "pid": info.pid,
     });
     let path = data_dir.join(CLUSTER_FILE);
-    let tmp = data_dir.join(format!("{CLUSTER_FILE}.tmp"));
-    std::fs::write(&tmp, body.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    write_private(&path, body.to_string().as_bytes())
 }
 
 pub fn read(data_dir: &Path) -> Option<ClusterInfo> {
@@ -48,26 +47,51 @@ pub fn remove(data_dir: &Path) {
     let _ = std::fs::remove_file(data_dir.join(CLUSTER_FILE));
 }
 
+/// Creates the data dir only its owner may enter (0700), or tightens an
+/// existing one.
+pub fn create_data_dir(data_dir: &Path) -> anyhow::Result<()> {
+    serval_protos::private_files::private_dir(data_dir)
+        .with_context(|| format!("creating data dir {}", data_dir.display()))
+}
+
+/// `contents` as the 0600 file `path`, replaced atomically.
+fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    serval_protos::private_files::write_private(path, contents)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// The cluster token of a head's data dir, created on first start.
 pub fn load_or_create_token(data_dir: &Path) -> anyhow::Result<String> {
     let path = data_dir.join(TOKEN_FILE);
-    if let Ok(t) = std::fs::read_to_string(&path) {
-        let t = t.trim().to_string();
-        if !t.is_empty() {
-            return Ok(t);
-        }
+    if path.exists() {
+        return read_token_file(&path);
     }
-    store_token(data_dir, &uuid_like())
+    let token = random_hex(16)?;
+    write_private(&path, token.as_bytes())?;
+    Ok(token)
 }
 
 /// Writes `token` to the data dir, readable by its owner only.
-pub fn store_token(data_dir: &Path, token: &str) -> anyhow::Result<String> {
-    let path = data_dir.join(TOKEN_FILE);
-    std::fs::write(&path, token).with_context(|| format!("writing {}", path.display()))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting {}", path.display()))?;
-    Ok(token.to_string())
+pub fn store_token(data_dir: &Path, token: &str) -> anyhow::Result<()> {
+    write_private(&data_dir.join(TOKEN_FILE), token.as_bytes())
+}
+
+/// The token in the file `path` (surrounding whitespace dropped), checked;
+/// a file other users may read is used, with a warning.
+pub fn read_token_file(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the cluster token from {}", path.display()))?;
+    if serval_protos::private_files::open_to_others(path).unwrap_or(false) {
+        tracing::warn!(
+            "the token file {} is readable by other users; restrict it: chmod 600 {}",
+            path.display(),
+            path.display()
+        );
+    }
+    let token = text.trim().to_string();
+    serval_protos::auth::validate_token(&token)
+        .with_context(|| format!("the token file {}", path.display()))?;
+    Ok(token)
 }
 
 pub const RAFT_ID_FILE: &str = "raft_id";
@@ -85,27 +109,22 @@ pub fn load_or_create_raft_id(data_dir: &Path) -> anyhow::Result<u64> {
     let id = if data_dir.join("raft").exists() {
         1
     } else {
-        let hex = uuid_like();
-        u64::from_str_radix(&hex[..15], 16).unwrap_or(1).max(2)
+        let hex = random_hex(8)?;
+        u64::from_str_radix(&hex[..15], 16)
+            .context("hex digits are a number")?
+            .max(2)
     };
-    std::fs::write(&path, id.to_string()).with_context(|| format!("writing {}", path.display()))?;
+    write_private(&path, id.to_string().as_bytes())?;
     Ok(id)
 }
 
-pub fn read_token(data_dir: &Path) -> Option<String> {
-    std::fs::read_to_string(data_dir.join(TOKEN_FILE))
-        .ok()
-        .map(|t| t.trim().to_string())
-}
-
-fn uuid_like() -> String {
-    // 128 random bits from the kernel, hex encoded.
-    let mut bytes = [0u8; 16];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut bytes);
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// `bytes` random bytes from the operating system, hex encoded. No
+/// randomness is an error: a token or id made of zeros would be guessable.
+fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf)
+        .map_err(|e| anyhow::anyhow!("no randomness from the operating system: {e}"))?;
+    Ok(serval_protos::auth::hex(&buf))
 }
 
 pub fn absolute(p: &Path) -> PathBuf {
@@ -139,6 +158,7 @@ mod tests {
         );
         let token = load_or_create_token(dir.path()).unwrap();
         assert_eq!(token.len(), 32);
+        assert_ne!(token, "0".repeat(32));
         assert_eq!(
             load_or_create_token(dir.path()).unwrap(),
             token,

@@ -21,7 +21,7 @@ fn alive(pid: u32) -> bool {
 pub fn run(cluster: ClusterArgs, timeout: u64) -> anyhow::Result<()> {
     let data_dir = crate::cluster_file::absolute(&cluster.data_dir);
     let recorded = crate::cluster_file::read(&data_dir);
-    let (address, token) = crate::status::resolve(&cluster);
+    let (address, token) = crate::status::resolve(&cluster)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -178,9 +178,10 @@ pub fn run(
     if !args.head && cluster.address.is_none() {
         bail!("`serve start` needs --head to start a head, or --address HOST:PORT to join one");
     }
+    // A bad token fails here, before anything starts or detaches.
+    cluster.given_token()?;
     let data_dir = cluster_file::absolute(&cluster.data_dir);
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    cluster_file::create_data_dir(&data_dir)?;
     if args.detach {
         return detach(&data_dir, argv, relaunch);
     }
@@ -284,12 +285,11 @@ fn normalise_location(s: &str) -> anyhow::Result<String> {
 fn detach(data_dir: &std::path::Path, argv: &[String], relaunch: &[String]) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let logs = data_dir.join("logs");
-    std::fs::create_dir_all(&logs)?;
+    serval_protos::private_files::private_dir(&logs)
+        .with_context(|| format!("creating {}", logs.display()))?;
     let log_path = logs.join("serve.log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)?;
+    let log = serval_protos::private_files::append_private(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
     let Some((program, prefix)) = relaunch.split_first() else {
         bail!("no command to relaunch serve with")
     };
@@ -526,10 +526,20 @@ async fn run_head(
     let metrics = install_metrics(&args)?;
     // A given token (a joining head) is kept in the data dir too, so
     // commands on this machine find it as they do on the first head.
-    let token = match &cluster.token {
-        Some(t) => cluster_file::store_token(&data_dir, t)?,
+    let given = cluster.given_token()?;
+    if args.join.is_some() && given.is_none() {
+        bail!("--join needs the cluster's token: --token-file PATH (SERVAL_TOKEN_FILE) with a copy of the first head's <data-dir>/token");
+    }
+    let token = match given {
+        Some(t) => {
+            cluster_file::store_token(&data_dir, &t)?;
+            t
+        }
         None => cluster_file::load_or_create_token(&data_dir)?,
     };
+    // Heads speak raft with a key derived from the token, which the
+    // control service refuses and clients never send (`serval_controller::auth`).
+    let peer_key = serval_controller::auth::peer_key(&token);
     let control_listener =
         tokio::net::TcpListener::bind((args.control_host.as_str(), args.control_port))
             .await
@@ -546,14 +556,11 @@ async fn run_head(
         .clone()
         .unwrap_or_else(|| control_addr.clone());
 
-    if args.join.is_some() && cluster.token.is_none() {
-        bail!("--join needs the cluster's token (--token or SERVAL_TOKEN)");
-    }
     let raft_id = cluster_file::load_or_create_raft_id(&data_dir)?;
     let membership = store::Membership {
         raft_id,
         address: advertised.clone(),
-        token: token.clone(),
+        peer_key: peer_key.clone(),
         bootstrap: args.join.is_none(),
     };
     let (raft, sm) = store::open(&data_dir.join("raft"), &membership).await?;
@@ -563,14 +570,14 @@ async fn run_head(
         raft_id,
         advertised.clone(),
         token.clone(),
-    );
+    )?;
     let heartbeats = service.heartbeats();
     let autoscaler = service.autoscaler();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let grpc = {
         let mut stop = stop_rx.clone();
         let control = service.into_server();
-        let peers = PeerService::new(raft.clone(), token.clone()).into_server();
+        let peers = PeerService::new(raft.clone(), &token)?.into_server();
         let incoming = control_listener::incoming(control_listener);
         // Bounds per connection (see control_listener for the rest); no
         // request timeout: Watch streams live as long as their clients.
@@ -604,16 +611,16 @@ async fn run_head(
         })
     };
     if let Some(join) = &args.join {
-        join_cluster(&raft, join, &token, raft_id, &advertised).await?;
+        join_cluster(&raft, join, &peer_key, raft_id, &advertised).await?;
     }
     wait_for_leader(&raft).await?;
     // The first head sets the cluster-wide options; a joining head takes
     // the cluster's as they are.
     if args.join.is_none() {
-        propose_via_leader(&raft, &token, Command::SetShuttingDown(false)).await?;
+        propose_via_leader(&raft, &peer_key, Command::SetShuttingDown(false)).await?;
         propose_via_leader(
             &raft,
-            &token,
+            &peer_key,
             Command::SetHttpOptions(HttpOptions {
                 location: location.clone(),
                 host: args.http_host.clone(),
@@ -684,7 +691,7 @@ async fn run_head(
 async fn join_cluster(
     raft: &store::Raft,
     join: &str,
-    token: &str,
+    peer_key: &str,
     raft_id: u64,
     address: &str,
 ) -> anyhow::Result<()> {
@@ -697,7 +704,7 @@ async fn join_cluster(
     if is_member(&raft.metrics().borrow()) {
         return Ok(());
     }
-    let mut peer = serval_protos::client::connect_peer_lazy(join, token)?;
+    let mut peer = serval_protos::client::connect_peer_lazy(join, peer_key)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let request = serval_protos::control::JoinHeadRequest {
@@ -739,11 +746,7 @@ async fn wait_for_leader(raft: &store::Raft) -> anyhow::Result<()> {
 async fn run_node(cluster: ClusterArgs, args: StartArgs, data_dir: PathBuf) -> anyhow::Result<()> {
     let metrics = install_metrics(&args)?;
     let control_addr = cluster.address.clone().unwrap_or_default();
-    let token = cluster
-        .token
-        .clone()
-        .or_else(|| cluster_file::read_token(&data_dir))
-        .unwrap_or_default();
+    let token = cluster.token(&data_dir)?;
     let mut client = serval_protos::client::connect(&control_addr, &token).await?;
     let snapshot = client
         .get_snapshot(serval_protos::control::WatchRequest {

@@ -7,23 +7,18 @@ use crate::ClusterArgs;
 
 /// The controller address and token for `cluster`, from flags, the
 /// environment or the head's data dir.
-pub fn resolve(cluster: &ClusterArgs) -> (String, String) {
+pub fn resolve(cluster: &ClusterArgs) -> anyhow::Result<(String, String)> {
     let data_dir = crate::cluster_file::absolute(&cluster.data_dir);
     let address = cluster
         .address
         .clone()
         .or_else(|| crate::cluster_file::read(&data_dir).map(|i| i.control_address))
         .unwrap_or_else(|| format!("127.0.0.1:{}", serval_protos::DEFAULT_CONTROL_PORT));
-    let token = cluster
-        .token
-        .clone()
-        .or_else(|| crate::cluster_file::read_token(&data_dir))
-        .unwrap_or_default();
-    (address, token)
+    Ok((address, cluster.token(&data_dir)?))
 }
 
 pub async fn fetch(cluster: &ClusterArgs) -> anyhow::Result<ClusterSnapshot> {
-    let (address, token) = resolve(cluster);
+    let (address, token) = resolve(cluster)?;
     let mut client = serval_protos::client::connect(&address, &token)
         .await
         .with_context(|| {

@@ -66,14 +66,16 @@ impl NodeAgent {
     /// Connects and registers, retrying until `deadline` (the controller may
     /// still be starting).
     pub async fn register(mut config: AgentConfig, deadline: Duration) -> Result<Self, AgentError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| AgentError::Io {
-            path: config.data_dir.display().to_string(),
-            source,
+        serval_protos::private_files::private_dir(&config.data_dir).map_err(|source| {
+            AgentError::Io {
+                path: config.data_dir.display().to_string(),
+                source,
+            }
         })?;
         // Replica sockets: in a directory only this user may enter, checked
         // now so a squatted one fails the start instead of each replica.
         let sockets = socket_dir(&config.data_dir);
-        serval_protos::private_dir::ensure(&sockets).map_err(|source| AgentError::Io {
+        serval_protos::private_files::private_dir(&sockets).map_err(|source| AgentError::Io {
             path: sockets.display().to_string(),
             source,
         })?;
@@ -103,10 +105,14 @@ impl NodeAgent {
                 Err(e) => return Err(e),
             }
         }
-        std::fs::write(&id_file, &agent.node_id).map_err(|source| AgentError::Io {
-            path: id_file.display().to_string(),
-            source,
-        })?;
+        // Atomic: a crash while writing never leaves a torn id, which
+        // would register this node as a new one.
+        serval_protos::private_files::write_private(&id_file, agent.node_id.as_bytes()).map_err(
+            |source| AgentError::Io {
+                path: id_file.display().to_string(),
+                source,
+            },
+        )?;
         tracing::info!(node_id = %agent.node_id, "node registered");
         Ok(agent)
     }
@@ -360,7 +366,7 @@ fn replica_host(configured: &str, control_addr: &str) -> String {
 /// Where replica sockets live: under the data dir, unless that path is too
 /// long for a Unix socket address (108 bytes on Linux), then in a short
 /// directory under the temp dir named after the data dir (predictable, so
-/// checked by [`serval_protos::private_dir::ensure`] before use).
+/// checked by [`serval_protos::private_files::private_dir`] before use).
 fn socket_dir(data_dir: &std::path::Path) -> PathBuf {
     const MAX_DIR_LEN: usize = 80;
     let dir = data_dir.join("sockets");

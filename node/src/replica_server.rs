@@ -227,11 +227,11 @@ fn admit<S: Accepted>(
 }
 
 /// Binds the Unix socket at `path`, in a directory only this user may enter
-/// (created 0700, or checked: see [`serval_protos::private_dir`]),
+/// (created 0700, or checked: see [`serval_protos::private_files::private_dir`]),
 /// replacing a stale file from a dead replica.
 pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
-        serval_protos::private_dir::ensure(dir)?;
+        serval_protos::private_files::private_dir(dir)?;
     }
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),

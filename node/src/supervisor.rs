@@ -355,13 +355,10 @@ async fn start(spec: &ReplicaSpec, config: &BackendConfig) -> Result<Child, Stri
     }
     let dir = &spec.work_dir;
     let code_file = dir.join("code.pkl");
-    std::fs::write(&code_file, &spec.backend.code)
+    serval_protos::private_files::write_private(&code_file, &spec.backend.code)
         .map_err(|e| format!("cannot write {}: {e}", code_file.display()))?;
     let log_path = dir.join("replica.log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
+    let log = serval_protos::private_files::append_private(&log_path)
         .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
     let mut cmd = Command::new(&spec.python);
     cmd.arg("-m")
@@ -386,7 +383,13 @@ async fn start(spec: &ReplicaSpec, config: &BackendConfig) -> Result<Child, Stri
         .env("SERVAL_ADDRESS", &spec.control_addr)
         // Chaining: user code finds the proxy of its own node by this id.
         .env("SERVAL_NODE_ID", &spec.replica.node_id)
-        .env("SERVAL_TOKEN", &spec.token)
+        .env(
+            "SERVAL_TOKEN",
+            serval_protos::auth::derive_hex(
+                spec.token.as_bytes(),
+                serval_protos::auth::PURPOSE_REPLICA,
+            ),
+        )
         .env(
             handshake::DATA_KEY_ENV,
             Key::data_plane(&spec.token).to_hex(),

@@ -24,6 +24,15 @@ pub const PURPOSE_AGENT: &str = "serval node agent v1";
 /// The salt of a project's `.env` blob (`serve deploy`): its digest then
 /// changes with the values but lets no one without the token test a guess.
 pub const PURPOSE_DOTENV: &str = "serval dotenv salt v1";
+/// The scoped control credential every replica is given (its
+/// `SERVAL_TOKEN`): the controller accepts it only for the calls replicas
+/// make (reading the routing table, batch jobs, packages), never for
+/// deploying, deleting or shutting down.
+pub const PURPOSE_REPLICA: &str = "serval replica v1";
+/// The credential heads present to each other's `RaftPeer` service (raft
+/// messages, forwarded writes, joins). The `Control` service refuses it,
+/// and `RaftPeer` refuses every other credential, the cluster token too.
+pub const PURPOSE_PEER: &str = "serval raft peer v1";
 
 type HmacSha256 = Hmac<Sha256>;
 

@@ -10,7 +10,8 @@
 //! - [`auth`]: the cluster token and the credentials derived from it;
 //!   [`handshake`]: how a data-plane peer proves it belongs to the cluster
 //!   before a replica decodes a frame.
-//! - [`private_dir`]: directories only this user may enter (sockets).
+//! - [`private_files`]: the data dir and socket dirs (0700, checked to be
+//!   ours) and their files (0600, replaced atomically).
 #![forbid(unsafe_code)]
 
 pub mod control {
@@ -22,7 +23,7 @@ pub mod client;
 pub mod frame;
 pub mod frame_socket;
 pub mod handshake;
-pub mod private_dir;
+pub mod private_files;
 pub mod tls;
 
 /// Default port of the controller's gRPC service (`serve start --head`).

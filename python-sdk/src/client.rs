@@ -245,8 +245,12 @@ fn handle_router_config(token: &str) -> PyResult<RouterConfig> {
 
 #[pymethods]
 impl Client {
+    /// `token_source` names where the token came from (a flag, an
+    /// environment variable, a file) in the error a bad token gets.
     #[new]
-    fn new(py: Python<'_>, address: String, token: String) -> PyResult<Self> {
+    #[pyo3(signature = (address, token, token_source="token"))]
+    fn new(py: Python<'_>, address: String, token: String, token_source: &str) -> PyResult<Self> {
+        Self::check_token(&token, token_source)?;
         // SERVAL_TLS_CA / SERVAL_TLS_DOMAIN, read at each connect: every
         // control client of this process (this one, its watch, the
         // handles' load reports) then uses TLS.
@@ -314,6 +318,14 @@ impl Client {
             agents,
             dotenv_salt,
         })
+    }
+
+    /// Refuses a token that cannot be a cluster token (empty, shorter than
+    /// 16 characters, with spaces), naming `token_source` in the error.
+    #[staticmethod]
+    fn check_token(token: &str, token_source: &str) -> PyResult<()> {
+        serval_protos::auth::validate_token(token)
+            .map_err(|e| ServeError::new_err(format!("{token_source}: {e}")))
     }
 
     #[getter]

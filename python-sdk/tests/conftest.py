@@ -113,7 +113,7 @@ def running_cluster(monkeypatch, http_options=None, env=None):
     # Room for several 1-CPU replicas on a 2-core machine.
     if "SERVAL_NUM_CPUS" not in os.environ:
         monkeypatch.setenv("SERVAL_NUM_CPUS", "16")
-    for var in ("SERVAL_ADDRESS", "SERVAL_TOKEN", "SERVAL_HTTP_MIDDLEWARES"):
+    for var in ("SERVAL_ADDRESS", "SERVAL_TOKEN", "SERVAL_TOKEN_FILE", "SERVAL_HTTP_MIDDLEWARES"):
         monkeypatch.delenv(var, raising=False)
     for key, value in (env or {}).items():
         monkeypatch.setenv(key, value)

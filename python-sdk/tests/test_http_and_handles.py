@@ -6,6 +6,8 @@ with an existing web server, the proxy's own paths and bad input."""
 import asyncio
 import contextlib
 import glob
+import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -485,13 +487,16 @@ def test_web_request_passed_to_a_handle_is_not_wrapped(cluster):
     assert r.status_code == 200, r.text
     assert r.json() == expected
 
-    # The node agent told the replica where its cluster is.
+    # The node agent told the replica where its cluster is, with the
+    # replica's scoped token (HMAC-SHA256 of a purpose label under the
+    # cluster token), never the cluster token itself.
     with open(os.path.join(cluster.data_dir, "cluster.json")) as f:
         control_address = json.load(f)["control_address"]
     with open(os.path.join(cluster.data_dir, "token")) as f:
         token = f.read().strip()
+    scoped = hmac.new(token.encode(), b"serval replica v1", hashlib.sha256).hexdigest()
     r = requests.post(f"{cluster.url}/outer_sync?env=1", timeout=60)
-    assert r.json() == {"address": control_address, "token": token}
+    assert r.json() == {"address": control_address, "token": scoped}
 
     r = requests.put(f"{cluster.url}/outer_async?y=2", data="more", timeout=60)
     assert r.status_code == 200, r.text

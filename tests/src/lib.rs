@@ -120,6 +120,7 @@ impl ServeProcess {
             .env("SERVAL_PYTHON", venv_python())
             .env_remove("SERVAL_ADDRESS")
             .env_remove("SERVAL_TOKEN")
+            .env_remove("SERVAL_TOKEN_FILE")
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
         let guard = ProcessGuard::spawn(cmd);

@@ -1,6 +1,8 @@
 //! The `serve` command line end to end: a detached head prints where it
 //! listens, `serve status` reads it, `serve shutdown` leaves no process, and
-//! a request to an unknown path gets a JSON 404.
+//! a request to an unknown path gets a JSON 404. Tokens: an empty or short
+//! one is refused everywhere, `--token-file` / SERVAL_TOKEN_FILE work, and
+//! the data dir and its files are their owner's only.
 
 use std::process::Command;
 use std::time::Duration;
@@ -15,8 +17,23 @@ fn serve(data_dir: &std::path::Path, args: &[&str]) -> std::process::Output {
         .env("SERVAL_PYTHON", venv_python())
         .env_remove("SERVAL_ADDRESS")
         .env_remove("SERVAL_TOKEN")
+        .env_remove("SERVAL_TOKEN_FILE")
         .output()
         .expect("run serve")
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The permission bits of `path`, in octal ("600").
+fn mode(path: &std::path::Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode();
+    format!("{:o}", mode & 0o777)
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -47,6 +64,11 @@ fn detached_head_status_and_shutdown() {
         .prefix("sv-")
         .tempdir_in("/tmp")
         .unwrap();
+    // A data dir others may enter is tightened.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
     let (control, http) = (free_port(), free_port());
     let out = serve(
         tmp.path(),
@@ -100,22 +122,74 @@ fn detached_head_status_and_shutdown() {
         "{body}"
     );
 
-    // A wrong token is refused and changes nothing.
-    let refused = Command::new(serve_bin())
-        .args([
-            "--data-dir",
-            tmp.path().to_str().unwrap(),
+    // The data dir and every file the head wrote are its owner's only.
+    assert_eq!(mode(tmp.path()), "700", "data dir");
+    for file in [
+        "token",
+        "cluster.json",
+        "raft_id",
+        "node_id",
+        "raft/raft.redb",
+        "logs/serve.log",
+    ] {
+        assert_eq!(mode(&tmp.path().join(file)), "600", "{file}");
+    }
+    assert_eq!(mode(&tmp.path().join("raft")), "700", "raft dir");
+    let token = std::fs::read_to_string(tmp.path().join("token")).unwrap();
+
+    // A wrong token, or none, is refused by the head.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let address = format!("127.0.0.1:{control}");
+    let wrong = serve(
+        elsewhere.path(),
+        &[
+            "--address",
+            &address,
             "--token",
-            "wrong",
+            "wrong-but-long-enough",
             "status",
-        ])
+        ],
+    );
+    assert!(!wrong.status.success());
+    assert!(stderr(&wrong).contains("wrong cluster token"), "{wrong:?}");
+    let none = serve(elsewhere.path(), &["--address", &address, "status"]);
+    assert!(!none.status.success());
+    assert!(stderr(&none).contains("--token-file"), "{none:?}");
+
+    // --token-file and SERVAL_TOKEN_FILE, from another directory.
+    let token_file = elsewhere.path().join("cluster-token");
+    std::fs::write(&token_file, &token).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let by_flag = serve(
+        elsewhere.path(),
+        &[
+            "--address",
+            &address,
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "status",
+        ],
+    );
+    assert!(by_flag.status.success(), "{by_flag:?}");
+    assert!(!stderr(&by_flag).contains("readable by other users"));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let by_env = Command::new(serve_bin())
+        .args(["--data-dir", elsewhere.path().to_str().unwrap()])
+        .args(["--address", &address, "status"])
+        .env_remove("SERVAL_TOKEN")
+        .env("SERVAL_TOKEN_FILE", &token_file)
         .output()
         .unwrap();
-    assert!(!refused.status.success());
+    assert!(by_env.status.success(), "{by_env:?}");
     assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("token"),
-        "{:?}",
-        refused
+        stderr(&by_env).contains("readable by other users"),
+        "a token file others may read is warned about: {by_env:?}"
     );
 
     let down = serve(tmp.path(), &["shutdown"]);
@@ -153,4 +227,75 @@ fn bad_flags_are_named() {
         "{:?}",
         out
     );
+}
+
+#[test]
+fn empty_and_short_tokens_are_refused() {
+    let tmp = tempfile::Builder::new()
+        .prefix("sv-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let ports = |_| {
+        [
+            "--control-port".to_string(),
+            free_port().to_string(),
+            "--http-port".to_string(),
+            free_port().to_string(),
+        ]
+    };
+    let short_file = tmp.path().join("short-token");
+    std::fs::write(&short_file, "short\n").unwrap();
+    let short_file = short_file.to_str().unwrap();
+    for (args, named, why) in [
+        (vec!["--token", "", "start", "--head"], "--token", "empty"),
+        (
+            vec!["--token", "short", "start", "--head"],
+            "--token",
+            "at least 16",
+        ),
+        (
+            vec!["--token-file", short_file, "start", "--head"],
+            "--token-file",
+            "at least 16",
+        ),
+        (
+            vec!["--token", "short", "start", "--address", "127.0.0.1:1"],
+            "--token",
+            "at least 16",
+        ),
+        (
+            vec!["--token", "", "start", "--head", "--join", "127.0.0.1:1"],
+            "--token",
+            "empty",
+        ),
+        (vec!["--token", "", "status"], "--token", "empty"),
+        (
+            vec!["--token", "short", "shutdown"],
+            "--token",
+            "at least 16",
+        ),
+    ] {
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        if args.contains(&"start".to_string()) {
+            // Were it to start, it would return (and be killed) at once.
+            args.push("--detach".into());
+            args.extend(ports(()));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = serve(tmp.path(), &args);
+        if let Some(pid) = std::fs::read_to_string(tmp.path().join("cluster.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["pid"].as_u64())
+        {
+            let _guard = GroupGuard(pid as u32);
+            panic!("serve {args:?} started a head: {out:?}");
+        }
+        assert!(!out.status.success(), "serve {args:?}: {out:?}");
+        let err = stderr(&out);
+        assert!(
+            err.contains(named) && err.contains(why),
+            "serve {args:?} should name {named} and say '{why}': {err}"
+        );
+    }
 }

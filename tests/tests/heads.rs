@@ -426,3 +426,108 @@ fn a_follower_catches_up_and_all_heads_recover_from_disk() {
         );
     }
 }
+
+const DEPLOY_WHOAMI: &str = r#"
+import os
+from serval import serve
+serve.connect(os.environ["ADDR"], token=os.environ["TOKEN"])
+
+def whoami(request):
+    return {"token": os.environ.get("SERVAL_TOKEN")}
+
+serve.create_backend("whoami", whoami, ray_actor_options={"num_cpus": 0})
+serve.create_endpoint("whoami", backend="whoami", route="/whoami")
+print("deployed")
+"#;
+
+/// Each credential opens only its own door: a replica holds a scoped token
+/// (not the cluster token) that reads but does not deploy, and the raft
+/// peer service refuses the cluster token.
+#[test]
+fn replicas_get_a_scoped_token_and_peers_refuse_the_cluster_token() {
+    use serval_protos::control::*;
+
+    let tmp = tempfile::Builder::new()
+        .prefix("sv-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let head = start_head(tmp.path(), "h1", None);
+    let token = head.proc.token();
+    let addr = head.proc.control_address();
+    let envs = [("ADDR", addr.clone()), ("TOKEN", token.clone())];
+    assert!(run_python(DEPLOY_WHOAMI, &envs).contains("deployed"));
+    let (_, body) = wait_for("the whoami replica", Duration::from_secs(120), || {
+        http_get(head.proc.http_port, "/whoami")
+            .ok()
+            .filter(|(s, _)| *s == 200)
+    });
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let replica_token = v["token"].as_str().unwrap_or_default().to_string();
+    assert_ne!(
+        replica_token, token,
+        "a replica was given the cluster token"
+    );
+    assert_eq!(
+        replica_token,
+        serval_protos::auth::derive_hex(token.as_bytes(), serval_protos::auth::PURPOSE_REPLICA)
+    );
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = serval_protos::client::connect(&addr, &replica_token)
+            .await
+            .unwrap();
+        let snapshot = c
+            .get_snapshot(WatchRequest::default())
+            .await
+            .expect("a replica reads the routing table")
+            .into_inner();
+        assert!(snapshot.backends.iter().any(|b| b.name == "whoami"));
+        let denied = c
+            .delete_backend(DeleteBackendRequest {
+                name: "whoami".into(),
+                force: true,
+            })
+            .await
+            .expect_err("a replica deleted a backend");
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+        assert!(
+            denied.message().contains("replica credential"),
+            "{denied:?}"
+        );
+        let denied = c
+            .shutdown(Empty {})
+            .await
+            .expect_err("a replica shut down the cluster");
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+
+        // Raft peers: the cluster token is refused before the message is
+        // read; the peer key gets as far as decoding it.
+        let vote = || RaftMessage { payload: vec![0] };
+        let mut p = serval_protos::client::connect_peer_lazy(&addr, &token).unwrap();
+        let refused = p.vote(vote()).await.expect_err("a client spoke raft");
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+        let peer_key =
+            serval_protos::auth::derive_hex(token.as_bytes(), serval_protos::auth::PURPOSE_PEER);
+        let mut p = serval_protos::client::connect_peer_lazy(&addr, &peer_key).unwrap();
+        let undecodable = p.vote(vote()).await.expect_err("a garbage vote");
+        assert_eq!(
+            undecodable.code(),
+            tonic::Code::InvalidArgument,
+            "{undecodable:?}"
+        );
+        // ... and the peer key is no control credential.
+        let mut c = serval_protos::client::connect(&addr, &peer_key)
+            .await
+            .unwrap();
+        let refused = c
+            .get_snapshot(WatchRequest::default())
+            .await
+            .expect_err("peer key on Control");
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    });
+    // The cluster still holds the backend.
+    assert!(head.proc.status_json()["backends"]
+        .as_array()
+        .is_some_and(|b| b.iter().any(|b| b["name"] == "whoami")));
+}

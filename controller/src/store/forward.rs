@@ -41,10 +41,10 @@ impl From<Result<Written, ControllerError>> for Forwarded {
 /// is under way, but not a write the leader failed to commit in time.
 pub async fn propose_via_leader(
     raft: &Raft,
-    token: &str,
+    peer_key: &str,
     cmd: Command,
 ) -> Result<u64, ControllerError> {
-    propose_via_leader_with_output(raft, token, cmd)
+    propose_via_leader_with_output(raft, peer_key, cmd)
         .await
         .map(|w| w.version)
 }
@@ -52,14 +52,14 @@ pub async fn propose_via_leader(
 /// [`propose_via_leader`], with the command's output and log index.
 pub async fn propose_via_leader_with_output(
     raft: &Raft,
-    token: &str,
+    peer_key: &str,
     cmd: Command,
 ) -> Result<Written, ControllerError> {
     let deadline = tokio::time::Instant::now() + FORWARD_DEADLINE;
     loop {
         let outcome = match propose_with_output(raft, cmd.clone()).await {
             Err(ControllerError::NotLeader { leader: Some(addr) }) => {
-                forward(&addr, token, &cmd).await
+                forward(&addr, peer_key, &cmd).await
             }
             other => other,
         };
@@ -75,9 +75,9 @@ pub async fn propose_via_leader_with_output(
     }
 }
 
-async fn forward(leader: &str, token: &str, cmd: &Command) -> Result<Written, ControllerError> {
+async fn forward(leader: &str, peer_key: &str, cmd: &Command) -> Result<Written, ControllerError> {
     let mut client =
-        connect_peer_lazy(leader, token).map_err(|e| ControllerError::Raft(e.to_string()))?;
+        connect_peer_lazy(leader, peer_key).map_err(|e| ControllerError::Raft(e.to_string()))?;
     let payload = encode(cmd).map_err(|e| ControllerError::Raft(e.to_string()))?;
     let reply =
         client

@@ -60,20 +60,20 @@ pub struct Membership {
     pub raft_id: NodeId,
     /// This head's control address; peers reach its RaftPeer service there.
     pub address: String,
-    /// The cluster token peers present to each other.
-    pub token: String,
+    /// The key heads present to each other (`crate::auth::peer_key`).
+    pub peer_key: String,
     /// A fresh store starts a one-member cluster (the first head); a head
     /// that joins an existing cluster waits to be added instead.
     pub bootstrap: bool,
 }
 
 impl Membership {
-    /// A single head with no token: tests of the store alone.
+    /// A single head with no peers: tests of the store alone.
     pub fn single(raft_id: NodeId, address: &str) -> Self {
         Self {
             raft_id,
             address: address.to_string(),
-            token: String::new(),
+            peer_key: String::new(),
             bootstrap: true,
         }
     }
@@ -84,12 +84,17 @@ pub async fn open(
     membership: &Membership,
 ) -> Result<(Raft, state_machine::StateMachineStore), ControllerError> {
     let (raft_id, address) = (membership.raft_id, membership.address.as_str());
-    std::fs::create_dir_all(dir).map_err(|source| ControllerError::Io {
-        path: dir.display().to_string(),
-        source,
-    })?;
-    let db = redb::Database::create(dir.join("raft.redb"))
-        .map_err(|e| ControllerError::Storage(e.to_string()))?;
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| ControllerError::Io { path, source }
+    };
+    // The store holds every backend's code and every package: its owner's
+    // only. redb would create its file with the default mode (0644 under
+    // the usual umask), so the file is made 0600 first.
+    serval_protos::private_files::private_dir(dir).map_err(io(dir))?;
+    let file = dir.join("raft.redb");
+    serval_protos::private_files::ensure_private_file(&file).map_err(io(&file))?;
+    let db = redb::Database::create(&file).map_err(|e| ControllerError::Storage(e.to_string()))?;
     let db = Arc::new(db);
     let log = log_store::LogStore::open(db.clone())?;
     let sm = state_machine::StateMachineStore::open(db)?;
@@ -115,7 +120,7 @@ pub async fn open(
             .map_err(|e| ControllerError::Raft(e.to_string()))?,
     );
     let network = network::Network {
-        token: membership.token.clone(),
+        peer_key: membership.peer_key.clone(),
     };
     let raft = Raft::new(raft_id, config, network, log, sm.clone())
         .await

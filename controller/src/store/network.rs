@@ -1,6 +1,7 @@
 //! Transport between heads: openraft's messages, bincode-encoded, over the
-//! `RaftPeer` gRPC service every head serves next to `Control` (same port,
-//! same cluster token). Peer clients connect lazily and reconnect on their
+//! `RaftPeer` gRPC service every head serves next to `Control` (same port;
+//! heads present the peer key, `crate::auth::peer_key`, which only
+//! `RaftPeer` accepts). Peer clients connect lazily and reconnect on their
 //! own; an unreachable peer is reported to raft as `Unreachable`, which
 //! makes it back off instead of retrying hot.
 
@@ -31,8 +32,8 @@ const MAX_APPEND_BYTES: usize = 2 * 1024 * 1024;
 
 #[derive(Clone, Default)]
 pub struct Network {
-    /// The cluster token, presented to peers like any other client.
-    pub token: String,
+    /// The peer key, presented to every other head.
+    pub peer_key: String,
 }
 
 pub struct Peer {
@@ -45,7 +46,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
-        let client = connect_peer_lazy(&node.addr, &self.token)
+        let client = connect_peer_lazy(&node.addr, &self.peer_key)
             .map_err(
                 |e| tracing::warn!(target, addr = %node.addr, error = %e, "bad raft peer address"),
             )

@@ -19,7 +19,8 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Callable, Dict, List, Optional, Union
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import cloudpickle
 
@@ -92,24 +93,52 @@ def _data_dir(data_dir: Optional[str]) -> str:
     return os.path.abspath(data_dir or os.environ.get("SERVAL_DATA_DIR", ".serval"))
 
 
-def _discover(address: Optional[str], data_dir: Optional[str], token: Optional[str]):
-    dd = _data_dir(data_dir)
+def _discover(address: Optional[str], data_dir: Optional[str]) -> Optional[str]:
     address = address or os.environ.get("SERVAL_ADDRESS")
     if address is None:
         try:
-            with open(os.path.join(dd, "cluster.json")) as f:
+            with open(os.path.join(_data_dir(data_dir), "cluster.json")) as f:
                 address = json.load(f)["control_address"]
         except (OSError, ValueError, KeyError):
             address = None
-    if token is None:
-        token = os.environ.get("SERVAL_TOKEN")
-    if token is None:
-        try:
-            with open(os.path.join(dd, "token")) as f:
-                token = f.read().strip()
-        except OSError:
-            token = ""
-    return address, token
+    return address
+
+
+def _read_token_file(path: str, source: str) -> Tuple[str, str]:
+    source = f"{source} {path}"
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+        if os.stat(path).st_mode & 0o077:
+            warnings.warn(f"the token file {path} is readable by other users; restrict it: chmod 600 {path}",
+                          stacklevel=4)
+    except OSError as e:
+        raise ServeError(f"{source}: cannot read the cluster token: {e}") from None
+    return token, source
+
+
+def _token(data_dir: Optional[str], token: Optional[str], token_file: Optional[str]) -> Tuple[str, str]:
+    """The cluster token and where it came from: the ``token`` or
+    ``token_file`` argument, else SERVAL_TOKEN or SERVAL_TOKEN_FILE (as the
+    CLI's --token and --token-file, never both), else the data dir's."""
+    if token is not None and token_file is not None:
+        raise ServeError("pass token or token_file, not both")
+    if token is not None:
+        return token, "token"
+    if token_file is not None:
+        return _read_token_file(token_file, "token_file")
+    env_token, env_file = os.environ.get("SERVAL_TOKEN"), os.environ.get("SERVAL_TOKEN_FILE")
+    if env_token is not None and env_file is not None:
+        raise ServeError("SERVAL_TOKEN and SERVAL_TOKEN_FILE are both set; set one")
+    if env_token is not None:
+        return env_token, "SERVAL_TOKEN"
+    if env_file is not None:
+        return _read_token_file(env_file, "SERVAL_TOKEN_FILE")
+    path = os.path.join(_data_dir(data_dir), "token")
+    if not os.path.exists(path):
+        raise ServeError(f"no cluster token: pass token_file= (or set SERVAL_TOKEN_FILE) with a copy of the "
+                         f"head's <data-dir>/token, or run where the head's data dir ({_data_dir(data_dir)}) is")
+    return _read_token_file(path, "the token file")
 
 
 def _get_client() -> _native.Client:
@@ -119,14 +148,17 @@ def _get_client() -> _native.Client:
 
 
 def connect(address: Optional[str] = None, *, data_dir: Optional[str] = None,
-            token: Optional[str] = None) -> _native.Client:
-    """Connects to a running cluster."""
+            token: Optional[str] = None, token_file: Optional[str] = None) -> _native.Client:
+    """Connects to a running cluster. The token is ``token`` or the content
+    of ``token_file``, else SERVAL_TOKEN or SERVAL_TOKEN_FILE, else the one
+    in the data dir; one shorter than 16 characters is refused."""
     global _client
-    addr, tok = _discover(address, data_dir, token)
+    addr = _discover(address, data_dir)
     if addr is None:
         raise ServeError(
             f"no running Serval cluster found (no address given and no cluster file in {_data_dir(data_dir)})")
-    _client = _native.Client(addr, tok)
+    tok, source = _token(data_dir, token, token_file)
+    _client = _native.Client(addr, tok, source)
     return _client
 
 
@@ -236,26 +268,34 @@ def _head_flags(http_options: Dict[str, Any]) -> List[str]:
 
 def start(detached: bool = False, http_options: Optional[Dict[str, Any]] = None, *,
           address: Optional[str] = None, data_dir: Optional[str] = None,
-          token: Optional[str] = None) -> _native.Client:
+          token: Optional[str] = None, token_file: Optional[str] = None) -> _native.Client:
     """Connects to the cluster if one runs, else starts a head in the
     background. A head started here with ``detached=False`` is shut down
     when this Python process exits."""
     flags = _head_flags(dict(http_options or {}))
+    if token is not None and token_file is not None:
+        raise ServeError("pass token or token_file, not both")
+    if token is not None:
+        _native.Client.check_token(token, "token")
     try:
-        return connect(address, data_dir=data_dir, token=token)
+        return connect(address, data_dir=data_dir, token=token, token_file=token_file)
     except ServeError:
         if address is not None:
             raise
     dd = _data_dir(data_dir)
     env = dict(os.environ)
     env.setdefault("SERVAL_PYTHON", sys.executable)
-    if token:
+    if token is not None:
+        env.pop("SERVAL_TOKEN_FILE", None)
         env["SERVAL_TOKEN"] = token
+    if token_file is not None:
+        env.pop("SERVAL_TOKEN", None)
+        env["SERVAL_TOKEN_FILE"] = token_file
     cmd = [sys.executable, "-m", "serval.cli", "--data-dir", dd, "start", "--head", "--detach", *flags]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise ServeError(f"could not start a Serval head:\n{proc.stderr or proc.stdout}")
-    client = connect(data_dir=dd, token=token)
+    client = connect(data_dir=dd, token=token, token_file=token_file)
     if not detached:
         atexit.register(_shutdown_quietly)
     return client

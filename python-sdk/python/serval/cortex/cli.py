@@ -1,6 +1,6 @@
 """``serve deploy|get|delete|logs|jobs``: the Cortex-style commands of the ``serve``
 console script (the others are the Rust CLI's). They take the same global
-options (``--data-dir``, ``--address``, ``--token``, ``--tls-ca``,
+options (``--data-dir``, ``--address``, ``--token-file``, ``--token``, ``--tls-ca``,
 ``--tls-domain``) before the command, and exit 1 with a one-line error."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _command_index(argv: List[str]) -> Optional[int]:
         a = argv[i]
         if a in COMMANDS:
             return i
-        if a.startswith("--") and "=" not in a and a in ("--data-dir", "--address", "--token", "--tls-ca",
+        if a.startswith("--") and "=" not in a and a in ("--data-dir", "--address", "--token", "--token-file", "--tls-ca",
                                                          "--tls-domain"):
             i += 2
             continue
@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="serve", description="Cortex-style APIs on a Serval cluster")
     p.add_argument("--data-dir", default=os.environ.get("SERVAL_DATA_DIR"))
     p.add_argument("--address", default=os.environ.get("SERVAL_ADDRESS"))
-    p.add_argument("--token", default=None)
+    p.add_argument("--token", default=None, help="the cluster token (prefer --token-file)")
+    p.add_argument("--token-file", default=None,
+                   help="file holding the cluster token (default: SERVAL_TOKEN_FILE, else the data dir's)")
     p.add_argument("--tls-ca", default=None)
     p.add_argument("--tls-domain", default=None)
     sub = p.add_subparsers(dest="command", required=True)
@@ -81,7 +83,7 @@ def _connect(args) -> None:
         os.environ["SERVAL_TLS_CA"] = args.tls_ca
     if args.tls_domain:
         os.environ["SERVAL_TLS_DOMAIN"] = args.tls_domain
-    serve.connect(args.address, data_dir=args.data_dir, token=args.token)
+    serve.connect(args.address, data_dir=args.data_dir, token=args.token, token_file=args.token_file)
 
 
 def _age(ts: Optional[float]) -> str:

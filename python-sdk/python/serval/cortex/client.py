@@ -1,7 +1,8 @@
 """``serval.client()``: the Cortex Python client, for scripts and for
 handlers. Inside a replica the node agent sets SERVAL_ADDRESS and
-SERVAL_TOKEN, so ``serval.client()`` with no arguments points at the cluster
-the handler runs in."""
+SERVAL_TOKEN (the replica's scoped token: it reads and runs batch jobs, it
+does not deploy), so ``serval.client()`` with no arguments points at the
+cluster the handler runs in."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ class Client:
     """Deploys, lists and deletes the APIs of one cluster."""
 
     def __init__(self, address: Optional[str] = None, *, data_dir: Optional[str] = None,
-                 token: Optional[str] = None):
+                 token: Optional[str] = None, token_file: Optional[str] = None):
         from serval import serve
 
-        serve.connect(address, data_dir=data_dir, token=token)
+        serve.connect(address, data_dir=data_dir, token=token, token_file=token_file)
 
     def deploy(self, folder: str = ".", config_path: Optional[str] = None, *, wait: bool = True,
                timeout: float = 300.0) -> List[Dict[str, Any]]:
@@ -129,7 +130,9 @@ def api_url(name: str) -> str:
 
 
 def client(address: Optional[str] = None, *, data_dir: Optional[str] = None,
-           token: Optional[str] = None) -> Client:
+           token: Optional[str] = None, token_file: Optional[str] = None) -> Client:
     """A client of the cluster at ``address`` (default: SERVAL_ADDRESS, else
-    the cluster recorded in the data dir)."""
-    return Client(address, data_dir=data_dir, token=token)
+    the cluster recorded in the data dir); the token as for
+    ``serve.connect``. Inside a replica it is the replica's scoped token:
+    reads and batch jobs, no deploys (see README, Security)."""
+    return Client(address, data_dir=data_dir, token=token, token_file=token_file)
