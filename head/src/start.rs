@@ -66,10 +66,12 @@ pub struct StartArgs {
     #[arg(long, env = "SERVAL_HTTP_QUEUE_CAPACITY",
           default_value_t = serval_proxy::ProxyConfig::default().queue_capacity)]
     http_queue_capacity: usize,
-    /// CPUs this node offers to replicas (default: the machine's count).
+    /// CPUs this node offers to replicas (default: the machine's count),
+    /// from 0 to 1024.
     #[arg(long, env = "SERVAL_NUM_CPUS")]
     num_cpus: Option<f64>,
-    /// GPUs this node offers to replicas (default: those nvidia-smi lists).
+    /// GPUs this node offers to replicas (default: those nvidia-smi lists),
+    /// from 0 to 64.
     #[arg(long, env = "SERVAL_NUM_GPUS")]
     num_gpus: Option<f64>,
     /// Seconds without a heartbeat after which the head declares a node dead
@@ -113,6 +115,7 @@ pub fn run(
     let location = normalise_location(&args.http_location)?;
     serval_proxy::validate_middlewares(&args.http_middlewares)
         .map_err(|e| anyhow::anyhow!("invalid --http-middlewares: {e}"))?;
+    check_resources(&args)?;
     if !args.head && cluster.address.is_none() {
         bail!("`serve start` needs --head to start a head, or --address HOST:PORT to join one");
     }
@@ -142,6 +145,23 @@ pub fn run(
     // stopping process gives them a moment, no more.
     runtime.shutdown_timeout(Duration::from_secs(2));
     result
+}
+
+/// `--num-cpus`/`--num-gpus` within the controller's caps
+/// ([`serval_controller::limits`]), which refuses a node registering more.
+fn check_resources(args: &StartArgs) -> anyhow::Result<()> {
+    use serval_controller::limits::{MAX_NODE_CPUS, MAX_NODE_GPUS};
+    for (flag, value, cap) in [
+        ("--num-cpus", args.num_cpus, MAX_NODE_CPUS),
+        ("--num-gpus", args.num_gpus, MAX_NODE_GPUS),
+    ] {
+        if let Some(v) = value {
+            if !(v.is_finite() && (0.0..=cap).contains(&v)) {
+                bail!("invalid {flag} {v}: a node offers from 0 to {cap}");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn parse_positive_secs(s: &str) -> Result<f64, String> {
@@ -255,10 +275,13 @@ fn agent_config(
         token: token.to_string(),
         data_dir: data_dir.to_path_buf(),
         python: args.python.clone(),
-        num_cpus: args.num_cpus.unwrap_or_else(default_cpus),
-        num_gpus: args
-            .num_gpus
-            .unwrap_or_else(serval_node::agent::detect_gpus),
+        // What the machine has, within the controller's caps.
+        num_cpus: args
+            .num_cpus
+            .unwrap_or_else(|| default_cpus().min(serval_controller::limits::MAX_NODE_CPUS)),
+        num_gpus: args.num_gpus.unwrap_or_else(|| {
+            serval_node::agent::detect_gpus().min(serval_controller::limits::MAX_NODE_GPUS)
+        }),
         is_head,
         http_address: http_address.to_string(),
         tcp_host: args.control_host.clone(),
@@ -528,7 +551,13 @@ async fn run_head(
     print_ready(&info, &data_dir);
     println!("node id: {}", agent.node_id());
 
-    agent.run(signalled()).await;
+    // A head whose raft storage failed (a full disk) cannot commit: it
+    // stops, exiting non-zero, so its supervisor restarts it, rather than
+    // serving reads and refusing every write.
+    let raft_failure = tokio::select! {
+        _ = agent.run(signalled()) => None,
+        error = raft_failed(&raft) => Some(error),
+    };
     tracing::info!("stopping");
     cluster_file::remove(&data_dir);
     let _ = stop_tx.send(true);
@@ -546,7 +575,25 @@ async fn run_head(
     {
         tracing::warn!("raft did not stop within 5 s");
     }
-    Ok(())
+    match raft_failure {
+        Some(error) => bail!("raft stopped on an error, so this head stops: {error}"),
+        None => Ok(()),
+    }
+}
+
+/// Resolves with the error once this head's raft core stops on one (its
+/// storage failed: openraft stops the core on any storage error).
+async fn raft_failed(raft: &store::Raft) -> String {
+    let mut metrics = raft.metrics();
+    loop {
+        if let Err(fatal) = &metrics.borrow_and_update().running_state {
+            tracing::error!(error = %fatal, "raft stopped");
+            return fatal.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return "the raft core ended".into();
+        }
+    }
 }
 
 /// The control listener's connections, with TCP_NODELAY as tonic's own
