@@ -897,3 +897,6 @@ pub(crate) mod raw_bytes {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod fuzz;
