@@ -4,6 +4,8 @@
 //! Layout:
 //! - [`state`]: the state machine (nodes, backends, endpoints, replicas) and
 //!   its [`state::Command`]s; [`scheduler`] places replicas on nodes.
+//! - [`limits`]: the caps every command is checked against, where it is
+//!   proposed and where it is applied.
 //! - [`store`]: raft (openraft) with the log, vote, applied state and
 //!   snapshots in redb under the data dir.
 //! - [`auth`]: which credential may call what (cluster token, replica
@@ -19,6 +21,7 @@ pub mod auth;
 pub mod autoscaler;
 pub mod error;
 mod job_service;
+pub mod limits;
 pub mod peer_service;
 pub mod reconciler;
 pub mod scheduler;

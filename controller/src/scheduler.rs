@@ -8,6 +8,8 @@
 //! fit in 1; a replica asking for `g >= 1` (a whole number) gets `g` GPUs of
 //! its own.
 
+use std::collections::BTreeMap;
+
 use crate::state::{replica_state, ClusterState};
 
 const EPS: f64 = 1e-9;
@@ -20,40 +22,105 @@ pub struct Placement {
 }
 
 struct NodeLoad {
+    /// CPUs the node offers.
+    capacity: f64,
     cpus: f64,
     /// Fraction of each GPU already given out.
     gpus: Vec<f64>,
     replicas: usize,
 }
 
-fn load(state: &ClusterState, node_id: &str, num_gpus: usize) -> NodeLoad {
-    let mut load = NodeLoad {
-        cpus: 0.0,
-        gpus: vec![0.0; num_gpus],
-        replicas: 0,
-    };
-    for r in state
-        .replicas
-        .values()
-        .filter(|r| r.node_id == node_id && r.state != replica_state::PENDING)
-    {
-        let Some(c) = state
-            .backends
-            .get(&r.backend)
-            .and_then(|b| b.config.as_ref())
-        else {
-            continue;
-        };
-        load.cpus += c.num_cpus;
-        let share = if c.num_gpus < 1.0 { c.num_gpus } else { 1.0 };
-        for id in &r.gpu_ids {
-            if let Some(g) = load.gpus.get_mut(*id as usize) {
+/// What every live node has given out, computed once (one pass over the
+/// replicas) and kept up to date as replicas are placed: placing `n`
+/// replicas costs `n` times the number of nodes, not times the replicas.
+pub struct Loads {
+    /// Live nodes by id (ties are broken by id).
+    nodes: BTreeMap<String, NodeLoad>,
+}
+
+/// The share of each of its GPUs a replica asking for `num_gpus` takes.
+fn gpu_share(num_gpus: f64) -> f64 {
+    if num_gpus < 1.0 {
+        num_gpus
+    } else {
+        1.0
+    }
+}
+
+impl Loads {
+    pub fn new(state: &ClusterState) -> Self {
+        let mut nodes: BTreeMap<String, NodeLoad> = state
+            .nodes
+            .values()
+            .filter(|n| n.alive)
+            .map(|n| {
+                let load = NodeLoad {
+                    capacity: n.num_cpus,
+                    cpus: 0.0,
+                    gpus: vec![0.0; n.num_gpus.floor().max(0.0) as usize],
+                    replicas: 0,
+                };
+                (n.id.clone(), load)
+            })
+            .collect();
+        for r in state
+            .replicas
+            .values()
+            .filter(|r| r.state != replica_state::PENDING)
+        {
+            let Some(load) = nodes.get_mut(&r.node_id) else {
+                continue;
+            };
+            let Some(c) = state
+                .backends
+                .get(&r.backend)
+                .and_then(|b| b.config.as_ref())
+            else {
+                continue;
+            };
+            load.add(c.num_cpus, c.num_gpus, &r.gpu_ids);
+        }
+        Self { nodes }
+    }
+
+    /// The node for a replica asking for `num_cpus` and `num_gpus`: among
+    /// the nodes with room, the one with the fewest replicas.
+    pub fn choose(&self, num_cpus: f64, num_gpus: f64) -> Option<Placement> {
+        self.nodes
+            .iter()
+            .filter_map(|(id, load)| {
+                if load.cpus + num_cpus > load.capacity + EPS {
+                    return None;
+                }
+                let gpu_ids = pick_gpus(&load.gpus, num_gpus)?;
+                Some((load.replicas, id, gpu_ids))
+            })
+            .min_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)))
+            .map(|(_, node_id, gpu_ids)| Placement {
+                node_id: node_id.clone(),
+                gpu_ids,
+            })
+    }
+
+    /// Counts a replica just placed at `placement`.
+    pub fn place(&mut self, placement: &Placement, num_cpus: f64, num_gpus: f64) {
+        if let Some(load) = self.nodes.get_mut(&placement.node_id) {
+            load.add(num_cpus, num_gpus, &placement.gpu_ids);
+        }
+    }
+}
+
+impl NodeLoad {
+    fn add(&mut self, num_cpus: f64, num_gpus: f64, gpu_ids: &[u32]) {
+        self.cpus += num_cpus;
+        let share = gpu_share(num_gpus);
+        for id in gpu_ids {
+            if let Some(g) = self.gpus.get_mut(*id as usize) {
                 *g += share;
             }
         }
-        load.replicas += 1;
+        self.replicas += 1;
     }
-    load
 }
 
 /// The GPUs a replica asking for `want` gets on a node with `used` GPUs.
@@ -78,23 +145,6 @@ fn pick_gpus(used: &[f64], want: f64) -> Option<Vec<u32>> {
         .collect();
     let n = want.round() as usize;
     (free.len() >= n).then(|| free[..n].to_vec())
-}
-
-pub fn choose_node(state: &ClusterState, num_cpus: f64, num_gpus: f64) -> Option<Placement> {
-    state
-        .nodes
-        .values()
-        .filter(|n| n.alive)
-        .filter_map(|n| {
-            let load = load(state, &n.id, n.num_gpus.floor().max(0.0) as usize);
-            if load.cpus + num_cpus > n.num_cpus + EPS {
-                return None;
-            }
-            let gpu_ids = pick_gpus(&load.gpus, num_gpus)?;
-            Some((load.replicas, n.id.clone(), gpu_ids))
-        })
-        .min_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)))
-        .map(|(_, node_id, gpu_ids)| Placement { node_id, gpu_ids })
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use serval_protos::control::{
 };
 
 use crate::error::StateError;
+use crate::limits;
 use crate::scheduler;
 
 /// Replica states, as strings so they travel unchanged to `serve status`.
@@ -133,6 +134,9 @@ impl ClusterState {
 
     /// Applies `cmd`, or refuses it leaving `self` unchanged.
     pub fn apply(&mut self, cmd: Command) -> Result<(), StateError> {
+        // The caps first, before anything is copied or built: an entry
+        // that breaks one costs every head next to nothing to refuse.
+        limits::check(&cmd)?;
         // Work on a copy so a refusal half-way through leaves nothing behind.
         let mut next = self.clone();
         next.apply_in_place(cmd)?;
@@ -150,6 +154,9 @@ impl ClusterState {
                 };
                 // A new agent process has none of the replicas the old one ran:
                 // they are starting again, not running at their old addresses.
+                if !self.nodes.contains_key(&node.id) {
+                    self.make_room_for_a_node()?;
+                }
                 let restarted = self
                     .nodes
                     .get(&node.id)
@@ -212,10 +219,15 @@ impl ClusterState {
                 if self.backends.contains_key(&backend.name) {
                     return Err(StateError::BackendExists(backend.name));
                 }
+                if self.backends.len() >= limits::MAX_BACKENDS {
+                    return Err(over_cap("backends", limits::MAX_BACKENDS));
+                }
                 if backend.code.is_empty() {
                     return Err(invalid("func_or_class", "no code was sent"));
                 }
+                self.check_code_total(&backend.name, backend.code.len())?;
                 let config = validate_config(backend.config.unwrap_or_default())?;
+                self.check_replicas_total(&backend.name, config.num_replicas)?;
                 let name = backend.name.clone();
                 self.backends.insert(
                     name.clone(),
@@ -231,6 +243,7 @@ impl ClusterState {
             }
             Command::UpdateBackendConfig { name, config } => {
                 let config = validate_config(config)?;
+                self.check_replicas_total(&name, config.num_replicas)?;
                 let backend = self
                     .backends
                     .get_mut(&name)
@@ -250,12 +263,17 @@ impl ClusterState {
                         &format!("backend '{name}' does not autoscale"),
                     ));
                 };
-                config.num_replicas = num_replicas.clamp(a.min_replicas, a.max_replicas);
+                let num_replicas = num_replicas.clamp(a.min_replicas, a.max_replicas);
+                config.num_replicas = num_replicas;
+                self.check_replicas_total(&name, num_replicas)?;
                 self.scale(&name);
             }
             Command::UpdateBackendCode { name, code } => {
                 if code.is_empty() {
                     return Err(invalid("func_or_class", "no code was sent"));
+                }
+                if self.backends.contains_key(&name) {
+                    self.check_code_total(&name, code.len())?;
                 }
                 let backend = self
                     .backends
@@ -297,6 +315,9 @@ impl ClusterState {
                 self.place_pending();
             }
             Command::CreateEndpoint(endpoint) => {
+                if self.endpoints.len() >= limits::MAX_ENDPOINTS {
+                    return Err(over_cap("endpoints", limits::MAX_ENDPOINTS));
+                }
                 let endpoint = self.validate_endpoint(endpoint)?;
                 self.endpoints.push(endpoint);
             }
@@ -354,6 +375,9 @@ impl ClusterState {
                 if api.name.is_empty() {
                     return Err(invalid("api name", "must not be empty"));
                 }
+                if !self.apis.contains_key(&api.name) && self.apis.len() >= limits::MAX_APIS {
+                    return Err(over_cap("apis", limits::MAX_APIS));
+                }
                 self.apis.insert(api.name.clone(), api);
             }
             Command::DeleteApi { name } => {
@@ -361,6 +385,68 @@ impl ClusterState {
                     return Err(StateError::UnknownApi(name));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// At [`limits::MAX_NODES`], a new node takes the place of a dead one
+    /// (the first by id; a dead node holds no replicas); with none dead it
+    /// is refused.
+    fn make_room_for_a_node(&mut self) -> Result<(), StateError> {
+        if self.nodes.len() < limits::MAX_NODES {
+            return Ok(());
+        }
+        let dead = self
+            .nodes
+            .values()
+            .find(|n| !n.alive)
+            .map(|n| n.id.clone())
+            .ok_or_else(|| over_cap("nodes (all alive)", limits::MAX_NODES))?;
+        self.nodes.remove(&dead);
+        Ok(())
+    }
+
+    /// Refuses `want` replicas for `backend` when the replicas every
+    /// backend wants would then exceed [`limits::MAX_REPLICAS_TOTAL`].
+    fn check_replicas_total(&self, backend: &str, want: u32) -> Result<(), StateError> {
+        let others: u64 = self
+            .backends
+            .values()
+            .filter(|b| b.name != backend)
+            .map(|b| b.config.as_ref().map_or(1, |c| u64::from(c.num_replicas)))
+            .sum();
+        let total = others + u64::from(want);
+        if total > limits::MAX_REPLICAS_TOTAL {
+            return Err(invalid(
+                "num_replicas",
+                &format!(
+                    "{want} for backend '{backend}' makes {total} replicas in the cluster; \
+                     the cap is {}",
+                    limits::MAX_REPLICAS_TOTAL
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses `bytes` of code for `backend` when every backend's code
+    /// would then exceed [`limits::MAX_CODE_BYTES_TOTAL`].
+    fn check_code_total(&self, backend: &str, bytes: usize) -> Result<(), StateError> {
+        let others: usize = self
+            .backends
+            .values()
+            .filter(|b| b.name != backend)
+            .map(|b| b.code.len())
+            .sum();
+        if others + bytes > limits::MAX_CODE_BYTES_TOTAL {
+            return Err(invalid(
+                "func_or_class",
+                &format!(
+                    "{bytes} bytes of code make {} for all backends; the cap is {}",
+                    others + bytes,
+                    limits::MAX_CODE_BYTES_TOTAL
+                ),
+            ));
         }
         Ok(())
     }
@@ -535,6 +621,7 @@ impl ClusterState {
     }
 
     /// Gives every pending replica a node with room for it, if one exists.
+    /// The nodes' loads are computed once for all of them.
     fn place_pending(&mut self) {
         let pending: Vec<String> = self
             .replicas
@@ -542,31 +629,37 @@ impl ClusterState {
             .filter(|r| r.state == replica_state::PENDING)
             .map(|r| r.id.clone())
             .collect();
+        if pending.is_empty() {
+            return;
+        }
+        let mut loads = scheduler::Loads::new(self);
+        let mut touched = std::collections::BTreeSet::new();
         for id in pending {
             let backend = self.replicas[&id].backend.clone();
-            let config = self
+            let (num_cpus, num_gpus) = self
                 .backends
                 .get(&backend)
-                .and_then(|b| b.config.clone())
-                .unwrap_or_default();
-            match scheduler::choose_node(self, config.num_cpus, config.num_gpus) {
-                Some(placement) => {
-                    if let Some(r) = self.replicas.get_mut(&id) {
+                .and_then(|b| b.config.as_ref())
+                .map_or((0.0, 0.0), |c| (c.num_cpus, c.num_gpus));
+            let placement = loads.choose(num_cpus, num_gpus);
+            if let Some(r) = self.replicas.get_mut(&id) {
+                match placement {
+                    Some(placement) => {
+                        loads.place(&placement, num_cpus, num_gpus);
                         r.node_id = placement.node_id;
                         r.gpu_ids = placement.gpu_ids;
                         r.state = replica_state::STARTING.into();
                         r.error.clear();
                     }
-                }
-                None => {
-                    if let Some(r) = self.replicas.get_mut(&id) {
-                        r.error = format!(
-                            "no live node has {} CPU and {} GPU free",
-                            config.num_cpus, config.num_gpus
-                        );
+                    None => {
+                        r.error =
+                            format!("no live node has {num_cpus} CPU and {num_gpus} GPU free");
                     }
                 }
             }
+            touched.insert(backend);
+        }
+        for backend in touched {
             self.refresh_backend_state(&backend);
         }
     }
@@ -614,6 +707,10 @@ fn id_seq(replica_id: &str) -> u64 {
         .next()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
+}
+
+fn over_cap(what: &str, cap: usize) -> StateError {
+    invalid(what, &format!("the cluster holds its cap of {cap}"))
 }
 
 fn invalid(field: &str, reason: &str) -> StateError {
@@ -800,3 +897,6 @@ pub(crate) mod raw_bytes {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod fuzz;

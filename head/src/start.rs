@@ -121,10 +121,12 @@ pub struct StartArgs {
           default_value_t = serval_proxy::Limits::default().http2_max_pending_reset_streams,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     http2_max_pending_reset_streams: usize,
-    /// CPUs this node offers to replicas (default: the machine's count).
+    /// CPUs this node offers to replicas (default: the machine's count),
+    /// from 0 to 1024.
     #[arg(long, env = "SERVAL_NUM_CPUS")]
     num_cpus: Option<f64>,
-    /// GPUs this node offers to replicas (default: those nvidia-smi lists).
+    /// GPUs this node offers to replicas (default: those nvidia-smi lists),
+    /// from 0 to 64.
     #[arg(long, env = "SERVAL_NUM_GPUS")]
     num_gpus: Option<f64>,
     /// Seconds without a heartbeat after which the head declares a node dead
@@ -175,6 +177,7 @@ pub fn run(
     }
     serval_proxy::validate_middlewares(&args.http_middlewares)
         .map_err(|e| anyhow::anyhow!("invalid --http-middlewares: {e}"))?;
+    check_resources(&args)?;
     if !args.head && cluster.address.is_none() {
         bail!("`serve start` needs --head to start a head, or --address HOST:PORT to join one");
     }
@@ -253,6 +256,23 @@ fn debug_errors() -> bool {
             "1" | "true" | "yes" | "on"
         )
     })
+}
+
+/// `--num-cpus`/`--num-gpus` within the controller's caps
+/// ([`serval_controller::limits`]), which refuses a node registering more.
+fn check_resources(args: &StartArgs) -> anyhow::Result<()> {
+    use serval_controller::limits::{MAX_NODE_CPUS, MAX_NODE_GPUS};
+    for (flag, value, cap) in [
+        ("--num-cpus", args.num_cpus, MAX_NODE_CPUS),
+        ("--num-gpus", args.num_gpus, MAX_NODE_GPUS),
+    ] {
+        if let Some(v) = value {
+            if !(v.is_finite() && (0.0..=cap).contains(&v)) {
+                bail!("invalid {flag} {v}: a node offers from 0 to {cap}");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn parse_positive_secs(s: &str) -> Result<f64, String> {
@@ -365,10 +385,13 @@ fn agent_config(
         token: token.to_string(),
         data_dir: data_dir.to_path_buf(),
         python: args.python.clone(),
-        num_cpus: args.num_cpus.unwrap_or_else(default_cpus),
-        num_gpus: args
-            .num_gpus
-            .unwrap_or_else(serval_node::agent::detect_gpus),
+        // What the machine has, within the controller's caps.
+        num_cpus: args
+            .num_cpus
+            .unwrap_or_else(|| default_cpus().min(serval_controller::limits::MAX_NODE_CPUS)),
+        num_gpus: args.num_gpus.unwrap_or_else(|| {
+            serval_node::agent::detect_gpus().min(serval_controller::limits::MAX_NODE_GPUS)
+        }),
         is_head,
         http_address: http_address.to_string(),
         tcp_host: replica_bind_host(args),
@@ -665,7 +688,13 @@ async fn run_head(
     print_ready(&info, &data_dir);
     println!("node id: {}", agent.node_id());
 
-    agent.run(signalled()).await;
+    // A head whose raft storage failed (a full disk) cannot commit: it
+    // stops, exiting non-zero, so its supervisor restarts it, rather than
+    // serving reads and refusing every write.
+    let raft_failure = tokio::select! {
+        _ = agent.run(signalled()) => None,
+        error = raft_failed(&raft) => Some(error),
+    };
     tracing::info!("stopping");
     cluster_file::remove(&data_dir);
     let _ = stop_tx.send(true);
@@ -683,7 +712,25 @@ async fn run_head(
     {
         tracing::warn!("raft did not stop within 5 s");
     }
-    Ok(())
+    match raft_failure {
+        Some(error) => bail!("raft stopped on an error, so this head stops: {error}"),
+        None => Ok(()),
+    }
+}
+
+/// Resolves with the error once this head's raft core stops on one (its
+/// storage failed: openraft stops the core on any storage error).
+async fn raft_failed(raft: &store::Raft) -> String {
+    let mut metrics = raft.metrics();
+    loop {
+        if let Err(fatal) = &metrics.borrow_and_update().running_state {
+            tracing::error!(error = %fatal, "raft stopped");
+            return fatal.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return "the raft core ended".into();
+        }
+    }
 }
 
 /// Asks the cluster at `join` to add this head to the raft group, unless it

@@ -41,18 +41,29 @@ pub fn python_type_name(value: &Value) -> &'static str {
     }
 }
 
+/// Nesting deeper than this is refused before it is walked: no model takes
+/// tensors of that rank, and the walk recurses once per level.
+pub const MAX_RANK: usize = 32;
+
 /// The shape of nested JSON lists (`[]` for a scalar); ragged lists are an
 /// error, as numpy refuses them for a numeric dtype.
 fn shape_of(value: &Value) -> Result<Vec<usize>, String> {
+    shape_below(value, 0)
+}
+
+fn shape_below(value: &Value, depth: usize) -> Result<Vec<usize>, String> {
     let Value::Array(items) = value else {
         return Ok(Vec::new());
     };
+    if depth >= MAX_RANK {
+        return Err(format!("the lists are nested deeper than {MAX_RANK}"));
+    }
     let Some(first) = items.first() else {
         return Ok(vec![0]);
     };
-    let inner = shape_of(first)?;
+    let inner = shape_below(first, depth + 1)?;
     for item in &items[1..] {
-        if shape_of(item)? != inner {
+        if shape_below(item, depth + 1)? != inner {
             return Err("the nested lists have different lengths".into());
         }
     }
@@ -234,6 +245,9 @@ pub fn outputs_object(names: &[String], outputs: &[Tensor]) -> Result<Value, Str
     }
     Ok(Value::Object(object))
 }
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {

@@ -76,7 +76,7 @@ impl InputSpec {
     /// The tensor for this input from its JSON value. As with onnxruntime,
     /// a value one axis short gets a batch axis of 1 when the model batches
     /// (or declares a first dimension of 1).
-    fn convert(&self, value: &Value) -> Result<Tensor, String> {
+    pub(crate) fn convert(&self, value: &Value) -> Result<Tensor, String> {
         let mut tensor = json::to_tensor(value, self.datum_type).map_err(|e| {
             format!(
                 "input '{}': cannot be converted to {}: {e}",

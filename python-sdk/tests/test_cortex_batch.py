@@ -215,6 +215,17 @@ def test_bad_job_requests_are_400s_that_name_the_field(batch_api, body, words):
     assert r.status_code == 400 and words in r.json()["error"], r.text
 
 
+def test_a_job_over_the_workers_cap_is_a_400_and_creates_nothing(batch_api):
+    r = submit(batch_api, {"workers": 300_000, "item_list": {"items": [1], "batch_size": 1}})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert "workers" in error and "300000" in error and "cap of 256" in error, error
+    jobs = requests.get(batch_api, timeout=TIMEOUT).json()
+    assert not [j for j in jobs if j["workers"] == 300_000], jobs
+    assert not [r for r in serve.status()["replicas"] if r["backend"].startswith("summer--job-")
+                and r["state"] == "pending"]
+
+
 def test_malformed_and_unknown(batch_api):
     r = requests.post(batch_api, data=b"{nope", timeout=TIMEOUT)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]

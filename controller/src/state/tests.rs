@@ -508,3 +508,90 @@ fn apis_are_created_replaced_and_deleted_by_name() {
         assert_eq!(format!("{s:?}"), before, "{cmd:?} changed the state");
     }
 }
+
+#[test]
+fn commands_over_the_caps_are_refused_without_building_anything() {
+    use crate::limits;
+    let mut s = cluster();
+    let before = s.clone();
+    let refused = |s: &mut ClusterState, cmd: Command, field: &str| match s.apply(cmd) {
+        Err(StateError::InvalidConfig { field: f, reason }) => {
+            assert!(f.contains(field), "{f}: {reason}");
+            assert!(reason.contains("cap"), "the reason names the cap: {reason}");
+        }
+        other => panic!("expected a refusal naming {field}, got {other:?}"),
+    };
+    refused(
+        &mut s,
+        Command::CreateBackend(backend("huge", 300_000)),
+        "num_replicas",
+    );
+    refused(
+        &mut s,
+        Command::UpdateBackendConfig {
+            name: "b".into(),
+            config: BackendConfig {
+                num_replicas: limits::MAX_REPLICAS_PER_BACKEND + 1,
+                ..Default::default()
+            },
+        },
+        "num_replicas",
+    );
+    let mut gpus = node("gpu", 4.0);
+    gpus.num_gpus = 1e13;
+    refused(&mut s, Command::RegisterNode(gpus), "num_gpus");
+    let mut nan = node("nan", f64::NAN);
+    nan.num_gpus = 0.0;
+    refused(&mut s, Command::RegisterNode(nan), "num_cpus");
+    let mut long = backend("x", 1);
+    long.name = "n".repeat(limits::MAX_NAME_BYTES + 1);
+    refused(&mut s, Command::CreateBackend(long), "backend name");
+    let mut ep = endpoint("e", "b", "/e");
+    ep.methods = (0..100).map(|i| format!("M{i}")).collect();
+    refused(&mut s, Command::CreateEndpoint(ep), "methods");
+    assert_eq!(s.version, before.version);
+    assert_eq!(s.replicas.len(), before.replicas.len());
+    assert_eq!(s.nodes.len(), before.nodes.len());
+    assert_eq!(s.backends.len(), before.backends.len());
+}
+
+#[test]
+fn the_replicas_of_all_backends_together_are_capped() {
+    use crate::limits;
+    let mut s = ClusterState::default();
+    let per = limits::MAX_REPLICAS_PER_BACKEND;
+    let full = (limits::MAX_REPLICAS_TOTAL / u64::from(per)) as usize;
+    for i in 0..full {
+        let mut b = backend(&format!("b{i}"), per);
+        // No node: the replicas stay pending, which is cheap to build.
+        b.config.as_mut().unwrap().num_cpus = 0.5;
+        s.apply(Command::CreateBackend(b)).unwrap();
+    }
+    assert_eq!(s.replicas.len() as u64, limits::MAX_REPLICAS_TOTAL);
+    let err = s
+        .apply(Command::CreateBackend(backend("one-more", 1)))
+        .unwrap_err();
+    assert!(err.to_string().contains("the cap is"), "{err}");
+    assert_eq!(s.replicas.len() as u64, limits::MAX_REPLICAS_TOTAL);
+}
+
+#[test]
+fn at_the_node_cap_a_new_node_replaces_a_dead_one() {
+    use crate::limits;
+    let mut s = ClusterState::default();
+    for i in 0..limits::MAX_NODES {
+        s.apply(Command::RegisterNode(node(&format!("n{i:04}"), 1.0)))
+            .unwrap();
+    }
+    let err = s
+        .apply(Command::RegisterNode(node("late", 1.0)))
+        .unwrap_err();
+    assert!(err.to_string().contains("nodes"), "{err}");
+    s.apply(Command::MarkNodeDead {
+        node_id: "n0007".into(),
+    })
+    .unwrap();
+    s.apply(Command::RegisterNode(node("late", 1.0))).unwrap();
+    assert_eq!(s.nodes.len(), limits::MAX_NODES);
+    assert!(!s.nodes.contains_key("n0007") && s.nodes.contains_key("late"));
+}

@@ -64,9 +64,11 @@ pub async fn propose_via_leader_with_output(
             other => other,
         };
         match outcome {
-            // No leader yet, or it just changed: try again shortly.
+            // No leader yet, or it just changed: try again shortly. Not
+            // once this head's raft has stopped (its storage failed).
             Err(ControllerError::NotLeader { .. }) | Err(ControllerError::Raft(_))
-                if tokio::time::Instant::now() < deadline =>
+                if tokio::time::Instant::now() < deadline
+                    && raft.metrics().borrow().running_state.is_ok() =>
             {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

@@ -175,7 +175,7 @@ impl JobRecord {
     fn check_timeout(&mut self, now_ms: i64) {
         let timeout = self.spec.timeout_s;
         if !self.ended() && timeout > 0.0 && self.start_ms > 0 {
-            let limit = self.start_ms + (timeout * 1000.0) as i64;
+            let limit = self.start_ms.saturating_add((timeout * 1000.0) as i64);
             if now_ms > limit {
                 let error = format!("the job ran past its timeout of {timeout} s");
                 self.end("timed out", &error, now_ms);
@@ -365,6 +365,16 @@ pub fn apply(
             if let Some(e) = not_enqueuing(&job) {
                 return Ok(Err(e));
             }
+            let after = job.enqueued.saturating_add(batches.len() as u64);
+            if after > crate::limits::MAX_JOB_BATCHES {
+                return Ok(Err(invalid(
+                    "batches",
+                    &format!(
+                        "job {id} would hold {after}; the cap is {}",
+                        crate::limits::MAX_JOB_BATCHES
+                    ),
+                )));
+            }
             if first_index != job.enqueued {
                 return Ok(Err(invalid(
                     "first_index",
@@ -453,7 +463,7 @@ pub fn apply(
                         index,
                         Lease {
                             worker: worker.clone(),
-                            until_ms: now_ms + visibility_ms,
+                            until_ms: now_ms.saturating_add(visibility_ms),
                             receive_count,
                         },
                     );

@@ -195,6 +195,10 @@ pub async fn propose_within(
     cmd: Command,
     timeout: Duration,
 ) -> Result<Written, ControllerError> {
+    // A command over a cap is refused here, before it reaches the log
+    // (the state machine checks again: see `limits`).
+    let cmd = crate::limits::clip(cmd);
+    crate::limits::check(&cmd)?;
     let Ok(written) = tokio::time::timeout(timeout, raft.client_write(cmd)).await else {
         // The entry may still sit uncommitted in this head's log: a later
         // leader either commits it or, far more likely, overwrites it.

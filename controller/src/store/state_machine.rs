@@ -94,6 +94,10 @@ fn apply_command(
     state: &mut ClusterState,
     cmd: Command,
 ) -> std::io::Result<(Result<u64, StateError>, Vec<u8>)> {
+    // Blobs and jobs skip `ClusterState::apply`, which checks the rest.
+    if let Err(e) = crate::limits::check(&cmd) {
+        return Ok((Err(e), Vec::new()));
+    }
     let applied = match cmd {
         Command::PutBlob { digest, data } => blobs::put(txn, &digest, &data)?,
         Command::PutBlobParts { digest, parts } => blobs::put_parts(txn, &digest, &parts)?,

@@ -408,14 +408,28 @@ class BatchGateway:
         if job["source"] != "item_list":
             # A missing or refused path is the client's 400, now.
             list_targets(job["spec"], self.sources, f"{job['source']}.paths")
-        created = json.loads(_jobs().create(self.name, job["workers"], float(job["timeout"] or 0),
-                                            json.dumps(job["config"]), job["max_receive_count"], self.me))
+        created = self._create(job)
         threading.Thread(target=self._enqueue_job, args=(created["id"], job), name=f"job-{created['id']}",
                          daemon=True).start()
         return {"job_id": created["id"], "api_name": self.name, "kind": "BatchAPI", "workers": job["workers"],
                 "config": job["config"], "timeout": job["timeout"], "created_time": _iso(created["created_ms"])}
 
     # -- a job's life -----------------------------------------------------
+
+    def _create(self, job: dict) -> dict:
+        """The job's record; a job the controller refuses (over a cap such
+        as ``workers``: its message names the field and the cap) is the
+        client's 400."""
+        from serval import ServeError
+        from serval._native import ControlUnavailable
+
+        try:
+            return json.loads(_jobs().create(self.name, job["workers"], float(job["timeout"] or 0),
+                                             json.dumps(job["config"]), job["max_receive_count"], self.me))
+        except ControlUnavailable:
+            raise
+        except ServeError as e:
+            raise JobError(str(e)) from None
 
     def _enqueue_job(self, job_id: str, job: dict) -> None:
         """Stores the job's batches; the gateways' look-after loop starts
