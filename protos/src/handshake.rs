@@ -46,6 +46,19 @@ const PROOF_LEN: usize = 4 + 1 + 1 + NONCE_LEN + MAC_LEN;
 pub const DATA_KEY_ENV: &str = "SERVAL_DATA_KEY";
 pub const AGENT_KEY_ENV: &str = "SERVAL_AGENT_KEY";
 
+/// Header a proxy adds to each gRPC call it forwards to a replica's grpcio
+/// server (gRPC APIs), with [`grpc_forward_credential`]: the server refuses
+/// calls without it before their message is decoded. It is the same on
+/// every call, so unlike the handshake it can be replayed by whoever sees
+/// the traffic: run the data plane on a private network (SECURITY.md).
+pub const GRPC_AUTH_HEADER: &str = "x-serval-data-auth";
+
+/// The value of [`GRPC_AUTH_HEADER`]: HMAC-SHA256 of a fixed label under
+/// the data-plane key, as hex (`serval.cortex.grpc_api` computes the same).
+pub fn grpc_forward_credential(data: &Key) -> String {
+    auth::hex(&auth::mac(&data.0, b"serval grpc forward v1"))
+}
+
 /// How long either side waits for the other's next handshake message.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 

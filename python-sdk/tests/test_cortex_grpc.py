@@ -336,6 +336,7 @@ def shapes_api(tmp_path_factory):
         tar.extractall(unpacked, filter="data")
     cwd, path, env = os.getcwd(), list(sys.path), dict(os.environ)
     os.environ["SERVAL_REPLICA_HOST"] = "127.0.0.1"
+    os.environ["SERVAL_DATA_KEY"] = TEST_DATA_KEY.hex()
     try:
         obj = GrpcAPI(dict(api, dotenv={}, package=None), unpacked)
         yield obj, tmp
@@ -354,7 +355,57 @@ def shapes_stub(shapes_api):
     obj, tmp = shapes_api
     pb2, pb2_grpc = client_modules(tmp, "shapes.proto", SHAPES_PROTO)
     with grpc.insecure_channel(obj.serval_grpc_address) as channel:
-        yield pb2, pb2_grpc.ShapesStub(channel), tmp
+        # Calls as a proxy forwards them: with the cluster's credential.
+        yield pb2, pb2_grpc.ShapesStub(grpc.intercept_channel(channel, _AsProxy())), tmp
+
+
+#: The data-plane key of the in-process replica servers above.
+TEST_DATA_KEY = bytes(range(32))
+
+
+class _AsProxy(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+               grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds the header a proxy adds to the calls it forwards."""
+
+    def _details(self, details):
+        import hashlib
+        import hmac
+
+        value = hmac.new(TEST_DATA_KEY, b"serval grpc forward v1", hashlib.sha256).hexdigest()
+        metadata = list(details.metadata or ()) + [("x-serval-data-auth", value)]
+        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(
+            details.method, details.timeout, metadata, details.credentials,
+            getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):
+        self.method, self.timeout, self.metadata = method, timeout, metadata
+        self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
+
+
+def test_the_replica_server_refuses_calls_without_the_proxys_credential(shapes_api, shapes_stub):
+    obj, tmp = shapes_api
+    pb2, _, _ = shapes_stub
+    _, pb2_grpc = client_modules(tmp, "shapes.proto", SHAPES_PROTO)
+    with grpc.insecure_channel(obj.serval_grpc_address) as channel:
+        stub = pb2_grpc.ShapesStub(channel)
+        for metadata in [(), (("x-serval-data-auth", "f" * 64),)]:
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Unary(pb2.Req(a="hi"), metadata=metadata, timeout=60)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def check_shapes(pb2, stub, tmp):
@@ -481,12 +532,13 @@ def test_a_handler_without_module_proto_pb2_and_http_requests(tmp_path, monkeypa
     monkeypatch.setattr(sys, "path", list(sys.path))
     for var in ("SERVAL_API_NAME", "SERVAL_API_KIND"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SERVAL_DATA_KEY", TEST_DATA_KEY.hex())
     obj = GrpcAPI(dict(api, dotenv={}, package=None), str(tmp_path / "u"))
     try:
         r = asyncio.run(obj(None))
         assert r.status_code == 404 and b"gRPC API" in r.body
         with grpc.insecure_channel(obj.serval_grpc_address) as channel:
-            call = channel.unary_unary("/oc.S/P")
+            call = grpc.intercept_channel(channel, _AsProxy()).unary_unary("/oc.S/P")
             with pytest.raises(grpc.RpcError) as e:
                 call(b"", timeout=30)
             assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -516,9 +568,17 @@ def test_the_seed_api_through_the_proxy(cluster, tmp_path):
     # The seed's snippet, with the proxy's address.
     stub = handler_pb2_grpc.HandlerStub(proxy_channel(cluster))
     assert stub.Predict(handler_pb2.Sample(a="text"), timeout=60).b == "text v1 hello"
-    # The replica serves it too (what the proxy forwards to).
+    # The replica's own server takes calls from the proxies only: one that
+    # bypasses the proxy is refused before the Handler sees it, with a
+    # made-up credential too.
     direct = handler_pb2_grpc.HandlerStub(grpc.insecure_channel(addr))
-    assert direct.Predict(handler_pb2.Sample(a="x"), timeout=60).b == "x v1 hello"
+    for metadata in [(), (("x-serval-data-auth", "0" * 64),)]:
+        with pytest.raises(grpc.RpcError) as e:
+            direct.Predict(handler_pb2.Sample(a="x"), metadata=metadata, timeout=60)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, e.value
+    # A client's own copy of the header is replaced by the proxy's.
+    assert stub.Predict(handler_pb2.Sample(a="y"), metadata=(("x-serval-data-auth", "0" * 64),),
+                        timeout=60).b == "y v1 hello"
 
     st = json.loads(cli(cluster, "get", "sample", "--json").stdout)
     assert st["status"] == "live" and st["endpoint"] == "sample_service.Handler"

@@ -33,6 +33,7 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use serval_protos::handshake;
 use tokio::time::Instant;
 
 use crate::errors;
@@ -135,6 +136,14 @@ async fn forward(proxy: &Proxy, endpoint: &str, req: hyper::Request<Incoming>) -
         );
     }
     let (mut parts, body) = req.into_parts();
+    // The replica's grpcio server takes calls only from the cluster; a
+    // client's own copy of the header is replaced, never passed on.
+    parts.headers.remove(handshake::GRPC_AUTH_HEADER);
+    if let Some(key) = &proxy.router().config().data_key {
+        if let Ok(value) = HeaderValue::from_str(&handshake::grpc_forward_credential(key)) {
+            parts.headers.insert(handshake::GRPC_AUTH_HEADER, value);
+        }
+    }
     let target = format!(
         "http://{}{}",
         reservation.grpc_addr(),

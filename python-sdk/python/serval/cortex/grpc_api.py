@@ -44,6 +44,8 @@ HTTP requests to the replica are answered 404: a gRPC API has no route.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import importlib
 import inspect
 import logging
@@ -231,6 +233,52 @@ class _Rpc:
                       f"{self.output_class.DESCRIPTOR.full_name}")
 
 
+#: The header a proxy adds to every call it forwards, and its value: an
+#: HMAC-SHA256 of a fixed label under the cluster's data-plane key (the
+#: proxy's ``serval_protos::handshake::grpc_forward_credential``).
+AUTH_HEADER = "x-serval-data-auth"
+DATA_KEY_ENV = "SERVAL_DATA_KEY"
+
+
+def _forward_credential() -> bytes:
+    key = os.environ.get(DATA_KEY_ENV, "")
+    try:
+        raw = bytes.fromhex(key)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise HandlerError(f"{DATA_KEY_ENV} is missing or malformed: a gRPC API replica is started by a node agent")
+    return hmac.new(raw, b"serval grpc forward v1", hashlib.sha256).hexdigest().encode()
+
+
+def _cluster_only():
+    """A server interceptor that refuses every call lacking the proxy's
+    credential, before its message is decoded or any Handler code runs: the
+    replica's port is on the node's network, and only the cluster's proxies
+    may call it. (Built here: grpcio is imported only where it is used.)"""
+    import grpc
+
+    expected = _forward_credential()
+
+    def deny(request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "calls reach this server only through a Serval proxy")
+
+    denied = grpc.unary_unary_rpc_method_handler(deny)
+
+    class ClusterOnly(grpc.ServerInterceptor):
+        def intercept_service(self, continuation, handler_call_details):
+            got = b""
+            for key, value in handler_call_details.invocation_metadata or ():
+                if key == AUTH_HEADER:
+                    got = value.encode() if isinstance(value, str) else bytes(value)
+                    break
+            if hmac.compare_digest(got, expected):
+                return continuation(handler_call_details)
+            return denied
+
+    return ClusterOnly()
+
+
 async def _as_coroutine(awaitable):
     return await awaitable
 
@@ -291,7 +339,8 @@ class GrpcAPI(RealtimeAPI):
                                self.name, method.name, self.service, method.name)
             self._rpcs[method.name] = _Rpc(self, method, fn)
         threads = max(1, int(handler.get("threads_per_process") or 1))
-        self._server = grpc.server(ThreadPoolExecutor(threads, thread_name_prefix=f"{self.name}-grpc"))
+        self._server = grpc.server(ThreadPoolExecutor(threads, thread_name_prefix=f"{self.name}-grpc"),
+                                   interceptors=(_cluster_only(),))
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             self.service, {name: rpc.handler() for name, rpc in self._rpcs.items()}),))
         host = os.environ.get(HOST_ENV) or "127.0.0.1"
