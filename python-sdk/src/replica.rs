@@ -83,6 +83,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use crate::onnx::OnnxModel;
 use crate::poll::poll_until;
+use crossbeam_channel::TrySendError;
 use serval_node::replica_server::{self, Handler, Reply};
 use serval_onnx::NativeHandler;
 use serval_protos::frame::{
@@ -286,14 +287,42 @@ struct QueueHandler {
 
 impl Handler for QueueHandler {
     fn handle(&self, request: Request, reply: Reply) {
-        match self.tx.send(Job { request, reply }) {
+        match self.tx.try_send(Job { request, reply }) {
             Ok(()) => self.wake.wake(),
-            Err(e) => e
-                .into_inner()
-                .reply
-                .send(&unavailable("replica is shutting down")),
+            Err(TrySendError::Full(job)) => job.reply.send(&queue_full()),
+            Err(TrySendError::Disconnected(job)) => {
+                job.reply.send(&unavailable("replica is shutting down"))
+            }
         }
     }
+}
+
+/// Requests the replica's I/O thread queues for its Python thread, and (in
+/// `serval._host`) requests waiting there beyond `max_concurrent_queries`:
+/// `SERVAL_REPLICA_MAX_QUEUED`, default [`DEFAULT_MAX_QUEUED`]. A router
+/// sends one replica no more than its limit, but every proxy and handle
+/// process is a router of its own, and a sync method can hold the Python
+/// thread for long: without a bound the queue grew with them. Beyond it a
+/// request gets 503 with `Retry-After` at once.
+const DEFAULT_MAX_QUEUED: usize = 10_000;
+const MAX_QUEUED_ENV: &str = "SERVAL_REPLICA_MAX_QUEUED";
+
+fn max_queued() -> PyResult<usize> {
+    match std::env::var(MAX_QUEUED_ENV) {
+        Err(_) => Ok(DEFAULT_MAX_QUEUED),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(PyValueError::new_err(format!(
+                "{MAX_QUEUED_ENV} must be a positive whole number, not {v:?}"
+            ))),
+        },
+    }
+}
+
+fn queue_full() -> Response {
+    let mut response = unavailable("the replica's request queue is full; retry later");
+    response.headers.push(("retry-after".into(), "1".into()));
+    response
 }
 
 /// Set once, when the server starts stopping; wakes `wait` and the worker loop.
@@ -499,7 +528,7 @@ impl ReplicaServer {
             Wake::new()
                 .map_err(|e| PyOSError::new_err(format!("cannot create the wake socket: {e}")))?,
         );
-        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let (tx, rx) = crossbeam_channel::bounded::<Job>(max_queued()?);
         let (serve_tx, serve_rx) = tokio::sync::oneshot::channel::<()>();
         let mut handler: Arc<dyn Handler> = Arc::new(QueueHandler {
             tx,

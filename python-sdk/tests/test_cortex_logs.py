@@ -132,3 +132,21 @@ def test_serve_logs_of_an_unknown_api_fails(cluster):
     assert 'no API named "nosuch"' in out.stderr, out.stderr
     out = cli(cluster, "logs", "--no-follow", "nosuch")
     assert out.returncode == 1 and "nosuch" in out.stderr, out.stderr
+
+
+def test_a_log_without_newlines_is_not_held_whole():
+    """A follower holds at most MAX_LINE_BYTES of an unfinished line: a
+    replica that prints megabytes without a newline gets its output cut
+    into lines of that size, and nothing is lost."""
+    from serval.cortex.logs import MAX_LINE_BYTES, _Tail
+
+    tail = _Tail()
+    chunk = b"x" * (MAX_LINE_BYTES // 4)
+    out = []
+    for _ in range(10):
+        out += tail.lines(chunk)
+        assert len(tail.partial) < MAX_LINE_BYTES
+    out += tail.lines(b"y\nnext")
+    assert [len(line) for line in out] == [MAX_LINE_BYTES, MAX_LINE_BYTES, MAX_LINE_BYTES // 2 + 1]
+    assert "".join(out) == "x" * (10 * MAX_LINE_BYTES // 4) + "y"
+    assert tail.partial == b"next"

@@ -188,6 +188,10 @@ fn pickle_of(expr: &str) -> Vec<u8> {
 
 /// Starts a replica and reads its one status line.
 fn start(which: &str, config: &str) -> Replica {
+    start_with_env(which, config, &[])
+}
+
+fn start_with_env(which: &str, config: &str, env: &[(&str, &str)]) -> Replica {
     let dir = tempfile::tempdir().unwrap();
     let code = write_code(dir.path(), which);
     let log = dir.path().join("replica.log");
@@ -207,6 +211,7 @@ fn start(which: &str, config: &str) -> Replica {
     .args(["--tcp-host", "127.0.0.1"])
     .env(handshake::DATA_KEY_ENV, Key::data_plane(TOKEN).to_hex())
     .env(handshake::AGENT_KEY_ENV, agent_key().to_hex())
+    .envs(env.iter().copied())
     .stdin(Stdio::piped())
     .stdout(Stdio::piped())
     .stderr(std::fs::File::create(&log).unwrap());
@@ -787,6 +792,36 @@ async fn async_requests_run_concurrently_up_to_max_concurrent_queries() {
     statuses.sort();
     assert_eq!(statuses, vec![200, 500, 500], "{}", replica.log());
     assert_eq!(responses[&2].status, 200);
+}
+
+/// Requests beyond what a replica may queue (`SERVAL_REPLICA_MAX_QUEUED`,
+/// here 1 waiting in Python and 1 between the threads, behind the one
+/// running) get 503 at once instead of growing its memory.
+#[tokio::test]
+async fn requests_beyond_the_queue_bound_get_503_at_once() {
+    let replica = start_with_env(
+        "rendezvous",
+        r#"{"max_concurrent_queries":1}"#,
+        &[("SERVAL_REPLICA_MAX_QUEUED", "1")],
+    );
+    assert_eq!(replica.status["state"], "running", "{}", replica.log());
+    let mut c = unix_client(&replica).await;
+    let eight: Vec<Request> = (0..8)
+        .map(|_| req(None, Payload::Http(http("GET", "/", "", b""))))
+        .collect();
+    let responses = c.send_all(&eight).await;
+    let full: Vec<&Response> = responses.values().filter(|r| r.status == 503).collect();
+    // At most one running, one waiting in Python and one between the
+    // threads were taken; every other request was refused, not queued.
+    assert!(full.len() >= 5, "{} refused: {:?}", full.len(), responses);
+    for r in full {
+        assert!(
+            String::from_utf8_lossy(&r.body).contains("queue is full"),
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.header("retry-after"), Some("1"));
+    }
 }
 
 #[tokio::test]

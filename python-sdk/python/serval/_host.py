@@ -268,6 +268,27 @@ class _Batcher:
 
 _UNAVAILABLE = (503, _JSON + [(ERROR_TYPE_HEADER, "ReplicaUnavailable")],
                 _dumps({"error": "replica is shutting down"}).encode())
+_QUEUE_FULL = (503, _JSON + [(ERROR_TYPE_HEADER, "ReplicaUnavailable"), ("retry-after", "1")],
+               _dumps({"error": "the replica's request queue is full; retry later"}).encode())
+
+#: Requests that may wait here beyond max_concurrent_queries (and, in the
+#: Rust I/O thread, between it and this thread): ``SERVAL_REPLICA_MAX_QUEUED``.
+#: Routers keep to the limit each, but every proxy and handle process is a
+#: router; beyond the bound a request gets 503 with Retry-After at once.
+DEFAULT_REPLICA_MAX_QUEUED = 10_000
+
+
+def replica_max_queued() -> int:
+    value = os.environ.get("SERVAL_REPLICA_MAX_QUEUED", "").strip()
+    if not value:
+        return DEFAULT_REPLICA_MAX_QUEUED
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise ValueError(f"SERVAL_REPLICA_MAX_QUEUED must be a positive whole number, not {value!r}")
+    return n
 
 
 class Host:
@@ -299,6 +320,7 @@ class Host:
         self._loop_cleared = False
         #: Read here, so a bad value fails the replica's start, not its worker.
         self._poll_us = replica_poll_us()
+        self._max_waiting = replica_max_queued()
         self._tasks: set = set()
         self._user_config = None
         #: The ReplicaServer while ``serve`` runs.
@@ -478,6 +500,8 @@ class Host:
 
     def _submit(self, target: _Target, kind: int, args: tuple, kwargs, scope, reply):
         if self._in_flight >= self.max_concurrent_queries or self._waiting:
+            if len(self._waiting) >= self._max_waiting:
+                return _QUEUE_FULL
             self._waiting.append((target, kind, args, kwargs, scope, reply))
             return None
         return self._start(target, kind, args, kwargs, scope, reply)

@@ -22,6 +22,10 @@ MAX_CHUNKS_PER_PASS = 16
 _log = logging.getLogger("serval.cortex.logs")
 
 
+#: The longest line a follower holds while it waits for the newline.
+MAX_LINE_BYTES = 1024 * 1024
+
+
 class _Tail:
     """Where the reader stands in one replica's log."""
 
@@ -34,9 +38,15 @@ class _Tail:
         self.partial = b""
 
     def lines(self, data: bytes) -> List[str]:
-        """The complete lines ``data`` finishes; keeps the rest for later."""
+        """The complete lines ``data`` finishes; keeps the rest for later,
+        up to ``MAX_LINE_BYTES``: a replica that writes without newlines
+        has its output cut into lines of that size rather than held."""
         *complete, self.partial = (self.partial + data).split(b"\n")
-        return [_text(line) for line in complete]
+        out = [_text(line) for line in complete]
+        while len(self.partial) >= MAX_LINE_BYTES:
+            out.append(_text(self.partial[:MAX_LINE_BYTES]))
+            self.partial = self.partial[MAX_LINE_BYTES:]
+        return out
 
     def flush(self) -> List[str]:
         rest, self.partial = self.partial, b""
