@@ -189,9 +189,20 @@ async fn supervise(
                         // What the replica runs with; changes go in place.
                         let mut applied = runtime_config(&start_config);
                         let mut config_open = true;
+                        let mut log_check = tokio::time::interval(LOG_CHECK_INTERVAL);
                         loop {
                             tokio::select! {
                                 exit = child.wait() => break format!("replica process exited ({})", exit.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())),
+                                _ = log_check.tick() => {
+                                    let log = spec.work_dir.join(LOG_FILE);
+                                    let rotated = tokio::task::spawn_blocking(move || rotate_log(&log, log_max_bytes())).await;
+                                    match rotated {
+                                        Ok(Ok(true)) => tracing::info!(replica = %id, "replica log rotated"),
+                                        Ok(Ok(false)) => {}
+                                        Ok(Err(e)) => tracing::warn!(replica = %id, error = %e, "cannot rotate the replica log"),
+                                        Err(e) => tracing::warn!(replica = %id, error = %e, "the log rotation task failed"),
+                                    }
+                                }
                                 _ = &mut stop => { drop(lifeline); terminate(&mut child).await; return; }
                                 changed = config.changed(), if config_open => {
                                     if changed.is_err() {
@@ -269,6 +280,55 @@ fn start_config_json(c: &BackendConfig) -> String {
     let mut v = runtime_config_value(c);
     v["num_replicas"] = c.num_replicas.into();
     v.to_string()
+}
+
+/// A replica's log in its work dir, and the one copy kept when it rotates.
+const LOG_FILE: &str = "replica.log";
+const ROTATED_LOG_FILE: &str = "replica.log.1";
+/// How often a running replica's log size is checked.
+const LOG_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// The size past which a replica's log rotates: `SERVAL_REPLICA_LOG_MAX_BYTES`
+/// in the node's environment, default 64 MiB. A replica writes its stderr
+/// there for as long as it runs; without a bound a chatty one filled the
+/// disk.
+const DEFAULT_LOG_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
+fn log_max_bytes() -> u64 {
+    std::env::var("SERVAL_REPLICA_LOG_MAX_BYTES")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(DEFAULT_LOG_MAX_BYTES)
+}
+
+/// When `log` is over `max` bytes: copies it to `replica.log.1` (replacing
+/// the older copy) and truncates it. The replica keeps writing to the same
+/// file (its stderr is opened for appending, so it writes at the new end);
+/// lines written between the copy and the truncation are lost, as with
+/// logrotate's copytruncate. `serve logs` sees the size drop and starts over.
+/// Blocking: run it off the runtime's workers.
+fn rotate_log(log: &std::path::Path, max: u64) -> std::io::Result<bool> {
+    let size = match std::fs::metadata(log) {
+        Ok(meta) => meta.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if size <= max {
+        return Ok(false);
+    }
+    let rotated = log.with_file_name(ROTATED_LOG_FILE);
+    let mut from = std::fs::File::open(log)?;
+    serval_protos::private_files::ensure_private_file(&rotated)?;
+    let mut to = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&rotated)?;
+    std::io::copy(&mut from, &mut to)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(log)?
+        .set_len(0)?;
+    Ok(true)
 }
 
 /// What a running replica applies (sent in a `Reconfigure` frame when it
@@ -357,7 +417,7 @@ async fn start(spec: &ReplicaSpec, config: &BackendConfig) -> Result<Child, Stri
     let code_file = dir.join("code.pkl");
     serval_protos::private_files::write_private(&code_file, &spec.backend.code)
         .map_err(|e| format!("cannot write {}: {e}", code_file.display()))?;
-    let log_path = dir.join("replica.log");
+    let log_path = dir.join(LOG_FILE);
     let log = serval_protos::private_files::append_private(&log_path)
         .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
     let mut cmd = Command::new(&spec.python);
@@ -454,6 +514,35 @@ async fn terminate(child: &mut Child) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_over_its_bound_is_copied_once_and_truncated() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join(LOG_FILE);
+        // The replica's stderr: opened for appending, kept open throughout.
+        let mut stderr = serval_protos::private_files::append_private(&log).unwrap();
+        stderr.write_all(&[b'a'; 100]).unwrap();
+        assert!(!rotate_log(&log, 100).unwrap(), "at the bound: left alone");
+        stderr.write_all(b"b").unwrap();
+        assert!(rotate_log(&log, 100).unwrap());
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+        let rotated = dir.path().join(ROTATED_LOG_FILE);
+        assert_eq!(std::fs::read(&rotated).unwrap().len(), 101);
+        // The writer goes on at the new end, not at its old offset.
+        stderr.write_all(b"after").unwrap();
+        assert_eq!(std::fs::read(&log).unwrap(), b"after");
+        // A second rotation replaces the older copy: two files at most.
+        stderr.write_all(&[b'c'; 200]).unwrap();
+        assert!(rotate_log(&log, 100).unwrap());
+        assert_eq!(std::fs::read(&rotated).unwrap().len(), 205);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&rotated).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(!rotate_log(&dir.path().join("gone.log"), 1).unwrap());
+    }
     use serval_protos::control::BackendConfig;
 
     #[test]

@@ -150,3 +150,38 @@ def test_a_log_without_newlines_is_not_held_whole():
     assert [len(line) for line in out] == [MAX_LINE_BYTES, MAX_LINE_BYTES, MAX_LINE_BYTES // 2 + 1]
     assert "".join(out) == "x" * (10 * MAX_LINE_BYTES // 4) + "y"
     assert tail.partial == b"next"
+
+
+class Chatty:
+    def __call__(self, request):
+        n = int(request.query_params["n"])
+        sys.stderr.write(("chatter " * 16 + "\n") * n)
+        sys.stderr.flush()
+        return "said"
+
+
+def test_a_replica_log_past_its_bound_is_rotated(monkeypatch):
+    """SERVAL_REPLICA_LOG_MAX_BYTES (here 64 KiB): the node agent copies a
+    replica's log to replica.log.1 and truncates it, so a chatty replica
+    cannot fill the disk; the log keeps growing from zero after it."""
+    import glob
+    import os
+
+    from conftest import running_cluster, wait_for
+    from serval import serve
+
+    bound = 64 * 1024
+    with running_cluster(monkeypatch, env={"SERVAL_REPLICA_LOG_MAX_BYTES": str(bound)}) as c:
+        serve.create_backend("chatty", Chatty)
+        serve.create_endpoint("chatty", backend="chatty", route="/chatty")
+        # About 260 kB: four times the bound.
+        r = requests.get(f"{c.url}/chatty", params={"n": 2000}, timeout=60)
+        assert r.status_code == 200, r.text
+        (log,) = glob.glob(os.path.join(c.data_dir, "replicas", "*", "replica.log"))
+        rotated = log + ".1"
+        wait_for(lambda: os.path.exists(rotated) and os.path.getsize(log) < bound, timeout=60,
+                 what="the replica log to rotate")
+        assert os.path.getsize(rotated) > bound
+        # Later lines land in the truncated log.
+        requests.get(f"{c.url}/chatty", params={"n": 1}, timeout=60)
+        wait_for(lambda: b"chatter" in open(log, "rb").read(), timeout=60, what="a line after the rotation")
