@@ -385,3 +385,57 @@ async fn error_bodies_name_internals_only_with_debug() {
         server.await.unwrap();
     }
 }
+
+/// The proxy routes on the percent-decoded path, the one the app reads, and
+/// refuses a path whose decoding no app could read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_route_decoded_and_undecodable_ones_are_400() {
+    let dir = tempfile::tempdir().unwrap();
+    let echo = ThreadedReplica::start(dir.path(), "echo", Arc::new(EchoHandler));
+    let proxy = Arc::new(Proxy::new(&ProxyConfig {
+        token: serval_node::test_util::TEST_TOKEN.into(),
+        ..Default::default()
+    }));
+    proxy.apply_snapshot(&ClusterSnapshot {
+        version: 1,
+        backends: vec![backend("echo", 0)],
+        endpoints: vec![
+            endpoint("admin", "/admin", &[], "echo"),
+            endpoint("files", "/files/{rest:path}", &[], "echo"),
+            endpoint("one", "/one/{name}", &[], "echo"),
+        ],
+        replicas: vec![echo.record("echo")],
+        ..Default::default()
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serval_proxy::serve(listener, proxy.clone(), async move {
+        let _ = stop_rx.await;
+    }));
+    let http = Http::new(addr, false);
+
+    // The replica gets the decoded path it was routed on.
+    let r = http.get("/%61dmin").await;
+    assert_eq!((r.status, r.json()["path"].as_str()), (200, Some("/admin")));
+    // %2F is a '/', as in Starlette: a path segment, never inside {name}.
+    let r = http.get("/files/a%2Fb").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["path"], "/files/a/b");
+    assert_eq!(r.json()["path_params"], serde_json::json!(["rest=Str(\"a/b\")"]));
+    assert_json_error(&http.get("/one/a%2Fb").await, 404, "no route");
+
+    // Not UTF-8 once decoded, or a NUL: 400, whichever route it looks like.
+    for path in ["/%FFadmin", "/admin%C3", "/one/%E2%82"] {
+        assert_json_error(&http.get(path).await, 400, "not valid UTF-8");
+    }
+    for path in ["/admin%00", "/one/a%00b"] {
+        assert_json_error(&http.get(path).await, 400, "NUL");
+    }
+    // The proxy still serves after them.
+    assert_eq!(http.get("/admin").await.status, 200);
+
+    drop(http);
+    stop.send(()).unwrap();
+    server.await.unwrap();
+}

@@ -13,9 +13,11 @@ fn table(routes: &[(&str, &str, &[&str])]) -> RouteTable {
     t
 }
 
+/// Looks up a raw path as the proxy does: decoded first.
 fn hit(t: &RouteTable, path: &str, method: &str) -> (String, Vec<(String, PathValue)>) {
+    let decoded = decode_path(path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let m = t
-        .lookup(path, method)
+        .lookup(&decoded, method)
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
     (m.endpoint, m.path_params)
 }
@@ -190,6 +192,36 @@ fn several_params_prefixes_and_percent_decoding() {
     assert_eq!(
         t.lookup("/u/ann/img-7.png/", "GET"),
         Err(LookupError::NotFound)
+    );
+}
+
+#[test]
+fn paths_are_decoded_as_starlette_reads_them_and_refused_when_unreadable() {
+    assert_eq!(decode_path("/plain").unwrap(), "/plain");
+    assert_eq!(decode_path("/%61dmin").unwrap(), "/admin");
+    // %2F is a '/' like any escape (Starlette routes the decoded path).
+    assert_eq!(decode_path("/a%2Fb%2f").unwrap(), "/a/b/");
+    assert_eq!(decode_path("/caf%C3%A9").unwrap(), "/café");
+    // Invalid escapes stay as written, as Python's unquote keeps them.
+    assert_eq!(decode_path("/%zz/%4/%").unwrap(), "/%zz/%4/%");
+    assert_eq!(decode_path("/a%00b"), Err(PathError::Nul));
+    assert_eq!(decode_path("/%FF"), Err(PathError::NotUtf8));
+    assert_eq!(decode_path("/%C3"), Err(PathError::NotUtf8));
+
+    let t = table(&[
+        ("ab", "/a/b", &[]),
+        ("one", "/one/{name}", &[]),
+        ("rest", "/f/{tail:path}", &[]),
+    ]);
+    assert_eq!(hit(&t, "/a%2Fb", "GET").0, "ab");
+    // A '/' from %2F is a separator: no {name} segment holds it.
+    assert_eq!(
+        t.lookup(&decode_path("/one/x%2Fy").unwrap(), "GET"),
+        Err(LookupError::NotFound)
+    );
+    assert_eq!(
+        hit(&t, "/f/x%2Fy", "GET").1,
+        vec![p("tail", Str("x/y".into()))]
     );
 }
 
