@@ -70,7 +70,7 @@ pub const REFUSED_TOTAL: &str = "serval_proxy_refused_total";
 /// At most one refusal warning in the log per this many seconds.
 const REFUSAL_LOG_EVERY_S: u64 = 10;
 /// Endpoint label of requests that matched no endpoint.
-const NO_ENDPOINT_LABEL: &str = "-";
+pub(crate) const NO_ENDPOINT_LABEL: &str = "-";
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop
 /// does not spin while the condition lasts.
 const ACCEPT_ERROR_PAUSE_MS: u64 = 50;
@@ -106,7 +106,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
 /// the proxy, until `shutdown` resolves.
 pub async fn serve_metrics(
     listener: TcpListener,
-    handle: metrics_exporter_prometheus::PrometheusHandle,
+    handle: crate::metrics::MetricsHandle,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {

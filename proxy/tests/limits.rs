@@ -7,11 +7,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use metrics_exporter_prometheus::PrometheusHandle;
 use serval_node::replica_server::EchoHandler;
 use serval_node::test_util::{HoldHandler, ThreadedReplica};
 use serval_protos::control::{Backend, BackendConfig, ClusterSnapshot, Endpoint};
 use serval_protos::frame::Response;
+use serval_proxy::metrics::MetricsHandle;
 use serval_proxy::{Limits, Proxy, ProxyConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -21,8 +21,8 @@ use tokio::net::TcpStream;
 const ACT_WITHIN: Duration = Duration::from_secs(15);
 
 /// One recorder per test binary (the global one can be installed once).
-fn recorder() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+fn recorder() -> MetricsHandle {
+    static HANDLE: OnceLock<MetricsHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
             serval_proxy::metrics::install(serval_proxy::metrics::prometheus_builder()).unwrap()
