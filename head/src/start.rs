@@ -450,7 +450,7 @@ fn start_proxy(
     listener: tokio::net::TcpListener,
     control_addr: String,
     token: String,
-    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    metrics: Option<serval_proxy::metrics::MetricsHandle>,
     args: &StartArgs,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
@@ -482,7 +482,7 @@ async fn proxy_if(
     args: &StartArgs,
     control_addr: &str,
     token: &str,
-    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    metrics: Option<serval_proxy::metrics::MetricsHandle>,
     stop_rx: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<(Option<tokio::task::JoinHandle<()>>, String)> {
     if !run {
@@ -505,7 +505,7 @@ async fn proxy_if(
 /// same text on every path. Runs inside the tokio runtime.
 fn install_metrics(
     args: &StartArgs,
-) -> anyhow::Result<Option<metrics_exporter_prometheus::PrometheusHandle>> {
+) -> anyhow::Result<Option<serval_proxy::metrics::MetricsHandle>> {
     let handle = serval_proxy::metrics::install(serval_proxy::metrics::prometheus_builder())
         .context("installing the metrics recorder")?;
     if let Some(port) = args.metrics_port {

@@ -23,39 +23,52 @@ pub fn describe() {
     );
 }
 
+/// The states of [`NODE_REPLICAS`], in the order a [`ReplicaStateGauge`]
+/// holds their gauges.
+const STATES: [&str; 3] = [STARTING, RUNNING, FAILED];
+
 /// One replica's place in [`NODE_REPLICAS`]: counted in exactly one state
 /// at a time, and in none once dropped (the supervisor stopped).
+///
+/// It holds its backend's gauge of every state for the replica's life: in
+/// the process's recorder (`serval_proxy::metrics::install`) this family's
+/// series end with their last handle, so a backend's series (0 in the
+/// states none of its replicas is in) stay while it has a replica on this
+/// node and leave `/-/metrics` with the last one.
 pub(crate) struct ReplicaStateGauge {
-    backend: String,
-    current: Option<(&'static str, metrics::Gauge)>,
+    gauges: [metrics::Gauge; 3],
+    current: Option<usize>,
 }
 
 impl ReplicaStateGauge {
     pub(crate) fn new(backend: &str) -> Self {
         Self {
-            backend: backend.to_owned(),
+            gauges: STATES.map(|state| {
+                metrics::gauge!(NODE_REPLICAS, "backend" => backend.to_owned(), "state" => state)
+            }),
             current: None,
         }
     }
 
     pub(crate) fn set(&mut self, state: &'static str) {
-        if self.current.as_ref().is_some_and(|(s, _)| *s == state) {
+        let Some(i) = STATES.iter().position(|s| *s == state) else {
+            debug_assert!(false, "unknown replica state {state}");
+            return;
+        };
+        if self.current == Some(i) {
             return;
         }
-        if let Some((_, old)) = self.current.take() {
-            old.decrement(1.0);
+        if let Some(old) = self.current.replace(i) {
+            self.gauges[old].decrement(1.0);
         }
-        let gauge =
-            metrics::gauge!(NODE_REPLICAS, "backend" => self.backend.clone(), "state" => state);
-        gauge.increment(1.0);
-        self.current = Some((state, gauge));
+        self.gauges[i].increment(1.0);
     }
 }
 
 impl Drop for ReplicaStateGauge {
     fn drop(&mut self) {
-        if let Some((_, gauge)) = self.current.take() {
-            gauge.decrement(1.0);
+        if let Some(i) = self.current.take() {
+            self.gauges[i].decrement(1.0);
         }
     }
 }

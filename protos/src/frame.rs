@@ -48,6 +48,7 @@ pub enum PathValue {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HttpRequest {
     pub method: String,
+    /// The percent-decoded path the proxy routed on (ASGI `path`).
     pub path: String,
     /// Raw query string without the `?`.
     pub query: String,
@@ -56,6 +57,10 @@ pub struct HttpRequest {
     pub path_params: Vec<(String, PathValue)>,
     /// The address of the client, "host:port", when known.
     pub client: String,
+    /// The path as the client sent it, escapes and all (ASGI `raw_path`).
+    /// Last: proxy and replica are built together, so adding a field only
+    /// has to keep the order of the others.
+    pub raw_path: Vec<u8>,
 }
 
 /// A call from a ServeHandle: Python arguments pickled by the caller.

@@ -3,11 +3,11 @@
 //! `/-/healthz` (200 once a snapshot is applied), `/-/metrics` and
 //! `/-/grpc-services` (gRPC service -> endpoint).
 
+use crate::metrics::MetricsHandle;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::StatusCode;
-use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::errors::{json_error, HttpResponse};
 use crate::proxy::Proxy;
@@ -66,7 +66,7 @@ pub(crate) fn respond(proxy: &Proxy, path: &str) -> Option<HttpResponse> {
 }
 
 /// The Prometheus text exposition of `handle`.
-pub(crate) fn metrics_text(handle: &PrometheusHandle) -> HttpResponse {
+pub(crate) fn metrics_text(handle: &MetricsHandle) -> HttpResponse {
     text(StatusCode::OK, "text/plain; version=0.0.4", handle.render())
 }
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use metrics_exporter_prometheus::PrometheusHandle;
+use crate::metrics::MetricsHandle;
 
 use crate::limits::Limits;
 use crate::router::RouterConfig;
@@ -39,7 +39,7 @@ pub struct ProxyConfig {
     /// How long shutdown waits for open connections to finish.
     pub shutdown_grace: Duration,
     /// Renders `/-/metrics`; `None` makes that path 404.
-    pub metrics: Option<PrometheusHandle>,
+    pub metrics: Option<MetricsHandle>,
     /// Bounds on what clients may hold: connections, time, buffered bytes.
     pub limits: Limits,
     /// Error bodies carry internal detail (replica ids, addresses): the

@@ -7,8 +7,10 @@
 //! 2. `middleware`: the configured Starlette middlewares wrap every step
 //!    below, outermost first; they may answer themselves (a CORS
 //!    preflight, a bad Host) and see every response, errors included.
-//! 3. route lookup: matchit (404 / 405 + `Allow`) before reading the body,
-//!    so a request for no route costs no body buffering.
+//! 3. route lookup on the percent-decoded path (400 when it is not UTF-8
+//!    or holds a NUL), the same path the app gets as ASGI `path`, the raw
+//!    one as `raw_path`: matchit (404 / 405 + `Allow`) before reading the
+//!    body, so a request for no route costs no body buffering.
 //! 4. `read_body`: Content-Length checked early, then a hard limit while
 //!    reading (413), because chunked bodies declare no length; the bytes
 //!    held count against the proxy's body budget (503) and the whole body
@@ -55,7 +57,7 @@ use crate::errors::{self, HttpResponse};
 use crate::grpc;
 use crate::limits::{ConnActivity, ConnIo, InFlight, Limits, Reservation};
 use crate::proxy::Proxy;
-use crate::route::{LookupError, RouteMatch};
+use crate::route::{self, LookupError, RouteMatch};
 
 /// Header that selects the method to call instead of `__call__`.
 pub const CALL_METHOD_HEADER: &str = "x-serve-call-method";
@@ -68,7 +70,7 @@ pub const REFUSED_TOTAL: &str = "serval_proxy_refused_total";
 /// At most one refusal warning in the log per this many seconds.
 const REFUSAL_LOG_EVERY_S: u64 = 10;
 /// Endpoint label of requests that matched no endpoint.
-const NO_ENDPOINT_LABEL: &str = "-";
+pub(crate) const NO_ENDPOINT_LABEL: &str = "-";
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop
 /// does not spin while the condition lasts.
 const ACCEPT_ERROR_PAUSE_MS: u64 = 50;
@@ -104,7 +106,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
 /// the proxy, until `shutdown` resolves.
 pub async fn serve_metrics(
     listener: TcpListener,
-    handle: metrics_exporter_prometheus::PrometheusHandle,
+    handle: crate::metrics::MetricsHandle,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -377,10 +379,16 @@ async fn route_and_forward(
     client: &str,
     started: Instant,
 ) -> HttpResponse {
-    let matched = match proxy
-        .routes()
-        .lookup(req.uri().path(), req.method().as_str())
-    {
+    // Routed on the same decoded path the app reads, never on another.
+    let path = match route::decode_path(req.uri().path()) {
+        Ok(path) => path.into_owned(),
+        Err(e) => {
+            let response = errors::json_error(StatusCode::BAD_REQUEST, &e.to_string());
+            record(proxy, NO_ENDPOINT_LABEL, response.status(), started);
+            return response;
+        }
+    };
+    let matched = match proxy.routes().lookup(&path, req.method().as_str()) {
         Ok(m) => m,
         Err(e) => {
             let response = lookup_error(&req, e);
@@ -389,7 +397,9 @@ async fn route_and_forward(
         }
     };
     let response = match read_body(proxy, req).await {
-        Ok((parts, body, _reservation)) => forward(proxy, &matched, parts, body, client).await,
+        Ok((parts, body, _reservation)) => {
+            forward(proxy, &matched, parts, path, body, client).await
+        }
         Err(response) => response,
     };
     record(proxy, &matched.endpoint, response.status(), started);
@@ -519,6 +529,7 @@ async fn forward(
     proxy: &Proxy,
     matched: &RouteMatch,
     parts: hyper::http::request::Parts,
+    path: String,
     body: Bytes,
     client: &str,
 ) -> HttpResponse {
@@ -543,7 +554,8 @@ async fn forward(
         method_name,
         payload: Payload::Http(HttpRequest {
             method: parts.method.as_str().to_owned(),
-            path: parts.uri.path().to_owned(),
+            path,
+            raw_path: parts.uri.path().as_bytes().to_vec(),
             query: parts.uri.query().unwrap_or("").to_owned(),
             headers,
             body: body.into(),

@@ -9,16 +9,28 @@
 //! Hot path: the router registers its handles once per backend, replica and
 //! (endpoint, backend, outcome) and keeps them, so a request costs a few
 //! atomic updates and no label building. Labels never hold a request path.
+//!
+//! Those handles are also what keeps their series: the families labelled by
+//! a backend, replica or endpoint live in [`series`] and leave `/-/metrics`
+//! when the last handle goes (see there why not the exporter's idle
+//! timeout), so a rolling cluster does not accumulate series.
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
-use metrics::{Counter, Gauge, Histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 use serval_protos::frame::Response;
 
 use crate::router::RouterError;
+
+mod series;
+
+pub use series::ENTITY_FAMILIES;
+use series::{is_entity_family, EntitySeries};
 
 pub const ROUTER_REQUESTS_TOTAL: &str = "serval_router_requests_total";
 pub const ROUTER_REQUEST_DURATION_SECONDS: &str = "serval_router_request_duration_seconds";
@@ -64,14 +76,108 @@ pub enum InstallError {
     Recorder(String),
 }
 
-/// Installs `builder`'s recorder as this process's global recorder with its
-/// upkeep (a thread draining histograms every [`UPKEEP_INTERVAL`] for the
-/// rest of the process, needing no runtime), so memory stays flat whether
-/// or not anyone scrapes. Every Serval process that records metrics
-/// installs through here. `Err` when a recorder is already installed.
-pub fn install(builder: PrometheusBuilder) -> Result<PrometheusHandle, InstallError> {
-    let recorder = builder.build_recorder();
-    let handle = recorder.handle();
+/// The recorder every Serval process installs: the entity families
+/// ([`ENTITY_FAMILIES`]) in series that end with their last handle, every
+/// other family in the exporter built from the given builder.
+pub struct Recorder {
+    exporter: PrometheusRecorder,
+    entities: Arc<EntitySeries>,
+}
+
+impl Recorder {
+    /// A recorder and the handle that renders what it records.
+    pub fn new(builder: PrometheusBuilder) -> (Self, MetricsHandle) {
+        let exporter = builder.build_recorder();
+        let entities = Arc::new(EntitySeries::default());
+        let handle = MetricsHandle {
+            exporter: exporter.handle(),
+            entities: entities.clone(),
+        };
+        (Self { exporter, entities }, handle)
+    }
+}
+
+impl metrics::Recorder for Recorder {
+    fn describe_counter(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        if is_entity_family(key.as_str()) {
+            self.entities.describe(key.as_str(), unit, description);
+        } else {
+            self.exporter.describe_counter(key, unit, description);
+        }
+    }
+
+    fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        if is_entity_family(key.as_str()) {
+            self.entities.describe(key.as_str(), unit, description);
+        } else {
+            self.exporter.describe_gauge(key, unit, description);
+        }
+    }
+
+    fn describe_histogram(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        if is_entity_family(key.as_str()) {
+            self.entities.describe(key.as_str(), unit, description);
+        } else {
+            self.exporter.describe_histogram(key, unit, description);
+        }
+    }
+
+    fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> Counter {
+        if is_entity_family(key.name()) {
+            self.entities.counter(key)
+        } else {
+            self.exporter.register_counter(key, metadata)
+        }
+    }
+
+    fn register_gauge(&self, key: &Key, metadata: &Metadata<'_>) -> Gauge {
+        if is_entity_family(key.name()) {
+            self.entities.gauge(key)
+        } else {
+            self.exporter.register_gauge(key, metadata)
+        }
+    }
+
+    fn register_histogram(&self, key: &Key, metadata: &Metadata<'_>) -> Histogram {
+        if is_entity_family(key.name()) {
+            self.entities.histogram(key)
+        } else {
+            self.exporter.register_histogram(key, metadata)
+        }
+    }
+}
+
+/// Renders the metrics of a [`Recorder`] (`/-/metrics`, `--metrics-port`).
+#[derive(Clone)]
+pub struct MetricsHandle {
+    exporter: PrometheusHandle,
+    entities: Arc<EntitySeries>,
+}
+
+impl MetricsHandle {
+    /// The Prometheus text of every live series.
+    pub fn render(&self) -> String {
+        let mut text = self.exporter.render();
+        self.entities.render_into(&mut text);
+        text
+    }
+
+    /// Drains the exporter's histogram samples into their buckets and
+    /// forgets the entity series whose handles are all gone.
+    pub fn run_upkeep(&self) {
+        self.exporter.run_upkeep();
+        self.entities.prune();
+    }
+}
+
+/// Installs a [`Recorder`] over `builder` as this process's global
+/// recorder with its upkeep (a thread running
+/// [`MetricsHandle::run_upkeep`] every [`UPKEEP_INTERVAL`] for the rest of
+/// the process, needing no runtime), so memory stays flat whether or not
+/// anyone scrapes. Every Serval process that records metrics installs
+/// through here. `Err` when a recorder is already installed.
+pub fn install(builder: PrometheusBuilder) -> Result<MetricsHandle, InstallError> {
+    let (recorder, handle) = Recorder::new(builder);
     let upkeep = handle.clone();
     // Started before the recorder is installed: no recorder ever runs
     // without its upkeep.
@@ -237,6 +343,11 @@ impl BackendMetrics {
             .increment(1);
     }
 
+    /// Drops the counters of endpoints that are gone, and their series.
+    pub(crate) fn retain_endpoints(&self, live: impl Fn(&str) -> bool) {
+        retain(&self.requests, live);
+    }
+
     fn counters(&self, endpoint: &str) -> Arc<RequestCounters> {
         by_endpoint(&self.requests, endpoint, Default::default)
     }
@@ -268,6 +379,13 @@ fn by_endpoint<V>(
         .clone()
 }
 
+/// Keeps the entries of `map` whose endpoint is `live`.
+fn retain<V>(map: &RwLock<HashMap<String, Arc<V>>>, live: impl Fn(&str) -> bool) {
+    map.write()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|endpoint, _| live(endpoint));
+}
+
 /// One endpoint's HTTP request counters by status class (the 1xx to 5xx
 /// outcomes, each registered on first use) and its duration histogram.
 struct EndpointHttpMetrics {
@@ -283,6 +401,11 @@ pub(crate) struct HttpMetrics {
 }
 
 impl HttpMetrics {
+    /// Drops the handles of endpoints that are gone, and their series.
+    pub(crate) fn retain_endpoints(&self, live: impl Fn(&str) -> bool) {
+        retain(&self.endpoints, live);
+    }
+
     /// Records one answered HTTP request of `endpoint`.
     pub(crate) fn record(&self, endpoint: &str, status: u16, elapsed: Duration) {
         let m = by_endpoint(&self.endpoints, endpoint, || EndpointHttpMetrics {

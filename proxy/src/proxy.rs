@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use metrics_exporter_prometheus::PrometheusHandle;
+use crate::metrics::MetricsHandle;
 use serval_protos::control::ClusterSnapshot;
 use tokio::task::JoinHandle;
 
@@ -32,7 +32,7 @@ pub struct Proxy {
     ready: AtomicBool,
     pub(crate) max_body_bytes: usize,
     pub(crate) shutdown_grace: Duration,
-    pub(crate) metrics: Option<PrometheusHandle>,
+    pub(crate) metrics: Option<MetricsHandle>,
     pub(crate) http_metrics: HttpMetrics,
     pub(crate) limits: Limits,
     /// Shared by every request of this proxy (`limits.max_buffered_body_bytes`).
@@ -138,6 +138,9 @@ impl Proxy {
     /// endpoint the router does not know yet.
     pub fn apply_snapshot(&self, snapshot: &ClusterSnapshot) {
         self.router.update(snapshot);
+        self.http_metrics.retain_endpoints(|e| {
+            e == crate::http::NO_ENDPOINT_LABEL || snapshot.endpoints.iter().any(|s| s.name == e)
+        });
         let mut table = RouteTable::new();
         for e in snapshot.endpoints.iter().filter(|e| !e.route.is_empty()) {
             if let Err(error) = table.insert(&e.name, &e.route, &e.methods) {

@@ -369,15 +369,14 @@ impl RouteTable {
             .map(|e| (e.route.route.as_str(), e.endpoint.as_str()))
     }
 
-    /// Finds the endpoint for a request. `path` is the raw URI path; it is
-    /// percent-decoded first, as Starlette matches the decoded path.
-    pub fn lookup(&self, path: &str, method: &str) -> Result<RouteMatch, LookupError> {
-        let decoded = percent_decode(path);
+    /// Finds the endpoint for a request. `decoded` is the request path
+    /// after [`decode_path`]: Starlette matches the decoded path.
+    pub fn lookup(&self, decoded: &str, method: &str) -> Result<RouteMatch, LookupError> {
         let mut allow: Vec<String> = Vec::new();
         let mut tried: &[usize] = &[];
 
         // Fast path: the one matchit shape for this path.
-        if let Ok(hit) = self.matcher.at(&decoded) {
+        if let Ok(hit) = self.matcher.at(decoded) {
             tried = &self.shapes[*hit.value];
             for &i in tried {
                 let entry = &self.entries[i];
@@ -399,7 +398,7 @@ impl RouteTable {
             if tried.contains(&i) {
                 continue;
             }
-            if let Some(params) = entry.route.match_path(&decoded) {
+            if let Some(params) = entry.route.match_path(decoded) {
                 if entry.allows(method) {
                     return Ok(RouteMatch {
                         endpoint: entry.endpoint.clone(),
@@ -425,13 +424,31 @@ fn add_allowed(allow: &mut Vec<String>, entry: &Entry) {
     }
 }
 
-/// Decodes `%XX` escapes; invalid escapes stay as written and invalid UTF-8
-/// is replaced, so a hostile path can only fail to match.
-pub(crate) fn percent_decode(path: &str) -> std::borrow::Cow<'_, str> {
-    if !path.contains('%') {
-        return std::borrow::Cow::Borrowed(path);
+/// Why a request path cannot be routed (the proxy answers 400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("the request path is not valid UTF-8 once percent-decoded")]
+    NotUtf8,
+    #[error("the request path contains a NUL character (%00)")]
+    Nul,
+}
+
+/// The path as Starlette's router and the app see it (ASGI `path`): `%XX`
+/// escapes decoded, invalid escapes kept as written (as Python's
+/// `urllib.parse.unquote`, which uvicorn uses). Where uvicorn would replace
+/// bytes that are not UTF-8, this refuses the path, and a NUL too: no
+/// backend can mean them, and a path the app reads differently from the
+/// one that was routed is how a route check gets bypassed.
+///
+/// `%2F` decodes to '/' like every other escape, as in Starlette: routes
+/// match the decoded path, so `/a%2Fb` reaches the route `/a/b`, a `{name}`
+/// segment never holds a '/', and `{rest:path}` gets `a/b`.
+pub fn decode_path(raw: &str) -> Result<std::borrow::Cow<'_, str>, PathError> {
+    if !raw.contains('%') {
+        // hyper's URI parser admits no NUL, so only escapes can make one.
+        return Ok(std::borrow::Cow::Borrowed(raw));
     }
-    let bytes = path.as_bytes();
+    let bytes = raw.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -446,5 +463,10 @@ pub(crate) fn percent_decode(path: &str) -> std::borrow::Cow<'_, str> {
         out.push(bytes[i]);
         i += 1;
     }
-    std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+    if out.contains(&0) {
+        return Err(PathError::Nul);
+    }
+    String::from_utf8(out)
+        .map(std::borrow::Cow::Owned)
+        .map_err(|_| PathError::NotUtf8)
 }

@@ -348,6 +348,8 @@ impl Router {
         }
 
         for (name, b) in &backends {
+            // A removed endpoint's series go with its counters.
+            b.metrics.retain_endpoints(|e| endpoints.contains_key(e));
             let mut list = running.remove(name).unwrap_or_default();
             list.sort_by(|a, b| a.id.cmp(&b.id));
             *write(&b.replicas) = Arc::new(list);

@@ -14,9 +14,20 @@ use serval_node::replica_server::EchoHandler;
 use serval_node::test_util::{HoldHandler, ThreadedReplica};
 use serval_protos::control::{Backend, BackendConfig, ClusterSnapshot, Endpoint};
 use serval_protos::frame::Response;
+use serval_proxy::metrics::MetricsHandle;
 use serval_proxy::{Proxy, ProxyConfig};
 
 type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+/// One recorder per test binary (the global one can be installed once).
+fn recorder() -> MetricsHandle {
+    static HANDLE: std::sync::OnceLock<MetricsHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            serval_proxy::metrics::install(serval_proxy::metrics::prometheus_builder()).unwrap()
+        })
+        .clone()
+}
 
 /// A replica frame server on its own runtime thread; dropping it stops it.
 /// Answers every held request with 201 "done" and an `x-held` header.
@@ -140,9 +151,7 @@ fn assert_json_error(r: &Reply_, status: u16, contains: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_proxy_end_to_end() {
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .unwrap();
+    let recorder = recorder();
     let dir = tempfile::tempdir().unwrap();
     let echo = ThreadedReplica::start(dir.path(), "echo", Arc::new(EchoHandler));
     let hold = Arc::new(HoldHandler::default());
@@ -384,4 +393,191 @@ async fn error_bodies_name_internals_only_with_debug() {
         stop.send(()).unwrap();
         server.await.unwrap();
     }
+}
+
+/// The proxy routes on the percent-decoded path, the one the app reads, and
+/// refuses a path whose decoding no app could read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_route_decoded_and_undecodable_ones_are_400() {
+    let dir = tempfile::tempdir().unwrap();
+    let echo = ThreadedReplica::start(dir.path(), "echo", Arc::new(EchoHandler));
+    let proxy = Arc::new(Proxy::new(&ProxyConfig {
+        token: serval_node::test_util::TEST_TOKEN.into(),
+        ..Default::default()
+    }));
+    proxy.apply_snapshot(&ClusterSnapshot {
+        version: 1,
+        backends: vec![backend("echo", 0)],
+        endpoints: vec![
+            endpoint("admin", "/admin", &[], "echo"),
+            endpoint("files", "/files/{rest:path}", &[], "echo"),
+            endpoint("one", "/one/{name}", &[], "echo"),
+        ],
+        replicas: vec![echo.record("echo")],
+        ..Default::default()
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serval_proxy::serve(listener, proxy.clone(), async move {
+        let _ = stop_rx.await;
+    }));
+    let http = Http::new(addr, false);
+
+    // The replica gets the decoded path it was routed on.
+    let r = http.get("/%61dmin").await;
+    assert_eq!((r.status, r.json()["path"].as_str()), (200, Some("/admin")));
+    // %2F is a '/', as in Starlette: a path segment, never inside {name}.
+    let r = http.get("/files/a%2Fb").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["path"], "/files/a/b");
+    assert_eq!(
+        r.json()["path_params"],
+        serde_json::json!(["rest=Str(\"a/b\")"])
+    );
+    assert_json_error(&http.get("/one/a%2Fb").await, 404, "no route");
+
+    // Not UTF-8 once decoded, or a NUL: 400, whichever route it looks like.
+    for path in ["/%FFadmin", "/admin%C3", "/one/%E2%82"] {
+        assert_json_error(&http.get(path).await, 400, "not valid UTF-8");
+    }
+    for path in ["/admin%00", "/one/a%00b"] {
+        assert_json_error(&http.get(path).await, 400, "NUL");
+    }
+    // The proxy still serves after them.
+    assert_eq!(http.get("/admin").await.status, 200);
+
+    drop(http);
+    stop.send(()).unwrap();
+    server.await.unwrap();
+}
+
+/// The value of the series `line` (name and labels) in a scrape.
+fn series_value(text: &str, line: &str) -> Option<f64> {
+    let prefix = format!("{line} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A backend, endpoint and replica removed from the snapshot leave the
+/// proxy's `/-/metrics` (a rolling cluster must not accumulate series),
+/// while those of a live backend that sits idle stay and keep counting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn series_of_removed_backends_replicas_and_endpoints_leave_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let gone = ThreadedReplica::start(dir.path(), "rm-gone-1", Arc::new(EchoHandler));
+    let stays = ThreadedReplica::start(dir.path(), "rm-stays-1", Arc::new(EchoHandler));
+    let proxy = Arc::new(Proxy::new(&ProxyConfig {
+        token: serval_node::test_util::TEST_TOKEN.into(),
+        metrics: Some(recorder()),
+        ..Default::default()
+    }));
+    let snapshot = |version, with_gone: bool| {
+        let mut s = ClusterSnapshot {
+            version,
+            backends: vec![backend("rm-stays", 0)],
+            endpoints: vec![endpoint("rm-stays", "/stays", &[], "rm-stays")],
+            replicas: vec![stays.record("rm-stays")],
+            ..Default::default()
+        };
+        if with_gone {
+            s.backends.push(backend("rm-gone", 0));
+            s.endpoints
+                .push(endpoint("rm-gone", "/gone", &[], "rm-gone"));
+            s.replicas.push(gone.record("rm-gone"));
+        }
+        s
+    };
+    proxy.apply_snapshot(&snapshot(1, true));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serval_proxy::serve(listener, proxy.clone(), async move {
+        let _ = stop_rx.await;
+    }));
+    let http = Http::new(addr, false);
+    for path in ["/gone", "/gone", "/stays"] {
+        assert_eq!(http.get(path).await.status, 200);
+    }
+    let stays_lines = [
+        (
+            r#"serval_proxy_requests_total{endpoint="rm-stays",status="2xx"}"#,
+            1.0,
+        ),
+        (
+            r#"serval_router_requests_total{endpoint="rm-stays",backend="rm-stays",outcome="2xx"}"#,
+            1.0,
+        ),
+        (
+            r#"serval_router_request_duration_seconds_count{backend="rm-stays"}"#,
+            1.0,
+        ),
+        (
+            r#"serval_replica_in_flight{backend="rm-stays",replica="rm-stays-1"}"#,
+            0.0,
+        ),
+        (r#"serval_router_queue_length{backend="rm-stays"}"#, 0.0),
+    ];
+    let text = http.get("/-/metrics").await.body;
+    for (line, value) in stays_lines {
+        assert_eq!(series_value(&text, line), Some(value), "{line} in {text}");
+    }
+    for line in [
+        r#"serval_proxy_requests_total{endpoint="rm-gone",status="2xx"}"#,
+        r#"serval_router_requests_total{endpoint="rm-gone",backend="rm-gone",outcome="2xx"}"#,
+        r#"serval_router_request_duration_seconds_count{backend="rm-gone"}"#,
+    ] {
+        assert_eq!(series_value(&text, line), Some(2.0), "{line} in {text}");
+    }
+    assert!(text.contains(r#"replica="rm-gone-1""#), "{text}");
+    assert!(
+        text.contains(r#"serval_batch_size_count{backend="rm-gone"} 0"#),
+        "{text}"
+    );
+
+    proxy.apply_snapshot(&snapshot(2, false));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = http.get("/-/metrics").await.body;
+        if !text.contains("rm-gone") {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "series of the removed backend stayed: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // The live, idle backend's series stay as they were...
+    for (line, value) in stays_lines {
+        assert_eq!(series_value(&text, line), Some(value), "{line} in {text}");
+    }
+    // ...and keep counting into what the scrape shows.
+    assert_eq!(http.get("/stays").await.status, 200);
+    let text = http.get("/-/metrics").await.body;
+    for (line, value) in [
+        (
+            r#"serval_proxy_requests_total{endpoint="rm-stays",status="2xx"}"#,
+            2.0,
+        ),
+        (
+            r#"serval_router_requests_total{endpoint="rm-stays",backend="rm-stays",outcome="2xx"}"#,
+            2.0,
+        ),
+        (
+            r#"serval_router_request_duration_seconds_count{backend="rm-stays"}"#,
+            2.0,
+        ),
+    ] {
+        assert_eq!(series_value(&text, line), Some(value), "{line} in {text}");
+    }
+    assert_eq!(
+        text.matches("# TYPE serval_router_queue_length ").count(),
+        1
+    );
+
+    drop(http);
+    stop.send(()).unwrap();
+    server.await.unwrap();
 }

@@ -7,11 +7,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use metrics_exporter_prometheus::PrometheusHandle;
 use serval_node::replica_server::EchoHandler;
 use serval_node::test_util::{HoldHandler, ThreadedReplica};
 use serval_protos::control::{Backend, BackendConfig, ClusterSnapshot, Endpoint};
 use serval_protos::frame::Response;
+use serval_proxy::metrics::MetricsHandle;
 use serval_proxy::{Limits, Proxy, ProxyConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -21,8 +21,8 @@ use tokio::net::TcpStream;
 const ACT_WITHIN: Duration = Duration::from_secs(15);
 
 /// One recorder per test binary (the global one can be installed once).
-fn recorder() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+fn recorder() -> MetricsHandle {
+    static HANDLE: OnceLock<MetricsHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
             serval_proxy::metrics::install(serval_proxy::metrics::prometheus_builder()).unwrap()
@@ -444,4 +444,167 @@ async fn over_the_body_budget_a_request_gets_503_and_later_ones_pass() {
             .status,
         200
     );
+}
+
+/// Bytes a hostile client might send: random bytes, or a request line,
+/// headers and body each possibly malformed (odd methods and targets,
+/// escapes, bytes beyond ASCII, bad or lying lengths, broken chunking).
+fn hostile_request() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    use proptest::prelude::*;
+    let bytes = |n| proptest::collection::vec(any::<u8>(), 0..n);
+    let token = prop_oneof![
+        3 => Just("GET".to_string()),
+        2 => Just("POST".to_string()),
+        1 => "[A-Z]{0,8}",
+        1 => "[ -~]{0,8}",
+    ];
+    let target = prop_oneof![
+        1 => Just("/echo".to_string()),
+        2 => "/echo[?#/%a-zA-Z0-9.]{0,16}",
+        6 => "/(%[0-9A-Fa-f]{0,2}|%[0-7][0-9A-F]|[a-z./]){0,12}",
+        1 => "(/|%|[0-9A-Fa-f]|\\.|[a-z]){0,24}",
+        1 => "[ -~]{0,24}",
+        1 => "http://[a-z]{1,5}(:[0-9]{1,6})?/echo",
+        1 => Just("*".to_string()),
+    ];
+    // Now and then a byte beyond ASCII, which no URI may hold.
+    let target = (target, proptest::option::weighted(0.2, 0x80u8..)).prop_map(|(t, high)| {
+        let mut t = t.into_bytes();
+        t.extend(high);
+        t
+    });
+    let version = prop_oneof![
+        4 => Just(b"HTTP/1.1".to_vec()),
+        1 => Just(b"HTTP/1.0".to_vec()),
+        1 => Just(b"HTTP/2.0".to_vec()),
+        1 => bytes(10),
+    ];
+    let header = prop_oneof![
+        8 => ("[a-z-]{1,12}", "[ -~]{0,20}").prop_map(|(k, v)| format!("{k}: {v}").into_bytes()),
+        1 => "content-length: ([0-9]{1,20}|-1|1, 2| 5 |0x10)".prop_map(String::into_bytes),
+        1 => Just(b"transfer-encoding: chunked".to_vec()),
+        1 => Just(b"transfer-encoding: gzip, chunked".to_vec()),
+        1 => Just(b"expect: 100-continue".to_vec()),
+        1 => Just(b"connection: upgrade\r\nupgrade: h2c".to_vec()),
+        1 => "x-serve-call-method: [ -~]{0,12}".prop_map(String::into_bytes),
+        1 => bytes(24),
+    ];
+    let body = prop_oneof![
+        bytes(64),
+        "([0-9a-fA-F]{1,4}(;x=y)?\r\n[a-z]{0,8}\r\n){0,3}(0\r\n\r\n)?".prop_map(String::into_bytes),
+    ];
+    let structured = (
+        token,
+        target,
+        version,
+        proptest::collection::vec(header, 0..4),
+        any::<bool>(),
+        body,
+    )
+        .prop_map(|(method, target, version, headers, host, body)| {
+            let mut raw = method.into_bytes();
+            raw.push(b' ');
+            raw.extend(target);
+            raw.push(b' ');
+            raw.extend(version);
+            raw.extend(b"\r\n");
+            if host {
+                raw.extend(b"host: t\r\n");
+            }
+            for h in headers {
+                raw.extend(h);
+                raw.extend(b"\r\n");
+            }
+            raw.extend(b"\r\n");
+            raw.extend(body);
+            raw
+        });
+    prop_oneof![1 => bytes(512), 4 => structured]
+}
+
+/// Random requests written to a real proxy socket: the proxy answers or
+/// closes every one (the client closes its side after writing, so nothing
+/// may stay waiting), never panics, and still serves a valid request.
+#[test]
+fn hostile_requests_never_panic_or_hang_the_proxy() {
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+    static PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        previous(info);
+    }));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let served = rt.block_on(serve(
+        1024,
+        Limits {
+            header_read_timeout: Duration::from_secs(2),
+            body_read_timeout: Duration::from_secs(2),
+            ..Default::default()
+        },
+    ));
+    let addr = served.addr;
+    let mut runner = TestRunner::new(Config {
+        cases: 256,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let result = runner.run(&hostile_request(), |raw| {
+        rt.block_on(async {
+            let mut conn = TcpStream::connect(addr).await.unwrap();
+            // The proxy may close before reading it all: not a failure.
+            let _ = conn.write_all(&raw).await;
+            let _ = conn.shutdown().await;
+            let mut answer = Vec::new();
+            let read = tokio::time::timeout(ACT_WITHIN, async {
+                let mut chunk = [0u8; 4096];
+                loop {
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => answer.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            })
+            .await;
+            if read.is_err() {
+                return Err(TestCaseError::fail(format!(
+                    "no answer nor close within {ACT_WITHIN:?} for {:?}",
+                    String::from_utf8_lossy(&raw)
+                )));
+            }
+            if !answer.is_empty() {
+                let head = String::from_utf8_lossy(&answer);
+                let status: Option<u16> = head
+                    .strip_prefix("HTTP/1.")
+                    .and_then(|h| h.get(2..5))
+                    .and_then(|s| s.parse().ok());
+                if !status.is_some_and(|s| (100..600).contains(&s)) {
+                    return Err(TestCaseError::fail(format!(
+                        "not an HTTP answer: {head:?} for {:?}",
+                        String::from_utf8_lossy(&raw)
+                    )));
+                }
+            }
+            match request(addr, GET_ECHO).await {
+                Some(r) if r.status == 200 => Ok(()),
+                other => Err(TestCaseError::fail(format!(
+                    "a valid request after {:?} got {other:?}",
+                    String::from_utf8_lossy(&raw)
+                ))),
+            }
+        })
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    assert_eq!(
+        PANICS.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "something panicked while serving hostile requests"
+    );
+    drop(served);
 }

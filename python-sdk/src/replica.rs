@@ -848,10 +848,8 @@ fn http_args(
     scope.set_item(intern!(py, "method"), method_str(py, &http.method))?;
     scope.set_item(intern!(py, "scheme"), intern!(py, "http"))?;
     scope.set_item(intern!(py, "path"), PyString::new(py, &http.path))?;
-    scope.set_item(
-        intern!(py, "raw_path"),
-        PyBytes::new(py, http.path.as_bytes()),
-    )?;
+    // The decoded path the proxy routed on, and the bytes the client sent.
+    scope.set_item(intern!(py, "raw_path"), PyBytes::new(py, &http.raw_path))?;
     scope.set_item(intern!(py, "root_path"), intern!(py, ""))?;
     scope.set_item(
         intern!(py, "query_string"),

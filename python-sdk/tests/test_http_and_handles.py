@@ -172,6 +172,37 @@ def test_create_endpoint_returns_once_the_proxy_serves_the_route(cluster):
         assert r.text == f"/fresh/{i}/y"
 
 
+def paths_seen(request):
+    return {"url_path": request.url.path, "path": request.scope["path"],
+            "raw_path": request.scope["raw_path"].decode("latin-1"), "params": request.path_params}
+
+
+def test_the_app_reads_the_decoded_path_it_was_routed_on_and_the_raw_one(cluster):
+    serve.create_backend("paths", paths_seen)
+    serve.create_endpoint("admin", backend="paths", route="/admin")
+    serve.create_endpoint("files", backend="paths", route="/files/{rest:path}")
+    serve.create_endpoint("one", backend="paths", route="/one/{name}")
+
+    def get(path):
+        line, status, _, body = raw_http(
+            cluster.http_port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        return status, json.loads(body)
+
+    # As under uvicorn + Starlette: `path` decoded (what routing matched),
+    # `raw_path` the bytes the client sent.
+    assert get("/%61dmin") == (200, {"url_path": "/admin", "path": "/admin", "raw_path": "/%61dmin", "params": {}})
+    status, seen = get("/files/a%2Fb%20c")
+    assert status == 200, seen
+    assert (seen["path"], seen["raw_path"], seen["params"]) == (
+        "/files/a/b c", "/files/a%2Fb%20c", {"rest": "a/b c"})
+    # %2F is a '/': it never lands inside a {name} segment.
+    assert get("/one/a%2Fb")[0] == 404
+    # A path no app could read is refused before any backend sees it.
+    for path in ("/admin%00", "/%FFadmin"):
+        status, body = get(path)
+        assert status == 400 and "error" in body, (path, status, body)
+
+
 # -- 2. Responses -----------------------------------------------------------
 
 

@@ -13,9 +13,11 @@ fn table(routes: &[(&str, &str, &[&str])]) -> RouteTable {
     t
 }
 
+/// Looks up a raw path as the proxy does: decoded first.
 fn hit(t: &RouteTable, path: &str, method: &str) -> (String, Vec<(String, PathValue)>) {
+    let decoded = decode_path(path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let m = t
-        .lookup(path, method)
+        .lookup(&decoded, method)
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
     (m.endpoint, m.path_params)
 }
@@ -194,6 +196,36 @@ fn several_params_prefixes_and_percent_decoding() {
 }
 
 #[test]
+fn paths_are_decoded_as_starlette_reads_them_and_refused_when_unreadable() {
+    assert_eq!(decode_path("/plain").unwrap(), "/plain");
+    assert_eq!(decode_path("/%61dmin").unwrap(), "/admin");
+    // %2F is a '/' like any escape (Starlette routes the decoded path).
+    assert_eq!(decode_path("/a%2Fb%2f").unwrap(), "/a/b/");
+    assert_eq!(decode_path("/caf%C3%A9").unwrap(), "/café");
+    // Invalid escapes stay as written, as Python's unquote keeps them.
+    assert_eq!(decode_path("/%zz/%4/%").unwrap(), "/%zz/%4/%");
+    assert_eq!(decode_path("/a%00b"), Err(PathError::Nul));
+    assert_eq!(decode_path("/%FF"), Err(PathError::NotUtf8));
+    assert_eq!(decode_path("/%C3"), Err(PathError::NotUtf8));
+
+    let t = table(&[
+        ("ab", "/a/b", &[]),
+        ("one", "/one/{name}", &[]),
+        ("rest", "/f/{tail:path}", &[]),
+    ]);
+    assert_eq!(hit(&t, "/a%2Fb", "GET").0, "ab");
+    // A '/' from %2F is a separator: no {name} segment holds it.
+    assert_eq!(
+        t.lookup(&decode_path("/one/x%2Fy").unwrap(), "GET"),
+        Err(LookupError::NotFound)
+    );
+    assert_eq!(
+        hit(&t, "/f/x%2Fy", "GET").1,
+        vec![p("tail", Str("x/y".into()))]
+    );
+}
+
+#[test]
 fn parse_errors_name_the_problem() {
     use RouteError::*;
     assert!(matches!(
@@ -277,4 +309,141 @@ fn routes_listed_in_order() {
         t.routes().collect::<Vec<_>>(),
         vec![("/a", "a"), ("/b/{x}", "b")]
     );
+}
+
+mod fuzz {
+    //! Random route strings and paths never panic the parser, the decoder
+    //! or a lookup; a route built from Starlette's grammar parses and
+    //! matches the paths it describes, with the values it was given.
+
+    use super::*;
+    use proptest::prelude::*;
+    use serval_protos::frame::PathValue::Uuid;
+
+    /// One generated segment: its route text, and a path piece with the
+    /// value the route should read from it (none for static text).
+    #[derive(Debug, Clone)]
+    struct Piece {
+        route: String,
+        path: String,
+        value: Option<PathValue>,
+    }
+
+    /// `%XX` for every byte of `s`.
+    fn escape(s: &str) -> String {
+        s.bytes().map(|b| format!("%{b:02X}")).collect()
+    }
+
+    fn value() -> impl Strategy<Value = (&'static str, String, PathValue)> {
+        prop_oneof![
+            // str values: no '/', and letters the static text never uses.
+            ("[A-Z0-9_~]{1,8}", any::<bool>()).prop_map(|(v, esc)| {
+                let raw = if esc { escape(&v) } else { v.clone() };
+                ("str", raw, Str(v))
+            }),
+            any::<u32>().prop_map(|n| ("int", n.to_string(), Int(n.into()))),
+            (any::<u16>(), proptest::option::of("[0-9]{1,4}")).prop_map(|(w, f)| {
+                let text = match f {
+                    Some(f) => format!("{w}.{f}"),
+                    None => w.to_string(),
+                };
+                let v = text.parse().unwrap();
+                ("float", text, Float(v))
+            }),
+            (any::<u128>(), any::<bool>()).prop_map(|(n, upper)| {
+                let h = format!("{n:032x}");
+                let u = format!(
+                    "{}-{}-{}-{}-{}",
+                    &h[..8],
+                    &h[8..12],
+                    &h[12..16],
+                    &h[16..20],
+                    &h[20..]
+                );
+                let raw = if upper {
+                    u.to_ascii_uppercase()
+                } else {
+                    u.clone()
+                };
+                ("uuid", raw, Uuid(u))
+            }),
+        ]
+    }
+
+    fn piece() -> impl Strategy<Value = Piece> {
+        prop_oneof![
+            "[a-z]{1,6}".prop_map(|s| Piece {
+                route: s.clone(),
+                path: s,
+                value: None,
+            }),
+            ("[a-z]{0,2}", value(), "(|-[a-z]|\\.[a-z]{1,3})").prop_map(
+                |(prefix, (conv, raw, v), suffix)| Piece {
+                    route: format!("{prefix}{{NAME:{conv}}}{suffix}"),
+                    path: format!("{prefix}{raw}{suffix}"),
+                    value: Some(v),
+                }
+            ),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn random_routes_and_paths_never_panic(
+            route in "(/|\\{|\\}|:|[a-z]|int|path|float|uuid|str){0,24}",
+            path in "(/|%|[0-9A-Fa-f]|[a-z]|\\.){0,24}",
+            method in "(GET|POST|[A-Z]{1,5})",
+        ) {
+            let _ = collides(&route, &path);
+            let mut table = RouteTable::new();
+            let _ = table.insert("e", &route, &[]);
+            let _ = table.insert("f", "/x/{a:path}", &["POST".to_string()]);
+            if let Ok(decoded) = decode_path(&path) {
+                let _ = table.lookup(&decoded, &method);
+            }
+        }
+
+        #[test]
+        fn a_parsed_route_matches_the_paths_it_describes(
+            pieces in proptest::collection::vec(piece(), 0..5),
+            rest in proptest::option::of(proptest::collection::vec("[A-Za-z0-9._-]{1,5}", 0..3)),
+        ) {
+            let mut route = String::new();
+            let mut path = String::new();
+            let mut expected = Vec::new();
+            for (i, p) in pieces.iter().enumerate() {
+                route.push('/');
+                route.push_str(&p.route.replace("NAME", &format!("n{i}")));
+                path.push('/');
+                path.push_str(&p.path);
+                if let Some(v) = &p.value {
+                    expected.push((format!("n{i}"), v.clone()));
+                }
+            }
+            if let Some(rest) = &rest {
+                route.push_str("/{tail:path}");
+                let tail = rest.join("/");
+                path.push('/');
+                path.push_str(&tail);
+                expected.push(("tail".to_string(), Str(tail)));
+            }
+            if route.is_empty() {
+                route.push('/');
+                path.push('/');
+            }
+            let parsed = parse_route(&route);
+            prop_assert!(parsed.is_ok(), "{route}: {parsed:?}");
+            let mut table = RouteTable::new();
+            table.insert("e", &route, &[]).unwrap();
+            let decoded = decode_path(&path).unwrap();
+            let found = table.lookup(&decoded, "GET");
+            prop_assert_eq!(
+                found,
+                Ok(RouteMatch { endpoint: "e".into(), path_params: expected }),
+                "route {} path {}", route, path
+            );
+        }
+    }
 }
