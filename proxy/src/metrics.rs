@@ -170,6 +170,9 @@ impl MetricsHandle {
     }
 }
 
+/// Epoch pins per upkeep: garbage is freed two epochs after it was retired.
+const EPOCH_ADVANCES: usize = 3;
+
 /// Installs a [`Recorder`] over `builder` as this process's global
 /// recorder with its upkeep (a thread running
 /// [`MetricsHandle::run_upkeep`] every [`UPKEEP_INTERVAL`] for the rest of
@@ -186,6 +189,13 @@ pub fn install(builder: PrometheusBuilder) -> Result<MetricsHandle, InstallError
         .spawn(move || loop {
             std::thread::sleep(UPKEEP_INTERVAL);
             upkeep.run_upkeep();
+            // The drained sample blocks are freed through crossbeam-epoch,
+            // only once its epoch has advanced; with nothing else recording
+            // (a burst, then quiet) that could take minutes, so the upkeep
+            // advances it itself.
+            for _ in 0..EPOCH_ADVANCES {
+                crossbeam_epoch::pin().flush();
+            }
         })?;
     metrics::set_global_recorder(recorder).map_err(|e| InstallError::Recorder(e.to_string()))?;
     Ok(handle)

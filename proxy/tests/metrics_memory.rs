@@ -168,6 +168,36 @@ async fn recorded_samples_are_drained_without_a_scrape() {
     );
     assert_eq!(count, Some((2 * ROUND) as f64), "{text}");
 
+    // The families still kept by the exporter (the controller's, gRPC
+    // calls') hold each sample until drained: recorded here with no scrape,
+    // the upkeep `install` started must drain them on its own.
+    handle.run_upkeep();
+    let before = live();
+    const SAMPLES: usize = 100_000;
+    let step = metrics::histogram!("serval_controller_reconcile_step_seconds", "step" => "test");
+    for i in 0..SAMPLES {
+        step.record(i as f64 * 1e-6);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let grown = live() - before;
+        if grown < bound {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{SAMPLES} exporter samples with no scrape left {grown} bytes live (bound {bound}): \
+             no upkeep drains them"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = handle.render();
+    let count = series(
+        &text,
+        r#"serval_controller_reconcile_step_seconds_count{step="test"} "#,
+    );
+    assert_eq!(count, Some(SAMPLES as f64), "{text}");
+
     let _ = stop.send(());
     server.await.unwrap();
     drop(echo);
