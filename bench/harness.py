@@ -790,7 +790,21 @@ def report(S, R, N, t_total, load_before, load_after):
     md.append(table(rows, header=("process after the load", "RSS (MB)", "PSS (MB)")) + "\n")
     md.extend(grpc_report(S))
     md.extend(scale_report(get(N, "scale") or {}))
+    md.extend(kept_sections())
     return "\n".join(md)
+
+
+#: Figures of runs this harness does not make (`bench/run soak`, `bench/ab.py`),
+#: carried into every BENCHMARKS.md it writes.
+KEPT = os.path.join(ROOT, "bench", "SOAK_RESULTS.md")
+
+
+def kept_sections():
+    try:
+        with open(KEPT) as f:
+            return [f.read()]
+    except OSError:
+        return []
 
 
 def grpc_report(S):
