@@ -62,6 +62,34 @@ fn endpoint(name: &str, route: &str, methods: &[&str], backend: &str) -> Endpoin
     }
 }
 
+/// A proxy serving on a free port until `stop`.
+struct Serving {
+    addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Serving {
+    async fn start(proxy: Arc<Proxy>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serval_proxy::serve(listener, proxy, async move {
+            let _ = stop_rx.await;
+        }));
+        Self { addr, stop, server }
+    }
+
+    /// Shuts the proxy down and waits for it to stop accepting.
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(15), self.server)
+            .await
+            .expect("the proxy stops within 15 s")
+            .unwrap();
+    }
+}
+
 async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !cond() {
@@ -165,12 +193,8 @@ async fn http_proxy_end_to_end() {
         ..Default::default()
     };
     let proxy = Arc::new(Proxy::new(&config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serval_proxy::serve(listener, proxy.clone(), async move {
-        let _ = stop_rx.await;
-    }));
+    let serving = Serving::start(proxy.clone()).await;
+    let addr = serving.addr;
     let http = Http::new(addr, false);
 
     // Not ready until a snapshot is applied.
@@ -292,11 +316,7 @@ async fn http_proxy_end_to_end() {
 
     // Shutdown: the server stops accepting.
     drop((http, h2));
-    stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(15), server)
-        .await
-        .unwrap()
-        .unwrap();
+    serving.stop().await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
 
@@ -318,17 +338,12 @@ async fn metrics_path_is_404_without_a_handle() {
         }],
         ..Default::default()
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serval_proxy::serve(listener, proxy.clone(), async move {
-        let _ = stop_rx.await;
-    }));
+    let serving = Serving::start(proxy.clone()).await;
+    let addr = serving.addr;
     let http = Http::new(addr, false);
     assert_json_error(&http.get("/-/metrics").await, 404, "metrics");
     drop(http);
-    stop.send(()).unwrap();
-    server.await.unwrap();
+    serving.stop().await;
 }
 
 #[tokio::test]
@@ -365,12 +380,8 @@ async fn error_bodies_name_internals_only_with_debug() {
             replicas: vec![replica.record("b")],
             ..Default::default()
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serval_proxy::serve(listener, proxy.clone(), async move {
-            let _ = stop_rx.await;
-        }));
+        let serving = Serving::start(proxy.clone()).await;
+        let addr = serving.addr;
         let http = Http::new(addr, false);
         let pending = {
             let http = http.clone();
@@ -390,8 +401,7 @@ async fn error_bodies_name_internals_only_with_debug() {
             assert_json_error(&r, 502, "the replica serving the request failed");
         }
         drop(http);
-        stop.send(()).unwrap();
-        server.await.unwrap();
+        serving.stop().await;
     }
 }
 
@@ -416,12 +426,8 @@ async fn paths_route_decoded_and_undecodable_ones_are_400() {
         replicas: vec![echo.record("echo")],
         ..Default::default()
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serval_proxy::serve(listener, proxy.clone(), async move {
-        let _ = stop_rx.await;
-    }));
+    let serving = Serving::start(proxy.clone()).await;
+    let addr = serving.addr;
     let http = Http::new(addr, false);
 
     // The replica gets the decoded path it was routed on.
@@ -448,8 +454,7 @@ async fn paths_route_decoded_and_undecodable_ones_are_400() {
     assert_eq!(http.get("/admin").await.status, 200);
 
     drop(http);
-    stop.send(()).unwrap();
-    server.await.unwrap();
+    serving.stop().await;
 }
 
 /// The value of the series `line` (name and labels) in a scrape.
@@ -490,12 +495,8 @@ async fn series_of_removed_backends_replicas_and_endpoints_leave_metrics() {
         s
     };
     proxy.apply_snapshot(&snapshot(1, true));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serval_proxy::serve(listener, proxy.clone(), async move {
-        let _ = stop_rx.await;
-    }));
+    let serving = Serving::start(proxy.clone()).await;
+    let addr = serving.addr;
     let http = Http::new(addr, false);
     for path in ["/gone", "/gone", "/stays"] {
         assert_eq!(http.get(path).await.status, 200);
@@ -578,6 +579,5 @@ async fn series_of_removed_backends_replicas_and_endpoints_leave_metrics() {
     );
 
     drop(http);
-    stop.send(()).unwrap();
-    server.await.unwrap();
+    serving.stop().await;
 }

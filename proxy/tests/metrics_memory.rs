@@ -86,6 +86,27 @@ async fn round(
     }
 }
 
+/// What may stay live after a round, once drained: a round's 40,000
+/// samples held 325 kB without the upkeep; with it, what stayed live
+/// varied by -100..+30 kB over runs. The bound sits between.
+const BOUND: isize = 160 * 1024;
+
+/// Waits (30 s at most) until live bytes are within [`BOUND`] of `before`.
+async fn settles_below(before: isize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let grown = live() - before;
+        if grown < BOUND {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} left {grown} bytes live (bound {BOUND}): nothing drains the samples"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The value of the series line starting with `prefix` in `text`.
 fn series(text: &str, prefix: &str) -> Option<f64> {
     text.lines()
@@ -140,25 +161,9 @@ async fn recorded_samples_are_drained_without_a_scrape() {
     handle.run_upkeep();
     let before = live();
 
-    // Two samples per request (the proxy's and the router's latency), kept
-    // as 8-byte values in blocks until drained: this round's 40,000 held
-    // 325 kB without the upkeep; with it, what stays live varied by
-    // -100..+30 kB over runs. The bound sits between.
+    // Two samples per request (the proxy's and the router's latency).
     round(&client, &url).await;
-    let bound: isize = 160 * 1024;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let grown = live() - before;
-        if grown < bound {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{ROUND} requests with no scrape left {grown} bytes live (bound {bound}): \
-             histogram samples are kept until someone scrapes"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    settles_below(before, &format!("{ROUND} requests with no scrape")).await;
 
     // Drained, not lost: the scrape still counts every request.
     let text = handle.render();
@@ -178,19 +183,11 @@ async fn recorded_samples_are_drained_without_a_scrape() {
     for i in 0..SAMPLES {
         step.record(i as f64 * 1e-6);
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let grown = live() - before;
-        if grown < bound {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{SAMPLES} exporter samples with no scrape left {grown} bytes live (bound {bound}): \
-             no upkeep drains them"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    settles_below(
+        before,
+        &format!("{SAMPLES} exporter samples with no scrape"),
+    )
+    .await;
     let text = handle.render();
     let count = series(
         &text,

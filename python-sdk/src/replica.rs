@@ -470,6 +470,7 @@ pub struct ReplicaServer {
     max_drain: usize,
     /// Replies a drain gathers per connection before it sends them.
     reply_batch: AtomicUsize,
+    max_queued: usize,
 }
 
 #[pymethods]
@@ -528,7 +529,8 @@ impl ReplicaServer {
             Wake::new()
                 .map_err(|e| PyOSError::new_err(format!("cannot create the wake socket: {e}")))?,
         );
-        let (tx, rx) = crossbeam_channel::bounded::<Job>(max_queued()?);
+        let max_queued = max_queued()?;
+        let (tx, rx) = crossbeam_channel::bounded::<Job>(max_queued);
         let (serve_tx, serve_rx) = tokio::sync::oneshot::channel::<()>();
         let mut handler: Arc<dyn Handler> = Arc::new(QueueHandler {
             tx,
@@ -583,6 +585,7 @@ impl ReplicaServer {
             tcp_addr,
             max_drain: max_drain.max(1),
             reply_batch: AtomicUsize::new(1),
+            max_queued,
         })
     }
 
@@ -598,6 +601,13 @@ impl ReplicaServer {
     #[setter]
     fn set_reply_batch(&self, n: usize) {
         self.reply_batch.store(n.max(1), Ordering::Relaxed);
+    }
+
+    /// What may queue for the Python thread, and so also wait in the host
+    /// beyond `max_concurrent_queries` (`SERVAL_REPLICA_MAX_QUEUED`).
+    #[getter]
+    fn max_queued(&self) -> usize {
+        self.max_queued
     }
 
     #[getter]

@@ -271,26 +271,6 @@ _UNAVAILABLE = (503, _JSON + [(ERROR_TYPE_HEADER, "ReplicaUnavailable")],
 _QUEUE_FULL = (503, _JSON + [(ERROR_TYPE_HEADER, "ReplicaUnavailable"), ("retry-after", "1")],
                _dumps({"error": "the replica's request queue is full; retry later"}).encode())
 
-#: Requests that may wait here beyond max_concurrent_queries (and, in the
-#: Rust I/O thread, between it and this thread): ``SERVAL_REPLICA_MAX_QUEUED``.
-#: Routers keep to the limit each, but every proxy and handle process is a
-#: router; beyond the bound a request gets 503 with Retry-After at once.
-DEFAULT_REPLICA_MAX_QUEUED = 10_000
-
-
-def replica_max_queued() -> int:
-    value = os.environ.get("SERVAL_REPLICA_MAX_QUEUED", "").strip()
-    if not value:
-        return DEFAULT_REPLICA_MAX_QUEUED
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n <= 0:
-        raise ValueError(f"SERVAL_REPLICA_MAX_QUEUED must be a positive whole number, not {value!r}")
-    return n
-
-
 class Host:
     """One user object, its event loop and the dispatch functions."""
 
@@ -320,7 +300,9 @@ class Host:
         self._loop_cleared = False
         #: Read here, so a bad value fails the replica's start, not its worker.
         self._poll_us = replica_poll_us()
-        self._max_waiting = replica_max_queued()
+        #: Requests that may wait here beyond max_concurrent_queries: the
+        #: server's bound (SERVAL_REPLICA_MAX_QUEUED), set by serve().
+        self._max_waiting = 0
         self._tasks: set = set()
         self._user_config = None
         #: The ReplicaServer while ``serve`` runs.
@@ -388,6 +370,7 @@ class Host:
         KeyboardInterrupt/SystemExit from user code propagate (after that
         request was answered)."""
         self._server = server
+        self._max_waiting = server.max_queued
         server.reply_batch = self._reply_batch()
         loop = self.loop
         fd = server.wake_fd
