@@ -60,6 +60,9 @@ pub const MAX_CONCURRENT_QUERIES: u32 = 100_000;
 pub const MAX_BATCH_SIZE: u32 = 100_000;
 /// Seconds: `batch_wait_timeout`, a job's timeout (a year).
 pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+/// The longest an ended job may be kept (`jobs.retention`): its record and
+/// dead letters stay on every head's disk that long.
+pub const MAX_JOB_RETENTION_S: f64 = 30.0 * 24.0 * 3600.0;
 /// Batches of one job.
 pub const MAX_JOB_BATCHES: u64 = 1_000_000;
 /// One batch's bytes (Cortex's 256 KiB).
@@ -341,6 +344,7 @@ fn check_job(cmd: &JobCommand) -> Result<(), StateError> {
                 u64::from(MAX_RECEIVE_COUNT),
             )?;
             amount("timeout", spec.timeout_s, MAX_SECONDS)?;
+            amount("retention", spec.retention_s, MAX_JOB_RETENTION_S)?;
             text("config", &spec.config_json, MAX_CONFIG_BYTES)
         }
         JobCommand::Enqueue {

@@ -43,7 +43,7 @@ fn to_json(job: &Job) -> PyResult<String> {
 impl Jobs {
     // The Python signature is the JobSpec's fields, one argument each.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (api, workers, timeout_s, config_json, max_receive_count, enqueuer = String::new()))]
+    #[pyo3(signature = (api, workers, timeout_s, config_json, max_receive_count, enqueuer = String::new(), retention_s = 0.0))]
     fn create(
         &self,
         py: Python<'_>,
@@ -53,6 +53,7 @@ impl Jobs {
         config_json: String,
         max_receive_count: u32,
         enqueuer: String,
+        retention_s: f64,
     ) -> PyResult<String> {
         let mut c = self.client.clone();
         let spec = JobSpec {
@@ -62,6 +63,7 @@ impl Jobs {
             config_json,
             max_receive_count,
             enqueuer,
+            retention_s,
         };
         let job = block_on(py, async move { c.create_job(spec).await }).map_err(status_err)?;
         to_json(&job.into_inner())

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import threading
+import time
 
 import pytest
 import requests
@@ -359,6 +360,47 @@ def test_a_job_whose_gateway_dies_while_enqueuing_fails_while_enqueuing(batch_ap
         server.shutdown()
 
 
+def test_a_dry_run_waiting_on_a_url_does_not_hold_up_the_gateway(batch_api):
+    # The dry run checks that its URL answers; the server holds that
+    # request until the test has seen the gateway answer another one.
+    asked, release = threading.Event(), threading.Event()
+
+    class Holding(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.set()
+            release.wait(TIMEOUT)
+            self.send_response(404 if self.path == "/missing" else 200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Holding)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    dry = {}
+    try:
+        body = {"workers": 1, "delimited_files": {"paths": [f"{base}/records.jsonl"], "batch_size": 1}}
+        runner = threading.Thread(target=lambda: dry.update(r=submit(batch_api, body, dryRun="true")))
+        runner.start()
+        assert asked.wait(TIMEOUT), "the dry run never asked for its URL"
+        # The gateway's one replica answers while its dry run waits.
+        r = requests.get(batch_api, timeout=TIMEOUT)
+        assert r.status_code == 200 and isinstance(r.json(), list), r.text
+        assert not dry, f"the gateway answered only once the dry run had ended: {dry}"
+        release.set()
+        runner.join(TIMEOUT)
+        assert dry["r"].status_code == 200 and dry["r"].json()["targets"] == [f"{base}/records.jsonl"], dry
+        # A URL that does not answer 200 is the dry run's 400, naming it.
+        r = submit(batch_api, {"workers": 1, "delimited_files": {"paths": [f"{base}/missing"], "batch_size": 1}},
+                   dryRun="true")
+        assert r.status_code == 400 and f"{base}/missing" in r.json()["error"] and "404" in r.json()["error"], r.text
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+
+
 # -- what a job may read ---------------------------------------------------------
 
 TWO_APIS = """- name: closed
@@ -450,6 +492,32 @@ def test_jobs_read_only_the_sources_the_api_allows(cluster, tmp_path):
         server.server_close()
 
 
+def test_ended_jobs_are_removed_after_the_api_s_retention(cluster, tmp_path):
+    config = CONFIG.replace("summer", "brief") + "  jobs: {retention: 1s}\n"
+    write_project(tmp_path / "project", {"handler.py": HANDLER, "serve.yaml": config})
+    out = cli(cluster, "deploy", str(tmp_path / "project"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    url = f"{cluster.url}/brief"
+
+    def stopped_job():
+        r = submit(url, {"workers": 1, "item_list": {"items": [1], "batch_size": 1}})
+        assert r.status_code == 200, r.text
+        job_id = r.json()["job_id"]
+        assert requests.delete(url, params={"jobID": job_id}, timeout=TIMEOUT).status_code == 200
+        return job_id
+
+    first = stopped_job()
+    assert job_status(url, first)["status"] == "stopped"
+    # Ended jobs go when a job is created past their retention (1 s here;
+    # 24 h by default, which keeps every other test's jobs).
+    def removed():
+        time.sleep(0.25)  # pacing: each try creates a job
+        return stopped_job() and requests.get(url, params={"jobID": first}, timeout=TIMEOUT).status_code == 404
+
+    wait_for(removed, timeout=60, what=f"job {first} to be removed")
+    cli(cluster, "delete", "brief")
+
+
 @pytest.mark.parametrize("jobs, field", [
     ("{allowed_sources: [https://host]}", "jobs.allowed_sources[0]: a URL prefix must name its whole host"),
     ("{allowed_sources: [/data/, s3://bucket/]}", "jobs.allowed_sources[1]: must be an http(s) URL prefix"),
@@ -458,6 +526,8 @@ def test_jobs_read_only_the_sources_the_api_allows(cluster, tmp_path):
     ("{max_batches: 0}", "jobs.max_batches: must be at least 1"),
     ("{max_bytes: lots}", "jobs.max_bytes: must be a memory quantity"),
     ("{sources: []}", "jobs.sources: unknown key"),
+    ("{retention: 0s}", "jobs.retention: must be from 1s to 720h"),
+    ("{retention: 721h}", "jobs.retention: must be from 1s to 720h"),
 ])
 def test_bad_jobs_config_is_named(tmp_path, jobs, field):
     from serval.cortex.config import ConfigError, load_config

@@ -107,6 +107,17 @@ fn commands_over_the_caps_are_refused_before_the_log_and_never_replayed() {
             &["workers", "300000", "cap of 256"],
         );
         assert_refused(
+            c.create_job(JobSpec {
+                api: "batch".into(),
+                workers: 1,
+                max_receive_count: 1,
+                retention_s: 1e12,
+                ..Default::default()
+            })
+            .await,
+            &["retention", "cap of 2592000"],
+        );
+        assert_refused(
             c.update_backend_config(UpdateBackendConfigRequest {
                 name: "huge".into(),
                 config: Some(BackendConfig {

@@ -8,10 +8,10 @@
 //!   may still run or is a dead letter: an ok ack drops it, and a job that
 //!   ends drops every payload but its dead letters'.
 //!
-//! Ended jobs are kept for [`ENDED_JOB_RETENTION_MS`], at most
-//! [`MAX_ENDED_JOBS`] of them, then removed with their dead letters when
-//! a job is created (so the tables stay bounded however many jobs a
-//! cluster runs).
+//! Ended jobs are kept for their spec's `retention_s` (default
+//! [`ENDED_JOB_RETENTION_MS`]), at most [`MAX_ENDED_JOBS`] of them, then
+//! removed with their dead letters when a job is created (so the tables
+//! stay bounded however many jobs a cluster runs).
 //!
 //! Every write is a [`JobCommand`] carrying the proposing head's clock
 //! (`now_ms`): apply never reads a clock, so every head applies alike.
@@ -42,7 +42,8 @@ pub const ENDED: [&str; 7] = [
     "stopped",
 ];
 
-/// How long an ended job (its record and dead letters) is kept.
+/// How long an ended job (its record and dead letters) is kept when its
+/// spec does not say (`retention_s` 0).
 pub const ENDED_JOB_RETENTION_MS: i64 = 24 * 3600 * 1000;
 /// How many ended jobs are kept at most; the longest ended go first.
 pub const MAX_ENDED_JOBS: usize = 1000;
@@ -256,23 +257,33 @@ fn save_ending(txn: &WriteTransaction, job: &JobRecord, was_ended: bool) -> std:
     Ok(())
 }
 
-/// Removes the ended jobs past [`ENDED_JOB_RETENTION_MS`] at `now_ms`, and
-/// the longest ended beyond [`MAX_ENDED_JOBS`], with their dead letters.
+/// How long `spec`'s job is kept once ended.
+fn retention_ms(spec: &JobSpec) -> i64 {
+    if spec.retention_s > 0.0 {
+        // Within the cap (crate::limits), so the product fits an i64.
+        (spec.retention_s * 1000.0) as i64
+    } else {
+        ENDED_JOB_RETENTION_MS
+    }
+}
+
+/// Removes the ended jobs past their retention at `now_ms`, and the
+/// longest ended beyond [`MAX_ENDED_JOBS`], with their dead letters.
 fn prune(txn: &WriteTransaction, now_ms: i64) -> std::io::Result<()> {
-    let mut ended: Vec<(i64, String)> = Vec::new();
+    let mut ended: Vec<(i64, String, i64)> = Vec::new();
     for entry in txn.open_table(JOBS).map_err(io)?.iter().map_err(io)? {
         let (_, value) = entry.map_err(io)?;
         let job: JobRecord = decode(value.value())?;
         if job.ended() {
-            ended.push((job.end_ms, job.id));
+            ended.push((job.end_ms, job.id, retention_ms(&job.spec)));
         }
     }
     ended.sort();
     let over = ended.len().saturating_sub(MAX_ENDED_JOBS);
     let mut jobs = txn.open_table(JOBS).map_err(io)?;
     let mut batches = txn.open_table(BATCHES).map_err(io)?;
-    for (i, (end_ms, id)) in ended.iter().enumerate() {
-        if i >= over && *end_ms >= now_ms - ENDED_JOB_RETENTION_MS {
+    for (i, (end_ms, id, retention)) in ended.iter().enumerate() {
+        if i >= over && *end_ms >= now_ms.saturating_sub(*retention) {
             continue;
         }
         jobs.remove(id.as_str()).map_err(io)?;

@@ -188,6 +188,7 @@ class Sources:
         self.paths = [os.path.realpath(p) for p in prefixes if not _is_url(p)]
         self.max_batches = int(jobs.get("max_batches") or 100_000)
         self.max_bytes = int(jobs.get("max_bytes") or 1 << 30)
+        self.retention = float(jobs.get("retention") or 0)  # 0: the controller's default
 
     def allows(self, source: str) -> bool:
         if _is_url(source):
@@ -260,6 +261,26 @@ def list_targets(spec: dict, sources: Sources, field: str = "paths") -> List[str
     return [t for t in targets
             if (not includes or any(fnmatch.fnmatch(t, g) for g in includes))
             and not any(fnmatch.fnmatch(t, g) for g in excludes)]
+
+
+def probe_urls(targets: List[str], sources: Sources, field: str) -> None:
+    """A dry run's check that each URL target answers (as a dry run over
+    S3 lists what is there): opened, its status read, closed unread; a URL
+    that fails is the client's 400, naming it. Within LIST_TIMEOUT_S in
+    all."""
+    deadline = time.monotonic() + LIST_TIMEOUT_S
+    for target in targets:
+        if not _is_url(target):
+            continue
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise JobError(f"{field}: checking the URLs took over {LIST_TIMEOUT_S:g} s: name fewer")
+        try:
+            sources.open_url(target, timeout=left).close()
+        except JobError:
+            raise
+        except Exception as e:  # HTTPError, URLError, timeouts: the client's URL
+            raise JobError(f"{field}: {target}: {e}") from None
 
 
 def _lines(target: str, sources: Sources, budget: List[int]) -> Iterator[bytes]:
@@ -404,7 +425,10 @@ class BatchGateway:
         if query.get("dryRun", "").lower() == "true":
             if job["source"] == "item_list":
                 return {"dry_run": True, "batches": sum(1 for _ in encoded_batches(job, self.sources))}
-            return {"dry_run": True, "targets": list_targets(job["spec"], self.sources, f"{job['source']}.paths")}
+            field = f"{job['source']}.paths"
+            targets = list_targets(job["spec"], self.sources, field)
+            probe_urls(targets, self.sources, field)
+            return {"dry_run": True, "targets": targets}
         if job["source"] != "item_list":
             # A missing or refused path is the client's 400, now.
             list_targets(job["spec"], self.sources, f"{job['source']}.paths")
@@ -425,7 +449,8 @@ class BatchGateway:
 
         try:
             return json.loads(_jobs().create(self.name, job["workers"], float(job["timeout"] or 0),
-                                             json.dumps(job["config"]), job["max_receive_count"], self.me))
+                                             json.dumps(job["config"]), job["max_receive_count"], self.me,
+                                             self.sources.retention))
         except ControlUnavailable:
             raise
         except ServeError as e:

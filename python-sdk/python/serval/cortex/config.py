@@ -211,9 +211,13 @@ REALTIME_KEYS = ("name", "kind", "handler", "compute", "autoscaling", "update_st
 BATCH_KEYS = ("name", "kind", "handler", "compute", "networking", "jobs")
 #: What a BatchAPI's job gateway accepts from clients: the sources jobs may
 #: read (none by default: only item_list), and the size of one job.
-JOBS_KEYS = ("allowed_sources", "max_batches", "max_bytes")
+JOBS_KEYS = ("allowed_sources", "max_batches", "max_bytes", "retention")
 DEFAULT_JOB_MAX_BATCHES = 100_000
 DEFAULT_JOB_MAX_BYTES = 1 << 30
+#: How long an ended job's status and dead letters are kept; at most the
+#: controller's cap (30 days: they stay on every head's disk).
+DEFAULT_JOB_RETENTION = 24 * 3600.0
+MAX_JOB_RETENTION = 30 * 24 * 3600.0
 SPLITTER_KEYS = ("name", "kind", "networking", "apis")
 AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "init_replicas", "max_replica_concurrency",
                     "target_replica_concurrency", "window", "downscale_stabilization_period",
@@ -674,7 +678,15 @@ def _jobs(c: _Checker, raw: dict) -> dict:
             c.fail(f"jobs.allowed_sources[{i}]", str(e))
     return {"allowed_sources": prefixes,
             "max_batches": c.field(j, "jobs.", "max_batches", _int(1), default=DEFAULT_JOB_MAX_BATCHES),
-            "max_bytes": c.field(j, "jobs.", "max_bytes", _mem, default=DEFAULT_JOB_MAX_BYTES)}
+            "max_bytes": c.field(j, "jobs.", "max_bytes", _mem, default=DEFAULT_JOB_MAX_BYTES),
+            "retention": c.field(j, "jobs.", "retention", _retention, default=DEFAULT_JOB_RETENTION)}
+
+
+def _retention(value: Any) -> float:
+    seconds = _duration(value)
+    if not 1.0 <= seconds <= MAX_JOB_RETENTION:
+        raise ValueError(f"must be from 1s to {MAX_JOB_RETENTION / 3600:g}h (30 days), got {value!r}")
+    return seconds
 
 
 def find_config(folder: str) -> str:
