@@ -3,9 +3,10 @@
 //!
 //! - the cluster token itself: the admin credential (CLI, SDK, node
 //!   agents, proxies); every `Control` call.
-//! - the replica token, `derive(token, PURPOSE_REPLICA)`: what the node
-//!   agent gives each replica as `SERVAL_TOKEN`; only the `Control` calls
-//!   in [`REPLICA_CALLS`].
+//! - the replica token of a backend (`serval_protos::auth::replica_token`):
+//!   what the node agent gives each replica of that backend as
+//!   `SERVAL_TOKEN`; only the `Control` calls in [`REPLICA_CALLS`], and of
+//!   those only its own API's packages and jobs ([`Credential::api`]).
 //! - the peer key, `derive(token, PURPOSE_PEER)`: what heads present to
 //!   each other; every `RaftPeer` call and nothing else. The cluster token
 //!   is refused there, so no client ever speaks raft by mistake.
@@ -26,7 +27,9 @@
 use std::task::{Context, Poll};
 
 use futures::future::{Either, Ready};
-use serval_protos::auth::{constant_time_eq, derive_hex, validate_token, TokenError};
+use serval_protos::auth::{
+    constant_time_eq, derive_hex, replica_token_backend, validate_token, TokenError,
+};
 use tonic::codegen::{http, Service};
 use tonic::server::NamedService;
 use tonic::Status;
@@ -36,12 +39,14 @@ use tonic::Status;
 /// - handles and `serve.status()`/`serval.client()` reads: `Watch`,
 ///   `GetSnapshot`, and `ReportLoad` (handles count towards autoscaling
 ///   like proxies do);
-/// - Cortex project packages, fetched by each replica: `GetBlob`, `HasBlob`;
+/// - Cortex project packages, fetched by each replica: `GetBlob`, `HasBlob`
+///   (only the blobs its backend lists, [`Credential::may_read_blob`]);
 /// - the BatchAPI gateway and its workers (`cortex/batch.py`, through
-///   `python-sdk/src/jobs.rs`): every job call;
+///   `python-sdk/src/jobs.rs`): every job call, on the jobs of their own
+///   API ([`Credential::api`]);
 /// - the gateway starts and removes the worker backend of a job:
 ///   `CreateBackend`/`DeleteBackend`, only for a backend named
-///   `<api>--job-<id>` of an existing job of that api
+///   `<api>--job-<id>` of an existing job of its own api
 ///   ([`Credential::may_manage_backend`]).
 ///
 /// A replica token reads the routing table without the backends' pickled
@@ -76,36 +81,81 @@ pub const REPLICA_CALLS: &[&str] = &[
 /// (`worker_backend` in `cortex/batch.py`).
 pub const JOB_WORKER_INFIX: &str = "--job-";
 
-/// The replica token of a cluster: each replica's `SERVAL_TOKEN`.
-pub fn replica_token(cluster_token: &str) -> String {
-    derive_hex(
-        cluster_token.as_bytes(),
-        serval_protos::auth::PURPOSE_REPLICA,
-    )
-}
-
 /// The key heads present to each other's `RaftPeer` service.
 pub fn peer_key(cluster_token: &str) -> String {
     derive_hex(cluster_token.as_bytes(), serval_protos::auth::PURPOSE_PEER)
 }
 
 /// The credential a call was accepted with, in the request's extensions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Credential {
     Admin,
-    Replica,
+    /// A replica of this backend.
+    Replica(String),
     Peer,
 }
 
 impl Credential {
     /// The credential of an accepted request (the check put it there).
     pub fn of<T>(req: &tonic::Request<T>) -> Option<Credential> {
-        req.extensions().get::<Credential>().copied()
+        req.extensions().get::<Credential>().cloned()
+    }
+
+    /// The API whose jobs and packages a replica credential reaches: its
+    /// backend's name, or `<api>` for a job's worker backend
+    /// `<api>--job-<id>`. `None` for any other credential (the admin
+    /// reaches every API; the peer key no `Control` call).
+    pub fn api(credential: Option<&Credential>) -> Option<&str> {
+        match credential {
+            Some(Credential::Replica(backend)) => Some(
+                backend
+                    .rsplit_once(JOB_WORKER_INFIX)
+                    .map_or(backend.as_str(), |(api, _)| api),
+            ),
+            _ => None,
+        }
+    }
+
+    /// Refuses a replica credential the jobs of an API other than its own.
+    pub fn may_use_jobs_of(credential: Option<&Credential>, api: &str) -> Result<(), Status> {
+        match Self::api(credential) {
+            Some(own) if own != api => Err(Status::permission_denied(format!(
+                "the replica credential of API '{own}' may not use the jobs of API '{api}'"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses a replica credential a blob its backend does not list
+    /// (`Backend.blobs`; a job's worker also reads its API's).
+    /// `blobs_of(backend)` gives a backend's list.
+    pub fn may_read_blob(
+        credential: Option<&Credential>,
+        digest: &str,
+        blobs_of: impl Fn(&str) -> Vec<String>,
+    ) -> Result<(), Status> {
+        let Some(Credential::Replica(backend)) = credential else {
+            return Ok(());
+        };
+        let api = Self::api(credential).unwrap_or(backend);
+        if blobs_of(backend)
+            .iter()
+            .chain(&blobs_of(api))
+            .any(|d| d == digest)
+        {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!(
+            "the replica credential of backend '{backend}' may read only its own API's blobs"
+        )))
     }
 
     /// Refuses a replica token the backends' code in a snapshot.
-    pub fn may_read_code(credential: Option<Credential>, include_code: bool) -> Result<(), Status> {
-        if include_code && credential != Some(Credential::Admin) {
+    pub fn may_read_code(
+        credential: Option<&Credential>,
+        include_code: bool,
+    ) -> Result<(), Status> {
+        if include_code && credential != Some(&Credential::Admin) {
             return Err(Status::permission_denied(
                 "the replica credential (a replica's SERVAL_TOKEN) may not read the backends' code \
                  (include_code)",
@@ -115,18 +165,20 @@ impl Credential {
     }
 
     /// Refuses a replica token a backend that is not the worker backend of
-    /// job `<id>` of api `<api>`; `job_api` looks a job's api up.
+    /// job `<id>` of api `<api>`, its own API; `job_api` looks a job's api
+    /// up.
     pub fn may_manage_backend(
-        credential: Option<Credential>,
+        credential: Option<&Credential>,
         backend: &str,
         job_api: impl FnOnce(&str) -> Option<String>,
     ) -> Result<(), Status> {
-        if credential == Some(Credential::Admin) {
+        if credential == Some(&Credential::Admin) {
             return Ok(());
         }
+        let own = Self::api(credential);
         let allowed = backend
             .rsplit_once(JOB_WORKER_INFIX)
-            .is_some_and(|(api, job)| job_api(job).as_deref() == Some(api));
+            .is_some_and(|(api, job)| own == Some(api) && job_api(job).as_deref() == Some(api));
         if allowed {
             Ok(())
         } else {
@@ -144,6 +196,9 @@ impl Credential {
 pub struct TokenCheck {
     /// (credential, its value) pairs tried in turn.
     accepted: Vec<(Credential, String)>,
+    /// The cluster token, when replica tokens (derived from it per
+    /// backend) are accepted too.
+    replicas_of: Option<String>,
 }
 
 impl TokenCheck {
@@ -153,10 +208,8 @@ impl TokenCheck {
     pub fn control(cluster_token: &str) -> Result<Self, TokenError> {
         validate_token(cluster_token)?;
         Ok(Self {
-            accepted: vec![
-                (Credential::Admin, cluster_token.to_string()),
-                (Credential::Replica, replica_token(cluster_token)),
-            ],
+            accepted: vec![(Credential::Admin, cluster_token.to_string())],
+            replicas_of: Some(cluster_token.to_string()),
         })
     }
 
@@ -165,6 +218,7 @@ impl TokenCheck {
         validate_token(cluster_token)?;
         Ok(Self {
             accepted: vec![(Credential::Peer, peer_key(cluster_token))],
+            replicas_of: None,
         })
     }
 
@@ -179,7 +233,12 @@ impl TokenCheck {
         let mut found = None;
         for (credential, value) in &self.accepted {
             if constant_time_eq(presented, value.as_bytes()) {
-                found = Some(*credential);
+                found = Some(credential.clone());
+            }
+        }
+        if let Some(token) = &self.replicas_of {
+            if let Some(backend) = replica_token_backend(token, presented) {
+                found = Some(Credential::Replica(backend));
             }
         }
         let method = path.rsplit('/').next().unwrap_or_default();
@@ -187,7 +246,7 @@ impl TokenCheck {
             None => Err(Status::unauthenticated(
                 "wrong cluster token (or a credential this service does not take)",
             )),
-            Some(Credential::Replica) if !REPLICA_CALLS.contains(&method) => {
+            Some(Credential::Replica(_)) if !REPLICA_CALLS.contains(&method) => {
                 Err(Status::permission_denied(format!(
                     "the replica credential (a replica's SERVAL_TOKEN) may not call {method}; \
                      give the replica the cluster token to allow it (SERVAL_TOKEN in the API's env)"
@@ -246,6 +305,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serval_protos::auth::replica_token;
 
     const TOKEN: &str = "0123456789abcdef";
 
@@ -255,7 +315,7 @@ mod tests {
         assert!(TokenCheck::peer("short").is_err());
         let control = TokenCheck::control(TOKEN).unwrap();
         let peer = TokenCheck::peer(TOKEN).unwrap();
-        let replica = replica_token(TOKEN);
+        let replica = replica_token(TOKEN, "api");
         let key = peer_key(TOKEN);
         let call = |check: &TokenCheck, method: &str, token: &str| {
             check
@@ -266,7 +326,18 @@ mod tests {
                 .map_err(|s| s.code())
         };
         assert_eq!(call(&control, "Shutdown", TOKEN), Ok(Credential::Admin));
-        assert_eq!(call(&control, "Watch", &replica), Ok(Credential::Replica));
+        assert_eq!(
+            call(&control, "Watch", &replica),
+            Ok(Credential::Replica("api".into()))
+        );
+        assert_eq!(
+            call(
+                &control,
+                "Watch",
+                &replica_token("another cluster's", "api")
+            ),
+            Err(tonic::Code::Unauthenticated)
+        );
         assert_eq!(
             call(&control, "Shutdown", &replica),
             Err(tonic::Code::PermissionDenied)
@@ -287,13 +358,41 @@ mod tests {
     }
 
     #[test]
-    fn a_replica_manages_only_job_workers_of_existing_jobs() {
-        let jobs = |id: &str| (id == "j1").then(|| "api".to_string());
-        let replica = Some(Credential::Replica);
+    fn a_replica_manages_only_job_workers_of_existing_jobs_of_its_api() {
+        let jobs = |id: &str| match id {
+            "j1" => Some("api".to_string()),
+            "j9" => Some("other".to_string()),
+            _ => None,
+        };
+        let gateway = Credential::Replica("api".into());
+        let replica = Some(&gateway);
         assert!(Credential::may_manage_backend(replica, "api--job-j1", jobs).is_ok());
         assert!(Credential::may_manage_backend(replica, "other--job-j1", jobs).is_err());
         assert!(Credential::may_manage_backend(replica, "api--job-j2", jobs).is_err());
         assert!(Credential::may_manage_backend(replica, "api", jobs).is_err());
-        assert!(Credential::may_manage_backend(Some(Credential::Admin), "api", jobs).is_ok());
+        // Another API's job, real as it is, is not this gateway's.
+        assert!(Credential::may_manage_backend(replica, "other--job-j9", jobs).is_err());
+        assert!(Credential::may_manage_backend(Some(&Credential::Admin), "api", jobs).is_ok());
+    }
+
+    #[test]
+    fn a_replica_reads_only_its_api_s_blobs_and_jobs() {
+        let blobs = |backend: &str| match backend {
+            "api" => vec!["pkg".to_string(), "env".to_string()],
+            "api--job-j1" => vec![],
+            "other" => vec!["other-pkg".to_string()],
+            _ => vec![],
+        };
+        let gateway = Credential::Replica("api".into());
+        let worker = Credential::Replica("api--job-j1".into());
+        for own in [&gateway, &worker] {
+            assert!(Credential::may_read_blob(Some(own), "pkg", blobs).is_ok());
+            assert!(Credential::may_read_blob(Some(own), "env", blobs).is_ok());
+            assert!(Credential::may_read_blob(Some(own), "other-pkg", blobs).is_err());
+            assert!(Credential::may_use_jobs_of(Some(own), "api").is_ok());
+            assert!(Credential::may_use_jobs_of(Some(own), "other").is_err());
+        }
+        assert!(Credential::may_read_blob(Some(&Credential::Admin), "other-pkg", blobs).is_ok());
+        assert!(Credential::may_use_jobs_of(Some(&Credential::Admin), "other").is_ok());
     }
 }

@@ -59,6 +59,8 @@ pub const MAX_METHODS: usize = 16;
 pub const MAX_CONCURRENT_QUERIES: u32 = 100_000;
 pub const MAX_BATCH_SIZE: u32 = 100_000;
 /// Seconds: `batch_wait_timeout`, a job's timeout (a year).
+/// Blobs one backend's replicas may fetch (a package and a `.env`).
+pub const MAX_BACKEND_BLOBS: usize = 16;
 pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
 /// The longest an ended job may be kept (`jobs.retention`): its record and
 /// dead letters stay on every head's disk that long.
@@ -182,13 +184,18 @@ pub fn check(cmd: &Command) -> Result<(), StateError> {
                 u64::from(MAX_REPLICAS_PER_BACKEND),
             )
         }
-        Command::UpdateBackendCode { name: n, code } => {
+        Command::UpdateBackendCode {
+            name: n,
+            code,
+            blobs,
+        } => {
             name("backend name", n)?;
             count(
                 "func_or_class (pickled bytes)",
                 code.len() as u64,
                 MAX_CODE_BYTES as u64,
-            )
+            )?;
+            check_blobs(blobs)
         }
         Command::DeleteBackend { name: n, .. } => name("backend name", n),
         Command::CreateEndpoint(e) => check_endpoint(e),
@@ -247,10 +254,16 @@ fn check_backend(b: &Backend) -> Result<(), StateError> {
     )?;
     text("state", &b.state, MAX_TEXT_BYTES)?;
     text("error", &b.error, MAX_ERROR_BYTES)?;
+    check_blobs(&b.blobs)?;
     match &b.config {
         Some(c) => check_config(c),
         None => Ok(()),
     }
+}
+
+fn check_blobs(blobs: &[String]) -> Result<(), StateError> {
+    count("blobs", blobs.len() as u64, MAX_BACKEND_BLOBS as u64)?;
+    blobs.iter().try_for_each(|d| name("blob digest", d))
 }
 
 fn check_config(c: &BackendConfig) -> Result<(), StateError> {

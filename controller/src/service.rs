@@ -120,15 +120,47 @@ impl ControlService {
 
     /// Refuses a replica token a backend that is not one of its batch
     /// job's workers (see `crate::auth::REPLICA_CALLS`).
-    fn may_manage_backend(&self, credential: Option<Credential>, name: &str) -> Result<(), Status> {
-        Credential::may_manage_backend(credential, name, |job_id| {
-            let job = self
-                .jobs()
-                .get(JobRequest {
-                    job_id: job_id.to_string(),
-                })
-                .ok()?;
-            Some(job.into_inner().spec?.api)
+    fn may_manage_backend(
+        &self,
+        credential: Option<&Credential>,
+        name: &str,
+    ) -> Result<(), Status> {
+        Credential::may_manage_backend(credential, name, |job_id| self.job_api(job_id))
+    }
+
+    /// The API of job `job_id`, if this head has it.
+    fn job_api(&self, job_id: &str) -> Option<String> {
+        let job = self
+            .jobs()
+            .get(JobRequest {
+                job_id: job_id.to_string(),
+            })
+            .ok()?;
+        Some(job.into_inner().spec?.api)
+    }
+
+    /// Refuses a replica credential a job of another API. An unknown job
+    /// passes here: the call itself then answers that it is not found.
+    fn may_use_job<T>(&self, req: &Request<T>, job_id: &str) -> Result<(), Status> {
+        let credential = Credential::of(req);
+        if Credential::api(credential.as_ref()).is_none() {
+            return Ok(());
+        }
+        match self.job_api(job_id) {
+            Some(api) => Credential::may_use_jobs_of(credential.as_ref(), &api),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses a replica credential a blob its backend does not list.
+    fn may_read_blob<T>(&self, req: &Request<T>, digest: &str) -> Result<(), Status> {
+        let state = self.sm.current();
+        Credential::may_read_blob(Credential::of(req).as_ref(), digest, |backend| {
+            state
+                .backends
+                .get(backend)
+                .map(|b| b.blobs.clone())
+                .unwrap_or_default()
         })
     }
 
@@ -337,7 +369,7 @@ impl Control for ControlService {
     async fn create_backend(&self, req: Request<Backend>) -> Result<Response<Empty>, Status> {
         let credential = Credential::of(&req);
         let backend = req.into_inner();
-        self.may_manage_backend(credential, &backend.name)?;
+        self.may_manage_backend(credential.as_ref(), &backend.name)?;
         self.propose(Command::CreateBackend(backend)).await
     }
 
@@ -362,7 +394,7 @@ impl Control for ControlService {
     ) -> Result<Response<Empty>, Status> {
         let credential = Credential::of(&req);
         let r = req.into_inner();
-        self.may_manage_backend(credential, &r.name)?;
+        self.may_manage_backend(credential.as_ref(), &r.name)?;
         self.propose(Command::DeleteBackend {
             name: r.name,
             force: r.force,
@@ -390,6 +422,7 @@ impl Control for ControlService {
         self.propose(Command::UpdateBackendCode {
             name: r.name,
             code: r.code,
+            blobs: r.blobs,
         })
         .await
     }
@@ -422,7 +455,7 @@ impl Control for ControlService {
     ) -> Result<Response<ClusterSnapshot>, Status> {
         let credential = Credential::of(&req);
         let include_code = req.into_inner().include_code;
-        Credential::may_read_code(credential, include_code)?;
+        Credential::may_read_code(credential.as_ref(), include_code)?;
         Ok(Response::new(to_snapshot(
             &self.sm.current(),
             include_code,
@@ -438,7 +471,7 @@ impl Control for ControlService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let credential = Credential::of(&req);
         let include_code = req.into_inner().include_code;
-        Credential::may_read_code(credential, include_code)?;
+        Credential::may_read_code(credential.as_ref(), include_code)?;
         let this = self.clone();
         // WatchStream yields the current state first, then every new one.
         let stream = tokio_stream::wrappers::WatchStream::new(self.sm.subscribe())
@@ -502,6 +535,7 @@ impl Control for ControlService {
         &self,
         req: Request<GetBlobRequest>,
     ) -> Result<Response<Self::GetBlobStream>, Status> {
+        self.may_read_blob(&req, &req.get_ref().digest)?;
         let digest = req.into_inner().digest;
         let Some(layout) = self.sm.blob_layout(&digest)? else {
             return Err(Status::not_found(format!(
@@ -521,6 +555,7 @@ impl Control for ControlService {
         &self,
         req: Request<GetBlobRequest>,
     ) -> Result<Response<HasBlobReply>, Status> {
+        self.may_read_blob(&req, &req.get_ref().digest)?;
         let present = self.sm.has_blob(&req.into_inner().digest)?;
         Ok(Response::new(HasBlobReply { present }))
     }
@@ -537,6 +572,7 @@ impl Control for ControlService {
     }
 
     async fn create_job(&self, req: Request<JobSpec>) -> Result<Response<Job>, Status> {
+        Credential::may_use_jobs_of(Credential::of(&req).as_ref(), &req.get_ref().api)?;
         self.jobs().create(req.into_inner()).await
     }
 
@@ -544,6 +580,7 @@ impl Control for ControlService {
         &self,
         req: Request<EnqueueRequest>,
     ) -> Result<Response<Empty>, Status> {
+        self.may_use_job(&req, &req.get_ref().job_id)?;
         self.jobs().enqueue(req.into_inner()).await
     }
 
@@ -551,6 +588,7 @@ impl Control for ControlService {
         &self,
         req: Request<FinishEnqueueRequest>,
     ) -> Result<Response<Job>, Status> {
+        self.may_use_job(&req, &req.get_ref().job_id)?;
         self.jobs().finish(req.into_inner()).await
     }
 
@@ -558,10 +596,12 @@ impl Control for ControlService {
         &self,
         req: Request<LeaseRequest>,
     ) -> Result<Response<LeaseReply>, Status> {
+        self.may_use_job(&req, &req.get_ref().job_id)?;
         self.jobs().lease(req.into_inner()).await
     }
 
     async fn ack_batches(&self, req: Request<AckRequest>) -> Result<Response<Empty>, Status> {
+        self.may_use_job(&req, &req.get_ref().job_id)?;
         self.jobs().ack(req.into_inner()).await
     }
 
@@ -569,6 +609,7 @@ impl Control for ControlService {
         &self,
         req: Request<CompleteJobRequest>,
     ) -> Result<Response<Job>, Status> {
+        self.may_use_job(&req, &req.get_ref().job_id)?;
         self.jobs().complete(req.into_inner()).await
     }
 
@@ -576,18 +617,30 @@ impl Control for ControlService {
         &self,
         req: Request<ReleaseWorkerRequest>,
     ) -> Result<Response<Empty>, Status> {
+        self.may_use_job(&req, &req.get_ref().job_id)?;
         self.jobs().release(req.into_inner()).await
     }
 
     async fn get_job(&self, req: Request<JobRequest>) -> Result<Response<Job>, Status> {
+        self.may_use_job(&req, &req.get_ref().job_id)?;
         self.jobs().get(req.into_inner())
     }
 
     async fn list_jobs(&self, req: Request<ListJobsRequest>) -> Result<Response<JobList>, Status> {
-        self.jobs().list(req.into_inner())
+        let credential = Credential::of(&req);
+        let mut r = req.into_inner();
+        // A replica lists its own API's jobs (all of them when it names none).
+        if let Some(own) = Credential::api(credential.as_ref()) {
+            if r.api.is_empty() {
+                r.api = own.to_string();
+            }
+        }
+        Credential::may_use_jobs_of(credential.as_ref(), &r.api)?;
+        self.jobs().list(r)
     }
 
     async fn stop_job(&self, req: Request<StopJobRequest>) -> Result<Response<Job>, Status> {
+        self.may_use_job(&req, &req.get_ref().job_id)?;
         self.jobs().stop(req.into_inner()).await
     }
 
@@ -595,6 +648,7 @@ impl Control for ControlService {
         &self,
         req: Request<JobRequest>,
     ) -> Result<Response<DeadLetters>, Status> {
+        self.may_use_job(&req, &req.get_ref().job_id)?;
         self.jobs().dead_letters(req.into_inner())
     }
 }

@@ -62,6 +62,8 @@ pub enum Command {
     UpdateBackendCode {
         name: String,
         code: Vec<u8>,
+        /// The blobs the new code reads (see `Backend::blobs`).
+        blobs: Vec<String>,
     },
     /// `force` also takes it out of the endpoints that use it.
     DeleteBackend {
@@ -268,7 +270,7 @@ impl ClusterState {
                 self.check_replicas_total(&name, num_replicas)?;
                 self.scale(&name);
             }
-            Command::UpdateBackendCode { name, code } => {
+            Command::UpdateBackendCode { name, code, blobs } => {
                 if code.is_empty() {
                     return Err(invalid("func_or_class", "no code was sent"));
                 }
@@ -280,6 +282,7 @@ impl ClusterState {
                     .get_mut(&name)
                     .ok_or_else(|| StateError::UnknownBackend(name.clone()))?;
                 backend.code = code;
+                backend.blobs = blobs;
                 backend.version += 1;
                 self.scale(&name);
             }

@@ -5,10 +5,11 @@
 
 use std::time::Duration;
 
-use serval_controller::auth::{peer_key, replica_token};
+use serval_controller::auth::peer_key;
 use serval_controller::peer_service::PeerService;
 use serval_controller::service::ControlService;
 use serval_controller::store;
+use serval_protos::auth::replica_token;
 use serval_protos::client::{connect, connect_peer_lazy};
 use serval_protos::control::*;
 use tokio_stream::StreamExt;
@@ -146,7 +147,7 @@ async fn every_rpc_needs_the_token_and_a_refused_call_changes_nothing() {
     }
     // The cluster token (what clients hold) and the replica token are no
     // peer credential.
-    let replica = replica_token(TOKEN);
+    let replica = replica_token(TOKEN, "batch");
     for token in ["", "wrong-but-long-enough", TOKEN, &replica] {
         let mut p = connect_peer_lazy(&addr, token).unwrap();
         let msg = || RaftMessage { payload: vec![0] };
@@ -219,7 +220,9 @@ fn denied<T: std::fmt::Debug>(what: &str, r: Result<T, tonic::Status>) {
 #[tokio::test]
 async fn a_replica_token_reads_and_runs_jobs_but_does_not_deploy() {
     let (addr, _dir) = start().await;
-    let mut c = connect(&addr, &replica_token(TOKEN)).await.unwrap();
+    let mut c = connect(&addr, &replica_token(TOKEN, "batch"))
+        .await
+        .unwrap();
     let before = version(&addr).await;
     let backend = |name: &str| Backend {
         name: name.into(),
@@ -306,4 +309,152 @@ async fn a_replica_token_reads_and_runs_jobs_but_does_not_deploy() {
     })
     .await
     .unwrap();
+}
+
+async fn read_blob(
+    c: &mut serval_protos::client::Client,
+    digest: &str,
+) -> Result<Vec<u8>, tonic::Status> {
+    let request = GetBlobRequest {
+        digest: digest.into(),
+    };
+    let mut stream = c.get_blob(request).await?.into_inner();
+    let mut data = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        data.extend(chunk?.data);
+    }
+    Ok(data)
+}
+
+/// A replica's token names its backend: it reads the blobs its backend
+/// lists (a job's worker, its API's too) and its own API's jobs, never
+/// another API's package, `.env` or jobs.
+#[tokio::test]
+async fn a_replica_token_reaches_only_its_own_api_s_blobs_and_jobs() {
+    let (addr, _dir) = start().await;
+    let mut admin = connect(&addr, TOKEN).await.unwrap();
+    let blob = |data: &[u8]| PutBlobRequest {
+        digest: serval_protos::blob::digest(data),
+        data: data.to_vec(),
+    };
+    let (ours, theirs) = (blob(b"our package"), blob(b"their .env"));
+    for b in [ours.clone(), theirs.clone()] {
+        admin.put_blob(b).await.unwrap();
+    }
+    for (name, digest) in [("batch", &ours.digest), ("other", &theirs.digest)] {
+        admin
+            .create_backend(Backend {
+                name: name.into(),
+                code: vec![1],
+                config: Some(BackendConfig {
+                    num_replicas: 1,
+                    ..Default::default()
+                }),
+                blobs: vec![digest.clone()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let spec = |api: &str| JobSpec {
+        api: api.into(),
+        workers: 1,
+        max_receive_count: 1,
+        ..Default::default()
+    };
+    let theirs_job = admin.create_job(spec("other")).await.unwrap().into_inner();
+
+    let mut gateway = connect(&addr, &replica_token(TOKEN, "batch"))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_blob(&mut gateway, &ours.digest).await.unwrap(),
+        ours.data
+    );
+    denied(
+        "GetBlob of another API",
+        read_blob(&mut gateway, &theirs.digest).await,
+    );
+    denied(
+        "HasBlob of another API",
+        gateway
+            .has_blob(GetBlobRequest {
+                digest: theirs.digest.clone(),
+            })
+            .await,
+    );
+    denied(
+        "CreateJob for another API",
+        gateway.create_job(spec("other")).await,
+    );
+    let job_of = |id: &str| JobRequest { job_id: id.into() };
+    denied(
+        "GetJob of another API",
+        gateway.get_job(job_of(&theirs_job.id)).await,
+    );
+    denied(
+        "StopJob of another API",
+        gateway
+            .stop_job(StopJobRequest {
+                job_id: theirs_job.id.clone(),
+                ..Default::default()
+            })
+            .await,
+    );
+    denied(
+        "ListJobs of another API",
+        gateway
+            .list_jobs(ListJobsRequest {
+                api: "other".into(),
+            })
+            .await,
+    );
+    denied(
+        "CreateBackend for another API's job",
+        gateway
+            .create_backend(Backend {
+                name: format!("other--job-{}", theirs_job.id),
+                code: vec![1],
+                ..Default::default()
+            })
+            .await,
+    );
+    let ours_job = gateway
+        .create_job(spec("batch"))
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = gateway
+        .list_jobs(ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed
+            .jobs
+            .iter()
+            .map(|j| j.id.as_str())
+            .collect::<Vec<_>>(),
+        [ours_job.id.as_str()],
+        "a replica listed jobs of another API"
+    );
+
+    // The job's worker reads its API's package, not the other's.
+    let worker = format!("batch--job-{}", ours_job.id);
+    let mut worker = connect(&addr, &replica_token(TOKEN, &worker))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_blob(&mut worker, &ours.digest).await.unwrap(),
+        ours.data
+    );
+    denied(
+        "a worker's GetBlob of another API",
+        read_blob(&mut worker, &theirs.digest).await,
+    );
+    worker.get_job(job_of(&ours_job.id)).await.unwrap();
+    denied(
+        "a worker's GetJob of another API",
+        worker.get_job(job_of(&theirs_job.id)).await,
+    );
 }

@@ -445,10 +445,7 @@ async fn start(spec: &ReplicaSpec, config: &BackendConfig) -> Result<Child, Stri
         .env("SERVAL_NODE_ID", &spec.replica.node_id)
         .env(
             "SERVAL_TOKEN",
-            serval_protos::auth::derive_hex(
-                spec.token.as_bytes(),
-                serval_protos::auth::PURPOSE_REPLICA,
-            ),
+            serval_protos::auth::replica_token(&spec.token, &spec.replica.backend),
         )
         .env(
             handshake::DATA_KEY_ENV,

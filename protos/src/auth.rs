@@ -25,9 +25,10 @@ pub const PURPOSE_AGENT: &str = "serval node agent v1";
 /// changes with the values but lets no one without the token test a guess.
 pub const PURPOSE_DOTENV: &str = "serval dotenv salt v1";
 /// The scoped control credential every replica is given (its
-/// `SERVAL_TOKEN`): the controller accepts it only for the calls replicas
-/// make (reading the routing table, batch jobs, packages), never for
-/// deploying, deleting or shutting down.
+/// `SERVAL_TOKEN`, see [`replica_token`]): the controller accepts it only
+/// for the calls replicas make (reading the routing table, batch jobs, its
+/// own backend's packages), never for deploying, deleting or shutting
+/// down.
 pub const PURPOSE_REPLICA: &str = "serval replica v1";
 /// The credential heads present to each other's `RaftPeer` service (raft
 /// messages, forwarded writes, joins). The `Control` service refuses it,
@@ -54,6 +55,36 @@ pub fn mac(key: &[u8], message: &[u8]) -> [u8; 32] {
     let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes a key of any length");
     mac.update(message);
     mac.finalize().into_bytes().into()
+}
+
+/// What a replica token starts with.
+const REPLICA_TOKEN_PREFIX: &str = "r1.";
+
+/// The control credential of the replicas of `backend` (their
+/// `SERVAL_TOKEN`): `r1.<mac>.<backend as hex>`, where the MAC is of the
+/// backend's name under `derive(token, PURPOSE_REPLICA)`. It names its
+/// backend, so the controller knows whose packages and jobs the caller may
+/// reach, and a replica cannot claim another backend without the token.
+/// Hex keeps any backend name valid in gRPC metadata.
+pub fn replica_token(cluster_token: &str, backend: &str) -> String {
+    let key = derive(cluster_token.as_bytes(), PURPOSE_REPLICA);
+    format!(
+        "{REPLICA_TOKEN_PREFIX}{}.{}",
+        hex(&mac(&key, backend.as_bytes())),
+        hex(backend.as_bytes())
+    )
+}
+
+/// The backend a presented replica token proves, or `None` when it is not
+/// a replica token of this cluster. The MAC is compared in constant time.
+pub fn replica_token_backend(cluster_token: &str, presented: &[u8]) -> Option<String> {
+    let rest = std::str::from_utf8(presented)
+        .ok()?
+        .strip_prefix(REPLICA_TOKEN_PREFIX)?;
+    let (_mac, name) = rest.split_once('.')?;
+    let backend = String::from_utf8(unhex(name)?).ok()?;
+    let expected = replica_token(cluster_token, &backend);
+    constant_time_eq(presented, expected.as_bytes()).then_some(backend)
 }
 
 /// Whether `a` and `b` are equal, in time that depends only on their
@@ -117,6 +148,29 @@ pub fn validate_token(token: &str) -> Result<(), TokenError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replica_token_proves_its_backend_and_nothing_else() {
+        const TOKEN: &str = "0123456789abcdef";
+        let token = replica_token(TOKEN, "api--job-1 ü");
+        assert_eq!(
+            replica_token_backend(TOKEN, token.as_bytes()).as_deref(),
+            Some("api--job-1 ü")
+        );
+        assert!(token.is_ascii() && !token.contains(' '));
+        // Another cluster's, a backend name swapped in, a cut MAC: refused.
+        assert_eq!(
+            replica_token_backend("0123456789abcdeg", token.as_bytes()),
+            None
+        );
+        let other = replica_token(TOKEN, "other");
+        let (mac, _) = token.rsplit_once('.').unwrap();
+        let (_, other_name) = other.rsplit_once('.').unwrap();
+        let swapped = format!("{mac}.{other_name}");
+        assert_eq!(replica_token_backend(TOKEN, swapped.as_bytes()), None);
+        assert_eq!(replica_token_backend(TOKEN, &token.as_bytes()[1..]), None);
+        assert_eq!(replica_token_backend(TOKEN, TOKEN.as_bytes()), None);
+    }
 
     #[test]
     fn derived_keys_differ_by_purpose_and_secret() {

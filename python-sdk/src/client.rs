@@ -340,12 +340,16 @@ impl Client {
         self.dotenv_salt.clone()
     }
 
+    /// `blobs`: the digests its replicas may fetch with their replica
+    /// token (a Cortex API's package and `.env`).
+    #[pyo3(signature = (name, code, config_json, blobs = Vec::new()))]
     fn create_backend(
         &self,
         py: Python<'_>,
         name: String,
         code: Vec<u8>,
         config_json: &str,
+        blobs: Vec<String>,
     ) -> PyResult<()> {
         let config = parse_config(config_json)?;
         let mut c = self.client.clone();
@@ -353,6 +357,7 @@ impl Client {
             name,
             code,
             config: Some(config),
+            blobs,
             ..Default::default()
         };
         block_on(py, async move { c.create_backend(backend).await }).map_err(status_err)?;
@@ -388,10 +393,18 @@ impl Client {
         Ok(())
     }
 
-    fn update_backend_code(&self, py: Python<'_>, name: String, code: Vec<u8>) -> PyResult<()> {
+    /// `blobs` replaces the backend's (see `create_backend`).
+    #[pyo3(signature = (name, code, blobs = Vec::new()))]
+    fn update_backend_code(
+        &self,
+        py: Python<'_>,
+        name: String,
+        code: Vec<u8>,
+        blobs: Vec<String>,
+    ) -> PyResult<()> {
         let mut c = self.client.clone();
         block_on(py, async move {
-            c.update_backend_code(UpdateBackendCodeRequest { name, code })
+            c.update_backend_code(UpdateBackendCodeRequest { name, code, blobs })
                 .await
         })
         .map_err(status_err)?;

@@ -469,7 +469,8 @@ fn replicas_get_a_scoped_token_and_peers_refuse_the_cluster_token() {
     );
     assert_eq!(
         replica_token,
-        serval_protos::auth::derive_hex(token.as_bytes(), serval_protos::auth::PURPOSE_REPLICA)
+        serval_protos::auth::replica_token(&token, "whoami"),
+        "a replica's token is its backend's"
     );
 
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -97,6 +97,7 @@ fn command() -> impl Strategy<Value = Command> {
         (name(), any::<bool>()).prop_map(|(name, code)| Command::UpdateBackendCode {
             name,
             code: if code { vec![2] } else { Vec::new() },
+            blobs: Vec::new(),
         }),
         (name(), any::<bool>()).prop_map(|(name, force)| Command::DeleteBackend { name, force }),
         (

@@ -349,6 +349,7 @@ fn new_code_rolls_one_replica_at_a_time_without_losing_capacity() {
     s.apply(Command::UpdateBackendCode {
         name: "b".into(),
         code: vec![9],
+        blobs: vec![],
     })
     .unwrap();
     assert_eq!(s.backends["b"].version, 2);
@@ -396,6 +397,7 @@ fn roll(max_surge: &str, max_unavailable: &str) -> (usize, usize) {
     s.apply(Command::UpdateBackendCode {
         name: "b".into(),
         code: vec![9],
+        blobs: vec![],
     })
     .unwrap();
     let (mut most, mut fewest_running) = (0, usize::MAX);
@@ -459,6 +461,7 @@ fn a_new_version_that_cannot_start_leaves_the_old_replicas_serving() {
     s.apply(Command::UpdateBackendCode {
         name: "b".into(),
         code: vec![7],
+        blobs: vec![],
     })
     .unwrap();
     let (new, _) = by_version(&s, "b");

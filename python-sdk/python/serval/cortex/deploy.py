@@ -181,6 +181,13 @@ def _store_dotenv(client, dotenv: Dict[str, str]) -> Dict[str, str]:
     return {"dotenv_blob": digest, "dotenv_version": hashlib.sha256(digest.encode()).hexdigest()}
 
 
+def _blobs(spec: dict, secrets: Dict[str, str]) -> List[str]:
+    """The blobs the API's replicas fetch, which their replica token may
+    read (and no other API's): the package and the ``.env``. A job's
+    workers read their API's."""
+    return [d for d in (spec.get("package"), secrets.get("dotenv_blob")) if d]
+
+
 def _code_spec(spec: dict, secrets: Dict[str, str]) -> dict:
     """What the API's replicas are built with: the record's spec and the
     digest of its ``.env`` blob."""
@@ -244,13 +251,13 @@ def _deploy_realtime(serve, client, spec: dict, secrets: Dict[str, str], old: Op
         if old is None and name in backends:
             raise ConfigError(f'api "{name}": name: a backend with this name exists (not deployed from a '
                               f"project folder)")
-        client.create_backend(name, code, config)
+        client.create_backend(name, code, config, _blobs(spec, secrets))
         _create_endpoint(serve, spec, descriptor)
         _record(client, spec, fingerprint)
         return "created"
     old_spec = json.loads(old.get("spec_json") or "{}")
     if {k: old_spec.get(k) for k in _CODE_KEYS} != {k: spec.get(k) for k in _CODE_KEYS}:
-        client.update_backend_code(name, code)
+        client.update_backend_code(name, code, _blobs(spec, secrets))
     if not old_spec.get("autoscaling") or _backend_config(old_spec) != _backend_config(spec):
         client.update_backend_config(name, config)
     if _endpoint_key(old_spec) != _endpoint_key(spec):
@@ -278,9 +285,9 @@ def _deploy_batch(serve, client, spec: dict, secrets: Dict[str, str], old: Optio
     code = serve._pickle_code(BatchGateway, (_code_spec(spec, secrets),))
     backends = {b["name"] for b in _snapshot().get("backends", [])}
     if name not in backends:
-        client.create_backend(name, code, json.dumps({"num_replicas": 1}))
+        client.create_backend(name, code, json.dumps({"num_replicas": 1}), _blobs(spec, secrets))
     else:
-        client.update_backend_code(name, code)
+        client.update_backend_code(name, code, _blobs(spec, secrets))
     endpoints = {e["name"]: e for e in _snapshot().get("endpoints", [])}
     if name in endpoints and (endpoints[name].get("route") or "") != spec["endpoint"]:
         serve.delete_endpoint(name)
