@@ -7,9 +7,11 @@
 //! A failed step is logged and retried on the next tick; each step's
 //! duration is a metric, and so are each backend's desired and running
 //! replica counts (`serval_backend_desired_replicas`,
-//! `serval_backend_running_replicas`).
+//! `serval_backend_running_replicas`, and `serval_backend_replicas` of
+//! autoscaled backends), reported by the leader only, for live backends
+//! only.
 
-use std::collections::BTreeSet;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::service::{Heartbeats, SharedAutoscaler};
@@ -21,6 +23,7 @@ pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_secs(10);
 const TICK: Duration = Duration::from_secs(1);
 pub const BACKEND_DESIRED_REPLICAS: &str = "serval_backend_desired_replicas";
 pub const BACKEND_RUNNING_REPLICAS: &str = "serval_backend_running_replicas";
+pub const BACKEND_AUTOSCALED_REPLICAS: &str = "serval_backend_replicas";
 
 pub struct Reconciler {
     pub raft: Raft,
@@ -36,8 +39,8 @@ impl Reconciler {
         // reach it (a new leader has seen no heartbeats yet).
         let mut leader_since = None;
         let mut tick = tokio::time::interval(TICK);
-        // Backends with replica-count gauges, zeroed when they go away.
-        let mut counted = BTreeSet::new();
+        // The replica-count gauges of each live backend (leader only).
+        let mut gauges = HashMap::new();
         loop {
             tick.tick().await;
             let is_leader = {
@@ -46,11 +49,14 @@ impl Reconciler {
             };
             if !is_leader {
                 leader_since = None;
+                // The new leader reports them: two heads' series of one
+                // backend would disagree.
+                gauges.clear();
                 continue;
             }
             let started = *leader_since.get_or_insert_with(Instant::now);
             let state = self.sm.current();
-            record_replica_counts(&state, &mut counted);
+            record_replica_counts(&state, &mut gauges);
             self.step("nodes", self.dead_nodes(&state, started)).await;
             self.step("autoscaling", self.autoscale(&state)).await;
         }
@@ -95,8 +101,6 @@ impl Reconciler {
             let Some(auto) = &config.autoscaling else {
                 continue;
             };
-            metrics::gauge!("serval_backend_replicas", "backend" => b.name.clone())
-                .set(config.num_replicas as f64);
             if let Some(n) = autoscaler.decide(&b.name, auto, config.num_replicas, now) {
                 tracing::info!(backend = %b.name, from = config.num_replicas, to = n, "autoscaling");
                 out.push(Command::Autoscale {
@@ -116,28 +120,47 @@ impl Reconciler {
     }
 }
 
+/// One backend's replica-count gauges, held for as long as it exists: in
+/// the recorder every process installs (`serval_proxy::metrics::install`)
+/// these families end with their last handle, so a deleted backend's
+/// series leave `/-/metrics` (a cluster that runs batch jobs creates a
+/// backend per job, without end).
+struct BackendGauges {
+    desired: metrics::Gauge,
+    running: metrics::Gauge,
+    /// Autoscaled backends only.
+    autoscaled: Option<metrics::Gauge>,
+}
+
 /// Sets each backend's desired (`num_replicas`) and running replica gauges;
-/// backends deleted since the last call drop to zero.
-fn record_replica_counts(state: &ClusterState, counted: &mut BTreeSet<String>) {
-    let mut running: std::collections::HashMap<&str, usize> = Default::default();
+/// the series of backends deleted since the last call go.
+fn record_replica_counts(state: &ClusterState, gauges: &mut HashMap<String, BackendGauges>) {
+    let mut running: HashMap<&str, usize> = HashMap::new();
     for r in state.replicas.values().filter(|r| r.state == "running") {
         *running.entry(r.backend.as_str()).or_default() += 1;
     }
+    gauges.retain(|name, _| state.backends.contains_key(name));
     for b in state.backends.values() {
+        let g = gauges
+            .entry(b.name.clone())
+            .or_insert_with(|| BackendGauges {
+                desired: metrics::gauge!(BACKEND_DESIRED_REPLICAS, "backend" => b.name.clone()),
+                running: metrics::gauge!(BACKEND_RUNNING_REPLICAS, "backend" => b.name.clone()),
+                autoscaled: None,
+            });
         let desired = b.config.as_ref().map_or(0, |c| c.num_replicas);
-        metrics::gauge!(BACKEND_DESIRED_REPLICAS, "backend" => b.name.clone()).set(desired as f64);
+        g.desired.set(desired as f64);
         let up = running.get(b.name.as_str()).copied().unwrap_or(0);
-        metrics::gauge!(BACKEND_RUNNING_REPLICAS, "backend" => b.name.clone()).set(up as f64);
-    }
-    counted.retain(|name| {
-        if state.backends.contains_key(name) {
-            return true;
+        g.running.set(up as f64);
+        let autoscaled = b.config.as_ref().is_some_and(|c| c.autoscaling.is_some());
+        if autoscaled != g.autoscaled.is_some() {
+            g.autoscaled = autoscaled
+                .then(|| metrics::gauge!(BACKEND_AUTOSCALED_REPLICAS, "backend" => b.name.clone()));
         }
-        metrics::gauge!(BACKEND_DESIRED_REPLICAS, "backend" => name.clone()).set(0.0);
-        metrics::gauge!(BACKEND_RUNNING_REPLICAS, "backend" => name.clone()).set(0.0);
-        false
-    });
-    counted.extend(state.backends.keys().cloned());
+        if let Some(gauge) = &g.autoscaled {
+            gauge.set(desired as f64);
+        }
+    }
 }
 
 /// Help texts of the controller's metrics (call once a recorder is installed).
@@ -148,7 +171,7 @@ pub fn describe_metrics() {
         "Duration of one reconcile step on the leader, by step"
     );
     metrics::describe_gauge!(
-        "serval_backend_replicas",
+        BACKEND_AUTOSCALED_REPLICAS,
         "Replica count the autoscaler works from, for autoscaled backends"
     );
     metrics::describe_gauge!(

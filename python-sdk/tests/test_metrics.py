@@ -134,6 +134,14 @@ def test_proxy_metrics_count_requests_and_track_replicas(cluster):
         assert time.monotonic() < deadline, "the restarted replica never answered"
         time.sleep(0.1)
 
+    # A deleted backend's series leave /-/metrics (a batch job makes a
+    # backend per job: kept series would grow without end).
+    serve.delete_endpoint("boom")
+    serve.delete_backend("boom")
+    wait_for_metric(
+        cluster.url, "the deleted backend's series to go",
+        lambda t: 'backend="boom"' not in t and 'endpoint="boom"' not in t)
+
 
 def test_batch_sizes_are_recorded_and_the_header_never_reaches_clients(cluster):
     # Four concurrent requests fill one batch of four long before the timeout.

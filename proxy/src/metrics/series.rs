@@ -46,6 +46,10 @@ pub const ENTITY_FAMILIES: &[&str] = &[
     // `serval_node::metrics` (the node agent; this crate cannot name it).
     "serval_node_replicas",
     "serval_replica_restarts_total",
+    // `serval_controller::reconciler` (the leader's replica counts).
+    "serval_backend_desired_replicas",
+    "serval_backend_running_replicas",
+    "serval_backend_replicas",
 ];
 
 pub(crate) fn is_entity_family(name: &str) -> bool {
