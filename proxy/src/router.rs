@@ -308,7 +308,7 @@ impl Router {
             let existing = b.replicas().iter().find(|x| x.id == r.id).cloned();
             let replica = match existing {
                 Some(x)
-                    if x.conn.same_target(&r.unix_path, &r.tcp_addr)
+                    if x.conn.same_target(&r.unix_path, &r.tcp_addr, r.tls)
                         && x.grpc_addr == r.grpc_addr =>
                 {
                     x
@@ -321,6 +321,7 @@ impl Router {
                         &r.id,
                         &r.unix_path,
                         &r.tcp_addr,
+                        r.tls,
                         self.inner.config.data_key,
                     ),
                     grpc_addr: r.grpc_addr.clone(),
