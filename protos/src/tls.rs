@@ -69,7 +69,7 @@ pub struct TlsSettings {
     ca_pem: Vec<u8>,
     domain: Option<String>,
     /// The data plane's client config, built on first use.
-    connector: OnceLock<Result<Arc<rustls::ClientConfig>, String>>,
+    data_config: OnceLock<Result<Arc<rustls::ClientConfig>, String>>,
 }
 
 impl TlsSettings {
@@ -83,7 +83,7 @@ impl TlsSettings {
             ca_path: std::path::absolute(ca).unwrap_or_else(|_| ca.to_path_buf()),
             ca_pem,
             domain: domain.filter(|d| !d.is_empty()),
-            connector: OnceLock::new(),
+            data_config: OnceLock::new(),
         })
     }
 
@@ -121,8 +121,8 @@ impl TlsSettings {
 
     /// The rustls client config of the data plane: the CA's certificates
     /// as the only roots.
-    fn connector(&self) -> Result<tokio_rustls::TlsConnector, String> {
-        self.connector
+    fn data_client_config(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+        self.data_config
             .get_or_init(|| {
                 let mut roots = rustls::RootCertStore::empty();
                 for cert in certificates(&self.ca_pem)? {
@@ -136,7 +136,6 @@ impl TlsSettings {
                 Ok(Arc::new(config))
             })
             .clone()
-            .map(tokio_rustls::TlsConnector::from)
     }
 
     /// The environment a child process (a replica) needs to connect the
@@ -281,13 +280,42 @@ pub async fn connect_replica(
     stream: TcpStream,
     addr: &str,
 ) -> Result<ClientTlsStream<TcpStream>, DataTlsError> {
+    connect(settings, stream, addr, None).await
+}
+
+/// [`connect_replica`] to a replica's gRPC server: HTTP/2 offered by ALPN,
+/// as gRPC over TLS requires.
+pub async fn connect_replica_h2(
+    settings: Option<&TlsSettings>,
+    stream: TcpStream,
+    addr: &str,
+) -> Result<ClientTlsStream<TcpStream>, DataTlsError> {
+    connect(settings, stream, addr, Some(b"h2")).await
+}
+
+async fn connect(
+    settings: Option<&TlsSettings>,
+    stream: TcpStream,
+    addr: &str,
+    alpn: Option<&[u8]>,
+) -> Result<ClientTlsStream<TcpStream>, DataTlsError> {
     let settings = settings.ok_or_else(|| DataTlsError::NoCa {
         addr: addr.to_owned(),
     })?;
-    let connector = settings.connector().map_err(|reason| DataTlsError::Ca {
-        ca: settings.ca_path.clone(),
-        reason,
-    })?;
+    let config = settings
+        .data_client_config()
+        .map_err(|reason| DataTlsError::Ca {
+            ca: settings.ca_path.clone(),
+            reason,
+        })?;
+    let connector = match alpn {
+        None => tokio_rustls::TlsConnector::from(config),
+        Some(protocol) => {
+            let mut config = (*config).clone();
+            config.alpn_protocols = vec![protocol.to_vec()];
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+        }
+    };
     let name = settings.server_name(host_of(addr)).to_owned();
     let server_name = pki_types::ServerName::try_from(name.clone())
         .map_err(|_| DataTlsError::BadName { name: name.clone() })?;

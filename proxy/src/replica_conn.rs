@@ -198,6 +198,10 @@ impl ReplicaConn {
         self.unix_path == unix_path && self.tcp_addr == tcp_addr && self.tls == tls
     }
 
+    pub(crate) fn tls(&self) -> bool {
+        self.tls
+    }
+
     pub(crate) fn available(&self, now: Instant) -> Availability {
         match &*lock(&self.state) {
             ConnState::Idle => Availability::Available,

@@ -653,6 +653,11 @@ impl Reservation {
         &self.slot.replica.grpc_addr
     }
 
+    /// Whether the replica's servers (gRPC included) speak TLS only.
+    pub fn tls(&self) -> bool {
+        self.slot.replica.conn.tls()
+    }
+
     pub fn backend(&self) -> &str {
         &self.slot.backend.name
     }
