@@ -169,6 +169,7 @@ impl ClusterState {
                         r.unix_path.clear();
                         r.tcp_addr.clear();
                         r.grpc_addr.clear();
+                        r.tls = false;
                         r.pid = 0;
                     }
                 }
@@ -194,6 +195,7 @@ impl ClusterState {
                     replica.unix_path.clear();
                     replica.tcp_addr.clear();
                     replica.grpc_addr.clear();
+                    replica.tls = false;
                     replica.pid = 0;
                 }
                 self.place_pending();
@@ -208,6 +210,7 @@ impl ClusterState {
                 replica.unix_path = report.unix_path;
                 replica.tcp_addr = report.tcp_addr;
                 replica.grpc_addr = report.grpc_addr;
+                replica.tls = report.tls;
                 replica.pid = report.pid;
                 replica.restarts = report.restarts;
                 let backend = replica.backend.clone();

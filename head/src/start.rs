@@ -150,13 +150,14 @@ pub struct StartArgs {
     /// cores, at least 1 (`serval_protos::default_worker_threads`).
     #[arg(long, env = "SERVAL_WORKERS")]
     workers: Option<usize>,
-    /// With --head: serve the control listener (clients and other heads)
-    /// over TLS with this certificate chain (PEM). Needs --tls-key and
-    /// --tls-ca (this head's own agent, proxy and peer connections verify
-    /// the heads with it).
-    #[arg(long, env = "SERVAL_TLS_CERT", requires_all = ["head", "tls_key"])]
+    /// This node's certificate chain (PEM): its replicas serve their TCP
+    /// data plane (frames, and a gRPC API's server) over TLS only, and a
+    /// head also serves its control listener (clients and other heads)
+    /// with it. Needs --tls-key and --tls-ca (routers and agents verify
+    /// replicas and heads with it). Unix sockets stay plaintext (local).
+    #[arg(long, env = "SERVAL_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
-    /// With --head: the private key (PEM) of --tls-cert.
+    /// The private key (PEM) of --tls-cert.
     #[arg(long, env = "SERVAL_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
 }
@@ -372,6 +373,20 @@ fn print_ready(info: &ClusterInfo, data_dir: &std::path::Path) {
 /// How long a starting agent retries registering with its controller.
 const REGISTER_DEADLINE: Duration = Duration::from_secs(30);
 
+/// The data plane's TLS identity of this node, from `--tls-cert/--tls-key`
+/// (read now, so a wrong file fails the start); the CA must be set too.
+fn data_tls(args: &StartArgs) -> anyhow::Result<Option<serval_protos::tls::DataPlaneIdentity>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    if serval_protos::tls::tls().is_none() {
+        bail!("--tls-cert needs --tls-ca (SERVAL_TLS_CA) too: routers and node agents verify replicas and heads with it, and this node's own connections to the cluster use it");
+    }
+    Ok(Some(serval_protos::tls::DataPlaneIdentity::load(
+        cert, key,
+    )?))
+}
+
 fn agent_config(
     args: &StartArgs,
     control_addr: &str,
@@ -379,6 +394,7 @@ fn agent_config(
     data_dir: &std::path::Path,
     is_head: bool,
     http_address: &str,
+    data_tls: Option<serval_protos::tls::DataPlaneIdentity>,
 ) -> AgentConfig {
     AgentConfig {
         control_addr: control_addr.to_string(),
@@ -395,6 +411,7 @@ fn agent_config(
         is_head,
         http_address: http_address.to_string(),
         tcp_host: replica_bind_host(args),
+        data_tls,
     }
 }
 
@@ -537,13 +554,9 @@ async fn run_head(
     data_dir: PathBuf,
     location: String,
 ) -> anyhow::Result<()> {
+    let data_tls = data_tls(&args)?;
     let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => {
-            if serval_protos::tls::tls().is_none() {
-                bail!("--tls-cert needs --tls-ca (SERVAL_TLS_CA) too: this head's own node agent, proxy and connections to other heads verify the heads' certificates with it");
-            }
-            Some(serval_protos::tls::server_config(cert, key)?)
-        }
+        (Some(cert), Some(key)) => Some(serval_protos::tls::server_config(cert, key)?),
         _ => None,
     };
     let metrics = install_metrics(&args)?;
@@ -675,7 +688,15 @@ async fn run_head(
     .await?;
 
     let agent = NodeAgent::register(
-        agent_config(&args, &control_addr, &token, &data_dir, true, &http_addr),
+        agent_config(
+            &args,
+            &control_addr,
+            &token,
+            &data_dir,
+            true,
+            &http_addr,
+            data_tls,
+        ),
         REGISTER_DEADLINE,
     )
     .await?;
@@ -791,6 +812,7 @@ async fn wait_for_leader(raft: &store::Raft) -> anyhow::Result<()> {
 }
 
 async fn run_node(cluster: ClusterArgs, args: StartArgs, data_dir: PathBuf) -> anyhow::Result<()> {
+    let data_tls = data_tls(&args)?;
     let metrics = install_metrics(&args)?;
     let control_addr = cluster.address.clone().unwrap_or_default();
     let token = cluster.token(&data_dir)?;
@@ -810,7 +832,15 @@ async fn run_node(cluster: ClusterArgs, args: StartArgs, data_dir: PathBuf) -> a
     let (proxy, http_addr) =
         proxy_if(every_node, &args, &control_addr, &token, metrics, stop_rx).await?;
     let agent = NodeAgent::register(
-        agent_config(&args, &control_addr, &token, &data_dir, false, &http_addr),
+        agent_config(
+            &args,
+            &control_addr,
+            &token,
+            &data_dir,
+            false,
+            &http_addr,
+            data_tls,
+        ),
         REGISTER_DEADLINE,
     )
     .await?;

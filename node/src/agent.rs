@@ -49,6 +49,8 @@ pub struct AgentConfig {
     pub http_address: String,
     /// Address replicas bind for routers on other nodes.
     pub tcp_host: String,
+    /// `--tls-cert/--tls-key`: this node's replicas serve TLS on TCP.
+    pub data_tls: Option<serval_protos::tls::DataPlaneIdentity>,
 }
 
 pub struct NodeAgent {
@@ -297,6 +299,7 @@ impl NodeAgent {
                 token: self.config.token.clone(),
                 cache_dir: self.config.data_dir.join("cache"),
                 proxy_address: nearest_proxy(&self.config.http_address, snapshot),
+                data_tls: self.config.data_tls.clone(),
             };
             tracing::info!(replica = %id, backend = %backend.name, "starting replica");
             self.supervisors

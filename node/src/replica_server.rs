@@ -3,12 +3,14 @@
 //! belongs to the cluster ([`serval_protos::handshake`]) before it reads a
 //! frame, then reads request frames and hands each to a [`Handler`], which
 //! answers through a [`Reply`] from any thread. `Reconfigure` and `Logs`
-//! are answered only on a connection that proved the agent's key. Python replicas implement [`Handler`] in python-sdk by queueing to
+//! are answered only on a connection that proved the agent's key. With a
+//! TLS identity the TCP listener serves TLS only (the handshake runs inside
+//! it; a peer that does not open TLS is closed with nothing decoded); the
+//! Unix socket, local and in a 0700 directory, stays plaintext. Python replicas implement [`Handler`] in python-sdk by queueing to
 //! their one Python thread; [`EchoHandler`] is the native Rust kind used by
 //! tests and benchmarks.
 
 use std::io::{Read, Seek, SeekFrom};
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +20,9 @@ use serval_protos::frame::{
     self, FrameError, FrameReader, LogsRequest, Payload, Request, RequestId, Response,
     LOG_SIZE_HEADER, MAX_LOGS_CHUNK,
 };
-use serval_protos::frame_socket::{self, FrameSender};
+use serval_protos::frame_socket::{self, FrameSender, SocketReader};
 use serval_protos::handshake::{self, Credential, ReplicaKeys, Role};
+use serval_protos::tls::{DataTlsError, TlsAcceptor};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
@@ -132,10 +135,12 @@ fn ok_pong() -> Response {
 }
 
 /// Serves connections from `unix` and `tcp` until `shutdown` resolves. Each
-/// connection first passes the handshake with `keys`.
+/// connection first passes the handshake with `keys`; with `tls`, a TCP
+/// connection first opens TLS, and the handshake runs inside it.
 pub async fn serve(
     unix: Option<UnixListener>,
     tcp: Option<TcpListener>,
+    tls: Option<TlsAcceptor>,
     keys: ReplicaKeys,
     handler: Arc<dyn Handler>,
     shutdown: impl std::future::Future<Output = ()>,
@@ -164,7 +169,12 @@ pub async fn serve(
             match listener.accept().await {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    admit(stream, keys, handler.clone(), &slots);
+                    match &tls {
+                        Some(acceptor) => {
+                            admit(Tls(stream, acceptor.clone()), keys, handler.clone(), &slots)
+                        }
+                        None => admit(stream, keys, handler.clone(), &slots),
+                    }
                 }
                 Err(e) => tracing::warn!(error = %e, "tcp accept failed"),
             }
@@ -177,28 +187,70 @@ pub async fn serve(
     }
 }
 
-/// A socket the replica may serve: Unix or TCP, turned into a plain
-/// descriptor for the frame socket once the handshake passed.
-trait Accepted: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    fn into_fd(self) -> std::io::Result<OwnedFd>;
+/// The frame reader, sender and writer task of a connection.
+type Frames = (
+    FrameReader<SocketReader>,
+    FrameSender,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+);
+
+/// A connection the replica may serve: Unix, TCP or TLS over TCP. `open`
+/// makes the stream the handshake runs on (a TLS accept for TLS), and
+/// `frames` hands it to the frame socket once the handshake passed: a
+/// plain socket as its descriptor (the fast path), TLS as a stream.
+trait Accepted: Send + 'static {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn open(self) -> impl std::future::Future<Output = Result<Self::Stream, String>> + Send;
+    fn frames(stream: Self::Stream) -> std::io::Result<Frames>;
 }
 
 impl Accepted for tokio::net::UnixStream {
-    fn into_fd(self) -> std::io::Result<OwnedFd> {
-        Ok(self.into_std()?.into())
+    type Stream = Self;
+    async fn open(self) -> Result<Self, String> {
+        Ok(self)
+    }
+    fn frames(stream: Self) -> std::io::Result<Frames> {
+        frame_socket::open(stream.into_std()?.into())
     }
 }
 
 impl Accepted for tokio::net::TcpStream {
-    fn into_fd(self) -> std::io::Result<OwnedFd> {
-        Ok(self.into_std()?.into())
+    type Stream = Self;
+    async fn open(self) -> Result<Self, String> {
+        Ok(self)
+    }
+    fn frames(stream: Self) -> std::io::Result<Frames> {
+        frame_socket::open(stream.into_std()?.into())
+    }
+}
+
+/// A TCP connection to a replica that serves TLS.
+struct Tls(tokio::net::TcpStream, TlsAcceptor);
+
+impl Accepted for Tls {
+    type Stream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    async fn open(self) -> Result<Self::Stream, String> {
+        // Bounded like the handshake: a peer that never finishes the TLS
+        // handshake (a plaintext one waiting for our challenge) holds a
+        // connection slot for no longer.
+        match tokio::time::timeout(handshake::HANDSHAKE_TIMEOUT, self.1.accept(self.0)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(format!("TLS: {e}")),
+            Err(_) => Err(format!(
+                "TLS: no handshake within {:?}",
+                handshake::HANDSHAKE_TIMEOUT
+            )),
+        }
+    }
+    fn frames(stream: Self::Stream) -> std::io::Result<Frames> {
+        Ok(frame_socket::open_stream(stream))
     }
 }
 
 /// Takes a connection slot (or closes the connection when none is free),
 /// then runs the handshake and serves the connection on its own task.
 fn admit<S: Accepted>(
-    mut stream: S,
+    accepted: S,
     keys: ReplicaKeys,
     handler: Arc<dyn Handler>,
     slots: &Arc<Semaphore>,
@@ -212,6 +264,13 @@ fn admit<S: Accepted>(
     };
     tokio::spawn(async move {
         let _slot = slot;
+        let mut stream = match accepted.open().await {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "refused a data-plane connection");
+                return;
+            }
+        };
         let role = match handshake::accept(&mut stream, &keys).await {
             Ok(role) => role,
             Err(e) => {
@@ -219,8 +278,8 @@ fn admit<S: Accepted>(
                 return;
             }
         };
-        match stream.into_fd() {
-            Ok(fd) => serve_connection(fd, handler, role).await,
+        match S::frames(stream) {
+            Ok(frames) => serve_connection(frames, handler, role).await,
             Err(e) => tracing::warn!(error = %e, "cannot serve a router connection"),
         }
     });
@@ -240,14 +299,8 @@ pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
     UnixListener::bind(path)
 }
 
-async fn serve_connection(socket: OwnedFd, handler: Arc<dyn Handler>, role: Role) {
-    let (mut reader, tx, _writer) = match frame_socket::open(socket) {
-        Ok(parts) => parts,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot serve a router connection");
-            return;
-        }
-    };
+async fn serve_connection(frames: Frames, handler: Arc<dyn Handler>, role: Role) {
+    let (mut reader, tx, _writer) = frames;
     loop {
         match reader.next().await {
             Ok(Some((id, body))) => {
@@ -386,14 +439,19 @@ pub enum FetchLogsError {
     NoSize,
     #[error("replica handshake: {0}")]
     Handshake(#[from] handshake::HandshakeError),
+    #[error("{0}")]
+    Tls(#[from] DataTlsError),
 }
 
 /// Reads one chunk of a replica's log over a one-shot frame connection:
-/// its Unix socket when that exists on this machine (same node), else TCP,
-/// as a router connects. Logs are read rarely, so no connection is kept.
+/// its Unix socket when that exists on this machine (same node), else TCP
+/// (TLS when `tls`, the replica record's flag, verified against this
+/// process's `--tls-ca`), as a router connects. Logs are read rarely, so no
+/// connection is kept.
 pub async fn fetch_logs(
     unix_path: &str,
     tcp_addr: &str,
+    tls: bool,
     credential: &Credential,
     request: LogsRequest,
     timeout: Duration,
@@ -416,6 +474,12 @@ pub async fn fetch_logs(
         let stream = tokio::net::TcpStream::connect(tcp_addr)
             .await
             .map_err(|e| FetchLogsError::Connect(format!("tcp {tcp_addr}: {e}")))?;
+        if tls {
+            let settings = serval_protos::tls::tls();
+            let stream =
+                serval_protos::tls::connect_replica(settings.as_deref(), stream, tcp_addr).await?;
+            return exchange_logs(stream, credential, request).await;
+        }
         exchange_logs(stream, credential, request).await
     };
     tokio::time::timeout(timeout, exchange)
@@ -565,6 +629,7 @@ mod tests {
         let server = tokio::spawn(serve(
             Some(unix),
             None,
+            None,
             keys(),
             Arc::new(NoHandler),
             async {
@@ -575,7 +640,7 @@ mod tests {
         let timeout = Duration::from_secs(10);
         // The test binary's stderr may be a file, a pipe or a terminal:
         // compare with what this process reads from its own fd 2.
-        let answer = fetch_logs(socket, "", &agent(), logs(0, 16), timeout).await;
+        let answer = fetch_logs(socket, "", false, &agent(), logs(0, 16), timeout).await;
         match read_log_chunk(Path::new(OWN_STDERR), logs(0, 16)) {
             Ok((bytes, _)) => assert_eq!(answer.unwrap().bytes, bytes),
             Err(LogReadError::NotAFile) => match answer {
@@ -589,16 +654,23 @@ mod tests {
         }
         // No socket file here and no TCP address: a clear connect error.
         let missing = dir.path().join("gone.sock");
-        let err = fetch_logs(missing.to_str().unwrap(), "", &agent(), logs(0, 1), timeout)
-            .await
-            .unwrap_err();
+        let err = fetch_logs(
+            missing.to_str().unwrap(),
+            "",
+            false,
+            &agent(),
+            logs(0, 1),
+            timeout,
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, FetchLogsError::Connect(_)), "{err}");
         // A router's credential is a data-plane member, not the agent.
         let router = Credential {
             role: Role::Router,
             key: keys().data,
         };
-        match fetch_logs(socket, "", &router, logs(0, 16), timeout).await {
+        match fetch_logs(socket, "", false, &router, logs(0, 16), timeout).await {
             Err(FetchLogsError::Refused { status: 403, .. }) => {}
             other => panic!("expected a 403, got {other:?}"),
         }
@@ -619,6 +691,7 @@ mod tests {
         let server = tokio::spawn(serve(
             Some(unix),
             Some(tcp),
+            None,
             keys(),
             Arc::new(NoHandler),
             async {
@@ -663,6 +736,7 @@ mod tests {
         let err = fetch_logs(
             socket.to_str().unwrap(),
             "",
+            false,
             &stranger,
             logs(0, 1),
             Duration::from_secs(10),

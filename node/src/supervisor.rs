@@ -54,6 +54,8 @@ pub struct ReplicaSpec {
     /// HOST:PORT of the nearest HTTP proxy (empty: none), for user code
     /// that calls other endpoints over HTTP: SERVAL_PROXY_URL.
     pub proxy_address: String,
+    /// The node's `--tls-cert/--tls-key`: the replica serves TLS on TCP.
+    pub data_tls: Option<serval_protos::tls::DataPlaneIdentity>,
 }
 
 /// The running supervisor; dropping it does not stop the replica, `stop` does.
@@ -114,6 +116,9 @@ struct StatusLine {
     tcp_addr: String,
     #[serde(default)]
     grpc_addr: String,
+    /// Its TCP listener serves TLS only.
+    #[serde(default)]
+    tls: bool,
     #[serde(default)]
     pid: u32,
 }
@@ -181,6 +186,7 @@ async fn supervise(
                             unix_path: status.unix_path,
                             tcp_addr: status.tcp_addr,
                             grpc_addr: status.grpc_addr,
+                            tls: status.tls,
                             pid: status.pid,
                             ..base.clone()
                         };
@@ -470,6 +476,17 @@ async fn start(spec: &ReplicaSpec, config: &BackendConfig) -> Result<Child, Stri
     // agent does: with TLS when it has a CA.
     if let Some(tls) = serval_protos::tls::tls() {
         cmd.envs(tls.env());
+    }
+    // The replica serves TLS on TCP exactly when its node has a
+    // certificate: never from one the node's environment happens to hold.
+    match &spec.data_tls {
+        Some(identity) => {
+            cmd.envs(identity.env());
+        }
+        None => {
+            cmd.env_remove(serval_protos::tls::ENV_TLS_CERT)
+                .env_remove(serval_protos::tls::ENV_TLS_KEY);
+        }
     }
     cmd.spawn()
         .map_err(|e| format!("cannot start {}: {e}", spec.python.display()))

@@ -63,7 +63,7 @@ impl ThreadedReplica {
                     .expect("bind replica port");
                 let addr = tcp.local_addr().expect("replica port").to_string();
                 let _ = ready_tx.send(addr);
-                serve(Some(unix), Some(tcp), keys, handler, async move {
+                serve(Some(unix), Some(tcp), None, keys, handler, async move {
                     let _ = stop_rx.await;
                 })
                 .await;

@@ -21,6 +21,11 @@
 //! Frames are never interleaved: whoever writes holds the socket (the
 //! `writing` flag, or the state lock for a direct write), and a direct write
 //! only happens when nothing is queued, so frames leave in the order sent.
+//!
+//! [`open_stream`] serves the same reader and sender over any byte stream
+//! (a TLS stream: its records are framed and encrypted in user space, so
+//! the descriptor cannot be written directly). There the writer task does
+//! every write, and the reader and writer use tokio's own readiness.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -32,7 +37,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::BytesMut;
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, Interest, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
@@ -66,17 +71,32 @@ pub fn open(
     let socket = Socket::from(fd);
     socket.set_nonblocking(true)?;
     let writer_socket = socket.try_clone()?;
-    let reader = SocketReader {
-        fd: register(socket, Interest::READABLE)?,
-    };
-    let out = Arc::new(Outgoing {
-        socket: writer_socket,
-        state: Mutex::new(State::default()),
-        notify: Notify::new(),
-        senders: AtomicUsize::new(1),
-    });
-    let task = tokio::spawn(write_loop(out.clone()));
+    let reader = SocketReader::Fd(register(socket, Interest::READABLE)?);
+    let out = Outgoing::new(Some(writer_socket));
+    let task = tokio::spawn(write_loop(out.clone(), Sink::Fd));
     Ok((FrameReader::new(reader), FrameSender { out }, task))
+}
+
+/// [`open`] over a byte stream that is not a plain socket (TLS): the same
+/// reader, sender and writer task, with every write made by the task.
+pub fn open_stream<S>(
+    stream: S,
+) -> (
+    FrameReader<SocketReader>,
+    FrameSender,
+    JoinHandle<io::Result<()>>,
+)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (read, write) = tokio::io::split(stream);
+    let out = Outgoing::new(None);
+    let task = tokio::spawn(write_loop(out.clone(), Sink::Stream(Box::new(write))));
+    (
+        FrameReader::new(SocketReader::Stream(Box::new(read))),
+        FrameSender { out },
+        task,
+    )
 }
 
 /// Registers `socket` with the runtime for `interest` only.
@@ -89,9 +109,11 @@ fn register(socket: Socket, interest: Interest) -> io::Result<AsyncFd<Socket>> {
     AsyncFd::with_interest(socket, interest)
 }
 
-/// The read half: a socket registered for readable events only.
-pub struct SocketReader {
-    fd: AsyncFd<Socket>,
+/// The read half: a socket registered for readable events only, or the
+/// read half of a stream.
+pub enum SocketReader {
+    Fd(AsyncFd<Socket>),
+    Stream(Box<dyn AsyncRead + Send + Unpin>),
 }
 
 impl AsyncRead for SocketReader {
@@ -100,8 +122,12 @@ impl AsyncRead for SocketReader {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let fd = match self.get_mut() {
+            SocketReader::Fd(fd) => fd,
+            SocketReader::Stream(stream) => return Pin::new(stream).poll_read(cx, buf),
+        };
         loop {
-            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            let mut guard = ready!(fd.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
             match guard.try_io(|fd| fd.get_ref().read(unfilled)) {
                 Ok(Ok(n)) => {
@@ -134,14 +160,58 @@ struct State {
 }
 
 struct Outgoing {
-    socket: Socket,
+    /// The socket for direct writes; `None` for a stream, which only the
+    /// writer task writes.
+    socket: Option<Socket>,
     state: Mutex<State>,
     /// Wakes the writer task: frames queued, or the last sender gone.
     notify: Notify,
     senders: AtomicUsize,
 }
 
+/// Where the writer task's batches go.
+enum Sink {
+    /// `Outgoing::socket`.
+    Fd,
+    Stream(Box<dyn AsyncWrite + Send + Unpin>),
+}
+
+impl Sink {
+    async fn write_all(&mut self, out: &Outgoing, bytes: &[u8]) -> io::Result<()> {
+        match (self, &out.socket) {
+            (Sink::Fd, Some(socket)) => write_all(socket, bytes).await,
+            (Sink::Stream(stream), _) => {
+                stream.write_all(bytes).await?;
+                stream.flush().await
+            }
+            (Sink::Fd, None) => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    /// Ends the sending direction once every sender is gone.
+    async fn shutdown(&mut self, out: &Outgoing) {
+        match (self, &out.socket) {
+            (Sink::Fd, Some(socket)) => {
+                let _ = socket.shutdown(std::net::Shutdown::Write);
+            }
+            (Sink::Stream(stream), _) => {
+                let _ = stream.shutdown().await;
+            }
+            (Sink::Fd, None) => {}
+        }
+    }
+}
+
 impl Outgoing {
+    fn new(socket: Option<Socket>) -> Arc<Self> {
+        Arc::new(Outgoing {
+            socket,
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            senders: AtomicUsize::new(1),
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -178,13 +248,15 @@ impl FrameSender {
         if state.closed.is_some() {
             return Err(Closed);
         }
-        let direct = !state.writing
-            && state.queue.is_empty()
-            && tokio::runtime::Handle::try_current().is_err();
-        let rest = if direct {
+        let direct = self.out.socket.as_ref().filter(|_| {
+            !state.writing
+                && state.queue.is_empty()
+                && tokio::runtime::Handle::try_current().is_err()
+        });
+        let rest = if let Some(socket) = direct {
             // Written under the lock, so the writer task cannot start a
             // batch in between and frames keep their order.
-            match write_some(&self.out.socket, frames) {
+            match write_some(socket, frames) {
                 Ok(written) => &frames[written..],
                 Err(e) => {
                     state.closed = Some(e.kind());
@@ -255,7 +327,8 @@ async fn write_all(socket: &Socket, bytes: &[u8]) -> io::Result<()> {
 
 /// Closes the connection when the writer task goes away without having
 /// closed it itself (its runtime shut down, or it was aborted): like a
-/// dropped socket, even while replies still hold senders.
+/// dropped socket, even while replies still hold senders. (A stream's write
+/// half goes with the task; its read half ends with its reader.)
 struct CloseOnDrop(Arc<Outgoing>);
 
 impl Drop for CloseOnDrop {
@@ -263,12 +336,14 @@ impl Drop for CloseOnDrop {
         let mut state = self.0.lock();
         if state.closed.is_none() {
             state.closed = Some(io::ErrorKind::BrokenPipe);
-            let _ = self.0.socket.shutdown(std::net::Shutdown::Both);
+            if let Some(socket) = &self.0.socket {
+                let _ = socket.shutdown(std::net::Shutdown::Both);
+            }
         }
     }
 }
 
-async fn write_loop(out: Arc<Outgoing>) -> io::Result<()> {
+async fn write_loop(out: Arc<Outgoing>, mut sink: Sink) -> io::Result<()> {
     let _close = CloseOnDrop(out.clone());
     let mut batch = BytesMut::with_capacity(64 * 1024);
     loop {
@@ -279,26 +354,30 @@ async fn write_loop(out: Arc<Outgoing>) -> io::Result<()> {
         // one. With nothing else runnable this returns at once.
         tokio::task::yield_now().await;
         loop {
-            {
+            let last_sender_gone = {
                 let mut state = out.lock();
                 if let Some(kind) = state.closed {
                     return Err(kind.into());
                 }
                 if state.queue.is_empty() {
                     state.writing = false;
-                    if out.senders.load(Ordering::Acquire) == 0 {
-                        state.closed = Some(io::ErrorKind::NotConnected);
-                        drop(state);
-                        let _ = out.socket.shutdown(std::net::Shutdown::Write);
-                        return Ok(());
+                    if out.senders.load(Ordering::Acquire) != 0 {
+                        break;
                     }
-                    break;
+                    state.closed = Some(io::ErrorKind::NotConnected);
+                    true
+                } else {
+                    state.writing = true;
+                    let take = state.queue.len().min(MAX_BATCH);
+                    batch.extend_from_slice(&state.queue.split_to(take));
+                    false
                 }
-                state.writing = true;
-                let take = state.queue.len().min(MAX_BATCH);
-                batch.extend_from_slice(&state.queue.split_to(take));
+            };
+            if last_sender_gone {
+                sink.shutdown(&out).await;
+                return Ok(());
             }
-            if let Err(e) = write_all(&out.socket, &batch).await {
+            if let Err(e) = sink.write_all(&out, &batch).await {
                 out.lock().closed = Some(e.kind());
                 return Err(e);
             }
@@ -329,7 +408,25 @@ mod tests {
     async fn frames_from_tasks_and_threads_arrive_whole_and_in_order() {
         let (a, b) = UnixStream::pair().unwrap();
         let (_, tx, writer) = open(a.into()).unwrap();
-        let (mut reader, _, _) = open(b.into()).unwrap();
+        let (reader, _, _) = open(b.into()).unwrap();
+        arrive_whole_and_in_order(tx, writer, reader).await;
+    }
+
+    /// The same over a stream (what TLS connections use): threads queue
+    /// their frames for the writer task.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_over_a_stream_arrive_whole_and_in_order() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (_, tx, writer) = open_stream(a);
+        let (reader, _, _) = open_stream(b);
+        arrive_whole_and_in_order(tx, writer, reader).await;
+    }
+
+    async fn arrive_whole_and_in_order(
+        tx: FrameSender,
+        writer: JoinHandle<io::Result<()>>,
+        mut reader: FrameReader<SocketReader>,
+    ) {
         let mut threads = Vec::new();
         for t in 0..3u64 {
             let tx = tx.clone();

@@ -22,10 +22,11 @@
 //! (the replica's own agent key: its node agent, or an admin, may also
 //! reconfigure it and read its log).
 //!
-//! Why not TLS: the handshake runs once per long-lived connection and adds
-//! nothing per request; it needs no certificates on replicas. It does not
-//! encrypt: on an untrusted network run the data plane over a private
-//! network or a VPN (SECURITY.md).
+//! Why not TLS alone: the handshake runs once per long-lived connection and
+//! adds nothing per request; it needs no certificates on replicas, and it
+//! proves cluster membership, which a server certificate does not. It does
+//! not encrypt: with `--tls-cert/--tls-key` on a node its replicas' TCP
+//! connections are TLS and this handshake runs inside (`crate::tls`).
 
 use std::time::Duration;
 

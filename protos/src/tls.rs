@@ -1,4 +1,5 @@
-//! TLS on the control plane (tonic over rustls with the `ring` provider).
+//! TLS on the control plane (tonic over rustls with the `ring` provider)
+//! and, optionally, on the data plane's TCP connections.
 //!
 //! A head given `--tls-cert/--tls-key` serves its control listener (the
 //! `Control` and `RaftPeer` services) over TLS only; every client given
@@ -15,16 +16,33 @@
 //! environment) sets it once at start and no signature changes. Replicas
 //! get it through the environment (`SERVAL_TLS_CA`, `SERVAL_TLS_DOMAIN`),
 //! set by their supervisor from this same setting.
+//!
+//! The data plane: a node (head or not) given `--tls-cert/--tls-key` hands
+//! the paths to its replicas ([`DataPlaneIdentity::env`]), whose TCP frame
+//! listener then serves TLS only ([`DataPlaneIdentity::acceptor`]); the
+//! replica's record says so (`Replica.tls`), and a router connecting to it
+//! over TCP verifies it with the same process-wide CA setting
+//! ([`connect_replica`]). The data-plane handshake
+//! (`crate::handshake`) then runs inside the TLS stream. Unix sockets stay
+//! plaintext: they never leave the machine and live in a 0700 directory.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
+use tokio::net::TcpStream;
+use tokio_rustls::rustls::{self, pki_types};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+pub use tokio_rustls::{client::TlsStream as ClientTlsStream, TlsAcceptor};
 
 /// Environment variables the SDK (and replicas) read; the `serve` binary
 /// reads the same through its flags.
 pub const ENV_TLS_CA: &str = "SERVAL_TLS_CA";
 pub const ENV_TLS_DOMAIN: &str = "SERVAL_TLS_DOMAIN";
+/// A node's certificate and key (`--tls-cert/--tls-key`), as its replicas
+/// get them: their TCP frame listener (and a gRPC API's server) serve TLS.
+pub const ENV_TLS_CERT: &str = "SERVAL_TLS_CERT";
+pub const ENV_TLS_KEY: &str = "SERVAL_TLS_KEY";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -36,12 +54,22 @@ pub enum TlsError {
     },
 }
 
+impl TlsError {
+    /// The same error naming `flag` instead (an environment variable).
+    fn named(self, flag: &'static str) -> Self {
+        let TlsError::File { path, reason, .. } = self;
+        TlsError::File { flag, path, reason }
+    }
+}
+
 /// How this process's control clients use TLS.
 #[derive(Clone, Debug)]
 pub struct TlsSettings {
     ca_path: PathBuf,
     ca_pem: Vec<u8>,
     domain: Option<String>,
+    /// The data plane's client config, built on first use.
+    data_config: OnceLock<Result<Arc<rustls::ClientConfig>, String>>,
 }
 
 impl TlsSettings {
@@ -55,6 +83,7 @@ impl TlsSettings {
             ca_path: std::path::absolute(ca).unwrap_or_else(|_| ca.to_path_buf()),
             ca_pem,
             domain: domain.filter(|d| !d.is_empty()),
+            data_config: OnceLock::new(),
         })
     }
 
@@ -64,11 +93,7 @@ impl TlsSettings {
             None => Ok(None),
             Some(ca) => Self::load(Path::new(&ca), std::env::var(ENV_TLS_DOMAIN).ok())
                 .map(Some)
-                .map_err(|TlsError::File { path, reason, .. }| TlsError::File {
-                    flag: ENV_TLS_CA,
-                    path,
-                    reason,
-                }),
+                .map_err(|e| e.named(ENV_TLS_CA)),
         }
     }
 
@@ -92,6 +117,25 @@ impl TlsSettings {
             Some(d) => config.domain_name(d.clone()),
             None => config,
         }
+    }
+
+    /// The rustls client config of the data plane: the CA's certificates
+    /// as the only roots.
+    fn data_client_config(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+        self.data_config
+            .get_or_init(|| {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in certificates(&self.ca_pem)? {
+                    roots.add(cert).map_err(|e| e.to_string())?;
+                }
+                let config = rustls::ClientConfig::builder_with_provider(provider())
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| e.to_string())?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                Ok(Arc::new(config))
+            })
+            .clone()
     }
 
     /// The environment a child process (a replica) needs to connect the
@@ -125,6 +169,181 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<ServerTlsConfig, TlsErro
     let cert_pem = read_pem(cert, "--tls-cert", "CERTIFICATE")?;
     let key_pem = read_pem(key, "--tls-key", "PRIVATE KEY")?;
     Ok(ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem)))
+}
+
+/// A node's identity on the data plane: the certificate chain and key its
+/// replicas serve TLS with.
+#[derive(Clone)]
+pub struct DataPlaneIdentity {
+    cert: PathBuf,
+    key: PathBuf,
+    acceptor: TlsAcceptor,
+}
+
+impl std::fmt::Debug for DataPlaneIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataPlaneIdentity")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DataPlaneIdentity {
+    /// Reads and checks the files now (`--tls-cert`, `--tls-key`), so that
+    /// a wrong one fails the node's start, not each replica's.
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let cert_pem = read_pem(cert, "--tls-cert", "CERTIFICATE")?;
+        let key_pem = read_pem(key, "--tls-key", "PRIVATE KEY")?;
+        let file_err = |flag, path: &Path, reason: String| TlsError::File {
+            flag,
+            path: path.to_path_buf(),
+            reason,
+        };
+        let chain = certificates(&cert_pem).map_err(|r| file_err("--tls-cert", cert, r))?;
+        let private =
+            <pki_types::PrivateKeyDer as pki_types::pem::PemObject>::from_pem_slice(&key_pem)
+                .map_err(|e| file_err("--tls-key", key, format!("no usable private key: {e}")))?;
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .and_then(|b| b.with_no_client_auth().with_single_cert(chain, private))
+            .map_err(|e| file_err("--tls-key", key, format!("does not fit --tls-cert: {e}")))?;
+        let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        Ok(DataPlaneIdentity {
+            cert: absolute(cert),
+            key: absolute(key),
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+        })
+    }
+
+    /// From `SERVAL_TLS_CERT` / `SERVAL_TLS_KEY` (a replica's environment);
+    /// `None` when no certificate is set.
+    pub fn from_env() -> Result<Option<Self>, TlsError> {
+        let Some(cert) = std::env::var_os(ENV_TLS_CERT).filter(|v| !v.is_empty()) else {
+            return Ok(None);
+        };
+        let key = std::env::var_os(ENV_TLS_KEY).unwrap_or_default();
+        Self::load(Path::new(&cert), Path::new(&key))
+            .map(Some)
+            .map_err(|e| match e {
+                TlsError::File {
+                    flag: "--tls-cert", ..
+                } => e.named(ENV_TLS_CERT),
+                e => e.named(ENV_TLS_KEY),
+            })
+    }
+
+    /// Accepts the TLS side of a connection.
+    pub fn acceptor(&self) -> &TlsAcceptor {
+        &self.acceptor
+    }
+
+    /// The environment a replica needs to serve with this identity.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            (ENV_TLS_CERT, self.cert.display().to_string()),
+            (ENV_TLS_KEY, self.key.display().to_string()),
+        ]
+    }
+}
+
+/// Why a TLS connection to a replica could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum DataTlsError {
+    #[error(
+        "the replica at {addr} serves TLS but this process has no CA to verify it with: \
+         pass the cluster's CA certificate with --tls-ca or {ENV_TLS_CA}"
+    )]
+    NoCa { addr: String },
+    #[error("--tls-ca {}: {reason}", ca.display())]
+    Ca { ca: PathBuf, reason: String },
+    #[error("'{name}' is not a valid TLS server name (set --tls-domain or {ENV_TLS_DOMAIN})")]
+    BadName { name: String },
+    #[error(
+        "TLS with the replica at {addr}: {reason} (its certificate was checked against \
+         --tls-ca {} for the name '{name}')", ca.display()
+    )]
+    Handshake {
+        addr: String,
+        name: String,
+        ca: PathBuf,
+        reason: String,
+    },
+}
+
+/// Opens TLS on `stream`, connected to the replica at `addr`, verifying
+/// the replica against `settings` (the process's [`tls`] setting, unless a
+/// caller has another) for the host of `addr` or the configured domain.
+/// The caller bounds the time it may take.
+pub async fn connect_replica(
+    settings: Option<&TlsSettings>,
+    stream: TcpStream,
+    addr: &str,
+) -> Result<ClientTlsStream<TcpStream>, DataTlsError> {
+    connect(settings, stream, addr, None).await
+}
+
+/// [`connect_replica`] to a replica's gRPC server: HTTP/2 offered by ALPN,
+/// as gRPC over TLS requires.
+pub async fn connect_replica_h2(
+    settings: Option<&TlsSettings>,
+    stream: TcpStream,
+    addr: &str,
+) -> Result<ClientTlsStream<TcpStream>, DataTlsError> {
+    connect(settings, stream, addr, Some(b"h2")).await
+}
+
+async fn connect(
+    settings: Option<&TlsSettings>,
+    stream: TcpStream,
+    addr: &str,
+    alpn: Option<&[u8]>,
+) -> Result<ClientTlsStream<TcpStream>, DataTlsError> {
+    let settings = settings.ok_or_else(|| DataTlsError::NoCa {
+        addr: addr.to_owned(),
+    })?;
+    let config = settings
+        .data_client_config()
+        .map_err(|reason| DataTlsError::Ca {
+            ca: settings.ca_path.clone(),
+            reason,
+        })?;
+    let connector = match alpn {
+        None => tokio_rustls::TlsConnector::from(config),
+        Some(protocol) => {
+            let mut config = (*config).clone();
+            config.alpn_protocols = vec![protocol.to_vec()];
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+        }
+    };
+    let name = settings.server_name(host_of(addr)).to_owned();
+    let server_name = pki_types::ServerName::try_from(name.clone())
+        .map_err(|_| DataTlsError::BadName { name: name.clone() })?;
+    connector
+        .connect(server_name, stream)
+        .await
+        .map_err(|e| DataTlsError::Handshake {
+            addr: addr.to_owned(),
+            name,
+            ca: settings.ca_path.clone(),
+            reason: e.to_string(),
+        })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The DER certificates of a PEM text; at least one.
+fn certificates(pem: &[u8]) -> Result<Vec<pki_types::CertificateDer<'static>>, String> {
+    use pki_types::pem::PemObject;
+    let certs = pki_types::CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("unreadable PEM certificate: {e}"))?;
+    if certs.is_empty() {
+        return Err("no PEM CERTIFICATE in it".into());
+    }
+    Ok(certs)
 }
 
 fn read_pem(path: &Path, flag: &'static str, kind: &str) -> Result<Vec<u8>, TlsError> {

@@ -2,8 +2,10 @@
 //!
 //! The connection is opened lazily by the first request routed to the
 //! replica: over its Unix socket when the socket file exists on this machine
-//! (same node), else over TCP; the router then proves the cluster's
-//! data-plane key and checks the replica's proof
+//! (same node), else over TCP: with TLS when the replica's record says it
+//! serves TLS, verified against this process's `--tls-ca`
+//! ([`serval_protos::tls::connect_replica`]). The router then proves the
+//! cluster's data-plane key and checks the replica's proof
 //! ([`serval_protos::handshake`]) before any frame is sent. Many requests share it: each gets an id from
 //! an atomic counter and a oneshot in the pending map; a writer task
 //! coalesces outgoing frames; a reader task completes pending requests by id.
@@ -16,14 +18,13 @@
 //! backoff (capped), so a dead replica is probed, not hammered.
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serval_protos::frame::{self, FrameError, FrameReader, Request, RequestId, Response};
-use serval_protos::frame_socket::{self, FrameSender};
+use serval_protos::frame_socket::{self, FrameSender, SocketReader};
 use serval_protos::handshake::{self, Credential, Key, Role};
 use tokio::io::AsyncRead;
 use tokio::sync::oneshot;
@@ -36,6 +37,15 @@ const RECONNECT_BACKOFF_MIN_MS: u64 = 100;
 const RECONNECT_BACKOFF_MAX_MS: u64 = 2_000;
 /// A connect that takes longer than this is treated as a failed connect.
 const CONNECT_TIMEOUT_MS: u64 = 3_000;
+
+/// `SERVAL_DATA_PLANE_TCP=1` in a router's environment (a proxy, a node, a
+/// driver with handles): connect to replicas over TCP even where their Unix
+/// socket is on this machine. For tests and operators checking the TCP (and
+/// TLS) path on one machine; it costs the same-node speed-up otherwise.
+pub const TCP_ONLY_ENV: &str = "SERVAL_DATA_PLANE_TCP";
+
+static TCP_ONLY: LazyLock<bool> =
+    LazyLock::new(|| std::env::var(TCP_ONLY_ENV).is_ok_and(|v| v.trim() == "1"));
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub(crate) enum ConnError {
@@ -56,6 +66,13 @@ pub(crate) enum ConnError {
 }
 
 type Pending = Arc<Mutex<PendingMap>>;
+
+/// A frame socket's reader, sender and writer task.
+type Frames = (
+    FrameReader<SocketReader>,
+    FrameSender,
+    JoinHandle<std::io::Result<()>>,
+);
 
 #[derive(Default)]
 struct PendingMap {
@@ -147,6 +164,8 @@ pub(crate) struct ReplicaConn {
     replica_id: String,
     unix_path: String,
     tcp_addr: String,
+    /// The replica serves TLS on `tcp_addr`.
+    tls: bool,
     data_key: Option<Key>,
     /// std Mutex: held only to read or swap the state, never across `.await`.
     state: Arc<Mutex<ConnState>>,
@@ -159,12 +178,14 @@ impl ReplicaConn {
         replica_id: &str,
         unix_path: &str,
         tcp_addr: &str,
+        tls: bool,
         data_key: Option<Key>,
     ) -> Self {
         Self {
             replica_id: replica_id.to_owned(),
             unix_path: unix_path.to_owned(),
             tcp_addr: tcp_addr.to_owned(),
+            tls,
             data_key,
             state: Arc::new(Mutex::new(ConnState::Idle)),
             connecting: tokio::sync::Mutex::new(()),
@@ -173,8 +194,12 @@ impl ReplicaConn {
 
     /// Whether the connection targets these addresses (else a snapshot that
     /// moved the replica needs a new `ReplicaConn`).
-    pub(crate) fn same_target(&self, unix_path: &str, tcp_addr: &str) -> bool {
-        self.unix_path == unix_path && self.tcp_addr == tcp_addr
+    pub(crate) fn same_target(&self, unix_path: &str, tcp_addr: &str, tls: bool) -> bool {
+        self.unix_path == unix_path && self.tcp_addr == tcp_addr && self.tls == tls
+    }
+
+    pub(crate) fn tls(&self) -> bool {
+        self.tls
     }
 
     pub(crate) fn available(&self, now: Instant) -> Availability {
@@ -264,7 +289,7 @@ impl ReplicaConn {
             key,
         };
         // The Unix socket only exists on the replica's own node.
-        if !self.unix_path.is_empty() && Path::new(&self.unix_path).exists() {
+        if !self.unix_path.is_empty() && !*TCP_ONLY && Path::new(&self.unix_path).exists() {
             match tokio::net::UnixStream::connect(&self.unix_path).await {
                 Ok(mut stream) => {
                     let unix_err =
@@ -273,7 +298,7 @@ impl ReplicaConn {
                         .await
                         .map_err(|e| unix_err(&e))?;
                     let socket = stream.into_std().map_err(|e| unix_err(&e))?;
-                    return self.start(socket.into());
+                    return self.start(frame_socket::open(socket.into()));
                 }
                 Err(e) if self.tcp_addr.is_empty() => {
                     return Err(format!("unix {}: {e}", self.unix_path))
@@ -294,15 +319,27 @@ impl ReplicaConn {
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
+        if self.tls {
+            let settings = serval_protos::tls::tls();
+            let mut stream =
+                serval_protos::tls::connect_replica(settings.as_deref(), stream, &self.tcp_addr)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            handshake::connect(&mut stream, &credential)
+                .await
+                .map_err(|e| tcp_err(&e))?;
+            return self.start(Ok(frame_socket::open_stream(stream)));
+        }
         handshake::connect(&mut stream, &credential)
             .await
             .map_err(|e| tcp_err(&e))?;
-        self.start(stream.into_std().map_err(|e| tcp_err(&e))?.into())
+        let socket = stream.into_std().map_err(|e| tcp_err(&e))?;
+        self.start(frame_socket::open(socket.into()))
     }
 
-    fn start(&self, socket: OwnedFd) -> Result<Live, String> {
-        let (reader, tx, writer) =
-            frame_socket::open(socket).map_err(|e| format!("cannot use the connection: {e}"))?;
+    /// Starts the reader task of an opened frame socket.
+    fn start(&self, opened: std::io::Result<Frames>) -> Result<Live, String> {
+        let (reader, tx, writer) = opened.map_err(|e| format!("cannot use the connection: {e}"))?;
         let pending: Pending = Arc::default();
         let reader = tokio::spawn(read_loop(
             reader,
@@ -398,7 +435,7 @@ mod tests {
 
     #[tokio::test]
     async fn unreachable_replica_backs_off() {
-        let conn = ReplicaConn::new("r1", "/nonexistent/serval.sock", "", None);
+        let conn = ReplicaConn::new("r1", "/nonexistent/serval.sock", "", false, None);
         let req = Request {
             method_name: None,
             payload: frame::Payload::Ping,

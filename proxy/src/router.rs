@@ -308,7 +308,7 @@ impl Router {
             let existing = b.replicas().iter().find(|x| x.id == r.id).cloned();
             let replica = match existing {
                 Some(x)
-                    if x.conn.same_target(&r.unix_path, &r.tcp_addr)
+                    if x.conn.same_target(&r.unix_path, &r.tcp_addr, r.tls)
                         && x.grpc_addr == r.grpc_addr =>
                 {
                     x
@@ -321,6 +321,7 @@ impl Router {
                         &r.id,
                         &r.unix_path,
                         &r.tcp_addr,
+                        r.tls,
                         self.inner.config.data_key,
                     ),
                     grpc_addr: r.grpc_addr.clone(),
@@ -650,6 +651,11 @@ impl Reservation {
     /// Empty when the replica serves no gRPC API.
     pub fn grpc_addr(&self) -> &str {
         &self.slot.replica.grpc_addr
+    }
+
+    /// Whether the replica's servers (gRPC included) speak TLS only.
+    pub fn tls(&self) -> bool {
+        self.slot.replica.conn.tls()
     }
 
     pub fn backend(&self) -> &str {

@@ -642,7 +642,9 @@ impl Client {
     /// A size below `offset` means the log was truncated or replaced.
     /// Reading a log needs the replica's agent credential, so the cluster
     /// token (a replica's scoped credential cannot read other replicas').
-    #[pyo3(signature = (replica_id, unix_path, tcp_addr, offset, max_bytes=262144))]
+    /// `tls`: the replica record's flag (its TCP address serves TLS).
+    #[pyo3(signature = (replica_id, unix_path, tcp_addr, offset, max_bytes=262144, tls=false))]
+    #[allow(clippy::too_many_arguments)]
     fn replica_logs(
         &self,
         py: Python<'_>,
@@ -651,6 +653,7 @@ impl Client {
         tcp_addr: String,
         offset: u64,
         max_bytes: u32,
+        tls: bool,
     ) -> PyResult<(Py<PyBytes>, u64)> {
         let request = LogsRequest { offset, max_bytes };
         let credential = Credential {
@@ -661,6 +664,7 @@ impl Client {
             replica_server::fetch_logs(
                 &unix_path,
                 &tcp_addr,
+                tls,
                 &credential,
                 request,
                 REPLICA_LOGS_TIMEOUT,

@@ -31,6 +31,8 @@
 //!   never reach the queue below; see `crate::onnx`)
 //!   .unix_path -> str | None          bound Unix socket path
 //!   .tcp_addr -> str | None           "host:port" of the TCP listener
+//!   .tls -> bool                      it serves TLS only (SERVAL_TLS_CERT and
+//!                                     SERVAL_TLS_KEY in the environment)
 //!   .wake_fd -> int                   readable when work is queued or the
 //!                                     server stops (for loop.add_reader)
 //!   .stop_reason -> str | None        why the server stopped, None while running
@@ -467,6 +469,8 @@ pub struct ReplicaServer {
     stop: Arc<StopSignal>,
     unix_path: Option<PathBuf>,
     tcp_addr: Option<String>,
+    /// The TCP listener serves TLS (`SERVAL_TLS_CERT`/`SERVAL_TLS_KEY`).
+    tls: bool,
     max_drain: usize,
     /// Replies a drain gathers per connection before it sends them.
     reply_batch: AtomicUsize,
@@ -493,6 +497,11 @@ impl ReplicaServer {
         }
         init_tracing();
         let keys = replica_keys(agent_key)?;
+        // The node's data-plane identity, when it has one: TCP is TLS only.
+        let tls = serval_protos::tls::DataPlaneIdentity::from_env()
+            .map_err(|e| PyValueError::new_err(e.to_string()))?
+            .map(|identity| identity.acceptor().clone());
+        let serves_tls = tls.is_some() && tcp_host.is_some();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("serval-replica-io")
@@ -547,6 +556,7 @@ impl ReplicaServer {
         runtime.spawn(replica_server::serve(
             unix,
             tcp,
+            tls,
             keys,
             handler,
             async move {
@@ -583,6 +593,7 @@ impl ReplicaServer {
             stop,
             unix_path,
             tcp_addr,
+            tls: serves_tls,
             max_drain: max_drain.max(1),
             reply_batch: AtomicUsize::new(1),
             max_queued,
@@ -618,6 +629,12 @@ impl ReplicaServer {
     #[getter]
     fn tcp_addr(&self) -> Option<String> {
         self.tcp_addr.clone()
+    }
+
+    /// Whether `tcp_addr` serves TLS only.
+    #[getter]
+    fn tls(&self) -> bool {
+        self.tls
     }
 
     #[getter]

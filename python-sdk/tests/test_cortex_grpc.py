@@ -675,3 +675,59 @@ def test_an_http_api_redeployed_as_a_grpc_api_and_back(cluster, tmp_path):
     with pytest.raises(grpc.RpcError) as e:
         stub.Predict(handler_pb2.Sample(a="text"), timeout=60)
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def make_certificates(folder) -> dict:
+    """A CA and a certificate it issued for 127.0.0.1, as PEM files (openssl)."""
+    import subprocess
+
+    os.makedirs(folder, exist_ok=True)
+    paths = {name: os.path.join(str(folder), f"{name}.pem") for name in ("ca", "ca_key", "cert", "key", "csr")}
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def openssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    openssl("req", "-x509", *ec, "-keyout", paths["ca_key"], "-out", paths["ca"], "-days", "2",
+            "-subj", "/CN=serval test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign")
+    openssl("req", *ec, "-keyout", paths["key"], "-out", paths["csr"], "-subj", "/CN=serval node")
+    extensions = os.path.join(str(folder), "san.ext")
+    with open(extensions, "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", paths["csr"], "-CA", paths["ca"], "-CAkey", paths["ca_key"],
+            "-CAcreateserial", "-out", paths["cert"], "-days", "2", "-extfile", extensions)
+    return paths
+
+
+def test_a_grpc_api_on_a_node_with_a_certificate_serves_tls(monkeypatch, tmp_path):
+    """Issue 19: the node's --tls-cert/--tls-key reach the replica's grpcio
+    server, which serves TLS only; the proxy forwards to it over TLS,
+    verified with --tls-ca."""
+    from conftest import running_cluster
+
+    certs = make_certificates(tmp_path / "pki")
+    env = {"SERVAL_TLS_CERT": certs["cert"], "SERVAL_TLS_KEY": certs["key"], "SERVAL_TLS_CA": certs["ca"]}
+    with running_cluster(monkeypatch, env=env) as cluster:
+        folder = seed_project(tmp_path / "seed")
+        out = cli(cluster, "deploy", folder)
+        assert out.returncode == 0, out.stdout + out.stderr
+        serve.connect(data_dir=cluster.data_dir)
+        (replica,) = [r for r in serve.status()["replicas"] if r["backend"] == "sample" and r["state"] == "running"]
+        assert replica.get("tls") is True, replica
+        handler_pb2, handler_pb2_grpc = client_modules(tmp_path, "handler.proto", SEED_PROTO)
+        stub = handler_pb2_grpc.HandlerStub(proxy_channel(cluster))
+        assert stub.Predict(handler_pb2.Sample(a="text"), timeout=60).b == "text v1 hello"
+        # In plaintext the replica's server is not even reached.
+        with grpc.insecure_channel(replica["grpc_addr"]) as channel:
+            with pytest.raises(grpc.RpcError) as e:
+                handler_pb2_grpc.HandlerStub(channel).Predict(handler_pb2.Sample(a="x"), timeout=30)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
+        # Over TLS trusting the CA it is, and refuses a call without the
+        # proxy's credential as before.
+        with open(certs["ca"], "rb") as f:
+            roots = grpc.ssl_channel_credentials(f.read())
+        with grpc.secure_channel(replica["grpc_addr"], roots) as channel:
+            with pytest.raises(grpc.RpcError) as e:
+                handler_pb2_grpc.HandlerStub(channel).Predict(handler_pb2.Sample(a="x"), timeout=60)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, e.value

@@ -104,6 +104,17 @@ pub struct ServeProcess {
 impl ServeProcess {
     /// Starts `serve start` with `args` and waits until it prints `ready_line`.
     pub fn start(data_dir: &Path, control_port: u16, http_port: u16, args: &[&str]) -> Self {
+        Self::start_with_env(data_dir, control_port, http_port, args, &[])
+    }
+
+    /// [`ServeProcess::start`] with extra environment variables.
+    pub fn start_with_env(
+        data_dir: &Path,
+        control_port: u16,
+        http_port: u16,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         std::fs::create_dir_all(data_dir).expect("data dir");
         let log = std::fs::File::create(data_dir.join("test-serve.log")).expect("log file");
         let mut cmd = Command::new(serve_bin());
@@ -121,6 +132,7 @@ impl ServeProcess {
             .env_remove("SERVAL_ADDRESS")
             .env_remove("SERVAL_TOKEN")
             .env_remove("SERVAL_TOKEN_FILE")
+            .envs(env.iter().copied())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
         let guard = ProcessGuard::spawn(cmd);

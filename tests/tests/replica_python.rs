@@ -18,6 +18,8 @@ use serval_protos::handshake::{self, Credential, Key, Role};
 use serval_tests::{venv_python, ProcessGuard};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+mod pki;
+
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Test backends, defined in `__main__` so cloudpickle ships them by value.
@@ -965,3 +967,167 @@ async fn a_pickled_frame_from_a_peer_without_the_key_runs_nothing() {
 
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Copies bytes both ways between one accepted connection and `to`,
+/// keeping what passed from the client to the replica and back.
+async fn recording_relay(to: String) -> (String, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.unwrap();
+        let server = tokio::net::TcpStream::connect(to).await.unwrap();
+        let (mut client_read, mut client_write) = client.into_split();
+        let (mut server_read, mut server_write) = server.into_split();
+        let up_record = record.clone();
+        let up = async move {
+            let mut buf = [0u8; 16 * 1024];
+            while let Ok(n @ 1..) = client_read.read(&mut buf).await {
+                up_record.lock().unwrap().extend_from_slice(&buf[..n]);
+                if server_write.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let down = async move {
+            let mut buf = [0u8; 16 * 1024];
+            while let Ok(n @ 1..) = server_read.read(&mut buf).await {
+                record.lock().unwrap().extend_from_slice(&buf[..n]);
+                if client_write.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::join!(up, down);
+    });
+    (addr, seen)
+}
+
+/// Issue 19: a replica given its node's certificate and key serves TLS only
+/// on TCP. A plaintext peer, even one holding the cluster's key, gets no
+/// challenge and has nothing decoded; a TLS client trusting another CA
+/// fails; one trusting the cluster's CA passes the handshake inside TLS and
+/// gets answers, and what crosses the wire is not the plaintext.
+#[tokio::test]
+async fn a_replica_with_a_certificate_serves_tls_only_on_tcp() {
+    use serval_protos::tls::{connect_replica, DataTlsError, TlsSettings};
+    use tokio::io::AsyncReadExt;
+    let certs = tempfile::tempdir().unwrap();
+    let pki = pki::make_pki(certs.path());
+    let other_dir = certs.path().join("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let other = pki::make_pki(&other_dir);
+    let replica = start_with_env(
+        "model",
+        "{}",
+        &[
+            ("SERVAL_TLS_CERT", pki.cert.to_str().unwrap()),
+            ("SERVAL_TLS_KEY", pki.key.to_str().unwrap()),
+        ],
+    );
+    assert_eq!(replica.status["state"], "running", "{}", replica.log());
+    assert_eq!(replica.status["tls"], true, "{}", replica.status);
+    let marker = certs.path().join("pwned");
+    let exploit = encode(
+        1,
+        &req(
+            None,
+            Payload::Call(CallRequest {
+                args: pickle_of(&format!(
+                    "type('X', (), {{'__reduce__': lambda self: (__import__('os').system, ('touch {}',))}})()",
+                    marker.display()
+                )),
+                ..Default::default()
+            }),
+        ),
+    )
+    .unwrap();
+
+    // A plaintext peer with the cluster's key: the replica sends no
+    // challenge (it waits for a TLS hello), so the handshake fails.
+    let mut plain = tokio::net::TcpStream::connect(replica.tcp_addr())
+        .await
+        .unwrap();
+    let refused = handshake::connect(&mut plain, &router()).await;
+    assert!(refused.is_err(), "a plaintext handshake passed");
+    // A plaintext peer that sends a frame at once: closed, with no
+    // challenge sent and nothing decoded.
+    let mut plain = tokio::net::TcpStream::connect(replica.tcp_addr())
+        .await
+        .unwrap();
+    let _ = plain.write_all(&exploit).await;
+    let mut got = Vec::new();
+    tokio::time::timeout(TIMEOUT, plain.read_to_end(&mut got))
+        .await
+        .expect("the replica closes the connection")
+        .ok();
+    assert!(
+        !got.windows(4).any(|w| w == b"SRVL"),
+        "a plaintext peer got the challenge: {got:?}"
+    );
+
+    // A TLS client trusting another CA refuses the replica's certificate.
+    let wrong = TlsSettings::load(&other.ca, None).unwrap();
+    let stream = tokio::net::TcpStream::connect(replica.tcp_addr())
+        .await
+        .unwrap();
+    let err = connect_replica(Some(&wrong), stream, &replica.tcp_addr())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DataTlsError::Handshake { .. }) && err.to_string().contains("certificate"),
+        "{err}"
+    );
+    // No CA at all: the error says which flag is missing.
+    let stream = tokio::net::TcpStream::connect(replica.tcp_addr())
+        .await
+        .unwrap();
+    let err = connect_replica(None, stream, &replica.tcp_addr())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("--tls-ca"), "{err}");
+
+    // The cluster's CA, through a relay that records the wire: answers.
+    let ca = TlsSettings::load(&pki.ca, None).unwrap();
+    let (relay, wire) = recording_relay(replica.tcp_addr()).await;
+    let stream = tokio::net::TcpStream::connect(&relay).await.unwrap();
+    let tls = connect_replica(Some(&ca), stream, &relay).await.unwrap();
+    let mut c = Client::new(tls, router()).await;
+    let secret = "a-query-value-only-tls-should-carry";
+    let r = c
+        .send(req(
+            None,
+            Payload::Http(http("GET", "/", &format!("q={secret}"), b"")),
+        ))
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(json_body(&r)["query"]["q"], secret);
+    let wire = wire.lock().unwrap().clone();
+    assert!(wire.len() > secret.len(), "the relay saw nothing");
+    for plaintext in [secret.as_bytes(), b"SRVL", b"greeting"] {
+        assert!(
+            !wire.windows(plaintext.len()).any(|w| w == plaintext),
+            "{} crossed the wire in plaintext",
+            String::from_utf8_lossy(plaintext)
+        );
+    }
+    // The plaintext attempts ran nothing; the same frame from a member
+    // over TLS is decoded (so the pickle was a live one).
+    assert!(!marker.exists(), "a plaintext peer's pickle ran");
+    c.write.write_all(&exploit).await.unwrap();
+    let (_, body) = tokio::time::timeout(TIMEOUT, c.reader.next())
+        .await
+        .expect("an answer")
+        .unwrap()
+        .expect("a frame");
+    decode::<Response>(&body).unwrap();
+    assert!(marker.exists(), "the control pickle did not run");
+    // The Unix socket (local, in a 0700 directory) stays plaintext.
+    let mut local = unix_client(&replica).await;
+    let r = local
+        .send(req(None, Payload::Http(http("GET", "/", "", b""))))
+        .await;
+    assert_eq!(r.status, 200);
+}

@@ -179,14 +179,17 @@ fn a_dead_node_gives_its_replicas_back_and_a_restarted_agent_restarts_them() {
         replica_id: id.clone(),
         state: replica_state::RUNNING.into(),
         tcp_addr: "127.0.0.1:1".into(),
+        tls: true,
         ..Default::default()
     }))
     .unwrap();
+    assert!(s.replicas[&id].tls, "the record carries the reported TLS");
     let mut again = node("n1", 2.0);
     again.pid = 2;
     s.apply(Command::RegisterNode(again)).unwrap();
     assert_eq!(s.replicas[&id].state, replica_state::STARTING);
     assert!(s.replicas[&id].tcp_addr.is_empty());
+    assert!(!s.replicas[&id].tls);
     s.apply(Command::MarkNodeDead {
         node_id: "n1".into(),
     })

@@ -22,6 +22,7 @@ mod body;
 mod health;
 mod reflection;
 mod table;
+mod tls;
 
 use std::sync::OnceLock;
 
@@ -145,7 +146,8 @@ async fn forward(proxy: &Proxy, endpoint: &str, req: hyper::Request<Incoming>) -
         }
     }
     let target = format!(
-        "http://{}{}",
+        "{}://{}{}",
+        if reservation.tls() { "https" } else { "http" },
         reservation.grpc_addr(),
         parts.uri.path_and_query().map_or("/", |p| p.as_str())
     );
@@ -161,10 +163,13 @@ async fn forward(proxy: &Proxy, endpoint: &str, req: hyper::Request<Incoming>) -
             );
         }
     };
-    match client()
-        .request(hyper::Request::from_parts(parts, body))
-        .await
-    {
+    let request = hyper::Request::from_parts(parts, body);
+    let sent = if reservation.tls() {
+        tls::client().request(request).await
+    } else {
+        client().request(request).await
+    };
+    match sent {
         Ok(response) => body::hold_until_end(
             response.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()),
             reservation,

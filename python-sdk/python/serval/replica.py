@@ -6,7 +6,8 @@ replica keeps a private dup of fd 1 for its status, points fd 1 at fd 2 so
 user prints land in the log, and writes exactly one JSON line on the status
 fd before closing it::
 
-    {"state": "running", "unix_path": "...", "tcp_addr": "127.0.0.1:PORT", "pid": N}
+    {"state": "running", "unix_path": "...", "tcp_addr": "127.0.0.1:PORT", "tls": false, "pid": N}
+    ("tls": true when SERVAL_TLS_CERT/SERVAL_TLS_KEY are set: TCP then serves TLS only)
     (plus "grpc_addr": "HOST:PORT" when the backend serves gRPC: a Cortex gRPC API)
     {"state": "failed", "error": "<traceback>"}        (then exit status 1)
 
@@ -135,7 +136,8 @@ def main(argv=None) -> int:
 
     thread = threading.Thread(target=worker, name="serval-worker", daemon=True)
     thread.start()
-    running = {"state": "running", "unix_path": server.unix_path, "tcp_addr": server.tcp_addr, "pid": os.getpid()}
+    running = {"state": "running", "unix_path": server.unix_path, "tcp_addr": server.tcp_addr,
+               "tls": server.tls, "pid": os.getpid()}
     # A gRPC API (serval.cortex.grpc_api) also serves gRPC, on an address of its own.
     grpc_addr = getattr(host.obj, "serval_grpc_address", None)
     if grpc_addr:

@@ -13,7 +13,10 @@ on ``$SERVAL_REPLICA_HOST:0`` (the replica's TCP host, set by
 ``serval.replica``; 127.0.0.1 by default) with a generic handler for the
 proto's one service. ``serval_grpc_address`` ("host:port") is what the
 replica reports as ``grpc_addr``; the proxies forward the HTTP/2 streams of
-``/<package>.<Service>/<Method>`` calls to it unchanged.
+``/<package>.<Service>/<Method>`` calls to it unchanged. When the node has
+``--tls-cert/--tls-key`` (``SERVAL_TLS_CERT``/``SERVAL_TLS_KEY`` in the
+replica's environment) the server serves TLS only, with that certificate,
+as the replica's frame port does; proxies verify it with ``--tls-ca``.
 
 Each RPC calls the Handler's method of the same name with any subset of
 ``payload`` and ``context`` (by name):
@@ -65,9 +68,29 @@ logger = logging.getLogger("serval.cortex")
 RPC_ARGS = ("payload", "context")
 #: The replica's host, set by serval.replica from ``--tcp-host``.
 HOST_ENV = "SERVAL_REPLICA_HOST"
+#: The node's certificate chain and key (PEM), set by its agent when it has
+#: ``--tls-cert/--tls-key``.
+TLS_CERT_ENV, TLS_KEY_ENV = "SERVAL_TLS_CERT", "SERVAL_TLS_KEY"
 #: Seconds in-flight calls get to finish when the replica stops (its node
 #: agent kills it 5 s after asking it to stop).
 STOP_GRACE_S = 3.0
+
+
+def _server_credentials():
+    """TLS credentials from the node's certificate and key, or None."""
+    import grpc
+
+    cert, key = os.environ.get(TLS_CERT_ENV), os.environ.get(TLS_KEY_ENV)
+    if not cert:
+        return None
+    try:
+        with open(cert, "rb") as f:
+            chain = f.read()
+        with open(key or "", "rb") as f:
+            private_key = f.read()
+    except OSError as e:
+        raise HandlerError(f"cannot read the node's TLS certificate or key ({TLS_CERT_ENV}/{TLS_KEY_ENV}): {e}")
+    return grpc.ssl_server_credentials([(private_key, chain)])
 
 
 def load_proto_module(project: str, grpc_spec: dict) -> types.ModuleType:
@@ -344,7 +367,9 @@ class GrpcAPI(RealtimeAPI):
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             self.service, {name: rpc.handler() for name, rpc in self._rpcs.items()}),))
         host = os.environ.get(HOST_ENV) or "127.0.0.1"
-        port = self._server.add_insecure_port(_address(host, 0))
+        address, credentials = _address(host, 0), _server_credentials()
+        port = (self._server.add_secure_port(address, credentials) if credentials
+                else self._server.add_insecure_port(address))
         if not port:
             raise HandlerError(f"api {self.name!r}: cannot listen for gRPC on {host}")
         self._server.start()

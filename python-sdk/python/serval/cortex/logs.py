@@ -70,7 +70,8 @@ def _read(client, replica: dict, tail: _Tail) -> Iterator[str]:
     rid = replica.get("id") or ""
     unix_path, tcp_addr = replica.get("unix_path") or "", replica.get("tcp_addr") or ""
     for _ in range(MAX_CHUNKS_PER_PASS):
-        data, size = client.replica_logs(rid, unix_path, tcp_addr, tail.offset, CHUNK_BYTES)
+        data, size = client.replica_logs(rid, unix_path, tcp_addr, tail.offset, CHUNK_BYTES,
+                                         tls=bool(replica.get("tls")))
         if size < tail.offset:
             # Truncated or replaced (a restarted replica): its log starts over.
             tail.restart()
@@ -109,7 +110,8 @@ def stream_api_logs(name: str, follow: bool = True, poll: float = 0.5,
                     tail = tails[rid] = _Tail()
                     if first and not from_start:
                         _, tail.offset = client.replica_logs(rid, replica.get("unix_path") or "",
-                                                             replica.get("tcp_addr") or "", 0, 0)
+                                                             replica.get("tcp_addr") or "", 0, 0,
+                                                             tls=bool(replica.get("tls")))
                 for line in _read(client, replica, tail):
                     yield rid, line
             except serve.ServeError as e:
