@@ -166,19 +166,29 @@ def test_batches_run_one_at_a_time_and_bind_args_and_kwargs():
     sizes = []
 
     class Model:
+        def __init__(self):
+            self.gate = None
+
         @serve.batch(max_batch_size=4, batch_wait_timeout_s=0)
         async def pairs(self, key1, key2):
             sizes.append(len(key1))
-            await asyncio.sleep(0.2)
+            await self.gate.wait()
             return list(zip(key1, key2))
 
     model = Model()
 
     async def main():
+        model.gate = asyncio.Event()
         first = asyncio.ensure_future(model.pairs("a", "b"))
-        await asyncio.sleep(0.05)  # the first batch (of one) is running
-        later = [model.pairs("c", key2="d"), model.pairs(key2="f", key1="e")]
-        return await asyncio.wait_for(asyncio.gather(first, *later), 60)
+        while not sizes:  # the first batch (of one) is running
+            await asyncio.sleep(0)
+        second = asyncio.ensure_future(model.pairs("c", key2="d"))
+        for _ in range(10):  # a timeout of 0 would have sent it alone by now
+            await asyncio.sleep(0)
+        third = asyncio.ensure_future(model.pairs(key2="f", key1="e"))
+        await asyncio.sleep(0)
+        model.gate.set()
+        return await asyncio.wait_for(asyncio.gather(first, second, third), 60)
 
     assert asyncio.run(main()) == [("a", "b"), ("c", "d"), ("e", "f")]
     # The calls made while a batch ran went together in the next one.
