@@ -3,7 +3,8 @@
 //!
 //! 1. `builtin`: `/-/routes`, `/-/healthz`, `/-/metrics`, first so user
 //!    routes can never shadow health checks, and outside the middlewares
-//!    (a TrustedHost or CORS setting never breaks health checks).
+//!    (a TrustedHost or CORS setting never breaks health checks), except
+//!    that CORS covers `/-/routes`, as in Ray Serve.
 //! 2. `middleware`: the configured Starlette middlewares wrap every step
 //!    below, outermost first; they may answer themselves (a CORS
 //!    preflight, a bad Host) and see every response, errors included.
@@ -352,10 +353,16 @@ impl hyper::body::Body for ResponseBody {
 
 async fn handle(proxy: &Proxy, req: hyper::Request<Incoming>, client: &str) -> HttpResponse {
     let started = Instant::now();
+    let middlewares = proxy.middlewares();
     if let Some(response) = builtin::respond(proxy, req.uri().path()) {
+        if req.uri().path() == builtin::ROUTES_PATH {
+            // Ray Serve's CORS middleware covered `/-/routes`, so a browser
+            // app may list the routes; the other middlewares stay off the
+            // built-ins (a TrustedHost setting never breaks health checks).
+            return middlewares.run_cors(req, |_| async { response }).await;
+        }
         return response;
     }
-    let middlewares = proxy.middlewares();
     if middlewares.is_empty() {
         return route_and_forward(proxy, req, client, started).await;
     }

@@ -304,9 +304,32 @@ impl Middlewares {
         F: FnOnce(hyper::Request<B>) -> Fut,
         Fut: Future<Output = HttpResponse>,
     {
+        self.run_layers(req, inner, |_| true).await
+    }
+
+    /// Runs `req` through the CORS layers alone around `inner`.
+    pub(crate) async fn run_cors<B, F, Fut>(&self, req: hyper::Request<B>, inner: F) -> HttpResponse
+    where
+        F: FnOnce(hyper::Request<B>) -> Fut,
+        Fut: Future<Output = HttpResponse>,
+    {
+        self.run_layers(req, inner, |layer| matches!(layer, Layer::Cors(_)))
+            .await
+    }
+
+    async fn run_layers<B, F, Fut>(
+        &self,
+        req: hyper::Request<B>,
+        inner: F,
+        include: impl Fn(&Layer) -> bool,
+    ) -> HttpResponse
+    where
+        F: FnOnce(hyper::Request<B>) -> Fut,
+        Fut: Future<Output = HttpResponse>,
+    {
         let mut entered = Vec::with_capacity(self.layers.len());
         let mut answer = None;
-        for layer in &self.layers {
+        for layer in self.layers.iter().filter(|layer| include(layer)) {
             match layer.on_request(&req) {
                 Step::Continue(pending) => entered.push((layer, pending)),
                 Step::Respond(response) => {

@@ -11,7 +11,8 @@ use std::time::Duration;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyDict, PyTuple, PyType};
 use serval_node::replica_server;
 use serval_protos::client::{self as control, Client as ControlClient};
 use serval_protos::control::{
@@ -55,6 +56,35 @@ create_exception!(
      for calls made to be retried."
 );
 
+/// `ServeValueError(ServeError, ValueError)`: a call the controller refused
+/// for what it asked (a name taken, an unknown or in-use backend, a bad
+/// value). Ray Serve 1.x raised ValueError there and existing Serval code
+/// catches ServeError, so it is both; create_exception! takes one base, so
+/// the class is made with `type(...)` once.
+static SERVE_VALUE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+fn serve_value_error_type(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
+    SERVE_VALUE_ERROR
+        .get_or_try_init(py, || {
+            let bases = PyTuple::new(
+                py,
+                [py.get_type::<ServeError>(), py.get_type::<PyValueError>()],
+            )?;
+            let namespace = PyDict::new(py);
+            namespace.set_item("__module__", "serval._native")?;
+            namespace.set_item(
+                "__doc__",
+                "A control-plane call refused for what it asked (a name taken, an unknown or \
+                 in-use backend or endpoint, an invalid value): a ServeError and a ValueError.",
+            )?;
+            let class = py
+                .get_type::<PyType>()
+                .call1(("ServeValueError", bases, namespace))?;
+            Ok(class.cast_into::<PyType>()?.unbind())
+        })
+        .map(|class| class.bind(py))
+}
+
 pub(crate) fn status_err(status: tonic::Status) -> PyErr {
     use tonic::Code;
     let message = status.message().to_string();
@@ -62,6 +92,14 @@ pub(crate) fn status_err(status: tonic::Status) -> PyErr {
         Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled => {
             ControlUnavailable::new_err(message)
         }
+        Code::AlreadyExists
+        | Code::NotFound
+        | Code::FailedPrecondition
+        | Code::InvalidArgument
+        | Code::OutOfRange => Python::attach(|py| match serve_value_error_type(py) {
+            Ok(class) => PyErr::from_type(class.clone(), message),
+            Err(e) => e,
+        }),
         _ => ServeError::new_err(message),
     }
 }
@@ -745,7 +783,7 @@ impl Handle {
         });
         CallFuture {
             rx: Mutex::new(Some(rx)),
-            done: Mutex::new(None),
+            done: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -826,7 +864,8 @@ fn spin_for_result(
 #[pyclass(module = "serval._native")]
 pub struct CallFuture {
     rx: Mutex<Option<oneshot::Receiver<Outcome>>>,
-    done: Mutex<Option<Outcome>>,
+    /// Shared with a `result_async` in flight, which stores what it got.
+    done: Arc<Mutex<Option<Outcome>>>,
 }
 
 #[pymethods]
@@ -870,6 +909,39 @@ impl CallFuture {
             None => Err(ServeError::new_err("call result lost")),
         }
     }
+
+    /// The same outcome as an asyncio awaitable, so a sync handle's result
+    /// can be awaited inside async code without blocking its event loop.
+    fn result_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let done = self.done.clone();
+        // A result() blocked in another thread holds `done`: refuse rather
+        // than block this event loop behind it.
+        let Ok(finished) = done.try_lock().map(|d| d.clone()) else {
+            return Err(ServeError::new_err(
+                "the call's result is being waited for in another thread",
+            ));
+        };
+        let pending = match finished {
+            Some(outcome) => Err(outcome),
+            None => match self.rx.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                Some(rx) => Ok(rx),
+                None => return Err(ServeError::new_err("call result lost")),
+            },
+        };
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let outcome = match pending {
+                Err(outcome) => outcome,
+                Ok(rx) => {
+                    let outcome = rx
+                        .await
+                        .map_err(|_| ServeError::new_err("the call was dropped"))?;
+                    *done.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome.clone());
+                    outcome
+                }
+            };
+            Python::attach(|py| outcome_to_py(py, outcome))
+        })
+    }
 }
 
 /// Runs the `serve` command line in this process (the console script).
@@ -890,6 +962,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<CallFuture>()?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add("ServeError", m.py().get_type::<ServeError>())?;
+    m.add("ServeValueError", serve_value_error_type(m.py())?)?;
     m.add(
         "ControlUnavailable",
         m.py().get_type::<ControlUnavailable>(),

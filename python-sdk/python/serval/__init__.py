@@ -6,14 +6,17 @@
     serve.create_endpoint("hello", backend="hello", route="/hello")
 """
 
-from serval._native import ServeError, __version__
-from serval.handle import AsyncServeHandle, BackendError, ServeFuture, ServeHandle
+from serval._native import ServeError, ServeValueError, __version__
+from serval.handle import AsyncServeHandle, BackendError, ServeFuture, ServeHandle, _Resolved
 from serval.request import ServeRequest
 from serval.cortex.client import api_url, client
 
 
 def get(refs, timeout=None):
-    """``ray.get`` for handle results: a ServeFuture or a list of them."""
+    """``ray.get`` for handle results: a ServeFuture, what an async handle's
+    ``await handle.remote()`` returned, or a list of them."""
+    if isinstance(refs, _Resolved):
+        return refs
     if isinstance(refs, (list, tuple)):
         return [get(r, timeout) for r in refs]
     if isinstance(refs, ServeFuture):
@@ -22,6 +25,6 @@ def get(refs, timeout=None):
 
 
 __all__ = [
-    "ServeError", "BackendError", "ServeRequest", "ServeHandle", "AsyncServeHandle", "ServeFuture",
+    "ServeError", "ServeValueError", "BackendError", "ServeRequest", "ServeHandle", "AsyncServeHandle", "ServeFuture",
     "get", "client", "api_url", "__version__",
 ]

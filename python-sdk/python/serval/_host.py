@@ -12,7 +12,8 @@ The Rust frame server wakes that loop through ``ReplicaServer.wake_fd`` and
   call, ``args`` being cloudpickle of ``(args, kwargs)``. ``__call__`` (and
   any ``@serve.accept_batch`` method) gets a ``ServeRequest`` (or a Starlette
   request passed through the handle as-is); any other method gets
-  ``method(*args, **kwargs)``.
+  ``method(*args, **kwargs)``, or the ``ServeRequest`` when it is called
+  with no positional argument and takes one (Ray 1.x).
 - ``on_reconfigure(config_json, reply)``: a config change applied in place:
   new limits, and ``reconfigure(user_config)`` when that changed.
 
@@ -783,11 +784,35 @@ class Host:
                 else:
                     request = ServeRequest(call_args, call_kwargs, http_method, headers)
                 call_args, call_kwargs = (request,), None
+            elif not call_args and _needs_request(target.fn, call_kwargs):
+                # Ray 1.x: `handle.options(method_name="m").remote()` gives
+                # `def m(self, request)` the request; `other_method(self,
+                # inc)` with `.remote(5)` still gets 5 (seed 003).
+                call_args, call_kwargs = (ServeRequest((), call_kwargs, http_method, headers),), None
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:
             return self._error(_CALL, e, None, target.name)
         return self._submit(target, _CALL, call_args, call_kwargs, None, reply)
+
+
+def _needs_request(fn: Any, kwargs: dict) -> bool:
+    """Whether ``fn`` cannot be called with just ``kwargs`` but can with one
+    positional argument more: the request object it expects."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    try:
+        signature.bind(**kwargs)
+        return False
+    except TypeError:
+        pass
+    try:
+        signature.bind(None, **kwargs)
+        return True
+    except TypeError:
+        return False
 
 
 def result_to_http(result: Any, backend: str):

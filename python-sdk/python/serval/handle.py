@@ -134,7 +134,8 @@ async def _read_bodies(args: tuple, kwargs: dict) -> None:
 
 
 class ServeFuture:
-    """A call in flight; ``result()`` waits for it (like ``ray.get``)."""
+    """A call in flight; ``result()`` waits for it (like ``ray.get``), and
+    async code may ``await`` it instead (an ObjectRef could be awaited)."""
 
     __slots__ = ("_native",)
 
@@ -143,6 +144,73 @@ class ServeFuture:
 
     def result(self, timeout: Optional[float] = None) -> Any:
         return decode_result(*self._native.result(timeout))
+
+    def __await__(self):
+        return self._result_async().__await__()
+
+    async def _result_async(self) -> Any:
+        return decode_result(*await self._native.result_async())
+
+
+class _Resolved:
+    """A handle result that is also its own reference: seed 003's
+    ``ref = await handle.remote()`` is followed by ``await ref`` or
+    ``serval.get(ref)``, while Serval code uses the first await's value
+    directly. Results of the common types are returned as these subclasses
+    of their type (equal to, and used as, the value; pickled as the plain
+    value), so both hold."""
+
+    __slots__ = ()
+
+    def __await__(self):
+        # `await ref` is the value itself, at once.
+        if False:  # pragma: no cover - makes this a generator
+            yield
+        return self
+
+    def __reduce__(self):
+        base = _RESOLVED_BASE[type(self)]
+        return base, (base(self),)
+
+
+class _ResolvedDict(_Resolved, dict):
+    __slots__ = ()
+
+
+class _ResolvedList(_Resolved, list):
+    __slots__ = ()
+
+
+class _ResolvedTuple(_Resolved, tuple):
+    __slots__ = ()
+
+
+class _ResolvedStr(_Resolved, str):
+    __slots__ = ()
+
+
+class _ResolvedBytes(_Resolved, bytes):
+    __slots__ = ()
+
+
+class _ResolvedInt(_Resolved, int):
+    __slots__ = ()
+
+
+class _ResolvedFloat(_Resolved, float):
+    __slots__ = ()
+
+
+_RESOLVED = {dict: _ResolvedDict, list: _ResolvedList, tuple: _ResolvedTuple, str: _ResolvedStr,
+             bytes: _ResolvedBytes, int: _ResolvedInt, float: _ResolvedFloat}
+_RESOLVED_BASE = {v: k for k, v in _RESOLVED.items()}
+
+
+def resolved(value: Any) -> Any:
+    """``value`` as its awaitable subclass when its type is exactly one of
+    the common ones (bool, None and other objects are returned as they are)."""
+    cls = _RESOLVED.get(type(value))
+    return value if cls is None else cls(value)
 
 
 class _HandleBase:
@@ -186,9 +254,12 @@ class ServeHandle(_HandleBase):
 
 
 class AsyncServeHandle(_HandleBase):
-    """asyncio handle: ``await handle.remote(...)`` returns the result."""
+    """asyncio handle: ``await handle.remote(...)`` returns the result,
+    which (for dicts, lists, tuples, strings, bytes and numbers) is also its
+    own reference: ``await`` it again or pass it to ``serval.get`` as seed
+    003 does with the ObjectRef it describes."""
 
     async def remote(self, *args, **kwargs) -> Any:
         await _read_bodies(args, kwargs)
         status, headers, body = await self._native.call_async(*self._call_args(args, kwargs))
-        return decode_result(status, headers, body)
+        return resolved(decode_result(status, headers, body))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json as _json
 from typing import Any, Iterable, Mapping
 
-from starlette.datastructures import FormData, Headers, QueryParams
+from starlette.datastructures import FormData, Headers
 
 __all__ = ["ServeRequest", "WebRequestState"]
 
@@ -37,7 +37,7 @@ class ServeRequest:
     argument (None if there is none).
     """
 
-    __slots__ = ("args", "kwargs", "_method", "_raw_headers", "_headers", "_query")
+    __slots__ = ("args", "kwargs", "_method", "_raw_headers", "_headers")
 
     def __init__(
         self,
@@ -53,7 +53,6 @@ class ServeRequest:
             http_headers = list(http_headers.items())
         self._raw_headers = list(http_headers or ())
         self._headers: Headers | None = None
-        self._query: QueryParams | None = None
 
     @property
     def method(self) -> str:
@@ -70,11 +69,11 @@ class ServeRequest:
         return self._headers
 
     @property
-    def query_params(self) -> QueryParams:
-        """The keyword arguments, as strings (``handle.remote(a="b")``)."""
-        if self._query is None:
-            self._query = QueryParams([(k, str(v)) for k, v in self.kwargs.items()])
-        return self._query
+    def query_params(self) -> dict:
+        """The keyword arguments as passed (``handle.remote(a="b")``): the
+        objects themselves, not strings, as Ray Serve 1.x passed them (a
+        numpy array stays an array)."""
+        return self.kwargs
 
     @property
     def path_params(self) -> dict:

@@ -13,6 +13,7 @@ import atexit
 import inspect
 import json
 import os
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -25,16 +26,17 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import cloudpickle
 
 from serval import _native
-from serval._native import ServeError
+from serval._native import ServeError, ServeValueError
+from serval.batching import batch
+from serval.config import BackendConfig, DeploymentMode, HTTPOptions
 from serval.handle import AsyncServeHandle, ServeHandle
-from serval._durations import parse_duration
 from serval._host import accept_batch, check_batch_config, default_max_concurrent_queries
 
 __all__ = [
     "start", "connect", "shutdown", "create_backend", "update_backend", "update_backend_config",
     "get_backend_config", "delete_backend", "list_backends", "create_endpoint",
     "delete_endpoint", "list_endpoints", "set_traffic", "shadow_traffic", "get_handle", "status",
-    "accept_batch",
+    "accept_batch", "batch", "BackendConfig", "HTTPOptions", "DeploymentMode", "ServeError", "ServeValueError",
 ]
 
 #: Seconds create_backend waits for a replica to start.
@@ -42,49 +44,8 @@ BACKEND_START_TIMEOUT_S = float(os.environ.get("SERVAL_BACKEND_START_TIMEOUT", "
 #: Seconds create_endpoint waits for the proxies and the local router to know a route.
 ROUTE_PROPAGATION_TIMEOUT_S = 30.0
 
-_BACKEND_CONFIG_FIELDS = {
-    "num_replicas", "max_concurrent_queries", "user_config", "max_batch_size", "batch_wait_timeout",
-    "autoscaling", "max_surge", "max_unavailable",
-}
-#: Cortex's autoscaling knobs; the ones that are durations take seconds or "30s"/"5m"/"1h".
-_AUTOSCALING_COUNTS = {"min_replicas", "max_replicas"}
-_AUTOSCALING_NUMBERS = {
-    "target_replica_concurrency", "max_upscale_factor", "max_downscale_factor", "upscale_tolerance",
-    "downscale_tolerance",
-}
-_AUTOSCALING_DURATIONS = {"window", "upscale_stabilization_period", "downscale_stabilization_period"}
-
-
-def _seconds(field: str, value: Any) -> float:
-    try:
-        return parse_duration(value)
-    except ValueError:
-        raise ValueError(f"autoscaling.{field} must be seconds or a duration like '30s', '5m', not {value!r}") from None
-
-
-def _autoscaling_payload(autoscaling: Any) -> Dict[str, Any]:
-    if not isinstance(autoscaling, dict):
-        raise ValueError(f"backend config field autoscaling must be a dict, not {type(autoscaling).__name__}")
-    known = _AUTOSCALING_COUNTS | _AUTOSCALING_NUMBERS | _AUTOSCALING_DURATIONS
-    unknown = set(autoscaling) - known
-    if unknown:
-        raise ValueError(f"unknown autoscaling field(s) {sorted(unknown)}; known: {sorted(known)}")
-    out = {}
-    for key, value in autoscaling.items():
-        if key in _AUTOSCALING_COUNTS:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"autoscaling.{key} must be a non-negative int, not {value!r}")
-            out[key] = value
-        elif key in _AUTOSCALING_DURATIONS:
-            out[key] = _seconds(key, value)
-        else:
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ValueError(f"autoscaling.{key} must be a number, not {value!r}")
-            out[key] = float(value)
-    return out
 _ACTOR_OPTION_FIELDS = {"num_cpus", "num_gpus"}
 _HTTP_OPTION_FIELDS = {"location", "host", "port", "middlewares", "max_body_bytes"}
-_LOCATIONS = {"HeadOnly": "HeadOnly", "EveryNode": "EveryNode", "NoServer": "NoServer", None: "NoServer"}
 
 _client: Optional[_native.Client] = None
 
@@ -142,8 +103,15 @@ def _token(data_dir: Optional[str], token: Optional[str], token_file: Optional[s
 
 
 def _get_client() -> _native.Client:
+    """The connected client; connects first when this process has none
+    (Ray 1.x: a script beside a running instance, or code in a replica,
+    where the node agent sets SERVAL_ADDRESS and SERVAL_TOKEN)."""
     if _client is None:
-        raise ServeError("not connected to a Serval cluster: call serve.start() or serve.connect() first")
+        try:
+            connect()
+        except ServeError as e:
+            raise ServeError(f"not connected to a Serval cluster and none found: {e}; "
+                             f"call serve.start() or serve.connect()") from None
     return _client
 
 
@@ -242,37 +210,50 @@ def _middlewares_json(middlewares: Any) -> str:
     return encoded
 
 
-def _head_flags(http_options: Dict[str, Any]) -> List[str]:
+def _usable_host(host: str) -> str:
+    """``host`` when this machine can bind it; else ValueError (Ray 1.x
+    failed loudly on an HTTP host it could not serve on)."""
+    try:
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind(address)
+    except (OSError, UnicodeError) as e:
+        raise ValueError(f"http_options.host: cannot serve HTTP on {host!r}: {e}") from None
+    return host
+
+
+def _head_flags(http_options: Union[HTTPOptions, Dict[str, Any]]) -> List[str]:
+    if isinstance(http_options, HTTPOptions):
+        http_options = http_options.given()
+    elif not isinstance(http_options, dict):
+        raise TypeError(f"http_options must be a serve.HTTPOptions or a dict, not {type(http_options).__name__}")
     unknown = set(http_options) - _HTTP_OPTION_FIELDS
     if unknown:
         raise ValueError(f"unknown http_options field(s) {sorted(unknown)}; known: {sorted(_HTTP_OPTION_FIELDS)}")
+    # Validated as HTTPOptions are (types, locations); host None = no proxy.
+    http_options = HTTPOptions(**http_options).given()
     flags = []
     if http_options.get("middlewares"):
         flags += ["--http-middlewares", _middlewares_json(http_options["middlewares"])]
     if "location" in http_options:
-        loc = http_options["location"]
-        if loc not in _LOCATIONS:
-            raise ValueError(f"http_options.location must be HeadOnly, EveryNode, NoServer or None, not {loc!r}")
-        flags += ["--http-location", _LOCATIONS[loc]]
+        flags += ["--http-location", http_options["location"]]
     if "host" in http_options:
-        flags += ["--http-host", str(http_options["host"])]
+        flags += ["--http-host", _usable_host(http_options["host"])]
     if "port" in http_options:
-        flags += ["--http-port", str(int(http_options["port"]))]
+        flags += ["--http-port", str(http_options["port"])]
     if "max_body_bytes" in http_options:
-        limit = http_options["max_body_bytes"]
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise ValueError(f"http_options.max_body_bytes must be a positive int, not {limit!r}")
-        flags += ["--http-max-body-bytes", str(limit)]
+        flags += ["--http-max-body-bytes", str(http_options["max_body_bytes"])]
     return flags
 
 
-def start(detached: bool = False, http_options: Optional[Dict[str, Any]] = None, *,
+def start(detached: bool = False, http_options: Union[HTTPOptions, Dict[str, Any], None] = None, *,
           address: Optional[str] = None, data_dir: Optional[str] = None,
           token: Optional[str] = None, token_file: Optional[str] = None) -> _native.Client:
     """Connects to the cluster if one runs, else starts a head in the
     background. A head started here with ``detached=False`` is shut down
     when this Python process exits."""
-    flags = _head_flags(dict(http_options or {}))
+    flags = _head_flags(http_options or {})
     if token is not None and token_file is not None:
         raise ServeError("pass token or token_file, not both")
     if token is not None:
@@ -309,9 +290,12 @@ def _shutdown_quietly() -> None:
 
 
 def shutdown(timeout: float = 60.0) -> None:
-    """Stops every process of the cluster, replicas included."""
+    """Stops every process of the cluster, replicas included. Does nothing
+    when this process is not connected (as in Ray 1.x)."""
     global _client
-    client = _get_client()
+    client = _client
+    if client is None:
+        return
     nodes = [n for n in json.loads(client.snapshot_json()).get("nodes", []) if n.get("alive")]
     client.shutdown()
     _client = None
@@ -331,32 +315,21 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def _config_payload(config: Optional[Dict[str, Any]], actor_options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    config = dict(config or {})
-    if hasattr(config, "__dict__") and not isinstance(config, dict):
-        config = dict(vars(config))
-    unknown = set(config) - _BACKEND_CONFIG_FIELDS
-    if unknown:
-        raise ValueError(f"unknown backend config field(s) {sorted(unknown)}; known: {sorted(_BACKEND_CONFIG_FIELDS)}")
+def _config_payload(config: Union[BackendConfig, Dict[str, Any], None],
+                    actor_options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The fields the caller set (a BackendConfig or a dict of its fields,
+    validated alike) and the actor options, as the controller takes them."""
+    if config is None:
+        config = BackendConfig()
+    elif not isinstance(config, BackendConfig):
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a serve.BackendConfig or a dict, not {type(config).__name__}")
+        config = BackendConfig(**config)
     actor_options = dict(actor_options or {})
     unknown = set(actor_options) - _ACTOR_OPTION_FIELDS
     if unknown:
         raise ValueError(f"unsupported ray_actor_options field(s) {sorted(unknown)}; known: {sorted(_ACTOR_OPTION_FIELDS)}")
-    payload = {k: v for k, v in config.items()}
-    for key in ("num_replicas", "max_concurrent_queries", "max_batch_size"):
-        if key in payload and (not isinstance(payload[key], int) or isinstance(payload[key], bool) or payload[key] < 0):
-            raise ValueError(f"backend config field {key} must be a non-negative int, not {payload[key]!r}")
-    if "user_config" in payload:
-        try:
-            json.dumps(payload["user_config"])
-        except TypeError as e:
-            raise ValueError(f"backend config field user_config must be JSON-serialisable: {e}") from None
-    if "autoscaling" in payload:
-        payload["autoscaling"] = _autoscaling_payload(payload["autoscaling"])
-    for key in ("max_surge", "max_unavailable"):
-        # Rolling-update bounds: a count or a percentage ("25%").
-        if payload.get(key) is not None:
-            payload[key] = str(payload[key])
+    payload = {k: v for k, v in config.given().items() if k not in BackendConfig.NOT_STORED}
     payload.update(actor_options)
     return payload
 
@@ -386,7 +359,7 @@ def _pickle_code(func_or_class, init_args) -> bytes:
 
 def create_backend(backend_tag: str, func_or_class: Union[Callable, type], *actor_init_args: Any,
                    ray_actor_options: Optional[Dict[str, Any]] = None,
-                   config: Optional[Dict[str, Any]] = None) -> None:
+                   config: Union[BackendConfig, Dict[str, Any], None] = None) -> None:
     """Deploys ``func_or_class`` as a backend and waits until a replica runs.
     Raises ServeError with the replica's traceback if it cannot start."""
     if not callable(func_or_class):
@@ -434,8 +407,10 @@ def update_backend(backend_tag: str, func_or_class: Union[Callable, type], *acto
         raise ServeError(f"the new version of backend '{backend_tag}' failed to start:\n{error}")
 
 
-def update_backend_config(backend_tag: str, config_options: Dict[str, Any]) -> None:
-    current = get_backend_config(backend_tag)
+def update_backend_config(backend_tag: str, config_options: Union[BackendConfig, Dict[str, Any]]) -> None:
+    """Changes the fields ``config_options`` sets (a BackendConfig or a
+    dict); the others keep their values."""
+    current = _stored_config(backend_tag)
     current.update(_config_payload(config_options, None))
     _get_client().update_backend_config(backend_tag, json.dumps(current))
 
@@ -461,16 +436,21 @@ def _backend_config_dict(backend: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def get_backend_config(backend_tag: str) -> Dict[str, Any]:
+def _stored_config(backend_tag: str) -> Dict[str, Any]:
     for b in _snapshot().get("backends", []):
         if b["name"] == backend_tag:
             return _backend_config_dict(b)
-    raise ServeError(f"backend '{backend_tag}' does not exist")
+    raise ServeValueError(f"backend '{backend_tag}' does not exist")
 
 
-def list_backends() -> Dict[str, Dict[str, Any]]:
+def get_backend_config(backend_tag: str) -> BackendConfig:
+    """The backend's config (also readable as a dict: ``config["num_replicas"]``)."""
+    return BackendConfig.from_stored(_stored_config(backend_tag))
+
+
+def list_backends() -> Dict[str, BackendConfig]:
     """Backend name -> its config."""
-    return {b["name"]: _backend_config_dict(b) for b in _snapshot().get("backends", [])}
+    return {b["name"]: BackendConfig.from_stored(_backend_config_dict(b)) for b in _snapshot().get("backends", [])}
 
 
 def delete_backend(backend_tag: str, force: bool = False) -> None:
@@ -508,7 +488,9 @@ def create_endpoint(endpoint_name: str, *, backend: Optional[str] = None, route:
     servers; ``grpc_descriptor`` (a serialized FileDescriptorSet) feeds
     their server reflection."""
     if backend is None:
-        raise ValueError("create_endpoint needs backend=...")
+        raise TypeError("create_endpoint needs backend=...")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a backend's name (a str), not {type(backend).__name__}")
     if isinstance(methods, str):
         methods = [methods]
     client = _get_client()
@@ -528,13 +510,16 @@ def delete_endpoint(endpoint: str) -> None:
 
 
 def list_endpoints() -> Dict[str, Dict[str, Any]]:
-    """Endpoint name -> route, methods and traffic, as Ray Serve 1.x lists them."""
+    """Endpoint name -> route, methods and traffic, as Ray Serve 1.x lists
+    them (``python_methods`` is empty, as Ray's for endpoints made by
+    ``create_endpoint``)."""
     return {
         e["name"]: {
             "route": e.get("route") or None,
             "methods": list(e.get("methods", [])),
             "traffic": dict(e.get("traffic", {})),
             "shadows": dict(e.get("shadow", {})),
+            "python_methods": [],
         }
         for e in _snapshot().get("endpoints", [])
     }
@@ -554,11 +539,6 @@ def get_handle(endpoint_name: str, missing_ok: bool = False, sync: bool = True):
     """A handle calling ``endpoint_name``'s replicas directly. Connects
     first when needed (inside a replica the node agent sets SERVAL_ADDRESS
     and SERVAL_TOKEN, so backends can call other endpoints)."""
-    if _client is None:
-        try:
-            connect()
-        except ServeError as e:
-            raise ServeError(f"not connected to a Serval cluster and none found: {e}") from None
     client = _get_client()
     if not missing_ok and endpoint_name not in list_endpoints():
         raise KeyError(f"endpoint '{endpoint_name}' does not exist")
