@@ -437,6 +437,23 @@ impl Control for ControlService {
         .await
     }
 
+    async fn set_http_middlewares(
+        &self,
+        req: Request<SetHttpMiddlewaresRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let json = req.into_inner().middlewares_json;
+        // What every proxy would refuse is refused here, before the log.
+        serval_proxy::validate_middlewares(&json).map_err(|e| {
+            Status::invalid_argument(format!("invalid http_options.middlewares: {e}"))
+        })?;
+        // Location, host and port are set once, by the first head: keep them.
+        let options = HttpOptions {
+            middlewares_json: json,
+            ..self.sm.current().http_options.clone().unwrap_or_default()
+        };
+        self.propose(Command::SetHttpOptions(options)).await
+    }
+
     async fn set_traffic(
         &self,
         req: Request<SetTrafficRequest>,

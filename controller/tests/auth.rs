@@ -117,6 +117,11 @@ async fn every_rpc_needs_the_token_and_a_refused_call_changes_nothing() {
             c.set_traffic(SetTrafficRequest::default()).await,
         );
         refused("SetShadow", c.set_shadow(SetShadowRequest::default()).await);
+        refused(
+            "SetHttpMiddlewares",
+            c.set_http_middlewares(SetHttpMiddlewaresRequest::default())
+                .await,
+        );
         let blob = PutBlobRequest {
             digest: serval_protos::blob::digest(b"x"),
             data: b"x".to_vec(),
@@ -253,6 +258,11 @@ async fn a_replica_token_reads_and_runs_jobs_but_does_not_deploy() {
     denied(
         "UpdateBackendCode",
         c.update_backend_code(UpdateBackendCodeRequest::default())
+            .await,
+    );
+    denied(
+        "SetHttpMiddlewares",
+        c.set_http_middlewares(SetHttpMiddlewaresRequest::default())
             .await,
     );
     denied("PutApi", c.put_api(Api::default()).await);
@@ -457,4 +467,48 @@ async fn a_replica_token_reaches_only_its_own_api_s_blobs_and_jobs() {
         "a worker's GetJob of another API",
         worker.get_job(job_of(&theirs_job.id)).await,
     );
+}
+
+#[tokio::test]
+async fn middlewares_the_proxies_would_refuse_are_refused_before_the_log() {
+    let (addr, _dir) = start().await;
+    let mut c = connect(&addr, TOKEN).await.unwrap();
+    let before = version(&addr).await;
+    for bad in [
+        "not json",
+        r#"[{"name": "HTTPSRedirectMiddleware", "options": {}}]"#,
+        r#"[{"name": "CORSMiddleware", "options": {"allow_origin_regex": "("}}]"#,
+    ] {
+        let r = c
+            .set_http_middlewares(SetHttpMiddlewaresRequest {
+                middlewares_json: bad.into(),
+            })
+            .await;
+        match r {
+            Err(s) if s.code() == tonic::Code::InvalidArgument => assert!(
+                s.message().contains("http_options.middlewares"),
+                "{bad}: {}",
+                s.message()
+            ),
+            other => panic!("{bad} was not refused: {other:?}"),
+        }
+    }
+    assert_eq!(
+        version(&addr).await,
+        before,
+        "a refused call changed the state"
+    );
+
+    let cors = r#"[{"name": "CORSMiddleware", "options": {"allow_origins": ["*"]}}]"#;
+    c.set_http_middlewares(SetHttpMiddlewaresRequest {
+        middlewares_json: cors.into(),
+    })
+    .await
+    .unwrap();
+    let snapshot = c
+        .get_snapshot(WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(snapshot.http_options.unwrap().middlewares_json, cors);
 }

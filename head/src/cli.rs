@@ -1,5 +1,8 @@
 //! Argument parsing of `serve`: the same code runs as the `serve` binary
-//! and as the `serve` console script of the Python package.
+//! and as the `serve` console script of the Python package. The commands
+//! the Python SDK implements (`deploy`, `get`, `delete`, `logs`, `jobs`)
+//! are listed here too, and the binary runs them with the SDK's
+//! interpreter, so either `serve` knows every command.
 
 use std::path::{Path, PathBuf};
 
@@ -100,6 +103,78 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
+    /// Deploy the APIs of a project folder's serve.yaml or cortex.yaml.
+    #[command(disable_help_flag = true)]
+    Deploy(PythonArgs),
+    /// Status of every deployed API, or of one.
+    #[command(disable_help_flag = true)]
+    Get(PythonArgs),
+    /// Remove a deployed API.
+    #[command(disable_help_flag = true)]
+    Delete(PythonArgs),
+    /// Print the log lines of an API's replicas as they come.
+    #[command(disable_help_flag = true)]
+    Logs(PythonArgs),
+    /// Batch jobs of a BatchAPI: submit, get, list, stop, logs.
+    #[command(disable_help_flag = true)]
+    Jobs(PythonArgs),
+}
+
+/// The arguments of a command the Python SDK implements
+/// (`serval.cortex.cli`), passed on as given (`--help` included).
+#[derive(Args)]
+struct PythonArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    _args: Vec<String>,
+}
+
+/// Set in the environment of `python -m serval.cli` run for a Python
+/// command, so that a Python side that hands the command back (a version
+/// that lacks it) is an error instead of a loop.
+const HANDED_TO_PYTHON_ENV: &str = "SERVAL_CLI_HANDED_TO_PYTHON";
+
+/// Runs a command of the Python SDK (`argv` as this program got it) with
+/// the SDK's interpreter: SERVAL_PYTHON, as for replicas, else `python3`.
+/// Replaces this process, so its exit status and signals are the command's.
+fn run_python_command(argv: &[String]) -> anyhow::Result<()> {
+    let command = argv
+        .iter()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .map_or("this command", String::as_str);
+    if std::env::var_os(HANDED_TO_PYTHON_ENV).is_some() {
+        anyhow::bail!(
+            "`serve {command}` was handed to the Python SDK, which handed it back: \
+             its serval package does not know it (reinstall the SDK)"
+        );
+    }
+    let python = std::env::var_os("SERVAL_PYTHON").unwrap_or_else(|| "python3".into());
+    let shown = Path::new(&python).display().to_string();
+    let hint = format!(
+        "`serve {command}` is a command of the Python SDK, run with SERVAL_PYTHON \
+         ({shown}); set SERVAL_PYTHON to the Python where the serval package is \
+         installed (e.g. .venv/bin/python), or run that environment's `serve`"
+    );
+    // Checked first, so a missing package is this message, not a traceback.
+    let probe = std::process::Command::new(&python)
+        .args(["-c", "import serval.cortex.cli"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .with_context(|| format!("{hint}: cannot run it"))?;
+    if !probe.status.success() {
+        let stderr = String::from_utf8_lossy(&probe.stderr);
+        let last = stderr.lines().last().unwrap_or("it exited with an error");
+        anyhow::bail!("{hint}: {last}");
+    }
+    use std::os::unix::process::CommandExt;
+    let error = std::process::Command::new(&python)
+        .args(["-m", "serval.cli"])
+        .args(&argv[1..])
+        .env(HANDED_TO_PYTHON_ENV, "1")
+        .exec();
+    Err(error).with_context(|| format!("{hint}: cannot run it"))
 }
 
 #[derive(Parser)]
@@ -149,5 +224,8 @@ pub fn main_with(argv: Vec<String>, relaunch: Vec<String>) -> anyhow::Result<()>
         Cmd::Start(args) => start::run(root.cluster, *args, &argv, &relaunch),
         Cmd::Status { json } => status::run(root.cluster, json),
         Cmd::Shutdown { timeout } => shutdown::run(root.cluster, timeout),
+        Cmd::Deploy(_) | Cmd::Get(_) | Cmd::Delete(_) | Cmd::Logs(_) | Cmd::Jobs(_) => {
+            run_python_command(&argv)
+        }
     }
 }

@@ -59,9 +59,13 @@ use crate::grpc;
 use crate::limits::{ConnActivity, ConnIo, InFlight, Limits, Reservation};
 use crate::proxy::Proxy;
 use crate::route::{self, LookupError, RouteMatch};
+use crate::router::MAX_SHARD_KEY_BYTES;
 
 /// Header that selects the method to call instead of `__call__`.
 pub const CALL_METHOD_HEADER: &str = "x-serve-call-method";
+/// Header whose value picks the backend of a traffic split by its hash, so
+/// one key always reaches the same backend (Ray Serve 1.x).
+pub const SHARD_KEY_HEADER: &str = "x-serve-shard-key";
 pub const REQUESTS_TOTAL: &str = "serval_proxy_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "serval_proxy_request_duration_seconds";
 /// Open client connections of a listener.
@@ -547,6 +551,19 @@ async fn forward(
         .map(str::trim)
         .filter(|v| !v.is_empty())
         .map(str::to_owned);
+    let shard_key = parts
+        .headers
+        .get(SHARD_KEY_HEADER)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    if shard_key
+        .as_ref()
+        .is_some_and(|k| k.len() > MAX_SHARD_KEY_BYTES)
+    {
+        return errors::json_error(
+            StatusCode::BAD_REQUEST,
+            &format!("X-SERVE-SHARD-KEY is longer than {MAX_SHARD_KEY_BYTES} bytes"),
+        );
+    }
     let headers = parts
         .headers
         .iter()
@@ -570,7 +587,11 @@ async fn forward(
             client: client.to_owned(),
         }),
     };
-    match proxy.router().call(&matched.endpoint, request).await {
+    match proxy
+        .router()
+        .call_sharded(&matched.endpoint, shard_key.as_deref(), request)
+        .await
+    {
         Ok(response) => to_http(response),
         Err(e) => errors::from_router_error(&e, proxy.debug_errors),
     }

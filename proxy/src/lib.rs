@@ -59,7 +59,9 @@ pub use middleware::{validate as validate_middlewares, MiddlewareError, Middlewa
 pub use policy::{PowerOfTwoChoices, ReplicaChoice};
 pub use proxy::Proxy;
 pub use route::{collides, parse_route, ParsedRoute, RouteError, RouteTable};
-pub use router::{Router, RouterConfig, RouterError, DEFAULT_MAX_CONCURRENT_QUERIES};
+pub use router::{
+    Router, RouterConfig, RouterError, DEFAULT_MAX_CONCURRENT_QUERIES, MAX_SHARD_KEY_BYTES,
+};
 pub use watch::{spawn_watch, SnapshotReceiver};
 
 /// Runs a proxy: validates `config`, follows the controller's snapshots and

@@ -2,8 +2,11 @@
 //! the Python ServeHandle.
 //!
 //! `call` walks the request path:
-//! 1. endpoint -> backend by a weighted random draw over its traffic, plus a
+//! 1. endpoint -> backend by a weighted draw over its traffic, plus a
 //!    fire-and-forget copy to each shadow backend (drawn by its proportion);
+//!    the draw is random, or, for a call with a shard key, a point fixed by
+//!    the key's hash, so one key always reaches the same backend while the
+//!    traffic stays as it is (Ray Serve 1.x's shard keys);
 //! 2. backend -> replica by the [`ReplicaChoice`] policy (power of two
 //!    choices), never above `max_concurrent_queries` in flight per replica;
 //! 3. when every replica is full, a wait in a bounded per-backend queue,
@@ -28,6 +31,7 @@ use rand::Rng;
 use serval_protos::control::ClusterSnapshot;
 use serval_protos::frame::{Request, Response};
 use serval_protos::handshake::Key;
+use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
@@ -42,6 +46,10 @@ mod tests;
 const RUNNING: &str = "running";
 /// Ray Serve's default `max_concurrent_queries`, used when a backend says 0.
 pub const DEFAULT_MAX_CONCURRENT_QUERIES: usize = 100;
+/// The longest shard key a call may carry (`X-SERVE-SHARD-KEY`,
+/// `handle.options(shard_key=...)`): client input, so bounded; a longer one
+/// is refused where it enters (400, ValueError).
+pub const MAX_SHARD_KEY_BYTES: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
@@ -372,9 +380,24 @@ impl Router {
 
     /// Sends `request` to a replica of `endpoint` and waits for its response.
     pub async fn call(&self, endpoint: &str, request: Request) -> Result<Response, RouterError> {
+        self.call_sharded(endpoint, None, request).await
+    }
+
+    /// `call`, with the backend drawn by `shard_key` when one is given: the
+    /// same key reaches the same backend for as long as the endpoint's
+    /// traffic weights stay (the replica within it is still chosen by load).
+    pub async fn call_sharded(
+        &self,
+        endpoint: &str,
+        shard_key: Option<&str>,
+        request: Request,
+    ) -> Result<Response, RouterError> {
         let start = Instant::now();
         let mut chosen = None;
-        let result = self.route(endpoint, request, start, &mut chosen).await;
+        let point = shard_key.map(shard_point);
+        let result = self
+            .route(endpoint, request, point, start, &mut chosen)
+            .await;
         // Counted under the backend last drawn; a call that found no
         // backend at all (unknown endpoint, all weights zero) is not.
         if let Some(backend) = chosen {
@@ -390,18 +413,20 @@ impl Router {
         &self,
         endpoint: &str,
         request: Request,
+        point: Option<f64>,
         start: Instant,
         chosen: &mut Option<Arc<Backend>>,
     ) -> Result<Response, RouterError> {
         let mut shadows_sent = false;
         self.walk(
             endpoint,
+            point,
             start,
             chosen,
             |table, route, deadline| {
                 if !shadows_sent {
                     shadows_sent = true;
-                    self.send_shadows(table, route, &request, deadline);
+                    self.send_shadows(table, route, &request, point, deadline);
                 }
             },
             |backend, deadline| {
@@ -427,6 +452,7 @@ impl Router {
         let slot = self
             .walk(
                 endpoint,
+                None,
                 start,
                 &mut chosen,
                 |_, _, _| {},
@@ -438,13 +464,15 @@ impl Router {
         Ok(Reservation { slot })
     }
 
-    /// Draws a backend of `endpoint` and runs `attempt` on it until it
-    /// succeeds or fails for good, waiting (never polling) for a routable
-    /// replica while there is none. `on_route` sees the route on every
-    /// round (shadows); `chosen` is left holding the backend last drawn.
+    /// Draws a backend of `endpoint` (at `point` in [0, 1) when given, else
+    /// at random) and runs `attempt` on it until it succeeds or fails for
+    /// good, waiting (never polling) for a routable replica while there is
+    /// none. `on_route` sees the route on every round (shadows); `chosen` is
+    /// left holding the backend last drawn.
     async fn walk<T, F>(
         &self,
         endpoint: &str,
+        point: Option<f64>,
         start: Instant,
         chosen: &mut Option<Arc<Backend>>,
         mut on_route: impl FnMut(&Table, &EndpointRoute, Instant),
@@ -463,7 +491,8 @@ impl Router {
                 .get(endpoint)
                 .ok_or_else(|| RouterError::UnknownEndpoint(endpoint.to_owned()))?;
             on_route(&table, route, deadline);
-            let drawn = draw(&route.traffic)
+            let point = point.unwrap_or_else(|| rand::rng().random_range(0.0..1.0));
+            let drawn = draw(&route.traffic, point)
                 .and_then(|name| table.backends.get(name))
                 .cloned();
             drop(table);
@@ -506,10 +535,23 @@ impl Router {
         table: &Table,
         route: &EndpointRoute,
         request: &Request,
+        point: Option<f64>,
         deadline: Instant,
     ) {
         for (name, proportion) in &route.shadow {
-            if *proportion <= 0.0 || (*proportion < 1.0 && !rand::rng().random_bool(*proportion)) {
+            if *proportion <= 0.0 {
+                continue;
+            }
+            // A sharded call's key also decides its shadow copies.
+            let copied = match point {
+                Some(point) => point < *proportion,
+                None => {
+                    proportion.is_nan()
+                        || *proportion >= 1.0
+                        || rand::rng().random_bool(*proportion)
+                }
+            };
+            if !copied {
                 continue;
             }
             let Some(backend) = table.backends.get(name).cloned() else {
@@ -727,13 +769,14 @@ impl Drop for QueueTicket {
     }
 }
 
-/// Weighted random draw; zero weights are never drawn.
-fn draw(traffic: &[(String, f64)]) -> Option<&str> {
+/// The backend at `point` (in [0, 1)) of the weights laid end to end, in
+/// name order; zero weights are never drawn.
+fn draw(traffic: &[(String, f64)], point: f64) -> Option<&str> {
     let total: f64 = traffic.iter().map(|(_, w)| w.max(0.0)).sum();
     if total <= 0.0 || !total.is_finite() {
         return None;
     }
-    let mut x = rand::rng().random_range(0.0..total);
+    let mut x = point * total;
     let mut last = None;
     for (name, w) in traffic.iter().filter(|(_, w)| *w > 0.0) {
         if x < *w {
@@ -744,6 +787,15 @@ fn draw(traffic: &[(String, f64)]) -> Option<&str> {
     }
     // Rounding left x just above the sum: the last positive weight takes it.
     last
+}
+
+/// A shard key's fixed point in [0, 1): the first 53 bits of its SHA-256,
+/// the same in every proxy and handle, whatever the build.
+fn shard_point(key: &str) -> f64 {
+    let digest = Sha256::digest(key.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    (u64::from_be_bytes(first) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {

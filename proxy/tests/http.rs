@@ -581,3 +581,91 @@ async fn series_of_removed_backends_replicas_and_endpoints_leave_metrics() {
     drop(http);
     serving.stop().await;
 }
+
+/// Answers every request with its tag.
+struct Tag(&'static str);
+
+impl serval_node::replica_server::Handler for Tag {
+    fn handle(
+        &self,
+        _request: serval_protos::frame::Request,
+        reply: serval_node::replica_server::Reply,
+    ) {
+        reply.send(&Response {
+            status: 200,
+            headers: vec![],
+            body: self.0.as_bytes().to_vec(),
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_key_header_pins_one_backend_of_a_split_and_is_bounded() {
+    const TAGS: [&str; 4] = ["t0", "t1", "t2", "t3"];
+    let dir = tempfile::tempdir().unwrap();
+    let replicas: Vec<ThreadedReplica> = TAGS
+        .iter()
+        .map(|t| ThreadedReplica::start(dir.path(), t, Arc::new(Tag(t))))
+        .collect();
+    let proxy = Arc::new(Proxy::new(&ProxyConfig {
+        token: serval_node::test_util::TEST_TOKEN.into(),
+        ..Default::default()
+    }));
+    let mut split = endpoint("split", "/split", &[], "t0");
+    split.traffic = TAGS.iter().map(|t| (t.to_string(), 0.25)).collect();
+    proxy.apply_snapshot(&ClusterSnapshot {
+        version: 1,
+        backends: TAGS.iter().map(|t| backend(t, 0)).collect(),
+        endpoints: vec![split],
+        replicas: replicas
+            .iter()
+            .zip(TAGS)
+            .map(|(r, t)| r.record(t))
+            .collect(),
+        ..Default::default()
+    });
+    let serving = Serving::start(proxy.clone()).await;
+    let http = Http::new(serving.addr, false);
+    let get = |key: String| {
+        let http = http.clone();
+        async move {
+            let r = http
+                .send(
+                    "GET",
+                    "/split",
+                    &[("X-SERVE-SHARD-KEY", &key)],
+                    Empty::new().boxed(),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.body
+        }
+    };
+    let mut reached = std::collections::HashSet::new();
+    for k in 0..30 {
+        let first = get(format!("user-{k}")).await;
+        for _ in 0..3 {
+            assert_eq!(get(format!("user-{k}")).await, first, "user-{k} moved");
+        }
+        reached.insert(first);
+    }
+    // SHA-256 spreads 30 keys over four equal weights (the same on every run).
+    assert!(reached.len() >= 3, "30 keys reached only {reached:?}");
+
+    // The key is client input: bounded, refused before any replica sees it.
+    let limit = serval_proxy::MAX_SHARD_KEY_BYTES;
+    get("k".repeat(limit)).await;
+    let long = "k".repeat(limit + 1);
+    let r = http
+        .send(
+            "GET",
+            "/split",
+            &[("X-SERVE-SHARD-KEY", &long)],
+            Empty::new().boxed(),
+        )
+        .await;
+    assert_json_error(&r, 400, "X-SERVE-SHARD-KEY");
+
+    drop(http);
+    serving.stop().await;
+}

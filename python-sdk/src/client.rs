@@ -17,12 +17,13 @@ use serval_node::replica_server;
 use serval_protos::client::{self as control, Client as ControlClient};
 use serval_protos::control::{
     Api, AutoscalingConfig, Backend, BackendConfig, ClusterSnapshot, DeleteBackendRequest, Empty,
-    Endpoint, GetBlobRequest, NameRequest, PutBlobRequest, SetShadowRequest, SetTrafficRequest,
-    UpdateBackendCodeRequest, UpdateBackendConfigRequest, WatchRequest,
+    Endpoint, GetBlobRequest, NameRequest, PutBlobRequest, SetHttpMiddlewaresRequest,
+    SetShadowRequest, SetTrafficRequest, UpdateBackendCodeRequest, UpdateBackendConfigRequest,
+    WatchRequest,
 };
 use serval_protos::frame::{CallRequest, LogsRequest, Payload, Request, Response};
 use serval_protos::handshake::{self, Credential, Key, Role};
-use serval_proxy::{Router, RouterConfig, RouterError};
+use serval_proxy::{Router, RouterConfig, RouterError, MAX_SHARD_KEY_BYTES};
 use tokio::sync::{oneshot, watch};
 
 use crate::poll::poll_until;
@@ -485,6 +486,30 @@ impl Client {
         })
     }
 
+    /// Replaces the middlewares every proxy runs and waits (up to
+    /// `timeout` s) until this client's snapshot carries them; false when
+    /// it does not in time.
+    fn set_http_middlewares(
+        &self,
+        py: Python<'_>,
+        middlewares_json: String,
+        timeout: f64,
+    ) -> PyResult<bool> {
+        let mut c = self.client.clone();
+        let json = middlewares_json.clone();
+        block_on(py, async move {
+            c.set_http_middlewares(SetHttpMiddlewaresRequest { middlewares_json })
+                .await
+        })
+        .map_err(status_err)?;
+        Ok(self
+            .wait_snapshot(py, timeout, move |s| {
+                let current = s.http_options.as_ref().map_or("", |o| &o.middlewares_json);
+                (current == json).then_some(())
+            })?
+            .is_some())
+    }
+
     fn set_shadow(
         &self,
         py: Python<'_>,
@@ -651,18 +676,35 @@ impl Client {
         Ok(())
     }
 
-    /// Waits until the backend runs (returns "running") or failed (returns
-    /// "failed: <reason>"); `None` on timeout.
+    /// Waits until the backend has settled: `("running", "")` once every
+    /// replica has started (each running, or failed and waiting to restart,
+    /// with one running), `("failed", reason)` when none runs and one
+    /// failed; with `stop_unplaceable`, `("unplaceable", reason)` as soon as
+    /// a replica waits for a node with room for it (the controller's
+    /// reason, as `serve status` shows it). `None` on timeout. Waiting for
+    /// every replica, not the first, means a caller's next requests can
+    /// reach them all.
+    #[pyo3(signature = (name, timeout, stop_unplaceable=false))]
     fn wait_backend(
         &self,
         py: Python<'_>,
         name: String,
         timeout: f64,
+        stop_unplaceable: bool,
     ) -> PyResult<Option<(String, String)>> {
         self.wait_snapshot(py, timeout, move |s| {
             let b = s.backends.iter().find(|b| b.name == name)?;
-            (b.state == "running" || b.state == "failed")
-                .then(|| (b.state.clone(), b.error.clone()))
+            if b.state == "failed" {
+                return Some((b.state.clone(), b.error.clone()));
+            }
+            let mut replicas = s.replicas.iter().filter(|r| r.backend == name);
+            if stop_unplaceable {
+                if let Some(r) = replicas.clone().find(|r| r.state == "pending") {
+                    return Some(("unplaceable".into(), r.error.clone()));
+                }
+            }
+            let started = replicas.all(|r| r.state == "running" || r.state == "failed");
+            (b.state == "running" && started).then(|| (b.state.clone(), b.error.clone()))
         })
     }
 
@@ -749,6 +791,17 @@ fn request(
     }
 }
 
+/// A shard key is bounded as the proxy bounds `X-SERVE-SHARD-KEY`.
+fn check_shard_key(key: Option<&str>) -> PyResult<()> {
+    match key {
+        Some(k) if k.len() > MAX_SHARD_KEY_BYTES => Err(PyValueError::new_err(format!(
+            "shard_key is {} bytes; at most {MAX_SHARD_KEY_BYTES}",
+            k.len()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// (status, headers, body) of a finished call, or ServeError for a call that
 /// never reached user code (no replica, backpressure, replica died...).
 fn outcome_to_py(py: Python<'_>, outcome: Outcome) -> PyResult<PyResponse> {
@@ -766,29 +819,36 @@ impl Handle {
     }
 
     /// Starts a call; the returned future's `result()` blocks for it.
-    #[pyo3(signature = (method_name, args, http_method, headers))]
+    /// `shard_key` picks the backend of a traffic split by its hash.
+    #[pyo3(signature = (method_name, args, http_method, headers, shard_key=None))]
     fn call(
         &self,
         method_name: Option<String>,
         args: Vec<u8>,
         http_method: String,
         headers: Vec<(String, String)>,
-    ) -> CallFuture {
+        shard_key: Option<String>,
+    ) -> PyResult<CallFuture> {
+        check_shard_key(shard_key.as_deref())?;
         let (tx, rx) = oneshot::channel();
         let router = self.router.clone();
         let endpoint = self.endpoint.clone();
         let req = request(method_name, args, http_method, headers);
         runtime().spawn(async move {
-            let _ = tx.send(router.call(&endpoint, req).await);
+            let _ = tx.send(
+                router
+                    .call_sharded(&endpoint, shard_key.as_deref(), req)
+                    .await,
+            );
         });
-        CallFuture {
+        Ok(CallFuture {
             rx: Mutex::new(Some(rx)),
             done: Arc::new(Mutex::new(None)),
-        }
+        })
     }
 
     /// The same call as an awaitable for asyncio code.
-    #[pyo3(signature = (method_name, args, http_method, headers))]
+    #[pyo3(signature = (method_name, args, http_method, headers, shard_key=None))]
     fn call_async<'py>(
         &self,
         py: Python<'py>,
@@ -796,12 +856,16 @@ impl Handle {
         args: Vec<u8>,
         http_method: String,
         headers: Vec<(String, String)>,
+        shard_key: Option<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        check_shard_key(shard_key.as_deref())?;
         let router = self.router.clone();
         let endpoint = self.endpoint.clone();
         let req = request(method_name, args, http_method, headers);
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let outcome = router.call(&endpoint, req).await;
+            let outcome = router
+                .call_sharded(&endpoint, shard_key.as_deref(), req)
+                .await;
             Python::attach(|py| outcome_to_py(py, outcome))
         })
     }

@@ -35,8 +35,7 @@ def test_gpu_replicas_get_their_own_devices(gpu_cluster):
     serve.create_endpoint("cpu", backend="cpu", route=None)
     serve.create_endpoint("whole", backend="whole", route=None)
     assert serve.get_handle("cpu").remote().result() is None
-    # create_backend returns once one replica runs; the second may still be
-    # starting, so wait for both before asking each for its devices.
+    # create_backend returns once both replicas run; the status says so too.
     wait_for(lambda: sum(r["state"] == "running" for r in replicas_of("whole")) == 2,
              what="both GPU replicas running")
     h = serve.get_handle("whole")
@@ -57,11 +56,17 @@ def test_a_backend_that_fits_nowhere_stays_pending_with_the_reason(gpu_cluster):
     from serval import ServeError
     import serval.serve as s
 
+    # At once, with the reason, and the backend is not kept.
+    with pytest.raises(ServeError, match="no live node has 1 CPU and 0.5 GPU free"):
+        serve.create_backend("more", visible_devices, ray_actor_options={"num_gpus": 0.5})
+    assert "more" not in serve.list_backends()
+    # A caller that waits for room keeps it pending, with the reason.
     old = s.BACKEND_START_TIMEOUT_S
     s.BACKEND_START_TIMEOUT_S = 2
     try:
-        with pytest.raises(ServeError, match="no running replica"):
-            serve.create_backend("more", visible_devices, ray_actor_options={"num_gpus": 0.5})
+        with pytest.raises(ServeError, match="not started all its replicas after 2 s: no live node"):
+            serve.create_backend("more", visible_devices, ray_actor_options={"num_gpus": 0.5},
+                                 wait_for_resources=True)
     finally:
         s.BACKEND_START_TIMEOUT_S = old
     (pending,) = replicas_of("more")

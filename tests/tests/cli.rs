@@ -114,6 +114,14 @@ fn detached_head_status_and_shutdown() {
         "{table}"
     );
 
+    // A command of the Python SDK, through the binary, on this cluster.
+    let get = serve(tmp.path(), &["get"]);
+    assert!(get.status.success(), "{}", stderr(&get));
+    assert_eq!(
+        String::from_utf8_lossy(&get.stdout).trim(),
+        "no APIs are deployed"
+    );
+
     let (code, body) = http_get(http, "/nowhere").unwrap();
     assert_eq!(code, 404);
     let v: serde_json::Value = serde_json::from_str(&body).expect("JSON 404 body");
@@ -296,6 +304,57 @@ fn empty_and_short_tokens_are_refused() {
         assert!(
             err.contains(named) && err.contains(why),
             "serve {args:?} should name {named} and say '{why}': {err}"
+        );
+    }
+}
+
+#[test]
+fn the_binary_knows_the_python_commands() {
+    let tmp = tempfile::Builder::new()
+        .prefix("sv-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let help = serve(tmp.path(), &["--help"]);
+    let text = String::from_utf8_lossy(&help.stdout);
+    for command in [
+        "start", "status", "shutdown", "deploy", "get", "delete", "logs", "jobs",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.trim_start().starts_with(&format!("{command} "))),
+            "`serve --help` lacks {command}: {text}"
+        );
+    }
+    // Handed to the SDK with every argument: its own help...
+    let out = serve(tmp.path(), &["deploy", "--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("--no-wait"),
+        "{out:?}"
+    );
+    // ... and the global options (no cluster in this data dir).
+    let out = serve(tmp.path(), &["get"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains("no running Serval cluster")
+            && err.contains(&tmp.path().display().to_string()),
+        "{err}"
+    );
+    // An interpreter that cannot run them: the error says which, and how to fix it.
+    for python in ["/nonexistent/python3", "/bin/false"] {
+        let out = Command::new(serve_bin())
+            .args(["logs", "some-api"])
+            .env("SERVAL_PYTHON", python)
+            .output()
+            .expect("run serve");
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{out:?}");
+        assert!(
+            err.contains("`serve logs` is a command of the Python SDK")
+                && err.contains(python)
+                && err.contains("SERVAL_PYTHON"),
+            "{err}"
         );
     }
 }

@@ -155,6 +155,7 @@ fn native(port: u16, replicas: usize, workers: usize, limit: u32) {
                 serve_replica(
                     Some(unix),
                     None,
+                    None,
                     keys,
                     Arc::new(OkHandler),
                     std::future::pending(),

@@ -215,23 +215,31 @@ def resolved(value: Any) -> Any:
 
 class _HandleBase:
     def __init__(self, native, endpoint_name: str, method_name: Optional[str] = None,
-                 http_method: str = "GET", http_headers: Optional[Dict[str, str]] = None):
+                 http_method: str = "GET", http_headers: Optional[Dict[str, str]] = None,
+                 shard_key: Optional[str] = None):
         self._native = native
         self.endpoint_name = endpoint_name
         self.method_name = method_name
         self.http_method = http_method
         self.http_headers = dict(http_headers or {})
+        self.shard_key = shard_key
 
     def options(self, method_name: Optional[str] = None, http_method: Optional[str] = None,
-                http_headers: Optional[Dict[str, str]] = None):
+                http_headers: Optional[Dict[str, str]] = None, shard_key: Optional[str] = None):
         """A copy of this handle that calls ``method_name`` and/or carries
-        the given HTTP method and headers to the replica."""
+        the given HTTP method and headers to the replica. ``shard_key``
+        picks the backend of a traffic split by its hash, so calls with the
+        same key reach the same backend (as the ``X-SERVE-SHARD-KEY`` header
+        does over HTTP)."""
+        if shard_key is not None and not isinstance(shard_key, str):
+            raise TypeError(f"shard_key must be a str, not {type(shard_key).__name__}")
         return type(self)(
             self._native,
             self.endpoint_name,
             method_name if method_name is not None else self.method_name,
             http_method if http_method is not None else self.http_method,
             {**self.http_headers, **(http_headers or {})},
+            shard_key if shard_key is not None else self.shard_key,
         )
 
     def _call_args(self, args, kwargs):
@@ -240,6 +248,7 @@ class _HandleBase:
             dumps_call(args, kwargs),
             self.http_method,
             [(str(k), str(v)) for k, v in self.http_headers.items()],
+            self.shard_key,
         )
 
     def __repr__(self):

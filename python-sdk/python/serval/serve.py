@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import inspect
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -43,6 +44,10 @@ __all__ = [
 BACKEND_START_TIMEOUT_S = float(os.environ.get("SERVAL_BACKEND_START_TIMEOUT", "300"))
 #: Seconds create_endpoint waits for the proxies and the local router to know a route.
 ROUTE_PROPAGATION_TIMEOUT_S = 30.0
+#: How often create_backend(wait_for_resources=True) logs why it still waits.
+_PLACEMENT_LOG_INTERVAL_S = 30.0
+
+_logger = logging.getLogger("serval.serve")
 
 _ACTOR_OPTION_FIELDS = {"num_cpus", "num_gpus"}
 _HTTP_OPTION_FIELDS = {"location", "host", "port", "middlewares", "max_body_bytes"}
@@ -223,7 +228,9 @@ def _usable_host(host: str) -> str:
     return host
 
 
-def _head_flags(http_options: Union[HTTPOptions, Dict[str, Any]]) -> List[str]:
+def _given_http_options(http_options: Union[HTTPOptions, Dict[str, Any]]) -> Dict[str, Any]:
+    """The fields ``http_options`` sets, validated as HTTPOptions are
+    (``location`` as its name; ``host=None`` as location NoServer)."""
     if isinstance(http_options, HTTPOptions):
         http_options = http_options.given()
     elif not isinstance(http_options, dict):
@@ -231,8 +238,11 @@ def _head_flags(http_options: Union[HTTPOptions, Dict[str, Any]]) -> List[str]:
     unknown = set(http_options) - _HTTP_OPTION_FIELDS
     if unknown:
         raise ValueError(f"unknown http_options field(s) {sorted(unknown)}; known: {sorted(_HTTP_OPTION_FIELDS)}")
-    # Validated as HTTPOptions are (types, locations); host None = no proxy.
-    http_options = HTTPOptions(**http_options).given()
+    return HTTPOptions(**http_options).given()
+
+
+def _head_flags(http_options: Dict[str, Any]) -> List[str]:
+    """The ``serve start`` flags of validated http_options."""
     flags = []
     if http_options.get("middlewares"):
         flags += ["--http-middlewares", _middlewares_json(http_options["middlewares"])]
@@ -252,17 +262,24 @@ def start(detached: bool = False, http_options: Union[HTTPOptions, Dict[str, Any
           token: Optional[str] = None, token_file: Optional[str] = None) -> _native.Client:
     """Connects to the cluster if one runs, else starts a head in the
     background. A head started here with ``detached=False`` is shut down
-    when this Python process exits."""
-    flags = _head_flags(http_options or {})
+    when this Python process exits. Against a running cluster,
+    ``http_options`` middlewares replace the cluster's, and any other
+    option that differs from the running cluster's raises ServeError naming
+    it (they are fixed when the head starts)."""
+    given = _given_http_options(http_options or {})
+    flags = _head_flags(given)
     if token is not None and token_file is not None:
         raise ServeError("pass token or token_file, not both")
     if token is not None:
         _native.Client.check_token(token, "token")
     try:
-        return connect(address, data_dir=data_dir, token=token, token_file=token_file)
+        client = connect(address, data_dir=data_dir, token=token, token_file=token_file)
     except ServeError:
         if address is not None:
             raise
+    else:
+        _apply_to_running_cluster(client, given)
+        return client
     dd = _data_dir(data_dir)
     env = dict(os.environ)
     env.setdefault("SERVAL_PYTHON", sys.executable)
@@ -280,6 +297,44 @@ def start(detached: bool = False, http_options: Union[HTTPOptions, Dict[str, Any
     if not detached:
         atexit.register(_shutdown_quietly)
     return client
+
+
+def _apply_to_running_cluster(client: _native.Client, http_options: Dict[str, Any]) -> None:
+    """``http_options`` (validated) given to ``start`` when a cluster already runs: its
+    middlewares are set on the cluster (every proxy runs them); a location,
+    host or port other than the running cluster's, or a body limit (a flag
+    of each proxy process), raises naming the field, since none can change
+    without restarting the proxies."""
+    if not http_options:
+        return
+    snapshot = json.loads(client.snapshot_json())
+    running = snapshot.get("http_options") or {}
+    differs = []
+    if "location" in http_options:
+        want, have = http_options["location"], running.get("location") or "HeadOnly"
+        if want != have:
+            differs.append(f"location is {have!r}, not {want!r}")
+    if "host" in http_options and str(http_options["host"]) != running.get("host"):
+        differs.append(f"host is {running.get('host')!r}, not {str(http_options['host'])!r}")
+    if "port" in http_options:
+        port = int(http_options["port"])
+        ports = {running.get("port")} | {
+            int(n["http_address"].rsplit(":", 1)[1]) for n in snapshot.get("nodes", [])
+            if n.get("alive") and n.get("http_address", "").rpartition(":")[2].isdigit()}
+        if port not in ports:
+            differs.append(f"HTTP port is {running.get('port')}, not {port}")
+    if "max_body_bytes" in http_options:
+        differs.append("max_body_bytes is each proxy's --http-max-body-bytes, set when it starts")
+    if differs:
+        raise ServeError("http_options differ from the running cluster's: " + "; ".join(differs)
+                         + " (serve.shutdown() and serve.start() again to change them)")
+    if "middlewares" in http_options:
+        wanted = _middlewares_json(http_options["middlewares"]) if http_options["middlewares"] else ""
+        current = running.get("middlewares_json") or ""
+        if json.loads(wanted or "[]") != json.loads(current or "[]"):
+            if not client.set_http_middlewares(wanted, ROUTE_PROPAGATION_TIMEOUT_S):
+                raise ServeError("http_options.middlewares were set but did not reach this client in time")
+            _logger.info("http_options.middlewares set on the running cluster")
 
 
 def _shutdown_quietly() -> None:
@@ -359,9 +414,27 @@ def _pickle_code(func_or_class, init_args) -> bytes:
 
 def create_backend(backend_tag: str, func_or_class: Union[Callable, type], *actor_init_args: Any,
                    ray_actor_options: Optional[Dict[str, Any]] = None,
-                   config: Union[BackendConfig, Dict[str, Any], None] = None) -> None:
-    """Deploys ``func_or_class`` as a backend and waits until a replica runs.
-    Raises ServeError with the replica's traceback if it cannot start."""
+                   config: Union[BackendConfig, Dict[str, Any], None] = None,
+                   wait_for_resources: bool = False) -> None:
+    """Deploys ``func_or_class`` as a backend and waits until its replicas
+    run. Raises ServeError with the replica's traceback if it cannot start,
+    and at once with the controller's reason when no live node has room for
+    a replica (the backend is then removed), unless ``wait_for_resources``:
+    then it waits (up to SERVAL_BACKEND_START_TIMEOUT seconds) for nodes to
+    join or resources to free, logging the reason."""
+    client = _submit_backend(backend_tag, func_or_class, actor_init_args, ray_actor_options, config)
+    state, error = _wait_backend_started(client, backend_tag, wait_for_resources)
+    if state == "failed":
+        raise ServeError(f"backend '{backend_tag}' failed to start:\n{error}")
+
+
+def _submit_backend(backend_tag: str, func_or_class: Union[Callable, type], actor_init_args: Tuple[Any, ...],
+                    ray_actor_options: Optional[Dict[str, Any]],
+                    config: Union[BackendConfig, Dict[str, Any], None]) -> _native.Client:
+    """Checks and stores a new backend, without waiting for its replicas
+    (what ``create_backend`` then does). The BatchAPI gateway starts a
+    job's workers this way: its own loop watches them, and workers the
+    cluster cannot place yet wait for room, as Cortex's pending pods did."""
     if not callable(func_or_class):
         raise TypeError("create_backend needs a function or a class")
     if not inspect.isclass(func_or_class) and actor_init_args:
@@ -377,13 +450,47 @@ def create_backend(backend_tag: str, func_or_class: Union[Callable, type], *acto
     code = _pickle_code(func_or_class, actor_init_args)
     client = _get_client()
     client.create_backend(backend_tag, code, json.dumps(payload))
-    outcome = client.wait_backend(backend_tag, BACKEND_START_TIMEOUT_S)
-    if outcome is None:
-        raise ServeError(f"backend '{backend_tag}' has no running replica after {BACKEND_START_TIMEOUT_S} s "
-                         f"(see `serve status`)")
-    state, error = outcome
-    if state == "failed":
-        raise ServeError(f"backend '{backend_tag}' failed to start:\n{error}")
+    return client
+
+
+def _unplaced_reason(backend_tag: str) -> Optional[str]:
+    """Why a replica of the backend waits for a node, if one does."""
+    for r in _snapshot().get("replicas", []):
+        if r.get("backend") == backend_tag and r.get("state") == "pending":
+            return r.get("error") or "no node has room for it yet"
+    return None
+
+
+def _wait_backend_started(client: _native.Client, backend_tag: str, wait_for_resources: bool) -> Tuple[str, str]:
+    """(state, error) once the backend's replicas have started or failed;
+    an unplaceable replica raises (the backend removed) unless
+    ``wait_for_resources``, where the reason is logged while waiting."""
+    deadline = time.monotonic() + BACKEND_START_TIMEOUT_S
+    stop_unplaceable = True
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            reason = _unplaced_reason(backend_tag)
+            raise ServeError(f"backend '{backend_tag}' has not started all its replicas after "
+                             f"{BACKEND_START_TIMEOUT_S} s" + (f": {reason}" if reason else " (see `serve status`)"))
+        outcome = client.wait_backend(backend_tag, min(remaining, _PLACEMENT_LOG_INTERVAL_S), stop_unplaceable)
+        if outcome is None:
+            reason = _unplaced_reason(backend_tag) if wait_for_resources else None
+            if reason:
+                _logger.warning("backend %r is still waiting for the cluster to grow: %s", backend_tag, reason)
+            continue
+        state, error = outcome
+        if state != "unplaceable":
+            return state, error
+        if not wait_for_resources:
+            try:
+                client.delete_backend(backend_tag, False)
+            except ServeError:
+                pass
+            raise ServeError(f"backend '{backend_tag}' cannot be placed: {error}; it was removed (add nodes or "
+                             f"free resources, or pass wait_for_resources=True to wait for them)")
+        _logger.warning("backend %r is waiting for the cluster to grow: %s", backend_tag, error)
+        stop_unplaceable = False
 
 
 def update_backend(backend_tag: str, func_or_class: Union[Callable, type], *actor_init_args: Any) -> None:

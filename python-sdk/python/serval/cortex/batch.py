@@ -525,8 +525,9 @@ class BatchGateway:
         compute = self.spec.get("compute") or {}
         options = {"num_cpus": float(compute.get("cpu") or 0.2), "num_gpus": float(compute.get("gpu") or 0)}
         try:
-            serve.create_backend(worker_backend(self.name, job_id), BatchWorker, self.spec, job_id,
-                                 config={"num_replicas": workers}, ray_actor_options=options)
+            # Not waiting for the workers: this loop watches them.
+            serve._submit_backend(worker_backend(self.name, job_id), BatchWorker, (self.spec, job_id),
+                                  options, {"num_replicas": workers})
         except ServeError as e:
             if "exists" not in str(e):  # else another gateway started them first
                 raise
