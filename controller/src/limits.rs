@@ -58,6 +58,8 @@ pub const MAX_DESCRIPTOR_BYTES: usize = 4 * 1024 * 1024;
 pub const MAX_METHODS: usize = 16;
 pub const MAX_CONCURRENT_QUERIES: u32 = 100_000;
 pub const MAX_BATCH_SIZE: u32 = 100_000;
+/// A backend's `max_queued_requests` (per router, as a handle's own bound).
+pub const MAX_QUEUED_REQUESTS: u32 = 1_000_000;
 /// Seconds: `batch_wait_timeout`, a job's timeout (a year).
 /// Blobs one backend's replicas may fetch (a package and a `.env`).
 pub const MAX_BACKEND_BLOBS: usize = 16;
@@ -285,6 +287,11 @@ fn check_config(c: &BackendConfig) -> Result<(), StateError> {
         "max_batch_size",
         u64::from(c.max_batch_size),
         u64::from(MAX_BATCH_SIZE),
+    )?;
+    count(
+        "max_queued_requests",
+        u64::from(c.max_queued_requests),
+        u64::from(MAX_QUEUED_REQUESTS),
     )?;
     amount("num_cpus", c.num_cpus, MAX_NODE_CPUS)?;
     amount("num_gpus", c.num_gpus, MAX_NODE_GPUS)?;

@@ -466,13 +466,33 @@ impl ClusterState {
         }
         let traffic: BTreeMap<String, f64> = endpoint.traffic.clone().into_iter().collect();
         self.validate_traffic(&endpoint.name, &traffic)?;
-        if !endpoint.route.is_empty() {
+        if endpoint.route_is_prefix {
+            // An application's route prefix: one endpoint per prefix.
+            serval_proxy::check_prefix(&endpoint.route).map_err(|e| StateError::InvalidRoute {
+                route: endpoint.route.clone(),
+                reason: e.to_string(),
+            })?;
+            if let Some(existing) = self
+                .endpoints
+                .iter()
+                .find(|e| e.route_is_prefix && e.route == endpoint.route)
+            {
+                return Err(StateError::RouteTaken {
+                    route: endpoint.route.clone(),
+                    endpoint: endpoint.name.clone(),
+                    existing_route: existing.route.clone(),
+                    existing: existing.name.clone(),
+                });
+            }
+        } else if !endpoint.route.is_empty() {
             serval_proxy::parse_route(&endpoint.route).map_err(|e| StateError::InvalidRoute {
                 route: endpoint.route.clone(),
                 reason: e.to_string(),
             })?;
             if let Some(existing) = self.endpoints.iter().find(|e| {
-                !e.route.is_empty() && serval_proxy::route::collides(&e.route, &endpoint.route)
+                !e.route.is_empty()
+                    && !e.route_is_prefix
+                    && serval_proxy::route::collides(&e.route, &endpoint.route)
             }) {
                 return Err(StateError::RouteTaken {
                     route: endpoint.route.clone(),

@@ -1,7 +1,7 @@
 //! Argument parsing of `serve`: the same code runs as the `serve` binary
 //! and as the `serve` console script of the Python package. The commands
-//! the Python SDK implements (`deploy`, `get`, `delete`, `logs`, `jobs`)
-//! are listed here too, and the binary runs them with the SDK's
+//! the Python SDK implements (`deploy`, `run`, `build`, `get`, `delete`,
+//! `logs`, `jobs`) are listed here too, and the binary runs them with the SDK's
 //! interpreter, so either `serve` knows every command.
 
 use std::path::{Path, PathBuf};
@@ -103,9 +103,17 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
-    /// Deploy the APIs of a project folder's serve.yaml or cortex.yaml.
+    /// Deploy a Ray Serve config file's applications (`applications:`),
+    /// or the APIs of a project folder's serve.yaml or cortex.yaml.
     #[command(disable_help_flag = true)]
     Deploy(PythonArgs),
+    /// Run a Ray Serve application (`module:app`) or config file in the
+    /// foreground; Ctrl-C removes it.
+    #[command(disable_help_flag = true)]
+    Run(PythonArgs),
+    /// Write the Ray Serve config file of applications (`module:app ...`).
+    #[command(disable_help_flag = true)]
+    Build(PythonArgs),
     /// Status of every deployed API, or of one.
     #[command(disable_help_flag = true)]
     Get(PythonArgs),
@@ -224,8 +232,12 @@ pub fn main_with(argv: Vec<String>, relaunch: Vec<String>) -> anyhow::Result<()>
         Cmd::Start(args) => start::run(root.cluster, *args, &argv, &relaunch),
         Cmd::Status { json } => status::run(root.cluster, json),
         Cmd::Shutdown { timeout } => shutdown::run(root.cluster, timeout),
-        Cmd::Deploy(_) | Cmd::Get(_) | Cmd::Delete(_) | Cmd::Logs(_) | Cmd::Jobs(_) => {
-            run_python_command(&argv)
-        }
+        Cmd::Deploy(_)
+        | Cmd::Run(_)
+        | Cmd::Build(_)
+        | Cmd::Get(_)
+        | Cmd::Delete(_)
+        | Cmd::Logs(_)
+        | Cmd::Jobs(_) => run_python_command(&argv),
     }
 }

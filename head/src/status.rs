@@ -129,6 +129,31 @@ pub fn render(s: &ClusterSnapshot) -> String {
             .collect(),
     );
     out += &table(
+        "APPLICATIONS",
+        &["NAME", "STATUS", "ROUTE_PREFIX", "DEPLOYMENTS", "MESSAGE"],
+        crate::applications::statuses(s)
+            .into_iter()
+            .map(|a| {
+                let deployments: Vec<String> = a
+                    .deployments
+                    .iter()
+                    .map(|(name, d)| {
+                        let running = d.replica_states.get("RUNNING").copied().unwrap_or(0);
+                        let total: u32 = d.replica_states.values().sum();
+                        format!("{name}={} {running}/{total}", d.status)
+                    })
+                    .collect();
+                vec![
+                    a.name,
+                    a.status.into(),
+                    a.route_prefix.unwrap_or_else(|| "-".into()),
+                    deployments.join(", "),
+                    short(&a.message),
+                ]
+            })
+            .collect(),
+    );
+    out += &table(
         "ENDPOINTS",
         &["NAME", "ROUTE", "METHODS", "TRAFFIC"],
         s.endpoints
@@ -141,6 +166,8 @@ pub fn render(s: &ClusterSnapshot) -> String {
                     e.name.clone(),
                     if e.route.is_empty() {
                         "(handle only)".into()
+                    } else if e.route_is_prefix {
+                        format!("{} (prefix)", e.route)
                     } else {
                         e.route.clone()
                     },

@@ -58,7 +58,7 @@ pub use load_report::spawn_load_reporter;
 pub use middleware::{validate as validate_middlewares, MiddlewareError, Middlewares};
 pub use policy::{PowerOfTwoChoices, ReplicaChoice};
 pub use proxy::Proxy;
-pub use route::{collides, parse_route, ParsedRoute, RouteError, RouteTable};
+pub use route::{check_prefix, collides, parse_route, ParsedRoute, RouteError, RouteTable};
 pub use router::{
     Router, RouterConfig, RouterError, DEFAULT_MAX_CONCURRENT_QUERIES, MAX_SHARD_KEY_BYTES,
 };

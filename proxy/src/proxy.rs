@@ -143,7 +143,12 @@ impl Proxy {
         });
         let mut table = RouteTable::new();
         for e in snapshot.endpoints.iter().filter(|e| !e.route.is_empty()) {
-            if let Err(error) = table.insert(&e.name, &e.route, &e.methods) {
+            let inserted = if e.route_is_prefix {
+                table.insert_prefix(&e.name, &e.route)
+            } else {
+                table.insert(&e.name, &e.route, &e.methods)
+            };
+            if let Err(error) = inserted {
                 // The controller validates routes; one bad route must not
                 // take the others down.
                 tracing::warn!(endpoint = %e.name, %error, "route skipped");

@@ -128,6 +128,8 @@ pub enum RouteError {
     PathNotLast { route: String, name: String },
     #[error("route {route:?} names parameter {name:?} twice")]
     DuplicateName { route: String, name: String },
+    #[error("route prefix {route:?} must start with '/', not end with '/' (unless it is \"/\") and hold no '{{' or '}}'")]
+    BadPrefix { route: String },
 }
 
 /// One segment of a parsed route (the text between two '/').
@@ -301,6 +303,30 @@ impl Entry {
     }
 }
 
+/// Checks a route prefix (Ray Serve 2.x `route_prefix`): "/" or
+/// "/a/b", without parameters.
+pub fn check_prefix(prefix: &str) -> Result<(), RouteError> {
+    let ok = prefix.starts_with('/')
+        && (prefix == "/" || !prefix.ends_with('/'))
+        && !prefix.contains(['{', '}']);
+    if ok {
+        Ok(())
+    } else {
+        Err(RouteError::BadPrefix {
+            route: prefix.to_owned(),
+        })
+    }
+}
+
+/// Whether `path` is `prefix` or below it ("/a" holds "/a" and "/a/b",
+/// not "/ab"; "/" holds every path).
+fn under_prefix(path: &str, prefix: &str) -> bool {
+    prefix == "/"
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 /// Routes of every endpoint, immutable once built; the proxy swaps in a new
 /// table on each snapshot instead of editing one under readers.
 #[derive(Default)]
@@ -313,6 +339,9 @@ pub struct RouteTable {
     /// means a refused insert never loses a route.
     shape_of_pattern: HashMap<String, usize>,
     entries: Vec<Entry>,
+    /// `(prefix, endpoint)`, longest prefix first: an application's route
+    /// prefix serves every method, after the routes above found nothing.
+    prefixes: Vec<(String, String)>,
 }
 
 impl fmt::Debug for RouteTable {
@@ -358,15 +387,43 @@ impl RouteTable {
         Ok(())
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+    /// Adds a route prefix of `endpoint`: the prefix and every path below
+    /// it, any method. Among prefixes the longest holding a path wins.
+    pub fn insert_prefix(&mut self, endpoint: &str, prefix: &str) -> Result<(), RouteError> {
+        check_prefix(prefix)?;
+        // Stable: equal lengths keep registration order.
+        let at = self
+            .prefixes
+            .iter()
+            .position(|(p, _)| p.len() < prefix.len())
+            .unwrap_or(self.prefixes.len());
+        self.prefixes
+            .insert(at, (prefix.to_owned(), endpoint.to_owned()));
+        Ok(())
     }
 
-    /// `(route, endpoint)` pairs in registration order.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.prefixes.is_empty()
+    }
+
+    /// `(route, endpoint)` pairs: routes in registration order, then
+    /// prefixes, longest first.
     pub fn routes(&self) -> impl Iterator<Item = (&str, &str)> {
         self.entries
             .iter()
             .map(|e| (e.route.route.as_str(), e.endpoint.as_str()))
+            .chain(self.prefixes.iter().map(|(p, e)| (p.as_str(), e.as_str())))
+    }
+
+    /// The endpoint of the longest prefix holding `decoded`.
+    fn lookup_prefix(&self, decoded: &str) -> Option<RouteMatch> {
+        self.prefixes
+            .iter()
+            .find(|(prefix, _)| under_prefix(decoded, prefix))
+            .map(|(_, endpoint)| RouteMatch {
+                endpoint: endpoint.clone(),
+                path_params: Vec::new(),
+            })
     }
 
     /// Finds the endpoint for a request. `decoded` is the request path
@@ -407,6 +464,9 @@ impl RouteTable {
                 }
                 add_allowed(&mut allow, entry);
             }
+        }
+        if let Some(hit) = self.lookup_prefix(decoded) {
+            return Ok(hit);
         }
         if allow.is_empty() {
             Err(LookupError::NotFound)

@@ -112,8 +112,11 @@ struct Backend {
     /// Swapped whole on update; readers clone the Arc and never hold the lock.
     replicas: RwLock<Arc<Vec<Arc<Replica>>>>,
     max_concurrent: AtomicUsize,
-    /// Requests waiting for a slot (bounded by `queue_capacity`).
+    /// Requests waiting for a slot (bounded by `queue_capacity`, and by
+    /// `max_queued` when the backend sets it).
     queued: AtomicUsize,
+    /// The backend's own bound on `queued` (`max_queued_requests`); 0: none.
+    max_queued: AtomicUsize,
     /// Requests waiting for the backend to have any routable replica (a
     /// backend scaled to zero, or starting): load the autoscaler must see.
     awaiting_replica: AtomicUsize,
@@ -129,6 +132,7 @@ impl Backend {
             replicas: RwLock::new(Arc::default()),
             max_concurrent: AtomicUsize::new(DEFAULT_MAX_CONCURRENT_QUERIES),
             queued: AtomicUsize::new(0),
+            max_queued: AtomicUsize::new(0),
             awaiting_replica: AtomicUsize::new(0),
             slot_freed: Notify::new(),
             metrics: BackendMetrics::new(name),
@@ -306,9 +310,13 @@ impl Router {
             } else {
                 limit
             };
-            backend(&b.name)
-                .max_concurrent
-                .store(limit, Ordering::Relaxed);
+            let max_queued = b
+                .config
+                .as_ref()
+                .map_or(0, |c| c.max_queued_requests as usize);
+            let state = backend(&b.name);
+            state.max_concurrent.store(limit, Ordering::Relaxed);
+            state.max_queued.store(max_queued, Ordering::Relaxed);
         }
         let mut running: HashMap<String, Vec<Arc<Replica>>> = HashMap::new();
         for r in snapshot.replicas.iter().filter(|r| r.state == RUNNING) {
@@ -744,6 +752,10 @@ struct QueueTicket {
 
 impl QueueTicket {
     fn join(backend: &Arc<Backend>, capacity: usize) -> Result<Self, RouterError> {
+        let capacity = match backend.max_queued.load(Ordering::Relaxed) {
+            0 => capacity,
+            own => own.min(capacity),
+        };
         backend
             .queued
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {

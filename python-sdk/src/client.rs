@@ -5,7 +5,7 @@
 //! asyncio for `get_handle(sync=False)`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pyo3::create_exception;
@@ -24,7 +24,7 @@ use serval_protos::control::{
 use serval_protos::frame::{CallRequest, LogsRequest, Payload, Request, Response};
 use serval_protos::handshake::{self, Credential, Key, Role};
 use serval_proxy::{Router, RouterConfig, RouterError, MAX_SHARD_KEY_BYTES};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 use crate::poll::poll_until;
 
@@ -55,6 +55,15 @@ create_exception!(
     "No head answered a control-plane call (a head down, an election, a \
      timeout): the call may or may not have taken effect; retrying is safe \
      for calls made to be retried."
+);
+
+create_exception!(
+    _native,
+    BackPressureError,
+    ServeError,
+    "A handle call refused at once: every replica of the deployment is at \
+     its max_ongoing_requests and max_queued_requests calls already wait \
+     (Ray Serve 2.x's BackPressureError)."
 );
 
 /// `ServeValueError(ServeError, ValueError)`: a call the controller refused
@@ -146,6 +155,7 @@ struct PyBackendConfig {
     autoscaling: Option<PyAutoscaling>,
     max_surge: Option<String>,
     max_unavailable: Option<String>,
+    max_queued_requests: Option<u32>,
 }
 
 /// Cortex's autoscaling knobs (durations in seconds; serve.py converts
@@ -217,6 +227,7 @@ fn parse_config(json: &str) -> PyResult<BackendConfig> {
         autoscaling: c.autoscaling.map(Into::into),
         max_surge: c.max_surge.unwrap_or_default(),
         max_unavailable: c.max_unavailable.unwrap_or_default(),
+        max_queued_requests: c.max_queued_requests.unwrap_or(0),
     })
 }
 
@@ -530,7 +541,9 @@ impl Client {
         Ok(())
     }
 
-    #[pyo3(signature = (name, backend, route, methods, grpc_service = None, grpc_descriptor = None))]
+    /// `route_is_prefix`: `route` is a Ray Serve 2.x route prefix.
+    #[pyo3(signature = (name, backend, route, methods, grpc_service = None, grpc_descriptor = None,
+                        route_is_prefix = false))]
     #[allow(clippy::too_many_arguments)]
     fn create_endpoint(
         &self,
@@ -541,11 +554,13 @@ impl Client {
         methods: Vec<String>,
         grpc_service: Option<String>,
         grpc_descriptor: Option<Vec<u8>>,
+        route_is_prefix: bool,
     ) -> PyResult<()> {
         let mut c = self.client.clone();
         let endpoint = Endpoint {
             name,
             route: route.unwrap_or_default(),
+            route_is_prefix,
             methods,
             traffic: [(backend, 1.0)].into_iter().collect(),
             grpc_service: grpc_service.unwrap_or_default(),
@@ -804,9 +819,14 @@ fn check_shard_key(key: Option<&str>) -> PyResult<()> {
 
 /// (status, headers, body) of a finished call, or ServeError for a call that
 /// never reached user code (no replica, backpressure, replica died...).
-fn outcome_to_py(py: Python<'_>, outcome: Outcome) -> PyResult<PyResponse> {
+fn outcome_to_py(py: Python<'_>, outcome: &Outcome) -> PyResult<PyResponse> {
     match outcome {
-        Ok(r) => Ok((r.status, r.headers, PyBytes::new(py, &r.body).unbind())),
+        Ok(r) => Ok((
+            r.status,
+            r.headers.clone(),
+            PyBytes::new(py, &r.body).unbind(),
+        )),
+        Err(e @ RouterError::Backpressure { .. }) => Err(BackPressureError::new_err(e.to_string())),
         Err(e) => Err(ServeError::new_err(e.to_string())),
     }
 }
@@ -830,21 +850,17 @@ impl Handle {
         shard_key: Option<String>,
     ) -> PyResult<CallFuture> {
         check_shard_key(shard_key.as_deref())?;
-        let (tx, rx) = oneshot::channel();
+        let (tx, rx) = watch::channel(None);
         let router = self.router.clone();
         let endpoint = self.endpoint.clone();
         let req = request(method_name, args, http_method, headers);
         runtime().spawn(async move {
-            let _ = tx.send(
-                router
-                    .call_sharded(&endpoint, shard_key.as_deref(), req)
-                    .await,
-            );
+            let outcome = router
+                .call_sharded(&endpoint, shard_key.as_deref(), req)
+                .await;
+            tx.send_replace(Some(Arc::new(outcome)));
         });
-        Ok(CallFuture {
-            rx: Mutex::new(Some(rx)),
-            done: Arc::new(Mutex::new(None)),
-        })
+        Ok(CallFuture { rx })
     }
 
     /// The same call as an awaitable for asyncio code.
@@ -866,7 +882,7 @@ impl Handle {
             let outcome = router
                 .call_sharded(&endpoint, shard_key.as_deref(), req)
                 .await;
-            Python::attach(|py| outcome_to_py(py, outcome))
+            Python::attach(|py| outcome_to_py(py, &outcome))
         })
     }
 }
@@ -904,108 +920,100 @@ impl Drop for SpinSlot {
     }
 }
 
+/// A call's outcome once it has one, shared by every waiter.
+type SharedOutcome = watch::Receiver<Option<Arc<Outcome>>>;
+
+fn finished(rx: &SharedOutcome) -> Option<Arc<Outcome>> {
+    rx.borrow().clone()
+}
+
 /// Polls `rx` for up to [`RESULT_SPIN`] (or `limit`, when shorter) when no
-/// other thread is polling; `None` when it is still pending (or its sender
-/// is gone: the blocking wait reports that).
-fn spin_for_result(
-    rx: &mut oneshot::Receiver<Outcome>,
-    limit: Option<Duration>,
-) -> Option<Outcome> {
+/// other thread is polling; `None` when it is still pending.
+fn spin_for_result(rx: &SharedOutcome, limit: Option<Duration>) -> Option<Arc<Outcome>> {
     let _slot = SpinSlot::take()?;
     let mut outcome = None;
     poll_until(limit.map_or(RESULT_SPIN, |l| l.min(RESULT_SPIN)), || {
-        match rx.try_recv() {
-            Ok(o) => outcome = Some(o),
-            Err(oneshot::error::TryRecvError::Empty) => return false,
-            Err(oneshot::error::TryRecvError::Closed) => {}
-        }
-        true
+        outcome = finished(rx);
+        outcome.is_some() || rx.has_changed().is_err()
     });
     outcome
 }
 
-/// The `ObjectRef` role: a call in flight.
+/// The `ObjectRef` role: a call in flight. Any number of threads and event
+/// loops may wait for it, at once or one after another; none holds a lock
+/// while it waits, so none can block another that holds the GIL.
 #[pyclass(module = "serval._native")]
 pub struct CallFuture {
-    rx: Mutex<Option<oneshot::Receiver<Outcome>>>,
-    /// Shared with a `result_async` in flight, which stores what it got.
-    done: Arc<Mutex<Option<Outcome>>>,
+    rx: SharedOutcome,
 }
 
 #[pymethods]
 impl CallFuture {
     /// Waits (GIL released) up to `timeout` seconds, or forever when None.
+    /// A timeout leaves the call running for a later `result()`.
     #[pyo3(signature = (timeout=None))]
     fn result(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<PyResponse> {
-        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
-        if done.is_none() {
-            let rx = self.rx.lock().unwrap_or_else(|p| p.into_inner()).take();
-            let Some(mut rx) = rx else {
-                return Err(ServeError::new_err("call result lost"));
-            };
-            // A timeout too large for a Duration (inf) waits forever.
-            let limit = timeout.and_then(|t| Duration::try_from_secs_f64(t.max(0.0)).ok());
-            let got = py.detach(|| {
-                if let Some(outcome) = spin_for_result(&mut rx, limit) {
-                    return Some(Ok(outcome));
-                }
-                runtime().block_on(async {
-                    match limit {
-                        Some(t) => tokio::time::timeout(t, &mut rx).await.ok(),
-                        None => Some((&mut rx).await),
-                    }
-                })
-            });
-            match got {
-                None => {
-                    // Still running: a later result() waits on.
-                    *self.rx.lock().unwrap_or_else(|p| p.into_inner()) = Some(rx);
-                    return Err(pyo3::exceptions::PyTimeoutError::new_err(
-                        "the call did not finish in time",
-                    ));
-                }
-                Some(Err(_)) => return Err(ServeError::new_err("the call was dropped")),
-                Some(Ok(outcome)) => *done = Some(outcome),
+        let mut rx = self.rx.clone();
+        // A timeout too large for a Duration (inf) waits forever.
+        let limit = timeout.and_then(|t| Duration::try_from_secs_f64(t.max(0.0)).ok());
+        // Ok(None): still running after `limit`; Err: the call was dropped.
+        let got: Result<Option<Arc<Outcome>>, ()> = py.detach(move || {
+            if let Some(outcome) = finished(&rx).or_else(|| spin_for_result(&rx, limit)) {
+                return Ok(Some(outcome));
             }
-        }
-        match done.as_ref() {
-            Some(outcome) => outcome_to_py(py, outcome.clone()),
-            None => Err(ServeError::new_err("call result lost")),
+            runtime().block_on(async move {
+                let wait = async {
+                    rx.wait_for(Option::is_some)
+                        .await
+                        .map(|o| o.clone())
+                        .map_err(|_| ())
+                };
+                match limit {
+                    Some(t) => tokio::time::timeout(t, wait).await.unwrap_or(Ok(None)),
+                    None => wait.await,
+                }
+            })
+        });
+        match got {
+            Ok(Some(outcome)) => outcome_to_py(py, &outcome),
+            Ok(None) => Err(pyo3::exceptions::PyTimeoutError::new_err(
+                "the call did not finish in time",
+            )),
+            Err(()) => Err(ServeError::new_err("the call was dropped")),
         }
     }
 
     /// The same outcome as an asyncio awaitable, so a sync handle's result
     /// can be awaited inside async code without blocking its event loop.
     fn result_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let done = self.done.clone();
-        // A result() blocked in another thread holds `done`: refuse rather
-        // than block this event loop behind it.
-        let Ok(finished) = done.try_lock().map(|d| d.clone()) else {
-            return Err(ServeError::new_err(
-                "the call's result is being waited for in another thread",
-            ));
-        };
-        let pending = match finished {
-            Some(outcome) => Err(outcome),
-            None => match self.rx.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                Some(rx) => Ok(rx),
-                None => return Err(ServeError::new_err("call result lost")),
-            },
-        };
+        let mut rx = self.rx.clone();
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let outcome = match pending {
-                Err(outcome) => outcome,
-                Ok(rx) => {
-                    let outcome = rx
-                        .await
-                        .map_err(|_| ServeError::new_err("the call was dropped"))?;
-                    *done.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome.clone());
-                    outcome
-                }
-            };
-            Python::attach(|py| outcome_to_py(py, outcome))
+            let outcome = rx
+                .wait_for(Option::is_some)
+                .await
+                .map(|o| o.clone())
+                .ok()
+                .flatten()
+                .ok_or_else(|| ServeError::new_err("the call was dropped"))?;
+            Python::attach(|py| outcome_to_py(py, &outcome))
         })
     }
+
+    /// Whether the call has finished (its outcome is there).
+    fn done(&self) -> bool {
+        finished(&self.rx).is_some()
+    }
+}
+
+/// The Ray Serve 2.x statuses of the applications in `snapshot_json` (a
+/// `Client.snapshot_json()`), as JSON: computed by `serval_head`, as
+/// `serve status` shows them.
+#[pyfunction]
+fn application_statuses(snapshot_json: &str) -> PyResult<String> {
+    let snapshot: ClusterSnapshot = serde_json::from_str(snapshot_json)
+        .map_err(|e| PyValueError::new_err(format!("not a cluster snapshot: {e}")))?;
+    serde_json::to_string(&serval_head::applications::statuses(&snapshot))
+        .map_err(|e| ServeError::new_err(e.to_string()))
 }
 
 /// Runs the `serve` command line in this process (the console script).
@@ -1025,8 +1033,10 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Handle>()?;
     m.add_class::<CallFuture>()?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
+    m.add_function(wrap_pyfunction!(application_statuses, m)?)?;
     m.add("ServeError", m.py().get_type::<ServeError>())?;
     m.add("ServeValueError", serve_value_error_type(m.py())?)?;
+    m.add("BackPressureError", m.py().get_type::<BackPressureError>())?;
     m.add(
         "ControlUnavailable",
         m.py().get_type::<ControlUnavailable>(),

@@ -66,6 +66,34 @@ fn backend_replicas_are_placed_on_a_node_with_room() {
 }
 
 #[test]
+fn route_prefixes_are_checked_and_taken_once_beside_routes() {
+    let mut s = cluster();
+    let prefix = |name: &str, route: &str| Endpoint {
+        route_is_prefix: true,
+        ..endpoint(name, "b", route)
+    };
+    s.apply(Command::CreateEndpoint(endpoint("e", "b", "/api")))
+        .unwrap();
+    // A prefix may equal a route: the route is tried first.
+    s.apply(Command::CreateEndpoint(prefix("app", "/api")))
+        .unwrap();
+    s.apply(Command::CreateEndpoint(prefix("root", "/")))
+        .unwrap();
+    let taken = s
+        .apply(Command::CreateEndpoint(prefix("other", "/api")))
+        .unwrap_err()
+        .to_string();
+    assert!(taken.contains("collides"), "{taken}");
+    for bad in ["/api/", "api", "/a/{x}", ""] {
+        let e = s
+            .apply(Command::CreateEndpoint(prefix("bad", bad)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("route prefix"), "{bad}: {e}");
+    }
+}
+
+#[test]
 fn refused_commands_leave_the_state_unchanged() {
     let mut s = cluster();
     s.apply(Command::CreateEndpoint(endpoint("e", "b", "/e")))

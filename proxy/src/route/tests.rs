@@ -311,6 +311,46 @@ fn routes_listed_in_order() {
     );
 }
 
+#[test]
+fn prefixes_hold_their_subtree_longest_first_after_routes() {
+    let mut t = table(&[("exact", "/api/v1/special", &["GET"])]);
+    t.insert_prefix("root", "/").unwrap();
+    t.insert_prefix("api", "/api").unwrap();
+    t.insert_prefix("v1", "/api/v1").unwrap();
+    assert_eq!(hit(&t, "/api/v1/special", "GET").0, "exact");
+    assert_eq!(hit(&t, "/api/v1/other", "POST").0, "v1");
+    assert_eq!(hit(&t, "/api/v1", "GET").0, "v1");
+    assert_eq!(hit(&t, "/api/v2", "DELETE").0, "api");
+    assert_eq!(hit(&t, "/api", "GET").0, "api");
+    // A prefix is whole segments: "/apix" is not under "/api".
+    assert_eq!(hit(&t, "/apix", "GET").0, "root");
+    assert_eq!(hit(&t, "/", "GET").0, "root");
+    // An exact route's other methods fall through to the prefix that holds it.
+    assert_eq!(hit(&t, "/api/v1/special", "POST").0, "v1");
+    assert_eq!(
+        t.routes().collect::<Vec<_>>(),
+        vec![
+            ("/api/v1/special", "exact"),
+            ("/api/v1", "v1"),
+            ("/api", "api"),
+            ("/", "root")
+        ]
+    );
+
+    let mut only = RouteTable::new();
+    only.insert_prefix("app", "/app").unwrap();
+    assert_eq!(only.lookup("/other", "GET"), Err(LookupError::NotFound));
+    for bad in ["app", "/app/", "/a/{x}", ""] {
+        assert!(
+            matches!(
+                only.insert_prefix("x", bad),
+                Err(RouteError::BadPrefix { .. })
+            ),
+            "{bad}"
+        );
+    }
+}
+
 mod fuzz {
     //! Random route strings and paths never panic the parser, the decoder
     //! or a lookup; a route built from Starlette's grammar parses and

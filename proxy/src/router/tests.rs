@@ -234,6 +234,44 @@ async fn full_replicas_queue_then_backpressure_and_counts_return_to_zero() {
 }
 
 #[tokio::test]
+async fn a_backends_max_queued_requests_bounds_its_queue_below_the_routers() {
+    let dir = tempfile::tempdir().unwrap();
+    let hold = Arc::new(HoldHandler::default());
+    let rep = TestReplica::start(dir.path(), "r1", hold.clone());
+    // The router would queue 1000; the backend allows one waiting call.
+    let router = Router::new(test_config());
+    let mut b = backend("b", 1);
+    b.config.as_mut().unwrap().max_queued_requests = 1;
+    router.update(&snapshot(
+        vec![b],
+        vec![endpoint("ep", &[("b", 1.0)], &[])],
+        vec![rep.record("b")],
+    ));
+    let mut calls = Vec::new();
+    for _ in 0..2 {
+        let r = router.clone();
+        calls.push(tokio::spawn(async move {
+            r.call("ep", http_request("/ep")).await
+        }));
+    }
+    eventually("one held, one queued", || {
+        hold.held() == 1 && router.queued("b") == 1
+    })
+    .await;
+    let err = router.call("ep", http_request("/ep")).await.unwrap_err();
+    assert!(
+        matches!(err, RouterError::Backpressure { queued: 1, .. }),
+        "{err:?}"
+    );
+    release(&hold);
+    eventually("queued request admitted", || hold.held() == 1).await;
+    release(&hold);
+    for c in calls {
+        assert_eq!(body(&c.await.unwrap().unwrap()), "released");
+    }
+}
+
+#[tokio::test]
 async fn dropped_callers_release_their_slot_and_queue_place() {
     let dir = tempfile::tempdir().unwrap();
     let hold = Arc::new(HoldHandler::default());
