@@ -525,7 +525,8 @@ impl ClusterState {
                 methods.push(m);
             }
         }
-        if methods.is_empty() {
+        // A route prefix serves every method (its methods stay empty).
+        if methods.is_empty() && !endpoint.route_is_prefix {
             methods = DEFAULT_METHODS.iter().map(|m| m.to_string()).collect();
         }
         Ok(Endpoint {

@@ -171,7 +171,11 @@ pub fn render(s: &ClusterSnapshot) -> String {
                     } else {
                         e.route.clone()
                     },
-                    e.methods.join(","),
+                    if e.methods.is_empty() {
+                        "any".into()
+                    } else {
+                        e.methods.join(",")
+                    },
                     traffic.join(","),
                 ]
             })

@@ -317,7 +317,7 @@ fn the_binary_knows_the_python_commands() {
     let help = serve(tmp.path(), &["--help"]);
     let text = String::from_utf8_lossy(&help.stdout);
     for command in [
-        "start", "status", "shutdown", "deploy", "get", "delete", "logs", "jobs",
+        "start", "status", "shutdown", "deploy", "run", "build", "get", "delete", "logs", "jobs",
     ] {
         assert!(
             text.lines()
@@ -330,6 +330,13 @@ fn the_binary_knows_the_python_commands() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && text.contains("--no-wait"),
+        "{out:?}"
+    );
+    // Ray Serve 2.x's commands too.
+    let out = serve(tmp.path(), &["build", "--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("--output-path"),
         "{out:?}"
     );
     // ... and the global options (no cluster in this data dir).

@@ -184,16 +184,35 @@ def _call_blocking(fn, args, kwargs):
         _set_running_loop(running)
 
 
-def load_code(path: str) -> tuple[Any, tuple, dict]:
-    """Reads cloudpickle of ``(func_or_class, init_args, init_kwargs)``."""
+#: The key of a Ray Serve 2.x deployment's code file (``wrap_deployment_code``).
+DEPLOYMENT_CODE_KEY = "serval_deployment"
+
+
+def wrap_deployment_code(code: bytes, options: dict) -> bytes:
+    """A deployment's code file: its options (environment variables, health
+    checks) next to the cloudpickle of ``(func_or_class, init_args,
+    init_kwargs)``, which is unpickled only after the environment is set,
+    so code that reads it while it loads sees it."""
+    return cloudpickle.dumps({DEPLOYMENT_CODE_KEY: 1, "options": dict(options), "code": code})
+
+
+def load_code(path: str) -> tuple[Any, tuple, dict, Optional[dict]]:
+    """Reads cloudpickle of ``(func_or_class, init_args, init_kwargs)``, or a
+    deployment's code file: then its environment variables are set first,
+    and its options are returned last (else None)."""
     with open(path, "rb") as f:
         loaded = cloudpickle.load(f)
+    options = None
+    if isinstance(loaded, dict) and loaded.get(DEPLOYMENT_CODE_KEY) == 1:
+        options = dict(loaded.get("options") or {})
+        os.environ.update({str(k): str(v) for k, v in (options.get("env_vars") or {}).items()})
+        loaded = cloudpickle.loads(loaded["code"])
     if not isinstance(loaded, tuple) or len(loaded) not in (1, 2, 3):
         raise TypeError(f"code file must hold (func_or_class, init_args, init_kwargs), got {type(loaded).__name__}")
     func_or_class = loaded[0]
     init_args = tuple(loaded[1]) if len(loaded) > 1 and loaded[1] is not None else ()
     init_kwargs = dict(loaded[2]) if len(loaded) > 2 and loaded[2] is not None else {}
-    return func_or_class, init_args, init_kwargs
+    return func_or_class, init_args, init_kwargs, options
 
 
 class _Target:
@@ -275,9 +294,17 @@ _QUEUE_FULL = (503, _JSON + [(ERROR_TYPE_HEADER, "ReplicaUnavailable"), ("retry-
 class Host:
     """One user object, its event loop and the dispatch functions."""
 
-    def __init__(self, backend: str, func_or_class: Any, init_args=(), init_kwargs=None, config=None):
+    def __init__(self, backend: str, func_or_class: Any, init_args=(), init_kwargs=None, config=None,
+                 deployment_options: Optional[dict] = None):
         self.backend = backend
         self.config = dict(config or {})
+        #: A Ray Serve 2.x deployment: handle calls get their arguments as
+        #: given, and ``check_health`` runs every health_check_period_s.
+        self.deployment_options = deployment_options
+        #: Why a failed health check stopped the replica.
+        self.unhealthy: Optional[str] = None
+        if deployment_options is not None:
+            _set_replica_context(backend, func_or_class)
         # Owned by the worker thread (it calls set_event_loop on start);
         # __init__/reconfigure run before that thread exists.
         self.loop = asyncio.new_event_loop()
@@ -290,6 +317,8 @@ class Host:
         else:
             raise TypeError(f"backend {backend!r}: expected a function or a class, got {type(func_or_class).__name__}")
         self._code = type(self.obj) if not self.is_function else self.obj
+        if deployment_options is not None:
+            _REPLICA_CONTEXT["servable_object"] = self.obj
         self._targets: dict = {}
         self._batchers: dict = {}
         #: Requests admitted and not answered yet (running, or in a batch).
@@ -315,8 +344,8 @@ class Host:
 
     @classmethod
     def from_code_file(cls, backend: str, path: str, config=None) -> "Host":
-        func_or_class, init_args, init_kwargs = load_code(path)
-        return cls(backend, func_or_class, init_args, init_kwargs, config)
+        func_or_class, init_args, init_kwargs, options = load_code(path)
+        return cls(backend, func_or_class, init_args, init_kwargs, config, options)
 
     def _apply_limits(self, config: dict) -> None:
         max_batch_size = int(config.get("max_batch_size") or 0)
@@ -375,7 +404,7 @@ class Host:
         server.reply_batch = self._reply_batch()
         loop = self.loop
         fd = server.wake_fd
-        stopped = loop.create_future()
+        stopped = self._stopped = loop.create_future()
         drain = server.drain
         # After a drain, with nothing ready on the loop, the worker polls
         # for the next request this long before it sleeps in epoll (see
@@ -400,6 +429,9 @@ class Host:
                 stopped.set_result(None)
 
         loop.add_reader(fd, on_wake)
+        check_health = self._health_check_method()
+        if check_health is not None:
+            self._spawn(self._check_health_every(check_health, server))
         try:
             loop.run_until_complete(stopped)
         finally:
@@ -408,6 +440,42 @@ class Host:
             except Exception:  # pragma: no cover - the loop is closing
                 pass
             self._abandon()
+
+    def _health_check_method(self):
+        if self.deployment_options is None or self.is_function:
+            return None
+        method = getattr(self.obj, "check_health", None)
+        return method if callable(method) else None
+
+    async def _check_health_every(self, check_health, server) -> None:
+        """Ray Serve 2.x health checks: ``check_health()`` every
+        ``health_check_period_s``; when it raises or takes longer than
+        ``health_check_timeout_s`` the replica stops (exit status 1) and its
+        node agent starts a new one."""
+        period = float(self.deployment_options.get("health_check_period_s") or 10.0)
+        timeout = float(self.deployment_options.get("health_check_timeout_s") or 30.0)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                if inspect.iscoroutinefunction(check_health):
+                    await asyncio.wait_for(check_health(), timeout)
+                else:
+                    result = _call_blocking(check_health, (), None)
+                    if inspect.isawaitable(result):
+                        await asyncio.wait_for(_as_coro(result), timeout)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                reason = ("check_health() did not answer within health_check_timeout_s "
+                          f"({timeout} s)" if isinstance(e, asyncio.TimeoutError) else
+                          f"check_health() raised {type(e).__name__}: {e}")
+                logger.error("backend %r: the health check failed, the replica stops: %s", self.backend, reason,
+                             exc_info=not isinstance(e, asyncio.TimeoutError))
+                self.unhealthy = reason
+                server.shutdown(f"health check failed: {reason}")
+                if not self._stopped.done():
+                    self._stopped.set_result(None)
+                return
 
     def _abandon(self) -> None:
         """On stop: answers 503 to what waits here and cancels running tasks."""
@@ -778,7 +846,10 @@ class Host:
             call_args = tuple(a.to_request() if isinstance(a, WebRequestState) else a for a in call_args)
             call_kwargs = {k: v.to_request() if isinstance(v, WebRequestState) else v
                            for k, v in call_kwargs.items()}
-            if target.name == "__call__" or target.batched:
+            if self.deployment_options is not None:
+                # Ray Serve 2.x: the arguments as the caller gave them.
+                pass
+            elif target.name == "__call__" or target.batched:
                 if len(call_args) == 1 and not call_kwargs and isinstance(call_args[0], Request):
                     request = call_args[0]
                 else:
@@ -794,6 +865,21 @@ class Host:
         except Exception as e:
             return self._error(_CALL, e, None, target.name)
         return self._submit(target, _CALL, call_args, call_kwargs, None, reply)
+
+
+#: ``serve.get_replica_context()`` in a deployment's replica.
+_REPLICA_CONTEXT: dict = {}
+
+
+def _set_replica_context(backend: str, func_or_class: Any) -> None:
+    app, _, deployment = backend.partition("#")
+    _REPLICA_CONTEXT.update(app_name=app, deployment=deployment or backend,
+                            replica_id=os.environ.get("SERVAL_REPLICA_ID", ""), servable_object=None)
+
+
+def replica_context() -> Optional[dict]:
+    """The running deployment replica's names, or None outside one."""
+    return dict(_REPLICA_CONTEXT) if _REPLICA_CONTEXT else None
 
 
 def _needs_request(fn: Any, kwargs: dict) -> bool:

@@ -272,3 +272,207 @@ class AsyncServeHandle(_HandleBase):
         await _read_bodies(args, kwargs)
         status, headers, body = await self._native.call_async(*self._call_args(args, kwargs))
         return resolved(decode_result(status, headers, body))
+
+
+# -- Ray Serve 2.x: DeploymentHandle and DeploymentResponse -----------------
+
+#: The native handles of this process, by endpoint, for the client that made
+#: them (a new serve.connect() makes new ones).
+_NATIVE_HANDLES: Dict[str, Any] = {}
+_NATIVE_LOCK = threading.Lock()
+#: How long a handle's first call waits for its router to know the endpoint.
+_ENDPOINT_WAIT_S = 30.0
+
+
+def _native_handle(endpoint: str):
+    from serval import serve
+
+    client = serve._get_client()
+    with _NATIVE_LOCK:
+        cached = _NATIVE_HANDLES.get(endpoint)
+        if cached is not None and cached[0] is client:
+            return cached[1]
+    # A deployment's own replicas may start before this process's router
+    # has seen the endpoint's snapshot: wait for it once.
+    client.wait_endpoint(endpoint, _ENDPOINT_WAIT_S)
+    native = client.handle(endpoint)
+    with _NATIVE_LOCK:
+        _NATIVE_HANDLES[endpoint] = (client, native)
+    return native
+
+
+def _in_event_loop() -> bool:
+    try:
+        import asyncio
+
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False
+
+
+_HELPER = {"loop": None}
+_HELPER_LOCK = threading.Lock()
+
+
+def _helper_loop():
+    """An event loop on a daemon thread of its own, where calls that take
+    other calls' responses as arguments wait for them before they are sent,
+    without blocking their caller."""
+    import asyncio
+
+    with _HELPER_LOCK:
+        if _HELPER["loop"] is None:
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="serval-handle-chain", daemon=True)
+            thread.start()
+            _HELPER["loop"] = loop
+        return _HELPER["loop"]
+
+
+_UNSET = object()
+
+
+class DeploymentResponse:
+    """The result of ``DeploymentHandle.remote()`` (Ray Serve 2.x): ``await``
+    it in async code, ``.result(timeout_s=...)`` elsewhere, or pass it to
+    another ``.remote()`` call: that call is sent once this one finished,
+    with its result in its place, without the caller waiting."""
+
+    __slots__ = ("_call", "_chained", "_value")
+
+    def __init__(self, call: Optional[ServeFuture] = None, chained=None):
+        self._call = call
+        #: A concurrent.futures.Future of the value, for a chained call.
+        self._chained = chained
+        self._value = _UNSET
+
+    def result(self, *, timeout_s: Optional[float] = None, _skip_asyncio_check: bool = False) -> Any:
+        """Waits for the result (up to ``timeout_s`` seconds: TimeoutError,
+        the call keeps running). Inside an event loop, ``await`` instead:
+        a blocking wait there would stop the loop."""
+        if self._value is not _UNSET:
+            return self._value
+        if not _skip_asyncio_check and _in_event_loop():
+            raise RuntimeError("DeploymentResponse.result() blocks: it cannot be called from within an asyncio "
+                               "event loop; use `await response` instead")
+        if self._call is not None:
+            value = self._call.result(timeout_s)
+        else:
+            import concurrent.futures
+
+            try:
+                value = self._chained.result(timeout_s)
+            except concurrent.futures.TimeoutError:
+                raise TimeoutError("the call did not finish in time") from None
+        self._value = value
+        return value
+
+    def __await__(self):
+        return self._result_async().__await__()
+
+    async def _result_async(self) -> Any:
+        if self._value is not _UNSET:
+            return self._value
+        if self._call is not None:
+            value = await self._call
+        else:
+            import asyncio
+
+            value = await asyncio.wrap_future(self._chained)
+        self._value = value
+        return value
+
+    def __reduce__(self):
+        raise TypeError("a DeploymentResponse can be passed to another .remote() call as an argument (not inside "
+                        "a container), or awaited / .result() first")
+
+    def __repr__(self) -> str:
+        return f"DeploymentResponse(done={self._value is not _UNSET})"
+
+
+def _holds_response(args: tuple, kwargs: dict) -> bool:
+    return any(isinstance(a, DeploymentResponse) for a in args) or \
+        any(isinstance(v, DeploymentResponse) for v in kwargs.values())
+
+
+async def _resolve(value: Any) -> Any:
+    return await value if isinstance(value, DeploymentResponse) else value
+
+
+class DeploymentHandle:
+    """Calls a deployment of an application (Ray Serve 2.x): ``remote()``
+    calls ``__call__``, ``handle.method.remote()`` or
+    ``handle.options(method_name="method").remote()`` another method. The
+    arguments arrive as they were given (Starlette requests as themselves,
+    responses of other calls as their results). Pickles as its names, so it
+    can be passed to a replica, where it connects on first use."""
+
+    def __init__(self, deployment_name: str, app_name: str, *, method_name: Optional[str] = None):
+        self._deployment_name = deployment_name
+        self._app_name = app_name
+        self._method_name = method_name
+
+    @property
+    def deployment_name(self) -> str:
+        return self._deployment_name
+
+    @property
+    def app_name(self) -> str:
+        return self._app_name
+
+    @property
+    def _endpoint(self) -> str:
+        return f"{self._app_name}#{self._deployment_name}"
+
+    def options(self, *, method_name: Any = _UNSET, multiplexed_model_id: Any = _UNSET, stream: Any = _UNSET,
+                use_new_handle_api: Any = _UNSET, _prefer_local_routing: Any = _UNSET) -> "DeploymentHandle":
+        """A copy that calls ``method_name``. ``stream=True`` (streaming
+        responses) and ``multiplexed_model_id`` are not supported yet."""
+        if stream is not _UNSET and stream:
+            raise NotImplementedError("handle.options(stream=True): streaming responses are not supported by "
+                                      "Serval yet")
+        if multiplexed_model_id is not _UNSET and multiplexed_model_id:
+            raise NotImplementedError("handle.options(multiplexed_model_id=...): model multiplexing is not "
+                                      "supported by Serval yet")
+        method = self._method_name
+        if method_name is not _UNSET:
+            if not isinstance(method_name, str) or not method_name:
+                raise TypeError(f"method_name must be a non-empty str, not {method_name!r}")
+            method = None if method_name == "__call__" else method_name
+        return DeploymentHandle(self._deployment_name, self._app_name, method_name=method)
+
+    def __getattr__(self, name: str) -> "DeploymentHandle":
+        # `handle.predict.remote(...)`; private names stay attributes.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self.options(method_name=name)
+
+    def remote(self, *args: Any, **kwargs: Any) -> DeploymentResponse:
+        if _holds_response(args, kwargs):
+            import asyncio
+
+            future = asyncio.run_coroutine_threadsafe(self._remote_when_resolved(args, kwargs), _helper_loop())
+            return DeploymentResponse(chained=future)
+        native = _native_handle(self._endpoint)
+        call = native.call(self._method_name, dumps_call(args, kwargs), "GET", [], None)
+        return DeploymentResponse(ServeFuture(call))
+
+    async def _remote_when_resolved(self, args: tuple, kwargs: dict) -> Any:
+        args = tuple([await _resolve(a) for a in args])
+        kwargs = {k: await _resolve(v) for k, v in kwargs.items()}
+        native = _native_handle(self._endpoint)
+        status, headers, body = await native.call_async(self._method_name, dumps_call(args, kwargs), "GET", [],
+                                                        None)
+        return decode_result(status, headers, body)
+
+    def __reduce__(self):
+        return _rebuild_handle, (self._deployment_name, self._app_name, self._method_name)
+
+    def __repr__(self) -> str:
+        method = f", method={self._method_name!r}" if self._method_name else ""
+        return f"DeploymentHandle(deployment={self._deployment_name!r}, app={self._app_name!r}{method})"
+
+
+def _rebuild_handle(deployment_name: str, app_name: str, method_name: Optional[str]) -> DeploymentHandle:
+    return DeploymentHandle(deployment_name, app_name, method_name=method_name)

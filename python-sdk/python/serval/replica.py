@@ -169,6 +169,9 @@ def main(argv=None) -> int:
                 stop()
             except Exception:
                 logger.exception("stopping the replica's gRPC server failed")
+        if host.unhealthy is not None:
+            # A failed health check: the agent restarts the replica.
+            exit_code["code"] = exit_code["code"] or 1
         thread.join(timeout=5.0)
         if thread.is_alive():
             # User code is stuck: do not let it keep the process alive.

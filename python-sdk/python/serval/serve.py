@@ -27,10 +27,15 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import cloudpickle
 
 from serval import _native
-from serval._native import ServeError, ServeValueError
+from serval._native import BackPressureError, ServeError, ServeValueError
 from serval.batching import batch
 from serval.config import BackendConfig, DeploymentMode, HTTPOptions
-from serval.handle import AsyncServeHandle, ServeHandle
+from serval.handle import (AsyncServeHandle, DeploymentHandle, DeploymentResponse, ServeHandle, _PICKLE_LOCK,
+                           _user_modules)
+from serval.deployment import Application, Deployment, deployment
+from serval.application import (DeployFailedError, delete, get_app_handle, get_deployment_handle,
+                                get_replica_context, run)
+from serval.schema import ServeStatus
 from serval._host import accept_batch, check_batch_config, default_max_concurrent_queries
 
 __all__ = [
@@ -38,6 +43,9 @@ __all__ = [
     "get_backend_config", "delete_backend", "list_backends", "create_endpoint",
     "delete_endpoint", "list_endpoints", "set_traffic", "shadow_traffic", "get_handle", "status",
     "accept_batch", "batch", "BackendConfig", "HTTPOptions", "DeploymentMode", "ServeError", "ServeValueError",
+    # Ray Serve 2.x
+    "deployment", "Deployment", "Application", "run", "delete", "get_app_handle", "get_deployment_handle",
+    "get_replica_context", "DeploymentHandle", "DeploymentResponse", "BackPressureError", "DeployFailedError",
 ]
 
 #: Seconds create_backend waits for a replica to start.
@@ -257,15 +265,32 @@ def _head_flags(http_options: Dict[str, Any]) -> List[str]:
     return flags
 
 
+#: Ray Serve 2.x ``proxy_location`` values -> ``http_options.location``.
+_PROXY_LOCATIONS = {"EveryNode": "EveryNode", "HeadOnly": "HeadOnly", "Disabled": "NoServer",
+                    "NoServer": "NoServer"}
+
+
 def start(detached: bool = False, http_options: Union[HTTPOptions, Dict[str, Any], None] = None, *,
-          address: Optional[str] = None, data_dir: Optional[str] = None,
-          token: Optional[str] = None, token_file: Optional[str] = None) -> _native.Client:
+          proxy_location: Optional[str] = None, address: Optional[str] = None, data_dir: Optional[str] = None,
+          token: Optional[str] = None, token_file: Optional[str] = None, **ray_options: Any) -> _native.Client:
     """Connects to the cluster if one runs, else starts a head in the
     background. A head started here with ``detached=False`` is shut down
     when this Python process exits. Against a running cluster,
     ``http_options`` middlewares replace the cluster's, and any other
     option that differs from the running cluster's raises ServeError naming
-    it (they are fixed when the head starts)."""
+    it (they are fixed when the head starts). ``proxy_location`` (Ray
+    Serve 2.x: EveryNode, HeadOnly, Disabled) is ``http_options``'s
+    location; Ray 2.x's ``grpc_options`` and ``logging_config`` are taken
+    and not used."""
+    unknown = sorted(set(ray_options) - {"grpc_options", "logging_config"})
+    if unknown:
+        raise TypeError(f"serve.start() got unexpected keyword argument(s) {unknown}")
+    if proxy_location is not None:
+        location = _PROXY_LOCATIONS.get(str(getattr(proxy_location, "value", proxy_location)))
+        if location is None:
+            raise ValueError(f"proxy_location must be one of {sorted(_PROXY_LOCATIONS)}, not {proxy_location!r}")
+        http_options = {**(http_options.given() if isinstance(http_options, HTTPOptions) else (http_options or {})),
+                        "location": location}
     given = _given_http_options(http_options or {})
     flags = _head_flags(given)
     if token is not None and token_file is not None:
@@ -394,22 +419,28 @@ def _installed_paths() -> List[str]:
     return [os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths]
 
 
-def _pickle_code(func_or_class, init_args) -> bytes:
+def _pickle_code(func_or_class, init_args, init_kwargs=None) -> bytes:
     """cloudpickles the backend. Code from the user's own modules (not an
-    installed package) travels by value, since replicas cannot import it."""
-    module = sys.modules.get(getattr(func_or_class, "__module__", "") or "")
-    file = getattr(module, "__file__", None)
-    by_value = (
-        module is not None and module.__name__ != "__main__" and file is not None
-        and not any(os.path.realpath(file).startswith(p + os.sep) for p in _installed_paths())
-    )
-    if by_value:
-        cloudpickle.register_pickle_by_value(module)
-    try:
-        return cloudpickle.dumps((func_or_class, init_args, {}))
-    finally:
-        if by_value:
-            cloudpickle.unregister_pickle_by_value(module)
+    installed package) travels by value, since replicas cannot import it:
+    the class's or function's module, and those of the init arguments."""
+    names = {getattr(func_or_class, "__module__", "") or ""} | _user_modules(
+        list(init_args) + list((init_kwargs or {}).values()))
+    modules = []
+    for name in sorted(names):
+        module = sys.modules.get(name)
+        file = getattr(module, "__file__", None)
+        if module is not None and module.__name__ != "__main__" and file is not None \
+                and not any(os.path.realpath(file).startswith(p + os.sep) for p in _installed_paths()) \
+                and name not in getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", ()):
+            modules.append(module)
+    with _PICKLE_LOCK:
+        for module in modules:
+            cloudpickle.register_pickle_by_value(module)
+        try:
+            return cloudpickle.dumps((func_or_class, tuple(init_args), dict(init_kwargs or {})))
+        finally:
+            for module in modules:
+                cloudpickle.unregister_pickle_by_value(module)
 
 
 def create_backend(backend_tag: str, func_or_class: Union[Callable, type], *actor_init_args: Any,
@@ -501,11 +532,15 @@ def update_backend(backend_tag: str, func_or_class: Union[Callable, type], *acto
     old replicas keep serving). A Serval addition to the Ray Serve 1.x API."""
     if not callable(func_or_class):
         raise TypeError("update_backend needs a function or a class")
-    client = _get_client()
+    _roll_code(_get_client(), backend_tag, _pickle_code(func_or_class, actor_init_args))
+
+
+def _roll_code(client: _native.Client, backend_tag: str, code: bytes) -> None:
+    """Replaces a backend's code file by a rolling update and waits for it."""
     current = next((b for b in _snapshot().get("backends", []) if b["name"] == backend_tag), None)
     if current is None:
         raise ServeError(f"backend '{backend_tag}' does not exist")
-    client.update_backend_code(backend_tag, _pickle_code(func_or_class, actor_init_args))
+    client.update_backend_code(backend_tag, code)
     outcome = client.wait_rollout(backend_tag, current.get("version", 0) + 1, BACKEND_START_TIMEOUT_S)
     if outcome is None:
         raise ServeError(f"the update of backend '{backend_tag}' did not finish in {BACKEND_START_TIMEOUT_S} s")
@@ -567,20 +602,21 @@ def delete_backend(backend_tag: str, force: bool = False) -> None:
     _get_client().delete_backend(backend_tag, force)
 
 
-def _wait_for_proxies(route: str, deadline: float, listing: str = "/-/routes") -> None:
+def _wait_for_proxies(route: str, deadline: float, listing: str = "/-/routes", present: bool = True) -> None:
     """Returns once every live proxy lists ``route`` in ``listing``
-    (``/-/routes``, or ``/-/grpc-services`` for a gRPC service)."""
+    (``/-/routes``, or ``/-/grpc-services`` for a gRPC service), or, with
+    ``present=False``, no longer lists it."""
     proxies = [n["http_address"] for n in _snapshot().get("nodes", []) if n.get("alive") and n.get("http_address")]
     for address in proxies:
         while True:
             try:
                 with urllib.request.urlopen(f"http://{address}{listing}", timeout=2) as r:
-                    if route in json.loads(r.read()):
+                    if (route in json.loads(r.read())) == present:
                         break
             except (OSError, ValueError, urllib.error.URLError):
                 pass
             if time.monotonic() > deadline:
-                raise ServeError(f"proxy {address} did not pick up route {route} in time")
+                raise ServeError(f"proxy {address} did not {'pick up' if present else 'drop'} route {route} in time")
             time.sleep(0.02)
 
 
@@ -600,9 +636,18 @@ def create_endpoint(endpoint_name: str, *, backend: Optional[str] = None, route:
         raise TypeError(f"backend must be a backend's name (a str), not {type(backend).__name__}")
     if isinstance(methods, str):
         methods = [methods]
+    _create_endpoint(endpoint_name, backend, route, [str(m) for m in methods], grpc_service, grpc_descriptor)
+
+
+def _create_endpoint(endpoint_name: str, backend: str, route: Optional[str], methods: List[str],
+                     grpc_service: Optional[str] = None, grpc_descriptor: Optional[bytes] = None, *,
+                     route_is_prefix: bool = False) -> None:
+    """Creates the endpoint and returns once this process's router and every
+    proxy know it. ``route_is_prefix``: ``route`` is a Ray Serve 2.x route
+    prefix."""
     client = _get_client()
-    client.create_endpoint(endpoint_name, backend, route, [str(m) for m in methods], grpc_service,
-                           grpc_descriptor)
+    client.create_endpoint(endpoint_name, backend, route, methods, grpc_service, grpc_descriptor,
+                           route_is_prefix)
     deadline = time.monotonic() + ROUTE_PROPAGATION_TIMEOUT_S
     if not client.wait_endpoint(endpoint_name, ROUTE_PROPAGATION_TIMEOUT_S):
         raise ServeError(f"endpoint '{endpoint_name}' did not reach the router in time")
@@ -655,6 +700,10 @@ def get_handle(endpoint_name: str, missing_ok: bool = False, sync: bool = True):
     return ServeHandle(native, endpoint_name) if sync else AsyncServeHandle(native, endpoint_name)
 
 
-def status() -> Dict[str, Any]:
-    """The controller's snapshot: heads, nodes, backends, endpoints, replicas."""
-    return _snapshot()
+def status() -> ServeStatus:
+    """Ray Serve 2.x's ServeStatus (``.applications``, ``.proxies``), which
+    is also the controller's snapshot as a dict: heads, nodes, backends,
+    endpoints, replicas (what Serval's serve.status() returned before)."""
+    from serval import application
+
+    return application.status()

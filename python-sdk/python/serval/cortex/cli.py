@@ -17,14 +17,16 @@ COMMANDS = ("deploy", "get", "delete", "logs", "jobs")
 
 def handles(argv: List[str]) -> bool:
     """Whether ``argv`` (without the program name) is one of these commands."""
-    return _command_index(argv) is not None
+    return command_index(argv) is not None
 
 
-def _command_index(argv: List[str]) -> Optional[int]:
+def command_index(argv: List[str], commands=COMMANDS) -> Optional[int]:
+    """Where the command (one of ``commands``) is in ``argv``, after the
+    global options; None when the command is another."""
     i = 0
     while i < len(argv):
         a = argv[i]
-        if a in COMMANDS:
+        if a in commands:
             return i
         if a.startswith("--") and "=" not in a and a in ("--data-dir", "--address", "--token", "--token-file", "--tls-ca",
                                                          "--tls-domain"):
@@ -37,8 +39,8 @@ def _command_index(argv: List[str]) -> Optional[int]:
     return None
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="serve", description="Cortex-style APIs on a Serval cluster")
+def add_global_options(p: argparse.ArgumentParser) -> None:
+    """The options every `serve` command takes before its name."""
     p.add_argument("--data-dir", default=os.environ.get("SERVAL_DATA_DIR"))
     p.add_argument("--address", default=os.environ.get("SERVAL_ADDRESS"))
     p.add_argument("--token", default=None, help="the cluster token (prefer --token-file)")
@@ -46,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="file holding the cluster token (default: SERVAL_TOKEN_FILE, else the data dir's)")
     p.add_argument("--tls-ca", default=None)
     p.add_argument("--tls-domain", default=None)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="serve", description="Cortex-style APIs on a Serval cluster")
+    add_global_options(p)
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("deploy", help="deploy the APIs of a project folder's serve.yaml (or cortex.yaml)")
     d.add_argument("folder", nargs="?", default=".")
@@ -76,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _connect(args) -> None:
+def connect(args) -> None:
+    """Connects with the global options (TLS ones set for the process)."""
     from serval import serve
 
     if args.tls_ca:
@@ -151,7 +159,7 @@ def _jobs(args) -> int:
     client would; answers are printed as JSON."""
     from .client import Client
 
-    client = Client.__new__(Client)  # already connected by _connect
+    client = Client.__new__(Client)  # already connected by connect
     if args.jobs_command == "submit":
         with (sys.stdin if args.file == "-" else open(args.file)) as f:
             body = json.load(f)
@@ -181,7 +189,7 @@ def main(argv: List[str]) -> int:
 
     args = _parser().parse_args(argv)
     try:
-        _connect(args)
+        connect(args)
         if args.command == "deploy":
             results = api.deploy(args.folder, args.config, wait=not args.no_wait, timeout=args.timeout)
             for r in results:

@@ -300,6 +300,8 @@ def _deploy_batch(serve, client, spec: dict, secrets: Dict[str, str], old: Optio
 
 def _deploy_splitter(serve, client, spec: dict, old: Optional[dict]) -> str:
     name = spec["name"]
+    if old is not None and old.get("kind") != "TrafficSplitter":
+        raise ConfigError(f'api "{name}": kind: the cluster has a {old.get("kind")} with this name; delete it first')
     fingerprint = _fingerprint(spec)
     if old is not None and old.get("fingerprint") == fingerprint:
         return "unchanged"
@@ -368,14 +370,22 @@ def _api_status(api: dict, snap: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+#: Records that are not Cortex APIs: Ray Serve 2.x applications (`serve status` shows them).
+_OTHER_KINDS = ("Application",)
+
+
+def _cortex_records(snap: Dict[str, Any]) -> List[Dict[str, Any]]:
+    return [a for a in snap.get("apis", []) if a.get("kind") not in _OTHER_KINDS]
+
+
 def list_apis() -> List[Dict[str, Any]]:
     snap = _snapshot()
-    return [_api_status(a, snap) for a in sorted(snap.get("apis", []), key=lambda a: a["name"])]
+    return [_api_status(a, snap) for a in sorted(_cortex_records(snap), key=lambda a: a["name"])]
 
 
 def get_api(name: str) -> Dict[str, Any]:
     snap = _snapshot()
-    for a in snap.get("apis", []):
+    for a in _cortex_records(snap):
         if a["name"] == name:
             return _api_status(a, snap)
     raise KeyError(f'no API named "{name}" is deployed')
@@ -413,6 +423,8 @@ def delete(name: str) -> None:
     record = next((a for a in snap.get("apis", []) if a["name"] == name), None)
     if record is None:
         raise KeyError(f'no API named "{name}" is deployed')
+    if record.get("kind") in _OTHER_KINDS:
+        raise ConfigError(f'"{name}" is a Ray Serve application, not an API: remove it with serve.delete("{name}")')
     users = [a["name"] for a in snap.get("apis", []) if a.get("kind") == "TrafficSplitter"
              and any(e.get("name") == name for e in json.loads(a.get("spec_json") or "{}").get("apis", []))]
     if users:
