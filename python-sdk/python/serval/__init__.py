@@ -1,9 +1,15 @@
-"""Serval: serve Python models on a cluster, with the Ray Serve 1.x API.
+"""Serval: serve Python models on a cluster, with the Ray Serve 1.x and
+2.x APIs.
 
     from serval import serve
     serve.start()
     serve.create_backend("hello", lambda request: "hi")
     serve.create_endpoint("hello", backend="hello", route="/hello")
+
+    @serve.deployment
+    def greet(request):
+        return "hi"
+    serve.run(greet.bind(), name="greet", route_prefix="/greet")
 """
 
 from serval._native import ServeError, ServeValueError, __version__

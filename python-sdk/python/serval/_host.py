@@ -13,7 +13,9 @@ The Rust frame server wakes that loop through ``ReplicaServer.wake_fd`` and
   any ``@serve.accept_batch`` method) gets a ``ServeRequest`` (or a Starlette
   request passed through the handle as-is); any other method gets
   ``method(*args, **kwargs)``, or the ``ServeRequest`` when it is called
-  with no positional argument and takes one (Ray 1.x).
+  with no positional argument and takes one (Ray 1.x). A Ray Serve 2.x
+  deployment (its code file made by ``wrap_deployment_code``) gets the
+  arguments as they were given, whatever the method.
 - ``on_reconfigure(config_json, reply)``: a config change applied in place:
   new limits, and ``reconfigure(user_config)`` when that changed.
 

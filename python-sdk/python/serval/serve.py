@@ -1,4 +1,7 @@
-"""The Ray Serve 1.x API over a Serval cluster: ``from serval import serve``.
+"""The Ray Serve 1.x API over a Serval cluster: ``from serval import serve``,
+with the 2.x API's names beside it (``deployment``, ``run``, ``delete``,
+``status``, the handles; they live in ``deployment.py``, ``application.py``
+and ``handle.py``).
 
 Control calls (backends, endpoints, traffic) go to the controller over
 gRPC; handles call replicas directly through the Rust router. The cluster
