@@ -178,7 +178,7 @@ fn deployment(
             message,
         );
     }
-    let all_current = replicas.iter().all(|r| current(r));
+    let all_current = replicas.iter().all(current);
     if !all_current {
         return status("UPDATING", "replicas are moving to a new version".into());
     }
