@@ -55,6 +55,12 @@ def replica_pids(backend):
 
 # -- deployments used below --------------------------------------------------
 
+class QuotaError(Exception):
+    def __init__(self, left):
+        super().__init__(f"{left} left")
+        self.left = left
+
+
 @serve.deployment(ray_actor_options=CPU0)
 class Multiplier:
     def __init__(self, factor):
@@ -69,6 +75,11 @@ class Multiplier:
     def whoami(self):
         ctx = serve.get_replica_context()
         return [ctx.app_name, ctx.deployment, ctx.replica_id.startswith(f"{ctx.app_name}#{ctx.deployment}#")]
+
+    def fail(self, kind):
+        if kind == "quota":
+            raise QuotaError(3)
+        raise KeyError(kind)
 
     def slow(self, gate):
         wait_file(gate)
@@ -213,6 +224,12 @@ def test_composition_through_http_and_handles(shared, tmp_path):
     assert results == [8] * 4
     with pytest.raises(BackendError, match="RuntimeError"):
         serve.get_app_handle("compose").blocking_result.remote().result()
+    # A deployment's exception reaches the caller as its own class too.
+    with pytest.raises(QuotaError) as e:
+        model.fail.remote("quota").result()
+    assert isinstance(e.value, BackendError) and e.value.left == 3 and "QuotaError: 3 left" in str(e.value)
+    with pytest.raises(KeyError, match="nothing"):
+        model.fail.remote("nothing").result()
     with pytest.raises(serve.ServeValueError):
         serve.get_deployment_handle("Nope", "compose")
     with pytest.raises(serve.ServeValueError):

@@ -65,6 +65,12 @@ ERROR_TYPE_HEADER = "x-serval-error"
 #: The router records it (``serval_batch_size``) and removes it.
 BATCH_SIZE_HEADER = "x-serval-batch-size"
 
+#: A handle call's exception, cloudpickled and base64-encoded (when it
+#: pickles within EXCEPTION_MAX_BYTES): the caller raises an error that is
+#: also an instance of its class.
+EXCEPTION_HEADER = "x-serval-exception"
+EXCEPTION_MAX_BYTES = 16 * 1024
+
 _JSON = [("content-type", "application/json")]
 _TEXT = [("content-type", "text/plain; charset=utf-8")]
 _OCTET = [("content-type", "application/octet-stream")]
@@ -638,8 +644,11 @@ class Host:
                 error["traceback"] = "".join(traceback.format_exception(e))
             return 500, _JSON, _dumps(error).encode()
         logger.error("backend %r: handle call to %s failed", self.backend, method_name or "a method", exc_info=e)
-        return 500, [("content-type", "text/plain; charset=utf-8"), (ERROR_TYPE_HEADER, type(e).__name__)], \
-            "".join(traceback.format_exception(e)).encode("utf-8", "replace")
+        headers = [("content-type", "text/plain; charset=utf-8"), (ERROR_TYPE_HEADER, type(e).__name__)]
+        pickled = _pickled_exception(e)
+        if pickled is not None:
+            headers.append((EXCEPTION_HEADER, pickled))
+        return 500, headers, "".join(traceback.format_exception(e)).encode("utf-8", "replace")
 
     # -- batches ---------------------------------------------------------
 
@@ -901,6 +910,21 @@ def _needs_request(fn: Any, kwargs: dict) -> bool:
         return True
     except TypeError:
         return False
+
+
+def _pickled_exception(e: BaseException) -> Optional[str]:
+    if not isinstance(e, Exception):
+        return None
+    try:
+        # The traceback stays out: the body carries it as text.
+        data = cloudpickle.dumps(e.with_traceback(None))
+    except Exception:
+        return None
+    if len(data) > EXCEPTION_MAX_BYTES:
+        return None
+    import base64
+
+    return base64.b64encode(data).decode("ascii")
 
 
 def result_to_http(result: Any, backend: str):

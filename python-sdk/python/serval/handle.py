@@ -25,15 +25,60 @@ from serval.request import WebRequestState
 
 PICKLE_CONTENT_TYPE = "application/x-python-pickle"
 ERROR_TYPE_HEADER = "x-serval-error"
+EXCEPTION_HEADER = "x-serval-exception"
 
 
 class BackendError(ServeError):
-    """User code raised in a replica; the message carries its traceback."""
+    """User code raised in a replica; the message carries its traceback.
+    When the exception could be sent along, the error raised is also an
+    instance of its class (``except ValueError`` catches a ValueError raised
+    in a deployment, as with Ray's RayTaskError) and has its attributes;
+    ``cause`` is the exception itself."""
 
     def __init__(self, exc_type: str, traceback_text: str):
-        super().__init__(f"{exc_type} raised in the replica:\n{traceback_text}")
+        # Not super(): in a class combined with the user's exception class,
+        # that would call its __init__ with this message.
+        Exception.__init__(self, f"{exc_type} raised in the replica:\n{traceback_text}")
         self.exc_type = exc_type
         self.traceback = traceback_text
+        self.cause: Optional[BaseException] = None
+
+
+#: BackendError subclasses per user exception class (bounded: a class whose
+#: combination cannot be made is not retried, others are few).
+_AS_CAUSE: Dict[type, Optional[type]] = {}
+_AS_CAUSE_MAX = 256
+
+
+def _backend_error(exc_type: str, text: str, pickled: Optional[str]) -> BackendError:
+    cause = None
+    if pickled:
+        try:
+            import base64
+
+            cause = cloudpickle.loads(base64.b64decode(pickled))
+        except Exception:
+            cause = None
+    if not isinstance(cause, Exception) or isinstance(cause, BackendError):
+        return BackendError(exc_type, text)
+    cls = type(cause)
+    if cls not in _AS_CAUSE and len(_AS_CAUSE) < _AS_CAUSE_MAX:
+        try:
+            _AS_CAUSE[cls] = type(f"BackendError({cls.__name__})", (BackendError, cls), {
+                "__module__": __name__, "__reduce__": lambda self: (BackendError, (self.exc_type, self.traceback))})
+        except TypeError:  # a class whose layout cannot be combined (OSError & co)
+            _AS_CAUSE[cls] = None
+    combined = _AS_CAUSE.get(cls)
+    if combined is None:
+        error = BackendError(exc_type, text)
+    else:
+        error = combined.__new__(combined)
+        BackendError.__init__(error, exc_type, text)
+        error.__dict__.update({k: v for k, v in getattr(cause, "__dict__", {}).items()
+                               if k not in ("exc_type", "traceback", "cause")})
+    error.cause = cause
+    error.__cause__ = cause
+    return error
 
 
 def _header(headers, name: str) -> Optional[str]:
@@ -56,7 +101,7 @@ def decode_result(status: int, headers, body: bytes) -> Any:
             pass
         raise ServeError(text)
     if error_type:
-        raise BackendError(error_type, text)
+        raise _backend_error(error_type, text, _header(headers, EXCEPTION_HEADER))
     raise ServeError(f"replica answered {status}: {text}")
 
 
