@@ -11,6 +11,8 @@
 //! - never scales above the lowest recommendation of the last
 //!   `upscale_stabilization_period`, nor below the highest of the last
 //!   `downscale_stabilization_period`;
+//! - never scales below the count a backend had at its first decision on
+//!   this leader within `downscale_stabilization_period` of it;
 //! - clamps to `[min_replicas, max_replicas]`.
 //!
 //! A backend at zero replicas with any waiting request goes to one at once:
@@ -39,6 +41,12 @@ pub struct Autoscaler {
     history: HashMap<String, VecDeque<(Instant, f64)>>,
     /// backend -> recommendations per tick, within the stabilization periods.
     recommendations: HashMap<String, VecDeque<(Instant, u32)>>,
+    /// backend -> (first decision, the count it had then): a backend is not
+    /// scaled below the count it started with (or had when this leader took
+    /// over) within its downscale stabilization period, as if that count
+    /// had been recommended then. So `initial_replicas` holds until the
+    /// load says otherwise for that long (Ray's downscale_delay_s).
+    first_seen: HashMap<String, (Instant, u32)>,
 }
 
 impl Autoscaler {
@@ -124,6 +132,12 @@ impl Autoscaler {
                 .filter(move |(at, _)| now.duration_since(*at) <= period)
                 .map(|(_, r)| *r)
         };
+        let (seen_at, seen_count) = *self
+            .first_seen
+            .entry(backend.to_string())
+            .or_insert((now, current));
+        let downscale_period = Duration::from_secs_f64(config.downscale_stabilization_period);
+        let start_floor = (now.duration_since(seen_at) <= downscale_period).then_some(seen_count);
         let target = if recommendation > current {
             within(config.upscale_stabilization_period)
                 .min()
@@ -131,6 +145,7 @@ impl Autoscaler {
                 .max(current)
         } else if recommendation < current {
             within(config.downscale_stabilization_period)
+                .chain(start_floor)
                 .max()
                 .unwrap_or(current)
                 .min(current)
@@ -144,6 +159,7 @@ impl Autoscaler {
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
         self.history.retain(|b, _| keep(b));
         self.recommendations.retain(|b, _| keep(b));
+        self.first_seen.retain(|b, _| keep(b));
     }
 }
 
@@ -235,6 +251,26 @@ mod tests {
             went_down_at.unwrap() >= 5,
             "scaled down before the stabilization period: {went_down_at:?}"
         );
+    }
+
+    #[test]
+    fn a_new_backend_keeps_its_starting_count_for_the_downscale_period() {
+        let c = config();
+        let mut a = Autoscaler::default();
+        let t0 = Instant::now();
+        // Started at 4 (Ray's initial_replicas), no load at all.
+        let mut current = 4;
+        let mut went_down_at = None;
+        for s in 0..=12 {
+            let now = t0 + Duration::from_secs(s);
+            a.report("proxy", now, [("b".to_string(), 0.0)]);
+            if let Some(n) = a.decide("b", &c, current, now) {
+                went_down_at.get_or_insert(s);
+                current = n;
+            }
+        }
+        assert_eq!(went_down_at, Some(6), "held for the 5 s period, then down");
+        assert!(current < 4);
     }
 
     #[test]

@@ -362,7 +362,7 @@ def test_redeploy_changes_options_in_place_and_rolls_new_code(shared):
     t = threading.Thread(target=hammer)
     t.start()
     try:
-        serve.run(Front.bind(Greeter.options(_func_or_class=GreeterV2, user_config={"greeting": "hi"}).bind()),
+        serve.run(Front.bind(Greeter.options(func_or_class=GreeterV2, user_config={"greeting": "hi"}).bind()),
                   name="greet", route_prefix="/greet")
     finally:
         stop.set()
@@ -372,7 +372,7 @@ def test_redeploy_changes_options_in_place_and_rolls_new_code(shared):
     assert not set(replica_pids("greet#Greeter")) & set(pids)
 
     # A graph without Front: it goes, and the route moves to Greeter.
-    serve.run(Greeter.options(_func_or_class=GreeterV2, user_config={"greeting": "hi"}).bind(), name="greet",
+    serve.run(Greeter.options(func_or_class=GreeterV2, user_config={"greeting": "hi"}).bind(), name="greet",
               route_prefix="/greet")
     assert requests.get(url, timeout=60).text == "v2 hi"
     assert "greet#Front" not in {b["name"] for b in serve.status()["backends"]}

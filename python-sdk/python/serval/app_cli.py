@@ -153,6 +153,6 @@ def main(argv: List[str]) -> int:
             status = serve.status().applications[name]
             print(f"{name}: {status.status} at {_http_url(status.route_prefix)}")
         return 0
-    except (serve.ServeError, ValueError, TypeError, OSError, ImportError, RuntimeError) as e:
+    except (serve.ServeError, ValueError, TypeError, OSError, ImportError, SyntaxError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

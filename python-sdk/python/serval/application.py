@@ -209,7 +209,8 @@ def _ensure_connected():
         try:
             serve.connect()
         except ServeError:
-            if replica_context() is not None:
+            # A cluster named by address is not replaced by a local one.
+            if replica_context() is not None or os.environ.get("SERVAL_ADDRESS"):
                 raise
             serve.start()
     return serve._client
@@ -287,7 +288,6 @@ def deploy_application(app_name: str, target: Any, route_prefix: Optional[str] =
         "route_prefix": route_prefix, "ingress": ingress, "deployments": [p.name for p in planned],
         "phase": "deploying", "message": "", "import_path": import_path, "source": source,
         "versions": {p.name: {"code": p.code_version, "config": p.config} for p in planned},
-        "options": {p.name: _jsonable(p.deployment.given_options()) for p in planned},
     }
     _put_record(client, app_name, spec)
     backends = {b["name"]: b for b in snapshot.get("backends", [])}
@@ -320,11 +320,6 @@ def deploy_application(app_name: str, target: Any, route_prefix: Optional[str] =
     spec["phase"] = "running"
     _put_record(client, app_name, spec)
     return DeploymentHandle(ingress, app_name)
-
-
-def _jsonable(options: Dict[str, Any]) -> Dict[str, Any]:
-    """Options as JSON values (what ``serve build`` writes)."""
-    return json.loads(json.dumps(options, default=repr))
 
 
 # -- the public API ---------------------------------------------------------

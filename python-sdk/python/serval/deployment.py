@@ -226,15 +226,16 @@ class Deployment:
         """The options set on this deployment (checked), for ``serve build``."""
         return dict(self._options)
 
-    def options(self, *, name: Optional[str] = None, _func_or_class: Any = None, **options: Any) -> "Deployment":
-        """A copy with the given options changed; the others are kept."""
+    def options(self, func_or_class: Any = None, *, name: Optional[str] = None, **options: Any) -> "Deployment":
+        """A copy with the given options changed (and the code, with
+        ``func_or_class``); the others are kept."""
         merged = dict(self._options)
         for key, value in options.items():
             merged[key] = check_option(key, value)
         if "autoscaling_config" in options and options["autoscaling_config"] is not None and \
                 "num_replicas" not in options and merged.get("num_replicas") not in (None, "auto"):
             merged.pop("num_replicas", None)
-        return Deployment(_func_or_class or self._func_or_class, name or self._name, merged)
+        return Deployment(func_or_class or self._func_or_class, name or self._name, merged)
 
     def bind(self, *args: Any, **kwargs: Any) -> "Application":
         if not inspect.isclass(self._func_or_class) and (args or kwargs):
