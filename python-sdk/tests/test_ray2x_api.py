@@ -8,12 +8,10 @@ on the same cluster, a Ray 2.x script with only its import changed, and
 One cluster serves the module (each test uses its own application names
 and route prefixes)."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
@@ -713,23 +711,40 @@ def test_serve_build_deploy_and_status(shared, tmp_path):
     assert not [a for a in serve.status().applications if a.startswith("greetings")]
 
 
-def test_serve_run_in_the_foreground_until_interrupted(shared, tmp_path):
-    (tmp_path / "greetings.py").write_text(APP_MODULE)
+def run_in_foreground(cluster, cwd, *args, url, expect, stop_with):
+    """`serve run ARGS` until it serves ``expect`` at ``url``, then stopped
+    with the signal ``stop_with``; returns its stdout."""
     command = [SERVE_BIN] if os.path.exists(SERVE_BIN) else [sys.executable, "-m", "serval.cli"]
-    proc = subprocess.Popen([*command, "--data-dir", shared.data_dir, "run", "greetings:builder", "greeting=ahoy",
-                             "--name", "foreground", "--route-prefix", "/fg"], cwd=tmp_path,
+    proc = subprocess.Popen([*command, "--data-dir", cluster.data_dir, "run", *args], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
-        assert "application 'foreground' is running at http://" in line, line + proc.stderr.read()
-        assert requests.get(f"{shared.url}/fg?name=bo", timeout=60).text == "ahoy bo from nowhere"
-        proc.send_signal(signal.SIGINT)
+        assert "is running at http://" in line, line + proc.stderr.read()
+        assert requests.get(url, timeout=60).text == expect
+        proc.send_signal(stop_with)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, err
-    assert "stopped" in out
+    return line + out
+
+
+def test_serve_run_in_the_foreground_until_interrupted(shared, tmp_path):
+    (tmp_path / "greetings.py").write_text(APP_MODULE)
+    out = run_in_foreground(shared, tmp_path, "greetings:builder", "greeting=ahoy", "--name", "foreground",
+                            "--route-prefix", "/fg", url=f"{shared.url}/fg?name=bo",
+                            expect="ahoy bo from nowhere", stop_with=signal.SIGINT)
+    assert "application 'foreground' is running" in out and "stopped" in out
     assert "foreground" not in serve.status().applications
     assert requests.get(f"{shared.url}/fg", timeout=60).status_code == 404
+
+    # A config file, stopped by SIGTERM.
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"applications": [{
+        "name": "from-file", "route_prefix": "/from-file", "import_path": "greetings:app",
+        "runtime_env": {"env_vars": {"REGION": "file"}}}]}))
+    out = run_in_foreground(shared, tmp_path, "run.yaml", url=f"{shared.url}/from-file?name=al",
+                            expect="hello al from file", stop_with=signal.SIGTERM)
+    assert "application 'from-file' is running" in out and "stopped" in out
+    assert "from-file" not in serve.status().applications
