@@ -177,7 +177,7 @@ async fn supervise(
                 let lifeline = child.stdin.take();
                 let result = tokio::select! {
                     r = read_status(&mut child) => r,
-                    _ = &mut stop => { drop(lifeline); terminate(&mut child).await; return; }
+                    _ = &mut stop => { drop(lifeline); terminate(&mut child, &config).await; return; }
                 };
                 let outcome = match result {
                     Ok(status) if status.state == "running" => {
@@ -209,7 +209,7 @@ async fn supervise(
                                         Err(e) => tracing::warn!(replica = %id, error = %e, "the log rotation task failed"),
                                     }
                                 }
-                                _ = &mut stop => { drop(lifeline); terminate(&mut child).await; return; }
+                                _ = &mut stop => { drop(lifeline); terminate(&mut child, &config).await; return; }
                                 changed = config.changed(), if config_open => {
                                     if changed.is_err() {
                                         config_open = false;
@@ -222,7 +222,7 @@ async fn supervise(
                                     tracing::info!(replica = %id, config = %wanted, "reconfiguring replica in place");
                                     let result = tokio::select! {
                                         r = reconfigure(&running.unix_path, agent, wanted.clone()) => r,
-                                        _ = &mut stop => { drop(lifeline); terminate(&mut child).await; return; }
+                                        _ = &mut stop => { drop(lifeline); terminate(&mut child, &config).await; return; }
                                     };
                                     applied = wanted;
                                     let error = match result {
@@ -354,6 +354,7 @@ fn runtime_config_value(c: &BackendConfig) -> serde_json::Value {
         "user_config": user_config,
         "max_batch_size": c.max_batch_size,
         "batch_wait_timeout": c.batch_wait_timeout,
+        "graceful_shutdown_timeout_s": c.graceful_shutdown_timeout_s,
     })
 }
 
@@ -515,9 +516,13 @@ async fn read_status(child: &mut Child) -> Result<StatusLine, String> {
     }
 }
 
-/// Waits for a clean exit (the caller closed the lifeline), then kills.
-async fn terminate(child: &mut Child) {
-    if tokio::time::timeout(STOP_GRACE, child.wait())
+/// Waits for a clean exit (the caller closed the lifeline), then kills:
+/// the replica first gives its requests in flight the backend's graceful
+/// shutdown timeout, then needs up to `STOP_GRACE` to close.
+async fn terminate(child: &mut Child, config: &watch::Receiver<BackendConfig>) {
+    let timeout = config.borrow().graceful_shutdown_timeout_s;
+    let grace = STOP_GRACE + Duration::try_from_secs_f64(timeout).unwrap_or_default();
+    if tokio::time::timeout(grace, child.wait())
         .await
         .is_err()
     {
