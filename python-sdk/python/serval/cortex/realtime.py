@@ -64,8 +64,8 @@ HTTP_METHODS = {
 #: What a ``handle_<verb>`` method may take, by name: any subset, any order.
 REQUEST_ARGS = ("payload", "query_params", "headers")
 #: What ``Handler.__init__`` may take, by name. gRPC APIs add
-#: ``module_proto_pb2`` (the compiled ``handler.protobuf_path``; see
-#: serval.cortex.grpc_api).
+#: ``proto_module_pb2`` or ``module_proto_pb2`` (the compiled
+#: ``handler.protobuf_path``; see serval.cortex.grpc_api).
 INIT_ARGS = ("config",)
 
 _FORM_TYPES = (b"multipart/form-data", b"application/x-www-form-urlencoded")
