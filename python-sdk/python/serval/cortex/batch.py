@@ -612,7 +612,8 @@ class BatchGateway:
 
         counts = None
         if job["status"] not in ENDED:
-            counts = {k: 0 for k in ("pending", "initializing", "running", "succeeded", "failed", "stalled")}
+            counts = {k: 0 for k in ("pending", "initializing", "running", "succeeded", "failed", "stalled",
+                                     "unknown")}
             backend = worker_backend(self.name, job["id"])
             for r in serve.status().get("replicas", []):
                 if r["backend"] == backend:
