@@ -11,7 +11,6 @@ import sys
 import threading
 import textwrap
 
-import pytest
 import requests
 
 from conftest import wait_for
