@@ -2,11 +2,16 @@
 interpreter through the extension module, plus the Cortex-style commands
 (``deploy``, ``get``, ``delete``) that live in Python."""
 
+import os
 import sys
 
 
 def main() -> None:
     argv = sys.argv[1:]
+    # Replicas (and the Python commands the Rust side hands back) run with
+    # SERVAL_PYTHON: by default this script's own interpreter, the one that
+    # has serval, not whatever `python3` comes first on PATH.
+    os.environ.setdefault("SERVAL_PYTHON", sys.executable)
     from serval.cortex import cli as cortex_cli
 
     if cortex_cli.handles(argv):
