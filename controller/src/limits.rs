@@ -64,6 +64,9 @@ pub const MAX_QUEUED_REQUESTS: u32 = 1_000_000;
 /// Blobs one backend's replicas may fetch (a package and a `.env`).
 pub const MAX_BACKEND_BLOBS: usize = 16;
 pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+/// The longest a stopping replica may keep its requests in flight: its node
+/// agent holds the process (and its resources) that long.
+pub const MAX_GRACEFUL_SHUTDOWN_S: f64 = 3600.0;
 /// The longest an ended job may be kept (`jobs.retention`): its record and
 /// dead letters stay on every head's disk that long.
 pub const MAX_JOB_RETENTION_S: f64 = 30.0 * 24.0 * 3600.0;
@@ -296,6 +299,11 @@ fn check_config(c: &BackendConfig) -> Result<(), StateError> {
     amount("num_cpus", c.num_cpus, MAX_NODE_CPUS)?;
     amount("num_gpus", c.num_gpus, MAX_NODE_GPUS)?;
     amount("batch_wait_timeout", c.batch_wait_timeout, MAX_SECONDS)?;
+    amount(
+        "experimental_graceful_shutdown_timeout_s",
+        c.graceful_shutdown_timeout_s,
+        MAX_GRACEFUL_SHUTDOWN_S,
+    )?;
     text("user_config", &c.user_config_json, MAX_CONFIG_BYTES)?;
     name("max_surge", &c.max_surge)?;
     name("max_unavailable", &c.max_unavailable)

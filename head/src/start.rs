@@ -135,6 +135,9 @@ pub struct StartArgs {
           value_parser = parse_positive_secs)]
     node_timeout_s: f64,
     /// Python interpreter for replicas, with the `serval` package installed.
+    /// Run from the SDK's `serve` console script, the default is that
+    /// script's own interpreter (it sets SERVAL_PYTHON); from the binary,
+    /// `python3` on PATH.
     #[arg(long, env = "SERVAL_PYTHON", default_value = "python3")]
     python: PathBuf,
     /// Also serve this process's Prometheus metrics on this port (any path,

@@ -75,11 +75,14 @@ fn table(title: &str, header: &[&str], rows: Vec<Vec<String>>) -> String {
     out
 }
 
-/// First line of an error, so tracebacks do not break the table.
+/// Last line of an error, so tracebacks do not break the table: an
+/// exception's message, or the last line a replica wrote to stderr before it
+/// died (long enough for Python's "Error while finding module specification
+/// for 'serval.replica' (ModuleNotFoundError: ...)" with its path).
 fn short(error: &str) -> String {
     let last = error.trim().lines().last().unwrap_or("").trim();
-    if last.chars().count() > 100 {
-        format!("{}...", last.chars().take(100).collect::<String>())
+    if last.chars().count() > 240 {
+        format!("{}...", last.chars().take(240).collect::<String>())
     } else {
         last.to_string()
     }

@@ -171,13 +171,14 @@ async fn supervise(
         // A restarted replica starts with the latest config.
         let start_config = config.borrow_and_update().clone();
         let outcome = match start(&spec, &start_config).await {
-            Ok(mut child) => {
+            Ok((mut child, log_start)) => {
                 // Held here, not in `child`: tokio's `Child::wait` closes a
                 // stdin it still owns, which would cut the lifeline.
                 let lifeline = child.stdin.take();
+                let log = spec.work_dir.join(LOG_FILE);
                 let result = tokio::select! {
-                    r = read_status(&mut child) => r,
-                    _ = &mut stop => { drop(lifeline); terminate(&mut child).await; return; }
+                    r = read_status(&mut child, &log, log_start) => r,
+                    _ = &mut stop => { drop(lifeline); terminate(&mut child, &config).await; return; }
                 };
                 let outcome = match result {
                     Ok(status) if status.state == "running" => {
@@ -209,7 +210,7 @@ async fn supervise(
                                         Err(e) => tracing::warn!(replica = %id, error = %e, "the log rotation task failed"),
                                     }
                                 }
-                                _ = &mut stop => { drop(lifeline); terminate(&mut child).await; return; }
+                                _ = &mut stop => { drop(lifeline); terminate(&mut child, &config).await; return; }
                                 changed = config.changed(), if config_open => {
                                     if changed.is_err() {
                                         config_open = false;
@@ -222,7 +223,7 @@ async fn supervise(
                                     tracing::info!(replica = %id, config = %wanted, "reconfiguring replica in place");
                                     let result = tokio::select! {
                                         r = reconfigure(&running.unix_path, agent, wanted.clone()) => r,
-                                        _ = &mut stop => { drop(lifeline); terminate(&mut child).await; return; }
+                                        _ = &mut stop => { drop(lifeline); terminate(&mut child, &config).await; return; }
                                     };
                                     applied = wanted;
                                     let error = match result {
@@ -354,6 +355,7 @@ fn runtime_config_value(c: &BackendConfig) -> serde_json::Value {
         "user_config": user_config,
         "max_batch_size": c.max_batch_size,
         "batch_wait_timeout": c.batch_wait_timeout,
+        "graceful_shutdown_timeout_s": c.graceful_shutdown_timeout_s,
     })
 }
 
@@ -414,7 +416,9 @@ async fn reconfigure(
     }
 }
 
-async fn start(spec: &ReplicaSpec, config: &BackendConfig) -> Result<Child, String> {
+/// Starts the replica process; also returns where its stderr starts in its
+/// log (the file keeps the runs before), for `read_status`.
+async fn start(spec: &ReplicaSpec, config: &BackendConfig) -> Result<(Child, u64), String> {
     for dir in [&spec.work_dir, &spec.cache_dir] {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -426,6 +430,7 @@ async fn start(spec: &ReplicaSpec, config: &BackendConfig) -> Result<Child, Stri
     let log_path = dir.join(LOG_FILE);
     let log = serval_protos::private_files::append_private(&log_path)
         .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
+    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
     let mut cmd = Command::new(&spec.python);
     cmd.arg("-m")
         .arg("serval.replica")
@@ -488,11 +493,58 @@ async fn start(spec: &ReplicaSpec, config: &BackendConfig) -> Result<Child, Stri
                 .env_remove(serval_protos::tls::ENV_TLS_KEY);
         }
     }
-    cmd.spawn()
-        .map_err(|e| format!("cannot start {}: {e}", spec.python.display()))
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", spec.python.display()))?;
+    Ok((child, log_start))
 }
 
-async fn read_status(child: &mut Child) -> Result<StatusLine, String> {
+/// How much of a replica's stderr an error shows when it died before
+/// reporting its state: its last lines, within this many bytes.
+const STDERR_TAIL_LINES: usize = 20;
+const STDERR_TAIL_BYTES: u64 = 4096;
+
+/// The last lines the replica wrote to its log from byte `from` on (its
+/// own run): at most STDERR_TAIL_LINES lines and STDERR_TAIL_BYTES bytes,
+/// without a line cut at the front. Empty when there are none or the log
+/// cannot be read.
+async fn stderr_tail(log: &std::path::Path, from: u64) -> String {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let Ok(mut file) = tokio::fs::File::open(log).await else {
+        return String::new();
+    };
+    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    // A log rotated since the start holds only this run's lines.
+    let from = if from > len { 0 } else { from };
+    let start = from.max(len.saturating_sub(STDERR_TAIL_BYTES));
+    if file.seek(std::io::SeekFrom::Start(start)).await.is_err() {
+        return String::new();
+    }
+    let mut bytes = Vec::new();
+    if file
+        .take(STDERR_TAIL_BYTES)
+        .read_to_end(&mut bytes)
+        .await
+        .is_err()
+    {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let mut lines: Vec<&str> = text.lines().collect();
+    if start > from && lines.len() > 1 {
+        lines.remove(0); // begins mid-line
+    }
+    let lines: Vec<&str> = lines.into_iter().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(STDERR_TAIL_LINES)..].join("\n")
+}
+
+/// Reads the replica's status line. `log` and `log_start`: its stderr, for
+/// the error of a replica that exits without one.
+async fn read_status(
+    child: &mut Child,
+    log: &std::path::Path,
+    log_start: u64,
+) -> Result<StatusLine, String> {
     let Some(stdout) = child.stdout.take() else {
         return Err("replica stdout not captured".into());
     };
@@ -506,21 +558,32 @@ async fn read_status(child: &mut Child) -> Result<StatusLine, String> {
                 .await
                 .map(|s| s.to_string())
                 .unwrap_or_default();
-            Err(format!(
-                "replica exited before reporting its state ({status}); see its log"
-            ))
+            // Its stderr says why (an interpreter without serval, an
+            // import that kills the process): its last lines end the error,
+            // so `serve status` (which shows an error's last line) shows it.
+            let tail = stderr_tail(log, log_start).await;
+            if tail.is_empty() {
+                Err(format!(
+                    "replica exited before reporting its state ({status}); its stderr is empty"
+                ))
+            } else {
+                Err(format!(
+                    "replica exited before reporting its state ({status}); the end of its stderr:\n{tail}"
+                ))
+            }
         }
         Ok(Ok(Some(line))) => serde_json::from_str(&line)
             .map_err(|e| format!("replica status line '{line}' is not valid: {e}")),
     }
 }
 
-/// Waits for a clean exit (the caller closed the lifeline), then kills.
-async fn terminate(child: &mut Child) {
-    if tokio::time::timeout(STOP_GRACE, child.wait())
-        .await
-        .is_err()
-    {
+/// Waits for a clean exit (the caller closed the lifeline), then kills:
+/// the replica first gives its requests in flight the backend's graceful
+/// shutdown timeout, then needs up to `STOP_GRACE` to close.
+async fn terminate(child: &mut Child, config: &watch::Receiver<BackendConfig>) {
+    let timeout = config.borrow().graceful_shutdown_timeout_s;
+    let grace = STOP_GRACE + Duration::try_from_secs_f64(timeout).unwrap_or_default();
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
         let _ = child.kill().await;
     }
 }
@@ -609,22 +672,55 @@ mod tests {
 
     #[tokio::test]
     async fn a_replica_that_dies_before_its_status_line_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join(LOG_FILE);
+        // An earlier run's lines stay out of the error.
+        std::fs::write(&log, "earlier run\n").unwrap();
+        let from = std::fs::metadata(&log).unwrap().len();
+        let stderr = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        let mut child = Command::new("sh")
+            .args([
+                "-c",
+                "for i in $(seq 1 30); do echo line $i >&2; done; \
+                 echo \"ModuleNotFoundError: No module named 'serval'\" >&2; exit 3",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .unwrap();
+        let err = read_status(&mut child, &log, from)
+            .await
+            .err()
+            .expect("no status line must be an error");
+        assert!(err.contains("exited before reporting"), "{err}");
+        assert!(
+            err.ends_with("ModuleNotFoundError: No module named 'serval'"),
+            "{err}"
+        );
+        // The last 20 lines only, and nothing of the earlier run.
+        assert!(err.contains("line 30") && err.contains("line 12"), "{err}");
+        assert!(
+            !err.contains("line 11\n") && !err.contains("earlier run"),
+            "{err}"
+        );
+        // Bounded in bytes too, without a cut line at the front.
+        std::fs::write(&log, format!("{}\nlast\n", "x".repeat(10_000))).unwrap();
+        assert_eq!(stderr_tail(&log, 0).await, "last");
+        // Nothing written: said so.
         let mut child = Command::new("sh")
             .args(["-c", "exit 3"])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        let err = read_status(&mut child)
-            .await
-            .err()
-            .expect("no status line must be an error");
-        assert!(err.contains("exited before reporting"), "{err}");
+        let len = std::fs::metadata(&log).unwrap().len();
+        let err = read_status(&mut child, &log, len).await.err().unwrap();
+        assert!(err.contains("its stderr is empty"), "{err}");
         let mut child = Command::new("sh")
             .args(["-c", "echo not-json"])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        let err = read_status(&mut child)
+        let err = read_status(&mut child, &log, 0)
             .await
             .err()
             .expect("garbage must be an error");

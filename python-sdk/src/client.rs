@@ -156,7 +156,11 @@ struct PyBackendConfig {
     max_surge: Option<String>,
     max_unavailable: Option<String>,
     max_queued_requests: Option<u32>,
+    experimental_graceful_shutdown_timeout_s: Option<f64>,
 }
+
+/// Ray Serve 1.x's default of `experimental_graceful_shutdown_timeout_s`.
+const DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S: f64 = 20.0;
 
 /// Cortex's autoscaling knobs (durations in seconds; serve.py converts
 /// "60s"/"5m" strings), with Cortex's defaults for those left out.
@@ -228,6 +232,9 @@ fn parse_config(json: &str) -> PyResult<BackendConfig> {
         max_surge: c.max_surge.unwrap_or_default(),
         max_unavailable: c.max_unavailable.unwrap_or_default(),
         max_queued_requests: c.max_queued_requests.unwrap_or(0),
+        graceful_shutdown_timeout_s: c
+            .experimental_graceful_shutdown_timeout_s
+            .unwrap_or(DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S),
     })
 }
 

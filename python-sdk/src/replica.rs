@@ -52,6 +52,9 @@
 //!        SystemExit (after answering that request 500).
 //!   .wait(timeout: float | None = None) -> str | None
 //!        the stop reason ("stdin closed", "shutdown", ...) or None on timeout
+//!   .stop(reason: str = "shutdown") -> None
+//!        marks it stopping (stop_reason, wakes the loop): no new request
+//!        runs, replies of those running still go out
 //!   .shutdown(reason: str = "shutdown") -> None
 //!        idempotent: wakes the worker loop, answers queued requests 503,
 //!        shuts the runtime down (GIL released), removes the socket file.
@@ -719,6 +722,13 @@ impl ReplicaServer {
             }
             py.check_signals()?;
         }
+    }
+
+    /// Marks the server stopping and wakes the worker loop, which then
+    /// runs no new request; replies still go out until `shutdown`.
+    #[pyo3(signature = (reason = "shutdown"))]
+    fn stop(&self, reason: &str) {
+        self.stop.stop(reason);
     }
 
     /// Stops serving. Safe to call more than once and from any thread.

@@ -82,14 +82,26 @@ def submit(url, body, **params):
     return requests.post(url, json=body, params=params, timeout=TIMEOUT)
 
 
+#: The fields of Cortex 0.35's answers: a submission (its BatchJob spec) and
+#: a job's status (BatchJobStatus, which Serval adds "error" to).
+JOB_SPEC_FIELDS = {"job_id", "api_name", "kind", "workers", "sqs_dead_letter_queue", "config", "timeout", "api_id",
+                   "sqs_url", "created_time"}
+JOB_STATUS_FIELDS = JOB_SPEC_FIELDS | {"total_batch_count", "start_time", "end_time", "status", "batches_in_queue",
+                                       "batch_metrics", "worker_counts", "error"}
+
+
 def job_status(url, job_id):
+    """``GET ?jobID=``'s ``job_status``, checking the answer's shape."""
     r = requests.get(url, params={"jobID": job_id}, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
-    return r.json()
+    answer = r.json()
+    assert set(answer) == {"job_status", "endpoint", "api_spec"}, answer
+    assert set(answer["job_status"]) == JOB_STATUS_FIELDS, answer
+    return answer["job_status"]
 
 
 def wait_ended(url, job_id, timeout=120):
-    return wait_for(lambda: (lambda s: s if s["status"] not in ("enqueuing", "running") else None)(
+    return wait_for(lambda: (lambda s: s if s["status"] not in ("status_enqueuing", "status_running") else None)(
         job_status(url, job_id)), timeout=timeout, what=f"job {job_id} to end")
 
 
@@ -102,13 +114,25 @@ def test_a_job_runs_every_batch_once_then_on_job_complete(batch_api, cluster, tm
     r = submit(batch_api, {"workers": 2, "config": {"out": out_dir, "b": 2},
                            "item_list": {"items": list(range(100)), "batch_size": 10}})
     assert r.status_code == 200, r.text
+    # Cortex 0.35's answer: the job's spec, field by field.
     answer = r.json()
+    assert set(answer) == JOB_SPEC_FIELDS, answer
     assert answer["api_name"] == "summer" and answer["kind"] == "BatchAPI" and answer["workers"] == 2
-    assert answer["created_time"] and answer["job_id"]
+    assert answer["config"] == {"out": out_dir, "b": 2} and answer["timeout"] is None
+    assert answer["sqs_dead_letter_queue"] == {"arn": "", "max_receive_count": 1} and answer["sqs_url"] is None
+    assert answer["created_time"].endswith("Z") and answer["job_id"] and answer["api_id"]
     job_id = answer["job_id"]
 
-    st = wait_ended(batch_api, job_id)
-    assert st["status"] == "succeeded", (st, st.get("error"))
+    # Cortex's end-to-end check, as it reads the status.
+    wait_for(lambda: requests.get(batch_api, params={"jobID": job_id}, timeout=TIMEOUT).json()
+             ["job_status"]["status"] == "status_succeeded", timeout=120, what="the job to succeed")
+    got = requests.get(batch_api, params={"jobID": job_id}, timeout=TIMEOUT).json()
+    assert got["endpoint"] == f"{batch_api}?jobID={job_id}", got
+    assert got["api_spec"]["name"] == "summer" and got["api_spec"]["kind"] == "BatchAPI", got
+    assert "dotenv_blob" not in got["api_spec"]
+    st = got["job_status"]
+    assert {k: st[k] for k in JOB_SPEC_FIELDS} == answer, st
+    assert st["worker_counts"] is None and st["error"] is None, st  # ended: no workers, no failure
     assert st["batch_metrics"]["succeeded"] == 10 and st["batch_metrics"]["failed"] == 0, st
     assert st["batches_in_queue"] == 0 and st["total_batch_count"] == 10
     assert st["start_time"] and st["end_time"]
@@ -124,9 +148,9 @@ def test_a_job_runs_every_batch_once_then_on_job_complete(batch_api, cluster, tm
     assert spec["config"] == {"out": out_dir, "b": 2} and spec["start_time"]
     # The workers are gone once the job ended.
     wait_for(lambda: not workers_of(job_id), what="the workers to be removed")
-    # The job is listed.
+    # The job is listed: its job_status.
     listed = requests.get(batch_api, timeout=TIMEOUT).json()
-    assert [j["job_id"] for j in listed] == [job_id]
+    assert [j["job_id"] for j in listed] == [job_id] and set(listed[0]) == JOB_STATUS_FIELDS, listed
 
 
 def test_a_failing_batch_ends_in_the_dead_letters(batch_api, cluster, tmp_path):
@@ -135,7 +159,7 @@ def test_a_failing_batch_ends_in_the_dead_letters(batch_api, cluster, tmp_path):
                            "item_list": {"items": list(range(30)), "batch_size": 10}})
     job_id = r.json()["job_id"]
     st = wait_ended(batch_api, job_id)
-    assert st["status"] == "completed with failures", st
+    assert st["status"] == "status_completed_with_failures", st
     assert (st["batch_metrics"]["succeeded"], st["batch_metrics"]["failed"]) == (2, 1)
     r = requests.get(batch_api, params={"jobID": job_id, "deadLetters": "true"}, timeout=TIMEOUT)
     (letter,) = r.json()
@@ -154,7 +178,7 @@ def test_a_killed_worker_s_batch_runs_again_and_counts_once(batch_api, cluster, 
     wait_for(lambda: os.path.exists(first) and open(first).read(), what="a worker to take the blocking batch")
     os.kill(int(open(first).read()), signal.SIGKILL)
     st = wait_ended(batch_api, job_id)
-    assert st["status"] == "succeeded", st
+    assert st["status"] == "status_succeeded", st
     assert st["batch_metrics"]["succeeded"] == 10 and st["batch_metrics"]["failed"] == 0
     assert json.load(open(os.path.join(out_dir, "total.json"))) == {"sum": sum(range(100)), "batches": 10}
 
@@ -172,9 +196,9 @@ def test_stopping_a_job_and_the_cli(batch_api, cluster, tmp_path):
     assert out.returncode == 0, out.stderr
     job_id = json.loads(out.stdout)["job_id"]
     out = cli(cluster, "jobs", "get", "summer", job_id)
-    assert out.returncode == 0 and json.loads(out.stdout)["job_id"] == job_id
+    assert out.returncode == 0 and json.loads(out.stdout)["job_status"]["job_id"] == job_id
     st = wait_ended(batch_api, job_id)
-    assert st["status"] == "succeeded" and st["batch_metrics"]["succeeded"] == 3
+    assert st["status"] == "status_succeeded" and st["batch_metrics"]["succeeded"] == 3
     assert json.load(open(os.path.join(out_dir, "total.json")))["sum"] == sum(range(25))
     # A dry run lists the files.
     out = cli(cluster, "jobs", "submit", "summer", str(body), "--dry-run")
@@ -190,10 +214,10 @@ def test_stopping_a_job_and_the_cli(batch_api, cluster, tmp_path):
                                                       "--no-follow").stdout, what="the worker's log line")
     out = cli(cluster, "jobs", "stop", "summer", job_id)
     assert out.returncode == 0 and json.loads(out.stdout) == {"message": f"stopped job {job_id}"}
-    assert job_status(batch_api, job_id)["status"] == "stopped"
+    assert job_status(batch_api, job_id)["status"] == "status_stopped"
     wait_for(lambda: not workers_of(job_id), what="the stopped job's workers to go")
     out = cli(cluster, "jobs", "list", "summer")
-    assert {j["status"] for j in json.loads(out.stdout)} == {"succeeded", "stopped"}
+    assert {j["status"] for j in json.loads(out.stdout)} == {"status_succeeded", "status_stopped"}
 
 
 @pytest.mark.parametrize("body, words", [
@@ -211,7 +235,7 @@ def test_bad_job_requests_are_400s_that_name_the_field(batch_api, body, words):
     r = submit(batch_api, body)
     if r.status_code == 200:  # the batch-size check runs while enqueuing
         st = wait_ended(batch_api, r.json()["job_id"])
-        assert st["status"] == "failed while enqueuing" and words in st["error"], st
+        assert st["status"] == "status_enqueue_failed" and words in st["error"], st
         return
     assert r.status_code == 400 and words in r.json()["error"], r.text
 
@@ -255,7 +279,7 @@ def test_a_job_past_its_timeout_ends_timed_out(batch_api, tmp_path):
                            "item_list": {"items": [1, 2], "batch_size": 1}})
     job_id = r.json()["job_id"]
     st = wait_ended(batch_api, job_id)
-    assert st["status"] == "timed out" and "timeout of 1 s" in st["error"], st
+    assert st["status"] == "status_timed_out" and "timeout of 1 s" in st["error"], st
     wait_for(lambda: not workers_of(job_id), what="the timed-out job's workers to go")
 
 
@@ -268,7 +292,7 @@ def test_the_example_counts_words(cluster, tmp_path):
             "delimited_files": {"paths": ["data"], "includes": ["*.jsonl"], "batch_size": 50}}
     job_id = submit(url, body).json()["job_id"]
     st = wait_ended(url, job_id)
-    assert st["status"] == "succeeded" and st["batch_metrics"]["succeeded"] == 4, st
+    assert st["status"] == "status_succeeded" and st["batch_metrics"]["succeeded"] == 4, st
     totals = json.load(open(tmp_path / "wc" / "totals.json"))
     assert totals["job_id"] == job_id
     assert dict(totals["top"])["the"] == 150  # 3 of every 4 records, 200 records: 50 x 2 + 50 x 1
@@ -296,7 +320,7 @@ def test_a_worker_over_compute_mem_ends_the_job_out_of_memory(cluster, tmp_path)
     url = f"{cluster.url}/hungry"
     job_id = submit(url, {"workers": 1, "item_list": {"items": [1], "batch_size": 1}}).json()["job_id"]
     st = wait_ended(url, job_id)
-    assert st["status"] == "out of memory" and "compute.mem of 300 MiB" in st["error"], st
+    assert st["status"] == "status_worker_oom" and "compute.mem of 300 MiB" in st["error"], st
     wait_for(lambda: not [r for r in serve.status()["replicas"] if r["backend"] == f"hungry--job-{job_id}"],
              what="the workers to go")
 
@@ -319,11 +343,11 @@ def test_a_restarted_gateway_looks_after_a_running_job(batch_api, cluster, tmp_p
     out_dir, gate = str(tmp_path / "out"), tmp_path / "gate"
     job_id = submit(batch_api, {"workers": 2, "config": {"out": out_dir, "gate": str(gate)},
                                 "item_list": {"items": list(range(40)), "batch_size": 4}}).json()["job_id"]
-    wait_for(lambda: job_status(batch_api, job_id)["status"] == "running", what="the job to run")
+    wait_for(lambda: job_status(batch_api, job_id)["status"] == "status_running", what="the job to run")
     kill_gateway()
     gate.touch()
     st = wait_ended(batch_api, job_id)
-    assert st["status"] == "succeeded" and st["batch_metrics"]["succeeded"] == 10, st
+    assert st["status"] == "status_succeeded" and st["batch_metrics"]["succeeded"] == 10, st
     assert json.load(open(os.path.join(out_dir, "total.json"))) == {"sum": sum(range(40)), "batches": 10}
     # The old gateway's watch died with it: the new one removes the workers.
     wait_for(lambda: not workers_of(job_id), what="the job's workers to go")
@@ -349,10 +373,10 @@ def test_a_job_whose_gateway_dies_while_enqueuing_fails_while_enqueuing(batch_ap
         url = f"http://127.0.0.1:{server.server_address[1]}/records.jsonl"
         job_id = submit(batch_api, {"workers": 1, "config": {"out": str(tmp_path / "out")},
                                     "delimited_files": {"paths": [url], "batch_size": 1}}).json()["job_id"]
-        assert job_status(batch_api, job_id)["status"] == "enqueuing"
+        assert job_status(batch_api, job_id)["status"] == "status_enqueuing"
         kill_gateway()
         st = wait_ended(batch_api, job_id)
-        assert st["status"] == "failed while enqueuing", st
+        assert st["status"] == "status_enqueue_failed", st
         assert "submit the job again" in st["error"], st
         assert not workers_of(job_id)
     finally:
@@ -482,7 +506,7 @@ def test_jobs_read_only_the_sources_the_api_allows(cluster, tmp_path):
         r = submit(opened, {"workers": 1, "delimited_files": {"paths": [f"{base}/ok/redirect"], "batch_size": 1}})
         assert r.status_code == 200, r.text
         st = wait_ended(opened, r.json()["job_id"])
-        assert st["status"] == "failed while enqueuing" and f"{base}/other/x" in st["error"], st
+        assert st["status"] == "status_enqueue_failed" and f"{base}/other/x" in st["error"], st
         assert Recording.paths == ["/ok/redirect"]
         # jobs.max_batches bounds a job.
         r = submit(opened, {"workers": 1, "item_list": {"items": [1, 2, 3, 4], "batch_size": 1}})
@@ -507,7 +531,7 @@ def test_ended_jobs_are_removed_after_the_api_s_retention(cluster, tmp_path):
         return job_id
 
     first = stopped_job()
-    assert job_status(url, first)["status"] == "stopped"
+    assert job_status(url, first)["status"] == "status_stopped"
     # Ended jobs go when a job is created past their retention (1 s here;
     # 24 h by default, which keeps every other test's jobs).
     def removed():

@@ -241,7 +241,7 @@ class Handler:
     def __init__(self, config):
         # get client pointing to the default environment
         client = cortex.client()
-        self.existing_apis = sorted(a["name"] for a in client.list_apis())
+        self.existing_apis = sorted(a["spec"]["name"] for a in client.list_apis())
 
     def handle_post(self, payload):
         cortex_logger.info("received payload", extra={"payload": payload})

@@ -623,6 +623,63 @@ def test_the_seed_api_through_the_proxy(cluster, tmp_path):
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
+#: A project shaped like Cortex v0.35's test/apis/grpc projects: cortex.yaml
+#: (no serve.yaml), a server-streaming Predict, and a Handler that takes the
+#: module as Cortex 0.35's runtime passed it, ``proto_module_pb2``.
+CORTEX_035_PROTO = """\
+syntax = "proto3";
+package squares;
+
+service Squares {
+    rpc Predict (Input) returns (stream Output);
+}
+
+message Input {
+    int32 count = 1;
+}
+
+message Output {
+    int64 square = 1;
+}
+"""
+
+CORTEX_035_HANDLER = """\
+class Handler:
+    def __init__(self, config, proto_module_pb2):
+        self.proto_module_pb2 = proto_module_pb2
+        self.offset = config.get("offset", 0)
+
+    def Predict(self, payload):
+        for n in range(1, payload.count + 1):
+            yield self.proto_module_pb2.Output(square=n * n + self.offset)
+"""
+
+CORTEX_035_CONFIG = """\
+- name: squares
+  kind: RealtimeAPI
+  handler:
+    type: python
+    path: squares.py
+    protobuf_path: squares.proto
+    config:
+      offset: 1
+  compute:
+    cpu: 200m
+    mem: 200Mi
+"""
+
+
+def test_a_cortex_035_grpc_project_with_proto_module_pb2(cluster, tmp_path):
+    folder = write(tmp_path / "squares", {"squares.proto": CORTEX_035_PROTO, "squares.py": CORTEX_035_HANDLER,
+                                          "cortex.yaml": CORTEX_035_CONFIG})
+    out = cli(cluster, "deploy", folder)
+    assert out.returncode == 0, out.stdout + out.stderr
+    pb2, pb2_grpc = client_modules(tmp_path, "squares.proto", CORTEX_035_PROTO)
+    with proxy_channel(cluster) as channel:
+        answers = list(pb2_grpc.SquaresStub(channel).Predict(pb2.Input(count=5), timeout=60))
+    assert answers == [pb2.Output(square=n * n + 1) for n in range(1, 6)]
+
+
 def test_every_rpc_shape_through_the_proxy(cluster, tmp_path):
     folder = shapes_project(tmp_path / "shapes")
     out = cli(cluster, "deploy", folder)

@@ -119,3 +119,107 @@ def test_a_crash_loop_shows_in_status_with_the_reason(cluster):
 
     # Between crashes the replica runs briefly; the reason shows otherwise.
     wait_until("`serve status` to show the crash reason", table_shows_reason)
+
+
+# -- replicas' Python, and replicas that die before they report ---------------
+
+
+def python_without_serval(folder) -> str:
+    """A real interpreter that lacks the serval package: a bare venv."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True, timeout=300)
+    return os.path.join(str(folder), "bin", "python")
+
+
+@pytest.fixture
+def console_script_head(monkeypatch, tmp_path):
+    """Starts heads as a user of the venv does: its ``serve`` console script
+    (SERVAL_PYTHON unset), with a ``python3`` first on PATH that lacks
+    serval. Yields ``start(*flags) -> data dir``; kills every head after."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from conftest import free_port
+
+    bare = python_without_serval(tmp_path / "bare")
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    os.symlink(bare, shims / "python3")
+    for var in ("SERVAL_PYTHON", "SERVAL_ADDRESS", "SERVAL_TOKEN", "SERVAL_TOKEN_FILE", "SERVAL_DATA_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SERVAL_NUM_CPUS", "4")
+    env = dict(os.environ, PATH=f"{shims}:{os.environ['PATH']}")
+    serve_script = os.path.join(os.path.dirname(sys.executable), "serve")
+    started = []
+
+    def start(*flags):
+        data_dir = tempfile.mkdtemp(prefix="sv-", dir="/tmp")
+        started.append(data_dir)
+        out = subprocess.run([serve_script, "--data-dir", data_dir, "start", "--head", "--detach",
+                              "--http-port", str(free_port()), "--control-port", str(free_port()), *flags],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        serve.connect(data_dir=data_dir)
+        return data_dir
+
+    start.bare = bare
+    try:
+        yield start
+    finally:
+        from conftest import Cluster
+
+        for data_dir in started:
+            Cluster(data_dir, 0, 0).kill()
+            shutil.rmtree(data_dir, ignore_errors=True)
+        serve._client = None
+
+
+def echo(request):
+    return "echo"
+
+
+def test_the_venv_console_script_starts_replicas_with_its_own_python(console_script_head, tmp_path):
+    import subprocess
+    import sys
+
+    data_dir = console_script_head()
+    # The replica runs: its Python is the console script's, which has serval.
+    serve.create_backend("echo", echo)
+    (replica,) = [r for r in serve.status()["replicas"] if r["backend"] == "echo"]
+    assert replica["state"] == "running", replica
+
+    # A Cortex handler whose module ends the process at import: the deploy's
+    # error and `serve get` show what it wrote to stderr.
+    project = tmp_path / "dies"
+    project.mkdir()
+    (project / "handler.py").write_text(
+        "import os, sys\nprint('cannot reach the model store at s3://models', file=sys.stderr, flush=True)\n"
+        "os._exit(4)\n")
+    (project / "cortex.yaml").write_text("- name: dies\n  kind: RealtimeAPI\n  handler: {type: python, path: handler.py}\n")
+    cli = [sys.executable, "-m", "serval.cli", "--data-dir", data_dir]
+    out = subprocess.run([*cli, "deploy", str(project), "--timeout", "120"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 1 and "cannot reach the model store at s3://models" in out.stderr, out.stderr
+    out = subprocess.run([*cli, "get", "dies"], capture_output=True, text=True, timeout=60)
+    assert "cannot reach the model store at s3://models" in out.stdout, out.stdout
+
+
+def test_a_replica_whose_python_lacks_serval_shows_why(console_script_head):
+    import subprocess
+    import sys
+
+    data_dir = console_script_head("--python", console_script_head.bare)
+    with pytest.raises(serve.ServeError) as e:
+        serve.create_backend("echo", echo)
+    assert "No module named 'serval'" in str(e.value), e.value
+
+    def table_shows_reason():
+        out = subprocess.run([sys.executable, "-m", "serval.cli", "--data-dir", data_dir, "status"],
+                             capture_output=True, text=True, timeout=60).stdout
+        return any(l.startswith("  echo#") and "No module named 'serval'" in l for l in out.splitlines())
+
+    wait_until("`serve status` to show the missing module", table_shows_reason)

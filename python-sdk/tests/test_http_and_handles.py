@@ -518,14 +518,16 @@ def test_web_request_passed_to_a_handle_is_not_wrapped(cluster):
     assert r.status_code == 200, r.text
     assert r.json() == expected
 
-    # The node agent told the replica where its cluster is, with the
-    # replica's scoped token (HMAC-SHA256 of a purpose label under the
-    # cluster token), never the cluster token itself.
+    # The node agent told the replica where its cluster is, with its
+    # backend's token (r1.<MAC of the backend name under a key derived from
+    # the cluster token>.<backend name as hex>), never the cluster token.
     with open(os.path.join(cluster.data_dir, "cluster.json")) as f:
         control_address = json.load(f)["control_address"]
     with open(os.path.join(cluster.data_dir, "token")) as f:
         token = f.read().strip()
-    scoped = hmac.new(token.encode(), b"serval replica v1", hashlib.sha256).hexdigest()
+    key = hmac.new(token.encode(), b"serval replica v1", hashlib.sha256).digest()
+    mac = hmac.new(key, b"outer_sync", hashlib.sha256).hexdigest()
+    scoped = f"r1.{mac}.{b'outer_sync'.hex()}"
     r = requests.post(f"{cluster.url}/outer_sync?env=1", timeout=60)
     assert r.json() == {"address": control_address, "token": scoped}
 
@@ -686,9 +688,10 @@ def test_body_limit_and_debug_tracebacks(monkeypatch):
 
 
 def test_max_body_bytes_option_becomes_a_head_flag():
-    assert serve._head_flags({"max_body_bytes": 2048}) == ["--http-max-body-bytes", "2048"]
+    given = serve._given_http_options({"max_body_bytes": 2048})
+    assert serve._head_flags(given) == ["--http-max-body-bytes", "2048"]
     with pytest.raises(ValueError, match="max_body_bytes"):
-        serve._head_flags({"max_body_bytes": 0})
+        serve._given_http_options({"max_body_bytes": 0})
 
 
 def gated(request):

@@ -8,10 +8,12 @@ One cluster serves the whole module (each test uses its own names)."""
 
 import asyncio
 import concurrent.futures
+import glob
 import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import requests
@@ -276,6 +278,39 @@ def test_backend_config_objects_create_list_and_update(shared):
     assert serve.get_backend_config("conf").num_replicas == 1
     serve.delete_endpoint("conf")
     serve.delete_backend("conf")
+
+
+async def held_until_released(request):
+    """Writes DIR/started, then answers once DIR/release exists (?gate=DIR)."""
+    gate = request.query_params["gate"]
+    open(os.path.join(gate, "started"), "w").close()
+    deadline = time.monotonic() + 120
+    while not os.path.exists(os.path.join(gate, "release")) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return "finished"
+
+
+def test_a_stopping_replica_lets_requests_in_flight_finish(shared, tmp_path):
+    # Ray 1.x: a replica being stopped waits for its ongoing requests, up to
+    # experimental_graceful_shutdown_timeout_s.
+    serve.create_backend("graceful", held_until_released,
+                         config=serve.BackendConfig(experimental_graceful_shutdown_timeout_s=90))
+    serve.create_endpoint("graceful", backend="graceful", route="/graceful")
+    assert serve.get_backend_config("graceful").experimental_graceful_shutdown_timeout_s == 90
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        held = pool.submit(requests.get, f"{shared.url}/graceful", params={"gate": str(tmp_path)}, timeout=120)
+        wait_for(lambda: (tmp_path / "started").exists(), timeout=60, what="the request to start")
+        serve.delete_endpoint("graceful")
+        serve.delete_backend("graceful")
+
+        def stopping():
+            logs = glob.glob(os.path.join(shared.data_dir, "replicas", "graceful*", "replica.log"))
+            return any(" stopping: " in open(log, errors="replace").read() for log in logs)
+
+        wait_for(stopping, timeout=60, what="the replica to begin stopping")
+        (tmp_path / "release").touch()
+        r = held.result(timeout=120)
+    assert (r.status_code, r.text) == (200, "finished")
 
 
 class Batching:

@@ -167,7 +167,7 @@ def test_deployment_options_are_checked_and_compiled_to_backend_config():
     assert Multiplier.num_replicas == 1 and Multiplier.max_ongoing_requests == 5  # Ray 2.x's default
     assert renamed.backend_config() == {
         "num_replicas": 3, "max_concurrent_queries": 7, "max_queued_requests": 4, "user_config": {"k": 1},
-        "num_cpus": 0.5, "num_gpus": 0.0}
+        "num_cpus": 0.5, "num_gpus": 0.0, "experimental_graceful_shutdown_timeout_s": 5}
     assert renamed.replica_options({"B": "2"})["env_vars"] == {"A": "1", "B": "2"}
 
     # "auto" autoscales as Ray's defaults say; an autoscaling_config maps to Serval's knobs.

@@ -413,6 +413,7 @@ class Host:
         loop = self.loop
         fd = server.wake_fd
         stopped = self._stopped = loop.create_future()
+        finishing: list = []
         drain = server.drain
         # After a drain, with nothing ready on the loop, the worker polls
         # for the next request this long before it sleeps in epoll (see
@@ -433,8 +434,8 @@ class Host:
             finally:
                 self._loop_cleared = False
                 _set_running_loop(loop)
-            if server.stop_reason is not None and not stopped.done():
-                stopped.set_result(None)
+            if server.stop_reason is not None and not finishing:
+                finishing.append(loop.create_task(self._finish_in_flight(stopped)))
 
         loop.add_reader(fd, on_wake)
         check_health = self._health_check_method()
@@ -484,6 +485,31 @@ class Host:
                 if not self._stopped.done():
                     self._stopped.set_result(None)
                 return
+
+    async def _finish_in_flight(self, stopped) -> None:
+        """On stop: gives the requests this replica took (running, batched
+        or waiting for a slot) the backend's graceful shutdown timeout to
+        finish, then ends ``serve``; ``_abandon`` answers the rest 503.
+        Nothing new arrives meanwhile: routers dropped this replica before
+        its agent stopped it, and the server runs no new request once
+        stopped (``shutdown`` answers those 503)."""
+        timeout = float(self.config.get("graceful_shutdown_timeout_s") or 0.0)
+        deadline = self.loop.time() + timeout
+        try:
+            while self._in_flight or self._waiting:
+                left = deadline - self.loop.time()
+                if left <= 0:
+                    logger.warning("backend %r: %d request(s) still in flight after the graceful shutdown "
+                                   "timeout of %ss", self.backend, self._in_flight + len(self._waiting), timeout)
+                    break
+                tasks = [t for t in self._tasks if not t.done()]
+                if tasks:
+                    await asyncio.wait(tasks, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                else:  # a batch waiting for its timer
+                    await asyncio.sleep(min(left, 0.01))
+        finally:
+            if not stopped.done():
+                stopped.set_result(None)
 
     def _abandon(self) -> None:
         """On stop: answers 503 to what waits here and cancels running tasks."""

@@ -188,9 +188,10 @@ class BackendConfig(_Validated):
         "max_unavailable": (None, _rollout_bound),
     }
 
-    #: Fields Serval takes but does not store: replicas stop as Serval stops
-    #: them (see README, "Ray Serve 1.x compatibility").
-    NOT_STORED = ("experimental_graceful_shutdown_wait_loop_s", "experimental_graceful_shutdown_timeout_s")
+    #: Fields Serval takes but does not store: a stopping replica waits for
+    #: its requests in flight to finish instead of polling for them (see
+    #: README, "Ray Serve 1.x compatibility").
+    NOT_STORED = ("experimental_graceful_shutdown_wait_loop_s",)
 
     def _default(self, name: str) -> Any:
         if name == "max_concurrent_queries":

@@ -28,6 +28,7 @@ __all__ = ["Deployment", "Application", "deployment", "DEFAULT_MAX_ONGOING_REQUE
 DEFAULT_MAX_ONGOING_REQUESTS = 5
 DEFAULT_HEALTH_CHECK_PERIOD_S = 10.0
 DEFAULT_HEALTH_CHECK_TIMEOUT_S = 30.0
+DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S = 20.0
 #: What ``num_replicas="auto"`` autoscales with, under any autoscaling_config given.
 AUTO_AUTOSCALING = {"min_replicas": 1, "max_replicas": 100, "target_ongoing_requests": 2}
 #: Ray's autoscaling_config defaults for fields left out.
@@ -260,6 +261,9 @@ class Deployment:
             "user_config": o.get("user_config"),
             "num_cpus": actor.get("num_cpus", 1.0),
             "num_gpus": actor.get("num_gpus", 0.0),
+            # The backend's graceful shutdown timeout (Ray 2.x's default).
+            "experimental_graceful_shutdown_timeout_s": o.get("graceful_shutdown_timeout_s",
+                                                              DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S),
         }
         queued = o.get("max_queued_requests", -1)
         if queued != -1:

@@ -162,6 +162,11 @@ def main(argv=None) -> int:
         reason = "SIGTERM" if e.code == 0 else f"exit {e.code}"
     finally:
         logger.info("replica %s stopping: %s", args.replica_id, reason)
+        # The worker first lets the requests in flight finish (the backend's
+        # graceful shutdown timeout); sync user code runs on it, so waiting
+        # for it covers those too.
+        server.stop(reason or "shutdown")
+        thread.join(timeout=float(host.config.get("graceful_shutdown_timeout_s") or 0.0) + 1.0)
         server.shutdown(reason or "shutdown")
         stop = getattr(host.obj, "serval_stop", None)
         if callable(stop):  # a gRPC API's server: calls in flight may finish

@@ -9,9 +9,14 @@ the API's endpoint:
   created in the controller's replicated store and answered at once; its
   batches are then written to the store in chunks (status ``enqueuing``),
   after which a backend of ``workers`` replicas (``BatchWorker``) starts.
-* ``GET /<endpoint>?jobID=ID`` is the job's status (``&deadLetters=true``:
+* ``GET /<endpoint>?jobID=ID`` is the job's status, as Cortex 0.35 answered
+  it: ``{"job_status": {...}, "endpoint": ..., "api_spec": ...}`` with
+  Cortex's status codes (serval.cortex.job_status; ``&deadLetters=true``:
   the batches that failed ``max_receive_count`` times); without ``jobID``,
-  the API's jobs. ``DELETE /<endpoint>?jobID=ID`` stops it.
+  the API's jobs (a list of ``job_status`` objects).
+  ``DELETE /<endpoint>?jobID=ID`` stops it: ``{"message": "stopped job
+  ID"}``. A submission answers Cortex's job spec (``job_id``, ``api_name``,
+  ``kind``, ``workers``, ``config``, ``timeout``, ...).
 
 Workers lease batches from the store with a visibility timeout, call
 ``handle_batch(payload, batch_id)`` and acknowledge; a failed batch goes
@@ -38,6 +43,7 @@ import logging
 import os
 import threading
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from datetime import datetime, timezone
@@ -45,6 +51,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from starlette.requests import Request
 
+from . import job_status
+from .job_status import ENDED
 from .realtime import (HandlerError, RealtimeAPI, accepted_args, cluster_client, error_response, resolve_project_dir,
                        setup_process)
 
@@ -77,8 +85,6 @@ MAX_LISTED = 100_000
 LIST_TIMEOUT_S = 30.0
 #: The longest a gateway reads one URL of a delimited_files job.
 URL_READ_TIMEOUT_S = 600.0
-ENDED = ("succeeded", "failed while enqueuing", "completed with failures", "worker error", "out of memory",
-         "timed out", "stopped")
 
 
 class JobError(ValueError):
@@ -118,7 +124,11 @@ def _retrying(call, *args):
 
 
 def _iso(ms: int) -> Optional[str]:
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat() if ms else None
+    """Unix milliseconds as Cortex's (Go's) JSON times: RFC 3339 in UTC;
+    None for 0 (not yet)."""
+    if not ms:
+        return None
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # -- a job request ------------------------------------------------------------
@@ -370,6 +380,13 @@ class BatchGateway:
             # Relative sources are files of the project: resolved in its folder.
             os.chdir(resolve_project_dir(spec, None))
         self.sources = Sources(spec.get("jobs"))
+        # What a job's answers show of its API (Cortex's ``api_spec`` and
+        # ``api_id``): the config as deployed, without the digest of the
+        # ``.env`` blob (a secret), and the fingerprint `serve deploy` gave it.
+        from .deploy import _fingerprint
+
+        self.api_spec = {k: v for k, v in spec.items() if k != "dotenv_blob"}
+        self.api_id = _fingerprint(self.api_spec)
         self.me = _process_id()
         # job id -> worker replica id -> (node, restarts, failed) last seen.
         self._workers_seen: Dict[str, Dict[str, Tuple[str, int, bool]]] = {}
@@ -379,10 +396,13 @@ class BatchGateway:
         # Off the replica's event loop: listing folders and control calls
         # block, and must not stall the other requests.
         body = await request.body() if request.method == "POST" else b""
+        # The URL the client called, for the ``endpoint`` of a job's status.
+        url = getattr(request, "url", None)
+        endpoint = str(url.replace(query="")) if url is not None else self.spec.get("endpoint") or ""
         return await asyncio.get_running_loop().run_in_executor(
-            None, self.answer, request.method, body, request.query_params)
+            None, self.answer, request.method, body, request.query_params, endpoint)
 
-    def answer(self, method: str, body: bytes, query) -> Any:
+    def answer(self, method: str, body: bytes, query, endpoint: str = "") -> Any:
         try:
             if method == "POST":
                 return self.submit(body, query)
@@ -392,7 +412,9 @@ class BatchGateway:
                     return [self.status(j) for j in json.loads(_jobs().list(self.name))]
                 if query.get("deadLetters", "").lower() == "true":
                     return self.dead_letters(job_id)
-                return self.status(self._job(job_id))
+                # Cortex's BatchJobResponse.
+                return {"job_status": self.status(self._job(job_id)), "api_spec": self.api_spec,
+                        "endpoint": f"{endpoint}?{urllib.parse.urlencode({'jobID': job_id})}"}
             if method == "DELETE":
                 job_id = query.get("jobID")
                 if not job_id:
@@ -435,8 +457,21 @@ class BatchGateway:
         created = self._create(job)
         threading.Thread(target=self._enqueue_job, args=(created["id"], job), name=f"job-{created['id']}",
                          daemon=True).start()
-        return {"job_id": created["id"], "api_name": self.name, "kind": "BatchAPI", "workers": job["workers"],
-                "config": job["config"], "timeout": job["timeout"], "created_time": _iso(created["created_ms"])}
+        return self._job_spec(created)
+
+    def _job_spec(self, job: dict) -> dict:
+        """Cortex's BatchJob (a submission's answer, and the start of a
+        job's status). Serval keeps a job's queue and dead letters in the
+        controller's store, not SQS: ``sqs_url`` is null and
+        ``sqs_dead_letter_queue`` has no ``arn``, only the
+        ``max_receive_count`` that applies."""
+        spec = job["spec"]
+        timeout = spec.get("timeout_s") or None
+        return {"job_id": job["id"], "api_name": self.name, "kind": "BatchAPI", "workers": spec["workers"],
+                "sqs_dead_letter_queue": {"arn": "", "max_receive_count": spec.get("max_receive_count") or 1},
+                "config": json.loads(spec.get("config_json") or "{}"),
+                "timeout": int(timeout) if timeout and timeout == int(timeout) else timeout,
+                "api_id": self.api_id, "sqs_url": None, "created_time": _iso(job.get("created_ms", 0))}
 
     # -- a job's life -----------------------------------------------------
 
@@ -505,7 +540,7 @@ class BatchGateway:
                 self._workers_seen.pop(job_id, None)
                 if backend in backends:
                     self._remove_workers(job_id)
-            elif job["status"] == "enqueuing":
+            elif job["status"] == job_status.ENQUEUING:
                 enqueuer = job["spec"].get("enqueuer") or ""
                 if enqueuer != self.me and not _process_alive(enqueuer, replicas):
                     logger.error("api %r: job %s: its enqueuer %s is gone", self.name, job_id, enqueuer)
@@ -538,7 +573,7 @@ class BatchGateway:
         job_id = job["id"]
         timeout = job["spec"].get("timeout_s") or 0
         if timeout and job.get("start_ms") and time.time() * 1000 > job["start_ms"] + timeout * 1000:
-            jobs.stop(job_id, "timed out", f"the job ran past its timeout of {timeout:g} s")
+            jobs.stop(job_id, job_status.TIMED_OUT, f"the job ran past its timeout of {timeout:g} s")
             return
         seen = self._workers_seen.setdefault(job_id, {})
         for r in workers:
@@ -553,8 +588,8 @@ class BatchGateway:
             jobs.release_worker(job_id, r["id"])
             if restarts >= MAX_WORKER_RESTARTS:
                 error = (r.get("error") or "").strip().splitlines()
-                jobs.stop(job_id, "out of memory" if any("MemoryError" in l for l in error)
-                          else "worker error", f"worker {r['id']}: {error[-1] if error else 'died'}")
+                jobs.stop(job_id, job_status.WORKER_OOM if any("MemoryError" in l for l in error)
+                          else job_status.WORKER_ERROR, f"worker {r['id']}: {error[-1] if error else 'died'}")
                 return
 
     def _remove_workers(self, job_id: str) -> None:
@@ -568,26 +603,29 @@ class BatchGateway:
     # -- answers ------------------------------------------------------------
 
     def status(self, job: dict) -> dict:
+        """Cortex's BatchJobStatus: the job's spec, its status code (see
+        serval.cortex.job_status), counts and times. ``worker_counts`` is
+        null once the job has ended, as in Cortex. ``error`` (why the job
+        ended, null when it did not fail) is Serval's own: Cortex left that
+        to the job's logs."""
         from serval import serve
 
-        spec = job["spec"]
-        counts = {k: 0 for k in ("pending", "initializing", "running", "succeeded", "failed", "stalled")}
+        counts = None
         if job["status"] not in ENDED:
+            counts = {k: 0 for k in ("pending", "initializing", "running", "succeeded", "failed", "stalled",
+                                     "unknown")}
             backend = worker_backend(self.name, job["id"])
             for r in serve.status().get("replicas", []):
                 if r["backend"] == backend:
                     key = {"pending": "pending", "starting": "initializing", "running": "running",
                            "failed": "failed"}.get(r["state"], "stalled")
                     counts[key] += 1
-        return {"job_id": job["id"], "api_name": self.name, "kind": "BatchAPI", "status": job["status"],
-                "workers": spec["workers"], "config": json.loads(spec.get("config_json") or "{}"),
-                "timeout": spec.get("timeout_s") or None, "total_batch_count": job.get("total_batches", 0),
-                "batches_in_queue": job.get("batches_in_queue", 0),
+        return {**self._job_spec(job), "total_batch_count": job.get("total_batches", 0),
+                "start_time": _iso(job.get("start_ms", 0)), "end_time": _iso(job.get("end_ms", 0)),
+                "status": job_status.code(job["status"]), "batches_in_queue": job.get("batches_in_queue", 0),
                 "batch_metrics": {"succeeded": job.get("succeeded", 0), "failed": job.get("failed", 0),
                                   "avg_time_per_batch": job.get("avg_time_per_batch_s") or None},
-                "worker_counts": counts, "created_time": _iso(job.get("created_ms", 0)),
-                "start_time": _iso(job.get("start_ms", 0)), "end_time": _iso(job.get("end_ms", 0)),
-                "error": job.get("error") or None}
+                "worker_counts": counts, "error": job.get("error") or None}
 
     def dead_letters(self, job_id: str) -> list:
         self._job(job_id)
@@ -660,7 +698,7 @@ class BatchWorker(RealtimeAPI):
                            f"compute.mem of {limit / 2**20:.0f} MiB")
                 logger.error("job %s: %s", self.job_id, message)
                 try:
-                    self.jobs.stop(self.job_id, "out of memory", message)
+                    self.jobs.stop(self.job_id, job_status.WORKER_OOM, message)
                 finally:
                     os.kill(os.getpid(), 9)
             time.sleep(MEMORY_CHECK_INTERVAL_S)

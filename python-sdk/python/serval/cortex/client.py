@@ -56,6 +56,8 @@ class Client:
         return _job_request("POST", api, {"dryRun": "true"} if dry_run else {}, body)
 
     def get_job(self, api: str, job_id: str) -> Dict[str, Any]:
+        """Cortex's answer: ``{"job_status": {...}, "endpoint", "api_spec"}``
+        (``job_status["status"]`` is a code such as ``status_succeeded``)."""
         return _job_request("GET", api, {"jobID": job_id})
 
     def list_jobs(self, api: str) -> List[Dict[str, Any]]:

@@ -327,7 +327,7 @@ def _deploy_splitter(serve, client, spec: dict, old: Optional[dict]) -> str:
 
 # ------------------------------------------------------------------ status
 
-def _api_status(api: dict, snap: Dict[str, Any]) -> Dict[str, Any]:
+def api_status(api: dict, snap: Dict[str, Any]) -> Dict[str, Any]:
     spec = json.loads(api.get("spec_json") or "{}")
     out = {"name": api["name"], "kind": api.get("kind"), "endpoint": _shown_endpoint(spec),
            "deployed_at": api.get("deployed_at"), "package": api.get("package_digest") or None}
@@ -380,14 +380,14 @@ def _cortex_records(snap: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 def list_apis() -> List[Dict[str, Any]]:
     snap = _snapshot()
-    return [_api_status(a, snap) for a in sorted(_cortex_records(snap), key=lambda a: a["name"])]
+    return [api_status(a, snap) for a in sorted(_cortex_records(snap), key=lambda a: a["name"])]
 
 
 def get_api(name: str) -> Dict[str, Any]:
     snap = _snapshot()
     for a in _cortex_records(snap):
         if a["name"] == name:
-            return _api_status(a, snap)
+            return api_status(a, snap)
     raise KeyError(f'no API named "{name}" is deployed')
 
 
@@ -402,7 +402,7 @@ def wait_live(names: List[str], timeout: float = 300.0) -> None:
         records = {a["name"]: a for a in snap.get("apis", [])}
         still = []
         for name in pending:
-            st = _api_status(records[name], snap) if name in records else {"status": "updating"}
+            st = api_status(records[name], snap) if name in records else {"status": "updating"}
             if st["status"] == "error":
                 raise serve.ServeError(f'api "{name}" failed to start:\n{st.get("last_error") or "(no error text)"}')
             if st["status"] != "live":

@@ -7,8 +7,9 @@ generated ``<stem>_pb2`` module (and those of the project protos it imports)
 and the FileDescriptorSet travel in the package under
 ``handler.grpc.package_dir``, so replicas need grpcio and protobuf only, not
 grpcio-tools. ``GrpcAPI(spec)`` sets the process up as ``RealtimeAPI`` does,
-imports that module, builds ``Handler(config, module_proto_pb2)`` (each by
-name, as the Handler's ``__init__`` takes them) and starts a grpcio server
+imports that module, builds ``Handler(config, proto_module_pb2)`` (each by
+name, as the Handler's ``__init__`` takes them; ``module_proto_pb2`` is the
+same module under the other name Cortex's documentation uses) and starts a grpcio server
 on ``$SERVAL_REPLICA_HOST:0`` (the replica's TCP host, set by
 ``serval.replica``; 127.0.0.1 by default) with a generic handler for the
 proto's one service. ``serval_grpc_address`` ("host:port") is what the
@@ -344,8 +345,11 @@ class GrpcAPI(RealtimeAPI):
                                f"{handler.get('protobuf_path')}) failed: {type(e).__name__}: {e}") from e
         self.module_proto_pb2 = module
         handler_class = self._load_handler_class(project, handler.get("path") or "handler.py")
+        # Cortex 0.35's runtime (and its examples) pass the module as
+        # ``proto_module_pb2``; its documentation also spells it
+        # ``module_proto_pb2``. Either name, as the Handler asks.
         self.handler = self._build(handler_class, {"config": handler.get("config") or {},
-                                                   "module_proto_pb2": module})
+                                                   "proto_module_pb2": module, "module_proto_pb2": module})
         self._methods = {}
         self._allow = ""
         self.service = grpc_spec["service"]

@@ -64,8 +64,8 @@ HTTP_METHODS = {
 #: What a ``handle_<verb>`` method may take, by name: any subset, any order.
 REQUEST_ARGS = ("payload", "query_params", "headers")
 #: What ``Handler.__init__`` may take, by name. gRPC APIs add
-#: ``module_proto_pb2`` (the compiled ``handler.protobuf_path``; see
-#: serval.cortex.grpc_api).
+#: ``proto_module_pb2`` or ``module_proto_pb2`` (the compiled
+#: ``handler.protobuf_path``; see serval.cortex.grpc_api).
 INIT_ARGS = ("config",)
 
 _FORM_TYPES = (b"multipart/form-data", b"application/x-www-form-urlencoded")
@@ -307,7 +307,8 @@ def setup_process(name: str, spec: dict, project_dir: Optional[str]) -> str:
     os.environ["SERVAL_API_NAME"] = name
     os.environ["SERVAL_API_KIND"] = spec.get("kind") or "RealtimeAPI"
     set_python_path(project, handler.get("python_path"))
-    # Cortex handlers `import cortex` and `cortex_internal.lib.log`.
+    # Cortex handlers `import cortex_internal.lib.log` (and `import cortex`:
+    # the SDK's top-level package).
     sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "compat"))
     install_requirements(name, project, (handler.get("dependencies") or {}).get("pip"))
     set_log_level(handler.get("log_level"))
