@@ -38,9 +38,34 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub struct Reply {
     id: RequestId,
     tx: FrameSender,
+    /// The connection this request came on, unique in this process: with
+    /// `id`, what a stream's `Credit`/`Cancel` frames are matched against.
+    conn: u64,
 }
 
 impl Reply {
+    /// The connection the request came on (see [`Handler::connection_closed`]).
+    pub fn conn(&self) -> u64 {
+        self.conn
+    }
+
+    pub fn id(&self) -> RequestId {
+        self.id
+    }
+
+    /// Queues one frame of a streamed reply (the head [`Response`] or a
+    /// [`frame::StreamFrame`]) without giving the reply up; false when it
+    /// cannot go (the connection is closed, or it does not encode).
+    pub fn send_frame<T: serde::Serialize>(&self, msg: &T) -> bool {
+        match frame::encode(self.id, msg) {
+            Ok(bytes) => self.tx.send(&bytes).is_ok(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode a stream frame");
+                false
+            }
+        }
+    }
+
     /// Queues the response on the connection's writer; a closed connection
     /// (the router went away) is not an error for the replica.
     pub fn send(self, response: &Response) {
@@ -68,8 +93,14 @@ impl Reply {
 }
 
 /// User code behind a replica.
+/// `Credit` and `Cancel` frames reach `handle` too, with a `Reply` naming
+/// the stream (`conn`, `id`) they are for: they must not be answered.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, request: Request, reply: Reply);
+
+    /// The router connection `conn` ended: streams still open on it have
+    /// nobody to send to.
+    fn connection_closed(&self, _conn: u64) {}
 }
 
 /// The native replica kind: answers every request with what it received.
@@ -113,6 +144,8 @@ impl Handler for EchoHandler {
             },
             // Answered by `serve_connection` before any handler sees it.
             Payload::Logs(_) => text_response(400, "logs are answered by the frame server".into()),
+            // This handler never streams: nothing to credit or cancel.
+            Payload::Credit(_) | Payload::Cancel => return,
         };
         reply.send(&response);
     }
@@ -299,12 +332,20 @@ pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
     UnixListener::bind(path)
 }
 
+/// Numbers the connections of this process for [`Reply::conn`].
+static NEXT_CONN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 async fn serve_connection(frames: Frames, handler: Arc<dyn Handler>, role: Role) {
     let (mut reader, tx, _writer) = frames;
+    let conn = NEXT_CONN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     loop {
         match reader.next().await {
             Ok(Some((id, body))) => {
-                let reply = Reply { id, tx: tx.clone() };
+                let reply = Reply {
+                    id,
+                    tx: tx.clone(),
+                    conn,
+                };
                 match frame::decode::<Request>(&body) {
                     Ok(Request {
                         payload: Payload::Ping,
@@ -338,6 +379,7 @@ async fn serve_connection(frames: Frames, handler: Arc<dyn Handler>, role: Role)
             }
         }
     }
+    handler.connection_closed(conn);
 }
 
 /// Where a process finds its own stderr: the link names the file behind fd 2.

@@ -89,8 +89,16 @@ pub enum Payload {
     /// A chunk of the replica's own log (its stderr file), answered by the
     /// replica runtime without user code: 200 with the bytes as the body and
     /// [`LOG_SIZE_HEADER`], or 404 when the replica's stderr is not a file.
-    /// Last variant: bincode numbers variants, so older peers keep theirs.
     Logs(LogsRequest),
+    /// Router -> replica, on the id of a streamed reply: the router's
+    /// consumer took this many more chunks, so the replica may send as many
+    /// more (see [`STREAM_WINDOW`]). Answered with nothing.
+    Credit(u32),
+    /// Router -> replica, on the id of a streamed reply: its consumer went
+    /// away (client disconnected, handle generator dropped); the replica
+    /// stops the generator. Answered with nothing.
+    /// Last variants: bincode numbers variants, so older peers keep theirs.
+    Cancel,
 }
 
 /// Reads `[offset, offset + max_bytes)` of a replica's log. The replica
@@ -129,6 +137,28 @@ pub struct Request {
 pub const PICKLE_CONTENT_TYPE: &str = "application/x-python-pickle";
 /// Header a replica sets when user code raised: the exception's type name.
 pub const ERROR_TYPE_HEADER: &str = "x-serval-error";
+
+/// Header of a head frame (a [`Response`] with status and headers, its
+/// body empty) whose body follows as [`StreamFrame`]s under the same id.
+pub const STREAM_HEADER: &str = "x-serval-stream";
+
+/// Chunks a replica may send on one stream beyond those its router has
+/// granted back with [`Payload::Credit`]: the per-stream window that keeps
+/// a slow consumer from making either side buffer without bound. The
+/// replica does not advance the generator while the window is full.
+pub const STREAM_WINDOW: u32 = 16;
+
+/// Replica -> router, after a head frame carrying [`STREAM_HEADER`]: the
+/// body of a streamed reply, one frame per chunk the user code yielded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum StreamFrame {
+    Chunk(Vec<u8>),
+    /// The generator finished: the stream is complete.
+    End,
+    /// The generator raised: the stream ends with this error (the same
+    /// response a unary call that raised would get).
+    Error(Response),
+}
 
 /// Replica -> router.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

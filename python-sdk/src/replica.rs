@@ -92,7 +92,8 @@ use crossbeam_channel::TrySendError;
 use serval_node::replica_server::{self, Handler, Reply};
 use serval_onnx::NativeHandler;
 use serval_protos::frame::{
-    CallRequest, HttpRequest, PathValue, Payload, Request, Response, ERROR_TYPE_HEADER,
+    CallRequest, HttpRequest, PathValue, Payload, Request, Response, StreamFrame,
+    ERROR_TYPE_HEADER, STREAM_HEADER,
 };
 use serval_protos::frame_socket::FrameSender;
 use serval_protos::handshake::{self, Key, ReplicaKeys};
@@ -108,9 +109,10 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-struct Job {
-    request: Request,
-    reply: Reply,
+enum Job {
+    Run { request: Request, reply: Reply },
+    /// A router connection ended: its open streams are cancelled.
+    Closed(u64),
 }
 
 /// Wakes the worker's event loop: a socket pair whose read end the loop
@@ -292,12 +294,33 @@ struct QueueHandler {
 
 impl Handler for QueueHandler {
     fn handle(&self, request: Request, reply: Reply) {
-        match self.tx.try_send(Job { request, reply }) {
+        // A stream's Credit or Cancel is never answered: a full queue drops
+        // it (the stream then waits for the connection's end, which also
+        // cancels it).
+        let control = matches!(request.payload, Payload::Credit(_) | Payload::Cancel);
+        match self.tx.try_send(Job::Run { request, reply }) {
             Ok(()) => self.wake.wake(),
-            Err(TrySendError::Full(job)) => job.reply.send(&queue_full()),
-            Err(TrySendError::Disconnected(job)) => {
-                job.reply.send(&unavailable("replica is shutting down"))
+            Err(_) if control => {
+                tracing::warn!("replica queue full: a stream credit or cancel was dropped")
             }
+            Err(TrySendError::Full(job)) => job.answer(&queue_full()),
+            Err(TrySendError::Disconnected(job)) => job.answer(&unavailable("replica is shutting down")),
+        }
+    }
+
+    fn connection_closed(&self, conn: u64) {
+        // Blocking only if 10,000 requests are queued; it must not be lost,
+        // or a stream waiting for credit would wait forever.
+        if self.tx.send(Job::Closed(conn)).is_ok() {
+            self.wake.wake();
+        }
+    }
+}
+
+impl Job {
+    fn answer(self, response: &Response) {
+        if let Job::Run { reply, .. } = self {
+            reply.send(response);
         }
     }
 }
@@ -381,13 +404,30 @@ impl StopSignal {
 #[pyclass(frozen, name = "Reply", module = "serval._native")]
 pub struct PyReply {
     inner: Mutex<Option<Reply>>,
+    /// After `start_stream`: the reply its chunks go out on, until the
+    /// stream ends. Dropped while still here, the stream ends with an error.
+    stream: Mutex<Option<Reply>>,
+    /// (connection, request id): what this request's Credit/Cancel frames
+    /// name.
+    key: (u64, u64),
 }
 
 impl PyReply {
     fn new(reply: Reply) -> Self {
         Self {
+            key: (reply.conn(), reply.id()),
             inner: Mutex::new(Some(reply)),
+            stream: Mutex::new(None),
         }
+    }
+
+    fn stream_frame(&self, frame: &StreamFrame, last: bool) -> bool {
+        let mut stream = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+        let sent = stream.as_ref().is_some_and(|r| r.send_frame(frame));
+        if last {
+            stream.take();
+        }
+        sent
     }
 
     /// Sends `response` unless already answered; true if this call answered.
@@ -421,10 +461,61 @@ impl PyReply {
             .unwrap_or_else(|p| p.into_inner())
             .is_none()
     }
+
+    /// (connection, request id), as `on_stream` names this request.
+    #[getter]
+    fn stream_key(&self) -> (u64, u64) {
+        self.key
+    }
+
+    /// Answers with the head of a streamed reply (status and headers; the
+    /// body follows with `send_chunk`, then `end_stream` or `fail_stream`).
+    /// False when already answered or the router is gone.
+    fn start_stream(&self, status: u16, mut headers: Vec<(String, String)>) -> bool {
+        let reply = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(reply) = reply else {
+            return false;
+        };
+        headers.push((STREAM_HEADER.to_owned(), "1".to_owned()));
+        let sent = reply.send_frame(&Response {
+            status,
+            headers,
+            body: Vec::new(),
+        });
+        if sent {
+            *self.stream.lock().unwrap_or_else(|p| p.into_inner()) = Some(reply);
+        }
+        sent
+    }
+
+    /// One chunk of the stream; False when the router is gone.
+    fn send_chunk(&self, chunk: &[u8]) -> bool {
+        self.stream_frame(&StreamFrame::Chunk(chunk.to_vec()), false)
+    }
+
+    /// Ends the stream: complete.
+    fn end_stream(&self) -> bool {
+        self.stream_frame(&StreamFrame::End, true)
+    }
+
+    /// Ends the stream with an error, the response a failed call would get.
+    fn fail_stream(&self, status: u16, headers: Vec<(String, String)>, body: &[u8]) -> bool {
+        let error = Response {
+            status,
+            headers,
+            body: body.to_vec(),
+        };
+        self.stream_frame(&StreamFrame::Error(error), true)
+    }
 }
 
 impl Drop for PyReply {
     fn drop(&mut self) {
+        if let Some(reply) = self.stream.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            reply.send_frame(&StreamFrame::Error(unavailable(
+                "the replica dropped the stream before its end",
+            )));
+        }
         if let Some(reply) = self
             .inner
             .get_mut()
@@ -657,7 +748,8 @@ impl ReplicaServer {
     /// queue of ready callbacks), once the queue is empty and nothing is
     /// ready on the loop, it polls for more requests that long (GIL
     /// released) and runs what arrived: see [`ReplicaServer::poll_for_job`].
-    #[pyo3(signature = (on_http, on_call, on_reconfigure, poll_us = 0, ready = None))]
+    #[pyo3(signature = (on_http, on_call, on_reconfigure, poll_us = 0, ready = None, on_stream = None))]
+    #[allow(clippy::too_many_arguments)]
     fn drain(
         &self,
         py: Python<'_>,
@@ -666,6 +758,7 @@ impl ReplicaServer {
         on_reconfigure: Bound<'_, PyAny>,
         poll_us: u64,
         ready: Option<Bound<'_, PyAny>>,
+        on_stream: Option<Bound<'_, PyAny>>,
     ) -> PyResult<usize> {
         self.wake.clear();
         if self.stop.is_stopped() {
@@ -691,7 +784,7 @@ impl ReplicaServer {
                 continue;
             };
             ran += 1;
-            run_job(py, job, &on_http, &on_call, &on_reconfigure)?;
+            run_job(py, job, &on_http, &on_call, &on_reconfigure, on_stream.as_ref())?;
         }
         if !self.rx.is_empty() {
             // Let the loop run ready tasks before the next round.
@@ -739,7 +832,7 @@ impl ReplicaServer {
             let _ = tx.send(());
         }
         while let Ok(job) = self.rx.try_recv() {
-            job.reply.send(&unavailable("replica is shutting down"));
+            job.answer(&unavailable("replica is shutting down"));
         }
         let runtime = self.runtime.lock().unwrap().take();
         if let Some(rt) = runtime {
@@ -805,8 +898,29 @@ fn run_job(
     on_http: &Bound<'_, PyAny>,
     on_call: &Bound<'_, PyAny>,
     on_reconfigure: &Bound<'_, PyAny>,
+    on_stream: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
-    let Job { request, reply } = job;
+    // Stream signals: on_stream(conn, id, credit), credit -1 to cancel, id
+    // None for every stream of a closed connection. Never answered.
+    let signal = match &job {
+        Job::Closed(conn) => Some((*conn, None, -1i64)),
+        Job::Run { request, reply } => match request.payload {
+            Payload::Credit(n) => Some((reply.conn(), Some(reply.id()), i64::from(n))),
+            Payload::Cancel => Some((reply.conn(), Some(reply.id()), -1)),
+            _ => None,
+        },
+    };
+    if let Some(signal) = signal {
+        if let Some(on_stream) = on_stream {
+            if let Err(err) = on_stream.call1(signal) {
+                tracing::error!("stream signal failed: {}", err.value(py));
+            }
+        }
+        return Ok(());
+    }
+    let Job::Run { request, reply } = job else {
+        return Ok(());
+    };
     let method_name = request.method_name;
     if let Payload::Ping = request.payload {
         deliver(
@@ -829,6 +943,7 @@ fn run_job(
         Payload::Reconfigure(r) => on_reconfigure.call1((r.config_json, &reply)),
         // The frame server answers these itself; they never reach Python.
         Payload::Ping | Payload::Logs(_) => unreachable!("answered by the frame server"),
+        Payload::Credit(_) | Payload::Cancel => unreachable!("taken as stream signals above"),
     };
     let result = result.and_then(|r| {
         if r.is_none() {

@@ -1,0 +1,304 @@
+"""Streaming responses (issue 23, part 4) through Serval's public surfaces:
+generator methods and Starlette ``StreamingResponse`` over HTTP (chunked,
+server-sent events), ``handle.options(stream=True)`` generators (sync and
+``async for`` inside a deployment), cancellation when the client goes away,
+errors in the middle of a stream, and the replica slot a stream holds.
+
+Progress is synchronised through files the generators wait for (never
+through timing): a test reads a chunk, checks the generator is still
+waiting for its gate, then opens the gate."""
+
+import asyncio
+import os
+import time
+
+import pytest
+import requests
+from starlette.responses import StreamingResponse
+
+from conftest import running_cluster
+from serval import serve
+from serval.handle import BackendError
+
+CPU0 = {"num_cpus": 0}
+
+
+@pytest.fixture(scope="module")
+def shared():
+    with pytest.MonkeyPatch.context() as mp:
+        with running_cluster(mp) as c:
+            yield c
+
+
+def wait_file(path, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear")
+        time.sleep(0.01)
+
+
+async def wait_gate(path):
+    """In a replica: waits (up to a minute) for the test to create ``path``."""
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gate {path} never opened")
+        await asyncio.sleep(0.01)
+
+
+def touch(path):
+    open(path, "w").close()
+
+
+# -- deployments -------------------------------------------------------------
+
+@serve.deployment(ray_actor_options=CPU0)
+class Chat:
+    """A fake token generator: HTTP streams, handle streams, errors."""
+
+    async def __call__(self, request):
+        gate = request.query_params["gate"]
+        media = request.query_params.get("media", "text/plain")
+
+        async def tokens():
+            yield "data: hello\n\n" if media == "text/event-stream" else "hello "
+            await wait_gate(gate)
+            for word in ("streaming", "world"):
+                yield f"data: {word}\n\n" if media == "text/event-stream" else word + " "
+
+        return StreamingResponse(tokens(), media_type=media)
+
+    async def tokens(self, n, gate=None):
+        """A generator method, for handles."""
+        for i in range(n):
+            if gate is not None and i == 1:
+                await wait_gate(gate)
+            yield {"token": i}
+
+    def sync_tokens(self, n):
+        for i in range(n):
+            yield f"t{i}"
+
+    async def forever(self, marker):
+        """Ticks until cancelled; says so in ``marker``."""
+        try:
+            yield "first"
+            while True:
+                await asyncio.sleep(0.02)
+                yield "."
+        finally:
+            with open(marker, "w") as f:
+                f.write("cancelled")
+
+    async def broken(self, after):
+        for i in range(after):
+            yield f"ok{i}\n"
+        raise ValueError("the model fell over")
+
+    def plain(self):
+        return "not a generator"
+
+
+@serve.deployment(ray_actor_options=CPU0)
+def words(request):
+    """A plain (sync) generator function streams over HTTP, chunk by chunk."""
+    gate = request.query_params["gate"]
+    yield "one "
+    deadline = time.monotonic() + 60
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    yield "two"
+
+
+@serve.deployment(ray_actor_options=CPU0)
+class Relay:
+    """Consumes another deployment's stream with ``async for``."""
+
+    def __init__(self, chat):
+        self.chat = chat
+
+    async def __call__(self, request):
+        n = int(request.query_params.get("n", "3"))
+        out = []
+        async for item in self.chat.options(stream=True).tokens.remote(n):
+            out.append(item["token"])
+        return {"tokens": out}
+
+    async def relay(self, n):
+        """Re-streams: a generator that yields what another one yields."""
+        async for item in self.chat.options(stream=True).tokens.remote(n):
+            yield item["token"] * 10
+
+
+@serve.deployment(ray_actor_options=CPU0, max_ongoing_requests=1)
+class Single:
+    async def hold(self, gate):
+        yield "open"
+        await wait_gate(gate)
+        yield "closed"
+
+    def ping(self):
+        return "pong"
+
+
+# -- tests -------------------------------------------------------------------
+
+def test_http_chunks_arrive_as_the_generator_yields_them(shared, tmp_path):
+    serve.run(Chat.bind(), name="chat", route_prefix="/chat")
+    serve.run(words.bind(), name="words", route_prefix="/words")
+
+    gate = str(tmp_path / "gate")
+    with requests.get(f"{shared.url}/chat", params={"gate": gate}, stream=True, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/plain")
+        assert r.headers.get("transfer-encoding") == "chunked"
+        chunks = r.iter_content(chunk_size=None)
+        # The first chunk comes while the generator still waits for the gate.
+        assert next(chunks) == b"hello "
+        assert not os.path.exists(gate)
+        touch(gate)
+        assert b"".join(chunks) == b"streaming world "
+
+    # Server-sent events keep their media type and framing.
+    gate = str(tmp_path / "sse-gate")
+    with requests.get(f"{shared.url}/chat", params={"gate": gate, "media": "text/event-stream"},
+                      stream=True, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = r.iter_lines()
+        assert next(lines) == b"data: hello"
+        touch(gate)
+        events = [line for line in lines if line]
+        assert events == [b"data: streaming", b"data: world"]
+
+    # A plain sync generator function streams too.
+    gate = str(tmp_path / "words-gate")
+    with requests.get(f"{shared.url}/words", params={"gate": gate}, stream=True, timeout=60) as r:
+        chunks = r.iter_content(chunk_size=None)
+        assert next(chunks) == b"one "
+        touch(gate)
+        assert b"".join(chunks) == b"two"
+    serve.delete("words")
+
+
+def test_handle_streams_sync_and_async(shared, tmp_path):
+    serve.run(Chat.bind(), name="chat", route_prefix="/chat")
+    chat = serve.get_deployment_handle("Chat", "chat")
+
+    gen = chat.options(stream=True).tokens.remote(3, str(tmp_path / "gate"))
+    assert isinstance(gen, serve.DeploymentResponseGenerator)
+    # The first item arrives before the generator got past its gate.
+    assert next(gen) == {"token": 0}
+    assert not os.path.exists(tmp_path / "gate")
+    touch(tmp_path / "gate")
+    assert list(gen) == [{"token": 1}, {"token": 2}]
+
+    # Attribute access keeps the option; sync generator methods stream too.
+    assert list(chat.options(stream=True).sync_tokens.remote(4)) == ["t0", "t1", "t2", "t3"]
+    # A method that does not stream, called with stream=True.
+    with pytest.raises(TypeError, match="not a generator"):
+        list(chat.options(stream=True).plain.remote())
+
+    # From the driver's event loop: async for.
+    async def consume():
+        return [x["token"] async for x in chat.options(stream=True).tokens.remote(5)]
+
+    assert asyncio.run(consume()) == [0, 1, 2, 3, 4]
+
+    # Inside a deployment: one consumes another's stream with async for,
+    # and re-streams it through its own generator.
+    serve.run(Relay.bind(Chat.bind()), name="relay", route_prefix="/relay")
+    assert requests.get(f"{shared.url}/relay?n=4", timeout=60).json() == {"tokens": [0, 1, 2, 3]}
+    relay = serve.get_deployment_handle("Relay", "relay")
+    assert list(relay.options(stream=True).relay.remote(3)) == [0, 10, 20]
+    serve.delete("relay")
+
+
+def test_a_client_that_goes_away_cancels_the_generator(shared, tmp_path):
+    serve.run(Chat.bind(), name="chat", route_prefix="/chat")
+    chat = serve.get_deployment_handle("Chat", "chat")
+
+    # A handle generator closed before its end.
+    marker = str(tmp_path / "handle-cancelled")
+    gen = chat.options(stream=True).forever.remote(marker)
+    assert next(gen) == "first"
+    gen.close()
+    wait_file(marker)
+
+    # A handle generator dropped (garbage-collected) before its end.
+    marker = str(tmp_path / "dropped")
+    gen = chat.options(stream=True).forever.remote(marker)
+    assert next(gen) == "first"
+    del gen
+    wait_file(marker)
+
+    # An HTTP client that disconnects mid-stream.
+    serve.run(Ticker.bind(), name="ticker", route_prefix="/ticker")
+    marker = str(tmp_path / "http-cancelled")
+    r = requests.get(f"{shared.url}/ticker", params={"marker": marker}, stream=True, timeout=60)
+    assert next(r.iter_content(chunk_size=None)).startswith(b"first")
+    r.close()
+    wait_file(marker)
+    serve.delete("ticker")
+
+
+@serve.deployment(ray_actor_options=CPU0)
+class Ticker:
+    async def __call__(self, request):
+        marker = request.query_params["marker"]
+
+        async def ticks():
+            try:
+                yield "first"
+                while True:
+                    await asyncio.sleep(0.02)
+                    yield "."
+            finally:
+                with open(marker, "w") as f:
+                    f.write("cancelled")
+
+        return StreamingResponse(ticks(), media_type="text/plain")
+
+
+def test_an_error_mid_stream_reaches_the_client(shared):
+    serve.run(Chat.bind(), name="chat", route_prefix="/chat")
+    chat = serve.get_deployment_handle("Chat", "chat")
+
+    gen = chat.options(stream=True).broken.remote(2)
+    assert next(gen) == "ok0\n"
+    assert next(gen) == "ok1\n"
+    with pytest.raises(ValueError, match="fell over") as e:
+        next(gen)
+    assert isinstance(e.value, BackendError)
+
+    # Over HTTP the chunked body is cut short: no terminating chunk.
+    serve.run(Breaker.bind(), name="breaker", route_prefix="/breaker")
+    with requests.get(f"{shared.url}/breaker", stream=True, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(lines) == b"ok0"
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            list(lines)
+    serve.delete("breaker")
+
+
+@serve.deployment(ray_actor_options=CPU0)
+def Breaker(request):
+    yield "ok0\n"
+    raise ValueError("the model fell over")
+
+
+def test_an_open_stream_holds_its_replica_slot(shared, tmp_path):
+    serve.run(Single.bind(), name="single", route_prefix="/single")
+    single = serve.get_deployment_handle("Single", "single")
+    gate = str(tmp_path / "gate")
+    gen = single.options(stream=True).hold.remote(gate)
+    assert next(gen) == "open"
+    # max_ongoing_requests=1: a second call waits while the stream is open.
+    ping = single.ping.remote()
+    with pytest.raises(TimeoutError):
+        ping.result(timeout_s=1)
+    touch(gate)
+    assert list(gen) == ["closed"]
+    assert ping.result(timeout_s=60) == "pong"
+    serve.delete("single")
