@@ -17,6 +17,7 @@ import requests
 from starlette.responses import StreamingResponse
 
 from conftest import running_cluster
+from test_metrics import samples, scrape, wait_for_metric
 from serval import serve
 from serval.handle import BackendError
 
@@ -99,6 +100,15 @@ class Chat:
     def plain(self):
         return "not a generator"
 
+    async def counted(self, n):
+        """Counts how far the generator was advanced."""
+        for i in range(n):
+            self.advanced = i + 1
+            yield i
+
+    def advanced_so_far(self):
+        return getattr(self, "advanced", 0)
+
 
 @serve.deployment(ray_actor_options=CPU0)
 def words(request):
@@ -160,16 +170,24 @@ def test_http_chunks_arrive_as_the_generator_yields_them(shared, tmp_path):
         touch(gate)
         assert b"".join(chunks) == b"streaming world "
 
-    # Server-sent events keep their media type and framing.
+    # Server-sent events keep their media type and framing. The stream
+    # counts as one request in the proxy's metrics once it ends.
+    def served():
+        return sum(samples(scrape(shared.url), "serval_proxy_requests_total", endpoint="chat#Chat"))
+
+    before = served()
     gate = str(tmp_path / "sse-gate")
     with requests.get(f"{shared.url}/chat", params={"gate": gate, "media": "text/event-stream"},
                       stream=True, timeout=60) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = r.iter_lines()
         assert next(lines) == b"data: hello"
+        assert served() == before
         touch(gate)
         events = [line for line in lines if line]
         assert events == [b"data: streaming", b"data: world"]
+    wait_for_metric(shared.url, "the stream's count",
+                    lambda text: sum(samples(text, "serval_proxy_requests_total", endpoint="chat#Chat")) == before + 1)
 
     # A plain sync generator function streams too.
     gate = str(tmp_path / "words-gate")
@@ -212,6 +230,25 @@ def test_handle_streams_sync_and_async(shared, tmp_path):
     relay = serve.get_deployment_handle("Relay", "relay")
     assert list(relay.options(stream=True).relay.remote(3)) == [0, 10, 20]
     serve.delete("relay")
+
+
+def test_a_slow_consumer_holds_the_generator_back(shared):
+    """Backpressure: the replica runs at most a window of chunks ahead of
+    what the consumer took, whatever the generator could produce."""
+    from serval._host import STREAM_WINDOW
+
+    serve.run(Chat.bind(), name="chat", route_prefix="/chat")
+    chat = serve.get_deployment_handle("Chat", "chat")
+    gen = chat.options(stream=True).counted.remote(1000)
+    assert next(gen) == 0
+    deadline = time.monotonic() + 60
+    while chat.advanced_so_far.remote().result() < STREAM_WINDOW:
+        assert time.monotonic() < deadline, "the generator never filled its window"
+        time.sleep(0.01)
+    # Filled, and held there: one item taken, a window in flight.
+    assert chat.advanced_so_far.remote().result() == STREAM_WINDOW
+    assert list(gen) == list(range(1, 1000))
+    assert chat.advanced_so_far.remote().result() == 1000
 
 
 def test_a_client_that_goes_away_cancels_the_generator(shared, tmp_path):
