@@ -216,6 +216,9 @@ def test_handle_streams_sync_and_async(shared, tmp_path):
     # A method that does not stream, called with stream=True.
     with pytest.raises(TypeError, match="not a generator"):
         list(chat.options(stream=True).plain.remote())
+    # And a generator called without it, as Ray refuses it.
+    with pytest.raises(TypeError, match="stream=True"):
+        chat.tokens.remote(3).result(timeout_s=60)
 
     # From the driver's event loop: async for.
     async def consume():

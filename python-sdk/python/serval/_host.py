@@ -119,6 +119,11 @@ DEFAULT_MAX_CONCURRENT_QUERIES_ASYNC = 100
 
 _HTTP = 0
 _CALL = 1
+#: A handle call made with ``options(stream=True)``: a generator's items
+#: stream back (a plain call to a generator method is refused, as in Ray).
+_STREAM_CALL = 2
+#: The call header a streaming handle call carries.
+STREAM_CALL_HEADER = "x-serval-stream"
 
 _get_running_loop = asyncio.events._get_running_loop
 _set_running_loop = asyncio.events._set_running_loop
@@ -1050,7 +1055,8 @@ class Host:
             raise
         except Exception as e:
             return self._error(_CALL, e, None, target.name)
-        return self._submit(target, _CALL, call_args, call_kwargs, None, reply)
+        kind = _STREAM_CALL if any(k == STREAM_CALL_HEADER for k, _ in headers) else _CALL
+        return self._submit(target, kind, call_args, call_kwargs, None, reply)
 
 
 #: ``serve.get_replica_context()`` in a deployment's replica.
@@ -1129,6 +1135,10 @@ def _streams(kind: int, result: Any) -> bool:
     """Whether ``result`` is answered as a stream: a generator or async
     generator, or (HTTP) a Response whose body is produced by running it."""
     if inspect.isgenerator(result) or inspect.isasyncgen(result):
+        if kind == _CALL:
+            if inspect.isgenerator(result):
+                result.close()
+            raise TypeError("the method is a generator: call it with handle.options(stream=True)")
         return True
     return kind == _HTTP and isinstance(result, Response) and \
         not isinstance(getattr(result, "body", None), (bytes, bytearray, memoryview))

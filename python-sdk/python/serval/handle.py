@@ -26,6 +26,8 @@ from serval.request import WebRequestState
 PICKLE_CONTENT_TYPE = "application/x-python-pickle"
 ERROR_TYPE_HEADER = "x-serval-error"
 EXCEPTION_HEADER = "x-serval-exception"
+#: Marks a handle call made with ``options(stream=True)`` (``_host.STREAM_CALL_HEADER``).
+STREAM_CALL_HEADER = "x-serval-stream"
 
 
 class BackendError(ServeError):
@@ -502,7 +504,7 @@ class DeploymentHandle:
                 raise TypeError("a streaming call takes no DeploymentResponse arguments: await them first")
             native = _native_handle(self._endpoint)
             return DeploymentResponseGenerator(native.stream(self._method_name, dumps_call(args, kwargs), "GET",
-                                                             [], None))
+                                                             [(STREAM_CALL_HEADER, "1")], None))
         if _holds_response(args, kwargs):
             import asyncio
 
