@@ -152,6 +152,16 @@ class Single:
         return "pong"
 
 
+@serve.deployment(ray_actor_options=CPU0)
+class BatchedLLM:
+    """@serve.batch on a generator: one list per step, an item per caller."""
+
+    @serve.batch(max_batch_size=2, batch_wait_timeout_s=60)
+    async def generate(self, prompts):
+        for step in range(3):
+            yield [StopIteration if p == "short" and step == 1 else f"{p}{step}/{len(prompts)}" for p in prompts]
+
+
 # -- tests -------------------------------------------------------------------
 
 def test_http_chunks_arrive_as_the_generator_yields_them(shared, tmp_path):
@@ -342,3 +352,15 @@ def test_an_open_stream_holds_its_replica_slot(shared, tmp_path):
     assert list(gen) == ["closed"]
     assert ping.result(timeout_s=60) == "pong"
     serve.delete("single")
+
+
+def test_serve_batch_batches_streaming_generators(shared):
+    serve.run(BatchedLLM.bind(), name="batched", route_prefix=None)
+    llm = serve.get_deployment_handle("BatchedLLM", "batched").options(stream=True)
+    # Both calls are sent before either is read: they make one batch of 2
+    # (the batch waits up to a minute for its second call).
+    long, short = llm.generate.remote("a"), llm.generate.remote("short")
+    assert list(long) == ["a0/2", "a1/2", "a2/2"]
+    # StopIteration in a caller's place ended that caller's stream.
+    assert list(short) == ["short0/2"]
+    serve.delete("batched")
