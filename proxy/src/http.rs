@@ -370,6 +370,11 @@ impl StreamedBody {
     }
 }
 
+/// Whether `response` is the head of a streamed reply.
+pub(crate) fn is_streamed(response: &HttpResponse) -> bool {
+    response.extensions().get::<StreamedBody>().is_some()
+}
+
 /// The body to send for `response`: its stream when it carries one.
 fn http_body(mut response: HttpResponse) -> hyper::Response<ResponseBody> {
     let stream = response
