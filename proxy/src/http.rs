@@ -58,8 +58,8 @@ use crate::errors::{self, HttpResponse};
 use crate::grpc;
 use crate::limits::{ConnActivity, ConnIo, InFlight, Limits, Reservation};
 use crate::proxy::Proxy;
-use crate::route::{self, LookupError, RouteMatch};
 use crate::replica_conn::{ChunkStream, Reply};
+use crate::route::{self, LookupError, RouteMatch};
 use crate::router::MAX_SHARD_KEY_BYTES;
 
 /// Header that selects the method to call instead of `__call__`.
@@ -686,7 +686,8 @@ async fn forward(
         Ok(Reply { response, stream }) => {
             // A head `to_http` refuses (a bad status) drops the stream,
             // which cancels it.
-            let head_ok = StatusCode::from_u16(response.status).is_ok_and(|s| !s.is_informational());
+            let head_ok =
+                StatusCode::from_u16(response.status).is_ok_and(|s| !s.is_informational());
             let mut out = to_http(response);
             if let Some(stream) = stream.filter(|_| head_ok) {
                 out.extensions_mut()

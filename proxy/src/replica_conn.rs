@@ -24,8 +24,8 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serval_protos::frame::{
-    self, FrameReader, Payload, Request, RequestId, Response, StreamFrame,
-    STREAM_HEADER, STREAM_WINDOW,
+    self, FrameReader, Payload, Request, RequestId, Response, StreamFrame, STREAM_HEADER,
+    STREAM_WINDOW,
 };
 use serval_protos::frame_socket::{self, FrameSender, SocketReader};
 use serval_protos::handshake::{self, Credential, Key, Role};

@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use crate::metrics::{self, BackendMetrics, Outcome};
 use crate::policy::{PowerOfTwoChoices, ReplicaChoice};
-use crate::replica_conn::{Availability, ConnError, Reply, ReplicaConn, StreamError};
+use crate::replica_conn::{Availability, ConnError, ReplicaConn, Reply, StreamError};
 
 #[cfg(test)]
 mod tests;
@@ -410,7 +410,9 @@ impl Router {
         };
         while let Some(chunk) = stream.next().await {
             match chunk {
-                Ok(chunk) if response.body.len() + chunk.len() <= serval_protos::frame::MAX_FRAME_LEN => {
+                Ok(chunk)
+                    if response.body.len() + chunk.len() <= serval_protos::frame::MAX_FRAME_LEN =>
+                {
                     response.body.extend_from_slice(&chunk)
                 }
                 Ok(_) => {

@@ -1016,9 +1016,8 @@ impl StreamCall {
     /// The next step (see [`StreamStep`]), waiting with the GIL released.
     fn next(&self, py: Python<'_>) -> PyResult<StreamStep> {
         let state = self.state.clone();
-        let step = py.detach(move || {
-            runtime().block_on(async move { state.lock().await.step().await })
-        });
+        let step =
+            py.detach(move || runtime().block_on(async move { state.lock().await.step().await }));
         step_to_py(py, step)
     }
 

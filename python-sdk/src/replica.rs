@@ -109,8 +109,13 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
+// Not boxed: `Run` is every request on the hot path, `Closed` rare.
+#[allow(clippy::large_enum_variant)]
 enum Job {
-    Run { request: Request, reply: Reply },
+    Run {
+        request: Request,
+        reply: Reply,
+    },
     /// A router connection ended: its open streams are cancelled.
     Closed(u64),
 }
@@ -304,7 +309,9 @@ impl Handler for QueueHandler {
                 tracing::warn!("replica queue full: a stream credit or cancel was dropped")
             }
             Err(TrySendError::Full(job)) => job.answer(&queue_full()),
-            Err(TrySendError::Disconnected(job)) => job.answer(&unavailable("replica is shutting down")),
+            Err(TrySendError::Disconnected(job)) => {
+                job.answer(&unavailable("replica is shutting down"))
+            }
         }
     }
 
@@ -511,7 +518,12 @@ impl PyReply {
 
 impl Drop for PyReply {
     fn drop(&mut self) {
-        if let Some(reply) = self.stream.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(reply) = self
+            .stream
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             reply.send_frame(&StreamFrame::Error(unavailable(
                 "the replica dropped the stream before its end",
             )));
@@ -784,7 +796,14 @@ impl ReplicaServer {
                 continue;
             };
             ran += 1;
-            run_job(py, job, &on_http, &on_call, &on_reconfigure, on_stream.as_ref())?;
+            run_job(
+                py,
+                job,
+                &on_http,
+                &on_call,
+                &on_reconfigure,
+                on_stream.as_ref(),
+            )?;
         }
         if !self.rx.is_empty() {
             // Let the loop run ready tasks before the next round.
