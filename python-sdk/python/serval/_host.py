@@ -48,6 +48,7 @@ import json
 import logging
 import os
 import traceback
+import types
 from typing import Any, Optional
 
 import cloudpickle
@@ -638,7 +639,7 @@ class Host:
             if inspect.isawaitable(result):
                 self._spawn(self._finish_async(result, kind, scope, reply))
                 return None
-            if _streams(kind, result):
+            if isinstance(result, _MAY_STREAM) and _streams(kind, result):
                 self._start_stream(kind, result, scope, reply)
                 return None
             response = self._respond(kind, result, scope)
@@ -658,7 +659,7 @@ class Host:
     async def _finish_async(self, awaitable, kind: int, scope, reply) -> None:
         try:
             result = await awaitable
-            if _streams(kind, result):
+            if isinstance(result, _MAY_STREAM) and _streams(kind, result):
                 # The stream's task answers and frees the slot.
                 self._start_stream(kind, result, scope, reply)
                 return
@@ -1129,6 +1130,10 @@ def result_to_http(result: Any, backend: str):
         )
         return 500, _JSON, _dumps({"error": message}).encode()
     return 200, _JSON, encoded
+
+
+#: What a result that may stream is (one isinstance on the hot path).
+_MAY_STREAM = (types.GeneratorType, types.AsyncGeneratorType, Response)
 
 
 def _streams(kind: int, result: Any) -> bool:
