@@ -73,7 +73,8 @@ def main():
     port = int(os.environ.get("SERVAL_HTTP_PORT", "8000"))
     started = False
     if not os.environ.get("SERVAL_ADDRESS"):
-        serve.start(http_options={"port": port}, data_dir=tempfile.mkdtemp(prefix="serval-chat-"))
+        data_dir = os.environ.get("SERVAL_DATA_DIR") or tempfile.mkdtemp(prefix="serval-chat-")
+        serve.start(http_options={"port": port}, data_dir=data_dir)
         started = True
     try:
         serve.run(app, name="chat", route_prefix="/chat")

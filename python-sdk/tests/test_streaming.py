@@ -10,13 +10,16 @@ waiting for its gate, then opens the gate."""
 
 import asyncio
 import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import pytest
 import requests
 from starlette.responses import StreamingResponse
 
-from conftest import running_cluster
+from conftest import Cluster, free_port, running_cluster
 from test_metrics import samples, scrape, wait_for_metric
 from serval import serve
 from serval.handle import BackendError
@@ -364,3 +367,23 @@ def test_serve_batch_batches_streaming_generators(shared):
     # StopIteration in a caller's place ended that caller's stream.
     assert list(short) == ["short0/2"]
     serve.delete("batched")
+
+
+def test_the_streaming_chat_example_runs():
+    env = dict(os.environ)
+    for var in ("SERVAL_ADDRESS", "SERVAL_TOKEN", "SERVAL_TOKEN_FILE"):
+        env.pop(var, None)
+    data_dir = tempfile.mkdtemp(prefix="sv-", dir="/tmp")
+    env.update(SERVAL_DATA_DIR=data_dir, SERVAL_HTTP_PORT=str(free_port()), SERVAL_CONTROL_PORT=str(free_port()),
+               SERVAL_PYTHON=sys.executable)
+    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "streaming_chat.py")
+    try:
+        out = subprocess.run([sys.executable, example], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        Cluster(data_dir, 0, 0).kill()
+    assert out.returncode == 0, out.stderr
+    assert "GET /chat -> 200 text/plain" in out.stdout
+    assert out.stdout.count("s '") >= 12  # one line per token as it arrived
+    assert "data: [DONE]" in out.stdout and "GET /chat (SSE) -> text/event-stream" in out.stdout
+    handle_line = [line for line in out.stdout.splitlines() if line.startswith("handle: ")]
+    assert len(handle_line) == 1 and len(handle_line[0].split()) == 6, out.stdout
