@@ -3,7 +3,10 @@
 //! One long-lived connection per (router, replica) carries many requests at
 //! once. Every frame is `[u32 len][u64 request id][bincode body]`, where `len`
 //! counts the id and the body. Requests flow router -> replica, responses
-//! flow back with the same id. [`crate::frame_socket`] carries them: a writer
+//! flow back with the same id; a streamed response is a head [`Response`]
+//! marked with [`STREAM_HEADER`], then [`StreamFrame`]s under the same id,
+//! paced by [`Payload::Credit`] and stopped by [`Payload::Cancel`] from the
+//! router. [`crate::frame_socket`] carries them: a writer
 //! task per direction drains every queued frame into one write, so a busy
 //! connection makes few syscalls.
 //! Why not gRPC here: DESIGN.md measured ~7 µs of proxy CPU per request for
@@ -300,6 +303,35 @@ mod tests {
         .unwrap();
         // Option None (0), then the variant index of Ping (2).
         assert_eq!(&ping[HEADER_LEN..], &[0, 2]);
+    }
+
+    #[test]
+    fn stream_frames_round_trip_and_the_stream_signals_come_after_logs() {
+        let chunk = encode(7, &StreamFrame::Chunk(b"tok".to_vec())).unwrap();
+        match decode::<StreamFrame>(&chunk[HEADER_LEN..]).unwrap() {
+            StreamFrame::Chunk(c) => assert_eq!(c, b"tok"),
+            other => panic!("unexpected frame {other:?}"),
+        }
+        let failed = StreamFrame::Error(Response {
+            status: 500,
+            headers: vec![(ERROR_TYPE_HEADER.into(), "ValueError".into())],
+            body: b"boom".to_vec(),
+        });
+        let bytes = encode(7, &failed).unwrap();
+        match decode::<StreamFrame>(&bytes[HEADER_LEN..]).unwrap() {
+            StreamFrame::Error(r) => assert_eq!(r.header(ERROR_TYPE_HEADER), Some("ValueError")),
+            other => panic!("unexpected frame {other:?}"),
+        }
+        // Credit and Cancel were appended: Logs keeps 4, they take 5 and 6.
+        let cancel = encode(
+            7,
+            &Request {
+                method_name: None,
+                payload: Payload::Cancel,
+            },
+        )
+        .unwrap();
+        assert_eq!(&cancel[HEADER_LEN..], &[0, 6]);
     }
 
     #[tokio::test]
