@@ -941,11 +941,15 @@ def _needs_request(fn: Any, kwargs: dict) -> bool:
 def _pickled_exception(e: BaseException) -> Optional[str]:
     if not isinstance(e, Exception):
         return None
+    # The traceback stays out of the pickle (the body carries it as text);
+    # with_traceback changes the exception itself, so it is put back.
+    tb = e.__traceback__
     try:
-        # The traceback stays out: the body carries it as text.
         data = cloudpickle.dumps(e.with_traceback(None))
     except Exception:
         return None
+    finally:
+        e.with_traceback(tb)
     if len(data) > EXCEPTION_MAX_BYTES:
         return None
     import base64
