@@ -61,6 +61,9 @@ pub struct HttpRequest {
     /// Last: proxy and replica are built together, so adding a field only
     /// has to keep the order of the others.
     pub raw_path: Vec<u8>,
+    /// The route prefix the request was routed by, "" for a route or the
+    /// prefix "/" (ASGI `root_path`: an ingress app routes below it).
+    pub root_path: String,
 }
 
 /// A call from a ServeHandle: Python arguments pickled by the caller.

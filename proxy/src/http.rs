@@ -585,6 +585,7 @@ async fn forward(
             body: body.into(),
             path_params: matched.path_params.clone(),
             client: client.to_owned(),
+            root_path: matched.root_path.clone(),
         }),
     };
     match proxy

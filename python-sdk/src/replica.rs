@@ -887,7 +887,7 @@ fn http_args(
     scope.set_item(intern!(py, "path"), PyString::new(py, &http.path))?;
     // The decoded path the proxy routed on, and the bytes the client sent.
     scope.set_item(intern!(py, "raw_path"), PyBytes::new(py, &http.raw_path))?;
-    scope.set_item(intern!(py, "root_path"), intern!(py, ""))?;
+    scope.set_item(intern!(py, "root_path"), PyString::new(py, &http.root_path))?;
     scope.set_item(
         intern!(py, "query_string"),
         PyBytes::new(py, http.query.as_bytes()),
