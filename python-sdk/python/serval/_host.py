@@ -18,6 +18,8 @@ The Rust frame server wakes that loop through ``ReplicaServer.wake_fd`` and
   arguments as they were given, whatever the method.
 - ``on_reconfigure(config_json, reply)``: a config change applied in place:
   new limits, and ``reconfigure(user_config)`` when that changed.
+- WebSocket sessions (``serval.websocket``): opened, fed the client's
+  messages, ended.
 
 Each returns ``(status, [(name, value)], body_bytes)`` when the answer is
 ready, or None when it answers later through ``reply.send(...)``; they never
@@ -56,6 +58,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .request import ServeRequest, WebRequestState
+from .websocket import Sessions as WebSocketSessions
 
 logger = logging.getLogger("serval.replica")
 
@@ -345,6 +348,8 @@ class Host:
         self._user_config = None
         #: The ReplicaServer while ``serve`` runs.
         self._server = None
+        #: Open WebSocket sessions (``serval.websocket``).
+        self._websockets = WebSocketSessions(self)
         self._apply_limits(self.config)
         user_config = self.config.get("user_config")
         if user_config is not None:
@@ -422,6 +427,7 @@ class Host:
         poll_us = self._poll_us
         ready = getattr(loop, "_ready", None)
         on_http, on_call, on_reconfigure = self.on_http, self.on_call, self.on_reconfigure
+        on_ws_open, on_ws_event = self._websockets.on_open, self._websockets.on_event
 
         def on_wake():
             # Sync user code runs with no running loop set (see
@@ -430,7 +436,7 @@ class Host:
             _set_running_loop(None)
             self._loop_cleared = True
             try:
-                drain(on_http, on_call, on_reconfigure, poll_us, ready)
+                drain(on_http, on_call, on_reconfigure, poll_us, ready, on_ws_open, on_ws_event)
             finally:
                 self._loop_cleared = False
                 _set_running_loop(loop)
