@@ -124,6 +124,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
+// The big variant is the common one: boxing it would cost an allocation
+// per request.
+#[allow(clippy::large_enum_variant)]
 enum Job {
     Request {
         request: Request,

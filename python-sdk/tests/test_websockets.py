@@ -1,6 +1,7 @@
 """WebSockets through the Serval proxy (issue 23, part 5), with a real
 client (the ``websockets`` package): ``@app.websocket`` routes of a FastAPI
-ingress and a plain Starlette ``WebSocketRoute`` app, text and binary echo,
+ingress and a plain Starlette ``WebSocketRoute`` app (whose ASGI
+``__call__`` also serves plain HTTP), text and binary echo,
 close codes both ways, the replica slot a session holds, the message-size
 and idle bounds, refusals, and the sessions metric.
 
@@ -13,7 +14,8 @@ import pytest
 import requests
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from starlette.applications import Starlette
-from starlette.routing import WebSocketRoute
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route, WebSocketRoute
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
@@ -87,7 +89,10 @@ class RawApp:
 
     def __init__(self):
         # Routes below the route prefix (the scope's root_path), as in Ray.
-        self.app = Starlette(routes=[WebSocketRoute("/ws", raw_echo)])
+        self.app = Starlette(routes=[
+            WebSocketRoute("/ws", raw_echo),
+            Route("/hello/{name}", lambda request: PlainTextResponse(f"hi {request.path_params['name']}")),
+        ])
 
     async def __call__(self, scope, receive, send):
         await self.app(scope, receive, send)
@@ -194,6 +199,9 @@ def test_plain_starlette_websocket_route_and_non_websocket_backends(shared):
         for i in range(3):
             ws.send(f"m{i}")
             assert ws.recv(timeout=30) == f"raw:m{i}"
+    # The same ASGI __call__ serves plain HTTP too.
+    assert requests.get(f"{shared.url}/raw/hello/ann", timeout=60).text == "hi ann"
+    assert requests.get(f"{shared.url}/raw/nope", timeout=60).status_code == 404
     # A deployment with no ASGI entry refuses an upgrade; HTTP still works.
     serve.run(Plain.bind(), name="plain", route_prefix="/plain")
     with pytest.raises(InvalidStatus) as refused:

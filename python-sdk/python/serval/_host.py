@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import inspect
 import json
 import logging
@@ -57,6 +58,7 @@ from starlette.background import BackgroundTask, BackgroundTasks
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .ingress import asgi_entry, run_http
 from .request import ServeRequest, WebRequestState
 from .websocket import Sessions as WebSocketSessions
 
@@ -350,6 +352,13 @@ class Host:
         self._server = None
         #: Open WebSocket sessions (``serval.websocket``).
         self._websockets = WebSocketSessions(self)
+        #: A plain HTTP request to a ``__call__`` that is an ASGI app (not
+        #: an ingress, whose __call__ takes the request) runs through it.
+        self._asgi_http = None
+        if not hasattr(self.obj, "_serval_asgi"):
+            app = asgi_entry(self.obj, self.is_function)
+            if app is not None:
+                self._asgi_http = _Target("__call__", functools.partial(run_http, app), False)
         self._apply_limits(self.config)
         user_config = self.config.get("user_config")
         if user_config is not None:
@@ -806,7 +815,8 @@ class Host:
 
     def on_http(self, method_name: Optional[str], scope: dict, body: bytes, reply):
         try:
-            target = self._target(method_name)
+            target = self._asgi_http if method_name is None and self._asgi_http is not None \
+                else self._target(method_name)
         except MethodNotFound as e:
             return self._not_found(str(e))
         request = Request(scope, _Receive(body))

@@ -25,7 +25,7 @@ import copyreg
 import functools
 import inspect
 import typing
-from typing import Any
+from typing import Any, Optional
 
 from starlette.datastructures import State
 from starlette.requests import Request
@@ -83,10 +83,13 @@ async def _asgi_call(self, scope, receive, send) -> None:
 
 
 async def _http_call(self, request: Request) -> Response:
-    """The ingress's ``__call__``: one HTTP request through the app, its
-    whole response."""
-    app = self._serval_asgi_app
-    instance = self
+    """The ingress's ``__call__``: one HTTP request through the app."""
+    return await run_http(self._serval_asgi, request)
+
+
+async def run_http(app: Any, request: Request) -> Response:
+    """Runs one HTTP request through the ASGI callable ``app``; its whole
+    response."""
     body = await request.body()
     sent = False
 
@@ -111,14 +114,33 @@ async def _http_call(self, request: Request) -> Response:
         elif message["type"] == "http.response.body":
             chunks.append(bytes(message.get("body", b"")))
 
-    token = _INSTANCE.set(instance)
-    try:
-        await app(dict(request.scope), receive, send)
-    finally:
-        _INSTANCE.reset(token)
+    await app(dict(request.scope), receive, send)
     response = Response(b"".join(chunks), status_code=status)
     response.raw_headers = headers
     return response
+
+
+def asgi_entry(obj: Any, is_function: bool) -> Optional[Any]:
+    """A deployment's ASGI callable, or None: an ingress's app, or a
+    ``__call__`` that is itself an ASGI app (async, taking exactly
+    ``scope, receive, send``: a Starlette subclass, a raw ASGI class)."""
+    entry = getattr(obj, "_serval_asgi", None)
+    if entry is not None:
+        return entry
+    fn = obj if is_function else getattr(obj, "__call__", None)
+    if fn is None or not (inspect.iscoroutinefunction(fn)
+                          or inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))):
+        return None
+    try:
+        signature = inspect.signature(fn)
+        signature.bind(None, None, None)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(None)
+        return None  # it also takes a request alone: a plain __call__
+    except TypeError:
+        return fn
 
 
 def _bind_class_routes(app: Any, cls: type) -> None:

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import inspect
 import json
 import logging
 from typing import Any, Optional
+
+from .ingress import asgi_entry
 
 logger = logging.getLogger("serval.replica")
 
@@ -39,22 +40,6 @@ _CONNECTING, _OPEN, _CLOSED = 0, 1, 2
 
 class ClientDisconnected(OSError):
     """The app sent on a WebSocket whose client has gone (as uvicorn's)."""
-
-
-def asgi_entry(obj: Any, is_function: bool) -> Optional[Any]:
-    """The ASGI callable that serves a deployment's WebSocket sessions, or
-    None when it has none."""
-    entry = getattr(obj, "_serval_asgi", None)
-    if entry is not None:
-        return entry
-    fn = obj if is_function else getattr(obj, "__call__", None)
-    if fn is None:
-        return None
-    try:
-        inspect.signature(fn).bind(None, None, None)
-    except (TypeError, ValueError):
-        return None
-    return fn
 
 
 class Sessions:
