@@ -219,10 +219,15 @@ pub(crate) async fn serve(
             )
         }
         Err(_) => {
+            // The app still runs the session: end it there too.
+            let _ = session.send(WsFrame::Close {
+                code: ABNORMAL,
+                reason: "not accepted in time".into(),
+            });
             return refuse(
                 StatusCode::GATEWAY_TIMEOUT,
                 "the app did not accept the WebSocket in time",
-            )
+            );
         }
     };
     reservation.websocket_opened();

@@ -72,6 +72,10 @@ class Chat:
     async def refuse(self, ws: WebSocket):
         await ws.close()
 
+    @chat.websocket("/teapot")
+    async def teapot(self, ws: WebSocket):
+        await ws.send_denial_response(PlainTextResponse("short and stout", status_code=418))
+
     @chat.get("/closes")
     def seen_closes(self):
         return self.closes
@@ -159,6 +163,11 @@ def test_echo_close_codes_and_bounds(shared):
     with pytest.raises(InvalidStatus) as refused:
         connect(f"{url}/refuse", open_timeout=60)
     assert refused.value.response.status_code == 403
+    # ... or answers the HTTP response it chose (ASGI's denial response).
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"{url}/teapot", open_timeout=60)
+    assert refused.value.response.status_code == 418
+    assert refused.value.response.body == b"short and stout"
     # An unknown WebSocket path is the app's own refusal, not a 101.
     with pytest.raises(InvalidStatus):
         connect(f"{url}/nowhere", open_timeout=60)
