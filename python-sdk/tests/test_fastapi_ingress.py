@@ -8,14 +8,16 @@ another deployment through a ``DeploymentHandle``.
 One cluster serves the module (each test uses its own application names
 and route prefixes)."""
 
+import contextlib
+import os
 from typing import Optional
 
 import pytest
 import requests
-from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from pydantic import BaseModel
 
-from conftest import running_cluster
+from conftest import running_cluster, wait_for
 from serval import serve
 
 #: Replicas declare no CPU, so many fit on the 2-core test machine.
@@ -171,6 +173,38 @@ def test_two_ingress_apps_side_by_side_and_composition(shared):
     assert "/a/openapi.json" in requests.get(f"{shared.url}/a/docs", timeout=60).text
     serve.delete("calc")
     serve.delete("shop2")
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    app.state.loaded = "model-v1"
+    yield
+    with open(os.environ["LIFESPAN_FILE"], "w") as f:
+        f.write("shut down")
+
+
+life = FastAPI(lifespan=lifespan)
+
+
+@serve.deployment
+@serve.ingress(life)
+class Lifed:
+    @life.get("/state")
+    def state(self, request: Request):
+        return {"loaded": request.app.state.loaded}
+
+
+def test_the_apps_lifespan_runs_around_the_replica(shared, tmp_path):
+    done = tmp_path / "shutdown"
+    app = Lifed.options(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {"LIFESPAN_FILE": str(done)}}})
+    serve.run(app.bind(), name="life", route_prefix="/life")
+    # Startup ran before the replica served.
+    assert requests.get(f"{shared.url}/life/state", timeout=60).json() == {"loaded": "model-v1"}
+    assert not done.exists()
+    # Shutdown runs when the replica stops.
+    serve.delete("life")
+    wait_for(done.exists, 60, "the lifespan shutdown")
+    assert done.read_text() == "shut down"
 
 
 def test_ingress_needs_a_class_and_an_app():

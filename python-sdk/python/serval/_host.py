@@ -58,7 +58,7 @@ from starlette.background import BackgroundTask, BackgroundTasks
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .ingress import asgi_entry, run_http
+from .ingress import Lifespan, asgi_entry, run_http
 from .request import ServeRequest, WebRequestState
 from .websocket import Sessions as WebSocketSessions
 
@@ -85,6 +85,9 @@ _PICKLE = [("content-type", PICKLE_CONTENT_TYPE)]
 #: replicas) adds the traceback to the 500 body of a failed HTTP request; it
 #: is always in the replica's log.
 DEBUG = os.environ.get("SERVAL_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+#: What an ingress app's lifespan shutdown may take when the replica stops.
+LIFESPAN_SHUTDOWN_S = 5.0
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -359,6 +362,12 @@ class Host:
             app = asgi_entry(self.obj, self.is_function)
             if app is not None:
                 self._asgi_http = _Target("__call__", functools.partial(run_http, app), False)
+        #: An ingress app's lifespan (startup now, shutdown at stop).
+        self._lifespan = None
+        ingress_app = getattr(self.obj, "_serval_asgi_app", None)
+        if ingress_app is not None:
+            self._lifespan = Lifespan(ingress_app, self.loop)
+            self._lifespan.start()
         self._apply_limits(self.config)
         user_config = self.config.get("user_config")
         if user_config is not None:
@@ -535,6 +544,8 @@ class Host:
         for batcher in self._batchers.values():
             for item in batcher.cancel():
                 item.reply.send(*_UNAVAILABLE)
+        if self._lifespan is not None and not self.loop.is_running() and not self.loop.is_closed():
+            self._lifespan.stop(LIFESPAN_SHUTDOWN_S)
         tasks = [t for t in self._tasks if not t.done()]
         for t in tasks:
             t.cancel()

@@ -14,7 +14,8 @@ instance serving the request. Other routes of the app stay as they are.
 In the replica the ingress's ``__call__`` runs the request as one ASGI call
 into the app and returns the collected response (status, headers, body);
 ``_serval_asgi`` is the raw ASGI entry that WebSocket sessions use
-(``serval.websocket``).
+(``serval.websocket``). The host runs the app's lifespan (``Lifespan``)
+around the replica's life.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import contextvars
 import copyreg
 import functools
 import inspect
+import logging
 import typing
 from typing import Any, Optional
 
@@ -118,6 +120,61 @@ async def run_http(app: Any, request: Request) -> Response:
     response = Response(b"".join(chunks), status_code=status)
     response.raw_headers = headers
     return response
+
+
+class Lifespan:
+    """An ingress app's ASGI lifespan around the replica's life: startup
+    runs before the replica serves (a failed startup fails the replica's
+    start), shutdown when it stops. An app that does not speak the protocol
+    (it raises at once) runs without, as uvicorn's ``lifespan="auto"``."""
+
+    def __init__(self, app: Any, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.messages: asyncio.Queue = asyncio.Queue()
+        self.started = loop.create_future()
+        self.stopped = loop.create_future()
+        self.task = loop.create_task(self._run(app))
+
+    async def _run(self, app: Any) -> None:
+        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": {}}
+        try:
+            await app(scope, self.messages.get, self._send)
+        except Exception as e:
+            if not self.started.done():
+                self.started.set_result(None)  # no lifespan support
+            elif not self.stopped.done():
+                self.stopped.set_exception(e)
+        for future in (self.started, self.stopped):
+            if not future.done():
+                future.set_result(None)
+
+    async def _send(self, message: dict) -> None:
+        kind = message["type"]
+        if kind == "lifespan.startup.complete":
+            self.started.set_result(None)
+        elif kind == "lifespan.startup.failed":
+            self.started.set_exception(RuntimeError(f"the app's startup failed: {message.get('message', '')}"))
+        elif kind == "lifespan.shutdown.complete":
+            self.stopped.set_result(None)
+        elif kind == "lifespan.shutdown.failed":
+            self.stopped.set_exception(RuntimeError(f"the app's shutdown failed: {message.get('message', '')}"))
+
+    def start(self) -> None:
+        """Runs startup to its end (the loop is not running yet)."""
+        self.messages.put_nowait({"type": "lifespan.startup"})
+        self.loop.run_until_complete(self.started)
+
+    def stop(self, timeout: float) -> None:
+        """Runs shutdown, for at most ``timeout`` (the loop no longer runs)."""
+        if self.task.done():
+            return
+        self.messages.put_nowait({"type": "lifespan.shutdown"})
+        try:
+            self.loop.run_until_complete(asyncio.wait_for(asyncio.shield(self.stopped), timeout))
+        except Exception as e:
+            logging.getLogger("serval.replica").error("ingress app shutdown: %s", e)
+        if not self.task.done():
+            self.task.cancel()
 
 
 def asgi_entry(obj: Any, is_function: bool) -> Optional[Any]:
