@@ -137,12 +137,26 @@ enum Job {
 }
 
 impl Job {
-    /// Refuses a queued request (a connection's end needs no answer).
+    /// Refuses a queued request (a connection's end needs no answer). A
+    /// WebSocket open is denied with `response`; a client message that
+    /// cannot be queued ends its session with 1013 (try again later), since
+    /// a session that lost a message cannot go on.
     fn refuse(self, response: &Response) {
-        if let Job::Request { reply, request } = self {
-            if !matches!(request.payload, Payload::Ws(_)) {
-                reply.send(response);
+        let Job::Request { reply, request } = self else {
+            return;
+        };
+        match request.payload {
+            Payload::WsOpen(_) => {
+                reply.send_frame(&WsFrame::Deny(response.clone()));
             }
+            Payload::Ws(WsFrame::Close { .. }) => {}
+            Payload::Ws(_) => {
+                reply.send_frame(&WsFrame::Close {
+                    code: 1013,
+                    reason: "the replica is overloaded".into(),
+                });
+            }
+            _ => reply.send(response),
         }
     }
 }
