@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use crate::metrics::{self, BackendMetrics, Outcome};
 use crate::policy::{PowerOfTwoChoices, ReplicaChoice};
-use crate::replica_conn::{Availability, ConnError, ReplicaConn};
+use crate::replica_conn::{Availability, ConnError, ReplicaConn, WsSession};
 
 #[cfg(test)]
 mod tests;
@@ -472,6 +472,28 @@ impl Router {
         Ok(Reservation { slot })
     }
 
+    /// A slot for a WebSocket session: as [`Router::reserve`], except that
+    /// a backend whose replicas are all at their limit refuses at once
+    /// ([`RouterError::Backpressure`], 503 with Retry-After) instead of
+    /// queueing the upgrade. The session holds the slot while it is open.
+    pub async fn reserve_now(&self, endpoint: &str) -> Result<Reservation, RouterError> {
+        let start = Instant::now();
+        let mut chosen = None;
+        let slot = self
+            .walk(
+                endpoint,
+                None,
+                start,
+                &mut chosen,
+                |_, _, _| {},
+                |backend, deadline| async move {
+                    self.acquire(&backend, deadline, Queueing::NoWait).await
+                },
+            )
+            .await?;
+        Ok(Reservation { slot })
+    }
+
     /// Draws a backend of `endpoint` (at `point` in [0, 1) when given, else
     /// at random) and runs `attempt` on it until it succeeds or fails for
     /// good, waiting (never polling) for a routable replica while there is
@@ -710,6 +732,37 @@ impl Reservation {
 
     pub fn backend(&self) -> &str {
         &self.slot.backend.name
+    }
+
+    /// Opens a WebSocket session on the reserved replica (`request` carries
+    /// a `WsOpen`); the first frame of its `rx` is the app's answer.
+    pub(crate) async fn open_websocket(
+        &self,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<WsSession, RouterError> {
+        let replica = &self.slot.replica;
+        let deadline = Instant::now() + timeout;
+        replica
+            .conn
+            .open_websocket(request, deadline)
+            .await
+            .map_err(|e| match e {
+                ConnError::Timeout => RouterError::Timeout { after: timeout },
+                ConnError::Encode(reason) | ConnError::Protocol(reason) => RouterError::Protocol {
+                    replica: replica.id.clone(),
+                    reason,
+                },
+                ConnError::Connect(reason) | ConnError::Died(reason) => RouterError::ReplicaDied {
+                    replica: replica.id.clone(),
+                    reason,
+                },
+            })
+    }
+
+    /// Counts a session the app accepted (`serval_websocket_sessions_total`).
+    pub(crate) fn websocket_opened(&self) {
+        self.slot.backend.metrics.websocket_opened();
     }
 }
 
