@@ -697,7 +697,6 @@ class Host:
             return 500, _JSON, _dumps(error).encode()
         logger.error("backend %r: handle call to %s failed", self.backend, method_name or "a method", exc_info=e)
         headers = [("content-type", "text/plain; charset=utf-8"), (ERROR_TYPE_HEADER, type(e).__name__)]
-        # Formatted first: pickling drops the exception's traceback.
         body = "".join(traceback.format_exception(e)).encode("utf-8", "replace")
         pickled = _pickled_exception(e)
         if pickled is not None:
