@@ -55,6 +55,7 @@ from starlette.background import BackgroundTask, BackgroundTasks
 from starlette.requests import Request
 from starlette.responses import Response
 
+from . import multiplex
 from .request import ServeRequest, WebRequestState
 
 logger = logging.getLogger("serval.replica")
@@ -582,19 +583,36 @@ class Host:
             item = self._waiting.popleft()
             response = self._start(*item)
             if response is not None:
-                item[-1].send(*response)
+                item[5].send(*response)
 
-    def _submit(self, target: _Target, kind: int, args: tuple, kwargs, scope, reply):
+    def _submit(self, target: _Target, kind: int, args: tuple, kwargs, scope, reply, model_id: str = ""):
         if self._in_flight >= self.max_concurrent_queries or self._waiting:
             if len(self._waiting) >= self._max_waiting:
                 return _QUEUE_FULL
-            self._waiting.append((target, kind, args, kwargs, scope, reply))
+            self._waiting.append((target, kind, args, kwargs, scope, reply, model_id))
             return None
-        return self._start(target, kind, args, kwargs, scope, reply)
+        return self._start(target, kind, args, kwargs, scope, reply, model_id)
 
-    def _start(self, target: _Target, kind: int, args: tuple, kwargs, scope, reply):
+    def _submit_for_model(self, model_id: str, target: _Target, kind: int, args: tuple, kwargs, scope, reply):
+        """A request naming a model (``serve_multiplexed_model_id``): its
+        code sees the id (``serve.get_multiplexed_model_id()``) and its
+        answer tells the router which models this replica holds."""
+        response = self._submit(target, kind, args, kwargs, scope, multiplex.ReportingReply(reply), model_id)
+        return None if response is None else multiplex.with_report(response)
+
+    def _start(self, target: _Target, kind: int, args: tuple, kwargs, scope, reply, model_id: str = ""):
         """Runs one admitted request: the response now, or None when a task
         or a batch answers it later."""
+        if not model_id:
+            return self._start_now(target, kind, args, kwargs, scope, reply)
+        # Tasks copy the context when created: an async method keeps the id.
+        token = multiplex.set_model_id(model_id)
+        try:
+            return self._start_now(target, kind, args, kwargs, scope, reply)
+        finally:
+            multiplex.reset_model_id(token)
+
+    def _start_now(self, target: _Target, kind: int, args: tuple, kwargs, scope, reply):
         self._in_flight += 1
         if target.batched:
             batcher = self._batchers.get(target.name)
@@ -807,6 +825,9 @@ class Host:
         # The body is already whole: let body()/json()/form() share it in
         # any order (Starlette reads `_body` before touching receive).
         request._body = body
+        model_id = multiplex.model_id_from_scope(scope)
+        if model_id:
+            return self._submit_for_model(model_id, target, _HTTP, (request,), None, scope, reply)
         return self._submit(target, _HTTP, (request,), None, scope, reply)
 
     def _to_http(self, result: Any, scope: dict):
@@ -901,6 +922,9 @@ class Host:
             raise
         except Exception as e:
             return self._error(_CALL, e, None, target.name)
+        model_id = multiplex.model_id_from_headers(headers) if headers else ""
+        if model_id:
+            return self._submit_for_model(model_id, target, _CALL, call_args, call_kwargs, None, reply)
         return self._submit(target, _CALL, call_args, call_kwargs, None, reply)
 
 
