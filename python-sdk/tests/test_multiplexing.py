@@ -162,3 +162,177 @@ def test_multiplexed_arguments_are_checked():
         serve.multiplexed(max_num_models_per_replica=0)
     with pytest.raises(TypeError, match="multiplexed_model_id"):
         serve.DeploymentHandle("D", "app").options(multiplexed_model_id=3)
+
+
+# -- Cortex 0.35: handler.multi_model_reloading -------------------------------
+
+# Shaped like Cortex 0.35's multi-model python test APIs: Handler(config,
+# python_client), load_model(model_path), get_model(name, version) with the
+# model and version from the query.
+CORTEX_HANDLER = """
+import json
+import os
+
+
+class Model:
+    def __init__(self, path, marks):
+        with open(os.path.join(path, "model.json")) as f:
+            self.spec = json.load(f)
+        self.marks = marks
+
+    def predict(self, x):
+        return self.spec["labels"][x]
+
+    def __del__(self):
+        open(os.path.join(self.marks, f"del-{self.spec['name']}-{self.spec['version']}"), "w").close()
+
+
+class Handler:
+    def __init__(self, config, python_client):
+        self.client = python_client
+        self.marks = config["marks"]
+        self.loads = {}
+
+    def load_model(self, model_path):
+        model = Model(model_path, self.marks)
+        key = f"{model.spec['name']}:{model.spec['version']}"
+        self.loads[key] = self.loads.get(key, 0) + 1
+        return model
+
+    def handle_post(self, payload, query_params):
+        model_name = query_params.get("model")
+        model_version = query_params.get("version", "latest")
+        model = self.client.get_model(model_name, model_version)
+        key = f"{model.spec['name']}:{model.spec['version']}"
+        return {"label": model.predict(payload["x"]), "version": model.spec["version"],
+                "loads": self.loads[key], "pid": os.getpid()}
+"""
+
+
+def make_model(root, name, version, labels, versioned=True):
+    """A model 'trained' here: its labels, in a version subdirectory."""
+    import json
+
+    folder = os.path.join(root, name, str(version)) if versioned else os.path.join(root, name)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "model.json"), "w") as f:
+        json.dump({"name": name, "version": version, "labels": labels}, f)
+
+
+def cortex_project(folder, api, models_section, replicas=1):
+    from test_cortex_dropin import write
+
+    marks = os.path.join(str(folder), "marks")
+    os.makedirs(marks, exist_ok=True)
+    section = textwrap.indent(textwrap.dedent(models_section).strip(), " " * 6)
+    write(folder, {"handler.py": CORTEX_HANDLER})
+    with open(os.path.join(str(folder), "cortex.yaml"), "w") as f:
+        f.write(f"""- name: {api}
+  kind: RealtimeAPI
+  handler:
+    type: python
+    path: handler.py
+    config: {{marks: "{marks}"}}
+    multi_model_reloading:
+{section}
+  autoscaling: {{min_replicas: {replicas}, max_replicas: {replicas}, init_replicas: {replicas}}}
+""")
+    return str(folder), marks
+
+
+def predict(shared, api, query, x=0):
+    r = requests.post(f"{shared.url}/{api}?{query}", json={"x": x}, timeout=60)
+    return r
+
+
+def test_cortex_models_versions_picked_up_and_lru_cache(shared, tmp_path):
+    from test_cortex_deploy import cli
+
+    models = str(tmp_path / "models")
+    make_model(models, "iris", 1, ["setosa", "versicolor"])
+    make_model(models, "wine", 1, ["red", "white"])
+    make_model(models, "digits", 3, ["zero", "one"])
+    folder, marks = cortex_project(tmp_path / "project", "multi-model", f"""
+        paths:
+          - name: iris
+            path: {models}/iris
+          - name: wine
+            path: {models}/wine
+          - name: digits
+            path: {models}/digits
+        cache_size: 2
+        disk_cache_size: 3
+        """)
+    out = cli(shared, "deploy", folder)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    r = predict(shared, "multi-model", "model=iris", 1)
+    assert r.status_code == 200, r.text
+    assert r.json()["label"] == "versicolor" and r.json()["version"] == 1 and r.json()["loads"] == 1
+    assert "x-serval-models" not in r.headers
+    # A new version directory appears while serving: the latest is it.
+    make_model(models, "iris", 2, ["SETOSA", "VERSICOLOR"])
+    r = predict(shared, "multi-model", "model=iris", 1)
+    assert r.json()["label"] == "VERSICOLOR" and r.json()["version"] == 2, r.text
+    # An explicit version is still served (and still cached).
+    r = predict(shared, "multi-model", "model=iris&version=1")
+    assert r.json() == {"label": "setosa", "version": 1, "loads": 1, "pid": r.json()["pid"]}
+    # cache_size 2 holds iris:2 and iris:1; wine evicts iris:2, the least recently used.
+    assert not os.path.exists(os.path.join(marks, "del-iris-2"))
+    assert predict(shared, "multi-model", "model=wine", 1).json()["label"] == "white"
+    assert os.path.exists(os.path.join(marks, "del-iris-2"))
+    assert not os.path.exists(os.path.join(marks, "del-iris-1"))
+    r = predict(shared, "multi-model", "model=iris")
+    assert r.json()["version"] == 2 and r.json()["loads"] == 2
+    assert predict(shared, "multi-model", "model=digits", 1).json() == {
+        "label": "one", "version": 3, "loads": 1, "pid": r.json()["pid"]}
+    # Unknown models and versions are 404s naming them.
+    r = predict(shared, "multi-model", "model=nope")
+    assert r.status_code == 404 and "nope" in r.text
+    r = predict(shared, "multi-model", "model=iris&version=7")
+    assert r.status_code == 404 and "version 7" in r.text
+    assert cli(shared, "delete", "multi-model").returncode == 0
+
+
+def test_cortex_models_dir_and_routing_by_model_name(shared, tmp_path):
+    from test_cortex_deploy import cli
+
+    models = str(tmp_path / "models")
+    make_model(models, "alpha", 1, ["a0", "a1"], versioned=False)
+    make_model(models, "beta", 1, ["b0", "b1"])
+    folder, _ = cortex_project(tmp_path / "project", "models-dir", f"dir: {models}", replicas=2)
+    out = cli(shared, "deploy", folder)
+    assert out.returncode == 0, out.stdout + out.stderr
+    # A model added to the directory while serving is served.
+    make_model(models, "gamma", 5, ["g0", "g1"])
+    for name, label in (("alpha", "a1"), ("beta", "b1"), ("gamma", "g1")):
+        first = predict(shared, "models-dir", f"model={name}", 1)
+        assert first.status_code == 200 and first.json()["label"] == label, first.text
+        # The router sends a model's later requests to the replica that holds it.
+        for _ in range(8):
+            again = predict(shared, "models-dir", f"model={name}", 1).json()
+            assert again["pid"] == first.json()["pid"] and again["loads"] == 1, (name, again)
+    # Names are subdirectories of the models directory, never paths out of it.
+    assert predict(shared, "models-dir", "model=..").status_code == 404
+    assert predict(shared, "models-dir", "model=%2Fetc").status_code == 404
+    assert cli(shared, "delete", "models-dir").returncode == 0
+
+
+def test_cortex_multi_model_reloading_is_validated(tmp_path):
+    from serval.cortex.config import ConfigError, load_config
+
+    models = str(tmp_path / "models")
+    make_model(models, "iris", 1, ["a"])
+    cases = [
+        ("cache_size: 1\n", "exactly one of path, paths or dir"),
+        (f"path: {models}/iris\ndir: {models}\n", "exactly one of path, paths or dir"),
+        (f"path: {models}/iris\ncache_size: 2\n", "cache_size and disk_cache_size go together"),
+        (f"path: {models}/iris\ncache_size: 2\ndisk_cache_size: 1\n", "disk_cache_size: must be at least"),
+        (f"dir: s3://bucket/models\n", "multi_model_reloading.dir: models are read from a directory"),
+        ("paths: [{name: '../x', path: models}]\n", r"paths\[0\].name"),
+        (f"path: {models}/iris\nsize: 1\n", "multi_model_reloading.size: unknown key"),
+    ]
+    for i, (section, message) in enumerate(cases):
+        folder, _ = cortex_project(tmp_path / f"p{i}", "bad", section)
+        with pytest.raises(ConfigError, match=message):
+            load_config(folder)

@@ -594,9 +594,11 @@ class Host:
         return self._start(target, kind, args, kwargs, scope, reply, model_id)
 
     def _submit_for_model(self, model_id: str, target: _Target, kind: int, args: tuple, kwargs, scope, reply):
-        """A request naming a model (``serve_multiplexed_model_id``): its
-        code sees the id (``serve.get_multiplexed_model_id()``) and its
-        answer tells the router which models this replica holds."""
+        """A request naming a model (``serve_multiplexed_model_id``), or any
+        request to a replica keeping a model cache (a Cortex request names
+        its model in its query, read by user code): its code sees the id
+        (``serve.get_multiplexed_model_id()``) and its answer tells the
+        router which models this replica holds."""
         response = self._submit(target, kind, args, kwargs, scope, multiplex.ReportingReply(reply), model_id)
         return None if response is None else multiplex.with_report(response)
 
@@ -826,7 +828,7 @@ class Host:
         # any order (Starlette reads `_body` before touching receive).
         request._body = body
         model_id = multiplex.model_id_from_scope(scope)
-        if model_id:
+        if model_id or multiplex.has_caches():
             return self._submit_for_model(model_id, target, _HTTP, (request,), None, scope, reply)
         return self._submit(target, _HTTP, (request,), None, scope, reply)
 
@@ -923,7 +925,7 @@ class Host:
         except Exception as e:
             return self._error(_CALL, e, None, target.name)
         model_id = multiplex.model_id_from_headers(headers) if headers else ""
-        if model_id:
+        if model_id or multiplex.has_caches():
             return self._submit_for_model(model_id, target, _CALL, call_args, call_kwargs, None, reply)
         return self._submit(target, _CALL, call_args, call_kwargs, None, reply)
 

@@ -11,7 +11,8 @@ function, which Python's collector would not). Concurrent requests for a
 model being loaded wait for that one load.
 
 The replica tells routers which models it holds: a reply to a request that
-named a model carries ``x-serval-models`` (a JSON list), which the router
+named a model, or any reply of a replica that keeps a model cache, carries
+``x-serval-models`` (a JSON list), which the router
 takes off the response and uses to send later requests for a model to a
 replica that holds it (``proxy/src/router/models.rs``).
 """
@@ -76,6 +77,11 @@ def reset_model_id(token) -> None:
     _model_id.reset(token)
 
 
+def has_caches() -> bool:
+    """Whether this process keeps a model cache (then every reply reports)."""
+    return bool(_CACHES)
+
+
 def held_report() -> Optional[str]:
     """The ``x-serval-models`` value: what every cache here holds; None
     when this process keeps no model cache."""
@@ -84,7 +90,7 @@ def held_report() -> Optional[str]:
     ids: list = []
     for cache in list(_CACHES):
         for key in cache.reported_ids():
-            if key not in ids and len(key.encode("utf-8", "replace")) <= MAX_MODEL_ID_BYTES:
+            if key and key not in ids and len(key.encode("utf-8", "replace")) <= MAX_MODEL_ID_BYTES:
                 ids.append(key)
     return json.dumps(ids[-MAX_REPORTED:])
 
