@@ -336,3 +336,36 @@ def test_cortex_multi_model_reloading_is_validated(tmp_path):
         folder, _ = cortex_project(tmp_path / f"p{i}", "bad", section)
         with pytest.raises(ConfigError, match=message):
             load_config(folder)
+
+
+def test_the_multiplexed_example_runs():
+    # The example starts its own cluster: fresh ports and data dir.
+    import re
+    import subprocess
+    import sys
+    import tempfile
+
+    from conftest import Cluster, free_port
+
+    env = dict(os.environ)
+    data_dir = tempfile.mkdtemp(prefix="sv-", dir="/tmp")
+    env.update(SERVAL_DATA_DIR=data_dir, SERVAL_HTTP_PORT=str(free_port()), SERVAL_CONTROL_PORT=str(free_port()),
+               SERVAL_PYTHON=sys.executable)
+    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "multiplexed.py")
+    try:
+        out = subprocess.run([sys.executable, example], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        Cluster(data_dir, 0, 0).kill()
+        import shutil
+
+        shutil.rmtree(data_dir, ignore_errors=True)
+    assert out.returncode == 0, out.stderr
+    served = re.findall(r"(HTTP|handle) +(\w+) +-> replica (\d+): (\w+) says", out.stdout)
+    assert len(served) == 8, out.stdout
+    by_model = {}
+    for _, model, pid, said in served:
+        assert said == model
+        by_model.setdefault(model, set()).add(pid)
+    assert sorted(by_model) == ["dutch", "french", "german"]
+    assert all(len(pids) == 1 for pids in by_model.values()), out.stdout
+    assert "cluster shut down" in out.stdout
