@@ -43,8 +43,6 @@ mod models;
 #[cfg(test)]
 mod tests;
 
-pub use models::{MAX_MODEL_ID_BYTES, MODELS_HEADER, MODEL_ID_HEADER};
-
 /// Replica state that routes traffic (the other states are transitions).
 const RUNNING: &str = "running";
 /// Ray Serve's default `max_concurrent_queries`, used when a backend says 0.
@@ -475,8 +473,7 @@ impl Router {
                 &mut chosen,
                 |_, _, _| {},
                 |backend, deadline| async move {
-                    self.acquire(&backend, deadline, Queueing::Wait, None)
-                        .await
+                    self.acquire(&backend, deadline, Queueing::Wait, None).await
                 },
             )
             .await?;

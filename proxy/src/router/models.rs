@@ -31,9 +31,9 @@ pub const MAX_MODEL_ID_BYTES: usize = 256;
 /// The model `request` asks for, when it names one within the bounds.
 pub(crate) fn model_id_of(request: &Request) -> Option<String> {
     let found = match &request.payload {
-        Payload::Http(http) => header(&http.headers).map(str::to_owned).or_else(|| {
-            query_param(&http.query, MODEL_QUERY_PARAM)
-        }),
+        Payload::Http(http) => header(&http.headers)
+            .map(str::to_owned)
+            .or_else(|| query_param(&http.query, MODEL_QUERY_PARAM)),
         Payload::Call(call) => header(&call.http_headers).map(str::to_owned),
         _ => None,
     };

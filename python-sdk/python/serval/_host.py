@@ -328,6 +328,8 @@ class Host:
         self._code = type(self.obj) if not self.is_function else self.obj
         if deployment_options is not None:
             _REPLICA_CONTEXT["servable_object"] = self.obj
+        #: Whether requests are looked at for a model id (serval.multiplex).
+        self._multiplexed = multiplex.uses_multiplexing(self._code)
         self._targets: dict = {}
         self._batchers: dict = {}
         #: Requests admitted and not answered yet (running, or in a batch).
@@ -827,8 +829,8 @@ class Host:
         # The body is already whole: let body()/json()/form() share it in
         # any order (Starlette reads `_body` before touching receive).
         request._body = body
-        model_id = multiplex.model_id_from_scope(scope)
-        if model_id or multiplex.has_caches():
+        if self._multiplexed or multiplex.has_caches():
+            model_id = multiplex.model_id_from_scope(scope)
             return self._submit_for_model(model_id, target, _HTTP, (request,), None, scope, reply)
         return self._submit(target, _HTTP, (request,), None, scope, reply)
 
@@ -924,8 +926,8 @@ class Host:
             raise
         except Exception as e:
             return self._error(_CALL, e, None, target.name)
-        model_id = multiplex.model_id_from_headers(headers) if headers else ""
-        if model_id or multiplex.has_caches():
+        if self._multiplexed or multiplex.has_caches():
+            model_id = multiplex.model_id_from_headers(headers) if headers else ""
             return self._submit_for_model(model_id, target, _CALL, call_args, call_kwargs, None, reply)
         return self._submit(target, _CALL, call_args, call_kwargs, None, reply)
 

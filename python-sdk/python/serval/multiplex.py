@@ -77,6 +77,19 @@ def reset_model_id(token) -> None:
     _model_id.reset(token)
 
 
+#: Set on every ``@serve.multiplexed`` loader (and pickled with it).
+_LOADER_MARK = "_serval_multiplexed"
+
+
+def uses_multiplexing(code: Any) -> bool:
+    """Whether a replica's class (or function) has a multiplexed loader,
+    or this process already keeps a model cache: only then do its requests
+    pay for looking for a model id."""
+    if has_caches() or getattr(code, _LOADER_MARK, False):
+        return True
+    return any(getattr(v, _LOADER_MARK, False) for klass in getattr(code, "__mro__", ()) for v in vars(klass).values())
+
+
 def has_caches() -> bool:
     """Whether this process keeps a model cache (then every reply reports)."""
     return bool(_CACHES)
@@ -316,6 +329,7 @@ def multiplexed(func: Optional[Callable] = None, *, max_num_models_per_replica: 
                 if not shared:
                     shared.append(ModelCache(capacity))
                 return await shared[0].get_async(_check_id(model_id), lambda: load(model_id))
+        setattr(loader, _LOADER_MARK, True)
         return loader
 
     if func is not None:
