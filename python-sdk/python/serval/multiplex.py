@@ -206,6 +206,7 @@ class ModelCache:
             if isinstance(pending, threading.Event):
                 await asyncio.get_running_loop().run_in_executor(None, pending.wait)
             else:
+                # A failed load fails its waiters too (one load per burst).
                 await asyncio.shield(pending)
         try:
             await _unload_all(evicted)
@@ -216,7 +217,7 @@ class ModelCache:
             with self._lock:
                 del self._loading[key]
             future.set_exception(e)
-            future.exception()  # retrieved: waiters retry; no "never retrieved" log
+            future.exception()  # marked retrieved: no "never retrieved" log when none waits
             raise
         with self._lock:
             # Room was made before the load; another load may have filled it since.
