@@ -369,3 +369,37 @@ def test_the_multiplexed_example_runs():
     assert sorted(by_model) == ["dutch", "french", "german"]
     assert all(len(pids) == 1 for pids in by_model.values()), out.stdout
     assert "cluster shut down" in out.stdout
+
+
+def test_the_model_cache_loads_once_for_threads_and_evicts_lru():
+    # Cortex's get_model runs on handler threads (threads_per_process > 1).
+    import threading
+
+    from serval.multiplex import ModelCache
+
+    cache = ModelCache(2)
+    arrived, loads = [], []
+
+    def load():
+        loads.append(1)
+        deadline = time.monotonic() + 30
+        while len(arrived) < 8 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return object()
+
+    got = []
+
+    def get():
+        arrived.append(1)
+        got.append(cache.get_sync("k", load))
+
+    threads = [threading.Thread(target=get) for _ in range(8)]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert len(loads) == 1 and len(got) == 8 and all(g is got[0] for g in got)
+    cache.get_sync("a", object)
+    cache.get_sync("k", object)  # "a" is now the least recently used
+    cache.get_sync("b", object)
+    assert cache.keys() == ["k", "b"]
+    with pytest.raises(ValueError):
+        ModelCache(0)
