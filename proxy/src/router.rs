@@ -351,6 +351,9 @@ impl Router {
                     models: Default::default(),
                 }),
             };
+            if replica.models.update_from_snapshot(&r.model_ids) {
+                b.reports_models.store(true, Ordering::Relaxed);
+            }
             running.entry(r.backend.clone()).or_default().push(replica);
         }
         let mut endpoints = HashMap::new();

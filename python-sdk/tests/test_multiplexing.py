@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from conftest import running_cluster
+from conftest import running_cluster, wait_for
 from serval import serve
 
 CPU0 = {"num_cpus": 0}
@@ -155,6 +155,55 @@ def test_requests_for_a_model_go_to_the_replica_holding_it(shared, tmp_path):
         again = m2.remote().result()
         assert again["pid"] == first["pid"] and again["loads"] == 1
     serve.delete("mux-affinity")
+
+
+@serve.deployment(ray_actor_options=CPU0, num_replicas=2)
+class Spread:
+    def __init__(self):
+        self.loads = {}
+
+    @serve.multiplexed(max_num_models_per_replica=8)
+    async def get_model(self, model_id):
+        self.loads[model_id] = self.loads.get(model_id, 0) + 1
+        return model_id
+
+    async def __call__(self, request=None):
+        model_id = await self.get_model(serve.get_multiplexed_model_id())
+        return {"pid": os.getpid(), "loads": self.loads[model_id]}
+
+
+@serve.deployment(ray_actor_options=CPU0)
+def marker():
+    return "ok"
+
+
+def test_every_router_learns_a_replicas_models_through_the_controller(shared):
+    serve.run(Spread.bind(), name="mux-snap", route_prefix="/mux-snap")
+    models = [f"s{i}" for i in range(6)]
+    # Loaded through the proxy's router only.
+    holder = {m: get(shared, "/mux-snap", m)["pid"] for m in models}
+
+    def reported():
+        held = {}
+        for r in serve.status()["replicas"]:
+            if r["backend"] == "mux-snap#Spread" and r["state"] == "running":
+                for m in r.get("model_ids") or ():
+                    held[m] = r["pid"]
+        return held
+
+    wait_for(lambda: all(m in reported() for m in models), timeout=60, what="the replicas' model reports")
+    assert reported() == holder
+    # serve.run returns once this process's router knows the new endpoint,
+    # so it has the snapshot with the models too.
+    serve.run(marker.bind(), name="mux-snap-sync", route_prefix=None)
+    # This process's router never had a reply for these models: the first
+    # call for each goes to its holder all the same.
+    handle = serve.get_app_handle("mux-snap")
+    for m in models:
+        answer = handle.options(multiplexed_model_id=m).remote().result(timeout_s=60)
+        assert answer == {"pid": holder[m], "loads": 1}, m
+    serve.delete("mux-snap-sync")
+    serve.delete("mux-snap")
 
 
 def test_multiplexed_arguments_are_checked():

@@ -8,7 +8,10 @@
 //! `@serve.multiplexed`, Cortex's `multi_model_reloading`) answers such a
 //! request with [`MODELS_HEADER`]: the ids it holds after serving it, as a
 //! JSON list. The router takes that header off the response (the client
-//! never sees it) and keeps the list with the replica, bounded: model ids
+//! never sees it) and keeps the list with the replica; the replica also
+//! reports its list to the controller (at most once a second), which every
+//! router reads from the snapshot's `Replica.model_ids`, so a router finds
+//! a model's replica before sending it anything. Bounded: model ids
 //! are client input, so at most [`MAX_MODELS`] of at most
 //! [`MAX_MODEL_ID_BYTES`] each, and never a metric label.
 
@@ -59,13 +62,33 @@ fn query_param(query: &str, name: &str) -> Option<String> {
     })
 }
 
-/// The ids one replica last reported holding.
+/// The ids one replica last reported holding, on a reply to this router
+/// or through the controller (`Replica.model_ids` in the snapshot), the
+/// later of the two.
 #[derive(Default)]
-pub(crate) struct ReplicaModels(Mutex<Vec<String>>);
+pub(crate) struct ReplicaModels(Mutex<Held>);
+
+#[derive(Default)]
+struct Held {
+    ids: Vec<String>,
+    /// The snapshot's list when it last changed: an unchanged snapshot
+    /// does not undo what a newer reply said.
+    from_snapshot: Vec<String>,
+}
 
 impl ReplicaModels {
     pub(crate) fn holds(&self, id: &str) -> bool {
-        self.lock().iter().any(|m| m == id)
+        self.lock().ids.iter().any(|m| m == id)
+    }
+
+    /// Takes the snapshot's list when it changed; whether it names any.
+    pub(crate) fn update_from_snapshot(&self, ids: &[String]) -> bool {
+        let mut held = self.lock();
+        if held.from_snapshot != ids {
+            held.from_snapshot = ids.to_vec();
+            held.ids = bounded(ids.iter().cloned());
+        }
+        !ids.is_empty()
     }
 
     /// Takes [`MODELS_HEADER`] off `response` and keeps what it lists;
@@ -89,18 +112,19 @@ impl ReplicaModels {
             tracing::debug!("malformed model report ignored");
             return true;
         };
-        let ids: Vec<String> = ids
-            .into_iter()
-            .filter(|id| !id.is_empty() && id.len() <= MAX_MODEL_ID_BYTES)
-            .take(MAX_MODELS)
-            .collect();
-        *self.lock() = ids;
+        self.lock().ids = bounded(ids.into_iter());
         true
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+fn bounded(ids: impl Iterator<Item = String>) -> Vec<String> {
+    ids.filter(|id| !id.is_empty() && id.len() <= MAX_MODEL_ID_BYTES)
+        .take(MAX_MODELS)
+        .collect()
 }
 
 #[cfg(test)]

@@ -10,7 +10,9 @@ least recently used first out: evicting one drops the cache's reference
 function, which Python's collector would not). Concurrent requests for a
 model being loaded wait for that one load.
 
-The replica tells routers which models it holds: a reply to a request that
+The replica tells routers which models it holds, two ways: the controller
+(at most once a second, when it changed: ``Replica.model_ids`` in every
+snapshot, for every router), and a reply to a request that
 named a model, or any reply of a replica that keeps a model cache, carries
 ``x-serval-models`` (a JSON list), which the router
 takes off the response and uses to send later requests for a model to a
@@ -26,7 +28,9 @@ import functools
 import inspect
 import json
 import logging
+import os
 import threading
+import time
 import weakref
 from typing import Any, Awaitable, Callable, Optional
 
@@ -95,17 +99,68 @@ def has_caches() -> bool:
     return bool(_CACHES)
 
 
-def held_report() -> Optional[str]:
-    """The ``x-serval-models`` value: what every cache here holds; None
-    when this process keeps no model cache."""
-    if not _CACHES:
-        return None
+def held_ids() -> list:
+    """The ids every cache of this process holds (bounded as routers keep them)."""
     ids: list = []
     for cache in list(_CACHES):
         for key in cache.reported_ids():
             if key and key not in ids and len(key.encode("utf-8", "replace")) <= MAX_MODEL_ID_BYTES:
                 ids.append(key)
-    return json.dumps(ids[-MAX_REPORTED:])
+    return ids[-MAX_REPORTED:]
+
+
+def held_report() -> Optional[str]:
+    """The ``x-serval-models`` value: what every cache here holds; None
+    when this process keeps no model cache."""
+    if not _CACHES:
+        return None
+    return json.dumps(held_ids())
+
+
+class _ControllerReport:
+    """Tells the controller which models this replica holds, when that
+    changed and at most once every ``REPORT_EVERY_S`` (a raft write each,
+    and a snapshot to every watcher): every router, not only those this
+    replica answered, then prefers it for them. One daemon thread per
+    replica process, started by the first change."""
+
+    REPORT_EVERY_S = 1.0
+
+    def __init__(self):
+        self._changed = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+
+    def changed(self) -> None:
+        replica_id = os.environ.get("SERVAL_REPLICA_ID")
+        if not replica_id or not os.environ.get("SERVAL_ADDRESS"):
+            return  # not a replica of a cluster
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, args=(replica_id,), daemon=True,
+                                                name="serval-model-report")
+                self._thread.start()
+        self._changed.set()
+
+    def _run(self, replica_id: str) -> None:
+        from . import serve
+
+        last: Optional[list] = None
+        while True:
+            self._changed.wait()
+            self._changed.clear()
+            ids = held_ids()
+            if ids != last:
+                try:
+                    serve._get_client().report_replica_models(replica_id, ids)
+                    last = ids
+                except Exception as e:  # the controller may be away: try again later
+                    logger.debug("model report failed: %s", e)
+                    self._changed.set()
+            time.sleep(self.REPORT_EVERY_S)
+
+
+_REPORT = _ControllerReport()
 
 
 def with_report(response: tuple) -> tuple:
@@ -183,12 +238,6 @@ class ModelCache:
             evicted.append(entry)
         return evicted
 
-    def drop(self, key) -> list:
-        """Takes ``key`` out (a Cortex version that left the disk)."""
-        with self._lock:
-            entry = self._entries.pop(key, None)
-        return [] if entry is None else [entry]
-
     # -- asyncio ---------------------------------------------------------
 
     async def get_async(self, key, load: Callable[[], Any], report_id: Optional[str] = None) -> Any:
@@ -216,6 +265,7 @@ class ModelCache:
         except BaseException as e:
             with self._lock:
                 del self._loading[key]
+            _REPORT.changed()  # what was evicted for it is gone
             future.set_exception(e)
             future.exception()  # marked retrieved: no "never retrieved" log when none waits
             raise
@@ -224,6 +274,7 @@ class ModelCache:
             extra = self._make_room()
             self._entries[key] = _Entry(model, str(key if report_id is None else report_id))
             del self._loading[key]
+        _REPORT.changed()
         future.set_result(None)
         await _unload_all(extra)
         return model
@@ -252,12 +303,14 @@ class ModelCache:
         except BaseException:
             with self._lock:
                 del self._loading[key]
+            _REPORT.changed()
             done.set()
             raise
         with self._lock:
             extra = self._make_room()
             self._entries[key] = _Entry(model, str(key if report_id is None else report_id))
             del self._loading[key]
+        _REPORT.changed()
         done.set()
         _unload_all_sync(extra)
         return model
