@@ -317,33 +317,44 @@ class ModelCache:
 
 
 async def _unload_all(entries: list) -> None:
-    for entry in entries:
-        model, entry.model = entry.model, None
-        await _unload(model)
-
-
-async def _unload(model: Any) -> None:
-    """Drops one evicted model; an async ``__del__`` is awaited here (the
+    """Drops evicted models; an async ``__del__`` is awaited here (the
     collector would only make its coroutine and warn)."""
-    unload = getattr(type(model), "__del__", None)
-    if unload is not None and inspect.iscoroutinefunction(unload):
-        try:
-            await unload(model)
-        except Exception as e:
-            logger.warning("unloading a model failed: %s", e, exc_info=e)
-    del model
+    for entry in entries:
+        # Held only in this list, so clearing it drops the cache's reference.
+        held, entry.model = [entry.model], None
+        if _has_async_del(held[0]):
+            try:
+                await type(held[0]).__del__(held[0])
+            except Exception as e:
+                logger.warning("unloading a model failed: %s", e, exc_info=e)
+        _drop(held)
 
 
 def _unload_all_sync(entries: list) -> None:
     for entry in entries:
-        model, entry.model = entry.model, None
-        unload = getattr(type(model), "__del__", None)
-        if unload is not None and inspect.iscoroutinefunction(unload):
+        held, entry.model = [entry.model], None
+        if _has_async_del(held[0]):
             try:
-                asyncio.run(unload(model))
+                asyncio.run(type(held[0]).__del__(held[0]))
             except Exception as e:
                 logger.warning("unloading a model failed: %s", e, exc_info=e)
-        del model
+        _drop(held)
+
+
+def _has_async_del(model: Any) -> bool:
+    return inspect.iscoroutinefunction(getattr(type(model), "__del__", None))
+
+
+def _drop(held: list) -> None:
+    """Drops the model in ``held``: a sync ``__del__`` runs now (unless user
+    code still holds it). An async one already ran: the collector calls it
+    once more and drops the coroutine that makes; that is not worth a
+    warning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+        held.clear()
 
 
 _CACHE_ATTR = "_serval_model_caches"
