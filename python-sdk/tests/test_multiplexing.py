@@ -366,6 +366,16 @@ def test_cortex_models_dir_and_routing_by_model_name(shared, tmp_path):
     assert predict(shared, "models-dir", "model=%2Fetc").status_code == 404
     assert cli(shared, "delete", "models-dir").returncode == 0
 
+    # `path`: one model, got with no name; its latest version by default.
+    folder, _ = cortex_project(tmp_path / "single", "single-model", f"path: {models}/beta")
+    out = cli(shared, "deploy", folder)
+    assert out.returncode == 0, out.stdout + out.stderr
+    make_model(models, "beta", 2, ["B0", "B1"])
+    r = predict(shared, "single-model", "", 0)
+    assert r.status_code == 200 and r.json()["label"] == "B0" and r.json()["version"] == 2, r.text
+    assert predict(shared, "single-model", "version=1", 0).json()["label"] == "b0"
+    assert cli(shared, "delete", "single-model").returncode == 0
+
 
 def test_cortex_multi_model_reloading_is_validated(tmp_path):
     from serval.cortex.config import ConfigError, load_config

@@ -71,6 +71,9 @@ class PythonClient:
                 return model_name, root
         elif model_name in self._paths:
             return model_name, self._paths[model_name]
+        elif SINGLE_MODEL_NAME in self._paths:
+            raise ModelNotFound(f"model {model_name!r}: this API serves one model (multi_model_reloading.path), "
+                                "got with get_model() and no name")
         raise ModelNotFound(f"model {model_name!r} is not served by this API")
 
     def _version(self, name: str, root: str, model_version: Any) -> tuple:
