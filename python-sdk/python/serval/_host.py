@@ -58,6 +58,7 @@ from starlette.background import BackgroundTask, BackgroundTasks
 from starlette.requests import Request
 from starlette.responses import Response
 
+from . import multiplex
 from .ingress import Lifespan, asgi_entry, run_http
 from .request import ServeRequest, WebRequestState
 from .websocket import Sessions as WebSocketSessions
@@ -335,6 +336,8 @@ class Host:
         self._code = type(self.obj) if not self.is_function else self.obj
         if deployment_options is not None:
             _REPLICA_CONTEXT["servable_object"] = self.obj
+        #: Whether requests are looked at for a model id (serval.multiplex).
+        self._multiplexed = multiplex.uses_multiplexing(self._code)
         self._targets: dict = {}
         self._batchers: dict = {}
         #: Requests admitted and not answered yet (running, or in a batch).
@@ -608,19 +611,38 @@ class Host:
             item = self._waiting.popleft()
             response = self._start(*item)
             if response is not None:
-                item[-1].send(*response)
+                item[5].send(*response)
 
-    def _submit(self, target: _Target, kind: int, args: tuple, kwargs, scope, reply):
+    def _submit(self, target: _Target, kind: int, args: tuple, kwargs, scope, reply, model_id: str = ""):
         if self._in_flight >= self.max_concurrent_queries or self._waiting:
             if len(self._waiting) >= self._max_waiting:
                 return _QUEUE_FULL
-            self._waiting.append((target, kind, args, kwargs, scope, reply))
+            self._waiting.append((target, kind, args, kwargs, scope, reply, model_id))
             return None
-        return self._start(target, kind, args, kwargs, scope, reply)
+        return self._start(target, kind, args, kwargs, scope, reply, model_id)
 
-    def _start(self, target: _Target, kind: int, args: tuple, kwargs, scope, reply):
+    def _submit_for_model(self, model_id: str, target: _Target, kind: int, args: tuple, kwargs, scope, reply):
+        """A request naming a model (``serve_multiplexed_model_id``), or any
+        request to a replica keeping a model cache (a Cortex request names
+        its model in its query, read by user code): its code sees the id
+        (``serve.get_multiplexed_model_id()``) and its answer tells the
+        router which models this replica holds."""
+        response = self._submit(target, kind, args, kwargs, scope, multiplex.ReportingReply(reply), model_id)
+        return None if response is None else multiplex.with_report(response)
+
+    def _start(self, target: _Target, kind: int, args: tuple, kwargs, scope, reply, model_id: str = ""):
         """Runs one admitted request: the response now, or None when a task
         or a batch answers it later."""
+        if not model_id:
+            return self._start_now(target, kind, args, kwargs, scope, reply)
+        # Tasks copy the context when created: an async method keeps the id.
+        token = multiplex.set_model_id(model_id)
+        try:
+            return self._start_now(target, kind, args, kwargs, scope, reply)
+        finally:
+            multiplex.reset_model_id(token)
+
+    def _start_now(self, target: _Target, kind: int, args: tuple, kwargs, scope, reply):
         self._in_flight += 1
         if target.batched:
             batcher = self._batchers.get(target.name)
@@ -835,6 +857,9 @@ class Host:
         # The body is already whole: let body()/json()/form() share it in
         # any order (Starlette reads `_body` before touching receive).
         request._body = body
+        if self._multiplexed or multiplex.has_caches():
+            model_id = multiplex.model_id_from_scope(scope)
+            return self._submit_for_model(model_id, target, _HTTP, (request,), None, scope, reply)
         return self._submit(target, _HTTP, (request,), None, scope, reply)
 
     def _to_http(self, result: Any, scope: dict):
@@ -929,6 +954,9 @@ class Host:
             raise
         except Exception as e:
             return self._error(_CALL, e, None, target.name)
+        if self._multiplexed or multiplex.has_caches():
+            model_id = multiplex.model_id_from_headers(headers) if headers else ""
+            return self._submit_for_model(model_id, target, _CALL, call_args, call_kwargs, None, reply)
         return self._submit(target, _CALL, call_args, call_kwargs, None, reply)
 
 

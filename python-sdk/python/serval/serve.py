@@ -40,6 +40,7 @@ from serval.ingress import ingress
 from serval.application import (DeployFailedError, delete, get_app_handle, get_deployment_handle,
                                 get_replica_context, run)
 from serval.schema import ServeStatus
+from serval.multiplex import get_multiplexed_model_id, multiplexed
 from serval._host import accept_batch, check_batch_config, default_max_concurrent_queries
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     # Ray Serve 2.x
     "deployment", "ingress", "Deployment", "Application", "run", "delete", "get_app_handle", "get_deployment_handle",
     "get_replica_context", "DeploymentHandle", "DeploymentResponse", "BackPressureError", "DeployFailedError",
+    "multiplexed", "get_multiplexed_model_id",
 ]
 
 #: Seconds create_backend waits for a replica to start.
