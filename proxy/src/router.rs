@@ -498,7 +498,7 @@ impl Router {
                 &mut chosen,
                 |_, _, _| {},
                 |backend, deadline| async move {
-                    self.acquire(&backend, deadline, Queueing::NoWait).await
+                    self.acquire(&backend, deadline, Queueing::NoWait, None).await
                 },
             )
             .await?;

@@ -543,7 +543,7 @@ class Host:
         pending = list(self._waiting)
         self._waiting.clear()
         for item in pending:
-            item[-1].send(*_UNAVAILABLE)
+            item[5].send(*_UNAVAILABLE)
         for batcher in self._batchers.values():
             for item in batcher.cancel():
                 item.reply.send(*_UNAVAILABLE)
