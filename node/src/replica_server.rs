@@ -12,6 +12,7 @@
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,29 +39,34 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub struct Reply {
     id: RequestId,
     tx: FrameSender,
-    /// The connection this request came on, unique in this process: with
-    /// `id`, what a stream's `Credit`/`Cancel` frames are matched against.
+    /// The router connection it came on (unique in this process).
     conn: u64,
 }
 
-impl Reply {
-    /// The connection the request came on (see [`Handler::connection_closed`]).
-    pub fn conn(&self) -> u64 {
-        self.conn
-    }
+/// Numbers the router connections of this process, for [`Reply::connection`].
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
+impl Reply {
+    /// The request's id on its connection.
     pub fn id(&self) -> RequestId {
         self.id
     }
 
-    /// Queues one frame of a streamed reply (the head [`Response`] or a
-    /// [`frame::StreamFrame`]) without giving the reply up; false when it
-    /// cannot go (the connection is closed, or it does not encode).
+    /// The router connection the request came on: a WebSocket session is
+    /// named by (connection, id), and [`Handler::closed`] names the
+    /// connection when it ends.
+    pub fn connection(&self) -> u64 {
+        self.conn
+    }
+
+    /// Sends one more frame on the request's id without answering it: a
+    /// WebSocket session's [`frame::WsFrame`]s. False when it cannot be
+    /// encoded or the connection is gone.
     pub fn send_frame<T: serde::Serialize>(&self, msg: &T) -> bool {
         match frame::encode(self.id, msg) {
             Ok(bytes) => self.tx.send(&bytes).is_ok(),
             Err(e) => {
-                tracing::error!(error = %e, "cannot encode a stream frame");
+                tracing::error!(error = %e, "cannot encode a frame");
                 false
             }
         }
@@ -92,15 +98,15 @@ impl Reply {
     }
 }
 
-/// User code behind a replica.
-/// `Credit` and `Cancel` frames reach `handle` too, with a `Reply` naming
-/// the stream (`conn`, `id`) they are for: they must not be answered.
+/// User code behind a replica. `Credit` and `Cancel` frames reach `handle`
+/// too, with a `Reply` naming the stream (`connection`, `id`) they are for:
+/// they must not be answered.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, request: Request, reply: Reply);
 
-    /// The router connection `conn` ended: streams still open on it have
-    /// nobody to send to.
-    fn connection_closed(&self, _conn: u64) {}
+    /// The router connection numbered `conn` ended: the WebSocket sessions
+    /// and streams opened on it are over (their client is gone).
+    fn closed(&self, _conn: u64) {}
 }
 
 /// The native replica kind: answers every request with what it received.
@@ -144,6 +150,14 @@ impl Handler for EchoHandler {
             },
             // Answered by `serve_connection` before any handler sees it.
             Payload::Logs(_) => text_response(400, "logs are answered by the frame server".into()),
+            Payload::WsOpen(_) => {
+                reply.send_frame(&frame::WsFrame::Deny(text_response(
+                    404,
+                    "this replica serves no WebSocket".into(),
+                )));
+                return;
+            }
+            Payload::Ws(_) => return,
             // This handler never streams: nothing to credit or cancel.
             Payload::Credit(_) | Payload::Cancel => return,
         };
@@ -332,12 +346,9 @@ pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
     UnixListener::bind(path)
 }
 
-/// Numbers the connections of this process for [`Reply::conn`].
-static NEXT_CONN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
 async fn serve_connection(frames: Frames, handler: Arc<dyn Handler>, role: Role) {
     let (mut reader, tx, _writer) = frames;
-    let conn = NEXT_CONN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let conn = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
     loop {
         match reader.next().await {
             Ok(Some((id, body))) => {
@@ -379,7 +390,7 @@ async fn serve_connection(frames: Frames, handler: Arc<dyn Handler>, role: Role)
             }
         }
     }
-    handler.connection_closed(conn);
+    handler.closed(conn);
 }
 
 /// Where a process finds its own stderr: the link names the file behind fd 2.

@@ -92,8 +92,8 @@ impl Handler for NativeHandler {
         }
     }
 
-    fn connection_closed(&self, conn: u64) {
-        self.fallback.connection_closed(conn);
+    fn closed(&self, conn: u64) {
+        self.fallback.closed(conn);
     }
 }
 

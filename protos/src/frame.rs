@@ -64,6 +64,9 @@ pub struct HttpRequest {
     /// Last: proxy and replica are built together, so adding a field only
     /// has to keep the order of the others.
     pub raw_path: Vec<u8>,
+    /// The route prefix the request was routed by, "" for a route or the
+    /// prefix "/" (ASGI `root_path`: an ingress app routes below it).
+    pub root_path: String,
 }
 
 /// A call from a ServeHandle: Python arguments pickled by the caller.
@@ -92,7 +95,15 @@ pub enum Payload {
     /// A chunk of the replica's own log (its stderr file), answered by the
     /// replica runtime without user code: 200 with the bytes as the body and
     /// [`LOG_SIZE_HEADER`], or 404 when the replica's stderr is not a file.
+    /// Bincode numbers variants: new ones go last, so older peers keep theirs.
     Logs(LogsRequest),
+    /// Opens a WebSocket session on this frame's id: the upgrade request
+    /// (its method is GET, its body empty). The replica answers on the same
+    /// id with [`WsFrame`]s (not a [`Response`]): `Accept` or `Deny` first,
+    /// then messages, until either side sends `Close`.
+    WsOpen(HttpRequest),
+    /// A client's message or close, on the id of an open session.
+    Ws(WsFrame),
     /// Router -> replica, on the id of a streamed reply: the router's
     /// consumer took this many more chunks, so the replica may send as many
     /// more (see [`STREAM_WINDOW`]). Answered with nothing.
@@ -100,8 +111,32 @@ pub enum Payload {
     /// Router -> replica, on the id of a streamed reply: its consumer went
     /// away (client disconnected, handle generator dropped); the replica
     /// stops the generator. Answered with nothing.
-    /// Last variants: bincode numbers variants, so older peers keep theirs.
     Cancel,
+}
+
+/// One event of a WebSocket session, in either direction, on the session's
+/// id. Messages are whole (the proxy reassembles fragments), at most the
+/// proxy's WebSocket message limit from the client.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum WsFrame {
+    /// Replica -> router: the app accepted; the subprotocol it chose and
+    /// headers it adds to the 101 answer.
+    Accept {
+        subprotocol: Option<String>,
+        headers: Vec<(String, String)>,
+    },
+    Text(String),
+    Binary(Vec<u8>),
+    /// The session ends with this close code and reason. From the router it
+    /// is the client's close (or 1006 when the client vanished); from the
+    /// replica, the app's.
+    Close {
+        code: u16,
+        reason: String,
+    },
+    /// Replica -> router: the app closed before accepting (or failed): this
+    /// HTTP answer goes to the client instead of the upgrade.
+    Deny(Response),
 }
 
 /// Reads `[offset, offset + max_bytes)` of a replica's log. The replica
@@ -322,7 +357,8 @@ mod tests {
             StreamFrame::Error(r) => assert_eq!(r.header(ERROR_TYPE_HEADER), Some("ValueError")),
             other => panic!("unexpected frame {other:?}"),
         }
-        // Credit and Cancel were appended: Logs keeps 4, they take 5 and 6.
+        // Credit and Cancel were appended: Logs keeps 4, the WebSocket
+        // variants 5 and 6, they take 7 and 8.
         let cancel = encode(
             7,
             &Request {
@@ -331,7 +367,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(&cancel[HEADER_LEN..], &[0, 6]);
+        assert_eq!(&cancel[HEADER_LEN..], &[0, 8]);
     }
 
     #[tokio::test]

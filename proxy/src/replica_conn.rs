@@ -24,7 +24,7 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serval_protos::frame::{
-    self, FrameReader, Payload, Request, RequestId, Response, StreamFrame, STREAM_HEADER,
+    self, FrameReader, Payload, Request, RequestId, Response, StreamFrame, WsFrame, STREAM_HEADER,
     STREAM_WINDOW,
 };
 use serval_protos::frame_socket::{self, FrameSender, SocketReader};
@@ -40,6 +40,9 @@ const RECONNECT_BACKOFF_MIN_MS: u64 = 100;
 const RECONNECT_BACKOFF_MAX_MS: u64 = 2_000;
 /// A connect that takes longer than this is treated as a failed connect.
 const CONNECT_TIMEOUT_MS: u64 = 3_000;
+/// Frames from the replica a WebSocket session may have waiting for its
+/// client; beyond it the session ends (the client reads too slowly).
+pub(crate) const WS_FRAMES_QUEUED: usize = 256;
 
 /// `SERVAL_DATA_PLANE_TCP=1` in a router's environment (a proxy, a node, a
 /// driver with handles): connect to replicas over TCP even where their Unix
@@ -87,6 +90,8 @@ struct PendingMap {
     /// goes. Each channel holds at most the window and the end frame, so
     /// the reader never waits on a consumer.
     streams: HashMap<RequestId, mpsc::Sender<StreamFrame>>,
+    /// Open WebSocket sessions: their ids get [`WsFrame`]s, not a Response.
+    sessions: HashMap<RequestId, mpsc::Sender<WsFrame>>,
     /// Set once the connection is broken, so a request registered after the
     /// reader drained the map fails at once instead of waiting for its deadline.
     closed: Option<String>,
@@ -297,6 +302,37 @@ impl Drop for ChunkStream {
     }
 }
 
+/// One WebSocket session on a replica connection: `rx` yields the
+/// replica's frames (it ends when the connection breaks); dropping the
+/// session forgets its id.
+pub(crate) struct WsSession {
+    pub(crate) rx: mpsc::Receiver<WsFrame>,
+    id: RequestId,
+    live: Arc<Live>,
+}
+
+impl WsSession {
+    /// Sends the client's message or close to the replica.
+    pub(crate) fn send(&self, frame: WsFrame) -> Result<(), ConnError> {
+        let request = Request {
+            method_name: None,
+            payload: Payload::Ws(frame),
+        };
+        let bytes =
+            frame::encode(self.id, &request).map_err(|e| ConnError::Encode(e.to_string()))?;
+        self.live
+            .tx
+            .send(&bytes)
+            .map_err(|_| ConnError::Died("writer closed".into()))
+    }
+}
+
+impl Drop for WsSession {
+    fn drop(&mut self) {
+        lock(&self.live.pending).sessions.remove(&self.id);
+    }
+}
+
 struct PendingEntry<'a> {
     pending: &'a Pending,
     id: RequestId,
@@ -372,6 +408,31 @@ impl ReplicaConn {
     ) -> Result<Reply, ConnError> {
         let live = self.live(deadline).await?;
         live.send(request, deadline).await
+    }
+
+    /// Opens a WebSocket session: sends `request` (a `WsOpen`) and returns
+    /// at once; the replica's first frame says whether the app accepted.
+    pub(crate) async fn open_websocket(
+        &self,
+        request: &Request,
+        deadline: Instant,
+    ) -> Result<WsSession, ConnError> {
+        let live = self.live(deadline).await?;
+        let id = live.next_id.fetch_add(1, Ordering::Relaxed);
+        let bytes = frame::encode(id, request).map_err(|e| ConnError::Encode(e.to_string()))?;
+        let (tx, rx) = mpsc::channel(WS_FRAMES_QUEUED);
+        {
+            let mut pending = lock(&live.pending);
+            if let Some(reason) = &pending.closed {
+                return Err(ConnError::Died(reason.clone()));
+            }
+            pending.sessions.insert(id, tx);
+        }
+        let session = WsSession { rx, id, live };
+        if session.live.tx.send(&bytes).is_err() {
+            return Err(ConnError::Died("writer closed".into()));
+        }
+        Ok(session)
     }
 
     fn current(&self) -> Option<Arc<Live>> {
@@ -520,7 +581,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let reason = loop {
         tokio::select! {
             next = reader.next() => match next {
-                Ok(Some((id, body))) => on_frame(&pending, &tx, id, &body),
+                Ok(Some((id, body))) => on_frame(&pending, &tx, id, &body, &replica_id),
                 Ok(None) => break "connection closed by the replica".to_owned(),
                 Err(e) => break format!("read failed: {e}"),
             },
@@ -536,6 +597,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
         p.closed = Some(reason.clone());
         // Their consumers see the channel end without an end frame.
         p.streams.clear();
+        // Their receivers end: each session tells its client.
+        p.sessions.clear();
         p.waiters.drain().map(|(_, tx)| tx).collect()
     };
     if !failed.is_empty() {
@@ -557,9 +620,16 @@ async fn read_loop<R: AsyncRead + Unpin>(
 }
 
 /// One frame from the replica: a response (or a stream's head) for a
-/// waiting request, or the next frame of an open stream.
-fn on_frame(pending: &Pending, tx: &FrameSender, id: RequestId, body: &[u8]) {
+/// waiting request, the next frame of an open stream, or a WebSocket
+/// session's frame (one lock per frame).
+fn on_frame(pending: &Pending, tx: &FrameSender, id: RequestId, body: &[u8], replica_id: &str) {
     let mut p = lock(pending);
+    if let Some(session) = p.sessions.get(&id) {
+        let session = session.clone();
+        drop(p);
+        deliver_ws(pending, id, session, body, replica_id);
+        return;
+    }
     if let Some(chunks) = p.streams.get(&id) {
         let frame = frame::decode::<StreamFrame>(body);
         let last = !matches!(frame, Ok(StreamFrame::Chunk(_)));
@@ -614,6 +684,26 @@ fn send_cancel(tx: &FrameSender, id: RequestId) {
     };
     if let Ok(bytes) = frame::encode(id, &cancel) {
         let _ = tx.send(&bytes);
+    }
+}
+
+/// Hands a replica's frame to its WebSocket session. An undecodable frame,
+/// or a session whose client has fallen [`WS_FRAMES_QUEUED`] frames behind,
+/// ends the session (its receiver then ends).
+fn deliver_ws(
+    pending: &Pending,
+    id: RequestId,
+    session: mpsc::Sender<WsFrame>,
+    body: &[u8],
+    replica_id: &str,
+) {
+    let delivered = match frame::decode::<WsFrame>(body) {
+        Ok(ws) => session.try_send(ws).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(reason) = delivered {
+        tracing::debug!(replica = %replica_id, %reason, "websocket session ended");
+        lock(pending).sessions.remove(&id);
     }
 }
 

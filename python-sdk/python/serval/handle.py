@@ -21,6 +21,7 @@ import cloudpickle
 from starlette.requests import Request
 
 from serval._native import ServeError
+from serval.multiplex import MODEL_ID_HEADER
 from serval.request import WebRequestState
 
 PICKLE_CONTENT_TYPE = "application/x-python-pickle"
@@ -456,10 +457,12 @@ class DeploymentHandle:
     can be passed to a replica, where it connects on first use."""
 
     def __init__(self, deployment_name: str, app_name: str, *, method_name: Optional[str] = None,
-                 stream: bool = False):
+                 multiplexed_model_id: str = "", stream: bool = False):
         self._deployment_name = deployment_name
         self._app_name = app_name
         self._method_name = method_name
+        #: Sent as the ``serve_multiplexed_model_id`` header (``serval.multiplex``).
+        self._model_id = multiplexed_model_id
         self._stream = stream
 
     @property
@@ -476,21 +479,26 @@ class DeploymentHandle:
 
     def options(self, *, method_name: Any = _UNSET, multiplexed_model_id: Any = _UNSET, stream: Any = _UNSET,
                 use_new_handle_api: Any = _UNSET, _prefer_local_routing: Any = _UNSET) -> "DeploymentHandle":
-        """A copy that calls ``method_name``; with ``stream=True`` its
-        ``remote()`` returns a :class:`DeploymentResponseGenerator` of what
-        a generator method yields. ``multiplexed_model_id`` is not supported yet."""
+        """A copy that calls ``method_name``, for the model
+        ``multiplexed_model_id`` (routed to a replica holding it when one
+        has room); with ``stream=True`` its ``remote()`` returns a
+        :class:`DeploymentResponseGenerator` of what a generator method
+        yields."""
         if stream is not _UNSET and not isinstance(stream, bool):
             raise TypeError(f"stream must be a bool, not {stream!r}")
         streaming = self._stream if stream is _UNSET else stream
-        if multiplexed_model_id is not _UNSET and multiplexed_model_id:
-            raise NotImplementedError("handle.options(multiplexed_model_id=...): model multiplexing is not "
-                                      "supported by Serval yet")
+        model_id = self._model_id
+        if multiplexed_model_id is not _UNSET:
+            if not isinstance(multiplexed_model_id, str):
+                raise TypeError(f"multiplexed_model_id must be a str, not {type(multiplexed_model_id).__name__}")
+            model_id = multiplexed_model_id
         method = self._method_name
         if method_name is not _UNSET:
             if not isinstance(method_name, str) or not method_name:
                 raise TypeError(f"method_name must be a non-empty str, not {method_name!r}")
             method = None if method_name == "__call__" else method_name
-        return DeploymentHandle(self._deployment_name, self._app_name, method_name=method, stream=streaming)
+        return DeploymentHandle(self._deployment_name, self._app_name, method_name=method,
+                                multiplexed_model_id=model_id, stream=streaming)
 
     def __getattr__(self, name: str) -> "DeploymentHandle":
         # `handle.predict.remote(...)`; private names stay attributes.
@@ -504,26 +512,30 @@ class DeploymentHandle:
                 raise TypeError("a streaming call takes no DeploymentResponse arguments: await them first")
             native = _native_handle(self._endpoint)
             return DeploymentResponseGenerator(native.stream(self._method_name, dumps_call(args, kwargs), "GET",
-                                                             [(STREAM_CALL_HEADER, "1")], None))
+                                                             self._headers() + [(STREAM_CALL_HEADER, "1")], None))
         if _holds_response(args, kwargs):
             import asyncio
 
             future = asyncio.run_coroutine_threadsafe(self._remote_when_resolved(args, kwargs), _helper_loop())
             return DeploymentResponse(chained=future)
         native = _native_handle(self._endpoint)
-        call = native.call(self._method_name, dumps_call(args, kwargs), "GET", [], None)
+        call = native.call(self._method_name, dumps_call(args, kwargs), "GET", self._headers(), None)
         return DeploymentResponse(ServeFuture(call))
 
     async def _remote_when_resolved(self, args: tuple, kwargs: dict) -> Any:
         args = tuple([await _resolve(a) for a in args])
         kwargs = {k: await _resolve(v) for k, v in kwargs.items()}
         native = _native_handle(self._endpoint)
-        status, headers, body = await native.call_async(self._method_name, dumps_call(args, kwargs), "GET", [],
-                                                        None)
+        status, headers, body = await native.call_async(self._method_name, dumps_call(args, kwargs), "GET",
+                                                        self._headers(), None)
         return decode_result(status, headers, body)
 
+    def _headers(self) -> list:
+        return [(MODEL_ID_HEADER, self._model_id)] if self._model_id else []
+
     def __reduce__(self):
-        return _rebuild_handle, (self._deployment_name, self._app_name, self._method_name, self._stream)
+        return _rebuild_handle, (self._deployment_name, self._app_name, self._method_name, self._model_id,
+                                 self._stream)
 
     def __repr__(self) -> str:
         method = f", method={self._method_name!r}" if self._method_name else ""
@@ -531,8 +543,9 @@ class DeploymentHandle:
 
 
 def _rebuild_handle(deployment_name: str, app_name: str, method_name: Optional[str],
-                    stream: bool = False) -> DeploymentHandle:
-    return DeploymentHandle(deployment_name, app_name, method_name=method_name, stream=stream)
+                    model_id: str = "", stream: bool = False) -> DeploymentHandle:
+    return DeploymentHandle(deployment_name, app_name, method_name=method_name, multiplexed_model_id=model_id,
+                            stream=stream)
 
 
 class DeploymentResponseGenerator:
