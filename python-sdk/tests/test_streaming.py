@@ -165,6 +165,36 @@ class BatchedLLM:
             yield [StopIteration if p == "short" and step == 1 else f"{p}{step}/{len(prompts)}" for p in prompts]
 
 
+def fastapi_chat():
+    """A FastAPI ingress that streams (built in a function: the test module
+    must import without FastAPI routes at module level)."""
+    from fastapi import FastAPI
+
+    api = FastAPI()
+
+    @serve.deployment(ray_actor_options=CPU0)
+    @serve.ingress(api)
+    class ApiChat:
+        @api.get("/stream")
+        async def stream(self, gate: str, marker: str = ""):
+            async def tokens():
+                try:
+                    yield "data: one\n\n"
+                    await wait_gate(gate)
+                    yield "data: two\n\n"
+                finally:
+                    if marker:
+                        touch(marker)
+
+            return StreamingResponse(tokens(), media_type="text/event-stream")
+
+        @api.get("/whole")
+        def whole(self):
+            return {"whole": True}
+
+    return ApiChat
+
+
 # -- tests -------------------------------------------------------------------
 
 def test_http_chunks_arrive_as_the_generator_yields_them(shared, tmp_path):
@@ -387,3 +417,26 @@ def test_the_streaming_chat_example_runs():
     assert "data: [DONE]" in out.stdout and "GET /chat (SSE) -> text/event-stream" in out.stdout
     handle_line = [line for line in out.stdout.splitlines() if line.startswith("handle: ")]
     assert len(handle_line) == 1 and len(handle_line[0].split()) == 6, out.stdout
+
+
+def test_a_fastapi_ingress_streams_its_streaming_responses(shared, tmp_path):
+    serve.run(fastapi_chat().bind(), name="api-chat", route_prefix="/api-chat")
+    gate = str(tmp_path / "gate")
+    with requests.get(f"{shared.url}/api-chat/stream", params={"gate": gate}, stream=True, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = r.iter_lines()
+        assert next(lines) == b"data: one"
+        assert not os.path.exists(gate)
+        touch(gate)
+        assert [line for line in lines if line] == [b"data: two"]
+    # A whole response keeps its Content-Length.
+    r = requests.get(f"{shared.url}/api-chat/whole", timeout=60)
+    assert r.json() == {"whole": True} and r.headers["content-length"] == str(len(r.content))
+    # A client that leaves cancels the app's generator.
+    marker = str(tmp_path / "left")
+    r = requests.get(f"{shared.url}/api-chat/stream", params={"gate": str(tmp_path / "never"), "marker": marker},
+                     stream=True, timeout=60)
+    assert next(r.iter_lines()) == b"data: one"
+    r.close()
+    wait_file(marker)
+    serve.delete("api-chat")
