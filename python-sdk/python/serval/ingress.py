@@ -153,19 +153,18 @@ async def run_http(app: Any, request: Request) -> Response:
             await chunks.put(None)
 
     task = loop.create_task(run())
+    # Woken by the response's start, or by the app's end without one.
+    task.add_done_callback(lambda _: started.done() or started.set_result(None))
     try:
-        await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+        head = await started
     except BaseException:
         task.cancel()
         raise
-    if streaming and not task.done():
-        status, headers = started.result()
-        return _AppStream(status, headers, chunks, task)
+    if streaming:
+        # The rest as the app produces it (all queued already if it ended).
+        return _AppStream(head[0], head[1], chunks, task)
     await task
-    if streaming:  # the app finished at once: its chunks are all queued
-        status, headers = started.result()
-        return _AppStream(status, headers, chunks, task)
-    status, headers = started.result() if started.done() else (500, [])
+    status, headers = head or (500, [])
     response = Response(b"".join(collected), status_code=status)
     response.raw_headers = headers
     return response
