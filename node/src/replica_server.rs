@@ -98,12 +98,14 @@ impl Reply {
     }
 }
 
-/// User code behind a replica.
+/// User code behind a replica. `Credit` and `Cancel` frames reach `handle`
+/// too, with a `Reply` naming the stream (`connection`, `id`) they are for:
+/// they must not be answered.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, request: Request, reply: Reply);
 
     /// The router connection numbered `conn` ended: the WebSocket sessions
-    /// opened on it are over (their client is gone).
+    /// and streams opened on it are over (their client is gone).
     fn closed(&self, _conn: u64) {}
 }
 
@@ -156,6 +158,8 @@ impl Handler for EchoHandler {
                 return;
             }
             Payload::Ws(_) => return,
+            // This handler never streams: nothing to credit or cancel.
+            Payload::Credit(_) | Payload::Cancel => return,
         };
         reply.send(&response);
     }

@@ -3,7 +3,10 @@
 //! One long-lived connection per (router, replica) carries many requests at
 //! once. Every frame is `[u32 len][u64 request id][bincode body]`, where `len`
 //! counts the id and the body. Requests flow router -> replica, responses
-//! flow back with the same id. [`crate::frame_socket`] carries them: a writer
+//! flow back with the same id; a streamed response is a head [`Response`]
+//! marked with [`STREAM_HEADER`], then [`StreamFrame`]s under the same id,
+//! paced by [`Payload::Credit`] and stopped by [`Payload::Cancel`] from the
+//! router. [`crate::frame_socket`] carries them: a writer
 //! task per direction drains every queued frame into one write, so a busy
 //! connection makes few syscalls.
 //! Why not gRPC here: DESIGN.md measured ~7 µs of proxy CPU per request for
@@ -101,6 +104,14 @@ pub enum Payload {
     WsOpen(HttpRequest),
     /// A client's message or close, on the id of an open session.
     Ws(WsFrame),
+    /// Router -> replica, on the id of a streamed reply: the router's
+    /// consumer took this many more chunks, so the replica may send as many
+    /// more (see [`STREAM_WINDOW`]). Answered with nothing.
+    Credit(u32),
+    /// Router -> replica, on the id of a streamed reply: its consumer went
+    /// away (client disconnected, handle generator dropped); the replica
+    /// stops the generator. Answered with nothing.
+    Cancel,
 }
 
 /// One event of a WebSocket session, in either direction, on the session's
@@ -164,6 +175,28 @@ pub struct Request {
 pub const PICKLE_CONTENT_TYPE: &str = "application/x-python-pickle";
 /// Header a replica sets when user code raised: the exception's type name.
 pub const ERROR_TYPE_HEADER: &str = "x-serval-error";
+
+/// Header of a head frame (a [`Response`] with status and headers, its
+/// body empty) whose body follows as [`StreamFrame`]s under the same id.
+pub const STREAM_HEADER: &str = "x-serval-stream";
+
+/// Chunks a replica may send on one stream beyond those its router has
+/// granted back with [`Payload::Credit`]: the per-stream window that keeps
+/// a slow consumer from making either side buffer without bound. The
+/// replica does not advance the generator while the window is full.
+pub const STREAM_WINDOW: u32 = 16;
+
+/// Replica -> router, after a head frame carrying [`STREAM_HEADER`]: the
+/// body of a streamed reply, one frame per chunk the user code yielded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum StreamFrame {
+    Chunk(Vec<u8>),
+    /// The generator finished: the stream is complete.
+    End,
+    /// The generator raised: the stream ends with this error (the same
+    /// response a unary call that raised would get).
+    Error(Response),
+}
 
 /// Replica -> router.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -305,6 +338,36 @@ mod tests {
         .unwrap();
         // Option None (0), then the variant index of Ping (2).
         assert_eq!(&ping[HEADER_LEN..], &[0, 2]);
+    }
+
+    #[test]
+    fn stream_frames_round_trip_and_the_stream_signals_come_after_logs() {
+        let chunk = encode(7, &StreamFrame::Chunk(b"tok".to_vec())).unwrap();
+        match decode::<StreamFrame>(&chunk[HEADER_LEN..]).unwrap() {
+            StreamFrame::Chunk(c) => assert_eq!(c, b"tok"),
+            other => panic!("unexpected frame {other:?}"),
+        }
+        let failed = StreamFrame::Error(Response {
+            status: 500,
+            headers: vec![(ERROR_TYPE_HEADER.into(), "ValueError".into())],
+            body: b"boom".to_vec(),
+        });
+        let bytes = encode(7, &failed).unwrap();
+        match decode::<StreamFrame>(&bytes[HEADER_LEN..]).unwrap() {
+            StreamFrame::Error(r) => assert_eq!(r.header(ERROR_TYPE_HEADER), Some("ValueError")),
+            other => panic!("unexpected frame {other:?}"),
+        }
+        // Credit and Cancel were appended: Logs keeps 4, the WebSocket
+        // variants 5 and 6, they take 7 and 8.
+        let cancel = encode(
+            7,
+            &Request {
+                method_name: None,
+                payload: Payload::Cancel,
+            },
+        )
+        .unwrap();
+        assert_eq!(&cancel[HEADER_LEN..], &[0, 8]);
     }
 
     #[tokio::test]

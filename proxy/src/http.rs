@@ -57,6 +57,7 @@ use crate::errors::{self, HttpResponse};
 use crate::grpc;
 use crate::limits::{ConnActivity, ConnIo, InFlight, Limits, Reservation};
 use crate::proxy::Proxy;
+use crate::replica_conn::{ChunkStream, Reply};
 use crate::route::{self, LookupError, RouteMatch};
 use crate::router::MAX_SHARD_KEY_BYTES;
 
@@ -97,7 +98,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
                 if grpc::is_grpc(&req) {
                     grpc::handle(&proxy, req).await.map(ResponseBody::Grpc)
                 } else {
-                    handle(&proxy, req, &peer).await.map(ResponseBody::Http)
+                    http_body(handle(&proxy, req, &peer).await)
                 }
             }
         },
@@ -332,10 +333,77 @@ impl hyper::body::Body for ConnBody {
     }
 }
 
-/// What the server sends: a whole HTTP answer, or a gRPC stream.
+/// What the server sends: a whole HTTP answer, a streamed one (each chunk
+/// written as the replica yields it), or a gRPC stream.
 enum ResponseBody {
     Http(Full<Bytes>),
+    Stream(StreamBody),
     Grpc(grpc::GrpcBody),
+}
+
+/// A streamed reply's body. A failed stream ends with an error, which
+/// makes hyper cut the connection (no terminating chunk): that is how an
+/// HTTP client learns the body is incomplete. The error is held back one
+/// turn, so hyper first flushes the chunks before it.
+struct StreamBody {
+    stream: ChunkStream,
+    failed: Option<crate::replica_conn::StreamError>,
+}
+
+impl StreamBody {
+    fn poll_chunk(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, grpc::BoxError>>> {
+        use std::task::Poll;
+        if let Some(e) = self.failed.take() {
+            tracing::debug!(error = %e, "a streamed reply ended with an error");
+            return Poll::Ready(Some(Err(e.into())));
+        }
+        match self.stream.poll_next(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                self.failed = Some(e);
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Ready(Some(Ok(chunk))) => Poll::Ready(Some(Ok(hyper::body::Frame::data(chunk)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// A streamed reply travels from `forward` to the connection in the
+/// response's extensions, past the middlewares (which see its head only).
+#[derive(Clone)]
+struct StreamedBody(Arc<std::sync::Mutex<Option<ChunkStream>>>);
+
+impl StreamedBody {
+    fn take(&self) -> Option<ChunkStream> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// Whether `response` is the head of a streamed reply.
+pub(crate) fn is_streamed(response: &HttpResponse) -> bool {
+    response.extensions().get::<StreamedBody>().is_some()
+}
+
+/// The body to send for `response`: its stream when it carries one.
+fn http_body(mut response: HttpResponse) -> hyper::Response<ResponseBody> {
+    let stream = response
+        .extensions_mut()
+        .remove::<StreamedBody>()
+        .and_then(|s| s.take());
+    match stream {
+        Some(stream) => response.map(|_| {
+            ResponseBody::Stream(StreamBody {
+                stream,
+                failed: None,
+            })
+        }),
+        None => response.map(ResponseBody::Http),
+    }
 }
 
 impl hyper::body::Body for ResponseBody {
@@ -350,6 +418,7 @@ impl hyper::body::Body for ResponseBody {
             ResponseBody::Http(b) => std::pin::Pin::new(b)
                 .poll_frame(cx)
                 .map_err(|never| match never {}),
+            ResponseBody::Stream(s) => s.poll_chunk(cx),
             ResponseBody::Grpc(b) => std::pin::Pin::new(b).poll_frame(cx),
         }
     }
@@ -357,6 +426,7 @@ impl hyper::body::Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ResponseBody::Http(b) => b.is_end_stream(),
+            ResponseBody::Stream(_) => false,
             ResponseBody::Grpc(b) => b.is_end_stream(),
         }
     }
@@ -364,6 +434,7 @@ impl hyper::body::Body for ResponseBody {
     fn size_hint(&self) -> hyper::body::SizeHint {
         match self {
             ResponseBody::Http(b) => b.size_hint(),
+            ResponseBody::Stream(_) => hyper::body::SizeHint::default(),
             ResponseBody::Grpc(b) => b.size_hint(),
         }
     }
@@ -432,7 +503,27 @@ async fn route_and_forward(
         }
         Err(response) => response,
     };
-    record(proxy, &matched.endpoint, response.status(), started);
+    let streamed = response.extensions().get::<StreamedBody>().cloned();
+    let mut guard = streamed
+        .as_ref()
+        .map(|s| s.0.lock().unwrap_or_else(|p| p.into_inner()));
+    match guard.as_mut().and_then(|g| g.as_mut()) {
+        // A stream counts as one request when it ends.
+        Some(stream) => {
+            let metrics = proxy.http_metrics.clone();
+            let (endpoint, status) = (matched.endpoint.clone(), response.status());
+            stream.on_end(move |completed| {
+                let status = if completed {
+                    status
+                } else {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                };
+                metrics.record(&endpoint, status.as_u16(), started.elapsed());
+            });
+        }
+        None => record(proxy, &matched.endpoint, response.status(), started),
+    }
+    drop(guard);
     response
 }
 
@@ -609,10 +700,21 @@ async fn forward(
     };
     match proxy
         .router()
-        .call_sharded(&matched.endpoint, shard_key.as_deref(), request)
+        .call_streaming(&matched.endpoint, shard_key.as_deref(), request)
         .await
     {
-        Ok(response) => to_http(response),
+        Ok(Reply { response, stream }) => {
+            // A head `to_http` refuses (a bad status) drops the stream,
+            // which cancels it.
+            let head_ok =
+                StatusCode::from_u16(response.status).is_ok_and(|s| !s.is_informational());
+            let mut out = to_http(response);
+            if let Some(stream) = stream.filter(|_| head_ok) {
+                out.extensions_mut()
+                    .insert(StreamedBody(Arc::new(std::sync::Mutex::new(Some(stream)))));
+            }
+            out
+        }
         Err(e) => errors::from_router_error(&e, proxy.debug_errors),
     }
 }

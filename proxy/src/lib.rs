@@ -59,6 +59,7 @@ pub use load_report::spawn_load_reporter;
 pub use middleware::{validate as validate_middlewares, MiddlewareError, Middlewares};
 pub use policy::{PowerOfTwoChoices, ReplicaChoice};
 pub use proxy::Proxy;
+pub use replica_conn::{ChunkStream, Reply, StreamError};
 pub use route::{check_prefix, collides, parse_route, ParsedRoute, RouteError, RouteTable};
 pub use router::{
     Router, RouterConfig, RouterError, DEFAULT_MAX_CONCURRENT_QUERIES, MAX_SHARD_KEY_BYTES,

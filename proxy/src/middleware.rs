@@ -682,8 +682,11 @@ impl GZip {
 
     fn passes_unchanged(&self, response: &HttpResponse) -> bool {
         let headers = response.headers();
+        // A streamed reply's body is not here to compress (it goes out
+        // chunk by chunk as the replica yields it): it passes as it is.
         if headers.contains_key(CONTENT_ENCODING)
             || response.status() == StatusCode::PARTIAL_CONTENT
+            || crate::http::is_streamed(response)
         {
             return true;
         }

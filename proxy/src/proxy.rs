@@ -33,7 +33,8 @@ pub struct Proxy {
     pub(crate) max_body_bytes: usize,
     pub(crate) shutdown_grace: Duration,
     pub(crate) metrics: Option<MetricsHandle>,
-    pub(crate) http_metrics: HttpMetrics,
+    /// Shared with streamed replies, which record themselves when they end.
+    pub(crate) http_metrics: std::sync::Arc<HttpMetrics>,
     pub(crate) limits: Limits,
     /// Shared by every request of this proxy (`limits.max_buffered_body_bytes`).
     pub(crate) body_budget: Arc<BodyBudget>,
@@ -70,7 +71,7 @@ impl Proxy {
             max_body_bytes: config.max_body_bytes,
             shutdown_grace: config.shutdown_grace,
             metrics: config.metrics.clone(),
-            http_metrics: HttpMetrics::default(),
+            http_metrics: Default::default(),
             limits: config.limits.clone(),
             body_budget: BodyBudget::new(config.limits.max_buffered_body_bytes),
             debug_errors: config.debug_errors,

@@ -24,7 +24,8 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serval_protos::frame::{
-    self, FrameError, FrameReader, Payload, Request, RequestId, Response, WsFrame,
+    self, FrameReader, Payload, Request, RequestId, Response, StreamFrame, WsFrame, STREAM_HEADER,
+    STREAM_WINDOW,
 };
 use serval_protos::frame_socket::{self, FrameSender, SocketReader};
 use serval_protos::handshake::{self, Credential, Key, Role};
@@ -79,9 +80,16 @@ type Frames = (
     JoinHandle<std::io::Result<()>>,
 );
 
+/// A head, with the chunks of its stream when the replica streams.
+type Answer = Result<(Response, Option<mpsc::Receiver<StreamFrame>>), ConnError>;
+
 #[derive(Default)]
 struct PendingMap {
-    waiters: HashMap<RequestId, oneshot::Sender<Result<Response, ConnError>>>,
+    waiters: HashMap<RequestId, oneshot::Sender<Answer>>,
+    /// Streams whose head arrived, until their end frame or their consumer
+    /// goes. Each channel holds at most the window and the end frame, so
+    /// the reader never waits on a consumer.
+    streams: HashMap<RequestId, mpsc::Sender<StreamFrame>>,
     /// Open WebSocket sessions: their ids get [`WsFrame`]s, not a Response.
     sessions: HashMap<RequestId, mpsc::Sender<WsFrame>>,
     /// Set once the connection is broken, so a request registered after the
@@ -127,7 +135,7 @@ impl Live {
         lock(&self.pending).closed.is_some()
     }
 
-    async fn send(&self, request: &Request, deadline: Instant) -> Result<Response, ConnError> {
+    async fn send(&self, request: &Request, deadline: Instant) -> Result<Reply, ConnError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let bytes = frame::encode(id, request).map_err(|e| ConnError::Encode(e.to_string()))?;
         let (tx, rx) = oneshot::channel();
@@ -147,10 +155,149 @@ impl Live {
         if self.tx.send(&bytes).is_err() {
             return Err(ConnError::Died("writer closed".into()));
         }
-        match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(ConnError::Died("connection dropped".into())),
-            Err(_) => Err(ConnError::Timeout),
+        let (response, chunks) = match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(result)) => result?,
+            Ok(Err(_)) => return Err(ConnError::Died("connection dropped".into())),
+            Err(_) => return Err(ConnError::Timeout),
+        };
+        let stream = chunks.map(|rx| ChunkStream {
+            id,
+            rx,
+            tx: self.tx.clone(),
+            pending: self.pending.clone(),
+            consumed: 0,
+            ended: None,
+            on_end: Vec::new(),
+        });
+        Ok(Reply { response, stream })
+    }
+}
+
+/// What a request got back: a whole response, or the head of a streamed
+/// one (status and headers) and its chunks.
+pub struct Reply {
+    pub response: Response,
+    pub stream: Option<ChunkStream>,
+}
+
+/// Why a stream ended before its end frame.
+#[derive(Debug)]
+pub enum StreamError {
+    /// The user code raised: what a failed call would have answered.
+    Failed(Response),
+    /// The connection broke, or the replica broke the protocol.
+    Lost(String),
+}
+
+impl std::fmt::Display for StreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamError::Failed(r) => write!(
+                f,
+                "the stream failed: {}",
+                String::from_utf8_lossy(&r.body[..r.body.len().min(4096)])
+            ),
+            StreamError::Lost(reason) => write!(f, "the stream was cut: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for StreamError {}
+
+/// The body of a streamed reply, chunk by chunk as the replica yields
+/// them. Each chunk taken is credited back to the replica (in half
+/// windows), so the replica is never more than [`STREAM_WINDOW`] chunks
+/// ahead of the consumer. Dropped before its end, it cancels the replica's
+/// generator. What it holds (the router's slot on the replica) is released
+/// when it is dropped, and `on_end` runs then with whether it completed.
+pub struct ChunkStream {
+    id: RequestId,
+    rx: mpsc::Receiver<StreamFrame>,
+    tx: FrameSender,
+    pending: Pending,
+    consumed: u32,
+    /// Some(completed) once the end (or an error) was taken.
+    ended: Option<bool>,
+    on_end: Vec<Box<dyn FnOnce(bool) + Send>>,
+}
+
+impl ChunkStream {
+    /// The next chunk; `None` after the end frame.
+    pub fn poll_next(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<bytes::Bytes, StreamError>>> {
+        use std::task::Poll;
+        if self.ended.is_some() {
+            return Poll::Ready(None);
+        }
+        let frame = match self.rx.poll_recv(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(frame) => frame,
+        };
+        Poll::Ready(match frame {
+            Some(StreamFrame::Chunk(chunk)) => {
+                self.consumed += 1;
+                if self.consumed >= (STREAM_WINDOW / 2).max(1) {
+                    self.control(Payload::Credit(self.consumed));
+                    self.consumed = 0;
+                }
+                Some(Ok(chunk.into()))
+            }
+            Some(StreamFrame::End) => {
+                self.ended = Some(true);
+                None
+            }
+            Some(StreamFrame::Error(response)) => {
+                self.ended = Some(false);
+                Some(Err(StreamError::Failed(response)))
+            }
+            None => {
+                self.ended = Some(false);
+                let reason = lock(&self.pending)
+                    .closed
+                    .clone()
+                    .unwrap_or_else(|| "the replica overran the stream window".into());
+                Some(Err(StreamError::Lost(reason)))
+            }
+        })
+    }
+
+    pub async fn next(&mut self) -> Option<Result<bytes::Bytes, StreamError>> {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// Runs `f` when the stream is dropped, with whether it completed.
+    pub fn on_end(&mut self, f: impl FnOnce(bool) + Send + 'static) {
+        self.on_end.push(Box::new(f));
+    }
+
+    /// Keeps `guard` (a router slot) until the stream is dropped.
+    pub(crate) fn hold(&mut self, guard: impl Send + 'static) {
+        self.on_end(move |_| drop(guard));
+    }
+
+    fn control(&self, payload: Payload) {
+        let request = Request {
+            method_name: None,
+            payload,
+        };
+        if let Ok(bytes) = frame::encode(self.id, &request) {
+            let _ = self.tx.send(&bytes);
+        }
+    }
+}
+
+impl Drop for ChunkStream {
+    fn drop(&mut self) {
+        lock(&self.pending).streams.remove(&self.id);
+        if self.ended.is_none() {
+            // The consumer went away mid-stream: stop the generator.
+            self.control(Payload::Cancel);
+        }
+        let completed = self.ended == Some(true);
+        for f in self.on_end.drain(..) {
+            f(completed);
         }
     }
 }
@@ -258,7 +405,7 @@ impl ReplicaConn {
         &self,
         request: &Request,
         deadline: Instant,
-    ) -> Result<Response, ConnError> {
+    ) -> Result<Reply, ConnError> {
         let live = self.live(deadline).await?;
         live.send(request, deadline).await
     }
@@ -407,6 +554,7 @@ impl ReplicaConn {
         let reader = tokio::spawn(read_loop(
             reader,
             writer,
+            tx.clone(),
             pending.clone(),
             self.state.clone(),
             self.replica_id.clone(),
@@ -425,6 +573,7 @@ impl ReplicaConn {
 async fn read_loop<R: AsyncRead + Unpin>(
     mut reader: FrameReader<R>,
     mut writer: JoinHandle<std::io::Result<()>>,
+    tx: FrameSender,
     pending: Pending,
     state: Arc<Mutex<ConnState>>,
     replica_id: String,
@@ -432,25 +581,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let reason = loop {
         tokio::select! {
             next = reader.next() => match next {
-                Ok(Some((id, body))) => {
-                    // One lock per frame: a session's id, else a waiter's.
-                    let waiter = {
-                        let mut p = lock(&pending);
-                        match p.sessions.get(&id) {
-                            Some(session) => Err(session.clone()),
-                            None => Ok(p.waiters.remove(&id)),
-                        }
-                    };
-                    match waiter {
-                        Err(session) => deliver_ws(&pending, id, session, &body, &replica_id),
-                        // No entry: the request timed out or its caller went away.
-                        Ok(None) => {}
-                        Ok(Some(tx)) => {
-                            let result = frame::decode::<Response>(&body).map_err(|e: FrameError| ConnError::Protocol(e.to_string()));
-                            let _ = tx.send(result);
-                        }
-                    }
-                }
+                Ok(Some((id, body))) => on_frame(&pending, &tx, id, &body, &replica_id),
                 Ok(None) => break "connection closed by the replica".to_owned(),
                 Err(e) => break format!("read failed: {e}"),
             },
@@ -464,6 +595,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let failed: Vec<_> = {
         let mut p = lock(&pending);
         p.closed = Some(reason.clone());
+        // Their consumers see the channel end without an end frame.
+        p.streams.clear();
         // Their receivers end: each session tells its client.
         p.sessions.clear();
         p.waiters.drain().map(|(_, tx)| tx).collect()
@@ -483,6 +616,74 @@ async fn read_loop<R: AsyncRead + Unpin>(
             // Dropping the Live here aborts this very task, which is ending anyway.
             *state = ConnState::Backoff { until, failures: 1 };
         }
+    }
+}
+
+/// One frame from the replica: a response (or a stream's head) for a
+/// waiting request, the next frame of an open stream, or a WebSocket
+/// session's frame (one lock per frame).
+fn on_frame(pending: &Pending, tx: &FrameSender, id: RequestId, body: &[u8], replica_id: &str) {
+    let mut p = lock(pending);
+    if let Some(session) = p.sessions.get(&id) {
+        let session = session.clone();
+        drop(p);
+        deliver_ws(pending, id, session, body, replica_id);
+        return;
+    }
+    if let Some(chunks) = p.streams.get(&id) {
+        let frame = frame::decode::<StreamFrame>(body);
+        let last = !matches!(frame, Ok(StreamFrame::Chunk(_)));
+        // A full channel: the replica sent beyond its window. Dropping the
+        // sender ends the stream with an error for its consumer.
+        let refused = match frame {
+            Ok(frame) => chunks.try_send(frame).is_err(),
+            Err(_) => true,
+        };
+        if last || refused {
+            p.streams.remove(&id);
+        }
+        return;
+    }
+    // No entry: the request timed out or its caller went away; a stream
+    // it started is cancelled.
+    let Some(waiter) = p.waiters.remove(&id) else {
+        drop(p);
+        if frame::decode::<Response>(body).is_ok_and(|r| r.header(STREAM_HEADER).is_some()) {
+            send_cancel(tx, id);
+        }
+        return;
+    };
+    let answer = match frame::decode::<Response>(body) {
+        Ok(mut response) => {
+            let before = response.headers.len();
+            response
+                .headers
+                .retain(|(k, _)| !k.eq_ignore_ascii_case(STREAM_HEADER));
+            if response.headers.len() == before {
+                Ok((response, None))
+            } else {
+                // The window's chunks and the end frame.
+                let (chunks, rx) = mpsc::channel(STREAM_WINDOW as usize + 1);
+                p.streams.insert(id, chunks);
+                Ok((response, Some(rx)))
+            }
+        }
+        Err(e) => Err(ConnError::Protocol(e.to_string())),
+    };
+    if let Err(Ok((_, Some(_)))) = waiter.send(answer) {
+        // The caller went away between our look and the send.
+        p.streams.remove(&id);
+        send_cancel(tx, id);
+    }
+}
+
+fn send_cancel(tx: &FrameSender, id: RequestId) {
+    let cancel = Request {
+        method_name: None,
+        payload: Payload::Cancel,
+    };
+    if let Ok(bytes) = frame::encode(id, &cancel) {
+        let _ = tx.send(&bytes);
     }
 }
 

@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use crate::metrics::{self, BackendMetrics, Outcome};
 use crate::policy::{PowerOfTwoChoices, ReplicaChoice};
-use crate::replica_conn::{Availability, ConnError, ReplicaConn, WsSession};
+use crate::replica_conn::{Availability, ConnError, ReplicaConn, Reply, StreamError, WsSession};
 
 mod models;
 #[cfg(test)]
@@ -405,24 +405,89 @@ impl Router {
     /// `call`, with the backend drawn by `shard_key` when one is given: the
     /// same key reaches the same backend for as long as the endpoint's
     /// traffic weights stay (the replica within it is still chosen by load).
+    /// A streamed reply is read to its end (up to the frame size limit).
     pub async fn call_sharded(
         &self,
         endpoint: &str,
         shard_key: Option<&str>,
         request: Request,
     ) -> Result<Response, RouterError> {
+        let Reply {
+            mut response,
+            stream,
+        } = self.call_streaming(endpoint, shard_key, request).await?;
+        let Some(mut stream) = stream else {
+            return Ok(response);
+        };
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(chunk)
+                    if response.body.len() + chunk.len() <= serval_protos::frame::MAX_FRAME_LEN =>
+                {
+                    response.body.extend_from_slice(&chunk)
+                }
+                Ok(_) => {
+                    return Err(RouterError::Protocol {
+                        replica: String::new(),
+                        reason: "a streamed reply exceeded the frame size limit".into(),
+                    })
+                }
+                Err(StreamError::Failed(failed)) => return Ok(failed),
+                Err(StreamError::Lost(reason)) => {
+                    return Err(RouterError::ReplicaDied {
+                        replica: String::new(),
+                        reason,
+                    })
+                }
+            }
+        }
+        Ok(response)
+    }
+
+    /// `call_sharded`, with a streamed reply handed on as it comes: its
+    /// chunks in [`Reply::stream`], which holds the replica's slot until it
+    /// is dropped. A stream is counted in the metrics when it ends.
+    pub async fn call_streaming(
+        &self,
+        endpoint: &str,
+        shard_key: Option<&str>,
+        request: Request,
+    ) -> Result<Reply, RouterError> {
         let start = Instant::now();
         let mut chosen = None;
         let point = shard_key.map(shard_point);
-        let result = self
+        let mut result = self
             .route(endpoint, request, point, start, &mut chosen)
             .await;
         // Counted under the backend last drawn; a call that found no
         // backend at all (unknown endpoint, all weights zero) is not.
-        if let Some(backend) = chosen {
-            backend
-                .metrics
-                .record(endpoint, Outcome::of(&result), start.elapsed());
+        let Some(backend) = chosen else {
+            return result;
+        };
+        match &mut result {
+            Ok(Reply {
+                response,
+                stream: Some(stream),
+            }) => {
+                let status = response.status;
+                let endpoint = endpoint.to_owned();
+                stream.on_end(move |completed| {
+                    let outcome = if completed {
+                        Outcome::of_status(status)
+                    } else {
+                        Outcome::of_status(500)
+                    };
+                    backend.metrics.record(&endpoint, outcome, start.elapsed());
+                });
+            }
+            Ok(reply) => {
+                let outcome = Outcome::of_status(reply.response.status);
+                backend.metrics.record(endpoint, outcome, start.elapsed());
+            }
+            Err(e) => {
+                let outcome = Outcome::of(&Err(e.clone()));
+                backend.metrics.record(endpoint, outcome, start.elapsed());
+            }
         }
         result
     }
@@ -435,7 +500,7 @@ impl Router {
         point: Option<f64>,
         start: Instant,
         chosen: &mut Option<Arc<Backend>>,
-    ) -> Result<Response, RouterError> {
+    ) -> Result<Reply, RouterError> {
         let mut shadows_sent = false;
         self.walk(
             endpoint,
@@ -498,7 +563,8 @@ impl Router {
                 &mut chosen,
                 |_, _, _| {},
                 |backend, deadline| async move {
-                    self.acquire(&backend, deadline, Queueing::NoWait, None).await
+                    self.acquire(&backend, deadline, Queueing::NoWait, None)
+                        .await
                 },
             )
             .await?;
@@ -623,7 +689,7 @@ impl Router {
         request: &Request,
         deadline: Instant,
         queueing: Queueing,
-    ) -> Result<Response, Attempt> {
+    ) -> Result<Reply, Attempt> {
         loop {
             let model = if backend.reports_models.load(Ordering::Relaxed) {
                 models::model_id_of(request)
@@ -635,12 +701,16 @@ impl Router {
                 .await?;
             let replica = &slot.replica.id;
             return match slot.replica.conn.request(request, deadline).await {
-                Ok(mut response) => {
-                    backend.metrics.take_batch_size(&mut response);
-                    if slot.replica.models.take_report(&mut response) {
+                Ok(mut reply) => {
+                    backend.metrics.take_batch_size(&mut reply.response);
+                    if slot.replica.models.take_report(&mut reply.response) {
                         backend.reports_models.store(true, Ordering::Relaxed);
                     }
-                    Ok(response)
+                    if let Some(stream) = &mut reply.stream {
+                        // An open stream is load on its replica.
+                        stream.hold(slot);
+                    }
+                    Ok(reply)
                 }
                 // Never sent, and that replica is now backing off: try another.
                 Err(ConnError::Connect(reason)) => {

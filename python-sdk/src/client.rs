@@ -23,7 +23,9 @@ use serval_protos::control::{
 };
 use serval_protos::frame::{CallRequest, LogsRequest, Payload, Request, Response};
 use serval_protos::handshake::{self, Credential, Key, Role};
-use serval_proxy::{Router, RouterConfig, RouterError, MAX_SHARD_KEY_BYTES};
+use serval_proxy::{
+    ChunkStream, Reply, Router, RouterConfig, RouterError, StreamError, MAX_SHARD_KEY_BYTES,
+};
 use tokio::sync::watch;
 
 use crate::poll::poll_until;
@@ -886,6 +888,31 @@ impl Handle {
         Ok(CallFuture { rx })
     }
 
+    /// Starts a streaming call (`handle.options(stream=True)`): its chunks
+    /// come from the returned [`StreamCall`] as the replica yields them.
+    #[pyo3(signature = (method_name, args, http_method, headers, shard_key=None))]
+    fn stream(
+        &self,
+        method_name: Option<String>,
+        args: Vec<u8>,
+        http_method: String,
+        headers: Vec<(String, String)>,
+        shard_key: Option<String>,
+    ) -> PyResult<StreamCall> {
+        check_shard_key(shard_key.as_deref())?;
+        let router = self.router.clone();
+        let endpoint = self.endpoint.clone();
+        let req = request(method_name, args, http_method, headers);
+        let head = runtime().spawn(async move {
+            router
+                .call_streaming(&endpoint, shard_key.as_deref(), req)
+                .await
+        });
+        Ok(StreamCall {
+            state: Arc::new(tokio::sync::Mutex::new(StreamState::Starting(head))),
+        })
+    }
+
     /// The same call as an awaitable for asyncio code.
     #[pyo3(signature = (method_name, args, http_method, headers, shard_key=None))]
     fn call_async<'py>(
@@ -907,6 +934,128 @@ impl Handle {
                 .await;
             Python::attach(|py| outcome_to_py(py, &outcome))
         })
+    }
+}
+
+enum StreamState {
+    /// The call is on its way; its head has not come.
+    Starting(tokio::task::JoinHandle<Result<Reply, RouterError>>),
+    Open(ChunkStream),
+    Done,
+}
+
+/// What the next step of a stream gives Python: `("chunk", bytes)`,
+/// `("end", None)`, or `("response", (status, headers, body))` when the
+/// replica answered with a whole response instead of a stream (an error
+/// before the first chunk, or a method that does not stream) or the
+/// stream failed with one.
+type StreamStep = (&'static str, Option<Py<PyAny>>);
+
+enum Step {
+    Chunk(bytes::Bytes),
+    End,
+    Whole(Response),
+}
+
+impl StreamState {
+    async fn step(&mut self) -> Result<Step, RouterError> {
+        loop {
+            match self {
+                StreamState::Done => return Ok(Step::End),
+                StreamState::Starting(head) => {
+                    let reply = match head.await {
+                        Ok(reply) => reply,
+                        Err(e) => {
+                            *self = StreamState::Done;
+                            return Err(RouterError::Protocol {
+                                replica: String::new(),
+                                reason: format!("the call's task failed: {e}"),
+                            });
+                        }
+                    };
+                    match reply {
+                        Ok(Reply {
+                            stream: Some(stream),
+                            ..
+                        }) => *self = StreamState::Open(stream),
+                        Ok(Reply { response, .. }) => {
+                            *self = StreamState::Done;
+                            return Ok(Step::Whole(response));
+                        }
+                        Err(e) => {
+                            *self = StreamState::Done;
+                            return Err(e);
+                        }
+                    }
+                }
+                StreamState::Open(stream) => {
+                    let next = stream.next().await;
+                    let step = match next {
+                        Some(Ok(chunk)) => return Ok(Step::Chunk(chunk)),
+                        None => Ok(Step::End),
+                        Some(Err(StreamError::Failed(response))) => Ok(Step::Whole(response)),
+                        Some(Err(StreamError::Lost(reason))) => Err(RouterError::ReplicaDied {
+                            replica: String::new(),
+                            reason,
+                        }),
+                    };
+                    // Ended: the slot goes back now, not when Python drops us.
+                    *self = StreamState::Done;
+                    return step;
+                }
+            }
+        }
+    }
+}
+
+fn step_to_py(py: Python<'_>, step: Result<Step, RouterError>) -> PyResult<StreamStep> {
+    match step {
+        Ok(Step::Chunk(chunk)) => Ok(("chunk", Some(PyBytes::new(py, &chunk).into_any().unbind()))),
+        Ok(Step::End) => Ok(("end", None)),
+        Ok(Step::Whole(r)) => {
+            let whole = (r.status, r.headers, PyBytes::new(py, &r.body)).into_pyobject(py)?;
+            Ok(("response", Some(whole.into_any().unbind())))
+        }
+        Err(e) => outcome_to_py(py, &Err(e)).map(|_| ("end", None)),
+    }
+}
+
+/// A streaming handle call (`DeploymentResponseGenerator`'s transport).
+/// Dropped or closed before its end, it cancels the replica's generator.
+#[pyclass(frozen, module = "serval._native")]
+pub struct StreamCall {
+    state: Arc<tokio::sync::Mutex<StreamState>>,
+}
+
+#[pymethods]
+impl StreamCall {
+    /// The next step (see [`StreamStep`]), waiting with the GIL released.
+    fn next(&self, py: Python<'_>) -> PyResult<StreamStep> {
+        let state = self.state.clone();
+        let step =
+            py.detach(move || runtime().block_on(async move { state.lock().await.step().await }));
+        step_to_py(py, step)
+    }
+
+    /// `next` as an asyncio awaitable.
+    fn next_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let state = self.state.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let step = state.lock().await.step().await;
+            Python::attach(|py| step_to_py(py, step))
+        })
+    }
+
+    /// Cancels the stream (the replica's generator stops) unless it ended.
+    /// A step in progress (another thread or task waiting on `next`) keeps
+    /// the stream; it is cancelled when that step's owner lets go.
+    fn close(&self) {
+        if let Ok(mut state) = self.state.try_lock() {
+            if let StreamState::Starting(head) = &*state {
+                head.abort();
+            }
+            *state = StreamState::Done;
+        }
     }
 }
 
@@ -1055,6 +1204,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Client>()?;
     m.add_class::<Handle>()?;
     m.add_class::<CallFuture>()?;
+    m.add_class::<StreamCall>()?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(application_statuses, m)?)?;
     m.add("ServeError", m.py().get_type::<ServeError>())?;

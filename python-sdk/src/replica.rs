@@ -107,7 +107,8 @@ use crossbeam_channel::TrySendError;
 use serval_node::replica_server::{self, Handler, Reply};
 use serval_onnx::NativeHandler;
 use serval_protos::frame::{
-    CallRequest, HttpRequest, PathValue, Payload, Request, Response, WsFrame, ERROR_TYPE_HEADER,
+    CallRequest, HttpRequest, PathValue, Payload, Request, Response, StreamFrame, WsFrame,
+    ERROR_TYPE_HEADER, STREAM_HEADER,
 };
 use serval_protos::frame_socket::FrameSender;
 use serval_protos::handshake::{self, Key, ReplicaKeys};
@@ -132,7 +133,8 @@ enum Job {
         request: Request,
         reply: Reply,
     },
-    /// A router connection ended: the WebSocket sessions on it are over.
+    /// A router connection ended: the WebSocket sessions and streams on it
+    /// are over.
     Closed(u64),
 }
 
@@ -150,6 +152,11 @@ impl Job {
                 reply.send_frame(&WsFrame::Deny(response.clone()));
             }
             Payload::Ws(WsFrame::Close { .. }) => {}
+            // A stream's Credit or Cancel is never answered: dropped, the
+            // stream waits for the connection's end, which also cancels it.
+            Payload::Credit(_) | Payload::Cancel => {
+                tracing::warn!("replica queue full: a stream credit or cancel was dropped")
+            }
             Payload::Ws(_) => {
                 reply.send_frame(&WsFrame::Close {
                     code: 1013,
@@ -351,7 +358,8 @@ impl Handler for QueueHandler {
 
     fn closed(&self, conn: u64) {
         // Blocking send: the end of a connection must not be lost to a full
-        // queue (its sessions would wait forever); the Python thread drains it.
+        // queue (its sessions and streams would wait forever); the Python
+        // thread drains it.
         if self.tx.send(Job::Closed(conn)).is_ok() {
             self.wake.wake();
         }
@@ -437,13 +445,30 @@ impl StopSignal {
 #[pyclass(frozen, name = "Reply", module = "serval._native")]
 pub struct PyReply {
     inner: Mutex<Option<Reply>>,
+    /// After `start_stream`: the reply its chunks go out on, until the
+    /// stream ends. Dropped while still here, the stream ends with an error.
+    stream: Mutex<Option<Reply>>,
+    /// (connection, request id): what this request's Credit/Cancel frames
+    /// name.
+    key: (u64, u64),
 }
 
 impl PyReply {
     fn new(reply: Reply) -> Self {
         Self {
+            key: (reply.connection(), reply.id()),
             inner: Mutex::new(Some(reply)),
+            stream: Mutex::new(None),
         }
+    }
+
+    fn stream_frame(&self, frame: &StreamFrame, last: bool) -> bool {
+        let mut stream = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+        let sent = stream.as_ref().is_some_and(|r| r.send_frame(frame));
+        if last {
+            stream.take();
+        }
+        sent
     }
 
     /// Sends `response` unless already answered; true if this call answered.
@@ -477,10 +502,66 @@ impl PyReply {
             .unwrap_or_else(|p| p.into_inner())
             .is_none()
     }
+
+    /// (connection, request id), as `on_stream` names this request.
+    #[getter]
+    fn stream_key(&self) -> (u64, u64) {
+        self.key
+    }
+
+    /// Answers with the head of a streamed reply (status and headers; the
+    /// body follows with `send_chunk`, then `end_stream` or `fail_stream`).
+    /// False when already answered or the router is gone.
+    fn start_stream(&self, status: u16, mut headers: Vec<(String, String)>) -> bool {
+        let reply = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(reply) = reply else {
+            return false;
+        };
+        headers.push((STREAM_HEADER.to_owned(), "1".to_owned()));
+        let sent = reply.send_frame(&Response {
+            status,
+            headers,
+            body: Vec::new(),
+        });
+        if sent {
+            *self.stream.lock().unwrap_or_else(|p| p.into_inner()) = Some(reply);
+        }
+        sent
+    }
+
+    /// One chunk of the stream; False when the router is gone.
+    fn send_chunk(&self, chunk: &[u8]) -> bool {
+        self.stream_frame(&StreamFrame::Chunk(chunk.to_vec()), false)
+    }
+
+    /// Ends the stream: complete.
+    fn end_stream(&self) -> bool {
+        self.stream_frame(&StreamFrame::End, true)
+    }
+
+    /// Ends the stream with an error, the response a failed call would get.
+    fn fail_stream(&self, status: u16, headers: Vec<(String, String)>, body: &[u8]) -> bool {
+        let error = Response {
+            status,
+            headers,
+            body: body.to_vec(),
+        };
+        self.stream_frame(&StreamFrame::Error(error), true)
+    }
 }
 
 impl Drop for PyReply {
     fn drop(&mut self) {
+        if let Some(reply) = self
+            .stream
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            reply.send_frame(&StreamFrame::Error(unavailable(
+                "the replica dropped the stream before its end",
+            )));
+        }
         if let Some(reply) = self
             .inner
             .get_mut()
@@ -713,7 +794,7 @@ impl ReplicaServer {
     /// queue of ready callbacks), once the queue is empty and nothing is
     /// ready on the loop, it polls for more requests that long (GIL
     /// released) and runs what arrived: see [`ReplicaServer::poll_for_job`].
-    #[pyo3(signature = (on_http, on_call, on_reconfigure, poll_us = 0, ready = None, on_ws_open = None, on_ws_event = None))]
+    #[pyo3(signature = (on_http, on_call, on_reconfigure, poll_us = 0, ready = None, on_ws_open = None, on_ws_event = None, on_stream = None))]
     #[allow(clippy::too_many_arguments)]
     fn drain(
         &self,
@@ -725,6 +806,7 @@ impl ReplicaServer {
         ready: Option<Bound<'_, PyAny>>,
         on_ws_open: Option<Bound<'_, PyAny>>,
         on_ws_event: Option<Bound<'_, PyAny>>,
+        on_stream: Option<Bound<'_, PyAny>>,
     ) -> PyResult<usize> {
         self.wake.clear();
         if self.stop.is_stopped() {
@@ -757,6 +839,7 @@ impl ReplicaServer {
                 &on_call,
                 &on_reconfigure,
                 (on_ws_open.as_ref(), on_ws_event.as_ref()),
+                on_stream.as_ref(),
             )?;
         }
         if !self.rx.is_empty() {
@@ -872,16 +955,30 @@ fn run_job(
     on_call: &Bound<'_, PyAny>,
     on_reconfigure: &Bound<'_, PyAny>,
     ws: WsDispatch<'_, '_>,
+    on_stream: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     let (request, reply) = match job {
         Job::Request { request, reply } => (request, reply),
-        Job::Closed(conn) => return run_ws(py, ws, WsJob::Closed(conn)),
+        Job::Closed(conn) => {
+            stream_signal(py, on_stream, (conn, None, -1));
+            return run_ws(py, ws, WsJob::Closed(conn));
+        }
     };
     let request = match request.payload {
         Payload::WsOpen(http) => {
             return run_ws(py, ws, WsJob::Open(request.method_name, http, reply))
         }
         Payload::Ws(frame) => return run_ws(py, ws, WsJob::Frame(reply, frame)),
+        // Stream signals, never answered.
+        Payload::Credit(n) => {
+            let key = (reply.connection(), Some(reply.id()), i64::from(n));
+            stream_signal(py, on_stream, key);
+            return Ok(());
+        }
+        Payload::Cancel => {
+            stream_signal(py, on_stream, (reply.connection(), Some(reply.id()), -1));
+            return Ok(());
+        }
         payload => Request {
             method_name: request.method_name,
             payload,
@@ -910,6 +1007,7 @@ fn run_job(
         // The frame server answers these itself; they never reach Python.
         Payload::Ping | Payload::Logs(_) => unreachable!("answered by the frame server"),
         Payload::WsOpen(_) | Payload::Ws(_) => unreachable!("dispatched by run_ws"),
+        Payload::Credit(_) | Payload::Cancel => unreachable!("taken as stream signals above"),
     };
     let result = result.and_then(|r| {
         if r.is_none() {
@@ -1138,6 +1236,20 @@ fn websocket_scope(py: Python<'_>, http: HttpRequest) -> PyResult<Bound<'_, PyDi
     extensions.set_item(intern!(py, "websocket.http.response"), PyDict::new(py))?;
     scope.set_item(intern!(py, "extensions"), extensions)?;
     Ok(scope)
+}
+
+/// A router's signal for a stream: `on_stream(conn, id, credit)`, credit
+/// -1 to cancel, id None for every stream of a closed connection.
+fn stream_signal(
+    py: Python<'_>,
+    on_stream: Option<&Bound<'_, PyAny>>,
+    signal: (u64, Option<u64>, i64),
+) {
+    if let Some(on_stream) = on_stream {
+        if let Err(err) = on_stream.call1(signal) {
+            tracing::error!("stream signal failed: {}", err.value(py));
+        }
+    }
 }
 
 fn to_response(result: &Bound<'_, PyAny>) -> PyResult<Response> {

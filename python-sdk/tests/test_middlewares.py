@@ -88,6 +88,27 @@ def test_seed_cors_example_and_gzip(monkeypatch):
         assert requests.get(f"{c.url}/-/healthz", timeout=10).status_code == 200
 
 
+def tokens(request):
+    for i in range(3):
+        yield f"token{i} "
+
+
+def test_a_streamed_reply_passes_the_middlewares_by_its_head(monkeypatch):
+    middlewares = [
+        Middleware(CORSMiddleware, allow_origins=["*"]),
+        Middleware(GZipMiddleware, minimum_size=0),
+    ]
+    with middleware_cluster(monkeypatch, middlewares) as c:
+        serve.create_backend("tokens", tokens)
+        serve.create_endpoint("tokens", backend="tokens", route="/tokens")
+        r = requests.get(f"{c.url}/tokens", headers={"Origin": "https://web.example", "Accept-Encoding": "gzip"},
+                         timeout=10, stream=True)
+        # CORS headers on the head; the body streams as it is, not gzipped.
+        assert r.headers["Access-Control-Allow-Origin"] == "*"
+        assert "Content-Encoding" not in r.headers and r.headers["Transfer-Encoding"] == "chunked"
+        assert r.raw.read(decode_content=False) == b"token0 token1 token2 "
+
+
 def test_every_node_proxy_runs_the_middlewares(monkeypatch):
     middlewares = [
         Middleware(CORSMiddleware, allow_origins=["https://web.example"]),

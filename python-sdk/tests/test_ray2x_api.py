@@ -183,8 +183,14 @@ def test_deployment_options_are_checked_and_compiled_to_backend_config():
     assert scaled["autoscaling"]["max_replicas"] == 4 and scaled["autoscaling"]["target_replica_concurrency"] == 3
     assert scaled["autoscaling"]["upscale_stabilization_period"] == 5
 
-    with pytest.raises(NotImplementedError, match="stream"):
-        serve.DeploymentHandle("D", "app").options(stream=True)
+    # stream=True stays with a handle, through attributes and pickling
+    # (test_streaming.py streams with it); it must be a bool.
+    import pickle
+
+    streaming = pickle.loads(pickle.dumps(serve.DeploymentHandle("D", "app").options(stream=True).method))
+    assert streaming._stream is True and streaming._method_name == "method"
+    with pytest.raises(TypeError, match="stream must be a bool"):
+        serve.DeploymentHandle("D", "app").options(stream="yes")
 
 
 # -- composition -------------------------------------------------------------

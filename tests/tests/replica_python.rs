@@ -320,6 +320,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     async fn send(&mut self, request: Request) -> Response {
         self.send_all(&[request]).await.remove(&0).unwrap()
     }
+
+    /// The body of the streamed reply whose head `send` just returned: its
+    /// chunks, up to its end frame.
+    async fn stream_rest(&mut self) -> Vec<Vec<u8>> {
+        let mut chunks = Vec::new();
+        loop {
+            let (id, body) = tokio::time::timeout(TIMEOUT, self.reader.next())
+                .await
+                .expect("stream frame timed out")
+                .unwrap()
+                .expect("connection closed early");
+            assert_eq!(id, self.next_id - 1, "a frame of another request");
+            match decode::<serval_protos::frame::StreamFrame>(&body).unwrap() {
+                serval_protos::frame::StreamFrame::Chunk(c) => chunks.push(c),
+                serval_protos::frame::StreamFrame::End => return chunks,
+                other => panic!("unexpected stream frame {other:?}"),
+            }
+        }
+    }
 }
 
 async fn unix_client(replica: &Replica) -> Client<tokio::net::UnixStream> {
@@ -430,12 +449,14 @@ async fn http_requests_reach_a_starlette_request() {
     assert_eq!((r.status, r.body.as_slice()), (200, &b"plain text"[..]));
     assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
 
-    // A StreamingResponse is run as an ASGI app and collected.
+    // A StreamingResponse streams: a head frame, a frame per chunk, the end.
     let r = c
         .send(req(None, Payload::Http(http("GET", "/stream", "", b""))))
         .await;
-    assert_eq!((r.status, r.body.as_slice()), (201, &b"abc"[..]));
+    assert_eq!((r.status, r.body.as_slice()), (201, &b""[..]));
+    assert_eq!(r.header(serval_protos::frame::STREAM_HEADER), Some("1"));
     assert_eq!(r.header("content-type"), Some("text/csv; charset=utf-8"));
+    assert_eq!(c.stream_rest().await, [b"a", b"b", b"c"]);
 
     // A result that is not JSON serializable -> 500 with a clear error.
     let r = c

@@ -735,3 +735,131 @@ async fn a_model_goes_to_the_replica_holding_it_while_it_has_room() {
     // A request naming no model is routed as always.
     assert_eq!(call(http_request("/")).await.status, 200);
 }
+
+/// A streaming replica: answers each HTTP request with a stream head and
+/// `chunks` chunk frames at once (more than the window: a replica that
+/// breaks the protocol), and counts the credits and cancels it gets.
+struct StreamHandler {
+    chunks: usize,
+    credits: std::sync::atomic::AtomicU32,
+    cancels: AtomicUsize,
+    /// The open streams' replies (kept so the stream stays open).
+    open: std::sync::Mutex<Vec<Reply>>,
+}
+
+impl StreamHandler {
+    fn new(chunks: usize) -> Arc<Self> {
+        Arc::new(Self {
+            chunks,
+            credits: Default::default(),
+            cancels: Default::default(),
+            open: Default::default(),
+        })
+    }
+}
+
+impl Handler for StreamHandler {
+    fn handle(&self, request: Request, reply: Reply) {
+        match request.payload {
+            Payload::Credit(n) => {
+                self.credits.fetch_add(n, Ordering::SeqCst);
+            }
+            Payload::Cancel => {
+                self.cancels.fetch_add(1, Ordering::SeqCst);
+            }
+            _ => {
+                let head = Response {
+                    status: 200,
+                    headers: vec![(serval_protos::frame::STREAM_HEADER.into(), "1".into())],
+                    body: vec![],
+                };
+                assert!(reply.send_frame(&head));
+                for i in 0..self.chunks {
+                    let chunk = serval_protos::frame::StreamFrame::Chunk(vec![i as u8]);
+                    assert!(reply.send_frame(&chunk));
+                }
+                self.open.lock().unwrap().push(reply);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stream_holds_its_slot_grants_credit_as_it_is_read_and_cancels_when_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let window = serval_protos::frame::STREAM_WINDOW as usize;
+    let handler = StreamHandler::new(window);
+    let rep = TestReplica::start(dir.path(), "r1", handler.clone());
+    let router = Router::new(test_config());
+    router.update(&snapshot(
+        vec![backend("b", 1)],
+        vec![endpoint("ep", &[("b", 1.0)], &[])],
+        vec![rep.record("b")],
+    ));
+    let reply = router
+        .call_streaming("ep", None, http_request("/ep"))
+        .await
+        .unwrap();
+    // The marker is the frame layer's, not the client's.
+    assert!(reply
+        .response
+        .header(serval_protos::frame::STREAM_HEADER)
+        .is_none());
+    let mut stream = reply.stream.expect("a streamed reply");
+    assert_eq!(router.in_flight("b"), 1, "an open stream holds its slot");
+    for i in 0..window / 2 {
+        assert_eq!(stream.next().await.unwrap().unwrap().as_ref(), &[i as u8]);
+    }
+    eventually("half a window of credit", || {
+        handler.credits.load(Ordering::SeqCst) == (window / 2) as u32
+    })
+    .await;
+    assert_eq!(handler.cancels.load(Ordering::SeqCst), 0);
+    drop(stream);
+    assert_eq!(router.in_flight("b"), 0);
+    eventually("the cancel", || handler.cancels.load(Ordering::SeqCst) == 1).await;
+}
+
+#[tokio::test]
+async fn a_replica_that_overruns_the_window_has_its_stream_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let window = serval_protos::frame::STREAM_WINDOW as usize;
+    let rep = TestReplica::start(dir.path(), "r1", StreamHandler::new(window * 4));
+    let router = Router::new(test_config());
+    router.update(&snapshot(
+        vec![backend("b", 0)],
+        vec![endpoint("ep", &[("b", 1.0)], &[])],
+        vec![rep.record("b")],
+    ));
+    let mut stream = router
+        .call_streaming("ep", None, http_request("/ep"))
+        .await
+        .unwrap()
+        .stream
+        .unwrap();
+    // Wait until the replica's frames were all read (the connection is
+    // shared, a ping behind them answers after them).
+    assert_eq!(
+        router
+            .call(
+                "ep",
+                Request {
+                    method_name: None,
+                    payload: Payload::Ping
+                }
+            )
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let mut read = 0;
+    let end = loop {
+        match stream.next().await {
+            Some(Ok(_)) => read += 1,
+            other => break other,
+        }
+    };
+    assert!(read <= window + 1, "read {read} chunks beyond the window");
+    assert!(matches!(end, Some(Err(StreamError::Lost(_)))), "{end:?}");
+}

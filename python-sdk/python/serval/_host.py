@@ -51,6 +51,7 @@ import json
 import logging
 import os
 import traceback
+import types
 from typing import Any, Optional
 
 import cloudpickle
@@ -82,6 +83,27 @@ _TEXT = [("content-type", "text/plain; charset=utf-8")]
 _OCTET = [("content-type", "application/octet-stream")]
 _PICKLE = [("content-type", PICKLE_CONTENT_TYPE)]
 
+#: Chunks a stream may have in flight beyond those its router took (the
+#: frame protocol's STREAM_WINDOW): the generator is not advanced while
+#: they are all out.
+STREAM_WINDOW = 16
+
+
+class _Stream:
+    """One streamed reply: the credit its router granted, the waiter for
+    more, and the task producing it (cancelled when the router cancels)."""
+
+    __slots__ = ("credit", "waiter", "task")
+
+    def __init__(self):
+        self.credit = STREAM_WINDOW
+        self.waiter = None
+        self.task = None
+
+
+class _StreamGone(Exception):
+    """The router connection of a stream closed while it was produced."""
+
 #: SERVAL_DEBUG=1 (in the environment of `serve start`, inherited by its
 #: replicas) adds the traceback to the 500 body of a failed HTTP request; it
 #: is always in the replica's log.
@@ -107,6 +129,11 @@ DEFAULT_MAX_CONCURRENT_QUERIES_ASYNC = 100
 
 _HTTP = 0
 _CALL = 1
+#: A handle call made with ``options(stream=True)``: a generator's items
+#: stream back (a plain call to a generator method is refused, as in Ray).
+_STREAM_CALL = 2
+#: The call header a streaming handle call carries.
+STREAM_CALL_HEADER = "x-serval-stream"
 
 _get_running_loop = asyncio.events._get_running_loop
 _set_running_loop = asyncio.events._set_running_loop
@@ -353,6 +380,8 @@ class Host:
         #: server's bound (SERVAL_REPLICA_MAX_QUEUED), set by serve().
         self._max_waiting = 0
         self._tasks: set = set()
+        #: Open streams by (connection, request id), as on_stream names them.
+        self._streams: dict = {}
         self._user_config = None
         #: The ReplicaServer while ``serve`` runs.
         self._server = None
@@ -447,7 +476,7 @@ class Host:
         # and a sleep and wake-up cost more than a no-op request.
         poll_us = self._poll_us
         ready = getattr(loop, "_ready", None)
-        on_http, on_call, on_reconfigure = self.on_http, self.on_call, self.on_reconfigure
+        on_http, on_call, on_reconfigure, on_stream = self.on_http, self.on_call, self.on_reconfigure, self.on_stream
         on_ws_open, on_ws_event = self._websockets.on_open, self._websockets.on_event
 
         def on_wake():
@@ -457,7 +486,7 @@ class Host:
             _set_running_loop(None)
             self._loop_cleared = True
             try:
-                drain(on_http, on_call, on_reconfigure, poll_us, ready, on_ws_open, on_ws_event)
+                drain(on_http, on_call, on_reconfigure, poll_us, ready, on_ws_open, on_ws_event, on_stream)
             finally:
                 self._loop_cleared = False
                 _set_running_loop(loop)
@@ -658,6 +687,9 @@ class Host:
             if inspect.isawaitable(result):
                 self._spawn(self._finish_async(result, kind, scope, reply))
                 return None
+            if isinstance(result, _MAY_STREAM) and _streams(kind, result):
+                self._start_stream(kind, result, scope, reply)
+                return None
             response = self._respond(kind, result, scope)
         except (KeyboardInterrupt, SystemExit) as e:
             self._done()
@@ -675,6 +707,10 @@ class Host:
     async def _finish_async(self, awaitable, kind: int, scope, reply) -> None:
         try:
             result = await awaitable
+            if isinstance(result, _MAY_STREAM) and _streams(kind, result):
+                # The stream's task answers and frees the slot.
+                self._start_stream(kind, result, scope, reply)
+                return
             response = self._respond(kind, result, scope)
             if type(response) is not tuple:
                 response = await response
@@ -724,6 +760,125 @@ class Host:
         if pickled is not None:
             headers.append((EXCEPTION_HEADER, pickled))
         return 500, headers, body
+
+    # -- streams ---------------------------------------------------------
+
+    def _start_stream(self, kind: int, source: Any, scope, reply) -> None:
+        """Answers with a stream of what ``source`` (a generator, an async
+        generator, or a Response whose body is produced by running it)
+        yields, chunk by chunk, on a task that holds the request's slot until
+        the stream ends."""
+        stream = _Stream()
+        key = reply.stream_key
+        self._streams[key] = stream
+        stream.task = self.loop.create_task(self._run_stream(kind, source, scope, reply, stream, key))
+        self._tasks.add(stream.task)
+        stream.task.add_done_callback(self._tasks.discard)
+
+    def on_stream(self, conn: int, request_id: Optional[int], credit: int) -> None:
+        """A router's signal for a stream: ``credit`` more chunks may go,
+        or (-1) its consumer went away; ``request_id`` None: the connection
+        closed, every stream on it is cancelled."""
+        if request_id is None:
+            for key, stream in list(self._streams.items()):
+                if key[0] == conn:
+                    stream.task.cancel()
+            return
+        stream = self._streams.get((conn, request_id))
+        if stream is None:
+            return
+        if credit < 0:
+            stream.task.cancel()
+            return
+        stream.credit += credit
+        waiter = stream.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _take_credit(self, stream: _Stream) -> None:
+        """Waits until the window has room for one more chunk."""
+        while stream.credit <= 0:
+            stream.waiter = self.loop.create_future()
+            try:
+                await stream.waiter
+            finally:
+                stream.waiter = None
+        stream.credit -= 1
+
+    async def _run_stream(self, kind: int, source: Any, scope, reply, stream: _Stream, key) -> None:
+        try:
+            if isinstance(source, Response):
+                await self._stream_asgi(source, scope, reply, stream)
+            elif reply.start_stream(200, _TEXT if kind == _HTTP else _PICKLE):
+                await self._stream_items(kind, source, reply, stream)
+        except (asyncio.CancelledError, _StreamGone):
+            # The client went away (or the replica stops): the generator was
+            # closed where it stood.
+            _end_stream_with(reply, _UNAVAILABLE)
+        except (KeyboardInterrupt, SystemExit) as e:
+            _end_stream_with(reply, _fatal_response(e))
+            raise
+        except Exception as e:
+            _end_stream_with(reply, self._error(kind, e, scope, None))
+        finally:
+            self._streams.pop(key, None)
+            self._done()
+
+    async def _stream_items(self, kind: int, source: Any, reply, stream: _Stream) -> None:
+        encode = _http_chunk if kind == _HTTP else cloudpickle.dumps
+        if inspect.isasyncgen(source):
+            try:
+                while True:
+                    await self._take_credit(stream)
+                    try:
+                        item = await source.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    if not reply.send_chunk(encode(item)):
+                        raise _StreamGone()
+            finally:
+                await source.aclose()
+        else:
+            try:
+                while True:
+                    await self._take_credit(stream)
+                    try:
+                        item = _call_blocking(next, (source,), None)
+                    except StopIteration:
+                        break
+                    if not reply.send_chunk(encode(item)):
+                        raise _StreamGone()
+            finally:
+                source.close()
+        reply.end_stream()
+
+    async def _stream_asgi(self, response: Response, scope: dict, reply, stream: _Stream) -> None:
+        """Runs a Response whose body is produced (StreamingResponse,
+        FileResponse) as an ASGI app, each body message a chunk."""
+        background, response.background = response.background, None
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])]
+                if not reply.start_stream(message["status"], headers):
+                    raise _StreamGone()
+            elif message["type"] == "http.response.body":
+                body = message.get("body", b"")
+                if body:
+                    await self._take_credit(stream)
+                    if not reply.send_chunk(bytes(body)):
+                        raise _StreamGone()
+
+        async def receive():  # a disconnect cancels this task instead
+            await asyncio.Event().wait()
+
+        await response(scope, receive, send)
+        if reply.answered:
+            reply.end_stream()
+        else:
+            raise RuntimeError("the response ended without starting (no http.response.start)")
+        if background is not None:
+            self._after_send(background)
 
     # -- batches ---------------------------------------------------------
 
@@ -954,10 +1109,11 @@ class Host:
             raise
         except Exception as e:
             return self._error(_CALL, e, None, target.name)
+        kind = _STREAM_CALL if any(k == STREAM_CALL_HEADER for k, _ in headers) else _CALL
         if self._multiplexed or multiplex.has_caches():
             model_id = multiplex.model_id_from_headers(headers) if headers else ""
-            return self._submit_for_model(model_id, target, _CALL, call_args, call_kwargs, None, reply)
-        return self._submit(target, _CALL, call_args, call_kwargs, None, reply)
+            return self._submit_for_model(model_id, target, kind, call_args, call_kwargs, None, reply)
+        return self._submit(target, kind, call_args, call_kwargs, None, reply)
 
 
 #: ``serve.get_replica_context()`` in a deployment's replica.
@@ -1034,6 +1190,42 @@ def result_to_http(result: Any, backend: str):
         )
         return 500, _JSON, _dumps({"error": message}).encode()
     return 200, _JSON, encoded
+
+
+#: What a result that may stream is (one isinstance on the hot path).
+_MAY_STREAM = (types.GeneratorType, types.AsyncGeneratorType, Response)
+
+
+def _streams(kind: int, result: Any) -> bool:
+    """Whether ``result`` is answered as a stream: a generator or async
+    generator, or (HTTP) a Response whose body is produced by running it."""
+    if inspect.isgenerator(result) or inspect.isasyncgen(result):
+        if kind == _CALL:
+            if inspect.isgenerator(result):
+                result.close()
+            raise TypeError("the method is a generator: call it with handle.options(stream=True)")
+        return True
+    return kind == _HTTP and isinstance(result, Response) and \
+        not isinstance(getattr(result, "body", None), (bytes, bytearray, memoryview))
+
+
+def _http_chunk(item: Any) -> bytes:
+    """One yielded item as HTTP body bytes: str as UTF-8, bytes as they
+    are, anything else as JSON."""
+    if isinstance(item, str):
+        return item.encode("utf-8")
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item)
+    return _dumps(item).encode()
+
+
+def _end_stream_with(reply, response) -> None:
+    """Ends a stream with an error: as the whole answer when its head has
+    not gone out yet, else as its error frame."""
+    if not reply.answered:
+        reply.send(*response)
+    else:
+        reply.fail_stream(*response)
 
 
 def _with_batch_size(response, size: int):

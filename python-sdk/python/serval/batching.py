@@ -14,6 +14,13 @@ async backend) and in any event loop.
 Each parameter (besides ``self``) receives the list of the values the
 callers passed for it, so ``async def f(self, a, b)`` called as ``f(1, b=2)``
 and ``f(3, b=4)`` runs ``f([1, 3], [2, 4])``.
+
+An async generator is batched too (Ray Serve 2.x): each list it yields
+has one item per call, and each caller's generator yields its own item; a
+``StopIteration`` in a caller's place ends that caller's stream early.
+Each caller has a window of items; a caller that lags fills it and holds
+the batch's generator back. A caller that stops listening is skipped, and
+the batch's generator is closed once every caller stopped.
 """
 
 from __future__ import annotations
@@ -49,6 +56,56 @@ def _check_timeout(value: Any) -> float:
     return float(value)
 
 
+#: Items a streaming call of a batch may have unread before the batch waits.
+STREAM_WINDOW = 16
+
+_END = object()
+
+
+class _Raised:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class _Channel:
+    """One call's items from a batched generator (its place in the batch's
+    waiting deque, where plain calls have a future)."""
+
+    def __init__(self):
+        self.items: asyncio.Queue = asyncio.Queue(STREAM_WINDOW)
+        self.gone = False
+        self.ended = False
+
+    def done(self) -> bool:
+        return self.gone or self.ended
+
+    async def put(self, item: Any) -> None:
+        if item is _END or isinstance(item, _Raised):
+            self.ended = True
+        if not self.gone:
+            await self.items.put(item)
+
+    async def get(self) -> Any:
+        """The caller's next item; StopAsyncIteration at its end. Here, not
+        in the wrapper: a deployment's code is pickled by value, wrapper
+        and all, and a copied ``_END`` is another object."""
+        item = await self.items.get()
+        if item is _END:
+            raise StopAsyncIteration
+        if isinstance(item, _Raised):
+            raise item.error
+        return item
+
+    def leave(self) -> None:
+        """The caller stopped listening: later items are dropped, and a
+        batch waiting for room in its window goes on."""
+        self.gone = True
+        while not self.items.empty():
+            self.items.get_nowait()
+
+
 class _Queue:
     """The calls waiting for one batched function (of one instance), in one
     event loop, and the task running their batches (none while idle)."""
@@ -62,9 +119,10 @@ class _Queue:
         self.arrived = asyncio.Event()
         self.worker: Optional[asyncio.Task] = None
 
-    def put(self, arguments: tuple) -> asyncio.Future:
-        """Queues one call's ``(positional values, keyword values)``."""
-        future = self.loop.create_future()
+    def put(self, arguments: tuple, stream: bool = False):
+        """Queues one call's ``(positional values, keyword values)``: its
+        future, or for a generator its :class:`_Channel`."""
+        future = _Channel() if stream else self.loop.create_future()
         self.waiting.append((arguments, future))
         self.arrived.set()
         if self.worker is None or self.worker.done():
@@ -93,6 +151,9 @@ class _Queue:
         # carry the same parameters.
         positional = [list(values) for values in zip(*(args for (args, _), _ in batch))]
         keywords = {name: [kwargs[name] for (_, kwargs), _ in batch] for name in batch[0][0][1]}
+        if isinstance(batch[0][1], _Channel):
+            await self._stream(batch, self.call(*positional, **keywords))
+            return
         try:
             results = await self.call(*positional, **keywords)
             if not isinstance(results, (list, tuple)) or len(results) != len(batch):
@@ -111,6 +172,34 @@ class _Queue:
                 future.set_result(result)
 
 
+    async def _stream(self, batch: list, generator: Any) -> None:
+        """Hands each list the batch's generator yields out, item by item."""
+        channels = [channel for _, channel in batch]
+        try:
+            async for results in generator:
+                if not isinstance(results, (list, tuple)) or len(results) != len(batch):
+                    got = f"{len(results)} items" if isinstance(results, (list, tuple)) else \
+                        f"a {type(results).__name__}"
+                    raise BatchResultError(
+                        f"@serve.batch generator {getattr(self.call, '__qualname__', self.call)!r} yielded {got} "
+                        f"for a batch of {len(batch)} calls; it must yield lists with one item per call")
+                for channel, item in zip(channels, results):
+                    if channel.done():
+                        continue
+                    await channel.put(_END if item is StopIteration or isinstance(item, StopIteration) else item)
+                if all(channel.done() for channel in channels):
+                    break
+        except Exception as e:
+            for channel in channels:
+                if not channel.done():
+                    await channel.put(_Raised(e))
+        finally:
+            await generator.aclose()
+        for channel in channels:
+            if not channel.done():
+                await channel.put(_END)
+
+
 def batch(_func: Optional[Callable] = None, max_batch_size: int = 10, batch_wait_timeout_s: float = 0.0):
     """Batches calls to an ``async def`` function or method: used bare
     (``@serve.batch``) or with options (``@serve.batch(max_batch_size=8,
@@ -123,7 +212,8 @@ def batch(_func: Optional[Callable] = None, max_batch_size: int = 10, batch_wait
     timeout = _check_timeout(batch_wait_timeout_s)
 
     def decorate(func: Callable) -> Callable:
-        if not inspect.iscoroutinefunction(func):
+        streaming = inspect.isasyncgenfunction(func)
+        if not inspect.iscoroutinefunction(func) and not streaming:
             raise TypeError(f"functions decorated with @serve.batch must be 'async def' ({func.__qualname__} is not)")
         signature = inspect.signature(func)
         if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
@@ -145,9 +235,7 @@ def batch(_func: Optional[Callable] = None, max_batch_size: int = 10, batch_wait
                     instance.__dict__[attribute] = queue
             return queue
 
-        @functools.wraps(func)
-        async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            instance = _instance_of(args, wrapper)
+        def arguments(args: tuple, kwargs: dict, instance: Any) -> tuple:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             positional, keywords = [], {}
@@ -158,7 +246,29 @@ def batch(_func: Optional[Callable] = None, max_batch_size: int = 10, batch_wait
                     keywords[name] = value
                 else:
                     positional.append(value)
-            return await queue_for(instance).put((positional, keywords))
+            return positional, keywords
+
+        if streaming:
+            @functools.wraps(func)
+            async def stream_wrapper(*args: Any, **kwargs: Any) -> Any:
+                instance = _instance_of(args, stream_wrapper)
+                channel = queue_for(instance).put(arguments(args, kwargs, instance), stream=True)
+                try:
+                    while True:
+                        try:
+                            item = await channel.get()
+                        except StopAsyncIteration:
+                            return
+                        yield item
+                finally:
+                    channel.leave()
+
+            return stream_wrapper
+
+        @functools.wraps(func)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            instance = _instance_of(args, wrapper)
+            return await queue_for(instance).put(arguments(args, kwargs, instance))
 
         return wrapper
 

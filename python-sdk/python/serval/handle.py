@@ -27,6 +27,8 @@ from serval.request import WebRequestState
 PICKLE_CONTENT_TYPE = "application/x-python-pickle"
 ERROR_TYPE_HEADER = "x-serval-error"
 EXCEPTION_HEADER = "x-serval-exception"
+#: Marks a handle call made with ``options(stream=True)`` (``_host.STREAM_CALL_HEADER``).
+STREAM_CALL_HEADER = "x-serval-stream"
 
 
 class BackendError(ServeError):
@@ -455,12 +457,13 @@ class DeploymentHandle:
     can be passed to a replica, where it connects on first use."""
 
     def __init__(self, deployment_name: str, app_name: str, *, method_name: Optional[str] = None,
-                 multiplexed_model_id: str = ""):
+                 multiplexed_model_id: str = "", stream: bool = False):
         self._deployment_name = deployment_name
         self._app_name = app_name
         self._method_name = method_name
         #: Sent as the ``serve_multiplexed_model_id`` header (``serval.multiplex``).
         self._model_id = multiplexed_model_id
+        self._stream = stream
 
     @property
     def deployment_name(self) -> str:
@@ -478,11 +481,12 @@ class DeploymentHandle:
                 use_new_handle_api: Any = _UNSET, _prefer_local_routing: Any = _UNSET) -> "DeploymentHandle":
         """A copy that calls ``method_name``, for the model
         ``multiplexed_model_id`` (routed to a replica holding it when one
-        has room). ``stream=True`` (streaming responses) is not supported
-        yet."""
-        if stream is not _UNSET and stream:
-            raise NotImplementedError("handle.options(stream=True): streaming responses are not supported by "
-                                      "Serval yet")
+        has room); with ``stream=True`` its ``remote()`` returns a
+        :class:`DeploymentResponseGenerator` of what a generator method
+        yields."""
+        if stream is not _UNSET and not isinstance(stream, bool):
+            raise TypeError(f"stream must be a bool, not {stream!r}")
+        streaming = self._stream if stream is _UNSET else stream
         model_id = self._model_id
         if multiplexed_model_id is not _UNSET:
             if not isinstance(multiplexed_model_id, str):
@@ -494,7 +498,7 @@ class DeploymentHandle:
                 raise TypeError(f"method_name must be a non-empty str, not {method_name!r}")
             method = None if method_name == "__call__" else method_name
         return DeploymentHandle(self._deployment_name, self._app_name, method_name=method,
-                                multiplexed_model_id=model_id)
+                                multiplexed_model_id=model_id, stream=streaming)
 
     def __getattr__(self, name: str) -> "DeploymentHandle":
         # `handle.predict.remote(...)`; private names stay attributes.
@@ -503,6 +507,12 @@ class DeploymentHandle:
         return self.options(method_name=name)
 
     def remote(self, *args: Any, **kwargs: Any) -> DeploymentResponse:
+        if self._stream:
+            if _holds_response(args, kwargs):
+                raise TypeError("a streaming call takes no DeploymentResponse arguments: await them first")
+            native = _native_handle(self._endpoint)
+            return DeploymentResponseGenerator(native.stream(self._method_name, dumps_call(args, kwargs), "GET",
+                                                             self._headers() + [(STREAM_CALL_HEADER, "1")], None))
         if _holds_response(args, kwargs):
             import asyncio
 
@@ -524,7 +534,8 @@ class DeploymentHandle:
         return [(MODEL_ID_HEADER, self._model_id)] if self._model_id else []
 
     def __reduce__(self):
-        return _rebuild_handle, (self._deployment_name, self._app_name, self._method_name, self._model_id)
+        return _rebuild_handle, (self._deployment_name, self._app_name, self._method_name, self._model_id,
+                                 self._stream)
 
     def __repr__(self) -> str:
         method = f", method={self._method_name!r}" if self._method_name else ""
@@ -532,5 +543,64 @@ class DeploymentHandle:
 
 
 def _rebuild_handle(deployment_name: str, app_name: str, method_name: Optional[str],
-                    model_id: str = "") -> DeploymentHandle:
-    return DeploymentHandle(deployment_name, app_name, method_name=method_name, multiplexed_model_id=model_id)
+                    model_id: str = "", stream: bool = False) -> DeploymentHandle:
+    return DeploymentHandle(deployment_name, app_name, method_name=method_name, multiplexed_model_id=model_id,
+                            stream=stream)
+
+
+class DeploymentResponseGenerator:
+    """The result of ``handle.options(stream=True).remote()`` (Ray Serve
+    2.x): iterate it (``for`` outside a deployment, ``async for`` inside
+    one) for the items the generator method yields, each as the replica
+    yields it. An exception the generator raised is raised from the
+    iteration. Closing it (``close()``, or dropping it) before the end
+    cancels the generator in the replica."""
+
+    __slots__ = ("_native", "_done")
+
+    def __init__(self, native_stream):
+        self._native = native_stream
+        self._done = False
+
+    def _item(self, step):
+        kind, data = step
+        if kind == "chunk":
+            return cloudpickle.loads(data)
+        self._done = True
+        if kind == "end":
+            raise StopIteration
+        status, headers, body = data
+        value = decode_result(status, headers, body)  # raises the replica's error
+        raise TypeError(f"the method called with stream=True is not a generator (it returned {type(value).__name__}); "
+                        "call it without stream=True")
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        if _in_event_loop():
+            raise RuntimeError("iterating a DeploymentResponseGenerator with `for` blocks: inside an asyncio event "
+                               "loop use `async for` instead")
+        return self._item(self._native.next())
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._done:
+            raise StopAsyncIteration
+        step = await self._native.next_async()
+        try:
+            return self._item(step)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        """Stops the stream; the replica's generator is cancelled."""
+        self._done = True
+        self._native.close()
+
+    def __repr__(self) -> str:
+        return f"DeploymentResponseGenerator(done={self._done})"

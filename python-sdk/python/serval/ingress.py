@@ -12,7 +12,9 @@ route is rebuilt with ``self`` as a FastAPI dependency that yields the
 instance serving the request. Other routes of the app stay as they are.
 
 In the replica the ingress's ``__call__`` runs the request as one ASGI call
-into the app and returns the collected response (status, headers, body);
+into the app and returns the collected response (status, headers, body),
+or, for a response without a Content-Length (``StreamingResponse``), one
+the replica streams as the app produces it;
 ``_serval_asgi`` is the raw ASGI entry that WebSocket sessions use
 (``serval.websocket``). The host runs the app's lifespan (``Lifespan``)
 around the replica's life.
@@ -89,9 +91,25 @@ async def _http_call(self, request: Request) -> Response:
     return await run_http(self._serval_asgi, request)
 
 
+#: Body chunks a streamed ingress response may have produced ahead of
+#: the replica's stream (which holds its own window of them).
+STREAM_AHEAD = 16
+
+
+class _Failed:
+    """The app raised after its response started streaming."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
 async def run_http(app: Any, request: Request) -> Response:
-    """Runs one HTTP request through the ASGI callable ``app``; its whole
-    response."""
+    """Runs one HTTP request through the ASGI callable ``app``: its whole
+    response, or, when the app starts a response without a Content-Length
+    (a ``StreamingResponse``), a response that streams the rest of the app's
+    body as the app produces it (the replica streams it to the client)."""
     body = await request.body()
     sent = False
 
@@ -100,26 +118,89 @@ async def run_http(app: Any, request: Request) -> Response:
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        # The response is collected whole before it leaves: the client
-        # cannot be seen to go away mid-response here.
+        # A client that goes away cancels the request's task instead.
         await asyncio.Event().wait()
 
-    status = 500
-    headers: list = []
-    chunks: list = []
+    loop = asyncio.get_running_loop()
+    started = loop.create_future()
+    chunks: asyncio.Queue = asyncio.Queue(STREAM_AHEAD)
+    collected: list = []
+    streaming = False
 
     async def send(message):
-        nonlocal status, headers
+        nonlocal streaming
         if message["type"] == "http.response.start":
-            status = message["status"]
             headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", [])]
+            streaming = not any(k.lower() == b"content-length" for k, _ in headers)
+            if not started.done():
+                started.set_result((message["status"], headers))
         elif message["type"] == "http.response.body":
-            chunks.append(bytes(message.get("body", b"")))
+            chunk = bytes(message.get("body", b""))
+            if not streaming:
+                collected.append(chunk)
+            elif chunk:
+                await chunks.put(chunk)
 
-    await app(dict(request.scope), receive, send)
-    response = Response(b"".join(chunks), status_code=status)
+    async def run():
+        try:
+            await app(dict(request.scope), receive, send)
+        except Exception as e:
+            if not streaming:
+                raise
+            await chunks.put(_Failed(e))
+            return
+        if streaming:
+            await chunks.put(None)
+
+    task = loop.create_task(run())
+    # Woken by the response's start, or by the app's end without one.
+    task.add_done_callback(lambda _: started.done() or started.set_result(None))
+    try:
+        head = await started
+    except BaseException:
+        task.cancel()
+        raise
+    if streaming:
+        # The rest as the app produces it (all queued already if it ended).
+        return _AppStream(head[0], head[1], chunks, task)
+    await task
+    status, headers = head or (500, [])
+    response = Response(b"".join(collected), status_code=status)
     response.raw_headers = headers
     return response
+
+
+class _AppStream(Response):
+    """The rest of an ingress app's streamed response: run as an ASGI
+    response by the replica, which streams what it sends."""
+
+    background = None
+
+    def __init__(self, status: int, headers: list, chunks: asyncio.Queue, task: asyncio.Task):
+        # No Response.__init__: there is no body to render.
+        self.status_code = status
+        self.raw_headers = headers
+        self._chunks = chunks
+        self._task = task
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        try:
+            while True:
+                item = await self._chunks.get()
+                if item is None:
+                    break
+                if isinstance(item, _Failed):
+                    raise item.error
+                await send({"type": "http.response.body", "body": item, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            # Cancelled (the client left): the app's generator stops too.
+            if not self._task.done():
+                self._task.cancel()
+
+    def __reduce__(self):
+        raise TypeError("a streamed ingress response cannot be returned to a handle; call the route over HTTP")
 
 
 class Lifespan:

@@ -184,6 +184,14 @@ class ReportingReply:
     def send(self, status, headers, body):
         self._reply.send(*with_report((status, headers, body)))
 
+    def start_stream(self, status, headers):
+        """A streamed answer carries the report on its head."""
+        return self._reply.start_stream(status, with_report((status, headers, b""))[1])
+
+    def __getattr__(self, name):
+        # The rest of the reply (stream_key, send_chunk, end_stream, ...).
+        return getattr(self._reply, name)
+
 
 class _Entry:
     __slots__ = ("model", "report_id")

@@ -33,8 +33,8 @@ from serval import _native
 from serval._native import BackPressureError, ServeError, ServeValueError
 from serval.batching import batch
 from serval.config import BackendConfig, DeploymentMode, HTTPOptions
-from serval.handle import (AsyncServeHandle, DeploymentHandle, DeploymentResponse, ServeHandle, _PICKLE_LOCK,
-                           _user_modules)
+from serval.handle import (AsyncServeHandle, DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator,
+                           ServeHandle, _PICKLE_LOCK, _user_modules)
 from serval.deployment import Application, Deployment, deployment
 from serval.ingress import ingress
 from serval.application import (DeployFailedError, delete, get_app_handle, get_deployment_handle,
@@ -50,7 +50,8 @@ __all__ = [
     "accept_batch", "batch", "BackendConfig", "HTTPOptions", "DeploymentMode", "ServeError", "ServeValueError",
     # Ray Serve 2.x
     "deployment", "ingress", "Deployment", "Application", "run", "delete", "get_app_handle", "get_deployment_handle",
-    "get_replica_context", "DeploymentHandle", "DeploymentResponse", "BackPressureError", "DeployFailedError",
+    "get_replica_context", "DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator",
+    "BackPressureError", "DeployFailedError",
     "multiplexed", "get_multiplexed_model_id",
 ]
 
