@@ -31,9 +31,9 @@ CONFIG_NAMES = ("serve.yaml", "cortex.yaml")
 #: Cortex API names: lowercase letters, digits and dashes, starting with a letter.
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
-KINDS = ("RealtimeAPI", "BatchAPI", "TrafficSplitter")
+KINDS = ("RealtimeAPI", "BatchAPI", "TaskAPI", "AsyncAPI", "TrafficSplitter")
 #: Kinds this version deploys; the others are refused naming the field.
-DEPLOYABLE_KINDS = ("RealtimeAPI", "BatchAPI", "TrafficSplitter")
+DEPLOYABLE_KINDS = KINDS
 HANDLER_TYPES = ("python", "onnx", "tensorflow")
 DEPLOYABLE_HANDLER_TYPES = ("python", "onnx", "tensorflow")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -219,6 +219,12 @@ DEFAULT_JOB_MAX_BYTES = 1 << 30
 DEFAULT_JOB_RETENTION = 24 * 3600.0
 MAX_JOB_RETENTION = 30 * 24 * 3600.0
 SPLITTER_KEYS = ("name", "kind", "networking", "apis")
+#: An AsyncAPI takes a RealtimeAPI's keys (a python Handler with
+#: handle_async), and ``jobs`` (``retention`` of its results, ``max_queued``).
+ASYNC_KEYS = REALTIME_KEYS + ("jobs",)
+#: A TaskAPI (Cortex 0.35): a ``definition`` (a Task class) run by a job's workers.
+TASK_KEYS = ("name", "kind", "definition", "compute", "networking", "jobs")
+DEFINITION_KEYS = ("path", "config", "python_path", "env", "log_level", "dependencies")
 AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "init_replicas", "max_replica_concurrency",
                     "target_replica_concurrency", "window", "downscale_stabilization_period",
                     "upscale_stabilization_period", "max_downscale_factor", "max_upscale_factor",
@@ -604,10 +610,20 @@ def validate_api(raw: Any, index: int, folder: str) -> dict:
         return {"name": name, "kind": kind, "endpoint": _endpoint(c, raw, name), "apis": _splitter(c, raw)}
     if kind == "BatchAPI":
         return _batch_api(c, raw, name, folder)
+    if kind == "TaskAPI":
+        return _task_api(c, raw, name, folder)
+    keys = ASYNC_KEYS if kind == "AsyncAPI" else REALTIME_KEYS
     for k in raw:
-        if k not in REALTIME_KEYS:
-            c.fail(k, f"unknown key (expected one of: {', '.join(REALTIME_KEYS)})")
+        if k not in keys:
+            c.fail(k, f"unknown key for a {kind} (expected one of: {', '.join(keys)})")
     handler = _handler(c, raw, folder)
+    if kind == "AsyncAPI":
+        if handler["type"] != "python":
+            c.fail("handler.type", "an AsyncAPI runs a python Handler (handle_async)")
+        for key, why in (("grpc", "an AsyncAPI is not a gRPC API"),
+                         ("server_side_batching", "an AsyncAPI runs one submission at a time")):
+            if handler.get(key):
+                c.fail("handler.protobuf_path" if key == "grpc" else f"handler.{key}", why)
     if "grpc" in handler:
         handler["grpc"]["package_dir"] = f"{GRPC_PACKAGE_DIR}/{name}"
     compute = _compute(c, raw)
@@ -621,7 +637,50 @@ def validate_api(raw: Any, index: int, folder: str) -> dict:
         "autoscaling": _autoscaling(c, raw, handler),
         "update_strategy": _update_strategy(c, raw),
         "endpoint": _endpoint(c, raw, name),
+        **({"jobs": _async_jobs(c, raw)} if kind == "AsyncAPI" else {}),
     }
+
+
+def _retention_only(c: _Checker, raw: dict) -> dict:
+    """``jobs`` of an API that takes only ``jobs.retention`` (how long an
+    ended job or submission is kept)."""
+    j = c.section(raw, "jobs", ("retention",))
+    return {"retention": c.field(j, "jobs.", "retention", _retention, default=DEFAULT_JOB_RETENTION)}
+
+
+#: Submissions of an AsyncAPI queued or running, at most (``jobs.max_queued``).
+DEFAULT_ASYNC_MAX_QUEUED = 1000
+
+
+def _async_jobs(c: _Checker, raw: dict) -> dict:
+    """An AsyncAPI's ``jobs``: how long results are kept, and how many
+    submissions may wait (beyond it a POST gets 503)."""
+    j = c.section(raw, "jobs", ("retention", "max_queued"))
+    return {"retention": c.field(j, "jobs.", "retention", _retention, default=DEFAULT_JOB_RETENTION),
+            "max_queued": c.field(j, "jobs.", "max_queued", _int(1), default=DEFAULT_ASYNC_MAX_QUEUED)}
+
+
+class _DefinitionChecker(_Checker):
+    """A TaskAPI's ``definition`` checked as a handler: errors name it."""
+
+    def fail(self, field: str, message: str):
+        super().fail("definition" + field[len("handler"):] if field.startswith("handler") else field, message)
+
+
+def _task_api(c: _Checker, raw: dict, name: str, folder: str) -> dict:
+    """A TaskAPI: ``definition.path`` names the file with the Task class; its
+    other keys are a python handler's."""
+    for k in raw:
+        if k not in TASK_KEYS:
+            c.fail(k, f"unknown key for a TaskAPI (expected one of: {', '.join(TASK_KEYS)})")
+    d = c.section(raw, "definition", DEFINITION_KEYS, IGNORED_HANDLER_KEYS)
+    if not d:
+        c.fail("definition", "required field is missing")
+    definition = _handler(_DefinitionChecker(c.where), {"handler": dict(d, type="python")}, folder)
+    for key in ("type", "server_side_batching", "processes_per_replica", "threads_per_process"):
+        definition.pop(key, None)
+    return {"name": name, "kind": "TaskAPI", "definition": definition, "compute": _compute(c, raw),
+            "endpoint": _endpoint(c, raw, name), "jobs": _retention_only(c, raw)}
 
 
 def _batch_api(c: _Checker, raw: dict, name: str, folder: str) -> dict:
