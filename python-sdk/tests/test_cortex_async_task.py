@@ -250,6 +250,12 @@ def test_a_task_job_runs_the_task_once_per_worker_and_succeeds(task_api, tmp_pat
     assert models[0]["config"] == {"from_api": 1, "dest_dir": dest}
     assert models[0]["model"]["setosa"] == [5.0, 3.25, 1.4, 0.2]
     wait_for(lambda: not task_workers(spec["job_id"]), timeout=TIMEOUT, what="the workers to go")
+    # Cortex's Python client shows the API's jobs and reads one.
+    import cortex
+
+    cx = cortex.client()
+    assert [j["job_id"] for j in cx.get_api("trainer")["task_job_statuses"]] == [spec["job_id"]]
+    assert cx.get_job("trainer", spec["job_id"])["job_status"]["status"] == "status_succeeded"
 
 
 def test_a_failing_task_is_a_worker_error_and_a_stopped_one_stops(task_api, tmp_path):

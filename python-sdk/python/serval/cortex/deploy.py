@@ -7,6 +7,9 @@ ONNX model ``OnnxAPI(spec)``, serval.cortex.onnx; for a TensorFlow SavedModel
 spec carries the package digest, so replicas fetch the project from the
 cluster's blob store on whatever node they land. A TrafficSplitter becomes an
 endpoint whose traffic policy (and shadow) spans the backends of its APIs.
+An AsyncAPI is deployed as a RealtimeAPI hosting ``AsyncAPI(spec)``
+(serval.cortex.async_api) at a route prefix; a TaskAPI as a BatchAPI whose
+gateway is ``TaskGateway`` (serval.cortex.task).
 Each deployed API also has a record in the cluster (kind, spec, package,
 fingerprint): a redeploy compares fingerprints, so an unchanged API is left
 alone, changed code rolls the replicas and a changed config is applied in
