@@ -118,6 +118,7 @@ def test_async_submissions_are_queued_run_and_fetched_by_id(async_api):
 
     # Unknown ids, other methods, and a payload over the queue's batch size.
     assert requests.get(f"{url}/0123456789abcdef", timeout=TIMEOUT).status_code == 404
+    assert requests.get(f"{url}/{'z' * 5000}", timeout=TIMEOUT).status_code == 404
     assert requests.put(url, data=b"x", timeout=TIMEOUT).status_code == 405
     big = requests.post(url, data=b"x" * (300 * 1024), headers={"Content-Type": "application/octet-stream"},
                         timeout=TIMEOUT)
@@ -274,7 +275,14 @@ def test_a_failing_task_is_a_worker_error_and_a_stopped_one_stops(task_api, tmp_
     assert task_status(task_api, blocked["job_id"])["status"] == "status_stopped"
     wait_for(lambda: not task_workers(blocked["job_id"]), timeout=TIMEOUT, what="the workers to go")
 
-    assert requests.post(task_api, json={"workers": 0}, timeout=TIMEOUT).status_code == 400
+    # Past its timeout: timed out, its workers removed.
+    timed = submit_task(task_api, {"config": {"dest_dir": str(dest), "block": True}, "timeout": 1})
+    st = wait_task(task_api, timed["job_id"], "status_timed_out", timeout=120)
+    assert "timeout" in st["error"], st
+    wait_for(lambda: not task_workers(timed["job_id"]), timeout=TIMEOUT, what="the workers to go")
+
+    bad = requests.post(task_api, json={"workers": 0}, timeout=TIMEOUT)
+    assert bad.status_code == 400 and "workers" in bad.json()["error"], bad.text
 
 
 @pytest.mark.parametrize("yaml_text, words", [

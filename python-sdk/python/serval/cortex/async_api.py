@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 import traceback
@@ -62,6 +63,8 @@ MAX_RESULT_BYTES = 1024 * 1024
 VISIBILITY_S = 3600.0
 #: How often an idle consumer looks at the queue, at most.
 IDLE_POLL_S = 0.25
+#: What a job id (a submission's id) looks like.
+JOB_ID = re.compile(r"[0-9a-f]{1,64}")
 #: A submission still being stored after this long lost its submitter.
 ENQUEUE_DEADLINE_S = 60.0
 
@@ -172,10 +175,12 @@ class AsyncAPI(RealtimeAPI):
     def workload(self, request_id: str):
         from serval import ServeError
 
-        try:
-            job = json.loads(_jobs().get(request_id))
-        except ServeError:
-            job = None
+        job = None
+        if JOB_ID.fullmatch(request_id):  # anything else is no id of the queue's: not asked
+            try:
+                job = json.loads(_jobs().get(request_id))
+            except ServeError:
+                pass
         if job is None or job["spec"]["api"] != self.name:
             return error_response(404, f"no submission {request_id} in api '{self.name}'")
         status = workload_status(job)
