@@ -185,6 +185,8 @@ impl Jobs {
 
     /// The lease holder of batch `index` ends the job: succeeded with
     /// `result` (JSON text), or "worker error" with `error`.
+    // The Python signature is the request's fields, one argument each.
+    #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (job_id, worker_id, index, result = String::new(), error = String::new(), seconds = 0.0))]
     fn finish_job(
         &self,
