@@ -203,7 +203,11 @@ DEFAULT_MODEL_DOWNLOAD_TIMEOUT = 1800.0
 ONNX_RUNTIMES = ("onnxruntime", "native")
 #: A TensorFlow SavedModel (seed 002) as an ONNX model, with the served
 #: signature chosen by ``signature_key`` (``runtime`` is ONNX's alone).
-TENSORFLOW_HANDLER_KEYS = tuple(k for k in ONNX_HANDLER_KEYS if k != "runtime") + ("signature_key",)
+TENSORFLOW_HANDLER_KEYS = tuple(k for k in ONNX_HANDLER_KEYS if k != "runtime") + ("signature_key", "models",
+                                                                                     "config")
+#: Cortex 0.35's TensorFlow handler (``handler.models``): the SavedModels a
+#: ``Handler(tensorflow_client, config)`` predicts with.
+TF_MODELS_KEYS = ("path", "paths", "dir", "signature_key", "cache_size", "disk_cache_size")
 HANDLER_KEYS_BY_TYPE = {"python": HANDLER_KEYS, "onnx": ONNX_HANDLER_KEYS, "tensorflow": TENSORFLOW_HANDLER_KEYS}
 REALTIME_KEYS = ("name", "kind", "handler", "compute", "autoscaling", "update_strategy", "networking")
 #: A BatchAPI (seed 001) runs jobs on workers started per job: no
@@ -423,11 +427,93 @@ def _onnx_handler(c: _Checker, h: dict, folder: str) -> Dict[str, Any]:
     return out
 
 
+def _model_dir(c: _Checker, field: str, folder: str, value: Any, url: bool = True) -> str:
+    """A model directory: of the project, an absolute path on the nodes, or
+    (``url``) an http(s) URL of a .zip or .tar.gz of it."""
+    if not isinstance(value, str) or not value:
+        c.fail(field, f"must be a non-empty string, got {value!r}")
+    if re.match(r"https?://", value, re.IGNORECASE) and url:
+        if not urlparse(value).netloc:
+            c.fail(field, f"not a valid URL: {value!r}")
+        return value
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value):
+        kinds = "a folder of the project, an absolute path or an http(s) URL" if url else \
+            "a folder of the project or an absolute path"
+        c.fail(field, f"must be {kinds}, got {value!r}")
+    if os.path.isabs(value):
+        return os.path.normpath(value)
+    return _file_in_project(folder, c, field, value, want_dir=True)
+
+
+def _tensorflow_models_handler(c: _Checker, h: dict, folder: str) -> Dict[str, Any]:
+    """Cortex 0.35's TensorFlow handler: ``path`` (a Handler built as
+    ``Handler(tensorflow_client, config)``), ``config``, and ``models``:
+    exactly one of ``path`` (one model), ``paths`` (``[{name, path,
+    signature_key}]``) or ``dir`` (a folder of model folders). A model
+    folder holds a SavedModel, or numbered version folders of them (checked
+    by the replicas, which may see a filesystem this machine does not)."""
+    for key in ("model_path", "metadata", "signature_key", "model_sha256"):
+        if key in h:
+            c.fail(f"handler.{key}", "belongs to the request-handler shape (handler.model_path); with "
+                                     "handler.models, give signature_key in handler.models")
+    out: Dict[str, Any] = {"path": _file_in_project(folder, c, "handler.path",
+                                                    c.field(h, "handler.", "path", _str, required=True))}
+    out["config"] = c.mapping(h, "handler.", "config")
+    m = h["models"]
+    if not isinstance(m, dict):
+        c.fail("handler.models", f"must be a mapping, got {type(m).__name__}")
+    for k in m:
+        if k not in TF_MODELS_KEYS:
+            c.fail(f"handler.models.{k}", f"unknown key (expected one of: {', '.join(TF_MODELS_KEYS)})")
+    for k in ("cache_size", "disk_cache_size"):
+        if k in m:
+            c.fail(f"handler.models.{k}", "the TensorFlow handler loads every model when a replica starts "
+                                          "(no model cache): remove it")
+    given = [k for k in ("path", "paths", "dir") if m.get(k) is not None]
+    if len(given) != 1:
+        c.fail("handler.models", "exactly one of path, paths and dir is required"
+               + (f" (got {', '.join(given)})" if given else ""))
+    signature_key = c.field(m, "handler.models.", "signature_key", _str)
+    models: Dict[str, Any] = {"signature_key": signature_key}
+    if given[0] == "path":
+        models["path"] = _model_dir(c, "handler.models.path", folder, m["path"])
+    elif given[0] == "dir":
+        models["dir"] = _model_dir(c, "handler.models.dir", folder, m["dir"], url=False)
+    else:
+        if not isinstance(m["paths"], list) or not m["paths"]:
+            c.fail("handler.models.paths", "must be a non-empty list of {name, path[, signature_key]}")
+        models["paths"] = []
+        for i, entry in enumerate(m["paths"]):
+            f = f"handler.models.paths[{i}]"
+            if not isinstance(entry, dict):
+                c.fail(f, "must be a mapping with name and path")
+            for k in entry:
+                if k not in ("name", "path", "signature_key"):
+                    c.fail(f"{f}.{k}", "unknown key (expected one of: name, path, signature_key)")
+            name = c.field(entry, f + ".", "name", _str, required=True)
+            if any(e["name"] == name for e in models["paths"]):
+                c.fail(f"{f}.name", f"{name!r} is listed twice")
+            models["paths"].append({"name": name,
+                                    "path": _model_dir(c, f"{f}.path", folder,
+                                                       c.field(entry, f + ".", "path", _str, required=True)),
+                                    "signature_key": c.field(entry, f + ".", "signature_key", _str)})
+    out["models"] = models
+    out["model_max_size"] = c.field(h, "handler.", "model_max_size", _mem, default=DEFAULT_MODEL_MAX_SIZE)
+    out["model_download_timeout"] = c.field(h, "handler.", "model_download_timeout", _duration,
+                                            default=DEFAULT_MODEL_DOWNLOAD_TIMEOUT)
+    return out
+
+
 def _tensorflow_handler(c: _Checker, h: dict, folder: str) -> Dict[str, Any]:
     """A TensorFlow SavedModel (seed 002): as an ONNX model, but
     ``model_path`` is the SavedModel's directory (or a .zip/.tar.gz of it at
     a URL), and ``signature_key`` picks the signature served (checked by the
     replicas, which read the model)."""
+    if "models" in h:
+        return _tensorflow_models_handler(c, h, folder)
+    if "config" in h:
+        c.fail("handler.config", "is for a Handler(tensorflow_client, config), which needs handler.models; "
+                                 "with handler.model_path, a request handler takes handler.metadata")
     out: Dict[str, Any] = {}
     out["model_path"] = _model_path(c, folder, c.field(h, "handler.", "model_path", _str, required=True),
                                     want_dir=True)

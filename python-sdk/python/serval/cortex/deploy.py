@@ -218,8 +218,8 @@ def _backend_class(spec: dict) -> type:
         from .onnx import OnnxAPI
         return OnnxAPI
     if spec["handler"]["type"] == "tensorflow":
-        from .tensorflow import TensorFlowAPI
-        return TensorFlowAPI
+        from .tensorflow import TensorFlowAPI, TensorFlowHandlerAPI
+        return TensorFlowHandlerAPI if spec["handler"].get("models") else TensorFlowAPI
     if spec["handler"].get("grpc"):
         from .grpc_api import GrpcAPI
         return GrpcAPI
