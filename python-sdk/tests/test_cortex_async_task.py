@@ -169,7 +169,7 @@ def _alive(pid):
 
 # Cortex's trainer task, training a nearest-centroid "model" on a few iris
 # rows and writing it to config["dest_dir"]; config["fail"] raises,
-# config["block"] runs until the job is stopped.
+# config["block"] runs until the job is stopped, config["hog"] holds 400 MiB.
 TASK = '''
 import json, os, time
 
@@ -178,6 +178,10 @@ class Task:
     def __call__(self, config):
         if config.get("fail"):
             raise RuntimeError("training failed: " + config["fail"])
+        if config.get("hog"):
+            hog = b"x" * (400 * 1024 * 1024)  # written, so resident
+            while True:
+                time.sleep(0.05)
         os.makedirs(config["dest_dir"], exist_ok=True)
         if config.get("block"):
             open(os.path.join(config["dest_dir"], "started-%d" % os.getpid()), "w").close()
@@ -283,6 +287,17 @@ def test_a_failing_task_is_a_worker_error_and_a_stopped_one_stops(task_api, tmp_
 
     bad = requests.post(task_api, json={"workers": 0}, timeout=TIMEOUT)
     assert bad.status_code == 400 and "workers" in bad.json()["error"], bad.text
+
+
+def test_a_task_over_compute_mem_ends_the_job_out_of_memory(cluster, tmp_path):
+    config = TASK_CONFIG.replace("name: trainer", "name: hungry").replace("mem: 500Mi", "mem: 300Mi")
+    write_project(tmp_path / "hungry", {"task.py": TASK, "cortex.yaml": config})
+    out = cli(cluster, "deploy", str(tmp_path / "hungry"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    url = f"{cluster.url}/hungry"
+    job = submit_task(url, {"config": {"hog": True}})
+    st = wait_task(url, job["job_id"], "status_worker_oom", timeout=120)
+    assert "compute.mem of 300 MiB" in st["error"], st
 
 
 @pytest.mark.parametrize("yaml_text, words", [

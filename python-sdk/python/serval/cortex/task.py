@@ -28,12 +28,10 @@ import traceback
 import uuid
 from typing import Any, Optional
 
-from starlette.requests import Request
-
 from . import job_status
-from .batch import (VISIBILITY_S, BatchGateway, JobError, _iso, _jobs, _retrying)
+from .batch import VISIBILITY_S, BatchGateway, BatchWorker, JobError, _iso, _jobs, _retrying
 from .job_status import ENDED
-from .realtime import HandlerError, RealtimeAPI, error_response, import_file, setup_process
+from .realtime import HandlerError, import_file, setup_process
 
 logger = logging.getLogger("serval.cortex")
 
@@ -103,9 +101,10 @@ class TaskGateway(BatchGateway):
         raise JobError("a TaskAPI's jobs have no dead letters")
 
 
-class TaskWorker(RealtimeAPI):
+class TaskWorker(BatchWorker):
     """One worker of one task job: builds ``Task()`` and, on a thread, runs
-    it once with the job's config (see the module docs)."""
+    it once with the job's config (see the module docs). A BatchWorker for
+    ``compute.mem``: past it, the job ends "out of memory"."""
 
     def __init__(self, spec: dict, job_id: str, project_dir: Optional[str] = None):
         self.name = spec.get("name") or "api"
@@ -134,10 +133,11 @@ class TaskWorker(RealtimeAPI):
         if not callable(self.task):
             raise HandlerError(f"api {self.name!r}: Task defines no __call__(self, config)")
         self._methods, self._allow = {}, ""
+        mem = (spec.get("compute") or {}).get("mem")
+        if mem:
+            threading.Thread(target=self._enforce_memory, args=(int(mem),), name=f"memory-{job_id}",
+                             daemon=True).start()
         threading.Thread(target=self._work, name=f"task-{job_id}", daemon=True).start()
-
-    async def __call__(self, request: Request):
-        return error_response(404, f"worker of job {self.job_id}: no HTTP requests")
 
     def _work(self) -> None:
         try:
