@@ -242,7 +242,7 @@ def task_workers(job_id):
     return [r for r in serve.status()["replicas"] if r["backend"] == f"trainer--job-{job_id}"]
 
 
-def test_a_task_job_runs_the_task_once_per_worker_and_succeeds(task_api, tmp_path):
+def test_a_task_job_runs_the_task_once_per_worker_and_succeeds(task_api, cluster, tmp_path):
     dest = str(tmp_path / "models")
     spec = submit_task(task_api, {"workers": 2, "config": {"dest_dir": dest}, "timeout": 300})
     assert (spec["workers"], spec["config"], spec["timeout"], spec["api_name"]) == \
@@ -261,6 +261,9 @@ def test_a_task_job_runs_the_task_once_per_worker_and_succeeds(task_api, tmp_pat
     cx = cortex.client()
     assert [j["job_id"] for j in cx.get_api("trainer")["task_job_statuses"]] == [spec["job_id"]]
     assert cx.get_job("trainer", spec["job_id"])["job_status"]["status"] == "status_succeeded"
+    # And `serve jobs`, as a BatchAPI's.
+    out = cli(cluster, "jobs", "get", "trainer", spec["job_id"])
+    assert out.returncode == 0 and json.loads(out.stdout)["job_status"]["status"] == "status_succeeded", out.stderr
 
 
 def test_a_failing_task_is_a_worker_error_and_a_stopped_one_stops(task_api, tmp_path):
