@@ -360,39 +360,44 @@ def test_the_0_35_tensorflow_handler_predicts_through_its_client(cluster, tmp_pa
               "        - {name: labeller, path: model, signature_key: labels}\n")
     write(many, saved_models, client_config(models).replace("name: iris", "name: iris-many"),
           files={"handler.py": CLIENT_HANDLER})
-    shutil.copytree(saved_models / "iris", many / "versions" / "iris" / "3")
-    shutil.copytree(saved_models / "iris", many / "versions" / "iris" / "12")
-    write_project(many, {"dir.yaml": client_config("      dir: versions\n", "  networking: {endpoint: by-dir}\n")
+    # An absolute dir, read where it is: versions added later are served.
+    live = tmp_path / "live"
+    shutil.copytree(saved_models / "iris", live / "iris" / "3")
+    shutil.copytree(saved_models / "iris", live / "iris" / "12")
+    write_project(many, {"dir.yaml": client_config(f"      dir: {live}\n", "  networking: {endpoint: by-dir}\n")
                   .replace("name: iris", "name: iris-dir")})
-    for config in ("cortex.yaml", "dir.yaml"):
-        if config == "dir.yaml":
-            out = cli(cluster, "deploy", str(many), "--config", str(many / "dir.yaml"))
-        else:
-            out = cli(cluster, "deploy", str(many))
+    for extra in ([], ["--config", str(many / "dir.yaml")]):
+        out = cli(cluster, "deploy", str(many), *extra)
         assert out.returncode == 0, out.stdout + out.stderr
     url = f"{cluster.url}/iris-many"
     labelled = requests.post(url, params={"model": "labeller"}, json=MEASURE_VIRGINICA, timeout=TIMEOUT)
     assert labelled.status_code == 200 and labelled.json() == {"label": ["iris-virginica"]}, labelled.text
     classified = requests.post(url, params={"model": "classifier"}, json=MEASURE_SETOSA, timeout=TIMEOUT).json()
     assert classified["class_id"] == [0] and len(classified["probabilities"]) == 3, classified
-    for version in ("3", "12", "latest"):
+    for version in ("3", "12", "latest"):  # the models load at first use
         r = requests.post(f"{cluster.url}/by-dir", params={"model": "iris", "version": version},
                           json=MEASURE_VIRGINICA, timeout=TIMEOUT)
         assert r.status_code == 200 and r.json()["class_id"] == [2], r.text
-    # A version or a model it does not have: the handler's error, naming it.
-    r = requests.post(f"{cluster.url}/by-dir", params={"model": "iris", "version": "4"}, json=MEASURE_SETOSA,
+    # A version or a model it does not have: 404, naming it.
+    r = requests.post(f"{cluster.url}/by-dir", params={"model": "iris", "version": "13"}, json=MEASURE_SETOSA,
                       timeout=TIMEOUT)
-    assert r.status_code == 500
+    assert r.status_code == 404 and "no version 13" in r.text, r.text
     r = requests.post(url, params={"model": "nope"}, json=MEASURE_SETOSA, timeout=TIMEOUT)
-    assert r.status_code == 500
+    assert r.status_code == 404 and "'nope'" in r.text, r.text
+    # A version folder added while serving is served at the next call.
+    shutil.copytree(saved_models / "iris", live / "iris" / "13")
+    r = requests.post(f"{cluster.url}/by-dir", params={"model": "iris", "version": "13"}, json=MEASURE_VIRGINICA,
+                      timeout=TIMEOUT)
+    assert r.status_code == 200 and r.json()["class_id"] == [2], r.text
 
 
 @pytest.mark.parametrize("models, field, words", [
-    ("      path: model\n      cache_size: 2\n", "handler.models.cache_size", "no model cache"),
-    ("      signature_key: labels\n", "handler.models", "exactly one of path, paths and dir"),
+    ("      path: model\n      cache_size: 2\n", "handler.models", "go together"),
+    ("      signature_key: labels\n", "handler.models", "exactly one of path, paths or dir"),
     ("      path: nope\n", "handler.models.path", "no such directory"),
     ("      paths: [{name: a, path: model}, {name: a, path: model}]\n", "handler.models.paths[1].name", "twice"),
-    ("      dir: s3://bucket/models\n", "handler.models.dir", "absolute path"),
+    ("      paths: [{name: a, path: model, version: 1}]\n", "handler.models.paths[0].version", "unknown key"),
+    ("      dir: s3://bucket/models\n", "handler.models.dir", "not fetched"),
 ])
 def test_bad_0_35_tensorflow_models_are_named(tmp_path, saved_models, models, field, words):
     with pytest.raises(ConfigError) as e:

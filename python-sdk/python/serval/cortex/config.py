@@ -189,7 +189,13 @@ def _file_in_project(folder: str, checker: _Checker, field: str, rel: str, want_
 _COMMON_HANDLER_KEYS = ("type", "path", "python_path", "env", "log_level", "dependencies", "server_side_batching",
                         "processes_per_replica", "threads_per_process")
 HANDLER_KEYS = ("type", "path", "protobuf_path", "config", "python_path", "env", "log_level",
-                "dependencies", "server_side_batching", "processes_per_replica", "threads_per_process")
+                "dependencies", "server_side_batching", "processes_per_replica", "threads_per_process",
+                "multi_model_reloading")
+#: ``handler.multi_model_reloading`` of a python handler (Cortex 0.35): one
+#: of ``path``/``paths``/``dir``, and the caches' sizes.
+MULTI_MODEL_KEYS = ("path", "paths", "dir", "cache_size", "disk_cache_size")
+#: The most models ``paths`` may list.
+MAX_MODEL_PATHS = 1000
 #: An exported model (seed 002): the runtime runs it, an optional request
 #: handler (``path``) defines pre_inference/post_inference, given ``metadata``.
 ONNX_HANDLER_KEYS = _COMMON_HANDLER_KEYS + ("model_path", "metadata", "runtime", "model_sha256", "model_max_size",
@@ -205,9 +211,6 @@ ONNX_RUNTIMES = ("onnxruntime", "native")
 #: signature chosen by ``signature_key`` (``runtime`` is ONNX's alone).
 TENSORFLOW_HANDLER_KEYS = tuple(k for k in ONNX_HANDLER_KEYS if k != "runtime") + ("signature_key", "models",
                                                                                      "config")
-#: Cortex 0.35's TensorFlow handler (``handler.models``): the SavedModels a
-#: ``Handler(tensorflow_client, config)`` predicts with.
-TF_MODELS_KEYS = ("path", "paths", "dir", "signature_key", "cache_size", "disk_cache_size")
 HANDLER_KEYS_BY_TYPE = {"python": HANDLER_KEYS, "onnx": ONNX_HANDLER_KEYS, "tensorflow": TENSORFLOW_HANDLER_KEYS}
 REALTIME_KEYS = ("name", "kind", "handler", "compute", "autoscaling", "update_strategy", "networking")
 #: A BatchAPI (seed 001) runs jobs on workers started per job: no
@@ -260,6 +263,75 @@ def _python_handler(c: _Checker, h: dict, folder: str) -> Dict[str, Any]:
         if not out["protobuf_path"].endswith(".proto"):
             c.fail("handler.protobuf_path", f"must be a .proto file, got {protobuf_path!r}")
         out["grpc"] = compile_proto(folder, out["protobuf_path"], c).spec
+    if h.get("multi_model_reloading") is not None:
+        # Only then: the specs (and fingerprints) of other APIs stay as they were.
+        out["multi_model_reloading"] = _multi_model_reloading(c, h, folder)
+    return out
+
+
+def _model_dir(c: _Checker, folder: str, field: str, value: str) -> str:
+    """A model directory: absolute on the nodes (read live, so new versions
+    are picked up) or a directory of the project (shipped with it)."""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value):
+        c.fail(field, f"models are read from a directory the nodes see (an absolute path, or one in the "
+                      f"project folder), not fetched: got {value!r}")
+    if os.path.isabs(value):
+        return os.path.normpath(value)
+    return _file_in_project(folder, c, field, value, want_dir=True)
+
+
+def _multi_model_reloading(c: _Checker, h: dict, folder: str, key: str = "multi_model_reloading",
+                           extra: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    """Cortex 0.35's ``handler.multi_model_reloading``: ``path`` (one model),
+    ``paths`` (``name``/``path`` pairs) or ``dir`` (one model per
+    subdirectory), each model's versions its numbered subdirectories;
+    ``cache_size`` models kept loaded per replica (LRU), ``disk_cache_size``
+    (at least ``cache_size``) checked as Cortex did. The TensorFlow
+    handler's ``handler.models`` (``key``) is the same with string fields
+    ``extra`` (``signature_key``) for all models and each of ``paths``."""
+    prefix = f"handler.{key}."
+    m = c.section(h, key, MULTI_MODEL_KEYS + extra)
+    given = [k for k in ("path", "paths", "dir") if m.get(k) is not None]
+    if len(given) != 1:
+        c.fail(f"handler.{key}", "exactly one of path, paths or dir is required"
+               + (f" (got {', '.join(given)})" if given else ""))
+    out: Dict[str, Any] = {}
+    if "path" in given:
+        out["path"] = _model_dir(c, folder, prefix + "path", c.field(m, prefix, "path", _str))
+    elif "dir" in given:
+        out["dir"] = _model_dir(c, folder, prefix + "dir", c.field(m, prefix, "dir", _str))
+    else:
+        paths = m["paths"]
+        if not isinstance(paths, list) or not paths:
+            c.fail(prefix + "paths", "must be a non-empty list of {name, path}")
+        if len(paths) > MAX_MODEL_PATHS:
+            c.fail(prefix + "paths", f"lists {len(paths)} models, at most {MAX_MODEL_PATHS} are allowed")
+        out["paths"] = []
+        for i, entry in enumerate(paths):
+            field = f"{prefix}paths[{i}]"
+            if not isinstance(entry, dict):
+                c.fail(field, f"must be a mapping with name and path, got {type(entry).__name__}")
+            for k in entry:
+                if k not in ("name", "path") + extra:
+                    c.fail(f"{field}.{k}", f"unknown key (expected one of: {', '.join(('name', 'path') + extra)})")
+            name = c.field(entry, field + ".", "name", _str, required=True)
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
+                c.fail(field + ".name", f"must be letters, digits, '.', '_' or '-' (at most 128), got {name!r}")
+            if any(p["name"] == name for p in out["paths"]):
+                c.fail(field + ".name", f"{name!r} is listed twice")
+            path = _model_dir(c, folder, field + ".path", c.field(entry, field + ".", "path", _str, required=True))
+            out["paths"].append({"name": name, "path": path,
+                                 **{k: c.field(entry, field + ".", k, _str) for k in extra if k in entry}})
+    for k in extra:
+        if m.get(k) is not None:
+            out[k] = c.field(m, prefix, k, _str)
+    out["cache_size"] = c.field(m, prefix, "cache_size", _int(1))
+    out["disk_cache_size"] = c.field(m, prefix, "disk_cache_size", _int(1))
+    if (out["cache_size"] is None) != (out["disk_cache_size"] is None):
+        c.fail(f"handler.{key}", "cache_size and disk_cache_size go together: set both or neither")
+    if out["cache_size"] is not None and out["disk_cache_size"] < out["cache_size"]:
+        c.fail(prefix + "disk_cache_size", f"must be at least cache_size ({out['cache_size']}), "
+                                           f"got {out['disk_cache_size']}")
     return out
 
 
@@ -427,31 +499,12 @@ def _onnx_handler(c: _Checker, h: dict, folder: str) -> Dict[str, Any]:
     return out
 
 
-def _model_dir(c: _Checker, field: str, folder: str, value: Any, url: bool = True) -> str:
-    """A model directory: of the project, an absolute path on the nodes, or
-    (``url``) an http(s) URL of a .zip or .tar.gz of it."""
-    if not isinstance(value, str) or not value:
-        c.fail(field, f"must be a non-empty string, got {value!r}")
-    if re.match(r"https?://", value, re.IGNORECASE) and url:
-        if not urlparse(value).netloc:
-            c.fail(field, f"not a valid URL: {value!r}")
-        return value
-    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value):
-        kinds = "a folder of the project, an absolute path or an http(s) URL" if url else \
-            "a folder of the project or an absolute path"
-        c.fail(field, f"must be {kinds}, got {value!r}")
-    if os.path.isabs(value):
-        return os.path.normpath(value)
-    return _file_in_project(folder, c, field, value, want_dir=True)
-
-
 def _tensorflow_models_handler(c: _Checker, h: dict, folder: str) -> Dict[str, Any]:
     """Cortex 0.35's TensorFlow handler: ``path`` (a Handler built as
     ``Handler(tensorflow_client, config)``), ``config``, and ``models``:
-    exactly one of ``path`` (one model), ``paths`` (``[{name, path,
-    signature_key}]``) or ``dir`` (a folder of model folders). A model
-    folder holds a SavedModel, or numbered version folders of them (checked
-    by the replicas, which may see a filesystem this machine does not)."""
+    ``multi_model_reloading``'s keys and model folders (holding a
+    SavedModel, or numbered version folders of them), with
+    ``signature_key`` for all models and for each of ``paths``."""
     for key in ("model_path", "metadata", "signature_key", "model_sha256"):
         if key in h:
             c.fail(f"handler.{key}", "belongs to the request-handler shape (handler.model_path); with "
@@ -459,48 +512,7 @@ def _tensorflow_models_handler(c: _Checker, h: dict, folder: str) -> Dict[str, A
     out: Dict[str, Any] = {"path": _file_in_project(folder, c, "handler.path",
                                                     c.field(h, "handler.", "path", _str, required=True))}
     out["config"] = c.mapping(h, "handler.", "config")
-    m = h["models"]
-    if not isinstance(m, dict):
-        c.fail("handler.models", f"must be a mapping, got {type(m).__name__}")
-    for k in m:
-        if k not in TF_MODELS_KEYS:
-            c.fail(f"handler.models.{k}", f"unknown key (expected one of: {', '.join(TF_MODELS_KEYS)})")
-    for k in ("cache_size", "disk_cache_size"):
-        if k in m:
-            c.fail(f"handler.models.{k}", "the TensorFlow handler loads every model when a replica starts "
-                                          "(no model cache): remove it")
-    given = [k for k in ("path", "paths", "dir") if m.get(k) is not None]
-    if len(given) != 1:
-        c.fail("handler.models", "exactly one of path, paths and dir is required"
-               + (f" (got {', '.join(given)})" if given else ""))
-    signature_key = c.field(m, "handler.models.", "signature_key", _str)
-    models: Dict[str, Any] = {"signature_key": signature_key}
-    if given[0] == "path":
-        models["path"] = _model_dir(c, "handler.models.path", folder, m["path"])
-    elif given[0] == "dir":
-        models["dir"] = _model_dir(c, "handler.models.dir", folder, m["dir"], url=False)
-    else:
-        if not isinstance(m["paths"], list) or not m["paths"]:
-            c.fail("handler.models.paths", "must be a non-empty list of {name, path[, signature_key]}")
-        models["paths"] = []
-        for i, entry in enumerate(m["paths"]):
-            f = f"handler.models.paths[{i}]"
-            if not isinstance(entry, dict):
-                c.fail(f, "must be a mapping with name and path")
-            for k in entry:
-                if k not in ("name", "path", "signature_key"):
-                    c.fail(f"{f}.{k}", "unknown key (expected one of: name, path, signature_key)")
-            name = c.field(entry, f + ".", "name", _str, required=True)
-            if any(e["name"] == name for e in models["paths"]):
-                c.fail(f"{f}.name", f"{name!r} is listed twice")
-            models["paths"].append({"name": name,
-                                    "path": _model_dir(c, f"{f}.path", folder,
-                                                       c.field(entry, f + ".", "path", _str, required=True)),
-                                    "signature_key": c.field(entry, f + ".", "signature_key", _str)})
-    out["models"] = models
-    out["model_max_size"] = c.field(h, "handler.", "model_max_size", _mem, default=DEFAULT_MODEL_MAX_SIZE)
-    out["model_download_timeout"] = c.field(h, "handler.", "model_download_timeout", _duration,
-                                            default=DEFAULT_MODEL_DOWNLOAD_TIMEOUT)
+    out["models"] = _multi_model_reloading(c, h, folder, "models", ("signature_key",))
     return out
 
 

@@ -24,7 +24,8 @@ differs:
 ``TensorFlowHandlerAPI(spec)`` hosts Cortex 0.35's other shape,
 ``handler.models`` with a ``Handler(tensorflow_client, config)`` whose
 methods call ``tensorflow_client.predict(payload, model_name,
-model_version)`` (``TensorFlowClient``); it is a RealtimeAPI otherwise.
+model_version)`` (``TensorFlowClient``, on multi_model_reloading's model
+resolution and cache); it is a RealtimeAPI otherwise.
 
 TensorFlow is optional for the SDK: it is imported when a replica starts,
 and its absence fails the replica with an error naming the package.
@@ -36,9 +37,10 @@ import logging
 import os
 import tarfile
 import zipfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from .downloads import build_once, extract
+from .models import PythonClient
 from .onnx import OnnxAPI, _Input, cpu_threads, download_limits, fetch_or_fail, import_model_runtime, is_url, to_jsonable
 from .realtime import HandlerError, RealtimeAPI, setup_process
 
@@ -251,6 +253,18 @@ class _Servable:
         self.model, self.function, self.inputs, self.outputs = model, function, inputs, outputs
 
 
+class _SavedModels(PythonClient):
+    """multi_model_reloading's models, loaded by name (a ``paths`` entry's
+    ``signature_key`` is its own)."""
+
+    def __init__(self, models: dict, project: str, load: Callable[[str, str], Any]):
+        super().__init__(models, project, lambda path: None)
+        self._load_named = load
+
+    def _load(self, name: str, path: str) -> Any:
+        return self._load_named(name, path)
+
+
 class TensorFlowClient:
     """Cortex 0.35's ``tensorflow_client``, given to ``Handler.__init__``:
     ``predict(model_input, model_name=None, model_version="latest")`` runs
@@ -258,60 +272,29 @@ class TensorFlowClient:
     Serving container) and answers output name -> flat list of values, as
     Cortex's parse of TensorFlow Serving's response did.
 
-    The models are ``handler.models``'s ``path`` (the one model), ``paths``
-    (by name) or ``dir`` (each folder in it, by its name), all loaded when
-    the replica starts. A model folder is a SavedModel, or numbered
-    version folders of SavedModels ("latest": the highest)."""
+    Which model and version a call means, and the loaded ones kept, are
+    ``multi_model_reloading``'s (serval.cortex.models.PythonClient over the
+    replica's model cache): ``handler.models`` ``path``, ``paths`` or
+    ``dir``, versions as numbered folders ("latest": the highest, read at
+    each call), ``cache_size``; an unknown model or version is a 404. A
+    model (version) folder holds a SavedModel, loaded at its first use."""
 
-    def __init__(self, api: str, project: str, handler: dict, tf):
+    def __init__(self, api: str, project: str, models: dict, tf):
         self.api, self.tf = api, tf
-        models = handler["models"]
-        default_key = models.get("signature_key")
-        if models.get("path"):
-            entries = [("", models["path"], default_key)]
-        elif models.get("paths"):
-            entries = [(e["name"], e["path"], e.get("signature_key") or default_key) for e in models["paths"]]
-        else:
-            root = os.path.join(project, models["dir"])  # an absolute dir stays as it is
-            if not os.path.isdir(root):
-                raise HandlerError(f"api {api!r}: handler.models.dir: no such directory: {root}")
-            entries = [(d, os.path.join(root, d), default_key) for d in sorted(os.listdir(root))
-                       if os.path.isdir(os.path.join(root, d))]
-            if not entries:
-                raise HandlerError(f"api {api!r}: handler.models.dir: {models['dir']} holds no model folders")
-        #: model name ("" for models.path) -> version -> _Servable
-        self.models: Dict[str, Dict[int, _Servable]] = {}
-        for name, path, key in entries:
-            local = self._local(project, handler, path)
-            self.models[name] = {v: self._load(local_v, key, path) for v, local_v in self._versions(local, path)}
+        self._default_key = models.get("signature_key")
+        self._keys = {p["name"]: p["signature_key"] for p in models.get("paths") or () if p.get("signature_key")}
+        self.models = _SavedModels(models, project, self._load)
 
-    def _local(self, project: str, handler: dict, path: str) -> str:
-        if is_url(path):
-            fetched = dict(handler, model_path=path, model_sha256=None)
-            return unpack_once(self.api, fetch_or_fail(self.api, fetched), fetched)
-        local = os.path.join(project, path)
-        if not os.path.isdir(local):
-            raise HandlerError(f"api {self.api!r}: handler.models: no such directory: {local}")
-        return local
-
-    def _versions(self, local: str, shown: str) -> List[tuple]:
-        """(version, folder) of a model folder: itself as version 1, or its
-        numbered folders holding SavedModels (an unpacked archive may hold
-        the model's folder instead: looked into once)."""
-        if _has_saved_model(local):
-            return [(1, local)]
-        numbered = sorted((int(d), os.path.join(local, d)) for d in os.listdir(local)
-                          if d.isdigit() and _has_saved_model(os.path.join(local, d)))
-        if numbered:
-            return numbered
-        return [(1, find_saved_model(self.api, local, shown))]
-
-    def _load(self, path: str, wanted: Optional[str], shown: str) -> _Servable:
+    def _load(self, name: str, path: str) -> _Servable:
+        wanted = self._keys.get(name) or self._default_key
+        if not _has_saved_model(path):
+            raise HandlerError(f"api {self.api!r}: handler.models: {path} holds no SavedModel "
+                               f"(no {' or '.join(SAVED_MODEL_FILES)})")
         graph = read_meta_graph(self.api, path)
         try:
             model = self.tf.saved_model.load(path, tags=list(graph.meta_info_def.tags) or None)
         except Exception as e:
-            raise HandlerError(f"api {self.api!r}: loading the SavedModel {shown} failed: "
+            raise HandlerError(f"api {self.api!r}: loading the SavedModel {path} failed: "
                                f"{type(e).__name__}: {e}") from e
         key = pick_signature(self.api, list(model.signatures.keys()), wanted)
         signature_def = graph.signature_def[key]
@@ -321,7 +304,8 @@ class TensorFlowClient:
 
     def predict(self, model_input: Dict[str, Any], model_name: Optional[str] = None,
                 model_version: Any = "latest") -> Dict[str, Any]:
-        servable, shown = self._servable(model_name, model_version)
+        servable = self.models.get_model(model_name, model_version)
+        shown = model_name or "default"
         if not isinstance(model_input, dict):
             raise ValueError(f"model '{shown}': model_input must be a dict of input name -> value, "
                              f"got {type(model_input).__name__}")
@@ -331,27 +315,6 @@ class TensorFlowClient:
         outputs = servable.function(**{i.name: self.tf.constant(i.convert(model_input[i.name]))
                                        for i in servable.inputs})
         return {k: to_jsonable(_text_strings(outputs[k].numpy().ravel())) for k in servable.outputs if k in outputs}
-
-    def _servable(self, model_name: Optional[str], model_version: Any) -> tuple:
-        if model_name is None or (model_name == "" and "" in self.models):
-            if len(self.models) != 1:
-                raise ValueError(f"model_name: required, this API serves {', '.join(sorted(self.models))}")
-            model_name = next(iter(self.models))
-        versions = self.models.get(model_name)
-        if versions is None:
-            raise ValueError(f"model_name: no model named {model_name!r} (this API serves "
-                             f"{', '.join(sorted(self.models)) or 'one model, named by no name'})")
-        if model_version in (None, "", "latest"):
-            version = max(versions)
-        else:
-            try:
-                version = int(model_version)
-            except (TypeError, ValueError):
-                raise ValueError(f"model_version: a version number or 'latest', got {model_version!r}") from None
-            if version not in versions:
-                raise ValueError(f"model_version: model {model_name or 'default'!r} has versions "
-                                 f"{', '.join(map(str, sorted(versions)))}, not {version}")
-        return versions[version], model_name or "default"
 
 
 class TensorFlowHandlerAPI(RealtimeAPI):
@@ -370,7 +333,7 @@ class TensorFlowHandlerAPI(RealtimeAPI):
             tf.config.threading.set_inter_op_parallelism_threads(threads)
         except RuntimeError as e:  # TensorFlow already ran in this process
             logger.warning("api %r: TensorFlow's thread pools are already set up: %s", self.name, e)
-        self.tensorflow_client = TensorFlowClient(self.name, project, handler, tf)
+        self.tensorflow_client = TensorFlowClient(self.name, project, handler["models"], tf)
         handler_class = self._load_handler_class(project, handler.get("path") or "handler.py")
         self.handler = self._build(handler_class, {"config": handler.get("config") or {},
                                                    "tensorflow_client": self.tensorflow_client})
