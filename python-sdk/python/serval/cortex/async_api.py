@@ -61,8 +61,10 @@ MAX_RESULT_BYTES = 1024 * 1024
 #: How long a leased submission stays hidden from other replicas: a
 #: replica that died running it gives it back after this long.
 VISIBILITY_S = 3600.0
-#: How often an idle consumer looks at the queue, at most.
-IDLE_POLL_S = 0.25
+#: How often a consumer looks at an empty queue: at first, then at most
+#: (doubling while it stays empty, so an idle API costs its head little).
+IDLE_POLL_MIN_S = 0.05
+IDLE_POLL_MAX_S = 0.5
 #: What a job id (a submission's id) looks like.
 JOB_ID = re.compile(r"[0-9a-f]{1,64}")
 #: A submission still being stored after this long lost its submitter.
@@ -195,7 +197,7 @@ class AsyncAPI(RealtimeAPI):
     # -- the consumer -------------------------------------------------------
 
     def _consume(self) -> None:
-        first = True
+        first, idle = True, IDLE_POLL_MIN_S
         while True:
             try:
                 ran = self._consume_once(first)
@@ -203,8 +205,11 @@ class AsyncAPI(RealtimeAPI):
             except Exception as e:  # a head failing over, say: look again
                 logger.warning("api %r: reading the queue: %s: %s", self.name, type(e).__name__, e)
                 ran = False
-            if not ran:
-                time.sleep(IDLE_POLL_S)
+            if ran:
+                idle = IDLE_POLL_MIN_S
+            else:
+                time.sleep(idle)
+                idle = min(idle * 2, IDLE_POLL_MAX_S)
 
     def _consume_once(self, first: bool) -> bool:
         """Runs the oldest submission this replica can lease; whether it
