@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
@@ -63,6 +64,7 @@ def async_config(gate):
     mem: 200M
   jobs:
     max_queued: 2
+    retention: 2s
 """
 
 
@@ -115,6 +117,14 @@ def test_async_submissions_are_queued_run_and_fetched_by_id(async_api):
     failing = submit_async(url, {"fail": "this"})
     failed = wait_workload(url, failing, "failed")
     assert "result" not in failed and "cannot classify this" in failed["error"], failed
+
+    # Kept for jobs.retention (2 s) once ended, as jobs are: removed when
+    # a later submission is stored.
+    deadline = time.monotonic() + TIMEOUT
+    while requests.get(f"{url}/{failing}", timeout=TIMEOUT).status_code != 404:
+        assert time.monotonic() < deadline, "the failed submission was never removed"
+        wait_workload(url, submit_async(url), "completed")
+        time.sleep(0.5)  # a retry's pace, not a wait for an event
 
     # Unknown ids, other methods, and a payload over the queue's batch size.
     assert requests.get(f"{url}/0123456789abcdef", timeout=TIMEOUT).status_code == 404
