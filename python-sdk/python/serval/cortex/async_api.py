@@ -30,6 +30,7 @@ at most the cluster's 1,000 most recent ended jobs.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -141,9 +142,14 @@ class AsyncAPI(RealtimeAPI):
 
     @staticmethod
     async def _off_loop(fn, *args):
-        # Control calls block: off the replica's event loop.
-        import asyncio
-        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        """``fn(*args)`` off the replica's event loop (control calls block);
+        no head answering is the client's 503, to retry."""
+        from serval._native import ControlUnavailable
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        except ControlUnavailable as e:
+            return error_response(503, f"the cluster's queue does not answer now: {e}", {"Retry-After": "1"})
 
     def submit(self, content_type: str, body: bytes):
         from serval import ServeError
