@@ -69,6 +69,7 @@ pub const REPLICA_CALLS: &[&str] = &[
     "LeaseBatches",
     "AckBatches",
     "CompleteJob",
+    "FinishJob",
     "ReleaseWorker",
     "GetJob",
     "ListJobs",

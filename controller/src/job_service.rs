@@ -3,7 +3,7 @@
 //! this head's clock; reads (GetJob, ListJobs, GetDeadLetters) come from
 //! this head's store, which may trail the leader by the commits in flight.
 //! A client reads its own control writes back through the head it wrote
-//! them through: CreateJob, FinishEnqueue, CompleteJob and StopJob return
+//! them through: CreateJob, FinishEnqueue, CompleteJob, FinishJob and StopJob return
 //! once this head has applied them (see `write_visible`).
 
 use prost::Message;
@@ -136,6 +136,21 @@ impl Jobs<'_> {
             id: r.job_id,
             worker: r.worker_id,
             error: r.error,
+            now_ms: now_ms(),
+        };
+        Ok(Response::new(
+            write_visible(self.raft, self.peer_key, cmd).await?,
+        ))
+    }
+
+    pub async fn finish_job(&self, r: FinishJobRequest) -> Result<Response<Job>, Status> {
+        let cmd = JobCommand::Finish {
+            id: r.job_id,
+            worker: r.worker_id,
+            index: r.index,
+            error: r.error,
+            result: r.result,
+            seconds: r.seconds,
             now_ms: now_ms(),
         };
         Ok(Response::new(

@@ -74,6 +74,8 @@ pub const MAX_JOB_RETENTION_S: f64 = 30.0 * 24.0 * 3600.0;
 pub const MAX_JOB_BATCHES: u64 = 1_000_000;
 /// One batch's bytes (Cortex's 256 KiB).
 pub const MAX_JOB_BATCH_BYTES: usize = 256 * 1024;
+/// A job's result (`Finish`: an AsyncAPI submission's answer), in bytes.
+pub const MAX_JOB_RESULT_BYTES: usize = 1024 * 1024;
 /// Batches, and their bytes, in one `EnqueueBatches` write.
 pub const MAX_ENQUEUE_BATCHES: usize = 10_000;
 pub const MAX_ENQUEUE_BYTES: usize = 4 * 1024 * 1024;
@@ -144,7 +146,8 @@ pub fn clip(mut cmd: Command) -> Command {
         Command::ReportReplica(r) => cut(&mut r.error),
         Command::Job(JobCommand::FinishEnqueue { error, .. })
         | Command::Job(JobCommand::Complete { error, .. })
-        | Command::Job(JobCommand::Stop { error, .. }) => cut(error),
+        | Command::Job(JobCommand::Stop { error, .. })
+        | Command::Job(JobCommand::Finish { error, .. }) => cut(error),
         Command::Job(JobCommand::Ack { results, .. }) => {
             results.iter_mut().for_each(|r| cut(&mut r.error))
         }
@@ -483,6 +486,18 @@ fn check_job(cmd: &JobCommand) -> Result<(), StateError> {
             name("job id", id)?;
             name("status", status)?;
             text("error", error, MAX_ERROR_BYTES)
+        }
+        JobCommand::Finish {
+            id,
+            worker,
+            error,
+            result,
+            ..
+        } => {
+            name("job id", id)?;
+            name("worker_id", worker)?;
+            text("error", error, MAX_ERROR_BYTES)?;
+            text("result", result, MAX_JOB_RESULT_BYTES)
         }
     }
 }

@@ -657,6 +657,11 @@ impl Control for ControlService {
         self.jobs().complete(req.into_inner()).await
     }
 
+    async fn finish_job(&self, req: Request<FinishJobRequest>) -> Result<Response<Job>, Status> {
+        self.may_use_job(&req, &req.get_ref().job_id)?;
+        self.jobs().finish_job(req.into_inner()).await
+    }
+
     async fn release_worker(
         &self,
         req: Request<ReleaseWorkerRequest>,

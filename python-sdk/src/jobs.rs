@@ -10,6 +10,7 @@
 //!        -> (status, done, run_on_complete, [(index, batch_id, payload, receive_count)])
 //!   .ack(job_id, worker_id, [(index, ok, seconds, error)]) -> None
 //!   .complete(job_id, worker_id, error="") -> str
+//!   .finish_job(job_id, worker_id, index, result="", error="", seconds=0.0) -> str
 //!   .release_worker(job_id, worker_id) -> None
 //!   .get(job_id) -> str ; .list(api) -> str (JSON list) ; .stop(job_id, status="", error="") -> str
 //!   .dead_letters(job_id) -> [(index, batch_id, payload, receive_count, error)]
@@ -20,8 +21,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use serval_protos::client::Client as ControlClient;
 use serval_protos::control::{
-    AckRequest, BatchResult, CompleteJobRequest, EnqueueRequest, FinishEnqueueRequest, Job,
-    JobRequest, JobSpec, LeaseRequest, ListJobsRequest, ReleaseWorkerRequest, StopJobRequest,
+    AckRequest, BatchResult, CompleteJobRequest, EnqueueRequest, FinishEnqueueRequest,
+    FinishJobRequest, Job, JobRequest, JobSpec, LeaseRequest, ListJobsRequest,
+    ReleaseWorkerRequest, StopJobRequest,
 };
 
 use crate::client::{block_on, status_err, ServeError};
@@ -178,6 +180,34 @@ impl Jobs {
             error,
         };
         let job = block_on(py, async move { c.complete_job(request).await }).map_err(status_err)?;
+        to_json(&job.into_inner())
+    }
+
+    /// The lease holder of batch `index` ends the job: succeeded with
+    /// `result` (JSON text), or "worker error" with `error`.
+    // The Python signature is the request's fields, one argument each.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (job_id, worker_id, index, result = String::new(), error = String::new(), seconds = 0.0))]
+    fn finish_job(
+        &self,
+        py: Python<'_>,
+        job_id: String,
+        worker_id: String,
+        index: u64,
+        result: String,
+        error: String,
+        seconds: f64,
+    ) -> PyResult<String> {
+        let mut c = self.client.clone();
+        let request = FinishJobRequest {
+            job_id,
+            worker_id,
+            index,
+            error,
+            result,
+            seconds,
+        };
+        let job = block_on(py, async move { c.finish_job(request).await }).map_err(status_err)?;
         to_json(&job.into_inner())
     }
 

@@ -314,3 +314,92 @@ def test_bad_tensorflow_fields_are_named(tmp_path, saved_models, config, field, 
     with pytest.raises(ConfigError) as e:
         _load(tmp_path, saved_models, config)
     assert f'api "iris": {field}:' in str(e.value) and words in str(e.value), str(e.value)
+
+
+# -- Cortex 0.35's TensorFlow handler: handler.models, Handler(tensorflow_client, config) --
+
+# Cortex's tensorflow iris-classifier test API: the payload holds the
+# model's inputs; predict answers output name -> flat list of values.
+CLIENT_HANDLER = '''labels = ["iris-setosa", "iris-versicolor", "iris-virginica"]
+
+
+class Handler:
+    def __init__(self, tensorflow_client, config):
+        self.client = tensorflow_client
+        self.config = config
+
+    def handle_post(self, payload, query_params):
+        if "model" not in query_params:
+            prediction = self.client.predict(payload)
+            return {"label": labels[int(prediction["class_id"][0])], "config": self.config}
+        return self.client.predict(payload, query_params["model"], query_params.get("version", "latest"))
+'''
+
+MEASURE_SETOSA = {"measurements": [5.1, 3.5, 1.4, 0.2]}
+MEASURE_VIRGINICA = {"measurements": [6.7, 3.0, 5.2, 2.3]}
+
+
+def client_config(models: str, extra: str = "") -> str:
+    return ("- name: iris\n  kind: RealtimeAPI\n  handler:\n    type: tensorflow\n    path: handler.py\n"
+            f"    config: {{greeting: hi}}\n    models:\n{models}" + extra)
+
+
+def test_the_0_35_tensorflow_handler_predicts_through_its_client(cluster, tmp_path, saved_models):
+    # One model (models.path), as Cortex's iris-classifier.
+    one = tmp_path / "one"
+    write(one, saved_models, client_config("      path: model\n"), files={"handler.py": CLIENT_HANDLER})
+    out = cli(cluster, "deploy", str(one))
+    assert out.returncode == 0, out.stdout + out.stderr
+    r = requests.post(f"{cluster.url}/iris", json=MEASURE_SETOSA, timeout=TIMEOUT)
+    assert r.status_code == 200 and r.json() == {"label": "iris-setosa", "config": {"greeting": "hi"}}, r.text
+
+    # Several, by name (models.paths, one with its own signature) and by
+    # folder with numbered versions (models.dir).
+    many = tmp_path / "many"
+    models = ("      paths:\n        - {name: classifier, path: model}\n"
+              "        - {name: labeller, path: model, signature_key: labels}\n")
+    write(many, saved_models, client_config(models).replace("name: iris", "name: iris-many"),
+          files={"handler.py": CLIENT_HANDLER})
+    # An absolute dir, read where it is: versions added later are served.
+    live = tmp_path / "live"
+    shutil.copytree(saved_models / "iris", live / "iris" / "3")
+    shutil.copytree(saved_models / "iris", live / "iris" / "12")
+    write_project(many, {"dir.yaml": client_config(f"      dir: {live}\n", "  networking: {endpoint: by-dir}\n")
+                  .replace("name: iris", "name: iris-dir")})
+    for extra in ([], ["--config", str(many / "dir.yaml")]):
+        out = cli(cluster, "deploy", str(many), *extra)
+        assert out.returncode == 0, out.stdout + out.stderr
+    url = f"{cluster.url}/iris-many"
+    labelled = requests.post(url, params={"model": "labeller"}, json=MEASURE_VIRGINICA, timeout=TIMEOUT)
+    assert labelled.status_code == 200 and labelled.json() == {"label": ["iris-virginica"]}, labelled.text
+    classified = requests.post(url, params={"model": "classifier"}, json=MEASURE_SETOSA, timeout=TIMEOUT).json()
+    assert classified["class_id"] == [0] and len(classified["probabilities"]) == 3, classified
+    for version in ("3", "12", "latest"):  # the models load at first use
+        r = requests.post(f"{cluster.url}/by-dir", params={"model": "iris", "version": version},
+                          json=MEASURE_VIRGINICA, timeout=TIMEOUT)
+        assert r.status_code == 200 and r.json()["class_id"] == [2], r.text
+    # A version or a model it does not have: 404, naming it.
+    r = requests.post(f"{cluster.url}/by-dir", params={"model": "iris", "version": "13"}, json=MEASURE_SETOSA,
+                      timeout=TIMEOUT)
+    assert r.status_code == 404 and "no version 13" in r.text, r.text
+    r = requests.post(url, params={"model": "nope"}, json=MEASURE_SETOSA, timeout=TIMEOUT)
+    assert r.status_code == 404 and "'nope'" in r.text, r.text
+    # A version folder added while serving is served at the next call.
+    shutil.copytree(saved_models / "iris", live / "iris" / "13")
+    r = requests.post(f"{cluster.url}/by-dir", params={"model": "iris", "version": "13"}, json=MEASURE_VIRGINICA,
+                      timeout=TIMEOUT)
+    assert r.status_code == 200 and r.json()["class_id"] == [2], r.text
+
+
+@pytest.mark.parametrize("models, field, words", [
+    ("      path: model\n      cache_size: 2\n", "handler.models", "go together"),
+    ("      signature_key: labels\n", "handler.models", "exactly one of path, paths or dir"),
+    ("      path: nope\n", "handler.models.path", "no such directory"),
+    ("      paths: [{name: a, path: model}, {name: a, path: model}]\n", "handler.models.paths[1].name", "twice"),
+    ("      paths: [{name: a, path: model, version: 1}]\n", "handler.models.paths[0].version", "unknown key"),
+    ("      dir: s3://bucket/models\n", "handler.models.dir", "not fetched"),
+])
+def test_bad_0_35_tensorflow_models_are_named(tmp_path, saved_models, models, field, words):
+    with pytest.raises(ConfigError) as e:
+        _load(tmp_path, saved_models, client_config(models))
+    assert f'api "iris": {field}:' in str(e.value) and words in str(e.value), str(e.value)

@@ -387,6 +387,105 @@ fn a_job_goes_on_after_the_leader_head_is_killed() {
     });
 }
 
+/// An AsyncAPI submission is a job of one batch ended by `FinishJob`: a
+/// queued one and a finished one's result outlive the leader head.
+#[test]
+fn a_queued_submission_and_a_finished_one_s_result_outlive_the_leader() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("sv-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (mut heads, leader_ix) = three_heads_without_replicas(tmp.path());
+    let (finished, queued) = rt.block_on(async {
+        let mut c = client(&heads[(leader_ix + 1) % 3]).await;
+        let finished = new_job(&mut c, 1, 1).await;
+        let queued = new_job(&mut c, 1, 1).await;
+        let reply = lease(&mut c, &finished, "r1", 1).await;
+        assert_eq!(reply.batches.len(), 1);
+        // A lease returns before this follower applied it: it shows soon.
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let job = c
+                .get_job(JobRequest {
+                    job_id: finished.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if job.leased == 1 {
+                break; // a leased submission is in progress
+            }
+            assert!(Instant::now() < deadline, "the lease never showed");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // Only the lease holder may finish it.
+        let refused = c
+            .finish_job(FinishJobRequest {
+                job_id: finished.clone(),
+                worker_id: "r2".into(),
+                index: 0,
+                result: "{}".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            refused.message().contains("no lease"),
+            "{}",
+            refused.message()
+        );
+        let done = c
+            .finish_job(FinishJobRequest {
+                job_id: finished.clone(),
+                worker_id: "r1".into(),
+                index: 0,
+                result: r#"{"label": "setosa"}"#.into(),
+                seconds: 0.1,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((done.status.as_str(), done.leased), ("succeeded", 0));
+        (finished, queued)
+    });
+    drop(heads.remove(leader_ix));
+    rt.block_on(async {
+        for head in &heads {
+            let mut c = client(head).await;
+            let seen = wait_for_job(&mut c, &finished, "succeeded").await;
+            assert_eq!(seen.result, r#"{"label": "setosa"}"#);
+        }
+        // The queued one is still there for a consumer of the new leader.
+        let mut c = client(&heads[0]).await;
+        let reply = lease(&mut c, &queued, "r3", 1).await;
+        assert_eq!(reply.batches[0].payload, b"[0]");
+        let failed = c
+            .finish_job(FinishJobRequest {
+                job_id: queued.clone(),
+                worker_id: "r3".into(),
+                index: 0,
+                error: "ValueError: no".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (
+                failed.status.as_str(),
+                failed.error.as_str(),
+                failed.result.as_str()
+            ),
+            ("worker error", "ValueError: no", "")
+        );
+    });
+}
+
 /// The job as `c`'s head has it, once it reached `status` there (a
 /// follower applies a commit a moment after the leader).
 async fn wait_for_job(c: &mut Client, job: &str, status: &str) -> Job {

@@ -6,7 +6,9 @@
 //!   the leases, the re-queued and dead-lettered batch indexes).
 //! * `job_batches`: (job id, index) -> the batch's bytes, while the batch
 //!   may still run or is a dead letter: an ok ack drops it, and a job that
-//!   ends drops every payload but its dead letters'.
+//!   ends drops every payload but its dead letters'. Under the index
+//!   [`RESULT_INDEX`], the result a job was finished with (`Finish`, an
+//!   AsyncAPI submission's answer), kept and removed with the job.
 //!
 //! Ended jobs are kept for their spec's `retention_s` (default
 //! [`ENDED_JOB_RETENTION_MS`]), at most [`MAX_ENDED_JOBS`] of them, then
@@ -47,6 +49,10 @@ pub const ENDED: [&str; 7] = [
 pub const ENDED_JOB_RETENTION_MS: i64 = 24 * 3600 * 1000;
 /// How many ended jobs are kept at most; the longest ended go first.
 pub const MAX_ENDED_JOBS: usize = 1000;
+
+/// Where a job's result lies in `job_batches` (no batch has this index:
+/// the cap on batches is far below it).
+const RESULT_INDEX: u64 = u64::MAX;
 
 /// A write to the job tables (one `Command::Job`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -94,6 +100,18 @@ pub enum JobCommand {
         id: String,
         status: String,
         error: String,
+        now_ms: i64,
+    },
+    // Last: the variants are numbered in logs and snapshots already written.
+    /// The lease holder of batch `index` ends the job: "succeeded" keeping
+    /// `result`, or "worker error" with `error` (not empty).
+    Finish {
+        id: String,
+        worker: String,
+        index: u64,
+        error: String,
+        result: String,
+        seconds: f64,
         now_ms: i64,
     },
 }
@@ -160,6 +178,8 @@ impl JobRecord {
             end_ms: self.end_ms,
             error: self.error.clone(),
             completer: self.completer.clone(),
+            leased: self.leases.len() as u64,
+            result: String::new(),
         }
     }
 
@@ -247,7 +267,7 @@ fn save_ending(txn: &WriteTransaction, job: &JobRecord, was_ended: bool) -> std:
     let mut stale = Vec::new();
     for entry in table.range((id, 0)..=(id, u64::MAX)).map_err(io)? {
         let index = entry.map_err(io)?.0.value().1;
-        if !job.dead.contains_key(&index) {
+        if !job.dead.contains_key(&index) && index != RESULT_INDEX {
             stale.push(index);
         }
     }
@@ -609,6 +629,45 @@ pub fn apply(
             save_ending(txn, &job, false)?;
             job.to_job().encode_to_vec()
         }
+        JobCommand::Finish {
+            id,
+            worker,
+            index,
+            error,
+            result,
+            seconds,
+            now_ms,
+        } => {
+            let mut job = job!(&id);
+            job.check_timeout(now_ms);
+            if job.ended() {
+                return Ok(Err(invalid(
+                    "job",
+                    &format!("job {id} has already ended ({})", job.status),
+                )));
+            }
+            if job.leases.get(&index).is_none_or(|l| l.worker != worker) {
+                return Ok(Err(invalid(
+                    "worker_id",
+                    &format!("{worker} holds no lease on batch {index} of job {id}"),
+                )));
+            }
+            job.leases.remove(&index);
+            if error.is_empty() {
+                job.succeeded += 1;
+                job.ok_seconds += seconds.max(0.0);
+                txn.open_table(BATCHES)
+                    .map_err(io)?
+                    .insert((id.as_str(), RESULT_INDEX), result.as_bytes())
+                    .map_err(io)?;
+                job.end("succeeded", "", now_ms);
+            } else {
+                job.end("worker error", &error, now_ms);
+            }
+            job.completed = true;
+            save_ending(txn, &job, false)?;
+            job.to_job().encode_to_vec()
+        }
     };
     Ok(Ok(output))
 }
@@ -626,8 +685,21 @@ fn read_record(db: &Database, id: &str) -> std::io::Result<Option<JobRecord>> {
     got.map(|v| decode(v.value())).transpose()
 }
 
+/// The job, with the result it was finished with.
 pub fn get(db: &Database, id: &str) -> std::io::Result<Option<Job>> {
-    Ok(read_record(db, id)?.map(|r| r.to_job()))
+    let Some(mut job) = read_record(db, id)?.map(|r| r.to_job()) else {
+        return Ok(None);
+    };
+    let txn = db.begin_read().map_err(io)?;
+    if let Some(v) = txn
+        .open_table(BATCHES)
+        .map_err(io)?
+        .get((id, RESULT_INDEX))
+        .map_err(io)?
+    {
+        job.result = String::from_utf8_lossy(v.value()).into_owned();
+    }
+    Ok(Some(job))
 }
 
 /// The jobs of `api` (every job when empty), oldest first.
@@ -1106,6 +1178,63 @@ mod tests {
         assert!(get(&q.db, ID).unwrap().is_none());
         assert!(q.payloads().is_empty());
         assert!(get(&q.db, "second").unwrap().is_some());
+    }
+
+    #[test]
+    fn finish_ends_a_job_with_its_lease_holders_result_kept_until_removal() {
+        let finish = |q: &Queue, worker: &str, error: &str, now_ms| {
+            q.run(JobCommand::Finish {
+                id: ID.into(),
+                worker: worker.into(),
+                index: 0,
+                error: error.into(),
+                result: r#"{"label":"setosa"}"#.into(),
+                seconds: 0.25,
+                now_ms,
+            })
+            .map(|out| Job::decode(out.as_slice()).unwrap())
+        };
+        let q = Queue::running(1, 1, 0.0);
+        assert_eq!(q.job().leased, 0);
+        assert_eq!(leased(&q.lease("w1", 1, 10_000, 1100)), [(0, 1)]);
+        assert_eq!((q.job().leased, q.job().batches_in_queue), (1, 1));
+        // Only the lease holder finishes it.
+        assert!(finish(&q, "w2", "", 1200).is_err());
+        let job = finish(&q, "w1", "", 1200).unwrap();
+        assert_eq!(
+            (job.status.as_str(), job.succeeded, job.leased),
+            ("succeeded", 1, 0)
+        );
+        // The result is kept (the payload is not) and GetJob answers it;
+        // finishing again is refused.
+        assert_eq!(q.job().result, r#"{"label":"setosa"}"#);
+        assert_eq!(q.payloads(), [RESULT_INDEX]);
+        assert!(list(&q.db, "api").unwrap()[0].result.is_empty());
+        assert!(finish(&q, "w1", "", 1300).is_err());
+        // Removed with the job after the retention.
+        q.run(JobCommand::Create {
+            id: "later".into(),
+            spec: JobSpec {
+                api: "api".into(),
+                workers: 1,
+                max_receive_count: 1,
+                ..Default::default()
+            },
+            now_ms: 1201 + ENDED_JOB_RETENTION_MS,
+        })
+        .unwrap();
+        assert!(get(&q.db, ID).unwrap().is_none());
+        assert!(q.payloads().is_empty());
+
+        // A handler that raised: worker error, with its message, no result.
+        let q = Queue::running(1, 1, 0.0);
+        q.lease("w1", 1, 10_000, 1100);
+        let job = finish(&q, "w1", "ValueError: bad", 1200).unwrap();
+        assert_eq!(
+            (job.status.as_str(), job.error.as_str()),
+            ("worker error", "ValueError: bad")
+        );
+        assert!(q.job().result.is_empty());
     }
 
     #[test]

@@ -10,7 +10,7 @@ cluster, answering Cortex's shapes.
   "requested"}}, "endpoint"}``, plus ``grpc_ports`` (``{"insecure": port}``)
   for a gRPC API, whose ``endpoint`` is then the proxy's host (a client
   dials ``endpoint:grpc_ports["insecure"]``), and ``batch_job_statuses``
-  for a BatchAPI. ``list_apis()`` is a list of those.
+  for a BatchAPI (``task_job_statuses`` for a TaskAPI). ``list_apis()`` is a list of those.
 * ``get_job``/``stop_job`` answer as the BatchAPI's endpoint does.
 * ``stream_api_logs``/``stream_job_logs`` print the log lines to stdout as
   they come, until interrupted, as Cortex's did.
@@ -175,9 +175,10 @@ def _api_response(record: dict, snap: Dict[str, Any]) -> Dict[str, Any]:
         response["grpc_ports"] = {"insecure": parts.port or 80}
     else:
         response["endpoint"] = base + (spec.get("endpoint") or f"/{name}")
-    if kind == "BatchAPI":
+    if kind in ("BatchAPI", "TaskAPI"):
+        key = "batch_job_statuses" if kind == "BatchAPI" else "task_job_statuses"
         try:
-            response["batch_job_statuses"] = _job_request("GET", name, {})
+            response[key] = _job_request("GET", name, {})
         except Exception:  # the gateway not up yet: no jobs to show
-            response["batch_job_statuses"] = []
+            response[key] = []
     return response

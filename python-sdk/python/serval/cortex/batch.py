@@ -561,7 +561,7 @@ class BatchGateway:
         options = {"num_cpus": float(compute.get("cpu") or 0.2), "num_gpus": float(compute.get("gpu") or 0)}
         try:
             # Not waiting for the workers: this loop watches them.
-            serve._submit_backend(worker_backend(self.name, job_id), BatchWorker, (self.spec, job_id),
+            serve._submit_backend(worker_backend(self.name, job_id), self.worker_class(), (self.spec, job_id),
                                   options, {"num_replicas": workers})
         except ServeError as e:
             if "exists" not in str(e):  # else another gateway started them first
@@ -592,6 +592,10 @@ class BatchGateway:
                           else job_status.WORKER_ERROR, f"worker {r['id']}: {error[-1] if error else 'died'}")
                 return
 
+    def worker_class(self) -> type:
+        """What a job's worker replicas host (a TaskAPI's gateway: its Task)."""
+        return BatchWorker
+
     def _remove_workers(self, job_id: str) -> None:
         from serval import ServeError, serve
 
@@ -608,24 +612,28 @@ class BatchGateway:
         null once the job has ended, as in Cortex. ``error`` (why the job
         ended, null when it did not fail) is Serval's own: Cortex left that
         to the job's logs."""
-        from serval import serve
-
-        counts = None
-        if job["status"] not in ENDED:
-            counts = {k: 0 for k in ("pending", "initializing", "running", "succeeded", "failed", "stalled",
-                                     "unknown")}
-            backend = worker_backend(self.name, job["id"])
-            for r in serve.status().get("replicas", []):
-                if r["backend"] == backend:
-                    key = {"pending": "pending", "starting": "initializing", "running": "running",
-                           "failed": "failed"}.get(r["state"], "stalled")
-                    counts[key] += 1
         return {**self._job_spec(job), "total_batch_count": job.get("total_batches", 0),
                 "start_time": _iso(job.get("start_ms", 0)), "end_time": _iso(job.get("end_ms", 0)),
                 "status": job_status.code(job["status"]), "batches_in_queue": job.get("batches_in_queue", 0),
                 "batch_metrics": {"succeeded": job.get("succeeded", 0), "failed": job.get("failed", 0),
                                   "avg_time_per_batch": job.get("avg_time_per_batch_s") or None},
-                "worker_counts": counts, "error": job.get("error") or None}
+                "worker_counts": self._worker_counts(job), "error": job.get("error") or None}
+
+    def _worker_counts(self, job: dict) -> Optional[dict]:
+        """Cortex's worker_counts of a job: its workers by state; null once
+        it ended."""
+        from serval import serve
+
+        if job["status"] in ENDED:
+            return None
+        counts = {k: 0 for k in ("pending", "initializing", "running", "succeeded", "failed", "stalled", "unknown")}
+        backend = worker_backend(self.name, job["id"])
+        for r in serve.status().get("replicas", []):
+            if r["backend"] == backend:
+                key = {"pending": "pending", "starting": "initializing", "running": "running",
+                       "failed": "failed"}.get(r["state"], "stalled")
+                counts[key] += 1
+        return counts
 
     def dead_letters(self, job_id: str) -> list:
         self._job(job_id)

@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("logs", help="print the log lines of an API's replicas as they come")
     lg.add_argument("name")
     lg.add_argument("--no-follow", action="store_true", help="print what is logged so far and exit")
-    j = sub.add_parser("jobs", help="batch jobs of a BatchAPI").add_subparsers(dest="jobs_command", required=True)
+    j = sub.add_parser("jobs", help="jobs of a BatchAPI or a TaskAPI").add_subparsers(dest="jobs_command", required=True)
     js = j.add_parser("submit", help="submit a job: its JSON request from a file ('-': stdin)")
     js.add_argument("api")
     js.add_argument("file")
@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         jp.add_argument("job_id")
         if verb == "logs":
             jp.add_argument("--no-follow", action="store_true")
-    jl = j.add_parser("list", help="the jobs of a BatchAPI")
+    jl = j.add_parser("list", help="the jobs of a BatchAPI or a TaskAPI")
     jl.add_argument("api")
     return p
 
@@ -155,7 +155,7 @@ def _print_logs(name: str, follow: bool) -> int:
 
 
 def _jobs(args) -> int:
-    """``serve jobs ...``: through the BatchAPI's HTTP endpoint, as a user's
+    """``serve jobs ...``: through the BatchAPI's (or TaskAPI's) HTTP endpoint, as a user's
     client would; answers are printed as JSON."""
     from .client import Client
 

@@ -31,9 +31,9 @@ CONFIG_NAMES = ("serve.yaml", "cortex.yaml")
 #: Cortex API names: lowercase letters, digits and dashes, starting with a letter.
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
-KINDS = ("RealtimeAPI", "BatchAPI", "TrafficSplitter")
+KINDS = ("RealtimeAPI", "BatchAPI", "TaskAPI", "AsyncAPI", "TrafficSplitter")
 #: Kinds this version deploys; the others are refused naming the field.
-DEPLOYABLE_KINDS = ("RealtimeAPI", "BatchAPI", "TrafficSplitter")
+DEPLOYABLE_KINDS = KINDS
 HANDLER_TYPES = ("python", "onnx", "tensorflow")
 DEPLOYABLE_HANDLER_TYPES = ("python", "onnx", "tensorflow")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -209,7 +209,8 @@ DEFAULT_MODEL_DOWNLOAD_TIMEOUT = 1800.0
 ONNX_RUNTIMES = ("onnxruntime", "native")
 #: A TensorFlow SavedModel (seed 002) as an ONNX model, with the served
 #: signature chosen by ``signature_key`` (``runtime`` is ONNX's alone).
-TENSORFLOW_HANDLER_KEYS = tuple(k for k in ONNX_HANDLER_KEYS if k != "runtime") + ("signature_key",)
+TENSORFLOW_HANDLER_KEYS = tuple(k for k in ONNX_HANDLER_KEYS if k != "runtime") + ("signature_key", "models",
+                                                                                     "config")
 HANDLER_KEYS_BY_TYPE = {"python": HANDLER_KEYS, "onnx": ONNX_HANDLER_KEYS, "tensorflow": TENSORFLOW_HANDLER_KEYS}
 REALTIME_KEYS = ("name", "kind", "handler", "compute", "autoscaling", "update_strategy", "networking")
 #: A BatchAPI (seed 001) runs jobs on workers started per job: no
@@ -225,6 +226,12 @@ DEFAULT_JOB_MAX_BYTES = 1 << 30
 DEFAULT_JOB_RETENTION = 24 * 3600.0
 MAX_JOB_RETENTION = 30 * 24 * 3600.0
 SPLITTER_KEYS = ("name", "kind", "networking", "apis")
+#: An AsyncAPI takes a RealtimeAPI's keys (a python Handler with
+#: handle_async), and ``jobs`` (``retention`` of its results, ``max_queued``).
+ASYNC_KEYS = REALTIME_KEYS + ("jobs",)
+#: A TaskAPI (Cortex 0.35): a ``definition`` (a Task class) run by a job's workers.
+TASK_KEYS = ("name", "kind", "definition", "compute", "networking", "jobs")
+DEFINITION_KEYS = ("path", "config", "python_path", "env", "log_level", "dependencies")
 AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "init_replicas", "max_replica_concurrency",
                     "target_replica_concurrency", "window", "downscale_stabilization_period",
                     "upscale_stabilization_period", "max_downscale_factor", "max_upscale_factor",
@@ -273,17 +280,20 @@ def _model_dir(c: _Checker, folder: str, field: str, value: str) -> str:
     return _file_in_project(folder, c, field, value, want_dir=True)
 
 
-def _multi_model_reloading(c: _Checker, h: dict, folder: str) -> Dict[str, Any]:
+def _multi_model_reloading(c: _Checker, h: dict, folder: str, key: str = "multi_model_reloading",
+                           extra: Tuple[str, ...] = ()) -> Dict[str, Any]:
     """Cortex 0.35's ``handler.multi_model_reloading``: ``path`` (one model),
     ``paths`` (``name``/``path`` pairs) or ``dir`` (one model per
     subdirectory), each model's versions its numbered subdirectories;
     ``cache_size`` models kept loaded per replica (LRU), ``disk_cache_size``
-    (at least ``cache_size``) checked as Cortex did."""
-    prefix = "handler.multi_model_reloading."
-    m = c.section(h, "multi_model_reloading", MULTI_MODEL_KEYS)
+    (at least ``cache_size``) checked as Cortex did. The TensorFlow
+    handler's ``handler.models`` (``key``) is the same with string fields
+    ``extra`` (``signature_key``) for all models and each of ``paths``."""
+    prefix = f"handler.{key}."
+    m = c.section(h, key, MULTI_MODEL_KEYS + extra)
     given = [k for k in ("path", "paths", "dir") if m.get(k) is not None]
     if len(given) != 1:
-        c.fail("handler.multi_model_reloading", "exactly one of path, paths or dir is required"
+        c.fail(f"handler.{key}", "exactly one of path, paths or dir is required"
                + (f" (got {', '.join(given)})" if given else ""))
     out: Dict[str, Any] = {}
     if "path" in given:
@@ -302,19 +312,23 @@ def _multi_model_reloading(c: _Checker, h: dict, folder: str) -> Dict[str, Any]:
             if not isinstance(entry, dict):
                 c.fail(field, f"must be a mapping with name and path, got {type(entry).__name__}")
             for k in entry:
-                if k not in ("name", "path"):
-                    c.fail(f"{field}.{k}", "unknown key (expected one of: name, path)")
+                if k not in ("name", "path") + extra:
+                    c.fail(f"{field}.{k}", f"unknown key (expected one of: {', '.join(('name', 'path') + extra)})")
             name = c.field(entry, field + ".", "name", _str, required=True)
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
                 c.fail(field + ".name", f"must be letters, digits, '.', '_' or '-' (at most 128), got {name!r}")
             if any(p["name"] == name for p in out["paths"]):
                 c.fail(field + ".name", f"{name!r} is listed twice")
             path = _model_dir(c, folder, field + ".path", c.field(entry, field + ".", "path", _str, required=True))
-            out["paths"].append({"name": name, "path": path})
+            out["paths"].append({"name": name, "path": path,
+                                 **{k: c.field(entry, field + ".", k, _str) for k in extra if k in entry}})
+    for k in extra:
+        if m.get(k) is not None:
+            out[k] = c.field(m, prefix, k, _str)
     out["cache_size"] = c.field(m, prefix, "cache_size", _int(1))
     out["disk_cache_size"] = c.field(m, prefix, "disk_cache_size", _int(1))
     if (out["cache_size"] is None) != (out["disk_cache_size"] is None):
-        c.fail("handler.multi_model_reloading", "cache_size and disk_cache_size go together: set both or neither")
+        c.fail(f"handler.{key}", "cache_size and disk_cache_size go together: set both or neither")
     if out["cache_size"] is not None and out["disk_cache_size"] < out["cache_size"]:
         c.fail(prefix + "disk_cache_size", f"must be at least cache_size ({out['cache_size']}), "
                                            f"got {out['disk_cache_size']}")
@@ -485,11 +499,33 @@ def _onnx_handler(c: _Checker, h: dict, folder: str) -> Dict[str, Any]:
     return out
 
 
+def _tensorflow_models_handler(c: _Checker, h: dict, folder: str) -> Dict[str, Any]:
+    """Cortex 0.35's TensorFlow handler: ``path`` (a Handler built as
+    ``Handler(tensorflow_client, config)``), ``config``, and ``models``:
+    ``multi_model_reloading``'s keys and model folders (holding a
+    SavedModel, or numbered version folders of them), with
+    ``signature_key`` for all models and for each of ``paths``."""
+    for key in ("model_path", "metadata", "signature_key", "model_sha256"):
+        if key in h:
+            c.fail(f"handler.{key}", "belongs to the request-handler shape (handler.model_path); with "
+                                     "handler.models, give signature_key in handler.models")
+    out: Dict[str, Any] = {"path": _file_in_project(folder, c, "handler.path",
+                                                    c.field(h, "handler.", "path", _str, required=True))}
+    out["config"] = c.mapping(h, "handler.", "config")
+    out["models"] = _multi_model_reloading(c, h, folder, "models", ("signature_key",))
+    return out
+
+
 def _tensorflow_handler(c: _Checker, h: dict, folder: str) -> Dict[str, Any]:
     """A TensorFlow SavedModel (seed 002): as an ONNX model, but
     ``model_path`` is the SavedModel's directory (or a .zip/.tar.gz of it at
     a URL), and ``signature_key`` picks the signature served (checked by the
     replicas, which read the model)."""
+    if "models" in h:
+        return _tensorflow_models_handler(c, h, folder)
+    if "config" in h:
+        c.fail("handler.config", "is for a Handler(tensorflow_client, config), which needs handler.models; "
+                                 "with handler.model_path, a request handler takes handler.metadata")
     out: Dict[str, Any] = {}
     out["model_path"] = _model_path(c, folder, c.field(h, "handler.", "model_path", _str, required=True),
                                     want_dir=True)
@@ -672,10 +708,20 @@ def validate_api(raw: Any, index: int, folder: str) -> dict:
         return {"name": name, "kind": kind, "endpoint": _endpoint(c, raw, name), "apis": _splitter(c, raw)}
     if kind == "BatchAPI":
         return _batch_api(c, raw, name, folder)
+    if kind == "TaskAPI":
+        return _task_api(c, raw, name, folder)
+    keys = ASYNC_KEYS if kind == "AsyncAPI" else REALTIME_KEYS
     for k in raw:
-        if k not in REALTIME_KEYS:
-            c.fail(k, f"unknown key (expected one of: {', '.join(REALTIME_KEYS)})")
+        if k not in keys:
+            c.fail(k, f"unknown key for a {kind} (expected one of: {', '.join(keys)})")
     handler = _handler(c, raw, folder)
+    if kind == "AsyncAPI":
+        if handler["type"] != "python":
+            c.fail("handler.type", "an AsyncAPI runs a python Handler (handle_async)")
+        for key, why in (("grpc", "an AsyncAPI is not a gRPC API"),
+                         ("server_side_batching", "an AsyncAPI runs one submission at a time")):
+            if handler.get(key):
+                c.fail("handler.protobuf_path" if key == "grpc" else f"handler.{key}", why)
     if "grpc" in handler:
         handler["grpc"]["package_dir"] = f"{GRPC_PACKAGE_DIR}/{name}"
     compute = _compute(c, raw)
@@ -689,7 +735,50 @@ def validate_api(raw: Any, index: int, folder: str) -> dict:
         "autoscaling": _autoscaling(c, raw, handler),
         "update_strategy": _update_strategy(c, raw),
         "endpoint": _endpoint(c, raw, name),
+        **({"jobs": _async_jobs(c, raw)} if kind == "AsyncAPI" else {}),
     }
+
+
+def _retention_only(c: _Checker, raw: dict) -> dict:
+    """``jobs`` of an API that takes only ``jobs.retention`` (how long an
+    ended job or submission is kept)."""
+    j = c.section(raw, "jobs", ("retention",))
+    return {"retention": c.field(j, "jobs.", "retention", _retention, default=DEFAULT_JOB_RETENTION)}
+
+
+#: Submissions of an AsyncAPI queued or running, at most (``jobs.max_queued``).
+DEFAULT_ASYNC_MAX_QUEUED = 1000
+
+
+def _async_jobs(c: _Checker, raw: dict) -> dict:
+    """An AsyncAPI's ``jobs``: how long results are kept, and how many
+    submissions may wait (beyond it a POST gets 503)."""
+    j = c.section(raw, "jobs", ("retention", "max_queued"))
+    return {"retention": c.field(j, "jobs.", "retention", _retention, default=DEFAULT_JOB_RETENTION),
+            "max_queued": c.field(j, "jobs.", "max_queued", _int(1), default=DEFAULT_ASYNC_MAX_QUEUED)}
+
+
+class _DefinitionChecker(_Checker):
+    """A TaskAPI's ``definition`` checked as a handler: errors name it."""
+
+    def fail(self, field: str, message: str):
+        super().fail("definition" + field[len("handler"):] if field.startswith("handler") else field, message)
+
+
+def _task_api(c: _Checker, raw: dict, name: str, folder: str) -> dict:
+    """A TaskAPI: ``definition.path`` names the file with the Task class; its
+    other keys are a python handler's."""
+    for k in raw:
+        if k not in TASK_KEYS:
+            c.fail(k, f"unknown key for a TaskAPI (expected one of: {', '.join(TASK_KEYS)})")
+    d = c.section(raw, "definition", DEFINITION_KEYS, IGNORED_HANDLER_KEYS)
+    if not d:
+        c.fail("definition", "required field is missing")
+    definition = _handler(_DefinitionChecker(c.where), {"handler": dict(d, type="python")}, folder)
+    for key in ("type", "server_side_batching", "processes_per_replica", "threads_per_process"):
+        definition.pop(key, None)
+    return {"name": name, "kind": "TaskAPI", "definition": definition, "compute": _compute(c, raw),
+            "endpoint": _endpoint(c, raw, name), "jobs": _retention_only(c, raw)}
 
 
 def _batch_api(c: _Checker, raw: dict, name: str, folder: str) -> dict:

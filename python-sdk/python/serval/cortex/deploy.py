@@ -7,6 +7,9 @@ ONNX model ``OnnxAPI(spec)``, serval.cortex.onnx; for a TensorFlow SavedModel
 spec carries the package digest, so replicas fetch the project from the
 cluster's blob store on whatever node they land. A TrafficSplitter becomes an
 endpoint whose traffic policy (and shadow) spans the backends of its APIs.
+An AsyncAPI is deployed as a RealtimeAPI hosting ``AsyncAPI(spec)``
+(serval.cortex.async_api) at a route prefix; a TaskAPI as a BatchAPI whose
+gateway is ``TaskGateway`` (serval.cortex.task).
 Each deployed API also has a record in the cluster (kind, spec, package,
 fingerprint): a redeploy compares fingerprints, so an unchanged API is left
 alone, changed code rolls the replicas and a changed config is applied in
@@ -36,6 +39,11 @@ from .package import build_package
 
 #: Every verb a Handler may implement; the Handler answers 405 for the rest.
 API_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+#: The kinds whose replicas run the project's code (a TrafficSplitter has none).
+HOSTED_KINDS = ("RealtimeAPI", "AsyncAPI", "BatchAPI", "TaskAPI")
+#: The kinds whose jobs run on worker backends ``<api>--job-<id>``.
+JOB_KINDS = ("BatchAPI", "TaskAPI")
 
 #: Keys of an API spec that change what replicas run (a rolling update);
 #: the others (autoscaling, compute) change the backend's config in place.
@@ -125,7 +133,7 @@ def deploy(folder: str = ".", config_path: Optional[str] = None, *, wait: bool =
     folder = os.path.abspath(folder)
     path, apis = load_config(folder, config_path)
     for api in apis:
-        if api["kind"] == "RealtimeAPI":
+        if api["kind"] in ("RealtimeAPI", "AsyncAPI"):
             _check_pip_file(folder, api)
     dotenv = read_dotenv(folder)
     # gRPC APIs: the generated modules of their .proto go in the package (the
@@ -148,17 +156,17 @@ def deploy(folder: str = ".", config_path: Optional[str] = None, *, wait: bool =
     snap = _snapshot()
     _check_splitters(apis, snap)
     existing = {a["name"]: a for a in snap.get("apis", [])}
-    hosted = any(a["kind"] in ("RealtimeAPI", "BatchAPI") for a in apis)
+    hosted = any(a["kind"] in HOSTED_KINDS for a in apis)
     digest = client.put_blob(package.data) if hosted else ""
     secrets = _store_dotenv(client, dotenv) if hosted else {}
     results = []
     # Splitters after the APIs they route to.
     for api in sorted(apis, key=lambda a: a["kind"] == "TrafficSplitter"):
-        if api["kind"] == "RealtimeAPI":
+        if api["kind"] in ("RealtimeAPI", "AsyncAPI"):
             spec = dict(api, dotenv_version=secrets.get("dotenv_version", ""), package=digest)
             action = _deploy_realtime(serve, client, spec, secrets, existing.get(api["name"]),
                                       descriptors.get(api["name"]))
-        elif api["kind"] == "BatchAPI":
+        elif api["kind"] in ("BatchAPI", "TaskAPI"):
             spec = dict(api, dotenv_version=secrets.get("dotenv_version", ""), package=digest)
             action = _deploy_batch(serve, client, spec, secrets, existing.get(api["name"]))
         else:
@@ -167,7 +175,7 @@ def deploy(folder: str = ".", config_path: Optional[str] = None, *, wait: bool =
         results.append({"name": api["name"], "kind": api["kind"], "endpoint": _shown_endpoint(api),
                         "action": action})
     if wait:
-        wait_live([r["name"] for r in results if r["kind"] in ("RealtimeAPI", "BatchAPI")], timeout)
+        wait_live([r["name"] for r in results if r["kind"] in HOSTED_KINDS], timeout)
     return results
 
 
@@ -201,13 +209,17 @@ def _record(client, spec: dict, fingerprint: str) -> None:
 
 def _backend_class(spec: dict) -> type:
     """What a RealtimeAPI's replicas host: a model API for an exported model
-    (seed 002), else the Handler class host."""
+    (seed 002), else the Handler class host; an AsyncAPI's: its queue
+    consumer (serval.cortex.async_api)."""
+    if spec["kind"] == "AsyncAPI":
+        from .async_api import AsyncAPI
+        return AsyncAPI
     if spec["handler"]["type"] == "onnx":
         from .onnx import OnnxAPI
         return OnnxAPI
     if spec["handler"]["type"] == "tensorflow":
-        from .tensorflow import TensorFlowAPI
-        return TensorFlowAPI
+        from .tensorflow import TensorFlowAPI, TensorFlowHandlerAPI
+        return TensorFlowHandlerAPI if spec["handler"].get("models") else TensorFlowAPI
     if spec["handler"].get("grpc"):
         from .grpc_api import GrpcAPI
         return GrpcAPI
@@ -224,6 +236,9 @@ def _create_endpoint(serve, spec: dict, descriptor: Optional[bytes]) -> None:
             raise ConfigError(f'api "{spec["name"]}": handler.protobuf_path: no compiled descriptor set')
         serve.create_endpoint(spec["name"], backend=spec["name"], route=None, methods=["POST"],
                               grpc_service=grpc["service"], grpc_descriptor=descriptor)
+    elif spec["kind"] == "AsyncAPI":
+        # POST /<endpoint> and GET /<endpoint>/<id>: the route and below it.
+        serve._create_endpoint(spec["name"], spec["name"], spec["endpoint"], [], route_is_prefix=True)
     else:
         serve.create_endpoint(spec["name"], backend=spec["name"], route=spec["endpoint"], methods=API_METHODS)
 
@@ -233,7 +248,7 @@ def _endpoint_key(spec: dict) -> tuple:
     grpc = _grpc(spec)
     if grpc:
         return ("grpc", grpc.get("service"), grpc.get("descriptor_sha256"))
-    return ("http", spec.get("endpoint"))
+    return ("http", spec.get("endpoint"), spec.get("kind"))
 
 
 def _deploy_realtime(serve, client, spec: dict, secrets: Dict[str, str], old: Optional[dict],
@@ -242,7 +257,7 @@ def _deploy_realtime(serve, client, spec: dict, secrets: Dict[str, str], old: Op
     fingerprint = _fingerprint(spec)
     if old is not None and old.get("fingerprint") == fingerprint:
         return "unchanged"
-    if old is not None and old.get("kind") != "RealtimeAPI":
+    if old is not None and old.get("kind") != spec["kind"]:
         raise ConfigError(f'api "{name}": kind: the cluster has a {old.get("kind")} with this name; delete it first')
     code = serve._pickle_code(_backend_class(spec), (_code_spec(spec, secrets),))
     config = json.dumps(_backend_config(spec))
@@ -272,17 +287,20 @@ BATCH_METHODS = ["GET", "POST", "DELETE"]
 
 
 def _deploy_batch(serve, client, spec: dict, secrets: Dict[str, str], old: Optional[dict]) -> str:
-    """A BatchAPI: its job gateway backend at the endpoint. Jobs started
-    before a redeploy keep the workers (and code) they started with."""
+    """A BatchAPI or a TaskAPI: its job gateway backend at the endpoint.
+    Jobs started before a redeploy keep the workers (and code) they started
+    with."""
     from .batch import BatchGateway
+    from .task import TaskGateway
 
     name = spec["name"]
     fingerprint = _fingerprint(spec)
     if old is not None and old.get("fingerprint") == fingerprint:
         return "unchanged"
-    if old is not None and old.get("kind") != "BatchAPI":
+    if old is not None and old.get("kind") != spec["kind"]:
         raise ConfigError(f'api "{name}": kind: the cluster has a {old.get("kind")} with this name; delete it first')
-    code = serve._pickle_code(BatchGateway, (_code_spec(spec, secrets),))
+    gateway = TaskGateway if spec["kind"] == "TaskAPI" else BatchGateway
+    code = serve._pickle_code(gateway, (_code_spec(spec, secrets),))
     backends = {b["name"] for b in _snapshot().get("backends", [])}
     if name not in backends:
         client.create_backend(name, code, json.dumps({"num_replicas": 1}), _blobs(spec, secrets))
@@ -433,9 +451,9 @@ def delete(name: str) -> None:
     if name in endpoints:
         serve.delete_endpoint(name)
     backends = {b["name"] for b in snap.get("backends", [])}
-    if record.get("kind") in ("RealtimeAPI", "BatchAPI") and name in backends:
+    if record.get("kind") in HOSTED_KINDS and name in backends:
         serve.delete_backend(name, force=True)
-    if record.get("kind") == "BatchAPI":
+    if record.get("kind") in JOB_KINDS:
         # The workers of its jobs still running.
         for backend in backends:
             if backend.startswith(f"{name}--job-"):

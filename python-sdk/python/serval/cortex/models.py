@@ -98,4 +98,9 @@ class PythonClient:
         name, root = self._root(model_name)
         version, path = self._version(name, root, model_version)
         report = "" if name == SINGLE_MODEL_NAME else name
-        return self.cache.get_sync((name, version), lambda: self._load_model(path), report_id=report)
+        return self.cache.get_sync((name, version), lambda: self._load(name, path), report_id=report)
+
+    def _load(self, name: str, path: str) -> Any:
+        """What the cache keeps of model ``name``'s version at ``path`` (the
+        TensorFlow handler's client loads by name: serval.cortex.tensorflow)."""
+        return self._load_model(path)

@@ -21,6 +21,12 @@ differs:
   Serving gives; without post_inference the response maps the output names
   to lists (string tensors as text).
 
+``TensorFlowHandlerAPI(spec)`` hosts Cortex 0.35's other shape,
+``handler.models`` with a ``Handler(tensorflow_client, config)`` whose
+methods call ``tensorflow_client.predict(payload, model_name,
+model_version)`` (``TensorFlowClient``, on multi_model_reloading's model
+resolution and cache); it is a RealtimeAPI otherwise.
+
 TensorFlow is optional for the SDK: it is imported when a replica starts,
 and its absence fails the replica with an error naming the package.
 """
@@ -31,11 +37,12 @@ import logging
 import os
 import tarfile
 import zipfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from .downloads import build_once, extract
+from .models import PythonClient
 from .onnx import OnnxAPI, _Input, cpu_threads, download_limits, fetch_or_fail, import_model_runtime, is_url, to_jsonable
-from .realtime import HandlerError, setup_process
+from .realtime import HandlerError, RealtimeAPI, setup_process
 
 logger = logging.getLogger("serval.cortex")
 
@@ -233,3 +240,102 @@ class TensorFlowAPI(OnnxAPI):
         if self.post_inference is None:
             return {k: to_jsonable(_text_strings(prediction[k])) for k in self.output_names if k in prediction}
         return to_jsonable(self.post_inference(prediction, self.output_signature, self.metadata))
+
+
+# -- Cortex 0.35's TensorFlow handler (handler.models) --------------------------
+
+
+class _Servable:
+    """One version of one model: its served signature, inputs and outputs
+    (``model`` keeps the signature's variables alive)."""
+
+    def __init__(self, model, function, inputs: List[_TensorInput], outputs: List[str]):
+        self.model, self.function, self.inputs, self.outputs = model, function, inputs, outputs
+
+
+class _SavedModels(PythonClient):
+    """multi_model_reloading's models, loaded by name (a ``paths`` entry's
+    ``signature_key`` is its own)."""
+
+    def __init__(self, models: dict, project: str, load: Callable[[str, str], Any]):
+        super().__init__(models, project, lambda path: None)
+        self._load_named = load
+
+    def _load(self, name: str, path: str) -> Any:
+        return self._load_named(name, path)
+
+
+class TensorFlowClient:
+    """Cortex 0.35's ``tensorflow_client``, given to ``Handler.__init__``:
+    ``predict(model_input, model_name=None, model_version="latest")`` runs
+    the model's signature in this process (Cortex called a TensorFlow
+    Serving container) and answers output name -> flat list of values, as
+    Cortex's parse of TensorFlow Serving's response did.
+
+    Which model and version a call means, and the loaded ones kept, are
+    ``multi_model_reloading``'s (serval.cortex.models.PythonClient over the
+    replica's model cache): ``handler.models`` ``path``, ``paths`` or
+    ``dir``, versions as numbered folders ("latest": the highest, read at
+    each call), ``cache_size``; an unknown model or version is a 404. A
+    model (version) folder holds a SavedModel, loaded at its first use."""
+
+    def __init__(self, api: str, project: str, models: dict, tf):
+        self.api, self.tf = api, tf
+        self._default_key = models.get("signature_key")
+        self._keys = {p["name"]: p["signature_key"] for p in models.get("paths") or () if p.get("signature_key")}
+        self.models = _SavedModels(models, project, self._load)
+
+    def _load(self, name: str, path: str) -> _Servable:
+        wanted = self._keys.get(name) or self._default_key
+        if not _has_saved_model(path):
+            raise HandlerError(f"api {self.api!r}: handler.models: {path} holds no SavedModel "
+                               f"(no {' or '.join(SAVED_MODEL_FILES)})")
+        graph = read_meta_graph(self.api, path)
+        try:
+            model = self.tf.saved_model.load(path, tags=list(graph.meta_info_def.tags) or None)
+        except Exception as e:
+            raise HandlerError(f"api {self.api!r}: loading the SavedModel {path} failed: "
+                               f"{type(e).__name__}: {e}") from e
+        key = pick_signature(self.api, list(model.signatures.keys()), wanted)
+        signature_def = graph.signature_def[key]
+        return _Servable(model, model.signatures[key],
+                         [_TensorInput(k, signature_def.inputs[k], self.tf) for k in sorted(signature_def.inputs)],
+                         sorted(signature_def.outputs))
+
+    def predict(self, model_input: Dict[str, Any], model_name: Optional[str] = None,
+                model_version: Any = "latest") -> Dict[str, Any]:
+        servable = self.models.get_model(model_name, model_version)
+        shown = model_name or "default"
+        if not isinstance(model_input, dict):
+            raise ValueError(f"model '{shown}': model_input must be a dict of input name -> value, "
+                             f"got {type(model_input).__name__}")
+        missing = [i.name for i in servable.inputs if i.name not in model_input]
+        if missing:
+            raise ValueError(f"missing key '{missing[0]}' for model '{shown}'")
+        outputs = servable.function(**{i.name: self.tf.constant(i.convert(model_input[i.name]))
+                                       for i in servable.inputs})
+        return {k: to_jsonable(_text_strings(outputs[k].numpy().ravel())) for k in servable.outputs if k in outputs}
+
+
+class TensorFlowHandlerAPI(RealtimeAPI):
+    """Hosts Cortex 0.35's TensorFlow handler: ``Handler(tensorflow_client,
+    config)`` (the arguments it names) with the methods of a python
+    Handler (``handle_post`` and the other verbs, batching, threads)."""
+
+    def __init__(self, spec: dict, project_dir: Optional[str] = None):
+        self.name = spec.get("name") or "api"
+        handler = spec.get("handler") or {}
+        project = setup_process(self.name, spec, project_dir)
+        tf = _import_tensorflow(self.name)
+        threads = cpu_threads(spec)
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+        except RuntimeError as e:  # TensorFlow already ran in this process
+            logger.warning("api %r: TensorFlow's thread pools are already set up: %s", self.name, e)
+        self.tensorflow_client = TensorFlowClient(self.name, project, handler["models"], tf)
+        handler_class = self._load_handler_class(project, handler.get("path") or "handler.py")
+        self.handler = self._build(handler_class, {"config": handler.get("config") or {},
+                                                   "tensorflow_client": self.tensorflow_client})
+        self._methods = self._http_methods()
+        self._configure_methods(handler)
