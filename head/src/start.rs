@@ -31,9 +31,12 @@ pub struct StartArgs {
     /// Run in the background; print the addresses once ready.
     #[arg(long)]
     detach: bool,
-    /// Host the controller's gRPC service binds.
-    #[arg(long, env = "SERVAL_CONTROL_HOST", default_value = "127.0.0.1")]
-    control_host: String,
+    /// Host the controller's gRPC service binds (a head; default
+    /// 127.0.0.1). Replicas bind it too; on a node, which runs no
+    /// controller, they bind its address on the route to the head unless
+    /// this is given.
+    #[arg(long, env = "SERVAL_CONTROL_HOST")]
+    control_host: Option<String>,
     /// Port of the controller's gRPC service.
     #[arg(long, env = "SERVAL_CONTROL_PORT", default_value_t = serval_protos::DEFAULT_CONTROL_PORT)]
     control_port: u16,
@@ -413,17 +416,29 @@ fn agent_config(
         }),
         is_head,
         http_address: http_address.to_string(),
-        tcp_host: replica_bind_host(args),
+        tcp_host: replica_bind_host(args, is_head),
         data_tls,
     }
 }
 
+/// The host a head's controller binds.
+fn control_host(args: &StartArgs) -> &str {
+    args.control_host.as_deref().unwrap_or("127.0.0.1")
+}
+
 /// The host this node's replicas bind: the control host, except that a head
 /// bound to the unspecified address with an `--advertise-address` uses the
-/// advertised host (the agent finds a routed address otherwise).
-fn replica_bind_host(args: &StartArgs) -> String {
-    let unspecified = args
-        .control_host
+/// advertised host, and a node without `--control-host` the unspecified
+/// address, for which the agent finds its address on the route to the
+/// head (127.0.0.1 for a head on this machine). Before, such a node bound
+/// its replicas to 127.0.0.1, where routers on other machines cannot reach
+/// them (tests/tests/multihost.rs).
+fn replica_bind_host(args: &StartArgs, is_head: bool) -> String {
+    if !is_head && args.control_host.is_none() {
+        return "0.0.0.0".into();
+    }
+    let host = control_host(args).to_string();
+    let unspecified = host
         .parse::<std::net::IpAddr>()
         .is_ok_and(|ip| ip.is_unspecified());
     match &args.advertise_address {
@@ -434,8 +449,8 @@ fn replica_bind_host(args: &StartArgs) -> String {
                     .trim_end_matches(']')
                     .to_string()
             })
-            .unwrap_or_else(|| args.control_host.clone()),
-        _ => args.control_host.clone(),
+            .unwrap_or(host),
+        _ => host,
     }
 }
 
@@ -580,12 +595,13 @@ async fn run_head(
     // control service refuses and clients never send (`serval_controller::auth`).
     let peer_key = serval_controller::auth::peer_key(&token);
     let control_listener =
-        tokio::net::TcpListener::bind((args.control_host.as_str(), args.control_port))
+        tokio::net::TcpListener::bind((control_host(&args), args.control_port))
             .await
             .with_context(|| {
                 format!(
                     "binding the controller on {}:{}",
-                    args.control_host, args.control_port
+                    control_host(&args),
+                    args.control_port
                 )
             })?;
     let control_addr = control_listener.local_addr()?.to_string();

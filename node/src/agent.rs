@@ -82,6 +82,7 @@ impl NodeAgent {
             source,
         })?;
         config.tcp_host = replica_host(&config.tcp_host, &config.control_addr);
+        config.http_address = proxy_address(&config.http_address, &config.tcp_host);
         let client = client::connect_lazy(&config.control_addr, &config.token)?;
         let id_file = config.data_dir.join("node_id");
         let known_id = std::fs::read_to_string(&id_file)
@@ -366,6 +367,25 @@ fn replica_host(configured: &str, control_addr: &str) -> String {
     }
 }
 
+/// The address this node's proxy is announced at: the bound one, except
+/// that a proxy bound to the unspecified address (0.0.0.0, ::) is announced
+/// at `host`, this node's replica address, which other machines dial.
+/// Announced literally, 0.0.0.0:8000 made clients on other machines (the
+/// SDK waiting for every proxy to pick up a route, handles finding their
+/// nearest proxy) dial themselves (tests/tests/multihost.rs).
+fn proxy_address(bound: &str, host: &str) -> String {
+    let Ok(addr) = bound.parse::<std::net::SocketAddr>() else {
+        return bound.to_string();
+    };
+    if !addr.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => std::net::SocketAddr::new(ip, addr.port()).to_string(),
+        Err(_) => format!("{host}:{}", addr.port()),
+    }
+}
+
 /// Where replica sockets live: under the data dir, unless that path is too
 /// long for a Unix socket address (108 bytes on Linux), then in a short
 /// directory under the temp dir named after the data dir (predictable, so
@@ -431,6 +451,16 @@ mod tests {
             super::replica_host("0.0.0.0", "not an address"),
             "127.0.0.1"
         );
+    }
+
+    #[test]
+    fn a_proxy_on_the_unspecified_address_is_announced_at_the_node_address() {
+        use super::proxy_address;
+        assert_eq!(proxy_address("0.0.0.0:8000", "10.1.2.3"), "10.1.2.3:8000");
+        assert_eq!(proxy_address("[::]:8000", "fd00::2"), "[fd00::2]:8000");
+        assert_eq!(proxy_address("0.0.0.0:8000", "node-a"), "node-a:8000");
+        assert_eq!(proxy_address("10.0.0.9:8000", "10.1.2.3"), "10.0.0.9:8000");
+        assert_eq!(proxy_address("", "10.1.2.3"), "");
     }
 
     #[test]
