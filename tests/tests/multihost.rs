@@ -248,3 +248,154 @@ print(" ".join(sorted(seen)))
     want.sort();
     assert_eq!(out.trim(), want.join(" "), "the driver's handle reached: {out}");
 }
+
+/// Replica ids of the replica processes running on host `h`.
+fn replica_processes(h: &netns::Host) -> Vec<String> {
+    h.pids()
+        .into_iter()
+        .filter_map(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<String> = cmd
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            if !args.iter().any(|a| a == "serval.replica") {
+                return None;
+            }
+            let at = args.iter().position(|a| a == "--replica-id")?;
+            args.get(at + 1).cloned()
+        })
+        .collect()
+}
+
+fn node_id(p: &ServeProcess) -> String {
+    std::fs::read_to_string(p.data_dir.join("node_id"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+fn node_alive(s: &serde_json::Value, id: &str) -> Option<bool> {
+    s["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["id"] == id)
+        .and_then(|n| n["alive"].as_bool())
+}
+
+#[test]
+fn a_node_whose_link_is_cut_is_replaced_and_rejoins_without_strays() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start(3, 2);
+    c.deploy_where(2);
+    let (kept, cut) = (3, 4);
+    let (kept_id, cut_id) = (node_id(&c.nodes[0]), node_id(&c.nodes[1]));
+    let s = c.heads[0].status_json();
+    assert!(
+        replicas_of(&s, "where")
+            .iter()
+            .any(|r| r["node_id"] == cut_id.as_str()),
+        "no replica on the node to cut: {s}"
+    );
+
+    c.bed.cut(cut);
+    let cut_at = std::time::Instant::now();
+    // Requests through a head's proxy while the node is being declared
+    // dead: counted, not asserted (retrying those is issue 24 part 3).
+    let head_ip = c.bed.hosts[0].ip.clone();
+    let mut failed = 0;
+    let replaced = wait_for(
+        "the cut node declared dead and its replica running elsewhere",
+        Duration::from_secs(90),
+        || {
+            if where_via(&head_ip).is_none() {
+                failed += 1;
+            }
+            let s = c.heads[0].status_json();
+            let running: Vec<_> = replicas_of(&s, "where")
+                .into_iter()
+                .filter(|r| r["state"] == "running")
+                .collect();
+            (node_alive(&s, &cut_id) == Some(false)
+                && running.len() == 2
+                && running.iter().all(|r| r["node_id"] == kept_id.as_str()))
+            .then_some(s)
+        },
+    );
+    eprintln!(
+        "FIGURES: link cut to replicas serving elsewhere {:?}; {failed} failed GETs meanwhile",
+        cut_at.elapsed()
+    );
+    assert!(
+        replicas_of(&replaced, "where")
+            .iter()
+            .all(|r| r["node_id"] != cut_id.as_str()),
+        "the dead node still holds a replica: {replaced}"
+    );
+    // Cut off, the node does not know: its replica runs on, unrouted.
+    let strays = replica_processes(&c.bed.hosts[cut]);
+    eprintln!("replica processes on the cut node: {strays:?}");
+    // Traffic continues through every proxy that can be reached.
+    let kept_net = net_of(&c.bed.hosts[kept]);
+    for i in [0, 1, 2, kept] {
+        let ip = c.bed.hosts[i].ip.clone();
+        wait_for(
+            &format!("a GET through {ip}"),
+            Duration::from_secs(30),
+            || where_via(&ip),
+        );
+        for _ in 0..10 {
+            assert_eq!(
+                where_via(&ip).as_deref(),
+                Some(kept_net.as_str()),
+                "GET /where through {ip} after the node was replaced"
+            );
+        }
+    }
+
+    // The link back: the node rejoins, its old replica stops (it ran on,
+    // cut off, all along), and every replica that runs is one the cluster
+    // routes to, with none twice.
+    c.bed.restore(cut);
+    let back = wait_for("the node alive again", Duration::from_secs(60), || {
+        let s = c.heads[0].status_json();
+        (node_alive(&s, &cut_id) == Some(true)).then_some(s)
+    });
+    let mut last = (Vec::new(), back);
+    let settled = poll_for(Duration::from_secs(60), || {
+        let s = c.heads[0].status_json();
+        let mut routed: Vec<String> = replicas_of(&s, "where")
+            .iter()
+            .filter(|r| r["state"] == "running")
+            .filter_map(|r| r["id"].as_str().map(str::to_string))
+            .collect();
+        routed.sort();
+        let mut running: Vec<String> = c
+            .bed
+            .hosts
+            .iter()
+            .flat_map(replica_processes)
+            .collect();
+        running.sort();
+        let ok = routed.len() == 2 && running == routed;
+        last = (running, s);
+        ok.then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "replica processes {:?} are not the 2 routed replicas: {}",
+        last.0,
+        last.1
+    );
+    for i in [0, 1, 2, kept, cut] {
+        let ip = c.bed.hosts[i].ip.clone();
+        wait_for(
+            &format!("a GET through {ip} after the rejoin"),
+            Duration::from_secs(30),
+            || where_via(&ip),
+        );
+    }
+}
