@@ -594,16 +594,15 @@ async fn run_head(
     // Heads speak raft with a key derived from the token, which the
     // control service refuses and clients never send (`serval_controller::auth`).
     let peer_key = serval_controller::auth::peer_key(&token);
-    let control_listener =
-        tokio::net::TcpListener::bind((control_host(&args), args.control_port))
-            .await
-            .with_context(|| {
-                format!(
-                    "binding the controller on {}:{}",
-                    control_host(&args),
-                    args.control_port
-                )
-            })?;
+    let control_listener = tokio::net::TcpListener::bind((control_host(&args), args.control_port))
+        .await
+        .with_context(|| {
+            format!(
+                "binding the controller on {}:{}",
+                control_host(&args),
+                args.control_port
+            )
+        })?;
     let control_addr = control_listener.local_addr()?.to_string();
     // What peers dial (raft, forwarded writes); local clients use control_addr.
     let advertised = args

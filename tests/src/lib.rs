@@ -121,7 +121,15 @@ impl ServeProcess {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
-        Self::start_on("127.0.0.1", &[], data_dir, control_port, http_port, args, env)
+        Self::start_on(
+            "127.0.0.1",
+            &[],
+            data_dir,
+            control_port,
+            http_port,
+            args,
+            env,
+        )
     }
 
     /// [`ServeProcess::start_with_env`] for a process reached at `host`,

@@ -5,7 +5,7 @@
 //! slow down (`tc netem`). Needs root and `ip netns`; [`unavailable`] says
 //! why a test must skip.
 //!
-//! Names carry this process's pid (`svt<pid hex>b<bed>...`), so parallel
+//! Names carry this process's pid (`svt<pid hex>n<bed>...`), so parallel
 //! runs never collide, and [`Bed::new`] first removes what a dead test
 //! process left behind (killed before its `Drop` ran). `tests/netns/up`
 //! builds the same bed by hand (prefix `svm`, removed by `tests/netns/down`).
@@ -13,12 +13,19 @@
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::{serve_bin, venv_python, ServeProcess};
 
 /// Why this machine cannot run the test bed (not root, no `ip netns`), or
-/// None when it can.
+/// None when it can. Probed once per process.
 pub fn unavailable() -> Option<String> {
+    static WHY: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    WHY.get_or_init(probe).clone()
+}
+
+fn probe() -> Option<String> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let uid = status
         .lines()
@@ -27,7 +34,7 @@ pub fn unavailable() -> Option<String> {
     if uid.as_deref() != Some("0") {
         return Some("the network-namespace test bed needs root".into());
     }
-    let probe = format!("svt{:x}probe", std::process::id());
+    let probe = probe_name();
     match Command::new("ip").args(["netns", "add", &probe]).output() {
         Ok(o) if o.status.success() => {
             let _ = ip(&["netns", "del", &probe]);
@@ -39,6 +46,13 @@ pub fn unavailable() -> Option<String> {
         )),
         Err(e) => Some(format!("no `ip` command (install iproute2): {e}")),
     }
+}
+
+/// A namespace name for a probe, unique in this process and swept like a
+/// bed's if the process dies.
+fn probe_name() -> String {
+    let n = BEDS.fetch_add(1, Ordering::SeqCst);
+    format!("svt{:x}n{n}probe", std::process::id())
 }
 
 /// Runs `ip ARGS`; Err with its stderr when it fails.
@@ -64,10 +78,10 @@ fn must(args: &[&str]) {
     }
 }
 
-/// The pid in a test bed name (`svt<hex pid>b...`), if it is one.
+/// The pid in a test bed name (`svt<hex pid>n<bed>...`), if it is one.
 fn owner_pid(name: &str) -> Option<u32> {
     let rest = name.strip_prefix("svt")?;
-    let hex = &rest[..rest.find('b')?];
+    let hex = &rest[..rest.find('n')?];
     u32::from_str_radix(hex, 16).ok()
 }
 
@@ -98,7 +112,7 @@ pub fn sweep_leftovers() {
     }
     if let Ok(out) = ip(&["-o", "link", "show"]) {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
-            // "7: svt1a2b0br: <BROADCAST,..." or "8: svt1a2b0v1@if2: ..."
+            // "7: svt1a2bn0br: <BROADCAST,..." or "8: svt1a2bn0v1@if2: ..."
             let Some(name) = line.split(": ").nth(1) else {
                 continue;
             };
@@ -161,9 +175,24 @@ impl Host {
     }
 }
 
+/// How hosts are linked to the bridge.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Links {
+    /// A veth pair each: the kernel forwards, `tc netem` can impair it.
+    Veth,
+    /// Two TAP devices each (`eth0` in the host, one on the bridge) between
+    /// which this process copies frames, delaying and dropping what the host
+    /// sends as [`Bed::impair`] says: netem's effect where the kernel has no
+    /// netem.
+    Tap,
+}
+
 /// N hosts on one bridge; everything it made is removed on drop.
 pub struct Bed {
     pub hosts: Vec<Host>,
+    pub links: Links,
+    /// What [`Links::Tap`] forwarders apply to each host's outgoing frames.
+    impairment: Arc<Mutex<Impairment>>,
     bridge: String,
     /// The test process's address on the bridge (the `.254`).
     pub gateway: String,
@@ -181,15 +210,22 @@ impl Bed {
     /// 10.X.Y.254 in this namespace (how the test reaches them). The
     /// namespaces have no other route: traffic stays on the bed.
     pub fn new(n: usize) -> Bed {
+        Bed::with_links(n, Links::Veth)
+    }
+
+    /// [`Bed::new`] with `links`.
+    pub fn with_links(n: usize, links: Links) -> Bed {
         assert!((1..=200).contains(&n), "1 to 200 hosts");
         sweep_leftovers();
         let pid = std::process::id();
         let bed = BEDS.fetch_add(1, Ordering::SeqCst);
-        let tag = format!("svt{pid:x}b{bed}");
+        let tag = format!("svt{pid:x}n{bed}");
         let subnet = free_subnet(pid, bed);
         let bridge = format!("{tag}br");
         let mut made = Bed {
             hosts: Vec::new(),
+            links,
+            impairment: Arc::default(),
             bridge: String::new(),
             gateway: format!("{subnet}.254"),
         };
@@ -207,12 +243,30 @@ impl Bed {
                 ip: ip_addr.clone(),
                 link: link.clone(),
             });
-            must(&[
-                "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-            ]);
+            match links {
+                Links::Veth => must(&[
+                    "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+                ]),
+                Links::Tap => {
+                    let inner = format!("{tag}a{i}");
+                    let host_end = open_tap(&inner);
+                    must(&["link", "set", &inner, "netns", &ns]);
+                    must(&["-n", &ns, "link", "set", &inner, "name", "eth0"]);
+                    let bridge_end = open_tap(&link);
+                    forward(host_end, bridge_end, made.impairment.clone());
+                }
+            }
             must(&["link", "set", &link, "master", &bridge, "up"]);
             must(&["-n", &ns, "link", "set", "lo", "up"]);
-            must(&["-n", &ns, "addr", "add", &format!("{ip_addr}/24"), "dev", "eth0"]);
+            must(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ip_addr}/24"),
+                "dev",
+                "eth0",
+            ]);
             must(&["-n", &ns, "link", "set", "eth0", "up"]);
         }
         made
@@ -229,30 +283,28 @@ impl Bed {
         must(&["link", "set", &self.hosts[i].link, "up"]);
     }
 
-    /// Adds `tc netem ARGS` (e.g. `delay 50ms loss 2%`) to every host's
-    /// link, in both directions; Err when this kernel has no netem.
-    pub fn netem(&self, args: &[&str]) -> Result<(), String> {
-        for h in &self.hosts {
-            for (ns, dev) in [(None, h.link.as_str()), (Some(h.ns.as_str()), "eth0")] {
-                let mut cmd = Command::new("tc");
-                if let Some(ns) = ns {
-                    cmd.args(["-n", ns]);
+    /// Delays every frame a host sends by `delay` and drops `loss_percent`
+    /// of them, so traffic between two hosts sees that delay each way and
+    /// that loss in each direction: `tc qdisc add dev eth0 root netem delay
+    /// D loss L%` in every host on veth links, the forwarders on TAP links.
+    pub fn impair(&self, delay: Duration, loss_percent: f64) -> Result<(), String> {
+        match self.links {
+            Links::Tap => {
+                *self.impairment.lock().unwrap() = Impairment {
+                    delay,
+                    loss: loss_percent / 100.0,
+                };
+                Ok(())
+            }
+            Links::Veth => {
+                let delay = format!("{}ms", delay.as_millis());
+                let loss = format!("{loss_percent}%");
+                for h in &self.hosts {
+                    netem(&h.ns, &["delay", &delay, "loss", &loss])?;
                 }
-                let out = cmd
-                    .args(["qdisc", "add", "dev", dev, "root", "netem"])
-                    .args(args)
-                    .output()
-                    .map_err(|e| format!("tc: {e}"))?;
-                if !out.status.success() {
-                    return Err(format!(
-                        "tc qdisc add dev {dev} root netem {}: {}",
-                        args.join(" "),
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    ));
-                }
+                Ok(())
             }
         }
-        Ok(())
     }
 
     /// `serve start ARGS` on host `i` with `env`, its data under
@@ -293,6 +345,11 @@ impl Drop for Bed {
     fn drop(&mut self) {
         for h in &self.hosts {
             delete_namespace(&h.ns);
+            // A TAP end lives while this process holds it open: deleting
+            // it ends its forwarder.
+            if self.links == Links::Tap {
+                let _ = ip(&["link", "del", &h.link]);
+            }
         }
         if !self.bridge.is_empty() {
             let _ = ip(&["link", "del", &self.bridge]);
@@ -326,4 +383,144 @@ pub fn status_on(host: &Host, addr: &str, token: &str) -> serde_json::Value {
         .output()
         .expect("run serve status");
     serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// `tc netem ARGS` on `eth0` of namespace `ns`.
+fn netem(ns: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new("tc")
+        .args(["-n", ns, "qdisc", "add", "dev", "eth0", "root", "netem"])
+        .args(args)
+        .output()
+        .map_err(|e| format!("tc: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "tc qdisc add dev eth0 root netem {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Whether this kernel has `tc netem` (many VM kernels lack the module).
+pub fn netem_available() -> bool {
+    let probe = probe_name();
+    if ip(&["netns", "add", &probe]).is_err() {
+        return false;
+    }
+    let ok = ip(&["-n", &probe, "link", "add", "eth0", "type", "dummy"]).is_ok()
+        && netem(&probe, &["delay", "1ms"]).is_ok();
+    delete_namespace(&probe);
+    ok
+}
+
+/// What a TAP link does to the frames its host sends.
+#[derive(Default, Clone, Copy)]
+struct Impairment {
+    delay: Duration,
+    /// Fraction of frames dropped, 0 to 1.
+    loss: f64,
+}
+
+/// A TAP device named `name` (in this namespace), open: frames without
+/// packet information. It exists while the file is open.
+fn open_tap(name: &str) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .unwrap_or_else(|e| panic!("/dev/net/tun: {e}"));
+    // struct ifreq: the name (16 bytes), then the flags.
+    let mut ifr = [0u8; 40];
+    assert!(name.len() < 16, "interface name {name} too long");
+    ifr[..name.len()].copy_from_slice(name.as_bytes());
+    let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as i16;
+    ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes a struct ifreq, which `ifr` is
+    // (zeroed, 40 bytes), and the fd is an open /dev/net/tun.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, ifr.as_mut_ptr()) };
+    assert!(
+        rc == 0,
+        "TUNSETIFF {name}: {}",
+        std::io::Error::last_os_error()
+    );
+    file
+}
+
+/// Copies frames between a host's TAP (`host_end`) and its TAP on the
+/// bridge, applying `impairment` to what the host sends. Threads; they end
+/// when a device goes away (a read fails).
+fn forward(host_end: std::fs::File, bridge_end: std::fs::File, impairment: Arc<Mutex<Impairment>>) {
+    let host_end = Arc::new(host_end);
+    let bridge_end = Arc::new(bridge_end);
+    copy_frames(host_end.clone(), bridge_end.clone(), Some(impairment));
+    copy_frames(bridge_end, host_end, None);
+}
+
+fn copy_frames(
+    from: Arc<std::fs::File>,
+    to: Arc<std::fs::File>,
+    impairment: Option<Arc<Mutex<Impairment>>>,
+) {
+    use std::io::{Read, Write};
+    // Frames wait for their time in a queue (in order: one delay for all)
+    // served by a writer thread, so the reader never stops reading.
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    std::thread::spawn(move || {
+        for (due, frame) in rx {
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            // A device that is down refuses the frame: it is lost, as on a
+            // cut cable.
+            let _ = (&*to).write(&frame);
+        }
+    });
+    std::thread::spawn(move || {
+        let mut seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            | 1;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let n = match (&*from).read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let Impairment { delay, loss } = impairment
+                .as_ref()
+                .map(|i| *i.lock().unwrap())
+                .unwrap_or_default();
+            // xorshift64: a uniform draw for the loss.
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            if loss > 0.0 && (seed >> 11) as f64 / (1u64 << 53) as f64 <= loss {
+                continue;
+            }
+            if tx
+                .send((Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bed_names_give_back_their_owner_pid() {
+        // Hex digits include b: the bed number follows an n.
+        assert_eq!(super::owner_pid("svt1b2cn0h1"), Some(0x1b2c));
+        assert_eq!(super::owner_pid("svt1b2cn12br"), Some(0x1b2c));
+        assert_eq!(super::owner_pid("svt3fn0probe"), Some(0x3f));
+        assert_eq!(super::owner_pid("svmh1"), None);
+        assert_eq!(super::owner_pid("eth0"), None);
+    }
 }

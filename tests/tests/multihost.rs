@@ -12,7 +12,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use serval_tests::netns::{self, Bed};
+use serval_tests::netns::{self, Bed, Links};
 use serval_tests::*;
 
 /// One scenario at a time: each runs five serve processes and their
@@ -41,11 +41,15 @@ const TCP_ONLY: (&str, &str) = ("SERVAL_DATA_PLANE_TCP", "1");
 
 impl Cluster {
     fn start(heads: usize, nodes: usize) -> Cluster {
+        Cluster::start_on(heads, nodes, Links::Veth)
+    }
+
+    fn start_on(heads: usize, nodes: usize, links: Links) -> Cluster {
         let tmp = tempfile::Builder::new()
             .prefix("sv-")
             .tempdir_in("/tmp")
             .unwrap();
-        let bed = Bed::new(heads + nodes + 1);
+        let bed = Bed::with_links(heads + nodes + 1, links);
         let mut cluster = Cluster {
             heads: Vec::new(),
             nodes: Vec::new(),
@@ -96,7 +100,14 @@ impl Cluster {
                 heads + n,
                 cluster.tmp.path(),
                 &format!("n{n}"),
-                &["--address", &all_heads, "--token", &token, "--num-cpus", "2"],
+                &[
+                    "--address",
+                    &all_heads,
+                    "--token",
+                    &token,
+                    "--num-cpus",
+                    "2",
+                ],
                 &[TCP_ONLY],
                 "joined the head",
             );
@@ -169,8 +180,7 @@ fn net_of(h: &netns::Host) -> String {
 
 /// GET /where through the proxy at `ip`: the namespace that answered.
 fn where_via(ip: &str) -> Option<String> {
-    let (status, body) =
-        http_request_to(ip, netns::HTTP_PORT, "GET", "/where", "").ok()?;
+    let (status, body) = http_request_to(ip, netns::HTTP_PORT, "GET", "/where", "").ok()?;
     if status != 200 {
         eprintln!("GET /where via {ip}: {status} {body}");
         return None;
@@ -216,7 +226,10 @@ fn every_hosts_proxy_and_a_remote_driver_reach_replicas_on_other_hosts() {
         let ip = c.bed.hosts[i].ip.clone();
         let mut seen = std::collections::BTreeSet::new();
         wait_for(
-            &format!("both replicas through the proxy of host {ip} ({})", p.data_dir.display()),
+            &format!(
+                "both replicas through the proxy of host {ip} ({})",
+                p.data_dir.display()
+            ),
             Duration::from_secs(60),
             || {
                 if let Some(net) = where_via(&ip) {
@@ -246,7 +259,11 @@ print(" ".join(sorted(seen)))
     eprintln!("the driver's handle reached {out}");
     let mut want = node_nets.clone();
     want.sort();
-    assert_eq!(out.trim(), want.join(" "), "the driver's handle reached: {out}");
+    assert_eq!(
+        out.trim(),
+        want.join(" "),
+        "the driver's handle reached: {out}"
+    );
 }
 
 /// Replica ids of the replica processes running on host `h`.
@@ -373,12 +390,7 @@ fn a_node_whose_link_is_cut_is_replaced_and_rejoins_without_strays() {
             .filter_map(|r| r["id"].as_str().map(str::to_string))
             .collect();
         routed.sort();
-        let mut running: Vec<String> = c
-            .bed
-            .hosts
-            .iter()
-            .flat_map(replica_processes)
-            .collect();
+        let mut running: Vec<String> = c.bed.hosts.iter().flat_map(replica_processes).collect();
         running.sort();
         let ok = routed.len() == 2 && running == routed;
         last = (running, s);
@@ -530,7 +542,10 @@ fn the_leaders_host_cut_off_a_new_leader_keeps_every_acknowledged_write() {
     let mut attempts = 0;
     while after < 5 {
         attempts += 1;
-        assert!(attempts <= 30, "only {after} of 30 writes acknowledged after the election");
+        assert!(
+            attempts <= 30,
+            "only {after} of 30 writes acknowledged after the election"
+        );
         if let Some(name) = writer.write() {
             acked.push(name);
             after += 1;
@@ -565,4 +580,76 @@ fn the_leaders_host_cut_off_a_new_leader_keeps_every_acknowledged_write() {
             "head {i} (old leader {old}, new {new}) never followed {new_id} with all of {acked_set:?}: {last}"
         );
     }
+}
+
+/// The highest raft term any head reports in `s`.
+fn term(s: &serde_json::Value) -> Option<u64> {
+    s["heads"]
+        .as_array()?
+        .iter()
+        .filter_map(|h| h["term"].as_u64())
+        .max()
+}
+
+#[test]
+fn requests_and_raft_hold_under_50ms_delay_and_2_percent_loss() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let links = if netns::netem_available() {
+        Links::Veth
+    } else {
+        eprintln!("no tc netem in this kernel: the bed's links are TAP devices this test process forwards, delaying and dropping as netem would");
+        Links::Tap
+    };
+    let c = Cluster::start_on(3, 2, links);
+    c.deploy_where(2);
+    c.bed
+        .impair(Duration::from_millis(50), 2.0)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let term_before = wait_for("the raft term", Duration::from_secs(60), || {
+        term(&c.heads[0].status_json())
+    });
+    let started = std::time::Instant::now();
+    // Every proxy, over the slow and lossy network: no request fails.
+    for round in 0..4 {
+        for i in 0..5 {
+            let ip = c.bed.hosts[i].ip.clone();
+            for _ in 0..5 {
+                assert!(
+                    where_via(&ip).is_some(),
+                    "GET /where through {ip} failed under delay and loss (round {round})"
+                );
+            }
+        }
+    }
+    // Handle calls from the driver, and writes through the heads.
+    let out = c.driver().python(
+        r#"
+import os
+from serval import serve
+serve.connect(os.environ["ADDR"], token=os.environ["TOKEN"])
+h = serve.get_handle("where")
+for _ in range(20):
+    h.remote().result()
+for i in range(5):
+    serve._get_client().create_backend(f"slow{i}", b"not-started", '{"num_replicas": 1, "num_cpus": 1000}')
+print("ok")
+"#,
+        &c.driver_env(),
+    );
+    assert!(out.contains("ok"), "{out}");
+    let term_after = wait_for("the raft term", Duration::from_secs(60), || {
+        term(&c.heads[0].status_json())
+    });
+    eprintln!(
+        "FIGURES: 100 GETs, 20 handle calls and 5 writes under 50 ms delay and 2 % loss in {:?}; raft term {term_before} -> {term_after}",
+        started.elapsed()
+    );
+    // No election storm: at most one election over the whole check.
+    assert!(
+        term_after <= term_before + 1,
+        "the raft term went from {term_before} to {term_after} under 50 ms delay and 2 % loss"
+    );
 }
