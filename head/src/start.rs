@@ -43,7 +43,9 @@ pub struct StartArgs {
     /// With --head: the control address (HOST:PORT) other heads use to reach
     /// this one, when it is not the address bound (a proxy, NAT, or a bind
     /// on 0.0.0.0). Recorded in the raft membership when the head first
-    /// starts or joins. Default: the bound control address.
+    /// starts or joins. Default: the bound control address; bound to
+    /// 0.0.0.0 (or ::), this machine's address on the route to the head
+    /// it joins (the first head: on its default route).
     #[arg(long, env = "SERVAL_ADVERTISE_ADDRESS", requires = "head", value_parser = parse_host_port)]
     advertise_address: Option<String>,
     /// Host the HTTP proxy binds.
@@ -421,6 +423,49 @@ fn agent_config(
     }
 }
 
+/// The control address other heads and nodes dial: `--advertise-address`,
+/// else the bound one, except that a controller bound to every interface
+/// (0.0.0.0, ::) is announced at this machine's address on the route to
+/// the head it joins (the first head: on its default route). Announced
+/// literally, 0.0.0.0:6390 made the head being joined dial itself as the
+/// new member, and its raft core panicked (tests/tests/multihost.rs).
+fn advertised_address(args: &StartArgs, bound: &str) -> anyhow::Result<String> {
+    if let Some(addr) = &args.advertise_address {
+        return Ok(addr.clone());
+    }
+    let Ok(addr) = bound.parse::<std::net::SocketAddr>() else {
+        return Ok(bound.to_string());
+    };
+    if !addr.ip().is_unspecified() {
+        return Ok(bound.to_string());
+    }
+    // A documentation address (nothing is sent): the default route.
+    let default_route = if addr.is_ipv4() {
+        "192.0.2.1:9"
+    } else {
+        "[2001:db8::1]:9"
+    };
+    let target = match &args.join {
+        Some(join) => serval_protos::client::heads(join)
+            .first()
+            .map(|h| h.to_string())
+            .unwrap_or_default(),
+        None => default_route.to_string(),
+    };
+    match serval_node::agent::routed_ip(&target) {
+        Some(ip) => {
+            let advertised = std::net::SocketAddr::new(ip, addr.port()).to_string();
+            tracing::info!(%advertised, "the controller binds every interface; other heads and nodes are told this address");
+            Ok(advertised)
+        }
+        None => bail!(
+            "--control-host {} binds every interface, and with no route to {target} this head cannot tell \
+             which of its addresses others reach: give --advertise-address HOST:PORT",
+            addr.ip()
+        ),
+    }
+}
+
 /// The host a head's controller binds.
 fn control_host(args: &StartArgs) -> &str {
     args.control_host.as_deref().unwrap_or("127.0.0.1")
@@ -568,7 +613,7 @@ fn install_metrics(
 
 async fn run_head(
     cluster: ClusterArgs,
-    args: StartArgs,
+    mut args: StartArgs,
     data_dir: PathBuf,
     location: String,
 ) -> anyhow::Result<()> {
@@ -605,10 +650,10 @@ async fn run_head(
         })?;
     let control_addr = control_listener.local_addr()?.to_string();
     // What peers dial (raft, forwarded writes); local clients use control_addr.
-    let advertised = args
-        .advertise_address
-        .clone()
-        .unwrap_or_else(|| control_addr.clone());
+    let advertised = advertised_address(&args, &control_addr)?;
+    // Replicas bind the advertised host when the controller binds every
+    // interface (replica_bind_host).
+    args.advertise_address = Some(advertised.clone());
 
     let raft_id = cluster_file::load_or_create_raft_id(&data_dir)?;
     let membership = store::Membership {

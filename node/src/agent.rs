@@ -341,20 +341,7 @@ fn replica_host(configured: &str, control_addr: &str) -> String {
         _ => return configured.to_string(),
     }
     let head = control_addr.split(',').next().unwrap_or_default().trim();
-    let routed = (|| {
-        use std::net::ToSocketAddrs;
-        let target = head.to_socket_addrs().ok()?.next()?;
-        let any = if target.is_ipv4() {
-            "0.0.0.0:0"
-        } else {
-            "[::]:0"
-        };
-        // Connecting a UDP socket sends nothing; it only picks the route.
-        let probe = std::net::UdpSocket::bind(any).ok()?;
-        probe.connect(target).ok()?;
-        let local = probe.local_addr().ok()?.ip();
-        (!local.is_unspecified()).then_some(local)
-    })();
+    let routed = routed_ip(head);
     match routed {
         Some(ip) => {
             tracing::info!(%ip, "replicas bind this node's address on its route to the controller");
@@ -365,6 +352,23 @@ fn replica_host(configured: &str, control_addr: &str) -> String {
             "127.0.0.1".to_string()
         }
     }
+}
+
+/// This machine's address on its route to `target` (HOST:PORT), if it has
+/// one: what a process bound to the unspecified address tells others.
+pub fn routed_ip(target: &str) -> Option<std::net::IpAddr> {
+    use std::net::ToSocketAddrs;
+    let target = target.to_socket_addrs().ok()?.next()?;
+    let any = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    // Connecting a UDP socket sends nothing; it only picks the route.
+    let probe = std::net::UdpSocket::bind(any).ok()?;
+    probe.connect(target).ok()?;
+    let local = probe.local_addr().ok()?.ip();
+    (!local.is_unspecified()).then_some(local)
 }
 
 /// The address this node's proxy is announced at: the bound one, except

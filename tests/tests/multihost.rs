@@ -69,12 +69,16 @@ impl Cluster {
                 "EveryNode",
                 "--node-timeout-s",
                 "5",
-                "--advertise-address",
-                &advertise,
             ];
             let first = cluster.bed.control_address(0);
             let token = cluster.token.clone();
-            if i > 0 {
+            if i == 0 {
+                // The first head has no peer to find its address by (the
+                // bed's hosts have no default route): it is told.
+                args.extend(["--advertise-address", &advertise]);
+            } else {
+                // A joining head bound to 0.0.0.0 finds its address on the
+                // route to the head it joins.
                 args.extend(["--join", &first, "--token", &token]);
             }
             let head = cluster.bed.serve(
@@ -114,6 +118,15 @@ impl Cluster {
             cluster.nodes.push(node);
         }
         let expected = heads + nodes;
+        // Every head is known by its own address on the bed.
+        let s = cluster.heads[0].status_json();
+        let mut addresses: Vec<&str> = s["heads"]
+            .as_array()
+            .map(|h| h.iter().filter_map(|h| h["address"].as_str()).collect())
+            .unwrap_or_default();
+        addresses.sort();
+        let want: Vec<String> = (0..heads).map(|i| cluster.bed.control_address(i)).collect();
+        assert_eq!(addresses, want, "the heads' addresses: {s}");
         wait_for("every node alive", Duration::from_secs(60), || {
             let s = cluster.heads[0].status_json();
             let alive = s["nodes"]
@@ -652,4 +665,39 @@ print("ok")
         term_after <= term_before + 1,
         "the raft term went from {term_before} to {term_after} under 50 ms delay and 2 % loss"
     );
+}
+
+#[test]
+fn a_first_head_on_every_interface_without_a_route_asks_for_its_address() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::Builder::new()
+        .prefix("sv-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    // The bed's hosts have no default route: nothing tells the head which
+    // of its addresses others reach, and announcing 0.0.0.0 would send
+    // every peer to itself.
+    let bed = Bed::new(1);
+    let host = &bed.hosts[0];
+    let mut head = ServeProcess::start_on(
+        &host.ip,
+        &["ip", "netns", "exec", &host.ns],
+        &tmp.path().join("h0"),
+        netns::CONTROL_PORT,
+        netns::HTTP_PORT,
+        &["--head", "--control-host", "0.0.0.0", "--num-cpus", "0"],
+        &[],
+    );
+    let status = head.wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "{}", head.log());
+    assert!(
+        head.log().contains("give --advertise-address HOST:PORT"),
+        "{}",
+        head.log()
+    );
+    drop(head);
+    drop(bed);
 }
