@@ -368,6 +368,22 @@ fn a_node_whose_link_is_cut_is_replaced_and_rejoins_without_strays() {
     // Cut off, the node does not know: its replica runs on, unrouted.
     let strays = replica_processes(&c.bed.hosts[cut]);
     eprintln!("replica processes on the cut node: {strays:?}");
+    // Every head has applied the move (the proxies follow the heads'
+    // snapshots), so no proxy routes to the cut replica any more.
+    for head in &c.heads {
+        wait_for(
+            "every head to see the replica moved",
+            Duration::from_secs(30),
+            || {
+                let s = head.status_json();
+                let on_kept = replicas_of(&s, "where")
+                    .iter()
+                    .filter(|r| r["node_id"] == kept_id.as_str())
+                    .count();
+                (on_kept == 2).then_some(())
+            },
+        );
+    }
     // Traffic continues through every proxy that can be reached.
     let kept_net = net_of(&c.bed.hosts[kept]);
     for i in [0, 1, 2, kept] {
