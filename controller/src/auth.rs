@@ -60,6 +60,7 @@ pub const REPLICA_CALLS: &[&str] = &[
     "Watch",
     "GetSnapshot",
     "ReportLoad",
+    "ReportReplicaModels",
     "GetBlob",
     "HasBlob",
     "CreateJob",

@@ -83,6 +83,10 @@ pub const MAX_LEASE_BATCHES: u32 = 1_000;
 pub const MAX_RECEIVE_COUNT: u32 = 1_000;
 /// How long a leased batch may stay hidden (a day).
 pub const MAX_VISIBILITY_MS: i64 = 24 * 3600 * 1000;
+/// Model ids one replica reports holding, and the bytes of each (client
+/// input names them; the routers keep no more either).
+pub const MAX_REPLICA_MODELS: usize = 64;
+pub const MAX_MODEL_ID_BYTES: usize = 256;
 
 fn refuse(field: &str, reason: String) -> StateError {
     StateError::InvalidConfig {
@@ -239,6 +243,20 @@ pub fn check(cmd: &Command) -> Result<(), StateError> {
         Command::Job(job) => check_job(job),
         Command::PutApi(api) => check_api(api),
         Command::DeleteApi { name: n } => name("api name", n),
+        Command::SetReplicaModels {
+            replica_id,
+            model_ids,
+        } => {
+            name("replica_id", replica_id)?;
+            count(
+                "model_ids",
+                model_ids.len() as u64,
+                MAX_REPLICA_MODELS as u64,
+            )?;
+            model_ids
+                .iter()
+                .try_for_each(|id| text("model_id", id, MAX_MODEL_ID_BYTES))
+        }
     }
 }
 

@@ -509,6 +509,33 @@ impl Control for ControlService {
         Ok(Response::new(Empty {}))
     }
 
+    async fn report_replica_models(
+        &self,
+        req: Request<ReplicaModelsReport>,
+    ) -> Result<Response<Empty>, Status> {
+        let credential = Credential::of(&req);
+        let r = req.into_inner();
+        // A replica token speaks for the replicas of its own backend only.
+        if let Some(Credential::Replica(backend)) = &credential {
+            let owner = self
+                .sm
+                .current()
+                .replicas
+                .get(&r.replica_id)
+                .map(|x| x.backend.clone());
+            if owner.as_deref() != Some(backend.as_str()) {
+                return Err(Status::permission_denied(format!(
+                    "the replica credential of backend '{backend}' may report only its own replicas"
+                )));
+            }
+        }
+        self.propose(Command::SetReplicaModels {
+            replica_id: r.replica_id,
+            model_ids: r.model_ids,
+        })
+        .await
+    }
+
     async fn shutdown(&self, _req: Request<Empty>) -> Result<Response<Empty>, Status> {
         self.propose(Command::SetShuttingDown(true)).await
     }

@@ -109,6 +109,11 @@ pub enum Command {
     DeleteApi {
         name: String,
     },
+    /// The model ids a replica reports holding (model multiplexing).
+    SetReplicaModels {
+        replica_id: String,
+        model_ids: Vec<String>,
+    },
 }
 
 /// What the controller holds. Endpoints keep registration order because
@@ -205,6 +210,10 @@ impl ClusterState {
                     .replicas
                     .get_mut(&report.replica_id)
                     .ok_or_else(|| StateError::UnknownReplica(report.replica_id.clone()))?;
+                if replica.pid != report.pid {
+                    // Another process: it holds no model yet.
+                    replica.model_ids.clear();
+                }
                 replica.state = report.state;
                 replica.error = report.error;
                 replica.unix_path = report.unix_path;
@@ -390,6 +399,16 @@ impl ClusterState {
                 if self.apis.remove(&name).is_none() {
                     return Err(StateError::UnknownApi(name));
                 }
+            }
+            Command::SetReplicaModels {
+                replica_id,
+                model_ids,
+            } => {
+                let replica = self
+                    .replicas
+                    .get_mut(&replica_id)
+                    .ok_or(StateError::UnknownReplica(replica_id))?;
+                replica.model_ids = model_ids;
             }
         }
         Ok(())

@@ -12,6 +12,7 @@
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,9 +39,39 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub struct Reply {
     id: RequestId,
     tx: FrameSender,
+    /// The router connection it came on (unique in this process).
+    conn: u64,
 }
 
+/// Numbers the router connections of this process, for [`Reply::connection`].
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
+
 impl Reply {
+    /// The request's id on its connection.
+    pub fn id(&self) -> RequestId {
+        self.id
+    }
+
+    /// The router connection the request came on: a WebSocket session is
+    /// named by (connection, id), and [`Handler::closed`] names the
+    /// connection when it ends.
+    pub fn connection(&self) -> u64 {
+        self.conn
+    }
+
+    /// Sends one more frame on the request's id without answering it: a
+    /// WebSocket session's [`frame::WsFrame`]s. False when it cannot be
+    /// encoded or the connection is gone.
+    pub fn send_frame<T: serde::Serialize>(&self, msg: &T) -> bool {
+        match frame::encode(self.id, msg) {
+            Ok(bytes) => self.tx.send(&bytes).is_ok(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode a frame");
+                false
+            }
+        }
+    }
+
     /// Queues the response on the connection's writer; a closed connection
     /// (the router went away) is not an error for the replica.
     pub fn send(self, response: &Response) {
@@ -70,6 +101,10 @@ impl Reply {
 /// User code behind a replica.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, request: Request, reply: Reply);
+
+    /// The router connection numbered `conn` ended: the WebSocket sessions
+    /// opened on it are over (their client is gone).
+    fn closed(&self, _conn: u64) {}
 }
 
 /// The native replica kind: answers every request with what it received.
@@ -113,6 +148,14 @@ impl Handler for EchoHandler {
             },
             // Answered by `serve_connection` before any handler sees it.
             Payload::Logs(_) => text_response(400, "logs are answered by the frame server".into()),
+            Payload::WsOpen(_) => {
+                reply.send_frame(&frame::WsFrame::Deny(text_response(
+                    404,
+                    "this replica serves no WebSocket".into(),
+                )));
+                return;
+            }
+            Payload::Ws(_) => return,
         };
         reply.send(&response);
     }
@@ -301,10 +344,15 @@ pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
 
 async fn serve_connection(frames: Frames, handler: Arc<dyn Handler>, role: Role) {
     let (mut reader, tx, _writer) = frames;
+    let conn = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
     loop {
         match reader.next().await {
             Ok(Some((id, body))) => {
-                let reply = Reply { id, tx: tx.clone() };
+                let reply = Reply {
+                    id,
+                    tx: tx.clone(),
+                    conn,
+                };
                 match frame::decode::<Request>(&body) {
                     Ok(Request {
                         payload: Payload::Ping,
@@ -338,6 +386,7 @@ async fn serve_connection(frames: Frames, handler: Arc<dyn Handler>, role: Role)
             }
         }
     }
+    handler.closed(conn);
 }
 
 /// Where a process finds its own stderr: the link names the file behind fd 2.

@@ -91,6 +91,10 @@ impl Handler for NativeHandler {
                 .send(&error_response(503, "replica is shutting down"));
         }
     }
+
+    fn closed(&self, conn: u64) {
+        self.fallback.closed(conn);
+    }
 }
 
 fn work(model: &Model, rx: &Receiver<Job>, config: &RunnerConfig) {

@@ -61,6 +61,9 @@ pub struct HttpRequest {
     /// Last: proxy and replica are built together, so adding a field only
     /// has to keep the order of the others.
     pub raw_path: Vec<u8>,
+    /// The route prefix the request was routed by, "" for a route or the
+    /// prefix "/" (ASGI `root_path`: an ingress app routes below it).
+    pub root_path: String,
 }
 
 /// A call from a ServeHandle: Python arguments pickled by the caller.
@@ -89,8 +92,40 @@ pub enum Payload {
     /// A chunk of the replica's own log (its stderr file), answered by the
     /// replica runtime without user code: 200 with the bytes as the body and
     /// [`LOG_SIZE_HEADER`], or 404 when the replica's stderr is not a file.
-    /// Last variant: bincode numbers variants, so older peers keep theirs.
+    /// Bincode numbers variants: new ones go last, so older peers keep theirs.
     Logs(LogsRequest),
+    /// Opens a WebSocket session on this frame's id: the upgrade request
+    /// (its method is GET, its body empty). The replica answers on the same
+    /// id with [`WsFrame`]s (not a [`Response`]): `Accept` or `Deny` first,
+    /// then messages, until either side sends `Close`.
+    WsOpen(HttpRequest),
+    /// A client's message or close, on the id of an open session.
+    Ws(WsFrame),
+}
+
+/// One event of a WebSocket session, in either direction, on the session's
+/// id. Messages are whole (the proxy reassembles fragments), at most the
+/// proxy's WebSocket message limit from the client.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum WsFrame {
+    /// Replica -> router: the app accepted; the subprotocol it chose and
+    /// headers it adds to the 101 answer.
+    Accept {
+        subprotocol: Option<String>,
+        headers: Vec<(String, String)>,
+    },
+    Text(String),
+    Binary(Vec<u8>),
+    /// The session ends with this close code and reason. From the router it
+    /// is the client's close (or 1006 when the client vanished); from the
+    /// replica, the app's.
+    Close {
+        code: u16,
+        reason: String,
+    },
+    /// Replica -> router: the app closed before accepting (or failed): this
+    /// HTTP answer goes to the client instead of the upgrade.
+    Deny(Response),
 }
 
 /// Reads `[offset, offset + max_bytes)` of a replica's log. The replica

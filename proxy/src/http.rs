@@ -46,7 +46,6 @@ use hyper::service::service_fn;
 use hyper::StatusCode;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use serval_protos::frame::{HttpRequest, Payload, Request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -156,7 +155,11 @@ async fn serve_connections<H, Fut>(
     Fut: Future<Output = hyper::Response<ResponseBody>> + Send + 'static,
 {
     let builder = server_builder(limits);
-    let graceful = GracefulShutdown::new();
+    // hyper-util's GracefulShutdown cannot watch a connection that may
+    // upgrade (WebSockets): each connection task watches `stopping` and
+    // holds a clone of `open_tx`, so `open_rx` ends when the last one did.
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let (open_tx, mut open_rx) = tokio::sync::mpsc::channel::<()>(1);
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS_AT_ONCE));
     let open = metrics::gauge!(OPEN_CONNECTIONS, "listener" => name);
@@ -182,22 +185,37 @@ async fn serve_connections<H, Fut>(
                     // Formatted once per connection, copied into each request.
                     let peer: Arc<str> = client.to_string().into();
                     let handler = handler.clone();
-                    let service = service_fn(move |req: hyper::Request<Incoming>| {
+                    let service = service_fn(move |mut req: hyper::Request<Incoming>| {
                         // Held by the response body until it ends (a gRPC
                         // stream), so a busy connection is never idle.
                         let in_flight = activity.start();
+                        if req.headers().contains_key(hyper::header::UPGRADE) {
+                            // A WebSocket session marks the connection busy itself.
+                            req.extensions_mut().insert(activity.clone());
+                        }
                         let response = handler(req, peer.clone());
                         async move {
                             let response = response.await;
                             Ok::<_, Infallible>(response.map(|body| ConnBody { body, _in_flight: in_flight }))
                         }
                     });
-                    let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
-                    let conn = graceful.watch(conn);
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(io), service)
+                        .into_owned();
                     let open = open.clone();
                     open.increment(1.0);
+                    let (mut stopping, counted) = (stopping.clone(), open_tx.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = conn.await {
+                        let mut conn = std::pin::pin!(conn);
+                        let result = tokio::select! {
+                            result = conn.as_mut() => result,
+                            _ = async { stopping.wait_for(|s| *s).await.is_ok() } => {
+                                conn.as_mut().graceful_shutdown();
+                                conn.await
+                            }
+                        };
+                        drop(counted);
+                        if let Err(e) = result {
                             tracing::debug!(%client, error = %e, "connection ended with an error");
                         }
                         open.decrement(1.0);
@@ -213,14 +231,10 @@ async fn serve_connections<H, Fut>(
         }
     }
     drop(listener);
-    tracing::info!(
-        open = graceful.count(),
-        "stopped accepting; draining connections"
-    );
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    tracing::info!("stopped accepting; draining connections");
+    let _ = stopping_tx.send(true);
+    drop(open_tx);
+    if tokio::time::timeout(grace, open_rx.recv()).await.is_err() {
         tracing::warn!(?grace, "connections still open after the grace period");
     }
 }
@@ -407,6 +421,11 @@ async fn route_and_forward(
             return response;
         }
     };
+    if crate::websocket::is_upgrade(&req) {
+        let response = crate::websocket::serve(proxy, &matched, req, path, client).await;
+        record(proxy, &matched.endpoint, response.status(), started);
+        return response;
+    }
     let response = match read_body(proxy, req).await {
         Ok((parts, body, _reservation)) => {
             forward(proxy, &matched, parts, path, body, client).await
@@ -585,6 +604,7 @@ async fn forward(
             body: body.into(),
             path_params: matched.path_params.clone(),
             client: client.to_owned(),
+            root_path: matched.root_path.clone(),
         }),
     };
     match proxy
@@ -613,7 +633,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-fn to_http(response: serval_protos::frame::Response) -> HttpResponse {
+pub(crate) fn to_http(response: serval_protos::frame::Response) -> HttpResponse {
     let Ok(status) = StatusCode::from_u16(response.status) else {
         return errors::json_error(
             StatusCode::BAD_GATEWAY,

@@ -45,6 +45,7 @@ mod replica_conn;
 pub mod route;
 mod router;
 mod watch;
+mod websocket;
 
 use std::future::Future;
 use std::sync::Arc;

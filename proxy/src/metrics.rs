@@ -37,6 +37,7 @@ pub const ROUTER_REQUEST_DURATION_SECONDS: &str = "serval_router_request_duratio
 pub const ROUTER_QUEUE_LENGTH: &str = "serval_router_queue_length";
 pub const REPLICA_IN_FLIGHT: &str = "serval_replica_in_flight";
 pub const BATCH_SIZE: &str = "serval_batch_size";
+pub const WEBSOCKET_SESSIONS_TOTAL: &str = "serval_websocket_sessions_total";
 
 /// Response header a replica sets on a request served in a batch: the size
 /// of that batch. The router records it and removes it from the response.
@@ -239,6 +240,10 @@ pub fn describe() {
         REPLICA_IN_FLIGHT,
         "Requests this router has in flight on a replica"
     );
+    describe_counter!(
+        WEBSOCKET_SESSIONS_TOTAL,
+        "WebSocket sessions the app accepted, by backend"
+    );
     describe_histogram!(
         BATCH_SIZE,
         "Size of the batch each request was served in (one observation per request)"
@@ -315,6 +320,8 @@ pub(crate) struct BackendMetrics {
     queue_length: Gauge,
     latency: Histogram,
     batch_size: Histogram,
+    /// WebSocket sessions opened; registered at the first one.
+    websocket_sessions: OnceLock<Counter>,
     /// By endpoint; endpoints come from snapshots, so this stays small.
     requests: RwLock<HashMap<String, Arc<RequestCounters>>>,
 }
@@ -327,7 +334,17 @@ impl BackendMetrics {
             latency: metrics::histogram!(ROUTER_REQUEST_DURATION_SECONDS, "backend" => backend.to_owned()),
             batch_size: metrics::histogram!(BATCH_SIZE, "backend" => backend.to_owned()),
             requests: RwLock::default(),
+            websocket_sessions: OnceLock::new(),
         }
+    }
+
+    /// Counts one WebSocket session the app accepted on this backend.
+    pub(crate) fn websocket_opened(&self) {
+        self.websocket_sessions
+            .get_or_init(
+                || metrics::counter!(WEBSOCKET_SESSIONS_TOTAL, "backend" => self.backend.clone()),
+            )
+            .increment(1);
     }
 
     pub(crate) fn queue_joined(&self) {

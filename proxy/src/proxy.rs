@@ -39,6 +39,8 @@ pub struct Proxy {
     pub(crate) body_budget: Arc<BodyBudget>,
     /// Whether error bodies carry internal detail (`SERVAL_DEBUG`).
     pub(crate) debug_errors: bool,
+    /// WebSocket bounds and the sessions open through this proxy.
+    pub(crate) websockets: Arc<crate::websocket::Sessions>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -72,6 +74,7 @@ impl Proxy {
             limits: config.limits.clone(),
             body_budget: BodyBudget::new(config.limits.max_buffered_body_bytes),
             debug_errors: config.debug_errors,
+            websockets: Arc::new(crate::websocket::Sessions::from_env()),
         }
     }
 

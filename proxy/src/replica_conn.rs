@@ -23,11 +23,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
 
-use serval_protos::frame::{self, FrameError, FrameReader, Request, RequestId, Response};
+use serval_protos::frame::{
+    self, FrameError, FrameReader, Payload, Request, RequestId, Response, WsFrame,
+};
 use serval_protos::frame_socket::{self, FrameSender, SocketReader};
 use serval_protos::handshake::{self, Credential, Key, Role};
 use tokio::io::AsyncRead;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -37,6 +39,9 @@ const RECONNECT_BACKOFF_MIN_MS: u64 = 100;
 const RECONNECT_BACKOFF_MAX_MS: u64 = 2_000;
 /// A connect that takes longer than this is treated as a failed connect.
 const CONNECT_TIMEOUT_MS: u64 = 3_000;
+/// Frames from the replica a WebSocket session may have waiting for its
+/// client; beyond it the session ends (the client reads too slowly).
+pub(crate) const WS_FRAMES_QUEUED: usize = 256;
 
 /// `SERVAL_DATA_PLANE_TCP=1` in a router's environment (a proxy, a node, a
 /// driver with handles): connect to replicas over TCP even where their Unix
@@ -77,6 +82,8 @@ type Frames = (
 #[derive(Default)]
 struct PendingMap {
     waiters: HashMap<RequestId, oneshot::Sender<Result<Response, ConnError>>>,
+    /// Open WebSocket sessions: their ids get [`WsFrame`]s, not a Response.
+    sessions: HashMap<RequestId, mpsc::Sender<WsFrame>>,
     /// Set once the connection is broken, so a request registered after the
     /// reader drained the map fails at once instead of waiting for its deadline.
     closed: Option<String>,
@@ -145,6 +152,37 @@ impl Live {
             Ok(Err(_)) => Err(ConnError::Died("connection dropped".into())),
             Err(_) => Err(ConnError::Timeout),
         }
+    }
+}
+
+/// One WebSocket session on a replica connection: `rx` yields the
+/// replica's frames (it ends when the connection breaks); dropping the
+/// session forgets its id.
+pub(crate) struct WsSession {
+    pub(crate) rx: mpsc::Receiver<WsFrame>,
+    id: RequestId,
+    live: Arc<Live>,
+}
+
+impl WsSession {
+    /// Sends the client's message or close to the replica.
+    pub(crate) fn send(&self, frame: WsFrame) -> Result<(), ConnError> {
+        let request = Request {
+            method_name: None,
+            payload: Payload::Ws(frame),
+        };
+        let bytes =
+            frame::encode(self.id, &request).map_err(|e| ConnError::Encode(e.to_string()))?;
+        self.live
+            .tx
+            .send(&bytes)
+            .map_err(|_| ConnError::Died("writer closed".into()))
+    }
+}
+
+impl Drop for WsSession {
+    fn drop(&mut self) {
+        lock(&self.live.pending).sessions.remove(&self.id);
     }
 }
 
@@ -223,6 +261,31 @@ impl ReplicaConn {
     ) -> Result<Response, ConnError> {
         let live = self.live(deadline).await?;
         live.send(request, deadline).await
+    }
+
+    /// Opens a WebSocket session: sends `request` (a `WsOpen`) and returns
+    /// at once; the replica's first frame says whether the app accepted.
+    pub(crate) async fn open_websocket(
+        &self,
+        request: &Request,
+        deadline: Instant,
+    ) -> Result<WsSession, ConnError> {
+        let live = self.live(deadline).await?;
+        let id = live.next_id.fetch_add(1, Ordering::Relaxed);
+        let bytes = frame::encode(id, request).map_err(|e| ConnError::Encode(e.to_string()))?;
+        let (tx, rx) = mpsc::channel(WS_FRAMES_QUEUED);
+        {
+            let mut pending = lock(&live.pending);
+            if let Some(reason) = &pending.closed {
+                return Err(ConnError::Died(reason.clone()));
+            }
+            pending.sessions.insert(id, tx);
+        }
+        let session = WsSession { rx, id, live };
+        if session.live.tx.send(&bytes).is_err() {
+            return Err(ConnError::Died("writer closed".into()));
+        }
+        Ok(session)
     }
 
     fn current(&self) -> Option<Arc<Live>> {
@@ -370,10 +433,22 @@ async fn read_loop<R: AsyncRead + Unpin>(
         tokio::select! {
             next = reader.next() => match next {
                 Ok(Some((id, body))) => {
-                    let result = frame::decode::<Response>(&body).map_err(|e: FrameError| ConnError::Protocol(e.to_string()));
-                    // No entry: the request timed out or its caller went away.
-                    if let Some(tx) = lock(&pending).waiters.remove(&id) {
-                        let _ = tx.send(result);
+                    // One lock per frame: a session's id, else a waiter's.
+                    let waiter = {
+                        let mut p = lock(&pending);
+                        match p.sessions.get(&id) {
+                            Some(session) => Err(session.clone()),
+                            None => Ok(p.waiters.remove(&id)),
+                        }
+                    };
+                    match waiter {
+                        Err(session) => deliver_ws(&pending, id, session, &body, &replica_id),
+                        // No entry: the request timed out or its caller went away.
+                        Ok(None) => {}
+                        Ok(Some(tx)) => {
+                            let result = frame::decode::<Response>(&body).map_err(|e: FrameError| ConnError::Protocol(e.to_string()));
+                            let _ = tx.send(result);
+                        }
                     }
                 }
                 Ok(None) => break "connection closed by the replica".to_owned(),
@@ -389,6 +464,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let failed: Vec<_> = {
         let mut p = lock(&pending);
         p.closed = Some(reason.clone());
+        // Their receivers end: each session tells its client.
+        p.sessions.clear();
         p.waiters.drain().map(|(_, tx)| tx).collect()
     };
     if !failed.is_empty() {
@@ -406,6 +483,26 @@ async fn read_loop<R: AsyncRead + Unpin>(
             // Dropping the Live here aborts this very task, which is ending anyway.
             *state = ConnState::Backoff { until, failures: 1 };
         }
+    }
+}
+
+/// Hands a replica's frame to its WebSocket session. An undecodable frame,
+/// or a session whose client has fallen [`WS_FRAMES_QUEUED`] frames behind,
+/// ends the session (its receiver then ends).
+fn deliver_ws(
+    pending: &Pending,
+    id: RequestId,
+    session: mpsc::Sender<WsFrame>,
+    body: &[u8],
+    replica_id: &str,
+) {
+    let delivered = match frame::decode::<WsFrame>(body) {
+        Ok(ws) => session.try_send(ws).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(reason) = delivered {
+        tracing::debug!(replica = %replica_id, %reason, "websocket session ended");
+        lock(pending).sessions.remove(&id);
     }
 }
 

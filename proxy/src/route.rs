@@ -279,6 +279,8 @@ pub fn collides(a: &str, b: &str) -> bool {
 pub struct RouteMatch {
     pub endpoint: String,
     pub path_params: Vec<(String, PathValue)>,
+    /// The route prefix that matched ("" for a route, or the prefix "/").
+    pub root_path: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -420,9 +422,14 @@ impl RouteTable {
         self.prefixes
             .iter()
             .find(|(prefix, _)| under_prefix(decoded, prefix))
-            .map(|(_, endpoint)| RouteMatch {
+            .map(|(prefix, endpoint)| RouteMatch {
                 endpoint: endpoint.clone(),
                 path_params: Vec::new(),
+                root_path: if prefix == "/" {
+                    String::new()
+                } else {
+                    prefix.clone()
+                },
             })
     }
 
@@ -442,6 +449,7 @@ impl RouteTable {
                         return Ok(RouteMatch {
                             endpoint: entry.endpoint.clone(),
                             path_params: params,
+                            root_path: String::new(),
                         });
                     }
                     add_allowed(&mut allow, entry);
@@ -460,6 +468,7 @@ impl RouteTable {
                     return Ok(RouteMatch {
                         endpoint: entry.endpoint.clone(),
                         path_params: params,
+                        root_path: String::new(),
                     });
                 }
                 add_allowed(&mut allow, entry);

@@ -37,8 +37,9 @@ use tokio::time::Instant;
 
 use crate::metrics::{self, BackendMetrics, Outcome};
 use crate::policy::{PowerOfTwoChoices, ReplicaChoice};
-use crate::replica_conn::{Availability, ConnError, ReplicaConn};
+use crate::replica_conn::{Availability, ConnError, ReplicaConn, WsSession};
 
+mod models;
 #[cfg(test)]
 mod tests;
 
@@ -103,6 +104,8 @@ struct Replica {
     conn: ReplicaConn,
     /// "host:port" of its gRPC server; empty unless it serves a gRPC API.
     grpc_addr: String,
+    /// The model ids it last reported holding (`models`).
+    models: models::ReplicaModels,
 }
 
 /// One backend's replicas and queue. Kept across snapshots by name so
@@ -122,6 +125,9 @@ struct Backend {
     awaiting_replica: AtomicUsize,
     /// Woken (one waiter) when a slot frees and (all) when replicas change.
     slot_freed: Notify,
+    /// Whether a replica of it ever reported models: only then is a
+    /// request looked at for the model it names.
+    reports_models: std::sync::atomic::AtomicBool,
     metrics: BackendMetrics,
 }
 
@@ -135,6 +141,7 @@ impl Backend {
             max_queued: AtomicUsize::new(0),
             awaiting_replica: AtomicUsize::new(0),
             slot_freed: Notify::new(),
+            reports_models: Default::default(),
             metrics: BackendMetrics::new(name),
         }
     }
@@ -341,8 +348,12 @@ impl Router {
                         self.inner.config.data_key,
                     ),
                     grpc_addr: r.grpc_addr.clone(),
+                    models: Default::default(),
                 }),
             };
+            if replica.models.update_from_snapshot(&r.model_ids) {
+                b.reports_models.store(true, Ordering::Relaxed);
+            }
             running.entry(r.backend.clone()).or_default().push(replica);
         }
         let mut endpoints = HashMap::new();
@@ -465,7 +476,29 @@ impl Router {
                 &mut chosen,
                 |_, _, _| {},
                 |backend, deadline| async move {
-                    self.acquire(&backend, deadline, Queueing::Wait).await
+                    self.acquire(&backend, deadline, Queueing::Wait, None).await
+                },
+            )
+            .await?;
+        Ok(Reservation { slot })
+    }
+
+    /// A slot for a WebSocket session: as [`Router::reserve`], except that
+    /// a backend whose replicas are all at their limit refuses at once
+    /// ([`RouterError::Backpressure`], 503 with Retry-After) instead of
+    /// queueing the upgrade. The session holds the slot while it is open.
+    pub async fn reserve_now(&self, endpoint: &str) -> Result<Reservation, RouterError> {
+        let start = Instant::now();
+        let mut chosen = None;
+        let slot = self
+            .walk(
+                endpoint,
+                None,
+                start,
+                &mut chosen,
+                |_, _, _| {},
+                |backend, deadline| async move {
+                    self.acquire(&backend, deadline, Queueing::NoWait, None).await
                 },
             )
             .await?;
@@ -592,11 +625,21 @@ impl Router {
         queueing: Queueing,
     ) -> Result<Response, Attempt> {
         loop {
-            let slot = self.acquire(backend, deadline, queueing).await?;
+            let model = if backend.reports_models.load(Ordering::Relaxed) {
+                models::model_id_of(request)
+            } else {
+                None
+            };
+            let slot = self
+                .acquire(backend, deadline, queueing, model.as_deref())
+                .await?;
             let replica = &slot.replica.id;
             return match slot.replica.conn.request(request, deadline).await {
                 Ok(mut response) => {
                     backend.metrics.take_batch_size(&mut response);
+                    if slot.replica.models.take_report(&mut response) {
+                        backend.reports_models.store(true, Ordering::Relaxed);
+                    }
                     Ok(response)
                 }
                 // Never sent, and that replica is now backing off: try another.
@@ -622,12 +665,16 @@ impl Router {
     }
 
     /// Reserves a slot on one replica of `backend`, waiting in the bounded
-    /// queue while every routable replica is at its limit.
+    /// queue while every routable replica is at its limit. With a `model`,
+    /// the least loaded replica holding it that has room is preferred;
+    /// without one (or none holding it with room) the policy chooses, and
+    /// the chosen replica loads the model.
     async fn acquire(
         &self,
         backend: &Arc<Backend>,
         deadline: Instant,
         queueing: Queueing,
+        model: Option<&str>,
     ) -> Result<InFlight, Attempt> {
         let mut ticket: Option<QueueTicket> = None;
         loop {
@@ -659,7 +706,12 @@ impl Router {
             if !routable {
                 return Err(Attempt::NoRoutable(retry_at));
             }
-            if let Some(i) = self.inner.policy.choose(&loads) {
+            let holding = model.and_then(|id| {
+                (0..replicas.len())
+                    .filter(|&i| loads[i].is_some() && replicas[i].models.holds(id))
+                    .min_by_key(|&i| loads[i])
+            });
+            if let Some(i) = holding.or_else(|| self.inner.policy.choose(&loads)) {
                 if let Some(slot) = InFlight::try_acquire(&replicas[i], backend, limit) {
                     return Ok(slot);
                 }
@@ -710,6 +762,37 @@ impl Reservation {
 
     pub fn backend(&self) -> &str {
         &self.slot.backend.name
+    }
+
+    /// Opens a WebSocket session on the reserved replica (`request` carries
+    /// a `WsOpen`); the first frame of its `rx` is the app's answer.
+    pub(crate) async fn open_websocket(
+        &self,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<WsSession, RouterError> {
+        let replica = &self.slot.replica;
+        let deadline = Instant::now() + timeout;
+        replica
+            .conn
+            .open_websocket(request, deadline)
+            .await
+            .map_err(|e| match e {
+                ConnError::Timeout => RouterError::Timeout { after: timeout },
+                ConnError::Encode(reason) | ConnError::Protocol(reason) => RouterError::Protocol {
+                    replica: replica.id.clone(),
+                    reason,
+                },
+                ConnError::Connect(reason) | ConnError::Died(reason) => RouterError::ReplicaDied {
+                    replica: replica.id.clone(),
+                    reason,
+                },
+            })
+    }
+
+    /// Counts a session the app accepted (`serval_websocket_sessions_total`).
+    pub(crate) fn websocket_opened(&self) {
+        self.slot.backend.metrics.websocket_opened();
     }
 }
 

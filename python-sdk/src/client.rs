@@ -17,9 +17,9 @@ use serval_node::replica_server;
 use serval_protos::client::{self as control, Client as ControlClient};
 use serval_protos::control::{
     Api, AutoscalingConfig, Backend, BackendConfig, ClusterSnapshot, DeleteBackendRequest, Empty,
-    Endpoint, GetBlobRequest, NameRequest, PutBlobRequest, SetHttpMiddlewaresRequest,
-    SetShadowRequest, SetTrafficRequest, UpdateBackendCodeRequest, UpdateBackendConfigRequest,
-    WatchRequest,
+    Endpoint, GetBlobRequest, NameRequest, PutBlobRequest, ReplicaModelsReport,
+    SetHttpMiddlewaresRequest, SetShadowRequest, SetTrafficRequest, UpdateBackendCodeRequest,
+    UpdateBackendConfigRequest, WatchRequest,
 };
 use serval_protos::frame::{CallRequest, LogsRequest, Payload, Request, Response};
 use serval_protos::handshake::{self, Credential, Key, Role};
@@ -689,6 +689,22 @@ impl Client {
         let mut c = self.client.clone();
         block_on(py, async move { c.delete_api(NameRequest { name }).await })
             .map_err(status_err)?;
+        Ok(())
+    }
+
+    /// A replica's report of the models it holds (``serval.multiplex``).
+    fn report_replica_models(
+        &self,
+        py: Python<'_>,
+        replica_id: String,
+        model_ids: Vec<String>,
+    ) -> PyResult<()> {
+        let mut c = self.client.clone();
+        let report = ReplicaModelsReport {
+            replica_id,
+            model_ids,
+        };
+        block_on(py, async move { c.report_replica_models(report).await }).map_err(status_err)?;
         Ok(())
     }
 

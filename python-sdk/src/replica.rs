@@ -38,7 +38,8 @@
 //!   .stop_reason -> str | None        why the server stopped, None while running
 //!   .reply_batch -> int (settable)    replies a drain gathers per connection
 //!                                     before writing them (default 1)
-//!   .drain(on_http, on_call, on_reconfigure, poll_us=0, ready=None) -> int
+//!   .drain(on_http, on_call, on_reconfigure, poll_us=0, ready=None,
+//!          on_ws_open=None, on_ws_event=None) -> int
 //!        runs up to max_drain queued requests (the number run); with
 //!        poll_us and the loop's ready deque, polls that long for more once
 //!        the queue and `ready` are empty:
@@ -46,6 +47,13 @@
 //!        on_call(method_name: str | None, args: bytes, http_method: str,
 //!                headers: list[tuple[str, str]], reply)
 //!        on_reconfigure(config_json: str, reply)
+//!        on_ws_open(method_name: str | None, scope: dict, ws: WebSocket)
+//!          a WebSocket session opened (scope type "websocket"); without
+//!          it the session is denied 404
+//!        on_ws_event(connection: int, id: int, kind: str, data)
+//!          the client's "text" (str), "bytes" (bytes) or "close"
+//!          ((code, reason)) for session ws.key == (connection, id); or
+//!          "gone" (id 0, data None): that router connection ended
 //!        each returns (status: int, headers: list[tuple[str, str]], body: bytes)
 //!        to answer at once, or None when it answers later with
 //!        reply.send(status, headers, body). Re-raises KeyboardInterrupt /
@@ -58,6 +66,13 @@
 //!   .shutdown(reason: str = "shutdown") -> None
 //!        idempotent: wakes the worker loop, answers queued requests 503,
 //!        shuts the runtime down (GIL released), removes the socket file.
+//!
+//! WebSocket (one per session)
+//!   .key -> (int, int)   .open -> bool
+//!   .accept(subprotocol=None, headers=[]) .text(str) .binary(bytes)
+//!   .close(code=1000, reason="") .deny(status, headers, body)
+//!   each sends at once (False once closed/denied or the router is gone);
+//!   one dropped while open closes its session with 1011.
 //!
 //! Reply (one per request)
 //!   .send(status, headers, body) -> bool   False if already answered
@@ -92,7 +107,7 @@ use crossbeam_channel::TrySendError;
 use serval_node::replica_server::{self, Handler, Reply};
 use serval_onnx::NativeHandler;
 use serval_protos::frame::{
-    CallRequest, HttpRequest, PathValue, Payload, Request, Response, ERROR_TYPE_HEADER,
+    CallRequest, HttpRequest, PathValue, Payload, Request, Response, WsFrame, ERROR_TYPE_HEADER,
 };
 use serval_protos::frame_socket::FrameSender;
 use serval_protos::handshake::{self, Key, ReplicaKeys};
@@ -105,12 +120,45 @@ const FLUSH_GRACE: Duration = Duration::from_millis(50);
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ReplicaServer>()?;
     m.add_class::<PyReply>()?;
+    m.add_class::<PyWebSocket>()?;
     Ok(())
 }
 
-struct Job {
-    request: Request,
-    reply: Reply,
+// The big variant is the common one: boxing it would cost an allocation
+// per request.
+#[allow(clippy::large_enum_variant)]
+enum Job {
+    Request {
+        request: Request,
+        reply: Reply,
+    },
+    /// A router connection ended: the WebSocket sessions on it are over.
+    Closed(u64),
+}
+
+impl Job {
+    /// Refuses a queued request (a connection's end needs no answer). A
+    /// WebSocket open is denied with `response`; a client message that
+    /// cannot be queued ends its session with 1013 (try again later), since
+    /// a session that lost a message cannot go on.
+    fn refuse(self, response: &Response) {
+        let Job::Request { reply, request } = self else {
+            return;
+        };
+        match request.payload {
+            Payload::WsOpen(_) => {
+                reply.send_frame(&WsFrame::Deny(response.clone()));
+            }
+            Payload::Ws(WsFrame::Close { .. }) => {}
+            Payload::Ws(_) => {
+                reply.send_frame(&WsFrame::Close {
+                    code: 1013,
+                    reason: "the replica is overloaded".into(),
+                });
+            }
+            _ => reply.send(response),
+        }
+    }
 }
 
 /// Wakes the worker's event loop: a socket pair whose read end the loop
@@ -292,12 +340,20 @@ struct QueueHandler {
 
 impl Handler for QueueHandler {
     fn handle(&self, request: Request, reply: Reply) {
-        match self.tx.try_send(Job { request, reply }) {
+        match self.tx.try_send(Job::Request { request, reply }) {
             Ok(()) => self.wake.wake(),
-            Err(TrySendError::Full(job)) => job.reply.send(&queue_full()),
+            Err(TrySendError::Full(job)) => job.refuse(&queue_full()),
             Err(TrySendError::Disconnected(job)) => {
-                job.reply.send(&unavailable("replica is shutting down"))
+                job.refuse(&unavailable("replica is shutting down"))
             }
+        }
+    }
+
+    fn closed(&self, conn: u64) {
+        // Blocking send: the end of a connection must not be lost to a full
+        // queue (its sessions would wait forever); the Python thread drains it.
+        if self.tx.send(Job::Closed(conn)).is_ok() {
+            self.wake.wake();
         }
     }
 }
@@ -657,7 +713,8 @@ impl ReplicaServer {
     /// queue of ready callbacks), once the queue is empty and nothing is
     /// ready on the loop, it polls for more requests that long (GIL
     /// released) and runs what arrived: see [`ReplicaServer::poll_for_job`].
-    #[pyo3(signature = (on_http, on_call, on_reconfigure, poll_us = 0, ready = None))]
+    #[pyo3(signature = (on_http, on_call, on_reconfigure, poll_us = 0, ready = None, on_ws_open = None, on_ws_event = None))]
+    #[allow(clippy::too_many_arguments)]
     fn drain(
         &self,
         py: Python<'_>,
@@ -666,6 +723,8 @@ impl ReplicaServer {
         on_reconfigure: Bound<'_, PyAny>,
         poll_us: u64,
         ready: Option<Bound<'_, PyAny>>,
+        on_ws_open: Option<Bound<'_, PyAny>>,
+        on_ws_event: Option<Bound<'_, PyAny>>,
     ) -> PyResult<usize> {
         self.wake.clear();
         if self.stop.is_stopped() {
@@ -691,7 +750,14 @@ impl ReplicaServer {
                 continue;
             };
             ran += 1;
-            run_job(py, job, &on_http, &on_call, &on_reconfigure)?;
+            run_job(
+                py,
+                job,
+                &on_http,
+                &on_call,
+                &on_reconfigure,
+                (on_ws_open.as_ref(), on_ws_event.as_ref()),
+            )?;
         }
         if !self.rx.is_empty() {
             // Let the loop run ready tasks before the next round.
@@ -739,7 +805,7 @@ impl ReplicaServer {
             let _ = tx.send(());
         }
         while let Ok(job) = self.rx.try_recv() {
-            job.reply.send(&unavailable("replica is shutting down"));
+            job.refuse(&unavailable("replica is shutting down"));
         }
         let runtime = self.runtime.lock().unwrap().take();
         if let Some(rt) = runtime {
@@ -805,8 +871,22 @@ fn run_job(
     on_http: &Bound<'_, PyAny>,
     on_call: &Bound<'_, PyAny>,
     on_reconfigure: &Bound<'_, PyAny>,
+    ws: WsDispatch<'_, '_>,
 ) -> PyResult<()> {
-    let Job { request, reply } = job;
+    let (request, reply) = match job {
+        Job::Request { request, reply } => (request, reply),
+        Job::Closed(conn) => return run_ws(py, ws, WsJob::Closed(conn)),
+    };
+    let request = match request.payload {
+        Payload::WsOpen(http) => {
+            return run_ws(py, ws, WsJob::Open(request.method_name, http, reply))
+        }
+        Payload::Ws(frame) => return run_ws(py, ws, WsJob::Frame(reply, frame)),
+        payload => Request {
+            method_name: request.method_name,
+            payload,
+        },
+    };
     let method_name = request.method_name;
     if let Payload::Ping = request.payload {
         deliver(
@@ -829,6 +909,7 @@ fn run_job(
         Payload::Reconfigure(r) => on_reconfigure.call1((r.config_json, &reply)),
         // The frame server answers these itself; they never reach Python.
         Payload::Ping | Payload::Logs(_) => unreachable!("answered by the frame server"),
+        Payload::WsOpen(_) | Payload::Ws(_) => unreachable!("dispatched by run_ws"),
     };
     let result = result.and_then(|r| {
         if r.is_none() {
@@ -863,6 +944,202 @@ fn run_job(
     }
 }
 
+/// The host's WebSocket callables, when it has them: `on_ws_open(method_name,
+/// scope, ws)` and `on_ws_event(connection, id, kind, data)`.
+type WsDispatch<'a, 'py> = (Option<&'a Bound<'py, PyAny>>, Option<&'a Bound<'py, PyAny>>);
+
+enum WsJob {
+    Open(Option<String>, HttpRequest, Reply),
+    Frame(Reply, WsFrame),
+    Closed(u64),
+}
+
+/// Hands one WebSocket event to Python: a session opened (with its
+/// [`PyWebSocket`]), a client's message or close, or the end of a router
+/// connection (kind "gone": its sessions are over). A session the host
+/// cannot take is denied 404; a callable that raised is logged (an open
+/// then answers 500). `Err` only for KeyboardInterrupt / SystemExit.
+fn run_ws(py: Python<'_>, (on_open, on_event): WsDispatch<'_, '_>, job: WsJob) -> PyResult<()> {
+    let result = match job {
+        WsJob::Open(method_name, http, reply) => {
+            let Some(on_open) = on_open else {
+                reply.send_frame(&WsFrame::Deny(plain(
+                    404,
+                    None,
+                    "this replica serves no WebSocket",
+                )));
+                return Ok(());
+            };
+            let ws = Bound::new(py, PyWebSocket::new(reply))?;
+            let called = websocket_scope(py, http)
+                .and_then(|scope| on_open.call1((method_name, scope, &ws)));
+            if called.is_err() {
+                ws.get().finish(WsFrame::Deny(plain(
+                    500,
+                    None,
+                    "the replica could not open the WebSocket",
+                )));
+            }
+            called.map(|_| ())
+        }
+        WsJob::Frame(reply, frame) => {
+            let Some(on_event) = on_event else {
+                return Ok(());
+            };
+            let (conn, id) = (reply.connection(), reply.id());
+            match frame {
+                WsFrame::Text(text) => on_event.call1((conn, id, intern!(py, "text"), text)),
+                WsFrame::Binary(data) => {
+                    on_event.call1((conn, id, intern!(py, "bytes"), PyBytes::new(py, &data)))
+                }
+                WsFrame::Close { code, reason } => {
+                    on_event.call1((conn, id, intern!(py, "close"), (code, reason)))
+                }
+                // Only a replica sends these.
+                WsFrame::Accept { .. } | WsFrame::Deny(_) => return Ok(()),
+            }
+            .map(|_| ())
+        }
+        WsJob::Closed(conn) => match on_event {
+            Some(on_event) => on_event
+                .call1((conn, 0u64, intern!(py, "gone"), py.None()))
+                .map(|_| ()),
+            None => Ok(()),
+        },
+    };
+    match result {
+        Ok(()) => Ok(()),
+        Err(err)
+            if err.is_instance_of::<PyKeyboardInterrupt>(py)
+                || err.is_instance_of::<PySystemExit>(py) =>
+        {
+            Err(err)
+        }
+        Err(err) => {
+            tracing::error!("websocket dispatch failed: {}", err.value(py));
+            err.display(py);
+            Ok(())
+        }
+    }
+}
+
+/// One WebSocket session's way back to its router: the app's accept,
+/// messages and close (or the HTTP answer that refuses it), each sent at
+/// once. After a close or a deny it sends nothing more.
+#[pyclass(frozen, name = "WebSocket", module = "serval._native")]
+pub struct PyWebSocket {
+    reply: Mutex<Option<Reply>>,
+    /// `(connection, id)`: the key the host keeps the session under.
+    key: (u64, u64),
+}
+
+impl PyWebSocket {
+    fn new(reply: Reply) -> Self {
+        Self {
+            key: (reply.connection(), reply.id()),
+            reply: Mutex::new(Some(reply)),
+        }
+    }
+
+    fn send(&self, frame: &WsFrame) -> bool {
+        let reply = self.reply.lock().unwrap_or_else(|p| p.into_inner());
+        reply.as_ref().is_some_and(|r| r.send_frame(frame))
+    }
+
+    /// Sends the last frame of the session.
+    fn finish(&self, frame: WsFrame) -> bool {
+        let reply = self.reply.lock().unwrap_or_else(|p| p.into_inner()).take();
+        reply.is_some_and(|r| r.send_frame(&frame))
+    }
+}
+
+#[pymethods]
+impl PyWebSocket {
+    #[getter]
+    fn key(&self) -> (u64, u64) {
+        self.key
+    }
+
+    /// Whether the session still sends (no close or deny yet).
+    #[getter]
+    fn open(&self) -> bool {
+        self.reply
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    #[pyo3(signature = (subprotocol = None, headers = Vec::new()))]
+    fn accept(&self, subprotocol: Option<String>, headers: Vec<(String, String)>) -> bool {
+        self.send(&WsFrame::Accept {
+            subprotocol,
+            headers,
+        })
+    }
+
+    fn text(&self, text: String) -> bool {
+        self.send(&WsFrame::Text(text))
+    }
+
+    fn binary(&self, data: &[u8]) -> bool {
+        self.send(&WsFrame::Binary(data.to_vec()))
+    }
+
+    #[pyo3(signature = (code = 1000, reason = String::new()))]
+    fn close(&self, code: u16, reason: String) -> bool {
+        self.finish(WsFrame::Close { code, reason })
+    }
+
+    /// Refuses the session before it was accepted with this HTTP answer.
+    fn deny(&self, status: u16, headers: Vec<(String, String)>, body: &[u8]) -> bool {
+        self.finish(WsFrame::Deny(Response {
+            status,
+            headers,
+            body: body.to_vec(),
+        }))
+    }
+}
+
+impl Drop for PyWebSocket {
+    fn drop(&mut self) {
+        // A session dropped by the host without an end still ends.
+        if let Some(reply) = self
+            .reply
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            reply.send_frame(&WsFrame::Close {
+                code: 1011,
+                reason: "the replica dropped the session".into(),
+            });
+        }
+    }
+}
+
+/// The ASGI scope of a WebSocket session: the HTTP scope of its upgrade
+/// request, typed `websocket`, with the subprotocols the client offered and
+/// the denial-response extension.
+fn websocket_scope(py: Python<'_>, http: HttpRequest) -> PyResult<Bound<'_, PyDict>> {
+    let subprotocols: Vec<String> = http
+        .headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("sec-websocket-protocol"))
+        .flat_map(|(_, v)| v.split(','))
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .collect();
+    let (scope, _) = http_args(py, http)?;
+    scope.set_item(intern!(py, "type"), intern!(py, "websocket"))?;
+    scope.set_item(intern!(py, "scheme"), intern!(py, "ws"))?;
+    scope.del_item(intern!(py, "method"))?;
+    scope.set_item(intern!(py, "subprotocols"), subprotocols)?;
+    let extensions = PyDict::new(py);
+    extensions.set_item(intern!(py, "websocket.http.response"), PyDict::new(py))?;
+    scope.set_item(intern!(py, "extensions"), extensions)?;
+    Ok(scope)
+}
+
 fn to_response(result: &Bound<'_, PyAny>) -> PyResult<Response> {
     let (status, headers, body): (u16, Vec<(String, String)>, Bound<'_, PyBytes>) =
         result.extract()?;
@@ -887,7 +1164,7 @@ fn http_args(
     scope.set_item(intern!(py, "path"), PyString::new(py, &http.path))?;
     // The decoded path the proxy routed on, and the bytes the client sent.
     scope.set_item(intern!(py, "raw_path"), PyBytes::new(py, &http.raw_path))?;
-    scope.set_item(intern!(py, "root_path"), intern!(py, ""))?;
+    scope.set_item(intern!(py, "root_path"), PyString::new(py, &http.root_path))?;
     scope.set_item(
         intern!(py, "query_string"),
         PyBytes::new(py, http.query.as_bytes()),

@@ -352,6 +352,7 @@ fn http(method: &str, path: &str, query: &str, body: &[u8]) -> HttpRequest {
         path_params: Vec::new(),
         client: "127.0.0.1:5555".into(),
         raw_path: path.as_bytes().to_vec(),
+        root_path: String::new(),
     }
 }
 

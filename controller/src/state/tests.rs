@@ -629,3 +629,43 @@ fn at_the_node_cap_a_new_node_replaces_a_dead_one() {
     assert_eq!(s.nodes.len(), limits::MAX_NODES);
     assert!(!s.nodes.contains_key("n0007") && s.nodes.contains_key("late"));
 }
+
+#[test]
+fn replica_models_are_set_bounded_and_cleared_with_a_new_process() {
+    let mut s = cluster();
+    let id = s.replicas.keys().next().unwrap().clone();
+    let running = |pid| {
+        Command::ReportReplica(ReplicaReport {
+            replica_id: id.clone(),
+            state: replica_state::RUNNING.into(),
+            pid,
+            ..Default::default()
+        })
+    };
+    s.apply(running(10)).unwrap();
+    let set = |ids: Vec<String>| Command::SetReplicaModels {
+        replica_id: id.clone(),
+        model_ids: ids,
+    };
+    s.apply(set(vec!["a".into(), "b".into()])).unwrap();
+    assert_eq!(s.replicas[&id].model_ids, vec!["a", "b"]);
+    // The same process reporting again (a config change) keeps them.
+    s.apply(running(10)).unwrap();
+    assert_eq!(s.replicas[&id].model_ids, vec!["a", "b"]);
+    // A restarted process holds none.
+    s.apply(running(11)).unwrap();
+    assert!(s.replicas[&id].model_ids.is_empty());
+    assert!(s
+        .apply(Command::SetReplicaModels {
+            replica_id: "nope".into(),
+            model_ids: vec![],
+        })
+        .is_err());
+    let too_many = (0..=crate::limits::MAX_REPLICA_MODELS)
+        .map(|i| format!("m{i}"))
+        .collect();
+    assert!(crate::limits::check(&set(too_many)).is_err());
+    let too_long = vec!["m".repeat(crate::limits::MAX_MODEL_ID_BYTES + 1)];
+    assert!(crate::limits::check(&set(too_long)).is_err());
+    assert!(crate::limits::check(&set(vec!["ok".into()])).is_ok());
+}

@@ -481,7 +481,7 @@ mod fuzz {
             let found = table.lookup(&decoded, "GET");
             prop_assert_eq!(
                 found,
-                Ok(RouteMatch { endpoint: "e".into(), path_params: expected }),
+                Ok(RouteMatch { endpoint: "e".into(), path_params: expected, root_path: String::new() }),
                 "route {} path {}", route, path
             );
         }

@@ -647,3 +647,91 @@ fn requests_latency_batches_queue_and_in_flight_are_recorded_per_backend() {
         })
     });
 }
+
+/// A replica keeping models: it "loads" the model a request names, answers
+/// its tag and reports every model it holds (`/hold` requests wait in
+/// `held`, answered by the test).
+struct ModelHandler {
+    tag: &'static str,
+    models: std::sync::Mutex<Vec<String>>,
+    held: HoldHandler,
+}
+
+impl ModelHandler {
+    fn new(tag: &'static str) -> Arc<Self> {
+        Arc::new(Self {
+            tag,
+            models: Default::default(),
+            held: Default::default(),
+        })
+    }
+}
+
+impl Handler for ModelHandler {
+    fn handle(&self, request: Request, reply: Reply) {
+        let Payload::Http(http) = &request.payload else {
+            panic!("an HTTP request was expected");
+        };
+        if let Some(id) = models::model_id_of(&request) {
+            let mut held = self.models.lock().unwrap();
+            if !held.contains(&id) {
+                held.push(id);
+            }
+        }
+        if http.path == "/hold" {
+            return self.held.handle(request, reply);
+        }
+        let report = serde_json::to_string(&*self.models.lock().unwrap()).unwrap();
+        reply.send(&Response {
+            status: 200,
+            headers: vec![(models::MODELS_HEADER.into(), report)],
+            body: self.tag.as_bytes().to_vec(),
+        });
+    }
+}
+
+fn model_request(path: &str, model: &str) -> Request {
+    let mut request = http_request(path);
+    if let Payload::Http(http) = &mut request.payload {
+        http.headers = vec![(models::MODEL_ID_HEADER.into(), model.into())];
+    }
+    request
+}
+
+#[tokio::test]
+async fn a_model_goes_to_the_replica_holding_it_while_it_has_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let handlers = [ModelHandler::new("x"), ModelHandler::new("y")];
+    let replicas: Vec<TestReplica> = handlers
+        .iter()
+        .map(|h| TestReplica::start(dir.path(), h.tag, h.clone()))
+        .collect();
+    let router = Router::new(test_config());
+    router.update(&snapshot(
+        vec![backend("b", 1)],
+        vec![endpoint("ep", &[("b", 1.0)], &[])],
+        replicas.iter().map(|r| r.record("b")).collect(),
+    ));
+    let call = |request: Request| {
+        let router = router.clone();
+        async move { router.call("ep", request).await.unwrap() }
+    };
+    let first = call(model_request("/", "m")).await;
+    // The report is the router's: the caller never sees it.
+    assert!(first.header(models::MODELS_HEADER).is_none());
+    let holder = body(&first);
+    for _ in 0..20 {
+        assert_eq!(body(&call(model_request("/", "m")).await), holder);
+    }
+    // The holder busy (its one slot taken): the other replica gets the
+    // model rather than the request waiting, and reports it too.
+    let holding = handlers.iter().find(|h| h.tag == holder).unwrap();
+    let other = handlers.iter().find(|h| h.tag != holder).unwrap();
+    let busy = tokio::spawn(call(model_request("/hold", "m")));
+    eventually("the held request", || holding.held.held() == 1).await;
+    assert_eq!(body(&call(model_request("/", "m")).await), other.tag);
+    assert_eq!(release(&holding.held), 1);
+    busy.await.unwrap();
+    // A request naming no model is routed as always.
+    assert_eq!(call(http_request("/")).await.status, 200);
+}

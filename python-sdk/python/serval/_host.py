@@ -18,6 +18,8 @@ The Rust frame server wakes that loop through ``ReplicaServer.wake_fd`` and
   arguments as they were given, whatever the method.
 - ``on_reconfigure(config_json, reply)``: a config change applied in place:
   new limits, and ``reconfigure(user_config)`` when that changed.
+- WebSocket sessions (``serval.websocket``): opened, fed the client's
+  messages, ended.
 
 Each returns ``(status, [(name, value)], body_bytes)`` when the answer is
 ready, or None when it answers later through ``reply.send(...)``; they never
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import inspect
 import json
 import logging
@@ -55,7 +58,10 @@ from starlette.background import BackgroundTask, BackgroundTasks
 from starlette.requests import Request
 from starlette.responses import Response
 
+from . import multiplex
+from .ingress import Lifespan, asgi_entry, run_http
 from .request import ServeRequest, WebRequestState
+from .websocket import Sessions as WebSocketSessions
 
 logger = logging.getLogger("serval.replica")
 
@@ -80,6 +86,9 @@ _PICKLE = [("content-type", PICKLE_CONTENT_TYPE)]
 #: replicas) adds the traceback to the 500 body of a failed HTTP request; it
 #: is always in the replica's log.
 DEBUG = os.environ.get("SERVAL_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+#: What an ingress app's lifespan shutdown may take when the replica stops.
+LIFESPAN_SHUTDOWN_S = 5.0
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -327,6 +336,8 @@ class Host:
         self._code = type(self.obj) if not self.is_function else self.obj
         if deployment_options is not None:
             _REPLICA_CONTEXT["servable_object"] = self.obj
+        #: Whether requests are looked at for a model id (serval.multiplex).
+        self._multiplexed = multiplex.uses_multiplexing(self._code)
         self._targets: dict = {}
         self._batchers: dict = {}
         #: Requests admitted and not answered yet (running, or in a batch).
@@ -345,6 +356,21 @@ class Host:
         self._user_config = None
         #: The ReplicaServer while ``serve`` runs.
         self._server = None
+        #: Open WebSocket sessions (``serval.websocket``).
+        self._websockets = WebSocketSessions(self)
+        #: A plain HTTP request to a ``__call__`` that is an ASGI app (not
+        #: an ingress, whose __call__ takes the request) runs through it.
+        self._asgi_http = None
+        if not hasattr(self.obj, "_serval_asgi"):
+            app = asgi_entry(self.obj, self.is_function)
+            if app is not None:
+                self._asgi_http = _Target("__call__", functools.partial(run_http, app), False)
+        #: An ingress app's lifespan (startup now, shutdown at stop).
+        self._lifespan = None
+        ingress_app = getattr(self.obj, "_serval_asgi_app", None)
+        if ingress_app is not None:
+            self._lifespan = Lifespan(ingress_app, self.loop)
+            self._lifespan.start()
         self._apply_limits(self.config)
         user_config = self.config.get("user_config")
         if user_config is not None:
@@ -422,6 +448,7 @@ class Host:
         poll_us = self._poll_us
         ready = getattr(loop, "_ready", None)
         on_http, on_call, on_reconfigure = self.on_http, self.on_call, self.on_reconfigure
+        on_ws_open, on_ws_event = self._websockets.on_open, self._websockets.on_event
 
         def on_wake():
             # Sync user code runs with no running loop set (see
@@ -430,7 +457,7 @@ class Host:
             _set_running_loop(None)
             self._loop_cleared = True
             try:
-                drain(on_http, on_call, on_reconfigure, poll_us, ready)
+                drain(on_http, on_call, on_reconfigure, poll_us, ready, on_ws_open, on_ws_event)
             finally:
                 self._loop_cleared = False
                 _set_running_loop(loop)
@@ -516,10 +543,12 @@ class Host:
         pending = list(self._waiting)
         self._waiting.clear()
         for item in pending:
-            item[-1].send(*_UNAVAILABLE)
+            item[5].send(*_UNAVAILABLE)
         for batcher in self._batchers.values():
             for item in batcher.cancel():
                 item.reply.send(*_UNAVAILABLE)
+        if self._lifespan is not None and not self.loop.is_running() and not self.loop.is_closed():
+            self._lifespan.stop(LIFESPAN_SHUTDOWN_S)
         tasks = [t for t in self._tasks if not t.done()]
         for t in tasks:
             t.cancel()
@@ -582,19 +611,38 @@ class Host:
             item = self._waiting.popleft()
             response = self._start(*item)
             if response is not None:
-                item[-1].send(*response)
+                item[5].send(*response)
 
-    def _submit(self, target: _Target, kind: int, args: tuple, kwargs, scope, reply):
+    def _submit(self, target: _Target, kind: int, args: tuple, kwargs, scope, reply, model_id: str = ""):
         if self._in_flight >= self.max_concurrent_queries or self._waiting:
             if len(self._waiting) >= self._max_waiting:
                 return _QUEUE_FULL
-            self._waiting.append((target, kind, args, kwargs, scope, reply))
+            self._waiting.append((target, kind, args, kwargs, scope, reply, model_id))
             return None
-        return self._start(target, kind, args, kwargs, scope, reply)
+        return self._start(target, kind, args, kwargs, scope, reply, model_id)
 
-    def _start(self, target: _Target, kind: int, args: tuple, kwargs, scope, reply):
+    def _submit_for_model(self, model_id: str, target: _Target, kind: int, args: tuple, kwargs, scope, reply):
+        """A request naming a model (``serve_multiplexed_model_id``), or any
+        request to a replica keeping a model cache (a Cortex request names
+        its model in its query, read by user code): its code sees the id
+        (``serve.get_multiplexed_model_id()``) and its answer tells the
+        router which models this replica holds."""
+        response = self._submit(target, kind, args, kwargs, scope, multiplex.ReportingReply(reply), model_id)
+        return None if response is None else multiplex.with_report(response)
+
+    def _start(self, target: _Target, kind: int, args: tuple, kwargs, scope, reply, model_id: str = ""):
         """Runs one admitted request: the response now, or None when a task
         or a batch answers it later."""
+        if not model_id:
+            return self._start_now(target, kind, args, kwargs, scope, reply)
+        # Tasks copy the context when created: an async method keeps the id.
+        token = multiplex.set_model_id(model_id)
+        try:
+            return self._start_now(target, kind, args, kwargs, scope, reply)
+        finally:
+            multiplex.reset_model_id(token)
+
+    def _start_now(self, target: _Target, kind: int, args: tuple, kwargs, scope, reply):
         self._in_flight += 1
         if target.batched:
             batcher = self._batchers.get(target.name)
@@ -671,10 +719,11 @@ class Host:
             return 500, _JSON, _dumps(error).encode()
         logger.error("backend %r: handle call to %s failed", self.backend, method_name or "a method", exc_info=e)
         headers = [("content-type", "text/plain; charset=utf-8"), (ERROR_TYPE_HEADER, type(e).__name__)]
+        body = "".join(traceback.format_exception(e)).encode("utf-8", "replace")
         pickled = _pickled_exception(e)
         if pickled is not None:
             headers.append((EXCEPTION_HEADER, pickled))
-        return 500, headers, "".join(traceback.format_exception(e)).encode("utf-8", "replace")
+        return 500, headers, body
 
     # -- batches ---------------------------------------------------------
 
@@ -800,13 +849,17 @@ class Host:
 
     def on_http(self, method_name: Optional[str], scope: dict, body: bytes, reply):
         try:
-            target = self._target(method_name)
+            target = self._asgi_http if method_name is None and self._asgi_http is not None \
+                else self._target(method_name)
         except MethodNotFound as e:
             return self._not_found(str(e))
         request = Request(scope, _Receive(body))
         # The body is already whole: let body()/json()/form() share it in
         # any order (Starlette reads `_body` before touching receive).
         request._body = body
+        if self._multiplexed or multiplex.has_caches():
+            model_id = multiplex.model_id_from_scope(scope)
+            return self._submit_for_model(model_id, target, _HTTP, (request,), None, scope, reply)
         return self._submit(target, _HTTP, (request,), None, scope, reply)
 
     def _to_http(self, result: Any, scope: dict):
@@ -901,6 +954,9 @@ class Host:
             raise
         except Exception as e:
             return self._error(_CALL, e, None, target.name)
+        if self._multiplexed or multiplex.has_caches():
+            model_id = multiplex.model_id_from_headers(headers) if headers else ""
+            return self._submit_for_model(model_id, target, _CALL, call_args, call_kwargs, None, reply)
         return self._submit(target, _CALL, call_args, call_kwargs, None, reply)
 
 
@@ -941,11 +997,15 @@ def _needs_request(fn: Any, kwargs: dict) -> bool:
 def _pickled_exception(e: BaseException) -> Optional[str]:
     if not isinstance(e, Exception):
         return None
+    # The traceback stays out of the pickle (the body carries it as text);
+    # with_traceback changes the exception itself, so it is put back.
+    tb = e.__traceback__
     try:
-        # The traceback stays out: the body carries it as text.
         data = cloudpickle.dumps(e.with_traceback(None))
     except Exception:
         return None
+    finally:
+        e.with_traceback(tb)
     if len(data) > EXCEPTION_MAX_BYTES:
         return None
     import base64

@@ -21,6 +21,7 @@ import cloudpickle
 from starlette.requests import Request
 
 from serval._native import ServeError
+from serval.multiplex import MODEL_ID_HEADER
 from serval.request import WebRequestState
 
 PICKLE_CONTENT_TYPE = "application/x-python-pickle"
@@ -453,10 +454,13 @@ class DeploymentHandle:
     responses of other calls as their results). Pickles as its names, so it
     can be passed to a replica, where it connects on first use."""
 
-    def __init__(self, deployment_name: str, app_name: str, *, method_name: Optional[str] = None):
+    def __init__(self, deployment_name: str, app_name: str, *, method_name: Optional[str] = None,
+                 multiplexed_model_id: str = ""):
         self._deployment_name = deployment_name
         self._app_name = app_name
         self._method_name = method_name
+        #: Sent as the ``serve_multiplexed_model_id`` header (``serval.multiplex``).
+        self._model_id = multiplexed_model_id
 
     @property
     def deployment_name(self) -> str:
@@ -472,20 +476,25 @@ class DeploymentHandle:
 
     def options(self, *, method_name: Any = _UNSET, multiplexed_model_id: Any = _UNSET, stream: Any = _UNSET,
                 use_new_handle_api: Any = _UNSET, _prefer_local_routing: Any = _UNSET) -> "DeploymentHandle":
-        """A copy that calls ``method_name``. ``stream=True`` (streaming
-        responses) and ``multiplexed_model_id`` are not supported yet."""
+        """A copy that calls ``method_name``, for the model
+        ``multiplexed_model_id`` (routed to a replica holding it when one
+        has room). ``stream=True`` (streaming responses) is not supported
+        yet."""
         if stream is not _UNSET and stream:
             raise NotImplementedError("handle.options(stream=True): streaming responses are not supported by "
                                       "Serval yet")
-        if multiplexed_model_id is not _UNSET and multiplexed_model_id:
-            raise NotImplementedError("handle.options(multiplexed_model_id=...): model multiplexing is not "
-                                      "supported by Serval yet")
+        model_id = self._model_id
+        if multiplexed_model_id is not _UNSET:
+            if not isinstance(multiplexed_model_id, str):
+                raise TypeError(f"multiplexed_model_id must be a str, not {type(multiplexed_model_id).__name__}")
+            model_id = multiplexed_model_id
         method = self._method_name
         if method_name is not _UNSET:
             if not isinstance(method_name, str) or not method_name:
                 raise TypeError(f"method_name must be a non-empty str, not {method_name!r}")
             method = None if method_name == "__call__" else method_name
-        return DeploymentHandle(self._deployment_name, self._app_name, method_name=method)
+        return DeploymentHandle(self._deployment_name, self._app_name, method_name=method,
+                                multiplexed_model_id=model_id)
 
     def __getattr__(self, name: str) -> "DeploymentHandle":
         # `handle.predict.remote(...)`; private names stay attributes.
@@ -500,24 +509,28 @@ class DeploymentHandle:
             future = asyncio.run_coroutine_threadsafe(self._remote_when_resolved(args, kwargs), _helper_loop())
             return DeploymentResponse(chained=future)
         native = _native_handle(self._endpoint)
-        call = native.call(self._method_name, dumps_call(args, kwargs), "GET", [], None)
+        call = native.call(self._method_name, dumps_call(args, kwargs), "GET", self._headers(), None)
         return DeploymentResponse(ServeFuture(call))
 
     async def _remote_when_resolved(self, args: tuple, kwargs: dict) -> Any:
         args = tuple([await _resolve(a) for a in args])
         kwargs = {k: await _resolve(v) for k, v in kwargs.items()}
         native = _native_handle(self._endpoint)
-        status, headers, body = await native.call_async(self._method_name, dumps_call(args, kwargs), "GET", [],
-                                                        None)
+        status, headers, body = await native.call_async(self._method_name, dumps_call(args, kwargs), "GET",
+                                                        self._headers(), None)
         return decode_result(status, headers, body)
 
+    def _headers(self) -> list:
+        return [(MODEL_ID_HEADER, self._model_id)] if self._model_id else []
+
     def __reduce__(self):
-        return _rebuild_handle, (self._deployment_name, self._app_name, self._method_name)
+        return _rebuild_handle, (self._deployment_name, self._app_name, self._method_name, self._model_id)
 
     def __repr__(self) -> str:
         method = f", method={self._method_name!r}" if self._method_name else ""
         return f"DeploymentHandle(deployment={self._deployment_name!r}, app={self._app_name!r}{method})"
 
 
-def _rebuild_handle(deployment_name: str, app_name: str, method_name: Optional[str]) -> DeploymentHandle:
-    return DeploymentHandle(deployment_name, app_name, method_name=method_name)
+def _rebuild_handle(deployment_name: str, app_name: str, method_name: Optional[str],
+                    model_id: str = "") -> DeploymentHandle:
+    return DeploymentHandle(deployment_name, app_name, method_name=method_name, multiplexed_model_id=model_id)

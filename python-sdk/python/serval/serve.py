@@ -36,9 +36,11 @@ from serval.config import BackendConfig, DeploymentMode, HTTPOptions
 from serval.handle import (AsyncServeHandle, DeploymentHandle, DeploymentResponse, ServeHandle, _PICKLE_LOCK,
                            _user_modules)
 from serval.deployment import Application, Deployment, deployment
+from serval.ingress import ingress
 from serval.application import (DeployFailedError, delete, get_app_handle, get_deployment_handle,
                                 get_replica_context, run)
 from serval.schema import ServeStatus
+from serval.multiplex import get_multiplexed_model_id, multiplexed
 from serval._host import accept_batch, check_batch_config, default_max_concurrent_queries
 
 __all__ = [
@@ -47,8 +49,9 @@ __all__ = [
     "delete_endpoint", "list_endpoints", "set_traffic", "shadow_traffic", "get_handle", "status",
     "accept_batch", "batch", "BackendConfig", "HTTPOptions", "DeploymentMode", "ServeError", "ServeValueError",
     # Ray Serve 2.x
-    "deployment", "Deployment", "Application", "run", "delete", "get_app_handle", "get_deployment_handle",
+    "deployment", "ingress", "Deployment", "Application", "run", "delete", "get_app_handle", "get_deployment_handle",
     "get_replica_context", "DeploymentHandle", "DeploymentResponse", "BackPressureError", "DeployFailedError",
+    "multiplexed", "get_multiplexed_model_id",
 ]
 
 #: Seconds create_backend waits for a replica to start.

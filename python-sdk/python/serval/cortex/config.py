@@ -189,7 +189,13 @@ def _file_in_project(folder: str, checker: _Checker, field: str, rel: str, want_
 _COMMON_HANDLER_KEYS = ("type", "path", "python_path", "env", "log_level", "dependencies", "server_side_batching",
                         "processes_per_replica", "threads_per_process")
 HANDLER_KEYS = ("type", "path", "protobuf_path", "config", "python_path", "env", "log_level",
-                "dependencies", "server_side_batching", "processes_per_replica", "threads_per_process")
+                "dependencies", "server_side_batching", "processes_per_replica", "threads_per_process",
+                "multi_model_reloading")
+#: ``handler.multi_model_reloading`` of a python handler (Cortex 0.35): one
+#: of ``path``/``paths``/``dir``, and the caches' sizes.
+MULTI_MODEL_KEYS = ("path", "paths", "dir", "cache_size", "disk_cache_size")
+#: The most models ``paths`` may list.
+MAX_MODEL_PATHS = 1000
 #: An exported model (seed 002): the runtime runs it, an optional request
 #: handler (``path``) defines pre_inference/post_inference, given ``metadata``.
 ONNX_HANDLER_KEYS = _COMMON_HANDLER_KEYS + ("model_path", "metadata", "runtime", "model_sha256", "model_max_size",
@@ -250,6 +256,68 @@ def _python_handler(c: _Checker, h: dict, folder: str) -> Dict[str, Any]:
         if not out["protobuf_path"].endswith(".proto"):
             c.fail("handler.protobuf_path", f"must be a .proto file, got {protobuf_path!r}")
         out["grpc"] = compile_proto(folder, out["protobuf_path"], c).spec
+    if h.get("multi_model_reloading") is not None:
+        # Only then: the specs (and fingerprints) of other APIs stay as they were.
+        out["multi_model_reloading"] = _multi_model_reloading(c, h, folder)
+    return out
+
+
+def _model_dir(c: _Checker, folder: str, field: str, value: str) -> str:
+    """A model directory: absolute on the nodes (read live, so new versions
+    are picked up) or a directory of the project (shipped with it)."""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value):
+        c.fail(field, f"models are read from a directory the nodes see (an absolute path, or one in the "
+                      f"project folder), not fetched: got {value!r}")
+    if os.path.isabs(value):
+        return os.path.normpath(value)
+    return _file_in_project(folder, c, field, value, want_dir=True)
+
+
+def _multi_model_reloading(c: _Checker, h: dict, folder: str) -> Dict[str, Any]:
+    """Cortex 0.35's ``handler.multi_model_reloading``: ``path`` (one model),
+    ``paths`` (``name``/``path`` pairs) or ``dir`` (one model per
+    subdirectory), each model's versions its numbered subdirectories;
+    ``cache_size`` models kept loaded per replica (LRU), ``disk_cache_size``
+    (at least ``cache_size``) checked as Cortex did."""
+    prefix = "handler.multi_model_reloading."
+    m = c.section(h, "multi_model_reloading", MULTI_MODEL_KEYS)
+    given = [k for k in ("path", "paths", "dir") if m.get(k) is not None]
+    if len(given) != 1:
+        c.fail("handler.multi_model_reloading", "exactly one of path, paths or dir is required"
+               + (f" (got {', '.join(given)})" if given else ""))
+    out: Dict[str, Any] = {}
+    if "path" in given:
+        out["path"] = _model_dir(c, folder, prefix + "path", c.field(m, prefix, "path", _str))
+    elif "dir" in given:
+        out["dir"] = _model_dir(c, folder, prefix + "dir", c.field(m, prefix, "dir", _str))
+    else:
+        paths = m["paths"]
+        if not isinstance(paths, list) or not paths:
+            c.fail(prefix + "paths", "must be a non-empty list of {name, path}")
+        if len(paths) > MAX_MODEL_PATHS:
+            c.fail(prefix + "paths", f"lists {len(paths)} models, at most {MAX_MODEL_PATHS} are allowed")
+        out["paths"] = []
+        for i, entry in enumerate(paths):
+            field = f"{prefix}paths[{i}]"
+            if not isinstance(entry, dict):
+                c.fail(field, f"must be a mapping with name and path, got {type(entry).__name__}")
+            for k in entry:
+                if k not in ("name", "path"):
+                    c.fail(f"{field}.{k}", "unknown key (expected one of: name, path)")
+            name = c.field(entry, field + ".", "name", _str, required=True)
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
+                c.fail(field + ".name", f"must be letters, digits, '.', '_' or '-' (at most 128), got {name!r}")
+            if any(p["name"] == name for p in out["paths"]):
+                c.fail(field + ".name", f"{name!r} is listed twice")
+            path = _model_dir(c, folder, field + ".path", c.field(entry, field + ".", "path", _str, required=True))
+            out["paths"].append({"name": name, "path": path})
+    out["cache_size"] = c.field(m, prefix, "cache_size", _int(1))
+    out["disk_cache_size"] = c.field(m, prefix, "disk_cache_size", _int(1))
+    if (out["cache_size"] is None) != (out["disk_cache_size"] is None):
+        c.fail("handler.multi_model_reloading", "cache_size and disk_cache_size go together: set both or neither")
+    if out["cache_size"] is not None and out["disk_cache_size"] < out["cache_size"]:
+        c.fail(prefix + "disk_cache_size", f"must be at least cache_size ({out['cache_size']}), "
+                                           f"got {out['disk_cache_size']}")
     return out
 
 

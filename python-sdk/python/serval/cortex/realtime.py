@@ -50,6 +50,7 @@ from starlette.responses import JSONResponse, Response
 
 from .._host import _call_blocking, result_to_http
 from ..request import ServeRequest
+from .models import ModelNotFound, PythonClient
 
 logger = logging.getLogger("serval.cortex")
 
@@ -109,7 +110,15 @@ class RealtimeAPI:
         handler = spec.get("handler") or {}
         project = setup_process(self.name, spec, project_dir)
         handler_class = self._load_handler_class(project, handler.get("path") or "handler.py")
-        self.handler = self._build(handler_class, {"config": handler.get("config") or {}})
+        available = {"config": handler.get("config") or {}}
+        models = handler.get("multi_model_reloading")
+        if models:
+            # Cortex 0.35: Handler(config, python_client), models from load_model.
+            if not callable(getattr(handler_class, "load_model", None)):
+                raise HandlerError(f"api {self.name!r}: handler.multi_model_reloading is set, so the Handler "
+                                   "must define load_model(self, model_path)")
+            available["python_client"] = PythonClient(models, project, lambda path: self.handler.load_model(path))
+        self.handler = self._build(handler_class, available)
         self._methods = self._http_methods()
         self._configure_methods(handler)
 
@@ -190,6 +199,8 @@ class RealtimeAPI:
                 result = await method.batcher.submit(kwargs)
             else:
                 result = await self._run(method, kwargs)
+        except ModelNotFound as e:
+            return error_response(404, str(e))
         finally:
             # Uploaded files stay open while the handler runs, no longer.
             payload = kwargs.get("payload")
