@@ -8,7 +8,7 @@ CARGO ?= cargo
 # Build the SDK extension against the venv's interpreter, not a shim.
 export PYO3_PYTHON := $(abspath $(VPY))
 
-.PHONY: all build venv sdk demo test test-rust test-python test-tensorflow clean
+.PHONY: all build venv sdk demo test test-rust test-python test-tensorflow clean netns-deps
 
 all: build sdk
 
@@ -39,8 +39,15 @@ build:
 demo: sdk
 	SERVAL_PYTHON=$(abspath $(VPY)) $(VPY) examples/quickstart.py
 
-test-rust: sdk build
+test-rust: sdk build netns-deps
 	$(CARGO) test --workspace --exclude serval-python
+
+# tests/tests/multihost.rs runs hosts in network namespaces (`ip netns`,
+# `tc`): as root, install iproute2 with apt if missing. Without root those
+# tests skip and say why.
+netns-deps:
+	@[ "$$(id -u)" != 0 ] || command -v ip >/dev/null || \
+		(command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq iproute2) || true
 
 test-python: sdk
 	$(VPY) -m pytest -q python-sdk/tests

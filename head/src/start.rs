@@ -31,16 +31,21 @@ pub struct StartArgs {
     /// Run in the background; print the addresses once ready.
     #[arg(long)]
     detach: bool,
-    /// Host the controller's gRPC service binds.
-    #[arg(long, env = "SERVAL_CONTROL_HOST", default_value = "127.0.0.1")]
-    control_host: String,
+    /// Host the controller's gRPC service binds (a head; default
+    /// 127.0.0.1). Replicas bind it too; on a node, which runs no
+    /// controller, they bind its address on the route to the head unless
+    /// this is given.
+    #[arg(long, env = "SERVAL_CONTROL_HOST")]
+    control_host: Option<String>,
     /// Port of the controller's gRPC service.
     #[arg(long, env = "SERVAL_CONTROL_PORT", default_value_t = serval_protos::DEFAULT_CONTROL_PORT)]
     control_port: u16,
     /// With --head: the control address (HOST:PORT) other heads use to reach
     /// this one, when it is not the address bound (a proxy, NAT, or a bind
     /// on 0.0.0.0). Recorded in the raft membership when the head first
-    /// starts or joins. Default: the bound control address.
+    /// starts or joins. Default: the bound control address; bound to
+    /// 0.0.0.0 (or ::), this machine's address on the route to the head
+    /// it joins (the first head: on its default route).
     #[arg(long, env = "SERVAL_ADVERTISE_ADDRESS", requires = "head", value_parser = parse_host_port)]
     advertise_address: Option<String>,
     /// Host the HTTP proxy binds.
@@ -413,17 +418,72 @@ fn agent_config(
         }),
         is_head,
         http_address: http_address.to_string(),
-        tcp_host: replica_bind_host(args),
+        tcp_host: replica_bind_host(args, is_head),
         data_tls,
     }
 }
 
+/// The control address other heads and nodes dial: `--advertise-address`,
+/// else the bound one, except that a controller bound to every interface
+/// (0.0.0.0, ::) is announced at this machine's address on the route to
+/// the head it joins (the first head: on its default route). Announced
+/// literally, 0.0.0.0:6390 made the head being joined dial itself as the
+/// new member, and its raft core panicked (tests/tests/multihost.rs).
+fn advertised_address(args: &StartArgs, bound: &str) -> anyhow::Result<String> {
+    if let Some(addr) = &args.advertise_address {
+        return Ok(addr.clone());
+    }
+    let Ok(addr) = bound.parse::<std::net::SocketAddr>() else {
+        return Ok(bound.to_string());
+    };
+    if !addr.ip().is_unspecified() {
+        return Ok(bound.to_string());
+    }
+    // A documentation address (nothing is sent): the default route.
+    let default_route = if addr.is_ipv4() {
+        "192.0.2.1:9"
+    } else {
+        "[2001:db8::1]:9"
+    };
+    let target = match &args.join {
+        Some(join) => serval_protos::client::heads(join)
+            .first()
+            .map(|h| h.to_string())
+            .unwrap_or_default(),
+        None => default_route.to_string(),
+    };
+    match serval_node::agent::routed_ip(&target) {
+        Some(ip) => {
+            let advertised = std::net::SocketAddr::new(ip, addr.port()).to_string();
+            tracing::info!(%advertised, "the controller binds every interface; other heads and nodes are told this address");
+            Ok(advertised)
+        }
+        None => bail!(
+            "--control-host {} binds every interface, and with no route to {target} this head cannot tell \
+             which of its addresses others reach: give --advertise-address HOST:PORT",
+            addr.ip()
+        ),
+    }
+}
+
+/// The host a head's controller binds.
+fn control_host(args: &StartArgs) -> &str {
+    args.control_host.as_deref().unwrap_or("127.0.0.1")
+}
+
 /// The host this node's replicas bind: the control host, except that a head
 /// bound to the unspecified address with an `--advertise-address` uses the
-/// advertised host (the agent finds a routed address otherwise).
-fn replica_bind_host(args: &StartArgs) -> String {
-    let unspecified = args
-        .control_host
+/// advertised host, and a node without `--control-host` the unspecified
+/// address, for which the agent finds its address on the route to the
+/// head (127.0.0.1 for a head on this machine). Before, such a node bound
+/// its replicas to 127.0.0.1, where routers on other machines cannot reach
+/// them (tests/tests/multihost.rs).
+fn replica_bind_host(args: &StartArgs, is_head: bool) -> String {
+    if !is_head && args.control_host.is_none() {
+        return "0.0.0.0".into();
+    }
+    let host = control_host(args).to_string();
+    let unspecified = host
         .parse::<std::net::IpAddr>()
         .is_ok_and(|ip| ip.is_unspecified());
     match &args.advertise_address {
@@ -434,8 +494,8 @@ fn replica_bind_host(args: &StartArgs) -> String {
                     .trim_end_matches(']')
                     .to_string()
             })
-            .unwrap_or_else(|| args.control_host.clone()),
-        _ => args.control_host.clone(),
+            .unwrap_or(host),
+        _ => host,
     }
 }
 
@@ -553,7 +613,7 @@ fn install_metrics(
 
 async fn run_head(
     cluster: ClusterArgs,
-    args: StartArgs,
+    mut args: StartArgs,
     data_dir: PathBuf,
     location: String,
 ) -> anyhow::Result<()> {
@@ -579,21 +639,21 @@ async fn run_head(
     // Heads speak raft with a key derived from the token, which the
     // control service refuses and clients never send (`serval_controller::auth`).
     let peer_key = serval_controller::auth::peer_key(&token);
-    let control_listener =
-        tokio::net::TcpListener::bind((args.control_host.as_str(), args.control_port))
-            .await
-            .with_context(|| {
-                format!(
-                    "binding the controller on {}:{}",
-                    args.control_host, args.control_port
-                )
-            })?;
+    let control_listener = tokio::net::TcpListener::bind((control_host(&args), args.control_port))
+        .await
+        .with_context(|| {
+            format!(
+                "binding the controller on {}:{}",
+                control_host(&args),
+                args.control_port
+            )
+        })?;
     let control_addr = control_listener.local_addr()?.to_string();
     // What peers dial (raft, forwarded writes); local clients use control_addr.
-    let advertised = args
-        .advertise_address
-        .clone()
-        .unwrap_or_else(|| control_addr.clone());
+    let advertised = advertised_address(&args, &control_addr)?;
+    // Replicas bind the advertised host when the controller binds every
+    // interface (replica_bind_host).
+    args.advertise_address = Some(advertised.clone());
 
     let raft_id = cluster_file::load_or_create_raft_id(&data_dir)?;
     let membership = store::Membership {

@@ -82,6 +82,7 @@ impl NodeAgent {
             source,
         })?;
         config.tcp_host = replica_host(&config.tcp_host, &config.control_addr);
+        config.http_address = proxy_address(&config.http_address, &config.tcp_host);
         let client = client::connect_lazy(&config.control_addr, &config.token)?;
         let id_file = config.data_dir.join("node_id");
         let known_id = std::fs::read_to_string(&id_file)
@@ -340,20 +341,7 @@ fn replica_host(configured: &str, control_addr: &str) -> String {
         _ => return configured.to_string(),
     }
     let head = control_addr.split(',').next().unwrap_or_default().trim();
-    let routed = (|| {
-        use std::net::ToSocketAddrs;
-        let target = head.to_socket_addrs().ok()?.next()?;
-        let any = if target.is_ipv4() {
-            "0.0.0.0:0"
-        } else {
-            "[::]:0"
-        };
-        // Connecting a UDP socket sends nothing; it only picks the route.
-        let probe = std::net::UdpSocket::bind(any).ok()?;
-        probe.connect(target).ok()?;
-        let local = probe.local_addr().ok()?.ip();
-        (!local.is_unspecified()).then_some(local)
-    })();
+    let routed = routed_ip(head);
     match routed {
         Some(ip) => {
             tracing::info!(%ip, "replicas bind this node's address on its route to the controller");
@@ -363,6 +351,42 @@ fn replica_host(configured: &str, control_addr: &str) -> String {
             tracing::warn!(controller = %head, "no route to the controller found; replicas bind 127.0.0.1 (this machine only)");
             "127.0.0.1".to_string()
         }
+    }
+}
+
+/// This machine's address on its route to `target` (HOST:PORT), if it has
+/// one: what a process bound to the unspecified address tells others.
+pub fn routed_ip(target: &str) -> Option<std::net::IpAddr> {
+    use std::net::ToSocketAddrs;
+    let target = target.to_socket_addrs().ok()?.next()?;
+    let any = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    // Connecting a UDP socket sends nothing; it only picks the route.
+    let probe = std::net::UdpSocket::bind(any).ok()?;
+    probe.connect(target).ok()?;
+    let local = probe.local_addr().ok()?.ip();
+    (!local.is_unspecified()).then_some(local)
+}
+
+/// The address this node's proxy is announced at: the bound one, except
+/// that a proxy bound to the unspecified address (0.0.0.0, ::) is announced
+/// at `host`, this node's replica address, which other machines dial.
+/// Announced literally, 0.0.0.0:8000 made clients on other machines (the
+/// SDK waiting for every proxy to pick up a route, handles finding their
+/// nearest proxy) dial themselves (tests/tests/multihost.rs).
+fn proxy_address(bound: &str, host: &str) -> String {
+    let Ok(addr) = bound.parse::<std::net::SocketAddr>() else {
+        return bound.to_string();
+    };
+    if !addr.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => std::net::SocketAddr::new(ip, addr.port()).to_string(),
+        Err(_) => format!("{host}:{}", addr.port()),
     }
 }
 
@@ -431,6 +455,16 @@ mod tests {
             super::replica_host("0.0.0.0", "not an address"),
             "127.0.0.1"
         );
+    }
+
+    #[test]
+    fn a_proxy_on_the_unspecified_address_is_announced_at_the_node_address() {
+        use super::proxy_address;
+        assert_eq!(proxy_address("0.0.0.0:8000", "10.1.2.3"), "10.1.2.3:8000");
+        assert_eq!(proxy_address("[::]:8000", "fd00::2"), "[fd00::2]:8000");
+        assert_eq!(proxy_address("0.0.0.0:8000", "node-a"), "node-a:8000");
+        assert_eq!(proxy_address("10.0.0.9:8000", "10.1.2.3"), "10.0.0.9:8000");
+        assert_eq!(proxy_address("", "10.1.2.3"), "");
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! the project's `.venv` Python, free ports, polling with a deadline, and a
 //! guard that kills a process tree on drop so a failing test leaves nothing.
 
+pub mod netns;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -96,6 +98,10 @@ impl Drop for ProcessGuard {
 /// A `serve start` process (head or node) on free ports in `data_dir`.
 pub struct ServeProcess {
     pub guard: ProcessGuard,
+    /// The address its ports are on (127.0.0.1 but on the netns test bed).
+    pub host: String,
+    /// What its commands run under (`ip netns exec NS` on the test bed).
+    wrapper: Vec<String>,
     pub data_dir: PathBuf,
     pub control_port: u16,
     pub http_port: u16,
@@ -115,9 +121,32 @@ impl ServeProcess {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        Self::start_on(
+            "127.0.0.1",
+            &[],
+            data_dir,
+            control_port,
+            http_port,
+            args,
+            env,
+        )
+    }
+
+    /// [`ServeProcess::start_with_env`] for a process reached at `host`,
+    /// run under `wrapper` (e.g. `ip netns exec NS`; empty: none).
+    pub fn start_on(
+        host: &str,
+        wrapper: &[&str],
+        data_dir: &Path,
+        control_port: u16,
+        http_port: u16,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         std::fs::create_dir_all(data_dir).expect("data dir");
         let log = std::fs::File::create(data_dir.join("test-serve.log")).expect("log file");
-        let mut cmd = Command::new(serve_bin());
+        let wrapper: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
+        let mut cmd = wrapped(&wrapper, serve_bin());
         cmd.arg("--data-dir")
             .arg(data_dir)
             .arg("start")
@@ -138,6 +167,8 @@ impl ServeProcess {
         let guard = ProcessGuard::spawn(cmd);
         Self {
             guard,
+            host: host.to_string(),
+            wrapper,
             data_dir: data_dir.to_path_buf(),
             control_port,
             http_port,
@@ -147,7 +178,7 @@ impl ServeProcess {
     /// `serve status --json` through this head; Null when it fails (the
     /// reason on stderr), so a caller polling it keeps polling.
     pub fn status_json(&self) -> serde_json::Value {
-        let out = Command::new(serve_bin())
+        let out = wrapped(&self.wrapper, serve_bin())
             .args([
                 "--address",
                 &self.control_address(),
@@ -208,13 +239,25 @@ impl ServeProcess {
     }
 
     pub fn control_address(&self) -> String {
-        format!("127.0.0.1:{}", self.control_port)
+        format!("{}:{}", self.host, self.control_port)
     }
 
     pub fn token(&self) -> String {
         std::fs::read_to_string(self.data_dir.join("token"))
             .map(|t| t.trim().to_string())
             .unwrap_or_default()
+    }
+}
+
+/// `program` under `wrapper` (its first word runs, the rest are arguments).
+fn wrapped(wrapper: &[String], program: PathBuf) -> Command {
+    match wrapper.split_first() {
+        None => Command::new(program),
+        Some((first, rest)) => {
+            let mut cmd = Command::new(first);
+            cmd.args(rest).arg(program);
+            cmd
+        }
     }
 }
 
@@ -250,8 +293,23 @@ pub fn http_request(
     path: &str,
     json: &str,
 ) -> std::io::Result<(u16, String)> {
+    http_request_to("127.0.0.1", port, method, path, json)
+}
+
+/// [`http_request`] to `host` (an address of another network namespace on
+/// the netns test bed); connecting gives up after 10 s.
+pub fn http_request_to(
+    host: &str,
+    port: u16,
+    method: &str,
+    path: &str,
+    json: &str,
+) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    let addr: std::net::SocketAddr = format!("{host}:{port}")
+        .parse()
+        .map_err(std::io::Error::other)?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let body_headers = if json.is_empty() {
         String::new()

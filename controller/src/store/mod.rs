@@ -100,11 +100,16 @@ pub async fn open(
     let sm = state_machine::StateMachineStore::open(db)?;
     let config = openraft::Config {
         cluster_name: "serval".into(),
-        // A lost leader is replaced within about 1 s (the goal is < 2 s)
-        // without spurious elections on a busy 2-core machine.
-        heartbeat_interval: 100,
-        election_timeout_min: 500,
-        election_timeout_max: 1000,
+        // openraft gives an AppendEntries call (heartbeats, and so every
+        // commit) `heartbeat_interval` to answer: 200 ms lets heads 100 ms
+        // apart (round trip) commit, where 100 ms let none (tests/tests/
+        // multihost.rs, 50 ms delay each way). Three heartbeats make the
+        // shortest election timeout, so a late one (a TCP retransmit under
+        // packet loss) starts no election; a lost leader is replaced in
+        // about 1 to 2 s (the goal is < 2 s).
+        heartbeat_interval: 200,
+        election_timeout_min: 600,
+        election_timeout_max: 1200,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(500),
         max_in_snapshot_log_to_keep: 100,
         // A snapshot carries every blob: small chunks cross in well under
