@@ -319,6 +319,11 @@ def test_a_task_over_compute_mem_ends_the_job_out_of_memory(cluster, tmp_path):
      "handler: unknown key for a TaskAPI"),
     ("- name: a\n  kind: AsyncAPI\n  handler: {path: task.py, server_side_batching: "
      "{max_batch_size: 2, batch_interval: 1s}}\n", "handler.server_side_batching"),
+    # Cortex's async/tensorflow and batch/tensorflow shapes are not served (README).
+    ("- name: a\n  kind: AsyncAPI\n  handler: {type: tensorflow, path: task.py, models: {path: .}}\n",
+     "handler.type: an AsyncAPI runs a python Handler"),
+    ("- name: b\n  kind: BatchAPI\n  handler: {type: tensorflow, path: task.py, models: {path: .}}\n",
+     "handler.type: a BatchAPI runs a python Handler"),
 ])
 def test_async_and_task_configs_are_checked(tmp_path, yaml_text, words):
     from serval.cortex.config import ConfigError, load_config
