@@ -319,6 +319,16 @@ def test_a_task_over_compute_mem_ends_the_job_out_of_memory(cluster, tmp_path):
      "handler: unknown key for a TaskAPI"),
     ("- name: a\n  kind: AsyncAPI\n  handler: {path: task.py, server_side_batching: "
      "{max_batch_size: 2, batch_interval: 1s}}\n", "handler.server_side_batching"),
+    # A tensorflow Handler runs there on handler.models (tests_tensorflow);
+    # the RealtimeAPI's exported-model shapes do not.
+    ("- name: a\n  kind: AsyncAPI\n  handler: {type: tensorflow, path: task.py, model_path: .}\n",
+     "handler.models: required: with handler.type tensorflow, an AsyncAPI runs a Handler"),
+    ("- name: b\n  kind: BatchAPI\n  handler: {type: tensorflow, path: task.py}\n",
+     "handler.models: required: with handler.type tensorflow, a BatchAPI runs a Handler"),
+    ("- name: b\n  kind: BatchAPI\n  handler: {type: onnx, model_path: task.py}\n",
+     "handler.type: a BatchAPI runs a python or tensorflow Handler"),
+    ("- name: a\n  kind: AsyncAPI\n  handler: {type: onnx, model_path: task.py}\n",
+     "handler.type: an AsyncAPI runs a python or tensorflow Handler"),
 ])
 def test_async_and_task_configs_are_checked(tmp_path, yaml_text, words):
     from serval.cortex.config import ConfigError, load_config
@@ -326,3 +336,18 @@ def test_async_and_task_configs_are_checked(tmp_path, yaml_text, words):
     write_project(tmp_path, {"task.py": TASK, "cortex.yaml": yaml_text})
     with pytest.raises(ConfigError, match=words):
         load_config(str(tmp_path))
+
+
+def test_a_tensorflow_handler_is_a_batch_or_async_api_s_handler(tmp_path):
+    # Cortex's batch/tensorflow and async/tensorflow shapes (served by
+    # tests_tensorflow/test_cortex_tensorflow.py, which has TensorFlow).
+    from serval.cortex.config import load_config
+
+    handler = "  handler: {type: tensorflow, path: task.py, config: {k: v}, models: {path: model}}\n"
+    write_project(tmp_path, {"task.py": TASK, "model/saved_model.pb": "",
+                             "cortex.yaml": f"- name: a\n  kind: AsyncAPI\n{handler}"
+                                            f"- name: b\n  kind: BatchAPI\n{handler}"})
+    apis = load_config(str(tmp_path))[1]
+    assert [(a["kind"], a["handler"]["type"], a["handler"]["path"], a["handler"]["config"]) for a in apis] == \
+        [("AsyncAPI", "tensorflow", "task.py", {"k": "v"}), ("BatchAPI", "tensorflow", "task.py", {"k": "v"})]
+    assert all(a["handler"]["models"] for a in apis), apis

@@ -74,6 +74,7 @@ def test_quantities_and_durations_are_parsed(tmp_path):
     ("  autoscaling: {window: soon}\n", "autoscaling.window"),
     ("  autoscaling: {min_replicas: 5, max_replicas: 2}\n", "autoscaling.min_replicas"),
     ("  compute: {mem: 1X}\n", "compute.mem"),
+    ("  compute: {inf: 1}\n", "compute.inf"),  # no Inferentia chips
     ("  update_strategy: {max_surge: lots}\n", "update_strategy.max_surge"),
     ("  networking: {endpoint: 'has space'}\n", "networking.endpoint"),
 ])

@@ -19,9 +19,9 @@ from test_cortex_deploy import cli
 
 class S3StandIn:
     """An S3 stand-in on loopback: ``GET /<bucket>/<key>`` (path style)
-    answers the object, anything else S3's NoSuchKey. Records the requests'
-    Authorization headers, so a test sees they came from a signing client.
-    A context manager."""
+    answers the object, anything else S3's NoSuchKey; ``PUT`` stores one in
+    ``objects``. Records the requests' Authorization headers, so a test sees
+    they came from a signing client. A context manager."""
 
     def __init__(self, objects: dict):
         requests_seen = []
@@ -43,9 +43,18 @@ class S3StandIn:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def do_PUT(self):
+                requests_seen.append((self.path, self.headers.get("Authorization", "")))
+                objects[self.path.split("?")[0]] = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self.send_response(200)
+                self.send_header("ETag", '"1"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
             def log_message(self, *args):
                 pass
 
+        self.objects = objects
         self.requests = requests_seen
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -178,13 +187,28 @@ CLIENT_PROJECT = {
                 for n in range(1, payload.count + 1):
                     yield self.pb.Output(square=n * n)
         """,
+    # Shaped like Cortex 0.35's batch/sum: lists summed per batch, the sums
+    # written to S3 with boto3 when the job completes (the endpoint from
+    # .env's AWS_ENDPOINT_URL, so the handler names none).
     "summer.py": """
+        import json
+        import re
+
+        import boto3
+
+
         class Handler:
             def __init__(self, config, job_spec):
-                pass
+                self.bucket, prefix = re.match("s3://(.+?)/(.+)", config["dest_s3_dir"]).groups()
+                self.key = f"{prefix}/{job_spec['job_id']}.json"
+                self.s3 = boto3.client("s3")
+                self.sums = []
 
             def handle_batch(self, payload, batch_id):
-                pass
+                self.sums.extend(sum(numbers) for numbers in payload)
+
+            def on_job_complete(self):
+                self.s3.put_object(Bucket=self.bucket, Key=self.key, Body=json.dumps(self.sums))
         """,
     "deploy.py": """
         import importlib
@@ -228,9 +252,9 @@ CLIENT_PROJECT = {
                                                                                         timeout=60)]
 
         summer = cx.deploy(specs["summer"], project_dir=".", wait=True)
-        job = requests.post(summer["endpoint"], json={"workers": 1, "item_list": {"items": [1, 2, 3],
-                                                                                  "batch_size": 2}},
-                            timeout=60).json()
+        job = requests.post(summer["endpoint"], json={
+            "workers": 1, "config": {"dest_s3_dir": "s3://results/sums"},
+            "item_list": {"items": [[1, 2], [3, 4], [5]], "batch_size": 2}}, timeout=60).json()
         deadline = time.monotonic() + 120
         while cx.get_job("summer", job["job_id"])["job_status"]["status"] != "status_succeeded":
             assert time.monotonic() < deadline, cx.get_job("summer", job["job_id"])
@@ -247,10 +271,13 @@ CLIENT_PROJECT = {
 
 
 def test_a_projects_deploy_py_with_cortexs_client(cluster, tmp_path):
-    folder = write(tmp_path / "project", CLIENT_PROJECT)
-    env = dict(os.environ, SERVAL_DATA_DIR=cluster.data_dir)
-    run = subprocess.run([sys.executable, "deploy.py"], cwd=folder, env=env, capture_output=True, text=True,
-                         timeout=600)
+    with S3StandIn({}) as s3:
+        folder = write(tmp_path / "project", CLIENT_PROJECT)
+        write(folder, {".env": f"AWS_ENDPOINT_URL={s3.url}\nAWS_ACCESS_KEY_ID=test-key\n"
+                               "AWS_SECRET_ACCESS_KEY=test-secret\nAWS_DEFAULT_REGION=us-east-1\n"})
+        env = dict(os.environ, SERVAL_DATA_DIR=cluster.data_dir)
+        run = subprocess.run([sys.executable, "deploy.py"], cwd=folder, env=env, capture_output=True, text=True,
+                             timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     out = json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -274,6 +301,8 @@ def test_a_projects_deploy_py_with_cortexs_client(cluster, tmp_path):
     assert summer["endpoint"] == f"{cluster.url}/summer"
     (job,) = summer["batch_job_statuses"]
     assert (job["job_id"], job["status"]) == (out["job_id"], "status_succeeded"), job
+    # on_job_complete put the batches' sums to S3 (the stand-in), under the job's id.
+    assert sorted(json.loads(s3.objects[f"/results/sums/{out['job_id']}.json"])) == [3, 5, 7], s3.objects
 
     assert out["listed"] == ["iris", "squares", "summer"] and out["after_delete"] == ["iris", "summer"]
 

@@ -214,6 +214,86 @@ def test_batched_requests_run_as_one_model_call_and_are_split_back(cluster, tmp_
     wait_for(lambda: "7 requests in one model call" in replica_log(cluster, "iris"), what="the batch's log line")
 
 
+# -- Cortex 0.35's onnx/iris-classifier and traffic-splitter test APIs --------
+
+# Shaped like Cortex 0.35's onnx/iris-classifier: a python handler (0.35 had
+# no onnx type) built with ``model_client`` (0.35's name), whose load_model
+# opens the one file of the model's version folder with onnxruntime.
+MODEL_CLIENT_HANDLER = """
+import os
+
+import numpy as np
+import onnxruntime
+
+names = ["setosa", "versicolor", "virginica"]
+FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+
+
+class Handler:
+    def __init__(self, model_client, config):
+        self.models = model_client
+
+    def handle_post(self, payload):
+        session = self.models.get_model()
+        row = np.array([[payload[k] for k in FEATURES]], dtype="float32")
+        (labels,) = session.run(["output_label"], {"input": row})
+        return names[int(labels[0])]
+
+    def load_model(self, model_path):
+        (file,) = os.listdir(model_path)
+        return onnxruntime.InferenceSession(os.path.join(model_path, file))
+"""
+
+
+def test_cortex_035_onnx_iris_and_traffic_splitter_projects(cluster, tmp_path):
+    from test_cortex_deploy import RECORDER
+
+    shadow_log = str(tmp_path / "shadow.log")
+    # As Cortex's traffic-splitter test API: two iris classifiers 30/70 and
+    # a request recorder as the shadow, in one cortex.yaml.
+    config = f"""
+- name: iris-classifier-onnx
+  kind: RealtimeAPI
+  handler:
+    type: python
+    path: onnx_handler.py
+    multi_model_reloading:
+      path: models/iris
+- name: iris-classifier-seed
+  kind: RealtimeAPI
+  handler: {{type: onnx, path: handler.py, model_path: models/iris/1/iris.onnx}}
+- name: request-recorder
+  kind: RealtimeAPI
+  handler: {{type: python, path: recorder.py, config: {{record: {shadow_log}}}}}
+- name: iris-classifier
+  kind: TrafficSplitter
+  apis:
+    - name: iris-classifier-onnx
+      weight: 30
+    - name: iris-classifier-seed
+      weight: 70
+    - name: request-recorder
+      shadow: true
+      weight: 100
+"""
+    folder = write_project(tmp_path / "split", {
+        "models/iris/1/iris.onnx": iris_model(), "handler.py": SEED_HANDLER, "onnx_handler.py": MODEL_CLIENT_HANDLER,
+        "recorder.py": RECORDER, "cortex.yaml": config})
+    out = cli(cluster, "deploy", folder)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    url = f"{cluster.url}/iris-classifier-onnx"
+    r = requests.post(url, json=SETOSA, timeout=TIMEOUT)
+    assert (r.status_code, r.text) == (200, "setosa")
+    assert requests.post(url, json=VIRGINICA, timeout=TIMEOUT).text == "virginica"
+    # The splitter's clients get both classifiers' answers, never the shadow's.
+    answers = [requests.post(f"{cluster.url}/iris-classifier", json=SETOSA, timeout=TIMEOUT).text
+               for _ in range(40)]
+    assert set(answers) == {"setosa", "iris-setosa"}, answers
+    wait_for(lambda: os.path.exists(shadow_log) and len(open(shadow_log).read().splitlines()) == 40,
+             timeout=TIMEOUT, what="a copy of every request at the shadow")
+
+
 # -- config --------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ ships. Its ``serving_default`` signature takes "measurements" float
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import tarfile
@@ -20,6 +21,8 @@ import requests
 
 from serval import serve
 from serval.cortex.config import ConfigError, load_config
+from test_cortex_async_task import submit_async, wait_workload
+from test_cortex_batch import wait_ended
 from test_cortex_batching import concurrently
 from test_cortex_deploy import cli
 from conftest import FileServer
@@ -403,3 +406,95 @@ def test_bad_0_35_tensorflow_models_are_named(tmp_path, saved_models, models, fi
     with pytest.raises(ConfigError) as e:
         _load(tmp_path, saved_models, client_config(models))
     assert f'api "iris": {field}:' in str(e.value) and words in str(e.value), str(e.value)
+
+
+# -- handler.type: tensorflow in a BatchAPI and an AsyncAPI ---------------------
+
+# Cortex's batch/tensorflow and async/tensorflow test APIs, the model a
+# SavedModel folder of the project (Cortex's were on S3):
+# Handler(tensorflow_client, config, job_spec) with handle_batch and
+# on_job_complete, and Handler(config, tensorflow_client) with handle_async.
+BATCH_CLIENT_HANDLER = '''import json, os
+
+labels = ["iris-setosa", "iris-versicolor", "iris-virginica"]
+
+
+class Handler:
+    def __init__(self, tensorflow_client, config, job_spec):
+        self.client = tensorflow_client
+        self.out = config["out"]
+        self.job_id = job_spec["job_id"]
+
+    def handle_batch(self, payload, batch_id):
+        classes = self.client.predict({"measurements": payload})["class_id"]
+        with open(os.path.join(self.out, batch_id + ".json"), "w") as f:
+            json.dump([labels[int(c)] for c in classes], f)
+
+    def on_job_complete(self):
+        with open(os.path.join(self.out, "complete-" + self.job_id), "w") as f:
+            f.write("done")
+'''
+
+ASYNC_CLIENT_HANDLER = '''labels = ["iris-setosa", "iris-versicolor", "iris-virginica"]
+
+
+class Handler:
+    def __init__(self, config, tensorflow_client):
+        self.client = tensorflow_client
+        self.config = config
+
+    def handle_async(self, payload, request_id):
+        prediction = self.client.predict(payload)
+        return {"label": labels[int(prediction["class_id"][0])], "request_id": request_id, "config": self.config}
+'''
+
+QUEUED_CONFIG = """- name: iris-batch
+  kind: BatchAPI
+  handler:
+    type: tensorflow
+    path: batch.py
+    models:
+      path: model
+- name: iris-async
+  kind: AsyncAPI
+  handler:
+    type: tensorflow
+    path: async.py
+    config: {greeting: hi}
+    models:
+      path: model
+"""
+
+
+def test_the_0_35_tensorflow_handler_runs_batch_jobs_and_async_submissions(cluster, tmp_path, saved_models):
+    project = tmp_path / "project"
+    write(project, saved_models, QUEUED_CONFIG,
+          files={"batch.py": BATCH_CLIENT_HANDLER, "async.py": ASYNC_CLIENT_HANDLER})
+    out = cli(cluster, "deploy", str(project))
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    # A job of three batches of two: each batch is one predict call.
+    results = tmp_path / "results"
+    results.mkdir()
+    items = [MEASURE_SETOSA["measurements"], MEASURE_VIRGINICA["measurements"]] * 3
+    r = requests.post(f"{cluster.url}/iris-batch", timeout=TIMEOUT,
+                      json={"workers": 1, "config": {"out": str(results)},
+                            "item_list": {"items": items, "batch_size": 2}})
+    assert r.status_code == 200, r.text
+    job_id = r.json()["job_id"]
+    st = wait_ended(f"{cluster.url}/iris-batch", job_id, timeout=240)
+    assert st["status"] == "status_succeeded" and st["batch_metrics"]["succeeded"] == 3, st
+    written = sorted(f for f in os.listdir(results) if f.endswith(".json"))
+    assert len(written) == 3, written
+    for name in written:
+        assert json.loads((results / name).read_text()) == ["iris-setosa", "iris-virginica"], name
+    assert (results / f"complete-{job_id}").read_text() == "done"
+
+    # A submission, and one whose payload lacks the model's input: failed,
+    # naming it (the client's ValueError, as Cortex's).
+    url = f"{cluster.url}/iris-async"
+    request_id = submit_async(url, MEASURE_VIRGINICA)
+    done = wait_workload(url, request_id, "completed", timeout=240)
+    assert done["result"] == {"label": "iris-virginica", "request_id": request_id, "config": {"greeting": "hi"}}, done
+    failed = wait_workload(url, submit_async(url, {"petals": [1, 2]}), "failed")
+    assert "missing key 'measurements'" in failed["error"], failed

@@ -18,7 +18,9 @@ each serve the HTTP side and run one consumer thread:
   failed one); 404 for an unknown id.
 * The consumer leases the oldest queued submission of its API, parses the
   payload as a RealtimeAPI's (JSON, text, else bytes), calls
-  ``handle_async(payload, request_id)`` (the arguments it names) and ends
+  ``handle_async(payload, request_id)`` (the arguments it names; a
+  ``handler.type: tensorflow`` Handler is built with the RealtimeAPI's
+  ``tensorflow_client``, serval.cortex.tensorflow) and ends
   the job with ``FinishJob``: "succeeded" with the JSON result kept in the
   store, or "worker error" with the exception. A replica that dies while
   running a submission leaves its lease to expire (``VISIBILITY_S``); a
@@ -114,8 +116,12 @@ class AsyncAPI(RealtimeAPI):
         self.endpoint = "/" + (spec.get("endpoint") or self.name).strip("/")
         handler = spec.get("handler") or {}
         project = setup_process(self.name, spec, project_dir)
+        available = {"config": handler.get("config") or {}}
+        if handler.get("type") == "tensorflow":  # Handler(tensorflow_client, config)
+            from .tensorflow import tensorflow_client
+            available["tensorflow_client"] = tensorflow_client(self.name, spec, project)
         handler_class = self._load_handler_class(project, handler.get("path") or "handler.py")
-        self.handler = self._build(handler_class, {"config": handler.get("config") or {}})
+        self.handler = self._build(handler_class, available)
         self._args = handle_async_args(self.handler, self.name)
         jobs = spec.get("jobs") or {}
         self._retention = float(jobs.get("retention") or 0)

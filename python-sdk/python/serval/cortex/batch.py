@@ -652,8 +652,10 @@ def _process_alive(process: str, replicas: List[dict]) -> bool:
 
 
 class BatchWorker(RealtimeAPI):
-    """One worker of one job: builds ``Handler(config, job_spec)`` and, on a
-    thread, leases batches until the job is done."""
+    """One worker of one job: builds ``Handler(config, job_spec)`` (with
+    ``tensorflow_client`` for ``handler.type: tensorflow``, as a
+    RealtimeAPI's: serval.cortex.tensorflow) and, on a thread, leases
+    batches until the job is done."""
 
     def __init__(self, spec: dict, job_id: str, project_dir: Optional[str] = None):
         self.name = spec.get("name") or "api"
@@ -670,8 +672,12 @@ class BatchWorker(RealtimeAPI):
         job_spec = {"job_id": job_id, "api_name": self.name, "config": job_config,
                     "workers": job["spec"]["workers"], "total_batch_count": job.get("total_batches", 0),
                     "start_time": _iso(job.get("start_ms", 0))}
+        available = {"config": config, "job_spec": job_spec}
+        if handler.get("type") == "tensorflow":  # Handler(tensorflow_client, config, job_spec)
+            from .tensorflow import tensorflow_client
+            available["tensorflow_client"] = tensorflow_client(self.name, spec, project)
         handler_class = self._load_handler_class(project, handler.get("path") or "handler.py")
-        self.handler = self._build(handler_class, {"config": config, "job_spec": job_spec})
+        self.handler = self._build(handler_class, available)
         # About a quarter of a worker's share per lease: a big job's queue
         # sees few writes per batch, a small one still spreads out.
         share = job.get("total_batches", 0) // max(1, job["spec"]["workers"])

@@ -226,8 +226,8 @@ DEFAULT_JOB_MAX_BYTES = 1 << 30
 DEFAULT_JOB_RETENTION = 24 * 3600.0
 MAX_JOB_RETENTION = 30 * 24 * 3600.0
 SPLITTER_KEYS = ("name", "kind", "networking", "apis")
-#: An AsyncAPI takes a RealtimeAPI's keys (a python Handler with
-#: handle_async), and ``jobs`` (``retention`` of its results, ``max_queued``).
+#: An AsyncAPI takes a RealtimeAPI's keys (a python or tensorflow Handler
+#: with handle_async), and ``jobs`` (``retention`` of its results, ``max_queued``).
 ASYNC_KEYS = REALTIME_KEYS + ("jobs",)
 #: A TaskAPI (Cortex 0.35): a ``definition`` (a Task class) run by a job's workers.
 TASK_KEYS = ("name", "kind", "definition", "compute", "networking", "jobs")
@@ -714,10 +714,9 @@ def validate_api(raw: Any, index: int, folder: str) -> dict:
     for k in raw:
         if k not in keys:
             c.fail(k, f"unknown key for a {kind} (expected one of: {', '.join(keys)})")
-    handler = _handler(c, raw, folder)
+    handler = _queued_handler(c, raw, folder, "an AsyncAPI", "handle_async") if kind == "AsyncAPI" \
+        else _handler(c, raw, folder)
     if kind == "AsyncAPI":
-        if handler["type"] != "python":
-            c.fail("handler.type", "an AsyncAPI runs a python Handler (handle_async)")
         for key, why in (("grpc", "an AsyncAPI is not a gRPC API"),
                          ("server_side_batching", "an AsyncAPI runs one submission at a time")):
             if handler.get(key):
@@ -737,6 +736,23 @@ def validate_api(raw: Any, index: int, folder: str) -> dict:
         "endpoint": _endpoint(c, raw, name),
         **({"jobs": _async_jobs(c, raw)} if kind == "AsyncAPI" else {}),
     }
+
+
+def _queued_handler(c: _Checker, raw: dict, folder: str, kind: str, method: str) -> dict:
+    """The handler of an AsyncAPI or a BatchAPI: a Handler class defining
+    ``method``, of type python, or tensorflow with ``handler.models`` (the
+    models its ``tensorflow_client`` serves); an exported model without a
+    Handler class cannot be one."""
+    h = raw.get("handler")
+    if isinstance(h, dict) and h.get("type") == "tensorflow" and "models" not in h:
+        c.fail("handler.models", f"required: with handler.type tensorflow, {kind} runs a "
+                                 f"Handler(tensorflow_client, config) with {method} on handler.models "
+                                 f"(handler.model_path is a RealtimeAPI's)")
+    handler = _handler(c, raw, folder)
+    if handler["type"] not in ("python", "tensorflow"):
+        c.fail("handler.type", f"{kind} runs a python or tensorflow Handler ({method}), "
+                               f"not an exported {handler['type']} model")
+    return handler
 
 
 def _retention_only(c: _Checker, raw: dict) -> dict:
@@ -782,14 +798,12 @@ def _task_api(c: _Checker, raw: dict, name: str, folder: str) -> dict:
 
 
 def _batch_api(c: _Checker, raw: dict, name: str, folder: str) -> dict:
-    """A BatchAPI: a python Handler with ``handle_batch`` run by a job's
-    workers; the other handler keys are a RealtimeAPI's."""
+    """A BatchAPI: a python or tensorflow Handler with ``handle_batch`` run
+    by a job's workers; the other handler keys are a RealtimeAPI's."""
     for k in raw:
         if k not in BATCH_KEYS:
             c.fail(k, f"unknown key for a BatchAPI (expected one of: {', '.join(BATCH_KEYS)})")
-    handler = _handler(c, raw, folder)
-    if handler["type"] != "python":
-        c.fail("handler.type", "a BatchAPI runs a python Handler (handle_batch)")
+    handler = _queued_handler(c, raw, folder, "a BatchAPI", "handle_batch")
     for key, why in (("grpc", "a BatchAPI is not a gRPC API"),
                      ("server_side_batching", "a BatchAPI's batches are its jobs' batches")):
         if handler.get(key):

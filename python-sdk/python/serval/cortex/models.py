@@ -1,7 +1,7 @@
 """Cortex 0.35's ``handler.multi_model_reloading`` for python handlers: the
-``python_client`` a Handler gets, whose ``get_model(model_name,
-model_version)`` returns what the Handler's ``load_model(model_path)``
-made of that model's directory.
+``model_client`` (also given as ``python_client``, its earlier name) a
+Handler gets, whose ``get_model(model_name, model_version)`` returns what
+the Handler's ``load_model(model_path)`` made of that model's directory.
 
 Models live in directories the replicas read where they are (an absolute
 path on the nodes, or a directory of the project): ``path`` is one model,
@@ -43,7 +43,7 @@ class ModelNotFound(LookupError):
 
 
 class PythonClient:
-    """``python_client``: ``get_model(model_name=None, model_version="latest")``."""
+    """``model_client`` (or ``python_client``): ``get_model(model_name=None, model_version="latest")``."""
 
     def __init__(self, spec: dict, project: str, load_model: Callable[[str], Any]):
         self._load_model = load_model

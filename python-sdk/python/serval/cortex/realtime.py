@@ -113,11 +113,13 @@ class RealtimeAPI:
         available = {"config": handler.get("config") or {}}
         models = handler.get("multi_model_reloading")
         if models:
-            # Cortex 0.35: Handler(config, python_client), models from load_model.
+            # Cortex 0.35: Handler(config, model_client), models from load_model;
+            # its test APIs and earlier releases name the client python_client.
             if not callable(getattr(handler_class, "load_model", None)):
                 raise HandlerError(f"api {self.name!r}: handler.multi_model_reloading is set, so the Handler "
                                    "must define load_model(self, model_path)")
-            available["python_client"] = PythonClient(models, project, lambda path: self.handler.load_model(path))
+            client = PythonClient(models, project, lambda path: self.handler.load_model(path))
+            available["model_client"] = available["python_client"] = client
         self.handler = self._build(handler_class, available)
         self._methods = self._http_methods()
         self._configure_methods(handler)

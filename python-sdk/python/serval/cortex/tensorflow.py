@@ -25,7 +25,9 @@ differs:
 ``handler.models`` with a ``Handler(tensorflow_client, config)`` whose
 methods call ``tensorflow_client.predict(payload, model_name,
 model_version)`` (``TensorFlowClient``, on multi_model_reloading's model
-resolution and cache); it is a RealtimeAPI otherwise.
+resolution and cache); it is a RealtimeAPI otherwise. A BatchAPI's workers
+and an AsyncAPI's replicas of ``type: tensorflow`` get the same client
+(``tensorflow_client``) for their ``handle_batch``/``handle_async``.
 
 TensorFlow is optional for the SDK: it is imported when a replica starts,
 and its absence fails the replica with an error naming the package.
@@ -62,6 +64,18 @@ def _import_tensorflow(name: str):
     import numpy
     np = numpy
     return tf
+
+
+def limit_threads(name: str, tf, spec: dict) -> None:
+    """As many threads as the replica declared CPUs (TensorFlow's default,
+    every core for each of two pools, would oversubscribe a node shared by
+    several replicas). Only possible before TensorFlow runs anything."""
+    threads = cpu_threads(spec)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError as e:  # the requirements or python_path code already ran TensorFlow
+        logger.warning("api %r: TensorFlow's thread pools are already set up: %s", name, e)
 
 
 # -- the SavedModel directory ------------------------------------------------
@@ -196,7 +210,7 @@ class TensorFlowAPI(OnnxAPI):
         # without TensorFlow installed.
         path = saved_model_dir(self.name, project, handler)
         self.tf = _import_tensorflow(self.name)
-        self._limit_threads(spec)
+        limit_threads(self.name, self.tf, spec)
         graph = read_meta_graph(self.name, path)
         self.model = self._load(path, list(graph.meta_info_def.tags), handler.get("model_path"))
         served = list(self.model.signatures.keys())
@@ -210,18 +224,6 @@ class TensorFlowAPI(OnnxAPI):
         self.output_names = sorted(signature_def.outputs)
         self._serve(project, handler)
         logger.info("api %r: serving signature %r of %s", self.name, self.signature_key, handler.get("model_path"))
-
-    def _limit_threads(self, spec: dict) -> None:
-        """As many threads as the replica declared CPUs (TensorFlow's
-        default, every core for each of two pools, would oversubscribe a
-        node shared by several replicas). Only possible before TensorFlow
-        runs anything."""
-        threads = cpu_threads(spec)
-        try:
-            self.tf.config.threading.set_intra_op_parallelism_threads(threads)
-            self.tf.config.threading.set_inter_op_parallelism_threads(threads)
-        except RuntimeError as e:  # the requirements or python_path code already ran TensorFlow
-            logger.warning("api %r: TensorFlow's thread pools are already set up: %s", self.name, e)
 
     def _load(self, path: str, tags: List[str], model_path: Optional[str]):
         try:
@@ -317,6 +319,16 @@ class TensorFlowClient:
         return {k: to_jsonable(_text_strings(outputs[k].numpy().ravel())) for k in servable.outputs if k in outputs}
 
 
+def tensorflow_client(name: str, spec: dict, project: str) -> TensorFlowClient:
+    """The ``tensorflow_client`` a Handler of ``handler.models`` is built
+    with: a RealtimeAPI's replica, an AsyncAPI's, a BatchAPI's job worker
+    (after ``setup_process``; TensorFlow's threads limited to the
+    replica's CPUs)."""
+    tf = _import_tensorflow(name)
+    limit_threads(name, tf, spec)
+    return TensorFlowClient(name, project, spec["handler"]["models"], tf)
+
+
 class TensorFlowHandlerAPI(RealtimeAPI):
     """Hosts Cortex 0.35's TensorFlow handler: ``Handler(tensorflow_client,
     config)`` (the arguments it names) with the methods of a python
@@ -326,14 +338,7 @@ class TensorFlowHandlerAPI(RealtimeAPI):
         self.name = spec.get("name") or "api"
         handler = spec.get("handler") or {}
         project = setup_process(self.name, spec, project_dir)
-        tf = _import_tensorflow(self.name)
-        threads = cpu_threads(spec)
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(threads)
-        except RuntimeError as e:  # TensorFlow already ran in this process
-            logger.warning("api %r: TensorFlow's thread pools are already set up: %s", self.name, e)
-        self.tensorflow_client = TensorFlowClient(self.name, project, handler["models"], tf)
+        self.tensorflow_client = tensorflow_client(self.name, spec, project)
         handler_class = self._load_handler_class(project, handler.get("path") or "handler.py")
         self.handler = self._build(handler_class, {"config": handler.get("config") or {},
                                                    "tensorflow_client": self.tensorflow_client})
