@@ -151,3 +151,36 @@ def time_concurrent(submit, wait, cancel, n, expect, budget_s=120.0):
                 pass
     return {"n": n, "completed": done, "seconds": total, "calls_per_s": done / total, "submit_s": submitted,
             "errors": errors + (n - done), "timed_out": timed_out, "budget_s": budget_s}
+
+
+#: max_ongoing_requests of every deployment of the Ray Serve 2.x scenarios
+#: (both systems; Ray's default is 5): a c=64 load fits in one replica.
+V2_LIMIT = 100
+
+
+def deploy_v2(serve, base, app):
+    """Runs one Ray Serve 2.x application of bench/apps.py with ``serve``
+    (``ray.serve`` or ``serval.serve``: the same code) under ``/<app>``:
+    ``plain`` (the no-op), ``stream`` (the streaming no-op), ``compose``
+    (an ingress calling a model through a DeploymentHandle) or ``ws`` (a
+    FastAPI ingress with a WebSocket echo at ``/ws/echo``). Every
+    deployment takes no CPU, so all fit beside the 1.x no-op."""
+    import apps
+
+    def deployment(cls):
+        return serve.deployment(cls).options(max_ongoing_requests=V2_LIMIT, ray_actor_options={"num_cpus": 0})
+
+    bound = {
+        "plain": lambda: deployment(apps.Noop).bind(),
+        "stream": lambda: deployment(apps.NoopStream).bind(),
+        "compose": lambda: deployment(apps.Ingress).bind(deployment(apps.Model).bind()),
+        "ws": lambda: deployment(serve.ingress(apps.WS_APP)(apps.WebSocketEcho)).bind(),
+    }[app]()
+    serve.run(bound, name=app, route_prefix=f"/{app}")
+    wait_for_200(f"{base}/{app}" + ("/openapi.json" if app == "ws" else ""))
+    return {"url": f"{base}/{app}" + ("/echo" if app == "ws" else ""), "chunks": apps.CHUNKS}
+
+
+def delete_v2(serve, app):
+    serve.delete(app)
+    return {}

@@ -9,9 +9,13 @@ wrk, reads /proc for memory and makes sure no process is left behind.
 
 Environment knobs: BENCH_DURATION (s per wrk run, default 8), BENCH_WARMUP
 (s, default 2), BENCH_SEQ_CALLS (2000), BENCH_CONC_CALLS (10000),
-BENCH_ONLY (serval|ray|native|scale: run only that part), BENCH_SCALE
+BENCH_ONLY (serval|ray|native|scale: run only that part; v2: only the Ray Serve
+2.x scenarios, on both systems), BENCH_SCALE
 (endpoint counts of the scale scenario, default 1,10,100), BENCH_OUT (BENCHMARKS.md),
 PEER_UNAVAILABLE (why Ray Serve could not be installed: its column is n/a).
+
+The Ray Serve 2.x scenarios (streaming, WebSockets) time with
+bench/aio_load.py, which needs the ``websockets`` package (bench/.venv).
 """
 
 import datetime
@@ -49,6 +53,9 @@ COMMAND_TIMEOUT = 600
 ONLY = os.environ.get("BENCH_ONLY", "")
 SCALE_STEPS = [int(x) for x in os.environ.get("BENCH_SCALE", "1,10,100").split(",") if x.strip()]
 SCALE_CONCURRENCY = 16
+#: Concurrencies of the streaming and WebSocket scenarios; the composition
+#: runs at the last.
+V2_CONCURRENCIES = [1, 64]
 OUT = os.environ.get("BENCH_OUT", os.path.join(ROOT, "BENCHMARKS.md"))
 
 LOG_DIR = tempfile.mkdtemp(prefix="serval-bench-")
@@ -359,8 +366,8 @@ def run_system(name, python, script, env):
                 log(f"{name}: driver log tail ({drv.log_path}):\n{drv.tail(15)}")
             return None
 
-    def http(key, url, script=None, label=""):
-        out = {c: wrk(url, c, script=script, label=label) for c in ([POST_CONCURRENCY] if script else CONCURRENCIES)}
+    def http(key, url, script=None, label="", concurrencies=CONCURRENCIES):
+        out = {c: wrk(url, c, script=script, label=label) for c in ([POST_CONCURRENCY] if script else concurrencies)}
         for c, r in out.items():
             if r.get("error"):
                 res["errors"].append(f"{label} c={c}: {r['error']}")
@@ -382,6 +389,10 @@ def run_system(name, python, script, env):
         log(f"{name}: first 200 {res['startup']['process_to_200_s']:.2f} s after process start, "
             f"{res['startup']['deploy_to_200_s']:.2f} s after the deploy call")
         url = started["url"]
+        if ONLY == "v2":
+            run_v2(name, drv, res, step, http)
+            step("shutdown", lambda: drv.call("shutdown", timeout=120))
+            return res
         time.sleep(3)
         res["mem_idle"] = memory_of(drv.cluster_pids(step("pids", lambda: drv.call("pids"))))
         log(f"{name}: idle, 1 replica: {res['mem_idle']['count']} processes, "
@@ -430,10 +441,59 @@ def run_system(name, python, script, env):
         if step(f"1 replica, limit {WIDE_LIMIT}", lambda: drv.call("scale", n=1, limit=WIDE_LIMIT)) is not None:
             step(f"GET, 1 replica, limit {WIDE_LIMIT}",
                  lambda: http("get1_wide", url, label=f"{name} GET 1 replica, limit {WIDE_LIMIT}"))
+        run_v2(name, drv, res, step, http)
         step("shutdown", lambda: drv.call("shutdown", timeout=120))
     finally:
         close_driver(drv, res)
     return res
+
+
+def run_v2(name, drv, res, step, http):
+    """The Ray Serve 2.x scenarios (driver_common.deploy_v2 deploys the
+    same code on both systems), each application deleted after its load:
+    a plain no-op and the streaming no-op with the same client (first byte,
+    chunks/s), WebSocket echo round trips, and an ingress calling a model
+    through a DeploymentHandle under wrk."""
+    import aio_load
+
+    def load(key, fn):
+        for c in V2_CONCURRENCIES:
+            r = fn(c)
+            res.setdefault(key, {})[c] = r
+            log(f"  {name} {key} c={c}: {fmt(r['per_s'], 0)}/s, {fmt(r['units_per_s'], 0)} units/s, "
+                f"p50 {fmt(r['p50_ms'], 3)} ms, p99 {fmt(r['p99_ms'], 3)} ms, errors {r['errors']}")
+            if r["errors"]:
+                res["errors"].append(f"{key} c={c}: {r['errors']} connections failed: {r['error']}")
+
+    def port_path(url):
+        m = re.match(r"http://127\.0\.0\.1:(\d+)(/.*)$", url)
+        return int(m.group(1)), m.group(2)
+
+    for app, key in (("plain", "stream_plain"), ("stream", "stream")):
+        got = step(f"deploy {app}", lambda: drv.call("deploy_v2", app=app))
+        if got:
+            step(f"{app} load", lambda: load(key, lambda c: aio_load.stream_load(
+                *port_path(got["url"]), c, WARMUP, DURATION)))
+            if app == "stream":
+                # Throughput by wrk (C, reads the chunked bodies whole), as
+                # everywhere else: the Python client's own cost per chunk
+                # would cap it.
+                res["chunks"] = got["chunks"]
+                step("stream wrk", lambda: http("stream_wrk", got["url"], label=f"{name} stream",
+                                                concurrencies=V2_CONCURRENCIES))
+            step(f"delete {app}", lambda: drv.call("delete_v2", app=app))
+    got = step("deploy ws", lambda: drv.call("deploy_v2", app="ws"))
+    if got:
+        ws_url = got["url"].replace("http://", "ws://", 1)
+        step("WebSocket echo", lambda: load("ws", lambda c: aio_load.websocket_load(ws_url, c, WARMUP, DURATION)))
+        step("delete ws", lambda: drv.call("delete_v2", app="ws"))
+    got = step("deploy compose", lambda: drv.call("deploy_v2", app="compose"))
+    if got:
+        c = V2_CONCURRENCIES[-1]
+        step("composition", lambda: res.update(compose=wrk(got["url"], c, label=f"{name} composition")))
+        if get(res, "compose", "error"):
+            res["errors"].append(f"composition c={c}: {res['compose']['error']}")
+        step("delete compose", lambda: drv.call("delete_v2", app="compose"))
 
 
 SPREAD_LUA = """
@@ -698,6 +758,17 @@ def report(S, R, N, t_total, load_before, load_after):
     rows.append(("Idle cluster, 1 replica: PSS (MB)", fmt(get(S, "mem_idle", "pss_mb"), 0),
                  fmt(get(R, "mem_idle", "pss_mb"), 0),
                  ratio(get(S, "mem_idle", "pss_mb"), get(R, "mem_idle", "pss_mb"))))
+    c1, cn = V2_CONCURRENCIES[0], V2_CONCURRENCIES[-1]
+    for c in V2_CONCURRENCIES:
+        sv, rv = chunks_per_s(S, c), chunks_per_s(R, c)
+        rows.append((f"Streaming 100 chunks, c={c}: chunks/s", fmt(sv, 0), fmt(rv, 0), ratio(sv, rv)))
+    rows.append((f"Streaming, c={c1}: time to first byte p50 (ms)", fmt(get(S, "stream", c1, "p50_ms"), 3),
+                 fmt(get(R, "stream", c1, "p50_ms"), 3),
+                 ratio(get(S, "stream", c1, "p50_ms"), get(R, "stream", c1, "p50_ms"))))
+    rows.append((f"WebSocket echo, {cn} sessions: round trips/s", fmt(get(S, "ws", cn, "per_s"), 0),
+                 fmt(get(R, "ws", cn, "per_s"), 0), ratio(get(S, "ws", cn, "per_s"), get(R, "ws", cn, "per_s"))))
+    rows.append((f"Composition (ingress → model handle), c={cn}: requests/s", fmt(get(S, "compose", "rps"), 0),
+                 fmt(get(R, "compose", "rps"), 0), ratio(get(S, "compose", "rps"), get(R, "compose", "rps"))))
     md.append(table(rows) + "\n")
 
     for n, key in ((1, "get1"), (2, "get2")):
@@ -788,6 +859,7 @@ def report(S, R, N, t_total, load_before, load_after):
     rows = [(k, fmt(get(N, f"mem_{k}", "rss_mb"), 1), fmt(get(N, f"mem_{k}", "pss_mb"), 1))
             for k in native_keys]
     md.append(table(rows, header=("process after the load", "RSS (MB)", "PSS (MB)")) + "\n")
+    md.extend(v2_report(S, R))
     md.extend(grpc_report(S))
     md.extend(scale_report(get(N, "scale") or {}))
     md.extend(kept_sections())
@@ -805,6 +877,87 @@ def kept_sections():
             return [f.read()]
     except OSError:
         return []
+
+
+def chunks_per_s(res, c):
+    """Chunks/s of the streaming no-op under wrk: its streams/s times the
+    chunks of each."""
+    rps = get(res, "stream_wrk", c, "rps")
+    return None if rps is None or not res.get("chunks") else rps * res["chunks"]
+
+
+def v2_report(S, R):
+    if not any(k in res for res in (S, R) for k in ("stream", "ws", "compose")):
+        return []
+    c1, cn = V2_CONCURRENCIES[0], V2_CONCURRENCIES[-1]
+    md = ["## Ray Serve 2.x API: streaming, WebSockets, composition\n",
+          "The same code on both systems (`bench/apps.py`, deployed by `driver_common.deploy_v2` with "
+          "`serve.deployment(...).options(...).bind()` and `serve.run`; Serval's `from serval import serve` "
+          "runs it unchanged), every deployment with `max_ongoing_requests` 100 and `num_cpus` 0, one "
+          "replica each. Streaming: a no-op whose `__call__` returns a `StreamingResponse` of 100 one-byte "
+          "chunks, and a plain no-op beside it (the `Noop` class above, deployed the same way), both timed by "
+          "the same asyncio HTTP/1.1 client (`bench/aio_load.py`: keep-alive connections, one per concurrent "
+          "stream, chunked bodies read by hand so the first body byte is timed when it arrives); chunks/s "
+          "from wrk's streams/s (wrk reads each chunked body whole), since the Python client's own cost per "
+          "chunk caps its figure (shown too). WebSockets: "
+          "a FastAPI app with an echo route, `@serve.ingress`'d on both, driven by the `websockets` package "
+          "(each session sends a one-character text message and awaits its echo, one after the other). "
+          "Composition: an ingress deployment whose `__call__` awaits `self.model.remote(\"ok\")` on a "
+          f"DeploymentHandle to a model deployment, under wrk at c={cn}. The asyncio client is one Python "
+          "process on the same cores: at c=64 it, not the server, may be the limit of its figures "
+          "(first byte, WebSocket round trips) for both columns.\n"]
+    rows = []
+    for c in V2_CONCURRENCIES:
+        for key, m, label, d in (("stream_plain", "p50_ms", "plain no-op: p50 (ms)", 3),
+                                 ("stream", "p50_ms", "stream: time to first byte p50 (ms)", 3),
+                                 ("stream", "p99_ms", "stream: time to first byte p99 (ms)", 3),
+                                 ("stream_wrk", "rps", "streams/s (wrk)", 0),
+                                 ("chunks", None, "chunks/s (wrk: streams/s × 100)", 0),
+                                 ("stream", "units_per_s", "chunks/s (the Python client)", 0)):
+            if key == "chunks":
+                sv, rv = chunks_per_s(S, c), chunks_per_s(R, c)
+            else:
+                sv, rv = get(S, key, c, m), get(R, key, c, m)
+            rows.append((f"c={c}, {label}", fmt(sv, d), fmt(rv, d), ratio(sv, rv)))
+        gap = [None if get(X, "stream", c, "p50_ms") is None or get(X, "stream_plain", c, "p50_ms") is None
+               else get(X, "stream", c, "p50_ms") - get(X, "stream_plain", c, "p50_ms") for X in (S, R)]
+        rows.append((f"c={c}, first byte p50 − plain p50 (ms)", fmt(gap[0], 3), fmt(gap[1], 3), ""))
+        rows.append((f"c={c}, errors (failed connections; wrk's non-2xx + socket)",
+                     fmt(sum(get(S, k, c, "errors") or 0 for k in ("stream_plain", "stream", "stream_wrk"))),
+                     fmt(sum(get(R, k, c, "errors") or 0 for k in ("stream_plain", "stream", "stream_wrk"))), ""))
+    md.append("### Streaming no-op, 100 chunks\n")
+    md.append(table(rows) + "\n")
+    rows = []
+    for c in V2_CONCURRENCIES:
+        for m, label, d in (("per_s", "round trips/s", 0), ("p50_ms", "round trip p50 (ms)", 3),
+                            ("p99_ms", "round trip p99 (ms)", 3)):
+            sv, rv = get(S, "ws", c, m), get(R, "ws", c, m)
+            rows.append((f"{c} session{'s' if c > 1 else ''}: {label}", fmt(sv, d), fmt(rv, d), ratio(sv, rv)))
+        rows.append((f"{c} session{'s' if c > 1 else ''}: errors (failed sessions)",
+                     fmt(get(S, "ws", c, "errors")), fmt(get(R, "ws", c, "errors")), ""))
+    md.append("### WebSocket echo (FastAPI ingress)\n")
+    md.append(table(rows) + "\n")
+    md.append(f"### Composition: ingress → model through a DeploymentHandle, HTTP GET, concurrency {cn}\n")
+    md.append(table(wrk_rows(get(S, "compose"), get(R, "compose"))) + "\n")
+
+    def verdict(ok):
+        return "n/a" if ok is None else ("met" if ok else "not met")
+
+    goals = []
+    for c in V2_CONCURRENCIES:
+        gap = None if get(S, "stream", c, "p50_ms") is None or get(S, "stream_plain", c, "p50_ms") is None \
+            else get(S, "stream", c, "p50_ms") - get(S, "stream_plain", c, "p50_ms")
+        goals.append(f"first byte within 0.2 ms of a plain request's p50 at c={c}: "
+                     f"{verdict(None if gap is None else gap <= 0.2)} ({fmt(gap, 3)} ms)")
+    for c in V2_CONCURRENCIES:
+        sv, rv = chunks_per_s(S, c), chunks_per_s(R, c)
+        goals.append(f"streaming chunks/s ≥ 20× Ray's at c={c}: {verdict(None if not rv or sv is None else sv / rv >= 20)} "
+                     f"({ratio(sv, rv)})")
+    sv, rv = get(S, "compose", "rps"), get(R, "compose", "rps")
+    goals.append(f"composition ≥ 20× Ray's at c={cn}: {verdict(None if not rv or sv is None else sv / rv >= 20)} "
+                 f"({ratio(sv, rv)})")
+    md.append("Issue 23's goals: " + "; ".join(goals) + ".\n")
+    return md
 
 
 def grpc_report(S):
@@ -864,14 +1017,14 @@ def main():
     log(f"logs in {LOG_DIR}")
     S, R, N = {"errors": []}, {"errors": []}, {"errors": []}
     try:
-        if ONLY in ("", "serval"):
+        if ONLY in ("", "serval", "v2"):
             S = run_system("serval", SERVAL_PY, "serval_driver.py", {
                 "BENCH_HTTP_PORT": str(free_port()),
                 "SERVAL_CONTROL_PORT": str(free_port()),
                 "BENCH_DATA_DIR": tempfile.mkdtemp(prefix="serval-bench-data-"),
                 "SERVAL_NUM_CPUS": "4",
             })
-        if ONLY in ("", "ray"):
+        if ONLY in ("", "ray", "v2"):
             if PEER_UNAVAILABLE:
                 log(f"ray: skipped: {PEER_UNAVAILABLE}")
             else:

@@ -95,5 +95,8 @@ def shutdown():
 if __name__ == "__main__":
     common.serve_commands({
         "start": start, "pids": pids, "handle": handle, "deploy_echo": deploy_echo,
-        "delete_echo": delete_echo, "scale": scale, "shutdown": shutdown,
+        "delete_echo": delete_echo,
+        "deploy_v2": lambda app: common.deploy_v2(serve, BASE, app),
+        "delete_v2": lambda app: common.delete_v2(serve, app),
+        "scale": scale, "shutdown": shutdown,
     })

@@ -1,6 +1,7 @@
 """Serval side of bench/run, run with bench/.venv's python (the release
 build of the SDK). Driven by bench/harness.py through driver_common's
-command loop; deploys with Serval's Ray Serve 1.x API.
+command loop; deploys with Serval's Ray Serve 1.x API (the 2.x scenarios:
+driver_common.deploy_v2, the same code as on Ray).
 
 Environment (set by the harness): BENCH_HTTP_PORT, BENCH_CONTROL_PORT,
 BENCH_DATA_DIR, SERVAL_NUM_CPUS.
@@ -182,6 +183,9 @@ def shutdown():
 if __name__ == "__main__":
     common.serve_commands({
         "start": start, "pids": pids, "handle": handle, "deploy_echo": deploy_echo, "deploy_grpc": deploy_grpc,
-        "delete_echo": delete_echo, "scale": scale, "shutdown": shutdown,
+        "delete_echo": delete_echo,
+        "deploy_v2": lambda app: common.deploy_v2(serve, BASE, app),
+        "delete_v2": lambda app: common.delete_v2(serve, app),
+        "scale": scale, "shutdown": shutdown,
         "scale_start": scale_start, "scale_grow": scale_grow,
     })
