@@ -1,0 +1,174 @@
+"""deploy/kubernetes: the manifests are valid Kubernetes objects (checked
+offline against the API schemas bundled with `kubernetes-validate`), pass
+`serve start` only flags it has, wire heads, nodes, probes and Services to
+each other, and take the token and TLS material from Secret files only."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEPLOY = os.path.join(ROOT, "deploy", "kubernetes")
+SERVE_BIN = os.path.join(ROOT, "target", "debug", "serve")
+#: The Kubernetes API version the manifests are checked against.
+K8S_VERSION = "1.30.0"
+
+
+def load_docs(directory=DEPLOY):
+    docs = []
+    for name in sorted(os.listdir(directory)):
+        if name.endswith((".yaml", ".yml")):
+            with open(os.path.join(directory, name)) as f:
+                docs += [(name, d) for d in yaml.safe_load_all(f) if d]
+    return docs
+
+
+def of_kind(docs, kind):
+    return [d for _, d in docs if d["kind"] == kind]
+
+
+def entrypoint():
+    """The image's ENTRYPOINT (exec form), from the Dockerfile."""
+    with open(os.path.join(DEPLOY, "Dockerfile")) as f:
+        lines = [line for line in f if line.startswith("ENTRYPOINT")]
+    assert len(lines) == 1
+    return yaml.safe_load(lines[0].split(None, 1)[1])
+
+
+def serve_start_argv(container):
+    """The arguments a container passes to `serve start`: its args after the
+    image's entrypoint, or the words after `serve start` in its shell command."""
+    if "command" not in container:
+        argv = entrypoint() + container.get("args", [])
+    else:
+        text = " ".join(container["command"] + container.get("args", []))
+        argv = shlex.split(text.split("exec ", 1)[-1], posix=True)
+    assert argv[:2] == ["serve", "start"], argv
+    return argv[2:]
+
+
+def flags(argv):
+    return {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+
+
+def flag_value(argv, flag):
+    i = argv.index(flag)
+    return argv[i + 1]
+
+
+def workloads(docs):
+    """(workload, pod spec, container) for every container."""
+    return [(d, d["spec"]["template"]["spec"], c) for _, d in docs if d["kind"] in ("StatefulSet", "DaemonSet", "Deployment")
+            for c in d["spec"]["template"]["spec"]["containers"]]
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return load_docs()
+
+
+@pytest.fixture(scope="module")
+def start_help():
+    command = [SERVE_BIN] if os.path.exists(SERVE_BIN) else [sys.executable, "-m", "serval.cli"]
+    out = subprocess.run([*command, "start", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return set(re.findall(r"(?<![\w-])--[a-z0-9][a-z0-9-]*", out.stdout))
+
+
+def test_manifests_validate_against_the_kubernetes_schemas(docs):
+    kinds = sorted(d["kind"] for _, d in docs)
+    assert kinds == ["DaemonSet", "PodDisruptionBudget", "Service", "Service", "Service", "StatefulSet"]
+    for name, doc in docs:
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{name}: {doc['kind']} {doc['metadata']['name']}: {e.message} at {list(e.path)}")
+
+
+def test_the_flags_passed_to_serve_start_exist(docs, start_help):
+    assert {"--head", "--join", "--token-file", "--http-location"} <= start_help
+    for workload, _, container in workloads(docs):
+        argv = serve_start_argv(container)
+        unknown = flags(argv) - start_help
+        assert not unknown, f"{workload['metadata']['name']}: `serve start` has no {sorted(unknown)}"
+
+
+def test_heads_are_a_statefulset_joined_by_stable_names(docs):
+    (heads,) = of_kind(docs, "StatefulSet")
+    spec = heads["spec"]
+    assert spec["replicas"] == 3
+    service = next(s for s in of_kind(docs, "Service") if s["metadata"]["name"] == spec["serviceName"])
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    argv = serve_start_argv(container)
+    script = container["command"][-1]
+    stable = f"{heads['metadata']['name']}-0.{spec['serviceName']}.${{POD_NAMESPACE}}.svc:6390"
+    assert f"--join {stable}" in script
+    assert flag_value(argv, "--advertise-address").startswith(f"${{POD_NAME}}.{spec['serviceName']}.")
+    assert "--head" in argv and flag_value(argv, "--http-location") == "EveryNode"
+    # The data dir lives on the volume claim, so a head keeps its raft log.
+    (claim,) = spec["volumeClaimTemplates"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == claim["metadata"]["name"])
+    assert flag_value(argv, "--data-dir").startswith(mount["mountPath"] + "/")
+    assert "requests" in container["resources"] and "limits" in container["resources"]
+    # Quorum survives every voluntary disruption the budget allows.
+    (pdb,) = of_kind(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] >= spec["replicas"] // 2 + 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    # Nodes know every head by its stable name.
+    (nodes,) = of_kind(docs, "DaemonSet")
+    node_argv = serve_start_argv(nodes["spec"]["template"]["spec"]["containers"][0])
+    assert flag_value(node_argv, "--address").split(",") == [
+        f"{heads['metadata']['name']}-{i}.{spec['serviceName']}.$(POD_NAMESPACE).svc:6390" for i in range(spec["replicas"])]
+
+
+def test_gpu_nodes_request_the_gpus_they_offer(docs):
+    (nodes,) = of_kind(docs, "DaemonSet")
+    pod = nodes["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    (container,) = pod["containers"]
+    gpus = flag_value(serve_start_argv(container), "--num-gpus")
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == int(gpus) > 0
+
+
+def test_probes_and_the_proxy_service_use_real_endpoints(docs):
+    with open(os.path.join(ROOT, "proxy", "src", "builtin.rs")) as f:
+        healthz = re.search(r'HEALTHZ_PATH: &str = "([^"]+)"', f.read()).group(1)
+    (http,) = [s for s in of_kind(docs, "Service") if s["metadata"]["name"] == "serval-http"]
+    for workload, pod, container in workloads(docs):
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        argv = serve_start_argv(container)
+        assert ports["http"] == int(flag_value(argv, "--http-port"))
+        assert flag_value(argv, "--http-host") == "0.0.0.0"
+        ready = container["readinessProbe"]["httpGet"]
+        assert ready["path"] == healthz and ready["port"] == "http", workload["metadata"]["name"]
+        for probe in ("startupProbe", "livenessProbe"):
+            assert container[probe]["tcpSocket"]["port"] in ports
+        # The EveryNode Service reaches this pod's proxy.
+        assert http["spec"]["selector"].items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+        assert http["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_token_and_tls_come_from_secret_files_only(docs):
+    for workload, pod, container in workloads(docs):
+        name = workload["metadata"]["name"]
+        for env in container.get("env", []):
+            assert "TOKEN" not in env["name"].upper() or env["name"].upper().endswith("_FILE"), (name, env)
+            assert "secretKeyRef" not in env.get("valueFrom", {}), (name, env)
+        assert "envFrom" not in container, name
+        argv = serve_start_argv(container)
+        assert "--token" not in argv and not any(a.startswith("--token=") for a in argv), name
+        text = " ".join(container.get("command", []) + container.get("args", []))
+        assert "SERVAL_TOKEN=" not in text, name
+        secrets = {v["name"] for v in pod["volumes"] if "secret" in v}
+        secret_mounts = [m["mountPath"] for m in container["volumeMounts"] if m["name"] in secrets]
+        for flag in ("--token-file", "--tls-cert", "--tls-key", "--tls-ca"):
+            path = flag_value(argv, flag)
+            assert any(path.startswith(m + "/") for m in secret_mounts), (name, flag, path)
