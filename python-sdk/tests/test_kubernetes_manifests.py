@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -87,7 +88,7 @@ def test_manifests_validate_against_the_kubernetes_schemas(docs):
     for name, doc in docs:
         try:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as e:
+        except jsonschema.ValidationError as e:
             pytest.fail(f"{name}: {doc['kind']} {doc['metadata']['name']}: {e.message} at {list(e.path)}")
 
 
