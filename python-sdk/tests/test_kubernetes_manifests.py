@@ -173,3 +173,19 @@ def test_token_and_tls_come_from_secret_files_only(docs):
         for flag in ("--token-file", "--tls-cert", "--tls-key", "--tls-ca"):
             path = flag_value(argv, flag)
             assert any(path.startswith(m + "/") for m in secret_mounts), (name, flag, path)
+
+
+def test_the_image_recipe_builds_the_wheel_and_runs_serve_start(docs):
+    with open(os.path.join(DEPLOY, "Dockerfile")) as f:
+        text = f.read()
+    stages = re.findall(r"^FROM (\S+)(?: AS (\w+))?$", text, re.M)
+    assert stages[-1][0].startswith("python:3.11")
+    build = re.search(r"maturin build .*?-m (\S+)", text.replace("\\\n", " ")).group(1)
+    assert os.path.exists(os.path.join(ROOT, build)), build
+    for stage in re.findall(r"COPY --from=(\w+)", text):
+        assert stage in {name for _, name in stages}
+    assert entrypoint() == ["serve", "start"]
+    # Volumes and Secret files are owned by the user the image runs as.
+    user = int(re.search(r"^USER (\d+)$", text, re.M).group(1))
+    for workload, pod, _ in workloads(docs):
+        assert pod["securityContext"]["runAsUser"] == user, workload["metadata"]["name"]
