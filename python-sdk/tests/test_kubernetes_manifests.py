@@ -5,7 +5,6 @@ each other, and take the token and TLS material from Secret files only."""
 
 import os
 import re
-import shlex
 import subprocess
 import sys
 
@@ -42,16 +41,35 @@ def entrypoint():
     return yaml.safe_load(lines[0].split(None, 1)[1])
 
 
-def serve_start_argv(container):
+#: The downward-API values a pod's shell command is run with here.
+NAMESPACE = "ns1"
+POD_IP = "10.1.2.3"
+
+
+def serve_start_argv(container, pod_name="serval-head-1", fake_bin=None):
     """The arguments a container passes to `serve start`: its args after the
-    image's entrypoint, or the words after `serve start` in its shell command."""
+    image's entrypoint, or, for a shell command, what it executes: the
+    command is run by `sh` with a `serve` on PATH that prints its
+    arguments (so the shell's own quoting and expansion are what is checked)."""
+    downward = {"POD_NAME": pod_name, "POD_NAMESPACE": NAMESPACE, "POD_IP": POD_IP}
+    declared = {e["name"] for e in container.get("env", [])}
     if "command" not in container:
-        argv = entrypoint() + container.get("args", [])
-    else:
-        text = " ".join(container["command"] + container.get("args", []))
-        argv = shlex.split(text.split("exec ", 1)[-1], posix=True)
-    assert argv[:2] == ["serve", "start"], argv
-    return argv[2:]
+        # Kubernetes expands $(VAR) in args from the container's env.
+        def expand(m):
+            assert m.group(1) in declared and m.group(1) in downward, m.group(0)
+            return downward[m.group(1)]
+
+        argv = entrypoint() + [re.sub(r"\$\((\w+)\)", expand, a) for a in container.get("args", [])]
+        assert argv[:2] == ["serve", "start"], argv
+        return argv[2:]
+    fake_bin = fake_bin or FAKE_BIN
+    env = {"PATH": f"{fake_bin}:/usr/bin:/bin", **{k: v for k, v in downward.items() if k in declared}}
+    out = subprocess.run(container["command"] + container.get("args", []), env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    argv = out.stdout.split("\0")[:-1]
+    assert argv[:1] == ["start"], argv
+    return argv[1:]
 
 
 def flags(argv):
@@ -67,6 +85,21 @@ def workloads(docs):
     """(workload, pod spec, container) for every container."""
     return [(d, d["spec"]["template"]["spec"], c) for _, d in docs if d["kind"] in ("StatefulSet", "DaemonSet", "Deployment")
             for c in d["spec"]["template"]["spec"]["containers"]]
+
+
+FAKE_BIN = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fake_serve(tmp_path_factory):
+    """A `serve` that prints its arguments, NUL-separated."""
+    global FAKE_BIN
+    FAKE_BIN = str(tmp_path_factory.mktemp("bin"))
+    with open(os.path.join(FAKE_BIN, "serve"), "w") as f:
+        f.write("#!/bin/sh\nprintf '%s\\0' \"$@\"\n")
+    os.chmod(os.path.join(FAKE_BIN, "serve"), 0o755)
+    yield
+    FAKE_BIN = None
 
 
 @pytest.fixture(scope="module")
@@ -108,11 +141,20 @@ def test_heads_are_a_statefulset_joined_by_stable_names(docs):
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
     pod = spec["template"]["spec"]
     (container,) = pod["containers"]
-    argv = serve_start_argv(container)
-    script = container["command"][-1]
-    stable = f"{heads['metadata']['name']}-0.{spec['serviceName']}.${{POD_NAMESPACE}}.svc:6390"
-    assert f"--join {stable}" in script
-    assert flag_value(argv, "--advertise-address").startswith(f"${{POD_NAME}}.{spec['serviceName']}.")
+    name, service_name = heads["metadata"]["name"], spec["serviceName"]
+
+    def stable(i):
+        return f"{name}-{i}.{service_name}.{NAMESPACE}.svc:6390"
+
+    # The first head starts the cluster; the others join it by its name.
+    # Every head advertises its own stable name.
+    for i in range(spec["replicas"]):
+        argv = serve_start_argv(container, pod_name=f"{name}-{i}")
+        assert ("--join" in argv) == (i > 0)
+        if i > 0:
+            assert flag_value(argv, "--join") == stable(0)
+        assert flag_value(argv, "--advertise-address") == stable(i)
+        assert flag_value(argv, "--control-host") == POD_IP
     assert "--head" in argv and flag_value(argv, "--http-location") == "EveryNode"
     # The data dir lives on the volume claim, so a head keeps its raft log.
     (claim,) = spec["volumeClaimTemplates"]
@@ -127,7 +169,8 @@ def test_heads_are_a_statefulset_joined_by_stable_names(docs):
     (nodes,) = of_kind(docs, "DaemonSet")
     node_argv = serve_start_argv(nodes["spec"]["template"]["spec"]["containers"][0])
     assert flag_value(node_argv, "--address").split(",") == [
-        f"{heads['metadata']['name']}-{i}.{spec['serviceName']}.$(POD_NAMESPACE).svc:6390" for i in range(spec["replicas"])]
+        stable(i) for i in range(spec["replicas"])]
+    assert flag_value(node_argv, "--control-host") == POD_IP
 
 
 def test_gpu_nodes_request_the_gpus_they_offer(docs):
