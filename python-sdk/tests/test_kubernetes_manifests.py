@@ -46,7 +46,7 @@ NAMESPACE = "ns1"
 POD_IP = "10.1.2.3"
 
 
-def serve_start_argv(container, pod_name="serval-head-1", fake_bin=None):
+def serve_start_argv(container, pod_name="serval-head-1"):
     """The arguments a container passes to `serve start`: its args after the
     image's entrypoint, or, for a shell command, what it executes: the
     command is run by `sh` with a `serve` on PATH that prints its
@@ -62,8 +62,7 @@ def serve_start_argv(container, pod_name="serval-head-1", fake_bin=None):
         argv = entrypoint() + [re.sub(r"\$\((\w+)\)", expand, a) for a in container.get("args", [])]
         assert argv[:2] == ["serve", "start"], argv
         return argv[2:]
-    fake_bin = fake_bin or FAKE_BIN
-    env = {"PATH": f"{fake_bin}:/usr/bin:/bin", **{k: v for k, v in downward.items() if k in declared}}
+    env = {"PATH": f"{FAKE_BIN}:/usr/bin:/bin", **{k: v for k, v in downward.items() if k in declared}}
     out = subprocess.run(container["command"] + container.get("args", []), env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
