@@ -12,7 +12,7 @@ export PYO3_PYTHON := $(abspath $(VPY))
 
 all: build sdk
 
-PY_DEPS := "maturin>=1.16,<2" "starlette>=0.40" "cloudpickle>=3" python-multipart pyyaml pathspec pytest requests uvicorn pillow numpy onnxruntime scikit-learn skl2onnx grpcio grpcio-tools grpcio-reflection grpcio-health-checking hypothesis boto3 fastapi "pydantic>=2" websockets
+PY_DEPS := "maturin>=1.16,<2" "starlette>=0.40" "cloudpickle>=3" python-multipart pyyaml pathspec pytest requests uvicorn pillow numpy onnxruntime scikit-learn skl2onnx grpcio grpcio-tools grpcio-reflection grpcio-health-checking hypothesis boto3 fastapi "pydantic>=2" websockets kubernetes-validate
 
 # Debian's python3 needs python3-venv for `-m venv`; install it if missing.
 $(VPY):
