@@ -182,74 +182,6 @@ print("second", h.remote().result()["count"], flush=True)
     );
 }
 
-const DEPLOY_SLOW_PAIRS: &str = r#"
-import os, time
-from serval import serve
-serve.connect(os.environ["ADDR"], token=os.environ["TOKEN"])
-
-def slow(request):
-    # Long enough that every replica always has requests in flight.
-    time.sleep(0.1)
-    return {"pid": os.getpid()}
-
-serve.create_backend("gets", slow, config={"num_replicas": 2})
-serve.create_endpoint("gets", backend="gets", route="/gets")
-serve.create_backend("posts", slow, config={"num_replicas": 2, "retry_idempotent": False})
-serve.create_endpoint("posts", backend="posts", route="/posts", methods=["POST"])
-print("deployed")
-"#;
-
-/// What a load of `method` requests to `path` saw while one replica of the
-/// backend was SIGKILLed: (successes, failures with their status or error).
-fn load_while_a_replica_is_killed(port: u16, method: &str, path: &str) -> (usize, Vec<String>) {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Mutex;
-    let stop = AtomicBool::new(false);
-    let pids = Mutex::new(std::collections::BTreeSet::new());
-    let ok = std::sync::atomic::AtomicUsize::new(0);
-    let failed = Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        // Four clients for two replicas: both always have requests in flight.
-        for _ in 0..4 {
-            s.spawn(|| {
-                while !stop.load(Ordering::Relaxed) {
-                    match http_request(port, method, path, if method == "POST" { "{}" } else { "" })
-                    {
-                        Ok((200, body)) => {
-                            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-                            pids.lock().unwrap().insert(v["pid"].as_i64().unwrap());
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok((status, body)) => {
-                            failed.lock().unwrap().push(format!("{status} {body}"))
-                        }
-                        Err(e) => failed.lock().unwrap().push(e.to_string()),
-                    }
-                }
-            });
-        }
-        let victim = wait_for("both replicas answering", Duration::from_secs(60), || {
-            let p = pids.lock().unwrap();
-            (p.len() >= 2).then(|| *p.iter().next().unwrap())
-        });
-        let status = std::process::Command::new("kill")
-            .args(["-KILL", &victim.to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill {victim}");
-        // Load goes on until the backend has served plenty after the kill
-        // (the survivor, and the replica the node agent starts again).
-        let after = ok.load(Ordering::Relaxed) + 40;
-        wait_for(
-            "requests served after the kill",
-            Duration::from_secs(60),
-            || (ok.load(Ordering::Relaxed) >= after).then_some(()),
-        );
-        stop.store(true, Ordering::Relaxed);
-    });
-    (ok.into_inner(), failed.into_inner().unwrap())
-}
-
 /// Issue 24: a GET whose replica is SIGKILLed before it answered is sent
 /// once more, to another replica: a loop of GETs sees no failure. A POST
 /// (never idempotent), on a backend with `retry_idempotent=False`, may
@@ -269,10 +201,10 @@ fn gets_survive_a_replica_sigkilled_under_load_and_posts_fail_as_502_or_503() {
     );
     head.wait_log("http proxy listening");
     let envs = [("ADDR", head.control_address()), ("TOKEN", head.token())];
-    let out = run_python(DEPLOY_SLOW_PAIRS, &envs);
+    let out = run_python(DEPLOY_SLOW_GETS_AND_POSTS, &envs);
     assert!(out.contains("deployed"), "{out}");
 
-    let (ok, failed) = load_while_a_replica_is_killed(http, "GET", "/gets");
+    let (ok, failed) = load_while_a_replica_is_killed("127.0.0.1", http, "GET", "/gets");
     eprintln!(
         "FIGURES: GETs with a replica SIGKILLed: {ok} served, {} failed",
         failed.len()
@@ -288,7 +220,7 @@ fn gets_survive_a_replica_sigkilled_under_load_and_posts_fail_as_502_or_503() {
         "no retry counted: {metrics}"
     );
 
-    let (ok, failed) = load_while_a_replica_is_killed(http, "POST", "/posts");
+    let (ok, failed) = load_while_a_replica_is_killed("127.0.0.1", http, "POST", "/posts");
     eprintln!(
         "FIGURES: POSTs with a replica SIGKILLed: {ok} served, {} failed",
         failed.len()
