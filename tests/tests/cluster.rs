@@ -1,6 +1,7 @@
 //! Whole-cluster behaviour with real processes: a head restarted on the same
 //! data dir brings its deployments back, and the data plane keeps serving
-//! from its cached routing table while the controller is down.
+//! from its cached routing table while the controller is down, and a GET
+//! whose replica is SIGKILLed mid-request is served by another.
 
 use std::time::Duration;
 
