@@ -38,6 +38,7 @@ pub const ROUTER_QUEUE_LENGTH: &str = "serval_router_queue_length";
 pub const REPLICA_IN_FLIGHT: &str = "serval_replica_in_flight";
 pub const BATCH_SIZE: &str = "serval_batch_size";
 pub const WEBSOCKET_SESSIONS_TOTAL: &str = "serval_websocket_sessions_total";
+pub const ROUTER_RETRIES_TOTAL: &str = "serval_router_retries_total";
 
 /// Response header a replica sets on a request served in a batch: the size
 /// of that batch. The router records it and removes it from the response.
@@ -244,6 +245,10 @@ pub fn describe() {
         WEBSOCKET_SESSIONS_TOTAL,
         "WebSocket sessions the app accepted, by backend"
     );
+    describe_counter!(
+        ROUTER_RETRIES_TOTAL,
+        "Requests sent again to another replica after theirs was lost before answering, by backend"
+    );
     describe_histogram!(
         BATCH_SIZE,
         "Size of the batch each request was served in (one observation per request)"
@@ -322,6 +327,8 @@ pub(crate) struct BackendMetrics {
     batch_size: Histogram,
     /// WebSocket sessions opened; registered at the first one.
     websocket_sessions: OnceLock<Counter>,
+    /// Requests retried after a lost replica; registered at the first one.
+    retries: OnceLock<Counter>,
     /// By endpoint; endpoints come from snapshots, so this stays small.
     requests: RwLock<HashMap<String, Arc<RequestCounters>>>,
 }
@@ -335,6 +342,7 @@ impl BackendMetrics {
             batch_size: metrics::histogram!(BATCH_SIZE, "backend" => backend.to_owned()),
             requests: RwLock::default(),
             websocket_sessions: OnceLock::new(),
+            retries: OnceLock::new(),
         }
     }
 
@@ -343,6 +351,15 @@ impl BackendMetrics {
         self.websocket_sessions
             .get_or_init(
                 || metrics::counter!(WEBSOCKET_SESSIONS_TOTAL, "backend" => self.backend.clone()),
+            )
+            .increment(1);
+    }
+
+    /// Counts one request sent again after its replica was lost.
+    pub(crate) fn retried(&self) {
+        self.retries
+            .get_or_init(
+                || metrics::counter!(ROUTER_RETRIES_TOTAL, "backend" => self.backend.clone()),
             )
             .increment(1);
     }

@@ -59,8 +59,13 @@ pub(crate) enum ConnError {
     /// router may safely try another replica.
     #[error("connect failed: {0}")]
     Connect(String),
-    /// The connection broke while the request was pending (or before it
-    /// could be written): the replica may or may not have run it.
+    /// The connection was known broken before the request's frame was
+    /// handed to the writer: the replica never saw it, so the router may
+    /// safely try another replica.
+    #[error("connection lost before the request was sent: {0}")]
+    NotSent(String),
+    /// The connection broke while the request was pending: the replica may
+    /// or may not have run it.
     #[error("connection lost: {0}")]
     Died(String),
     #[error("no response before the deadline")]
@@ -142,7 +147,7 @@ impl Live {
         {
             let mut pending = lock(&self.pending);
             if let Some(reason) = &pending.closed {
-                return Err(ConnError::Died(reason.clone()));
+                return Err(ConnError::NotSent(reason.clone()));
             }
             pending.waiters.insert(id, tx);
         }
@@ -153,7 +158,7 @@ impl Live {
             id,
         };
         if self.tx.send(&bytes).is_err() {
-            return Err(ConnError::Died("writer closed".into()));
+            return Err(ConnError::NotSent("writer closed".into()));
         }
         let (response, chunks) = match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(result)) => result?,

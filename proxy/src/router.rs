@@ -11,7 +11,13 @@
 //!    choices), never above `max_concurrent_queries` in flight per replica;
 //! 3. when every replica is full, a wait in a bounded per-backend queue,
 //!    woken when a slot frees; a full queue is [`RouterError::Backpressure`];
-//! 4. the request goes out on the replica's multiplexed connection.
+//! 4. the request goes out on the replica's multiplexed connection;
+//! 5. a request whose connection breaks before any response byte arrives is
+//!    sent once more, to another replica, when that is safe: it was never
+//!    handed to the connection (already known broken), or it is an HTTP GET
+//!    or HEAD and its backend did not turn `retry_idempotent` off. One retry
+//!    per call, within its deadline; a streamed reply whose head arrived is
+//!    never retried. Counted in `serval_router_retries_total{backend}`.
 //!
 //! In-flight counts are kept exact by [`InFlight`], a guard whose `Drop`
 //! releases the slot on every path, including the caller's future being
@@ -23,13 +29,13 @@
 //! header is recorded and removed from the response.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rand::Rng;
 use serval_protos::control::ClusterSnapshot;
-use serval_protos::frame::{Request, Response};
+use serval_protos::frame::{Payload, Request, Response};
 use serval_protos::handshake::Key;
 use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Notify};
@@ -120,6 +126,9 @@ struct Backend {
     queued: AtomicUsize,
     /// The backend's own bound on `queued` (`max_queued_requests`); 0: none.
     max_queued: AtomicUsize,
+    /// Whether its GET and HEAD requests may be sent again after their
+    /// replica was lost mid-request (`retry_idempotent`, on by default).
+    retry_idempotent: AtomicBool,
     /// Requests waiting for the backend to have any routable replica (a
     /// backend scaled to zero, or starting): load the autoscaler must see.
     awaiting_replica: AtomicUsize,
@@ -139,6 +148,7 @@ impl Backend {
             max_concurrent: AtomicUsize::new(DEFAULT_MAX_CONCURRENT_QUERIES),
             queued: AtomicUsize::new(0),
             max_queued: AtomicUsize::new(0),
+            retry_idempotent: AtomicBool::new(true),
             awaiting_replica: AtomicUsize::new(0),
             slot_freed: Notify::new(),
             reports_models: Default::default(),
@@ -324,6 +334,8 @@ impl Router {
             let state = backend(&b.name);
             state.max_concurrent.store(limit, Ordering::Relaxed);
             state.max_queued.store(max_queued, Ordering::Relaxed);
+            let no_retry = b.config.as_ref().is_some_and(|c| c.no_idempotent_retry);
+            state.retry_idempotent.store(!no_retry, Ordering::Relaxed);
         }
         let mut running: HashMap<String, Vec<Arc<Replica>>> = HashMap::new();
         for r in snapshot.replicas.iter().filter(|r| r.state == RUNNING) {
@@ -502,6 +514,8 @@ impl Router {
         chosen: &mut Option<Arc<Backend>>,
     ) -> Result<Reply, RouterError> {
         let mut shadows_sent = false;
+        // One retry per call, across the walk's rounds and backends.
+        let retried = AtomicBool::new(false);
         self.walk(
             endpoint,
             point,
@@ -515,8 +529,9 @@ impl Router {
             },
             |backend, deadline| {
                 let request = &request;
+                let retried = &retried;
                 async move {
-                    self.call_backend(&backend, request, deadline, Queueing::Wait)
+                    self.call_backend(&backend, request, deadline, Queueing::Wait, retried)
                         .await
                 }
             },
@@ -667,8 +682,10 @@ impl Router {
             let router = self.clone();
             let copy = request.clone();
             tokio::spawn(async move {
+                // A shadow copy is never retried: nobody waits for it.
+                let retried = AtomicBool::new(true);
                 match router
-                    .call_backend(&backend, &copy, deadline, Queueing::NoWait)
+                    .call_backend(&backend, &copy, deadline, Queueing::NoWait, &retried)
                     .await
                 {
                     Ok(_) => {}
@@ -683,12 +700,15 @@ impl Router {
         }
     }
 
+    /// One call on `backend`; `retried` is set once the call's one retry
+    /// after a lost connection is spent.
     async fn call_backend(
         &self,
         backend: &Arc<Backend>,
         request: &Request,
         deadline: Instant,
         queueing: Queueing,
+        retried: &AtomicBool,
     ) -> Result<Reply, Attempt> {
         loop {
             let model = if backend.reports_models.load(Ordering::Relaxed) {
@@ -700,7 +720,9 @@ impl Router {
                 .acquire(backend, deadline, queueing, model.as_deref())
                 .await?;
             let replica = &slot.replica.id;
-            return match slot.replica.conn.request(request, deadline).await {
+            let result = slot.replica.conn.request(request, deadline).await;
+            let never_sent = matches!(result, Err(ConnError::NotSent(_)));
+            return match result {
                 Ok(mut reply) => {
                     backend.metrics.take_batch_size(&mut reply.response);
                     if slot.replica.models.take_report(&mut reply.response) {
@@ -717,10 +739,24 @@ impl Router {
                     tracing::debug!(%replica, %reason, "replica unreachable; choosing another");
                     continue;
                 }
-                Err(ConnError::Died(reason)) => Err(Attempt::Failed(RouterError::ReplicaDied {
-                    replica: replica.clone(),
-                    reason,
-                })),
+                // Lost before any response byte, and safe to send again:
+                // the broken connection put its replica in backoff, so
+                // `acquire` chooses another (or waits, within the deadline,
+                // for one to become routable).
+                Err(ConnError::NotSent(reason) | ConnError::Died(reason))
+                    if (never_sent || retry_idempotent(backend, request))
+                        && !retried.swap(true, Ordering::Relaxed) =>
+                {
+                    tracing::info!(%replica, %reason, "replica lost before it answered; retrying on another");
+                    backend.metrics.retried();
+                    continue;
+                }
+                Err(ConnError::NotSent(reason) | ConnError::Died(reason)) => {
+                    Err(Attempt::Failed(RouterError::ReplicaDied {
+                        replica: replica.clone(),
+                        reason,
+                    }))
+                }
                 Err(ConnError::Timeout) => Err(Attempt::Failed(RouterError::Timeout {
                     after: self.inner.config.request_timeout,
                 })),
@@ -809,6 +845,13 @@ impl Router {
     }
 }
 
+/// Whether `request` may be sent again after its replica was lost before
+/// answering: an HTTP GET or HEAD, unless its backend said otherwise.
+fn retry_idempotent(backend: &Backend, request: &Request) -> bool {
+    matches!(&request.payload, Payload::Http(h) if h.method == "GET" || h.method == "HEAD")
+        && backend.retry_idempotent.load(Ordering::Relaxed)
+}
+
 /// A slot reserved by [`Router::reserve`]: which replica, and where its
 /// gRPC server listens. Dropping it frees the slot.
 pub struct Reservation {
@@ -853,7 +896,9 @@ impl Reservation {
                     replica: replica.id.clone(),
                     reason,
                 },
-                ConnError::Connect(reason) | ConnError::Died(reason) => RouterError::ReplicaDied {
+                ConnError::Connect(reason)
+                | ConnError::NotSent(reason)
+                | ConnError::Died(reason) => RouterError::ReplicaDied {
                     replica: replica.id.clone(),
                     reason,
                 },

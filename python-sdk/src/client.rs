@@ -158,6 +158,8 @@ struct PyBackendConfig {
     max_surge: Option<String>,
     max_unavailable: Option<String>,
     max_queued_requests: Option<u32>,
+    /// Serval's: GET/HEAD may be retried after a lost replica (default true).
+    retry_idempotent: Option<bool>,
     experimental_graceful_shutdown_timeout_s: Option<f64>,
 }
 
@@ -234,6 +236,7 @@ fn parse_config(json: &str) -> PyResult<BackendConfig> {
         max_surge: c.max_surge.unwrap_or_default(),
         max_unavailable: c.max_unavailable.unwrap_or_default(),
         max_queued_requests: c.max_queued_requests.unwrap_or(0),
+        no_idempotent_retry: !c.retry_idempotent.unwrap_or(true),
         graceful_shutdown_timeout_s: c
             .experimental_graceful_shutdown_timeout_s
             .unwrap_or(DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S),

@@ -42,6 +42,9 @@ def test_backend_config_validates_fields_and_assignments():
     with pytest.raises(ValueError, match="unknown_key"):
         serve.BackendConfig(unknown_key=-1)
     serve.BackendConfig(num_replicas=1)
+    assert serve.BackendConfig().retry_idempotent is True
+    with pytest.raises(TypeError, match="retry_idempotent"):
+        serve.BackendConfig(retry_idempotent=1)
     # A wrong type is both (Ray 1.0's TypeError, pydantic's ValueError).
     with pytest.raises(TypeError, match="num_replicas"):
         serve.BackendConfig(num_replicas="hello")
@@ -264,6 +267,7 @@ def test_backend_config_objects_create_list_and_update(shared):
     assert isinstance(listed, serve.BackendConfig)
     assert (listed.num_replicas, listed.user_config) == (2, {"count": 123})
     assert listed["num_replicas"] == 2 and listed.max_concurrent_queries == 8
+    assert listed.retry_idempotent is True
     assert serve.get_backend_config("conf").num_replicas == 2
 
     # Only the fields the update sets change.
@@ -274,8 +278,11 @@ def test_backend_config_objects_create_list_and_update(shared):
     wait_for(lambda: all(handle.remote().result(timeout=60)["count"] == 456 for _ in range(10)),
              timeout=60, what="every replica reconfigured")
     # A dict works as before.
-    serve.update_backend_config("conf", {"num_replicas": 1})
+    serve.update_backend_config("conf", {"num_replicas": 1, "retry_idempotent": False})
     assert serve.get_backend_config("conf").num_replicas == 1
+    assert serve.get_backend_config("conf").retry_idempotent is False
+    serve.update_backend_config("conf", {"num_replicas": 1})
+    assert serve.get_backend_config("conf").retry_idempotent is False, "kept by an update not setting it"
     serve.delete_endpoint("conf")
     serve.delete_backend("conf")
 

@@ -149,6 +149,11 @@ def test_deployment_options_are_checked_and_compiled_to_backend_config():
         serve.deployment(placement_group_bundles=[{"CPU": 1}])
     with pytest.raises(TypeError):
         serve.deployment(no_such_option=1)
+    with pytest.raises(TypeError, match="retry_idempotent"):
+        serve.deployment(retry_idempotent="no")
+    # Serval's retry_idempotent: only turning it off reaches the config.
+    assert Multiplier.options(retry_idempotent=False).backend_config()["retry_idempotent"] is False
+    assert "retry_idempotent" not in Multiplier.options(retry_idempotent=True).backend_config()
     with pytest.raises(ValueError, match="'#'"):
         Multiplier.options(name="a#b")
     with pytest.raises(ValueError, match="num_replicas cannot be set with autoscaling_config"):

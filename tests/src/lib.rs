@@ -338,6 +338,106 @@ pub fn http_request_to(
     Ok((status, body))
 }
 
+/// Two backends of two replicas each answering `{"pid": ...}` after 0.1 s:
+/// `gets` (GET, `retry_idempotent` on as by default) and `posts` (POST,
+/// `retry_idempotent=False`). Connects to `ADDR` with `TOKEN`.
+pub const DEPLOY_SLOW_GETS_AND_POSTS: &str = r#"
+import os, time
+from serval import serve
+serve.connect(os.environ["ADDR"], token=os.environ["TOKEN"])
+
+def slow(request):
+    # Long enough that every replica always has requests in flight.
+    time.sleep(0.1)
+    return {"pid": os.getpid()}
+
+serve.create_backend("gets", slow, config={"num_replicas": 2})
+serve.create_endpoint("gets", backend="gets", route="/gets")
+serve.create_backend("posts", slow, config={"num_replicas": 2, "retry_idempotent": False})
+serve.create_endpoint("posts", backend="posts", route="/posts", methods=["POST"])
+print("deployed")
+"#;
+
+/// What a load of `method` requests to `path` through the proxy at
+/// `host:port` saw while one replica of the backend was SIGKILLed (the
+/// backend answers `{"pid": ...}` slowly enough that every replica always
+/// has requests in flight): (successes, failures with their status or error).
+pub fn load_while_a_replica_is_killed(
+    host: &str,
+    port: u16,
+    method: &str,
+    path: &str,
+) -> (usize, Vec<String>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    let stop = AtomicBool::new(false);
+    let pids = Mutex::new(std::collections::BTreeSet::new());
+    let ok = std::sync::atomic::AtomicUsize::new(0);
+    let failed = Mutex::new(Vec::new());
+    let body = if method == "POST" { "{}" } else { "" };
+    wait_for(
+        &format!("{method} {path} answered"),
+        Duration::from_secs(60),
+        || {
+            matches!(
+                http_request_to(host, port, method, path, body),
+                Ok((200, _))
+            )
+            .then_some(())
+        },
+    );
+    /// Stops the clients however the scope ends (a failed wait panics).
+    struct Stop<'a>(&'a AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    std::thread::scope(|s| {
+        let _stop = Stop(&stop);
+        // Four clients for two replicas: both always have requests in flight.
+        for _ in 0..4 {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    match http_request_to(host, port, method, path, body) {
+                        Ok((200, answer)) => {
+                            let v: serde_json::Value =
+                                serde_json::from_str(&answer).unwrap_or_default();
+                            if let Some(pid) = v["pid"].as_i64() {
+                                pids.lock().unwrap().insert(pid);
+                            }
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok((status, body)) => {
+                            failed.lock().unwrap().push(format!("{status} {body}"))
+                        }
+                        Err(e) => failed.lock().unwrap().push(e.to_string()),
+                    }
+                }
+            });
+        }
+        let victim = wait_for("both replicas answering", Duration::from_secs(60), || {
+            let p = pids.lock().unwrap();
+            (p.len() >= 2).then(|| *p.iter().next().unwrap())
+        });
+        let status = std::process::Command::new("kill")
+            .args(["-KILL", &victim.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {victim}");
+        // Load goes on until the backend has served plenty after the kill
+        // (the survivor, and the replica the node agent starts again).
+        let after = ok.load(Ordering::Relaxed) + 40;
+        wait_for(
+            "requests served after the kill",
+            Duration::from_secs(60),
+            || (ok.load(Ordering::Relaxed) >= after).then_some(()),
+        );
+        stop.store(true, Ordering::Relaxed);
+    });
+    (ok.into_inner(), failed.into_inner().unwrap())
+}
+
 /// A head (directory `root/name`) whose node agent has no CPUs, so it
 /// starts no replicas: for tests of the control plane alone. `join`:
 /// (address, token) of a head of the cluster to join.

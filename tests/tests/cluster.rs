@@ -1,6 +1,7 @@
 //! Whole-cluster behaviour with real processes: a head restarted on the same
 //! data dir brings its deployments back, and the data plane keeps serving
-//! from its cached routing table while the controller is down.
+//! from its cached routing table while the controller is down, and a GET
+//! whose replica is SIGKILLed mid-request is served by another.
 
 use std::time::Duration;
 
@@ -180,4 +181,55 @@ print("second", h.remote().result()["count"], flush=True)
         line.starts_with("second"),
         "the handle failed without the controller: {line:?}"
     );
+}
+
+/// Issue 24: a GET whose replica is SIGKILLed before it answered is sent
+/// once more, to another replica: a loop of GETs sees no failure. A POST
+/// (never idempotent), on a backend with `retry_idempotent=False`, may
+/// fail, as a 502 (replica lost) or 503 (none routable).
+#[test]
+fn gets_survive_a_replica_sigkilled_under_load_and_posts_fail_as_502_or_503() {
+    let tmp = tempfile::Builder::new()
+        .prefix("sv-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (control, http) = (free_port(), free_port());
+    let mut head = ServeProcess::start(
+        &tmp.path().join("head"),
+        control,
+        http,
+        &["--head", "--num-cpus", "4"],
+    );
+    head.wait_log("http proxy listening");
+    let envs = [("ADDR", head.control_address()), ("TOKEN", head.token())];
+    let out = run_python(DEPLOY_SLOW_GETS_AND_POSTS, &envs);
+    assert!(out.contains("deployed"), "{out}");
+
+    let (ok, failed) = load_while_a_replica_is_killed("127.0.0.1", http, "GET", "/gets");
+    eprintln!(
+        "FIGURES: GETs with a replica SIGKILLed: {ok} served, {} failed",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "failed GETs: {failed:?}");
+    let metrics = http_get(http, "/-/metrics")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with(r#"serval_router_retries_total{backend="gets"}"#)),
+        "no retry counted: {metrics}"
+    );
+
+    let (ok, failed) = load_while_a_replica_is_killed("127.0.0.1", http, "POST", "/posts");
+    eprintln!(
+        "FIGURES: POSTs with a replica SIGKILLed: {ok} served, {} failed",
+        failed.len()
+    );
+    for f in &failed {
+        assert!(
+            f.starts_with("502") || f.starts_with("503"),
+            "a POST failed otherwise: {f}"
+        );
+    }
 }

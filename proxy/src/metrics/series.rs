@@ -42,6 +42,7 @@ pub const ENTITY_FAMILIES: &[&str] = &[
     super::ROUTER_REQUESTS_TOTAL,
     BATCH_SIZE,
     super::WEBSOCKET_SESSIONS_TOTAL,
+    super::ROUTER_RETRIES_TOTAL,
     crate::http::REQUESTS_TOTAL,
     crate::http::REQUEST_DURATION_SECONDS,
     // `serval_node::metrics` (the node agent; this crate cannot name it).

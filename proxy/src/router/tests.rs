@@ -107,10 +107,14 @@ fn snapshot(
 }
 
 fn http_request(path: &str) -> Request {
+    method_request("GET", path)
+}
+
+fn method_request(method: &str, path: &str) -> Request {
     Request {
         method_name: None,
         payload: Payload::Http(HttpRequest {
-            method: "GET".into(),
+            method: method.into(),
             path: path.into(),
             ..Default::default()
         }),
@@ -326,6 +330,8 @@ async fn a_slow_replica_times_out_and_frees_its_slot() {
     assert_eq!(router.in_flight("b"), 0);
 }
 
+/// A POST is not idempotent: lost with its replica, it fails (the replica
+/// may have run it) instead of being sent again.
 #[tokio::test]
 async fn a_replica_dying_mid_request_fails_it_and_traffic_moves_on() {
     let dir = tempfile::tempdir().unwrap();
@@ -341,7 +347,7 @@ async fn a_replica_dying_mid_request_fails_it_and_traffic_moves_on() {
         vec![doomed.record("be")],
     ));
     let r = router.clone();
-    let stuck = tokio::spawn(async move { r.call("ep", http_request("/ep")).await });
+    let stuck = tokio::spawn(async move { r.call("ep", method_request("POST", "/ep")).await });
     eventually("request held on the doomed replica", || hold.held() == 1).await;
     router.update(&snapshot(
         vec![backend("be", 0)],
@@ -379,6 +385,91 @@ async fn a_replica_dying_mid_request_fails_it_and_traffic_moves_on() {
         let resp = router.call("ep", http_request("/ep")).await.unwrap();
         assert_eq!(body(&resp), "survivor");
         n += 1;
+    }
+}
+
+/// Holds one `method` request on a replica, kills that replica while a
+/// survivor is routable, and returns what the call got and
+/// `serval_router_retries_total` for the backend.
+fn lose_a_held_request(
+    method: &str,
+    retry_idempotent: bool,
+) -> (Result<Response, RouterError>, Option<f64>) {
+    let recorder = crate::metrics::prometheus_builder().build_recorder();
+    let handle = recorder.handle();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let result = ::metrics::with_local_recorder(&recorder, || {
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let hold = Arc::new(HoldHandler::default());
+            let mut doomed = TestReplica::start(dir.path(), "a", hold.clone());
+            let survivor_seen = TagHandler::new("survivor");
+            let survivor = TestReplica::start(dir.path(), "b", survivor_seen.clone());
+            let router = Router::new(test_config());
+            let mut be = backend("be", 0);
+            be.config.as_mut().unwrap().no_idempotent_retry = !retry_idempotent;
+            let eps = || vec![endpoint("ep", &[("be", 1.0)], &[])];
+            router.update(&snapshot(
+                vec![be.clone()],
+                eps(),
+                vec![doomed.record("be")],
+            ));
+            let r = router.clone();
+            let request = method_request(method, "/ep");
+            let stuck = tokio::spawn(async move { r.call("ep", request).await });
+            eventually("request held on the doomed replica", || hold.held() == 1).await;
+            router.update(&snapshot(
+                vec![be],
+                eps(),
+                vec![doomed.record("be"), survivor.record("be")],
+            ));
+            doomed.kill();
+            let result = tokio::time::timeout(Duration::from_secs(10), stuck)
+                .await
+                .expect("the call ended within its bound")
+                .unwrap();
+            if result.is_ok() {
+                assert_eq!(
+                    survivor_seen.seen.load(Ordering::SeqCst),
+                    1,
+                    "sent again exactly once"
+                );
+            }
+            assert_eq!(router.in_flight("be"), 0);
+            result
+        })
+    });
+    let retries = handle.render().lines().find_map(|l| {
+        l.strip_prefix(r#"serval_router_retries_total{backend="be"}"#)?
+            .trim()
+            .parse()
+            .ok()
+    });
+    (result, retries)
+}
+
+#[test]
+fn a_get_lost_with_its_replica_is_retried_once_on_another_and_counted() {
+    for method in ["GET", "HEAD"] {
+        let (result, retries) = lose_a_held_request(method, true);
+        let response = result.unwrap_or_else(|e| panic!("{method} failed: {e:?}"));
+        assert_eq!(body(&response), "survivor");
+        assert_eq!(retries, Some(1.0), "{method}");
+    }
+}
+
+#[test]
+fn a_backend_that_turns_retry_idempotent_off_fails_a_lost_get_and_a_post_is_never_retried() {
+    for (method, retry) in [("GET", false), ("POST", true)] {
+        let (result, retries) = lose_a_held_request(method, retry);
+        assert!(
+            matches!(result, Err(RouterError::ReplicaDied { ref replica, .. }) if replica == "a"),
+            "{method}: {result:?}"
+        );
+        assert_eq!(retries, None, "{method}");
     }
 }
 

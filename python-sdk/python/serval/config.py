@@ -99,6 +99,12 @@ def _json_value(field: str, value: Any) -> Any:
     return value
 
 
+def _bool(field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigTypeError(f"{field} must be True or False, not {value!r}")
+    return value
+
+
 def _rollout_bound(field: str, value: Any) -> Any:
     # A count or a percentage ("25%"), as Kubernetes writes them.
     if value is None:
@@ -186,6 +192,7 @@ class BackendConfig(_Validated):
         "autoscaling": (None, lambda f, v: None if v is None else autoscaling_payload(v)),
         "max_surge": (None, _rollout_bound),
         "max_unavailable": (None, _rollout_bound),
+        "retry_idempotent": (True, _bool),
     }
 
     #: Fields Serval takes but does not store: a stopping replica waits for

@@ -57,6 +57,9 @@ _OPTIONS = (
     "user_config", "health_check_period_s", "health_check_timeout_s", "graceful_shutdown_wait_loop_s",
     "graceful_shutdown_timeout_s", "logging_config", "max_replicas_per_node", "placement_group_bundles",
     "placement_group_strategy", "version",
+    # Serval's: False when the deployment's GET/HEAD handlers are not
+    # idempotent (then a GET lost with its replica is not sent again).
+    "retry_idempotent",
 )
 #: Options Serval cannot honour: giving one raises.
 _UNSUPPORTED = {"max_replicas_per_node", "placement_group_bundles", "placement_group_strategy"}
@@ -155,6 +158,10 @@ def check_option(key: str, value: Any) -> Any:
         return _int_at_least("num_replicas", value, 1)
     if key == "max_ongoing_requests":
         return _int_at_least(key, value, 1)
+    if key == "retry_idempotent":
+        if not isinstance(value, bool):
+            raise TypeError(f"retry_idempotent must be True or False, not {value!r}")
+        return value
     if key == "max_queued_requests":
         if _is_int(value) and (value == -1 or value >= 1):
             return value
@@ -265,6 +272,8 @@ class Deployment:
             "experimental_graceful_shutdown_timeout_s": o.get("graceful_shutdown_timeout_s",
                                                               DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S),
         }
+        if o.get("retry_idempotent") is False:
+            config["retry_idempotent"] = False
         queued = o.get("max_queued_requests", -1)
         if queued != -1:
             config["max_queued_requests"] = queued

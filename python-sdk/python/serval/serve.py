@@ -582,6 +582,7 @@ def _backend_config_dict(backend: Dict[str, Any]) -> Dict[str, Any]:
         "autoscaling": c.get("autoscaling"),
         "max_surge": c.get("max_surge") or None,
         "max_unavailable": c.get("max_unavailable") or None,
+        "retry_idempotent": not c.get("no_idempotent_retry", False),
         "experimental_graceful_shutdown_timeout_s": c.get("graceful_shutdown_timeout_s", 0.0),
     }
 
