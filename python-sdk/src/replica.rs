@@ -1351,7 +1351,7 @@ fn method_str<'py>(py: Python<'py>, method: &str) -> Bound<'py, PyString> {
 fn asgi_version(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
     d.set_item(intern!(py, "version"), intern!(py, "3.0"))?;
-    d.set_item(intern!(py, "spec_version"), intern!(py, "2.3"))?;
+    d.set_item(intern!(py, "spec_version"), intern!(py, "2.4"))?;
     Ok(d)
 }
 

@@ -242,6 +242,68 @@ def test_http_chunks_arrive_as_the_generator_yields_them(shared, tmp_path):
     serve.delete("words")
 
 
+@serve.deployment(ray_actor_options=CPU0)
+def burst(request):
+    """Yields ``n`` chunks of ``size`` bytes without suspending in between
+    (one task step), as a StreamingResponse or as a generator ``__call__``."""
+    n = int(request.query_params["n"])
+    size = int(request.query_params["size"])
+
+    async def chunks():
+        for i in range(n):
+            yield bytes([ord("a") + i % 26]) * size
+
+    if request.query_params.get("as") == "generator":
+        return chunks()
+    return StreamingResponse(chunks(), media_type="text/plain")
+
+
+def raw_chunks(url, path):
+    """GETs ``path`` over a raw HTTP/1.1 connection and returns the chunks of
+    its chunked body as they were framed on the wire."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    with socket.create_connection((u.hostname, u.port), timeout=60) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while True:
+            got = s.recv(1 << 16)
+            if not got:
+                break
+            data += got
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert b"transfer-encoding: chunked" in head.lower(), head
+    chunks = []
+    while True:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return chunks
+        chunks.append(body[:size])
+        body = body[size + 2:]
+
+
+def test_a_burst_of_chunks_leaves_in_few_frames(shared):
+    """Chunks a generator yields without suspending leave together when the
+    replica's loop turns (the gate test above shows a chunk before a
+    suspension leaves at once); a burst past the frame size still arrives
+    whole, under the stream's window."""
+    serve.run(burst.bind(), name="burst", route_prefix="/burst")
+    for kind in ("response", "generator"):
+        chunks = raw_chunks(shared.url, f"/burst?n=100&size=1&as={kind}")
+        assert b"".join(chunks) == bytes(ord("a") + i % 26 for i in range(100))
+        assert len(chunks) < 10, f"{kind}: 100 one-byte chunks of one burst came as {len(chunks)} frames"
+
+        # 40 chunks of 100 kB: 4 MB in one burst, more than the window's
+        # frames could hold at one chunk per frame.
+        chunks = raw_chunks(shared.url, f"/burst?n=40&size=100000&as={kind}")
+        assert b"".join(chunks) == b"".join(bytes([ord("a") + i % 26]) * 100000 for i in range(40))
+    serve.delete("burst")
+
+
 def test_handle_streams_sync_and_async(shared, tmp_path):
     serve.run(Chat.bind(), name="chat", route_prefix="/chat")
     chat = serve.get_deployment_handle("Chat", "chat")

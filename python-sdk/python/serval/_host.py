@@ -56,7 +56,7 @@ from typing import Any, Optional
 
 import cloudpickle
 from starlette.background import BackgroundTask, BackgroundTasks
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from . import multiplex
@@ -89,20 +89,44 @@ _PICKLE = [("content-type", PICKLE_CONTENT_TYPE)]
 STREAM_WINDOW = 16
 
 
+#: HTTP body bytes a stream gathers into one chunk frame at most. Chunks a
+#: generator yields without suspending in between (a burst) leave as one
+#: frame when the loop next turns, and a burst past this size leaves in
+#: frames of about this size, each under the stream's window.
+STREAM_COALESCE_BYTES = 64 * 1024
+
+
 class _Stream:
     """One streamed reply: the credit its router granted, the waiter for
-    more, and the task producing it (cancelled when the router cancels)."""
+    more, the task producing it (cancelled when the router cancels), and
+    the HTTP body bytes yielded since the loop last turned (``pending``),
+    sent by a flush scheduled on the loop (``flush_scheduled``)."""
 
-    __slots__ = ("credit", "waiter", "task")
+    __slots__ = ("credit", "waiter", "task", "reply", "pending", "pending_size", "flush_scheduled", "gone")
 
-    def __init__(self):
+    def __init__(self, reply):
         self.credit = STREAM_WINDOW
         self.waiter = None
         self.task = None
+        self.reply = reply
+        self.pending = []
+        self.pending_size = 0
+        self.flush_scheduled = False
+        self.gone = False
+
+    def send_pending(self) -> None:
+        """Sends what is pending as one chunk frame (the caller took its
+        credit); a router gone marks the stream ``gone``."""
+        body = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
+        self.pending = []
+        self.pending_size = 0
+        if not self.reply.send_chunk(body):
+            self.gone = True
 
 
-class _StreamGone(Exception):
-    """The router connection of a stream closed while it was produced."""
+class _StreamGone(OSError):
+    """The router connection of a stream closed while it was produced (an
+    OSError: what ASGI 2.4's ``send`` raises when the client is gone)."""
 
 #: SERVAL_DEBUG=1 (in the environment of `serve start`, inherited by its
 #: replicas) adds the traceback to the 500 body of a failed HTTP request; it
@@ -768,7 +792,7 @@ class Host:
         generator, or a Response whose body is produced by running it)
         yields, chunk by chunk, on a task that holds the request's slot until
         the stream ends."""
-        stream = _Stream()
+        stream = _Stream(reply)
         key = reply.stream_key
         self._streams[key] = stream
         stream.task = self.loop.create_task(self._run_stream(kind, source, scope, reply, stream, key))
@@ -794,6 +818,9 @@ class Host:
         waiter = stream.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        elif stream.pending and not stream.flush_scheduled:
+            # Bytes held for want of credit while the generator is suspended.
+            self._schedule_flush(stream)
 
     async def _take_credit(self, stream: _Stream) -> None:
         """Waits until the window has room for one more chunk."""
@@ -805,51 +832,110 @@ class Host:
                 stream.waiter = None
         stream.credit -= 1
 
+    async def _send_http_chunk(self, stream: _Stream, chunk: bytes) -> None:
+        """Queues one chunk of an HTTP stream: it leaves when the loop next
+        turns (with the rest of its burst) or, past STREAM_COALESCE_BYTES,
+        now, waiting for credit (the backpressure on the generator)."""
+        if stream.gone:
+            raise _StreamGone()
+        if not chunk:
+            return
+        stream.pending.append(chunk)
+        stream.pending_size += len(chunk)
+        if stream.pending_size >= STREAM_COALESCE_BYTES:
+            await self._flush(stream)
+        elif not stream.flush_scheduled:
+            self._schedule_flush(stream)
+
+    async def _flush(self, stream: _Stream) -> None:
+        """Sends the pending bytes under one credit, waiting for it."""
+        if stream.pending:
+            await self._take_credit(stream)
+            if stream.pending:
+                stream.send_pending()
+            else:  # a scheduled flush sent them while this one waited
+                stream.credit += 1
+        if stream.gone:
+            raise _StreamGone()
+
+    def _schedule_flush(self, stream: _Stream) -> None:
+        stream.flush_scheduled = True
+        self.loop.call_soon(self._flush_soon, stream)
+
+    def _flush_soon(self, stream: _Stream) -> None:
+        """The loop turned: the burst's bytes go, if the window has room
+        (else on_stream schedules this again when credit comes)."""
+        stream.flush_scheduled = False
+        if stream.pending and stream.credit > 0 and not stream.gone:
+            stream.credit -= 1
+            stream.send_pending()
+
     async def _run_stream(self, kind: int, source: Any, scope, reply, stream: _Stream, key) -> None:
         try:
             if isinstance(source, Response):
                 await self._stream_asgi(source, scope, reply, stream)
             elif reply.start_stream(200, _TEXT if kind == _HTTP else _PICKLE):
                 await self._stream_items(kind, source, reply, stream)
-        except (asyncio.CancelledError, _StreamGone):
+        except (asyncio.CancelledError, _StreamGone, ClientDisconnect):
             # The client went away (or the replica stops): the generator was
-            # closed where it stood.
+            # closed where it stood. (Starlette turns ASGI 2.4's OSError from
+            # send into ClientDisconnect.)
             _end_stream_with(reply, _UNAVAILABLE)
         except (KeyboardInterrupt, SystemExit) as e:
             _end_stream_with(reply, _fatal_response(e))
             raise
         except Exception as e:
+            if stream.pending and not stream.gone:
+                stream.send_pending()  # what was yielded before the error
             _end_stream_with(reply, self._error(kind, e, scope, None))
         finally:
             self._streams.pop(key, None)
             self._done()
 
     async def _stream_items(self, kind: int, source: Any, reply, stream: _Stream) -> None:
-        encode = _http_chunk if kind == _HTTP else cloudpickle.dumps
+        """Streams a generator's items: over HTTP as body bytes gathered per
+        burst (``_send_http_chunk``, which holds the generator once a
+        window and a burst are out); else one item per frame, the generator
+        not advanced while the window is out. (A sync generator's ``next``
+        blocks the loop, which would hold a burst back for as long: its
+        items go one by one.)"""
+        if kind == _HTTP and inspect.isasyncgen(source):
+            take = None
+
+            async def put(item):
+                await self._send_http_chunk(stream, _http_chunk(item))
+        else:
+            take = self._take_credit
+            encode = _http_chunk if kind == _HTTP else cloudpickle.dumps
+
+            async def put(item):
+                if not reply.send_chunk(encode(item)):
+                    raise _StreamGone()
         if inspect.isasyncgen(source):
             try:
                 while True:
-                    await self._take_credit(stream)
+                    if take is not None:
+                        await take(stream)
                     try:
                         item = await source.__anext__()
                     except StopAsyncIteration:
                         break
-                    if not reply.send_chunk(encode(item)):
-                        raise _StreamGone()
+                    await put(item)
             finally:
                 await source.aclose()
         else:
             try:
                 while True:
-                    await self._take_credit(stream)
+                    if take is not None:
+                        await take(stream)
                     try:
                         item = _call_blocking(next, (source,), None)
                     except StopIteration:
                         break
-                    if not reply.send_chunk(encode(item)):
-                        raise _StreamGone()
+                    await put(item)
             finally:
                 source.close()
+        await self._flush(stream)
         reply.end_stream()
 
     async def _stream_asgi(self, response: Response, scope: dict, reply, stream: _Stream) -> None:
@@ -863,17 +949,14 @@ class Host:
                 if not reply.start_stream(message["status"], headers):
                     raise _StreamGone()
             elif message["type"] == "http.response.body":
-                body = message.get("body", b"")
-                if body:
-                    await self._take_credit(stream)
-                    if not reply.send_chunk(bytes(body)):
-                        raise _StreamGone()
+                await self._send_http_chunk(stream, bytes(message.get("body", b"")))
 
         async def receive():  # a disconnect cancels this task instead
             await asyncio.Event().wait()
 
         await response(scope, receive, send)
         if reply.answered:
+            await self._flush(stream)
             reply.end_stream()
         else:
             raise RuntimeError("the response ended without starting (no http.response.start)")
