@@ -2,6 +2,7 @@
 //! the project's `.venv` Python, free ports, polling with a deadline, and a
 //! guard that kills a process tree on drop so a failing test leaves nothing.
 
+pub mod linearizability;
 pub mod netns;
 
 use std::net::TcpListener;
