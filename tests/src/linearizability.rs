@@ -70,7 +70,7 @@ pub fn check<M: Model>(model: &M, history: &[Op<M::Input, M::Output>]) -> Result
         seen: HashSet::new(),
         steps: 0,
         deepest: 0,
-        deepest_placed: Vec::new(),
+        deepest_placed: vec![0u64; ops.len().div_ceil(64)],
     };
     let completed = ops.iter().filter(|o| o.ret.is_some()).count();
     if search.dfs(model.init(), completed, 0) {
@@ -164,14 +164,15 @@ impl<M: Model> Search<'_, M> {
             .filter_map(|i| self.ops[i].ret)
             .min()
             .unwrap_or(u64::MAX);
-        for i in 0..self.ops.len() {
+        // Ops with a known outcome first: one of unknown outcome need only
+        // be placed where a later answer shows it took effect.
+        let candidates = (0..self.ops.len())
+            .take_while(|&i| self.ops[i].invoke <= first_return)
+            .filter(|&i| !self.is_placed(i));
+        let (known, unknown): (Vec<usize>, Vec<usize>) =
+            candidates.partition(|&i| self.ops[i].ret.is_some());
+        for i in known.into_iter().chain(unknown) {
             let op = self.ops[i];
-            if op.invoke > first_return {
-                break;
-            }
-            if self.is_placed(i) {
-                continue;
-            }
             let Some(next) = self.model.step(&state, &op.input, op.output.as_ref()) else {
                 continue;
             };

@@ -572,6 +572,7 @@ fn lin_client(
         .enable_all()
         .build()
         .unwrap();
+    let _in_runtime = rt.enter();
     let mut clients: Vec<_> = heads
         .iter()
         .map(|a| serval_protos::client::connect_lazy(a, &token).unwrap())
@@ -713,8 +714,8 @@ fn control_plane_history_is_linearizable_across_leader_loss_and_a_cut_off_head()
             (done.load(Ordering::Relaxed) >= target).then_some(())
         })
     };
-    let leader_seen_by = |ix: usize| -> Option<String> {
-        let s = heads[ix].status_json();
+    let leader_seen_by = |head: &ServeProcess| -> Option<String> {
+        let s = head.status_json();
         s["heads"]
             .as_array()?
             .iter()
@@ -729,7 +730,7 @@ fn control_plane_history_is_linearizable_across_leader_loss_and_a_cut_off_head()
     let killed_addr = killed.control_address();
     drop(killed);
     let other = wait_for("a new leader", Duration::from_secs(60), || {
-        leader_seen_by(0).filter(|a| *a != killed_addr)
+        leader_seen_by(&heads[0]).filter(|a| *a != killed_addr)
     });
     progress("calls under the new leader", 40);
     let mut back = ServeProcess::start(&dir, control, http, &["--head", "--num-cpus", "0"]);
@@ -746,7 +747,7 @@ fn control_plane_history_is_linearizable_across_leader_loss_and_a_cut_off_head()
     signal("-STOP");
     let rest: Vec<usize> = (0..3).filter(|i| *i != cut_ix).collect();
     wait_for("a leader among the others", Duration::from_secs(60), || {
-        leader_seen_by(rest[0]).filter(|a| *a != other)
+        leader_seen_by(&heads[rest[0]]).filter(|a| *a != other)
     });
     progress("calls while a head is cut off", 40);
     signal("-CONT");
