@@ -47,6 +47,9 @@ pub struct Op<I, O> {
     pub ret: Option<u64>,
 }
 
+/// An op of `M`'s inputs and outputs.
+pub type ModelOp<M> = Op<<M as Model>::Input, <M as Model>::Output>;
+
 /// What a successful check looked at.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Checked {
@@ -109,9 +112,9 @@ pub fn check<M: Model>(model: &M, history: &[Op<M::Input, M::Output>]) -> Result
 /// history is (linearizability is local).
 pub fn check_by_key<M: Model, K: Ord + Debug>(
     model: &M,
-    history: Vec<(K, Op<M::Input, M::Output>)>,
+    history: Vec<(K, ModelOp<M>)>,
 ) -> Result<Checked, String> {
-    let mut parts: BTreeMap<K, Vec<Op<M::Input, M::Output>>> = BTreeMap::new();
+    let mut parts: BTreeMap<K, Vec<ModelOp<M>>> = BTreeMap::new();
     for (key, op) in history {
         parts.entry(key).or_default().push(op);
     }
@@ -253,9 +256,7 @@ impl Model for Backends {
             (BackendOp::Create(_), Some(_)) => (BackendAnswer::Exists, s.clone()),
             (BackendOp::Update(v), Some(_)) => (BackendAnswer::Ok, set(Some(v))),
             (BackendOp::Delete, Some(_)) => (BackendAnswer::Ok, set(None)),
-            (BackendOp::Update(_) | BackendOp::Delete, None) => {
-                (BackendAnswer::Missing, s.clone())
-            }
+            (BackendOp::Update(_) | BackendOp::Delete, None) => (BackendAnswer::Missing, s.clone()),
             (BackendOp::Read, v) => (BackendAnswer::Value(v), s.clone()),
             (BackendOp::StaleRead, _) => {
                 return match output {

@@ -374,7 +374,9 @@ fn queue_batches_end_once_or_dead_lettered_across_leader_kills() {
             ..Default::default()
         };
         let job = c.create_job(spec).await.unwrap().into_inner().id;
-        let batches: Vec<Vec<u8>> = (0..BATCHES).map(|i| format!("[{i}]").into_bytes()).collect();
+        let batches: Vec<Vec<u8>> = (0..BATCHES)
+            .map(|i| format!("[{i}]").into_bytes())
+            .collect();
         c.enqueue_batches(EnqueueRequest {
             job_id: job.clone(),
             first_index: 0,
@@ -408,9 +410,16 @@ fn queue_batches_end_once_or_dead_lettered_across_leader_kills() {
     let acked = Arc::new(AtomicUsize::new(0));
     let workers: Vec<_> = (0..3)
         .map(|i| {
-            let (all, token, job, poison, acked) =
-                (all.clone(), token.clone(), job.clone(), poison.clone(), acked.clone());
-            std::thread::spawn(move || queue_worker(all, token, job, format!("w{i}"), poison, acked))
+            let (all, token, job, poison, acked) = (
+                all.clone(),
+                token.clone(),
+                job.clone(),
+                poison.clone(),
+                acked.clone(),
+            );
+            std::thread::spawn(move || {
+                queue_worker(all, token, job, format!("w{i}"), poison, acked)
+            })
         })
         .collect();
     let leader_seen_by = |head: &ServeProcess| -> Option<String> {
@@ -431,7 +440,11 @@ fn queue_batches_end_once_or_dead_lettered_across_leader_kills() {
     acked_at_least("a quarter of the batches", BATCHES as usize / 4);
     let acked_at_kills = [acked.load(Ordering::Relaxed), 0];
     let killed = heads.remove(leader_ix);
-    let (dir, control, http) = (killed.data_dir.clone(), killed.control_port, killed.http_port);
+    let (dir, control, http) = (
+        killed.data_dir.clone(),
+        killed.control_port,
+        killed.http_port,
+    );
     let killed_addr = killed.control_address();
     drop(killed);
     let second = wait_for("a second leader", Duration::from_secs(60), || {
@@ -452,7 +465,9 @@ fn queue_batches_end_once_or_dead_lettered_across_leader_kills() {
         let mut c = serval_protos::client::connect(&survivor.control_address(), &token)
             .await
             .unwrap();
-        let request = JobRequest { job_id: job.clone() };
+        let request = JobRequest {
+            job_id: job.clone(),
+        };
         let ended = c.get_job(request.clone()).await.unwrap().into_inner();
         let dead = c.get_dead_letters(request).await.unwrap().into_inner();
         (ended, dead)
@@ -479,7 +494,11 @@ fn queue_batches_end_once_or_dead_lettered_across_leader_kills() {
     }
     assert_eq!(receipts.len() as u64, BATCHES, "every batch ran");
     for index in &deserted {
-        assert!(receipts[index] >= 2, "deserted batch {index} ran as receipt {}", receipts[index]);
+        assert!(
+            receipts[index] >= 2,
+            "deserted batch {index} ran as receipt {}",
+            receipts[index]
+        );
     }
     let runs: usize = logs.iter().map(|l| l.ran.len()).sum();
     eprintln!(

@@ -549,7 +549,10 @@ fn answer_of<T>(
     }
 }
 
-type Recorded = (String, linearizability::Op<linearizability::BackendOp, linearizability::BackendAnswer>);
+type Recorded = (
+    String,
+    linearizability::Op<linearizability::BackendOp, linearizability::BackendAnswer>,
+);
 
 /// One client: random creates, updates, deletes and reads (GetSnapshot,
 /// what `serve status` shows) of `KEYS` backends, each call through the
@@ -578,7 +581,8 @@ fn lin_client(
         .map(|a| serval_protos::client::connect_lazy(a, &token).unwrap())
         .collect();
     let now = || start.elapsed().as_nanos() as u64;
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (client as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let mut rng =
+        0x9e37_79b9_7f4a_7c15u64 ^ (client as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     let mut next = move || {
         rng ^= rng << 13;
         rng ^= rng >> 7;
@@ -611,9 +615,16 @@ fn lin_client(
                 // One snapshot reads every key.
                 for k in 0..KEYS {
                     let name = format!("lin{k}");
-                    let value = s.get_ref().backends.iter().find(|b| b.name == name).map(|b| {
-                        b.config.as_ref().map_or(0, |c| c.user_config_json.parse().unwrap_or(0))
-                    });
+                    let value = s
+                        .get_ref()
+                        .backends
+                        .iter()
+                        .find(|b| b.name == name)
+                        .map(|b| {
+                            b.config
+                                .as_ref()
+                                .map_or(0, |c| c.user_config_json.parse().unwrap_or(0))
+                        });
                     history.push((
                         name,
                         Op {
@@ -636,7 +647,10 @@ fn lin_client(
                     config: Some(config(v)),
                     ..Default::default()
                 };
-                let r = rt.block_on(tokio::time::timeout(CALL_TIMEOUT, c.create_backend(backend)));
+                let r = rt.block_on(tokio::time::timeout(
+                    CALL_TIMEOUT,
+                    c.create_backend(backend),
+                ));
                 (BackendOp::Create(v), answer_of(r))
             }
             5 | 6 => {
@@ -656,7 +670,10 @@ fn lin_client(
                     name: key.clone(),
                     force: true,
                 };
-                let r = rt.block_on(tokio::time::timeout(CALL_TIMEOUT, c.delete_backend(request)));
+                let r = rt.block_on(tokio::time::timeout(
+                    CALL_TIMEOUT,
+                    c.delete_backend(request),
+                ));
                 (BackendOp::Delete, answer_of(r))
             }
         };
@@ -726,7 +743,11 @@ fn control_plane_history_is_linearizable_across_leader_loss_and_a_cut_off_head()
 
     // 1. SIGKILL the leader; a new one takes over; the old one comes back.
     let killed = heads.remove(leader_ix);
-    let (dir, control, http) = (killed.data_dir.clone(), killed.control_port, killed.http_port);
+    let (dir, control, http) = (
+        killed.data_dir.clone(),
+        killed.control_port,
+        killed.http_port,
+    );
     let killed_addr = killed.control_address();
     drop(killed);
     let other = wait_for("a new leader", Duration::from_secs(60), || {
@@ -742,7 +763,11 @@ fn control_plane_history_is_linearizable_across_leader_loss_and_a_cut_off_head()
     let cut_ix = addrs.iter().position(|a| *a == other).unwrap();
     let pid = heads[cut_ix].guard.pid().to_string();
     let signal = |sig: &str| {
-        assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
     };
     signal("-STOP");
     let rest: Vec<usize> = (0..3).filter(|i| *i != cut_ix).collect();

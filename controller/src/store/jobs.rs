@@ -124,7 +124,10 @@ pub enum JobCommand {
     /// The leases (batch index, grant) whose visibility timeout ran out on
     /// the leader's clock go back to the queue; a lease granted again since
     /// (another grant number) is not touched.
-    Expire { id: String, leases: Vec<(u64, u64)> },
+    Expire {
+        id: String,
+        leases: Vec<(u64, u64)>,
+    },
 }
 
 /// A lease of a running job, as the leader's lease clock reads them.
