@@ -274,6 +274,164 @@ impl Model for Backends {
     }
 }
 
+/// How a control call ended, as the linearizability model reads it.
+fn answer_of<T>(
+    r: Result<Result<tonic::Response<T>, tonic::Status>, tokio::time::error::Elapsed>,
+) -> Option<BackendAnswer> {
+    match r {
+        Ok(Ok(_)) => Some(BackendAnswer::Ok),
+        // Refused by the state machine: a definite answer, nothing changed.
+        Ok(Err(s)) if s.code() == tonic::Code::AlreadyExists => Some(BackendAnswer::Exists),
+        Ok(Err(s)) if s.code() == tonic::Code::NotFound => Some(BackendAnswer::Missing),
+        // Unavailable, a broken connection, a timeout: it may or may not
+        // have taken effect.
+        _ => None,
+    }
+}
+
+/// An op, with the name of the backend it is on.
+pub type Recorded = (String, Op<BackendOp, BackendAnswer>);
+
+/// One client of a history of the control plane: random creates, updates,
+/// deletes and reads (GetSnapshot, what `serve status` shows) of `KEYS`
+/// backends, each call through the next of `heads` in turn, timed from
+/// `start`, until `stop`; `done` counts its calls, `values` hands out the
+/// values written (each once). Returns its history.
+pub fn record_backend_ops(
+    client: usize,
+    heads: Vec<String>,
+    token: String,
+    start: std::time::Instant,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    values: std::sync::Arc<std::sync::atomic::AtomicU32>,
+) -> Vec<Recorded> {
+    use serval_protos::control::*;
+    use std::sync::atomic::Ordering;
+    const KEYS: u64 = 3;
+    const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _in_runtime = rt.enter();
+    let mut clients: Vec<_> = heads
+        .iter()
+        .map(|a| serval_protos::client::connect_lazy(a, &token).unwrap())
+        .collect();
+    let now = || start.elapsed().as_nanos() as u64;
+    let mut rng =
+        0x9e37_79b9_7f4a_7c15u64 ^ (client as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut history = Vec::new();
+    let mut turn = client;
+    while !stop.load(Ordering::Relaxed) {
+        turn += 1;
+        let c = &mut clients[turn % heads.len()];
+        let key = format!("lin{}", next() % KEYS);
+        let config = |v: u32| BackendConfig {
+            num_replicas: 1,
+            num_cpus: 1.0,
+            user_config_json: v.to_string(),
+            ..Default::default()
+        };
+        let invoke = now();
+        let (input, output) = match next() % 8 {
+            0..=2 => {
+                let snapshot = rt.block_on(tokio::time::timeout(
+                    CALL_TIMEOUT,
+                    c.get_snapshot(WatchRequest::default()),
+                ));
+                let Ok(Ok(s)) = snapshot else {
+                    continue; // a read that failed tells nothing
+                };
+                let ret = now();
+                // One snapshot reads every key.
+                for k in 0..KEYS {
+                    let name = format!("lin{k}");
+                    let value = s
+                        .get_ref()
+                        .backends
+                        .iter()
+                        .find(|b| b.name == name)
+                        .map(|b| {
+                            b.config
+                                .as_ref()
+                                .map_or(0, |c| c.user_config_json.parse().unwrap_or(0))
+                        });
+                    history.push((
+                        name,
+                        Op {
+                            client,
+                            input: BackendOp::StaleRead,
+                            output: Some(BackendAnswer::Value(value)),
+                            invoke,
+                            ret: Some(ret),
+                        },
+                    ));
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            3 | 4 => {
+                let v = values.fetch_add(1, Ordering::Relaxed);
+                let backend = Backend {
+                    name: key.clone(),
+                    code: vec![1],
+                    config: Some(config(v)),
+                    ..Default::default()
+                };
+                let r = rt.block_on(tokio::time::timeout(
+                    CALL_TIMEOUT,
+                    c.create_backend(backend),
+                ));
+                (BackendOp::Create(v), answer_of(r))
+            }
+            5 | 6 => {
+                let v = values.fetch_add(1, Ordering::Relaxed);
+                let request = UpdateBackendConfigRequest {
+                    name: key.clone(),
+                    config: Some(config(v)),
+                };
+                let r = rt.block_on(tokio::time::timeout(
+                    CALL_TIMEOUT,
+                    c.update_backend_config(request),
+                ));
+                (BackendOp::Update(v), answer_of(r))
+            }
+            _ => {
+                let request = DeleteBackendRequest {
+                    name: key.clone(),
+                    force: true,
+                };
+                let r = rt.block_on(tokio::time::timeout(
+                    CALL_TIMEOUT,
+                    c.delete_backend(request),
+                ));
+                (BackendOp::Delete, answer_of(r))
+            }
+        };
+        let ret = output.is_some().then(now);
+        history.push((
+            key,
+            Op {
+                client,
+                input,
+                output,
+                invoke,
+                ret,
+            },
+        ));
+        done.fetch_add(1, Ordering::Relaxed);
+    }
+    history
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
