@@ -292,22 +292,84 @@ fn answer_of<T>(
 /// An op, with the name of the backend it is on.
 pub type Recorded = (String, Op<BackendOp, BackendAnswer>);
 
-/// One client of a history of the control plane: random creates, updates,
-/// deletes and reads (GetSnapshot, what `serve status` shows) of `KEYS`
-/// backends, each call through the next of `heads` in turn, timed from
-/// `start`, until `stop`; `done` counts its calls, `values` hands out the
-/// values written (each once). Returns its history.
-pub fn record_backend_ops(
-    client: usize,
+/// What the clients of one history share.
+struct Shared {
     heads: Vec<String>,
     token: String,
+    /// Times are nanoseconds since this.
     start: std::time::Instant,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    done: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    values: std::sync::Arc<std::sync::atomic::AtomicU32>,
-) -> Vec<Recorded> {
+    stop: std::sync::atomic::AtomicBool,
+    /// Calls ended, by all clients.
+    done: std::sync::atomic::AtomicUsize,
+    /// The next value to write (each is written once).
+    values: std::sync::atomic::AtomicU32,
+}
+
+/// Clients recording a history of the control plane's backends, from
+/// [`BackendHistory::start`] until [`BackendHistory::check`].
+pub struct BackendHistory {
+    shared: std::sync::Arc<Shared>,
+    clients: Vec<std::thread::JoinHandle<Vec<Recorded>>>,
+}
+
+impl BackendHistory {
+    /// `clients` threads calling `heads` (see [`record_backend_ops`]).
+    pub fn start(heads: &[String], token: &str, clients: usize) -> Self {
+        let shared = std::sync::Arc::new(Shared {
+            heads: heads.to_vec(),
+            token: token.to_string(),
+            start: std::time::Instant::now(),
+            stop: Default::default(),
+            done: Default::default(),
+            values: std::sync::atomic::AtomicU32::new(1),
+        });
+        let clients = (0..clients)
+            .map(|i| {
+                let shared = shared.clone();
+                std::thread::spawn(move || record_backend_ops(i, &shared))
+            })
+            .collect();
+        Self { shared, clients }
+    }
+
+    /// Waits until the clients have ended `n` more calls (progress, not
+    /// time, so a busy machine only makes it slower).
+    pub fn progress(&self, what: &str, n: usize) {
+        use std::sync::atomic::Ordering;
+        let target = self.shared.done.load(Ordering::Relaxed) + n;
+        crate::wait_for(what, std::time::Duration::from_secs(60), || {
+            (self.shared.done.load(Ordering::Relaxed) >= target).then_some(())
+        });
+    }
+
+    /// Stops the clients and checks their history by backend under
+    /// [`Backends`]; panics with the history on a violation.
+    pub fn check(self) -> Checked {
+        self.shared
+            .stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut history = Vec::new();
+        for c in self.clients {
+            history.extend(c.join().expect("a history client panicked"));
+        }
+        check_by_key(&Backends, history).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+/// One client of a history of the control plane: random creates, updates,
+/// deletes and reads (GetSnapshot, what `serve status` shows) of `KEYS`
+/// backends, each call through the next head in turn, until told to stop.
+fn record_backend_ops(client: usize, shared: &Shared) -> Vec<Recorded> {
     use serval_protos::control::*;
     use std::sync::atomic::Ordering;
+    let Shared {
+        heads,
+        token,
+        start,
+        stop,
+        done,
+        values,
+    } = shared;
     const KEYS: u64 = 3;
     const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -317,7 +379,7 @@ pub fn record_backend_ops(
     let _in_runtime = rt.enter();
     let mut clients: Vec<_> = heads
         .iter()
-        .map(|a| serval_protos::client::connect_lazy(a, &token).unwrap())
+        .map(|a| serval_protos::client::connect_lazy(a, token).unwrap())
         .collect();
     let now = || start.elapsed().as_nanos() as u64;
     let mut rng =

@@ -422,14 +422,6 @@ fn queue_batches_end_once_or_dead_lettered_across_leader_kills() {
             })
         })
         .collect();
-    let leader_seen_by = |head: &ServeProcess| -> Option<String> {
-        let s = head.status_json();
-        s["heads"]
-            .as_array()?
-            .iter()
-            .find(|h| h["leader"] == true)
-            .and_then(|h| h["address"].as_str().map(String::from))
-    };
     let acked_at_least = |what: &str, n: usize| {
         wait_for(what, Duration::from_secs(90), || {
             (acked.load(Ordering::Relaxed) >= n).then_some(())
@@ -439,20 +431,8 @@ fn queue_batches_end_once_or_dead_lettered_across_leader_kills() {
     // The first leader dies a quarter of the way, and comes back.
     acked_at_least("a quarter of the batches", BATCHES as usize / 4);
     let acked_at_kills = [acked.load(Ordering::Relaxed), 0];
-    let killed = heads.remove(leader_ix);
-    let (dir, control, http) = (
-        killed.data_dir.clone(),
-        killed.control_port,
-        killed.http_port,
-    );
-    let killed_addr = killed.control_address();
-    drop(killed);
-    let second = wait_for("a second leader", Duration::from_secs(60), || {
-        leader_seen_by(&heads[0]).filter(|a| *a != killed_addr)
-    });
-    let mut back = ServeProcess::start(&dir, control, http, &["--head", "--num-cpus", "0"]);
-    back.wait_log("http proxy listening");
-    heads.insert(leader_ix, back);
+    let (killed, second) = kill_leader(&mut heads, leader_ix);
+    heads.insert(leader_ix, killed.restart());
     // The second leader dies half way, and stays dead.
     acked_at_least("half of the batches", BATCHES as usize / 2);
     let second_ix = addrs.iter().position(|a| *a == second).unwrap();

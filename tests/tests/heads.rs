@@ -543,63 +543,20 @@ fn replicas_get_a_scoped_token_and_peers_refuse_the_cluster_token() {
 /// model"): never a value not yet written, never one never written.
 #[test]
 fn control_plane_history_is_linearizable_across_leader_loss_and_a_cut_off_head() {
-    use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-    use std::sync::Arc;
-    const CLIENTS: usize = 4;
     let tmp = tempfile::Builder::new()
         .prefix("sv-")
         .tempdir_in("/tmp")
         .unwrap();
     let (mut heads, leader_ix) = three_heads_without_replicas(tmp.path());
-    let token = heads[0].token();
     let addrs: Vec<String> = heads.iter().map(|h| h.control_address()).collect();
-    let start = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicUsize::new(0));
-    let values = Arc::new(AtomicU32::new(1));
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|i| {
-            let (addrs, token) = (addrs.clone(), token.clone());
-            let (stop, done, values) = (stop.clone(), done.clone(), values.clone());
-            std::thread::spawn(move || {
-                linearizability::record_backend_ops(i, addrs, token, start, stop, done, values)
-            })
-        })
-        .collect();
-    // Progress, not time: `n` more calls answered (or given up on).
-    let progress = |what: &str, n: usize| {
-        let target = done.load(Ordering::Relaxed) + n;
-        wait_for(what, Duration::from_secs(60), || {
-            (done.load(Ordering::Relaxed) >= target).then_some(())
-        })
-    };
-    let leader_seen_by = |head: &ServeProcess| -> Option<String> {
-        let s = head.status_json();
-        s["heads"]
-            .as_array()?
-            .iter()
-            .find(|h| h["role"] == "leader")
-            .and_then(|h| h["address"].as_str().map(String::from))
-    };
-    progress("calls before any failure", 60);
+    let history = linearizability::BackendHistory::start(&addrs, &heads[0].token(), 4);
+    history.progress("calls before any failure", 60);
 
     // 1. SIGKILL the leader; a new one takes over; the old one comes back.
-    let killed = heads.remove(leader_ix);
-    let (dir, control, http) = (
-        killed.data_dir.clone(),
-        killed.control_port,
-        killed.http_port,
-    );
-    let killed_addr = killed.control_address();
-    drop(killed);
-    let other = wait_for("a new leader", Duration::from_secs(60), || {
-        leader_seen_by(&heads[0]).filter(|a| *a != killed_addr)
-    });
-    progress("calls under the new leader", 40);
-    let mut back = ServeProcess::start(&dir, control, http, &["--head", "--num-cpus", "0"]);
-    back.wait_log("http proxy listening");
-    heads.insert(leader_ix, back);
-    progress("calls with the old leader back", 40);
+    let (killed, other) = kill_leader(&mut heads, leader_ix);
+    history.progress("calls under the new leader", 40);
+    heads.insert(leader_ix, killed.restart());
+    history.progress("calls with the old leader back", 40);
 
     // 2. Cut the current leader off (SIGSTOP) until the others elect one.
     let cut_ix = addrs.iter().position(|a| *a == other).unwrap();
@@ -612,21 +569,15 @@ fn control_plane_history_is_linearizable_across_leader_loss_and_a_cut_off_head()
             .success());
     };
     signal("-STOP");
-    let rest: Vec<usize> = (0..3).filter(|i| *i != cut_ix).collect();
+    let rest = (cut_ix + 1) % 3;
     wait_for("a leader among the others", Duration::from_secs(60), || {
-        leader_seen_by(&heads[rest[0]]).filter(|a| *a != other)
+        leader_address(&heads[rest]).filter(|a| *a != other)
     });
-    progress("calls while a head is cut off", 40);
+    history.progress("calls while a head is cut off", 40);
     signal("-CONT");
-    progress("calls after the head is back", 60);
-    stop.store(true, Ordering::Relaxed);
+    history.progress("calls after the head is back", 60);
 
-    let mut history = Vec::new();
-    for c in clients {
-        history.extend(c.join().unwrap());
-    }
-    let checked = linearizability::check_by_key(&linearizability::Backends, history)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let checked = history.check();
     eprintln!(
         "FIGURES: linearizability: {} histories, {} operations ({} of unknown outcome), 0 violations",
         checked.histories, checked.ops, checked.unknown

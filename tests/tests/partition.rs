@@ -434,8 +434,6 @@ fn an_isolated_leader_cannot_commit_and_steps_down_when_healed() {
 #[test]
 fn history_is_linearizable_while_the_leader_is_cut_off() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-    const CLIENTS: usize = 4;
     let tmp = tempfile::Builder::new()
         .prefix("sv-")
         .tempdir_in("/tmp")
@@ -444,51 +442,26 @@ fn history_is_linearizable_while_the_leader_is_cut_off() {
     let net = Net::new(&control_ports);
     let (heads, token) = start_heads(tmp.path(), &net, &control_ports);
     let addrs: Vec<String> = heads.iter().map(|h| h.proc.control_address()).collect();
-    let start = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicUsize::new(0));
-    let values = Arc::new(AtomicU32::new(1));
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|i| {
-            let (addrs, token) = (addrs.clone(), token.clone());
-            let (stop, done, values) = (stop.clone(), done.clone(), values.clone());
-            std::thread::spawn(move || {
-                linearizability::record_backend_ops(i, addrs, token, start, stop, done, values)
-            })
-        })
-        .collect();
-    // Progress, not time: `n` more calls answered (or given up on).
-    let progress = |what: &str, n: usize| {
-        let target = done.load(Ordering::Relaxed) + n;
-        wait_for(what, Duration::from_secs(60), || {
-            (done.load(Ordering::Relaxed) >= target).then_some(())
-        })
-    };
-    progress("calls before the partition", 60);
+    let history = linearizability::BackendHistory::start(&addrs, &token, 4);
+    history.progress("calls before the partition", 60);
     let old_leader = leader_id(&status_json(&heads[0])).unwrap();
     let old_ix = heads.iter().position(|h| h.raft_id == old_leader).unwrap();
     net.isolate(old_ix);
-    let rest: Vec<usize> = (0..3).filter(|i| *i != old_ix).collect();
+    let other = (old_ix + 1) % 3;
     let new_leader = wait_for(
         "a new leader among the majority",
         Duration::from_secs(60),
-        || leader_id(&status_json(&heads[rest[0]])).filter(|l| *l != old_leader),
+        || leader_id(&status_json(&heads[other])).filter(|l| *l != old_leader),
     );
-    progress("calls during the partition", 60);
+    history.progress("calls during the partition", 60);
     net.heal();
     wait_for(
         "the old leader to step down",
         Duration::from_secs(60),
         || (leader_id(&status_json(&heads[old_ix])) == Some(new_leader)).then_some(()),
     );
-    progress("calls after healing", 60);
-    stop.store(true, Ordering::Relaxed);
-    let mut history = Vec::new();
-    for c in clients {
-        history.extend(c.join().unwrap());
-    }
-    let checked = linearizability::check_by_key(&linearizability::Backends, history)
-        .unwrap_or_else(|e| panic!("{e}"));
+    history.progress("calls after healing", 60);
+    let checked = history.check();
     eprintln!(
         "FIGURES: linearizability under a partition: {} histories, {} operations ({} of unknown outcome), 0 violations",
         checked.histories, checked.ops, checked.unknown
