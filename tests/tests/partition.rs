@@ -218,6 +218,34 @@ fn create_backend(addr: &str, token: &str, name: &str) -> Result<(), tonic::Stat
 /// other's elections past the tests' deadlines.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+/// Three heads talking to each other through the proxies of `net`, once
+/// all three are members and one leads; one such cluster at a time.
+struct Cluster {
+    heads: Vec<Head>,
+    token: String,
+    net: Net,
+    _tmp: tempfile::TempDir,
+    _one: std::sync::MutexGuard<'static, ()>,
+}
+
+fn cluster() -> Cluster {
+    let one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::Builder::new()
+        .prefix("sv-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let control_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let net = Net::new(&control_ports);
+    let (heads, token) = start_heads(tmp.path(), &net, &control_ports);
+    Cluster {
+        heads,
+        token,
+        net,
+        _tmp: tmp,
+        _one: one,
+    }
+}
+
 /// Three heads under `root` talking to each other through `net`'s
 /// proxies, once all three are members and one leads; and the token.
 fn start_heads(root: &std::path::Path, net: &Net, control_ports: &[u16]) -> (Vec<Head>, String) {
@@ -261,14 +289,9 @@ fn start_heads(root: &std::path::Path, net: &Net, control_ports: &[u16]) -> (Vec
 
 #[test]
 fn an_isolated_leader_cannot_commit_and_steps_down_when_healed() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let tmp = tempfile::Builder::new()
-        .prefix("sv-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let control_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let net = Net::new(&control_ports);
-    let (heads, token) = start_heads(tmp.path(), &net, &control_ports);
+    let Cluster {
+        heads, token, net, ..
+    } = &cluster();
     let s = status_json(&heads[2]);
     // Peers know each other by the advertised (proxy) addresses.
     let mut addresses: Vec<&str> = s["heads"]
@@ -282,9 +305,9 @@ fn an_isolated_leader_cannot_commit_and_steps_down_when_healed() {
     expected.sort();
     assert_eq!(addresses, expected, "heads should advertise their proxies");
 
-    create_backend(&heads[1].proc.control_address(), &token, "before")
+    create_backend(&heads[1].proc.control_address(), token, "before")
         .expect("a write before the partition");
-    for h in &heads {
+    for h in heads {
         wait_for(
             "the first write on every head",
             Duration::from_secs(30),
@@ -354,7 +377,7 @@ fn an_isolated_leader_cannot_commit_and_steps_down_when_healed() {
     let during: Vec<String> = (0..4).map(|i| format!("during{i}")).collect();
     for (n, name) in during.iter().enumerate() {
         let via = if n % 2 == 0 { follower_ix } else { new_ix };
-        create_backend(&heads[via].proc.control_address(), &token, name)
+        create_backend(&heads[via].proc.control_address(), token, name)
             .unwrap_or_else(|e| panic!("the majority refused {name}: {e:?}"));
     }
     for i in &majority {
@@ -404,9 +427,9 @@ fn an_isolated_leader_cannot_commit_and_steps_down_when_healed() {
     );
 
     // The old leader now forwards writes to the new one.
-    create_backend(&heads[old_ix].proc.control_address(), &token, "after")
+    create_backend(&heads[old_ix].proc.control_address(), token, "after")
         .expect("a write after healing");
-    for h in &heads {
+    for h in heads {
         wait_for(
             "the write after healing on every head",
             Duration::from_secs(30),
@@ -433,16 +456,11 @@ fn an_isolated_leader_cannot_commit_and_steps_down_when_healed() {
 /// has, see ARCHITECTURE.md, "What is checked").
 #[test]
 fn history_is_linearizable_while_the_leader_is_cut_off() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let tmp = tempfile::Builder::new()
-        .prefix("sv-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let control_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let net = Net::new(&control_ports);
-    let (heads, token) = start_heads(tmp.path(), &net, &control_ports);
+    let Cluster {
+        heads, token, net, ..
+    } = &cluster();
     let addrs: Vec<String> = heads.iter().map(|h| h.proc.control_address()).collect();
-    let history = linearizability::BackendHistory::start(&addrs, &token, 4);
+    let history = linearizability::BackendHistory::start(&addrs, token, 4);
     history.progress("calls before the partition", 60);
     let old_leader = leader_id(&status_json(&heads[0])).unwrap();
     let old_ix = heads.iter().position(|h| h.raft_id == old_leader).unwrap();

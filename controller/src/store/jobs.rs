@@ -739,38 +739,37 @@ pub fn get(db: &Database, id: &str) -> std::io::Result<Option<Job>> {
     Ok(Some(job))
 }
 
-/// The jobs of `api` (every job when empty), oldest first.
-pub fn list(db: &Database, api: &str) -> std::io::Result<Vec<Job>> {
+/// Every job record.
+fn records(db: &Database) -> std::io::Result<Vec<JobRecord>> {
     let txn = db.begin_read().map_err(io)?;
     let table = match txn.open_table(JOBS) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
         Err(e) => return Err(io(e)),
     };
-    let mut jobs = Vec::new();
+    let mut records = Vec::new();
     for entry in table.iter().map_err(io)? {
         let (_, v) = entry.map_err(io)?;
-        let record: JobRecord = decode(v.value())?;
-        if api.is_empty() || record.spec.api == api {
-            jobs.push(record.to_job());
-        }
+        records.push(decode(v.value())?);
     }
+    Ok(records)
+}
+
+/// The jobs of `api` (every job when empty), oldest first.
+pub fn list(db: &Database, api: &str) -> std::io::Result<Vec<Job>> {
+    let mut jobs: Vec<Job> = records(db)?
+        .into_iter()
+        .filter(|r| api.is_empty() || r.spec.api == api)
+        .map(|r| r.to_job())
+        .collect();
     jobs.sort_by_key(|j| j.created_ms);
     Ok(jobs)
 }
 
 /// Every lease of every running job.
 pub fn leases(db: &Database) -> std::io::Result<Vec<LeaseGrant>> {
-    let txn = db.begin_read().map_err(io)?;
-    let table = match txn.open_table(JOBS) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-        Err(e) => return Err(io(e)),
-    };
     let mut out = Vec::new();
-    for entry in table.iter().map_err(io)? {
-        let (_, v) = entry.map_err(io)?;
-        let record: JobRecord = decode(v.value())?;
+    for record in records(db)? {
         if record.status != "running" {
             continue;
         }
