@@ -343,8 +343,10 @@ impl BackendHistory {
     }
 
     /// Stops the clients and checks their history by backend under
-    /// [`Backends`]; panics with the history on a violation.
-    pub fn check(self) -> Checked {
+    /// [`Backends`]; panics with the history on a violation, or when fewer
+    /// than `at_least` ops were recorded. Prints what it checked, as
+    /// `FIGURES: linearizability (what): ...`.
+    pub fn check(self, what: &str, at_least: usize) -> Checked {
         self.shared
             .stop
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -352,7 +354,13 @@ impl BackendHistory {
         for c in self.clients {
             history.extend(c.join().expect("a history client panicked"));
         }
-        check_by_key(&Backends, history).unwrap_or_else(|e| panic!("{e}"))
+        let checked = check_by_key(&Backends, history).unwrap_or_else(|e| panic!("{e}"));
+        eprintln!(
+            "FIGURES: linearizability ({what}): {} histories, {} operations ({} of unknown outcome), 0 violations",
+            checked.histories, checked.ops, checked.unknown
+        );
+        assert!(checked.ops >= at_least, "{checked:?}");
+        checked
     }
 }
 

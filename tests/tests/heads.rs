@@ -577,10 +577,5 @@ fn control_plane_history_is_linearizable_across_leader_loss_and_a_cut_off_head()
     signal("-CONT");
     history.progress("calls after the head is back", 60);
 
-    let checked = history.check();
-    eprintln!(
-        "FIGURES: linearizability: {} histories, {} operations ({} of unknown outcome), 0 violations",
-        checked.histories, checked.ops, checked.unknown
-    );
-    assert!(checked.ops > 200, "{checked:?}");
+    history.check("a leader killed, a head paused", 200);
 }

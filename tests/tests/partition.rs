@@ -479,10 +479,5 @@ fn history_is_linearizable_while_the_leader_is_cut_off() {
         || (leader_id(&status_json(&heads[old_ix])) == Some(new_leader)).then_some(()),
     );
     history.progress("calls after healing", 60);
-    let checked = history.check();
-    eprintln!(
-        "FIGURES: linearizability under a partition: {} histories, {} operations ({} of unknown outcome), 0 violations",
-        checked.histories, checked.ops, checked.unknown
-    );
-    assert!(checked.ops > 200, "{checked:?}");
+    history.check("the leader cut off", 200);
 }
