@@ -499,5 +499,13 @@ fn check_job(cmd: &JobCommand) -> Result<(), StateError> {
             text("error", error, MAX_ERROR_BYTES)?;
             text("result", result, MAX_JOB_RESULT_BYTES)
         }
+        JobCommand::Expire { id, leases } => {
+            name("job id", id)?;
+            count(
+                "leases (in one expiry)",
+                leases.len() as u64,
+                u64::from(MAX_LEASE_BATCHES),
+            )
+        }
     }
 }

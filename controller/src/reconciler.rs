@@ -2,7 +2,9 @@
 //! - nodes: agents that stopped heartbeating are declared dead, which hands
 //!   their replicas back to the scheduler;
 //! - autoscaling: backends with an autoscaling config get the replica count
-//!   the [`crate::autoscaler`] recommends.
+//!   the [`crate::autoscaler`] recommends;
+//! - leases: batch leases whose visibility timeout ran out on this
+//!   leader's monotonic clock ([`LeaseClock`]) go back to their job's queue.
 //!
 //! A failed step is logged and retried on the next tick; each step's
 //! duration is a metric, and so are each backend's desired and running
@@ -11,11 +13,12 @@
 //! autoscaled backends), reported by the leader only, for live backends
 //! only.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use crate::service::{Heartbeats, SharedAutoscaler};
 use crate::state::{ClusterState, Command};
+use crate::store::jobs::{self, JobCommand, LeaseGrant};
 use crate::store::{self, state_machine::StateMachineStore, Raft};
 
 /// By default a node that sent no heartbeat for this long is dead.
@@ -41,6 +44,7 @@ impl Reconciler {
         let mut tick = tokio::time::interval(TICK);
         // The replica-count gauges of each live backend (leader only).
         let mut gauges = HashMap::new();
+        let mut leases = LeaseClock::default();
         loop {
             tick.tick().await;
             let is_leader = {
@@ -49,6 +53,8 @@ impl Reconciler {
             };
             if !is_leader {
                 leader_since = None;
+                // A later term here starts every lease's timeout afresh.
+                leases.clear();
                 // The new leader reports them: two heads' series of one
                 // backend would disagree.
                 gauges.clear();
@@ -59,7 +65,38 @@ impl Reconciler {
             record_replica_counts(&state, &mut gauges);
             self.step("nodes", self.dead_nodes(&state, started)).await;
             self.step("autoscaling", self.autoscale(&state)).await;
+            self.step("leases", self.expired_leases(&mut leases)).await;
         }
+    }
+
+    fn expired_leases(&self, clock: &mut LeaseClock) -> Vec<Command> {
+        let held = match jobs::leases(self.sm.database()) {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading batch leases failed");
+                return Vec::new();
+            }
+        };
+        let mut by_job: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
+        for g in clock.due(&held, Instant::now()) {
+            by_job.entry(g.job).or_default().push((g.index, g.grant));
+        }
+        let chunk = crate::limits::MAX_LEASE_BATCHES as usize;
+        by_job
+            .into_iter()
+            .flat_map(|(id, leases)| {
+                tracing::info!(job = %id, leases = leases.len(), "batch leases expired");
+                leases
+                    .chunks(chunk)
+                    .map(|c| {
+                        Command::Job(JobCommand::Expire {
+                            id: id.clone(),
+                            leases: c.to_vec(),
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     async fn step(&self, name: &'static str, commands: Vec<Command>) {
@@ -117,6 +154,43 @@ impl Reconciler {
                 .is_some_and(|c| c.autoscaling.is_some())
         });
         out
+    }
+}
+
+/// When each batch lease held now runs out, on this leader's monotonic
+/// clock: a lease's visibility timeout counts from the first time this
+/// leader saw it (at most a tick after it was granted here, or when this
+/// head became the leader), never from a wall clock, so no head's clock can
+/// end a lease early; after a failover every lease gets its full timeout.
+#[derive(Debug, Default)]
+pub struct LeaseClock {
+    deadlines: HashMap<LeaseGrant, Instant>,
+}
+
+impl LeaseClock {
+    /// The grants of `held` whose timeout has run out by `now`; grants no
+    /// longer held are forgotten.
+    pub fn due(&mut self, held: &[LeaseGrant], now: Instant) -> Vec<LeaseGrant> {
+        let mut deadlines = HashMap::with_capacity(held.len());
+        let mut due = Vec::new();
+        for g in held {
+            let visibility = Duration::from_millis(g.visibility_ms.max(0) as u64);
+            let deadline = self
+                .deadlines
+                .get(g)
+                .copied()
+                .unwrap_or_else(|| now + visibility);
+            if deadline <= now {
+                due.push(g.clone());
+            }
+            deadlines.insert(g.clone(), deadline);
+        }
+        self.deadlines = deadlines;
+        due
+    }
+
+    pub fn clear(&mut self) {
+        self.deadlines.clear();
     }
 }
 
@@ -188,4 +262,69 @@ pub fn describe_metrics() {
 fn short(cmd: &Command) -> String {
     let text = format!("{cmd:?}");
     text.chars().take(120).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(index: u64, grant: u64, visibility_ms: i64) -> LeaseGrant {
+        LeaseGrant {
+            job: "job".into(),
+            index,
+            grant,
+            visibility_ms,
+        }
+    }
+
+    #[test]
+    fn a_lease_runs_out_a_full_visibility_after_this_leader_first_saw_it() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut clock = LeaseClock::default();
+        let a = grant(0, 1, 1000);
+        assert!(clock.due(std::slice::from_ref(&a), t0).is_empty());
+        // b was granted later, and seen later.
+        let b = grant(1, 2, 1000);
+        assert!(clock.due(&[a.clone(), b.clone()], ms(500)).is_empty());
+        assert!(clock.due(&[a.clone(), b.clone()], ms(999)).is_empty());
+        assert_eq!(
+            clock.due(&[a.clone(), b.clone()], ms(1000)),
+            vec![a.clone()]
+        );
+        // Batch 0 leased again (a new grant): timed afresh.
+        let a2 = grant(0, 3, 1000);
+        assert_eq!(
+            clock.due(&[a2.clone(), b.clone()], ms(1500)),
+            vec![b.clone()]
+        );
+        assert!(clock.due(std::slice::from_ref(&a2), ms(2499)).is_empty());
+        assert_eq!(
+            clock.due(std::slice::from_ref(&a2), ms(2500)),
+            vec![a2.clone()]
+        );
+    }
+
+    #[test]
+    fn a_new_leader_gives_every_lease_its_full_timeout_again() {
+        let t0 = Instant::now();
+        let mut clock = LeaseClock::default();
+        let a = grant(0, 1, 1000);
+        assert!(clock.due(std::slice::from_ref(&a), t0).is_empty());
+        // Leadership lost and won back 900 ms later: the lease that had
+        // 100 ms left gets 1000 ms from now.
+        clock.clear();
+        let later = t0 + Duration::from_millis(900);
+        assert!(clock.due(std::slice::from_ref(&a), later).is_empty());
+        assert!(clock
+            .due(std::slice::from_ref(&a), later + Duration::from_millis(999))
+            .is_empty());
+        assert_eq!(
+            clock.due(
+                std::slice::from_ref(&a),
+                later + Duration::from_millis(1000)
+            ),
+            vec![a]
+        );
+    }
 }

@@ -2,6 +2,7 @@
 //! the project's `.venv` Python, free ports, polling with a deadline, and a
 //! guard that kills a process tree on drop so a failing test leaves nothing.
 
+pub mod linearizability;
 pub mod netns;
 
 use std::net::TcpListener;
@@ -493,4 +494,53 @@ pub fn three_heads_without_replicas(root: &Path) -> (Vec<ServeProcess>, usize) {
         .position(|h| h.control_address() == leader)
         .expect("the leader is one of the three");
     (heads, leader_ix)
+}
+
+/// The leader's control address as `head` sees it (`serve status`).
+pub fn leader_address(head: &ServeProcess) -> Option<String> {
+    let s = head.status_json();
+    s["heads"]
+        .as_array()?
+        .iter()
+        .find(|h| h["leader"] == true)
+        .and_then(|h| h["address"].as_str().map(String::from))
+}
+
+/// A head of [`three_heads_without_replicas`] that was SIGKILLed: what it
+/// needs to come back as the member it was.
+pub struct KilledHead {
+    data_dir: PathBuf,
+    control_port: u16,
+    http_port: u16,
+}
+
+impl KilledHead {
+    /// Starts it again on its data dir and ports, once it listens.
+    pub fn restart(&self) -> ServeProcess {
+        let mut head = ServeProcess::start(
+            &self.data_dir,
+            self.control_port,
+            self.http_port,
+            &["--head", "--num-cpus", "0"],
+        );
+        head.wait_log("http proxy listening");
+        head
+    }
+}
+
+/// SIGKILLs the leader `heads[ix]` (taking it out of `heads`) and waits
+/// until the others elect another; returns the new leader's address.
+pub fn kill_leader(heads: &mut Vec<ServeProcess>, ix: usize) -> (KilledHead, String) {
+    let killed = heads.remove(ix);
+    let gone = KilledHead {
+        data_dir: killed.data_dir.clone(),
+        control_port: killed.control_port,
+        http_port: killed.http_port,
+    };
+    let killed_addr = killed.control_address();
+    drop(killed);
+    let leader = wait_for("a new leader", Duration::from_secs(60), || {
+        leader_address(&heads[0]).filter(|a| *a != killed_addr)
+    });
+    (gone, leader)
 }

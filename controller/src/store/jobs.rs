@@ -15,11 +15,18 @@
 //! removed with their dead letters when a job is created (so the tables
 //! stay bounded however many jobs a cluster runs).
 //!
-//! Every write is a [`JobCommand`] carrying the proposing head's clock
-//! (`now_ms`): apply never reads a clock, so every head applies alike.
-//! Delivery is at least once (an expired lease hands the batch to another
-//! worker) and counting exactly once: an ack counts only from the worker
-//! that holds the batch's lease.
+//! Every write is a [`JobCommand`]; apply never reads a clock, so every
+//! head applies alike. The commands carry the proposing head's wall clock
+//! (`now_ms`) for what is shown (created, start and end times) and for a
+//! job's `timeout` and retention, but not for lease expiry: a lease ends
+//! only by an explicit [`JobCommand::Expire`], which the leader proposes
+//! once the lease's visibility timeout has run out on its own monotonic
+//! clock (`crate::reconciler::LeaseClock`), counted from when that leader
+//! first saw the lease. So no head's wall clock, however skewed, can end a
+//! lease early, and a new leader gives every lease a full visibility
+//! timeout again. Delivery is at least once (an expired lease hands the
+//! batch to another worker) and counting exactly once: an ack counts only
+//! from the worker that holds the batch's lease.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -114,13 +121,33 @@ pub enum JobCommand {
         seconds: f64,
         now_ms: i64,
     },
+    /// The leases (batch index, grant) whose visibility timeout ran out on
+    /// the leader's clock go back to the queue; a lease granted again since
+    /// (another grant number) is not touched.
+    Expire {
+        id: String,
+        leases: Vec<(u64, u64)>,
+    },
+}
+
+/// A lease of a running job, as the leader's lease clock reads them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LeaseGrant {
+    pub job: String,
+    pub index: u64,
+    pub grant: u64,
+    pub visibility_ms: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Lease {
     worker: String,
-    until_ms: i64,
     receive_count: u32,
+    /// How long the holder may keep the batch, counted by the leader.
+    visibility_ms: i64,
+    /// This grant's number in its job (`JobRecord::grants`): an expiry
+    /// names the grant it timed, so it never ends a later one.
+    grant: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -137,6 +164,8 @@ struct JobRecord {
     /// Batches back in the queue: (index, receipts so far).
     requeued: VecDeque<(u64, u32)>,
     leases: BTreeMap<u64, Lease>,
+    /// Leases granted so far (numbers them).
+    grants: u64,
     /// Dead letters: index -> (receipts, last error).
     dead: BTreeMap<u64, (u32, String)>,
     succeeded: u64,
@@ -204,17 +233,13 @@ impl JobRecord {
         }
     }
 
-    /// Expired leases go back to the queue.
-    fn expire(&mut self, now_ms: i64) {
-        let expired: Vec<u64> = self
-            .leases
-            .iter()
-            .filter(|(_, l)| l.until_ms < now_ms)
-            .map(|(i, _)| *i)
-            .collect();
-        for index in expired {
-            if let Some(l) = self.leases.remove(&index) {
-                self.requeued.push_back((index, l.receive_count));
+    /// The named grants, if still held, go back to the queue.
+    fn expire(&mut self, grants: &[(u64, u64)]) {
+        for &(index, grant) in grants {
+            if self.leases.get(&index).is_some_and(|l| l.grant == grant) {
+                if let Some(l) = self.leases.remove(&index) {
+                    self.requeued.push_back((index, l.receive_count));
+                }
             }
         }
     }
@@ -375,6 +400,7 @@ pub fn apply(
                 next: 0,
                 requeued: VecDeque::new(),
                 leases: BTreeMap::new(),
+                grants: 0,
                 dead: BTreeMap::new(),
                 succeeded: 0,
                 ok_seconds: 0.0,
@@ -462,7 +488,6 @@ pub fn apply(
             job.check_timeout(now_ms);
             let mut reply = LeaseReply::default();
             if job.status == "running" {
-                job.expire(now_ms);
                 let table = txn.open_table(BATCHES).map_err(io)?;
                 // A worker leases only once it has acked all it held, so
                 // what it still holds was leased by a call whose reply it
@@ -490,12 +515,14 @@ pub fn apply(
                         .map(|v| v.value().to_vec())
                         .unwrap_or_default();
                     let receive_count = receipts + 1;
+                    job.grants += 1;
                     job.leases.insert(
                         index,
                         Lease {
                             worker: worker.clone(),
-                            until_ms: now_ms.saturating_add(visibility_ms),
                             receive_count,
+                            visibility_ms,
+                            grant: job.grants,
                         },
                     );
                     reply.batches.push(LeasedBatch {
@@ -508,7 +535,9 @@ pub fn apply(
                 }
                 if reply.batches.is_empty() && job.nothing_left() {
                     reply.done = true;
-                    if job.completer.is_empty() {
+                    // Asked again by the completer, whose reply was lost
+                    // (its head died, a retry): it is told again.
+                    if job.completer.is_empty() || (job.completer == worker && !job.completed) {
                         job.completer = worker.clone();
                         reply.run_on_complete = true;
                     }
@@ -668,6 +697,14 @@ pub fn apply(
             save_ending(txn, &job, false)?;
             job.to_job().encode_to_vec()
         }
+        JobCommand::Expire { id, leases } => {
+            let mut job = job!(&id);
+            if job.status == "running" {
+                job.expire(&leases);
+                save(txn, &job)?;
+            }
+            Vec::new()
+        }
     };
     Ok(Ok(output))
 }
@@ -702,24 +739,50 @@ pub fn get(db: &Database, id: &str) -> std::io::Result<Option<Job>> {
     Ok(Some(job))
 }
 
-/// The jobs of `api` (every job when empty), oldest first.
-pub fn list(db: &Database, api: &str) -> std::io::Result<Vec<Job>> {
+/// Every job record.
+fn records(db: &Database) -> std::io::Result<Vec<JobRecord>> {
     let txn = db.begin_read().map_err(io)?;
     let table = match txn.open_table(JOBS) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
         Err(e) => return Err(io(e)),
     };
-    let mut jobs = Vec::new();
+    let mut records = Vec::new();
     for entry in table.iter().map_err(io)? {
         let (_, v) = entry.map_err(io)?;
-        let record: JobRecord = decode(v.value())?;
-        if api.is_empty() || record.spec.api == api {
-            jobs.push(record.to_job());
-        }
+        records.push(decode(v.value())?);
     }
+    Ok(records)
+}
+
+/// The jobs of `api` (every job when empty), oldest first.
+pub fn list(db: &Database, api: &str) -> std::io::Result<Vec<Job>> {
+    let mut jobs: Vec<Job> = records(db)?
+        .into_iter()
+        .filter(|r| api.is_empty() || r.spec.api == api)
+        .map(|r| r.to_job())
+        .collect();
     jobs.sort_by_key(|j| j.created_ms);
     Ok(jobs)
+}
+
+/// Every lease of every running job.
+pub fn leases(db: &Database) -> std::io::Result<Vec<LeaseGrant>> {
+    let mut out = Vec::new();
+    for record in records(db)? {
+        if record.status != "running" {
+            continue;
+        }
+        for (index, lease) in &record.leases {
+            out.push(LeaseGrant {
+                job: record.id.clone(),
+                index: *index,
+                grant: lease.grant,
+                visibility_ms: lease.visibility_ms,
+            });
+        }
+    }
+    Ok(out)
 }
 
 pub fn dead_letters(db: &Database, id: &str) -> std::io::Result<Option<Vec<LeasedBatch>>> {
@@ -906,6 +969,22 @@ mod tests {
             .unwrap();
         }
 
+        /// What the leader proposes once the leases of `indexes` ran out
+        /// on its clock: an expiry of the grants they hold now.
+        fn expire(&self, indexes: &[u64]) {
+            let leases = leases(&self.db)
+                .unwrap()
+                .into_iter()
+                .filter(|g| indexes.contains(&g.index))
+                .map(|g| (g.index, g.grant))
+                .collect();
+            self.run(JobCommand::Expire {
+                id: ID.into(),
+                leases,
+            })
+            .unwrap();
+        }
+
         fn complete(&self, worker: &str, error: &str) -> Result<Job, StateError> {
             self.run(JobCommand::Complete {
                 id: ID.into(),
@@ -948,6 +1027,7 @@ mod tests {
         assert_eq!(first.batches[0].payload, b"b0");
         assert_eq!(first.batches[1].batch_id, "job-1");
         // w1's leases expire; w2 gets those batches again, then the fresh one.
+        q.expire(&[0, 1]);
         let second = q.lease("w2", 5, 10_000, 1200);
         assert_eq!(leased(&second), [(0, 2), (1, 2), (2, 1)]);
         // w1 answers late: not its batches any more.
@@ -969,8 +1049,9 @@ mod tests {
         // A failed batch goes back to the queue.
         q.ack("w2", &[(1, false)], 1050);
         assert_eq!(q.job().batches_in_queue, 4);
-        // At 1200, w1's lease (until 1100) has expired: both come back
-        // before the fresh batches, each received once more.
+        // w1's lease has expired: both come back before the fresh
+        // batches, each received once more.
+        q.expire(&[0]);
         assert_eq!(
             leased(&q.lease("w3", 3, 10_000, 1200)),
             [(1, 2), (0, 2), (2, 1)]
@@ -979,6 +1060,40 @@ mod tests {
         // Nothing left to lease, but leases are out: not done.
         let reply = q.lease("w4", 3, 10_000, 1200);
         assert!(reply.batches.is_empty() && !reply.done && !reply.run_on_complete);
+    }
+
+    #[test]
+    fn no_clock_in_a_command_ends_a_lease() {
+        let q = Queue::running(2, 3, 0.0);
+        assert_eq!(leased(&q.lease("w1", 1, 100, 1000)), [(0, 1)]);
+        // A head whose wall clock runs a day ahead proposes the next lease:
+        // w1's lease of 100 ms stands (only the leader's expiry ends it).
+        let day = 24 * 3600 * 1000;
+        assert_eq!(leased(&q.lease("w2", 2, 100, 1000 + day)), [(1, 1)]);
+        // ... and so does w2's, acked from a head a day behind.
+        q.ack("w1", &[(0, true)], 1000 - day);
+        q.ack("w2", &[(1, true)], 1000 - day);
+        let job = q.job();
+        assert_eq!((job.succeeded, job.leased, job.batches_in_queue), (2, 0, 0));
+    }
+
+    #[test]
+    fn an_expiry_ends_only_the_grant_it_timed() {
+        let q = Queue::running(2, 3, 0.0);
+        assert_eq!(leased(&q.lease("w1", 1, 100, 1000)), [(0, 1)]);
+        let timed = leases(&q.db).unwrap()[0].grant;
+        // w1 lost that reply and leases again: the same batch, a new grant.
+        assert_eq!(leased(&q.lease("w1", 1, 100, 1010)), [(0, 1)]);
+        q.run(JobCommand::Expire {
+            id: ID.into(),
+            leases: vec![(0, timed)],
+        })
+        .unwrap();
+        assert_eq!(q.job().leased, 1);
+        assert_eq!(leased(&q.lease("w2", 2, 100, 1020)), [(1, 1)]);
+        // The grant held now runs out: batch 0 goes to the next lease.
+        q.expire(&[0]);
+        assert_eq!(leased(&q.lease("w3", 2, 100, 1030)), [(0, 2)]);
     }
 
     #[test]
@@ -1052,6 +1167,19 @@ mod tests {
         let after = q.lease("w3", 1, 10_000, 9100);
         assert!(after.done && !after.run_on_complete && after.batches.is_empty());
         assert_eq!(after.status, "succeeded");
+    }
+
+    #[test]
+    fn a_completer_whose_reply_was_lost_is_told_again() {
+        let q = Queue::running(1, 1, 0.0);
+        q.lease("w1", 1, 10_000, 1000);
+        q.ack("w1", &[(0, true)], 1100);
+        assert!(q.lease("w1", 1, 10_000, 1200).run_on_complete);
+        // w1 never saw that reply and asks again: still its turn.
+        assert!(q.lease("w1", 1, 10_000, 1210).run_on_complete);
+        assert!(!q.lease("w2", 1, 10_000, 1220).run_on_complete);
+        q.complete("w1", "").unwrap();
+        assert!(!q.lease("w1", 1, 10_000, 1230).run_on_complete);
     }
 
     #[test]

@@ -21,8 +21,10 @@ the API's endpoint:
 Workers lease batches from the store with a visibility timeout, call
 ``handle_batch(payload, batch_id)`` and acknowledge; a failed batch goes
 back to the queue, or to the dead letters after ``max_receive_count``
-receipts. The store tells exactly one worker, once every batch is
-finished, to run ``on_job_complete``.
+receipts. The store tells one worker, once every batch is finished, to
+run ``on_job_complete`` (again if that worker's reply was lost; another
+worker only if it died first). A batch runs at least once and is counted
+once.
 
 Every gateway process looks after all the API's jobs (not only those it
 took): it starts a job's workers once its batches are stored, gives a dead
