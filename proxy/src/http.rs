@@ -1,7 +1,8 @@
 //! The HTTP server (hyper 1.x, HTTP/1.1 and HTTP/2 via hyper-util's auto
 //! builder) and the request path, as named steps in this order:
 //!
-//! 1. `builtin`: `/-/routes`, `/-/healthz`, `/-/metrics`, first so user
+//! 1. `builtin`: `/-/routes`, `/-/healthz`, `/-/metrics` (and
+//!    [`crate::dashboard`]'s `/-/dashboard`), first so user
 //!    routes can never shadow health checks, and outside the middlewares
 //!    (a TrustedHost or CORS setting never breaks health checks), except
 //!    that CORS covers `/-/routes`, as in Ray Serve.
@@ -85,6 +86,7 @@ const ACCEPT_ERROR_PAUSE_MS: u64 = 50;
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
     let limits = proxy.limits.clone();
     let grace = proxy.shutdown_grace;
+    let sampler = crate::dashboard::spawn_sampler(proxy.clone());
     serve_connections(
         listener,
         "http",
@@ -97,13 +99,19 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
                 // gRPC streams through; HTTP answers are whole.
                 if grpc::is_grpc(&req) {
                     grpc::handle(&proxy, req).await.map(ResponseBody::Grpc)
+                } else if crate::dashboard::is_dashboard(req.uri().path()) {
+                    match crate::dashboard::handle(&proxy, req).await {
+                        (head, Some(events)) => head.map(|_| ResponseBody::Events(events)),
+                        (response, None) => response.map(ResponseBody::Http),
+                    }
                 } else {
                     http_body(handle(&proxy, req, &peer).await)
                 }
             }
         },
     )
-    .await
+    .await;
+    sampler.abort();
 }
 
 /// Serves this process's Prometheus text on every path of `listener`
@@ -339,6 +347,8 @@ enum ResponseBody {
     Http(Full<Bytes>),
     Stream(StreamBody),
     Grpc(grpc::GrpcBody),
+    /// The dashboard's server-sent events.
+    Events(crate::dashboard::EventStream),
 }
 
 /// A streamed reply's body. A failed stream ends with an error, which
@@ -420,6 +430,9 @@ impl hyper::body::Body for ResponseBody {
                 .map_err(|never| match never {}),
             ResponseBody::Stream(s) => s.poll_chunk(cx),
             ResponseBody::Grpc(b) => std::pin::Pin::new(b).poll_frame(cx),
+            ResponseBody::Events(e) => e
+                .poll_event(cx)
+                .map(|event| event.map(|b| Ok(hyper::body::Frame::data(b)))),
         }
     }
 
@@ -428,6 +441,7 @@ impl hyper::body::Body for ResponseBody {
             ResponseBody::Http(b) => b.is_end_stream(),
             ResponseBody::Stream(_) => false,
             ResponseBody::Grpc(b) => b.is_end_stream(),
+            ResponseBody::Events(_) => false,
         }
     }
 
@@ -436,6 +450,7 @@ impl hyper::body::Body for ResponseBody {
             ResponseBody::Http(b) => b.size_hint(),
             ResponseBody::Stream(_) => hyper::body::SizeHint::default(),
             ResponseBody::Grpc(b) => b.size_hint(),
+            ResponseBody::Events(_) => hyper::body::SizeHint::default(),
         }
     }
 }

@@ -23,6 +23,8 @@
 //!   buffered bytes) and the pieces that enforce them.
 //! - `load_report`: sends the router's per-backend load to the controller
 //!   once a second (the autoscaler's input), off the request path.
+//! - `dashboard`: `/-/dashboard`, the web page, its JSON/SSE API behind
+//!   the cluster token and the endpoints' 15-minute history.
 //! - [`metrics`]: metric names, the Prometheus exporter settings every
 //!   process installs, and the router's cached metric handles.
 //!
@@ -32,6 +34,7 @@
 
 mod builtin;
 mod config;
+mod dashboard;
 mod errors;
 pub mod grpc;
 pub mod http;
