@@ -5,6 +5,7 @@ running. Screenshots go to ``$SERVAL_ARTIFACTS_DIR`` (default: the test's
 temp dir)."""
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -104,9 +105,9 @@ def test_the_api_needs_the_token_and_shows_the_cluster_its_traffic_and_logs(clus
 
     # A replica's log tail, read through the replica as `serve logs` does.
     replica = backend["replicas"][0]["id"]
-    logs = api(cluster, f"logs?replica={replica}", token)
+    logs = api(cluster, "logs", token, params={"replica": replica})
     assert logs.status_code == 200 and f"{LOG_MARKER} v1" in logs.text
-    assert api(cluster, "logs?replica=nope", token).status_code == 404
+    assert api(cluster, "logs", token, params={"replica": "nope"}).status_code == 404
 
     # The event stream: the whole state with series first, then updates.
     with api(cluster, "events", token, stream=True) as r:
@@ -154,6 +155,7 @@ class Browser:
         chromium = shutil.which("chromium") or shutil.which("chromium-browser")
         if chromium is None:
             pytest.skip("chromium is not installed (`make browser-deps` installs Debian's)")
+        self.stack = contextlib.ExitStack()
         self.profile = tempfile.mkdtemp(prefix="sv-chromium-")
         self.proc = subprocess.Popen(
             [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -171,7 +173,8 @@ class Browser:
                 return next((t for t in targets if t["type"] == "page"), None)
 
             target = wait_for(page_target, timeout=30, what="chromium's page")
-            self.ws = connect(target["webSocketDebuggerUrl"], max_size=64 << 20, open_timeout=30)
+            self.ws = self.stack.enter_context(
+                connect(target["webSocketDebuggerUrl"], max_size=64 << 20, open_timeout=30))
             self.next_id = 0
         except BaseException:
             self.close()
@@ -197,8 +200,7 @@ class Browser:
             f.write(base64.b64decode(data))
 
     def close(self):
-        if getattr(self, "ws", None) is not None:
-            self.ws.close()
+        self.stack.close()
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -224,7 +226,8 @@ def test_the_page_in_a_browser_charts_traffic_crashes_and_rollouts(cluster, tmp_
         browser = Browser(f"{cluster.url}/-/dashboard#token={token}")
         try:
             # Signed in from the fragment, which the page then drops.
-            wait_for(lambda: browser.eval("document.getElementById('app').style.display") == "block",
+            wait_for(lambda: browser.eval("(document.getElementById('app') || {style: {}}).style.display")
+                     == "block",
                      timeout=60, what="the dashboard to sign in")
             assert browser.eval("location.hash") == ""
             assert browser.eval("document.body.innerText").find(token) < 0
