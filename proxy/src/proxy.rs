@@ -85,7 +85,7 @@ impl Proxy {
             websockets: Arc::new(crate::websocket::Sessions::from_env()),
             snapshot: RwLock::default(),
             snapshot_version: tokio::sync::watch::Sender::new(0),
-            dashboard: crate::dashboard::Dashboard::new(&config.token),
+            dashboard: crate::dashboard::Dashboard::new(&config.token, &config.control_addr),
         }
     }
 

@@ -21,6 +21,7 @@ import requests
 
 from conftest import wait_for
 from serval import serve
+from test_cortex_batch import batch_api, submit, wait_ended  # noqa: F401 (a fixture)
 
 LOG_MARKER = "dashboard-test-replica-started"
 
@@ -121,6 +122,25 @@ def test_the_api_needs_the_token_and_shows_the_cluster_its_traffic_and_logs(clus
                 break
     assert "series" in events[0] and "svc" in events[0]["series"]
     assert "series" not in events[1] and events[1]["backends"]
+
+
+def test_cortex_apis_and_batch_jobs_with_their_dead_letters(batch_api, cluster, tmp_path):
+    token = cluster_token(cluster)
+    r = submit(batch_api, {"workers": 1, "max_receive_count": 1,
+                           "config": {"out": str(tmp_path / "out"), "fail_on": 13},
+                           "item_list": {"items": list(range(30)), "batch_size": 10}})
+    job_id = r.json()["job_id"]
+    wait_ended(batch_api, job_id)
+
+    def job():
+        s = api(cluster, "state", token).json()
+        j = next((j for j in s["jobs"] if j["id"] == job_id), None)
+        return (s, j) if j and j["status"] == "completed with failures" else None
+
+    s, j = wait_for(job, timeout=30, what="the ended job in the dashboard")
+    assert (j["api"], j["total"], j["succeeded"], j["failed"], j["in_queue"]) == ("summer", 3, 2, 1, 0)
+    (summer,) = [a for a in s["apis"] if a["name"] == "summer"]
+    assert (summer["kind"], summer["status"]) == ("BatchAPI", "live")
 
 
 def test_event_streams_are_capped(cluster):

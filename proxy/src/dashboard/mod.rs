@@ -20,6 +20,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, StatusCode};
+use serval_protos::client::Client;
+use serval_protos::control::{Job, ListJobsRequest};
 use serval_protos::frame::LogsRequest;
 use serval_protos::handshake::{Credential, Key, Role};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -42,6 +44,13 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 const LOG_TAIL_BYTES: u32 = 64 * 1024;
 const LOG_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Batch jobs live in the controller's job store, not in the snapshot:
+/// they are read with `ListJobs` at most this often, and only while a
+/// page asks.
+const JOBS_EVERY: Duration = Duration::from_secs(5);
+/// The newest jobs shown.
+const MAX_JOBS: usize = 100;
+
 /// The dashboard's state in a [`Proxy`].
 pub(crate) struct Dashboard {
     /// The cluster token; empty refuses every API call.
@@ -50,15 +59,68 @@ pub(crate) struct Dashboard {
     agents: Key,
     pub(crate) history: History,
     streams: Arc<Semaphore>,
+    control_addr: String,
+    /// The last `ListJobs` answer (newest [`MAX_JOBS`]), read by `state`.
+    jobs: std::sync::Mutex<Arc<Vec<Job>>>,
+    /// When jobs were last read, and the client that reads them (made on
+    /// first use); held while reading, so pages share one call.
+    jobs_read: tokio::sync::Mutex<(Option<tokio::time::Instant>, Option<Client>)>,
 }
 
 impl Dashboard {
-    pub(crate) fn new(token: &str) -> Self {
+    pub(crate) fn new(token: &str, control_addr: &str) -> Self {
         Self {
             token: token.to_owned(),
             agents: Key::agents(token),
             history: History::default(),
             streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+            control_addr: control_addr.to_owned(),
+            jobs: Default::default(),
+            jobs_read: Default::default(),
+        }
+    }
+
+    pub(crate) fn jobs(&self) -> Arc<Vec<Job>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Reads the jobs again when the last read is older than [`JOBS_EVERY`].
+    async fn refresh_jobs(&self) {
+        let mut guard = self.jobs_read.lock().await;
+        let (read_at, client) = &mut *guard;
+        if read_at.is_some_and(|t| t.elapsed() < JOBS_EVERY) {
+            return;
+        }
+        *read_at = Some(tokio::time::Instant::now());
+        if client.is_none() {
+            match serval_protos::client::connect_lazy(&self.control_addr, &self.token) {
+                Ok(c) => *client = Some(c),
+                Err(e) => {
+                    tracing::debug!(error = %e, "dashboard: no control client for jobs");
+                    return;
+                }
+            }
+        }
+        let Some(client) = client.as_mut() else {
+            return;
+        };
+        let listed = tokio::time::timeout(
+            LOG_TIMEOUT,
+            client.list_jobs(ListJobsRequest { api: String::new() }),
+        )
+        .await;
+        match listed {
+            Ok(Ok(reply)) => {
+                let mut jobs = reply.into_inner().jobs;
+                // Oldest first: keep the newest.
+                let drop = jobs.len().saturating_sub(MAX_JOBS);
+                jobs.drain(..drop);
+                *self.jobs.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(jobs);
+            }
+            Ok(Err(status)) => {
+                tracing::debug!(error = %status.message(), "dashboard: ListJobs failed")
+            }
+            Err(_) => tracing::debug!("dashboard: ListJobs timed out"),
         }
     }
 
@@ -126,7 +188,10 @@ pub(crate) async fn handle<B>(
         return (response, None);
     }
     match api {
-        "state" => (json(&state::build(proxy, true)), None),
+        "state" => {
+            proxy.dashboard.refresh_jobs().await;
+            (json(&state::build(proxy, true)), None)
+        }
         "events" => events(proxy),
         "logs" => {
             let replica = query_value(req.uri().query().unwrap_or(""), "replica");
@@ -190,6 +255,7 @@ fn events(proxy: &Arc<Proxy>) -> (HttpResponse, Option<EventStream>) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut with_series = true;
         loop {
+            proxy.dashboard.refresh_jobs().await;
             let event = format!(
                 "event: state\ndata: {}\n\n",
                 state::build(&proxy, with_series)

@@ -51,6 +51,13 @@ pub(crate) fn build(proxy: &Proxy, with_series: bool) -> Value {
             })
         }).collect::<Vec<_>>(),
         "apis": s.apis.iter().map(|a| api_status(a, &s)).collect::<Vec<_>>(),
+        "jobs": proxy.dashboard.jobs().iter().rev().map(|j| json!({
+            "id": j.id, "api": j.spec.as_ref().map_or("", |s| s.api.as_str()),
+            "status": j.status, "total": j.total_batches, "enqueued": j.enqueued,
+            "succeeded": j.succeeded, "failed": j.failed, "in_queue": j.batches_in_queue,
+            "leased": j.leased, "created_ms": j.created_ms, "end_ms": j.end_ms,
+            "error": last_line(&j.error),
+        })).collect::<Vec<_>>(),
     });
     if with_series {
         out["series"] = json!(proxy.dashboard.history.all());
