@@ -100,10 +100,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
                 if grpc::is_grpc(&req) {
                     grpc::handle(&proxy, req).await.map(ResponseBody::Grpc)
                 } else if crate::dashboard::is_dashboard(req.uri().path()) {
-                    match crate::dashboard::handle(&proxy, req).await {
-                        (head, Some(events)) => head.map(|_| ResponseBody::Events(events)),
-                        (response, None) => response.map(ResponseBody::Http),
-                    }
+                    dashboard(&proxy, req).await
                 } else {
                     http_body(handle(&proxy, req, &peer).await)
                 }
@@ -114,12 +111,26 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
     sampler.abort();
 }
 
+/// The dashboard's answer, whole or an event stream.
+async fn dashboard(
+    proxy: &Arc<Proxy>,
+    req: hyper::Request<Incoming>,
+) -> hyper::Response<ResponseBody> {
+    match crate::dashboard::handle(proxy, req).await {
+        (head, Some(events)) => head.map(|_| ResponseBody::Events(events)),
+        (response, None) => response.map(ResponseBody::Http),
+    }
+}
+
 /// Serves this process's Prometheus text on every path of `listener`
-/// (`serve start --metrics-port`), under the same connection limits as
-/// the proxy, until `shutdown` resolves.
+/// (`serve start --metrics-port`) but `/-/dashboard`, which is the
+/// dashboard of this process's proxy (`dashboard`; 404 in a process that
+/// runs none), under the same connection limits as the proxy, until
+/// `shutdown` resolves.
 pub async fn serve_metrics(
     listener: TcpListener,
     handle: crate::metrics::MetricsHandle,
+    dashboard_of: crate::dashboard::DashboardSlot,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -131,9 +142,22 @@ pub async fn serve_metrics(
         &limits,
         grace,
         shutdown,
-        move |_req, _peer| {
+        move |req: hyper::Request<Incoming>, _peer| {
             let handle = handle.clone();
-            async move { builtin::metrics_text(&handle).map(ResponseBody::Http) }
+            let dashboard_of = dashboard_of.clone();
+            async move {
+                if !crate::dashboard::is_dashboard(req.uri().path()) {
+                    return builtin::metrics_text(&handle).map(ResponseBody::Http);
+                }
+                match dashboard_of.get() {
+                    Some(proxy) => dashboard(proxy, req).await,
+                    None => errors::json_error(
+                        StatusCode::NOT_FOUND,
+                        "this process runs no HTTP proxy, so no dashboard: open it on a head's HTTP port",
+                    )
+                    .map(ResponseBody::Http),
+                }
+            }
         },
     )
     .await

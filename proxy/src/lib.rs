@@ -56,6 +56,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 pub use config::{ProxyConfig, ProxyError, DEFAULT_MAX_BODY_BYTES};
+pub use dashboard::DashboardSlot;
 pub use http::serve;
 pub use limits::{ConnIo, Limits};
 pub use load_report::spawn_load_reporter;
@@ -78,6 +79,9 @@ pub async fn run(
 ) -> Result<(), ProxyError> {
     config.validate()?;
     let proxy = Arc::new(Proxy::new(&config));
+    if let Some(slot) = &config.dashboard {
+        slot.set(proxy.clone());
+    }
     let snapshots = spawn_watch(config.control_addr.clone(), config.token.clone(), false);
     let follower = proxy.follow(snapshots);
     let source = format!(

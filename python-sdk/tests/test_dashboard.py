@@ -19,7 +19,7 @@ import time
 import pytest
 import requests
 
-from conftest import wait_for
+from conftest import free_port, running_cluster, wait_for
 from serval import serve
 from test_cortex_batch import batch_api, submit, wait_ended  # noqa: F401 (a fixture)
 
@@ -141,6 +141,21 @@ def test_cortex_apis_and_batch_jobs_with_their_dead_letters(batch_api, cluster, 
     assert (j["api"], j["total"], j["succeeded"], j["failed"], j["in_queue"]) == ("summer", 3, 2, 1, 0)
     (summer,) = [a for a in s["apis"] if a["name"] == "summer"]
     assert (summer["kind"], summer["status"]) == ("BatchAPI", "live")
+
+
+def test_the_metrics_port_serves_the_same_dashboard(monkeypatch):
+    port = free_port()
+    with running_cluster(monkeypatch, env={"SERVAL_METRICS_PORT": str(port)}) as cluster:
+        token = cluster_token(cluster)
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: requests.get(f"{url}/-/metrics", timeout=10).status_code == 200, what="the metrics port")
+        assert requests.get(f"{url}/-/dashboard", timeout=10).headers["content-type"].startswith("text/html")
+        assert requests.get(f"{url}/-/dashboard/api/state", timeout=10).status_code == 401
+        state = wait_for(lambda: requests.get(f"{url}/-/dashboard/api/state", timeout=10,
+                                              headers={"Authorization": f"Bearer {token}"}).json()["heads"] or None,
+                         what="the dashboard's state on the metrics port")
+        assert state[0]["role"] == "leader"
+        assert "serval_" in requests.get(f"{url}/-/metrics", timeout=10).text
 
 
 def test_event_streams_are_capped(cluster):

@@ -137,6 +137,32 @@ impl Dashboard {
     }
 }
 
+/// Where a process's `--metrics-port` listener finds the proxy whose
+/// dashboard it serves: filled by [`crate::run`] once that proxy exists,
+/// empty in a process that runs none.
+#[derive(Clone, Default)]
+pub struct DashboardSlot(Arc<std::sync::OnceLock<Arc<Proxy>>>);
+
+impl DashboardSlot {
+    pub(crate) fn set(&self, proxy: Arc<Proxy>) {
+        let _ = self.0.set(proxy);
+    }
+
+    pub(crate) fn get(&self) -> Option<&Arc<Proxy>> {
+        self.0.get()
+    }
+}
+
+impl std::fmt::Debug for DashboardSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "DashboardSlot(set)"
+        } else {
+            "DashboardSlot(empty)"
+        })
+    }
+}
+
 pub(crate) fn is_dashboard(path: &str) -> bool {
     path == PREFIX || path.starts_with("/-/dashboard/")
 }
@@ -166,7 +192,10 @@ pub(crate) async fn handle<B>(
     let path = req.uri().path();
     if req.method() != Method::GET {
         return (
-            json_error(StatusCode::METHOD_NOT_ALLOWED, "the dashboard is read-only: use GET"),
+            json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "the dashboard is read-only: use GET",
+            ),
             None,
         );
     }
@@ -174,7 +203,10 @@ pub(crate) async fn handle<B>(
         return (page(), None);
     }
     let Some(api) = path.strip_prefix("/-/dashboard/api/") else {
-        return (json_error(StatusCode::NOT_FOUND, "no such dashboard page"), None);
+        return (
+            json_error(StatusCode::NOT_FOUND, "no such dashboard page"),
+            None,
+        );
     };
     if !proxy.dashboard.authorized(&req) {
         let mut response = json_error(
@@ -197,14 +229,20 @@ pub(crate) async fn handle<B>(
             let replica = query_value(req.uri().query().unwrap_or(""), "replica");
             (logs(proxy, replica.as_deref().unwrap_or("")).await, None)
         }
-        _ => (json_error(StatusCode::NOT_FOUND, "no such dashboard API"), None),
+        _ => (
+            json_error(StatusCode::NOT_FOUND, "no such dashboard API"),
+            None,
+        ),
     }
 }
 
 fn page() -> HttpResponse {
     let mut response = hyper::Response::new(Full::new(Bytes::from_static(PAGE.as_bytes())));
     let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     // Everything the page needs is inline or this origin's API.
     headers.insert(
@@ -276,7 +314,13 @@ fn events(proxy: &Arc<Proxy>) -> (HttpResponse, Option<EventStream>) {
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    (response, Some(EventStream { rx, _permit: permit }))
+    (
+        response,
+        Some(EventStream {
+            rx,
+            _permit: permit,
+        }),
+    )
 }
 
 /// The tail of replica `id`'s log, read through the replica as its agent

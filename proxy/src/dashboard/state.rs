@@ -86,18 +86,29 @@ fn api_status(api: &Api, s: &ClusterSnapshot) -> Value {
         return json!({"name": api.name, "kind": api.kind, "status": "live"});
     }
     let backend = s.backends.iter().find(|b| b.name == api.name);
-    let replicas: Vec<&Replica> = s.replicas.iter().filter(|r| r.backend == api.name).collect();
+    let replicas: Vec<&Replica> = s
+        .replicas
+        .iter()
+        .filter(|r| r.backend == api.name)
+        .collect();
     let version = backend.map_or(0, |b| b.version);
     let current = |r: &&&Replica| r.backend_version == version;
-    let running_now = replicas.iter().filter(current).filter(|r| r.state == "running").count();
-    let unplaced = replicas.iter().any(|r| r.state == "pending" && r.node_id.is_empty());
+    let running_now = replicas
+        .iter()
+        .filter(current)
+        .filter(|r| r.state == "running")
+        .count();
+    let unplaced = replicas
+        .iter()
+        .any(|r| r.state == "pending" && r.node_id.is_empty());
     let stale = replicas.iter().any(|r| r.backend_version != version);
     let status = match backend {
         None => "error",
         Some(_) if unplaced && running_now == 0 => "compute unavailable",
         Some(b)
             if running_now == 0
-                && (b.state == "failed" || replicas.iter().filter(current).any(|r| r.restarts > 0)) =>
+                && (b.state == "failed"
+                    || replicas.iter().filter(current).any(|r| r.restarts > 0)) =>
         {
             "error"
         }
