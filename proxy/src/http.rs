@@ -87,6 +87,13 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
     let limits = proxy.limits.clone();
     let grace = proxy.shutdown_grace;
     let sampler = crate::dashboard::spawn_sampler(proxy.clone());
+    let dashboard_of = proxy.clone();
+    let shutdown = async move {
+        shutdown.await;
+        // Event streams never end by themselves: end them, or every open
+        // page would hold its connection through the whole grace period.
+        dashboard_of.dashboard.close_streams();
+    };
     serve_connections(
         listener,
         "http",

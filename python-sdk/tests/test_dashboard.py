@@ -271,12 +271,12 @@ def test_the_page_in_a_browser_charts_traffic_crashes_and_rollouts(cluster, tmp_
             def drawn():
                 d = browser.eval("(document.querySelector('path[data-endpoint=\"svc\"][data-metric=\"rps0\"]')"
                                  " || {getAttribute: () => ''}).getAttribute('d')")
-                return d if d and d.count("L") >= 2 else None
+                return d if d and d.count("L") >= 3 else None
 
             wait_for(drawn, timeout=60, what="a drawn requests/s series")
             assert float(browser.eval("document.querySelector('table[data-endpoint=\"svc\"] td.rps')"
                                       ".textContent")) > 0
-            browser.screenshot(os.path.join(artifacts, "dashboard.png"))
+            browser.screenshot(os.path.join(artifacts, "dashboard-traffic.png"))
 
             # The log tail is one click from a replica's row.
             browser.eval("document.querySelector('table[data-backend=\"svc\"] button.logs').click()")
@@ -309,7 +309,8 @@ def test_the_page_in_a_browser_charts_traffic_crashes_and_rollouts(cluster, tmp_
                 wait_for(lambda: len({r["version"] for r in browser.eval(replica_rows_js("svc"))}) == 2,
                          timeout=120, what="old and new versions side by side")
                 assert "(old)" in browser.eval("document.querySelector('table[data-backend=\"svc\"]').innerText")
-                browser.screenshot(os.path.join(artifacts, "dashboard-rollout.png"))
+                # The README's picture (docs/dashboard.png) is this one.
+                browser.screenshot(os.path.join(artifacts, "dashboard.png"))
             finally:
                 rollout.join(timeout=300)
             assert not rollout_error, rollout_error

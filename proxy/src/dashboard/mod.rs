@@ -65,6 +65,8 @@ pub(crate) struct Dashboard {
     /// When jobs were last read, and the client that reads them (made on
     /// first use); held while reading, so pages share one call.
     jobs_read: tokio::sync::Mutex<(Option<tokio::time::Instant>, Option<Client>)>,
+    /// Set when the server stops: open streams end, so connections drain.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl Dashboard {
@@ -77,7 +79,13 @@ impl Dashboard {
             control_addr: control_addr.to_owned(),
             jobs: Default::default(),
             jobs_read: Default::default(),
+            closing: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// Ends every open event stream (the server is stopping).
+    pub(crate) fn close_streams(&self) {
+        self.closing.send_replace(true);
     }
 
     pub(crate) fn jobs(&self) -> Arc<Vec<Job>> {
@@ -289,6 +297,7 @@ fn events(proxy: &Arc<Proxy>) -> (HttpResponse, Option<EventStream>) {
     let proxy = proxy.clone();
     tokio::spawn(async move {
         let mut changes = proxy.snapshot_changes();
+        let mut closing = proxy.dashboard.closing.subscribe();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut with_series = true;
@@ -307,6 +316,7 @@ fn events(proxy: &Arc<Proxy>) -> (HttpResponse, Option<EventStream>) {
             tokio::select! {
                 _ = tick.tick() => {}
                 changed = changes.changed() => if changed.is_err() { return },
+                _ = closing.wait_for(|c| *c) => return,
             }
         }
     });
