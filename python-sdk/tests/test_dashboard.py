@@ -72,7 +72,15 @@ class Traffic:
         self.thread.join(timeout=30)
 
 
-def test_the_api_needs_the_token_and_shows_the_cluster_its_traffic_and_logs(cluster):
+@pytest.fixture
+def debug_cluster(monkeypatch):
+    """A cluster whose proxy logs at debug level, to check what it logs."""
+    with running_cluster(monkeypatch, env={"SERVAL_LOG": "info,serval_proxy=debug"}) as c:
+        yield c
+
+
+def test_the_api_needs_the_token_and_shows_the_cluster_its_traffic_and_logs(debug_cluster):
+    cluster = debug_cluster
     token = cluster_token(cluster)
     serve.create_backend("svc", Version, "v1", config={"num_replicas": 2})
     serve.create_endpoint("svc", backend="svc", route="/svc")
@@ -122,6 +130,12 @@ def test_the_api_needs_the_token_and_shows_the_cluster_its_traffic_and_logs(clus
                 break
     assert "series" in events[0] and "svc" in events[0]["series"]
     assert "series" not in events[1] and events[1]["backends"]
+
+    # Neither the refused tokens nor the right one reached the head's log.
+    with open(os.path.join(cluster.data_dir, "logs", "serve.log")) as f:
+        log = f.read()
+    assert "serval_proxy" in log or "DEBUG" in log, "the proxy logged nothing at debug level"
+    assert token not in log and token[:-1] not in log
 
 
 def test_cortex_apis_and_batch_jobs_with_their_dead_letters(batch_api, cluster, tmp_path):
