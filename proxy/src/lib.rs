@@ -23,6 +23,8 @@
 //!   buffered bytes) and the pieces that enforce them.
 //! - `load_report`: sends the router's per-backend load to the controller
 //!   once a second (the autoscaler's input), off the request path.
+//! - [`applications`]: Ray Serve 2.x application and deployment statuses
+//!   from a snapshot (`serve status`, `serve.status()`, the dashboard).
 //! - `dashboard`: `/-/dashboard`, the web page, its JSON/SSE API behind
 //!   the cluster token and the endpoints' 15-minute history.
 //! - [`metrics`]: metric names, the Prometheus exporter settings every
@@ -32,6 +34,7 @@
 //! it reads the last snapshot only.
 #![forbid(unsafe_code)]
 
+pub mod applications;
 mod builtin;
 mod config;
 mod dashboard;

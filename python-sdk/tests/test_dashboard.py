@@ -138,6 +138,22 @@ def test_the_api_needs_the_token_and_shows_the_cluster_its_traffic_and_logs(debu
     assert token not in log and token[:-1] not in log
 
 
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+def echo(value):
+    return {"echo": value}
+
+
+def test_ray_applications_show_as_serve_status_shows_them(cluster):
+    token = cluster_token(cluster)
+    serve.run(echo.bind(), name="app", route_prefix="/app")
+    s = wait_for(lambda: (lambda s: s if s["applications"] else None)(api(cluster, "state", token).json()),
+                 what="the application in the dashboard")
+    (app,) = s["applications"]
+    assert (app["name"], app["status"], app["route_prefix"]) == ("app", "RUNNING", "/app")
+    assert [(d, st["status"]) for d, st in app["deployments"]] == [("echo", "HEALTHY")]
+    assert not [a for a in s["apis"] if a["name"] == "app"], "an application is no Cortex API"
+
+
 def test_cortex_apis_and_batch_jobs_with_their_dead_letters(batch_api, cluster, tmp_path):
     token = cluster_token(cluster)
     r = submit(batch_api, {"workers": 1, "max_receive_count": 1,

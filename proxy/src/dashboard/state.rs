@@ -50,7 +50,9 @@ pub(crate) fn build(proxy: &Proxy, with_series: bool) -> Value {
                 "replicas": replicas,
             })
         }).collect::<Vec<_>>(),
-        "apis": s.apis.iter().map(|a| api_status(a, &s)).collect::<Vec<_>>(),
+        "apis": s.apis.iter().filter(|a| a.kind != crate::applications::KIND)
+            .map(|a| api_status(a, &s)).collect::<Vec<_>>(),
+        "applications": crate::applications::statuses(&s),
         "jobs": proxy.dashboard.jobs().iter().rev().map(|j| json!({
             "id": j.id, "api": j.spec.as_ref().map_or("", |s| s.api.as_str()),
             "status": j.status, "total": j.total_batches, "enqueued": j.enqueued,
