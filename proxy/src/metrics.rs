@@ -40,6 +40,8 @@ pub const ROUTER_QUEUE_LENGTH: &str = "serval_router_queue_length";
 pub const REPLICA_IN_FLIGHT: &str = "serval_replica_in_flight";
 pub const BATCH_SIZE: &str = "serval_batch_size";
 pub const WEBSOCKET_SESSIONS_TOTAL: &str = "serval_websocket_sessions_total";
+/// Dashboard event streams open on this proxy (at most 16).
+pub const DASHBOARD_STREAMS: &str = "serval_dashboard_streams";
 pub const ROUTER_RETRIES_TOTAL: &str = "serval_router_retries_total";
 
 /// Response header a replica sets on a request served in a batch: the size
@@ -246,6 +248,10 @@ pub fn describe() {
     describe_counter!(
         WEBSOCKET_SESSIONS_TOTAL,
         "WebSocket sessions the app accepted, by backend"
+    );
+    describe_gauge!(
+        DASHBOARD_STREAMS,
+        "Dashboard event streams open on this proxy (one per open page)"
     );
     describe_counter!(
         ROUTER_RETRIES_TOTAL,

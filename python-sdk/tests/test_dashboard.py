@@ -201,11 +201,21 @@ def test_event_streams_are_capped(cluster):
             assert len(streams) <= 64, "no cap on event streams"
         assert r.status_code == 503 and r.headers.get("retry-after")
         assert len(streams) == 17
+        assert open_streams(cluster) == 16
     finally:
         for r in streams:
             r.close()
     # Closed streams give their places back.
-    wait_for(lambda: api(cluster, "events", token, stream=True).status_code == 200, what="a free stream")
+    wait_for(lambda: open_streams(cluster) == 0, what="the streams to be counted closed")
+    with api(cluster, "events", token, stream=True) as r:
+        assert r.status_code == 200
+
+
+def open_streams(cluster):
+    """``serval_dashboard_streams`` on the head's ``/-/metrics``."""
+    text = requests.get(f"{cluster.url}/-/metrics", timeout=30).text
+    lines = [line for line in text.splitlines() if line.startswith("serval_dashboard_streams ")]
+    return float(lines[0].split()[1]) if lines else None
 
 
 # ---------------------------------------------------------------- browser

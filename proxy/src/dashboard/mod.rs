@@ -176,10 +176,18 @@ pub(crate) fn is_dashboard(path: &str) -> bool {
 }
 
 /// A server-sent event stream's body: the events its task produces, and
-/// its place under [`MAX_STREAMS`].
+/// its place under [`MAX_STREAMS`], counted in `serval_dashboard_streams`
+/// while it lives.
 pub(crate) struct EventStream {
     rx: mpsc::Receiver<Bytes>,
     _permit: OwnedSemaphorePermit,
+    open: metrics::Gauge,
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        self.open.decrement(1.0);
+    }
 }
 
 impl EventStream {
@@ -324,11 +332,14 @@ fn events(proxy: &Arc<Proxy>) -> (HttpResponse, Option<EventStream>) {
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    let open = metrics::gauge!(crate::metrics::DASHBOARD_STREAMS);
+    open.increment(1.0);
     (
         response,
         Some(EventStream {
             rx,
             _permit: permit,
+            open,
         }),
     )
 }
