@@ -8,7 +8,7 @@ CARGO ?= cargo
 # Build the SDK extension against the venv's interpreter, not a shim.
 export PYO3_PYTHON := $(abspath $(VPY))
 
-.PHONY: all build venv sdk demo test test-rust test-python test-tensorflow clean netns-deps
+.PHONY: all build venv sdk demo test test-rust test-python test-tensorflow clean netns-deps browser-deps
 
 all: build sdk
 
@@ -49,7 +49,13 @@ netns-deps:
 	@[ "$$(id -u)" != 0 ] || command -v ip >/dev/null || \
 		(command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq iproute2) || true
 
-test-python: sdk
+# python-sdk/tests/test_dashboard.py drives a headless Chromium (Debian's
+# chromium and chromium-driver): as root, install them with apt if missing.
+browser-deps:
+	@[ "$$(id -u)" != 0 ] || command -v chromium >/dev/null || \
+		(command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq chromium chromium-driver) || true
+
+test-python: sdk browser-deps
 	$(VPY) -m pytest -q python-sdk/tests
 
 test: test-rust test-python

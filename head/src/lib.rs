@@ -5,13 +5,14 @@
 //! - [`cli`]: argument parsing and dispatch ([`cli::main_with`]).
 //! - `start`: `serve start --head` / `--address`, `--detach`.
 //! - `status`: `serve status` tables.
-//! - [`applications`]: Ray Serve 2.x application and deployment statuses.
+//! - [`applications`]: Ray Serve 2.x application and deployment statuses
+//!   (computed in `serval_proxy`, whose dashboard shows them too).
 //! - `shutdown`: `serve shutdown`.
 //! - `cluster_file`: how commands find a running head through its data dir.
 //! - `control_listener`: the control listener's connection bounds.
 #![forbid(unsafe_code)]
 
-pub mod applications;
+pub use serval_proxy::applications;
 pub mod cli;
 mod cluster_file;
 mod control_listener;

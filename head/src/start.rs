@@ -530,14 +530,15 @@ fn start_proxy(
     listener: tokio::net::TcpListener,
     control_addr: String,
     token: String,
-    metrics: Option<serval_proxy::metrics::MetricsHandle>,
+    metrics: Metrics,
     args: &StartArgs,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let config = serval_proxy::ProxyConfig {
         control_addr,
         token,
-        metrics,
+        metrics: metrics.handle,
+        dashboard: Some(metrics.dashboard),
         max_body_bytes: usize::try_from(args.http_max_body_bytes).unwrap_or(usize::MAX),
         queue_capacity: args.http_queue_capacity,
         limits: proxy_limits(args),
@@ -562,7 +563,7 @@ async fn proxy_if(
     args: &StartArgs,
     control_addr: &str,
     token: &str,
-    metrics: Option<serval_proxy::metrics::MetricsHandle>,
+    metrics: Metrics,
     stop_rx: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<(Option<tokio::task::JoinHandle<()>>, String)> {
     if !run {
@@ -580,12 +581,19 @@ async fn proxy_if(
     Ok((Some(task), addr))
 }
 
+/// This process's metrics recorder, and the slot through which its
+/// `--metrics-port` listener reaches the proxy's dashboard.
+struct Metrics {
+    handle: Option<serval_proxy::metrics::MetricsHandle>,
+    dashboard: serval_proxy::DashboardSlot,
+}
+
 /// Installs this process's metrics recorder (the handle serves the proxy's
 /// `/-/metrics`) and, with `--metrics-port`, an HTTP listener serving the
-/// same text on every path. Runs inside the tokio runtime.
-fn install_metrics(
-    args: &StartArgs,
-) -> anyhow::Result<Option<serval_proxy::metrics::MetricsHandle>> {
+/// same text on every path but `/-/dashboard` (the proxy's dashboard, once
+/// it runs). Runs inside the tokio runtime.
+fn install_metrics(args: &StartArgs) -> anyhow::Result<Metrics> {
+    let dashboard = serval_proxy::DashboardSlot::default();
     let handle = serval_proxy::metrics::install(serval_proxy::metrics::prometheus_builder())
         .context("installing the metrics recorder")?;
     if let Some(port) = args.metrics_port {
@@ -600,6 +608,7 @@ fn install_metrics(
         tokio::spawn(serval_proxy::http::serve_metrics(
             listener,
             handle.clone(),
+            dashboard.clone(),
             proxy_limits(args),
             std::future::pending(),
         ));
@@ -608,7 +617,10 @@ fn install_metrics(
     serval_proxy::metrics::describe();
     serval_node::metrics::describe();
     serval_controller::reconciler::describe_metrics();
-    Ok(Some(handle))
+    Ok(Metrics {
+        handle: Some(handle),
+        dashboard,
+    })
 }
 
 async fn run_head(

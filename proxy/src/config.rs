@@ -45,6 +45,9 @@ pub struct ProxyConfig {
     /// Error bodies carry internal detail (replica ids, addresses): the
     /// binary sets it from `SERVAL_DEBUG`. Off, the detail goes to the log.
     pub debug_errors: bool,
+    /// Set to this proxy by `run`, so the process's `--metrics-port`
+    /// listener serves the same dashboard.
+    pub dashboard: Option<crate::dashboard::DashboardSlot>,
 }
 
 impl Default for ProxyConfig {
@@ -62,6 +65,7 @@ impl Default for ProxyConfig {
             metrics: None,
             limits: Limits::default(),
             debug_errors: false,
+            dashboard: None,
         }
     }
 }
@@ -88,6 +92,7 @@ impl std::fmt::Debug for ProxyConfig {
             .field("metrics", &self.metrics.is_some())
             .field("limits", &self.limits)
             .field("debug_errors", &self.debug_errors)
+            .field("dashboard", &self.dashboard)
             .finish()
     }
 }

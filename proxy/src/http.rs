@@ -1,7 +1,8 @@
 //! The HTTP server (hyper 1.x, HTTP/1.1 and HTTP/2 via hyper-util's auto
 //! builder) and the request path, as named steps in this order:
 //!
-//! 1. `builtin`: `/-/routes`, `/-/healthz`, `/-/metrics`, first so user
+//! 1. `builtin`: `/-/routes`, `/-/healthz`, `/-/metrics` (and
+//!    [`crate::dashboard`]'s `/-/dashboard`), first so user
 //!    routes can never shadow health checks, and outside the middlewares
 //!    (a TrustedHost or CORS setting never breaks health checks), except
 //!    that CORS covers `/-/routes`, as in Ray Serve.
@@ -85,6 +86,14 @@ const ACCEPT_ERROR_PAUSE_MS: u64 = 50;
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
     let limits = proxy.limits.clone();
     let grace = proxy.shutdown_grace;
+    let sampler = crate::dashboard::spawn_sampler(proxy.clone());
+    let dashboard_of = proxy.clone();
+    let shutdown = async move {
+        shutdown.await;
+        // Event streams never end by themselves: end them, or every open
+        // page would hold its connection through the whole grace period.
+        dashboard_of.dashboard.close_streams();
+    };
     serve_connections(
         listener,
         "http",
@@ -97,21 +106,38 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
                 // gRPC streams through; HTTP answers are whole.
                 if grpc::is_grpc(&req) {
                     grpc::handle(&proxy, req).await.map(ResponseBody::Grpc)
+                } else if crate::dashboard::is_dashboard(req.uri().path()) {
+                    dashboard(&proxy, req).await
                 } else {
                     http_body(handle(&proxy, req, &peer).await)
                 }
             }
         },
     )
-    .await
+    .await;
+    sampler.abort();
+}
+
+/// The dashboard's answer, whole or an event stream.
+async fn dashboard(
+    proxy: &Arc<Proxy>,
+    req: hyper::Request<Incoming>,
+) -> hyper::Response<ResponseBody> {
+    match crate::dashboard::handle(proxy, req).await {
+        (head, Some(events)) => head.map(|_| ResponseBody::Events(events)),
+        (response, None) => response.map(ResponseBody::Http),
+    }
 }
 
 /// Serves this process's Prometheus text on every path of `listener`
-/// (`serve start --metrics-port`), under the same connection limits as
-/// the proxy, until `shutdown` resolves.
+/// (`serve start --metrics-port`) but `/-/dashboard`, which is the
+/// dashboard of this process's proxy (`dashboard`; 404 in a process that
+/// runs none), under the same connection limits as the proxy, until
+/// `shutdown` resolves.
 pub async fn serve_metrics(
     listener: TcpListener,
     handle: crate::metrics::MetricsHandle,
+    dashboard_of: crate::dashboard::DashboardSlot,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -123,9 +149,22 @@ pub async fn serve_metrics(
         &limits,
         grace,
         shutdown,
-        move |_req, _peer| {
+        move |req: hyper::Request<Incoming>, _peer| {
             let handle = handle.clone();
-            async move { builtin::metrics_text(&handle).map(ResponseBody::Http) }
+            let dashboard_of = dashboard_of.clone();
+            async move {
+                if !crate::dashboard::is_dashboard(req.uri().path()) {
+                    return builtin::metrics_text(&handle).map(ResponseBody::Http);
+                }
+                match dashboard_of.get() {
+                    Some(proxy) => dashboard(proxy, req).await,
+                    None => errors::json_error(
+                        StatusCode::NOT_FOUND,
+                        "this process runs no HTTP proxy, so no dashboard: open it on a head's HTTP port",
+                    )
+                    .map(ResponseBody::Http),
+                }
+            }
         },
     )
     .await
@@ -339,6 +378,8 @@ enum ResponseBody {
     Http(Full<Bytes>),
     Stream(StreamBody),
     Grpc(grpc::GrpcBody),
+    /// The dashboard's server-sent events.
+    Events(crate::dashboard::EventStream),
 }
 
 /// A streamed reply's body. A failed stream ends with an error, which
@@ -420,6 +461,9 @@ impl hyper::body::Body for ResponseBody {
                 .map_err(|never| match never {}),
             ResponseBody::Stream(s) => s.poll_chunk(cx),
             ResponseBody::Grpc(b) => std::pin::Pin::new(b).poll_frame(cx),
+            ResponseBody::Events(e) => e
+                .poll_event(cx)
+                .map(|event| event.map(|b| Ok(hyper::body::Frame::data(b)))),
         }
     }
 
@@ -428,6 +472,7 @@ impl hyper::body::Body for ResponseBody {
             ResponseBody::Http(b) => b.is_end_stream(),
             ResponseBody::Stream(_) => false,
             ResponseBody::Grpc(b) => b.is_end_stream(),
+            ResponseBody::Events(_) => false,
         }
     }
 
@@ -436,6 +481,7 @@ impl hyper::body::Body for ResponseBody {
             ResponseBody::Http(b) => b.size_hint(),
             ResponseBody::Stream(_) => hyper::body::SizeHint::default(),
             ResponseBody::Grpc(b) => b.size_hint(),
+            ResponseBody::Events(_) => hyper::body::SizeHint::default(),
         }
     }
 }

@@ -23,6 +23,10 @@
 //!   buffered bytes) and the pieces that enforce them.
 //! - `load_report`: sends the router's per-backend load to the controller
 //!   once a second (the autoscaler's input), off the request path.
+//! - [`applications`]: Ray Serve 2.x application and deployment statuses
+//!   from a snapshot (`serve status`, `serve.status()`, the dashboard).
+//! - `dashboard`: `/-/dashboard`, the web page, its JSON/SSE API behind
+//!   the cluster token and the endpoints' 15-minute history.
 //! - [`metrics`]: metric names, the Prometheus exporter settings every
 //!   process installs, and the router's cached metric handles.
 //!
@@ -30,8 +34,10 @@
 //! it reads the last snapshot only.
 #![forbid(unsafe_code)]
 
+pub mod applications;
 mod builtin;
 mod config;
+mod dashboard;
 mod errors;
 pub mod grpc;
 pub mod http;
@@ -53,6 +59,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 pub use config::{ProxyConfig, ProxyError, DEFAULT_MAX_BODY_BYTES};
+pub use dashboard::DashboardSlot;
 pub use http::serve;
 pub use limits::{ConnIo, Limits};
 pub use load_report::spawn_load_reporter;
@@ -75,6 +82,9 @@ pub async fn run(
 ) -> Result<(), ProxyError> {
     config.validate()?;
     let proxy = Arc::new(Proxy::new(&config));
+    if let Some(slot) = &config.dashboard {
+        slot.set(proxy.clone());
+    }
     let snapshots = spawn_watch(config.control_addr.clone(), config.token.clone(), false);
     let follower = proxy.follow(snapshots);
     let source = format!(

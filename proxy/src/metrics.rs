@@ -32,12 +32,16 @@ mod series;
 pub use series::ENTITY_FAMILIES;
 use series::{is_entity_family, EntitySeries};
 
+use crate::dashboard::history::Tally;
+
 pub const ROUTER_REQUESTS_TOTAL: &str = "serval_router_requests_total";
 pub const ROUTER_REQUEST_DURATION_SECONDS: &str = "serval_router_request_duration_seconds";
 pub const ROUTER_QUEUE_LENGTH: &str = "serval_router_queue_length";
 pub const REPLICA_IN_FLIGHT: &str = "serval_replica_in_flight";
 pub const BATCH_SIZE: &str = "serval_batch_size";
 pub const WEBSOCKET_SESSIONS_TOTAL: &str = "serval_websocket_sessions_total";
+/// Dashboard event streams open on this proxy (at most 16).
+pub const DASHBOARD_STREAMS: &str = "serval_dashboard_streams";
 pub const ROUTER_RETRIES_TOTAL: &str = "serval_router_retries_total";
 
 /// Response header a replica sets on a request served in a batch: the size
@@ -245,6 +249,10 @@ pub fn describe() {
         WEBSOCKET_SESSIONS_TOTAL,
         "WebSocket sessions the app accepted, by backend"
     );
+    describe_gauge!(
+        DASHBOARD_STREAMS,
+        "Dashboard event streams open on this proxy (one per open page)"
+    );
     describe_counter!(
         ROUTER_RETRIES_TOTAL,
         "Requests sent again to another replica after theirs was lost before answering, by backend"
@@ -325,6 +333,8 @@ pub(crate) struct BackendMetrics {
     queue_length: Gauge,
     latency: Histogram,
     batch_size: Histogram,
+    /// The last batch size a replica reported (the dashboard shows it).
+    last_batch_size: std::sync::atomic::AtomicU32,
     /// WebSocket sessions opened; registered at the first one.
     websocket_sessions: OnceLock<Counter>,
     /// Requests retried after a lost replica; registered at the first one.
@@ -341,6 +351,7 @@ impl BackendMetrics {
             latency: metrics::histogram!(ROUTER_REQUEST_DURATION_SECONDS, "backend" => backend.to_owned()),
             batch_size: metrics::histogram!(BATCH_SIZE, "backend" => backend.to_owned()),
             requests: RwLock::default(),
+            last_batch_size: Default::default(),
             websocket_sessions: OnceLock::new(),
             retries: OnceLock::new(),
         }
@@ -401,7 +412,15 @@ impl BackendMetrics {
     pub(crate) fn take_batch_size(&self, response: &mut Response) {
         if let Some(size) = take_batch_size_header(response) {
             self.batch_size.record(size as f64);
+            self.last_batch_size
+                .store(size, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// The last batch size a replica of this backend reported; 0: none yet.
+    pub(crate) fn last_batch_size(&self) -> u32 {
+        self.last_batch_size
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -435,6 +454,8 @@ fn retain<V>(map: &RwLock<HashMap<String, Arc<V>>>, live: impl Fn(&str) -> bool)
 struct EndpointHttpMetrics {
     by_class: RequestCounters,
     duration: Histogram,
+    /// The dashboard's per-second history reads this.
+    tally: Arc<Tally>,
 }
 
 /// The HTTP server's metric handles by endpoint label, kept by the proxy so
@@ -458,6 +479,7 @@ impl HttpMetrics {
                 crate::http::REQUEST_DURATION_SECONDS,
                 "endpoint" => endpoint.to_owned()
             ),
+            tally: Arc::default(),
         });
         let class = Outcome::of_status(status);
         m.by_class[class as usize]
@@ -470,6 +492,18 @@ impl HttpMetrics {
             })
             .increment(1);
         m.duration.record(elapsed.as_secs_f64());
+        m.tally.record(status, elapsed);
+    }
+
+    /// The dashboard's tallies of the routed endpoints.
+    pub(crate) fn tallies(&self) -> Vec<(String, Arc<Tally>)> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(e, _)| e.as_str() != crate::http::NO_ENDPOINT_LABEL)
+            .map(|(e, m)| (e.clone(), m.tally.clone()))
+            .collect()
     }
 }
 

@@ -42,6 +42,13 @@ pub struct Proxy {
     pub(crate) debug_errors: bool,
     /// WebSocket bounds and the sessions open through this proxy.
     pub(crate) websockets: Arc<crate::websocket::Sessions>,
+    /// The last snapshot applied, whole, for the dashboard (`include_code`
+    /// off, so no backend code is held).
+    snapshot: RwLock<Arc<ClusterSnapshot>>,
+    /// Its version, so dashboard streams wake up when it changes.
+    snapshot_version: tokio::sync::watch::Sender<u64>,
+    /// `/-/dashboard`: its token, history and open streams.
+    pub(crate) dashboard: crate::dashboard::Dashboard,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -76,7 +83,23 @@ impl Proxy {
             body_budget: BodyBudget::new(config.limits.max_buffered_body_bytes),
             debug_errors: config.debug_errors,
             websockets: Arc::new(crate::websocket::Sessions::from_env()),
+            snapshot: RwLock::default(),
+            snapshot_version: tokio::sync::watch::Sender::new(0),
+            dashboard: crate::dashboard::Dashboard::new(&config.token, &config.control_addr),
         }
+    }
+
+    /// The last snapshot applied (empty before the first).
+    pub(crate) fn snapshot(&self) -> Arc<ClusterSnapshot> {
+        self.snapshot
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Wakes when a new snapshot is applied.
+    pub(crate) fn snapshot_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.snapshot_version.subscribe()
     }
 
     pub fn router(&self) -> &Router {
@@ -161,6 +184,8 @@ impl Proxy {
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
         self.apply_grpc(snapshot);
         self.apply_middlewares(snapshot);
+        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snapshot.clone());
+        self.snapshot_version.send_replace(snapshot.version);
         self.ready.store(true, Ordering::Release);
         tracing::debug!(version = snapshot.version, "snapshot applied");
     }

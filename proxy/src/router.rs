@@ -100,6 +100,14 @@ pub enum RouterError {
     Protocol { replica: String, reason: String },
 }
 
+/// One backend's live numbers, for the dashboard.
+#[derive(Debug, Default)]
+pub(crate) struct BackendStats {
+    pub in_flight: HashMap<String, usize>,
+    pub queued: usize,
+    pub last_batch_size: u32,
+}
+
 /// One routable replica; kept across snapshots by id, with its connection
 /// and in-flight count.
 struct Replica {
@@ -262,6 +270,28 @@ impl Router {
                 .map(|r| r.in_flight.load(Ordering::Relaxed))
                 .sum()
         })
+    }
+
+    /// What the dashboard shows of each backend: requests in flight on
+    /// each of its replicas (by replica id), queued, and the last batch
+    /// size a replica reported (0: none yet).
+    pub(crate) fn backend_stats(&self) -> HashMap<String, BackendStats> {
+        self.table()
+            .backends
+            .values()
+            .map(|b| {
+                let stats = BackendStats {
+                    in_flight: b
+                        .replicas()
+                        .iter()
+                        .map(|r| (r.id.clone(), r.in_flight.load(Ordering::Relaxed)))
+                        .collect(),
+                    queued: b.queued.load(Ordering::Relaxed),
+                    last_batch_size: b.metrics.last_batch_size(),
+                };
+                (b.name.clone(), stats)
+            })
+            .collect()
     }
 
     /// Requests waiting in `backend`'s queue (0 if unknown).

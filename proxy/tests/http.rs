@@ -347,6 +347,72 @@ async fn metrics_path_is_404_without_a_handle() {
 }
 
 #[tokio::test]
+async fn the_dashboard_api_answers_only_with_the_cluster_token() {
+    let token = serval_node::test_util::TEST_TOKEN;
+    let proxy = Arc::new(Proxy::new(&ProxyConfig {
+        token: token.into(),
+        ..Default::default()
+    }));
+    proxy.apply_snapshot(&ClusterSnapshot {
+        backends: vec![backend("b", 4)],
+        endpoints: vec![endpoint("e", "/e", &[], "b")],
+        ..Default::default()
+    });
+    let serving = Serving::start(proxy.clone()).await;
+    let http = Http::new(serving.addr, false);
+    let page = http.get("/-/dashboard").await;
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("<title>Serval dashboard</title>"));
+    assert!(!page.body.contains(token));
+    let bearer = format!("Bearer {token}");
+    let wrong = format!("Bearer {token}x");
+    for api in ["state", "events", "logs?replica=b%230"] {
+        let path = format!("/-/dashboard/api/{api}");
+        for headers in [
+            vec![],
+            vec![("authorization", wrong.as_str())],
+            vec![("authorization", token)],
+        ] {
+            let r = http
+                .send("GET", &path, &headers, Empty::new().boxed())
+                .await;
+            assert_json_error(&r, 401, "cluster token");
+            assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+        }
+    }
+    let auth = [("authorization", bearer.as_str())];
+    let state = http
+        .send("GET", "/-/dashboard/api/state", &auth, Empty::new().boxed())
+        .await;
+    assert_eq!(state.status, 200, "{}", state.body);
+    let state = state.json();
+    assert_eq!(state["endpoints"][0]["name"], "e");
+    assert_eq!(state["endpoints"][0]["traffic"]["b"], 1.0);
+    assert_eq!(state["backends"][0]["name"], "b");
+    assert!(state["series"].is_object());
+    let unknown = http
+        .send(
+            "GET",
+            "/-/dashboard/api/logs?replica=nope",
+            &auth,
+            Empty::new().boxed(),
+        )
+        .await;
+    assert_json_error(&unknown, 404, "no such replica");
+    let post = http
+        .send(
+            "POST",
+            "/-/dashboard/api/state",
+            &auth,
+            Empty::new().boxed(),
+        )
+        .await;
+    assert_json_error(&post, 405, "read-only");
+    drop(http);
+    serving.stop().await;
+}
+
+#[tokio::test]
 async fn run_refuses_an_invalid_config_naming_the_field() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let config = ProxyConfig {

@@ -206,6 +206,9 @@ def test_a_node_without_a_proxy_serves_its_metrics_on_metrics_port(monkeypatch, 
             node_url, "the node's replica gauge",
             lambda t: value(t, "serval_node_replicas", backend="ongpu", state="running") == 1)
         assert "# TYPE serval_node_replicas gauge" in text
+        # No proxy on this node, so no dashboard on its metrics port: it says so.
+        r = requests.get(f"{node_url}/-/dashboard", timeout=30)
+        assert r.status_code == 404 and "runs no HTTP proxy" in r.json()["error"]
         # Per process: the head's scrape does not count the node's replica.
         assert value(scrape(head.url), "serval_node_replicas", backend="ongpu", state="running") is None
 
