@@ -537,9 +537,6 @@ def test_unary_calls_terminated_by_the_proxy(monkeypatch, tmp_path):
             # Not grpcio's ServicerContext: the call came as a frame.
             assert stub.Unary(pb2.Req(a="context"), timeout=60).b == "serval.cortex.grpc_api"
             check_shapes(pb2, stub, tmp_path)
-            # A malformed deadline is the client's error.
-            with pytest.raises(grpc.RpcError) as e:
-                channel.unary_unary("/shapes.Shapes/Unary")(b"", metadata=(("grpc-timeout", "soon"),))
         metrics = requests.get(f"{cluster.url}/-/metrics", timeout=30).text
     counted = [line for line in metrics.splitlines() if line.startswith("serval_grpc_requests_total{")]
     for method, code in [("Unary", "OK"), ("Unary", "NOT_FOUND"), ("UntilCancelled", "DEADLINE_EXCEEDED"),
