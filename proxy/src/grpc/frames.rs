@@ -53,14 +53,14 @@ pub(super) async fn call(
     // The call's deadline: the client's, within the router's own.
     let limit = proxy.router().config().request_timeout;
     let deadline = started + client_timeout.map_or(limit, |t| t.min(limit));
-    let body = match tokio::time::timeout_at(deadline, read_body(proxy, req)).await {
+    // The body budget's reservation is held as long as the body is.
+    let (body, _budget) = match tokio::time::timeout_at(deadline, read_body(proxy, req)).await {
         Err(_) => return status_response(Code::DeadlineExceeded, "the request did not arrive in time"),
         Ok(Err(refused)) => {
             let (code, what) = refusal(refused.status());
             return status_response(code, what);
         }
-        // The budget reservation goes with the body.
-        Ok(Ok((_, body, _budget))) => body,
+        Ok(Ok((_, body, budget))) => (body, budget),
     };
     let message = match unframe(&body) {
         Ok(m) => m,
