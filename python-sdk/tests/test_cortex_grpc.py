@@ -480,12 +480,16 @@ def test_every_rpc_shape_on_the_replica_server(shapes_stub):
     check_shapes(pb2, stub, tmp)
 
 
-def test_unary_calls_as_frames_on_the_replica(shapes_api, shapes_stub):
+@pytest.mark.parametrize("threads", ["pool", "inline"])
+def test_unary_calls_as_frames_on_the_replica(shapes_api, shapes_stub, monkeypatch, threads):
     """``serval_grpc_call``, as the replica's host calls it for a
     ``Payload::Grpc`` frame: the Handler's statuses, metadata and deadline
-    as on the grpcio server, answered through the reply."""
+    as on the grpcio server, answered through the reply (from the pool of
+    ``threads_per_process`` > 1), or at once (inline, with 1)."""
     obj, tmp = shapes_api
     pb2, _, _ = shapes_stub
+    if threads == "inline":
+        monkeypatch.setattr(obj, "_pool", None)
 
     class Reply:
         def __init__(self):

@@ -45,7 +45,10 @@ as a ``Payload::Grpc`` frame on its replica connection; the replica's
 ``serval_grpc_call`` decodes the message with the generated class, calls the
 Handler with a :class:`Context` (grpcio's ``ServicerContext`` methods a
 Handler uses) and answers the status and the reply message's bytes. The
-statuses, details and deadlines are those of the grpcio path.
+statuses, details and deadlines are those of the grpcio path. Those calls
+run on a pool of ``threads_per_process`` threads when it is above 1, and
+inline on the replica's worker thread, one at a time, with 1 (as a
+RealtimeAPI's HTTP requests do).
 
 Sync methods run on a pool of ``handler.threads_per_process`` threads (at
 least 1), so that many calls run at once; ``async def`` methods (and async
@@ -324,9 +327,10 @@ class _Rpc:
     def call_frame(self, message: bytes, metadata: tuple, timeout: Optional[float], reply) -> None:
         """One unary call the proxy terminated, on a pool thread: answered
         through ``reply`` with the status and the reply message's bytes."""
-        reply.send(*self._run_frame(message, Context(metadata, timeout)))
+        reply.send(*self.run_frame(message, Context(metadata, timeout)))
 
-    def _run_frame(self, message: bytes, context: Context) -> tuple:
+    def run_frame(self, message: bytes, context: Context) -> tuple:
+        """The answer to one unary call the proxy terminated."""
         if self.fn is None:
             return _status_reply(STATUS_CODES["UNIMPLEMENTED"], self._unimplemented_details())
         try:
@@ -486,8 +490,11 @@ class GrpcAPI(RealtimeAPI):
             self._rpcs[method.name] = _Rpc(self, method, fn)
         self._by_path = {rpc.path: rpc for rpc in self._rpcs.values()}
         threads = max(1, int(handler.get("threads_per_process") or 1))
-        #: Runs the unary calls the proxy terminated (``serval_grpc_call``).
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"{self.name}-grpc-frames")
+        #: Runs the unary calls the proxy terminated (``serval_grpc_call``)
+        #: when threads_per_process > 1; with 1 they run inline on the
+        #: replica's worker thread, one at a time, as a RealtimeAPI's do.
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"{self.name}-grpc-frames") \
+            if threads > 1 else None
         self._server = grpc.server(ThreadPoolExecutor(threads, thread_name_prefix=f"{self.name}-grpc"),
                                    interceptors=(_cluster_only(),))
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
@@ -509,12 +516,14 @@ class GrpcAPI(RealtimeAPI):
 
     def serval_grpc_call(self, path: str, message: bytes, metadata: tuple, timeout: Optional[float], reply):
         """A unary call the proxy terminated (``serval._host.Host.on_grpc``):
-        run on the pool, answered through ``reply``. A path that is not a
-        unary method of the service answers UNIMPLEMENTED now."""
+        answered now (inline), or on the pool through ``reply``. A path that
+        is not a unary method of the service answers UNIMPLEMENTED."""
         rpc = self._by_path.get(path)
         if rpc is None or rpc.client_streaming or rpc.server_streaming:
             return _status_reply(STATUS_CODES["UNIMPLEMENTED"],
                                  f"api '{self.name}': {path} is not a unary method of {self.service}")
+        if self._pool is None:
+            return rpc.run_frame(message, Context(metadata, timeout))
         self._pool.submit(rpc.call_frame, message, metadata, timeout, reply)
         return None
 
