@@ -833,16 +833,15 @@ impl ReplicaServer {
                 continue;
             };
             ran += 1;
-            run_job(
-                py,
-                job,
-                &on_http,
-                &on_call,
-                &on_reconfigure,
-                (on_ws_open.as_ref(), on_ws_event.as_ref()),
-                on_stream.as_ref(),
-                on_grpc.as_ref(),
-            )?;
+            let dispatch = Dispatch {
+                on_http: &on_http,
+                on_call: &on_call,
+                on_reconfigure: &on_reconfigure,
+                ws: (on_ws_open.as_ref(), on_ws_event.as_ref()),
+                on_stream: on_stream.as_ref(),
+                on_grpc: on_grpc.as_ref(),
+            };
+            run_job(py, job, &dispatch)?;
         }
         if !self.rx.is_empty() {
             // Let the loop run ready tasks before the next round.
@@ -946,40 +945,41 @@ fn unavailable(message: &str) -> Response {
     plain(503, Some("ReplicaUnavailable"), message)
 }
 
+/// The host's callables one drain hands requests to.
+struct Dispatch<'a, 'py> {
+    on_http: &'a Bound<'py, PyAny>,
+    on_call: &'a Bound<'py, PyAny>,
+    on_reconfigure: &'a Bound<'py, PyAny>,
+    ws: WsDispatch<'a, 'py>,
+    on_stream: Option<&'a Bound<'py, PyAny>>,
+    on_grpc: Option<&'a Bound<'py, PyAny>>,
+}
+
 /// Hands one request to Python. The request is always answered: by the
 /// returned tuple, later through its `Reply`, or here with a 500 when the
 /// dispatch itself raised. `Err` only for KeyboardInterrupt / SystemExit:
 /// those end the worker.
-fn run_job(
-    py: Python<'_>,
-    job: Job,
-    on_http: &Bound<'_, PyAny>,
-    on_call: &Bound<'_, PyAny>,
-    on_reconfigure: &Bound<'_, PyAny>,
-    ws: WsDispatch<'_, '_>,
-    on_stream: Option<&Bound<'_, PyAny>>,
-    on_grpc: Option<&Bound<'_, PyAny>>,
-) -> PyResult<()> {
+fn run_job(py: Python<'_>, job: Job, d: &Dispatch<'_, '_>) -> PyResult<()> {
     let (request, reply) = match job {
         Job::Request { request, reply } => (request, reply),
         Job::Closed(conn) => {
-            stream_signal(py, on_stream, (conn, None, -1));
-            return run_ws(py, ws, WsJob::Closed(conn));
+            stream_signal(py, d.on_stream, (conn, None, -1));
+            return run_ws(py, d.ws, WsJob::Closed(conn));
         }
     };
     let request = match request.payload {
         Payload::WsOpen(http) => {
-            return run_ws(py, ws, WsJob::Open(request.method_name, http, reply))
+            return run_ws(py, d.ws, WsJob::Open(request.method_name, http, reply))
         }
-        Payload::Ws(frame) => return run_ws(py, ws, WsJob::Frame(reply, frame)),
+        Payload::Ws(frame) => return run_ws(py, d.ws, WsJob::Frame(reply, frame)),
         // Stream signals, never answered.
         Payload::Credit(n) => {
             let key = (reply.connection(), Some(reply.id()), i64::from(n));
-            stream_signal(py, on_stream, key);
+            stream_signal(py, d.on_stream, key);
             return Ok(());
         }
         Payload::Cancel => {
-            stream_signal(py, on_stream, (reply.connection(), Some(reply.id()), -1));
+            stream_signal(py, d.on_stream, (reply.connection(), Some(reply.id()), -1));
             return Ok(());
         }
         payload => Request {
@@ -1002,12 +1002,13 @@ fn run_job(
     let reply = Bound::new(py, PyReply::new(reply))?;
     let result = match request.payload {
         Payload::Http(http) => http_args(py, http)
-            .and_then(|(scope, body)| on_http.call1((method_name, scope, body, &reply))),
+            .and_then(|(scope, body)| d.on_http.call1((method_name, scope, body, &reply))),
         Payload::Call(call) => call_args(py, call).and_then(|(args, method, headers)| {
-            on_call.call1((method_name, args, method, headers, &reply))
+            d.on_call
+                .call1((method_name, args, method, headers, &reply))
         }),
-        Payload::Reconfigure(r) => on_reconfigure.call1((r.config_json, &reply)),
-        Payload::Grpc(call) => match on_grpc {
+        Payload::Reconfigure(r) => d.on_reconfigure.call1((r.config_json, &reply)),
+        Payload::Grpc(call) => match d.on_grpc {
             Some(on_grpc) => grpc_args(py, call).and_then(|(path, message, metadata, timeout)| {
                 on_grpc.call1((path, message, metadata, timeout, &reply))
             }),
@@ -1341,9 +1342,7 @@ fn grpc_args(
 )> {
     let metadata = PyTuple::new(
         py,
-        call.metadata
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str())),
+        call.metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())),
     )?;
     let timeout = (call.timeout_ms > 0).then(|| call.timeout_ms as f64 / 1000.0);
     Ok((

@@ -15,9 +15,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{HeaderMap, StatusCode};
-use serval_protos::frame::{
-    GrpcCall, Payload, Request, GRPC_MESSAGE_HEADER, GRPC_STATUS_HEADER,
-};
+use serval_protos::frame::{GrpcCall, Payload, Request, GRPC_MESSAGE_HEADER, GRPC_STATUS_HEADER};
 use serval_protos::handshake;
 use tokio::time::Instant;
 
@@ -55,7 +53,9 @@ pub(super) async fn call(
     let deadline = started + client_timeout.map_or(limit, |t| t.min(limit));
     // The body budget's reservation is held as long as the body is.
     let (body, _budget) = match tokio::time::timeout_at(deadline, read_body(proxy, req)).await {
-        Err(_) => return status_response(Code::DeadlineExceeded, "the request did not arrive in time"),
+        Err(_) => {
+            return status_response(Code::DeadlineExceeded, "the request did not arrive in time")
+        }
         Ok(Err(refused)) => {
             let (code, what) = refusal(refused.status());
             return status_response(code, what);
@@ -66,15 +66,21 @@ pub(super) async fn call(
         Ok(m) => m,
         Err((code, reason)) => return status_response(code, reason),
     };
-    let reservation =
-        match tokio::time::timeout_at(deadline, proxy.router().reserve(endpoint)).await {
-            Err(_) => return status_response(Code::DeadlineExceeded, "no replica was free in time"),
-            Ok(Err(e)) => return status_response(code_of(&e), &errors::message(&e, proxy.debug_errors)),
-            Ok(Ok(r)) => r,
-        };
+    let reservation = match tokio::time::timeout_at(deadline, proxy.router().reserve(endpoint))
+        .await
+    {
+        Err(_) => return status_response(Code::DeadlineExceeded, "no replica was free in time"),
+        Ok(Err(e)) => {
+            return status_response(code_of(&e), &errors::message(&e, proxy.debug_errors))
+        }
+        Ok(Ok(r)) => r,
+    };
     let timeout_ms = client_timeout.map_or(0, |_| {
         // At least 1: 0 means "no deadline" to the replica.
-        (deadline.saturating_duration_since(Instant::now()).as_millis() as u64).max(1)
+        (deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis() as u64)
+            .max(1)
     });
     let request = Request {
         method_name: None,
@@ -122,15 +128,23 @@ fn refusal(status: StatusCode) -> (Code, &'static str) {
             Code::ResourceExhausted,
             "the request message exceeds the proxy's body limit",
         ),
-        StatusCode::REQUEST_TIMEOUT => (Code::DeadlineExceeded, "the request did not arrive in time"),
-        StatusCode::SERVICE_UNAVAILABLE => (Code::Unavailable, "the proxy is out of room for request bodies"),
+        StatusCode::REQUEST_TIMEOUT => {
+            (Code::DeadlineExceeded, "the request did not arrive in time")
+        }
+        StatusCode::SERVICE_UNAVAILABLE => (
+            Code::Unavailable,
+            "the proxy is out of room for request bodies",
+        ),
         _ => (Code::Internal, "the request could not be read"),
     }
 }
 
 /// A unary call's one message out of its length-prefixed framing.
 fn unframe(body: &Bytes) -> Result<Bytes, (Code, &'static str)> {
-    let malformed = (Code::Internal, "a unary call carries exactly one length-prefixed message");
+    let malformed = (
+        Code::Internal,
+        "a unary call carries exactly one length-prefixed message",
+    );
     if body.len() < 5 {
         return Err(malformed);
     }
@@ -222,7 +236,10 @@ mod tests {
         assert_eq!(unframe(&frame(b"")).unwrap(), Bytes::new());
         let two = [frame(b"a"), frame(b"b")].concat();
         assert_eq!(unframe(&two.into()).unwrap_err().0, Code::Internal);
-        assert_eq!(unframe(&Bytes::from_static(&[0, 0, 0])).unwrap_err().0, Code::Internal);
+        assert_eq!(
+            unframe(&Bytes::from_static(&[0, 0, 0])).unwrap_err().0,
+            Code::Internal
+        );
         let compressed = Bytes::from_static(&[1, 0, 0, 0, 1, b'x']);
         assert_eq!(unframe(&compressed).unwrap_err().0, Code::Unimplemented);
     }
@@ -240,6 +257,9 @@ mod tests {
         ] {
             h.insert(k, HeaderValue::from_static(v));
         }
-        assert_eq!(metadata(&h), vec![("x-user".to_owned(), "alice".to_owned())]);
+        assert_eq!(
+            metadata(&h),
+            vec![("x-user".to_owned(), "alice".to_owned())]
+        );
     }
 }
