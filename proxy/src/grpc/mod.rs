@@ -25,6 +25,7 @@
 mod body;
 mod frames;
 mod health;
+mod idle;
 mod reflection;
 mod table;
 mod tls;
@@ -47,6 +48,7 @@ use crate::proxy::Proxy;
 use crate::router::RouterError;
 
 pub use body::GRPC_REQUESTS_TOTAL;
+pub use idle::STREAM_IDLE_ENV;
 pub(crate) use reflection::Reflection;
 pub(crate) use table::GrpcServices;
 
@@ -182,6 +184,7 @@ async fn forward(proxy: &Proxy, endpoint: &str, req: hyper::Request<Incoming>) -
             );
         }
     };
+    let (body, idled) = idle::IdleBody::new(body);
     let request = hyper::Request::from_parts(parts, body);
     let sent = if reservation.tls() {
         tls::client().request(request).await
@@ -192,7 +195,9 @@ async fn forward(proxy: &Proxy, endpoint: &str, req: hyper::Request<Incoming>) -
         Ok(response) => body::hold_until_end(
             response.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()),
             reservation,
+            idled,
         ),
+        Err(_) if idle::idled(&idled) => status_response(Code::DeadlineExceeded, IDLE_MESSAGE),
         Err(e) => {
             let detail = format!(
                 "replica {} of endpoint {endpoint} could not be reached: {e}",
@@ -215,10 +220,13 @@ fn internal_failure(proxy: &Proxy, code: Code, public: &str, detail: String) -> 
     status_response(code, if proxy.debug_errors { &detail } else { public })
 }
 
+/// The details of a call ended by its client stream's idle deadline.
+const IDLE_MESSAGE: &str = "the client stream sent nothing for too long";
+
 /// One HTTP/2 (h2c) client for every replica: it keeps a connection per
 /// replica and multiplexes calls on it.
-fn client() -> &'static Client<HttpConnector, Incoming> {
-    static CLIENT: OnceLock<Client<HttpConnector, Incoming>> = OnceLock::new();
+fn client() -> &'static Client<HttpConnector, idle::IdleBody> {
+    static CLIENT: OnceLock<Client<HttpConnector, idle::IdleBody>> = OnceLock::new();
     CLIENT.get_or_init(|| {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
