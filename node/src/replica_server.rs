@@ -160,6 +160,7 @@ impl Handler for EchoHandler {
             Payload::Ws(_) => return,
             // This handler never streams: nothing to credit or cancel.
             Payload::Credit(_) | Payload::Cancel => return,
+            Payload::Grpc(_) => text_response(404, "this replica serves no gRPC".into()),
         };
         reply.send(&response);
     }

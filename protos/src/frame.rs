@@ -112,7 +112,30 @@ pub enum Payload {
     /// away (client disconnected, handle generator dropped); the replica
     /// stops the generator. Answered with nothing.
     Cancel,
+    /// A unary gRPC call the proxy terminated (`SERVAL_GRPC_FRAMES`): the
+    /// request message's bytes, untouched. Answered with a [`Response`]
+    /// whose status is 200 and whose headers carry [`GRPC_STATUS_HEADER`]
+    /// (and [`GRPC_MESSAGE_HEADER`]); its body is the reply message's bytes
+    /// when that status is OK (0). Any other HTTP status is the replica's
+    /// own refusal (queue full, dispatch failed).
+    Grpc(GrpcCall),
 }
+
+/// One gRPC call: `/package.Service/Method`, the caller's metadata (the
+/// proxy's own headers removed), the message, and the time left of the
+/// client's deadline (`grpc-timeout`), 0 when it set none.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GrpcCall {
+    pub path: String,
+    pub metadata: Vec<(String, String)>,
+    pub message: Vec<u8>,
+    pub timeout_ms: u64,
+}
+
+/// The gRPC status code of a [`Payload::Grpc`] answer, in decimal.
+pub const GRPC_STATUS_HEADER: &str = "grpc-status";
+/// Its details, not yet percent-encoded.
+pub const GRPC_MESSAGE_HEADER: &str = "grpc-message";
 
 /// One event of a WebSocket session, in either direction, on the session's
 /// id. Messages are whole (the proxy reassembles fragments), at most the
@@ -368,6 +391,29 @@ mod tests {
         )
         .unwrap();
         assert_eq!(&cancel[HEADER_LEN..], &[0, 8]);
+    }
+
+    #[test]
+    fn a_grpc_call_round_trips_and_comes_after_cancel() {
+        let call = Request {
+            method_name: None,
+            payload: Payload::Grpc(GrpcCall {
+                path: "/p.S/M".into(),
+                metadata: vec![("x-user".into(), "alice".into())],
+                message: vec![0x0a, 0x02, b'h', b'i'],
+                timeout_ms: 500,
+            }),
+        };
+        let bytes = encode(3, &call).unwrap();
+        // Option None, then Grpc's variant index: 9, after Cancel's 8.
+        assert_eq!(&bytes[HEADER_LEN..HEADER_LEN + 2], &[0, 9]);
+        match decode::<Request>(&bytes[HEADER_LEN..]).unwrap().payload {
+            Payload::Grpc(c) => {
+                assert_eq!((c.path.as_str(), c.timeout_ms), ("/p.S/M", 500));
+                assert_eq!(c.message, [0x0a, 0x02, b'h', b'i']);
+            }
+            other => panic!("unexpected payload {other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -608,7 +608,7 @@ async fn discard(mut body: Incoming) -> bool {
 /// Reads the whole body under the proxy's bounds: `max_body_bytes` (413),
 /// the shared body budget (503), `body_read_timeout` (408). The
 /// reservation holds the body's bytes in the budget until dropped.
-async fn read_body(
+pub(crate) async fn read_body(
     proxy: &Proxy,
     req: hyper::Request<Incoming>,
 ) -> Result<(hyper::http::request::Parts, Bytes, Reservation), HttpResponse> {

@@ -920,19 +920,38 @@ impl Reservation {
             .conn
             .open_websocket(request, deadline)
             .await
-            .map_err(|e| match e {
-                ConnError::Timeout => RouterError::Timeout { after: timeout },
-                ConnError::Encode(reason) | ConnError::Protocol(reason) => RouterError::Protocol {
-                    replica: replica.id.clone(),
-                    reason,
-                },
-                ConnError::Connect(reason)
-                | ConnError::NotSent(reason)
-                | ConnError::Died(reason) => RouterError::ReplicaDied {
-                    replica: replica.id.clone(),
-                    reason,
-                },
-            })
+            .map_err(|e| self.failed(e, timeout))
+    }
+
+    /// Sends `request` (a `Grpc` call) to the reserved replica and waits
+    /// for its answer until `deadline`. The slot stays held until the
+    /// reservation is dropped.
+    pub(crate) async fn request(
+        &self,
+        request: &Request,
+        deadline: Instant,
+    ) -> Result<Reply, RouterError> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        self.slot
+            .replica
+            .conn
+            .request(request, deadline)
+            .await
+            .map_err(|e| self.failed(e, timeout))
+    }
+
+    /// A connection's failure as the router reports it.
+    fn failed(&self, e: ConnError, timeout: Duration) -> RouterError {
+        let replica = self.slot.replica.id.clone();
+        match e {
+            ConnError::Timeout => RouterError::Timeout { after: timeout },
+            ConnError::Encode(reason) | ConnError::Protocol(reason) => {
+                RouterError::Protocol { replica, reason }
+            }
+            ConnError::Connect(reason) | ConnError::NotSent(reason) | ConnError::Died(reason) => {
+                RouterError::ReplicaDied { replica, reason }
+            }
+        }
     }
 
     /// Counts a session the app accepted (`serval_websocket_sessions_total`).

@@ -95,7 +95,7 @@ impl Sessions {
     }
 }
 
-fn env_number(name: &str) -> Option<usize> {
+pub(crate) fn env_number(name: &str) -> Option<usize> {
     let value = std::env::var(name).ok()?;
     match value.trim().parse::<usize>() {
         Ok(n) if n > 0 => Some(n),

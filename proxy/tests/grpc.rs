@@ -3,8 +3,9 @@
 //! server echoing each request message back as it arrives. Checks that
 //! messages stream both ways through the proxy (an echo comes back before
 //! the client sends the next message), that trailers arrive, that an open
-//! stream holds its replica slot, and the proxy's own answers: unknown
-//! services, health checks and `/-/grpc-services`.
+//! stream holds its replica slot, that an idle client stream is ended, and
+//! the proxy's own answers: unknown services, health checks and
+//! `/-/grpc-services`.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -117,12 +118,19 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Every test of this binary sets the same idle deadline before its proxy
+/// forwards anything (the proxy reads it once).
+fn idle_deadline() {
+    std::env::set_var(serval_proxy::grpc::STREAM_IDLE_ENV, "3");
+}
+
 fn grpc_status(headers: &hyper::HeaderMap) -> Option<&str> {
     headers.get("grpc-status").and_then(|v| v.to_str().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_calls_stream_through_the_proxy() {
+    idle_deadline();
     let upstream = echo_server().await;
     let proxy = Arc::new(Proxy::new(&ProxyConfig {
         token: serval_node::test_util::TEST_TOKEN.into(),
@@ -240,6 +248,7 @@ async fn grpc_calls_stream_through_the_proxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_replica_refuses_more_grpc_calls_as_resource_exhausted() {
+    idle_deadline();
     let upstream = echo_server().await;
     let config = ProxyConfig {
         token: serval_node::test_util::TEST_TOKEN.into(),
@@ -310,6 +319,7 @@ async fn a_full_replica_refuses_more_grpc_calls_as_resource_exhausted() {
 /// method the API's descriptors declare keeps its name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn made_up_grpc_paths_do_not_grow_the_metrics() {
+    idle_deadline();
     use prost::Message;
     let handle =
         serval_proxy::metrics::install(serval_proxy::metrics::prometheus_builder()).unwrap();
@@ -429,6 +439,67 @@ async fn made_up_grpc_paths_do_not_grow_the_metrics() {
     let unknown_method =
         count(r#"serval_grpc_requests_total{service="echo.Echo",method="unknown",code="OK"}"#);
     assert!(unknown_method >= 100, "{after}");
+    let _ = stop.send(());
+    let _ = server.await;
+}
+
+/// A client stream that sends nothing for the idle deadline is ended with
+/// DEADLINE_EXCEEDED and frees its replica slot: the echo server alone
+/// would keep it open for as long as the client does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_client_stream_ends_with_deadline_exceeded() {
+    idle_deadline();
+    let upstream = echo_server().await;
+    let proxy = Arc::new(Proxy::new(&ProxyConfig {
+        token: serval_node::test_util::TEST_TOKEN.into(),
+        ..Default::default()
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serval_proxy::serve(listener, proxy.clone(), async move {
+        let _ = stop_rx.await;
+    }));
+    proxy.apply_snapshot(&snapshot(&upstream.to_string()));
+    let client: Client<_, BoxBody> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(8);
+    let body = BoxBody::new(StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    ));
+    let request = hyper::Request::post(format!("http://{addr}/echo.Echo/Chat"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .unwrap();
+    let open = client.request(request).await.unwrap();
+    tx.send(Ok(Frame::data(grpc_frame(b"hello"))))
+        .await
+        .unwrap();
+    let mut body = open.into_body();
+    assert!(body.frame().await.unwrap().unwrap().is_data());
+    assert_eq!(proxy.router().in_flight("b"), 1);
+
+    // Then the client sends nothing, and keeps its stream open.
+    let trailers = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(trailers) = frame.into_trailers() {
+                return Some(trailers);
+            }
+        }
+        None
+    })
+    .await
+    .expect("the idle deadline ends the call")
+    .expect("the call ends with trailers");
+    assert_eq!(grpc_status(&trailers), Some("4"));
+    eventually("the slot to be released", || {
+        proxy.router().in_flight("b") == 0
+    })
+    .await;
+    drop(tx);
+
     let _ = stop.send(());
     let _ = server.await;
 }

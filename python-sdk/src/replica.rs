@@ -107,8 +107,8 @@ use crossbeam_channel::TrySendError;
 use serval_node::replica_server::{self, Handler, Reply};
 use serval_onnx::NativeHandler;
 use serval_protos::frame::{
-    CallRequest, HttpRequest, PathValue, Payload, Request, Response, StreamFrame, WsFrame,
-    ERROR_TYPE_HEADER, STREAM_HEADER,
+    CallRequest, GrpcCall, HttpRequest, PathValue, Payload, Request, Response, StreamFrame,
+    WsFrame, ERROR_TYPE_HEADER, GRPC_MESSAGE_HEADER, GRPC_STATUS_HEADER, STREAM_HEADER,
 };
 use serval_protos::frame_socket::FrameSender;
 use serval_protos::handshake::{self, Key, ReplicaKeys};
@@ -794,7 +794,7 @@ impl ReplicaServer {
     /// queue of ready callbacks), once the queue is empty and nothing is
     /// ready on the loop, it polls for more requests that long (GIL
     /// released) and runs what arrived: see [`ReplicaServer::poll_for_job`].
-    #[pyo3(signature = (on_http, on_call, on_reconfigure, poll_us = 0, ready = None, on_ws_open = None, on_ws_event = None, on_stream = None))]
+    #[pyo3(signature = (on_http, on_call, on_reconfigure, poll_us = 0, ready = None, on_ws_open = None, on_ws_event = None, on_stream = None, on_grpc = None))]
     #[allow(clippy::too_many_arguments)]
     fn drain(
         &self,
@@ -807,6 +807,7 @@ impl ReplicaServer {
         on_ws_open: Option<Bound<'_, PyAny>>,
         on_ws_event: Option<Bound<'_, PyAny>>,
         on_stream: Option<Bound<'_, PyAny>>,
+        on_grpc: Option<Bound<'_, PyAny>>,
     ) -> PyResult<usize> {
         self.wake.clear();
         if self.stop.is_stopped() {
@@ -832,15 +833,15 @@ impl ReplicaServer {
                 continue;
             };
             ran += 1;
-            run_job(
-                py,
-                job,
-                &on_http,
-                &on_call,
-                &on_reconfigure,
-                (on_ws_open.as_ref(), on_ws_event.as_ref()),
-                on_stream.as_ref(),
-            )?;
+            let dispatch = Dispatch {
+                on_http: &on_http,
+                on_call: &on_call,
+                on_reconfigure: &on_reconfigure,
+                ws: (on_ws_open.as_ref(), on_ws_event.as_ref()),
+                on_stream: on_stream.as_ref(),
+                on_grpc: on_grpc.as_ref(),
+            };
+            run_job(py, job, &dispatch)?;
         }
         if !self.rx.is_empty() {
             // Let the loop run ready tasks before the next round.
@@ -944,39 +945,41 @@ fn unavailable(message: &str) -> Response {
     plain(503, Some("ReplicaUnavailable"), message)
 }
 
+/// The host's callables one drain hands requests to.
+struct Dispatch<'a, 'py> {
+    on_http: &'a Bound<'py, PyAny>,
+    on_call: &'a Bound<'py, PyAny>,
+    on_reconfigure: &'a Bound<'py, PyAny>,
+    ws: WsDispatch<'a, 'py>,
+    on_stream: Option<&'a Bound<'py, PyAny>>,
+    on_grpc: Option<&'a Bound<'py, PyAny>>,
+}
+
 /// Hands one request to Python. The request is always answered: by the
 /// returned tuple, later through its `Reply`, or here with a 500 when the
 /// dispatch itself raised. `Err` only for KeyboardInterrupt / SystemExit:
 /// those end the worker.
-fn run_job(
-    py: Python<'_>,
-    job: Job,
-    on_http: &Bound<'_, PyAny>,
-    on_call: &Bound<'_, PyAny>,
-    on_reconfigure: &Bound<'_, PyAny>,
-    ws: WsDispatch<'_, '_>,
-    on_stream: Option<&Bound<'_, PyAny>>,
-) -> PyResult<()> {
+fn run_job(py: Python<'_>, job: Job, d: &Dispatch<'_, '_>) -> PyResult<()> {
     let (request, reply) = match job {
         Job::Request { request, reply } => (request, reply),
         Job::Closed(conn) => {
-            stream_signal(py, on_stream, (conn, None, -1));
-            return run_ws(py, ws, WsJob::Closed(conn));
+            stream_signal(py, d.on_stream, (conn, None, -1));
+            return run_ws(py, d.ws, WsJob::Closed(conn));
         }
     };
     let request = match request.payload {
         Payload::WsOpen(http) => {
-            return run_ws(py, ws, WsJob::Open(request.method_name, http, reply))
+            return run_ws(py, d.ws, WsJob::Open(request.method_name, http, reply))
         }
-        Payload::Ws(frame) => return run_ws(py, ws, WsJob::Frame(reply, frame)),
+        Payload::Ws(frame) => return run_ws(py, d.ws, WsJob::Frame(reply, frame)),
         // Stream signals, never answered.
         Payload::Credit(n) => {
             let key = (reply.connection(), Some(reply.id()), i64::from(n));
-            stream_signal(py, on_stream, key);
+            stream_signal(py, d.on_stream, key);
             return Ok(());
         }
         Payload::Cancel => {
-            stream_signal(py, on_stream, (reply.connection(), Some(reply.id()), -1));
+            stream_signal(py, d.on_stream, (reply.connection(), Some(reply.id()), -1));
             return Ok(());
         }
         payload => Request {
@@ -999,11 +1002,18 @@ fn run_job(
     let reply = Bound::new(py, PyReply::new(reply))?;
     let result = match request.payload {
         Payload::Http(http) => http_args(py, http)
-            .and_then(|(scope, body)| on_http.call1((method_name, scope, body, &reply))),
+            .and_then(|(scope, body)| d.on_http.call1((method_name, scope, body, &reply))),
         Payload::Call(call) => call_args(py, call).and_then(|(args, method, headers)| {
-            on_call.call1((method_name, args, method, headers, &reply))
+            d.on_call
+                .call1((method_name, args, method, headers, &reply))
         }),
-        Payload::Reconfigure(r) => on_reconfigure.call1((r.config_json, &reply)),
+        Payload::Reconfigure(r) => d.on_reconfigure.call1((r.config_json, &reply)),
+        Payload::Grpc(call) => match d.on_grpc {
+            Some(on_grpc) => grpc_args(py, call).and_then(|(path, message, metadata, timeout)| {
+                on_grpc.call1((path, message, metadata, timeout, &reply))
+            }),
+            None => Ok(grpc_unimplemented(py, &call.path)?.into_any()),
+        },
         // The frame server answers these itself; they never reach Python.
         Payload::Ping | Payload::Logs(_) => unreachable!("answered by the frame server"),
         Payload::WsOpen(_) | Payload::Ws(_) => unreachable!("dispatched by run_ws"),
@@ -1315,6 +1325,44 @@ fn http_args(
     }
     scope.set_item(intern!(py, "path_params"), params)?;
     Ok((scope, PyBytes::new(py, &http.body)))
+}
+
+/// `(path, message, metadata, timeout)` for `on_grpc`: the message's
+/// bytes as they came, metadata as `(key, value)` tuples (grpcio's
+/// `invocation_metadata`), the seconds left of the client's deadline or None.
+#[allow(clippy::type_complexity)]
+fn grpc_args(
+    py: Python<'_>,
+    call: GrpcCall,
+) -> PyResult<(
+    Bound<'_, PyString>,
+    Bound<'_, PyBytes>,
+    Bound<'_, PyTuple>,
+    Option<f64>,
+)> {
+    let metadata = PyTuple::new(
+        py,
+        call.metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )?;
+    let timeout = (call.timeout_ms > 0).then(|| call.timeout_ms as f64 / 1000.0);
+    Ok((
+        PyString::new(py, &call.path),
+        PyBytes::new(py, &call.message),
+        metadata,
+        timeout,
+    ))
+}
+
+/// The answer of a gRPC call to a replica whose object serves no gRPC.
+fn grpc_unimplemented<'py>(py: Python<'py>, path: &str) -> PyResult<Bound<'py, PyTuple>> {
+    let headers = vec![
+        (GRPC_STATUS_HEADER.to_owned(), "12".to_owned()),
+        (
+            GRPC_MESSAGE_HEADER.to_owned(),
+            format!("this replica serves no gRPC method {path}"),
+        ),
+    ];
+    (200u16, headers, PyBytes::new(py, b"")).into_pyobject(py)
 }
 
 /// `(args, http_method, headers)` for `on_call`.

@@ -24,7 +24,7 @@ import textwrap
 import grpc
 import pytest
 import requests
-from conftest import wait_for
+from conftest import running_cluster, wait_for
 
 from serval import serve
 from serval.cortex.config import ConfigError, compile_proto, load_config, validate_api
@@ -118,6 +118,9 @@ class Handler:
             return self.pb.Res()
         if payload.a == "wrong type":
             return {"b": "a dict"}
+        if payload.a == "context":
+            # Which server ran the call: grpcio's, or the proxy's frames.
+            return self.pb.Res(b=type(context).__module__)
         user = dict(context.invocation_metadata()).get("x-user", "")
         return self.pb.Res(b=f"{payload.a.upper()} user={user}")
 
@@ -475,6 +478,77 @@ def check_shapes(pb2, stub, tmp):
 def test_every_rpc_shape_on_the_replica_server(shapes_stub):
     pb2, stub, tmp = shapes_stub
     check_shapes(pb2, stub, tmp)
+
+
+@pytest.mark.parametrize("threads", ["pool", "inline"])
+def test_unary_calls_as_frames_on_the_replica(shapes_api, shapes_stub, monkeypatch, threads):
+    """``serval_grpc_call``, as the replica's host calls it for a
+    ``Payload::Grpc`` frame: the Handler's statuses, metadata and deadline
+    as on the grpcio server, answered through the reply (from the pool of
+    ``threads_per_process`` > 1), or at once (inline, with 1)."""
+    obj, tmp = shapes_api
+    pb2, _, _ = shapes_stub
+    if threads == "inline":
+        monkeypatch.setattr(obj, "_pool", None)
+
+    class Reply:
+        def __init__(self):
+            self.answer = queue.Queue(1)
+
+        def send(self, status, headers, body):
+            self.answer.put((status, headers, body))
+            return True
+
+    def call(method, a, metadata=(), timeout=None):
+        reply = Reply()
+        now = obj.serval_grpc_call(f"/shapes.Shapes/{method}", pb2.Req(a=a).SerializeToString(), metadata,
+                                   timeout, reply)
+        status, headers, body = now if now is not None else reply.answer.get(timeout=60)
+        assert status == 200
+        headers = dict(headers)
+        return int(headers["grpc-status"]), headers["grpc-message"], body
+
+    code, _, body = call("Unary", "hi", (("x-user", "bob"),))
+    assert code == 0 and pb2.Res.FromString(body).b == "HI user=bob"
+    assert pb2.Res.FromString(call("Unary", "context")[2]).b == "serval.cortex.grpc_api"
+    assert call("Unary", "fail")[:2] == (grpc.StatusCode.INTERNAL.value[0], "ValueError: no good")
+    assert call("Unary", "abort")[:2] == (grpc.StatusCode.PERMISSION_DENIED.value[0], "not you")
+    assert call("Unary", "set_code")[:3] == (grpc.StatusCode.NOT_FOUND.value[0], "nothing here", b"")
+    code, details, _ = call("Unary", "wrong type")
+    assert code == grpc.StatusCode.INTERNAL.value[0] and "Handler.Unary returned dict" in details
+    code, details, _ = call("Missing", "")
+    assert code == grpc.StatusCode.UNIMPLEMENTED.value[0] and "the Handler has no method Missing" in details
+    # Streaming methods are not taken as frames (the proxy forwards them).
+    assert call("ServerStream", "x")[0] == grpc.StatusCode.UNIMPLEMENTED.value[0]
+    # The deadline ends is_active() for the Handler.
+    seen = str(tmp / f"seen-{os.urandom(4).hex()}")
+    call("UntilCancelled", seen, timeout=0.2)
+    with open(seen) as f:
+        assert f.read() == "inactive"
+
+
+def test_unary_calls_terminated_by_the_proxy(monkeypatch, tmp_path):
+    """With ``SERVAL_GRPC_FRAMES=1`` the proxy terminates unary calls and
+    sends them to the replica as frames; every shape behaves as before
+    (streaming calls still go to the replica's grpcio server)."""
+    with running_cluster(monkeypatch, env={"SERVAL_GRPC_FRAMES": "1"}) as cluster:
+        folder = shapes_project(tmp_path / "shapes")
+        out = cli(cluster, "deploy", folder)
+        assert out.returncode == 0, out.stdout + out.stderr
+        pb2, pb2_grpc = client_modules(tmp_path, "shapes.proto", SHAPES_PROTO)
+        with proxy_channel(cluster) as channel:
+            stub = pb2_grpc.ShapesStub(channel)
+            # Not grpcio's ServicerContext: the call came as a frame.
+            assert stub.Unary(pb2.Req(a="context"), timeout=60).b == "serval.cortex.grpc_api"
+            check_shapes(pb2, stub, tmp_path)
+        metrics = requests.get(f"{cluster.url}/-/metrics", timeout=30).text
+    counted = [line for line in metrics.splitlines() if line.startswith("serval_grpc_requests_total{")]
+    for method, codes in [("Unary", ["OK"]), ("Unary", ["NOT_FOUND"]), ("Missing", ["UNIMPLEMENTED"]),
+                          ("ServerStream", ["OK"]),
+                          # The proxy's deadline, or the client's own first (it then resets the stream).
+                          ("UntilCancelled", ["DEADLINE_EXCEEDED", "CANCELLED"])]:
+        assert any(f'method="{method}"' in line and any(f'code="{c}"' in line for c in codes)
+                   for line in counted), (method, codes, counted)
 
 
 def test_the_handler_gets_the_generated_module(shapes_api):

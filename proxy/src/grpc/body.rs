@@ -10,7 +10,8 @@ use hyper::body::{Body, Frame, SizeHint};
 use hyper::HeaderMap;
 use tokio::time::Instant;
 
-use super::{BoxError, GrpcBody, GrpcResponse};
+use super::idle::{idled, Idled};
+use super::{BoxError, Code, GrpcBody, GrpcResponse, IDLE_MESSAGE};
 use crate::router::Reservation;
 
 /// Calls by `service`, `method` and final `code` (OK, UNAVAILABLE, ...,
@@ -77,6 +78,9 @@ struct Tracked {
     recorder: Option<Recorder>,
     /// The replica slot: freed when the stream ends or the body is dropped.
     reservation: Option<Reservation>,
+    /// Set when the client stream went idle ([`super::idle`]): the
+    /// upstream error that follows ends the call with DEADLINE_EXCEEDED.
+    idled: Option<Idled>,
 }
 
 impl Body for Tracked {
@@ -96,10 +100,23 @@ impl Body for Tracked {
                 }
             }
             Poll::Ready(Some(Err(_))) => {
+                this.reservation = None;
+                if this.idled.as_ref().is_some_and(idled) {
+                    this.idled = None;
+                    if let Some(r) = this.recorder.as_mut() {
+                        r.finish("DEADLINE_EXCEEDED");
+                    }
+                    let mut trailers = HeaderMap::new();
+                    trailers.insert("grpc-status", (Code::DeadlineExceeded as u16).into());
+                    trailers.insert(
+                        "grpc-message",
+                        hyper::header::HeaderValue::from_static(IDLE_MESSAGE),
+                    );
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
                 if let Some(r) = this.recorder.as_mut() {
                     r.finish("UNAVAILABLE");
                 }
-                this.reservation = None;
             }
             Poll::Ready(None) => {
                 if let Some(r) = this.recorder.as_mut() {
@@ -121,13 +138,19 @@ impl Body for Tracked {
     }
 }
 
-/// The replica's response, keeping `reservation` until its body ends.
-pub(super) fn hold_until_end(response: GrpcResponse, reservation: Reservation) -> GrpcResponse {
+/// The replica's response, keeping `reservation` until its body ends, and
+/// ending with DEADLINE_EXCEEDED when `idled` is set.
+pub(super) fn hold_until_end(
+    response: GrpcResponse,
+    reservation: Reservation,
+    idled: Idled,
+) -> GrpcResponse {
     response.map(|inner| {
         Tracked {
             inner,
             recorder: None,
             reservation: Some(reservation),
+            idled: Some(idled),
         }
         .boxed_unsync()
     })
@@ -156,6 +179,7 @@ pub(super) fn counted(
             inner,
             recorder: Some(recorder),
             reservation: None,
+            idled: None,
         }
         .boxed_unsync()
     })

@@ -10,6 +10,10 @@
 //!   The slot is held until the response ends, so an open stream counts
 //!   as in flight for backpressure and autoscaling. A client that goes
 //!   away resets the upstream stream, which cancels the call on the replica.
+//! * With `SERVAL_GRPC_FRAMES=1` in the proxy's environment, a unary
+//!   method's calls are terminated here instead ([`frames`]): the message
+//!   goes to the replica as a frame on its multiplexed connection, and no
+//!   grpcio server is involved. Off by default (issue 25's first slice).
 //! * `grpc.health.v1.Health/Check` ([`health`]) and server reflection
 //!   ([`reflection`], v1 and v1alpha) answered by the proxy itself.
 //! * Anything else: `UNIMPLEMENTED` naming the service.
@@ -19,12 +23,14 @@
 //! call ([`body`]).
 
 mod body;
+mod frames;
 mod health;
+mod idle;
 mod reflection;
 mod table;
 mod tls;
 
-use std::sync::OnceLock;
+use std::sync::{LazyLock, OnceLock};
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -42,6 +48,7 @@ use crate::proxy::Proxy;
 use crate::router::RouterError;
 
 pub use body::GRPC_REQUESTS_TOTAL;
+pub use idle::STREAM_IDLE_ENV;
 pub(crate) use reflection::Reflection;
 pub(crate) use table::GrpcServices;
 
@@ -49,9 +56,18 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type GrpcBody = UnsyncBoxBody<Bytes, BoxError>;
 pub(crate) type GrpcResponse = hyper::Response<GrpcBody>;
 
+/// `SERVAL_GRPC_FRAMES=1` in the proxy's environment: unary calls are
+/// terminated by the proxy and sent to replicas as frames ([`frames`]).
+pub const FRAMES_ENV: &str = "SERVAL_GRPC_FRAMES";
+
+static FRAMES: LazyLock<bool> =
+    LazyLock::new(|| std::env::var(FRAMES_ENV).is_ok_and(|v| v.trim() == "1"));
+
 /// gRPC status codes the proxy answers with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Code {
+    Unknown = 2,
+    InvalidArgument = 3,
     DeadlineExceeded = 4,
     NotFound = 5,
     ResourceExhausted = 8,
@@ -95,7 +111,12 @@ pub(crate) async fn handle(proxy: &Proxy, req: hyper::Request<Incoming>) -> Grpc
         match services.endpoint(service) {
             Some(endpoint) => {
                 let label = services.declares(service, method).then_some(method);
-                (forward(proxy, endpoint, req).await, (service, label))
+                let response = if *FRAMES && services.is_unary(service, method) {
+                    frames::call(proxy, endpoint, &path, req).await
+                } else {
+                    forward(proxy, endpoint, req).await
+                };
+                (response, (service, label))
             }
             None => (
                 status_response(
@@ -163,6 +184,7 @@ async fn forward(proxy: &Proxy, endpoint: &str, req: hyper::Request<Incoming>) -
             );
         }
     };
+    let (body, idled) = idle::IdleBody::new(body);
     let request = hyper::Request::from_parts(parts, body);
     let sent = if reservation.tls() {
         tls::client().request(request).await
@@ -173,7 +195,9 @@ async fn forward(proxy: &Proxy, endpoint: &str, req: hyper::Request<Incoming>) -
         Ok(response) => body::hold_until_end(
             response.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()),
             reservation,
+            idled,
         ),
+        Err(_) if idle::idled(&idled) => status_response(Code::DeadlineExceeded, IDLE_MESSAGE),
         Err(e) => {
             let detail = format!(
                 "replica {} of endpoint {endpoint} could not be reached: {e}",
@@ -196,10 +220,13 @@ fn internal_failure(proxy: &Proxy, code: Code, public: &str, detail: String) -> 
     status_response(code, if proxy.debug_errors { &detail } else { public })
 }
 
+/// The details of a call ended by its client stream's idle deadline.
+const IDLE_MESSAGE: &str = "the client stream sent nothing for too long";
+
 /// One HTTP/2 (h2c) client for every replica: it keeps a connection per
 /// replica and multiplexes calls on it.
-fn client() -> &'static Client<HttpConnector, Incoming> {
-    static CLIENT: OnceLock<Client<HttpConnector, Incoming>> = OnceLock::new();
+fn client() -> &'static Client<HttpConnector, idle::IdleBody> {
+    static CLIENT: OnceLock<Client<HttpConnector, idle::IdleBody>> = OnceLock::new();
     CLIENT.get_or_init(|| {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -222,10 +249,15 @@ fn code_of(e: &RouterError) -> Code {
 /// A trailers-only response: HTTP 200 with the status in the headers, as
 /// gRPC servers answer a call that fails before any message.
 pub(crate) fn status_response(code: Code, message: &str) -> GrpcResponse {
+    status_response_code(code as u16, message)
+}
+
+/// [`status_response`] with any code (a replica's).
+fn status_response_code(code: u16, message: &str) -> GrpcResponse {
     let mut response = hyper::Response::new(empty());
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    headers.insert("grpc-status", HeaderValue::from(code as u16));
+    headers.insert("grpc-status", HeaderValue::from(code));
     if let Ok(value) = HeaderValue::from_str(&percent_encode(message)) {
         headers.insert("grpc-message", value);
     }

@@ -15,6 +15,8 @@ pub(crate) struct GrpcServices {
     /// `package.Service/Method` of every method the descriptors declare:
     /// the only method names used as metric labels.
     methods: BTreeSet<String>,
+    /// The unary ones among them (no stream either way).
+    unary: BTreeSet<String>,
 }
 
 impl GrpcServices {
@@ -33,7 +35,12 @@ impl GrpcServices {
             }
             out.endpoints.insert(e.grpc_service.clone(), e.name.clone());
             if !e.grpc_descriptor.is_empty() {
-                out.methods.extend(declared_methods(&e.grpc_descriptor));
+                for (method, unary) in declared_methods(&e.grpc_descriptor) {
+                    if unary {
+                        out.unary.insert(method.clone());
+                    }
+                    out.methods.insert(method);
+                }
                 out.descriptors.push(e.grpc_descriptor.clone());
             }
         }
@@ -57,11 +64,17 @@ impl GrpcServices {
     pub(crate) fn declares(&self, service: &str, method: &str) -> bool {
         self.methods.contains(&format!("{service}/{method}"))
     }
+
+    /// Whether `method` is a unary method of a deployed service.
+    pub(crate) fn is_unary(&self, service: &str, method: &str) -> bool {
+        self.unary.contains(&format!("{service}/{method}"))
+    }
 }
 
 /// `package.Service/Method` of each method in a serialized
-/// FileDescriptorSet; none when it does not decode (reflection logs that).
-fn declared_methods(set: &[u8]) -> Vec<String> {
+/// FileDescriptorSet, and whether it is unary; none when it does not
+/// decode (reflection logs that).
+fn declared_methods(set: &[u8]) -> Vec<(String, bool)> {
     let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
         return Vec::new();
     };
@@ -75,7 +88,8 @@ fn declared_methods(set: &[u8]) -> Vec<String> {
                 format!("{package}.{}", service.name())
             };
             for method in &service.method {
-                out.push(format!("{service_name}/{}", method.name()));
+                let unary = !method.client_streaming() && !method.server_streaming();
+                out.push((format!("{service_name}/{}", method.name()), unary));
             }
         }
     }

@@ -10,7 +10,6 @@ use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
 
-use hyper::body::Incoming;
 use hyper::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
@@ -22,8 +21,8 @@ use tokio::net::TcpStream;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One HTTP/2 client over TLS for every TLS replica, a connection each.
-pub(super) fn client() -> &'static Client<TlsConnector, Incoming> {
-    static CLIENT: OnceLock<Client<TlsConnector, Incoming>> = OnceLock::new();
+pub(super) fn client() -> &'static Client<TlsConnector, super::idle::IdleBody> {
+    static CLIENT: OnceLock<Client<TlsConnector, super::idle::IdleBody>> = OnceLock::new();
     CLIENT.get_or_init(|| {
         Client::builder(TokioExecutor::new())
             .http2_only(true)

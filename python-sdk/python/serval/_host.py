@@ -418,6 +418,9 @@ class Host:
             app = asgi_entry(self.obj, self.is_function)
             if app is not None:
                 self._asgi_http = _Target("__call__", functools.partial(run_http, app), False)
+        #: A gRPC API's entry for the calls the proxy terminated
+        #: (``serval.cortex.grpc_api.GrpcAPI.serval_grpc_call``), or None.
+        self._grpc = getattr(self.obj, "serval_grpc_call", None)
         #: An ingress app's lifespan (startup now, shutdown at stop).
         self._lifespan = None
         ingress_app = getattr(self.obj, "_serval_asgi_app", None)
@@ -502,6 +505,7 @@ class Host:
         ready = getattr(loop, "_ready", None)
         on_http, on_call, on_reconfigure, on_stream = self.on_http, self.on_call, self.on_reconfigure, self.on_stream
         on_ws_open, on_ws_event = self._websockets.on_open, self._websockets.on_event
+        on_grpc = self.on_grpc
 
         def on_wake():
             # Sync user code runs with no running loop set (see
@@ -510,7 +514,8 @@ class Host:
             _set_running_loop(None)
             self._loop_cleared = True
             try:
-                drain(on_http, on_call, on_reconfigure, poll_us, ready, on_ws_open, on_ws_event, on_stream)
+                drain(on_http, on_call, on_reconfigure, poll_us, ready, on_ws_open, on_ws_event, on_stream,
+                      on_grpc)
             finally:
                 self._loop_cleared = False
                 _set_running_loop(loop)
@@ -1030,6 +1035,16 @@ class Host:
             self._done()
 
     # -- reconfigure -----------------------------------------------------
+
+    def on_grpc(self, path: str, message: bytes, metadata: tuple, timeout: Optional[float], reply):
+        """A unary gRPC call the proxy terminated: the object's
+        ``serval_grpc_call`` answers it (now, or later through ``reply``)
+        with ``(200, [("grpc-status", code), ("grpc-message", details)],
+        reply message bytes)``; an object without one answers UNIMPLEMENTED."""
+        if self._grpc is None:
+            return 200, [("grpc-status", "12"), ("grpc-message", f"backend '{self.backend}' serves no gRPC "
+                                                                  f"method {path}")], b""
+        return self._grpc(path, message, metadata, timeout, reply)
 
     def on_reconfigure(self, config_json: str, reply):
         """A config change from the node agent: new limits now, and

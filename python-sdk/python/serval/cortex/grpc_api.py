@@ -39,6 +39,17 @@ keeps it. A result that is not the RPC's output message is INTERNAL too,
 naming both types. An RPC of the service that the Handler lacks answers
 UNIMPLEMENTED naming the method; it does not stop the API from starting.
 
+Unary calls can also reach the replica without grpcio: a proxy started with
+``SERVAL_GRPC_FRAMES=1`` terminates gRPC itself and sends each unary call
+as a ``Payload::Grpc`` frame on its replica connection; the replica's
+``serval_grpc_call`` decodes the message with the generated class, calls the
+Handler with a :class:`Context` (grpcio's ``ServicerContext`` methods a
+Handler uses) and answers the status and the reply message's bytes. The
+statuses, details and deadlines are those of the grpcio path. Those calls
+run on a pool of ``threads_per_process`` threads when it is above 1, and
+inline on the replica's worker thread, one at a time, with 1 (as a
+RealtimeAPI's HTTP requests do).
+
 Sync methods run on a pool of ``handler.threads_per_process`` threads (at
 least 1), so that many calls run at once; ``async def`` methods (and async
 generators) run to completion on an event loop of the calling thread.
@@ -55,6 +66,7 @@ import inspect
 import logging
 import os
 import sys
+import time
 import traceback
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -144,6 +156,84 @@ def module_from_descriptor_set(data: bytes, proto_file: str, module_name: str) -
     return module
 
 
+#: gRPC status codes by name, numbered as grpcio's ``StatusCode``.
+STATUS_CODES = {name: n for n, name in enumerate((
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"))}
+
+
+def status_number(code) -> int:
+    """A status as its number: grpcio's ``StatusCode`` (whose value is
+    ``(number, name)``), a number, or a name."""
+    value = getattr(code, "value", code)
+    if isinstance(value, tuple):
+        value = value[0]
+    if isinstance(value, str):
+        return STATUS_CODES.get(value.upper(), STATUS_CODES["UNKNOWN"])
+    return int(value)
+
+
+def _status_reply(code: int, details: str, body: bytes = b"") -> tuple:
+    """The answer to a ``Payload::Grpc`` call (see ``serval_protos::frame``)."""
+    return 200, [("grpc-status", str(code)), ("grpc-message", details)], body
+
+
+class _Aborted(Exception):
+    """Raised by :meth:`Context.abort`: the call ends with the status set."""
+
+
+class Context:
+    """A Handler's ``context`` on a call the proxy terminated: the methods
+    of grpcio's ``ServicerContext`` a Handler uses. The call is active until
+    the client's deadline passes."""
+
+    def __init__(self, metadata: tuple, timeout: Optional[float]):
+        self._metadata = metadata
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._code = None
+        self._details = ""
+        self._trailing: tuple = ()
+
+    def invocation_metadata(self) -> tuple:
+        return self._metadata
+
+    def time_remaining(self) -> Optional[float]:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def is_active(self) -> bool:
+        return self._deadline is None or time.monotonic() < self._deadline
+
+    def set_code(self, code) -> None:
+        self._code = code
+
+    def set_details(self, details: str) -> None:
+        self._details = details
+
+    def code(self):
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def abort(self, code, details: str = ""):
+        self._code, self._details = code, details
+        raise _Aborted(details)
+
+    def abort_with_status(self, status):
+        self.abort(status.code, status.details)
+
+    def set_trailing_metadata(self, metadata) -> None:
+        # Kept for the Handler to read back; not sent (see ARCHITECTURE.md).
+        self._trailing = tuple(metadata)
+
+    def trailing_metadata(self) -> tuple:
+        return self._trailing
+
+    def peer(self) -> str:
+        return ""
+
+
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -187,8 +277,7 @@ class _Rpc:
     def unimplemented(self, request, context):
         import grpc
 
-        context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                      f"api '{self.api.name}': the Handler has no method {self.name} (rpc {self.path})")
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, self._unimplemented_details())
 
     def _invoke(self, request, context) -> Any:
         kwargs = {}
@@ -235,6 +324,43 @@ class _Rpc:
                 except Exception:
                     logger.exception("api %r: closing the responses of %s failed", self.api.name, self.path)
 
+    def call_frame(self, message: bytes, metadata: tuple, timeout: Optional[float], reply) -> None:
+        """One unary call the proxy terminated, on a pool thread: answered
+        through ``reply`` with the status and the reply message's bytes."""
+        reply.send(*self.run_frame(message, Context(metadata, timeout)))
+
+    def run_frame(self, message: bytes, context: Context) -> tuple:
+        """The answer to one unary call the proxy terminated."""
+        if self.fn is None:
+            return _status_reply(STATUS_CODES["UNIMPLEMENTED"], self._unimplemented_details())
+        try:
+            request = self.input_class.FromString(message)
+        except Exception as e:
+            return _status_reply(STATUS_CODES["INTERNAL"], f"cannot decode the request as "
+                                                           f"{self.input_class.DESCRIPTOR.full_name}: {e}")
+        try:
+            result = self._invoke(request, context)
+        except _Aborted:
+            return _status_reply(status_number(context.code()), context.details() or "")
+        except Exception as e:
+            if context.code() is not None:
+                return _status_reply(status_number(context.code()), context.details() or "")
+            logger.error("api %r: %s failed:\n%s", self.api.name, self.path,
+                         "".join(traceback.format_exception(e)).rstrip())
+            return _status_reply(STATUS_CODES["INTERNAL"], f"{type(e).__name__}: {e}")
+        if not isinstance(result, self.output_class):
+            return _status_reply(STATUS_CODES["INTERNAL"], self._wrong_type(result))
+        code = STATUS_CODES["OK"] if context.code() is None else status_number(context.code())
+        return _status_reply(code, context.details() or "", result.SerializeToString() if code == 0 else b"")
+
+    def _unimplemented_details(self) -> str:
+        return f"api '{self.api.name}': the Handler has no method {self.name} (rpc {self.path})"
+
+    def _wrong_type(self, result: Any) -> str:
+        what = "yielded" if self.server_streaming else "returned"
+        return (f"api '{self.api.name}': Handler.{self.name} {what} {type(result).__name__}, expected "
+                f"{self.output_class.DESCRIPTOR.full_name}")
+
     def _fail(self, e: Exception, context):
         """Ends the call for an exception of the handler: its own status when
         it set one (abort, set_code), else INTERNAL naming the exception."""
@@ -251,10 +377,7 @@ class _Rpc:
 
         if isinstance(result, self.output_class):
             return result
-        what = "yielded" if self.server_streaming else "returned"
-        context.abort(grpc.StatusCode.INTERNAL,
-                      f"api '{self.api.name}': Handler.{self.name} {what} {type(result).__name__}, expected "
-                      f"{self.output_class.DESCRIPTOR.full_name}")
+        context.abort(grpc.StatusCode.INTERNAL, self._wrong_type(result))
 
 
 #: The header a proxy adds to every call it forwards, and its value: an
@@ -365,7 +488,13 @@ class GrpcAPI(RealtimeAPI):
                 logger.warning("api %r: the Handler has no method %s: calls of /%s/%s answer UNIMPLEMENTED",
                                self.name, method.name, self.service, method.name)
             self._rpcs[method.name] = _Rpc(self, method, fn)
+        self._by_path = {rpc.path: rpc for rpc in self._rpcs.values()}
         threads = max(1, int(handler.get("threads_per_process") or 1))
+        #: Runs the unary calls the proxy terminated (``serval_grpc_call``)
+        #: when threads_per_process > 1; with 1 they run inline on the
+        #: replica's worker thread, one at a time, as a RealtimeAPI's do.
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"{self.name}-grpc-frames") \
+            if threads > 1 else None
         self._server = grpc.server(ThreadPoolExecutor(threads, thread_name_prefix=f"{self.name}-grpc"),
                                    interceptors=(_cluster_only(),))
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
@@ -385,9 +514,26 @@ class GrpcAPI(RealtimeAPI):
         return error_response(404, f"api '{self.name}' is a gRPC API (service {self.service}): call it over "
                                    "gRPC")
 
+    def serval_grpc_call(self, path: str, message: bytes, metadata: tuple, timeout: Optional[float], reply):
+        """A unary call the proxy terminated (``serval._host.Host.on_grpc``):
+        answered now (inline), or on the pool through ``reply``. A path that
+        is not a unary method of the service answers UNIMPLEMENTED."""
+        rpc = self._by_path.get(path)
+        if rpc is None or rpc.client_streaming or rpc.server_streaming:
+            return _status_reply(STATUS_CODES["UNIMPLEMENTED"],
+                                 f"api '{self.name}': {path} is not a unary method of {self.service}")
+        if self._pool is None:
+            return rpc.run_frame(message, Context(metadata, timeout))
+        self._pool.submit(rpc.call_frame, message, metadata, timeout, reply)
+        return None
+
     def serval_stop(self, grace: float = STOP_GRACE_S) -> None:
         """Stops the gRPC server: new calls are refused, calls in flight get
         ``grace`` seconds to finish, then are cancelled."""
         server = getattr(self, "_server", None)
         if server is not None:
             server.stop(grace).wait(grace + 1.0)
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            # Calls not started are dropped: their replies answer 503.
+            pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,265 @@
+//! Unary calls the proxy terminates itself (`SERVAL_GRPC_FRAMES=1`, issue
+//! 25): the request message is taken out of its gRPC framing and sent as a
+//! [`Payload::Grpc`] frame on the replica's multiplexed connection, the
+//! same connection, handshake and bounds as HTTP requests; the replica
+//! answers the status and the reply message's bytes, which go back as a
+//! gRPC response with trailers. Message bytes are never decoded here.
+//!
+//! Streaming calls are still forwarded to the replica's grpcio server
+//! ([`super::forward`]).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{HeaderMap, StatusCode};
+use serval_protos::frame::{GrpcCall, Payload, Request, GRPC_MESSAGE_HEADER, GRPC_STATUS_HEADER};
+use serval_protos::handshake;
+use tokio::time::Instant;
+
+use super::{code_of, frame, internal_failure, status_response, BoxError, Code, GrpcResponse};
+use crate::errors;
+use crate::http::read_body;
+use crate::proxy::Proxy;
+
+/// Headers of the gRPC protocol itself (and the proxy's credential): not
+/// the caller's metadata, so never handed to the Handler.
+const NOT_METADATA: [&str; 5] = [
+    "content-type",
+    "content-length",
+    "te",
+    "user-agent",
+    handshake::GRPC_AUTH_HEADER,
+];
+
+/// Calls `path` (`/package.Service/Method`, a unary method) on a replica of
+/// `endpoint`.
+pub(super) async fn call(
+    proxy: &Proxy,
+    endpoint: &str,
+    path: &str,
+    req: hyper::Request<Incoming>,
+) -> GrpcResponse {
+    let started = Instant::now();
+    let client_timeout = match grpc_timeout(req.headers()) {
+        Ok(t) => t,
+        Err(reason) => return status_response(Code::InvalidArgument, &reason),
+    };
+    let metadata = metadata(req.headers());
+    // The call's deadline: the client's, within the router's own.
+    let limit = proxy.router().config().request_timeout;
+    let deadline = started + client_timeout.map_or(limit, |t| t.min(limit));
+    // The body budget's reservation is held as long as the body is.
+    let (body, _budget) = match tokio::time::timeout_at(deadline, read_body(proxy, req)).await {
+        Err(_) => {
+            return status_response(Code::DeadlineExceeded, "the request did not arrive in time")
+        }
+        Ok(Err(refused)) => {
+            let (code, what) = refusal(refused.status());
+            return status_response(code, what);
+        }
+        Ok(Ok((_, body, budget))) => (body, budget),
+    };
+    let message = match unframe(&body) {
+        Ok(m) => m,
+        Err((code, reason)) => return status_response(code, reason),
+    };
+    let reservation = match tokio::time::timeout_at(deadline, proxy.router().reserve(endpoint))
+        .await
+    {
+        Err(_) => return status_response(Code::DeadlineExceeded, "no replica was free in time"),
+        Ok(Err(e)) => {
+            return status_response(code_of(&e), &errors::message(&e, proxy.debug_errors))
+        }
+        Ok(Ok(r)) => r,
+    };
+    let timeout_ms = client_timeout.map_or(0, |_| {
+        // At least 1: 0 means "no deadline" to the replica.
+        (deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis() as u64)
+            .max(1)
+    });
+    let request = Request {
+        method_name: None,
+        payload: Payload::Grpc(GrpcCall {
+            path: path.to_owned(),
+            metadata,
+            message: message.to_vec(),
+            timeout_ms,
+        }),
+    };
+    // The slot is held until the answer is here (the reservation's scope).
+    let answer = match reservation.request(&request, deadline).await {
+        Ok(reply) => reply.response,
+        Err(e) => return status_response(code_of(&e), &errors::message(&e, proxy.debug_errors)),
+    };
+    if answer.status != 200 {
+        let detail = format!(
+            "replica {} of endpoint {endpoint} refused the call ({}): {}",
+            reservation.replica_id(),
+            answer.status,
+            String::from_utf8_lossy(&answer.body[..answer.body.len().min(512)])
+        );
+        let code = if answer.status == 503 {
+            Code::Unavailable
+        } else {
+            Code::Internal
+        };
+        return internal_failure(proxy, code, "the replica could not take the call", detail);
+    }
+    let code = answer
+        .header(GRPC_STATUS_HEADER)
+        .and_then(|c| c.parse::<u16>().ok())
+        .unwrap_or(Code::Unknown as u16);
+    let details = answer.header(GRPC_MESSAGE_HEADER).unwrap_or("");
+    if code != 0 {
+        return super::status_response_code(code, details);
+    }
+    ok_response(&answer.body)
+}
+
+/// The gRPC code and message of a body the proxy would not read.
+fn refusal(status: StatusCode) -> (Code, &'static str) {
+    match status {
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            Code::ResourceExhausted,
+            "the request message exceeds the proxy's body limit",
+        ),
+        StatusCode::REQUEST_TIMEOUT => {
+            (Code::DeadlineExceeded, "the request did not arrive in time")
+        }
+        StatusCode::SERVICE_UNAVAILABLE => (
+            Code::Unavailable,
+            "the proxy is out of room for request bodies",
+        ),
+        _ => (Code::Internal, "the request could not be read"),
+    }
+}
+
+/// A unary call's one message out of its length-prefixed framing.
+fn unframe(body: &Bytes) -> Result<Bytes, (Code, &'static str)> {
+    let malformed = (
+        Code::Internal,
+        "a unary call carries exactly one length-prefixed message",
+    );
+    if body.len() < 5 {
+        return Err(malformed);
+    }
+    if body[0] != 0 {
+        return Err((Code::Unimplemented, "compressed messages are not supported"));
+    }
+    let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+    if body.len() - 5 != len {
+        return Err(malformed);
+    }
+    Ok(body.slice(5..))
+}
+
+/// `grpc-timeout` (`<up to 8 digits><H|M|S|m|u|n>`), or None when absent.
+fn grpc_timeout(headers: &HeaderMap) -> Result<Option<Duration>, String> {
+    let Some(value) = headers.get("grpc-timeout") else {
+        return Ok(None);
+    };
+    let bad = || format!("malformed grpc-timeout {value:?}");
+    let text = value.to_str().map_err(|_| bad())?;
+    if text.len() < 2 || text.len() > 9 {
+        return Err(bad());
+    }
+    let (digits, unit) = text.split_at(text.len() - 1);
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    Ok(Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return Err(bad()),
+    }))
+}
+
+/// The caller's metadata: every header but the protocol's own (`grpc-*`
+/// and [`NOT_METADATA`]), in the order sent. hyper bounds their size.
+fn metadata(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter(|(k, _)| !k.as_str().starts_with("grpc-") && !NOT_METADATA.contains(&k.as_str()))
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect()
+}
+
+/// An OK answer: the reply message, then trailers with status 0.
+fn ok_response(message: &[u8]) -> GrpcResponse {
+    let mut trailers = HeaderMap::new();
+    trailers.insert(GRPC_STATUS_HEADER, HeaderValue::from_static("0"));
+    let body = Full::new(frame(message))
+        .map_err(|never| -> BoxError { match never {} })
+        .with_trailers(async move { Some(Ok(trailers)) })
+        .boxed_unsync();
+    let mut response = hyper::Response::new(body);
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit_and_bad_ones_are_refused() {
+        let mut h = HeaderMap::new();
+        assert_eq!(grpc_timeout(&h), Ok(None));
+        for (text, want) in [
+            ("500m", Duration::from_millis(500)),
+            ("2S", Duration::from_secs(2)),
+            ("1H", Duration::from_secs(3600)),
+            ("7u", Duration::from_micros(7)),
+            ("99999999n", Duration::from_nanos(99_999_999)),
+        ] {
+            h.insert("grpc-timeout", HeaderValue::from_static(text));
+            assert_eq!(grpc_timeout(&h), Ok(Some(want)), "{text}");
+        }
+        for text in ["5", "m", "123456789S", "5x", "-5S"] {
+            h.insert("grpc-timeout", HeaderValue::from_static(text));
+            assert!(grpc_timeout(&h).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_unary_body_holds_exactly_one_uncompressed_message() {
+        assert_eq!(unframe(&frame(b"hi")).unwrap(), Bytes::from_static(b"hi"));
+        assert_eq!(unframe(&frame(b"")).unwrap(), Bytes::new());
+        let two = [frame(b"a"), frame(b"b")].concat();
+        assert_eq!(unframe(&two.into()).unwrap_err().0, Code::Internal);
+        assert_eq!(
+            unframe(&Bytes::from_static(&[0, 0, 0])).unwrap_err().0,
+            Code::Internal
+        );
+        let compressed = Bytes::from_static(&[1, 0, 0, 0, 1, b'x']);
+        assert_eq!(unframe(&compressed).unwrap_err().0, Code::Unimplemented);
+    }
+
+    #[test]
+    fn metadata_leaves_out_the_protocols_headers() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            ("grpc-timeout", "1S"),
+            ("grpc-accept-encoding", "gzip"),
+            ("x-serval-data-auth", "secret"),
+            ("x-user", "alice"),
+        ] {
+            h.insert(k, HeaderValue::from_static(v));
+        }
+        assert_eq!(
+            metadata(&h),
+            vec![("x-user".to_owned(), "alice".to_owned())]
+        );
+    }
+}
