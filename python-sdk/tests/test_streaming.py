@@ -287,14 +287,16 @@ def raw_chunks(url, path):
 
 
 def test_a_burst_of_chunks_leaves_in_few_frames(shared):
-    """Chunks a generator yields without suspending leave together when the
-    replica's loop turns (the gate test above shows a chunk before a
-    suspension leaves at once); a burst past the frame size still arrives
-    whole, under the stream's window."""
+    """A stream's first chunk leaves at once; the chunks a generator yields
+    after it without suspending leave together when the replica's loop
+    turns (the gate test above shows a chunk before a suspension leaves at
+    once); a burst past the frame size still arrives whole, under the
+    stream's window."""
     serve.run(burst.bind(), name="burst", route_prefix="/burst")
     for kind in ("response", "generator"):
         chunks = raw_chunks(shared.url, f"/burst?n=100&size=1&as={kind}")
         assert b"".join(chunks) == bytes(ord("a") + i % 26 for i in range(100))
+        assert chunks[0] == b"a", f"{kind}: the first chunk waited for its burst ({chunks[0]!r})"
         assert len(chunks) < 10, f"{kind}: 100 one-byte chunks of one burst came as {len(chunks)} frames"
 
         # 40 chunks of 100 kB: 4 MB in one burst, more than the window's

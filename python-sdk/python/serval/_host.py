@@ -89,10 +89,12 @@ _PICKLE = [("content-type", PICKLE_CONTENT_TYPE)]
 STREAM_WINDOW = 16
 
 
-#: HTTP body bytes a stream gathers into one chunk frame at most. Chunks a
-#: generator yields without suspending in between (a burst) leave as one
-#: frame when the loop next turns, and a burst past this size leaves in
-#: frames of about this size, each under the stream's window.
+#: HTTP body bytes a stream gathers into one chunk frame at most. A stream's
+#: first body chunk leaves at once (the time to first byte is what a client
+#: waits on); after it, chunks a generator yields without suspending in
+#: between (a burst) leave as one frame when the loop next turns, and a
+#: burst past this size leaves in frames of about this size, each under the
+#: stream's window.
 STREAM_COALESCE_BYTES = 64 * 1024
 
 
@@ -102,7 +104,7 @@ class _Stream:
     the HTTP body bytes yielded since the loop last turned (``pending``),
     sent by a flush scheduled on the loop (``flush_scheduled``)."""
 
-    __slots__ = ("credit", "waiter", "task", "reply", "pending", "pending_size", "flush_scheduled", "gone")
+    __slots__ = ("credit", "waiter", "task", "reply", "pending", "pending_size", "flush_scheduled", "gone", "first")
 
     def __init__(self, reply):
         self.credit = STREAM_WINDOW
@@ -113,6 +115,7 @@ class _Stream:
         self.pending_size = 0
         self.flush_scheduled = False
         self.gone = False
+        self.first = True  # no body byte sent yet
 
     def send_pending(self) -> None:
         """Sends what is pending as one chunk frame (the caller took its
@@ -838,16 +841,18 @@ class Host:
         stream.credit -= 1
 
     async def _send_http_chunk(self, stream: _Stream, chunk: bytes) -> None:
-        """Queues one chunk of an HTTP stream: it leaves when the loop next
-        turns (with the rest of its burst) or, past STREAM_COALESCE_BYTES,
-        now, waiting for credit (the backpressure on the generator)."""
+        """Queues one chunk of an HTTP stream: the first leaves now, later
+        ones when the loop next turns (with the rest of their burst) or,
+        past STREAM_COALESCE_BYTES, now, waiting for credit (the
+        backpressure on the generator)."""
         if stream.gone:
             raise _StreamGone()
         if not chunk:
             return
         stream.pending.append(chunk)
         stream.pending_size += len(chunk)
-        if stream.pending_size >= STREAM_COALESCE_BYTES:
+        if stream.first or stream.pending_size >= STREAM_COALESCE_BYTES:
+            stream.first = False
             await self._flush(stream)
         elif not stream.flush_scheduled:
             self._schedule_flush(stream)
