@@ -539,6 +539,7 @@ fn start_proxy(
         token,
         metrics: metrics.handle,
         dashboard: Some(metrics.dashboard),
+        readiness: metrics.readiness,
         max_body_bytes: usize::try_from(args.http_max_body_bytes).unwrap_or(usize::MAX),
         queue_capacity: args.http_queue_capacity,
         limits: proxy_limits(args),
@@ -581,11 +582,13 @@ async fn proxy_if(
     Ok((Some(task), addr))
 }
 
-/// This process's metrics recorder, and the slot through which its
-/// `--metrics-port` listener reaches the proxy's dashboard.
+/// This process's metrics recorder, the slot through which its
+/// `--metrics-port` listener reaches the proxy's dashboard, and its
+/// readiness check (`/-/readyz` on both listeners; a head sets it).
 struct Metrics {
     handle: Option<serval_proxy::metrics::MetricsHandle>,
     dashboard: serval_proxy::DashboardSlot,
+    readiness: serval_proxy::ReadinessSlot,
 }
 
 /// Installs this process's metrics recorder (the handle serves the proxy's
@@ -594,6 +597,7 @@ struct Metrics {
 /// it runs). Runs inside the tokio runtime.
 fn install_metrics(args: &StartArgs) -> anyhow::Result<Metrics> {
     let dashboard = serval_proxy::DashboardSlot::default();
+    let readiness = serval_proxy::ReadinessSlot::default();
     let handle = serval_proxy::metrics::install(serval_proxy::metrics::prometheus_builder())
         .context("installing the metrics recorder")?;
     if let Some(port) = args.metrics_port {
@@ -609,6 +613,7 @@ fn install_metrics(args: &StartArgs) -> anyhow::Result<Metrics> {
             listener,
             handle.clone(),
             dashboard.clone(),
+            readiness.clone(),
             proxy_limits(args),
             std::future::pending(),
         ));
@@ -620,6 +625,7 @@ fn install_metrics(args: &StartArgs) -> anyhow::Result<Metrics> {
     Ok(Metrics {
         handle: Some(handle),
         dashboard,
+        readiness,
     })
 }
 
@@ -675,6 +681,11 @@ async fn run_head(
         bootstrap: args.join.is_none(),
     };
     let (raft, sm) = store::open(&data_dir.join("raft"), &membership).await?;
+    // A head is ready (`/-/readyz`) only while it can commit writes.
+    let can_write = raft.clone();
+    metrics
+        .readiness
+        .set(Box::new(move || store::can_write(&can_write)));
     let service = ControlService::new(
         raft.clone(),
         sm.clone(),

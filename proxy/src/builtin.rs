@@ -1,6 +1,8 @@
 //! The proxy's own paths, answered before any user route:
 //! `/-/routes` (route -> endpoint, as Ray's proxy answers),
-//! `/-/healthz` (200 once a snapshot is applied), `/-/metrics` and
+//! `/-/healthz` (200 once a snapshot is applied), `/-/readyz` (that, and
+//! what the process's `ReadinessSlot` says: a head, that it can commit
+//! writes), `/-/metrics` and
 //! `/-/grpc-services` (gRPC service -> endpoint).
 
 use crate::metrics::MetricsHandle;
@@ -46,14 +48,14 @@ pub(crate) fn respond(proxy: &Proxy, path: &str) -> Option<HttpResponse> {
                 serde_json::Value::Object(services).to_string(),
             )
         }
-        HEALTHZ_PATH => match proxy.ready_for_traffic() {
-            (true, _) => text(StatusCode::OK, "text/plain", "ok".into()),
-            (false, reason) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                format!("not ready: {reason}"),
-            ),
-        },
+        HEALTHZ_PATH => readiness_text(match proxy.ready_for_traffic() {
+            (true, _) => Ok(()),
+            (false, reason) => Err(reason.to_string()),
+        }),
+        crate::readiness::READYZ_PATH => readiness_text(match proxy.ready_for_traffic() {
+            (true, _) => proxy.readiness.check(),
+            (false, reason) => Err(reason.to_string()),
+        }),
         METRICS_PATH => match &proxy.metrics {
             Some(handle) => metrics_text(handle),
             None => json_error(
@@ -63,6 +65,18 @@ pub(crate) fn respond(proxy: &Proxy, path: &str) -> Option<HttpResponse> {
         },
         _ => return None,
     })
+}
+
+/// 200 "ok", or 503 "not ready: REASON".
+pub(crate) fn readiness_text(ready: Result<(), String>) -> HttpResponse {
+    match ready {
+        Ok(()) => text(StatusCode::OK, "text/plain", "ok".into()),
+        Err(reason) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("not ready: {reason}"),
+        ),
+    }
 }
 
 /// The Prometheus text exposition of `handle`.

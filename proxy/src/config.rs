@@ -48,6 +48,9 @@ pub struct ProxyConfig {
     /// Set to this proxy by `run`, so the process's `--metrics-port`
     /// listener serves the same dashboard.
     pub dashboard: Option<crate::dashboard::DashboardSlot>,
+    /// What `/-/readyz` asks besides this proxy's own readiness (a head's
+    /// raft: can it commit writes).
+    pub readiness: crate::readiness::ReadinessSlot,
 }
 
 impl Default for ProxyConfig {
@@ -66,6 +69,7 @@ impl Default for ProxyConfig {
             limits: Limits::default(),
             debug_errors: false,
             dashboard: None,
+            readiness: Default::default(),
         }
     }
 }

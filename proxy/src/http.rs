@@ -130,14 +130,15 @@ async fn dashboard(
 }
 
 /// Serves this process's Prometheus text on every path of `listener`
-/// (`serve start --metrics-port`) but `/-/dashboard`, which is the
-/// dashboard of this process's proxy (`dashboard`; 404 in a process that
-/// runs none), under the same connection limits as the proxy, until
-/// `shutdown` resolves.
+/// (`serve start --metrics-port`) but `/-/readyz` (`readiness`) and
+/// `/-/dashboard`, which is the dashboard of this process's proxy
+/// (`dashboard`; 404 in a process that runs none), under the same
+/// connection limits as the proxy, until `shutdown` resolves.
 pub async fn serve_metrics(
     listener: TcpListener,
     handle: crate::metrics::MetricsHandle,
     dashboard_of: crate::dashboard::DashboardSlot,
+    readiness: crate::readiness::ReadinessSlot,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -152,7 +153,13 @@ pub async fn serve_metrics(
         move |req: hyper::Request<Incoming>, _peer| {
             let handle = handle.clone();
             let dashboard_of = dashboard_of.clone();
+            let readiness = readiness.clone();
             async move {
+                if req.uri().path() == crate::readiness::READYZ_PATH {
+                    // Up before the head joins or finds a leader, so it
+                    // says why a starting head is not ready.
+                    return builtin::readiness_text(readiness.check()).map(ResponseBody::Http);
+                }
                 if !crate::dashboard::is_dashboard(req.uri().path()) {
                     return builtin::metrics_text(&handle).map(ResponseBody::Http);
                 }

@@ -47,6 +47,7 @@ pub mod metrics;
 pub mod middleware;
 mod policy;
 mod proxy;
+mod readiness;
 mod replica_conn;
 pub mod route;
 mod router;
@@ -66,6 +67,7 @@ pub use load_report::spawn_load_reporter;
 pub use middleware::{validate as validate_middlewares, MiddlewareError, Middlewares};
 pub use policy::{PowerOfTwoChoices, ReplicaChoice};
 pub use proxy::Proxy;
+pub use readiness::{ReadinessCheck, ReadinessSlot, READYZ_PATH};
 pub use replica_conn::{ChunkStream, Reply, StreamError};
 pub use route::{check_prefix, collides, parse_route, ParsedRoute, RouteError, RouteTable};
 pub use router::{

@@ -49,6 +49,8 @@ pub struct Proxy {
     snapshot_version: tokio::sync::watch::Sender<u64>,
     /// `/-/dashboard`: its token, history and open streams.
     pub(crate) dashboard: crate::dashboard::Dashboard,
+    /// `/-/readyz` asks it after `ready_for_traffic`.
+    pub(crate) readiness: crate::readiness::ReadinessSlot,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -86,6 +88,7 @@ impl Proxy {
             snapshot: RwLock::default(),
             snapshot_version: tokio::sync::watch::Sender::new(0),
             dashboard: crate::dashboard::Dashboard::new(&config.token, &config.control_addr),
+            readiness: config.readiness.clone(),
         }
     }
 

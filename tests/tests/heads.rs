@@ -579,3 +579,79 @@ fn control_plane_history_is_linearizable_across_leader_loss_and_a_cut_off_head()
 
     history.check("a leader killed, a head paused", 200);
 }
+
+/// `/-/readyz` says whether a head can commit writes, where `/-/healthz`
+/// says only that its proxy holds a snapshot: a head that lost its quorum
+/// stays healthy (its proxy serves the last routes) but is not ready, and
+/// is ready again once a quorum is back; a head still joining says so on
+/// its metrics port before its proxy runs.
+#[test]
+fn a_head_is_ready_only_while_it_can_write() {
+    let tmp = tempfile::Builder::new()
+        .prefix("sv-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let ready = |head: &ServeProcess| {
+        http_get(head.http_port, "/-/readyz")
+            .ok()
+            .filter(|(status, _)| *status == 200)
+    };
+    let (mut heads, leader) = three_heads_without_replicas(tmp.path());
+    for head in &heads {
+        wait_for("every head ready", Duration::from_secs(60), || ready(head));
+    }
+
+    // Two of three gone: the survivor keeps its proxy, loses its quorum.
+    let (gone, _) = kill_leader(&mut heads, leader);
+    drop(heads.remove(0));
+    let survivor = &heads[0];
+    let body = wait_for("the survivor not ready", Duration::from_secs(60), || {
+        http_get(survivor.http_port, "/-/readyz")
+            .ok()
+            .filter(|(status, _)| *status == 503)
+            .map(|(_, body)| body)
+    });
+    assert!(body.starts_with("not ready: "), "{body}");
+    assert_eq!(http_get(survivor.http_port, "/-/healthz").unwrap().0, 200);
+
+    // A quorum again: ready again.
+    let back = gone.restart();
+    wait_for("the survivor ready again", Duration::from_secs(60), || {
+        ready(survivor)
+    });
+    wait_for("the restarted head ready", Duration::from_secs(60), || {
+        ready(&back)
+    });
+
+    // A head whose --join finds no cluster answers on its metrics port
+    // while it keeps trying (its proxy starts only once it has joined).
+    let metrics_port = free_port();
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let metrics_arg = metrics_port.to_string();
+    let token = "a-token-of-sixteen-chars-or-more";
+    let _joining = ServeProcess::start(
+        &tmp.path().join("joining"),
+        free_port(),
+        free_port(),
+        &[
+            "--head",
+            "--num-cpus",
+            "0",
+            "--join",
+            &nowhere,
+            "--token",
+            token,
+            "--metrics-port",
+            &metrics_arg,
+        ],
+    );
+    let body = wait_for("the joining head's answer", Duration::from_secs(60), || {
+        http_get(metrics_port, "/-/readyz")
+            .ok()
+            .filter(|(status, _)| *status == 503)
+            .map(|(_, body)| body)
+    });
+    // The words the Kubernetes start script of the first head looks for
+    // (deploy/kubernetes/heads.yaml; controller::store::NOT_A_MEMBER).
+    assert_eq!(body, "not ready: not a member of a cluster yet");
+}

@@ -226,3 +226,39 @@ pub async fn propose_within(
 
 /// The current state, shared with watchers.
 pub type SharedState = Arc<ClusterState>;
+
+/// How long a leader may go without a quorum's acknowledgement and still
+/// call itself able to write: the longest election timeout, after which
+/// the others may have elected another leader.
+const QUORUM_ACK_MAX_MS: u64 = 1200;
+
+/// Whether this head can commit writes now, judged from its raft metrics
+/// (no round trip): a leader that a quorum acknowledged within
+/// `QUORUM_ACK_MAX_MS`, or a member that knows another head as its leader
+/// (its writes are forwarded there). A head cut off from the quorum loses
+/// its leader within an election timeout and so stops being ready; the
+/// reason says which case holds (`/-/readyz`'s 503 body).
+pub fn can_write(raft: &Raft) -> Result<(), String> {
+    let m = raft.metrics().borrow().clone();
+    if let Err(fatal) = &m.running_state {
+        return Err(format!("raft stopped: {fatal}"));
+    }
+    if m.membership_config.membership().get_node(&m.id).is_none() {
+        return Err(NOT_A_MEMBER.into());
+    }
+    match (m.state, m.current_leader) {
+        (openraft::ServerState::Leader, _) => match m.millis_since_quorum_ack {
+            Some(ms) if ms <= QUORUM_ACK_MAX_MS => Ok(()),
+            Some(ms) => Err(format!(
+                "leader without a quorum's acknowledgement for {ms} ms"
+            )),
+            None => Err("leader not yet acknowledged by a quorum".into()),
+        },
+        (_, Some(leader)) if leader != m.id => Ok(()),
+        _ => Err("no leader known: an election is under way or no quorum is reachable".into()),
+    }
+}
+
+/// `can_write`'s reason for a head that has not joined a cluster yet (the
+/// Kubernetes start script of the first head reads it).
+pub const NOT_A_MEMBER: &str = "not a member of a cluster yet";
