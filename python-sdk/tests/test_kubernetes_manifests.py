@@ -46,6 +46,17 @@ NAMESPACE = "ns1"
 POD_IP = "10.1.2.3"
 
 
+def run_start_script(container, pod_name, extra_env=None):
+    """Runs a container's shell command by `sh` with the stand-ins of
+    FAKE_BIN first on PATH; returns the finished process."""
+    downward = {"POD_NAME": pod_name, "POD_NAMESPACE": NAMESPACE, "POD_IP": POD_IP}
+    declared = {e["name"] for e in container.get("env", [])}
+    env = {"PATH": f"{FAKE_BIN}:/usr/bin:/bin", **{k: v for k, v in downward.items() if k in declared},
+           **(extra_env or {})}
+    return subprocess.run(container["command"] + container.get("args", []), env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
 def serve_start_argv(container, pod_name="serval-head-1"):
     """The arguments a container passes to `serve start`: its args after the
     image's entrypoint, or, for a shell command, what it executes: the
@@ -62,9 +73,7 @@ def serve_start_argv(container, pod_name="serval-head-1"):
         argv = entrypoint() + [re.sub(r"\$\((\w+)\)", expand, a) for a in container.get("args", [])]
         assert argv[:2] == ["serve", "start"], argv
         return argv[2:]
-    env = {"PATH": f"{FAKE_BIN}:/usr/bin:/bin", **{k: v for k, v in downward.items() if k in declared}}
-    out = subprocess.run(container["command"] + container.get("args", []), env=env, capture_output=True,
-                         text=True, timeout=60)
+    out = run_start_script(container, pod_name)
     assert out.returncode == 0, out.stderr
     argv = out.stdout.split("\0")[:-1]
     assert argv[:1] == ["start"], argv
@@ -172,6 +181,37 @@ def test_heads_are_a_statefulset_joined_by_stable_names(docs):
     assert flag_value(node_argv, "--control-host") == POD_IP
 
 
+def test_the_first_head_starts_no_second_cluster(docs, tmp_path):
+    """serval-head-0 with an empty volume asks the other heads' /-/readyz
+    (stand-ins here: `getent` finds every name, `python3` prints the
+    answer the test picks) and starts a cluster only if none is a member
+    of one."""
+    (heads,) = of_kind(docs, "StatefulSet")
+    (container,) = heads["spec"]["template"]["spec"]["containers"]
+    with open(os.path.join(ROOT, "controller", "src", "store", "mod.rs")) as f:
+        not_a_member = re.search(r'NOT_A_MEMBER: &str = "([^"]+)"', f.read()).group(1)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, script in (("getent", "exit 0"), ("python3", 'printf "%s\\n" "$ANSWER"'),
+                         ("serve", "printf '%s\\0' \"$@\"")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{script}\n")
+        (bin_dir / name).chmod(0o755)
+    global FAKE_BIN
+    saved, FAKE_BIN = FAKE_BIN, str(bin_dir)
+    try:
+        for answer, starts in ((f"not ready: {not_a_member}", True), ("unreachable", True), ("ok", False),
+                               ("not ready: no leader known", False)):
+            out = run_start_script(container, "serval-head-0", {"ANSWER": answer})
+            assert (out.returncode == 0) == starts, (answer, out.stderr)
+            if starts:
+                argv = out.stdout.split("\0")[:-1]
+                assert argv[0] == "start" and "--join" not in argv, argv
+            else:
+                assert "not starting a second cluster" in out.stderr
+    finally:
+        FAKE_BIN = saved
+
+
 def test_gpu_nodes_request_the_gpus_they_offer(docs):
     (nodes,) = of_kind(docs, "DaemonSet")
     pod = nodes["spec"]["template"]["spec"]
@@ -184,6 +224,8 @@ def test_gpu_nodes_request_the_gpus_they_offer(docs):
 def test_probes_and_the_proxy_service_use_real_endpoints(docs):
     with open(os.path.join(ROOT, "proxy", "src", "builtin.rs")) as f:
         healthz = re.search(r'HEALTHZ_PATH: &str = "([^"]+)"', f.read()).group(1)
+    with open(os.path.join(ROOT, "proxy", "src", "readiness.rs")) as f:
+        readyz = re.search(r'READYZ_PATH: &str = "([^"]+)"', f.read()).group(1)
     (http,) = [s for s in of_kind(docs, "Service") if s["metadata"]["name"] == "serval-http"]
     for workload, pod, container in workloads(docs):
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -191,7 +233,10 @@ def test_probes_and_the_proxy_service_use_real_endpoints(docs):
         assert ports["http"] == int(flag_value(argv, "--http-port"))
         assert flag_value(argv, "--http-host") == "0.0.0.0"
         ready = container["readinessProbe"]["httpGet"]
-        assert ready["path"] == healthz and ready["port"] == "http", workload["metadata"]["name"]
+        # A head is ready only while it can commit writes (readyz); a node
+        # once its proxy holds a snapshot.
+        path = readyz if workload["kind"] == "StatefulSet" else healthz
+        assert ready["path"] == path and ready["port"] == "http", workload["metadata"]["name"]
         for probe in ("startupProbe", "livenessProbe"):
             assert container[probe]["tcpSocket"]["port"] in ports
         # The EveryNode Service reaches this pod's proxy.
