@@ -195,7 +195,7 @@ impl LeaseClock {
 }
 
 /// One backend's replica-count gauges, held for as long as it exists: in
-/// the recorder every process installs (`serval_proxy::metrics::install`)
+/// the recorder every process installs (the proxy crate's `metrics::install`)
 /// these families end with their last handle, so a deleted backend's
 /// series leave `/-/metrics` (a cluster that runs batch jobs creates a
 /// backend per job, without end).

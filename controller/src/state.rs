@@ -12,6 +12,7 @@ use serval_protos::control::{
     Api, AutoscalingConfig, Backend, BackendConfig, Endpoint, HttpOptions, Node, Replica,
     ReplicaReport,
 };
+use serval_protos::route;
 
 use crate::error::StateError;
 use crate::limits;
@@ -487,7 +488,7 @@ impl ClusterState {
         self.validate_traffic(&endpoint.name, &traffic)?;
         if endpoint.route_is_prefix {
             // An application's route prefix: one endpoint per prefix.
-            serval_proxy::check_prefix(&endpoint.route).map_err(|e| StateError::InvalidRoute {
+            route::check_prefix(&endpoint.route).map_err(|e| StateError::InvalidRoute {
                 route: endpoint.route.clone(),
                 reason: e.to_string(),
             })?;
@@ -504,14 +505,14 @@ impl ClusterState {
                 });
             }
         } else if !endpoint.route.is_empty() {
-            serval_proxy::parse_route(&endpoint.route).map_err(|e| StateError::InvalidRoute {
+            route::parse_route(&endpoint.route).map_err(|e| StateError::InvalidRoute {
                 route: endpoint.route.clone(),
                 reason: e.to_string(),
             })?;
             if let Some(existing) = self.endpoints.iter().find(|e| {
                 !e.route.is_empty()
                     && !e.route_is_prefix
-                    && serval_proxy::route::collides(&e.route, &endpoint.route)
+                    && route::collides(&e.route, &endpoint.route)
             }) {
                 return Err(StateError::RouteTaken {
                     route: endpoint.route.clone(),

@@ -12,6 +12,9 @@
 //!   before a replica decodes a frame.
 //! - [`private_files`]: the data dir and socket dirs (0700, checked to be
 //!   ours) and their files (0600, replaced atomically).
+//! - [`route`]: the route grammar (Starlette routes, route prefixes,
+//!   collisions) and [`middleware`]: the HTTP middlewares' configuration
+//!   and its validation, checked by the controller and built by the proxy.
 #![forbid(unsafe_code)]
 
 pub mod control {
@@ -23,7 +26,9 @@ pub mod client;
 pub mod frame;
 pub mod frame_socket;
 pub mod handshake;
+pub mod middleware;
 pub mod private_files;
+pub mod route;
 pub mod tls;
 
 /// Default port of the controller's gRPC service (`serve start --head`).

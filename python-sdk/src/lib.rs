@@ -30,7 +30,7 @@ mod replica;
 /// proxies will build it; raises ValueError naming the middleware/option.
 #[pyfunction]
 fn validate_middlewares(json: &str) -> PyResult<()> {
-    serval_proxy::validate_middlewares(json)
+    serval_protos::middleware::validate(json)
         .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))
 }
 
