@@ -13,27 +13,11 @@ use serval_protos::control::{
     ReplicaReport,
 };
 use serval_protos::route;
+pub use serval_protos::states::{BackendState, ReplicaState};
 
 use crate::error::StateError;
 use crate::limits;
 use crate::scheduler;
-
-/// Replica states, as strings so they travel unchanged to `serve status`.
-pub mod replica_state {
-    /// No node has room for it yet.
-    pub const PENDING: &str = "pending";
-    /// Placed on a node; its process is starting.
-    pub const STARTING: &str = "starting";
-    pub const RUNNING: &str = "running";
-    pub const FAILED: &str = "failed";
-}
-
-/// Backend states, derived from its replicas.
-pub mod backend_state {
-    pub const DEPLOYING: &str = "deploying";
-    pub const RUNNING: &str = "running";
-    pub const FAILED: &str = "failed";
-}
 
 /// Ray Serve 1.x defaults for fields left at zero by a caller.
 pub const DEFAULT_MAX_CONCURRENT_QUERIES: u32 = 100;
@@ -171,7 +155,7 @@ impl ClusterState {
                     .is_some_and(|old| old.pid != node.pid);
                 if restarted {
                     for r in self.replicas.values_mut().filter(|r| r.node_id == node.id) {
-                        r.state = replica_state::STARTING.into();
+                        r.state = ReplicaState::Starting.into();
                         r.unix_path.clear();
                         r.tcp_addr.clear();
                         r.grpc_addr.clear();
@@ -197,7 +181,7 @@ impl ClusterState {
                 for replica in self.replicas.values_mut().filter(|r| r.node_id == node_id) {
                     replica.node_id.clear();
                     replica.gpu_ids.clear();
-                    replica.state = replica_state::PENDING.into();
+                    replica.state = ReplicaState::Pending.into();
                     replica.unix_path.clear();
                     replica.tcp_addr.clear();
                     replica.grpc_addr.clear();
@@ -249,7 +233,7 @@ impl ClusterState {
                     Backend {
                         config: Some(config),
                         version: 1,
-                        state: backend_state::DEPLOYING.into(),
+                        state: BackendState::Deploying.into(),
                         error: String::new(),
                         ..backend
                     },
@@ -609,13 +593,13 @@ impl ClusterState {
                 .map(|r| r.id.clone())
                 .collect()
         };
-        let running = |s: &Self, id: &String| s.replicas[id].state == replica_state::RUNNING;
+        let running = |s: &Self, id: &String| s.replicas[id].state == ReplicaState::Running;
         // Removal order: pending first, then not running, then the newest.
         let removal_key = |s: &Self, id: &String| {
             let r = &s.replicas[id];
             (
-                r.state != replica_state::PENDING,
-                r.state == replica_state::RUNNING,
+                r.state != ReplicaState::Pending,
+                r.state == ReplicaState::Running,
                 std::cmp::Reverse(id_seq(id)),
             )
         };
@@ -658,7 +642,7 @@ impl ClusterState {
                     id,
                     backend: backend.to_string(),
                     backend_version: version,
-                    state: replica_state::PENDING.into(),
+                    state: ReplicaState::Pending.into(),
                     ..Default::default()
                 },
             );
@@ -673,7 +657,7 @@ impl ClusterState {
         let pending: Vec<String> = self
             .replicas
             .values()
-            .filter(|r| r.state == replica_state::PENDING)
+            .filter(|r| r.state == ReplicaState::Pending)
             .map(|r| r.id.clone())
             .collect();
         if pending.is_empty() {
@@ -695,7 +679,7 @@ impl ClusterState {
                         loads.place(&placement, num_cpus, num_gpus);
                         r.node_id = placement.node_id;
                         r.gpu_ids = placement.gpu_ids;
-                        r.state = replica_state::STARTING.into();
+                        r.state = ReplicaState::Starting.into();
                         r.error.clear();
                     }
                     None => {
@@ -725,22 +709,21 @@ impl ClusterState {
                 .get(backend)
                 .and_then(|b| b.config.as_ref())
                 .is_some_and(|c| c.num_replicas == 0);
-        let (state, error) = if scaled_to_zero
-            || replicas.iter().any(|r| r.state == replica_state::RUNNING)
-        {
-            (backend_state::RUNNING, String::new())
-        } else if let Some(failed) = replicas.iter().find(|r| r.state == replica_state::FAILED) {
-            (backend_state::FAILED, failed.error.clone())
-        } else {
-            (
-                backend_state::DEPLOYING,
-                replicas
-                    .iter()
-                    .map(|r| r.error.clone())
-                    .find(|e| !e.is_empty())
-                    .unwrap_or_default(),
-            )
-        };
+        let (state, error) =
+            if scaled_to_zero || replicas.iter().any(|r| r.state == ReplicaState::Running) {
+                (BackendState::Running, String::new())
+            } else if let Some(failed) = replicas.iter().find(|r| r.state == ReplicaState::Failed) {
+                (BackendState::Failed, failed.error.clone())
+            } else {
+                (
+                    BackendState::Deploying,
+                    replicas
+                        .iter()
+                        .map(|r| r.error.clone())
+                        .find(|e| !e.is_empty())
+                        .unwrap_or_default(),
+                )
+            };
         if let Some(b) = self.backends.get_mut(backend) {
             b.state = state.into();
             b.error = error;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serval_protos::client::{self, Client};
 use serval_protos::control::{ClusterSnapshot, HeartbeatRequest, RegisterNodeRequest};
+use serval_protos::states::ReplicaState;
 
 use crate::supervisor::{self, ReplicaSpec, SupervisorHandle};
 
@@ -251,7 +252,7 @@ impl NodeAgent {
         let wanted: HashMap<&str, _> = snapshot
             .replicas
             .iter()
-            .filter(|r| r.node_id == self.node_id && r.state != "pending")
+            .filter(|r| r.node_id == self.node_id && r.state != ReplicaState::Pending)
             .filter(|r| backends.contains_key(r.backend.as_str()))
             .map(|r| (r.id.as_str(), r))
             .collect();

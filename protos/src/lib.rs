@@ -14,7 +14,8 @@
 //!   ours) and their files (0600, replaced atomically).
 //! - [`route`]: the route grammar (Starlette routes, route prefixes,
 //!   collisions) and [`middleware`]: the HTTP middlewares' configuration
-//!   and its validation, checked by the controller and built by the proxy.
+//!   and its validation, checked by the controller and built by the proxy;
+//!   [`states`]: replica, backend and job states, one enum each.
 #![forbid(unsafe_code)]
 
 pub mod control {
@@ -29,6 +30,7 @@ pub mod handshake;
 pub mod middleware;
 pub mod private_files;
 pub mod route;
+pub mod states;
 pub mod tls;
 
 /// Default port of the controller's gRPC service (`serve start --head`).

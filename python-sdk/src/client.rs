@@ -23,6 +23,7 @@ use serval_protos::control::{
 };
 use serval_protos::frame::{CallRequest, LogsRequest, Payload, Request, Response};
 use serval_protos::handshake::{self, Credential, Key, Role};
+use serval_protos::states::{BackendState, ReplicaState};
 use serval_proxy::{
     ChunkStream, Reply, Router, RouterConfig, RouterError, StreamError, MAX_SHARD_KEY_BYTES,
 };
@@ -497,14 +498,14 @@ impl Client {
                 .unwrap_or(1);
             if let Some(f) = replicas
                 .iter()
-                .find(|r| r.backend_version == b.version && r.state == "failed")
+                .find(|r| r.backend_version == b.version && r.state == ReplicaState::Failed)
             {
-                return Some(("failed".to_string(), f.error.clone()));
+                return Some((ReplicaState::Failed.into(), f.error.clone()));
             }
             let done = replicas.len() == want
                 && replicas
                     .iter()
-                    .all(|r| r.backend_version == b.version && r.state == "running");
+                    .all(|r| r.backend_version == b.version && r.state == ReplicaState::Running);
             done.then(|| ("done".to_string(), String::new()))
         })
     }
@@ -737,17 +738,19 @@ impl Client {
     ) -> PyResult<Option<(String, String)>> {
         self.wait_snapshot(py, timeout, move |s| {
             let b = s.backends.iter().find(|b| b.name == name)?;
-            if b.state == "failed" {
+            if b.state == BackendState::Failed {
                 return Some((b.state.clone(), b.error.clone()));
             }
             let mut replicas = s.replicas.iter().filter(|r| r.backend == name);
             if stop_unplaceable {
-                if let Some(r) = replicas.clone().find(|r| r.state == "pending") {
+                if let Some(r) = replicas.clone().find(|r| r.state == ReplicaState::Pending) {
                     return Some(("unplaceable".into(), r.error.clone()));
                 }
             }
-            let started = replicas.all(|r| r.state == "running" || r.state == "failed");
-            (b.state == "running" && started).then(|| (b.state.clone(), b.error.clone()))
+            let started = replicas
+                .all(|r| r.state == ReplicaState::Running || r.state == ReplicaState::Failed);
+            (b.state == BackendState::Running && started)
+                .then(|| (b.state.clone(), b.error.clone()))
         })
     }
 
