@@ -12,6 +12,7 @@ use serval_protos::control::{
     Api, AutoscalingConfig, Backend, BackendConfig, Endpoint, HttpOptions, Node, Replica,
     ReplicaReport,
 };
+use serval_protos::ids::ReplicaId;
 use serval_protos::route;
 pub use serval_protos::states::{BackendState, ReplicaState};
 
@@ -634,7 +635,7 @@ impl ClusterState {
             (want - new.len()).min((want + surge).saturating_sub(total))
         };
         for _ in 0..add {
-            let id = format!("{backend}#{}", self.next_replica_seq);
+            let id = ReplicaId::new(backend, self.next_replica_seq).to_string();
             self.next_replica_seq += 1;
             self.replicas.insert(
                 id.clone(),
@@ -732,11 +733,7 @@ impl ClusterState {
 }
 
 fn id_seq(replica_id: &str) -> u64 {
-    replica_id
-        .rsplit('#')
-        .next()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+    replica_id.parse::<ReplicaId>().map_or(0, |id| id.seq())
 }
 
 fn over_cap(what: &str, cap: usize) -> StateError {

@@ -15,7 +15,8 @@
 //! - [`route`]: the route grammar (Starlette routes, route prefixes,
 //!   collisions) and [`middleware`]: the HTTP middlewares' configuration
 //!   and its validation, checked by the controller and built by the proxy;
-//!   [`states`]: replica, backend and job states, one enum each.
+//!   [`states`]: replica, backend and job states, one enum each; [`ids`]:
+//!   the replica id `<backend>#<seq>`.
 #![forbid(unsafe_code)]
 
 pub mod control {
@@ -27,6 +28,7 @@ pub mod client;
 pub mod frame;
 pub mod frame_socket;
 pub mod handshake;
+pub mod ids;
 pub mod middleware;
 pub mod private_files;
 pub mod route;
