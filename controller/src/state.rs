@@ -9,8 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use serval_protos::control::{
-    Api, AutoscalingConfig, Backend, BackendConfig, Endpoint, HttpOptions, Node, Replica,
-    ReplicaReport,
+    Api, Backend, BackendConfig, Endpoint, HttpOptions, Node, Replica, ReplicaReport,
 };
 use serval_protos::ids::ReplicaId;
 use serval_protos::route;
@@ -20,8 +19,8 @@ use crate::error::StateError;
 use crate::limits;
 use crate::scheduler;
 
-/// Ray Serve 1.x defaults for fields left at zero by a caller.
-pub const DEFAULT_MAX_CONCURRENT_QUERIES: u32 = 100;
+/// Ray Serve 1.x defaults for fields left at zero by a caller (a backend
+/// config's are `serval_protos::backend_config`'s).
 pub const DEFAULT_METHODS: &[&str] = &["GET"];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -226,7 +225,7 @@ impl ClusterState {
                     return Err(invalid("func_or_class", "no code was sent"));
                 }
                 self.check_code_total(&backend.name, backend.code.len())?;
-                let config = validate_config(backend.config.unwrap_or_default())?;
+                let config = backend.config.unwrap_or_default().validate()?;
                 self.check_replicas_total(&backend.name, config.num_replicas)?;
                 let name = backend.name.clone();
                 self.backends.insert(
@@ -242,7 +241,7 @@ impl ClusterState {
                 self.scale(&name);
             }
             Command::UpdateBackendConfig { name, config } => {
-                let config = validate_config(config)?;
+                let config = config.validate()?;
                 self.check_replicas_total(&name, config.num_replicas)?;
                 let backend = self
                     .backends
@@ -772,110 +771,6 @@ fn rollout_count(text: &str, want: usize, round_up: bool) -> Option<usize> {
     } else {
         text.parse().ok()
     }
-}
-
-/// Fills Ray's defaults and checks every field, naming the bad one.
-fn validate_config(mut c: BackendConfig) -> Result<BackendConfig, StateError> {
-    if let Some(a) = &c.autoscaling {
-        validate_autoscaling(a)?;
-        // The autoscaler owns num_replicas from here; start inside its range.
-        c.num_replicas = c.num_replicas.clamp(a.min_replicas, a.max_replicas);
-    } else if c.num_replicas == 0 {
-        return Err(invalid("num_replicas", "must be at least 1"));
-    }
-    if c.max_concurrent_queries == 0 {
-        c.max_concurrent_queries = DEFAULT_MAX_CONCURRENT_QUERIES;
-    }
-    if !(c.num_cpus >= 0.0 && c.num_cpus.is_finite()) {
-        return Err(invalid("num_cpus", "must be a non-negative number"));
-    }
-    if !(c.num_gpus >= 0.0 && c.num_gpus.is_finite()) {
-        return Err(invalid("num_gpus", "must be a non-negative number"));
-    }
-    if c.num_gpus > 1.0 && c.num_gpus.fract() != 0.0 {
-        return Err(invalid(
-            "num_gpus",
-            "above 1 it must be a whole number of GPUs",
-        ));
-    }
-    if !(c.batch_wait_timeout >= 0.0 && c.batch_wait_timeout.is_finite()) {
-        return Err(invalid(
-            "batch_wait_timeout",
-            "must be a non-negative number of seconds",
-        ));
-    }
-    for (field, text) in [
-        ("max_surge", &c.max_surge),
-        ("max_unavailable", &c.max_unavailable),
-    ] {
-        let ok = text.is_empty()
-            || text.trim().parse::<u32>().is_ok()
-            || text
-                .trim()
-                .strip_suffix('%')
-                .and_then(|p| p.trim().parse::<u32>().ok())
-                .is_some_and(|p| p <= 100);
-        if !ok {
-            return Err(invalid(
-                field,
-                &format!("must be a count or a percentage such as 25%, got {text:?}"),
-            ));
-        }
-    }
-    if !c.user_config_json.is_empty() {
-        serde_json::from_str::<serde_json::Value>(&c.user_config_json)
-            .map_err(|e| invalid("user_config", &format!("not JSON: {e}")))?;
-    }
-    Ok(c)
-}
-
-fn validate_autoscaling(a: &AutoscalingConfig) -> Result<(), StateError> {
-    let field = |name: &str| format!("autoscaling.{name}");
-    if a.max_replicas == 0 {
-        return Err(invalid(&field("max_replicas"), "must be at least 1"));
-    }
-    if a.min_replicas > a.max_replicas {
-        return Err(invalid(
-            &field("min_replicas"),
-            "must not exceed max_replicas",
-        ));
-    }
-    let positive = [
-        ("target_replica_concurrency", a.target_replica_concurrency),
-        ("window", a.window),
-    ];
-    for (name, v) in positive {
-        if !(v > 0.0 && v.is_finite()) {
-            return Err(invalid(&field(name), "must be a positive number"));
-        }
-    }
-    let non_negative = [
-        (
-            "upscale_stabilization_period",
-            a.upscale_stabilization_period,
-        ),
-        (
-            "downscale_stabilization_period",
-            a.downscale_stabilization_period,
-        ),
-        ("upscale_tolerance", a.upscale_tolerance),
-        ("downscale_tolerance", a.downscale_tolerance),
-    ];
-    for (name, v) in non_negative {
-        if !(v >= 0.0 && v.is_finite()) {
-            return Err(invalid(&field(name), "must be a non-negative number"));
-        }
-    }
-    if !(a.max_upscale_factor > 1.0 && a.max_upscale_factor.is_finite()) {
-        return Err(invalid(&field("max_upscale_factor"), "must be above 1"));
-    }
-    if !(a.max_downscale_factor > 0.0 && a.max_downscale_factor < 1.0) {
-        return Err(invalid(
-            &field("max_downscale_factor"),
-            "must be between 0 and 1",
-        ));
-    }
-    Ok(())
 }
 
 /// Serde for a byte field as one block (bincode writes a length and the

@@ -16,13 +16,15 @@
 //!   collisions) and [`middleware`]: the HTTP middlewares' configuration
 //!   and its validation, checked by the controller and built by the proxy;
 //!   [`states`]: replica, backend and job states, one enum each; [`ids`]:
-//!   the replica id `<backend>#<seq>`.
+//!   the replica id `<backend>#<seq>`; [`backend_config`]: a backend
+//!   config's defaults and its one `validate`.
 #![forbid(unsafe_code)]
 
 pub mod control {
     tonic::include_proto!("serval.control");
 }
 pub mod auth;
+pub mod backend_config;
 pub mod blob;
 pub mod client;
 pub mod frame;

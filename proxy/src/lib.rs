@@ -68,9 +68,7 @@ pub use policy::{PowerOfTwoChoices, ReplicaChoice};
 pub use proxy::Proxy;
 pub use replica_conn::{ChunkStream, Reply, StreamError};
 pub use route::{check_prefix, collides, parse_route, ParsedRoute, RouteError, RouteTable};
-pub use router::{
-    Router, RouterConfig, RouterError, DEFAULT_MAX_CONCURRENT_QUERIES, MAX_SHARD_KEY_BYTES,
-};
+pub use router::{Router, RouterConfig, RouterError, MAX_SHARD_KEY_BYTES};
 pub use watch::{spawn_watch, SnapshotReceiver};
 
 /// Runs a proxy: validates `config`, follows the controller's snapshots and

@@ -50,9 +50,9 @@ mod models;
 #[cfg(test)]
 mod tests;
 
-/// Replica state that routes traffic (the other states are transitions).
 /// Ray Serve's default `max_concurrent_queries`, used when a backend says 0.
-pub const DEFAULT_MAX_CONCURRENT_QUERIES: usize = 100;
+const DEFAULT_MAX_CONCURRENT_QUERIES: usize =
+    serval_protos::backend_config::DEFAULT_MAX_CONCURRENT_QUERIES as usize;
 /// The longest shard key a call may carry (`X-SERVE-SHARD-KEY`,
 /// `handle.options(shard_key=...)`): client input, so bounded; a longer one
 /// is refused where it enters (400, ValueError).
