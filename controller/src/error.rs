@@ -72,6 +72,17 @@ pub enum ControllerError {
     },
 }
 
+/// A backend config refused by `BackendConfig::validate` (the SDK runs the
+/// same check before it sends one).
+impl From<serval_protos::backend_config::ConfigError> for StateError {
+    fn from(e: serval_protos::backend_config::ConfigError) -> Self {
+        StateError::InvalidConfig {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
+
 impl From<ControllerError> for tonic::Status {
     fn from(e: ControllerError) -> Self {
         use tonic::Code;

@@ -19,7 +19,7 @@ use serval_protos::blob::{BLOB_CHUNK_BYTES, MAX_BLOB_BYTES};
 use serval_protos::control::{Api, Backend, BackendConfig, Endpoint, HttpOptions, Node};
 
 use crate::error::StateError;
-use crate::state::{replica_state, Command};
+use crate::state::{Command, ReplicaState};
 use crate::store::jobs::JobCommand;
 
 /// Replicas of one backend (`num_replicas`, `autoscaling.max_replicas`).
@@ -165,9 +165,9 @@ pub fn check(cmd: &Command) -> Result<(), StateError> {
         Command::ReportReplica(r) => {
             name("replica_id", &r.replica_id)?;
             let states = [
-                replica_state::STARTING,
-                replica_state::RUNNING,
-                replica_state::FAILED,
+                ReplicaState::Starting.as_str(),
+                ReplicaState::Running.as_str(),
+                ReplicaState::Failed.as_str(),
             ];
             if !states.contains(&r.state.as_str()) {
                 return Err(refuse(

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use crate::service::{Heartbeats, SharedAutoscaler};
-use crate::state::{ClusterState, Command};
+use crate::state::{ClusterState, Command, ReplicaState};
 use crate::store::jobs::{self, JobCommand, LeaseGrant};
 use crate::store::{self, state_machine::StateMachineStore, Raft};
 
@@ -195,7 +195,7 @@ impl LeaseClock {
 }
 
 /// One backend's replica-count gauges, held for as long as it exists: in
-/// the recorder every process installs (`serval_proxy::metrics::install`)
+/// the recorder every process installs (the proxy crate's `metrics::install`)
 /// these families end with their last handle, so a deleted backend's
 /// series leave `/-/metrics` (a cluster that runs batch jobs creates a
 /// backend per job, without end).
@@ -210,7 +210,11 @@ struct BackendGauges {
 /// the series of backends deleted since the last call go.
 fn record_replica_counts(state: &ClusterState, gauges: &mut HashMap<String, BackendGauges>) {
     let mut running: HashMap<&str, usize> = HashMap::new();
-    for r in state.replicas.values().filter(|r| r.state == "running") {
+    for r in state
+        .replicas
+        .values()
+        .filter(|r| r.state == ReplicaState::Running)
+    {
         *running.entry(r.backend.as_str()).or_default() += 1;
     }
     gauges.retain(|name, _| state.backends.contains_key(name));

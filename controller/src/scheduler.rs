@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::state::{replica_state, ClusterState};
+use crate::state::{ClusterState, ReplicaState};
 
 const EPS: f64 = 1e-9;
 
@@ -66,7 +66,7 @@ impl Loads {
         for r in state
             .replicas
             .values()
-            .filter(|r| r.state != replica_state::PENDING)
+            .filter(|r| r.state != ReplicaState::Pending)
         {
             let Some(load) = nodes.get_mut(&r.node_id) else {
                 continue;

@@ -443,7 +443,7 @@ impl Control for ControlService {
     ) -> Result<Response<Empty>, Status> {
         let json = req.into_inner().middlewares_json;
         // What every proxy would refuse is refused here, before the log.
-        serval_proxy::validate_middlewares(&json).map_err(|e| {
+        serval_protos::middleware::validate(&json).map_err(|e| {
             Status::invalid_argument(format!("invalid http_options.middlewares: {e}"))
         })?;
         // Location, host and port are set once, by the first head: keep them.

@@ -9,33 +9,18 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use serval_protos::control::{
-    Api, AutoscalingConfig, Backend, BackendConfig, Endpoint, HttpOptions, Node, Replica,
-    ReplicaReport,
+    Api, Backend, BackendConfig, Endpoint, HttpOptions, Node, Replica, ReplicaReport,
 };
+use serval_protos::ids::ReplicaId;
+use serval_protos::route;
+pub use serval_protos::states::{BackendState, ReplicaState};
 
 use crate::error::StateError;
 use crate::limits;
 use crate::scheduler;
 
-/// Replica states, as strings so they travel unchanged to `serve status`.
-pub mod replica_state {
-    /// No node has room for it yet.
-    pub const PENDING: &str = "pending";
-    /// Placed on a node; its process is starting.
-    pub const STARTING: &str = "starting";
-    pub const RUNNING: &str = "running";
-    pub const FAILED: &str = "failed";
-}
-
-/// Backend states, derived from its replicas.
-pub mod backend_state {
-    pub const DEPLOYING: &str = "deploying";
-    pub const RUNNING: &str = "running";
-    pub const FAILED: &str = "failed";
-}
-
-/// Ray Serve 1.x defaults for fields left at zero by a caller.
-pub const DEFAULT_MAX_CONCURRENT_QUERIES: u32 = 100;
+/// Ray Serve 1.x defaults for fields left at zero by a caller (a backend
+/// config's are `serval_protos::backend_config`'s).
 pub const DEFAULT_METHODS: &[&str] = &["GET"];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -170,7 +155,7 @@ impl ClusterState {
                     .is_some_and(|old| old.pid != node.pid);
                 if restarted {
                     for r in self.replicas.values_mut().filter(|r| r.node_id == node.id) {
-                        r.state = replica_state::STARTING.into();
+                        r.state = ReplicaState::Starting.into();
                         r.unix_path.clear();
                         r.tcp_addr.clear();
                         r.grpc_addr.clear();
@@ -196,7 +181,7 @@ impl ClusterState {
                 for replica in self.replicas.values_mut().filter(|r| r.node_id == node_id) {
                     replica.node_id.clear();
                     replica.gpu_ids.clear();
-                    replica.state = replica_state::PENDING.into();
+                    replica.state = ReplicaState::Pending.into();
                     replica.unix_path.clear();
                     replica.tcp_addr.clear();
                     replica.grpc_addr.clear();
@@ -240,7 +225,7 @@ impl ClusterState {
                     return Err(invalid("func_or_class", "no code was sent"));
                 }
                 self.check_code_total(&backend.name, backend.code.len())?;
-                let config = validate_config(backend.config.unwrap_or_default())?;
+                let config = backend.config.unwrap_or_default().validate()?;
                 self.check_replicas_total(&backend.name, config.num_replicas)?;
                 let name = backend.name.clone();
                 self.backends.insert(
@@ -248,7 +233,7 @@ impl ClusterState {
                     Backend {
                         config: Some(config),
                         version: 1,
-                        state: backend_state::DEPLOYING.into(),
+                        state: BackendState::Deploying.into(),
                         error: String::new(),
                         ..backend
                     },
@@ -256,7 +241,7 @@ impl ClusterState {
                 self.scale(&name);
             }
             Command::UpdateBackendConfig { name, config } => {
-                let config = validate_config(config)?;
+                let config = config.validate()?;
                 self.check_replicas_total(&name, config.num_replicas)?;
                 let backend = self
                     .backends
@@ -487,7 +472,7 @@ impl ClusterState {
         self.validate_traffic(&endpoint.name, &traffic)?;
         if endpoint.route_is_prefix {
             // An application's route prefix: one endpoint per prefix.
-            serval_proxy::check_prefix(&endpoint.route).map_err(|e| StateError::InvalidRoute {
+            route::check_prefix(&endpoint.route).map_err(|e| StateError::InvalidRoute {
                 route: endpoint.route.clone(),
                 reason: e.to_string(),
             })?;
@@ -504,14 +489,14 @@ impl ClusterState {
                 });
             }
         } else if !endpoint.route.is_empty() {
-            serval_proxy::parse_route(&endpoint.route).map_err(|e| StateError::InvalidRoute {
+            route::parse_route(&endpoint.route).map_err(|e| StateError::InvalidRoute {
                 route: endpoint.route.clone(),
                 reason: e.to_string(),
             })?;
             if let Some(existing) = self.endpoints.iter().find(|e| {
                 !e.route.is_empty()
                     && !e.route_is_prefix
-                    && serval_proxy::route::collides(&e.route, &endpoint.route)
+                    && route::collides(&e.route, &endpoint.route)
             }) {
                 return Err(StateError::RouteTaken {
                     route: endpoint.route.clone(),
@@ -608,13 +593,13 @@ impl ClusterState {
                 .map(|r| r.id.clone())
                 .collect()
         };
-        let running = |s: &Self, id: &String| s.replicas[id].state == replica_state::RUNNING;
+        let running = |s: &Self, id: &String| s.replicas[id].state == ReplicaState::Running;
         // Removal order: pending first, then not running, then the newest.
         let removal_key = |s: &Self, id: &String| {
             let r = &s.replicas[id];
             (
-                r.state != replica_state::PENDING,
-                r.state == replica_state::RUNNING,
+                r.state != ReplicaState::Pending,
+                r.state == ReplicaState::Running,
                 std::cmp::Reverse(id_seq(id)),
             )
         };
@@ -649,7 +634,7 @@ impl ClusterState {
             (want - new.len()).min((want + surge).saturating_sub(total))
         };
         for _ in 0..add {
-            let id = format!("{backend}#{}", self.next_replica_seq);
+            let id = ReplicaId::new(backend, self.next_replica_seq).to_string();
             self.next_replica_seq += 1;
             self.replicas.insert(
                 id.clone(),
@@ -657,7 +642,7 @@ impl ClusterState {
                     id,
                     backend: backend.to_string(),
                     backend_version: version,
-                    state: replica_state::PENDING.into(),
+                    state: ReplicaState::Pending.into(),
                     ..Default::default()
                 },
             );
@@ -672,7 +657,7 @@ impl ClusterState {
         let pending: Vec<String> = self
             .replicas
             .values()
-            .filter(|r| r.state == replica_state::PENDING)
+            .filter(|r| r.state == ReplicaState::Pending)
             .map(|r| r.id.clone())
             .collect();
         if pending.is_empty() {
@@ -694,7 +679,7 @@ impl ClusterState {
                         loads.place(&placement, num_cpus, num_gpus);
                         r.node_id = placement.node_id;
                         r.gpu_ids = placement.gpu_ids;
-                        r.state = replica_state::STARTING.into();
+                        r.state = ReplicaState::Starting.into();
                         r.error.clear();
                     }
                     None => {
@@ -724,22 +709,21 @@ impl ClusterState {
                 .get(backend)
                 .and_then(|b| b.config.as_ref())
                 .is_some_and(|c| c.num_replicas == 0);
-        let (state, error) = if scaled_to_zero
-            || replicas.iter().any(|r| r.state == replica_state::RUNNING)
-        {
-            (backend_state::RUNNING, String::new())
-        } else if let Some(failed) = replicas.iter().find(|r| r.state == replica_state::FAILED) {
-            (backend_state::FAILED, failed.error.clone())
-        } else {
-            (
-                backend_state::DEPLOYING,
-                replicas
-                    .iter()
-                    .map(|r| r.error.clone())
-                    .find(|e| !e.is_empty())
-                    .unwrap_or_default(),
-            )
-        };
+        let (state, error) =
+            if scaled_to_zero || replicas.iter().any(|r| r.state == ReplicaState::Running) {
+                (BackendState::Running, String::new())
+            } else if let Some(failed) = replicas.iter().find(|r| r.state == ReplicaState::Failed) {
+                (BackendState::Failed, failed.error.clone())
+            } else {
+                (
+                    BackendState::Deploying,
+                    replicas
+                        .iter()
+                        .map(|r| r.error.clone())
+                        .find(|e| !e.is_empty())
+                        .unwrap_or_default(),
+                )
+            };
         if let Some(b) = self.backends.get_mut(backend) {
             b.state = state.into();
             b.error = error;
@@ -748,11 +732,7 @@ impl ClusterState {
 }
 
 fn id_seq(replica_id: &str) -> u64 {
-    replica_id
-        .rsplit('#')
-        .next()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+    replica_id.parse::<ReplicaId>().map_or(0, |id| id.seq())
 }
 
 fn over_cap(what: &str, cap: usize) -> StateError {
@@ -791,110 +771,6 @@ fn rollout_count(text: &str, want: usize, round_up: bool) -> Option<usize> {
     } else {
         text.parse().ok()
     }
-}
-
-/// Fills Ray's defaults and checks every field, naming the bad one.
-fn validate_config(mut c: BackendConfig) -> Result<BackendConfig, StateError> {
-    if let Some(a) = &c.autoscaling {
-        validate_autoscaling(a)?;
-        // The autoscaler owns num_replicas from here; start inside its range.
-        c.num_replicas = c.num_replicas.clamp(a.min_replicas, a.max_replicas);
-    } else if c.num_replicas == 0 {
-        return Err(invalid("num_replicas", "must be at least 1"));
-    }
-    if c.max_concurrent_queries == 0 {
-        c.max_concurrent_queries = DEFAULT_MAX_CONCURRENT_QUERIES;
-    }
-    if !(c.num_cpus >= 0.0 && c.num_cpus.is_finite()) {
-        return Err(invalid("num_cpus", "must be a non-negative number"));
-    }
-    if !(c.num_gpus >= 0.0 && c.num_gpus.is_finite()) {
-        return Err(invalid("num_gpus", "must be a non-negative number"));
-    }
-    if c.num_gpus > 1.0 && c.num_gpus.fract() != 0.0 {
-        return Err(invalid(
-            "num_gpus",
-            "above 1 it must be a whole number of GPUs",
-        ));
-    }
-    if !(c.batch_wait_timeout >= 0.0 && c.batch_wait_timeout.is_finite()) {
-        return Err(invalid(
-            "batch_wait_timeout",
-            "must be a non-negative number of seconds",
-        ));
-    }
-    for (field, text) in [
-        ("max_surge", &c.max_surge),
-        ("max_unavailable", &c.max_unavailable),
-    ] {
-        let ok = text.is_empty()
-            || text.trim().parse::<u32>().is_ok()
-            || text
-                .trim()
-                .strip_suffix('%')
-                .and_then(|p| p.trim().parse::<u32>().ok())
-                .is_some_and(|p| p <= 100);
-        if !ok {
-            return Err(invalid(
-                field,
-                &format!("must be a count or a percentage such as 25%, got {text:?}"),
-            ));
-        }
-    }
-    if !c.user_config_json.is_empty() {
-        serde_json::from_str::<serde_json::Value>(&c.user_config_json)
-            .map_err(|e| invalid("user_config", &format!("not JSON: {e}")))?;
-    }
-    Ok(c)
-}
-
-fn validate_autoscaling(a: &AutoscalingConfig) -> Result<(), StateError> {
-    let field = |name: &str| format!("autoscaling.{name}");
-    if a.max_replicas == 0 {
-        return Err(invalid(&field("max_replicas"), "must be at least 1"));
-    }
-    if a.min_replicas > a.max_replicas {
-        return Err(invalid(
-            &field("min_replicas"),
-            "must not exceed max_replicas",
-        ));
-    }
-    let positive = [
-        ("target_replica_concurrency", a.target_replica_concurrency),
-        ("window", a.window),
-    ];
-    for (name, v) in positive {
-        if !(v > 0.0 && v.is_finite()) {
-            return Err(invalid(&field(name), "must be a positive number"));
-        }
-    }
-    let non_negative = [
-        (
-            "upscale_stabilization_period",
-            a.upscale_stabilization_period,
-        ),
-        (
-            "downscale_stabilization_period",
-            a.downscale_stabilization_period,
-        ),
-        ("upscale_tolerance", a.upscale_tolerance),
-        ("downscale_tolerance", a.downscale_tolerance),
-    ];
-    for (name, v) in non_negative {
-        if !(v >= 0.0 && v.is_finite()) {
-            return Err(invalid(&field(name), "must be a non-negative number"));
-        }
-    }
-    if !(a.max_upscale_factor > 1.0 && a.max_upscale_factor.is_finite()) {
-        return Err(invalid(&field("max_upscale_factor"), "must be above 1"));
-    }
-    if !(a.max_downscale_factor > 0.0 && a.max_downscale_factor < 1.0) {
-        return Err(invalid(
-            &field("max_downscale_factor"),
-            "must be between 0 and 1",
-        ));
-    }
-    Ok(())
 }
 
 /// Serde for a byte field as one block (bincode writes a length and the

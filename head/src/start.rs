@@ -184,7 +184,7 @@ pub fn run(
             args.http_max_body_bytes
         );
     }
-    serval_proxy::validate_middlewares(&args.http_middlewares)
+    serval_protos::middleware::validate(&args.http_middlewares)
         .map_err(|e| anyhow::anyhow!("invalid --http-middlewares: {e}"))?;
     check_resources(&args)?;
     if !args.head && cluster.address.is_none() {

@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use serval_protos::control::{ClusterSnapshot, WatchRequest};
+use serval_protos::states::ReplicaState;
 
 use crate::ClusterArgs;
 
@@ -194,7 +195,7 @@ pub fn render(s: &ClusterSnapshot) -> String {
                 let running = s
                     .replicas
                     .iter()
-                    .filter(|r| r.backend == b.name && r.state == "running")
+                    .filter(|r| r.backend == b.name && r.state == ReplicaState::Running)
                     .count();
                 vec![
                     b.name.clone(),

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serval_protos::client::{self, Client};
 use serval_protos::control::{ClusterSnapshot, HeartbeatRequest, RegisterNodeRequest};
+use serval_protos::ids::ReplicaId;
+use serval_protos::states::ReplicaState;
 
 use crate::supervisor::{self, ReplicaSpec, SupervisorHandle};
 
@@ -251,7 +253,7 @@ impl NodeAgent {
         let wanted: HashMap<&str, _> = snapshot
             .replicas
             .iter()
-            .filter(|r| r.node_id == self.node_id && r.state != "pending")
+            .filter(|r| r.node_id == self.node_id && r.state != ReplicaState::Pending)
             .filter(|r| backends.contains_key(r.backend.as_str()))
             .map(|r| (r.id.as_str(), r))
             .collect();
@@ -286,7 +288,13 @@ impl NodeAgent {
                 running.update_config(backend.config.as_ref());
                 continue;
             }
-            let seq = id.rsplit('#').next().unwrap_or("0");
+            let seq = match id.parse::<ReplicaId>() {
+                Ok(id) => id.seq(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "not starting a replica with a malformed id");
+                    continue;
+                }
+            };
             let spec = ReplicaSpec {
                 replica: replica.clone(),
                 backend: (*backend).clone(),

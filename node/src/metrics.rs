@@ -4,12 +4,7 @@
 pub const NODE_REPLICAS: &str = "serval_node_replicas";
 pub const REPLICA_RESTARTS_TOTAL: &str = "serval_replica_restarts_total";
 
-/// Replica states counted in [`NODE_REPLICAS`]: a supervisor's replica is
-/// starting (process up, user code loading), running, or failed (waiting
-/// out its backoff before the next start).
-pub const STARTING: &str = "starting";
-pub const RUNNING: &str = "running";
-pub const FAILED: &str = "failed";
+use serval_protos::states::ReplicaState;
 
 /// Help texts (call once a recorder is installed).
 pub fn describe() {
@@ -23,9 +18,15 @@ pub fn describe() {
     );
 }
 
-/// The states of [`NODE_REPLICAS`], in the order a [`ReplicaStateGauge`]
-/// holds their gauges.
-const STATES: [&str; 3] = [STARTING, RUNNING, FAILED];
+/// The replica states counted in [`NODE_REPLICAS`], in the order a
+/// [`ReplicaStateGauge`] holds their gauges: a supervisor's replica is
+/// starting (process up, user code loading), running, or failed (waiting
+/// out its backoff before the next start).
+const STATES: [ReplicaState; 3] = [
+    ReplicaState::Starting,
+    ReplicaState::Running,
+    ReplicaState::Failed,
+];
 
 /// One replica's place in [`NODE_REPLICAS`]: counted in exactly one state
 /// at a time, and in none once dropped (the supervisor stopped).
@@ -44,13 +45,13 @@ impl ReplicaStateGauge {
     pub(crate) fn new(backend: &str) -> Self {
         Self {
             gauges: STATES.map(|state| {
-                metrics::gauge!(NODE_REPLICAS, "backend" => backend.to_owned(), "state" => state)
+                metrics::gauge!(NODE_REPLICAS, "backend" => backend.to_owned(), "state" => state.as_str())
             }),
             current: None,
         }
     }
 
-    pub(crate) fn set(&mut self, state: &'static str) {
+    pub(crate) fn set(&mut self, state: ReplicaState) {
         let Some(i) = STATES.iter().position(|s| *s == state) else {
             debug_assert!(false, "unknown replica state {state}");
             return;
@@ -81,7 +82,7 @@ mod tests {
     fn a_replica_counts_in_one_state_at_a_time_and_in_none_once_stopped() {
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
-        let line = |state: &str| {
+        let line = |state: ReplicaState| {
             let text = handle.render();
             let prefix = format!(r#"serval_node_replicas{{backend="b",state="{state}"}} "#);
             text.lines()
@@ -91,20 +92,35 @@ mod tests {
         metrics::with_local_recorder(&recorder, || {
             let mut one = ReplicaStateGauge::new("b");
             let mut two = ReplicaStateGauge::new("b");
-            one.set(STARTING);
-            two.set(STARTING);
-            assert_eq!(line(STARTING), "2");
-            one.set(RUNNING);
-            one.set(RUNNING);
+            one.set(ReplicaState::Starting);
+            two.set(ReplicaState::Starting);
+            assert_eq!(line(ReplicaState::Starting), "2");
+            one.set(ReplicaState::Running);
+            one.set(ReplicaState::Running);
             assert_eq!(
-                (line(STARTING).as_str(), line(RUNNING).as_str()),
+                (
+                    line(ReplicaState::Starting).as_str(),
+                    line(ReplicaState::Running).as_str()
+                ),
                 ("1", "1")
             );
-            two.set(FAILED);
-            assert_eq!((line(STARTING).as_str(), line(FAILED).as_str()), ("0", "1"));
+            two.set(ReplicaState::Failed);
+            assert_eq!(
+                (
+                    line(ReplicaState::Starting).as_str(),
+                    line(ReplicaState::Failed).as_str()
+                ),
+                ("0", "1")
+            );
             drop(one);
             drop(two);
-            assert_eq!((line(RUNNING).as_str(), line(FAILED).as_str()), ("0", "0"));
+            assert_eq!(
+                (
+                    line(ReplicaState::Running).as_str(),
+                    line(ReplicaState::Failed).as_str()
+                ),
+                ("0", "0")
+            );
         });
     }
 }

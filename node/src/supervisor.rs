@@ -20,6 +20,7 @@ use serval_protos::client::Client;
 use serval_protos::control::{Backend, BackendConfig, Replica, ReplicaReport};
 use serval_protos::frame::{self, FrameReader, Payload, ReconfigureRequest, Request, Response};
 use serval_protos::handshake::{self, Credential, Key, Role};
+use serval_protos::states::ReplicaState;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch};
@@ -152,7 +153,7 @@ async fn supervise(
     let mut state_gauge = node_metrics::ReplicaStateGauge::new(&spec.backend.name);
     let restarted = metrics::counter!(node_metrics::REPLICA_RESTARTS_TOTAL, "backend" => spec.backend.name.clone());
     loop {
-        state_gauge.set(node_metrics::STARTING);
+        state_gauge.set(ReplicaState::Starting);
         let base = ReplicaReport {
             replica_id: id.clone(),
             restarts,
@@ -161,7 +162,7 @@ async fn supervise(
         report(
             &client,
             ReplicaReport {
-                state: "starting".into(),
+                state: ReplicaState::Starting.into(),
                 error: last_error.clone(),
                 ..base.clone()
             },
@@ -181,9 +182,9 @@ async fn supervise(
                     _ = &mut stop => { drop(lifeline); terminate(&mut child, &config).await; return; }
                 };
                 let outcome = match result {
-                    Ok(status) if status.state == "running" => {
+                    Ok(status) if status.state == ReplicaState::Running => {
                         let running = ReplicaReport {
-                            state: "running".into(),
+                            state: ReplicaState::Running.into(),
                             unix_path: status.unix_path,
                             tcp_addr: status.tcp_addr,
                             grpc_addr: status.grpc_addr,
@@ -192,7 +193,7 @@ async fn supervise(
                             ..base.clone()
                         };
                         report(&client, running.clone()).await;
-                        state_gauge.set(node_metrics::RUNNING);
+                        state_gauge.set(ReplicaState::Running);
                         // What the replica runs with; changes go in place.
                         let mut applied = runtime_config(&start_config);
                         let mut config_open = true;
@@ -257,11 +258,11 @@ async fn supervise(
             Err(e) => e,
         };
         tracing::warn!(replica = %id, reason = %outcome, "replica stopped; restarting after backoff");
-        state_gauge.set(node_metrics::FAILED);
+        state_gauge.set(ReplicaState::Failed);
         report(
             &client,
             ReplicaReport {
-                state: "failed".into(),
+                state: ReplicaState::Failed.into(),
                 error: outcome.clone(),
                 ..base
             },

@@ -99,7 +99,7 @@ impl ThreadedReplica {
         Replica {
             id: self.id.clone(),
             backend: backend.into(),
-            state: "running".into(),
+            state: serval_protos::states::ReplicaState::Running.into(),
             unix_path: self.unix_path.clone(),
             tcp_addr: self.tcp_addr.clone(),
             ..Default::default()

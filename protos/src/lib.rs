@@ -12,18 +12,29 @@
 //!   before a replica decodes a frame.
 //! - [`private_files`]: the data dir and socket dirs (0700, checked to be
 //!   ours) and their files (0600, replaced atomically).
+//! - [`route`]: the route grammar (Starlette routes, route prefixes,
+//!   collisions) and [`middleware`]: the HTTP middlewares' configuration
+//!   and its validation, checked by the controller and built by the proxy;
+//!   [`states`]: replica, backend and job states, one enum each; [`ids`]:
+//!   the replica id `<backend>#<seq>`; [`backend_config`]: a backend
+//!   config's defaults and its one `validate`.
 #![forbid(unsafe_code)]
 
 pub mod control {
     tonic::include_proto!("serval.control");
 }
 pub mod auth;
+pub mod backend_config;
 pub mod blob;
 pub mod client;
 pub mod frame;
 pub mod frame_socket;
 pub mod handshake;
+pub mod ids;
+pub mod middleware;
 pub mod private_files;
+pub mod route;
+pub mod states;
 pub mod tls;
 
 /// Default port of the controller's gRPC service (`serve start --head`).

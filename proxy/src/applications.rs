@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 
 use serval_protos::control::{Api, Backend, ClusterSnapshot, Replica};
+use serval_protos::states::{BackendState, ReplicaState};
 
 /// The `Api.kind` of an application's record.
 pub const KIND: &str = "Application";
@@ -113,11 +114,11 @@ fn application(s: &ClusterSnapshot, record: &Api) -> ApplicationStatus {
 }
 
 fn replica_state(state: &str) -> &'static str {
-    match state {
-        "running" => "RUNNING",
+    match state.parse() {
+        Ok(ReplicaState::Running) => "RUNNING",
         // Waiting for its supervisor to start it again.
-        "failed" => "RECOVERING",
-        "stopped" => "STOPPING",
+        Ok(ReplicaState::Failed) => "RECOVERING",
+        Ok(ReplicaState::Stopped) => "STOPPING",
         _ => "STARTING",
     }
 }
@@ -152,10 +153,13 @@ fn deployment(
     let current = |r: &&Replica| r.backend_version == b.version;
     let running = replicas
         .iter()
-        .filter(|r| current(r) && r.state == "running")
+        .filter(|r| current(r) && r.state == ReplicaState::Running)
         .count();
-    let failed: Vec<&&Replica> = replicas.iter().filter(|r| r.state == "failed").collect();
-    if b.state == "failed" {
+    let failed: Vec<&&Replica> = replicas
+        .iter()
+        .filter(|r| r.state == ReplicaState::Failed)
+        .collect();
+    if b.state == BackendState::Failed {
         let failure = if running_phase {
             "UNHEALTHY"
         } else {

@@ -7,10 +7,10 @@
 //!   an HTTP answer and `builtin` serving `/-/routes`, `/-/healthz`,
 //!   `/-/metrics`.
 //! - [`middleware`]: Starlette's CORS, GZip and TrustedHost middlewares
-//!   (`http_options.middlewares`), run natively around routing;
-//!   [`validate_middlewares`] is also the check `serve start` runs.
-//! - [`route`]: Starlette routes compiled to matchit; [`parse_route`] is
-//!   also the validator the controller calls.
+//!   (`http_options.middlewares`), run natively around routing, built from
+//!   the configuration `serval_protos::middleware` parses and checks.
+//! - [`route`]: Starlette routes compiled to matchit; the grammar
+//!   ([`parse_route`], [`collides`]) is `serval_protos::route`.
 //! - `router`: endpoint -> backend (traffic weights, shadows) -> replica
 //!   (a [`ReplicaChoice`] policy from `policy/`, power of two choices by
 //!   default), concurrency limits, the bounded queue and backpressure.
@@ -64,15 +64,13 @@ pub use dashboard::DashboardSlot;
 pub use http::serve;
 pub use limits::{ConnIo, Limits};
 pub use load_report::spawn_load_reporter;
-pub use middleware::{validate as validate_middlewares, MiddlewareError, Middlewares};
+pub use middleware::{MiddlewareError, Middlewares};
 pub use policy::{PowerOfTwoChoices, ReplicaChoice};
 pub use proxy::Proxy;
 pub use readiness::{ReadinessCheck, ReadinessSlot, READYZ_PATH};
 pub use replica_conn::{ChunkStream, Reply, StreamError};
 pub use route::{check_prefix, collides, parse_route, ParsedRoute, RouteError, RouteTable};
-pub use router::{
-    Router, RouterConfig, RouterError, DEFAULT_MAX_CONCURRENT_QUERIES, MAX_SHARD_KEY_BYTES,
-};
+pub use router::{Router, RouterConfig, RouterError, MAX_SHARD_KEY_BYTES};
 pub use watch::{spawn_watch, SnapshotReceiver};
 
 /// Runs a proxy: validates `config`, follows the controller's snapshots and

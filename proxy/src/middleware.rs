@@ -3,10 +3,10 @@
 //! options and observable behaviour (Starlette 1.x sources:
 //! `starlette/middleware/{cors,gzip,trustedhost}.py`).
 //!
-//! The configuration travels as JSON in `HttpOptions.middlewares_json`:
-//! `[{"name": "CORSMiddleware", "options": {...}}, ...]`, outermost first.
-//! Unknown middlewares and unknown options are refused ([`validate`] is
-//! also what `serve start` and the Python SDK call), never ignored.
+//! The configuration (`HttpOptions.middlewares_json`), its parsing and its
+//! checks are `serval_protos::middleware`, which `serve start`, the Python
+//! SDK and the controller call; a stack here is built through the same
+//! steps, so what validates there builds here.
 //!
 //! Why not tower-http's `CorsLayer`/`CompressionLayer`: their observable
 //! behaviour differs from Starlette's where users can see it. tower-http
@@ -39,201 +39,12 @@ use hyper::header::{
 };
 use hyper::{Method, StatusCode};
 use regex::Regex;
-use serde::Deserialize;
+pub use serval_protos::middleware::{
+    parse_config, validate, CorsConfig, GZipConfig, MiddlewareConfig, MiddlewareError,
+    TrustedHostConfig, DEFAULT_EXCLUDED_CONTENT_TYPES, SUPPORTED_MIDDLEWARES,
+};
 
 use crate::errors::HttpResponse;
-
-/// The middlewares Serval runs, by Starlette class name.
-pub const SUPPORTED_MIDDLEWARES: [&str; 3] =
-    ["CORSMiddleware", "GZipMiddleware", "TrustedHostMiddleware"];
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum MiddlewareError {
-    #[error("middlewares must be a JSON list of {{\"name\": ..., \"options\": {{...}}}}: {0}")]
-    Json(String),
-    #[error(
-        "unsupported middleware '{0}': Serval's proxy runs CORSMiddleware, GZipMiddleware and \
-         TrustedHostMiddleware"
-    )]
-    Unsupported(String),
-    #[error("middleware {middleware}: {message}")]
-    Invalid {
-        middleware: &'static str,
-        message: String,
-    },
-}
-
-fn invalid(middleware: &'static str, message: impl Into<String>) -> MiddlewareError {
-    MiddlewareError::Invalid {
-        middleware,
-        message: message.into(),
-    }
-}
-
-/// `CORSMiddleware(...)` options, with Starlette's defaults.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CorsConfig {
-    pub allow_origins: Vec<String>,
-    pub allow_methods: Vec<String>,
-    pub allow_headers: Vec<String>,
-    pub allow_credentials: bool,
-    pub allow_origin_regex: Option<String>,
-    pub allow_private_network: bool,
-    pub expose_headers: Vec<String>,
-    pub max_age: i64,
-}
-
-impl Default for CorsConfig {
-    fn default() -> Self {
-        Self {
-            allow_origins: Vec::new(),
-            allow_methods: vec!["GET".into()],
-            allow_headers: Vec::new(),
-            allow_credentials: false,
-            allow_origin_regex: None,
-            allow_private_network: false,
-            expose_headers: Vec::new(),
-            max_age: 600,
-        }
-    }
-}
-
-/// Starlette's `DEFAULT_EXCLUDED_CONTENT_TYPES`.
-pub const DEFAULT_EXCLUDED_CONTENT_TYPES: [&str; 14] = [
-    "application/grpc",
-    "application/gzip",
-    "application/x-gzip",
-    "application/zip",
-    "audio/*",
-    "font/woff",
-    "font/woff2",
-    "image/avif",
-    "image/gif",
-    "image/jpeg",
-    "image/png",
-    "image/webp",
-    "text/event-stream",
-    "video/*",
-];
-
-/// `GZipMiddleware(...)` options, with Starlette's defaults.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GZipConfig {
-    pub minimum_size: i64,
-    /// zlib's level: -1 (zlib's default, 6) or 0..=9.
-    pub compresslevel: i32,
-    /// Accepted for Starlette compatibility: there it only decides when
-    /// compression moves to a worker thread, which changes nothing visible.
-    pub thread_minimum_size: i64,
-    pub exclude_content_types: Vec<String>,
-}
-
-impl Default for GZipConfig {
-    fn default() -> Self {
-        Self {
-            minimum_size: 500,
-            compresslevel: 9,
-            thread_minimum_size: 128 * 1024,
-            exclude_content_types: DEFAULT_EXCLUDED_CONTENT_TYPES
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-        }
-    }
-}
-
-/// `TrustedHostMiddleware(...)` options, with Starlette's defaults.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TrustedHostConfig {
-    /// `None`: every host (`["*"]`).
-    pub allowed_hosts: Option<Vec<String>>,
-    pub www_redirect: bool,
-}
-
-impl Default for TrustedHostConfig {
-    fn default() -> Self {
-        Self {
-            allowed_hosts: None,
-            www_redirect: true,
-        }
-    }
-}
-
-/// One configured middleware.
-#[derive(Debug, Clone, PartialEq)]
-pub enum MiddlewareConfig {
-    Cors(CorsConfig),
-    GZip(GZipConfig),
-    TrustedHost(TrustedHostConfig),
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSpec {
-    name: String,
-    #[serde(default)]
-    options: serde_json::Value,
-}
-
-fn options<T: serde::de::DeserializeOwned>(
-    middleware: &'static str,
-    value: serde_json::Value,
-) -> Result<T, MiddlewareError> {
-    let value = match value {
-        serde_json::Value::Null => serde_json::Value::Object(Default::default()),
-        v => v,
-    };
-    serde_json::from_value(value.clone()).map_err(|e| {
-        // serde names unknown fields but not mistyped ones: find the option
-        // that fails on its own (every field has a default).
-        let culprit = value.as_object().and_then(|map| {
-            map.iter().find_map(|(k, v)| {
-                let one = serde_json::Value::Object([(k.clone(), v.clone())].into_iter().collect());
-                serde_json::from_value::<T>(one)
-                    .err()
-                    .map(|e| format!("option {k}: {e}"))
-            })
-        });
-        invalid(
-            middleware,
-            culprit.unwrap_or_else(|| format!("options: {e}")),
-        )
-    })
-}
-
-/// Parses the JSON form (empty string: no middlewares) into typed configs.
-pub fn parse_config(json: &str) -> Result<Vec<MiddlewareConfig>, MiddlewareError> {
-    if json.trim().is_empty() {
-        return Ok(Vec::new());
-    }
-    let specs: Vec<RawSpec> =
-        serde_json::from_str(json).map_err(|e| MiddlewareError::Json(e.to_string()))?;
-    specs
-        .into_iter()
-        .map(|spec| {
-            Ok(match spec.name.as_str() {
-                "CORSMiddleware" => {
-                    MiddlewareConfig::Cors(options("CORSMiddleware", spec.options)?)
-                }
-                "GZipMiddleware" => {
-                    MiddlewareConfig::GZip(options("GZipMiddleware", spec.options)?)
-                }
-                "TrustedHostMiddleware" => {
-                    MiddlewareConfig::TrustedHost(options("TrustedHostMiddleware", spec.options)?)
-                }
-                _ => return Err(MiddlewareError::Unsupported(spec.name)),
-            })
-        })
-        .collect()
-}
-
-/// Checks a middleware configuration exactly as the proxies will build it.
-pub fn validate(json: &str) -> Result<(), MiddlewareError> {
-    Middlewares::parse(json).map(|_| ())
-}
 
 /// The compiled middleware stack a proxy runs, outermost first.
 #[derive(Debug, Default)]
@@ -407,31 +218,8 @@ fn add_vary(headers: &mut HeaderMap, value: &'static str) {
     }
 }
 
-fn header_value(
-    middleware: &'static str,
-    option: &str,
-    value: &str,
-) -> Result<HeaderValue, MiddlewareError> {
-    HeaderValue::from_str(value).map_err(|_| {
-        invalid(
-            middleware,
-            format!("option {option}: {value:?} is not a valid header value"),
-        )
-    })
-}
-
 // ------------------------------------------------------------------- CORS
 
-/// Starlette's `ALL_METHODS`, what `allow_methods=["*"]` means.
-const ALL_METHODS: [&str; 8] = [
-    "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY",
-];
-const SAFELISTED_HEADERS: [&str; 4] = [
-    "Accept",
-    "Accept-Language",
-    "Content-Language",
-    "Content-Type",
-];
 const PREFLIGHT_VARY: &str = "Origin, Access-Control-Request-Method, \
                               Access-Control-Request-Headers, Access-Control-Request-Private-Network";
 static ACCESS_CONTROL_REQUEST_PRIVATE_NETWORK: HeaderName =
@@ -456,26 +244,9 @@ struct Cors {
 }
 
 impl Cors {
-    const NAME: &'static str = "CORSMiddleware";
-
     fn new(c: CorsConfig) -> Result<Self, MiddlewareError> {
-        let allow_methods: Vec<String> = if c.allow_methods.iter().any(|m| m == "*") {
-            ALL_METHODS.iter().map(|m| m.to_string()).collect()
-        } else {
-            c.allow_methods
-        };
-        let allow_origin_regex = match &c.allow_origin_regex {
-            None => None,
-            // Python's `fullmatch`.
-            Some(pattern) => Some(Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
-                invalid(
-                    Self::NAME,
-                    format!("option allow_origin_regex {pattern:?} is not a supported regex: {e}"),
-                )
-            })?),
-        };
-        let allow_all_origins = c.allow_origins.iter().any(|o| o == "*");
-        let allow_all_headers = c.allow_headers.iter().any(|h| h == "*");
+        let compiled = c.compile()?;
+        let allow_all_origins = c.allows_all_origins();
         let preflight_explicit_allow_origin = !allow_all_origins || c.allow_credentials;
 
         let mut simple_headers = Vec::new();
@@ -488,11 +259,8 @@ impl Cors {
                 HeaderValue::from_static("true"),
             ));
         }
-        if !c.expose_headers.is_empty() {
-            simple_headers.push((
-                ACCESS_CONTROL_EXPOSE_HEADERS,
-                header_value(Self::NAME, "expose_headers", &c.expose_headers.join(", "))?,
-            ));
+        if let Some(expose) = compiled.expose_headers {
+            simple_headers.push((ACCESS_CONTROL_EXPOSE_HEADERS, expose));
         }
 
         let mut preflight_headers = HeaderMap::new();
@@ -500,24 +268,10 @@ impl Cors {
         if !preflight_explicit_allow_origin {
             preflight_headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
         }
-        preflight_headers.insert(
-            ACCESS_CONTROL_ALLOW_METHODS,
-            header_value(Self::NAME, "allow_methods", &allow_methods.join(", "))?,
-        );
+        preflight_headers.insert(ACCESS_CONTROL_ALLOW_METHODS, compiled.allow_methods_value);
         preflight_headers.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from(c.max_age));
-        // sorted(SAFELISTED_HEADERS | set(allow_headers)): Python sorts by code point.
-        let mut allow_headers: Vec<String> = SAFELISTED_HEADERS
-            .iter()
-            .map(|h| h.to_string())
-            .chain(c.allow_headers.iter().cloned())
-            .collect();
-        allow_headers.sort();
-        allow_headers.dedup();
-        if !allow_all_headers {
-            preflight_headers.insert(
-                ACCESS_CONTROL_ALLOW_HEADERS,
-                header_value(Self::NAME, "allow_headers", &allow_headers.join(", "))?,
-            );
+        if let Some(allow_headers) = compiled.allow_headers_value {
+            preflight_headers.insert(ACCESS_CONTROL_ALLOW_HEADERS, allow_headers);
         }
         if c.allow_credentials {
             preflight_headers.insert(
@@ -526,15 +280,19 @@ impl Cors {
             );
         }
         Ok(Self {
+            allow_all_headers: c.allows_all_headers(),
             allow_origins: c.allow_origins,
-            allow_origin_regex,
+            allow_origin_regex: compiled.allow_origin_regex,
             allow_all_origins,
-            allow_all_headers,
             allow_credentials: c.allow_credentials,
             allow_private_network: c.allow_private_network,
             preflight_explicit_allow_origin,
-            allow_methods,
-            allow_headers: allow_headers.iter().map(|h| h.to_lowercase()).collect(),
+            allow_methods: compiled.allow_methods,
+            allow_headers: compiled
+                .allow_headers
+                .iter()
+                .map(|h| h.to_lowercase())
+                .collect(),
             simple_headers,
             preflight_headers,
         })
@@ -652,19 +410,10 @@ fn media_type(content_type: &str) -> String {
 }
 
 impl GZip {
-    const NAME: &'static str = "GZipMiddleware";
-
     fn new(c: GZipConfig) -> Result<Self, MiddlewareError> {
-        let level = match c.compresslevel {
-            -1 => flate2::Compression::default(),
-            l @ 0..=9 => flate2::Compression::new(l as u32),
-            l => {
-                return Err(invalid(
-                    Self::NAME,
-                    format!("option compresslevel must be -1 or 0..9, not {l}"),
-                ))
-            }
-        };
+        let level = c
+            .level()?
+            .map_or_else(flate2::Compression::default, flate2::Compression::new);
         Ok(Self {
             minimum_size: c.minimum_size,
             level,
@@ -773,22 +522,8 @@ struct TrustedHost {
 }
 
 impl TrustedHost {
-    const NAME: &'static str = "TrustedHostMiddleware";
-    const WILDCARD: &'static str = "Domain wildcard patterns must be like '*.example.com'.";
-
     fn new(c: TrustedHostConfig) -> Result<Self, MiddlewareError> {
-        let hosts = c.allowed_hosts.unwrap_or_else(|| vec!["*".into()]);
-        for pattern in &hosts {
-            let wildcard_inside = pattern.chars().skip(1).any(|ch| ch == '*');
-            let bad_prefix =
-                pattern.starts_with('*') && pattern != "*" && !pattern.starts_with("*.");
-            if wildcard_inside || bad_prefix {
-                return Err(invalid(
-                    Self::NAME,
-                    format!("option allowed_hosts: {pattern:?}: {}", Self::WILDCARD),
-                ));
-            }
-        }
+        let hosts = c.hosts()?;
         Ok(Self {
             allow_any: hosts.iter().any(|h| h == "*"),
             allowed_hosts: hosts.iter().map(|h| h.to_lowercase()).collect(),
@@ -890,47 +625,6 @@ mod tests {
 
     fn h<'a>(r: &'a HttpResponse, name: &str) -> Option<&'a str> {
         r.headers().get(name).map(|v| v.to_str().unwrap())
-    }
-
-    #[test]
-    fn refuses_unknown_middlewares_and_options_by_name() {
-        let e = validate(r#"[{"name": "HTTPSRedirectMiddleware", "options": {}}]"#).unwrap_err();
-        assert!(e.to_string().contains("HTTPSRedirectMiddleware"), "{e}");
-        let e = validate(r#"[{"name": "CORSMiddleware", "options": {"allow_originz": ["*"]}}]"#)
-            .unwrap_err();
-        assert!(
-            e.to_string().contains("CORSMiddleware") && e.to_string().contains("allow_originz"),
-            "{e}"
-        );
-        let e = validate(r#"[{"name": "GZipMiddleware", "options": {"compresslevel": 12}}]"#)
-            .unwrap_err();
-        assert!(e.to_string().contains("compresslevel"), "{e}");
-        let e = validate(
-            r#"[{"name": "TrustedHostMiddleware", "options": {"allowed_hosts": ["a.*.com"]}}]"#,
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("*.example.com"), "{e}");
-        let e = validate(
-            r#"[{"name": "CORSMiddleware", "options": {"allow_origin_regex": "(?<=a)b"}}]"#,
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("allow_origin_regex"), "{e}");
-        let e = validate(
-            r#"[{"name": "CORSMiddleware", "options": {"allow_origins": ["*"], "max_age": "x"}}]"#,
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("option max_age"), "{e}");
-        assert!(matches!(validate("{"), Err(MiddlewareError::Json(_))));
-        assert!(matches!(
-            validate(r#"[{"nam": "x"}]"#),
-            Err(MiddlewareError::Json(_))
-        ));
-        validate("").unwrap();
-        validate("[]").unwrap();
-        assert_eq!(
-            parse_config(r#"[{"name": "GZipMiddleware"}]"#).unwrap(),
-            vec![MiddlewareConfig::GZip(GZipConfig::default())]
-        );
     }
 
     #[tokio::test]

@@ -37,6 +37,7 @@ use rand::Rng;
 use serval_protos::control::ClusterSnapshot;
 use serval_protos::frame::{Payload, Request, Response};
 use serval_protos::handshake::Key;
+use serval_protos::states::ReplicaState;
 use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
@@ -49,10 +50,9 @@ mod models;
 #[cfg(test)]
 mod tests;
 
-/// Replica state that routes traffic (the other states are transitions).
-const RUNNING: &str = "running";
 /// Ray Serve's default `max_concurrent_queries`, used when a backend says 0.
-pub const DEFAULT_MAX_CONCURRENT_QUERIES: usize = 100;
+const DEFAULT_MAX_CONCURRENT_QUERIES: usize =
+    serval_protos::backend_config::DEFAULT_MAX_CONCURRENT_QUERIES as usize;
 /// The longest shard key a call may carry (`X-SERVE-SHARD-KEY`,
 /// `handle.options(shard_key=...)`): client input, so bounded; a longer one
 /// is refused where it enters (400, ValueError).
@@ -368,7 +368,11 @@ impl Router {
             state.retry_idempotent.store(!no_retry, Ordering::Relaxed);
         }
         let mut running: HashMap<String, Vec<Arc<Replica>>> = HashMap::new();
-        for r in snapshot.replicas.iter().filter(|r| r.state == RUNNING) {
+        for r in snapshot
+            .replicas
+            .iter()
+            .filter(|r| r.state == ReplicaState::Running)
+        {
             let b = backend(&r.backend);
             let existing = b.replicas().iter().find(|x| x.id == r.id).cloned();
             let replica = match existing {

@@ -14,6 +14,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyTuple, PyType};
 use serval_node::replica_server;
+use serval_protos::backend_config;
 use serval_protos::client::{self as control, Client as ControlClient};
 use serval_protos::control::{
     Api, AutoscalingConfig, Backend, BackendConfig, ClusterSnapshot, DeleteBackendRequest, Empty,
@@ -23,6 +24,7 @@ use serval_protos::control::{
 };
 use serval_protos::frame::{CallRequest, LogsRequest, Payload, Request, Response};
 use serval_protos::handshake::{self, Credential, Key, Role};
+use serval_protos::states::{BackendState, ReplicaState};
 use serval_proxy::{
     ChunkStream, Reply, Router, RouterConfig, RouterError, StreamError, MAX_SHARD_KEY_BYTES,
 };
@@ -97,6 +99,14 @@ fn serve_value_error_type(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
         .map(|class| class.bind(py))
 }
 
+/// A `ServeValueError` (a `ServeError` and a `ValueError`) saying `message`.
+fn serve_value_error(message: String) -> PyErr {
+    Python::attach(|py| match serve_value_error_type(py) {
+        Ok(class) => PyErr::from_type(class.clone(), message),
+        Err(e) => e,
+    })
+}
+
 pub(crate) fn status_err(status: tonic::Status) -> PyErr {
     use tonic::Code;
     let message = status.message().to_string();
@@ -108,10 +118,7 @@ pub(crate) fn status_err(status: tonic::Status) -> PyErr {
         | Code::NotFound
         | Code::FailedPrecondition
         | Code::InvalidArgument
-        | Code::OutOfRange => Python::attach(|py| match serve_value_error_type(py) {
-            Ok(class) => PyErr::from_type(class.clone(), message),
-            Err(e) => e,
-        }),
+        | Code::OutOfRange => serve_value_error(message),
         _ => ServeError::new_err(message),
     }
 }
@@ -162,9 +169,6 @@ struct PyBackendConfig {
     retry_idempotent: Option<bool>,
     experimental_graceful_shutdown_timeout_s: Option<f64>,
 }
-
-/// Ray Serve 1.x's default of `experimental_graceful_shutdown_timeout_s`.
-const DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S: f64 = 20.0;
 
 /// Cortex's autoscaling knobs (durations in seconds; serve.py converts
 /// "60s"/"5m" strings), with Cortex's defaults for those left out.
@@ -220,7 +224,7 @@ impl From<PyAutoscaling> for AutoscalingConfig {
 fn parse_config(json: &str) -> PyResult<BackendConfig> {
     let c: PyBackendConfig = serde_json::from_str(json)
         .map_err(|e| ServeError::new_err(format!("invalid config: {e}")))?;
-    Ok(BackendConfig {
+    let config = BackendConfig {
         num_replicas: c.num_replicas.unwrap_or(1),
         max_concurrent_queries: c.max_concurrent_queries.unwrap_or(0),
         user_config_json: c
@@ -239,8 +243,16 @@ fn parse_config(json: &str) -> PyResult<BackendConfig> {
         no_idempotent_retry: !c.retry_idempotent.unwrap_or(true),
         graceful_shutdown_timeout_s: c
             .experimental_graceful_shutdown_timeout_s
-            .unwrap_or(DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S),
-    })
+            .unwrap_or(backend_config::DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S),
+    };
+    // The controller's own check, so a bad config fails here, before the
+    // code is sent; what is sent is the config as given (the controller
+    // fills the defaults).
+    config
+        .clone()
+        .validate()
+        .map_err(|e| serve_value_error(e.to_string()))?;
+    Ok(config)
 }
 
 impl Client {
@@ -497,14 +509,14 @@ impl Client {
                 .unwrap_or(1);
             if let Some(f) = replicas
                 .iter()
-                .find(|r| r.backend_version == b.version && r.state == "failed")
+                .find(|r| r.backend_version == b.version && r.state == ReplicaState::Failed)
             {
-                return Some(("failed".to_string(), f.error.clone()));
+                return Some((ReplicaState::Failed.into(), f.error.clone()));
             }
             let done = replicas.len() == want
                 && replicas
                     .iter()
-                    .all(|r| r.backend_version == b.version && r.state == "running");
+                    .all(|r| r.backend_version == b.version && r.state == ReplicaState::Running);
             done.then(|| ("done".to_string(), String::new()))
         })
     }
@@ -737,17 +749,19 @@ impl Client {
     ) -> PyResult<Option<(String, String)>> {
         self.wait_snapshot(py, timeout, move |s| {
             let b = s.backends.iter().find(|b| b.name == name)?;
-            if b.state == "failed" {
+            if b.state == BackendState::Failed {
                 return Some((b.state.clone(), b.error.clone()));
             }
             let mut replicas = s.replicas.iter().filter(|r| r.backend == name);
             if stop_unplaceable {
-                if let Some(r) = replicas.clone().find(|r| r.state == "pending") {
+                if let Some(r) = replicas.clone().find(|r| r.state == ReplicaState::Pending) {
                     return Some(("unplaceable".into(), r.error.clone()));
                 }
             }
-            let started = replicas.all(|r| r.state == "running" || r.state == "failed");
-            (b.state == "running" && started).then(|| (b.state.clone(), b.error.clone()))
+            let started = replicas
+                .all(|r| r.state == ReplicaState::Running || r.state == ReplicaState::Failed);
+            (b.state == BackendState::Running && started)
+                .then(|| (b.state.clone(), b.error.clone()))
         })
     }
 

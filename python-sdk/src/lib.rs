@@ -30,7 +30,7 @@ mod replica;
 /// proxies will build it; raises ValueError naming the middleware/option.
 #[pyfunction]
 fn validate_middlewares(json: &str) -> PyResult<()> {
-    serval_proxy::validate_middlewares(json)
+    serval_protos::middleware::validate(json)
         .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))
 }
 
@@ -46,6 +46,16 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     pyo3_async_runtimes::tokio::init(builder);
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(validate_middlewares, m)?)?;
+    // The backend config defaults the controller and the routers use, for
+    // the Python API's own defaults.
+    m.add(
+        "DEFAULT_MAX_CONCURRENT_QUERIES",
+        serval_protos::backend_config::DEFAULT_MAX_CONCURRENT_QUERIES,
+    )?;
+    m.add(
+        "DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S",
+        serval_protos::backend_config::DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S,
+    )?;
     replica::register(m)?;
     client::register(m)?;
     onnx::register(m)?;

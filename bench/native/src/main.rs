@@ -169,7 +169,7 @@ fn native(port: u16, replicas: usize, workers: usize, limit: u32) {
         pbs.push(Replica {
             id: format!("r{i}"),
             backend: "noop".into(),
-            state: "running".into(),
+            state: serval_protos::states::ReplicaState::Running.into(),
             unix_path,
             ..Default::default()
         });
@@ -194,7 +194,7 @@ fn native(port: u16, replicas: usize, workers: usize, limit: u32) {
                     max_concurrent_queries: limit,
                     ..Default::default()
                 }),
-                state: "running".into(),
+                state: serval_protos::states::ReplicaState::Running.into(),
                 ..Default::default()
             }],
             endpoints: vec![Endpoint {

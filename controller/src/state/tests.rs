@@ -56,7 +56,7 @@ fn backend_replicas_are_placed_on_a_node_with_room() {
     let pending: Vec<_> = s
         .replicas
         .values()
-        .filter(|r| r.state == replica_state::PENDING)
+        .filter(|r| r.state == ReplicaState::Pending)
         .collect();
     assert_eq!(pending.len(), 1);
     assert!(pending[0].error.contains("CPU"), "{}", pending[0].error);
@@ -180,23 +180,23 @@ fn endpoint_methods_default_to_get_and_are_normalised() {
 fn replica_reports_drive_the_backend_state() {
     let mut s = cluster();
     let id = s.replicas.keys().next().unwrap().clone();
-    assert_eq!(s.backends["b"].state, backend_state::DEPLOYING);
+    assert_eq!(s.backends["b"].state, BackendState::Deploying);
     s.apply(Command::ReportReplica(ReplicaReport {
         replica_id: id.clone(),
-        state: replica_state::FAILED.into(),
+        state: ReplicaState::Failed.into(),
         error: "Traceback: boom".into(),
         ..Default::default()
     }))
     .unwrap();
-    assert_eq!(s.backends["b"].state, backend_state::FAILED);
+    assert_eq!(s.backends["b"].state, BackendState::Failed);
     assert_eq!(s.backends["b"].error, "Traceback: boom");
     s.apply(Command::ReportReplica(ReplicaReport {
         replica_id: id,
-        state: replica_state::RUNNING.into(),
+        state: ReplicaState::Running.into(),
         ..Default::default()
     }))
     .unwrap();
-    assert_eq!(s.backends["b"].state, backend_state::RUNNING);
+    assert_eq!(s.backends["b"].state, BackendState::Running);
 }
 
 #[test]
@@ -205,7 +205,7 @@ fn a_dead_node_gives_its_replicas_back_and_a_restarted_agent_restarts_them() {
     let id = s.replicas.keys().next().unwrap().clone();
     s.apply(Command::ReportReplica(ReplicaReport {
         replica_id: id.clone(),
-        state: replica_state::RUNNING.into(),
+        state: ReplicaState::Running.into(),
         tcp_addr: "127.0.0.1:1".into(),
         tls: true,
         ..Default::default()
@@ -215,14 +215,14 @@ fn a_dead_node_gives_its_replicas_back_and_a_restarted_agent_restarts_them() {
     let mut again = node("n1", 2.0);
     again.pid = 2;
     s.apply(Command::RegisterNode(again)).unwrap();
-    assert_eq!(s.replicas[&id].state, replica_state::STARTING);
+    assert_eq!(s.replicas[&id].state, ReplicaState::Starting);
     assert!(s.replicas[&id].tcp_addr.is_empty());
     assert!(!s.replicas[&id].tls);
     s.apply(Command::MarkNodeDead {
         node_id: "n1".into(),
     })
     .unwrap();
-    assert_eq!(s.replicas[&id].state, replica_state::PENDING);
+    assert_eq!(s.replicas[&id].state, ReplicaState::Pending);
     assert!(s.replicas[&id].node_id.is_empty());
 }
 
@@ -243,7 +243,7 @@ fn gpu_replicas_get_their_own_gpus_and_fractions_share() {
     half.config.as_mut().unwrap().num_gpus = 0.5;
     s.apply(Command::CreateBackend(half)).unwrap();
     let pending = s.replicas.values().find(|r| r.backend == "half").unwrap();
-    assert_eq!(pending.state, replica_state::PENDING);
+    assert_eq!(pending.state, ReplicaState::Pending);
     assert!(pending.error.contains("GPU"), "{}", pending.error);
     // Scale the whole-GPU backend down: the halves share the freed GPU.
     s.apply(Command::UpdateBackendConfig {
@@ -272,7 +272,7 @@ fn gpu_replicas_get_their_own_gpus_and_fractions_share() {
         .filter(|r| r.backend == "half")
         .collect();
     assert!(
-        halves.iter().all(|r| r.state == replica_state::STARTING),
+        halves.iter().all(|r| r.state == ReplicaState::Starting),
         "{halves:?}"
     );
     assert_eq!(
@@ -346,7 +346,7 @@ fn shadows_are_set_and_removed_and_force_delete_leaves_endpoints_consistent() {
     );
 }
 
-fn report(s: &mut ClusterState, id: &str, state: &str) {
+fn report(s: &mut ClusterState, id: &str, state: ReplicaState) {
     s.apply(Command::ReportReplica(ReplicaReport {
         replica_id: id.into(),
         state: state.into(),
@@ -375,7 +375,7 @@ fn new_code_rolls_one_replica_at_a_time_without_losing_capacity() {
     s.apply(Command::CreateBackend(backend("b", 3))).unwrap();
     let first: Vec<String> = s.replicas.keys().cloned().collect();
     for id in &first {
-        report(&mut s, id, replica_state::RUNNING);
+        report(&mut s, id, ReplicaState::Running);
     }
     s.apply(Command::UpdateBackendCode {
         name: "b".into(),
@@ -395,15 +395,15 @@ fn new_code_rolls_one_replica_at_a_time_without_losing_capacity() {
         let running = s
             .replicas
             .values()
-            .filter(|r| r.state == replica_state::RUNNING)
+            .filter(|r| r.state == ReplicaState::Running)
             .count();
         assert!(running >= 3, "capacity dropped to {running} at step {step}");
         let starting = new
             .iter()
-            .find(|id| s.replicas[*id].state != replica_state::RUNNING)
+            .find(|id| s.replicas[*id].state != ReplicaState::Running)
             .unwrap()
             .clone();
-        report(&mut s, &starting, replica_state::RUNNING);
+        report(&mut s, &starting, ReplicaState::Running);
     }
     let (new, old) = by_version(&s, "b");
     assert_eq!((new.len(), old.len()), (3, 0));
@@ -423,7 +423,7 @@ fn roll(max_surge: &str, max_unavailable: &str) -> (usize, usize) {
     s.apply(Command::CreateBackend(b)).unwrap();
     let ids: Vec<String> = s.replicas.keys().cloned().collect();
     for id in &ids {
-        report(&mut s, id, replica_state::RUNNING);
+        report(&mut s, id, ReplicaState::Running);
     }
     s.apply(Command::UpdateBackendCode {
         name: "b".into(),
@@ -438,21 +438,21 @@ fn roll(max_surge: &str, max_unavailable: &str) -> (usize, usize) {
         let running = s
             .replicas
             .values()
-            .filter(|r| r.state == replica_state::RUNNING)
+            .filter(|r| r.state == ReplicaState::Running)
             .count();
         fewest_running = fewest_running.min(running);
         if old.is_empty()
             && new
                 .iter()
-                .all(|id| s.replicas[id].state == replica_state::RUNNING)
+                .all(|id| s.replicas[id].state == ReplicaState::Running)
         {
             assert_eq!(new.len(), 4);
             return (most, fewest_running);
         }
         // Every starting replica comes up, then the state moves on.
         for id in new {
-            if s.replicas[&id].state != replica_state::RUNNING {
-                report(&mut s, &id, replica_state::RUNNING);
+            if s.replicas[&id].state != ReplicaState::Running {
+                report(&mut s, &id, ReplicaState::Running);
             }
         }
     }
@@ -488,7 +488,7 @@ fn malformed_rollout_bounds_are_refused_naming_the_field() {
 fn a_new_version_that_cannot_start_leaves_the_old_replicas_serving() {
     let mut s = cluster();
     let old_id = s.replicas.keys().next().unwrap().clone();
-    report(&mut s, &old_id, replica_state::RUNNING);
+    report(&mut s, &old_id, ReplicaState::Running);
     s.apply(Command::UpdateBackendCode {
         name: "b".into(),
         code: vec![7],
@@ -496,9 +496,9 @@ fn a_new_version_that_cannot_start_leaves_the_old_replicas_serving() {
     })
     .unwrap();
     let (new, _) = by_version(&s, "b");
-    report(&mut s, &new[0], replica_state::FAILED);
-    assert_eq!(s.replicas[&old_id].state, replica_state::RUNNING);
-    assert_eq!(s.backends["b"].state, backend_state::RUNNING);
+    report(&mut s, &new[0], ReplicaState::Failed);
+    assert_eq!(s.replicas[&old_id].state, ReplicaState::Running);
+    assert_eq!(s.backends["b"].state, BackendState::Running);
 }
 
 fn api(name: &str, fingerprint: &str) -> Api {
@@ -637,7 +637,7 @@ fn replica_models_are_set_bounded_and_cleared_with_a_new_process() {
     let running = |pid| {
         Command::ReportReplica(ReplicaReport {
             replica_id: id.clone(),
-            state: replica_state::RUNNING.into(),
+            state: ReplicaState::Running.into(),
             pid,
             ..Default::default()
         })

@@ -34,22 +34,13 @@ use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use serval_protos::control::{BatchResult, Job, JobSpec, LeaseReply, LeasedBatch};
+use serval_protos::states::JobStatus;
 
 use super::log_store::{decode, encode};
 use crate::error::StateError;
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const BATCHES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("job_batches");
-
-pub const ENDED: [&str; 7] = [
-    "succeeded",
-    "failed while enqueuing",
-    "completed with failures",
-    "worker error",
-    "out of memory",
-    "timed out",
-    "stopped",
-];
 
 /// How long an ended job (its record and dead letters) is kept when its
 /// spec does not say (`retention_s` 0).
@@ -179,7 +170,9 @@ struct JobRecord {
 
 impl JobRecord {
     fn ended(&self) -> bool {
-        ENDED.contains(&self.status.as_str())
+        self.status
+            .parse::<JobStatus>()
+            .is_ok_and(JobStatus::is_ended)
     }
 
     fn in_queue(&self) -> u64 {
@@ -212,8 +205,8 @@ impl JobRecord {
         }
     }
 
-    fn end(&mut self, status: &str, error: &str, now_ms: i64) {
-        self.status = status.to_string();
+    fn end(&mut self, status: JobStatus, error: &str, now_ms: i64) {
+        self.status = status.into();
         self.error = error.to_string();
         self.end_ms = now_ms;
         // Outstanding leases are void; re-queued ones will never run.
@@ -228,7 +221,7 @@ impl JobRecord {
             let limit = self.start_ms.saturating_add((timeout * 1000.0) as i64);
             if now_ms > limit {
                 let error = format!("the job ran past its timeout of {timeout} s");
-                self.end("timed out", &error, now_ms);
+                self.end(JobStatus::TimedOut, &error, now_ms);
             }
         }
     }
@@ -348,7 +341,7 @@ fn prune(txn: &WriteTransaction, now_ms: i64) -> std::io::Result<()> {
 
 /// Why batches cannot be added to `job` now, if they cannot.
 fn not_enqueuing(job: &JobRecord) -> Option<StateError> {
-    (job.status != "enqueuing").then(|| {
+    (job.status != JobStatus::Enqueuing).then(|| {
         invalid(
             "job",
             &format!("job {} is {}, not enqueuing", job.id, job.status),
@@ -392,7 +385,7 @@ pub fn apply(
             let job = JobRecord {
                 id,
                 spec,
-                status: "enqueuing".into(),
+                status: JobStatus::Enqueuing.into(),
                 error: String::new(),
                 total: 0,
                 enqueued: 0,
@@ -464,13 +457,13 @@ pub fn apply(
             }
             job.enqueue_done = true;
             if !error.is_empty() {
-                job.end("failed while enqueuing", &error, now_ms);
+                job.end(JobStatus::FailedWhileEnqueuing, &error, now_ms);
             } else if total != job.enqueued {
                 let e = format!("{} batches were enqueued, not {total}", job.enqueued);
-                job.end("failed while enqueuing", &e, now_ms);
+                job.end(JobStatus::FailedWhileEnqueuing, &e, now_ms);
             } else {
                 job.total = total;
-                job.status = "running".into();
+                job.status = JobStatus::Running.into();
                 job.start_ms = now_ms;
             }
             save_ending(txn, &job, false)?;
@@ -487,7 +480,7 @@ pub fn apply(
             let was_ended = job.ended();
             job.check_timeout(now_ms);
             let mut reply = LeaseReply::default();
-            if job.status == "running" {
+            if job.status == JobStatus::Running {
                 let table = txn.open_table(BATCHES).map_err(io)?;
                 // A worker leases only once it has acked all it held, so
                 // what it still holds was leased by a call whose reply it
@@ -558,7 +551,7 @@ pub fn apply(
             let mut job = job!(&id);
             let was_ended = job.ended();
             job.check_timeout(now_ms);
-            if job.status == "running" {
+            if job.status == JobStatus::Running {
                 let mut table = txn.open_table(BATCHES).map_err(io)?;
                 for r in results {
                     // Only the lease holder's answer counts: a batch whose
@@ -601,11 +594,11 @@ pub fn apply(
             let was_ended = job.ended();
             if !was_ended {
                 if !error.is_empty() {
-                    job.end("worker error", &error, now_ms);
+                    job.end(JobStatus::WorkerError, &error, now_ms);
                 } else if job.dead.is_empty() {
-                    job.end("succeeded", "", now_ms);
+                    job.end(JobStatus::Succeeded, "", now_ms);
                 } else {
-                    job.end("completed with failures", "", now_ms);
+                    job.end(JobStatus::CompletedWithFailures, "", now_ms);
                 }
             }
             save_ending(txn, &job, was_ended)?;
@@ -643,18 +636,18 @@ pub fn apply(
                     &format!("job {id} has already ended ({})", job.status),
                 )));
             }
-            let status = if status.is_empty() {
-                "stopped".to_string()
+            let end = if status.is_empty() {
+                Ok(JobStatus::Stopped)
             } else {
-                status
+                status.parse::<JobStatus>()
             };
-            if !ENDED.contains(&status.as_str()) {
+            let Some(end) = end.ok().filter(|s| s.is_ended()) else {
                 return Ok(Err(invalid(
                     "status",
                     &format!("'{status}' is not an end status"),
                 )));
-            }
-            job.end(&status, &error, now_ms);
+            };
+            job.end(end, &error, now_ms);
             save_ending(txn, &job, false)?;
             job.to_job().encode_to_vec()
         }
@@ -689,9 +682,9 @@ pub fn apply(
                     .map_err(io)?
                     .insert((id.as_str(), RESULT_INDEX), result.as_bytes())
                     .map_err(io)?;
-                job.end("succeeded", "", now_ms);
+                job.end(JobStatus::Succeeded, "", now_ms);
             } else {
-                job.end("worker error", &error, now_ms);
+                job.end(JobStatus::WorkerError, &error, now_ms);
             }
             job.completed = true;
             save_ending(txn, &job, false)?;
@@ -699,7 +692,7 @@ pub fn apply(
         }
         JobCommand::Expire { id, leases } => {
             let mut job = job!(&id);
-            if job.status == "running" {
+            if job.status == JobStatus::Running {
                 job.expire(&leases);
                 save(txn, &job)?;
             }
@@ -770,7 +763,7 @@ pub fn list(db: &Database, api: &str) -> std::io::Result<Vec<Job>> {
 pub fn leases(db: &Database) -> std::io::Result<Vec<LeaseGrant>> {
     let mut out = Vec::new();
     for record in records(db)? {
-        if record.status != "running" {
+        if record.status != JobStatus::Running {
             continue;
         }
         for (index, lease) in &record.leases {

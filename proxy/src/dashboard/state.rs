@@ -3,6 +3,7 @@
 
 use serde_json::{json, Value};
 use serval_protos::control::{Api, ClusterSnapshot, Replica};
+use serval_protos::states::{BackendState, ReplicaState};
 
 use crate::proxy::Proxy;
 
@@ -43,7 +44,7 @@ pub(crate) fn build(proxy: &Proxy, with_series: bool) -> Value {
                 "error": last_line(&b.error),
                 "target": config.num_replicas,
                 "autoscaling": config.autoscaling.map(|a| json!({"min": a.min_replicas, "max": a.max_replicas})),
-                "running": s.replicas.iter().filter(|r| r.backend == b.name && r.state == "running").count(),
+                "running": s.replicas.iter().filter(|r| r.backend == b.name && r.state == ReplicaState::Running).count(),
                 "queued": stats.map_or(0, |st| st.queued),
                 "last_batch_size": stats.map_or(0, |st| st.last_batch_size),
                 "max_batch_size": config.max_batch_size,
@@ -70,9 +71,9 @@ pub(crate) fn build(proxy: &Proxy, with_series: bool) -> Value {
 /// A replica's state as the table shows it: one that failed and is being
 /// started again by its supervisor (it has an error) is "restarting".
 fn shown_state(r: &Replica) -> &str {
-    match r.state.as_str() {
-        "failed" | "starting" if !r.error.is_empty() => "restarting",
-        state => state,
+    match r.state.parse() {
+        Ok(ReplicaState::Failed | ReplicaState::Starting) if !r.error.is_empty() => "restarting",
+        _ => &r.state,
     }
 }
 
@@ -98,18 +99,18 @@ fn api_status(api: &Api, s: &ClusterSnapshot) -> Value {
     let running_now = replicas
         .iter()
         .filter(current)
-        .filter(|r| r.state == "running")
+        .filter(|r| r.state == ReplicaState::Running)
         .count();
     let unplaced = replicas
         .iter()
-        .any(|r| r.state == "pending" && r.node_id.is_empty());
+        .any(|r| r.state == ReplicaState::Pending && r.node_id.is_empty());
     let stale = replicas.iter().any(|r| r.backend_version != version);
     let status = match backend {
         None => "error",
         Some(_) if unplaced && running_now == 0 => "compute unavailable",
         Some(b)
             if running_now == 0
-                && (b.state == "failed"
+                && (b.state == BackendState::Failed
                     || replicas.iter().filter(current).any(|r| r.restarts > 0)) =>
         {
             "error"
@@ -125,7 +126,7 @@ fn api_status(api: &Api, s: &ClusterSnapshot) -> Value {
             replicas
                 .iter()
                 .rev()
-                .find(|r| r.state == "failed" && !r.error.is_empty())
+                .find(|r| r.state == ReplicaState::Failed && !r.error.is_empty())
                 .map(|r| r.error.as_str())
         })
         .map(last_line);

@@ -59,7 +59,7 @@ from starlette.background import BackgroundTask, BackgroundTasks
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from . import multiplex
+from . import _native, multiplex
 from .ingress import Lifespan, asgi_entry, run_http
 from .request import ServeRequest, WebRequestState
 from .websocket import Sessions as WebSocketSessions
@@ -150,9 +150,10 @@ class BatchResultError(ValueError):
     """An ``@serve.accept_batch`` method did not return one result per request."""
 
 
-#: Ray Serve 1.0-1.2 defaults for ``max_concurrent_queries`` when the user sets none.
+#: Ray Serve 1.0-1.2 defaults for ``max_concurrent_queries`` when the user sets none
+#: (an async backend's is the controller's and the routers' default).
 DEFAULT_MAX_CONCURRENT_QUERIES_BLOCKING = 8
-DEFAULT_MAX_CONCURRENT_QUERIES_ASYNC = 100
+DEFAULT_MAX_CONCURRENT_QUERIES_ASYNC = _native.DEFAULT_MAX_CONCURRENT_QUERIES
 
 _HTTP = 0
 _CALL = 1

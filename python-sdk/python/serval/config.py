@@ -18,6 +18,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, Dict, Iterator
 
+from serval import _native
 from serval._durations import parse_duration
 
 __all__ = ["BackendConfig", "HTTPOptions", "DeploymentMode", "ConfigTypeError"]
@@ -188,7 +189,8 @@ class BackendConfig(_Validated):
         "max_concurrent_queries": (None, lambda f, v: _int_at_least(f, v, 1, optional=True)),
         "user_config": (None, _json_value),
         "experimental_graceful_shutdown_wait_loop_s": (2.0, lambda f, v: _number_at_least(f, v, 0, strict=True)),
-        "experimental_graceful_shutdown_timeout_s": (20.0, lambda f, v: _number_at_least(f, v, 0)),
+        "experimental_graceful_shutdown_timeout_s": (_native.DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S,
+                                                     lambda f, v: _number_at_least(f, v, 0)),
         "autoscaling": (None, lambda f, v: None if v is None else autoscaling_payload(v)),
         "max_surge": (None, _rollout_bound),
         "max_unavailable": (None, _rollout_bound),

@@ -573,7 +573,7 @@ def _backend_config_dict(backend: Dict[str, Any]) -> Dict[str, Any]:
     user_config = c.get("user_config_json") or ""
     return {
         "num_replicas": c.get("num_replicas", 1),
-        "max_concurrent_queries": c.get("max_concurrent_queries", 100),
+        "max_concurrent_queries": c.get("max_concurrent_queries", _native.DEFAULT_MAX_CONCURRENT_QUERIES),
         "user_config": json.loads(user_config) if user_config else None,
         "max_batch_size": c.get("max_batch_size") or None,
         "batch_wait_timeout": c.get("batch_wait_timeout", 0.0),
