@@ -132,7 +132,16 @@ fn amount(field: &str, v: f64, cap: f64) -> Result<(), StateError> {
 /// Truncates the error texts of `cmd` to [`MAX_ERROR_BYTES`] (at a
 /// character boundary): a long traceback is cut, not refused, so the report
 /// or ack that carries it is not lost.
-pub fn clip(mut cmd: Command) -> Command {
+pub fn clip(cmd: Command) -> Command {
+    let mut cmd = match cmd {
+        Command::Once { id, command } => {
+            return Command::Once {
+                id,
+                command: Box::new(clip(*command)),
+            }
+        }
+        other => other,
+    };
     fn cut(s: &mut String) {
         if s.len() > MAX_ERROR_BYTES {
             let mut end = MAX_ERROR_BYTES;
@@ -160,6 +169,10 @@ pub fn clip(mut cmd: Command) -> Command {
 /// naming the field and the cap.
 pub fn check(cmd: &Command) -> Result<(), StateError> {
     match cmd {
+        Command::Once { command, .. } => match **command {
+            Command::Once { .. } => Err(refuse("command", "a Once inside a Once".into())),
+            ref inner => check(inner),
+        },
         Command::RegisterNode(node) => check_node(node),
         Command::MarkNodeDead { node_id } => name("node_id", node_id),
         Command::ReportReplica(r) => {

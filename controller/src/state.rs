@@ -99,6 +99,15 @@ pub enum Command {
         replica_id: String,
         model_ids: Vec<String>,
     },
+    /// `command`, applied at most once per `id`: every write a head
+    /// proposes for a client carries a fresh id (`store::forward`), so when
+    /// it retries a write whose answer was lost (the leader died after the
+    /// entry was replicated) the state machine answers the retry with the
+    /// first application's answer instead of applying it again.
+    Once {
+        id: u128,
+        command: Box<Command>,
+    },
 }
 
 /// What the controller holds. Endpoints keep registration order because
@@ -139,6 +148,9 @@ impl ClusterState {
 
     fn apply_in_place(&mut self, cmd: Command) -> Result<(), StateError> {
         match cmd {
+            // The state machine applies the command inside once per id
+            // (`store::state_machine`); a state applies it as it comes.
+            Command::Once { command, .. } => return self.apply_in_place(*command),
             Command::RegisterNode(node) => {
                 let node = Node {
                     alive: true,

@@ -648,6 +648,15 @@ fn the_leaders_host_cut_off_a_new_leader_keeps_every_acknowledged_write() {
     }
 }
 
+/// The `p`th percentile of `times` (nearest rank), zero when empty.
+fn percentile(times: &mut [Duration], p: usize) -> Duration {
+    times.sort();
+    match times.len() {
+        0 => Duration::ZERO,
+        n => times[((n * p).div_ceil(100)).clamp(1, n) - 1],
+    }
+}
+
 /// The highest raft term any head reports in `s`.
 fn term(s: &serde_json::Value) -> Option<u64> {
     s["heads"]
@@ -671,6 +680,18 @@ fn requests_and_raft_hold_under_50ms_delay_and_2_percent_loss() {
     };
     let c = Cluster::start_on(3, 2, links);
     c.deploy_where(2);
+    // The no-op's latency across hosts before the impairment, for the
+    // figures (the same GETs are timed under it below).
+    let mut plain = Vec::new();
+    for i in 0..5 {
+        let ip = c.bed.hosts[i].ip.clone();
+        for _ in 0..20 {
+            let t = std::time::Instant::now();
+            if where_via(&ip).is_some() {
+                plain.push(t.elapsed());
+            }
+        }
+    }
     c.bed
         .impair(Duration::from_millis(50), 2.0)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -678,13 +699,17 @@ fn requests_and_raft_hold_under_50ms_delay_and_2_percent_loss() {
         term(&c.heads[0].status_json())
     });
     let started = std::time::Instant::now();
+    let mut impaired = Vec::new();
     // Every proxy, over the slow and lossy network: no request fails.
     for round in 0..4 {
         for i in 0..5 {
             let ip = c.bed.hosts[i].ip.clone();
             for _ in 0..5 {
+                let t = std::time::Instant::now();
+                let answered = where_via(&ip);
+                impaired.push(t.elapsed());
                 assert!(
-                    where_via(&ip).is_some(),
+                    answered.is_some(),
                     "GET /where through {ip} failed under delay and loss (round {round})"
                 );
             }
@@ -712,6 +737,15 @@ print("ok")
     eprintln!(
         "FIGURES: 100 GETs, 20 handle calls and 5 writes under 50 ms delay and 2 % loss in {:?}; raft term {term_before} -> {term_after}",
         started.elapsed()
+    );
+    eprintln!(
+        "FIGURES: GET /where across hosts ({links:?} links), p50/p99: {:?}/{:?} over {} GETs without impairment, {:?}/{:?} over {} with 50 ms delay and 2 % loss",
+        percentile(&mut plain, 50),
+        percentile(&mut plain, 99),
+        plain.len(),
+        percentile(&mut impaired, 50),
+        percentile(&mut impaired, 99),
+        impaired.len()
     );
     // No election storm: at most one election over the whole check.
     assert!(

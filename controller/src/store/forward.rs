@@ -39,6 +39,11 @@ impl From<Result<Written, ControllerError>> for Forwarded {
 
 /// Proposes `cmd` on the leader, wherever it is; retries while an election
 /// is under way, but not a write the leader failed to commit in time.
+/// A forwarded write whose answer is lost (the leader died after its entry
+/// was replicated) may be committed and then retried: `cmd` goes as a
+/// `Command::Once` with a fresh id, so the retry gets the first
+/// application's answer (a create that was applied answers "created", not
+/// "already exists").
 pub async fn propose_via_leader(
     raft: &Raft,
     peer_key: &str,
@@ -56,6 +61,13 @@ pub async fn propose_via_leader_with_output(
     cmd: Command,
 ) -> Result<Written, ControllerError> {
     let deadline = tokio::time::Instant::now() + FORWARD_DEADLINE;
+    let cmd = match cmd {
+        once @ Command::Once { .. } => once,
+        cmd => Command::Once {
+            id: uuid::Uuid::new_v4().as_u128(),
+            command: Box::new(cmd),
+        },
+    };
     loop {
         let outcome = match propose_with_output(raft, cmd.clone()).await {
             Err(ControllerError::NotLeader { leader: Some(addr) }) => {

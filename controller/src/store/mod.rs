@@ -187,7 +187,11 @@ pub struct Written {
 /// [`propose`], with the command's output (see [`Applied::output`]) and
 /// log index.
 pub async fn propose_with_output(raft: &Raft, cmd: Command) -> Result<Written, ControllerError> {
-    let timeout = match cmd {
+    let inner = match &cmd {
+        Command::Once { command, .. } => command,
+        cmd => cmd,
+    };
+    let timeout = match inner {
         Command::PutBlob { .. } | Command::PutBlobParts { .. } => BLOB_COMMIT_TIMEOUT,
         _ => COMMIT_TIMEOUT,
     };

@@ -5,6 +5,7 @@
 //! written to their own tables ([`super::blobs`]) in the same transaction
 //! as the applied state, and snapshots carry them.
 
+use std::collections::{HashMap, VecDeque};
 use std::io::Cursor;
 use std::sync::{Arc, Mutex};
 
@@ -64,6 +65,7 @@ pub struct StateMachineStore {
     /// and the job tables, so a snapshot's tables match its log index.
     gate: Arc<Mutex<()>>,
     publish: watch::Sender<SharedState>,
+    recent: Arc<Mutex<RecentOnce>>,
 }
 
 fn io<E: std::fmt::Display>(e: E) -> std::io::Error {
@@ -81,10 +83,45 @@ fn put_in<T: Serialize>(txn: &WriteTransaction, key: &str, value: &T) -> std::io
 /// Commands that write the store's own tables (blobs, jobs) and leave the
 /// cluster state as it was: watchers need no new snapshot for them.
 fn is_blob(cmd: &Command) -> bool {
-    matches!(
-        cmd,
-        Command::PutBlob { .. } | Command::PutBlobParts { .. } | Command::Job(_)
-    )
+    match cmd {
+        Command::Once { command, .. } => is_blob(command),
+        cmd => matches!(
+            cmd,
+            Command::PutBlob { .. } | Command::PutBlobParts { .. } | Command::Job(_)
+        ),
+    }
+}
+
+/// How many answers of `Command::Once` the state machine remembers: more
+/// than the writes that can be in flight across a leader change, so a
+/// retry always finds the answer of its first application.
+const RECENT_ONCE: usize = 4096;
+
+/// One applied command's answer: its result and output.
+type Answer = (Result<u64, StateError>, Vec<u8>);
+
+/// The answers of the last `RECENT_ONCE` `Command::Once` ids applied.
+/// In memory only: every head builds it by applying the same log, and one
+/// that installed a snapshot starts empty (a retry that reaches it after
+/// its first application fell into the snapshot is applied again, as
+/// before this table existed).
+#[derive(Default)]
+struct RecentOnce {
+    answers: HashMap<u128, Answer>,
+    order: VecDeque<u128>,
+}
+
+impl RecentOnce {
+    fn insert(&mut self, id: u128, answer: Answer) {
+        if self.answers.insert(id, answer).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > RECENT_ONCE {
+            if let Some(old) = self.order.pop_front() {
+                self.answers.remove(&old);
+            }
+        }
+    }
 }
 
 /// Applies one command: a blob to its tables inside `txn`, anything else
@@ -144,6 +181,7 @@ impl StateMachineStore {
             inner: Arc::new(Mutex::new(applied)),
             gate: Arc::new(Mutex::new(())),
             publish,
+            recent: Arc::default(),
         })
     }
 
@@ -282,6 +320,20 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 EntryPayload::Blank => {
                     changed = true;
                     (Ok(next.state.version), Vec::new())
+                }
+                EntryPayload::Normal(Command::Once { id, command }) => {
+                    let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+                    match recent.answers.get(&id) {
+                        // A retry of a write already applied.
+                        Some(answer) => answer.clone(),
+                        None => {
+                            changed |= !is_blob(&command);
+                            let answer =
+                                apply_command(&txn, &mut next.state, *command).map_err(write)?;
+                            recent.insert(id, answer.clone());
+                            answer
+                        }
+                    }
                 }
                 EntryPayload::Normal(cmd) => {
                     changed |= !is_blob(&cmd);

@@ -303,3 +303,34 @@ async fn a_snapshot_carries_the_job_queue_as_it_was() {
         .collect();
     assert_eq!(leased, vec![(1, b"[1]".to_vec()), (2, b"[2]".to_vec())]);
 }
+
+/// A `Command::Once` applied twice (a proposer's retry after the first
+/// answer was lost) is applied once; the second gets the first's answer.
+#[tokio::test]
+async fn a_once_command_is_applied_once_and_its_retry_gets_the_first_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = open(&dir.path().join("sm.redb"));
+    let data = b"the same bytes";
+    let once = |id| Command::Once {
+        id,
+        command: Box::new(put(data)),
+    };
+    let first = apply(&mut sm, 1, once(7)).await;
+    assert!(first.is_ok(), "{first:?}");
+    // Without the id, the same put again is a fresh command (here: still
+    // accepted, blobs are idempotent), with it the first answer comes back.
+    assert_eq!(apply(&mut sm, 2, once(7)).await, first);
+    // A state-changing command: applied again it bumps the version, its
+    // retry does not.
+    let create = |id| Command::Once {
+        id,
+        command: Box::new(Command::SetShuttingDown(true)),
+    };
+    let version = apply(&mut sm, 3, create(8)).await.unwrap();
+    assert_eq!(apply(&mut sm, 4, create(8)).await, Ok(version));
+    assert_eq!(
+        apply(&mut sm, 5, Command::SetShuttingDown(true)).await,
+        Ok(version + 1),
+        "without Once the command applies again"
+    );
+}
