@@ -26,7 +26,8 @@ use serval_protos::control::{
     ReleaseWorkerRequest, StopJobRequest,
 };
 
-use crate::client::{block_on, status_err, ServeError};
+use crate::client::block_on;
+use crate::error::{status_err, ServeError};
 
 #[pyclass(module = "serval._native")]
 pub struct Jobs {

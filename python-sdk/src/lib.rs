@@ -6,6 +6,8 @@
 //!   queued requests per GIL acquisition.
 //! - `client`: the control-plane client and the ServeHandle router used by
 //!   `serval.serve`.
+//! - `error`: the exception classes `serval` exports and the mapping of
+//!   the control plane's status codes onto them.
 //! - `onnx`: ONNX models run by tract, which a replica can answer HTTP
 //!   requests with in Rust (`handler.runtime: native`).
 //!
@@ -21,6 +23,7 @@ use pyo3::prelude::*;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod client;
+mod error;
 mod jobs;
 mod onnx;
 mod poll;
@@ -46,6 +49,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     pyo3_async_runtimes::tokio::init(builder);
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(validate_middlewares, m)?)?;
+    error::register(m)?;
     replica::register(m)?;
     client::register(m)?;
     onnx::register(m)?;

@@ -37,7 +37,7 @@ import cloudpickle
 
 from serval import _native
 from serval._host import replica_context, wrap_deployment_code
-from serval._native import ServeError, ServeValueError
+from serval._native import AlreadyExists, DeployFailedError, InvalidArgument, NotFound, ServeError
 from serval.deployment import Application, Deployment, _check_name
 from serval.handle import DeploymentHandle
 from serval.schema import ServeStatus
@@ -50,12 +50,6 @@ DEFAULT_APP_NAME = "default"
 RECORD_KIND = "Application"
 #: Containers searched for bound deployments in ``bind()`` arguments, and how deep.
 _MAX_ARG_DEPTH = 32
-
-
-class DeployFailedError(ServeError, RuntimeError):
-    """An application could not be deployed (a deployment's replicas failed
-    to start); ``serve.status()`` shows it DEPLOY_FAILED with the reason. A
-    RuntimeError, as Ray's ``serve.run`` raises."""
 
 
 def _serve():
@@ -223,8 +217,8 @@ def _check_prefix_free(snapshot: Dict[str, Any], app_name: str, route_prefix: Op
         if e.get("route_is_prefix") and e.get("route") == route_prefix and \
                 not e["name"].startswith(f"{app_name}#"):
             owner = e["name"].split("#", 1)[0]
-            raise ServeValueError(f"route_prefix {route_prefix!r} is already used by application {owner!r}; "
-                                  f"application {app_name!r} needs another one")
+            raise AlreadyExists(f"route_prefix {route_prefix!r} is already used by application {owner!r}; "
+                                f"application {app_name!r} needs another one")
 
 
 def _ensure_endpoint(serve, client, name: str, endpoints: Dict[str, Dict[str, Any]],
@@ -280,8 +274,8 @@ def deploy_application(app_name: str, target: Any, route_prefix: Optional[str] =
     snapshot = serve._snapshot()
     record = next((a for a in snapshot.get("apis", []) if a["name"] == app_name), None)
     if record is not None and record.get("kind") != RECORD_KIND:
-        raise ServeValueError(f"{app_name!r} is the name of a {record.get('kind')} deployed with `serve deploy`; "
-                              f"delete it or give the application another name")
+        raise AlreadyExists(f"{app_name!r} is the name of a {record.get('kind')} deployed with `serve deploy`; "
+                            f"delete it or give the application another name")
     _check_prefix_free(snapshot, app_name, route_prefix)
     previous = _spec(record)
     spec = {
@@ -349,7 +343,7 @@ def delete(name: str, _blocking: bool = True) -> None:
     snapshot = serve._snapshot()
     record = next((a for a in snapshot.get("apis", []) if a["name"] == name), None)
     if record is not None and record.get("kind") != RECORD_KIND:
-        raise ServeValueError(f"{name!r} is a {record.get('kind')}, not an application: remove it with "
+        raise InvalidArgument(f"{name!r} is a {record.get('kind')}, not an application: remove it with "
                               f"`serve delete {name}`")
     prefix = f"{name}#"
     # The ingress first, so HTTP stops before its dependencies go.
@@ -384,7 +378,7 @@ def get_app_handle(name: str) -> DeploymentHandle:
     """The handle of application ``name``'s ingress."""
     record = _application_records().get(name)
     if record is None:
-        raise ServeValueError(f"application {name!r} does not exist")
+        raise NotFound(f"application {name!r} does not exist")
     return DeploymentHandle(_spec(record)["ingress"], name)
 
 
@@ -396,7 +390,7 @@ def get_deployment_handle(deployment_name: str, app_name: Optional[str] = None) 
         app_name = context["app_name"] if context else DEFAULT_APP_NAME
     bname = backend_name(app_name, deployment_name)
     if not any(b["name"] == bname for b in _serve()._snapshot().get("backends", [])):
-        raise ServeValueError(f"deployment {deployment_name!r} of application {app_name!r} does not exist")
+        raise NotFound(f"deployment {deployment_name!r} of application {app_name!r} does not exist")
     return DeploymentHandle(deployment_name, app_name)
 
 

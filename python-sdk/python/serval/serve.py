@@ -30,14 +30,15 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import cloudpickle
 
 from serval import _native
-from serval._native import BackPressureError, ServeError, ServeValueError
+from serval._native import (AlreadyExists, BackPressureError, ControlUnavailable, DeployFailedError,
+                            InvalidArgument, NotFound, ServeError, ServeValueError)
 from serval.batching import batch
 from serval.config import BackendConfig, DeploymentMode, HTTPOptions
 from serval.handle import (AsyncServeHandle, DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator,
                            ServeHandle, _PICKLE_LOCK, _user_modules)
 from serval.deployment import Application, Deployment, deployment
 from serval.ingress import ingress
-from serval.application import (DeployFailedError, delete, get_app_handle, get_deployment_handle,
+from serval.application import (delete, get_app_handle, get_deployment_handle,
                                 get_replica_context, run)
 from serval.schema import ServeStatus
 from serval.multiplex import get_multiplexed_model_id, multiplexed
@@ -52,6 +53,8 @@ __all__ = [
     "deployment", "ingress", "Deployment", "Application", "run", "delete", "get_app_handle", "get_deployment_handle",
     "get_replica_context", "DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator",
     "BackPressureError", "DeployFailedError",
+    # Serval's named control-plane errors (all ServeErrors)
+    "NotFound", "AlreadyExists", "InvalidArgument", "ControlUnavailable",
     "multiplexed", "get_multiplexed_model_id",
 ]
 
@@ -546,7 +549,7 @@ def _roll_code(client: _native.Client, backend_tag: str, code: bytes) -> None:
     """Replaces a backend's code file by a rolling update and waits for it."""
     current = next((b for b in _snapshot().get("backends", []) if b["name"] == backend_tag), None)
     if current is None:
-        raise ServeError(f"backend '{backend_tag}' does not exist")
+        raise NotFound(f"backend '{backend_tag}' does not exist")
     client.update_backend_code(backend_tag, code)
     outcome = client.wait_rollout(backend_tag, current.get("version", 0) + 1, BACKEND_START_TIMEOUT_S)
     if outcome is None:
@@ -591,7 +594,7 @@ def _stored_config(backend_tag: str) -> Dict[str, Any]:
     for b in _snapshot().get("backends", []):
         if b["name"] == backend_tag:
             return _backend_config_dict(b)
-    raise ServeValueError(f"backend '{backend_tag}' does not exist")
+    raise NotFound(f"backend '{backend_tag}' does not exist")
 
 
 def get_backend_config(backend_tag: str) -> BackendConfig:
@@ -702,7 +705,7 @@ def get_handle(endpoint_name: str, missing_ok: bool = False, sync: bool = True):
     and SERVAL_TOKEN, so backends can call other endpoints)."""
     client = _get_client()
     if not missing_ok and endpoint_name not in list_endpoints():
-        raise KeyError(f"endpoint '{endpoint_name}' does not exist")
+        raise NotFound(f"endpoint '{endpoint_name}' does not exist")
     if not missing_ok:
         client.wait_endpoint(endpoint_name, ROUTE_PROPAGATION_TIMEOUT_S)
     native = client.handle(endpoint_name)

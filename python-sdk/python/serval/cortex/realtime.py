@@ -344,14 +344,14 @@ def resolve_project_dir(spec: dict, project_dir: Optional[str]) -> str:
 def fetch_blob(digest: str, timeout: float = 30.0) -> bytes:
     """The package's bytes from the cluster's store. A head that has not yet
     applied a just-committed upload answers NOT_FOUND for a moment: retry."""
-    from serval import ServeError
+    from serval import NotFound
 
     deadline = time.monotonic() + timeout
     while True:
         try:
             return cluster_client().get_blob(digest)
-        except ServeError as e:
-            if time.monotonic() > deadline or "not stored" not in str(e):
+        except NotFound:
+            if time.monotonic() > deadline:
                 raise
         time.sleep(0.1)
 
