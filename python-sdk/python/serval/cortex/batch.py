@@ -53,6 +53,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from starlette.requests import Request
 
+from .. import _core
 from . import job_status
 from .job_status import ENDED
 from .realtime import (HandlerError, RealtimeAPI, accepted_args, cluster_client, error_response, resolve_project_dir,
@@ -554,13 +555,13 @@ class BatchGateway:
                 self._watch(jobs, job, [r for r in replicas if r["backend"] == backend])
 
     def _start_workers(self, job_id: str, workers: int) -> None:
-        from serval import AlreadyExists, serve
+        from serval import AlreadyExists
 
         compute = self.spec.get("compute") or {}
         options = {"num_cpus": float(compute.get("cpu") or 0.2), "num_gpus": float(compute.get("gpu") or 0)}
         try:
             # Not waiting for the workers: this loop watches them.
-            serve._submit_backend(worker_backend(self.name, job_id), self.worker_class(), (self.spec, job_id),
+            _core.submit_backend(worker_backend(self.name, job_id), self.worker_class(), (self.spec, job_id),
                                   options, {"num_replicas": workers})
         except AlreadyExists:
             pass  # another gateway started them first

@@ -48,6 +48,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from .. import _core
 from .._host import _call_blocking, result_to_http
 from ..request import ServeRequest
 from .models import ModelNotFound, PythonClient
@@ -359,11 +360,7 @@ def fetch_blob(digest: str, timeout: float = 30.0) -> bytes:
 def cluster_client():
     """The control client of the cluster this replica runs in (the node
     agent gives replicas SERVAL_ADDRESS and SERVAL_TOKEN)."""
-    from serval import serve
-
-    if serve._client is None:
-        serve.connect()
-    return serve._get_client()
+    return _core.current() or _core.connect()
 
 
 def dotenv_values(spec: dict) -> Optional[dict]:
