@@ -99,7 +99,12 @@ pub(crate) static SERVE_VALUE_ERROR: ExceptionType = ExceptionType {
     name: "ServeValueError",
     doc: "A control-plane call refused for what it asked (a name taken, an unknown or \
           in-use backend or endpoint, an invalid value): a ServeError and a ValueError.",
-    bases: |py| Ok(vec![py.get_type::<ServeError>(), py.get_type::<PyValueError>()]),
+    bases: |py| {
+        Ok(vec![
+            py.get_type::<ServeError>(),
+            py.get_type::<PyValueError>(),
+        ])
+    },
 };
 
 pub(crate) static NOT_FOUND: ExceptionType = ExceptionType {
@@ -107,7 +112,12 @@ pub(crate) static NOT_FOUND: ExceptionType = ExceptionType {
     name: "NotFound",
     doc: "What the call names does not exist (a backend, endpoint, application, job, \
           blob): a ServeValueError and a KeyError.",
-    bases: |py| Ok(vec![SERVE_VALUE_ERROR.get(py)?.clone(), py.get_type::<PyKeyError>()]),
+    bases: |py| {
+        Ok(vec![
+            SERVE_VALUE_ERROR.get(py)?.clone(),
+            py.get_type::<PyKeyError>(),
+        ])
+    },
 };
 
 pub(crate) static ALREADY_EXISTS: ExceptionType = ExceptionType {
@@ -132,7 +142,12 @@ pub(crate) static DEPLOY_FAILED_ERROR: ExceptionType = ExceptionType {
     doc: "An application could not be deployed (a deployment's replicas failed to \
           start); serve.status() shows it DEPLOY_FAILED with the reason. A RuntimeError, \
           as Ray's serve.run raises.",
-    bases: |py| Ok(vec![py.get_type::<ServeError>(), py.get_type::<PyRuntimeError>()]),
+    bases: |py| {
+        Ok(vec![
+            py.get_type::<ServeError>(),
+            py.get_type::<PyRuntimeError>(),
+        ])
+    },
 };
 
 /// The exception a refused or failed control-plane call raises.

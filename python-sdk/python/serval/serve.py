@@ -65,7 +65,6 @@ def connect(address: Optional[str] = None, *, data_dir: Optional[str] = None,
     return _core.connect(address, data_dir=data_dir, token=token, token_file=token_file)
 
 
-
 #: The Starlette middlewares the Rust proxy runs natively, by class, with
 #: the options it supports (all of Starlette's; ``thread_minimum_size`` only
 #: picks a thread there and changes nothing visible).
