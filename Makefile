@@ -12,7 +12,7 @@ export PYO3_PYTHON := $(abspath $(VPY))
 
 all: build sdk
 
-PY_DEPS := "maturin>=1.16,<2" "starlette>=0.40" "cloudpickle>=3" python-multipart pyyaml pathspec pytest requests uvicorn pillow numpy onnxruntime scikit-learn skl2onnx grpcio grpcio-tools grpcio-reflection grpcio-health-checking hypothesis boto3 fastapi "pydantic>=2" websockets kubernetes-validate
+PY_DEPS := "maturin>=1.16,<2" "starlette>=0.40" "cloudpickle>=3" python-multipart pyyaml pathspec pytest requests uvicorn pillow numpy onnxruntime scikit-learn skl2onnx grpcio grpcio-tools grpcio-reflection grpcio-health-checking hypothesis boto3 fastapi "pydantic>=2" websockets kubernetes-validate mypy
 
 # Debian's python3 needs python3-venv for `-m venv`; install it if missing.
 $(VPY):
@@ -55,7 +55,9 @@ browser-deps:
 	@[ "$$(id -u)" != 0 ] || command -v chromium >/dev/null || \
 		(command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq chromium chromium-driver) || true
 
+# stubtest: python-sdk/python/serval/_native.pyi against the built module.
 test-python: sdk browser-deps
+	$(VPY) -m mypy.stubtest serval._native
 	$(VPY) -m pytest -q python-sdk/tests
 
 test: test-rust test-python

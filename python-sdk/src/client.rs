@@ -8,11 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBytes, PyDict, PyTuple, PyType};
+use pyo3::types::PyBytes;
 use serval_node::replica_server;
 use serval_protos::backend_config;
 use serval_protos::client::{self as control, Client as ControlClient};
@@ -30,14 +28,8 @@ use serval_proxy::{
 };
 use tokio::sync::watch;
 
+use crate::error::{connect_err, status_err, BackPressureError, ServeError, INVALID_ARGUMENT};
 use crate::poll::poll_until;
-
-create_exception!(
-    _native,
-    ServeError,
-    PyException,
-    "A Serval control-plane call was refused or failed."
-);
 
 pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
     pyo3_async_runtimes::tokio::get_runtime()
@@ -50,77 +42,6 @@ where
     T: Send,
 {
     py.detach(|| runtime().block_on(fut))
-}
-
-create_exception!(
-    _native,
-    ControlUnavailable,
-    ServeError,
-    "No head answered a control-plane call (a head down, an election, a \
-     timeout): the call may or may not have taken effect; retrying is safe \
-     for calls made to be retried."
-);
-
-create_exception!(
-    _native,
-    BackPressureError,
-    ServeError,
-    "A handle call refused at once: every replica of the deployment is at \
-     its max_ongoing_requests and max_queued_requests calls already wait \
-     (Ray Serve 2.x's BackPressureError)."
-);
-
-/// `ServeValueError(ServeError, ValueError)`: a call the controller refused
-/// for what it asked (a name taken, an unknown or in-use backend, a bad
-/// value). Ray Serve 1.x raised ValueError there and existing Serval code
-/// catches ServeError, so it is both; create_exception! takes one base, so
-/// the class is made with `type(...)` once.
-static SERVE_VALUE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
-
-fn serve_value_error_type(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
-    SERVE_VALUE_ERROR
-        .get_or_try_init(py, || {
-            let bases = PyTuple::new(
-                py,
-                [py.get_type::<ServeError>(), py.get_type::<PyValueError>()],
-            )?;
-            let namespace = PyDict::new(py);
-            namespace.set_item("__module__", "serval._native")?;
-            namespace.set_item(
-                "__doc__",
-                "A control-plane call refused for what it asked (a name taken, an unknown or \
-                 in-use backend or endpoint, an invalid value): a ServeError and a ValueError.",
-            )?;
-            let class = py
-                .get_type::<PyType>()
-                .call1(("ServeValueError", bases, namespace))?;
-            Ok(class.cast_into::<PyType>()?.unbind())
-        })
-        .map(|class| class.bind(py))
-}
-
-/// A `ServeValueError` (a `ServeError` and a `ValueError`) saying `message`.
-fn serve_value_error(message: String) -> PyErr {
-    Python::attach(|py| match serve_value_error_type(py) {
-        Ok(class) => PyErr::from_type(class.clone(), message),
-        Err(e) => e,
-    })
-}
-
-pub(crate) fn status_err(status: tonic::Status) -> PyErr {
-    use tonic::Code;
-    let message = status.message().to_string();
-    match status.code() {
-        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled => {
-            ControlUnavailable::new_err(message)
-        }
-        Code::AlreadyExists
-        | Code::NotFound
-        | Code::FailedPrecondition
-        | Code::InvalidArgument
-        | Code::OutOfRange => serve_value_error(message),
-        _ => ServeError::new_err(message),
-    }
 }
 
 type Snapshots = watch::Receiver<Option<Arc<ClusterSnapshot>>>;
@@ -223,7 +144,7 @@ impl From<PyAutoscaling> for AutoscalingConfig {
 
 fn parse_config(json: &str) -> PyResult<BackendConfig> {
     let c: PyBackendConfig = serde_json::from_str(json)
-        .map_err(|e| ServeError::new_err(format!("invalid config: {e}")))?;
+        .map_err(|e| INVALID_ARGUMENT.new_err(format!("invalid config: {e}")))?;
     let config = BackendConfig {
         num_replicas: c.num_replicas.unwrap_or(1),
         max_concurrent_queries: c.max_concurrent_queries.unwrap_or(0),
@@ -251,7 +172,7 @@ fn parse_config(json: &str) -> PyResult<BackendConfig> {
     config
         .clone()
         .validate()
-        .map_err(|e| serve_value_error(e.to_string()))?;
+        .map_err(|e| INVALID_ARGUMENT.new_err(e.to_string()))?;
     Ok(config)
 }
 
@@ -343,7 +264,7 @@ impl Client {
                 Ok(first)
             }
         })
-        .map_err(|e| ServeError::new_err(e.to_string()))?;
+        .map_err(connect_err)?;
         let router = Arc::new(Router::new(handle_router_config(&token)?));
         let agents = Key::agents(&token);
         let token_for_reports = token.clone();
@@ -1224,12 +1145,5 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<StreamCall>()?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(application_statuses, m)?)?;
-    m.add("ServeError", m.py().get_type::<ServeError>())?;
-    m.add("ServeValueError", serve_value_error_type(m.py())?)?;
-    m.add("BackPressureError", m.py().get_type::<BackPressureError>())?;
-    m.add(
-        "ControlUnavailable",
-        m.py().get_type::<ControlUnavailable>(),
-    )?;
     Ok(())
 }

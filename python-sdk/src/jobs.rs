@@ -15,7 +15,8 @@
 //!   .get(job_id) -> str ; .list(api) -> str (JSON list) ; .stop(job_id, status="", error="") -> str
 //!   .dead_letters(job_id) -> [(index, batch_id, payload, receive_count, error)]
 //! ```
-//! Errors are `ServeError` with the controller's message.
+//! Errors are the controller's, through `crate::error::status_err` (an
+//! unknown job is `NotFound`, a refused value `InvalidArgument`).
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -26,7 +27,8 @@ use serval_protos::control::{
     ReleaseWorkerRequest, StopJobRequest,
 };
 
-use crate::client::{block_on, status_err, ServeError};
+use crate::client::block_on;
+use crate::error::{status_err, ServeError};
 
 #[pyclass(module = "serval._native")]
 pub struct Jobs {

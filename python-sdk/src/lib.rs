@@ -6,6 +6,8 @@
 //!   queued requests per GIL acquisition.
 //! - `client`: the control-plane client and the ServeHandle router used by
 //!   `serval.serve`.
+//! - `error`: the exception classes `serval` exports and the mapping of
+//!   the control plane's status codes onto them.
 //! - `onnx`: ONNX models run by tract, which a replica can answer HTTP
 //!   requests with in Rust (`handler.runtime: native`).
 //!
@@ -21,6 +23,7 @@ use pyo3::prelude::*;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod client;
+mod error;
 mod jobs;
 mod onnx;
 mod poll;
@@ -56,6 +59,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S",
         serval_protos::backend_config::DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S,
     )?;
+    error::register(m)?;
     replica::register(m)?;
     client::register(m)?;
     onnx::register(m)?;

@@ -102,7 +102,7 @@ def running_cluster(monkeypatch, http_options=None, env=None):
     with extra ``http_options`` and environment (read by ``serve start``),
     shut down afterwards with every process it started killed, even when
     the test fails."""
-    from serval import serve
+    from serval import _core, serve
 
     # Short paths: replica Unix sockets live under the data dir.
     data_dir = tempfile.mkdtemp(prefix="sv-", dir="/tmp")
@@ -123,13 +123,13 @@ def running_cluster(monkeypatch, http_options=None, env=None):
         yield c
     finally:
         try:
-            if serve._client is not None:
+            if _core.current() is not None:
                 serve.shutdown(timeout=30)
         except Exception:
             pass
         # The detached head leads its own process group, replicas included.
         c.kill()
-        serve._client = None
+        _core.disconnect()
         shutil.rmtree(data_dir, ignore_errors=True)
 
 

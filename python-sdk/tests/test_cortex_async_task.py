@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from serval import serve
+from serval import _core, serve
 from test_cortex_deploy import cli
 from test_cortex_handler import wait_for, write_project
 
@@ -156,7 +156,7 @@ def test_a_queued_async_submission_survives_its_replica_and_the_head(async_api, 
     # The whole head goes (its replicas with it) and starts again on its data dir.
     cluster.kill()
     wait_for(lambda: not _alive(old["pid"]), what="the old processes to go")
-    serve._client = None
+    _core.disconnect()
     flags = serve._head_flags(serve._given_http_options({"port": cluster.http_port}))
     out = subprocess.run([sys.executable, "-m", "serval.cli", "--data-dir", cluster.data_dir, "start", "--head",
                           "--detach", *flags], capture_output=True, text=True, timeout=TIMEOUT)

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 
-from serval import serve
+from serval import _core, serve
 from test_locations import alive_nodes, kill_group, start_node, wait_until
 
 
@@ -175,7 +175,7 @@ def console_script_head(monkeypatch, tmp_path):
         for data_dir in started:
             Cluster(data_dir, 0, 0).kill()
             shutil.rmtree(data_dir, ignore_errors=True)
-        serve._client = None
+        _core.disconnect()
 
 
 def echo(request):

@@ -17,7 +17,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from conftest import free_port, running_cluster
 from test_locations import kill_group, start_node, wait_until
-from serval import serve
+from serval import _core, serve
 
 BIG = "x" * 5000
 
@@ -153,12 +153,12 @@ def test_unsupported_middleware_raises_and_starts_nothing(monkeypatch, middlewar
     data_dir = tempfile.mkdtemp(prefix="sv-", dir="/tmp")
     monkeypatch.setenv("SERVAL_DATA_DIR", data_dir)
     monkeypatch.delenv("SERVAL_ADDRESS", raising=False)
-    monkeypatch.setattr(serve, "_client", None)
+    monkeypatch.setattr(_core, "_client", None)
     with pytest.raises(ValueError) as e:
         serve.start(detached=True, data_dir=data_dir,
                     http_options={"middlewares": [middleware], "port": free_port()})
     for name in names:
         assert name in str(e.value)
-    assert serve._client is None
+    assert _core.current() is None
     assert not os.path.exists(os.path.join(data_dir, "cluster.json"))
     assert os.listdir(data_dir) == []

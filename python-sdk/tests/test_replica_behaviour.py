@@ -227,6 +227,34 @@ def test_a_lone_request_goes_out_as_a_batch_of_one_after_the_wait(cluster, model
     assert handle.options(method_name="batch_sizes").remote().result(timeout=30) == [1, 1, 1, 1]
 
 
+class ReconfiguredBatcher(SyncBatcher):
+    def __init__(self):
+        super().__init__()
+        self.version = None
+
+    def reconfigure(self, user_config):
+        self.version = user_config["version"]
+
+    def current_version(self):
+        return self.version
+
+
+def test_a_new_max_batch_size_reaches_the_running_batcher(cluster):
+    # A long wait: a batch goes out when it is full, never on the timer.
+    serve.create_backend("grow", ReconfiguredBatcher, config={
+        "max_batch_size": 2, "batch_wait_timeout": 60.0, "max_concurrent_queries": 16,
+        "user_config": {"version": 1}})
+    serve.create_endpoint("grow", backend="grow")
+    handle = serve.get_handle("grow")
+    assert [f.result(timeout=60)["batch"] for f in [handle.remote(i) for i in range(2)]] == [2, 2]
+    # Applied in place (no new replica): limits first, then reconfigure().
+    serve.update_backend_config("grow", {"max_batch_size": 4, "user_config": {"version": 2}})
+    wait_until("the replica to apply the new config",
+               lambda: handle.options(method_name="current_version").remote().result(timeout=30) == 2)
+    assert [f.result(timeout=60)["batch"] for f in [handle.remote(i) for i in range(4)]] == [4, 4, 4, 4]
+    assert handle.options(method_name="batch_sizes").remote().result(timeout=30) == [2, 4]
+
+
 class WrongLength:
     @serve.accept_batch
     def __call__(self, requests):

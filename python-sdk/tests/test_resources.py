@@ -54,7 +54,7 @@ def test_a_backend_that_fits_nowhere_stays_pending_with_the_reason(gpu_cluster):
     serve.create_backend("two", visible_devices, ray_actor_options={"num_gpus": 2})
     # Both GPUs are taken: the next GPU backend cannot start and says why.
     from serval import ServeError
-    import serval.serve as s
+    import serval._core as s
 
     # At once, with the reason, and the backend is not kept.
     with pytest.raises(ServeError, match="no live node has 1 CPU and 0.5 GPU free"):

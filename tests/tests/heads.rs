@@ -135,13 +135,13 @@ serve.create_endpoint("hello", backend="hello", route="/hello")
             r#"
 import os, sys
 from serval import serve
-serve.connect(os.environ["ADDR"], token=os.environ["TOKEN"])
+client = serve.connect(os.environ["ADDR"], token=os.environ["TOKEN"])
 def f(request):
     return "x"
 i = 0
 while sys.stdin.readline():
     # No node has 1000 CPUs: the backend stays pending and starts nothing.
-    serve._get_client().create_backend(f"w{i}", b"not-started", '{"num_replicas": 1, "num_cpus": 1000}')
+    client.create_backend(f"w{i}", b"not-started", '{"num_replicas": 1, "num_cpus": 1000}')
     print(f"created w{i}", flush=True)
     i += 1
 "#,

@@ -517,13 +517,13 @@ impl Writer {
                 r#"
 import os, sys
 from serval import serve
-serve.connect(os.environ["ADDR"], token=os.environ["TOKEN"])
+client = serve.connect(os.environ["ADDR"], token=os.environ["TOKEN"])
 i = 0
 while sys.stdin.readline():
     name = f"w{i}"
     i += 1
     try:
-        serve._get_client().create_backend(name, b"not-started", '{"num_replicas": 1, "num_cpus": 1000}')
+        client.create_backend(name, b"not-started", '{"num_replicas": 1, "num_cpus": 1000}')
         print(f"created {name}", flush=True)
     except Exception as e:
         print(f"failed {name}: {e}".replace("\n", " "), flush=True)
@@ -720,12 +720,12 @@ fn requests_and_raft_hold_under_50ms_delay_and_2_percent_loss() {
         r#"
 import os
 from serval import serve
-serve.connect(os.environ["ADDR"], token=os.environ["TOKEN"])
+client = serve.connect(os.environ["ADDR"], token=os.environ["TOKEN"])
 h = serve.get_handle("where")
 for _ in range(20):
     h.remote().result()
 for i in range(5):
-    serve._get_client().create_backend(f"slow{i}", b"not-started", '{"num_replicas": 1, "num_cpus": 1000}')
+    client.create_backend(f"slow{i}", b"not-started", '{"num_replicas": 1, "num_cpus": 1000}')
 print("ok")
 "#,
         &c.driver_env(),

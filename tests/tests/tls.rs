@@ -245,7 +245,7 @@ fn control_plane_over_tls() {
 const DEPLOY_AND_CALL: &str = r#"
 import json, os
 from serval import serve
-serve.connect(os.environ["ADDR"], token=os.environ["TOKEN"])
+client = serve.connect(os.environ["ADDR"], token=os.environ["TOKEN"])
 
 def echo(request):
     return {"q": request.query_params.get("q")}
@@ -255,7 +255,6 @@ serve.create_endpoint("echo", backend="echo", route="/echo")
 print("handle:", serve.get_handle("echo").remote(q="by-handle").result())
 replica = [r for r in serve.status()["replicas"] if r["backend"] == "echo"][0]
 print("record:", json.dumps({"tls": replica.get("tls", False), "tcp_addr": replica["tcp_addr"]}))
-client = serve._get_client()
 data, size = client.replica_logs(replica["id"], "", replica["tcp_addr"], 0, 64, tls=True)
 print("log over tls:", size > 0)
 try:

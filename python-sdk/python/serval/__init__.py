@@ -12,7 +12,8 @@
     serve.run(greet.bind(), name="greet", route_prefix="/greet")
 """
 
-from serval._native import ServeError, ServeValueError, __version__
+from serval._native import (AlreadyExists, BackPressureError, ControlUnavailable, DeployFailedError,
+                            InvalidArgument, NotFound, ServeError, ServeValueError, __version__)
 from serval.handle import AsyncServeHandle, BackendError, ServeFuture, ServeHandle, _Resolved
 from serval.request import ServeRequest
 from serval.cortex.client import api_url, client
@@ -31,6 +32,7 @@ def get(refs, timeout=None):
 
 
 __all__ = [
-    "ServeError", "ServeValueError", "BackendError", "ServeRequest", "ServeHandle", "AsyncServeHandle", "ServeFuture",
+    "ServeError", "ServeValueError", "NotFound", "AlreadyExists", "InvalidArgument", "ControlUnavailable",
+    "BackPressureError", "DeployFailedError", "BackendError", "ServeRequest", "ServeHandle", "AsyncServeHandle", "ServeFuture",
     "get", "client", "api_url", "__version__",
 ]

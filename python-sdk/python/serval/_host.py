@@ -52,7 +52,7 @@ import logging
 import os
 import traceback
 import types
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import cloudpickle
 from starlette.background import BackgroundTask, BackgroundTasks
@@ -312,45 +312,61 @@ class _Item:
         self.reply = reply
 
 
-class _Batcher:
-    """Collects requests for one ``@serve.accept_batch`` method: a batch goes
-    out when it holds ``max_batch_size`` requests, or ``batch_wait_timeout``
-    seconds after its first request arrived."""
+class Batcher:
+    """Gathers the calls of one batched method into batches: a batch goes
+    out, to ``on_batch(items)`` on the loop's thread, when it holds
+    ``max_size`` items or ``wait_s`` seconds after its first item arrived.
+    The one batcher of replicas: ``@serve.accept_batch`` methods (``Host``)
+    and Cortex's ``server_side_batching`` (``cortex/realtime.py``) both
+    batch with it. ``max_size`` and ``wait_s`` may change (a reconfigured
+    backend); the next batch follows them."""
 
-    __slots__ = ("host", "target", "items", "timer")
+    __slots__ = ("max_size", "wait_s", "on_batch", "loop", "items", "timer")
 
-    def __init__(self, host: "Host", target: _Target):
-        self.host = host
-        self.target = target
+    def __init__(self, max_size: int, wait_s: float, on_batch: Callable[[list], None],
+                 loop: Optional[asyncio.AbstractEventLoop] = None):
+        self.max_size = max_size
+        self.wait_s = wait_s
+        self.on_batch = on_batch
+        #: None: the loop running when the first item arrives.
+        self.loop = loop
         self.items: list = []
-        self.timer = None
+        self.timer: Optional[asyncio.TimerHandle] = None
 
-    def add(self, item: _Item) -> None:
+    def add(self, item: Any) -> None:
         self.items.append(item)
-        if len(self.items) >= self.host.max_batch_size:
+        if len(self.items) >= max(1, self.max_size):
             self.flush()
         elif self.timer is None:
-            # With a timeout of 0 this still runs after the current drain, so
-            # requests that arrived together go out together.
-            self.timer = self.host.loop.call_later(self.host.batch_wait_timeout, self._on_timer)
+            self._arm()
+
+    def _arm(self) -> None:
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+        # With a wait of 0 this still runs after the current drain, so
+        # items that arrived together go out together.
+        self.timer = self.loop.call_later(max(0.0, self.wait_s), self._on_timer)
 
     def _on_timer(self) -> None:
         self.timer = None
         self.flush()
 
     def flush(self) -> None:
+        """Sends the open batch (``max_size`` items at most; the rest start
+        the next one)."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        size = max(1, self.host.max_batch_size)
+        size = max(1, self.max_size)
         batch = self.items[:size]
         del self.items[:size]
         if self.items:
-            self.timer = self.host.loop.call_later(self.host.batch_wait_timeout, self._on_timer)
+            self._arm()
         if batch:
-            self.host._run_batch(self.target, batch)
+            self.on_batch(batch)
 
     def cancel(self) -> list:
+        """Stops gathering and returns the items not sent (to refuse them)."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -449,6 +465,8 @@ class Host:
             raise ValueError(f"batch_wait_timeout must be non-negative, not {timeout}")
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout = timeout
+        for batcher in self._batchers.values():
+            batcher.max_size, batcher.wait_s = max_batch_size, timeout
         self.max_concurrent_queries = int(config.get("max_concurrent_queries") or 0) or \
             default_max_concurrent_queries(self._code, max_batch_size)
         if self._server is not None:
@@ -709,7 +727,9 @@ class Host:
         if target.batched:
             batcher = self._batchers.get(target.name)
             if batcher is None:
-                batcher = self._batchers[target.name] = _Batcher(self, target)
+                batcher = self._batchers[target.name] = Batcher(
+                    self.max_batch_size, self.batch_wait_timeout, functools.partial(self._run_batch, target),
+                    self.loop)
             batcher.add(_Item(kind, args[0], scope, reply))
             return None
         try:

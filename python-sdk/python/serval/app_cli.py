@@ -78,11 +78,11 @@ def _connect_or_start(args, http_options: Optional[dict], proxy_location: Option
 
 
 def _http_url(route_prefix: Optional[str]) -> str:
-    from serval import serve
+    from serval import _core
 
     if route_prefix is None:
         return "(handles only)"
-    nodes = [n for n in serve._snapshot().get("nodes", []) if n.get("alive") and n.get("http_address")]
+    nodes = [n for n in _core.snapshot().get("nodes", []) if n.get("alive") and n.get("http_address")]
     head = next((n for n in nodes if n.get("is_head")), nodes[0] if nodes else None)
     return f"http://{head['http_address']}{route_prefix}" if head else f"(no HTTP proxy) {route_prefix}"
 

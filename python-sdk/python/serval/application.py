@@ -35,9 +35,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import cloudpickle
 
-from serval import _native
+from serval import _core, _native
 from serval._host import replica_context, wrap_deployment_code
-from serval._native import ServeError, ServeValueError
+from serval._native import AlreadyExists, DeployFailedError, InvalidArgument, NotFound, ServeError
 from serval.deployment import Application, Deployment, _check_name
 from serval.handle import DeploymentHandle
 from serval.schema import ServeStatus
@@ -50,12 +50,6 @@ DEFAULT_APP_NAME = "default"
 RECORD_KIND = "Application"
 #: Containers searched for bound deployments in ``bind()`` arguments, and how deep.
 _MAX_ARG_DEPTH = 32
-
-
-class DeployFailedError(ServeError, RuntimeError):
-    """An application could not be deployed (a deployment's replicas failed
-    to start); ``serve.status()`` shows it DEPLOY_FAILED with the reason. A
-    RuntimeError, as Ray's ``serve.run`` raises."""
 
 
 def _serve():
@@ -162,12 +156,11 @@ def plan(app_name: str, target: Any, *, env_vars: Optional[Dict[str, str]] = Non
     if unknown:
         raise ValueError(f"application {app_name!r} has no deployment(s) {unknown}; its deployments: "
                          f"{[name for name, *_ in order]}")
-    serve = _serve()
     planned = []
     for name, dep, args, kwargs in order:
         if name in overrides:
             dep = dep.options(**overrides[name])
-        inner = serve._pickle_code(dep.func_or_class, args, kwargs)
+        inner = _core.pickle_code(dep.func_or_class, args, kwargs)
         options = dep.replica_options(env_vars)
         planned.append(Planned(name, dep, wrap_deployment_code(inner, options), _code_version(inner, options),
                                dep.backend_config()))
@@ -177,7 +170,7 @@ def plan(app_name: str, target: Any, *, env_vars: Optional[Dict[str, str]] = Non
 # -- the record --------------------------------------------------------------
 
 def _records() -> Dict[str, Dict[str, Any]]:
-    return {a["name"]: a for a in _serve()._snapshot().get("apis", [])}
+    return {a["name"]: a for a in _core.snapshot().get("apis", [])}
 
 
 def _spec(record: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -205,7 +198,7 @@ def _ensure_connected():
     """The client; with no cluster found, a head started for this process
     (shut down when it exits), as Ray's serve.run starts a local instance."""
     serve = _serve()
-    if serve._client is None:
+    if _core.current() is None:
         try:
             serve.connect()
         except ServeError:
@@ -213,7 +206,7 @@ def _ensure_connected():
             if replica_context() is not None or os.environ.get("SERVAL_ADDRESS"):
                 raise
             serve.start()
-    return serve._client
+    return _core.get_client()
 
 
 def _check_prefix_free(snapshot: Dict[str, Any], app_name: str, route_prefix: Optional[str]) -> None:
@@ -223,8 +216,8 @@ def _check_prefix_free(snapshot: Dict[str, Any], app_name: str, route_prefix: Op
         if e.get("route_is_prefix") and e.get("route") == route_prefix and \
                 not e["name"].startswith(f"{app_name}#"):
             owner = e["name"].split("#", 1)[0]
-            raise ServeValueError(f"route_prefix {route_prefix!r} is already used by application {owner!r}; "
-                                  f"application {app_name!r} needs another one")
+            raise AlreadyExists(f"route_prefix {route_prefix!r} is already used by application {owner!r}; "
+                                f"application {app_name!r} needs another one")
 
 
 def _ensure_endpoint(serve, client, name: str, endpoints: Dict[str, Dict[str, Any]],
@@ -238,7 +231,7 @@ def _ensure_endpoint(serve, client, name: str, endpoints: Dict[str, Dict[str, An
         if same:
             return
         serve.delete_endpoint(name)
-    serve._create_endpoint(name, name, route_prefix, [], route_is_prefix=route_prefix is not None)
+    _core.create_endpoint(name, name, route_prefix, [], route_is_prefix=route_prefix is not None)
 
 
 def _deploy_backend(serve, client, bname: str, p: Planned, backends: Dict[str, Any],
@@ -257,9 +250,9 @@ def _deploy_backend(serve, client, bname: str, p: Planned, backends: Dict[str, A
                                                                                    config["num_replicas"])
             client.update_backend_config(bname, json.dumps(config))
         if previous.get("code") != p.code_version:
-            serve._roll_code(client, bname, p.code)
+            _core.roll_code(client, bname, p.code)
             return
-    state, error = serve._wait_backend_started(client, bname, True)
+    state, error = _core.wait_backend_started(client, bname, True)
     if state == "failed":
         raise DeployFailedError(f"deployment {p.name!r} failed to start:\n{error}")
 
@@ -277,11 +270,11 @@ def deploy_application(app_name: str, target: Any, route_prefix: Optional[str] =
     planned, ingress = plan(app_name, target, env_vars=env_vars, overrides=overrides)
     serve = _serve()
     client = _ensure_connected()
-    snapshot = serve._snapshot()
+    snapshot = _core.snapshot()
     record = next((a for a in snapshot.get("apis", []) if a["name"] == app_name), None)
     if record is not None and record.get("kind") != RECORD_KIND:
-        raise ServeValueError(f"{app_name!r} is the name of a {record.get('kind')} deployed with `serve deploy`; "
-                              f"delete it or give the application another name")
+        raise AlreadyExists(f"{app_name!r} is the name of a {record.get('kind')} deployed with `serve deploy`; "
+                            f"delete it or give the application another name")
     _check_prefix_free(snapshot, app_name, route_prefix)
     previous = _spec(record)
     spec = {
@@ -346,10 +339,10 @@ def delete(name: str, _blocking: bool = True) -> None:
     """Removes application ``name``: its deployments' endpoints and backends,
     then its record. An unknown name does nothing."""
     serve = _serve()
-    snapshot = serve._snapshot()
+    snapshot = _core.snapshot()
     record = next((a for a in snapshot.get("apis", []) if a["name"] == name), None)
     if record is not None and record.get("kind") != RECORD_KIND:
-        raise ServeValueError(f"{name!r} is a {record.get('kind')}, not an application: remove it with "
+        raise InvalidArgument(f"{name!r} is a {record.get('kind')}, not an application: remove it with "
                               f"`serve delete {name}`")
     prefix = f"{name}#"
     # The ingress first, so HTTP stops before its dependencies go.
@@ -360,23 +353,23 @@ def delete(name: str, _blocking: bool = True) -> None:
     for e in endpoints:
         serve.delete_endpoint(e)
     # Returns once no proxy serves the route prefix (Ray's delete blocks too).
-    deadline = time.monotonic() + serve.ROUTE_PROPAGATION_TIMEOUT_S
+    deadline = time.monotonic() + _core.ROUTE_PROPAGATION_TIMEOUT_S
     for e in endpoints:
         shared_route = any(r == routes.get(e) for name, r in routes.items() if name not in endpoints)
         if routes.get(e) and _blocking and not shared_route:
-            serve._wait_for_proxies(routes[e], deadline, present=False)
+            _core.wait_for_proxies(routes[e], deadline, present=False)
     for b in snapshot.get("backends", []):
         if b["name"].startswith(prefix):
             serve.delete_backend(b["name"], force=True)
     if record is not None:
-        serve._get_client().delete_api(name)
+        _core.get_client().delete_api(name)
 
 
 def status() -> ServeStatus:
     """Ray 2.x's ServeStatus: ``.applications`` (each with its status,
     message and deployments) and ``.proxies``; also the controller's
     snapshot as a dict (Serval's serve.status() before the 2.x API)."""
-    text = _serve()._get_client().snapshot_json()
+    text = _core.get_client().snapshot_json()
     return ServeStatus(json.loads(text), json.loads(_native.application_statuses(text)))
 
 
@@ -384,7 +377,7 @@ def get_app_handle(name: str) -> DeploymentHandle:
     """The handle of application ``name``'s ingress."""
     record = _application_records().get(name)
     if record is None:
-        raise ServeValueError(f"application {name!r} does not exist")
+        raise NotFound(f"application {name!r} does not exist")
     return DeploymentHandle(_spec(record)["ingress"], name)
 
 
@@ -395,8 +388,8 @@ def get_deployment_handle(deployment_name: str, app_name: Optional[str] = None) 
         context = replica_context()
         app_name = context["app_name"] if context else DEFAULT_APP_NAME
     bname = backend_name(app_name, deployment_name)
-    if not any(b["name"] == bname for b in _serve()._snapshot().get("backends", [])):
-        raise ServeValueError(f"deployment {deployment_name!r} of application {app_name!r} does not exist")
+    if not any(b["name"] == bname for b in _core.snapshot().get("backends", [])):
+        raise NotFound(f"deployment {deployment_name!r} of application {app_name!r} does not exist")
     return DeploymentHandle(deployment_name, app_name)
 
 

@@ -333,9 +333,9 @@ _ENDPOINT_WAIT_S = 30.0
 
 
 def _native_handle(endpoint: str):
-    from serval import serve
+    from serval import _core  # lazily: _core imports this module
 
-    client = serve._get_client()
+    client = _core.get_client()
     with _NATIVE_LOCK:
         cached = _NATIVE_HANDLES.get(endpoint)
         if cached is not None and cached[0] is client:

@@ -143,7 +143,7 @@ class _ControllerReport:
         self._changed.set()
 
     def _run(self, replica_id: str) -> None:
-        from . import serve
+        from . import _core
 
         last: Optional[list] = None
         while True:
@@ -152,7 +152,7 @@ class _ControllerReport:
             ids = held_ids()
             if ids != last:
                 try:
-                    serve._get_client().report_replica_models(replica_id, ids)
+                    _core.get_client().report_replica_models(replica_id, ids)
                     last = ids
                 except Exception as e:  # the controller may be away: try again later
                     logger.debug("model report failed: %s", e)

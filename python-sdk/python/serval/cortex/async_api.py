@@ -150,7 +150,7 @@ class AsyncAPI(RealtimeAPI):
     async def _off_loop(fn, *args):
         """``fn(*args)`` off the replica's event loop (control calls block);
         no head answering is the client's 503, to retry."""
-        from serval._native import ControlUnavailable
+        from serval import ControlUnavailable
 
         try:
             return await asyncio.get_running_loop().run_in_executor(None, fn, *args)

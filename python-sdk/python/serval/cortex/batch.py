@@ -53,6 +53,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from starlette.requests import Request
 
+from .. import _core
 from . import job_status
 from .job_status import ENDED
 from .realtime import (HandlerError, RealtimeAPI, accepted_args, cluster_client, error_response, resolve_project_dir,
@@ -110,7 +111,7 @@ def _process_id() -> str:
 def _retrying(call, *args):
     """``call(*args)``, retried with backoff while no head answers (see
     ``ControlUnavailable``), for up to ``CONTROL_RETRY_S``."""
-    from serval._native import ControlUnavailable
+    from serval import ControlUnavailable
 
     deadline = time.monotonic() + CONTROL_RETRY_S
     delay = 0.05
@@ -433,11 +434,11 @@ class BatchGateway:
                               {"Allow": "POST, GET, DELETE"})
 
     def _job(self, job_id: str) -> dict:
-        from serval import ServeError
+        from serval import NotFound
 
         try:
             job = json.loads(_jobs().get(job_id))
-        except ServeError as e:
+        except NotFound as e:
             raise LookupError(f"job {job_id}: {e}") from None
         if job["spec"]["api"] != self.name:
             raise LookupError(f"job {job_id} is not a job of api {self.name}")
@@ -481,16 +482,13 @@ class BatchGateway:
         """The job's record; a job the controller refuses (over a cap such
         as ``workers``: its message names the field and the cap) is the
         client's 400."""
-        from serval import ServeError
-        from serval._native import ControlUnavailable
+        from serval import ServeValueError
 
         try:
             return json.loads(_jobs().create(self.name, job["workers"], float(job["timeout"] or 0),
                                              json.dumps(job["config"]), job["max_receive_count"], self.me,
                                              self.sources.retention))
-        except ControlUnavailable:
-            raise
-        except ServeError as e:
+        except ServeValueError as e:
             raise JobError(str(e)) from None
 
     def _enqueue_job(self, job_id: str, job: dict) -> None:
@@ -557,17 +555,16 @@ class BatchGateway:
                 self._watch(jobs, job, [r for r in replicas if r["backend"] == backend])
 
     def _start_workers(self, job_id: str, workers: int) -> None:
-        from serval import ServeError, serve
+        from serval import AlreadyExists
 
         compute = self.spec.get("compute") or {}
         options = {"num_cpus": float(compute.get("cpu") or 0.2), "num_gpus": float(compute.get("gpu") or 0)}
         try:
             # Not waiting for the workers: this loop watches them.
-            serve._submit_backend(worker_backend(self.name, job_id), self.worker_class(), (self.spec, job_id),
+            _core.submit_backend(worker_backend(self.name, job_id), self.worker_class(), (self.spec, job_id),
                                   options, {"num_replicas": workers})
-        except ServeError as e:
-            if "exists" not in str(e):  # else another gateway started them first
-                raise
+        except AlreadyExists:
+            pass  # another gateway started them first
 
     def _watch(self, jobs, job: dict, workers: List[dict]) -> None:
         """One look at a running job: gives a dead or moved worker's leases

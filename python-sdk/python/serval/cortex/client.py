@@ -108,12 +108,12 @@ def proxy_url() -> str:
     ``http://api-<name>:8888/``; Serval handlers use this."""
     import os
 
-    from serval import serve
+    from serval import _core, serve
 
     url = os.environ.get("SERVAL_PROXY_URL")
     if url:
         return url.rstrip("/")
-    if serve._client is None:
+    if _core.current() is None:
         serve.connect()
     nodes = [n for n in serve.status().get("nodes", []) if n.get("alive") and n.get("http_address")]
     if not nodes:

@@ -34,6 +34,7 @@ import os
 import time
 from typing import Any, Dict, List, Optional
 
+from .. import _core
 from .config import ConfigError, _Checker, compile_proto, load_config, read_dotenv
 from .package import build_package
 
@@ -152,7 +153,7 @@ def deploy(folder: str = ".", config_path: Optional[str] = None, *, wait: bool =
             for rel, data in compiled.files.items():
                 generated[f'{grpc["package_dir"]}/{rel}'] = data
     package = build_package(folder, path, generated)
-    client = serve._get_client()
+    client = _core.get_client()
     snap = _snapshot()
     _check_splitters(apis, snap)
     existing = {a["name"]: a for a in snap.get("apis", [])}
@@ -238,7 +239,7 @@ def _create_endpoint(serve, spec: dict, descriptor: Optional[bytes]) -> None:
                               grpc_service=grpc["service"], grpc_descriptor=descriptor)
     elif spec["kind"] == "AsyncAPI":
         # POST /<endpoint> and GET /<endpoint>/<id>: the route and below it.
-        serve._create_endpoint(spec["name"], spec["name"], spec["endpoint"], [], route_is_prefix=True)
+        _core.create_endpoint(spec["name"], spec["name"], spec["endpoint"], [], route_is_prefix=True)
     else:
         serve.create_endpoint(spec["name"], backend=spec["name"], route=spec["endpoint"], methods=API_METHODS)
 
@@ -259,7 +260,7 @@ def _deploy_realtime(serve, client, spec: dict, secrets: Dict[str, str], old: Op
         return "unchanged"
     if old is not None and old.get("kind") != spec["kind"]:
         raise ConfigError(f'api "{name}": kind: the cluster has a {old.get("kind")} with this name; delete it first')
-    code = serve._pickle_code(_backend_class(spec), (_code_spec(spec, secrets),))
+    code = _core.pickle_code(_backend_class(spec), (_code_spec(spec, secrets),))
     config = json.dumps(_backend_config(spec))
     backends = {b["name"] for b in _snapshot().get("backends", [])}
     if old is None or name not in backends:
@@ -300,7 +301,7 @@ def _deploy_batch(serve, client, spec: dict, secrets: Dict[str, str], old: Optio
     if old is not None and old.get("kind") != spec["kind"]:
         raise ConfigError(f'api "{name}": kind: the cluster has a {old.get("kind")} with this name; delete it first')
     gateway = TaskGateway if spec["kind"] == "TaskAPI" else BatchGateway
-    code = serve._pickle_code(gateway, (_code_spec(spec, secrets),))
+    code = _core.pickle_code(gateway, (_code_spec(spec, secrets),))
     backends = {b["name"] for b in _snapshot().get("backends", [])}
     if name not in backends:
         client.create_backend(name, code, json.dumps({"num_replicas": 1}), _blobs(spec, secrets))
@@ -458,4 +459,4 @@ def delete(name: str) -> None:
         for backend in backends:
             if backend.startswith(f"{name}--job-"):
                 serve.delete_backend(backend, force=True)
-    serve._get_client().delete_api(name)
+    _core.get_client().delete_api(name)

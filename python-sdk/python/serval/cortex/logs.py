@@ -13,6 +13,8 @@ import logging
 import time
 from typing import Dict, Iterator, List, Optional, Set, Tuple
 
+from .. import _core
+
 #: Bytes asked per request; a replica answers at most 1 MiB anyway.
 CHUNK_BYTES = 256 * 1024
 #: Requests per replica per pass: a replica writing without pause must not
@@ -97,7 +99,7 @@ def stream_api_logs(name: str, follow: bool = True, poll: float = 0.5,
     from .deploy import get_api
 
     get_api(name)
-    client = serve._get_client()
+    client = _core.get_client()
     tails: Dict[str, _Tail] = {}
     warned: Set[Tuple[str, str]] = set()
     first = True

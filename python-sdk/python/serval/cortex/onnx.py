@@ -23,9 +23,10 @@ The response goes through the same mapping as a Handler's result (dict/list
 safe: with ``threads_per_process: 1`` one request runs at a time.
 
 With ``server_side_batching`` concurrent requests are gathered by
-RealtimeAPI's ``_Batcher``; their inputs (after pre_inference) are stacked
-along the batch axis, the model runs once, and every output is split back by
-the rows each request contributed before post_inference runs per request.
+RealtimeAPI's batcher (``serval._host.Batcher``); their inputs (after
+pre_inference) are stacked along the batch axis, the model runs once, and
+every output is split back by the rows each request contributed before
+post_inference runs per request.
 Where stacking cannot work (no batch dimension, shapes that differ, an
 output that is not per row) each request of the batch runs on its own.
 

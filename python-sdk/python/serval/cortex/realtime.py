@@ -21,7 +21,7 @@ interleave on the replica's event loop either way.
 
 ``handler.server_side_batching`` (``max_batch_size``, ``batch_interval`` in
 seconds) gathers concurrent POST requests into one ``handle_post`` call
-(``_Batcher``): ``payload``, ``query_params`` and ``headers`` are then lists,
+(``serval._host.Batcher``): ``payload``, ``query_params`` and ``headers`` are then lists,
 one element per request in arrival order, and ``handle_post`` returns a list
 of as many results, element i answering request i.
 """
@@ -48,7 +48,8 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .._host import _call_blocking, result_to_http
+from .. import _core
+from .._host import Batcher, _call_blocking, result_to_http
 from ..request import ServeRequest
 from .models import ModelNotFound, PythonClient
 
@@ -88,7 +89,7 @@ class BatchResultError(ValueError):
 class _Method:
     """A ``handle_<verb>`` method and what it takes, inspected once at start;
     ``inline``: a sync method run on the loop's thread (no pool, no batching),
-    ``batcher``: the _Batcher that gathers its requests."""
+    ``batcher``: the Batcher that gathers its requests."""
 
     __slots__ = ("fn", "args", "is_async", "inline", "batcher")
 
@@ -97,7 +98,7 @@ class _Method:
         self.args = frozenset(accepted_args(fn, REQUEST_ARGS, what))
         self.is_async = inspect.iscoroutinefunction(fn)
         self.inline = not self.is_async
-        self.batcher: Optional[_Batcher] = None
+        self.batcher: Optional[Batcher] = None
 
 
 class RealtimeAPI:
@@ -131,6 +132,8 @@ class RealtimeAPI:
         threads = int(handler.get("threads_per_process") or 1)
         #: Runs the sync handler methods when threads_per_process > 1.
         self._executor = ThreadPoolExecutor(threads, f"{self.name}-handler") if threads > 1 else None
+        #: The batches running (strong references to their tasks).
+        self._batches: set = set()
         batching = handler.get("server_side_batching")
         if batching:
             post = self._methods.get("POST")
@@ -138,8 +141,8 @@ class RealtimeAPI:
                 logger.warning("api %r: server_side_batching applies to handle_post, which the Handler lacks",
                                self.name)
             else:
-                post.batcher = _Batcher(self, post, int(batching["max_batch_size"]),
-                                        float(batching["batch_interval"]))
+                post.batcher = Batcher(int(batching["max_batch_size"]), float(batching["batch_interval"]),
+                                       functools.partial(self._start_batch, post))
         for method in self._methods.values():
             method.inline = not method.is_async and method.batcher is None and self._executor is None
 
@@ -198,7 +201,7 @@ class RealtimeAPI:
             if method.inline:  # the fast path
                 result = _call_blocking(method.fn, (), kwargs)
             elif method.batcher is not None:
-                result = await method.batcher.submit(kwargs)
+                result = await self._batched(method, kwargs)
             else:
                 result = await self._run(method, kwargs)
         except ModelNotFound as e:
@@ -222,6 +225,47 @@ class RealtimeAPI:
         return await asyncio.get_running_loop().run_in_executor(
             self._executor, functools.partial(method.fn, **kwargs))
 
+    # -- server-side batching ------------------------------------------
+
+    def _batched(self, method: _Method, kwargs: dict) -> asyncio.Future:
+        """Adds one request to the method's open batch; its future gets its
+        element of the batch's result (or the error response of a failed
+        batch)."""
+        future = asyncio.get_running_loop().create_future()
+        method.batcher.add((kwargs, future))
+        return future
+
+    def _start_batch(self, method: _Method, batch: list) -> None:
+        task = asyncio.get_running_loop().create_task(self._run_batch(method, batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _run_batch(self, method: _Method, batch: list) -> None:
+        # Requests already given up (their replica is stopping) are left out.
+        batch = [(kwargs, future) for kwargs, future in batch if not future.done()]
+        if not batch:
+            return
+        n = len(batch)
+        lists = {name: [kwargs[name] for kwargs, _ in batch] for name in method.args}
+        try:
+            results = await self._run(method, lists)
+            if not isinstance(results, (list, tuple)) or len(results) != n:
+                got = f"{len(results)} results" if isinstance(results, (list, tuple)) \
+                    else f"a {type(results).__name__}"
+                raise BatchResultError(f"handle_post returned {got} for a batch of {n} requests; with "
+                                       f"server_side_batching it must return a list of {n} results, one per request")
+        except Exception as e:
+            logger.error("api %r: handle_post failed for a batch of %d requests", self.name, n, exc_info=e)
+            results = [error_response(500, f"{type(e).__name__}: {e}") for _ in range(n)]
+        except BaseException as e:  # cancelled, or the replica stops (SystemExit & co.)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(e)
+            raise
+        for (_, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)
+
     def _with_callback(self, result: Any, callback) -> Response:
         """``result`` as a Response that runs ``callback`` once it was sent.
         A result that cannot be sent (not JSON serializable) answers its 500
@@ -236,71 +280,6 @@ class RealtimeAPI:
         task = BackgroundTask(run_callback, callback, self._executor)
         response.background = task if response.background is None else BackgroundTasks([response.background, task])
         return response
-
-
-class _Batcher:
-    """Gathers concurrent requests to one method (``handle_post``) into
-    batches: a batch is sent when it holds ``max_size`` requests, or
-    ``interval`` seconds after its first request arrived. Each request waits
-    on its own future for its element of the batch's result (or for the
-    error response of a failed batch)."""
-
-    def __init__(self, api: RealtimeAPI, method: _Method, max_size: int, interval: float):
-        self.api = api
-        self.method = method
-        self.max_size = max(1, max_size)
-        self.interval = max(0.0, interval)
-        self.pending: list = []  # (kwargs, future), in arrival order
-        self.timer: Optional[asyncio.TimerHandle] = None
-        self.tasks: set = set()  # the batches running (strong references)
-
-    def submit(self, kwargs: dict) -> asyncio.Future:
-        """Adds one request to the open batch; its future gets its result."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self.pending.append((kwargs, future))
-        if len(self.pending) >= self.max_size:
-            self.flush()
-        elif self.timer is None:
-            self.timer = loop.call_later(self.interval, self.flush)
-        return future
-
-    def flush(self) -> None:
-        """Sends the open batch."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        batch, self.pending = self.pending, []
-        if batch:
-            task = asyncio.get_running_loop().create_task(self.run(batch))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-
-    async def run(self, batch: list) -> None:
-        # Requests already given up (their replica is stopping) are left out.
-        batch = [(kwargs, future) for kwargs, future in batch if not future.done()]
-        if not batch:
-            return
-        n = len(batch)
-        lists = {name: [kwargs[name] for kwargs, _ in batch] for name in self.method.args}
-        try:
-            results = await self.api._run(self.method, lists)
-            if not isinstance(results, (list, tuple)) or len(results) != n:
-                got = f"{len(results)} results" if isinstance(results, (list, tuple)) \
-                    else f"a {type(results).__name__}"
-                raise BatchResultError(f"handle_post returned {got} for a batch of {n} requests; with "
-                                       f"server_side_batching it must return a list of {n} results, one per request")
-        except Exception as e:
-            logger.error("api %r: handle_post failed for a batch of %d requests", self.api.name, n, exc_info=e)
-            results = [error_response(500, f"{type(e).__name__}: {e}") for _ in range(n)]
-        except BaseException as e:  # cancelled, or the replica stops (SystemExit & co.)
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(e)
-            raise
-        for (_, future), result in zip(batch, results):
-            if not future.done():
-                future.set_result(result)
 
 
 # -- the process -------------------------------------------------------------
@@ -344,14 +323,14 @@ def resolve_project_dir(spec: dict, project_dir: Optional[str]) -> str:
 def fetch_blob(digest: str, timeout: float = 30.0) -> bytes:
     """The package's bytes from the cluster's store. A head that has not yet
     applied a just-committed upload answers NOT_FOUND for a moment: retry."""
-    from serval import ServeError
+    from serval import NotFound
 
     deadline = time.monotonic() + timeout
     while True:
         try:
             return cluster_client().get_blob(digest)
-        except ServeError as e:
-            if time.monotonic() > deadline or "not stored" not in str(e):
+        except NotFound:
+            if time.monotonic() > deadline:
                 raise
         time.sleep(0.1)
 
@@ -359,11 +338,7 @@ def fetch_blob(digest: str, timeout: float = 30.0) -> bytes:
 def cluster_client():
     """The control client of the cluster this replica runs in (the node
     agent gives replicas SERVAL_ADDRESS and SERVAL_TOKEN)."""
-    from serval import serve
-
-    if serve._client is None:
-        serve.connect()
-    return serve._get_client()
+    return _core.current() or _core.connect()
 
 
 def dotenv_values(spec: dict) -> Optional[dict]:
