@@ -112,12 +112,16 @@ pub enum Payload {
     /// away (client disconnected, handle generator dropped); the replica
     /// stops the generator. Answered with nothing.
     Cancel,
-    /// A unary gRPC call the proxy terminated (`SERVAL_GRPC_FRAMES`): the
-    /// request message's bytes, untouched. Answered with a [`Response`]
-    /// whose status is 200 and whose headers carry [`GRPC_STATUS_HEADER`]
-    /// (and [`GRPC_MESSAGE_HEADER`]); its body is the reply message's bytes
-    /// when that status is OK (0). Any other HTTP status is the replica's
-    /// own refusal (queue full, dispatch failed).
+    /// A unary or server-streaming gRPC call the proxy terminated
+    /// (`SERVAL_GRPC_FRAMES`): the request message's bytes, untouched.
+    /// Answered with a [`Response`] whose status is 200 and whose headers
+    /// carry [`GRPC_STATUS_HEADER`] (and [`GRPC_MESSAGE_HEADER`]); its body
+    /// is the reply message's bytes when that status is OK (0). Any other
+    /// HTTP status is the replica's own refusal (queue full, dispatch
+    /// failed). A server-streaming call may instead be answered with a
+    /// streamed reply: one [`StreamFrame::Chunk`] per reply message, then
+    /// `End` (status OK) or `Error` with a 200 [`Response`] carrying the
+    /// final status in those headers.
     Grpc(GrpcCall),
 }
 

@@ -1,10 +1,13 @@
-//! Unary gRPC calls the proxy terminates (`SERVAL_GRPC_FRAMES=1`): a
-//! hand-built snapshot whose one replica is a native frame server with no
-//! gRPC server at all (`grpc_addr` empty), so a call only succeeds as a
+//! gRPC calls the proxy terminates (`SERVAL_GRPC_FRAMES=1`): a hand-built
+//! snapshot whose one replica is a native frame server with no gRPC server
+//! at all (`grpc_addr` empty), so a call only succeeds as a
 //! `Payload::Grpc` frame. Checks what the replica receives (path,
 //! metadata, message bytes, deadline), the answers (a message and OK
 //! trailers, a replica's status trailers-only), that a call holds its slot
-//! until answered (a second one is RESOURCE_EXHAUSTED), and the deadline.
+//! until answered (a second one is RESOURCE_EXHAUSTED), and the deadline;
+//! then server streams: the replica's stream frames become gRPC messages
+//! and trailers, the stream holds the slot until it ends, and a client
+//! that resets the stream (or its deadline) cancels it on the replica.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,19 +21,22 @@ use prost::Message;
 use serval_node::replica_server::{Handler, Reply};
 use serval_node::test_util::ThreadedReplica;
 use serval_protos::control::{Backend, BackendConfig, ClusterSnapshot, Endpoint};
-use serval_protos::frame::{GrpcCall, Payload, Request, Response};
+use serval_protos::frame::{GrpcCall, Payload, Request, Response, StreamFrame, STREAM_HEADER};
 use serval_proxy::{Proxy, ProxyConfig};
 
 type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
 
-/// Keeps every gRPC call it gets, unanswered, until the test answers it.
+/// Keeps every gRPC call it gets, unanswered, until the test answers it,
+/// and the ids of the streams the router cancelled.
 #[derive(Default)]
-struct Calls(Mutex<Vec<(GrpcCall, Reply)>>);
+struct Calls(Mutex<Vec<(GrpcCall, Reply)>>, Mutex<Vec<u64>>);
 
 impl Handler for Calls {
     fn handle(&self, request: Request, reply: Reply) {
-        if let Payload::Grpc(call) = request.payload {
-            self.0.lock().unwrap().push((call, reply));
+        match request.payload {
+            Payload::Grpc(call) => self.0.lock().unwrap().push((call, reply)),
+            Payload::Cancel => self.1.lock().unwrap().push(reply.id()),
+            _ => {}
         }
     }
 }
@@ -43,6 +49,19 @@ impl Calls {
     fn count(&self) -> usize {
         self.0.lock().unwrap().len()
     }
+
+    fn cancelled(&self, id: u64) -> bool {
+        self.1.lock().unwrap().contains(&id)
+    }
+}
+
+/// The head of a streamed reply.
+fn stream_head() -> Response {
+    Response {
+        status: 200,
+        headers: vec![(STREAM_HEADER.into(), "1".into())],
+        body: Vec::new(),
+    }
 }
 
 fn grpc_frame(message: &[u8]) -> Bytes {
@@ -52,7 +71,8 @@ fn grpc_frame(message: &[u8]) -> Bytes {
     out.into()
 }
 
-/// A descriptor set declaring `echo.Echo` with the unary method `Say`.
+/// A descriptor set declaring `echo.Echo` with the unary method `Say` and
+/// the server-streaming `Count`.
 fn descriptor() -> Vec<u8> {
     use prost_types::{
         FileDescriptorProto, FileDescriptorSet, MethodDescriptorProto, ServiceDescriptorProto,
@@ -63,12 +83,21 @@ fn descriptor() -> Vec<u8> {
             package: Some("echo".into()),
             service: vec![ServiceDescriptorProto {
                 name: Some("Echo".into()),
-                method: vec![MethodDescriptorProto {
-                    name: Some("Say".into()),
-                    input_type: Some(".echo.Msg".into()),
-                    output_type: Some(".echo.Msg".into()),
-                    ..Default::default()
-                }],
+                method: vec![
+                    MethodDescriptorProto {
+                        name: Some("Say".into()),
+                        input_type: Some(".echo.Msg".into()),
+                        output_type: Some(".echo.Msg".into()),
+                        ..Default::default()
+                    },
+                    MethodDescriptorProto {
+                        name: Some("Count".into()),
+                        input_type: Some(".echo.Msg".into()),
+                        output_type: Some(".echo.Msg".into()),
+                        server_streaming: Some(true),
+                        ..Default::default()
+                    },
+                ],
                 ..Default::default()
             }],
             ..Default::default()
@@ -142,8 +171,8 @@ async fn unary_calls_reach_a_replica_as_frames() {
     let client: Client<_, BoxBody> = Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http();
-    let call = move |message: &[u8], headers: &[(&str, &str)]| {
-        let mut req = hyper::Request::post(format!("http://{addr}/echo.Echo/Say"))
+    let call_method = move |method: &str, message: &[u8], headers: &[(&str, &str)]| {
+        let mut req = hyper::Request::post(format!("http://{addr}/echo.Echo/{method}"))
             .header("content-type", "application/grpc")
             .header("te", "trailers");
         for (k, v) in headers {
@@ -154,6 +183,8 @@ async fn unary_calls_reach_a_replica_as_frames() {
                 .unwrap(),
         )
     };
+    let call = |message: &[u8], headers: &[(&str, &str)]| call_method("Say", message, headers);
+    let count = |headers: &[(&str, &str)]| call_method("Count", b"", headers);
 
     // A call reaches the replica with its metadata (not the protocol's
     // headers, not a client's copy of the proxy credential) and its bytes.
@@ -213,6 +244,92 @@ async fn unary_calls_reach_a_replica_as_frames() {
     })
     .await;
     drop(calls.take());
+
+    // A server stream: each chunk frame reaches the client as one message
+    // as it comes, the end as OK trailers; the stream holds the slot.
+    let streaming = tokio::spawn(count(&[]));
+    eventually("the stream's call", || calls.count() == 1).await;
+    let (got, reply) = calls.take().pop().unwrap();
+    assert_eq!(got.path, "/echo.Echo/Count");
+    assert!(reply.send_frame(&stream_head()));
+    let mut body = streaming.await.unwrap().unwrap().into_body();
+    assert!(reply.send_frame(&StreamFrame::Chunk(b"one".to_vec())));
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, grpc_frame(b"one"), "a message leaves as it comes");
+    let refused = call(b"", &[]).await.unwrap();
+    assert_eq!(
+        status(refused.headers()),
+        Some("8"),
+        "the open stream holds the slot"
+    );
+    assert!(reply.send_frame(&StreamFrame::Chunk(b"two".to_vec())));
+    assert!(reply.send_frame(&StreamFrame::End));
+    let rest = body.collect().await.unwrap();
+    assert_eq!(status(rest.trailers().unwrap()), Some("0"));
+    assert_eq!(rest.to_bytes(), grpc_frame(b"two"));
+    eventually("the stream's slot to be released", || {
+        proxy.router().in_flight("b") == 0
+    })
+    .await;
+    assert!(
+        !calls.cancelled(reply.id()),
+        "a complete stream is not cancelled"
+    );
+
+    // The replica's error frame ends the stream with its status.
+    let failing = tokio::spawn(count(&[]));
+    eventually("the failing stream's call", || calls.count() == 1).await;
+    let (_, reply) = calls.take().pop().unwrap();
+    reply.send_frame(&stream_head());
+    reply.send_frame(&StreamFrame::Chunk(b"one".to_vec()));
+    reply.send_frame(&StreamFrame::Error(answer("7", "denied 100%", b"")));
+    let collected = failing
+        .await
+        .unwrap()
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    let trailers = collected.trailers().unwrap().clone();
+    assert_eq!(status(&trailers), Some("7"));
+    assert_eq!(trailers.get("grpc-message").unwrap(), "denied 100%25");
+    assert_eq!(collected.to_bytes(), grpc_frame(b"one"));
+
+    // A client that resets the stream cancels it on the replica, and the
+    // slot is freed.
+    let dropped = tokio::spawn(count(&[]));
+    eventually("the reset stream's call", || calls.count() == 1).await;
+    let (_, reply) = calls.take().pop().unwrap();
+    reply.send_frame(&stream_head());
+    drop(dropped.await.unwrap().unwrap());
+    eventually("the replica to get the cancel", || {
+        calls.cancelled(reply.id())
+    })
+    .await;
+    eventually("the reset stream's slot to be released", || {
+        proxy.router().in_flight("b") == 0
+    })
+    .await;
+
+    // The client's deadline ends an open stream, cancelling it too.
+    let late = tokio::spawn(count(&[("grpc-timeout", "300m")]));
+    eventually("the late stream's call", || calls.count() == 1).await;
+    let (_, reply) = calls.take().pop().unwrap();
+    reply.send_frame(&stream_head());
+    let collected = late
+        .await
+        .unwrap()
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(status(collected.trailers().unwrap()), Some("4"));
+    eventually("the late stream to be cancelled", || {
+        calls.cancelled(reply.id())
+    })
+    .await;
 
     let _ = stop.send(());
     let _ = server.await;

@@ -1,28 +1,41 @@
-//! Unary calls the proxy terminates itself (`SERVAL_GRPC_FRAMES=1`, issue
-//! 25): the request message is taken out of its gRPC framing and sent as a
+//! Calls the proxy terminates itself (`SERVAL_GRPC_FRAMES=1`, issue 25):
+//! the request message is taken out of its gRPC framing and sent as a
 //! [`Payload::Grpc`] frame on the replica's multiplexed connection, the
-//! same connection, handshake and bounds as HTTP requests; the replica
-//! answers the status and the reply message's bytes, which go back as a
-//! gRPC response with trailers. Message bytes are never decoded here.
+//! same connection, handshake and bounds as HTTP requests. A unary call's
+//! replica answers the status and the reply message's bytes, which go back
+//! as a gRPC response with trailers. A server-streaming call's replica
+//! answers with a streamed reply (the machinery of HTTP streams: a head,
+//! one chunk frame per reply message, credits, cancel): each chunk goes to
+//! the client as one gRPC message as it comes, and the stream's end (or
+//! error frame) becomes the trailers. Message bytes are never decoded here.
 //!
-//! Streaming calls are still forwarded to the replica's grpcio server
-//! ([`super::forward`]).
+//! Client-streaming and bidirectional calls are still forwarded to the
+//! replica's grpcio server ([`super::forward`]).
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{HeaderMap, StatusCode};
-use serval_protos::frame::{GrpcCall, Payload, Request, GRPC_MESSAGE_HEADER, GRPC_STATUS_HEADER};
+use serval_protos::frame::{
+    GrpcCall, Payload, Request, Response, GRPC_MESSAGE_HEADER, GRPC_STATUS_HEADER,
+};
 use serval_protos::handshake;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
-use super::{code_of, frame, internal_failure, status_response, BoxError, Code, GrpcResponse};
+use super::{
+    add_status, code_of, frame, internal_failure, status_response, BoxError, Code, GrpcBody,
+    GrpcResponse,
+};
 use crate::errors;
 use crate::http::read_body;
 use crate::proxy::Proxy;
+use crate::replica_conn::{ChunkStream, StreamError};
 
 /// Headers of the gRPC protocol itself (and the proxy's credential): not
 /// the caller's metadata, so never handed to the Handler.
@@ -34,8 +47,8 @@ const NOT_METADATA: [&str; 5] = [
     handshake::GRPC_AUTH_HEADER,
 ];
 
-/// Calls `path` (`/package.Service/Method`, a unary method) on a replica of
-/// `endpoint`.
+/// Calls `path` (`/package.Service/Method`, a unary or server-streaming
+/// method) on a replica of `endpoint`.
 pub(super) async fn call(
     proxy: &Proxy,
     endpoint: &str,
@@ -91,11 +104,13 @@ pub(super) async fn call(
             timeout_ms,
         }),
     };
-    // The slot is held until the answer is here (the reservation's scope).
-    let answer = match reservation.request(&request, deadline).await {
-        Ok(reply) => reply.response,
+    // The slot is held until the answer is here (the reservation's scope),
+    // or, for a stream, until the stream ends.
+    let reply = match reservation.request(&request, deadline).await {
+        Ok(reply) => reply,
         Err(e) => return status_response(code_of(&e), &errors::message(&e, proxy.debug_errors)),
     };
+    let answer = reply.response;
     if answer.status != 200 {
         let detail = format!(
             "replica {} of endpoint {endpoint} refused the call ({}): {}",
@@ -110,15 +125,122 @@ pub(super) async fn call(
         };
         return internal_failure(proxy, code, "the replica could not take the call", detail);
     }
-    let code = answer
-        .header(GRPC_STATUS_HEADER)
-        .and_then(|c| c.parse::<u16>().ok())
-        .unwrap_or(Code::Unknown as u16);
-    let details = answer.header(GRPC_MESSAGE_HEADER).unwrap_or("");
+    if let Some(mut messages) = reply.stream {
+        messages.hold(reservation);
+        // A stream is bounded by the client's deadline only, as an HTTP
+        // stream is by nothing once its head came.
+        let deadline = client_timeout.map(|t| Box::pin(tokio::time::sleep_until(started + t)));
+        let body = MessageStream {
+            messages: Some(messages),
+            deadline,
+            debug_errors: proxy.debug_errors,
+        };
+        return grpc_response(body.boxed_unsync());
+    }
+    let (code, details) = replica_status(&answer);
     if code != 0 {
         return super::status_response_code(code, details);
     }
     ok_response(&answer.body)
+}
+
+/// The gRPC status a replica answered (in a unary answer, or the error
+/// frame that ends a stream).
+fn replica_status(answer: &Response) -> (u16, &str) {
+    let code = answer
+        .header(GRPC_STATUS_HEADER)
+        .and_then(|c| c.parse::<u16>().ok())
+        .unwrap_or(Code::Unknown as u16);
+    (code, answer.header(GRPC_MESSAGE_HEADER).unwrap_or(""))
+}
+
+/// The reply of a server-streaming call: one gRPC message per chunk the
+/// replica sends, as it comes, then trailers with the stream's status.
+/// Dropped before its end (the client reset the stream), or ended by the
+/// client's deadline, it drops `messages`, which cancels the replica's
+/// generator and frees the slot the stream holds.
+struct MessageStream {
+    messages: Option<ChunkStream>,
+    deadline: Option<Pin<Box<Sleep>>>,
+    debug_errors: bool,
+}
+
+impl MessageStream {
+    /// The trailers of a stream that ended with `end` (`None`: complete).
+    fn trailers(&self, end: Option<StreamError>) -> HeaderMap {
+        let mut trailers = HeaderMap::new();
+        match end {
+            None => add_status(&mut trailers, 0, ""),
+            // The replica's own status (an abort, an exception, a wrong
+            // reply type, set_code).
+            Some(StreamError::Failed(r)) if r.status == 200 => {
+                let (code, message) = replica_status(&r);
+                add_status(&mut trailers, code, message);
+            }
+            Some(e) => {
+                tracing::warn!(error = %e, "a server-streaming gRPC call was cut");
+                let code = match &e {
+                    StreamError::Failed(r) if r.status != 503 => Code::Internal,
+                    _ => Code::Unavailable,
+                };
+                let detail = e.to_string();
+                let public = "the replica ended the stream early";
+                let message = if self.debug_errors { &detail } else { public };
+                add_status(&mut trailers, code as u16, message);
+            }
+        }
+        trailers
+    }
+}
+
+impl Body for MessageStream {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let Some(messages) = this.messages.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if let Some(deadline) = this.deadline.as_mut() {
+            if deadline.as_mut().poll(cx).is_ready() {
+                this.messages = None;
+                let mut trailers = HeaderMap::new();
+                let message = "the call's deadline passed mid-stream";
+                add_status(&mut trailers, Code::DeadlineExceeded as u16, message);
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            }
+        }
+        let end = match messages.poll_next(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Some(Ok(message))) => {
+                return Poll::Ready(Some(Ok(Frame::data(frame(&message)))))
+            }
+            Poll::Ready(Some(Err(e))) => Some(e),
+            Poll::Ready(None) => None,
+        };
+        let trailers = this.trailers(end);
+        // Ended: the slot is freed now, not when hyper drops the body.
+        this.messages = None;
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.messages.is_none()
+    }
+}
+
+/// A gRPC response: its headers now, `body` (messages, then trailers) as
+/// it comes.
+fn grpc_response(body: GrpcBody) -> GrpcResponse {
+    let mut response = hyper::Response::new(body);
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    response
 }
 
 /// The gRPC code and message of a body the proxy would not read.
@@ -194,16 +316,12 @@ fn metadata(headers: &HeaderMap) -> Vec<(String, String)> {
 /// An OK answer: the reply message, then trailers with status 0.
 fn ok_response(message: &[u8]) -> GrpcResponse {
     let mut trailers = HeaderMap::new();
-    trailers.insert(GRPC_STATUS_HEADER, HeaderValue::from_static("0"));
+    add_status(&mut trailers, 0, "");
     let body = Full::new(frame(message))
         .map_err(|never| -> BoxError { match never {} })
         .with_trailers(async move { Some(Ok(trailers)) })
         .boxed_unsync();
-    let mut response = hyper::Response::new(body);
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    response
+    grpc_response(body)
 }
 
 #[cfg(test)]

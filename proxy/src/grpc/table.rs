@@ -15,8 +15,9 @@ pub(crate) struct GrpcServices {
     /// `package.Service/Method` of every method the descriptors declare:
     /// the only method names used as metric labels.
     methods: BTreeSet<String>,
-    /// The unary ones among them (no stream either way).
-    unary: BTreeSet<String>,
+    /// Those whose request is one message (unary and server-streaming):
+    /// the calls the proxy can terminate ([`super::frames`]).
+    one_request: BTreeSet<String>,
 }
 
 impl GrpcServices {
@@ -35,9 +36,9 @@ impl GrpcServices {
             }
             out.endpoints.insert(e.grpc_service.clone(), e.name.clone());
             if !e.grpc_descriptor.is_empty() {
-                for (method, unary) in declared_methods(&e.grpc_descriptor) {
-                    if unary {
-                        out.unary.insert(method.clone());
+                for (method, client_streaming) in declared_methods(&e.grpc_descriptor) {
+                    if !client_streaming {
+                        out.one_request.insert(method.clone());
                     }
                     out.methods.insert(method);
                 }
@@ -65,15 +66,16 @@ impl GrpcServices {
         self.methods.contains(&format!("{service}/{method}"))
     }
 
-    /// Whether `method` is a unary method of a deployed service.
-    pub(crate) fn is_unary(&self, service: &str, method: &str) -> bool {
-        self.unary.contains(&format!("{service}/{method}"))
+    /// Whether `method` of a deployed service takes one request message
+    /// (unary or server-streaming).
+    pub(crate) fn takes_one_message(&self, service: &str, method: &str) -> bool {
+        self.one_request.contains(&format!("{service}/{method}"))
     }
 }
 
 /// `package.Service/Method` of each method in a serialized
-/// FileDescriptorSet, and whether it is unary; none when it does not
-/// decode (reflection logs that).
+/// FileDescriptorSet, and whether its client streams; none when it does
+/// not decode (reflection logs that).
 fn declared_methods(set: &[u8]) -> Vec<(String, bool)> {
     let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
         return Vec::new();
@@ -88,8 +90,8 @@ fn declared_methods(set: &[u8]) -> Vec<(String, bool)> {
                 format!("{package}.{}", service.name())
             };
             for method in &service.method {
-                let unary = !method.client_streaming() && !method.server_streaming();
-                out.push((format!("{service_name}/{}", method.name()), unary));
+                let name = format!("{service_name}/{}", method.name());
+                out.push((name, method.client_streaming()));
             }
         }
     }

@@ -159,6 +159,11 @@ _CALL = 1
 #: A handle call made with ``options(stream=True)``: a generator's items
 #: stream back (a plain call to a generator method is refused, as in Ray).
 _STREAM_CALL = 2
+#: A server-streaming gRPC call the proxy terminated (``on_grpc``): its
+#: items are reply messages' bytes, one per chunk frame.
+_GRPC = 3
+#: The head of a streamed reply, by kind.
+_STREAM_HEADS = {_HTTP: _TEXT, _GRPC: [("content-type", "application/grpc")]}
 #: The call header a streaming handle call carries.
 STREAM_CALL_HEADER = "x-serval-stream"
 
@@ -778,6 +783,14 @@ class Host:
         return 200, _PICKLE, cloudpickle.dumps(result)
 
     def _error(self, kind: int, e: BaseException, scope, method_name: Optional[str]):
+        if kind == _GRPC:
+            # serval.cortex.grpc_api ends a stream's failures with the
+            # status to send (its _StreamStatus); anything else is INTERNAL.
+            answer = getattr(e, "grpc_answer", None)
+            if answer is not None:
+                return answer
+            logger.error("backend %r: a gRPC stream failed", self.backend, exc_info=e)
+            return 200, [("grpc-status", "13"), ("grpc-message", f"{type(e).__name__}: {e}")], b""
         if kind == _HTTP:
             logger.error("backend %r: %s %s failed", self.backend, (scope or {}).get("method"),
                          (scope or {}).get("path"), exc_info=e)
@@ -884,7 +897,7 @@ class Host:
         try:
             if isinstance(source, Response):
                 await self._stream_asgi(source, scope, reply, stream)
-            elif reply.start_stream(200, _TEXT if kind == _HTTP else _PICKLE):
+            elif reply.start_stream(200, _STREAM_HEADS.get(kind, _PICKLE)):
                 await self._stream_items(kind, source, reply, stream)
         except (asyncio.CancelledError, _StreamGone, ClientDisconnect):
             # The client went away (or the replica stops): the generator was
@@ -916,7 +929,7 @@ class Host:
                 await self._send_http_chunk(stream, _http_chunk(item))
         else:
             take = self._take_credit
-            encode = _http_chunk if kind == _HTTP else cloudpickle.dumps
+            encode = _http_chunk if kind == _HTTP else bytes if kind == _GRPC else cloudpickle.dumps
 
             async def put(item):
                 if not reply.send_chunk(encode(item)):
@@ -1042,14 +1055,22 @@ class Host:
     # -- reconfigure -----------------------------------------------------
 
     def on_grpc(self, path: str, message: bytes, metadata: tuple, timeout: Optional[float], reply):
-        """A unary gRPC call the proxy terminated: the object's
+        """A gRPC call the proxy terminated: the object's
         ``serval_grpc_call`` answers it (now, or later through ``reply``)
         with ``(200, [("grpc-status", code), ("grpc-message", details)],
-        reply message bytes)``; an object without one answers UNIMPLEMENTED."""
+        reply message bytes)``, or, for a server-streaming call, with an
+        async generator of the reply messages' bytes, streamed here as HTTP
+        generators are (credits, cancel) on a task that holds the call until
+        the stream ends. An object without one answers UNIMPLEMENTED."""
         if self._grpc is None:
             return 200, [("grpc-status", "12"), ("grpc-message", f"backend '{self.backend}' serves no gRPC "
                                                                   f"method {path}")], b""
-        return self._grpc(path, message, metadata, timeout, reply)
+        result = self._grpc(path, message, metadata, timeout, reply)
+        if inspect.isasyncgen(result):
+            self._in_flight += 1  # the stream's task ends it (_done)
+            self._start_stream(_GRPC, result, None, reply)
+            return None
+        return result
 
     def on_reconfigure(self, config_json: str, reply):
         """A config change from the node agent: new limits now, and

@@ -39,16 +39,22 @@ keeps it. A result that is not the RPC's output message is INTERNAL too,
 naming both types. An RPC of the service that the Handler lacks answers
 UNIMPLEMENTED naming the method; it does not stop the API from starting.
 
-Unary calls can also reach the replica without grpcio: a proxy started with
-``SERVAL_GRPC_FRAMES=1`` terminates gRPC itself and sends each unary call
-as a ``Payload::Grpc`` frame on its replica connection; the replica's
-``serval_grpc_call`` decodes the message with the generated class, calls the
-Handler with a :class:`Context` (grpcio's ``ServicerContext`` methods a
-Handler uses) and answers the status and the reply message's bytes. The
-statuses, details and deadlines are those of the grpcio path. Those calls
-run on a pool of ``threads_per_process`` threads when it is above 1, and
-inline on the replica's worker thread, one at a time, with 1 (as a
-RealtimeAPI's HTTP requests do).
+Unary and server-streaming calls can also reach the replica without
+grpcio: a proxy started with ``SERVAL_GRPC_FRAMES=1`` terminates gRPC
+itself and sends each such call as a ``Payload::Grpc`` frame on its replica
+connection; the replica's ``serval_grpc_call`` decodes the message with the
+generated class, calls the Handler with a :class:`Context` (grpcio's
+``ServicerContext`` methods a Handler uses) and answers the status and the
+reply message's bytes. The statuses, details and deadlines are those of the
+grpcio path. Unary calls run on a pool of ``threads_per_process`` threads
+when it is above 1, and inline on the replica's worker thread, one at a
+time, with 1 (as a RealtimeAPI's HTTP requests do). A server-streaming call
+is answered with an async generator of reply message bytes that the
+replica's host streams as it does an HTTP generator (one chunk frame per
+message, paced by the proxy's credits, closed when the client goes away:
+the Handler's generator is closed where it stands and ``is_active()``
+turns False); a sync generator is advanced on that pool (inline with 1).
+Client-streaming and bidirectional calls are still served by grpcio.
 
 Sync methods run on a pool of ``handler.threads_per_process`` threads (at
 least 1), so that many calls run at once; ``async def`` methods (and async
@@ -72,6 +78,7 @@ import types
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional
 
+from .._host import _call_blocking
 from .config import DESCRIPTOR_SET_NAME
 from .realtime import HandlerError, RealtimeAPI, accepted_args, error_response, setup_process
 
@@ -183,6 +190,21 @@ class _Aborted(Exception):
     """Raised by :meth:`Context.abort`: the call ends with the status set."""
 
 
+class _StreamStatus(Exception):
+    """Ends a streamed call with a status other than a plain OK: the
+    replica's host sends ``grpc_answer`` as the stream's error frame, whose
+    status and details the proxy puts in the trailers."""
+
+    def __init__(self, answer: tuple):
+        super().__init__(dict(answer[1]).get("grpc-message", ""))
+        self.grpc_answer = answer
+
+
+#: What ``next`` returns at the end of a Handler's sync iterator (a
+#: StopIteration cannot cross a future).
+_END = object()
+
+
 class Context:
     """A Handler's ``context`` on a call the proxy terminated: the methods
     of grpcio's ``ServicerContext`` a Handler uses. The call is active until
@@ -194,6 +216,11 @@ class Context:
         self._code = None
         self._details = ""
         self._trailing: tuple = ()
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        """The client went away (a stream it reset): the call is inactive."""
+        self._cancelled = True
 
     def invocation_metadata(self) -> tuple:
         return self._metadata
@@ -202,7 +229,7 @@ class Context:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
     def is_active(self) -> bool:
-        return self._deadline is None or time.monotonic() < self._deadline
+        return not self._cancelled and (self._deadline is None or time.monotonic() < self._deadline)
 
     def set_code(self, code) -> None:
         self._code = code
@@ -331,27 +358,105 @@ class _Rpc:
 
     def run_frame(self, message: bytes, context: Context) -> tuple:
         """The answer to one unary call the proxy terminated."""
-        if self.fn is None:
-            return _status_reply(STATUS_CODES["UNIMPLEMENTED"], self._unimplemented_details())
-        try:
-            request = self.input_class.FromString(message)
-        except Exception as e:
-            return _status_reply(STATUS_CODES["INTERNAL"], f"cannot decode the request as "
-                                                           f"{self.input_class.DESCRIPTOR.full_name}: {e}")
-        try:
-            result = self._invoke(request, context)
-        except _Aborted:
-            return _status_reply(status_number(context.code()), context.details() or "")
-        except Exception as e:
-            if context.code() is not None:
-                return _status_reply(status_number(context.code()), context.details() or "")
-            logger.error("api %r: %s failed:\n%s", self.api.name, self.path,
-                         "".join(traceback.format_exception(e)).rstrip())
-            return _status_reply(STATUS_CODES["INTERNAL"], f"{type(e).__name__}: {e}")
+        result, failed = self._call(message, context)
+        if failed is not None:
+            return failed
         if not isinstance(result, self.output_class):
             return _status_reply(STATUS_CODES["INTERNAL"], self._wrong_type(result))
         code = STATUS_CODES["OK"] if context.code() is None else status_number(context.code())
         return _status_reply(code, context.details() or "", result.SerializeToString() if code == 0 else b"")
+
+    def _call(self, message: bytes, context: Context) -> tuple:
+        """Decodes the request and calls the Handler with it: ``(result,
+        None)``, or ``(None, answer)`` when there is no Handler method, the
+        request does not decode, or the Handler raised."""
+        if self.fn is None:
+            return None, _status_reply(STATUS_CODES["UNIMPLEMENTED"], self._unimplemented_details())
+        try:
+            request = self.input_class.FromString(message)
+        except Exception as e:
+            return None, _status_reply(STATUS_CODES["INTERNAL"], f"cannot decode the request as "
+                                                                 f"{self.input_class.DESCRIPTOR.full_name}: {e}")
+        try:
+            return self._invoke(request, context), None
+        except Exception as e:
+            return None, self._failed_reply(e, context)
+
+    def _failed_reply(self, e: Exception, context: Context) -> tuple:
+        """The answer for an exception of the Handler: its own status when it
+        set one (abort, set_code), else INTERNAL naming the exception."""
+        if context.code() is not None:
+            return _status_reply(status_number(context.code()), context.details() or "")
+        logger.error("api %r: %s failed:\n%s", self.api.name, self.path,
+                     "".join(traceback.format_exception(e)).rstrip())
+        return _status_reply(STATUS_CODES["INTERNAL"], f"{type(e).__name__}: {e}")
+
+    def open_stream(self, message: bytes, context: Context):
+        """One server-streaming call the proxy terminated: its answer when it
+        fails before its first reply (trailers-only, as from grpcio), else an
+        async generator of the reply messages' bytes for the host to stream."""
+        result, failed = self._call(message, context)
+        if failed is not None:
+            return failed
+        try:
+            iterator = result if hasattr(result, "__anext__") else iter(result)
+        except Exception as e:
+            return self._failed_reply(e, context)
+        return self._messages(iterator, context)
+
+    async def _messages(self, iterator, context: Context):
+        """The Handler's replies as message bytes, each checked as it comes.
+        A failure, a wrong reply type or a status the Handler set ends the
+        stream with :class:`_StreamStatus`. Closed early (the client went
+        away, the replica stops), the Handler's iterator is closed too."""
+        pool = self.api._pool
+        running = None  # next() on the pool, while it runs
+        try:
+            while True:
+                try:
+                    if hasattr(iterator, "__anext__"):
+                        try:
+                            item = await iterator.__anext__()
+                        except StopAsyncIteration:
+                            break
+                    elif pool is None:
+                        item = _call_blocking(next, (iterator, _END), None)
+                    else:
+                        running = pool.submit(next, iterator, _END)
+                        item = await asyncio.wrap_future(running)
+                        running = None
+                except Exception as e:
+                    raise _StreamStatus(self._failed_reply(e, context)) from None
+                if item is _END:
+                    break
+                if not isinstance(item, self.output_class):
+                    raise _StreamStatus(_status_reply(STATUS_CODES["INTERNAL"], self._wrong_type(item)))
+                yield item.SerializeToString()
+        except (asyncio.CancelledError, GeneratorExit):
+            context.cancel()
+            raise
+        finally:
+            await self._close(iterator, running)
+        code = context.code()
+        if code is not None and (status_number(code) != 0 or context.details()):
+            raise _StreamStatus(_status_reply(status_number(code), context.details() or ""))
+
+    async def _close(self, iterator, running) -> None:
+        """Closes a Handler's iterator, once its ``next`` on the pool (if one
+        runs) returned: a generator cannot be closed while it runs."""
+        if running is not None and not running.done():
+            await asyncio.wait([asyncio.wrap_future(running)], timeout=STOP_GRACE_S)
+            if not running.done():
+                logger.warning("api %r: %s still runs %ss after its call ended; it is left to finish",
+                               self.api.name, self.path, STOP_GRACE_S)
+                return
+        try:
+            if hasattr(iterator, "aclose"):
+                await iterator.aclose()
+            elif hasattr(iterator, "close"):
+                _call_blocking(iterator.close, (), None)
+        except Exception:
+            logger.exception("api %r: closing the responses of %s failed", self.api.name, self.path)
 
     def _unimplemented_details(self) -> str:
         return f"api '{self.api.name}': the Handler has no method {self.name} (rpc {self.path})"
@@ -515,13 +620,18 @@ class GrpcAPI(RealtimeAPI):
                                    "gRPC")
 
     def serval_grpc_call(self, path: str, message: bytes, metadata: tuple, timeout: Optional[float], reply):
-        """A unary call the proxy terminated (``serval._host.Host.on_grpc``):
-        answered now (inline), or on the pool through ``reply``. A path that
-        is not a unary method of the service answers UNIMPLEMENTED."""
+        """A call the proxy terminated (``serval._host.Host.on_grpc``): a
+        unary one answered now (inline), or on the pool through ``reply``; a
+        server-streaming one answered with an async generator of the reply
+        messages' bytes (or its status when it fails at once). A path that
+        is not a unary or server-streaming method of the service answers
+        UNIMPLEMENTED."""
         rpc = self._by_path.get(path)
-        if rpc is None or rpc.client_streaming or rpc.server_streaming:
-            return _status_reply(STATUS_CODES["UNIMPLEMENTED"],
-                                 f"api '{self.name}': {path} is not a unary method of {self.service}")
+        if rpc is None or rpc.client_streaming:
+            return _status_reply(STATUS_CODES["UNIMPLEMENTED"], f"api '{self.name}': {path} is not a unary or "
+                                                                f"server-streaming method of {self.service}")
+        if rpc.server_streaming:
+            return rpc.open_stream(message, Context(metadata, timeout))
         if self._pool is None:
             return rpc.run_frame(message, Context(metadata, timeout))
         self._pool.submit(rpc.call_frame, message, metadata, timeout, reply)
