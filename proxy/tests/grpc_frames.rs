@@ -10,12 +10,13 @@
 //! that resets the stream (or its deadline) cancels it on the replica.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::{Client, Error as LegacyError};
 use hyper_util::rt::TokioExecutor;
 use prost::Message;
 use serval_node::replica_server::{Handler, Reply};
@@ -27,15 +28,22 @@ use serval_proxy::{Proxy, ProxyConfig};
 type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
 
 /// Keeps every gRPC call it gets, unanswered, until the test answers it,
-/// and the ids of the streams the router cancelled.
+/// the ids of the streams the router cancelled, and the client streams'
+/// request messages (None: a half-close) by id.
 #[derive(Default)]
-struct Calls(Mutex<Vec<(GrpcCall, Reply)>>, Mutex<Vec<u64>>);
+struct Calls(
+    Mutex<Vec<(GrpcCall, Reply)>>,
+    Mutex<Vec<u64>>,
+    Mutex<Vec<(u64, Option<Vec<u8>>)>>,
+);
 
 impl Handler for Calls {
     fn handle(&self, request: Request, reply: Reply) {
         match request.payload {
             Payload::Grpc(call) => self.0.lock().unwrap().push((call, reply)),
             Payload::Cancel => self.1.lock().unwrap().push(reply.id()),
+            Payload::GrpcMessage(m) => self.2.lock().unwrap().push((reply.id(), Some(m))),
+            Payload::GrpcHalfClose => self.2.lock().unwrap().push((reply.id(), None)),
             _ => {}
         }
     }
@@ -52,6 +60,17 @@ impl Calls {
 
     fn cancelled(&self, id: u64) -> bool {
         self.1.lock().unwrap().contains(&id)
+    }
+
+    /// The request messages of call `id` so far, and whether it half-closed.
+    fn requests(&self, id: u64) -> (Vec<Vec<u8>>, bool) {
+        let all = self.2.lock().unwrap();
+        let mine: Vec<_> = all.iter().filter(|(i, _)| *i == id).collect();
+        let half_closed = mine.iter().any(|(_, m)| m.is_none());
+        (
+            mine.into_iter().filter_map(|(_, m)| m.clone()).collect(),
+            half_closed,
+        )
     }
 }
 
@@ -71,8 +90,8 @@ fn grpc_frame(message: &[u8]) -> Bytes {
     out.into()
 }
 
-/// A descriptor set declaring `echo.Echo` with the unary method `Say` and
-/// the server-streaming `Count`.
+/// A descriptor set declaring `echo.Echo` with the unary method `Say`, the
+/// server-streaming `Count` and the client-streaming `Upload`.
 fn descriptor() -> Vec<u8> {
     use prost_types::{
         FileDescriptorProto, FileDescriptorSet, MethodDescriptorProto, ServiceDescriptorProto,
@@ -97,6 +116,13 @@ fn descriptor() -> Vec<u8> {
                         server_streaming: Some(true),
                         ..Default::default()
                     },
+                    MethodDescriptorProto {
+                        name: Some("Upload".into()),
+                        input_type: Some(".echo.Msg".into()),
+                        output_type: Some(".echo.Msg".into()),
+                        client_streaming: Some(true),
+                        ..Default::default()
+                    },
                 ],
                 ..Default::default()
             }],
@@ -104,6 +130,27 @@ fn descriptor() -> Vec<u8> {
         }],
     }
     .encode_to_vec()
+}
+
+/// Opens the stream of the call `response` awaits (answering its head on
+/// the replica), checks that the proxy ends it with status `code` and
+/// cancels it on the replica; its id there.
+async fn ended_by_the_proxy(
+    calls: &Calls,
+    response: impl Future<Output = Result<hyper::Response<hyper::body::Incoming>, LegacyError>>
+        + Send
+        + 'static,
+    code: &str,
+) -> u64 {
+    let response = tokio::spawn(response);
+    eventually("the stream's call", || calls.count() == 1).await;
+    let (_, reply) = calls.take().pop().unwrap();
+    reply.send_frame(&stream_head());
+    let body = response.await.unwrap().unwrap().into_body();
+    let collected = body.collect().await.unwrap();
+    assert_eq!(status(collected.trailers().unwrap()), Some(code));
+    eventually("the stream to be cancelled", || calls.cancelled(reply.id())).await;
+    reply.id()
 }
 
 async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
@@ -171,6 +218,7 @@ async fn unary_calls_reach_a_replica_as_frames() {
     let client: Client<_, BoxBody> = Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http();
+    let upload_client = client.clone();
     let call_method = move |method: &str, message: &[u8], headers: &[(&str, &str)]| {
         let mut req = hyper::Request::post(format!("http://{addr}/echo.Echo/{method}"))
             .header("content-type", "application/grpc")
@@ -185,6 +233,16 @@ async fn unary_calls_reach_a_replica_as_frames() {
     };
     let call = |message: &[u8], headers: &[(&str, &str)]| call_method("Say", message, headers);
     let count = |headers: &[(&str, &str)]| call_method("Count", b"", headers);
+    // A client stream's body: these messages, already framed.
+    let upload = |body: Vec<u8>| {
+        let req = hyper::Request::post(format!("http://{addr}/echo.Echo/Upload"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
+        upload_client.request(
+            req.body(BoxBody::new(Full::new(Bytes::from(body))))
+                .unwrap(),
+        )
+    };
 
     // A call reaches the replica with its metadata (not the protocol's
     // headers, not a client's copy of the proxy credential) and its bytes.
@@ -313,11 +371,43 @@ async fn unary_calls_reach_a_replica_as_frames() {
     .await;
 
     // The client's deadline ends an open stream, cancelling it too.
-    let late = tokio::spawn(count(&[("grpc-timeout", "300m")]));
-    eventually("the late stream's call", || calls.count() == 1).await;
-    let (_, reply) = calls.take().pop().unwrap();
-    reply.send_frame(&stream_head());
-    let collected = late
+    ended_by_the_proxy(&calls, count(&[("grpc-timeout", "300m")]), "4").await;
+
+    // A client stream: the replica answers a head at once; the client's
+    // messages follow as GrpcMessage frames, at most the window (16) before
+    // the replica credits more, then the half-close; the reply's chunk and
+    // end are the call's message and OK trailers.
+    let messages: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; i as usize]).collect();
+    let body: Vec<u8> = messages
+        .iter()
+        .flat_map(|m| grpc_frame(m).to_vec())
+        .collect();
+    let uploading = tokio::spawn(upload(body));
+    eventually("the upload's call", || calls.count() == 1).await;
+    let (got, reply) = calls.take().pop().unwrap();
+    assert_eq!(
+        (got.path.as_str(), got.message.len()),
+        ("/echo.Echo/Upload", 0)
+    );
+    let id = reply.id();
+    assert!(reply.send_frame(&stream_head()));
+    eventually("a window of messages", || calls.requests(id).0.len() >= 16).await;
+    let (sent, half_closed) = calls.requests(id);
+    assert_eq!(
+        (sent.len(), half_closed),
+        (16, false),
+        "no more than the window before a credit"
+    );
+    assert!(reply.send_frame(&StreamFrame::Credit(8)));
+    eventually("the rest and the half-close", || calls.requests(id).1).await;
+    assert_eq!(
+        calls.requests(id).0,
+        messages,
+        "every message, in order, untouched"
+    );
+    assert!(reply.send_frame(&StreamFrame::Chunk(b"got 20".to_vec())));
+    assert!(reply.send_frame(&StreamFrame::End));
+    let collected = uploading
         .await
         .unwrap()
         .unwrap()
@@ -325,11 +415,13 @@ async fn unary_calls_reach_a_replica_as_frames() {
         .collect()
         .await
         .unwrap();
-    assert_eq!(status(collected.trailers().unwrap()), Some("4"));
-    eventually("the late stream to be cancelled", || {
-        calls.cancelled(reply.id())
-    })
-    .await;
+    assert_eq!(status(collected.trailers().unwrap()), Some("0"));
+    assert_eq!(collected.to_bytes(), grpc_frame(b"got 20"));
+
+    // A compressed request message ends the call, cancelling it on the
+    // replica.
+    let id = ended_by_the_proxy(&calls, upload(vec![1, 0, 0, 0, 1, b'x']), "12").await;
+    assert!(calls.requests(id).0.is_empty());
 
     let _ = stop.send(());
     let _ = server.await;

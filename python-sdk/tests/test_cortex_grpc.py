@@ -126,8 +126,26 @@ class Handler:
         user = dict(context.invocation_metadata()).get("x-user", "")
         return self.pb.Res(b=f"{payload.a.upper()} user={user}")
 
-    def ClientStream(self, payload):
-        return self.pb.Res(b=",".join(r.a for r in payload))
+    def ClientStream(self, payload, context):
+        # "context": which server runs the call; "<file>:hold": reads until
+        # the client goes away, then writes whether the call was still
+        # active (and how many requests came) to <file>.
+        # (grpcio's iterator raises then, frames' ends.)
+        got = []
+        try:
+            for r in payload:
+                got.append(r.a)
+                if r.a == "context":
+                    return self.pb.Res(b=type(context).__module__)
+                if r.a.endswith(":hold"):
+                    open(r.a[:-len(":hold")] + ".started", "w").close()
+        finally:
+            if got and got[0].endswith(":hold"):
+                path = got[0][:-len(":hold")]
+                with open(path + ".tmp", "w") as f:
+                    f.write(f"{'active' if context.is_active() else 'inactive'} {len(got)}")
+                os.rename(path + ".tmp", path)
+        return self.pb.Res(b=",".join(got))
 
     def ServerStream(self, payload, context):
         # The second response waits for a file the test creates once it has
@@ -140,9 +158,9 @@ class Handler:
             time.sleep(0.005)
         yield self.pb.Res(b="second")
 
-    def Bidi(self, payload):
+    def Bidi(self, payload, context):
         for r in payload:
-            yield self.pb.Res(b=r.a[::-1])
+            yield self.pb.Res(b=type(context).__module__ if r.a == "context" else r.a[::-1])
 
     def UntilCancelled(self, payload, context):
         # Runs until the client's deadline ends the call, then says so in
@@ -479,6 +497,7 @@ def check_shapes(pb2, stub, tmp):
     assert list(responses) == []
 
     check_server_streams(pb2, stub, tmp)
+    check_client_streams(pb2, stub, tmp)
 
     # Statuses.
     for a, code, details in [
@@ -538,6 +557,27 @@ def check_server_streams(pb2, stub, tmp):
         assert f.read() == "inactive"
 
 
+def check_client_streams(pb2, stub, tmp):
+    """Many request messages (beyond any window), and a client that goes
+    away mid-stream, through ``stub``."""
+    words = [f"w{i}" for i in range(100)]
+    assert stub.ClientStream(iter([pb2.Req(a=w) for w in words]), timeout=60).b == ",".join(words)
+    assert [r.b for r in stub.Bidi(iter([pb2.Req(a=w) for w in words]), timeout=60)] == [w[::-1] for w in words]
+    # A client that cancels while the Handler still reads: the Handler's
+    # iterator ends and the call is no longer active.
+    seen = str(tmp / f"client-{os.urandom(4).hex()}")
+    requests = queue.Queue()
+    future = stub.ClientStream.future(iter(requests.get, None), timeout=60)
+    requests.put(pb2.Req(a=seen + ":hold"))
+    requests.put(pb2.Req(a="more"))
+    wait_for(lambda: os.path.exists(seen + ".started"), timeout=60, what="the handler to read")
+    future.cancel()
+    wait_for(lambda: os.path.exists(seen), timeout=60, what="the handler to see the client go")
+    with open(seen) as f:
+        assert f.read().startswith("inactive")
+    requests.put(None)
+
+
 def test_every_rpc_shape_on_the_replica_server(shapes_stub):
     pb2, stub, tmp = shapes_stub
     check_shapes(pb2, stub, tmp)
@@ -581,8 +621,6 @@ def test_unary_calls_as_frames_on_the_replica(shapes_api, shapes_stub, monkeypat
     assert code == grpc.StatusCode.INTERNAL.value[0] and "Handler.Unary returned dict" in details
     code, details, _ = call("Missing", "")
     assert code == grpc.StatusCode.UNIMPLEMENTED.value[0] and "the Handler has no method Missing" in details
-    # Client streams are not taken as frames (the proxy forwards them).
-    assert call("ClientStream", "x")[0] == grpc.StatusCode.UNIMPLEMENTED.value[0]
     # A server stream is answered with an async generator of the replies'
     # bytes (the host streams it); a failure ends it with the status to send.
     stream = obj.serval_grpc_call("/shapes.Shapes/Count", pb2.Req(a="3:fail:").SerializeToString(), (), None,
@@ -622,6 +660,8 @@ def test_unary_calls_terminated_by_the_proxy(monkeypatch, tmp_path):
             # Not grpcio's ServicerContext: the calls came as frames.
             assert stub.Unary(pb2.Req(a="context"), timeout=60).b == "serval.cortex.grpc_api"
             assert next(stub.Count(pb2.Req(a="0::"), timeout=60)).b == "serval.cortex.grpc_api"
+            assert stub.ClientStream(iter([pb2.Req(a="context")]), timeout=60).b == "serval.cortex.grpc_api"
+            assert next(stub.Bidi(iter([pb2.Req(a="context")]), timeout=60)).b == "serval.cortex.grpc_api"
             check_shapes(pb2, stub, tmp_path)
         metrics = requests.get(f"{cluster.url}/-/metrics", timeout=30).text
     counted = [line for line in metrics.splitlines() if line.startswith("serval_grpc_requests_total{")]

@@ -7,17 +7,20 @@
 //! answers with a streamed reply (the machinery of HTTP streams: a head,
 //! one chunk frame per reply message, credits, cancel): each chunk goes to
 //! the client as one gRPC message as it comes, and the stream's end (or
-//! error frame) becomes the trailers. Message bytes are never decoded here.
-//!
-//! Client-streaming and bidirectional calls are still forwarded to the
-//! replica's grpcio server ([`super::forward`]).
+//! error frame) becomes the trailers. A client-streaming or bidirectional
+//! call's replica answers a stream head at once; the client's messages then
+//! go to it as [`Payload::GrpcMessage`] frames as they arrive
+//! ([`send_requests`], under the idle deadline of [`super::idle`]), at most
+//! [`serval_protos::frame::STREAM_WINDOW`] beyond those the replica
+//! credited, then a [`Payload::GrpcHalfClose`]; the replies come back as a
+//! server stream's do. Message bytes are never decoded here.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
@@ -26,16 +29,20 @@ use serval_protos::frame::{
     GrpcCall, Payload, Request, Response, GRPC_MESSAGE_HEADER, GRPC_STATUS_HEADER,
 };
 use serval_protos::handshake;
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
 
+use super::idle::{self, IdleBody};
+use super::table::Shape;
 use super::{
     add_status, code_of, frame, internal_failure, status_response, BoxError, Code, GrpcBody,
     GrpcResponse,
 };
 use crate::errors;
 use crate::http::read_body;
+use crate::limits::Reservation as BodyReservation;
 use crate::proxy::Proxy;
-use crate::replica_conn::{ChunkStream, StreamError};
+use crate::replica_conn::{ChunkStream, RequestSender, StreamError};
 
 /// Headers of the gRPC protocol itself (and the proxy's credential): not
 /// the caller's metadata, so never handed to the Handler.
@@ -47,12 +54,13 @@ const NOT_METADATA: [&str; 5] = [
     handshake::GRPC_AUTH_HEADER,
 ];
 
-/// Calls `path` (`/package.Service/Method`, a unary or server-streaming
-/// method) on a replica of `endpoint`.
+/// Calls `path` (`/package.Service/Method`, a method of that `shape`) on a
+/// replica of `endpoint`.
 pub(super) async fn call(
     proxy: &Proxy,
     endpoint: &str,
     path: &str,
+    shape: Shape,
     req: hyper::Request<Incoming>,
 ) -> GrpcResponse {
     let started = Instant::now();
@@ -61,23 +69,33 @@ pub(super) async fn call(
         Err(reason) => return status_response(Code::InvalidArgument, &reason),
     };
     let metadata = metadata(req.headers());
-    // The call's deadline: the client's, within the router's own.
+    // The deadline of the call's answer (a stream's head): the client's,
+    // within the router's own. A stream is bounded by the client's only.
     let limit = proxy.router().config().request_timeout;
     let deadline = started + client_timeout.map_or(limit, |t| t.min(limit));
-    // The body budget's reservation is held as long as the body is.
-    let (body, _budget) = match tokio::time::timeout_at(deadline, read_body(proxy, req)).await {
-        Err(_) => {
-            return status_response(Code::DeadlineExceeded, "the request did not arrive in time")
+    let streams = shape.client_streaming || shape.server_streaming;
+    let call_deadline = client_timeout.map(|t| started + if streams { t } else { t.min(limit) });
+    // A client stream's messages follow the call; a single message is read
+    // whole first (the body budget's reservation held as long as it is).
+    let (message, client_stream, _budget) = if shape.client_streaming {
+        (Bytes::new(), Some(req.into_body()), None)
+    } else {
+        match tokio::time::timeout_at(deadline, read_body(proxy, req)).await {
+            Err(_) => {
+                return status_response(
+                    Code::DeadlineExceeded,
+                    "the request did not arrive in time",
+                )
+            }
+            Ok(Err(refused)) => {
+                let (code, what) = refusal(refused.status());
+                return status_response(code, what);
+            }
+            Ok(Ok((_, body, budget))) => match unframe(&body) {
+                Ok(m) => (m, None, Some(budget)),
+                Err((code, reason)) => return status_response(code, reason),
+            },
         }
-        Ok(Err(refused)) => {
-            let (code, what) = refusal(refused.status());
-            return status_response(code, what);
-        }
-        Ok(Ok((_, body, budget))) => (body, budget),
-    };
-    let message = match unframe(&body) {
-        Ok(m) => m,
-        Err((code, reason)) => return status_response(code, reason),
     };
     let reservation = match tokio::time::timeout_at(deadline, proxy.router().reserve(endpoint))
         .await
@@ -88,12 +106,9 @@ pub(super) async fn call(
         }
         Ok(Ok(r)) => r,
     };
-    let timeout_ms = client_timeout.map_or(0, |_| {
+    let timeout_ms = call_deadline.map_or(0, |d| {
         // At least 1: 0 means "no deadline" to the replica.
-        (deadline
-            .saturating_duration_since(Instant::now())
-            .as_millis() as u64)
-            .max(1)
+        (d.saturating_duration_since(Instant::now()).as_millis() as u64).max(1)
     });
     let request = Request {
         method_name: None,
@@ -126,16 +141,30 @@ pub(super) async fn call(
         return internal_failure(proxy, code, "the replica could not take the call", detail);
     }
     if let Some(mut messages) = reply.stream {
+        // The client's messages go to the replica as they come, on a task
+        // that ends with the stream (MessageStream aborts it).
+        let requests = client_stream.map(|body| {
+            let sender = messages.request_sender();
+            tokio::spawn(send_requests(
+                body,
+                sender,
+                proxy.max_body_bytes,
+                proxy.body_budget.reservation(),
+            ))
+        });
         messages.hold(reservation);
-        // A stream is bounded by the client's deadline only, as an HTTP
-        // stream is by nothing once its head came.
-        let deadline = client_timeout.map(|t| Box::pin(tokio::time::sleep_until(started + t)));
         let body = MessageStream {
             messages: Some(messages),
-            deadline,
+            requests,
+            deadline: call_deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             debug_errors: proxy.debug_errors,
         };
         return grpc_response(body.boxed_unsync());
+    }
+    if shape.client_streaming {
+        // The replica answered at once, without a stream: a refusal.
+        let (code, details) = replica_status(&answer);
+        return super::status_response_code(code, details);
     }
     let (code, details) = replica_status(&answer);
     if code != 0 {
@@ -161,8 +190,19 @@ fn replica_status(answer: &Response) -> (u16, &str) {
 /// generator and frees the slot the stream holds.
 struct MessageStream {
     messages: Option<ChunkStream>,
+    /// A client stream's [`send_requests`], until it ends; its failure
+    /// (an idle client, a malformed message) ends the call.
+    requests: Option<JoinHandle<Result<(), (Code, &'static str)>>>,
     deadline: Option<Pin<Box<Sleep>>>,
     debug_errors: bool,
+}
+
+impl Drop for MessageStream {
+    fn drop(&mut self) {
+        if let Some(requests) = self.requests.take() {
+            requests.abort();
+        }
+    }
 }
 
 impl MessageStream {
@@ -205,14 +245,30 @@ impl Body for MessageStream {
         let Some(messages) = this.messages.as_mut() else {
             return Poll::Ready(None);
         };
+        let mut failed = None;
         if let Some(deadline) = this.deadline.as_mut() {
             if deadline.as_mut().poll(cx).is_ready() {
-                this.messages = None;
-                let mut trailers = HeaderMap::new();
-                let message = "the call's deadline passed mid-stream";
-                add_status(&mut trailers, Code::DeadlineExceeded as u16, message);
-                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                failed = Some((
+                    Code::DeadlineExceeded,
+                    "the call's deadline passed mid-stream",
+                ));
             }
+        }
+        if let Some(requests) = this.requests.as_mut() {
+            if let Poll::Ready(sent) = Pin::new(requests).poll(cx) {
+                this.requests = None;
+                // A task that panicked or was aborted: the stream goes on.
+                if let Ok(Err(e)) = sent {
+                    failed = failed.or(Some(e));
+                }
+            }
+        }
+        if let Some((code, message)) = failed {
+            // Dropped before its end: the replica's stream is cancelled.
+            this.messages = None;
+            let mut trailers = HeaderMap::new();
+            add_status(&mut trailers, code as u16, message);
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
         let end = match messages.poll_next(cx) {
             Poll::Pending => return Poll::Pending,
@@ -241,6 +297,75 @@ fn grpc_response(body: GrpcBody) -> GrpcResponse {
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     response
+}
+
+/// Sends a client stream's request messages to the replica as they come
+/// (each at most `max_message` bytes, the proxy's body limit, and within
+/// the body budget), then its half-close. The status the call ends with
+/// when the client's stream fails: idle too long ([`super::idle`]),
+/// compressed, oversized or cut inside a message.
+async fn send_requests(
+    body: Incoming,
+    sender: RequestSender,
+    max_message: usize,
+    mut budget: BodyReservation,
+) -> Result<(), (Code, &'static str)> {
+    let (mut body, idled) = IdleBody::new(body);
+    let mut buffer = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let data = match frame {
+            Ok(frame) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue, // trailers: nothing to send
+            },
+            Err(_) if idle::idled(&idled) => {
+                return Err((Code::DeadlineExceeded, super::IDLE_MESSAGE))
+            }
+            Err(_) => return Err((Code::Unavailable, "the client stream broke")),
+        };
+        if !budget.cover(buffer.len() + data.len()) {
+            return Err((
+                Code::Unavailable,
+                "the proxy is out of room for request bodies",
+            ));
+        }
+        buffer.extend_from_slice(&data);
+        while let Some(message) = next_message(&mut buffer, max_message)? {
+            if !sender.send(Payload::GrpcMessage(message.to_vec())).await {
+                return Err((Code::Unavailable, "the replica connection closed"));
+            }
+        }
+    }
+    if !buffer.is_empty() {
+        return Err((Code::Internal, "the client stream ended inside a message"));
+    }
+    sender.send(Payload::GrpcHalfClose).await;
+    Ok(())
+}
+
+/// The next whole message at the front of `buffer`, taken out of it.
+fn next_message(
+    buffer: &mut BytesMut,
+    max_message: usize,
+) -> Result<Option<BytesMut>, (Code, &'static str)> {
+    if buffer.len() < 5 {
+        return Ok(None);
+    }
+    if buffer[0] != 0 {
+        return Err((Code::Unimplemented, "compressed messages are not supported"));
+    }
+    let len = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
+    if len > max_message {
+        return Err((
+            Code::ResourceExhausted,
+            "a request message exceeds the proxy's body limit",
+        ));
+    }
+    if buffer.len() < 5 + len {
+        return Ok(None);
+    }
+    buffer.advance(5);
+    Ok(Some(buffer.split_to(len)))
 }
 
 /// The gRPC code and message of a body the proxy would not read.

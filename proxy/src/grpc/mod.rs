@@ -11,11 +11,10 @@
 //!   as in flight for backpressure and autoscaling. A client that goes
 //!   away resets the upstream stream, which cancels the call on the replica.
 //! * With `SERVAL_GRPC_FRAMES=1` in the proxy's environment, the calls of
-//!   unary and server-streaming methods are terminated here instead
-//!   ([`frames`]): the request message goes to the replica as a frame on
-//!   its multiplexed connection, reply messages come back as a reply or as
-//!   stream frames, and no grpcio server is involved. Off by default
-//!   (issue 25 in progress: client streams are still forwarded).
+//!   every method the descriptors declare are terminated here instead
+//!   ([`frames`]): request messages go to the replica as frames on its
+//!   multiplexed connection, reply messages come back as a reply or as
+//!   stream frames, and no grpcio server is involved. Off by default.
 //! * `grpc.health.v1.Health/Check` ([`health`]) and server reflection
 //!   ([`reflection`], v1 and v1alpha) answered by the proxy itself.
 //! * Anything else: `UNIMPLEMENTED` naming the service.
@@ -58,9 +57,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type GrpcBody = UnsyncBoxBody<Bytes, BoxError>;
 pub(crate) type GrpcResponse = hyper::Response<GrpcBody>;
 
-/// `SERVAL_GRPC_FRAMES=1` in the proxy's environment: unary and
-/// server-streaming calls are terminated by the proxy and sent to replicas
-/// as frames ([`frames`]).
+/// `SERVAL_GRPC_FRAMES=1` in the proxy's environment: the calls of
+/// declared methods are terminated by the proxy and sent to replicas as
+/// frames ([`frames`]).
 pub const FRAMES_ENV: &str = "SERVAL_GRPC_FRAMES";
 
 static FRAMES: LazyLock<bool> =
@@ -132,10 +131,10 @@ pub(crate) async fn handle(proxy: &Proxy, req: hyper::Request<Incoming>) -> Grpc
         proxy.reflection().handle(req).await
     } else {
         match services.endpoint(service) {
-            Some(endpoint) if *FRAMES && services.takes_one_message(service, method) => {
-                frames::call(proxy, endpoint, &path, req).await
-            }
-            Some(endpoint) => forward(proxy, endpoint, req).await,
+            Some(endpoint) => match services.shape(service, method).filter(|_| *FRAMES) {
+                Some(shape) => frames::call(proxy, endpoint, &path, shape, req).await,
+                None => forward(proxy, endpoint, req).await,
+            },
             None => status_response(
                 Code::Unimplemented,
                 &format!("unknown service {service}: no deployed API serves it"),

@@ -429,6 +429,8 @@ class Host:
         #: A gRPC API's entry for the calls the proxy terminated
         #: (``serval.cortex.grpc_api.GrpcAPI.serval_grpc_call``), or None.
         self._grpc = getattr(self.obj, "serval_grpc_call", None)
+        #: Where a client stream's request messages go (``serval_grpc_message``).
+        self._grpc_message = getattr(self.obj, "serval_grpc_message", None)
         #: An ingress app's lifespan (startup now, shutdown at stop).
         self._lifespan = None
         ingress_app = getattr(self.obj, "_serval_asgi_app", None)
@@ -513,7 +515,7 @@ class Host:
         ready = getattr(loop, "_ready", None)
         on_http, on_call, on_reconfigure, on_stream = self.on_http, self.on_call, self.on_reconfigure, self.on_stream
         on_ws_open, on_ws_event = self._websockets.on_open, self._websockets.on_event
-        on_grpc = self.on_grpc
+        on_grpc, on_grpc_message = self.on_grpc, self.on_grpc_message
 
         def on_wake():
             # Sync user code runs with no running loop set (see
@@ -523,7 +525,7 @@ class Host:
             self._loop_cleared = True
             try:
                 drain(on_http, on_call, on_reconfigure, poll_us, ready, on_ws_open, on_ws_event, on_stream,
-                      on_grpc)
+                      on_grpc, on_grpc_message)
             finally:
                 self._loop_cleared = False
                 _set_running_loop(loop)
@@ -1071,6 +1073,12 @@ class Host:
             self._start_stream(_GRPC, result, None, reply)
             return None
         return result
+
+    def on_grpc_message(self, conn: int, request_id: int, message: Optional[bytes]) -> None:
+        """A client stream's next request message (None: the client
+        half-closed), for the call ``(conn, request_id)`` names."""
+        if self._grpc_message is not None:
+            self._grpc_message((conn, request_id), message)
 
     def on_reconfigure(self, config_json: str, reply):
         """A config change from the node agent: new limits now, and
