@@ -7,7 +7,10 @@
 //! until answered (a second one is RESOURCE_EXHAUSTED), and the deadline;
 //! then server streams: the replica's stream frames become gRPC messages
 //! and trailers, the stream holds the slot until it ends, and a client
-//! that resets the stream (or its deadline) cancels it on the replica.
+//! that resets the stream (or its deadline) cancels it on the replica;
+//! then client streams: messages as frames within the credited window,
+//! the half-close, and the calls the proxy ends (a compressed message, an
+//! idle client).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -71,6 +74,21 @@ impl Calls {
             mine.into_iter().filter_map(|(_, m)| m.clone()).collect(),
             half_closed,
         )
+    }
+}
+
+/// A request body that never sends anything, nor ends.
+struct Silent;
+
+impl hyper::body::Body for Silent {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Pending
     }
 }
 
@@ -180,6 +198,7 @@ fn answer(code: &str, message: &str, body: &[u8]) -> Response {
 async fn unary_calls_reach_a_replica_as_frames() {
     // Read once by the proxy, before its first call; this binary's only test.
     std::env::set_var("SERVAL_GRPC_FRAMES", "1");
+    std::env::set_var(serval_proxy::grpc::STREAM_IDLE_ENV, "1");
     let dir = tempfile::tempdir().unwrap();
     let calls = Arc::new(Calls::default());
     let replica = ThreadedReplica::start(dir.path(), "g1", calls.clone());
@@ -219,6 +238,7 @@ async fn unary_calls_reach_a_replica_as_frames() {
         .http2_only(true)
         .build_http();
     let upload_client = client.clone();
+    let silent_client = client.clone();
     let call_method = move |method: &str, message: &[u8], headers: &[(&str, &str)]| {
         let mut req = hyper::Request::post(format!("http://{addr}/echo.Echo/{method}"))
             .header("content-type", "application/grpc")
@@ -422,6 +442,15 @@ async fn unary_calls_reach_a_replica_as_frames() {
     // replica.
     let id = ended_by_the_proxy(&calls, upload(vec![1, 0, 0, 0, 1, b'x']), "12").await;
     assert!(calls.requests(id).0.is_empty());
+
+    // A client stream that sends nothing for the idle deadline (1 s here)
+    // ends with DEADLINE_EXCEEDED, cancelled on the replica.
+    let silent = hyper::Request::post(format!("http://{addr}/echo.Echo/Upload"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(BoxBody::new(Silent))
+        .unwrap();
+    ended_by_the_proxy(&calls, silent_client.request(silent), "4").await;
 
     let _ = stop.send(());
     let _ = server.await;
