@@ -504,12 +504,15 @@ class _Rpc:
         if self.fn is None:
             return _status_reply(STATUS_CODES["UNIMPLEMENTED"], self._unimplemented_details())
         requests = _Requests(self.input_class.FromString, reply, context)
-        key = reply.stream_key
-        self.api._client_streams[key] = requests
-        return self._client_stream_replies(requests, context, key)
+        return self._client_stream_replies(requests, context, reply.stream_key)
 
     async def _client_stream_replies(self, requests: "_Requests", context: Context, key: tuple):
         pool = self.api._stream_pool
+        # Registered once the host's stream task starts this generator,
+        # which it does right after sending the head, in the same step: the
+        # proxy sends request messages only once it has the head, so none
+        # comes before; a stream that never starts leaves nothing behind.
+        self.api._client_streams[key] = requests
         try:
             try:
                 result = await asyncio.wrap_future(pool.submit(self._invoke, requests, context))
