@@ -35,8 +35,8 @@ use tokio::time::{Instant, Sleep};
 use super::idle::{self, IdleBody};
 use super::table::Shape;
 use super::{
-    add_status, code_of, frame, internal_failure, status_response, BoxError, Code, GrpcBody,
-    GrpcResponse,
+    add_status, code_of, frame, internal_failure, push_message, status_response, BoxError, Code,
+    GrpcBody, GrpcResponse,
 };
 use crate::errors;
 use crate::http::read_body;
@@ -155,6 +155,7 @@ pub(super) async fn call(
         messages.hold(reservation);
         let body = MessageStream {
             messages: Some(messages),
+            end: None,
             requests,
             deadline: call_deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             debug_errors: proxy.debug_errors,
@@ -190,6 +191,9 @@ fn replica_status(answer: &Response) -> (u16, &str) {
 /// generator and frees the slot the stream holds.
 struct MessageStream {
     messages: Option<ChunkStream>,
+    /// The stream's end, taken with messages still to send (`Some(None)`:
+    /// complete).
+    end: Option<Option<StreamError>>,
     /// A client stream's [`send_requests`], until it ends; its failure
     /// (an idle client, a malformed message) ends the call.
     requests: Option<JoinHandle<Result<(), (Code, &'static str)>>>,
@@ -246,7 +250,9 @@ impl Body for MessageStream {
             return Poll::Ready(None);
         };
         let mut failed = None;
-        if let Some(deadline) = this.deadline.as_mut() {
+        // (A stream that already ended is not failed after the fact.)
+        let deadline = this.deadline.as_mut().filter(|_| this.end.is_none());
+        if let Some(deadline) = deadline {
             if deadline.as_mut().poll(cx).is_ready() {
                 failed = Some((
                     Code::DeadlineExceeded,
@@ -254,7 +260,7 @@ impl Body for MessageStream {
                 ));
             }
         }
-        if let Some(requests) = this.requests.as_mut() {
+        if let Some(requests) = this.requests.as_mut().filter(|_| this.end.is_none()) {
             if let Poll::Ready(sent) = Pin::new(requests).poll(cx) {
                 this.requests = None;
                 // A task that panicked or was aborted: the stream goes on.
@@ -270,13 +276,34 @@ impl Body for MessageStream {
             add_status(&mut trailers, code as u16, message);
             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
-        let end = match messages.poll_next(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Some(Ok(message))) => {
-                return Poll::Ready(Some(Ok(Frame::data(frame(&message)))))
+        let end = match this.end.take() {
+            Some(end) => end,
+            None => {
+                // The messages already here leave as one DATA frame, up to
+                // GATHER_BYTES: a reader gets a burst at once, and a burst
+                // costs one frame, not one per message.
+                let mut data = BytesMut::new();
+                let end = loop {
+                    match messages.poll_next(cx) {
+                        Poll::Ready(Some(Ok(message))) => {
+                            push_message(&mut data, &message);
+                            if data.len() >= GATHER_BYTES {
+                                break None;
+                            }
+                        }
+                        Poll::Ready(Some(Err(e))) => break Some(Some(e)),
+                        Poll::Ready(None) => break Some(None),
+                        Poll::Pending if data.is_empty() => return Poll::Pending,
+                        Poll::Pending => break None,
+                    }
+                };
+                if !data.is_empty() {
+                    // The end, when it came with them, goes next time.
+                    this.end = end;
+                    return Poll::Ready(Some(Ok(Frame::data(data.freeze()))));
+                }
+                end.unwrap_or(None)
             }
-            Poll::Ready(Some(Err(e))) => Some(e),
-            Poll::Ready(None) => None,
         };
         let trailers = this.trailers(end);
         // Ended: the slot is freed now, not when hyper drops the body.
@@ -288,6 +315,9 @@ impl Body for MessageStream {
         self.messages.is_none()
     }
 }
+
+/// The most message bytes [`MessageStream`] gathers into one DATA frame.
+const GATHER_BYTES: usize = 64 * 1024;
 
 /// A gRPC response: its headers now, `body` (messages, then trailers) as
 /// it comes.

@@ -33,7 +33,7 @@ mod tls;
 
 use std::sync::{LazyLock, OnceLock};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
@@ -305,11 +305,17 @@ fn percent_encode(message: &str) -> String {
 
 /// A gRPC message frame: uncompressed flag, big-endian length, bytes.
 pub(crate) fn frame(message: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(5 + message.len());
-    out.push(0);
-    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    let mut out = BytesMut::with_capacity(5 + message.len());
+    push_message(&mut out, message);
+    out.freeze()
+}
+
+/// Appends `message` to `out` as a gRPC message frame ([`frame`]).
+pub(crate) fn push_message(out: &mut BytesMut, message: &[u8]) {
+    out.reserve(5 + message.len());
+    out.put_u8(0);
+    out.put_u32(message.len() as u32);
     out.extend_from_slice(message);
-    out.into()
 }
 
 #[cfg(test)]
