@@ -162,13 +162,9 @@ pub(super) async fn call(
         };
         return grpc_response(body.boxed_unsync());
     }
-    if shape.client_streaming {
-        // The replica answered at once, without a stream: a refusal.
-        let (code, details) = replica_status(&answer);
-        return super::status_response_code(code, details);
-    }
     let (code, details) = replica_status(&answer);
-    if code != 0 {
+    // (A client stream answered at once, without a stream, was refused.)
+    if code != 0 || shape.client_streaming {
         return super::status_response_code(code, details);
     }
     ok_response(&answer.body)
@@ -184,8 +180,8 @@ fn replica_status(answer: &Response) -> (u16, &str) {
     (code, answer.header(GRPC_MESSAGE_HEADER).unwrap_or(""))
 }
 
-/// The reply of a server-streaming call: one gRPC message per chunk the
-/// replica sends, as it comes, then trailers with the stream's status.
+/// The reply of a streaming call: one gRPC message per chunk the replica
+/// sends, as it comes, then trailers with the stream's status.
 /// Dropped before its end (the client reset the stream), or ended by the
 /// client's deadline, it drops `messages`, which cancels the replica's
 /// generator and frees the slot the stream holds.
@@ -222,7 +218,7 @@ impl MessageStream {
                 add_status(&mut trailers, code, message);
             }
             Some(e) => {
-                tracing::warn!(error = %e, "a server-streaming gRPC call was cut");
+                tracing::warn!(error = %e, "a streamed gRPC call was cut");
                 let code = match &e {
                     StreamError::Failed(r) if r.status != 503 => Code::Internal,
                     _ => Code::Unavailable,

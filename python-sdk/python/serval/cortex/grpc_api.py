@@ -414,8 +414,10 @@ class _Rpc:
     def run_frame(self, message: bytes, context: Context) -> tuple:
         """The answer to one unary call the proxy terminated."""
         result, failed = self._call(message, context)
-        if failed is not None:
-            return failed
+        return failed if failed is not None else self._answer(result, context)
+
+    def _answer(self, result: Any, context: Context) -> tuple:
+        """The answer for the reply message a Handler returned."""
         if not isinstance(result, self.output_class):
             return _status_reply(STATUS_CODES["INTERNAL"], self._wrong_type(result))
         code = STATUS_CODES["OK"] if context.code() is None else status_number(context.code())
@@ -530,12 +532,10 @@ class _Rpc:
                 finally:
                     await replies.aclose()
                 return
-            if not isinstance(result, self.output_class):
-                raise _StreamStatus(_status_reply(STATUS_CODES["INTERNAL"], self._wrong_type(result)))
-            code = STATUS_CODES["OK"] if context.code() is None else status_number(context.code())
-            if code != 0:
-                raise _StreamStatus(_status_reply(code, context.details() or ""))
-            yield result.SerializeToString()
+            answer = self._answer(result, context)
+            if dict(answer[1])["grpc-status"] != "0":
+                raise _StreamStatus(answer)
+            yield answer[2]
         except (asyncio.CancelledError, GeneratorExit):
             context.cancel()
             raise
