@@ -71,8 +71,8 @@ def main():
           f"`bench/run grpc` (release build), {os.cpu_count()}-CPU {platform.machine()} machine, "
           f"{datetime.date.today().isoformat()}; load average {load_before} before, {load_after} after. "
           "One replica, one handler thread. Two clusters in one run: the proxy forwarding gRPC to the "
-          "replica's grpcio server (grpcio), then `SERVAL_GRPC_FRAMES=1`, the proxy terminating unary "
-          "and server-streaming calls and sending them on the replica's frame connection (frames). gRPC: `serval-bench "
+          "replica's grpcio server (grpcio), then `SERVAL_GRPC_FRAMES=1`, the proxy terminating every "
+          "call and sending it on the replica's frame connection (frames). gRPC: `serval-bench "
           "grpc-load`, one HTTP/2 connection through the proxy's HTTP port; HTTP: wrk on the GET no-op "
           f"of the same cluster. {H.DURATION} s per cell after {H.WARMUP} s of warm-up (HTTP).", "",
           "| requests/s / p50 ms / p99 ms | HTTP GET (frames run) | gRPC grpcio | gRPC frames "
