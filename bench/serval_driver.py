@@ -82,7 +82,10 @@ def deploy_echo():
 
 NOOP_PROTO = """syntax = "proto3";
 package bench;
-service Noop { rpc Call (Empty) returns (Empty); }
+service Noop {
+    rpc Call (Empty) returns (Empty);
+    rpc Stream (Empty) returns (stream Empty);
+}
 message Empty {}
 """
 
@@ -92,12 +95,17 @@ NOOP_GRPC_HANDLER = """class Handler:
 
     def Call(self, payload):
         return self.empty
+
+    def Stream(self, payload):
+        for _ in range(100):
+            yield self.empty
 """
 
 
 def deploy_grpc():
-    """A Cortex gRPC API whose one unary method returns an empty message:
-    the gRPC counterpart of the HTTP no-op (one replica, one thread)."""
+    """A Cortex gRPC API whose unary method returns an empty message (the
+    gRPC counterpart of the HTTP no-op) and whose server-streaming method
+    yields 100 of them (of the streaming no-op); one replica, one thread."""
     import tempfile
 
     from serval.cortex.deploy import deploy
@@ -110,7 +118,8 @@ def deploy_grpc():
         with open(os.path.join(folder, name), "w") as f:
             f.write(text)
     deploy(folder)
-    return {"address": f"127.0.0.1:{HTTP_PORT}", "method": "/bench.Noop/Call"}
+    return {"address": f"127.0.0.1:{HTTP_PORT}", "method": "/bench.Noop/Call", "stream_method": "/bench.Noop/Stream",
+            "stream_messages": 100}
 
 
 def delete_echo():

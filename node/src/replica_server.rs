@@ -158,8 +158,11 @@ impl Handler for EchoHandler {
                 return;
             }
             Payload::Ws(_) => return,
-            // This handler never streams: nothing to credit or cancel.
-            Payload::Credit(_) | Payload::Cancel => return,
+            // This handler never streams: nothing to credit, cancel or feed.
+            Payload::Credit(_)
+            | Payload::Cancel
+            | Payload::GrpcMessage(_)
+            | Payload::GrpcHalfClose => return,
             Payload::Grpc(_) => text_response(404, "this replica serves no gRPC".into()),
         };
         reply.send(&response);

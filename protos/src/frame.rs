@@ -112,13 +112,28 @@ pub enum Payload {
     /// away (client disconnected, handle generator dropped); the replica
     /// stops the generator. Answered with nothing.
     Cancel,
-    /// A unary gRPC call the proxy terminated (`SERVAL_GRPC_FRAMES`): the
-    /// request message's bytes, untouched. Answered with a [`Response`]
-    /// whose status is 200 and whose headers carry [`GRPC_STATUS_HEADER`]
-    /// (and [`GRPC_MESSAGE_HEADER`]); its body is the reply message's bytes
-    /// when that status is OK (0). Any other HTTP status is the replica's
-    /// own refusal (queue full, dispatch failed).
+    /// A unary or server-streaming gRPC call the proxy terminated
+    /// (`SERVAL_GRPC_FRAMES`): the request message's bytes, untouched.
+    /// Answered with a [`Response`] whose status is 200 and whose headers
+    /// carry [`GRPC_STATUS_HEADER`] (and [`GRPC_MESSAGE_HEADER`]); its body
+    /// is the reply message's bytes when that status is OK (0). Any other
+    /// HTTP status is the replica's own refusal (queue full, dispatch
+    /// failed). A server-streaming call may instead be answered with a
+    /// streamed reply: one [`StreamFrame::Chunk`] per reply message, then
+    /// `End` (status OK) or `Error` with a 200 [`Response`] carrying the
+    /// final status in those headers. A client-streaming or bidirectional
+    /// call's `message` is empty: the replica answers it with a stream head
+    /// at once, its request messages follow as [`Payload::GrpcMessage`]s
+    /// and a [`Payload::GrpcHalfClose`], paced by the replica's
+    /// [`StreamFrame::Credit`]s, and its reply messages come back as above.
     Grpc(GrpcCall),
+    /// Router -> replica, on the id of a client-streaming call: the
+    /// client's next request message, untouched. The router sends at most
+    /// [`STREAM_WINDOW`] beyond those the replica credited back.
+    GrpcMessage(Vec<u8>),
+    /// Router -> replica, on the id of a client-streaming call: the client
+    /// half-closed (no more request messages).
+    GrpcHalfClose,
 }
 
 /// One gRPC call: `/package.Service/Method`, the caller's metadata (the
@@ -206,7 +221,9 @@ pub const STREAM_HEADER: &str = "x-serval-stream";
 /// Chunks a replica may send on one stream beyond those its router has
 /// granted back with [`Payload::Credit`]: the per-stream window that keeps
 /// a slow consumer from making either side buffer without bound. The
-/// replica does not advance the generator while the window is full.
+/// replica does not advance the generator while the window is full. The
+/// same window bounds a client stream's request messages the other way
+/// ([`Payload::GrpcMessage`], credited by [`StreamFrame::Credit`]).
 pub const STREAM_WINDOW: u32 = 16;
 
 /// Replica -> router, after a head frame carrying [`STREAM_HEADER`]: the
@@ -219,6 +236,9 @@ pub enum StreamFrame {
     /// The generator raised: the stream ends with this error (the same
     /// response a unary call that raised would get).
     Error(Response),
+    /// Not part of the reply: the replica took this many more of a client
+    /// stream's request messages, so the router may send as many more.
+    Credit(u32),
 }
 
 /// Replica -> router.
@@ -414,6 +434,31 @@ mod tests {
             }
             other => panic!("unexpected payload {other:?}"),
         }
+    }
+
+    #[test]
+    fn client_stream_frames_come_after_the_grpc_call() {
+        let message = encode(
+            3,
+            &Request {
+                method_name: None,
+                payload: Payload::GrpcMessage(vec![1, 2]),
+            },
+        )
+        .unwrap();
+        assert_eq!(&message[HEADER_LEN..], &[0, 10, 2, 1, 2]);
+        let half_close = encode(
+            3,
+            &Request {
+                method_name: None,
+                payload: Payload::GrpcHalfClose,
+            },
+        )
+        .unwrap();
+        assert_eq!(&half_close[HEADER_LEN..], &[0, 11]);
+        // Credit comes after Error: Chunk, End and Error keep 0, 1 and 2.
+        let credit = encode(3, &StreamFrame::Credit(8)).unwrap();
+        assert_eq!(&credit[HEADER_LEN..], &[3, 8]);
     }
 
     #[tokio::test]

@@ -30,7 +30,7 @@ use serval_protos::frame::{
 use serval_protos::frame_socket::{self, FrameSender, SocketReader};
 use serval_protos::handshake::{self, Credential, Key, Role};
 use tokio::io::AsyncRead;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -85,8 +85,19 @@ type Frames = (
     JoinHandle<std::io::Result<()>>,
 );
 
-/// A head, with the chunks of its stream when the replica streams.
-type Answer = Result<(Response, Option<mpsc::Receiver<StreamFrame>>), ConnError>;
+/// A head, with the chunks of its stream (and its request window) when
+/// the replica streams.
+type Answer = Result<(Response, Option<(mpsc::Receiver<StreamFrame>, Window)>), ConnError>;
+
+/// How many more request messages of a client stream the router may send:
+/// [`STREAM_WINDOW`] at first, then what the replica credits back.
+type Window = Arc<Semaphore>;
+
+/// An open stream, as the reader routes its frames.
+struct OpenStream {
+    chunks: mpsc::Sender<StreamFrame>,
+    requests: Window,
+}
 
 #[derive(Default)]
 struct PendingMap {
@@ -94,7 +105,7 @@ struct PendingMap {
     /// Streams whose head arrived, until their end frame or their consumer
     /// goes. Each channel holds at most the window and the end frame, so
     /// the reader never waits on a consumer.
-    streams: HashMap<RequestId, mpsc::Sender<StreamFrame>>,
+    streams: HashMap<RequestId, OpenStream>,
     /// Open WebSocket sessions: their ids get [`WsFrame`]s, not a Response.
     sessions: HashMap<RequestId, mpsc::Sender<WsFrame>>,
     /// Set once the connection is broken, so a request registered after the
@@ -165,9 +176,10 @@ impl Live {
             Ok(Err(_)) => return Err(ConnError::Died("connection dropped".into())),
             Err(_) => return Err(ConnError::Timeout),
         };
-        let stream = chunks.map(|rx| ChunkStream {
+        let stream = chunks.map(|(rx, requests)| ChunkStream {
             id,
             rx,
+            requests,
             tx: self.tx.clone(),
             pending: self.pending.clone(),
             consumed: 0,
@@ -218,6 +230,8 @@ impl std::error::Error for StreamError {}
 pub struct ChunkStream {
     id: RequestId,
     rx: mpsc::Receiver<StreamFrame>,
+    /// A client stream's request window ([`RequestSender`]).
+    requests: Window,
     tx: FrameSender,
     pending: Pending,
     consumed: u32,
@@ -257,6 +271,11 @@ impl ChunkStream {
                 self.ended = Some(false);
                 Some(Err(StreamError::Failed(response)))
             }
+            // The reader takes credits out; none reaches the consumer.
+            Some(StreamFrame::Credit(_)) => {
+                self.ended = Some(false);
+                Some(Err(StreamError::Lost("a credit in the reply".into())))
+            }
             None => {
                 self.ended = Some(false);
                 let reason = lock(&self.pending)
@@ -282,6 +301,15 @@ impl ChunkStream {
         self.on_end(move |_| drop(guard));
     }
 
+    /// What sends a client stream's request messages on this call's id.
+    pub(crate) fn request_sender(&self) -> RequestSender {
+        RequestSender {
+            id: self.id,
+            tx: self.tx.clone(),
+            window: self.requests.clone(),
+        }
+    }
+
     fn control(&self, payload: Payload) {
         let request = Request {
             method_name: None,
@@ -304,6 +332,33 @@ impl Drop for ChunkStream {
         for f in self.on_end.drain(..) {
             f(completed);
         }
+    }
+}
+
+/// Sends a client stream's request messages ([`Payload::GrpcMessage`])
+/// and its half-close on the call's id, each message waiting for room in
+/// the window the replica credits.
+pub(crate) struct RequestSender {
+    id: RequestId,
+    tx: FrameSender,
+    window: Window,
+}
+
+impl RequestSender {
+    /// Sends `payload`, a message once the window has room; false when the
+    /// connection is gone.
+    pub(crate) async fn send(&self, payload: Payload) -> bool {
+        if matches!(payload, Payload::GrpcMessage(_)) {
+            match self.window.acquire().await {
+                Ok(permit) => permit.forget(),
+                Err(_) => return false,
+            }
+        }
+        let request = Request {
+            method_name: None,
+            payload,
+        };
+        frame::encode(self.id, &request).is_ok_and(|bytes| self.tx.send(&bytes).is_ok())
     }
 }
 
@@ -635,13 +690,19 @@ fn on_frame(pending: &Pending, tx: &FrameSender, id: RequestId, body: &[u8], rep
         deliver_ws(pending, id, session, body, replica_id);
         return;
     }
-    if let Some(chunks) = p.streams.get(&id) {
+    if let Some(stream) = p.streams.get(&id) {
         let frame = frame::decode::<StreamFrame>(body);
+        if let Ok(StreamFrame::Credit(n)) = frame {
+            // Never more room than the window, whatever the replica says.
+            let room = (STREAM_WINDOW as usize).saturating_sub(stream.requests.available_permits());
+            stream.requests.add_permits((n as usize).min(room));
+            return;
+        }
         let last = !matches!(frame, Ok(StreamFrame::Chunk(_)));
         // A full channel: the replica sent beyond its window. Dropping the
         // sender ends the stream with an error for its consumer.
         let refused = match frame {
-            Ok(frame) => chunks.try_send(frame).is_err(),
+            Ok(frame) => stream.chunks.try_send(frame).is_err(),
             Err(_) => true,
         };
         if last || refused {
@@ -669,8 +730,13 @@ fn on_frame(pending: &Pending, tx: &FrameSender, id: RequestId, body: &[u8], rep
             } else {
                 // The window's chunks and the end frame.
                 let (chunks, rx) = mpsc::channel(STREAM_WINDOW as usize + 1);
-                p.streams.insert(id, chunks);
-                Ok((response, Some(rx)))
+                let requests = Arc::new(Semaphore::new(STREAM_WINDOW as usize));
+                let stream = OpenStream {
+                    chunks,
+                    requests: requests.clone(),
+                };
+                p.streams.insert(id, stream);
+                Ok((response, Some((rx, requests))))
             }
         }
         Err(e) => Err(ConnError::Protocol(e.to_string())),

@@ -119,9 +119,11 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 /// Every test of this binary sets the same idle deadline before its proxy
-/// forwards anything (the proxy reads it once).
+/// forwards anything (the proxy reads it once), and tests the forwarding
+/// path whatever the environment says (grpc_frames.rs tests the other).
 fn idle_deadline() {
     std::env::set_var(serval_proxy::grpc::STREAM_IDLE_ENV, "3");
+    std::env::remove_var(serval_proxy::grpc::FRAMES_ENV);
 }
 
 fn grpc_status(headers: &hyper::HeaderMap) -> Option<&str> {

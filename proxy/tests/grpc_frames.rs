@@ -1,36 +1,53 @@
-//! Unary gRPC calls the proxy terminates (`SERVAL_GRPC_FRAMES=1`): a
-//! hand-built snapshot whose one replica is a native frame server with no
-//! gRPC server at all (`grpc_addr` empty), so a call only succeeds as a
+//! gRPC calls the proxy terminates (`SERVAL_GRPC_FRAMES=1`): a hand-built
+//! snapshot whose one replica is a native frame server with no gRPC server
+//! at all (`grpc_addr` empty), so a call only succeeds as a
 //! `Payload::Grpc` frame. Checks what the replica receives (path,
 //! metadata, message bytes, deadline), the answers (a message and OK
 //! trailers, a replica's status trailers-only), that a call holds its slot
-//! until answered (a second one is RESOURCE_EXHAUSTED), and the deadline.
+//! until answered (a second one is RESOURCE_EXHAUSTED), and the deadline;
+//! then server streams: the replica's stream frames become gRPC messages
+//! and trailers, the stream holds the slot until it ends, and a client
+//! that resets the stream (or its deadline) cancels it on the replica;
+//! then client streams: messages as frames within the credited window,
+//! the half-close, and the calls the proxy ends (a compressed message, an
+//! idle client).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::{Client, Error as LegacyError};
 use hyper_util::rt::TokioExecutor;
 use prost::Message;
 use serval_node::replica_server::{Handler, Reply};
 use serval_node::test_util::ThreadedReplica;
 use serval_protos::control::{Backend, BackendConfig, ClusterSnapshot, Endpoint};
-use serval_protos::frame::{GrpcCall, Payload, Request, Response};
+use serval_protos::frame::{GrpcCall, Payload, Request, Response, StreamFrame, STREAM_HEADER};
 use serval_proxy::{Proxy, ProxyConfig};
 
 type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
 
-/// Keeps every gRPC call it gets, unanswered, until the test answers it.
+/// Keeps every gRPC call it gets, unanswered, until the test answers it,
+/// the ids of the streams the router cancelled, and the client streams'
+/// request messages (None: a half-close) by id.
 #[derive(Default)]
-struct Calls(Mutex<Vec<(GrpcCall, Reply)>>);
+struct Calls(
+    Mutex<Vec<(GrpcCall, Reply)>>,
+    Mutex<Vec<u64>>,
+    Mutex<Vec<(u64, Option<Vec<u8>>)>>,
+);
 
 impl Handler for Calls {
     fn handle(&self, request: Request, reply: Reply) {
-        if let Payload::Grpc(call) = request.payload {
-            self.0.lock().unwrap().push((call, reply));
+        match request.payload {
+            Payload::Grpc(call) => self.0.lock().unwrap().push((call, reply)),
+            Payload::Cancel => self.1.lock().unwrap().push(reply.id()),
+            Payload::GrpcMessage(m) => self.2.lock().unwrap().push((reply.id(), Some(m))),
+            Payload::GrpcHalfClose => self.2.lock().unwrap().push((reply.id(), None)),
+            _ => {}
         }
     }
 }
@@ -43,6 +60,45 @@ impl Calls {
     fn count(&self) -> usize {
         self.0.lock().unwrap().len()
     }
+
+    fn cancelled(&self, id: u64) -> bool {
+        self.1.lock().unwrap().contains(&id)
+    }
+
+    /// The request messages of call `id` so far, and whether it half-closed.
+    fn requests(&self, id: u64) -> (Vec<Vec<u8>>, bool) {
+        let all = self.2.lock().unwrap();
+        let mine: Vec<_> = all.iter().filter(|(i, _)| *i == id).collect();
+        let half_closed = mine.iter().any(|(_, m)| m.is_none());
+        (
+            mine.into_iter().filter_map(|(_, m)| m.clone()).collect(),
+            half_closed,
+        )
+    }
+}
+
+/// A request body that never sends anything, nor ends.
+struct Silent;
+
+impl hyper::body::Body for Silent {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Pending
+    }
+}
+
+/// The head of a streamed reply.
+fn stream_head() -> Response {
+    Response {
+        status: 200,
+        headers: vec![(STREAM_HEADER.into(), "1".into())],
+        body: Vec::new(),
+    }
 }
 
 fn grpc_frame(message: &[u8]) -> Bytes {
@@ -52,7 +108,8 @@ fn grpc_frame(message: &[u8]) -> Bytes {
     out.into()
 }
 
-/// A descriptor set declaring `echo.Echo` with the unary method `Say`.
+/// A descriptor set declaring `echo.Echo` with the unary method `Say`, the
+/// server-streaming `Count` and the client-streaming `Upload`.
 fn descriptor() -> Vec<u8> {
     use prost_types::{
         FileDescriptorProto, FileDescriptorSet, MethodDescriptorProto, ServiceDescriptorProto,
@@ -63,18 +120,55 @@ fn descriptor() -> Vec<u8> {
             package: Some("echo".into()),
             service: vec![ServiceDescriptorProto {
                 name: Some("Echo".into()),
-                method: vec![MethodDescriptorProto {
-                    name: Some("Say".into()),
-                    input_type: Some(".echo.Msg".into()),
-                    output_type: Some(".echo.Msg".into()),
-                    ..Default::default()
-                }],
+                method: vec![
+                    MethodDescriptorProto {
+                        name: Some("Say".into()),
+                        input_type: Some(".echo.Msg".into()),
+                        output_type: Some(".echo.Msg".into()),
+                        ..Default::default()
+                    },
+                    MethodDescriptorProto {
+                        name: Some("Count".into()),
+                        input_type: Some(".echo.Msg".into()),
+                        output_type: Some(".echo.Msg".into()),
+                        server_streaming: Some(true),
+                        ..Default::default()
+                    },
+                    MethodDescriptorProto {
+                        name: Some("Upload".into()),
+                        input_type: Some(".echo.Msg".into()),
+                        output_type: Some(".echo.Msg".into()),
+                        client_streaming: Some(true),
+                        ..Default::default()
+                    },
+                ],
                 ..Default::default()
             }],
             ..Default::default()
         }],
     }
     .encode_to_vec()
+}
+
+/// Opens the stream of the call `response` awaits (answering its head on
+/// the replica), checks that the proxy ends it with status `code` and
+/// cancels it on the replica; its id there.
+async fn ended_by_the_proxy(
+    calls: &Calls,
+    response: impl Future<Output = Result<hyper::Response<hyper::body::Incoming>, LegacyError>>
+        + Send
+        + 'static,
+    code: &str,
+) -> u64 {
+    let response = tokio::spawn(response);
+    eventually("the stream's call", || calls.count() == 1).await;
+    let (_, reply) = calls.take().pop().unwrap();
+    reply.send_frame(&stream_head());
+    let body = response.await.unwrap().unwrap().into_body();
+    let collected = body.collect().await.unwrap();
+    assert_eq!(status(collected.trailers().unwrap()), Some(code));
+    eventually("the stream to be cancelled", || calls.cancelled(reply.id())).await;
+    reply.id()
 }
 
 async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
@@ -104,6 +198,7 @@ fn answer(code: &str, message: &str, body: &[u8]) -> Response {
 async fn unary_calls_reach_a_replica_as_frames() {
     // Read once by the proxy, before its first call; this binary's only test.
     std::env::set_var("SERVAL_GRPC_FRAMES", "1");
+    std::env::set_var(serval_proxy::grpc::STREAM_IDLE_ENV, "1");
     let dir = tempfile::tempdir().unwrap();
     let calls = Arc::new(Calls::default());
     let replica = ThreadedReplica::start(dir.path(), "g1", calls.clone());
@@ -142,8 +237,10 @@ async fn unary_calls_reach_a_replica_as_frames() {
     let client: Client<_, BoxBody> = Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http();
-    let call = move |message: &[u8], headers: &[(&str, &str)]| {
-        let mut req = hyper::Request::post(format!("http://{addr}/echo.Echo/Say"))
+    let upload_client = client.clone();
+    let silent_client = client.clone();
+    let call_method = move |method: &str, message: &[u8], headers: &[(&str, &str)]| {
+        let mut req = hyper::Request::post(format!("http://{addr}/echo.Echo/{method}"))
             .header("content-type", "application/grpc")
             .header("te", "trailers");
         for (k, v) in headers {
@@ -151,6 +248,18 @@ async fn unary_calls_reach_a_replica_as_frames() {
         }
         client.request(
             req.body(BoxBody::new(Full::new(grpc_frame(message))))
+                .unwrap(),
+        )
+    };
+    let call = |message: &[u8], headers: &[(&str, &str)]| call_method("Say", message, headers);
+    let count = |headers: &[(&str, &str)]| call_method("Count", b"", headers);
+    // A client stream's body: these messages, already framed.
+    let upload = |body: Vec<u8>| {
+        let req = hyper::Request::post(format!("http://{addr}/echo.Echo/Upload"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
+        upload_client.request(
+            req.body(BoxBody::new(Full::new(Bytes::from(body))))
                 .unwrap(),
         )
     };
@@ -213,6 +322,135 @@ async fn unary_calls_reach_a_replica_as_frames() {
     })
     .await;
     drop(calls.take());
+
+    // A server stream: each chunk frame reaches the client as one message
+    // as it comes, the end as OK trailers; the stream holds the slot.
+    let streaming = tokio::spawn(count(&[]));
+    eventually("the stream's call", || calls.count() == 1).await;
+    let (got, reply) = calls.take().pop().unwrap();
+    assert_eq!(got.path, "/echo.Echo/Count");
+    assert!(reply.send_frame(&stream_head()));
+    let mut body = streaming.await.unwrap().unwrap().into_body();
+    assert!(reply.send_frame(&StreamFrame::Chunk(b"one".to_vec())));
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, grpc_frame(b"one"), "a message leaves as it comes");
+    let refused = call(b"", &[]).await.unwrap();
+    assert_eq!(
+        status(refused.headers()),
+        Some("8"),
+        "the open stream holds the slot"
+    );
+    assert!(reply.send_frame(&StreamFrame::Chunk(b"two".to_vec())));
+    assert!(reply.send_frame(&StreamFrame::End));
+    let rest = body.collect().await.unwrap();
+    assert_eq!(status(rest.trailers().unwrap()), Some("0"));
+    assert_eq!(rest.to_bytes(), grpc_frame(b"two"));
+    eventually("the stream's slot to be released", || {
+        proxy.router().in_flight("b") == 0
+    })
+    .await;
+    assert!(
+        !calls.cancelled(reply.id()),
+        "a complete stream is not cancelled"
+    );
+
+    // The replica's error frame ends the stream with its status.
+    let failing = tokio::spawn(count(&[]));
+    eventually("the failing stream's call", || calls.count() == 1).await;
+    let (_, reply) = calls.take().pop().unwrap();
+    reply.send_frame(&stream_head());
+    reply.send_frame(&StreamFrame::Chunk(b"one".to_vec()));
+    reply.send_frame(&StreamFrame::Error(answer("7", "denied 100%", b"")));
+    let collected = failing
+        .await
+        .unwrap()
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    let trailers = collected.trailers().unwrap().clone();
+    assert_eq!(status(&trailers), Some("7"));
+    assert_eq!(trailers.get("grpc-message").unwrap(), "denied 100%25");
+    assert_eq!(collected.to_bytes(), grpc_frame(b"one"));
+
+    // A client that resets the stream cancels it on the replica, and the
+    // slot is freed.
+    let dropped = tokio::spawn(count(&[]));
+    eventually("the reset stream's call", || calls.count() == 1).await;
+    let (_, reply) = calls.take().pop().unwrap();
+    reply.send_frame(&stream_head());
+    drop(dropped.await.unwrap().unwrap());
+    eventually("the replica to get the cancel", || {
+        calls.cancelled(reply.id())
+    })
+    .await;
+    eventually("the reset stream's slot to be released", || {
+        proxy.router().in_flight("b") == 0
+    })
+    .await;
+
+    // The client's deadline ends an open stream, cancelling it too.
+    ended_by_the_proxy(&calls, count(&[("grpc-timeout", "300m")]), "4").await;
+
+    // A client stream: the replica answers a head at once; the client's
+    // messages follow as GrpcMessage frames, at most the window (16) before
+    // the replica credits more, then the half-close; the reply's chunk and
+    // end are the call's message and OK trailers.
+    let messages: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; i as usize]).collect();
+    let body: Vec<u8> = messages
+        .iter()
+        .flat_map(|m| grpc_frame(m).to_vec())
+        .collect();
+    let uploading = tokio::spawn(upload(body));
+    eventually("the upload's call", || calls.count() == 1).await;
+    let (got, reply) = calls.take().pop().unwrap();
+    assert_eq!(
+        (got.path.as_str(), got.message.len()),
+        ("/echo.Echo/Upload", 0)
+    );
+    let id = reply.id();
+    assert!(reply.send_frame(&stream_head()));
+    eventually("a window of messages", || calls.requests(id).0.len() >= 16).await;
+    let (sent, half_closed) = calls.requests(id);
+    assert_eq!(
+        (sent.len(), half_closed),
+        (16, false),
+        "no more than the window before a credit"
+    );
+    assert!(reply.send_frame(&StreamFrame::Credit(8)));
+    eventually("the rest and the half-close", || calls.requests(id).1).await;
+    assert_eq!(
+        calls.requests(id).0,
+        messages,
+        "every message, in order, untouched"
+    );
+    assert!(reply.send_frame(&StreamFrame::Chunk(b"got 20".to_vec())));
+    assert!(reply.send_frame(&StreamFrame::End));
+    let collected = uploading
+        .await
+        .unwrap()
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(status(collected.trailers().unwrap()), Some("0"));
+    assert_eq!(collected.to_bytes(), grpc_frame(b"got 20"));
+
+    // A compressed request message ends the call, cancelling it on the
+    // replica.
+    let id = ended_by_the_proxy(&calls, upload(vec![1, 0, 0, 0, 1, b'x']), "12").await;
+    assert!(calls.requests(id).0.is_empty());
+
+    // A client stream that sends nothing for the idle deadline (1 s here)
+    // ends with DEADLINE_EXCEEDED, cancelled on the replica.
+    let silent = hyper::Request::post(format!("http://{addr}/echo.Echo/Upload"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(BoxBody::new(Silent))
+        .unwrap();
+    ended_by_the_proxy(&calls, silent_client.request(silent), "4").await;
 
     let _ = stop.send(());
     let _ = server.await;

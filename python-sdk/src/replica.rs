@@ -157,6 +157,13 @@ impl Job {
             Payload::Credit(_) | Payload::Cancel => {
                 tracing::warn!("replica queue full: a stream credit or cancel was dropped")
             }
+            // A client stream that lost a message cannot go on: it ends
+            // (its Python side waits for the connection's end or its
+            // deadline, as a stream whose cancel was dropped does).
+            Payload::GrpcMessage(_) | Payload::GrpcHalfClose => {
+                tracing::warn!("replica queue full: a gRPC client stream was ended");
+                reply.send_frame(&StreamFrame::Error(response.clone()));
+            }
             Payload::Ws(_) => {
                 reply.send_frame(&WsFrame::Close {
                     code: 1013,
@@ -539,6 +546,12 @@ impl PyReply {
         self.stream_frame(&StreamFrame::End, true)
     }
 
+    /// Lets the router send `n` more of a client stream's request messages
+    /// (the Handler took that many); False when the router is gone.
+    fn grant_requests(&self, n: u32) -> bool {
+        self.stream_frame(&StreamFrame::Credit(n), false)
+    }
+
     /// Ends the stream with an error, the response a failed call would get.
     fn fail_stream(&self, status: u16, headers: Vec<(String, String)>, body: &[u8]) -> bool {
         let error = Response {
@@ -794,7 +807,7 @@ impl ReplicaServer {
     /// queue of ready callbacks), once the queue is empty and nothing is
     /// ready on the loop, it polls for more requests that long (GIL
     /// released) and runs what arrived: see [`ReplicaServer::poll_for_job`].
-    #[pyo3(signature = (on_http, on_call, on_reconfigure, poll_us = 0, ready = None, on_ws_open = None, on_ws_event = None, on_stream = None, on_grpc = None))]
+    #[pyo3(signature = (on_http, on_call, on_reconfigure, poll_us = 0, ready = None, on_ws_open = None, on_ws_event = None, on_stream = None, on_grpc = None, on_grpc_message = None))]
     #[allow(clippy::too_many_arguments)]
     fn drain(
         &self,
@@ -808,6 +821,7 @@ impl ReplicaServer {
         on_ws_event: Option<Bound<'_, PyAny>>,
         on_stream: Option<Bound<'_, PyAny>>,
         on_grpc: Option<Bound<'_, PyAny>>,
+        on_grpc_message: Option<Bound<'_, PyAny>>,
     ) -> PyResult<usize> {
         self.wake.clear();
         if self.stop.is_stopped() {
@@ -840,6 +854,7 @@ impl ReplicaServer {
                 ws: (on_ws_open.as_ref(), on_ws_event.as_ref()),
                 on_stream: on_stream.as_ref(),
                 on_grpc: on_grpc.as_ref(),
+                on_grpc_message: on_grpc_message.as_ref(),
             };
             run_job(py, job, &dispatch)?;
         }
@@ -953,6 +968,7 @@ struct Dispatch<'a, 'py> {
     ws: WsDispatch<'a, 'py>,
     on_stream: Option<&'a Bound<'py, PyAny>>,
     on_grpc: Option<&'a Bound<'py, PyAny>>,
+    on_grpc_message: Option<&'a Bound<'py, PyAny>>,
 }
 
 /// Hands one request to Python. The request is always answered: by the
@@ -980,6 +996,24 @@ fn run_job(py: Python<'_>, job: Job, d: &Dispatch<'_, '_>) -> PyResult<()> {
         }
         Payload::Cancel => {
             stream_signal(py, d.on_stream, (reply.connection(), Some(reply.id()), -1));
+            return Ok(());
+        }
+        // A client stream's next request message, or its end (None).
+        Payload::GrpcMessage(message) => {
+            let message = PyBytes::new(py, &message);
+            grpc_message(
+                py,
+                d.on_grpc_message,
+                (reply.connection(), reply.id(), Some(message)),
+            );
+            return Ok(());
+        }
+        Payload::GrpcHalfClose => {
+            grpc_message(
+                py,
+                d.on_grpc_message,
+                (reply.connection(), reply.id(), None),
+            );
             return Ok(());
         }
         payload => Request {
@@ -1017,7 +1051,9 @@ fn run_job(py: Python<'_>, job: Job, d: &Dispatch<'_, '_>) -> PyResult<()> {
         // The frame server answers these itself; they never reach Python.
         Payload::Ping | Payload::Logs(_) => unreachable!("answered by the frame server"),
         Payload::WsOpen(_) | Payload::Ws(_) => unreachable!("dispatched by run_ws"),
-        Payload::Credit(_) | Payload::Cancel => unreachable!("taken as stream signals above"),
+        Payload::Credit(_) | Payload::Cancel | Payload::GrpcMessage(_) | Payload::GrpcHalfClose => {
+            unreachable!("taken as stream signals above")
+        }
     };
     let result = result.and_then(|r| {
         if r.is_none() {
@@ -1258,6 +1294,23 @@ fn stream_signal(
     if let Some(on_stream) = on_stream {
         if let Err(err) = on_stream.call1(signal) {
             tracing::error!("stream signal failed: {}", err.value(py));
+        }
+    }
+}
+
+/// A client stream's request message (or its end, None) for
+/// `on_grpc_message(conn, id, message)`.
+fn grpc_message(
+    py: Python<'_>,
+    on_grpc_message: Option<&Bound<'_, PyAny>>,
+    message: (u64, u64, Option<Bound<'_, PyBytes>>),
+) {
+    if let Some(on_grpc_message) = on_grpc_message {
+        if let Err(err) = on_grpc_message.call1(message) {
+            tracing::error!(
+                "a gRPC request message could not be delivered: {}",
+                err.value(py)
+            );
         }
     }
 }

@@ -12,6 +12,7 @@ Three layers:
   proto (the seed's client snippets), plus server reflection and health.
 """
 
+import asyncio
 import importlib.util
 import io
 import json
@@ -85,6 +86,7 @@ service Shapes {
     rpc Bidi (stream Req) returns (stream Res);
     rpc UntilCancelled (Req) returns (Res);
     rpc Missing (Req) returns (Res);
+    rpc Count (Req) returns (stream Res);
 }
 
 message Req {
@@ -124,8 +126,26 @@ class Handler:
         user = dict(context.invocation_metadata()).get("x-user", "")
         return self.pb.Res(b=f"{payload.a.upper()} user={user}")
 
-    def ClientStream(self, payload):
-        return self.pb.Res(b=",".join(r.a for r in payload))
+    def ClientStream(self, payload, context):
+        # "context": which server runs the call; "<file>:hold": reads until
+        # the client goes away, then writes whether the call was still
+        # active (and how many requests came) to <file>.
+        # (grpcio's iterator raises then, frames' ends.)
+        got = []
+        try:
+            for r in payload:
+                got.append(r.a)
+                if r.a == "context":
+                    return self.pb.Res(b=type(context).__module__)
+                if r.a.endswith(":hold"):
+                    open(r.a[:-len(":hold")] + ".started", "w").close()
+        finally:
+            if got and got[0].endswith(":hold"):
+                path = got[0][:-len(":hold")]
+                with open(path + ".tmp", "w") as f:
+                    f.write(f"{'active' if context.is_active() else 'inactive'} {len(got)}")
+                os.rename(path + ".tmp", path)
+        return self.pb.Res(b=",".join(got))
 
     def ServerStream(self, payload, context):
         # The second response waits for a file the test creates once it has
@@ -138,9 +158,9 @@ class Handler:
             time.sleep(0.005)
         yield self.pb.Res(b="second")
 
-    def Bidi(self, payload):
+    def Bidi(self, payload, context):
         for r in payload:
-            yield self.pb.Res(b=r.a[::-1])
+            yield self.pb.Res(b=type(context).__module__ if r.a == "context" else r.a[::-1])
 
     def UntilCancelled(self, payload, context):
         # Runs until the client's deadline ends the call, then says so in
@@ -152,6 +172,34 @@ class Handler:
             f.write("active" if context.is_active() else "inactive")
         os.rename(payload.a + ".tmp", payload.a)
         return self.pb.Res(b="too late")
+
+    def Count(self, payload, context):
+        # a = "<n>:<end>:<file>": which server runs the call (the first
+        # reply), n numbered replies, then the end: "" (OK), "fail",
+        # "abort", "set_code", "wrong type" or "forever" (replies until the
+        # client goes away). The generator's finally writes whether the
+        # call was still active to <file>, when named.
+        n, end, path = payload.a.split(":", 2)
+        try:
+            yield self.pb.Res(b=type(context).__module__)
+            for i in range(int(n)):
+                yield self.pb.Res(b=str(i))
+            if end == "fail":
+                raise ValueError("no more")
+            if end == "abort":
+                context.abort(grpc.StatusCode.OUT_OF_RANGE, "past the end")
+            if end == "set_code":
+                context.set_code(grpc.StatusCode.DATA_LOSS)
+                context.set_details("lost the rest")
+            if end == "wrong type":
+                yield {"b": "a dict"}
+            while end == "forever":
+                yield self.pb.Res(b="more")
+        finally:
+            if path:
+                with open(path + ".tmp", "w") as f:
+                    f.write("active" if context.is_active() else "inactive")
+                os.rename(path + ".tmp", path)
 """
 
 SHAPES_CONFIG = """\
@@ -244,7 +292,8 @@ def test_the_spec_records_the_service(tmp_path):
     _, (api,) = load_config(folder)
     methods = {m["name"]: (m["client_streaming"], m["server_streaming"]) for m in api["handler"]["grpc"]["methods"]}
     assert methods == {"Unary": (False, False), "ClientStream": (True, False), "ServerStream": (False, True),
-                       "Bidi": (True, True), "UntilCancelled": (False, False), "Missing": (False, False)}
+                       "Bidi": (True, True), "UntilCancelled": (False, False), "Missing": (False, False),
+                       "Count": (False, True)}
     assert api["handler"]["grpc"]["module"] == "shapes_pb2"
 
 
@@ -447,6 +496,9 @@ def check_shapes(pb2, stub, tmp):
     requests.put(None)
     assert list(responses) == []
 
+    check_server_streams(pb2, stub, tmp)
+    check_client_streams(pb2, stub, tmp)
+
     # Statuses.
     for a, code, details in [
         ("fail", grpc.StatusCode.INTERNAL, "ValueError: no good"),
@@ -473,6 +525,57 @@ def check_shapes(pb2, stub, tmp):
     wait_for(lambda: os.path.exists(seen), timeout=60, what="the handler to see the deadline")
     with open(seen) as f:
         assert f.read() == "inactive"
+
+
+def check_server_streams(pb2, stub, tmp):
+    """A server stream's replies, statuses and cancellation, through ``stub``."""
+    replies = [r.b for r in stub.Count(pb2.Req(a="100::"), timeout=60)]
+    assert replies[1:] == [str(i) for i in range(100)]
+    for end, code, details in [
+        ("fail", grpc.StatusCode.INTERNAL, "ValueError: no more"),
+        ("abort", grpc.StatusCode.OUT_OF_RANGE, "past the end"),
+        ("set_code", grpc.StatusCode.DATA_LOSS, "lost the rest"),
+        ("wrong type", grpc.StatusCode.INTERNAL, "Handler.Count yielded dict, expected shapes.Res"),
+    ]:
+        call = stub.Count(pb2.Req(a=f"2:{end}:"), timeout=60)
+        got = []
+        with pytest.raises(grpc.RpcError) as e:
+            for r in call:
+                got.append(r.b)
+        assert got[1:] == ["0", "1"], end  # what came before the end
+        assert e.value.code() == code, (end, e.value.details())
+        assert details in e.value.details(), end
+    # A client that cancels mid-stream: the Handler's generator is closed
+    # where it stands (its finally runs, the call no longer active).
+    closed = str(tmp / f"closed-{os.urandom(4).hex()}")
+    call = stub.Count(pb2.Req(a=f"0:forever:{closed}"), timeout=60)
+    for _ in range(3):
+        next(call)
+    call.cancel()
+    wait_for(lambda: os.path.exists(closed), timeout=60, what="the handler's generator to be closed")
+    with open(closed) as f:
+        assert f.read() == "inactive"
+
+
+def check_client_streams(pb2, stub, tmp):
+    """Many request messages (beyond any window), and a client that goes
+    away mid-stream, through ``stub``."""
+    words = [f"w{i}" for i in range(100)]
+    assert stub.ClientStream(iter([pb2.Req(a=w) for w in words]), timeout=60).b == ",".join(words)
+    assert [r.b for r in stub.Bidi(iter([pb2.Req(a=w) for w in words]), timeout=60)] == [w[::-1] for w in words]
+    # A client that cancels while the Handler still reads: the Handler's
+    # iterator ends and the call is no longer active.
+    seen = str(tmp / f"client-{os.urandom(4).hex()}")
+    requests = queue.Queue()
+    future = stub.ClientStream.future(iter(requests.get, None), timeout=60)
+    requests.put(pb2.Req(a=seen + ":hold"))
+    requests.put(pb2.Req(a="more"))
+    wait_for(lambda: os.path.exists(seen + ".started"), timeout=60, what="the handler to read")
+    future.cancel()
+    wait_for(lambda: os.path.exists(seen), timeout=60, what="the handler to see the client go")
+    with open(seen) as f:
+        assert f.read().startswith("inactive")
+    requests.put(None)
 
 
 def test_every_rpc_shape_on_the_replica_server(shapes_stub):
@@ -518,8 +621,24 @@ def test_unary_calls_as_frames_on_the_replica(shapes_api, shapes_stub, monkeypat
     assert code == grpc.StatusCode.INTERNAL.value[0] and "Handler.Unary returned dict" in details
     code, details, _ = call("Missing", "")
     assert code == grpc.StatusCode.UNIMPLEMENTED.value[0] and "the Handler has no method Missing" in details
-    # Streaming methods are not taken as frames (the proxy forwards them).
-    assert call("ServerStream", "x")[0] == grpc.StatusCode.UNIMPLEMENTED.value[0]
+    # A server stream is answered with an async generator of the replies'
+    # bytes (the host streams it); a failure ends it with the status to send.
+    stream = obj.serval_grpc_call("/shapes.Shapes/Count", pb2.Req(a="3:fail:").SerializeToString(), (), None,
+                                  Reply())
+
+    async def drain():
+        got = []
+        try:
+            async for message in stream:
+                got.append(pb2.Res.FromString(message).b)
+        except Exception as e:
+            return got, e.grpc_answer
+        return got, None
+
+    got, answer = asyncio.run(drain())
+    assert got == ["serval.cortex.grpc_api", "0", "1", "2"]
+    assert answer[0] == 200 and dict(answer[1]) == {"grpc-status": str(grpc.StatusCode.INTERNAL.value[0]),
+                                                     "grpc-message": "ValueError: no more"}
     # The deadline ends is_active() for the Handler.
     seen = str(tmp / f"seen-{os.urandom(4).hex()}")
     call("UntilCancelled", seen, timeout=0.2)
@@ -538,13 +657,16 @@ def test_unary_calls_terminated_by_the_proxy(monkeypatch, tmp_path):
         pb2, pb2_grpc = client_modules(tmp_path, "shapes.proto", SHAPES_PROTO)
         with proxy_channel(cluster) as channel:
             stub = pb2_grpc.ShapesStub(channel)
-            # Not grpcio's ServicerContext: the call came as a frame.
+            # Not grpcio's ServicerContext: the calls came as frames.
             assert stub.Unary(pb2.Req(a="context"), timeout=60).b == "serval.cortex.grpc_api"
+            assert next(stub.Count(pb2.Req(a="0::"), timeout=60)).b == "serval.cortex.grpc_api"
+            assert stub.ClientStream(iter([pb2.Req(a="context")]), timeout=60).b == "serval.cortex.grpc_api"
+            assert next(stub.Bidi(iter([pb2.Req(a="context")]), timeout=60)).b == "serval.cortex.grpc_api"
             check_shapes(pb2, stub, tmp_path)
         metrics = requests.get(f"{cluster.url}/-/metrics", timeout=30).text
     counted = [line for line in metrics.splitlines() if line.startswith("serval_grpc_requests_total{")]
     for method, codes in [("Unary", ["OK"]), ("Unary", ["NOT_FOUND"]), ("Missing", ["UNIMPLEMENTED"]),
-                          ("ServerStream", ["OK"]),
+                          ("ServerStream", ["OK"]), ("Count", ["OUT_OF_RANGE"]), ("Count", ["CANCELLED"]),
                           # The proxy's deadline, or the client's own first (it then resets the stream).
                           ("UntilCancelled", ["DEADLINE_EXCEEDED", "CANCELLED"])]:
         assert any(f'method="{method}"' in line and any(f'code="{c}"' in line for c in codes)
@@ -586,7 +708,6 @@ def test_a_module_from_the_descriptor_set(tmp_path):
 def test_a_handler_without_module_proto_pb2_and_http_requests(tmp_path, monkeypatch):
     """``__init__`` may take only ``config`` (arguments by name); the
     replica's HTTP side answers 404 (a gRPC API has no route)."""
-    import asyncio
 
     from serval.cortex.grpc_api import GrpcAPI
     from serval.cortex.package import build_package

@@ -1,8 +1,9 @@
 //! `serval-bench grpc-load ADDR /package.Service/Method CONCURRENCY SECONDS`:
 //! a small gRPC load generator (no ghz on the machine): CONCURRENCY tasks
-//! call one unary method over a single HTTP/2 connection, each sending an
-//! empty message (a proto3 message with no fields set) and waiting for the
-//! answer, for SECONDS. Prints one JSON line: requests/s, p50/p99 latency
+//! call one method over a single HTTP/2 connection, each sending an empty
+//! message (a proto3 message with no fields set) and reading the whole
+//! answer (one message, or a server stream's), for SECONDS. Prints one
+//! JSON line: calls/s, reply messages/s, p50/p99 latency of a whole call
 //! in ms, errors (a non-OK grpc-status counts as one).
 
 use std::time::{Duration, Instant};
@@ -50,7 +51,7 @@ pub async fn run(addr: &str, method: &str, concurrency: usize, seconds: u64) {
                 .and_then(|t| t.get("grpc-status").cloned())
         });
         match status.as_ref().and_then(|s| s.to_str().ok()) {
-            Some("0") => Ok(()),
+            Some("0") => Ok(messages(&collected.to_bytes())),
             other => Err(format!("grpc-status {other:?}")),
         }
     };
@@ -67,24 +68,28 @@ pub async fn run(addr: &str, method: &str, concurrency: usize, seconds: u64) {
             let (client, uri) = (client.clone(), uri.clone());
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
-                let mut errors = 0u64;
+                let (mut errors, mut replies) = (0u64, 0u64);
                 while Instant::now() < end {
                     let t0 = Instant::now();
                     match call(client.clone(), uri.clone()).await {
-                        Ok(()) => latencies.push(t0.elapsed()),
+                        Ok(n) => {
+                            latencies.push(t0.elapsed());
+                            replies += n;
+                        }
                         Err(_) => errors += 1,
                     }
                 }
-                (latencies, errors)
+                (latencies, errors, replies)
             })
         })
         .collect();
     let mut latencies = Vec::new();
-    let mut errors = 0;
+    let (mut errors, mut replies) = (0, 0);
     for task in tasks {
-        if let Ok((l, e)) = task.await {
+        if let Ok((l, e, n)) = task.await {
             latencies.extend(l);
             errors += e;
+            replies += n;
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
@@ -95,11 +100,24 @@ pub async fn run(addr: &str, method: &str, concurrency: usize, seconds: u64) {
             .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
     };
     println!(
-        "{{\"rps\": {:.1}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}, \"errors\": {}, \"requests\": {}}}",
+        "{{\"rps\": {:.1}, \"messages_per_s\": {:.1}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}, \"errors\": {}, \"requests\": {}}}",
         latencies.len() as f64 / elapsed,
+        replies as f64 / elapsed,
         pick(0.5),
         pick(0.99),
         errors,
         latencies.len()
     );
+}
+
+/// The gRPC messages in a response body: each is a 5-byte prefix (flag,
+/// big-endian length) and that many bytes.
+fn messages(body: &[u8]) -> u64 {
+    let (mut at, mut n) = (0, 0);
+    while body.len() >= at + 5 {
+        let len = u32::from_be_bytes([body[at + 1], body[at + 2], body[at + 3], body[at + 4]]);
+        at += 5 + len as usize;
+        n += 1;
+    }
+    n
 }

@@ -46,7 +46,7 @@ fn code_name(headers: &HeaderMap) -> Option<&'static str> {
 
 /// Records one call once: at its status, or as CANCELLED when dropped
 /// before one was seen.
-struct Recorder {
+pub(super) struct Recorder {
     service: String,
     method: String,
     started: Instant,
@@ -54,6 +54,15 @@ struct Recorder {
 }
 
 impl Recorder {
+    pub(super) fn new(service: &str, method: &str, started: Instant) -> Self {
+        Self {
+            service: service.to_owned(),
+            method: method.to_owned(),
+            started,
+            done: false,
+        }
+    }
+
     fn finish(&mut self, code: &'static str) {
         if std::mem::replace(&mut self.done, true) {
             return;
@@ -158,18 +167,7 @@ pub(super) fn hold_until_end(
 
 /// Counts the call: now for a trailers-only response (its status is in the
 /// headers), else when the body's trailers arrive.
-pub(super) fn counted(
-    response: GrpcResponse,
-    service: &str,
-    method: &str,
-    started: Instant,
-) -> GrpcResponse {
-    let mut recorder = Recorder {
-        service: service.to_owned(),
-        method: method.to_owned(),
-        started,
-        done: false,
-    };
+pub(super) fn counted(response: GrpcResponse, mut recorder: Recorder) -> GrpcResponse {
     if let Some(code) = code_name(response.headers()) {
         recorder.finish(code);
         return response;

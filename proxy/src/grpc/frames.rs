@@ -1,28 +1,48 @@
-//! Unary calls the proxy terminates itself (`SERVAL_GRPC_FRAMES=1`, issue
-//! 25): the request message is taken out of its gRPC framing and sent as a
+//! Calls the proxy terminates itself (`SERVAL_GRPC_FRAMES=1`, issue 25):
+//! the request message is taken out of its gRPC framing and sent as a
 //! [`Payload::Grpc`] frame on the replica's multiplexed connection, the
-//! same connection, handshake and bounds as HTTP requests; the replica
-//! answers the status and the reply message's bytes, which go back as a
-//! gRPC response with trailers. Message bytes are never decoded here.
-//!
-//! Streaming calls are still forwarded to the replica's grpcio server
-//! ([`super::forward`]).
+//! same connection, handshake and bounds as HTTP requests. A unary call's
+//! replica answers the status and the reply message's bytes, which go back
+//! as a gRPC response with trailers. A server-streaming call's replica
+//! answers with a streamed reply (the machinery of HTTP streams: a head,
+//! one chunk frame per reply message, credits, cancel): each chunk goes to
+//! the client as one gRPC message as it comes, and the stream's end (or
+//! error frame) becomes the trailers. A client-streaming or bidirectional
+//! call's replica answers a stream head at once; the client's messages then
+//! go to it as [`Payload::GrpcMessage`] frames as they arrive
+//! ([`send_requests`], under the idle deadline of [`super::idle`]), at most
+//! [`serval_protos::frame::STREAM_WINDOW`] beyond those the replica
+//! credited, then a [`Payload::GrpcHalfClose`]; the replies come back as a
+//! server stream's do. Message bytes are never decoded here.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{HeaderMap, StatusCode};
-use serval_protos::frame::{GrpcCall, Payload, Request, GRPC_MESSAGE_HEADER, GRPC_STATUS_HEADER};
+use serval_protos::frame::{
+    GrpcCall, Payload, Request, Response, GRPC_MESSAGE_HEADER, GRPC_STATUS_HEADER,
+};
 use serval_protos::handshake;
-use tokio::time::Instant;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, Sleep};
 
-use super::{code_of, frame, internal_failure, status_response, BoxError, Code, GrpcResponse};
+use super::idle::{self, IdleBody};
+use super::table::Shape;
+use super::{
+    add_status, code_of, frame, internal_failure, push_message, status_response, BoxError, Code,
+    GrpcBody, GrpcResponse,
+};
 use crate::errors;
 use crate::http::read_body;
+use crate::limits::Reservation as BodyReservation;
 use crate::proxy::Proxy;
+use crate::replica_conn::{ChunkStream, RequestSender, StreamError};
 
 /// Headers of the gRPC protocol itself (and the proxy's credential): not
 /// the caller's metadata, so never handed to the Handler.
@@ -34,12 +54,13 @@ const NOT_METADATA: [&str; 5] = [
     handshake::GRPC_AUTH_HEADER,
 ];
 
-/// Calls `path` (`/package.Service/Method`, a unary method) on a replica of
-/// `endpoint`.
+/// Calls `path` (`/package.Service/Method`, a method of that `shape`) on a
+/// replica of `endpoint`.
 pub(super) async fn call(
     proxy: &Proxy,
     endpoint: &str,
     path: &str,
+    shape: Shape,
     req: hyper::Request<Incoming>,
 ) -> GrpcResponse {
     let started = Instant::now();
@@ -48,23 +69,33 @@ pub(super) async fn call(
         Err(reason) => return status_response(Code::InvalidArgument, &reason),
     };
     let metadata = metadata(req.headers());
-    // The call's deadline: the client's, within the router's own.
+    // The deadline of the call's answer (a stream's head): the client's,
+    // within the router's own. A stream is bounded by the client's only.
     let limit = proxy.router().config().request_timeout;
     let deadline = started + client_timeout.map_or(limit, |t| t.min(limit));
-    // The body budget's reservation is held as long as the body is.
-    let (body, _budget) = match tokio::time::timeout_at(deadline, read_body(proxy, req)).await {
-        Err(_) => {
-            return status_response(Code::DeadlineExceeded, "the request did not arrive in time")
+    let streams = shape.client_streaming || shape.server_streaming;
+    let call_deadline = client_timeout.map(|t| started + if streams { t } else { t.min(limit) });
+    // A client stream's messages follow the call; a single message is read
+    // whole first (the body budget's reservation held as long as it is).
+    let (message, client_stream, _budget) = if shape.client_streaming {
+        (Bytes::new(), Some(req.into_body()), None)
+    } else {
+        match tokio::time::timeout_at(deadline, read_body(proxy, req)).await {
+            Err(_) => {
+                return status_response(
+                    Code::DeadlineExceeded,
+                    "the request did not arrive in time",
+                )
+            }
+            Ok(Err(refused)) => {
+                let (code, what) = refusal(refused.status());
+                return status_response(code, what);
+            }
+            Ok(Ok((_, body, budget))) => match unframe(&body) {
+                Ok(m) => (m, None, Some(budget)),
+                Err((code, reason)) => return status_response(code, reason),
+            },
         }
-        Ok(Err(refused)) => {
-            let (code, what) = refusal(refused.status());
-            return status_response(code, what);
-        }
-        Ok(Ok((_, body, budget))) => (body, budget),
-    };
-    let message = match unframe(&body) {
-        Ok(m) => m,
-        Err((code, reason)) => return status_response(code, reason),
     };
     let reservation = match tokio::time::timeout_at(deadline, proxy.router().reserve(endpoint))
         .await
@@ -75,12 +106,9 @@ pub(super) async fn call(
         }
         Ok(Ok(r)) => r,
     };
-    let timeout_ms = client_timeout.map_or(0, |_| {
+    let timeout_ms = call_deadline.map_or(0, |d| {
         // At least 1: 0 means "no deadline" to the replica.
-        (deadline
-            .saturating_duration_since(Instant::now())
-            .as_millis() as u64)
-            .max(1)
+        (d.saturating_duration_since(Instant::now()).as_millis() as u64).max(1)
     });
     let request = Request {
         method_name: None,
@@ -91,11 +119,13 @@ pub(super) async fn call(
             timeout_ms,
         }),
     };
-    // The slot is held until the answer is here (the reservation's scope).
-    let answer = match reservation.request(&request, deadline).await {
-        Ok(reply) => reply.response,
+    // The slot is held until the answer is here (the reservation's scope),
+    // or, for a stream, until the stream ends.
+    let reply = match reservation.request(&request, deadline).await {
+        Ok(reply) => reply,
         Err(e) => return status_response(code_of(&e), &errors::message(&e, proxy.debug_errors)),
     };
+    let answer = reply.response;
     if answer.status != 200 {
         let detail = format!(
             "replica {} of endpoint {endpoint} refused the call ({}): {}",
@@ -110,15 +140,258 @@ pub(super) async fn call(
         };
         return internal_failure(proxy, code, "the replica could not take the call", detail);
     }
+    if let Some(mut messages) = reply.stream {
+        // The client's messages go to the replica as they come, on a task
+        // that ends with the stream (MessageStream aborts it).
+        let requests = client_stream.map(|body| {
+            let sender = messages.request_sender();
+            tokio::spawn(send_requests(
+                body,
+                sender,
+                proxy.max_body_bytes,
+                proxy.body_budget.reservation(),
+            ))
+        });
+        messages.hold(reservation);
+        let body = MessageStream {
+            messages: Some(messages),
+            end: None,
+            requests,
+            deadline: call_deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            debug_errors: proxy.debug_errors,
+        };
+        return grpc_response(body.boxed_unsync());
+    }
+    let (code, details) = replica_status(&answer);
+    // (A client stream answered at once, without a stream, was refused.)
+    if code != 0 || shape.client_streaming {
+        return super::status_response_code(code, details);
+    }
+    ok_response(&answer.body)
+}
+
+/// The gRPC status a replica answered (in a unary answer, or the error
+/// frame that ends a stream).
+fn replica_status(answer: &Response) -> (u16, &str) {
     let code = answer
         .header(GRPC_STATUS_HEADER)
         .and_then(|c| c.parse::<u16>().ok())
         .unwrap_or(Code::Unknown as u16);
-    let details = answer.header(GRPC_MESSAGE_HEADER).unwrap_or("");
-    if code != 0 {
-        return super::status_response_code(code, details);
+    (code, answer.header(GRPC_MESSAGE_HEADER).unwrap_or(""))
+}
+
+/// The reply of a streaming call: one gRPC message per chunk the replica
+/// sends, as it comes, then trailers with the stream's status.
+/// Dropped before its end (the client reset the stream), or ended by the
+/// client's deadline, it drops `messages`, which cancels the replica's
+/// generator and frees the slot the stream holds.
+struct MessageStream {
+    messages: Option<ChunkStream>,
+    /// The stream's end, taken with messages still to send (`Some(None)`:
+    /// complete).
+    end: Option<Option<StreamError>>,
+    /// A client stream's [`send_requests`], until it ends; its failure
+    /// (an idle client, a malformed message) ends the call.
+    requests: Option<JoinHandle<Result<(), (Code, &'static str)>>>,
+    deadline: Option<Pin<Box<Sleep>>>,
+    debug_errors: bool,
+}
+
+impl Drop for MessageStream {
+    fn drop(&mut self) {
+        if let Some(requests) = self.requests.take() {
+            requests.abort();
+        }
     }
-    ok_response(&answer.body)
+}
+
+impl MessageStream {
+    /// The trailers of a stream that ended with `end` (`None`: complete).
+    fn trailers(&self, end: Option<StreamError>) -> HeaderMap {
+        let mut trailers = HeaderMap::new();
+        match end {
+            None => add_status(&mut trailers, 0, ""),
+            // The replica's own status (an abort, an exception, a wrong
+            // reply type, set_code).
+            Some(StreamError::Failed(r)) if r.status == 200 => {
+                let (code, message) = replica_status(&r);
+                add_status(&mut trailers, code, message);
+            }
+            Some(e) => {
+                tracing::warn!(error = %e, "a streamed gRPC call was cut");
+                let code = match &e {
+                    StreamError::Failed(r) if r.status != 503 => Code::Internal,
+                    _ => Code::Unavailable,
+                };
+                let detail = e.to_string();
+                let public = "the replica ended the stream early";
+                let message = if self.debug_errors { &detail } else { public };
+                add_status(&mut trailers, code as u16, message);
+            }
+        }
+        trailers
+    }
+}
+
+impl Body for MessageStream {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let Some(messages) = this.messages.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let mut failed = None;
+        // (A stream that already ended is not failed after the fact.)
+        let deadline = this.deadline.as_mut().filter(|_| this.end.is_none());
+        if let Some(deadline) = deadline {
+            if deadline.as_mut().poll(cx).is_ready() {
+                failed = Some((
+                    Code::DeadlineExceeded,
+                    "the call's deadline passed mid-stream",
+                ));
+            }
+        }
+        if let Some(requests) = this.requests.as_mut().filter(|_| this.end.is_none()) {
+            if let Poll::Ready(sent) = Pin::new(requests).poll(cx) {
+                this.requests = None;
+                // A task that panicked or was aborted: the stream goes on.
+                if let Ok(Err(e)) = sent {
+                    failed = failed.or(Some(e));
+                }
+            }
+        }
+        if let Some((code, message)) = failed {
+            // Dropped before its end: the replica's stream is cancelled.
+            this.messages = None;
+            let mut trailers = HeaderMap::new();
+            add_status(&mut trailers, code as u16, message);
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        let end = match this.end.take() {
+            Some(end) => end,
+            None => {
+                // The messages already here leave as one DATA frame, up to
+                // GATHER_BYTES: a reader gets a burst at once, and a burst
+                // costs one frame, not one per message.
+                let mut data = BytesMut::new();
+                let end = loop {
+                    match messages.poll_next(cx) {
+                        Poll::Ready(Some(Ok(message))) => {
+                            push_message(&mut data, &message);
+                            if data.len() >= GATHER_BYTES {
+                                break None;
+                            }
+                        }
+                        Poll::Ready(Some(Err(e))) => break Some(Some(e)),
+                        Poll::Ready(None) => break Some(None),
+                        Poll::Pending if data.is_empty() => return Poll::Pending,
+                        Poll::Pending => break None,
+                    }
+                };
+                if !data.is_empty() {
+                    // The end, when it came with them, goes next time.
+                    this.end = end;
+                    return Poll::Ready(Some(Ok(Frame::data(data.freeze()))));
+                }
+                end.unwrap_or(None)
+            }
+        };
+        let trailers = this.trailers(end);
+        // Ended: the slot is freed now, not when hyper drops the body.
+        this.messages = None;
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.messages.is_none()
+    }
+}
+
+/// The most message bytes [`MessageStream`] gathers into one DATA frame.
+const GATHER_BYTES: usize = 64 * 1024;
+
+/// A gRPC response: its headers now, `body` (messages, then trailers) as
+/// it comes.
+fn grpc_response(body: GrpcBody) -> GrpcResponse {
+    let mut response = hyper::Response::new(body);
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    response
+}
+
+/// Sends a client stream's request messages to the replica as they come
+/// (each at most `max_message` bytes, the proxy's body limit, and within
+/// the body budget), then its half-close. The status the call ends with
+/// when the client's stream fails: idle too long ([`super::idle`]),
+/// compressed, oversized or cut inside a message.
+async fn send_requests(
+    body: Incoming,
+    sender: RequestSender,
+    max_message: usize,
+    mut budget: BodyReservation,
+) -> Result<(), (Code, &'static str)> {
+    let (mut body, idled) = IdleBody::new(body);
+    let mut buffer = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let data = match frame {
+            Ok(frame) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue, // trailers: nothing to send
+            },
+            Err(_) if idle::idled(&idled) => {
+                return Err((Code::DeadlineExceeded, super::IDLE_MESSAGE))
+            }
+            Err(_) => return Err((Code::Unavailable, "the client stream broke")),
+        };
+        if !budget.cover(buffer.len() + data.len()) {
+            return Err((
+                Code::Unavailable,
+                "the proxy is out of room for request bodies",
+            ));
+        }
+        buffer.extend_from_slice(&data);
+        while let Some(message) = next_message(&mut buffer, max_message)? {
+            if !sender.send(Payload::GrpcMessage(message.to_vec())).await {
+                return Err((Code::Unavailable, "the replica connection closed"));
+            }
+        }
+    }
+    if !buffer.is_empty() {
+        return Err((Code::Internal, "the client stream ended inside a message"));
+    }
+    sender.send(Payload::GrpcHalfClose).await;
+    Ok(())
+}
+
+/// The next whole message at the front of `buffer`, taken out of it.
+fn next_message(
+    buffer: &mut BytesMut,
+    max_message: usize,
+) -> Result<Option<BytesMut>, (Code, &'static str)> {
+    if buffer.len() < 5 {
+        return Ok(None);
+    }
+    if buffer[0] != 0 {
+        return Err((Code::Unimplemented, "compressed messages are not supported"));
+    }
+    let len = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
+    if len > max_message {
+        return Err((
+            Code::ResourceExhausted,
+            "a request message exceeds the proxy's body limit",
+        ));
+    }
+    if buffer.len() < 5 + len {
+        return Ok(None);
+    }
+    buffer.advance(5);
+    Ok(Some(buffer.split_to(len)))
 }
 
 /// The gRPC code and message of a body the proxy would not read.
@@ -194,16 +467,12 @@ fn metadata(headers: &HeaderMap) -> Vec<(String, String)> {
 /// An OK answer: the reply message, then trailers with status 0.
 fn ok_response(message: &[u8]) -> GrpcResponse {
     let mut trailers = HeaderMap::new();
-    trailers.insert(GRPC_STATUS_HEADER, HeaderValue::from_static("0"));
+    add_status(&mut trailers, 0, "");
     let body = Full::new(frame(message))
         .map_err(|never| -> BoxError { match never {} })
         .with_trailers(async move { Some(Ok(trailers)) })
         .boxed_unsync();
-    let mut response = hyper::Response::new(body);
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    response
+    grpc_response(body)
 }
 
 #[cfg(test)]

@@ -1,10 +1,10 @@
-//! The idle deadline of a forwarded call's client stream: a client that
-//! sends nothing (no message, no end of stream) for
-//! `SERVAL_GRPC_STREAM_IDLE_S` (default 300 s) has its call ended with
-//! DEADLINE_EXCEEDED, the upstream stream reset (grpcio cancels the
-//! Handler) and the replica slot freed, so idle streams cannot pin every
-//! slot. Once the client has half-closed, only its own `grpc-timeout`
-//! bounds the call.
+//! The idle deadline of a call's client stream: a client that sends
+//! nothing (no message, no end of stream) for `SERVAL_GRPC_STREAM_IDLE_S`
+//! (default 300 s) has its call ended with DEADLINE_EXCEEDED, the upstream
+//! stream reset (grpcio cancels the Handler) or, on frames, the replica's
+//! stream cancelled, and the replica slot freed, so idle streams cannot
+//! pin every slot. Once the client has half-closed, only its own
+//! `grpc-timeout` bounds the call.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -10,10 +10,11 @@
 //!   The slot is held until the response ends, so an open stream counts
 //!   as in flight for backpressure and autoscaling. A client that goes
 //!   away resets the upstream stream, which cancels the call on the replica.
-//! * With `SERVAL_GRPC_FRAMES=1` in the proxy's environment, a unary
-//!   method's calls are terminated here instead ([`frames`]): the message
-//!   goes to the replica as a frame on its multiplexed connection, and no
-//!   grpcio server is involved. Off by default (issue 25's first slice).
+//! * With `SERVAL_GRPC_FRAMES=1` in the proxy's environment, the calls of
+//!   every method the descriptors declare are terminated here instead
+//!   ([`frames`]): request messages go to the replica as frames on its
+//!   multiplexed connection, reply messages come back as a reply or as
+//!   stream frames, and no grpcio server is involved. Off by default.
 //! * `grpc.health.v1.Health/Check` ([`health`]) and server reflection
 //!   ([`reflection`], v1 and v1alpha) answered by the proxy itself.
 //! * Anything else: `UNIMPLEMENTED` naming the service.
@@ -32,7 +33,7 @@ mod tls;
 
 use std::sync::{LazyLock, OnceLock};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
@@ -56,8 +57,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type GrpcBody = UnsyncBoxBody<Bytes, BoxError>;
 pub(crate) type GrpcResponse = hyper::Response<GrpcBody>;
 
-/// `SERVAL_GRPC_FRAMES=1` in the proxy's environment: unary calls are
-/// terminated by the proxy and sent to replicas as frames ([`frames`]).
+/// `SERVAL_GRPC_FRAMES=1` in the proxy's environment: the calls of
+/// declared methods are terminated by the proxy and sent to replicas as
+/// frames ([`frames`]).
 pub const FRAMES_ENV: &str = "SERVAL_GRPC_FRAMES";
 
 static FRAMES: LazyLock<bool> =
@@ -101,37 +103,45 @@ pub(crate) async fn handle(proxy: &Proxy, req: hyper::Request<Incoming>) -> Grpc
         );
     };
     let services = proxy.grpc_services();
-    let (response, labels) = if service == health::SERVICE {
-        let label = health::METHODS.contains(&method).then_some(method);
-        (health::handle(proxy, method, req).await, (service, label))
-    } else if reflection::SERVICES.contains(&service) {
-        let label = (method == reflection::METHOD).then_some(method);
-        (proxy.reflection().handle(req).await, (service, label))
-    } else {
-        match services.endpoint(service) {
-            Some(endpoint) => {
-                let label = services.declares(service, method).then_some(method);
-                let response = if *FRAMES && services.is_unary(service, method) {
-                    frames::call(proxy, endpoint, &path, req).await
-                } else {
-                    forward(proxy, endpoint, req).await
-                };
-                (response, (service, label))
-            }
-            None => (
-                status_response(
-                    Code::Unimplemented,
-                    &format!("unknown service {service}: no deployed API serves it"),
-                ),
-                (UNKNOWN_LABEL, None),
-            ),
-        }
-    };
     // Labels come from the snapshot and the proxy's own services, never
     // from what a client wrote: made-up paths would grow the metrics
     // without bound (3,000 of them made 57,000 lines).
-    let (service, method) = (labels.0, labels.1.unwrap_or(UNKNOWN_LABEL));
-    body::counted(response, service, method, started)
+    let (service_label, method_label) = if service == health::SERVICE {
+        (service, health::METHODS.contains(&method).then_some(method))
+    } else if reflection::SERVICES.contains(&service) {
+        (service, (method == reflection::METHOD).then_some(method))
+    } else if services.endpoint(service).is_some() {
+        (
+            service,
+            services.declares(service, method).then_some(method),
+        )
+    } else {
+        (UNKNOWN_LABEL, None)
+    };
+    // Counts the call even when the client goes away before its answer
+    // (this future is then dropped): as CANCELLED.
+    let recorder = body::Recorder::new(
+        service_label,
+        method_label.unwrap_or(UNKNOWN_LABEL),
+        started,
+    );
+    let response = if service == health::SERVICE {
+        health::handle(proxy, method, req).await
+    } else if reflection::SERVICES.contains(&service) {
+        proxy.reflection().handle(req).await
+    } else {
+        match services.endpoint(service) {
+            Some(endpoint) => match services.shape(service, method).filter(|_| *FRAMES) {
+                Some(shape) => frames::call(proxy, endpoint, &path, shape, req).await,
+                None => forward(proxy, endpoint, req).await,
+            },
+            None => status_response(
+                Code::Unimplemented,
+                &format!("unknown service {service}: no deployed API serves it"),
+            ),
+        }
+    };
+    body::counted(response, recorder)
 }
 
 /// The service or method label of a call to something not deployed.
@@ -257,11 +267,20 @@ fn status_response_code(code: u16, message: &str) -> GrpcResponse {
     let mut response = hyper::Response::new(empty());
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    add_status(headers, code, message);
+    response
+}
+
+/// Adds `grpc-status` and (when there is one) `grpc-message` to headers
+/// or trailers.
+fn add_status(headers: &mut hyper::HeaderMap, code: u16, message: &str) {
     headers.insert("grpc-status", HeaderValue::from(code));
+    if message.is_empty() {
+        return;
+    }
     if let Ok(value) = HeaderValue::from_str(&percent_encode(message)) {
         headers.insert("grpc-message", value);
     }
-    response
 }
 
 pub(crate) fn empty() -> GrpcBody {
@@ -286,11 +305,17 @@ fn percent_encode(message: &str) -> String {
 
 /// A gRPC message frame: uncompressed flag, big-endian length, bytes.
 pub(crate) fn frame(message: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(5 + message.len());
-    out.push(0);
-    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    let mut out = BytesMut::with_capacity(5 + message.len());
+    push_message(&mut out, message);
+    out.freeze()
+}
+
+/// Appends `message` to `out` as a gRPC message frame ([`frame`]).
+pub(crate) fn push_message(out: &mut BytesMut, message: &[u8]) {
+    out.reserve(5 + message.len());
+    out.put_u8(0);
+    out.put_u32(message.len() as u32);
     out.extend_from_slice(message);
-    out.into()
 }
 
 #[cfg(test)]

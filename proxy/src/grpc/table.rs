@@ -1,6 +1,6 @@
 //! Which endpoint serves which gRPC service, from the snapshot.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use prost::Message;
 
@@ -12,11 +12,9 @@ pub(crate) struct GrpcServices {
     endpoints: BTreeMap<String, String>,
     /// Serialized FileDescriptorSets, in service order (for reflection).
     descriptors: Vec<Vec<u8>>,
-    /// `package.Service/Method` of every method the descriptors declare:
-    /// the only method names used as metric labels.
-    methods: BTreeSet<String>,
-    /// The unary ones among them (no stream either way).
-    unary: BTreeSet<String>,
+    /// `package.Service/Method` of every method the descriptors declare
+    /// (the only method names used as metric labels), and its shape.
+    methods: BTreeMap<String, Shape>,
 }
 
 impl GrpcServices {
@@ -35,12 +33,7 @@ impl GrpcServices {
             }
             out.endpoints.insert(e.grpc_service.clone(), e.name.clone());
             if !e.grpc_descriptor.is_empty() {
-                for (method, unary) in declared_methods(&e.grpc_descriptor) {
-                    if unary {
-                        out.unary.insert(method.clone());
-                    }
-                    out.methods.insert(method);
-                }
+                out.methods.extend(declared_methods(&e.grpc_descriptor));
                 out.descriptors.push(e.grpc_descriptor.clone());
             }
         }
@@ -62,19 +55,26 @@ impl GrpcServices {
 
     /// Whether a deployed service's descriptors declare `method`.
     pub(crate) fn declares(&self, service: &str, method: &str) -> bool {
-        self.methods.contains(&format!("{service}/{method}"))
+        self.shape(service, method).is_some()
     }
 
-    /// Whether `method` is a unary method of a deployed service.
-    pub(crate) fn is_unary(&self, service: &str, method: &str) -> bool {
-        self.unary.contains(&format!("{service}/{method}"))
+    /// Which way `method` of a deployed service streams, when declared.
+    pub(crate) fn shape(&self, service: &str, method: &str) -> Option<Shape> {
+        self.methods.get(&format!("{service}/{method}")).copied()
     }
 }
 
+/// Which way a method streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Shape {
+    pub(crate) client_streaming: bool,
+    pub(crate) server_streaming: bool,
+}
+
 /// `package.Service/Method` of each method in a serialized
-/// FileDescriptorSet, and whether it is unary; none when it does not
-/// decode (reflection logs that).
-fn declared_methods(set: &[u8]) -> Vec<(String, bool)> {
+/// FileDescriptorSet, and its shape; none when it does not decode
+/// (reflection logs that).
+fn declared_methods(set: &[u8]) -> Vec<(String, Shape)> {
     let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
         return Vec::new();
     };
@@ -88,8 +88,11 @@ fn declared_methods(set: &[u8]) -> Vec<(String, bool)> {
                 format!("{package}.{}", service.name())
             };
             for method in &service.method {
-                let unary = !method.client_streaming() && !method.server_streaming();
-                out.push((format!("{service_name}/{}", method.name()), unary));
+                let shape = Shape {
+                    client_streaming: method.client_streaming(),
+                    server_streaming: method.server_streaming(),
+                };
+                out.push((format!("{service_name}/{}", method.name()), shape));
             }
         }
     }

@@ -160,6 +160,11 @@ _CALL = 1
 #: A handle call made with ``options(stream=True)``: a generator's items
 #: stream back (a plain call to a generator method is refused, as in Ray).
 _STREAM_CALL = 2
+#: A server-streaming gRPC call the proxy terminated (``on_grpc``): its
+#: items are reply messages' bytes, one per chunk frame.
+_GRPC = 3
+#: The head of a streamed reply, by kind.
+_STREAM_HEADS = {_HTTP: _TEXT, _GRPC: [("content-type", "application/grpc")]}
 #: The call header a streaming handle call carries.
 STREAM_CALL_HEADER = "x-serval-stream"
 
@@ -441,6 +446,8 @@ class Host:
         #: A gRPC API's entry for the calls the proxy terminated
         #: (``serval.cortex.grpc_api.GrpcAPI.serval_grpc_call``), or None.
         self._grpc = getattr(self.obj, "serval_grpc_call", None)
+        #: Where a client stream's request messages go (``serval_grpc_message``).
+        self._grpc_message = getattr(self.obj, "serval_grpc_message", None)
         #: An ingress app's lifespan (startup now, shutdown at stop).
         self._lifespan = None
         ingress_app = getattr(self.obj, "_serval_asgi_app", None)
@@ -527,7 +534,7 @@ class Host:
         ready = getattr(loop, "_ready", None)
         on_http, on_call, on_reconfigure, on_stream = self.on_http, self.on_call, self.on_reconfigure, self.on_stream
         on_ws_open, on_ws_event = self._websockets.on_open, self._websockets.on_event
-        on_grpc = self.on_grpc
+        on_grpc, on_grpc_message = self.on_grpc, self.on_grpc_message
 
         def on_wake():
             # Sync user code runs with no running loop set (see
@@ -537,7 +544,7 @@ class Host:
             self._loop_cleared = True
             try:
                 drain(on_http, on_call, on_reconfigure, poll_us, ready, on_ws_open, on_ws_event, on_stream,
-                      on_grpc)
+                      on_grpc, on_grpc_message)
             finally:
                 self._loop_cleared = False
                 _set_running_loop(loop)
@@ -799,6 +806,14 @@ class Host:
         return 200, _PICKLE, cloudpickle.dumps(result)
 
     def _error(self, kind: int, e: BaseException, scope, method_name: Optional[str]):
+        if kind == _GRPC:
+            # serval.cortex.grpc_api ends a stream's failures with the
+            # status to send (its _StreamStatus); anything else is INTERNAL.
+            answer = getattr(e, "grpc_answer", None)
+            if answer is not None:
+                return answer
+            logger.error("backend %r: a gRPC stream failed", self.backend, exc_info=e)
+            return 200, [("grpc-status", "13"), ("grpc-message", f"{type(e).__name__}: {e}")], b""
         if kind == _HTTP:
             logger.error("backend %r: %s %s failed", self.backend, (scope or {}).get("method"),
                          (scope or {}).get("path"), exc_info=e)
@@ -905,7 +920,7 @@ class Host:
         try:
             if isinstance(source, Response):
                 await self._stream_asgi(source, scope, reply, stream)
-            elif reply.start_stream(200, _TEXT if kind == _HTTP else _PICKLE):
+            elif reply.start_stream(200, _STREAM_HEADS.get(kind, _PICKLE)):
                 await self._stream_items(kind, source, reply, stream)
         except (asyncio.CancelledError, _StreamGone, ClientDisconnect):
             # The client went away (or the replica stops): the generator was
@@ -937,7 +952,7 @@ class Host:
                 await self._send_http_chunk(stream, _http_chunk(item))
         else:
             take = self._take_credit
-            encode = _http_chunk if kind == _HTTP else cloudpickle.dumps
+            encode = _http_chunk if kind == _HTTP else bytes if kind == _GRPC else cloudpickle.dumps
 
             async def put(item):
                 if not reply.send_chunk(encode(item)):
@@ -1063,14 +1078,28 @@ class Host:
     # -- reconfigure -----------------------------------------------------
 
     def on_grpc(self, path: str, message: bytes, metadata: tuple, timeout: Optional[float], reply):
-        """A unary gRPC call the proxy terminated: the object's
+        """A gRPC call the proxy terminated: the object's
         ``serval_grpc_call`` answers it (now, or later through ``reply``)
         with ``(200, [("grpc-status", code), ("grpc-message", details)],
-        reply message bytes)``; an object without one answers UNIMPLEMENTED."""
+        reply message bytes)``, or, for a server-streaming call, with an
+        async generator of the reply messages' bytes, streamed here as HTTP
+        generators are (credits, cancel) on a task that holds the call until
+        the stream ends. An object without one answers UNIMPLEMENTED."""
         if self._grpc is None:
             return 200, [("grpc-status", "12"), ("grpc-message", f"backend '{self.backend}' serves no gRPC "
                                                                   f"method {path}")], b""
-        return self._grpc(path, message, metadata, timeout, reply)
+        result = self._grpc(path, message, metadata, timeout, reply)
+        if inspect.isasyncgen(result):
+            self._in_flight += 1  # the stream's task ends it (_done)
+            self._start_stream(_GRPC, result, None, reply)
+            return None
+        return result
+
+    def on_grpc_message(self, conn: int, request_id: int, message: Optional[bytes]) -> None:
+        """A client stream's next request message (None: the client
+        half-closed), for the call ``(conn, request_id)`` names."""
+        if self._grpc_message is not None:
+            self._grpc_message((conn, request_id), message)
 
     def on_reconfigure(self, config_json: str, reply):
         """A config change from the node agent: new limits now, and

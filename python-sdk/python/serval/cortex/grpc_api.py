@@ -39,16 +39,25 @@ keeps it. A result that is not the RPC's output message is INTERNAL too,
 naming both types. An RPC of the service that the Handler lacks answers
 UNIMPLEMENTED naming the method; it does not stop the API from starting.
 
-Unary calls can also reach the replica without grpcio: a proxy started with
-``SERVAL_GRPC_FRAMES=1`` terminates gRPC itself and sends each unary call
-as a ``Payload::Grpc`` frame on its replica connection; the replica's
-``serval_grpc_call`` decodes the message with the generated class, calls the
-Handler with a :class:`Context` (grpcio's ``ServicerContext`` methods a
-Handler uses) and answers the status and the reply message's bytes. The
-statuses, details and deadlines are those of the grpcio path. Those calls
-run on a pool of ``threads_per_process`` threads when it is above 1, and
-inline on the replica's worker thread, one at a time, with 1 (as a
-RealtimeAPI's HTTP requests do).
+Calls can also reach the replica without grpcio: a proxy started with
+``SERVAL_GRPC_FRAMES=1`` terminates gRPC itself and sends each call as a
+``Payload::Grpc`` frame on its replica connection; the replica's ``serval_grpc_call`` decodes the message with the
+generated class, calls the Handler with a :class:`Context` (grpcio's
+``ServicerContext`` methods a Handler uses) and answers the status and the
+reply message's bytes. The statuses, details and deadlines are those of the
+grpcio path. Unary calls run on a pool of ``threads_per_process`` threads
+when it is above 1, and inline on the replica's worker thread, one at a
+time, with 1 (as a RealtimeAPI's HTTP requests do). A server-streaming call
+is answered with an async generator of reply message bytes that the
+replica's host streams as it does an HTTP generator (one chunk frame per
+message, paced by the proxy's credits, closed when the client goes away:
+the Handler's generator is closed where it stands and ``is_active()``
+turns False); a sync generator is advanced on that pool (inline with 1).
+A client-streaming or bidirectional call's request messages follow as
+frames: the Handler, on that pool (on a pool of one thread with 1, since
+it waits for messages the replica's worker thread delivers), iterates
+them as they come (:class:`_Requests`, credited back to the proxy as it
+takes them), and its replies go back as a server stream's do.
 
 Sync methods run on a pool of ``handler.threads_per_process`` threads (at
 least 1), so that many calls run at once; ``async def`` methods (and async
@@ -65,6 +74,7 @@ import importlib
 import inspect
 import logging
 import os
+import queue
 import sys
 import time
 import traceback
@@ -72,6 +82,7 @@ import types
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional
 
+from .._host import _call_blocking
 from .config import DESCRIPTOR_SET_NAME
 from .realtime import HandlerError, RealtimeAPI, accepted_args, error_response, setup_process
 
@@ -183,6 +194,72 @@ class _Aborted(Exception):
     """Raised by :meth:`Context.abort`: the call ends with the status set."""
 
 
+class _StreamStatus(Exception):
+    """Ends a streamed call with a status other than a plain OK: the
+    replica's host sends ``grpc_answer`` as the stream's error frame, whose
+    status and details the proxy puts in the trailers."""
+
+    def __init__(self, answer: tuple):
+        super().__init__(dict(answer[1]).get("grpc-message", ""))
+        self.grpc_answer = answer
+
+
+#: What ``next`` returns at the end of a Handler's sync iterator (a
+#: StopIteration cannot cross a future).
+_END = object()
+#: The frame protocol's STREAM_WINDOW: request messages a client stream
+#: may have queued here beyond those credited back to the proxy.
+STREAM_WINDOW = 16
+
+
+class _Requests:
+    """A client stream's request messages, as the Handler iterates them (on
+    a pool thread): fed by the replica's loop as their frames come, at most
+    STREAM_WINDOW waiting (the proxy sends no more than credited), each one
+    taken credited back to the proxy in half windows. Ends at the client's
+    half-close, or when the call is cancelled (the Handler then sees
+    ``is_active()`` False)."""
+
+    def __init__(self, decode, reply, context: Context):
+        self._decode = decode
+        self._reply = reply
+        self._context = context
+        self._queue = queue.SimpleQueue()
+        self._taken = 0
+        self._ended = False
+
+    def feed(self, message: Optional[bytes]) -> bool:
+        """Queues a message (None: the end); False beyond the window."""
+        if self._queue.qsize() > STREAM_WINDOW:
+            return False
+        self._queue.put(_END if message is None else message)
+        return True
+
+    def cancel(self) -> None:
+        self._queue.put(_END)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while not self._ended:
+            try:
+                item = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                if self._context.is_active():
+                    continue
+                item = _END  # the deadline passed
+            if item is _END:
+                self._ended = True
+                break
+            self._taken += 1
+            if self._taken >= STREAM_WINDOW // 2:
+                self._reply.grant_requests(self._taken)
+                self._taken = 0
+            return self._decode(item)
+        raise StopIteration
+
+
 class Context:
     """A Handler's ``context`` on a call the proxy terminated: the methods
     of grpcio's ``ServicerContext`` a Handler uses. The call is active until
@@ -194,6 +271,11 @@ class Context:
         self._code = None
         self._details = ""
         self._trailing: tuple = ()
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        """The client went away (a stream it reset): the call is inactive."""
+        self._cancelled = True
 
     def invocation_metadata(self) -> tuple:
         return self._metadata
@@ -202,7 +284,7 @@ class Context:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
     def is_active(self) -> bool:
-        return self._deadline is None or time.monotonic() < self._deadline
+        return not self._cancelled and (self._deadline is None or time.monotonic() < self._deadline)
 
     def set_code(self, code) -> None:
         self._code = code
@@ -331,27 +413,152 @@ class _Rpc:
 
     def run_frame(self, message: bytes, context: Context) -> tuple:
         """The answer to one unary call the proxy terminated."""
-        if self.fn is None:
-            return _status_reply(STATUS_CODES["UNIMPLEMENTED"], self._unimplemented_details())
-        try:
-            request = self.input_class.FromString(message)
-        except Exception as e:
-            return _status_reply(STATUS_CODES["INTERNAL"], f"cannot decode the request as "
-                                                           f"{self.input_class.DESCRIPTOR.full_name}: {e}")
-        try:
-            result = self._invoke(request, context)
-        except _Aborted:
-            return _status_reply(status_number(context.code()), context.details() or "")
-        except Exception as e:
-            if context.code() is not None:
-                return _status_reply(status_number(context.code()), context.details() or "")
-            logger.error("api %r: %s failed:\n%s", self.api.name, self.path,
-                         "".join(traceback.format_exception(e)).rstrip())
-            return _status_reply(STATUS_CODES["INTERNAL"], f"{type(e).__name__}: {e}")
+        result, failed = self._call(message, context)
+        return failed if failed is not None else self._answer(result, context)
+
+    def _answer(self, result: Any, context: Context) -> tuple:
+        """The answer for the reply message a Handler returned."""
         if not isinstance(result, self.output_class):
             return _status_reply(STATUS_CODES["INTERNAL"], self._wrong_type(result))
         code = STATUS_CODES["OK"] if context.code() is None else status_number(context.code())
         return _status_reply(code, context.details() or "", result.SerializeToString() if code == 0 else b"")
+
+    def _call(self, message: bytes, context: Context) -> tuple:
+        """Decodes the request and calls the Handler with it: ``(result,
+        None)``, or ``(None, answer)`` when there is no Handler method, the
+        request does not decode, or the Handler raised."""
+        if self.fn is None:
+            return None, _status_reply(STATUS_CODES["UNIMPLEMENTED"], self._unimplemented_details())
+        try:
+            request = self.input_class.FromString(message)
+        except Exception as e:
+            return None, _status_reply(STATUS_CODES["INTERNAL"], f"cannot decode the request as "
+                                                                 f"{self.input_class.DESCRIPTOR.full_name}: {e}")
+        try:
+            return self._invoke(request, context), None
+        except Exception as e:
+            return None, self._failed_reply(e, context)
+
+    def _failed_reply(self, e: Exception, context: Context) -> tuple:
+        """The answer for an exception of the Handler: its own status when it
+        set one (abort, set_code), else INTERNAL naming the exception."""
+        if context.code() is not None:
+            return _status_reply(status_number(context.code()), context.details() or "")
+        logger.error("api %r: %s failed:\n%s", self.api.name, self.path,
+                     "".join(traceback.format_exception(e)).rstrip())
+        return _status_reply(STATUS_CODES["INTERNAL"], f"{type(e).__name__}: {e}")
+
+    def open_stream(self, message: bytes, context: Context):
+        """One server-streaming call the proxy terminated: its answer when it
+        fails before its first reply (trailers-only, as from grpcio), else an
+        async generator of the reply messages' bytes for the host to stream."""
+        result, failed = self._call(message, context)
+        if failed is not None:
+            return failed
+        try:
+            iterator = result if hasattr(result, "__anext__") else iter(result)
+        except Exception as e:
+            return self._failed_reply(e, context)
+        return self._messages(iterator, context, self.api._pool)
+
+    async def _messages(self, iterator, context: Context, pool: Optional[ThreadPoolExecutor]):
+        """The Handler's replies as message bytes, each checked as it comes.
+        A failure, a wrong reply type or a status the Handler set ends the
+        stream with :class:`_StreamStatus`. Closed early (the client went
+        away, the replica stops), the Handler's iterator is closed too. A
+        sync iterator advances on ``pool``, inline without one."""
+        running = None  # next() on the pool, while it runs
+        try:
+            while True:
+                try:
+                    if hasattr(iterator, "__anext__"):
+                        try:
+                            item = await iterator.__anext__()
+                        except StopAsyncIteration:
+                            break
+                    elif pool is None:
+                        item = _call_blocking(next, (iterator, _END), None)
+                    else:
+                        running = pool.submit(next, iterator, _END)
+                        item = await asyncio.wrap_future(running)
+                        running = None
+                except Exception as e:
+                    raise _StreamStatus(self._failed_reply(e, context)) from None
+                if item is _END:
+                    break
+                if not isinstance(item, self.output_class):
+                    raise _StreamStatus(_status_reply(STATUS_CODES["INTERNAL"], self._wrong_type(item)))
+                yield item.SerializeToString()
+        except (asyncio.CancelledError, GeneratorExit):
+            context.cancel()
+            raise
+        finally:
+            await self._close(iterator, running)
+        code = context.code()
+        if code is not None and (status_number(code) != 0 or context.details()):
+            raise _StreamStatus(_status_reply(status_number(code), context.details() or ""))
+
+    def open_client_stream(self, context: Context, reply):
+        """One client-streaming or bidirectional call the proxy terminated:
+        an async generator of its reply messages' bytes, the Handler running
+        on the stream pool with an iterator of the request messages that
+        :meth:`GrpcAPI.serval_grpc_message` feeds."""
+        if self.fn is None:
+            return _status_reply(STATUS_CODES["UNIMPLEMENTED"], self._unimplemented_details())
+        requests = _Requests(self.input_class.FromString, reply, context)
+        return self._client_stream_replies(requests, context, reply.stream_key)
+
+    async def _client_stream_replies(self, requests: "_Requests", context: Context, key: tuple):
+        pool = self.api._stream_pool
+        # Registered once the host's stream task starts this generator,
+        # which it does right after sending the head, in the same step: the
+        # proxy sends request messages only once it has the head, so none
+        # comes before; a stream that never starts leaves nothing behind.
+        self.api._client_streams[key] = requests
+        try:
+            try:
+                result = await asyncio.wrap_future(pool.submit(self._invoke, requests, context))
+                if self.server_streaming:
+                    # Not on the replica's loop: it would wait there for
+                    # request messages that only that loop delivers.
+                    iterator = _sync_iterator(result) if hasattr(result, "__anext__") else iter(result)
+            except Exception as e:
+                raise _StreamStatus(self._failed_reply(e, context)) from None
+            if self.server_streaming:
+                replies = self._messages(iterator, context, pool)
+                try:
+                    async for message in replies:
+                        yield message
+                finally:
+                    await replies.aclose()
+                return
+            answer = self._answer(result, context)
+            if dict(answer[1])["grpc-status"] != "0":
+                raise _StreamStatus(answer)
+            yield answer[2]
+        except (asyncio.CancelledError, GeneratorExit):
+            context.cancel()
+            raise
+        finally:
+            requests.cancel()  # a Handler still reading them stops
+            self.api._client_streams.pop(key, None)
+
+    async def _close(self, iterator, running) -> None:
+        """Closes a Handler's iterator, once its ``next`` on the pool (if one
+        runs) returned: a generator cannot be closed while it runs."""
+        if running is not None and not running.done():
+            await asyncio.wait([asyncio.wrap_future(running)], timeout=STOP_GRACE_S)
+            if not running.done():
+                logger.warning("api %r: %s still runs %ss after its call ended; it is left to finish",
+                               self.api.name, self.path, STOP_GRACE_S)
+                return
+        try:
+            if hasattr(iterator, "aclose"):
+                await iterator.aclose()
+            elif hasattr(iterator, "close"):
+                _call_blocking(iterator.close, (), None)
+        except Exception:
+            logger.exception("api %r: closing the responses of %s failed", self.api.name, self.path)
 
     def _unimplemented_details(self) -> str:
         return f"api '{self.api.name}': the Handler has no method {self.name} (rpc {self.path})"
@@ -495,6 +702,12 @@ class GrpcAPI(RealtimeAPI):
         #: replica's worker thread, one at a time, as a RealtimeAPI's do.
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"{self.name}-grpc-frames") \
             if threads > 1 else None
+        #: Runs the Handlers of client streams the proxy terminated: they
+        #: wait for request messages, which the replica's worker thread
+        #: delivers, so never on that thread.
+        self._stream_pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-grpc-streams")
+        #: Their request messages' queues, by (connection, request id).
+        self._client_streams: dict = {}
         self._server = grpc.server(ThreadPoolExecutor(threads, thread_name_prefix=f"{self.name}-grpc"),
                                    interceptors=(_cluster_only(),))
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
@@ -515,17 +728,34 @@ class GrpcAPI(RealtimeAPI):
                                    "gRPC")
 
     def serval_grpc_call(self, path: str, message: bytes, metadata: tuple, timeout: Optional[float], reply):
-        """A unary call the proxy terminated (``serval._host.Host.on_grpc``):
-        answered now (inline), or on the pool through ``reply``. A path that
-        is not a unary method of the service answers UNIMPLEMENTED."""
+        """A call the proxy terminated (``serval._host.Host.on_grpc``): a
+        unary one answered now (inline), or on the pool through ``reply``; a
+        streaming one answered with an async generator of the reply
+        messages' bytes (or its status when it fails at once), a client
+        stream's request messages following through
+        :meth:`serval_grpc_message`. A path that is not a method of the
+        service answers UNIMPLEMENTED."""
         rpc = self._by_path.get(path)
-        if rpc is None or rpc.client_streaming or rpc.server_streaming:
-            return _status_reply(STATUS_CODES["UNIMPLEMENTED"],
-                                 f"api '{self.name}': {path} is not a unary method of {self.service}")
+        if rpc is None:
+            return _status_reply(STATUS_CODES["UNIMPLEMENTED"], f"api '{self.name}': {path} is not a method of "
+                                                                f"{self.service}")
+        if rpc.client_streaming:
+            return rpc.open_client_stream(Context(metadata, timeout), reply)
+        if rpc.server_streaming:
+            return rpc.open_stream(message, Context(metadata, timeout))
         if self._pool is None:
             return rpc.run_frame(message, Context(metadata, timeout))
         self._pool.submit(rpc.call_frame, message, metadata, timeout, reply)
         return None
+
+    def serval_grpc_message(self, key: tuple, message: Optional[bytes]) -> None:
+        """A client stream's next request message (None: its half-close),
+        for the call ``key`` (its reply's ``stream_key``) names; dropped when
+        that call has ended."""
+        requests = self._client_streams.get(key)
+        if requests is not None and not requests.feed(message):
+            logger.warning("api %r: a client stream overran its window; the call ends", self.name)
+            requests.cancel()
 
     def serval_stop(self, grace: float = STOP_GRACE_S) -> None:
         """Stops the gRPC server: new calls are refused, calls in flight get
@@ -533,7 +763,8 @@ class GrpcAPI(RealtimeAPI):
         server = getattr(self, "_server", None)
         if server is not None:
             server.stop(grace).wait(grace + 1.0)
-        pool = getattr(self, "_pool", None)
-        if pool is not None:
+        for requests in list(getattr(self, "_client_streams", {}).values()):
+            requests.cancel()
+        for pool in {getattr(self, "_pool", None), getattr(self, "_stream_pool", None)} - {None}:
             # Calls not started are dropped: their replies answer 503.
             pool.shutdown(wait=False, cancel_futures=True)
