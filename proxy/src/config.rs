@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::metrics::MetricsHandle;
 
 use crate::limits::Limits;
-use crate::router::RouterConfig;
+use crate::routing::RouterConfig;
 
 /// Ray Serve's request body limit is generous; ours is too, but bounded so
 /// one client cannot make the proxy buffer gigabytes.

@@ -11,7 +11,7 @@ use http_body_util::Full;
 use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::StatusCode;
 
-use crate::router::RouterError;
+use crate::routing::RouterError;
 
 pub(crate) type HttpResponse = hyper::Response<Full<Bytes>>;
 

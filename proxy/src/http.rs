@@ -57,26 +57,18 @@ use crate::builtin;
 use crate::errors::{self, HttpResponse};
 use crate::grpc;
 use crate::limits::{ConnActivity, ConnIo, InFlight, Limits, Reservation};
+use crate::metrics::{NO_ENDPOINT_LABEL, OPEN_CONNECTIONS, REFUSED_TOTAL};
 use crate::proxy::Proxy;
-use crate::replica_conn::{ChunkStream, Reply};
 use crate::route::{self, LookupError, RouteMatch};
-use crate::router::MAX_SHARD_KEY_BYTES;
+use crate::routing::{ChunkStream, Reply, StreamError, MAX_SHARD_KEY_BYTES};
 
 /// Header that selects the method to call instead of `__call__`.
 pub const CALL_METHOD_HEADER: &str = "x-serve-call-method";
 /// Header whose value picks the backend of a traffic split by its hash, so
 /// one key always reaches the same backend (Ray Serve 1.x).
 pub const SHARD_KEY_HEADER: &str = "x-serve-shard-key";
-pub const REQUESTS_TOTAL: &str = "serval_proxy_requests_total";
-pub const REQUEST_DURATION_SECONDS: &str = "serval_proxy_request_duration_seconds";
-/// Open client connections of a listener.
-pub const OPEN_CONNECTIONS: &str = "serval_proxy_open_connections";
-/// Requests and connections refused by a limit, by `reason`.
-pub const REFUSED_TOTAL: &str = "serval_proxy_refused_total";
 /// At most one refusal warning in the log per this many seconds.
 const REFUSAL_LOG_EVERY_S: u64 = 10;
-/// Endpoint label of requests that matched no endpoint.
-pub(crate) const NO_ENDPOINT_LABEL: &str = "-";
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop
 /// does not spin while the condition lasts.
 const ACCEPT_ERROR_PAUSE_MS: u64 = 50;
@@ -395,7 +387,7 @@ enum ResponseBody {
 /// turn, so hyper first flushes the chunks before it.
 struct StreamBody {
     stream: ChunkStream,
-    failed: Option<crate::replica_conn::StreamError>,
+    failed: Option<StreamError>,
 }
 
 impl StreamBody {

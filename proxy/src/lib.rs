@@ -1,34 +1,47 @@
 //! The data plane of Serval: the HTTP proxy and the router it shares with
 //! the Python ServeHandle.
 //!
-//! Layout, in request order:
+//! Two layers, and two leaves under both; dependencies point down only:
+//!
+//! ```text
+//! HTTP ingress   http, proxy, config, limits, errors, builtin, middleware/,
+//!                route, websocket, grpc/, dashboard/, readiness,
+//!                applications, http_metrics, watch
+//!      |
+//!      v
+//! routing core   routing/ (router, replica_conn, policy, load_report,
+//!      |         router_metrics): what the SDK's handles use alone
+//!      v
+//! leaves         metrics (names, exporter, per-endpoint handle maps),
+//!                percent (percent-decoding)
+//! ```
+//!
+//! `tests/layers.rs` fails when a file of the core or a leaf names a module
+//! above it.
+//!
+//! The ingress, in request order:
 //! - [`http`]: the hyper server and the request path (built-ins, route,
 //!   body limit, forward, metrics), with `errors` mapping every failure to
 //!   an HTTP answer and `builtin` serving `/-/routes`, `/-/healthz`,
-//!   `/-/metrics`.
+//!   `/-/metrics`; `http_metrics` keeps its metric handles by endpoint.
 //! - [`middleware`]: Starlette's CORS, GZip and TrustedHost middlewares
-//!   (`http_options.middlewares`), run natively around routing, built from
-//!   the configuration `serval_protos::middleware` parses and checks.
+//!   (`http_options.middlewares`), one file each, run natively around
+//!   routing, built from the configuration `serval_protos::middleware`
+//!   parses and checks.
 //! - [`route`]: Starlette routes compiled to matchit; the grammar
 //!   ([`parse_route`], [`collides`]) is `serval_protos::route`.
-//! - `router`: endpoint -> backend (traffic weights, shadows) -> replica
-//!   (a [`ReplicaChoice`] policy from `policy/`, power of two choices by
-//!   default), concurrency limits, the bounded queue and backpressure.
-//! - `replica_conn`: one multiplexed frame connection per replica, failing
-//!   every pending request at once when it breaks.
+//! - [`routing`]: the router core (see there).
 //! - `watch`: follows the controller's snapshots, serving from the last one
 //!   while the controller is unreachable.
 //! - `proxy`: [`Proxy`], the state the server reads; `config`: [`ProxyConfig`];
 //!   `limits`: [`Limits`], what one client may hold (connections, time,
 //!   buffered bytes) and the pieces that enforce them.
-//! - `load_report`: sends the router's per-backend load to the controller
-//!   once a second (the autoscaler's input), off the request path.
 //! - [`applications`]: Ray Serve 2.x application and deployment statuses
 //!   from a snapshot (`serve status`, `serve.status()`, the dashboard).
 //! - `dashboard`: `/-/dashboard`, the web page, its JSON/SSE API behind
 //!   the cluster token and the endpoints' 15-minute history.
 //! - [`metrics`]: metric names, the Prometheus exporter settings every
-//!   process installs, and the router's cached metric handles.
+//!   process installs, and the maps of cached metric handles.
 //!
 //! **Architecture Invariant:** the request path never calls the controller;
 //! it reads the last snapshot only.
@@ -41,16 +54,15 @@ mod dashboard;
 mod errors;
 pub mod grpc;
 pub mod http;
+mod http_metrics;
 mod limits;
-mod load_report;
 pub mod metrics;
 pub mod middleware;
-mod policy;
+mod percent;
 mod proxy;
 mod readiness;
-mod replica_conn;
 pub mod route;
-mod router;
+pub mod routing;
 mod watch;
 mod websocket;
 
@@ -59,18 +71,16 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+use crate::routing::spawn_load_reporter;
+
 pub use config::{ProxyConfig, ProxyError, DEFAULT_MAX_BODY_BYTES};
 pub use dashboard::DashboardSlot;
 pub use http::serve;
 pub use limits::{ConnIo, Limits};
-pub use load_report::spawn_load_reporter;
 pub use middleware::{MiddlewareError, Middlewares};
-pub use policy::{PowerOfTwoChoices, ReplicaChoice};
 pub use proxy::Proxy;
 pub use readiness::{ReadinessCheck, ReadinessSlot, READYZ_PATH};
-pub use replica_conn::{ChunkStream, Reply, StreamError};
 pub use route::{check_prefix, collides, parse_route, ParsedRoute, RouteError, RouteTable};
-pub use router::{Router, RouterConfig, RouterError, MAX_SHARD_KEY_BYTES};
 pub use watch::{spawn_watch, SnapshotReceiver};
 
 /// Runs a proxy: validates `config`, follows the controller's snapshots and

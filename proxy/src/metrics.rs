@@ -1,14 +1,18 @@
-//! Metric names and the Prometheus exporter settings shared by every
-//! process that serves `/-/metrics` (heads, nodes), plus the router's cached
-//! metric handles.
+//! Metric names, label values and the Prometheus exporter settings shared
+//! by every process that serves `/-/metrics` (heads, nodes), plus the
+//! per-endpoint handle maps the router's and the HTTP server's handles use.
 //!
 //! The README's "Metrics" section lists every name, type and label; keep it
 //! in step with the constants here (and `serval_node::metrics`,
 //! `serval_controller::reconciler`).
 //!
-//! Hot path: the router registers its handles once per backend, replica and
-//! (endpoint, backend, outcome) and keeps them, so a request costs a few
-//! atomic updates and no label building. Labels never hold a request path.
+//! This module depends on no other module of the crate: both the routing
+//! core (`routing::router_metrics`, the router's cached handles) and the
+//! HTTP ingress (`http_metrics`) depend on it, never it on them.
+//!
+//! Hot path: the handles are registered once per backend, replica and
+//! (endpoint, backend, outcome) and kept, so a request costs a few atomic
+//! updates and no label building. Labels never hold a request path.
 //!
 //! Those handles are also what keeps their series: the families labelled by
 //! a backend, replica or endpoint live in [`series`] and leave `/-/metrics`
@@ -23,16 +27,21 @@ use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, U
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
-use serval_protos::frame::Response;
-
-use crate::router::RouterError;
 
 mod series;
 
 pub use series::ENTITY_FAMILIES;
 use series::{is_entity_family, EntitySeries};
 
-use crate::dashboard::history::Tally;
+/// HTTP requests the proxy answered, by endpoint and status class.
+pub const REQUESTS_TOTAL: &str = "serval_proxy_requests_total";
+pub const REQUEST_DURATION_SECONDS: &str = "serval_proxy_request_duration_seconds";
+/// Open client connections of a listener.
+pub const OPEN_CONNECTIONS: &str = "serval_proxy_open_connections";
+/// Requests and connections refused by a limit, by `reason`.
+pub const REFUSED_TOTAL: &str = "serval_proxy_refused_total";
+/// Endpoint label of requests that matched no endpoint.
+pub(crate) const NO_ENDPOINT_LABEL: &str = "-";
 
 pub const ROUTER_REQUESTS_TOTAL: &str = "serval_router_requests_total";
 pub const ROUTER_REQUEST_DURATION_SECONDS: &str = "serval_router_request_duration_seconds";
@@ -212,20 +221,20 @@ pub fn install(builder: PrometheusBuilder) -> Result<MetricsHandle, InstallError
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(
-        crate::http::REQUESTS_TOTAL,
+        REQUESTS_TOTAL,
         "HTTP requests answered by this proxy, by endpoint and status class"
     );
     describe_histogram!(
-        crate::http::REQUEST_DURATION_SECONDS,
+        REQUEST_DURATION_SECONDS,
         Unit::Seconds,
         "HTTP request latency at the proxy, by endpoint"
     );
     describe_gauge!(
-        crate::http::OPEN_CONNECTIONS,
+        OPEN_CONNECTIONS,
         "Client connections open, by listener (http, metrics)"
     );
     describe_counter!(
-        crate::http::REFUSED_TOTAL,
+        REFUSED_TOTAL,
         "Connections and requests refused by a limit, by reason"
     );
     describe_counter!(
@@ -307,127 +316,16 @@ impl Outcome {
             _ => Outcome::ServerError,
         }
     }
-
-    pub(crate) fn of(result: &Result<Response, RouterError>) -> Self {
-        match result {
-            Ok(r) => Outcome::of_status(r.status),
-            Err(RouterError::Backpressure { .. }) => Outcome::Backpressure,
-            Err(RouterError::Timeout { .. }) => Outcome::Timeout,
-            Err(RouterError::ReplicaDied { .. }) => Outcome::ReplicaDied,
-            // An unknown endpoint has no backend and is never recorded here.
-            Err(RouterError::NoReplica { .. } | RouterError::UnknownEndpoint(_)) => {
-                Outcome::NoReplica
-            }
-            Err(RouterError::Protocol { .. }) => Outcome::ProtocolError,
-        }
-    }
 }
 
 /// One (endpoint, backend) pair's request counters by [`Outcome`], each
 /// registered on first use (no zero series for outcomes that never happened).
-type RequestCounters = [OnceLock<Counter>; OUTCOMES];
-
-/// A backend's metric handles, kept in the router's per-backend state.
-pub(crate) struct BackendMetrics {
-    backend: String,
-    queue_length: Gauge,
-    latency: Histogram,
-    batch_size: Histogram,
-    /// The last batch size a replica reported (the dashboard shows it).
-    last_batch_size: std::sync::atomic::AtomicU32,
-    /// WebSocket sessions opened; registered at the first one.
-    websocket_sessions: OnceLock<Counter>,
-    /// Requests retried after a lost replica; registered at the first one.
-    retries: OnceLock<Counter>,
-    /// By endpoint; endpoints come from snapshots, so this stays small.
-    requests: RwLock<HashMap<String, Arc<RequestCounters>>>,
-}
-
-impl BackendMetrics {
-    pub(crate) fn new(backend: &str) -> Self {
-        Self {
-            backend: backend.to_owned(),
-            queue_length: metrics::gauge!(ROUTER_QUEUE_LENGTH, "backend" => backend.to_owned()),
-            latency: metrics::histogram!(ROUTER_REQUEST_DURATION_SECONDS, "backend" => backend.to_owned()),
-            batch_size: metrics::histogram!(BATCH_SIZE, "backend" => backend.to_owned()),
-            requests: RwLock::default(),
-            last_batch_size: Default::default(),
-            websocket_sessions: OnceLock::new(),
-            retries: OnceLock::new(),
-        }
-    }
-
-    /// Counts one WebSocket session the app accepted on this backend.
-    pub(crate) fn websocket_opened(&self) {
-        self.websocket_sessions
-            .get_or_init(
-                || metrics::counter!(WEBSOCKET_SESSIONS_TOTAL, "backend" => self.backend.clone()),
-            )
-            .increment(1);
-    }
-
-    /// Counts one request sent again after its replica was lost.
-    pub(crate) fn retried(&self) {
-        self.retries
-            .get_or_init(
-                || metrics::counter!(ROUTER_RETRIES_TOTAL, "backend" => self.backend.clone()),
-            )
-            .increment(1);
-    }
-
-    pub(crate) fn queue_joined(&self) {
-        self.queue_length.increment(1.0);
-    }
-
-    pub(crate) fn queue_left(&self) {
-        self.queue_length.decrement(1.0);
-    }
-
-    /// Records one finished call of `endpoint` on this backend.
-    pub(crate) fn record(&self, endpoint: &str, outcome: Outcome, elapsed: Duration) {
-        self.latency.record(elapsed.as_secs_f64());
-        self.counters(endpoint)[outcome as usize]
-            .get_or_init(|| {
-                metrics::counter!(
-                    ROUTER_REQUESTS_TOTAL,
-                    "endpoint" => endpoint.to_owned(),
-                    "backend" => self.backend.clone(),
-                    "outcome" => outcome.label(),
-                )
-            })
-            .increment(1);
-    }
-
-    /// Drops the counters of endpoints that are gone, and their series.
-    pub(crate) fn retain_endpoints(&self, live: impl Fn(&str) -> bool) {
-        retain(&self.requests, live);
-    }
-
-    fn counters(&self, endpoint: &str) -> Arc<RequestCounters> {
-        by_endpoint(&self.requests, endpoint, Default::default)
-    }
-
-    /// Records the batch size a replica reported and removes its header, so
-    /// neither HTTP clients nor handles see it.
-    pub(crate) fn take_batch_size(&self, response: &mut Response) {
-        if let Some(size) = take_batch_size_header(response) {
-            self.batch_size.record(size as f64);
-            self.last_batch_size
-                .store(size, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-
-    /// The last batch size a replica of this backend reported; 0: none yet.
-    pub(crate) fn last_batch_size(&self) -> u32 {
-        self.last_batch_size
-            .load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
+pub(crate) type RequestCounters = [OnceLock<Counter>; OUTCOMES];
 
 /// The handles kept for one key of a per-endpoint map, made on first use.
 /// Endpoints come from snapshots (and one label for "no endpoint"), so
 /// these maps stay small.
-fn by_endpoint<V>(
+pub(crate) fn by_endpoint<V>(
     map: &RwLock<HashMap<String, Arc<V>>>,
     endpoint: &str,
     make: impl FnOnce() -> V,
@@ -443,207 +341,8 @@ fn by_endpoint<V>(
 }
 
 /// Keeps the entries of `map` whose endpoint is `live`.
-fn retain<V>(map: &RwLock<HashMap<String, Arc<V>>>, live: impl Fn(&str) -> bool) {
+pub(crate) fn retain<V>(map: &RwLock<HashMap<String, Arc<V>>>, live: impl Fn(&str) -> bool) {
     map.write()
         .unwrap_or_else(|p| p.into_inner())
         .retain(|endpoint, _| live(endpoint));
-}
-
-/// One endpoint's HTTP request counters by status class (the 1xx to 5xx
-/// outcomes, each registered on first use) and its duration histogram.
-struct EndpointHttpMetrics {
-    by_class: RequestCounters,
-    duration: Histogram,
-    /// The dashboard's per-second history reads this.
-    tally: Arc<Tally>,
-}
-
-/// The HTTP server's metric handles by endpoint label, kept by the proxy so
-/// a request costs atomic updates instead of a registry lookup with labels.
-#[derive(Default)]
-pub(crate) struct HttpMetrics {
-    endpoints: RwLock<HashMap<String, Arc<EndpointHttpMetrics>>>,
-}
-
-impl HttpMetrics {
-    /// Drops the handles of endpoints that are gone, and their series.
-    pub(crate) fn retain_endpoints(&self, live: impl Fn(&str) -> bool) {
-        retain(&self.endpoints, live);
-    }
-
-    /// Records one answered HTTP request of `endpoint`.
-    pub(crate) fn record(&self, endpoint: &str, status: u16, elapsed: Duration) {
-        let m = by_endpoint(&self.endpoints, endpoint, || EndpointHttpMetrics {
-            by_class: Default::default(),
-            duration: metrics::histogram!(
-                crate::http::REQUEST_DURATION_SECONDS,
-                "endpoint" => endpoint.to_owned()
-            ),
-            tally: Arc::default(),
-        });
-        let class = Outcome::of_status(status);
-        m.by_class[class as usize]
-            .get_or_init(|| {
-                metrics::counter!(
-                    crate::http::REQUESTS_TOTAL,
-                    "endpoint" => endpoint.to_owned(),
-                    "status" => class.label(),
-                )
-            })
-            .increment(1);
-        m.duration.record(elapsed.as_secs_f64());
-        m.tally.record(status, elapsed);
-    }
-
-    /// The dashboard's tallies of the routed endpoints.
-    pub(crate) fn tallies(&self) -> Vec<(String, Arc<Tally>)> {
-        self.endpoints
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|(e, _)| e.as_str() != crate::http::NO_ENDPOINT_LABEL)
-            .map(|(e, m)| (e.clone(), m.tally.clone()))
-            .collect()
-    }
-}
-
-/// Removes every `x-serval-batch-size` header; the size is the first valid
-/// one (a positive integer).
-fn take_batch_size_header(response: &mut Response) -> Option<u32> {
-    let mut size = None;
-    // Most responses carry none: look before touching the vector.
-    while let Some(i) = response
-        .headers
-        .iter()
-        .position(|(k, _)| k.eq_ignore_ascii_case(BATCH_SIZE_HEADER))
-    {
-        // `remove`, not `swap_remove`: the order of repeated headers stays.
-        let (_, value) = response.headers.remove(i);
-        if size.is_none() {
-            size = value.trim().parse::<u32>().ok().filter(|n| *n > 0);
-        }
-    }
-    size
-}
-
-/// The in-flight gauge of one replica, kept in the router's replica state.
-pub(crate) fn replica_in_flight(backend: &str, replica: &str) -> Gauge {
-    metrics::gauge!(REPLICA_IN_FLIGHT, "backend" => backend.to_owned(), "replica" => replica.to_owned())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn response(headers: &[(&str, &str)]) -> Response {
-        Response {
-            status: 200,
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            body: vec![],
-        }
-    }
-
-    #[test]
-    fn the_batch_size_header_is_read_and_removed_keeping_the_others_in_order() {
-        let mut r = response(&[
-            ("set-cookie", "a=1"),
-            ("X-Serval-Batch-Size", "4"),
-            ("set-cookie", "b=2"),
-            ("content-type", "text/plain"),
-        ]);
-        assert_eq!(take_batch_size_header(&mut r), Some(4));
-        let names: Vec<(&str, &str)> = r
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        assert_eq!(
-            names,
-            [
-                ("set-cookie", "a=1"),
-                ("set-cookie", "b=2"),
-                ("content-type", "text/plain")
-            ]
-        );
-        let mut none = response(&[("content-type", "text/plain")]);
-        assert_eq!(take_batch_size_header(&mut none), None);
-        assert_eq!(none.headers.len(), 1);
-        let mut bad = response(&[
-            ("x-serval-batch-size", "zero"),
-            ("x-serval-batch-size", "0"),
-        ]);
-        assert_eq!(take_batch_size_header(&mut bad), None);
-        assert!(bad.headers.is_empty(), "invalid values are removed too");
-    }
-
-    #[test]
-    fn outcomes_are_status_classes_or_router_errors() {
-        let ok = |status| {
-            Ok(Response {
-                status,
-                headers: vec![],
-                body: vec![],
-            })
-        };
-        assert_eq!(Outcome::of(&ok(200)).label(), "2xx");
-        assert_eq!(Outcome::of(&ok(404)).label(), "4xx");
-        assert_eq!(Outcome::of(&ok(500)).label(), "5xx");
-        let err = Err(RouterError::Backpressure {
-            backend: "b".into(),
-            queued: 3,
-        });
-        assert_eq!(Outcome::of(&err).label(), "backpressure");
-        let err = Err(RouterError::Timeout {
-            after: Duration::from_secs(1),
-        });
-        assert_eq!(Outcome::of(&err).label(), "timeout");
-    }
-
-    #[test]
-    fn histograms_are_rendered_with_buckets() {
-        let recorder = prometheus_builder().build_recorder();
-        let handle = recorder.handle();
-        metrics::with_local_recorder(&recorder, || {
-            let m = BackendMetrics::new("b");
-            m.record("ep", Outcome::Success, Duration::from_millis(3));
-            m.record("ep", Outcome::Success, Duration::from_millis(3));
-            m.record("ep", Outcome::ServerError, Duration::from_millis(3));
-            let mut r = response(&[("x-serval-batch-size", "3")]);
-            m.take_batch_size(&mut r);
-        });
-        let text = handle.render();
-        assert!(
-            text.contains(
-                r#"serval_router_requests_total{endpoint="ep",backend="b",outcome="2xx"} 2"#
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                r#"serval_router_requests_total{endpoint="ep",backend="b",outcome="5xx"} 1"#
-            ),
-            "{text}"
-        );
-        assert!(
-            !text.contains(r#"outcome="4xx""#),
-            "no series for outcomes that never happened: {text}"
-        );
-        assert!(
-            text.contains(
-                r#"serval_router_request_duration_seconds_bucket{backend="b",le="0.005"} 3"#
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"serval_batch_size_bucket{backend="b",le="4"} 1"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"serval_batch_size_bucket{backend="b",le="2"} 0"#),
-            "{text}"
-        );
-    }
 }

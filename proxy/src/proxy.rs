@@ -13,11 +13,11 @@ use tokio::task::JoinHandle;
 
 use crate::config::ProxyConfig;
 use crate::grpc::{GrpcServices, Reflection};
+use crate::http_metrics::HttpMetrics;
 use crate::limits::{BodyBudget, Limits};
-use crate::metrics::HttpMetrics;
 use crate::middleware::Middlewares;
 use crate::route::RouteTable;
-use crate::router::Router;
+use crate::routing::Router;
 use crate::watch::SnapshotReceiver;
 
 pub struct Proxy {
@@ -169,7 +169,7 @@ impl Proxy {
     pub fn apply_snapshot(&self, snapshot: &ClusterSnapshot) {
         self.router.update(snapshot);
         self.http_metrics.retain_endpoints(|e| {
-            e == crate::http::NO_ENDPOINT_LABEL || snapshot.endpoints.iter().any(|s| s.name == e)
+            e == crate::metrics::NO_ENDPOINT_LABEL || snapshot.endpoints.iter().any(|s| s.name == e)
         });
         let mut table = RouteTable::new();
         for e in snapshot.endpoints.iter().filter(|e| !e.route.is_empty()) {

@@ -2,7 +2,7 @@
 //!
 //! An HTTP/1.1 upgrade request is routed like any request (its path, the
 //! same route table), then takes one replica slot with
-//! [`Router::reserve_now`](crate::router::Router::reserve_now): a backend
+//! [`Router::reserve_now`](crate::routing::Router::reserve_now): a backend
 //! whose replicas are all at their limit refuses the upgrade at once with
 //! 503 and Retry-After, as does a proxy at its cap of open sessions. The
 //! proxy opens the session on the replica's frame connection (`WsOpen`) and
@@ -16,7 +16,7 @@
 //! Bounds: a client message over `max_message_bytes` (fragments counted
 //! together) closes the session with 1009; no message either way for
 //! `idle_timeout` closes it with 1001; a client that reads too slowly for
-//! the replica's frames ([`crate::replica_conn::WS_FRAMES_QUEUED`]) ends it
+//! the replica's frames (`WS_FRAMES_QUEUED` in `routing::replica_conn`) ends it
 //! with 1011. Set by `SERVAL_WS_MAX_MESSAGE_BYTES`, `SERVAL_WS_IDLE_TIMEOUT_S`
 //! and `SERVAL_WS_MAX_SESSIONS` in the proxy's environment.
 
@@ -38,8 +38,8 @@ use tokio::time::Instant;
 use crate::errors::{self, HttpResponse};
 use crate::limits::ConnActivity;
 use crate::proxy::Proxy;
-use crate::replica_conn::WsSession;
 use crate::route::RouteMatch;
+use crate::routing::WsSession;
 
 const ACCEPT_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
@@ -162,7 +162,7 @@ pub(crate) async fn serve(
         return refuse(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key is missing");
     };
     let Some(permit) = proxy.websockets.enter() else {
-        metrics::counter!(crate::http::REFUSED_TOTAL, "reason" => "websocket_sessions")
+        metrics::counter!(crate::metrics::REFUSED_TOTAL, "reason" => "websocket_sessions")
             .increment(1);
         let mut response = refuse(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -728,7 +728,7 @@ async fn a_shard_key_header_pins_one_backend_of_a_split_and_is_bounded() {
     assert!(reached.len() >= 3, "30 keys reached only {reached:?}");
 
     // The key is client input: bounded, refused before any replica sees it.
-    let limit = serval_proxy::MAX_SHARD_KEY_BYTES;
+    let limit = serval_proxy::routing::MAX_SHARD_KEY_BYTES;
     get("k".repeat(limit)).await;
     let long = "k".repeat(limit + 1);
     let r = http

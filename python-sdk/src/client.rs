@@ -23,8 +23,9 @@ use serval_protos::control::{
 use serval_protos::frame::{CallRequest, LogsRequest, Payload, Request, Response};
 use serval_protos::handshake::{self, Credential, Key, Role};
 use serval_protos::states::{BackendState, ReplicaState};
-use serval_proxy::{
-    ChunkStream, Reply, Router, RouterConfig, RouterError, StreamError, MAX_SHARD_KEY_BYTES,
+use serval_proxy::routing::{
+    spawn_load_reporter, ChunkStream, Reply, Router, RouterConfig, RouterError, StreamError,
+    MAX_SHARD_KEY_BYTES,
 };
 use tokio::sync::watch;
 
@@ -297,7 +298,7 @@ impl Client {
                 std::process::id(),
                 Arc::as_ptr(&router) as usize
             );
-            serval_proxy::spawn_load_reporter(
+            spawn_load_reporter(
                 (*router).clone(),
                 address.clone(),
                 token_for_reports,

@@ -1,6 +1,6 @@
 //! Per-endpoint request history for the dashboard's charts: each endpoint's
 //! [`Tally`] is updated with atomics on the request path (next to its
-//! Prometheus handles in `metrics::HttpMetrics`), and a sampler turns the
+//! Prometheus handles in `http_metrics::HttpMetrics`), and a sampler turns the
 //! tallies into one [`Sample`] per endpoint per second, kept for 15 minutes.
 //!
 //! Bounded: endpoints come from the routing table only (the tallies are

@@ -283,7 +283,7 @@ fn json(value: &serde_json::Value) -> HttpResponse {
 fn query_value(query: &str, key: &str) -> Option<String> {
     query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=')?;
-        (k == key).then(|| crate::route::decode_path(v).ok().map(|v| v.into_owned()))?
+        (k == key).then(|| crate::percent::decode_path(v).ok().map(|v| v.into_owned()))?
     })
 }
 

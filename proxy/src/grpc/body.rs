@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::idle::{idled, Idled};
 use super::{BoxError, Code, GrpcBody, GrpcResponse, IDLE_MESSAGE};
-use crate::router::Reservation;
+use crate::routing::Reservation;
 
 /// Calls by `service`, `method` and final `code` (OK, UNAVAILABLE, ...,
 /// or CANCELLED when the client went away first).

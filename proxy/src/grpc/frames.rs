@@ -42,7 +42,7 @@ use crate::errors;
 use crate::http::read_body;
 use crate::limits::Reservation as BodyReservation;
 use crate::proxy::Proxy;
-use crate::replica_conn::{ChunkStream, RequestSender, StreamError};
+use crate::routing::{ChunkStream, RequestSender, StreamError};
 
 /// Headers of the gRPC protocol itself (and the proxy's credential): not
 /// the caller's metadata, so never handed to the Handler.

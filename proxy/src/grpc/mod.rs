@@ -46,7 +46,7 @@ use tokio::time::Instant;
 
 use crate::errors;
 use crate::proxy::Proxy;
-use crate::router::RouterError;
+use crate::routing::RouterError;
 
 pub use body::GRPC_REQUESTS_TOTAL;
 pub use idle::STREAM_IDLE_ENV;

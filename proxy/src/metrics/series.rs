@@ -43,8 +43,8 @@ pub const ENTITY_FAMILIES: &[&str] = &[
     BATCH_SIZE,
     super::WEBSOCKET_SESSIONS_TOTAL,
     super::ROUTER_RETRIES_TOTAL,
-    crate::http::REQUESTS_TOTAL,
-    crate::http::REQUEST_DURATION_SECONDS,
+    super::REQUESTS_TOTAL,
+    super::REQUEST_DURATION_SECONDS,
     // `serval_node::metrics` (the node agent; this crate cannot name it).
     "serval_node_replicas",
     "serval_replica_restarts_total",
@@ -310,7 +310,7 @@ mod tests {
     #[test]
     fn a_series_lives_while_a_handle_to_it_is_held() {
         let series = EntitySeries::default();
-        let key = Key::from_parts(super::super::REPLICA_IN_FLIGHT, &[("replica", "r1")]);
+        let key = Key::from_parts(crate::metrics::REPLICA_IN_FLIGHT, &[("replica", "r1")]);
         let a = series.gauge(&key);
         let b = series.gauge(&key);
         a.increment(2.0);

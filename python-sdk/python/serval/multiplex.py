@@ -16,7 +16,7 @@ snapshot, for every router), and a reply to a request that
 named a model, or any reply of a replica that keeps a model cache, carries
 ``x-serval-models`` (a JSON list), which the router
 takes off the response and uses to send later requests for a model to a
-replica that holds it (``proxy/src/router/models.rs``).
+replica that holds it (``proxy/src/routing/router/models.rs``).
 """
 
 from __future__ import annotations

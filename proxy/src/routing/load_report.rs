@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serval_protos::control::LoadReport;
 
-use crate::Router;
+use super::Router;
 
 const EVERY: Duration = Duration::from_secs(1);
 

@@ -23,7 +23,7 @@
 //! releases the slot on every path, including the caller's future being
 //! dropped when an HTTP client disconnects.
 //!
-//! Metrics (`crate::metrics`): each backend and replica keeps its metric
+//! Metrics (`router_metrics`, names in `crate::metrics`): each backend and replica keeps its metric
 //! handles; `call` records the outcome and latency per backend, the guards
 //! keep the queue-length and in-flight gauges, and a replica's batch-size
 //! header is recorded and removed from the response.
@@ -42,9 +42,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use crate::metrics::{self, BackendMetrics, Outcome};
-use crate::policy::{PowerOfTwoChoices, ReplicaChoice};
-use crate::replica_conn::{Availability, ConnError, ReplicaConn, Reply, StreamError, WsSession};
+use super::policy::{PowerOfTwoChoices, ReplicaChoice};
+use super::replica_conn::{Availability, ConnError, ReplicaConn, Reply, StreamError, WsSession};
+use super::router_metrics::{self, outcome_of, BackendMetrics};
+use crate::metrics::Outcome;
 
 mod models;
 #[cfg(test)]
@@ -385,7 +386,7 @@ impl Router {
                 _ => Arc::new(Replica {
                     id: r.id.clone(),
                     in_flight: AtomicUsize::new(0),
-                    in_flight_gauge: metrics::replica_in_flight(&r.backend, &r.id),
+                    in_flight_gauge: router_metrics::replica_in_flight(&r.backend, &r.id),
                     conn: ReplicaConn::new(
                         &r.id,
                         &r.unix_path,
@@ -531,7 +532,7 @@ impl Router {
                 backend.metrics.record(endpoint, outcome, start.elapsed());
             }
             Err(e) => {
-                let outcome = Outcome::of(&Err(e.clone()));
+                let outcome = outcome_of(&Err(e.clone()));
                 backend.metrics.record(endpoint, outcome, start.elapsed());
             }
         }

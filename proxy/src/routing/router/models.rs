@@ -58,7 +58,7 @@ fn query_param(query: &str, name: &str) -> Option<String> {
             return None;
         }
         let v = v.replace('+', " ");
-        crate::route::decode_path(&v).ok().map(|s| s.into_owned())
+        crate::percent::decode_path(&v).ok().map(|s| s.into_owned())
     })
 }
 

@@ -6,7 +6,7 @@
 //! connection, or already at `max_concurrent_queries`). When the policy
 //! returns `None` every routable replica is full and the router queues the
 //! request in its bounded per-backend queue; when that queue is full the
-//! caller gets [`crate::RouterError::Backpressure`] (HTTP 503 with
+//! caller gets [`RouterError::Backpressure`](super::RouterError::Backpressure) (HTTP 503 with
 //! `Retry-After`). Policies therefore never block and never over-admit.
 
 mod pow2;
