@@ -13,6 +13,8 @@
 //! - [`service`]: the `Control` gRPC service and the Watch
 //!   stream proxies, node agents and handles follow.
 //! - [`reconciler`]: the leader's loop that notices dead nodes.
+//! - `soft_state`: heartbeats and load reports, in memory: written by the
+//!   service, read by the reconciler.
 //! - `job_service`: the batch-job RPCs over `store::jobs`, the durable
 //!   queue of BatchAPI jobs.
 #![forbid(unsafe_code)]
@@ -26,6 +28,7 @@ pub mod peer_service;
 pub mod reconciler;
 pub mod scheduler;
 pub mod service;
+pub mod soft_state;
 pub mod state;
 pub mod store;
 

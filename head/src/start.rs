@@ -693,8 +693,7 @@ async fn run_head(
         advertised.clone(),
         token.clone(),
     )?;
-    let heartbeats = service.heartbeats();
-    let autoscaler = service.autoscaler();
+    let soft = service.soft_state();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let grpc = {
         let mut stop = stop_rx.clone();
@@ -756,8 +755,7 @@ async fn run_head(
         reconciler::Reconciler {
             raft: raft.clone(),
             sm: sm.clone(),
-            heartbeats,
-            autoscaler,
+            soft,
             node_timeout: Duration::from_secs_f64(args.node_timeout_s),
         }
         .run(),
