@@ -11,7 +11,7 @@ use serval_protos::control::*;
 use tonic::{Response, Status};
 
 use crate::error::ControllerError;
-use crate::state::Command;
+use crate::store::Command;
 use crate::store::jobs::{self, JobCommand};
 use crate::store::{self, state_machine::StateMachineStore, Raft};
 

@@ -3,7 +3,7 @@
 //!
 //! Layout:
 //! - [`state`]: the state machine (nodes, backends, endpoints, replicas) and
-//!   its [`state::Command`]s; [`scheduler`] places replicas on nodes.
+//!   the [`Command`]s it applies; [`scheduler`] places replicas on nodes.
 //! - [`limits`]: the caps every command is checked against, where it is
 //!   proposed and where it is applied.
 //! - [`store`]: raft (openraft) with the log, vote, applied state and
@@ -34,3 +34,4 @@ pub mod store;
 
 pub use error::{ControllerError, StateError};
 pub use service::ControlService;
+pub use store::Command;

@@ -19,7 +19,8 @@ use serval_protos::blob::{BLOB_CHUNK_BYTES, MAX_BLOB_BYTES};
 use serval_protos::control::{Api, Backend, BackendConfig, Endpoint, HttpOptions, Node};
 
 use crate::error::StateError;
-use crate::state::{Command, ReplicaState};
+use crate::state::ReplicaState;
+use crate::store::Command;
 use crate::store::jobs::JobCommand;
 
 /// Replicas of one backend (`num_replicas`, `autoscaling.max_replicas`).

@@ -17,7 +17,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use crate::soft_state::SoftState;
-use crate::state::{ClusterState, Command, ReplicaState};
+use crate::state::{ClusterState, ReplicaState};
+use crate::store::Command;
 use crate::store::jobs::{self, JobCommand, LeaseGrant};
 use crate::store::{self, state_machine::StateMachineStore, Raft};
 

@@ -17,7 +17,8 @@ use tonic::{Request, Response, Status};
 use crate::auth::{Authenticated, Credential, TokenCheck};
 use crate::error::{ControllerError, StateError};
 use crate::soft_state::SoftState;
-use crate::state::{ClusterState, Command};
+use crate::state::ClusterState;
+use crate::store::Command;
 use crate::store::{self, state_machine::StateMachineStore, Raft};
 
 #[derive(Clone)]

@@ -1,7 +1,7 @@
 //! The raft store on a real temp dir: commands survive a restart, refused
 //! commands change nothing, and a long log is compacted into a snapshot.
 
-use serval_controller::state::Command;
+use serval_controller::Command;
 use serval_controller::store;
 use serval_controller::ControllerError;
 use serval_protos::control::{Backend, BackendConfig, Node};

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serval_controller::peer_service::PeerService;
 use serval_controller::store::forward::propose_via_leader;
-use serval_controller::{reconciler, service::ControlService, state::Command, store};
+use serval_controller::{reconciler, service::ControlService, store, Command};
 use serval_node::{AgentConfig, NodeAgent};
 use serval_protos::control::HttpOptions;
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serval_controller::service::ControlService;
-use serval_controller::state::Command;
+use serval_controller::Command;
 use serval_controller::store;
 use serval_protos::client::{spawn_watch, SnapshotReceiver};
 use serval_protos::control::HttpOptions;

@@ -18,7 +18,8 @@ use serval_protos::blob::{self, BLOB_CHUNK_BYTES};
 
 use super::log_store::{decode, encode};
 use crate::error::StateError;
-use crate::state::{raw_bytes, Command};
+use super::command::raw_bytes;
+use super::Command;
 
 /// Blobs stored whole: digest -> bytes.
 const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");

@@ -11,7 +11,7 @@ use serval_protos::control::RaftMessage;
 use super::log_store::{decode, encode};
 use super::{propose_with_output, Raft, Written};
 use crate::error::{ControllerError, StateError};
-use crate::state::Command;
+use super::Command;
 
 /// How long a write may wait for a leader to be elected or reached.
 const FORWARD_DEADLINE: Duration = Duration::from_secs(10);

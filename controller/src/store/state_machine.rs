@@ -22,7 +22,9 @@ use super::log_store::{decode, encode};
 use super::{blobs, jobs};
 use super::{Applied, NodeId, SharedState, TypeConfig};
 use crate::error::{ControllerError, StateError};
-use crate::state::{raw_bytes, ClusterState, Command};
+use super::command::raw_bytes;
+use super::Command;
+use crate::state::ClusterState;
 
 const SM: TableDefinition<&str, &[u8]> = TableDefinition::new("state_machine");
 const KEY_APPLIED: &str = "applied";
