@@ -20,8 +20,8 @@ use serval_protos::control::{Api, Backend, BackendConfig, Endpoint, HttpOptions,
 
 use crate::error::StateError;
 use crate::state::ReplicaState;
-use crate::store::Command;
 use crate::store::jobs::JobCommand;
+use crate::store::Command;
 
 /// Replicas of one backend (`num_replicas`, `autoscaling.max_replicas`).
 pub const MAX_REPLICAS_PER_BACKEND: u32 = 1_000;

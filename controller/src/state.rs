@@ -8,17 +8,15 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use serval_protos::control::{
-    Api, Backend, BackendConfig, Endpoint, HttpOptions, Node, Replica, ReplicaReport,
-};
+use serval_protos::control::{Api, Backend, BackendConfig, Endpoint, HttpOptions, Node, Replica};
 use serval_protos::ids::ReplicaId;
 use serval_protos::route;
 pub use serval_protos::states::{BackendState, ReplicaState};
 
 use crate::error::StateError;
-use crate::store::Command;
 use crate::limits;
 use crate::scheduler;
+use crate::store::Command;
 
 /// Ray Serve 1.x defaults for fields left at zero by a caller (a backend
 /// config's are `serval_protos::backend_config`'s).
