@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use crate::soft_state::SoftState;
 use crate::state::{ClusterState, ReplicaState};
-use crate::store::Command;
 use crate::store::jobs::{self, JobCommand, LeaseGrant};
+use crate::store::Command;
 use crate::store::{self, state_machine::StateMachineStore, Raft};
 
 /// By default a node that sent no heartbeat for this long is dead.
@@ -29,7 +29,7 @@ pub const BACKEND_DESIRED_REPLICAS: &str = "serval_backend_desired_replicas";
 pub const BACKEND_RUNNING_REPLICAS: &str = "serval_backend_running_replicas";
 pub const BACKEND_AUTOSCALED_REPLICAS: &str = "serval_backend_replicas";
 
-pub struct Reconciler {
+pub(crate) struct Reconciler {
     pub raft: Raft,
     pub sm: StateMachineStore,
     /// Heartbeats and load, as this head's service records them.

@@ -93,7 +93,7 @@ impl ControlService {
     }
 
     /// The soft state this service records, for this head's reconciler.
-    pub fn soft_state(&self) -> SoftState {
+    pub(crate) fn soft_state(&self) -> SoftState {
         self.soft.clone()
     }
 
