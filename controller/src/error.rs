@@ -65,6 +65,13 @@ pub enum ControllerError {
     Uncommitted { after: std::time::Duration },
     #[error(transparent)]
     Refused(#[from] StateError),
+    /// A head could not start its controller (join, election, TLS).
+    #[error("{0}")]
+    Start(String),
+    /// Raft's core stopped on an error (its storage failed): this head can
+    /// commit nothing more.
+    #[error("raft stopped on an error, so this head stops: {0}")]
+    RaftStopped(String),
     #[error("i/o on {path}: {source}")]
     Io {
         path: String,

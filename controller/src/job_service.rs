@@ -11,8 +11,8 @@ use serval_protos::control::*;
 use tonic::{Response, Status};
 
 use crate::error::ControllerError;
-use crate::state::Command;
 use crate::store::jobs::{self, JobCommand};
+use crate::store::Command;
 use crate::store::{self, state_machine::StateMachineStore, Raft};
 
 fn now_ms() -> i64 {

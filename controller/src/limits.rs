@@ -19,8 +19,9 @@ use serval_protos::blob::{BLOB_CHUNK_BYTES, MAX_BLOB_BYTES};
 use serval_protos::control::{Api, Backend, BackendConfig, Endpoint, HttpOptions, Node};
 
 use crate::error::StateError;
-use crate::state::{Command, ReplicaState};
+use crate::state::ReplicaState;
 use crate::store::jobs::JobCommand;
+use crate::store::Command;
 
 /// Replicas of one backend (`num_replicas`, `autoscaling.max_replicas`).
 pub const MAX_REPLICAS_PER_BACKEND: u32 = 1_000;

@@ -11,9 +11,9 @@ use serval_protos::control::{Empty, JoinHeadRequest, RaftMessage};
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Authenticated, TokenCheck};
-use crate::state::Command;
 use crate::store::forward::Forwarded;
 use crate::store::log_store::{decode, encode};
+use crate::store::Command;
 use crate::store::{propose_with_output, Raft};
 
 #[derive(Clone)]

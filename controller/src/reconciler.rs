@@ -16,9 +16,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use crate::service::{Heartbeats, SharedAutoscaler};
-use crate::state::{ClusterState, Command, ReplicaState};
+use crate::soft_state::SoftState;
+use crate::state::{ClusterState, ReplicaState};
 use crate::store::jobs::{self, JobCommand, LeaseGrant};
+use crate::store::Command;
 use crate::store::{self, state_machine::StateMachineStore, Raft};
 
 /// By default a node that sent no heartbeat for this long is dead.
@@ -28,11 +29,11 @@ pub const BACKEND_DESIRED_REPLICAS: &str = "serval_backend_desired_replicas";
 pub const BACKEND_RUNNING_REPLICAS: &str = "serval_backend_running_replicas";
 pub const BACKEND_AUTOSCALED_REPLICAS: &str = "serval_backend_replicas";
 
-pub struct Reconciler {
+pub(crate) struct Reconciler {
     pub raft: Raft,
     pub sm: StateMachineStore,
-    pub heartbeats: Heartbeats,
-    pub autoscaler: SharedAutoscaler,
+    /// Heartbeats and load, as this head's service records them.
+    pub soft: SoftState,
     pub node_timeout: Duration,
 }
 
@@ -112,7 +113,7 @@ impl Reconciler {
 
     fn dead_nodes(&self, state: &ClusterState, started: Instant) -> Vec<Command> {
         let now = Instant::now();
-        let beats = self.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
+        let beats = self.soft.heartbeats();
         state
             .nodes
             .values()
@@ -131,7 +132,7 @@ impl Reconciler {
 
     fn autoscale(&self, state: &ClusterState) -> Vec<Command> {
         let now = Instant::now();
-        let mut autoscaler = self.autoscaler.lock().unwrap_or_else(|p| p.into_inner());
+        let mut autoscaler = self.soft.autoscaler();
         let mut out = Vec::new();
         for b in state.backends.values() {
             let Some(config) = &b.config else { continue };

@@ -3,7 +3,6 @@
 //! connect and after each change. Calls must carry the cluster token, or
 //! for a few calls a replica's scoped token (see `crate::auth`).
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -17,16 +16,10 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{Authenticated, Credential, TokenCheck};
 use crate::error::{ControllerError, StateError};
-use crate::state::{ClusterState, Command};
+use crate::soft_state::SoftState;
+use crate::state::ClusterState;
+use crate::store::Command;
 use crate::store::{self, state_machine::StateMachineStore, Raft};
-
-/// When each node agent last sent a heartbeat to this controller. Kept in
-/// memory, not in raft: heartbeats would flood the log, and only the
-/// leader's view matters (the reconciler runs on the leader).
-pub type Heartbeats = Arc<Mutex<HashMap<String, Instant>>>;
-
-/// Routers' load reports, read by the reconciler's autoscaling step.
-pub type SharedAutoscaler = Arc<Mutex<crate::autoscaler::Autoscaler>>;
 
 #[derive(Clone)]
 pub struct ControlService {
@@ -34,8 +27,8 @@ pub struct ControlService {
     sm: StateMachineStore,
     raft_id: u64,
     address: String,
-    heartbeats: Heartbeats,
-    autoscaler: SharedAutoscaler,
+    /// Heartbeats and load: see [`SoftState`].
+    soft: SoftState,
     /// The cluster token, presented when this head forwards a node's
     /// heartbeat or a router's load to the leader's `Control` service.
     token: String,
@@ -61,8 +54,7 @@ impl ControlService {
             sm,
             raft_id,
             address,
-            heartbeats: Arc::default(),
-            autoscaler: Arc::default(),
+            soft: SoftState::default(),
             check: TokenCheck::control(&token)?,
             peer_key: crate::auth::peer_key(&token),
             token,
@@ -100,12 +92,9 @@ impl ControlService {
         Some(client)
     }
 
-    pub fn heartbeats(&self) -> Heartbeats {
-        self.heartbeats.clone()
-    }
-
-    pub fn autoscaler(&self) -> SharedAutoscaler {
-        self.autoscaler.clone()
+    /// The soft state this service records, for this head's reconciler.
+    pub(crate) fn soft_state(&self) -> SoftState {
+        self.soft.clone()
     }
 
     /// The tonic server for this service, refusing calls without a
@@ -329,10 +318,7 @@ impl Control for ControlService {
         };
         store::forward::propose_via_leader(&self.raft, &self.peer_key, Command::RegisterNode(node))
             .await?;
-        self.heartbeats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(node_id.clone(), Instant::now());
+        self.soft.heartbeat(node_id.clone(), Instant::now());
         Ok(Response::new(RegisterNodeReply { node_id }))
     }
 
@@ -355,10 +341,7 @@ impl Control for ControlService {
                 )))
             }
         }
-        self.heartbeats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(node_id, Instant::now());
+        self.soft.heartbeat(node_id, Instant::now());
         Ok(Response::new(Empty {}))
     }
 
@@ -502,9 +485,8 @@ impl Control for ControlService {
             return leader.report_load(req.into_inner()).await;
         }
         let r = req.into_inner();
-        self.autoscaler
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.soft
+            .autoscaler()
             .report(&r.source, Instant::now(), r.load);
         Ok(Response::new(Empty {}))
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serval_controller::auth::peer_key;
 use serval_controller::peer_service::PeerService;
 use serval_controller::service::ControlService;
-use serval_controller::store;
+use serval_controller::{open_store, Membership};
 use serval_protos::auth::replica_token;
 use serval_protos::client::{connect, connect_peer_lazy};
 use serval_protos::control::*;
@@ -20,13 +20,13 @@ async fn start() -> (String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let membership = store::Membership {
+    let membership = Membership {
         raft_id: 1,
         address: addr.clone(),
         peer_key: peer_key(TOKEN),
         bootstrap: true,
     };
-    let (raft, sm) = store::open(dir.path(), &membership).await.unwrap();
+    let (raft, sm) = open_store(dir.path(), &membership).await.unwrap();
     let mut m = raft.metrics();
     tokio::time::timeout(
         Duration::from_secs(30),
@@ -197,7 +197,7 @@ fn a_service_without_a_valid_token_cannot_be_built() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let (raft, sm) = store::open(dir.path(), &store::Membership::single(1, "127.0.0.1:1"))
+        let (raft, sm) = open_store(dir.path(), &Membership::single(1, "127.0.0.1:1"))
             .await
             .unwrap();
         for token in ["", "short"] {

@@ -1,9 +1,9 @@
 //! The raft store on a real temp dir: commands survive a restart, refused
 //! commands change nothing, and a long log is compacted into a snapshot.
 
-use serval_controller::state::Command;
-use serval_controller::store;
+use serval_controller::Command;
 use serval_controller::ControllerError;
+use serval_controller::{open_store, propose, propose_within, Membership, Raft};
 use serval_protos::control::{Backend, BackendConfig, Node};
 
 fn backend(name: &str) -> Backend {
@@ -18,7 +18,7 @@ fn backend(name: &str) -> Backend {
     }
 }
 
-async fn wait_leader(raft: &store::Raft) {
+async fn wait_leader(raft: &Raft) {
     let mut m = raft.metrics();
     tokio::time::timeout(
         std::time::Duration::from_secs(30),
@@ -33,11 +33,11 @@ async fn wait_leader(raft: &store::Raft) {
 async fn committed_state_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (raft, sm) = store::open(dir.path(), &store::Membership::single(1, "127.0.0.1:1"))
+        let (raft, sm) = open_store(dir.path(), &Membership::single(1, "127.0.0.1:1"))
             .await
             .unwrap();
         wait_leader(&raft).await;
-        store::propose(
+        propose(
             &raft,
             Command::RegisterNode(Node {
                 id: "n".into(),
@@ -47,17 +47,17 @@ async fn committed_state_survives_a_restart() {
         )
         .await
         .unwrap();
-        store::propose(&raft, Command::CreateBackend(backend("b")))
+        propose(&raft, Command::CreateBackend(backend("b")))
             .await
             .unwrap();
-        let err = store::propose(&raft, Command::CreateBackend(backend("b")))
+        let err = propose(&raft, Command::CreateBackend(backend("b")))
             .await
             .unwrap_err();
         assert!(matches!(err, ControllerError::Refused(_)), "{err}");
         assert_eq!(sm.current().backends.len(), 1);
         raft.shutdown().await.unwrap();
     }
-    let (raft, sm) = store::open(dir.path(), &store::Membership::single(1, "127.0.0.1:1"))
+    let (raft, sm) = open_store(dir.path(), &Membership::single(1, "127.0.0.1:1"))
         .await
         .unwrap();
     wait_leader(&raft).await;
@@ -75,13 +75,13 @@ async fn committed_state_survives_a_restart() {
 async fn a_long_log_is_snapshotted_and_still_restores() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (raft, _sm) = store::open(dir.path(), &store::Membership::single(1, "127.0.0.1:1"))
+        let (raft, _sm) = open_store(dir.path(), &Membership::single(1, "127.0.0.1:1"))
             .await
             .unwrap();
         wait_leader(&raft).await;
         // Past the snapshot policy (500 logs since the last snapshot).
         for i in 0..600 {
-            store::propose(&raft, Command::CreateBackend(backend(&format!("b{i}"))))
+            propose(&raft, Command::CreateBackend(backend(&format!("b{i}"))))
                 .await
                 .unwrap();
         }
@@ -95,7 +95,7 @@ async fn a_long_log_is_snapshotted_and_still_restores() {
         .unwrap();
         raft.shutdown().await.unwrap();
     }
-    let (raft, sm) = store::open(dir.path(), &store::Membership::single(1, "127.0.0.1:1"))
+    let (raft, sm) = open_store(dir.path(), &Membership::single(1, "127.0.0.1:1"))
         .await
         .unwrap();
     wait_leader(&raft).await;
@@ -109,7 +109,7 @@ async fn a_long_log_is_snapshotted_and_still_restores() {
 #[tokio::test]
 async fn a_write_no_majority_commits_fails_in_bounded_time() {
     let dir = tempfile::tempdir().unwrap();
-    let (raft, sm) = store::open(dir.path(), &store::Membership::single(1, "127.0.0.1:1"))
+    let (raft, sm) = open_store(dir.path(), &Membership::single(1, "127.0.0.1:1"))
         .await
         .unwrap();
     wait_leader(&raft).await;
@@ -143,7 +143,7 @@ async fn a_write_no_majority_commits_fails_in_bounded_time() {
     .unwrap();
     let timeout = std::time::Duration::from_millis(500);
     let started = std::time::Instant::now();
-    let err = store::propose_within(&raft, Command::CreateBackend(backend("lost")), timeout)
+    let err = propose_within(&raft, Command::CreateBackend(backend("lost")), timeout)
         .await
         .unwrap_err();
     assert!(matches!(err, ControllerError::Uncommitted { .. }), "{err}");

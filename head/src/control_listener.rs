@@ -7,13 +7,14 @@
 //!   in `serval_control_connections_refused_total`);
 //! - the HTTP/2 preface (the first bytes) within [`HANDSHAKE_TIMEOUT`], and
 //!   a connection that moves no byte for [`IDLE_TIMEOUT`] is closed
-//!   ([`serval_proxy::ConnIo`]); the server pings every
-//!   [`KEEPALIVE_INTERVAL`], so only a dead or silent peer gets there;
+//!   ([`serval_proxy::ConnIo`]); the server pings every connection, so
+//!   only a dead or silent peer gets there;
 //! - TCP keep-alive and TCP_NODELAY on every connection.
 //!
 //! The per-connection HTTP/2 limits and the message sizes are set where the
-//! tonic server is built (`start.rs`, `serval_controller::service`). No
-//! request timeout: `Watch` is a stream that lives as long as its client.
+//! tonic server is built (`serval_controller`'s front door and services).
+//! No request timeout: `Watch` is a stream that lives as long as its
+//! client.
 
 use std::io;
 use std::pin::Pin;
@@ -31,13 +32,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 pub const MAX_CONNECTIONS: usize = 4096;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 pub const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
-/// HTTP/2 streams (calls) one connection may have open; a `Watch` is one.
-pub const MAX_CONCURRENT_STREAMS: u32 = 256;
-pub const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
-pub const MAX_PENDING_RESET_STREAMS: usize = 20;
 pub const REFUSED_TOTAL: &str = "serval_control_connections_refused_total";
 
 /// One accepted control connection: bounded I/O, and its place under

@@ -9,9 +9,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use serval_controller::peer_service::PeerService;
-use serval_controller::store::forward::propose_via_leader;
-use serval_controller::{reconciler, service::ControlService, state::Command, store};
 use serval_node::{AgentConfig, NodeAgent};
 use serval_protos::control::HttpOptions;
 
@@ -136,7 +133,7 @@ pub struct StartArgs {
     num_gpus: Option<f64>,
     /// Seconds without a heartbeat after which the head declares a node dead
     /// and places its replicas elsewhere.
-    #[arg(long, env = "SERVAL_NODE_TIMEOUT_S", default_value_t = reconciler::DEFAULT_NODE_TIMEOUT.as_secs_f64(),
+    #[arg(long, env = "SERVAL_NODE_TIMEOUT_S", default_value_t = serval_controller::DEFAULT_NODE_TIMEOUT.as_secs_f64(),
           value_parser = parse_positive_secs)]
     node_timeout_s: f64,
     /// Python interpreter for replicas, with the `serval` package installed.
@@ -621,7 +618,7 @@ fn install_metrics(args: &StartArgs) -> anyhow::Result<Metrics> {
     }
     serval_proxy::metrics::describe();
     serval_node::metrics::describe();
-    serval_controller::reconciler::describe_metrics();
+    serval_controller::describe_metrics();
     Ok(Metrics {
         handle: Some(handle),
         dashboard,
@@ -654,9 +651,6 @@ async fn run_head(
         }
         None => cluster_file::load_or_create_token(&data_dir)?,
     };
-    // Heads speak raft with a key derived from the token, which the
-    // control service refuses and clients never send (`serval_controller::auth`).
-    let peer_key = serval_controller::auth::peer_key(&token);
     let control_listener = tokio::net::TcpListener::bind((control_host(&args), args.control_port))
         .await
         .with_context(|| {
@@ -673,95 +667,29 @@ async fn run_head(
     // interface (replica_bind_host).
     args.advertise_address = Some(advertised.clone());
 
-    let raft_id = cluster_file::load_or_create_raft_id(&data_dir)?;
-    let membership = store::Membership {
-        raft_id,
-        address: advertised.clone(),
-        peer_key: peer_key.clone(),
-        bootstrap: args.join.is_none(),
-    };
-    let (raft, sm) = store::open(&data_dir.join("raft"), &membership).await?;
     // A head is ready (`/-/readyz`) only while it can commit writes.
-    let can_write = raft.clone();
-    metrics
-        .readiness
-        .set(Box::new(move || store::can_write(&can_write)));
-    let service = ControlService::new(
-        raft.clone(),
-        sm.clone(),
-        raft_id,
-        advertised.clone(),
-        token.clone(),
-    )?;
-    let heartbeats = service.heartbeats();
-    let autoscaler = service.autoscaler();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let grpc = {
-        let mut stop = stop_rx.clone();
-        let control = service.into_server();
-        let peers = PeerService::new(raft.clone(), &token)?.into_server();
-        let incoming = control_listener::incoming(control_listener);
-        // Bounds per connection (see control_listener for the rest); no
-        // request timeout: Watch streams live as long as their clients.
-        let mut builder = tonic::transport::Server::builder()
-            .max_concurrent_streams(control_listener::MAX_CONCURRENT_STREAMS)
-            .http2_keepalive_interval(Some(control_listener::KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(control_listener::KEEPALIVE_TIMEOUT))
-            .http2_max_header_list_size(control_listener::MAX_HEADER_LIST_SIZE)
-            .http2_max_pending_accept_reset_streams(Some(
-                control_listener::MAX_PENDING_RESET_STREAMS,
-            ));
-        if let Some(tls) = tls {
-            builder = builder.tls_config(tls).map_err(|e| {
-                anyhow::anyhow!(
-                    "--tls-cert/--tls-key: {}",
-                    serval_protos::tls::error_chain(&e)
-                )
-            })?;
-        }
-        tokio::spawn(async move {
-            let result = builder
-                .add_service(control)
-                .add_service(peers)
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(e) = result {
-                tracing::error!(error = %e, "control service stopped");
-            }
-        })
+    let write_check = serval_controller::WriteCheck::default();
+    let check = write_check.clone();
+    metrics.readiness.set(Box::new(move || check.check()));
+    let config = serval_controller::ControllerConfig {
+        raft_dir: data_dir.join("raft"),
+        raft_id: cluster_file::load_or_create_raft_id(&data_dir)?,
+        advertised_address: advertised,
+        token: token.clone(),
+        join: args.join.clone(),
+        http_options: HttpOptions {
+            location: location.clone(),
+            host: args.http_host.clone(),
+            port: args.http_port as u32,
+            middlewares_json: args.http_middlewares.clone(),
+        },
+        tls,
+        node_timeout: Duration::from_secs_f64(args.node_timeout_s),
+        write_check,
     };
-    if let Some(join) = &args.join {
-        join_cluster(&raft, join, &peer_key, raft_id, &advertised).await?;
-    }
-    wait_for_leader(&raft).await?;
-    // The first head sets the cluster-wide options; a joining head takes
-    // the cluster's as they are.
-    if args.join.is_none() {
-        propose_via_leader(&raft, &peer_key, Command::SetShuttingDown(false)).await?;
-        propose_via_leader(
-            &raft,
-            &peer_key,
-            Command::SetHttpOptions(HttpOptions {
-                location: location.clone(),
-                host: args.http_host.clone(),
-                port: args.http_port as u32,
-                middlewares_json: args.http_middlewares.clone(),
-            }),
-        )
-        .await?;
-    }
-    let reconciler = tokio::spawn(
-        reconciler::Reconciler {
-            raft: raft.clone(),
-            sm: sm.clone(),
-            heartbeats,
-            autoscaler,
-            node_timeout: Duration::from_secs_f64(args.node_timeout_s),
-        }
-        .run(),
-    );
+    let controller =
+        serval_controller::start(config, control_listener::incoming(control_listener)).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
     let (proxy, http_addr) = proxy_if(
         location != "NoServer",
@@ -795,106 +723,31 @@ async fn run_head(
     print_ready(&info, &data_dir);
     println!("node id: {}", agent.node_id());
 
-    // A head whose raft storage failed (a full disk) cannot commit: it
-    // stops, exiting non-zero, so its supervisor restarts it, rather than
-    // serving reads and refusing every write.
+    // A head whose raft storage failed (a full disk) cannot commit: its
+    // controller stops on that, and so does the head, exiting non-zero so
+    // its supervisor restarts it, rather than serving reads and refusing
+    // every write.
+    let mut stopped = stop_rx.clone();
+    let controller = controller.serve(async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    });
+    tokio::pin!(controller);
     let raft_failure = tokio::select! {
         _ = agent.run(signalled()) => None,
-        error = raft_failed(&raft) => Some(error),
+        result = &mut controller => Some(result),
     };
     tracing::info!("stopping");
     cluster_file::remove(&data_dir);
     let _ = stop_tx.send(true);
-    reconciler.abort();
     if let Some(p) = proxy {
         let _ = tokio::time::timeout(Duration::from_secs(5), p).await;
     }
-    // Watch streams of other processes keep the gRPC server open; do not wait long.
-    let _ = tokio::time::timeout(Duration::from_secs(1), grpc).await;
-    // Bounded: a stop must end even if raft's core is stuck on peers that
-    // are going away at the same moment.
-    if tokio::time::timeout(Duration::from_secs(5), raft.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("raft did not stop within 5 s");
-    }
-    match raft_failure {
-        Some(error) => bail!("raft stopped on an error, so this head stops: {error}"),
-        None => Ok(()),
-    }
-}
-
-/// Resolves with the error once this head's raft core stops on one (its
-/// storage failed: openraft stops the core on any storage error).
-async fn raft_failed(raft: &store::Raft) -> String {
-    let mut metrics = raft.metrics();
-    loop {
-        if let Err(fatal) = &metrics.borrow_and_update().running_state {
-            tracing::error!(error = %fatal, "raft stopped");
-            return fatal.to_string();
-        }
-        if metrics.changed().await.is_err() {
-            return "the raft core ended".into();
-        }
-    }
-}
-
-/// Asks the cluster at `join` to add this head to the raft group, unless it
-/// is a member already (a restarted head), and waits until it is a voter.
-async fn join_cluster(
-    raft: &store::Raft,
-    join: &str,
-    peer_key: &str,
-    raft_id: u64,
-    address: &str,
-) -> anyhow::Result<()> {
-    let is_member = |m: &openraft::RaftMetrics<u64, openraft::BasicNode>| {
-        m.membership_config
-            .membership()
-            .voter_ids()
-            .any(|id| id == raft_id)
+    // Its own waits are bounded.
+    let result = match raft_failure {
+        Some(result) => result,
+        None => controller.await,
     };
-    if is_member(&raft.metrics().borrow()) {
-        return Ok(());
-    }
-    let mut peer = serval_protos::client::connect_peer_lazy(join, peer_key)?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let request = serval_protos::control::JoinHeadRequest {
-            raft_id,
-            address: address.to_string(),
-        };
-        match peer.join_head(request).await {
-            Ok(_) => break,
-            Err(s) if s.code() == tonic::Code::Unauthenticated => {
-                bail!("the head at {join} refused the token")
-            }
-            Err(s) if tokio::time::Instant::now() < deadline => {
-                tracing::info!(error = %s.message(), "joining {join}; retrying");
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-            Err(s) => bail!("joining the head at {join}: {}", s.message()),
-        }
-    }
-    let mut metrics = raft.metrics();
-    tokio::time::timeout(Duration::from_secs(60), metrics.wait_for(is_member))
-        .await
-        .context("this head did not become a raft voter within 60 s")?
-        .context("raft stopped")?;
-    Ok(())
-}
-
-async fn wait_for_leader(raft: &store::Raft) -> anyhow::Result<()> {
-    let mut metrics = raft.metrics();
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        metrics.wait_for(|m| m.current_leader.is_some()),
-    )
-    .await
-    .context("no raft leader was elected within 30 s")?
-    .context("raft stopped")?;
-    Ok(())
+    Ok(result?)
 }
 
 async fn run_node(cluster: ClusterArgs, args: StartArgs, data_dir: PathBuf) -> anyhow::Result<()> {

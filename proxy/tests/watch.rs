@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serval_controller::service::ControlService;
-use serval_controller::state::Command;
-use serval_controller::store;
+use serval_controller::Command;
+use serval_controller::{open_store, propose, Membership};
 use serval_protos::client::{spawn_watch, SnapshotReceiver};
 use serval_protos::control::HttpOptions;
 
@@ -32,7 +32,7 @@ fn start_controller(
             .unwrap();
         rt.block_on(async move {
             let addr = listener.local_addr().unwrap().to_string();
-            let (raft, sm) = store::open(&dir, &store::Membership::single(1, &addr))
+            let (raft, sm) = open_store(&dir, &Membership::single(1, &addr))
                 .await
                 .unwrap();
             let mut m = raft.metrics();
@@ -43,7 +43,7 @@ fn start_controller(
                     port: i as u32,
                     ..Default::default()
                 };
-                store::propose(&raft, Command::SetHttpOptions(options))
+                propose(&raft, Command::SetHttpOptions(options))
                     .await
                     .unwrap();
             }

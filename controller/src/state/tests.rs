@@ -1,4 +1,5 @@
 use super::*;
+use serval_protos::control::ReplicaReport;
 
 fn node(id: &str, cpus: f64) -> Node {
     Node {

@@ -16,9 +16,10 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTran
 use serde::{Deserialize, Serialize};
 use serval_protos::blob::{self, BLOB_CHUNK_BYTES};
 
+use super::command::raw_bytes;
 use super::log_store::{decode, encode};
+use super::Command;
 use crate::error::StateError;
-use crate::state::{raw_bytes, Command};
 
 /// Blobs stored whole: digest -> bytes.
 const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");

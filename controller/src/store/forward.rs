@@ -9,9 +9,9 @@ use serval_protos::client::connect_peer_lazy;
 use serval_protos::control::RaftMessage;
 
 use super::log_store::{decode, encode};
+use super::Command;
 use super::{propose_with_output, Raft, Written};
 use crate::error::{ControllerError, StateError};
-use crate::state::Command;
 
 /// How long a write may wait for a leader to be elected or reached.
 const FORWARD_DEADLINE: Duration = Duration::from_secs(10);

@@ -3,6 +3,7 @@
 //! Layout (as openraft's examples draw it):
 //! - `types`: the raft type configuration, declared once.
 //! - [`log_store`]: the raft log, vote and committed index in redb.
+//! - `command`: [`Command`], every write, as the log holds it.
 //! - [`state_machine`]: applies committed [`Command`]s to the
 //!   [`ClusterState`], persists the applied state and snapshots in redb, and
 //!   publishes every new state to watchers.
@@ -15,6 +16,7 @@
 //! rebuilt from the newest snapshot plus the log after it.
 
 pub mod blobs;
+mod command;
 pub mod forward;
 pub mod jobs;
 pub mod log_store;
@@ -29,7 +31,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ControllerError, StateError};
-use crate::state::{ClusterState, Command};
+use crate::state::ClusterState;
 
 /// The outcome of one applied command, returned to the proposer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -41,6 +43,8 @@ pub struct Applied {
     #[serde(default)]
     pub output: Vec<u8>,
 }
+
+pub use command::Command;
 
 openraft::declare_raft_types!(
     /// Raft types of the Serval controller.

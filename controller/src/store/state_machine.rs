@@ -18,11 +18,13 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTran
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::command::raw_bytes;
 use super::log_store::{decode, encode};
+use super::Command;
 use super::{blobs, jobs};
 use super::{Applied, NodeId, SharedState, TypeConfig};
 use crate::error::{ControllerError, StateError};
-use crate::state::{raw_bytes, ClusterState, Command};
+use crate::state::ClusterState;
 
 const SM: TableDefinition<&str, &[u8]> = TableDefinition::new("state_machine");
 const KEY_APPLIED: &str = "applied";
