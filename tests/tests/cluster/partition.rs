@@ -171,15 +171,6 @@ fn status_json(head: &Head) -> serde_json::Value {
     head.proc.status_json()
 }
 
-/// The leader as `head` sees it.
-fn leader_id(s: &serde_json::Value) -> Option<u64> {
-    s["heads"]
-        .as_array()?
-        .iter()
-        .find(|h| h["role"] == "leader")
-        .and_then(|h| h["raft_id"].as_u64())
-}
-
 fn backends(s: &serde_json::Value) -> Vec<String> {
     s["backends"]
         .as_array()
@@ -214,22 +205,20 @@ fn create_backend(addr: &str, token: &str, name: &str) -> Result<(), tonic::Stat
     })
 }
 
-/// One partitioned cluster at a time: two on a 2-core machine slow each
-/// other's elections past the tests' deadlines.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
 /// Three heads talking to each other through the proxies of `net`, once
-/// all three are members and one leads; one such cluster at a time.
+/// all three are members and one leads; with the machine to itself (a
+/// second cluster beside it, partitioned or not, slows its elections past
+/// the tests' deadlines on a 2-core machine).
 struct Cluster {
     heads: Vec<Head>,
     token: String,
     net: Net,
     _tmp: tempfile::TempDir,
-    _one: std::sync::MutexGuard<'static, ()>,
+    _alone: machine::Alone,
 }
 
 fn cluster() -> Cluster {
-    let one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let alone = machine::alone();
     let tmp = tempfile::Builder::new()
         .prefix("sv-")
         .tempdir_in("/tmp")
@@ -242,7 +231,7 @@ fn cluster() -> Cluster {
         token,
         net,
         _tmp: tmp,
-        _one: one,
+        _alone: alone,
     }
 }
 
