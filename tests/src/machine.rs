@@ -104,3 +104,55 @@ impl Drop for Alone {
         CHANGED.notify_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// Long enough for a thread that is not held off to get through.
+    const MOMENT: Duration = Duration::from_millis(300);
+    /// Long enough for anything that is let through.
+    const PATIENCE: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn alone_waits_for_the_shares_and_holds_new_ones_off() {
+        let share_here = share();
+        let (got_alone, alone_rx) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let alone = alone();
+            // Its own children do not wait for it.
+            let own = share();
+            got_alone.send(()).unwrap();
+            release_rx.recv_timeout(PATIENCE).unwrap();
+            drop(own);
+            drop(alone);
+        });
+        assert!(
+            alone_rx.recv_timeout(MOMENT).is_err(),
+            "alone while another test's child runs"
+        );
+        drop(share_here);
+        alone_rx
+            .recv_timeout(PATIENCE)
+            .expect("alone once the other children ended");
+
+        let (got_share, share_rx) = mpsc::channel();
+        let other = std::thread::spawn(move || {
+            let s = share();
+            got_share.send(()).unwrap();
+            drop(s);
+        });
+        assert!(
+            share_rx.recv_timeout(MOMENT).is_err(),
+            "a share while a test has the machine alone"
+        );
+        release.send(()).unwrap();
+        share_rx
+            .recv_timeout(PATIENCE)
+            .expect("a share once the machine is free");
+        holder.join().unwrap();
+        other.join().unwrap();
+    }
+}
