@@ -525,6 +525,21 @@ pub fn three_heads_without_replicas(root: &Path) -> (Vec<ServeProcess>, usize) {
     (heads, leader_ix)
 }
 
+/// A backend of one replica needing a CPU: pending (its code is never
+/// run) on heads that offer none.
+pub fn pending_backend(name: &str) -> serval_protos::control::Backend {
+    serval_protos::control::Backend {
+        name: name.to_string(),
+        code: vec![1],
+        config: Some(serval_protos::control::BackendConfig {
+            num_replicas: 1,
+            num_cpus: 1.0,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// The leader's raft id in a head's `serve status --json`.
 pub fn leader_id(status: &serde_json::Value) -> Option<u64> {
     status["heads"]

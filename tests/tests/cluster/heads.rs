@@ -276,18 +276,9 @@ fn write_backends(addr: &str, token: &str, prefix: &str, n: usize) {
     rt.block_on(async {
         let mut c = serval_protos::client::connect(addr, token).await.unwrap();
         for i in 0..n {
-            c.create_backend(serval_protos::control::Backend {
-                name: format!("{prefix}{i}"),
-                code: vec![1],
-                config: Some(serval_protos::control::BackendConfig {
-                    num_replicas: 1,
-                    num_cpus: 1.0,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+            c.create_backend(pending_backend(&format!("{prefix}{i}")))
+                .await
+                .unwrap();
         }
     });
 }

@@ -190,18 +190,7 @@ fn create_backend(addr: &str, token: &str, name: &str) -> Result<(), tonic::Stat
         let mut c = serval_protos::client::connect(addr, token)
             .await
             .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-        c.create_backend(serval_protos::control::Backend {
-            name: name.to_string(),
-            code: vec![1],
-            config: Some(serval_protos::control::BackendConfig {
-                num_replicas: 1,
-                num_cpus: 1.0,
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .map(|_| ())
+        c.create_backend(pending_backend(name)).await.map(|_| ())
     })
 }
 
