@@ -42,7 +42,7 @@ demo: sdk
 test-rust: sdk build netns-deps
 	$(CARGO) test --workspace --exclude serval-python
 
-# tests/tests/multihost.rs runs hosts in network namespaces (`ip netns`,
+# tests/tests/cluster/multihost.rs runs hosts in network namespaces (`ip netns`,
 # `tc`): as root, install iproute2 with apt if missing. Without root those
 # tests skip and say why.
 netns-deps:

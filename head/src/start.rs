@@ -425,7 +425,7 @@ fn agent_config(
 /// (0.0.0.0, ::) is announced at this machine's address on the route to
 /// the head it joins (the first head: on its default route). Announced
 /// literally, 0.0.0.0:6390 made the head being joined dial itself as the
-/// new member, and its raft core panicked (tests/tests/multihost.rs).
+/// new member, and its raft core panicked (tests/tests/cluster/multihost.rs).
 fn advertised_address(args: &StartArgs, bound: &str) -> anyhow::Result<String> {
     if let Some(addr) = &args.advertise_address {
         return Ok(addr.clone());
@@ -474,7 +474,7 @@ fn control_host(args: &StartArgs) -> &str {
 /// address, for which the agent finds its address on the route to the
 /// head (127.0.0.1 for a head on this machine). Before, such a node bound
 /// its replicas to 127.0.0.1, where routers on other machines cannot reach
-/// them (tests/tests/multihost.rs).
+/// them (tests/tests/cluster/multihost.rs).
 fn replica_bind_host(args: &StartArgs, is_head: bool) -> String {
     if !is_head && args.control_host.is_none() {
         return "0.0.0.0".into();

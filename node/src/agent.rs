@@ -384,7 +384,7 @@ pub fn routed_ip(target: &str) -> Option<std::net::IpAddr> {
 /// at `host`, this node's replica address, which other machines dial.
 /// Announced literally, 0.0.0.0:8000 made clients on other machines (the
 /// SDK waiting for every proxy to pick up a route, handles finding their
-/// nearest proxy) dial themselves (tests/tests/multihost.rs).
+/// nearest proxy) dial themselves (tests/tests/cluster/multihost.rs).
 fn proxy_address(bound: &str, host: &str) -> String {
     let Ok(addr) = bound.parse::<std::net::SocketAddr>() else {
         return bound.to_string();

@@ -3,6 +3,7 @@
 //! guard that kills a process tree on drop so a failing test leaves nothing.
 
 pub mod linearizability;
+pub mod machine;
 pub mod netns;
 
 use std::net::TcpListener;
@@ -71,15 +72,22 @@ pub fn poll_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
 /// Kills the child (and its process group) when dropped.
 pub struct ProcessGuard {
     pub child: Child,
+    /// Released after the kill (fields drop after `drop`).
+    _share: machine::Share,
 }
 
 impl ProcessGuard {
-    /// Spawns `cmd` in its own process group so the whole tree can be killed.
+    /// Spawns `cmd` in its own process group so the whole tree can be
+    /// killed, once the machine is not another test's alone.
     pub fn spawn(mut cmd: Command) -> Self {
         use std::os::unix::process::CommandExt;
+        let share = machine::share();
         cmd.process_group(0);
         let child = cmd.spawn().expect("spawn child process");
-        Self { child }
+        Self {
+            child,
+            _share: share,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -248,6 +256,27 @@ impl ServeProcess {
             .map(|t| t.trim().to_string())
             .unwrap_or_default()
     }
+
+    /// A control-plane client of this head.
+    pub async fn client(&self) -> serval_protos::client::Client {
+        serval_protos::client::connect(&self.control_address(), &self.token())
+            .await
+            .expect("connect to head")
+    }
+
+    /// This head's raft id (its data dir's `raft_id`).
+    pub fn raft_id(&self) -> u64 {
+        std::fs::read_to_string(self.data_dir.join("raft_id"))
+            .expect("raft_id file")
+            .trim()
+            .parse()
+            .expect("raft_id is a number")
+    }
+}
+
+/// What a finished command wrote to stderr.
+pub fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// `program` under `wrapper` (its first word runs, the rest are arguments).
@@ -494,6 +523,30 @@ pub fn three_heads_without_replicas(root: &Path) -> (Vec<ServeProcess>, usize) {
         .position(|h| h.control_address() == leader)
         .expect("the leader is one of the three");
     (heads, leader_ix)
+}
+
+/// A backend of one replica needing a CPU: pending (its code is never
+/// run) on heads that offer none.
+pub fn pending_backend(name: &str) -> serval_protos::control::Backend {
+    serval_protos::control::Backend {
+        name: name.to_string(),
+        code: vec![1],
+        config: Some(serval_protos::control::BackendConfig {
+            num_replicas: 1,
+            num_cpus: 1.0,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The leader's raft id in a head's `serve status --json`.
+pub fn leader_id(status: &serde_json::Value) -> Option<u64> {
+    status["heads"]
+        .as_array()?
+        .iter()
+        .find(|h| h["role"] == "leader")
+        .and_then(|h| h["raft_id"].as_u64())
 }
 
 /// The leader's control address as `head` sees it (`serve status`).

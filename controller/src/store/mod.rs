@@ -107,7 +107,7 @@ pub async fn open(
         // openraft gives an AppendEntries call (heartbeats, and so every
         // commit) `heartbeat_interval` to answer: 200 ms lets heads 100 ms
         // apart (round trip) commit, where 100 ms let none (tests/tests/
-        // multihost.rs, 50 ms delay each way). Three heartbeats make the
+        // cluster/multihost.rs, 50 ms delay each way). Three heartbeats make the
         // shortest election timeout, so a late one (a TCP retransmit under
         // packet loss) starts no election; a lost leader is replaced in
         // about 1 to 2 s (the goal is < 2 s).

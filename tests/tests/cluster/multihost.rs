@@ -8,16 +8,15 @@
 //! reachable from every "host": every process on the bed runs with
 //! `SERVAL_DATA_PLANE_TCP=1`, so routers reach replicas over TCP, as they
 //! must across machines.
+//!
+//! Each scenario has the machine to itself (`machine::alone`): it runs
+//! five serve processes and their replicas, which is what a 2-core machine
+//! takes.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use serval_tests::netns::{self, Bed, Links};
 use serval_tests::*;
-
-/// One scenario at a time: each runs five serve processes and their
-/// replicas, which is what a 2-core machine takes.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn skip() -> bool {
     if let Some(why) = netns::unavailable() {
@@ -219,7 +218,7 @@ fn every_hosts_proxy_and_a_remote_driver_reach_replicas_on_other_hosts() {
     if skip() {
         return;
     }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _alone = machine::alone();
     let c = Cluster::start(3, 2);
     c.deploy_where(2);
     // The nodes' namespaces: one replica on each (placement spreads).
@@ -318,7 +317,7 @@ fn a_node_whose_link_is_cut_is_replaced_and_rejoins_without_strays() {
     if skip() {
         return;
     }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _alone = machine::alone();
     let c = Cluster::start(3, 2);
     c.deploy_where(2);
     let (kept, cut) = (3, 4);
@@ -452,7 +451,7 @@ fn gets_across_hosts_survive_a_replica_sigkilled_under_load() {
     if skip() {
         return;
     }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _alone = machine::alone();
     let c = Cluster::start(1, 2);
     let out = c
         .driver()
@@ -576,7 +575,7 @@ fn the_leaders_host_cut_off_a_new_leader_keeps_every_acknowledged_write() {
     if skip() {
         return;
     }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _alone = machine::alone();
     let c = Cluster::start(3, 0);
     let all_heads = (0..3)
         .map(|i| c.bed.control_address(i))
@@ -671,7 +670,7 @@ fn requests_and_raft_hold_under_50ms_delay_and_2_percent_loss() {
     if skip() {
         return;
     }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _alone = machine::alone();
     let links = if netns::netem_available() {
         Links::Veth
     } else {
@@ -759,7 +758,7 @@ fn a_first_head_on_every_interface_without_a_route_asks_for_its_address() {
     if skip() {
         return;
     }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _alone = machine::alone();
     let tmp = tempfile::Builder::new()
         .prefix("sv-")
         .tempdir_in("/tmp")

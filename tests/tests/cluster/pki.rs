@@ -1,5 +1,5 @@
-//! Test certificates (rcgen, ring): shared by the test files that declare
-//! `mod pki;`.
+//! Test certificates (rcgen, ring), for the `replica_python` and `tls`
+//! tests.
 
 use std::path::{Path, PathBuf};
 

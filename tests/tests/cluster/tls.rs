@@ -9,10 +9,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use pki::make_pki;
 use serval_tests::*;
 
-mod pki;
+use crate::pki::make_pki;
 
 fn serve(args: &[&str]) -> Output {
     Command::new(serve_bin())
@@ -23,10 +22,6 @@ fn serve(args: &[&str]) -> Output {
         .env_remove("SERVAL_TLS_DOMAIN")
         .output()
         .unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn status_json(addr: &str, token: &str, ca: &Path) -> Option<serde_json::Value> {

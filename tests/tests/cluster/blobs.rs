@@ -10,14 +10,6 @@ use serval_protos::client::{connect, Client};
 use serval_protos::control::{Api, ClusterSnapshot, GetBlobRequest, PutBlobRequest, WatchRequest};
 use serval_tests::*;
 
-fn raft_id(head: &ServeProcess) -> u64 {
-    std::fs::read_to_string(head.data_dir.join("raft_id"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// Pseudo-random bytes: a package that neither compresses nor repeats.
 fn noise(len: usize) -> Vec<u8> {
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
@@ -30,12 +22,6 @@ fn noise(len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
-}
-
-async fn client(head: &ServeProcess) -> Client {
-    connect(&head.control_address(), &head.token())
-        .await
-        .expect("connect to head")
 }
 
 async fn snapshot(head: &ServeProcess) -> Option<ClusterSnapshot> {
@@ -94,14 +80,14 @@ fn a_blob_survives_the_loss_of_the_leader() {
         let leader = s.heads.iter().find(|h| h.leader)?;
         (voters == 3).then_some(leader.raft_id)
     });
-    let leader_ix = heads.iter().position(|h| raft_id(h) == leader).unwrap();
+    let leader_ix = heads.iter().position(|h| h.raft_id() == leader).unwrap();
     let follower_ix = (leader_ix + 1) % 3;
 
     // Upload through a follower: its parts are forwarded to the leader.
     let data = noise(20 * 1024 * 1024 + 12_345);
     let digest = blob::digest(&data);
     rt.block_on(async {
-        let mut c = client(&heads[follower_ix]).await;
+        let mut c = heads[follower_ix].client().await;
         assert!(!has_blob(&mut c, &digest).await);
 
         let wrong = PutBlobRequest {
@@ -165,7 +151,7 @@ fn a_blob_survives_the_loss_of_the_leader() {
     let unknown = blob::digest(b"never stored");
     let err = rt
         .block_on(async {
-            let mut c = client(&heads[0]).await;
+            let mut c = heads[0].client().await;
             get_blob(&mut c, &unknown).await
         })
         .unwrap_err();

@@ -8,18 +8,12 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use serval_protos::client::{connect, Client};
+use serval_protos::client::Client;
 use serval_protos::control::*;
 use serval_tests::*;
 
 fn start_head(root: &std::path::Path) -> ServeProcess {
     start_head_without_replicas(root, "head", None)
-}
-
-async fn client(head: &ServeProcess) -> Client {
-    connect(&head.control_address(), &head.token())
-        .await
-        .expect("connect to head")
 }
 
 async fn new_job(c: &mut Client, batches: u64, max_receive_count: u32) -> String {
@@ -118,14 +112,14 @@ async fn worker(mut c: Client, job: String, name: String) -> (Vec<u64>, bool) {
 async fn ten_thousand_batches_on_two_workers_count_once() {
     let root = tempfile::tempdir().unwrap();
     let head = start_head(root.path());
-    let mut c = client(&head).await;
+    let mut c = head.client().await;
 
     let started = Instant::now();
     let job = new_job(&mut c, 10_000, 1).await;
     let enqueued = started.elapsed();
     let started = Instant::now();
-    let a = tokio::spawn(worker(client(&head).await, job.clone(), "a".into()));
-    let b = tokio::spawn(worker(client(&head).await, job.clone(), "b".into()));
+    let a = tokio::spawn(worker(head.client().await, job.clone(), "a".into()));
+    let b = tokio::spawn(worker(head.client().await, job.clone(), "b".into()));
     let (ran_a, complete_a) = a.await.unwrap();
     let (ran_b, complete_b) = b.await.unwrap();
     let ran = started.elapsed();
@@ -184,7 +178,7 @@ async fn ten_thousand_batches_on_two_workers_count_once() {
 async fn dead_workers_failed_batches_and_stopped_jobs() {
     let root = tempfile::tempdir().unwrap();
     let head = start_head(root.path());
-    let mut c = client(&head).await;
+    let mut c = head.client().await;
 
     // A worker dies holding leases: released, they run again elsewhere and
     // count once; the dead worker's late acks count for nothing.
@@ -324,7 +318,7 @@ fn a_job_goes_on_after_the_leader_head_is_killed() {
         .unwrap();
     let (mut heads, leader_ix) = three_heads_without_replicas(tmp.path());
     let job = rt.block_on(async {
-        let mut c = client(&heads[(leader_ix + 1) % 3]).await;
+        let mut c = heads[(leader_ix + 1) % 3].client().await;
         let job = new_job(&mut c, 100, 1).await;
         // Written through a follower, read back through it at once: the
         // control writes return once this head has applied them.
@@ -354,7 +348,7 @@ fn a_job_goes_on_after_the_leader_head_is_killed() {
     rt.block_on(async {
         // A surviving head answers once a new leader is elected (writes
         // wait for it); the held batches are still leased to "w".
-        let mut c = client(&heads[0]).await;
+        let mut c = heads[0].client().await;
         ack(&mut c, &job, "w", held.iter().map(|i| (*i, true)).collect()).await;
         let (ran, complete) = worker(c.clone(), job.clone(), "v".into()).await;
         assert!(complete);
@@ -381,7 +375,7 @@ fn a_job_goes_on_after_the_leader_head_is_killed() {
             .into_inner();
         assert_eq!((read.status.as_str(), read.succeeded), ("succeeded", 100));
         // The other survivor has the same job.
-        let mut other = client(&heads[1]).await;
+        let mut other = heads[1].client().await;
         let seen = wait_for_job(&mut other, &job, "succeeded").await;
         assert_eq!(seen.succeeded, 100);
     });
@@ -401,7 +395,7 @@ fn a_queued_submission_and_a_finished_one_s_result_outlive_the_leader() {
         .unwrap();
     let (mut heads, leader_ix) = three_heads_without_replicas(tmp.path());
     let (finished, queued) = rt.block_on(async {
-        let mut c = client(&heads[(leader_ix + 1) % 3]).await;
+        let mut c = heads[(leader_ix + 1) % 3].client().await;
         let finished = new_job(&mut c, 1, 1).await;
         let queued = new_job(&mut c, 1, 1).await;
         let reply = lease(&mut c, &finished, "r1", 1).await;
@@ -456,12 +450,12 @@ fn a_queued_submission_and_a_finished_one_s_result_outlive_the_leader() {
     drop(heads.remove(leader_ix));
     rt.block_on(async {
         for head in &heads {
-            let mut c = client(head).await;
+            let mut c = head.client().await;
             let seen = wait_for_job(&mut c, &finished, "succeeded").await;
             assert_eq!(seen.result, r#"{"label": "setosa"}"#);
         }
         // The queued one is still there for a consumer of the new leader.
-        let mut c = client(&heads[0]).await;
+        let mut c = heads[0].client().await;
         let reply = lease(&mut c, &queued, "r3", 1).await;
         assert_eq!(reply.batches[0].payload, b"[0]");
         let failed = c

@@ -171,15 +171,6 @@ fn status_json(head: &Head) -> serde_json::Value {
     head.proc.status_json()
 }
 
-/// The leader as `head` sees it.
-fn leader_id(s: &serde_json::Value) -> Option<u64> {
-    s["heads"]
-        .as_array()?
-        .iter()
-        .find(|h| h["role"] == "leader")
-        .and_then(|h| h["raft_id"].as_u64())
-}
-
 fn backends(s: &serde_json::Value) -> Vec<String> {
     s["backends"]
         .as_array()
@@ -199,37 +190,24 @@ fn create_backend(addr: &str, token: &str, name: &str) -> Result<(), tonic::Stat
         let mut c = serval_protos::client::connect(addr, token)
             .await
             .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-        c.create_backend(serval_protos::control::Backend {
-            name: name.to_string(),
-            code: vec![1],
-            config: Some(serval_protos::control::BackendConfig {
-                num_replicas: 1,
-                num_cpus: 1.0,
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .map(|_| ())
+        c.create_backend(pending_backend(name)).await.map(|_| ())
     })
 }
 
-/// One partitioned cluster at a time: two on a 2-core machine slow each
-/// other's elections past the tests' deadlines.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
 /// Three heads talking to each other through the proxies of `net`, once
-/// all three are members and one leads; one such cluster at a time.
+/// all three are members and one leads; with the machine to itself (a
+/// second cluster beside it, partitioned or not, slows its elections past
+/// the tests' deadlines on a 2-core machine).
 struct Cluster {
     heads: Vec<Head>,
     token: String,
     net: Net,
     _tmp: tempfile::TempDir,
-    _one: std::sync::MutexGuard<'static, ()>,
+    _alone: machine::Alone,
 }
 
 fn cluster() -> Cluster {
-    let one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let alone = machine::alone();
     let tmp = tempfile::Builder::new()
         .prefix("sv-")
         .tempdir_in("/tmp")
@@ -242,7 +220,7 @@ fn cluster() -> Cluster {
         token,
         net,
         _tmp: tmp,
-        _one: one,
+        _alone: alone,
     }
 }
 

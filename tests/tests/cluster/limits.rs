@@ -9,15 +9,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use serval_protos::client::{connect, Client};
+use serval_protos::client::Client;
 use serval_protos::control::*;
 use serval_tests::*;
-
-async fn client(head: &ServeProcess) -> Client {
-    connect(&head.control_address(), &head.token())
-        .await
-        .expect("connect to head")
-}
 
 /// This head's last applied raft log index.
 async fn applied_index(c: &mut Client) -> u64 {
@@ -77,7 +71,7 @@ fn commands_over_the_caps_are_refused_before_the_log_and_never_replayed() {
         .unwrap();
     let before = status_of(&head);
     rt.block_on(async {
-        let mut c = client(&head).await;
+        let mut c = head.client().await;
         // Settle: the head's own start-up writes are applied.
         let start = applied_index(&mut c).await;
 
@@ -283,7 +277,7 @@ fn a_head_whose_raft_disk_is_full_exits_non_zero() {
     // Writes now need room the disk does not have: each is refused, none
     // hangs, and the head stops.
     let refused = rt.block_on(async {
-        let mut c = client(&head).await;
+        let mut c = head.client().await;
         let mut refused = 0;
         for i in 0..4 {
             let mut big = backend(&format!("b{i}"), 1);

@@ -30,15 +30,6 @@ fn status_json(head: &Head) -> serde_json::Value {
     head.proc.status_json()
 }
 
-fn leader_id(head: &Head) -> Option<u64> {
-    let s = status_json(head);
-    s["heads"]
-        .as_array()?
-        .iter()
-        .find(|h| h["role"] == "leader")
-        .and_then(|h| h["raft_id"].as_u64())
-}
-
 #[test]
 fn three_heads_survive_the_loss_of_the_leader() {
     let tmp = tempfile::Builder::new()
@@ -55,7 +46,7 @@ fn three_heads_survive_the_loss_of_the_leader() {
     let three_heads = wait_for("three voting heads", Duration::from_secs(60), || {
         let s = status_json(&heads[2]);
         let n = s["heads"].as_array().map(|h| h.len()).unwrap_or(0);
-        (n == 3 && leader_id(&heads[2]).is_some()).then_some(s)
+        (n == 3 && leader_id(&s).is_some()).then_some(s)
     });
     let roles: Vec<&str> = three_heads["heads"]
         .as_array()
@@ -70,7 +61,7 @@ fn three_heads_survive_the_loss_of_the_leader() {
     );
 
     // Deploy through a follower: the write is forwarded to the leader.
-    let leader = leader_id(&heads[0]).unwrap();
+    let leader = leader_id(&status_json(&heads[0])).unwrap();
     let ids: Vec<u64> = heads
         .iter()
         .map(|h| {
@@ -181,7 +172,7 @@ while sys.stdin.readline():
             _ => failed_requests += 1,
         }
         if new_leader.is_none() {
-            if let Some(id) = leader_id(survivor).filter(|id| *id != leader) {
+            if let Some(id) = leader_id(&status_json(survivor)).filter(|id| *id != leader) {
                 new_leader = Some(id);
                 elected_after = Some(killed_at.elapsed());
             }
@@ -275,14 +266,6 @@ while sys.stdin.readline():
     drop(node);
 }
 
-fn raft_id(head: &Head) -> u64 {
-    std::fs::read_to_string(head.proc.data_dir.join("raft_id"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// Writes `n` pending backends (no node has CPU for them, so no process
 /// starts) through `addr`.
 fn write_backends(addr: &str, token: &str, prefix: &str, n: usize) {
@@ -293,18 +276,9 @@ fn write_backends(addr: &str, token: &str, prefix: &str, n: usize) {
     rt.block_on(async {
         let mut c = serval_protos::client::connect(addr, token).await.unwrap();
         for i in 0..n {
-            c.create_backend(serval_protos::control::Backend {
-                name: format!("{prefix}{i}"),
-                code: vec![1],
-                config: Some(serval_protos::control::BackendConfig {
-                    num_replicas: 1,
-                    num_cpus: 1.0,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+            c.create_backend(pending_backend(&format!("{prefix}{i}")))
+                .await
+                .unwrap();
         }
     });
 }
@@ -351,14 +325,17 @@ fn a_follower_catches_up_and_all_heads_recover_from_disk() {
         Duration::from_secs(60),
         || {
             let s = status_json(&heads[0]);
-            (s["heads"].as_array().map(|h| h.len()) == Some(3) && leader_id(&heads[0]).is_some())
+            (s["heads"].as_array().map(|h| h.len()) == Some(3) && leader_id(&s).is_some())
                 .then_some(())
         },
     );
 
     // Kill a follower, write past the snapshot policy, bring it back.
-    let leader = leader_id(&heads[0]).unwrap();
-    let ix = heads.iter().position(|h| raft_id(h) != leader).unwrap();
+    let leader = leader_id(&status_json(&heads[0])).unwrap();
+    let ix = heads
+        .iter()
+        .position(|h| h.proc.raft_id() != leader)
+        .unwrap();
     let follower = heads.remove(ix);
     let ports = (follower.proc.control_port, follower.proc.http_port);
     let name = follower
@@ -416,7 +393,7 @@ fn a_follower_catches_up_and_all_heads_recover_from_disk() {
     wait_for(
         "a leader after a full restart",
         Duration::from_secs(60),
-        || leader_id(&restarted[0]),
+        || leader_id(&status_json(&restarted[0])),
     );
     for h in &restarted {
         wait_for(

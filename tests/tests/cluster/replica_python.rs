@@ -18,7 +18,7 @@ use serval_protos::handshake::{self, Credential, Key, Role};
 use serval_tests::{venv_python, ProcessGuard};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-mod pki;
+use crate::pki;
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
