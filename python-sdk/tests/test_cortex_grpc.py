@@ -142,6 +142,12 @@ class Handler:
         finally:
             if got and got[0].endswith(":hold"):
                 path = got[0][:-len(":hold")]
+                # grpcio may end the iterator a moment before it marks the
+                # call cancelled (two completions of its core): wait for it,
+                # with a deadline.
+                deadline = time.monotonic() + 30
+                while context.is_active() and time.monotonic() < deadline:
+                    time.sleep(0.01)
                 with open(path + ".tmp", "w") as f:
                     f.write(f"{'active' if context.is_active() else 'inactive'} {len(got)}")
                 os.rename(path + ".tmp", path)
