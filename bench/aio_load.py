@@ -23,7 +23,9 @@ TIMEOUT_S = 30.0
 
 async def _read_response(reader):
     """Reads one HTTP/1.1 response; returns (seconds to the first body
-    byte from now, body chunks seen)."""
+    byte from now, body bytes). The streaming no-op yields one byte per
+    chunk, so its body bytes count the chunks the replica yielded, however
+    the proxy's HTTP chunks grouped them on the wire."""
     start = time.perf_counter()
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
@@ -41,12 +43,12 @@ async def _read_response(reader):
             await reader.readexactly(size + 2)
             if first is None:
                 first = time.perf_counter() - start
-            chunks += 1
+            chunks += size
     else:
         length = int(headers.split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
         await reader.readexactly(length)
         first = time.perf_counter() - start
-        chunks = 1
+        chunks = length
     return first, chunks
 
 
@@ -82,7 +84,7 @@ async def _run(worker, concurrency, warmup, duration):
 
 def stream_load(port, path, concurrency, warmup, duration):
     """GET ``path`` on 127.0.0.1:``port`` over ``concurrency`` connections:
-    first-byte p50/p99 (ms), responses/s (``per_s``) and body chunks/s
+    first-byte p50/p99 (ms), responses/s (``per_s``) and body bytes/s
     (``units_per_s``)."""
     request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
 

@@ -913,7 +913,7 @@ def v2_report(S, R):
                                  ("stream", "p99_ms", "stream: time to first byte p99 (ms)", 3),
                                  ("stream_wrk", "rps", "streams/s (wrk)", 0),
                                  ("chunks", None, "chunks/s (wrk: streams/s × 100)", 0),
-                                 ("stream", "units_per_s", "chunks/s (the Python client)", 0)):
+                                 ("stream", "units_per_s", "chunks/s (the Python client: body bytes, one per yielded chunk)", 0)):
             if key == "chunks":
                 sv, rv = chunks_per_s(S, c), chunks_per_s(R, c)
             else:
