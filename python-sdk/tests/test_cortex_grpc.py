@@ -645,9 +645,11 @@ def test_unary_calls_as_frames_on_the_replica(shapes_api, shapes_stub, monkeypat
     assert got == ["serval.cortex.grpc_api", "0", "1", "2"]
     assert answer[0] == 200 and dict(answer[1]) == {"grpc-status": str(grpc.StatusCode.INTERNAL.value[0]),
                                                      "grpc-message": "ValueError: no more"}
-    # The deadline ends is_active() for the Handler.
+    # The deadline ends is_active() for the Handler, and what it returns
+    # after it is not sent: the call ends DEADLINE_EXCEEDED, as on grpcio.
     seen = str(tmp / f"seen-{os.urandom(4).hex()}")
-    call("UntilCancelled", seen, timeout=0.2)
+    assert call("UntilCancelled", seen, timeout=0.2) == (grpc.StatusCode.DEADLINE_EXCEEDED.value[0],
+                                                        "Deadline Exceeded", b"")
     with open(seen) as f:
         assert f.read() == "inactive"
 

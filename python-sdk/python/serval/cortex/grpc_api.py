@@ -283,6 +283,10 @@ class Context:
     def time_remaining(self) -> Optional[float]:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
+    def expired(self) -> bool:
+        """The client's deadline has passed."""
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
     def is_active(self) -> bool:
         return not self._cancelled and (self._deadline is None or time.monotonic() < self._deadline)
 
@@ -417,7 +421,12 @@ class _Rpc:
         return failed if failed is not None else self._answer(result, context)
 
     def _answer(self, result: Any, context: Context) -> tuple:
-        """The answer for the reply message a Handler returned."""
+        """The answer for the reply message a Handler returned. Past the
+        call's deadline it is DEADLINE_EXCEEDED, as a grpcio server answers
+        (the reply would reach a client that stopped waiting, or win a race
+        with its deadline)."""
+        if context.expired():
+            return _status_reply(STATUS_CODES["DEADLINE_EXCEEDED"], "Deadline Exceeded")
         if not isinstance(result, self.output_class):
             return _status_reply(STATUS_CODES["INTERNAL"], self._wrong_type(result))
         code = STATUS_CODES["OK"] if context.code() is None else status_number(context.code())
