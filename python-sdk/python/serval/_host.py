@@ -887,11 +887,24 @@ class Host:
             return
         stream.pending.append(chunk)
         stream.pending_size += len(chunk)
-        if stream.first or stream.pending_size >= STREAM_COALESCE_BYTES:
+        if stream.first:
             stream.first = False
+            await self._flush(stream)
+            # The rest of this body goes after the first chunks of the
+            # streams that started with it.
+            await asyncio.sleep(0)
+            return
+        if stream.pending_size >= STREAM_COALESCE_BYTES:
             await self._flush(stream)
         elif not stream.flush_scheduled:
             self._schedule_flush(stream)
+        server = self._server
+        if server is not None and server.waiting:
+            # Requests wait while this burst runs on: step aside so the
+            # loop drains them and new streams send their first chunks
+            # before the rest of this body (a new stream's time to first
+            # byte would otherwise wait for every body ahead of it).
+            await asyncio.sleep(0)
 
     async def _flush(self, stream: _Stream) -> None:
         """Sends the pending bytes under one credit, waiting for it."""
