@@ -150,21 +150,12 @@ impl NodeAgent {
     /// Runs until the cluster shuts down or `stop` resolves; every replica is
     /// stopped before it returns. `stop` wins at any point, a heartbeat in
     /// flight included (one to heads that lost their quorum may not answer).
-    ///
-    /// The supervisors are actix actors, which actix spawns with
-    /// `spawn_local`: they run in a `LocalSet` polled by whoever awaits this
-    /// (the head's main thread), not on the runtime's workers, and need no
-    /// actix `System` or second runtime.
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
-        tokio::task::LocalSet::new()
-            .run_until(async move {
-                tokio::select! {
-                    _ = stop => {}
-                    _ = self.follow() => {}
-                }
-                self.stop_all().await;
-            })
-            .await;
+        tokio::select! {
+            _ = stop => {}
+            _ = self.follow() => {}
+        }
+        self.stop_all().await;
     }
 
     /// Heartbeats and follows the Watch stream until the cluster shuts down

@@ -23,8 +23,7 @@ use serval_protos::handshake::{self, Credential, Key, Role};
 use serval_protos::states::ReplicaState;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
-use actix::prelude::*;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::metrics as node_metrics;
 
@@ -60,307 +59,49 @@ pub struct ReplicaSpec {
     pub data_tls: Option<serval_protos::tls::DataPlaneIdentity>,
 }
 
-/// The running supervisor: the address of its actor. `stop` stops the
-/// replica and waits until its process is gone; dropping every address
-/// stops the actor, and its replica dies with it (`kill_on_drop`).
+/// The running supervisor; dropping it does not stop the replica, `stop` does.
 pub struct SupervisorHandle {
     pub backend_version: u64,
-    addr: Addr<Supervisor>,
+    stop: Option<oneshot::Sender<()>>,
+    /// The backend config the replica should run with; the supervisor
+    /// applies changes in place (see the module docs).
+    config: watch::Sender<BackendConfig>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl SupervisorHandle {
     /// Hands the supervisor the backend config of the latest snapshot; only
     /// a change of what the replica applies at run time reaches it.
     pub fn update_config(&self, config: Option<&BackendConfig>) {
-        // `do_send`: the agent's reconcile is not async; one message per
-        // snapshot, and the actor only stores it.
-        self.addr
-            .do_send(UpdateConfig(config.cloned().unwrap_or_default()));
+        let config = config.cloned().unwrap_or_default();
+        self.config.send_if_modified(|current| {
+            if *current == config {
+                return false;
+            }
+            *current = config;
+            true
+        });
     }
 
     /// Stops the replica and waits until its process is gone.
-    pub async fn stop(self) {
-        let _ = self.addr.send(Stop).await;
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = self.task.await;
     }
 }
 
-/// Starts a supervisor actor on the current thread's `LocalSet` (actix
-/// spawns with `spawn_local`; the agent runs its actors in one).
 pub fn spawn(spec: ReplicaSpec, client: Client) -> SupervisorHandle {
+    let (tx, rx) = oneshot::channel();
+    let (config_tx, config_rx) = watch::channel(spec.backend.config.clone().unwrap_or_default());
     let backend_version = spec.replica.backend_version;
+    let task = tokio::spawn(supervise(spec, client, rx, config_rx));
     SupervisorHandle {
         backend_version,
-        addr: Supervisor::new(spec, client).start(),
-    }
-}
-
-/// A new backend config (same version) for the replica.
-#[derive(Message)]
-#[rtype(result = "()")]
-struct UpdateConfig(BackendConfig);
-
-/// Stop the replica; answered once its process is gone.
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Stop;
-
-/// How one run of the replica ended.
-enum Ended {
-    /// Told to stop: the process is gone, nothing to report.
-    Stopped,
-    /// It exited or failed to start, for this reason.
-    Failed(String),
-}
-
-/// The run in progress: sending on `stop` (the grace to give the replica)
-/// ends it; `gone` resolves when its process is gone.
-struct Run {
-    stop: oneshot::Sender<Duration>,
-    gone: oneshot::Receiver<()>,
-}
-
-/// A replica that reported `running`, handed from the launch to the watch.
-struct Launched {
-    child: Child,
-    lifeline: Option<tokio::process::ChildStdin>,
-    status: StatusLine,
-    stop: oneshot::Receiver<Duration>,
-    gone: oneshot::Sender<()>,
-}
-
-struct Supervisor {
-    spec: ReplicaSpec,
-    client: Client,
-    agent: Credential,
-    /// The latest config the agent handed over: a restarted replica starts
-    /// with it, a running one reconfigures to it.
-    config: BackendConfig,
-    /// What the running replica applies (`runtime_config`).
-    applied: String,
-    restarts: u32,
-    backoff: Duration,
-    /// Why the last run ended: shown while the replica starts again, so a
-    /// crash loop keeps its reason in `serve status`.
-    last_error: String,
-    /// This replica's state in `serval_node_replicas`; gone with the actor.
-    state_gauge: node_metrics::ReplicaStateGauge,
-    restarted: metrics::Counter,
-    run: Option<Run>,
-    /// The serving replica's report (its addresses), while it serves.
-    serving: Option<ReplicaReport>,
-    reconfiguring: Option<SpawnHandle>,
-    backoff_timer: Option<SpawnHandle>,
-    stopping: bool,
-}
-
-impl Actor for Supervisor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        self.launch(ctx);
-    }
-}
-
-impl Handler<UpdateConfig> for Supervisor {
-    type Result = ();
-
-    fn handle(&mut self, UpdateConfig(config): UpdateConfig, ctx: &mut Context<Self>) {
-        if config != self.config {
-            self.config = config;
-            self.reconfigure_if_changed(ctx);
-        }
-    }
-}
-
-impl Handler<Stop> for Supervisor {
-    type Result = ResponseActFuture<Self, ()>;
-
-    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) -> Self::Result {
-        self.stopping = true;
-        if let Some(timer) = self.backoff_timer.take() {
-            ctx.cancel_future(timer);
-        }
-        let gone = self.run.take().map(|run| {
-            let _ = run.stop.send(stop_grace(&self.config));
-            run.gone
-        });
-        Box::pin(
-            async move {
-                if let Some(gone) = gone {
-                    let _ = gone.await;
-                }
-            }
-            .into_actor(self)
-            .map(|(), _, ctx| ctx.stop()),
-        )
-    }
-}
-
-impl Supervisor {
-    fn new(spec: ReplicaSpec, client: Client) -> Self {
-        let agent = Credential {
-            role: Role::Agent,
-            key: agent_key(&spec.token, &spec.replica.id),
-        };
-        let config = spec.backend.config.clone().unwrap_or_default();
-        Self {
-            agent,
-            applied: runtime_config(&config),
-            config,
-            restarts: spec.replica.restarts,
-            backoff: BACKOFF_MIN,
-            last_error: String::new(),
-            state_gauge: node_metrics::ReplicaStateGauge::new(&spec.backend.name),
-            restarted: metrics::counter!(node_metrics::REPLICA_RESTARTS_TOTAL, "backend" => spec.backend.name.clone()),
-            run: None,
-            serving: None,
-            reconfiguring: None,
-            backoff_timer: None,
-            stopping: false,
-            spec,
-            client,
-        }
-    }
-
-    fn base(&self) -> ReplicaReport {
-        ReplicaReport {
-            replica_id: self.spec.replica.id.clone(),
-            restarts: self.restarts,
-            ..Default::default()
-        }
-    }
-
-    /// Sends a report before anything else in this actor goes on, so
-    /// reports reach the controller in the order of the events.
-    fn report(&self, report: ReplicaReport, ctx: &mut Context<Self>) {
-        let client = self.client.clone();
-        ctx.wait(async move { self::report(&client, report).await }.into_actor(self));
-    }
-
-    /// Starts one run of the replica: reports `starting`, starts the
-    /// process and reads its status line.
-    fn launch(&mut self, ctx: &mut Context<Self>) {
-        self.state_gauge.set(ReplicaState::Starting);
-        let (stop_tx, stop_rx) = oneshot::channel();
-        let (gone_tx, gone_rx) = oneshot::channel();
-        self.run = Some(Run {
-            stop: stop_tx,
-            gone: gone_rx,
-        });
-        let starting = ReplicaReport {
-            state: ReplicaState::Starting.into(),
-            error: self.last_error.clone(),
-            ..self.base()
-        };
-        // A restarted replica starts with the latest config.
-        self.applied = runtime_config(&self.config);
-        let (client, spec, config) = (self.client.clone(), self.spec.clone(), self.config.clone());
-        let started = tokio::time::Instant::now();
-        let run = async move {
-            report(&client, starting).await;
-            launch(&spec, &config, stop_rx, gone_tx).await
-        };
-        ctx.spawn(run.into_actor(self).map(move |launched, act, ctx| match launched {
-            Ok(launched) => act.serve(launched, started, ctx),
-            Err(ended) => act.ended(ended, started, ctx),
-        }));
-    }
-
-    /// The replica reported `running`: report it, watch it until it exits
-    /// or is stopped, and apply a config that changed while it started.
-    fn serve(&mut self, launched: Launched, started: tokio::time::Instant, ctx: &mut Context<Self>) {
-        let Launched {
-            child,
-            lifeline,
-            status,
-            stop,
-            gone,
-        } = launched;
-        let running = ReplicaReport {
-            state: ReplicaState::Running.into(),
-            unix_path: status.unix_path,
-            tcp_addr: status.tcp_addr,
-            grpc_addr: status.grpc_addr,
-            tls: status.tls,
-            pid: status.pid,
-            ..self.base()
-        };
-        self.report(running.clone(), ctx);
-        self.state_gauge.set(ReplicaState::Running);
-        self.serving = Some(running);
-        let watch = watch_exit(child, lifeline, stop, gone, self.spec.clone());
-        ctx.spawn(watch.into_actor(self).map(move |ended, act, ctx| act.ended(ended, started, ctx)));
-        self.reconfigure_if_changed(ctx);
-    }
-
-    /// Sends the serving replica the latest config when what it applies
-    /// changed; one `Reconfigure` at a time.
-    fn reconfigure_if_changed(&mut self, ctx: &mut Context<Self>) {
-        if self.reconfiguring.is_some() {
-            return;
-        }
-        let Some(running) = self.serving.clone() else {
-            return;
-        };
-        let wanted = runtime_config(&self.config);
-        if wanted == self.applied {
-            return;
-        }
-        let id = self.spec.replica.id.clone();
-        tracing::info!(replica = %id, config = %wanted, "reconfiguring replica in place");
-        let exchange = reconfigure(running.unix_path.clone(), self.agent, wanted.clone());
-        let handle = ctx.spawn(exchange.into_actor(self).map(move |result, act, ctx| {
-            act.reconfiguring = None;
-            act.applied = wanted;
-            let error = match result {
-                Ok(()) => String::new(),
-                Err(e) => {
-                    tracing::warn!(replica = %id, error = %e, "reconfigure failed; the replica keeps serving");
-                    e
-                }
-            };
-            act.report(ReplicaReport { error, ..running }, ctx);
-            act.reconfigure_if_changed(ctx);
-        }));
-        self.reconfiguring = Some(handle);
-    }
-
-    /// A run ended: unless told to stop, report the failure and start again
-    /// after the backoff.
-    fn ended(&mut self, ended: Ended, started: tokio::time::Instant, ctx: &mut Context<Self>) {
-        self.serving = None;
-        self.run = None;
-        if let Some(exchange) = self.reconfiguring.take() {
-            ctx.cancel_future(exchange);
-        }
-        let Ended::Failed(outcome) = ended else {
-            return;
-        };
-        if self.stopping {
-            return;
-        }
-        tracing::warn!(replica = %self.spec.replica.id, reason = %outcome, "replica stopped; restarting after backoff");
-        self.state_gauge.set(ReplicaState::Failed);
-        self.report(
-            ReplicaReport {
-                state: ReplicaState::Failed.into(),
-                error: outcome.clone(),
-                ..self.base()
-            },
-            ctx,
-        );
-        self.last_error = outcome;
-        // A replica that served for a while starts again quickly.
-        if started.elapsed() > BACKOFF_MAX {
-            self.backoff = BACKOFF_MIN;
-        }
-        self.backoff_timer = Some(ctx.run_later(self.backoff, |act, ctx| {
-            act.backoff_timer = None;
-            act.backoff = (act.backoff * 2).min(BACKOFF_MAX);
-            act.restarts += 1;
-            act.restarted.increment(1);
-            act.launch(ctx);
-        }));
+        stop: Some(tx),
+        config: config_tx,
+        task,
     }
 }
 
@@ -392,91 +133,156 @@ async fn report(client: &Client, report: ReplicaReport) {
     }
 }
 
-/// Starts the replica and reads its status line; a `stop` meanwhile ends
-/// the process. `gone` goes with the process (dropped once it is gone).
-async fn launch(
-    spec: &ReplicaSpec,
-    config: &BackendConfig,
-    mut stop: oneshot::Receiver<Duration>,
-    gone: oneshot::Sender<()>,
-) -> Result<Launched, Ended> {
-    let (mut child, log_start) = start(spec, config).await.map_err(Ended::Failed)?;
-    // Held here, not in `child`: tokio's `Child::wait` closes a stdin it
-    // still owns, which would cut the lifeline.
-    let lifeline = child.stdin.take();
-    let log = spec.work_dir.join(LOG_FILE);
-    let result = tokio::select! {
-        r = read_status(&mut child, &log, log_start) => r,
-        grace = &mut stop => {
-            drop(lifeline);
-            terminate(&mut child, grace.unwrap_or(STOP_GRACE)).await;
-            return Err(Ended::Stopped);
-        }
+async fn supervise(
+    spec: ReplicaSpec,
+    client: Client,
+    mut stop: oneshot::Receiver<()>,
+    mut config: watch::Receiver<BackendConfig>,
+) {
+    let id = spec.replica.id.clone();
+    let agent = Credential {
+        role: Role::Agent,
+        key: agent_key(&spec.token, &id),
     };
-    match result {
-        Ok(status) if status.state == ReplicaState::Running => Ok(Launched {
-            child,
-            lifeline,
-            status,
-            stop,
-            gone,
-        }),
-        Ok(status) => {
-            let _ = child.wait().await;
-            Err(Ended::Failed(if status.error.is_empty() {
-                format!("replica reported state '{}'", status.state)
-            } else {
-                status.error
-            }))
+    let mut restarts = spec.replica.restarts;
+    let mut backoff = BACKOFF_MIN;
+    // Why the last run ended: shown while the replica starts again, so a
+    // crash loop keeps its reason in `serve status`.
+    let mut last_error = String::new();
+    // This replica's state in `serval_node_replicas`; gone with this task.
+    let mut state_gauge = node_metrics::ReplicaStateGauge::new(&spec.backend.name);
+    let restarted = metrics::counter!(node_metrics::REPLICA_RESTARTS_TOTAL, "backend" => spec.backend.name.clone());
+    loop {
+        state_gauge.set(ReplicaState::Starting);
+        let base = ReplicaReport {
+            replica_id: id.clone(),
+            restarts,
+            ..Default::default()
+        };
+        report(
+            &client,
+            ReplicaReport {
+                state: ReplicaState::Starting.into(),
+                error: last_error.clone(),
+                ..base.clone()
+            },
+        )
+        .await;
+        let started = tokio::time::Instant::now();
+        // A restarted replica starts with the latest config.
+        let start_config = config.borrow_and_update().clone();
+        let outcome = match start(&spec, &start_config).await {
+            Ok((mut child, log_start)) => {
+                // Held here, not in `child`: tokio's `Child::wait` closes a
+                // stdin it still owns, which would cut the lifeline.
+                let lifeline = child.stdin.take();
+                let log = spec.work_dir.join(LOG_FILE);
+                let result = tokio::select! {
+                    r = read_status(&mut child, &log, log_start) => r,
+                    _ = &mut stop => { drop(lifeline); terminate(&mut child, &config).await; return; }
+                };
+                let outcome = match result {
+                    Ok(status) if status.state == ReplicaState::Running => {
+                        let running = ReplicaReport {
+                            state: ReplicaState::Running.into(),
+                            unix_path: status.unix_path,
+                            tcp_addr: status.tcp_addr,
+                            grpc_addr: status.grpc_addr,
+                            tls: status.tls,
+                            pid: status.pid,
+                            ..base.clone()
+                        };
+                        report(&client, running.clone()).await;
+                        state_gauge.set(ReplicaState::Running);
+                        // What the replica runs with; changes go in place.
+                        let mut applied = runtime_config(&start_config);
+                        let mut config_open = true;
+                        let mut log_check = tokio::time::interval(LOG_CHECK_INTERVAL);
+                        loop {
+                            tokio::select! {
+                                exit = child.wait() => break format!("replica process exited ({})", exit.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())),
+                                _ = log_check.tick() => {
+                                    let log = spec.work_dir.join(LOG_FILE);
+                                    let rotated = tokio::task::spawn_blocking(move || rotate_log(&log, log_max_bytes())).await;
+                                    match rotated {
+                                        Ok(Ok(true)) => tracing::info!(replica = %id, "replica log rotated"),
+                                        Ok(Ok(false)) => {}
+                                        Ok(Err(e)) => tracing::warn!(replica = %id, error = %e, "cannot rotate the replica log"),
+                                        Err(e) => tracing::warn!(replica = %id, error = %e, "the log rotation task failed"),
+                                    }
+                                }
+                                _ = &mut stop => { drop(lifeline); terminate(&mut child, &config).await; return; }
+                                changed = config.changed(), if config_open => {
+                                    if changed.is_err() {
+                                        config_open = false;
+                                        continue;
+                                    }
+                                    let wanted = runtime_config(&config.borrow_and_update());
+                                    if wanted == applied {
+                                        continue;
+                                    }
+                                    tracing::info!(replica = %id, config = %wanted, "reconfiguring replica in place");
+                                    let result = tokio::select! {
+                                        r = reconfigure(&running.unix_path, agent, wanted.clone()) => r,
+                                        _ = &mut stop => { drop(lifeline); terminate(&mut child, &config).await; return; }
+                                    };
+                                    applied = wanted;
+                                    let error = match result {
+                                        Ok(()) => String::new(),
+                                        Err(e) => {
+                                            tracing::warn!(replica = %id, error = %e, "reconfigure failed; the replica keeps serving");
+                                            e
+                                        }
+                                    };
+                                    report(&client, ReplicaReport { error, ..running.clone() }).await;
+                                }
+                            }
+                        }
+                    }
+                    Ok(status) => {
+                        let _ = child.wait().await;
+                        if status.error.is_empty() {
+                            format!("replica reported state '{}'", status.state)
+                        } else {
+                            status.error
+                        }
+                    }
+                    Err(e) => {
+                        let _ = child.kill().await;
+                        e
+                    }
+                };
+                drop(lifeline);
+                outcome
+            }
+            Err(e) => e,
+        };
+        tracing::warn!(replica = %id, reason = %outcome, "replica stopped; restarting after backoff");
+        state_gauge.set(ReplicaState::Failed);
+        report(
+            &client,
+            ReplicaReport {
+                state: ReplicaState::Failed.into(),
+                error: outcome.clone(),
+                ..base
+            },
+        )
+        .await;
+        last_error = outcome;
+        // A replica that served for a while starts again quickly.
+        if started.elapsed() > BACKOFF_MAX {
+            backoff = BACKOFF_MIN;
         }
-        Err(e) => {
-            let _ = child.kill().await;
-            Err(Ended::Failed(e))
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = &mut stop => return,
         }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+        restarts += 1;
+        restarted.increment(1);
     }
 }
 
-/// Watches a serving replica until it exits or `stop` ends it, rotating
-/// its log meanwhile.
-async fn watch_exit(
-    mut child: Child,
-    lifeline: Option<tokio::process::ChildStdin>,
-    mut stop: oneshot::Receiver<Duration>,
-    gone: oneshot::Sender<()>,
-    spec: ReplicaSpec,
-) -> Ended {
-    let id = &spec.replica.id;
-    let mut log_check = tokio::time::interval(LOG_CHECK_INTERVAL);
-    let ended = loop {
-        tokio::select! {
-            exit = child.wait() => break Ended::Failed(format!("replica process exited ({})", exit.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()))),
-            _ = log_check.tick() => {
-                let log = spec.work_dir.join(LOG_FILE);
-                let rotated = tokio::task::spawn_blocking(move || rotate_log(&log, log_max_bytes())).await;
-                match rotated {
-                    Ok(Ok(true)) => tracing::info!(replica = %id, "replica log rotated"),
-                    Ok(Ok(false)) => {}
-                    Ok(Err(e)) => tracing::warn!(replica = %id, error = %e, "cannot rotate the replica log"),
-                    Err(e) => tracing::warn!(replica = %id, error = %e, "the log rotation task failed"),
-                }
-            }
-            grace = &mut stop => {
-                drop(lifeline);
-                terminate(&mut child, grace.unwrap_or(STOP_GRACE)).await;
-                return Ended::Stopped;
-            }
-        }
-    };
-    drop(lifeline);
-    drop(gone);
-    ended
-}
-
-/// How long a stopping replica gets before it is killed: the backend's
-/// graceful shutdown timeout for requests in flight, then `STOP_GRACE`.
-fn stop_grace(config: &BackendConfig) -> Duration {
-    STOP_GRACE + Duration::try_from_secs_f64(config.graceful_shutdown_timeout_s).unwrap_or_default()
-}
 /// The replica's `--config-json`.
 fn start_config_json(c: &BackendConfig) -> String {
     let mut v = runtime_config_value(c);
@@ -563,12 +369,12 @@ fn agent_key(token: &str, replica_id: &str) -> Key {
 /// agent, and waits for its answer: Ok on 200, else the replica's error
 /// (its traceback).
 async fn reconfigure(
-    unix_path: String,
+    unix_path: &str,
     credential: Credential,
     config_json: String,
 ) -> Result<(), String> {
     let exchange = async {
-        let mut stream = tokio::net::UnixStream::connect(&unix_path)
+        let mut stream = tokio::net::UnixStream::connect(unix_path)
             .await
             .map_err(|e| format!("cannot connect to the replica at {unix_path}: {e}"))?;
         handshake::connect(&mut stream, &credential)
@@ -772,10 +578,12 @@ async fn read_status(
     }
 }
 
-/// Waits `grace` for a clean exit (the caller closed the lifeline), then
-/// kills: the replica first gives its requests in flight the backend's
-/// graceful shutdown timeout, then needs up to `STOP_GRACE` to close.
-async fn terminate(child: &mut Child, grace: Duration) {
+/// Waits for a clean exit (the caller closed the lifeline), then kills:
+/// the replica first gives its requests in flight the backend's graceful
+/// shutdown timeout, then needs up to `STOP_GRACE` to close.
+async fn terminate(child: &mut Child, config: &watch::Receiver<BackendConfig>) {
+    let timeout = config.borrow().graceful_shutdown_timeout_s;
+    let grace = STOP_GRACE + Duration::try_from_secs_f64(timeout).unwrap_or_default();
     if tokio::time::timeout(grace, child.wait()).await.is_err() {
         let _ = child.kill().await;
     }
