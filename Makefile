@@ -39,7 +39,10 @@ build:
 demo: sdk
 	SERVAL_PYTHON=$(abspath $(VPY)) $(VPY) examples/quickstart.py
 
+# Clippy first: the workspace lints (Cargo.toml, clippy.toml) and every
+# warning fail the tests.
 test-rust: sdk build netns-deps
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test --workspace --exclude serval-python
 
 # tests/tests/cluster/multihost.rs runs hosts in network namespaces (`ip netns`,

@@ -866,17 +866,21 @@ def report(S, R, N, t_total, load_before, load_after):
     return "\n".join(md)
 
 
-#: Figures of runs this harness does not make (`bench/run soak`, `bench/ab.py`),
-#: carried into every BENCHMARKS.md it writes.
-KEPT = os.path.join(ROOT, "bench", "SOAK_RESULTS.md")
+#: Figures of runs this harness does not make (`bench/run soak`, `bench/ab.py`,
+#: profiling while the hot path was built), carried into every BENCHMARKS.md
+#: it writes.
+KEPT = [os.path.join(ROOT, "bench", name) for name in ("SOAK_RESULTS.md", "PERFORMANCE_NOTES.md")]
 
 
 def kept_sections():
-    try:
-        with open(KEPT) as f:
-            return [f.read()]
-    except OSError:
-        return []
+    out = []
+    for path in KEPT:
+        try:
+            with open(path) as f:
+                out.append(f.read())
+        except OSError:
+            pass
+    return out
 
 
 def chunks_per_s(res, c):

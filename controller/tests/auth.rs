@@ -2,6 +2,8 @@
 //! with a wrong one (UNAUTHENTICATED), and such a call changes nothing. A
 //! replica's scoped token reads but does not write; the peer key opens only
 //! the peer service, and the cluster token does not open it.
+// Test code: an unwrap is an assertion (clippy.toml allows it only in #[test] fns).
+#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 

@@ -2,6 +2,8 @@
 //! started controller serves with the options a new cluster starts with,
 //! stops within its bounds while a client still holds a `Watch` stream, and
 //! a head that joins with the wrong token does not start.
+// Test code: an unwrap is an assertion (clippy.toml allows it only in #[test] fns).
+#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 

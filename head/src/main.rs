@@ -1,4 +1,5 @@
 //! The `serve` binary: parses nothing itself; see `serval_head::cli`.
+#![forbid(unsafe_code)]
 
 /// The same allocator as the Python module that also runs this head
 /// (`python -m serval.cli`): see python-sdk/src/lib.rs.

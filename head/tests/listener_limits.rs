@@ -2,6 +2,8 @@
 //! `serve` binary: the control service refuses an oversize message with a
 //! clear status, and `--metrics-port` is served by the proxy's bounded
 //! server (metrics on any path; over `--http-max-connections`, 503).
+// Test code: an unwrap is an assertion (clippy.toml allows it only in #[test] fns).
+#![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -14,6 +14,7 @@
 //!   the same as the onnxruntime path's.
 //! * [`runner`]: the inference threads, server-side batching (requests
 //!   stacked along the batch axis into one model run) and the handler.
+#![forbid(unsafe_code)]
 
 pub mod json;
 pub mod model;

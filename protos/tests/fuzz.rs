@@ -2,6 +2,8 @@
 //! (before authentication) and the frame decoder (after it). Random input
 //! never panics, never allocates beyond its bounds, never passes the
 //! handshake.
+// Test code: an unwrap is an assertion (clippy.toml allows it only in #[test] fns).
+#![allow(clippy::unwrap_used)]
 
 use proptest::prelude::*;
 use serval_protos::frame::{self, FrameError, FrameReader, Request, Response};

@@ -6,6 +6,8 @@
 //! stream holds its replica slot, that an idle client stream is ended, and
 //! the proxy's own answers: unknown services, health checks and
 //! `/-/grpc-services`.
+// Test code: an unwrap is an assertion (clippy.toml allows it only in #[test] fns).
+#![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -11,6 +11,8 @@
 //! then client streams: messages as frames within the credited window,
 //! the half-close, and the calls the proxy ends (a compressed message, an
 //! idle client).
+// Test code: an unwrap is an assertion (clippy.toml allows it only in #[test] fns).
+#![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::future::Future;

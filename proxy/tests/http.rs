@@ -1,5 +1,7 @@
 //! The HTTP proxy over real sockets: a hand-built snapshot (no controller),
 //! real replica frame servers, and hyper's client speaking HTTP/1.1 and h2c.
+// Test code: an unwrap is an assertion (clippy.toml allows it only in #[test] fns).
+#![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,6 +1,8 @@
 //! `http_options.middlewares` over real sockets: a hand-built snapshot
 //! carrying the middleware JSON (as the controller sends it), a native
 //! replica, and hyper's client.
+// Test code: an unwrap is an assertion (clippy.toml allows it only in #[test] fns).
+#![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::io::Read;

@@ -2,6 +2,8 @@
 //! the real Control service: the token travels as metadata, snapshots
 //! arrive, the last one is kept while the controller is down, and the watch
 //! reconnects when a controller comes back on the same address.
+// Test code: an unwrap is an assertion (clippy.toml allows it only in #[test] fns).
+#![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::time::Duration;

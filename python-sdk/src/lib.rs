@@ -12,6 +12,7 @@
 //!   requests with in Rust (`handler.runtime: native`).
 //!
 //! pyo3 appears nowhere else in the workspace.
+#![forbid(unsafe_code)]
 
 use pyo3::prelude::*;
 

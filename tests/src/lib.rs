@@ -1,6 +1,8 @@
 //! Shared helpers for the cluster tests: locating the built `serve` binary and
 //! the project's `.venv` Python, free ports, polling with a deadline, and a
 //! guard that kills a process tree on drop so a failing test leaves nothing.
+// Fixtures of the tests: an unwrap is a failed test, as in the tests themselves.
+#![allow(clippy::unwrap_used)]
 
 pub mod linearizability;
 pub mod machine;

@@ -439,6 +439,7 @@ fn open_tap(name: &str) -> std::fs::File {
     ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
     // SAFETY: TUNSETIFF reads and writes a struct ifreq, which `ifr` is
     // (zeroed, 40 bytes), and the fd is an open /dev/net/tun.
+    #[allow(unsafe_code)] // the one ioctl of the test bed (no safe wrapper in libc)
     let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, ifr.as_mut_ptr()) };
     assert!(
         rc == 0,

@@ -14,6 +14,7 @@
 //!   a gRPC load generator for a unary no-op method (see `grpc_load`).
 //!
 //! The servers print `ready` on stdout once listening and run until killed.
+#![forbid(unsafe_code)]
 
 mod grpc_load;
 
@@ -105,7 +106,7 @@ async fn bare_hyper(port: u16) {
                     hyper::Response::builder()
                         .header("content-type", "text/plain")
                         .body(Full::new(Bytes::from_static(b"ok")))
-                        .unwrap(),
+                        .expect("a constant response is valid"),
                 )
             }),
         );
@@ -147,7 +148,7 @@ fn native(port: u16, replicas: usize, workers: usize, limit: u32) {
                 .expect("replica runtime");
             rt.block_on(async move {
                 let unix = bind_unix(&path).expect("bind replica socket");
-                ready_tx.send(()).unwrap();
+                ready_tx.send(()).expect("the spawner waits for ready");
                 let keys = ReplicaKeys {
                     data: Key::data_plane(TOKEN),
                     agent: Key::replica_agent(&Key::agents(TOKEN), &format!("r{i}")),

@@ -348,13 +348,23 @@ impl ReplicaServer {
     #[pyo3(signature = (reason = "shutdown"))]
     fn shutdown(&self, py: Python<'_>, reason: &str) {
         self.stop.stop(reason);
-        if let Some(tx) = self.serve_stop.lock().unwrap().take() {
+        // Poisoned or not, the `Option`s below are whole: take what is there.
+        if let Some(tx) = self
+            .serve_stop
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             let _ = tx.send(());
         }
         while let Ok(job) = self.rx.try_recv() {
             job.refuse(&unavailable("replica is shutting down"));
         }
-        let runtime = self.runtime.lock().unwrap().take();
+        let runtime = self
+            .runtime
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(rt) = runtime {
             py.detach(move || {
                 // Let the connection writers flush replies already queued

@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// Wakes the worker's event loop: a socket pair whose read end the loop
@@ -80,7 +80,7 @@ impl StopSignal {
     }
 
     pub(super) fn stop(&self, reason: &str) {
-        let mut r = self.reason.lock().unwrap();
+        let mut r = self.lock_reason();
         if r.is_none() {
             *r = Some(reason.to_string());
         }
@@ -90,20 +90,26 @@ impl StopSignal {
     }
 
     pub(super) fn reason(&self) -> Option<String> {
-        self.reason.lock().unwrap().clone()
+        self.lock_reason().clone()
     }
 
     pub(super) fn is_stopped(&self) -> bool {
-        self.reason.lock().unwrap().is_some()
+        self.lock_reason().is_some()
     }
 
     /// Waits up to `timeout` for a stop; returns the reason if stopped.
     pub(super) fn wait(&self, timeout: Duration) -> Option<String> {
-        let r = self.reason.lock().unwrap();
+        let r = self.lock_reason();
         let (r, _) = self
             .cond
             .wait_timeout_while(r, timeout, |r| r.is_none())
-            .unwrap();
+            .unwrap_or_else(|p| p.into_inner());
         r.clone()
+    }
+
+    /// The reason, also after a panic elsewhere held the lock: it is one
+    /// `Option` write, never left half done.
+    fn lock_reason(&self) -> MutexGuard<'_, Option<String>> {
+        self.reason.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

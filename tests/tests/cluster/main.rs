@@ -5,6 +5,8 @@
 //! The tests run in one process, two at a time: what they share is in
 //! `serval_tests` (`tests/src/`), and a test that needs the machine to
 //! itself says so with `serval_tests::machine::alone`.
+// Test code: an unwrap is an assertion (clippy.toml allows it only in #[test] fns).
+#![allow(clippy::unwrap_used)]
 
 mod batch_failover;
 mod blobs;
