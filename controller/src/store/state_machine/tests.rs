@@ -345,6 +345,10 @@ fn backend(name: &str, code_digest: &str) -> Command {
     Command::CreateBackend(serval_protos::control::Backend {
         name: name.into(),
         code_digest: code_digest.into(),
+        config: Some(serval_protos::control::BackendConfig {
+            num_replicas: 1,
+            ..Default::default()
+        }),
         ..Default::default()
     })
 }
