@@ -128,7 +128,8 @@ fn commands_over_the_caps_are_refused_before_the_log_and_never_replayed() {
             start,
             "a refused command must not reach the raft log"
         );
-        // Within the caps the same calls succeed.
+        // Within the caps the same calls succeed (the code stored first).
+        put_placeholder_code(&mut c).await.unwrap();
         c.create_backend(backend("small", 2)).await.unwrap();
     });
     let after = status_of(&head);
