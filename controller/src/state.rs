@@ -662,12 +662,22 @@ fn over_cap(what: &str, cap: usize) -> StateError {
 /// A backend's `code_digest` names a blob: lowercase hex sha256. Whether
 /// that blob is stored is checked by the store, which holds the blobs.
 fn check_code_digest(digest: &str) -> Result<(), StateError> {
-    if digest.len() == 64 && digest.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+    if digest.len() == 64
+        && digest
+            .bytes()
+            .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+    {
         Ok(())
     } else if digest.is_empty() {
-        Err(invalid("code_digest", "no code was sent (upload the pickled code with PutBlob and name its digest)"))
+        Err(invalid(
+            "code_digest",
+            "no code was sent (upload the pickled code with PutBlob and name its digest)",
+        ))
     } else {
-        Err(invalid("code_digest", &format!("'{digest}' is not a lowercase hex sha256")))
+        Err(invalid(
+            "code_digest",
+            &format!("'{digest}' is not a lowercase hex sha256"),
+        ))
     }
 }
 

@@ -79,7 +79,10 @@ async fn committed_state_survives_a_restart() {
         "backend lost across restart: {state:?}"
     );
     assert_eq!(state.replicas.len(), 1);
-    assert_eq!(state.backends["b"].code_digest, serval_protos::blob::digest(CODE));
+    assert_eq!(
+        state.backends["b"].code_digest,
+        serval_protos::blob::digest(CODE)
+    );
     raft.shutdown().await.unwrap();
 }
 

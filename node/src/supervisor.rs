@@ -13,8 +13,8 @@
 //! serving). A replica restarted later starts with the latest config.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serval_protos::client::Client;

@@ -392,7 +392,10 @@ fn record_backend_ops(client: usize, shared: &Shared) -> Vec<Recorded> {
     // Backends name stored code; stored before any fault (a refused put
     // shows as refused creates in the history).
     for c in clients.iter_mut() {
-        let put = rt.block_on(tokio::time::timeout(CALL_TIMEOUT, crate::put_placeholder_code(c)));
+        let put = rt.block_on(tokio::time::timeout(
+            CALL_TIMEOUT,
+            crate::put_placeholder_code(c),
+        ));
         if matches!(put, Ok(Ok(()))) {
             break;
         }

@@ -155,7 +155,9 @@ fn apply_command(
     }
     let names_code = matches!(
         cmd,
-        Command::CreateBackend(_) | Command::UpdateBackendCode { .. } | Command::DeleteBackend { .. }
+        Command::CreateBackend(_)
+            | Command::UpdateBackendCode { .. }
+            | Command::DeleteBackend { .. }
     );
     let applied = match cmd {
         Command::PutBlob { digest, data } => blobs::put(txn, &digest, &data)?,

@@ -42,7 +42,11 @@ fn snapshot_bytes(rt: &tokio::runtime::Runtime, head: &ServeProcess) -> usize {
     rt.block_on(async {
         let mut c = head.client().await;
         let request = WatchRequest { include_code: true };
-        c.get_snapshot(request).await.unwrap().into_inner().encoded_len()
+        c.get_snapshot(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .encoded_len()
     })
 }
 

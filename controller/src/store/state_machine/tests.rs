@@ -408,7 +408,12 @@ async fn code_no_backend_names_is_collected_after_its_grace_and_packages_never()
     let t0 = 1_000_000;
     then(&mut sm, &mut index, collect(t0)).await;
     // Stamped now, kept for the grace.
-    then(&mut sm, &mut index, collect(t0 + blobs::CODE_BLOB_GRACE_MS - 1)).await;
+    then(
+        &mut sm,
+        &mut index,
+        collect(t0 + blobs::CODE_BLOB_GRACE_MS - 1),
+    )
+    .await;
     assert!(sm.has_blob(&old).unwrap());
     assert!(sm.is_orphan_blob(&old).unwrap());
     then(&mut sm, &mut index, collect(t0 + blobs::CODE_BLOB_GRACE_MS)).await;
@@ -432,7 +437,15 @@ async fn code_no_backend_names_is_collected_after_its_grace_and_packages_never()
     then(&mut sm, &mut index, collect(t1)).await;
     then(&mut sm, &mut index, put(b"shared")).await;
     then(&mut sm, &mut index, collect(t1 + blobs::CODE_BLOB_GRACE_MS)).await;
-    assert!(sm.has_blob(&shared).unwrap(), "a put again restarts the grace");
-    then(&mut sm, &mut index, collect(t1 + 2 * blobs::CODE_BLOB_GRACE_MS)).await;
+    assert!(
+        sm.has_blob(&shared).unwrap(),
+        "a put again restarts the grace"
+    );
+    then(
+        &mut sm,
+        &mut index,
+        collect(t1 + 2 * blobs::CODE_BLOB_GRACE_MS),
+    )
+    .await;
     assert!(!sm.has_blob(&shared).unwrap());
 }
