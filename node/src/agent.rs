@@ -169,7 +169,7 @@ impl NodeAgent {
     /// or the stream ends.
     async fn follow(&mut self) {
         let mut watching = self.known_heads.clone();
-        let mut snapshots = client::spawn_watch(watching.clone(), self.config.token.clone(), false);
+        let mut snapshots = client::spawn_watch(watching.clone(), self.config.token.clone());
         let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
         loop {
             tokio::select! {
@@ -196,7 +196,6 @@ impl NodeAgent {
                             snapshots = client::spawn_watch(
                                 watching.clone(),
                                 self.config.token.clone(),
-                                false,
                             );
                         }
                     }

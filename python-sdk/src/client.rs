@@ -288,7 +288,7 @@ impl Client {
             serval_protos::auth::derive_hex(token.as_bytes(), serval_protos::auth::PURPOSE_DOTENV);
         let snapshots = {
             let _guard = runtime().enter();
-            control::spawn_watch(address.clone(), token, false)
+            control::spawn_watch(address.clone(), token)
         };
         let mut follow = snapshots;
         let (applied_tx, applied) = watch::channel(None);
