@@ -47,13 +47,16 @@ use tonic::Status;
 /// - the gateway starts and removes the worker backend of a job:
 ///   `CreateBackend`/`DeleteBackend`, only for a backend named
 ///   `<api>--job-<id>` of an existing job of its own api
-///   ([`Credential::may_manage_backend`]).
+///   ([`Credential::may_manage_backend`]), and `PutBlob` for that
+///   backend's code, which the state names by digest (a blob no backend
+///   names is not collected: see `store::blobs`).
 ///
-/// A replica token reads the routing table without the backends' pickled
-/// code (`include_code`, which only node agents need): another backend's
-/// code may hold its secrets ([`Credential::may_read_code`]).
+/// A replica token reads the routing table, which names the backends' code
+/// only by digest; the code blobs themselves are not on its backend's list,
+/// so it cannot fetch them: another backend's code may hold its secrets.
+/// Node agents fetch code with the cluster token.
 ///
-/// Everything else (deploying, routing, blobs uploads, node registration,
+/// Everything else (deploying, routing, package uploads, node registration,
 /// shutdown) needs the cluster token. Calls to the replica's own data plane
 /// do not go through this service.
 pub const REPLICA_CALLS: &[&str] = &[
@@ -63,6 +66,7 @@ pub const REPLICA_CALLS: &[&str] = &[
     "ReportReplicaModels",
     "GetBlob",
     "HasBlob",
+    "PutBlob",
     "CreateJob",
     "EnqueueBatches",
     "FinishEnqueue",
@@ -150,20 +154,6 @@ impl Credential {
         Err(Status::permission_denied(format!(
             "the replica credential of backend '{backend}' may read only its own API's blobs"
         )))
-    }
-
-    /// Refuses a replica token the backends' code in a snapshot.
-    pub fn may_read_code(
-        credential: Option<&Credential>,
-        include_code: bool,
-    ) -> Result<(), Status> {
-        if include_code && credential != Some(&Credential::Admin) {
-            return Err(Status::permission_denied(
-                "the replica credential (a replica's SERVAL_TOKEN) may not read the backends' code \
-                 (include_code)",
-            ));
-        }
-        Ok(())
     }
 
     /// Refuses a replica token a backend that is not the worker backend of

@@ -48,6 +48,8 @@ pub enum StateError {
     UnknownApi(String),
     #[error("job '{0}' does not exist")]
     UnknownJob(String),
+    #[error("code_digest of backend '{backend}': blob {digest} is not stored; upload the pickled code with PutBlob first")]
+    MissingCodeBlob { backend: String, digest: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,9 +107,9 @@ impl From<ControllerError> for tonic::Status {
                 | StateError::UnknownNode(_)
                 | StateError::UnknownApi(_)
                 | StateError::UnknownJob(_) => Code::NotFound,
-                StateError::BackendInUse { .. } | StateError::MissingBlobPart { .. } => {
-                    Code::FailedPrecondition
-                }
+                StateError::BackendInUse { .. }
+                | StateError::MissingBlobPart { .. }
+                | StateError::MissingCodeBlob { .. } => Code::FailedPrecondition,
                 StateError::InvalidRoute { .. }
                 | StateError::InvalidConfig { .. }
                 | StateError::BlobDigestMismatch { .. } => Code::InvalidArgument,

@@ -49,10 +49,6 @@ pub const MAX_ERROR_BYTES: usize = 64 * 1024;
 /// JSON documents carried in a command: `user_config`, an API's spec, the
 /// HTTP middlewares, a job's config.
 pub const MAX_CONFIG_BYTES: usize = 1024 * 1024;
-/// A backend's pickled code (class, init args).
-pub const MAX_CODE_BYTES: usize = 64 * 1024 * 1024;
-/// Pickled code of every backend together (the state is cloned per command).
-pub const MAX_CODE_BYTES_TOTAL: usize = 256 * 1024 * 1024;
 /// An endpoint's compiled gRPC descriptor set.
 pub const MAX_DESCRIPTOR_BYTES: usize = 4 * 1024 * 1024;
 /// HTTP methods of one endpoint.
@@ -212,15 +208,11 @@ pub fn check(cmd: &Command) -> Result<(), StateError> {
         }
         Command::UpdateBackendCode {
             name: n,
-            code,
+            code_digest,
             blobs,
         } => {
             name("backend name", n)?;
-            count(
-                "func_or_class (pickled bytes)",
-                code.len() as u64,
-                MAX_CODE_BYTES as u64,
-            )?;
+            name("code_digest", code_digest)?;
             check_blobs(blobs)
         }
         Command::DeleteBackend { name: n, .. } => name("backend name", n),
@@ -242,7 +234,7 @@ pub fn check(cmd: &Command) -> Result<(), StateError> {
             name("shadow backend", backend)
         }
         Command::SetHttpOptions(o) => check_http_options(o),
-        Command::SetShuttingDown(_) => Ok(()),
+        Command::SetShuttingDown(_) | Command::CollectCodeBlobs { .. } => Ok(()),
         Command::PutBlob { digest, data } => {
             name("blob digest", digest)?;
             count(
@@ -287,11 +279,7 @@ fn check_node(n: &Node) -> Result<(), StateError> {
 
 fn check_backend(b: &Backend) -> Result<(), StateError> {
     name("backend name", &b.name)?;
-    count(
-        "func_or_class (pickled bytes)",
-        b.code.len() as u64,
-        MAX_CODE_BYTES as u64,
-    )?;
+    name("code_digest", &b.code_digest)?;
     text("state", &b.state, MAX_TEXT_BYTES)?;
     text("error", &b.error, MAX_ERROR_BYTES)?;
     check_blobs(&b.blobs)?;

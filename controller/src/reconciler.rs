@@ -4,7 +4,10 @@
 //! - autoscaling: backends with an autoscaling config get the replica count
 //!   the [`crate::autoscaler`] recommends;
 //! - leases: batch leases whose visibility timeout ran out on this
-//!   leader's monotonic clock ([`LeaseClock`]) go back to their job's queue.
+//!   leader's monotonic clock ([`LeaseClock`]) go back to their job's queue;
+//! - blobs: while some backend code blob is unnamed, a `CollectCodeBlobs`
+//!   with this leader's wall clock every [`COLLECT_EVERY`]
+//!   (`store::blobs` stamps and removes them).
 //!
 //! A failed step is logged and retried on the next tick; each step's
 //! duration is a metric, and so are each backend's desired and running
@@ -25,6 +28,9 @@ use crate::store::{self, state_machine::StateMachineStore, Raft};
 /// By default a node that sent no heartbeat for this long is dead.
 pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_secs(10);
 const TICK: Duration = Duration::from_secs(1);
+/// How often the leader proposes `CollectCodeBlobs` while there are unnamed
+/// code blobs (the grace is `store::blobs::CODE_BLOB_GRACE_MS`).
+pub const COLLECT_EVERY: Duration = Duration::from_secs(10);
 pub const BACKEND_DESIRED_REPLICAS: &str = "serval_backend_desired_replicas";
 pub const BACKEND_RUNNING_REPLICAS: &str = "serval_backend_running_replicas";
 pub const BACKEND_AUTOSCALED_REPLICAS: &str = "serval_backend_replicas";
@@ -46,6 +52,7 @@ impl Reconciler {
         // The replica-count gauges of each live backend (leader only).
         let mut gauges = HashMap::new();
         let mut leases = LeaseClock::default();
+        let mut collected: Option<Instant> = None;
         loop {
             tick.tick().await;
             let is_leader = {
@@ -67,6 +74,26 @@ impl Reconciler {
             self.step("nodes", self.dead_nodes(&state, started)).await;
             self.step("autoscaling", self.autoscale(&state)).await;
             self.step("leases", self.expired_leases(&mut leases)).await;
+            if collected.is_none_or(|at| at.elapsed() >= COLLECT_EVERY) {
+                collected = Some(Instant::now());
+                self.step("blobs", self.collect_code_blobs()).await;
+            }
+        }
+    }
+
+    fn collect_code_blobs(&self) -> Vec<Command> {
+        match self.sm.has_orphan_blobs() {
+            Ok(true) => {
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                vec![Command::CollectCodeBlobs { now_ms }]
+            }
+            Ok(false) => Vec::new(),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading unnamed code blobs failed");
+                Vec::new()
+            }
         }
     }
 

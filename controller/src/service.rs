@@ -240,26 +240,14 @@ impl ControlService {
     }
 }
 
-/// The applied state as the wire snapshot; pickled code only when asked.
-pub fn to_snapshot(state: &ClusterState, include_code: bool, heads: Vec<Head>) -> ClusterSnapshot {
+/// The applied state as the wire snapshot. It carries no code: backends
+/// name theirs by digest (node agents fetch it with `GetBlob`).
+pub fn to_snapshot(state: &ClusterState, heads: Vec<Head>) -> ClusterSnapshot {
     ClusterSnapshot {
         version: state.version,
         heads,
         nodes: state.nodes.values().cloned().collect(),
-        backends: state
-            .backends
-            .values()
-            .map(|b| {
-                if include_code {
-                    b.clone()
-                } else {
-                    Backend {
-                        code: Vec::new(),
-                        ..b.clone()
-                    }
-                }
-            })
-            .collect(),
+        backends: state.backends.values().cloned().collect(),
         endpoints: state.endpoints.clone(),
         replicas: state.replicas.values().cloned().collect(),
         http_options: state.http_options.clone(),
@@ -404,7 +392,7 @@ impl Control for ControlService {
         let r = req.into_inner();
         self.propose(Command::UpdateBackendCode {
             name: r.name,
-            code: r.code,
+            code_digest: r.code_digest,
             blobs: r.blobs,
         })
         .await
@@ -451,31 +439,21 @@ impl Control for ControlService {
 
     async fn get_snapshot(
         &self,
-        req: Request<WatchRequest>,
+        _req: Request<WatchRequest>,
     ) -> Result<Response<ClusterSnapshot>, Status> {
-        let credential = Credential::of(&req);
-        let include_code = req.into_inner().include_code;
-        Credential::may_read_code(credential.as_ref(), include_code)?;
-        Ok(Response::new(to_snapshot(
-            &self.sm.current(),
-            include_code,
-            self.heads(),
-        )))
+        Ok(Response::new(to_snapshot(&self.sm.current(), self.heads())))
     }
 
     type WatchStream = SnapshotStream;
 
     async fn watch(
         &self,
-        req: Request<WatchRequest>,
+        _req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let credential = Credential::of(&req);
-        let include_code = req.into_inner().include_code;
-        Credential::may_read_code(credential.as_ref(), include_code)?;
         let this = self.clone();
         // WatchStream yields the current state first, then every new one.
         let stream = tokio_stream::wrappers::WatchStream::new(self.sm.subscribe())
-            .map(move |state| Ok(to_snapshot(&state, include_code, this.heads())));
+            .map(move |state| Ok(to_snapshot(&state, this.heads())));
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -542,7 +520,9 @@ impl Control for ControlService {
             };
             return Err(ControllerError::Refused(e).into());
         }
-        if self.sm.has_blob(&r.digest)? {
+        // A code blob due for collection is put again (its parts are
+        // no-ops), which gives it a new grace before a backend names it.
+        if self.sm.has_blob(&r.digest)? && !self.sm.is_orphan_blob(&r.digest)? {
             return Ok(Response::new(Empty {}));
         }
         let digest = r.digest.clone();
@@ -582,7 +562,10 @@ impl Control for ControlService {
         req: Request<GetBlobRequest>,
     ) -> Result<Response<HasBlobReply>, Status> {
         self.may_read_blob(&req, &req.get_ref().digest)?;
-        let present = self.sm.has_blob(&req.into_inner().digest)?;
+        // An orphaned code blob may go any moment: a client that means to
+        // name it must put it again (`put_blob`).
+        let digest = req.into_inner().digest;
+        let present = self.sm.has_blob(&digest)? && !self.sm.is_orphan_blob(&digest)?;
         Ok(Response::new(HasBlobReply { present }))
     }
 

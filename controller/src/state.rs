@@ -145,10 +145,7 @@ impl ClusterState {
                 if self.backends.len() >= limits::MAX_BACKENDS {
                     return Err(over_cap("backends", limits::MAX_BACKENDS));
                 }
-                if backend.code.is_empty() {
-                    return Err(invalid("func_or_class", "no code was sent"));
-                }
-                self.check_code_total(&backend.name, backend.code.len())?;
+                check_code_digest(&backend.code_digest)?;
                 let config = backend.config.unwrap_or_default().validate()?;
                 self.check_replicas_total(&backend.name, config.num_replicas)?;
                 let name = backend.name.clone();
@@ -191,18 +188,17 @@ impl ClusterState {
                 self.check_replicas_total(&name, num_replicas)?;
                 self.scale(&name);
             }
-            Command::UpdateBackendCode { name, code, blobs } => {
-                if code.is_empty() {
-                    return Err(invalid("func_or_class", "no code was sent"));
-                }
-                if self.backends.contains_key(&name) {
-                    self.check_code_total(&name, code.len())?;
-                }
+            Command::UpdateBackendCode {
+                name,
+                code_digest,
+                blobs,
+            } => {
+                check_code_digest(&code_digest)?;
                 let backend = self
                     .backends
                     .get_mut(&name)
                     .ok_or_else(|| StateError::UnknownBackend(name.clone()))?;
-                backend.code = code;
+                backend.code_digest = code_digest;
                 backend.blobs = blobs;
                 backend.version += 1;
                 self.scale(&name);
@@ -288,7 +284,10 @@ impl ClusterState {
             }
             Command::SetHttpOptions(options) => self.http_options = Some(options),
             Command::SetShuttingDown(flag) => self.shutting_down = flag,
-            Command::PutBlob { .. } | Command::PutBlobParts { .. } | Command::Job(_) => {
+            Command::PutBlob { .. }
+            | Command::PutBlobParts { .. }
+            | Command::Job(_)
+            | Command::CollectCodeBlobs { .. } => {
                 // Refused the same way on every head should one ever get here.
                 return Err(invalid(
                     "command",
@@ -363,26 +362,23 @@ impl ClusterState {
         Ok(())
     }
 
-    /// Refuses `bytes` of code for `backend` when every backend's code
-    /// would then exceed [`limits::MAX_CODE_BYTES_TOTAL`].
-    fn check_code_total(&self, backend: &str, bytes: usize) -> Result<(), StateError> {
-        let others: usize = self
-            .backends
+    /// The code blobs the backends name (`store::blobs` collects the
+    /// others).
+    pub fn code_digests(&self) -> std::collections::BTreeSet<String> {
+        self.backends
             .values()
-            .filter(|b| b.name != backend)
-            .map(|b| b.code.len())
-            .sum();
-        if others + bytes > limits::MAX_CODE_BYTES_TOTAL {
-            return Err(invalid(
-                "func_or_class",
-                &format!(
-                    "{bytes} bytes of code make {} for all backends; the cap is {}",
-                    others + bytes,
-                    limits::MAX_CODE_BYTES_TOTAL
-                ),
-            ));
+            .map(|b| b.code_digest.clone())
+            .collect()
+    }
+
+    /// Every blob the state names: code, backends' blobs, API packages.
+    pub fn named_blobs(&self) -> std::collections::BTreeSet<String> {
+        let mut all = self.code_digests();
+        for b in self.backends.values() {
+            all.extend(b.blobs.iter().cloned());
         }
-        Ok(())
+        all.extend(self.apis.values().map(|a| a.package_digest.clone()));
+        all
     }
 
     fn validate_endpoint(&self, endpoint: Endpoint) -> Result<Endpoint, StateError> {
@@ -661,6 +657,28 @@ fn id_seq(replica_id: &str) -> u64 {
 
 fn over_cap(what: &str, cap: usize) -> StateError {
     invalid(what, &format!("the cluster holds its cap of {cap}"))
+}
+
+/// A backend's `code_digest` names a blob: lowercase hex sha256. Whether
+/// that blob is stored is checked by the store, which holds the blobs.
+fn check_code_digest(digest: &str) -> Result<(), StateError> {
+    if digest.len() == 64
+        && digest
+            .bytes()
+            .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        Ok(())
+    } else if digest.is_empty() {
+        Err(invalid(
+            "code_digest",
+            "no code was sent (upload the pickled code with PutBlob and name its digest)",
+        ))
+    } else {
+        Err(invalid(
+            "code_digest",
+            &format!("'{digest}' is not a lowercase hex sha256"),
+        ))
+    }
 }
 
 fn invalid(field: &str, reason: &str) -> StateError {

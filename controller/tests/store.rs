@@ -6,10 +6,21 @@ use serval_controller::ControllerError;
 use serval_controller::{open_store, propose, propose_within, Membership, Raft};
 use serval_protos::control::{Backend, BackendConfig, Node};
 
+const CODE: &[u8] = b"pickled";
+
+/// Stores the code [`backend`] names (a backend names a stored blob).
+async fn put_code(raft: &Raft) {
+    let put = Command::PutBlob {
+        digest: serval_protos::blob::digest(CODE),
+        data: CODE.to_vec(),
+    };
+    propose(raft, put).await.unwrap();
+}
+
 fn backend(name: &str) -> Backend {
     Backend {
         name: name.into(),
-        code: b"pickled".to_vec(),
+        code_digest: serval_protos::blob::digest(CODE),
         config: Some(BackendConfig {
             num_replicas: 1,
             ..Default::default()
@@ -47,6 +58,7 @@ async fn committed_state_survives_a_restart() {
         )
         .await
         .unwrap();
+        put_code(&raft).await;
         propose(&raft, Command::CreateBackend(backend("b")))
             .await
             .unwrap();
@@ -67,7 +79,10 @@ async fn committed_state_survives_a_restart() {
         "backend lost across restart: {state:?}"
     );
     assert_eq!(state.replicas.len(), 1);
-    assert_eq!(state.backends["b"].code, b"pickled");
+    assert_eq!(
+        state.backends["b"].code_digest,
+        serval_protos::blob::digest(CODE)
+    );
     raft.shutdown().await.unwrap();
 }
 
@@ -79,6 +94,7 @@ async fn a_long_log_is_snapshotted_and_still_restores() {
             .await
             .unwrap();
         wait_leader(&raft).await;
+        put_code(&raft).await;
         // Past the snapshot policy (500 logs since the last snapshot).
         for i in 0..600 {
             propose(&raft, Command::CreateBackend(backend(&format!("b{i}"))))

@@ -4,8 +4,9 @@
 //! version applies it to its running replica in place. When the cluster
 //! shuts down it stops every replica and returns.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serval_protos::client::{self, Client};
@@ -13,6 +14,7 @@ use serval_protos::control::{ClusterSnapshot, HeartbeatRequest, RegisterNodeRequ
 use serval_protos::ids::ReplicaId;
 use serval_protos::states::ReplicaState;
 
+use crate::code_cache::CodeCache;
 use crate::supervisor::{self, ReplicaSpec, SupervisorHandle};
 
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
@@ -40,7 +42,8 @@ pub struct AgentConfig {
     pub control_addr: String,
     pub token: String,
     /// Holds the node id (so a restarted agent keeps it), replica sockets,
-    /// code files, logs and the package cache (`cache/`).
+    /// backends' code by digest (`code/`), logs and the package cache
+    /// (`cache/`).
     pub data_dir: PathBuf,
     /// The interpreter replicas run on (with the `serval` package installed).
     pub python: PathBuf,
@@ -64,6 +67,8 @@ pub struct NodeAgent {
     supervisors: HashMap<String, SupervisorHandle>,
     /// Replicas removed from this node, stopping after their drain grace.
     draining: Vec<tokio::task::JoinHandle<()>>,
+    /// The code of the backends placed here, fetched once per node.
+    code: Arc<CodeCache>,
 }
 
 impl NodeAgent {
@@ -91,7 +96,9 @@ impl NodeAgent {
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
         let known_heads = config.control_addr.clone();
+        let code = Arc::new(CodeCache::new(config.data_dir.join("code")));
         let mut agent = Self {
+            code,
             config,
             client,
             known_heads,
@@ -162,7 +169,7 @@ impl NodeAgent {
     /// or the stream ends.
     async fn follow(&mut self) {
         let mut watching = self.known_heads.clone();
-        let mut snapshots = client::spawn_watch(watching.clone(), self.config.token.clone(), true);
+        let mut snapshots = client::spawn_watch(watching.clone(), self.config.token.clone());
         let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
         loop {
             tokio::select! {
@@ -189,7 +196,6 @@ impl NodeAgent {
                             snapshots = client::spawn_watch(
                                 watching.clone(),
                                 self.config.token.clone(),
-                                true,
                             );
                         }
                     }
@@ -309,11 +315,20 @@ impl NodeAgent {
                 cache_dir: self.config.data_dir.join("cache"),
                 proxy_address: nearest_proxy(&self.config.http_address, snapshot),
                 data_tls: self.config.data_tls.clone(),
+                code: self.code.clone(),
             };
             tracing::info!(replica = %id, backend = %backend.name, "starting replica");
             self.supervisors
                 .insert(id.to_string(), supervisor::spawn(spec, self.client.clone()));
         }
+        // Code that no replica here runs any more leaves the node (a
+        // draining replica was started, so its process no longer reads it).
+        let running: HashSet<&str> = self
+            .supervisors
+            .values()
+            .map(|h| h.code_digest.as_str())
+            .collect();
+        self.code.retain(&running);
     }
 
     async fn stop_all(&mut self) {

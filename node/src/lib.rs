@@ -3,6 +3,7 @@
 //! Layout:
 //! - [`agent`]: registers the node, heartbeats, follows the controller's
 //!   Watch stream and keeps a supervisor per replica placed on this node.
+//! - [`code_cache`]: backends' code by digest, fetched once per node.
 //! - [`supervisor`]: starts one replica process, reports its state,
 //!   restarts it with backoff, stops it.
 //! - [`metrics`]: replicas by backend and state, restarts.
@@ -11,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod code_cache;
 pub mod metrics;
 pub mod replica_server;
 pub mod supervisor;

@@ -14,6 +14,7 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serval_protos::client::Client;
@@ -25,6 +26,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch};
 
+use crate::code_cache::CodeCache;
 use crate::metrics as node_metrics;
 
 /// How long a replica may take to import and construct user code.
@@ -57,11 +59,15 @@ pub struct ReplicaSpec {
     pub proxy_address: String,
     /// The node's `--tls-cert/--tls-key`: the replica serves TLS on TCP.
     pub data_tls: Option<serval_protos::tls::DataPlaneIdentity>,
+    /// Where the backend's code (`backend.code_digest`) is fetched and kept.
+    pub code: Arc<CodeCache>,
 }
 
 /// The running supervisor; dropping it does not stop the replica, `stop` does.
 pub struct SupervisorHandle {
     pub backend_version: u64,
+    /// The code the replica runs (kept in the node's code cache).
+    pub code_digest: String,
     stop: Option<oneshot::Sender<()>>,
     /// The backend config the replica should run with; the supervisor
     /// applies changes in place (see the module docs).
@@ -96,9 +102,11 @@ pub fn spawn(spec: ReplicaSpec, client: Client) -> SupervisorHandle {
     let (tx, rx) = oneshot::channel();
     let (config_tx, config_rx) = watch::channel(spec.backend.config.clone().unwrap_or_default());
     let backend_version = spec.replica.backend_version;
+    let code_digest = spec.backend.code_digest.clone();
     let task = tokio::spawn(supervise(spec, client, rx, config_rx));
     SupervisorHandle {
         backend_version,
+        code_digest,
         stop: Some(tx),
         config: config_tx,
         task,
@@ -171,7 +179,7 @@ async fn supervise(
         let started = tokio::time::Instant::now();
         // A restarted replica starts with the latest config.
         let start_config = config.borrow_and_update().clone();
-        let outcome = match start(&spec, &start_config).await {
+        let outcome = match start(&spec, &client, &start_config).await {
             Ok((mut child, log_start)) => {
                 // Held here, not in `child`: tokio's `Child::wait` closes a
                 // stdin it still owns, which would cut the lifeline.
@@ -419,15 +427,22 @@ async fn reconfigure(
 
 /// Starts the replica process; also returns where its stderr starts in its
 /// log (the file keeps the runs before), for `read_status`.
-async fn start(spec: &ReplicaSpec, config: &BackendConfig) -> Result<(Child, u64), String> {
+async fn start(
+    spec: &ReplicaSpec,
+    client: &Client,
+    config: &BackendConfig,
+) -> Result<(Child, u64), String> {
     for dir in [&spec.work_dir, &spec.cache_dir] {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
     let dir = &spec.work_dir;
-    let code_file = dir.join("code.pkl");
-    serval_protos::private_files::write_private(&code_file, &spec.backend.code)
-        .map_err(|e| format!("cannot write {}: {e}", code_file.display()))?;
+    // Shared with the node's other replicas of this code, read-only to them.
+    let code_file = spec
+        .code
+        .get(client, &spec.backend.code_digest)
+        .await
+        .map_err(|e| e.to_string())?;
     let log_path = dir.join(LOG_FILE);
     let log = serval_protos::private_files::append_private(&log_path)
         .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;

@@ -319,7 +319,7 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 ///
 /// With several heads (`addrs` comma-separated) it moves to the next head
 /// whenever the stream breaks.
-pub fn spawn_watch(addrs: String, token: String, include_code: bool) -> SnapshotReceiver {
+pub fn spawn_watch(addrs: String, token: String) -> SnapshotReceiver {
     let (tx, rx) = tokio::sync::watch::channel::<Option<std::sync::Arc<ClusterSnapshot>>>(None);
     tokio::spawn(async move {
         let mut backoff = WATCH_BACKOFF_MIN;
@@ -341,7 +341,7 @@ pub fn spawn_watch(addrs: String, token: String, include_code: bool) -> Snapshot
             next += 1;
             let mut received = false;
             let error = tokio::select! {
-                e = stream_once(&addr, &token, include_code, &tx, &mut received) => e,
+                e = stream_once(&addr, &token, &tx, &mut received) => e,
                 _ = tx.closed() => return,
             };
             if received || !next.is_multiple_of(list.len()) {
@@ -364,7 +364,6 @@ pub fn spawn_watch(addrs: String, token: String, include_code: bool) -> Snapshot
 async fn stream_once(
     addr: &str,
     token: &str,
-    include_code: bool,
     tx: &tokio::sync::watch::Sender<Option<std::sync::Arc<ClusterSnapshot>>>,
     received: &mut bool,
 ) -> String {
@@ -379,7 +378,7 @@ async fn stream_once(
             .map_err(|e| format!("connect to {addr}: {}", explain(addr, &e)))?;
         let mut client = wrap(Explained::new(channel, addr), token).map_err(|e| e.to_string())?;
         let mut stream = client
-            .watch(WatchRequest { include_code })
+            .watch(WatchRequest::default())
             .await
             .map_err(|s| s.message().to_string())?
             .into_inner();

@@ -95,7 +95,7 @@ pub async fn run(
     if let Some(slot) = &config.dashboard {
         slot.set(proxy.clone());
     }
-    let snapshots = spawn_watch(config.control_addr.clone(), config.token.clone(), false);
+    let snapshots = spawn_watch(config.control_addr.clone(), config.token.clone());
     let follower = proxy.follow(snapshots);
     let source = format!(
         "proxy-{}-{}",

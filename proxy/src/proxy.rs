@@ -42,8 +42,8 @@ pub struct Proxy {
     pub(crate) debug_errors: bool,
     /// WebSocket bounds and the sessions open through this proxy.
     pub(crate) websockets: Arc<crate::websocket::Sessions>,
-    /// The last snapshot applied, whole, for the dashboard (`include_code`
-    /// off, so no backend code is held).
+    /// The last snapshot applied, whole, for the dashboard (snapshots name
+    /// backends' code by digest only).
     snapshot: RwLock<Arc<ClusterSnapshot>>,
     /// Its version, so dashboard streams wake up when it changes.
     snapshot_version: tokio::sync::watch::Sender<u64>,

@@ -99,7 +99,7 @@ async fn watch_keeps_the_last_snapshot_and_reconnects() {
     let addr = listener.local_addr().unwrap();
     let stop = start_controller(listener, dirs.0.path().to_path_buf(), 1);
 
-    let mut rx = spawn_watch(addr.to_string(), TOKEN.into(), false);
+    let mut rx = spawn_watch(addr.to_string(), TOKEN.into());
     wait_for_version(&mut rx, 1).await;
 
     // The controller goes away: the cached snapshot stays, and a proxy that
@@ -141,7 +141,7 @@ async fn a_wrong_token_gets_no_snapshot() {
     let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
     let _stop = start_controller(listener, dir.path().to_path_buf(), 1);
-    let mut rx = spawn_watch(format!("http://{addr}"), "wrong".into(), false);
+    let mut rx = spawn_watch(format!("http://{addr}"), "wrong".into());
     // Several reconnect rounds (100 ms, 200 ms, ...) fit in this window.
     let got = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
     assert!(got.is_err(), "a snapshot arrived despite the wrong token");

@@ -143,6 +143,21 @@ impl From<PyAutoscaling> for AutoscalingConfig {
     }
 }
 
+/// Stores a backend's pickled code as a blob and returns its digest, which
+/// `CreateBackend`/`UpdateBackendCode` name: the cluster state never holds
+/// code. Always put, never skipped after `HasBlob`: a replica's token (the
+/// BatchAPI gateway) may not ask about it, and putting code the cluster is
+/// about to collect gives it a new grace (`store::blobs` on the controller).
+async fn put_code(c: &mut ControlClient, code: Vec<u8>) -> Result<String, tonic::Status> {
+    let digest = serval_protos::blob::digest(&code);
+    c.put_blob(PutBlobRequest {
+        digest: digest.clone(),
+        data: code,
+    })
+    .await?;
+    Ok(digest)
+}
+
 fn parse_config(json: &str) -> PyResult<BackendConfig> {
     let c: PyBackendConfig = serde_json::from_str(json)
         .map_err(|e| INVALID_ARGUMENT.new_err(format!("invalid config: {e}")))?;
@@ -273,7 +288,7 @@ impl Client {
             serval_protos::auth::derive_hex(token.as_bytes(), serval_protos::auth::PURPOSE_DOTENV);
         let snapshots = {
             let _guard = runtime().enter();
-            control::spawn_watch(address.clone(), token, false)
+            control::spawn_watch(address.clone(), token)
         };
         let mut follow = snapshots;
         let (applied_tx, applied) = watch::channel(None);
@@ -349,14 +364,17 @@ impl Client {
     ) -> PyResult<()> {
         let config = parse_config(config_json)?;
         let mut c = self.client.clone();
-        let backend = Backend {
-            name,
-            code,
-            config: Some(config),
-            blobs,
-            ..Default::default()
-        };
-        block_on(py, async move { c.create_backend(backend).await }).map_err(status_err)?;
+        block_on(py, async move {
+            let backend = Backend {
+                name,
+                code_digest: put_code(&mut c, code).await?,
+                config: Some(config),
+                blobs,
+                ..Default::default()
+            };
+            c.create_backend(backend).await
+        })
+        .map_err(status_err)?;
         Ok(())
     }
 
@@ -400,8 +418,13 @@ impl Client {
     ) -> PyResult<()> {
         let mut c = self.client.clone();
         block_on(py, async move {
-            c.update_backend_code(UpdateBackendCodeRequest { name, code, blobs })
-                .await
+            let code_digest = put_code(&mut c, code).await?;
+            c.update_backend_code(UpdateBackendCodeRequest {
+                name,
+                code_digest,
+                blobs,
+            })
+            .await
         })
         .map_err(status_err)?;
         Ok(())

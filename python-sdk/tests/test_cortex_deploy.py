@@ -429,8 +429,9 @@ def test_dotenv_values_reach_only_their_own_api_s_replicas(cluster, tmp_path):
     for args in (("status",), ("get",), ("get", "keyed")):
         out = cli(cluster, *args)
         assert out.returncode == 0 and secret not in out.stdout + out.stderr, (args, out.stdout)
-    # Nor the backend's code that node agents receive and write for replicas.
-    codes = [os.path.join(root, "code.pkl") for root, _, names in os.walk(cluster.data_dir) if "code.pkl" in names]
+    # Nor the backend's code that node agents fetch by digest for replicas.
+    codes = [os.path.join(root, n) for root, _, names in os.walk(cluster.data_dir)
+             if os.path.basename(root) == "code" for n in names if n.endswith(".pkl")]
     assert codes and not [c for c in codes if secret.encode() in open(c, "rb").read()]
     # An unchanged .env is the same blob: the redeploy changes nothing.
     out = cli(cluster, "deploy", with_env)

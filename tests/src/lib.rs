@@ -527,12 +527,33 @@ pub fn three_heads_without_replicas(root: &Path) -> (Vec<ServeProcess>, usize) {
     (heads, leader_ix)
 }
 
+/// The code of backends whose code never runs: stored with
+/// [`put_placeholder_code`] before a backend names it.
+pub const PLACEHOLDER_CODE: &[u8] = &[1];
+
+pub fn placeholder_code_digest() -> String {
+    serval_protos::blob::digest(PLACEHOLDER_CODE)
+}
+
+/// Stores [`PLACEHOLDER_CODE`]: a backend names its code by the digest of
+/// a stored blob.
+pub async fn put_placeholder_code(
+    c: &mut serval_protos::client::Client,
+) -> Result<(), tonic::Status> {
+    c.put_blob(serval_protos::control::PutBlobRequest {
+        digest: placeholder_code_digest(),
+        data: PLACEHOLDER_CODE.to_vec(),
+    })
+    .await
+    .map(|_| ())
+}
+
 /// A backend of one replica needing a CPU: pending (its code is never
-/// run) on heads that offer none.
+/// run) on heads that offer none. Its code is [`PLACEHOLDER_CODE`].
 pub fn pending_backend(name: &str) -> serval_protos::control::Backend {
     serval_protos::control::Backend {
         name: name.to_string(),
-        code: vec![1],
+        code_digest: placeholder_code_digest(),
         config: Some(serval_protos::control::BackendConfig {
             num_replicas: 1,
             num_cpus: 1.0,

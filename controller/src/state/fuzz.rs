@@ -87,7 +87,11 @@ fn command() -> impl Strategy<Value = Command> {
             Command::CreateBackend(Backend {
                 name,
                 config,
-                code: if code { vec![1] } else { Vec::new() },
+                code_digest: if code {
+                    serval_protos::blob::digest(&[1])
+                } else {
+                    String::new()
+                },
                 ..Default::default()
             })
         }),
@@ -96,7 +100,11 @@ fn command() -> impl Strategy<Value = Command> {
             .prop_map(|(name, num_replicas)| Command::Autoscale { name, num_replicas }),
         (name(), any::<bool>()).prop_map(|(name, code)| Command::UpdateBackendCode {
             name,
-            code: if code { vec![2] } else { Vec::new() },
+            code_digest: if code {
+                serval_protos::blob::digest(&[2])
+            } else {
+                String::new()
+            },
             blobs: Vec::new(),
         }),
         (name(), any::<bool>()).prop_map(|(name, force)| Command::DeleteBackend { name, force }),

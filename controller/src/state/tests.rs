@@ -14,7 +14,7 @@ fn node(id: &str, cpus: f64) -> Node {
 fn backend(name: &str, replicas: u32) -> Backend {
     Backend {
         name: name.into(),
-        code: vec![1, 2, 3],
+        code_digest: serval_protos::blob::digest(&[1, 2, 3]),
         config: Some(BackendConfig {
             num_replicas: replicas,
             num_cpus: 1.0,
@@ -380,7 +380,7 @@ fn new_code_rolls_one_replica_at_a_time_without_losing_capacity() {
     }
     s.apply(Command::UpdateBackendCode {
         name: "b".into(),
-        code: vec![9],
+        code_digest: serval_protos::blob::digest(&[9]),
         blobs: vec![],
     })
     .unwrap();
@@ -428,7 +428,7 @@ fn roll(max_surge: &str, max_unavailable: &str) -> (usize, usize) {
     }
     s.apply(Command::UpdateBackendCode {
         name: "b".into(),
-        code: vec![9],
+        code_digest: serval_protos::blob::digest(&[9]),
         blobs: vec![],
     })
     .unwrap();
@@ -492,7 +492,7 @@ fn a_new_version_that_cannot_start_leaves_the_old_replicas_serving() {
     report(&mut s, &old_id, ReplicaState::Running);
     s.apply(Command::UpdateBackendCode {
         name: "b".into(),
-        code: vec![7],
+        code_digest: serval_protos::blob::digest(&[7]),
         blobs: vec![],
     })
     .unwrap();

@@ -1,16 +1,21 @@
-//! Blobs (project packages) in the state machine's redb file, beside the
-//! applied state and never inside it: the state is cloned on every command
-//! and sent whole to every watcher.
+//! Blobs (project packages, backends' pickled code) in the state machine's
+//! redb file, beside the applied state and never inside it: the state is
+//! cloned on every command and sent whole to every watcher.
 //!
-//! A blob is named by the sha256 of its bytes and never removed, so putting
-//! one twice is a no-op and a snapshot may carry blobs applied after its
-//! log index. A blob larger than one raft entry should carry
+//! A blob is named by the sha256 of its bytes, so putting one twice is a
+//! no-op and a snapshot may carry blobs applied after its log index.
+//! Package blobs are never removed. A backend's code blob that no backend
+//! names any more (after a delete or a code update) becomes an orphan
+//! ([`track_code`]); the leader's `CollectCodeBlobs` stamps it, and removes
+//! it [`CODE_BLOB_GRACE`] later unless a backend named it again or a
+//! client put it again (which unstamps it: the client is about to name it,
+//! and `HasBlob` answers false for an orphan so that it does). A blob larger than one raft entry should carry
 //! ([`BLOB_CHUNK_BYTES`]) travels as parts, each a blob of its own, and then
 //! a `PutBlobParts` that records the large blob as their concatenation:
 //! openraft gives an AppendEntries one heartbeat interval (100 ms), which a
 //! 32 MiB entry cannot make on a slow machine.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
@@ -25,6 +30,13 @@ use crate::error::StateError;
 const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
 /// Large blobs: digest -> the digests of the blobs they concatenate.
 const PARTS: TableDefinition<&str, &[u8]> = TableDefinition::new("blob_parts");
+/// Code blobs no backend names: digest -> the `CollectCodeBlobs` clock
+/// (Unix ms) that first saw them so, 0 until one has.
+const ORPHANS: TableDefinition<&str, u64> = TableDefinition::new("code_blob_orphans");
+
+/// How long an unnamed code blob is kept: longer than a client takes from
+/// uploading code to naming it in `CreateBackend`/`UpdateBackendCode`.
+pub const CODE_BLOB_GRACE_MS: u64 = 60_000;
 
 type Io<T> = Result<T, std::io::Error>;
 
@@ -36,6 +48,7 @@ fn io<E: std::fmt::Display>(e: E) -> std::io::Error {
 pub(crate) fn create_tables(txn: &WriteTransaction) -> Io<()> {
     txn.open_table(BLOBS).map_err(io)?;
     txn.open_table(PARTS).map_err(io)?;
+    txn.open_table(ORPHANS).map_err(io)?;
     Ok(())
 }
 
@@ -62,11 +75,120 @@ pub(crate) fn put(txn: &WriteTransaction, digest: &str, data: &[u8]) -> Io<Resul
     if let Err(e) = check(digest, blob::digest(data)) {
         return Ok(Err(e));
     }
-    if !present(txn, digest)? {
+    if present(txn, digest)? {
+        unstamp(txn, digest)?;
+    } else {
         let mut table = txn.open_table(BLOBS).map_err(io)?;
         table.insert(digest, data).map_err(io)?;
     }
     Ok(Ok(()))
+}
+
+/// A stored orphan put again: its grace starts over at the next collection.
+fn unstamp(txn: &WriteTransaction, digest: &str) -> Io<()> {
+    let mut orphans = txn.open_table(ORPHANS).map_err(io)?;
+    if orphans.get(digest).map_err(io)?.is_some() {
+        orphans.insert(digest, 0).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// Refuses a backend command whose code blob is not stored.
+pub(crate) fn check_code(
+    txn: &WriteTransaction,
+    backend: &str,
+    digest: &str,
+) -> Io<Result<(), StateError>> {
+    Ok(if present(txn, digest)? {
+        Ok(())
+    } else {
+        Err(StateError::MissingCodeBlob {
+            backend: backend.to_string(),
+            digest: digest.to_string(),
+        })
+    })
+}
+
+/// After a backend command: code blobs named `before` and not `after`
+/// become orphans, and those named `after` are orphans no more.
+pub(crate) fn track_code(
+    txn: &WriteTransaction,
+    before: &BTreeSet<String>,
+    after: &BTreeSet<String>,
+) -> Io<()> {
+    let mut orphans = txn.open_table(ORPHANS).map_err(io)?;
+    for gone in before.difference(after) {
+        if orphans.get(gone.as_str()).map_err(io)?.is_none() {
+            orphans.insert(gone.as_str(), 0).map_err(io)?;
+        }
+    }
+    for named in after {
+        orphans.remove(named.as_str()).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// Applies `CollectCodeBlobs`: stamps new orphans with `now_ms` and removes
+/// those stamped a grace ago. `keep` is every digest the state names
+/// (code, packages, backends' blobs), never removed; a part is removed
+/// only when no large blob left lists it.
+pub(crate) fn collect(txn: &WriteTransaction, now_ms: u64, keep: &BTreeSet<String>) -> Io<()> {
+    let mut due = Vec::new();
+    {
+        let mut orphans = txn.open_table(ORPHANS).map_err(io)?;
+        let mut stamp = Vec::new();
+        for item in orphans.iter().map_err(io)? {
+            let (k, v) = item.map_err(io)?;
+            let digest = k.value().to_string();
+            match v.value() {
+                _ if keep.contains(&digest) => due.push((digest, false)),
+                0 => stamp.push(digest),
+                since if now_ms.saturating_sub(since) >= CODE_BLOB_GRACE_MS => {
+                    due.push((digest, true))
+                }
+                _ => {}
+            }
+        }
+        for digest in stamp {
+            orphans.insert(digest.as_str(), now_ms).map_err(io)?;
+        }
+        for (digest, _) in &due {
+            orphans.remove(digest.as_str()).map_err(io)?;
+        }
+    }
+    let mut whole = txn.open_table(BLOBS).map_err(io)?;
+    let mut parts = txn.open_table(PARTS).map_err(io)?;
+    for (digest, _) in due.iter().filter(|(_, remove)| *remove) {
+        whole.remove(digest.as_str()).map_err(io)?;
+        let list: Vec<String> = match parts.remove(digest.as_str()).map_err(io)? {
+            Some(list) => decode(list.value())?,
+            None => continue,
+        };
+        let mut still_used: HashSet<String> = keep.iter().cloned().collect();
+        for item in parts.iter().map_err(io)? {
+            let (_, v) = item.map_err(io)?;
+            still_used.extend(decode::<Vec<String>>(v.value())?);
+        }
+        for part in list.iter().filter(|p| !still_used.contains(*p)) {
+            whole.remove(part.as_str()).map_err(io)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether some code blob waits to be stamped or collected.
+pub(crate) fn has_orphans(db: &Database) -> Io<bool> {
+    let txn = db.begin_read().map_err(io)?;
+    let orphans = txn.open_table(ORPHANS).map_err(io)?;
+    let any = orphans.first().map_err(io)?.is_some();
+    Ok(any)
+}
+
+/// Whether `digest` is a code blob waiting to be collected.
+pub(crate) fn is_orphan(db: &Database, digest: &str) -> Io<bool> {
+    let txn = db.begin_read().map_err(io)?;
+    let orphans = txn.open_table(ORPHANS).map_err(io)?;
+    Ok(orphans.get(digest).map_err(io)?.is_some())
 }
 
 /// Applies `PutBlobParts`: every part must be stored whole already, and
@@ -77,6 +199,7 @@ pub(crate) fn put_parts(
     parts: &[String],
 ) -> Io<Result<(), StateError>> {
     if present(txn, digest)? {
+        unstamp(txn, digest)?;
         return Ok(Ok(()));
     }
     let mut hasher = blob::Hasher::default();
@@ -161,7 +284,9 @@ pub(crate) fn export(db: &Database) -> Io<BlobSet> {
 }
 
 /// Adds a snapshot's blobs. Nothing is removed: whatever this head holds
-/// beyond the snapshot was committed too (blobs are never deleted).
+/// beyond the snapshot was committed too. The orphan table does not travel
+/// (snapshots keep their format): a head that installed one collects only
+/// code blobs orphaned after it.
 pub(crate) fn import(txn: &WriteTransaction, set: BlobSet) -> Io<()> {
     let mut whole = txn.open_table(BLOBS).map_err(io)?;
     for b in set.whole {

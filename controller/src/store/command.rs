@@ -37,7 +37,8 @@ pub enum Command {
     /// New code or init args: the replicas are replaced by a rolling update.
     UpdateBackendCode {
         name: String,
-        code: Vec<u8>,
+        /// The stored blob holding the new code (see `Backend::code_digest`).
+        code_digest: String,
         /// The blobs the new code reads (see `Backend::blobs`).
         blobs: Vec<String>,
     },
@@ -98,6 +99,13 @@ pub enum Command {
     Once {
         id: u128,
         command: Box<Command>,
+    },
+    /// The leader's clock reading (Unix ms) for the collection of backend
+    /// code blobs no backend names any more (`store::blobs::collect`):
+    /// one first seen unnamed is stamped with it, one stamped at least
+    /// `CODE_BLOB_GRACE` earlier is removed.
+    CollectCodeBlobs {
+        now_ms: u64,
     },
 }
 

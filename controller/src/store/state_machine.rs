@@ -89,7 +89,10 @@ fn is_blob(cmd: &Command) -> bool {
         Command::Once { command, .. } => is_blob(command),
         cmd => matches!(
             cmd,
-            Command::PutBlob { .. } | Command::PutBlobParts { .. } | Command::Job(_)
+            Command::PutBlob { .. }
+                | Command::PutBlobParts { .. }
+                | Command::Job(_)
+                | Command::CollectCodeBlobs { .. }
         ),
     }
 }
@@ -137,9 +140,40 @@ fn apply_command(
     if let Err(e) = crate::limits::check(&cmd) {
         return Ok((Err(e), Vec::new()));
     }
+    // A backend's code must be stored before a backend names it.
+    let code = match &cmd {
+        Command::CreateBackend(b) => Some((&b.name, &b.code_digest)),
+        Command::UpdateBackendCode {
+            name, code_digest, ..
+        } => Some((name, code_digest)),
+        _ => None,
+    };
+    if let Some((backend, digest)) = code {
+        if let Err(e) = blobs::check_code(txn, backend, digest)? {
+            return Ok((Err(e), Vec::new()));
+        }
+    }
+    let names_code = matches!(
+        cmd,
+        Command::CreateBackend(_)
+            | Command::UpdateBackendCode { .. }
+            | Command::DeleteBackend { .. }
+    );
     let applied = match cmd {
         Command::PutBlob { digest, data } => blobs::put(txn, &digest, &data)?,
         Command::PutBlobParts { digest, parts } => blobs::put_parts(txn, &digest, &parts)?,
+        Command::CollectCodeBlobs { now_ms } => {
+            blobs::collect(txn, now_ms, &state.named_blobs())?;
+            Ok(())
+        }
+        cmd if names_code => {
+            let before = state.code_digests();
+            let applied = state.apply(cmd);
+            if applied.is_ok() {
+                blobs::track_code(txn, &before, &state.code_digests())?;
+            }
+            applied
+        }
         Command::Job(cmd) => {
             return Ok(match jobs::apply(txn, cmd)? {
                 Ok(output) => (Ok(state.version), output),
@@ -210,6 +244,17 @@ impl StateMachineStore {
     /// Whether blob `digest` is stored on this head.
     pub fn has_blob(&self, digest: &str) -> Result<bool, ControllerError> {
         Ok(self.blob_layout(digest)?.is_some())
+    }
+
+    /// Whether `digest` is a code blob no backend names, due for collection
+    /// (`store::blobs`): a client about to name it must put it again.
+    pub fn is_orphan_blob(&self, digest: &str) -> Result<bool, ControllerError> {
+        blobs::is_orphan(&self.db, digest).map_err(|e| ControllerError::Storage(e.to_string()))
+    }
+
+    /// Whether some code blob waits for `CollectCodeBlobs`.
+    pub fn has_orphan_blobs(&self) -> Result<bool, ControllerError> {
+        blobs::has_orphans(&self.db).map_err(|e| ControllerError::Storage(e.to_string()))
     }
 
     /// The blobs stored whole that make up blob `digest`, in order (itself,

@@ -275,6 +275,7 @@ fn write_backends(addr: &str, token: &str, prefix: &str, n: usize) {
         .unwrap();
     rt.block_on(async {
         let mut c = serval_protos::client::connect(addr, token).await.unwrap();
+        serval_tests::put_placeholder_code(&mut c).await.unwrap();
         for i in 0..n {
             c.create_backend(pending_backend(&format!("{prefix}{i}")))
                 .await

@@ -48,7 +48,7 @@ fn assert_refused(result: Result<impl std::fmt::Debug, tonic::Status>, needles: 
 fn backend(name: &str, num_replicas: u32) -> Backend {
     Backend {
         name: name.into(),
-        code: vec![1],
+        code_digest: serval_tests::placeholder_code_digest(),
         config: Some(BackendConfig {
             num_replicas,
             num_cpus: 1.0,
@@ -128,7 +128,8 @@ fn commands_over_the_caps_are_refused_before_the_log_and_never_replayed() {
             start,
             "a refused command must not reach the raft log"
         );
-        // Within the caps the same calls succeed.
+        // Within the caps the same calls succeed (the code stored first).
+        put_placeholder_code(&mut c).await.unwrap();
         c.create_backend(backend("small", 2)).await.unwrap();
     });
     let after = status_of(&head);
@@ -280,9 +281,13 @@ fn a_head_whose_raft_disk_is_full_exits_non_zero() {
         let mut c = head.client().await;
         let mut refused = 0;
         for i in 0..4 {
-            let mut big = backend(&format!("b{i}"), 1);
-            big.code = vec![i as u8; 2 * 1024 * 1024];
-            let call = tokio::time::timeout(Duration::from_secs(30), c.create_backend(big));
+            // 2 MiB of code, stored as a blob (in two raft entries).
+            let code = vec![i as u8; 2 * 1024 * 1024];
+            let put = PutBlobRequest {
+                digest: serval_protos::blob::digest(&code),
+                data: code,
+            };
+            let call = tokio::time::timeout(Duration::from_secs(30), c.put_blob(put));
             match call.await {
                 Ok(Ok(_)) => {}
                 Ok(Err(status)) => {

@@ -11,6 +11,7 @@
 mod batch_failover;
 mod blobs;
 mod cli;
+mod code_by_digest;
 mod heads;
 mod jobs;
 mod limits;

@@ -190,6 +190,7 @@ fn create_backend(addr: &str, token: &str, name: &str) -> Result<(), tonic::Stat
         let mut c = serval_protos::client::connect(addr, token)
             .await
             .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        serval_tests::put_placeholder_code(&mut c).await?;
         c.create_backend(pending_backend(name)).await.map(|_| ())
     })
 }

@@ -334,3 +334,118 @@ async fn a_once_command_is_applied_once_and_its_retry_gets_the_first_answer() {
         "without Once the command applies again"
     );
 }
+
+/// Applies `cmd` as the next entry; it must be accepted.
+async fn then(sm: &mut StateMachineStore, index: &mut u64, cmd: Command) {
+    *index += 1;
+    apply(sm, *index, cmd).await.expect("accepted");
+}
+
+fn backend(name: &str, code_digest: &str) -> Command {
+    Command::CreateBackend(serval_protos::control::Backend {
+        name: name.into(),
+        code_digest: code_digest.into(),
+        config: Some(serval_protos::control::BackendConfig {
+            num_replicas: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+#[tokio::test]
+async fn a_backend_names_only_stored_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = open(&dir.path().join("sm.redb"));
+    let missing = blob::digest(b"never put");
+    let err = apply(&mut sm, 1, backend("b", &missing)).await.unwrap_err();
+    assert!(matches!(err, StateError::MissingCodeBlob { .. }), "{err}");
+    assert!(err.to_string().contains("code_digest"), "{err}");
+    assert!(sm.current().backends.is_empty());
+    let mut index = 2;
+    let code = upload(&mut sm, &mut index, b"code").await;
+    then(&mut sm, &mut index, backend("b", &code)).await;
+    let update = Command::UpdateBackendCode {
+        name: "b".into(),
+        code_digest: missing,
+        blobs: Vec::new(),
+    };
+    let err = apply(&mut sm, index + 1, update).await.unwrap_err();
+    assert!(matches!(err, StateError::MissingCodeBlob { .. }), "{err}");
+    assert_eq!(sm.current().backends["b"].code_digest, code);
+}
+
+#[tokio::test]
+async fn code_no_backend_names_is_collected_after_its_grace_and_packages_never() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = open(&dir.path().join("sm.redb"));
+    let mut index = 1;
+    // Large (in parts) and small code, a package, and shared code.
+    let big = noise(3 * BLOB_CHUNK_BYTES + 5);
+    let (old, shared) = (
+        upload(&mut sm, &mut index, &big).await,
+        upload(&mut sm, &mut index, b"shared").await,
+    );
+    let package = upload(&mut sm, &mut index, b"package").await;
+    let new = upload(&mut sm, &mut index, b"new code").await;
+    for cmd in [
+        backend("a", &old),
+        backend("b", &shared),
+        backend("c", &shared),
+        Command::UpdateBackendCode {
+            name: "a".into(),
+            code_digest: new.clone(),
+            blobs: vec![package.clone()],
+        },
+        Command::DeleteBackend {
+            name: "b".into(),
+            force: false,
+        },
+    ] {
+        then(&mut sm, &mut index, cmd).await;
+    }
+    let collect = |now_ms| Command::CollectCodeBlobs { now_ms };
+    let t0 = 1_000_000;
+    then(&mut sm, &mut index, collect(t0)).await;
+    // Stamped now, kept for the grace.
+    then(
+        &mut sm,
+        &mut index,
+        collect(t0 + blobs::CODE_BLOB_GRACE_MS - 1),
+    )
+    .await;
+    assert!(sm.has_blob(&old).unwrap());
+    assert!(sm.is_orphan_blob(&old).unwrap());
+    then(&mut sm, &mut index, collect(t0 + blobs::CODE_BLOB_GRACE_MS)).await;
+    assert!(!sm.has_blob(&old).unwrap(), "replaced code is collected");
+    for part in big.chunks(BLOB_CHUNK_BYTES) {
+        assert!(!sm.has_blob(&blob::digest(part)).unwrap(), "its parts too");
+    }
+    assert!(!sm.has_orphan_blobs().unwrap());
+    // Still named (by "c"), named as new code, or a package: kept.
+    for kept in [&shared, &new, &package] {
+        assert!(read(&sm, kept).is_some());
+    }
+    // Deleted, then put again within the grace by a client about to name
+    // it: its grace starts over.
+    let delete = Command::DeleteBackend {
+        name: "c".into(),
+        force: false,
+    };
+    then(&mut sm, &mut index, delete).await;
+    let t1 = t0 + 100_000;
+    then(&mut sm, &mut index, collect(t1)).await;
+    then(&mut sm, &mut index, put(b"shared")).await;
+    then(&mut sm, &mut index, collect(t1 + blobs::CODE_BLOB_GRACE_MS)).await;
+    assert!(
+        sm.has_blob(&shared).unwrap(),
+        "a put again restarts the grace"
+    );
+    then(
+        &mut sm,
+        &mut index,
+        collect(t1 + 2 * blobs::CODE_BLOB_GRACE_MS),
+    )
+    .await;
+    assert!(!sm.has_blob(&shared).unwrap());
+}
