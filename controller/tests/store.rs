@@ -1,5 +1,7 @@
 //! The raft store on a real temp dir: commands survive a restart, refused
 //! commands change nothing, and a long log is compacted into a snapshot.
+// Test code: an unwrap is an assertion (clippy.toml allows it only in #[test] fns).
+#![allow(clippy::unwrap_used)]
 
 use serval_controller::Command;
 use serval_controller::ControllerError;
