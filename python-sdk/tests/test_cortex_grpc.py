@@ -14,6 +14,7 @@ Three layers:
 
 import asyncio
 import importlib.util
+import inspect
 import io
 import json
 import os
@@ -99,12 +100,20 @@ message Res {
 }
 """
 
+def burst_reply(i, size):
+    """Reply ``i`` of a ``Burst`` call (in the Handler, and in the test that
+    checks them): every tenth empty (a message of no bytes), the others
+    numbered and of sizes from 0 to 6 × ``size``."""
+    return "" if i % 10 == 9 else f"{i}:" + "x" * (i % 7 * size)
+
+
 SHAPES_HANDLER = """\
 import os
 import time
 
 import grpc
 
+""" + inspect.getsource(burst_reply) + """
 
 class Handler:
     def __init__(self, config, module_proto_pb2):
@@ -307,7 +316,7 @@ def test_the_spec_records_the_service(tmp_path):
     methods = {m["name"]: (m["client_streaming"], m["server_streaming"]) for m in api["handler"]["grpc"]["methods"]}
     assert methods == {"Unary": (False, False), "ClientStream": (True, False), "ServerStream": (False, True),
                        "Bidi": (True, True), "UntilCancelled": (False, False), "Missing": (False, False),
-                       "Count": (False, True)}
+                       "Count": (False, True), "Burst": (False, True)}
     assert api["handler"]["grpc"]["module"] == "shapes_pb2"
 
 
@@ -403,10 +412,14 @@ def shapes_api(tmp_path_factory):
     cwd, path, env = os.getcwd(), list(sys.path), dict(os.environ)
     os.environ["SERVAL_REPLICA_HOST"] = "127.0.0.1"
     os.environ["SERVAL_DATA_KEY"] = TEST_DATA_KEY.hex()
-    # The forwarding path's grpcio server too, which the tests call directly.
+    # The forwarding path's grpcio server too, which the tests call directly
+    # (the variable read as it starts: later clusters get the default).
     os.environ["SERVAL_GRPC_FRAMES"] = "0"
     try:
-        obj = GrpcAPI(dict(api, dotenv={}, package=None), unpacked)
+        try:
+            obj = GrpcAPI(dict(api, dotenv={}, package=None), unpacked)
+        finally:
+            del os.environ["SERVAL_GRPC_FRAMES"]
         yield obj, tmp
     finally:
         if "obj" in locals():
@@ -541,12 +554,6 @@ def check_shapes(pb2, stub, tmp):
     wait_for(lambda: os.path.exists(seen), timeout=60, what="the handler to see the deadline")
     with open(seen) as f:
         assert f.read() == "inactive"
-
-
-def burst_reply(i: int, size: int) -> str:
-    """Reply ``i`` of a ``Burst`` call: every tenth empty (a message of no
-    bytes), the others numbered and of sizes from 0 to 6 × ``size``."""
-    return "" if i % 10 == 9 else f"{i}:" + "x" * (i % 7 * size)
 
 
 def check_bursts(pb2, stub):
@@ -813,7 +820,8 @@ def test_the_seed_api_through_the_proxy(cluster, tmp_path):
     assert "sample: created" in out.stdout and "sample_service.Handler" in out.stdout, out.stdout
     serve.connect(data_dir=cluster.data_dir)
     # The proxy terminates the calls: the replica serves no grpcio server.
-    assert grpc_addrs("sample") == [None]
+    (addr,) = grpc_addrs("sample")
+    assert not addr, addr
 
     handler_pb2, handler_pb2_grpc = client_modules(tmp_path, "handler.proto", SEED_PROTO)
     # The seed's snippet, with the proxy's address.
@@ -1028,7 +1036,7 @@ def test_a_grpc_api_on_a_node_with_a_certificate_serves_tls(monkeypatch, tmp_pat
         serve.connect(data_dir=cluster.data_dir)
         (replica,) = [r for r in serve.status()["replicas"] if r["backend"] == "sample" and r["state"] == "running"]
         assert replica.get("tls") is True, replica
-        assert replica.get("grpc_addr") is None, replica
+        assert not replica.get("grpc_addr"), replica
         handler_pb2, handler_pb2_grpc = client_modules(tmp_path, "handler.proto", SEED_PROTO)
         stub = handler_pb2_grpc.HandlerStub(proxy_channel(cluster))
         assert stub.Predict(handler_pb2.Sample(a="text"), timeout=60).b == "text v1 hello"
