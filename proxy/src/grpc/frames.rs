@@ -1,4 +1,4 @@
-//! Calls the proxy terminates itself (`SERVAL_GRPC_FRAMES=1`, issue 25):
+//! Calls the proxy terminates itself (the default; issue 25):
 //! the request message is taken out of its gRPC framing and sent as a
 //! [`Payload::Grpc`] frame on the replica's multiplexed connection, the
 //! same connection, handshake and bounds as HTTP requests. A unary call's

@@ -103,7 +103,9 @@ TLS_CERT_ENV, TLS_KEY_ENV = "SERVAL_TLS_CERT", "SERVAL_TLS_KEY"
 #: the replica's loop, so no loop turn ends its bursts: the replies it
 #: yields are gathered into one chunk frame until it has run this long since
 #: the last ones left, then leave before its next ``next()``: a reply waits
-#: at most this plus one ``next()`` of the generator.
+#: at most this plus one ``next()`` of the generator (the one it was not
+#: known to block in: a reply yielded just before the generator blocks
+#: leaves with the next one, or at the end).
 GATHER_S = 0.001
 #: ``SERVAL_GRPC_FRAMES=0`` in the cluster's environment (the proxies'
 #: and, inherited through the node agents, the replicas'): the proxies
