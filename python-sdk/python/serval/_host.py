@@ -1379,13 +1379,13 @@ def _http_chunk(item: Any) -> bytes:
     return _dumps(item).encode()
 
 
+_GRPC_PREFIX = struct.Struct(">BI").pack
+
+
 def _grpc_message(message: bytes) -> bytes:
     """One reply message in gRPC's framing (uncompressed, its length in 4
     big-endian bytes), as the proxy passes it on to the client."""
     return _GRPC_PREFIX(0, len(message)) + message
-
-
-_GRPC_PREFIX = struct.Struct(">BI").pack
 
 
 def _end_stream_with(reply, response) -> None:

@@ -8,12 +8,13 @@ At deploy, ``serval.cortex.config.compile_proto`` compiled the proto; its
 generated ``<stem>_pb2`` module (and those of the project protos it imports)
 and the FileDescriptorSet travel in the package under
 ``handler.grpc.package_dir``, so replicas need protobuf only (and grpcio
-on the forwarding path), not grpcio-tools. ``GrpcAPI(spec)`` sets the process up as ``RealtimeAPI`` does,
-imports that module, builds ``Handler(config, proto_module_pb2)`` (each by
-name, as the Handler's ``__init__`` takes them; ``module_proto_pb2`` is the
-same module under the other name Cortex's documentation uses) and, on the
-forwarding path, starts a grpcio server on ``$SERVAL_REPLICA_HOST:0`` (the replica's TCP host, set by
-``serval.replica``; 127.0.0.1 by default) with a generic handler for the
+on the forwarding path), not grpcio-tools. ``GrpcAPI(spec)`` sets the
+process up as ``RealtimeAPI`` does, imports that module, builds
+``Handler(config, proto_module_pb2)`` (each by name, as the Handler's
+``__init__`` takes them; ``module_proto_pb2`` is the same module under the
+other name Cortex's documentation uses) and, on the forwarding path,
+starts a grpcio server on ``$SERVAL_REPLICA_HOST:0`` (the replica's TCP
+host, set by ``serval.replica``; 127.0.0.1 by default) with a generic handler for the
 proto's one service. ``serval_grpc_address`` ("host:port") is what the
 replica reports as ``grpc_addr``; the proxies forward the HTTP/2 streams of
 ``/<package>.<Service>/<Method>`` calls to it unchanged. When the node has
@@ -43,8 +44,9 @@ naming both types. An RPC of the service that the Handler lacks answers
 UNIMPLEMENTED naming the method; it does not stop the API from starting.
 
 By default calls reach the replica without grpcio: the proxy terminates
-gRPC itself and sends each call as a ``Payload::Grpc`` frame on its replica connection; the replica's ``serval_grpc_call`` decodes the message with the
-generated class, calls the Handler with a :class:`Context` (grpcio's
+gRPC itself and sends each call as a ``Payload::Grpc`` frame on its
+replica connection; the replica's ``serval_grpc_call`` decodes the
+message with the generated class, calls the Handler with a :class:`Context` (grpcio's
 ``ServicerContext`` methods a Handler uses) and answers the status and the
 reply message's bytes. The statuses, details and deadlines are those of the
 grpcio path. Unary calls run on a pool of ``threads_per_process`` threads
