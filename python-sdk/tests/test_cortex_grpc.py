@@ -690,6 +690,67 @@ def test_unary_calls_as_frames_on_the_replica(shapes_api, shapes_stub, monkeypat
         assert f.read() == "inactive"
 
 
+@pytest.mark.parametrize("method, a", [("Count", "200::"), ("Burst", "200:1")])
+def test_a_burst_of_replies_leaves_in_few_chunk_frames(shapes_api, shapes_stub, monkeypatch, method, a):
+    """A server stream as the replica's host streams it (``_stream_items``,
+    its reply standing in for the router connection): the first reply
+    leaves alone at once, the rest of a burst (a sync generator inline, as
+    with threads_per_process 1, or an async generator yielding without
+    awaiting) gathered into few chunk frames, each one or more whole
+    length-prefixed messages, all in order."""
+    from serval import _host
+
+    obj, _ = shapes_api
+    pb2, _, _ = shapes_stub
+    monkeypatch.setattr(obj, "_pool", None)
+
+    class StreamReply:
+        stream_key = (0, 1)
+
+        def __init__(self):
+            self.chunks = []
+
+        def start_stream(self, status, headers):
+            return True
+
+        def send_chunk(self, chunk):
+            self.chunks.append(bytes(chunk))
+            return True
+
+        def end_stream(self):
+            return True
+
+    reply = StreamReply()
+    source = obj.serval_grpc_call(f"/shapes.Shapes/{method}", pb2.Req(a=a).SerializeToString(), (), None, reply)
+    host = _host.Host("grpc-burst", object)
+    host.loop = asyncio.new_event_loop()
+    stream = _host._Stream(reply)
+    # No router grants credit here: a window for every reply alone, so a
+    # stream that fails to gather ends too (with too many frames).
+    stream.credit = 1000
+    try:
+        host.loop.run_until_complete(asyncio.wait_for(host._stream_items(_host._GRPC, source, reply, stream), 60))
+    finally:
+        host.loop.close()
+
+    def messages(chunk):
+        out = []
+        while chunk:
+            assert chunk[0] == 0 and len(chunk) >= 5, chunk[:5]
+            size = int.from_bytes(chunk[1:5], "big")
+            assert len(chunk) >= 5 + size, "a message cut across chunks"
+            out.append(pb2.Res.FromString(chunk[5:5 + size]).b)
+            chunk = chunk[5 + size:]
+        return out
+
+    got = [messages(c) for c in reply.chunks]
+    expected = (["serval.cortex.grpc_api"] + [str(i) for i in range(200)] if method == "Count"
+                else [burst_reply(i, 1) for i in range(200)])
+    assert [b for chunk in got for b in chunk] == expected
+    assert len(got[0]) == 1, "the first reply leaves alone"
+    assert len(got) <= 3, f"a burst of {len(expected)} replies left in {len(got)} chunk frames"
+
+
 def test_the_grpcio_forwarding_path_with_tls(monkeypatch, tmp_path):
     """With ``SERVAL_GRPC_FRAMES=0`` in the cluster's environment the proxy
     forwards calls to a grpcio server the replica then starts (the path
