@@ -828,9 +828,13 @@ def test_a_module_from_the_descriptor_set(tmp_path):
     assert module.DESCRIPTOR.services_by_name["S"].methods_by_name["P"].input_type.full_name == "fallback.Msg"
 
 
-def test_a_handler_without_module_proto_pb2_and_http_requests(tmp_path, monkeypatch):
+@pytest.mark.parametrize("path", ["frames", "grpcio"])
+def test_a_handler_without_module_proto_pb2_and_http_requests(tmp_path, monkeypatch, path):
     """``__init__`` may take only ``config`` (arguments by name); the
-    replica's HTTP side answers 404 (a gRPC API has no route)."""
+    replica's HTTP side answers 404 (a gRPC API has no route). On the
+    default path the replica serves calls without grpcio (an import of it
+    fails here) and opens no gRPC port; with ``SERVAL_GRPC_FRAMES=0`` its
+    grpcio server answers."""
 
     from serval.cortex.grpc_api import GrpcAPI
     from serval.cortex.package import build_package
@@ -851,11 +855,20 @@ def test_a_handler_without_module_proto_pb2_and_http_requests(tmp_path, monkeypa
     for var in ("SERVAL_API_NAME", "SERVAL_API_KIND"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("SERVAL_DATA_KEY", TEST_DATA_KEY.hex())
-    monkeypatch.setenv("SERVAL_GRPC_FRAMES", "0")
+    if path == "frames":
+        monkeypatch.delenv("SERVAL_GRPC_FRAMES", raising=False)
+        monkeypatch.setitem(sys.modules, "grpc", None)  # `import grpc` raises ImportError
+    else:
+        monkeypatch.setenv("SERVAL_GRPC_FRAMES", "0")
     obj = GrpcAPI(dict(api, dotenv={}, package=None), str(tmp_path / "u"))
     try:
         r = asyncio.run(obj(None))
         assert r.status_code == 404 and b"gRPC API" in r.body
+        if path == "frames":
+            assert getattr(obj, "serval_grpc_address", None) is None
+            status, headers, _ = obj.serval_grpc_call("/oc.S/P", b"", (), None, None)
+            assert (status, dict(headers)["grpc-status"]) == (200, str(grpc.StatusCode.UNIMPLEMENTED.value[0]))
+            return
         with grpc.insecure_channel(obj.serval_grpc_address) as channel:
             call = grpc.intercept_channel(channel, _AsProxy()).unary_unary("/oc.S/P")
             with pytest.raises(grpc.RpcError) as e:
