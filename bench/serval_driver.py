@@ -12,6 +12,7 @@ import time
 
 import driver_common as common
 from apps import Echo, Noop
+from grpc_noop import NOOP_GRPC_HANDLER, NOOP_PROTO
 
 import serval
 from serval import serve
@@ -78,28 +79,6 @@ def deploy_echo():
     serve.create_backend("echo", Echo)
     serve.create_endpoint("echo", backend="echo", route="/echo", methods=["POST"])
     return {"url": f"{BASE}/echo"}
-
-
-NOOP_PROTO = """syntax = "proto3";
-package bench;
-service Noop {
-    rpc Call (Empty) returns (Empty);
-    rpc Stream (Empty) returns (stream Empty);
-}
-message Empty {}
-"""
-
-NOOP_GRPC_HANDLER = """class Handler:
-    def __init__(self, config, module_proto_pb2):
-        self.empty = module_proto_pb2.Empty()
-
-    def Call(self, payload):
-        return self.empty
-
-    def Stream(self, payload):
-        for _ in range(100):
-            yield self.empty
-"""
 
 
 def deploy_grpc():

@@ -119,7 +119,10 @@ pub enum Payload {
     /// is the reply message's bytes when that status is OK (0). Any other
     /// HTTP status is the replica's own refusal (queue full, dispatch
     /// failed). A server-streaming call may instead be answered with a
-    /// streamed reply: one [`StreamFrame::Chunk`] per reply message, then
+    /// streamed reply: [`StreamFrame::Chunk`]s, each one or more whole
+    /// reply messages in gRPC's framing (per message: a 0 byte, its length
+    /// as 4 big-endian bytes, its bytes; a burst the Handler yielded at once
+    /// goes as one chunk, which the proxy passes on as it is), then
     /// `End` (status OK) or `Error` with a 200 [`Response`] carrying the
     /// final status in those headers. A client-streaming or bidirectional
     /// call's `message` is empty: the replica answers it with a stream head
@@ -227,7 +230,10 @@ pub const STREAM_HEADER: &str = "x-serval-stream";
 pub const STREAM_WINDOW: u32 = 16;
 
 /// Replica -> router, after a head frame carrying [`STREAM_HEADER`]: the
-/// body of a streamed reply, one frame per chunk the user code yielded.
+/// body of a streamed reply, in chunks: of an HTTP body, body bytes (one
+/// or more of the chunks the user code yielded); of a gRPC call's reply
+/// ([`Payload::Grpc`]), one or more whole length-prefixed messages; of a
+/// streaming handle call, one pickled item.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum StreamFrame {
     Chunk(Vec<u8>),

@@ -122,10 +122,10 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 
 /// Every test of this binary sets the same idle deadline before its proxy
 /// forwards anything (the proxy reads it once), and tests the forwarding
-/// path whatever the environment says (grpc_frames.rs tests the other).
+/// path (`SERVAL_GRPC_FRAMES=0`; grpc_frames.rs tests the default one).
 fn idle_deadline() {
     std::env::set_var(serval_proxy::grpc::STREAM_IDLE_ENV, "3");
-    std::env::remove_var(serval_proxy::grpc::FRAMES_ENV);
+    std::env::set_var(serval_proxy::grpc::FRAMES_ENV, "0");
 }
 
 fn grpc_status(headers: &hyper::HeaderMap) -> Option<&str> {

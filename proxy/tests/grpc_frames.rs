@@ -1,4 +1,4 @@
-//! gRPC calls the proxy terminates (`SERVAL_GRPC_FRAMES=1`): a hand-built
+//! gRPC calls the proxy terminates (by default): a hand-built
 //! snapshot whose one replica is a native frame server with no gRPC server
 //! at all (`grpc_addr` empty), so a call only succeeds as a
 //! `Payload::Grpc` frame. Checks what the replica receives (path,
@@ -110,6 +110,11 @@ fn grpc_frame(message: &[u8]) -> Bytes {
     out.into()
 }
 
+/// A stream chunk carrying `messages`, each length-prefixed.
+fn chunk(messages: &[&[u8]]) -> StreamFrame {
+    StreamFrame::Chunk(messages.iter().flat_map(|m| grpc_frame(m)).collect())
+}
+
 /// A descriptor set declaring `echo.Echo` with the unary method `Say`, the
 /// server-streaming `Count` and the client-streaming `Upload`.
 fn descriptor() -> Vec<u8> {
@@ -198,8 +203,9 @@ fn answer(code: &str, message: &str, body: &[u8]) -> Response {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unary_calls_reach_a_replica_as_frames() {
-    // Read once by the proxy, before its first call; this binary's only test.
-    std::env::set_var("SERVAL_GRPC_FRAMES", "1");
+    // The default path, whatever the environment says (read once by the
+    // proxy, before its first call; this binary's only test).
+    std::env::remove_var(serval_proxy::grpc::FRAMES_ENV);
     std::env::set_var(serval_proxy::grpc::STREAM_IDLE_ENV, "1");
     let dir = tempfile::tempdir().unwrap();
     let calls = Arc::new(Calls::default());
@@ -266,6 +272,11 @@ async fn unary_calls_reach_a_replica_as_frames() {
         )
     };
 
+    // A method the descriptors do not declare is answered by the proxy.
+    let undeclared = call_method("Nope", b"", &[]).await.unwrap();
+    assert_eq!(status(undeclared.headers()), Some("12"));
+    assert_eq!(calls.count(), 0, "not sent to the replica");
+
     // A call reaches the replica with its metadata (not the protocol's
     // headers, not a client's copy of the proxy credential) and its bytes.
     let first = tokio::spawn(call(
@@ -325,15 +336,16 @@ async fn unary_calls_reach_a_replica_as_frames() {
     .await;
     drop(calls.take());
 
-    // A server stream: each chunk frame reaches the client as one message
-    // as it comes, the end as OK trailers; the stream holds the slot.
+    // A server stream: each chunk frame (one or more length-prefixed
+    // messages) reaches the client as it comes, the end as OK trailers; the
+    // stream holds the slot.
     let streaming = tokio::spawn(count(&[]));
     eventually("the stream's call", || calls.count() == 1).await;
     let (got, reply) = calls.take().pop().unwrap();
     assert_eq!(got.path, "/echo.Echo/Count");
     assert!(reply.send_frame(&stream_head()));
     let mut body = streaming.await.unwrap().unwrap().into_body();
-    assert!(reply.send_frame(&StreamFrame::Chunk(b"one".to_vec())));
+    assert!(reply.send_frame(&chunk(&[b"one"])));
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(first, grpc_frame(b"one"), "a message leaves as it comes");
     let refused = call(b"", &[]).await.unwrap();
@@ -342,11 +354,15 @@ async fn unary_calls_reach_a_replica_as_frames() {
         Some("8"),
         "the open stream holds the slot"
     );
-    assert!(reply.send_frame(&StreamFrame::Chunk(b"two".to_vec())));
+    assert!(reply.send_frame(&chunk(&[b"two", b"", b"three"])));
     assert!(reply.send_frame(&StreamFrame::End));
     let rest = body.collect().await.unwrap();
     assert_eq!(status(rest.trailers().unwrap()), Some("0"));
-    assert_eq!(rest.to_bytes(), grpc_frame(b"two"));
+    assert_eq!(
+        rest.to_bytes(),
+        [grpc_frame(b"two"), grpc_frame(b""), grpc_frame(b"three")].concat(),
+        "a chunk's messages pass through whole, in order"
+    );
     eventually("the stream's slot to be released", || {
         proxy.router().in_flight("b") == 0
     })
@@ -361,7 +377,7 @@ async fn unary_calls_reach_a_replica_as_frames() {
     eventually("the failing stream's call", || calls.count() == 1).await;
     let (_, reply) = calls.take().pop().unwrap();
     reply.send_frame(&stream_head());
-    reply.send_frame(&StreamFrame::Chunk(b"one".to_vec()));
+    reply.send_frame(&chunk(&[b"one"]));
     reply.send_frame(&StreamFrame::Error(answer("7", "denied 100%", b"")));
     let collected = failing
         .await
@@ -375,6 +391,28 @@ async fn unary_calls_reach_a_replica_as_frames() {
     assert_eq!(status(&trailers), Some("7"));
     assert_eq!(trailers.get("grpc-message").unwrap(), "denied 100%25");
     assert_eq!(collected.to_bytes(), grpc_frame(b"one"));
+
+    // A chunk that is not whole messages ends the stream UNAVAILABLE after
+    // the messages before it, cancelled on the replica.
+    let broken = tokio::spawn(count(&[]));
+    eventually("the broken stream's call", || calls.count() == 1).await;
+    let (_, reply) = calls.take().pop().unwrap();
+    reply.send_frame(&stream_head());
+    reply.send_frame(&chunk(&[b"one"]));
+    let mut cut = grpc_frame(b"two").to_vec();
+    cut.pop();
+    reply.send_frame(&StreamFrame::Chunk(cut));
+    let body = broken.await.unwrap().unwrap().into_body();
+    let collected = tokio::time::timeout(Duration::from_secs(10), body.collect())
+        .await
+        .expect("the stream ends at the broken chunk")
+        .unwrap();
+    assert_eq!(status(collected.trailers().unwrap()), Some("14"));
+    assert_eq!(collected.to_bytes(), grpc_frame(b"one"));
+    eventually("the broken stream to be cancelled", || {
+        calls.cancelled(reply.id())
+    })
+    .await;
 
     // A client that resets the stream cancels it on the replica, and the
     // slot is freed.
@@ -427,7 +465,7 @@ async fn unary_calls_reach_a_replica_as_frames() {
         messages,
         "every message, in order, untouched"
     );
-    assert!(reply.send_frame(&StreamFrame::Chunk(b"got 20".to_vec())));
+    assert!(reply.send_frame(&chunk(&[b"got 20"])));
     assert!(reply.send_frame(&StreamFrame::End));
     let collected = uploading
         .await

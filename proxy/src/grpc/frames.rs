@@ -1,13 +1,14 @@
-//! Calls the proxy terminates itself (`SERVAL_GRPC_FRAMES=1`, issue 25):
+//! Calls the proxy terminates itself (the default; issue 25):
 //! the request message is taken out of its gRPC framing and sent as a
 //! [`Payload::Grpc`] frame on the replica's multiplexed connection, the
 //! same connection, handshake and bounds as HTTP requests. A unary call's
 //! replica answers the status and the reply message's bytes, which go back
 //! as a gRPC response with trailers. A server-streaming call's replica
 //! answers with a streamed reply (the machinery of HTTP streams: a head,
-//! one chunk frame per reply message, credits, cancel): each chunk goes to
-//! the client as one gRPC message as it comes, and the stream's end (or
-//! error frame) becomes the trailers. A client-streaming or bidirectional
+//! chunk frames each holding one or more whole length-prefixed reply
+//! messages, credits, cancel): each chunk's bytes go to the client as they
+//! come, checked to be whole messages but not decoded, and the stream's end
+//! (or error frame) becomes the trailers. A client-streaming or bidirectional
 //! call's replica answers a stream head at once; the client's messages then
 //! go to it as [`Payload::GrpcMessage`] frames as they arrive
 //! ([`send_requests`], under the idle deadline of [`super::idle`]), at most
@@ -35,7 +36,7 @@ use tokio::time::{Instant, Sleep};
 use super::idle::{self, IdleBody};
 use super::table::Shape;
 use super::{
-    add_status, code_of, frame, internal_failure, push_message, status_response, BoxError, Code,
+    add_status, code_of, frame, internal_failure, status_response, BoxError, Code,
     GrpcBody, GrpcResponse,
 };
 use crate::errors;
@@ -180,8 +181,9 @@ fn replica_status(answer: &Response) -> (u16, &str) {
     (code, answer.header(GRPC_MESSAGE_HEADER).unwrap_or(""))
 }
 
-/// The reply of a streaming call: one gRPC message per chunk the replica
-/// sends, as it comes, then trailers with the stream's status.
+/// The reply of a streaming call: the gRPC messages of each chunk the
+/// replica sends (already length-prefixed), as they come, then trailers
+/// with the stream's status.
 /// Dropped before its end (the client reset the stream), or ended by the
 /// client's deadline, it drops `messages`, which cancels the replica's
 /// generator and frees the slot the stream holds.
@@ -281,8 +283,13 @@ impl Body for MessageStream {
                 let mut data = BytesMut::new();
                 let end = loop {
                     match messages.poll_next(cx) {
-                        Poll::Ready(Some(Ok(message))) => {
-                            push_message(&mut data, &message);
+                        Poll::Ready(Some(Ok(chunk))) if !whole_messages(&chunk) => {
+                            let detail = "the replica sent a chunk that is not whole gRPC messages";
+                            tracing::warn!("{detail}");
+                            break Some(Some(StreamError::Lost(detail.to_owned())));
+                        }
+                        Poll::Ready(Some(Ok(chunk))) => {
+                            data.extend_from_slice(&chunk);
                             if data.len() >= GATHER_BYTES {
                                 break None;
                             }
@@ -310,6 +317,26 @@ impl Body for MessageStream {
     fn is_end_stream(&self) -> bool {
         self.messages.is_none()
     }
+}
+
+/// Whether `chunk` is one or more whole, uncompressed length-prefixed gRPC
+/// messages (what a replica's stream chunk must be): a walk over the
+/// prefixes, the messages themselves untouched.
+fn whole_messages(mut chunk: &[u8]) -> bool {
+    if chunk.is_empty() {
+        return false;
+    }
+    while !chunk.is_empty() {
+        let Some(&[0, a, b, c, d]) = chunk.get(..5) else {
+            return false;
+        };
+        let len = u32::from_be_bytes([a, b, c, d]) as usize;
+        let Some(rest) = chunk.get(5 + len..) else {
+            return false;
+        };
+        chunk = rest;
+    }
+    true
 }
 
 /// The most message bytes [`MessageStream`] gathers into one DATA frame.
@@ -511,6 +538,19 @@ mod tests {
         );
         let compressed = Bytes::from_static(&[1, 0, 0, 0, 1, b'x']);
         assert_eq!(unframe(&compressed).unwrap_err().0, Code::Unimplemented);
+    }
+
+    #[test]
+    fn a_stream_chunk_is_one_or_more_whole_uncompressed_messages() {
+        assert!(whole_messages(&frame(b"one")));
+        assert!(whole_messages(&frame(b"")));
+        assert!(whole_messages(&[frame(b"a"), frame(b""), frame(b"ccc")].concat()));
+        assert!(!whole_messages(b""));
+        assert!(!whole_messages(b"raw"));
+        let cut = [frame(b"a"), frame(b"bb")].concat();
+        assert!(!whole_messages(&cut[..cut.len() - 1]));
+        assert!(!whole_messages(&[frame(b"a").to_vec(), vec![0, 0]].concat()));
+        assert!(!whole_messages(&[1, 0, 0, 0, 1, b'x']));
     }
 
     #[test]

@@ -2,19 +2,20 @@
 //! `content-type: application/grpc...` (HTTP/2) comes here instead of the
 //! HTTP routes and middlewares.
 //!
-//! * `/<package>.<Service>/<Method>` of a deployed gRPC API: a slot on one
-//!   of its replicas is reserved with the same router as HTTP (traffic
-//!   draw, `max_concurrent_queries`, bounded queue), and the HTTP/2 stream
-//!   is forwarded unchanged to that replica's gRPC server: message bytes,
+//! * `/<package>.<Service>/<Method>` of a method the deployed descriptors
+//!   declare: terminated here ([`frames`]): a slot on one of the API's
+//!   replicas is reserved with the same router as HTTP (traffic draw,
+//!   `max_concurrent_queries`, bounded queue), request messages go to the
+//!   replica as frames on its multiplexed connection, reply messages come
+//!   back as a reply or as stream frames; no grpcio server is involved.
+//!   A method they do not declare is answered `UNIMPLEMENTED`.
+//! * With `SERVAL_GRPC_FRAMES=0` in the proxy's environment (the path
+//!   frames replace, kept for now), the reserved replica's HTTP/2 stream
+//!   is instead forwarded unchanged to its grpcio server: message bytes,
 //!   metadata, `grpc-timeout`, streaming in both directions and trailers.
 //!   The slot is held until the response ends, so an open stream counts
 //!   as in flight for backpressure and autoscaling. A client that goes
 //!   away resets the upstream stream, which cancels the call on the replica.
-//! * With `SERVAL_GRPC_FRAMES=1` in the proxy's environment, the calls of
-//!   every method the descriptors declare are terminated here instead
-//!   ([`frames`]): request messages go to the replica as frames on its
-//!   multiplexed connection, reply messages come back as a reply or as
-//!   stream frames, and no grpcio server is involved. Off by default.
 //! * `grpc.health.v1.Health/Check` ([`health`]) and server reflection
 //!   ([`reflection`], v1 and v1alpha) answered by the proxy itself.
 //! * Anything else: `UNIMPLEMENTED` naming the service.
@@ -57,13 +58,13 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type GrpcBody = UnsyncBoxBody<Bytes, BoxError>;
 pub(crate) type GrpcResponse = hyper::Response<GrpcBody>;
 
-/// `SERVAL_GRPC_FRAMES=1` in the proxy's environment: the calls of
-/// declared methods are terminated by the proxy and sent to replicas as
-/// frames ([`frames`]).
+/// `SERVAL_GRPC_FRAMES=0` in the proxy's environment: calls are forwarded
+/// to the replicas' grpcio servers (which replicas then start) instead of
+/// being terminated here and sent as frames ([`frames`], the default).
 pub const FRAMES_ENV: &str = "SERVAL_GRPC_FRAMES";
 
 static FRAMES: LazyLock<bool> =
-    LazyLock::new(|| std::env::var(FRAMES_ENV).is_ok_and(|v| v.trim() == "1"));
+    LazyLock::new(|| !std::env::var(FRAMES_ENV).is_ok_and(|v| v.trim() == "0"));
 
 /// gRPC status codes the proxy answers with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,9 +132,13 @@ pub(crate) async fn handle(proxy: &Proxy, req: hyper::Request<Incoming>) -> Grpc
         proxy.reflection().handle(req).await
     } else {
         match services.endpoint(service) {
-            Some(endpoint) => match services.shape(service, method).filter(|_| *FRAMES) {
+            Some(endpoint) if !*FRAMES => forward(proxy, endpoint, req).await,
+            Some(endpoint) => match services.shape(service, method) {
                 Some(shape) => frames::call(proxy, endpoint, &path, shape, req).await,
-                None => forward(proxy, endpoint, req).await,
+                None => status_response(
+                    Code::Unimplemented,
+                    &format!("service {service} declares no method {method}"),
+                ),
             },
             None => status_response(
                 Code::Unimplemented,
@@ -306,16 +311,10 @@ fn percent_encode(message: &str) -> String {
 /// A gRPC message frame: uncompressed flag, big-endian length, bytes.
 pub(crate) fn frame(message: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(5 + message.len());
-    push_message(&mut out, message);
-    out.freeze()
-}
-
-/// Appends `message` to `out` as a gRPC message frame ([`frame`]).
-pub(crate) fn push_message(out: &mut BytesMut, message: &[u8]) {
-    out.reserve(5 + message.len());
     out.put_u8(0);
     out.put_u32(message.len() as u32);
     out.extend_from_slice(message);
+    out.freeze()
 }
 
 #[cfg(test)]

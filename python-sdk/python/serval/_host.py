@@ -50,6 +50,7 @@ import inspect
 import json
 import logging
 import os
+import struct
 import traceback
 import types
 from typing import Any, Callable, Optional
@@ -89,8 +90,9 @@ _PICKLE = [("content-type", PICKLE_CONTENT_TYPE)]
 STREAM_WINDOW = 16
 
 
-#: HTTP body bytes a stream gathers into one chunk frame at most. A stream's
-#: first body chunk leaves at once (the time to first byte is what a client
+#: Bytes a stream gathers into one chunk frame at most (HTTP body bytes, or
+#: a gRPC stream's length-prefixed reply messages). A stream's first chunk
+#: leaves at once (the time to first byte is what a client
 #: waits on); after it, chunks a generator yields without suspending in
 #: between (a burst) leave as one frame when the loop next turns, and a
 #: burst past this size leaves in frames of about this size, each under the
@@ -161,7 +163,9 @@ _CALL = 1
 #: stream back (a plain call to a generator method is refused, as in Ray).
 _STREAM_CALL = 2
 #: A server-streaming gRPC call the proxy terminated (``on_grpc``): its
-#: items are reply messages' bytes, one per chunk frame.
+#: items are reply messages' bytes, which go length-prefixed (gRPC's
+#: framing, ``_grpc_message``), gathered per burst as an HTTP stream's body
+#: bytes are: a chunk frame carries one or more whole messages.
 _GRPC = 3
 #: The head of a streamed reply, by kind.
 _STREAM_HEADS = {_HTTP: _TEXT, _GRPC: [("content-type", "application/grpc")]}
@@ -881,8 +885,8 @@ class Host:
                 stream.waiter = None
         stream.credit -= 1
 
-    async def _send_http_chunk(self, stream: _Stream, chunk: bytes) -> None:
-        """Queues one chunk of an HTTP stream: the first leaves now, later
+    async def _send_gathered(self, stream: _Stream, chunk: bytes) -> None:
+        """Queues one chunk of an HTTP or gRPC stream: the first leaves now, later
         ones when the loop next turns (with the rest of their burst) or,
         past STREAM_COALESCE_BYTES, now, waiting for credit (the
         backpressure on the generator)."""
@@ -959,19 +963,22 @@ class Host:
 
     async def _stream_items(self, kind: int, source: Any, reply, stream: _Stream) -> None:
         """Streams a generator's items: over HTTP as body bytes gathered per
-        burst (``_send_http_chunk``, which holds the generator once a
-        window and a burst are out); else one item per frame, the generator
-        not advanced while the window is out. (A sync generator's ``next``
-        blocks the loop, which would hold a burst back for as long: its
-        items go one by one.)"""
-        if kind == _HTTP and inspect.isasyncgen(source):
+        burst (``_send_gathered``, which holds the generator once a
+        window and a burst are out), a gRPC stream's reply messages the same
+        way; else one item per frame, the generator not advanced while the
+        window is out. (A sync generator's ``next`` blocks the loop, which
+        would hold a burst back for as long: its items go one by one. A
+        gRPC stream's source is always an async generator, which gives the
+        loop its turns: ``serval.cortex.grpc_api``.)"""
+        if kind in (_HTTP, _GRPC) and inspect.isasyncgen(source):
             take = None
+            gathered = _http_chunk if kind == _HTTP else _grpc_message
 
             async def put(item):
-                await self._send_http_chunk(stream, _http_chunk(item))
+                await self._send_gathered(stream, gathered(item))
         else:
             take = self._take_credit
-            encode = _http_chunk if kind == _HTTP else bytes if kind == _GRPC else cloudpickle.dumps
+            encode = _http_chunk if kind == _HTTP else _grpc_message if kind == _GRPC else cloudpickle.dumps
 
             async def put(item):
                 if not reply.send_chunk(encode(item)):
@@ -1014,7 +1021,7 @@ class Host:
                 if not reply.start_stream(message["status"], headers):
                     raise _StreamGone()
             elif message["type"] == "http.response.body":
-                await self._send_http_chunk(stream, bytes(message.get("body", b"")))
+                await self._send_gathered(stream, bytes(message.get("body", b"")))
 
         async def receive():  # a disconnect cancels this task instead
             await asyncio.Event().wait()
@@ -1389,6 +1396,15 @@ def _http_chunk(item: Any) -> bytes:
     if isinstance(item, (bytes, bytearray, memoryview)):
         return bytes(item)
     return _dumps(item).encode()
+
+
+_GRPC_PREFIX = struct.Struct(">BI").pack
+
+
+def _grpc_message(message: bytes) -> bytes:
+    """One reply message in gRPC's framing (uncompressed, its length in 4
+    big-endian bytes), as the proxy passes it on to the client."""
+    return _GRPC_PREFIX(0, len(message)) + message
 
 
 def _end_stream_with(reply, response) -> None:

@@ -1,17 +1,20 @@
 """The replica side of a Cortex gRPC API (seed 000, "gRPC"): a RealtimeAPI
-whose ``handler.protobuf_path`` names a .proto file, served by a grpcio
-server in the replica.
+whose ``handler.protobuf_path`` names a .proto file. The proxies terminate
+its calls and send them on the replica's frame connection (below); with
+``SERVAL_GRPC_FRAMES=0`` in the cluster's environment they forward them to
+a grpcio server in the replica instead, which only then starts.
 
 At deploy, ``serval.cortex.config.compile_proto`` compiled the proto; its
 generated ``<stem>_pb2`` module (and those of the project protos it imports)
 and the FileDescriptorSet travel in the package under
-``handler.grpc.package_dir``, so replicas need grpcio and protobuf only, not
-grpcio-tools. ``GrpcAPI(spec)`` sets the process up as ``RealtimeAPI`` does,
-imports that module, builds ``Handler(config, proto_module_pb2)`` (each by
-name, as the Handler's ``__init__`` takes them; ``module_proto_pb2`` is the
-same module under the other name Cortex's documentation uses) and starts a grpcio server
-on ``$SERVAL_REPLICA_HOST:0`` (the replica's TCP host, set by
-``serval.replica``; 127.0.0.1 by default) with a generic handler for the
+``handler.grpc.package_dir``, so replicas need protobuf only (and grpcio
+on the forwarding path), not grpcio-tools. ``GrpcAPI(spec)`` sets the
+process up as ``RealtimeAPI`` does, imports that module, builds
+``Handler(config, proto_module_pb2)`` (each by name, as the Handler's
+``__init__`` takes them; ``module_proto_pb2`` is the same module under the
+other name Cortex's documentation uses) and, on the forwarding path,
+starts a grpcio server on ``$SERVAL_REPLICA_HOST:0`` (the replica's TCP
+host, set by ``serval.replica``; 127.0.0.1 by default) with a generic handler for the
 proto's one service. ``serval_grpc_address`` ("host:port") is what the
 replica reports as ``grpc_addr``; the proxies forward the HTTP/2 streams of
 ``/<package>.<Service>/<Method>`` calls to it unchanged. When the node has
@@ -24,10 +27,11 @@ Each RPC calls the Handler's method of the same name with any subset of
 
 * ``payload``: the request message; for client streaming (``stream`` input)
   an iterator of request messages.
-* ``context``: grpcio's ``ServicerContext`` (``set_code``, ``set_details``,
-  ``abort``, ``invocation_metadata``, ``time_remaining``, ``is_active``...).
-  grpcio cancels the call at the client's deadline (``grpc-timeout``), after
-  which ``context.is_active()`` is False.
+* ``context``: a :class:`Context` with what a Handler uses of grpcio's
+  ``ServicerContext`` (on the forwarding path grpcio's own): ``set_code``,
+  ``set_details``, ``abort``, ``invocation_metadata``, ``time_remaining``,
+  ``is_active``... The call ends at the client's deadline
+  (``grpc-timeout``), after which ``context.is_active()`` is False.
 * Unary output: the method returns the response message. Server streaming
   (``stream`` output): the method yields responses (or returns an iterable
   of them); each reaches the client as it is yielded.
@@ -39,20 +43,22 @@ keeps it. A result that is not the RPC's output message is INTERNAL too,
 naming both types. An RPC of the service that the Handler lacks answers
 UNIMPLEMENTED naming the method; it does not stop the API from starting.
 
-Calls can also reach the replica without grpcio: a proxy started with
-``SERVAL_GRPC_FRAMES=1`` terminates gRPC itself and sends each call as a
-``Payload::Grpc`` frame on its replica connection; the replica's ``serval_grpc_call`` decodes the message with the
-generated class, calls the Handler with a :class:`Context` (grpcio's
+By default calls reach the replica without grpcio: the proxy terminates
+gRPC itself and sends each call as a ``Payload::Grpc`` frame on its
+replica connection; the replica's ``serval_grpc_call`` decodes the
+message with the generated class, calls the Handler with a :class:`Context` (grpcio's
 ``ServicerContext`` methods a Handler uses) and answers the status and the
 reply message's bytes. The statuses, details and deadlines are those of the
 grpcio path. Unary calls run on a pool of ``threads_per_process`` threads
 when it is above 1, and inline on the replica's worker thread, one at a
 time, with 1 (as a RealtimeAPI's HTTP requests do). A server-streaming call
 is answered with an async generator of reply message bytes that the
-replica's host streams as it does an HTTP generator (one chunk frame per
-message, paced by the proxy's credits, closed when the client goes away:
-the Handler's generator is closed where it stands and ``is_active()``
-turns False); a sync generator is advanced on that pool (inline with 1).
+replica's host streams as it does an HTTP generator (the messages yielded
+in a burst, without the loop turning in between, gathered length-prefixed
+into one chunk frame, the first at once; paced by the proxy's credits,
+closed when the client goes away: the Handler's generator is closed where
+it stands and ``is_active()`` turns False); a sync generator is advanced
+on that pool (inline with 1, its bursts bounded by :data:`GATHER_S`).
 A client-streaming or bidirectional call's request messages follow as
 frames: the Handler, on that pool (on a pool of one thread with 1, since
 it waits for messages the replica's worker thread delivers), iterates
@@ -95,6 +101,26 @@ HOST_ENV = "SERVAL_REPLICA_HOST"
 #: The node's certificate chain and key (PEM), set by its agent when it has
 #: ``--tls-cert/--tls-key``.
 TLS_CERT_ENV, TLS_KEY_ENV = "SERVAL_TLS_CERT", "SERVAL_TLS_KEY"
+#: A sync Handler generator run inline (``threads_per_process`` 1) blocks
+#: the replica's loop, so no loop turn ends its bursts: the replies it
+#: yields are gathered into one chunk frame until it has run this long since
+#: the last ones left, then leave before its next ``next()``: a reply waits
+#: at most this plus one ``next()`` of the generator (the one it was not
+#: known to block in: a reply yielded just before the generator blocks
+#: leaves with the next one, or at the end).
+GATHER_S = 0.001
+#: ``SERVAL_GRPC_FRAMES=0`` in the cluster's environment (the proxies'
+#: and, inherited through the node agents, the replicas'): the proxies
+#: forward calls to a grpcio server in each replica instead of terminating
+#: them; only then does the replica start one.
+FRAMES_ENV = "SERVAL_GRPC_FRAMES"
+
+
+def forwarding() -> bool:
+    """Whether the proxies forward gRPC calls to a grpcio server here."""
+    return os.environ.get(FRAMES_ENV, "").strip() == "0"
+
+
 #: Seconds in-flight calls get to finish when the replica stops (its node
 #: agent kills it 5 s after asking it to stop).
 STOP_GRACE_S = 3.0
@@ -477,6 +503,7 @@ class _Rpc:
         away, the replica stops), the Handler's iterator is closed too. A
         sync iterator advances on ``pool``, inline without one."""
         running = None  # next() on the pool, while it runs
+        turned = time.monotonic()  # when the loop last had a turn (inline)
         try:
             while True:
                 try:
@@ -486,6 +513,12 @@ class _Rpc:
                         except StopAsyncIteration:
                             break
                     elif pool is None:
+                        # Inline, the loop turns only here: the replies
+                        # gathered since its last turn leave when a burst
+                        # has lasted GATHER_S (a slow next() included).
+                        if time.monotonic() - turned > GATHER_S:
+                            await asyncio.sleep(0)
+                            turned = time.monotonic()
                         item = _call_blocking(next, (iterator, _END), None)
                     else:
                         running = pool.submit(next, iterator, _END)
@@ -667,8 +700,6 @@ class GrpcAPI(RealtimeAPI):
     validated API with ``handler.grpc`` (``serval.cortex.config``)."""
 
     def __init__(self, spec: dict, project_dir: Optional[str] = None):
-        import grpc
-
         self.name = spec.get("name") or "api"
         handler = spec.get("handler") or {}
         grpc_spec = handler.get("grpc") or {}
@@ -717,6 +748,15 @@ class GrpcAPI(RealtimeAPI):
         self._stream_pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-grpc-streams")
         #: Their request messages' queues, by (connection, request id).
         self._client_streams: dict = {}
+        self._server = None
+        if forwarding():
+            self._serve_grpcio(threads)
+
+    def _serve_grpcio(self, threads: int) -> None:
+        """Starts the grpcio server the proxies forward calls to when they
+        run with ``SERVAL_GRPC_FRAMES=0``."""
+        import grpc
+
         self._server = grpc.server(ThreadPoolExecutor(threads, thread_name_prefix=f"{self.name}-grpc"),
                                    interceptors=(_cluster_only(),))
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
@@ -767,8 +807,10 @@ class GrpcAPI(RealtimeAPI):
             requests.cancel()
 
     def serval_stop(self, grace: float = STOP_GRACE_S) -> None:
-        """Stops the gRPC server: new calls are refused, calls in flight get
-        ``grace`` seconds to finish, then are cancelled."""
+        """Stops the grpcio server, if one runs: new calls are refused,
+        calls in flight get ``grace`` seconds to finish, then are cancelled.
+        Client streams the proxy terminated end; calls not started yet are
+        dropped."""
         server = getattr(self, "_server", None)
         if server is not None:
             server.stop(grace).wait(grace + 1.0)
