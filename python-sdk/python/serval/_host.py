@@ -436,7 +436,7 @@ class Host:
         #: Open streams by (connection, request id), as on_stream names them.
         self._streams: dict = {}
         #: Stream tasks created that have not run their first step: a burst
-        #: steps aside for them (see _send_http_chunk).
+        #: steps aside for them (see _send_gathered).
         self._unstarted: set = set()
         self._user_config = None
         #: The ReplicaServer while ``serve`` runs.

@@ -58,7 +58,7 @@ in a burst, without the loop turning in between, gathered length-prefixed
 into one chunk frame, the first at once; paced by the proxy's credits,
 closed when the client goes away: the Handler's generator is closed where
 it stands and ``is_active()`` turns False); a sync generator is advanced
-on that pool (inline with 1, its bursts bounded by :data:`GATHER_S`).
+on that pool (inline with 1, each reply leaving before the next ``next()``).
 A client-streaming or bidirectional call's request messages follow as
 frames: the Handler, on that pool (on a pool of one thread with 1, since
 it waits for messages the replica's worker thread delivers), iterates
@@ -101,14 +101,6 @@ HOST_ENV = "SERVAL_REPLICA_HOST"
 #: The node's certificate chain and key (PEM), set by its agent when it has
 #: ``--tls-cert/--tls-key``.
 TLS_CERT_ENV, TLS_KEY_ENV = "SERVAL_TLS_CERT", "SERVAL_TLS_KEY"
-#: A sync Handler generator run inline (``threads_per_process`` 1) blocks
-#: the replica's loop, so no loop turn ends its bursts: the replies it
-#: yields are gathered into one chunk frame until it has run this long since
-#: the last ones left, then leave before its next ``next()``: a reply waits
-#: at most this plus one ``next()`` of the generator (the one it was not
-#: known to block in: a reply yielded just before the generator blocks
-#: leaves with the next one, or at the end).
-GATHER_S = 0.001
 #: ``SERVAL_GRPC_FRAMES=0`` in the cluster's environment (the proxies'
 #: and, inherited through the node agents, the replicas'): the proxies
 #: forward calls to a grpcio server in each replica instead of terminating
@@ -503,7 +495,6 @@ class _Rpc:
         away, the replica stops), the Handler's iterator is closed too. A
         sync iterator advances on ``pool``, inline without one."""
         running = None  # next() on the pool, while it runs
-        turned = time.monotonic()  # when the loop last had a turn (inline)
         try:
             while True:
                 try:
@@ -513,12 +504,10 @@ class _Rpc:
                         except StopAsyncIteration:
                             break
                     elif pool is None:
-                        # Inline, the loop turns only here: the replies
-                        # gathered since its last turn leave when a burst
-                        # has lasted GATHER_S (a slow next() included).
-                        if time.monotonic() - turned > GATHER_S:
-                            await asyncio.sleep(0)
-                            turned = time.monotonic()
+                        # Inline, next() blocks the loop for as long as the
+                        # generator takes (a model's next token): the reply
+                        # before it leaves first, as it was yielded.
+                        await asyncio.sleep(0)
                         item = _call_blocking(next, (iterator, _END), None)
                     else:
                         running = pool.submit(next, iterator, _END)
