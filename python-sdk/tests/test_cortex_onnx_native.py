@@ -51,7 +51,7 @@ def deploy(cluster, folder, config, model=None):
 
 def replica_pids(backend):
     return [int(os.path.basename(p)) for p in glob.glob("/proc/[0-9]*")
-            if _cmdline(p).count(f"{backend}_") and "serval.replica" in _cmdline(p)]
+            if f" --backend {backend} " in _cmdline(p) and "serval.replica" in _cmdline(p)]
 
 
 def _cmdline(proc_dir):
