@@ -306,53 +306,6 @@ def test_a_burst_of_chunks_leaves_in_few_frames(shared):
     serve.delete("burst")
 
 
-@serve.deployment(ray_actor_options=CPU0)
-def long_burst(request):
-    """``role=long``: after its first chunk, a body that never suspends (a
-    millisecond of work per chunk) until the file ``marker`` exists, for a
-    minute at most; its last chunk says whether it saw it. ``role=new``:
-    creates ``marker`` when its generator starts."""
-    marker = request.query_params["marker"]
-
-    async def long_body():
-        yield b"first "
-        end = time.monotonic() + 60
-        while time.monotonic() < end:
-            spin = time.monotonic() + 0.001
-            while time.monotonic() < spin:
-                pass
-            if os.path.exists(marker):
-                yield b"saw the new stream"
-                return
-            yield b"."
-        yield b"never saw the new stream"
-
-    async def new_body():
-        open(marker, "w").close()
-        yield b"new"
-
-    if request.query_params["role"] == "long":
-        return long_body()
-    return new_body()
-
-
-def test_a_new_stream_starts_while_a_long_burst_runs(shared, tmp_path):
-    """One replica, one loop: a stream that arrives while another's body
-    runs without suspending gets its first chunk out before that body ends
-    (the burst steps aside while requests wait), instead of after it."""
-    serve.run(long_burst.bind(), name="long-burst", route_prefix="/long-burst")
-    marker = str(tmp_path / "new-started")
-    url = f"{shared.url}/long-burst"
-    with requests.get(url, params={"role": "long", "marker": marker}, stream=True, timeout=120) as long_stream:
-        chunks = long_stream.iter_content(chunk_size=None)
-        assert next(chunks).startswith(b"first")
-        new = requests.get(url, params={"role": "new", "marker": marker}, timeout=120)
-        assert new.status_code == 200 and new.content == b"new"
-        rest = b"".join(chunks)
-    assert rest.endswith(b"saw the new stream"), rest[-40:]
-    serve.delete("long-burst")
-
-
 def test_handle_streams_sync_and_async(shared, tmp_path):
     serve.run(Chat.bind(), name="chat", route_prefix="/chat")
     chat = serve.get_deployment_handle("Chat", "chat")

@@ -435,9 +435,6 @@ class Host:
         self._tasks: set = set()
         #: Open streams by (connection, request id), as on_stream names them.
         self._streams: dict = {}
-        #: Stream tasks created that have not run their first step: a burst
-        #: steps aside for them (see _send_gathered).
-        self._unstarted: set = set()
         self._user_config = None
         #: The ReplicaServer while ``serve`` runs.
         self._server = None
@@ -849,8 +846,6 @@ class Host:
         stream.task = self.loop.create_task(self._run_stream(kind, source, scope, reply, stream, key))
         self._tasks.add(stream.task)
         stream.task.add_done_callback(self._tasks.discard)
-        self._unstarted.add(stream.task)
-        stream.task.add_done_callback(self._unstarted.discard)  # (cancelled before its first step)
 
     def on_stream(self, conn: int, request_id: Optional[int], credit: int) -> None:
         """A router's signal for a stream: ``credit`` more chunks may go,
@@ -896,24 +891,11 @@ class Host:
             return
         stream.pending.append(chunk)
         stream.pending_size += len(chunk)
-        if stream.first:
+        if stream.first or stream.pending_size >= STREAM_COALESCE_BYTES:
             stream.first = False
-            await self._flush(stream)
-            # The rest of this body goes after the first chunks of the
-            # streams that started with it.
-            await asyncio.sleep(0)
-            return
-        if stream.pending_size >= STREAM_COALESCE_BYTES:
             await self._flush(stream)
         elif not stream.flush_scheduled:
             self._schedule_flush(stream)
-        if self._unstarted or (self._server is not None and self._server.waiting):
-            # Requests wait while this burst runs on, or streams they
-            # started have not run yet: step aside, so the loop drains them
-            # and new streams send their first chunks before the rest of
-            # this body (their time to first byte would otherwise wait for
-            # every body ahead of them).
-            await asyncio.sleep(0)
 
     async def _flush(self, stream: _Stream) -> None:
         """Sends the pending bytes under one credit, waiting for it."""
@@ -939,7 +921,6 @@ class Host:
             stream.send_pending()
 
     async def _run_stream(self, kind: int, source: Any, scope, reply, stream: _Stream, key) -> None:
-        self._unstarted.discard(stream.task)
         try:
             if isinstance(source, Response):
                 await self._stream_asgi(source, scope, reply, stream)

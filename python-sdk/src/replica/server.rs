@@ -236,13 +236,6 @@ impl ReplicaServer {
         self.wake.reader.as_raw_fd()
     }
 
-    /// Whether requests were queued for the Python thread since the last
-    /// drain took them: a long burst of work steps aside when they wait.
-    #[getter]
-    fn waiting(&self) -> bool {
-        self.wake.pending.load(Ordering::Acquire)
-    }
-
     #[getter]
     fn stop_reason(&self) -> Option<String> {
         self.stop.reason()
