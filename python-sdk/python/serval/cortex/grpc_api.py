@@ -306,7 +306,7 @@ class Context:
         return self._deadline is not None and time.monotonic() >= self._deadline
 
     def is_active(self) -> bool:
-        return not self._cancelled and (self._deadline is None or time.monotonic() < self._deadline)
+        return not self._cancelled and not self.expired()
 
     def set_code(self, code) -> None:
         self._code = code
