@@ -10,7 +10,10 @@ venv of its own). Rounds alternate A and B; each starts a fresh head with
 that build, deploys a sync Python no-op at ``max_concurrent_queries`` 8 (the
 Ray Serve 1.x default) and 100, runs wrk at c=64 on each and stops the head.
 Prints requests/s and p99 per build and limit, the median over the rounds,
-and B against A. wrk must be installed (bench/run installs it).
+and B against A; and the CPU time the cluster's processes (the driver,
+the head, its replicas: not wrk) spent per request, which on a small
+machine shared with wrk varies much less from round to round than
+requests/s does. wrk must be installed (bench/run installs it).
 """
 
 import argparse
@@ -58,6 +61,39 @@ def wrk(url, duration, connections=64):
     return rps, float(p99.group(1)) * scale, int(errors.group(1)) if errors else 0
 
 
+def cpu_seconds(root):
+    """User + system CPU seconds of ``root`` and every process below it
+    (from /proc; a process that ended meanwhile is skipped)."""
+    parent, ticks = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        parent[int(entry)] = int(fields[1])
+        ticks[int(entry)] = int(fields[11]) + int(fields[12])
+    tree, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        for child, ppid in parent.items():
+            if ppid == pid and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return sum(ticks.get(pid, 0) for pid in tree) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(pid, url, duration):
+    """wrk on ``url``, plus the cluster's CPU microseconds per request."""
+    before = cpu_seconds(pid)
+    rps, p99, errors = wrk(url, duration)
+    spent = cpu_seconds(pid) - before
+    return rps, p99, errors, 1e6 * spent / max(1.0, rps * duration)
+
+
 def one_round(python, duration):
     data_dir = tempfile.mkdtemp(prefix="serval-ab-")
     http_port = free_port()
@@ -70,7 +106,8 @@ def one_round(python, duration):
         if not line or not json.loads(line).get("ready"):
             raise RuntimeError(f"{python}: the cluster did not start")
         wrk(f"http://127.0.0.1:{http_port}/noop8", 2)  # warm-up
-        return {limit: wrk(f"http://127.0.0.1:{http_port}/noop{limit}", duration) for limit in (8, 100)}
+        return {limit: measured(child.pid, f"http://127.0.0.1:{http_port}/noop{limit}", duration)
+                for limit in (8, 100)}
     finally:
         child.stdin.close()
         try:
@@ -99,21 +136,24 @@ def main():
             for limit, value in out.items():
                 results[label][limit].append(value)
             print(f"round {r + 1} {label}: " + ", ".join(
-                f"limit {k}: {v[0]:.0f} req/s p99 {v[1]:.2f} ms" + (f" ({v[2]} non-2xx)" if v[2] else "")
+                f"limit {k}: {v[0]:.0f} req/s p99 {v[1]:.2f} ms {v[3]:.1f} CPU us/req"
+                + (f" ({v[2]} non-2xx)" if v[2] else "")
                 for k, v in out.items()), flush=True)
     print("\n| build | limit 8, c=64 | limit 100, c=64 |\n|---|---|---|")
-    medians = {}
+    medians, cpu = {}, {}
     for label in labels:
         cells = []
         for limit in (8, 100):
             rps = statistics.median(v[0] for v in results[label][limit])
             p99 = statistics.median(v[1] for v in results[label][limit])
-            medians[(label, limit)] = rps
-            cells.append(f"{rps / 1000:.1f}k req/s, p99 {p99:.2f} ms")
+            us = statistics.median(v[3] for v in results[label][limit])
+            medians[(label, limit)], cpu[(label, limit)] = rps, us
+            cells.append(f"{rps / 1000:.1f}k req/s, p99 {p99:.2f} ms, {us:.1f} CPU us/req")
         print(f"| {label} | " + " | ".join(cells) + " |")
     a, b = labels
     print(f"| {b} / {a} | " + " | ".join(
-        f"{100.0 * (medians[(b, limit)] / medians[(a, limit)] - 1):+.1f} %" for limit in (8, 100)) + " |")
+        f"{100.0 * (medians[(b, limit)] / medians[(a, limit)] - 1):+.1f} % req/s, "
+        f"{100.0 * (cpu[(b, limit)] / cpu[(a, limit)] - 1):+.1f} % CPU/req" for limit in (8, 100)) + " |")
 
 
 if __name__ == "__main__":

@@ -306,6 +306,75 @@ def test_a_burst_of_chunks_leaves_in_few_frames(shared):
     serve.delete("burst")
 
 
+@serve.deployment(ray_actor_options=CPU0)
+class Hogs:
+    """Streams whose bodies never suspend after their first chunk: each
+    blocks the replica's loop until its gate opens (as a generator that
+    yields without awaiting holds it for its whole body). The first two
+    streams start together: the second arrival releases the first. A
+    request without a gate is a plain one."""
+
+    def __init__(self):
+        self.arrived = 0
+        self.both = asyncio.Event()
+
+    def __call__(self, request):
+        gate = request.query_params.get("gate")
+        if gate is None:
+            return "plain"
+
+        async def body():
+            self.arrived += 1
+            if self.arrived == 2:
+                self.both.set()
+            await self.both.wait()
+            yield b"first "
+            while not os.path.exists(gate):
+                time.sleep(0.005)
+            yield b"rest"
+
+        return StreamingResponse(body(), media_type="text/plain")
+
+
+def test_new_requests_go_before_the_bodies_of_running_streams(shared, tmp_path):
+    """A stream's first chunk does not wait for the whole body of every
+    stream ahead of it, and a request that comes while a body runs is
+    taken before the next body starts: a new request waits for at most one
+    body (the time to first byte under many streams)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    serve.run(Hogs.bind(), name="hogs", route_prefix="/hogs")
+    url = f"{shared.url}/hogs"
+    gates = [str(tmp_path / "gate1"), str(tmp_path / "gate2")]
+    # Headers come before the body starts: the first stream has arrived
+    # (and waits for the second) when the second is sent.
+    streams = [requests.get(url, params={"gate": g}, stream=True, timeout=60) for g in gates]
+    chunks = [r.iter_content(chunk_size=None) for r in streams]
+    try:
+        # The second's body now blocks the loop until gate2; without the
+        # stepping aside after a first chunk, the first's "first " would
+        # wait for it.
+        assert next(chunks[0]) == b"first "
+        assert next(chunks[1]) == b"first "
+        with ThreadPoolExecutor(1) as pool:
+            plain = pool.submit(requests.get, url, timeout=60)
+            wait_for_metric(shared.url, "the plain request at the replica", lambda text: sum(
+                samples(text, "serval_replica_in_flight", backend="hogs#Hogs")) == 3)
+            touch(gates[1])
+            # The first stream's body is next; the plain request goes before it.
+            answer = plain.result(timeout=60)
+            assert (answer.status_code, answer.text) == (200, "plain")
+        touch(gates[0])
+        assert b"".join(chunks[0]) == b"rest"
+        assert b"".join(chunks[1]) == b"rest"
+    finally:
+        for g in gates:
+            touch(g)
+        for r in streams:
+            r.close()
+        serve.delete("hogs")
+
+
 def test_handle_streams_sync_and_async(shared, tmp_path):
     serve.run(Chat.bind(), name="chat", route_prefix="/chat")
     chat = serve.get_deployment_handle("Chat", "chat")

@@ -427,6 +427,13 @@ class Host:
         self._admit_scheduled = False
         #: True while a drain runs with the running loop already cleared.
         self._loop_cleared = False
+        #: While a drain runs: where in the loop's ready queue the next new
+        #: request's first step goes (see ``_go_first``); None otherwise.
+        self._front: Optional[int] = None
+        #: The loop's ready queue (CPython's ``_ready``), set by ``serve``.
+        self._ready = None
+        #: Runs the queued requests now (``serve``'s wake callback).
+        self._intake: Optional[Callable[[], None]] = None
         #: Read here, so a bad value fails the replica's start, not its worker.
         self._poll_us = replica_poll_us()
         #: Requests that may wait here beyond max_concurrent_queries: the
@@ -546,15 +553,18 @@ class Host:
             # two loop swaps (each a getpid() in CPython) per request.
             _set_running_loop(None)
             self._loop_cleared = True
+            self._front = 0
             try:
                 drain(on_http, on_call, on_reconfigure, poll_us, ready, on_ws_open, on_ws_event, on_stream,
                       on_grpc, on_grpc_message)
             finally:
+                self._front = None
                 self._loop_cleared = False
                 _set_running_loop(loop)
             if server.stop_reason is not None and not finishing:
                 finishing.append(loop.create_task(self._finish_in_flight(stopped)))
 
+        self._ready, self._intake = ready, on_wake
         loop.add_reader(fd, on_wake)
         check_health = self._health_check_method()
         if check_health is not None:
@@ -682,8 +692,34 @@ class Host:
 
     def _spawn(self, coro) -> None:
         task = self.loop.create_task(coro)
+        self._go_first()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _go_first(self) -> None:
+        """Moves the task step just scheduled (``create_task`` appends it to
+        the loop's ready queue) ahead of the steps that were waiting there
+        before this drain, after the other new ones: a new request starts
+        before the streams already running take their next step (a stream
+        that never suspends runs its whole body in one). New work cannot
+        starve them: it is bounded by the free slots, which only the
+        streams' ends free."""
+        front = self._front
+        if front is not None and self._ready:
+            self._ready.insert(front, self._ready.pop())
+            self._front = front + 1
+
+    async def _step_aside(self) -> None:
+        """Called by a stream once its first chunk is out: when other steps
+        wait on the loop or requests in the queue, the rest of its body
+        goes behind them (one loop turn), and the requests that came
+        meanwhile start first (``_intake``), so a new stream's first byte
+        waits for at most one body, not for every stream ahead of it."""
+        server = self._server
+        if self._ready or (server is not None and server.queued):
+            await asyncio.sleep(0)
+            if server is not None and server.queued and self._intake is not None:
+                self._intake()
 
     def _done(self) -> None:
         self._in_flight -= 1
@@ -844,6 +880,7 @@ class Host:
         key = reply.stream_key
         self._streams[key] = stream
         stream.task = self.loop.create_task(self._run_stream(kind, source, scope, reply, stream, key))
+        self._go_first()
         self._tasks.add(stream.task)
         stream.task.add_done_callback(self._tasks.discard)
 
@@ -891,8 +928,11 @@ class Host:
             return
         stream.pending.append(chunk)
         stream.pending_size += len(chunk)
-        if stream.first or stream.pending_size >= STREAM_COALESCE_BYTES:
+        if stream.first:
             stream.first = False
+            await self._flush(stream)
+            await self._step_aside()
+        elif stream.pending_size >= STREAM_COALESCE_BYTES:
             await self._flush(stream)
         elif not stream.flush_scheduled:
             self._schedule_flush(stream)

@@ -37,6 +37,7 @@
 //!   .wake_fd -> int                   readable when work is queued or the
 //!                                     server stops (for loop.add_reader)
 //!   .stop_reason -> str | None        why the server stopped, None while running
+//!   .queued -> bool                   requests wait for a drain
 //!   .reply_batch -> int (settable)    replies a drain gathers per connection
 //!                                     before writing them (default 1)
 //!   .drain(on_http, on_call, on_reconfigure, poll_us=0, ready=None,

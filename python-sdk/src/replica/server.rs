@@ -236,6 +236,13 @@ impl ReplicaServer {
         self.wake.reader.as_raw_fd()
     }
 
+    /// Whether requests wait in the queue for a drain (a stream that has
+    /// sent its first chunk looks, to let them start first).
+    #[getter]
+    fn queued(&self) -> bool {
+        !self.rx.is_empty()
+    }
+
     #[getter]
     fn stop_reason(&self) -> Option<String> {
         self.stop.reason()
