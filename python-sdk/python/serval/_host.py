@@ -100,6 +100,14 @@ STREAM_WINDOW = 16
 STREAM_COALESCE_BYTES = 64 * 1024
 
 
+class SendNow:
+    """Yielded (the class itself) by a stream's async generator to have the
+    bytes gathered so far sent now, before it blocks the loop
+    (``serval.cortex.grpc_api``'s inline sync generators): a send, not a
+    loop turn. A class, not an ``object()``: code that travels by value
+    (``_core.pickle_code``) still refers to this one."""
+
+
 class _Stream:
     """One streamed reply: the credit its router granted, the waiter for
     more, the task producing it (cancelled when the router cancels), and
@@ -996,7 +1004,10 @@ class Host:
             gathered = _http_chunk if kind == _HTTP else _grpc_message
 
             async def put(item):
-                await self._send_gathered(stream, gathered(item))
+                if item is SendNow:
+                    await self._flush(stream)
+                else:
+                    await self._send_gathered(stream, gathered(item))
         else:
             take = self._take_credit
             encode = _http_chunk if kind == _HTTP else _grpc_message if kind == _GRPC else cloudpickle.dumps

@@ -88,7 +88,7 @@ import types
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional
 
-from .._host import _call_blocking
+from .._host import SendNow, _call_blocking
 from .config import DESCRIPTOR_SET_NAME
 from .realtime import HandlerError, RealtimeAPI, accepted_args, error_response, setup_process
 
@@ -493,7 +493,9 @@ class _Rpc:
         A failure, a wrong reply type or a status the Handler set ends the
         stream with :class:`_StreamStatus`. Closed early (the client went
         away, the replica stops), the Handler's iterator is closed too. A
-        sync iterator advances on ``pool``, inline without one."""
+        sync iterator advances on ``pool``, inline without one (then each
+        ``next()`` comes after a ``SendNow``: the replies so far leave
+        before the loop blocks)."""
         running = None  # next() on the pool, while it runs
         try:
             while True:
@@ -507,7 +509,7 @@ class _Rpc:
                         # Inline, next() blocks the loop for as long as the
                         # generator takes (a model's next token): the reply
                         # before it leaves first, as it was yielded.
-                        await asyncio.sleep(0)
+                        yield SendNow
                         item = _call_blocking(next, (iterator, _END), None)
                     else:
                         running = pool.submit(next, iterator, _END)
