@@ -9,22 +9,45 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use h2::client::SendRequest;
 
 /// An empty gRPC message: uncompressed, length 0.
 const EMPTY_MESSAGE: [u8; 5] = [0, 0, 0, 0, 0];
 
+/// One call on the connection: the request's HEADERS and its one DATA
+/// frame, then the whole answer (messages, then trailers). The h2 crate
+/// itself, not hyper's client: hyper's spawns a task and crosses a channel
+/// per request, which on this machine's two cores took CPU the server
+/// under test needed (like wrk for HTTP, the load should cost little).
+async fn call(mut h2: SendRequest<Bytes>, uri: hyper::Uri) -> Result<u64, String> {
+    let request = hyper::Request::post(uri)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .map_err(|e| e.to_string())?;
+    h2 = h2.ready().await.map_err(|e| e.to_string())?;
+    let (response, mut body) = h2.send_request(request, false).map_err(|e| e.to_string())?;
+    body.send_data(Bytes::from_static(&EMPTY_MESSAGE), true)
+        .map_err(|e| e.to_string())?;
+    let response = response.await.map_err(|e| e.to_string())?;
+    let early = response.headers().get("grpc-status").cloned();
+    let mut body = response.into_body();
+    let mut replies = Vec::new();
+    while let Some(data) = body.data().await {
+        let data = data.map_err(|e| e.to_string())?;
+        // Credit the bytes back, or a long stream stalls at the window.
+        let _ = body.flow_control().release_capacity(data.len());
+        replies.extend_from_slice(&data);
+    }
+    let trailers = body.trailers().await.map_err(|e| e.to_string())?;
+    let status = early.or_else(|| trailers.and_then(|t| t.get("grpc-status").cloned()));
+    match status.as_ref().and_then(|s| s.to_str().ok()) {
+        Some("0") => Ok(messages(&replies)),
+        other => Err(format!("grpc-status {other:?}")),
+    }
+}
+
 pub async fn run(addr: &str, method: &str, concurrency: usize, seconds: u64) {
-    // TCP_NODELAY as gRPC clients set it: without it Nagle holds a call's
-    // DATA frame behind its HEADERS until the peer's delayed ACK (~40 ms).
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build(connector);
     let uri: hyper::Uri = match format!("http://{addr}{method}").parse() {
         Ok(uri) => uri,
         Err(e) => {
@@ -32,27 +55,33 @@ pub async fn run(addr: &str, method: &str, concurrency: usize, seconds: u64) {
             std::process::exit(2)
         }
     };
-    let call = |client: Client<_, Full<Bytes>>, uri: hyper::Uri| async move {
-        let request = hyper::Request::post(uri)
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(Full::new(Bytes::from_static(&EMPTY_MESSAGE)))
-            .map_err(|e| e.to_string())?;
-        let response = client.request(request).await.map_err(|e| e.to_string())?;
-        let early = response.headers().get("grpc-status").cloned();
-        let collected = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = early.or_else(|| {
-            collected
-                .trailers()
-                .and_then(|t| t.get("grpc-status").cloned())
-        });
-        match status.as_ref().and_then(|s| s.to_str().ok()) {
-            Some("0") => Ok(messages(&collected.to_bytes())),
-            other => Err(format!("grpc-status {other:?}")),
+    let tcp = match tokio::net::TcpStream::connect(addr).await {
+        Ok(tcp) => tcp,
+        Err(e) => {
+            eprintln!("cannot connect to {addr}: {e}");
+            std::process::exit(2)
+        }
+    };
+    // TCP_NODELAY as gRPC clients set it: without it Nagle holds a call's
+    // DATA frame behind its HEADERS until the peer's delayed ACK (~40 ms).
+    let _ = tcp.set_nodelay(true);
+    let client = match h2::client::Builder::new()
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(1 << 24)
+        .handshake::<_, Bytes>(tcp)
+        .await
+    {
+        Ok((client, connection)) => {
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    eprintln!("the connection ended: {e}");
+                }
+            });
+            client
+        }
+        Err(e) => {
+            eprintln!("HTTP/2 handshake with {addr} failed: {e}");
+            std::process::exit(2)
         }
     };
     // Warm-up: the connection, and the replica's first call.
