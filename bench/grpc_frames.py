@@ -10,9 +10,10 @@ and sends it as frames). Then the same no-op Handler in a bare grpcio
 Python server (bench/grpc_noop.py: ``grpc.server(ThreadPoolExecutor(N))``,
 N = ``BENCH_GRPC_BARE_THREADS``, default 1 like the replica's one handler
 thread), no Serval process running, measured the same way. Each measures the HTTP GET no-op with wrk,
-the gRPC unary no-op and the server stream of 100 empty messages with
-``serval-bench grpc-load`` at c=1, 16 and 64; the frames run also measures
-the HTTP streaming no-op (100 one-byte chunks, bench/apps.py) with wrk.
+the gRPC unary no-op and the server stream of 100 empty messages (a sync
+generator) with ``serval-bench grpc-load`` at c=1, 16 and 64; the frames
+run also measures the same stream from an async generator and the HTTP
+streaming no-op (100 one-byte chunks, bench/apps.py) with wrk.
 The tables go to bench/GRPC_RESULTS.md (``BENCH_OUT`` to write elsewhere).
 """
 
@@ -58,6 +59,9 @@ def measure(path: str, env: dict) -> dict:
         out["grpc_stream"] = {c: H.grpc_load(grpc["address"], grpc["stream_method"], c) for c in H.CONCURRENCIES}
         check_streams(path, out["grpc_stream"], grpc["stream_messages"])
         if path == "frames":
+            out["grpc_async_stream"] = {c: H.grpc_load(grpc["address"], grpc["async_stream_method"], c)
+                                        for c in H.CONCURRENCIES}
+            check_streams("frames async", out["grpc_async_stream"], grpc["stream_messages"])
             got = drv.call("deploy_v2", app="stream")
             out["chunks"] = got["chunks"]
             out["http_stream"] = {c: H.wrk(got["url"], c, label=f"{path} run: HTTP stream")
@@ -151,6 +155,17 @@ def main():
                   f"| {new['messages_per_s'] / http_chunks:.2f}× "
                   f"| {new['messages_per_s'] / old['messages_per_s']:.2f}× "
                   f"| {new['messages_per_s'] / bare['messages_per_s']:.2f}× |")
+    md += ["", "The same stream from an `async def` generator Handler method (`AsyncStream`; the replies it "
+           "yields without suspending leave gathered, as the HTTP streaming no-op's chunks do), on frames only "
+           "(a grpcio sync server runs no async generators):", "",
+           "| | HTTP stream chunks/s | gRPC frames messages/s (async generator) | frames / HTTP |",
+           "|---|---|---|---|"]
+    for c in H.CONCURRENCIES:
+        http = res["frames"]["http_stream"][c]
+        new = res["frames"]["grpc_async_stream"][c]
+        http_chunks = http["rps"] * chunks
+        md.append(f"| c={c} | {http_chunks:,.0f} / {H.fmt(http['p50_ms'], 3)} / {H.fmt(http['p99_ms'], 3)} "
+                  f"| {stream_cell(new)} | {new['messages_per_s'] / http_chunks:.2f}× |")
     md.append("")
     with open(OUT, "w") as f:
         f.write("\n".join(md))

@@ -83,8 +83,9 @@ def deploy_echo():
 
 def deploy_grpc():
     """A Cortex gRPC API whose unary method returns an empty message (the
-    gRPC counterpart of the HTTP no-op) and whose server-streaming method
-    yields 100 of them (of the streaming no-op); one replica, one thread."""
+    gRPC counterpart of the HTTP no-op) and whose server-streaming methods
+    yield 100 of them (of the streaming no-op), one a sync generator, one
+    an async generator; one replica, one thread."""
     import tempfile
 
     from serval.cortex.deploy import deploy
@@ -98,7 +99,7 @@ def deploy_grpc():
             f.write(text)
     deploy(folder)
     return {"address": f"127.0.0.1:{HTTP_PORT}", "method": "/bench.Noop/Call", "stream_method": "/bench.Noop/Stream",
-            "stream_messages": 100}
+            "async_stream_method": "/bench.Noop/AsyncStream", "stream_messages": 100}
 
 
 def delete_echo():

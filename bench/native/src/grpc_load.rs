@@ -32,18 +32,58 @@ async fn call(mut h2: SendRequest<Bytes>, uri: hyper::Uri) -> Result<u64, String
     let response = response.await.map_err(|e| e.to_string())?;
     let early = response.headers().get("grpc-status").cloned();
     let mut body = response.into_body();
-    let mut replies = Vec::new();
+    let mut replies = Messages::default();
     while let Some(data) = body.data().await {
         let data = data.map_err(|e| e.to_string())?;
         // Credit the bytes back, or a long stream stalls at the window.
         let _ = body.flow_control().release_capacity(data.len());
-        replies.extend_from_slice(&data);
+        replies.read(&data);
     }
     let trailers = body.trailers().await.map_err(|e| e.to_string())?;
     let status = early.or_else(|| trailers.and_then(|t| t.get("grpc-status").cloned()));
     match status.as_ref().and_then(|s| s.to_str().ok()) {
-        Some("0") => Ok(messages(&replies)),
+        Some("0") if replies.whole() => Ok(replies.count),
+        Some("0") => Err("the body ended inside a message".to_string()),
         other => Err(format!("grpc-status {other:?}")),
+    }
+}
+
+/// Counts the gRPC messages of a response body as its DATA frames come
+/// (each message a 5-byte prefix, flag and big-endian length, then that
+/// many bytes), keeping no body bytes: a message may span frames.
+#[derive(Default)]
+struct Messages {
+    count: u64,
+    /// The prefix bytes of the next message seen so far.
+    prefix: Vec<u8>,
+    /// Bytes of the current message's payload still to skip.
+    skip: usize,
+}
+
+impl Messages {
+    fn read(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(data.len());
+                self.skip -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (5 - self.prefix.len()).min(data.len());
+            self.prefix.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.prefix.len() == 5 {
+                let p = &self.prefix;
+                self.skip = u32::from_be_bytes([p[1], p[2], p[3], p[4]]) as usize;
+                self.prefix.clear();
+                self.count += 1;
+            }
+        }
+    }
+
+    /// No message is cut short.
+    fn whole(&self) -> bool {
+        self.skip == 0 && self.prefix.is_empty()
     }
 }
 
@@ -137,16 +177,4 @@ pub async fn run(addr: &str, method: &str, concurrency: usize, seconds: u64) {
         errors,
         latencies.len()
     );
-}
-
-/// The gRPC messages in a response body: each is a 5-byte prefix (flag,
-/// big-endian length) and that many bytes.
-fn messages(body: &[u8]) -> u64 {
-    let (mut at, mut n) = (0, 0);
-    while body.len() >= at + 5 {
-        let len = u32::from_be_bytes([body[at + 1], body[at + 2], body[at + 3], body[at + 4]]);
-        at += 5 + len as usize;
-        n += 1;
-    }
-    n
 }

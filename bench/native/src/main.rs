@@ -82,7 +82,13 @@ fn main() {
             let method: String = arg(&args, 3, None);
             let concurrency: usize = arg(&args, 4, Some(16));
             let seconds: u64 = arg(&args, 5, Some(5));
-            runtime(2).block_on(grpc_load::run(&addr, &method, concurrency, seconds));
+            // One thread: the calls share one HTTP/2 connection, whose
+            // state two threads would contend for (a lock per frame).
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime")
+                .block_on(grpc_load::run(&addr, &method, concurrency, seconds));
         }
         _ => usage(),
     }

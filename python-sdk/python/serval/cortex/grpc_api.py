@@ -497,12 +497,14 @@ class _Rpc:
         ``next()`` comes after a ``SendNow``: the replies so far leave
         before the loop blocks)."""
         running = None  # next() on the pool, while it runs
+        step = getattr(iterator, "__anext__", None)  # an async iterator's
+        output = self.output_class
         try:
             while True:
                 try:
-                    if hasattr(iterator, "__anext__"):
+                    if step is not None:
                         try:
-                            item = await iterator.__anext__()
+                            item = await step()
                         except StopAsyncIteration:
                             break
                     elif pool is None:
@@ -519,7 +521,7 @@ class _Rpc:
                     raise _StreamStatus(self._failed_reply(e, context)) from None
                 if item is _END:
                     break
-                if not isinstance(item, self.output_class):
+                if not isinstance(item, output):
                     raise _StreamStatus(_status_reply(STATUS_CODES["INTERNAL"], self._wrong_type(item)))
                 yield item.SerializeToString()
         except (asyncio.CancelledError, GeneratorExit):
