@@ -971,8 +971,9 @@ def grpc_report(S):
           "A Cortex gRPC API (`handler.protobuf_path`; one replica, one thread) whose method returns an "
           "empty message, called through the proxy's HTTP port over one HTTP/2 connection by "
           "`serval-bench grpc-load` (a small Rust driver: no ghz here), beside the HTTP GET no-op above "
-          "(wrk, HTTP/1.1 keep-alive). The proxy forwards each gRPC call as an HTTP/2 stream to the "
-          "replica's grpcio server, where HTTP requests take Serval's own frame protocol.\n"]
+          "(wrk, HTTP/1.1 keep-alive). The proxy terminates gRPC and sends each call to the replica "
+          "as frames on the connection HTTP requests take (issue 25); `bench/run grpc` compares it with "
+          "the grpcio forwarding path and a bare grpcio server (bench/GRPC_RESULTS.md).\n"]
     rows = []
     for c in CONCURRENCIES:
         g, h = get(S, "grpc", c) or {}, get(S, "get1", c) or {}
