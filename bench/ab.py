@@ -61,36 +61,33 @@ def wrk(url, duration, connections=64):
     return rps, float(p99.group(1)) * scale, int(errors.group(1)) if errors else 0
 
 
-def cpu_seconds(root):
-    """User + system CPU seconds of ``root`` and every process below it
-    (from /proc; a process that ended meanwhile is skipped)."""
-    parent, ticks = {}, {}
+def cpu_seconds(marker):
+    """User + system CPU seconds of every process whose environment holds
+    ``marker`` (``AB_DATA_DIR=...`` of one round: the driver, the head it
+    starts, which detaches, and the head's replicas; not wrk). A process
+    that ended meanwhile is skipped."""
+    total, needle = 0, marker.encode()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
             with open(f"/proc/{entry}/stat") as f:
                 stat = f.read()
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        parent[int(entry)] = int(fields[1])
-        ticks[int(entry)] = int(fields[11]) + int(fields[12])
-    tree, frontier = {root}, [root]
-    while frontier:
-        pid = frontier.pop()
-        for child, ppid in parent.items():
-            if ppid == pid and child not in tree:
-                tree.add(child)
-                frontier.append(child)
-    return sum(ticks.get(pid, 0) for pid in tree) / os.sysconf("SC_CLK_TCK")
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
-def measured(pid, url, duration):
+def measured(marker, url, duration):
     """wrk on ``url``, plus the cluster's CPU microseconds per request."""
-    before = cpu_seconds(pid)
+    before = cpu_seconds(marker)
     rps, p99, errors = wrk(url, duration)
-    spent = cpu_seconds(pid) - before
+    spent = cpu_seconds(marker) - before
     return rps, p99, errors, 1e6 * spent / max(1.0, rps * duration)
 
 
@@ -106,7 +103,7 @@ def one_round(python, duration):
         if not line or not json.loads(line).get("ready"):
             raise RuntimeError(f"{python}: the cluster did not start")
         wrk(f"http://127.0.0.1:{http_port}/noop8", 2)  # warm-up
-        return {limit: measured(child.pid, f"http://127.0.0.1:{http_port}/noop{limit}", duration)
+        return {limit: measured(f"AB_DATA_DIR={data_dir}", f"http://127.0.0.1:{http_port}/noop{limit}", duration)
                 for limit in (8, 100)}
     finally:
         child.stdin.close()
