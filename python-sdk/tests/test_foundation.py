@@ -1,9 +1,12 @@
 """The foundation slice through the public Python API: deploy, call over
 HTTP and through a handle, bad input, failures, shutdown."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -207,3 +210,60 @@ def test_quickstart_example_runs():
     assert "other_method(5) -> True" in out.stdout
     assert "handle.remote() -> {'count': 8}" in out.stdout
     assert "cluster shut down" in out.stdout
+
+
+_DRIVER = r'''
+import json, os, sys
+from serval import serve
+
+def pid(request):
+    return os.getpid()
+
+serve.start(data_dir=sys.argv[1], http_options={"port": int(sys.argv[2])})
+serve.create_backend("pid", pid, ray_actor_options={"num_cpus": 0})
+serve.create_endpoint("pid", backend="pid")
+replica = serve.get_handle("pid").remote().result(timeout=120)
+print(json.dumps({"replica": replica}), flush=True)
+sys.stdin.read()
+'''
+
+
+def test_a_driver_killed_takes_its_head_along(monkeypatch):
+    """serve.start(detached=False), as Ray 1.x's start() without detached:
+    the cluster lives as long as the driver. atexit covers a normal exit; a
+    driver killed by a signal (no atexit) must not leave its head and
+    replicas running: the head watches the driver and stops."""
+    from conftest import Cluster, free_port
+
+    data_dir = tempfile.mkdtemp(prefix="sv-", dir="/tmp")
+    for var in ("SERVAL_ADDRESS", "SERVAL_TOKEN", "SERVAL_TOKEN_FILE", "SERVAL_DATA_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SERVAL_CONTROL_PORT", str(free_port()))
+    monkeypatch.setenv("SERVAL_PYTHON", sys.executable)
+    c = Cluster(data_dir, free_port(), None)
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, data_dir, str(c.http_port)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line = driver.stdout.readline()
+        assert line, "the driver did not start its cluster"
+        replica, head = json.loads(line)["replica"], c.head_pid()
+        assert head is not None and os.path.exists(f"/proc/{head}")
+        driver.kill()
+        driver.wait(timeout=30)
+
+        def alive(p):
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            except OSError:
+                return False
+
+        deadline = time.monotonic() + 60
+        while alive(head) or alive(replica):
+            assert time.monotonic() < deadline, "the head or its replica outlived the killed driver by 60 s"
+            time.sleep(0.1)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        c.kill()
+        shutil.rmtree(data_dir, ignore_errors=True)

@@ -23,8 +23,36 @@ def main() -> None:
         sys.exit(cortex_cli.main(argv))
     from serval import _native
 
+    owner = os.environ.get("SERVAL_OWNER_PID")
+    if owner is not None and "start" in argv and "--detach" not in argv:
+        _stop_with_owner(owner)
     relaunch = [sys.executable, "-m", "serval.cli"]
     sys.exit(_native.cli_main(["serve", *argv], relaunch))
+
+
+def _stop_with_owner(owner: str) -> None:
+    """A head started by ``serve.start(detached=False)`` (the detached
+    process ``start --detach`` relaunches, with SERVAL_OWNER_PID in its
+    environment): when that driver process is gone, however it ended, this
+    one stops as on SIGTERM (replicas included). A pidfd names the process
+    itself, not a pid that may be reused."""
+    import select
+    import signal
+    import threading
+
+    os.environ.pop("SERVAL_OWNER_PID", None)  # not for the replicas
+    try:
+        fd = os.pidfd_open(int(owner))
+    except (ValueError, OSError):
+        # Gone already (or not a pid): nobody is left to stop this head.
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+    def watch() -> None:
+        select.select([fd], [], [])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="serval-owner-watch", daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -197,7 +197,7 @@ def start(detached: bool = False, http_options: Union[HTTPOptions, Dict[str, Any
           token: Optional[str] = None, token_file: Optional[str] = None, **ray_options: Any) -> _native.Client:
     """Connects to the cluster if one runs, else starts a head in the
     background. A head started here with ``detached=False`` is shut down
-    when this Python process exits. Against a running cluster,
+    when this Python process exits, or is killed. Against a running cluster,
     ``http_options`` middlewares replace the cluster's, and any other
     option that differs from the running cluster's raises ServeError naming
     it (they are fixed when the head starts). ``proxy_location`` (Ray
@@ -236,6 +236,11 @@ def start(detached: bool = False, http_options: Union[HTTPOptions, Dict[str, Any
     if token_file is not None:
         env.pop("SERVAL_TOKEN", None)
         env["SERVAL_TOKEN_FILE"] = token_file
+    env.pop(OWNER_PID_ENV, None)
+    if not detached:
+        # atexit does not run when this process is killed: the head also
+        # watches it, and stops when it is gone (serval.cli).
+        env[OWNER_PID_ENV] = str(os.getpid())
     cmd = [sys.executable, "-m", "serval.cli", "--data-dir", dd, "start", "--head", "--detach", *flags]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -282,6 +287,10 @@ def _apply_to_running_cluster(client: _native.Client, http_options: Dict[str, An
             if not client.set_http_middlewares(wanted, _core.ROUTE_PROPAGATION_TIMEOUT_S):
                 raise ServeError("http_options.middlewares were set but did not reach this client in time")
             _logger.info("http_options.middlewares set on the running cluster")
+
+
+#: The process a head started by ``start(detached=False)`` lives as long as.
+OWNER_PID_ENV = "SERVAL_OWNER_PID"
 
 
 def _shutdown_quietly() -> None:
