@@ -140,6 +140,12 @@ impl Reconciler {
 
     fn dead_nodes(&self, state: &ClusterState, started: Instant) -> Vec<Command> {
         let now = Instant::now();
+        // Nodes that died or left keep no entry: the map stays bounded.
+        self.soft.forget_heartbeats(
+            |node| state.nodes.get(node).is_some_and(|n| n.alive),
+            now,
+            self.node_timeout,
+        );
         let beats = self.soft.heartbeats();
         state
             .nodes

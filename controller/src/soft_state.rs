@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::autoscaler::Autoscaler;
 
@@ -34,6 +34,16 @@ impl SoftState {
         lock(&self.heartbeats)
     }
 
+    /// Forgets the heartbeats of nodes that are not `alive` (dead, or gone
+    /// from the state) once they are older than `max_age`, so the map holds
+    /// no more than the live nodes and those of the last `max_age`. A fresh
+    /// one stays: a node's first heartbeat may come before its registration
+    /// is applied where the caller looked.
+    pub fn forget_heartbeats(&self, alive: impl Fn(&str) -> bool, now: Instant, max_age: Duration) {
+        lock(&self.heartbeats)
+            .retain(|node, at| alive(node) || now.saturating_duration_since(*at) <= max_age);
+    }
+
     /// The autoscaler, with the load reports it decides from.
     pub fn autoscaler(&self) -> MutexGuard<'_, Autoscaler> {
         lock(&self.autoscaler)
@@ -43,4 +53,28 @@ impl SoftState {
 /// A panic while one was held leaves plain data, still usable.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_of_nodes_no_longer_alive_are_forgotten_once_old() {
+        let soft = SoftState::default();
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(10);
+        soft.heartbeat("alive".into(), t0);
+        soft.heartbeat("dead".into(), t0);
+        soft.heartbeat("removed".into(), t0);
+        let alive = |node: &str| node == "alive";
+        // Within the timeout nothing goes (a registration may be in flight).
+        soft.forget_heartbeats(alive, t0 + timeout, timeout);
+        assert_eq!(soft.heartbeats().len(), 3);
+        soft.heartbeat("new".into(), t0 + timeout);
+        soft.forget_heartbeats(alive, t0 + timeout + Duration::from_millis(1), timeout);
+        let mut left: Vec<_> = soft.heartbeats().keys().cloned().collect();
+        left.sort();
+        assert_eq!(left, ["alive", "new"]);
+    }
 }
