@@ -36,8 +36,8 @@ use tokio::time::{Instant, Sleep};
 use super::idle::{self, IdleBody};
 use super::table::Shape;
 use super::{
-    add_status, code_of, frame, internal_failure, status_response, BoxError, Code,
-    GrpcBody, GrpcResponse,
+    add_status, code_of, frame, internal_failure, status_response, BoxError, Code, GrpcBody,
+    GrpcResponse,
 };
 use crate::errors;
 use crate::http::read_body;
@@ -544,12 +544,16 @@ mod tests {
     fn a_stream_chunk_is_one_or_more_whole_uncompressed_messages() {
         assert!(whole_messages(&frame(b"one")));
         assert!(whole_messages(&frame(b"")));
-        assert!(whole_messages(&[frame(b"a"), frame(b""), frame(b"ccc")].concat()));
+        assert!(whole_messages(
+            &[frame(b"a"), frame(b""), frame(b"ccc")].concat()
+        ));
         assert!(!whole_messages(b""));
         assert!(!whole_messages(b"raw"));
         let cut = [frame(b"a"), frame(b"bb")].concat();
         assert!(!whole_messages(&cut[..cut.len() - 1]));
-        assert!(!whole_messages(&[frame(b"a").to_vec(), vec![0, 0]].concat()));
+        assert!(!whole_messages(
+            &[frame(b"a").to_vec(), vec![0, 0]].concat()
+        ));
         assert!(!whole_messages(&[1, 0, 0, 0, 1, b'x']));
     }
 

@@ -112,19 +112,24 @@ fn twenty_backends_of_30_mb_keep_snapshot_apply_and_agent_memory_flat() {
     let started = std::time::Instant::now();
     let first = deploy(0, FIRST);
     let (snapshot_first, rss_first) = (snapshot_bytes(&rt, &head), rss_kib(node.guard.pid()));
+    let head_first = rss_kib(head.guard.pid());
     let last = deploy(FIRST, BACKENDS);
     let (snapshot_last, rss_last) = (snapshot_bytes(&rt, &head), rss_kib(node.guard.pid()));
+    let head_last = rss_kib(head.guard.pid());
     let (first, last) = (writes(&first), writes(&last));
     assert_eq!(first.len() + last.len(), BACKENDS, "{first:?} {last:?}");
     println!(
         "FIGURES code_by_digest: {BACKENDS} backends x {CODE_MB} MB in {:.1} s; \
          Watch snapshot {snapshot_first} B after {FIRST}, {snapshot_last} B after {BACKENDS}; \
          small write after each deploy: first {first:?} s, last {:?} s; \
-         node agent RSS {} MiB after {FIRST}, {} MiB after {BACKENDS}",
+         node agent RSS {} MiB after {FIRST}, {} MiB after {BACKENDS}; \
+         head RSS {} MiB after {FIRST}, {} MiB after {BACKENDS}",
         started.elapsed().as_secs_f64(),
         &last[last.len() - FIRST..],
         rss_first / 1024,
         rss_last / 1024,
+        head_first / 1024,
+        head_last / 1024,
     );
     // The snapshot names code by digest: a few hundred bytes per backend,
     // where it carried 30 MB each.
