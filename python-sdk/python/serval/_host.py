@@ -698,11 +698,14 @@ class Host:
         body = _dumps({"error": f"backend '{self.backend}' has no method '{name}'"}).encode()
         return 404, [("content-type", "application/json"), (ERROR_TYPE_HEADER, "MethodNotFound")], body
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
+        """Runs ``coro`` as a task of this host's (kept until it ends), a new
+        request's going first while a drain runs (``_go_first``)."""
         task = self.loop.create_task(coro)
         self._go_first()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _go_first(self) -> None:
         """Moves the task step just scheduled (``create_task`` appends it to
@@ -887,10 +890,7 @@ class Host:
         stream = _Stream(reply)
         key = reply.stream_key
         self._streams[key] = stream
-        stream.task = self.loop.create_task(self._run_stream(kind, source, scope, reply, stream, key))
-        self._go_first()
-        self._tasks.add(stream.task)
-        stream.task.add_done_callback(self._tasks.discard)
+        stream.task = self._spawn(self._run_stream(kind, source, scope, reply, stream, key))
 
     def on_stream(self, conn: int, request_id: Optional[int], credit: int) -> None:
         """A router's signal for a stream: ``credit`` more chunks may go,

@@ -7,6 +7,10 @@ and the Cortex-style ones (``deploy``, ``get``, ``delete``, ``logs``,
 import os
 import sys
 
+#: The driver whose end a head started by ``serve.start(detached=False)``
+#: follows (``_stop_with_owner``).
+OWNER_PID_ENV = "SERVAL_OWNER_PID"
+
 
 def main() -> None:
     argv = sys.argv[1:]
@@ -23,7 +27,7 @@ def main() -> None:
         sys.exit(cortex_cli.main(argv))
     from serval import _native
 
-    owner = os.environ.get("SERVAL_OWNER_PID")
+    owner = os.environ.get(OWNER_PID_ENV)
     if owner is not None and "start" in argv and "--detach" not in argv:
         _stop_with_owner(owner)
     relaunch = [sys.executable, "-m", "serval.cli"]
@@ -32,7 +36,7 @@ def main() -> None:
 
 def _stop_with_owner(owner: str) -> None:
     """A head started by ``serve.start(detached=False)`` (the detached
-    process ``start --detach`` relaunches, with SERVAL_OWNER_PID in its
+    process ``start --detach`` relaunches, with ``OWNER_PID_ENV`` in its
     environment): when that driver process is gone, however it ended, this
     one stops as on SIGTERM (replicas included). A pidfd names the process
     itself, not a pid that may be reused."""
@@ -40,7 +44,7 @@ def _stop_with_owner(owner: str) -> None:
     import signal
     import threading
 
-    os.environ.pop("SERVAL_OWNER_PID", None)  # not for the replicas
+    os.environ.pop(OWNER_PID_ENV, None)  # not for the replicas
     try:
         fd = os.pidfd_open(int(owner))
     except (ValueError, OSError):

@@ -27,6 +27,7 @@ from serval import _core, _native
 from serval._native import (AlreadyExists, BackPressureError, ControlUnavailable, DeployFailedError,
                             InvalidArgument, NotFound, ServeError, ServeValueError)
 from serval.batching import batch
+from serval.cli import OWNER_PID_ENV
 from serval.config import BackendConfig, DeploymentMode, HTTPOptions
 from serval.handle import (AsyncServeHandle, DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator,
                            ServeHandle)
@@ -287,10 +288,6 @@ def _apply_to_running_cluster(client: _native.Client, http_options: Dict[str, An
             if not client.set_http_middlewares(wanted, _core.ROUTE_PROPAGATION_TIMEOUT_S):
                 raise ServeError("http_options.middlewares were set but did not reach this client in time")
             _logger.info("http_options.middlewares set on the running cluster")
-
-
-#: The process a head started by ``start(detached=False)`` lives as long as.
-OWNER_PID_ENV = "SERVAL_OWNER_PID"
 
 
 def _shutdown_quietly() -> None:
