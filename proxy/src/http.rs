@@ -45,7 +45,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
 use hyper::service::service_fn;
 use hyper::StatusCode;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serval_protos::frame::{HttpRequest, Payload, Request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -54,6 +54,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::builtin;
+use crate::conn_streams::{self, ConnExecutor};
 use crate::errors::{self, HttpResponse};
 use crate::grpc;
 use crate::limits::{ConnActivity, ConnIo, InFlight, Limits, Reservation};
@@ -193,7 +194,6 @@ async fn serve_connections<H, Fut>(
     H: Fn(hyper::Request<Incoming>, Arc<str>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = hyper::Response<ResponseBody>> + Send + 'static,
 {
-    let builder = server_builder(limits);
     // hyper-util's GracefulShutdown cannot watch a connection that may
     // upgrade (WebSockets): each connection task watches `stopping` and
     // holds a clone of `open_tx`, so `open_rx` ends when the last one did.
@@ -242,18 +242,21 @@ async fn serve_connections<H, Fut>(
                             Ok::<_, Infallible>(response.map(|body| ConnBody { body, _in_flight: in_flight }))
                         }
                     });
-                    let conn = builder
+                    // This connection's streams run in its task (see conn_streams).
+                    let executor = ConnExecutor::default();
+                    let conn = server_builder(limits, executor.clone())
                         .serve_connection_with_upgrades(TokioIo::new(io), service)
                         .into_owned();
+                    let conn = conn_streams::Driven::new(conn, &executor);
                     let open = open.clone();
                     open.increment(1.0);
                     let (mut stopping, counted) = (stopping.clone(), open_tx.clone());
                     tokio::spawn(async move {
-                        let mut conn = std::pin::pin!(conn);
+                        let mut conn = conn;
                         let result = tokio::select! {
-                            result = conn.as_mut() => result,
+                            result = &mut conn => result,
                             _ = async { stopping.wait_for(|s| *s).await.is_ok() } => {
-                                conn.as_mut().graceful_shutdown();
+                                conn.conn().graceful_shutdown();
                                 conn.await
                             }
                         };
@@ -283,8 +286,8 @@ async fn serve_connections<H, Fut>(
 }
 
 /// hyper's server settings from `limits`.
-fn server_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+fn server_builder(limits: &Limits, executor: ConnExecutor) -> auto::Builder<ConnExecutor> {
+    let mut builder = auto::Builder::new(executor);
     builder
         .http1()
         .timer(TokioTimer::new())

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! HTTP ingress   http, proxy, config, limits, errors, builtin, middleware/,
-//!                route, websocket, grpc/, dashboard/, readiness,
+//!                conn_streams, route, websocket, grpc/, dashboard/, readiness,
 //!                applications, http_metrics, watch
 //!      |
 //!      v
@@ -23,7 +23,8 @@
 //! - [`http`]: the hyper server and the request path (built-ins, route,
 //!   body limit, forward, metrics), with `errors` mapping every failure to
 //!   an HTTP answer and `builtin` serving `/-/routes`, `/-/healthz`,
-//!   `/-/metrics`; `http_metrics` keeps its metric handles by endpoint.
+//!   `/-/metrics`; `http_metrics` keeps its metric handles by endpoint;
+//!   `conn_streams` runs an HTTP/2 connection's streams in its own task.
 //! - [`middleware`]: Starlette's CORS, GZip and TrustedHost middlewares
 //!   (`http_options.middlewares`), one file each, run natively around
 //!   routing, built from the configuration `serval_protos::middleware`
@@ -50,6 +51,7 @@
 pub mod applications;
 mod builtin;
 mod config;
+mod conn_streams;
 mod dashboard;
 mod errors;
 pub mod grpc;

@@ -12,7 +12,7 @@ use serval_protos::control::ClusterSnapshot;
 use tokio::task::JoinHandle;
 
 use crate::config::ProxyConfig;
-use crate::grpc::{GrpcServices, Reflection};
+use crate::grpc::{GrpcMetrics, GrpcServices, Reflection};
 use crate::http_metrics::HttpMetrics;
 use crate::limits::{BodyBudget, Limits};
 use crate::middleware::Middlewares;
@@ -35,6 +35,7 @@ pub struct Proxy {
     pub(crate) metrics: Option<MetricsHandle>,
     /// Shared with streamed replies, which record themselves when they end.
     pub(crate) http_metrics: std::sync::Arc<HttpMetrics>,
+    pub(crate) grpc_metrics: GrpcMetrics,
     pub(crate) limits: Limits,
     /// Shared by every request of this proxy (`limits.max_buffered_body_bytes`).
     pub(crate) body_budget: Arc<BodyBudget>,
@@ -81,6 +82,7 @@ impl Proxy {
             shutdown_grace: config.shutdown_grace,
             metrics: config.metrics.clone(),
             http_metrics: Default::default(),
+            grpc_metrics: Default::default(),
             limits: config.limits.clone(),
             body_budget: BodyBudget::new(config.limits.max_buffered_body_bytes),
             debug_errors: config.debug_errors,
@@ -143,6 +145,7 @@ impl Proxy {
     /// when their descriptors changed (parsing them is not free).
     fn apply_grpc(&self, snapshot: &ClusterSnapshot) {
         let services = GrpcServices::from_snapshot(snapshot);
+        self.grpc_metrics.retain_deployed(&services);
         let mut grpc = self.grpc.write().unwrap_or_else(|p| p.into_inner());
         if *grpc.0 == services {
             return;

@@ -1,17 +1,22 @@
 //! Response bodies of forwarded calls: they hold the replica slot until
 //! the stream ends, and count the call by its final gRPC status.
 
+use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::HeaderMap;
+use metrics::{Counter, Histogram};
 use tokio::time::Instant;
 
 use super::idle::{idled, Idled};
+use super::table::GrpcServices;
 use super::{BoxError, Code, GrpcBody, GrpcResponse, IDLE_MESSAGE};
+use crate::metrics::{by_endpoint, retain};
 use crate::routing::Reservation;
 
 /// Calls by `service`, `method` and final `code` (OK, UNAVAILABLE, ...,
@@ -39,40 +44,91 @@ const CODE_NAMES: [&str; 17] = [
     "UNAUTHENTICATED",
 ];
 
+/// The index of UNKNOWN in [`CODE_NAMES`].
+const UNKNOWN: usize = 2;
+
 fn code_name(headers: &HeaderMap) -> Option<&'static str> {
     let code: usize = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
     Some(CODE_NAMES.get(code).copied().unwrap_or("UNKNOWN"))
 }
 
-/// Records one call once: at its status, or as CANCELLED when dropped
-/// before one was seen.
-pub(super) struct Recorder {
+/// One method's handles: its call counters by code (each registered on
+/// first use) and its duration histogram.
+struct MethodMetrics {
+    by_code: [OnceLock<Counter>; CODE_NAMES.len()],
+    duration: Histogram,
     service: String,
     method: String,
-    started: Instant,
-    done: bool,
 }
 
-impl Recorder {
-    pub(super) fn new(service: &str, method: &str, started: Instant) -> Self {
-        Self {
+/// `package.Service` -> method -> handles.
+type ServiceMetrics = RwLock<HashMap<String, Arc<MethodMetrics>>>;
+
+/// The gRPC metric handles by service and method label, kept by the proxy
+/// so a call costs atomic updates instead of two registry lookups with
+/// three labels each. The labels are the deployed services' declared
+/// methods and the proxy's own (never what a client wrote), and services
+/// that are no longer deployed are dropped: a bounded map.
+#[derive(Default)]
+pub(crate) struct GrpcMetrics {
+    services: RwLock<HashMap<String, Arc<ServiceMetrics>>>,
+}
+
+impl GrpcMetrics {
+    /// A recorder for one call of `method` of `service` (labels).
+    pub(super) fn recorder(&self, service: &str, method: &str, started: Instant) -> Recorder {
+        let methods = by_endpoint(&self.services, service, ServiceMetrics::default);
+        let metrics = by_endpoint(&methods, method, || MethodMetrics {
+            by_code: Default::default(),
+            duration: metrics::histogram!(GRPC_REQUEST_DURATION_SECONDS,
+                "service" => service.to_owned(), "method" => method.to_owned()),
             service: service.to_owned(),
             method: method.to_owned(),
+        });
+        Recorder {
+            metrics,
             started,
             done: false,
         }
     }
 
+    /// Drops the handles of services `services` no longer deploys (the
+    /// proxy's own services and the "unknown" label stay).
+    pub(crate) fn retain_deployed(&self, services: &GrpcServices) {
+        retain(&self.services, |service| {
+            services.endpoint(service).is_some()
+                || service == super::health::SERVICE
+                || super::reflection::SERVICES.contains(&service)
+                || service == super::UNKNOWN_LABEL
+        });
+    }
+}
+
+/// Records one call once: at its status, or as CANCELLED when dropped
+/// before one was seen.
+pub(super) struct Recorder {
+    metrics: Arc<MethodMetrics>,
+    started: Instant,
+    done: bool,
+}
+
+impl Recorder {
     fn finish(&mut self, code: &'static str) {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        metrics::counter!(GRPC_REQUESTS_TOTAL, "service" => self.service.clone(),
-            "method" => self.method.clone(), "code" => code)
-        .increment(1);
-        metrics::histogram!(GRPC_REQUEST_DURATION_SECONDS, "service" => self.service.clone(),
-            "method" => self.method.clone())
-        .record(self.started.elapsed().as_secs_f64());
+        let m = &*self.metrics;
+        let i = CODE_NAMES
+            .iter()
+            .position(|c| *c == code)
+            .unwrap_or(UNKNOWN);
+        m.by_code[i]
+            .get_or_init(|| {
+                metrics::counter!(GRPC_REQUESTS_TOTAL, "service" => m.service.clone(),
+                    "method" => m.method.clone(), "code" => CODE_NAMES[i])
+            })
+            .increment(1);
+        m.duration.record(self.started.elapsed().as_secs_f64());
     }
 }
 

@@ -49,6 +49,7 @@ use crate::errors;
 use crate::proxy::Proxy;
 use crate::routing::RouterError;
 
+pub(crate) use body::GrpcMetrics;
 pub use body::GRPC_REQUESTS_TOTAL;
 pub use idle::STREAM_IDLE_ENV;
 pub(crate) use reflection::Reflection;
@@ -121,7 +122,7 @@ pub(crate) async fn handle(proxy: &Proxy, req: hyper::Request<Incoming>) -> Grpc
     };
     // Counts the call even when the client goes away before its answer
     // (this future is then dropped): as CANCELLED.
-    let recorder = body::Recorder::new(
+    let recorder = proxy.grpc_metrics.recorder(
         service_label,
         method_label.unwrap_or(UNKNOWN_LABEL),
         started,

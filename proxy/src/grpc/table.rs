@@ -12,9 +12,9 @@ pub(crate) struct GrpcServices {
     endpoints: BTreeMap<String, String>,
     /// Serialized FileDescriptorSets, in service order (for reflection).
     descriptors: Vec<Vec<u8>>,
-    /// `package.Service/Method` of every method the descriptors declare
-    /// (the only method names used as metric labels), and its shape.
-    methods: BTreeMap<String, Shape>,
+    /// `package.Service` -> `Method` -> shape, of every method the
+    /// descriptors declare (the only method names used as metric labels).
+    methods: BTreeMap<String, BTreeMap<String, Shape>>,
 }
 
 impl GrpcServices {
@@ -33,7 +33,12 @@ impl GrpcServices {
             }
             out.endpoints.insert(e.grpc_service.clone(), e.name.clone());
             if !e.grpc_descriptor.is_empty() {
-                out.methods.extend(declared_methods(&e.grpc_descriptor));
+                for (service, method, shape) in declared_methods(&e.grpc_descriptor) {
+                    out.methods
+                        .entry(service)
+                        .or_default()
+                        .insert(method, shape);
+                }
                 out.descriptors.push(e.grpc_descriptor.clone());
             }
         }
@@ -60,7 +65,7 @@ impl GrpcServices {
 
     /// Which way `method` of a deployed service streams, when declared.
     pub(crate) fn shape(&self, service: &str, method: &str) -> Option<Shape> {
-        self.methods.get(&format!("{service}/{method}")).copied()
+        self.methods.get(service)?.get(method).copied()
     }
 }
 
@@ -71,10 +76,9 @@ pub(crate) struct Shape {
     pub(crate) server_streaming: bool,
 }
 
-/// `package.Service/Method` of each method in a serialized
-/// FileDescriptorSet, and its shape; none when it does not decode
-/// (reflection logs that).
-fn declared_methods(set: &[u8]) -> Vec<(String, Shape)> {
+/// (`package.Service`, `Method`, shape) of each method in a serialized
+/// FileDescriptorSet; none when it does not decode (reflection logs that).
+fn declared_methods(set: &[u8]) -> Vec<(String, String, Shape)> {
     let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
         return Vec::new();
     };
@@ -92,7 +96,7 @@ fn declared_methods(set: &[u8]) -> Vec<(String, Shape)> {
                     client_streaming: method.client_streaming(),
                     server_streaming: method.server_streaming(),
                 };
-                out.push((format!("{service_name}/{}", method.name()), shape));
+                out.push((service_name.clone(), method.name().to_owned(), shape));
             }
         }
     }
