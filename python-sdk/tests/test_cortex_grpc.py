@@ -674,7 +674,9 @@ def test_unary_calls_as_frames_on_the_replica(shapes_api, shapes_stub, monkeypat
         try:
             async for message in stream:
                 if message is not SendNow:  # inline: what came so far goes now
-                    got.append(pb2.Res.FromString(message).b)
+                    # One framed message: no compression, its length, its bytes.
+                    assert message[0] == 0 and int.from_bytes(message[1:5], "big") == len(message) - 5
+                    got.append(pb2.Res.FromString(message[5:]).b)
         except Exception as e:
             return got, e.grpc_answer
         return got, None

@@ -127,6 +127,17 @@ class _Stream:
         self.gone = False
         self.first = True  # no body byte sent yet
 
+    def gather(self, chunk: bytes) -> bool:
+        """Adds ``chunk`` to a burst already due to leave when the loop
+        turns, if that is all ``Host._send_gathered`` would do with it (the
+        common case, without a coroutine); False: it must go through there."""
+        if self.flush_scheduled and not self.gone and chunk and \
+                self.pending_size + len(chunk) < STREAM_COALESCE_BYTES:
+            self.pending.append(chunk)
+            self.pending_size += len(chunk)
+            return True
+        return False
+
     def send_pending(self) -> None:
         """Sends what is pending as one chunk frame (the caller took its
         credit); a router gone marks the stream ``gone``."""
@@ -171,9 +182,10 @@ _CALL = 1
 #: stream back (a plain call to a generator method is refused, as in Ray).
 _STREAM_CALL = 2
 #: A server-streaming gRPC call the proxy terminated (``on_grpc``): its
-#: items are reply messages' bytes, which go length-prefixed (gRPC's
-#: framing, ``_grpc_message``), gathered per burst as an HTTP stream's body
-#: bytes are: a chunk frame carries one or more whole messages.
+#: items are reply messages already length-prefixed (gRPC's framing,
+#: ``_grpc_message``, done by serval.cortex.grpc_api), gathered per burst as
+#: an HTTP stream's body bytes are: a chunk frame carries one or more whole
+#: messages.
 _GRPC = 3
 #: The head of a streamed reply, by kind.
 _STREAM_HEADS = {_HTTP: _TEXT, _GRPC: [("content-type", "application/grpc")]}
@@ -1000,45 +1012,47 @@ class Host:
         gRPC stream's source is always an async generator, which gives the
         loop its turns: ``serval.cortex.grpc_api``.)"""
         if kind in (_HTTP, _GRPC) and inspect.isasyncgen(source):
-            take = None
-            gathered = _http_chunk if kind == _HTTP else _grpc_message
-
-            async def put(item):
-                if item is SendNow:
-                    await self._flush(stream)
-                else:
-                    await self._send_gathered(stream, gathered(item))
+            # gRPC's items come framed (serval.cortex.grpc_api).
+            to_bytes = _http_chunk if kind == _HTTP else None
+            try:
+                async for item in source:
+                    if item is SendNow:
+                        await self._flush(stream)
+                        continue
+                    chunk = item if to_bytes is None else to_bytes(item)
+                    # Most chunks of a burst only join it: no coroutine for them.
+                    if not stream.gather(chunk):
+                        await self._send_gathered(stream, chunk)
+            finally:
+                await source.aclose()
         else:
-            take = self._take_credit
-            encode = _http_chunk if kind == _HTTP else _grpc_message if kind == _GRPC else cloudpickle.dumps
+            encode = _http_chunk if kind == _HTTP else cloudpickle.dumps
 
             async def put(item):
                 if not reply.send_chunk(encode(item)):
                     raise _StreamGone()
-        if inspect.isasyncgen(source):
-            try:
-                while True:
-                    if take is not None:
-                        await take(stream)
-                    try:
-                        item = await source.__anext__()
-                    except StopAsyncIteration:
-                        break
-                    await put(item)
-            finally:
-                await source.aclose()
-        else:
-            try:
-                while True:
-                    if take is not None:
-                        await take(stream)
-                    try:
-                        item = _call_blocking(next, (source,), None)
-                    except StopIteration:
-                        break
-                    await put(item)
-            finally:
-                source.close()
+            if inspect.isasyncgen(source):
+                try:
+                    while True:
+                        await self._take_credit(stream)
+                        try:
+                            item = await source.__anext__()
+                        except StopAsyncIteration:
+                            break
+                        await put(item)
+                finally:
+                    await source.aclose()
+            else:
+                try:
+                    while True:
+                        await self._take_credit(stream)
+                        try:
+                            item = _call_blocking(next, (source,), None)
+                        except StopIteration:
+                            break
+                        await put(item)
+                finally:
+                    source.close()
         await self._flush(stream)
         reply.end_stream()
 

@@ -88,7 +88,7 @@ import types
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional
 
-from .._host import SendNow, _call_blocking
+from .._host import SendNow, _call_blocking, _grpc_message
 from .config import DESCRIPTOR_SET_NAME
 from .realtime import HandlerError, RealtimeAPI, accepted_args, error_response, setup_process
 
@@ -489,41 +489,50 @@ class _Rpc:
         return self._messages(iterator, context, self.api._pool)
 
     async def _messages(self, iterator, context: Context, pool: Optional[ThreadPoolExecutor]):
-        """The Handler's replies as message bytes, each checked as it comes.
-        A failure, a wrong reply type or a status the Handler set ends the
-        stream with :class:`_StreamStatus`. Closed early (the client went
-        away, the replica stops), the Handler's iterator is closed too. A
-        sync iterator advances on ``pool``, inline without one (then each
+        """The Handler's replies as framed messages (gRPC's length prefix,
+        as the proxy passes them on), each checked as it comes. A failure,
+        a wrong reply type or a status the Handler set ends the stream with
+        :class:`_StreamStatus`. Closed early (the client went away, the
+        replica stops), the Handler's iterator is closed too. A sync
+        iterator advances on ``pool``, inline without one (then each
         ``next()`` comes after a ``SendNow``: the replies so far leave
         before the loop blocks)."""
         running = None  # next() on the pool, while it runs
-        step = getattr(iterator, "__anext__", None)  # an async iterator's
         output = self.output_class
         try:
-            while True:
+            if hasattr(iterator, "__anext__"):
+                # The common shape of a streaming Handler, in one loop of
+                # its own: this runs once per reply message.
                 try:
-                    if step is not None:
-                        try:
-                            item = await step()
-                        except StopAsyncIteration:
-                            break
-                    elif pool is None:
-                        # Inline, next() blocks the loop for as long as the
-                        # generator takes (a model's next token): the reply
-                        # before it leaves first, as it was yielded.
-                        yield SendNow
-                        item = _call_blocking(next, (iterator, _END), None)
-                    else:
-                        running = pool.submit(next, iterator, _END)
-                        item = await asyncio.wrap_future(running)
-                        running = None
+                    async for item in iterator:
+                        if not isinstance(item, output):
+                            raise _StreamStatus(_status_reply(STATUS_CODES["INTERNAL"], self._wrong_type(item)))
+                        yield _grpc_message(item.SerializeToString())
+                except _StreamStatus:
+                    raise
                 except Exception as e:
                     raise _StreamStatus(self._failed_reply(e, context)) from None
-                if item is _END:
-                    break
-                if not isinstance(item, output):
-                    raise _StreamStatus(_status_reply(STATUS_CODES["INTERNAL"], self._wrong_type(item)))
-                yield item.SerializeToString()
+            else:
+                while True:
+                    try:
+                        if pool is None:
+                            # Inline, next() blocks the loop for as long as
+                            # the generator takes (a model's next token):
+                            # the reply before it leaves first, as it was
+                            # yielded.
+                            yield SendNow
+                            item = _call_blocking(next, (iterator, _END), None)
+                        else:
+                            running = pool.submit(next, iterator, _END)
+                            item = await asyncio.wrap_future(running)
+                            running = None
+                    except Exception as e:
+                        raise _StreamStatus(self._failed_reply(e, context)) from None
+                    if item is _END:
+                        break
+                    if not isinstance(item, output):
+                        raise _StreamStatus(_status_reply(STATUS_CODES["INTERNAL"], self._wrong_type(item)))
+                    yield _grpc_message(item.SerializeToString())
         except (asyncio.CancelledError, GeneratorExit):
             context.cancel()
             raise
@@ -570,7 +579,7 @@ class _Rpc:
             answer = self._answer(result, context)
             if dict(answer[1])["grpc-status"] != "0":
                 raise _StreamStatus(answer)
-            yield answer[2]
+            yield _grpc_message(answer[2])
         except (asyncio.CancelledError, GeneratorExit):
             context.cancel()
             raise
