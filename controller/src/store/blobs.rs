@@ -252,53 +252,59 @@ pub(crate) fn read_whole(db: &Database, digest: &str) -> Io<Option<Vec<u8>>> {
     Ok(got.map(|v| v.value().to_vec()))
 }
 
+/// One stored blob as a snapshot carries it: its bytes, or (a large one)
+/// the digests of the parts it concatenates.
 #[derive(Debug, Serialize, Deserialize)]
-struct WholeBlob {
-    digest: String,
-    #[serde(with = "raw_bytes")]
-    data: Vec<u8>,
+pub(crate) enum SnapshotBlob {
+    Whole {
+        digest: String,
+        #[serde(with = "raw_bytes")]
+        data: Vec<u8>,
+    },
+    Parts {
+        digest: String,
+        parts: Vec<String>,
+    },
 }
 
-/// Every stored blob, as a snapshot carries them.
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub(crate) struct BlobSet {
-    whole: Vec<WholeBlob>,
-    parts: Vec<(String, Vec<String>)>,
-}
-
-pub(crate) fn export(db: &Database) -> Io<BlobSet> {
+/// Hands every stored blob to `each`, one at a time: a snapshot writes
+/// them out as they are read, and never holds them all (the store may hold
+/// gigabytes of packages and code).
+pub(crate) fn export(db: &Database, mut each: impl FnMut(SnapshotBlob) -> Io<()>) -> Io<()> {
     let txn = db.begin_read().map_err(io)?;
-    let mut set = BlobSet::default();
     for item in txn.open_table(BLOBS).map_err(io)?.iter().map_err(io)? {
         let (k, v) = item.map_err(io)?;
-        set.whole.push(WholeBlob {
+        each(SnapshotBlob::Whole {
             digest: k.value().to_string(),
             data: v.value().to_vec(),
-        });
+        })?;
     }
     for item in txn.open_table(PARTS).map_err(io)?.iter().map_err(io)? {
         let (k, v) = item.map_err(io)?;
-        set.parts.push((k.value().to_string(), decode(v.value())?));
+        each(SnapshotBlob::Parts {
+            digest: k.value().to_string(),
+            parts: decode(v.value())?,
+        })?;
     }
-    Ok(set)
+    Ok(())
 }
 
-/// Adds a snapshot's blobs. Nothing is removed: whatever this head holds
-/// beyond the snapshot was committed too. The orphan table does not travel
-/// (snapshots keep their format): a head that installed one collects only
-/// code blobs orphaned after it.
-pub(crate) fn import(txn: &WriteTransaction, set: BlobSet) -> Io<()> {
-    let mut whole = txn.open_table(BLOBS).map_err(io)?;
-    for b in set.whole {
-        whole
-            .insert(b.digest.as_str(), b.data.as_slice())
-            .map_err(io)?;
-    }
-    let mut parts = txn.open_table(PARTS).map_err(io)?;
-    for (digest, list) in set.parts {
-        parts
-            .insert(digest.as_str(), encode(&list)?.as_slice())
-            .map_err(io)?;
+/// Adds a snapshot's blobs, one at a time, inside `txn`. Nothing is
+/// removed: whatever this head holds beyond the snapshot was committed
+/// too. The orphan table does not travel (snapshots keep their format): a
+/// head that installed one collects only code blobs orphaned after it.
+pub(crate) fn import(txn: &WriteTransaction, blob: SnapshotBlob) -> Io<()> {
+    match blob {
+        SnapshotBlob::Whole { digest, data } => {
+            let mut whole = txn.open_table(BLOBS).map_err(io)?;
+            whole.insert(digest.as_str(), data.as_slice()).map_err(io)?;
+        }
+        SnapshotBlob::Parts { digest, parts } => {
+            let mut table = txn.open_table(PARTS).map_err(io)?;
+            table
+                .insert(digest.as_str(), encode(&parts)?.as_slice())
+                .map_err(io)?;
+        }
     }
     Ok(())
 }

@@ -21,9 +21,9 @@ pub mod forward;
 pub mod jobs;
 pub mod log_store;
 pub mod network;
+mod snapshot_file;
 pub mod state_machine;
 
-use std::io::Cursor;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +51,9 @@ openraft::declare_raft_types!(
     pub TypeConfig:
         D = Command,
         R = Applied,
+        // A snapshot carries every blob: in a file, not in memory
+        // (snapshot_file.rs).
+        SnapshotData = tokio::fs::File,
 );
 
 pub type NodeId = u64;
@@ -83,6 +86,9 @@ impl Membership {
     }
 }
 
+/// redb's page cache (its default is 1 GiB).
+const REDB_CACHE_BYTES: usize = 64 << 20;
+
 pub async fn open(
     dir: &Path,
     membership: &Membership,
@@ -98,10 +104,13 @@ pub async fn open(
     serval_protos::private_files::private_dir(dir).map_err(io(dir))?;
     let file = dir.join("raft.redb");
     serval_protos::private_files::ensure_private_file(&file).map_err(io(&file))?;
-    let db = redb::Database::create(&file).map_err(|e| ControllerError::Storage(e.to_string()))?;
+    let db = redb::Builder::new()
+        .set_cache_size(REDB_CACHE_BYTES)
+        .create(&file)
+        .map_err(|e| ControllerError::Storage(e.to_string()))?;
     let db = Arc::new(db);
     let log = log_store::LogStore::open(db.clone())?;
-    let sm = state_machine::StateMachineStore::open(db)?;
+    let sm = state_machine::StateMachineStore::open(db, dir.to_path_buf())?;
     let config = openraft::Config {
         cluster_name: "serval".into(),
         // openraft gives an AppendEntries call (heartbeats, and so every

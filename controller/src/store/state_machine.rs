@@ -6,7 +6,7 @@
 //! as the applied state, and snapshots carry them.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::Cursor;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -16,12 +16,12 @@ use openraft::{
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
-use super::command::raw_bytes;
 use super::log_store::{decode, encode};
 use super::Command;
-use super::{blobs, jobs};
+use super::{blobs, jobs, snapshot_file};
 use super::{Applied, NodeId, SharedState, TypeConfig};
 use crate::error::{ControllerError, StateError};
 use crate::state::ClusterState;
@@ -48,20 +48,11 @@ struct StoredSnapshot {
     jobs: jobs::JobSet,
 }
 
-/// What a snapshot carries to another head: the encoded state and every
-/// blob (content-addressed and never removed, so blobs applied after the
-/// snapshot's log index do no harm: putting them again is a no-op).
-#[derive(Debug, Serialize, Deserialize)]
-struct SnapshotData {
-    #[serde(with = "raw_bytes")]
-    state: Vec<u8>,
-    blobs: blobs::BlobSet,
-    jobs: jobs::JobSet,
-}
-
 #[derive(Clone)]
 pub struct StateMachineStore {
     db: Arc<Database>,
+    /// The store's folder, where snapshot files are made.
+    dir: PathBuf,
     inner: Arc<Mutex<AppliedState>>,
     /// Held while entries are applied and while a snapshot reads the state
     /// and the job tables, so a snapshot's tables match its log index.
@@ -186,7 +177,7 @@ fn apply_command(
 }
 
 impl StateMachineStore {
-    pub fn open(db: Arc<Database>) -> Result<Self, ControllerError> {
+    pub fn open(db: Arc<Database>, dir: PathBuf) -> Result<Self, ControllerError> {
         let storage = |e: std::io::Error| ControllerError::Storage(e.to_string());
         let applied: AppliedState = {
             let txn = db.begin_write().map_err(|e| storage(io(e)))?;
@@ -214,6 +205,7 @@ impl StateMachineStore {
         let (publish, _) = watch::channel(Arc::new(applied.state.clone()));
         Ok(Self {
             db,
+            dir,
             inner: Arc::new(Mutex::new(applied)),
             gate: Arc::new(Mutex::new(())),
             publish,
@@ -275,10 +267,21 @@ impl StateMachineStore {
         txn.commit().map_err(io)
     }
 
-    /// The bytes of a snapshot of `state` (encoded) with every blob.
-    fn snapshot_data(&self, state: Vec<u8>, jobs: jobs::JobSet) -> Result<Vec<u8>, std::io::Error> {
-        let blobs = blobs::export(&self.db)?;
-        encode(&SnapshotData { state, blobs, jobs })
+    /// A snapshot file of `state` (encoded) and `jobs` with every blob
+    /// (content-addressed and never removed, so blobs applied after the
+    /// snapshot's log index do no harm: putting them again is a no-op).
+    /// Written on a blocking thread: it reads and writes every blob.
+    async fn snapshot_file(
+        &self,
+        state: Vec<u8>,
+        jobs: jobs::JobSet,
+    ) -> Result<Box<tokio::fs::File>, std::io::Error> {
+        let (dir, db) = (self.dir.clone(), self.db.clone());
+        let file =
+            tokio::task::spawn_blocking(move || snapshot_file::write(&dir, &db, state, jobs))
+                .await
+                .map_err(io)??;
+        Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
     fn read_snapshot(&self) -> Result<Option<StoredSnapshot>, std::io::Error> {
@@ -327,13 +330,11 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         };
         self.write_snapshot(&stored)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        let data = self
-            .snapshot_data(state, jobs)
+        let snapshot = self
+            .snapshot_file(state, jobs)
+            .await
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        })
+        Ok(Snapshot { meta, snapshot })
     }
 }
 
@@ -413,37 +414,63 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn begin_receiving_snapshot(
         &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    ) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+        let file = tempfile::tempfile_in(&self.dir)
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        mut snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError<NodeId>> {
         let read = |e: std::io::Error| StorageIOError::read_snapshot(Some(meta.signature()), &e);
-        let write = |e: std::io::Error| StorageIOError::write_snapshot(Some(meta.signature()), &e);
-        let data: SnapshotData = decode(&snapshot.into_inner()).map_err(read)?;
-        let state: ClusterState = decode(&data.state).map_err(read)?;
-        let next = AppliedState {
-            last_applied: meta.last_log_id,
-            membership: meta.last_membership.clone(),
-            state,
-        };
+        // Chunks received may still be on their way to the file.
+        snapshot.flush().await.map_err(read)?;
+        let mut file = snapshot.into_std().await;
+        let (db, snapshot_meta) = (self.db.clone(), meta.clone());
         // Blobs, snapshot and applied state in one transaction: a crash
-        // leaves either the old state or all of the new one.
-        let txn = self.db.begin_write().map_err(|e| write(io(e)))?;
-        blobs::import(&txn, data.blobs).map_err(write)?;
-        jobs::import(&txn, data.jobs.clone()).map_err(write)?;
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data: data.state,
-            jobs: data.jobs,
-        };
-        put_in(&txn, KEY_SNAPSHOT, &stored).map_err(write)?;
-        put_in(&txn, KEY_APPLIED, &next).map_err(write)?;
-        txn.commit().map_err(|e| write(io(e)))?;
+        // leaves either the old state or all of the new one. On a blocking
+        // thread: it reads and writes every blob.
+        let next = tokio::task::spawn_blocking(move || {
+            let meta = snapshot_meta;
+            // Boxed: the error is large, and crosses the thread's result.
+            let read = |e: std::io::Error| {
+                Box::new(StorageError::from(StorageIOError::read_snapshot(
+                    Some(meta.signature()),
+                    &e,
+                )))
+            };
+            let write = |e: std::io::Error| {
+                Box::new(StorageError::from(StorageIOError::write_snapshot(
+                    Some(meta.signature()),
+                    &e,
+                )))
+            };
+            let txn = db.begin_write().map_err(|e| write(io(e)))?;
+            let (data, jobs) = snapshot_file::read(&mut file, &txn).map_err(read)?;
+            let state: ClusterState = decode(&data).map_err(read)?;
+            let next = AppliedState {
+                last_applied: meta.last_log_id,
+                membership: meta.last_membership.clone(),
+                state,
+            };
+            jobs::import(&txn, jobs.clone()).map_err(write)?;
+            let stored = StoredSnapshot {
+                meta: meta.clone(),
+                data,
+                jobs,
+            };
+            put_in(&txn, KEY_SNAPSHOT, &stored).map_err(write)?;
+            put_in(&txn, KEY_APPLIED, &next).map_err(write)?;
+            txn.commit().map_err(|e| write(io(e)))?;
+            Ok::<_, Box<StorageError<NodeId>>>(next)
+        })
+        .await
+        .map_err(|e| read(io(e)))?
+        .map_err(|e| *e)?;
+        tracing::info!(snapshot = %meta.snapshot_id, "installed a snapshot from the leader");
         let publish = Arc::new(next.state.clone());
         *self.lock() = next;
         self.publish.send_replace(publish);
@@ -459,12 +486,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         else {
             return Ok(None);
         };
-        let data = self
-            .snapshot_data(stored.data, stored.jobs)
+        let snapshot = self
+            .snapshot_file(stored.data, stored.jobs)
+            .await
             .map_err(|e| StorageIOError::read_snapshot(Some(stored.meta.signature()), &e))?;
         Ok(Some(Snapshot {
             meta: stored.meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot,
         }))
     }
 }

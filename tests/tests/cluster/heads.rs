@@ -350,12 +350,15 @@ fn a_follower_catches_up_and_all_heads_recover_from_disk() {
     drop(follower);
     let writer = heads[0].proc.control_address();
     write_backends(&writer, &token, "b", 600);
-    let back = start(&name, Some((&addr, &token)), Some(ports));
+    let mut back = start(&name, Some((&addr, &token)), Some(ports));
     wait_for(
         "the follower to catch up (log or snapshot)",
         Duration::from_secs(120),
         || (backend_count(&back) == 600).then_some(()),
     );
+    // The leader kept 100 entries past its snapshot of 500: the follower
+    // got the snapshot (a file, written and read a record at a time).
+    back.proc.wait_log("installed a snapshot from the leader");
     heads.push(back);
 
     // Stop every head, start them again on the same data dirs and ports.

@@ -12,7 +12,8 @@ use crate::store::blobs;
 
 fn open(path: &Path) -> StateMachineStore {
     let db = Database::create(path).expect("redb file");
-    StateMachineStore::open(Arc::new(db)).expect("state machine")
+    let dir = path.parent().expect("a folder").to_path_buf();
+    StateMachineStore::open(Arc::new(db), dir).expect("state machine")
 }
 
 async fn apply(sm: &mut StateMachineStore, index: u64, cmd: Command) -> Result<u64, StateError> {
