@@ -48,8 +48,8 @@ use tonic::Status;
 ///   `CreateBackend`/`DeleteBackend`, only for a backend named
 ///   `<api>--job-<id>` of an existing job of its own api
 ///   ([`Credential::may_manage_backend`]), and `PutBlob` for that
-///   backend's code, which the state names by digest (a blob no backend
-///   names is not collected: see `store::blobs`).
+///   backend's code, which the state names by digest (a blob nothing
+///   names is collected after a grace: see `store::blobs`).
 ///
 /// A replica token reads the routing table, which names the backends' code
 /// only by digest; the code blobs themselves are not on its backend's list,

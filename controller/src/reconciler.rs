@@ -5,7 +5,8 @@
 //!   the [`crate::autoscaler`] recommends;
 //! - leases: batch leases whose visibility timeout ran out on this
 //!   leader's monotonic clock ([`LeaseClock`]) go back to their job's queue;
-//! - blobs: while some backend code blob is unnamed, a `CollectCodeBlobs`
+//! - blobs: while some blob is unnamed (just put, or code no backend
+//!   names any more), a `CollectCodeBlobs`
 //!   with this leader's wall clock every [`COLLECT_EVERY`]
 //!   (`store::blobs` stamps and removes them).
 //!
@@ -29,7 +30,7 @@ use crate::store::{self, state_machine::StateMachineStore, Raft};
 pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_secs(10);
 const TICK: Duration = Duration::from_secs(1);
 /// How often the leader proposes `CollectCodeBlobs` while there are unnamed
-/// code blobs (the grace is `store::blobs::CODE_BLOB_GRACE_MS`).
+/// blobs (the grace is `store::blobs::CODE_BLOB_GRACE_MS`).
 pub const COLLECT_EVERY: Duration = Duration::from_secs(10);
 pub const BACKEND_DESIRED_REPLICAS: &str = "serval_backend_desired_replicas";
 pub const BACKEND_RUNNING_REPLICAS: &str = "serval_backend_running_replicas";

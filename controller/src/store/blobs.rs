@@ -4,12 +4,18 @@
 //!
 //! A blob is named by the sha256 of its bytes, so putting one twice is a
 //! no-op and a snapshot may carry blobs applied after its log index.
-//! Package blobs are never removed. A backend's code blob that no backend
-//! names any more (after a delete or a code update) becomes an orphan
-//! ([`track_code`]); the leader's `CollectCodeBlobs` stamps it, and removes
-//! it [`CODE_BLOB_GRACE`] later unless a backend named it again or a
-//! client put it again (which unstamps it: the client is about to name it,
-//! and `HasBlob` answers false for an orphan so that it does). A blob larger than one raft entry should carry
+//! A blob is an orphan from the moment it is stored until the state names
+//! it (code, a backend's blobs, an API's package), so a blob put and never
+//! named (a replica token may put code for a BatchAPI job's worker) does
+//! not stay for good. A package stays while named, and once named is
+//! never removed. A backend's code blob that no backend names any more
+//! (after a delete or a code update) becomes an orphan again
+//! ([`track_code`]). The leader's `CollectCodeBlobs` stamps an orphan, and
+//! removes it [`CODE_BLOB_GRACE_MS`] later unless the state named it by
+//! then or a client put it again (which unstamps it: the client is about
+//! to name it, and `HasBlob` answers false for an orphan so that it does).
+//! The parts a stored large blob lists go with that blob, never alone. A
+//! blob larger than one raft entry should carry
 //! ([`BLOB_CHUNK_BYTES`]) travels as parts, each a blob of its own, and then
 //! a `PutBlobParts` that records the large blob as their concatenation:
 //! openraft gives an AppendEntries one heartbeat interval (100 ms), which a
@@ -30,12 +36,14 @@ use crate::error::StateError;
 const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
 /// Large blobs: digest -> the digests of the blobs they concatenate.
 const PARTS: TableDefinition<&str, &[u8]> = TableDefinition::new("blob_parts");
-/// Code blobs no backend names: digest -> the `CollectCodeBlobs` clock
+/// Blobs the state does not name: digest -> the `CollectCodeBlobs` clock
 /// (Unix ms) that first saw them so, 0 until one has.
 const ORPHANS: TableDefinition<&str, u64> = TableDefinition::new("code_blob_orphans");
 
-/// How long an unnamed code blob is kept: longer than a client takes from
-/// uploading code to naming it in `CreateBackend`/`UpdateBackendCode`.
+/// How long an unnamed blob is kept: longer than a client takes from
+/// uploading code or a package to naming it (`CreateBackend`,
+/// `UpdateBackendCode`, `PutApi`; the head proposes a large blob's parts
+/// and their record within one `PutBlob` call).
 pub const CODE_BLOB_GRACE_MS: u64 = 60_000;
 
 type Io<T> = Result<T, std::io::Error>;
@@ -80,8 +88,16 @@ pub(crate) fn put(txn: &WriteTransaction, digest: &str, data: &[u8]) -> Io<Resul
     } else {
         let mut table = txn.open_table(BLOBS).map_err(io)?;
         table.insert(digest, data).map_err(io)?;
+        unnamed(txn, digest)?;
     }
     Ok(Ok(()))
+}
+
+/// A blob just stored: an orphan until the state names it.
+fn unnamed(txn: &WriteTransaction, digest: &str) -> Io<()> {
+    let mut orphans = txn.open_table(ORPHANS).map_err(io)?;
+    orphans.insert(digest, 0).map_err(io)?;
+    Ok(())
 }
 
 /// A stored orphan put again: its grace starts over at the next collection.
@@ -128,12 +144,35 @@ pub(crate) fn track_code(
     Ok(())
 }
 
+/// Orphans that `named` (every digest the state names) holds are orphans
+/// no more.
+pub(crate) fn named(txn: &WriteTransaction, named: &BTreeSet<String>) -> Io<()> {
+    let mut orphans = txn.open_table(ORPHANS).map_err(io)?;
+    let mut found = Vec::new();
+    for item in orphans.iter().map_err(io)? {
+        let (k, _) = item.map_err(io)?;
+        if named.contains(k.value()) {
+            found.push(k.value().to_string());
+        }
+    }
+    for digest in found {
+        orphans.remove(digest.as_str()).map_err(io)?;
+    }
+    Ok(())
+}
+
 /// Applies `CollectCodeBlobs`: stamps new orphans with `now_ms` and removes
 /// those stamped a grace ago. `keep` is every digest the state names
 /// (code, packages, backends' blobs), never removed; a part is removed
 /// only when no large blob left lists it.
 pub(crate) fn collect(txn: &WriteTransaction, now_ms: u64, keep: &BTreeSet<String>) -> Io<()> {
     let mut due = Vec::new();
+    // The parts of stored large blobs: they go with their blob.
+    let mut listed = HashSet::new();
+    for item in txn.open_table(PARTS).map_err(io)?.iter().map_err(io)? {
+        let (_, v) = item.map_err(io)?;
+        listed.extend(decode::<Vec<String>>(v.value())?);
+    }
     {
         let mut orphans = txn.open_table(ORPHANS).map_err(io)?;
         let mut stamp = Vec::new();
@@ -141,7 +180,9 @@ pub(crate) fn collect(txn: &WriteTransaction, now_ms: u64, keep: &BTreeSet<Strin
             let (k, v) = item.map_err(io)?;
             let digest = k.value().to_string();
             match v.value() {
-                _ if keep.contains(&digest) => due.push((digest, false)),
+                _ if keep.contains(&digest) || listed.contains(&digest) => {
+                    due.push((digest, false))
+                }
                 0 => stamp.push(digest),
                 since if now_ms.saturating_sub(since) >= CODE_BLOB_GRACE_MS => {
                     due.push((digest, true))
@@ -176,7 +217,7 @@ pub(crate) fn collect(txn: &WriteTransaction, now_ms: u64, keep: &BTreeSet<Strin
     Ok(())
 }
 
-/// Whether some code blob waits to be stamped or collected.
+/// Whether some blob waits to be stamped or collected.
 pub(crate) fn has_orphans(db: &Database) -> Io<bool> {
     let txn = db.begin_read().map_err(io)?;
     let orphans = txn.open_table(ORPHANS).map_err(io)?;
@@ -184,7 +225,7 @@ pub(crate) fn has_orphans(db: &Database) -> Io<bool> {
     Ok(any)
 }
 
-/// Whether `digest` is a code blob waiting to be collected.
+/// Whether `digest` is a blob waiting to be collected.
 pub(crate) fn is_orphan(db: &Database, digest: &str) -> Io<bool> {
     let txn = db.begin_read().map_err(io)?;
     let orphans = txn.open_table(ORPHANS).map_err(io)?;
@@ -222,6 +263,7 @@ pub(crate) fn put_parts(
     table
         .insert(digest, encode(&parts)?.as_slice())
         .map_err(io)?;
+    unnamed(txn, digest)?;
     Ok(Ok(()))
 }
 

@@ -150,6 +150,8 @@ fn apply_command(
             | Command::UpdateBackendCode { .. }
             | Command::DeleteBackend { .. }
     );
+    // Commands that may name a package or a backend's blobs.
+    let names_blobs = names_code || matches!(cmd, Command::PutApi(_));
     let applied = match cmd {
         Command::PutBlob { digest, data } => blobs::put(txn, &digest, &data)?,
         Command::PutBlobParts { digest, parts } => blobs::put_parts(txn, &digest, &parts)?,
@@ -157,11 +159,14 @@ fn apply_command(
             blobs::collect(txn, now_ms, &state.named_blobs())?;
             Ok(())
         }
-        cmd if names_code => {
+        cmd if names_blobs => {
             let before = state.code_digests();
             let applied = state.apply(cmd);
             if applied.is_ok() {
                 blobs::track_code(txn, &before, &state.code_digests())?;
+                // Named now: HasBlob says so at once, not after the next
+                // collection.
+                blobs::named(txn, &state.named_blobs())?;
             }
             applied
         }

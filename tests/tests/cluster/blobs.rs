@@ -108,7 +108,9 @@ fn a_blob_survives_the_loss_of_the_leader() {
             "FIGURES: 20 MiB blob stored through a follower in {:?}",
             started.elapsed()
         );
-        assert!(has_blob(&mut c, &digest).await);
+        // Stored, but nothing names it yet: a client about to name it
+        // puts it again (an unnamed blob is collected after a grace).
+        assert!(!has_blob(&mut c, &digest).await);
 
         let api = Api {
             name: "iris".into(),
@@ -119,6 +121,12 @@ fn a_blob_survives_the_loss_of_the_leader() {
             deployed_at: 1.5,
         };
         c.put_api(api).await.expect("api record stored");
+        // Named by the api (this follower may apply it a moment later).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !has_blob(&mut c, &digest).await {
+            assert!(Instant::now() < deadline, "HasBlob false once named");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     });
 
     // SIGKILL the leader (the guard kills its process group).

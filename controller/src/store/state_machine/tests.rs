@@ -450,3 +450,38 @@ async fn code_no_backend_names_is_collected_after_its_grace_and_packages_never()
     .await;
     assert!(!sm.has_blob(&shared).unwrap());
 }
+
+#[tokio::test]
+async fn a_blob_put_and_never_named_is_collected_after_its_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = open(&dir.path().join("sm.redb"));
+    let mut index = 1;
+    // What a replica token may put and leave (a job worker's code never
+    // used), small and large; and code a backend names within the grace.
+    let big = noise(2 * BLOB_CHUNK_BYTES + 7);
+    let stray = upload(&mut sm, &mut index, b"stray").await;
+    let stray_big = upload(&mut sm, &mut index, &big).await;
+    let named = upload(&mut sm, &mut index, b"named").await;
+    // Reversed: parts of its own (noise always starts the same).
+    let big_code: Vec<u8> = noise(2 * BLOB_CHUNK_BYTES + 9).into_iter().rev().collect();
+    let named_big = upload(&mut sm, &mut index, &big_code).await;
+    assert!(sm.is_orphan_blob(&stray).unwrap(), "HasBlob answers false");
+    let collect = |now_ms| Command::CollectCodeBlobs { now_ms };
+    let t0 = 1_000_000;
+    then(&mut sm, &mut index, collect(t0)).await;
+    then(&mut sm, &mut index, backend("b", &named)).await;
+    then(&mut sm, &mut index, backend("c", &named_big)).await;
+    then(&mut sm, &mut index, collect(t0 + 1)).await;
+    assert_eq!(read(&sm, &stray_big).as_deref(), Some(&big[..]));
+    then(&mut sm, &mut index, collect(t0 + blobs::CODE_BLOB_GRACE_MS)).await;
+    assert!(!sm.has_blob(&stray).unwrap(), "never named: collected");
+    assert!(!sm.has_blob(&stray_big).unwrap());
+    for part in big.chunks(BLOB_CHUNK_BYTES) {
+        assert!(!sm.has_blob(&blob::digest(part)).unwrap(), "its parts too");
+    }
+    assert_eq!(read(&sm, &named).as_deref(), Some(&b"named"[..]));
+    // A named large blob keeps its parts, which nothing names by itself.
+    assert_eq!(read(&sm, &named_big).as_deref(), Some(&big_code[..]));
+    assert!(!sm.is_orphan_blob(&named).unwrap());
+    assert!(!sm.has_orphan_blobs().unwrap());
+}
