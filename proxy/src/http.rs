@@ -247,12 +247,11 @@ async fn serve_connections<H, Fut>(
                     let conn = server_builder(limits, executor.clone())
                         .serve_connection_with_upgrades(TokioIo::new(io), service)
                         .into_owned();
-                    let conn = conn_streams::Driven::new(conn, &executor);
+                    let mut conn = conn_streams::Driven::new(conn, &executor);
                     let open = open.clone();
                     open.increment(1.0);
                     let (mut stopping, counted) = (stopping.clone(), open_tx.clone());
                     tokio::spawn(async move {
-                        let mut conn = conn;
                         let result = tokio::select! {
                             result = &mut conn => result,
                             _ = async { stopping.wait_for(|s| *s).await.is_ok() } => {

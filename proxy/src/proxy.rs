@@ -145,11 +145,11 @@ impl Proxy {
     /// when their descriptors changed (parsing them is not free).
     fn apply_grpc(&self, snapshot: &ClusterSnapshot) {
         let services = GrpcServices::from_snapshot(snapshot);
-        self.grpc_metrics.retain_deployed(&services);
         let mut grpc = self.grpc.write().unwrap_or_else(|p| p.into_inner());
         if *grpc.0 == services {
             return;
         }
+        self.grpc_metrics.retain_deployed(&services);
         let reflection = if grpc.1.built_from(services.descriptors()) {
             grpc.1.clone()
         } else {

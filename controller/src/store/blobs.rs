@@ -126,7 +126,8 @@ pub(crate) fn check_code(
 }
 
 /// After a backend command: code blobs named `before` and not `after`
-/// become orphans, and those named `after` are orphans no more.
+/// become orphans (unless the state still names them otherwise: [`named`]
+/// runs next).
 pub(crate) fn track_code(
     txn: &WriteTransaction,
     before: &BTreeSet<String>,
@@ -137,9 +138,6 @@ pub(crate) fn track_code(
         if orphans.get(gone.as_str()).map_err(io)?.is_none() {
             orphans.insert(gone.as_str(), 0).map_err(io)?;
         }
-    }
-    for named in after {
-        orphans.remove(named.as_str()).map_err(io)?;
     }
     Ok(())
 }
@@ -167,12 +165,8 @@ pub(crate) fn named(txn: &WriteTransaction, named: &BTreeSet<String>) -> Io<()> 
 /// only when no large blob left lists it.
 pub(crate) fn collect(txn: &WriteTransaction, now_ms: u64, keep: &BTreeSet<String>) -> Io<()> {
     let mut due = Vec::new();
-    // The parts of stored large blobs: they go with their blob.
-    let mut listed = HashSet::new();
-    for item in txn.open_table(PARTS).map_err(io)?.iter().map_err(io)? {
-        let (_, v) = item.map_err(io)?;
-        listed.extend(decode::<Vec<String>>(v.value())?);
-    }
+    // The parts of stored large blobs go with their blob, never alone.
+    let listed = listed_parts(&txn.open_table(PARTS).map_err(io)?)?;
     {
         let mut orphans = txn.open_table(ORPHANS).map_err(io)?;
         let mut stamp = Vec::new();
@@ -199,22 +193,34 @@ pub(crate) fn collect(txn: &WriteTransaction, now_ms: u64, keep: &BTreeSet<Strin
     }
     let mut whole = txn.open_table(BLOBS).map_err(io)?;
     let mut parts = txn.open_table(PARTS).map_err(io)?;
+    // The parts of the large blobs removed, once the others are known.
+    let mut freed = Vec::new();
     for (digest, _) in due.iter().filter(|(_, remove)| *remove) {
         whole.remove(digest.as_str()).map_err(io)?;
-        let list: Vec<String> = match parts.remove(digest.as_str()).map_err(io)? {
-            Some(list) => decode(list.value())?,
-            None => continue,
-        };
-        let mut still_used: HashSet<String> = keep.iter().cloned().collect();
-        for item in parts.iter().map_err(io)? {
-            let (_, v) = item.map_err(io)?;
-            still_used.extend(decode::<Vec<String>>(v.value())?);
+        if let Some(list) = parts.remove(digest.as_str()).map_err(io)? {
+            freed.extend(decode::<Vec<String>>(list.value())?);
         }
-        for part in list.iter().filter(|p| !still_used.contains(*p)) {
+    }
+    if !freed.is_empty() {
+        let still_listed = listed_parts(&parts)?;
+        for part in freed
+            .iter()
+            .filter(|p| !keep.contains(*p) && !still_listed.contains(*p))
+        {
             whole.remove(part.as_str()).map_err(io)?;
         }
     }
     Ok(())
+}
+
+/// Every part that a large blob of `parts` (the table) lists.
+fn listed_parts(parts: &impl ReadableTable<&'static str, &'static [u8]>) -> Io<HashSet<String>> {
+    let mut listed = HashSet::new();
+    for item in parts.iter().map_err(io)? {
+        let (_, v) = item.map_err(io)?;
+        listed.extend(decode::<Vec<String>>(v.value())?);
+    }
+    Ok(listed)
 }
 
 /// Whether some blob waits to be stamped or collected.

@@ -144,14 +144,15 @@ fn apply_command(
             return Ok((Err(e), Vec::new()));
         }
     }
-    let names_code = matches!(
+    // Commands that may name code, a package or a backend's blobs, or stop
+    // naming them.
+    let names_blobs = matches!(
         cmd,
         Command::CreateBackend(_)
             | Command::UpdateBackendCode { .. }
             | Command::DeleteBackend { .. }
+            | Command::PutApi(_)
     );
-    // Commands that may name a package or a backend's blobs.
-    let names_blobs = names_code || matches!(cmd, Command::PutApi(_));
     let applied = match cmd {
         Command::PutBlob { digest, data } => blobs::put(txn, &digest, &data)?,
         Command::PutBlobParts { digest, parts } => blobs::put_parts(txn, &digest, &parts)?,
