@@ -131,6 +131,7 @@ impl ClusterState {
                 replica.tls = report.tls;
                 replica.pid = report.pid;
                 replica.restarts = report.restarts;
+                replica.config_version = report.config_version;
                 let backend = replica.backend.clone();
                 // A replica that now runs may let a rolling update advance.
                 self.scale(&backend);
@@ -154,6 +155,7 @@ impl ClusterState {
                     Backend {
                         config: Some(config),
                         version: 1,
+                        config_version: 0,
                         state: BackendState::Deploying.into(),
                         error: String::new(),
                         ..backend
@@ -169,6 +171,7 @@ impl ClusterState {
                     .get_mut(&name)
                     .ok_or_else(|| StateError::UnknownBackend(name.clone()))?;
                 backend.config = Some(config);
+                backend.config_version += 1;
                 self.scale(&name);
             }
             Command::Autoscale { name, num_replicas } => {

@@ -291,7 +291,7 @@ impl NodeAgent {
             };
             if let Some(running) = self.supervisors.get(id) {
                 // Same version: a config change is applied in place.
-                running.update_config(backend.config.as_ref());
+                running.update_config(backend);
                 continue;
             }
             let seq = match id.parse::<ReplicaId>() {

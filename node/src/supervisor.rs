@@ -71,15 +71,16 @@ pub struct SupervisorHandle {
     stop: Option<oneshot::Sender<()>>,
     /// The backend config the replica should run with; the supervisor
     /// applies changes in place (see the module docs).
-    config: watch::Sender<BackendConfig>,
+    config: watch::Sender<WantedConfig>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl SupervisorHandle {
-    /// Hands the supervisor the backend config of the latest snapshot; only
-    /// a change of what the replica applies at run time reaches it.
-    pub fn update_config(&self, config: Option<&BackendConfig>) {
-        let config = config.cloned().unwrap_or_default();
+    /// Hands the supervisor the backend config of the latest snapshot: a
+    /// change of what the replica applies at run time goes to the replica,
+    /// and a new `config_version` is reported once in place.
+    pub fn update_config(&self, backend: &Backend) {
+        let config = WantedConfig::of(backend);
         self.config.send_if_modified(|current| {
             if *current == config {
                 return false;
@@ -98,9 +99,26 @@ impl SupervisorHandle {
     }
 }
 
+/// A backend's config and its `config_version`, which the replica reports
+/// once it runs with it.
+#[derive(Clone, Default, PartialEq)]
+struct WantedConfig {
+    config: BackendConfig,
+    version: u64,
+}
+
+impl WantedConfig {
+    fn of(backend: &Backend) -> Self {
+        WantedConfig {
+            config: backend.config.clone().unwrap_or_default(),
+            version: backend.config_version,
+        }
+    }
+}
+
 pub fn spawn(spec: ReplicaSpec, client: Client) -> SupervisorHandle {
     let (tx, rx) = oneshot::channel();
-    let (config_tx, config_rx) = watch::channel(spec.backend.config.clone().unwrap_or_default());
+    let (config_tx, config_rx) = watch::channel(WantedConfig::of(&spec.backend));
     let backend_version = spec.replica.backend_version;
     let code_digest = spec.backend.code_digest.clone();
     let task = tokio::spawn(supervise(spec, client, rx, config_rx));
@@ -145,7 +163,7 @@ async fn supervise(
     spec: ReplicaSpec,
     client: Client,
     mut stop: oneshot::Receiver<()>,
-    mut config: watch::Receiver<BackendConfig>,
+    mut config: watch::Receiver<WantedConfig>,
 ) {
     let id = spec.replica.id.clone();
     let agent = Credential {
@@ -179,7 +197,7 @@ async fn supervise(
         let started = tokio::time::Instant::now();
         // A restarted replica starts with the latest config.
         let start_config = config.borrow_and_update().clone();
-        let outcome = match start(&spec, &client, &start_config).await {
+        let outcome = match start(&spec, &client, &start_config.config).await {
             Ok((mut child, log_start)) => {
                 // Held here, not in `child`: tokio's `Child::wait` closes a
                 // stdin it still owns, which would cut the lifeline.
@@ -198,12 +216,14 @@ async fn supervise(
                             grpc_addr: status.grpc_addr,
                             tls: status.tls,
                             pid: status.pid,
+                            config_version: start_config.version,
                             ..base.clone()
                         };
                         report(&client, running.clone()).await;
                         state_gauge.set(ReplicaState::Running);
                         // What the replica runs with; changes go in place.
-                        let mut applied = runtime_config(&start_config);
+                        let mut applied = runtime_config(&start_config.config);
+                        let mut running = running;
                         let mut config_open = true;
                         let mut log_check = tokio::time::interval(LOG_CHECK_INTERVAL);
                         loop {
@@ -225,8 +245,18 @@ async fn supervise(
                                         config_open = false;
                                         continue;
                                     }
-                                    let wanted = runtime_config(&config.borrow_and_update());
+                                    let (wanted, version) = {
+                                        let w = config.borrow_and_update();
+                                        (runtime_config(&w.config), w.version)
+                                    };
                                     if wanted == applied {
+                                        // Nothing for the replica to apply (a new
+                                        // num_replicas, say); a client waiting for the
+                                        // change still learns it is in place.
+                                        if version != running.config_version {
+                                            running.config_version = version;
+                                            report(&client, running.clone()).await;
+                                        }
                                         continue;
                                     }
                                     tracing::info!(replica = %id, config = %wanted, "reconfiguring replica in place");
@@ -242,6 +272,7 @@ async fn supervise(
                                             e
                                         }
                                     };
+                                    running.config_version = version;
                                     report(&client, ReplicaReport { error, ..running.clone() }).await;
                                 }
                             }
@@ -596,8 +627,8 @@ async fn read_status(
 /// Waits for a clean exit (the caller closed the lifeline), then kills:
 /// the replica first gives its requests in flight the backend's graceful
 /// shutdown timeout, then needs up to `STOP_GRACE` to close.
-async fn terminate(child: &mut Child, config: &watch::Receiver<BackendConfig>) {
-    let timeout = config.borrow().graceful_shutdown_timeout_s;
+async fn terminate(child: &mut Child, config: &watch::Receiver<WantedConfig>) {
+    let timeout = config.borrow().config.graceful_shutdown_timeout_s;
     let grace = STOP_GRACE + Duration::try_from_secs_f64(timeout).unwrap_or_default();
     if tokio::time::timeout(grace, child.wait()).await.is_err() {
         let _ = child.kill().await;

@@ -466,6 +466,40 @@ impl Client {
         })
     }
 
+    /// Waits until config version `min_version` of `name` (see
+    /// `Backend.config_version`) is in place: every running replica reports
+    /// it and none is still starting ("done"), or a running replica's
+    /// `reconfigure` of it failed ("failed", the replica's traceback).
+    /// Replicas not running (failed, waiting for a node) start with the
+    /// latest config. `None` on timeout.
+    fn wait_config(
+        &self,
+        py: Python<'_>,
+        name: String,
+        min_version: u64,
+        timeout: f64,
+    ) -> PyResult<Option<(String, String)>> {
+        self.wait_snapshot(py, timeout, move |s| {
+            let b = s
+                .backends
+                .iter()
+                .find(|b| b.name == name && b.config_version >= min_version)?;
+            let mut done = true;
+            for r in s.replicas.iter().filter(|r| r.backend == name) {
+                if r.state == ReplicaState::Starting {
+                    done = false;
+                } else if r.state == ReplicaState::Running {
+                    if r.config_version < b.config_version {
+                        done = false;
+                    } else if !r.error.is_empty() {
+                        return Some((ReplicaState::Failed.into(), r.error.clone()));
+                    }
+                }
+            }
+            done.then(|| ("done".to_string(), String::new()))
+        })
+    }
+
     /// Replaces the middlewares every proxy runs and waits (up to
     /// `timeout` s) until this client's snapshot carries them; false when
     /// it does not in time.

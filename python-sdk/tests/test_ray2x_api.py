@@ -324,6 +324,10 @@ class Greeter:
         self.version = "v1"
 
     def reconfigure(self, config):
+        if config.get("reject"):
+            raise ValueError("greeting rejected")
+        # A slow reconfigure: serve.run must still return only once it is done.
+        time.sleep(config.get("takes_s", 0))
         self.greeting = config["greeting"]
 
     def __call__(self, request=None):
@@ -351,9 +355,18 @@ def test_redeploy_changes_options_in_place_and_rolls_new_code(shared):
     assert requests.get(url, timeout=60).text == "v1 hello"
     pids = replica_pids("greet#Greeter")
 
-    # Same code, new user_config: reconfigure() in the running replica.
-    serve.run(Front.bind(Greeter.options(user_config={"greeting": "hi"}).bind()), name="greet",
+    # Same code, new user_config: reconfigure() in the running replica,
+    # done when serve.run returns.
+    serve.run(Front.bind(Greeter.options(user_config={"greeting": "hi", "takes_s": 2}).bind()), name="greet",
               route_prefix="/greet")
+    assert requests.get(url, timeout=60).text == "v1 hi"
+    assert replica_pids("greet#Greeter") == pids
+
+    # A reconfigure() that raises fails the deploy; the replica keeps serving.
+    with pytest.raises(serve.DeployFailedError, match="greeting rejected"):
+        serve.run(Front.bind(Greeter.options(user_config={"greeting": "no", "reject": True}).bind()),
+                  name="greet", route_prefix="/greet")
+    assert serve.status().applications["greet"].status == "DEPLOY_FAILED"
     assert requests.get(url, timeout=60).text == "v1 hi"
     assert replica_pids("greet#Greeter") == pids
 

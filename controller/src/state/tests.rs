@@ -201,6 +201,43 @@ fn replica_reports_drive_the_backend_state() {
 }
 
 #[test]
+fn a_config_update_gets_a_new_config_version_that_replicas_report() {
+    let mut s = cluster();
+    let id = s.replicas.keys().next().unwrap().clone();
+    assert_eq!(s.backends["b"].config_version, 0);
+    let mut config = s.backends["b"].config.clone().unwrap();
+    config.user_config_json = r#"{"v": 2}"#.into();
+    s.apply(Command::UpdateBackendConfig {
+        name: "b".into(),
+        config,
+    })
+    .unwrap();
+    assert_eq!(s.backends["b"].config_version, 1);
+    assert_eq!(s.backends["b"].version, 1, "a config change keeps the code version");
+    // The autoscaler's count is not a change a client waits for.
+    s.backends.get_mut("b").unwrap().config.as_mut().unwrap().autoscaling =
+        Some(serval_protos::control::AutoscalingConfig {
+            min_replicas: 1,
+            max_replicas: 2,
+            ..Default::default()
+        });
+    s.apply(Command::Autoscale {
+        name: "b".into(),
+        num_replicas: 1,
+    })
+    .unwrap();
+    assert_eq!(s.backends["b"].config_version, 1);
+    s.apply(Command::ReportReplica(ReplicaReport {
+        replica_id: id.clone(),
+        state: ReplicaState::Running.into(),
+        config_version: 1,
+        ..Default::default()
+    }))
+    .unwrap();
+    assert_eq!(s.replicas[&id].config_version, 1);
+}
+
+#[test]
 fn a_dead_node_gives_its_replicas_back_and_a_restarted_agent_restarts_them() {
     let mut s = cluster();
     let id = s.replicas.keys().next().unwrap().clone();

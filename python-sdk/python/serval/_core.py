@@ -269,6 +269,23 @@ def roll_code(client: _native.Client, backend_tag: str, code: bytes) -> None:
         raise ServeError(f"the new version of backend '{backend_tag}' failed to start:\n{error}")
 
 
+def update_config(client: _native.Client, backend_tag: str, config_json: str) -> str:
+    """Stores a backend's new config and waits until every running replica
+    runs with it (``reconfigure`` called where ``user_config`` changed);
+    returns the traceback of a replica whose ``reconfigure`` raised, else
+    "". The replicas keep serving either way."""
+    current = next((b for b in snapshot().get("backends", []) if b["name"] == backend_tag), None)
+    if current is None:
+        raise NotFound(f"backend '{backend_tag}' does not exist")
+    client.update_backend_config(backend_tag, config_json)
+    outcome = client.wait_config(backend_tag, current.get("config_version", 0) + 1, BACKEND_START_TIMEOUT_S)
+    if outcome is None:
+        raise ServeError(f"the replicas of backend '{backend_tag}' did not apply the new config in "
+                         f"{BACKEND_START_TIMEOUT_S} s")
+    state, error = outcome
+    return error if state == "failed" else ""
+
+
 def wait_for_proxies(route: str, deadline: float, listing: str = "/-/routes", present: bool = True) -> None:
     """Returns once every live proxy lists ``route`` in ``listing``
     (``/-/routes``, or ``/-/grpc-services`` for a gRPC service), or, with

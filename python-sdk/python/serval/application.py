@@ -248,7 +248,9 @@ def _deploy_backend(serve, client, bname: str, p: Planned, backends: Dict[str, A
                 # The autoscaler's current count stays (Ray keeps it too).
                 config["num_replicas"] = (backends[bname].get("config") or {}).get("num_replicas",
                                                                                    config["num_replicas"])
-            client.update_backend_config(bname, json.dumps(config))
+            error = _core.update_config(client, bname, json.dumps(config))
+            if error:
+                raise DeployFailedError(f"deployment {p.name!r} failed to apply its new config:\n{error}")
         if previous.get("code") != p.code_version:
             _core.roll_code(client, bname, p.code)
             return

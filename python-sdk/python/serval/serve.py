@@ -354,7 +354,11 @@ def update_backend_config(backend_tag: str, config_options: Union[BackendConfig,
     dict); the others keep their values."""
     current = _stored_config(backend_tag)
     current.update(_core.config_payload(config_options, None))
-    _core.get_client().update_backend_config(backend_tag, json.dumps(current))
+    error = _core.update_config(_core.get_client(), backend_tag, json.dumps(current))
+    if error:
+        # As in Ray 1.x the update stands and the replicas keep serving.
+        _logger.warning("backend %r: reconfigure() raised; the replicas keep their config:\n%s",
+                        backend_tag, error)
 
 
 def _backend_config_dict(backend: Dict[str, Any]) -> Dict[str, Any]:
