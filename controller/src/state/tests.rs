@@ -213,14 +213,22 @@ fn a_config_update_gets_a_new_config_version_that_replicas_report() {
     })
     .unwrap();
     assert_eq!(s.backends["b"].config_version, 1);
-    assert_eq!(s.backends["b"].version, 1, "a config change keeps the code version");
+    assert_eq!(
+        s.backends["b"].version, 1,
+        "a config change keeps the code version"
+    );
     // The autoscaler's count is not a change a client waits for.
-    s.backends.get_mut("b").unwrap().config.as_mut().unwrap().autoscaling =
-        Some(serval_protos::control::AutoscalingConfig {
-            min_replicas: 1,
-            max_replicas: 2,
-            ..Default::default()
-        });
+    s.backends
+        .get_mut("b")
+        .unwrap()
+        .config
+        .as_mut()
+        .unwrap()
+        .autoscaling = Some(serval_protos::control::AutoscalingConfig {
+        min_replicas: 1,
+        max_replicas: 2,
+        ..Default::default()
+    });
     s.apply(Command::Autoscale {
         name: "b".into(),
         num_replicas: 1,
