@@ -45,6 +45,6 @@ mod store;
 pub use error::{ControllerError, StateError};
 pub use reconciler::{describe_metrics, DEFAULT_NODE_TIMEOUT};
 pub use server::{run, start, Controller, ControllerConfig, WriteCheck};
-pub use service::ControlService;
+pub use service::{ControlService, UnnamedBlobLimit, DEFAULT_MAX_UNNAMED_BLOB_BYTES};
 pub use store::state_machine::StateMachineStore;
 pub use store::{open as open_store, propose, propose_within, Command, Membership, Raft};

@@ -25,7 +25,7 @@ use tonic::transport::ServerTlsConfig;
 use crate::error::ControllerError;
 use crate::peer_service::PeerService;
 use crate::reconciler::Reconciler;
-use crate::service::ControlService;
+use crate::service::{ControlService, UnnamedBlobLimit};
 use crate::store::{self, forward::propose_via_leader, Command, Raft};
 
 /// HTTP/2 streams (calls) one control connection may have open; a `Watch`
@@ -80,6 +80,8 @@ pub struct ControllerConfig {
     /// Filled once the store is open; the caller keeps a clone to answer
     /// `/-/readyz`, from before this head joins a cluster.
     pub write_check: WriteCheck,
+    /// What blobs nothing names may hold ([`UnnamedBlobLimit`]).
+    pub unnamed_blob_limit: UnnamedBlobLimit,
 }
 
 /// Whether this head can commit writes now (its `/-/readyz`): see
@@ -161,7 +163,8 @@ where
         config.advertised_address.clone(),
         config.token.clone(),
     )
-    .map_err(|e| ControllerError::Start(e.to_string()))?;
+    .map_err(|e| ControllerError::Start(e.to_string()))?
+    .with_unnamed_blob_limit(config.unnamed_blob_limit);
     let soft = service.soft_state();
     let peers = PeerService::new(raft.clone(), &config.token)
         .map_err(|e| ControllerError::Start(e.to_string()))?;

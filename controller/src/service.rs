@@ -39,7 +39,36 @@ pub struct ControlService {
     check: TokenCheck,
     /// The connection to the current leader, when it is another head.
     leader_conn: Arc<Mutex<Option<(String, serval_protos::client::Client)>>>,
+    unnamed_blobs: UnnamedBlobLimit,
 }
+
+/// What the blobs that nothing in the state names may hold on the heads:
+/// those uploaded and not deployed yet, and those a replica token put
+/// (a BatchAPI gateway stores its job workers' code) and never named,
+/// which are collected 60 to 70 s after their upload. `PutBlob` of a new
+/// blob beyond it is refused with `RESOURCE_EXHAUSTED`, so user code
+/// holding a replica token cannot fill the heads' disks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnnamedBlobLimit {
+    pub bytes: u64,
+    /// Blobs, counting each part of a large one.
+    pub count: u64,
+}
+
+impl Default for UnnamedBlobLimit {
+    fn default() -> Self {
+        UnnamedBlobLimit {
+            bytes: DEFAULT_MAX_UNNAMED_BLOB_BYTES,
+            count: MAX_UNNAMED_BLOBS,
+        }
+    }
+}
+
+/// 1 GiB: twenty of the largest blobs (48 MiB) at once, far more than
+/// deploys hold between their upload and the command naming it.
+pub const DEFAULT_MAX_UNNAMED_BLOB_BYTES: u64 = 1 << 30;
+/// Small blobs cost a table entry each.
+pub const MAX_UNNAMED_BLOBS: u64 = 4096;
 
 impl ControlService {
     pub fn new(
@@ -59,7 +88,38 @@ impl ControlService {
             peer_key: crate::auth::peer_key(&token),
             token,
             leader_conn: Arc::default(),
+            unnamed_blobs: UnnamedBlobLimit::default(),
         })
+    }
+
+    pub fn with_unnamed_blob_limit(mut self, limit: UnnamedBlobLimit) -> Self {
+        self.unnamed_blobs = limit;
+        self
+    }
+
+    /// Refuses a new blob of `len` bytes that would take the blobs nothing
+    /// names past [`UnnamedBlobLimit`]. Read from this head's state
+    /// machine, not under raft: concurrent uploads may pass it by what
+    /// they carry, each bounded by `MAX_BLOB_BYTES`.
+    fn check_unnamed_room(&self, len: usize) -> Result<(), Status> {
+        let (count, bytes) = self.sm.unnamed_blob_usage()?;
+        let new = if len > BLOB_CHUNK_BYTES {
+            len.div_ceil(BLOB_CHUNK_BYTES) as u64 + 1
+        } else {
+            1
+        };
+        let limit = self.unnamed_blobs;
+        if count + new > limit.count || bytes + len as u64 > limit.bytes {
+            return Err(Status::resource_exhausted(format!(
+                "the heads hold {count} blobs ({} MiB) that nothing deployed names yet; a blob of {len} bytes \
+                 would pass the limit of {} blobs or {} MiB (--max-unnamed-blob-bytes): deploy what was \
+                 uploaded, or retry once the unnamed blobs are collected (about 70 s after their upload)",
+                bytes >> 20,
+                limit.count,
+                limit.bytes >> 20
+            )));
+        }
+        Ok(())
     }
 
     /// The leader's control address when it is another head; `None` when
@@ -522,8 +582,12 @@ impl Control for ControlService {
         }
         // A code blob due for collection is put again (its parts are
         // no-ops), which gives it a new grace before a backend names it.
-        if self.sm.has_blob(&r.digest)? && !self.sm.is_orphan_blob(&r.digest)? {
-            return Ok(Response::new(Empty {}));
+        if self.sm.has_blob(&r.digest)? {
+            if !self.sm.is_orphan_blob(&r.digest)? {
+                return Ok(Response::new(Empty {}));
+            }
+        } else {
+            self.check_unnamed_room(r.data.len())?;
         }
         let digest = r.digest.clone();
         let upload = store::blobs::upload(r.digest, r.data);

@@ -39,6 +39,7 @@ fn config(
         tls: None,
         node_timeout: serval_controller::DEFAULT_NODE_TIMEOUT,
         write_check: WriteCheck::default(),
+        unnamed_blob_limit: Default::default(),
     }
 }
 

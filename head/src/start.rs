@@ -136,6 +136,13 @@ pub struct StartArgs {
     #[arg(long, env = "SERVAL_NODE_TIMEOUT_S", default_value_t = serval_controller::DEFAULT_NODE_TIMEOUT.as_secs_f64(),
           value_parser = parse_positive_secs)]
     node_timeout_s: f64,
+    /// Bytes that blobs nothing deployed names (uploads not yet deployed,
+    /// code a replica stored and never used) may hold on a head; a new
+    /// upload beyond it is refused until they are named or collected.
+    #[arg(long, env = "SERVAL_MAX_UNNAMED_BLOB_BYTES",
+          default_value_t = serval_controller::DEFAULT_MAX_UNNAMED_BLOB_BYTES,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_unnamed_blob_bytes: u64,
     /// Python interpreter for replicas, with the `serval` package installed.
     /// Run from the SDK's `serve` console script, the default is that
     /// script's own interpreter (it sets SERVAL_PYTHON); from the binary,
@@ -686,6 +693,10 @@ async fn run_head(
         tls,
         node_timeout: Duration::from_secs_f64(args.node_timeout_s),
         write_check,
+        unnamed_blob_limit: serval_controller::UnnamedBlobLimit {
+            bytes: args.max_unnamed_blob_bytes,
+            ..Default::default()
+        },
     };
     let controller =
         serval_controller::start(config, control_listener::incoming(control_listener)).await?;

@@ -143,9 +143,11 @@ pub(crate) fn track_code(
 }
 
 /// Orphans that `named` (every digest the state names) holds are orphans
-/// no more.
+/// no more, nor are the parts of a named large blob (they go only with
+/// it), so [`orphan_usage`] counts only what nothing names.
 pub(crate) fn named(txn: &WriteTransaction, named: &BTreeSet<String>) -> Io<()> {
     let mut orphans = txn.open_table(ORPHANS).map_err(io)?;
+    let parts = txn.open_table(PARTS).map_err(io)?;
     let mut found = Vec::new();
     for item in orphans.iter().map_err(io)? {
         let (k, _) = item.map_err(io)?;
@@ -155,6 +157,11 @@ pub(crate) fn named(txn: &WriteTransaction, named: &BTreeSet<String>) -> Io<()> 
     }
     for digest in found {
         orphans.remove(digest.as_str()).map_err(io)?;
+        if let Some(list) = parts.get(digest.as_str()).map_err(io)? {
+            for part in decode::<Vec<String>>(list.value())? {
+                orphans.remove(part.as_str()).map_err(io)?;
+            }
+        }
     }
     Ok(())
 }
@@ -229,6 +236,23 @@ pub(crate) fn has_orphans(db: &Database) -> Io<bool> {
     let orphans = txn.open_table(ORPHANS).map_err(io)?;
     let any = orphans.first().map_err(io)?.is_some();
     Ok(any)
+}
+
+/// What the blobs nothing names hold: how many there are, and the bytes
+/// of those stored whole (a large blob's bytes are its parts').
+pub(crate) fn orphan_usage(db: &Database) -> Io<(u64, u64)> {
+    let txn = db.begin_read().map_err(io)?;
+    let orphans = txn.open_table(ORPHANS).map_err(io)?;
+    let whole = txn.open_table(BLOBS).map_err(io)?;
+    let (mut count, mut bytes) = (0u64, 0u64);
+    for item in orphans.iter().map_err(io)? {
+        let (k, _) = item.map_err(io)?;
+        count += 1;
+        if let Some(v) = whole.get(k.value()).map_err(io)? {
+            bytes += v.value().len() as u64;
+        }
+    }
+    Ok((count, bytes))
 }
 
 /// Whether `digest` is a blob waiting to be collected.
@@ -337,10 +361,41 @@ pub(crate) fn export(db: &Database, mut each: impl FnMut(SnapshotBlob) -> Io<()>
     Ok(())
 }
 
+/// The orphan table as a snapshot carries it: digest and stamp.
+pub(crate) fn export_orphans(db: &Database) -> Io<Vec<(String, u64)>> {
+    let txn = db.begin_read().map_err(io)?;
+    let orphans = txn.open_table(ORPHANS).map_err(io)?;
+    let mut out = Vec::new();
+    for item in orphans.iter().map_err(io)? {
+        let (k, v) = item.map_err(io)?;
+        out.push((k.value().to_string(), v.value()));
+    }
+    Ok(out)
+}
+
+/// Adds a snapshot's orphans (with their stamps) inside `txn`, so a head
+/// that installed a snapshot collects (and counts, [`orphan_usage`]) what
+/// the leader does. Its own orphans stay: one the snapshot's state names
+/// is dropped by the next collection, never removed by it; one the leader
+/// already removed is removed here too. An entry for a blob this head does
+/// not hold is skipped.
+pub(crate) fn import_orphans(txn: &WriteTransaction, list: Vec<(String, u64)>) -> Io<()> {
+    let whole = txn.open_table(BLOBS).map_err(io)?;
+    let parts = txn.open_table(PARTS).map_err(io)?;
+    let mut orphans = txn.open_table(ORPHANS).map_err(io)?;
+    for (digest, stamp) in list {
+        let held = whole.get(digest.as_str()).map_err(io)?.is_some()
+            || parts.get(digest.as_str()).map_err(io)?.is_some();
+        if held {
+            orphans.insert(digest.as_str(), stamp).map_err(io)?;
+        }
+    }
+    Ok(())
+}
+
 /// Adds a snapshot's blobs, one at a time, inside `txn`. Nothing is
 /// removed: whatever this head holds beyond the snapshot was committed
-/// too. The orphan table does not travel (snapshots keep their format): a
-/// head that installed one collects only code blobs orphaned after it.
+/// too.
 pub(crate) fn import(txn: &WriteTransaction, blob: SnapshotBlob) -> Io<()> {
     match blob {
         SnapshotBlob::Whole { digest, data } => {

@@ -7,8 +7,9 @@
 //! The file is unnamed (`O_TMPFILE`-like, gone when closed) in the store's
 //! own folder, written and read one record at a time: a record is its
 //! length (8 bytes, little-endian) then its bincode, a [`Record::Head`]
-//! first and a [`Record::End`] last, so a file cut short is refused
-//! instead of installed in part.
+//! first, the blobs, the orphan table ([`Record::Orphans`]) and a
+//! [`Record::End`] last, so a file cut short is refused instead of
+//! installed in part.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -37,6 +38,9 @@ enum Record {
         jobs: JobSet,
     },
     Blob(SnapshotBlob),
+    /// The blobs nothing names, with their collection stamps: the heads
+    /// that install it collect and count them as the leader does.
+    Orphans(Vec<(String, u64)>),
     End,
 }
 
@@ -91,6 +95,7 @@ pub(crate) fn write(dir: &Path, db: &Database, state: Vec<u8>, jobs: JobSet) -> 
     let mut out = BufWriter::new(tempfile::tempfile_in(dir)?);
     write_record(&mut out, &Record::Head { state, jobs })?;
     blobs::export(db, |blob| write_record(&mut out, &Record::Blob(blob)))?;
+    write_record(&mut out, &Record::Orphans(blobs::export_orphans(db)?))?;
     write_record(&mut out, &Record::End)?;
     let mut file = out.into_inner().map_err(|e| e.into_error())?;
     file.seek(SeekFrom::Start(0))?;
@@ -110,6 +115,7 @@ pub(crate) fn read(file: &mut File, txn: &WriteTransaction) -> Io<(Vec<u8>, JobS
     loop {
         match read_record(&mut input)? {
             Record::Blob(blob) => blobs::import(txn, blob)?,
+            Record::Orphans(list) => blobs::import_orphans(txn, list)?,
             Record::End => return Ok((state, jobs)),
             Record::Head { .. } => {
                 return Err(std::io::Error::other("a snapshot holds one state"));

@@ -250,6 +250,12 @@ impl StateMachineStore {
         blobs::is_orphan(&self.db, digest).map_err(|e| ControllerError::Storage(e.to_string()))
     }
 
+    /// How many blobs nothing names, and their bytes (`PutBlob` refuses
+    /// more beyond [`crate::service::UnnamedBlobLimit`]).
+    pub fn unnamed_blob_usage(&self) -> Result<(u64, u64), ControllerError> {
+        blobs::orphan_usage(&self.db).map_err(|e| ControllerError::Storage(e.to_string()))
+    }
+
     /// Whether some code blob waits for `CollectCodeBlobs`.
     pub fn has_orphan_blobs(&self) -> Result<bool, ControllerError> {
         blobs::has_orphans(&self.db).map_err(|e| ControllerError::Storage(e.to_string()))

@@ -166,3 +166,79 @@ fn a_blob_survives_the_loss_of_the_leader() {
     assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
     assert!(err.message().contains(&unknown), "{}", err.message());
 }
+
+/// Blobs nothing names (uploads not deployed yet, or code a replica token
+/// stored and never used) are bounded in bytes: a new upload past
+/// `--max-unnamed-blob-bytes` is refused until deploys name what is there.
+#[test]
+fn unnamed_blobs_are_bounded_until_something_names_them() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("sv-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    const CAP: usize = 3 << 20;
+    let cap = CAP.to_string();
+    let mut head = ServeProcess::start(
+        &tmp.path().join("h"),
+        free_port(),
+        free_port(),
+        &[
+            "--head",
+            "--num-cpus",
+            "0",
+            "--max-unnamed-blob-bytes",
+            &cap,
+        ],
+    );
+    head.wait_log("http proxy listening");
+    rt.block_on(async {
+        let mut c = head.client().await;
+        let blob = |seed: u8, len: usize| {
+            let mut data = noise(len);
+            data[0] = seed;
+            PutBlobRequest {
+                digest: blob::digest(&data),
+                data,
+            }
+        };
+        let name = |digest: &str| Api {
+            name: format!("api-{}", &digest[..8]),
+            kind: "RealtimeAPI".into(),
+            spec_json: "{}".into(),
+            package_digest: digest.to_string(),
+            fingerprint: "f1".into(),
+            deployed_at: 1.5,
+        };
+        let (a, b, large) = (blob(1, 1_000_000), blob(2, 1_000_000), blob(3, 1_500_000));
+        c.put_blob(a.clone()).await.expect("first unnamed blob");
+        c.put_blob(b.clone()).await.expect("second unnamed blob");
+        // 2 MB unnamed + 1.5 MB would pass the 3 MiB cap.
+        let err = c.put_blob(large.clone()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+        assert!(
+            err.message().contains("--max-unnamed-blob-bytes"),
+            "{}",
+            err.message()
+        );
+        // Putting a stored one again adds nothing: still allowed.
+        c.put_blob(a.clone())
+            .await
+            .expect("a stored blob put again");
+
+        // Named, they no longer count.
+        c.put_api(name(&a.digest)).await.expect("a named");
+        c.put_api(name(&b.digest)).await.expect("b named");
+        c.put_blob(large.clone()).await.expect("room once named");
+        c.put_api(name(&large.digest)).await.expect("large named");
+        // The parts of a named large blob are named with it: 2.9 MB fits.
+        c.put_blob(blob(4, 2_900_000))
+            .await
+            .expect("room once the large blob and its parts are named");
+        let err = c.put_blob(blob(5, 1_000_000)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    });
+}

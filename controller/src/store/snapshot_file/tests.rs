@@ -26,6 +26,7 @@ fn source(dir: &Path) -> Database {
     ] {
         blobs::import(&txn, blob).expect("import");
     }
+    blobs::import_orphans(&txn, vec![("small".into(), 7)]).expect("orphans");
     txn.commit().expect("commit");
     db
 }
@@ -82,6 +83,34 @@ fn a_snapshot_file_carries_the_state_and_every_blob() {
             ("large".to_string(), b"p1p2".to_vec())
         ]
     );
+}
+
+#[test]
+fn a_snapshot_file_carries_the_orphans_with_their_stamps() {
+    let dir = tempfile::tempdir().expect("dir");
+    let bytes = snapshot_bytes(dir.path());
+    let mut file = tempfile::tempfile_in(dir.path()).expect("file");
+    file.write_all(&bytes).expect("write");
+    let db = Database::create(dir.path().join("installer.redb")).expect("redb file");
+    let txn = db.begin_write().expect("txn");
+    blobs::create_tables(&txn).expect("tables");
+    // The installing head's own orphan stays.
+    blobs::import(
+        &txn,
+        SnapshotBlob::Whole {
+            digest: "mine".into(),
+            data: b"x".to_vec(),
+        },
+    )
+    .expect("import");
+    blobs::import_orphans(&txn, vec![("mine".into(), 0)]).expect("orphans");
+    read(&mut file, &txn).expect("installs");
+    txn.commit().expect("commit");
+    assert_eq!(
+        blobs::export_orphans(&db).expect("orphans"),
+        vec![("mine".to_string(), 0), ("small".to_string(), 7)]
+    );
+    assert_eq!(blobs::orphan_usage(&db).expect("usage"), (2, 5));
 }
 
 #[test]
