@@ -468,8 +468,8 @@ impl Client {
 
     /// Waits until config version `min_version` of `name` (see
     /// `Backend.config_version`) is in place: every running replica reports
-    /// it and none is still starting ("done"), or a running replica's
-    /// `reconfigure` of it failed ("failed", the replica's traceback).
+    /// it and none is still starting; then "done", or ("failed", the
+    /// traceback) when a running replica's `reconfigure` of it raised.
     /// Replicas not running (failed, waiting for a node) start with the
     /// latest config. `None` on timeout.
     fn wait_config(
@@ -484,19 +484,20 @@ impl Client {
                 .backends
                 .iter()
                 .find(|b| b.name == name && b.config_version >= min_version)?;
-            let mut done = true;
-            for r in s.replicas.iter().filter(|r| r.backend == name) {
-                if r.state == ReplicaState::Starting {
-                    done = false;
-                } else if r.state == ReplicaState::Running {
-                    if r.config_version < b.config_version {
-                        done = false;
-                    } else if !r.error.is_empty() {
-                        return Some((ReplicaState::Failed.into(), r.error.clone()));
-                    }
-                }
+            let replicas = || s.replicas.iter().filter(|r| r.backend == name);
+            let pending = replicas().any(|r| {
+                r.state == ReplicaState::Starting
+                    || (r.state == ReplicaState::Running && r.config_version < b.config_version)
+            });
+            if pending {
+                return None;
             }
-            done.then(|| ("done".to_string(), String::new()))
+            Some(
+                match replicas().find(|r| r.state == ReplicaState::Running && !r.error.is_empty()) {
+                    Some(r) => (ReplicaState::Failed.into(), r.error.clone()),
+                    None => ("done".to_string(), String::new()),
+                },
+            )
         })
     }
 
