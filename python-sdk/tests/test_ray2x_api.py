@@ -348,6 +348,10 @@ class GreeterV2(Greeter.func_or_class):
         super().__init__()
         self.version = "v2"
 
+    def reconfigure(self, config):
+        # Takes the config the old code rejects.
+        self.greeting = config["greeting"]
+
 
 def test_redeploy_changes_options_in_place_and_rolls_new_code(shared):
     url = f"{shared.url}/greet"
@@ -384,7 +388,9 @@ def test_redeploy_changes_options_in_place_and_rolls_new_code(shared):
     t = threading.Thread(target=hammer)
     t.start()
     try:
-        serve.run(Front.bind(Greeter.options(func_or_class=GreeterV2, user_config={"greeting": "hi"}).bind()),
+        # With a config only the new code takes: the new replicas start with it.
+        serve.run(Front.bind(Greeter.options(func_or_class=GreeterV2,
+                                             user_config={"greeting": "hi", "reject": True}).bind()),
                   name="greet", route_prefix="/greet")
     finally:
         stop.set()

@@ -242,16 +242,22 @@ def _deploy_backend(serve, client, bname: str, p: Planned, backends: Dict[str, A
         client.create_backend(bname, p.code, json.dumps(p.config))
     else:
         previous = previous or {}
+        new_code = previous.get("code") != p.code_version
         if previous.get("config") != p.config:
             config = dict(p.config)
             if config.get("autoscaling") is not None:
                 # The autoscaler's current count stays (Ray keeps it too).
                 config["num_replicas"] = (backends[bname].get("config") or {}).get("num_replicas",
                                                                                    config["num_replicas"])
-            error = _core.update_config(client, bname, json.dumps(config))
-            if error:
-                raise DeployFailedError(f"deployment {p.name!r} failed to apply its new config:\n{error}")
-        if previous.get("code") != p.code_version:
+            if new_code:
+                # The new code's replicas start with it (the rollout below
+                # waits for them); the old ones are on their way out.
+                client.update_backend_config(bname, json.dumps(config))
+            else:
+                error = _core.update_config(client, bname, json.dumps(config))
+                if error:
+                    raise DeployFailedError(f"deployment {p.name!r} failed to apply its new config:\n{error}")
+        if new_code:
             _core.roll_code(client, bname, p.code)
             return
     state, error = _core.wait_backend_started(client, bname, True)
