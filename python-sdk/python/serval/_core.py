@@ -255,11 +255,17 @@ def wait_backend_started(client: _native.Client, backend_tag: str, wait_for_reso
         stop_unplaceable = False
 
 
+def stored_backend(backend_tag: str) -> Dict[str, Any]:
+    """The backend's record in a fresh snapshot."""
+    for b in snapshot().get("backends", []):
+        if b["name"] == backend_tag:
+            return b
+    raise NotFound(f"backend '{backend_tag}' does not exist")
+
+
 def roll_code(client: _native.Client, backend_tag: str, code: bytes) -> None:
     """Replaces a backend's code file by a rolling update and waits for it."""
-    current = next((b for b in snapshot().get("backends", []) if b["name"] == backend_tag), None)
-    if current is None:
-        raise NotFound(f"backend '{backend_tag}' does not exist")
+    current = stored_backend(backend_tag)
     client.update_backend_code(backend_tag, code)
     outcome = client.wait_rollout(backend_tag, current.get("version", 0) + 1, BACKEND_START_TIMEOUT_S)
     if outcome is None:
@@ -269,14 +275,13 @@ def roll_code(client: _native.Client, backend_tag: str, code: bytes) -> None:
         raise ServeError(f"the new version of backend '{backend_tag}' failed to start:\n{error}")
 
 
-def update_config(client: _native.Client, backend_tag: str, config_json: str) -> str:
-    """Stores a backend's new config and waits until every running replica
+def update_config(client: _native.Client, current: Dict[str, Any], config_json: str) -> str:
+    """Stores the new config of backend ``current`` (its record, as
+    ``stored_backend`` returns it) and waits until every running replica
     runs with it (``reconfigure`` called where ``user_config`` changed);
     returns the traceback of a replica whose ``reconfigure`` raised, else
     "". The replicas keep serving either way."""
-    current = next((b for b in snapshot().get("backends", []) if b["name"] == backend_tag), None)
-    if current is None:
-        raise NotFound(f"backend '{backend_tag}' does not exist")
+    backend_tag = current["name"]
     client.update_backend_config(backend_tag, config_json)
     outcome = client.wait_config(backend_tag, current.get("config_version", 0) + 1, BACKEND_START_TIMEOUT_S)
     if outcome is None:

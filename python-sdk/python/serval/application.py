@@ -254,7 +254,8 @@ def _deploy_backend(serve, client, bname: str, p: Planned, backends: Dict[str, A
                 # waits for them); the old ones are on their way out.
                 client.update_backend_config(bname, json.dumps(config))
             else:
-                error = _core.update_config(client, bname, json.dumps(config))
+                # The snapshot this deploy started from holds its record.
+                error = _core.update_config(client, backends[bname], json.dumps(config))
                 if error:
                     raise DeployFailedError(f"deployment {p.name!r} failed to apply its new config:\n{error}")
         if new_code:

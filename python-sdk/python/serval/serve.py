@@ -352,9 +352,10 @@ def update_backend(backend_tag: str, func_or_class: Union[Callable, type], *acto
 def update_backend_config(backend_tag: str, config_options: Union[BackendConfig, Dict[str, Any]]) -> None:
     """Changes the fields ``config_options`` sets (a BackendConfig or a
     dict); the others keep their values."""
-    current = _stored_config(backend_tag)
-    current.update(_core.config_payload(config_options, None))
-    error = _core.update_config(_core.get_client(), backend_tag, json.dumps(current))
+    backend = _core.stored_backend(backend_tag)
+    config = _backend_config_dict(backend)
+    config.update(_core.config_payload(config_options, None))
+    error = _core.update_config(_core.get_client(), backend, json.dumps(config))
     if error:
         # As in Ray 1.x the update stands and the replicas keep serving.
         _logger.warning("backend %r: reconfigure() raised; the replicas keep their config:\n%s",
@@ -380,16 +381,9 @@ def _backend_config_dict(backend: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def _stored_config(backend_tag: str) -> Dict[str, Any]:
-    for b in _core.snapshot().get("backends", []):
-        if b["name"] == backend_tag:
-            return _backend_config_dict(b)
-    raise NotFound(f"backend '{backend_tag}' does not exist")
-
-
 def get_backend_config(backend_tag: str) -> BackendConfig:
     """The backend's config (also readable as a dict: ``config["num_replicas"]``)."""
-    return BackendConfig.from_stored(_stored_config(backend_tag))
+    return BackendConfig.from_stored(_backend_config_dict(_core.stored_backend(backend_tag)))
 
 
 def list_backends() -> Dict[str, BackendConfig]:
